@@ -1,0 +1,42 @@
+# coffre — see README.md. Every target installs what is missing first.
+SHELL := /bin/bash
+CARGO ?= cargo
+FUZZ_SECONDS ?= 60
+
+.PHONY: all deps build test lint fmt demo bench fuzz clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build --release --workspace --all-targets
+
+# Tests, the demo and the benches share the release profile, so the bundled
+# RocksDB is compiled once per target directory.
+test: deps
+	$(CARGO) test --release --workspace --all-targets
+
+lint: deps
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+demo: build
+	@scripts/demo.sh
+
+bench: deps
+	$(CARGO) bench --workspace --benches
+
+fuzz: deps
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh
+
+clean:
+	$(CARGO) clean
+
+# Every cargo call above selects the whole workspace with its dev
+# dependencies (--all-targets, or --benches): cargo unifies features
+# differently otherwise, which rebuilds bindgen and with it RocksDB.

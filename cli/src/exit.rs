@@ -1,0 +1,54 @@
+//! Exit codes (documented in the README, "Exit codes").
+
+use coffre_engine::EngineError;
+use coffre_engine::store::StoreError;
+
+// 0 is success.
+/// Any failure not listed below.
+pub const FAILURE: u8 = 1;
+// 2 is clap's usage error.
+/// `verify` found problems.
+pub const VERIFY_PROBLEMS: u8 = 3;
+/// The vault is locked by another process.
+pub const LOCKED: u8 = 4;
+/// Not a vault, or a vault of an unsupported version, or a corrupt config.
+pub const NOT_A_VAULT: u8 = 5;
+/// The image changed while it was backed up.
+pub const SOURCE_CHANGED: u8 = 6;
+/// Stored data is damaged (restore could not read a point back intact).
+pub const DAMAGED: u8 = 7;
+/// No space left on a device.
+pub const NO_SPACE: u8 = 8;
+
+fn store_code(e: &StoreError) -> u8 {
+    match e {
+        StoreError::VaultLocked { .. } => LOCKED,
+        StoreError::NotAVault { .. }
+        | StoreError::UnsupportedVersion { .. }
+        | StoreError::CorruptConfig { .. } => NOT_A_VAULT,
+        StoreError::NoSpace { .. } => NO_SPACE,
+        StoreError::CorruptChunk { .. } | StoreError::ChunkMissing { .. } => DAMAGED,
+        _ => FAILURE,
+    }
+}
+
+/// Picks the exit code for an error chain.
+pub fn code_for(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<EngineError>() {
+            if e.is_no_space() {
+                return NO_SPACE;
+            }
+            return match e {
+                EngineError::Store(s) => store_code(s),
+                EngineError::SourceChanged { .. } => SOURCE_CHANGED,
+                EngineError::DamagedBlock { .. } | EngineError::DamagedBlockMap { .. } => DAMAGED,
+                _ => FAILURE,
+            };
+        }
+        if let Some(s) = cause.downcast_ref::<StoreError>() {
+            return store_code(s);
+        }
+    }
+    FAILURE
+}

@@ -1,0 +1,115 @@
+//! The engine error type.
+//!
+//! Rules: every variant names the file, item, point, block or chunk it is
+//! about, so a message alone tells the user what to look at. Storage-layer
+//! failures pass through unchanged as [`EngineError::Store`].
+
+use std::path::PathBuf;
+
+use coffre_vault_store::{ChunkId, StoreError};
+
+/// Result alias for engine operations.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Everything the engine can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// A vault-store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+
+    /// The image does not exist.
+    #[error("image {path} does not exist")]
+    SourceNotFound { path: PathBuf },
+
+    /// The image is a directory.
+    #[error("image {path} is a directory, not a disk image")]
+    SourceIsDirectory { path: PathBuf },
+
+    /// The image is neither a regular file nor a block device.
+    #[error("image {path} is not a regular file or block device")]
+    SourceNotRegular { path: PathBuf },
+
+    /// The image cannot be opened or read.
+    #[error("image {path} cannot be read: {source}")]
+    SourceUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The image changed size or was truncated while it was being read.
+    #[error(
+        "image {path} changed during the backup ({reason}); no point was recorded, retry when it is quiescent"
+    )]
+    SourceChanged { path: PathBuf, reason: String },
+
+    /// An item name breaks the naming rule.
+    #[error("{0}")]
+    InvalidItemName(String),
+
+    /// No item of that name.
+    #[error("no item {item:?} in the vault")]
+    ItemNotFound { item: String },
+
+    /// The item has no points.
+    #[error("item {item:?} has no recovery points")]
+    NoPoints { item: String },
+
+    /// No point matches the selector.
+    #[error("item {item:?} has no recovery point {point:?}")]
+    PointNotFound { item: String, point: String },
+
+    /// The selector matches more than one point.
+    #[error("point id prefix {point:?} of item {item:?} is ambiguous")]
+    PointAmbiguous { item: String, point: String },
+
+    /// Restore refused to replace an existing file.
+    #[error("{path} already exists; pass --force to overwrite it")]
+    TargetExists { path: PathBuf },
+
+    /// Restore target cannot be written.
+    #[error("cannot write restore target {path}: {source}")]
+    TargetUnwritable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A block of a point cannot be read back intact.
+    #[error("point {point} of item {item:?}, block {block}: chunk {chunk} is damaged: {source}")]
+    DamagedBlock {
+        item: String,
+        point: String,
+        block: u64,
+        chunk: ChunkId,
+        #[source]
+        source: StoreError,
+    },
+
+    /// A block map node of a point is damaged or inconsistent.
+    #[error("point {point} of item {item:?}: block map is damaged: {reason}")]
+    DamagedBlockMap {
+        item: String,
+        point: String,
+        reason: String,
+    },
+
+    /// Thread pool creation failed.
+    #[error("cannot start worker threads: {0}")]
+    Threads(String),
+}
+
+impl EngineError {
+    /// True when the underlying cause is a full disk.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            EngineError::Store(e) => e.is_no_space(),
+            EngineError::TargetUnwritable { source, .. } => {
+                source.raw_os_error() == Some(libc::ENOSPC)
+            }
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! coffre backup engine.
+//!
+//! Turns raw disk images into recovery points in a vault and back:
+//! [`source`] reads images window by window through memory maps (with the
+//! [`sigbus`] guard against images that shrink), [`backup`] hashes, diffs,
+//! compresses and stores blocks, [`reader`] walks the
+//! per-point block map (whose bytes `coffre-vault-store` owns), [`restore`] writes sparse byte-identical images,
+//! [`verify`] audits a vault, [`vault_ops`] creates and summarises vaults,
+//! [`points`] selects points. Time comes from an injected [`clock`];
+//! progress goes to a [`progress::Progress`]. Storage is
+//! `coffre-vault-store`'s business.
+
+pub mod backup;
+pub mod clock;
+pub mod error;
+pub mod points;
+pub mod progress;
+pub mod reader;
+pub mod restore;
+pub mod sigbus;
+pub mod source;
+pub mod throttle;
+pub mod vault_ops;
+pub mod verify;
+
+pub use backup::{BackupOptions, BackupOutcome, backup};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{EngineError, Result};
+pub use progress::{NoProgress, Progress};
+pub use restore::{RestoreOptions, RestoreSummary, restore};
+pub use source::{FileImage, ImageSource, MemImage};
+pub use verify::{Finding, Severity, VerifyOptions, VerifyReport, verify};
+
+/// Re-exported storage types callers need.
+pub use coffre_vault_store as store;

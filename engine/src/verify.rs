@@ -1,0 +1,351 @@
+//! Verify: does the vault hold everything its points need, intact?
+//!
+//! Three passes, each producing typed [`Finding`]s instead of stopping at
+//! the first problem:
+//! 1. segments: every committed segment exists, is long enough and has a
+//!    valid header;
+//! 2. chunks: every index entry points inside a committed segment at a
+//!    record with the right id (with `read_data`, the whole record is read,
+//!    its crc32 checked, decompressed and re-hashed), in parallel;
+//! 3. points: every point's block map decodes, and every block's chunk is
+//!    indexed and was not found damaged. Findings name the item, point,
+//!    block and chunk.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use coffre_vault_store::segment::{SEGMENT_HEADER_LEN, check_header};
+use coffre_vault_store::{ChunkId, ChunkLocation, StoreError, Vault};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::backup::thread_pool;
+use crate::error::Result;
+use crate::progress::Progress;
+use crate::reader::BlockMapReader;
+use coffre_vault_store::blockmap::LEAF_ENTRIES;
+
+/// Findings listed per point before they are summarised.
+const MAX_BLOCK_FINDINGS_PER_POINT: usize = 20;
+
+/// How bad a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Data a point needs is missing or damaged.
+    Error,
+    /// Something is off but no point is affected.
+    Warning,
+}
+
+/// One problem found by verify.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    /// Severity.
+    pub severity: Severity,
+    /// Stable machine-readable kind, e.g. `chunk-damaged`.
+    pub code: &'static str,
+    /// Human-readable description.
+    pub message: String,
+    /// Item affected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub item: Option<String>,
+    /// Point affected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub point: Option<String>,
+    /// Block affected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block: Option<u64>,
+    /// Chunk affected (hex id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunk: Option<String>,
+    /// What the user can do.
+    pub hint: &'static str,
+}
+
+impl Finding {
+    fn new(severity: Severity, code: &'static str, message: String, hint: &'static str) -> Self {
+        Finding {
+            severity,
+            code,
+            message,
+            item: None,
+            point: None,
+            block: None,
+            chunk: None,
+            hint,
+        }
+    }
+}
+
+/// Verify options.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Read, decompress and re-hash every chunk.
+    pub read_data: bool,
+    /// Worker threads (0 = all cores).
+    pub threads: usize,
+}
+
+/// The outcome of verify.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// Segments checked.
+    pub segments: u64,
+    /// Chunks checked.
+    pub chunks: u64,
+    /// Points checked.
+    pub points: u64,
+    /// Record bytes read.
+    pub bytes_checked: u64,
+    /// Whether chunk data was read.
+    pub read_data: bool,
+    /// Wall time in milliseconds.
+    pub duration_ms: u64,
+    /// Problems found.
+    pub findings: Vec<Finding>,
+}
+
+impl VerifyReport {
+    /// True when no error-level finding was made.
+    pub fn is_clean(&self) -> bool {
+        !self.findings.iter().any(|f| f.severity == Severity::Error)
+    }
+}
+
+const HINT_RESTORE_OTHER: &str =
+    "restore an older point, or back the item up again to store a fresh copy of the data";
+
+/// Verifies the vault.
+pub fn verify(
+    vault: &Vault,
+    opts: &VerifyOptions,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
+    let started = Instant::now();
+    let mut findings = Vec::new();
+
+    // 1. Segments.
+    let committed = vault.index().segments()?;
+    let mut bad_segments = HashSet::new();
+    for (&id, &len) in &committed {
+        let path = vault.segment_path(id);
+        let actual = match std::fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) => {
+                findings.push(Finding::new(
+                    Severity::Error,
+                    "segment-missing",
+                    format!("segment {} cannot be read: {e}", path.display()),
+                    HINT_RESTORE_OTHER,
+                ));
+                bad_segments.insert(id);
+                continue;
+            }
+        };
+        if actual < len {
+            findings.push(Finding::new(
+                Severity::Error,
+                "segment-truncated",
+                format!(
+                    "segment {} is {actual} bytes, the index records {len} committed bytes",
+                    path.display()
+                ),
+                HINT_RESTORE_OTHER,
+            ));
+        }
+        let header = std::fs::read(&path).ok().map(|b| {
+            b.get(..SEGMENT_HEADER_LEN as usize)
+                .map(<[u8]>::to_vec)
+                .unwrap_or(b)
+        });
+        if let Err(reason) = header
+            .as_deref()
+            .map_or(Err("unreadable".to_string()), |h| check_header(h, id))
+        {
+            findings.push(Finding::new(
+                Severity::Error,
+                "segment-header",
+                format!("segment {}: {reason}", path.display()),
+                HINT_RESTORE_OTHER,
+            ));
+        }
+    }
+
+    // 2. Chunks, in segment order so that reads are sequential.
+    let mut chunks = vault.index().chunks()?;
+    chunks.sort_by_key(|(_, l)| (l.segment, l.offset));
+    let total_bytes: u64 = chunks.iter().map(|(_, l)| u64::from(l.len)).sum();
+    progress.start(if opts.read_data {
+        total_bytes
+    } else {
+        chunks.len() as u64
+    });
+    let pool = thread_pool(opts.threads)?;
+    let check = |(id, loc): &(ChunkId, ChunkLocation)| -> Option<(ChunkId, String)> {
+        let seg_len = committed.get(&loc.segment).copied();
+        let r = match seg_len {
+            None => Err(format!("segment {} is not committed", loc.segment)),
+            Some(_) if bad_segments.contains(&loc.segment) => {
+                Err(format!("segment {} is missing", loc.segment))
+            }
+            Some(len)
+                if loc.offset < SEGMENT_HEADER_LEN || loc.offset + u64::from(loc.len) > len =>
+            {
+                Err(format!(
+                    "location {}+{} lies outside the committed {len} bytes of segment {}",
+                    loc.offset, loc.len, loc.segment
+                ))
+            }
+            Some(_) => if opts.read_data {
+                vault.read_chunk_at(id, loc).map(|_| ())
+            } else {
+                vault.check_record_header(id, loc)
+            }
+            .map_err(|e| describe(&e)),
+        };
+        progress.advance(if opts.read_data {
+            u64::from(loc.len)
+        } else {
+            1
+        });
+        r.err().map(|reason| (*id, reason))
+    };
+    let damaged: HashMap<ChunkId, String> =
+        pool.install(|| chunks.par_iter().filter_map(check).collect());
+    for (id, reason) in &damaged {
+        let mut f = Finding::new(
+            Severity::Error,
+            "chunk-damaged",
+            format!("chunk {id}: {reason}"),
+            HINT_RESTORE_OTHER,
+        );
+        f.chunk = Some(id.to_string());
+        findings.push(f);
+    }
+    let indexed: HashSet<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
+
+    // 3. Points.
+    let points = vault.index().all_points()?;
+    for point in &points {
+        findings.extend(check_point(vault, point, &indexed, &damaged));
+    }
+    progress.finish();
+    findings.sort_by_key(|f| (f.severity != Severity::Error, f.code));
+    Ok(VerifyReport {
+        segments: committed.len() as u64,
+        chunks: chunks.len() as u64,
+        points: points.len() as u64,
+        bytes_checked: if opts.read_data { total_bytes } else { 0 },
+        read_data: opts.read_data,
+        duration_ms: started.elapsed().as_millis() as u64,
+        findings,
+    })
+}
+
+fn describe(e: &StoreError) -> String {
+    match e {
+        StoreError::CorruptChunk {
+            path,
+            offset,
+            reason,
+            ..
+        } => format!("{reason} (in {} at offset {offset})", path.display()),
+        other => other.to_string(),
+    }
+}
+
+fn check_point(
+    vault: &Vault,
+    point: &coffre_vault_store::PointRecord,
+    indexed: &HashSet<ChunkId>,
+    damaged: &HashMap<ChunkId, String>,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let tag = |mut f: Finding| {
+        f.item = Some(point.item.clone());
+        f.point = Some(point.id.clone());
+        f
+    };
+    let mut map = match BlockMapReader::open(vault, point) {
+        Ok(m) => m,
+        Err(e) => {
+            let mut f = tag(Finding::new(
+                Severity::Error,
+                "block-map-damaged",
+                format!("point {} of item {}: {e}", point.id, point.item),
+                HINT_RESTORE_OTHER,
+            ));
+            f.chunk = Some(point.block_map.to_string());
+            out.push(f);
+            return out;
+        }
+    };
+    let mut block_problems = 0usize;
+    for k in 0..map.leaf_count() {
+        let entries = match map.leaf(k) {
+            Ok(e) => e.to_vec(),
+            Err(e) => {
+                let mut f = tag(Finding::new(
+                    Severity::Error,
+                    "block-map-damaged",
+                    format!(
+                        "point {} of item {}: blocks {}..{} unreadable: {e}",
+                        point.id,
+                        point.item,
+                        k * LEAF_ENTRIES,
+                        (k + 1) * LEAF_ENTRIES
+                    ),
+                    HINT_RESTORE_OTHER,
+                ));
+                f.chunk = map.leaf_id(k).map(|id| id.to_string());
+                out.push(f);
+                continue;
+            }
+        };
+        for (i, entry) in entries.iter().enumerate() {
+            let Some(id) = entry else { continue };
+            let block = (k * LEAF_ENTRIES + i) as u64;
+            let problem = if !indexed.contains(id) {
+                Some(("chunk-missing", "is missing from the index".to_string()))
+            } else {
+                damaged
+                    .get(id)
+                    .map(|r| ("block-damaged", format!("is damaged: {r}")))
+            };
+            if let Some((code, what)) = problem {
+                block_problems += 1;
+                if block_problems <= MAX_BLOCK_FINDINGS_PER_POINT {
+                    let mut f = tag(Finding::new(
+                        Severity::Error,
+                        code,
+                        format!(
+                            "point {} of item {}, block {block}: chunk {} {what}",
+                            point.id,
+                            point.item,
+                            id.short()
+                        ),
+                        HINT_RESTORE_OTHER,
+                    ));
+                    f.block = Some(block);
+                    f.chunk = Some(id.to_string());
+                    out.push(f);
+                }
+            }
+        }
+    }
+    if block_problems > MAX_BLOCK_FINDINGS_PER_POINT {
+        out.push(tag(Finding::new(
+            Severity::Error,
+            "more-damaged-blocks",
+            format!(
+                "point {} of item {}: {} more damaged blocks not listed",
+                point.id,
+                point.item,
+                block_problems - MAX_BLOCK_FINDINGS_PER_POINT
+            ),
+            HINT_RESTORE_OTHER,
+        )));
+    }
+    out
+}

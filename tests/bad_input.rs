@@ -1,0 +1,179 @@
+//! Bad input gets a clear error naming the file, never a panic, and
+//! changes nothing in the vault.
+
+use std::os::unix::fs::PermissionsExt;
+
+use crate::common::*;
+
+fn no_panic(stderr: &str) {
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+}
+
+#[test]
+fn missing_image() {
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let img = t.path().join("nope.img");
+    let err = fails(&["backup", "--vault", s(&vault), s(&img)], 1);
+    assert!(
+        err.contains("nope.img") && err.contains("does not exist"),
+        "{err}"
+    );
+    no_panic(&err);
+}
+
+#[test]
+fn directory_as_image() {
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let err = fails(
+        &["backup", "--vault", s(&vault), "--item", "d", s(t.path())],
+        1,
+    );
+    assert!(err.contains("is a directory"), "{err}");
+    no_panic(&err);
+}
+
+#[test]
+fn unreadable_image() {
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let img = t.path().join("secret.img");
+    random_file(&img, 1 << 20, 1);
+    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let out = if is_root() {
+        // Root reads anything; drop to an unprivileged user for the check.
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        for entry in walk(&vault) {
+            std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin())
+            .args(["backup", "--vault", s(&vault), s(&img)])
+            .output()
+            .expect("setpriv (util-linux) is needed to test as root")
+    } else {
+        run(&["backup", "--vault", s(&vault), s(&img)])
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("secret.img") && err.contains("cannot be read"),
+        "{err}"
+    );
+    no_panic(&err);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn path_that_is_not_a_vault() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("a.img");
+    random_file(&img, 4096, 1);
+    let err = fails(&["backup", "--vault", s(t.path()), s(&img)], 5);
+    assert!(err.contains("is not a coffre vault"), "{err}");
+    let err = fails(
+        &[
+            "points",
+            "--vault",
+            s(&t.path().join("missing")),
+            "--item",
+            "a",
+        ],
+        5,
+    );
+    assert!(err.contains("is not a coffre vault"), "{err}");
+    let err = fails(&["verify", "--vault", s(&img)], 5);
+    assert!(err.contains("is not a coffre vault"), "{err}");
+}
+
+#[test]
+fn vault_of_a_newer_format_version_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let cfg = vault.join("config");
+    let mut bytes = std::fs::read(&cfg).unwrap();
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let n = bytes.len();
+    let crc = crc32fast::hash(&bytes[..n - 4]);
+    bytes[n - 4..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&cfg, bytes).unwrap();
+    let err = fails(&["vault", "show", "--vault", s(&vault)], 5);
+    assert!(err.contains("format version 2 is newer"), "{err}");
+    let img = t.path().join("a.img");
+    random_file(&img, 4096, 1);
+    let err = fails(&["backup", "--vault", s(&vault), s(&img)], 5);
+    assert!(err.contains("upgrade coffre"), "{err}");
+}
+
+#[test]
+fn corrupt_config_is_reported() {
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let cfg = vault.join("config");
+    let mut bytes = std::fs::read(&cfg).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    std::fs::write(&cfg, bytes).unwrap();
+    let err = fails(&["vault", "show", "--vault", s(&vault)], 5);
+    assert!(
+        err.contains("corrupt vault config") && err.contains("checksum"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_item_and_point() {
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let img = t.path().join("a.img");
+    random_file(&img, 70_000, 1);
+    ok(&["backup", "--vault", s(&vault), s(&img)]);
+    let out = t.path().join("o.img");
+    let err = fails(
+        &[
+            "restore",
+            "--vault",
+            s(&vault),
+            "--item",
+            "b",
+            "--to",
+            s(&out),
+        ],
+        1,
+    );
+    assert!(err.contains("no item \"b\""), "{err}");
+    let err = fails(
+        &[
+            "restore",
+            "--vault",
+            s(&vault),
+            "--item",
+            "a",
+            "--point",
+            "ffffffff",
+            "--to",
+            s(&out),
+        ],
+        1,
+    );
+    assert!(err.contains("no recovery point \"ffffffff\""), "{err}");
+    let err = fails(
+        &["backup", "--vault", s(&vault), "--item", "../x", s(&img)],
+        1,
+    );
+    assert!(err.contains("item name"), "{err}");
+}

@@ -1,0 +1,55 @@
+//! An image truncated while it is being backed up gives a clean
+//! "changed during the backup" error (no SIGBUS crash) and records no
+//! point.
+
+use std::time::Duration;
+
+use crate::common::*;
+
+#[test]
+fn truncation_during_backup_is_a_clean_error() {
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let img = t.path().join("shrinking.img");
+    random_file(&img, 64 << 20, 3);
+    // 16 MiB/s: the backup takes about four seconds.
+    let child = coffre()
+        .args([
+            "backup",
+            "--vault",
+            s(&vault),
+            "--rate-limit",
+            "16M",
+            s(&img),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(
+        err.contains("shrinking.img") && err.contains("changed during the backup"),
+        "{err}"
+    );
+    // No point, no item, and the vault verifies clean.
+    let err = fails(&["points", "--vault", s(&vault), "--item", "shrinking"], 1);
+    assert!(err.contains("no item"), "{err}");
+    ok(&["verify", "--vault", s(&vault), "--read-data"]);
+    // The uncommitted bytes were given back.
+    let show = json(&["vault", "show", "--vault", s(&vault)]);
+    assert_eq!(show["stored_bytes"], 0);
+    let seg_bytes: u64 = std::fs::read_dir(vault.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert_eq!(seg_bytes, 0, "segment bytes left behind");
+}

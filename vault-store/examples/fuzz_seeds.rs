@@ -1,0 +1,71 @@
+//! Writes the fuzz seed corpus: `cargo run --release --example fuzz_seeds
+//! -- fuzz/corpus`. Valid records and nodes plus a few damaged ones.
+
+use std::path::Path;
+
+use coffre_vault_store::ChunkId;
+use coffre_vault_store::blockmap::{LEAF_ENTRIES, Node};
+use coffre_vault_store::record::RecordEncoder;
+
+fn main() {
+    let out = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "fuzz/corpus".into());
+    let out = Path::new(&out);
+    let rec = out.join("chunk_record");
+    let map = out.join("block_map");
+    std::fs::create_dir_all(&rec).unwrap();
+    std::fs::create_dir_all(&map).unwrap();
+
+    let text: Vec<u8> = b"coffre chunk seed "
+        .iter()
+        .cycle()
+        .take(3000)
+        .copied()
+        .collect();
+    let noise: Vec<u8> = (0..512u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let zstd = RecordEncoder::new(3)
+        .encode(ChunkId::of(&text), &text)
+        .unwrap();
+    let raw = RecordEncoder::new(0)
+        .encode(ChunkId::of(&noise), &noise)
+        .unwrap();
+    let empty = RecordEncoder::new(1).encode(ChunkId::of(b""), b"").unwrap();
+    let mut flipped = zstd.clone();
+    flipped[70] ^= 0x40;
+    let truncated = raw[..raw.len() - 9].to_vec();
+    for (name, bytes) in [
+        ("zstd.bin", &zstd),
+        ("raw.bin", &raw),
+        ("empty.bin", &empty),
+        ("flipped.bin", &flipped),
+        ("truncated.bin", &truncated),
+    ] {
+        std::fs::write(rec.join(name), bytes).unwrap();
+    }
+
+    let leaf = Node::Leaf {
+        first_block: LEAF_ENTRIES as u64,
+        entries: (0..16)
+            .map(|i| (i % 3 != 0).then(|| ChunkId::of(&[i as u8])))
+            .collect(),
+    }
+    .encode();
+    let root = Node::Root {
+        image_size: (3 << 20) + 5,
+        block_size: 1 << 20,
+        leaves: vec![ChunkId::of(b"leaf")],
+    }
+    .encode();
+    let mut bad = leaf.clone();
+    bad[30] ^= 1;
+    for (name, bytes) in [
+        ("leaf.bin", &leaf),
+        ("root.bin", &root),
+        ("bad-crc.bin", &bad),
+    ] {
+        std::fs::write(map.join(name), bytes).unwrap();
+    }
+}

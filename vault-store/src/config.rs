@@ -1,0 +1,273 @@
+//! The vault config file (`VAULT/config`): identity and settings fixed at
+//! creation, inside a checksummed, versioned envelope (see `FORMAT.md`,
+//! "Vault config").
+
+#![deny(clippy::indexing_slicing, clippy::unwrap_used)]
+
+use std::path::Path;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::durable::write_atomic;
+use crate::error::{Result, StoreError};
+
+/// Config file name inside a vault.
+pub const CONFIG_FILE: &str = "config";
+/// Envelope magic. Frozen.
+pub const CONFIG_MAGIC: [u8; 8] = *b"CFVAULT\0";
+/// The vault format version this build writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+const MAX_BODY: usize = 64 << 10;
+
+/// Smallest and largest block size (both powers of two).
+pub const MIN_BLOCK_SIZE: u32 = 64 << 10;
+pub const MAX_BLOCK_SIZE: u32 = 4 << 20;
+/// Default block size, chosen by measurement (see README, "Choosing the
+/// block size").
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
+/// Default zstd level, chosen by measurement.
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
+/// Allowed zstd levels (0 stores raw).
+pub const COMPRESSION_LEVELS: std::ops::RangeInclusive<i32> = 0..=19;
+
+/// Storage redundancy of a vault. Fixed once the vault protects an item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Redundancy {
+    /// Locally redundant: copies on this machine.
+    #[default]
+    Lrs,
+    /// Geo redundant: LRS plus an asynchronous secondary.
+    Grs,
+}
+
+/// Settings and identity of a vault.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VaultConfig {
+    /// Vault name (Azure rules: 2-50 chars, letter first, letters, digits, hyphens).
+    pub name: String,
+    /// Random identity, distinguishing vaults with equal names.
+    pub vault_id: String,
+    /// Fixed block size in bytes.
+    pub block_size: u32,
+    /// zstd level for new chunks (0 = raw).
+    pub compression_level: i32,
+    /// Storage redundancy.
+    pub redundancy: Redundancy,
+    /// When the vault was created.
+    pub created: Timestamp,
+}
+
+impl VaultConfig {
+    /// Checks every field against its rule.
+    pub fn validate(&self) -> Result<()> {
+        validate_vault_name(&self.name)?;
+        validate_block_size(self.block_size)?;
+        if !COMPRESSION_LEVELS.contains(&self.compression_level) {
+            return Err(StoreError::InvalidSetting {
+                field: "compression-level",
+                reason: format!(
+                    "{} is outside {}..={}",
+                    self.compression_level,
+                    COMPRESSION_LEVELS.start(),
+                    COMPRESSION_LEVELS.end()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Encodes the config into its envelope.
+    pub fn encode(&self) -> Vec<u8> {
+        let body = serde_json::to_vec_pretty(self).unwrap_or_default();
+        let mut out = Vec::with_capacity(body.len() + 20);
+        out.extend_from_slice(&CONFIG_MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes an envelope. `path` is used in messages only.
+    pub fn decode(bytes: &[u8], path: &Path) -> Result<Self> {
+        let corrupt = |reason: String| StoreError::CorruptConfig {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let magic = bytes
+            .get(..8)
+            .ok_or_else(|| corrupt("file too short".into()))?;
+        if magic != CONFIG_MAGIC {
+            return Err(StoreError::NotAVault {
+                path: path.parent().unwrap_or(path).to_path_buf(),
+            });
+        }
+        let version = le_u32(bytes, 8).ok_or_else(|| corrupt("file too short".into()))?;
+        if version > FORMAT_VERSION {
+            return Err(StoreError::UnsupportedVersion {
+                path: path.parent().unwrap_or(path).to_path_buf(),
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        if version == 0 {
+            return Err(corrupt("format version 0 is invalid".into()));
+        }
+        let len = le_u32(bytes, 12).ok_or_else(|| corrupt("file too short".into()))? as usize;
+        if len > MAX_BODY {
+            return Err(corrupt(format!("body length {len} exceeds {MAX_BODY}")));
+        }
+        let body = bytes
+            .get(16..16 + len)
+            .ok_or_else(|| corrupt(format!("body of {len} bytes is truncated")))?;
+        let stored = le_u32(bytes, 16 + len).ok_or_else(|| corrupt("checksum missing".into()))?;
+        if bytes.len() != 20 + len {
+            return Err(corrupt("trailing bytes after checksum".into()));
+        }
+        let computed = crc32fast::hash(bytes.get(..16 + len).unwrap_or_default());
+        if stored != computed {
+            return Err(corrupt(format!(
+                "checksum mismatch (stored {stored:08x}, computed {computed:08x})"
+            )));
+        }
+        let cfg: VaultConfig =
+            serde_json::from_slice(body).map_err(|e| corrupt(format!("body: {e}")))?;
+        cfg.validate()
+            .map_err(|e| corrupt(format!("invalid setting: {e}")))?;
+        Ok(cfg)
+    }
+
+    /// Reads `VAULT/config`.
+    pub fn load(vault_dir: &Path) -> Result<Self> {
+        let path = vault_dir.join(CONFIG_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotAVault {
+                    path: vault_dir.to_path_buf(),
+                });
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                return Err(StoreError::NotAVault {
+                    path: vault_dir.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(StoreError::io("read", &path, e)),
+        };
+        Self::decode(&bytes, &path)
+    }
+
+    /// Writes `VAULT/config` atomically.
+    pub fn store(&self, vault_dir: &Path) -> Result<()> {
+        write_atomic(&vault_dir.join(CONFIG_FILE), &self.encode())
+    }
+}
+
+fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+    Some(u32::from_le_bytes(b))
+}
+
+/// Azure's rule for vault names: 2-50 characters, starting with a letter,
+/// containing only letters, digits and hyphens.
+pub fn validate_vault_name(name: &str) -> Result<()> {
+    let bad = |reason: &str| StoreError::InvalidSetting {
+        field: "name",
+        reason: format!(
+            "{name:?}: {reason} (2-50 characters, a letter first, then letters, digits or hyphens)"
+        ),
+    };
+    let len = name.chars().count();
+    if !(2..=50).contains(&len) {
+        return Err(bad(&format!("is {len} characters long")));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return Err(bad("does not start with a letter"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+    {
+        return Err(bad(&format!("contains {c:?}")));
+    }
+    Ok(())
+}
+
+/// Block sizes must be powers of two from 64 KiB to 4 MiB.
+pub fn validate_block_size(size: u32) -> Result<()> {
+    if !size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&size) {
+        return Err(StoreError::InvalidSetting {
+            field: "block-size",
+            reason: format!("{size} is not a power of two from 64 KiB to 4 MiB"),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VaultConfig {
+        VaultConfig {
+            name: "vm-vault-1".into(),
+            vault_id: "abc".into(),
+            block_size: 1 << 20,
+            compression_level: 3,
+            redundancy: Redundancy::Lrs,
+            created: Timestamp::from_second(1_700_000_000).unwrap(),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_corruption() {
+        let p = Path::new("/v/config");
+        let bytes = sample().encode();
+        assert_eq!(VaultConfig::decode(&bytes, p).unwrap(), sample());
+        let mut bad = bytes.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 1;
+        assert!(matches!(
+            VaultConfig::decode(&bad, p),
+            Err(StoreError::CorruptConfig { .. })
+        ));
+        let mut newer = bytes;
+        newer[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+        assert!(matches!(
+            VaultConfig::decode(&newer, p),
+            Err(StoreError::UnsupportedVersion { found, .. }) if found == FORMAT_VERSION + 1
+        ));
+    }
+
+    #[test]
+    fn vault_names_follow_azure_rules() {
+        for ok in ["ab", "a1", "My-Vault-2", &"a".repeat(50)] {
+            validate_vault_name(ok).unwrap();
+        }
+        for bad in [
+            "a",
+            "1abc",
+            "-ab",
+            "ab_c",
+            "ab c",
+            &"a".repeat(51),
+            "é-vault",
+        ] {
+            assert!(validate_vault_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn block_sizes() {
+        for ok in [64 << 10, 128 << 10, 1 << 20, 4 << 20] {
+            validate_block_size(ok).unwrap();
+        }
+        for bad in [32 << 10, 8 << 20, 100_000, 0] {
+            assert!(validate_block_size(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! The one door for durable file-system state: atomic replace and
+//! directory fsync. Nothing else in coffre calls `rename` for state that
+//! must survive a crash.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Result, StoreError};
+
+/// Flushes a directory's entries (new, renamed or removed files) to disk.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let f = File::open(dir).map_err(|e| StoreError::io("open directory", dir, e))?;
+    f.sync_all()
+        .map_err(|e| StoreError::io("fsync directory", dir, e))
+}
+
+/// Flushes a file's data and metadata to disk.
+pub fn fsync_file(file: &File, path: &Path) -> Result<()> {
+    file.sync_all()
+        .map_err(|e| StoreError::io("fsync", path, e))
+}
+
+/// Replaces `path` with `bytes` atomically: write a temporary file beside
+/// it, fsync it, rename it over `path`, fsync the directory. A crash at any
+/// point leaves either the old or the new content, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "state".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| StoreError::io("create", &tmp, e))?;
+        f.write_all(bytes)
+            .map_err(|e| StoreError::io("write", &tmp, e))?;
+        fsync_file(&f, &tmp)?;
+        fs::rename(&tmp, path).map_err(|e| StoreError::io("rename", path, e))?;
+        fsync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Creates a directory (and parents) and makes its entry durable.
+pub fn create_dir_durable(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| StoreError::io("create directory", dir, e))?;
+    fsync_dir(dir)?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fsync_dir(parent)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! The vault-store error type.
+//!
+//! Rules for this enum:
+//! - every variant says *what happened* and carries the path, segment or
+//!   chunk it happened to, so the CLI can print a message a user can act on;
+//! - I/O errors keep their `std::io::Error` as the source, and "disk full"
+//!   is lifted into its own variant because users must react to it
+//!   differently;
+//! - decoding problems of on-disk bytes are [`RecordError`]s, wrapped with
+//!   the location they were found at.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::chunk_id::ChunkId;
+use crate::record::RecordError;
+
+/// Result alias for vault-store operations.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the vault storage layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The directory is not a coffre vault (no readable `config`).
+    #[error("{path} is not a coffre vault (no vault config found)")]
+    NotAVault { path: PathBuf },
+
+    /// `vault create` on a directory that already holds something.
+    #[error("{path} already exists and is not empty; refusing to create a vault there")]
+    AlreadyExists { path: PathBuf },
+
+    /// The vault was written by a newer coffre.
+    #[error(
+        "{path}: vault format version {found} is newer than this coffre supports (up to {supported}); upgrade coffre"
+    )]
+    UnsupportedVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+
+    /// The vault config exists but cannot be decoded.
+    #[error("{path}: corrupt vault config: {reason}")]
+    CorruptConfig { path: PathBuf, reason: String },
+
+    /// Another process holds the writer lock.
+    #[error("vault {path} is in use by another coffre process (pid {pid}); wait for it to finish")]
+    VaultLocked { path: PathBuf, pid: String },
+
+    /// A write was attempted on a vault opened read-only.
+    #[error("vault {path} was opened read-only")]
+    ReadOnly { path: PathBuf },
+
+    /// An earlier fsync failed; the session refuses further writes because
+    /// the kernel may have dropped dirty pages.
+    #[error("an earlier write to {path} failed; this session accepts no further writes")]
+    Poisoned { path: PathBuf },
+
+    /// The filesystem is full.
+    #[error("no space left on device while writing {path}")]
+    NoSpace { path: PathBuf },
+
+    /// Any other I/O failure.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The RocksDB index failed.
+    #[cfg(feature = "index")]
+    #[error("index {path}: {source}")]
+    Index {
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+
+    /// A value in the index cannot be decoded.
+    #[error("index {path}: corrupt {what} entry: {reason}")]
+    CorruptIndex {
+        path: PathBuf,
+        what: &'static str,
+        reason: String,
+    },
+
+    /// A chunk id is not in the index.
+    #[error("chunk {id} is not in the vault index")]
+    ChunkMissing { id: ChunkId },
+
+    /// The bytes of a stored chunk are damaged.
+    #[error("chunk {id} in {path} at offset {offset}: {reason}")]
+    CorruptChunk {
+        id: ChunkId,
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        reason: RecordError,
+    },
+
+    /// A segment file is shorter than the index says it is.
+    #[error("segment {path} is {actual} bytes but the index records {committed} committed bytes")]
+    SegmentTruncated {
+        path: PathBuf,
+        committed: u64,
+        actual: u64,
+    },
+
+    /// A chunk is larger than any record may be.
+    #[error("chunk of {len} bytes exceeds the maximum record size of {max} bytes")]
+    ChunkTooLarge { len: usize, max: usize },
+
+    /// Vault settings given at creation are invalid.
+    #[error("invalid vault setting {field}: {reason}")]
+    InvalidSetting { field: &'static str, reason: String },
+}
+
+impl StoreError {
+    /// Wraps an I/O error, lifting ENOSPC/EDQUOT into [`StoreError::NoSpace`].
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        let path = path.into();
+        match source.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreError::NoSpace { path },
+            _ => StoreError::Io { op, path, source },
+        }
+    }
+
+    /// True when the error means the disk is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::NoSpace { .. })
+    }
+}

@@ -1,0 +1,509 @@
+//! An open vault: its config, its lock, its index and its segments, and the
+//! write session through which every new chunk and point enters it.
+//!
+//! The write order (see `FORMAT.md`, "Crash invariants"):
+//! 1. records are appended to a segment;
+//! 2. the segment is fsynced (and its directory, if the file is new);
+//! 3. the chunk locations, the new committed segment length and any
+//!    catalog change are committed in one synced RocksDB `WriteBatch`;
+//! 4. only then does the caller report success.
+//!
+//! Bytes past a segment's committed length are leftovers of a session that
+//! never reached step 3; the next writer cuts them off ([`Vault::open`] with
+//! [`Access::Write`]), and a failed session cuts off its own on drop.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::catalog::{ItemRecord, PointRecord};
+use crate::chunk_id::ChunkId;
+use crate::config::VaultConfig;
+use crate::durable::{create_dir_durable, fsync_dir};
+use crate::error::{Result, StoreError};
+use crate::index::{ChunkLocation, INDEX_DIR, Index, IndexBatch};
+use crate::lock::VaultLock;
+use crate::record::{self, HEADER_LEN, RecordHeader};
+use crate::segment::{
+    SEGMENT_HEADER_LEN, SEGMENT_TARGET_LEN, SEGMENTS_DIR, SegmentReader, SegmentWriter,
+    parse_segment_file_name,
+};
+
+/// How a vault is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Readers: list, restore, verify. Any number, alongside a writer.
+    ReadOnly,
+    /// The single writer: takes the vault lock.
+    Write,
+}
+
+/// An open vault.
+pub struct Vault {
+    dir: PathBuf,
+    config: VaultConfig,
+    index: Index,
+    segments: SegmentReader,
+    lock: Option<VaultLock>,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault")
+            .field("dir", &self.dir)
+            .field("name", &self.config.name)
+            .finish()
+    }
+}
+
+impl Vault {
+    /// Creates a new vault in `dir` (which must not exist or be empty) and
+    /// returns it open for writing.
+    pub fn create(dir: &Path, config: VaultConfig) -> Result<Vault> {
+        config.validate()?;
+        match fs::read_dir(dir) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(StoreError::AlreadyExists {
+                        path: dir.to_path_buf(),
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io("read directory", dir, e)),
+        }
+        create_dir_durable(dir)?;
+        let lock = VaultLock::acquire(dir)?;
+        create_dir_durable(&dir.join(SEGMENTS_DIR))?;
+        let index = Index::open_write(&dir.join(INDEX_DIR))?;
+        // The config is written last: a directory without it is not a vault,
+        // so a crash during creation leaves nothing that looks like one.
+        config.store(dir)?;
+        Ok(Vault {
+            dir: dir.to_path_buf(),
+            config,
+            index,
+            segments: SegmentReader::new(dir.join(SEGMENTS_DIR)),
+            lock: Some(lock),
+        })
+    }
+
+    /// Opens an existing vault. Writers take the lock and clean up what an
+    /// interrupted writer left behind.
+    pub fn open(dir: &Path, access: Access) -> Result<Vault> {
+        if !dir.is_dir() {
+            return Err(StoreError::NotAVault {
+                path: dir.to_path_buf(),
+            });
+        }
+        let config = VaultConfig::load(dir)?;
+        let lock = match access {
+            Access::Write => Some(VaultLock::acquire(dir)?),
+            Access::ReadOnly => None,
+        };
+        let index_dir = dir.join(INDEX_DIR);
+        if !index_dir.is_dir() {
+            return Err(StoreError::NotAVault {
+                path: dir.to_path_buf(),
+            });
+        }
+        let index = match access {
+            Access::Write => Index::open_write(&index_dir)?,
+            Access::ReadOnly => Index::open_read(&index_dir)?,
+        };
+        let vault = Vault {
+            dir: dir.to_path_buf(),
+            config,
+            index,
+            segments: SegmentReader::new(dir.join(SEGMENTS_DIR)),
+            lock,
+        };
+        if access == Access::Write {
+            vault.reclaim_uncommitted()?;
+        }
+        Ok(vault)
+    }
+
+    /// Cuts every segment back to its committed length and removes segment
+    /// files the index does not know. Returns the bytes reclaimed.
+    fn reclaim_uncommitted(&self) -> Result<u64> {
+        let committed = self.index.segments()?;
+        let seg_dir = self.dir.join(SEGMENTS_DIR);
+        let mut reclaimed = 0;
+        let mut changed = false;
+        let entries =
+            fs::read_dir(&seg_dir).map_err(|e| StoreError::io("read directory", &seg_dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("read directory", &seg_dir, e))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let path = entry.path();
+            let Some(id) = parse_segment_file_name(&name) else {
+                if name.starts_with('.') && name.contains(".tmp-") {
+                    let _ = fs::remove_file(&path);
+                    changed = true;
+                }
+                continue;
+            };
+            let len = entry
+                .metadata()
+                .map_err(|e| StoreError::io("stat", &path, e))?
+                .len();
+            match committed.get(&id) {
+                None => {
+                    fs::remove_file(&path).map_err(|e| StoreError::io("remove", &path, e))?;
+                    tracing::info!(segment = %path.display(), bytes = len, "removed uncommitted segment");
+                    reclaimed += len;
+                    changed = true;
+                }
+                Some(&c) if len > c => {
+                    let f = fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(|e| StoreError::io("open", &path, e))?;
+                    f.set_len(c)
+                        .map_err(|e| StoreError::io("truncate", &path, e))?;
+                    f.sync_all()
+                        .map_err(|e| StoreError::io("fsync", &path, e))?;
+                    tracing::info!(segment = %path.display(), bytes = len - c, "cut uncommitted tail");
+                    reclaimed += len - c;
+                }
+                Some(_) => {}
+            }
+        }
+        if changed {
+            fsync_dir(&seg_dir)?;
+        }
+        self.segments.forget();
+        Ok(reclaimed)
+    }
+
+    /// The vault directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The vault settings.
+    pub fn config(&self) -> &VaultConfig {
+        &self.config
+    }
+
+    /// The index (catalog queries).
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// True when the vault was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.lock.is_some()
+    }
+
+    /// Path of segment `id`.
+    pub fn segment_path(&self, id: u64) -> PathBuf {
+        self.segments.path(id)
+    }
+
+    /// The item called `name`.
+    pub fn item(&self, name: &str) -> Result<Option<ItemRecord>> {
+        self.index.item(name)
+    }
+
+    /// Points of `item`, oldest first.
+    pub fn points(&self, item: &str) -> Result<Vec<PointRecord>> {
+        self.index.points(item)
+    }
+
+    /// True when chunk `id` is committed in the vault.
+    pub fn contains_chunk(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.index.chunk(id)?.is_some())
+    }
+
+    /// Reads the raw record of a chunk at a known location.
+    pub fn read_record(&self, loc: &ChunkLocation) -> Result<Vec<u8>> {
+        self.segments
+            .read(loc.segment, loc.offset, loc.len as usize)
+    }
+
+    /// Reads, checks (crc32, length, BLAKE3) and returns a chunk's plaintext.
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let loc = self
+            .index
+            .chunk(id)?
+            .ok_or(StoreError::ChunkMissing { id: *id })?;
+        self.read_chunk_at(id, &loc)
+    }
+
+    /// Like [`Vault::read_chunk`] for a location already looked up.
+    pub fn read_chunk_at(&self, id: &ChunkId, loc: &ChunkLocation) -> Result<Vec<u8>> {
+        let corrupt = |reason| StoreError::CorruptChunk {
+            id: *id,
+            path: self.segments.path(loc.segment),
+            offset: loc.offset,
+            reason,
+        };
+        let bytes = match self.read_record(loc) {
+            Ok(b) => b,
+            Err(StoreError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                return Err(corrupt(record::RecordError::Truncated {
+                    needed: loc.len as usize,
+                    available: 0,
+                }));
+            }
+            Err(e) => return Err(e),
+        };
+        let (header, plain) = record::decode(&bytes).map_err(corrupt)?;
+        if header.id != *id {
+            return Err(corrupt(record::RecordError::WrongChunk {
+                expected: *id,
+                found: header.id,
+            }));
+        }
+        Ok(plain)
+    }
+
+    /// Checks only the header of the record at `loc` (cheap verify).
+    pub fn check_record_header(&self, id: &ChunkId, loc: &ChunkLocation) -> Result<()> {
+        let corrupt = |reason| StoreError::CorruptChunk {
+            id: *id,
+            path: self.segments.path(loc.segment),
+            offset: loc.offset,
+            reason,
+        };
+        let bytes =
+            self.segments
+                .read(loc.segment, loc.offset, HEADER_LEN.min(loc.len as usize))?;
+        let h = RecordHeader::parse(&bytes).map_err(corrupt)?;
+        if h.id != *id {
+            return Err(corrupt(record::RecordError::WrongChunk {
+                expected: *id,
+                found: h.id,
+            }));
+        }
+        if h.record_len() != u64::from(loc.len) {
+            return Err(corrupt(record::RecordError::Truncated {
+                needed: h.record_len() as usize,
+                available: loc.len as usize,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Current on-disk length of segment `id`.
+    pub fn segment_file_len(&self, id: u64) -> Result<u64> {
+        self.segments.file_len(id)
+    }
+
+    /// Total committed bytes in all segments.
+    pub fn stored_bytes(&self) -> Result<u64> {
+        Ok(self.index.segments()?.values().sum())
+    }
+
+    /// Starts a write session. Requires [`Access::Write`].
+    pub fn begin_write(&self) -> Result<WriteSession<'_>> {
+        if self.lock.is_none() {
+            return Err(StoreError::ReadOnly {
+                path: self.dir.clone(),
+            });
+        }
+        Ok(WriteSession {
+            vault: self,
+            writer: None,
+            writer_is_new: false,
+            writer_committed: 0,
+            pending: HashMap::new(),
+            pending_batch_bytes: 0,
+            appended_bytes: 0,
+            poisoned: false,
+            finished: false,
+        })
+    }
+}
+
+/// Commit a checkpoint once this much new data is pending, to bound memory
+/// and the work a crash can lose.
+const CHECKPOINT_BYTES: u64 = 512 << 20;
+const CHECKPOINT_CHUNKS: usize = 65_536;
+
+/// Appends chunks to the vault and commits them durably with catalog
+/// changes. Dropping a session without [`WriteSession::commit`] discards
+/// its uncommitted bytes.
+pub struct WriteSession<'v> {
+    vault: &'v Vault,
+    writer: Option<SegmentWriter>,
+    writer_is_new: bool,
+    writer_committed: u64,
+    pending: HashMap<ChunkId, ChunkLocation>,
+    pending_batch_bytes: u64,
+    appended_bytes: u64,
+    poisoned: bool,
+    finished: bool,
+}
+
+impl WriteSession<'_> {
+    /// True when `id` is committed or pending in this session.
+    pub fn contains(&self, id: &ChunkId) -> Result<bool> {
+        if self.pending.contains_key(id) {
+            return Ok(true);
+        }
+        self.vault.contains_chunk(id)
+    }
+
+    /// True when `id` is pending in this session (not yet committed).
+    pub fn is_pending(&self, id: &ChunkId) -> bool {
+        self.pending.contains_key(id)
+    }
+
+    /// Bytes appended by this session so far.
+    pub fn appended_bytes(&self) -> u64 {
+        self.appended_bytes
+    }
+
+    fn guard(&self) -> Result<()> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned {
+                path: self.vault.dir.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn poison<T>(&mut self, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    fn open_writer(&mut self) -> Result<()> {
+        let committed = self.vault.index.segments()?;
+        let seg_dir = self.vault.dir.join(SEGMENTS_DIR);
+        if let Some((&id, &len)) = committed.iter().next_back() {
+            if len < SEGMENT_TARGET_LEN && len >= SEGMENT_HEADER_LEN {
+                self.writer = Some(SegmentWriter::append_to(&seg_dir, id, len)?);
+                self.writer_is_new = false;
+                self.writer_committed = len;
+                return Ok(());
+            }
+        }
+        let next = committed.keys().next_back().map_or(1, |id| id + 1);
+        self.writer = Some(SegmentWriter::create(&seg_dir, next)?);
+        self.writer_is_new = true;
+        self.writer_committed = 0;
+        Ok(())
+    }
+
+    /// Appends an encoded record for chunk `id`. Duplicates of a pending
+    /// chunk are ignored. May checkpoint or roll to a new segment.
+    pub fn append(&mut self, id: ChunkId, record: &[u8]) -> Result<()> {
+        self.guard()?;
+        if self.pending.contains_key(&id) {
+            return Ok(());
+        }
+        let header = RecordHeader::parse(record).map_err(|reason| StoreError::CorruptChunk {
+            id,
+            path: self.vault.dir.clone(),
+            offset: 0,
+            reason,
+        })?;
+        if self
+            .writer
+            .as_ref()
+            .is_some_and(|w| w.len() >= SEGMENT_TARGET_LEN)
+        {
+            self.checkpoint()?;
+            self.writer = None;
+        }
+        if self.writer.is_none() {
+            let r = self.open_writer();
+            self.poison(r)?;
+        }
+        let Some(w) = self.writer.as_mut() else {
+            return Err(StoreError::Poisoned {
+                path: self.vault.dir.clone(),
+            });
+        };
+        let r = w.append(record).map(|off| (w.id(), off));
+        let (segment, offset) = self.poison(r)?;
+        self.pending.insert(
+            id,
+            ChunkLocation {
+                segment,
+                offset,
+                len: record.len() as u32,
+                plain_len: header.plain_len,
+            },
+        );
+        self.pending_batch_bytes += record.len() as u64;
+        self.appended_bytes += record.len() as u64;
+        if self.pending_batch_bytes >= CHECKPOINT_BYTES || self.pending.len() >= CHECKPOINT_CHUNKS {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything appended so far durable and indexed, without
+    /// recording a point. Chunks committed this way are unreferenced until
+    /// a point uses them; a later session deduplicates against them.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        self.commit_inner(IndexBatch::default())
+    }
+
+    fn commit_inner(&mut self, mut batch: IndexBatch) -> Result<()> {
+        self.guard()?;
+        let needs_sync = !self.pending.is_empty() || self.writer_is_new;
+        if let (Some(w), true) = (self.writer.as_mut(), needs_sync) {
+            let is_new = self.writer_is_new;
+            let r = w.sync(is_new).map(|()| (w.id(), w.len()));
+            let (id, len) = self.poison(r)?;
+            batch.put_segment(id, len);
+        }
+        for (id, loc) in self.pending.iter() {
+            batch.put_chunk(*id, *loc);
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let r = self.vault.index.commit(batch);
+        self.poison(r)?;
+        if let Some(w) = self.writer.as_ref() {
+            self.writer_committed = w.len();
+        }
+        self.writer_is_new = false;
+        self.pending.clear();
+        self.pending_batch_bytes = 0;
+        Ok(())
+    }
+
+    /// Commits everything appended, plus `batch` (a point and its item),
+    /// in one synced index write. When this returns `Ok`, the point is
+    /// durable.
+    pub fn commit(mut self, batch: IndexBatch) -> Result<()> {
+        self.commit_inner(batch)?;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+impl Drop for WriteSession<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // Reclaim the uncommitted tail at once (a full disk wants its space
+        // back); the next writer would do it anyway.
+        if let Some(w) = self.writer.take() {
+            let path = w.path().to_path_buf();
+            let result = if self.writer_is_new {
+                drop(w);
+                fs::remove_file(&path).map_err(|e| StoreError::io("remove", &path, e))
+            } else {
+                w.truncate(self.writer_committed)
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "could not discard uncommitted segment bytes; the next writer will");
+            }
+        }
+    }
+}
