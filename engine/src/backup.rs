@@ -157,7 +157,7 @@ pub fn backup(
                         id,
                         path: source.path().to_path_buf(),
                         offset: (first + i as u64) * block_size as u64,
-                        reason,
+                        reason: Box::new(reason),
                     })?;
                     Ok(Outcome::New(id, record))
                 })
@@ -249,7 +249,7 @@ fn store_node(
                 id,
                 path: PathBuf::from("<block map>"),
                 offset: 0,
-                reason,
+                reason: Box::new(reason),
             })?;
         session.append(id, &record)?;
         stats.new_chunks += 1;

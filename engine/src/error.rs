@@ -85,7 +85,7 @@ pub enum EngineError {
         block: u64,
         chunk: ChunkId,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
 
     /// A block map node of a point is damaged or inconsistent.

@@ -129,7 +129,7 @@ impl FileImage {
     fn data_ranges(&self, offset: u64, len: usize) -> Vec<Range<usize>> {
         let end = offset + len as u64;
         if self.is_block_device {
-            return vec![0..len];
+            return std::iter::once(0..len).collect();
         }
         let fd = self.file.as_raw_fd();
         let mut out = Vec::new();
@@ -143,7 +143,7 @@ impl FileImage {
                     break; // only a hole remains
                 }
                 // SEEK_DATA unsupported: treat everything as data.
-                return vec![0..len];
+                return std::iter::once(0..len).collect();
             }
             let data = data as u64;
             if data >= end {
@@ -275,7 +275,7 @@ impl ImageSource for MemImage {
         Ok(Window {
             guard: None,
             hold: Hold::Slice(slice),
-            data: vec![0..len],
+            data: std::iter::once(0..len).collect(),
             path: &self.name,
         })
     }

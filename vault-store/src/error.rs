@@ -98,7 +98,7 @@ pub enum StoreError {
         path: PathBuf,
         offset: u64,
         #[source]
-        reason: RecordError,
+        reason: Box<RecordError>,
     },
 
     /// A segment file is shorter than the index says it is.

@@ -222,13 +222,12 @@ impl RecordEncoder {
             // Compress straight into the record buffer, after the header.
             let bound = zstd::zstd_safe::compress_bound(plain.len());
             out.resize(HEADER_LEN + bound, 0);
-            if let Some(dst) = out.get_mut(HEADER_LEN..) {
-                if let Ok(n) = z.compress_to_buffer(plain, dst) {
-                    if n < plain.len() {
-                        out.truncate(HEADER_LEN + n);
-                        codec = Codec::Zstd;
-                    }
-                }
+            if let Some(dst) = out.get_mut(HEADER_LEN..)
+                && let Ok(n) = z.compress_to_buffer(plain, dst)
+                && n < plain.len()
+            {
+                out.truncate(HEADER_LEN + n);
+                codec = Codec::Zstd;
             }
         }
         if codec == Codec::Raw {

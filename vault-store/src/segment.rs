@@ -157,10 +157,8 @@ impl SegmentWriter {
             .flush()
             .map_err(|e| StoreError::io("write segment", &self.path, e))?;
         fsync_file(self.out.get_ref(), &self.path)?;
-        if new_file {
-            if let Some(dir) = self.path.parent() {
-                fsync_dir(dir)?;
-            }
+        if new_file && let Some(dir) = self.path.parent() {
+            fsync_dir(dir)?;
         }
         Ok(())
     }
@@ -168,9 +166,7 @@ impl SegmentWriter {
     /// Cuts the file back to `len` bytes, discarding unflushed data.
     pub fn truncate(self, len: u64) -> Result<()> {
         let path = self.path.clone();
-        let file = match self.out.into_parts() {
-            (file, _) => file,
-        };
+        let (file, _) = self.out.into_parts();
         file.set_len(len)
             .map_err(|e| StoreError::io("truncate segment", &path, e))?;
         fsync_file(&file, &path)
@@ -254,6 +250,7 @@ impl SegmentReader {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

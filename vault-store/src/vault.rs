@@ -239,7 +239,7 @@ impl Vault {
             id: *id,
             path: self.segments.path(loc.segment),
             offset: loc.offset,
-            reason,
+            reason: Box::new(reason),
         };
         let bytes = match self.read_record(loc) {
             Ok(b) => b,
@@ -269,7 +269,7 @@ impl Vault {
             id: *id,
             path: self.segments.path(loc.segment),
             offset: loc.offset,
-            reason,
+            reason: Box::new(reason),
         };
         let bytes =
             self.segments
@@ -379,13 +379,13 @@ impl WriteSession<'_> {
     fn open_writer(&mut self) -> Result<()> {
         let committed = self.vault.index.segments()?;
         let seg_dir = self.vault.dir.join(SEGMENTS_DIR);
-        if let Some((&id, &len)) = committed.iter().next_back() {
-            if len < SEGMENT_TARGET_LEN && len >= SEGMENT_HEADER_LEN {
-                self.writer = Some(SegmentWriter::append_to(&seg_dir, id, len)?);
-                self.writer_is_new = false;
-                self.writer_committed = len;
-                return Ok(());
-            }
+        if let Some((&id, &len)) = committed.iter().next_back()
+            && (SEGMENT_HEADER_LEN..SEGMENT_TARGET_LEN).contains(&len)
+        {
+            self.writer = Some(SegmentWriter::append_to(&seg_dir, id, len)?);
+            self.writer_is_new = false;
+            self.writer_committed = len;
+            return Ok(());
         }
         let next = committed.keys().next_back().map_or(1, |id| id + 1);
         self.writer = Some(SegmentWriter::create(&seg_dir, next)?);
@@ -405,7 +405,7 @@ impl WriteSession<'_> {
             id,
             path: self.vault.dir.clone(),
             offset: 0,
-            reason,
+            reason: Box::new(reason),
         })?;
         if self
             .writer
