@@ -40,59 +40,17 @@ fn two_points_restore_identically_and_incremental_is_small() {
     let r1 = t.path().join("r1.img");
     let r2 = t.path().join("r2.img");
     let id1 = pts[0]["id"].as_str().unwrap();
-    ok(&[
-        "restore",
-        "--vault",
-        s(&vault),
-        "--item",
-        "disk",
-        "--point",
-        id1,
-        "--to",
-        s(&r1),
-    ]);
-    ok(&[
-        "restore",
-        "--vault",
-        s(&vault),
-        "--item",
-        "disk",
-        "--to",
-        s(&r2),
-    ]);
+    ok(&restore_args(&vault, "disk", Some(id1), &r1, false));
+    ok(&restore_args(&vault, "disk", None, &r2, false));
     assert_same(&r1, &day1);
     assert_same(&r2, &img);
     // Holes and zero blocks come back as holes.
     assert!(allocated(&r2) < std::fs::metadata(&r2).unwrap().len() * 3 / 4);
 
     // Refuses to overwrite without --force, then overwrites with it.
-    let err = fails(
-        &[
-            "restore",
-            "--vault",
-            s(&vault),
-            "--item",
-            "disk",
-            "--point",
-            id1,
-            "--to",
-            s(&r2),
-        ],
-        1,
-    );
+    let err = fails(&restore_args(&vault, "disk", Some(id1), &r2, false), 1);
     assert!(err.contains("--force"), "{err}");
-    ok(&[
-        "restore",
-        "--vault",
-        s(&vault),
-        "--item",
-        "disk",
-        "--point",
-        &id1[..6],
-        "--to",
-        s(&r2),
-        "--force",
-    ]);
+    ok(&restore_args(&vault, "disk", Some(&id1[..6]), &r2, true));
     assert_same(&r2, &day1);
 
     let report = json(&["verify", "--vault", s(&vault), "--read-data"]);
@@ -107,15 +65,7 @@ fn zero_byte_image_backs_up_and_restores() {
     std::fs::write(&img, b"").unwrap();
     ok(&["backup", "--vault", s(&vault), s(&img)]);
     let out = t.path().join("out.img");
-    ok(&[
-        "restore",
-        "--vault",
-        s(&vault),
-        "--item",
-        "empty",
-        "--to",
-        s(&out),
-    ]);
+    ok(&restore_args(&vault, "empty", None, &out, false));
     assert_eq!(std::fs::metadata(&out).unwrap().len(), 0);
 }
 

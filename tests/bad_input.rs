@@ -143,33 +143,9 @@ fn unknown_item_and_point() {
     random_file(&img, 70_000, 1);
     ok(&["backup", "--vault", s(&vault), s(&img)]);
     let out = t.path().join("o.img");
-    let err = fails(
-        &[
-            "restore",
-            "--vault",
-            s(&vault),
-            "--item",
-            "b",
-            "--to",
-            s(&out),
-        ],
-        1,
-    );
+    let err = fails(&restore_args(&vault, "b", None, &out, false), 1);
     assert!(err.contains("no item \"b\""), "{err}");
-    let err = fails(
-        &[
-            "restore",
-            "--vault",
-            s(&vault),
-            "--item",
-            "a",
-            "--point",
-            "ffffffff",
-            "--to",
-            s(&out),
-        ],
-        1,
-    );
+    let err = fails(&restore_args(&vault, "a", Some("ffffffff"), &out, false), 1);
     assert!(err.contains("no recovery point \"ffffffff\""), "{err}");
     let err = fails(
         &["backup", "--vault", s(&vault), "--item", "../x", s(&img)],

@@ -69,15 +69,7 @@ fn full_disk_during_backup() {
     assert!(err.contains("no item"), "{err}");
     ok(&["verify", "--vault", s(&vault), "--read-data"]);
     let out = t.path().join("small.out");
-    ok(&[
-        "restore",
-        "--vault",
-        s(&vault),
-        "--item",
-        "small",
-        "--to",
-        s(&out),
-    ]);
+    ok(&restore_args(&vault, "small", None, &out, false));
     assert_same(&out, &small);
     // And the vault keeps working once there is room.
     let medium = t.path().join("medium.img");

@@ -25,17 +25,13 @@ fn ext4_day_one_and_day_two() {
 
     for (p, want) in [(&pts[0], &day1), (&pts[1], &img)] {
         let out = t.path().join(format!("{}.out", p["id"].as_str().unwrap()));
-        ok(&[
-            "restore",
-            "--vault",
-            s(&vault),
-            "--item",
+        ok(&restore_args(
+            &vault,
             "fs",
-            "--point",
-            p["id"].as_str().unwrap(),
-            "--to",
-            s(&out),
-        ]);
+            Some(p["id"].as_str().unwrap()),
+            &out,
+            false,
+        ));
         assert_same(&out, want);
     }
     ok(&["verify", "--vault", s(&vault), "--read-data"]);

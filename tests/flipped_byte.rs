@@ -86,20 +86,7 @@ fn verify_and_restore_after_a_flipped_byte() {
 
     // Restore of point 2 fails cleanly and leaves no file; point 1 restores.
     let out2 = t.path().join("p2.img");
-    let err = fails(
-        &[
-            "restore",
-            "--vault",
-            s(&vault),
-            "--item",
-            "disk",
-            "--point",
-            p2,
-            "--to",
-            s(&out2),
-        ],
-        7,
-    );
+    let err = fails(&restore_args(&vault, "disk", Some(p2), &out2, false), 7);
     assert!(err.contains("block 0") && err.contains("damaged"), "{err}");
     assert!(!out2.exists());
     let leftovers: Vec<_> = std::fs::read_dir(t.path())
@@ -114,16 +101,6 @@ fn verify_and_restore_after_a_flipped_byte() {
         .collect();
     assert!(leftovers.is_empty(), "partial restore left behind");
     let out1 = t.path().join("p1.img");
-    ok(&[
-        "restore",
-        "--vault",
-        s(&vault),
-        "--item",
-        "disk",
-        "--point",
-        p1,
-        "--to",
-        s(&out1),
-    ]);
+    ok(&restore_args(&vault, "disk", Some(p1), &out1, false));
     assert_same(&out1, &day1);
 }

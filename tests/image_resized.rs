@@ -36,27 +36,14 @@ fn grown_and_shrunk_images_restore_exactly() {
         .collect();
     assert_eq!(sizes, vec![3 << 20, (8 << 20) + 7, (1 << 20) - 1]);
     let out = t.path().join("out.img");
-    ok(&[
-        "restore",
-        "--vault",
-        s(&vault),
-        "--item",
+    ok(&restore_args(
+        &vault,
         "vm",
-        "--point",
-        pts[1]["id"].as_str().unwrap(),
-        "--to",
-        s(&out),
-    ]);
+        Some(pts[1]["id"].as_str().unwrap()),
+        &out,
+        false,
+    ));
     assert_same(&out, &grown);
-    ok(&[
-        "restore",
-        "--vault",
-        s(&vault),
-        "--item",
-        "vm",
-        "--to",
-        s(&out),
-        "--force",
-    ]);
+    ok(&restore_args(&vault, "vm", None, &out, true));
     assert_same(&out, &img);
 }

@@ -5,13 +5,6 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-fn segment_bytes(vault: &std::path::Path) -> u64 {
-    std::fs::read_dir(vault.join("segments"))
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum()
-}
-
 #[test]
 fn kill_minus_nine_mid_backup() {
     let t = tempfile::tempdir().unwrap();
@@ -56,16 +49,7 @@ fn kill_minus_nine_mid_backup() {
         ok(&["verify", "--vault", s(&vault), "--read-data"]);
         assert_eq!(points(&vault, "vm").len(), 1, "round {round}");
         let out = t.path().join("r.img");
-        ok(&[
-            "restore",
-            "--vault",
-            s(&vault),
-            "--item",
-            "vm",
-            "--to",
-            s(&out),
-            "--force",
-        ]);
+        ok(&restore_args(&vault, "vm", None, &out, true));
         assert_same(&out, &day1);
     }
 
@@ -76,15 +60,7 @@ fn kill_minus_nine_mid_backup() {
     let pts = points(&vault, "vm");
     assert_eq!(pts.len(), 2);
     let out = t.path().join("r2.img");
-    ok(&[
-        "restore",
-        "--vault",
-        s(&vault),
-        "--item",
-        "vm",
-        "--to",
-        s(&out),
-    ]);
+    ok(&restore_args(&vault, "vm", None, &out, false));
     assert_same(&out, &img);
     let show = json(&["vault", "show", "--vault", s(&vault)]);
     assert_eq!(

@@ -47,9 +47,5 @@ fn truncation_during_backup_is_a_clean_error() {
     // The uncommitted bytes were given back.
     let show = json(&["vault", "show", "--vault", s(&vault)]);
     assert_eq!(show["stored_bytes"], 0);
-    let seg_bytes: u64 = std::fs::read_dir(vault.join("segments"))
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum();
-    assert_eq!(seg_bytes, 0, "segment bytes left behind");
+    assert_eq!(segment_bytes(&vault), 0, "segment bytes left behind");
 }

@@ -45,15 +45,7 @@ fn second_writer_is_refused_with_the_holders_pid() {
     // Readers are not blocked by the writer.
     assert_eq!(points(&vault, "small").len(), 1);
     let out = t.path().join("r.img");
-    ok(&[
-        "restore",
-        "--vault",
-        s(&vault),
-        "--item",
-        "small",
-        "--to",
-        s(&out),
-    ]);
+    ok(&restore_args(&vault, "small", None, &out, false));
     assert_same(&out, &small);
     assert!(child.wait().unwrap().success());
     assert_eq!(points(&vault, "small").len(), 1);

@@ -86,6 +86,18 @@ fn records(c: &mut Criterion) {
     g.finish();
 }
 
+/// An empty vault with default settings in a temporary directory.
+fn fresh_vault() -> (tempfile::TempDir, coffre_vault_store::Vault) {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = create_vault(
+        &dir.path().join("v"),
+        &CreateOptions::default(),
+        &SystemClock,
+    )
+    .unwrap();
+    (dir, vault)
+}
+
 fn full_backup(c: &mut Criterion) {
     const SIZE: usize = 64 << 20;
     let image = sample(SIZE, 4);
@@ -103,33 +115,15 @@ fn full_backup(c: &mut Criterion) {
         rate_limit: None,
     };
     g.bench_function("full_64MiB", |b| {
-        b.iter_with_setup(
-            || {
-                let dir = tempfile::tempdir().unwrap();
-                let vault = create_vault(
-                    &dir.path().join("v"),
-                    &CreateOptions::default(),
-                    &SystemClock,
-                )
-                .unwrap();
-                (dir, vault)
-            },
-            |(_dir, vault)| {
-                let src = MemImage::new("bench.img", image.clone());
-                backup(&vault, &src, &opts, &SystemClock, &NoProgress).unwrap();
-            },
-        )
+        b.iter_with_setup(fresh_vault, |(_dir, vault)| {
+            let src = MemImage::new("bench.img", image.clone());
+            backup(&vault, &src, &opts, &SystemClock, &NoProgress).unwrap();
+        })
     });
     g.bench_function("incremental_64MiB", |b| {
         b.iter_with_setup(
             || {
-                let dir = tempfile::tempdir().unwrap();
-                let vault = create_vault(
-                    &dir.path().join("v"),
-                    &CreateOptions::default(),
-                    &SystemClock,
-                )
-                .unwrap();
+                let (dir, vault) = fresh_vault();
                 let src = MemImage::new("bench.img", image.clone());
                 backup(&vault, &src, &opts, &SystemClock, &NoProgress).unwrap();
                 (dir, vault)

@@ -278,3 +278,38 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Arguments of `coffre restore` of `item` (the latest point when `point`
+/// is `None`) to `to`.
+pub fn restore_args<'a>(
+    vault: &'a Path,
+    item: &'a str,
+    point: Option<&'a str>,
+    to: &'a Path,
+    force: bool,
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "restore",
+        "--vault",
+        s(vault),
+        "--item",
+        item,
+        "--to",
+        s(to),
+    ];
+    if let Some(p) = point {
+        args.extend(["--point", p]);
+    }
+    if force {
+        args.push("--force");
+    }
+    args
+}
+
+/// Bytes in all segment files of a vault (committed or not).
+pub fn segment_bytes(vault: &Path) -> u64 {
+    fs::read_dir(vault.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
