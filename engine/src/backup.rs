@@ -9,7 +9,6 @@
 //! batch (the write order is in `coffre_vault_store::vault`).
 
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Instant;
 
 use coffre_vault_store::catalog::validate_item_name;
@@ -21,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::clock::Clock;
 use crate::error::{EngineError, Result};
+use crate::per_thread::PerThread;
 use crate::progress::Progress;
 use crate::reader::BlockMapReader;
 use crate::source::ImageSource;
@@ -101,9 +101,7 @@ pub fn backup(
     };
 
     let pool = thread_pool(opts.threads)?;
-    let encoders: Vec<Mutex<RecordEncoder>> = (0..pool.current_num_threads().max(1))
-        .map(|_| Mutex::new(RecordEncoder::new(cfg.compression_level)))
-        .collect();
+    let encoders = PerThread::new(&pool, || RecordEncoder::new(cfg.compression_level));
     let mut node_encoder = RecordEncoder::new(cfg.compression_level);
     let mut session = vault.begin_write()?;
     let mut builder = BlockMapBuilder::new();
@@ -145,19 +143,13 @@ pub fn backup(
                     if session.contains(&id)? {
                         return Ok(Outcome::Known(id));
                     }
-                    let slot = rayon::current_thread_index().unwrap_or(0) % encoders.len();
-                    let mut enc = encoders
-                        .get(slot)
-                        .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
-                    let record = match enc.as_deref_mut() {
-                        Some(enc) => enc.encode(id, bytes),
-                        None => RecordEncoder::new(cfg.compression_level).encode(id, bytes),
-                    }
-                    .map_err(|reason| StoreError::CorruptChunk {
-                        id,
-                        path: source.path().to_path_buf(),
-                        offset: (first + i as u64) * block_size as u64,
-                        reason: Box::new(reason),
+                    let record = encoders.get().encode(id, bytes).map_err(|reason| {
+                        StoreError::CorruptChunk {
+                            id,
+                            path: source.path().to_path_buf(),
+                            offset: (first + i as u64) * block_size as u64,
+                            reason: Box::new(reason),
+                        }
                     })?;
                     Ok(Outcome::New(id, record))
                 })

@@ -13,6 +13,7 @@
 pub mod backup;
 pub mod clock;
 pub mod error;
+pub mod per_thread;
 pub mod points;
 pub mod progress;
 pub mod reader;

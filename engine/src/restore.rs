@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use coffre_vault_store::durable::fsync_dir;
-use coffre_vault_store::{PointRecord, Vault};
+use coffre_vault_store::{ChunkBuf, ChunkId, PointRecord, StoreError, Vault};
 use rayon::prelude::*;
 
 use crate::backup::thread_pool;
 use crate::error::{EngineError, Result};
+use crate::per_thread::PerThread;
 use crate::progress::Progress;
 use crate::reader::BlockMapReader;
 
@@ -104,6 +105,7 @@ pub fn restore(
 
     let mut map = BlockMapReader::open(vault, point)?;
     let pool = thread_pool(opts.threads)?;
+    let buffers = PerThread::new(&pool, ChunkBuf::default);
     let bs = u64::from(point.block_size);
     progress.start(point.image_size);
     let mut written = 0u64;
@@ -115,7 +117,13 @@ pub fn restore(
                 .par_iter()
                 .enumerate()
                 .map(|(i, entry)| {
-                    write_block(vault, point, &file, &tmp.path, first + i as u64, bs, *entry)
+                    let Some(id) = entry else { return Ok(0) };
+                    let block = Block {
+                        index: first + i as u64,
+                        size: bs,
+                        id: *id,
+                    };
+                    write_block(vault, point, &file, &tmp.path, &block, &mut buffers.get())
                 })
                 .collect()
         });
@@ -154,38 +162,52 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     }
 }
 
+/// One block to restore.
+struct Block {
+    index: u64,
+    size: u64,
+    id: ChunkId,
+}
+
 fn write_block(
     vault: &Vault,
     point: &PointRecord,
     file: &File,
     path: &Path,
-    block: u64,
-    bs: u64,
-    entry: coffre_vault_store::blockmap::Entry,
+    block: &Block,
+    buf: &mut ChunkBuf,
 ) -> Result<u64> {
-    let Some(id) = entry else { return Ok(0) };
-    let offset = block * bs;
-    let expected = bs.min(point.image_size - offset);
-    let data = vault
-        .read_chunk(&id)
-        .map_err(|source| EngineError::DamagedBlock {
-            item: point.item.clone(),
-            point: point.id.clone(),
-            block,
-            chunk: id,
-            source: Box::new(source),
-        })?;
+    let offset = block.index * block.size;
+    let expected = block.size.min(point.image_size - offset);
+    let damaged = |source| EngineError::DamagedBlock {
+        item: point.item.clone(),
+        point: point.id.clone(),
+        block: block.index,
+        chunk: block.id,
+        source: Box::new(source),
+    };
+    let loc = vault
+        .index()
+        .chunk(&block.id)
+        .map_err(damaged)?
+        .ok_or_else(|| damaged(StoreError::ChunkMissing { id: block.id }))?;
+    vault
+        .read_chunk_into(&block.id, &loc, buf)
+        .map_err(damaged)?;
+    let data = buf.plain();
     if data.len() as u64 != expected {
         return Err(EngineError::DamagedBlockMap {
             item: point.item.clone(),
             point: point.id.clone(),
             reason: format!(
-                "block {block} maps to chunk {id} of {} bytes, expected {expected}",
+                "block {} maps to chunk {} of {} bytes, expected {expected}",
+                block.index,
+                block.id,
                 data.len()
             ),
         });
     }
-    file.write_all_at(&data, offset)
+    file.write_all_at(data, offset)
         .map_err(|e| unwritable(path, e))?;
     Ok(expected)
 }

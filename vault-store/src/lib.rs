@@ -31,6 +31,6 @@ pub use config::{Redundancy, VaultConfig};
 pub use error::{Result, StoreError};
 #[cfg(feature = "index")]
 pub use index::{ChunkLocation, IndexBatch};
-pub use record::{RecordEncoder, RecordError};
+pub use record::{RecordDecoder, RecordEncoder, RecordError};
 #[cfg(feature = "index")]
-pub use vault::{Access, Vault, WriteSession};
+pub use vault::{Access, ChunkBuf, Vault, WriteSession};

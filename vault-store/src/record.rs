@@ -266,38 +266,71 @@ pub fn decode(bytes: &[u8]) -> Result<(RecordHeader, Vec<u8>), RecordError> {
 /// Checks a payload against its (already parsed) header and returns the
 /// plaintext.
 pub fn decode_payload(header: &RecordHeader, payload: &[u8]) -> Result<Vec<u8>, RecordError> {
-    if payload.len() != header.stored_len as usize {
-        return Err(RecordError::Truncated {
-            needed: header.stored_len as usize,
-            available: payload.len(),
-        });
-    }
-    let computed = crc32fast::hash(payload);
-    if computed != header.data_crc {
-        return Err(RecordError::DataChecksum {
-            stored: header.data_crc,
-            computed,
-        });
-    }
-    let plain = match header.codec {
-        Codec::Raw => payload.to_vec(),
-        Codec::Zstd => {
-            let plain = zstd::bulk::decompress(payload, header.plain_len as usize)
-                .map_err(|e| RecordError::Decompress(e.to_string()))?;
-            if plain.len() != header.plain_len as usize {
-                return Err(RecordError::PlainLengthMismatch {
-                    expected: header.plain_len as usize,
-                    got: plain.len(),
-                });
-            }
-            plain
-        }
-    };
-    let id = ChunkId::of(&plain);
-    if id != header.id {
-        return Err(RecordError::IdMismatch { computed: id });
-    }
+    let mut plain = Vec::new();
+    RecordDecoder::default().decode_payload_into(header, payload, &mut plain)?;
     Ok(plain)
+}
+
+/// Reusable decoding state (a zstd context); keep one per worker thread
+/// and decode into a reused buffer, so reading many chunks allocates
+/// nothing per chunk.
+#[derive(Default)]
+pub struct RecordDecoder {
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl RecordDecoder {
+    /// Checks a payload against its header and leaves the plaintext in
+    /// `out` (whose previous content is discarded): data CRC, bounded
+    /// decompression, exact plain length, BLAKE3 id.
+    pub fn decode_payload_into(
+        &mut self,
+        header: &RecordHeader,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
+        if payload.len() != header.stored_len as usize {
+            return Err(RecordError::Truncated {
+                needed: header.stored_len as usize,
+                available: payload.len(),
+            });
+        }
+        let computed = crc32fast::hash(payload);
+        if computed != header.data_crc {
+            return Err(RecordError::DataChecksum {
+                stored: header.data_crc,
+                computed,
+            });
+        }
+        out.clear();
+        match header.codec {
+            Codec::Raw => out.extend_from_slice(payload),
+            Codec::Zstd => {
+                let expected = header.plain_len as usize;
+                out.reserve(expected);
+                let z = match self.zstd.as_mut() {
+                    Some(z) => z,
+                    None => self.zstd.insert(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|e| RecordError::Decompress(e.to_string()))?,
+                    ),
+                };
+                // Writes at most `out.capacity()` bytes; a frame that
+                // inflates past the header's length is caught below.
+                let got = z
+                    .decompress_to_buffer(payload, out)
+                    .map_err(|e| RecordError::Decompress(e.to_string()))?;
+                if got != expected {
+                    return Err(RecordError::PlainLengthMismatch { expected, got });
+                }
+            }
+        }
+        let id = ChunkId::of(out);
+        if id != header.id {
+            return Err(RecordError::IdMismatch { computed: id });
+        }
+        Ok(())
+    }
 }
 
 /// The fuzz entry point (also replayed over the seed corpus by `make

@@ -228,11 +228,18 @@ impl SegmentReader {
 
     /// Reads exactly `len` bytes at `offset` of segment `id`.
     pub fn read(&self, id: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let f = self.file(id)?;
-        let mut buf = vec![0u8; len];
-        f.read_exact_at(&mut buf, offset)
-            .map_err(|e| StoreError::io("read segment", self.path(id), e))?;
+        let mut buf = Vec::new();
+        self.read_into(id, offset, len, &mut buf)?;
         Ok(buf)
+    }
+
+    /// Like [`SegmentReader::read`], into a reused buffer.
+    pub fn read_into(&self, id: u64, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()> {
+        let f = self.file(id)?;
+        buf.clear();
+        buf.resize(len, 0);
+        f.read_exact_at(buf, offset)
+            .map_err(|e| StoreError::io("read segment", self.path(id), e))
     }
 
     /// Current length of segment file `id`.

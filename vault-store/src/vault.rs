@@ -23,7 +23,7 @@ use crate::durable::{create_dir_durable, fsync_dir};
 use crate::error::{Result, StoreError};
 use crate::index::{ChunkLocation, INDEX_DIR, Index, IndexBatch};
 use crate::lock::VaultLock;
-use crate::record::{self, HEADER_LEN, RecordHeader};
+use crate::record::{self, HEADER_LEN, RecordDecoder, RecordHeader};
 use crate::segment::{
     SEGMENT_HEADER_LEN, SEGMENT_TARGET_LEN, SEGMENTS_DIR, SegmentReader, SegmentWriter,
     parse_segment_file_name,
@@ -235,14 +235,30 @@ impl Vault {
 
     /// Like [`Vault::read_chunk`] for a location already looked up.
     pub fn read_chunk_at(&self, id: &ChunkId, loc: &ChunkLocation) -> Result<Vec<u8>> {
+        let mut buf = ChunkBuf::default();
+        self.read_chunk_into(id, loc, &mut buf)?;
+        Ok(buf.plain)
+    }
+
+    /// Reads and checks a chunk into reused buffers; the plaintext is then
+    /// in [`ChunkBuf::plain`].
+    pub fn read_chunk_into(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLocation,
+        buf: &mut ChunkBuf,
+    ) -> Result<()> {
         let corrupt = |reason| StoreError::CorruptChunk {
             id: *id,
             path: self.segments.path(loc.segment),
             offset: loc.offset,
             reason: Box::new(reason),
         };
-        let bytes = match self.read_record(loc) {
-            Ok(b) => b,
+        match self
+            .segments
+            .read_into(loc.segment, loc.offset, loc.len as usize, &mut buf.record)
+        {
+            Ok(()) => {}
             Err(StoreError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::UnexpectedEof =>
             {
@@ -252,15 +268,18 @@ impl Vault {
                 }));
             }
             Err(e) => return Err(e),
-        };
-        let (header, plain) = record::decode(&bytes).map_err(corrupt)?;
+        }
+        let header = RecordHeader::parse(&buf.record).map_err(corrupt)?;
         if header.id != *id {
             return Err(corrupt(record::RecordError::WrongChunk {
                 expected: *id,
                 found: header.id,
             }));
         }
-        Ok(plain)
+        let payload = buf.record.get(HEADER_LEN..).unwrap_or_default();
+        buf.decoder
+            .decode_payload_into(&header, payload, &mut buf.plain)
+            .map_err(corrupt)
     }
 
     /// Checks only the header of the record at `loc` (cheap verify).
@@ -318,6 +337,21 @@ impl Vault {
             poisoned: false,
             finished: false,
         })
+    }
+}
+
+/// Reusable buffers for reading many chunks on one thread.
+#[derive(Default)]
+pub struct ChunkBuf {
+    record: Vec<u8>,
+    plain: Vec<u8>,
+    decoder: RecordDecoder,
+}
+
+impl ChunkBuf {
+    /// The plaintext of the chunk read last.
+    pub fn plain(&self) -> &[u8] {
+        &self.plain
     }
 }
 
