@@ -15,12 +15,13 @@ use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use coffre_vault_store::segment::{SEGMENT_HEADER_LEN, check_header};
-use coffre_vault_store::{ChunkId, ChunkLocation, StoreError, Vault};
+use coffre_vault_store::{ChunkBuf, ChunkId, ChunkLocation, StoreError, Vault};
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::backup::thread_pool;
 use crate::error::Result;
+use crate::per_thread::PerThread;
 use crate::progress::Progress;
 use crate::reader::BlockMapReader;
 use coffre_vault_store::blockmap::LEAF_ENTRIES;
@@ -182,6 +183,7 @@ pub fn verify(
         chunks.len() as u64
     });
     let pool = thread_pool(opts.threads)?;
+    let buffers = PerThread::new(&pool, ChunkBuf::default);
     let check = |(id, loc): &(ChunkId, ChunkLocation)| -> Option<(ChunkId, String)> {
         let seg_len = committed.get(&loc.segment).copied();
         let r = match seg_len {
@@ -198,7 +200,7 @@ pub fn verify(
                 ))
             }
             Some(_) => if opts.read_data {
-                vault.read_chunk_at(id, loc).map(|_| ())
+                vault.read_chunk_into(id, loc, &mut buffers.get())
             } else {
                 vault.check_record_header(id, loc)
             }
