@@ -10,8 +10,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use coffre_vault_store::blockmap::Entry;
 use coffre_vault_store::durable::fsync_dir;
-use coffre_vault_store::{ChunkBuf, ChunkId, PointRecord, StoreError, Vault};
+use coffre_vault_store::{ChunkBuf, PointRecord, StoreError, Vault};
 use rayon::prelude::*;
 
 use crate::backup::thread_pool;
@@ -107,30 +108,48 @@ pub fn restore(
     let pool = thread_pool(opts.threads)?;
     let buffers = PerThread::new(&pool, ChunkBuf::default);
     let bs = u64::from(point.block_size);
+    let group_blocks = (GROUP_BYTES / bs).max(1) as usize;
+    let out = Output {
+        file: &file,
+        path: &tmp.path,
+        image_size: point.image_size,
+        block_size: bs,
+    };
     progress.start(point.image_size);
     let mut written = 0u64;
+    // Double buffering: while one group of decoded blocks is written by a
+    // single thread (parallel writers to one file only contend on its
+    // inode lock), the next group is read and decoded by the others.
+    let mut ready: Option<Group> = None;
+    let mut spare: Vec<u8> = Vec::new();
     for k in 0..map.leaf_count() {
-        let entries = map.leaf(k)?.to_vec();
-        let first = (k * coffre_vault_store::blockmap::LEAF_ENTRIES) as u64;
-        let sizes: Result<Vec<u64>> = pool.install(|| {
-            entries
-                .par_iter()
-                .enumerate()
-                .map(|(i, entry)| {
-                    let Some(id) = entry else { return Ok(0) };
-                    let block = Block {
-                        index: first + i as u64,
-                        size: bs,
-                        id: *id,
-                    };
-                    write_block(vault, point, &file, &tmp.path, &block, &mut buffers.get())
-                })
-                .collect()
-        });
-        let sizes = sizes?;
-        written += sizes.iter().sum::<u64>();
-        let span = (entries.len() as u64 * bs).min(point.image_size.saturating_sub(first * bs));
-        start_writeback(&file, first * bs, span);
+        let leaf = map.leaf(k)?.to_vec();
+        let leaf_first = (k * coffre_vault_store::blockmap::LEAF_ENTRIES) as u64;
+        for (g, entries) in leaf.chunks(group_blocks).enumerate() {
+            let mut group = Group {
+                first: leaf_first + (g * group_blocks) as u64,
+                entries: entries.to_vec(),
+                data: std::mem::take(&mut spare),
+            };
+            let previous = ready.take();
+            let (decoded, wrote) = pool.install(|| {
+                rayon::join(
+                    || decode_group(vault, point, &mut group, bs, &buffers),
+                    || previous.map(|p| out.write(p)).transpose(),
+                )
+            });
+            decoded?;
+            if let Some((bytes, span, data)) = wrote? {
+                written += bytes;
+                progress.advance(span);
+                spare = data;
+            }
+            ready = Some(group);
+        }
+    }
+    if let Some(last) = ready.take() {
+        let (bytes, span, _) = out.write(last)?;
+        written += bytes;
         progress.advance(span);
     }
     file.sync_all().map_err(|e| unwritable(&tmp.path, e))?;
@@ -162,52 +181,109 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     }
 }
 
-/// One block to restore.
-struct Block {
-    index: u64,
-    size: u64,
-    id: ChunkId,
+/// Bytes of decoded blocks held per group (two groups are in flight).
+const GROUP_BYTES: u64 = 16 << 20;
+
+/// Consecutive blocks, decoded into one buffer (`block_size` bytes each).
+struct Group {
+    first: u64,
+    entries: Vec<Entry>,
+    data: Vec<u8>,
 }
 
-fn write_block(
+/// Reads, checks and decodes a group's blocks in parallel into its buffer.
+fn decode_group(
     vault: &Vault,
     point: &PointRecord,
-    file: &File,
-    path: &Path,
-    block: &Block,
-    buf: &mut ChunkBuf,
-) -> Result<u64> {
-    let offset = block.index * block.size;
-    let expected = block.size.min(point.image_size - offset);
-    let damaged = |source| EngineError::DamagedBlock {
-        item: point.item.clone(),
-        point: point.id.clone(),
-        block: block.index,
-        chunk: block.id,
-        source: Box::new(source),
-    };
-    let loc = vault
-        .index()
-        .chunk(&block.id)
-        .map_err(damaged)?
-        .ok_or_else(|| damaged(StoreError::ChunkMissing { id: block.id }))?;
-    vault
-        .read_chunk_into(&block.id, &loc, buf)
-        .map_err(damaged)?;
-    let data = buf.plain();
-    if data.len() as u64 != expected {
-        return Err(EngineError::DamagedBlockMap {
-            item: point.item.clone(),
-            point: point.id.clone(),
-            reason: format!(
-                "block {} maps to chunk {} of {} bytes, expected {expected}",
-                block.index,
-                block.id,
-                data.len()
-            ),
-        });
+    group: &mut Group,
+    bs: u64,
+    buffers: &PerThread<ChunkBuf>,
+) -> Result<()> {
+    let need = group.entries.len() * bs as usize;
+    if group.data.len() < need {
+        group.data.resize(need, 0);
     }
-    file.write_all_at(data, offset)
-        .map_err(|e| unwritable(path, e))?;
-    Ok(expected)
+    let first = group.first;
+    group
+        .data
+        .par_chunks_mut(bs as usize)
+        .zip(group.entries.par_iter())
+        .enumerate()
+        .try_for_each(|(i, (slot, entry))| {
+            let Some(id) = entry else { return Ok(()) };
+            let index = first + i as u64;
+            let damaged = |source| EngineError::DamagedBlock {
+                item: point.item.clone(),
+                point: point.id.clone(),
+                block: index,
+                chunk: *id,
+                source: Box::new(source),
+            };
+            let loc = vault
+                .index()
+                .chunk(id)
+                .map_err(damaged)?
+                .ok_or_else(|| damaged(StoreError::ChunkMissing { id: *id }))?;
+            let mut buf = buffers.get();
+            vault.read_chunk_into(id, &loc, &mut buf).map_err(damaged)?;
+            let data = buf.plain();
+            let expected = bs.min(point.image_size - index * bs) as usize;
+            match slot.get_mut(..data.len()) {
+                Some(dst) if data.len() == expected => {
+                    dst.copy_from_slice(data);
+                    Ok(())
+                }
+                _ => Err(EngineError::DamagedBlockMap {
+                    item: point.item.clone(),
+                    point: point.id.clone(),
+                    reason: format!(
+                        "block {index} maps to chunk {id} of {} bytes, expected {expected}",
+                        data.len()
+                    ),
+                }),
+            }
+        })
+}
+
+/// The file being restored.
+struct Output<'a> {
+    file: &'a File,
+    path: &'a Path,
+    image_size: u64,
+    block_size: u64,
+}
+
+impl Output<'_> {
+    /// Writes a decoded group, one write per run of non-zero blocks (zero
+    /// blocks stay holes), and starts its writeback. Returns the data bytes
+    /// written, the image span covered and the buffer for reuse.
+    fn write(&self, group: Group) -> Result<(u64, u64, Vec<u8>)> {
+        let bs = self.block_size;
+        let start = group.first * bs;
+        let end = ((group.first + group.entries.len() as u64) * bs).min(self.image_size);
+        let mut written = 0;
+        let mut i = 0;
+        while i < group.entries.len() {
+            if group.entries.get(i).is_some_and(Option::is_none) {
+                i += 1;
+                continue;
+            }
+            let run_start = i;
+            while group.entries.get(i).is_some_and(Option::is_some) {
+                i += 1;
+            }
+            let from = start + run_start as u64 * bs;
+            let to = (start + i as u64 * bs).min(end);
+            let bytes = group
+                .data
+                .get((from - start) as usize..(to - start) as usize)
+                .unwrap_or_default();
+            self.file
+                .write_all_at(bytes, from)
+                .map_err(|e| unwritable(self.path, e))?;
+            written += to - from;
+        }
+        start_writeback(self.file, start, end - start);
+        Ok((written, end - start, group.data))
+    }
 }
