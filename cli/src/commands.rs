@@ -117,7 +117,7 @@ fn vault_create(
     let summary = vault_ops::summarize(&vault)?;
     output::emit(fmt, &summary, |s| {
         format!(
-            "created vault {} at {} (block size {}, zstd level {}, {:?})\n",
+            "created vault {} at {} (block size {}, zstd level {}, {})\n",
             s.name,
             s.path.display(),
             bytes(u64::from(s.block_size)),
@@ -133,7 +133,7 @@ fn vault_show(fmt: OutputFormat, dir: &Path) -> anyhow::Result<ExitCode> {
     let s = vault_ops::summarize(&vault)?;
     output::emit(fmt, &s, |s| {
         let mut out = format!(
-            "vault        {}\npath         {}\nid           {}\nformat       v{}\nblock size   {}\ncompression  zstd level {}\nredundancy   {:?}\ncreated      {}\npoints       {}\nlogical      {}\nstored       {}",
+            "vault        {}\npath         {}\nid           {}\nformat       v{}\nblock size   {}\ncompression  zstd level {}\nredundancy   {}\ncreated      {}\npoints       {}\nlogical      {}\nstored       {}",
             s.name,
             s.path.display(),
             s.vault_id,

@@ -181,6 +181,29 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     }
 }
 
+/// Waits until `offset..offset+len` is on disk and drops it from the page
+/// cache. Best effort: failure only costs memory.
+fn release_written(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain system calls on a descriptor we own.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        );
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
 /// Bytes of decoded blocks held per group (two groups are in flight).
 const GROUP_BYTES: u64 = 16 << 20;
 
@@ -284,6 +307,13 @@ impl Output<'_> {
             written += to - from;
         }
         start_writeback(self.file, start, end - start);
+        // Let the page cache of a range written two groups ago go once it is
+        // on disk: a restore then streams through a few groups' worth of
+        // cache instead of forcing the kernel to reclaim other pages.
+        let behind = 2 * GROUP_BYTES;
+        if start >= behind {
+            release_written(self.file, start - behind, GROUP_BYTES);
+        }
         Ok((written, end - start, group.data))
     }
 }

@@ -42,6 +42,15 @@ pub enum Redundancy {
     Grs,
 }
 
+impl std::fmt::Display for Redundancy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Redundancy::Lrs => "LRS",
+            Redundancy::Grs => "GRS",
+        })
+    }
+}
+
 /// Settings and identity of a vault.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VaultConfig {
