@@ -12,6 +12,7 @@
 //!    block and chunk.
 
 use std::collections::{HashMap, HashSet};
+use std::io::Read;
 use std::time::Instant;
 
 use coffre_vault_store::segment::{SEGMENT_HEADER_LEN, check_header};
@@ -155,14 +156,14 @@ pub fn verify(
                 HINT_RESTORE_OTHER,
             ));
         }
-        let header = std::fs::read(&path).ok().map(|b| {
-            b.get(..SEGMENT_HEADER_LEN as usize)
-                .map(<[u8]>::to_vec)
-                .unwrap_or(b)
+        // Only the header: never the whole segment.
+        let header = std::fs::File::open(&path).and_then(|f| {
+            let mut h = Vec::with_capacity(SEGMENT_HEADER_LEN as usize);
+            f.take(SEGMENT_HEADER_LEN).read_to_end(&mut h).map(|_| h)
         });
         if let Err(reason) = header
-            .as_deref()
-            .map_or(Err("unreadable".to_string()), |h| check_header(h, id))
+            .map_err(|e| e.to_string())
+            .and_then(|h| check_header(&h, id))
         {
             findings.push(Finding::new(
                 Severity::Error,
