@@ -168,38 +168,44 @@ pub fn restore(
 /// Starts writing a finished range back to disk without waiting, so the
 /// final fsync overlaps with the rest of the restore instead of following it.
 fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: sync_file_range on a descriptor we own; it only schedules I/O.
-    // Failure is harmless: the fsync at the end covers everything.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
+    sync_range(file, offset, len, libc::SYNC_FILE_RANGE_WRITE);
 }
 
 /// Waits until `offset..offset+len` is on disk and drops it from the page
 /// cache. Best effort: failure only costs memory.
 fn release_written(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
-    // SAFETY: plain system calls on a descriptor we own.
+    sync_range(
+        file,
+        offset,
+        len,
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+    );
+    // SAFETY: an advisory system call on a descriptor we own.
     unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                | libc::SYNC_FILE_RANGE_WRITE
-                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-        );
         libc::posix_fadvise(
             file.as_raw_fd(),
             offset as libc::off_t,
             len as libc::off_t,
             libc::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
+/// `sync_file_range` with `flags`. Failure is harmless: the fsync at the
+/// end of the restore covers everything.
+fn sync_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range on a descriptor we own; it only schedules or
+    // waits for I/O.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            flags,
         );
     }
 }

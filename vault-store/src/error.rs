@@ -109,10 +109,6 @@ pub enum StoreError {
         actual: u64,
     },
 
-    /// A chunk is larger than any record may be.
-    #[error("chunk of {len} bytes exceeds the maximum record size of {max} bytes")]
-    ChunkTooLarge { len: usize, max: usize },
-
     /// Vault settings given at creation are invalid.
     #[error("invalid vault setting {field}: {reason}")]
     InvalidSetting { field: &'static str, reason: String },

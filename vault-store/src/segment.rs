@@ -242,14 +242,6 @@ impl SegmentReader {
             .map_err(|e| StoreError::io("read segment", self.path(id), e))
     }
 
-    /// Current length of segment file `id`.
-    pub fn file_len(&self, id: u64) -> Result<u64> {
-        let f = self.file(id)?;
-        Ok(f.metadata()
-            .map_err(|e| StoreError::io("stat segment", self.path(id), e))?
-            .len())
-    }
-
     /// Forgets cached handles (after segments were truncated or removed).
     pub fn forget(&self) {
         self.files.lock().unwrap_or_else(|p| p.into_inner()).clear();

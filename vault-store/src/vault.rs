@@ -218,12 +218,6 @@ impl Vault {
         Ok(self.index.chunk(id)?.is_some())
     }
 
-    /// Reads the raw record of a chunk at a known location.
-    pub fn read_record(&self, loc: &ChunkLocation) -> Result<Vec<u8>> {
-        self.segments
-            .read(loc.segment, loc.offset, loc.len as usize)
-    }
-
     /// Reads, checks (crc32, length, BLAKE3) and returns a chunk's plaintext.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let loc = self
@@ -307,11 +301,6 @@ impl Vault {
             }));
         }
         Ok(())
-    }
-
-    /// Current on-disk length of segment `id`.
-    pub fn segment_file_len(&self, id: u64) -> Result<u64> {
-        self.segments.file_len(id)
     }
 
     /// Total committed bytes in all segments.
