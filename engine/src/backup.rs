@@ -1,34 +1,41 @@
-//! The backup pipeline: image → blocks → hashes → new chunks → point.
+//! The transfer phase of a backup: snapshot → new chunks → point.
 //!
-//! The image is read window by window. In each window the blocks are
-//! hashed in parallel (BLAKE3), compared with the previous point's block
-//! map, looked up in the vault's index, and only chunks the vault does not
-//! hold are compressed (in parallel) and appended. The block map is built
-//! as it goes and stored as leaves plus a root. Finally the point and the
-//! item are committed with the last chunk locations in one synced index
-//! batch (the write order is in `coffre_vault_store::vault`).
+//! The snapshot file (see [`crate::snapshot`]) is read in block order,
+//! window by window. A block whose id equals the previous point's entry
+//! costs nothing; one the vault already holds is only referenced; only the
+//! rest is read from the image, checked against the snapshot's id (the
+//! image must not have changed since the snapshot), compressed in
+//! parallel and appended. The block map is built as it goes. Finally the
+//! point, the item and the reference counts are committed with the last
+//! chunk locations in one synced index batch (the write order is in
+//! `coffre_vault_store::vault`).
+//!
+//! The previous point is read *here*, under the writer lock, never taken
+//! from the snapshot phase: a prune and a GC may run between the two
+//! phases and remove it, and the transfer must rely only on what the vault
+//! holds at that moment.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use coffre_vault_store::catalog::validate_item_name;
+use coffre_vault_store::snapfile::SnapReader;
 use coffre_vault_store::{
-    ChunkId, IndexBatch, ItemRecord, PointRecord, PointStats, RecordEncoder, StoreError, Vault,
-    WriteSession,
+    ChunkId, ChunkKind, IndexBatch, ItemRecord, PointRecord, PointStats, Protection,
+    RecordEncoder, StoreError, Vault, WriteSession,
 };
+use jiff::Timestamp;
 use rayon::prelude::*;
 
 use crate::clock::Clock;
 use crate::error::{EngineError, Result};
 use crate::per_thread::PerThread;
-use crate::progress::Progress;
+use crate::progress::{NoProgress, Progress};
 use crate::reader::BlockMapReader;
+use crate::snapshot::{CaptureOptions, Snapshot, WINDOW_BYTES, capture};
 use crate::source::ImageSource;
 use crate::throttle::Throttle;
-use coffre_vault_store::blockmap::{BlockMapBuilder, Entry, block_count};
-
-/// Bytes mapped at a time (rounded to whole blocks).
-pub const WINDOW_BYTES: usize = 32 << 20;
+use coffre_vault_store::blockmap::{BlockMapBuilder, Entry, Node, block_count};
 
 /// What to back up and how.
 #[derive(Debug, Clone)]
@@ -41,6 +48,17 @@ pub struct BackupOptions {
     pub threads: usize,
     /// Bandwidth limit in bytes per second.
     pub rate_limit: Option<u64>,
+}
+
+/// How the point a transfer records is kept.
+#[derive(Debug, Clone, Default)]
+pub struct PointTerms {
+    /// Taken on the policy's schedule (policy retention applies).
+    pub scheduled: bool,
+    /// On-demand: kept until then.
+    pub retain_until: Option<Timestamp>,
+    /// The job recording it.
+    pub job: Option<String>,
 }
 
 /// The result of a backup.
@@ -68,16 +86,8 @@ enum Outcome {
     New(ChunkId, Vec<u8>),
 }
 
-/// True when every byte is zero (a 64-byte OR-fold vectorises well).
-fn is_zero(b: &[u8]) -> bool {
-    let mut chunks = b.chunks_exact(64);
-    chunks
-        .by_ref()
-        .all(|c| c.iter().fold(0u8, |a, x| a | x) == 0)
-        && chunks.remainder().iter().all(|&x| x == 0)
-}
-
-/// Backs `source` up into `vault` as a new point of `opts.item`.
+/// Both phases at once, without a job record: captures a snapshot into
+/// the vault's snapshot folder and transfers it (benchmarks, tests).
 pub fn backup(
     vault: &Vault,
     source: &dyn ImageSource,
@@ -86,12 +96,64 @@ pub fn backup(
     progress: &dyn Progress,
 ) -> Result<BackupOutcome> {
     validate_item_name(&opts.item).map_err(EngineError::InvalidItemName)?;
+    let pool = thread_pool(opts.threads)?;
+    let path = crate::protection::snapshot_dir(vault.dir(), &opts.item).join("direct.snap");
+    let snap = capture(
+        source,
+        &CaptureOptions {
+            block_size: vault.config().block_size,
+            path: &path,
+            created: clock.now(),
+            pool: &pool,
+            rate_limit: opts.rate_limit,
+            cancelled: &|| false,
+            job: "direct",
+        },
+        &NoProgress,
+    )?;
+    let out = transfer(
+        vault,
+        source,
+        &snap,
+        opts,
+        &PointTerms::default(),
+        &pool,
+        progress,
+        &|| false,
+    );
+    let _ = std::fs::remove_file(&path);
+    out
+}
+
+/// Stores what snapshot `snap` captured of `source` as a new point of
+/// `opts.item`. `stop` is polled between windows (shutdown).
+#[expect(clippy::too_many_arguments, reason = "one call site per phase runner")]
+pub fn transfer(
+    vault: &Vault,
+    source: &dyn ImageSource,
+    snap: &Snapshot,
+    opts: &BackupOptions,
+    terms: &PointTerms,
+    pool: &rayon::ThreadPool,
+    progress: &dyn Progress,
+    stop: &dyn Fn() -> bool,
+) -> Result<BackupOutcome> {
+    validate_item_name(&opts.item).map_err(EngineError::InvalidItemName)?;
     let started = Instant::now();
-    let created = clock.now();
     let cfg = vault.config().clone();
     let block_size = cfg.block_size as usize;
-    let size = source.size();
+    let size = snap.image_size;
+    if snap.block_size != cfg.block_size || size != source.size() {
+        return Err(EngineError::SourceChanged {
+            path: source.path().to_path_buf(),
+            reason: format!(
+                "the image is {} bytes now, the snapshot saw {size}",
+                source.size()
+            ),
+        });
+    }
     let blocks = block_count(size, cfg.block_size);
+    let mut snap_reader = SnapReader::open(&snap.path)?;
 
     let existing = vault.item(&opts.item)?;
     let previous = vault.points(&opts.item)?.pop();
@@ -100,8 +162,7 @@ pub fn backup(
         _ => None,
     };
 
-    let pool = thread_pool(opts.threads)?;
-    let encoders = PerThread::new(&pool, || RecordEncoder::new(cfg.compression_level));
+    let encoders = PerThread::new(pool, || RecordEncoder::new(cfg.compression_level));
     let mut node_encoder = RecordEncoder::new(cfg.compression_level);
     let mut session = vault.begin_write()?;
     let mut builder = BlockMapBuilder::new();
@@ -115,39 +176,54 @@ pub fn backup(
     let window_blocks = (WINDOW_BYTES / block_size).max(1);
     let mut first = 0u64;
     while first < blocks {
+        if stop() {
+            return Err(EngineError::Abandoned);
+        }
         let n = window_blocks.min((blocks - first) as usize);
         let offset = first * block_size as u64;
         let len = (size - offset).min((n * block_size) as u64) as usize;
-        let window = source.window(offset, len)?;
+        let wanted = snap_reader.next_entries(n)?;
+        if wanted.len() != n {
+            return Err(StoreError::CorruptFile {
+                path: snap.path.clone(),
+                what: "snapshot file",
+                reason: format!("{} entries where {n} were expected", wanted.len()),
+            }
+            .into());
+        }
         let prev: Vec<Entry> = match prev_map.as_mut() {
             Some(m) => m.entries(first, n)?,
             None => vec![None; n],
         };
+        let window = source.window(offset, len)?;
         let outcomes: Vec<Result<Outcome>> = pool.install(|| {
             (0..n)
                 .into_par_iter()
                 .map(|i| {
-                    let start = i * block_size;
-                    let end = (start + block_size).min(len);
-                    if window.is_hole(start..end) {
+                    let Some(id) = wanted.get(i).copied().flatten() else {
                         return Ok(Outcome::Zero);
-                    }
-                    let bytes = window.bytes().get(start..end).unwrap_or_default();
-                    if is_zero(bytes) {
-                        return Ok(Outcome::Zero);
-                    }
-                    let id = ChunkId::of(bytes);
+                    };
                     if prev.get(i).copied().flatten() == Some(id) {
                         return Ok(Outcome::Same(id));
                     }
                     if session.contains(&id)? {
                         return Ok(Outcome::Known(id));
                     }
+                    let start = i * block_size;
+                    let end = (start + block_size).min(len);
+                    let bytes = window.bytes().get(start..end).unwrap_or_default();
+                    let block = first + i as u64;
+                    if ChunkId::of(bytes) != id {
+                        return Err(EngineError::SourceChanged {
+                            path: source.path().to_path_buf(),
+                            reason: format!("block {block} changed since the snapshot"),
+                        });
+                    }
                     let record = encoders.get().encode(id, bytes).map_err(|reason| {
                         StoreError::CorruptChunk {
                             id,
                             path: source.path().to_path_buf(),
-                            offset: (first + i as u64) * block_size as u64,
+                            offset: block * block_size as u64,
                             reason: Box::new(reason),
                         }
                     })?;
@@ -155,8 +231,14 @@ pub fn backup(
                 })
                 .collect()
         });
-        stats.bytes_read += window.data_len();
-        // Every byte was used: a truncation during the reads shows now.
+        let new_bytes: u64 = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Ok(Outcome::New(..)) => Some(block_size as u64),
+                _ => None,
+            })
+            .sum();
+        stats.bytes_read += new_bytes;
         window.finish()?;
         source.check_unchanged()?;
 
@@ -184,9 +266,10 @@ pub fn backup(
             }
         }
         progress.advance(len as u64);
-        throttle.consume(len as u64);
+        throttle.consume(new_bytes);
         first += n as u64;
     }
+    snap_reader.finish()?;
     if let Some(leaf) = builder.flush() {
         let id = store_node(&mut session, &mut node_encoder, &leaf, &mut stats)?;
         builder.leaf_stored(id);
@@ -195,13 +278,18 @@ pub fn backup(
     let root_id = store_node(&mut session, &mut node_encoder, &root, &mut stats)?;
     source.check_unchanged()?;
 
+    stats.bytes_read = snap.bytes_read;
     stats.stored_bytes = session.appended_bytes();
-    stats.duration_ms = started.elapsed().as_millis() as u64;
+    stats.duration_ms = started.elapsed().as_millis() as u64 + snap.duration_ms;
     let mut item = existing.clone().unwrap_or_else(|| ItemRecord {
         name: opts.item.clone(),
         source: opts.source_path.clone(),
-        created,
+        created: snap.created,
         next_seq: 1,
+        policy: None,
+        protection: Protection::Protected,
+        last_slot: None,
+        identity: crate::registry::identity_of(&opts.source_path),
     });
     let seq = item.next_seq;
     item.next_seq += 1;
@@ -210,15 +298,19 @@ pub fn backup(
         id: point_id(&cfg.vault_id, &opts.item, seq, &root_id),
         item: opts.item.clone(),
         seq,
-        created,
+        created: snap.created,
         image_size: size,
         block_size: cfg.block_size,
         block_map: root_id,
         stats,
+        scheduled: terms.scheduled,
+        retain_until: terms.retain_until,
+        job: terms.job.clone(),
     };
     let mut batch = IndexBatch::default();
     batch.put_item(item);
     batch.put_point(point.clone());
+    session.reference_root(root_id);
     session.commit(batch)?;
     progress.finish();
     Ok(BackupOutcome {
@@ -243,7 +335,20 @@ fn store_node(
                 offset: 0,
                 reason: Box::new(reason),
             })?;
-        session.append(id, &record)?;
+        let (kind, children) = match Node::decode(node) {
+            Ok(Node::Leaf { entries, .. }) => {
+                (ChunkKind::Leaf, entries.into_iter().flatten().collect())
+            }
+            Ok(Node::Root { leaves, .. }) => (ChunkKind::Root, leaves),
+            Err(e) => {
+                return Err(EngineError::DamagedBlockMap {
+                    item: String::new(),
+                    point: String::new(),
+                    reason: format!("a node just built does not decode: {e}"),
+                });
+            }
+        };
+        session.append_node(id, &record, kind, children)?;
         stats.new_chunks += 1;
     }
     Ok(id)
@@ -263,19 +368,3 @@ fn point_id(vault_id: &str, item: &str, seq: u64, root: &ChunkId) -> String {
     s
 }
 
-#[cfg(test)]
-mod tests {
-    use super::is_zero;
-
-    #[test]
-    fn zero_detection() {
-        assert!(is_zero(&[0u8; 65536]));
-        assert!(is_zero(&[]));
-        let mut b = vec![0u8; 65537];
-        b[65536] = 1;
-        assert!(!is_zero(&b));
-        b[65536] = 0;
-        b[7] = 1;
-        assert!(!is_zero(&b));
-    }
-}

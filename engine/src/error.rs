@@ -96,6 +96,59 @@ pub enum EngineError {
         reason: String,
     },
 
+    /// A policy was refused.
+    #[error(transparent)]
+    InvalidPolicy(#[from] crate::policy::PolicyError),
+
+    /// No policy of that name.
+    #[error("no policy {name:?} in the vault (see `coffre policy list`)")]
+    PolicyNotFound { name: String },
+
+    /// A policy of that name exists.
+    #[error("policy {name:?} already exists; use `coffre policy set` to change it")]
+    PolicyExists { name: String },
+
+    /// A policy protects items.
+    #[error("policy {name:?} protects {items}; move them to another policy or unprotect them first")]
+    PolicyInUse { name: String, items: String },
+
+    /// The image is protected by another vault or item.
+    #[error("{path} is already protected as item {item:?} in vault {vault_name} ({vault_dir}); an image is protected in only one vault")]
+    AlreadyProtected {
+        path: PathBuf,
+        item: String,
+        vault_name: String,
+        vault_dir: PathBuf,
+    },
+
+    /// The item's state does not allow the operation.
+    #[error("item {item:?} {reason}")]
+    ItemState { item: String, reason: String },
+
+    /// The vault's redundancy can no longer change.
+    #[error("the redundancy of vault {vault} is locked: it protects {items}; it was fixed when the first item was protected")]
+    RedundancyLocked { vault: String, items: String },
+
+    /// Another snapshot of the item is running.
+    #[error("another snapshot of item {item:?} is running ({holder}); at most one snapshot phase per item at a time")]
+    SnapshotBusy { item: String, holder: String },
+
+    /// The job was cancelled.
+    #[error("job {id} was cancelled")]
+    Cancelled { id: String },
+
+    /// The job cannot be cancelled any more.
+    #[error("job {id} cannot be cancelled: {reason}")]
+    NotCancellable { id: String, reason: String },
+
+    /// The transfer was abandoned because the process is shutting down.
+    #[error("transfer abandoned at shutdown; nothing of it was recorded, the next backup redoes it")]
+    Abandoned,
+
+    /// The host registry of protected images cannot be used.
+    #[error("registry of protected images {path}: {reason}")]
+    Registry { path: PathBuf, reason: String },
+
     /// Thread pool creation failed.
     #[error("cannot start worker threads: {0}")]
     Threads(String),

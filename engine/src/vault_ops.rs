@@ -65,7 +65,14 @@ pub fn create_vault(dir: &Path, opts: &CreateOptions, clock: &dyn Clock) -> Resu
         redundancy: opts.redundancy.unwrap_or_default(),
         created,
     };
-    Ok(Vault::create(dir, config)?)
+    let vault = Vault::create(dir, config)?;
+    let mut b = coffre_vault_store::IndexBatch::default();
+    b.put_policy(
+        crate::policy::DEFAULT_POLICY,
+        &crate::policy::Policy::default_policy(),
+    );
+    vault.commit_catalog(b, &[], &[])?;
+    Ok(vault)
 }
 
 /// One item in a vault summary.

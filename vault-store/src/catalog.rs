@@ -15,6 +15,39 @@ use crate::chunk_id::ChunkId;
 /// Version byte of catalog values.
 pub const CATALOG_VALUE_VERSION: u8 = 1;
 
+/// Protection state of an item (Azure's "protection status").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Protection {
+    /// Backed up on its policy's schedule; points expire by the policy.
+    #[default]
+    Protected,
+    /// "Stop protection, retain data": no backups, and no point expires.
+    Stopped {
+        /// When protection stopped.
+        since: Timestamp,
+    },
+    /// "Stop protection, delete data": points are kept, unexpiring, until
+    /// `purge_after`, then purged; `undelete` before then brings the item
+    /// back to [`Protection::Stopped`].
+    SoftDeleted {
+        /// When the data was deleted.
+        at: Timestamp,
+        /// When the purge may happen.
+        purge_after: Timestamp,
+    },
+}
+
+/// Identity of the file or device an item protects, so that the same
+/// image is recognised under another path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceIdentity {
+    /// `st_dev` of a file, or 0 for a block device.
+    pub dev: u64,
+    /// `st_ino` of a file, or `st_rdev` of a block device.
+    pub ino: u64,
+}
+
 /// A protected item: one disk image backed up into the vault.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ItemRecord {
@@ -26,6 +59,19 @@ pub struct ItemRecord {
     pub created: Timestamp,
     /// Sequence number the next point of this item gets.
     pub next_seq: u64,
+    /// Policy the item is protected under (`None` for items written
+    /// before policies existed: treated as `DefaultPolicy`).
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// Protection state.
+    #[serde(default)]
+    pub protection: Protection,
+    /// The last schedule slot the scheduler has dealt with.
+    #[serde(default)]
+    pub last_slot: Option<Timestamp>,
+    /// Identity of the image file or device.
+    #[serde(default)]
+    pub identity: Option<SourceIdentity>,
 }
 
 /// Statistics of the backup that produced a point.
@@ -66,6 +112,16 @@ pub struct PointRecord {
     pub block_map: ChunkId,
     /// Backup statistics.
     pub stats: PointStats,
+    /// True for a point taken on the policy's schedule: the policy's
+    /// retention rules apply to it.
+    #[serde(default)]
+    pub scheduled: bool,
+    /// On-demand points: kept until this instant whatever the policy says.
+    #[serde(default)]
+    pub retain_until: Option<Timestamp>,
+    /// Job that produced the point.
+    #[serde(default)]
+    pub job: Option<String>,
 }
 
 /// Checks an item name: 1-128 characters of letters, digits, `.`, `_`,

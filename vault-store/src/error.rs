@@ -109,6 +109,22 @@ pub enum StoreError {
         actual: u64,
     },
 
+    /// A small state file (job record, snapshot file) cannot be decoded.
+    #[error("{path}: corrupt {what}: {reason}")]
+    CorruptFile {
+        path: PathBuf,
+        what: &'static str,
+        reason: String,
+    },
+
+    /// No job with that id.
+    #[error("no job {id:?} in the vault")]
+    JobNotFound { id: String },
+
+    /// A job id prefix matches several jobs.
+    #[error("job id {id:?} matches {count} jobs; give more digits")]
+    JobAmbiguous { id: String, count: usize },
+
     /// Vault settings given at creation are invalid.
     #[error("invalid vault setting {field}: {reason}")]
     InvalidSetting { field: &'static str, reason: String },

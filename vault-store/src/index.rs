@@ -5,9 +5,17 @@
 //!
 //! Column families (keys and values are specified in `FORMAT.md`, "Index"):
 //! - `chunks`: chunk id (32 bytes) → [`ChunkLocation`];
-//! - `segments`: segment id (u64, big-endian for ordering) → committed length;
+//! - `segments`: segment id (u64, big-endian for ordering) → [`SegmentInfo`];
 //! - `items`: item name → [`ItemRecord`];
-//! - `points`: item name, NUL, sequence (u64 big-endian) → [`PointRecord`].
+//! - `points`: item name, NUL, sequence (u64 big-endian) → [`PointRecord`];
+//! - `policies`: policy name → policy JSON (the engine owns its shape);
+//! - `refs`: chunk id → [`RefEntry`] (kind and reference count);
+//! - `unref`: chunk id → empty: the chunks whose count is 0, GC's work list;
+//! - `segchunks`: segment id, offset (both big-endian) → chunk id, so a
+//!   segment's live chunks are found without scanning the whole index;
+//! - `dead`: segment id, offset → record length: ranges GC has unindexed
+//!   but not yet given back to the filesystem;
+//! - `meta`: small named values (index layout version).
 
 #![deny(clippy::indexing_slicing, clippy::unwrap_used)]
 
@@ -28,10 +36,19 @@ const CF_CHUNKS: &str = "chunks";
 const CF_SEGMENTS: &str = "segments";
 const CF_ITEMS: &str = "items";
 const CF_POINTS: &str = "points";
-const ALL_CFS: [&str; 4] = [CF_CHUNKS, CF_SEGMENTS, CF_ITEMS, CF_POINTS];
+const ALL_CFS: [&str; 10] = [
+    CF_CHUNKS, CF_SEGMENTS, CF_ITEMS, CF_POINTS, "policies", "refs", "unref", "segchunks", "dead",
+    "meta",
+];
 const LOCATION_VERSION: u8 = 1;
 const LOCATION_LEN: usize = 25;
-const SEGMENT_VALUE_VERSION: u8 = 1;
+const SEGMENT_VALUE_V1: u8 = 1;
+const SEGMENT_VALUE_V2: u8 = 2;
+const REF_VALUE_VERSION: u8 = 1;
+/// `meta` key of the layout version of the GC column families.
+const META_GC_LAYOUT: &[u8] = b"gc-layout";
+/// Current layout of `refs`/`unref`/`segchunks`/`dead`.
+pub const GC_LAYOUT_VERSION: u8 = 1;
 
 /// Where a chunk's record lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +128,19 @@ fn point_prefix(item: &str) -> Vec<u8> {
     k
 }
 
+/// Key of a (segment, offset) pair in `segchunks` and `dead`.
+fn place_key(segment: u64, offset: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    let (a, b) = k.split_at_mut(8);
+    a.copy_from_slice(&seq_key(segment));
+    b.copy_from_slice(&seq_key(offset));
+    k
+}
+
+fn place_from_key(k: &[u8]) -> Option<(u64, u64)> {
+    Some((seq_from_key(k.get(..8)?)?, seq_from_key(k.get(8..16)?)?))
+}
+
 fn encode_catalog<T: Serialize>(v: &T) -> Vec<u8> {
     let mut out = vec![CATALOG_VALUE_VERSION];
     // Serialising plain records into a Vec cannot fail.
@@ -118,49 +148,241 @@ fn encode_catalog<T: Serialize>(v: &T) -> Vec<u8> {
     out
 }
 
-/// A set of index changes applied atomically by [`Index::commit`].
+/// What a segment's entry in `segments` records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Committed length: bytes past it are garbage of a failed session.
+    pub committed: u64,
+    /// Bytes of records GC has unindexed (dead) inside the committed part.
+    pub dead: u64,
+    /// The segment was emptied or rewritten by GC; its file is deleted (or
+    /// about to be). Its id is never reused.
+    pub retired: bool,
+}
+
+impl SegmentInfo {
+    /// Live bytes (committed minus dead).
+    pub fn live(&self) -> u64 {
+        if self.retired {
+            0
+        } else {
+            self.committed.saturating_sub(self.dead)
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut v = vec![SEGMENT_VALUE_V2];
+        v.extend_from_slice(&self.committed.to_le_bytes());
+        v.extend_from_slice(&self.dead.to_le_bytes());
+        v.push(u8::from(self.retired));
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<Self> {
+        let u = |r: std::ops::Range<usize>| -> Option<u64> {
+            Some(u64::from_le_bytes(v.get(r)?.try_into().ok()?))
+        };
+        match v.first()? {
+            &SEGMENT_VALUE_V1 if v.len() == 9 => Some(SegmentInfo {
+                committed: u(1..9)?,
+                ..SegmentInfo::default()
+            }),
+            &SEGMENT_VALUE_V2 if v.len() == 18 => Some(SegmentInfo {
+                committed: u(1..9)?,
+                dead: u(9..17)?,
+                retired: match v.get(17)? {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                },
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// What kind of content a chunk holds; GC follows node references.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkKind {
+    /// Image data.
+    Data,
+    /// A block-map leaf (references data chunks).
+    Leaf,
+    /// A block-map root (references leaves).
+    Root,
+}
+
+/// A chunk's reference count: how many points (for roots), roots (for
+/// leaves) or leaf entries (for data) refer to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefEntry {
+    /// Kind of the chunk.
+    pub kind: ChunkKind,
+    /// Number of references.
+    pub count: u64,
+}
+
+impl RefEntry {
+    fn encode(&self) -> [u8; 10] {
+        let mut v = [0u8; 10];
+        v[0] = REF_VALUE_VERSION;
+        v[1] = match self.kind {
+            ChunkKind::Data => 0,
+            ChunkKind::Leaf => 1,
+            ChunkKind::Root => 2,
+        };
+        v[2..].copy_from_slice(&self.count.to_le_bytes());
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<Self> {
+        if v.len() != 10 || v.first() != Some(&REF_VALUE_VERSION) {
+            return None;
+        }
+        let kind = match v.get(1)? {
+            0 => ChunkKind::Data,
+            1 => ChunkKind::Leaf,
+            2 => ChunkKind::Root,
+            _ => return None,
+        };
+        Some(RefEntry {
+            kind,
+            count: u64::from_le_bytes(v.get(2..10)?.try_into().ok()?),
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cf {
+    Chunks,
+    Segments,
+    Items,
+    Points,
+    Policies,
+    Refs,
+    Unref,
+    SegChunks,
+    Dead,
+    Meta,
+}
+
+impl Cf {
+    fn name(self) -> &'static str {
+        ALL_CFS[self as usize]
+    }
+}
+
+enum Op {
+    Put(Cf, Vec<u8>, Vec<u8>),
+    Delete(Cf, Vec<u8>),
+}
+
+/// A set of index changes applied atomically, in order, by
+/// [`Index::commit`] (a later change to a key wins).
 #[derive(Default)]
 pub struct IndexBatch {
-    batch: WriteBatch,
-    chunks: Vec<(ChunkId, ChunkLocation)>,
-    segments: Vec<(u64, u64)>,
-    items: Vec<ItemRecord>,
-    points: Vec<PointRecord>,
-    deleted_points: Vec<(String, u64)>,
+    ops: Vec<Op>,
+    chunks: usize,
 }
 
 impl IndexBatch {
-    /// Records where a chunk lives.
-    pub fn put_chunk(&mut self, id: ChunkId, loc: ChunkLocation) {
-        self.chunks.push((id, loc));
+    fn put(&mut self, cf: Cf, k: impl Into<Vec<u8>>, v: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Put(cf, k.into(), v.into()));
     }
-    /// Records the committed length of a segment.
-    pub fn put_segment(&mut self, id: u64, committed: u64) {
-        self.segments.push((id, committed));
+    fn delete(&mut self, cf: Cf, k: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Delete(cf, k.into()));
+    }
+    /// Records where a chunk lives (and the reverse `segchunks` entry).
+    pub fn put_chunk(&mut self, id: ChunkId, loc: ChunkLocation) {
+        self.put(Cf::Chunks, id.as_bytes().to_vec(), loc.encode().to_vec());
+        self.put(
+            Cf::SegChunks,
+            place_key(loc.segment, loc.offset).to_vec(),
+            id.as_bytes().to_vec(),
+        );
+        self.chunks += 1;
+    }
+    /// Forgets a chunk that lived at `loc` (GC).
+    pub fn delete_chunk(&mut self, id: &ChunkId, loc: &ChunkLocation) {
+        self.delete(Cf::Chunks, id.as_bytes().to_vec());
+        self.delete(Cf::SegChunks, place_key(loc.segment, loc.offset).to_vec());
+        self.delete(Cf::Refs, id.as_bytes().to_vec());
+        self.delete(Cf::Unref, id.as_bytes().to_vec());
+    }
+    /// Moves a chunk's `segchunks` entry away from its old place (GC
+    /// rewrite; the new place comes with [`IndexBatch::put_chunk`]).
+    pub fn delete_chunk_place(&mut self, loc: &ChunkLocation) {
+        self.delete(Cf::SegChunks, place_key(loc.segment, loc.offset).to_vec());
+    }
+    /// Records a segment's state.
+    pub fn put_segment(&mut self, id: u64, info: SegmentInfo) {
+        self.put(Cf::Segments, seq_key(id).to_vec(), info.encode());
     }
     /// Inserts or replaces an item.
     pub fn put_item(&mut self, item: ItemRecord) {
-        self.items.push(item);
+        self.put(Cf::Items, item.name.as_bytes().to_vec(), encode_catalog(&item));
+    }
+    /// Removes an item.
+    pub fn delete_item(&mut self, name: &str) {
+        self.delete(Cf::Items, name.as_bytes().to_vec());
     }
     /// Inserts or replaces a point.
     pub fn put_point(&mut self, point: PointRecord) {
-        self.points.push(point);
+        self.put(Cf::Points, point_key(&point.item, point.seq), encode_catalog(&point));
     }
     /// Removes a point.
     pub fn delete_point(&mut self, item: &str, seq: u64) {
-        self.deleted_points.push((item.to_string(), seq));
+        self.delete(Cf::Points, point_key(item, seq));
+    }
+    /// Inserts or replaces a policy (any serialisable shape).
+    pub fn put_policy<T: Serialize>(&mut self, name: &str, policy: &T) {
+        self.put(Cf::Policies, name.as_bytes().to_vec(), encode_catalog(policy));
+    }
+    /// Removes a policy.
+    pub fn delete_policy(&mut self, name: &str) {
+        self.delete(Cf::Policies, name.as_bytes().to_vec());
+    }
+    /// Sets a chunk's reference count; a count of 0 also puts it on GC's
+    /// work list, any other count takes it off.
+    pub fn put_ref(&mut self, id: &ChunkId, entry: RefEntry) {
+        self.put(Cf::Refs, id.as_bytes().to_vec(), entry.encode().to_vec());
+        if entry.count == 0 {
+            self.put(Cf::Unref, id.as_bytes().to_vec(), Vec::new());
+        } else {
+            self.delete(Cf::Unref, id.as_bytes().to_vec());
+        }
+    }
+    /// Takes a chunk off GC's work list.
+    pub fn delete_unref(&mut self, id: &ChunkId) {
+        self.delete(Cf::Unref, id.as_bytes().to_vec());
+    }
+    /// Records a dead range awaiting physical reclamation.
+    pub fn put_dead(&mut self, segment: u64, offset: u64, len: u32) {
+        self.put(
+            Cf::Dead,
+            place_key(segment, offset).to_vec(),
+            len.to_le_bytes().to_vec(),
+        );
+    }
+    /// Forgets a dead range (its space was given back).
+    pub fn delete_dead(&mut self, segment: u64, offset: u64) {
+        self.delete(Cf::Dead, place_key(segment, offset).to_vec());
+    }
+    /// Marks the GC column families as built.
+    pub fn put_gc_layout(&mut self) {
+        self.put(Cf::Meta, META_GC_LAYOUT.to_vec(), vec![GC_LAYOUT_VERSION]);
     }
     /// Number of chunk locations in the batch.
     pub fn chunk_count(&self) -> usize {
-        self.chunks.len()
+        self.chunks
+    }
+    /// Number of changes in the batch.
+    pub fn len(&self) -> usize {
+        self.ops.len()
     }
     /// True when the batch changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
-            && self.segments.is_empty()
-            && self.items.is_empty()
-            && self.points.is_empty()
-            && self.deleted_points.is_empty()
+        self.ops.is_empty()
     }
 }
 
@@ -216,11 +438,21 @@ impl Index {
     }
 
     /// Opens the index read-only; works while a writer is active and sees
-    /// the state committed when it was opened.
+    /// the state committed when it was opened. Column families an older
+    /// vault lacks read as empty.
     pub fn open_read(path: &Path) -> Result<Self> {
         let mut opts = Options::default();
         opts.create_if_missing(false);
-        let db = DB::open_cf_for_read_only(&opts, path, ALL_CFS, false).map_err(|source| {
+        let existing = DB::list_cf(&opts, path).map_err(|source| StoreError::Index {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfs: Vec<&str> = ALL_CFS
+            .iter()
+            .copied()
+            .filter(|n| existing.iter().any(|e| e == n))
+            .collect();
+        let db = DB::open_cf_for_read_only(&opts, path, cfs, false).map_err(|source| {
             StoreError::Index {
                 path: path.to_path_buf(),
                 source,
@@ -232,42 +464,55 @@ impl Index {
         })
     }
 
-    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
+    fn cf(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily> {
         self.db
-            .cf_handle(name)
-            .ok_or_else(|| self.corrupt("column family", format!("{name} is missing")))
+            .cf_handle(cf.name())
+            .ok_or_else(|| self.corrupt("column family", format!("{} is missing", cf.name())))
+    }
+
+    /// Iterates a column family from `from` (or the start) while keys
+    /// start with `prefix`; a missing family (older vault, read-only) is empty.
+    fn scan(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        let Some(handle) = self.db.cf_handle(cf.name()) else {
+            return Ok(());
+        };
+        let mode = if prefix.is_empty() {
+            IteratorMode::Start
+        } else {
+            IteratorMode::From(prefix, rocksdb::Direction::Forward)
+        };
+        for kv in self.db.iterator_cf(handle, mode) {
+            let (k, v) = kv.map_err(|e| self.err(e))?;
+            if !k.starts_with(prefix) || !f(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let Some(handle) = self.db.cf_handle(cf.name()) else {
+            return Ok(None);
+        };
+        self.db
+            .get_pinned_cf(handle, key)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(|e| self.err(e))
     }
 
     /// Applies a batch atomically and durably (synced WAL).
     pub fn commit(&self, b: IndexBatch) -> Result<()> {
-        let IndexBatch {
-            mut batch,
-            chunks,
-            segments,
-            items,
-            points,
-            deleted_points,
-        } = b;
-        let cf = self.cf(CF_CHUNKS)?;
-        for (id, loc) in &chunks {
-            batch.put_cf(cf, id.as_bytes(), loc.encode());
-        }
-        let cf = self.cf(CF_SEGMENTS)?;
-        for (id, len) in &segments {
-            let mut v = vec![SEGMENT_VALUE_VERSION];
-            v.extend_from_slice(&len.to_le_bytes());
-            batch.put_cf(cf, seq_key(*id), v);
-        }
-        let cf = self.cf(CF_ITEMS)?;
-        for item in &items {
-            batch.put_cf(cf, item.name.as_bytes(), encode_catalog(item));
-        }
-        let cf = self.cf(CF_POINTS)?;
-        for p in &points {
-            batch.put_cf(cf, point_key(&p.item, p.seq), encode_catalog(p));
-        }
-        for (item, seq) in &deleted_points {
-            batch.delete_cf(cf, point_key(item, *seq));
+        let mut batch = WriteBatch::default();
+        for op in &b.ops {
+            match op {
+                Op::Put(cf, k, v) => batch.put_cf(self.cf(*cf)?, k, v),
+                Op::Delete(cf, k) => batch.delete_cf(self.cf(*cf)?, k),
+            }
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
@@ -276,11 +521,7 @@ impl Index {
 
     /// Where chunk `id` lives, if it is indexed.
     pub fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkLocation>> {
-        let v = self
-            .db
-            .get_pinned_cf(self.cf(CF_CHUNKS)?, id.as_bytes())
-            .map_err(|e| self.err(e))?;
-        match v {
+        match self.get(Cf::Chunks, id.as_bytes())? {
             None => Ok(None),
             Some(v) => ChunkLocation::decode(&v)
                 .map(Some)
@@ -291,40 +532,110 @@ impl Index {
     /// Every indexed chunk, in id order.
     pub fn chunks(&self) -> Result<Vec<(ChunkId, ChunkLocation)>> {
         let mut out = Vec::new();
-        for kv in self
-            .db
-            .iterator_cf(self.cf(CF_CHUNKS)?, IteratorMode::Start)
-        {
-            let (k, v) = kv.map_err(|e| self.err(e))?;
-            let id = ChunkId::from_slice(&k)
-                .ok_or_else(|| self.corrupt("chunk key", hex::encode(&k)))?;
-            let loc = ChunkLocation::decode(&v)
+        self.scan(Cf::Chunks, &[], |k, v| {
+            let id =
+                ChunkId::from_slice(k).ok_or_else(|| self.corrupt("chunk key", hex::encode(k)))?;
+            let loc = ChunkLocation::decode(v)
                 .ok_or_else(|| self.corrupt("chunk location", format!("chunk {id}")))?;
             out.push((id, loc));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// The chunks recorded in segment `segment` (from `segchunks`), in
+    /// offset order.
+    pub fn segment_chunks(&self, segment: u64) -> Result<Vec<(u64, ChunkId)>> {
+        let mut out = Vec::new();
+        self.scan(Cf::SegChunks, &seq_key(segment), |k, v| {
+            let (_, offset) =
+                place_from_key(k).ok_or_else(|| self.corrupt("segchunks key", hex::encode(k)))?;
+            let id = ChunkId::from_slice(v)
+                .ok_or_else(|| self.corrupt("segchunks value", hex::encode(v)))?;
+            out.push((offset, id));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Every segment's state, by segment id.
+    pub fn segment_infos(&self) -> Result<BTreeMap<u64, SegmentInfo>> {
+        let mut out = BTreeMap::new();
+        self.scan(Cf::Segments, &[], |k, v| {
+            let id =
+                seq_from_key(k).ok_or_else(|| self.corrupt("segment key", hex::encode(k)))?;
+            let info = SegmentInfo::decode(v)
+                .ok_or_else(|| self.corrupt("segment state", format!("segment {id}")))?;
+            out.insert(id, info);
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Committed length of every live (not retired) segment, by segment id.
+    pub fn segments(&self) -> Result<BTreeMap<u64, u64>> {
+        Ok(self
+            .segment_infos()?
+            .into_iter()
+            .filter(|(_, i)| !i.retired)
+            .map(|(id, i)| (id, i.committed))
+            .collect())
+    }
+
+    /// A chunk's reference count entry.
+    pub fn chunk_ref(&self, id: &ChunkId) -> Result<Option<RefEntry>> {
+        self.get(Cf::Refs, id.as_bytes())?
+            .map(|v| {
+                RefEntry::decode(&v).ok_or_else(|| self.corrupt("reference count", id.to_string()))
+            })
+            .transpose()
+    }
+
+    /// Up to `limit` chunks on GC's work list (count 0), after `after`.
+    pub fn unreferenced_from(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkId>> {
+        let mut out = Vec::new();
+        let Some(handle) = self.db.cf_handle(Cf::Unref.name()) else {
+            return Ok(out);
+        };
+        let mode = match after {
+            Some(a) => IteratorMode::From(a.as_bytes(), rocksdb::Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        for kv in self.db.iterator_cf(handle, mode) {
+            let (k, _) = kv.map_err(|e| self.err(e))?;
+            let id =
+                ChunkId::from_slice(&k).ok_or_else(|| self.corrupt("unref key", hex::encode(&k)))?;
+            if Some(&id) == after {
+                continue;
+            }
+            out.push(id);
+            if out.len() >= limit {
+                break;
+            }
         }
         Ok(out)
     }
 
-    /// Committed length of every segment, by segment id.
-    pub fn segments(&self) -> Result<BTreeMap<u64, u64>> {
-        let mut out = BTreeMap::new();
-        for kv in self
-            .db
-            .iterator_cf(self.cf(CF_SEGMENTS)?, IteratorMode::Start)
-        {
-            let (k, v) = kv.map_err(|e| self.err(e))?;
-            let id =
-                seq_from_key(&k).ok_or_else(|| self.corrupt("segment key", hex::encode(&k)))?;
-            let len = match (v.first(), v.get(1..9)) {
-                (Some(&SEGMENT_VALUE_VERSION), Some(b)) if v.len() == 9 => {
-                    b.try_into().ok().map(u64::from_le_bytes)
-                }
-                _ => None,
-            }
-            .ok_or_else(|| self.corrupt("segment length", format!("segment {id}")))?;
-            out.insert(id, len);
-        }
+    /// Dead ranges of segment `segment` awaiting physical reclamation:
+    /// (segment, offset, length).
+    pub fn dead_ranges_of(&self, segment: u64) -> Result<Vec<(u64, u64, u32)>> {
+        let mut out = Vec::new();
+        self.scan(Cf::Dead, &seq_key(segment), |k, v| {
+            let (s, o) =
+                place_from_key(k).ok_or_else(|| self.corrupt("dead key", hex::encode(k)))?;
+            let len = v
+                .try_into()
+                .map(u32::from_le_bytes)
+                .map_err(|_| self.corrupt("dead length", format!("segment {s} offset {o}")))?;
+            out.push((s, o, len));
+            Ok(true)
+        })?;
         Ok(out)
+    }
+
+    /// True when the GC column families are built at the current layout.
+    pub fn has_gc_layout(&self) -> Result<bool> {
+        Ok(self.get(Cf::Meta, META_GC_LAYOUT)?.as_deref() == Some(&[GC_LAYOUT_VERSION][..]))
     }
 
     fn decode_catalog<T: DeserializeOwned>(&self, what: &'static str, v: &[u8]) -> Result<T> {
@@ -339,51 +650,55 @@ impl Index {
 
     /// The item called `name`.
     pub fn item(&self, name: &str) -> Result<Option<ItemRecord>> {
-        let v = self
-            .db
-            .get_pinned_cf(self.cf(CF_ITEMS)?, name.as_bytes())
-            .map_err(|e| self.err(e))?;
-        v.map(|v| self.decode_catalog("item", &v)).transpose()
+        self.get(Cf::Items, name.as_bytes())?
+            .map(|v| self.decode_catalog("item", &v))
+            .transpose()
     }
 
     /// All items, by name.
     pub fn items(&self) -> Result<Vec<ItemRecord>> {
         let mut out = Vec::new();
-        for kv in self.db.iterator_cf(self.cf(CF_ITEMS)?, IteratorMode::Start) {
-            let (_, v) = kv.map_err(|e| self.err(e))?;
-            out.push(self.decode_catalog("item", &v)?);
-        }
+        self.scan(Cf::Items, &[], |_, v| {
+            out.push(self.decode_catalog("item", v)?);
+            Ok(true)
+        })?;
         Ok(out)
     }
 
     /// Points of `item`, oldest first.
     pub fn points(&self, item: &str) -> Result<Vec<PointRecord>> {
-        let prefix = point_prefix(item);
         let mut out = Vec::new();
-        let cf = self.cf(CF_POINTS)?;
-        let iter = self
-            .db
-            .iterator_cf(cf, IteratorMode::From(&prefix, rocksdb::Direction::Forward));
-        for kv in iter {
-            let (k, v) = kv.map_err(|e| self.err(e))?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            out.push(self.decode_catalog("point", &v)?);
-        }
+        self.scan(Cf::Points, &point_prefix(item), |_, v| {
+            out.push(self.decode_catalog("point", v)?);
+            Ok(true)
+        })?;
         Ok(out)
     }
 
     /// Every point of every item.
     pub fn all_points(&self) -> Result<Vec<PointRecord>> {
         let mut out = Vec::new();
-        for kv in self
-            .db
-            .iterator_cf(self.cf(CF_POINTS)?, IteratorMode::Start)
-        {
-            let (_, v) = kv.map_err(|e| self.err(e))?;
-            out.push(self.decode_catalog("point", &v)?);
-        }
+        self.scan(Cf::Points, &[], |_, v| {
+            out.push(self.decode_catalog("point", v)?);
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// The policy called `name`, decoded as `T`.
+    pub fn policy<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
+        self.get(Cf::Policies, name.as_bytes())?
+            .map(|v| self.decode_catalog("policy", &v))
+            .transpose()
+    }
+
+    /// All policies, by name.
+    pub fn policies<T: DeserializeOwned>(&self) -> Result<Vec<T>> {
+        let mut out = Vec::new();
+        self.scan(Cf::Policies, &[], |_, v| {
+            out.push(self.decode_catalog("policy", v)?);
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -404,6 +719,32 @@ mod tests {
             let loc = ChunkLocation { segment, offset, len, plain_len };
             prop_assert_eq!(ChunkLocation::decode(&loc.encode()), Some(loc));
         }
+    }
+
+    #[test]
+    fn segment_info_round_trip_and_v1() {
+        let i = SegmentInfo {
+            committed: 77,
+            dead: 5,
+            retired: true,
+        };
+        assert_eq!(SegmentInfo::decode(&i.encode()), Some(i));
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(&9u64.to_le_bytes());
+        assert_eq!(
+            SegmentInfo::decode(&v1),
+            Some(SegmentInfo {
+                committed: 9,
+                ..SegmentInfo::default()
+            })
+        );
+        assert_eq!(SegmentInfo::decode(&[2u8; 18]), None);
+        let r = RefEntry {
+            kind: ChunkKind::Leaf,
+            count: 3,
+        };
+        assert_eq!(RefEntry::decode(&r.encode()), Some(r));
+        assert_eq!(place_from_key(&place_key(3, 9)), Some((3, 9)));
     }
 
     #[test]

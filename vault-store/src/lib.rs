@@ -4,8 +4,10 @@
 //! images are read: the chunk record codec ([`record`]), the block-map node
 //! codec ([`blockmap`]), append-only segment files ([`segment`]), the
 //! RocksDB index and catalog ([`index`], [`catalog`]), the vault config
-//! ([`config`]), the writer lock ([`lock`]), durable file replacement
-//! ([`durable`]) and the `vault::Vault` that ties them together. The byte
+//! ([`config`]), the vault's locks ([`lock`]), durable file replacement
+//! ([`durable`]), job records ([`jobs`], in an [`envelope`]), snapshot
+//! files ([`snapfile`]), reference counts (`refs`) and garbage collection
+//! (`gc`), and the `vault::Vault` that ties them together. The byte
 //! layouts are specified in `FORMAT.md`.
 //!
 //! Without the default `index` feature only the codecs are built (no
@@ -16,21 +18,28 @@ pub mod catalog;
 pub mod chunk_id;
 pub mod config;
 pub mod durable;
+pub mod envelope;
 pub mod error;
 #[cfg(feature = "index")]
+pub mod gc;
+#[cfg(feature = "index")]
 pub mod index;
+pub mod jobs;
 pub mod lock;
 pub mod record;
+#[cfg(feature = "index")]
+pub mod refs;
 pub mod segment;
+pub mod snapfile;
 #[cfg(feature = "index")]
 pub mod vault;
 
-pub use catalog::{ItemRecord, PointRecord, PointStats};
+pub use catalog::{ItemRecord, PointRecord, PointStats, Protection, SourceIdentity};
 pub use chunk_id::ChunkId;
 pub use config::{Redundancy, VaultConfig};
 pub use error::{Result, StoreError};
 #[cfg(feature = "index")]
-pub use index::{ChunkLocation, IndexBatch};
+pub use index::{ChunkKind, ChunkLocation, IndexBatch, SegmentInfo};
 pub use record::{RecordDecoder, RecordEncoder, RecordError};
 #[cfg(feature = "index")]
 pub use vault::{Access, ChunkBuf, Vault, WriteSession};

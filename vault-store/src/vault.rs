@@ -11,18 +11,27 @@
 //! Bytes past a segment's committed length are leftovers of a session that
 //! never reached step 3; the next writer cuts them off ([`Vault::open`] with
 //! [`Access::Write`]), and a failed session cuts off its own on drop.
+//!
+//! Every commit also carries the reference-count changes (see [`crate::refs`])
+//! of what it adds or removes, so GC's bookkeeping never lags the catalog.
+//! Readers hold a shared *reader lease* for as long as the vault is open;
+//! GC gives space back to the filesystem only while it can take the lease
+//! exclusively, so a running restore never loses a segment under it.
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::catalog::{ItemRecord, PointRecord};
 use crate::chunk_id::ChunkId;
 use crate::config::VaultConfig;
 use crate::durable::{create_dir_durable, fsync_dir};
 use crate::error::{Result, StoreError};
-use crate::index::{ChunkLocation, INDEX_DIR, Index, IndexBatch};
-use crate::lock::VaultLock;
+use crate::blockmap::Node;
+use crate::index::{ChunkKind, ChunkLocation, INDEX_DIR, Index, IndexBatch, SegmentInfo};
+use crate::lock::{ReaderLease, VaultLock};
+use crate::refs::{NodeChildren, RefCounter};
 use crate::record::{self, HEADER_LEN, RecordDecoder, RecordHeader};
 use crate::segment::{
     SEGMENT_HEADER_LEN, SEGMENT_TARGET_LEN, SEGMENTS_DIR, SegmentReader, SegmentWriter,
@@ -45,6 +54,7 @@ pub struct Vault {
     index: Index,
     segments: SegmentReader,
     lock: Option<VaultLock>,
+    _lease: Option<ReaderLease>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -85,21 +95,33 @@ impl Vault {
             index,
             segments: SegmentReader::new(dir.join(SEGMENTS_DIR)),
             lock: Some(lock),
+            _lease: None,
+        })
+        .and_then(|v| {
+            let mut b = IndexBatch::default();
+            b.put_gc_layout();
+            v.index.commit(b)?;
+            Ok(v)
         })
     }
 
     /// Opens an existing vault. Writers take the lock and clean up what an
     /// interrupted writer left behind.
     pub fn open(dir: &Path, access: Access) -> Result<Vault> {
+        Self::open_wait(dir, access, Duration::ZERO)
+    }
+
+    /// Like [`Vault::open`], but a writer waits up to `wait` for the lock.
+    pub fn open_wait(dir: &Path, access: Access, wait: Duration) -> Result<Vault> {
         if !dir.is_dir() {
             return Err(StoreError::NotAVault {
                 path: dir.to_path_buf(),
             });
         }
         let config = VaultConfig::load(dir)?;
-        let lock = match access {
-            Access::Write => Some(VaultLock::acquire(dir)?),
-            Access::ReadOnly => None,
+        let (lock, lease) = match access {
+            Access::Write => (Some(VaultLock::acquire_wait(dir, wait)?), None),
+            Access::ReadOnly => (None, Some(ReaderLease::shared(dir)?)),
         };
         let index_dir = dir.join(INDEX_DIR);
         if !index_dir.is_dir() {
@@ -117,16 +139,96 @@ impl Vault {
             index,
             segments: SegmentReader::new(dir.join(SEGMENTS_DIR)),
             lock,
+            _lease: lease,
         };
         if access == Access::Write {
             vault.reclaim_uncommitted()?;
+            vault.ensure_gc_layout()?;
         }
         Ok(vault)
+    }
+
+    /// Builds the reference counts and the segment → chunk map of a vault
+    /// written before they existed (once; proportional to the vault).
+    fn ensure_gc_layout(&self) -> Result<()> {
+        if self.index.has_gc_layout()? {
+            return Ok(());
+        }
+        tracing::info!(vault = %self.dir.display(), "building reference counts (one-time upgrade)");
+        let mut counter = RefCounter::new(&self.index);
+        let chunks = self.index.chunks()?;
+        let mut batch = IndexBatch::default();
+        let roots: Vec<ChunkId> = self
+            .index
+            .all_points()?
+            .iter()
+            .map(|p| p.block_map)
+            .collect();
+        // Roots and leaves are found by walking the points; everything
+        // else is data.
+        let mut kinds: HashMap<ChunkId, ChunkKind> = HashMap::new();
+        for root in &roots {
+            kinds.insert(*root, ChunkKind::Root);
+            for leaf in self.children(root, ChunkKind::Root)? {
+                kinds.insert(leaf, ChunkKind::Leaf);
+            }
+        }
+        for (id, loc) in &chunks {
+            counter.insert_new(*id, kinds.get(id).copied().unwrap_or(ChunkKind::Data));
+            batch.put_chunk(*id, *loc);
+        }
+        let nodes = VaultNodes {
+            vault: self,
+            pending: &HashMap::new(),
+        };
+        for root in &roots {
+            counter.incref(root, &nodes)?;
+        }
+        counter.write_to(&mut batch);
+        batch.put_gc_layout();
+        self.index.commit(batch)
+    }
+
+    /// Children of a committed node.
+    fn children(&self, id: &ChunkId, kind: ChunkKind) -> Result<Vec<ChunkId>> {
+        let bytes = self.read_chunk(id)?;
+        let node = Node::decode(&bytes).map_err(|e| StoreError::CorruptIndex {
+            path: self.index.path().to_path_buf(),
+            what: "block-map node",
+            reason: format!("chunk {id}: {e}"),
+        })?;
+        Ok(match (node, kind) {
+            (Node::Root { leaves, .. }, ChunkKind::Root) => leaves,
+            (Node::Leaf { entries, .. }, ChunkKind::Leaf) => entries.into_iter().flatten().collect(),
+            _ => {
+                return Err(StoreError::CorruptIndex {
+                    path: self.index.path().to_path_buf(),
+                    what: "reference count",
+                    reason: format!("chunk {id} is not a {kind:?} node"),
+                });
+            }
+        })
+    }
+
+    /// Applies catalog changes with the reference changes they imply:
+    /// `add_roots` gain a reference (new points), `drop_roots` lose one
+    /// (deleted points). Requires [`Access::Write`].
+    pub fn commit_catalog(
+        &self,
+        batch: IndexBatch,
+        add_roots: &[ChunkId],
+        drop_roots: &[ChunkId],
+    ) -> Result<()> {
+        let mut s = self.begin_write()?;
+        s.add_roots.extend_from_slice(add_roots);
+        s.drop_roots.extend_from_slice(drop_roots);
+        s.commit(batch)
     }
 
     /// Cuts every segment back to its committed length and removes segment
     /// files the index does not know. Returns the bytes reclaimed.
     fn reclaim_uncommitted(&self) -> Result<u64> {
+        let infos = self.index.segment_infos()?;
         let committed = self.index.segments()?;
         let seg_dir = self.dir.join(SEGMENTS_DIR);
         let mut reclaimed = 0;
@@ -149,6 +251,10 @@ impl Vault {
                 .metadata()
                 .map_err(|e| StoreError::io("stat", &path, e))?
                 .len();
+            if infos.get(&id).is_some_and(|i| i.retired) {
+                // GC retired it; it goes when no reader can still need it.
+                continue;
+            }
             match committed.get(&id) {
                 None => {
                     fs::remove_file(&path).map_err(|e| StoreError::io("remove", &path, e))?;
@@ -303,9 +409,31 @@ impl Vault {
         Ok(())
     }
 
-    /// Total committed bytes in all segments.
+    /// Total committed bytes in all live segments (their size on disk,
+    /// before GC punches holes).
     pub fn stored_bytes(&self) -> Result<u64> {
         Ok(self.index.segments()?.values().sum())
+    }
+
+    /// Bytes of records the index still references.
+    pub fn live_bytes(&self) -> Result<u64> {
+        Ok(self
+            .index
+            .segment_infos()?
+            .values()
+            .map(SegmentInfo::live)
+            .sum())
+    }
+
+    /// Forgets cached segment file handles (after GC removed files).
+    pub fn forget_segment_handles(&self) {
+        self.segments.forget();
+    }
+
+    /// Reads the raw record bytes at `loc` (GC copies them unchanged).
+    pub fn read_record(&self, loc: &ChunkLocation) -> Result<Vec<u8>> {
+        self.segments
+            .read(loc.segment, loc.offset, loc.len as usize)
     }
 
     /// Starts a write session. Requires [`Access::Write`].
@@ -320,7 +448,12 @@ impl Vault {
             writer: None,
             writer_is_new: false,
             writer_committed: 0,
+            fresh_segment: false,
             pending: HashMap::new(),
+            kinds: HashMap::new(),
+            pending_children: HashMap::new(),
+            add_roots: Vec::new(),
+            drop_roots: Vec::new(),
             pending_batch_bytes: 0,
             appended_bytes: 0,
             poisoned: false,
@@ -357,7 +490,15 @@ pub struct WriteSession<'v> {
     writer: Option<SegmentWriter>,
     writer_is_new: bool,
     writer_committed: u64,
+    fresh_segment: bool,
     pending: HashMap<ChunkId, ChunkLocation>,
+    /// Kind of each pending chunk; chunks moved by GC are absent (their
+    /// counts do not change).
+    kinds: HashMap<ChunkId, ChunkKind>,
+    /// Children of pending nodes (committed nodes are read back instead).
+    pending_children: HashMap<ChunkId, Vec<ChunkId>>,
+    add_roots: Vec<ChunkId>,
+    drop_roots: Vec<ChunkId>,
     pending_batch_bytes: u64,
     appended_bytes: u64,
     poisoned: bool,
@@ -399,27 +540,67 @@ impl WriteSession<'_> {
         r
     }
 
+    /// Makes this session write to a new segment rather than append to
+    /// the newest one (GC, which may be rewriting that one).
+    pub fn use_fresh_segment(&mut self) {
+        self.fresh_segment = true;
+    }
+
     fn open_writer(&mut self) -> Result<()> {
-        let committed = self.vault.index.segments()?;
+        let infos = self.vault.index.segment_infos()?;
         let seg_dir = self.vault.dir.join(SEGMENTS_DIR);
-        if let Some((&id, &len)) = committed.iter().next_back()
-            && (SEGMENT_HEADER_LEN..SEGMENT_TARGET_LEN).contains(&len)
+        if let Some((&id, info)) = infos.iter().next_back()
+            && !info.retired
+            && !self.fresh_segment
+            && (SEGMENT_HEADER_LEN..SEGMENT_TARGET_LEN).contains(&info.committed)
         {
+            let len = info.committed;
             self.writer = Some(SegmentWriter::append_to(&seg_dir, id, len)?);
             self.writer_is_new = false;
             self.writer_committed = len;
             return Ok(());
         }
-        let next = committed.keys().next_back().map_or(1, |id| id + 1);
+        let next = infos.keys().next_back().map_or(1, |id| id + 1);
+        self.fresh_segment = false;
         self.writer = Some(SegmentWriter::create(&seg_dir, next)?);
         self.writer_is_new = true;
         self.writer_committed = 0;
         Ok(())
     }
 
-    /// Appends an encoded record for chunk `id`. Duplicates of a pending
-    /// chunk are ignored. May checkpoint or roll to a new segment.
+    /// Appends an encoded record for data chunk `id`. Duplicates of a
+    /// pending chunk are ignored. May checkpoint or roll to a new segment.
     pub fn append(&mut self, id: ChunkId, record: &[u8]) -> Result<()> {
+        self.append_kind(id, record, Some(ChunkKind::Data))
+    }
+
+    /// Appends a block-map node with its children (non-zero entries of a
+    /// leaf, leaves of a root).
+    pub fn append_node(
+        &mut self,
+        id: ChunkId,
+        record: &[u8],
+        kind: ChunkKind,
+        children: Vec<ChunkId>,
+    ) -> Result<()> {
+        if !self.pending.contains_key(&id) {
+            self.pending_children.insert(id, children);
+        }
+        self.append_kind(id, record, Some(kind))
+    }
+
+    /// Appends a copy of an existing chunk's record (GC rewrite): the chunk
+    /// gets a new location and keeps its reference count.
+    pub fn append_moved(&mut self, id: ChunkId, record: &[u8]) -> Result<()> {
+        self.append_kind(id, record, None)
+    }
+
+    /// Adds a reference to `root` when the session commits (a new point).
+    pub fn reference_root(&mut self, root: ChunkId) {
+        self.add_roots.push(root);
+    }
+
+    fn append_kind(&mut self, id: ChunkId, record: &[u8], kind: Option<ChunkKind>) -> Result<()> {
         self.guard()?;
         if self.pending.contains_key(&id) {
             return Ok(());
@@ -449,6 +630,9 @@ impl WriteSession<'_> {
         };
         let r = w.append(record).map(|off| (w.id(), off));
         let (segment, offset) = self.poison(r)?;
+        if let Some(k) = kind {
+            self.kinds.insert(id, k);
+        }
         self.pending.insert(
             id,
             ChunkLocation {
@@ -470,21 +654,46 @@ impl WriteSession<'_> {
     /// recording a point. Chunks committed this way are unreferenced until
     /// a point uses them; a later session deduplicates against them.
     pub fn checkpoint(&mut self) -> Result<()> {
-        self.commit_inner(IndexBatch::default())
+        self.commit_inner(IndexBatch::default(), false)
     }
 
-    fn commit_inner(&mut self, mut batch: IndexBatch) -> Result<()> {
+    fn commit_inner(&mut self, mut batch: IndexBatch, final_commit: bool) -> Result<()> {
         self.guard()?;
         let needs_sync = !self.pending.is_empty() || self.writer_is_new;
         if let (Some(w), true) = (self.writer.as_mut(), needs_sync) {
             let is_new = self.writer_is_new;
             let r = w.sync(is_new).map(|()| (w.id(), w.len()));
             let (id, len) = self.poison(r)?;
-            batch.put_segment(id, len);
+            let mut info = self
+                .vault
+                .index
+                .segment_infos()?
+                .get(&id)
+                .copied()
+                .unwrap_or_default();
+            info.committed = len;
+            batch.put_segment(id, info);
         }
         for (id, loc) in self.pending.iter() {
             batch.put_chunk(*id, *loc);
         }
+        let mut counter = RefCounter::new(&self.vault.index);
+        for (id, kind) in &self.kinds {
+            counter.insert_new(*id, *kind);
+        }
+        if final_commit {
+            let nodes = VaultNodes {
+                vault: self.vault,
+                pending: &self.pending_children,
+            };
+            for root in &self.add_roots {
+                counter.incref(root, &nodes)?;
+            }
+            for root in &self.drop_roots {
+                counter.decref(root, &nodes)?;
+            }
+        }
+        counter.write_to(&mut batch);
         if batch.is_empty() {
             return Ok(());
         }
@@ -495,6 +704,8 @@ impl WriteSession<'_> {
         }
         self.writer_is_new = false;
         self.pending.clear();
+        self.kinds.clear();
+        self.pending_children.clear();
         self.pending_batch_bytes = 0;
         Ok(())
     }
@@ -503,7 +714,7 @@ impl WriteSession<'_> {
     /// in one synced index write. When this returns `Ok`, the point is
     /// durable.
     pub fn commit(mut self, batch: IndexBatch) -> Result<()> {
-        self.commit_inner(batch)?;
+        self.commit_inner(batch, true)?;
         self.finished = true;
         Ok(())
     }
@@ -527,6 +738,21 @@ impl Drop for WriteSession<'_> {
             if let Err(e) = result {
                 tracing::warn!(error = %e, "could not discard uncommitted segment bytes; the next writer will");
             }
+        }
+    }
+}
+
+/// Node children from the session's pending nodes, else from the vault.
+struct VaultNodes<'a> {
+    vault: &'a Vault,
+    pending: &'a HashMap<ChunkId, Vec<ChunkId>>,
+}
+
+impl NodeChildren for VaultNodes<'_> {
+    fn children(&self, id: &ChunkId, kind: ChunkKind) -> Result<Vec<ChunkId>> {
+        match self.pending.get(id) {
+            Some(c) => Ok(c.clone()),
+            None => self.vault.children(id, kind),
         }
     }
 }

@@ -1,0 +1,209 @@
+//! Expiry: which points, items, snapshots and job records have had their
+//! time, and removing them.
+//!
+//! Rules, in order:
+//! - an item with stopped protection keeps everything;
+//! - a soft-deleted item keeps everything until `purge_after`, then it is
+//!   purged whole: points, item, snapshots, registry entry;
+//! - a protected item loses the points whose expiry ([`crate::retention`])
+//!   has passed, except that the item's newest point is kept when it would
+//!   otherwise be left with none;
+//! - instant-restore snapshot files older than the policy's
+//!   `instant_restore_days` go, and so do final job records older than
+//!   [`JOB_HISTORY_DAYS`].
+//!
+//! Removing points only drops references; [`coffre_vault_store::gc`]
+//! reclaims the chunks afterwards.
+
+use std::path::PathBuf;
+
+use coffre_vault_store::jobs::JobStore;
+use coffre_vault_store::snapfile::SnapReader;
+use coffre_vault_store::{ChunkId, IndexBatch, Protection, Vault};
+use jiff::{Timestamp, ToSpan};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::policies;
+use crate::policy::DEFAULT_POLICY;
+use crate::protection::snapshot_dir;
+use crate::registry::Registry;
+use crate::retention::{Tier, expiry};
+
+/// Days final job records are kept.
+pub const JOB_HISTORY_DAYS: i64 = 90;
+
+/// A point that expires.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpiredPoint {
+    /// Item.
+    pub item: String,
+    /// Point id.
+    pub id: String,
+    /// When it was taken.
+    pub created: Timestamp,
+    /// The rule that kept it longest.
+    pub tier: Tier,
+    /// When that rule let it go (`None` for a purge).
+    pub expired: Option<Timestamp>,
+    #[serde(skip)]
+    seq: u64,
+    #[serde(skip)]
+    root: ChunkId,
+}
+
+/// What a prune does or did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PruneReport {
+    /// Points removed (or to remove, on a dry run).
+    pub expired: Vec<ExpiredPoint>,
+    /// Points kept.
+    pub kept: u64,
+    /// Items purged after their soft-delete window.
+    pub purged_items: Vec<String>,
+    /// Snapshot files removed.
+    pub snapshots_removed: u64,
+    /// Job records removed.
+    pub jobs_removed: u64,
+    /// True for a dry run.
+    pub dry_run: bool,
+}
+
+/// Works out (and unless `dry_run`, applies) expiry as of `now`.
+pub fn prune(vault: &Vault, registry: &Registry, now: Timestamp, dry_run: bool) -> Result<PruneReport> {
+    let mut report = PruneReport {
+        dry_run,
+        ..PruneReport::default()
+    };
+    let mut batch = IndexBatch::default();
+    let mut purged = Vec::new();
+    for item in vault.index().items()? {
+        let points = vault.points(&item.name)?;
+        match item.protection {
+            Protection::Stopped { .. } => {
+                report.kept += points.len() as u64;
+                continue;
+            }
+            Protection::SoftDeleted { purge_after, .. } if now >= purge_after => {
+                for p in &points {
+                    batch.delete_point(&p.item, p.seq);
+                    report.expired.push(ExpiredPoint {
+                        item: p.item.clone(),
+                        id: p.id.clone(),
+                        created: p.created,
+                        tier: Tier::None,
+                        expired: None,
+                        seq: p.seq,
+                        root: p.block_map,
+                    });
+                }
+                batch.delete_item(&item.name);
+                report.purged_items.push(item.name.clone());
+                purged.push(item.name.clone());
+                continue;
+            }
+            Protection::SoftDeleted { .. } => {
+                report.kept += points.len() as u64;
+                continue;
+            }
+            Protection::Protected => {}
+        }
+        let policy = policies::get(vault, item.policy.as_deref().unwrap_or(DEFAULT_POLICY))?;
+        let tz = policy.tz()?;
+        let mut going: Vec<ExpiredPoint> = points
+            .iter()
+            .filter_map(|p| {
+                let (until, tier) = expiry(&policy, &tz, p);
+                (until <= now).then(|| ExpiredPoint {
+                    item: p.item.clone(),
+                    id: p.id.clone(),
+                    created: p.created,
+                    tier,
+                    expired: Some(until),
+                    seq: p.seq,
+                    root: p.block_map,
+                })
+            })
+            .collect();
+        if !points.is_empty() && going.len() == points.len() {
+            // Never leave an item without its last point.
+            going.pop();
+        }
+        report.kept += (points.len() - going.len()) as u64;
+        for g in &going {
+            batch.delete_point(&g.item, g.seq);
+        }
+        report.expired.extend(going);
+    }
+    if !dry_run && !batch.is_empty() {
+        let roots: Vec<ChunkId> = report.expired.iter().map(|e| e.root).collect();
+        vault.commit_catalog(batch, &[], &roots)?;
+    }
+    if !dry_run {
+        for name in &purged {
+            remove_dir(snapshot_dir(vault.dir(), name));
+            registry.forget(&vault.config().vault_id, name)?;
+        }
+    }
+    report.snapshots_removed = expire_snapshots(vault, now, dry_run)?;
+    report.jobs_removed = expire_jobs(vault, now, dry_run)?;
+    Ok(report)
+}
+
+fn remove_dir(p: PathBuf) {
+    if let Err(e) = std::fs::remove_dir_all(&p)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %p.display(), error = %e, "cannot remove snapshot folder");
+    }
+}
+
+/// Removes snapshot files older than their item's instant-restore days.
+fn expire_snapshots(vault: &Vault, now: Timestamp, dry_run: bool) -> Result<u64> {
+    let mut removed = 0;
+    for item in vault.index().items()? {
+        let days = policies::get(vault, item.policy.as_deref().unwrap_or(DEFAULT_POLICY))
+            .map(|p| p.instant_restore_days)
+            .unwrap_or(2);
+        let cutoff = now
+            .checked_sub((i64::from(days) * 24).hours())
+            .unwrap_or(Timestamp::MIN);
+        let Ok(entries) = std::fs::read_dir(snapshot_dir(vault.dir(), &item.name)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "snap") {
+                continue;
+            }
+            let created = SnapReader::open(&path)
+                .ok()
+                .and_then(|r| Timestamp::from_second(r.header().created).ok());
+            // An unreadable snapshot file is useless: it goes too.
+            if created.is_none_or(|c| c <= cutoff) {
+                removed += 1;
+                if !dry_run {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
+
+fn expire_jobs(vault: &Vault, now: Timestamp, dry_run: bool) -> Result<u64> {
+    let store = JobStore::new(vault.dir());
+    let cutoff = now
+        .checked_sub((JOB_HISTORY_DAYS * 24).hours())
+        .unwrap_or(Timestamp::MIN);
+    let mut removed = 0;
+    for j in store.list()? {
+        if j.status.is_final() && j.ended.unwrap_or(j.started) < cutoff {
+            removed += 1;
+            if !dry_run {
+                store.remove(&j.id)?;
+            }
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,153 @@
+//! The host registry of protected images: which vault protects which
+//! image file or device on this machine, so that a second vault refuses
+//! to protect the same image (an image is protected in only one vault).
+//!
+//! One small file (`COFFRE_REGISTRY`, else `$XDG_STATE_HOME/coffre/
+//! protected`, else `~/.local/state/coffre/protected`, or
+//! `/var/lib/coffre/protected` for root) in a checksummed envelope
+//! (`FORMAT.md`, "Registry"), changed under an exclusive `flock`. An entry
+//! whose vault or item no longer exists is stale and ignored.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+
+use coffre_vault_store::SourceIdentity;
+use coffre_vault_store::durable::write_atomic;
+use coffre_vault_store::envelope;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+
+const MAGIC: [u8; 8] = *b"CFREGST\0";
+const VERSION: u32 = 1;
+
+/// One protected image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryEntry {
+    /// Canonical image path.
+    pub path: PathBuf,
+    /// File or device identity.
+    pub identity: Option<SourceIdentity>,
+    /// Vault directory.
+    pub vault_dir: PathBuf,
+    /// Vault id.
+    pub vault_id: String,
+    /// Vault name.
+    pub vault_name: String,
+    /// Item name in that vault.
+    pub item: String,
+}
+
+/// The registry file.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    path: PathBuf,
+}
+
+impl Registry {
+    /// The registry at `path`.
+    pub fn at(path: PathBuf) -> Self {
+        Registry { path }
+    }
+
+    /// The registry chosen by the environment (see the module doc).
+    pub fn from_env() -> Self {
+        if let Some(p) = std::env::var_os("COFFRE_REGISTRY").filter(|p| !p.is_empty()) {
+            return Registry::at(PathBuf::from(p));
+        }
+        let state = std::env::var_os("XDG_STATE_HOME")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                // SAFETY: geteuid has no preconditions.
+                if unsafe { libc::geteuid() } == 0 {
+                    Some(PathBuf::from("/var/lib"))
+                } else {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state"))
+                }
+            })
+            .unwrap_or_else(std::env::temp_dir);
+        Registry::at(state.join("coffre").join("protected"))
+    }
+
+    fn fail(&self, reason: impl Into<String>) -> EngineError {
+        EngineError::Registry {
+            path: self.path.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn load(&self) -> Result<Vec<RegistryEntry>> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.fail(e.to_string())),
+        };
+        let (_, body) =
+            envelope::decode(&MAGIC, VERSION, &bytes).map_err(|e| self.fail(e.to_string()))?;
+        serde_json::from_slice(body).map_err(|e| self.fail(e.to_string()))
+    }
+
+    /// Runs `f` on the entries under the registry's lock and stores them.
+    fn update(&self, f: impl FnOnce(&mut Vec<RegistryEntry>)) -> Result<()> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| self.fail(e.to_string()))?;
+        let lock_path = self.path.with_extension("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| self.fail(e.to_string()))?;
+        lock.lock().map_err(|e| self.fail(e.to_string()))?;
+        let mut entries = self.load()?;
+        f(&mut entries);
+        let body = serde_json::to_vec_pretty(&entries).unwrap_or_default();
+        write_atomic(&self.path, &envelope::encode(&MAGIC, VERSION, &body))
+            .map_err(|e| self.fail(e.to_string()))
+    }
+
+    /// Entries for the image at `path` or with `identity`.
+    pub fn lookup(
+        &self,
+        path: &Path,
+        identity: Option<SourceIdentity>,
+    ) -> Result<Vec<RegistryEntry>> {
+        Ok(self
+            .load()?
+            .into_iter()
+            .filter(|e| e.path == path || (identity.is_some() && e.identity == identity))
+            .collect())
+    }
+
+    /// Records that `entry.vault_id` protects the image (replacing any
+    /// entry of the same vault and item).
+    pub fn record(&self, entry: RegistryEntry) -> Result<()> {
+        self.update(|v| {
+            v.retain(|e| !(e.vault_id == entry.vault_id && e.item == entry.item));
+            v.push(entry);
+        })
+    }
+
+    /// Forgets what `vault_id` recorded for `item`.
+    pub fn forget(&self, vault_id: &str, item: &str) -> Result<()> {
+        self.update(|v| v.retain(|e| !(e.vault_id == vault_id && e.item == item)))
+    }
+}
+
+/// The identity of the file or block device at `path`.
+pub fn identity_of(path: &Path) -> Option<SourceIdentity> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::metadata(path).ok()?;
+    Some(if m.file_type().is_block_device() {
+        SourceIdentity {
+            dev: 0,
+            ino: m.rdev(),
+        }
+    } else {
+        SourceIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+        }
+    })
+}

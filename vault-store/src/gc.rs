@@ -1,0 +1,351 @@
+//! Garbage collection: unindexes chunks no point references, then gives
+//! their space back to the filesystem.
+//!
+//! GC never walks the vault. Its work list is the `unref` family (chunks
+//! whose reference count fell to 0, see [`crate::refs`]) and its physical
+//! list is the `dead` family, so its cost is proportional to what it
+//! deletes and rewrites. It runs under the writer lock, so no backup can
+//! be deduplicating against a chunk while GC decides about it.
+//!
+//! 1. **Unindex.** Each unreferenced chunk leaves `chunks`, `refs` and
+//!    `segchunks`; its range goes to `dead` and its segment's dead count
+//!    grows. One synced batch per 10,000 chunks.
+//! 2. **Reclaim** (only while no reader holds the reader lease, else
+//!    deferred to the next run): a segment with no live bytes is retired
+//!    and deleted; a segment at least half dead is *rewritten* (its live
+//!    records copied, unchanged, to a new segment, the index repointed in
+//!    one batch, then the old file deleted); in any other segment the dead
+//!    ranges are punched out (`fallocate(PUNCH_HOLE)`), which frees their
+//!    blocks without moving anything.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::chunk_id::ChunkId;
+use crate::error::{Result, StoreError};
+use crate::index::{IndexBatch, SegmentInfo};
+use crate::lock::ReaderLease;
+use crate::record::RecordHeader;
+use crate::segment::SEGMENT_HEADER_LEN;
+use crate::vault::Vault;
+
+const BATCH: usize = 10_000;
+
+/// What a segment will undergo.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SegmentAction {
+    /// Segment id.
+    pub segment: u64,
+    /// `delete`, `rewrite` or `punch`.
+    pub action: &'static str,
+    /// Live bytes (copied by a rewrite).
+    pub live_bytes: u64,
+    /// Dead bytes (given back).
+    pub dead_bytes: u64,
+}
+
+/// What GC would do.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GcPlan {
+    /// Chunks no point references.
+    pub unreferenced_chunks: u64,
+    /// Their record bytes.
+    pub unreferenced_bytes: u64,
+    /// Per-segment actions.
+    pub segments: Vec<SegmentAction>,
+}
+
+/// What GC did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GcReport {
+    /// The plan it executed.
+    pub plan: GcPlan,
+    /// Chunks unindexed.
+    pub chunks_removed: u64,
+    /// Segments deleted (emptied or rewritten).
+    pub segments_deleted: u64,
+    /// Segments rewritten.
+    pub segments_rewritten: u64,
+    /// Live bytes copied by rewrites.
+    pub bytes_copied: u64,
+    /// Dead bytes punched out in place.
+    pub bytes_punched: u64,
+    /// Segment bytes before and after (committed, live segments).
+    pub stored_before: u64,
+    /// Segment bytes after.
+    pub stored_after: u64,
+    /// True when readers held the lease, so space is given back next time.
+    pub reclaim_deferred: bool,
+    /// Wall time.
+    pub duration_ms: u64,
+}
+
+/// Minimum dead share (percent) for a segment to be rewritten.
+pub const REWRITE_DEAD_PERCENT: u64 = 50;
+
+fn action_for(info: &SegmentInfo) -> Option<(&'static str, u64)> {
+    if info.retired || info.dead == 0 {
+        return None;
+    }
+    let body = info.committed.saturating_sub(SEGMENT_HEADER_LEN);
+    let live = body.saturating_sub(info.dead);
+    Some(if live == 0 {
+        ("delete", 0)
+    } else if info.dead * 100 >= body * REWRITE_DEAD_PERCENT {
+        ("rewrite", live)
+    } else {
+        ("punch", live)
+    })
+}
+
+/// Plans a GC: reads only the `unref` and `segments` families.
+pub fn plan(vault: &Vault) -> Result<GcPlan> {
+    let index = vault.index();
+    let mut infos = index.segment_infos()?;
+    let mut plan = GcPlan::default();
+    let mut after: Option<ChunkId> = None;
+    loop {
+        let ids = index.unreferenced_from(after.as_ref(), BATCH)?;
+        for id in &ids {
+            if index.chunk_ref(id)?.is_some_and(|r| r.count > 0) {
+                continue;
+            }
+            if let Some(loc) = index.chunk(id)? {
+                plan.unreferenced_chunks += 1;
+                plan.unreferenced_bytes += u64::from(loc.len);
+                if let Some(i) = infos.get_mut(&loc.segment) {
+                    i.dead += u64::from(loc.len);
+                }
+            }
+        }
+        if ids.len() < BATCH {
+            break;
+        }
+        after = ids.last().copied();
+    }
+    plan.segments = segment_actions(&infos);
+    Ok(plan)
+}
+
+fn segment_actions(infos: &BTreeMap<u64, SegmentInfo>) -> Vec<SegmentAction> {
+    infos
+        .iter()
+        .filter_map(|(&segment, info)| {
+            action_for(info).map(|(action, live_bytes)| SegmentAction {
+                segment,
+                action,
+                live_bytes,
+                dead_bytes: info.dead,
+            })
+        })
+        .collect()
+}
+
+/// Runs GC. Requires a vault opened for writing.
+pub fn run(vault: &Vault) -> Result<GcReport> {
+    let started = Instant::now();
+    let mut report = GcReport {
+        plan: plan(vault)?,
+        stored_before: vault.stored_bytes()?,
+        ..GcReport::default()
+    };
+    if !vault.is_writable() {
+        return Err(StoreError::ReadOnly {
+            path: vault.dir().to_path_buf(),
+        });
+    }
+    report.chunks_removed = unindex(vault)?;
+    match ReaderLease::try_exclusive(vault.dir())? {
+        Some(_lease) => reclaim(vault, &mut report)?,
+        None => {
+            tracing::info!("readers are active; space is given back by the next gc");
+            report.reclaim_deferred = true;
+        }
+    }
+    report.stored_after = vault.stored_bytes()?;
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// Step 1: unindexes every unreferenced chunk.
+fn unindex(vault: &Vault) -> Result<u64> {
+    let index = vault.index();
+    let mut removed = 0;
+    loop {
+        let ids = index.unreferenced_from(None, BATCH)?;
+        if ids.is_empty() {
+            return Ok(removed);
+        }
+        let mut infos = index.segment_infos()?;
+        let mut touched = BTreeMap::new();
+        let mut batch = IndexBatch::default();
+        for id in &ids {
+            match (index.chunk_ref(id)?, index.chunk(id)?) {
+                (Some(r), _) if r.count > 0 => {
+                    // Stale work-list entry: the chunk came back to life.
+                    batch.put_ref(id, r);
+                }
+                (_, Some(loc)) => {
+                    batch.delete_chunk(id, &loc);
+                    batch.put_dead(loc.segment, loc.offset, loc.len);
+                    if let Some(i) = infos.get_mut(&loc.segment) {
+                        i.dead += u64::from(loc.len);
+                        touched.insert(loc.segment, *i);
+                    }
+                    removed += 1;
+                }
+                (_, None) => {
+                    batch.put_ref(
+                        id,
+                        crate::index::RefEntry {
+                            kind: crate::index::ChunkKind::Data,
+                            count: 0,
+                        },
+                    );
+                    batch.delete_unref(id);
+                }
+            }
+        }
+        for (id, info) in touched {
+            batch.put_segment(id, info);
+        }
+        index.commit(batch)?;
+    }
+}
+
+/// Step 2: gives dead space back. The caller holds the reader lease
+/// exclusively.
+fn reclaim(vault: &Vault, report: &mut GcReport) -> Result<()> {
+    let index = vault.index();
+    let infos = index.segment_infos()?;
+    // Files of segments retired earlier whose deletion was interrupted.
+    for (&id, info) in &infos {
+        if info.retired {
+            remove_segment_file(vault, id)?;
+        }
+    }
+    let mut retire = IndexBatch::default();
+    let mut doomed = Vec::new();
+    let mut session = vault.begin_write()?;
+    session.use_fresh_segment();
+    for (&seg, info) in &infos {
+        match action_for(info) {
+            Some(("delete", _)) => {}
+            Some(("rewrite", _)) => {
+                for (offset, id) in index.segment_chunks(seg)? {
+                    let Some(loc) = index.chunk(&id)? else {
+                        continue;
+                    };
+                    if loc.segment != seg || loc.offset != offset {
+                        continue;
+                    }
+                    let record = vault.read_record(&loc)?;
+                    let header = RecordHeader::parse(&record).map_err(|reason| {
+                        StoreError::CorruptChunk {
+                            id,
+                            path: vault.segment_path(seg),
+                            offset,
+                            reason: Box::new(reason),
+                        }
+                    })?;
+                    if header.id != id {
+                        return Err(StoreError::CorruptChunk {
+                            id,
+                            path: vault.segment_path(seg),
+                            offset,
+                            reason: Box::new(crate::record::RecordError::WrongChunk {
+                                expected: id,
+                                found: header.id,
+                            }),
+                        });
+                    }
+                    session.append_moved(id, &record)?;
+                    retire.delete_chunk_place(&loc);
+                    report.bytes_copied += u64::from(loc.len);
+                }
+                report.segments_rewritten += 1;
+            }
+            Some(("punch", _)) => {
+                report.bytes_punched += punch(vault, seg)?;
+                continue;
+            }
+            _ => continue,
+        }
+        for (s, o, _) in index.dead_ranges_of(seg)? {
+            retire.delete_dead(s, o);
+        }
+        retire.put_segment(
+            seg,
+            SegmentInfo {
+                retired: true,
+                ..*info
+            },
+        );
+        doomed.push(seg);
+    }
+    session.commit(retire)?;
+    vault.forget_segment_handles();
+    for seg in doomed {
+        remove_segment_file(vault, seg)?;
+        report.segments_deleted += 1;
+    }
+    Ok(())
+}
+
+fn remove_segment_file(vault: &Vault, id: u64) -> Result<()> {
+    let path = vault.segment_path(id);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            tracing::info!(segment = %path.display(), "deleted segment");
+            if let Some(dir) = path.parent() {
+                crate::durable::fsync_dir(dir)?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io("remove", &path, e)),
+    }
+}
+
+/// Punches the dead ranges of segment `seg` out of its file.
+fn punch(vault: &Vault, seg: u64) -> Result<u64> {
+    let ranges = vault.index().dead_ranges_of(seg)?;
+    if ranges.is_empty() {
+        return Ok(0);
+    }
+    let path = vault.segment_path(seg);
+    let file = OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::io("open", &path, e))?;
+    let mut punched = 0;
+    let mut batch = IndexBatch::default();
+    for (s, offset, len) in ranges {
+        // SAFETY: fallocate on an owned, open descriptor with in-range
+        // values; it touches no memory of ours.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                libc::off_t::from(len),
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                // The filesystem cannot punch: the range waits for a rewrite.
+                break;
+            }
+            return Err(StoreError::io("punch hole in", &path, e));
+        }
+        batch.delete_dead(s, offset);
+        punched += u64::from(len);
+    }
+    vault.index().commit(batch)?;
+    Ok(punched)
+}

@@ -1,0 +1,570 @@
+//! Job records (`VAULT/jobs/ID.job`): every backup, restore, delete, prune
+//! and GC is a job with phases, per-phase status, errors and statistics.
+//!
+//! Jobs are files, not index entries, because jobs run in processes that
+//! do not hold the index writer lock: a backup's snapshot phase, a
+//! restore. Each record is written only by the process running the job
+//! (atomically, in a checksummed envelope), which holds `ID.lock` while it
+//! runs; a record still "in progress" whose lock nobody holds belongs to a
+//! process that died, and is marked Failed, with the reason, when read.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::durable::write_atomic;
+use crate::envelope;
+use crate::error::{Result, StoreError};
+use crate::lock::NamedLock;
+
+/// Folder of job records inside a vault.
+pub const JOBS_DIR: &str = "jobs";
+/// Job record magic. Frozen.
+pub const JOB_MAGIC: [u8; 8] = *b"CFJOB\0\0\0";
+/// Job record version.
+pub const JOB_VERSION: u32 = 1;
+
+/// What a job does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    /// Snapshot then transfer of an item.
+    Backup,
+    /// Restore of a point.
+    Restore,
+    /// Deleting an item's data (soft delete, purge).
+    Delete,
+    /// Expiring points by policy.
+    Prune,
+    /// Reclaiming unreferenced chunks.
+    Gc,
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Operation::Backup => "backup",
+            Operation::Restore => "restore",
+            Operation::Delete => "delete",
+            Operation::Prune => "prune",
+            Operation::Gc => "gc",
+        })
+    }
+}
+
+/// Status of a phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PhaseStatus {
+    /// Not begun.
+    NotStarted,
+    /// Running.
+    InProgress,
+    /// Done.
+    Completed,
+    /// Not run, by rule (a transfer while another transfer runs).
+    Skipped,
+    /// Failed; the phase's `error` says why.
+    Failed,
+    /// Cancelled by the user.
+    Cancelled,
+}
+
+/// Status of a job, derived from its phases by [`derive_status`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobStatus {
+    /// A phase is running or still to run.
+    InProgress,
+    /// Every phase completed or was skipped.
+    Completed,
+    /// The first phase completed, a later one failed.
+    CompletedWithWarnings,
+    /// The first phase failed.
+    Failed,
+    /// Cancelled.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// True once the job can change no more.
+    pub fn is_final(self) -> bool {
+        self != JobStatus::InProgress
+    }
+}
+
+macro_rules! display_as_debug {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                std::fmt::Debug::fmt(self, f)
+            }
+        }
+    )*};
+}
+display_as_debug!(PhaseStatus, JobStatus);
+
+/// One phase of a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Phase {
+    /// Phase name (`snapshot`, `transfer`, `restore`, …).
+    pub name: String,
+    /// Status.
+    pub status: PhaseStatus,
+    /// When it began.
+    #[serde(default)]
+    pub started: Option<Timestamp>,
+    /// When it ended.
+    #[serde(default)]
+    pub ended: Option<Timestamp>,
+    /// Why it failed, was skipped or was cancelled.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl Phase {
+    /// A phase not yet started.
+    pub fn new(name: &str) -> Self {
+        Phase {
+            name: name.into(),
+            status: PhaseStatus::NotStarted,
+            started: None,
+            ended: None,
+            error: None,
+        }
+    }
+}
+
+/// The job status table: the first phase decides failure, later phases
+/// can only downgrade a completed job to "completed with warnings".
+///
+/// | first | later | job |
+/// |---|---|---|
+/// | InProgress/NotStarted | – | InProgress |
+/// | Failed | – | Failed |
+/// | Cancelled | – | Cancelled |
+/// | Completed | any InProgress/NotStarted | InProgress |
+/// | Completed | any Failed/Cancelled | CompletedWithWarnings |
+/// | Completed | all Completed/Skipped | Completed |
+pub fn derive_status(phases: &[Phase]) -> JobStatus {
+    let Some((first, rest)) = phases.split_first() else {
+        return JobStatus::Completed;
+    };
+    match first.status {
+        PhaseStatus::NotStarted | PhaseStatus::InProgress => return JobStatus::InProgress,
+        PhaseStatus::Failed => return JobStatus::Failed,
+        PhaseStatus::Cancelled => return JobStatus::Cancelled,
+        PhaseStatus::Completed | PhaseStatus::Skipped => {}
+    }
+    if rest
+        .iter()
+        .any(|p| matches!(p.status, PhaseStatus::NotStarted | PhaseStatus::InProgress))
+    {
+        JobStatus::InProgress
+    } else if rest
+        .iter()
+        .any(|p| matches!(p.status, PhaseStatus::Failed | PhaseStatus::Cancelled))
+    {
+        JobStatus::CompletedWithWarnings
+    } else {
+        JobStatus::Completed
+    }
+}
+
+/// A persisted job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Unique id (16 hex digits).
+    pub id: String,
+    /// What the job does.
+    pub operation: Operation,
+    /// Item it works on, if any.
+    pub item: Option<String>,
+    /// Status, kept equal to [`derive_status`] of the phases.
+    pub status: JobStatus,
+    /// Start time.
+    pub started: Timestamp,
+    /// End time, once final.
+    pub ended: Option<Timestamp>,
+    /// Phases in order.
+    pub phases: Vec<Phase>,
+    /// The first error, if any.
+    pub error: Option<String>,
+    /// Statistics (bytes read, blocks changed, bytes stored, …).
+    pub stats: BTreeMap<String, serde_json::Value>,
+    /// Point the job produced or used.
+    pub point: Option<String>,
+    /// Process that ran the job.
+    pub pid: u32,
+}
+
+impl JobRecord {
+    /// A new job, phases not started.
+    pub fn new(operation: Operation, item: Option<&str>, phases: &[&str], now: Timestamp) -> Self {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_i128(now.as_nanosecond());
+        h.write_u32(std::process::id());
+        h.write_i128(Timestamp::now().as_nanosecond());
+        let phases: Vec<Phase> = phases.iter().map(|n| Phase::new(n)).collect();
+        JobRecord {
+            id: format!("{:016x}", h.finish()),
+            operation,
+            item: item.map(str::to_string),
+            status: derive_status(&phases),
+            started: now,
+            ended: None,
+            phases,
+            error: None,
+            stats: BTreeMap::new(),
+            point: None,
+            pid: std::process::id(),
+        }
+    }
+
+    /// The phase called `name`.
+    pub fn phase_mut(&mut self, name: &str) -> Option<&mut Phase> {
+        self.phases.iter_mut().find(|p| p.name == name)
+    }
+
+    /// The phase called `name`.
+    pub fn phase(&self, name: &str) -> Option<&Phase> {
+        self.phases.iter().find(|p| p.name == name)
+    }
+
+    /// Re-derives the status (and the end time once final).
+    pub fn settle(&mut self, now: Timestamp) {
+        self.status = derive_status(&self.phases);
+        if self.error.is_none() {
+            self.error = self.phases.iter().find_map(|p| match p.status {
+                PhaseStatus::Failed | PhaseStatus::Cancelled => p.error.clone(),
+                _ => None,
+            });
+        }
+        if self.status.is_final() && self.ended.is_none() {
+            self.ended = Some(now);
+        }
+    }
+
+    /// Encodes the record in its envelope.
+    pub fn encode(&self) -> Vec<u8> {
+        let body = serde_json::to_vec(self).unwrap_or_default();
+        envelope::encode(&JOB_MAGIC, JOB_VERSION, &body)
+    }
+
+    /// Decodes a record; `path` is used in messages.
+    pub fn decode(bytes: &[u8], path: &Path) -> Result<Self> {
+        let corrupt = |reason: String| StoreError::CorruptFile {
+            path: path.to_path_buf(),
+            what: "job record",
+            reason,
+        };
+        let (_, body) =
+            envelope::decode(&JOB_MAGIC, JOB_VERSION, bytes).map_err(|e| corrupt(e.to_string()))?;
+        serde_json::from_slice(body).map_err(|e| corrupt(e.to_string()))
+    }
+}
+
+/// Fuzz entry point: decoding arbitrary bytes never panics, and a record
+/// that decodes re-encodes to bytes that decode to the same record.
+pub fn fuzz_entry(data: &[u8]) -> bool {
+    match JobRecord::decode(data, Path::new("fuzz")) {
+        Ok(r) => JobRecord::decode(&r.encode(), Path::new("fuzz")).ok() == Some(r),
+        Err(_) => false,
+    }
+}
+
+/// The job records of a vault.
+#[derive(Debug, Clone)]
+pub struct JobStore {
+    dir: PathBuf,
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 16 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl JobStore {
+    /// The store of the vault in `vault_dir`.
+    pub fn new(vault_dir: &Path) -> Self {
+        JobStore {
+            dir: vault_dir.join(JOBS_DIR),
+        }
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.job"))
+    }
+
+    fn lock_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.lock"))
+    }
+
+    fn cancel_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.cancel"))
+    }
+
+    /// Starts `record`: takes its run lock and persists it.
+    pub fn start(&self, record: JobRecord) -> Result<RunningJob> {
+        fs::create_dir_all(&self.dir).map_err(|e| StoreError::io("create directory", &self.dir, e))?;
+        let lock = NamedLock::try_acquire(&self.lock_path(&record.id), &record.pid.to_string())?
+            .map_err(|_| StoreError::CorruptFile {
+                path: self.lock_path(&record.id),
+                what: "job lock",
+                reason: "job id already running".into(),
+            })?;
+        let job = RunningJob {
+            store: self.clone(),
+            record,
+            _lock: Some(lock),
+        };
+        job.persist()?;
+        Ok(job)
+    }
+
+    /// Reads one record, marking it Failed if its process died.
+    pub fn load(&self, id: &str) -> Result<JobRecord> {
+        let path = self.record_path(id);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::JobNotFound { id: id.into() });
+            }
+            Err(e) => return Err(StoreError::io("read", &path, e)),
+        };
+        let mut r = JobRecord::decode(&bytes, &path)?;
+        if !r.status.is_final() && !NamedLock::is_held(&self.lock_path(id))? {
+            // Re-read: the job may have finished between the two reads.
+            if let Ok(b) = fs::read(&path)
+                && let Ok(again) = JobRecord::decode(&b, &path)
+                && again.status.is_final()
+            {
+                return Ok(again);
+            }
+            let reason = format!(
+                "interrupted: the coffre process (pid {}) ended before the job finished",
+                r.pid
+            );
+            for p in &mut r.phases {
+                if p.status == PhaseStatus::InProgress {
+                    p.status = PhaseStatus::Failed;
+                    p.error = Some(reason.clone());
+                }
+            }
+            if derive_status(&r.phases) == JobStatus::InProgress {
+                // A phase that never began leaves the job unfinished.
+                for p in &mut r.phases {
+                    if p.status == PhaseStatus::NotStarted {
+                        p.status = PhaseStatus::Failed;
+                        p.error.get_or_insert_with(|| reason.clone());
+                    }
+                }
+            }
+            r.error.get_or_insert(reason);
+            let ended = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| Timestamp::try_from(t).ok())
+                .unwrap_or(r.started);
+            r.settle(ended);
+            // Best effort: another reader may do the same at once, with the
+            // same result.
+            let _ = write_atomic(&path, &r.encode());
+            let _ = fs::remove_file(self.lock_path(id));
+        }
+        Ok(r)
+    }
+
+    /// Every record, oldest first.
+    pub fn list(&self) -> Result<Vec<JobRecord>> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io("read directory", &self.dir, e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("read directory", &self.dir, e))?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".job")) else {
+                continue;
+            };
+            if !valid_id(id) {
+                continue;
+            }
+            match self.load(id) {
+                Ok(r) => out.push(r),
+                Err(StoreError::JobNotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| (a.started, &a.id).cmp(&(b.started, &b.id)));
+        Ok(out)
+    }
+
+    /// The job whose id is `id` or starts with it (unique prefix).
+    pub fn find(&self, id: &str) -> Result<JobRecord> {
+        if !valid_id(id) {
+            return Err(StoreError::JobNotFound { id: id.into() });
+        }
+        if self.record_path(id).exists() {
+            return self.load(id);
+        }
+        let matches: Vec<JobRecord> = self
+            .list()?
+            .into_iter()
+            .filter(|r| r.id.starts_with(id))
+            .collect();
+        match matches.len() {
+            0 => Err(StoreError::JobNotFound { id: id.into() }),
+            1 => Ok(matches.into_iter().next().ok_or(StoreError::JobNotFound {
+                id: id.into(),
+            })?),
+            n => Err(StoreError::JobAmbiguous {
+                id: id.into(),
+                count: n,
+            }),
+        }
+    }
+
+    /// Asks the running job `id` to cancel (it checks between windows).
+    pub fn request_cancel(&self, id: &str) -> Result<()> {
+        write_atomic(&self.cancel_path(id), b"cancel\n")
+    }
+
+    /// Deletes a final record (job history expiry).
+    pub fn remove(&self, id: &str) -> Result<()> {
+        for p in [self.record_path(id), self.cancel_path(id), self.lock_path(id)] {
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("remove", &p, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A job this process runs; its record is persisted on every update.
+#[derive(Debug)]
+pub struct RunningJob {
+    store: JobStore,
+    record: JobRecord,
+    _lock: Option<NamedLock>,
+}
+
+impl RunningJob {
+    fn persist(&self) -> Result<()> {
+        write_atomic(&self.store.record_path(&self.record.id), &self.record.encode())
+    }
+
+    /// The record as last persisted.
+    pub fn record(&self) -> &JobRecord {
+        &self.record
+    }
+
+    /// The job id.
+    pub fn id(&self) -> &str {
+        &self.record.id
+    }
+
+    /// Changes the record, re-derives its status and persists it.
+    pub fn update(&mut self, now: Timestamp, f: impl FnOnce(&mut JobRecord)) -> Result<()> {
+        f(&mut self.record);
+        self.record.settle(now);
+        self.persist()
+    }
+
+    /// Sets a phase's status (stamping its start or end) and persists.
+    pub fn set_phase(
+        &mut self,
+        now: Timestamp,
+        name: &str,
+        status: PhaseStatus,
+        error: Option<String>,
+    ) -> Result<()> {
+        self.update(now, |r| {
+            if let Some(p) = r.phase_mut(name) {
+                if status == PhaseStatus::InProgress {
+                    p.started = Some(now);
+                } else {
+                    p.started.get_or_insert(now);
+                    p.ended = Some(now);
+                }
+                p.status = status;
+                p.error = error;
+            }
+        })
+    }
+
+    /// True once somebody asked this job to cancel.
+    pub fn cancel_requested(&self) -> bool {
+        self.store.cancel_path(&self.record.id).exists()
+    }
+}
+
+impl Drop for RunningJob {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(self.store.cancel_path(&self.record.id));
+        if self.record.status.is_final() {
+            let _ = fs::remove_file(self.store.lock_path(&self.record.id));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phases(s: &[PhaseStatus]) -> Vec<Phase> {
+        s.iter()
+            .enumerate()
+            .map(|(i, st)| Phase {
+                status: *st,
+                ..Phase::new(&i.to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn status_table() {
+        use JobStatus as J;
+        use PhaseStatus as P;
+        let rows = [
+            (P::Completed, P::InProgress, J::InProgress),
+            (P::Completed, P::Skipped, J::Completed),
+            (P::Completed, P::Completed, J::Completed),
+            (P::Completed, P::Failed, J::CompletedWithWarnings),
+            (P::Failed, P::NotStarted, J::Failed),
+            (P::InProgress, P::NotStarted, J::InProgress),
+            (P::Cancelled, P::NotStarted, J::Cancelled),
+        ];
+        for (a, b, want) in rows {
+            assert_eq!(derive_status(&phases(&[a, b])), want, "{a:?} {b:?}");
+        }
+    }
+
+    #[test]
+    fn dead_process_marks_the_job_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::new(dir.path());
+        let t: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let mut job = store
+            .start(JobRecord::new(Operation::Backup, Some("vm"), &["snapshot", "transfer"], t))
+            .unwrap();
+        job.set_phase(t, "snapshot", PhaseStatus::InProgress, None).unwrap();
+        let id = job.id().to_string();
+        assert_eq!(store.load(&id).unwrap().status, JobStatus::InProgress);
+        // Simulate a crash: the lock goes, the record stays in progress.
+        std::mem::forget(job);
+        let lock = dir.path().join(JOBS_DIR).join(format!("{id}.lock"));
+        // The forgotten handle still holds the flock; drop it by reopening
+        // the path as a fresh file (the lock belongs to the old inode).
+        fs::remove_file(&lock).unwrap();
+        let r = store.load(&id).unwrap();
+        assert_eq!(r.status, JobStatus::Failed);
+        assert!(r.error.unwrap().contains("interrupted"));
+        assert_eq!(store.find(&id[..6]).unwrap().id, id);
+    }
+}
