@@ -65,8 +65,11 @@ fn full_disk_during_backup() {
         used_after < used_before + (4 << 20),
         "used {used_before} before, {used_after} after the failed backup"
     );
-    let err = fails(&["points", "--vault", s(&vault), "--item", "big"], 1);
-    assert!(err.contains("no item"), "{err}");
+    // The snapshot phase completed, the transfer failed: no point.
+    assert!(points(&vault, "big").is_empty());
+    let jobs = json(&["jobs", "--vault", s(&vault), "--item", "big"]);
+    assert_eq!(jobs[0]["status"], "CompletedWithWarnings", "{jobs}");
+    assert_eq!(jobs[0]["phases"][1]["status"], "Failed", "{jobs}");
     ok(&["verify", "--vault", s(&vault), "--read-data"]);
     let out = t.path().join("small.out");
     ok(&restore_args(&vault, "small", None, &out, false));

@@ -13,6 +13,11 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
 
+    /// Seconds a command that writes to the vault waits for another
+    /// writer to finish (default: fail at once with exit code 4).
+    #[arg(long, global = true, default_value_t = 0, value_name = "SECS")]
+    pub lock_timeout: u64,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -48,13 +53,19 @@ pub enum Command {
     #[command(subcommand)]
     Vault(VaultCommand),
 
-    /// Back an image up now, as a new recovery point.
+    /// Back an image up now ("Backup now"): a job with a snapshot and a
+    /// transfer phase. An unprotected image is protected under DefaultPolicy.
     Backup {
         #[command(flatten)]
         vault: VaultArg,
         /// Item name (default: the image's file stem).
         #[arg(long)]
         item: Option<String>,
+        /// Keep the point until this date (YYYY-MM-DD, kept through that
+        /// day, UTC) or instant (RFC 3339), whatever the policy says.
+        /// Default: 30 days from now.
+        #[arg(long, value_name = "DATE")]
+        retain_until: Option<String>,
         /// Limit read throughput, e.g. 50M (bytes per second; K, M, G are binary units).
         #[arg(long, value_name = "RATE", value_parser = crate::units::parse_size)]
         rate_limit: Option<u64>,
@@ -103,6 +114,276 @@ pub enum Command {
         #[command(flatten)]
         threads: ThreadsArg,
     },
+
+    /// Manage backup policies.
+    #[command(subcommand)]
+    Policy(Box<PolicyCommand>),
+
+    /// Protect an image as an item, under a policy (or change its policy,
+    /// or resume stopped protection).
+    Protect {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Item name.
+        #[arg(long)]
+        item: String,
+        /// Policy name.
+        #[arg(long)]
+        policy: String,
+        /// The raw disk image (file or block device).
+        image: PathBuf,
+    },
+
+    /// Stop protecting an item: keep its points (they never expire), or
+    /// with --delete-data soft-delete them (recoverable for 14 days).
+    Unprotect {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Item name.
+        #[arg(long)]
+        item: String,
+        /// Soft-delete the item's data.
+        #[arg(long)]
+        delete_data: bool,
+    },
+
+    /// Bring back a soft-deleted item within its 14 days (protection stays
+    /// stopped; `protect` resumes it).
+    Undelete {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Item name.
+        #[arg(long)]
+        item: String,
+    },
+
+    /// List or show protected items.
+    #[command(subcommand)]
+    Item(ItemCommand),
+
+    /// List jobs, newest last.
+    Jobs {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Only this item.
+        #[arg(long)]
+        item: Option<String>,
+        /// Only this status: InProgress, Completed, CompletedWithWarnings, Failed, Cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this operation: backup, restore, delete, prune, gc.
+        #[arg(long)]
+        operation: Option<String>,
+        /// Only jobs started since this instant (RFC 3339) or this long ago (e.g. 24h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+    },
+
+    /// Show, wait for or cancel one job.
+    #[command(subcommand)]
+    Job(JobCommand),
+
+    /// Expire points by their policy (and snapshots, job history, purged items).
+    Prune {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Print what would expire; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+
+    /// Reclaim the space of chunks no point references.
+    Gc {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Print the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+
+    /// One scheduler pass: due backups, then prune and gc (for cron or a
+    /// systemd timer).
+    RunDue {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Limit read throughput of backups.
+        #[arg(long, value_name = "RATE", value_parser = crate::units::parse_size)]
+        rate_limit: Option<u64>,
+        #[command(flatten)]
+        threads: ThreadsArg,
+    },
+
+    /// Run backups on schedule, then prune, gc and snapshot expiry, until
+    /// SIGTERM or SIGINT.
+    Daemon {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Seconds between schedule checks.
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        interval: u64,
+        /// Limit read throughput of backups.
+        #[arg(long, value_name = "RATE", value_parser = crate::units::parse_size)]
+        rate_limit: Option<u64>,
+        #[command(flatten)]
+        threads: ThreadsArg,
+    },
+}
+
+/// Policy fields shared by `policy create` and `policy set`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct PolicyFields {
+    /// daily or weekly.
+    #[arg(long, value_name = "daily|weekly")]
+    pub schedule: Option<String>,
+    /// Local time of the backups, HH:MM.
+    #[arg(long, value_name = "HH:MM")]
+    pub time: Option<String>,
+    /// IANA time zone (default UTC).
+    #[arg(long, value_name = "ZONE")]
+    pub timezone: Option<String>,
+    /// Weekly schedule: the days it runs. Daily schedule: the days whose
+    /// points are weekly points (default sun).
+    #[arg(long, value_delimiter = ',', value_name = "DAYS")]
+    pub weekdays: Option<Vec<String>>,
+    /// Days instant-restore snapshots are kept: 1-5 (daily schedule,
+    /// default 2); exactly 5 for a weekly schedule.
+    #[arg(long, value_name = "N")]
+    pub instant_restore_days: Option<u32>,
+    /// Days daily points are kept (7-9999); required for a daily schedule,
+    /// refused for a weekly one.
+    #[arg(long, value_name = "DAYS")]
+    pub daily_retention: Option<u32>,
+    /// Weeks weekly points are kept (1-5163).
+    #[arg(long, value_name = "WEEKS")]
+    pub weekly_retention: Option<u32>,
+    /// Weekdays whose points are weekly points (must be schedule days).
+    #[arg(long, value_delimiter = ',', value_name = "DAYS")]
+    pub weekly_retention_days: Option<Vec<String>>,
+    /// Months monthly points are kept (1-1188).
+    #[arg(long, value_name = "MONTHS")]
+    pub monthly_retention: Option<u32>,
+    /// Monthly points by day of the month: 1-28 or last.
+    #[arg(long, value_delimiter = ',', value_name = "DAYS")]
+    pub monthly_days: Option<Vec<String>>,
+    /// Monthly points by week of the month: first, second, third, fourth, last.
+    #[arg(long, value_delimiter = ',', value_name = "WEEKS")]
+    pub monthly_weeks: Option<Vec<String>>,
+    /// … and weekday.
+    #[arg(long, value_delimiter = ',', value_name = "DAYS")]
+    pub monthly_weekdays: Option<Vec<String>>,
+    /// Years yearly points are kept (1-99).
+    #[arg(long, value_name = "YEARS")]
+    pub yearly_retention: Option<u32>,
+    /// Months whose points are yearly points (default jan).
+    #[arg(long, value_delimiter = ',', value_name = "MONTHS")]
+    pub yearly_months: Option<Vec<String>>,
+    /// Yearly points by day of the month: 1-28 or last.
+    #[arg(long, value_delimiter = ',', value_name = "DAYS")]
+    pub yearly_days: Option<Vec<String>>,
+    /// Yearly points by week of the month.
+    #[arg(long, value_delimiter = ',', value_name = "WEEKS")]
+    pub yearly_weeks: Option<Vec<String>>,
+    /// … and weekday.
+    #[arg(long, value_delimiter = ',', value_name = "DAYS")]
+    pub yearly_weekdays: Option<Vec<String>>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Create a policy from flags or from a JSON file.
+    Create {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Policy name.
+        #[arg(long, required_unless_present = "from_file")]
+        name: Option<String>,
+        /// Read the whole policy from a JSON file (see README, "Policy JSON").
+        #[arg(long, value_name = "FILE", conflicts_with = "name")]
+        from_file: Option<PathBuf>,
+        #[command(flatten)]
+        fields: PolicyFields,
+    },
+    /// Change fields of a policy; its items' points follow the new rules
+    /// at the next prune.
+    Set {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Policy name.
+        #[arg(long, required_unless_present = "from_file")]
+        name: Option<String>,
+        /// Replace the whole policy with a JSON file.
+        #[arg(long, value_name = "FILE", conflicts_with = "name")]
+        from_file: Option<PathBuf>,
+        #[command(flatten)]
+        fields: PolicyFields,
+    },
+    /// Show one policy.
+    Show {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Policy name.
+        #[arg(long)]
+        name: String,
+    },
+    /// List policies.
+    List {
+        #[command(flatten)]
+        vault: VaultArg,
+    },
+    /// Delete a policy no item is protected under.
+    Delete {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Policy name.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ItemCommand {
+    /// List items with policy, last backup, next run, points and bytes.
+    List {
+        #[command(flatten)]
+        vault: VaultArg,
+    },
+    /// Show one item.
+    Show {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Item name.
+        #[arg(long)]
+        item: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Show one job (id or unique prefix).
+    Show {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Job id.
+        id: String,
+    },
+    /// Wait until a job ends. Exit 0 Completed, 10 CompletedWithWarnings,
+    /// 11 Failed or Cancelled, 9 on timeout.
+    Wait {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Job id.
+        id: String,
+        /// Give up after this many seconds.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Cancel a backup job during its snapshot phase.
+    Cancel {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Job id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -120,6 +401,17 @@ pub enum VaultCommand {
         /// zstd level, 0 (store raw) to 19 (default 1).
         #[arg(long, value_name = "N")]
         compression_level: Option<i32>,
+        /// Storage redundancy: LRS or GRS (default LRS).
+        #[arg(long, value_name = "LRS|GRS")]
+        redundancy: Option<String>,
+    },
+    /// Change a vault setting. Redundancy is locked once an item is protected.
+    Set {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Storage redundancy: LRS or GRS.
+        #[arg(long, value_name = "LRS|GRS")]
+        redundancy: String,
     },
     /// Show settings, items, points and space used.
     Show {

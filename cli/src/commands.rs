@@ -2,14 +2,14 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
-use coffre_engine::store::{Access, PointRecord, PointStats, Vault};
+use coffre_engine::registry::Registry;
+use coffre_engine::store::jobs::{JobRecord, JobStore, Operation, PhaseStatus};
+use coffre_engine::store::{Access, PointRecord, PointStats, Redundancy, Vault};
 use coffre_engine::vault_ops::{self, CreateOptions};
-use coffre_engine::{
-    BackupOptions, Clock, FileImage, ImageSource, RestoreOptions, Severity, SystemClock,
-    VerifyOptions,
-};
+use coffre_engine::{Clock, RestoreOptions, Severity, SystemClock, VerifyOptions};
 use jiff::Timestamp;
 use serde::Serialize;
 
@@ -19,39 +19,71 @@ use crate::output::{self, bytes, columns};
 use crate::progress::Bar;
 use crate::units::mib_per_s;
 
+/// What every command gets: output format, clock, lock wait, registry.
+#[derive(Clone)]
+pub struct Ctx {
+    /// Output format.
+    pub fmt: OutputFormat,
+    /// The clock (`COFFRE_NOW` fixes it).
+    pub clock: std::sync::Arc<dyn Clock>,
+    /// How long writers wait for the vault lock.
+    pub lock_timeout: Duration,
+    /// The host registry of protected images.
+    pub registry: Registry,
+}
+
+impl Ctx {
+    /// The current instant.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let clock = clock_from_env()?;
-    let fmt = cli.output;
+    let ctx = Ctx {
+        fmt: cli.output,
+        clock: std::sync::Arc::from(clock_from_env()?),
+        lock_timeout: Duration::from_secs(cli.lock_timeout),
+        registry: Registry::from_env(),
+    };
+    let fmt = ctx.fmt;
+    let clock = &*ctx.clock;
     match cli.command {
         Command::Vault(VaultCommand::Create {
             vault,
             name,
             block_size,
             compression_level,
+            redundancy,
         }) => vault_create(
             fmt,
             &vault.vault,
             name,
             block_size,
             compression_level,
-            &*clock,
+            redundancy,
+            clock,
         ),
         Command::Vault(VaultCommand::Show { vault }) => vault_show(fmt, &vault.vault),
+        Command::Vault(VaultCommand::Set { vault, redundancy }) => {
+            vault_set(&ctx, &vault.vault, &redundancy)
+        }
         Command::Backup {
             vault,
             item,
+            retain_until,
             rate_limit,
             threads,
             image,
-        } => backup(
-            fmt,
+        } => crate::backup_cmd::run(
+            &ctx,
             &vault.vault,
             item,
+            retain_until.as_deref(),
             rate_limit,
             threads.threads,
             &image,
-            &*clock,
         ),
         Command::Points { vault, item } => points(fmt, &vault.vault, &item),
         Command::Restore {
@@ -62,7 +94,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             force,
             threads,
         } => restore(
-            fmt,
+            &ctx,
             &vault.vault,
             &item,
             &point,
@@ -75,6 +107,50 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             read_data,
             threads,
         } => verify(fmt, &vault.vault, read_data, threads.threads),
+        Command::Policy(cmd) => crate::policy_cmd::run(&ctx, *cmd),
+        Command::Protect {
+            vault,
+            item,
+            policy,
+            image,
+        } => crate::item_cmd::protect(&ctx, &vault.vault, &item, &policy, &image),
+        Command::Unprotect {
+            vault,
+            item,
+            delete_data,
+        } => crate::item_cmd::unprotect(&ctx, &vault.vault, &item, delete_data),
+        Command::Undelete { vault, item } => crate::item_cmd::undelete(&ctx, &vault.vault, &item),
+        Command::Item(cmd) => crate::item_cmd::run(&ctx, cmd),
+        Command::Jobs {
+            vault,
+            item,
+            status,
+            operation,
+            since,
+        } => crate::job_cmd::list(
+            &ctx,
+            &vault.vault,
+            item.as_deref(),
+            status.as_deref(),
+            operation.as_deref(),
+            since.as_deref(),
+        ),
+        Command::Job(cmd) => crate::job_cmd::run(&ctx, cmd),
+        Command::Prune { vault, dry_run } => {
+            crate::maintenance_cmd::prune(&ctx, &vault.vault, dry_run)
+        }
+        Command::Gc { vault, dry_run } => crate::maintenance_cmd::gc(&ctx, &vault.vault, dry_run),
+        Command::RunDue {
+            vault,
+            rate_limit,
+            threads,
+        } => crate::maintenance_cmd::run_due(&ctx, &vault.vault, rate_limit, threads.threads),
+        Command::Daemon {
+            vault,
+            interval,
+            rate_limit,
+            threads,
+        } => crate::daemon::run(&ctx, &vault.vault, interval, rate_limit, threads.threads),
     }
 }
 
@@ -91,8 +167,15 @@ fn clock_from_env() -> anyhow::Result<Box<dyn Clock>> {
     }
 }
 
-fn open(dir: &Path, access: Access) -> anyhow::Result<Vault> {
-    Vault::open(dir, access).with_context(|| format!("cannot open vault {}", dir.display()))
+fn open_ro(dir: &Path) -> anyhow::Result<Vault> {
+    Vault::open(dir, Access::ReadOnly)
+        .with_context(|| format!("cannot open vault {}", dir.display()))
+}
+
+/// Opens a vault; writers wait up to `--lock-timeout` for the lock.
+pub fn open(ctx: &Ctx, dir: &Path, access: Access) -> anyhow::Result<Vault> {
+    Vault::open_wait(dir, access, ctx.lock_timeout)
+        .with_context(|| format!("cannot open vault {}", dir.display()))
 }
 
 fn vault_create(
@@ -101,8 +184,15 @@ fn vault_create(
     name: Option<String>,
     block_size: Option<u64>,
     compression_level: Option<i32>,
+    redundancy: Option<String>,
     clock: &dyn Clock,
 ) -> anyhow::Result<ExitCode> {
+    let redundancy = redundancy
+        .map(|r| {
+            r.parse::<Redundancy>()
+                .map_err(|e| anyhow::anyhow!("--redundancy: {e}"))
+        })
+        .transpose()?;
     let block_size = block_size
         .map(|b| u32::try_from(b).map_err(|_| anyhow::anyhow!("block size {b} is too large")))
         .transpose()?;
@@ -110,7 +200,7 @@ fn vault_create(
         name,
         block_size,
         compression_level,
-        redundancy: None,
+        redundancy,
     };
     let vault = vault_ops::create_vault(dir, &opts, clock)
         .with_context(|| format!("cannot create vault {}", dir.display()))?;
@@ -128,8 +218,21 @@ fn vault_create(
     Ok(ExitCode::SUCCESS)
 }
 
+fn vault_set(ctx: &Ctx, dir: &Path, redundancy: &str) -> anyhow::Result<ExitCode> {
+    let r = redundancy
+        .parse::<Redundancy>()
+        .map_err(|e| anyhow::anyhow!("--redundancy: {e}"))?;
+    let vault = open(ctx, dir, Access::Write)?;
+    vault_ops::set_redundancy(&vault, r)
+        .with_context(|| format!("cannot change vault {}", dir.display()))?;
+    output::emit(ctx.fmt, &serde_json::json!({ "redundancy": r }), |_| {
+        format!("vault {} redundancy is now {r}\n", dir.display())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn vault_show(fmt: OutputFormat, dir: &Path) -> anyhow::Result<ExitCode> {
-    let vault = open(dir, Access::ReadOnly)?;
+    let vault = open_ro(dir)?;
     let s = vault_ops::summarize(&vault)?;
     output::emit(fmt, &s, |s| {
         let mut out = format!(
@@ -177,7 +280,7 @@ fn vault_show(fmt: OutputFormat, dir: &Path) -> anyhow::Result<ExitCode> {
 
 /// The JSON shape of a point (stable: documented in the README).
 #[derive(Serialize)]
-struct PointView<'a> {
+pub struct PointView<'a> {
     id: &'a str,
     item: &'a str,
     created: Timestamp,
@@ -186,6 +289,9 @@ struct PointView<'a> {
     stored_bytes: u64,
     block_map: String,
     stats: &'a PointStats,
+    scheduled: bool,
+    retain_until: Option<Timestamp>,
+    job: Option<&'a str>,
 }
 
 impl<'a> From<&'a PointRecord> for PointView<'a> {
@@ -199,89 +305,15 @@ impl<'a> From<&'a PointRecord> for PointView<'a> {
             stored_bytes: p.stats.stored_bytes,
             block_map: p.block_map.to_string(),
             stats: &p.stats,
+            scheduled: p.scheduled,
+            retain_until: p.retain_until,
+            job: p.job.as_deref(),
         }
     }
 }
 
-fn item_name_for(image: &Path, item: Option<String>) -> anyhow::Result<String> {
-    if let Some(item) = item {
-        return Ok(item);
-    }
-    image
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .filter(|s| !s.is_empty())
-        .with_context(|| {
-            format!(
-                "cannot derive an item name from {}; pass --item",
-                image.display()
-            )
-        })
-}
-
-fn backup(
-    fmt: OutputFormat,
-    dir: &Path,
-    item: Option<String>,
-    rate_limit: Option<u64>,
-    threads: usize,
-    image: &Path,
-    clock: &dyn Clock,
-) -> anyhow::Result<ExitCode> {
-    let item = item_name_for(image, item)?;
-    let source = FileImage::open(image).context("cannot back up")?;
-    let vault = open(dir, Access::Write)?;
-    let source_path = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
-    let opts = BackupOptions {
-        item: item.clone(),
-        source_path,
-        threads,
-        rate_limit,
-    };
-    let bar = Bar::new("backup");
-    let outcome = coffre_engine::backup(&vault, &source as &dyn ImageSource, &opts, clock, &bar)
-        .with_context(|| {
-            format!(
-                "backup of {} into {} failed",
-                image.display(),
-                dir.display()
-            )
-        })?;
-    let p = &outcome.point;
-    #[derive(Serialize)]
-    struct BackupView<'a> {
-        #[serde(flatten)]
-        point: PointView<'a>,
-        new_item: bool,
-        mib_per_s: f64,
-    }
-    let view = BackupView {
-        point: p.into(),
-        new_item: outcome.new_item,
-        mib_per_s: mib_per_s(p.image_size, p.stats.duration_ms),
-    };
-    output::emit(fmt, &view, |v| {
-        let s = &p.stats;
-        format!(
-            "point {} of item {}{}: {} image, {} read, {}/{} blocks changed, {} new chunks, {} stored, {:.0} MiB/s ({} ms)\n",
-            p.id,
-            p.item,
-            if v.new_item { " (new item)" } else { "" },
-            bytes(p.image_size),
-            bytes(s.bytes_read),
-            s.blocks_changed,
-            s.blocks_total,
-            s.new_chunks,
-            bytes(s.stored_bytes),
-            v.mib_per_s,
-            s.duration_ms
-        )
-    })?;
-    Ok(ExitCode::SUCCESS)
-}
-
 fn points(fmt: OutputFormat, dir: &Path, item: &str) -> anyhow::Result<ExitCode> {
-    let vault = open(dir, Access::ReadOnly)?;
+    let vault = open_ro(dir)?;
     if vault.item(item)?.is_none() {
         return Err(coffre_engine::EngineError::ItemNotFound { item: item.into() })
             .with_context(|| format!("vault {}", dir.display()));
@@ -310,7 +342,7 @@ fn points(fmt: OutputFormat, dir: &Path, item: &str) -> anyhow::Result<ExitCode>
 }
 
 fn restore(
-    fmt: OutputFormat,
+    ctx: &Ctx,
     dir: &Path,
     item: &str,
     point: &str,
@@ -318,7 +350,8 @@ fn restore(
     force: bool,
     threads: usize,
 ) -> anyhow::Result<ExitCode> {
-    let vault = open(dir, Access::ReadOnly)?;
+    let fmt = ctx.fmt;
+    let vault = open_ro(dir)?;
     let point = coffre_engine::points::select_point(&vault, item, point)
         .with_context(|| format!("vault {}", dir.display()))?;
     let opts = RestoreOptions {
@@ -327,7 +360,36 @@ fn restore(
         threads,
     };
     let bar = Bar::new("restore");
-    let summary = coffre_engine::restore(&vault, &point, &opts, &bar).with_context(|| {
+    // The restore is a job too; recording it is best effort (a vault on
+    // read-only media still restores).
+    let mut job = JobStore::new(dir)
+        .start(JobRecord::new(
+            Operation::Restore,
+            Some(item),
+            &["restore"],
+            ctx.now(),
+        ))
+        .map_err(|e| tracing::warn!(error = %e, "restore job not recorded"))
+        .ok();
+    if let Some(j) = job.as_mut() {
+        let _ = j.update(ctx.now(), |r| r.point = Some(point.id.clone()));
+        let _ = j.set_phase(ctx.now(), "restore", PhaseStatus::InProgress, None);
+    }
+    let result = coffre_engine::restore(&vault, &point, &opts, &bar);
+    if let Some(j) = job.as_mut() {
+        let (status, err) = match &result {
+            Ok(_) => (PhaseStatus::Completed, None),
+            Err(e) => (PhaseStatus::Failed, Some(e.to_string())),
+        };
+        if let Ok(s) = &result {
+            let written = s.bytes_written;
+            let _ = j.update(ctx.now(), |r| {
+                r.stats.insert("bytes_written".into(), written.into());
+            });
+        }
+        let _ = j.set_phase(ctx.now(), "restore", status, err);
+    }
+    let summary = result.with_context(|| {
         format!(
             "restore of point {} of item {item} to {} failed",
             point.id,
@@ -374,7 +436,7 @@ fn verify(
     read_data: bool,
     threads: usize,
 ) -> anyhow::Result<ExitCode> {
-    let vault = open(dir, Access::ReadOnly)?;
+    let vault = open_ro(dir)?;
     let bar = Bar::new("verify");
     let report = coffre_engine::verify(&vault, &VerifyOptions { read_data, threads }, &bar)
         .with_context(|| format!("verify of {} failed", dir.display()))?;

@@ -19,6 +19,12 @@ pub const SOURCE_CHANGED: u8 = 6;
 pub const DAMAGED: u8 = 7;
 /// No space left on a device.
 pub const NO_SPACE: u8 = 8;
+/// `job wait` gave up before the job ended.
+pub const TIMEOUT: u8 = 9;
+/// `job wait`: the job ended CompletedWithWarnings.
+pub const JOB_WARNINGS: u8 = 10;
+/// `job wait`: the job ended Failed or Cancelled; `backup`: the job was cancelled.
+pub const JOB_FAILED: u8 = 11;
 
 fn store_code(e: &StoreError) -> u8 {
     match e {
@@ -43,6 +49,7 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
                 EngineError::Store(s) => store_code(s),
                 EngineError::SourceChanged { .. } => SOURCE_CHANGED,
                 EngineError::DamagedBlock { .. } | EngineError::DamagedBlockMap { .. } => DAMAGED,
+                EngineError::Cancelled { .. } => JOB_FAILED,
                 _ => FAILURE,
             };
         }

@@ -2,9 +2,15 @@
 //! and maps errors to exit codes. The work is done by `coffre-engine`.
 
 mod args;
+mod backup_cmd;
 mod commands;
+mod daemon;
 mod exit;
+mod item_cmd;
+mod job_cmd;
+mod maintenance_cmd;
 mod output;
+mod policy_cmd;
 mod progress;
 mod units;
 
@@ -14,7 +20,12 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
-    init_logging();
+    // The scheduler commands report what they do; the others stay quiet.
+    let chatty = matches!(
+        cli.command,
+        args::Command::Daemon { .. } | args::Command::RunDue { .. }
+    );
+    init_logging(if chatty { "info" } else { "warn" });
     match commands::run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -24,9 +35,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("COFFRE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -21,8 +21,8 @@ use std::time::Instant;
 use coffre_vault_store::catalog::validate_item_name;
 use coffre_vault_store::snapfile::SnapReader;
 use coffre_vault_store::{
-    ChunkId, ChunkKind, IndexBatch, ItemRecord, PointRecord, PointStats, Protection,
-    RecordEncoder, StoreError, Vault, WriteSession,
+    ChunkId, ChunkKind, IndexBatch, ItemRecord, PointRecord, PointStats, Protection, RecordEncoder,
+    StoreError, Vault, WriteSession,
 };
 use jiff::Timestamp;
 use rayon::prelude::*;
@@ -367,4 +367,3 @@ fn point_id(vault_id: &str, item: &str, seq: u64, root: &ChunkId) -> String {
     s.truncate(12);
     s
 }
-

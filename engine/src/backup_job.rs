@@ -94,7 +94,15 @@ pub fn run_backup_job(
     };
 
     // Snapshot phase.
-    let snap = match snapshot_phase(vault_dir, source, &opts, &mut job, block_size, clock, snapshot_progress) {
+    let snap = match snapshot_phase(
+        vault_dir,
+        source,
+        &opts,
+        &mut job,
+        block_size,
+        clock,
+        snapshot_progress,
+    ) {
         Ok(s) => s,
         Err(e) => {
             let status = if matches!(e, EngineError::Cancelled { .. }) {
@@ -126,18 +134,28 @@ pub fn run_backup_job(
             let p = point.clone();
             job.update(now(clock), |r| {
                 r.point = Some(p.id.clone());
-                r.stats.insert("bytes_read".into(), p.stats.bytes_read.into());
-                r.stats.insert("blocks_total".into(), p.stats.blocks_total.into());
-                r.stats.insert("blocks_changed".into(), p.stats.blocks_changed.into());
-                r.stats.insert("new_chunks".into(), p.stats.new_chunks.into());
-                r.stats.insert("stored_bytes".into(), p.stats.stored_bytes.into());
+                r.stats
+                    .insert("bytes_read".into(), p.stats.bytes_read.into());
+                r.stats
+                    .insert("blocks_total".into(), p.stats.blocks_total.into());
+                r.stats
+                    .insert("blocks_changed".into(), p.stats.blocks_changed.into());
+                r.stats
+                    .insert("new_chunks".into(), p.stats.new_chunks.into());
+                r.stats
+                    .insert("stored_bytes".into(), p.stats.stored_bytes.into());
                 r.stats.insert("image_size".into(), p.image_size.into());
             })?;
             job.set_phase(now(clock), TRANSFER, PhaseStatus::Completed, None)?;
             Ok(finish(job, Some(point), None))
         }
         Err(e) => {
-            job.set_phase(now(clock), TRANSFER, PhaseStatus::Failed, Some(e.to_string()))?;
+            job.set_phase(
+                now(clock),
+                TRANSFER,
+                PhaseStatus::Failed,
+                Some(e.to_string()),
+            )?;
             Ok(finish(job, None, Some(e)))
         }
     }
@@ -162,12 +180,13 @@ fn snapshot_phase(
 ) -> Result<Snapshot> {
     let item = &opts.backup.item;
     let lock_path = item_phase_lock_path(vault_dir, item, ItemPhase::Snapshot);
-    let _lock = NamedLock::try_acquire(&lock_path, &format!("job {}", job.id()))?.map_err(
-        |holder| EngineError::SnapshotBusy {
-            item: item.clone(),
-            holder,
-        },
-    )?;
+    let _lock =
+        NamedLock::try_acquire(&lock_path, &format!("job {}", job.id()))?.map_err(|holder| {
+            EngineError::SnapshotBusy {
+                item: item.clone(),
+                holder,
+            }
+        })?;
     job.set_phase(now(clock), SNAPSHOT, PhaseStatus::InProgress, None)?;
     let pool = thread_pool(opts.backup.threads)?;
     let path = snapshot_dir(vault_dir, item).join(format!("{}.snap", job.id()));
@@ -273,6 +292,11 @@ pub fn record_failed_backup(
         &[SNAPSHOT, TRANSFER],
         now(clock),
     ))?;
-    job.set_phase(now(clock), SNAPSHOT, PhaseStatus::Failed, Some(error.to_string()))?;
+    job.set_phase(
+        now(clock),
+        SNAPSHOT,
+        PhaseStatus::Failed,
+        Some(error.to_string()),
+    )?;
     Ok(job.record().clone())
 }

@@ -109,11 +109,15 @@ pub enum EngineError {
     PolicyExists { name: String },
 
     /// A policy protects items.
-    #[error("policy {name:?} protects {items}; move them to another policy or unprotect them first")]
+    #[error(
+        "policy {name:?} protects {items}; move them to another policy or unprotect them first"
+    )]
     PolicyInUse { name: String, items: String },
 
     /// The image is protected by another vault or item.
-    #[error("{path} is already protected as item {item:?} in vault {vault_name} ({vault_dir}); an image is protected in only one vault")]
+    #[error(
+        "{path} is already protected as item {item:?} in vault {vault_name} ({vault_dir}); an image is protected in only one vault"
+    )]
     AlreadyProtected {
         path: PathBuf,
         item: String,
@@ -126,11 +130,15 @@ pub enum EngineError {
     ItemState { item: String, reason: String },
 
     /// The vault's redundancy can no longer change.
-    #[error("the redundancy of vault {vault} is locked: it protects {items}; it was fixed when the first item was protected")]
+    #[error(
+        "the redundancy of vault {vault} is locked: it protects {items}; it was fixed when the first item was protected"
+    )]
     RedundancyLocked { vault: String, items: String },
 
     /// Another snapshot of the item is running.
-    #[error("another snapshot of item {item:?} is running ({holder}); at most one snapshot phase per item at a time")]
+    #[error(
+        "another snapshot of item {item:?} is running ({holder}); at most one snapshot phase per item at a time"
+    )]
     SnapshotBusy { item: String, holder: String },
 
     /// The job was cancelled.
@@ -142,7 +150,9 @@ pub enum EngineError {
     NotCancellable { id: String, reason: String },
 
     /// The transfer was abandoned because the process is shutting down.
-    #[error("transfer abandoned at shutdown; nothing of it was recorded, the next backup redoes it")]
+    #[error(
+        "transfer abandoned at shutdown; nothing of it was recorded, the next backup redoes it"
+    )]
     Abandoned,
 
     /// The host registry of protected images cannot be used.

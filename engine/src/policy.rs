@@ -380,7 +380,10 @@ fn in_range(
 }
 
 fn list(days: &[Day]) -> String {
-    days.iter().map(Day::to_string).collect::<Vec<_>>().join(",")
+    days.iter()
+        .map(Day::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Checks a policy name: 1-64 characters, letters, digits, `-`, `_`,

@@ -156,7 +156,12 @@ fn item_or_err(vault: &Vault, name: &str) -> Result<ItemRecord> {
 
 /// Stops protection. Without `delete_data` the points are kept and never
 /// expire; with it they are soft-deleted for [`SOFT_DELETE_DAYS`].
-pub fn unprotect(vault: &Vault, name: &str, delete_data: bool, now: Timestamp) -> Result<ItemRecord> {
+pub fn unprotect(
+    vault: &Vault,
+    name: &str,
+    delete_data: bool,
+    now: Timestamp,
+) -> Result<ItemRecord> {
     let mut item = item_or_err(vault, name)?;
     item.protection = match (&item.protection, delete_data) {
         (Protection::SoftDeleted { .. }, _) => {
@@ -302,8 +307,7 @@ pub fn item_view(vault: &Vault, item: &ItemRecord, now: Timestamp) -> Result<Ite
     let last_backup = JobStore::new(vault.dir())
         .list()?
         .into_iter()
-        .filter(|j| j.operation == Operation::Backup && j.item.as_deref() == Some(&item.name))
-        .next_back()
+        .rfind(|j| j.operation == Operation::Backup && j.item.as_deref() == Some(&item.name))
         .map(|j| LastBackup {
             job: j.id,
             status: j.status,

@@ -70,7 +70,12 @@ pub struct PruneReport {
 }
 
 /// Works out (and unless `dry_run`, applies) expiry as of `now`.
-pub fn prune(vault: &Vault, registry: &Registry, now: Timestamp, dry_run: bool) -> Result<PruneReport> {
+pub fn prune(
+    vault: &Vault,
+    registry: &Registry,
+    now: Timestamp,
+    dry_run: bool,
+) -> Result<PruneReport> {
     let mut report = PruneReport {
         dry_run,
         ..PruneReport::default()

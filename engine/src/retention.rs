@@ -90,9 +90,9 @@ fn plus(created: Timestamp, tz: &TimeZone, span: Span) -> Timestamp {
 /// When `point` expires under `policy`, and the rule that keeps it longest.
 pub fn expiry(policy: &Policy, tz: &TimeZone, point: &PointRecord) -> (Timestamp, Tier) {
     if !point.scheduled {
-        let until = point.retain_until.unwrap_or_else(|| {
-            plus(point.created, tz, ON_DEMAND_DEFAULT_DAYS.days())
-        });
+        let until = point
+            .retain_until
+            .unwrap_or_else(|| plus(point.created, tz, ON_DEMAND_DEFAULT_DAYS.days()));
         return (until, Tier::OnDemand);
     }
     let d = point.created.to_zoned(tz.clone()).date();
@@ -104,23 +104,35 @@ pub fn expiry(policy: &Policy, tz: &TimeZone, point: &PointRecord) -> (Timestamp
         }
     };
     if let Some(daily) = &r.daily {
-        consider(plus(point.created, tz, i64::from(daily.days).days()), Tier::Daily);
+        consider(
+            plus(point.created, tz, i64::from(daily.days).days()),
+            Tier::Daily,
+        );
     }
     if let Some(w) = &r.weekly
         && w.weekdays.iter().any(|x| x.0 == d.weekday())
     {
-        consider(plus(point.created, tz, (i64::from(w.weeks) * 7).days()), Tier::Weekly);
+        consider(
+            plus(point.created, tz, (i64::from(w.weeks) * 7).days()),
+            Tier::Weekly,
+        );
     }
     if let Some(m) = &r.monthly
         && matches_day(&m.on, d)
     {
-        consider(plus(point.created, tz, i64::from(m.months).months()), Tier::Monthly);
+        consider(
+            plus(point.created, tz, i64::from(m.months).months()),
+            Tier::Monthly,
+        );
     }
     if let Some(y) = &r.yearly
         && y.months.iter().any(|m| m.0 == d.month())
         && matches_day(&y.on, d)
     {
-        consider(plus(point.created, tz, i64::from(y.years).years()), Tier::Yearly);
+        consider(
+            plus(point.created, tz, i64::from(y.years).years()),
+            Tier::Yearly,
+        );
     }
     best
 }

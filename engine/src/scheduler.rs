@@ -129,8 +129,12 @@ pub fn run_pass(
             }
         };
         match &run.error {
-            Some(e) => tracing::warn!(item = %run.item, job = %run.job, error = %e, "scheduled backup did not complete"),
-            None => tracing::info!(item = %run.item, job = %run.job, status = %run.status, "scheduled backup ended"),
+            Some(e) => {
+                tracing::warn!(item = %run.item, job = %run.job, error = %e, "scheduled backup did not complete")
+            }
+            None => {
+                tracing::info!(item = %run.item, job = %run.job, status = %run.status, "scheduled backup ended")
+            }
         }
         // An abandoned transfer (shutdown) leaves the slot to the next pass.
         if !(opts.stop)()

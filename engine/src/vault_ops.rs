@@ -75,6 +75,22 @@ pub fn create_vault(dir: &Path, opts: &CreateOptions, clock: &dyn Clock) -> Resu
     Ok(vault)
 }
 
+/// Changes the vault's redundancy; refused once the vault protects (or
+/// has protected) any item.
+pub fn set_redundancy(vault: &Vault, redundancy: Redundancy) -> Result<()> {
+    let items: Vec<String> = vault.index().items()?.into_iter().map(|i| i.name).collect();
+    if !items.is_empty() && vault.config().redundancy != redundancy {
+        return Err(crate::error::EngineError::RedundancyLocked {
+            vault: vault.config().name.clone(),
+            items: crate::policies::describe_items(&items),
+        });
+    }
+    let mut cfg = vault.config().clone();
+    cfg.redundancy = redundancy;
+    cfg.store(vault.dir())?;
+    Ok(())
+}
+
 /// One item in a vault summary.
 #[derive(Debug, Clone, Serialize)]
 pub struct ItemSummary {
@@ -120,6 +136,9 @@ pub struct VaultSummary {
     pub logical_bytes: u64,
     /// Bytes committed in segments.
     pub stored_bytes: u64,
+    /// Bytes of records some chunk entry still references (stored minus
+    /// what GC has unindexed but not yet rewritten away).
+    pub live_bytes: u64,
 }
 
 /// Summarises a vault.
@@ -155,6 +174,7 @@ pub fn summarize(vault: &Vault) -> Result<VaultSummary> {
         points: points_total,
         logical_bytes: logical,
         stored_bytes: vault.stored_bytes()?,
+        live_bytes: vault.live_bytes()?,
     })
 }
 

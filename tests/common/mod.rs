@@ -20,8 +20,80 @@ pub fn coffre() -> Command {
     let mut c = Command::new(bin());
     c.env_remove("COFFRE_VAULT")
         .env_remove("COFFRE_NOW")
-        .env("COFFRE_LOG", "warn");
+        .env("COFFRE_LOG", "warn")
+        .env("COFFRE_REGISTRY", registry_path());
     c
+}
+
+/// The registry of protected images this test process uses (never the
+/// user's own).
+pub fn registry_path() -> PathBuf {
+    std::env::temp_dir().join(format!("coffre-test-registry-{}", std::process::id()))
+}
+
+/// Runs `coffre args…` with the clock fixed at `now` (RFC 3339).
+pub fn run_at(now: &str, args: &[&str]) -> Output {
+    coffre()
+        .env("COFFRE_NOW", now)
+        .args(args)
+        .output()
+        .expect("run coffre")
+}
+
+/// Like [`ok`] with the clock at `now`.
+pub fn ok_at(now: &str, args: &[&str]) -> String {
+    let out = run_at(now, args);
+    assert!(
+        out.status.success(),
+        "coffre {args:?} at {now} failed with {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Like [`json`] with the clock at `now`.
+pub fn json_at(now: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--output", "json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&ok_at(now, &all)).expect("valid JSON")
+}
+
+/// Jobs of the vault as JSON.
+pub fn jobs(vault: &Path) -> Vec<serde_json::Value> {
+    json(&["jobs", "--vault", s(vault)])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Polls `jobs` until `pred` holds for the newest job of `item`.
+pub fn wait_for_job(
+    vault: &Path,
+    item: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let all = json(&["jobs", "--vault", s(vault), "--item", item]);
+        if let Some(j) = all.as_array().and_then(|a| a.last())
+            && pred(j)
+        {
+            return j.clone();
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "waited 30 s for {what}: {all}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Status of phase `i` of a job.
+pub fn phase(job: &serde_json::Value, i: usize) -> &str {
+    job["phases"][i]["status"].as_str().unwrap_or("")
 }
 
 /// Runs `coffre args…` and returns its output.

@@ -51,6 +51,17 @@ impl std::fmt::Display for Redundancy {
     }
 }
 
+impl std::str::FromStr for Redundancy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_uppercase().as_str() {
+            "LRS" => Ok(Redundancy::Lrs),
+            "GRS" => Ok(Redundancy::Grs),
+            _ => Err(format!("{s:?} is neither LRS nor GRS")),
+        }
+    }
+}
+
 /// Settings and identity of a vault.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VaultConfig {

@@ -67,11 +67,14 @@ pub fn decode<'a>(
     if crc32fast::hash(head) != stored {
         return Err(EnvelopeError::Checksum);
     }
-    let body = bytes.get(16..16 + len).ok_or(EnvelopeError::BadLength(len))?;
+    let body = bytes
+        .get(16..16 + len)
+        .ok_or(EnvelopeError::BadLength(len))?;
     Ok((version, body))
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
 

@@ -37,7 +37,15 @@ const CF_SEGMENTS: &str = "segments";
 const CF_ITEMS: &str = "items";
 const CF_POINTS: &str = "points";
 const ALL_CFS: [&str; 10] = [
-    CF_CHUNKS, CF_SEGMENTS, CF_ITEMS, CF_POINTS, "policies", "refs", "unref", "segchunks", "dead",
+    CF_CHUNKS,
+    CF_SEGMENTS,
+    CF_ITEMS,
+    CF_POINTS,
+    "policies",
+    "refs",
+    "unref",
+    "segchunks",
+    "dead",
     "meta",
 ];
 const LOCATION_VERSION: u8 = 1;
@@ -161,12 +169,15 @@ pub struct SegmentInfo {
 }
 
 impl SegmentInfo {
-    /// Live bytes (committed minus dead).
+    /// Live bytes: records some chunk entry references (committed bytes
+    /// minus the header and the dead records).
     pub fn live(&self) -> u64 {
         if self.retired {
             0
         } else {
-            self.committed.saturating_sub(self.dead)
+            self.committed
+                .saturating_sub(crate::segment::SEGMENT_HEADER_LEN)
+                .saturating_sub(self.dead)
         }
     }
 
@@ -182,12 +193,12 @@ impl SegmentInfo {
         let u = |r: std::ops::Range<usize>| -> Option<u64> {
             Some(u64::from_le_bytes(v.get(r)?.try_into().ok()?))
         };
-        match v.first()? {
-            &SEGMENT_VALUE_V1 if v.len() == 9 => Some(SegmentInfo {
+        match *v.first()? {
+            SEGMENT_VALUE_V1 if v.len() == 9 => Some(SegmentInfo {
                 committed: u(1..9)?,
                 ..SegmentInfo::default()
             }),
-            &SEGMENT_VALUE_V2 if v.len() == 18 => Some(SegmentInfo {
+            SEGMENT_VALUE_V2 if v.len() == 18 => Some(SegmentInfo {
                 committed: u(1..9)?,
                 dead: u(9..17)?,
                 retired: match v.get(17)? {
@@ -224,15 +235,24 @@ pub struct RefEntry {
 
 impl RefEntry {
     fn encode(&self) -> [u8; 10] {
-        let mut v = [0u8; 10];
-        v[0] = REF_VALUE_VERSION;
-        v[1] = match self.kind {
+        let kind = match self.kind {
             ChunkKind::Data => 0,
             ChunkKind::Leaf => 1,
             ChunkKind::Root => 2,
         };
-        v[2..].copy_from_slice(&self.count.to_le_bytes());
-        v
+        let c = self.count.to_le_bytes();
+        [
+            REF_VALUE_VERSION,
+            kind,
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            c[4],
+            c[5],
+            c[6],
+            c[7],
+        ]
     }
 
     fn decode(v: &[u8]) -> Option<Self> {
@@ -268,7 +288,7 @@ enum Cf {
 
 impl Cf {
     fn name(self) -> &'static str {
-        ALL_CFS[self as usize]
+        ALL_CFS.get(self as usize).copied().unwrap_or("?")
     }
 }
 
@@ -320,7 +340,11 @@ impl IndexBatch {
     }
     /// Inserts or replaces an item.
     pub fn put_item(&mut self, item: ItemRecord) {
-        self.put(Cf::Items, item.name.as_bytes().to_vec(), encode_catalog(&item));
+        self.put(
+            Cf::Items,
+            item.name.as_bytes().to_vec(),
+            encode_catalog(&item),
+        );
     }
     /// Removes an item.
     pub fn delete_item(&mut self, name: &str) {
@@ -328,7 +352,11 @@ impl IndexBatch {
     }
     /// Inserts or replaces a point.
     pub fn put_point(&mut self, point: PointRecord) {
-        self.put(Cf::Points, point_key(&point.item, point.seq), encode_catalog(&point));
+        self.put(
+            Cf::Points,
+            point_key(&point.item, point.seq),
+            encode_catalog(&point),
+        );
     }
     /// Removes a point.
     pub fn delete_point(&mut self, item: &str, seq: u64) {
@@ -336,7 +364,11 @@ impl IndexBatch {
     }
     /// Inserts or replaces a policy (any serialisable shape).
     pub fn put_policy<T: Serialize>(&mut self, name: &str, policy: &T) {
-        self.put(Cf::Policies, name.as_bytes().to_vec(), encode_catalog(policy));
+        self.put(
+            Cf::Policies,
+            name.as_bytes().to_vec(),
+            encode_catalog(policy),
+        );
     }
     /// Removes a policy.
     pub fn delete_policy(&mut self, name: &str) {
@@ -562,8 +594,7 @@ impl Index {
     pub fn segment_infos(&self) -> Result<BTreeMap<u64, SegmentInfo>> {
         let mut out = BTreeMap::new();
         self.scan(Cf::Segments, &[], |k, v| {
-            let id =
-                seq_from_key(k).ok_or_else(|| self.corrupt("segment key", hex::encode(k)))?;
+            let id = seq_from_key(k).ok_or_else(|| self.corrupt("segment key", hex::encode(k)))?;
             let info = SegmentInfo::decode(v)
                 .ok_or_else(|| self.corrupt("segment state", format!("segment {id}")))?;
             out.insert(id, info);
@@ -603,8 +634,8 @@ impl Index {
         };
         for kv in self.db.iterator_cf(handle, mode) {
             let (k, _) = kv.map_err(|e| self.err(e))?;
-            let id =
-                ChunkId::from_slice(&k).ok_or_else(|| self.corrupt("unref key", hex::encode(&k)))?;
+            let id = ChunkId::from_slice(&k)
+                .ok_or_else(|| self.corrupt("unref key", hex::encode(&k)))?;
             if Some(&id) == after {
                 continue;
             }
@@ -709,6 +740,7 @@ impl Index {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

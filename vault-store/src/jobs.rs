@@ -307,7 +307,8 @@ impl JobStore {
 
     /// Starts `record`: takes its run lock and persists it.
     pub fn start(&self, record: JobRecord) -> Result<RunningJob> {
-        fs::create_dir_all(&self.dir).map_err(|e| StoreError::io("create directory", &self.dir, e))?;
+        fs::create_dir_all(&self.dir)
+            .map_err(|e| StoreError::io("create directory", &self.dir, e))?;
         let lock = NamedLock::try_acquire(&self.lock_path(&record.id), &record.pid.to_string())?
             .map_err(|_| StoreError::CorruptFile {
                 path: self.lock_path(&record.id),
@@ -418,9 +419,10 @@ impl JobStore {
             .collect();
         match matches.len() {
             0 => Err(StoreError::JobNotFound { id: id.into() }),
-            1 => Ok(matches.into_iter().next().ok_or(StoreError::JobNotFound {
-                id: id.into(),
-            })?),
+            1 => Ok(matches
+                .into_iter()
+                .next()
+                .ok_or(StoreError::JobNotFound { id: id.into() })?),
             n => Err(StoreError::JobAmbiguous {
                 id: id.into(),
                 count: n,
@@ -435,7 +437,11 @@ impl JobStore {
 
     /// Deletes a final record (job history expiry).
     pub fn remove(&self, id: &str) -> Result<()> {
-        for p in [self.record_path(id), self.cancel_path(id), self.lock_path(id)] {
+        for p in [
+            self.record_path(id),
+            self.cancel_path(id),
+            self.lock_path(id),
+        ] {
             match fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -456,7 +462,10 @@ pub struct RunningJob {
 
 impl RunningJob {
     fn persist(&self) -> Result<()> {
-        write_atomic(&self.store.record_path(&self.record.id), &self.record.encode())
+        write_atomic(
+            &self.store.record_path(&self.record.id),
+            &self.record.encode(),
+        )
     }
 
     /// The record as last persisted.
@@ -551,9 +560,15 @@ mod tests {
         let store = JobStore::new(dir.path());
         let t: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let mut job = store
-            .start(JobRecord::new(Operation::Backup, Some("vm"), &["snapshot", "transfer"], t))
+            .start(JobRecord::new(
+                Operation::Backup,
+                Some("vm"),
+                &["snapshot", "transfer"],
+                t,
+            ))
             .unwrap();
-        job.set_phase(t, "snapshot", PhaseStatus::InProgress, None).unwrap();
+        job.set_phase(t, "snapshot", PhaseStatus::InProgress, None)
+            .unwrap();
         let id = job.id().to_string();
         assert_eq!(store.load(&id).unwrap().status, JobStatus::InProgress);
         // Simulate a crash: the lock goes, the record stays in progress.

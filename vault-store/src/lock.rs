@@ -228,7 +228,10 @@ mod tests {
         assert!(!NamedLock::is_held(&p).unwrap());
         let held = NamedLock::try_acquire(&p, "job j1").unwrap().unwrap();
         assert!(NamedLock::is_held(&p).unwrap());
-        assert_eq!(NamedLock::try_acquire(&p, "job j2").unwrap().unwrap_err(), "job j1");
+        assert_eq!(
+            NamedLock::try_acquire(&p, "job j2").unwrap().unwrap_err(),
+            "job j1"
+        );
         drop(held);
         assert!(NamedLock::try_acquire(&p, "job j2").unwrap().is_ok());
 

@@ -152,7 +152,7 @@ impl SnapWriter {
                 out.write_all(frame)?;
                 out.write_all(&crc)
             })
-        .map_err(|e| StoreError::io("write", &self.tmp, e))?;
+            .map_err(|e| StoreError::io("write", &self.tmp, e))?;
         self.frame.clear();
         self.in_frame = 0;
         Ok(())
@@ -167,7 +167,11 @@ impl SnapWriter {
         let crc = crc32fast::hash(&t);
         t.extend_from_slice(&crc.to_le_bytes());
         let Some(mut out) = self.out.take() else {
-            return Err(StoreError::io("write", &self.tmp, std::io::ErrorKind::Other.into()));
+            return Err(StoreError::io(
+                "write",
+                &self.tmp,
+                std::io::ErrorKind::Other.into(),
+            ));
         };
         out.write_all(&t)
             .map_err(|e| StoreError::io("write", &self.tmp, e))?;
@@ -292,7 +296,11 @@ impl<R: Read> SnapReader<R> {
                 self.read_frame()?;
             }
             let take = (n - out.len()).min(self.frame.len() - self.pos);
-            out.extend_from_slice(self.frame.get(self.pos..self.pos + take).unwrap_or_default());
+            out.extend_from_slice(
+                self.frame
+                    .get(self.pos..self.pos + take)
+                    .unwrap_or_default(),
+            );
             self.pos += take;
         }
         Ok(out)
@@ -316,7 +324,13 @@ impl<R: Read> SnapReader<R> {
             && le(8..16) == self.read
             && le(16..20) == u64::from(crc32fast::hash(t.get(..16).unwrap_or_default()));
         let mut extra = [0u8; 1];
-        if !ok || self.input.read(&mut extra).map_err(|e| self.corrupt(e.to_string()))? != 0 {
+        if !ok
+            || self
+                .input
+                .read(&mut extra)
+                .map_err(|e| self.corrupt(e.to_string()))?
+                != 0
+        {
             return Err(self.corrupt("bad trailer"));
         }
         Ok(())
@@ -345,6 +359,7 @@ pub fn fuzz_entry(data: &[u8]) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
 

@@ -23,16 +23,16 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::blockmap::Node;
 use crate::catalog::{ItemRecord, PointRecord};
 use crate::chunk_id::ChunkId;
 use crate::config::VaultConfig;
 use crate::durable::{create_dir_durable, fsync_dir};
 use crate::error::{Result, StoreError};
-use crate::blockmap::Node;
 use crate::index::{ChunkKind, ChunkLocation, INDEX_DIR, Index, IndexBatch, SegmentInfo};
 use crate::lock::{ReaderLease, VaultLock};
-use crate::refs::{NodeChildren, RefCounter};
 use crate::record::{self, HEADER_LEN, RecordDecoder, RecordHeader};
+use crate::refs::{NodeChildren, RefCounter};
 use crate::segment::{
     SEGMENT_HEADER_LEN, SEGMENT_TARGET_LEN, SEGMENTS_DIR, SegmentReader, SegmentWriter,
     parse_segment_file_name,
@@ -199,7 +199,9 @@ impl Vault {
         })?;
         Ok(match (node, kind) {
             (Node::Root { leaves, .. }, ChunkKind::Root) => leaves,
-            (Node::Leaf { entries, .. }, ChunkKind::Leaf) => entries.into_iter().flatten().collect(),
+            (Node::Leaf { entries, .. }, ChunkKind::Leaf) => {
+                entries.into_iter().flatten().collect()
+            }
             _ => {
                 return Err(StoreError::CorruptIndex {
                     path: self.index.path().to_path_buf(),

@@ -1,0 +1,212 @@
+//! `coffre backup`: "Backup now". Protects an unprotected image under
+//! DefaultPolicy (and says so), then runs a backup job whose point is kept
+//! until `--retain-until` (default: 30 days).
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use coffre_engine::backup::PointTerms;
+use coffre_engine::backup_job::{JobOptions, Writer, run_backup_job};
+use coffre_engine::policy::DEFAULT_POLICY;
+use coffre_engine::protection::{canonical, protect};
+use coffre_engine::retention::ON_DEMAND_DEFAULT_DAYS;
+use coffre_engine::store::jobs::{JobRecord, PhaseStatus};
+use coffre_engine::store::{Access, Protection};
+use coffre_engine::{BackupOptions, FileImage, ImageSource};
+use jiff::{Timestamp, ToSpan};
+use serde::Serialize;
+
+use crate::commands::{Ctx, PointView, open};
+use crate::output::{self, bytes};
+use crate::progress::Bar;
+use crate::units::mib_per_s;
+
+/// Parses `--retain-until`: a date (kept through that day, UTC) or an
+/// RFC 3339 instant, in the future.
+pub fn parse_retain_until(s: Option<&str>, now: Timestamp) -> anyhow::Result<Timestamp> {
+    let t = match s {
+        None => now
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .checked_add(ON_DEMAND_DEFAULT_DAYS.days())?
+            .timestamp(),
+        Some(s) => match s.parse::<jiff::civil::Date>() {
+            Ok(d) => d.tomorrow()?.to_zoned(jiff::tz::TimeZone::UTC)?.timestamp(),
+            Err(_) => s.parse::<Timestamp>().map_err(|_| {
+                anyhow::anyhow!(
+                    "--retain-until {s:?} is neither a date (YYYY-MM-DD) nor an RFC 3339 instant"
+                )
+            })?,
+        },
+    };
+    if t <= now {
+        anyhow::bail!("--retain-until {t} is not in the future (now is {now})");
+    }
+    Ok(t)
+}
+
+fn item_name_for(image: &Path, item: Option<String>) -> anyhow::Result<String> {
+    if let Some(item) = item {
+        return Ok(item);
+    }
+    image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+        .with_context(|| {
+            format!(
+                "cannot derive an item name from {}; pass --item",
+                image.display()
+            )
+        })
+}
+
+/// Protects the image under DefaultPolicy if its item does not exist yet;
+/// returns true when it did.
+fn ensure_protected(ctx: &Ctx, dir: &Path, item: &str, image: &Path) -> anyhow::Result<bool> {
+    let state = open(ctx, dir, Access::ReadOnly)?
+        .item(item)?
+        .map(|i| i.protection);
+    match state {
+        Some(Protection::Protected) => Ok(false),
+        Some(Protection::Stopped { .. }) => anyhow::bail!(
+            "item {item:?} is not protected any more (stopped, data retained); run `coffre protect --item {item} --policy P` to resume"
+        ),
+        Some(Protection::SoftDeleted { .. }) => anyhow::bail!(
+            "item {item:?} has its data soft-deleted; run `coffre undelete --item {item}` first"
+        ),
+        None => {
+            let vault = open(ctx, dir, Access::Write)?;
+            protect(
+                &vault,
+                &ctx.registry,
+                item,
+                DEFAULT_POLICY,
+                image,
+                ctx.now(),
+            )
+            .with_context(|| format!("cannot protect {}", image.display()))?;
+            Ok(true)
+        }
+    }
+}
+
+/// The JSON shape of `coffre backup`.
+#[derive(Serialize)]
+struct BackupView<'a> {
+    #[serde(flatten)]
+    point: Option<PointView<'a>>,
+    job: &'a JobRecord,
+    new_item: bool,
+    auto_protected: bool,
+    mib_per_s: f64,
+}
+
+/// Runs `coffre backup`.
+pub fn run(
+    ctx: &Ctx,
+    dir: &Path,
+    item: Option<String>,
+    retain_until: Option<&str>,
+    rate_limit: Option<u64>,
+    threads: usize,
+    image: &Path,
+) -> anyhow::Result<ExitCode> {
+    let item = item_name_for(image, item)?;
+    let retain_until = parse_retain_until(retain_until, ctx.now())?;
+    let source = FileImage::open(image).context("cannot back up")?;
+    let auto_protected = ensure_protected(ctx, dir, &item, image)?;
+    if auto_protected && ctx.fmt == crate::args::OutputFormat::Table {
+        eprintln!(
+            "coffre: {} was not protected; it is now item {item} under {DEFAULT_POLICY} (daily at 02:00 UTC, points kept 30 days)",
+            image.display()
+        );
+    }
+    let snap_bar = Bar::new("snapshot");
+    let transfer_bar = Bar::new("transfer");
+    let outcome = run_backup_job(
+        dir,
+        &source as &dyn ImageSource,
+        JobOptions {
+            backup: BackupOptions {
+                item: item.clone(),
+                source_path: canonical(image),
+                threads,
+                rate_limit,
+            },
+            terms: PointTerms {
+                scheduled: false,
+                retain_until: Some(retain_until),
+                job: None,
+            },
+            writer: Writer::Open(ctx.lock_timeout),
+            stop: &|| false,
+        },
+        &*ctx.clock,
+        &snap_bar,
+        &transfer_bar,
+    )
+    .with_context(|| {
+        format!(
+            "backup of {} into {} failed",
+            image.display(),
+            dir.display()
+        )
+    })?;
+    let job = &outcome.job;
+    let view = BackupView {
+        point: outcome.point.as_ref().map(PointView::from),
+        job,
+        new_item: outcome.point.as_ref().is_some_and(|p| p.seq == 1),
+        auto_protected,
+        mib_per_s: outcome
+            .point
+            .as_ref()
+            .map_or(0.0, |p| mib_per_s(p.image_size, p.stats.duration_ms)),
+    };
+    output::emit(ctx.fmt, &view, |v| {
+        let phases: Vec<String> = job
+            .phases
+            .iter()
+            .map(|p| format!("{} {}", p.name, p.status))
+            .collect();
+        let mut out = format!("job {} {} ({})\n", job.id, job.status, phases.join(", "));
+        if let Some(p) = &outcome.point {
+            let s = &p.stats;
+            out.push_str(&format!(
+                "point {} of item {}{}: {} image, {} read, {}/{} blocks changed, {} new chunks, {} stored, {:.0} MiB/s ({} ms), kept until {}\n",
+                p.id,
+                p.item,
+                if v.new_item { " (new item)" } else { "" },
+                bytes(p.image_size),
+                bytes(s.bytes_read),
+                s.blocks_changed,
+                s.blocks_total,
+                s.new_chunks,
+                bytes(s.stored_bytes),
+                v.mib_per_s,
+                s.duration_ms,
+                retain_until
+            ));
+        }
+        if let Some(t) = job
+            .phase("transfer")
+            .filter(|t| t.status == PhaseStatus::Skipped)
+        {
+            out.push_str(&format!(
+                "transfer skipped: {}\n",
+                t.error.as_deref().unwrap_or_default()
+            ));
+        }
+        out
+    })?;
+    match outcome.error {
+        None => Ok(ExitCode::SUCCESS),
+        Some(e) => Err(anyhow::Error::new(e).context(format!(
+            "backup job {} of {} ended {}",
+            job.id,
+            image.display(),
+            job.status
+        ))),
+    }
+}

@@ -1,0 +1,192 @@
+//! `coffre protect|unprotect|undelete` and `coffre item list|show`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use coffre_engine::protection::{self, ItemView, item_view};
+use coffre_engine::store::jobs::{JobRecord, JobStore, Operation, PhaseStatus};
+use coffre_engine::store::{Access, Protection};
+
+use crate::args::ItemCommand;
+use crate::commands::{Ctx, open};
+use crate::output::{self, bytes, columns};
+
+fn protection_text(p: &Protection) -> String {
+    match p {
+        Protection::Protected => "protected".into(),
+        Protection::Stopped { since } => format!("stopped since {since} (data retained)"),
+        Protection::SoftDeleted { purge_after, .. } => {
+            format!("soft-deleted (purged after {purge_after})")
+        }
+    }
+}
+
+/// `coffre protect`.
+pub fn protect(
+    ctx: &Ctx,
+    dir: &Path,
+    item: &str,
+    policy: &str,
+    image: &Path,
+) -> anyhow::Result<ExitCode> {
+    let vault = open(ctx, dir, Access::Write)?;
+    let out = protection::protect(&vault, &ctx.registry, item, policy, image, ctx.now())
+        .with_context(|| format!("cannot protect {} as item {item}", image.display()))?;
+    let view = item_view(&vault, &out.item, ctx.now())?;
+    output::emit(ctx.fmt, &view, |v| {
+        let verb = match out.action {
+            "protected" => "protected",
+            "resumed" => "resumed protection of",
+            "policy-changed" => "changed the policy of",
+            _ => "already protected:",
+        };
+        format!(
+            "{verb} item {} ({}) under policy {}; next backup {}\n",
+            v.name,
+            v.source.display(),
+            v.policy,
+            v.next_run
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "-".into())
+        )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `coffre unprotect`.
+pub fn unprotect(ctx: &Ctx, dir: &Path, item: &str, delete_data: bool) -> anyhow::Result<ExitCode> {
+    let vault = open(ctx, dir, Access::Write)?;
+    let job = if delete_data {
+        JobStore::new(dir)
+            .start(JobRecord::new(
+                Operation::Delete,
+                Some(item),
+                &["soft-delete"],
+                ctx.now(),
+            ))
+            .ok()
+    } else {
+        None
+    };
+    let result = protection::unprotect(&vault, item, delete_data, ctx.now());
+    if let Some(mut j) = job {
+        let (st, err) = match &result {
+            Ok(_) => (PhaseStatus::Completed, None),
+            Err(e) => (PhaseStatus::Failed, Some(e.to_string())),
+        };
+        let _ = j.set_phase(ctx.now(), "soft-delete", st, err);
+    }
+    let rec = result.with_context(|| format!("cannot unprotect item {item}"))?;
+    let view = item_view(&vault, &rec, ctx.now())?;
+    output::emit(ctx.fmt, &view, |v| {
+        format!(
+            "item {}: {}; {} points kept\n",
+            v.name,
+            protection_text(&v.protection),
+            v.points
+        )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `coffre undelete`.
+pub fn undelete(ctx: &Ctx, dir: &Path, item: &str) -> anyhow::Result<ExitCode> {
+    let vault = open(ctx, dir, Access::Write)?;
+    let rec = protection::undelete(&vault, item, ctx.now())
+        .with_context(|| format!("cannot undelete item {item}"))?;
+    let view = item_view(&vault, &rec, ctx.now())?;
+    output::emit(ctx.fmt, &view, |v| {
+        format!(
+            "item {} undeleted: {} points back, protection stopped; `coffre protect` resumes it\n",
+            v.name, v.points
+        )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn row(v: &ItemView) -> Vec<String> {
+    vec![
+        v.name.clone(),
+        match &v.protection {
+            Protection::Protected => "protected",
+            Protection::Stopped { .. } => "stopped",
+            Protection::SoftDeleted { .. } => "soft-deleted",
+        }
+        .into(),
+        v.policy.clone(),
+        v.last_backup
+            .as_ref()
+            .map(|b| format!("{} {}", b.started, b.status))
+            .unwrap_or_else(|| "-".into()),
+        v.next_run
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "-".into()),
+        format!("{} (+{} snap)", v.points, v.tiers.snapshot),
+        bytes(v.stored_bytes),
+    ]
+}
+
+/// `coffre item list|show`.
+pub fn run(ctx: &Ctx, cmd: ItemCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ItemCommand::List { vault } => {
+            let v = open(ctx, &vault.vault, Access::ReadOnly)?;
+            let views: Vec<ItemView> = v
+                .index()
+                .items()?
+                .iter()
+                .map(|i| item_view(&v, i, ctx.now()))
+                .collect::<Result<_, _>>()?;
+            output::emit(ctx.fmt, &views, |vs| {
+                columns(
+                    &[
+                        "ITEM",
+                        "STATE",
+                        "POLICY",
+                        "LAST BACKUP",
+                        "NEXT RUN",
+                        "POINTS",
+                        "STORED",
+                    ],
+                    &vs.iter().map(row).collect::<Vec<_>>(),
+                )
+            })?;
+        }
+        ItemCommand::Show { vault, item } => {
+            let v = open(ctx, &vault.vault, Access::ReadOnly)?;
+            let rec = v
+                .item(&item)?
+                .ok_or_else(|| coffre_engine::EngineError::ItemNotFound { item: item.clone() })
+                .with_context(|| format!("vault {}", vault.vault.display()))?;
+            let view = item_view(&v, &rec, ctx.now())?;
+            output::emit(ctx.fmt, &view, |v| {
+                let t = &v.tiers;
+                format!(
+                    "item         {}\nsource       {}\nstate        {}\npolicy       {}\nlast backup  {}\nnext run     {}\npoints       {} in the vault: {} daily, {} weekly, {} monthly, {} yearly, {} on-demand, {} expiring\nsnapshots    {} (instant restore tier)\nstored       {}\n",
+                    v.name,
+                    v.source.display(),
+                    protection_text(&v.protection),
+                    v.policy,
+                    v.last_backup
+                        .as_ref()
+                        .map(|b| format!("job {} started {} {}", b.job, b.started, b.status))
+                        .unwrap_or_else(|| "-".into()),
+                    v.next_run
+                        .map(|t| t.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    v.points,
+                    t.daily,
+                    t.weekly,
+                    t.monthly,
+                    t.yearly,
+                    t.on_demand,
+                    t.expiring,
+                    t.snapshot,
+                    bytes(v.stored_bytes)
+                )
+            })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,208 @@
+//! `coffre prune`, `coffre gc` and `coffre run-due`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use coffre_engine::prune::{PruneReport, prune as prune_vault};
+use coffre_engine::scheduler::{PassOptions, PassReport, run_pass};
+use coffre_engine::store::gc::{self, GcPlan, GcReport};
+use coffre_engine::store::jobs::{JobRecord, JobStore, Operation, PhaseStatus};
+use coffre_engine::store::{Access, Vault};
+
+use crate::commands::{Ctx, open};
+use crate::output::{self, bytes, columns};
+
+/// Runs `f` as a single-phase job of `op` (recorded best effort).
+pub fn as_job<T, E: std::fmt::Display>(
+    ctx: &Ctx,
+    dir: &Path,
+    op: Operation,
+    f: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    let phase = op.to_string();
+    let mut job = JobStore::new(dir)
+        .start(JobRecord::new(op, None, &[&phase], ctx.now()))
+        .ok();
+    if let Some(j) = job.as_mut() {
+        let _ = j.set_phase(ctx.now(), &phase, PhaseStatus::InProgress, None);
+    }
+    let r = f();
+    if let Some(j) = job.as_mut() {
+        let (st, e) = match &r {
+            Ok(_) => (PhaseStatus::Completed, None),
+            Err(e) => (PhaseStatus::Failed, Some(e.to_string())),
+        };
+        let _ = j.set_phase(ctx.now(), &phase, st, e);
+    }
+    r
+}
+
+fn prune_table(r: &PruneReport) -> String {
+    let rows: Vec<Vec<String>> = r
+        .expired
+        .iter()
+        .map(|e| {
+            vec![
+                e.item.clone(),
+                e.id.clone(),
+                e.created.to_string(),
+                e.tier.to_string(),
+                e.expired
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "purge".into()),
+            ]
+        })
+        .collect();
+    let mut out = if rows.is_empty() {
+        String::new()
+    } else {
+        columns(&["ITEM", "POINT", "CREATED", "KEPT BY", "EXPIRED"], &rows)
+    };
+    out.push_str(&format!(
+        "{} {} points, kept {}; {} items purged; {} snapshots and {} job records {}\n",
+        if r.dry_run { "would expire" } else { "expired" },
+        r.expired.len(),
+        r.kept,
+        r.purged_items.len(),
+        r.snapshots_removed,
+        r.jobs_removed,
+        if r.dry_run { "would go" } else { "removed" },
+    ));
+    out
+}
+
+fn plan_table(p: &GcPlan) -> String {
+    let rows: Vec<Vec<String>> = p
+        .segments
+        .iter()
+        .map(|s| {
+            vec![
+                format!("{:016x}", s.segment),
+                s.action.to_string(),
+                bytes(s.live_bytes),
+                bytes(s.dead_bytes),
+            ]
+        })
+        .collect();
+    let mut out = format!(
+        "plan: {} unreferenced chunks ({}) to unindex\n",
+        p.unreferenced_chunks,
+        bytes(p.unreferenced_bytes)
+    );
+    if !rows.is_empty() {
+        out.push_str(&columns(&["SEGMENT", "ACTION", "LIVE", "DEAD"], &rows));
+    }
+    out
+}
+
+fn gc_table(r: &GcReport) -> String {
+    format!(
+        "{}gc: {} chunks unindexed, {} segments rewritten ({} copied), {} segments deleted, {} punched in place; segments {} -> {} in {} ms{}\n",
+        plan_table(&r.plan),
+        r.chunks_removed,
+        r.segments_rewritten,
+        bytes(r.bytes_copied),
+        r.segments_deleted,
+        bytes(r.bytes_punched),
+        bytes(r.stored_before),
+        bytes(r.stored_after),
+        r.duration_ms,
+        if r.reclaim_deferred {
+            "; readers were active, so the space comes back at the next gc"
+        } else {
+            ""
+        }
+    )
+}
+
+/// `coffre prune`.
+pub fn prune(ctx: &Ctx, dir: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
+    let vault = open(ctx, dir, Access::Write)?;
+    let report = if dry_run {
+        prune_vault(&vault, &ctx.registry, ctx.now(), true)?
+    } else {
+        as_job(ctx, dir, Operation::Prune, || {
+            prune_vault(&vault, &ctx.registry, ctx.now(), false)
+        })
+        .with_context(|| format!("prune of {} failed", dir.display()))?
+    };
+    output::emit(ctx.fmt, &report, prune_table)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `coffre gc`.
+pub fn gc(ctx: &Ctx, dir: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
+    let vault = open(ctx, dir, Access::Write)?;
+    if dry_run {
+        let plan = gc::plan(&vault)?;
+        output::emit(ctx.fmt, &plan, plan_table)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report = as_job(ctx, dir, Operation::Gc, || gc::run(&vault))
+        .with_context(|| format!("gc of {} failed", dir.display()))?;
+    output::emit(ctx.fmt, &report, gc_table)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a pass report.
+pub fn pass_table(r: &PassReport) -> String {
+    let mut out = format!("pass at {}\n", r.now);
+    if r.backups.is_empty() {
+        out.push_str("no backup due\n");
+    }
+    for b in &r.backups {
+        out.push_str(&format!(
+            "backup of {} (slot {}): job {} {}{}{}\n",
+            b.item,
+            b.slot,
+            b.job,
+            b.status,
+            b.point
+                .as_ref()
+                .map(|p| format!(", point {p}"))
+                .unwrap_or_default(),
+            b.error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    out.push_str(&prune_table(&r.prune));
+    out.push_str(&gc_table(&r.gc));
+    out
+}
+
+/// One pass on an open vault.
+pub fn pass(
+    ctx: &Ctx,
+    vault: &Vault,
+    rate_limit: Option<u64>,
+    threads: usize,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> anyhow::Result<PassReport> {
+    run_pass(
+        vault,
+        &ctx.registry,
+        &*ctx.clock,
+        &PassOptions {
+            threads,
+            rate_limit,
+            stop,
+        },
+    )
+    .with_context(|| format!("scheduler pass on {} failed", vault.dir().display()))
+}
+
+/// `coffre run-due`.
+pub fn run_due(
+    ctx: &Ctx,
+    dir: &Path,
+    rate_limit: Option<u64>,
+    threads: usize,
+) -> anyhow::Result<ExitCode> {
+    let vault = open(ctx, dir, Access::Write)?;
+    let report = pass(ctx, &vault, rate_limit, threads, &|| false)?;
+    output::emit(ctx.fmt, &report, pass_table)?;
+    Ok(ExitCode::SUCCESS)
+}
