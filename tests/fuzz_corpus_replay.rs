@@ -50,3 +50,21 @@ fn block_map_corpus() {
         "the corpus should hold at least one valid node"
     );
 }
+
+#[test]
+fn job_record_corpus() {
+    let accepted = corpus("job_record")
+        .iter()
+        .filter(|(_, b)| coffre_vault_store::jobs::fuzz_entry(b))
+        .count();
+    assert_eq!(accepted, 1, "exactly the undamaged seed decodes");
+}
+
+#[test]
+fn snapshot_file_corpus() {
+    let accepted = corpus("snapshot_file")
+        .iter()
+        .filter(|(_, b)| coffre_vault_store::snapfile::fuzz_entry(b))
+        .count();
+    assert_eq!(accepted, 1, "exactly the undamaged seed reads");
+}

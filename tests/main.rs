@@ -5,6 +5,7 @@ mod common;
 
 mod backup_restore_roundtrip;
 mod bad_input;
+mod daemon;
 mod disk_full;
 mod dst_schedule;
 mod ext4_two_days;

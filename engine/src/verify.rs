@@ -230,8 +230,36 @@ pub fn verify(
 
     // 3. Points.
     let points = vault.index().all_points()?;
+    let mut tally = RefTally::default();
     for point in &points {
-        findings.extend(check_point(vault, point, &indexed, &damaged));
+        findings.extend(check_point(vault, point, &indexed, &damaged, &mut tally));
+    }
+
+    // 4. Reference counts: GC deletes what they say is unreferenced, so
+    // they must equal what the points actually reference.
+    if vault.index().has_gc_layout()? {
+        let mut wrong = 0usize;
+        for (id, _) in &chunks {
+            let expected = tally.counts.get(id).copied().unwrap_or(0);
+            let stored = vault.index().chunk_ref(id)?.map(|r| r.count);
+            if stored != Some(expected) {
+                wrong += 1;
+                if wrong <= MAX_BLOCK_FINDINGS_PER_POINT {
+                    let mut f = Finding::new(
+                        Severity::Error,
+                        "refcount-mismatch",
+                        format!(
+                            "chunk {}: the index counts {} references, the points make {expected}",
+                            id.short(),
+                            stored.map_or("no".to_string(), |c| c.to_string())
+                        ),
+                        "do not run gc on this vault; restore what you need and report the bug",
+                    );
+                    f.chunk = Some(id.to_string());
+                    findings.push(f);
+                }
+            }
+        }
     }
     progress.finish();
     findings.sort_by_key(|f| (f.severity != Severity::Error, f.code));
@@ -258,12 +286,31 @@ fn describe(e: &StoreError) -> String {
     }
 }
 
+/// References the points make, counted the way `coffre_vault_store::refs`
+/// counts them: points → roots, distinct roots → leaves, distinct leaves →
+/// data chunks.
+#[derive(Default)]
+struct RefTally {
+    counts: HashMap<ChunkId, u64>,
+    leaves_seen: HashSet<ChunkId>,
+}
+
+impl RefTally {
+    fn add(&mut self, id: ChunkId) -> u64 {
+        let c = self.counts.entry(id).or_insert(0);
+        *c += 1;
+        *c
+    }
+}
+
 fn check_point(
     vault: &Vault,
     point: &coffre_vault_store::PointRecord,
     indexed: &HashSet<ChunkId>,
     damaged: &HashMap<ChunkId, String>,
+    tally: &mut RefTally,
 ) -> Vec<Finding> {
+    let first_use_of_root = tally.add(point.block_map) == 1;
     let mut out = Vec::new();
     let tag = |mut f: Finding| {
         f.item = Some(point.item.clone());
@@ -286,6 +333,14 @@ fn check_point(
     };
     let mut block_problems = 0usize;
     for k in 0..map.leaf_count() {
+        let leaf_id = map.leaf_id(k);
+        let count_entries = match leaf_id {
+            Some(l) if first_use_of_root => {
+                tally.add(l);
+                tally.leaves_seen.insert(l)
+            }
+            _ => false,
+        };
         let entries = match map.leaf(k) {
             Ok(e) => e.to_vec(),
             Err(e) => {
@@ -306,6 +361,11 @@ fn check_point(
                 continue;
             }
         };
+        if count_entries {
+            for id in entries.iter().flatten() {
+                tally.add(*id);
+            }
+        }
         for (i, entry) in entries.iter().enumerate() {
             let Some(id) = entry else { continue };
             let block = (k * LEAF_ENTRIES + i) as u64;
@@ -351,4 +411,48 @@ fn check_point(
         )));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+    use crate::{BackupOptions, ManualClock, MemImage};
+    use coffre_vault_store::index::{ChunkKind, RefEntry};
+
+    #[test]
+    fn a_wrong_reference_count_is_a_finding() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new("2027-01-01T00:00:00Z".parse().unwrap());
+        let vault = crate::vault_ops::create_vault(
+            &dir.path().join("v"),
+            &crate::vault_ops::CreateOptions::default(),
+            &clock,
+        )
+        .unwrap();
+        let bytes: Vec<u8> = (0..(256u32 << 10)).map(|i| (i * 7 % 251) as u8).collect();
+        let opts = BackupOptions {
+            item: "m".into(),
+            source_path: "/m.img".into(),
+            threads: 1,
+            rate_limit: None,
+        };
+        let out = crate::backup(&vault, &MemImage::new("/m.img", bytes), &opts, &clock, &NoProgress)
+            .unwrap();
+        let clean = verify(&vault, &VerifyOptions::default(), &NoProgress).unwrap();
+        assert!(clean.is_clean(), "{:?}", clean.findings);
+        // The root is referenced once; pretend it is referenced twice.
+        let mut b = coffre_vault_store::IndexBatch::default();
+        b.put_ref(
+            &out.point.block_map,
+            RefEntry {
+                kind: ChunkKind::Root,
+                count: 2,
+            },
+        );
+        vault.index().commit(b).unwrap();
+        let report = verify(&vault, &VerifyOptions::default(), &NoProgress).unwrap();
+        assert_eq!(report.findings.len(), 1, "{:?}", report.findings);
+        assert_eq!(report.findings[0].code, "refcount-mismatch");
+    }
 }

@@ -5,7 +5,9 @@ use std::path::Path;
 
 use coffre_vault_store::ChunkId;
 use coffre_vault_store::blockmap::{LEAF_ENTRIES, Node};
+use coffre_vault_store::jobs::{JobRecord, Operation, PhaseStatus};
 use coffre_vault_store::record::RecordEncoder;
+use coffre_vault_store::snapfile::{SnapHeader, SnapWriter};
 
 fn main() {
     let out = std::env::args()
@@ -67,5 +69,55 @@ fn main() {
         ("bad-crc.bin", &bad),
     ] {
         std::fs::write(map.join(name), bytes).unwrap();
+    }
+
+    let jobs = out.join("job_record");
+    std::fs::create_dir_all(&jobs).unwrap();
+    let t = "2027-01-01T00:00:00Z".parse().unwrap();
+    let mut job = JobRecord::new(Operation::Backup, Some("vm"), &["snapshot", "transfer"], t);
+    job.phases[0].status = PhaseStatus::Completed;
+    job.phases[1].status = PhaseStatus::Skipped;
+    job.phases[1].error = Some("another transfer runs".into());
+    job.settle(t);
+    let job = job.encode();
+    let mut flipped = job.clone();
+    flipped[40] ^= 0x20;
+    let truncated = job[..job.len() - 5].to_vec();
+    for (name, bytes) in [
+        ("backup.bin", &job),
+        ("flipped.bin", &flipped),
+        ("truncated.bin", &truncated),
+    ] {
+        std::fs::write(jobs.join(name), bytes).unwrap();
+    }
+
+    let snaps = out.join("snapshot_file");
+    std::fs::create_dir_all(&snaps).unwrap();
+    let tmp = std::env::temp_dir().join(format!("coffre-seed-{}.snap", std::process::id()));
+    let mut w = SnapWriter::create(
+        &tmp,
+        SnapHeader {
+            block_size: 65536,
+            image_size: 1100 * 65536 - 7,
+            blocks: 1100,
+            created: 1_800_000_000,
+        },
+    )
+    .unwrap();
+    for i in 0..1100u32 {
+        w.push((i % 5 != 0).then(|| ChunkId::of(&i.to_le_bytes()))).unwrap();
+    }
+    w.finish().unwrap();
+    let snap = std::fs::read(&tmp).unwrap();
+    std::fs::remove_file(&tmp).unwrap();
+    let mut flipped = snap.clone();
+    flipped[100] ^= 1;
+    let truncated = snap[..snap.len() - 20].to_vec();
+    for (name, bytes) in [
+        ("valid.bin", &snap),
+        ("flipped.bin", &flipped),
+        ("truncated.bin", &truncated),
+    ] {
+        std::fs::write(snaps.join(name), bytes).unwrap();
     }
 }
