@@ -62,11 +62,23 @@ echo "both restores are byte-identical"
 say "5. verify"
 "$BIN" verify --vault "$V" --read-data
 
+say "6. policy, protection, a scheduled pass, jobs (fake clock: COFFRE_NOW)"
+"$BIN" policy create --vault "$V" --name Nightly --schedule daily --time 01:30 \
+  --timezone Europe/Paris --daily-retention 14 --weekly-retention 8 --monthly-retention 12
+"$BIN" protect --vault "$V" --item vm --policy Nightly "$WORK/day2.img"
+tomorrow=$(date -u -d 'tomorrow 03:00' +%Y-%m-%dT%H:%M:%SZ)
+COFFRE_NOW=$tomorrow COFFRE_LOG=warn "$BIN" run-due --vault "$V"
+"$BIN" jobs --vault "$V"
+COFFRE_NOW=$tomorrow "$BIN" item show --vault "$V" --item vm
+COFFRE_NOW=$(date -u -d '+60 days' +%Y-%m-%dT%H:%M:%SZ) "$BIN" prune --vault "$V" --dry-run
+"$BIN" gc --vault "$V" --dry-run
+"$BIN" verify --vault "$V"
+
 say "summary"
 python3 - "$WORK/points.json" <<'PY'
 import json, sys
 pts = json.load(open(sys.argv[1]))
-for day, p in enumerate(pts, 1):
+for day, p in enumerate(pts[:2], 1):
     s = p["stats"]
     mib = 1048576
     rate = p["image_size"] / mib / max(s["duration_ms"], 1) * 1000

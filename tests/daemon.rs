@@ -36,17 +36,43 @@ fn daemon_runs_due_backups_and_stops_cleanly() {
     let v = s(&vault);
     let img = t.path().join("vm.img");
     random_file(&img, 1 << 20, 1);
-    ok_at("2027-01-01T03:00:00Z", &["protect", "--vault", v, "--item", "vm", "--policy", "DefaultPolicy", s(&img)]);
+    ok_at(
+        "2027-01-01T03:00:00Z",
+        &[
+            "protect",
+            "--vault",
+            v,
+            "--item",
+            "vm",
+            "--policy",
+            "DefaultPolicy",
+            s(&img),
+        ],
+    );
 
     let d = daemon(&vault, "2027-01-02T03:00:00Z", &[]);
-    let j = wait_for_job(&vault, "vm", "the scheduled backup", |j| j["status"] == "Completed");
+    let j = wait_for_job(&vault, "vm", "the scheduled backup", |j| {
+        j["status"] == "Completed"
+    });
     assert_eq!(points(&vault, "vm").len(), 1);
     assert_eq!(points(&vault, "vm")[0]["scheduled"], true);
     let (took, log) = term_and_wait(d);
     assert!(took < Duration::from_secs(10), "{took:?}");
-    assert!(log.contains("daemon stopped") && log.contains(j["id"].as_str().unwrap()), "{log}");
+    assert!(
+        log.contains("daemon stopped") && log.contains(j["id"].as_str().unwrap()),
+        "{log}"
+    );
     // Between passes the daemon does not hold the vault.
-    ok(&["protect", "--vault", v, "--item", "vm", "--policy", "DefaultPolicy", s(&img)]);
+    ok(&[
+        "protect",
+        "--vault",
+        v,
+        "--item",
+        "vm",
+        "--policy",
+        "DefaultPolicy",
+        s(&img),
+    ]);
 }
 
 #[test]
@@ -56,19 +82,43 @@ fn sigterm_abandons_a_running_transfer_safely() {
     let v = s(&vault);
     let img = t.path().join("vm.img");
     random_file(&img, 128 << 20, 2);
-    ok_at("2027-01-01T03:00:00Z", &["protect", "--vault", v, "--item", "vm", "--policy", "DefaultPolicy", s(&img)]);
+    ok_at(
+        "2027-01-01T03:00:00Z",
+        &[
+            "protect",
+            "--vault",
+            v,
+            "--item",
+            "vm",
+            "--policy",
+            "DefaultPolicy",
+            s(&img),
+        ],
+    );
 
     let d = daemon(&vault, "2027-01-02T03:00:00Z", &["--rate-limit", "32M"]);
-    wait_for_job(&vault, "vm", "the transfer", |j| phase(j, 1) == "InProgress");
+    wait_for_job(&vault, "vm", "the transfer", |j| {
+        phase(j, 1) == "InProgress"
+    });
     let (took, log) = term_and_wait(d);
     assert!(took < Duration::from_secs(10), "{took:?}: {log}");
     let j = jobs(&vault).last().cloned().unwrap();
     assert_eq!((phase(&j, 0), phase(&j, 1)), ("Completed", "Failed"), "{j}");
-    assert!(j["phases"][1]["error"].as_str().unwrap().contains("abandoned"), "{j}");
+    assert!(
+        j["phases"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("abandoned"),
+        "{j}"
+    );
     assert!(points(&vault, "vm").is_empty());
     ok(&["verify", "--vault", v, "--read-data"]);
     let show = json(&["vault", "show", "--vault", v]);
-    assert_eq!(show["stored_bytes"].as_u64().unwrap(), segment_bytes(&vault), "{show}");
+    assert_eq!(
+        show["stored_bytes"].as_u64().unwrap(),
+        segment_bytes(&vault),
+        "{show}"
+    );
     // The slot is still due: the next pass runs it.
     let pass = json_at("2027-01-02T03:05:00Z", &["run-due", "--vault", v]);
     assert_eq!(pass["backups"][0]["status"], "Completed", "{pass}");

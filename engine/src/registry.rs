@@ -5,8 +5,11 @@
 //! One small file (`COFFRE_REGISTRY`, else `$XDG_STATE_HOME/coffre/
 //! protected`, else `~/.local/state/coffre/protected`, or
 //! `/var/lib/coffre/protected` for root) in a checksummed envelope
-//! (`FORMAT.md`, "Registry"), changed under an exclusive `flock`. An entry
+//! (`FORMAT.md`, "Envelope"), changed under an exclusive `flock`. An entry
 //! whose vault or item no longer exists is stale and ignored.
+//! `COFFRE_REGISTRY=off` turns the cross-vault check off (throw-away
+//! benchmark rigs that reuse one image path in many vaults); the check
+//! inside a vault stays.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -42,18 +45,32 @@ pub struct RegistryEntry {
 #[derive(Clone, Debug)]
 pub struct Registry {
     path: PathBuf,
+    enabled: bool,
 }
 
 impl Registry {
     /// The registry at `path`.
     pub fn at(path: PathBuf) -> Self {
-        Registry { path }
+        Registry {
+            path,
+            enabled: true,
+        }
+    }
+
+    /// A registry that records nothing and finds nothing.
+    pub fn disabled() -> Self {
+        Registry {
+            path: PathBuf::new(),
+            enabled: false,
+        }
     }
 
     /// The registry chosen by the environment (see the module doc).
     pub fn from_env() -> Self {
-        if let Some(p) = std::env::var_os("COFFRE_REGISTRY").filter(|p| !p.is_empty()) {
-            return Registry::at(PathBuf::from(p));
+        match std::env::var_os("COFFRE_REGISTRY") {
+            Some(p) if p == "off" => return Registry::disabled(),
+            Some(p) if !p.is_empty() => return Registry::at(PathBuf::from(p)),
+            _ => {}
         }
         let state = std::env::var_os("XDG_STATE_HOME")
             .filter(|p| !p.is_empty())
@@ -78,6 +95,9 @@ impl Registry {
     }
 
     fn load(&self) -> Result<Vec<RegistryEntry>> {
+        if !self.enabled {
+            return Ok(Vec::new());
+        }
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -90,6 +110,9 @@ impl Registry {
 
     /// Runs `f` on the entries under the registry's lock and stores them.
     fn update(&self, f: impl FnOnce(&mut Vec<RegistryEntry>)) -> Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| self.fail(e.to_string()))?;
         let lock_path = self.path.with_extension("lock");

@@ -437,8 +437,14 @@ mod tests {
             threads: 1,
             rate_limit: None,
         };
-        let out = crate::backup(&vault, &MemImage::new("/m.img", bytes), &opts, &clock, &NoProgress)
-            .unwrap();
+        let out = crate::backup(
+            &vault,
+            &MemImage::new("/m.img", bytes),
+            &opts,
+            &clock,
+            &NoProgress,
+        )
+        .unwrap();
         let clean = verify(&vault, &VerifyOptions::default(), &NoProgress).unwrap();
         assert!(clean.is_clean(), "{:?}", clean.findings);
         // The root is referenced once; pretend it is referenced twice.

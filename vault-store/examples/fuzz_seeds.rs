@@ -105,7 +105,8 @@ fn main() {
     )
     .unwrap();
     for i in 0..1100u32 {
-        w.push((i % 5 != 0).then(|| ChunkId::of(&i.to_le_bytes()))).unwrap();
+        w.push((i % 5 != 0).then(|| ChunkId::of(&i.to_le_bytes())))
+            .unwrap();
     }
     w.finish().unwrap();
     let snap = std::fs::read(&tmp).unwrap();
