@@ -132,12 +132,7 @@ pub fn run(ctx: &Ctx, cmd: ItemCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         ItemCommand::List { vault } => {
             let v = open(ctx, &vault.vault, Access::ReadOnly)?;
-            let views: Vec<ItemView> = v
-                .index()
-                .items()?
-                .iter()
-                .map(|i| item_view(&v, i, ctx.now()))
-                .collect::<Result<_, _>>()?;
+            let views: Vec<ItemView> = protection::item_views(&v, ctx.now())?;
             output::emit(ctx.fmt, &views, |vs| {
                 columns(
                     &[

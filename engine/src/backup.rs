@@ -83,7 +83,9 @@ enum Outcome {
     Zero,
     Same(ChunkId),
     Known(ChunkId),
-    New(ChunkId, Vec<u8>),
+    /// A new chunk, with its node kind and children if its bytes are a
+    /// block-map node.
+    New(ChunkId, Vec<u8>, Option<(ChunkKind, Vec<ChunkId>)>),
 }
 
 /// Both phases at once, without a job record: captures a snapshot into
@@ -227,7 +229,7 @@ pub fn transfer(
                             reason: Box::new(reason),
                         }
                     })?;
-                    Ok(Outcome::New(id, record))
+                    Ok(Outcome::New(id, record, node_kind(bytes)))
                 })
                 .collect()
         });
@@ -246,11 +248,14 @@ pub fn transfer(
             let entry = match outcome? {
                 Outcome::Zero => None,
                 Outcome::Same(id) | Outcome::Known(id) => Some(id),
-                Outcome::New(id, record) => {
+                Outcome::New(id, record, node) => {
                     if !session.is_pending(&id) {
                         stats.new_chunks += 1;
                     }
-                    session.append(id, &record)?;
+                    match node {
+                        Some((kind, kids)) => session.append_node(id, &record, kind, kids)?,
+                        None => session.append(id, &record)?,
+                    }
                     Some(id)
                 }
             };
@@ -317,6 +322,23 @@ pub fn transfer(
         point,
         new_item: existing.is_none(),
     })
+}
+
+/// A data block whose bytes are a valid block-map node (an image that holds
+/// a coffre vault) is the same chunk as that node, so it is counted as a
+/// node: over-counting its children only delays their reclamation,
+/// under-counting could lose them.
+fn node_kind(bytes: &[u8]) -> Option<(ChunkKind, Vec<ChunkId>)> {
+    if !bytes.starts_with(&coffre_vault_store::blockmap::NODE_MAGIC) {
+        return None;
+    }
+    match Node::decode(bytes) {
+        Ok(Node::Leaf { entries, .. }) => {
+            Some((ChunkKind::Leaf, entries.into_iter().flatten().collect()))
+        }
+        Ok(Node::Root { leaves, .. }) => Some((ChunkKind::Root, leaves)),
+        Err(_) => None,
+    }
 }
 
 fn store_node(

@@ -323,7 +323,6 @@ pub struct Retention {
 
 /// A backup policy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Name, unique in the vault.
     pub name: String,
@@ -661,9 +660,29 @@ impl Policy {
         Ok(())
     }
 
-    /// Parses the JSON form and validates it.
+    /// Parses the JSON form and validates it. Unknown top-level fields
+    /// are refused here (a typo in a file), though ignored when a stored
+    /// policy is read (a newer coffre may have added them).
     pub fn from_json(text: &str) -> Result<Policy, PolicyError> {
-        let p: Policy = serde_json::from_str(text)
+        let raw: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| err("--from-file", format!("not JSON: {e}")))?;
+        const KNOWN: [&str; 5] = [
+            "name",
+            "timezone",
+            "schedule",
+            "instant_restore_days",
+            "retention",
+        ];
+        if let Some(unknown) = raw
+            .as_object()
+            .and_then(|o| o.keys().find(|k| !KNOWN.contains(&k.as_str())))
+        {
+            return Err(err(
+                "--from-file",
+                format!("unknown field {unknown:?} (known: {})", KNOWN.join(", ")),
+            ));
+        }
+        let p: Policy = serde_json::from_value(raw)
             .map_err(|e| err("--from-file", format!("not a policy: {e}")))?;
         p.validate()?;
         Ok(p)

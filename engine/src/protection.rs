@@ -280,6 +280,27 @@ pub fn snapshot_dir(vault_dir: &Path, item: &str) -> PathBuf {
 
 /// Builds the view of one item.
 pub fn item_view(vault: &Vault, item: &ItemRecord, now: Timestamp) -> Result<ItemView> {
+    let jobs = JobStore::new(vault.dir()).list()?;
+    item_view_with(vault, item, &jobs, now)
+}
+
+/// Builds the views of every item (reading the job records once).
+pub fn item_views(vault: &Vault, now: Timestamp) -> Result<Vec<ItemView>> {
+    let jobs = JobStore::new(vault.dir()).list()?;
+    vault
+        .index()
+        .items()?
+        .iter()
+        .map(|i| item_view_with(vault, i, &jobs, now))
+        .collect()
+}
+
+fn item_view_with(
+    vault: &Vault,
+    item: &ItemRecord,
+    jobs: &[coffre_vault_store::jobs::JobRecord],
+    now: Timestamp,
+) -> Result<ItemView> {
     let policy_name = item.policy.clone().unwrap_or_else(|| DEFAULT_POLICY.into());
     let policy = policies::get(vault, &policy_name).ok();
     let points = vault.points(&item.name)?;
@@ -304,12 +325,11 @@ pub fn item_view(vault: &Vault, item: &ItemRecord, now: Timestamp) -> Result<Ite
                 .count() as u64
         })
         .unwrap_or(0);
-    let last_backup = JobStore::new(vault.dir())
-        .list()?
-        .into_iter()
+    let last_backup = jobs
+        .iter()
         .rfind(|j| j.operation == Operation::Backup && j.item.as_deref() == Some(&item.name))
         .map(|j| LastBackup {
-            job: j.id,
+            job: j.id.clone(),
             status: j.status,
             started: j.started,
         });

@@ -400,6 +400,16 @@ impl IndexBatch {
     pub fn delete_dead(&mut self, segment: u64, offset: u64) {
         self.delete(Cf::Dead, place_key(segment, offset).to_vec());
     }
+    /// Forgets the GC layout and the counts of `ids`, as a vault written
+    /// before reference counts existed (tests of the upgrade).
+    #[cfg(test)]
+    pub(crate) fn wipe_gc_layout(&mut self, ids: &[ChunkId]) {
+        self.delete(Cf::Meta, META_GC_LAYOUT.to_vec());
+        for id in ids {
+            self.delete(Cf::Refs, id.as_bytes().to_vec());
+            self.delete(Cf::Unref, id.as_bytes().to_vec());
+        }
+    }
     /// Marks the GC column families as built.
     pub fn put_gc_layout(&mut self) {
         self.put(Cf::Meta, META_GC_LAYOUT.to_vec(), vec![GC_LAYOUT_VERSION]);

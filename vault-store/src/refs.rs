@@ -104,6 +104,22 @@ impl<'a> RefCounter<'a> {
         Ok(())
     }
 
+    /// Chunks registered as data whose count is 0.
+    pub fn unreferenced_data(&self) -> Vec<ChunkId> {
+        self.overlay
+            .iter()
+            .filter(|(_, e)| e.count == 0 && e.kind == ChunkKind::Data)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Corrects the kind of a registered chunk.
+    pub fn set_kind(&mut self, id: &ChunkId, kind: ChunkKind) {
+        if let Some(e) = self.overlay.get_mut(id) {
+            e.kind = kind;
+        }
+    }
+
     /// Number of chunks whose count changed or was registered.
     pub fn touched(&self) -> usize {
         self.overlay.len()

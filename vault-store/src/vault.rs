@@ -184,6 +184,18 @@ impl Vault {
         for root in &roots {
             counter.incref(root, &nodes)?;
         }
+        // What no point references may still be a block-map node (left by
+        // an interrupted backup); a later point can reuse it, and then its
+        // children must be counted, so classify it by its bytes.
+        for id in counter.unreferenced_data() {
+            if let Ok(bytes) = self.read_chunk(&id) {
+                match Node::decode(&bytes) {
+                    Ok(Node::Leaf { .. }) => counter.set_kind(&id, ChunkKind::Leaf),
+                    Ok(Node::Root { .. }) => counter.set_kind(&id, ChunkKind::Root),
+                    Err(_) => {}
+                }
+            }
+        }
         counter.write_to(&mut batch);
         batch.put_gc_layout();
         self.index.commit(batch)
@@ -756,5 +768,166 @@ impl NodeChildren for VaultNodes<'_> {
             Some(c) => Ok(c.clone()),
             None => self.vault.children(id, kind),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::blockmap::Node;
+    use crate::catalog::{PointStats, Protection};
+    use crate::index::RefEntry;
+    use crate::record::RecordEncoder;
+
+    fn config() -> VaultConfig {
+        VaultConfig {
+            name: "t-vault".into(),
+            vault_id: "0123456789abcdef".into(),
+            block_size: 65536,
+            compression_level: 1,
+            redundancy: crate::config::Redundancy::Lrs,
+            created: "2027-01-01T00:00:00Z".parse().unwrap(),
+        }
+    }
+
+    /// Stores a point whose block map is `blocks` (duplicates allowed).
+    fn store_point(v: &Vault, seq: u64, blocks: &[&[u8]]) -> ChunkId {
+        let mut enc = RecordEncoder::new(1);
+        let mut s = v.begin_write().unwrap();
+        let entries: Vec<Option<ChunkId>> = blocks.iter().map(|b| Some(ChunkId::of(b))).collect();
+        for b in blocks {
+            let id = ChunkId::of(b);
+            if !s.contains(&id).unwrap() {
+                s.append(id, &enc.encode(id, b).unwrap()).unwrap();
+            }
+        }
+        let leaf = Node::Leaf {
+            first_block: 0,
+            entries: entries.clone(),
+        }
+        .encode();
+        let leaf_id = ChunkId::of(&leaf);
+        if !s.contains(&leaf_id).unwrap() {
+            let kids = entries.iter().flatten().copied().collect();
+            s.append_node(
+                leaf_id,
+                &enc.encode(leaf_id, &leaf).unwrap(),
+                ChunkKind::Leaf,
+                kids,
+            )
+            .unwrap();
+        }
+        let root = Node::Root {
+            image_size: blocks.len() as u64 * 65536,
+            block_size: 65536,
+            leaves: vec![leaf_id],
+        }
+        .encode();
+        let root_id = ChunkId::of(&root);
+        if !s.contains(&root_id).unwrap() {
+            s.append_node(
+                root_id,
+                &enc.encode(root_id, &root).unwrap(),
+                ChunkKind::Root,
+                vec![leaf_id],
+            )
+            .unwrap();
+        }
+        let mut b = IndexBatch::default();
+        b.put_item(ItemRecord {
+            name: "i".into(),
+            source: "/i".into(),
+            created: "2027-01-01T00:00:00Z".parse().unwrap(),
+            next_seq: seq + 1,
+            policy: None,
+            protection: Protection::Protected,
+            last_slot: None,
+            identity: None,
+        });
+        b.put_point(PointRecord {
+            id: format!("p{seq}"),
+            item: "i".into(),
+            seq,
+            created: "2027-01-01T00:00:00Z".parse().unwrap(),
+            image_size: blocks.len() as u64 * 65536,
+            block_size: 65536,
+            block_map: root_id,
+            stats: PointStats::default(),
+            scheduled: false,
+            retain_until: None,
+            job: None,
+        });
+        s.reference_root(root_id);
+        s.commit(b).unwrap();
+        root_id
+    }
+
+    fn counts(v: &Vault) -> Vec<(ChunkId, Option<RefEntry>)> {
+        v.index()
+            .chunks()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| (id, v.index().chunk_ref(&id).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn counts_follow_points_and_the_upgrade_rebuilds_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let vdir = dir.path().join("v");
+        let v = Vault::create(&vdir, config()).unwrap();
+        let a: &[u8] = b"block a";
+        let b: &[u8] = b"block b";
+        let c: &[u8] = b"block c";
+        // A leaf left behind by an interrupted backup: indexed, never
+        // referenced.
+        let orphan = Node::Leaf {
+            first_block: 0,
+            entries: vec![Some(ChunkId::of(b"block z"))],
+        }
+        .encode();
+        let orphan_id = ChunkId::of(&orphan);
+        {
+            let mut s = v.begin_write().unwrap();
+            let rec = RecordEncoder::new(1).encode(orphan_id, &orphan).unwrap();
+            s.append_node(orphan_id, &rec, ChunkKind::Leaf, vec![])
+                .unwrap();
+            s.checkpoint().unwrap();
+            s.commit(IndexBatch::default()).unwrap();
+        }
+        let r1 = store_point(&v, 1, &[a, b, a]);
+        let r2 = store_point(&v, 2, &[a, c]);
+        let count = |id: &ChunkId| v.index().chunk_ref(id).unwrap().unwrap().count;
+        // a twice in leaf 1 and once in leaf 2; b once; c once; roots once.
+        assert_eq!(count(&ChunkId::of(a)), 3);
+        assert_eq!(count(&ChunkId::of(b)), 1);
+        assert_eq!((count(&r1), count(&r2)), (1, 1));
+        assert_eq!(v.index().unreferenced_from(None, 10).unwrap(), [orphan_id]);
+
+        // Dropping point 1 releases its root, its leaf, and b.
+        let mut batch = IndexBatch::default();
+        batch.delete_point("i", 1);
+        v.commit_catalog(batch, &[], &[r1]).unwrap();
+        assert_eq!(count(&ChunkId::of(a)), 1);
+        assert_eq!(count(&ChunkId::of(b)), 0);
+        assert_eq!(v.index().unreferenced_from(None, 10).unwrap().len(), 4);
+        let before = counts(&v);
+
+        // An old vault: no counts at all. The first writer rebuilds them.
+        let ids: Vec<ChunkId> = before.iter().map(|(id, _)| *id).collect();
+        let mut wipe = IndexBatch::default();
+        wipe.wipe_gc_layout(&ids);
+        v.index().commit(wipe).unwrap();
+        assert!(!v.index().has_gc_layout().unwrap());
+        drop(v);
+        let v = Vault::open(&vdir, Access::Write).unwrap();
+        assert!(v.index().has_gc_layout().unwrap());
+        assert_eq!(
+            counts(&v),
+            before,
+            "the orphan leaf, the dead root and leaf keep their kinds"
+        );
+        assert_eq!(v.index().unreferenced_from(None, 10).unwrap().len(), 4);
     }
 }
