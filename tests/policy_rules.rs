@@ -476,3 +476,59 @@ fn changing_a_policy_applies_to_existing_points() {
     ok(&["gc", "--vault", v]);
     ok(&["verify", "--vault", v, "--read-data"]);
 }
+
+#[test]
+fn the_last_point_never_expires_while_it_is_the_only_one() {
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let v = s(&vault);
+    let img = t.path().join("d.img");
+    random_file(&img, 300_000, 7);
+    // "Backup now" on an unprotected image protects it, and says so.
+    let out = run_at(
+        "2027-01-01T00:00:00Z",
+        &[
+            "backup",
+            "--vault",
+            v,
+            "--retain-until",
+            "2027-01-05",
+            s(&img),
+        ],
+    );
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("was not protected") && err.contains("DefaultPolicy"),
+        "{err}"
+    );
+    let item = json(&["item", "show", "--vault", v, "--item", "d"]);
+    assert_eq!(item["policy"], "DefaultPolicy");
+    assert_eq!(
+        points(&vault, "d")[0]["retain_until"],
+        "2027-01-06T00:00:00Z"
+    );
+    // Long expired, but the only point: kept.
+    let r = json_at("2028-01-01T00:00:00Z", &["prune", "--vault", v]);
+    assert_eq!(r["expired"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(points(&vault, "d").len(), 1);
+    // With a newer point, it goes.
+    let j = json_at("2028-01-01T00:00:00Z", &["backup", "--vault", v, s(&img)]);
+    assert_eq!(j["auto_protected"], false);
+    let r = json_at("2028-01-01T00:00:00Z", &["prune", "--vault", v]);
+    assert_eq!(r["expired"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["expired"][0]["tier"], "on_demand");
+    // A retain-until in the past is refused.
+    let err = run_at(
+        "2028-01-01T00:00:00Z",
+        &[
+            "backup",
+            "--vault",
+            v,
+            "--retain-until",
+            "2027-12-31",
+            s(&img),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&err.stderr).contains("not in the future"));
+}

@@ -165,6 +165,18 @@ fn four_hundred_days_keep_exactly_the_expected_points() {
         "last January's yearly point expired"
     );
 
+    // Instant-restore snapshots are kept five days (weekly schedule).
+    let recent = taken
+        .iter()
+        .filter(|d| **d >= end.checked_sub(5.days()).unwrap())
+        .count();
+    let item = json_at(
+        &now.to_string(),
+        &["item", "show", "--vault", v, "--item", "vm"],
+    );
+    assert_eq!(item["tiers"]["snapshot"], recent, "{item}");
+    assert_eq!(item["points"], expected.len());
+
     // The vault holds only what the kept points need.
     let plan = json(&["gc", "--vault", v, "--dry-run"]);
     assert_eq!(plan["unreferenced_chunks"], 0);

@@ -28,7 +28,7 @@ pub const ON_DEMAND_DEFAULT_DAYS: i64 = 30;
 
 /// Why a point is kept until its expiry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Tier {
     /// Daily rule.
     Daily,
