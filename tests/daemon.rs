@@ -126,3 +126,50 @@ fn sigterm_abandons_a_running_transfer_safely() {
     ok(&restore_args(&vault, "vm", None, &r, false));
     assert_same(&r, &img);
 }
+
+#[test]
+fn sigterm_abandons_a_running_snapshot_phase_too() {
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let v = s(&vault);
+    let img = t.path().join("vm.img");
+    random_file(&img, 160 << 20, 3);
+    ok_at(
+        "2027-01-01T03:00:00Z",
+        &[
+            "protect",
+            "--vault",
+            v,
+            "--item",
+            "vm",
+            "--policy",
+            "DefaultPolicy",
+            s(&img),
+        ],
+    );
+    // 32 MiB/s over five 32 MiB windows: five seconds of snapshot.
+    let d = daemon(&vault, "2027-01-02T03:00:00Z", &["--rate-limit", "32M"]);
+    wait_for_job(&vault, "vm", "the snapshot phase", |j| {
+        phase(j, 0) == "InProgress"
+    });
+    let (took, log) = term_and_wait(d);
+    assert!(took < Duration::from_secs(4), "{took:?}: {log}");
+    let j = jobs(&vault).last().cloned().unwrap();
+    assert_eq!(
+        (phase(&j, 0), phase(&j, 1)),
+        ("Failed", "NotStarted"),
+        "{j}"
+    );
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap()
+            .contains("abandoned at shutdown"),
+        "{j}"
+    );
+    let pass = json_at("2027-01-02T03:05:00Z", &["run-due", "--vault", v]);
+    assert_eq!(
+        pass["backups"][0]["status"], "Completed",
+        "the slot stayed due: {pass}"
+    );
+}

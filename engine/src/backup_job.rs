@@ -8,7 +8,8 @@
 //!   job's transfer is **Skipped** and the job is Completed; the next
 //!   transfer diffs against the last *vault* point, so it captures every
 //!   change since then.
-//! - Cancellation is honoured during the snapshot phase only.
+//! - Cancellation is honoured during the snapshot phase only. Shutdown
+//!   (`stop`) abandons either phase between windows.
 //! - The snapshot phase needs no writer lock; the transfer takes it (or
 //!   uses the writer the caller already holds).
 //!
@@ -191,7 +192,8 @@ fn snapshot_phase(
     let pool = thread_pool(opts.backup.threads)?;
     let path = snapshot_dir(vault_dir, item).join(format!("{}.snap", job.id()));
     let id = job.id().to_string();
-    let cancelled = || job_cancel_requested(vault_dir, &id);
+    let stop = opts.stop;
+    let cancelled = || stop() || job_cancel_requested(vault_dir, &id);
     let snap = capture(
         source,
         &CaptureOptions {
@@ -204,7 +206,12 @@ fn snapshot_phase(
             job: &id,
         },
         progress,
-    )?;
+    )
+    .map_err(|e| match e {
+        // Shutdown, not the user: the phase is abandoned, not cancelled.
+        EngineError::Cancelled { .. } if stop() => EngineError::Abandoned,
+        e => e,
+    })?;
     let (read, ms) = (snap.bytes_read, snap.duration_ms);
     job.update(now(clock), |r| {
         r.stats.insert("snapshot_bytes_read".into(), read.into());
