@@ -62,6 +62,11 @@ fn daemon_runs_due_backups_and_stops_cleanly() {
         log.contains("daemon stopped") && log.contains(j["id"].as_str().unwrap()),
         "{log}"
     );
+    // Passes with nothing to clean leave no prune or gc records.
+    assert_eq!(
+        json(&["jobs", "--vault", v, "--operation", "gc"]),
+        serde_json::json!([])
+    );
     // Between passes the daemon does not hold the vault.
     ok(&[
         "protect",

@@ -110,6 +110,16 @@ fn soft_delete_undelete_and_purge() {
         &["undelete", "--vault", v, "--item", "vm"],
     );
     assert!(String::from_utf8_lossy(&err.stderr).contains("no item"));
+    // Two soft deletes and the purge are delete jobs.
+    let deletes = json(&["jobs", "--vault", v, "--operation", "delete"]);
+    let phases: Vec<&str> = deletes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["phases"][0]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["soft-delete", "soft-delete", "purge"], "{deletes}");
+    assert_eq!(deletes[2]["item"], "vm");
 }
 
 #[test]

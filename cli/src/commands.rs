@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use coffre_engine::registry::Registry;
-use coffre_engine::store::jobs::{JobRecord, JobStore, Operation, PhaseStatus};
+use coffre_engine::store::jobs::Operation;
 use coffre_engine::store::{Access, PointRecord, PointStats, Redundancy, Vault};
 use coffre_engine::vault_ops::{self, CreateOptions};
 use coffre_engine::{Clock, RestoreOptions, Severity, SystemClock, VerifyOptions};
@@ -362,33 +362,19 @@ fn restore(
     let bar = Bar::new("restore");
     // The restore is a job too; recording it is best effort (a vault on
     // read-only media still restores).
-    let mut job = JobStore::new(dir)
-        .start(JobRecord::new(
-            Operation::Restore,
-            Some(item),
-            &["restore"],
-            ctx.now(),
-        ))
-        .map_err(|e| tracing::warn!(error = %e, "restore job not recorded"))
-        .ok();
+    let mut job =
+        coffre_engine::job_record::start(dir, Operation::Restore, Some(item), "restore", ctx.now());
     if let Some(j) = job.as_mut() {
         let _ = j.update(ctx.now(), |r| r.point = Some(point.id.clone()));
-        let _ = j.set_phase(ctx.now(), "restore", PhaseStatus::InProgress, None);
     }
     let result = coffre_engine::restore(&vault, &point, &opts, &bar);
-    if let Some(j) = job.as_mut() {
-        let (status, err) = match &result {
-            Ok(_) => (PhaseStatus::Completed, None),
-            Err(e) => (PhaseStatus::Failed, Some(e.to_string())),
-        };
-        if let Ok(s) = &result {
-            let written = s.bytes_written;
-            let _ = j.update(ctx.now(), |r| {
-                r.stats.insert("bytes_written".into(), written.into());
-            });
-        }
-        let _ = j.set_phase(ctx.now(), "restore", status, err);
+    if let (Some(j), Ok(s)) = (job.as_mut(), &result) {
+        let written = s.bytes_written;
+        let _ = j.update(ctx.now(), |r| {
+            r.stats.insert("bytes_written".into(), written.into());
+        });
     }
+    coffre_engine::job_record::finish(job, "restore", ctx.now(), &result);
     let summary = result.with_context(|| {
         format!(
             "restore of point {} of item {item} to {} failed",

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use coffre_engine::protection::{self, ItemView, item_view};
-use coffre_engine::store::jobs::{JobRecord, JobStore, Operation, PhaseStatus};
+use coffre_engine::store::jobs::Operation;
 use coffre_engine::store::{Access, Protection};
 
 use crate::args::ItemCommand;
@@ -57,26 +57,19 @@ pub fn protect(
 /// `coffre unprotect`.
 pub fn unprotect(ctx: &Ctx, dir: &Path, item: &str, delete_data: bool) -> anyhow::Result<ExitCode> {
     let vault = open(ctx, dir, Access::Write)?;
-    let job = if delete_data {
-        JobStore::new(dir)
-            .start(JobRecord::new(
+    let job = delete_data
+        .then(|| {
+            coffre_engine::job_record::start(
+                dir,
                 Operation::Delete,
                 Some(item),
-                &["soft-delete"],
+                "soft-delete",
                 ctx.now(),
-            ))
-            .ok()
-    } else {
-        None
-    };
+            )
+        })
+        .flatten();
     let result = protection::unprotect(&vault, item, delete_data, ctx.now());
-    if let Some(mut j) = job {
-        let (st, err) = match &result {
-            Ok(_) => (PhaseStatus::Completed, None),
-            Err(e) => (PhaseStatus::Failed, Some(e.to_string())),
-        };
-        let _ = j.set_phase(ctx.now(), "soft-delete", st, err);
-    }
+    coffre_engine::job_record::finish(job, "soft-delete", ctx.now(), &result);
     let rec = result.with_context(|| format!("cannot unprotect item {item}"))?;
     let view = item_view(&vault, &rec, ctx.now())?;
     output::emit(ctx.fmt, &view, |v| {

@@ -7,35 +7,20 @@ use anyhow::Context;
 use coffre_engine::prune::{PruneReport, prune as prune_vault};
 use coffre_engine::scheduler::{PassOptions, PassReport, run_pass};
 use coffre_engine::store::gc::{self, GcPlan, GcReport};
-use coffre_engine::store::jobs::{JobRecord, JobStore, Operation, PhaseStatus};
+use coffre_engine::store::jobs::Operation;
 use coffre_engine::store::{Access, Vault};
 
 use crate::commands::{Ctx, open};
 use crate::output::{self, bytes, columns};
 
 /// Runs `f` as a single-phase job of `op` (recorded best effort).
-pub fn as_job<T, E: std::fmt::Display>(
+fn as_job<T, E: std::fmt::Display>(
     ctx: &Ctx,
     dir: &Path,
     op: Operation,
     f: impl FnOnce() -> Result<T, E>,
 ) -> Result<T, E> {
-    let phase = op.to_string();
-    let mut job = JobStore::new(dir)
-        .start(JobRecord::new(op, None, &[&phase], ctx.now()))
-        .ok();
-    if let Some(j) = job.as_mut() {
-        let _ = j.set_phase(ctx.now(), &phase, PhaseStatus::InProgress, None);
-    }
-    let r = f();
-    if let Some(j) = job.as_mut() {
-        let (st, e) = match &r {
-            Ok(_) => (PhaseStatus::Completed, None),
-            Err(e) => (PhaseStatus::Failed, Some(e.to_string())),
-        };
-        let _ = j.set_phase(ctx.now(), &phase, st, e);
-    }
-    r
+    coffre_engine::job_record::run_as_job(dir, op, &*ctx.clock, f)
 }
 
 fn prune_table(r: &PruneReport) -> String {

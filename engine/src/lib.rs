@@ -18,6 +18,7 @@ pub mod backup;
 pub mod backup_job;
 pub mod clock;
 pub mod error;
+pub mod job_record;
 pub mod per_thread;
 pub mod points;
 pub mod policies;

@@ -17,13 +17,14 @@
 
 use std::path::PathBuf;
 
-use coffre_vault_store::jobs::JobStore;
+use coffre_vault_store::jobs::{JobStore, Operation};
 use coffre_vault_store::snapfile::SnapReader;
 use coffre_vault_store::{ChunkId, IndexBatch, Protection, Vault};
 use jiff::{Timestamp, ToSpan};
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::job_record;
 use crate::policies;
 use crate::policy::DEFAULT_POLICY;
 use crate::protection::snapshot_dir;
@@ -146,8 +147,12 @@ pub fn prune(
     }
     if !dry_run {
         for name in &purged {
+            // A purge is a delete job of its own, per item.
+            let job = job_record::start(vault.dir(), Operation::Delete, Some(name), "purge", now);
             remove_dir(snapshot_dir(vault.dir(), name));
-            registry.forget(&vault.config().vault_id, name)?;
+            let r = registry.forget(&vault.config().vault_id, name);
+            job_record::finish(job, "purge", now, &r);
+            r?;
         }
     }
     report.snapshots_removed = expire_snapshots(vault, now, dry_run)?;

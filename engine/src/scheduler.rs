@@ -1,6 +1,7 @@
 //! One scheduler pass (`coffre run-due`, and each tick of `coffre
 //! daemon`): the backups that came due by each item's policy, then prune
-//! (points, snapshots, job history), then GC.
+//! (points, snapshots, job history), then GC. Prune and GC leave a job
+//! record when they changed something or failed.
 //!
 //! A slot is marked as dealt with once its job ended, whatever the job's
 //! status: like Azure, a failed scheduled backup is not retried before the
@@ -8,7 +9,7 @@
 //! mid-job leaves the slot unmarked, so the next pass runs it.
 
 use coffre_vault_store::gc::{self, GcReport};
-use coffre_vault_store::jobs::JobStatus;
+use coffre_vault_store::jobs::{JobStatus, Operation};
 use coffre_vault_store::{IndexBatch, Protection, Vault};
 use jiff::Timestamp;
 use serde::Serialize;
@@ -17,6 +18,7 @@ use crate::backup::{BackupOptions, PointTerms};
 use crate::backup_job::{JobOptions, Writer, record_failed_backup, run_backup_job};
 use crate::clock::Clock;
 use crate::error::Result;
+use crate::job_record::record_if_work;
 use crate::policies;
 use crate::policy::DEFAULT_POLICY;
 use crate::progress::NoProgress;
@@ -147,8 +149,27 @@ pub fn run_pass(
         }
         backups.push(run);
     }
-    let prune = prune(vault, registry, now, false)?;
-    let gc = gc::run(vault)?;
+    let started = clock.now();
+    let pruned = prune(vault, registry, now, false);
+    record_if_work(
+        vault.dir(),
+        Operation::Prune,
+        started,
+        clock.now(),
+        &pruned,
+        |r| !r.expired.is_empty() || r.snapshots_removed > 0 || r.jobs_removed > 0,
+    );
+    let started = clock.now();
+    let collected = gc::run(vault);
+    record_if_work(
+        vault.dir(),
+        Operation::Gc,
+        started,
+        clock.now(),
+        &collected,
+        |r| r.chunks_removed > 0 || r.segments_deleted > 0 || r.bytes_punched > 0,
+    );
+    let (prune, gc) = (pruned?, collected?);
     Ok(PassReport {
         now,
         backups,

@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use crate::chunk_id::ChunkId;
 use crate::error::{Result, StoreError};
-use crate::index::{IndexBatch, SegmentInfo};
+use crate::index::{ChunkLocation, IndexBatch, SegmentInfo};
 use crate::lock::ReaderLease;
 use crate::record::RecordHeader;
 use crate::segment::SEGMENT_HEADER_LEN;
@@ -237,12 +237,20 @@ fn reclaim(vault: &Vault, report: &mut GcReport) -> Result<()> {
             Some(("delete", _)) => {}
             Some(("rewrite", _)) => {
                 for (offset, id) in index.segment_chunks(seg)? {
-                    let Some(loc) = index.chunk(&id)? else {
+                    let live_here = index
+                        .chunk(&id)?
+                        .filter(|l| l.segment == seg && l.offset == offset);
+                    let Some(loc) = live_here else {
+                        // A stale entry (a rewrite interrupted after a
+                        // checkpoint moved the chunk): drop it.
+                        retire.delete_chunk_place(&ChunkLocation {
+                            segment: seg,
+                            offset,
+                            len: 0,
+                            plain_len: 0,
+                        });
                         continue;
                     };
-                    if loc.segment != seg || loc.offset != offset {
-                        continue;
-                    }
                     let record = vault.read_record(&loc)?;
                     let header = RecordHeader::parse(&record).map_err(|reason| {
                         StoreError::CorruptChunk {
