@@ -250,4 +250,36 @@ fn a_job_killed_mid_way_is_marked_failed_and_the_next_backup_works() {
     let r = t.path().join("r.img");
     ok(&restore_args(&vault, "vm", None, &r, false));
     assert_same(&r, &img);
+
+    // Killed in its snapshot phase: the job is Failed, and prune removes
+    // the partial snapshot file it left.
+    let mut child = spawn_backup(&vault, &img, "16M");
+    wait_for_job(&vault, "vm", "the snapshot phase", |j| {
+        phase(j, 0) == "InProgress"
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let j = jobs(&vault).last().cloned().unwrap();
+    assert_eq!(
+        (phase(&j, 0), j["status"].as_str().unwrap()),
+        ("Failed", "Failed"),
+        "{j}"
+    );
+    let snaps = vault.join("snapshots").join("vm");
+    let partial = |d: &std::path::Path| {
+        std::fs::read_dir(d)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".snap.tmp")
+            })
+            .count()
+    };
+    assert_eq!(partial(&snaps), 1);
+    ok(&["prune", "--vault", v]);
+    assert_eq!(partial(&snaps), 0);
 }

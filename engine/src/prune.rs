@@ -18,6 +18,7 @@
 use std::path::PathBuf;
 
 use coffre_vault_store::jobs::{JobStore, Operation};
+use coffre_vault_store::lock::{ItemPhase, item_phase_lock_path};
 use coffre_vault_store::snapfile::SnapReader;
 use coffre_vault_store::{ChunkId, IndexBatch, Protection, Vault};
 use jiff::{Timestamp, ToSpan};
@@ -150,6 +151,9 @@ pub fn prune(
             // A purge is a delete job of its own, per item.
             let job = job_record::start(vault.dir(), Operation::Delete, Some(name), "purge", now);
             remove_dir(snapshot_dir(vault.dir(), name));
+            for phase in [ItemPhase::Snapshot, ItemPhase::Transfer] {
+                let _ = std::fs::remove_file(item_phase_lock_path(vault.dir(), name, phase));
+            }
             let r = registry.forget(&vault.config().vault_id, name);
             job_record::finish(job, "purge", now, &r);
             r?;
@@ -183,6 +187,20 @@ fn expire_snapshots(vault: &Vault, now: Timestamp, dry_run: bool) -> Result<u64>
         };
         for e in entries.flatten() {
             let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(job) = name.strip_suffix(".snap.tmp") {
+                // Left by a snapshot phase whose process died.
+                let running = JobStore::new(vault.dir())
+                    .load(job)
+                    .is_ok_and(|j| !j.status.is_final());
+                if !running {
+                    removed += 1;
+                    if !dry_run {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+                continue;
+            }
             if path.extension().is_none_or(|x| x != "snap") {
                 continue;
             }
