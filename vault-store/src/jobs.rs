@@ -397,6 +397,10 @@ impl JobStore {
             match self.load(id) {
                 Ok(r) => out.push(r),
                 Err(StoreError::JobNotFound { .. }) => {}
+                // One damaged record must not hide the others.
+                Err(e @ StoreError::CorruptFile { .. }) => {
+                    tracing::warn!(error = %e, "skipping a damaged job record");
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -581,5 +585,14 @@ mod tests {
         assert_eq!(r.status, JobStatus::Failed);
         assert!(r.error.unwrap().contains("interrupted"));
         assert_eq!(store.find(&id[..6]).unwrap().id, id);
+
+        // A damaged record is skipped by the listing, and named when asked for.
+        let bad = dir.path().join(JOBS_DIR).join("00000000000000aa.job");
+        fs::write(&bad, b"CFJOB\0\0\0garbage").unwrap();
+        assert_eq!(store.list().unwrap().len(), 1);
+        assert!(matches!(
+            store.load("00000000000000aa"),
+            Err(StoreError::CorruptFile { .. })
+        ));
     }
 }
