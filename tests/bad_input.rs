@@ -105,18 +105,42 @@ fn vault_of_a_newer_format_version_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let vault = new_vault(t.path(), &[]);
     let cfg = vault.join("config");
-    let mut bytes = std::fs::read(&cfg).unwrap();
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
-    let n = bytes.len();
-    let crc = crc32fast::hash(&bytes[..n - 4]);
-    bytes[n - 4..].copy_from_slice(&crc.to_le_bytes());
-    std::fs::write(&cfg, bytes).unwrap();
+    set_config_version(&cfg, 3);
     let err = fails(&["vault", "show", "--vault", s(&vault)], 5);
-    assert!(err.contains("format version 2 is newer"), "{err}");
+    assert!(err.contains("format version 3 is newer"), "{err}");
     let img = t.path().join("a.img");
     random_file(&img, 4096, 1);
     let err = fails(&["backup", "--vault", s(&vault), s(&img)], 5);
     assert!(err.contains("upgrade coffre"), "{err}");
+}
+
+fn set_config_version(cfg: &std::path::Path, version: u32) {
+    let mut bytes = std::fs::read(cfg).unwrap();
+    bytes[8..12].copy_from_slice(&version.to_le_bytes());
+    let n = bytes.len();
+    let crc = crc32fast::hash(&bytes[..n - 4]);
+    bytes[n - 4..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(cfg, bytes).unwrap();
+}
+
+#[test]
+fn a_version_1_vault_is_read_as_is_and_upgraded_by_the_first_writer() {
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let v = s(&vault);
+    let img = t.path().join("a.img");
+    random_file(&img, 200_000, 1);
+    ok(&["backup", "--vault", v, s(&img)]);
+    set_config_version(&vault.join("config"), 1);
+    // Readers leave it at version 1 (a version-1 build can still use it).
+    assert_eq!(json(&["vault", "show", "--vault", v])["format_version"], 1);
+    ok(&["verify", "--vault", v, "--read-data"]);
+    assert_eq!(json(&["vault", "show", "--vault", v])["format_version"], 1);
+    // The first writer upgrades it, so a version-1 build refuses it from
+    // then on (it would not keep the reference counts GC relies on).
+    ok(&["backup", "--vault", v, s(&img)]);
+    assert_eq!(json(&["vault", "show", "--vault", v])["format_version"], 2);
+    ok(&["verify", "--vault", v, "--read-data"]);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use coffre_vault_store::config::{
-    DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, FORMAT_VERSION, validate_vault_name,
+    DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, validate_vault_name,
 };
 use coffre_vault_store::{Redundancy, Vault, VaultConfig};
 use jiff::Timestamp;
@@ -165,7 +165,7 @@ pub fn summarize(vault: &Vault) -> Result<VaultSummary> {
         path: vault.dir().to_path_buf(),
         name: cfg.name.clone(),
         vault_id: cfg.vault_id.clone(),
-        format_version: FORMAT_VERSION,
+        format_version: VaultConfig::stored_version(vault.dir()),
         block_size: cfg.block_size,
         compression_level: cfg.compression_level,
         redundancy: cfg.redundancy,

@@ -17,7 +17,10 @@ pub const CONFIG_FILE: &str = "config";
 /// Envelope magic. Frozen.
 pub const CONFIG_MAGIC: [u8; 8] = *b"CFVAULT\0";
 /// The vault format version this build writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 (reference counts, policies, jobs) is written by the first
+/// writer that opens a version-1 vault, so that a version-1 build, which
+/// would not maintain the counts GC relies on, refuses it from then on.
+pub const FORMAT_VERSION: u32 = 2;
 const MAX_BODY: usize = 64 << 10;
 
 /// Smallest and largest block size (both powers of two).
@@ -178,6 +181,14 @@ impl VaultConfig {
             Err(e) => return Err(StoreError::io("read", &path, e)),
         };
         Self::decode(&bytes, &path)
+    }
+
+    /// The format version `VAULT/config` is stored at (0 if unreadable).
+    pub fn stored_version(vault_dir: &Path) -> u32 {
+        std::fs::read(vault_dir.join(CONFIG_FILE))
+            .ok()
+            .and_then(|b| le_u32(&b, 8))
+            .unwrap_or(0)
     }
 
     /// Writes `VAULT/config` atomically.

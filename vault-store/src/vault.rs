@@ -144,6 +144,11 @@ impl Vault {
         if access == Access::Write {
             vault.reclaim_uncommitted()?;
             vault.ensure_gc_layout()?;
+            if VaultConfig::stored_version(dir) < crate::config::FORMAT_VERSION {
+                // The index now has everything a version-2 reader expects.
+                vault.config.store(dir)?;
+                tracing::info!(vault = %dir.display(), "upgraded the vault format");
+            }
         }
         Ok(vault)
     }
