@@ -194,3 +194,64 @@ fn gc_cannot_run_during_a_transfer_and_dry_run_changes_nothing() {
     ok(&restore_args(&vault, "vm", None, &r, false));
     assert_same(&r, &img);
 }
+
+#[test]
+fn gc_defers_deleting_files_while_a_reader_holds_the_lease() {
+    use std::os::fd::AsRawFd;
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let v = s(&vault);
+    let img = t.path().join("vm.img");
+    random_file(&img, 8 << 20, 1);
+    ok_at(
+        "2027-01-01T00:00:00Z",
+        &[
+            "backup",
+            "--vault",
+            v,
+            "--item",
+            "vm",
+            "--retain-until",
+            "2027-01-02",
+            s(&img),
+        ],
+    );
+    random_file(&img, 2 << 20, 2);
+    ok_at(
+        "2027-01-01T00:00:00Z",
+        &[
+            "backup",
+            "--vault",
+            v,
+            "--item",
+            "vm",
+            "--retain-until",
+            "2027-02-01",
+            s(&img),
+        ],
+    );
+    ok_at("2027-01-10T00:00:00Z", &["prune", "--vault", v]);
+    let seg = vault.join("segments").join(format!("{:016x}.seg", 1));
+
+    // A reader (as `restore` would) holds the lease shared.
+    let lease = std::fs::File::open(vault.join("readers")).unwrap();
+    // SAFETY: flock on an fd we own.
+    assert_eq!(unsafe { libc::flock(lease.as_raw_fd(), libc::LOCK_SH) }, 0);
+    let gc = json(&["gc", "--vault", v]);
+    assert_eq!(gc["reclaim_deferred"], true, "{gc}");
+    assert_eq!(gc["segments_rewritten"], 1, "{gc}");
+    assert_eq!(gc["segments_deleted"], 0, "{gc}");
+    assert!(seg.exists(), "a file was deleted under a reader");
+    // The live data moved; the vault is whole, readers work meanwhile.
+    ok(&["verify", "--vault", v, "--read-data"]);
+    drop(lease);
+
+    let gc = json(&["gc", "--vault", v]);
+    assert_eq!(gc["reclaim_deferred"], false, "{gc}");
+    assert_eq!(gc["segments_deleted"], 1, "{gc}");
+    assert!(!seg.exists());
+    let r = t.path().join("r.img");
+    ok(&restore_args(&vault, "vm", None, &r, false));
+    assert_same(&r, &img);
+    ok(&["verify", "--vault", v, "--read-data"]);
+}

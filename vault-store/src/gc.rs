@@ -10,13 +10,15 @@
 //! 1. **Unindex.** Each unreferenced chunk leaves `chunks`, `refs` and
 //!    `segchunks`; its range goes to `dead` and its segment's dead count
 //!    grows. One synced batch per 10,000 chunks.
-//! 2. **Reclaim** (only while no reader holds the reader lease, else
-//!    deferred to the next run): a segment with no live bytes is retired
-//!    and deleted; a segment at least half dead is *rewritten* (its live
-//!    records copied, unchanged, to a new segment, the index repointed in
-//!    one batch, then the old file deleted); in any other segment the dead
-//!    ranges are punched out (`fallocate(PUNCH_HOLE)`), which frees their
-//!    blocks without moving anything.
+//! 2. **Relocate.** A segment with no live bytes is retired; a segment at
+//!    least half dead is *rewritten*: its live records are copied,
+//!    unchanged, to a new segment, and the index is repointed and the old
+//!    segment retired in one batch. Nothing is deleted yet.
+//! 3. **Give back** (only while no reader holds the reader lease, else
+//!    deferred to the next run): retired segment files are deleted, and in
+//!    the other segments the dead ranges are punched out
+//!    (`fallocate(PUNCH_HOLE)`), which frees their blocks without moving
+//!    anything.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -159,8 +161,9 @@ pub fn run(vault: &Vault) -> Result<GcReport> {
         });
     }
     report.chunks_removed = unindex(vault)?;
+    relocate(vault, &mut report)?;
     match ReaderLease::try_exclusive(vault.dir())? {
-        Some(_lease) => reclaim(vault, &mut report)?,
+        Some(_lease) => give_back(vault, &mut report)?,
         None => {
             tracing::info!("readers are active; space is given back by the next gc");
             report.reclaim_deferred = true;
@@ -217,19 +220,13 @@ fn unindex(vault: &Vault) -> Result<u64> {
     }
 }
 
-/// Step 2: gives dead space back. The caller holds the reader lease
-/// exclusively.
-fn reclaim(vault: &Vault, report: &mut GcReport) -> Result<()> {
+/// Step 2: rewrites the mostly dead segments and retires the empty ones.
+/// Nothing is deleted yet, so no reader lease is needed: a reader with an
+/// older view still finds every record where its view says.
+fn relocate(vault: &Vault, report: &mut GcReport) -> Result<()> {
     let index = vault.index();
     let infos = index.segment_infos()?;
-    // Files of segments retired earlier whose deletion was interrupted.
-    for (&id, info) in &infos {
-        if info.retired {
-            remove_segment_file(vault, id)?;
-        }
-    }
     let mut retire = IndexBatch::default();
-    let mut doomed = Vec::new();
     let mut session = vault.begin_write()?;
     session.use_fresh_segment();
     for (&seg, info) in &infos {
@@ -277,10 +274,6 @@ fn reclaim(vault: &Vault, report: &mut GcReport) -> Result<()> {
                 }
                 report.segments_rewritten += 1;
             }
-            Some(("punch", _)) => {
-                report.bytes_punched += punch(vault, seg)?;
-                continue;
-            }
             _ => continue,
         }
         for (s, o, _) in index.dead_ranges_of(seg)? {
@@ -293,18 +286,29 @@ fn reclaim(vault: &Vault, report: &mut GcReport) -> Result<()> {
                 ..*info
             },
         );
-        doomed.push(seg);
     }
-    session.commit(retire)?;
+    session.commit(retire)
+}
+
+/// Step 3: gives the space back: deletes retired segment files (including
+/// those a deferred or interrupted run left) and punches the dead ranges
+/// out of the others. The caller holds the reader lease exclusively.
+fn give_back(vault: &Vault, report: &mut GcReport) -> Result<()> {
     vault.forget_segment_handles();
-    for seg in doomed {
-        remove_segment_file(vault, seg)?;
-        report.segments_deleted += 1;
+    for (id, info) in vault.index().segment_infos()? {
+        if info.retired {
+            if remove_segment_file(vault, id)? {
+                report.segments_deleted += 1;
+            }
+        } else if info.dead > 0 {
+            report.bytes_punched += punch(vault, id)?;
+        }
     }
     Ok(())
 }
 
-fn remove_segment_file(vault: &Vault, id: u64) -> Result<()> {
+/// Deletes a retired segment's file; false if it was already gone.
+fn remove_segment_file(vault: &Vault, id: u64) -> Result<bool> {
     let path = vault.segment_path(id);
     match std::fs::remove_file(&path) {
         Ok(()) => {
@@ -312,9 +316,9 @@ fn remove_segment_file(vault: &Vault, id: u64) -> Result<()> {
             if let Some(dir) = path.parent() {
                 crate::durable::fsync_dir(dir)?;
             }
-            Ok(())
+            Ok(true)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(StoreError::io("remove", &path, e)),
     }
 }
