@@ -178,3 +178,22 @@ fn sigterm_abandons_a_running_snapshot_phase_too() {
         "the slot stayed due: {pass}"
     );
 }
+
+#[test]
+fn sigterm_while_waiting_for_the_vault_lock() {
+    use std::os::fd::AsRawFd;
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    // Another writer holds the vault: the daemon's pass waits for it.
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(vault.join("lock"))
+        .unwrap();
+    // SAFETY: flock on an fd we own.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let d = daemon(&vault, "2027-01-02T03:00:00Z", &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (took, log) = term_and_wait(d);
+    assert!(took < Duration::from_secs(3), "{took:?}: {log}");
+    assert!(log.contains("daemon stopped"), "{log}");
+}

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use coffre_engine::store::{Access, Vault};
+use coffre_engine::store::{Access, StoreError, Vault};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::commands::Ctx;
@@ -67,11 +67,9 @@ async fn daemon_loop(
     loop {
         let (c, d, s) = (ctx.clone(), dir.clone(), stop.clone());
         let mut task = tokio::task::spawn_blocking(move || {
-            let vault = Vault::open_wait(&d, Access::Write, PASS_LOCK_WAIT)
-                .with_context(|| format!("cannot open vault {}", d.display()))?;
-            pass(&c, &vault, rate_limit, threads, &|| {
-                s.load(Ordering::Relaxed)
-            })
+            let stopped = || s.load(Ordering::Relaxed);
+            let vault = open_for_pass(&d, &stopped)?;
+            pass(&c, &vault, rate_limit, threads, &stopped)
         });
         let signalled = tokio::select! {
             r = &mut task => { log_pass(r); false }
@@ -95,6 +93,19 @@ async fn daemon_loop(
     }
     tracing::info!("daemon stopped");
     Ok(())
+}
+
+/// Opens the vault for a pass, waiting up to [`PASS_LOCK_WAIT`] for
+/// another writer, but giving up at once when the daemon is told to stop.
+fn open_for_pass(dir: &Path, stopped: &dyn Fn() -> bool) -> anyhow::Result<Vault> {
+    let deadline = std::time::Instant::now() + PASS_LOCK_WAIT;
+    loop {
+        match Vault::open_wait(dir, Access::Write, Duration::from_millis(500)) {
+            Err(StoreError::VaultLocked { .. })
+                if !stopped() && std::time::Instant::now() < deadline => {}
+            r => return r.with_context(|| format!("cannot open vault {}", dir.display())),
+        }
+    }
 }
 
 fn log_pass(
