@@ -80,6 +80,15 @@ fn backup_prune_of_its_parent_and_gc_interleave_without_losing_a_chunk() {
     assert_eq!(gone, [parent.as_str()], "{pruned}");
     let gc = json(&["gc", "--vault", v]);
     assert!(gc["chunks_removed"].as_u64().unwrap() > 100, "{gc}");
+    // Both are jobs, with their statistics.
+    let prune_job = json(&["jobs", "--vault", v, "--operation", "prune"]);
+    assert_eq!(prune_job[0]["stats"]["points_expired"], 1, "{prune_job}");
+    let gc_job = json(&["jobs", "--vault", v, "--operation", "gc"]);
+    assert_eq!(
+        gc_job[0]["stats"]["chunks_removed"], gc["chunks_removed"],
+        "{gc_job}"
+    );
+    assert_eq!(gc_job[0]["status"], "Completed");
     let all = json(&["jobs", "--vault", v, "--item", "vm"]);
     let last = all.as_array().unwrap().last().cloned().unwrap();
     assert_eq!(

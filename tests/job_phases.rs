@@ -177,6 +177,7 @@ fn decoupling_rule_and_the_status_table() {
     let restores = json(&["jobs", "--vault", v, "--operation", "restore"]);
     assert_eq!(restores.as_array().unwrap().len(), 2);
     assert_eq!(restores[0]["phases"][0]["name"], "restore");
+    assert_eq!(restores[0]["stats"]["bytes_written"], 6 << 20, "{restores}");
     ok(&["verify", "--vault", v, "--read-data"]);
 }
 

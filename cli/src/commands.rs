@@ -368,12 +368,6 @@ fn restore(
         let _ = j.update(ctx.now(), |r| r.point = Some(point.id.clone()));
     }
     let result = coffre_engine::restore(&vault, &point, &opts, &bar);
-    if let (Some(j), Ok(s)) = (job.as_mut(), &result) {
-        let written = s.bytes_written;
-        let _ = j.update(ctx.now(), |r| {
-            r.stats.insert("bytes_written".into(), written.into());
-        });
-    }
     coffre_engine::job_record::finish(job, "restore", ctx.now(), &result);
     let summary = result.with_context(|| {
         format!(

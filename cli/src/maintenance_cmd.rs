@@ -14,7 +14,7 @@ use crate::commands::{Ctx, open};
 use crate::output::{self, bytes, columns};
 
 /// Runs `f` as a single-phase job of `op` (recorded best effort).
-fn as_job<T, E: std::fmt::Display>(
+fn as_job<T: coffre_engine::job_record::JobStats, E: std::fmt::Display>(
     ctx: &Ctx,
     dir: &Path,
     op: Operation,

@@ -10,6 +10,56 @@ use jiff::Timestamp;
 
 use crate::clock::Clock;
 
+/// What an operation's result contributes to its job's statistics.
+pub trait JobStats {
+    /// Named counters.
+    fn job_stats(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}
+
+impl JobStats for () {}
+
+impl JobStats for coffre_vault_store::ItemRecord {}
+
+impl JobStats for crate::prune::PruneReport {
+    fn job_stats(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("points_expired", self.expired.len() as u64),
+            ("points_kept", self.kept),
+            ("items_purged", self.purged_items.len() as u64),
+            ("snapshots_removed", self.snapshots_removed),
+            ("jobs_removed", self.jobs_removed),
+        ]
+    }
+}
+
+impl JobStats for coffre_vault_store::gc::GcReport {
+    fn job_stats(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("chunks_removed", self.chunks_removed),
+            ("bytes_unindexed", self.plan.unreferenced_bytes),
+            ("segments_rewritten", self.segments_rewritten),
+            ("segments_deleted", self.segments_deleted),
+            ("bytes_copied", self.bytes_copied),
+            ("bytes_punched", self.bytes_punched),
+            ("stored_before", self.stored_before),
+            ("stored_after", self.stored_after),
+            ("duration_ms", self.duration_ms),
+        ]
+    }
+}
+
+impl JobStats for crate::restore::RestoreSummary {
+    fn job_stats(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("image_size", self.image_size),
+            ("bytes_written", self.bytes_written),
+            ("duration_ms", self.duration_ms),
+        ]
+    }
+}
+
 /// Starts a one-phase job named after its operation (phase `phase`).
 pub fn start(
     vault_dir: &Path,
@@ -26,8 +76,9 @@ pub fn start(
     Some(job)
 }
 
-/// Ends a job started with [`start`], from the operation's result.
-pub fn finish<T, E: std::fmt::Display>(
+/// Ends a job started with [`start`], from the operation's result (its
+/// statistics included).
+pub fn finish<T: JobStats, E: std::fmt::Display>(
     job: Option<RunningJob>,
     phase: &str,
     now: Timestamp,
@@ -35,7 +86,15 @@ pub fn finish<T, E: std::fmt::Display>(
 ) {
     if let Some(mut j) = job {
         let (st, e) = match result {
-            Ok(_) => (PhaseStatus::Completed, None),
+            Ok(v) => {
+                let stats = v.job_stats();
+                let _ = j.update(now, |r| {
+                    for (k, n) in stats {
+                        r.stats.insert(k.into(), n.into());
+                    }
+                });
+                (PhaseStatus::Completed, None)
+            }
             Err(e) => (PhaseStatus::Failed, Some(e.to_string())),
         };
         let _ = j.set_phase(now, phase, st, e);
@@ -43,7 +102,7 @@ pub fn finish<T, E: std::fmt::Display>(
 }
 
 /// Runs `f` as a one-phase job of `op` on no particular item.
-pub fn run_as_job<T, E: std::fmt::Display>(
+pub fn run_as_job<T: JobStats, E: std::fmt::Display>(
     vault_dir: &Path,
     op: Operation,
     clock: &dyn Clock,
@@ -59,7 +118,7 @@ pub fn run_as_job<T, E: std::fmt::Display>(
 /// Records an operation that already ran as a one-phase job, but only if
 /// it failed or `did_work` says it changed something: a scheduler pass
 /// every minute must not leave thousands of empty records.
-pub fn record_if_work<T, E: std::fmt::Display>(
+pub fn record_if_work<T: JobStats, E: std::fmt::Display>(
     vault_dir: &Path,
     op: Operation,
     started: Timestamp,
