@@ -115,7 +115,15 @@ pub fn prune(
             }
             Protection::Protected => {}
         }
-        let policy = policies::get(vault, item.policy.as_deref().unwrap_or(DEFAULT_POLICY))?;
+        let policy = match policies::get(vault, item.policy.as_deref().unwrap_or(DEFAULT_POLICY)) {
+            Ok(p) => p,
+            Err(e) => {
+                // One unreadable policy must not stop the other items.
+                tracing::warn!(item = %item.name, error = %e, "cannot read the item's policy; its points are kept");
+                report.kept += points.len() as u64;
+                continue;
+            }
+        };
         let tz = policy.tz()?;
         let mut going: Vec<ExpiredPoint> = points
             .iter()

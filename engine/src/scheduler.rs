@@ -80,7 +80,14 @@ pub fn run_pass(
         if item.protection != Protection::Protected || (opts.stop)() {
             continue;
         }
-        let policy = policies::get(vault, item.policy.as_deref().unwrap_or(DEFAULT_POLICY))?;
+        let policy = match policies::get(vault, item.policy.as_deref().unwrap_or(DEFAULT_POLICY)) {
+            Ok(p) => p,
+            Err(e) => {
+                // One unreadable policy must not stop the other items.
+                tracing::warn!(item = %item.name, error = %e, "cannot read the item's policy; no backup runs for it");
+                continue;
+            }
+        };
         let tz = policy.tz()?;
         let Some(slot) = due_slot(&policy, &tz, item.last_slot, now) else {
             continue;
