@@ -65,7 +65,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             redundancy,
             clock,
         ),
-        Command::Vault(VaultCommand::Show { vault }) => vault_show(fmt, &vault.vault),
+        Command::Vault(VaultCommand::Show { vault }) => vault_show(&ctx, &vault.vault),
         Command::Vault(VaultCommand::Set { vault, redundancy }) => {
             vault_set(&ctx, &vault.vault, &redundancy)
         }
@@ -85,7 +85,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             threads.threads,
             &image,
         ),
-        Command::Points { vault, item } => points(fmt, &vault.vault, &item),
+        Command::Points { vault, item } => points(&ctx, &vault.vault, &item),
         Command::Restore {
             vault,
             item,
@@ -106,7 +106,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             vault,
             read_data,
             threads,
-        } => verify(fmt, &vault.vault, read_data, threads.threads),
+        } => verify(&ctx, &vault.vault, read_data, threads.threads),
         Command::Policy(cmd) => crate::policy_cmd::run(&ctx, *cmd),
         Command::Protect {
             vault,
@@ -165,11 +165,6 @@ fn clock_from_env() -> anyhow::Result<Box<dyn Clock>> {
         }
         _ => Ok(Box::new(SystemClock)),
     }
-}
-
-fn open_ro(dir: &Path) -> anyhow::Result<Vault> {
-    Vault::open(dir, Access::ReadOnly)
-        .with_context(|| format!("cannot open vault {}", dir.display()))
 }
 
 /// Opens a vault; writers wait up to `--lock-timeout` for the lock.
@@ -231,8 +226,9 @@ fn vault_set(ctx: &Ctx, dir: &Path, redundancy: &str) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-fn vault_show(fmt: OutputFormat, dir: &Path) -> anyhow::Result<ExitCode> {
-    let vault = open_ro(dir)?;
+fn vault_show(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
+    let fmt = ctx.fmt;
+    let vault = open(ctx, dir, Access::ReadOnly)?;
     let s = vault_ops::summarize(&vault)?;
     output::emit(fmt, &s, |s| {
         let mut out = format!(
@@ -312,8 +308,9 @@ impl<'a> From<&'a PointRecord> for PointView<'a> {
     }
 }
 
-fn points(fmt: OutputFormat, dir: &Path, item: &str) -> anyhow::Result<ExitCode> {
-    let vault = open_ro(dir)?;
+fn points(ctx: &Ctx, dir: &Path, item: &str) -> anyhow::Result<ExitCode> {
+    let fmt = ctx.fmt;
+    let vault = open(ctx, dir, Access::ReadOnly)?;
     if vault.item(item)?.is_none() {
         return Err(coffre_engine::EngineError::ItemNotFound { item: item.into() })
             .with_context(|| format!("vault {}", dir.display()));
@@ -351,7 +348,7 @@ fn restore(
     threads: usize,
 ) -> anyhow::Result<ExitCode> {
     let fmt = ctx.fmt;
-    let vault = open_ro(dir)?;
+    let vault = open(ctx, dir, Access::ReadOnly)?;
     let point = coffre_engine::points::select_point(&vault, item, point)
         .with_context(|| format!("vault {}", dir.display()))?;
     let opts = RestoreOptions {
@@ -410,13 +407,9 @@ fn restore(
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify(
-    fmt: OutputFormat,
-    dir: &Path,
-    read_data: bool,
-    threads: usize,
-) -> anyhow::Result<ExitCode> {
-    let vault = open_ro(dir)?;
+fn verify(ctx: &Ctx, dir: &Path, read_data: bool, threads: usize) -> anyhow::Result<ExitCode> {
+    let fmt = ctx.fmt;
+    let vault = open(ctx, dir, Access::ReadOnly)?;
     let bar = Bar::new("verify");
     let report = coffre_engine::verify(&vault, &VerifyOptions { read_data, threads }, &bar)
         .with_context(|| format!("verify of {} failed", dir.display()))?;

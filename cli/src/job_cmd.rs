@@ -71,10 +71,9 @@ pub fn list(
     operation: Option<&str>,
     since: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
-    if !dir.join("config").is_file() {
-        coffre_engine::store::VaultConfig::load(dir)
-            .with_context(|| format!("cannot open vault {}", dir.display()))?;
-    }
+    // Jobs are files; reading the config tells a vault from anything else.
+    coffre_engine::store::VaultConfig::load(dir)
+        .with_context(|| format!("cannot open vault {}", dir.display()))?;
     let since = since.map(|s| parse_since(s, ctx.now())).transpose()?;
     let jobs: Vec<JobRecord> = JobStore::new(dir)
         .list()?

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use coffre_engine::job_record::run_as_job;
 use coffre_engine::prune::{PruneReport, prune as prune_vault};
 use coffre_engine::scheduler::{PassOptions, PassReport, run_pass};
 use coffre_engine::store::gc::{self, GcPlan, GcReport};
@@ -12,16 +13,6 @@ use coffre_engine::store::{Access, Vault};
 
 use crate::commands::{Ctx, open};
 use crate::output::{self, bytes, columns};
-
-/// Runs `f` as a single-phase job of `op` (recorded best effort).
-fn as_job<T: coffre_engine::job_record::JobStats, E: std::fmt::Display>(
-    ctx: &Ctx,
-    dir: &Path,
-    op: Operation,
-    f: impl FnOnce() -> Result<T, E>,
-) -> Result<T, E> {
-    coffre_engine::job_record::run_as_job(dir, op, &*ctx.clock, f)
-}
 
 fn prune_table(r: &PruneReport) -> String {
     let rows: Vec<Vec<String>> = r
@@ -107,7 +98,7 @@ pub fn prune(ctx: &Ctx, dir: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
     let report = if dry_run {
         prune_vault(&vault, &ctx.registry, ctx.now(), true)?
     } else {
-        as_job(ctx, dir, Operation::Prune, || {
+        run_as_job(dir, Operation::Prune, &*ctx.clock, || {
             prune_vault(&vault, &ctx.registry, ctx.now(), false)
         })
         .with_context(|| format!("prune of {} failed", dir.display()))?
@@ -124,7 +115,7 @@ pub fn gc(ctx: &Ctx, dir: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
         output::emit(ctx.fmt, &plan, plan_table)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let report = as_job(ctx, dir, Operation::Gc, || gc::run(&vault))
+    let report = run_as_job(dir, Operation::Gc, &*ctx.clock, || gc::run(&vault))
         .with_context(|| format!("gc of {} failed", dir.display()))?;
     output::emit(ctx.fmt, &report, gc_table)?;
     Ok(ExitCode::SUCCESS)

@@ -35,7 +35,8 @@ use crate::reader::BlockMapReader;
 use crate::snapshot::{CaptureOptions, Snapshot, WINDOW_BYTES, capture};
 use crate::source::ImageSource;
 use crate::throttle::Throttle;
-use coffre_vault_store::blockmap::{BlockMapBuilder, Entry, Node, block_count};
+use coffre_vault_store::blockmap::{BlockMapBuilder, Entry, block_count};
+use coffre_vault_store::refs::node_refs;
 
 /// What to back up and how.
 #[derive(Debug, Clone)]
@@ -229,7 +230,12 @@ pub fn transfer(
                             reason: Box::new(reason),
                         }
                     })?;
-                    Ok(Outcome::New(id, record, node_kind(bytes)))
+                    // A data block whose bytes are a valid block-map node
+                    // (an image that holds a coffre vault) is the same chunk
+                    // as that node, so it is counted as one: over-counting
+                    // its children only delays their reclamation,
+                    // under-counting could lose them.
+                    Ok(Outcome::New(id, record, node_refs(bytes)))
                 })
                 .collect()
         });
@@ -324,23 +330,6 @@ pub fn transfer(
     })
 }
 
-/// A data block whose bytes are a valid block-map node (an image that holds
-/// a coffre vault) is the same chunk as that node, so it is counted as a
-/// node: over-counting its children only delays their reclamation,
-/// under-counting could lose them.
-fn node_kind(bytes: &[u8]) -> Option<(ChunkKind, Vec<ChunkId>)> {
-    if !bytes.starts_with(&coffre_vault_store::blockmap::NODE_MAGIC) {
-        return None;
-    }
-    match Node::decode(bytes) {
-        Ok(Node::Leaf { entries, .. }) => {
-            Some((ChunkKind::Leaf, entries.into_iter().flatten().collect()))
-        }
-        Ok(Node::Root { leaves, .. }) => Some((ChunkKind::Root, leaves)),
-        Err(_) => None,
-    }
-}
-
 fn store_node(
     session: &mut WriteSession<'_>,
     encoder: &mut RecordEncoder,
@@ -357,19 +346,11 @@ fn store_node(
                 offset: 0,
                 reason: Box::new(reason),
             })?;
-        let (kind, children) = match Node::decode(node) {
-            Ok(Node::Leaf { entries, .. }) => {
-                (ChunkKind::Leaf, entries.into_iter().flatten().collect())
-            }
-            Ok(Node::Root { leaves, .. }) => (ChunkKind::Root, leaves),
-            Err(e) => {
-                return Err(EngineError::DamagedBlockMap {
-                    item: String::new(),
-                    point: String::new(),
-                    reason: format!("a node just built does not decode: {e}"),
-                });
-            }
-        };
+        let (kind, children) = node_refs(node).ok_or_else(|| EngineError::DamagedBlockMap {
+            item: String::new(),
+            point: String::new(),
+            reason: "a node just built does not decode".into(),
+        })?;
         session.append_node(id, &record, kind, children)?;
         stats.new_chunks += 1;
     }

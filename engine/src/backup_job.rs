@@ -193,7 +193,8 @@ fn snapshot_phase(
     let path = snapshot_dir(vault_dir, item).join(format!("{}.snap", job.id()));
     let id = job.id().to_string();
     let stop = opts.stop;
-    let cancelled = || stop() || job_cancel_requested(vault_dir, &id);
+    let running: &RunningJob = job;
+    let cancelled = || stop() || running.cancel_requested();
     let snap = capture(
         source,
         &CaptureOptions {
@@ -219,13 +220,6 @@ fn snapshot_phase(
     })?;
     job.set_phase(now(clock), SNAPSHOT, PhaseStatus::Completed, None)?;
     Ok(snap)
-}
-
-fn job_cancel_requested(vault_dir: &Path, id: &str) -> bool {
-    vault_dir
-        .join(coffre_vault_store::jobs::JOBS_DIR)
-        .join(format!("{id}.cancel"))
-        .exists()
 }
 
 fn transfer_phase(

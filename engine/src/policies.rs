@@ -2,7 +2,7 @@
 //! with the vault (`DefaultPolicy`), validated on every change, and never
 //! deleted while an item is protected under them.
 
-use coffre_vault_store::{IndexBatch, Protection, Vault};
+use coffre_vault_store::{IndexBatch, ItemRecord, Protection, Vault};
 
 use crate::error::{EngineError, Result};
 use crate::policy::{DEFAULT_POLICY, Policy};
@@ -32,6 +32,17 @@ pub fn get(vault: &Vault, name: &str) -> Result<Policy> {
     }
 }
 
+/// Name of the policy `item` is protected under (items written before
+/// policies existed: `DefaultPolicy`).
+pub fn name_of(item: &ItemRecord) -> &str {
+    item.policy.as_deref().unwrap_or(DEFAULT_POLICY)
+}
+
+/// The policy `item` is protected under.
+pub fn of_item(vault: &Vault, item: &ItemRecord) -> Result<Policy> {
+    get(vault, name_of(item))
+}
+
 /// Creates a policy.
 pub fn create(vault: &Vault, policy: &Policy) -> Result<()> {
     policy.validate()?;
@@ -46,7 +57,7 @@ pub fn create(vault: &Vault, policy: &Policy) -> Result<()> {
         b.put_policy(DEFAULT_POLICY, &Policy::default_policy());
     }
     b.put_policy(&policy.name, policy);
-    vault.commit_catalog(b, &[], &[])?;
+    vault.commit_catalog(b, &[])?;
     Ok(())
 }
 
@@ -57,7 +68,7 @@ pub fn set(vault: &Vault, policy: &Policy) -> Result<()> {
     get(vault, &policy.name)?;
     let mut b = IndexBatch::default();
     b.put_policy(&policy.name, policy);
-    vault.commit_catalog(b, &[], &[])?;
+    vault.commit_catalog(b, &[])?;
     Ok(())
 }
 
@@ -67,10 +78,7 @@ pub fn users(vault: &Vault, name: &str) -> Result<Vec<String>> {
         .index()
         .items()?
         .into_iter()
-        .filter(|i| {
-            i.protection == Protection::Protected
-                && i.policy.as_deref().unwrap_or(DEFAULT_POLICY) == name
-        })
+        .filter(|i| i.protection == Protection::Protected && name_of(i) == name)
         .map(|i| i.name)
         .collect())
 }
@@ -87,7 +95,7 @@ pub fn delete(vault: &Vault, name: &str) -> Result<()> {
     }
     let mut b = IndexBatch::default();
     b.delete_policy(name);
-    vault.commit_catalog(b, &[], &[])?;
+    vault.commit_catalog(b, &[])?;
     Ok(())
 }
 

@@ -12,7 +12,6 @@ use serde::Serialize;
 
 use crate::error::{EngineError, Result};
 use crate::policies;
-use crate::policy::DEFAULT_POLICY;
 use crate::registry::{Registry, RegistryEntry, identity_of};
 use crate::retention::{Tier, expiry};
 use crate::schedule::{latest_slot_at_or_before, next_slot_after};
@@ -97,7 +96,7 @@ pub fn protect(
             });
         }
         Some(mut i) => {
-            let action = match (&i.protection, i.policy.as_deref().unwrap_or(DEFAULT_POLICY)) {
+            let action = match (&i.protection, policies::name_of(&i)) {
                 (Protection::Stopped { .. }, _) => "resumed",
                 (_, p) if p != policy => "policy-changed",
                 _ => "unchanged",
@@ -127,7 +126,7 @@ pub fn protect(
     if action != "unchanged" {
         let mut b = IndexBatch::default();
         b.put_item(item.clone());
-        vault.commit_catalog(b, &[], &[])?;
+        vault.commit_catalog(b, &[])?;
     }
     registry.record(RegistryEntry {
         path: source,
@@ -188,7 +187,7 @@ pub fn unprotect(
     };
     let mut b = IndexBatch::default();
     b.put_item(item.clone());
-    vault.commit_catalog(b, &[], &[])?;
+    vault.commit_catalog(b, &[])?;
     Ok(item)
 }
 
@@ -214,7 +213,7 @@ pub fn undelete(vault: &Vault, name: &str, now: Timestamp) -> Result<ItemRecord>
     item.protection = Protection::Stopped { since: now };
     let mut b = IndexBatch::default();
     b.put_item(item.clone());
-    vault.commit_catalog(b, &[], &[])?;
+    vault.commit_catalog(b, &[])?;
     Ok(item)
 }
 
@@ -301,8 +300,8 @@ fn item_view_with(
     jobs: &[coffre_vault_store::jobs::JobRecord],
     now: Timestamp,
 ) -> Result<ItemView> {
-    let policy_name = item.policy.clone().unwrap_or_else(|| DEFAULT_POLICY.into());
-    let policy = policies::get(vault, &policy_name).ok();
+    let policy_name = policies::name_of(item).to_string();
+    let policy = policies::of_item(vault, item).ok();
     let points = vault.points(&item.name)?;
     let mut tiers = TierCounts::default();
     if let Some(p) = &policy {

@@ -27,7 +27,6 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::job_record;
 use crate::policies;
-use crate::policy::DEFAULT_POLICY;
 use crate::protection::snapshot_dir;
 use crate::registry::Registry;
 use crate::retention::{Tier, expiry};
@@ -115,7 +114,7 @@ pub fn prune(
             }
             Protection::Protected => {}
         }
-        let policy = match policies::get(vault, item.policy.as_deref().unwrap_or(DEFAULT_POLICY)) {
+        let policy = match policies::of_item(vault, &item) {
             Ok(p) => p,
             Err(e) => {
                 // One unreadable policy must not stop the other items.
@@ -152,7 +151,7 @@ pub fn prune(
     }
     if !dry_run && !batch.is_empty() {
         let roots: Vec<ChunkId> = report.expired.iter().map(|e| e.root).collect();
-        vault.commit_catalog(batch, &[], &roots)?;
+        vault.commit_catalog(batch, &roots)?;
     }
     if !dry_run {
         for name in &purged {
@@ -184,7 +183,7 @@ fn remove_dir(p: PathBuf) {
 fn expire_snapshots(vault: &Vault, now: Timestamp, dry_run: bool) -> Result<u64> {
     let mut removed = 0;
     for item in vault.index().items()? {
-        let days = policies::get(vault, item.policy.as_deref().unwrap_or(DEFAULT_POLICY))
+        let days = policies::of_item(vault, &item)
             .map(|p| p.instant_restore_days)
             .unwrap_or(2);
         let cutoff = now

@@ -103,8 +103,8 @@ impl Registry {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(self.fail(e.to_string())),
         };
-        let (_, body) =
-            envelope::decode(&MAGIC, VERSION, &bytes).map_err(|e| self.fail(e.to_string()))?;
+        let (_, body) = envelope::decode(&MAGIC, VERSION, envelope::MAX_ENVELOPE_BODY, &bytes)
+            .map_err(|e| self.fail(e.to_string()))?;
         serde_json::from_slice(body).map_err(|e| self.fail(e.to_string()))
     }
 

@@ -20,7 +20,6 @@ use crate::clock::Clock;
 use crate::error::Result;
 use crate::job_record::record_if_work;
 use crate::policies;
-use crate::policy::DEFAULT_POLICY;
 use crate::progress::NoProgress;
 use crate::prune::{PruneReport, prune};
 use crate::registry::Registry;
@@ -80,7 +79,7 @@ pub fn run_pass(
         if item.protection != Protection::Protected || (opts.stop)() {
             continue;
         }
-        let policy = match policies::get(vault, item.policy.as_deref().unwrap_or(DEFAULT_POLICY)) {
+        let policy = match policies::of_item(vault, &item) {
             Ok(p) => p,
             Err(e) => {
                 // One unreadable policy must not stop the other items.
@@ -152,7 +151,7 @@ pub fn run_pass(
             fresh.last_slot = Some(slot);
             let mut b = IndexBatch::default();
             b.put_item(fresh);
-            vault.commit_catalog(b, &[], &[])?;
+            vault.commit_catalog(b, &[])?;
         }
         backups.push(run);
     }

@@ -71,7 +71,7 @@ pub fn create_vault(dir: &Path, opts: &CreateOptions, clock: &dyn Clock) -> Resu
         crate::policy::DEFAULT_POLICY,
         &crate::policy::Policy::default_policy(),
     );
-    vault.commit_catalog(b, &[], &[])?;
+    vault.commit_catalog(b, &[])?;
     Ok(vault)
 }
 

@@ -10,6 +10,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::durable::write_atomic;
+use crate::envelope::{self, EnvelopeError};
 use crate::error::{Result, StoreError};
 
 /// Config file name inside a vault.
@@ -104,14 +105,7 @@ impl VaultConfig {
     /// Encodes the config into its envelope.
     pub fn encode(&self) -> Vec<u8> {
         let body = serde_json::to_vec_pretty(self).unwrap_or_default();
-        let mut out = Vec::with_capacity(body.len() + 20);
-        out.extend_from_slice(&CONFIG_MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&body);
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
+        envelope::encode(&CONFIG_MAGIC, FORMAT_VERSION, &body)
     }
 
     /// Decodes an envelope. `path` is used in messages only.
@@ -120,42 +114,22 @@ impl VaultConfig {
             path: path.to_path_buf(),
             reason,
         };
-        let magic = bytes
-            .get(..8)
-            .ok_or_else(|| corrupt("file too short".into()))?;
-        if magic != CONFIG_MAGIC {
-            return Err(StoreError::NotAVault {
-                path: path.parent().unwrap_or(path).to_path_buf(),
-            });
-        }
-        let version = le_u32(bytes, 8).ok_or_else(|| corrupt("file too short".into()))?;
-        if version > FORMAT_VERSION {
-            return Err(StoreError::UnsupportedVersion {
-                path: path.parent().unwrap_or(path).to_path_buf(),
-                found: version,
-                supported: FORMAT_VERSION,
-            });
-        }
-        if version == 0 {
-            return Err(corrupt("format version 0 is invalid".into()));
-        }
-        let len = le_u32(bytes, 12).ok_or_else(|| corrupt("file too short".into()))? as usize;
-        if len > MAX_BODY {
-            return Err(corrupt(format!("body length {len} exceeds {MAX_BODY}")));
-        }
-        let body = bytes
-            .get(16..16 + len)
-            .ok_or_else(|| corrupt(format!("body of {len} bytes is truncated")))?;
-        let stored = le_u32(bytes, 16 + len).ok_or_else(|| corrupt("checksum missing".into()))?;
-        if bytes.len() != 20 + len {
-            return Err(corrupt("trailing bytes after checksum".into()));
-        }
-        let computed = crc32fast::hash(bytes.get(..16 + len).unwrap_or_default());
-        if stored != computed {
-            return Err(corrupt(format!(
-                "checksum mismatch (stored {stored:08x}, computed {computed:08x})"
-            )));
-        }
+        let vault_dir = || path.parent().unwrap_or(path).to_path_buf();
+        let (_, body) = envelope::decode(&CONFIG_MAGIC, FORMAT_VERSION, MAX_BODY, bytes).map_err(
+            |e| match e {
+                EnvelopeError::BadMagic => StoreError::NotAVault { path: vault_dir() },
+                EnvelopeError::Version { found: 0, .. } => {
+                    corrupt("format version 0 is invalid".into())
+                }
+                EnvelopeError::Version { found, supported } => StoreError::UnsupportedVersion {
+                    path: vault_dir(),
+                    found,
+                    supported,
+                },
+                EnvelopeError::Truncated(_) => corrupt("file too short".into()),
+                other => corrupt(other.to_string()),
+            },
+        )?;
         let cfg: VaultConfig =
             serde_json::from_slice(body).map_err(|e| corrupt(format!("body: {e}")))?;
         cfg.validate()
@@ -187,7 +161,7 @@ impl VaultConfig {
     pub fn stored_version(vault_dir: &Path) -> u32 {
         std::fs::read(vault_dir.join(CONFIG_FILE))
             .ok()
-            .and_then(|b| le_u32(&b, 8))
+            .and_then(|b| envelope::claimed_version(&b))
             .unwrap_or(0)
     }
 
@@ -195,11 +169,6 @@ impl VaultConfig {
     pub fn store(&self, vault_dir: &Path) -> Result<()> {
         write_atomic(&vault_dir.join(CONFIG_FILE), &self.encode())
     }
-}
-
-fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
-    let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
-    Some(u32::from_le_bytes(b))
 }
 
 /// Azure's rule for vault names: 2-50 characters, starting with a letter,

@@ -1,5 +1,6 @@
-//! The checksummed envelope of small state files (job records): magic,
-//! version, body length, JSON body, CRC-32 (`FORMAT.md`, "Envelope").
+//! The checksummed envelope of small state files (the vault config, job
+//! records, the host registry): magic, version, body length, JSON body,
+//! CRC-32 (`FORMAT.md`, "Vault config" and "Envelope").
 //! The decoder checks every field and never trusts the length.
 
 #![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::panic)]
@@ -15,12 +16,18 @@ pub enum EnvelopeError {
     Truncated(usize),
     #[error("bad magic")]
     BadMagic,
-    #[error("version {found} is not supported (this coffre reads up to {supported})")]
+    #[error("version {found} is not supported (this coffre reads 1 to {supported})")]
     Version { found: u32, supported: u32 },
-    #[error("body length {0} is out of bounds")]
-    BadLength(usize),
-    #[error("checksum mismatch")]
-    Checksum,
+    #[error("body length {len} exceeds {max}")]
+    BadLength { len: usize, max: usize },
+    #[error("body of {0} bytes is truncated")]
+    BodyTruncated(usize),
+    #[error("checksum missing")]
+    ChecksumMissing,
+    #[error("trailing bytes after checksum")]
+    TrailingBytes,
+    #[error("checksum mismatch (stored {stored:08x}, computed {computed:08x})")]
+    Checksum { stored: u32, computed: u32 },
 }
 
 /// Wraps `body` in an envelope.
@@ -39,37 +46,47 @@ fn le_u32(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-/// Checks an envelope and returns its version and body.
+/// The version field of envelope bytes, unchecked (what a file claims).
+pub fn claimed_version(bytes: &[u8]) -> Option<u32> {
+    le_u32(bytes, 8)
+}
+
+/// Checks an envelope and returns its version and body. The magic is
+/// checked first and the version before anything else, so a file of a
+/// newer version is reported as such whatever else it holds; a body may
+/// be at most `max_body` bytes.
 pub fn decode<'a>(
     magic: &[u8; 8],
     supported: u32,
+    max_body: usize,
     bytes: &'a [u8],
 ) -> Result<(u32, &'a [u8]), EnvelopeError> {
-    if bytes.len() < 20 {
-        return Err(EnvelopeError::Truncated(bytes.len()));
-    }
-    if bytes.get(..8) != Some(&magic[..]) {
+    let short = || EnvelopeError::Truncated(bytes.len());
+    if bytes.get(..8).ok_or_else(short)? != magic {
         return Err(EnvelopeError::BadMagic);
     }
-    let version = le_u32(bytes, 8).ok_or(EnvelopeError::Truncated(bytes.len()))?;
+    let version = le_u32(bytes, 8).ok_or_else(short)?;
     if version == 0 || version > supported {
         return Err(EnvelopeError::Version {
             found: version,
             supported,
         });
     }
-    let len = le_u32(bytes, 12).ok_or(EnvelopeError::Truncated(bytes.len()))? as usize;
-    if len > MAX_ENVELOPE_BODY || bytes.len() != 20 + len {
-        return Err(EnvelopeError::BadLength(len));
-    }
-    let stored = le_u32(bytes, 16 + len).ok_or(EnvelopeError::BadLength(len))?;
-    let head = bytes.get(..16 + len).ok_or(EnvelopeError::BadLength(len))?;
-    if crc32fast::hash(head) != stored {
-        return Err(EnvelopeError::Checksum);
+    let len = le_u32(bytes, 12).ok_or_else(short)? as usize;
+    if len > max_body {
+        return Err(EnvelopeError::BadLength { len, max: max_body });
     }
     let body = bytes
         .get(16..16 + len)
-        .ok_or(EnvelopeError::BadLength(len))?;
+        .ok_or(EnvelopeError::BodyTruncated(len))?;
+    let stored = le_u32(bytes, 16 + len).ok_or(EnvelopeError::ChecksumMissing)?;
+    if bytes.len() != 20 + len {
+        return Err(EnvelopeError::TrailingBytes);
+    }
+    let computed = crc32fast::hash(bytes.get(..16 + len).unwrap_or_default());
+    if stored != computed {
+        return Err(EnvelopeError::Checksum { stored, computed });
+    }
     Ok((version, body))
 }
 
@@ -82,18 +99,22 @@ mod tests {
     fn round_trip_and_damage() {
         let m = *b"TESTMAG\0";
         let e = encode(&m, 1, b"{\"a\":1}");
-        assert_eq!(decode(&m, 1, &e), Ok((1, &b"{\"a\":1}"[..])));
+        assert_eq!(decode(&m, 1, 64, &e), Ok((1, &b"{\"a\":1}"[..])));
         for cut in 0..e.len() {
-            assert!(decode(&m, 1, &e[..cut]).is_err());
+            assert!(decode(&m, 1, 64, &e[..cut]).is_err());
         }
         for i in 0..e.len() {
             let mut d = e.clone();
             d[i] ^= 0x40;
-            assert!(decode(&m, 1, &d).is_err(), "flip at {i}");
+            assert!(decode(&m, 1, 64, &d).is_err(), "flip at {i}");
         }
         assert!(matches!(
-            decode(&m, 0, &e),
+            decode(&m, 0, 64, &e),
             Err(EnvelopeError::Version { found: 1, .. })
         ));
+        assert_eq!(
+            decode(&m, 1, 3, &e),
+            Err(EnvelopeError::BadLength { len: 7, max: 3 })
+        );
     }
 }

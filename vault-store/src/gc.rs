@@ -29,7 +29,7 @@ use serde::Serialize;
 
 use crate::chunk_id::ChunkId;
 use crate::error::{Result, StoreError};
-use crate::index::{ChunkLocation, IndexBatch, SegmentInfo};
+use crate::index::{ChunkLocation, Index, IndexBatch, RefEntry, SegmentInfo};
 use crate::lock::ReaderLease;
 use crate::record::RecordHeader;
 use crate::segment::SEGMENT_HEADER_LEN;
@@ -104,7 +104,26 @@ fn action_for(info: &SegmentInfo) -> Option<(&'static str, u64)> {
     })
 }
 
-/// Plans a GC: reads only the `unref` and `segments` families.
+/// What an entry of the `unref` work list turns out to be.
+enum Garbage {
+    /// Referenced again since it was listed: take it off the list.
+    Revived(RefEntry),
+    /// Unreferenced and indexed at this location: reclaim it.
+    Dead(ChunkLocation),
+    /// Counted but not indexed: forget its count.
+    Dangling,
+}
+
+fn classify(index: &Index, id: &ChunkId) -> Result<Garbage> {
+    Ok(match (index.chunk_ref(id)?, index.chunk(id)?) {
+        (Some(r), _) if r.count > 0 => Garbage::Revived(r),
+        (_, Some(loc)) => Garbage::Dead(loc),
+        (_, None) => Garbage::Dangling,
+    })
+}
+
+/// Plans a GC (`gc --dry-run`): reads only the `unref` and `segments`
+/// families, changes nothing.
 pub fn plan(vault: &Vault) -> Result<GcPlan> {
     let index = vault.index();
     let mut infos = index.segment_infos()?;
@@ -113,10 +132,7 @@ pub fn plan(vault: &Vault) -> Result<GcPlan> {
     loop {
         let ids = index.unreferenced_from(after.as_ref(), BATCH)?;
         for id in &ids {
-            if index.chunk_ref(id)?.is_some_and(|r| r.count > 0) {
-                continue;
-            }
-            if let Some(loc) = index.chunk(id)? {
+            if let Garbage::Dead(loc) = classify(index, id)? {
                 plan.unreferenced_chunks += 1;
                 plan.unreferenced_bytes += u64::from(loc.len);
                 if let Some(i) = infos.get_mut(&loc.segment) {
@@ -147,20 +163,27 @@ fn segment_actions(infos: &BTreeMap<u64, SegmentInfo>) -> Vec<SegmentAction> {
         .collect()
 }
 
-/// Runs GC. Requires a vault opened for writing.
+/// Runs GC. Requires a vault opened for writing. The plan it reports is
+/// what [`plan`] would have said, taken from the unindexing itself.
 pub fn run(vault: &Vault) -> Result<GcReport> {
-    let started = Instant::now();
-    let mut report = GcReport {
-        plan: plan(vault)?,
-        stored_before: vault.stored_bytes()?,
-        ..GcReport::default()
-    };
     if !vault.is_writable() {
         return Err(StoreError::ReadOnly {
             path: vault.dir().to_path_buf(),
         });
     }
-    report.chunks_removed = unindex(vault)?;
+    let started = Instant::now();
+    let stored_before = vault.stored_bytes()?;
+    let (chunks, bytes) = unindex(vault)?;
+    let mut report = GcReport {
+        plan: GcPlan {
+            unreferenced_chunks: chunks,
+            unreferenced_bytes: bytes,
+            segments: segment_actions(&vault.index().segment_infos()?),
+        },
+        chunks_removed: chunks,
+        stored_before,
+        ..GcReport::default()
+    };
     relocate(vault, &mut report)?;
     match ReaderLease::try_exclusive(vault.dir())? {
         Some(_lease) => give_back(vault, &mut report)?,
@@ -174,25 +197,23 @@ pub fn run(vault: &Vault) -> Result<GcReport> {
     Ok(report)
 }
 
-/// Step 1: unindexes every unreferenced chunk.
-fn unindex(vault: &Vault) -> Result<u64> {
+/// Step 1: unindexes every unreferenced chunk; returns how many, and
+/// their record bytes.
+fn unindex(vault: &Vault) -> Result<(u64, u64)> {
     let index = vault.index();
-    let mut removed = 0;
+    let (mut removed, mut bytes) = (0, 0);
     loop {
         let ids = index.unreferenced_from(None, BATCH)?;
         if ids.is_empty() {
-            return Ok(removed);
+            return Ok((removed, bytes));
         }
         let mut infos = index.segment_infos()?;
         let mut touched = BTreeMap::new();
         let mut batch = IndexBatch::default();
         for id in &ids {
-            match (index.chunk_ref(id)?, index.chunk(id)?) {
-                (Some(r), _) if r.count > 0 => {
-                    // Stale work-list entry: the chunk came back to life.
-                    batch.put_ref(id, r);
-                }
-                (_, Some(loc)) => {
+            match classify(index, id)? {
+                Garbage::Revived(r) => batch.put_ref(id, r),
+                Garbage::Dead(loc) => {
                     batch.delete_chunk(id, &loc);
                     batch.put_dead(loc.segment, loc.offset, loc.len);
                     if let Some(i) = infos.get_mut(&loc.segment) {
@@ -200,17 +221,9 @@ fn unindex(vault: &Vault) -> Result<u64> {
                         touched.insert(loc.segment, *i);
                     }
                     removed += 1;
+                    bytes += u64::from(loc.len);
                 }
-                (_, None) => {
-                    batch.put_ref(
-                        id,
-                        crate::index::RefEntry {
-                            kind: crate::index::ChunkKind::Data,
-                            count: 0,
-                        },
-                    );
-                    batch.delete_unref(id);
-                }
+                Garbage::Dangling => batch.delete_ref(id),
             }
         }
         for (id, info) in touched {

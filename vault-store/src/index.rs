@@ -302,7 +302,6 @@ enum Op {
 #[derive(Default)]
 pub struct IndexBatch {
     ops: Vec<Op>,
-    chunks: usize,
 }
 
 impl IndexBatch {
@@ -320,12 +319,15 @@ impl IndexBatch {
             place_key(loc.segment, loc.offset).to_vec(),
             id.as_bytes().to_vec(),
         );
-        self.chunks += 1;
     }
     /// Forgets a chunk that lived at `loc` (GC).
     pub fn delete_chunk(&mut self, id: &ChunkId, loc: &ChunkLocation) {
         self.delete(Cf::Chunks, id.as_bytes().to_vec());
-        self.delete(Cf::SegChunks, place_key(loc.segment, loc.offset).to_vec());
+        self.delete_chunk_place(loc);
+        self.delete_ref(id);
+    }
+    /// Forgets a chunk's reference count (and its place on GC's work list).
+    pub fn delete_ref(&mut self, id: &ChunkId) {
         self.delete(Cf::Refs, id.as_bytes().to_vec());
         self.delete(Cf::Unref, id.as_bytes().to_vec());
     }
@@ -384,10 +386,6 @@ impl IndexBatch {
             self.delete(Cf::Unref, id.as_bytes().to_vec());
         }
     }
-    /// Takes a chunk off GC's work list.
-    pub fn delete_unref(&mut self, id: &ChunkId) {
-        self.delete(Cf::Unref, id.as_bytes().to_vec());
-    }
     /// Records a dead range awaiting physical reclamation.
     pub fn put_dead(&mut self, segment: u64, offset: u64, len: u32) {
         self.put(
@@ -406,21 +404,12 @@ impl IndexBatch {
     pub(crate) fn wipe_gc_layout(&mut self, ids: &[ChunkId]) {
         self.delete(Cf::Meta, META_GC_LAYOUT.to_vec());
         for id in ids {
-            self.delete(Cf::Refs, id.as_bytes().to_vec());
-            self.delete(Cf::Unref, id.as_bytes().to_vec());
+            self.delete_ref(id);
         }
     }
     /// Marks the GC column families as built.
     pub fn put_gc_layout(&mut self) {
         self.put(Cf::Meta, META_GC_LAYOUT.to_vec(), vec![GC_LAYOUT_VERSION]);
-    }
-    /// Number of chunk locations in the batch.
-    pub fn chunk_count(&self) -> usize {
-        self.chunks
-    }
-    /// Number of changes in the batch.
-    pub fn len(&self) -> usize {
-        self.ops.len()
     }
     /// True when the batch changes nothing.
     pub fn is_empty(&self) -> bool {
@@ -512,21 +501,33 @@ impl Index {
             .ok_or_else(|| self.corrupt("column family", format!("{} is missing", cf.name())))
     }
 
-    /// Iterates a column family from `from` (or the start) while keys
-    /// start with `prefix`; a missing family (older vault, read-only) is empty.
+    /// [`Index::scan_from`] the first key with `prefix`.
     fn scan(
         &self,
         cf: Cf,
+        prefix: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        self.scan_from(cf, prefix, prefix, f)
+    }
+
+    /// Iterates a column family from key `from` (or the start) while keys
+    /// start with `prefix`, until `f` returns false; a missing family
+    /// (older vault, read-only) is empty.
+    fn scan_from(
+        &self,
+        cf: Cf,
+        from: &[u8],
         prefix: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
     ) -> Result<()> {
         let Some(handle) = self.db.cf_handle(cf.name()) else {
             return Ok(());
         };
-        let mode = if prefix.is_empty() {
+        let mode = if from.is_empty() {
             IteratorMode::Start
         } else {
-            IteratorMode::From(prefix, rocksdb::Direction::Forward)
+            IteratorMode::From(from, rocksdb::Direction::Forward)
         };
         for kv in self.db.iterator_cf(handle, mode) {
             let (k, v) = kv.map_err(|e| self.err(e))?;
@@ -613,6 +614,16 @@ impl Index {
         Ok(out)
     }
 
+    /// One segment's state.
+    pub fn segment_info(&self, id: u64) -> Result<Option<SegmentInfo>> {
+        self.get(Cf::Segments, &seq_key(id))?
+            .map(|v| {
+                SegmentInfo::decode(&v)
+                    .ok_or_else(|| self.corrupt("segment state", format!("segment {id}")))
+            })
+            .transpose()
+    }
+
     /// Committed length of every live (not retired) segment, by segment id.
     pub fn segments(&self) -> Result<BTreeMap<u64, u64>> {
         Ok(self
@@ -635,25 +646,15 @@ impl Index {
     /// Up to `limit` chunks on GC's work list (count 0), after `after`.
     pub fn unreferenced_from(&self, after: Option<&ChunkId>, limit: usize) -> Result<Vec<ChunkId>> {
         let mut out = Vec::new();
-        let Some(handle) = self.db.cf_handle(Cf::Unref.name()) else {
-            return Ok(out);
-        };
-        let mode = match after {
-            Some(a) => IteratorMode::From(a.as_bytes(), rocksdb::Direction::Forward),
-            None => IteratorMode::Start,
-        };
-        for kv in self.db.iterator_cf(handle, mode) {
-            let (k, _) = kv.map_err(|e| self.err(e))?;
-            let id = ChunkId::from_slice(&k)
-                .ok_or_else(|| self.corrupt("unref key", hex::encode(&k)))?;
-            if Some(&id) == after {
-                continue;
+        let from = after.map_or(&[][..], |a| a.as_bytes());
+        self.scan_from(Cf::Unref, from, &[], |k, _| {
+            let id =
+                ChunkId::from_slice(k).ok_or_else(|| self.corrupt("unref key", hex::encode(k)))?;
+            if Some(&id) != after {
+                out.push(id);
             }
-            out.push(id);
-            if out.len() >= limit {
-                break;
-            }
-        }
+            Ok(out.len() < limit)
+        })?;
         Ok(out)
     }
 

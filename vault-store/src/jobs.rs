@@ -261,7 +261,8 @@ impl JobRecord {
             reason,
         };
         let (_, body) =
-            envelope::decode(&JOB_MAGIC, JOB_VERSION, bytes).map_err(|e| corrupt(e.to_string()))?;
+            envelope::decode(&JOB_MAGIC, JOB_VERSION, envelope::MAX_ENVELOPE_BODY, bytes)
+                .map_err(|e| corrupt(e.to_string()))?;
         serde_json::from_slice(body).map_err(|e| corrupt(e.to_string()))
     }
 }

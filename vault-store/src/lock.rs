@@ -22,8 +22,7 @@ pub const LOCK_FILE: &str = "lock";
 /// A held writer lock; released on drop.
 #[derive(Debug)]
 pub struct VaultLock {
-    _file: File,
-    path: PathBuf,
+    lock: NamedLock,
 }
 
 impl VaultLock {
@@ -31,38 +30,17 @@ impl VaultLock {
     /// with [`StoreError::VaultLocked`] naming the holder's pid.
     pub fn acquire(vault_dir: &Path) -> Result<Self> {
         let path = vault_dir.join(LOCK_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| StoreError::io("open", &path, e))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let pid = holder.trim().to_string();
-                return Err(StoreError::VaultLocked {
-                    path: vault_dir.to_path_buf(),
-                    pid: if pid.is_empty() {
-                        "unknown".into()
-                    } else {
-                        pid
-                    },
-                });
-            }
-            Err(TryLockError::Error(e)) => return Err(StoreError::io("lock", &path, e)),
+        match NamedLock::try_acquire(&path, &std::process::id().to_string())? {
+            Ok(lock) => Ok(VaultLock { lock }),
+            Err(pid) => Err(StoreError::VaultLocked {
+                path: vault_dir.to_path_buf(),
+                pid: if pid.is_empty() {
+                    "unknown".into()
+                } else {
+                    pid
+                },
+            }),
         }
-        let record = format!("{}\n", std::process::id());
-        (|| -> std::io::Result<()> {
-            file.set_len(0)?;
-            file.seek(SeekFrom::Start(0))?;
-            file.write_all(record.as_bytes())
-        })()
-        .map_err(|e| StoreError::io("write", &path, e))?;
-        Ok(VaultLock { _file: file, path })
     }
 
     /// Takes the writer lock, waiting up to `wait` for its holder.
@@ -80,7 +58,7 @@ impl VaultLock {
 
     /// Path of the lock file.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.lock.path()
     }
 }
 

@@ -16,9 +16,21 @@
 
 use std::collections::HashMap;
 
+use crate::blockmap::Node;
 use crate::chunk_id::ChunkId;
 use crate::error::{Result, StoreError};
 use crate::index::{ChunkKind, Index, IndexBatch, RefEntry};
+
+/// What a block-map node references: its kind and children (leaves of a
+/// root, non-zero entries of a leaf); `None` when `bytes` are not a node.
+pub fn node_refs(bytes: &[u8]) -> Option<(ChunkKind, Vec<ChunkId>)> {
+    match Node::decode(bytes).ok()? {
+        Node::Root { leaves, .. } => Some((ChunkKind::Root, leaves)),
+        Node::Leaf { entries, .. } => {
+            Some((ChunkKind::Leaf, entries.into_iter().flatten().collect()))
+        }
+    }
+}
 
 /// Source of a node's children (leaves of a root, non-zero entries of a
 /// leaf).
@@ -118,11 +130,6 @@ impl<'a> RefCounter<'a> {
         if let Some(e) = self.overlay.get_mut(id) {
             e.kind = kind;
         }
-    }
-
-    /// Number of chunks whose count changed or was registered.
-    pub fn touched(&self) -> usize {
-        self.overlay.len()
     }
 
     /// Writes every changed count into `batch`.

@@ -23,7 +23,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::blockmap::Node;
 use crate::catalog::{ItemRecord, PointRecord};
 use crate::chunk_id::ChunkId;
 use crate::config::VaultConfig;
@@ -32,7 +31,7 @@ use crate::error::{Result, StoreError};
 use crate::index::{ChunkKind, ChunkLocation, INDEX_DIR, Index, IndexBatch, SegmentInfo};
 use crate::lock::{ReaderLease, VaultLock};
 use crate::record::{self, HEADER_LEN, RecordDecoder, RecordHeader};
-use crate::refs::{NodeChildren, RefCounter};
+use crate::refs::{NodeChildren, RefCounter, node_refs};
 use crate::segment::{
     SEGMENT_HEADER_LEN, SEGMENT_TARGET_LEN, SEGMENTS_DIR, SegmentReader, SegmentWriter,
     parse_segment_file_name,
@@ -193,12 +192,8 @@ impl Vault {
         // an interrupted backup); a later point can reuse it, and then its
         // children must be counted, so classify it by its bytes.
         for id in counter.unreferenced_data() {
-            if let Ok(bytes) = self.read_chunk(&id) {
-                match Node::decode(&bytes) {
-                    Ok(Node::Leaf { .. }) => counter.set_kind(&id, ChunkKind::Leaf),
-                    Ok(Node::Root { .. }) => counter.set_kind(&id, ChunkKind::Root),
-                    Err(_) => {}
-                }
+            if let Some((kind, _)) = self.read_chunk(&id).ok().and_then(|b| node_refs(&b)) {
+                counter.set_kind(&id, kind);
             }
         }
         counter.write_to(&mut batch);
@@ -208,39 +203,23 @@ impl Vault {
 
     /// Children of a committed node.
     fn children(&self, id: &ChunkId, kind: ChunkKind) -> Result<Vec<ChunkId>> {
-        let bytes = self.read_chunk(id)?;
-        let node = Node::decode(&bytes).map_err(|e| StoreError::CorruptIndex {
-            path: self.index.path().to_path_buf(),
-            what: "block-map node",
-            reason: format!("chunk {id}: {e}"),
-        })?;
-        Ok(match (node, kind) {
-            (Node::Root { leaves, .. }, ChunkKind::Root) => leaves,
-            (Node::Leaf { entries, .. }, ChunkKind::Leaf) => {
-                entries.into_iter().flatten().collect()
-            }
-            _ => {
-                return Err(StoreError::CorruptIndex {
-                    path: self.index.path().to_path_buf(),
-                    what: "reference count",
-                    reason: format!("chunk {id} is not a {kind:?} node"),
-                });
-            }
-        })
+        match node_refs(&self.read_chunk(id)?) {
+            Some((k, children)) if k == kind => Ok(children),
+            _ => Err(StoreError::CorruptIndex {
+                path: self.index.path().to_path_buf(),
+                what: "reference count",
+                reason: format!("chunk {id} is not a {kind:?} node"),
+            }),
+        }
     }
 
-    /// Applies catalog changes with the reference changes they imply:
-    /// `add_roots` gain a reference (new points), `drop_roots` lose one
-    /// (deleted points). Requires [`Access::Write`].
-    pub fn commit_catalog(
-        &self,
-        batch: IndexBatch,
-        add_roots: &[ChunkId],
-        drop_roots: &[ChunkId],
-    ) -> Result<()> {
+    /// Applies catalog changes (items, policies, deleted points), with the
+    /// reference changes they imply: each of `released_roots` (roots of
+    /// deleted points) loses one reference. Requires [`Access::Write`].
+    /// New points come through a [`WriteSession`] instead.
+    pub fn commit_catalog(&self, batch: IndexBatch, released_roots: &[ChunkId]) -> Result<()> {
         let mut s = self.begin_write()?;
-        s.add_roots.extend_from_slice(add_roots);
-        s.drop_roots.extend_from_slice(drop_roots);
+        s.drop_roots.extend_from_slice(released_roots);
         s.commit(batch)
     }
 
@@ -248,7 +227,6 @@ impl Vault {
     /// files the index does not know. Returns the bytes reclaimed.
     fn reclaim_uncommitted(&self) -> Result<u64> {
         let infos = self.index.segment_infos()?;
-        let committed = self.index.segments()?;
         let seg_dir = self.dir.join(SEGMENTS_DIR);
         let mut reclaimed = 0;
         let mut changed = false;
@@ -270,18 +248,16 @@ impl Vault {
                 .metadata()
                 .map_err(|e| StoreError::io("stat", &path, e))?
                 .len();
-            if infos.get(&id).is_some_and(|i| i.retired) {
+            match infos.get(&id) {
                 // GC retired it; it goes when no reader can still need it.
-                continue;
-            }
-            match committed.get(&id) {
+                Some(i) if i.retired => {}
                 None => {
                     fs::remove_file(&path).map_err(|e| StoreError::io("remove", &path, e))?;
                     tracing::info!(segment = %path.display(), bytes = len, "removed uncommitted segment");
                     reclaimed += len;
                     changed = true;
                 }
-                Some(&c) if len > c => {
+                Some(&SegmentInfo { committed: c, .. }) if len > c => {
                     let f = fs::OpenOptions::new()
                         .write(true)
                         .open(&path)
@@ -683,13 +659,7 @@ impl WriteSession<'_> {
             let is_new = self.writer_is_new;
             let r = w.sync(is_new).map(|()| (w.id(), w.len()));
             let (id, len) = self.poison(r)?;
-            let mut info = self
-                .vault
-                .index
-                .segment_infos()?
-                .get(&id)
-                .copied()
-                .unwrap_or_default();
+            let mut info = self.vault.index.segment_info(id)?.unwrap_or_default();
             info.committed = len;
             batch.put_segment(id, info);
         }
@@ -913,7 +883,7 @@ mod tests {
         // Dropping point 1 releases its root, its leaf, and b.
         let mut batch = IndexBatch::default();
         batch.delete_point("i", 1);
-        v.commit_catalog(batch, &[], &[r1]).unwrap();
+        v.commit_catalog(batch, &[r1]).unwrap();
         assert_eq!(count(&ChunkId::of(a)), 1);
         assert_eq!(count(&ChunkId::of(b)), 0);
         assert_eq!(v.index().unreferenced_from(None, 10).unwrap().len(), 4);
