@@ -36,19 +36,7 @@ fn daemon_runs_due_backups_and_stops_cleanly() {
     let v = s(&vault);
     let img = t.path().join("vm.img");
     random_file(&img, 1 << 20, 1);
-    ok_at(
-        "2027-01-01T03:00:00Z",
-        &[
-            "protect",
-            "--vault",
-            v,
-            "--item",
-            "vm",
-            "--policy",
-            "DefaultPolicy",
-            s(&img),
-        ],
-    );
+    protect_at("2027-01-01T03:00:00Z", &vault, "vm", "DefaultPolicy", &img);
 
     let d = daemon(&vault, "2027-01-02T03:00:00Z", &[]);
     let j = wait_for_job(&vault, "vm", "the scheduled backup", |j| {
@@ -87,19 +75,7 @@ fn sigterm_abandons_a_running_transfer_safely() {
     let v = s(&vault);
     let img = t.path().join("vm.img");
     random_file(&img, 128 << 20, 2);
-    ok_at(
-        "2027-01-01T03:00:00Z",
-        &[
-            "protect",
-            "--vault",
-            v,
-            "--item",
-            "vm",
-            "--policy",
-            "DefaultPolicy",
-            s(&img),
-        ],
-    );
+    protect_at("2027-01-01T03:00:00Z", &vault, "vm", "DefaultPolicy", &img);
 
     let d = daemon(&vault, "2027-01-02T03:00:00Z", &["--rate-limit", "32M"]);
     wait_for_job(&vault, "vm", "the transfer", |j| {
@@ -139,19 +115,7 @@ fn sigterm_abandons_a_running_snapshot_phase_too() {
     let v = s(&vault);
     let img = t.path().join("vm.img");
     random_file(&img, 160 << 20, 3);
-    ok_at(
-        "2027-01-01T03:00:00Z",
-        &[
-            "protect",
-            "--vault",
-            v,
-            "--item",
-            "vm",
-            "--policy",
-            "DefaultPolicy",
-            s(&img),
-        ],
-    );
+    protect_at("2027-01-01T03:00:00Z", &vault, "vm", "DefaultPolicy", &img);
     // 32 MiB/s over five 32 MiB windows: five seconds of snapshot.
     let d = daemon(&vault, "2027-01-02T03:00:00Z", &["--rate-limit", "32M"]);
     wait_for_job(&vault, "vm", "the snapshot phase", |j| {

@@ -43,19 +43,7 @@ fn both_daylight_saving_changes_run_once_at_the_documented_instant() {
     ]);
     let img = t.path().join("vm.img");
     random_file(&img, 128 << 10, 9);
-    ok_at(
-        "2027-03-26T22:00:00Z",
-        &[
-            "protect",
-            "--vault",
-            v,
-            "--item",
-            "vm",
-            "--policy",
-            "Paris",
-            s(&img),
-        ],
-    );
+    protect_at("2027-03-26T22:00:00Z", &vault, "vm", "Paris", &img);
 
     // Spring forward on Sunday 2027-03-28: 02:30 does not exist.
     let spring = runs(&vault, "2027-03-26T22:00:00Z".parse().unwrap(), 52);

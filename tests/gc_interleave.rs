@@ -16,33 +16,9 @@ fn backup_prune_of_its_parent_and_gc_interleave_without_losing_a_chunk() {
     let img = t.path().join("vm.img");
     // Day 1: the old point, kept long. Day 2: the parent, kept one day.
     mixed_image(&img, 40 << 20, 1);
-    ok_at(
-        "2027-01-01T00:00:00Z",
-        &[
-            "backup",
-            "--vault",
-            v,
-            "--item",
-            "vm",
-            "--retain-until",
-            "2030-01-01",
-            s(&img),
-        ],
-    );
+    backup_vm_until("2027-01-01T00:00:00Z", &vault, &img, "2030-01-01");
     churn(&img, 200, 64 << 10, 2);
-    ok_at(
-        "2027-01-02T00:00:00Z",
-        &[
-            "backup",
-            "--vault",
-            v,
-            "--item",
-            "vm",
-            "--retain-until",
-            "2027-01-02",
-            s(&img),
-        ],
-    );
+    backup_vm_until("2027-01-02T00:00:00Z", &vault, &img, "2027-01-02");
     let parent = points(&vault, "vm")[1]["id"].as_str().unwrap().to_string();
     // Day 3's image keeps most of day 2's blocks: the new backup would
     // lean on the parent's chunks.
@@ -129,33 +105,9 @@ fn gc_cannot_run_during_a_transfer_and_dry_run_changes_nothing() {
     let v = s(&vault);
     let img = t.path().join("vm.img");
     random_file(&img, 8 << 20, 1);
-    ok_at(
-        "2027-01-01T00:00:00Z",
-        &[
-            "backup",
-            "--vault",
-            v,
-            "--item",
-            "vm",
-            "--retain-until",
-            "2027-01-02",
-            s(&img),
-        ],
-    );
+    backup_vm_until("2027-01-01T00:00:00Z", &vault, &img, "2027-01-02");
     random_file(&img, 4 << 20, 2);
-    ok_at(
-        "2027-01-01T00:00:00Z",
-        &[
-            "backup",
-            "--vault",
-            v,
-            "--item",
-            "vm",
-            "--retain-until",
-            "2027-02-01",
-            s(&img),
-        ],
-    );
+    backup_vm_until("2027-01-01T00:00:00Z", &vault, &img, "2027-02-01");
     ok_at("2027-01-10T00:00:00Z", &["prune", "--vault", v]);
     assert_eq!(points(&vault, "vm").len(), 1);
     let before = json(&["vault", "show", "--vault", v]);
@@ -212,33 +164,9 @@ fn gc_defers_deleting_files_while_a_reader_holds_the_lease() {
     let v = s(&vault);
     let img = t.path().join("vm.img");
     random_file(&img, 8 << 20, 1);
-    ok_at(
-        "2027-01-01T00:00:00Z",
-        &[
-            "backup",
-            "--vault",
-            v,
-            "--item",
-            "vm",
-            "--retain-until",
-            "2027-01-02",
-            s(&img),
-        ],
-    );
+    backup_vm_until("2027-01-01T00:00:00Z", &vault, &img, "2027-01-02");
     random_file(&img, 2 << 20, 2);
-    ok_at(
-        "2027-01-01T00:00:00Z",
-        &[
-            "backup",
-            "--vault",
-            v,
-            "--item",
-            "vm",
-            "--retain-until",
-            "2027-02-01",
-            s(&img),
-        ],
-    );
+    backup_vm_until("2027-01-01T00:00:00Z", &vault, &img, "2027-02-01");
     ok_at("2027-01-10T00:00:00Z", &["prune", "--vault", v]);
     let seg = vault.join("segments").join(format!("{:016x}.seg", 1));
 

@@ -416,19 +416,7 @@ fn changing_a_policy_applies_to_existing_points() {
     ]);
     let img = t.path().join("a.img");
     random_file(&img, 200_000, 2);
-    ok_at(
-        "2027-01-01T00:00:00Z",
-        &[
-            "protect",
-            "--vault",
-            v,
-            "--item",
-            "a",
-            "--policy",
-            "P",
-            s(&img),
-        ],
-    );
+    protect_at("2027-01-01T00:00:00Z", &vault, "a", "P", &img);
     // Ten scheduled daily points, 2027-01-01 .. 2027-01-10.
     for day in 1..=10 {
         churn(&img, 1, 1000, day);

@@ -11,19 +11,7 @@ fn soft_delete_undelete_and_purge() {
     let v = s(&vault);
     let img = t.path().join("vm.img");
     random_file(&img, 4 << 20, 1);
-    ok_at(
-        "2027-01-01T00:00:00Z",
-        &[
-            "protect",
-            "--vault",
-            v,
-            "--item",
-            "vm",
-            "--policy",
-            "DefaultPolicy",
-            s(&img),
-        ],
-    );
+    protect_at("2027-01-01T00:00:00Z", &vault, "vm", "DefaultPolicy", &img);
     ok_at("2027-01-01T03:00:00Z", &["run-due", "--vault", v]);
     churn(&img, 10, 4096, 2);
     ok_at("2027-01-02T03:00:00Z", &["run-due", "--vault", v]);

@@ -60,6 +60,40 @@ pub fn json_at(now: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&ok_at(now, &all)).expect("valid JSON")
 }
 
+/// Protects `img` as `item` under `policy` with the clock at `now`.
+pub fn protect_at(now: &str, vault: &Path, item: &str, policy: &str, img: &Path) {
+    ok_at(
+        now,
+        &[
+            "protect",
+            "--vault",
+            s(vault),
+            "--item",
+            item,
+            "--policy",
+            policy,
+            s(img),
+        ],
+    );
+}
+
+/// Backs `img` up as item "vm" at `now`, kept until `until`.
+pub fn backup_vm_until(now: &str, vault: &Path, img: &Path, until: &str) {
+    ok_at(
+        now,
+        &[
+            "backup",
+            "--vault",
+            s(vault),
+            "--item",
+            "vm",
+            "--retain-until",
+            until,
+            s(img),
+        ],
+    );
+}
+
 /// Jobs of the vault as JSON.
 pub fn jobs(vault: &Path) -> Vec<serde_json::Value> {
     json(&["jobs", "--vault", s(vault)])
