@@ -1,18 +1,90 @@
 #!/usr/bin/env bash
 # Installs what building and testing coffre needs, if it is missing:
 # libclang (RocksDB's bindgen), a C++ compiler, e2fsprogs (test images).
+#
+#   scripts/install-deps.sh                   check, install what is missing (as root)
+#   scripts/install-deps.sh --detect-libclang print the libclang bindgen would load, or exit 1
+#
+# libclang is looked for exactly where bindgen (clang-sys, runtime loading)
+# looks: in $LIBCLANG_PATH alone when it is set; otherwise in
+# `llvm-config --prefix`/{bin,lib,lib64}, $LD_LIBRARY_PATH, /usr/lib*,
+# /usr/lib*/*, /usr/lib*/*/*, /usr/local/lib* (and two levels below) and
+# /usr/local/llvm*/lib*, for files named libclang.so, libclang-*.so,
+# libclang.so.* or libclang-*.so.* that are 64-bit ELF files, never
+# libclang-cpp (a different library that llvm-*-dev ships).
+# COFFRE_LIBCLANG_ROOT prefixes the standard directories (tests only).
 set -euo pipefail
 
-missing=()
-have_libclang() {
-  ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so' && return 0
-  compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null && return 0
-  compgen -G '/usr/lib/*/libclang*.so*' >/dev/null && return 0
+root=${COFFRE_LIBCLANG_ROOT:-}
+
+# Prints the directories bindgen searches, one per line, in its order.
+libclang_dirs() {
+  if [ -n "${LIBCLANG_PATH:-}" ]; then
+    if [ -f "$LIBCLANG_PATH" ]; then dirname -- "$LIBCLANG_PATH"; else printf '%s\n' "$LIBCLANG_PATH"; fi
+    return 0
+  fi
+  local prefix=""
+  if [ -z "$root" ]; then
+    prefix=$("${LLVM_CONFIG_PATH:-llvm-config}" --prefix 2>/dev/null | head -n 1) || prefix=""
+  fi
+  if [ -n "$prefix" ]; then printf '%s\n' "$prefix/bin" "$prefix/lib" "$prefix/lib64"; fi
+  local IFS=:
+  for d in ${LD_LIBRARY_PATH:-}; do [ -n "$d" ] && printf '%s\n' "$d"; done
+  unset IFS
+  local pattern
+  for pattern in /usr/lib\* /usr/lib\*/\* /usr/lib\*/\*/\* /usr/local/lib\* /usr/local/lib\*/\* \
+    /usr/local/lib\*/\*/\* /usr/local/llvm\*/lib\*; do
+    # shellcheck disable=SC2086 # the pattern is meant to glob
+    for d in $root$pattern; do [ -d "$d" ] && printf '%s\n' "$d"; done
+  done
+  return 0
+}
+
+# True when $1 is a 64-bit ELF file (what clang-sys validates).
+is_elf64() {
+  [ "$(head -c 5 -- "$1" 2>/dev/null | od -An -tx1 | tr -d ' \n')" = "7f454c4602" ]
+}
+
+# Prints the first libclang bindgen would accept; fails when there is none.
+detect_libclang() {
+  local dir f name
+  while IFS= read -r dir; do
+    # LIBCLANG_PATH may name the library file itself.
+    if [ -n "${LIBCLANG_PATH:-}" ] && [ -f "$LIBCLANG_PATH" ]; then
+      set -- "$LIBCLANG_PATH"
+    else
+      set -- "$dir"/libclang.so "$dir"/libclang-*.so "$dir"/libclang.so.* "$dir"/libclang-*.so.*
+    fi
+    for f in "$@"; do
+      name=${f##*/}
+      case "$name" in *-cpp.*) continue ;; esac
+      if [ -e "$f" ] && is_elf64 "$f"; then
+        printf '%s\n' "$f"
+        return 0
+      fi
+    done
+  done < <(libclang_dirs)
   return 1
 }
-have_libclang || missing+=(libclang-dev)
+
+if [ "${1:-}" = "--detect-libclang" ]; then
+  detect_libclang
+  exit
+fi
+
+missing=()
+if ! detect_libclang >/dev/null; then
+  if [ -n "${LIBCLANG_PATH:-}" ]; then
+    echo "coffre: LIBCLANG_PATH=$LIBCLANG_PATH holds no libclang (libclang.so, libclang-*.so," >&2
+    echo "  libclang.so.* or libclang-*.so.*); bindgen searches only there while it is set." >&2
+    echo "  Point it at the directory that holds libclang, or unset it." >&2
+    exit 1
+  fi
+  missing+=(libclang-dev)
+fi
 command -v c++ >/dev/null || missing+=(g++)
 command -v mke2fs >/dev/null || [ -x /usr/sbin/mke2fs ] || [ -x /sbin/mke2fs ] || missing+=(e2fsprogs)
+command -v debugfs >/dev/null || [ -x /usr/sbin/debugfs ] || [ -x /sbin/debugfs ] || missing+=(e2fsprogs)
 command -v make >/dev/null || missing+=(make)
 
 if ! command -v cargo >/dev/null; then
@@ -23,15 +95,26 @@ fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
+# One name once, in order.
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | awk '!seen[$0]++')
 
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   echo "coffre: installing ${missing[*]} ..." >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}" >/dev/null
+  if [[ " ${missing[*]} " == *" libclang-dev "* ]] && ! found=$(detect_libclang); then
+    echo "coffre: installed libclang-dev, but still no libclang where bindgen looks." >&2
+    echo "  Set LIBCLANG_PATH to the directory that holds libclang.so." >&2
+    exit 1
+  fi
+  [ -n "${found:-}" ] && echo "coffre: libclang at $found" >&2
+  exit 0
 else
   echo "coffre: missing system packages: ${missing[*]}" >&2
-  echo "  RocksDB's build needs libclang. As root run:" >&2
+  echo "  RocksDB's build needs libclang (libclang-cpp, from llvm-*-dev, is not it)." >&2
+  echo "  Run as root:" >&2
   echo "    apt-get install -y ${missing[*]}" >&2
+  echo "  or, if libclang is installed somewhere else, export LIBCLANG_PATH=/its/directory" >&2
   exit 1
 fi
