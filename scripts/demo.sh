@@ -44,7 +44,10 @@ rm -rf "$WORK/new"
 
 V="$WORK/vault"
 say "3. vault, two backups"
-"$BIN" vault create --vault "$V" --name demo-vault
+# The demo keeps its instant-restore snapshots in its work folder (by
+# default they go to .coffre-snapshots at the root of the image's
+# filesystem).
+"$BIN" vault create --vault "$V" --name demo-vault --snapshot-area "$WORK/snapshot-area"
 "$BIN" backup --vault "$V" --item vm "$WORK/day1.img"
 "$BIN" backup --vault "$V" --item vm "$WORK/day2.img"
 "$BIN" points --vault "$V" --item vm
@@ -57,7 +60,10 @@ set -- $ids
 "$BIN" restore --vault "$V" --item vm --point "$2" --to "$WORK/restored-day2.img"
 cmp "$WORK/day1.img" "$WORK/restored-day1.img"
 cmp "$WORK/day2.img" "$WORK/restored-day2.img"
-echo "both restores are byte-identical"
+echo "both restores (from the instant-restore snapshots) are byte-identical"
+"$BIN" restore --vault "$V" --item vm --point "$2" --from vault --to "$WORK/restored-day2-vault.img"
+cmp "$WORK/day2.img" "$WORK/restored-day2-vault.img"
+echo "the vault restore of day two is byte-identical too"
 
 say "5. verify"
 "$BIN" verify --vault "$V" --read-data
@@ -82,9 +88,9 @@ for day, p in enumerate(pts[:2], 1):
     s = p["stats"]
     mib = 1048576
     rate = p["image_size"] / mib / max(s["duration_ms"], 1) * 1000
-    print("day %d: point %s  image %.0f MiB  read %.0f MiB  changed blocks %d  stored %.1f MiB  %.0f MiB/s"
+    print("day %d: point %s  image %.0f MiB  read %.0f MiB  changed blocks %d  stored %.1f MiB  snapshot %.1f MiB  %s  %.0f MiB/s"
           % (day, p["id"], p["image_size"] / mib, s["bytes_read"] / mib, s["blocks_changed"],
-             p["stored_bytes"] / mib, rate))
+             p["stored_bytes"] / mib, p.get("snapshot_bytes", 0) / mib, p["tier"], rate))
 PY
 "$BIN" vault show --vault "$V"
 echo

@@ -86,12 +86,23 @@ command -v c++ >/dev/null || missing+=(g++)
 command -v mke2fs >/dev/null || [ -x /usr/sbin/mke2fs ] || [ -x /sbin/mke2fs ] || missing+=(e2fsprogs)
 command -v debugfs >/dev/null || [ -x /usr/sbin/debugfs ] || [ -x /sbin/debugfs ] || missing+=(e2fsprogs)
 command -v make >/dev/null || missing+=(make)
+# Optional: the tests of the snapshotter's clone path loop-mount an XFS
+# with reflink (as root); without xfsprogs they say SKIP.
+optional=()
+command -v mkfs.xfs >/dev/null || [ -x /usr/sbin/mkfs.xfs ] || [ -x /sbin/mkfs.xfs ] || optional+=(xfsprogs)
 
 if ! command -v cargo >/dev/null; then
   echo "coffre: cargo is not installed. Install Rust (https://rustup.rs) first." >&2
   exit 1
 fi
 
+if [ ${#optional[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    missing+=("${optional[@]}")
+  else
+    echo "coffre: optional ${optional[*]} missing: the XFS clone-path tests will SKIP" >&2
+  fi
+fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

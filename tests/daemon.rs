@@ -92,7 +92,7 @@ fn sigterm_abandons_a_running_transfer_safely() {
             .contains("abandoned"),
         "{j}"
     );
-    assert!(points(&vault, "vm").is_empty());
+    assert!(vault_points(&vault, "vm").is_empty());
     ok(&["verify", "--vault", v, "--read-data"]);
     let show = json(&["vault", "show", "--vault", v]);
     assert_eq!(

@@ -66,7 +66,7 @@ fn full_disk_during_backup() {
         "used {used_before} before, {used_after} after the failed backup"
     );
     // The snapshot phase completed, the transfer failed: no point.
-    assert!(points(&vault, "big").is_empty());
+    assert!(vault_points(&vault, "big").is_empty());
     let jobs = json(&["jobs", "--vault", s(&vault), "--item", "big"]);
     assert_eq!(jobs[0]["status"], "CompletedWithWarnings", "{jobs}");
     assert_eq!(jobs[0]["phases"][1]["status"], "Failed", "{jobs}");

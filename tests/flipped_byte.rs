@@ -84,9 +84,12 @@ fn verify_and_restore_after_a_flipped_byte() {
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains(p2) && text.contains("block 0"), "{text}");
 
-    // Restore of point 2 fails cleanly and leaves no file; point 1 restores.
+    // Restore of point 2 from the vault fails cleanly and leaves no file;
+    // point 1 restores. (Its snapshot is intact: instant restore works.)
     let out2 = t.path().join("p2.img");
-    let err = fails(&restore_args(&vault, "disk", Some(p2), &out2, false), 7);
+    let mut args = restore_args(&vault, "disk", Some(p2), &out2, false);
+    args.extend(["--from", "vault"]);
+    let err = fails(&args, 7);
     assert!(err.contains("block 0") && err.contains("damaged"), "{err}");
     assert!(!out2.exists());
     let leftovers: Vec<_> = std::fs::read_dir(t.path())
@@ -101,6 +104,10 @@ fn verify_and_restore_after_a_flipped_byte() {
         .collect();
     assert!(leftovers.is_empty(), "partial restore left behind");
     let out1 = t.path().join("p1.img");
-    ok(&restore_args(&vault, "disk", Some(p1), &out1, false));
+    let mut args = restore_args(&vault, "disk", Some(p1), &out1, false);
+    args.extend(["--from", "vault"]);
+    ok(&args);
     assert_same(&out1, &day1);
+    let snap2 = json(&restore_args(&vault, "disk", Some(p2), &out2, false));
+    assert_eq!(snap2["from"], "snapshot", "{snap2}");
 }

@@ -61,10 +61,10 @@ fn job_record_corpus() {
 }
 
 #[test]
-fn snapshot_file_corpus() {
-    let accepted = corpus("snapshot_file")
+fn snapshot_manifest_corpus() {
+    let accepted = corpus("snapshot_manifest")
         .iter()
-        .filter(|(_, b)| coffre_vault_store::snapfile::fuzz_entry(b))
+        .filter(|(_, b)| coffre_engine::snapshotter::manifest::fuzz_entry(b))
         .count();
     assert_eq!(accepted, 1, "exactly the undamaged seed reads");
 }

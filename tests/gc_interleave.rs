@@ -78,7 +78,7 @@ fn backup_prune_of_its_parent_and_gc_interleave_without_losing_a_chunk() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let pts = points(&vault, "vm");
+    let pts = vault_points(&vault, "vm");
     assert_eq!(pts.len(), 2);
     ok(&["verify", "--vault", v, "--read-data"]);
     let r = t.path().join("r.img");

@@ -91,7 +91,7 @@ fn decoupling_rule_and_the_status_table() {
         (phase(&j1, 0), phase(&j1, 1), j1["status"].as_str().unwrap()),
         ("Completed", "Completed", "Completed")
     );
-    assert_eq!(points(&vault, "vm").len(), 2);
+    assert_eq!(vault_points(&vault, "vm").len(), 2);
 
     // The next transfer captures every change since the last vault point.
     churn(&img, 20, 50_000, 3);
@@ -267,7 +267,7 @@ fn a_job_killed_mid_way_is_marked_failed_and_the_next_backup_works() {
         ("Failed", "Failed"),
         "{j}"
     );
-    let snaps = vault.join("snapshots").join("vm");
+    let snaps = snapshot_dirs(&vault, "vm").pop().expect("a snapshot area");
     let partial = |d: &std::path::Path| {
         std::fs::read_dir(d)
             .unwrap()

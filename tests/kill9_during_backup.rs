@@ -47,9 +47,11 @@ fn kill_minus_nine_mid_backup() {
         assert!(!status.success());
 
         ok(&["verify", "--vault", s(&vault), "--read-data"]);
-        assert_eq!(points(&vault, "vm").len(), 1, "round {round}");
+        let in_vault = vault_points(&vault, "vm");
+        assert_eq!(in_vault.len(), 1, "round {round}");
         let out = t.path().join("r.img");
-        ok(&restore_args(&vault, "vm", None, &out, true));
+        let id = in_vault[0]["id"].as_str().unwrap();
+        ok(&restore_args(&vault, "vm", Some(id), &out, true));
         assert_same(&out, &day1);
     }
 
@@ -57,7 +59,7 @@ fn kill_minus_nine_mid_backup() {
     // reused or reclaimed, never kept twice.
     ok(&["backup", "--vault", s(&vault), s(&img)]);
     ok(&["verify", "--vault", s(&vault), "--read-data"]);
-    let pts = points(&vault, "vm");
+    let pts = vault_points(&vault, "vm");
     assert_eq!(pts.len(), 2);
     let out = t.path().join("r2.img");
     ok(&restore_args(&vault, "vm", None, &out, false));

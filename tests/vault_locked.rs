@@ -55,7 +55,7 @@ fn second_writer_is_refused_with_the_holders_pid() {
     let jobs = json(&["jobs", "--vault", s(&vault), "--item", "small"]);
     assert_eq!(jobs[1]["status"], "CompletedWithWarnings", "{jobs}");
     // Readers are not blocked by the writer.
-    assert_eq!(points(&vault, "small").len(), 1);
+    assert_eq!(vault_points(&vault, "small").len(), 1);
     let out = t.path().join("r.img");
     ok(&restore_args(&vault, "small", None, &out, false));
     assert_same(&out, &small);
@@ -73,6 +73,8 @@ fn second_writer_is_refused_with_the_holders_pid() {
         .unwrap();
     assert!(waited.status.success(), "{waited:?}");
     assert!(child.wait().unwrap().success());
-    assert_eq!(points(&vault, "small").len(), 2);
+    assert_eq!(vault_points(&vault, "small").len(), 2);
+    // The refused transfer left its snapshot: a point of tier Snapshot.
+    assert_eq!(points(&vault, "small").len(), 3);
     assert_eq!(points(&vault, "big").len(), 1);
 }

@@ -108,12 +108,7 @@ fn full_backup(c: &mut Criterion) {
     let mut g = c.benchmark_group("backup");
     g.sample_size(10);
     g.throughput(Throughput::Bytes(SIZE as u64));
-    let opts = BackupOptions {
-        item: "bench".into(),
-        source_path: "/bench.img".into(),
-        threads: 0,
-        rate_limit: None,
-    };
+    let opts = BackupOptions::new("bench", "/bench.img");
     g.bench_function("full_64MiB", |b| {
         b.iter_with_setup(fresh_vault, |(_dir, vault)| {
             let src = MemImage::new("bench.img", image.clone());

@@ -31,6 +31,15 @@ pub enum OutputFormat {
     Json,
 }
 
+/// Tiers a restore can read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FromTier {
+    /// The instant-restore snapshot.
+    Snapshot,
+    /// The vault.
+    Vault,
+}
+
 /// The vault a command works on.
 #[derive(Debug, Args)]
 pub struct VaultArg {
@@ -84,7 +93,8 @@ pub enum Command {
         item: String,
     },
 
-    /// Restore a recovery point to a sparse image file.
+    /// Restore a recovery point to a new sparse image file, or in place
+    /// onto an existing image or block device (changed blocks only).
     Restore {
         #[command(flatten)]
         vault: VaultArg,
@@ -94,12 +104,27 @@ pub enum Command {
         /// Point id, unique id prefix, or `latest`.
         #[arg(long, default_value = "latest", value_name = "ID")]
         point: String,
-        /// File to write.
+        /// File to write, or with --in-place the existing file or block
+        /// device to overwrite.
         #[arg(long, value_name = "FILE")]
         to: PathBuf,
-        /// Overwrite FILE if it exists.
+        /// Overwrite FILE if it exists (required with --in-place).
         #[arg(long)]
         force: bool,
+        /// Write into the existing FILE or block device, reading each block
+        /// first and writing only those that differ from the point. The
+        /// target is inconsistent until the restore ends; rerun an
+        /// interrupted one to finish it.
+        #[arg(long)]
+        in_place: bool,
+        /// Where to read the point from: its snapshot (instant restore) or
+        /// the vault. Default: the snapshot while the point has one.
+        #[arg(long, value_enum, value_name = "TIER")]
+        from: Option<FromTier>,
+        /// Permissions of a new FILE, in octal.
+        #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode,
+              conflicts_with = "in_place")]
+        mode: u32,
         #[command(flatten)]
         threads: ThreadsArg,
     },
@@ -130,6 +155,17 @@ pub enum Command {
         /// Policy name.
         #[arg(long)]
         policy: String,
+        /// Command run before each snapshot, e.g. "virsh domfsfreeze vm1"
+        /// (split like a shell would, run without one; "" removes it).
+        #[arg(long, value_name = "CMD")]
+        pre_snapshot: Option<String>,
+        /// Command run after each snapshot, even a failed one, e.g.
+        /// "virsh domfsthaw vm1" ("" removes it).
+        #[arg(long, value_name = "CMD")]
+        post_snapshot: Option<String>,
+        /// Seconds each hook may run before it is killed.
+        #[arg(long, value_name = "SECS")]
+        hook_timeout: Option<u64>,
         /// The raw disk image (file or block device).
         image: PathBuf,
     },
@@ -213,6 +249,19 @@ pub enum Command {
         threads: ThreadsArg,
     },
 
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the man page, or write one page per command into a directory.
+    Man {
+        /// Write coffre.1, coffre-backup.1, … here instead of printing coffre.1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+
     /// Run backups on schedule, then prune, gc and snapshot expiry, until
     /// SIGTERM or SIGINT.
     Daemon {
@@ -227,6 +276,14 @@ pub enum Command {
         #[command(flatten)]
         threads: ThreadsArg,
     },
+}
+
+/// Parses an octal file mode such as `600` or `0640`.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode such as 600 or 0640"))
 }
 
 /// Policy fields shared by `policy create` and `policy set`.
@@ -404,6 +461,11 @@ pub enum VaultCommand {
         /// Storage redundancy: LRS or GRS (default LRS).
         #[arg(long, value_name = "LRS|GRS")]
         redundancy: Option<String>,
+        /// Keep every item's instant-restore snapshots in DIR (default: in
+        /// `.coffre-snapshots/VAULT_N` at the root of each image's
+        /// filesystem, where reflink clones work).
+        #[arg(long, value_name = "DIR")]
+        snapshot_area: Option<PathBuf>,
     },
     /// Change a vault setting. Redundancy is locked once an item is protected.
     Set {
@@ -411,7 +473,11 @@ pub enum VaultCommand {
         vault: VaultArg,
         /// Storage redundancy: LRS or GRS.
         #[arg(long, value_name = "LRS|GRS")]
-        redundancy: String,
+        redundancy: Option<String>,
+        /// Keep instant-restore snapshots in DIR ("" goes back to the
+        /// default, next to each image).
+        #[arg(long, value_name = "DIR")]
+        snapshot_area: Option<PathBuf>,
     },
     /// Show settings, items, points and space used.
     Show {

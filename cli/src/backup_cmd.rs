@@ -11,14 +11,16 @@ use coffre_engine::backup_job::{JobOptions, Writer, run_backup_job};
 use coffre_engine::policy::DEFAULT_POLICY;
 use coffre_engine::protection::{canonical, protect};
 use coffre_engine::retention::ON_DEMAND_DEFAULT_DAYS;
+use coffre_engine::store::catalog::Hooks;
 use coffre_engine::store::jobs::{JobRecord, PhaseStatus};
 use coffre_engine::store::{Access, Protection};
 use coffre_engine::{BackupOptions, FileImage, ImageSource};
 use jiff::{Timestamp, ToSpan};
 use serde::Serialize;
 
-use crate::commands::{Ctx, PointView, open};
+use crate::ctx::{Ctx, open};
 use crate::output::{self, bytes};
+use crate::point_cmd::PointView;
 use crate::progress::Bar;
 use crate::units::mib_per_s;
 
@@ -62,13 +64,17 @@ fn item_name_for(image: &Path, item: Option<String>) -> anyhow::Result<String> {
 }
 
 /// Protects the image under DefaultPolicy if its item does not exist yet;
-/// returns true when it did.
-fn ensure_protected(ctx: &Ctx, dir: &Path, item: &str, image: &Path) -> anyhow::Result<bool> {
-    let state = open(ctx, dir, Access::ReadOnly)?
-        .item(item)?
-        .map(|i| i.protection);
-    match state {
-        Some(Protection::Protected) => Ok(false),
+/// returns true when it did, and the item's hooks.
+fn ensure_protected(
+    ctx: &Ctx,
+    dir: &Path,
+    item: &str,
+    image: &Path,
+) -> anyhow::Result<(bool, Hooks)> {
+    let record = open(ctx, dir, Access::ReadOnly)?.item(item)?;
+    let hooks = record.as_ref().map(|i| i.hooks.clone()).unwrap_or_default();
+    match record.map(|i| i.protection) {
+        Some(Protection::Protected) => Ok((false, hooks)),
         Some(Protection::Stopped { .. }) => anyhow::bail!(
             "item {item:?} is not protected any more (stopped, data retained); run `coffre protect --item {item} --policy P` to resume"
         ),
@@ -84,9 +90,10 @@ fn ensure_protected(ctx: &Ctx, dir: &Path, item: &str, image: &Path) -> anyhow::
                 DEFAULT_POLICY,
                 image,
                 ctx.now(),
+                None,
             )
             .with_context(|| format!("cannot protect {}", image.display()))?;
-            Ok(true)
+            Ok((true, hooks))
         }
     }
 }
@@ -115,7 +122,7 @@ pub fn run(
     let item = item_name_for(image, item)?;
     let retain_until = parse_retain_until(retain_until, ctx.now())?;
     let source = FileImage::open(image).context("cannot back up")?;
-    let auto_protected = ensure_protected(ctx, dir, &item, image)?;
+    let (auto_protected, hooks) = ensure_protected(ctx, dir, &item, image)?;
     if auto_protected && ctx.fmt == crate::args::OutputFormat::Table {
         eprintln!(
             "coffre: {} was not protected; it is now item {item} under {DEFAULT_POLICY} (daily at 02:00 UTC, points kept 30 days)",
@@ -133,6 +140,9 @@ pub fn run(
                 source_path: canonical(image),
                 threads,
                 rate_limit,
+                hooks,
+                allow_clone: ctx.allow_clone,
+                snapshot_root: ctx.snapshot_root.clone(),
             },
             terms: PointTerms {
                 scheduled: false,
@@ -155,7 +165,7 @@ pub fn run(
     })?;
     let job = &outcome.job;
     let view = BackupView {
-        point: outcome.point.as_ref().map(PointView::from),
+        point: outcome.point.as_ref().map(PointView::transferred),
         job,
         new_item: outcome.point.as_ref().is_some_and(|p| p.seq == 1),
         auto_protected,

@@ -18,7 +18,7 @@ use anyhow::Context;
 use coffre_engine::store::{Access, StoreError, Vault};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::commands::Ctx;
+use crate::ctx::Ctx;
 use crate::maintenance_cmd::pass;
 
 /// How long a pass waits for another writer before it gives up (and the

@@ -1,6 +1,7 @@
 //! Exit codes (documented in the README, "Exit codes").
 
 use coffre_engine::EngineError;
+use coffre_engine::snapshotter::SnapError;
 use coffre_engine::store::StoreError;
 
 // 0 is success.
@@ -47,9 +48,18 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
             }
             return match e {
                 EngineError::Store(s) => store_code(s),
-                EngineError::SourceChanged { .. } => SOURCE_CHANGED,
+                EngineError::Snap(SnapError::SourceChanged { .. }) => SOURCE_CHANGED,
+                EngineError::Snap(SnapError::Store(s)) => store_code(s),
                 EngineError::DamagedBlock { .. } | EngineError::DamagedBlockMap { .. } => DAMAGED,
                 EngineError::Cancelled { .. } => JOB_FAILED,
+                _ => FAILURE,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<SnapError>() {
+            return match e {
+                _ if e.is_no_space() => NO_SPACE,
+                SnapError::SourceChanged { .. } => SOURCE_CHANGED,
+                SnapError::Store(s) => store_code(s),
                 _ => FAILURE,
             };
         }

@@ -5,11 +5,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use coffre_engine::protection::{self, ItemView, item_view};
+use coffre_engine::snapshotter::hooks::parse_command;
+use coffre_engine::store::catalog::Hooks;
 use coffre_engine::store::jobs::Operation;
 use coffre_engine::store::{Access, Protection};
 
 use crate::args::ItemCommand;
-use crate::commands::{Ctx, open};
+use crate::ctx::{Ctx, open};
 use crate::output::{self, bytes, columns};
 
 fn protection_text(p: &Protection) -> String {
@@ -22,6 +24,45 @@ fn protection_text(p: &Protection) -> String {
     }
 }
 
+/// The hooks `protect` sets: `None` when no hook option was given (the
+/// item's hooks stay as they are); an empty command removes a hook.
+pub fn hooks_from(
+    ctx: &Ctx,
+    dir: &Path,
+    item: &str,
+    pre: Option<String>,
+    post: Option<String>,
+    timeout: Option<u64>,
+) -> anyhow::Result<Option<Hooks>> {
+    if pre.is_none() && post.is_none() && timeout.is_none() {
+        return Ok(None);
+    }
+    let mut hooks = open(ctx, dir, Access::ReadOnly)
+        .ok()
+        .and_then(|v| v.item(item).ok().flatten())
+        .map(|i| i.hooks)
+        .unwrap_or_default();
+    let argv = |cmd: String, flag: &str| -> anyhow::Result<Vec<String>> {
+        if cmd.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        parse_command(&cmd).with_context(|| format!("--{flag}"))
+    };
+    if let Some(cmd) = pre {
+        hooks.pre = argv(cmd, "pre-snapshot")?;
+    }
+    if let Some(cmd) = post {
+        hooks.post = argv(cmd, "post-snapshot")?;
+    }
+    if let Some(t) = timeout {
+        if !(1..=3600).contains(&t) {
+            anyhow::bail!("--hook-timeout {t} is outside 1..=3600 seconds");
+        }
+        hooks.timeout_secs = t;
+    }
+    Ok(Some(hooks))
+}
+
 /// `coffre protect`.
 pub fn protect(
     ctx: &Ctx,
@@ -29,16 +70,26 @@ pub fn protect(
     item: &str,
     policy: &str,
     image: &Path,
+    hooks: Option<Hooks>,
 ) -> anyhow::Result<ExitCode> {
     let vault = open(ctx, dir, Access::Write)?;
-    let out = protection::protect(&vault, &ctx.registry, item, policy, image, ctx.now())
-        .with_context(|| format!("cannot protect {} as item {item}", image.display()))?;
+    let out = protection::protect(
+        &vault,
+        &ctx.registry,
+        item,
+        policy,
+        image,
+        ctx.now(),
+        hooks.as_ref(),
+    )
+    .with_context(|| format!("cannot protect {} as item {item}", image.display()))?;
     let view = item_view(&vault, &out.item, ctx.now())?;
     output::emit(ctx.fmt, &view, |v| {
         let verb = match out.action {
             "protected" => "protected",
             "resumed" => "resumed protection of",
             "policy-changed" => "changed the policy of",
+            "hooks-changed" => "changed the hooks of",
             _ => "already protected:",
         };
         format!(
@@ -151,7 +202,7 @@ pub fn run(ctx: &Ctx, cmd: ItemCommand) -> anyhow::Result<ExitCode> {
             output::emit(ctx.fmt, &view, |v| {
                 let t = &v.tiers;
                 format!(
-                    "item         {}\nsource       {}\nstate        {}\npolicy       {}\nlast backup  {}\nnext run     {}\npoints       {} in the vault: {} daily, {} weekly, {} monthly, {} yearly, {} on-demand, {} expiring\nsnapshots    {} (instant restore tier)\nstored       {}\n",
+                    "item         {}\nsource       {}\nstate        {}\npolicy       {}\nlast backup  {}\nnext run     {}\npoints       {} in the vault: {} daily, {} weekly, {} monthly, {} yearly, {} on-demand, {} expiring\nsnapshots    {} (instant restore tier; {} not yet in the vault), {}\nhooks        {}\nstored       {}\n",
                     v.name,
                     v.source.display(),
                     protection_text(&v.protection),
@@ -171,6 +222,16 @@ pub fn run(ctx: &Ctx, cmd: ItemCommand) -> anyhow::Result<ExitCode> {
                     t.on_demand,
                     t.expiring,
                     t.snapshot,
+                    t.snapshot_only,
+                    bytes(v.snapshot_bytes),
+                    if v.hooks.is_set() {
+                        format!(
+                            "pre {:?}, post {:?}, timeout {} s",
+                            v.hooks.pre, v.hooks.post, v.hooks.timeout_secs
+                        )
+                    } else {
+                        "none".to_string()
+                    },
                     bytes(v.stored_bytes)
                 )
             })?;

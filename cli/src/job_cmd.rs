@@ -10,7 +10,7 @@ use coffre_engine::store::jobs::{JobRecord, JobStatus, JobStore};
 use jiff::Timestamp;
 
 use crate::args::JobCommand;
-use crate::commands::Ctx;
+use crate::ctx::Ctx;
 use crate::exit;
 use crate::output::{self, columns};
 

@@ -4,21 +4,34 @@
 mod args;
 mod backup_cmd;
 mod commands;
+mod ctx;
 mod daemon;
+mod docs_cmd;
 mod exit;
 mod item_cmd;
 mod job_cmd;
 mod maintenance_cmd;
 mod output;
+mod point_cmd;
 mod policy_cmd;
 mod progress;
+mod restore_cmd;
 mod units;
+mod vault_cmd;
+mod verify_cmd;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // A vault holds whole disks: whatever this process creates (RocksDB's
+    // files included) is private to its owner. coffre's own files ask for
+    // 0600/0700 explicitly; restored images use --mode.
+    // SAFETY: umask only sets this process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     let cli = args::Cli::parse();
     // The scheduler commands report what they do; the others stay quiet.
     let chatty = matches!(

@@ -11,7 +11,7 @@ use coffre_engine::store::gc::{self, GcPlan, GcReport};
 use coffre_engine::store::jobs::Operation;
 use coffre_engine::store::{Access, Vault};
 
-use crate::commands::{Ctx, open};
+use crate::ctx::{Ctx, open};
 use crate::output::{self, bytes, columns};
 
 fn prune_table(r: &PruneReport) -> String {
@@ -165,6 +165,7 @@ pub fn pass(
             threads,
             rate_limit,
             stop,
+            snapshot_root: ctx.snapshot_root.as_deref(),
         },
     )
     .with_context(|| format!("scheduler pass on {} failed", vault.dir().display()))

@@ -14,7 +14,7 @@ use coffre_engine::policy::{
 use coffre_engine::store::Access;
 
 use crate::args::{OutputFormat, PolicyCommand, PolicyFields};
-use crate::commands::{Ctx, open};
+use crate::ctx::{Ctx, open};
 use crate::output::{self, columns};
 
 fn parse_list<T: FromStr<Err = String>>(flag: &str, v: &[String]) -> anyhow::Result<Vec<T>> {

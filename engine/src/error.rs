@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 
+use coffre_snapshotter::SnapError;
 use coffre_vault_store::{ChunkId, StoreError};
 
 /// Result alias for engine operations.
@@ -19,31 +20,10 @@ pub enum EngineError {
     #[error(transparent)]
     Store(#[from] StoreError),
 
-    /// The image does not exist.
-    #[error("image {path} does not exist")]
-    SourceNotFound { path: PathBuf },
-
-    /// The image is a directory.
-    #[error("image {path} is a directory, not a disk image")]
-    SourceIsDirectory { path: PathBuf },
-
-    /// The image is neither a regular file nor a block device.
-    #[error("image {path} is not a regular file or block device")]
-    SourceNotRegular { path: PathBuf },
-
-    /// The image cannot be opened or read.
-    #[error("image {path} cannot be read: {source}")]
-    SourceUnreadable {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-
-    /// The image changed size or was truncated while it was being read.
-    #[error(
-        "image {path} changed during the backup ({reason}); no point was recorded, retry when it is quiescent"
-    )]
-    SourceChanged { path: PathBuf, reason: String },
+    /// A snapshotter failure (reading the image, the snapshot area,
+    /// hooks, snapshot files).
+    #[error(transparent)]
+    Snap(#[from] SnapError),
 
     /// An item name breaks the naming rule.
     #[error("{0}")]
@@ -68,6 +48,40 @@ pub enum EngineError {
     /// Restore refused to replace an existing file.
     #[error("{path} already exists; pass --force to overwrite it")]
     TargetExists { path: PathBuf },
+
+    /// The point is not held in the tier asked for.
+    #[error(
+        "point {point} of item {item:?} has no copy in the {tier} tier (see `coffre points`: its snapshot expired, or its transfer has not completed)"
+    )]
+    PointNotInTier {
+        item: String,
+        point: String,
+        tier: &'static str,
+    },
+
+    /// An in-place restore target does not exist.
+    #[error(
+        "restore target {path} does not exist; --in-place writes into an existing file or block device"
+    )]
+    TargetMissing { path: PathBuf },
+
+    /// An in-place restore target is neither a regular file nor a block device.
+    #[error("restore target {path} is not a regular file or block device")]
+    TargetNotRegular { path: PathBuf },
+
+    /// An in-place restore target is smaller than the image.
+    #[error(
+        "restore target {path} holds {size} bytes, smaller than the {needed}-byte image; grow it first"
+    )]
+    TargetTooSmall {
+        path: PathBuf,
+        size: u64,
+        needed: u64,
+    },
+
+    /// A block device is mounted or held open exclusively.
+    #[error("restore target {path} is in use: {reason}; unmount or release it first")]
+    TargetBusy { path: PathBuf, reason: String },
 
     /// Restore target cannot be written.
     #[error("cannot write restore target {path}: {source}")]
@@ -169,6 +183,7 @@ impl EngineError {
     pub fn is_no_space(&self) -> bool {
         match self {
             EngineError::Store(e) => e.is_no_space(),
+            EngineError::Snap(e) => e.is_no_space(),
             EngineError::TargetUnwritable { source, .. } => {
                 source.raw_os_error() == Some(libc::ENOSPC)
             }

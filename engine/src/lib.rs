@@ -1,43 +1,29 @@
-//! coffre backup engine.
+//! coffre backup engine: it orchestrates the snapshotter and the vault.
 //!
-//! Turns raw disk images into recovery points in a vault and back:
-//! [`source`] reads images window by window through memory maps (with the
-//! [`sigbus`] guard against images that shrink), [`backup`] hashes, diffs,
-//! compresses and stores blocks, [`reader`] walks the
-//! per-point block map (whose bytes `coffre-vault-store` owns), [`restore`] writes sparse byte-identical images,
-//! [`verify`] audits a vault, [`vault_ops`] creates and summarises vaults,
-//! [`points`] selects points. Backups run as jobs ([`backup_job`]): a
-//! [`snapshot`] phase, then a transfer ([`backup`]). Items are protected
-//! ([`protection`], [`registry`]) under [`policy`]s ([`policies`]) whose
-//! [`schedule`] the [`scheduler`] follows and whose [`retention`] rules
-//! [`prune`] applies. Time comes from an injected [`clock`];
-//! progress goes to a [`progress::Progress`]. Storage is
-//! `coffre-vault-store`'s business.
+//! Two folders show the split. [`data`] is the data path: the transfer
+//! ([`backup`]) moves a snapshot into the vault, [`reader`] walks a point's
+//! block map, [`restore`] writes byte-identical images from either tier
+//! (new files, or in place via [`restore_target`]), [`verify`] audits a
+//! vault, [`points`] lists and selects points of both tiers. [`service`] is
+//! what runs around it: backups as jobs ([`backup_job`]: the snapshot phase,
+//! then the transfer), items ([`protection`], [`registry`]) protected under
+//! [`policy`]s ([`policies`]) whose [`schedule`] the [`scheduler`] follows
+//! and whose [`retention`] rules [`prune`] applies, job records
+//! ([`job_record`]) and vault settings ([`vault_ops`]). Time comes from an
+//! injected [`clock`]; progress goes to a [`progress::Progress`]. Images,
+//! snapshots and the snapshot area are `coffre-snapshotter`'s; the vault's
+//! bytes are `coffre-vault-store`'s.
 
-pub mod backup;
-pub mod backup_job;
 pub mod clock;
+pub mod data;
 pub mod error;
-pub mod job_record;
-pub mod per_thread;
-pub mod points;
-pub mod policies;
-pub mod policy;
-pub mod progress;
-pub mod protection;
-pub mod prune;
-pub mod reader;
-pub mod registry;
-pub mod restore;
-pub mod retention;
-pub mod schedule;
-pub mod scheduler;
-pub mod sigbus;
-pub mod snapshot;
-pub mod source;
-pub mod throttle;
-pub mod vault_ops;
-pub mod verify;
+pub mod service;
+
+pub use data::{backup, per_thread, points, reader, restore, restore_target, verify};
+pub use service::{
+    backup_job, job_record, policies, policy, protection, prune, registry, retention, schedule,
+    scheduler, vault_ops,
+};
 
 pub use backup::{BackupOptions, BackupOutcome, backup};
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -47,5 +33,7 @@ pub use restore::{RestoreOptions, RestoreSummary, restore};
 pub use source::{FileImage, ImageSource, MemImage};
 pub use verify::{Finding, Severity, VerifyOptions, VerifyReport, verify};
 
-/// Re-exported storage types callers need.
+/// The crates the engine builds on, for callers.
+pub use coffre_snapshotter as snapshotter;
+pub use coffre_snapshotter::{progress, sigbus, source, throttle};
 pub use coffre_vault_store as store;

@@ -21,8 +21,16 @@ pub fn coffre() -> Command {
     c.env_remove("COFFRE_VAULT")
         .env_remove("COFFRE_NOW")
         .env("COFFRE_LOG", "warn")
-        .env("COFFRE_REGISTRY", registry_path());
+        .env("COFFRE_REGISTRY", registry_path())
+        .env("COFFRE_SNAPSHOT_ROOT", snapshot_root());
     c
+}
+
+/// Where this test process's snapshot areas go (never the root of the
+/// machine's filesystem; the same filesystem as the test images, so that
+/// clones would work where the filesystem can clone).
+pub fn snapshot_root() -> PathBuf {
+    std::env::temp_dir().join(format!("coffre-test-snapshots-{}", std::process::id()))
 }
 
 /// The registry of protected images this test process uses (never the
@@ -180,6 +188,26 @@ pub fn new_vault(dir: &Path, extra: &[&str]) -> PathBuf {
     args.extend_from_slice(extra);
     ok(&args);
     v
+}
+
+/// The item's points the vault holds (tiers `Vault` and
+/// `SnapshotAndVault`; not those that exist only as a snapshot).
+pub fn vault_points(vault: &Path, item: &str) -> Vec<serde_json::Value> {
+    points(vault, item)
+        .into_iter()
+        .filter(|p| p["tier"] != "Snapshot")
+        .collect()
+}
+
+/// The snapshot folders of `item` in every area the vault has used (read
+/// from `VAULT/snapshot-areas`: an envelope around a JSON list of paths).
+pub fn snapshot_dirs(vault: &Path, item: &str) -> Vec<PathBuf> {
+    let Ok(bytes) = fs::read(vault.join("snapshot-areas")) else {
+        return Vec::new();
+    };
+    let len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    let dirs: Vec<PathBuf> = serde_json::from_slice(&bytes[16..16 + len]).unwrap();
+    dirs.into_iter().map(|d| d.join(item)).collect()
 }
 
 /// Points of an item as JSON objects.

@@ -7,7 +7,6 @@ use coffre_vault_store::ChunkId;
 use coffre_vault_store::blockmap::{LEAF_ENTRIES, Node};
 use coffre_vault_store::jobs::{JobRecord, Operation, PhaseStatus};
 use coffre_vault_store::record::RecordEncoder;
-use coffre_vault_store::snapfile::{SnapHeader, SnapWriter};
 
 fn main() {
     let out = std::env::args()
@@ -89,36 +88,5 @@ fn main() {
         ("truncated.bin", &truncated),
     ] {
         std::fs::write(jobs.join(name), bytes).unwrap();
-    }
-
-    let snaps = out.join("snapshot_file");
-    std::fs::create_dir_all(&snaps).unwrap();
-    let tmp = std::env::temp_dir().join(format!("coffre-seed-{}.snap", std::process::id()));
-    let mut w = SnapWriter::create(
-        &tmp,
-        SnapHeader {
-            block_size: 65536,
-            image_size: 1100 * 65536 - 7,
-            blocks: 1100,
-            created: 1_800_000_000,
-        },
-    )
-    .unwrap();
-    for i in 0..1100u32 {
-        w.push((i % 5 != 0).then(|| ChunkId::of(&i.to_le_bytes())))
-            .unwrap();
-    }
-    w.finish().unwrap();
-    let snap = std::fs::read(&tmp).unwrap();
-    std::fs::remove_file(&tmp).unwrap();
-    let mut flipped = snap.clone();
-    flipped[100] ^= 1;
-    let truncated = snap[..snap.len() - 20].to_vec();
-    for (name, bytes) in [
-        ("valid.bin", &snap),
-        ("flipped.bin", &flipped),
-        ("truncated.bin", &truncated),
-    ] {
-        std::fs::write(snaps.join(name), bytes).unwrap();
     }
 }

@@ -72,6 +72,52 @@ pub struct ItemRecord {
     /// Identity of the image file or device.
     #[serde(default)]
     pub identity: Option<SourceIdentity>,
+    /// Pre- and post-snapshot hooks.
+    #[serde(default, skip_serializing_if = "Hooks::is_unset")]
+    pub hooks: Hooks,
+}
+
+/// An item's pre- and post-snapshot hooks: argvs, never shell lines (run
+/// by the snapshotter's `hooks` module).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hooks {
+    /// Runs before the capture.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre: Vec<String>,
+    /// Runs after the capture (also after a failed one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post: Vec<String>,
+    /// Seconds each may run.
+    #[serde(default = "default_hook_timeout")]
+    pub timeout_secs: u64,
+}
+
+/// Default seconds a hook may run.
+pub const DEFAULT_HOOK_TIMEOUT_SECS: u64 = 60;
+
+fn default_hook_timeout() -> u64 {
+    DEFAULT_HOOK_TIMEOUT_SECS
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Hooks {
+            pre: Vec::new(),
+            post: Vec::new(),
+            timeout_secs: DEFAULT_HOOK_TIMEOUT_SECS,
+        }
+    }
+}
+
+impl Hooks {
+    /// True when any hook is set.
+    pub fn is_set(&self) -> bool {
+        !self.pre.is_empty() || !self.post.is_empty()
+    }
+
+    fn is_unset(&self) -> bool {
+        !self.is_set()
+    }
 }
 
 /// Statistics of the backup that produced a point.
@@ -122,6 +168,10 @@ pub struct PointRecord {
     /// Job that produced the point.
     #[serde(default)]
     pub job: Option<String>,
+    /// Consistency level of the capture (absent for points taken before
+    /// snapshots had levels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<crate::level::Level>,
 }
 
 /// Checks an item name: 1-128 characters of letters, digits, `.`, `_`,

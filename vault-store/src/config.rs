@@ -81,6 +81,10 @@ pub struct VaultConfig {
     pub redundancy: Redundancy,
     /// When the vault was created.
     pub created: Timestamp,
+    /// Where every item's instant-restore snapshots go (`vault set
+    /// --snapshot-area`); `None`: next to each image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_area: Option<std::path::PathBuf>,
 }
 
 impl VaultConfig {
@@ -220,6 +224,7 @@ mod tests {
             compression_level: 3,
             redundancy: Redundancy::Lrs,
             created: Timestamp::from_second(1_700_000_000).unwrap(),
+            snapshot_area: None,
         }
     }
 

@@ -2,11 +2,12 @@
 //! directory fsync. Nothing else in coffre calls `rename` for state that
 //! must survive a crash.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
 
 use crate::error::{Result, StoreError};
+use crate::private;
 
 /// Flushes a directory's entries (new, renamed or removed files) to disk.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
@@ -32,7 +33,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .unwrap_or_else(|| "state".into());
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
-        let mut f = OpenOptions::new()
+        let mut f = private::open_options()
             .write(true)
             .create(true)
             .truncate(true)
@@ -50,9 +51,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
-/// Creates a directory (and parents) and makes its entry durable.
+/// Creates an owner-only directory (and parents) and makes its entry
+/// durable. An existing `dir` is made owner-only too.
 pub fn create_dir_durable(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| StoreError::io("create directory", dir, e))?;
+    private::create_private_dir(dir).map_err(|e| StoreError::io("create directory", dir, e))?;
     fsync_dir(dir)?;
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         fsync_dir(parent)?;

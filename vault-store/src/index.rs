@@ -472,6 +472,27 @@ impl Index {
     /// the state committed when it was opened. Column families an older
     /// vault lacks read as empty.
     pub fn open_read(path: &Path) -> Result<Self> {
+        // A read-only open lists the live files, then opens them: a writer
+        // in another process may switch its WAL or compact in between, and
+        // the open then fails on a file that just went. That is transient:
+        // try again on a fresh listing.
+        let mut attempt = 0;
+        loop {
+            match Self::open_read_once(path) {
+                Err(StoreError::Index { source, .. })
+                    if attempt < 20
+                        && source.kind() == rocksdb::ErrorKind::IOError
+                        && source.to_string().contains("No such file") =>
+                {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_read_once(path: &Path) -> Result<Self> {
         let mut opts = Options::default();
         opts.create_if_missing(false);
         let existing = DB::list_cf(&opts, path).map_err(|source| StoreError::Index {

@@ -308,7 +308,7 @@ impl JobStore {
 
     /// Starts `record`: takes its run lock and persists it.
     pub fn start(&self, record: JobRecord) -> Result<RunningJob> {
-        fs::create_dir_all(&self.dir)
+        crate::private::create_dir_all(&self.dir)
             .map_err(|e| StoreError::io("create directory", &self.dir, e))?;
         let lock = NamedLock::try_acquire(&self.lock_path(&record.id), &record.pid.to_string())?
             .map_err(|_| StoreError::CorruptFile {

@@ -5,8 +5,8 @@
 //! codec ([`blockmap`]), append-only segment files ([`segment`]), the
 //! RocksDB index and catalog ([`index`], [`catalog`]), the vault config
 //! ([`config`]), the vault's locks ([`lock`]), durable file replacement
-//! ([`durable`]), job records ([`jobs`], in an [`envelope`]), snapshot
-//! files ([`snapfile`]), reference counts (`refs`) and garbage collection
+//! ([`durable`]), owner-only file modes ([`private`]), job records ([`jobs`], in an [`envelope`]), consistency
+//! [`level`]s, reference counts (`refs`) and garbage collection
 //! (`gc`), and the `vault::Vault` that ties them together. The byte
 //! layouts are specified in `FORMAT.md`.
 //!
@@ -25,12 +25,13 @@ pub mod gc;
 #[cfg(feature = "index")]
 pub mod index;
 pub mod jobs;
+pub mod level;
 pub mod lock;
+pub mod private;
 pub mod record;
 #[cfg(feature = "index")]
 pub mod refs;
 pub mod segment;
-pub mod snapfile;
 #[cfg(feature = "index")]
 pub mod vault;
 

@@ -66,7 +66,7 @@ impl VaultLock {
 pub const READERS_FILE: &str = "readers";
 
 fn open_lock_file(path: &Path) -> Result<File> {
-    OpenOptions::new()
+    crate::private::open_options()
         .read(true)
         .write(true)
         .create(true)
@@ -119,7 +119,8 @@ impl NamedLock {
     /// `Ok(Err(holder))` says who has it.
     pub fn try_acquire(path: &Path, holder: &str) -> Result<std::result::Result<Self, String>> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create directory", dir, e))?;
+            crate::private::create_dir_all(dir)
+                .map_err(|e| StoreError::io("create directory", dir, e))?;
         }
         let mut file = open_lock_file(path)?;
         match file.try_lock() {

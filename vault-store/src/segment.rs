@@ -107,7 +107,7 @@ impl SegmentWriter {
     /// Creates segment `id` in `dir` with its header (not yet synced).
     pub fn create(dir: &Path, id: u64) -> Result<Self> {
         let path = dir.join(segment_file_name(id));
-        let file = OpenOptions::new()
+        let file = crate::private::open_options()
             .write(true)
             .create_new(true)
             .open(&path)

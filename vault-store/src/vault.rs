@@ -84,6 +84,7 @@ impl Vault {
         create_dir_durable(dir)?;
         let lock = VaultLock::acquire(dir)?;
         create_dir_durable(&dir.join(SEGMENTS_DIR))?;
+        create_dir_durable(&dir.join(INDEX_DIR))?;
         let index = Index::open_write(&dir.join(INDEX_DIR))?;
         // The config is written last: a directory without it is not a vault,
         // so a crash during creation leaves nothing that looks like one.
@@ -763,6 +764,7 @@ mod tests {
             compression_level: 1,
             redundancy: crate::config::Redundancy::Lrs,
             created: "2027-01-01T00:00:00Z".parse().unwrap(),
+            snapshot_area: None,
         }
     }
 
@@ -819,6 +821,7 @@ mod tests {
             protection: Protection::Protected,
             last_slot: None,
             identity: None,
+            hooks: Default::default(),
         });
         b.put_point(PointRecord {
             id: format!("p{seq}"),
@@ -832,6 +835,7 @@ mod tests {
             scheduled: false,
             retain_until: None,
             job: None,
+            level: None,
         });
         s.reference_root(root_id);
         s.commit(b).unwrap();

@@ -1,0 +1,465 @@
+//! The transfer phase of a backup: snapshot → new chunks → point.
+//!
+//! The transfer reads the **snapshot** the snapshot phase captured, never
+//! the live image: once the snapshot phase has completed, the image may be
+//! rewritten, resized or deleted and the transfer still records exactly the
+//! snapshot's point. Window by window, a block whose id equals the previous
+//! point's entry costs nothing, one the vault already holds is only
+//! referenced, and only the rest is stored:
+//! - from a **chunk snapshot** (the fallback capture), its record is copied
+//!   from the snapshot's pack into the vault as it is (its CRC checked; no
+//!   recompression, no rehash: the capture hashed and compressed it);
+//! - from a **clone snapshot**, the clone is read through memory maps,
+//!   hashed and compressed, in parallel.
+//!
+//! The block map is built as it goes. Finally the point, the item and the
+//! reference counts are committed with the last chunk locations in one
+//! synced index batch (the write order is in `coffre_vault_store::vault`).
+//!
+//! The previous point is read *here*, under the writer lock, never taken
+//! from the snapshot phase: a prune and a GC may run between the two
+//! phases and remove it, and the transfer must rely only on what the vault
+//! holds at that moment.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use coffre_snapshotter::area::{Area, AreaIdentity};
+use coffre_snapshotter::capture::{CaptureRequest, Captured, WINDOW_BYTES, capture, is_zero};
+use coffre_snapshotter::manifest::FLAG_NODE;
+use coffre_snapshotter::pack::RecordBuf;
+use coffre_snapshotter::read::SnapshotBlocks;
+use coffre_snapshotter::{Hooks, SnapError};
+use coffre_vault_store::catalog::validate_item_name;
+use coffre_vault_store::{
+    ChunkId, ChunkKind, IndexBatch, ItemRecord, PointRecord, PointStats, Protection, RecordEncoder,
+    StoreError, Vault, VaultConfig, WriteSession,
+};
+use jiff::Timestamp;
+use rayon::prelude::*;
+
+use crate::clock::Clock;
+use crate::error::{EngineError, Result};
+use crate::per_thread::PerThread;
+use crate::progress::{NoProgress, Progress};
+use crate::reader::BlockMapReader;
+use crate::source::ImageSource;
+use crate::throttle::Throttle;
+use coffre_vault_store::blockmap::{BlockMapBuilder, Entry, block_count};
+use coffre_vault_store::refs::node_refs;
+
+/// What to back up and how.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// Item name.
+    pub item: String,
+    /// Path recorded for the item (the image's absolute path).
+    pub source_path: PathBuf,
+    /// Worker threads (0 = all cores).
+    pub threads: usize,
+    /// Bandwidth limit in bytes per second.
+    pub rate_limit: Option<u64>,
+    /// The item's pre- and post-snapshot hooks.
+    pub hooks: Hooks,
+    /// Try a reflink clone before the fallback copy.
+    pub allow_clone: bool,
+    /// Where default snapshot areas go instead of `.coffre-snapshots` at
+    /// the root of the image's filesystem.
+    pub snapshot_root: Option<PathBuf>,
+}
+
+impl BackupOptions {
+    /// Options for `item` read from `source_path`: all cores, no limit,
+    /// no hooks, clones allowed.
+    pub fn new(item: impl Into<String>, source_path: impl Into<PathBuf>) -> Self {
+        BackupOptions {
+            item: item.into(),
+            source_path: source_path.into(),
+            threads: 0,
+            rate_limit: None,
+            hooks: Hooks::default(),
+            allow_clone: true,
+            snapshot_root: None,
+        }
+    }
+}
+
+/// How the point a transfer records is kept.
+#[derive(Debug, Clone, Default)]
+pub struct PointTerms {
+    /// Taken on the policy's schedule (policy retention applies).
+    pub scheduled: bool,
+    /// On-demand: kept until then.
+    pub retain_until: Option<Timestamp>,
+    /// The job recording it.
+    pub job: Option<String>,
+}
+
+/// The result of a backup.
+#[derive(Debug, Clone)]
+pub struct BackupOutcome {
+    /// The new point.
+    pub point: PointRecord,
+    /// True when this backup created the item.
+    pub new_item: bool,
+}
+
+/// Builds a rayon pool of `threads` workers (0 = one per core).
+pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("coffre-worker-{i}"))
+        .build()
+        .map_err(|e| EngineError::Threads(e.to_string()))
+}
+
+enum Outcome {
+    Zero,
+    Same(ChunkId),
+    Known(ChunkId),
+    /// A new chunk, with its node kind and children if its bytes are a
+    /// block-map node.
+    New(ChunkId, Vec<u8>, Option<(ChunkKind, Vec<ChunkId>)>),
+}
+
+/// Everything the snapshot phase needs besides the image.
+pub struct SnapshotOptions<'a> {
+    /// Job id (names the snapshot files).
+    pub job: &'a str,
+    /// The capture instant.
+    pub created: Timestamp,
+    /// Worker pool.
+    pub pool: &'a rayon::ThreadPool,
+    /// Polled between windows; `true` cancels.
+    pub cancelled: &'a (dyn Fn() -> bool + Sync),
+}
+
+/// The snapshot phase: captures `source` into the vault's snapshot area
+/// for its filesystem (see `coffre_snapshotter::area`).
+pub fn take_snapshot(
+    vault_dir: &Path,
+    cfg: &VaultConfig,
+    source: &dyn ImageSource,
+    opts: &BackupOptions,
+    snap: &SnapshotOptions<'_>,
+    progress: &dyn Progress,
+) -> Result<Captured> {
+    validate_item_name(&opts.item).map_err(EngineError::InvalidItemName)?;
+    let owner = AreaIdentity {
+        vault_id: cfg.vault_id.clone(),
+        vault_name: cfg.name.clone(),
+    };
+    let area = Area::for_image(
+        vault_dir,
+        &owner,
+        cfg.snapshot_area.as_deref(),
+        opts.snapshot_root.as_deref(),
+        source.path(),
+    )?;
+    let point = point_id(&cfg.vault_id, &opts.item, snap.job);
+    Ok(capture(
+        &CaptureRequest {
+            source,
+            area: &area,
+            item: &opts.item,
+            job: snap.job,
+            point: &point,
+            block_size: cfg.block_size,
+            compression_level: cfg.compression_level,
+            created: snap.created,
+            pool: snap.pool,
+            rate_limit: opts.rate_limit,
+            cancelled: snap.cancelled,
+            hooks: &opts.hooks,
+            vault_dir,
+            allow_clone: opts.allow_clone,
+        },
+        progress,
+    )?)
+}
+
+/// Both phases at once, without a job record (benchmarks, tests). The
+/// snapshot stays in the area, as after a job.
+pub fn backup(
+    vault: &Vault,
+    source: &dyn ImageSource,
+    opts: &BackupOptions,
+    clock: &dyn Clock,
+    progress: &dyn Progress,
+) -> Result<BackupOutcome> {
+    let pool = thread_pool(opts.threads)?;
+    let created = clock.now();
+    let job = format!("direct{:x}", created.as_nanosecond());
+    let snap = take_snapshot(
+        vault.dir(),
+        vault.config(),
+        source,
+        opts,
+        &SnapshotOptions {
+            job: &job,
+            created,
+            pool: &pool,
+            cancelled: &|| false,
+        },
+        &NoProgress,
+    )?;
+    transfer(
+        vault,
+        &snap,
+        opts,
+        &PointTerms::default(),
+        &pool,
+        progress,
+        &|| false,
+    )
+}
+
+/// Stores what snapshot `snap` captured as a new point of `opts.item`.
+/// `stop` is polled between windows (shutdown).
+pub fn transfer(
+    vault: &Vault,
+    snap: &Captured,
+    opts: &BackupOptions,
+    terms: &PointTerms,
+    pool: &rayon::ThreadPool,
+    progress: &dyn Progress,
+    stop: &dyn Fn() -> bool,
+) -> Result<BackupOutcome> {
+    validate_item_name(&opts.item).map_err(EngineError::InvalidItemName)?;
+    let started = Instant::now();
+    let cfg = vault.config().clone();
+    let block_size = cfg.block_size as usize;
+    let size = snap.header.image_size;
+    if snap.header.block_size != cfg.block_size {
+        return Err(SnapError::Damaged {
+            path: snap.manifest.clone(),
+            reason: format!(
+                "its block size {} is not the vault's {}",
+                snap.header.block_size, cfg.block_size
+            ),
+        }
+        .into());
+    }
+    let blocks = block_count(size, cfg.block_size);
+    let mut snapshot = SnapshotBlocks::open(&snap.manifest)?;
+
+    let existing = vault.item(&opts.item)?;
+    let previous = vault.points(&opts.item)?.pop();
+    let mut prev_map = match &previous {
+        Some(p) if p.block_size == cfg.block_size => Some(BlockMapReader::open(vault, p)?),
+        _ => None,
+    };
+
+    let encoders = PerThread::new(pool, || RecordEncoder::new(cfg.compression_level));
+    let records = PerThread::new(pool, RecordBuf::default);
+    let mut node_encoder = RecordEncoder::new(cfg.compression_level);
+    let mut session = vault.begin_write()?;
+    let mut builder = BlockMapBuilder::new();
+    let mut stats = PointStats {
+        blocks_total: blocks,
+        ..PointStats::default()
+    };
+    let mut throttle = Throttle::new(opts.rate_limit);
+    progress.start(size);
+
+    let window_blocks = (WINDOW_BYTES / block_size).max(1);
+    let mut first = 0u64;
+    while first < blocks {
+        if stop() {
+            return Err(EngineError::Abandoned);
+        }
+        let n = window_blocks.min((blocks - first) as usize);
+        let offset = first * block_size as u64;
+        let len = (size - offset).min((n * block_size) as u64) as usize;
+        let prev: Vec<Entry> = match prev_map.as_mut() {
+            Some(m) => m.entries(first, n)?,
+            None => vec![None; n],
+        };
+        let window = snapshot.window(first, n, offset, len)?;
+        let outcomes: Vec<Result<Outcome>> = pool.install(|| {
+            (0..n)
+                .into_par_iter()
+                .map(|i| {
+                    let block = first + i as u64;
+                    // Chunk snapshots know each block's id already; clones
+                    // are hashed here.
+                    let (id, bytes) = match window.block(i) {
+                        None => return Ok(Outcome::Zero),
+                        Some(b) => b,
+                    };
+                    let id = match (id, bytes) {
+                        (Some(id), _) => id,
+                        (None, Some(bytes)) if is_zero(bytes) => return Ok(Outcome::Zero),
+                        (None, Some(bytes)) => ChunkId::of(bytes),
+                        (None, None) => return Ok(Outcome::Zero),
+                    };
+                    if prev.get(i).copied().flatten() == Some(id) {
+                        return Ok(Outcome::Same(id));
+                    }
+                    if session.contains(&id)? {
+                        return Ok(Outcome::Known(id));
+                    }
+                    match bytes {
+                        Some(bytes) => {
+                            let record = encoders.get().encode(id, bytes).map_err(|reason| {
+                                StoreError::CorruptChunk {
+                                    id,
+                                    path: snap.manifest.clone(),
+                                    offset: block * block_size as u64,
+                                    reason: Box::new(reason),
+                                }
+                            })?;
+                            // A data block whose bytes are a valid block-map
+                            // node (an image that holds a coffre vault) is
+                            // the same chunk as that node, so it is counted
+                            // as one: over-counting its children only delays
+                            // their reclamation, under-counting could lose
+                            // them.
+                            Ok(Outcome::New(id, record, node_refs(bytes)))
+                        }
+                        None => {
+                            let mut buf = records.get();
+                            let node = window.read_record(i, &id, &mut buf)?;
+                            let refs = if node & FLAG_NODE != 0 {
+                                window.decode_record(i, &id, &mut buf)?;
+                                node_refs(buf.plain())
+                            } else {
+                                None
+                            };
+                            Ok(Outcome::New(id, buf.record().to_vec(), refs))
+                        }
+                    }
+                })
+                .collect()
+        });
+        window.finish()?;
+
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            let entry = match outcome? {
+                Outcome::Zero => None,
+                Outcome::Same(id) | Outcome::Known(id) => Some(id),
+                Outcome::New(id, record, node) => {
+                    if !session.is_pending(&id) {
+                        stats.new_chunks += 1;
+                    }
+                    match node {
+                        Some((kind, kids)) => session.append_node(id, &record, kind, kids)?,
+                        None => session.append(id, &record)?,
+                    }
+                    Some(id)
+                }
+            };
+            if entry.is_none() {
+                stats.blocks_zero += 1;
+            }
+            if entry != prev.get(i).copied().flatten() {
+                stats.blocks_changed += 1;
+            }
+            if let Some(leaf) = builder.push(entry) {
+                let id = store_node(&mut session, &mut node_encoder, &leaf, &mut stats)?;
+                builder.leaf_stored(id);
+            }
+        }
+        progress.advance(len as u64);
+        throttle.consume(len as u64);
+        first += n as u64;
+    }
+    snapshot.finish()?;
+    if let Some(leaf) = builder.flush() {
+        let id = store_node(&mut session, &mut node_encoder, &leaf, &mut stats)?;
+        builder.leaf_stored(id);
+    }
+    let root = builder.root(size, cfg.block_size);
+    let root_id = store_node(&mut session, &mut node_encoder, &root, &mut stats)?;
+
+    let created = snap_created(snap);
+    stats.bytes_read = snap.bytes_read;
+    stats.stored_bytes = session.appended_bytes();
+    stats.duration_ms = started.elapsed().as_millis() as u64 + snap.duration_ms;
+    let mut item = existing.clone().unwrap_or_else(|| ItemRecord {
+        name: opts.item.clone(),
+        source: opts.source_path.clone(),
+        created,
+        next_seq: 1,
+        policy: None,
+        protection: Protection::Protected,
+        last_slot: None,
+        identity: crate::registry::identity_of(&opts.source_path),
+        hooks: opts.hooks.clone(),
+    });
+    let seq = item.next_seq;
+    item.next_seq += 1;
+    item.source = opts.source_path.clone();
+    let point = PointRecord {
+        id: snap.meta.point.clone(),
+        item: opts.item.clone(),
+        seq,
+        created,
+        image_size: size,
+        block_size: cfg.block_size,
+        block_map: root_id,
+        stats,
+        scheduled: terms.scheduled,
+        retain_until: terms.retain_until,
+        job: terms.job.clone(),
+        level: Some(snap.meta.level),
+    };
+    let mut batch = IndexBatch::default();
+    batch.put_item(item);
+    batch.put_point(point.clone());
+    session.reference_root(root_id);
+    session.commit(batch)?;
+    progress.finish();
+    Ok(BackupOutcome {
+        point,
+        new_item: existing.is_none(),
+    })
+}
+
+/// The capture instant of a snapshot.
+pub fn snap_created(snap: &Captured) -> Timestamp {
+    Timestamp::new(snap.header.created_s, snap.header.created_ns as i32)
+        .unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+fn store_node(
+    session: &mut WriteSession<'_>,
+    encoder: &mut RecordEncoder,
+    node: &[u8],
+    stats: &mut PointStats,
+) -> Result<ChunkId> {
+    let id = ChunkId::of(node);
+    if !session.contains(&id)? {
+        let record = encoder
+            .encode(id, node)
+            .map_err(|reason| StoreError::CorruptChunk {
+                id,
+                path: PathBuf::from("<block map>"),
+                offset: 0,
+                reason: Box::new(reason),
+            })?;
+        let (kind, children) = node_refs(node).ok_or_else(|| EngineError::DamagedBlockMap {
+            item: String::new(),
+            point: String::new(),
+            reason: "a node just built does not decode".into(),
+        })?;
+        session.append_node(id, &record, kind, children)?;
+        stats.new_chunks += 1;
+    }
+    Ok(id)
+}
+
+/// A short, unique, stable point id: 12 hex digits, fixed when the
+/// snapshot is taken (the job id is unique), so a point keeps its id from
+/// the snapshot tier to the vault.
+pub fn point_id(vault_id: &str, item: &str, job: &str) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(vault_id.as_bytes());
+    h.update(&[0]);
+    h.update(item.as_bytes());
+    h.update(&[0]);
+    h.update(job.as_bytes());
+    let mut s = h.finalize().to_hex().to_string();
+    s.truncate(12);
+    s
+}

@@ -1,0 +1,14 @@
+//! The data path: images → points → images. The transfer phase of a
+//! backup ([`backup`]), reading a point's block map back ([`reader`]),
+//! restore ([`restore`], to a target [`restore_target`] owns), verify
+//! ([`verify`]), the points of both tiers ([`points`]) and per-thread
+//! scratch state ([`per_thread`]). Reading images and the snapshot phase
+//! itself are `coffre-snapshotter`'s.
+
+pub mod backup;
+pub mod per_thread;
+pub mod points;
+pub mod reader;
+pub mod restore;
+pub mod restore_target;
+pub mod verify;

@@ -1,0 +1,600 @@
+//! Restore: a recovery point → an image, byte-identical.
+//!
+//! A point is read from its **snapshot** while it has one (instant
+//! restore: no vault needed; a clone snapshot restored onto its own
+//! filesystem is a reflink clone again, constant time) or else from the
+//! **vault**. Groups of blocks are read and checked in parallel (crc32,
+//! length, BLAKE3) while one thread writes the previous group, one write
+//! per run of blocks, and the target is fsynced once at the end. Where the image goes is [`restore_target`]'s
+//! business: a new sparse file (temporary file, then rename), or an
+//! existing file or block device replaced **in place**.
+//!
+//! In place, the restore is a **delta**: each target block is read and
+//! hashed first, and only blocks whose content differs from the point are
+//! written; blocks that are zero in the point are punched (or discarded on
+//! a block device) where they are not zero already. Rolling a disk back by
+//! a day then writes about a day of change. Rerunning an interrupted
+//! in-place restore finishes it.
+//!
+//! [`restore_target`]: crate::restore_target
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use coffre_snapshotter::ImageSource;
+use coffre_snapshotter::capture::is_zero;
+use coffre_snapshotter::pack::RecordBuf;
+use coffre_snapshotter::read::{SnapWindow, SnapshotBlocks};
+use coffre_vault_store::blockmap::{Entry, block_count};
+use coffre_vault_store::{ChunkBuf, ChunkId, StoreError, Vault};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::backup::thread_pool;
+use crate::error::{EngineError, Result};
+use crate::per_thread::PerThread;
+use crate::points::PointEntry;
+use crate::progress::Progress;
+use crate::reader::BlockMapReader;
+use crate::restore_target::{DEFAULT_MODE, Target, TargetKind};
+
+/// Restore options.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// Where to write the image.
+    pub target: PathBuf,
+    /// Replace an existing file (and, with `in_place`, allow overwriting).
+    pub force: bool,
+    /// Write into an existing file or block device, changed blocks only.
+    pub in_place: bool,
+    /// Mode of a new image file.
+    pub mode: u32,
+    /// Which tier to read the point from.
+    pub from: RestoreFrom,
+    /// Worker threads (0 = all cores).
+    pub threads: usize,
+}
+
+impl RestoreOptions {
+    /// A restore to a new file at `target`, mode 0600, all cores.
+    pub fn new(target: impl Into<PathBuf>) -> Self {
+        RestoreOptions {
+            target: target.into(),
+            force: false,
+            in_place: false,
+            mode: DEFAULT_MODE,
+            from: RestoreFrom::Auto,
+            threads: 0,
+        }
+    }
+}
+
+/// Which tier a restore reads from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RestoreFrom {
+    /// The snapshot while the point has one (instant restore), else the
+    /// vault.
+    #[default]
+    Auto,
+    /// The snapshot only.
+    Snapshot,
+    /// The vault only.
+    Vault,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RestoreSummary {
+    /// Bytes of data written (holes and skipped blocks excluded).
+    pub bytes_written: u64,
+    /// Image size.
+    pub image_size: u64,
+    /// Wall time in milliseconds.
+    pub duration_ms: u64,
+    /// Whether the target was written in place.
+    pub in_place: bool,
+    /// The tier read: `snapshot` or `vault`.
+    pub from: &'static str,
+    /// True when the restore was a reflink clone of the snapshot.
+    pub cloned: bool,
+    /// Target blocks read and compared (in place only).
+    pub blocks_read: u64,
+    /// Blocks written with the point's data.
+    pub blocks_written: u64,
+    /// Blocks that already held the point's content (in place only).
+    pub blocks_skipped: u64,
+    /// Blocks zero in the point that were punched or zeroed (in place only).
+    pub blocks_zeroed: u64,
+    /// Bytes of the target beyond the image, left as they were (a larger
+    /// block device; a larger regular file is cut to the image size).
+    pub bytes_beyond_image: u64,
+}
+
+/// Restores `point` to `opts.target`, from its snapshot when it still has
+/// one (unless `opts.from` says the vault), else from the vault.
+pub fn restore(
+    vault: &Vault,
+    point: &PointEntry,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreSummary> {
+    let started = Instant::now();
+    let snapshot = match (opts.from, &point.snapshot, &point.vault) {
+        (RestoreFrom::Vault, _, None) | (RestoreFrom::Auto, None, None) => {
+            return Err(EngineError::PointNotInTier {
+                item: point.item.clone(),
+                point: point.id.clone(),
+                tier: "vault",
+            });
+        }
+        (RestoreFrom::Snapshot, None, _) => {
+            return Err(EngineError::PointNotInTier {
+                item: point.item.clone(),
+                point: point.id.clone(),
+                tier: "snapshot",
+            });
+        }
+        (RestoreFrom::Vault, _, Some(_)) => None,
+        (_, Some(s), _) => Some(SnapshotBlocks::open(&s.manifest)?),
+        (RestoreFrom::Auto, None, Some(_)) => None,
+    };
+    let image_size = point.image_size;
+    let target = if opts.in_place {
+        if !opts.force {
+            return Err(EngineError::TargetExists {
+                path: opts.target.clone(),
+            });
+        }
+        Target::open_in_place(&opts.target, image_size)?
+    } else {
+        Target::create(&opts.target, opts.force, opts.mode, image_size)?
+    };
+    let mut summary = RestoreSummary {
+        image_size,
+        in_place: target.kind().in_place(),
+        from: if snapshot.is_some() {
+            "snapshot"
+        } else {
+            "vault"
+        },
+        bytes_beyond_image: if target.kind() == TargetKind::BlockDevice {
+            target.len_before.saturating_sub(image_size)
+        } else {
+            0
+        },
+        ..RestoreSummary::default()
+    };
+    // A clone snapshot restored to a new file on its own filesystem is a
+    // clone again: constant time.
+    if let Some(clone) = snapshot.as_ref().and_then(|s| s.clone_image())
+        && target.kind() == TargetKind::NewFile
+    {
+        let src = std::fs::File::open(clone.path()).map_err(|e| unwritable(clone.path(), e))?;
+        if target.clone_from(&src)? {
+            progress.start(image_size);
+            progress.advance(image_size);
+            target.finish()?;
+            progress.finish();
+            summary.cloned = true;
+            summary.duration_ms = started.elapsed().as_millis() as u64;
+            return Ok(summary);
+        }
+    }
+
+    let mut data = match (snapshot, &point.vault) {
+        (Some(s), _) => Data::Snapshot(Box::new(s)),
+        (None, Some(p)) => Data::Vault(BlockMapReader::open(vault, p)?),
+        (None, None) => unreachable_tier(point)?,
+    };
+    let pool = thread_pool(opts.threads)?;
+    let buffers = PerThread::new(&pool, ChunkBuf::default);
+    let records = PerThread::new(&pool, RecordBuf::default);
+    let bs = u64::from(point.block_size);
+    let blocks = block_count(image_size, point.block_size);
+    let group_blocks = (GROUP_BYTES / bs).max(1) as usize;
+    let in_place = summary.in_place;
+    let out = Output {
+        file: target.file(),
+        path: target.path(),
+        image_size,
+        block_size: bs,
+    };
+    let source = Source {
+        vault,
+        point,
+        block_size: bs,
+        buffers: &buffers,
+        records: &records,
+        compare_with: in_place.then_some(&out),
+    };
+    progress.start(image_size);
+    // Double buffering: while one group of decoded blocks is written by a
+    // single thread (parallel writers to one file only contend on its
+    // inode lock), the next group is read and decoded by the others.
+    let mut ready: Option<Group> = None;
+    let mut spare: Vec<u8> = Vec::new();
+    let mut first = 0u64;
+    while first < blocks {
+        let n = group_blocks.min((blocks - first) as usize);
+        let offset = first * bs;
+        let len = (image_size - offset).min(n as u64 * bs) as usize;
+        let (entries, window) = match &mut data {
+            Data::Vault(map) => (map.entries(first, n)?, None),
+            Data::Snapshot(s) => (vec![None; n], Some(s.window(first, n, offset, len)?)),
+        };
+        let mut group = Group {
+            first,
+            entries,
+            actions: Vec::with_capacity(n),
+            data: std::mem::take(&mut spare),
+        };
+        let previous = ready.take();
+        let (decoded, wrote) = pool.install(|| {
+            rayon::join(
+                || source.fill(&mut group, window.as_ref()),
+                || previous.map(|p| out.write(p, &mut summary)).transpose(),
+            )
+        });
+        decoded?;
+        if let Some(w) = window {
+            w.finish()?;
+        }
+        if let Some((span, data)) = wrote? {
+            progress.advance(span);
+            spare = data;
+        }
+        ready = Some(group);
+        first += n as u64;
+    }
+    if let Some(last) = ready.take() {
+        let (span, _) = out.write(last, &mut summary)?;
+        progress.advance(span);
+    }
+    if let Data::Snapshot(s) = data {
+        s.finish()?;
+    }
+    target.finish()?;
+    progress.finish();
+    summary.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(summary)
+}
+
+fn unreachable_tier<T>(point: &PointEntry) -> Result<T> {
+    Err(EngineError::PointNotInTier {
+        item: point.item.clone(),
+        point: point.id.clone(),
+        tier: "vault",
+    })
+}
+
+/// Where a restore reads the point from.
+enum Data<'v> {
+    /// The vault's block map.
+    Vault(BlockMapReader<'v>),
+    /// The snapshot area.
+    Snapshot(Box<SnapshotBlocks>),
+}
+
+/// Starts writing a finished range back to disk without waiting, so the
+/// final fsync overlaps with the rest of the restore instead of following it.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    sync_range(file, offset, len, libc::SYNC_FILE_RANGE_WRITE);
+}
+
+/// Waits until `offset..offset+len` is on disk and drops it from the page
+/// cache. Best effort: failure only costs memory.
+fn release_written(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    sync_range(
+        file,
+        offset,
+        len,
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+    );
+    // SAFETY: an advisory system call on a descriptor we own.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
+/// `sync_file_range` with `flags`. Failure is harmless: the fsync at the
+/// end of the restore covers everything.
+fn sync_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range on a descriptor we own; it only schedules or
+    // waits for I/O.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            flags,
+        );
+    }
+}
+
+/// Bytes of decoded blocks held per group (two groups are in flight).
+const GROUP_BYTES: u64 = 16 << 20;
+
+/// What the writer does with one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Zero in the point, and a hole already (new file): nothing.
+    Hole,
+    /// The target already holds the point's content: nothing.
+    Skip,
+    /// Write the decoded block.
+    Write,
+    /// Zero in the point but not in the target: punch or zero it.
+    Zero,
+}
+
+/// Consecutive blocks, decoded into one buffer (`block_size` bytes each).
+struct Group {
+    first: u64,
+    entries: Vec<Entry>,
+    actions: Vec<Action>,
+    data: Vec<u8>,
+}
+
+/// Where blocks come from (the vault, or a snapshot window), after
+/// comparing with the target when restoring in place.
+struct Source<'a> {
+    vault: &'a Vault,
+    point: &'a PointEntry,
+    block_size: u64,
+    buffers: &'a PerThread<ChunkBuf>,
+    records: &'a PerThread<RecordBuf>,
+    /// In place: the target whose blocks are read and compared first.
+    compare_with: Option<&'a Output<'a>>,
+}
+
+/// One block of the point, as its source knows it.
+enum Known<'w> {
+    /// Zero in the point.
+    Zero,
+    /// A chunk id, bytes to be read from the vault or a pack.
+    Id(ChunkId),
+    /// Bytes at hand (a clone), not yet known to be zero or not.
+    Bytes(&'w [u8]),
+}
+
+impl Source<'_> {
+    /// Decides each block's action and decodes the blocks to write, in
+    /// parallel, into the group's buffer.
+    fn fill(&self, group: &mut Group, window: Option<&SnapWindow<'_>>) -> Result<()> {
+        let bs = self.block_size;
+        let need = group.entries.len() * bs as usize;
+        if group.data.len() < need {
+            group.data.resize(need, 0);
+        }
+        let first = group.first;
+        group.actions = group
+            .data
+            .par_chunks_mut(bs as usize)
+            .zip(group.entries.par_iter())
+            .enumerate()
+            .map(|(i, (slot, entry))| {
+                let known = match window {
+                    None => entry.map_or(Known::Zero, Known::Id),
+                    Some(w) => match w.block(i) {
+                        None => Known::Zero,
+                        Some((Some(id), _)) => Known::Id(id),
+                        Some((None, Some(bytes))) => Known::Bytes(bytes),
+                        Some((None, None)) => Known::Zero,
+                    },
+                };
+                self.block(first + i as u64, i, slot, known, window)
+            })
+            .collect::<Result<Vec<Action>>>()?;
+        Ok(())
+    }
+
+    fn block(
+        &self,
+        index: u64,
+        i: usize,
+        slot: &mut [u8],
+        known: Known<'_>,
+        window: Option<&SnapWindow<'_>>,
+    ) -> Result<Action> {
+        let point = self.point;
+        let expected = self
+            .block_size
+            .min(point.image_size - index * self.block_size) as usize;
+        let known = match known {
+            Known::Bytes(b) if is_zero(b) => Known::Zero,
+            k => k,
+        };
+        if let Some(target) = self.compare_with {
+            let current = slot.get_mut(..expected).unwrap_or_default();
+            target
+                .file
+                .read_exact_at(current, index * self.block_size)
+                .map_err(|e| unwritable(target.path, e))?;
+            let same = match &known {
+                Known::Zero => is_zero(current),
+                Known::Id(id) => !is_zero(current) && ChunkId::of(current) == *id,
+                Known::Bytes(b) => current == *b,
+            };
+            if same {
+                return Ok(Action::Skip);
+            }
+        }
+        let id = match known {
+            Known::Zero => {
+                return Ok(if self.compare_with.is_some() {
+                    Action::Zero
+                } else {
+                    Action::Hole
+                });
+            }
+            Known::Bytes(b) => {
+                return match slot.get_mut(..b.len()) {
+                    Some(dst) if b.len() == expected => {
+                        dst.copy_from_slice(b);
+                        Ok(Action::Write)
+                    }
+                    _ => Err(self.bad_length(index, b.len(), expected)),
+                };
+            }
+            Known::Id(id) => id,
+        };
+        let damaged = |source: EngineError| EngineError::DamagedBlock {
+            item: point.item.clone(),
+            point: point.id.clone(),
+            block: index,
+            chunk: id,
+            source: Box::new(match source {
+                EngineError::Store(s) => s,
+                other => StoreError::CorruptFile {
+                    path: PathBuf::from("snapshot"),
+                    what: "snapshot record",
+                    reason: other.to_string(),
+                },
+            }),
+        };
+        let copy = |data: &[u8], slot: &mut [u8]| match slot.get_mut(..data.len()) {
+            Some(dst) if data.len() == expected => {
+                dst.copy_from_slice(data);
+                Ok(Action::Write)
+            }
+            _ => Err(self.bad_length(index, data.len(), expected)),
+        };
+        if let Some(w) = window {
+            let mut buf = self.records.get();
+            w.decode_record(i, &id, &mut buf)
+                .map_err(|e| damaged(e.into()))?;
+            return copy(buf.plain(), slot);
+        }
+        let loc = self
+            .vault
+            .index()
+            .chunk(&id)
+            .map_err(|e| damaged(e.into()))?
+            .ok_or_else(|| damaged(StoreError::ChunkMissing { id }.into()))?;
+        let mut buf = self.buffers.get();
+        self.vault
+            .read_chunk_into(&id, &loc, &mut buf)
+            .map_err(|e| damaged(e.into()))?;
+        copy(buf.plain(), slot)
+    }
+
+    fn bad_length(&self, index: u64, got: usize, expected: usize) -> EngineError {
+        EngineError::DamagedBlockMap {
+            item: self.point.item.clone(),
+            point: self.point.id.clone(),
+            reason: format!("block {index} holds {got} bytes, expected {expected}"),
+        }
+    }
+}
+
+fn unwritable(path: &Path, source: std::io::Error) -> EngineError {
+    EngineError::TargetUnwritable {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The file or device being restored to.
+struct Output<'a> {
+    file: &'a File,
+    path: &'a Path,
+    image_size: u64,
+    block_size: u64,
+}
+
+impl Output<'_> {
+    /// Carries out a group's actions, one write (or punch) per run of
+    /// blocks with the same action, and starts its writeback. Adds to the
+    /// summary; returns the image span covered and the buffer for reuse.
+    fn write(&self, group: Group, summary: &mut RestoreSummary) -> Result<(u64, Vec<u8>)> {
+        let bs = self.block_size;
+        let start = group.first * bs;
+        let end = ((group.first + group.entries.len() as u64) * bs).min(self.image_size);
+        let mut i = 0;
+        while let Some(&action) = group.actions.get(i) {
+            let run_start = i;
+            while group.actions.get(i) == Some(&action) {
+                i += 1;
+            }
+            let blocks = (i - run_start) as u64;
+            let from = start + run_start as u64 * bs;
+            let to = (start + i as u64 * bs).min(end);
+            match action {
+                Action::Hole => {}
+                Action::Skip => summary.blocks_skipped += blocks,
+                Action::Write => {
+                    let bytes = group
+                        .data
+                        .get((from - start) as usize..(to - start) as usize)
+                        .unwrap_or_default();
+                    self.file
+                        .write_all_at(bytes, from)
+                        .map_err(|e| unwritable(self.path, e))?;
+                    summary.bytes_written += to - from;
+                    summary.blocks_written += blocks;
+                }
+                Action::Zero => {
+                    self.zero(from, to - from)?;
+                    summary.blocks_zeroed += blocks;
+                }
+            }
+        }
+        if summary.in_place {
+            summary.blocks_read += group.actions.len() as u64;
+        }
+        start_writeback(self.file, start, end - start);
+        // Let the page cache of a range written two groups ago go once it is
+        // on disk: a restore then streams through a few groups' worth of
+        // cache instead of forcing the kernel to reclaim other pages.
+        let behind = 2 * GROUP_BYTES;
+        if start >= behind {
+            release_written(self.file, start - behind, GROUP_BYTES);
+        }
+        Ok((end - start, group.data))
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros: a hole punched in a
+    /// file, a discard that guarantees zeros on a device, or else written
+    /// zeros.
+    fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fallocate on a descriptor we own, inside the image.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {}
+            _ => return Err(unwritable(self.path, err)),
+        }
+        let zeros = vec![0u8; self.block_size as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(self.block_size);
+            self.file
+                .write_all_at(zeros.get(..n as usize).unwrap_or_default(), at)
+                .map_err(|e| unwritable(self.path, e))?;
+            at += n;
+        }
+        Ok(())
+    }
+}

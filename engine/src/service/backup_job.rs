@@ -1,0 +1,324 @@
+//! A backup as a job: the snapshot phase, then the transfer phase, with
+//! the decoupling rule between jobs of one item.
+//!
+//! - At most one snapshot phase per item runs at any moment (a second one
+//!   fails at once, naming the job in the way).
+//! - At most one transfer phase per item runs at any moment. When a job's
+//!   snapshot completes while another job's transfer still runs, the new
+//!   job's transfer is **Skipped** and the job is Completed; the next
+//!   transfer diffs against the last *vault* point, so it captures every
+//!   change since then.
+//! - Cancellation is honoured during the snapshot phase only. Shutdown
+//!   (`stop`) abandons either phase between windows.
+//! - The snapshot phase needs no writer lock; the transfer takes it (or
+//!   uses the writer the caller already holds).
+//!
+//! Phase and job status follow the table in `coffre_vault_store::jobs`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use coffre_vault_store::jobs::{JobRecord, JobStore, Operation, PhaseStatus, RunningJob};
+use coffre_vault_store::lock::{ItemPhase, NamedLock, item_phase_lock_path};
+use coffre_vault_store::{Access, PointRecord, Vault};
+use jiff::Timestamp;
+
+use coffre_snapshotter::SnapError;
+use coffre_snapshotter::capture::Captured;
+
+use crate::backup::{
+    BackupOptions, PointTerms, SnapshotOptions, take_snapshot, thread_pool, transfer,
+};
+use crate::clock::Clock;
+use crate::error::{EngineError, Result};
+use crate::progress::Progress;
+use crate::source::ImageSource;
+
+/// Phase names.
+pub const SNAPSHOT: &str = "snapshot";
+/// Phase names.
+pub const TRANSFER: &str = "transfer";
+
+/// Where the transfer phase gets its writer.
+pub enum Writer<'a> {
+    /// The caller holds the vault open for writing (daemon, run-due).
+    Held(&'a Vault),
+    /// Open the vault for writing, waiting up to this long for the lock.
+    Open(Duration),
+}
+
+/// Everything a backup job needs besides the image.
+pub struct JobOptions<'a> {
+    /// Item, path, threads, rate limit.
+    pub backup: BackupOptions,
+    /// How the point is kept.
+    pub terms: PointTerms,
+    /// Where the transfer gets its writer.
+    pub writer: Writer<'a>,
+    /// Polled between windows of the transfer: `true` abandons it
+    /// (shutdown). Nothing of an abandoned transfer is recorded.
+    pub stop: &'a (dyn Fn() -> bool + Sync),
+}
+
+/// What a backup job ended with.
+#[derive(Debug)]
+pub struct JobOutcome {
+    /// The final job record.
+    pub job: JobRecord,
+    /// The point, when the transfer completed.
+    pub point: Option<PointRecord>,
+    /// The error that failed a phase, if any.
+    pub error: Option<EngineError>,
+}
+
+fn now(clock: &dyn Clock) -> Timestamp {
+    clock.now()
+}
+
+/// Runs a backup job of `source` into the vault at `vault_dir`.
+pub fn run_backup_job(
+    vault_dir: &Path,
+    source: &dyn ImageSource,
+    opts: JobOptions<'_>,
+    clock: &dyn Clock,
+    snapshot_progress: &dyn Progress,
+    transfer_progress: &dyn Progress,
+) -> Result<JobOutcome> {
+    let item = opts.backup.item.clone();
+    let store = JobStore::new(vault_dir);
+    let mut job = store.start(JobRecord::new(
+        Operation::Backup,
+        Some(&item),
+        &[SNAPSHOT, TRANSFER],
+        now(clock),
+    ))?;
+    let config = match &opts.writer {
+        Writer::Held(v) => v.config().clone(),
+        Writer::Open(_) => coffre_vault_store::VaultConfig::load(vault_dir)?,
+    };
+
+    // Snapshot phase.
+    let snap = match snapshot_phase(
+        vault_dir,
+        source,
+        &opts,
+        &mut job,
+        &config,
+        clock,
+        snapshot_progress,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            let status = if matches!(e, EngineError::Cancelled { .. }) {
+                PhaseStatus::Cancelled
+            } else {
+                PhaseStatus::Failed
+            };
+            job.set_phase(now(clock), SNAPSHOT, status, Some(e.to_string()))?;
+            return Ok(finish(job, None, Some(e)));
+        }
+    };
+
+    // Transfer phase, unless another job's transfer of this item runs.
+    let lock_path = item_phase_lock_path(vault_dir, &item, ItemPhase::Transfer);
+    let _transfer_lock = match NamedLock::try_acquire(&lock_path, &format!("job {}", job.id()))? {
+        Ok(l) => l,
+        Err(holder) => {
+            let reason = format!(
+                "the transfer of {holder} for item {item} is still running; the next transfer will capture these changes"
+            );
+            job.set_phase(now(clock), TRANSFER, PhaseStatus::Skipped, Some(reason))?;
+            return Ok(finish(job, None, None));
+        }
+    };
+    job.set_phase(now(clock), TRANSFER, PhaseStatus::InProgress, None)?;
+    let result = transfer_phase(vault_dir, &snap, &opts, job.id(), transfer_progress);
+    match result {
+        Ok(point) => {
+            let p = point.clone();
+            job.update(now(clock), |r| {
+                r.point = Some(p.id.clone());
+                r.stats
+                    .insert("bytes_read".into(), p.stats.bytes_read.into());
+                r.stats
+                    .insert("blocks_total".into(), p.stats.blocks_total.into());
+                r.stats
+                    .insert("blocks_changed".into(), p.stats.blocks_changed.into());
+                r.stats
+                    .insert("new_chunks".into(), p.stats.new_chunks.into());
+                r.stats
+                    .insert("stored_bytes".into(), p.stats.stored_bytes.into());
+                r.stats.insert("image_size".into(), p.image_size.into());
+            })?;
+            job.set_phase(now(clock), TRANSFER, PhaseStatus::Completed, None)?;
+            Ok(finish(job, Some(point), None))
+        }
+        Err(e) => {
+            job.set_phase(
+                now(clock),
+                TRANSFER,
+                PhaseStatus::Failed,
+                Some(e.to_string()),
+            )?;
+            Ok(finish(job, None, Some(e)))
+        }
+    }
+}
+
+fn finish(job: RunningJob, point: Option<PointRecord>, error: Option<EngineError>) -> JobOutcome {
+    JobOutcome {
+        job: job.record().clone(),
+        point,
+        error,
+    }
+}
+
+fn snapshot_phase(
+    vault_dir: &Path,
+    source: &dyn ImageSource,
+    opts: &JobOptions<'_>,
+    job: &mut RunningJob,
+    config: &coffre_vault_store::VaultConfig,
+    clock: &dyn Clock,
+    progress: &dyn Progress,
+) -> Result<Captured> {
+    let item = &opts.backup.item;
+    let lock_path = item_phase_lock_path(vault_dir, item, ItemPhase::Snapshot);
+    let _lock =
+        NamedLock::try_acquire(&lock_path, &format!("job {}", job.id()))?.map_err(|holder| {
+            EngineError::SnapshotBusy {
+                item: item.clone(),
+                holder,
+            }
+        })?;
+    job.set_phase(now(clock), SNAPSHOT, PhaseStatus::InProgress, None)?;
+    let pool = thread_pool(opts.backup.threads)?;
+    let id = job.id().to_string();
+    let stop = opts.stop;
+    let running: &RunningJob = job;
+    let cancelled = || stop() || running.cancel_requested();
+    let snap = take_snapshot(
+        vault_dir,
+        config,
+        source,
+        &opts.backup,
+        &SnapshotOptions {
+            job: &id,
+            created: now(clock),
+            pool: &pool,
+            cancelled: &cancelled,
+        },
+        progress,
+    )
+    .map_err(|e| match e {
+        // Shutdown, not the user: the phase is abandoned, not cancelled.
+        EngineError::Snap(SnapError::Cancelled { .. }) if stop() => EngineError::Abandoned,
+        EngineError::Snap(SnapError::Cancelled { .. }) => EngineError::Cancelled { id: id.clone() },
+        e => e,
+    })?;
+    let s = snap.clone();
+    job.update(now(clock), |r| {
+        r.point = Some(s.meta.point.clone());
+        r.stats
+            .insert("snapshot_bytes_read".into(), s.bytes_read.into());
+        r.stats.insert("snapshot_ms".into(), s.duration_ms.into());
+        r.stats
+            .insert("snapshot_stored_bytes".into(), s.stored_bytes.into());
+        r.stats.insert("snapshot_passes".into(), s.passes.into());
+        r.stats.insert(
+            "snapshot_kind".into(),
+            serde_json::to_value(s.header.kind).unwrap_or_default(),
+        );
+        r.stats.insert(
+            "level".into(),
+            serde_json::to_value(s.meta.level).unwrap_or_default(),
+        );
+        if !s.meta.warnings.is_empty() {
+            r.stats.insert(
+                "warnings".into(),
+                serde_json::to_value(&s.meta.warnings).unwrap_or_default(),
+            );
+        }
+    })?;
+    let note = (!snap.meta.warnings.is_empty()).then(|| snap.meta.warnings.join("; "));
+    job.set_phase(now(clock), SNAPSHOT, PhaseStatus::Completed, note)?;
+    Ok(snap)
+}
+
+fn transfer_phase(
+    vault_dir: &Path,
+    snap: &Captured,
+    opts: &JobOptions<'_>,
+    job_id: &str,
+    progress: &dyn Progress,
+) -> Result<PointRecord> {
+    let opened;
+    let vault = match opts.writer {
+        Writer::Held(v) => v,
+        Writer::Open(wait) => {
+            opened = Vault::open_wait(vault_dir, Access::Write, wait)?;
+            &opened
+        }
+    };
+    let pool = thread_pool(opts.backup.threads)?;
+    let mut terms = opts.terms.clone();
+    terms.job = Some(job_id.to_string());
+    let out = transfer(
+        vault,
+        snap,
+        &opts.backup,
+        &terms,
+        &pool,
+        progress,
+        opts.stop,
+    )?;
+    Ok(out.point)
+}
+
+/// Asks a running job to cancel. Allowed only while its snapshot phase
+/// runs.
+pub fn cancel_job(vault_dir: &Path, id: &str) -> Result<JobRecord> {
+    let store = JobStore::new(vault_dir);
+    let job = store.find(id)?;
+    let snapshot_running = job
+        .phase(SNAPSHOT)
+        .is_some_and(|p| matches!(p.status, PhaseStatus::InProgress | PhaseStatus::NotStarted));
+    if job.status.is_final() {
+        return Err(EngineError::NotCancellable {
+            id: job.id,
+            reason: format!("it has ended ({})", job.status),
+        });
+    }
+    if job.operation != Operation::Backup || !snapshot_running {
+        return Err(EngineError::NotCancellable {
+            id: job.id,
+            reason: "only a backup in its snapshot phase can be cancelled; a transfer runs to its end (or is abandoned safely at shutdown)".into(),
+        });
+    }
+    store.request_cancel(&job.id)?;
+    Ok(job)
+}
+
+/// Records a backup job whose snapshot could not even start (the image is
+/// missing or unreadable), so the failure shows in `coffre jobs`.
+pub fn record_failed_backup(
+    vault_dir: &Path,
+    item: &str,
+    error: &EngineError,
+    clock: &dyn Clock,
+) -> Result<JobRecord> {
+    let store = JobStore::new(vault_dir);
+    let mut job = store.start(JobRecord::new(
+        Operation::Backup,
+        Some(item),
+        &[SNAPSHOT, TRANSFER],
+        now(clock),
+    ))?;
+    job.set_phase(
+        now(clock),
+        SNAPSHOT,
+        PhaseStatus::Failed,
+        Some(error.to_string()),
+    )?;
+    Ok(job.record().clone())
+}

@@ -1,0 +1,18 @@
+//! The service around the data path, as an Azure Recovery Services vault
+//! runs it: backup jobs and their records ([`backup_job`],
+//! [`job_record`]), policies ([`policy`], [`policies`]), schedules
+//! ([`schedule`]) and the scheduler pass ([`scheduler`]), retention and
+//! expiry ([`retention`], [`prune`]), protected items ([`protection`],
+//! [`registry`]) and vault settings ([`vault_ops`]).
+
+pub mod backup_job;
+pub mod job_record;
+pub mod policies;
+pub mod policy;
+pub mod protection;
+pub mod prune;
+pub mod registry;
+pub mod retention;
+pub mod schedule;
+pub mod scheduler;
+pub mod vault_ops;

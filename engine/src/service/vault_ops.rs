@@ -1,0 +1,227 @@
+//! Vault-level operations that are not a backup or a restore: creating a
+//! vault with defaults, and summarising what it holds.
+
+use std::path::{Path, PathBuf};
+
+use coffre_vault_store::config::{
+    DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, validate_vault_name,
+};
+use coffre_vault_store::{Redundancy, Vault, VaultConfig};
+use jiff::Timestamp;
+use serde::Serialize;
+
+use crate::clock::Clock;
+use crate::error::Result;
+
+/// Settings for a new vault; `None` takes the default.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Vault name; defaults to one derived from the directory name.
+    pub name: Option<String>,
+    /// Block size in bytes.
+    pub block_size: Option<u32>,
+    /// zstd level.
+    pub compression_level: Option<i32>,
+    /// Redundancy.
+    pub redundancy: Option<Redundancy>,
+    /// Where snapshots go (default: next to each image).
+    pub snapshot_area: Option<PathBuf>,
+}
+
+/// Derives a valid vault name from a directory name.
+pub fn default_vault_name(dir: &Path) -> String {
+    let raw = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut name: String = raw
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .skip_while(|c| !c.is_ascii_alphabetic())
+        .take(50)
+        .collect();
+    while name.ends_with('-') && name.len() > 2 {
+        name.pop();
+    }
+    if validate_vault_name(&name).is_ok() {
+        name
+    } else {
+        "coffre-vault".into()
+    }
+}
+
+/// Creates a vault in `dir`.
+pub fn create_vault(dir: &Path, opts: &CreateOptions, clock: &dyn Clock) -> Result<Vault> {
+    let created = clock.now();
+    let mut h = blake3::Hasher::new();
+    h.update(&created.as_nanosecond().to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(dir.as_os_str().as_encoded_bytes());
+    let mut vault_id = h.finalize().to_hex().to_string();
+    vault_id.truncate(16);
+    let config = VaultConfig {
+        name: opts.name.clone().unwrap_or_else(|| default_vault_name(dir)),
+        vault_id,
+        block_size: opts.block_size.unwrap_or(DEFAULT_BLOCK_SIZE),
+        compression_level: opts.compression_level.unwrap_or(DEFAULT_COMPRESSION_LEVEL),
+        redundancy: opts.redundancy.unwrap_or_default(),
+        created,
+        snapshot_area: opts.snapshot_area.as_deref().map(absolute),
+    };
+    let vault = Vault::create(dir, config)?;
+    let mut b = coffre_vault_store::IndexBatch::default();
+    b.put_policy(
+        crate::policy::DEFAULT_POLICY,
+        &crate::policy::Policy::default_policy(),
+    );
+    vault.commit_catalog(b, &[])?;
+    Ok(vault)
+}
+
+/// Changes the vault's redundancy; refused once the vault protects (or
+/// has protected) any item.
+pub fn set_redundancy(vault: &Vault, redundancy: Redundancy) -> Result<()> {
+    let items: Vec<String> = vault.index().items()?.into_iter().map(|i| i.name).collect();
+    if !items.is_empty() && vault.config().redundancy != redundancy {
+        return Err(crate::error::EngineError::RedundancyLocked {
+            vault: vault.config().name.clone(),
+            items: crate::policies::describe_items(&items),
+        });
+    }
+    let mut cfg = vault.config().clone();
+    cfg.redundancy = redundancy;
+    cfg.store(vault.dir())?;
+    Ok(())
+}
+
+/// Sets (or with `None`, clears) the vault's snapshot area. Snapshots
+/// already taken stay where they are, and keep being found, listed and
+/// expired there.
+pub fn set_snapshot_area(vault: &Vault, dir: Option<&Path>) -> Result<()> {
+    let mut cfg = vault.config().clone();
+    cfg.snapshot_area = dir.map(absolute);
+    cfg.store(vault.dir())?;
+    Ok(())
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// One item in a vault summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct ItemSummary {
+    /// Item name.
+    pub name: String,
+    /// Image path.
+    pub source: PathBuf,
+    /// Number of points.
+    pub points: u64,
+    /// Time of the latest point.
+    pub last_backup: Option<Timestamp>,
+    /// Image size at the latest point.
+    pub latest_size: u64,
+    /// Bytes the item's points added to the vault.
+    pub stored_bytes: u64,
+    /// Instant-restore snapshots kept.
+    pub snapshots: u64,
+    /// Bytes they use in the snapshot areas.
+    pub snapshot_bytes: u64,
+}
+
+/// What `vault show` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct VaultSummary {
+    /// Vault directory.
+    pub path: PathBuf,
+    /// Vault name.
+    pub name: String,
+    /// Vault id.
+    pub vault_id: String,
+    /// On-disk format version.
+    pub format_version: u32,
+    /// Block size in bytes.
+    pub block_size: u32,
+    /// zstd level.
+    pub compression_level: i32,
+    /// Redundancy.
+    pub redundancy: Redundancy,
+    /// The snapshot area set for every item (`None`: next to each image).
+    pub snapshot_area: Option<PathBuf>,
+    /// The snapshot areas the vault has used.
+    pub snapshot_areas: Vec<PathBuf>,
+    /// Creation time.
+    pub created: Timestamp,
+    /// Items.
+    pub items: Vec<ItemSummary>,
+    /// Points in all.
+    pub points: u64,
+    /// Sum of the image sizes of all points: what the points would take
+    /// without deduplication, zero elision and compression.
+    pub logical_bytes: u64,
+    /// Bytes committed in segments.
+    pub stored_bytes: u64,
+    /// Bytes of records some chunk entry still references (stored minus
+    /// what GC has unindexed but not yet rewritten away).
+    pub live_bytes: u64,
+}
+
+/// Summarises a vault.
+pub fn summarize(vault: &Vault) -> Result<VaultSummary> {
+    let cfg = vault.config();
+    let mut items = Vec::new();
+    let mut points_total = 0;
+    let mut logical = 0;
+    let areas = coffre_snapshotter::area::Area::known(vault.dir());
+    for item in vault.index().items()? {
+        let points = vault.points(&item.name)?;
+        points_total += points.len() as u64;
+        logical += points.iter().map(|p| p.image_size).sum::<u64>();
+        let last = points.last();
+        items.push(ItemSummary {
+            name: item.name.clone(),
+            source: item.source.clone(),
+            points: points.len() as u64,
+            last_backup: last.map(|p| p.created),
+            latest_size: last.map_or(0, |p| p.image_size),
+            stored_bytes: points.iter().map(|p| p.stats.stored_bytes).sum(),
+            snapshots: coffre_snapshotter::expiry::snapshots_of(vault.dir(), &item.name).len()
+                as u64,
+            snapshot_bytes: areas.iter().map(|a| a.bytes_used(&item.name)).sum(),
+        });
+    }
+    Ok(VaultSummary {
+        path: vault.dir().to_path_buf(),
+        name: cfg.name.clone(),
+        vault_id: cfg.vault_id.clone(),
+        format_version: VaultConfig::stored_version(vault.dir()),
+        block_size: cfg.block_size,
+        compression_level: cfg.compression_level,
+        redundancy: cfg.redundancy,
+        snapshot_area: cfg.snapshot_area.clone(),
+        snapshot_areas: areas.iter().map(|a| a.dir().to_path_buf()).collect(),
+        created: cfg.created,
+        items,
+        points: points_total,
+        logical_bytes: logical,
+        stored_bytes: vault.stored_bytes()?,
+        live_bytes: vault.live_bytes()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names_are_valid() {
+        for (dir, want) in [
+            ("/x/my_vault", "my-vault"),
+            ("/x/2024-backups", "backups"),
+            ("/x/_", "coffre-vault"),
+            ("/x/Vault", "Vault"),
+        ] {
+            assert_eq!(default_vault_name(Path::new(dir)), want);
+        }
+    }
+}

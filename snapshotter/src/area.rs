@@ -1,0 +1,459 @@
+//! The snapshot area: where a vault keeps its instant-restore snapshots on
+//! one filesystem, next to the disks (Azure keeps VM snapshots in the
+//! resource group `AzureBackupRG_<geo>_<n>`).
+//!
+//! - **Place.** By default, one area per vault on each filesystem that holds
+//!   protected images: `<mount point>/.coffre-snapshots/<vault-name>_<n>`,
+//!   `n` being the first number whose folder is free or already this
+//!   vault's. Being on the image's filesystem is what lets a reflink clone
+//!   work. An image that is a block device has no filesystem of its own:
+//!   its area is under the vault directory. `coffre vault set
+//!   --snapshot-area DIR` puts every item's snapshots in DIR instead.
+//! - **Identity.** `AREA/area` (an envelope: magic, version, CRC) names the
+//!   vault that owns the area, so two vaults never share one. The vault
+//!   lists its areas in `VAULT/snapshot-areas`, so listing and expiry find
+//!   them again without the images.
+//! - **Locks.** An area whose folder (or item folder) has no owner write
+//!   bit, is immutable (`chattr +i`) or is on a read-only filesystem is
+//!   *locked*: a backup fails naming the lock and the folder, never skips
+//!   silently (Azure fails a backup whose snapshot resource group is
+//!   locked).
+//! - **Space.** Before a capture the free space is checked against what the
+//!   capture may need ([`Area::check_space`]).
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use coffre_vault_store::durable::write_atomic;
+use coffre_vault_store::envelope;
+use coffre_vault_store::lock::NamedLock;
+use coffre_vault_store::private;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, SnapError};
+
+/// Folder holding the areas on a filesystem.
+pub const AREAS_ROOT: &str = ".coffre-snapshots";
+/// Identity file of an area.
+pub const AREA_FILE: &str = "area";
+/// The vault's list of its areas.
+pub const AREA_LIST_FILE: &str = "snapshot-areas";
+/// Magic of the identity file. Frozen.
+pub const AREA_MAGIC: [u8; 8] = *b"CFAREA\0\0";
+/// Magic of the vault's area list. Frozen.
+pub const AREA_LIST_MAGIC: [u8; 8] = *b"CFAREAS\0";
+/// Version of both.
+pub const AREA_VERSION: u32 = 1;
+const MAX_BODY: usize = 1 << 20;
+
+/// Who owns an area.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AreaIdentity {
+    /// The owning vault's id.
+    pub vault_id: String,
+    /// Its name when the area was made.
+    pub vault_name: String,
+}
+
+/// A vault's snapshot area on one filesystem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Area {
+    dir: PathBuf,
+}
+
+/// The directory whose filesystem holds `path`: walks up from `path` while
+/// the device stays the same.
+pub fn mount_point(path: &Path) -> PathBuf {
+    let start = std::fs::canonicalize(path)
+        .ok()
+        .or_else(|| path.parent().and_then(|p| std::fs::canonicalize(p).ok()))
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    let Some(d0) = dev(&start) else {
+        return start;
+    };
+    let mut here = if start.is_dir() {
+        start.clone()
+    } else {
+        start
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or(start.clone())
+    };
+    while let Some(up) = here.parent() {
+        if dev(up) != Some(d0) {
+            break;
+        }
+        here = up.to_path_buf();
+    }
+    here
+}
+
+fn identity_bytes(id: &AreaIdentity) -> Vec<u8> {
+    envelope::encode(
+        &AREA_MAGIC,
+        AREA_VERSION,
+        &serde_json::to_vec(id).unwrap_or_default(),
+    )
+}
+
+/// Reads an area's identity (`None` when the folder is no area).
+pub fn read_identity(dir: &Path) -> Result<Option<AreaIdentity>> {
+    let path = dir.join(AREA_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(SnapError::damaged(&path, e.to_string())),
+    };
+    let (_, body) = envelope::decode(&AREA_MAGIC, AREA_VERSION, MAX_BODY, &bytes)
+        .map_err(|e| SnapError::damaged(&path, e.to_string()))?;
+    serde_json::from_slice(body)
+        .map(Some)
+        .map_err(|e| SnapError::damaged(&path, e.to_string()))
+}
+
+impl Area {
+    /// An area at `dir` as it is (listing, expiry).
+    pub fn at(dir: impl Into<PathBuf>) -> Area {
+        Area { dir: dir.into() }
+    }
+
+    /// The area's folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The area the vault uses for `image`: `chosen` when the vault has one
+    /// set, else the default on the image's filesystem (see the module
+    /// doc), or under `root` instead of `.coffre-snapshots` when given.
+    /// Creates it if needed and records it in the vault's list.
+    pub fn for_image(
+        vault_dir: &Path,
+        owner: &AreaIdentity,
+        chosen: Option<&Path>,
+        root: Option<&Path>,
+        image: &Path,
+    ) -> Result<Area> {
+        let dir = match chosen {
+            Some(dir) => {
+                claim(dir, owner)?;
+                dir.to_path_buf()
+            }
+            None => {
+                // A block device (or an image that is no file at all) has
+                // no filesystem to keep its snapshots next to.
+                let on_a_filesystem = std::fs::metadata(image).is_ok_and(|m| m.is_file());
+                let base = match root {
+                    Some(r) => r.to_path_buf(),
+                    None if on_a_filesystem => mount_point(image).join(AREAS_ROOT),
+                    None => vault_dir.join(AREAS_ROOT),
+                };
+                default_dir(&base, owner)?
+            }
+        };
+        remember(vault_dir, &dir)?;
+        Ok(Area { dir })
+    }
+
+    /// Every area the vault has used.
+    pub fn known(vault_dir: &Path) -> Vec<Area> {
+        list(vault_dir)
+            .unwrap_or_default()
+            .into_iter()
+            .map(Area::at)
+            .collect()
+    }
+
+    /// The folder of `item`'s snapshots.
+    pub fn item_dir(&self, item: &str) -> PathBuf {
+        self.dir.join(item)
+    }
+
+    /// Fails with [`SnapError::AreaLocked`] when the area or the item's
+    /// folder is locked, and creates the item's folder otherwise.
+    pub fn check_unlocked(&self, item: &str) -> Result<PathBuf> {
+        let item_dir = self.item_dir(item);
+        for dir in [&self.dir, &item_dir] {
+            if let Some(lock) = lock_of(dir) {
+                return Err(SnapError::AreaLocked {
+                    dir: dir.clone(),
+                    lock,
+                });
+            }
+        }
+        match private::create_dir_all(&item_dir) {
+            Ok(()) => Ok(item_dir),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EROFS) => Err(SnapError::AreaLocked {
+                    dir: item_dir,
+                    lock: "read-only filesystem".into(),
+                }),
+                Some(libc::EPERM) | Some(libc::EACCES) => Err(SnapError::AreaLocked {
+                    dir: item_dir,
+                    lock: format!("no permission to write: {e}"),
+                }),
+                _ => Err(SnapError::AreaUnusable {
+                    dir: item_dir,
+                    source: e,
+                }),
+            },
+        }
+    }
+
+    /// Fails with [`SnapError::AreaFull`] when fewer than `needed` bytes are
+    /// free on the area's filesystem.
+    pub fn check_space(&self, needed: u64, image: &Path) -> Result<()> {
+        let free = free_bytes(&self.dir).map_err(|e| SnapError::AreaUnusable {
+            dir: self.dir.clone(),
+            source: e,
+        })?;
+        if free < needed {
+            return Err(SnapError::AreaFull {
+                dir: self.dir.clone(),
+                image: image.to_path_buf(),
+                free,
+                needed,
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes allocated on disk by the item's snapshot files (clones count
+    /// their shared extents too: `du` semantics).
+    pub fn bytes_used(&self, item: &str) -> u64 {
+        std::fs::read_dir(self.item_dir(item))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.blocks() * 512)
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// Why `dir` counts as locked, if it does (and exists).
+fn lock_of(dir: &Path) -> Option<String> {
+    let meta = std::fs::metadata(dir).ok()?;
+    if meta.permissions().mode() & 0o200 == 0 {
+        return Some(format!(
+            "read-only directory, mode {:03o}",
+            meta.permissions().mode() & 0o777
+        ));
+    }
+    if is_immutable(dir) {
+        return Some("immutable attribute (chattr +i)".into());
+    }
+    None
+}
+
+/// True when `path` carries the immutable or append-only inode flag.
+fn is_immutable(path: &Path) -> bool {
+    const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
+    const FS_IMMUTABLE_FL: libc::c_long = 0x10;
+    const FS_APPEND_FL: libc::c_long = 0x20;
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one long into `flags`.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_GETFLAGS as _, &mut flags) };
+    r == 0 && flags & (FS_IMMUTABLE_FL | FS_APPEND_FL) != 0
+}
+
+/// Free bytes for unprivileged writers on `dir`'s filesystem.
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills `s` for a NUL-terminated path.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+/// Makes `dir` an area of `owner`, or checks that it is one.
+fn claim(dir: &Path, owner: &AreaIdentity) -> Result<()> {
+    match read_identity(dir)? {
+        Some(id) if id.vault_id == owner.vault_id => Ok(()),
+        Some(id) => Err(SnapError::AreaUnusable {
+            dir: dir.to_path_buf(),
+            source: std::io::Error::other(format!(
+                "it is the snapshot area of vault {} ({})",
+                id.vault_name, id.vault_id
+            )),
+        }),
+        None => {
+            if let Some(lock) = lock_of(dir) {
+                return Err(SnapError::AreaLocked {
+                    dir: dir.to_path_buf(),
+                    lock,
+                });
+            }
+            private::create_private_dir(dir).map_err(|e| SnapError::AreaUnusable {
+                dir: dir.to_path_buf(),
+                source: e,
+            })?;
+            write_atomic(&dir.join(AREA_FILE), &identity_bytes(owner))?;
+            Ok(())
+        }
+    }
+}
+
+/// `<base>/<vault-name>_<n>`: the first `n` that is this vault's or free.
+fn default_dir(base: &Path, owner: &AreaIdentity) -> Result<PathBuf> {
+    if !base.exists() {
+        // The shared root may be entered by every vault's owner, but only
+        // root can list other users' areas (each area is 0700).
+        private::create_dir_all(base).map_err(|e| SnapError::AreaUnusable {
+            dir: base.to_path_buf(),
+            source: e,
+        })?;
+    }
+    for n in 1..10_000 {
+        let dir = base.join(format!("{}_{n}", owner.vault_name));
+        match read_identity(&dir)? {
+            Some(id) if id.vault_id == owner.vault_id => return Ok(dir),
+            Some(_) => continue,
+            None if dir.exists()
+                && std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) =>
+            {
+                continue;
+            }
+            None => {
+                claim(&dir, owner)?;
+                return Ok(dir);
+            }
+        }
+    }
+    Err(SnapError::AreaUnusable {
+        dir: base.to_path_buf(),
+        source: std::io::Error::other("no free area name"),
+    })
+}
+
+fn list(vault_dir: &Path) -> Result<Vec<PathBuf>> {
+    let path = vault_dir.join(AREA_LIST_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(SnapError::damaged(&path, e.to_string())),
+    };
+    let (_, body) = envelope::decode(&AREA_LIST_MAGIC, AREA_VERSION, MAX_BODY, &bytes)
+        .map_err(|e| SnapError::damaged(&path, e.to_string()))?;
+    serde_json::from_slice(body).map_err(|e| SnapError::damaged(&path, e.to_string()))
+}
+
+/// Adds `dir` to the vault's list of areas (under a lock).
+fn remember(vault_dir: &Path, dir: &Path) -> Result<()> {
+    if list(vault_dir)?.iter().any(|d| d == dir) {
+        return Ok(());
+    }
+    let lock_path = vault_dir
+        .join(coffre_vault_store::lock::ITEM_LOCKS_DIR)
+        .join("snapshot-areas.lock");
+    let _lock = loop {
+        match NamedLock::try_acquire(&lock_path, &std::process::id().to_string())? {
+            Ok(l) => break l,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    };
+    let mut dirs = list(vault_dir)?;
+    if !dirs.iter().any(|d| d == dir) {
+        dirs.push(dir.to_path_buf());
+        let body = serde_json::to_vec_pretty(&dirs).unwrap_or_default();
+        write_atomic(
+            &vault_dir.join(AREA_LIST_FILE),
+            &envelope::encode(&AREA_LIST_MAGIC, AREA_VERSION, &body),
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(id: &str) -> AreaIdentity {
+        AreaIdentity {
+            vault_id: id.into(),
+            vault_name: "prod".into(),
+        }
+    }
+
+    #[test]
+    fn areas_are_numbered_per_vault_and_remembered() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join(AREAS_ROOT);
+        let a = default_dir(&base, &owner("A")).unwrap();
+        let b = default_dir(&base, &owner("B")).unwrap();
+        assert_eq!(a, base.join("prod_1"));
+        assert_eq!(b, base.join("prod_2"));
+        assert_eq!(default_dir(&base, &owner("A")).unwrap(), a);
+        let mode = std::fs::metadata(&a).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+
+        let vault = t.path().join("vault");
+        std::fs::create_dir(&vault).unwrap();
+        remember(&vault, &a).unwrap();
+        remember(&vault, &a).unwrap();
+        assert_eq!(Area::known(&vault), vec![Area::at(&a)]);
+    }
+
+    #[test]
+    fn a_chosen_area_of_another_vault_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("area");
+        claim(&dir, &owner("A")).unwrap();
+        let err = claim(&dir, &owner("B")).unwrap_err().to_string();
+        assert!(err.contains("snapshot area of vault prod (A)"), "{err}");
+    }
+
+    #[test]
+    fn a_read_only_area_is_locked() {
+        let t = tempfile::tempdir().unwrap();
+        let area = Area::at(t.path().join("area"));
+        claim(area.dir(), &owner("A")).unwrap();
+        area.check_unlocked("vm").unwrap();
+        std::fs::set_permissions(area.dir(), std::fs::Permissions::from_mode(0o500)).unwrap();
+        let err = area.check_unlocked("vm").unwrap_err();
+        std::fs::set_permissions(area.dir(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let msg = err.to_string();
+        assert!(matches!(err, SnapError::AreaLocked { .. }), "{msg}");
+        assert!(
+            msg.contains("read-only directory") && msg.contains(s(area.dir())),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn the_space_check_names_the_numbers() {
+        let t = tempfile::tempdir().unwrap();
+        let area = Area::at(t.path());
+        area.check_space(1, Path::new("/img")).unwrap();
+        let err = area.check_space(u64::MAX, Path::new("/img")).unwrap_err();
+        assert!(err.is_no_space());
+        assert!(err.to_string().contains("/img"), "{err}");
+    }
+
+    #[test]
+    fn the_mount_point_is_an_ancestor_on_the_same_device() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("img");
+        std::fs::write(&f, b"x").unwrap();
+        let m = mount_point(&f);
+        assert!(f.starts_with(&m) || std::fs::canonicalize(&f).unwrap().starts_with(&m));
+        let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+        assert_eq!(dev(&m), dev(&f));
+        if let Some(up) = m.parent() {
+            assert_ne!(dev(up), dev(&m));
+        }
+    }
+
+    fn s(p: &Path) -> &str {
+        p.to_str().unwrap()
+    }
+}

@@ -1,0 +1,122 @@
+//! The snapshotter error type.
+//!
+//! Rules: every variant names the image, the snapshot area or the file it
+//! is about, and says what to do where there is something to do.
+//! Storage-layer failures pass through as [`SnapError::Store`].
+
+use std::path::PathBuf;
+
+use coffre_vault_store::StoreError;
+
+/// Result alias for snapshotter operations.
+pub type Result<T, E = SnapError> = std::result::Result<T, E>;
+
+/// Everything the snapshotter can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapError {
+    /// A vault-store failure (codecs, durable writes).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+
+    /// The image does not exist.
+    #[error("image {path} does not exist")]
+    SourceNotFound { path: PathBuf },
+
+    /// The image is a directory.
+    #[error("image {path} is a directory, not a disk image")]
+    SourceIsDirectory { path: PathBuf },
+
+    /// The image is neither a regular file nor a block device.
+    #[error("image {path} is not a regular file or block device")]
+    SourceNotRegular { path: PathBuf },
+
+    /// The image cannot be opened or read.
+    #[error("image {path} cannot be read: {source}")]
+    SourceUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The image changed while it was read and never settled.
+    #[error(
+        "image {path} changed during the backup ({reason}); no point was recorded, retry when it is quiescent (or add pre/post-snapshot hooks that freeze it)"
+    )]
+    SourceChanged { path: PathBuf, reason: String },
+
+    /// The snapshot area is locked against writes.
+    #[error(
+        "snapshot area {dir} is locked ({lock}); the backup cannot take its snapshot there. Remove the lock, or choose another area with `coffre vault set --snapshot-area DIR`"
+    )]
+    AreaLocked { dir: PathBuf, lock: String },
+
+    /// The snapshot area cannot be created or used.
+    #[error(
+        "snapshot area {dir} cannot be used: {source}; choose another with `coffre vault set --snapshot-area DIR`"
+    )]
+    AreaUnusable {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The capture might not fit in the snapshot area.
+    #[error(
+        "snapshot area {dir} has {free} bytes free; the capture of {image} may need up to {needed}. Free space there or choose another area with `coffre vault set --snapshot-area DIR`"
+    )]
+    AreaFull {
+        dir: PathBuf,
+        image: PathBuf,
+        free: u64,
+        needed: u64,
+    },
+
+    /// A snapshot file or pack is damaged.
+    #[error("snapshot {path} is damaged: {reason}")]
+    Damaged { path: PathBuf, reason: String },
+
+    /// Writing the snapshot failed.
+    #[error("cannot write snapshot {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A hook command is not a valid argv.
+    #[error("hook {command:?} cannot be parsed into arguments (unbalanced quotes?)")]
+    BadHook { command: String },
+
+    /// Cancelled between windows.
+    #[error("snapshot of {path} cancelled")]
+    Cancelled { path: PathBuf },
+}
+
+impl SnapError {
+    /// True when the error is a full disk.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            SnapError::AreaFull { .. } => true,
+            SnapError::Store(e) => e.is_no_space(),
+            SnapError::Write { source, .. } | SnapError::AreaUnusable { source, .. } => {
+                source.raw_os_error() == Some(libc::ENOSPC)
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn write(path: impl Into<PathBuf>, source: std::io::Error) -> SnapError {
+        SnapError::Write {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn damaged(path: impl Into<PathBuf>, reason: impl Into<String>) -> SnapError {
+        SnapError::Damaged {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}

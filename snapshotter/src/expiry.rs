@@ -1,0 +1,441 @@
+//! Listing snapshots, expiring them, and giving their space back.
+//!
+//! A snapshot expires when it is older than its item's instant-restore
+//! days (1–5, measured on the injected clock). Expiry removes the manifest
+//! (and a clone's image), then recomputes which records the remaining
+//! manifests of the item still use: packs nothing uses are deleted, and
+//! the unused ranges of the others are punched (`fallocate`), so the area
+//! holds about one copy of the image plus the changes the kept snapshots
+//! need. Expiring one snapshot never breaks a younger one, because the
+//! younger one's references are what keep records alive.
+//!
+//! Leftovers of captures whose job died (`.snap.tmp`, `.passN.snap`, a
+//! pack or clone without a manifest) go too, unless the job still runs.
+//! Snapshot files of older coffre versions (version 1) hold no data and
+//! are removed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+use serde::Serialize;
+
+use crate::area::Area;
+use crate::error::Result;
+use crate::manifest::{SnapHeader, SnapKind, SnapMeta, SnapReader, SnapTrailer, summary};
+use crate::pack::PACK_HEADER_LEN;
+
+/// One snapshot of an item.
+#[derive(Debug, Clone)]
+pub struct SnapInfo {
+    /// Its manifest.
+    pub manifest: PathBuf,
+    /// Header.
+    pub header: SnapHeader,
+    /// Metadata.
+    pub meta: SnapMeta,
+    /// Trailer.
+    pub trailer: SnapTrailer,
+}
+
+impl SnapInfo {
+    /// The capture instant.
+    pub fn created(&self) -> Timestamp {
+        Timestamp::new(self.header.created_s, self.header.created_ns as i32)
+            .unwrap_or(Timestamp::UNIX_EPOCH)
+    }
+
+    /// The folder holding its files.
+    pub fn dir(&self) -> &Path {
+        self.manifest.parent().unwrap_or(Path::new("."))
+    }
+}
+
+/// A removed (or, in a dry run, removable) snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpiredSnapshot {
+    /// Item.
+    pub item: String,
+    /// Point id.
+    pub point: String,
+    /// Job that captured it.
+    pub job: String,
+    /// Capture instant.
+    pub created: Timestamp,
+    /// True when the vault holds no copy of the point: it is gone for good.
+    pub only_copy: bool,
+}
+
+/// What expiry did in one item folder.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ExpiryReport {
+    /// Snapshots removed.
+    pub expired: Vec<ExpiredSnapshot>,
+    /// Leftover and unreadable files removed.
+    pub leftovers_removed: u64,
+    /// Packs deleted because nothing uses them.
+    pub packs_deleted: u64,
+    /// Bytes given back (deleted files, punched ranges).
+    pub bytes_freed: u64,
+}
+
+/// The complete snapshots in an item folder, oldest first, and the paths
+/// of files there that are not one (leftovers, unreadable manifests).
+pub fn scan(item_dir: &Path) -> (Vec<SnapInfo>, Vec<PathBuf>) {
+    let mut snaps = Vec::new();
+    let mut other = Vec::new();
+    let Ok(entries) = std::fs::read_dir(item_dir) else {
+        return (snaps, other);
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_manifest = name.ends_with(".snap") && !name.contains(".pass");
+        match is_manifest.then(|| summary(&path)) {
+            Some(Ok((header, meta, trailer))) => snaps.push(SnapInfo {
+                manifest: path,
+                header,
+                meta,
+                trailer,
+            }),
+            _ => other.push(path),
+        }
+    }
+    snaps.sort_by_key(|s| (s.header.created_s, s.header.created_ns));
+    (snaps, other)
+}
+
+/// Every snapshot of `item` in the vault's areas, oldest first.
+pub fn snapshots_of(vault_dir: &Path, item: &str) -> Vec<SnapInfo> {
+    let mut all: Vec<SnapInfo> = Area::known(vault_dir)
+        .iter()
+        .flat_map(|a| scan(&a.item_dir(item)).0)
+        .filter(|s| s.meta.item == item)
+        .collect();
+    all.sort_by_key(|s| (s.header.created_s, s.header.created_ns));
+    all
+}
+
+/// The job id a file of an item folder belongs to (`JOB.snap`,
+/// `JOB.snap.tmp`, `JOB.pass2.snap`, `JOB.pack`, `JOB.img`).
+fn job_of(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_string_lossy().into_owned();
+    name.split('.').next().map(str::to_string)
+}
+
+/// Expires the snapshots in `item_dir` captured at or before `cutoff`,
+/// removes leftovers of jobs `running` says are over, and gives unused
+/// pack space back. `in_vault(point)` says whether the vault holds the
+/// point (to flag the only copies).
+pub fn expire(
+    item_dir: &Path,
+    cutoff: Timestamp,
+    in_vault: &dyn Fn(&str) -> bool,
+    running: &dyn Fn(&str) -> bool,
+    dry_run: bool,
+) -> Result<ExpiryReport> {
+    let mut report = ExpiryReport::default();
+    let (snaps, other) = scan(item_dir);
+    let (going, kept): (Vec<SnapInfo>, Vec<SnapInfo>) =
+        snaps.into_iter().partition(|s| s.created() <= cutoff);
+    let kept_jobs: std::collections::HashSet<&str> =
+        kept.iter().map(|s| s.meta.job.as_str()).collect();
+    for s in &going {
+        report.expired.push(ExpiredSnapshot {
+            item: s.meta.item.clone(),
+            point: s.meta.point.clone(),
+            job: s.meta.job.clone(),
+            created: s.created(),
+            only_copy: !in_vault(&s.meta.point),
+        });
+        if !dry_run {
+            if let Some(clone) = &s.meta.clone {
+                report.bytes_freed += remove(&item_dir.join(clone));
+            }
+            report.bytes_freed += remove(&s.manifest);
+        }
+    }
+    // Leftovers: files of no kept snapshot whose job is over. Packs are
+    // judged by use below, not by name.
+    for path in other {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if name.as_deref().is_some_and(|n| n.ends_with(".pack")) {
+            continue;
+        }
+        let job = job_of(&path).unwrap_or_default();
+        if kept_jobs.contains(job.as_str()) || running(&job) {
+            continue;
+        }
+        if name.as_deref() == Some(crate::area::AREA_FILE) {
+            continue;
+        }
+        report.leftovers_removed += 1;
+        if !dry_run {
+            report.bytes_freed += remove(&path);
+        }
+    }
+    if dry_run {
+        return Ok(report);
+    }
+    // Packs: what the kept manifests use.
+    let mut live: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
+    for s in kept.iter().filter(|s| s.header.kind == SnapKind::Chunks) {
+        let mut r = SnapReader::open(&s.manifest)?;
+        loop {
+            let entries = r.next_entries(64 << 10)?;
+            if entries.is_empty() {
+                break;
+            }
+            for e in entries.iter().filter(|e| e.id.is_some()) {
+                if let Some(name) = s.meta.packs.get(usize::from(e.loc.pack)) {
+                    live.entry(name.clone())
+                        .or_default()
+                        .push((e.loc.offset, e.loc.offset + u64::from(e.loc.len)));
+                }
+            }
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(item_dir) else {
+        return Ok(report);
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".pack") {
+            continue;
+        }
+        let path = e.path();
+        match live.get_mut(&name) {
+            None => {
+                let job = job_of(&path).unwrap_or_default();
+                if running(&job) {
+                    continue;
+                }
+                report.packs_deleted += 1;
+                report.bytes_freed += remove(&path);
+            }
+            Some(ranges) => report.bytes_freed += punch_dead(&path, ranges),
+        }
+    }
+    Ok(report)
+}
+
+/// Removes a file; returns the bytes it occupied.
+fn remove(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let bytes = std::fs::metadata(path).map_or(0, |m| m.blocks() * 512);
+    match std::fs::remove_file(path) {
+        Ok(()) => bytes,
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(file = %path.display(), error = %e, "cannot remove snapshot file");
+            }
+            0
+        }
+    }
+}
+
+/// Punches the ranges of a pack outside `live` (after its header).
+/// Returns the bytes given back. Best effort: a filesystem that cannot
+/// punch keeps the bytes until the pack is deleted.
+fn punch_dead(path: &Path, live: &mut [(u64, u64)]) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(f) = std::fs::OpenOptions::new().write(true).open(path) else {
+        return 0;
+    };
+    let before = f.metadata().map_or(0, |m| m.blocks() * 512);
+    let len = f.metadata().map_or(0, |m| m.len());
+    live.sort_unstable();
+    let mut merged: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut cur: Option<(u64, u64)> = None;
+    for &(s, e) in live.iter() {
+        cur = match cur {
+            Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
+            Some((cs, ce)) => {
+                merged.insert(cs, ce);
+                Some((s, e))
+            }
+            None => Some((s, e)),
+        };
+    }
+    if let Some((cs, ce)) = cur {
+        merged.insert(cs, ce);
+    }
+    let mut at = PACK_HEADER_LEN;
+    let mut gaps = Vec::new();
+    for (&s, &e) in &merged {
+        if s > at {
+            gaps.push((at, s));
+        }
+        at = at.max(e);
+    }
+    if len > at {
+        gaps.push((at, len));
+    }
+    for (s, e) in gaps {
+        // Whole 4 KiB pages only: the kernel would zero partial ones, which
+        // is harmless, but it gives nothing back.
+        let (s, e) = (s.next_multiple_of(4096), e / 4096 * 4096);
+        if e > s {
+            // SAFETY: fallocate on a descriptor we own, inside the file.
+            unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    s as libc::off_t,
+                    (e - s) as libc::off_t,
+                );
+            }
+        }
+    }
+    let _ = f.sync_all();
+    let after = f.metadata().map_or(before, |m| m.blocks() * 512);
+    before.saturating_sub(after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::area::AreaIdentity;
+    use crate::capture::{CaptureRequest, capture};
+    use crate::hooks::Hooks;
+    use crate::pack::RecordBuf;
+    use crate::progress::NoProgress;
+    use crate::read::SnapshotBlocks;
+    use crate::source::MemImage;
+
+    const BS: usize = 65536;
+
+    fn take(area: &Area, vault: &Path, job: &str, image: &[u8], at: i64) -> SnapInfo {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let src = MemImage::new("/mem.img", image.to_vec());
+        let c = capture(
+            &CaptureRequest {
+                source: &src,
+                area,
+                item: "vm",
+                job,
+                point: job,
+                block_size: BS as u32,
+                compression_level: 1,
+                created: Timestamp::from_second(at).unwrap(),
+                pool: &pool,
+                rate_limit: None,
+                cancelled: &|| false,
+                hooks: &Hooks::default(),
+                vault_dir: vault,
+                allow_clone: false,
+            },
+            &NoProgress,
+        )
+        .unwrap();
+        let (header, meta, trailer) = summary(&c.manifest).unwrap();
+        SnapInfo {
+            manifest: c.manifest,
+            header,
+            meta,
+            trailer,
+        }
+    }
+
+    fn read_back(s: &SnapInfo) -> Vec<u8> {
+        let mut b = SnapshotBlocks::open(&s.manifest).unwrap();
+        let size = b.header().image_size as usize;
+        let n = size.div_ceil(BS);
+        let mut out = vec![0u8; size];
+        let w = b.window(0, n, 0, size).unwrap();
+        let mut buf = RecordBuf::default();
+        for i in 0..n {
+            if let Some((Some(id), _)) = w.block(i) {
+                w.decode_record(i, &id, &mut buf).unwrap();
+                out[i * BS..i * BS + buf.plain().len()].copy_from_slice(buf.plain());
+            }
+        }
+        w.finish().unwrap();
+        b.finish().unwrap();
+        out
+    }
+
+    fn noise(seed: u8, len: usize) -> Vec<u8> {
+        let mut x = u64::from(seed) + 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn day_two_stores_the_change_and_expiry_keeps_what_younger_snapshots_use() {
+        let t = tempfile::tempdir().unwrap();
+        let vault = t.path().join("vault");
+        std::fs::create_dir(&vault).unwrap();
+        let owner = AreaIdentity {
+            vault_id: "v".into(),
+            vault_name: "v".into(),
+        };
+        let area = Area::for_image(
+            &vault,
+            &owner,
+            Some(&t.path().join("area")),
+            None,
+            Path::new("/mem.img"),
+        )
+        .unwrap();
+        let mut day = noise(1, 64 * BS);
+        let s1 = take(&area, &vault, "j1", &day, 1_000);
+        // Day two: 4 of 64 blocks change.
+        for b in [3usize, 17, 40, 41] {
+            day[b * BS..(b + 1) * BS].copy_from_slice(&noise(b as u8 + 9, BS));
+        }
+        let s2 = take(&area, &vault, "j2", &day, 2_000);
+        assert!(s1.trailer.stored_bytes > 60 * BS as u64);
+        let d2 = s2.trailer.stored_bytes;
+        assert!(
+            d2 > 3 * BS as u64 && d2 < 5 * BS as u64,
+            "day two stored {d2}"
+        );
+        day[0..BS].copy_from_slice(&noise(77, BS));
+        let s3 = take(&area, &vault, "j3", &day, 3_000);
+        let want3 = day.clone();
+
+        // Expire the first two: the third still reads back whole, and the
+        // first pack keeps only what the third uses.
+        let dir = area.item_dir("vm");
+        let r = expire(
+            &dir,
+            Timestamp::from_second(2_500).unwrap(),
+            &|_| true,
+            &|_| false,
+            false,
+        )
+        .unwrap();
+        assert_eq!(r.expired.len(), 2);
+        assert!(r.expired.iter().all(|e| !e.only_copy));
+        assert!(!s1.manifest.exists() && !s2.manifest.exists());
+        assert!(r.bytes_freed > 0, "{r:?}");
+        assert_eq!(read_back(&s3), want3);
+        // j2's pack holds blocks j3 still uses (3, 17, 40, 41): kept.
+        assert!(dir.join("j2.pack").exists());
+        let (kept, _) = scan(&dir);
+        assert_eq!(kept.len(), 1);
+        // Everything expires: every pack goes.
+        let r = expire(
+            &dir,
+            Timestamp::from_second(9_999).unwrap(),
+            &|_| false,
+            &|_| false,
+            false,
+        )
+        .unwrap();
+        assert_eq!(r.expired.len(), 1);
+        assert!(r.expired[0].only_copy);
+        assert_eq!(r.packs_deleted, 3, "{r:?}");
+    }
+}

@@ -1,0 +1,281 @@
+//! Pack files (`AREA/ITEM/JOB.pack`): the records a fallback capture
+//! stored, in the vault's chunk record format (magic, header CRC, id,
+//! payload CRC, zstd or raw), after a 32-byte pack header.
+//!
+//! A capture appends only blocks its item's previous snapshot did not hold
+//! at the same place, so a day-two pack holds about the day's change. The
+//! transfer copies records from here into vault segments as they are (a
+//! CRC check, no recompression, no rehash). Expiry punches the ranges no
+//! remaining manifest refers to and deletes packs nothing refers to.
+
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::panic)]
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use coffre_vault_store::ChunkId;
+use coffre_vault_store::durable::{fsync_dir, fsync_file};
+use coffre_vault_store::private;
+use coffre_vault_store::record::{HEADER_LEN, MAX_STORED_LEN, RecordDecoder, RecordHeader};
+
+use crate::error::{Result, SnapError};
+
+/// Magic. Frozen.
+pub const PACK_MAGIC: [u8; 8] = *b"CFPACK\0\0";
+/// Format version.
+pub const PACK_VERSION: u32 = 1;
+/// Header length.
+pub const PACK_HEADER_LEN: u64 = 32;
+
+fn header() -> [u8; PACK_HEADER_LEN as usize] {
+    let mut h = [0u8; PACK_HEADER_LEN as usize];
+    if let Some(d) = h.get_mut(..8) {
+        d.copy_from_slice(&PACK_MAGIC);
+    }
+    if let Some(d) = h.get_mut(8..12) {
+        d.copy_from_slice(&PACK_VERSION.to_le_bytes());
+    }
+    let crc = crc32fast::hash(h.get(..28).unwrap_or_default());
+    if let Some(d) = h.get_mut(28..32) {
+        d.copy_from_slice(&crc.to_le_bytes());
+    }
+    h
+}
+
+/// Checks a pack header.
+pub fn check_header(h: &[u8]) -> std::result::Result<(), String> {
+    if h.get(..8) != Some(&PACK_MAGIC[..]) {
+        return Err("bad magic (not a coffre pack)".into());
+    }
+    if h.get(8..12) != Some(&PACK_VERSION.to_le_bytes()[..]) {
+        return Err("unsupported pack version".into());
+    }
+    let crc = h.get(28..32).unwrap_or_default();
+    if crc != crc32fast::hash(h.get(..28).unwrap_or_default()).to_le_bytes() {
+        return Err("pack header checksum mismatch".into());
+    }
+    Ok(())
+}
+
+/// Appends records to a new pack.
+pub struct PackWriter {
+    out: BufWriter<File>,
+    path: PathBuf,
+    len: u64,
+    done: bool,
+}
+
+impl PackWriter {
+    /// Creates `path` (owner-only) with its header.
+    pub fn create(path: &Path) -> Result<Self> {
+        let f = private::open_options()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| SnapError::write(path, e))?;
+        let mut out = BufWriter::with_capacity(4 << 20, f);
+        out.write_all(&header())
+            .map_err(|e| SnapError::write(path, e))?;
+        Ok(PackWriter {
+            out,
+            path: path.to_path_buf(),
+            len: PACK_HEADER_LEN,
+            done: false,
+        })
+    }
+
+    /// Appends one record; returns its offset.
+    pub fn append(&mut self, record: &[u8]) -> Result<u64> {
+        let at = self.len;
+        self.out
+            .write_all(record)
+            .map_err(|e| SnapError::write(&self.path, e))?;
+        self.len += record.len() as u64;
+        Ok(at)
+    }
+
+    /// Hands the buffered records to the kernel (not a sync).
+    pub fn flush(&mut self) -> Result<()> {
+        self.out
+            .flush()
+            .map_err(|e| SnapError::write(&self.path, e))
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when only the header was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == PACK_HEADER_LEN
+    }
+
+    /// The pack's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Flushes and fsyncs the pack and its directory.
+    pub fn finish(mut self) -> Result<()> {
+        self.out
+            .flush()
+            .map_err(|e| SnapError::write(&self.path, e))?;
+        fsync_file(self.out.get_ref(), &self.path)?;
+        fsync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for PackWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Reads records back from a pack.
+#[derive(Debug)]
+pub struct PackReader {
+    file: File,
+    path: PathBuf,
+}
+
+/// Per-thread buffers for reading records.
+#[derive(Default)]
+pub struct RecordBuf {
+    record: Vec<u8>,
+    plain: Vec<u8>,
+    decoder: RecordDecoder,
+}
+
+impl RecordBuf {
+    /// The plaintext of the record decoded last.
+    pub fn plain(&self) -> &[u8] {
+        &self.plain
+    }
+
+    /// The raw record read last.
+    pub fn record(&self) -> &[u8] {
+        &self.record
+    }
+}
+
+impl PackReader {
+    /// Opens a pack and checks its header.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| SnapError::damaged(path, e.to_string()))?;
+        let mut h = [0u8; PACK_HEADER_LEN as usize];
+        file.read_exact_at(&mut h, 0)
+            .map_err(|e| SnapError::damaged(path, format!("header: {e}")))?;
+        check_header(&h).map_err(|r| SnapError::damaged(path, r))?;
+        Ok(PackReader {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Reads the record of `id` at `offset..offset+len` into `buf.record`
+    /// and checks its header, id and payload CRC (no decompression).
+    pub fn read_raw(&self, id: &ChunkId, offset: u64, len: u32, buf: &mut RecordBuf) -> Result<()> {
+        let len = len as usize;
+        if !(HEADER_LEN..=HEADER_LEN + MAX_STORED_LEN).contains(&len) || offset < PACK_HEADER_LEN {
+            return Err(self.bad(offset, format!("record length {len} is impossible")));
+        }
+        buf.record.resize(len, 0);
+        self.file
+            .read_exact_at(&mut buf.record, offset)
+            .map_err(|e| self.bad(offset, e.to_string()))?;
+        let header =
+            RecordHeader::parse(&buf.record).map_err(|e| self.bad(offset, e.to_string()))?;
+        if header.id != *id {
+            return Err(self.bad(offset, format!("holds chunk {} instead of {id}", header.id)));
+        }
+        if header.record_len() != len as u64 {
+            return Err(self.bad(offset, "record length disagrees with the manifest".into()));
+        }
+        let payload = buf.record.get(HEADER_LEN..).unwrap_or_default();
+        if crc32fast::hash(payload) != header.data_crc {
+            return Err(self.bad(offset, "payload checksum mismatch".into()));
+        }
+        Ok(())
+    }
+
+    /// Reads and decodes the record of `id` (CRC, decompression, BLAKE3):
+    /// the plaintext is left in `buf.plain()`.
+    pub fn read_plain(
+        &self,
+        id: &ChunkId,
+        offset: u64,
+        len: u32,
+        buf: &mut RecordBuf,
+    ) -> Result<()> {
+        self.read_raw(id, offset, len, buf)?;
+        let header =
+            RecordHeader::parse(&buf.record).map_err(|e| self.bad(offset, e.to_string()))?;
+        let RecordBuf {
+            record,
+            plain,
+            decoder,
+        } = buf;
+        decoder
+            .decode_payload_into(&header, record.get(HEADER_LEN..).unwrap_or_default(), plain)
+            .map_err(|e| self.bad(offset, e.to_string()))
+    }
+
+    fn bad(&self, offset: u64, reason: String) -> SnapError {
+        SnapError::damaged(&self.path, format!("record at offset {offset}: {reason}"))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use coffre_vault_store::record::RecordEncoder;
+
+    #[test]
+    fn records_round_trip_and_damage_is_caught() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("j.pack");
+        let mut w = PackWriter::create(&p).unwrap();
+        let mut enc = RecordEncoder::new(1);
+        let blocks: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 65536]).collect();
+        let mut locs = Vec::new();
+        for b in &blocks {
+            let id = ChunkId::of(b);
+            let rec = enc.encode(id, b).unwrap();
+            locs.push((id, w.append(&rec).unwrap(), rec.len() as u32));
+        }
+        w.finish().unwrap();
+        let r = PackReader::open(&p).unwrap();
+        let mut buf = RecordBuf::default();
+        for ((id, off, len), b) in locs.iter().zip(&blocks) {
+            r.read_plain(id, *off, *len, &mut buf).unwrap();
+            assert_eq!(buf.plain(), &b[..]);
+        }
+        // Wrong id, wrong length, flipped payload byte.
+        let (id0, off0, len0) = locs[0];
+        assert!(r.read_raw(&locs[1].0, off0, len0, &mut buf).is_err());
+        assert!(r.read_raw(&id0, off0, len0 + 1, &mut buf).is_err());
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xff], off0 + HEADER_LEN as u64 + 3)
+            .unwrap();
+        let e = r.read_raw(&id0, off0, len0, &mut buf).unwrap_err();
+        assert!(e.to_string().contains("checksum"), "{e}");
+    }
+
+    #[test]
+    fn an_unfinished_pack_is_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("j.pack");
+        let mut w = PackWriter::create(&p).unwrap();
+        w.append(b"partial").unwrap();
+        drop(w);
+        assert!(!p.exists());
+    }
+}

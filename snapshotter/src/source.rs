@@ -1,0 +1,384 @@
+//! Disk image sources: where a backup reads blocks from.
+//!
+//! [`FileImage`] maps a raw image (regular file or block device) window by
+//! window with `memmap2`, so peak memory is bounded by the window size, not
+//! the image size. Holes are found with `SEEK_DATA`/`SEEK_HOLE` and never
+//! read. A file that shrinks under the mapping is caught by the SIGBUS
+//! guard ([`crate::sigbus`]) and reported as
+//! [`SnapError::SourceChanged`]. [`MemImage`] serves tests and benches.
+
+use std::fs::File;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use memmap2::{Advice, Mmap, MmapOptions};
+
+use crate::error::{Result, SnapError};
+use crate::sigbus;
+
+/// Something a backup can read a disk image from.
+pub trait ImageSource: Sync {
+    /// Image size in bytes, fixed when the source was opened.
+    fn size(&self) -> u64;
+    /// The path (or a name) for messages.
+    fn path(&self) -> &Path;
+    /// Bytes `offset..offset + len` and which parts of them hold data.
+    fn window(&self, offset: u64, len: usize) -> Result<Window<'_>>;
+    /// Fails with [`SnapError::SourceChanged`] if the image changed size.
+    fn check_unchanged(&self) -> Result<()>;
+    /// When the image was last written, to detect writes during a capture
+    /// (`None`: the source cannot change, or cannot tell).
+    fn change_stamp(&self) -> Option<ChangeStamp> {
+        None
+    }
+}
+
+/// An image's modification and change times (nanoseconds since the epoch)
+/// and size: any write moves at least one of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChangeStamp {
+    mtime_ns: i128,
+    ctime_ns: i128,
+    size: u64,
+}
+
+impl ChangeStamp {
+    /// How long ago the image was last written or changed.
+    pub fn age(&self) -> std::time::Duration {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        let last = self.mtime_ns.max(self.ctime_ns);
+        std::time::Duration::from_nanos(u64::try_from(now - last).unwrap_or(0))
+    }
+}
+
+enum Hold<'a> {
+    Map(Mmap),
+    Slice(&'a [u8]),
+    Empty,
+}
+
+/// A window of an image.
+pub struct Window<'a> {
+    // Field order matters: the guard is dropped before the mapping.
+    guard: Option<sigbus::Guard>,
+    hold: Hold<'a>,
+    data: Vec<Range<usize>>,
+    path: &'a Path,
+}
+
+impl Window<'_> {
+    /// The window's bytes (holes read as zeros).
+    pub fn bytes(&self) -> &[u8] {
+        match &self.hold {
+            Hold::Map(m) => m,
+            Hold::Slice(s) => s,
+            Hold::Empty => &[],
+        }
+    }
+
+    /// True when `range` (relative to the window) overlaps no data.
+    pub fn is_hole(&self, range: Range<usize>) -> bool {
+        // `data` is sorted and disjoint.
+        let i = self.data.partition_point(|d| d.end <= range.start);
+        self.data.get(i).is_none_or(|d| d.start >= range.end)
+    }
+
+    /// Bytes of the window that hold data.
+    pub fn data_len(&self) -> u64 {
+        self.data.iter().map(|r| (r.end - r.start) as u64).sum()
+    }
+
+    /// Call after the window's bytes were used: fails if the file was
+    /// truncated while they were read.
+    pub fn finish(self) -> Result<()> {
+        if self.guard.as_ref().is_some_and(|g| g.faulted()) {
+            return Err(SnapError::SourceChanged {
+                path: self.path.to_path_buf(),
+                reason: "the file was truncated while being read".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A raw disk image file or block device, read through memory mappings.
+#[derive(Debug)]
+pub struct FileImage {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    is_block_device: bool,
+}
+
+impl FileImage {
+    /// Opens `path`, with a clear error for each way it can be unusable.
+    pub fn open(path: &Path) -> Result<FileImage> {
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => SnapError::SourceNotFound {
+                path: path.to_path_buf(),
+            },
+            _ => SnapError::SourceUnreadable {
+                path: path.to_path_buf(),
+                source: e,
+            },
+        })?;
+        if meta.is_dir() {
+            return Err(SnapError::SourceIsDirectory {
+                path: path.to_path_buf(),
+            });
+        }
+        let is_block_device = meta.file_type().is_block_device();
+        if !meta.is_file() && !is_block_device {
+            return Err(SnapError::SourceNotRegular {
+                path: path.to_path_buf(),
+            });
+        }
+        let file = File::open(path).map_err(|e| SnapError::SourceUnreadable {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let size = current_size(&file, path)?;
+        Ok(FileImage {
+            path: path.to_path_buf(),
+            file,
+            size,
+            is_block_device,
+        })
+    }
+
+    /// Data ranges of `offset..offset+len`, relative to `offset`.
+    fn data_ranges(&self, offset: u64, len: usize) -> Vec<Range<usize>> {
+        let end = offset + len as u64;
+        if self.is_block_device {
+            return std::iter::once(0..len).collect();
+        }
+        let fd = self.file.as_raw_fd();
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            // SAFETY: lseek on a file descriptor we own.
+            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::ENXIO) {
+                    break; // only a hole remains
+                }
+                // SEEK_DATA unsupported: treat everything as data.
+                return std::iter::once(0..len).collect();
+            }
+            let data = data as u64;
+            if data >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+            let hole = if hole < 0 {
+                end
+            } else {
+                (hole as u64).min(end)
+            };
+            out.push((data - offset) as usize..(hole - offset) as usize);
+            if hole <= data {
+                break;
+            }
+            pos = hole;
+        }
+        out
+    }
+}
+
+fn current_size(file: &File, path: &Path) -> Result<u64> {
+    let meta = file.metadata().map_err(|e| SnapError::SourceUnreadable {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    if meta.file_type().is_block_device() {
+        // SAFETY: lseek on a descriptor we own; the position is not used.
+        let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+        if end < 0 {
+            return Err(SnapError::SourceUnreadable {
+                path: path.to_path_buf(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(end as u64)
+    } else {
+        Ok(meta.len())
+    }
+}
+
+impl ImageSource for FileImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn window(&self, offset: u64, len: usize) -> Result<Window<'_>> {
+        let data = self.data_ranges(offset, len);
+        if data.is_empty() || len == 0 {
+            return Ok(Window {
+                guard: None,
+                hold: Hold::Empty,
+                data,
+                path: &self.path,
+            });
+        }
+        // SAFETY: the mapping is read-only and private to this window. The
+        // file may change under it; a shrink is caught by the SIGBUS guard
+        // and a change of size by `check_unchanged`.
+        let map =
+            unsafe { MmapOptions::new().offset(offset).len(len).map(&self.file) }.map_err(|e| {
+                SnapError::SourceUnreadable {
+                    path: self.path.clone(),
+                    source: e,
+                }
+            })?;
+        let _ = map.advise(Advice::Sequential);
+        let guard = sigbus::Guard::new(map.as_ptr(), map.len());
+        Ok(Window {
+            guard: Some(guard),
+            hold: Hold::Map(map),
+            data,
+            path: &self.path,
+        })
+    }
+
+    fn change_stamp(&self) -> Option<ChangeStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata().ok()?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Some(ChangeStamp {
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+            size: current_size(&self.file, &self.path).ok()?,
+        })
+    }
+
+    fn check_unchanged(&self) -> Result<()> {
+        let now = current_size(&self.file, &self.path)?;
+        if now != self.size {
+            return Err(SnapError::SourceChanged {
+                path: self.path.clone(),
+                reason: format!("its size went from {} to {} bytes", self.size, now),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// An image held in memory (tests and benchmarks).
+#[derive(Debug)]
+pub struct MemImage {
+    name: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl MemImage {
+    /// Wraps `bytes`; `name` appears in messages.
+    pub fn new(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Self {
+        MemImage {
+            name: name.into(),
+            bytes,
+        }
+    }
+}
+
+impl ImageSource for MemImage {
+    fn size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn path(&self) -> &Path {
+        &self.name
+    }
+
+    fn window(&self, offset: u64, len: usize) -> Result<Window<'_>> {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let slice = self
+            .bytes
+            .get(start..start.saturating_add(len))
+            .ok_or_else(|| SnapError::SourceChanged {
+                path: self.name.clone(),
+                reason: format!("window {offset}+{len} is past the end"),
+            })?;
+        Ok(Window {
+            guard: None,
+            hold: Hold::Slice(slice),
+            data: std::iter::once(0..len).collect(),
+            path: &self.name,
+        })
+    }
+
+    fn check_unchanged(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+
+    #[test]
+    fn holes_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sparse.img");
+        let mut f = File::create(&p).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.seek(SeekFrom::Start(4 << 20)).unwrap();
+        f.write_all(&[1u8; 65536]).unwrap();
+        f.sync_all().unwrap();
+        let img = FileImage::open(&p).unwrap();
+        let w = img.window(0, 8 << 20).unwrap();
+        assert!(w.is_hole(0..65536));
+        assert!(!w.is_hole((4 << 20)..(4 << 20) + 65536));
+        assert!(w.is_hole((6 << 20)..(7 << 20)));
+        assert_eq!(w.bytes()[(4 << 20) + 10], 1);
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn truncation_under_the_mapping_is_a_clean_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shrinks.img");
+        std::fs::write(&p, vec![0xabu8; 1 << 20]).unwrap();
+        let img = FileImage::open(&p).unwrap();
+        let w = img.window(0, 1 << 20).unwrap();
+        assert_eq!(w.bytes()[0], 0xab);
+        // Shrink the file under the live mapping, then touch the lost pages:
+        // without the guard this is a SIGBUS that kills the test process.
+        File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let sum: u64 = w.bytes().iter().map(|&b| u64::from(b)).sum();
+        assert!(sum < 0xab * (1 << 20), "lost pages must read as zeros");
+        assert!(matches!(w.finish(), Err(SnapError::SourceChanged { .. })));
+        assert!(matches!(
+            img.check_unchanged(),
+            Err(SnapError::SourceChanged { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_sources_have_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            FileImage::open(&dir.path().join("missing.img")),
+            Err(SnapError::SourceNotFound { .. })
+        ));
+        assert!(matches!(
+            FileImage::open(dir.path()),
+            Err(SnapError::SourceIsDirectory { .. })
+        ));
+    }
+}
