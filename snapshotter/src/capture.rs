@@ -509,6 +509,7 @@ fn chunk_pass(
     progress.start(size);
     let window_blocks = (WINDOW_BYTES / bs).max(1);
     let mut first = 0u64;
+    let mut ready: Option<Vec<Result<Block>>> = None;
     while first < blocks {
         if (req.cancelled)() {
             return Err(SnapError::Cancelled {
@@ -523,74 +524,106 @@ fn chunk_pass(
             None => Vec::new(),
         };
         let window = source.window(offset, len)?;
-        let out: Vec<Result<Block>> = req.pool.install(|| {
-            (0..n)
-                .into_par_iter()
-                .map(|i| {
-                    let start = i * bs;
-                    let end = (start + bs).min(len);
-                    if window.is_hole(start..end) {
-                        return Ok(Block::Zero);
-                    }
-                    let bytes = window.bytes().get(start..end).unwrap_or_default();
-                    if is_zero(bytes) {
-                        return Ok(Block::Zero);
-                    }
-                    let id = ChunkId::of(bytes);
-                    if let Some(e) = before.get(i).filter(|e| e.id == Some(id))
-                        && let Some(Some(pack)) = renumber.get(usize::from(e.loc.pack))
-                    {
-                        let mut e = *e;
-                        e.loc.pack = *pack;
-                        return Ok(Block::Reuse(e));
-                    }
-                    let mut enc = encoder().ok_or_else(|| {
-                        SnapError::damaged(source.path(), "no encoder for a worker")
-                    })?;
-                    let record = enc.encode(id, bytes).map_err(|e| {
-                        SnapError::damaged(source.path(), format!("cannot encode a block: {e}"))
-                    })?;
-                    Ok(Block::New(id, record, Node::decode(bytes).is_ok()))
-                })
-                .collect()
+        // While this window is hashed and compressed by the pool, one
+        // thread appends the previous window's records and entries.
+        let previous = ready.take();
+        let (out, stored): (Vec<Result<Block>>, Result<()>) = req.pool.install(|| {
+            rayon::join(
+                || {
+                    (0..n)
+                        .into_par_iter()
+                        .map(|i| {
+                            let start = i * bs;
+                            let end = (start + bs).min(len);
+                            if window.is_hole(start..end) {
+                                return Ok(Block::Zero);
+                            }
+                            let bytes = window.bytes().get(start..end).unwrap_or_default();
+                            if is_zero(bytes) {
+                                return Ok(Block::Zero);
+                            }
+                            let id = ChunkId::of(bytes);
+                            if let Some(e) = before.get(i).filter(|e| e.id == Some(id))
+                                && let Some(Some(pack)) = renumber.get(usize::from(e.loc.pack))
+                            {
+                                let mut e = *e;
+                                e.loc.pack = *pack;
+                                return Ok(Block::Reuse(e));
+                            }
+                            let mut enc = encoder().ok_or_else(|| {
+                                SnapError::damaged(source.path(), "no encoder for a worker")
+                            })?;
+                            let record = enc.encode(id, bytes).map_err(|e| {
+                                SnapError::damaged(
+                                    source.path(),
+                                    format!("cannot encode a block: {e}"),
+                                )
+                            })?;
+                            Ok(Block::New(id, record, Node::decode(bytes).is_ok()))
+                        })
+                        .collect()
+                },
+                || match previous {
+                    Some(blocks) => store(blocks, pack, pack_index, &mut seen, writer),
+                    None => Ok(()),
+                },
+            )
         });
+        stored?;
         bytes_read += window.data_len();
         window.finish()?;
         source.check_unchanged()?;
-        for b in out {
-            let entry = match b? {
-                Block::Zero => SnapEntry::default(),
-                Block::Reuse(e) => e,
-                Block::New(id, record, node) => match seen.get(&id) {
-                    Some(loc) => SnapEntry {
-                        id: Some(id),
-                        loc: *loc,
-                    },
-                    None => {
-                        let at = pack.append(&record)?;
-                        let loc = PackLoc {
-                            pack: pack_index,
-                            flags: if node { FLAG_NODE } else { 0 },
-                            len: record.len() as u32,
-                            offset: at,
-                        };
-                        if seen.len() < MAX_DEDUP_ENTRIES {
-                            seen.insert(id, loc);
-                        }
-                        SnapEntry { id: Some(id), loc }
-                    }
-                },
-            };
-            writer.push(&entry)?;
-        }
+        ready = Some(out);
         progress.advance(len as u64);
         throttle.consume(len as u64);
         first += n as u64;
+    }
+    if let Some(blocks) = ready.take() {
+        store(blocks, pack, pack_index, &mut seen, writer)?;
     }
     // (An image that shrank leaves the previous snapshot's tail unread.)
     drop(prev);
     progress.finish();
     Ok(bytes_read)
+}
+
+/// Appends a window's new records to the pack (once each, within the
+/// capture) and its entries to the manifest, in block order; then starts
+/// the pack's writeback so the final fsync has little left to do.
+fn store(
+    blocks: Vec<Result<Block>>,
+    pack: &mut PackWriter,
+    pack_index: u16,
+    seen: &mut HashMap<ChunkId, PackLoc>,
+    writer: &mut SnapWriter,
+) -> Result<()> {
+    for b in blocks {
+        let entry = match b? {
+            Block::Zero => SnapEntry::default(),
+            Block::Reuse(e) => e,
+            Block::New(id, record, node) => match seen.get(&id) {
+                Some(loc) => SnapEntry {
+                    id: Some(id),
+                    loc: *loc,
+                },
+                None => {
+                    let at = pack.append(&record)?;
+                    let loc = PackLoc {
+                        pack: pack_index,
+                        flags: if node { FLAG_NODE } else { 0 },
+                        len: record.len() as u32,
+                        offset: at,
+                    };
+                    if seen.len() < MAX_DEDUP_ENTRIES {
+                        seen.insert(id, loc);
+                    }
+                    SnapEntry { id: Some(id), loc }
+                }
+            },
+        };
+        writer.push(&entry)?;
+    }
+    pack.start_writeback()
 }
 
 /// True when every byte is zero (a 64-byte OR-fold vectorises well).

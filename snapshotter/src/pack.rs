@@ -16,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use coffre_vault_store::ChunkId;
-use coffre_vault_store::durable::{fsync_dir, fsync_file};
+use coffre_vault_store::durable::{fsync_dir, fsync_file, start_writeback};
 use coffre_vault_store::private;
 use coffre_vault_store::record::{HEADER_LEN, MAX_STORED_LEN, RecordDecoder, RecordHeader};
 
@@ -64,6 +64,8 @@ pub struct PackWriter {
     out: BufWriter<File>,
     path: PathBuf,
     len: u64,
+    /// Bytes whose writeback has been started.
+    flushed: u64,
     done: bool,
 }
 
@@ -82,6 +84,7 @@ impl PackWriter {
             out,
             path: path.to_path_buf(),
             len: PACK_HEADER_LEN,
+            flushed: 0,
             done: false,
         })
     }
@@ -94,6 +97,18 @@ impl PackWriter {
             .map_err(|e| SnapError::write(&self.path, e))?;
         self.len += record.len() as u64;
         Ok(at)
+    }
+
+    /// Hands what was appended since the last call to the kernel and starts
+    /// writing it back to disk without waiting (`sync_file_range`), so the
+    /// fsync at the end overlaps with the capture instead of following it.
+    pub fn start_writeback(&mut self) -> Result<()> {
+        self.flush()?;
+        if self.len > self.flushed {
+            start_writeback(self.out.get_ref(), self.flushed, self.len - self.flushed);
+            self.flushed = self.len;
+        }
+        Ok(())
     }
 
     /// Hands the buffered records to the kernel (not a sync).
@@ -163,6 +178,11 @@ impl RecordBuf {
     pub fn record(&self) -> &[u8] {
         &self.record
     }
+
+    /// Takes the raw record read last (the buffer starts empty again).
+    pub fn take_record(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.record)
+    }
 }
 
 impl PackReader {
@@ -182,6 +202,23 @@ impl PackReader {
     /// Reads the record of `id` at `offset..offset+len` into `buf.record`
     /// and checks its header, id and payload CRC (no decompression).
     pub fn read_raw(&self, id: &ChunkId, offset: u64, len: u32, buf: &mut RecordBuf) -> Result<()> {
+        let header = self.read_checked_header(id, offset, len, buf)?;
+        let payload = buf.record.get(HEADER_LEN..).unwrap_or_default();
+        if crc32fast::hash(payload) != header.data_crc {
+            return Err(self.bad(offset, "payload checksum mismatch".into()));
+        }
+        Ok(())
+    }
+
+    /// Reads the record into `buf.record` and checks its header and id
+    /// (not the payload).
+    fn read_checked_header(
+        &self,
+        id: &ChunkId,
+        offset: u64,
+        len: u32,
+        buf: &mut RecordBuf,
+    ) -> Result<RecordHeader> {
         let len = len as usize;
         if !(HEADER_LEN..=HEADER_LEN + MAX_STORED_LEN).contains(&len) || offset < PACK_HEADER_LEN {
             return Err(self.bad(offset, format!("record length {len} is impossible")));
@@ -198,11 +235,7 @@ impl PackReader {
         if header.record_len() != len as u64 {
             return Err(self.bad(offset, "record length disagrees with the manifest".into()));
         }
-        let payload = buf.record.get(HEADER_LEN..).unwrap_or_default();
-        if crc32fast::hash(payload) != header.data_crc {
-            return Err(self.bad(offset, "payload checksum mismatch".into()));
-        }
-        Ok(())
+        Ok(header)
     }
 
     /// Reads and decodes the record of `id` (CRC, decompression, BLAKE3):
@@ -214,9 +247,8 @@ impl PackReader {
         len: u32,
         buf: &mut RecordBuf,
     ) -> Result<()> {
-        self.read_raw(id, offset, len, buf)?;
-        let header =
-            RecordHeader::parse(&buf.record).map_err(|e| self.bad(offset, e.to_string()))?;
+        // The decoder checks the payload CRC itself.
+        let header = self.read_checked_header(id, offset, len, buf)?;
         let RecordBuf {
             record,
             plain,

@@ -15,7 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::durable::{fsync_dir, fsync_file};
+use crate::durable::{fsync_dir, fsync_file, start_writeback};
 use crate::error::{Result, StoreError};
 
 /// Segment magic. Frozen.
@@ -101,6 +101,8 @@ pub struct SegmentWriter {
     path: PathBuf,
     out: BufWriter<File>,
     len: u64,
+    /// Bytes whose writeback has been started.
+    written_back: u64,
 }
 
 impl SegmentWriter {
@@ -117,6 +119,7 @@ impl SegmentWriter {
             path,
             out: BufWriter::with_capacity(4 << 20, file),
             len: 0,
+            written_back: 0,
         };
         w.append(&encode_header(id))?;
         Ok(w)
@@ -138,6 +141,7 @@ impl SegmentWriter {
             path,
             out: BufWriter::with_capacity(4 << 20, file),
             len: committed,
+            written_back: committed,
         })
     }
 
@@ -149,6 +153,23 @@ impl SegmentWriter {
             .map_err(|e| StoreError::io("write segment", &self.path, e))?;
         self.len += bytes.len() as u64;
         Ok(at)
+    }
+
+    /// Hands what was appended to the kernel and starts its writeback, so
+    /// the fsync at commit has less left to do.
+    pub fn start_writeback(&mut self) -> Result<()> {
+        self.out
+            .flush()
+            .map_err(|e| StoreError::io("write segment", &self.path, e))?;
+        if self.len > self.written_back {
+            start_writeback(
+                self.out.get_ref(),
+                self.written_back,
+                self.len - self.written_back,
+            );
+            self.written_back = self.len;
+        }
+        Ok(())
     }
 
     /// Flushes and fsyncs the file (and, for a new file, its directory).

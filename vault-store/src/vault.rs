@@ -646,6 +646,19 @@ impl WriteSession<'_> {
         Ok(())
     }
 
+    /// Starts writing what was appended so far back to disk without
+    /// waiting, so the fsync of the commit overlaps with the work between.
+    pub fn start_writeback(&mut self) -> Result<()> {
+        self.guard()?;
+        match self.writer.as_mut() {
+            Some(w) => {
+                let r = w.start_writeback();
+                self.poison(r)
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Makes everything appended so far durable and indexed, without
     /// recording a point. Chunks committed this way are unreferenced until
     /// a point uses them; a later session deduplicates against them.

@@ -28,7 +28,7 @@ use coffre_snapshotter::area::{Area, AreaIdentity};
 use coffre_snapshotter::capture::{CaptureRequest, Captured, WINDOW_BYTES, capture, is_zero};
 use coffre_snapshotter::manifest::FLAG_NODE;
 use coffre_snapshotter::pack::RecordBuf;
-use coffre_snapshotter::read::SnapshotBlocks;
+use coffre_snapshotter::read::{SnapWindow, SnapshotBlocks};
 use coffre_snapshotter::{Hooks, SnapError};
 use coffre_vault_store::catalog::validate_item_name;
 use coffre_vault_store::{
@@ -117,6 +117,8 @@ enum Outcome {
     Zero,
     Same(ChunkId),
     Known(ChunkId),
+    /// Neither zero, the same, nor stored yet: its record must be made.
+    Needed(ChunkId),
     /// A new chunk, with its node kind and children if its bytes are a
     /// block-map node.
     New(ChunkId, Vec<u8>, Option<(ChunkKind, Vec<ChunkId>)>),
@@ -264,6 +266,14 @@ pub fn transfer(
 
     let window_blocks = (WINDOW_BYTES / block_size).max(1);
     let mut first = 0u64;
+    // While the pool reads (or compresses) the new blocks of window N, one
+    // thread appends window N-1 to the segment and builds the block map.
+    let mut ready: Option<(Vec<Result<Outcome>>, Vec<Entry>)> = None;
+    let mut map = MapState {
+        builder: &mut builder,
+        node_encoder: &mut node_encoder,
+        stats: &mut stats,
+    };
     while first < blocks {
         if stop() {
             return Err(EngineError::Abandoned);
@@ -276,22 +286,18 @@ pub fn transfer(
             None => vec![None; n],
         };
         let window = snapshot.window(first, n, offset, len)?;
-        let outcomes: Vec<Result<Outcome>> = pool.install(|| {
+        // Which blocks are zero, the same as before, or already stored.
+        let classes: Vec<Result<Outcome>> = pool.install(|| {
             (0..n)
                 .into_par_iter()
                 .map(|i| {
-                    let block = first + i as u64;
                     // Chunk snapshots know each block's id already; clones
                     // are hashed here.
-                    let (id, bytes) = match window.block(i) {
-                        None => return Ok(Outcome::Zero),
-                        Some(b) => b,
-                    };
-                    let id = match (id, bytes) {
-                        (Some(id), _) => id,
-                        (None, Some(bytes)) if is_zero(bytes) => return Ok(Outcome::Zero),
-                        (None, Some(bytes)) => ChunkId::of(bytes),
-                        (None, None) => return Ok(Outcome::Zero),
+                    let id = match window.block(i) {
+                        None | Some((None, None)) => return Ok(Outcome::Zero),
+                        Some((Some(id), _)) => id,
+                        Some((None, Some(bytes))) if is_zero(bytes) => return Ok(Outcome::Zero),
+                        Some((None, Some(bytes))) => ChunkId::of(bytes),
                     };
                     if prev.get(i).copied().flatten() == Some(id) {
                         return Ok(Outcome::Same(id));
@@ -299,70 +305,47 @@ pub fn transfer(
                     if session.contains(&id)? {
                         return Ok(Outcome::Known(id));
                     }
-                    match bytes {
-                        Some(bytes) => {
-                            let record = encoders.get().encode(id, bytes).map_err(|reason| {
-                                StoreError::CorruptChunk {
-                                    id,
-                                    path: snap.manifest.clone(),
-                                    offset: block * block_size as u64,
-                                    reason: Box::new(reason),
-                                }
-                            })?;
-                            // A data block whose bytes are a valid block-map
-                            // node (an image that holds a coffre vault) is
-                            // the same chunk as that node, so it is counted
-                            // as one: over-counting its children only delays
-                            // their reclamation, under-counting could lose
-                            // them.
-                            Ok(Outcome::New(id, record, node_refs(bytes)))
-                        }
-                        None => {
-                            let mut buf = records.get();
-                            let node = window.read_record(i, &id, &mut buf)?;
-                            let refs = if node & FLAG_NODE != 0 {
-                                window.decode_record(i, &id, &mut buf)?;
-                                node_refs(buf.plain())
-                            } else {
-                                None
-                            };
-                            Ok(Outcome::New(id, buf.record().to_vec(), refs))
-                        }
-                    }
+                    Ok(Outcome::Needed(id))
                 })
                 .collect()
         });
+        let previous = ready.take();
+        let (outcomes, appended) = pool.install(|| {
+            rayon::join(
+                || {
+                    classes
+                        .into_par_iter()
+                        .enumerate()
+                        .map(|(i, class)| match class? {
+                            Outcome::Needed(id) => new_record(
+                                &window,
+                                i,
+                                id,
+                                first + i as u64,
+                                block_size,
+                                snap,
+                                &encoders,
+                                &records,
+                            ),
+                            other => Ok(other),
+                        })
+                        .collect::<Vec<_>>()
+                },
+                || match previous {
+                    Some((outcomes, prev)) => map.append(&mut session, outcomes, &prev),
+                    None => Ok(()),
+                },
+            )
+        });
+        appended?;
         window.finish()?;
-
-        for (i, outcome) in outcomes.into_iter().enumerate() {
-            let entry = match outcome? {
-                Outcome::Zero => None,
-                Outcome::Same(id) | Outcome::Known(id) => Some(id),
-                Outcome::New(id, record, node) => {
-                    if !session.is_pending(&id) {
-                        stats.new_chunks += 1;
-                    }
-                    match node {
-                        Some((kind, kids)) => session.append_node(id, &record, kind, kids)?,
-                        None => session.append(id, &record)?,
-                    }
-                    Some(id)
-                }
-            };
-            if entry.is_none() {
-                stats.blocks_zero += 1;
-            }
-            if entry != prev.get(i).copied().flatten() {
-                stats.blocks_changed += 1;
-            }
-            if let Some(leaf) = builder.push(entry) {
-                let id = store_node(&mut session, &mut node_encoder, &leaf, &mut stats)?;
-                builder.leaf_stored(id);
-            }
-        }
+        ready = Some((outcomes, prev));
         progress.advance(len as u64);
         throttle.consume(len as u64);
         first += n as u64;
+    }
+    if let Some((outcomes, prev)) = ready.take() {
+        map.append(&mut session, outcomes, &prev)?;
     }
     snapshot.finish()?;
     if let Some(leaf) = builder.flush() {
@@ -414,6 +397,99 @@ pub fn transfer(
         point,
         new_item: existing.is_none(),
     })
+}
+
+/// The record of a block the vault lacks: copied from the snapshot's pack
+/// (CRC checked; decoded only if it is a block-map node), or compressed
+/// from the clone's bytes.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the per-block inputs of one window"
+)]
+fn new_record(
+    window: &SnapWindow<'_>,
+    i: usize,
+    id: ChunkId,
+    block: u64,
+    block_size: usize,
+    snap: &Captured,
+    encoders: &PerThread<RecordEncoder>,
+    records: &PerThread<RecordBuf>,
+) -> Result<Outcome> {
+    if let Some((_, Some(bytes))) = window.block(i) {
+        let record =
+            encoders
+                .get()
+                .encode(id, bytes)
+                .map_err(|reason| StoreError::CorruptChunk {
+                    id,
+                    path: snap.manifest.clone(),
+                    offset: block * block_size as u64,
+                    reason: Box::new(reason),
+                })?;
+        // A data block whose bytes are a valid block-map node (an image that
+        // holds a coffre vault) is the same chunk as that node, so it is
+        // counted as one: over-counting its children only delays their
+        // reclamation, under-counting could lose them.
+        return Ok(Outcome::New(id, record, node_refs(bytes)));
+    }
+    let mut buf = records.get();
+    let flags = window.read_record(i, &id, &mut buf)?;
+    let refs = if flags & FLAG_NODE != 0 {
+        window.decode_record(i, &id, &mut buf)?;
+        node_refs(buf.plain())
+    } else {
+        None
+    };
+    Ok(Outcome::New(id, buf.take_record(), refs))
+}
+
+/// What appending builds: the block map and the point's statistics.
+struct MapState<'a> {
+    builder: &'a mut BlockMapBuilder,
+    node_encoder: &'a mut RecordEncoder,
+    stats: &'a mut PointStats,
+}
+
+impl MapState<'_> {
+    /// Appends a window's new records in block order and pushes its entries
+    /// into the block map (storing full leaves), then starts the segment's
+    /// writeback.
+    fn append(
+        &mut self,
+        session: &mut WriteSession<'_>,
+        outcomes: Vec<Result<Outcome>>,
+        prev: &[Entry],
+    ) -> Result<()> {
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            let entry = match outcome? {
+                Outcome::Zero => None,
+                Outcome::Same(id) | Outcome::Known(id) | Outcome::Needed(id) => Some(id),
+                Outcome::New(id, record, node) => {
+                    if !session.is_pending(&id) {
+                        self.stats.new_chunks += 1;
+                    }
+                    match node {
+                        Some((kind, kids)) => session.append_node(id, &record, kind, kids)?,
+                        None => session.append(id, &record)?,
+                    }
+                    Some(id)
+                }
+            };
+            if entry.is_none() {
+                self.stats.blocks_zero += 1;
+            }
+            if entry != prev.get(i).copied().flatten() {
+                self.stats.blocks_changed += 1;
+            }
+            if let Some(leaf) = self.builder.push(entry) {
+                let id = store_node(session, self.node_encoder, &leaf, self.stats)?;
+                self.builder.leaf_stored(id);
+            }
+        }
+        session.start_writeback()?;
+        Ok(())
+    }
 }
 
 /// The capture instant of a snapshot.
