@@ -73,19 +73,29 @@ pub fn run(
     };
     output::emit(fmt, &view, |v| {
         let s = v.summary;
-        let mut out = format!(
-            "restored point {} of item {} from the {}{} to {}{}: {} image, {} data written, {:.0} MiB/s ({} ms)\n",
-            v.point,
-            v.item,
-            s.from,
-            if s.cloned { " (reflink clone)" } else { "" },
-            v.target.display(),
-            if s.in_place { " in place" } else { "" },
-            bytes(s.image_size),
-            bytes(s.bytes_written),
-            v.mib_per_s,
-            s.duration_ms
-        );
+        let mut out = if s.cloned {
+            format!(
+                "restored point {} of item {} from the snapshot to {} as a reflink clone: {} image in {} ms\n",
+                v.point,
+                v.item,
+                v.target.display(),
+                bytes(s.image_size),
+                s.duration_ms
+            )
+        } else {
+            format!(
+                "restored point {} of item {} from the {} to {}{}: {} image, {} data written, {:.0} MiB/s ({} ms)\n",
+                v.point,
+                v.item,
+                s.from,
+                v.target.display(),
+                if s.in_place { " in place" } else { "" },
+                bytes(s.image_size),
+                bytes(s.bytes_written),
+                v.mib_per_s,
+                s.duration_ms
+            )
+        };
         if s.in_place {
             out.push_str(&format!(
                 "blocks: {} read, {} written, {} zeroed, {} already identical\n",
