@@ -14,12 +14,7 @@ fn verify_and_restore_after_a_flipped_byte() {
     let day1 = t.path().join("day1.copy");
     std::fs::copy(&img, &day1).unwrap();
     ok(&["backup", "--vault", s(&vault), s(&img)]);
-    let seg = std::fs::read_dir(vault.join("segments"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let seg = first_segment(&vault);
     let len_after_day1 = std::fs::metadata(&seg).unwrap().len();
 
     // Day two rewrites the first 256 KiB with new random data.

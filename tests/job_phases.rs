@@ -3,28 +3,10 @@
 //! item runs, and the next one captures every change), cancellation
 //! during the snapshot phase, and a crash marked Failed on the next read.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
-
-/// Holds an exclusive flock on `path` while alive (as another process would).
-struct Held(#[allow(dead_code)] File);
-
-fn hold(path: &std::path::Path) -> Held {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .unwrap();
-    // SAFETY: flock on an fd we own.
-    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
-    Held(f)
-}
 
 fn spawn_backup(vault: &std::path::Path, img: &std::path::Path, rate: &str) -> Child {
     coffre()

@@ -4,29 +4,11 @@
 //! a `Snapshot` point that expires with its snapshot; snapshots are kept
 //! exactly the policy's 1–5 days; a locked or full area fails the backup.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use crate::common::*;
-
-/// Holds an exclusive flock on `path` while alive (as another process would).
-struct Held(#[allow(dead_code)] File);
-
-fn hold(path: &Path) -> Held {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .unwrap();
-    // SAFETY: flock on an fd we own.
-    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
-    Held(f)
-}
 
 fn point_ids(vault: &Path, item: &str) -> Vec<(String, String)> {
     points(vault, item)

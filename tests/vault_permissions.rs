@@ -109,12 +109,7 @@ fn verify_warns_about_a_vault_others_can_read() {
     let img = t.path().join("disk.img");
     mixed_image(&img, 4 << 20, 5);
     ok(&["backup", "--vault", s(&vault), s(&img)]);
-    let seg = std::fs::read_dir(vault.join("segments"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let seg = first_segment(&vault);
     std::fs::set_permissions(&seg, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::set_permissions(&vault, std::fs::Permissions::from_mode(0o755)).unwrap();
     // A warning: exit 0, but the finding names both paths and the fix.

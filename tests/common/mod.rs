@@ -190,6 +190,34 @@ pub fn new_vault(dir: &Path, extra: &[&str]) -> PathBuf {
     v
 }
 
+/// Holds an exclusive flock on `path` while alive (as another process would).
+pub struct Held(#[allow(dead_code)] File);
+
+/// Takes an exclusive flock on `path` (created if needed).
+pub fn hold(path: &Path) -> Held {
+    use std::os::fd::AsRawFd;
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap();
+    // SAFETY: flock on an fd we own.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    Held(f)
+}
+
+/// The first segment file of a vault.
+pub fn first_segment(vault: &Path) -> PathBuf {
+    fs::read_dir(vault.join("segments"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+}
+
 /// The item's points the vault holds (tiers `Vault` and
 /// `SnapshotAndVault`; not those that exist only as a snapshot).
 pub fn vault_points(vault: &Path, item: &str) -> Vec<serde_json::Value> {
