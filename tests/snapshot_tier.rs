@@ -275,6 +275,29 @@ fn a_locked_snapshot_area_fails_the_backup_naming_the_lock() {
     let last = jobs.as_array().unwrap().last().unwrap();
     assert_eq!(last["status"], "Failed", "{jobs}");
     assert_eq!(points(&vault, "vm").len(), 1);
+
+    // An immutable item folder (chattr +i, root only) is a lock too.
+    let item = area.join("vm");
+    let immutable = is_root()
+        && std::process::Command::new("chattr")
+            .args(["+i", s(&item)])
+            .status()
+            .is_ok_and(|st| st.success());
+    if !immutable {
+        eprintln!("SKIP chattr +i lock: needs root and a filesystem with inode flags");
+        return;
+    }
+    let out = run(&["backup", "--vault", s(&vault), s(&img)]);
+    let _ = std::process::Command::new("chattr")
+        .args(["-i", s(&item)])
+        .status();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("immutable attribute (chattr +i)") && err.contains(s(&item)),
+        "{err}"
+    );
+    assert_eq!(points(&vault, "vm").len(), 1);
 }
 
 #[test]
