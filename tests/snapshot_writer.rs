@@ -37,7 +37,7 @@ fn a_writer_never_produces_a_mixed_point() {
         .unwrap();
     let mut consistent = 0;
     let mut changed = 0;
-    for _ in 0..6 {
+    for _ in 0..10 {
         let out = run(&[
             "--output",
             "json",

@@ -530,37 +530,47 @@ fn chunk_pass(
         let (out, stored): (Vec<Result<Block>>, Result<()>) = req.pool.install(|| {
             rayon::join(
                 || {
+                    // Each block is copied out of the mapping before it is
+                    // hashed and compressed: a guest writing to the image
+                    // must never make a record whose bytes are not its id
+                    // (a torn read is caught by the pass's change check).
                     (0..n)
                         .into_par_iter()
-                        .map(|i| {
-                            let start = i * bs;
-                            let end = (start + bs).min(len);
-                            if window.is_hole(start..end) {
-                                return Ok(Block::Zero);
-                            }
-                            let bytes = window.bytes().get(start..end).unwrap_or_default();
-                            if is_zero(bytes) {
-                                return Ok(Block::Zero);
-                            }
-                            let id = ChunkId::of(bytes);
-                            if let Some(e) = before.get(i).filter(|e| e.id == Some(id))
-                                && let Some(Some(pack)) = renumber.get(usize::from(e.loc.pack))
-                            {
-                                let mut e = *e;
-                                e.loc.pack = *pack;
-                                return Ok(Block::Reuse(e));
-                            }
-                            let mut enc = encoder().ok_or_else(|| {
-                                SnapError::damaged(source.path(), "no encoder for a worker")
-                            })?;
-                            let record = enc.encode(id, bytes).map_err(|e| {
-                                SnapError::damaged(
-                                    source.path(),
-                                    format!("cannot encode a block: {e}"),
-                                )
-                            })?;
-                            Ok(Block::New(id, record, Node::decode(bytes).is_ok()))
-                        })
+                        .map_init(
+                            || Vec::with_capacity(bs),
+                            |copy, i| {
+                                let start = i * bs;
+                                let end = (start + bs).min(len);
+                                if window.is_hole(start..end) {
+                                    return Ok(Block::Zero);
+                                }
+                                let bytes = window.bytes().get(start..end).unwrap_or_default();
+                                copy.clear();
+                                copy.extend_from_slice(bytes);
+                                let bytes = copy.as_slice();
+                                if is_zero(bytes) {
+                                    return Ok(Block::Zero);
+                                }
+                                let id = ChunkId::of(bytes);
+                                if let Some(e) = before.get(i).filter(|e| e.id == Some(id))
+                                    && let Some(Some(pack)) = renumber.get(usize::from(e.loc.pack))
+                                {
+                                    let mut e = *e;
+                                    e.loc.pack = *pack;
+                                    return Ok(Block::Reuse(e));
+                                }
+                                let mut enc = encoder().ok_or_else(|| {
+                                    SnapError::damaged(source.path(), "no encoder for a worker")
+                                })?;
+                                let record = enc.encode(id, bytes).map_err(|e| {
+                                    SnapError::damaged(
+                                        source.path(),
+                                        format!("cannot encode a block: {e}"),
+                                    )
+                                })?;
+                                Ok(Block::New(id, record, Node::decode(bytes).is_ok()))
+                            },
+                        )
                         .collect()
                 },
                 || match previous {

@@ -30,6 +30,22 @@ pub fn coffre() -> Command {
 /// machine's filesystem; the same filesystem as the test images, so that
 /// clones would work where the filesystem can clone).
 pub fn snapshot_root() -> PathBuf {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    // The test harness has no "after all tests" hook: the roots of earlier
+    // test processes that are gone are removed here instead.
+    SWEEP.call_once(|| {
+        let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("coffre-test-snapshots-")
+                && !Path::new("/proc").join(pid).exists()
+            {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    });
     std::env::temp_dir().join(format!("coffre-test-snapshots-{}", std::process::id()))
 }
 
@@ -184,7 +200,13 @@ pub fn s(p: &Path) -> &str {
 /// Creates a vault at `dir/vault` with extra `create` args.
 pub fn new_vault(dir: &Path, extra: &[&str]) -> PathBuf {
     let v = dir.join("vault");
+    let area = dir.join("snapshot-area");
     let mut args = vec!["vault", "create", "--vault", s(&v)];
+    // Snapshots go to the test's own folder (and away with it) unless the
+    // test chooses.
+    if !extra.contains(&"--snapshot-area") {
+        args.extend(["--snapshot-area", s(&area)]);
+    }
     args.extend_from_slice(extra);
     ok(&args);
     v
