@@ -35,6 +35,35 @@ fn completion_scripts_name_every_command() {
 }
 
 #[test]
+fn a_reader_that_went_away_is_no_panic() {
+    // `coffre completions bash | head -1`: the pipe is closed under the
+    // writer. A pipe whose read end is already closed makes it certain.
+    use std::os::fd::FromRawFd;
+    for args in [
+        &["completions", "bash"][..],
+        &["man"],
+        &["--output", "json", "man"],
+    ] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills two descriptors we then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: closing the read end we own.
+        unsafe { libc::close(fds[0]) };
+        // SAFETY: the write end is ours and handed over to the child.
+        let write_end = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[1]) };
+        let out = coffre()
+            .args(args)
+            .stdout(std::process::Stdio::from(write_end))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn man_pages_cover_the_commands() {
     let page = ok(&["man"]);
     assert!(

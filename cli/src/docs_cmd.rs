@@ -1,7 +1,6 @@
 //! `completions` and `man`: shell completion scripts and man pages,
 //! generated from the same clap definitions as the parser.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -13,7 +12,9 @@ use crate::args::Cli;
 /// Prints the completion script for `shell` on stdout.
 pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
     let mut cmd = Cli::command();
-    clap_complete::generate(shell, &mut cmd, "coffre", &mut std::io::stdout());
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "coffre", &mut script);
+    crate::output::write_stdout(&script)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -32,9 +33,7 @@ pub fn man(dir: Option<&Path>) -> anyhow::Result<ExitCode> {
             clap_mangen::Man::new(cmd)
                 .render(&mut page)
                 .context("cannot render the man page")?;
-            std::io::stdout()
-                .write_all(&page)
-                .context("cannot write the man page")?;
+            crate::output::write_stdout(&page)?;
         }
     }
     Ok(ExitCode::SUCCESS)

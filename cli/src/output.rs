@@ -7,8 +7,22 @@ use crate::args::OutputFormat;
 
 /// Prints `value` as pretty JSON.
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    write_stdout(text.as_bytes())
+}
+
+/// Writes to standard output. A reader that went away (`coffre … | head`)
+/// is not an error: the output is simply cut there, as with other tools.
+pub fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("cannot write to standard output"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Prints either `json` or the lines produced by `table`.
@@ -19,10 +33,7 @@ pub fn emit<T: Serialize>(
 ) -> anyhow::Result<()> {
     match format {
         OutputFormat::Json => json(value),
-        OutputFormat::Table => {
-            print!("{}", table(value));
-            Ok(())
-        }
+        OutputFormat::Table => write_stdout(table(value).as_bytes()),
     }
 }
 
