@@ -68,3 +68,32 @@ fn snapshot_manifest_corpus() {
         .count();
     assert_eq!(accepted, 1, "exactly the undamaged seed reads");
 }
+
+#[test]
+fn pack_scan_corpus() {
+    let scanned: Vec<Option<usize>> = corpus("pack_scan")
+        .iter()
+        .map(|(_, b)| coffre_engine::snapshotter::pack::fuzz_entry(b))
+        .collect();
+    // flipped (a record's byte), truncated (the last record), valid.
+    assert_eq!(scanned, vec![Some(0), Some(2), Some(3)]);
+}
+
+#[test]
+fn area_file_corpus() {
+    let decoded: Vec<(bool, bool)> = corpus("area_file")
+        .iter()
+        .map(|(_, b)| coffre_engine::snapshotter::area::fuzz_entry(b))
+        .collect();
+    // flipped, identity, list.
+    assert_eq!(decoded, vec![(false, false), (true, false), (false, true)]);
+}
+
+#[test]
+fn vault_config_corpus() {
+    let accepted = corpus("vault_config")
+        .iter()
+        .filter(|(_, b)| coffre_vault_store::config::fuzz_entry(b))
+        .count();
+    assert_eq!(accepted, 1, "exactly the undamaged config decodes");
+}

@@ -1,14 +1,18 @@
 //! Writes the snapshotter's fuzz seed corpus: `cargo run --release -p
-//! coffre-snapshotter --example snapshot_seeds -- fuzz/corpus`. A valid
-//! snapshot manifest plus a flipped and a truncated copy.
+//! coffre-snapshotter --example snapshot_seeds -- fuzz/corpus`. For each of
+//! the snapshot manifest, the pack and the area files: valid inputs plus
+//! flipped and truncated copies.
 
 use std::path::Path;
 
 use coffre_snapshotter::Level;
+use coffre_snapshotter::area::{AREA_FILE, AREA_LIST_FILE, Area, AreaIdentity};
 use coffre_snapshotter::manifest::{
     FLAG_NODE, PackLoc, SnapEntry, SnapHeader, SnapKind, SnapMeta, SnapWriter,
 };
+use coffre_snapshotter::pack::PackWriter;
 use coffre_vault_store::ChunkId;
+use coffre_vault_store::record::RecordEncoder;
 
 fn main() {
     let out = std::env::args()
@@ -71,5 +75,59 @@ fn main() {
         ("truncated.bin", &truncated),
     ] {
         std::fs::write(snaps.join(name), bytes).unwrap();
+    }
+
+    write_damaged(&Path::new(&out).join("pack_scan"), &pack_seed());
+    let areas = Path::new(&out).join("area_file");
+    std::fs::create_dir_all(&areas).unwrap();
+    let t = std::env::temp_dir().join(format!("coffre-seed-area-{}", std::process::id()));
+    let vault = t.join("vault");
+    std::fs::create_dir_all(&vault).unwrap();
+    let owner = AreaIdentity {
+        vault_id: "0123456789abcdef".into(),
+        vault_name: "prod".into(),
+    };
+    let area =
+        Area::for_image(&vault, &owner, Some(&t.join("area")), None, Path::new("/x")).unwrap();
+    let identity = std::fs::read(area.dir().join(AREA_FILE)).unwrap();
+    let list = std::fs::read(vault.join(AREA_LIST_FILE)).unwrap();
+    std::fs::remove_dir_all(&t).unwrap();
+    std::fs::write(areas.join("identity.bin"), &identity).unwrap();
+    std::fs::write(areas.join("list.bin"), &list).unwrap();
+    let mut flipped = identity.clone();
+    flipped[20] ^= 1;
+    std::fs::write(areas.join("flipped.bin"), &flipped).unwrap();
+}
+
+/// A pack of three records.
+fn pack_seed() -> Vec<u8> {
+    let p = std::env::temp_dir().join(format!("coffre-seed-{}.pack", std::process::id()));
+    let mut w = PackWriter::create(&p).unwrap();
+    let mut enc = RecordEncoder::new(1);
+    for i in 0..3u8 {
+        let block: Vec<u8> = (0..4096u32)
+            .map(|j| (j as u8).wrapping_mul(i + 1))
+            .collect();
+        w.append(&enc.encode(ChunkId::of(&block), &block).unwrap())
+            .unwrap();
+    }
+    w.finish().unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::remove_file(&p).unwrap();
+    bytes
+}
+
+/// `valid.bin`, `flipped.bin` and `truncated.bin` of `bytes` in `dir`.
+fn write_damaged(dir: &Path, bytes: &[u8]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut flipped = bytes.to_vec();
+    flipped[100] ^= 1;
+    let truncated = bytes[..bytes.len() - 20].to_vec();
+    for (name, b) in [
+        ("valid.bin", bytes),
+        ("flipped.bin", &flipped[..]),
+        ("truncated.bin", &truncated[..]),
+    ] {
+        std::fs::write(dir.join(name), b).unwrap();
     }
 }

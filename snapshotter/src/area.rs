@@ -373,6 +373,20 @@ fn remember(vault_dir: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Fuzz entry point: decodes arbitrary bytes as an area identity file and
+/// as a vault's area list; never panics. Returns which of the two decoded.
+pub fn fuzz_entry(data: &[u8]) -> (bool, bool) {
+    let identity = envelope::decode(&AREA_MAGIC, AREA_VERSION, MAX_BODY, data)
+        .ok()
+        .and_then(|(_, body)| serde_json::from_slice::<AreaIdentity>(body).ok())
+        .is_some();
+    let list = envelope::decode(&AREA_LIST_MAGIC, AREA_VERSION, MAX_BODY, data)
+        .ok()
+        .and_then(|(_, body)| serde_json::from_slice::<Vec<PathBuf>>(body).ok())
+        .is_some();
+    (identity, list)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,6 +415,11 @@ mod tests {
         remember(&vault, &a).unwrap();
         remember(&vault, &a).unwrap();
         assert_eq!(Area::known(&vault), vec![Area::at(&a)]);
+        let id = std::fs::read(a.join(AREA_FILE)).unwrap();
+        let list = std::fs::read(vault.join(AREA_LIST_FILE)).unwrap();
+        assert_eq!(fuzz_entry(&id), (true, false));
+        assert_eq!(fuzz_entry(&list), (false, true));
+        assert_eq!(fuzz_entry(&id[..id.len() - 1]), (false, false));
     }
 
     #[test]

@@ -264,6 +264,36 @@ impl PackReader {
     }
 }
 
+/// Fuzz entry point: reads arbitrary bytes as a pack, header then records
+/// in order (as a scrub would), never trusting a length it has not
+/// checked; never panics. Returns the number of valid records before the
+/// first bad byte, or `None` when the header is bad.
+pub fn fuzz_entry(data: &[u8]) -> Option<usize> {
+    check_header(data).ok()?;
+    let mut at = PACK_HEADER_LEN as usize;
+    let mut decoder = RecordDecoder::default();
+    let mut plain = Vec::new();
+    let mut records = 0;
+    while let Some(rest) = data.get(at..).filter(|r| !r.is_empty()) {
+        let Ok(header) = RecordHeader::parse(rest) else {
+            break;
+        };
+        let len = header.record_len() as usize;
+        let Some(payload) = rest.get(HEADER_LEN..len) else {
+            break;
+        };
+        if decoder
+            .decode_payload_into(&header, payload, &mut plain)
+            .is_err()
+        {
+            break;
+        }
+        records += 1;
+        at += len;
+    }
+    Some(records)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
@@ -299,6 +329,10 @@ mod tests {
             .unwrap();
         let e = r.read_raw(&id0, off0, len0, &mut buf).unwrap_err();
         assert!(e.to_string().contains("checksum"), "{e}");
+        // The scan stops at the damaged record; the header alone is valid.
+        assert_eq!(fuzz_entry(&std::fs::read(&p).unwrap()), Some(0));
+        assert_eq!(fuzz_entry(&header()), Some(0));
+        assert_eq!(fuzz_entry(b"CFPACK"), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use coffre_vault_store::ChunkId;
 use coffre_vault_store::blockmap::{LEAF_ENTRIES, Node};
 use coffre_vault_store::jobs::{JobRecord, Operation, PhaseStatus};
 use coffre_vault_store::record::RecordEncoder;
+use coffre_vault_store::{Redundancy, VaultConfig};
 
 fn main() {
     let out = std::env::args()
@@ -88,5 +89,29 @@ fn main() {
         ("truncated.bin", &truncated),
     ] {
         std::fs::write(jobs.join(name), bytes).unwrap();
+    }
+
+    let configs = out.join("vault_config");
+    std::fs::create_dir_all(&configs).unwrap();
+    let config = VaultConfig {
+        name: "prod-vault".into(),
+        vault_id: "0123456789abcdef".into(),
+        block_size: 65536,
+        compression_level: 1,
+        redundancy: Redundancy::Grs,
+        created: t,
+        snapshot_area: Some("/srv/snapshots".into()),
+    }
+    .encode();
+    let mut flipped = config.clone();
+    flipped[30] ^= 0x04;
+    let mut newer = config.clone();
+    newer[8] = 9;
+    for (name, bytes) in [
+        ("valid.bin", &config),
+        ("flipped.bin", &flipped),
+        ("newer.bin", &newer),
+    ] {
+        std::fs::write(configs.join(name), bytes).unwrap();
     }
 }

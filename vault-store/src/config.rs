@@ -175,6 +175,12 @@ impl VaultConfig {
     }
 }
 
+/// Fuzz entry point: decodes arbitrary bytes as a vault config; never
+/// panics. Returns whether they were a valid config.
+pub fn fuzz_entry(data: &[u8]) -> bool {
+    VaultConfig::decode(data, Path::new("fuzz/config")).is_ok()
+}
+
 /// Azure's rule for vault names: 2-50 characters, starting with a letter,
 /// containing only letters, digits and hyphens.
 pub fn validate_vault_name(name: &str) -> Result<()> {
