@@ -66,7 +66,11 @@ pub fn create_vault(dir: &Path, opts: &CreateOptions, clock: &dyn Clock) -> Resu
         compression_level: opts.compression_level.unwrap_or(DEFAULT_COMPRESSION_LEVEL),
         redundancy: opts.redundancy.unwrap_or_default(),
         created,
-        snapshot_area: opts.snapshot_area.as_deref().map(absolute),
+        snapshot_area: opts
+            .snapshot_area
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(absolute),
     };
     let vault = Vault::create(dir, config)?;
     let mut b = coffre_vault_store::IndexBatch::default();
@@ -99,7 +103,7 @@ pub fn set_redundancy(vault: &Vault, redundancy: Redundancy) -> Result<()> {
 /// expired there.
 pub fn set_snapshot_area(vault: &Vault, dir: Option<&Path>) -> Result<()> {
     let mut cfg = vault.config().clone();
-    cfg.snapshot_area = dir.map(absolute);
+    cfg.snapshot_area = dir.filter(|p| !p.as_os_str().is_empty()).map(absolute);
     cfg.store(vault.dir())?;
     Ok(())
 }
