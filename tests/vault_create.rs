@@ -1,5 +1,6 @@
 //! Vault creation enforces names, block sizes and levels, and never
-//! overwrites an existing directory's content.
+//! overwrites an existing directory's content; the snapshot area setting
+//! is set and reset.
 
 use crate::common::*;
 
@@ -45,4 +46,28 @@ fn settings_are_validated_and_shown() {
     // Creating again over a vault is refused.
     let err = fails(&["vault", "create", "--vault", s(&v)], 1);
     assert!(err.contains("already exists"), "{err}");
+}
+
+#[test]
+fn the_snapshot_area_is_set_and_reset() {
+    let t = tempfile::tempdir().unwrap();
+    let v = t.path().join("v");
+    let created = json(&["vault", "create", "--vault", s(&v), "--snapshot-area", ""]);
+    assert!(created["snapshot_area"].is_null(), "{created}");
+    let area = t.path().join("area");
+    let set = json(&[
+        "vault",
+        "set",
+        "--vault",
+        s(&v),
+        "--snapshot-area",
+        s(&area),
+    ]);
+    assert_eq!(set["snapshot_area"], s(&area));
+    let shown = json(&["vault", "show", "--vault", s(&v)]);
+    assert_eq!(shown["snapshot_area"], s(&area));
+    let reset = json(&["vault", "set", "--vault", s(&v), "--snapshot-area", ""]);
+    assert!(reset["snapshot_area"].is_null(), "{reset}");
+    let err = fails(&["vault", "set", "--vault", s(&v)], 1);
+    assert!(err.contains("nothing to set"), "{err}");
 }

@@ -278,6 +278,11 @@ pub enum Command {
     },
 }
 
+/// A path, or "" (which means: the default).
+fn any_path(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
+}
+
 /// Parses an octal file mode such as `600` or `0640`.
 fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
@@ -464,7 +469,7 @@ pub enum VaultCommand {
         /// Keep every item's instant-restore snapshots in DIR (default: in
         /// `.coffre-snapshots/VAULT_N` at the root of each image's
         /// filesystem, where reflink clones work).
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", value_parser = any_path)]
         snapshot_area: Option<PathBuf>,
     },
     /// Change a vault setting. Redundancy is locked once an item is protected.
@@ -476,7 +481,7 @@ pub enum VaultCommand {
         redundancy: Option<String>,
         /// Keep instant-restore snapshots in DIR ("" goes back to the
         /// default, next to each image).
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", value_parser = any_path)]
         snapshot_area: Option<PathBuf>,
     },
     /// Show settings, items, points and space used.
