@@ -17,7 +17,19 @@ struct Xfs {
 
 impl Drop for Xfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).status();
+        // A process that still holds a file there makes umount fail: retry,
+        // then detach lazily, so no mount (or loop device) outlives the test.
+        for _ in 0..50 {
+            if Command::new("umount")
+                .arg(&self.mnt)
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
     }
 }
 
@@ -126,7 +138,7 @@ fn clone_snapshots_on_xfs() {
     // atomically by the clone: file-system-consistent.
     let mut vm = Command::new("sh")
         .arg("-c")
-        .arg("exec 3<>\"$0\"; sleep 30")
+        .arg("exec 3<>\"$0\"; exec sleep 30")
         .arg(&img)
         .spawn()
         .unwrap();

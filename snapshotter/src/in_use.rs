@@ -145,7 +145,7 @@ mod tests {
         // do not count).
         let mut child = std::process::Command::new("sh")
             .arg("-c")
-            .arg("exec 3<>\"$0\"; sleep 5")
+            .arg("exec 3<>\"$0\"; exec sleep 5")
             .arg(&img)
             .spawn()
             .unwrap();
