@@ -27,14 +27,21 @@ pub fn fsync_file(file: &File, path: &Path) -> Result<()> {
 /// work that follows instead of coming after it. Best effort: the fsync
 /// still covers everything.
 pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    sync_range(file, offset, len, libc::SYNC_FILE_RANGE_WRITE);
+}
+
+/// `sync_file_range(2)` with `flags`. Best effort: it only schedules or
+/// waits for I/O, and the fsync that must follow covers everything.
+pub fn sync_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) {
     use std::os::fd::AsRawFd;
-    // SAFETY: sync_file_range on an open descriptor; it only schedules I/O.
+    // SAFETY: sync_file_range on an open descriptor; it only schedules or
+    // waits for I/O.
     unsafe {
         libc::sync_file_range(
             file.as_raw_fd(),
             offset as libc::off64_t,
             len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
+            flags,
         );
     }
 }

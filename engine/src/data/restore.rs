@@ -28,6 +28,7 @@ use coffre_snapshotter::capture::is_zero;
 use coffre_snapshotter::pack::RecordBuf;
 use coffre_snapshotter::read::{SnapWindow, SnapshotBlocks};
 use coffre_vault_store::blockmap::{Entry, block_count};
+use coffre_vault_store::durable::{start_writeback, sync_range};
 use coffre_vault_store::{ChunkBuf, ChunkId, StoreError, Vault};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -38,7 +39,7 @@ use crate::per_thread::PerThread;
 use crate::points::PointEntry;
 use crate::progress::Progress;
 use crate::reader::BlockMapReader;
-use crate::restore_target::{DEFAULT_MODE, Target, TargetKind};
+use crate::restore_target::{DEFAULT_MODE, Target, TargetKind, unwritable};
 
 /// Restore options.
 #[derive(Debug, Clone)]
@@ -277,12 +278,6 @@ enum Data<'v> {
     Snapshot(Box<SnapshotBlocks>),
 }
 
-/// Starts writing a finished range back to disk without waiting, so the
-/// final fsync overlaps with the rest of the restore instead of following it.
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    sync_range(file, offset, len, libc::SYNC_FILE_RANGE_WRITE);
-}
-
 /// Waits until `offset..offset+len` is on disk and drops it from the page
 /// cache. Best effort: failure only costs memory.
 fn release_written(file: &File, offset: u64, len: u64) {
@@ -302,22 +297,6 @@ fn release_written(file: &File, offset: u64, len: u64) {
             offset as libc::off_t,
             len as libc::off_t,
             libc::POSIX_FADV_DONTNEED,
-        );
-    }
-}
-
-/// `sync_file_range` with `flags`. Failure is harmless: the fsync at the
-/// end of the restore covers everything.
-fn sync_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: sync_file_range on a descriptor we own; it only schedules or
-    // waits for I/O.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            flags,
         );
     }
 }
@@ -495,13 +474,6 @@ impl Source<'_> {
             point: self.point.id.clone(),
             reason: format!("block {index} holds {got} bytes, expected {expected}"),
         }
-    }
-}
-
-fn unwritable(path: &Path, source: std::io::Error) -> EngineError {
-    EngineError::TargetUnwritable {
-        path: path.to_path_buf(),
-        source,
     }
 }
 

@@ -68,7 +68,8 @@ impl Drop for Target {
     }
 }
 
-fn unwritable(path: &Path, source: std::io::Error) -> EngineError {
+/// The error for a target that cannot be written.
+pub(crate) fn unwritable(path: &Path, source: std::io::Error) -> EngineError {
     EngineError::TargetUnwritable {
         path: path.to_path_buf(),
         source,
