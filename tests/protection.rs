@@ -209,7 +209,11 @@ fn an_image_is_protected_in_one_vault_only() {
 #[test]
 fn redundancy_is_locked_once_an_item_is_protected() {
     let t = tempfile::tempdir().unwrap();
-    let vault = new_vault(t.path(), &["--redundancy", "GRS"]);
+    let secondary = t.path().join("secondary");
+    let vault = new_vault(
+        t.path(),
+        &["--redundancy", "GRS", "--secondary", s(&secondary)],
+    );
     let v = s(&vault);
     assert_eq!(json(&["vault", "show", "--vault", v])["redundancy"], "GRS");
     ok(&["vault", "set", "--vault", v, "--redundancy", "LRS"]);

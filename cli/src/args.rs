@@ -18,6 +18,11 @@ pub struct Cli {
     #[arg(long, global = true, default_value_t = 0, value_name = "SECS")]
     pub lock_timeout: u64,
 
+    /// Writers go on without a replica that is missing or unwritable,
+    /// with a warning; the next `verify --read-data --repair` refills it.
+    #[arg(long, global = true)]
+    pub degraded_ok: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -38,6 +43,19 @@ pub enum FromTier {
     Snapshot,
     /// The vault.
     Vault,
+    /// The GRS secondary (cross-region restore; works with the primary
+    /// gone: give the secondary's directory with --vault, or set
+    /// COFFRE_SECONDARY).
+    Secondary,
+}
+
+/// Which copy a read-only command reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CopySource {
+    /// The vault directory (and its replicas).
+    Primary,
+    /// The GRS secondary, on its own.
+    Secondary,
 }
 
 /// The vault a command works on.
@@ -91,6 +109,9 @@ pub enum Command {
         /// Item name.
         #[arg(long)]
         item: String,
+        /// Read the points of this copy (default: the primary).
+        #[arg(long, value_enum, value_name = "COPY")]
+        from: Option<CopySource>,
     },
 
     /// Restore a recovery point to a new sparse image file, or in place
@@ -121,6 +142,11 @@ pub enum Command {
         /// the vault. Default: the snapshot while the point has one.
         #[arg(long, value_enum, value_name = "TIER")]
         from: Option<FromTier>,
+        /// Restore a point some of whose chunks have no good copy: write
+        /// everything else, fill the damaged blocks with a marker (never
+        /// zeros), list them and exit with code 7.
+        #[arg(long)]
+        allow_damaged: bool,
         /// Permissions of a new FILE, in octal.
         #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode,
               conflicts_with = "in_place")]
@@ -133,11 +159,26 @@ pub enum Command {
     Verify {
         #[command(flatten)]
         vault: VaultArg,
-        /// Also read, decompress and re-hash every chunk.
+        /// Also read, decompress and re-hash every chunk on every copy
+        /// (scrub).
         #[arg(long)]
         read_data: bool,
+        /// With --read-data: rewrite every bad copy of a chunk from a copy
+        /// whose hash matches (good copies are never touched).
+        #[arg(long, requires = "read_data")]
+        repair: bool,
+        /// Verify this copy on its own (default: the primary and its
+        /// replicas).
+        #[arg(long, value_enum, value_name = "COPY")]
+        from: Option<CopySource>,
         #[command(flatten)]
         threads: ThreadsArg,
+    },
+
+    /// Bring the GRS secondary up to date (incremental and resumable).
+    Replicate {
+        #[command(flatten)]
+        vault: VaultArg,
     },
 
     /// Manage backup policies.
@@ -463,9 +504,18 @@ pub enum VaultCommand {
         /// zstd level, 0 (store raw) to 19 (default 1).
         #[arg(long, value_name = "N")]
         compression_level: Option<i32>,
-        /// Storage redundancy: LRS or GRS (default LRS).
+        /// Storage redundancy: LRS or GRS (default: GRS when a secondary
+        /// is given, else LRS).
         #[arg(long, value_name = "LRS|GRS")]
         redundancy: Option<String>,
+        /// An LRS replica directory: a synchronous copy, on another disk
+        /// (repeat for more copies).
+        #[arg(long = "replica", value_name = "DIR", value_parser = any_path)]
+        replicas: Vec<PathBuf>,
+        /// The GRS secondary directory: an asynchronous copy in a second
+        /// location (`coffre replicate`, and the daemon).
+        #[arg(long, env = "COFFRE_SECONDARY", value_name = "DIR", value_parser = any_path)]
+        secondary: Option<PathBuf>,
         /// Keep every item's instant-restore snapshots in DIR (default: in
         /// `.coffre-snapshots/VAULT_N` at the root of each image's
         /// filesystem, where reflink clones work).
@@ -483,6 +533,24 @@ pub enum VaultCommand {
         /// default, next to each image).
         #[arg(long, value_name = "DIR", value_parser = any_path)]
         snapshot_area: Option<PathBuf>,
+        /// Add (or re-add) an LRS replica; it is filled from a good copy.
+        #[arg(long, value_name = "DIR", value_parser = any_path)]
+        add_replica: Vec<PathBuf>,
+        /// Stop writing to a replica (its directory is left as it is).
+        #[arg(long, value_name = "DIR", value_parser = any_path)]
+        remove_replica: Vec<PathBuf>,
+        /// Set or replace the GRS secondary; `coffre replicate` fills it.
+        #[arg(long, value_name = "DIR", value_parser = any_path)]
+        secondary: Option<PathBuf>,
+    },
+    /// Rebuild the index (a cache) from one copy: the vault directory or
+    /// a replica.
+    RebuildIndex {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// The copy to read (default: the vault directory).
+        #[arg(long, value_name = "DIR", value_parser = any_path)]
+        from: Option<PathBuf>,
     },
     /// Show settings, items, points and space used.
     Show {

@@ -149,7 +149,7 @@ pub fn run(
                 retain_until: Some(retain_until),
                 job: None,
             },
-            writer: Writer::Open(ctx.lock_timeout),
+            writer: Writer::Open(ctx.open_options()),
             stop: &|| false,
         },
         &*ctx.clock,

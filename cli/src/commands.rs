@@ -3,9 +3,9 @@
 
 use std::process::ExitCode;
 
-use crate::args::{Cli, Command, FromTier, VaultCommand};
+use crate::args::{Cli, Command, CopySource, FromTier, VaultCommand};
 use crate::ctx::Ctx;
-use crate::vault_cmd::CreateArgs;
+use crate::vault_cmd::{CreateArgs, SetArgs};
 use coffre_engine::RestoreOptions;
 use coffre_engine::restore::RestoreFrom;
 
@@ -21,6 +21,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             block_size,
             compression_level,
             redundancy,
+            replicas,
+            secondary,
             snapshot_area,
         }) => crate::vault_cmd::create(
             fmt,
@@ -31,6 +33,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 compression_level,
                 redundancy,
                 snapshot_area,
+                replicas,
+                secondary,
             },
             clock,
         ),
@@ -39,7 +43,24 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             vault,
             redundancy,
             snapshot_area,
-        }) => crate::vault_cmd::set(&ctx, &vault.vault, redundancy, snapshot_area),
+            add_replica,
+            remove_replica,
+            secondary,
+        }) => crate::vault_cmd::set(
+            &ctx,
+            &vault.vault,
+            SetArgs {
+                redundancy,
+                snapshot_area,
+                add_replica,
+                remove_replica,
+                secondary,
+            },
+        ),
+        Command::Vault(VaultCommand::RebuildIndex { vault, from }) => {
+            crate::vault_cmd::rebuild_index(&ctx, &vault.vault, from.as_deref())
+        }
+        Command::Replicate { vault } => crate::replicate_cmd::run(&ctx, &vault.vault),
         Command::Backup {
             vault,
             item,
@@ -56,7 +77,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             threads.threads,
             &image,
         ),
-        Command::Points { vault, item } => crate::point_cmd::list(&ctx, &vault.vault, &item),
+        Command::Points { vault, item, from } => {
+            let dir = crate::ctx::copy_dir(&vault.vault, from)?;
+            crate::point_cmd::list(&ctx, &dir, &item)
+        }
         Command::Restore {
             vault,
             item,
@@ -67,9 +91,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             from,
             mode,
             threads,
+            allow_damaged,
         } => crate::restore_cmd::run(
             &ctx,
-            &vault.vault,
+            &crate::ctx::copy_dir(
+                &vault.vault,
+                (from == Some(FromTier::Secondary)).then_some(CopySource::Secondary),
+            )?,
             &item,
             &point,
             RestoreOptions {
@@ -80,16 +108,25 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 from: match from {
                     None => RestoreFrom::Auto,
                     Some(FromTier::Snapshot) => RestoreFrom::Snapshot,
-                    Some(FromTier::Vault) => RestoreFrom::Vault,
+                    Some(FromTier::Vault | FromTier::Secondary) => RestoreFrom::Vault,
                 },
                 threads: threads.threads,
+                allow_damaged,
             },
         ),
         Command::Verify {
             vault,
             read_data,
+            repair,
+            from,
             threads,
-        } => crate::verify_cmd::run(&ctx, &vault.vault, read_data, threads.threads),
+        } => crate::verify_cmd::run(
+            &ctx,
+            &crate::ctx::copy_dir(&vault.vault, from)?,
+            read_data,
+            repair,
+            threads.threads,
+        ),
         Command::Policy(cmd) => crate::policy_cmd::run(&ctx, *cmd),
         Command::Protect {
             vault,

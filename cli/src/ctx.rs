@@ -2,16 +2,19 @@
 //! registry) and the one way commands open a vault. Every `*_cmd` module
 //! depends on this one; it depends on none of them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use coffre_engine::registry::Registry;
-use coffre_engine::store::{Access, Vault};
+use coffre_engine::store::{Access, OpenOptions, Vault};
 use coffre_engine::{Clock, SystemClock};
 use jiff::Timestamp;
 
-use crate::args::{Cli, OutputFormat};
+use crate::args::{Cli, CopySource, OutputFormat};
+use coffre_engine::store::VaultConfig;
+use coffre_engine::store::catalog_files::Role;
+use coffre_engine::store::vault::copy_role;
 
 /// What every command gets: output format, clock, lock wait, registry.
 #[derive(Clone)]
@@ -30,6 +33,9 @@ pub struct Ctx {
     /// `COFFRE_SNAPSHOT_ROOT`: where default snapshot areas go instead of
     /// `.coffre-snapshots` at the root of each image's filesystem.
     pub snapshot_root: Option<std::path::PathBuf>,
+    /// `--degraded-ok`: writers go on without a replica that is missing
+    /// or unwritable, with a warning.
+    pub degraded_ok: bool,
 }
 
 impl Ctx {
@@ -44,7 +50,17 @@ impl Ctx {
             snapshot_root: std::env::var_os("COFFRE_SNAPSHOT_ROOT")
                 .filter(|v| !v.is_empty())
                 .map(std::path::PathBuf::from),
+            degraded_ok: cli.degraded_ok,
         })
+    }
+
+    /// How commands open a vault.
+    pub fn open_options(&self) -> OpenOptions {
+        OpenOptions {
+            wait: self.lock_timeout,
+            degraded_ok: self.degraded_ok,
+            ..OpenOptions::default()
+        }
     }
 
     /// The current instant.
@@ -68,6 +84,31 @@ fn clock_from_env() -> anyhow::Result<Box<dyn Clock>> {
 
 /// Opens a vault; writers wait up to `--lock-timeout` for the lock.
 pub fn open(ctx: &Ctx, dir: &Path, access: Access) -> anyhow::Result<Vault> {
-    Vault::open_wait(dir, access, ctx.lock_timeout)
+    Vault::open_with(dir, access, &ctx.open_options())
         .with_context(|| format!("cannot open vault {}", dir.display()))
+}
+
+/// The directory of the copy a read-only command reads: `dir` itself, or
+/// with `Some(Secondary)` the GRS secondary, found in `dir`'s config, or
+/// `dir` when it is the secondary, or `COFFRE_SECONDARY` (the primary may
+/// be gone entirely).
+pub fn copy_dir(dir: &Path, from: Option<CopySource>) -> anyhow::Result<PathBuf> {
+    if from != Some(CopySource::Secondary) {
+        return Ok(dir.to_path_buf());
+    }
+    if dir.join("config").is_file() && copy_role(dir) == Role::Secondary {
+        return Ok(dir.to_path_buf());
+    }
+    if let Ok(cfg) = VaultConfig::load(dir)
+        && let Some(s) = cfg.secondary
+    {
+        return Ok(s);
+    }
+    match std::env::var_os("COFFRE_SECONDARY").filter(|v| !v.is_empty()) {
+        Some(s) => Ok(PathBuf::from(s)),
+        None => anyhow::bail!(
+            "vault {} names no secondary (and it may be gone): give the secondary's directory with --vault, or set COFFRE_SECONDARY",
+            dir.display()
+        ),
+    }
 }

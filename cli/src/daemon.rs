@@ -69,7 +69,10 @@ async fn daemon_loop(
         let mut task = tokio::task::spawn_blocking(move || {
             let stopped = || s.load(Ordering::Relaxed);
             let vault = open_for_pass(&d, &stopped)?;
-            pass(&c, &vault, rate_limit, threads, &stopped)
+            let report = pass(&c, &vault, rate_limit, threads, &stopped);
+            drop(vault);
+            replicate_after_pass(&c, &d, &stopped);
+            report
         });
         let signalled = tokio::select! {
             r = &mut task => { log_pass(r); false }
@@ -105,6 +108,28 @@ fn open_for_pass(dir: &Path, stopped: &dyn Fn() -> bool) -> anyhow::Result<Vault
                 if !stopped() && std::time::Instant::now() < deadline => {}
             r => return r.with_context(|| format!("cannot open vault {}", dir.display())),
         }
+    }
+}
+
+/// GRS: after each pass, the secondary catches up (without the writer
+/// lock, so backups are not held up; a stop leaves it consistent).
+fn replicate_after_pass(ctx: &Ctx, dir: &Path, stopped: &dyn Fn() -> bool) {
+    let Ok(vault) = Vault::open(dir, Access::ReadOnly) else {
+        return;
+    };
+    if vault.config().secondary.is_none() || stopped() {
+        return;
+    }
+    let clock = ctx.clock.clone();
+    match coffre_engine::store::replicate::replicate(&vault, &|| clock.now(), stopped) {
+        Ok(r) => tracing::info!(
+            secondary = %r.secondary.display(),
+            bytes = r.bytes_copied,
+            points = r.points_replicated,
+            interrupted = r.interrupted,
+            "replicated"
+        ),
+        Err(e) => tracing::error!(error = %e, "replication failed; the next pass retries"),
     }
 }
 

@@ -15,6 +15,7 @@ mod output;
 mod point_cmd;
 mod policy_cmd;
 mod progress;
+mod replicate_cmd;
 mod restore_cmd;
 mod units;
 mod vault_cmd;

@@ -36,6 +36,13 @@ pub struct PointView<'a> {
     scheduled: bool,
     retain_until: Option<Timestamp>,
     job: Option<&'a str>,
+    /// When the point reached the GRS secondary (`null`: not yet, or no
+    /// secondary).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secondary_at: Option<Timestamp>,
+    /// Seconds from the point's creation to its arrival on the secondary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replication_lag_s: Option<i64>,
 }
 
 impl<'a> PointView<'a> {
@@ -66,6 +73,8 @@ impl<'a> PointView<'a> {
             scheduled: false,
             retain_until: None,
             job: None,
+            secondary_at: None,
+            replication_lag_s: None,
         }
         .vault_fields(p)
     }
@@ -86,6 +95,8 @@ impl<'a> PointView<'a> {
             scheduled: false,
             retain_until: None,
             job: e.snapshot.as_ref().map(|s| s.meta.job.as_str()),
+            secondary_at: None,
+            replication_lag_s: None,
         };
         match &e.vault {
             Some(p) => v.vault_fields(p),
@@ -98,7 +109,18 @@ pub fn list(ctx: &Ctx, dir: &Path, item: &str) -> anyhow::Result<ExitCode> {
     let fmt = ctx.fmt;
     let vault = open(ctx, dir, Access::ReadOnly)?;
     let points = list_points(&vault, item).with_context(|| format!("vault {}", dir.display()))?;
-    let views: Vec<PointView<'_>> = points.iter().map(PointView::of).collect();
+    let replicated = coffre_engine::store::replicate::primary_state(dir).points;
+    let views: Vec<PointView<'_>> = points
+        .iter()
+        .map(|e| {
+            let mut v = PointView::of(e);
+            if let Some(t) = replicated.get(&e.id) {
+                v.secondary_at = Some(*t);
+                v.replication_lag_s = Some(t.duration_since(e.created).as_secs());
+            }
+            v
+        })
+        .collect();
     output::emit(fmt, &views, |views| {
         let rows: Vec<Vec<String>> = views
             .iter()

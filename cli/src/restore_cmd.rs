@@ -102,6 +102,18 @@ pub fn run(
                 s.blocks_read, s.blocks_written, s.blocks_zeroed, s.blocks_skipped
             ));
         }
+        if s.repaired_copies > 0 {
+            out.push_str(&format!(
+                "note: {} bad cop(ies) of chunks were read from a good copy and repaired\n",
+                s.repaired_copies
+            ));
+        }
+        for (a, b) in &s.damaged_ranges {
+            out.push_str(&format!(
+                "DAMAGED: bytes {a}..{b} have no good copy; they hold the marker {:?}, not data\n",
+                String::from_utf8_lossy(coffre_engine::restore::DAMAGED_MARKER).trim_end()
+            ));
+        }
         if s.bytes_beyond_image > 0 {
             out.push_str(&format!(
                 "note: the device is {} larger than the image; those bytes were left as they were\n",
@@ -110,5 +122,9 @@ pub fn run(
         }
         out
     })?;
-    Ok(ExitCode::SUCCESS)
+    Ok(if summary.damaged_ranges.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(crate::exit::DAMAGED)
+    })
 }

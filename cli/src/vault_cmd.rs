@@ -1,4 +1,4 @@
-//! `vault create`, `vault show`, `vault set`.
+//! `vault create`, `vault show`, `vault set`, `vault rebuild-index`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,6 +19,17 @@ pub struct CreateArgs {
     pub compression_level: Option<i32>,
     pub redundancy: Option<String>,
     pub snapshot_area: Option<PathBuf>,
+    pub replicas: Vec<PathBuf>,
+    pub secondary: Option<PathBuf>,
+}
+
+/// What `vault set` changes.
+pub struct SetArgs {
+    pub redundancy: Option<String>,
+    pub snapshot_area: Option<PathBuf>,
+    pub add_replica: Vec<PathBuf>,
+    pub remove_replica: Vec<PathBuf>,
+    pub secondary: Option<PathBuf>,
 }
 
 fn parse_redundancy(r: &str) -> anyhow::Result<Redundancy> {
@@ -41,40 +52,89 @@ pub fn create(
         .block_size
         .map(|b| u32::try_from(b).map_err(|_| anyhow::anyhow!("block size {b} is too large")))
         .transpose()?;
+    let secondary = args.secondary.filter(|p| !p.as_os_str().is_empty());
+    // GRS is the default when a secondary is given; GRS without one has
+    // nothing to replicate to.
+    let redundancy = match (redundancy, &secondary) {
+        (Some(Redundancy::Grs), None) => anyhow::bail!(
+            "--redundancy GRS needs a secondary: give --secondary DIR (or set COFFRE_SECONDARY)"
+        ),
+        (Some(r), _) => r,
+        (None, Some(_)) => Redundancy::Grs,
+        (None, None) => Redundancy::Lrs,
+    };
     let opts = CreateOptions {
         name: args.name,
         block_size,
         compression_level: args.compression_level,
-        redundancy,
+        redundancy: Some(redundancy),
         snapshot_area: args.snapshot_area,
+        replicas: args.replicas,
+        secondary,
     };
     let vault = vault_ops::create_vault(dir, &opts, clock)
         .with_context(|| format!("cannot create vault {}", dir.display()))?;
-    let summary = vault_ops::summarize(&vault)?;
+    let summary = vault_ops::summarize(&vault, clock.now())?;
     output::emit(fmt, &summary, |s| {
-        format!(
-            "created vault {} at {} (block size {}, zstd level {}, {})\n",
+        let mut out = format!(
+            "created vault {} at {} (block size {}, zstd level {}, {}, {} cop{})\n",
             s.name,
             s.path.display(),
             bytes(u64::from(s.block_size)),
             s.compression_level,
-            s.redundancy
-        )
+            s.redundancy,
+            s.copies.len(),
+            if s.copies.len() == 1 { "y" } else { "ies" }
+        );
+        for w in &s.copy_warnings {
+            out.push_str(&format!("warning: {w}\n"));
+        }
+        if s.secondary.is_none() {
+            out.push_str("for GRS, give --secondary DIR (or set COFFRE_SECONDARY): an asynchronous copy in a second location that `coffre restore --from secondary` reads when this one is gone\n");
+        }
+        out
     })?;
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn set(
-    ctx: &Ctx,
-    dir: &Path,
-    redundancy: Option<String>,
-    snapshot_area: Option<PathBuf>,
-) -> anyhow::Result<ExitCode> {
-    if redundancy.is_none() && snapshot_area.is_none() {
-        anyhow::bail!("nothing to set: give --redundancy or --snapshot-area");
+pub fn set(ctx: &Ctx, dir: &Path, args: SetArgs) -> anyhow::Result<ExitCode> {
+    let SetArgs {
+        redundancy,
+        snapshot_area,
+        add_replica,
+        remove_replica,
+        secondary,
+    } = args;
+    if redundancy.is_none()
+        && snapshot_area.is_none()
+        && add_replica.is_empty()
+        && remove_replica.is_empty()
+        && secondary.is_none()
+    {
+        anyhow::bail!(
+            "nothing to set: give --redundancy, --snapshot-area, --add-replica, --remove-replica or --secondary"
+        );
     }
     let r = redundancy.as_deref().map(parse_redundancy).transpose()?;
-    let vault = open(ctx, dir, Access::Write)?;
+    let mut vault = open(ctx, dir, Access::Write)?;
+    for d in &remove_replica {
+        vault_ops::remove_replica(&vault, d)
+            .with_context(|| format!("cannot remove replica {}", d.display()))?;
+    }
+    for d in &add_replica {
+        let copied = vault_ops::add_replica(&vault, d)
+            .with_context(|| format!("cannot add replica {}", d.display()))?;
+        tracing::info!(replica = %d.display(), bytes = copied, "filled the replica");
+    }
+    if let Some(s) = &secondary {
+        vault_ops::set_secondary(&vault, s)
+            .with_context(|| format!("cannot set secondary {}", s.display()))?;
+    }
+    if !add_replica.is_empty() || !remove_replica.is_empty() || secondary.is_some() {
+        // Reopening writes the catalog files to the new copies.
+        drop(vault);
+        vault = open(ctx, dir, Access::Write)?;
+    }
     if let Some(r) = r {
         vault_ops::set_redundancy(&vault, r)
             .with_context(|| format!("cannot change vault {}", dir.display()))?;
@@ -84,22 +144,29 @@ pub fn set(
         vault_ops::set_snapshot_area(&vault, area)
             .with_context(|| format!("cannot change vault {}", dir.display()))?;
     }
+    drop(vault);
     let vault = open(ctx, dir, Access::ReadOnly)?;
     let cfg = vault.config();
     let view = serde_json::json!({
         "redundancy": cfg.redundancy,
         "snapshot_area": cfg.snapshot_area,
+        "replicas": cfg.replicas,
+        "secondary": cfg.secondary,
     });
     output::emit(ctx.fmt, &view, |_| {
         format!(
-            "vault {}: redundancy {}, snapshot area {}\n",
+            "vault {}: redundancy {}, snapshot area {}, {} replica(s){}\n",
             dir.display(),
             cfg.redundancy,
             cfg.snapshot_area
                 .as_ref()
                 .map_or("next to each image".to_string(), |p| p
                     .display()
-                    .to_string())
+                    .to_string()),
+            cfg.replicas.len(),
+            cfg.secondary
+                .as_ref()
+                .map_or(String::new(), |s| format!(", secondary {}", s.display()))
         )
     })?;
     Ok(ExitCode::SUCCESS)
@@ -108,7 +175,7 @@ pub fn set(
 pub fn show(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
     let fmt = ctx.fmt;
     let vault = open(ctx, dir, Access::ReadOnly)?;
-    let s = vault_ops::summarize(&vault)?;
+    let s = vault_ops::summarize(&vault, ctx.now())?;
     output::emit(fmt, &s, |s| {
         let mut out = format!(
             "vault        {}\npath         {}\nid           {}\nformat       v{}\nblock size   {}\ncompression  zstd level {}\nredundancy   {}\ncreated      {}\npoints       {}\nlogical      {}\nstored       {}",
@@ -145,6 +212,40 @@ pub fn show(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
                 ),
             }
         ));
+        out.push_str("COPIES\n");
+        let copy_rows: Vec<Vec<String>> = s
+            .copies
+            .iter()
+            .map(|c| {
+                vec![
+                    c.role.to_string(),
+                    c.dir.display().to_string(),
+                    c.space
+                        .as_ref()
+                        .map_or("-".into(), |sp| sp.filesystem.clone()),
+                    c.space
+                        .as_ref()
+                        .map_or("-".into(), |sp| bytes(sp.free_bytes)),
+                    c.problem.clone().unwrap_or_else(|| "ok".into()),
+                ]
+            })
+            .collect();
+        out.push_str(&columns(
+            &["ROLE", "DIR", "FS", "FREE", "STATE"],
+            &copy_rows,
+        ));
+        for w in &s.copy_warnings {
+            out.push_str(&format!("warning: {w}\n"));
+        }
+        if let Some(sec) = &s.secondary {
+            out.push_str(&format!(
+                "replication  {} point(s) behind, lag {} s, last run {}\n",
+                sec.points_behind,
+                sec.lag_seconds,
+                sec.last_run.map_or("never".to_string(), |t| t.to_string())
+            ));
+        }
+        out.push('\n');
         let rows: Vec<Vec<String>> = s
             .items
             .iter()
@@ -172,6 +273,38 @@ pub fn show(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
             ],
             &rows,
         )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rebuild_index(ctx: &Ctx, dir: &Path, from: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let source = from.unwrap_or(dir);
+    let (vault, report) =
+        coffre_engine::store::rebuild::rebuild_index(dir, source, ctx.lock_timeout)
+            .with_context(|| format!("cannot rebuild the index of vault {}", dir.display()))?;
+    drop(vault);
+    output::emit(ctx.fmt, &report, |r| {
+        let mut out = format!(
+            "rebuilt the index of {} from {}: {} segments, {} chunks, {} items, {} policies, {} points in {} ms\n",
+            dir.display(),
+            r.source.display(),
+            r.segments,
+            r.chunks,
+            r.items,
+            r.policies,
+            r.points,
+            r.duration_ms
+        );
+        for b in r.bad_headers.iter().chain(&r.bad_files) {
+            out.push_str(&format!("warning: {b}\n"));
+        }
+        if r.skipped_bytes > 0 {
+            out.push_str(&format!(
+                "note: {} between records belong to no record (holes or damage); run `coffre verify --read-data`\n",
+                bytes(r.skipped_bytes)
+            ));
+        }
+        out
     })?;
     Ok(ExitCode::SUCCESS)
 }

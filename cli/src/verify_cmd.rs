@@ -12,11 +12,22 @@ use crate::exit;
 use crate::output::{self, bytes};
 use crate::progress::Bar;
 
-pub fn run(ctx: &Ctx, dir: &Path, read_data: bool, threads: usize) -> anyhow::Result<ExitCode> {
+pub fn run(
+    ctx: &Ctx,
+    dir: &Path,
+    read_data: bool,
+    repair: bool,
+    threads: usize,
+) -> anyhow::Result<ExitCode> {
     let fmt = ctx.fmt;
     let vault = open(ctx, dir, Access::ReadOnly)?;
     let bar = Bar::new("verify");
-    let report = coffre_engine::verify(&vault, &VerifyOptions { read_data, threads }, &bar)
+    let opts = VerifyOptions {
+        read_data,
+        repair,
+        threads,
+    };
+    let report = coffre_engine::verify(&vault, &opts, &bar)
         .with_context(|| format!("verify of {} failed", dir.display()))?;
     output::emit(fmt, &report, |r| {
         let mut out = String::new();
@@ -47,6 +58,23 @@ pub fn run(ctx: &Ctx, dir: &Path, read_data: bool, threads: usize) -> anyhow::Re
                 format!("{} problems found", r.findings.len())
             }
         ));
+        if r.read_data && r.copies.len() > 1 {
+            out.push_str(&format!(
+                "copies: {}; bad copies of chunks: {} detected, {} repaired\n",
+                r.copies.len(),
+                r.detected,
+                r.repaired
+            ));
+        }
+        for u in &r.unrecoverable {
+            out.push_str(&format!("unrecoverable chunk {}:\n", u.chunk));
+            for range in &u.ranges {
+                out.push_str(&format!(
+                    "  item {} point {}: bytes {}..{}\n",
+                    range.item, range.point, range.start, range.end
+                ));
+            }
+        }
         out
     })?;
     Ok(if report.is_clean() {

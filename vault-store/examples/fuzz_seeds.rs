@@ -101,6 +101,8 @@ fn main() {
         redundancy: Redundancy::Grs,
         created: t,
         snapshot_area: Some("/srv/snapshots".into()),
+        replicas: vec!["/mnt/disk2/vault".into()],
+        secondary: Some("/mnt/remote/vault".into()),
     }
     .encode();
     let mut flipped = config.clone();

@@ -85,6 +85,13 @@ pub struct VaultConfig {
     /// --snapshot-area`); `None`: next to each image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_area: Option<std::path::PathBuf>,
+    /// LRS replica directories: synchronous copies besides the vault
+    /// directory itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<std::path::PathBuf>,
+    /// The GRS secondary: an asynchronous copy (`coffre replicate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary: Option<std::path::PathBuf>,
 }
 
 impl VaultConfig {
@@ -231,6 +238,8 @@ mod tests {
             redundancy: Redundancy::Lrs,
             created: Timestamp::from_second(1_700_000_000).unwrap(),
             snapshot_area: None,
+            replicas: Vec::new(),
+            secondary: None,
         }
     }
 

@@ -125,6 +125,22 @@ pub enum StoreError {
     #[error("job id {id:?} matches {count} jobs; give more digits")]
     JobAmbiguous { id: String, count: usize },
 
+    /// A copy of the vault (replica or secondary) cannot be used.
+    #[error(
+        "copy {path} of the vault cannot be used: {reason} (give --degraded-ok to back up without it; the next `coffre verify --read-data --repair` refills it)"
+    )]
+    CopyUnavailable { path: PathBuf, reason: String },
+
+    /// A replica or the secondary was opened for writing on its own.
+    #[error(
+        "{path} is a {role} copy of a vault, not the vault; it can be read (restore, points, verify) but not written"
+    )]
+    CopyNotWritable { path: PathBuf, role: String },
+
+    /// The vault's index is gone.
+    #[error("vault {path} has no index; rebuild it from a copy with `coffre vault rebuild-index`")]
+    IndexMissing { path: PathBuf },
+
     /// Vault settings given at creation are invalid.
     #[error("invalid vault setting {field}: {reason}")]
     InvalidSetting { field: &'static str, reason: String },

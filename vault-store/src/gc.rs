@@ -21,8 +21,6 @@
 //!    anything.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -32,7 +30,7 @@ use crate::error::{Result, StoreError};
 use crate::index::{ChunkLocation, Index, IndexBatch, RefEntry, SegmentInfo};
 use crate::lock::ReaderLease;
 use crate::record::RecordHeader;
-use crate::segment::SEGMENT_HEADER_LEN;
+use crate::segment::{SEGMENT_HEADER_LEN, segment_name};
 use crate::vault::Vault;
 
 const BATCH: usize = 10_000;
@@ -261,7 +259,7 @@ fn relocate(vault: &Vault, report: &mut GcReport) -> Result<()> {
                         });
                         continue;
                     };
-                    let record = vault.read_record(&loc)?;
+                    let record = vault.read_record(&id, &loc)?;
                     let header = RecordHeader::parse(&record).map_err(|reason| {
                         StoreError::CorruptChunk {
                             id,
@@ -320,53 +318,35 @@ fn give_back(vault: &Vault, report: &mut GcReport) -> Result<()> {
     Ok(())
 }
 
-/// Deletes a retired segment's file; false if it was already gone.
+/// Deletes a retired segment's file on every copy; false if the primary's
+/// was already gone.
 fn remove_segment_file(vault: &Vault, id: u64) -> Result<bool> {
-    let path = vault.segment_path(id);
-    match std::fs::remove_file(&path) {
-        Ok(()) => {
-            tracing::info!(segment = %path.display(), "deleted segment");
-            if let Some(dir) = path.parent() {
-                crate::durable::fsync_dir(dir)?;
-            }
-            Ok(true)
+    let name = segment_name(id);
+    let mut removed = false;
+    for c in vault.copies().sync_copies() {
+        if c.store.delete(&name)? && c.role == crate::catalog_files::Role::Primary {
+            removed = true;
+            tracing::info!(segment = %vault.segment_path(id).display(), "deleted segment");
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(StoreError::io("remove", &path, e)),
     }
+    Ok(removed)
 }
 
-/// Punches the dead ranges of segment `seg` out of its file.
+/// Punches the dead ranges of segment `seg` out of its file on every copy.
 fn punch(vault: &Vault, seg: u64) -> Result<u64> {
     let ranges = vault.index().dead_ranges_of(seg)?;
     if ranges.is_empty() {
         return Ok(0);
     }
-    let path = vault.segment_path(seg);
-    let file = OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .map_err(|e| StoreError::io("open", &path, e))?;
+    let name = segment_name(seg);
     let mut punched = 0;
     let mut batch = IndexBatch::default();
-    for (s, offset, len) in ranges {
-        // SAFETY: fallocate on an owned, open descriptor with in-range
-        // values; it touches no memory of ours.
-        let rc = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                libc::off_t::from(len),
-            )
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+    'ranges: for (s, offset, len) in ranges {
+        for c in vault.copies().sync_copies() {
+            if !c.store.punch(&name, offset, u64::from(len))? {
                 // The filesystem cannot punch: the range waits for a rewrite.
-                break;
+                break 'ranges;
             }
-            return Err(StoreError::io("punch hole in", &path, e));
         }
         batch.delete_dead(s, offset);
         punched += u64::from(len);

@@ -27,6 +27,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::catalog::{CATALOG_VALUE_VERSION, ItemRecord, PointRecord};
+use crate::catalog_files;
 use crate::chunk_id::ChunkId;
 use crate::error::{Result, StoreError};
 
@@ -302,6 +303,9 @@ enum Op {
 #[derive(Default)]
 pub struct IndexBatch {
     ops: Vec<Op>,
+    /// The catalog files every copy gets before the batch is committed
+    /// (`None`: removed), in order.
+    files: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl IndexBatch {
@@ -342,6 +346,10 @@ impl IndexBatch {
     }
     /// Inserts or replaces an item.
     pub fn put_item(&mut self, item: ItemRecord) {
+        self.files.push((
+            catalog_files::item_file(&item.name),
+            Some(catalog_files::encode_item(&item)),
+        ));
         self.put(
             Cf::Items,
             item.name.as_bytes().to_vec(),
@@ -350,10 +358,15 @@ impl IndexBatch {
     }
     /// Removes an item.
     pub fn delete_item(&mut self, name: &str) {
+        self.files.push((catalog_files::item_file(name), None));
         self.delete(Cf::Items, name.as_bytes().to_vec());
     }
     /// Inserts or replaces a point.
     pub fn put_point(&mut self, point: PointRecord) {
+        self.files.push((
+            catalog_files::point_file(&point.item, point.seq),
+            Some(catalog_files::encode_point(&point)),
+        ));
         self.put(
             Cf::Points,
             point_key(&point.item, point.seq),
@@ -362,10 +375,20 @@ impl IndexBatch {
     }
     /// Removes a point.
     pub fn delete_point(&mut self, item: &str, seq: u64) {
+        self.files
+            .push((catalog_files::point_file(item, seq), None));
         self.delete(Cf::Points, point_key(item, seq));
     }
     /// Inserts or replaces a policy (any serialisable shape).
     pub fn put_policy<T: Serialize>(&mut self, name: &str, policy: &T) {
+        let file = catalog_files::PolicyFile {
+            name: name.to_string(),
+            policy: serde_json::to_value(policy).unwrap_or_default(),
+        };
+        self.files.push((
+            catalog_files::policy_file(name),
+            Some(catalog_files::encode_policy(&file)),
+        ));
         self.put(
             Cf::Policies,
             name.as_bytes().to_vec(),
@@ -374,6 +397,7 @@ impl IndexBatch {
     }
     /// Removes a policy.
     pub fn delete_policy(&mut self, name: &str) {
+        self.files.push((catalog_files::policy_file(name), None));
         self.delete(Cf::Policies, name.as_bytes().to_vec());
     }
     /// Sets a chunk's reference count; a count of 0 also puts it on GC's
@@ -411,9 +435,28 @@ impl IndexBatch {
     pub fn put_gc_layout(&mut self) {
         self.put(Cf::Meta, META_GC_LAYOUT.to_vec(), vec![GC_LAYOUT_VERSION]);
     }
+    /// Catalog files to write (or, `None`, remove) on every copy before
+    /// the batch is committed.
+    pub fn catalog_files(&self) -> &[(String, Option<Vec<u8>>)] {
+        &self.files
+    }
+    /// Puts a policy whose JSON is already a value (index rebuild).
+    pub fn put_policy_value(&mut self, name: &str, policy: &serde_json::Value) {
+        self.put(
+            Cf::Policies,
+            name.as_bytes().to_vec(),
+            encode_catalog(policy),
+        );
+    }
+    /// Forgets the catalog files of this batch (index rebuild: they came
+    /// from a copy).
+    pub fn without_files(mut self) -> Self {
+        self.files.clear();
+        self
+    }
     /// True when the batch changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.ops.is_empty() && self.files.is_empty()
     }
 }
 
@@ -709,6 +752,17 @@ impl Index {
             Some((ver, _)) => Err(self.corrupt(what, format!("unknown value version {ver}"))),
             None => Err(self.corrupt(what, "empty value")),
         }
+    }
+
+    /// Every policy as a name and its JSON value.
+    pub fn policy_values(&self) -> Result<Vec<(String, serde_json::Value)>> {
+        let mut out = Vec::new();
+        self.scan(Cf::Policies, &[], |k, v| {
+            let name = String::from_utf8_lossy(k).into_owned();
+            out.push((name, self.decode_catalog("policy", v)?));
+            Ok(true)
+        })?;
+        Ok(out)
     }
 
     /// The item called `name`.

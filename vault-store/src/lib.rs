@@ -5,7 +5,10 @@
 //! codec ([`blockmap`]), append-only segment files ([`segment`]), the
 //! RocksDB index and catalog ([`index`], [`catalog`]), the vault config
 //! ([`config`]), the vault's locks ([`lock`]), durable file replacement
-//! ([`durable`]), owner-only file modes ([`private`]), job records ([`jobs`], in an [`envelope`]), consistency
+//! ([`durable`]), the storage seam every copy goes through ([`store`]),
+//! the copies of a vault ([`copies`]) and the catalog files that make each
+//! copy stand alone ([`catalog_files`], read back by [`scan`] and
+//! `rebuild`), owner-only file modes ([`private`]), job records ([`jobs`], in an [`envelope`]), consistency
 //! [`level`]s, reference counts (`refs`) and garbage collection
 //! (`gc`), and the `vault::Vault` that ties them together. The byte
 //! layouts are specified in `FORMAT.md`.
@@ -15,8 +18,11 @@
 
 pub mod blockmap;
 pub mod catalog;
+pub mod catalog_files;
 pub mod chunk_id;
 pub mod config;
+pub mod copies;
+pub mod damaged;
 pub mod durable;
 pub mod envelope;
 pub mod error;
@@ -28,10 +34,17 @@ pub mod jobs;
 pub mod level;
 pub mod lock;
 pub mod private;
+#[cfg(feature = "index")]
+pub mod rebuild;
 pub mod record;
 #[cfg(feature = "index")]
 pub mod refs;
+pub mod repl_state;
+#[cfg(feature = "index")]
+pub mod replicate;
+pub mod scan;
 pub mod segment;
+pub mod store;
 #[cfg(feature = "index")]
 pub mod vault;
 
@@ -43,4 +56,4 @@ pub use error::{Result, StoreError};
 pub use index::{ChunkKind, ChunkLocation, IndexBatch, SegmentInfo};
 pub use record::{RecordDecoder, RecordEncoder, RecordError};
 #[cfg(feature = "index")]
-pub use vault::{Access, ChunkBuf, Vault, WriteSession};
+pub use vault::{Access, ChunkBuf, OpenOptions, Vault, WriteSession};

@@ -8,15 +8,12 @@
 
 #![deny(clippy::indexing_slicing, clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::io::Write;
+use std::path::PathBuf;
 
-use crate::durable::{fsync_dir, fsync_file, start_writeback};
+use crate::copies::{Copies, Copy};
 use crate::error::{Result, StoreError};
+use crate::store::Appender;
 
 /// Segment magic. Frozen.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"CFSEGMT\0";
@@ -95,102 +92,121 @@ pub fn check_header(bytes: &[u8], expected_id: u64) -> std::result::Result<(), S
     Ok(())
 }
 
-/// Appends records to one segment file.
+/// Name of segment `id` inside a copy.
+pub fn segment_name(id: u64) -> String {
+    format!("{SEGMENTS_DIR}/{}", segment_file_name(id))
+}
+
+/// Appends records to one segment on every synchronous copy. The same
+/// bytes land at the same offsets everywhere (invariant C1).
 pub struct SegmentWriter {
     id: u64,
-    path: PathBuf,
-    out: BufWriter<File>,
+    name: String,
+    outs: Vec<(String, Box<dyn Appender>)>,
     len: u64,
-    /// Bytes whose writeback has been started.
-    written_back: u64,
 }
 
 impl SegmentWriter {
-    /// Creates segment `id` in `dir` with its header (not yet synced).
-    pub fn create(dir: &Path, id: u64) -> Result<Self> {
-        let path = dir.join(segment_file_name(id));
-        let file = crate::private::open_options()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| StoreError::io("create segment", &path, e))?;
+    /// Creates segment `id` on every copy with its header (not yet synced).
+    pub fn create(copies: &Copies, id: u64) -> Result<Self> {
+        let name = segment_name(id);
+        let mut outs = Vec::new();
+        for c in copies.sync_copies() {
+            outs.push((c.store.location(), c.store.create(&name)?));
+        }
         let mut w = SegmentWriter {
             id,
-            path,
-            out: BufWriter::with_capacity(4 << 20, file),
+            name,
+            outs,
             len: 0,
-            written_back: 0,
         };
         w.append(&encode_header(id))?;
         Ok(w)
     }
 
-    /// Opens segment `id` to append after its first `committed` bytes.
-    pub fn append_to(dir: &Path, id: u64, committed: u64) -> Result<Self> {
-        let path = dir.join(segment_file_name(id));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(|e| StoreError::io("open segment", &path, e))?;
-        file.set_len(committed)
-            .map_err(|e| StoreError::io("truncate segment", &path, e))?;
-        file.seek(SeekFrom::Start(committed))
-            .map_err(|e| StoreError::io("seek segment", &path, e))?;
+    /// Opens segment `id` on every copy to append after its first
+    /// `committed` bytes. A copy whose file is missing or short (a replica
+    /// that was down) gets the committed prefix from the first copy that
+    /// has it.
+    pub fn append_to(copies: &Copies, id: u64, committed: u64) -> Result<Self> {
+        let name = segment_name(id);
+        let mut outs = Vec::new();
+        for c in copies.sync_copies() {
+            let have = c.store.size(&name)?.unwrap_or(0);
+            if have < committed {
+                refill(copies, c, &name, committed)?;
+            }
+            outs.push((c.store.location(), c.store.append_to(&name, committed)?));
+        }
         Ok(SegmentWriter {
             id,
-            path,
-            out: BufWriter::with_capacity(4 << 20, file),
+            name,
+            outs,
             len: committed,
-            written_back: committed,
         })
     }
 
-    /// Appends bytes; returns the offset they start at.
+    /// Appends bytes to every copy; returns the offset they start at.
     pub fn append(&mut self, bytes: &[u8]) -> Result<u64> {
         let at = self.len;
-        self.out
-            .write_all(bytes)
-            .map_err(|e| StoreError::io("write segment", &self.path, e))?;
+        for (_, out) in &mut self.outs {
+            out.append(bytes)?;
+        }
         self.len += bytes.len() as u64;
         Ok(at)
     }
 
-    /// Hands what was appended to the kernel and starts its writeback, so
-    /// the fsync at commit has less left to do.
+    /// Starts the writeback of what was appended on every copy.
     pub fn start_writeback(&mut self) -> Result<()> {
-        self.out
-            .flush()
-            .map_err(|e| StoreError::io("write segment", &self.path, e))?;
-        if self.len > self.written_back {
-            start_writeback(
-                self.out.get_ref(),
-                self.written_back,
-                self.len - self.written_back,
-            );
-            self.written_back = self.len;
+        for (_, out) in &mut self.outs {
+            out.start_writeback()?;
         }
         Ok(())
     }
 
-    /// Flushes and fsyncs the file (and, for a new file, its directory).
-    pub fn sync(&mut self, new_file: bool) -> Result<()> {
-        self.out
-            .flush()
-            .map_err(|e| StoreError::io("write segment", &self.path, e))?;
-        fsync_file(self.out.get_ref(), &self.path)?;
-        if new_file && let Some(dir) = self.path.parent() {
-            fsync_dir(dir)?;
+    /// Makes the file durable on every copy, concurrently.
+    pub fn sync(&mut self) -> Result<()> {
+        if let [(_, only)] = self.outs.as_mut_slice() {
+            return only.sync();
         }
-        Ok(())
+        std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .outs
+                .iter_mut()
+                .map(|(_, out)| s.spawn(move || out.sync()))
+                .collect();
+            let mut first = Ok(());
+            for h in handles {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(StoreError::CopyUnavailable {
+                        path: PathBuf::new(),
+                        reason: "a copy's fsync thread panicked".into(),
+                    })
+                });
+                if first.is_ok() {
+                    first = r;
+                }
+            }
+            first
+        })
     }
 
-    /// Cuts the file back to `len` bytes, discarding unflushed data.
-    pub fn truncate(self, len: u64) -> Result<()> {
-        let path = self.path.clone();
-        let (file, _) = self.out.into_parts();
-        file.set_len(len)
-            .map_err(|e| StoreError::io("truncate segment", &path, e))?;
-        fsync_file(&file, &path)
+    /// Cuts the file back to `len` bytes on every copy (or removes it when
+    /// `len` is 0), discarding unflushed data.
+    pub fn discard(self, copies: &Copies, len: u64) -> Result<()> {
+        drop(self.outs);
+        let mut first = Ok(());
+        for c in copies.sync_copies() {
+            let r = if len == 0 {
+                c.store.delete(&self.name).map(|_| ())
+            } else {
+                c.store.truncate(&self.name, len)
+            };
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
     }
 
     /// Segment id.
@@ -207,66 +223,31 @@ impl SegmentWriter {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-
-    /// Path of the file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
-/// Reads records from segment files; open handles are shared between
-/// threads.
-#[derive(Debug)]
-pub struct SegmentReader {
-    dir: PathBuf,
-    files: Mutex<HashMap<u64, Arc<File>>>,
-}
-
-impl SegmentReader {
-    /// A reader for the segments in `dir`.
-    pub fn new(dir: PathBuf) -> Self {
-        SegmentReader {
-            dir,
-            files: Mutex::new(HashMap::new()),
-        }
+/// Copies the first `len` bytes of segment `name` into `target` from
+/// another copy that has them (a replica that missed writes).
+pub fn refill(copies: &Copies, target: &Copy, name: &str, len: u64) -> Result<()> {
+    let source = copies
+        .readable()
+        .filter(|c| c.dir != target.dir)
+        .find(|c| c.store.size(name).ok().flatten().is_some_and(|n| n >= len))
+        .ok_or_else(|| StoreError::CopyUnavailable {
+            path: target.dir.clone(),
+            reason: format!("no copy holds the {len} committed bytes of {name}"),
+        })?;
+    let have = target.store.size(name)?.unwrap_or(0);
+    let mut at = have.min(len);
+    let mut buf = vec![0u8; 8 << 20];
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        let chunk = buf.get_mut(..n).unwrap_or_default();
+        source.store.read_at(name, at, chunk)?;
+        target.store.write_at(name, at, chunk)?;
+        at += n as u64;
     }
-
-    /// Path of segment `id`.
-    pub fn path(&self, id: u64) -> PathBuf {
-        self.dir.join(segment_file_name(id))
-    }
-
-    fn file(&self, id: u64) -> Result<Arc<File>> {
-        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = files.get(&id) {
-            return Ok(f.clone());
-        }
-        let path = self.path(id);
-        let f = Arc::new(File::open(&path).map_err(|e| StoreError::io("open segment", &path, e))?);
-        files.insert(id, f.clone());
-        Ok(f)
-    }
-
-    /// Reads exactly `len` bytes at `offset` of segment `id`.
-    pub fn read(&self, id: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let mut buf = Vec::new();
-        self.read_into(id, offset, len, &mut buf)?;
-        Ok(buf)
-    }
-
-    /// Like [`SegmentReader::read`], into a reused buffer.
-    pub fn read_into(&self, id: u64, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()> {
-        let f = self.file(id)?;
-        buf.clear();
-        buf.resize(len, 0);
-        f.read_exact_at(buf, offset)
-            .map_err(|e| StoreError::io("read segment", self.path(id), e))
-    }
-
-    /// Forgets cached handles (after segments were truncated or removed).
-    pub fn forget(&self) {
-        self.files.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    }
+    tracing::info!(copy = %target.dir.display(), segment = name, bytes = len - have.min(len), "refilled a copy's segment");
+    Ok(())
 }
 
 #[cfg(test)]

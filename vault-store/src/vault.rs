@@ -21,20 +21,23 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::catalog::{ItemRecord, PointRecord};
+use crate::catalog_files::{self, COPY_FILE, CopyIdentity, Role};
 use crate::chunk_id::ChunkId;
 use crate::config::VaultConfig;
-use crate::durable::{create_dir_durable, fsync_dir};
+use crate::copies::{Copies, StoreWrap};
+use crate::durable::create_dir_durable;
 use crate::error::{Result, StoreError};
 use crate::index::{ChunkKind, ChunkLocation, INDEX_DIR, Index, IndexBatch, SegmentInfo};
 use crate::lock::{ReaderLease, VaultLock};
 use crate::record::{self, HEADER_LEN, RecordDecoder, RecordHeader};
 use crate::refs::{NodeChildren, RefCounter, node_refs};
 use crate::segment::{
-    SEGMENT_HEADER_LEN, SEGMENT_TARGET_LEN, SEGMENTS_DIR, SegmentReader, SegmentWriter,
-    parse_segment_file_name,
+    SEGMENT_HEADER_LEN, SEGMENT_TARGET_LEN, SEGMENTS_DIR, SegmentWriter, encode_header,
+    parse_segment_file_name, segment_file_name, segment_name,
 };
 
 /// How a vault is opened.
@@ -46,14 +49,32 @@ pub enum Access {
     Write,
 }
 
+/// How to open a vault beyond its access.
+#[derive(Clone, Default)]
+pub struct OpenOptions {
+    /// How long a writer waits for the lock.
+    pub wait: Duration,
+    /// A writer goes on without a replica that is missing or unwritable
+    /// (with a warning) instead of failing.
+    pub degraded_ok: bool,
+    /// Wraps each copy's store (fault injection in tests).
+    pub wrap: Option<StoreWrap>,
+    /// Allows writing to a directory that is a replica or the secondary
+    /// opened on its own (only the index rebuild does).
+    pub allow_copy_write: bool,
+}
+
 /// An open vault.
 pub struct Vault {
     dir: PathBuf,
     config: VaultConfig,
     index: Index,
-    segments: SegmentReader,
+    copies: Copies,
     lock: Option<VaultLock>,
     _lease: Option<ReaderLease>,
+    /// Set when a sync failed: the kernel may have dropped dirty pages, so
+    /// this handle accepts no more writes until the vault is reopened.
+    poisoned: AtomicBool,
 }
 
 impl std::fmt::Debug for Vault {
@@ -69,6 +90,11 @@ impl Vault {
     /// Creates a new vault in `dir` (which must not exist or be empty) and
     /// returns it open for writing.
     pub fn create(dir: &Path, config: VaultConfig) -> Result<Vault> {
+        Self::create_with(dir, config, &OpenOptions::default())
+    }
+
+    /// [`Vault::create`] with options (store wrapping).
+    pub fn create_with(dir: &Path, config: VaultConfig, opts: &OpenOptions) -> Result<Vault> {
         config.validate()?;
         match fs::read_dir(dir) {
             Ok(mut entries) => {
@@ -86,16 +112,25 @@ impl Vault {
         create_dir_durable(&dir.join(SEGMENTS_DIR))?;
         create_dir_durable(&dir.join(INDEX_DIR))?;
         let index = Index::open_write(&dir.join(INDEX_DIR))?;
+        for r in &config.replicas {
+            crate::copies::init_copy(r, &config, Role::Replica)?;
+        }
+        if let Some(s) = &config.secondary {
+            crate::copies::init_copy(s, &config, Role::Secondary)?;
+        }
+        write_identity(dir, &config, Role::Primary)?;
         // The config is written last: a directory without it is not a vault,
         // so a crash during creation leaves nothing that looks like one.
         config.store(dir)?;
+        let copies = Copies::open(dir, &config, true, false, opts.wrap.as_ref())?;
         Ok(Vault {
             dir: dir.to_path_buf(),
             config,
             index,
-            segments: SegmentReader::new(dir.join(SEGMENTS_DIR)),
+            copies,
             lock: Some(lock),
             _lease: None,
+            poisoned: AtomicBool::new(false),
         })
         .and_then(|v| {
             let mut b = IndexBatch::default();
@@ -113,19 +148,48 @@ impl Vault {
 
     /// Like [`Vault::open`], but a writer waits up to `wait` for the lock.
     pub fn open_wait(dir: &Path, access: Access, wait: Duration) -> Result<Vault> {
+        Self::open_with(
+            dir,
+            access,
+            &OpenOptions {
+                wait,
+                ..OpenOptions::default()
+            },
+        )
+    }
+
+    /// [`Vault::open`] with options.
+    pub fn open_with(dir: &Path, access: Access, opts: &OpenOptions) -> Result<Vault> {
+        let wait = opts.wait;
         if !dir.is_dir() {
             return Err(StoreError::NotAVault {
                 path: dir.to_path_buf(),
             });
         }
-        let config = VaultConfig::load(dir)?;
+        let mut config = VaultConfig::load(dir)?;
+        let role = copy_role(dir);
+        let index_dir = dir.join(INDEX_DIR);
+        if role != Role::Primary {
+            // A replica or the secondary opened on its own (the primary is
+            // gone): a vault by itself, whose index is a local cache.
+            if access == Access::Write && !opts.allow_copy_write {
+                return Err(StoreError::CopyNotWritable {
+                    path: dir.to_path_buf(),
+                    role: role.to_string(),
+                });
+            }
+            config.replicas.clear();
+            config.secondary = None;
+            if !index_dir.is_dir() && !opts.allow_copy_write {
+                drop(crate::rebuild::rebuild_index(dir, dir, wait)?);
+            }
+        }
         let (lock, lease) = match access {
             Access::Write => (Some(VaultLock::acquire_wait(dir, wait)?), None),
             Access::ReadOnly => (None, Some(ReaderLease::shared(dir)?)),
         };
-        let index_dir = dir.join(INDEX_DIR);
         if !index_dir.is_dir() {
-            return Err(StoreError::NotAVault {
+            return Err(StoreError::IndexMissing {
                 path: dir.to_path_buf(),
             });
         }
@@ -133,17 +197,29 @@ impl Vault {
             Access::Write => Index::open_write(&index_dir)?,
             Access::ReadOnly => Index::open_read(&index_dir)?,
         };
+        let copies = Copies::open(
+            dir,
+            &config,
+            access == Access::Write,
+            opts.degraded_ok,
+            opts.wrap.as_ref(),
+        )?;
         let vault = Vault {
             dir: dir.to_path_buf(),
             config,
             index,
-            segments: SegmentReader::new(dir.join(SEGMENTS_DIR)),
+            copies,
             lock,
             _lease: lease,
+            poisoned: AtomicBool::new(false),
         };
         if access == Access::Write {
+            if !dir.join(COPY_FILE).exists() {
+                write_identity(dir, &vault.config, Role::Primary)?;
+            }
             vault.reclaim_uncommitted()?;
             vault.ensure_gc_layout()?;
+            vault.reconcile_catalog_files()?;
             if VaultConfig::stored_version(dir) < crate::config::FORMAT_VERSION {
                 // The index now has everything a version-2 reader expects.
                 vault.config.store(dir)?;
@@ -225,59 +301,117 @@ impl Vault {
     }
 
     /// Cuts every segment back to its committed length and removes segment
-    /// files the index does not know. Returns the bytes reclaimed.
+    /// files the index does not know, on every synchronous copy. Returns
+    /// the bytes reclaimed on the primary.
     fn reclaim_uncommitted(&self) -> Result<u64> {
         let infos = self.index.segment_infos()?;
-        let seg_dir = self.dir.join(SEGMENTS_DIR);
         let mut reclaimed = 0;
-        let mut changed = false;
-        let entries =
-            fs::read_dir(&seg_dir).map_err(|e| StoreError::io("read directory", &seg_dir, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| StoreError::io("read directory", &seg_dir, e))?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            let path = entry.path();
-            let Some(id) = parse_segment_file_name(&name) else {
-                if name.starts_with('.') && name.contains(".tmp-") {
-                    let _ = fs::remove_file(&path);
-                    changed = true;
+        for c in self.copies.sync_copies() {
+            let primary = c.role == Role::Primary;
+            for name in c.store.list(SEGMENTS_DIR)? {
+                let Some(id) = parse_segment_file_name(&name) else {
+                    if name.starts_with('.') && name.contains(".tmp-") {
+                        let _ = c.store.delete(&crate::store::join(SEGMENTS_DIR, &name));
+                    }
+                    continue;
+                };
+                let full = segment_name(id);
+                let len = c.store.size(&full)?.unwrap_or(0);
+                match infos.get(&id) {
+                    // GC retired it; it goes when no reader can still need it.
+                    Some(i) if i.retired => {}
+                    None => {
+                        c.store.delete(&full)?;
+                        tracing::info!(copy = %c.dir.display(), segment = %full, bytes = len, "removed uncommitted segment");
+                        if primary {
+                            reclaimed += len;
+                        }
+                    }
+                    Some(&SegmentInfo { committed, .. }) if len > committed => {
+                        c.store.truncate(&full, committed)?;
+                        tracing::info!(copy = %c.dir.display(), segment = %full, bytes = len - committed, "cut uncommitted tail");
+                        if primary {
+                            reclaimed += len - committed;
+                        }
+                    }
+                    Some(_) => {}
                 }
-                continue;
-            };
-            let len = entry
-                .metadata()
-                .map_err(|e| StoreError::io("stat", &path, e))?
-                .len();
-            match infos.get(&id) {
-                // GC retired it; it goes when no reader can still need it.
-                Some(i) if i.retired => {}
-                None => {
-                    fs::remove_file(&path).map_err(|e| StoreError::io("remove", &path, e))?;
-                    tracing::info!(segment = %path.display(), bytes = len, "removed uncommitted segment");
-                    reclaimed += len;
-                    changed = true;
-                }
-                Some(&SegmentInfo { committed: c, .. }) if len > c => {
-                    let f = fs::OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .map_err(|e| StoreError::io("open", &path, e))?;
-                    f.set_len(c)
-                        .map_err(|e| StoreError::io("truncate", &path, e))?;
-                    f.sync_all()
-                        .map_err(|e| StoreError::io("fsync", &path, e))?;
-                    tracing::info!(segment = %path.display(), bytes = len - c, "cut uncommitted tail");
-                    reclaimed += len - c;
-                }
-                Some(_) => {}
             }
         }
-        if changed {
-            fsync_dir(&seg_dir)?;
-        }
-        self.segments.forget();
+        self.copies.forget();
         Ok(reclaimed)
+    }
+
+    /// Makes every synchronous copy's catalog files match the index: a
+    /// manifest written by a session that crashed before its index commit
+    /// names a point that was never acknowledged (and chunks just cut
+    /// off), so it goes; a missing one (a vault older than the files, a
+    /// copy that was down) is written. Item and policy files are rewritten
+    /// when they differ.
+    fn reconcile_catalog_files(&self) -> Result<()> {
+        let mut want: HashMap<String, Vec<u8>> = HashMap::new();
+        for item in self.index.items()? {
+            want.insert(
+                catalog_files::item_file(&item.name),
+                catalog_files::encode_item(&item),
+            );
+            for p in self.index.points(&item.name)? {
+                want.insert(
+                    catalog_files::point_file(&p.item, p.seq),
+                    catalog_files::encode_point(&p),
+                );
+            }
+        }
+        for (name, value) in self.index.policy_values()? {
+            let file = catalog_files::PolicyFile {
+                name: name.clone(),
+                policy: value,
+            };
+            want.insert(
+                catalog_files::policy_file(&name),
+                catalog_files::encode_policy(&file),
+            );
+        }
+        self.copies.for_each_sync(|c| {
+            let have = catalog_files::list_all(c.store.as_ref())?;
+            for name in &have {
+                if !want.contains_key(name) {
+                    c.store.delete(name)?;
+                    tracing::info!(copy = %c.dir.display(), file = %name, "removed a catalog file the index does not know");
+                }
+            }
+            for (name, bytes) in &want {
+                let is_point = name.starts_with(catalog_files::POINTS_DIR);
+                let same = if is_point {
+                    have.contains(name)
+                } else {
+                    c.store.get(name)?.as_deref() == Some(bytes.as_slice())
+                };
+                if !same {
+                    c.store.put(name, bytes)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The copies of the vault.
+    pub fn copies(&self) -> &Copies {
+        &self.copies
+    }
+
+    /// Replaces the vault config on every synchronous copy.
+    pub fn store_config(&self, cfg: &VaultConfig) -> Result<()> {
+        cfg.validate()?;
+        let bytes = cfg.encode();
+        self.copies
+            .for_each_sync(|c| c.store.put(crate::config::CONFIG_FILE, &bytes))
+    }
+
+    /// Records repaired on the fly (read from another copy and rewritten)
+    /// since the vault was opened.
+    pub fn read_repairs(&self) -> u64 {
+        self.copies.repairs()
     }
 
     /// The vault directory.
@@ -300,9 +434,9 @@ impl Vault {
         self.lock.is_some()
     }
 
-    /// Path of segment `id`.
+    /// Path of segment `id` in the primary copy.
     pub fn segment_path(&self, id: u64) -> PathBuf {
-        self.segments.path(id)
+        self.dir.join(SEGMENTS_DIR).join(segment_file_name(id))
     }
 
     /// The item called `name`.
@@ -337,23 +471,55 @@ impl Vault {
     }
 
     /// Reads and checks a chunk into reused buffers; the plaintext is then
-    /// in [`ChunkBuf::plain`].
+    /// in [`ChunkBuf::plain`]. Every read checks the record's CRC-32s, its
+    /// length and BLAKE3 of the plaintext. A copy that fails is skipped
+    /// and, once another copy gave the right bytes, repaired with them.
     pub fn read_chunk_into(
         &self,
         id: &ChunkId,
         loc: &ChunkLocation,
         buf: &mut ChunkBuf,
     ) -> Result<()> {
+        let mut first_err = None;
+        let mut bad = Vec::new();
+        for (i, c) in self.copies.readable().enumerate() {
+            match self.read_copy(c, id, loc, buf) {
+                Ok(()) => {
+                    if !bad.is_empty() {
+                        self.repair_from(&bad, id, loc, &buf.record);
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    if i == 0 || first_err.is_none() {
+                        tracing::warn!(copy = %c.dir.display(), error = %e, "bad copy of a chunk; trying the next copy");
+                    }
+                    bad.push(c.clone());
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.unwrap_or(StoreError::ChunkMissing { id: *id }))
+    }
+
+    /// Reads and fully checks the record at `loc` on one copy.
+    pub fn read_copy(
+        &self,
+        c: &crate::copies::Copy,
+        id: &ChunkId,
+        loc: &ChunkLocation,
+        buf: &mut ChunkBuf,
+    ) -> Result<()> {
+        let name = segment_name(loc.segment);
         let corrupt = |reason| StoreError::CorruptChunk {
             id: *id,
-            path: self.segments.path(loc.segment),
+            path: c.dir.join(&name),
             offset: loc.offset,
             reason: Box::new(reason),
         };
-        match self
-            .segments
-            .read_into(loc.segment, loc.offset, loc.len as usize, &mut buf.record)
-        {
+        buf.record.clear();
+        buf.record.resize(loc.len as usize, 0);
+        match c.store.read_at(&name, loc.offset, &mut buf.record) {
             Ok(()) => {}
             Err(StoreError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::UnexpectedEof =>
@@ -372,23 +538,86 @@ impl Vault {
                 found: header.id,
             }));
         }
+        if header.record_len() != u64::from(loc.len) {
+            return Err(corrupt(record::RecordError::Truncated {
+                needed: header.record_len() as usize,
+                available: loc.len as usize,
+            }));
+        }
         let payload = buf.record.get(HEADER_LEN..).unwrap_or_default();
         buf.decoder
             .decode_payload_into(&header, payload, &mut buf.plain)
             .map_err(corrupt)
     }
 
-    /// Checks only the header of the record at `loc` (cheap verify).
+    /// Rewrites the record at `loc` on the synchronous copies in `bad`
+    /// with `record`, bytes another copy proved right. The secondary is
+    /// left to replication.
+    fn repair_from(
+        &self,
+        bad: &[crate::copies::Copy],
+        id: &ChunkId,
+        loc: &ChunkLocation,
+        record: &[u8],
+    ) {
+        for c in bad.iter().filter(|c| c.role != Role::Secondary) {
+            match self.write_record(c, loc, record) {
+                Ok(()) => {
+                    self.copies.count_repair();
+                    tracing::warn!(copy = %c.dir.display(), chunk = %id.short(), segment = loc.segment, offset = loc.offset, "repaired a copy of a chunk from a good copy");
+                }
+                Err(e) => {
+                    tracing::warn!(copy = %c.dir.display(), chunk = %id.short(), error = %e, "could not repair a copy of a chunk");
+                }
+            }
+        }
+    }
+
+    /// Writes `record` at `loc` on copy `c` (a segment file that is gone
+    /// gets its header back first).
+    pub fn write_record(
+        &self,
+        c: &crate::copies::Copy,
+        loc: &ChunkLocation,
+        record: &[u8],
+    ) -> Result<()> {
+        let name = segment_name(loc.segment);
+        if c.store.size(&name)?.is_none() {
+            c.store.write_at(&name, 0, &encode_header(loc.segment))?;
+        }
+        c.store.write_at(&name, loc.offset, record)
+    }
+
+    /// Checks only the header of the record at `loc` (cheap verify), on
+    /// the first copy that has a good one.
     pub fn check_record_header(&self, id: &ChunkId, loc: &ChunkLocation) -> Result<()> {
+        let mut first_err = None;
+        for c in self.copies.readable() {
+            match self.check_header_on(c, id, loc) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.unwrap_or(StoreError::ChunkMissing { id: *id }))
+    }
+
+    fn check_header_on(
+        &self,
+        c: &crate::copies::Copy,
+        id: &ChunkId,
+        loc: &ChunkLocation,
+    ) -> Result<()> {
+        let name = segment_name(loc.segment);
         let corrupt = |reason| StoreError::CorruptChunk {
             id: *id,
-            path: self.segments.path(loc.segment),
+            path: c.dir.join(&name),
             offset: loc.offset,
             reason: Box::new(reason),
         };
-        let bytes =
-            self.segments
-                .read(loc.segment, loc.offset, HEADER_LEN.min(loc.len as usize))?;
+        let mut bytes = vec![0u8; HEADER_LEN.min(loc.len as usize)];
+        c.store.read_at(&name, loc.offset, &mut bytes)?;
         let h = RecordHeader::parse(&bytes).map_err(corrupt)?;
         if h.id != *id {
             return Err(corrupt(record::RecordError::WrongChunk {
@@ -423,19 +652,31 @@ impl Vault {
 
     /// Forgets cached segment file handles (after GC removed files).
     pub fn forget_segment_handles(&self) {
-        self.segments.forget();
+        self.copies.forget();
     }
 
-    /// Reads the raw record bytes at `loc` (GC copies them unchanged).
-    pub fn read_record(&self, loc: &ChunkLocation) -> Result<Vec<u8>> {
-        self.segments
-            .read(loc.segment, loc.offset, loc.len as usize)
+    /// Reads the raw record bytes of chunk `id` at `loc`, checked (GC
+    /// copies them unchanged).
+    pub fn read_record(&self, id: &ChunkId, loc: &ChunkLocation) -> Result<Vec<u8>> {
+        let mut buf = ChunkBuf::default();
+        self.read_chunk_into(id, loc, &mut buf)?;
+        Ok(buf.record)
+    }
+
+    /// True when a sync failed on this handle (no more writes).
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Relaxed)
     }
 
     /// Starts a write session. Requires [`Access::Write`].
     pub fn begin_write(&self) -> Result<WriteSession<'_>> {
         if self.lock.is_none() {
             return Err(StoreError::ReadOnly {
+                path: self.dir.clone(),
+            });
+        }
+        if self.is_poisoned() {
+            return Err(StoreError::Poisoned {
                 path: self.dir.clone(),
             });
         }
@@ -454,8 +695,34 @@ impl Vault {
             appended_bytes: 0,
             poisoned: false,
             finished: false,
+            heal: crate::damaged::load(&self.dir)
+                .into_iter()
+                .filter(|id| self.index.chunk(id).ok().flatten().is_some())
+                .collect(),
+            healed: Vec::new(),
         })
     }
+}
+
+/// The role the copy at `dir` says it has (a vault from before copies
+/// existed has no identity: it is a primary).
+pub fn copy_role(dir: &Path) -> Role {
+    std::fs::read(dir.join(COPY_FILE))
+        .ok()
+        .and_then(|b| catalog_files::decode_copy(&b).ok())
+        .map_or(Role::Primary, |c| c.role)
+}
+
+/// Writes the identity file of a copy at `dir`.
+fn write_identity(dir: &Path, config: &VaultConfig, role: Role) -> Result<()> {
+    crate::durable::write_atomic(
+        &dir.join(COPY_FILE),
+        &catalog_files::encode_copy(&CopyIdentity {
+            vault_id: config.vault_id.clone(),
+            vault_name: config.name.clone(),
+            role,
+        }),
+    )
 }
 
 /// Reusable buffers for reading many chunks on one thread.
@@ -470,6 +737,11 @@ impl ChunkBuf {
     /// The plaintext of the chunk read last.
     pub fn plain(&self) -> &[u8] {
         &self.plain
+    }
+
+    /// The record (header and stored bytes) read last.
+    pub fn record_bytes(&self) -> &[u8] {
+        &self.record
     }
 }
 
@@ -499,15 +771,30 @@ pub struct WriteSession<'v> {
     appended_bytes: u64,
     poisoned: bool,
     finished: bool,
+    /// Chunks no copy holds intact (`damaged`): stored again when a
+    /// backup produces them.
+    heal: std::collections::HashSet<ChunkId>,
+    /// Healed chunks and their old, damaged location.
+    healed: Vec<(ChunkId, ChunkLocation)>,
 }
 
 impl WriteSession<'_> {
-    /// True when `id` is committed or pending in this session.
+    /// True when `id` is committed or pending in this session (a damaged
+    /// chunk counts as absent, so that it is stored again).
     pub fn contains(&self, id: &ChunkId) -> Result<bool> {
         if self.pending.contains_key(id) {
             return Ok(true);
         }
+        if self.heal.contains(id) {
+            return Ok(false);
+        }
         self.vault.contains_chunk(id)
+    }
+
+    /// True when `id` is a damaged chunk this session has not stored again
+    /// yet (a backup must not keep it as "same as before").
+    pub fn is_damaged(&self, id: &ChunkId) -> bool {
+        self.heal.contains(id) && !self.pending.contains_key(id)
     }
 
     /// True when `id` is pending in this session (not yet committed).
@@ -536,6 +823,15 @@ impl WriteSession<'_> {
         r
     }
 
+    /// Like [`WriteSession::poison`], and a failed sync poisons the vault
+    /// handle too (fsyncgate: the dirty pages may be gone for good).
+    fn poison_vault<T>(&mut self, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            self.vault.poisoned.store(true, Ordering::Relaxed);
+        }
+        self.poison(r)
+    }
+
     /// Makes this session write to a new segment rather than append to
     /// the newest one (GC, which may be rewriting that one).
     pub fn use_fresh_segment(&mut self) {
@@ -544,21 +840,21 @@ impl WriteSession<'_> {
 
     fn open_writer(&mut self) -> Result<()> {
         let infos = self.vault.index.segment_infos()?;
-        let seg_dir = self.vault.dir.join(SEGMENTS_DIR);
+        let copies = &self.vault.copies;
         if let Some((&id, info)) = infos.iter().next_back()
             && !info.retired
             && !self.fresh_segment
             && (SEGMENT_HEADER_LEN..SEGMENT_TARGET_LEN).contains(&info.committed)
         {
             let len = info.committed;
-            self.writer = Some(SegmentWriter::append_to(&seg_dir, id, len)?);
+            self.writer = Some(SegmentWriter::append_to(copies, id, len)?);
             self.writer_is_new = false;
             self.writer_committed = len;
             return Ok(());
         }
         let next = infos.keys().next_back().map_or(1, |id| id + 1);
         self.fresh_segment = false;
-        self.writer = Some(SegmentWriter::create(&seg_dir, next)?);
+        self.writer = Some(SegmentWriter::create(copies, next)?);
         self.writer_is_new = true;
         self.writer_committed = 0;
         Ok(())
@@ -596,10 +892,23 @@ impl WriteSession<'_> {
         self.add_roots.push(root);
     }
 
-    fn append_kind(&mut self, id: ChunkId, record: &[u8], kind: Option<ChunkKind>) -> Result<()> {
+    fn append_kind(
+        &mut self,
+        id: ChunkId,
+        record: &[u8],
+        mut kind: Option<ChunkKind>,
+    ) -> Result<()> {
         self.guard()?;
         if self.pending.contains_key(&id) {
             return Ok(());
+        }
+        if self.heal.contains(&id)
+            && let Some(old) = self.vault.index.chunk(&id)?
+        {
+            // A fresh copy of a damaged chunk: it moves (its reference
+            // count stays) and the old record becomes dead bytes.
+            kind = None;
+            self.healed.push((id, old));
         }
         let header = RecordHeader::parse(record).map_err(|reason| StoreError::CorruptChunk {
             id,
@@ -670,15 +979,27 @@ impl WriteSession<'_> {
         self.guard()?;
         let needs_sync = !self.pending.is_empty() || self.writer_is_new;
         if let (Some(w), true) = (self.writer.as_mut(), needs_sync) {
-            let is_new = self.writer_is_new;
-            let r = w.sync(is_new).map(|()| (w.id(), w.len()));
-            let (id, len) = self.poison(r)?;
+            let r = w.sync().map(|()| (w.id(), w.len()));
+            let (id, len) = self.poison_vault(r)?;
             let mut info = self.vault.index.segment_info(id)?.unwrap_or_default();
             info.committed = len;
             batch.put_segment(id, info);
         }
         for (id, loc) in self.pending.iter() {
             batch.put_chunk(*id, *loc);
+        }
+        let mut healed_now = Vec::new();
+        if !self.healed.is_empty() {
+            let mut infos = self.vault.index.segment_infos()?;
+            for (id, old) in self.healed.drain(..) {
+                batch.delete_chunk_place(&old);
+                batch.put_dead(old.segment, old.offset, old.len);
+                if let Some(i) = infos.get_mut(&old.segment) {
+                    i.dead += u64::from(old.len);
+                    batch.put_segment(old.segment, *i);
+                }
+                healed_now.push(id);
+            }
         }
         let mut counter = RefCounter::new(&self.vault.index);
         for (id, kind) in &self.kinds {
@@ -700,8 +1021,25 @@ impl WriteSession<'_> {
         if batch.is_empty() {
             return Ok(());
         }
+        // The copies first: the index is a cache of them (invariant C2).
+        let r = self.vault.copies.apply_files(batch.catalog_files());
+        self.poison_vault(r)?;
         let r = self.vault.index.commit(batch);
         self.poison(r)?;
+        if !healed_now.is_empty() {
+            let mut list = crate::damaged::load(&self.vault.dir);
+            for id in &healed_now {
+                list.remove(id);
+                self.heal.remove(id);
+            }
+            tracing::info!(
+                chunks = healed_now.len(),
+                "healed damaged chunks with fresh copies"
+            );
+            if let Err(e) = crate::damaged::store(&self.vault.dir, &list) {
+                tracing::warn!(error = %e, "could not update the list of damaged chunks");
+            }
+        }
         if let Some(w) = self.writer.as_ref() {
             self.writer_committed = w.len();
         }
@@ -731,13 +1069,12 @@ impl Drop for WriteSession<'_> {
         // Reclaim the uncommitted tail at once (a full disk wants its space
         // back); the next writer would do it anyway.
         if let Some(w) = self.writer.take() {
-            let path = w.path().to_path_buf();
-            let result = if self.writer_is_new {
-                drop(w);
-                fs::remove_file(&path).map_err(|e| StoreError::io("remove", &path, e))
+            let keep = if self.writer_is_new {
+                0
             } else {
-                w.truncate(self.writer_committed)
+                self.writer_committed
             };
+            let result = w.discard(&self.vault.copies, keep);
             if let Err(e) = result {
                 tracing::warn!(error = %e, "could not discard uncommitted segment bytes; the next writer will");
             }
@@ -778,6 +1115,8 @@ mod tests {
             redundancy: crate::config::Redundancy::Lrs,
             created: "2027-01-01T00:00:00Z".parse().unwrap(),
             snapshot_area: None,
+            replicas: Vec::new(),
+            secondary: None,
         }
     }
 

@@ -299,7 +299,7 @@ pub fn transfer(
                         Some((None, Some(bytes))) if is_zero(bytes) => return Ok(Outcome::Zero),
                         Some((None, Some(bytes))) => ChunkId::of(bytes),
                     };
-                    if prev.get(i).copied().flatten() == Some(id) {
+                    if prev.get(i).copied().flatten() == Some(id) && !session.is_damaged(&id) {
                         return Ok(Outcome::Same(id));
                     }
                     if session.contains(&id)? {

@@ -56,7 +56,15 @@ pub struct RestoreOptions {
     pub from: RestoreFrom,
     /// Worker threads (0 = all cores).
     pub threads: usize,
+    /// Write everything that can be read, fill the blocks whose chunk no
+    /// copy holds intact with [`DAMAGED_MARKER`] (never zeros), and list
+    /// them, instead of failing.
+    pub allow_damaged: bool,
 }
+
+/// What a block no copy holds intact is filled with under
+/// `--allow-damaged`: recognisable, never mistaken for zeros or data.
+pub const DAMAGED_MARKER: &[u8] = b"COFFRE-DAMAGED-BLOCK-NO-GOOD-COPY\n";
 
 impl RestoreOptions {
     /// A restore to a new file at `target`, mode 0600, all cores.
@@ -68,6 +76,7 @@ impl RestoreOptions {
             mode: DEFAULT_MODE,
             from: RestoreFrom::Auto,
             threads: 0,
+            allow_damaged: false,
         }
     }
 }
@@ -111,6 +120,11 @@ pub struct RestoreSummary {
     /// Bytes of the target beyond the image, left as they were (a larger
     /// block device; a larger regular file is cut to the image size).
     pub bytes_beyond_image: u64,
+    /// Byte ranges `[start, end)` that no copy holds intact, filled with
+    /// the damaged-block marker (`--allow-damaged` only).
+    pub damaged_ranges: Vec<(u64, u64)>,
+    /// Copies of chunks found bad and repaired from a good copy on the way.
+    pub repaired_copies: u64,
 }
 
 /// Restores `point` to `opts.target`, from its snapshot when it still has
@@ -209,7 +223,10 @@ pub fn restore(
         buffers: &buffers,
         records: &records,
         compare_with: in_place.then_some(&out),
+        allow_damaged: opts.allow_damaged,
+        damaged: std::sync::Mutex::new(Vec::new()),
     };
+    let repairs_before = vault.read_repairs();
     progress.start(image_size);
     // Double buffering: while one group of decoded blocks is written by a
     // single thread (parallel writers to one file only contend on its
@@ -256,9 +273,20 @@ pub fn restore(
     if let Data::Snapshot(s) = data {
         s.finish()?;
     }
+    let mut blocks = std::mem::take(&mut *source.damaged.lock().unwrap_or_else(|p| p.into_inner()));
+    drop(source);
     target.finish()?;
     progress.finish();
     summary.duration_ms = started.elapsed().as_millis() as u64;
+    summary.repaired_copies = vault.read_repairs() - repairs_before;
+    blocks.sort_unstable();
+    for b in blocks {
+        let (start, end) = (b * bs, ((b + 1) * bs).min(image_size));
+        match summary.damaged_ranges.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => summary.damaged_ranges.push((start, end)),
+        }
+    }
     Ok(summary)
 }
 
@@ -335,6 +363,10 @@ struct Source<'a> {
     records: &'a PerThread<RecordBuf>,
     /// In place: the target whose blocks are read and compared first.
     compare_with: Option<&'a Output<'a>>,
+    /// Fill unreadable blocks with the marker instead of failing.
+    allow_damaged: bool,
+    /// Blocks filled with the marker.
+    damaged: std::sync::Mutex<Vec<u64>>,
 }
 
 /// One block of the point, as its source knows it.
@@ -462,10 +494,22 @@ impl Source<'_> {
             .map_err(|e| damaged(e.into()))?
             .ok_or_else(|| damaged(StoreError::ChunkMissing { id }.into()))?;
         let mut buf = self.buffers.get();
-        self.vault
-            .read_chunk_into(&id, &loc, &mut buf)
-            .map_err(|e| damaged(e.into()))?;
-        copy(buf.plain(), slot)
+        match self.vault.read_chunk_into(&id, &loc, &mut buf) {
+            Ok(()) => copy(buf.plain(), slot),
+            Err(e) if self.allow_damaged => {
+                tracing::error!(item = %point.item, point = %point.id, block = index, error = %e, "no good copy of a block; filled with the damaged-block marker");
+                let dst = slot.get_mut(..expected).unwrap_or_default();
+                for (d, m) in dst.iter_mut().zip(DAMAGED_MARKER.iter().cycle()) {
+                    *d = *m;
+                }
+                self.damaged
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(index);
+                Ok(Action::Write)
+            }
+            Err(e) => Err(damaged(e.into())),
+        }
     }
 
     fn bad_length(&self, index: u64, got: usize, expected: usize) -> EngineError {

@@ -12,12 +12,14 @@
 //!    indexed and was not found damaged. Findings name the item, point,
 //!    block and chunk.
 
-use std::collections::{HashMap, HashSet};
-use std::io::Read;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
+use coffre_vault_store::catalog_files::Role;
 use coffre_vault_store::private;
-use coffre_vault_store::segment::{SEGMENT_HEADER_LEN, check_header};
+use coffre_vault_store::segment::{
+    SEGMENT_HEADER_LEN, SEGMENTS_DIR, check_header, parse_segment_file_name, segment_name,
+};
 use coffre_vault_store::{ChunkBuf, ChunkId, ChunkLocation, StoreError, Vault};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -85,8 +87,10 @@ impl Finding {
 /// Verify options.
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
-    /// Read, decompress and re-hash every chunk.
+    /// Read, decompress and re-hash every chunk on every copy.
     pub read_data: bool,
+    /// With `read_data`: rewrite bad copies from a good one.
+    pub repair: bool,
     /// Worker threads (0 = all cores).
     pub threads: usize,
 }
@@ -106,8 +110,62 @@ pub struct VerifyReport {
     pub read_data: bool,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
+    /// The copies checked.
+    pub copies: Vec<CopyView>,
+    /// Bad copies of chunks found (with `read_data`).
+    pub detected: u64,
+    /// Bad copies rewritten from a good one and read back right.
+    pub repaired: u64,
+    /// Chunks with no good copy, and what they break.
+    pub unrecoverable: Vec<Unrecoverable>,
     /// Problems found.
     pub findings: Vec<Finding>,
+}
+
+/// A copy verify read.
+#[derive(Debug, Clone, Serialize)]
+pub struct CopyView {
+    /// Its role.
+    pub role: Role,
+    /// Its directory.
+    pub dir: std::path::PathBuf,
+}
+
+/// A chunk no copy holds intact.
+#[derive(Debug, Clone, Serialize)]
+pub struct Unrecoverable {
+    /// Chunk id (hex).
+    pub chunk: String,
+    /// The byte ranges of the points' images it breaks.
+    pub ranges: Vec<DamagedRange>,
+}
+
+/// Bytes of one point's image that cannot be restored.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct DamagedRange {
+    /// Item.
+    pub item: String,
+    /// Point id.
+    pub point: String,
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+}
+
+/// Sorts ranges and joins those of one point that touch.
+fn merge_ranges(mut ranges: Vec<DamagedRange>) -> Vec<DamagedRange> {
+    ranges.sort();
+    let mut out: Vec<DamagedRange> = Vec::new();
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if last.item == r.item && last.point == r.point && r.start <= last.end => {
+                last.end = last.end.max(r.end);
+            }
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 impl VerifyReport {
@@ -171,6 +229,132 @@ fn shared_files_finding(dir: &std::path::Path) -> Option<Finding> {
     ))
 }
 
+const HINT_REPAIR: &str = "run `coffre verify --read-data --repair`: it rewrites a bad copy from a copy whose hash matches";
+const HINT_COPY_UNAVAILABLE: &str = "mount or recreate the directory (`coffre vault set --add-replica DIR` refills it); backups fail until then unless --degraded-ok";
+
+/// What reading every copy of one chunk found.
+struct ChunkCheck {
+    /// Some copy holds the right bytes.
+    good: bool,
+    /// Bad copies: finding code, reason, copy directory.
+    bad: Vec<(&'static str, String, String)>,
+    /// Bad copies rewritten and read back right.
+    repaired: u64,
+}
+
+/// The finding code of a failed read of one copy.
+fn classify(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "missing",
+        StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "truncated"
+        }
+        StoreError::CorruptChunk { reason, .. } => match **reason {
+            coffre_vault_store::RecordError::Truncated { .. } => "truncated",
+            coffre_vault_store::RecordError::WrongChunk { .. } => "misplaced",
+            _ => "corrupt",
+        },
+        _ => "unreadable",
+    }
+}
+
+/// Compares every synchronous copy's catalog files (point manifests,
+/// item and policy files) with the index: a missing one is a finding (with
+/// `repair`, rewritten from the index), an extra one a warning.
+fn catalog_file_findings(vault: &Vault, repair: bool) -> Result<Vec<Finding>> {
+    use coffre_vault_store::catalog_files as cf;
+    let mut want: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for item in vault.index().items()? {
+        want.insert(cf::item_file(&item.name), cf::encode_item(&item));
+        for p in vault.index().points(&item.name)? {
+            want.insert(cf::point_file(&p.item, p.seq), cf::encode_point(&p));
+        }
+    }
+    let mut out = Vec::new();
+    for c in vault.copies().sync_copies() {
+        let have: HashSet<String> = cf::list_all(c.store.as_ref())?.into_iter().collect();
+        for (name, bytes) in want.iter().filter(|(n, _)| !have.contains(*n)) {
+            let fixed = repair && c.store.put(name, bytes).is_ok();
+            out.push(Finding::new(
+                if fixed {
+                    Severity::Warning
+                } else {
+                    Severity::Error
+                },
+                "missing",
+                format!(
+                    "{}: catalog file {name} is missing{}",
+                    c.dir.display(),
+                    if fixed {
+                        " (rewritten from the index)"
+                    } else {
+                        ""
+                    }
+                ),
+                HINT_REPAIR,
+            ));
+        }
+        for name in have
+            .iter()
+            .filter(|n| n.starts_with(cf::POINTS_DIR) && !want.contains_key(*n))
+        {
+            out.push(Finding::new(
+                Severity::Warning,
+                "orphaned",
+                format!(
+                    "{}: point manifest {name} names no point of the index",
+                    c.dir.display()
+                ),
+                "left by an interrupted write; the next writer removes it",
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads and checks chunk `id` on every synchronous copy; with `repair`,
+/// rewrites the bad copies from a good one and reads them back.
+fn scrub_chunk(
+    vault: &Vault,
+    id: &ChunkId,
+    loc: &ChunkLocation,
+    buf: &mut ChunkBuf,
+    repair: bool,
+) -> ChunkCheck {
+    let mut good: Option<Vec<u8>> = None;
+    let mut bad = Vec::new();
+    let mut bad_copies = Vec::new();
+    for c in vault.copies().sync_copies() {
+        match vault.read_copy(c, id, loc, buf) {
+            Ok(()) => {
+                if good.is_none() {
+                    good = Some(buf.record_bytes().to_vec());
+                }
+            }
+            Err(e) => {
+                bad.push((classify(&e), describe(&e), c.dir.display().to_string()));
+                bad_copies.push(c.clone());
+            }
+        }
+    }
+    let mut repaired = 0;
+    if repair && let Some(record) = &good {
+        for c in &bad_copies {
+            let ok = vault.write_record(c, loc, record).is_ok()
+                && vault.read_copy(c, id, loc, buf).is_ok();
+            if ok {
+                repaired += 1;
+                tracing::debug!(copy = %c.dir.display(), chunk = %id.short(), "scrub repaired a copy of a chunk");
+            }
+        }
+    }
+    ChunkCheck {
+        good: good.is_some(),
+        bad,
+        repaired,
+    }
+}
+
 const HINT_RESTORE_OTHER: &str =
     "restore an older point, or back the item up again to store a fresh copy of the data";
 
@@ -186,54 +370,104 @@ pub fn verify(
     // 0. File modes: a vault holds whole disks.
     findings.extend(shared_files_finding(vault.dir()));
 
-    // 1. Segments.
+    // 1. Segments, on every synchronous copy.
     let committed = vault.index().segments()?;
-    let mut bad_segments = HashSet::new();
-    for (&id, &len) in &committed {
-        let path = vault.segment_path(id);
-        let actual = match std::fs::metadata(&path) {
-            Ok(m) => m.len(),
-            Err(e) => {
-                findings.push(Finding::new(
-                    Severity::Error,
-                    "segment-missing",
-                    format!("segment {} cannot be read: {e}", path.display()),
-                    HINT_RESTORE_OTHER,
-                ));
-                bad_segments.insert(id);
-                continue;
-            }
-        };
-        if actual < len {
+    let infos = vault.index().segment_infos()?;
+    let copies = vault.copies().sync_copies();
+    let several = copies.len() > 1;
+    for u in vault.copies().unavailable() {
+        findings.push(Finding::new(
+            if u.role == Role::Secondary {
+                Severity::Warning
+            } else {
+                Severity::Error
+            },
+            "copy-unavailable",
+            format!("{} copy {}: {}", u.role, u.dir.display(), u.reason),
+            HINT_COPY_UNAVAILABLE,
+        ));
+    }
+    // Segments whose file is unusable on *every* copy.
+    let mut bad_on: HashMap<u64, usize> = HashMap::new();
+    for c in copies {
+        let listed: HashSet<u64> = c
+            .store
+            .list(SEGMENTS_DIR)?
+            .iter()
+            .filter_map(|n| parse_segment_file_name(n))
+            .collect();
+        for id in listed.iter().filter(|id| !infos.contains_key(id)) {
             findings.push(Finding::new(
-                Severity::Error,
-                "segment-truncated",
+                Severity::Warning,
+                "orphaned",
                 format!(
-                    "segment {} is {actual} bytes, the index records {len} committed bytes",
-                    path.display()
+                    "{}: segment {} is not in the index",
+                    c.dir.display(),
+                    segment_name(*id)
                 ),
-                HINT_RESTORE_OTHER,
+                "left by an interrupted write; the next backup (any writer) removes it",
             ));
         }
-        // Only the header: never the whole segment.
-        let header = std::fs::File::open(&path).and_then(|f| {
-            let mut h = Vec::with_capacity(SEGMENT_HEADER_LEN as usize);
-            f.take(SEGMENT_HEADER_LEN).read_to_end(&mut h).map(|_| h)
-        });
-        if let Err(reason) = header
-            .map_err(|e| e.to_string())
-            .and_then(|h| check_header(&h, id))
-        {
+        for (&id, &len) in &committed {
+            let name = segment_name(id);
+            let where_ = c.dir.join(&name);
+            let (code, problem) = match c.store.size(&name) {
+                Ok(None) => (
+                    "missing",
+                    format!("segment {} is missing", where_.display()),
+                ),
+                Err(e) => (
+                    "missing",
+                    format!("segment {} cannot be read: {e}", where_.display()),
+                ),
+                Ok(Some(actual)) if actual < len => (
+                    "truncated",
+                    format!(
+                        "segment {} is {actual} bytes, the index records {len} committed bytes",
+                        where_.display()
+                    ),
+                ),
+                Ok(Some(_)) => {
+                    let mut h = vec![0u8; SEGMENT_HEADER_LEN as usize];
+                    match c
+                        .store
+                        .read_at(&name, 0, &mut h)
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| check_header(&h, id))
+                    {
+                        Ok(()) => continue,
+                        Err(reason) => {
+                            ("corrupt", format!("segment {}: {reason}", where_.display()))
+                        }
+                    }
+                }
+            };
+            *bad_on.entry(id).or_default() += 1;
+            let repairable = several && opts.read_data;
             findings.push(Finding::new(
-                Severity::Error,
-                "segment-header",
-                format!("segment {}: {reason}", path.display()),
-                HINT_RESTORE_OTHER,
+                if repairable && opts.repair {
+                    Severity::Warning
+                } else {
+                    Severity::Error
+                },
+                code,
+                problem,
+                if several {
+                    HINT_REPAIR
+                } else {
+                    HINT_RESTORE_OTHER
+                },
             ));
         }
     }
+    let bad_segments: HashSet<u64> = bad_on
+        .iter()
+        .filter(|(_, n)| **n >= copies.len())
+        .map(|(id, _)| *id)
+        .collect();
 
-    // 2. Chunks, in segment order so that reads are sequential.
+    // 2. Chunks, in segment order so that reads are sequential. With
+    // `read_data` every copy of every chunk is read and fully checked.
     let mut chunks = vault.index().chunks()?;
     chunks.sort_by_key(|(_, l)| (l.segment, l.offset));
     let total_bytes: u64 = chunks.iter().map(|(_, l)| u64::from(l.len)).sum();
@@ -244,11 +478,11 @@ pub fn verify(
     });
     let pool = thread_pool(opts.threads)?;
     let buffers = PerThread::new(&pool, ChunkBuf::default);
-    let check = |(id, loc): &(ChunkId, ChunkLocation)| -> Option<(ChunkId, String)> {
+    let check = |(id, loc): &(ChunkId, ChunkLocation)| -> Option<(ChunkId, ChunkCheck)> {
         let seg_len = committed.get(&loc.segment).copied();
         let r = match seg_len {
             None => Err(format!("segment {} is not committed", loc.segment)),
-            Some(_) if bad_segments.contains(&loc.segment) => {
+            Some(_) if bad_segments.contains(&loc.segment) && !opts.read_data => {
                 Err(format!("segment {} is missing", loc.segment))
             }
             Some(len)
@@ -259,27 +493,107 @@ pub fn verify(
                     loc.offset, loc.len, loc.segment
                 ))
             }
-            Some(_) => if opts.read_data {
-                vault.read_chunk_into(id, loc, &mut buffers.get())
-            } else {
-                vault.check_record_header(id, loc)
+            Some(_) if opts.read_data => {
+                let c = scrub_chunk(vault, id, loc, &mut buffers.get(), opts.repair);
+                progress.advance(u64::from(loc.len));
+                return (!c.bad.is_empty()).then_some((*id, c));
             }
-            .map_err(|e| describe(&e)),
+            Some(_) => vault.check_record_header(id, loc).map_err(|e| describe(&e)),
         };
         progress.advance(if opts.read_data {
             u64::from(loc.len)
         } else {
             1
         });
-        r.err().map(|reason| (*id, reason))
+        r.err().map(|reason| {
+            (
+                *id,
+                ChunkCheck {
+                    good: false,
+                    bad: vec![("unreadable", reason, String::new())],
+                    repaired: 0,
+                },
+            )
+        })
     };
-    let damaged: HashMap<ChunkId, String> =
+    let checked: HashMap<ChunkId, ChunkCheck> =
         pool.install(|| chunks.par_iter().filter_map(check).collect());
+    let mut damaged: HashMap<ChunkId, String> = HashMap::new();
+    let (mut detected, mut repaired) = (0u64, 0u64);
+    let mut per_copy: BTreeMap<String, usize> = BTreeMap::new();
+    for (id, c) in &checked {
+        detected += c.bad.len() as u64;
+        repaired += c.repaired;
+        if !c.good {
+            let reasons: Vec<String> = c.bad.iter().map(|(_, r, _)| r.clone()).collect();
+            damaged.insert(*id, reasons.join("; "));
+            continue;
+        }
+        for (code, reason, copy) in &c.bad {
+            let listed = per_copy.entry(copy.clone()).or_insert(0usize);
+            *listed += 1;
+            if *listed > MAX_BLOCK_FINDINGS_PER_POINT {
+                continue;
+            }
+            let fixed = opts.repair && c.repaired > 0;
+            let mut f = Finding::new(
+                if fixed {
+                    Severity::Warning
+                } else {
+                    Severity::Error
+                },
+                code,
+                format!(
+                    "chunk {} on copy {copy}: {reason}{}",
+                    id.short(),
+                    if fixed {
+                        " (repaired from a good copy)"
+                    } else {
+                        ""
+                    }
+                ),
+                HINT_REPAIR,
+            );
+            f.chunk = Some(id.to_string());
+            findings.push(f);
+        }
+    }
+    for (copy, n) in &per_copy {
+        if *n > MAX_BLOCK_FINDINGS_PER_POINT {
+            findings.push(Finding::new(
+                if opts.repair && repaired >= detected {
+                    Severity::Warning
+                } else {
+                    Severity::Error
+                },
+                "more-bad-copies",
+                format!(
+                    "copy {copy}: {} more bad copies of chunks not listed",
+                    n - MAX_BLOCK_FINDINGS_PER_POINT
+                ),
+                HINT_REPAIR,
+            ));
+        }
+    }
+    findings.extend(catalog_file_findings(vault, opts.repair)?);
+    if opts.read_data && coffre_vault_store::vault::copy_role(vault.dir()) == Role::Primary {
+        // The next backup that produces one of these chunks stores it again.
+        let list: std::collections::BTreeSet<ChunkId> = damaged.keys().copied().collect();
+        if list != coffre_vault_store::damaged::load(vault.dir())
+            && let Err(e) = coffre_vault_store::damaged::store(vault.dir(), &list)
+        {
+            tracing::warn!(error = %e, "could not record the damaged chunks");
+        }
+    }
     for (id, reason) in &damaged {
         let mut f = Finding::new(
             Severity::Error,
-            "chunk-damaged",
-            format!("chunk {id}: {reason}"),
+            if several {
+                "unrecoverable"
+            } else {
+                "chunk-damaged"
+            },
+            format!("chunk {id}: no good copy: {reason}"),
             HINT_RESTORE_OTHER,
         );
         f.chunk = Some(id.to_string());
@@ -290,9 +604,24 @@ pub fn verify(
     // 3. Points.
     let points = vault.index().all_points()?;
     let mut tally = RefTally::default();
+    let mut broken: BTreeMap<ChunkId, Vec<DamagedRange>> = BTreeMap::new();
     for point in &points {
-        findings.extend(check_point(vault, point, &indexed, &damaged, &mut tally));
+        findings.extend(check_point(
+            vault,
+            point,
+            &indexed,
+            &damaged,
+            &mut tally,
+            &mut broken,
+        ));
     }
+    let unrecoverable: Vec<Unrecoverable> = damaged
+        .keys()
+        .map(|id| Unrecoverable {
+            chunk: id.to_string(),
+            ranges: merge_ranges(broken.remove(id).unwrap_or_default()),
+        })
+        .collect();
 
     // 4. Reference counts: GC deletes what they say is unreferenced, so
     // they must equal what the points actually reference.
@@ -329,6 +658,16 @@ pub fn verify(
         bytes_checked: if opts.read_data { total_bytes } else { 0 },
         read_data: opts.read_data,
         duration_ms: started.elapsed().as_millis() as u64,
+        copies: copies
+            .iter()
+            .map(|c| CopyView {
+                role: c.role,
+                dir: c.dir.clone(),
+            })
+            .collect(),
+        detected,
+        repaired,
+        unrecoverable,
         findings,
     })
 }
@@ -368,8 +707,19 @@ fn check_point(
     indexed: &HashSet<ChunkId>,
     damaged: &HashMap<ChunkId, String>,
     tally: &mut RefTally,
+    broken: &mut BTreeMap<ChunkId, Vec<DamagedRange>>,
 ) -> Vec<Finding> {
     let first_use_of_root = tally.add(point.block_map) == 1;
+    let bs = u64::from(point.block_size);
+    let mut breaks = |id: ChunkId, first_block: u64, blocks: u64| {
+        let start = first_block * bs;
+        broken.entry(id).or_default().push(DamagedRange {
+            item: point.item.clone(),
+            point: point.id.clone(),
+            start: start.min(point.image_size),
+            end: (start + blocks * bs).min(point.image_size),
+        });
+    };
     let mut out = Vec::new();
     let tag = |mut f: Finding| {
         f.item = Some(point.item.clone());
@@ -387,6 +737,7 @@ fn check_point(
             ));
             f.chunk = Some(point.block_map.to_string());
             out.push(f);
+            breaks(point.block_map, 0, point.image_size.div_ceil(bs.max(1)));
             return out;
         }
     };
@@ -417,6 +768,9 @@ fn check_point(
                 ));
                 f.chunk = map.leaf_id(k).map(|id| id.to_string());
                 out.push(f);
+                if let Some(l) = map.leaf_id(k) {
+                    breaks(l, (k * LEAF_ENTRIES) as u64, LEAF_ENTRIES as u64);
+                }
                 continue;
             }
         };
@@ -431,9 +785,10 @@ fn check_point(
             let problem = if !indexed.contains(id) {
                 Some(("chunk-missing", "is missing from the index".to_string()))
             } else {
-                damaged
-                    .get(id)
-                    .map(|r| ("block-damaged", format!("is damaged: {r}")))
+                damaged.get(id).map(|r| {
+                    breaks(*id, block, 1);
+                    ("block-damaged", format!("is damaged: {r}"))
+                })
             };
             if let Some((code, what)) = problem {
                 block_problems += 1;

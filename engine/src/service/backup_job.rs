@@ -16,7 +16,6 @@
 //! Phase and job status follow the table in `coffre_vault_store::jobs`.
 
 use std::path::Path;
-use std::time::Duration;
 
 use coffre_vault_store::jobs::{JobRecord, JobStore, Operation, PhaseStatus, RunningJob};
 use coffre_vault_store::lock::{ItemPhase, NamedLock, item_phase_lock_path};
@@ -44,7 +43,7 @@ pub enum Writer<'a> {
     /// The caller holds the vault open for writing (daemon, run-due).
     Held(&'a Vault),
     /// Open the vault for writing, waiting up to this long for the lock.
-    Open(Duration),
+    Open(coffre_vault_store::OpenOptions),
 }
 
 /// Everything a backup job needs besides the image.
@@ -253,10 +252,10 @@ fn transfer_phase(
     progress: &dyn Progress,
 ) -> Result<PointRecord> {
     let opened;
-    let vault = match opts.writer {
-        Writer::Held(v) => v,
-        Writer::Open(wait) => {
-            opened = Vault::open_wait(vault_dir, Access::Write, wait)?;
+    let vault = match &opts.writer {
+        Writer::Held(v) => *v,
+        Writer::Open(o) => {
+            opened = Vault::open_with(vault_dir, Access::Write, o)?;
             &opened
         }
     };

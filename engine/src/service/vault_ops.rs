@@ -3,9 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+use coffre_vault_store::catalog_files::Role;
 use coffre_vault_store::config::{
     DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, validate_vault_name,
 };
+use coffre_vault_store::segment::{refill, segment_name};
+use coffre_vault_store::store::{LocalStore, SpaceInfo};
 use coffre_vault_store::{Redundancy, Vault, VaultConfig};
 use jiff::Timestamp;
 use serde::Serialize;
@@ -26,6 +29,10 @@ pub struct CreateOptions {
     pub redundancy: Option<Redundancy>,
     /// Where snapshots go (default: next to each image).
     pub snapshot_area: Option<PathBuf>,
+    /// LRS replica directories.
+    pub replicas: Vec<PathBuf>,
+    /// The GRS secondary directory.
+    pub secondary: Option<PathBuf>,
 }
 
 /// Derives a valid vault name from a directory name.
@@ -71,6 +78,8 @@ pub fn create_vault(dir: &Path, opts: &CreateOptions, clock: &dyn Clock) -> Resu
             .as_deref()
             .filter(|p| !p.as_os_str().is_empty())
             .map(absolute),
+        replicas: opts.replicas.iter().map(|p| absolute(p)).collect(),
+        secondary: opts.secondary.as_deref().map(absolute),
     };
     let vault = Vault::create(dir, config)?;
     let mut b = coffre_vault_store::IndexBatch::default();
@@ -94,7 +103,7 @@ pub fn set_redundancy(vault: &Vault, redundancy: Redundancy) -> Result<()> {
     }
     let mut cfg = vault.config().clone();
     cfg.redundancy = redundancy;
-    cfg.store(vault.dir())?;
+    vault.store_config(&cfg)?;
     Ok(())
 }
 
@@ -104,8 +113,190 @@ pub fn set_redundancy(vault: &Vault, redundancy: Redundancy) -> Result<()> {
 pub fn set_snapshot_area(vault: &Vault, dir: Option<&Path>) -> Result<()> {
     let mut cfg = vault.config().clone();
     cfg.snapshot_area = dir.filter(|p| !p.as_os_str().is_empty()).map(absolute);
-    cfg.store(vault.dir())?;
+    vault.store_config(&cfg)?;
     Ok(())
+}
+
+/// Adds (or re-adds) an LRS replica at `dir` and fills it from a good
+/// copy: every committed segment now; the catalog files when the vault is
+/// next opened for writing (the caller reopens it). Returns the bytes
+/// copied.
+pub fn add_replica(vault: &Vault, dir: &Path) -> Result<u64> {
+    let dir = absolute(dir);
+    if dir == absolute(vault.dir()) || vault.config().secondary.as_deref() == Some(dir.as_path()) {
+        return Err(coffre_vault_store::StoreError::InvalidSetting {
+            field: "replica",
+            reason: format!("{} is already a copy of this vault", dir.display()),
+        }
+        .into());
+    }
+    let mut cfg = vault.config().clone();
+    coffre_vault_store::copies::init_copy(&dir, &cfg, Role::Replica)?;
+    let copy = coffre_vault_store::copies::Copy {
+        role: Role::Replica,
+        dir: dir.clone(),
+        store: std::sync::Arc::new(LocalStore::new(&dir)),
+    };
+    let mut copied = 0;
+    for (id, info) in vault.index().segment_infos()? {
+        if info.retired {
+            continue;
+        }
+        let name = segment_name(id);
+        let have = copy.store.size(&name)?.unwrap_or(0);
+        if have < info.committed {
+            refill(vault.copies(), &copy, &name, info.committed)?;
+            copied += info.committed - have;
+        }
+    }
+    if !cfg.replicas.contains(&dir) {
+        cfg.replicas.push(dir);
+    }
+    vault.store_config(&cfg)?;
+    Ok(copied)
+}
+
+/// Stops writing to the replica at `dir` (its files stay).
+pub fn remove_replica(vault: &Vault, dir: &Path) -> Result<()> {
+    let dir = absolute(dir);
+    let mut cfg = vault.config().clone();
+    let before = cfg.replicas.len();
+    cfg.replicas.retain(|r| r != &dir);
+    if cfg.replicas.len() == before {
+        return Err(coffre_vault_store::StoreError::InvalidSetting {
+            field: "replica",
+            reason: format!("{} is not a replica of this vault", dir.display()),
+        }
+        .into());
+    }
+    vault.store_config(&cfg)?;
+    Ok(())
+}
+
+/// Sets or replaces the GRS secondary (filled by the next replication).
+pub fn set_secondary(vault: &Vault, dir: &Path) -> Result<()> {
+    let dir = absolute(dir);
+    let mut cfg = vault.config().clone();
+    coffre_vault_store::copies::init_copy(&dir, &cfg, Role::Secondary)?;
+    cfg.secondary = Some(dir);
+    vault.store_config(&cfg)?;
+    Ok(())
+}
+
+/// One copy in a vault summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct CopySummary {
+    /// primary, replica or secondary.
+    pub role: Role,
+    /// Directory.
+    pub dir: PathBuf,
+    /// Usable now.
+    pub available: bool,
+    /// Why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    /// Filesystem, device and free space.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub space: Option<SpaceInfo>,
+}
+
+/// The secondary's replication state in a vault summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct SecondarySummary {
+    /// Directory.
+    pub dir: PathBuf,
+    /// End of the last replication run.
+    pub last_run: Option<Timestamp>,
+    /// Points not yet on the secondary.
+    pub points_behind: u64,
+    /// Replication lag (the secondary's recovery point objective): 0 when
+    /// every point is there, else the age of the oldest point that is not.
+    pub lag_seconds: u64,
+}
+
+/// The copies of a vault, with warnings about how safe they are.
+pub fn copies_summary(vault: &Vault) -> (Vec<CopySummary>, Vec<String>) {
+    let mut out = Vec::new();
+    for c in vault.copies().sync_copies() {
+        out.push(CopySummary {
+            role: c.role,
+            dir: c.dir.clone(),
+            available: true,
+            problem: None,
+            space: c.store.space(),
+        });
+    }
+    if let Some(c) = vault.copies().secondary() {
+        out.push(CopySummary {
+            role: c.role,
+            dir: c.dir.clone(),
+            available: true,
+            problem: None,
+            space: c.store.space(),
+        });
+    }
+    for u in vault.copies().unavailable() {
+        out.push(CopySummary {
+            role: u.role,
+            dir: u.dir.clone(),
+            available: false,
+            problem: Some(u.reason.clone()),
+            space: None,
+        });
+    }
+    let mut warnings = Vec::new();
+    let sync: Vec<&CopySummary> = out.iter().filter(|c| c.role != Role::Secondary).collect();
+    if sync.len() == 1 && vault.config().secondary.is_none() {
+        warnings.push("only one copy: no protection against losing this disk".to_string());
+    }
+    let mut by_device: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+    for c in &out {
+        if let Some(sp) = &c.space {
+            by_device
+                .entry(sp.device)
+                .or_default()
+                .push(c.dir.display().to_string());
+        }
+    }
+    for dirs in by_device.values().filter(|d| d.len() > 1) {
+        warnings.push(format!(
+            "copies {} are on the same device: losing it loses them all",
+            dirs.join(", ")
+        ));
+    }
+    for u in vault.copies().unavailable() {
+        warnings.push(format!(
+            "{} copy {} is unavailable: {}",
+            u.role,
+            u.dir.display(),
+            u.reason
+        ));
+    }
+    (out, warnings)
+}
+
+/// Replication lag of the vault's secondary at `now`.
+pub fn secondary_summary(vault: &Vault, now: Timestamp) -> Result<Option<SecondarySummary>> {
+    let Some(dir) = vault.config().secondary.clone() else {
+        return Ok(None);
+    };
+    let state = coffre_vault_store::replicate::primary_state(vault.dir());
+    let points = vault.index().all_points()?;
+    let behind: Vec<_> = points
+        .iter()
+        .filter(|p| !state.points.contains_key(&p.id))
+        .collect();
+    let lag = behind
+        .iter()
+        .map(|p| p.created)
+        .min()
+        .map_or(0, |t| now.duration_since(t).as_secs().max(0) as u64);
+    Ok(Some(SecondarySummary {
+        dir,
+        last_run: state.last_run,
+        points_behind: behind.len() as u64,
+        lag_seconds: lag,
+    }))
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -168,15 +359,22 @@ pub struct VaultSummary {
     /// Bytes of records some chunk entry still references (stored minus
     /// what GC has unindexed but not yet rewritten away).
     pub live_bytes: u64,
+    /// The copies: primary, replicas, secondary.
+    pub copies: Vec<CopySummary>,
+    /// How safe the copies are (shared devices, a single copy).
+    pub copy_warnings: Vec<String>,
+    /// GRS replication state.
+    pub secondary: Option<SecondarySummary>,
 }
 
 /// Summarises a vault.
-pub fn summarize(vault: &Vault) -> Result<VaultSummary> {
+pub fn summarize(vault: &Vault, now: Timestamp) -> Result<VaultSummary> {
     let cfg = vault.config();
     let mut items = Vec::new();
     let mut points_total = 0;
     let mut logical = 0;
     let areas = coffre_snapshotter::area::Area::known(vault.dir());
+    let (copies, copy_warnings) = copies_summary(vault);
     for item in vault.index().items()? {
         let points = vault.points(&item.name)?;
         points_total += points.len() as u64;
@@ -210,6 +408,9 @@ pub fn summarize(vault: &Vault) -> Result<VaultSummary> {
         logical_bytes: logical,
         stored_bytes: vault.stored_bytes()?,
         live_bytes: vault.live_bytes()?,
+        copies,
+        copy_warnings,
+        secondary: secondary_summary(vault, now)?,
     })
 }
 

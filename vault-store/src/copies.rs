@@ -1,0 +1,295 @@
+//! The copies of a vault: the vault directory (primary), its LRS replicas
+//! and its GRS secondary, each a [`Store`].
+//!
+//! Synchronous copies (primary and replicas) receive every segment append
+//! and every catalog file; a write is acknowledged only when all of them
+//! made it durable. The copies are written concurrently where it costs:
+//! the fsyncs and the catalog files run on one thread per copy.
+//!
+//! Reads go to the first copy that returns a record whose CRC-32 and
+//! BLAKE3 match; a copy that failed is repaired on the spot with those
+//! bytes (same segment, same offset: copies are byte-identical at every
+//! committed offset, invariant C1) and the repair is counted.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::catalog_files::{self, COPY_FILE, CopyIdentity, Role};
+use crate::config::VaultConfig;
+use crate::error::{Result, StoreError};
+use crate::store::{LocalStore, SharedStore};
+
+/// Wraps each copy's store (tests inject faults this way).
+pub type StoreWrap = Arc<dyn Fn(Role, SharedStore) -> SharedStore + Send + Sync>;
+
+/// One copy.
+#[derive(Clone, Debug)]
+pub struct Copy {
+    /// What it is.
+    pub role: Role,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its storage.
+    pub store: SharedStore,
+}
+
+/// A copy that could not be used, and why.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Unavailable {
+    /// What it is.
+    pub role: Role,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Why it cannot be used.
+    pub reason: String,
+}
+
+/// The copies of an open vault.
+#[derive(Debug)]
+pub struct Copies {
+    /// Primary first, then the replicas that are usable.
+    sync: Vec<Copy>,
+    /// The GRS secondary, when configured and usable (read fallback only).
+    secondary: Option<Copy>,
+    /// Configured copies that could not be used.
+    unavailable: Vec<Unavailable>,
+    repairs: AtomicU64,
+}
+
+/// Checks that `dir` is a copy of the vault `vault_id` (a directory with
+/// a matching identity, writable when `write`).
+pub fn check_copy(
+    store: &dyn crate::store::Store,
+    dir: &Path,
+    vault_id: &str,
+    write: bool,
+) -> std::result::Result<Role, String> {
+    if !dir.is_dir() {
+        return Err("the directory is missing".into());
+    }
+    let bytes = match store.get(COPY_FILE) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Err("it holds no copy identity (not a copy of this vault)".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let id =
+        catalog_files::decode_copy(&bytes).map_err(|e| format!("corrupt copy identity: {e}"))?;
+    if id.vault_id != vault_id {
+        return Err(format!(
+            "it is a copy of another vault ({} {})",
+            id.vault_name, id.vault_id
+        ));
+    }
+    if write && !writable(dir) {
+        return Err("it is not writable".into());
+    }
+    Ok(id.role)
+}
+
+fn writable(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access(2) with a NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
+impl Copies {
+    /// The copies of the vault at `dir` with `config`. With `write`, a
+    /// replica that is missing or unwritable is an error unless
+    /// `degraded_ok`; readers skip it.
+    pub fn open(
+        dir: &Path,
+        config: &VaultConfig,
+        write: bool,
+        degraded_ok: bool,
+        wrap: Option<&StoreWrap>,
+    ) -> Result<Copies> {
+        let make = |role: Role, d: &Path| -> SharedStore {
+            let s: SharedStore = Arc::new(LocalStore::new(d));
+            match wrap {
+                Some(w) => w(role, s),
+                None => s,
+            }
+        };
+        let mut sync = vec![Copy {
+            role: Role::Primary,
+            dir: dir.to_path_buf(),
+            store: make(Role::Primary, dir),
+        }];
+        let mut unavailable = Vec::new();
+        for r in &config.replicas {
+            let store = make(Role::Replica, r);
+            match check_copy(store.as_ref(), r, &config.vault_id, write) {
+                Ok(_) => sync.push(Copy {
+                    role: Role::Replica,
+                    dir: r.clone(),
+                    store,
+                }),
+                Err(reason) => {
+                    if write && !degraded_ok {
+                        return Err(StoreError::CopyUnavailable {
+                            path: r.clone(),
+                            reason,
+                        });
+                    }
+                    tracing::warn!(replica = %r.display(), %reason, "replica unavailable; continuing degraded");
+                    unavailable.push(Unavailable {
+                        role: Role::Replica,
+                        dir: r.clone(),
+                        reason,
+                    });
+                }
+            }
+        }
+        let mut secondary = None;
+        if let Some(s) = &config.secondary {
+            let store = make(Role::Secondary, s);
+            match check_copy(store.as_ref(), s, &config.vault_id, false) {
+                Ok(_) => {
+                    secondary = Some(Copy {
+                        role: Role::Secondary,
+                        dir: s.clone(),
+                        store,
+                    })
+                }
+                Err(reason) => unavailable.push(Unavailable {
+                    role: Role::Secondary,
+                    dir: s.clone(),
+                    reason,
+                }),
+            }
+        }
+        Ok(Copies {
+            sync,
+            secondary,
+            unavailable,
+            repairs: AtomicU64::new(0),
+        })
+    }
+
+    /// The copies every write goes to (primary first).
+    pub fn sync_copies(&self) -> &[Copy] {
+        &self.sync
+    }
+
+    /// The primary copy.
+    pub fn primary(&self) -> &Copy {
+        // `open` always puts the primary first.
+        #[expect(clippy::indexing_slicing, reason = "the primary is always present")]
+        &self.sync[0]
+    }
+
+    /// The secondary, when configured and reachable.
+    pub fn secondary(&self) -> Option<&Copy> {
+        self.secondary.as_ref()
+    }
+
+    /// Copies that could not be used.
+    pub fn unavailable(&self) -> &[Unavailable] {
+        &self.unavailable
+    }
+
+    /// Every copy a read may use: the synchronous ones, then the secondary.
+    pub fn readable(&self) -> impl Iterator<Item = &Copy> {
+        self.sync.iter().chain(self.secondary.iter())
+    }
+
+    /// Runs `f` on every synchronous copy, concurrently when there are
+    /// several; the first error wins (naming the copy).
+    pub fn for_each_sync<F>(&self, f: F) -> Result<()>
+    where
+        F: Fn(&Copy) -> Result<()> + Sync,
+    {
+        if let [only] = self.sync.as_slice() {
+            return f(only);
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = self.sync.iter().map(|c| s.spawn(|| f(c))).collect();
+            let mut first = Ok(());
+            for h in handles {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(StoreError::CopyUnavailable {
+                        path: PathBuf::new(),
+                        reason: "a copy's writer thread panicked".into(),
+                    })
+                });
+                if first.is_ok() {
+                    first = r;
+                }
+            }
+            first
+        })
+    }
+
+    /// Writes (or removes) catalog files on every synchronous copy.
+    pub fn apply_files(&self, files: &[(String, Option<Vec<u8>>)]) -> Result<()> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        self.for_each_sync(|c| {
+            for (name, bytes) in files {
+                match bytes {
+                    Some(b) => c.store.put(name, b)?,
+                    None => {
+                        c.store.delete(name)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Counts one repaired copy of a record.
+    pub fn count_repair(&self) {
+        self.repairs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records repaired on the fly since the vault was opened.
+    pub fn repairs(&self) -> u64 {
+        self.repairs.load(Ordering::Relaxed)
+    }
+
+    /// Forgets cached handles on every copy.
+    pub fn forget(&self) {
+        for c in self.readable() {
+            c.store.forget();
+        }
+    }
+}
+
+/// Makes `dir` a new, empty copy of `config`'s vault with `role`: the
+/// identity, the config and the folders.
+pub fn init_copy(dir: &Path, config: &VaultConfig, role: Role) -> Result<()> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                let store = LocalStore::new(dir);
+                // An existing copy of this vault may be reused (re-adding it).
+                if check_copy(&store, dir, &config.vault_id, true).is_ok() {
+                    return Ok(());
+                }
+                return Err(StoreError::AlreadyExists {
+                    path: dir.to_path_buf(),
+                });
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(StoreError::io("read directory", dir, e)),
+    }
+    crate::durable::create_dir_durable(dir)?;
+    crate::durable::create_dir_durable(&dir.join(crate::segment::SEGMENTS_DIR))?;
+    let store = LocalStore::new(dir);
+    use crate::store::Store;
+    store.put(crate::config::CONFIG_FILE, &config.encode())?;
+    store.put(
+        COPY_FILE,
+        &catalog_files::encode_copy(&CopyIdentity {
+            vault_id: config.vault_id.clone(),
+            vault_name: config.name.clone(),
+            role,
+        }),
+    )
+}

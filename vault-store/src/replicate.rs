@@ -1,0 +1,274 @@
+//! GRS replication: bringing the secondary copy up to date, incrementally
+//! and resumably, without the writer lock.
+//!
+//! Order, so that the secondary is a consistent vault after every step
+//! (invariant C3):
+//! 1. segment bytes: for each committed segment, the bytes between what
+//!    the secondary holds (its `replication` state, never more than its
+//!    file) and the primary's committed length are appended and fsynced;
+//!    committed bytes never change, so any synced prefix is right and a
+//!    killed run resumes where it stopped;
+//! 2. catalog files: manifests of points whose data is now there, item
+//!    and policy files; removed ones are deleted;
+//! 3. segments the primary no longer has (GC) are deleted;
+//! 4. the secondary's index cache is dropped (it is rebuilt when the
+//!    secondary is opened), and the primary's `replication` state records
+//!    when each point reached the secondary.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use jiff::Timestamp;
+use serde::Serialize;
+
+use crate::catalog_files::{self, Role};
+use crate::config::CONFIG_FILE;
+use crate::error::{Result, StoreError};
+use crate::lock::NamedLock;
+pub use crate::repl_state::{ReplicationState, STATE_FILE};
+use crate::segment::{SEGMENTS_DIR, parse_segment_file_name, segment_name};
+use crate::store::{LocalStore, Store};
+use crate::vault::Vault;
+
+/// The primary's replication state of the vault at `dir`.
+pub fn primary_state(dir: &Path) -> ReplicationState {
+    ReplicationState::load(&LocalStore::new(dir))
+}
+
+/// What one replication run did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReplicateReport {
+    /// The secondary.
+    pub secondary: std::path::PathBuf,
+    /// Segments that received bytes.
+    pub segments_copied: u64,
+    /// Bytes appended to the secondary.
+    pub bytes_copied: u64,
+    /// Catalog files written or removed.
+    pub files_changed: u64,
+    /// Segments removed from the secondary (GC'd on the primary).
+    pub segments_deleted: u64,
+    /// Points that reached the secondary in this run.
+    pub points_replicated: u64,
+    /// Points on the secondary in all.
+    pub points_on_secondary: u64,
+    /// True when the run was stopped before it finished.
+    pub interrupted: bool,
+    /// Wall time.
+    pub duration_ms: u64,
+}
+
+/// Bytes copied per read/append.
+const COPY_CHUNK: usize = 8 << 20;
+
+/// Brings the secondary of `vault` up to date. `stop` is polled between
+/// copies; a stopped run leaves a consistent secondary and resumes later.
+pub fn replicate(
+    vault: &Vault,
+    now: &dyn Fn() -> Timestamp,
+    stop: &dyn Fn() -> bool,
+) -> Result<ReplicateReport> {
+    let started = std::time::Instant::now();
+    let cfg = vault.config();
+    let Some(sec_dir) = cfg.secondary.clone() else {
+        return Err(StoreError::InvalidSetting {
+            field: "secondary",
+            reason: format!(
+                "vault {} has no secondary (create it with --secondary, or `vault set --secondary DIR`)",
+                vault.dir().display()
+            ),
+        });
+    };
+    let lock_path = vault.dir().join("locks").join("replicate.lock");
+    crate::durable::create_dir_durable(&vault.dir().join("locks"))?;
+    let _lock = match NamedLock::try_acquire(&lock_path, "replicate")? {
+        Ok(l) => l,
+        Err(holder) => {
+            return Err(StoreError::VaultLocked {
+                path: lock_path,
+                pid: holder,
+            });
+        }
+    };
+    crate::copies::init_copy(&sec_dir, cfg, Role::Secondary)?;
+    let sec = LocalStore::new(&sec_dir);
+    if let Err(reason) = crate::copies::check_copy(&sec, &sec_dir, &cfg.vault_id, true) {
+        return Err(StoreError::CopyUnavailable {
+            path: sec_dir,
+            reason,
+        });
+    }
+    let primary = vault.copies().primary().store.clone();
+    let mut report = ReplicateReport {
+        secondary: sec_dir.clone(),
+        ..ReplicateReport::default()
+    };
+    let mut sec_state = ReplicationState::load(&sec);
+    let infos = vault.index().segment_infos()?;
+
+    // 1. Segment bytes.
+    for (&id, info) in infos.iter().filter(|(_, i)| !i.retired) {
+        let name = segment_name(id);
+        let on_disk = sec.size(&name)?.unwrap_or(0);
+        let have = sec_state
+            .segments
+            .get(&id)
+            .copied()
+            .unwrap_or(0)
+            .min(on_disk);
+        if have >= info.committed {
+            continue;
+        }
+        if stop() {
+            report.interrupted = true;
+            break;
+        }
+        let mut out = if on_disk == 0 && sec.size(&name)?.is_none() {
+            sec.create(&name)?
+        } else {
+            sec.append_to(&name, have)?
+        };
+        let mut at = have;
+        let mut buf = vec![0u8; COPY_CHUNK];
+        while at < info.committed {
+            let n = ((info.committed - at) as usize).min(COPY_CHUNK);
+            let chunk = buf.get_mut(..n).unwrap_or_default();
+            read_any(vault, &primary, &name, at, chunk)?;
+            out.append(chunk)?;
+            at += n as u64;
+            if stop() {
+                report.interrupted = true;
+                break;
+            }
+        }
+        out.sync()?;
+        report.bytes_copied += at - have;
+        report.segments_copied += 1;
+        sec_state.segments.insert(id, at);
+        sec.put(STATE_FILE, &sec_state.encode())?;
+        if report.interrupted {
+            break;
+        }
+    }
+    let complete_segments: HashSet<u64> = infos
+        .iter()
+        .filter(|(id, i)| {
+            !i.retired && sec_state.segments.get(id).copied().unwrap_or(0) >= i.committed
+        })
+        .map(|(id, _)| *id)
+        .collect();
+
+    // 2. Catalog files: only when every segment is there, so no manifest
+    // ever names data the secondary lacks.
+    let mut primary_state = primary_state(vault.dir());
+    if !report.interrupted
+        && complete_segments.len() == infos.values().filter(|i| !i.retired).count()
+    {
+        let mut want: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut points = Vec::new();
+        for item in vault.index().items()? {
+            want.insert(
+                catalog_files::item_file(&item.name),
+                catalog_files::encode_item(&item),
+            );
+            for p in vault.index().points(&item.name)? {
+                want.insert(
+                    catalog_files::point_file(&p.item, p.seq),
+                    catalog_files::encode_point(&p),
+                );
+                points.push(p);
+            }
+        }
+        for (name, value) in vault.index().policy_values()? {
+            let f = catalog_files::PolicyFile {
+                name: name.clone(),
+                policy: value,
+            };
+            want.insert(
+                catalog_files::policy_file(&name),
+                catalog_files::encode_policy(&f),
+            );
+        }
+        let have: HashSet<String> = catalog_files::list_all(&sec)?.into_iter().collect();
+        for (name, bytes) in &want {
+            if !have.contains(name) || sec.get(name)?.as_deref() != Some(bytes.as_slice()) {
+                sec.put(name, bytes)?;
+                report.files_changed += 1;
+            }
+        }
+        for name in have.iter().filter(|n| !want.contains_key(*n)) {
+            sec.delete(name)?;
+            report.files_changed += 1;
+        }
+        // 3. Segments GC removed from the primary.
+        for n in sec.list(SEGMENTS_DIR)? {
+            if let Some(id) = parse_segment_file_name(&n)
+                && !complete_segments.contains(&id)
+            {
+                sec.delete(&segment_name(id))?;
+                sec_state.segments.remove(&id);
+                report.segments_deleted += 1;
+            }
+        }
+        sec.put(CONFIG_FILE, &cfg.encode())?;
+        sec_state.last_run = Some(now());
+        sec.put(STATE_FILE, &sec_state.encode())?;
+        if report.files_changed > 0 || report.bytes_copied > 0 || report.segments_deleted > 0 {
+            drop_index_cache(&sec_dir);
+        }
+        // 4. When each point arrived.
+        let t = now();
+        let ids: HashSet<&str> = points.iter().map(|p| p.id.as_str()).collect();
+        primary_state
+            .points
+            .retain(|id, _| ids.contains(id.as_str()));
+        for p in &points {
+            if !primary_state.points.contains_key(&p.id) {
+                primary_state.points.insert(p.id.clone(), t);
+                report.points_replicated += 1;
+            }
+        }
+        report.points_on_secondary = points.len() as u64;
+        primary_state.segments = sec_state.segments.clone();
+        primary_state.last_run = Some(t);
+        crate::durable::write_atomic(&vault.dir().join(STATE_FILE), &primary_state.encode())?;
+    }
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(secondary = %sec_dir.display(), bytes = report.bytes_copied, points = report.points_replicated, "replicated");
+    Ok(report)
+}
+
+/// Reads committed bytes from the primary, or from a replica when the
+/// primary's read fails.
+fn read_any(
+    vault: &Vault,
+    primary: &crate::store::SharedStore,
+    name: &str,
+    at: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    match primary.read_at(name, at, buf) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            for c in vault.copies().sync_copies().iter().skip(1) {
+                if c.store.read_at(name, at, buf).is_ok() {
+                    return Ok(());
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Removes the secondary's own index (a cache), so that the next open of
+/// the secondary rebuilds it from what is now there. Skipped while a
+/// reader uses it (it then stays as it was: older, but consistent).
+fn drop_index_cache(sec_dir: &Path) {
+    let index = sec_dir.join(crate::index::INDEX_DIR);
+    if !index.exists() {
+        return;
+    }
+    if let Ok(Some(_lease)) = crate::lock::ReaderLease::try_exclusive(sec_dir) {
+        let _ = std::fs::remove_dir_all(&index);
+    }
+}

@@ -1,0 +1,353 @@
+//! [`LocalStore`]: a vault copy in a local directory.
+//!
+//! Files are created owner-only ([`crate::private`]); state files are
+//! replaced through [`crate::durable::write_atomic`]; every removal and
+//! every new file's entry is made durable with a directory fsync. Read
+//! handles are cached and shared between threads.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, ErrorKind, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::{Appender, SpaceInfo, Store};
+use crate::durable::{create_dir_durable, fsync_dir, fsync_file, start_writeback, write_atomic};
+use crate::error::{Result, StoreError};
+
+/// A vault copy in a directory.
+#[derive(Debug)]
+pub struct LocalStore {
+    root: PathBuf,
+    files: Mutex<HashMap<String, Arc<File>>>,
+}
+
+impl LocalStore {
+    /// A store rooted at `root` (which need not exist yet).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalStore {
+            root: root.into(),
+            files: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Path of `name`; names that would leave the root are refused.
+    pub fn path(&self, name: &str) -> Result<PathBuf> {
+        let rel = Path::new(name);
+        if name.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(StoreError::InvalidSetting {
+                field: "store name",
+                reason: format!("{name:?} is not a relative path inside the copy"),
+            });
+        }
+        Ok(self.root.join(rel))
+    }
+
+    fn parent_dir(&self, path: &Path) -> Result<()> {
+        match path.parent() {
+            Some(dir) if !dir.is_dir() => create_dir_durable(dir),
+            _ => Ok(()),
+        }
+    }
+
+    fn handle(&self, name: &str) -> Result<Arc<File>> {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = files.get(name) {
+            return Ok(f.clone());
+        }
+        let path = self.path(name)?;
+        let f = Arc::new(File::open(&path).map_err(|e| StoreError::io("open", &path, e))?);
+        files.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    fn forget_one(&self, name: &str) {
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+}
+
+impl Store for LocalStore {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn create(&self, name: &str) -> Result<Box<dyn Appender>> {
+        let path = self.path(name)?;
+        self.parent_dir(&path)?;
+        let file = crate::private::open_options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("create", &path, e))?;
+        Ok(Box::new(LocalAppender {
+            path,
+            out: BufWriter::with_capacity(4 << 20, file),
+            len: 0,
+            written_back: 0,
+            new_file: true,
+        }))
+    }
+
+    fn append_to(&self, name: &str, len: u64) -> Result<Box<dyn Appender>> {
+        let path = self.path(name)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("open", &path, e))?;
+        let actual = file
+            .metadata()
+            .map_err(|e| StoreError::io("stat", &path, e))?
+            .len();
+        if actual < len {
+            return Err(StoreError::SegmentTruncated {
+                path,
+                committed: len,
+                actual,
+            });
+        }
+        file.set_len(len)
+            .map_err(|e| StoreError::io("truncate", &path, e))?;
+        file.seek(SeekFrom::Start(len))
+            .map_err(|e| StoreError::io("seek", &path, e))?;
+        self.forget_one(name);
+        Ok(Box::new(LocalAppender {
+            path,
+            out: BufWriter::with_capacity(4 << 20, file),
+            len,
+            written_back: len,
+            new_file: false,
+        }))
+    }
+
+    fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let f = self.handle(name)?;
+        f.read_exact_at(buf, offset).map_err(|e| {
+            let path = self.path(name).unwrap_or_default();
+            StoreError::io("read", path, e)
+        })
+    }
+
+    fn write_at(&self, name: &str, offset: u64, bytes: &[u8]) -> Result<()> {
+        let path = self.path(name)?;
+        self.parent_dir(&path)?;
+        let existed = path.exists();
+        let f = crate::private::open_options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| StoreError::io("open", &path, e))?;
+        f.write_all_at(bytes, offset)
+            .map_err(|e| StoreError::io("write", &path, e))?;
+        fsync_file(&f, &path)?;
+        if !existed && let Some(dir) = path.parent() {
+            fsync_dir(dir)?;
+        }
+        self.forget_one(name);
+        Ok(())
+    }
+
+    fn size(&self, name: &str) -> Result<Option<u64>> {
+        let path = self.path(name)?;
+        match fs::metadata(&path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io("stat", &path, e)),
+        }
+    }
+
+    fn put(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.path(name)?;
+        self.parent_dir(&path)?;
+        write_atomic(&path, bytes)
+    }
+
+    fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.path(name)?;
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io("read", &path, e)),
+        }
+    }
+
+    fn list(&self, dir: &str) -> Result<Vec<String>> {
+        let path = if dir.is_empty() {
+            self.root.clone()
+        } else {
+            self.path(dir)?
+        };
+        let entries = match fs::read_dir(&path) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io("read directory", &path, e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("read directory", &path, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            names.push(if is_dir { format!("{name}/") } else { name });
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn delete(&self, name: &str) -> Result<bool> {
+        let path = self.path(name)?;
+        self.forget_one(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                if let Some(dir) = path.parent() {
+                    fsync_dir(dir)?;
+                }
+                Ok(true)
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::io("remove", &path, e)),
+        }
+    }
+
+    fn truncate(&self, name: &str, len: u64) -> Result<()> {
+        let path = self.path(name)?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("open", &path, e))?;
+        f.set_len(len)
+            .map_err(|e| StoreError::io("truncate", &path, e))?;
+        fsync_file(&f, &path)?;
+        self.forget_one(name);
+        Ok(())
+    }
+
+    fn punch(&self, name: &str, offset: u64, len: u64) -> Result<bool> {
+        use std::os::fd::AsRawFd;
+        let path = self.path(name)?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("open", &path, e))?;
+        // SAFETY: fallocate on an open descriptor; punching never changes
+        // the file size.
+        let rc = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+            ) {
+                return Ok(false);
+            }
+            return Err(StoreError::io("punch hole in", &path, e));
+        }
+        fsync_file(&f, &path)?;
+        Ok(true)
+    }
+
+    fn forget(&self) {
+        self.files.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn space(&self) -> Option<SpaceInfo> {
+        space_of(&self.root)
+    }
+}
+
+/// Device, filesystem type and free space of the filesystem holding `dir`.
+pub fn space_of(dir: &Path) -> Option<SpaceInfo> {
+    use std::os::unix::ffi::OsStrExt;
+    let device = fs::metadata(dir).ok()?.dev();
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs with a NUL-terminated path and a zeroed out-struct.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let bsize = st.f_bsize as u64;
+    #[allow(clippy::unnecessary_cast)]
+    let magic = st.f_type as i64;
+    let filesystem = match magic {
+        0xEF53 => "ext4".to_string(),
+        0x5846_5342 => "xfs".to_string(),
+        0x9123_683E => "btrfs".to_string(),
+        0x0102_1994 => "tmpfs".to_string(),
+        0x794c_7630 => "overlayfs".to_string(),
+        0x6969 => "nfs".to_string(),
+        0x2FC1_2FC1 => "zfs".to_string(),
+        other => format!("0x{other:x}"),
+    };
+    Some(SpaceInfo {
+        device,
+        filesystem,
+        free_bytes: (st.f_bavail as u64).saturating_mul(bsize),
+        total_bytes: (st.f_blocks as u64).saturating_mul(bsize),
+    })
+}
+
+struct LocalAppender {
+    path: PathBuf,
+    out: BufWriter<File>,
+    len: u64,
+    written_back: u64,
+    new_file: bool,
+}
+
+impl Appender for LocalAppender {
+    fn append(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out
+            .write_all(bytes)
+            .map_err(|e| StoreError::io("write", &self.path, e))?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn start_writeback(&mut self) -> Result<()> {
+        self.out
+            .flush()
+            .map_err(|e| StoreError::io("write", &self.path, e))?;
+        if self.len > self.written_back {
+            start_writeback(
+                self.out.get_ref(),
+                self.written_back,
+                self.len - self.written_back,
+            );
+            self.written_back = self.len;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.out
+            .flush()
+            .map_err(|e| StoreError::io("write", &self.path, e))?;
+        fsync_file(self.out.get_ref(), &self.path)?;
+        if self.new_file {
+            if let Some(dir) = self.path.parent() {
+                fsync_dir(dir)?;
+            }
+            self.new_file = false;
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
