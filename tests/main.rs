@@ -18,6 +18,7 @@ mod job_phases;
 mod kill9_during_backup;
 mod policy_rules;
 mod protection;
+mod redundancy;
 mod restore_in_place;
 mod retention_400_days;
 mod shell_completions;

@@ -116,6 +116,10 @@ pub fn set(ctx: &Ctx, dir: &Path, args: SetArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let r = redundancy.as_deref().map(parse_redundancy).transpose()?;
+    // Replacing or dropping a lost replica must not need that replica.
+    let mut ctx = ctx.clone();
+    ctx.degraded_ok |= !add_replica.is_empty() || !remove_replica.is_empty();
+    let ctx = &ctx;
     let mut vault = open(ctx, dir, Access::Write)?;
     for d in &remove_replica {
         vault_ops::remove_replica(&vault, d)

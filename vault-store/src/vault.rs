@@ -977,30 +977,34 @@ impl WriteSession<'_> {
 
     fn commit_inner(&mut self, mut batch: IndexBatch, final_commit: bool) -> Result<()> {
         self.guard()?;
+        // Healed chunks: their old, damaged records become dead bytes.
+        let mut healed_now = Vec::new();
+        let mut dead_add: std::collections::BTreeMap<u64, u64> = Default::default();
+        for (id, old) in self.healed.drain(..) {
+            batch.delete_chunk_place(&old);
+            batch.put_dead(old.segment, old.offset, old.len);
+            *dead_add.entry(old.segment).or_default() += u64::from(old.len);
+            healed_now.push(id);
+        }
         let needs_sync = !self.pending.is_empty() || self.writer_is_new;
         if let (Some(w), true) = (self.writer.as_mut(), needs_sync) {
             let r = w.sync().map(|()| (w.id(), w.len()));
             let (id, len) = self.poison_vault(r)?;
             let mut info = self.vault.index.segment_info(id)?.unwrap_or_default();
             info.committed = len;
+            info.dead += dead_add.remove(&id).unwrap_or(0);
             batch.put_segment(id, info);
+        }
+        for (seg, dead) in dead_add {
+            if let Some(mut i) = self.vault.index.segment_info(seg)? {
+                i.dead += dead;
+                batch.put_segment(seg, i);
+            }
         }
         for (id, loc) in self.pending.iter() {
             batch.put_chunk(*id, *loc);
         }
-        let mut healed_now = Vec::new();
-        if !self.healed.is_empty() {
-            let mut infos = self.vault.index.segment_infos()?;
-            for (id, old) in self.healed.drain(..) {
-                batch.delete_chunk_place(&old);
-                batch.put_dead(old.segment, old.offset, old.len);
-                if let Some(i) = infos.get_mut(&old.segment) {
-                    i.dead += u64::from(old.len);
-                    batch.put_segment(old.segment, *i);
-                }
-                healed_now.push(id);
-            }
-        }
+
         let mut counter = RefCounter::new(&self.vault.index);
         for (id, kind) in &self.kinds {
             counter.insert_new(*id, *kind);
