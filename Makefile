@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 
-.PHONY: all deps build test lint fmt demo bench fuzz clean
+.PHONY: all deps build test crash-test lint fmt demo bench fuzz clean
 
 all: build
 
@@ -17,6 +17,14 @@ build: deps
 # RocksDB is compiled once per target directory.
 test: deps
 	$(CARGO) test --release --workspace --all-targets
+
+# SIGKILLs at random moments of backup, prune, gc and replicate until 200
+# landed mid-operation, from a fresh seed (printed; COFFRE_CRASH_SEED=N
+# replays). `make test` runs 20 runs from seed 1.
+CRASH_KILLS ?= 200
+crash-test: deps
+	COFFRE_CRASH_KILLS=$(CRASH_KILLS) COFFRE_CRASH_RUNS=2000 COFFRE_CRASH_SEED=$${COFFRE_CRASH_SEED:-$$(date +%s)} \
+	  $(CARGO) test --release --workspace --all-targets -- crash_kill --nocapture
 
 lint: deps
 	$(CARGO) fmt --all --check

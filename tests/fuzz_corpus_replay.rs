@@ -97,3 +97,41 @@ fn vault_config_corpus() {
         .count();
     assert_eq!(accepted, 1, "exactly the undamaged config decodes");
 }
+
+#[test]
+fn segment_scan_corpus() {
+    let found: Vec<usize> = corpus("segment_scan")
+        .iter()
+        .map(|(_, b)| coffre_vault_store::scan::fuzz_entry(b))
+        .collect();
+    // holed (the second record punched), torn (the last record), valid.
+    assert_eq!(found, vec![2, 2, 3]);
+}
+
+#[test]
+fn catalog_file_corpus() {
+    let decoded: Vec<bool> = corpus("catalog_file")
+        .iter()
+        .map(|(_, b)| coffre_vault_store::catalog_files::fuzz_entry(b))
+        .collect();
+    // copy, flipped (a point), point, policy.
+    assert_eq!(decoded, vec![true, false, true, true]);
+}
+
+#[test]
+fn replication_state_corpus() {
+    let accepted = corpus("replication_state")
+        .iter()
+        .filter(|(_, b)| coffre_vault_store::repl_state::fuzz_entry(b))
+        .count();
+    assert_eq!(accepted, 1, "exactly the undamaged state decodes");
+}
+
+#[test]
+fn damaged_list_corpus() {
+    let accepted = corpus("damaged_list")
+        .iter()
+        .filter(|(_, b)| coffre_vault_store::damaged::fuzz_entry(b))
+        .count();
+    assert_eq!(accepted, 1, "exactly the undamaged list decodes");
+}

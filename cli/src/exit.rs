@@ -26,6 +26,9 @@ pub const TIMEOUT: u8 = 9;
 pub const JOB_WARNINGS: u8 = 10;
 /// `job wait`: the job ended Failed or Cancelled; `backup`: the job was cancelled.
 pub const JOB_FAILED: u8 = 11;
+/// A synchronous copy (LRS replica) or the GRS secondary is missing or
+/// unwritable (writers: unless `--degraded-ok`).
+pub const COPY_UNAVAILABLE: u8 = 12;
 
 fn store_code(e: &StoreError) -> u8 {
     match e {
@@ -34,6 +37,7 @@ fn store_code(e: &StoreError) -> u8 {
         | StoreError::UnsupportedVersion { .. }
         | StoreError::CorruptConfig { .. } => NOT_A_VAULT,
         StoreError::NoSpace { .. } => NO_SPACE,
+        StoreError::CopyUnavailable { .. } => COPY_UNAVAILABLE,
         StoreError::CorruptChunk { .. } | StoreError::ChunkMissing { .. } => DAMAGED,
         _ => FAILURE,
     }

@@ -5,9 +5,12 @@ use std::path::Path;
 
 use coffre_vault_store::ChunkId;
 use coffre_vault_store::blockmap::{LEAF_ENTRIES, Node};
+use coffre_vault_store::catalog_files::{self, CopyIdentity, PolicyFile, Role};
 use coffre_vault_store::jobs::{JobRecord, Operation, PhaseStatus};
 use coffre_vault_store::record::RecordEncoder;
-use coffre_vault_store::{Redundancy, VaultConfig};
+use coffre_vault_store::repl_state::ReplicationState;
+use coffre_vault_store::segment::encode_header;
+use coffre_vault_store::{PointRecord, PointStats, Redundancy, VaultConfig};
 
 fn main() {
     let out = std::env::args()
@@ -115,5 +118,108 @@ fn main() {
         ("newer.bin", &newer),
     ] {
         std::fs::write(configs.join(name), bytes).unwrap();
+    }
+
+    // A segment of three records; one with its second record punched (a
+    // GC hole the scan resynchronises over); one torn in its last record.
+    let scans = out.join("segment_scan");
+    std::fs::create_dir_all(&scans).unwrap();
+    let mut seg = encode_header(1).to_vec();
+    let mut enc = RecordEncoder::new(1);
+    let mut offs = Vec::new();
+    for b in [&text[..], &noise[..], &text[..1000]] {
+        offs.push(seg.len());
+        seg.extend(enc.encode(ChunkId::of(b), b).unwrap());
+    }
+    let mut holed = seg.clone();
+    holed[offs[1]..offs[2]].fill(0);
+    let torn = seg[..seg.len() - 7].to_vec();
+    write_all(
+        &scans,
+        &[
+            ("valid.bin", &seg),
+            ("holed.bin", &holed),
+            ("torn.bin", &torn),
+        ],
+    );
+
+    let catalog = out.join("catalog_file");
+    std::fs::create_dir_all(&catalog).unwrap();
+    let point = catalog_files::encode_point(&PointRecord {
+        id: "3f2a9c1d".into(),
+        item: "web".into(),
+        seq: 3,
+        created: t,
+        image_size: 3 << 20,
+        block_size: 65536,
+        block_map: ChunkId::of(b"root"),
+        stats: PointStats::default(),
+        scheduled: true,
+        retain_until: None,
+        job: Some("0000000000000007".into()),
+        level: None,
+    });
+    let copy = catalog_files::encode_copy(&CopyIdentity {
+        vault_id: "0123456789abcdef".into(),
+        vault_name: "prod-vault".into(),
+        role: Role::Replica,
+    });
+    let policy = catalog_files::encode_policy(&PolicyFile {
+        name: "DefaultPolicy".into(),
+        policy: serde_json::json!({"schedule": {"daily": "02:00"}, "daily": 30}),
+    });
+    let mut flipped = point.clone();
+    flipped[20] ^= 0x08;
+    write_all(
+        &catalog,
+        &[
+            ("point.bin", &point),
+            ("copy.bin", &copy),
+            ("policy.bin", &policy),
+            ("flipped.bin", &flipped),
+        ],
+    );
+
+    let repl = out.join("replication_state");
+    std::fs::create_dir_all(&repl).unwrap();
+    let mut state = ReplicationState::default();
+    state.segments.insert(1, 1 << 20);
+    state.segments.insert(2, 4096);
+    state.points.insert("3f2a9c1d".into(), t);
+    state.last_run = Some(t);
+    let state = state.encode();
+    let mut flipped = state.clone();
+    flipped[24] ^= 0x01;
+    let truncated = state[..state.len() - 3].to_vec();
+    write_all(
+        &repl,
+        &[
+            ("valid.bin", &state),
+            ("flipped.bin", &flipped),
+            ("truncated.bin", &truncated),
+        ],
+    );
+
+    let damaged = out.join("damaged_list");
+    std::fs::create_dir_all(&damaged).unwrap();
+    let list = coffre_vault_store::damaged::encode(
+        &[ChunkId::of(b"a"), ChunkId::of(b"b")].into_iter().collect(),
+    );
+    let mut flipped = list.clone();
+    flipped[30] ^= 0x10;
+    let truncated = list[..list.len() - 1].to_vec();
+    write_all(
+        &damaged,
+        &[
+            ("valid.bin", &list),
+            ("flipped.bin", &flipped),
+            ("truncated.bin", &truncated),
+        ],
+    );
+}
+
+fn write_all(dir: &Path, files: &[(&str, &Vec<u8>)]) {
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).unwrap();
     }
 }

@@ -54,7 +54,9 @@ pub enum StoreError {
 
     /// An earlier fsync failed; the session refuses further writes because
     /// the kernel may have dropped dirty pages.
-    #[error("an earlier write to {path} failed; this session accepts no further writes")]
+    #[error(
+        "an earlier write or fsync to {path} failed, and the kernel may have dropped unsynced data: this handle accepts no further writes; reopen the vault (run the command again)"
+    )]
     Poisoned { path: PathBuf },
 
     /// The filesystem is full.

@@ -627,9 +627,14 @@ pub fn verify(
     // they must equal what the points actually reference.
     if vault.index().has_gc_layout()? {
         let mut wrong = 0usize;
-        for (id, _) in &chunks {
+        let (mut unreferenced, mut unreferenced_bytes) = (0u64, 0u64);
+        for (id, loc) in &chunks {
             let expected = tally.counts.get(id).copied().unwrap_or(0);
             let stored = vault.index().chunk_ref(id)?.map(|r| r.count);
+            if stored == Some(0) && expected == 0 {
+                unreferenced += 1;
+                unreferenced_bytes += u64::from(loc.len);
+            }
             if stored != Some(expected) {
                 wrong += 1;
                 if wrong <= MAX_BLOCK_FINDINGS_PER_POINT {
@@ -647,6 +652,16 @@ pub fn verify(
                     findings.push(f);
                 }
             }
+        }
+        if unreferenced > 0 {
+            findings.push(Finding::new(
+                Severity::Warning,
+                "unreferenced",
+                format!(
+                    "{unreferenced} chunk(s), {unreferenced_bytes} bytes, are stored but no point references them (expired points, or an interrupted backup)"
+                ),
+                "`coffre gc` gives their space back; a later backup may reuse them first",
+            ));
         }
     }
     progress.finish();

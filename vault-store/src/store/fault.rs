@@ -1,4 +1,5 @@
-//! [`FaultStore`]: a [`LocalStore`] that fails on purpose, for tests.
+//! [`FaultStore`]: a store (usually a [`super::LocalStore`]) that fails on
+//! purpose, for tests.
 //!
 //! A shared [`Faults`] handle arms the faults:
 //! - the n-th fsync fails (`EIO`), as a dying disk does;
@@ -18,7 +19,7 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Appender, LocalStore, SpaceInfo, Store};
+use super::{Appender, SharedStore, SpaceInfo, Store};
 use crate::error::{Result, StoreError};
 
 #[derive(Debug, Default)]
@@ -87,7 +88,7 @@ impl Faults {
 /// A local store with injected faults.
 #[derive(Debug)]
 pub struct FaultStore {
-    inner: Arc<LocalStore>,
+    inner: SharedStore,
     faults: Faults,
 }
 
@@ -97,11 +98,8 @@ fn eio(what: &str) -> io::Error {
 
 impl FaultStore {
     /// Wraps `inner`; `faults` arms the failures.
-    pub fn new(inner: LocalStore, faults: Faults) -> Self {
-        FaultStore {
-            inner: Arc::new(inner),
-            faults,
-        }
+    pub fn new(inner: SharedStore, faults: Faults) -> Self {
+        FaultStore { inner, faults }
     }
 
     /// Counts an operation; fails when the power is (or just went) off.
@@ -226,7 +224,7 @@ struct FaultAppender {
     inner: Option<Box<dyn Appender>>,
     name: String,
     faults: Faults,
-    store: Arc<LocalStore>,
+    store: SharedStore,
 }
 
 impl FaultAppender {
