@@ -3,25 +3,28 @@
 # with 1 copy and into one with 3 (the vault directory and two replicas),
 # alternating, ROUNDS times each (default 3), then the day-two backup of
 # IMAGE2 if given. Prints every run, the best of each, and the ratio.
-# Replicas go under COPIES_DIR (default: beside the vault); put them on
-# other disks to measure what a real deployment pays.
+# The two replicas go under the directories of COPIES_DIRS (default: both
+# beside the vault, so on the same disk); give two directories on other
+# disks to measure what a real deployment pays.
 #
-# Usage: scripts/copies-cost.sh IMAGE [IMAGE2]   (needs `coffre` on PATH)
+# Usage: [COPIES_DIRS="/mnt/d2 /mnt/d3"] scripts/copies-cost.sh IMAGE [IMAGE2]
+# (needs `coffre` on PATH)
 set -euo pipefail
 img=${1:?usage: scripts/copies-cost.sh IMAGE [IMAGE2]}
 img2=${2:-}
 rounds=${ROUNDS:-3}
 work=$(mktemp -d "${WORK_DIR:-/tmp}/coffre-copies.XXXXXX")
-copies_dir=${COPIES_DIR:-$work}
-trap 'rm -rf "$work" "$copies_dir"/coffre-copies-r?-$$' EXIT
+read -r -a dirs <<<"${COPIES_DIRS:-$work $work}"
+replica() { echo "${dirs[$(( ($1 - 2) % ${#dirs[@]} ))]}/coffre-copies-r$1-$$"; }
+trap 'rm -rf "$work" "$(replica 2)" "$(replica 3)"' EXIT
 ms() { date +%s%3N; }
 
 # Runs one full (and day-two) backup into a fresh vault with $1 copies;
 # prints "full_ms day2_ms".
 run() {
   local n=$1 v=$work/v extra=()
-  rm -rf "$v" "$work/area" "$copies_dir"/coffre-copies-r?-$$
-  for i in $(seq 2 "$n"); do extra+=(--replica "$copies_dir/coffre-copies-r$i-$$"); done
+  rm -rf "$v" "$work/area" "$(replica 2)" "$(replica 3)"
+  for i in $(seq 2 "$n"); do extra+=(--replica "$(replica "$i")"); done
   coffre vault create --vault "$v" --snapshot-area "$work/area" "${extra[@]}" >/dev/null
   # The same path both days, as a VM's disk would be.
   cp --sparse=always "$img" "$work/vm.img"

@@ -99,14 +99,143 @@ pub fn segment_name(id: u64) -> String {
 
 /// Appends records to one segment on every synchronous copy. The same
 /// bytes land at the same offsets everywhere (invariant C1).
+///
+/// The first copy (the primary) is written on the caller's thread; every
+/// other copy has a writer thread of its own, fed batches of
+/// [`REPLICA_BATCH`] bytes, so N copies cost N page-cache copies in
+/// parallel rather than in a row. A replica's append error is kept by its
+/// thread and returned by the next [`SegmentWriter::sync`] (nothing is
+/// acknowledged before a sync of every copy succeeds).
 pub struct SegmentWriter {
     id: u64,
     name: String,
-    outs: Vec<(String, Box<dyn Appender>)>,
+    primary: Box<dyn Appender>,
+    replicas: Vec<ReplicaWriter>,
+    /// Bytes appended to the primary and not yet sent to the replicas.
+    batch: Vec<u8>,
     len: u64,
 }
 
+/// Bytes handed to the replica threads at a time.
+pub const REPLICA_BATCH: usize = 4 << 20;
+
+/// Batches in flight per replica before the caller waits (bounds memory).
+const REPLICA_QUEUE: usize = 4;
+
+enum ToReplica {
+    Data(std::sync::Arc<[u8]>),
+    Writeback,
+    Sync(std::sync::mpsc::SyncSender<Result<()>>),
+}
+
+/// One replica's writer thread.
+struct ReplicaWriter {
+    location: String,
+    tx: Option<std::sync::mpsc::SyncSender<ToReplica>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReplicaWriter {
+    fn spawn(location: String, mut out: Box<dyn Appender>) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<ToReplica>(REPLICA_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("coffre-replica".into())
+            .spawn(move || {
+                // The first error of an append or writeback, for the next sync.
+                let mut failed: Option<StoreError> = None;
+                for msg in rx {
+                    match msg {
+                        ToReplica::Data(bytes) => {
+                            if failed.is_none() {
+                                failed = out.append(&bytes).err();
+                            }
+                        }
+                        ToReplica::Writeback => {
+                            if failed.is_none() {
+                                failed = out.start_writeback().err();
+                            }
+                        }
+                        ToReplica::Sync(reply) => {
+                            let r = match failed.take() {
+                                Some(e) => Err(e),
+                                None => out.sync(),
+                            };
+                            let _ = reply.send(r);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| StoreError::CopyUnavailable {
+                path: PathBuf::from(&location),
+                reason: format!("cannot start its writer thread: {e}"),
+            })?;
+        Ok(ReplicaWriter {
+            location,
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn gone(&self) -> StoreError {
+        StoreError::CopyUnavailable {
+            path: PathBuf::from(&self.location),
+            reason: "its writer thread stopped".into(),
+        }
+    }
+
+    fn send(&self, msg: ToReplica) -> Result<()> {
+        match &self.tx {
+            Some(tx) => tx.send(msg).map_err(|_| self.gone()),
+            None => Err(self.gone()),
+        }
+    }
+
+    /// Asks for a sync; the answer comes on the returned channel.
+    fn request_sync(&self) -> Result<std::sync::mpsc::Receiver<Result<()>>> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        self.send(ToReplica::Sync(reply))?;
+        Ok(answer)
+    }
+}
+
+impl Drop for ReplicaWriter {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread once it has written what it
+        // was sent; waiting for it keeps a later truncate from racing it.
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl SegmentWriter {
+    fn new(
+        id: u64,
+        name: String,
+        outs: Vec<(String, Box<dyn Appender>)>,
+        len: u64,
+    ) -> Result<Self> {
+        let mut outs = outs.into_iter();
+        let Some((_, primary)) = outs.next() else {
+            return Err(StoreError::CopyUnavailable {
+                path: PathBuf::new(),
+                reason: "a vault needs at least one copy".into(),
+            });
+        };
+        let replicas = outs
+            .map(|(location, out)| ReplicaWriter::spawn(location, out))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SegmentWriter {
+            id,
+            name,
+            primary,
+            replicas,
+            batch: Vec::new(),
+            len,
+        })
+    }
+
     /// Creates segment `id` on every copy with its header (not yet synced).
     pub fn create(copies: &Copies, id: u64) -> Result<Self> {
         let name = segment_name(id);
@@ -114,12 +243,7 @@ impl SegmentWriter {
         for c in copies.sync_copies() {
             outs.push((c.store.location(), c.store.create(&name)?));
         }
-        let mut w = SegmentWriter {
-            id,
-            name,
-            outs,
-            len: 0,
-        };
+        let mut w = SegmentWriter::new(id, name, outs, 0)?;
         w.append(&encode_header(id))?;
         Ok(w)
     }
@@ -138,63 +262,70 @@ impl SegmentWriter {
             }
             outs.push((c.store.location(), c.store.append_to(&name, committed)?));
         }
-        Ok(SegmentWriter {
-            id,
-            name,
-            outs,
-            len: committed,
-        })
+        SegmentWriter::new(id, name, outs, committed)
     }
 
     /// Appends bytes to every copy; returns the offset they start at.
     pub fn append(&mut self, bytes: &[u8]) -> Result<u64> {
         let at = self.len;
-        for (_, out) in &mut self.outs {
-            out.append(bytes)?;
+        self.primary.append(bytes)?;
+        if !self.replicas.is_empty() {
+            self.batch.extend_from_slice(bytes);
+            if self.batch.len() >= REPLICA_BATCH {
+                self.send_batch()?;
+            }
         }
         self.len += bytes.len() as u64;
         Ok(at)
     }
 
-    /// Starts the writeback of what was appended on every copy.
-    pub fn start_writeback(&mut self) -> Result<()> {
-        for (_, out) in &mut self.outs {
-            out.start_writeback()?;
+    /// Hands the pending batch to every replica thread.
+    fn send_batch(&mut self) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let bytes: std::sync::Arc<[u8]> = std::mem::take(&mut self.batch).into();
+        for r in &self.replicas {
+            r.send(ToReplica::Data(bytes.clone()))?;
         }
         Ok(())
     }
 
-    /// Makes the file durable on every copy, concurrently.
-    pub fn sync(&mut self) -> Result<()> {
-        if let [(_, only)] = self.outs.as_mut_slice() {
-            return only.sync();
+    /// Starts the writeback of what was appended on every copy.
+    pub fn start_writeback(&mut self) -> Result<()> {
+        self.send_batch()?;
+        for r in &self.replicas {
+            r.send(ToReplica::Writeback)?;
         }
-        std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .outs
-                .iter_mut()
-                .map(|(_, out)| s.spawn(move || out.sync()))
-                .collect();
-            let mut first = Ok(());
-            for h in handles {
-                let r = h.join().unwrap_or_else(|_| {
-                    Err(StoreError::CopyUnavailable {
-                        path: PathBuf::new(),
-                        reason: "a copy's fsync thread panicked".into(),
-                    })
-                });
-                if first.is_ok() {
-                    first = r;
-                }
+        self.primary.start_writeback()
+    }
+
+    /// Makes the file durable on every copy, concurrently: the replica
+    /// threads sync while the caller syncs the primary. The first error
+    /// wins.
+    pub fn sync(&mut self) -> Result<()> {
+        self.send_batch()?;
+        let answers: Vec<_> = self
+            .replicas
+            .iter()
+            .map(|r| r.request_sync().map(|a| (a, r)))
+            .collect::<Result<_>>()?;
+        let mut first = self.primary.sync();
+        for (answer, r) in answers {
+            let got = answer.recv().unwrap_or_else(|_| Err(r.gone()));
+            if first.is_ok() {
+                first = got;
             }
-            first
-        })
+        }
+        first
     }
 
     /// Cuts the file back to `len` bytes on every copy (or removes it when
     /// `len` is 0), discarding unflushed data.
     pub fn discard(self, copies: &Copies, len: u64) -> Result<()> {
-        drop(self.outs);
+        // Stops the replica threads (after what they were sent) first.
+        drop(self.replicas);
+        drop(self.primary);
         let mut first = Ok(());
         for c in copies.sync_copies() {
             let r = if len == 0 {
