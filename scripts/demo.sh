@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The end-to-end demo behind `make demo`: builds a realistic ext4 disk image
 # from files already on this machine, changes it for a second day, backs up
-# both days into a fresh vault, restores both and compares them byte for
-# byte with the originals, then prints a summary.
+# both days into a fresh vault with an LRS replica and a GRS secondary,
+# restores both and compares them byte for byte with the originals,
+# replicates, restores from the secondary with the vault directory moved
+# away, then prints a summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${COFFRE_BIN:-${CARGO_TARGET_DIR:-target}/release/coffre}
@@ -43,11 +45,12 @@ done
 rm -rf "$WORK/new"
 
 V="$WORK/vault"
-say "3. vault, two backups"
+say "3. vault (an LRS replica, a GRS secondary), two backups"
 # The demo keeps its instant-restore snapshots in its work folder (by
 # default they go to .coffre-snapshots at the root of the image's
-# filesystem).
-"$BIN" vault create --vault "$V" --name demo-vault --snapshot-area "$WORK/snapshot-area"
+# filesystem). Real replicas and secondaries belong on other disks.
+"$BIN" vault create --vault "$V" --name demo-vault --snapshot-area "$WORK/snapshot-area" \
+  --replica "$WORK/replica" --secondary "$WORK/secondary"
 "$BIN" backup --vault "$V" --item vm "$WORK/day1.img"
 "$BIN" backup --vault "$V" --item vm "$WORK/day2.img"
 "$BIN" points --vault "$V" --item vm
@@ -65,8 +68,15 @@ echo "both restores (from the instant-restore snapshots) are byte-identical"
 cmp "$WORK/day2.img" "$WORK/restored-day2-vault.img"
 echo "the vault restore of day two is byte-identical too"
 
-say "5. verify"
+say "5. verify (every copy), replicate, cross-region restore"
 "$BIN" verify --vault "$V" --read-data
+"$BIN" replicate --vault "$V"
+mv "$V" "$WORK/vault.away"
+COFFRE_SECONDARY="$WORK/secondary" "$BIN" restore --vault "$V" --item vm --point "$2" \
+  --from secondary --to "$WORK/restored-day2-secondary.img"
+cmp "$WORK/day2.img" "$WORK/restored-day2-secondary.img"
+echo "with the vault directory gone, the restore from the GRS secondary is byte-identical"
+mv "$WORK/vault.away" "$V"
 
 say "6. policy, protection, a scheduled pass, jobs (fake clock: COFFRE_NOW)"
 "$BIN" policy create --vault "$V" --name Nightly --schedule daily --time 01:30 \

@@ -43,7 +43,7 @@ pub fn run(
     }
     let result = coffre_engine::restore(&vault, &point, &opts, &bar);
     coffre_engine::job_record::finish(job, "restore", ctx.now(), &result);
-    let summary = result.with_context(|| {
+    let mut summary = result.with_context(|| {
         format!(
             "restore of point {} of item {item} to {} failed{}",
             point.id,
@@ -55,6 +55,15 @@ pub fn run(
             }
         )
     })?;
+    // A replica or the secondary opened on its own: say which copy it was.
+    let role = coffre_engine::store::vault::copy_role(vault.dir());
+    if summary.from == "vault" && role != coffre_engine::store::catalog_files::Role::Primary {
+        summary.from = if role == coffre_engine::store::catalog_files::Role::Secondary {
+            "secondary"
+        } else {
+            "replica"
+        };
+    }
     #[derive(Serialize)]
     struct RestoreView<'a> {
         item: &'a str,

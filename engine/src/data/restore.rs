@@ -105,7 +105,8 @@ pub struct RestoreSummary {
     pub duration_ms: u64,
     /// Whether the target was written in place.
     pub in_place: bool,
-    /// The tier read: `snapshot` or `vault`.
+    /// The tier read: `snapshot` or `vault` (the CLI says `secondary` or
+    /// `replica` when that copy was opened on its own).
     pub from: &'static str,
     /// True when the restore was a reflink clone of the snapshot.
     pub cloned: bool,
