@@ -89,3 +89,63 @@ fn a_manifest_without_its_commit_is_removed() {
     assert_same(&out, &day1);
     ok(&["verify", "--vault", v, "--read-data"]);
 }
+
+/// The other side of C2: a crash after the index forgot a pruned point but
+/// before the copies lost its manifest (steps 4 and 5) leaves an extra
+/// manifest: `verify` warns (exit 0), and the next writer removes it.
+#[test]
+fn a_pruned_points_manifest_left_behind_is_only_a_warning() {
+    let t = tempfile::tempdir().unwrap();
+    let replica = t.path().join("replica");
+    let vault = new_vault(t.path(), &["--replica", s(&replica)]);
+    let v = s(&vault);
+    let img = t.path().join("vm.img");
+    mixed_image(&img, 4 << 20, 23);
+    let at = "2027-01-01T00:00:00Z";
+    ok_at(
+        at,
+        &[
+            "backup",
+            "--vault",
+            v,
+            "--item",
+            "vm",
+            "--retain-until",
+            "2027-01-02",
+            s(&img),
+        ],
+    );
+    churn(&img, 8, 30_000, 24);
+    ok_at(
+        at,
+        &[
+            "backup",
+            "--vault",
+            v,
+            "--item",
+            "vm",
+            "--retain-until",
+            "2099-01-01",
+            s(&img),
+        ],
+    );
+    let first = "points/vm/0000000000000001.point";
+    let saved = fs::read(replica.join(first)).unwrap();
+    ok_at("2027-02-01T00:00:00Z", &["prune", "--vault", v]);
+    assert!(!replica.join(first).exists());
+    // Put it back, as a crash between the commit and the deletion leaves it.
+    fs::write(replica.join(first), &saved).unwrap();
+    let report = json(&["verify", "--vault", v]);
+    let orphaned: Vec<&serde_json::Value> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["code"] == "orphaned")
+        .collect();
+    assert_eq!(orphaned.len(), 1, "{report}");
+    assert_eq!(orphaned[0]["severity"], "warning", "{report}");
+    ok(&["gc", "--vault", v]);
+    assert!(!replica.join(first).exists(), "the next writer removes it");
+    assert_eq!(manifests(&replica), 1);
+    ok(&["verify", "--vault", v, "--read-data"]);
+}

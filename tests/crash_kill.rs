@@ -66,8 +66,9 @@ fn ok_cmd(mut c: Command, what: &str, seed: u64) -> String {
     let out = c.output().unwrap();
     assert!(
         out.status.success(),
-        "seed {seed}: {what} failed ({}): {}",
+        "seed {seed}: {what} failed ({}): {}{}",
         out.status,
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -341,8 +342,9 @@ fn sigkill_at_random_moments_loses_no_acknowledged_point() {
         tally.runs, tally.kills, tally.finished_first, tally.lost, tally.per_op
     );
     assert_eq!(tally.lost, 0);
+    // (A replay of one seed may well finish before its kill.)
     assert!(
-        tally.kills * 2 >= tally.runs,
+        tally.runs < 10 || tally.kills * 2 >= tally.runs,
         "only {} of {} runs were killed mid-operation: the kill moments are too late",
         tally.kills,
         tally.runs

@@ -224,18 +224,32 @@ impl Copies {
         })
     }
 
-    /// Writes (or removes) catalog files on every synchronous copy.
-    pub fn apply_files(&self, files: &[(String, Option<Vec<u8>>)]) -> Result<()> {
-        if files.is_empty() {
+    /// Writes the catalog files of `files` that have bytes on every
+    /// synchronous copy (before the index commit that records them).
+    pub fn put_files(&self, files: &[(String, Option<Vec<u8>>)]) -> Result<()> {
+        if !files.iter().any(|(_, b)| b.is_some()) {
             return Ok(());
         }
         self.for_each_sync(|c| {
             for (name, bytes) in files {
-                match bytes {
-                    Some(b) => c.store.put(name, b)?,
-                    None => {
-                        c.store.delete(name)?;
-                    }
+                if let Some(b) = bytes {
+                    c.store.put(name, b)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Removes the catalog files of `files` that have no bytes from every
+    /// synchronous copy (after the index commit that forgot them).
+    pub fn delete_files(&self, files: &[(String, Option<Vec<u8>>)]) -> Result<()> {
+        if !files.iter().any(|(_, b)| b.is_none()) {
+            return Ok(());
+        }
+        self.for_each_sync(|c| {
+            for (name, bytes) in files {
+                if bytes.is_none() {
+                    c.store.delete(name)?;
                 }
             }
             Ok(())

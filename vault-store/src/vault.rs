@@ -1025,11 +1025,20 @@ impl WriteSession<'_> {
         if batch.is_empty() {
             return Ok(());
         }
-        // The copies first: the index is a cache of them (invariant C2).
-        let r = self.vault.copies.apply_files(batch.catalog_files());
+        // New and changed catalog files reach the copies before the index
+        // records them, removed ones leave the copies after it forgets
+        // them (invariant C2): a crash in between leaves a copy with an
+        // extra file, which the next writer removes, never one without a
+        // file the index has.
+        let files = batch.catalog_files().to_vec();
+        let r = self.vault.copies.put_files(&files);
         self.poison_vault(r)?;
         let r = self.vault.index.commit(batch);
         self.poison(r)?;
+        if let Err(e) = self.vault.copies.delete_files(&files) {
+            // Committed already; the next writer removes what is left.
+            tracing::warn!(error = %e, "could not remove deleted catalog files from every copy");
+        }
         if !healed_now.is_empty() {
             let mut list = crate::damaged::load(&self.vault.dir);
             for id in &healed_now {

@@ -56,6 +56,7 @@ impl JobStats for crate::restore::RestoreSummary {
             ("image_size", self.image_size),
             ("bytes_written", self.bytes_written),
             ("duration_ms", self.duration_ms),
+            ("repaired_copies", self.repaired_copies),
         ]
     }
 }
