@@ -424,3 +424,27 @@ fn ok_env(env: &[(&str, &str)], args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+#[test]
+fn replication_checks_every_record_and_sends_a_good_copy_of_a_bad_one() {
+    let t = tempfile::tempdir().unwrap();
+    let (r1, sec) = (t.path().join("r1"), t.path().join("sec"));
+    let vault = new_vault(t.path(), &["--replica", s(&r1), "--secondary", s(&sec)]);
+    let v = s(&vault);
+    let img = t.path().join("vm.img");
+    random_file(&img, 24 << 20, 71);
+    ok(&["backup", "--vault", v, "--item", "vm", s(&img)]);
+    // Rot in three records of the primary, none in the replica.
+    let recs = records(&seg_of(&vault));
+    for (off, len, _) in [recs[3].clone(), recs[150].clone(), recs[300].clone()] {
+        flip(&seg_of(&vault), off + len / 2);
+    }
+    let rep = json(&["replicate", "--vault", v]);
+    assert_eq!(rep["records_repaired"], 3, "{rep}");
+    assert_eq!(rep["records_damaged"], 0, "{rep}");
+    // The secondary got the good bytes, and the primary was repaired.
+    assert!(fs::read(seg_of(&sec)).unwrap() == fs::read(seg_of(&r1)).unwrap());
+    assert!(fs::read(seg_of(&vault)).unwrap() == fs::read(seg_of(&r1)).unwrap());
+    let verify = json(&["verify", "--vault", v, "--from", "secondary", "--read-data"]);
+    assert_eq!(verify["detected"], 0, "{verify}");
+}

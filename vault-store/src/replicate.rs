@@ -7,7 +7,9 @@
 //!    the secondary holds (its `replication` state, never more than its
 //!    file) and the primary's committed length are appended and fsynced;
 //!    committed bytes never change, so any synced prefix is right and a
-//!    killed run resumes where it stopped;
+//!    killed run resumes where it stopped; every indexed record is checked
+//!    (header, id, length, CRC-32) on the way, and a bad one is replaced
+//!    by the bytes of a copy whose hash matches;
 //! 2. catalog files: manifests of points whose data is now there, item
 //!    and policy files; removed ones are deleted;
 //! 3. segments the primary no longer has (GC) are deleted;
@@ -52,6 +54,11 @@ pub struct ReplicateReport {
     pub points_replicated: u64,
     /// Points on the secondary in all.
     pub points_on_secondary: u64,
+    /// Records found bad on the primary and sent from a good copy instead.
+    pub records_repaired: u64,
+    /// Records no copy holds intact (replicated as they are; `verify
+    /// --read-data` reports them as unrecoverable).
+    pub records_damaged: u64,
     /// True when the run was stopped before it finished.
     pub interrupted: bool,
     /// Wall time.
@@ -128,14 +135,49 @@ pub fn replicate(
         } else {
             sec.append_to(&name, have)?
         };
+        let records = indexed_records(vault, id)?;
+        let mut next = records.partition_point(|r| r.0 < have);
         let mut at = have;
         let mut buf = vec![0u8; COPY_CHUNK];
         while at < info.committed {
-            let n = ((info.committed - at) as usize).min(COPY_CHUNK);
+            // Reads end at a record boundary, so that every indexed record
+            // is checked whole before it leaves for the secondary.
+            let limit = (at + COPY_CHUNK as u64).min(info.committed);
+            let rest = records.get(next..).unwrap_or_default();
+            let fits = rest.partition_point(|r| record_end(r) <= limit);
+            let end = match fits.checked_sub(1).and_then(|i| rest.get(i)) {
+                Some(r) if limit < info.committed => record_end(r),
+                _ => limit,
+            };
+            let n = (end - at) as usize;
             let chunk = buf.get_mut(..n).unwrap_or_default();
             read_any(vault, &primary, &name, at, chunk)?;
+            let upto = next + rest.partition_point(|r| record_end(r) <= end);
+            for (off, cid, loc) in records.get(next..upto).unwrap_or_default() {
+                let from = (off - at) as usize;
+                let Some(rec) = chunk.get_mut(from..from + loc.len as usize) else {
+                    continue;
+                };
+                if record_ok(rec, cid) {
+                    continue;
+                }
+                // A bad record on the primary: take the bytes from a copy
+                // whose hash matches (and repair the primary with them).
+                let mut good = crate::vault::ChunkBuf::default();
+                match vault.read_chunk_into(cid, loc, &mut good) {
+                    Ok(()) if good.record_bytes().len() == rec.len() => {
+                        rec.copy_from_slice(good.record_bytes());
+                        report.records_repaired += 1;
+                    }
+                    _ => {
+                        report.records_damaged += 1;
+                        tracing::warn!(chunk = %cid, segment = %name, "no copy holds this record intact; replicated as it is (verify --read-data reports it)");
+                    }
+                }
+            }
+            next = upto;
             out.append(chunk)?;
-            at += n as u64;
+            at = end;
             if stop() {
                 report.interrupted = true;
                 break;
@@ -258,6 +300,42 @@ fn read_any(
             Err(e)
         }
     }
+}
+
+/// The records the index places in segment `id`: (offset, chunk, location),
+/// in offset order.
+fn indexed_records(
+    vault: &Vault,
+    id: u64,
+) -> Result<Vec<(u64, crate::ChunkId, crate::index::ChunkLocation)>> {
+    let mut out = Vec::new();
+    for (off, cid) in vault.index().segment_chunks(id)? {
+        if let Some(loc) = vault.index().chunk(&cid)?
+            && loc.segment == id
+            && loc.offset == off
+        {
+            out.push((off, cid, loc));
+        }
+    }
+    Ok(out)
+}
+
+/// Where a record of [`indexed_records`] ends.
+fn record_end(r: &(u64, crate::ChunkId, crate::index::ChunkLocation)) -> u64 {
+    r.0 + u64::from(r.2.len)
+}
+
+/// True when `rec` is an intact record of chunk `id` (header, id, length,
+/// payload CRC-32): the cheap check replication makes of every record.
+fn record_ok(rec: &[u8], id: &crate::ChunkId) -> bool {
+    let Ok(h) = crate::record::RecordHeader::parse(rec) else {
+        return false;
+    };
+    h.id == *id
+        && h.record_len() == rec.len() as u64
+        && rec
+            .get(crate::record::HEADER_LEN..)
+            .is_some_and(|p| crc32fast::hash(p) == h.data_crc)
 }
 
 /// Removes the secondary's own index (a cache), so that the next open of
