@@ -7,6 +7,10 @@
 //! (atomically, in a checksummed envelope), which holds `ID.lock` while it
 //! runs; a record still "in progress" whose lock nobody holds belongs to a
 //! process that died, and is marked Failed, with the reason, when read.
+//!
+//! Records and cancel requests go through the storage seam
+//! ([`crate::store::Store`], a [`LocalStore`] over the vault directory);
+//! the run locks are flock(2) files and stay local.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -16,10 +20,10 @@ use std::path::{Path, PathBuf};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::durable::write_atomic;
 use crate::envelope;
 use crate::error::{Result, StoreError};
 use crate::lock::NamedLock;
+use crate::store::{LocalStore, Store};
 
 /// Folder of job records inside a vault.
 pub const JOBS_DIR: &str = "jobs";
@@ -280,6 +284,7 @@ pub fn fuzz_entry(data: &[u8]) -> bool {
 #[derive(Debug, Clone)]
 pub struct JobStore {
     dir: PathBuf,
+    store: std::sync::Arc<LocalStore>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -291,7 +296,16 @@ impl JobStore {
     pub fn new(vault_dir: &Path) -> Self {
         JobStore {
             dir: vault_dir.join(JOBS_DIR),
+            store: std::sync::Arc::new(LocalStore::new(vault_dir)),
         }
+    }
+
+    fn record_name(id: &str) -> String {
+        format!("{JOBS_DIR}/{id}.job")
+    }
+
+    fn cancel_name(id: &str) -> String {
+        format!("{JOBS_DIR}/{id}.cancel")
     }
 
     fn record_path(&self, id: &str) -> PathBuf {
@@ -300,10 +314,6 @@ impl JobStore {
 
     fn lock_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.lock"))
-    }
-
-    fn cancel_path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.cancel"))
     }
 
     /// Starts `record`: takes its run lock and persists it.
@@ -328,17 +338,14 @@ impl JobStore {
     /// Reads one record, marking it Failed if its process died.
     pub fn load(&self, id: &str) -> Result<JobRecord> {
         let path = self.record_path(id);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::JobNotFound { id: id.into() });
-            }
-            Err(e) => return Err(StoreError::io("read", &path, e)),
+        let name = Self::record_name(id);
+        let Some(bytes) = self.store.get(&name)? else {
+            return Err(StoreError::JobNotFound { id: id.into() });
         };
         let mut r = JobRecord::decode(&bytes, &path)?;
         if !r.status.is_final() && !NamedLock::is_held(&self.lock_path(id))? {
             // Re-read: the job may have finished between the two reads.
-            if let Ok(b) = fs::read(&path)
+            if let Ok(Some(b)) = self.store.get(&name)
                 && let Ok(again) = JobRecord::decode(&b, &path)
                 && again.status.is_final()
             {
@@ -372,7 +379,7 @@ impl JobStore {
             r.settle(ended);
             // Best effort: another reader may do the same at once, with the
             // same result.
-            let _ = write_atomic(&path, &r.encode());
+            let _ = self.store.put(&name, &r.encode());
             let _ = fs::remove_file(self.lock_path(id));
         }
         Ok(r)
@@ -380,16 +387,9 @@ impl JobStore {
 
     /// Every record, oldest first.
     pub fn list(&self) -> Result<Vec<JobRecord>> {
-        let entries = match fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(StoreError::io("read directory", &self.dir, e)),
-        };
         let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| StoreError::io("read directory", &self.dir, e))?;
-            let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".job")) else {
+        for name in self.store.list(JOBS_DIR)? {
+            let Some(id) = name.strip_suffix(".job") else {
                 continue;
             };
             if !valid_id(id) {
@@ -414,7 +414,7 @@ impl JobStore {
         if !valid_id(id) {
             return Err(StoreError::JobNotFound { id: id.into() });
         }
-        if self.record_path(id).exists() {
+        if self.store.size(&Self::record_name(id))?.is_some() {
             return self.load(id);
         }
         let matches: Vec<JobRecord> = self
@@ -437,23 +437,19 @@ impl JobStore {
 
     /// Asks the running job `id` to cancel (it checks between windows).
     pub fn request_cancel(&self, id: &str) -> Result<()> {
-        write_atomic(&self.cancel_path(id), b"cancel\n")
+        self.store.put(&Self::cancel_name(id), b"cancel\n")
     }
 
     /// Deletes a final record (job history expiry).
     pub fn remove(&self, id: &str) -> Result<()> {
-        for p in [
-            self.record_path(id),
-            self.cancel_path(id),
-            self.lock_path(id),
-        ] {
-            match fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StoreError::io("remove", &p, e)),
-            }
+        self.store.delete(&Self::record_name(id))?;
+        self.store.delete(&Self::cancel_name(id))?;
+        let lock = self.lock_path(id);
+        match fs::remove_file(&lock) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io("remove", &lock, e)),
         }
-        Ok(())
     }
 }
 
@@ -467,8 +463,8 @@ pub struct RunningJob {
 
 impl RunningJob {
     fn persist(&self) -> Result<()> {
-        write_atomic(
-            &self.store.record_path(&self.record.id),
+        self.store.store.put(
+            &JobStore::record_name(&self.record.id),
             &self.record.encode(),
         )
     }
@@ -514,13 +510,21 @@ impl RunningJob {
 
     /// True once somebody asked this job to cancel.
     pub fn cancel_requested(&self) -> bool {
-        self.store.cancel_path(&self.record.id).exists()
+        self.store
+            .store
+            .size(&JobStore::cancel_name(&self.record.id))
+            .ok()
+            .flatten()
+            .is_some()
     }
 }
 
 impl Drop for RunningJob {
     fn drop(&mut self) {
-        let _ = fs::remove_file(self.store.cancel_path(&self.record.id));
+        let _ = self
+            .store
+            .store
+            .delete(&JobStore::cancel_name(&self.record.id));
         if self.record.status.is_final() {
             let _ = fs::remove_file(self.store.lock_path(&self.record.id));
         }
