@@ -11,7 +11,7 @@
 //! alone with `COFFRE_CRASH_SEED=<seed> COFFRE_CRASH_RUNS=1`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -72,6 +72,34 @@ fn ok_cmd(mut c: Command, what: &str, seed: u64) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Restores point `id` from `from` (`vault` or `secondary`) and compares it
+/// with `want`.
+fn restores_identically(now: &str, vault: &str, id: &str, from: &str, want: &Path, seed: u64) {
+    let out = want.with_extension(format!("{from}.restored"));
+    ok_cmd(
+        cmd(
+            now,
+            &[
+                "restore",
+                "--vault",
+                vault,
+                "--item",
+                "vm",
+                "--point",
+                id,
+                "--from",
+                from,
+                "--to",
+                s(&out),
+                "--force",
+            ],
+        ),
+        &format!("restore of acknowledged point {id} from the {from}"),
+        seed,
+    );
+    assert_same(&out, want);
 }
 
 fn op_args<'a>(op: Op, vault: &'a str, img: &'a str) -> Vec<&'a str> {
@@ -240,29 +268,7 @@ fn run_one(seed: u64, tally: &mut Tally, durations: &mut BTreeMap<Op, Duration>)
                 a.id
             );
         }
-        let out = t.path().join("restored.img");
-        ok_cmd(
-            cmd(
-                &now,
-                &[
-                    "restore",
-                    "--vault",
-                    s(&vault),
-                    "--item",
-                    "vm",
-                    "--point",
-                    &a.id,
-                    "--from",
-                    "vault",
-                    "--to",
-                    s(&out),
-                    "--force",
-                ],
-            ),
-            "restore of an acknowledged point",
-            seed,
-        );
-        assert_same(&out, &a.image);
+        restores_identically(&now, s(&vault), &a.id, "vault", &a.image, seed);
     }
     // 3. The same operation, run again, succeeds, and the vault still
     //    verifies.
@@ -290,29 +296,7 @@ fn run_one(seed: u64, tally: &mut Tally, durations: &mut BTreeMap<Op, Duration>)
             seed,
         );
         let a = acked.last().unwrap();
-        let out = t.path().join("from-secondary.img");
-        ok_cmd(
-            cmd(
-                &now,
-                &[
-                    "restore",
-                    "--vault",
-                    s(&vault),
-                    "--item",
-                    "vm",
-                    "--point",
-                    &a.id,
-                    "--from",
-                    "secondary",
-                    "--to",
-                    s(&out),
-                    "--force",
-                ],
-            ),
-            "restore from the secondary",
-            seed,
-        );
-        assert_same(&out, &a.image);
+        restores_identically(&now, s(&vault), &a.id, "secondary", &a.image, seed);
     }
 }
 

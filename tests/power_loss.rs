@@ -44,7 +44,7 @@ fn open(vault: &Path, wrap: Option<StoreWrap>) -> Vault {
             ..OpenOptions::default()
         },
     )
-    .unwrap()
+    .unwrap_or_else(|e| panic!("cannot open {}: {e}", vault.display()))
 }
 
 fn backup_once(vault: &Vault, img: &Path, clock: &ManualClock) -> coffre_engine::Result<String> {
@@ -162,6 +162,17 @@ fn power_loss_at_random_moments_loses_no_acknowledged_point() {
     );
 }
 
+/// A vault with one acknowledged point, and the image changed since.
+fn one_point(t: &Path, seed: u64) -> (PathBuf, PathBuf, ManualClock, Vec<(String, PathBuf)>) {
+    let (vault, img, clock) = setup(t, seed);
+    let v = open(&vault, None);
+    let first = backup_once(&v, &img, &clock).unwrap();
+    drop(v);
+    let acked = vec![(first, keep(t, &img, 0))];
+    churn(&img, 16, 40_000, seed * 11);
+    (vault, img, clock, acked)
+}
+
 fn poisoned(e: &EngineError) -> bool {
     matches!(e, EngineError::Store(StoreError::Poisoned { .. }))
 }
@@ -169,13 +180,7 @@ fn poisoned(e: &EngineError) -> bool {
 #[test]
 fn a_failed_fsync_on_a_replica_fails_the_backup_and_refuses_writes_until_reopened() {
     let t = tempfile::tempdir().unwrap();
-    let (vault, img, clock) = setup(t.path(), 3);
-    let v = open(&vault, None);
-    let first = backup_once(&v, &img, &clock).unwrap();
-    drop(v);
-    let acked = vec![(first, keep(t.path(), &img, 0))];
-
-    churn(&img, 16, 40_000, 33);
+    let (vault, img, clock, acked) = one_point(t.path(), 3);
     let faults = Faults::default();
     let v = open(&vault, Some(wrap_replicas(&faults)));
     faults.fail_sync_at(1);
@@ -203,13 +208,7 @@ fn a_failed_fsync_on_a_replica_fails_the_backup_and_refuses_writes_until_reopene
 #[test]
 fn short_writes_and_a_full_replica_fail_cleanly_and_lose_nothing() {
     let t = tempfile::tempdir().unwrap();
-    let (vault, img, clock) = setup(t.path(), 4);
-    let v = open(&vault, None);
-    let first = backup_once(&v, &img, &clock).unwrap();
-    drop(v);
-    let acked = vec![(first, keep(t.path(), &img, 0))];
-
-    churn(&img, 16, 40_000, 44);
+    let (vault, img, clock, acked) = one_point(t.path(), 4);
     let faults = Faults::default();
     let v = open(&vault, Some(wrap_replicas(&faults)));
     faults.short_write_at(2);
