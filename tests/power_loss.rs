@@ -41,6 +41,10 @@ fn open(vault: &Path, wrap: Option<StoreWrap>) -> Vault {
         Access::Write,
         &OpenOptions {
             wrap,
+            // Another test thread forking a `coffre` child at the moment
+            // this one drops its vault can hold the lock's flock for the
+            // instant before the child's exec closes it: wait that out.
+            wait: std::time::Duration::from_secs(10),
             ..OpenOptions::default()
         },
     )
