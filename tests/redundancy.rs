@@ -321,6 +321,13 @@ fn a_lost_replica_fails_backups_unless_degraded_ok_and_is_refilled() {
         String::from_utf8_lossy(&r.stderr)
     );
     assert!(String::from_utf8_lossy(&r.stderr).contains("unavailable"));
+    // The job completes with a warning naming the copy it left out.
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(out.contains("CompletedWithWarnings"), "{out}");
+    assert!(
+        out.contains(&format!("warning: replica copy {} was left out", s(&r1))),
+        "{out}"
+    );
     let show = json(&["vault", "show", "--vault", v]);
     assert!(
         show["copy_warnings"].to_string().contains("unavailable"),

@@ -208,6 +208,11 @@ pub fn run(
                 t.error.as_deref().unwrap_or_default()
             ));
         }
+        if let Some(w) = job.stats.get("warnings").and_then(|w| w.as_array()) {
+            for line in w.iter().filter_map(|l| l.as_str()) {
+                out.push_str(&format!("warning: {line}\n"));
+            }
+        }
         out
     })?;
     match outcome.error {

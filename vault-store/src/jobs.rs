@@ -152,6 +152,9 @@ impl Phase {
 /// | Completed | any InProgress/NotStarted | InProgress |
 /// | Completed | any Failed/Cancelled | CompletedWithWarnings |
 /// | Completed | all Completed/Skipped | Completed |
+///
+/// ([`JobRecord::settle`] then makes a Completed job with warnings in its
+/// statistics CompletedWithWarnings.)
 pub fn derive_status(phases: &[Phase]) -> JobStatus {
     let Some((first, rest)) = phases.split_first() else {
         return JobStatus::Completed;
@@ -240,6 +243,16 @@ impl JobRecord {
     /// Re-derives the status (and the end time once final).
     pub fn settle(&mut self, now: Timestamp) {
         self.status = derive_status(&self.phases);
+        // Warnings (a failed hook, a copy left out under `--degraded-ok`)
+        // make a completed job CompletedWithWarnings.
+        let warned = self
+            .stats
+            .get("warnings")
+            .and_then(|w| w.as_array())
+            .is_some_and(|w| !w.is_empty());
+        if self.status == JobStatus::Completed && warned {
+            self.status = JobStatus::CompletedWithWarnings;
+        }
         if self.error.is_none() {
             self.error = self.phases.iter().find_map(|p| match p.status {
                 PhaseStatus::Failed | PhaseStatus::Cancelled => p.error.clone(),

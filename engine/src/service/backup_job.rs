@@ -133,9 +133,21 @@ pub fn run_backup_job(
     job.set_phase(now(clock), TRANSFER, PhaseStatus::InProgress, None)?;
     let result = transfer_phase(vault_dir, &snap, &opts, job.id(), transfer_progress);
     match result {
-        Ok(point) => {
+        Ok((point, degraded)) => {
             let p = point.clone();
             job.update(now(clock), |r| {
+                if !degraded.is_empty() {
+                    let mut w = r
+                        .stats
+                        .remove("warnings")
+                        .and_then(|v| serde_json::from_value::<Vec<String>>(v).ok())
+                        .unwrap_or_default();
+                    w.extend(degraded.iter().cloned());
+                    r.stats.insert(
+                        "warnings".into(),
+                        serde_json::to_value(w).unwrap_or_default(),
+                    );
+                }
                 r.point = Some(p.id.clone());
                 r.stats
                     .insert("bytes_read".into(), p.stats.bytes_read.into());
@@ -149,7 +161,8 @@ pub fn run_backup_job(
                     .insert("stored_bytes".into(), p.stats.stored_bytes.into());
                 r.stats.insert("image_size".into(), p.image_size.into());
             })?;
-            job.set_phase(now(clock), TRANSFER, PhaseStatus::Completed, None)?;
+            let note = (!degraded.is_empty()).then(|| degraded.join("; "));
+            job.set_phase(now(clock), TRANSFER, PhaseStatus::Completed, note)?;
             Ok(finish(job, Some(point), None))
         }
         Err(e) => {
@@ -250,7 +263,7 @@ fn transfer_phase(
     opts: &JobOptions<'_>,
     job_id: &str,
     progress: &dyn Progress,
-) -> Result<PointRecord> {
+) -> Result<(PointRecord, Vec<String>)> {
     let opened;
     let vault = match &opts.writer {
         Writer::Held(v) => *v,
@@ -271,7 +284,23 @@ fn transfer_phase(
         progress,
         opts.stop,
     )?;
-    Ok(out.point)
+    // Copies a degraded writer left out: the point is on fewer copies than
+    // the vault is meant to have.
+    let degraded = vault
+        .copies()
+        .unavailable()
+        .iter()
+        .filter(|u| u.role != coffre_vault_store::catalog_files::Role::Secondary)
+        .map(|u| {
+            format!(
+                "{} copy {} was left out ({}); `coffre verify --read-data --repair` refills it",
+                u.role,
+                u.dir.display(),
+                u.reason
+            )
+        })
+        .collect();
+    Ok((out.point, degraded))
 }
 
 /// Asks a running job to cancel. Allowed only while its snapshot phase
