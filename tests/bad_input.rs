@@ -105,9 +105,23 @@ fn vault_of_a_newer_format_version_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let vault = new_vault(t.path(), &[]);
     let cfg = vault.join("config");
-    set_config_version(&cfg, 3);
+    // A vault with copies is at version 3 (builds without copies refuse
+    // it); one without, at 2.
+    assert_eq!(
+        json(&["vault", "show", "--vault", s(&vault)])["format_version"],
+        2
+    );
+    let copied = new_vault(
+        &t.path().join("copied"),
+        &["--replica", s(&t.path().join("r"))],
+    );
+    assert_eq!(
+        json(&["vault", "show", "--vault", s(&copied)])["format_version"],
+        3
+    );
+    set_config_version(&cfg, 4);
     let err = fails(&["vault", "show", "--vault", s(&vault)], 5);
-    assert!(err.contains("format version 3 is newer"), "{err}");
+    assert!(err.contains("format version 4 is newer"), "{err}");
     let img = t.path().join("a.img");
     random_file(&img, 4096, 1);
     let err = fails(&["backup", "--vault", s(&vault), s(&img)], 5);

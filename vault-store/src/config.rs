@@ -17,11 +17,16 @@ use crate::error::{Result, StoreError};
 pub const CONFIG_FILE: &str = "config";
 /// Envelope magic. Frozen.
 pub const CONFIG_MAGIC: [u8; 8] = *b"CFVAULT\0";
-/// The vault format version this build writes and the newest it reads.
+/// The newest vault format version this build reads.
 /// Version 2 (reference counts, policies, jobs) is written by the first
 /// writer that opens a version-1 vault, so that a version-1 build, which
 /// would not maintain the counts GC relies on, refuses it from then on.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 3 is written while the vault has LRS replicas or a GRS
+/// secondary, so that a build without copies, which would write to the
+/// vault directory alone, refuses it ([`VaultConfig::format_version`]).
+pub const FORMAT_VERSION: u32 = 3;
+/// The version of a vault without copies.
+pub const FORMAT_VERSION_SINGLE: u32 = 2;
 const MAX_BODY: usize = 64 << 10;
 
 /// Smallest and largest block size (both powers of two).
@@ -113,10 +118,20 @@ impl VaultConfig {
         Ok(())
     }
 
+    /// The format version this config is written at: 3 with copies (a
+    /// replica or a secondary), else 2.
+    pub fn format_version(&self) -> u32 {
+        if self.replicas.is_empty() && self.secondary.is_none() {
+            FORMAT_VERSION_SINGLE
+        } else {
+            FORMAT_VERSION
+        }
+    }
+
     /// Encodes the config into its envelope.
     pub fn encode(&self) -> Vec<u8> {
         let body = serde_json::to_vec_pretty(self).unwrap_or_default();
-        envelope::encode(&CONFIG_MAGIC, FORMAT_VERSION, &body)
+        envelope::encode(&CONFIG_MAGIC, self.format_version(), &body)
     }
 
     /// Decodes an envelope. `path` is used in messages only.
@@ -260,6 +275,29 @@ mod tests {
         assert!(matches!(
             VaultConfig::decode(&newer, p),
             Err(StoreError::UnsupportedVersion { found, .. }) if found == FORMAT_VERSION + 1
+        ));
+    }
+
+    #[test]
+    fn a_vault_with_copies_is_written_at_version_3_so_builds_without_copies_refuse_it() {
+        let p = Path::new("/v/config");
+        let single = sample().encode();
+        assert_eq!(envelope::claimed_version(&single), Some(2));
+        let mut lrs = sample();
+        lrs.replicas.push("/mnt/d2/v".into());
+        let bytes = lrs.encode();
+        assert_eq!(envelope::claimed_version(&bytes), Some(3));
+        assert_eq!(VaultConfig::decode(&bytes, p).unwrap(), lrs);
+        let mut grs = sample();
+        grs.secondary = Some("/mnt/far/v".into());
+        assert_eq!(envelope::claimed_version(&grs.encode()), Some(3));
+        // What a version-2 build sees.
+        assert!(matches!(
+            envelope::decode(&CONFIG_MAGIC, 2, MAX_BODY, &bytes),
+            Err(EnvelopeError::Version {
+                found: 3,
+                supported: 2
+            })
         ));
     }
 

@@ -220,7 +220,7 @@ impl Vault {
             vault.reclaim_uncommitted()?;
             vault.ensure_gc_layout()?;
             vault.reconcile_catalog_files()?;
-            if VaultConfig::stored_version(dir) < crate::config::FORMAT_VERSION {
+            if VaultConfig::stored_version(dir) < vault.config.format_version() {
                 // The index now has everything a version-2 reader expects.
                 vault.config.store(dir)?;
                 tracing::info!(vault = %dir.display(), "upgraded the vault format");
