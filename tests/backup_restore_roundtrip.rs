@@ -58,6 +58,27 @@ fn two_points_restore_identically_and_incremental_is_small() {
 }
 
 #[test]
+fn backup_json_has_each_key_once() {
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let img = t.path().join("vm.img");
+    mixed_image(&img, 1 << 20, 5);
+    let out = ok(&["--output", "json", "backup", "--vault", s(&vault), s(&img)]);
+    // Top-level keys of the pretty-printed object are indented by two.
+    let mut keys: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("  \""))
+        .filter_map(|l| l.split('"').next())
+        .collect();
+    let all = keys.len();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), all, "a key appears twice: {out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["job"]["point"], v["id"], "{v}");
+}
+
+#[test]
 fn zero_byte_image_backs_up_and_restores() {
     let t = tempfile::tempdir().unwrap();
     let vault = new_vault(t.path(), &[]);

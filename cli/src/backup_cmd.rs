@@ -101,8 +101,10 @@ fn ensure_protected(
 /// The JSON shape of `coffre backup`.
 #[derive(Serialize)]
 struct BackupView<'a> {
+    /// The point's fields, without its `job` id: the job object below
+    /// carries it (one key, not two).
     #[serde(flatten)]
-    point: Option<PointView<'a>>,
+    point: Option<serde_json::Map<String, serde_json::Value>>,
     job: &'a JobRecord,
     new_item: bool,
     auto_protected: bool,
@@ -165,7 +167,17 @@ pub fn run(
     })?;
     let job = &outcome.job;
     let view = BackupView {
-        point: outcome.point.as_ref().map(PointView::transferred),
+        point: outcome
+            .point
+            .as_ref()
+            .map(PointView::transferred)
+            .and_then(|p| match serde_json::to_value(p) {
+                Ok(serde_json::Value::Object(mut m)) => {
+                    m.remove("job");
+                    Some(m)
+                }
+                _ => None,
+            }),
         job,
         new_item: outcome.point.as_ref().is_some_and(|p| p.seq == 1),
         auto_protected,
