@@ -26,18 +26,7 @@ impl Disk {
         ok
     }
     fn unmount(&mut self) {
-        for _ in 0..50 {
-            if Command::new("umount")
-                .arg(&self.mnt)
-                .status()
-                .is_ok_and(|st| st.success())
-            {
-                self.mounted = false;
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        unmount(&self.mnt);
         self.mounted = false;
     }
 }

@@ -17,19 +17,7 @@ struct Xfs {
 
 impl Drop for Xfs {
     fn drop(&mut self) {
-        // A process that still holds a file there makes umount fail: retry,
-        // then detach lazily, so no mount (or loop device) outlives the test.
-        for _ in 0..50 {
-            if Command::new("umount")
-                .arg(&self.mnt)
-                .status()
-                .is_ok_and(|s| s.success())
-            {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        unmount(&self.mnt);
     }
 }
 

@@ -497,3 +497,20 @@ pub fn segment_bytes(vault: &Path) -> u64 {
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum()
 }
+
+/// Unmounts `mnt`. A process that still holds a file there makes umount
+/// fail: retry for five seconds, then detach lazily, so that no mount (or
+/// loop device) outlives a test.
+pub fn unmount(mnt: &Path) {
+    for _ in 0..50 {
+        if Command::new("umount")
+            .arg(mnt)
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = Command::new("umount").arg("-l").arg(mnt).status();
+}

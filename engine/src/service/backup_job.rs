@@ -136,17 +136,13 @@ pub fn run_backup_job(
         Ok((point, degraded)) => {
             let p = point.clone();
             job.update(now(clock), |r| {
-                if !degraded.is_empty() {
-                    let mut w = r
+                if !degraded.is_empty()
+                    && let serde_json::Value::Array(w) = r
                         .stats
-                        .remove("warnings")
-                        .and_then(|v| serde_json::from_value::<Vec<String>>(v).ok())
-                        .unwrap_or_default();
-                    w.extend(degraded.iter().cloned());
-                    r.stats.insert(
-                        "warnings".into(),
-                        serde_json::to_value(w).unwrap_or_default(),
-                    );
+                        .entry("warnings".into())
+                        .or_insert_with(|| serde_json::Value::Array(Vec::new()))
+                {
+                    w.extend(degraded.iter().cloned().map(serde_json::Value::from));
                 }
                 r.point = Some(p.id.clone());
                 r.stats
