@@ -11,8 +11,8 @@ use std::time::Instant;
 use crate::common::*;
 
 /// A loop-mounted XFS, unmounted on drop.
-struct Xfs {
-    mnt: PathBuf,
+pub(crate) struct Xfs {
+    pub(crate) mnt: PathBuf,
 }
 
 impl Drop for Xfs {
@@ -21,7 +21,7 @@ impl Drop for Xfs {
     }
 }
 
-fn mount_xfs(dir: &Path) -> Option<Xfs> {
+pub(crate) fn mount_xfs(dir: &Path) -> Option<Xfs> {
     if !is_root() {
         eprintln!("SKIP clone path: needs root to loop-mount an XFS filesystem");
         return None;

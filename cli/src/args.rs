@@ -66,6 +66,27 @@ pub struct VaultArg {
     pub vault: PathBuf,
 }
 
+/// Changed-block tracking options of `coffre backup`.
+#[derive(Args, Debug, Clone)]
+pub struct CbtArgs {
+    /// Read only the extents this list calls changed: `nbdinfo --map=qemu:dirty-bitmap:NAME
+    /// --json` output, or coffre's own format (FORMAT.md). Checked and sampled, never trusted
+    /// blindly.
+    #[arg(long, value_name = "FILE")]
+    pub changed_blocks: Option<PathBuf>,
+    /// With an NBD source: read only the extents the QEMU dirty bitmap NAME marks
+    /// (`qemu:dirty-bitmap:NAME` block status).
+    #[arg(long, value_name = "NAME")]
+    pub bitmap: Option<String>,
+    /// Share of the blocks a changed-block source calls clean that are re-read and compared with
+    /// the parent point (e.g. 1%, 100%).
+    #[arg(long, value_name = "PERCENT", default_value = "1%")]
+    pub cbt_sample: String,
+    /// Re-read at least this many clean blocks.
+    #[arg(long, value_name = "BLOCKS", default_value_t = 64)]
+    pub cbt_sample_min: u64,
+}
+
 /// Worker threads.
 #[derive(Debug, Args)]
 pub struct ThreadsArg {
@@ -98,7 +119,11 @@ pub enum Command {
         rate_limit: Option<u64>,
         #[command(flatten)]
         threads: ThreadsArg,
-        /// The raw disk image (file or block device).
+        #[command(flatten)]
+        cbt: CbtArgs,
+        /// The disk image: a raw file or block device, or an NBD export
+        /// (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`),
+        /// e.g. `qemu-nbd` over a qcow2 or a libvirt pull-mode backup.
         image: PathBuf,
     },
 

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use coffre_engine::backup::PointTerms;
 use coffre_engine::backup_job::{JobOptions, Writer, run_backup_job};
+use coffre_engine::cbt::{Hint, Sampling};
+use coffre_engine::nbd::{NbdImage, is_nbd_uri};
 use coffre_engine::policy::DEFAULT_POLICY;
 use coffre_engine::protection::{canonical, protect};
 use coffre_engine::retention::ON_DEMAND_DEFAULT_DAYS;
@@ -18,6 +20,7 @@ use coffre_engine::{BackupOptions, FileImage, ImageSource};
 use jiff::{Timestamp, ToSpan};
 use serde::Serialize;
 
+use crate::args::CbtArgs;
 use crate::ctx::{Ctx, open};
 use crate::output::{self, bytes};
 use crate::point_cmd::PointView;
@@ -111,19 +114,90 @@ struct BackupView<'a> {
     mib_per_s: f64,
 }
 
-/// Runs `coffre backup`.
-pub fn run(
-    ctx: &Ctx,
-    dir: &Path,
-    item: Option<String>,
-    retain_until: Option<&str>,
-    rate_limit: Option<u64>,
-    threads: usize,
+/// The options of `coffre backup`.
+pub struct BackupArgs<'a> {
+    /// `--item`.
+    pub item: Option<String>,
+    /// `--retain-until`.
+    pub retain_until: Option<&'a str>,
+    /// `--rate-limit`.
+    pub rate_limit: Option<u64>,
+    /// `--threads`.
+    pub threads: usize,
+    /// `--changed-blocks`, `--bitmap`, `--cbt-sample`.
+    pub cbt: &'a CbtArgs,
+}
+
+/// Opens the source: an NBD export or a file, and the hint its options
+/// give (a list, or the export's dirty bitmap).
+fn open_source(
     image: &Path,
-) -> anyhow::Result<ExitCode> {
-    let item = item_name_for(image, item)?;
+    cbt: &CbtArgs,
+) -> anyhow::Result<(Box<dyn ImageSource>, Option<Hint>)> {
+    let text = image.to_string_lossy();
+    let (source, bitmap_hint): (Box<dyn ImageSource>, Option<Hint>) = if is_nbd_uri(&text) {
+        let nbd = NbdImage::open(&text, cbt.bitmap.as_deref()).context("cannot back up")?;
+        let hint = nbd.bitmap_hint().context("cannot read the dirty bitmap")?;
+        (Box::new(nbd), hint)
+    } else {
+        if let Some(b) = &cbt.bitmap {
+            anyhow::bail!(
+                "--bitmap {b} needs an NBD source (nbd://HOST/EXPORT or nbd+unix:///EXPORT?socket=PATH), e.g. `qemu-nbd -B {b}` over the qcow2"
+            );
+        }
+        (
+            Box::new(FileImage::open(image).context("cannot back up")?),
+            None,
+        )
+    };
+    let listed = match &cbt.changed_blocks {
+        None => None,
+        Some(path) => Some(coffre_engine::cbt::list::read(path).map_err(|reason| {
+            coffre_engine::SnapError::ChangedBlocks {
+                path: path.clone(),
+                reason,
+            }
+        })?),
+    };
+    if listed.is_some() && bitmap_hint.is_some() {
+        anyhow::bail!("give --changed-blocks or --bitmap, not both");
+    }
+    Ok((source, listed.or(bitmap_hint)))
+}
+
+/// The item name for an NBD export: its export name, else `--item`.
+fn nbd_item_name(image: &Path) -> Option<String> {
+    let text = image.to_string_lossy();
+    if !is_nbd_uri(&text) {
+        return None;
+    }
+    coffre_engine::nbd::NbdUri::parse(&text)
+        .ok()
+        .map(|u| u.export)
+        .filter(|e| !e.is_empty())
+}
+
+/// Runs `coffre backup`.
+pub fn run(ctx: &Ctx, dir: &Path, args: BackupArgs<'_>, image: &Path) -> anyhow::Result<ExitCode> {
+    let BackupArgs {
+        item,
+        retain_until,
+        rate_limit,
+        threads,
+        cbt,
+    } = args;
+    let item = match (item, nbd_item_name(image)) {
+        (Some(i), _) => i,
+        (None, Some(e)) => e,
+        (None, None) => item_name_for(image, None)?,
+    };
+    let sampling = Sampling {
+        fraction: Sampling::parse_fraction(&cbt.cbt_sample)
+            .map_err(|e| anyhow::anyhow!("--cbt-sample: {e}"))?,
+        min_blocks: cbt.cbt_sample_min,
+    };
     let retain_until = parse_retain_until(retain_until, ctx.now())?;
-    let source = FileImage::open(image).context("cannot back up")?;
+    let (source, hint) = open_source(image, cbt)?;
     let (auto_protected, hooks) = ensure_protected(ctx, dir, &item, image)?;
     if auto_protected && ctx.fmt == crate::args::OutputFormat::Table {
         eprintln!(
@@ -135,7 +209,7 @@ pub fn run(
     let transfer_bar = Bar::new("transfer");
     let outcome = run_backup_job(
         dir,
-        &source as &dyn ImageSource,
+        &*source,
         JobOptions {
             backup: BackupOptions {
                 item: item.clone(),
@@ -145,6 +219,8 @@ pub fn run(
                 hooks,
                 allow_clone: ctx.allow_clone,
                 snapshot_root: ctx.snapshot_root.clone(),
+                hint,
+                sampling,
             },
             terms: PointTerms {
                 scheduled: false,

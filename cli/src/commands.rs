@@ -67,14 +67,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             retain_until,
             rate_limit,
             threads,
+            cbt,
             image,
         } => crate::backup_cmd::run(
             &ctx,
             &vault.vault,
-            item,
-            retain_until.as_deref(),
-            rate_limit,
-            threads.threads,
+            crate::backup_cmd::BackupArgs {
+                item,
+                retain_until: retain_until.as_deref(),
+                rate_limit,
+                threads: threads.threads,
+                cbt: &cbt,
+            },
             &image,
         ),
         Command::Points { vault, item, from } => {

@@ -35,5 +35,5 @@ pub use verify::{Finding, Severity, VerifyOptions, VerifyReport, verify};
 
 /// The crates the engine builds on, for callers.
 pub use coffre_snapshotter as snapshotter;
-pub use coffre_snapshotter::{progress, sigbus, source, throttle};
+pub use coffre_snapshotter::{SnapError, cbt, nbd, progress, sigbus, source, throttle};
 pub use coffre_vault_store as store;

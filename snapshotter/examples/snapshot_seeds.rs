@@ -62,6 +62,7 @@ fn main() {
         ],
         clone: None,
         warnings: vec![],
+        cbt: None,
     };
     w.finish(&meta, 12_345).unwrap();
     let snap = std::fs::read(&tmp).unwrap();

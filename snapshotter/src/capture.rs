@@ -38,6 +38,7 @@ use jiff::Timestamp;
 use rayon::prelude::*;
 
 use crate::area::Area;
+use crate::cbt::{CbtRecord, Hint, HintSource, Parent, Sampling};
 use crate::clone::{CloneError, clone_file};
 use crate::error::{Result, SnapError};
 use crate::hooks::{HookEnv, Hooks, RunHooks};
@@ -92,6 +93,13 @@ pub struct CaptureRequest<'a> {
     pub vault_dir: &'a Path,
     /// Try the reflink clone first.
     pub allow_clone: bool,
+    /// A changed-block hint (never trusted blindly: checked and sampled).
+    pub hint: Option<&'a Hint>,
+    /// How many clean blocks a hint is checked on.
+    pub sampling: Sampling,
+    /// The item's latest point in the vault (the parent a hint must be
+    /// relative to), if any.
+    pub parent_point: Option<&'a str>,
 }
 
 /// What a capture produced.
@@ -111,6 +119,10 @@ pub struct Captured {
     pub passes: u32,
     /// Wall time.
     pub duration_ms: u64,
+    /// A changed-block hint for the transfer to check and use (clone
+    /// snapshots: the given one, or the reflink diff against the previous
+    /// clone).
+    pub transfer_hint: Option<Hint>,
 }
 
 /// Manifest file of a job in an item folder.
@@ -178,6 +190,7 @@ pub fn capture(req: &CaptureRequest<'_>, progress: &dyn Progress) -> Result<Capt
         packs: done.packs,
         clone: done.clone,
         warnings,
+        cbt: done.cbt,
     };
     if let Some(pack) = done.pack.take() {
         pack.finish()?;
@@ -191,6 +204,7 @@ pub fn capture(req: &CaptureRequest<'_>, progress: &dyn Progress) -> Result<Capt
         bytes_read: done.bytes_read,
         passes: done.passes,
         duration_ms: started.elapsed().as_millis() as u64,
+        transfer_hint: done.transfer_hint,
     })
 }
 
@@ -206,6 +220,8 @@ struct Pending {
     bytes_read: u64,
     passes: u32,
     warnings: Vec<String>,
+    cbt: Option<CbtRecord>,
+    transfer_hint: Option<Hint>,
 }
 
 fn header(req: &CaptureRequest<'_>, kind: SnapKind, blocks: u64) -> SnapHeader {
@@ -274,16 +290,53 @@ fn try_clone(req: &CaptureRequest<'_>, item_dir: &Path) -> Result<Option<Pending
         writer,
         pack: None,
         packs: Vec::new(),
+        transfer_hint: req
+            .hint
+            .cloned()
+            .or_else(|| reflink_hint(item_dir, req.job, &dst, &name)),
         clone: Some(name),
         stored_bytes: 0,
         bytes_read: 0,
         passes: 0,
         warnings: Vec::new(),
+        cbt: None,
     }))
 }
 
 /// The newest complete chunk manifest of the item, other than `job`'s.
 pub fn previous_manifest(item_dir: &Path, job: &str) -> Option<PathBuf> {
+    previous_of_kind(item_dir, job, SnapKind::Chunks)
+}
+
+/// The reflink hint of a new clone: the extents it no longer shares with
+/// the item's previous clone (`None` without a previous clone, or where
+/// `FIEMAP` is refused).
+fn reflink_hint(item_dir: &Path, job: &str, clone: &Path, name: &str) -> Option<Hint> {
+    let previous = previous_of_kind(item_dir, job, SnapKind::Clone)?;
+    let (h, meta, _) = crate::manifest::summary(&previous).ok()?;
+    let old_name = meta.clone?;
+    let old = std::fs::File::open(item_dir.join(&old_name)).ok()?;
+    let new = std::fs::File::open(clone).ok()?;
+    let size = new.metadata().ok()?.len();
+    let diff = crate::cbt::reflink::extents(&new)
+        .and_then(|n| crate::cbt::reflink::extents(&old).map(|o| (n, o)));
+    let (n, o) = match diff {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "FIEMAP refused; no reflink hint");
+            return None;
+        }
+    };
+    let mut hint = Hint::new(
+        HintSource::Reflink,
+        crate::cbt::reflink::changed(&n, &o, size.max(h.image_size)),
+    );
+    hint.since = Some(old_name);
+    hint.generation = Some(name.to_string());
+    Some(hint)
+}
+
+fn previous_of_kind(item_dir: &Path, job: &str, kind: SnapKind) -> Option<PathBuf> {
     let mut best: Option<(i64, u32, PathBuf)> = None;
     for e in std::fs::read_dir(item_dir).ok()?.flatten() {
         let path = e.path();
@@ -294,7 +347,7 @@ pub fn previous_manifest(item_dir: &Path, job: &str) -> Option<PathBuf> {
         let Ok((h, _, _)) = crate::manifest::summary(&path) else {
             continue;
         };
-        if h.kind != SnapKind::Chunks {
+        if h.kind != kind {
             continue;
         }
         let key = (h.created_s, h.created_ns);
@@ -363,10 +416,32 @@ fn capture_chunks(
         .map_err(|_| SnapError::damaged(item_dir, "more than 65,536 packs"))?;
     let mut pack = PackWriter::create(&item_dir.join(&pack_name))?;
     let blocks = block_count(source.size(), req.block_size);
+    let bs = u64::from(req.block_size);
+    let mut warnings = Vec::new();
+    // A hint is checked against the previous snapshot before it is used,
+    // then sampled during the first pass.
+    let mut cbt = req.hint.map(|h| h.record(bs, blocks, None));
+    let mut hinted: Option<(&Hint, Vec<u64>)> = None;
+    if let (Some(hint), Some(record)) = (req.hint, cbt.as_mut()) {
+        match hint_fallback(req, hint, previous.as_deref(), &remap) {
+            None => hinted = Some((hint, hint.sample(bs, blocks, req.sampling, req.job))),
+            Some(why) => {
+                // An item's first backup has nothing to build on: expected,
+                // not a warning.
+                if req.parent_point.is_some() || previous.is_some() {
+                    warnings.push(format!(
+                        "changed-block {} not used, full scan: {why}",
+                        hint.source.name()
+                    ));
+                }
+                record.used = false;
+                record.fallback = Some(why);
+            }
+        }
+    }
     let mut against = previous;
     let mut pass_files: Vec<PathBuf> = Vec::new();
     let mut bytes_read = 0;
-    let mut warnings = Vec::new();
     let mut pass = 0;
     let result = loop {
         pass += 1;
@@ -387,9 +462,34 @@ fn capture_chunks(
             &mut pack,
             pack_index,
             &mut writer,
+            hinted.as_ref().map(|(h, s)| (*h, s.as_slice())),
             progress,
         )?;
-        bytes_read += read;
+        bytes_read += read.bytes_read;
+        if let (Some(record), Some(_)) = (cbt.as_mut(), hinted.as_ref()) {
+            record.sampled = read.sampled;
+            record.mismatches = read.mismatches;
+            if read.mismatches > 0 {
+                // The hint lied: this pass's entries are dropped and the
+                // pass is redone reading every block.
+                let why = format!(
+                    "{} of {} sampled clean blocks differ from the parent point (first: block {})",
+                    read.mismatches,
+                    read.sampled,
+                    read.first_mismatch.unwrap_or_default()
+                );
+                warnings.push(format!(
+                    "changed-block {} not trusted, full scan: {why}",
+                    record.source
+                ));
+                record.used = false;
+                record.fallback = Some(why);
+                hinted = None;
+                drop(writer);
+                pass -= 1;
+                continue;
+            }
+        }
         let after = source.change_stamp();
         if before.is_ok_and(|b| b == after) {
             break Ok(writer);
@@ -405,8 +505,9 @@ fn capture_chunks(
         warnings.push(format!(
             "the image changed during capture pass {pass}; it was read again"
         ));
-        // The next pass deduplicates against this one: only what changed
-        // is stored again.
+        // The next pass deduplicates against this one, reading every
+        // block: only what changed is stored again.
+        hinted = None;
         let interim = item_dir.join(format!("{}.pass{pass}.snap", req.job));
         let provisional = SnapMeta {
             item: req.item.to_string(),
@@ -417,6 +518,7 @@ fn capture_chunks(
             packs: packs.clone(),
             clone: None,
             warnings: Vec::new(),
+            cbt: None,
         };
         pack.flush()?;
         let done = writer.finish(&provisional, 0)?;
@@ -443,7 +545,54 @@ fn capture_chunks(
         bytes_read,
         passes: pass,
         warnings,
+        cbt,
+        transfer_hint: None,
     })
+}
+
+/// Why `hint` cannot be used against the previous snapshot `previous`
+/// (`remap`: where its packs went; `None` for a lost one).
+fn hint_fallback(
+    req: &CaptureRequest<'_>,
+    hint: &Hint,
+    previous: Option<&Path>,
+    remap: &[Option<u16>],
+) -> Option<String> {
+    let Some(previous) = previous else {
+        return Some("the item has no previous snapshot to build on".into());
+    };
+    let (header, meta, _) = match crate::manifest::summary(previous) {
+        Ok(s) => s,
+        Err(e) => return Some(format!("the previous snapshot cannot be read: {e}")),
+    };
+    if header.block_size != req.block_size {
+        return Some("the previous snapshot has another block size".into());
+    }
+    if req.parent_point != Some(meta.point.as_str()) {
+        return Some(format!(
+            "the previous snapshot (point {}) is not the item's latest vault point ({})",
+            meta.point,
+            req.parent_point.unwrap_or("none")
+        ));
+    }
+    if remap.iter().any(Option::is_none) {
+        return Some("a pack of the previous snapshot is missing".into());
+    }
+    let parent = Parent {
+        point: Some(meta.point.clone()),
+        image_size: header.image_size,
+        generation: meta.cbt.as_ref().and_then(|c| c.generation.clone()),
+        source: meta.cbt.as_ref().map(|c| c.source.clone()),
+    };
+    hint.check(Some(&parent), req.source.size())
+}
+
+/// What one pass read.
+struct PassRead {
+    bytes_read: u64,
+    sampled: u64,
+    mismatches: u64,
+    first_mismatch: Option<u64>,
 }
 
 /// The image's change stamp, once it is at least a few coarse clock ticks
@@ -473,7 +622,10 @@ enum Block {
 }
 
 /// One pass over the image: entries to `writer`, new records to `pack`.
-/// Returns the bytes read.
+/// With a `hint` (its dirty extents and the sorted clean blocks to
+/// sample), clean blocks are taken from the previous snapshot unread and
+/// the sampled ones are read and compared with it.
+#[expect(clippy::too_many_arguments, reason = "one pass and its outputs")]
 fn chunk_pass(
     req: &CaptureRequest<'_>,
     against: Option<&Path>,
@@ -481,8 +633,10 @@ fn chunk_pass(
     pack: &mut PackWriter,
     pack_index: u16,
     writer: &mut SnapWriter,
+    hint: Option<(&Hint, &[u64])>,
     progress: &dyn Progress,
-) -> Result<u64> {
+) -> Result<PassRead> {
+    use std::sync::atomic::{AtomicU64, Ordering};
     let source = req.source;
     let bs = req.block_size as usize;
     let size = source.size();
@@ -494,6 +648,12 @@ fn chunk_pass(
         }
         None => None,
     };
+    if hint.is_some() && prev.is_none() {
+        return Err(SnapError::damaged(
+            source.path(),
+            "a changed-block hint needs the previous snapshot",
+        ));
+    }
     let encoders: Vec<std::sync::Mutex<RecordEncoder>> = (0..req.pool.current_num_threads().max(1))
         .map(|_| std::sync::Mutex::new(RecordEncoder::new(req.compression_level)))
         .collect();
@@ -505,7 +665,14 @@ fn chunk_pass(
     };
     let mut seen: HashMap<ChunkId, PackLoc> = HashMap::new();
     let mut throttle = Throttle::new(req.rate_limit);
-    let mut bytes_read = 0;
+    let mut read = PassRead {
+        bytes_read: 0,
+        sampled: 0,
+        mismatches: 0,
+        first_mismatch: None,
+    };
+    let first_mismatch = AtomicU64::new(u64::MAX);
+    let mismatches = AtomicU64::new(0);
     progress.start(size);
     let window_blocks = (WINDOW_BYTES / bs).max(1);
     let mut first = 0u64;
@@ -523,7 +690,34 @@ fn chunk_pass(
             Some(r) => r.next_entries(n)?,
             None => Vec::new(),
         };
-        let window = source.window(offset, len)?;
+        // Which blocks are read: all of them, or a hint's dirty and
+        // sampled ones.
+        let (dirty, sampled) = match hint {
+            Some((h, samples)) => {
+                let mut sampled = vec![false; n];
+                let from = samples.partition_point(|&b| b < first);
+                for &b in samples.get(from..).unwrap_or_default() {
+                    match sampled.get_mut((b - first) as usize) {
+                        Some(flag) => *flag = true,
+                        None => break,
+                    }
+                }
+                read.sampled += sampled.iter().filter(|&&s| s).count() as u64;
+                (Some(h.dirty_mask(bs as u64, first, n)), sampled)
+            }
+            None => (None, Vec::new()),
+        };
+        let wanted = |i: usize| {
+            dirty
+                .as_ref()
+                .is_none_or(|d| d.get(i).copied().unwrap_or(true) || sampled.get(i) == Some(&true))
+        };
+        let ranges = wanted_ranges(n, bs, len, &wanted);
+        let window = if ranges.is_empty() {
+            None
+        } else {
+            Some(source.window_for(offset, len, &ranges)?)
+        };
         // While this window is hashed and compressed by the pool, one
         // thread appends the previous window's records and entries.
         let previous = ready.take();
@@ -539,19 +733,51 @@ fn chunk_pass(
                         .map_init(
                             || Vec::with_capacity(bs),
                             |copy, i| {
+                                let reuse = |e: Option<&SnapEntry>| -> Result<Block> {
+                                    let e = e.ok_or_else(|| {
+                                        SnapError::damaged(
+                                            source.path(),
+                                            "the previous snapshot ends early",
+                                        )
+                                    })?;
+                                    if e.id.is_none() {
+                                        return Ok(Block::Zero);
+                                    }
+                                    let mut e = *e;
+                                    e.loc.pack = renumber
+                                        .get(usize::from(e.loc.pack))
+                                        .copied()
+                                        .flatten()
+                                        .ok_or_else(|| {
+                                            SnapError::damaged(
+                                                source.path(),
+                                                "a pack of the previous snapshot is missing",
+                                            )
+                                        })?;
+                                    Ok(Block::Reuse(e))
+                                };
+                                let Some(window) = window.as_ref().filter(|_| wanted(i)) else {
+                                    return reuse(before.get(i));
+                                };
                                 let start = i * bs;
                                 let end = (start + bs).min(len);
-                                if window.is_hole(start..end) {
-                                    return Ok(Block::Zero);
+                                let id = if window.is_hole(start..end) {
+                                    None
+                                } else {
+                                    let bytes = window.bytes().get(start..end).unwrap_or_default();
+                                    copy.clear();
+                                    copy.extend_from_slice(bytes);
+                                    (!is_zero(copy)).then(|| ChunkId::of(copy))
+                                };
+                                if sampled.get(i) == Some(&true)
+                                    && before.get(i).and_then(|e| e.id) != id
+                                {
+                                    mismatches.fetch_add(1, Ordering::Relaxed);
+                                    first_mismatch.fetch_min(first + i as u64, Ordering::Relaxed);
                                 }
-                                let bytes = window.bytes().get(start..end).unwrap_or_default();
-                                copy.clear();
-                                copy.extend_from_slice(bytes);
-                                let bytes = copy.as_slice();
-                                if is_zero(bytes) {
+                                let Some(id) = id else {
                                     return Ok(Block::Zero);
-                                }
-                                let id = ChunkId::of(bytes);
+                                };
                                 if let Some(e) = before.get(i).filter(|e| e.id == Some(id))
                                     && let Some(Some(pack)) = renumber.get(usize::from(e.loc.pack))
                                 {
@@ -562,13 +788,13 @@ fn chunk_pass(
                                 let mut enc = encoder().ok_or_else(|| {
                                     SnapError::damaged(source.path(), "no encoder for a worker")
                                 })?;
-                                let record = enc.encode(id, bytes).map_err(|e| {
+                                let record = enc.encode(id, copy).map_err(|e| {
                                     SnapError::damaged(
                                         source.path(),
                                         format!("cannot encode a block: {e}"),
                                     )
                                 })?;
-                                Ok(Block::New(id, record, Node::decode(bytes).is_ok()))
+                                Ok(Block::New(id, record, Node::decode(copy).is_ok()))
                             },
                         )
                         .collect()
@@ -580,8 +806,23 @@ fn chunk_pass(
             )
         });
         stored?;
-        bytes_read += window.data_len();
-        window.finish()?;
+        if let Some(window) = window {
+            read.bytes_read += if dirty.is_some() {
+                ranges
+                    .iter()
+                    .map(|r| {
+                        (r.start..r.end)
+                            .step_by(bs)
+                            .filter(|&s| !window.is_hole(s..(s + bs).min(r.end)))
+                            .map(|s| ((s + bs).min(r.end) - s) as u64)
+                            .sum::<u64>()
+                    })
+                    .sum()
+            } else {
+                window.data_len()
+            };
+            window.finish()?;
+        }
         source.check_unchanged()?;
         ready = Some(out);
         progress.advance(len as u64);
@@ -594,7 +835,28 @@ fn chunk_pass(
     // (An image that shrank leaves the previous snapshot's tail unread.)
     drop(prev);
     progress.finish();
-    Ok(bytes_read)
+    read.mismatches = mismatches.into_inner();
+    read.first_mismatch = Some(first_mismatch.into_inner()).filter(|&b| b != u64::MAX);
+    Ok(read)
+}
+
+/// The byte ranges (relative to a window of `n` blocks, `len` bytes) of
+/// the blocks `wanted` selects, merged.
+pub fn wanted_ranges(
+    n: usize,
+    bs: usize,
+    len: usize,
+    wanted: &dyn Fn(usize) -> bool,
+) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for i in (0..n).filter(|&i| wanted(i)) {
+        let (a, b) = (i * bs, ((i + 1) * bs).min(len));
+        match out.last_mut() {
+            Some(last) if last.end == a => last.end = b,
+            _ => out.push(a..b),
+        }
+    }
+    out
 }
 
 /// Appends a window's new records to the pack (once each, within the

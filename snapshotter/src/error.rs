@@ -19,6 +19,14 @@ pub enum SnapError {
     #[error(transparent)]
     Store(#[from] StoreError),
 
+    /// An NBD export cannot be reached or read.
+    #[error("NBD export {uri}: {reason}")]
+    Nbd { uri: String, reason: String },
+
+    /// A changed-block list cannot be used.
+    #[error("changed-block list {path}: {reason}")]
+    ChangedBlocks { path: PathBuf, reason: String },
+
     /// The image does not exist.
     #[error("image {path} does not exist")]
     SourceNotFound { path: PathBuf },

@@ -328,6 +328,9 @@ mod tests {
                 hooks: &Hooks::default(),
                 vault_dir: vault,
                 allow_clone: false,
+                hint: None,
+                sampling: Default::default(),
+                parent_point: None,
             },
             &NoProgress,
         )

@@ -13,12 +13,14 @@
 
 pub mod area;
 pub mod capture;
+pub mod cbt;
 pub mod clone;
 pub mod error;
 pub mod expiry;
 pub mod hooks;
 pub mod in_use;
 pub mod manifest;
+pub mod nbd;
 pub mod pack;
 pub mod progress;
 pub mod read;

@@ -118,6 +118,10 @@ pub struct SnapMeta {
     /// What went less than perfectly (a failed hook, retries).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// How a changed-block source was used by this capture, and its
+    /// generation (the next capture checks its source against it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cbt: Option<coffre_vault_store::CbtRecord>,
 }
 
 /// Where a block's record lies.
@@ -665,6 +669,7 @@ mod tests {
             packs: vec!["a.pack".into(), "b.pack".into()],
             clone: None,
             warnings: vec![],
+            cbt: None,
         }
     }
 

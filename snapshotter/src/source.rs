@@ -26,6 +26,13 @@ pub trait ImageSource: Sync {
     fn path(&self) -> &Path;
     /// Bytes `offset..offset + len` and which parts of them hold data.
     fn window(&self, offset: u64, len: usize) -> Result<Window<'_>>;
+    /// Like [`ImageSource::window`], for a caller that will only look at
+    /// the `wanted` byte ranges (relative to `offset`): a source that must
+    /// fetch bytes (NBD) fetches only those, and the rest reads as zeros.
+    fn window_for(&self, offset: u64, len: usize, wanted: &[Range<usize>]) -> Result<Window<'_>> {
+        let _ = wanted;
+        self.window(offset, len)
+    }
     /// Fails with [`SnapError::SourceChanged`] if the image changed size.
     fn check_unchanged(&self) -> Result<()>;
     /// When the image was last written, to detect writes during a capture
@@ -58,6 +65,7 @@ impl ChangeStamp {
 enum Hold<'a> {
     Map(Mmap),
     Slice(&'a [u8]),
+    Owned(Vec<u8>),
     Empty,
 }
 
@@ -70,13 +78,25 @@ pub struct Window<'a> {
     path: &'a Path,
 }
 
-impl Window<'_> {
+impl<'a> Window<'a> {
     /// The window's bytes (holes read as zeros).
     pub fn bytes(&self) -> &[u8] {
         match &self.hold {
             Hold::Map(m) => m,
             Hold::Slice(s) => s,
+            Hold::Owned(v) => v,
             Hold::Empty => &[],
+        }
+    }
+
+    /// A window of bytes fetched into memory; `data` (sorted, disjoint,
+    /// relative to the window) says where they hold data.
+    pub fn owned(bytes: Vec<u8>, data: Vec<Range<usize>>, path: &'a Path) -> Self {
+        Window {
+            guard: None,
+            hold: Hold::Owned(bytes),
+            data,
+            path,
         }
     }
 

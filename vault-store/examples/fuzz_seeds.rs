@@ -158,6 +158,7 @@ fn main() {
         retain_until: None,
         job: Some("0000000000000007".into()),
         level: None,
+        cbt: None,
     });
     let copy = catalog_files::encode_copy(&CopyIdentity {
         vault_id: "0123456789abcdef".into(),

@@ -172,6 +172,36 @@ pub struct PointRecord {
     /// snapshots had levels).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<crate::level::Level>,
+    /// How a changed-block source was used (absent: none was given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cbt: Option<CbtRecord>,
+}
+
+/// What a changed-block source said and how far it was trusted, recorded
+/// with the snapshot and the point: the next backup checks its source's
+/// generation against `generation`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CbtRecord {
+    /// `list`, `bitmap` or `reflink`.
+    pub source: String,
+    /// The source's generation at this capture (a bitmap's name, a list's
+    /// `generation`, the clone a reflink diff starts from next time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<String>,
+    /// True when only the source's dirty blocks (and the sample) were
+    /// read; false when the run fell back to a full scan.
+    pub used: bool,
+    /// Why the run fell back to a full scan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    /// Blocks the source called dirty.
+    pub dirty_blocks: u64,
+    /// Bytes the source called dirty (its own extents).
+    pub dirty_bytes: u64,
+    /// Clean blocks re-read and compared with the parent point.
+    pub sampled: u64,
+    /// Sampled blocks that were not what the parent point holds.
+    pub mismatches: u64,
 }
 
 /// Checks an item name: 1-128 characters of letters, digits, `.`, `_`,

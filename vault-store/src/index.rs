@@ -490,6 +490,10 @@ impl Index {
         opts.set_max_log_file_size(4 << 20);
         opts.set_write_buffer_size(16 << 20);
         opts.increase_parallelism(2);
+        // RocksDB opens table files with 16 threads per column family by
+        // default: a hundred and more thread starts on every open, for a
+        // handful of small files.
+        opts.set_max_file_opening_threads(1);
         opts
     }
 
@@ -538,6 +542,7 @@ impl Index {
     fn open_read_once(path: &Path) -> Result<Self> {
         let mut opts = Options::default();
         opts.create_if_missing(false);
+        opts.set_max_file_opening_threads(1);
         let existing = DB::list_cf(&opts, path).map_err(|source| StoreError::Index {
             path: path.to_path_buf(),
             source,

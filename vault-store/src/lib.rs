@@ -48,7 +48,7 @@ pub mod store;
 #[cfg(feature = "index")]
 pub mod vault;
 
-pub use catalog::{ItemRecord, PointRecord, PointStats, Protection, SourceIdentity};
+pub use catalog::{CbtRecord, ItemRecord, PointRecord, PointStats, Protection, SourceIdentity};
 pub use chunk_id::ChunkId;
 pub use config::{Redundancy, VaultConfig};
 pub use error::{Result, StoreError};

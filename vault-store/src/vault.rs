@@ -1201,6 +1201,7 @@ mod tests {
             retain_until: None,
             job: None,
             level: None,
+            cbt: None,
         });
         s.reference_root(root_id);
         s.commit(b).unwrap();

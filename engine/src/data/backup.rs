@@ -26,6 +26,7 @@ use std::time::Instant;
 
 use coffre_snapshotter::area::{Area, AreaIdentity};
 use coffre_snapshotter::capture::{CaptureRequest, Captured, WINDOW_BYTES, capture, is_zero};
+use coffre_snapshotter::cbt::{CbtRecord, Hint, Parent, Sampling};
 use coffre_snapshotter::manifest::FLAG_NODE;
 use coffre_snapshotter::pack::RecordBuf;
 use coffre_snapshotter::read::{SnapWindow, SnapshotBlocks};
@@ -66,6 +67,11 @@ pub struct BackupOptions {
     /// Where default snapshot areas go instead of `.coffre-snapshots` at
     /// the root of the image's filesystem.
     pub snapshot_root: Option<PathBuf>,
+    /// A changed-block hint (a given list or a dirty bitmap); clone
+    /// snapshots also get one from reflink extent sharing.
+    pub hint: Option<Hint>,
+    /// How many clean blocks a hint is checked on.
+    pub sampling: Sampling,
 }
 
 impl BackupOptions {
@@ -80,6 +86,8 @@ impl BackupOptions {
             hooks: Hooks::default(),
             allow_clone: true,
             snapshot_root: None,
+            hint: None,
+            sampling: Sampling::default(),
         }
     }
 }
@@ -102,6 +110,9 @@ pub struct BackupOutcome {
     pub point: PointRecord,
     /// True when this backup created the item.
     pub new_item: bool,
+    /// What the transfer did less than perfectly (a changed-block hint it
+    /// could not trust).
+    pub warnings: Vec<String>,
 }
 
 /// Builds a rayon pool of `threads` workers (0 = one per core).
@@ -134,6 +145,8 @@ pub struct SnapshotOptions<'a> {
     pub pool: &'a rayon::ThreadPool,
     /// Polled between windows; `true` cancels.
     pub cancelled: &'a (dyn Fn() -> bool + Sync),
+    /// The item's latest vault point (a hint must be relative to it).
+    pub parent_point: Option<&'a str>,
 }
 
 /// The snapshot phase: captures `source` into the vault's snapshot area
@@ -175,6 +188,9 @@ pub fn take_snapshot(
             hooks: &opts.hooks,
             vault_dir,
             allow_clone: opts.allow_clone,
+            hint: opts.hint.as_ref(),
+            sampling: opts.sampling,
+            parent_point: snap.parent_point,
         },
         progress,
     )?)
@@ -192,6 +208,7 @@ pub fn backup(
     let pool = thread_pool(opts.threads)?;
     let created = clock.now();
     let job = format!("direct{:x}", created.as_nanosecond());
+    let parent = vault.points(&opts.item)?.pop().map(|p| p.id);
     let snap = take_snapshot(
         vault.dir(),
         vault.config(),
@@ -202,6 +219,7 @@ pub fn backup(
             created,
             pool: &pool,
             cancelled: &|| false,
+            parent_point: parent.as_deref(),
         },
         &NoProgress,
     )?;
@@ -252,6 +270,17 @@ pub fn transfer(
         _ => None,
     };
 
+    let transfer_read = std::sync::atomic::AtomicU64::new(0);
+    let (hint, cbt, warnings) = transfer_hint(
+        snap,
+        previous.as_ref(),
+        prev_map.as_mut(),
+        &snapshot,
+        cfg.block_size,
+        &opts.sampling,
+        &transfer_read,
+    )?;
+
     let encoders = PerThread::new(pool, || RecordEncoder::new(cfg.compression_level));
     let records = PerThread::new(pool, RecordBuf::default);
     let mut node_encoder = RecordEncoder::new(cfg.compression_level);
@@ -286,11 +315,25 @@ pub fn transfer(
             None => vec![None; n],
         };
         let window = snapshot.window(first, n, offset, len)?;
+        let dirty = hint.map(|h| h.dirty_mask(u64::from(cfg.block_size), first, n));
         // Which blocks are zero, the same as before, or already stored.
         let classes: Vec<Result<Outcome>> = pool.install(|| {
             (0..n)
                 .into_par_iter()
                 .map(|i| {
+                    // A checked hint's clean blocks are the parent's, unread
+                    // (unless the parent's chunk is damaged: reading heals it).
+                    if dirty.as_ref().is_some_and(|d| d.get(i) == Some(&false)) {
+                        match prev.get(i).copied().flatten() {
+                            None => return Ok(Outcome::Zero),
+                            Some(id) if !session.is_damaged(&id) => return Ok(Outcome::Same(id)),
+                            Some(_) => {}
+                        }
+                    }
+                    if let Some((None, Some(bytes))) = window.block(i) {
+                        transfer_read
+                            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
                     // Chunk snapshots know each block's id already; clones
                     // are hashed here.
                     let id = match window.block(i) {
@@ -356,7 +399,7 @@ pub fn transfer(
     let root_id = store_node(&mut session, &mut node_encoder, &root, &mut stats)?;
 
     let created = snap_created(snap);
-    stats.bytes_read = snap.bytes_read;
+    stats.bytes_read = snap.bytes_read + transfer_read.into_inner();
     stats.stored_bytes = session.appended_bytes();
     stats.duration_ms = started.elapsed().as_millis() as u64 + snap.duration_ms;
     let mut item = existing.clone().unwrap_or_else(|| ItemRecord {
@@ -386,6 +429,7 @@ pub fn transfer(
         retain_until: terms.retain_until,
         job: terms.job.clone(),
         level: Some(snap.meta.level),
+        cbt,
     };
     let mut batch = IndexBatch::default();
     batch.put_item(item);
@@ -396,7 +440,100 @@ pub fn transfer(
     Ok(BackupOutcome {
         point,
         new_item: existing.is_none(),
+        warnings,
     })
+}
+
+/// The hint the transfer of a clone snapshot may use, once checked
+/// against the parent point and sampled, with what is recorded of it and
+/// the warnings a fallback makes. Chunk snapshots used theirs at capture
+/// time: their record is passed on.
+fn transfer_hint<'s>(
+    snap: &'s Captured,
+    previous: Option<&PointRecord>,
+    prev_map: Option<&mut BlockMapReader<'_>>,
+    snapshot: &SnapshotBlocks,
+    block_size: u32,
+    sampling: &Sampling,
+    bytes_read: &std::sync::atomic::AtomicU64,
+) -> Result<(Option<&'s Hint>, Option<CbtRecord>, Vec<String>)> {
+    let size = snap.header.image_size;
+    let bs = u64::from(block_size);
+    let blocks = block_count(size, block_size);
+    let Some(hint) = snap.transfer_hint.as_ref() else {
+        // A clone with nothing to compare with starts the reflink chain.
+        let cbt = snap.meta.cbt.clone().or_else(|| {
+            snap.meta.clone.as_ref().map(|name| CbtRecord {
+                source: "reflink".into(),
+                generation: Some(name.clone()),
+                fallback: Some("no previous clone snapshot to compare extents with".into()),
+                ..CbtRecord::default()
+            })
+        });
+        return Ok((None, cbt, Vec::new()));
+    };
+    let mut record = hint.record(bs, blocks, None);
+    let parent = previous.map(|p| Parent {
+        point: Some(p.id.clone()),
+        image_size: p.image_size,
+        generation: p.cbt.as_ref().and_then(|c| c.generation.clone()),
+        source: p.cbt.as_ref().map(|c| c.source.clone()),
+    });
+    let mut why = match (prev_map.as_ref(), snapshot.clone_image()) {
+        (None, _) => Some("there is no parent point with this block size".to_string()),
+        (_, None) => Some("the snapshot has no clone to read".to_string()),
+        _ => hint.check(parent.as_ref(), size),
+    };
+    if why.is_none()
+        && let (Some(map), Some(image)) = (prev_map, snapshot.clone_image())
+    {
+        let samples = hint.sample(bs, blocks, *sampling, &snap.meta.job);
+        record.sampled = samples.len() as u64;
+        let mut first = None;
+        for &b in &samples {
+            let offset = b * bs;
+            let len = (size - offset).min(bs) as usize;
+            let window = image.window(offset, len)?;
+            if !window.is_hole(0..len) {
+                bytes_read.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            let id = (!window.is_hole(0..len))
+                .then(|| window.bytes())
+                .filter(|bytes| !is_zero(bytes))
+                .map(ChunkId::of);
+            window.finish()?;
+            if map.entries(b, 1)?.first().copied().flatten() != id {
+                record.mismatches += 1;
+                first.get_or_insert(b);
+            }
+        }
+        if record.mismatches > 0 {
+            why = Some(format!(
+                "{} of {} sampled clean blocks differ from the parent point (first: block {})",
+                record.mismatches,
+                record.sampled,
+                first.unwrap_or_default()
+            ));
+        }
+    }
+    match why {
+        None => Ok((Some(hint), Some(record), Vec::new())),
+        Some(why) => {
+            let warning = format!(
+                "changed-block {} not used, full scan: {why}",
+                hint.source.name()
+            );
+            record.used = false;
+            record.fallback = Some(why);
+            // An item's first point has nothing to build on: not a warning.
+            let warnings = if previous.is_some() {
+                vec![warning]
+            } else {
+                Vec::new()
+            };
+            Ok((None, Some(record), warnings))
+        }
+    }
 }
 
 /// The record of a block the vault lacks: copied from the snapshot's pack

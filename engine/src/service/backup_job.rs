@@ -156,6 +156,10 @@ pub fn run_backup_job(
                 r.stats
                     .insert("stored_bytes".into(), p.stats.stored_bytes.into());
                 r.stats.insert("image_size".into(), p.image_size.into());
+                if let Some(cbt) = &p.cbt {
+                    r.stats
+                        .insert("cbt".into(), serde_json::to_value(cbt).unwrap_or_default());
+                }
             })?;
             let note = (!degraded.is_empty()).then(|| degraded.join("; "));
             job.set_phase(now(clock), TRANSFER, PhaseStatus::Completed, note)?;
@@ -203,6 +207,15 @@ fn snapshot_phase(
     let pool = thread_pool(opts.backup.threads)?;
     let id = job.id().to_string();
     let stop = opts.stop;
+    // A changed-block hint must be relative to the item's latest point.
+    let parent_point = match (&opts.backup.hint, &opts.writer) {
+        (None, _) => None,
+        (Some(_), Writer::Held(v)) => v.points(item)?.pop().map(|p| p.id),
+        (Some(_), Writer::Open(_)) => Vault::open(vault_dir, Access::ReadOnly)?
+            .points(item)?
+            .pop()
+            .map(|p| p.id),
+    };
     let running: &RunningJob = job;
     let cancelled = || stop() || running.cancel_requested();
     let snap = take_snapshot(
@@ -215,6 +228,7 @@ fn snapshot_phase(
             created: now(clock),
             pool: &pool,
             cancelled: &cancelled,
+            parent_point: parent_point.as_deref(),
         },
         progress,
     )
@@ -282,7 +296,7 @@ fn transfer_phase(
     )?;
     // Copies a degraded writer left out: the point is on fewer copies than
     // the vault is meant to have.
-    let degraded = vault
+    let mut degraded: Vec<String> = vault
         .copies()
         .unavailable()
         .iter()
@@ -296,6 +310,7 @@ fn transfer_phase(
             )
         })
         .collect();
+    degraded.extend(out.warnings);
     Ok((out.point, degraded))
 }
 

@@ -46,7 +46,7 @@ pub fn protect(
     coffre_vault_store::catalog::validate_item_name(name).map_err(EngineError::InvalidItemName)?;
     let pol = policies::get(vault, policy)?;
     let tz = pol.tz()?;
-    if !image.exists() {
+    if !image.exists() && !coffre_snapshotter::nbd::is_nbd_uri(&image.to_string_lossy()) {
         return Err(coffre_snapshotter::SnapError::SourceNotFound {
             path: image.to_path_buf(),
         }

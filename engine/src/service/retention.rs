@@ -156,6 +156,7 @@ mod tests {
             retain_until: None,
             job: None,
             level: None,
+            cbt: None,
         }
     }
 

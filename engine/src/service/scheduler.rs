@@ -24,7 +24,6 @@ use crate::progress::NoProgress;
 use crate::prune::{PruneReport, prune};
 use crate::registry::Registry;
 use crate::schedule::due_slot;
-use crate::source::FileImage;
 
 /// Settings of a pass.
 pub struct PassOptions<'a> {
@@ -95,11 +94,11 @@ pub fn run_pass(
             continue;
         };
         tracing::info!(item = %item.name, %slot, "scheduled backup due");
-        let run = match FileImage::open(&item.source) {
+        let run = match coffre_snapshotter::nbd::open_any(&item.source) {
             Ok(source) => {
                 let out = run_backup_job(
                     vault.dir(),
-                    &source,
+                    &*source,
                     JobOptions {
                         backup: BackupOptions {
                             item: item.name.clone(),
@@ -109,6 +108,8 @@ pub fn run_pass(
                             hooks: item.hooks.clone(),
                             allow_clone: true,
                             snapshot_root: opts.snapshot_root.map(Into::into),
+                            hint: None,
+                            sampling: Default::default(),
                         },
                         terms: PointTerms {
                             scheduled: true,
