@@ -5,6 +5,7 @@ mod common;
 
 mod backup_restore_roundtrip;
 mod bad_input;
+mod bench_smoke;
 mod changed_blocks;
 mod copy_invariants;
 mod crash_kill;

@@ -132,5 +132,97 @@ fn full_backup(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hashing, compression, records, full_backup);
+fn decompression(c: &mut Criterion) {
+    let block = sample(BLOCK, 5);
+    let packed = zstd::bulk::compress(&block, 1).unwrap();
+    let mut d = zstd::bulk::Decompressor::new().unwrap();
+    let mut g = c.benchmark_group("decompress");
+    g.throughput(Throughput::Bytes(BLOCK as u64));
+    g.bench_function("zstd1_64k", |b| {
+        b.iter(|| d.decompress(black_box(&packed), BLOCK).unwrap())
+    });
+    g.finish();
+}
+
+/// Changed-block hints: the per-window dirty mask, the sample of clean
+/// blocks, the reflink extent diff and parsing a list.
+fn changed_blocks(c: &mut Criterion) {
+    use coffre_snapshotter::cbt::{Hint, HintSource, Sampling, list, reflink};
+    // 2 GiB in 64 KiB blocks, 300 extents of 64-256 KiB.
+    let blocks = 32_768u64;
+    let extents: Vec<std::ops::Range<u64>> = (0..300u64)
+        .map(|i| {
+            let at = i * 7_000_000 + 4096;
+            at..at + 65_536 + (i % 4) * 65_536
+        })
+        .collect();
+    let hint = Hint::new(HintSource::List, extents.clone());
+    let mut g = c.benchmark_group("cbt");
+    g.bench_function("mask_2GiB", |b| {
+        b.iter(|| {
+            (0..blocks)
+                .step_by(512)
+                .map(|first| hint.dirty_mask(65_536, first, 512).len())
+                .sum::<usize>()
+        })
+    });
+    g.bench_function("sample_2GiB", |b| {
+        b.iter(|| hint.sample(65_536, blocks, Sampling::default(), "job"))
+    });
+    let json = list::to_json(&hint);
+    g.bench_function("parse_list_300", |b| {
+        b.iter(|| list::parse(black_box(json.as_bytes())).unwrap())
+    });
+    let e = |l: u64, p: u64, n: u64| reflink::Extent {
+        logical: l,
+        physical: p,
+        length: n,
+        flags: 0,
+    };
+    let old: Vec<reflink::Extent> = (0..4096)
+        .map(|i| e(i << 19, 1 << 40 | i << 19, 1 << 19))
+        .collect();
+    let mut new = old.clone();
+    for (i, x) in new.iter_mut().enumerate().step_by(13) {
+        x.physical = 1 << 41 | (i as u64) << 19;
+    }
+    g.bench_function("reflink_diff_4096_extents", |b| {
+        b.iter(|| reflink::changed(black_box(&new), black_box(&old), 1 << 31))
+    });
+    g.finish();
+}
+
+fn restore_stage(c: &mut Criterion) {
+    const SIZE: usize = 64 << 20;
+    let image = sample(SIZE, 6);
+    let (dir, vault) = fresh_vault();
+    let src = MemImage::new("bench.img", image);
+    let opts = BackupOptions::new("bench", "/bench.img");
+    backup(&vault, &src, &opts, &SystemClock, &NoProgress).unwrap();
+    let point = coffre_engine::points::select_point(&vault, "bench", "latest").unwrap();
+    let mut g = c.benchmark_group("restore");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(SIZE as u64));
+    let out = dir.path().join("out.img");
+    g.bench_function("vault_64MiB", |b| {
+        b.iter(|| {
+            let _ = std::fs::remove_file(&out);
+            let mut o = coffre_engine::RestoreOptions::new(&out);
+            o.from = coffre_engine::restore::RestoreFrom::Vault;
+            coffre_engine::restore(&vault, &point, &o, &NoProgress).unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    hashing,
+    compression,
+    decompression,
+    records,
+    changed_blocks,
+    full_backup,
+    restore_stage
+);
 criterion_main!(benches);

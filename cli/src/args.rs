@@ -315,6 +315,27 @@ pub enum Command {
         threads: ThreadsArg,
     },
 
+    /// Measure this machine: BLAKE3, zstd, chunk encode/decode and a whole
+    /// backup and restore of a generated image, each next to the machine's
+    /// own reference (b3sum, zstd -b, a page-cache read).
+    Bench {
+        /// Size of the generated image for the end-to-end stages.
+        #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = crate::units::parse_size)]
+        size: u64,
+        /// zstd level (default: a new vault's).
+        #[arg(long)]
+        level: Option<i32>,
+        /// Block size (default: a new vault's).
+        #[arg(long, value_parser = crate::units::parse_size)]
+        block_size: Option<u64>,
+        /// Where the image and the temporary vault go (default: the
+        /// system's temporary directory).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        threads: ThreadsArg,
+    },
+
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.

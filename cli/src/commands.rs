@@ -186,6 +186,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rate_limit,
             threads,
         } => crate::maintenance_cmd::run_due(&ctx, &vault.vault, rate_limit, threads.threads),
+        Command::Bench {
+            size,
+            level,
+            block_size,
+            dir,
+            threads,
+        } => crate::bench_cmd::run(&ctx, size, level, block_size, dir, threads.threads),
         Command::Completions { shell } => crate::docs_cmd::completions(shell),
         Command::Man { dir } => crate::docs_cmd::man(dir.as_deref()),
         Command::Daemon {

@@ -3,6 +3,7 @@
 
 mod args;
 mod backup_cmd;
+mod bench_cmd;
 mod commands;
 mod ctx;
 mod daemon;

@@ -25,6 +25,10 @@ pub enum EngineError {
     #[error(transparent)]
     Snap(#[from] SnapError),
 
+    /// `coffre bench` could not run a stage.
+    #[error("benchmark failed: {0}")]
+    Bench(String),
+
     /// An item name breaks the naming rule.
     #[error("{0}")]
     InvalidItemName(String),

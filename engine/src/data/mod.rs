@@ -2,10 +2,12 @@
 //! backup ([`backup`]), reading a point's block map back ([`reader`]),
 //! restore ([`restore`], to a target [`restore_target`] owns), verify
 //! ([`verify`]), the points of both tiers ([`points`]) and per-thread
-//! scratch state ([`per_thread`]). Reading images and the snapshot phase
+//! scratch state ([`per_thread`]); [`bench`] measures every stage of it
+//! against the machine's own references. Reading images and the snapshot phase
 //! itself are `coffre-snapshotter`'s.
 
 pub mod backup;
+pub mod bench;
 pub mod per_thread;
 pub mod points;
 pub mod reader;

@@ -1,0 +1,461 @@
+//! `coffre bench`: what this machine does with coffre's data path, stage
+//! by stage, each figure next to the machine's own reference for the same
+//! work, like `proxmox-backup-client benchmark`:
+//!
+//! | stage | what | reference |
+//! |---|---|---|
+//! | `read` | page-cache read of the generated image | — (it is the reference) |
+//! | `blake3-1` / `blake3-all` | chunk ids of 64 KiB blocks, one / all threads | `b3sum --num-threads 1` / `b3sum` |
+//! | `zstd-compress` / `zstd-decompress` | the vault's level, per block, one thread | `zstd -b<level> --single-thread` |
+//! | `chunk-encode` / `chunk-decode` | a whole record: compress + CRC / CRC + decompress + BLAKE3 check, one thread | the zstd figures |
+//! | `backup` / `restore` | end to end over a generated image in a temporary vault | `read` |
+//!
+//! External references are skipped (and say so) where the tool is not
+//! installed. Ratios are what to compare: the machines are shared.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use coffre_vault_store::ChunkId;
+use coffre_vault_store::record::{RecordDecoder, RecordEncoder, RecordHeader};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::clock::SystemClock;
+use crate::error::{EngineError, Result};
+use crate::progress::NoProgress;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Size of the generated image (bytes).
+    pub image_size: u64,
+    /// zstd level (the vault default unless given).
+    pub level: i32,
+    /// Block size.
+    pub block_size: u32,
+    /// Worker threads (0 = all cores).
+    pub threads: usize,
+    /// Where the image and the vault go (a temporary folder inside it).
+    pub dir: std::path::PathBuf,
+}
+
+/// A reference figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reference {
+    /// What was run.
+    pub name: String,
+    /// MiB/s, when it ran.
+    pub mib_per_s: Option<f64>,
+    /// Why it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+/// One stage's figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stage {
+    /// Stage name.
+    pub name: &'static str,
+    /// What it measures.
+    pub what: String,
+    /// MiB of input per second.
+    pub mib_per_s: f64,
+    /// The machine's reference for the same work.
+    pub reference: Option<Reference>,
+    /// `mib_per_s` / the reference's.
+    pub ratio: Option<f64>,
+}
+
+/// Everything `coffre bench` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Threads used.
+    pub threads: usize,
+    /// Image size (bytes).
+    pub image_size: u64,
+    /// Compressed / plain on the generated data.
+    pub compression_ratio: f64,
+    /// zstd level.
+    pub level: i32,
+    /// The stages.
+    pub stages: Vec<Stage>,
+}
+
+/// Deterministic data that compresses like a filesystem image: text runs,
+/// incompressible runs, zero runs and holes-to-be, about 2:1 with zstd 1.
+pub fn generated(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    const WORDS: [&[u8]; 8] = [
+        b"kernel: ",
+        b"vault ",
+        b"block ",
+        b"image\n",
+        b"restore ",
+        b"0x7f3a ",
+        b"ok ",
+        b"eth0 ",
+    ];
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let run = 4096 + (next() % 120_000) as usize;
+        let end = (out.len() + run).min(len);
+        match next() % 8 {
+            0..=3 => {
+                while out.len() < end {
+                    out.extend_from_slice(WORDS[(next() % 8) as usize]);
+                }
+                out.truncate(end);
+            }
+            4 | 5 => {
+                while out.len() < end {
+                    out.extend_from_slice(&next().to_le_bytes());
+                }
+                out.truncate(end);
+            }
+            _ => out.resize(end, 0),
+        }
+    }
+    out
+}
+
+fn mib_s(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / secs.max(1e-9)
+}
+
+/// Runs `f` until at least `min_secs` passed (at least once); MiB/s of
+/// `bytes` per run.
+fn rate(bytes: u64, min_secs: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let t = Instant::now();
+    let mut runs = 0u64;
+    loop {
+        f()?;
+        runs += 1;
+        if t.elapsed().as_secs_f64() >= min_secs {
+            break;
+        }
+    }
+    Ok(mib_s(bytes * runs, t.elapsed().as_secs_f64()))
+}
+
+fn tool_rate(name: &str, file_bytes: u64, cmd: &mut Command) -> Reference {
+    let t = Instant::now();
+    match cmd.output() {
+        Ok(o) if o.status.success() => Reference {
+            name: name.to_string(),
+            mib_per_s: Some(mib_s(file_bytes, t.elapsed().as_secs_f64())),
+            skipped: None,
+        },
+        Ok(o) => Reference {
+            name: name.to_string(),
+            mib_per_s: None,
+            skipped: Some(format!(
+                "failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+        },
+        Err(e) => Reference {
+            name: name.to_string(),
+            mib_per_s: None,
+            skipped: Some(format!("not installed ({e})")),
+        },
+    }
+}
+
+/// `zstd -b`: (compress, decompress) MiB/s from its report line
+/// `-1  431562622 (4.976) 1194.17 MB/s 3915.9 MB/s  name`.
+fn zstd_bench(file: &Path, level: i32) -> (Reference, Reference) {
+    let name_c = format!("zstd -b{level} --single-thread (compress)");
+    let name_d = format!("zstd -b{level} --single-thread (decompress)");
+    let out = Command::new("zstd")
+        .arg(format!("-b{level}"))
+        .args(["-i1", "--single-thread", "-q"])
+        .arg(file)
+        .output();
+    let skipped = |why: String| Reference {
+        name: String::new(),
+        mib_per_s: None,
+        skipped: Some(why),
+    };
+    let (c, d) = match out {
+        Ok(o) if o.status.success() => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let speeds: Vec<f64> = text
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .windows(2)
+                .filter(|w| w[1] == "MB/s")
+                .filter_map(|w| w[0].parse::<f64>().ok())
+                .map(|mb| mb * 1e6 / (1 << 20) as f64)
+                .collect();
+            match speeds.as_slice() {
+                [c, d, ..] => (
+                    Reference {
+                        name: String::new(),
+                        mib_per_s: Some(*c),
+                        skipped: None,
+                    },
+                    Reference {
+                        name: String::new(),
+                        mib_per_s: Some(*d),
+                        skipped: None,
+                    },
+                ),
+                _ => (
+                    skipped(format!("unreadable output {text:?}")),
+                    skipped(format!("unreadable output {text:?}")),
+                ),
+            }
+        }
+        Ok(o) => {
+            let why = format!("failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+            (skipped(why.clone()), skipped(why))
+        }
+        Err(e) => (
+            skipped(format!("not installed ({e})")),
+            skipped(format!("not installed ({e})")),
+        ),
+    };
+    (
+        Reference { name: name_c, ..c },
+        Reference { name: name_d, ..d },
+    )
+}
+
+fn stage(name: &'static str, what: String, mib_per_s: f64, reference: Option<Reference>) -> Stage {
+    let ratio = reference
+        .as_ref()
+        .and_then(|r| r.mib_per_s)
+        .map(|r| mib_per_s / r.max(1e-9));
+    Stage {
+        name,
+        what,
+        mib_per_s,
+        reference,
+        ratio,
+    }
+}
+
+/// Measures every stage.
+pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
+    let io = |e: std::io::Error| EngineError::Bench(e.to_string());
+    let dir = tempfile::Builder::new()
+        .prefix("coffre-bench-")
+        .tempdir_in(&opts.dir)
+        .map_err(io)?;
+    let pool = crate::backup::thread_pool(opts.threads)?;
+    let threads = pool.current_num_threads();
+    let bs = opts.block_size as usize;
+    // The sample the in-memory stages work on, and the image on disk.
+    let sample = generated(64 << 20, 7);
+    let image = dir.path().join("bench.img");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&image).map_err(io)?;
+        let mut written = 0u64;
+        let mut seed = 11;
+        while written < opts.image_size {
+            let n = (opts.image_size - written).min(64 << 20) as usize;
+            let part = generated(n, seed);
+            f.write_all(&part).map_err(io)?;
+            written += n as u64;
+            seed += 1;
+        }
+        f.sync_all().map_err(io)?;
+    }
+    let image_bytes = opts.image_size;
+    let mut stages = Vec::new();
+
+    // Page-cache read (after one warming read).
+    let read_file = || -> Result<()> {
+        let mut f = std::fs::File::open(&image).map_err(io)?;
+        let mut buf = vec![0u8; 4 << 20];
+        while f.read(&mut buf).map_err(io)? > 0 {}
+        Ok(())
+    };
+    read_file()?;
+    let read = rate(image_bytes, 0.5, read_file)?;
+    stages.push(stage(
+        "read",
+        "page-cache read of the generated image, 4 MiB reads".into(),
+        read,
+        None,
+    ));
+    let read_ref = || Reference {
+        name: "page-cache read".into(),
+        mib_per_s: Some(read),
+        skipped: None,
+    };
+
+    let blocks: Vec<&[u8]> = sample.chunks(bs).collect();
+    let sample_bytes = sample.len() as u64;
+    let b3_one = rate(sample_bytes, 0.5, || {
+        for b in &blocks {
+            std::hint::black_box(ChunkId::of(b));
+        }
+        Ok(())
+    })?;
+    let b3sum_one = tool_rate(
+        "b3sum --num-threads 1",
+        image_bytes,
+        Command::new("b3sum")
+            .args(["--num-threads", "1"])
+            .arg(&image),
+    );
+    stages.push(stage(
+        "blake3-1",
+        format!("chunk ids of {} KiB blocks, one thread", bs >> 10),
+        b3_one,
+        Some(b3sum_one),
+    ));
+    let b3_all = rate(sample_bytes, 0.5, || {
+        pool.install(|| {
+            blocks.par_iter().for_each(|b| {
+                std::hint::black_box(ChunkId::of(b));
+            })
+        });
+        Ok(())
+    })?;
+    let b3sum_all = tool_rate("b3sum", image_bytes, Command::new("b3sum").arg(&image));
+    stages.push(stage(
+        "blake3-all",
+        format!("chunk ids, {threads} threads"),
+        b3_all,
+        Some(b3sum_all),
+    ));
+
+    // Compression at the vault's level, block by block.
+    let mut z = zstd::bulk::Compressor::new(opts.level).map_err(io)?;
+    let mut compressed: Vec<Vec<u8>> = Vec::with_capacity(blocks.len());
+    let c = rate(sample_bytes, 0.5, || {
+        compressed.clear();
+        for b in &blocks {
+            compressed.push(z.compress(b).map_err(io)?);
+        }
+        Ok(())
+    })?;
+    let packed: u64 = compressed.iter().map(|c| c.len() as u64).sum();
+    let (zc, zd) = zstd_bench(&image, opts.level);
+    stages.push(stage(
+        "zstd-compress",
+        format!("zstd level {} per block, one thread", opts.level),
+        c,
+        Some(zc),
+    ));
+    let mut dz = zstd::bulk::Decompressor::new().map_err(io)?;
+    let d = rate(sample_bytes, 0.5, || {
+        for c in &compressed {
+            std::hint::black_box(dz.decompress(c, bs).map_err(io)?);
+        }
+        Ok(())
+    })?;
+    stages.push(stage(
+        "zstd-decompress",
+        "zstd decompression per block, one thread".into(),
+        d,
+        Some(zd.clone()),
+    ));
+
+    // Whole chunk records.
+    let mut enc = RecordEncoder::new(opts.level);
+    let mut records: Vec<Vec<u8>> = Vec::with_capacity(blocks.len());
+    let e = rate(sample_bytes, 0.5, || {
+        records.clear();
+        for b in &blocks {
+            records.push(
+                enc.encode(ChunkId::of(b), b)
+                    .map_err(|e| EngineError::Bench(e.to_string()))?,
+            );
+        }
+        Ok(())
+    })?;
+    let zc_again = stages
+        .iter()
+        .find(|s| s.name == "zstd-compress")
+        .and_then(|s| s.reference.clone());
+    stages.push(stage(
+        "chunk-encode",
+        "BLAKE3 id + zstd + CRC-32 + header, one thread".into(),
+        e,
+        zc_again,
+    ));
+    let mut dec = RecordDecoder::default();
+    let mut plain = Vec::new();
+    let de = rate(sample_bytes, 0.5, || {
+        for r in &records {
+            let h = RecordHeader::parse(r).map_err(|e| EngineError::Bench(e.to_string()))?;
+            let payload = r
+                .get(coffre_vault_store::record::HEADER_LEN..)
+                .unwrap_or_default();
+            dec.decode_payload_into(&h, payload, &mut plain)
+                .map_err(|e| EngineError::Bench(e.to_string()))?;
+        }
+        Ok(())
+    })?;
+    stages.push(stage(
+        "chunk-decode",
+        "CRC-32 + zstd + BLAKE3 check, one thread".into(),
+        de,
+        Some(zd),
+    ));
+
+    // End to end: a backup into a fresh vault, then a restore.
+    let vault = crate::vault_ops::create_vault(
+        &dir.path().join("vault"),
+        &crate::vault_ops::CreateOptions {
+            block_size: Some(opts.block_size),
+            compression_level: Some(opts.level),
+            snapshot_area: Some(dir.path().join("snapshots")),
+            ..Default::default()
+        },
+        &SystemClock,
+    )?;
+    let source = crate::source::FileImage::open(&image)?;
+    let mut bopts = crate::backup::BackupOptions::new("bench", &image);
+    bopts.threads = opts.threads;
+    bopts.allow_clone = false;
+    let t = Instant::now();
+    crate::backup::backup(&vault, &source, &bopts, &SystemClock, &NoProgress)?;
+    let backup = mib_s(image_bytes, t.elapsed().as_secs_f64());
+    stages.push(stage(
+        "backup",
+        "full backup job of the generated image (snapshot + transfer, fsynced)".into(),
+        backup,
+        Some(read_ref()),
+    ));
+    let point = crate::points::select_point(&vault, "bench", "latest")?;
+    let mut ropts = crate::restore::RestoreOptions::new(dir.path().join("restored.img"));
+    ropts.threads = opts.threads;
+    ropts.from = crate::restore::RestoreFrom::Vault;
+    let t = Instant::now();
+    crate::restore::restore(&vault, &point, &ropts, &NoProgress)?;
+    let restore = mib_s(image_bytes, t.elapsed().as_secs_f64());
+    stages.push(stage(
+        "restore",
+        "restore from the vault to a new file (fsynced)".into(),
+        restore,
+        Some(read_ref()),
+    ));
+    Ok(BenchReport {
+        threads,
+        image_size: opts.image_size,
+        compression_ratio: packed as f64 / sample_bytes as f64,
+        level: opts.level,
+        stages,
+    })
+}
