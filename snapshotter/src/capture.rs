@@ -53,7 +53,7 @@ use crate::throttle::Throttle;
 use coffre_vault_store::level::Level;
 
 /// Bytes mapped at a time (rounded to whole blocks).
-pub const WINDOW_BYTES: usize = 32 << 20;
+pub const WINDOW_BYTES: usize = 16 << 20;
 /// Passes of the fallback before it gives up on an image that keeps
 /// changing.
 pub const MAX_PASSES: u32 = 4;

@@ -486,8 +486,11 @@ impl Index {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        opts.set_keep_log_file_num(4);
-        opts.set_max_log_file_size(4 << 20);
+        // RocksDB's info log is for RocksDB's developers; ours goes through
+        // tracing. Warnings and errors only, one file.
+        opts.set_log_level(rocksdb::LogLevel::Warn);
+        opts.set_keep_log_file_num(1);
+        opts.set_max_log_file_size(1 << 20);
         opts.set_write_buffer_size(16 << 20);
         opts.increase_parallelism(2);
         // RocksDB opens table files with 16 threads per column family by

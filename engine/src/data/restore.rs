@@ -216,6 +216,14 @@ pub fn restore(
         path: target.path(),
         image_size,
         block_size: bs,
+        // Direct writes skip the page-cache copy of a whole image that is
+        // not read back; in-place restores read the target, so they stay
+        // buffered.
+        direct: if target.kind() == TargetKind::NewFile {
+            Direct::open(target.path())
+        } else {
+            Direct::none()
+        },
     };
     let source = Source {
         vault,
@@ -233,7 +241,7 @@ pub fn restore(
     // single thread (parallel writers to one file only contend on its
     // inode lock), the next group is read and decoded by the others.
     let mut ready: Option<Group> = None;
-    let mut spare: Vec<u8> = Vec::new();
+    let mut spare = AlignedBuf::default();
     let mut first = 0u64;
     while first < blocks {
         let n = group_blocks.min((blocks - first) as usize);
@@ -250,11 +258,24 @@ pub fn restore(
             data: std::mem::take(&mut spare),
         };
         let previous = ready.take();
-        let (decoded, wrote) = pool.install(|| {
-            rayon::join(
-                || source.fill(&mut group, window.as_ref()),
-                || previous.map(|p| out.write(p, &mut summary)).transpose(),
-            )
+        // The writer has a thread of its own: it mostly waits for the
+        // device, and every pool thread decodes meanwhile.
+        let (decoded, wrote) = std::thread::scope(|scope| {
+            let writer = previous.map(|p| {
+                let (out, summary) = (&out, &mut summary);
+                scope.spawn(move || out.write(p, summary))
+            });
+            let decoded = pool.install(|| source.fill(&mut group, window.as_ref()));
+            let wrote = writer
+                .map(|w| {
+                    w.join().unwrap_or_else(|_| {
+                        Err(EngineError::Threads(
+                            "the restore writer thread panicked".into(),
+                        ))
+                    })
+                })
+                .transpose();
+            (decoded, wrote)
         });
         decoded?;
         if let Some(w) = window {
@@ -333,6 +354,49 @@ fn release_written(file: &File, offset: u64, len: u64) {
 /// Bytes of decoded blocks held per group (two groups are in flight).
 const GROUP_BYTES: u64 = 16 << 20;
 
+/// Alignment of direct (`O_DIRECT`) writes: offsets, lengths and buffers.
+const DIRECT_ALIGN: usize = 4096;
+/// Direct writes in flight at once.
+const DIRECT_WRITERS: usize = 4;
+/// Largest direct write.
+const DIRECT_PIECE: usize = 2 << 20;
+
+/// A byte buffer whose start is [`DIRECT_ALIGN`]-aligned, so that runs of
+/// whole blocks can be written with `O_DIRECT`.
+#[derive(Default)]
+struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// Makes room for `len` bytes (contents unspecified).
+    fn reserve(&mut self, len: usize) {
+        if self.raw.len() < len + DIRECT_ALIGN {
+            self.raw = vec![0u8; len + DIRECT_ALIGN];
+        }
+        self.start = self
+            .raw
+            .as_ptr()
+            .align_offset(DIRECT_ALIGN)
+            .min(DIRECT_ALIGN);
+        self.len = len;
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        self.raw
+            .get(self.start..self.start + self.len)
+            .unwrap_or_default()
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.raw
+            .get_mut(self.start..self.start + self.len)
+            .unwrap_or_default()
+    }
+}
+
 /// What the writer does with one block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Action {
@@ -351,7 +415,7 @@ struct Group {
     first: u64,
     entries: Vec<Entry>,
     actions: Vec<Action>,
-    data: Vec<u8>,
+    data: AlignedBuf,
 }
 
 /// Where blocks come from (the vault, or a snapshot window), after
@@ -386,12 +450,11 @@ impl Source<'_> {
     fn fill(&self, group: &mut Group, window: Option<&SnapWindow<'_>>) -> Result<()> {
         let bs = self.block_size;
         let need = group.entries.len() * bs as usize;
-        if group.data.len() < need {
-            group.data.resize(need, 0);
-        }
+        group.data.reserve(need);
         let first = group.first;
         group.actions = group
             .data
+            .as_mut_slice()
             .par_chunks_mut(bs as usize)
             .zip(group.entries.par_iter())
             .enumerate()
@@ -528,17 +591,53 @@ struct Output<'a> {
     path: &'a Path,
     image_size: u64,
     block_size: u64,
+    /// A second descriptor opened with `O_DIRECT` (new files only).
+    direct: Direct,
+}
+
+/// An `O_DIRECT` descriptor of the target, while the filesystem takes
+/// direct writes.
+struct Direct(std::sync::OnceLock<()>, Option<File>);
+
+impl Direct {
+    /// Opens `path` for direct writes (`None` where the filesystem, such
+    /// as tmpfs, refuses `O_DIRECT`).
+    fn open(path: &Path) -> Direct {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok();
+        Direct(std::sync::OnceLock::new(), file)
+    }
+
+    fn none() -> Direct {
+        Direct(std::sync::OnceLock::new(), None)
+    }
+
+    fn get(&self) -> Option<&File> {
+        if self.0.get().is_some() {
+            return None;
+        }
+        self.1.as_ref()
+    }
+
+    fn disable(&self) {
+        let _ = self.0.set(());
+    }
 }
 
 impl Output<'_> {
     /// Carries out a group's actions, one write (or punch) per run of
     /// blocks with the same action, and starts its writeback. Adds to the
     /// summary; returns the image span covered and the buffer for reuse.
-    fn write(&self, group: Group, summary: &mut RestoreSummary) -> Result<(u64, Vec<u8>)> {
+    fn write(&self, group: Group, summary: &mut RestoreSummary) -> Result<(u64, AlignedBuf)> {
         let bs = self.block_size;
         let start = group.first * bs;
         let end = ((group.first + group.entries.len() as u64) * bs).min(self.image_size);
         let mut i = 0;
+        let mut runs: Vec<(u64, &[u8])> = Vec::new();
         while let Some(&action) = group.actions.get(i) {
             let run_start = i;
             while group.actions.get(i) == Some(&action) {
@@ -553,11 +652,10 @@ impl Output<'_> {
                 Action::Write => {
                     let bytes = group
                         .data
+                        .as_slice()
                         .get((from - start) as usize..(to - start) as usize)
                         .unwrap_or_default();
-                    self.file
-                        .write_all_at(bytes, from)
-                        .map_err(|e| unwritable(self.path, e))?;
+                    runs.push((from, bytes));
                     summary.bytes_written += to - from;
                     summary.blocks_written += blocks;
                 }
@@ -567,6 +665,8 @@ impl Output<'_> {
                 }
             }
         }
+        self.write_runs(&runs)?;
+        drop(runs);
         if summary.in_place {
             summary.blocks_read += group.actions.len() as u64;
         }
@@ -579,6 +679,68 @@ impl Output<'_> {
             release_written(self.file, start - behind, GROUP_BYTES);
         }
         Ok((end - start, group.data))
+    }
+
+    /// Writes a group's runs. Direct writes wait for the device, so they
+    /// go out [`DIRECT_WRITERS`] at a time, in pieces of at most
+    /// [`DIRECT_PIECE`] bytes: one at a time would leave the device idle
+    /// between them.
+    fn write_runs(&self, runs: &[(u64, &[u8])]) -> Result<()> {
+        if self.direct.get().is_none() || runs.is_empty() {
+            return runs.iter().try_for_each(|&(at, b)| self.write_run(b, at));
+        }
+        let mut pieces: Vec<(u64, &[u8])> = Vec::new();
+        for &(at, bytes) in runs {
+            let mut off = 0;
+            while off < bytes.len() {
+                let n = (bytes.len() - off).min(DIRECT_PIECE);
+                pieces.push((at + off as u64, bytes.get(off..off + n).unwrap_or_default()));
+                off += n;
+            }
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let work = || -> Result<()> {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&(at, bytes)) = pieces.get(i) else {
+                    return Ok(());
+                };
+                self.write_run(bytes, at)?;
+            }
+        };
+        std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..DIRECT_WRITERS.min(pieces.len()))
+                .map(|_| scope.spawn(work))
+                .collect();
+            let mine = work();
+            helpers
+                .into_iter()
+                .map(|h| h.join().unwrap_or(Ok(())))
+                .fold(mine, |a, b| a.and(b))
+        })
+    }
+
+    /// Writes a run of decoded blocks: directly (`O_DIRECT`, no page-cache
+    /// copy) when the target allows it and the run is aligned, else
+    /// through the page cache.
+    fn write_run(&self, bytes: &[u8], at: u64) -> Result<()> {
+        let aligned = |n: usize| n.is_multiple_of(DIRECT_ALIGN);
+        if let Some(direct) = self.direct.get()
+            && aligned(at as usize)
+            && aligned(bytes.len())
+            && bytes.as_ptr().align_offset(DIRECT_ALIGN) == 0
+        {
+            match direct.write_all_at(bytes, at) {
+                Ok(()) => return Ok(()),
+                // The filesystem refuses direct I/O after all: buffered from
+                // now on.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct.disable(),
+                Err(e) => return Err(unwritable(self.path, e)),
+            }
+        }
+        self.file
+            .write_all_at(bytes, at)
+            .map_err(|e| unwritable(self.path, e))
     }
 
     /// Makes `len` bytes at `offset` read as zeros: a hole punched in a
