@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing coffre needs, if it is missing:
-# libclang (RocksDB's bindgen), a C++ compiler, e2fsprogs (test images).
+# libclang (RocksDB's bindgen), a C++ compiler, e2fsprogs (test images);
+# optionally xfsprogs, qemu-utils and libnbd-bin (tests of real components).
 #
 #   scripts/install-deps.sh                   check, install what is missing (as root)
 #   scripts/install-deps.sh --detect-libclang print the libclang bindgen would load, or exit 1
@@ -86,10 +87,14 @@ command -v c++ >/dev/null || missing+=(g++)
 command -v mke2fs >/dev/null || [ -x /usr/sbin/mke2fs ] || [ -x /sbin/mke2fs ] || missing+=(e2fsprogs)
 command -v debugfs >/dev/null || [ -x /usr/sbin/debugfs ] || [ -x /sbin/debugfs ] || missing+=(e2fsprogs)
 command -v make >/dev/null || missing+=(make)
-# Optional: the tests of the snapshotter's clone path loop-mount an XFS
-# with reflink (as root); without xfsprogs they say SKIP.
+# Optional: the tests of the snapshotter's clone path and of reflink
+# changed-block tracking loop-mount an XFS with reflink (as root); the
+# qcow2/NBD tests drive qemu-img, qemu-nbd and qemu-io, and read a dirty
+# bitmap with nbdinfo. Without them those tests say SKIP.
 optional=()
 command -v mkfs.xfs >/dev/null || [ -x /usr/sbin/mkfs.xfs ] || [ -x /sbin/mkfs.xfs ] || optional+=(xfsprogs)
+command -v qemu-nbd >/dev/null || optional+=(qemu-utils)
+command -v nbdinfo >/dev/null || optional+=(libnbd-bin)
 
 if ! command -v cargo >/dev/null; then
   echo "coffre: cargo is not installed. Install Rust (https://rustup.rs) first." >&2
@@ -100,7 +105,7 @@ if [ ${#optional[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     missing+=("${optional[@]}")
   else
-    echo "coffre: optional ${optional[*]} missing: the XFS clone-path tests will SKIP" >&2
+    echo "coffre: optional ${optional[*]} missing: the XFS and qcow2/NBD tests will SKIP" >&2
   fi
 fi
 if [ ${#missing[@]} -eq 0 ]; then

@@ -53,6 +53,46 @@ struct Export {
 }
 
 impl Export {
+    /// The same export on TCP (127.0.0.1, a free port).
+    fn start_tcp(img: &Path, bitmap: &str) -> Export {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("qemu-nbd")
+            .args([
+                "-r",
+                "-f",
+                "qcow2",
+                "-t",
+                "-x",
+                "vm",
+                "-B",
+                bitmap,
+                "-b",
+                "127.0.0.1",
+            ])
+            .args(["-p", &port.to_string()])
+            .arg(img)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "qemu-nbd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Export {
+            child,
+            uri: format!("nbd://127.0.0.1:{port}/vm"),
+        }
+    }
+
     fn start(img: &Path, bitmap: &str, dir: &Path) -> Export {
         let sock: PathBuf = dir.join("nbd.sock");
         let _ = std::fs::remove_file(&sock);
@@ -202,4 +242,54 @@ fn a_bitmap_that_missed_writes_is_caught_and_the_run_falls_back() {
     args.push(&e.uri);
     let err = fails(&args, 1);
     assert!(err.contains("no dirty bitmap \"nope\""), "{err}");
+}
+
+#[test]
+fn a_tcp_export_with_an_nbdinfo_map_as_the_list() {
+    if !have_qemu() {
+        eprintln!(
+            "SKIP qcow2/NBD: qemu-img, qemu-nbd or qemu-io missing (apt-get install qemu-utils)"
+        );
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let img = prepared(t.path());
+    {
+        let e = Export::start_tcp(&img, "b0");
+        let b = json(&["backup", "--vault", s(&vault), &e.uri]);
+        assert_eq!(b["item"], "vm", "{b}");
+    }
+    write(&img, 0x41, 7 << 20, 256 << 10);
+    write(&img, 0x42, 50 << 20, 64 << 10);
+    let e = Export::start_tcp(&img, "b0");
+    let map = Command::new("nbdinfo")
+        .args(["--map=qemu:dirty-bitmap:b0", "--json", &e.uri])
+        .output();
+    let Ok(map) = map.map_err(|e| {
+        eprintln!("SKIP nbdinfo list: nbdinfo not installed ({e}; apt-get install libnbd-bin)")
+    }) else {
+        return;
+    };
+    assert!(
+        map.status.success(),
+        "{}",
+        String::from_utf8_lossy(&map.stderr)
+    );
+    let list = t.path().join("map.json");
+    std::fs::write(&list, &map.stdout).unwrap();
+    let b = json(&[
+        "backup",
+        "--vault",
+        s(&vault),
+        "--changed-blocks",
+        s(&list),
+        &e.uri,
+    ]);
+    drop(e);
+    let cbt = &b["job"]["stats"]["cbt"];
+    assert_eq!(cbt["source"], "list", "{b}");
+    assert_eq!(cbt["used"], true, "{b}");
+    assert_eq!(cbt["dirty_bytes"], (256 << 10) + (64 << 10), "{cbt}");
+    restores_like_convert(&vault, t.path(), &img);
 }

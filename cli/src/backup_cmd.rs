@@ -287,6 +287,24 @@ pub fn run(ctx: &Ctx, dir: &Path, args: BackupArgs<'_>, image: &Path) -> anyhow:
                 retain_until
             ));
         }
+        if let Some(c) = outcome.point.as_ref().and_then(|p| p.cbt.as_ref()) {
+            let generation = c
+                .generation
+                .as_deref()
+                .map_or(String::new(), |g| format!(" (generation {g})"));
+            let how = match &c.fallback {
+                None => "read only what it marks".to_string(),
+                Some(why) => format!("full scan: {why}"),
+            };
+            out.push_str(&format!(
+                "changed blocks from {}{generation}: {} dirty blocks ({}), {} clean blocks sampled, {} mismatches; {how}\n",
+                c.source,
+                c.dirty_blocks,
+                bytes(c.dirty_bytes),
+                c.sampled,
+                c.mismatches
+            ));
+        }
         if let Some(t) = job
             .phase("transfer")
             .filter(|t| t.status == PhaseStatus::Skipped)

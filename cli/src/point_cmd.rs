@@ -43,6 +43,9 @@ pub struct PointView<'a> {
     /// Seconds from the point's creation to its arrival on the secondary.
     #[serde(skip_serializing_if = "Option::is_none")]
     replication_lag_s: Option<i64>,
+    /// How a changed-block source was used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cbt: Option<&'a coffre_engine::store::CbtRecord>,
 }
 
 impl<'a> PointView<'a> {
@@ -53,6 +56,7 @@ impl<'a> PointView<'a> {
         self.scheduled = p.scheduled;
         self.retain_until = p.retain_until;
         self.job = p.job.as_deref();
+        self.cbt = p.cbt.as_ref();
         self
     }
 
@@ -75,6 +79,7 @@ impl<'a> PointView<'a> {
             job: None,
             secondary_at: None,
             replication_lag_s: None,
+            cbt: None,
         }
         .vault_fields(p)
     }
@@ -97,6 +102,7 @@ impl<'a> PointView<'a> {
             job: e.snapshot.as_ref().map(|s| s.meta.job.as_str()),
             secondary_at: None,
             replication_lag_s: None,
+            cbt: None,
         };
         match &e.vault {
             Some(p) => v.vault_fields(p),

@@ -170,6 +170,51 @@ impl FileImage {
         })
     }
 
+    /// Maps `offset..offset+len`; with `readahead`, the kernel also
+    /// starts reading the next window into the page cache, so the disk
+    /// works while this window is hashed and compressed.
+    fn map_window(&self, offset: u64, len: usize, readahead: bool) -> Result<Window<'_>> {
+        let data = self.data_ranges(offset, len);
+        if readahead {
+            use std::os::fd::AsRawFd;
+            // SAFETY: an advisory call on a descriptor we own.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    (offset + len as u64) as libc::off_t,
+                    len as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+        }
+        if data.is_empty() || len == 0 {
+            return Ok(Window {
+                guard: None,
+                hold: Hold::Empty,
+                data,
+                path: &self.path,
+            });
+        }
+        // SAFETY: the mapping is read-only and private to this window. The
+        // file may change under it; a shrink is caught by the SIGBUS guard
+        // and a change of size by `check_unchanged`.
+        let map =
+            unsafe { MmapOptions::new().offset(offset).len(len).map(&self.file) }.map_err(|e| {
+                SnapError::SourceUnreadable {
+                    path: self.path.clone(),
+                    source: e,
+                }
+            })?;
+        let _ = map.advise(Advice::Sequential);
+        let guard = sigbus::Guard::new(map.as_ptr(), map.len());
+        Ok(Window {
+            guard: Some(guard),
+            hold: Hold::Map(map),
+            data,
+            path: &self.path,
+        })
+    }
+
     /// Data ranges of `offset..offset+len`, relative to `offset`.
     fn data_ranges(&self, offset: u64, len: usize) -> Vec<Range<usize>> {
         let end = offset + len as u64;
@@ -241,33 +286,15 @@ impl ImageSource for FileImage {
     }
 
     fn window(&self, offset: u64, len: usize) -> Result<Window<'_>> {
-        let data = self.data_ranges(offset, len);
-        if data.is_empty() || len == 0 {
-            return Ok(Window {
-                guard: None,
-                hold: Hold::Empty,
-                data,
-                path: &self.path,
-            });
-        }
-        // SAFETY: the mapping is read-only and private to this window. The
-        // file may change under it; a shrink is caught by the SIGBUS guard
-        // and a change of size by `check_unchanged`.
-        let map =
-            unsafe { MmapOptions::new().offset(offset).len(len).map(&self.file) }.map_err(|e| {
-                SnapError::SourceUnreadable {
-                    path: self.path.clone(),
-                    source: e,
-                }
-            })?;
-        let _ = map.advise(Advice::Sequential);
-        let guard = sigbus::Guard::new(map.as_ptr(), map.len());
-        Ok(Window {
-            guard: Some(guard),
-            hold: Hold::Map(map),
-            data,
-            path: &self.path,
-        })
+        self.map_window(offset, len, true)
+    }
+
+    fn window_for(&self, offset: u64, len: usize, wanted: &[Range<usize>]) -> Result<Window<'_>> {
+        // A caller reading parts only (changed blocks) gets no read-ahead:
+        // it would read the clean parts from disk.
+        let whole =
+            wanted.len() == 1 && wanted.first().is_some_and(|w| w.start == 0 && w.end >= len);
+        self.map_window(offset, len, whole)
     }
 
     fn change_stamp(&self) -> Option<ChangeStamp> {
