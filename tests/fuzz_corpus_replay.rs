@@ -135,3 +135,33 @@ fn damaged_list_corpus() {
         .count();
     assert_eq!(accepted, 1, "exactly the undamaged list decodes");
 }
+
+#[test]
+fn cbt_list_corpus() {
+    let accepted: Vec<String> = corpus("cbt_list")
+        .into_iter()
+        .filter(|(_, b)| coffre_engine::snapshotter::cbt::list::fuzz_entry(b))
+        .map(|(n, _)| n.rsplit('/').next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(accepted, ["nbdinfo.json", "own.json"]);
+}
+
+#[test]
+fn nbd_reply_corpus() {
+    let accepted: Vec<String> = corpus("nbd_reply")
+        .into_iter()
+        .filter(|(_, b)| coffre_engine::snapshotter::nbd::wire::fuzz_entry(b))
+        .map(|(n, _)| n.rsplit('/').next().unwrap_or_default().to_string())
+        .collect();
+    // Every transcript with a whole handshake negotiates; what follows it
+    // (a huge length, a truncation) fails cleanly afterwards.
+    assert_eq!(
+        accepted,
+        [
+            "handshake_only.bin",
+            "huge_length.bin",
+            "truncated.bin",
+            "valid.bin"
+        ]
+    );
+}

@@ -151,6 +151,31 @@ fn parse_own(bytes: &[u8]) -> Result<Hint, String> {
     Ok(hint)
 }
 
+/// The fuzz target's entry: parses `data` as a list, never panicking, and
+/// checks what a parsed hint promises (sorted, disjoint, non-empty
+/// extents). True when it parsed.
+pub fn fuzz_entry(data: &[u8]) -> bool {
+    match parse(data) {
+        Ok(h) => {
+            let e = h.extents();
+            assert!(e.iter().all(|r| r.start < r.end));
+            assert!(e.windows(2).all(|w| w[0].end < w[1].start));
+            if let Some(size) = h.image_size {
+                let blocks = size.div_ceil(65536);
+                let _ = h.dirty_mask(65536, 0, blocks.min(4096) as usize);
+                let _ = h.sample(
+                    65536,
+                    blocks.min(1 << 20),
+                    super::Sampling::default(),
+                    "fuzz",
+                );
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 /// Writes coffre's own list (used by tests, benches and scripts).
 pub fn to_json(hint: &Hint) -> String {
     let extents: Vec<serde_json::Value> = hint

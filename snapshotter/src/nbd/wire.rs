@@ -307,9 +307,24 @@ impl<S: Read + Write> Client<S> {
         if len > 1 << 20 {
             return Err(proto(format!("an option reply of {len} bytes")));
         }
-        let mut payload = vec![0u8; len as usize];
-        self.stream.read_exact(&mut payload)?;
+        let payload = self.payload(len)?;
         Ok((u32_at(&h, 12), payload))
+    }
+
+    /// Reads a payload of `len` bytes, growing the buffer as bytes arrive
+    /// (a length field alone never allocates).
+    fn payload(&mut self, len: u32) -> Result<Vec<u8>, WireError> {
+        let mut p = Vec::new();
+        (&mut self.stream)
+            .take(u64::from(len))
+            .read_to_end(&mut p)?;
+        if p.len() != len as usize {
+            return Err(WireError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the server sent {} of {len} announced bytes", p.len()),
+            )));
+        }
+        Ok(p)
     }
 
     fn option_reply(&mut self, opt: u32) -> Result<(u32, String), WireError> {
@@ -457,8 +472,7 @@ impl<S: Read + Write> Client<S> {
         if !(6..=1 << 16).contains(&plen) {
             return Err(proto(format!("an error chunk of {plen} bytes")));
         }
-        let mut p = vec![0u8; plen as usize];
-        self.stream.read_exact(&mut p)?;
+        let p = self.payload(plen)?;
         let err = u32_at(&p, 0);
         let mlen = usize::from(u16_at(&p, 4));
         let msg = p.get(6..6 + mlen).unwrap_or_default();
@@ -501,8 +515,7 @@ impl<S: Read + Write> Client<S> {
                     if plen > MAX_PAYLOAD {
                         return Err(proto(format!("a block-status chunk of {plen} bytes")));
                     }
-                    let mut p = vec![0u8; plen as usize];
-                    self.stream.read_exact(&mut p)?;
+                    let p = self.payload(plen)?;
                     out.push(decode_block_status(&p)?);
                 }
                 REPLY_NONE if plen == 0 => {}
@@ -525,6 +538,53 @@ impl<S: Read + Write> Client<S> {
         let _ = self.request(CMD_DISC, 0, 0, 0);
         let _ = self.stream.flush();
     }
+}
+
+/// A peer that answers with fixed bytes and swallows what it is sent
+/// (the fuzz target's server).
+pub struct Scripted(std::io::Cursor<Vec<u8>>);
+
+impl Scripted {
+    /// A server that will send `bytes`.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Scripted(std::io::Cursor::new(bytes))
+    }
+}
+
+impl Read for Scripted {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(b)
+    }
+}
+
+impl Write for Scripted {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The fuzz target's entry: `data` is everything a server sends. The
+/// client negotiates, then asks for the block status and a read of the
+/// first 128 KiB. Never panics, never allocates what a length field
+/// claims before checking it. True when the handshake succeeded.
+pub fn fuzz_entry(data: &[u8]) -> bool {
+    let contexts = [
+        "base:allocation".to_string(),
+        "qemu:dirty-bitmap:b0".to_string(),
+    ];
+    let Ok(mut c) = Client::handshake(Scripted::new(data.to_vec()), "disk", &contexts) else {
+        return false;
+    };
+    let len = c.export().size.min(128 << 10);
+    if len > 0 {
+        let _ = c.block_status(0, len as u32);
+        let mut buf = vec![0u8; len as usize];
+        let _ = c.read_ranges(0, &mut buf, &[(0, len as u32)]);
+    }
+    true
 }
 
 #[cfg(test)]
@@ -557,22 +617,6 @@ mod tests {
         assert!(decode_block_status(&p[..4]).is_err());
     }
 
-    /// A server that sends `script` and swallows what the client writes.
-    struct Scripted(std::io::Cursor<Vec<u8>>);
-    impl Read for Scripted {
-        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-            self.0.read(b)
-        }
-    }
-    impl Write for Scripted {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_server_that_lies_is_a_clean_error() {
         let mut s = NBD_MAGIC.to_be_bytes().to_vec();
@@ -588,12 +632,12 @@ mod tests {
         s.extend_from_slice(&OPT_GO.to_be_bytes());
         s.extend_from_slice(&REP_INFO.to_be_bytes());
         s.extend_from_slice(&u32::MAX.to_be_bytes());
-        let err = Client::handshake(Scripted(std::io::Cursor::new(s)), "disk", &[])
+        let err = Client::handshake(Scripted::new(s), "disk", &[])
             .err()
             .unwrap();
         assert!(err.to_string().contains("protocol error"), "{err}");
         // A truncated greeting.
-        let short = Client::handshake(Scripted(std::io::Cursor::new(vec![0x4e, 0x42])), "d", &[]);
+        let short = Client::handshake(Scripted::new(vec![0x4e, 0x42]), "d", &[]);
         assert!(matches!(short, Err(WireError::Io(_))));
     }
 }
