@@ -57,8 +57,9 @@ pub const WINDOW_BYTES: usize = 16 << 20;
 /// Passes of the fallback before it gives up on an image that keeps
 /// changing.
 pub const MAX_PASSES: u32 = 4;
-/// Most new blocks remembered for deduplication within one capture.
-const MAX_DEDUP_ENTRIES: usize = 256 << 10;
+/// Most new blocks remembered for deduplication within one capture (about
+/// 5 MiB; the transfer deduplicates against the whole vault anyway).
+const MAX_DEDUP_ENTRIES: usize = 64 << 10;
 /// Free space a clone needs besides the shared extents (metadata, and the
 /// first copy-on-write writes of the guest).
 pub const CLONE_HEADROOM: u64 = 16 << 20;
