@@ -204,20 +204,35 @@ fn run_one(seed: u64, tally: &mut Tally, durations: &mut BTreeMap<Op, Duration>)
         Op::Prune | Op::Replicate => {}
     }
     let args = op_args(op, s(&vault), s(&img));
-    // A random moment: up to 1.2 times what the operation took last.
+    // A random moment: up to what the operation took last (a
+    // first guess of 60 ms: most operations on this small vault take less
+    // than 150 ms, process start included).
     let typical = durations
         .get(&op)
         .copied()
-        .unwrap_or(Duration::from_millis(150));
-    let delay = Duration::from_micros(rng.below(typical.as_micros() as u64 * 6 / 5 + 1));
+        .unwrap_or(Duration::from_millis(60));
+    let delay = Duration::from_micros(rng.below(typical.as_micros() as u64 + 1));
     let started = Instant::now();
     let mut child = cmd(&now, &args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(delay);
-    let killed = child.try_wait().unwrap().is_none();
+    // Poll until the moment, so that an operation that finishes first
+    // tells how long it really takes (the next moment is drawn from that).
+    let mut finished_after = None;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            finished_after = Some(started.elapsed());
+            break;
+        }
+        let left = delay.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(1)));
+    }
+    let killed = finished_after.is_none();
     if killed {
         child.kill().unwrap(); // SIGKILL
     }
@@ -233,7 +248,7 @@ fn run_one(seed: u64, tally: &mut Tally, durations: &mut BTreeMap<Op, Duration>)
         e.1 += 1;
     } else {
         tally.finished_first += 1;
-        durations.insert(op, started.elapsed());
+        durations.insert(op, finished_after.unwrap_or(delay));
     }
     eprintln!(
         "crash_kill: seed {seed}: {op:?} {} after {} ms",
