@@ -99,7 +99,7 @@ echo "day three, read through its changed-block list, restores byte-identical"
 say "7. policy, protection, a scheduled pass, jobs (fake clock: COFFRE_NOW)"
 "$BIN" policy create --vault "$V" --name Nightly --schedule daily --time 01:30 \
   --timezone Europe/Paris --daily-retention 14 --weekly-retention 8 --monthly-retention 12
-"$BIN" protect --vault "$V" --item vm --policy Nightly "$WORK/day2.img"
+"$BIN" protect --vault "$V" --item vm --policy Nightly "$WORK/day3.img"
 tomorrow=$(date -u -d 'tomorrow 03:00' +%Y-%m-%dT%H:%M:%SZ)
 COFFRE_NOW=$tomorrow COFFRE_LOG=warn "$BIN" run-due --vault "$V"
 "$BIN" jobs --vault "$V"
