@@ -226,46 +226,27 @@ fn bad_lists_are_refused_naming_the_file() {
     let img = t.path().join("vm.img");
     mixed_image(&img, 4 << 20, 13);
     let l = t.path().join("bad.json");
-    std::fs::write(
-        &l,
+    let refused = |list: &[u8], extra: &[&str]| {
+        std::fs::write(&l, list).unwrap();
+        let mut args = vec!["backup", "--vault", s(&vault)];
+        args.extend_from_slice(extra);
+        args.push(s(&img));
+        fails(&args, 1)
+    };
+    let with_list = ["--changed-blocks", s(&l)];
+    let err = refused(
         br#"[{"offset": 0, "length": 4096, "type": 0, "description": "data"}]"#,
-    )
-    .unwrap();
-    let err = fails(
-        &[
-            "backup",
-            "--vault",
-            s(&vault),
-            "--changed-blocks",
-            s(&l),
-            s(&img),
-        ],
-        1,
+        &with_list,
     );
     assert!(
         err.contains("bad.json") && err.contains("base:allocation"),
         "{err}"
     );
-    std::fs::write(
-        &l,
-        b"{\"format\": \"coffre-changed-blocks\", \"version\": 9, \"extents\": []}",
-    )
-    .unwrap();
-    let err = fails(
-        &[
-            "backup",
-            "--vault",
-            s(&vault),
-            "--changed-blocks",
-            s(&l),
-            s(&img),
-        ],
-        1,
+    let err = refused(
+        br#"{"format": "coffre-changed-blocks", "version": 9, "extents": []}"#,
+        &with_list,
     );
     assert!(err.contains("version 9"), "{err}");
-    let err = fails(
-        &["backup", "--vault", s(&vault), "--bitmap", "b0", s(&img)],
-        1,
-    );
+    let err = refused(b"[]", &["--bitmap", "b0"]);
     assert!(err.contains("needs an NBD source"), "{err}");
 }

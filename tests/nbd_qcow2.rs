@@ -13,14 +13,41 @@ use crate::common::*;
 
 const SIZE: &str = "64M";
 
+/// True when qemu-utils is installed; says SKIP otherwise.
 fn have_qemu() -> bool {
-    ["qemu-img", "qemu-nbd", "qemu-io"].iter().all(|t| {
+    let all = ["qemu-img", "qemu-nbd", "qemu-io"].iter().all(|t| {
         Command::new(t)
             .arg("--version")
             .stdout(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
-    })
+    });
+    if !all {
+        eprintln!(
+            "SKIP qcow2/NBD: qemu-img, qemu-nbd or qemu-io missing (apt-get install qemu-utils)"
+        );
+    }
+    all
+}
+
+/// A vault, and a prepared qcow2 backed up once over an export `start`
+/// makes; `None` (having said SKIP) without qemu-utils.
+fn first_backup(
+    start: fn(&Path, &str, &Path) -> Export,
+) -> Option<(tempfile::TempDir, PathBuf, PathBuf, serde_json::Value)> {
+    if !have_qemu() {
+        return None;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let img = prepared(t.path());
+    let e = start(&img, "b0", t.path());
+    let b = backup(&vault, &e.uri, &[]);
+    drop(e);
+    assert_eq!(b["item"], "vm", "the export name is the item: {b}");
+    assert_eq!(b["job"]["stats"]["cbt"]["used"], false);
+    assert_eq!(b["job"]["status"], "Completed", "{b}");
+    Some((t, vault, img, b))
 }
 
 fn qemu(tool: &str, args: &[&str]) {
@@ -54,7 +81,7 @@ struct Export {
 
 impl Export {
     /// The same export on TCP (127.0.0.1, a free port).
-    fn start_tcp(img: &Path, bitmap: &str) -> Export {
+    fn start_tcp(img: &Path, bitmap: &str, _dir: &Path) -> Export {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -156,22 +183,9 @@ fn prepared(dir: &Path) -> PathBuf {
 
 #[test]
 fn qcow2_backs_up_incrementally_over_qemu_nbd() {
-    if !have_qemu() {
-        eprintln!(
-            "SKIP qcow2/NBD: qemu-img, qemu-nbd or qemu-io missing (apt-get install qemu-utils)"
-        );
+    let Some((t, vault, img, _)) = first_backup(Export::start) else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let vault = new_vault(t.path(), &[]);
-    let img = prepared(t.path());
-    let b1 = {
-        let e = Export::start(&img, "b0", t.path());
-        backup(&vault, &e.uri, &[])
     };
-    assert_eq!(b1["item"], "vm", "the export name is the item: {b1}");
-    assert_eq!(b1["job"]["stats"]["cbt"]["used"], false);
-    assert_eq!(b1["job"]["status"], "Completed", "{b1}");
     restores_like_convert(&vault, t.path(), &img);
 
     // The guest writes 3 extents (qemu-io updates the persistent bitmap).
@@ -199,19 +213,9 @@ fn qcow2_backs_up_incrementally_over_qemu_nbd() {
 
 #[test]
 fn a_bitmap_that_missed_writes_is_caught_and_the_run_falls_back() {
-    if !have_qemu() {
-        eprintln!(
-            "SKIP qcow2/NBD: qemu-img, qemu-nbd or qemu-io missing (apt-get install qemu-utils)"
-        );
+    let Some((t, vault, img, _)) = first_backup(Export::start) else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let vault = new_vault(t.path(), &[]);
-    let img = prepared(t.path());
-    {
-        let e = Export::start(&img, "b0", t.path());
-        backup(&vault, &e.uri, &[]);
-    }
+    };
     // A quarter of the disk is written while the bitmap is disabled (as a
     // bitmap lost across a resize or a consolidation bug would), then one
     // marked write.
@@ -246,23 +250,12 @@ fn a_bitmap_that_missed_writes_is_caught_and_the_run_falls_back() {
 
 #[test]
 fn a_tcp_export_with_an_nbdinfo_map_as_the_list() {
-    if !have_qemu() {
-        eprintln!(
-            "SKIP qcow2/NBD: qemu-img, qemu-nbd or qemu-io missing (apt-get install qemu-utils)"
-        );
+    let Some((t, vault, img, _)) = first_backup(Export::start_tcp) else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let vault = new_vault(t.path(), &[]);
-    let img = prepared(t.path());
-    {
-        let e = Export::start_tcp(&img, "b0");
-        let b = json(&["backup", "--vault", s(&vault), &e.uri]);
-        assert_eq!(b["item"], "vm", "{b}");
-    }
+    };
     write(&img, 0x41, 7 << 20, 256 << 10);
     write(&img, 0x42, 50 << 20, 64 << 10);
-    let e = Export::start_tcp(&img, "b0");
+    let e = Export::start_tcp(&img, "b0", t.path());
     let map = Command::new("nbdinfo")
         .args(["--map=qemu:dirty-bitmap:b0", "--json", &e.uri])
         .output();
