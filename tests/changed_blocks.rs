@@ -248,5 +248,8 @@ fn bad_lists_are_refused_naming_the_file() {
     );
     assert!(err.contains("version 9"), "{err}");
     let err = refused(b"[]", &["--bitmap", "b0"]);
-    assert!(err.contains("needs an NBD source"), "{err}");
+    assert!(
+        err.contains("needs a qcow2 image or an NBD source"),
+        "{err}"
+    );
 }

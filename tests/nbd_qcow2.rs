@@ -286,3 +286,59 @@ fn a_tcp_export_with_an_nbdinfo_map_as_the_list() {
     assert_eq!(cbt["dirty_bytes"], (256 << 10) + (64 << 10), "{cbt}");
     restores_like_convert(&vault, t.path(), &img);
 }
+
+/// qemu-nbd processes serving `img`.
+fn servers_of(img: &Path) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| {
+            let c = String::from_utf8_lossy(c);
+            c.starts_with("qemu-nbd") && c.contains(img.to_str().unwrap())
+        })
+        .count()
+}
+
+#[test]
+fn a_qcow2_file_is_an_item_through_coffres_own_qemu_nbd() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let img = prepared(t.path());
+    let backup_file = || json(&["backup", "--vault", s(&vault), "--bitmap", "b0", s(&img)]);
+    let b1 = backup_file();
+    assert_eq!(b1["item"], "vm", "the file stem is the item: {b1}");
+    assert_eq!(b1["job"]["status"], "Completed", "{b1}");
+    restores_like_convert(&vault, t.path(), &img);
+    write(&img, 0x51, 9 << 20, 192 << 10);
+    let b2 = backup_file();
+    let cbt = &b2["job"]["stats"]["cbt"];
+    assert_eq!(cbt["used"], true, "{b2}");
+    assert_eq!(cbt["dirty_bytes"], 192 << 10, "{cbt}");
+    // Our own qemu-nbd's image lock is not "in use": no warning.
+    assert_eq!(b2["job"]["status"], "Completed", "{b2}");
+    restores_like_convert(&vault, t.path(), &img);
+    assert_eq!(servers_of(&img), 0, "coffre left its qemu-nbd running");
+    // A qcow2 a running VM holds (here: another qemu-nbd writing it) is
+    // refused, with the way to back it up live.
+    let holder = Command::new("qemu-nbd")
+        .args(["-f", "qcow2", "-t", "-k"])
+        .arg(t.path().join("holder.sock"))
+        .arg(&img)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !t.path().join("holder.sock").exists() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut holder = holder;
+    let err = fails(&["backup", "--vault", s(&vault), s(&img)], 1);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(err.contains("backup-begin"), "{err}");
+}

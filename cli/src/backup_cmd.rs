@@ -139,10 +139,15 @@ fn open_source(
         let nbd = NbdImage::open(&text, cbt.bitmap.as_deref()).context("cannot back up")?;
         let hint = nbd.bitmap_hint().context("cannot read the dirty bitmap")?;
         (Box::new(nbd), hint)
+    } else if coffre_engine::nbd::qemu::is_qcow2(image) {
+        let nbd = NbdImage::open_file(image, cbt.bitmap.as_deref()).context("cannot back up")?;
+        let hint = nbd.bitmap_hint().context("cannot read the dirty bitmap")?;
+        (Box::new(nbd), hint)
     } else {
         if let Some(b) = &cbt.bitmap {
             anyhow::bail!(
-                "--bitmap {b} needs an NBD source (nbd://HOST/EXPORT or nbd+unix:///EXPORT?socket=PATH), e.g. `qemu-nbd -B {b}` over the qcow2"
+                "--bitmap {b} needs a qcow2 image or an NBD source (nbd://HOST/EXPORT or nbd+unix:///EXPORT?socket=PATH); {} is a raw image",
+                image.display()
             );
         }
         (

@@ -135,7 +135,11 @@ pub fn manifest_path(item_dir: &Path, job: &str) -> PathBuf {
 pub fn capture(req: &CaptureRequest<'_>, progress: &dyn Progress) -> Result<Captured> {
     let started = Instant::now();
     let image = req.source.path().to_path_buf();
-    let busy = in_use(&image);
+    let busy = if req.source.served() {
+        None
+    } else {
+        in_use(&image)
+    };
     let env = HookEnv {
         item: req.item,
         image: &image,
@@ -242,6 +246,7 @@ fn capture_files(
     progress: &dyn Progress,
 ) -> Result<Pending> {
     if req.allow_clone
+        && !req.source.served()
         && let Some(p) = try_clone(req, item_dir)?
     {
         progress.start(req.source.size());

@@ -35,6 +35,13 @@ pub trait ImageSource: Sync {
     }
     /// Fails with [`SnapError::SourceChanged`] if the image changed size.
     fn check_unchanged(&self) -> Result<()>;
+    /// True when `path()` is a file read through a server coffre started
+    /// (a qcow2 behind `qemu-nbd`): the file is not the raw image, so it is
+    /// never cloned as a snapshot, and the server's image lock on it is
+    /// not somebody else using the image.
+    fn served(&self) -> bool {
+        false
+    }
     /// When the image was last written, to detect writes during a capture
     /// (`None`: the source cannot change, or cannot tell).
     fn change_stamp(&self) -> Option<ChangeStamp> {

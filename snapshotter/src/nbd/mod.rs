@@ -7,6 +7,7 @@
 //! default) and `nbd+unix:///EXPORT?socket=PATH`. The protocol itself is in
 //! [`wire`]. Holes and zero extents (`base:allocation`) are never read.
 
+pub mod qemu;
 pub mod wire;
 
 use std::io::{Read, Write};
@@ -112,6 +113,8 @@ pub fn open_any(source: &Path) -> Result<Box<dyn ImageSource>> {
     let text = source.to_string_lossy();
     if is_nbd_uri(&text) {
         Ok(Box::new(NbdImage::open(&text, None)?))
+    } else if qemu::is_qcow2(source) {
+        Ok(Box::new(NbdImage::open_file(source, None)?))
     } else {
         Ok(Box::new(crate::source::FileImage::open(source)?))
     }
@@ -127,6 +130,8 @@ pub struct NbdImage {
     size: u64,
     allocation: Option<u32>,
     bitmap: Option<(String, u32)>,
+    /// The `qemu-nbd` coffre started for a qcow2 file (stopped last).
+    server: Option<qemu::QemuNbd>,
 }
 
 impl std::fmt::Debug for NbdImage {
@@ -190,7 +195,32 @@ impl NbdImage {
             size: export.size,
             allocation: find(BASE_ALLOCATION),
             bitmap,
+            server: None,
         })
+    }
+
+    /// Opens a qcow2 (or other QEMU-format) file through a `qemu-nbd`
+    /// coffre starts for it; `path()` is the file.
+    pub fn open_file(image: &Path, bitmap: Option<&str>) -> Result<NbdImage> {
+        let mut server = qemu::QemuNbd::start(image, bitmap)?;
+        let opened = NbdImage::open(&server.uri, bitmap);
+        let mut nbd = match opened {
+            Ok(n) => n,
+            Err(e) => {
+                let reason = match (server.failure(), e) {
+                    (Some(why), _) => why,
+                    (None, SnapError::Nbd { reason, .. }) => reason,
+                    (None, e) => return Err(e),
+                };
+                return Err(SnapError::Nbd {
+                    uri: image.display().to_string(),
+                    reason,
+                });
+            }
+        };
+        nbd.name = image.to_path_buf();
+        nbd.server = Some(server);
+        Ok(nbd)
     }
 
     fn err(&self, e: WireError) -> SnapError {
@@ -321,6 +351,10 @@ impl ImageSource for NbdImage {
     fn check_unchanged(&self) -> Result<()> {
         Ok(())
     }
+
+    fn served(&self) -> bool {
+        self.server.is_some()
+    }
 }
 
 /// `0..len` minus the sorted, disjoint `holes`.
@@ -341,11 +375,13 @@ fn complement(holes: &[Range<u64>], len: u64) -> Vec<Range<u64>> {
 
 impl Drop for NbdImage {
     fn drop(&mut self) {
-        // Dropping the client closes the connection; say goodbye first.
+        // Dropping the client closes the connection; say goodbye first
+        // (and only then stop a qemu-nbd of our own).
         self.client
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .disconnect();
+        self.server.take();
     }
 }
 
