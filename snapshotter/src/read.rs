@@ -114,6 +114,19 @@ impl SnapshotBlocks {
         offset: u64,
         len: usize,
     ) -> Result<SnapWindow<'_>> {
+        self.window_for(first, n, offset, len, None)
+    }
+
+    /// Like [`SnapshotBlocks::window`], for a caller that reads only the
+    /// `wanted` byte ranges of a clone (no read-ahead of the rest).
+    pub fn window_for(
+        &mut self,
+        first: u64,
+        n: usize,
+        offset: u64,
+        len: usize,
+        wanted: Option<&[std::ops::Range<usize>]>,
+    ) -> Result<SnapWindow<'_>> {
         let _ = first;
         if let Some(r) = self.reader.as_mut() {
             let entries = r.next_entries(n)?;
@@ -133,8 +146,12 @@ impl SnapshotBlocks {
             .clone
             .as_ref()
             .ok_or_else(|| SnapError::damaged(&self.manifest, "no data"))?;
+        let window = match wanted {
+            Some(w) => clone.window_for(offset, len, w)?,
+            None => clone.window(offset, len)?,
+        };
         Ok(SnapWindow::Clone {
-            window: clone.window(offset, len)?,
+            window,
             len,
             block_size: self.header.block_size as usize,
         })

@@ -182,16 +182,22 @@ impl FileImage {
     /// works while this window is hashed and compressed.
     fn map_window(&self, offset: u64, len: usize, readahead: bool) -> Result<Window<'_>> {
         let data = self.data_ranges(offset, len);
-        if readahead {
+        if readahead && offset + (len as u64) < self.size {
             use std::os::fd::AsRawFd;
-            // SAFETY: an advisory call on a descriptor we own.
-            unsafe {
-                libc::posix_fadvise(
-                    self.file.as_raw_fd(),
-                    (offset + len as u64) as libc::off_t,
-                    len as libc::off_t,
-                    libc::POSIX_FADV_WILLNEED,
-                );
+            // Only the next window's data: reading ahead a hole makes the
+            // kernel allocate and zero page-cache pages for it.
+            let next = offset + len as u64;
+            let next_len = (self.size - next).min(len as u64) as usize;
+            for r in self.data_ranges(next, next_len) {
+                // SAFETY: an advisory call on a descriptor we own.
+                unsafe {
+                    libc::posix_fadvise(
+                        self.file.as_raw_fd(),
+                        (next + r.start as u64) as libc::off_t,
+                        (r.end - r.start) as libc::off_t,
+                        libc::POSIX_FADV_WILLNEED,
+                    );
+                }
             }
         }
         if data.is_empty() || len == 0 {

@@ -314,8 +314,15 @@ pub fn transfer(
             Some(m) => m.entries(first, n)?,
             None => vec![None; n],
         };
-        let window = snapshot.window(first, n, offset, len)?;
         let dirty = hint.map(|h| h.dirty_mask(u64::from(cfg.block_size), first, n));
+        // With a hint only the dirty blocks of a clone are read (and the
+        // parent's damaged ones, which the mapping still covers).
+        let wanted = dirty.as_ref().map(|d| {
+            coffre_snapshotter::capture::wanted_ranges(n, block_size, len, &|i| {
+                d.get(i).copied().unwrap_or(true)
+            })
+        });
+        let window = snapshot.window_for(first, n, offset, len, wanted.as_deref())?;
         // Which blocks are zero, the same as before, or already stored.
         let classes: Vec<Result<Outcome>> = pool.install(|| {
             (0..n)
