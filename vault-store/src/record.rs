@@ -194,6 +194,9 @@ fn put(h: &mut [u8], at: usize, src: &[u8]) {
 pub struct RecordEncoder {
     level: i32,
     zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// Where zstd compresses to: reused, so a block costs no zero-filled
+    /// compress-bound buffer, only the copy of what it compressed to.
+    scratch: Vec<u8>,
 }
 
 impl RecordEncoder {
@@ -204,7 +207,11 @@ impl RecordEncoder {
         } else {
             zstd::bulk::Compressor::new(level).ok()
         };
-        RecordEncoder { level, zstd }
+        RecordEncoder {
+            level,
+            zstd,
+            scratch: Vec::new(),
+        }
     }
 
     /// The configured zstd level.
@@ -216,26 +223,25 @@ impl RecordEncoder {
     /// payload is compressed unless compression would not shrink it.
     pub fn encode(&mut self, id: ChunkId, plain: &[u8]) -> Result<Vec<u8>, RecordError> {
         check_limit("plain length", plain.len(), MAX_PLAIN_LEN)?;
-        let mut out = Vec::new();
         let mut codec = Codec::Raw;
         if let Some(z) = self.zstd.as_mut() {
-            // Compress straight into the record buffer, after the header.
-            let bound = zstd::zstd_safe::compress_bound(plain.len());
-            out.resize(HEADER_LEN + bound, 0);
-            if let Some(dst) = out.get_mut(HEADER_LEN..)
-                && let Ok(n) = z.compress_to_buffer(plain, dst)
+            // zstd writes into the scratch's spare capacity (no zeroing).
+            self.scratch.clear();
+            self.scratch
+                .reserve(zstd::zstd_safe::compress_bound(plain.len()));
+            if let Ok(n) = z.compress_to_buffer(plain, &mut self.scratch)
                 && n < plain.len()
             {
-                out.truncate(HEADER_LEN + n);
                 codec = Codec::Zstd;
             }
         }
-        if codec == Codec::Raw {
-            out.clear();
-            out.reserve_exact(HEADER_LEN + plain.len());
-            out.resize(HEADER_LEN, 0);
-            out.extend_from_slice(plain);
-        }
+        let payload: &[u8] = match codec {
+            Codec::Zstd => &self.scratch,
+            Codec::Raw => plain,
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+        out.resize(HEADER_LEN, 0);
+        out.extend_from_slice(payload);
         let payload = out.get(HEADER_LEN..).unwrap_or_default();
         let header = RecordHeader {
             codec,
