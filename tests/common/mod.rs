@@ -44,14 +44,24 @@ pub fn snapshot_root() -> PathBuf {
             {
                 let _ = fs::remove_dir_all(e.path());
             }
+            // The registries of those processes (and their lock files).
+            if let Some(rest) = name.strip_prefix("coffre-test-registry-") {
+                let pid = rest.trim_end_matches(".lock");
+                if !Path::new("/proc").join(pid).exists() {
+                    let _ = fs::remove_file(e.path());
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
         }
     });
     std::env::temp_dir().join(format!("coffre-test-snapshots-{}", std::process::id()))
 }
 
 /// The registry of protected images this test process uses (never the
-/// user's own).
+/// user's own; those of finished test processes are swept with their
+/// snapshot roots).
 pub fn registry_path() -> PathBuf {
+    let _ = snapshot_root();
     std::env::temp_dir().join(format!("coffre-test-registry-{}", std::process::id()))
 }
 
