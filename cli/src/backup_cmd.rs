@@ -9,14 +9,14 @@ use anyhow::Context;
 use coffre_engine::backup::PointTerms;
 use coffre_engine::backup_job::{JobOptions, Writer, run_backup_job};
 use coffre_engine::cbt::{Hint, Sampling};
-use coffre_engine::nbd::{NbdImage, is_nbd_uri};
+use coffre_engine::nbd::{is_nbd_uri, open_any};
 use coffre_engine::policy::DEFAULT_POLICY;
 use coffre_engine::protection::{canonical, protect};
 use coffre_engine::retention::ON_DEMAND_DEFAULT_DAYS;
 use coffre_engine::store::catalog::Hooks;
 use coffre_engine::store::jobs::{JobRecord, PhaseStatus};
 use coffre_engine::store::{Access, Protection};
-use coffre_engine::{BackupOptions, FileImage, ImageSource};
+use coffre_engine::{BackupOptions, ImageSource};
 use jiff::{Timestamp, ToSpan};
 use serde::Serialize;
 
@@ -128,33 +128,16 @@ pub struct BackupArgs<'a> {
     pub cbt: &'a CbtArgs,
 }
 
-/// Opens the source: an NBD export or a file, and the hint its options
-/// give (a list, or the export's dirty bitmap).
+/// Opens the source (an NBD export, a qcow2 file or a raw image) and the
+/// hint its options give (a list, or the source's dirty bitmap); a bad
+/// list is refused before anything is opened.
 fn open_source(
     image: &Path,
     cbt: &CbtArgs,
 ) -> anyhow::Result<(Box<dyn ImageSource>, Option<Hint>)> {
-    let text = image.to_string_lossy();
-    let (source, bitmap_hint): (Box<dyn ImageSource>, Option<Hint>) = if is_nbd_uri(&text) {
-        let nbd = NbdImage::open(&text, cbt.bitmap.as_deref()).context("cannot back up")?;
-        let hint = nbd.bitmap_hint().context("cannot read the dirty bitmap")?;
-        (Box::new(nbd), hint)
-    } else if coffre_engine::nbd::qemu::is_qcow2(image) {
-        let nbd = NbdImage::open_file(image, cbt.bitmap.as_deref()).context("cannot back up")?;
-        let hint = nbd.bitmap_hint().context("cannot read the dirty bitmap")?;
-        (Box::new(nbd), hint)
-    } else {
-        if let Some(b) = &cbt.bitmap {
-            anyhow::bail!(
-                "--bitmap {b} needs a qcow2 image or an NBD source (nbd://HOST/EXPORT or nbd+unix:///EXPORT?socket=PATH); {} is a raw image",
-                image.display()
-            );
-        }
-        (
-            Box::new(FileImage::open(image).context("cannot back up")?),
-            None,
-        )
-    };
+    if cbt.changed_blocks.is_some() && cbt.bitmap.is_some() {
+        anyhow::bail!("give --changed-blocks or --bitmap, not both");
+    }
     let listed = match &cbt.changed_blocks {
         None => None,
         Some(path) => Some(coffre_engine::cbt::list::read(path).map_err(|reason| {
@@ -164,9 +147,7 @@ fn open_source(
             }
         })?),
     };
-    if listed.is_some() && bitmap_hint.is_some() {
-        anyhow::bail!("give --changed-blocks or --bitmap, not both");
-    }
+    let (source, bitmap_hint) = open_any(image, cbt.bitmap.as_deref()).context("cannot back up")?;
     Ok((source, listed.or(bitmap_hint)))
 }
 

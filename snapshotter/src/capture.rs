@@ -38,7 +38,9 @@ use jiff::Timestamp;
 use rayon::prelude::*;
 
 use crate::area::Area;
-use crate::cbt::{CbtRecord, Hint, HintSource, Parent, Sampling};
+use crate::cbt::{
+    CbtRecord, Hint, HintSource, Parent, Sampling, fallback_warning, sample_mismatch,
+};
 use crate::clone::{CloneError, clone_file};
 use crate::error::{Result, SnapError};
 use crate::hooks::{HookEnv, Hooks, RunHooks};
@@ -435,10 +437,7 @@ fn capture_chunks(
                 // An item's first backup has nothing to build on: expected,
                 // not a warning.
                 if req.parent_point.is_some() || previous.is_some() {
-                    warnings.push(format!(
-                        "changed-block {} not used, full scan: {why}",
-                        hint.source.name()
-                    ));
+                    warnings.push(fallback_warning(hint.source.name(), &why, false));
                 }
                 record.used = false;
                 record.fallback = Some(why);
@@ -478,16 +477,12 @@ fn capture_chunks(
             if read.mismatches > 0 {
                 // The hint lied: this pass's entries are dropped and the
                 // pass is redone reading every block.
-                let why = format!(
-                    "{} of {} sampled clean blocks differ from the parent point (first: block {})",
+                let why = sample_mismatch(
                     read.mismatches,
                     read.sampled,
-                    read.first_mismatch.unwrap_or_default()
+                    read.first_mismatch.unwrap_or_default(),
                 );
-                warnings.push(format!(
-                    "changed-block {} not trusted, full scan: {why}",
-                    record.source
-                ));
+                warnings.push(fallback_warning(&record.source, &why, true));
                 record.used = false;
                 record.fallback = Some(why);
                 hinted = None;
@@ -584,12 +579,7 @@ fn hint_fallback(
     if remap.iter().any(Option::is_none) {
         return Some("a pack of the previous snapshot is missing".into());
     }
-    let parent = Parent {
-        point: Some(meta.point.clone()),
-        image_size: header.image_size,
-        generation: meta.cbt.as_ref().and_then(|c| c.generation.clone()),
-        source: meta.cbt.as_ref().map(|c| c.source.clone()),
-    };
+    let parent = Parent::of(header.image_size, meta.cbt.as_ref());
     hint.check(Some(&parent), req.source.size())
 }
 

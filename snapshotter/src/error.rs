@@ -23,6 +23,12 @@ pub enum SnapError {
     #[error("NBD export {uri}: {reason}")]
     Nbd { uri: String, reason: String },
 
+    /// A dirty bitmap was asked of a raw image.
+    #[error(
+        "dirty bitmap {bitmap} needs a qcow2 image or an NBD source (nbd://HOST/EXPORT or nbd+unix:///EXPORT?socket=PATH); {path} is a raw image"
+    )]
+    BitmapNeedsNbd { path: PathBuf, bitmap: String },
+
     /// A changed-block list cannot be used.
     #[error("changed-block list {path}: {reason}")]
     ChangedBlocks { path: PathBuf, reason: String },

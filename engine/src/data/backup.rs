@@ -26,7 +26,9 @@ use std::time::Instant;
 
 use coffre_snapshotter::area::{Area, AreaIdentity};
 use coffre_snapshotter::capture::{CaptureRequest, Captured, WINDOW_BYTES, capture, is_zero};
-use coffre_snapshotter::cbt::{CbtRecord, Hint, Parent, Sampling};
+use coffre_snapshotter::cbt::{
+    CbtRecord, Hint, Parent, Sampling, fallback_warning, sample_mismatch,
+};
 use coffre_snapshotter::manifest::FLAG_NODE;
 use coffre_snapshotter::pack::RecordBuf;
 use coffre_snapshotter::read::{SnapWindow, SnapshotBlocks};
@@ -337,13 +339,14 @@ pub fn transfer(
                             Some(_) => {}
                         }
                     }
-                    if let Some((None, Some(bytes))) = window.block(i) {
+                    let block = window.block(i);
+                    if let Some((None, Some(bytes))) = block {
                         transfer_read
                             .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     }
                     // Chunk snapshots know each block's id already; clones
                     // are hashed here.
-                    let id = match window.block(i) {
+                    let id = match block {
                         None | Some((None, None)) => return Ok(Outcome::Zero),
                         Some((Some(id), _)) => id,
                         Some((None, Some(bytes))) if is_zero(bytes) => return Ok(Outcome::Zero),
@@ -480,12 +483,7 @@ fn transfer_hint<'s>(
         return Ok((None, cbt, Vec::new()));
     };
     let mut record = hint.record(bs, blocks, None);
-    let parent = previous.map(|p| Parent {
-        point: Some(p.id.clone()),
-        image_size: p.image_size,
-        generation: p.cbt.as_ref().and_then(|c| c.generation.clone()),
-        source: p.cbt.as_ref().map(|c| c.source.clone()),
-    });
+    let parent = previous.map(|p| Parent::of(p.image_size, p.cbt.as_ref()));
     let mut why = match (prev_map.as_ref(), snapshot.clone_image()) {
         (None, _) => Some("there is no parent point with this block size".to_string()),
         (_, None) => Some("the snapshot has no clone to read".to_string()),
@@ -501,13 +499,11 @@ fn transfer_hint<'s>(
             let offset = b * bs;
             let len = (size - offset).min(bs) as usize;
             let window = image.window(offset, len)?;
-            if !window.is_hole(0..len) {
+            let data = (!window.is_hole(0..len)).then(|| window.bytes());
+            if data.is_some() {
                 bytes_read.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
             }
-            let id = (!window.is_hole(0..len))
-                .then(|| window.bytes())
-                .filter(|bytes| !is_zero(bytes))
-                .map(ChunkId::of);
+            let id = data.filter(|bytes| !is_zero(bytes)).map(ChunkId::of);
             window.finish()?;
             if map.entries(b, 1)?.first().copied().flatten() != id {
                 record.mismatches += 1;
@@ -515,21 +511,17 @@ fn transfer_hint<'s>(
             }
         }
         if record.mismatches > 0 {
-            why = Some(format!(
-                "{} of {} sampled clean blocks differ from the parent point (first: block {})",
+            why = Some(sample_mismatch(
                 record.mismatches,
                 record.sampled,
-                first.unwrap_or_default()
+                first.unwrap_or_default(),
             ));
         }
     }
     match why {
         None => Ok((Some(hint), Some(record), Vec::new())),
         Some(why) => {
-            let warning = format!(
-                "changed-block {} not used, full scan: {why}",
-                hint.source.name()
-            );
+            let warning = fallback_warning(hint.source.name(), &why, record.mismatches > 0);
             record.used = false;
             record.fallback = Some(why);
             // An item's first point has nothing to build on: not a warning.

@@ -597,7 +597,11 @@ struct Output<'a> {
 
 /// An `O_DIRECT` descriptor of the target, while the filesystem takes
 /// direct writes.
-struct Direct(std::sync::OnceLock<()>, Option<File>);
+struct Direct {
+    file: Option<File>,
+    /// Set once the filesystem refused a direct write.
+    refused: std::sync::atomic::AtomicBool,
+}
 
 impl Direct {
     /// Opens `path` for direct writes (`None` where the filesystem, such
@@ -609,22 +613,29 @@ impl Direct {
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .ok();
-        Direct(std::sync::OnceLock::new(), file)
+        Direct {
+            file,
+            refused: Default::default(),
+        }
     }
 
     fn none() -> Direct {
-        Direct(std::sync::OnceLock::new(), None)
+        Direct {
+            file: None,
+            refused: Default::default(),
+        }
     }
 
     fn get(&self) -> Option<&File> {
-        if self.0.get().is_some() {
+        if self.refused.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
         }
-        self.1.as_ref()
+        self.file.as_ref()
     }
 
     fn disable(&self) {
-        let _ = self.0.set(());
+        self.refused
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

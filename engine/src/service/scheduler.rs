@@ -94,8 +94,8 @@ pub fn run_pass(
             continue;
         };
         tracing::info!(item = %item.name, %slot, "scheduled backup due");
-        let run = match coffre_snapshotter::nbd::open_any(&item.source) {
-            Ok(source) => {
+        let run = match coffre_snapshotter::nbd::open_any(&item.source, None) {
+            Ok((source, _)) => {
                 let out = run_backup_job(
                     vault.dir(),
                     &*source,

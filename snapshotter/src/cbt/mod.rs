@@ -65,14 +65,43 @@ pub struct Hint {
 /// What a hint is checked against: the parent the capture builds on.
 #[derive(Clone, Debug, Default)]
 pub struct Parent {
-    /// The parent's point id.
-    pub point: Option<String>,
     /// The parent's image size.
     pub image_size: u64,
     /// The generation the parent recorded for this source, if any.
     pub generation: Option<String>,
     /// The source the parent recorded.
     pub source: Option<String>,
+}
+
+impl Parent {
+    /// A parent of `image_size` bytes, with what it recorded of its
+    /// changed-block source.
+    pub fn of(image_size: u64, cbt: Option<&CbtRecord>) -> Parent {
+        Parent {
+            image_size,
+            generation: cbt.and_then(|c| c.generation.clone()),
+            source: cbt.map(|c| c.source.clone()),
+        }
+    }
+}
+
+/// Why a run stopped trusting its hint: sampled clean blocks that are not
+/// what the parent holds.
+pub fn sample_mismatch(mismatches: u64, sampled: u64, first: u64) -> String {
+    format!(
+        "{mismatches} of {sampled} sampled clean blocks differ from the parent point (first: block {first})"
+    )
+}
+
+/// The job warning of a run that fell back to a full scan: the hint was
+/// not used (a check failed) or not trusted (its sample disagreed).
+pub fn fallback_warning(source: &str, why: &str, sample_disagreed: bool) -> String {
+    let verdict = if sample_disagreed {
+        "not trusted"
+    } else {
+        "not used"
+    };
+    format!("changed-block {source} {verdict}, full scan: {why}")
 }
 
 /// How many of the blocks a hint calls clean are re-read.
@@ -382,7 +411,6 @@ mod tests {
         h.source = HintSource::Bitmap;
         assert!(h.check(None, 10).unwrap().contains("no parent"));
         let parent = Parent {
-            point: Some("p".into()),
             image_size: 10,
             generation: Some("b0".into()),
             source: Some("bitmap".into()),

@@ -107,17 +107,29 @@ impl NbdUri {
     }
 }
 
-/// Opens an image by its recorded source: an NBD URI, or a file or block
-/// device (scheduled backups use it; they read no bitmap).
-pub fn open_any(source: &Path) -> Result<Box<dyn ImageSource>> {
+/// Opens an image by its source: an NBD URI, a qcow2 file (through a
+/// `qemu-nbd` of our own), or a raw file or block device; with `bitmap`,
+/// also the hint its dirty bitmap gives (a raw image has none).
+pub fn open_any(
+    source: &Path,
+    bitmap: Option<&str>,
+) -> Result<(Box<dyn ImageSource>, Option<Hint>)> {
     let text = source.to_string_lossy();
-    if is_nbd_uri(&text) {
-        Ok(Box::new(NbdImage::open(&text, None)?))
+    let nbd = if is_nbd_uri(&text) {
+        NbdImage::open(&text, bitmap)?
     } else if qemu::is_qcow2(source) {
-        Ok(Box::new(NbdImage::open_file(source, None)?))
+        NbdImage::open_file(source, bitmap)?
     } else {
-        Ok(Box::new(crate::source::FileImage::open(source)?))
-    }
+        if let Some(b) = bitmap {
+            return Err(SnapError::BitmapNeedsNbd {
+                path: source.to_path_buf(),
+                bitmap: b.to_string(),
+            });
+        }
+        return Ok((Box::new(crate::source::FileImage::open(source)?), None));
+    };
+    let hint = nbd.bitmap_hint()?;
+    Ok((Box::new(nbd), hint))
 }
 
 trait Stream: Read + Write + Send {}
