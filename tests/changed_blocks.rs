@@ -52,6 +52,19 @@ fn restores_to(vault: &Path, dir: &Path, img: &Path) {
     assert_same(&r, img);
 }
 
+/// Backs `img` up with the list `l` and asserts that the run fell back to a
+/// full scan for a reason that says `why`; returns the backup's JSON.
+fn falls_back(vault: &Path, img: &Path, l: &Path, why: &str) -> serde_json::Value {
+    let b = backup(vault, img, &["--changed-blocks", s(l)]);
+    let cbt = &b["job"]["stats"]["cbt"];
+    assert_eq!(cbt["used"], false, "{b}");
+    assert!(
+        cbt["fallback"].as_str().unwrap_or_default().contains(why),
+        "{cbt}"
+    );
+    b
+}
+
 fn warnings(b: &serde_json::Value) -> String {
     b["job"]["stats"]["warnings"].to_string()
 }
@@ -106,17 +119,9 @@ fn a_list_that_misses_a_change_is_caught_and_the_run_falls_back() {
     write_at(&img, &unlisted, 64 << 10, 5);
     let l = t.path().join("wrong.json");
     list(&l, &listed, serde_json::json!({}));
-    let b = backup(&vault, &img, &["--changed-blocks", s(&l)]);
+    let b = falls_back(&vault, &img, &l, "differ from the parent");
     let cbt = &b["job"]["stats"]["cbt"];
-    assert_eq!(cbt["used"], false, "{b}");
     assert!(cbt["mismatches"].as_u64().unwrap() > 0, "{cbt}");
-    assert!(
-        cbt["fallback"]
-            .as_str()
-            .unwrap()
-            .contains("differ from the parent"),
-        "{cbt}"
-    );
     assert!(warnings(&b).contains("not trusted, full scan"), "{b}");
     assert_eq!(b["job"]["status"], "CompletedWithWarnings");
     // The full scan found every change.
@@ -147,8 +152,7 @@ fn sizes_generations_and_lost_parents_make_a_full_scan() {
     mixed_image(&img, SIZE, 8);
     // The first backup has nothing to build on: a full scan, no warning.
     list(&l, &[], serde_json::json!({"generation": "g1"}));
-    let b = backup(&vault, &img, &["--changed-blocks", s(&l)]);
-    assert_eq!(b["job"]["stats"]["cbt"]["used"], false);
+    let b = falls_back(&vault, &img, &l, "no previous snapshot");
     assert_eq!(b["job"]["status"], "Completed", "{b}");
 
     // A list relative to another generation than the recorded one.
@@ -158,16 +162,7 @@ fn sizes_generations_and_lost_parents_make_a_full_scan() {
         &e,
         serde_json::json!({"since": "g0", "generation": "g2"}),
     );
-    let b = backup(&vault, &img, &["--changed-blocks", s(&l)]);
-    let cbt = &b["job"]["stats"]["cbt"];
-    assert_eq!(cbt["used"], false, "{b}");
-    assert!(
-        cbt["fallback"]
-            .as_str()
-            .unwrap()
-            .contains("not the one recorded"),
-        "{cbt}"
-    );
+    let b = falls_back(&vault, &img, &l, "not the one recorded");
     assert!(warnings(&b).contains("full scan"), "{b}");
     restores_to(&vault, t.path(), &img);
 
@@ -191,10 +186,7 @@ fn sizes_generations_and_lost_parents_make_a_full_scan() {
         .unwrap();
     let e = write_at(&img, &[SIZE + 4096], 8192, 11);
     list(&l, &e, serde_json::json!({}));
-    let b = backup(&vault, &img, &["--changed-blocks", s(&l)]);
-    let cbt = &b["job"]["stats"]["cbt"];
-    assert_eq!(cbt["used"], false, "{b}");
-    assert!(cbt["fallback"].as_str().unwrap().contains("size"), "{cbt}");
+    falls_back(&vault, &img, &l, "size");
     restores_to(&vault, t.path(), &img);
 
     // The parent snapshot is gone (expired, deleted): nothing to build on.
@@ -205,16 +197,7 @@ fn sizes_generations_and_lost_parents_make_a_full_scan() {
     }
     let e = write_at(&img, &[5 << 20], 8192, 12);
     list(&l, &e, serde_json::json!({}));
-    let b = backup(&vault, &img, &["--changed-blocks", s(&l)]);
-    let cbt = &b["job"]["stats"]["cbt"];
-    assert_eq!(cbt["used"], false, "{b}");
-    assert!(
-        cbt["fallback"]
-            .as_str()
-            .unwrap()
-            .contains("no previous snapshot"),
-        "{cbt}"
-    );
+    let b = falls_back(&vault, &img, &l, "no previous snapshot");
     assert!(warnings(&b).contains("full scan"), "{b}");
     restores_to(&vault, t.path(), &img);
 }

@@ -80,69 +80,54 @@ struct Export {
 }
 
 impl Export {
-    /// The same export on TCP (127.0.0.1, a free port).
+    /// `qemu-nbd ARGS… IMG` (export `vm`), once `ready` says it listens;
+    /// killed on drop.
+    fn spawn(args: &[&str], img: &Path, ready: impl Fn() -> bool, uri: String) -> Export {
+        let child = Command::new("qemu-nbd")
+            .args(["-f", "qcow2", "-t", "-x", "vm"])
+            .args(args)
+            .arg(img)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while !ready() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "qemu-nbd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Export { child, uri }
+    }
+
+    /// A read-only export with `bitmap`, on TCP (127.0.0.1, a free port).
     fn start_tcp(img: &Path, bitmap: &str, _dir: &Path) -> Export {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new("qemu-nbd")
-            .args([
-                "-r",
-                "-f",
-                "qcow2",
-                "-t",
-                "-x",
-                "vm",
-                "-B",
-                bitmap,
-                "-b",
-                "127.0.0.1",
-            ])
-            .args(["-p", &port.to_string()])
-            .arg(img)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "qemu-nbd did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Export {
-            child,
-            uri: format!("nbd://127.0.0.1:{port}/vm"),
-        }
+        let p = port.to_string();
+        Export::spawn(
+            &["-r", "-B", bitmap, "-b", "127.0.0.1", "-p", &p],
+            img,
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            format!("nbd://127.0.0.1:{port}/vm"),
+        )
     }
 
+    /// A read-only export with `bitmap`, on a Unix socket in `dir`.
     fn start(img: &Path, bitmap: &str, dir: &Path) -> Export {
         let sock: PathBuf = dir.join("nbd.sock");
         let _ = std::fs::remove_file(&sock);
-        let child = Command::new("qemu-nbd")
-            .args(["-r", "-f", "qcow2", "-t", "-x", "vm", "-B", bitmap, "-k"])
-            .arg(&sock)
-            .arg(img)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        while !sock.exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "qemu-nbd did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Export {
-            child,
-            uri: format!("nbd+unix:///vm?socket={}", sock.display()),
-        }
+        Export::spawn(
+            &["-r", "-B", bitmap, "-k", s(&sock)],
+            img,
+            || sock.exists(),
+            format!("nbd+unix:///vm?socket={}", sock.display()),
+        )
     }
 }
 
@@ -324,21 +309,9 @@ fn a_qcow2_file_is_an_item_through_coffres_own_qemu_nbd() {
     assert_eq!(servers_of(&img), 0, "coffre left its qemu-nbd running");
     // A qcow2 a running VM holds (here: another qemu-nbd writing it) is
     // refused, with the way to back it up live.
-    let holder = Command::new("qemu-nbd")
-        .args(["-f", "qcow2", "-t", "-k"])
-        .arg(t.path().join("holder.sock"))
-        .arg(&img)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !t.path().join("holder.sock").exists() && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut holder = holder;
+    let sock = t.path().join("holder.sock");
+    let holder = Export::spawn(&["-k", s(&sock)], &img, || sock.exists(), String::new());
     let err = fails(&["backup", "--vault", s(&vault), s(&img)], 1);
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(holder);
     assert!(err.contains("backup-begin"), "{err}");
 }

@@ -7,24 +7,9 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 use crate::common::*;
-use crate::snapshot_clone_xfs::mount_xfs;
-
-fn backup(vault: &Path, img: &Path) -> serde_json::Value {
-    let out = coffre()
-        .env_remove("COFFRE_SNAPSHOT_ROOT")
-        .args(["--output", "json", "backup", "--vault", s(vault), s(img)])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+use crate::snapshot_clone_xfs::{backup_next_to_image as backup, mount_xfs};
 
 #[test]
 fn reflink_sharing_tells_the_transfer_what_changed() {

@@ -58,6 +58,23 @@ pub(crate) fn mount_xfs(dir: &Path) -> Option<Xfs> {
     Some(Xfs { mnt })
 }
 
+/// `coffre backup` with the snapshot area in its default place, at the
+/// root of the image's filesystem (the tests' COFFRE_SNAPSHOT_ROOT is
+/// elsewhere, so it is unset); the backup's JSON.
+pub(crate) fn backup_next_to_image(vault: &Path, img: &Path) -> serde_json::Value {
+    let out = coffre()
+        .env_remove("COFFRE_SNAPSHOT_ROOT")
+        .args(["--output", "json", "backup", "--vault", s(vault), s(img)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn clone_snapshots_on_xfs() {
     let t = tempfile::tempdir().unwrap();
@@ -73,17 +90,7 @@ fn clone_snapshots_on_xfs() {
     // Default placement: the area is at the root of the image's filesystem
     // (the tests' COFFRE_SNAPSHOT_ROOT is elsewhere, so unset it here).
     let started = Instant::now();
-    let out = coffre()
-        .env_remove("COFFRE_SNAPSHOT_ROOT")
-        .args(["--output", "json", "backup", "--vault", s(&vault), s(&img)])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b = backup_next_to_image(&vault, &img);
     eprintln!(
         "clone path: 256 MiB backup job in {:?}, snapshot phase {} ms",
         started.elapsed(),
