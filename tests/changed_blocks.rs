@@ -235,4 +235,6 @@ fn bad_lists_are_refused_naming_the_file() {
         err.contains("needs a qcow2 image or an NBD source"),
         "{err}"
     );
+    let err = refused(b"[]", &["--changed-blocks", s(&l), "--bitmap", "b0"]);
+    assert!(err.contains("not both"), "{err}");
 }
