@@ -21,6 +21,7 @@ mod install_deps;
 mod job_phases;
 mod kill9_during_backup;
 mod nbd_qcow2;
+mod object_store;
 mod policy_rules;
 mod power_loss;
 mod protection;

@@ -567,6 +567,20 @@ pub enum VaultCommand {
         /// filesystem, where reflink clones work).
         #[arg(long, value_name = "DIR", value_parser = any_path)]
         snapshot_area: Option<PathBuf>,
+        /// Keep the vault in object storage: azure://ACCOUNT/CONTAINER[/PREFIX]
+        /// or s3://BUCKET[/PREFIX]; --vault is then this host's cache.
+        /// Credentials come from the usual AZURE_* or AWS_* variables.
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
+    },
+    /// Attach this host to a vault in object storage that another host
+    /// created: --vault is a new, empty cache directory.
+    Attach {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// The vault's store URL (azure://…, s3://…).
+        #[arg(long, value_name = "URL")]
+        store: String,
     },
     /// Change a vault setting. Redundancy is locked once an item is protected.
     Set {

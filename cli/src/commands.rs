@@ -24,6 +24,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             replicas,
             secondary,
             snapshot_area,
+            store,
         }) => crate::vault_cmd::create(
             fmt,
             &vault.vault,
@@ -35,9 +36,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 snapshot_area,
                 replicas,
                 secondary,
+                store,
             },
             clock,
         ),
+        Command::Vault(VaultCommand::Attach { vault, store }) => {
+            crate::vault_cmd::attach(&ctx, &vault.vault, &store)
+        }
         Command::Vault(VaultCommand::Show { vault }) => crate::vault_cmd::show(&ctx, &vault.vault),
         Command::Vault(VaultCommand::Set {
             vault,

@@ -21,6 +21,7 @@ pub struct CreateArgs {
     pub snapshot_area: Option<PathBuf>,
     pub replicas: Vec<PathBuf>,
     pub secondary: Option<PathBuf>,
+    pub store: Option<String>,
 }
 
 /// What `vault set` changes.
@@ -71,6 +72,7 @@ pub fn create(
         snapshot_area: args.snapshot_area,
         replicas: args.replicas,
         secondary,
+        store: args.store,
     };
     let vault = vault_ops::create_vault(dir, &opts, clock)
         .with_context(|| format!("cannot create vault {}", dir.display()))?;
@@ -89,7 +91,9 @@ pub fn create(
         for w in &s.copy_warnings {
             out.push_str(&format!("warning: {w}\n"));
         }
-        if s.secondary.is_none() {
+        if let Some(url) = &s.store {
+            out.push_str(&format!("the vault lives in {url}; other hosts join it with `coffre vault attach --store {url} --vault DIR`\n"));
+        } else if s.secondary.is_none() {
             out.push_str("for GRS, give --secondary DIR (or set COFFRE_SECONDARY): an asynchronous copy in a second location that `coffre restore --from secondary` reads when this one is gone\n");
         }
         out
@@ -276,6 +280,22 @@ pub fn show(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
                 "SOURCE",
             ],
             &rows,
+        )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn attach(ctx: &Ctx, dir: &Path, url: &str) -> anyhow::Result<ExitCode> {
+    let vault = vault_ops::attach_vault(dir, url, ctx.lock_timeout)
+        .with_context(|| format!("cannot attach {} to the vault in {url}", dir.display()))?;
+    let summary = vault_ops::summarize(&vault, ctx.clock.now())?;
+    output::emit(ctx.fmt, &summary, |s| {
+        format!(
+            "attached {} to vault {} in {url} ({} items, {} points)\n",
+            s.path.display(),
+            s.name,
+            s.items.len(),
+            s.points
         )
     })?;
     Ok(ExitCode::SUCCESS)

@@ -55,6 +55,53 @@ pub struct Copies {
     /// Configured copies that could not be used.
     unavailable: Vec<Unavailable>,
     repairs: AtomicU64,
+    /// The primary is a shared vault's object store: point manifests are
+    /// created conditionally.
+    shared: bool,
+}
+
+/// The store a URL names (`azure://…`, `s3://…`).
+#[cfg(feature = "object")]
+pub fn open_url(url: &str) -> Result<SharedStore> {
+    Ok(Arc::new(crate::store::object::ObjectStoreCopy::open(url)?))
+}
+
+/// The store a URL names: this build has no object-store support.
+#[cfg(not(feature = "object"))]
+pub fn open_url(url: &str) -> Result<SharedStore> {
+    Err(StoreError::InvalidSetting {
+        field: "store URL",
+        reason: format!("{url}: this coffre was built without object-store support"),
+    })
+}
+
+/// Writes point manifest `name` of a shared vault with a conditional
+/// create; when the file exists it is overwritten only if it is the same
+/// point (an update of its own record), never another host's point.
+fn put_point_once(store: &dyn crate::store::Store, name: &str, bytes: &[u8]) -> Result<()> {
+    if store.put_new(name, bytes)? {
+        return Ok(());
+    }
+    let ours = catalog_files::decode_point(bytes).map(|p| p.id).ok();
+    let theirs = store
+        .get(name)?
+        .and_then(|b| catalog_files::decode_point(&b).ok())
+        .map(|p| p.id);
+    if ours.is_some() && ours == theirs {
+        return store.put(name, bytes);
+    }
+    Err(StoreError::PointTaken {
+        file: format!("{}/{name}", store.location()),
+    })
+}
+
+/// The primary store of the vault at `dir`: its object store when `dir`
+/// is a shared vault's cache, else the directory.
+pub fn primary_store(dir: &Path) -> Result<SharedStore> {
+    match crate::remote::Remote::load(dir)? {
+        Some(r) => open_url(&r.url),
+        None => Ok(Arc::new(LocalStore::new(dir))),
+    }
 }
 
 /// Checks that `dir` is a copy of the vault `vault_id` (a directory with
@@ -114,10 +161,22 @@ impl Copies {
                 None => s,
             }
         };
+        let remote = crate::remote::Remote::load(dir)?;
+        let shared = remote.is_some();
+        let primary: SharedStore = match remote {
+            Some(r) => {
+                let s = open_url(&r.url)?;
+                match wrap {
+                    Some(w) => w(Role::Primary, s),
+                    None => s,
+                }
+            }
+            None => make(Role::Primary, dir),
+        };
         let mut sync = vec![Copy {
             role: Role::Primary,
             dir: dir.to_path_buf(),
-            store: make(Role::Primary, dir),
+            store: primary,
         }];
         let mut unavailable = Vec::new();
         for r in &config.replicas {
@@ -167,6 +226,7 @@ impl Copies {
             secondary,
             unavailable,
             repairs: AtomicU64::new(0),
+            shared,
         })
     }
 
@@ -233,7 +293,11 @@ impl Copies {
         self.for_each_sync(|c| {
             for (name, bytes) in files {
                 if let Some(b) = bytes {
-                    c.store.put(name, b)?;
+                    if self.shared && name.starts_with(catalog_files::POINTS_DIR) {
+                        put_point_once(c.store.as_ref(), name, b)?;
+                    } else {
+                        c.store.put(name, b)?;
+                    }
                 }
             }
             Ok(())

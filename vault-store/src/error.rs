@@ -143,6 +143,24 @@ pub enum StoreError {
     #[error("vault {path} has no index; rebuild it from a copy with `coffre vault rebuild-index`")]
     IndexMissing { path: PathBuf },
 
+    /// Another host committed a point under the same name first.
+    #[error("{file}: another host committed this point meanwhile; run the backup again")]
+    PointTaken {
+        /// The manifest's URL.
+        file: String,
+    },
+
+    /// An object-store request failed.
+    #[error("object store {url}: {op} failed: {reason}")]
+    Object {
+        /// The object's URL.
+        url: String,
+        /// What was being done.
+        op: &'static str,
+        /// What the store answered.
+        reason: String,
+    },
+
     /// Vault settings given at creation are invalid.
     #[error("invalid vault setting {field}: {reason}")]
     InvalidSetting { field: &'static str, reason: String },

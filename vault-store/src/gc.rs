@@ -169,6 +169,17 @@ pub fn run(vault: &Vault) -> Result<GcReport> {
             path: vault.dir().to_path_buf(),
         });
     }
+    if let Some(r) = vault.remote() {
+        // Other hosts may be deduplicating against any chunk right now;
+        // deleting needs the lease protocol of FORMAT.md, "Shared vaults".
+        return Err(StoreError::InvalidSetting {
+            field: "gc",
+            reason: format!(
+                "GC of a vault shared in object storage ({}) is not supported yet; nothing was deleted",
+                r.url
+            ),
+        });
+    }
     let started = Instant::now();
     let stored_before = vault.stored_bytes()?;
     let (chunks, bytes) = unindex(vault)?;

@@ -39,11 +39,14 @@ pub mod rebuild;
 pub mod record;
 #[cfg(feature = "index")]
 pub mod refs;
+pub mod remote;
 pub mod repl_state;
 #[cfg(feature = "index")]
 pub mod replicate;
 pub mod scan;
 pub mod segment;
+#[cfg(feature = "index")]
+pub mod shared;
 pub mod store;
 #[cfg(feature = "index")]
 pub mod vault;

@@ -23,8 +23,9 @@ use crate::index::{ChunkLocation, INDEX_DIR, Index, IndexBatch, SegmentInfo};
 use crate::lock::VaultLock;
 use crate::scan::scan_segment;
 use crate::segment::{SEGMENT_HEADER_LEN, SEGMENTS_DIR, parse_segment_file_name, segment_name};
-use crate::store::{LocalStore, Store};
-use crate::vault::{Access, OpenOptions, Vault};
+use crate::store::{LocalStore, SharedStore, Store};
+use crate::vault::{Access, Vault};
+use std::sync::Arc;
 
 /// What a rebuild found.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -67,14 +68,18 @@ pub fn rebuild_index(dir: &Path, source: &Path, wait: Duration) -> Result<(Vault
         });
     }
     let config = crate::config::VaultConfig::load(dir)?;
-    let store = LocalStore::new(source);
+    let store: SharedStore = if source == dir {
+        crate::copies::primary_store(dir)?
+    } else {
+        Arc::new(LocalStore::new(source))
+    };
     if source != dir {
-        crate::copies::check_copy(&store, source, &config.vault_id, false).map_err(|reason| {
-            StoreError::CopyUnavailable {
+        crate::copies::check_copy(store.as_ref(), source, &config.vault_id, false).map_err(
+            |reason| StoreError::CopyUnavailable {
                 path: source.to_path_buf(),
                 reason,
-            }
-        })?;
+            },
+        )?;
     }
     let lock = VaultLock::acquire_wait(dir, wait)?;
     let index_dir = dir.join(INDEX_DIR);
@@ -89,19 +94,14 @@ pub fn rebuild_index(dir: &Path, source: &Path, wait: Duration) -> Result<(Vault
     };
     {
         let index = Index::open_write(&index_dir)?;
-        index_segments(&store, &index, &mut report)?;
-        index_catalog(&store, &index, &mut report)?;
+        index_segments(store.as_ref(), &index, &mut report)?;
+        index_catalog(store.as_ref(), &index, &mut report)?;
     }
     drop(lock);
     let vault = Vault::open_with(
         dir,
         Access::Write,
-        &OpenOptions {
-            wait,
-            degraded_ok: true,
-            allow_copy_write: true,
-            ..OpenOptions::default()
-        },
+        &crate::shared::rebuild_open_options(wait),
     )?;
     if old.exists() {
         let _ = std::fs::remove_dir_all(&old);
@@ -111,7 +111,7 @@ pub fn rebuild_index(dir: &Path, source: &Path, wait: Duration) -> Result<(Vault
     Ok((vault, report))
 }
 
-fn index_segments(store: &LocalStore, index: &Index, report: &mut RebuildReport) -> Result<()> {
+fn index_segments(store: &dyn Store, index: &Index, report: &mut RebuildReport) -> Result<()> {
     let mut ids: Vec<u64> = store
         .list(SEGMENTS_DIR)?
         .iter()
@@ -168,7 +168,7 @@ fn index_segments(store: &LocalStore, index: &Index, report: &mut RebuildReport)
     Ok(())
 }
 
-fn index_catalog(store: &LocalStore, index: &Index, report: &mut RebuildReport) -> Result<()> {
+fn index_catalog(store: &dyn Store, index: &Index, report: &mut RebuildReport) -> Result<()> {
     let mut batch = IndexBatch::default();
     for name in catalog_files::list_all(store)? {
         let Some(bytes) = store.get(&name)? else {

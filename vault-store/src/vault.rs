@@ -35,6 +35,7 @@ use crate::index::{ChunkKind, ChunkLocation, INDEX_DIR, Index, IndexBatch, Segme
 use crate::lock::{ReaderLease, VaultLock};
 use crate::record::{self, HEADER_LEN, RecordDecoder, RecordHeader};
 use crate::refs::{NodeChildren, RefCounter, node_refs};
+use crate::remote::Remote;
 use crate::segment::{
     SEGMENT_HEADER_LEN, SEGMENT_TARGET_LEN, SEGMENTS_DIR, SegmentWriter, encode_header,
     parse_segment_file_name, segment_file_name, segment_name,
@@ -62,6 +63,9 @@ pub struct OpenOptions {
     /// Allows writing to a directory that is a replica or the secondary
     /// opened on its own (only the index rebuild does).
     pub allow_copy_write: bool,
+    /// Opens a shared vault's cache as it is, without first importing what
+    /// other hosts committed (only the rebuild, which is that import).
+    pub skip_refresh: bool,
 }
 
 /// An open vault.
@@ -75,6 +79,9 @@ pub struct Vault {
     /// Set when a sync failed: the kernel may have dropped dirty pages, so
     /// this handle accepts no more writes until the vault is reopened.
     poisoned: AtomicBool,
+    /// A shared vault in object storage: this host's pointer (its segment
+    /// namespace). `None` for a local vault.
+    remote: Option<Remote>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -131,6 +138,7 @@ impl Vault {
             lock: Some(lock),
             _lease: None,
             poisoned: AtomicBool::new(false),
+            remote: None,
         })
         .and_then(|v| {
             let mut b = IndexBatch::default();
@@ -169,6 +177,9 @@ impl Vault {
         let mut config = VaultConfig::load(dir)?;
         let role = copy_role(dir);
         let index_dir = dir.join(INDEX_DIR);
+        if !opts.skip_refresh && Remote::load(dir)?.is_some() {
+            crate::shared::refresh_cache(dir, wait)?;
+        }
         if role != Role::Primary {
             // A replica or the secondary opened on its own (the primary is
             // gone): a vault by itself, whose index is a local cache.
@@ -204,6 +215,7 @@ impl Vault {
             opts.degraded_ok,
             opts.wrap.as_ref(),
         )?;
+        let remote = Remote::load(dir)?;
         let vault = Vault {
             dir: dir.to_path_buf(),
             config,
@@ -212,7 +224,20 @@ impl Vault {
             lock,
             _lease: lease,
             poisoned: AtomicBool::new(false),
+            remote,
         };
+        if vault.remote.is_some() {
+            // The store is the truth: the cache was brought up to date
+            // before it was opened ([`Vault::open_with`] refreshes), and
+            // other hosts' segments and manifests are never cut or removed.
+            // Nothing a host uploaded is ever cut: another host may have
+            // deduplicated against it after a refresh. Dead bytes are
+            // left for GC.
+            if access == Access::Write {
+                vault.ensure_gc_layout()?;
+            }
+            return Ok(vault);
+        }
         if access == Access::Write {
             if !dir.join(COPY_FILE).exists() {
                 write_identity(dir, &vault.config, Role::Primary)?;
@@ -315,6 +340,10 @@ impl Vault {
                     }
                     continue;
                 };
+                if !self.segment_namespace().contains(&id) {
+                    // Another host's segment in a shared vault.
+                    continue;
+                }
                 let full = segment_name(id);
                 let len = c.store.size(&full)?.unwrap_or(0);
                 match infos.get(&id) {
@@ -414,7 +443,18 @@ impl Vault {
         self.copies.repairs()
     }
 
-    /// The vault directory.
+    /// The segment ids this handle may write: this host's namespace in a
+    /// shared vault, all of them in a local one.
+    pub fn segment_namespace(&self) -> std::ops::Range<u64> {
+        self.remote.as_ref().map_or(0..u64::MAX, |r| r.namespace())
+    }
+
+    /// This host's pointer, for a shared vault in object storage.
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_ref()
+    }
+
+    /// The vault directory (for a shared vault: this host's cache).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -685,7 +725,9 @@ impl Vault {
             writer: None,
             writer_is_new: false,
             writer_committed: 0,
-            fresh_segment: false,
+            // In a shared vault every session writes a segment of its own,
+            // so nothing uploaded is ever cut (see `Vault::open_with`).
+            fresh_segment: self.remote.is_some(),
             pending: HashMap::new(),
             kinds: HashMap::new(),
             pending_children: HashMap::new(),
@@ -839,7 +881,9 @@ impl WriteSession<'_> {
     }
 
     fn open_writer(&mut self) -> Result<()> {
-        let infos = self.vault.index.segment_infos()?;
+        let mut infos = self.vault.index.segment_infos()?;
+        let space = self.vault.segment_namespace();
+        infos.retain(|id, _| space.contains(id));
         let copies = &self.vault.copies;
         if let Some((&id, info)) = infos.iter().next_back()
             && !info.retired
@@ -852,7 +896,10 @@ impl WriteSession<'_> {
             self.writer_committed = len;
             return Ok(());
         }
-        let next = infos.keys().next_back().map_or(1, |id| id + 1);
+        let next = infos
+            .keys()
+            .next_back()
+            .map_or(space.start.max(1), |id| id + 1);
         self.fresh_segment = false;
         self.writer = Some(SegmentWriter::create(copies, next)?);
         self.writer_is_new = true;
@@ -1081,6 +1128,9 @@ impl Drop for WriteSession<'_> {
         }
         // Reclaim the uncommitted tail at once (a full disk wants its space
         // back); the next writer would do it anyway.
+        if self.vault.remote.is_some() {
+            return;
+        }
         if let Some(w) = self.writer.take() {
             let keep = if self.writer_is_new {
                 0

@@ -33,6 +33,9 @@ pub struct CreateOptions {
     pub replicas: Vec<PathBuf>,
     /// The GRS secondary directory.
     pub secondary: Option<PathBuf>,
+    /// An object store URL (`azure://…`, `s3://…`): the vault lives
+    /// there and `dir` is this host's cache.
+    pub store: Option<String>,
 }
 
 /// Derives a valid vault name from a directory name.
@@ -81,7 +84,10 @@ pub fn create_vault(dir: &Path, opts: &CreateOptions, clock: &dyn Clock) -> Resu
         replicas: opts.replicas.iter().map(|p| absolute(p)).collect(),
         secondary: opts.secondary.as_deref().map(absolute),
     };
-    let vault = Vault::create(dir, config)?;
+    let vault = match &opts.store {
+        Some(url) => coffre_vault_store::shared::create_in_store(dir, url, config)?,
+        None => Vault::create(dir, config)?,
+    };
     let mut b = coffre_vault_store::IndexBatch::default();
     b.put_policy(
         crate::policy::DEFAULT_POLICY,
@@ -89,6 +95,12 @@ pub fn create_vault(dir: &Path, opts: &CreateOptions, clock: &dyn Clock) -> Resu
     );
     vault.commit_catalog(b, &[])?;
     Ok(vault)
+}
+
+/// Attaches the empty cache directory `dir` to the shared vault at `url`
+/// (another host created it): the index is built from the store.
+pub fn attach_vault(dir: &Path, url: &str, wait: std::time::Duration) -> Result<Vault> {
+    Ok(coffre_vault_store::shared::attach(dir, url, wait)?)
 }
 
 /// Changes the vault's redundancy; refused once the vault protects (or
@@ -218,9 +230,14 @@ pub struct SecondarySummary {
 pub fn copies_summary(vault: &Vault) -> (Vec<CopySummary>, Vec<String>) {
     let mut out = Vec::new();
     for c in vault.copies().sync_copies() {
+        // A shared vault's primary is its object store, not the cache.
+        let dir = match (c.role, vault.remote()) {
+            (Role::Primary, Some(r)) => PathBuf::from(&r.url),
+            _ => c.dir.clone(),
+        };
         out.push(CopySummary {
             role: c.role,
-            dir: c.dir.clone(),
+            dir,
             available: true,
             problem: None,
             space: c.store.space(),
@@ -246,7 +263,8 @@ pub fn copies_summary(vault: &Vault) -> (Vec<CopySummary>, Vec<String>) {
     }
     let mut warnings = Vec::new();
     let sync: Vec<&CopySummary> = out.iter().filter(|c| c.role != Role::Secondary).collect();
-    if sync.len() == 1 && vault.config().secondary.is_none() {
+    // An object store keeps copies of its own (the account's LRS, ZRS or GRS).
+    if sync.len() == 1 && vault.config().secondary.is_none() && vault.remote().is_none() {
         warnings.push("only one copy: no protection against losing this disk".to_string());
     }
     let mut by_device: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
@@ -365,6 +383,11 @@ pub struct VaultSummary {
     pub copy_warnings: Vec<String>,
     /// GRS replication state.
     pub secondary: Option<SecondarySummary>,
+    /// The object store the vault lives in (then `path` is this host's
+    /// cache), with this host's tag.
+    pub store: Option<String>,
+    /// This host's tag in a shared vault.
+    pub host_tag: Option<u16>,
 }
 
 /// Summarises a vault.
@@ -411,6 +434,8 @@ pub fn summarize(vault: &Vault, now: Timestamp) -> Result<VaultSummary> {
         copies,
         copy_warnings,
         secondary: secondary_summary(vault, now)?,
+        store: vault.remote().map(|r| r.url.clone()),
+        host_tag: vault.remote().map(|r| r.host_tag),
     })
 }
 

@@ -24,6 +24,8 @@
 
 pub mod fault;
 pub mod local;
+#[cfg(feature = "object")]
+pub mod object;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -52,6 +54,34 @@ pub trait Store: Send + Sync + Debug {
     fn size(&self, name: &str) -> Result<Option<u64>>;
     /// Replaces `name` with `bytes` atomically and durably.
     fn put(&self, name: &str, bytes: &[u8]) -> Result<()>;
+    /// Creates `name` with `bytes` only if it does not exist; `false` when
+    /// it does (an object store's conditional create). The default, for
+    /// local copies, relies on the vault's writer lock.
+    fn put_new(&self, name: &str, bytes: &[u8]) -> Result<bool> {
+        if self.size(name)?.is_some() {
+            return Ok(false);
+        }
+        self.put(name, bytes)?;
+        Ok(true)
+    }
+    /// The content of `name` with its version, for [`Store::put_if`].
+    fn get_version(&self, name: &str) -> Result<Option<(Vec<u8>, Version)>> {
+        Ok(self.get(name)?.map(|b| {
+            let v = Version::of_bytes(&b);
+            (b, v)
+        }))
+    }
+    /// Replaces `name` only if it is still at version `expected` (an
+    /// object store's `If-Match`); `None` when it changed meanwhile.
+    fn put_if(&self, name: &str, bytes: &[u8], expected: &Version) -> Result<Option<Version>> {
+        match self.get_version(name)? {
+            Some((_, v)) if &v == expected => {
+                self.put(name, bytes)?;
+                Ok(Some(Version::of_bytes(bytes)))
+            }
+            _ => Ok(None),
+        }
+    }
     /// The whole content of `name`, or `None` when it does not exist.
     fn get(&self, name: &str) -> Result<Option<Vec<u8>>>;
     /// Names of the files directly in folder `dir` (not recursive; empty
@@ -100,6 +130,26 @@ pub struct SpaceInfo {
     pub free_bytes: u64,
     /// Size of the filesystem.
     pub total_bytes: u64,
+}
+
+/// The version of a file, for conditional replacement: an object
+/// store's ETag (and version id), or a local file's content hash.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Version {
+    /// ETag.
+    pub e_tag: Option<String>,
+    /// Version id, where the store keeps versions.
+    pub version: Option<String>,
+}
+
+impl Version {
+    /// The version of a local file: the BLAKE3 of its content.
+    pub fn of_bytes(bytes: &[u8]) -> Version {
+        Version {
+            e_tag: Some(blake3::hash(bytes).to_hex().to_string()),
+            version: None,
+        }
+    }
 }
 
 /// A shared store.

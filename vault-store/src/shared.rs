@@ -1,0 +1,218 @@
+//! Shared vaults in object storage, seen from one host: creating one in a
+//! store, attaching a fresh cache directory to one, and keeping the cache
+//! up to date with what other hosts committed.
+//!
+//! The store holds the vault: config, copy identity, segments, point
+//! manifests, items and policies. A host's cache directory holds the
+//! RocksDB index (a cache of the store, invariant C2), the local locks and
+//! job records, a copy of the config, and the pointer ([`Remote`]).
+//!
+//! **Refresh.** Whenever a host opens the vault, it compares the store
+//! with its index: a catalog file the index lacks (or the reverse), or
+//! another host's segment whose length differs from what the index
+//! scanned, means other hosts committed something. The cache is then
+//! rebuilt from the store ([`crate::rebuild`]): segments are scanned for
+//! chunk locations and the reference counts are derived from the points.
+//! After that the host deduplicates against every chunk any host stored.
+//! A rebuild reads every segment; per-segment chunk lists, so that a
+//! refresh reads only what changed, are the next step (see
+//! `ARCHITECTURE.md`, "Object storage").
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::catalog_files::{self, COPY_FILE, CopyIdentity, Role};
+use crate::config::{CONFIG_FILE, VaultConfig};
+use crate::error::{Result, StoreError};
+use crate::index::{INDEX_DIR, Index};
+use crate::remote::{Remote, StoreUrl, claim_tag};
+use crate::segment::{SEGMENTS_DIR, parse_segment_file_name};
+use crate::store::{SharedStore, Store};
+use crate::vault::{Access, OpenOptions, Vault};
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
+fn check_empty_cache(dir: &Path) -> Result<()> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(StoreError::AlreadyExists {
+                    path: dir.to_path_buf(),
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io("read directory", dir, e)),
+    }
+}
+
+fn identity(config: &VaultConfig) -> Vec<u8> {
+    catalog_files::encode_copy(&CopyIdentity {
+        vault_id: config.vault_id.clone(),
+        vault_name: config.name.clone(),
+        role: Role::Primary,
+    })
+}
+
+/// Claims a host tag in `store` and writes the cache directory's files:
+/// the pointer, the identity and, last, the config (a directory without
+/// it is not a vault).
+fn write_cache(dir: &Path, url: &str, store: &dyn Store, config: &VaultConfig) -> Result<()> {
+    crate::durable::create_dir_durable(dir)?;
+    crate::durable::create_dir_durable(&dir.join(INDEX_DIR))?;
+    let host = host_name();
+    let tag = claim_tag(store, &host, seed())?;
+    Remote {
+        url: url.to_string(),
+        host_tag: tag,
+        host,
+    }
+    .store(dir)?;
+    crate::durable::write_atomic(&dir.join(COPY_FILE), &identity(config))?;
+    config.store(dir)
+}
+
+/// Creates a shared vault in the store at `url`, with this host's cache in
+/// `dir` (empty or missing), and returns it open for writing.
+pub fn create_in_store(dir: &Path, url: &str, config: VaultConfig) -> Result<Vault> {
+    config.validate()?;
+    if !config.replicas.is_empty() || config.secondary.is_some() {
+        return Err(StoreError::InvalidSetting {
+            field: "store",
+            reason: "a vault in object storage takes no local replicas or secondary".into(),
+        });
+    }
+    let url = canonical_url(url)?;
+    check_empty_cache(dir)?;
+    let store = crate::copies::open_url(&url)?;
+    if store.get(CONFIG_FILE)?.is_some() {
+        return Err(StoreError::InvalidSetting {
+            field: "store",
+            reason: format!(
+                "{url} already holds a vault; attach to it with `coffre vault attach --store {url} --vault DIR`"
+            ),
+        });
+    }
+    store.put(COPY_FILE, &identity(&config))?;
+    // The config is the store's last file: a store without it is no vault.
+    if !store.put_new(CONFIG_FILE, &config.encode())? {
+        return Err(StoreError::InvalidSetting {
+            field: "store",
+            reason: format!("{url}: another host created a vault there at the same moment"),
+        });
+    }
+    write_cache(dir, &url, store.as_ref(), &config)?;
+    Vault::open(dir, Access::Write)
+}
+
+/// Attaches the cache directory `dir` (empty or missing) to the shared
+/// vault at `url`: downloads its config, claims a host tag and builds the
+/// index from the store. Returns the vault open for writing.
+pub fn attach(dir: &Path, url: &str, wait: Duration) -> Result<Vault> {
+    let url = canonical_url(url)?;
+    check_empty_cache(dir)?;
+    let store = crate::copies::open_url(&url)?;
+    let Some(bytes) = store.get(CONFIG_FILE)? else {
+        return Err(StoreError::InvalidSetting {
+            field: "store",
+            reason: format!(
+                "{url} holds no coffre vault (no config); create one with `coffre vault create --store {url}`"
+            ),
+        });
+    };
+    let config = VaultConfig::decode(&bytes, Path::new(&format!("{url}/{CONFIG_FILE}")))?;
+    write_cache(dir, &url, store.as_ref(), &config)?;
+    let (vault, report) = crate::rebuild::rebuild_index(dir, dir, wait)?;
+    tracing::info!(vault = %dir.display(), %url, chunks = report.chunks, points = report.points, "attached to the shared vault");
+    Ok(vault)
+}
+
+fn canonical_url(url: &str) -> Result<String> {
+    StoreUrl::parse(url)
+        .map(|u| u.to_url())
+        .map_err(|reason| StoreError::InvalidSetting {
+            field: "store URL",
+            reason,
+        })
+}
+
+/// True when the store holds something the index of `dir` does not know
+/// (or the reverse): another host committed points, items, policies or
+/// segment bytes, or removed points.
+pub fn is_stale(dir: &Path, store: &dyn Store, own: std::ops::Range<u64>) -> Result<bool> {
+    let index_dir = dir.join(INDEX_DIR);
+    if !index_dir.join("CURRENT").is_file() {
+        return Ok(true);
+    }
+    let index = Index::open_read(&index_dir)?;
+    let mut known: HashSet<String> = HashSet::new();
+    for item in index.items()? {
+        known.insert(catalog_files::item_file(&item.name));
+        for p in index.points(&item.name)? {
+            known.insert(catalog_files::point_file(&p.item, p.seq));
+        }
+    }
+    for (name, _) in index.policy_values()? {
+        known.insert(catalog_files::policy_file(&name));
+    }
+    let listed: HashSet<String> = catalog_files::list_all(store)?.into_iter().collect();
+    if listed != known {
+        return Ok(true);
+    }
+    let infos = index.segment_infos()?;
+    for name in store.list(SEGMENTS_DIR)? {
+        let Some(id) = parse_segment_file_name(&name) else {
+            continue;
+        };
+        if own.contains(&id) {
+            continue;
+        }
+        let size = store.size(&crate::segment::segment_name(id))?.unwrap_or(0);
+        if infos.get(&id).map(|i| i.committed) != Some(size) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Brings the cache at `dir` up to date with its store (see the module
+/// docs); a no-op when nothing changed.
+pub fn refresh_cache(dir: &Path, wait: Duration) -> Result<()> {
+    let Some(remote) = Remote::load(dir)? else {
+        return Ok(());
+    };
+    let store: SharedStore = crate::copies::open_url(&remote.url)?;
+    if !is_stale(dir, store.as_ref(), remote.namespace())? {
+        return Ok(());
+    }
+    tracing::info!(vault = %dir.display(), url = %remote.url, "other hosts changed the vault; refreshing the cache");
+    let (vault, _) = crate::rebuild::rebuild_index(dir, dir, wait)?;
+    drop(vault);
+    Ok(())
+}
+
+/// Options for the vault open inside a rebuild (no refresh: the rebuild
+/// is one).
+pub fn rebuild_open_options(wait: Duration) -> OpenOptions {
+    OpenOptions {
+        wait,
+        degraded_ok: true,
+        allow_copy_write: true,
+        skip_refresh: true,
+        ..OpenOptions::default()
+    }
+}
