@@ -6,6 +6,7 @@
 //! SKIP and pass.
 
 use std::net::TcpListener;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -359,13 +360,13 @@ fn four_hosts_back_up_into_one_vault_at_once() {
 }
 
 #[test]
-fn gc_of_a_shared_vault_is_refused_and_deletes_nothing() {
+fn gc_gives_a_deleted_items_space_back_in_two_runs_and_runs_one_at_a_time() {
     let Some(az) = Azurite::start(&["gcvault"]) else {
         return;
     };
     let t = tempfile::tempdir().unwrap();
     let store = url("gcvault", "v");
-    let h1 = t.path().join("h1");
+    let (h1, h2) = (t.path().join("h1"), t.path().join("h2"));
     az.ok(&[
         "vault",
         "create",
@@ -376,15 +377,392 @@ fn gc_of_a_shared_vault_is_refused_and_deletes_nothing() {
         "--snapshot-area",
         s(&t.path().join("a")),
     ]);
-    let img = t.path().join("d.img");
-    mixed_image(&img, 8 << 20, 5);
-    backup(&az, &h1, "d", &img);
-    let out = az.run(&["gc", "--vault", s(&h1)]);
-    assert!(!out.status.success());
+    az.ok(&["vault", "attach", "--store", &store, "--vault", s(&h2)]);
+    let (keep, drop) = (t.path().join("keep.img"), t.path().join("drop.img"));
+    mixed_image(&keep, 8 << 20, 5);
+    random_file(&drop, 8 << 20, 6);
+    backup(&az, &h1, "keep", &keep);
+    backup(&az, &h2, "drop", &drop);
+    az.ok(&[
+        "unprotect",
+        "--vault",
+        s(&h1),
+        "--item",
+        "drop",
+        "--delete-data",
+    ]);
+    let later = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(30 * 86400)).to_string();
+    let pruned = az
+        .coffre()
+        .env("COFFRE_NOW", &later)
+        .args(["prune", "--vault", s(&h1)])
+        .output()
+        .unwrap();
+    assert!(pruned.status.success());
+    // The first run only condemns; the second deletes what is still dead.
+    let first = az.json(&["gc", "--vault", s(&h1)]);
+    assert_eq!(first["deleted_segments"].as_u64(), Some(0), "{first}");
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not supported yet"),
+        first["condemned_segments"].as_u64().unwrap() >= 1,
+        "{first}"
+    );
+    let second = az.json(&["gc", "--vault", s(&h2)]);
+    assert!(
+        second["deleted_bytes"].as_u64().unwrap() >= 8 << 20,
+        "{second}"
+    );
+    let show = az.json(&["vault", "show", "--vault", s(&h1)]);
+    assert!(show["stored_bytes"].as_u64().unwrap() < 8 << 20, "{show}");
+    assert_eq!(show["gc_state"]["epoch"].as_u64(), Some(2), "{show}");
+    restore_same(&az, &h1, "keep", 1, &keep);
+    assert_clean(
+        &az.json(&["verify", "--vault", s(&h2), "--read-data"]),
+        "after gc",
+    );
+
+    // While one GC waits for a running writer, a second GC is refused.
+    let slow = t.path().join("slow.img");
+    random_file(&slow, 24 << 20, 8);
+    let mut writer = az
+        .coffre()
+        .args([
+            "backup",
+            "--vault",
+            s(&h1),
+            "--item",
+            "slow",
+            "--rate-limit",
+            "8M",
+            s(&slow),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    while az.json(&["vault", "show", "--vault", s(&h2)])["leases"]
+        .as_array()
+        .is_none_or(|l| l.is_empty())
+    {
+        assert!(Instant::now() < until, "the writer never took a lease");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut waiting = az
+        .coffre()
+        .args(["--output", "json", "gc", "--vault", s(&h2)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while az.json(&["vault", "show", "--vault", s(&h1)])["gc_state"]["marking"].is_null() {
+        assert!(Instant::now() < until, "the first GC never took gc/state");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let refused = az.run(&["gc", "--vault", s(&h1)]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("another GC"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(writer.wait().unwrap().success());
+    let out = waiting.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    restore_same(&az, &h1, "d", 1, &img);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["waited_for"].as_u64(), Some(1), "{report}");
+    restore_same(&az, &h2, "slow", 1, &slow);
+}
+
+/// A verify report without errors: unreferenced chunks (garbage a later
+/// GC takes) are the only warning a shared vault may show.
+fn assert_clean(v: &serde_json::Value, what: &str) {
+    for f in v["findings"].as_array().expect("findings") {
+        assert!(
+            f["severity"] == "warning" && f["code"] == "unreferenced",
+            "{what}: {f}"
+        );
+    }
+    assert_eq!(
+        v["unrecoverable"].as_array().map(Vec::len),
+        Some(0),
+        "{what}: {v}"
+    );
+    assert_eq!(v["detected"].as_u64(), Some(0), "{what}: {v}");
+}
+
+/// Points expire an hour after they are taken: a prune run "later" (its
+/// clock two hours ahead) deletes every point but each item's last.
+fn soon() -> String {
+    (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600)).to_string()
+}
+
+#[test]
+fn four_writers_and_gc_at_once_never_lose_a_live_chunk() {
+    let Some(az) = Azurite::start(&["gcrace"]) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let store = url("gcrace", "v");
+    let gc_host = t.path().join("gc-host");
+    az.ok(&[
+        "vault",
+        "create",
+        "--store",
+        &store,
+        "--vault",
+        s(&gc_host),
+        "--snapshot-area",
+        s(&t.path().join("area")),
+    ]);
+    let hosts: Vec<PathBuf> = (0..4).map(|i| t.path().join(format!("host{i}"))).collect();
+    for h in &hosts {
+        az.ok(&["vault", "attach", "--store", &store, "--vault", s(h)]);
+    }
+    // Each host's disk flips between two states, A on even runs and B on
+    // odd ones (with a little churn of its own each time). Once B is
+    // backed up, prune deletes A's point, so GC condemns A's chunks; the
+    // next run brings A back while GC runs: the writer must not reuse a
+    // chunk GC is about to delete. A golden image shared by all hosts
+    // adds chunks that several hosts' points hold.
+    let golden = t.path().join("golden.img");
+    mixed_image(&golden, 2 << 20, 7);
+    let variants: Vec<[PathBuf; 2]> = (0..4u64)
+        .map(|i| {
+            [0u64, 1].map(|v| {
+                let p = t.path().join(format!("vm{i}-{v}.img"));
+                mixed_image(&p, 8 << 20, 1000 + i * 2 + v);
+                let g = std::fs::read(&golden).unwrap();
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .write_all_at(&g, 0)
+                    .unwrap();
+                p
+            })
+        })
+        .collect();
+    let imgs: Vec<PathBuf> = (0..4)
+        .map(|i| t.path().join(format!("vm{i}.img")))
+        .collect();
+    // Every point ever acknowledged, with a copy of what it must restore to.
+    let mut expected: Vec<(String, String, PathBuf)> = Vec::new();
+    let later = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(7200)).to_string();
+    let runs: u64 = 20;
+    let mut deleted_segments = 0;
+    for seed in 0..runs {
+        let mut rng = Rng::new(seed);
+        for (i, img) in imgs.iter().enumerate() {
+            std::fs::copy(&variants[i][(seed % 2) as usize], img).unwrap();
+            churn(img, rng.below(3) as usize, 64 << 10, seed * 10 + i as u64);
+        }
+        let snaps: Vec<PathBuf> = imgs
+            .iter()
+            .enumerate()
+            .map(|(i, img)| {
+                let c = t.path().join(format!("expect-{seed}-{i}.img"));
+                std::fs::copy(img, &c).unwrap();
+                c
+            })
+            .collect();
+        let until = soon();
+        let mut rng2 = Rng::new(seed + 1000);
+        let writers: Vec<Child> = hosts
+            .iter()
+            .zip(&imgs)
+            .enumerate()
+            .map(|(i, (h, img))| {
+                let rng = &mut rng2;
+                az.coffre()
+                    .args([
+                        "--output",
+                        "json",
+                        "backup",
+                        "--vault",
+                        s(h),
+                        "--item",
+                        &format!("vm{i}"),
+                    ])
+                    // Slow enough to span several GC runs.
+                    .args(["--rate-limit", &format!("{}M", 12 + rng.below(24))])
+                    .args(["--retain-until", &until, s(img)])
+                    // Files, not pipes: nobody reads them until the writer ends.
+                    .stdout(std::fs::File::create(t.path().join(format!("w{i}.out"))).unwrap())
+                    .stderr(std::fs::File::create(t.path().join(format!("w{i}.err"))).unwrap())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        // Meanwhile, from a fifth host: prune (deleting the points the
+        // writers are deduplicating against), then GC after GC until every
+        // writer is done.
+        std::thread::sleep(Duration::from_millis(rng.below(100)));
+        let pruned = az
+            .coffre()
+            .env("COFFRE_NOW", &later)
+            .args(["prune", "--vault", s(&gc_host)])
+            .output()
+            .unwrap();
+        assert!(
+            pruned.status.success(),
+            "prune: {}",
+            String::from_utf8_lossy(&pruned.stderr)
+        );
+        let mut writers = writers;
+        let mut gcs = 0;
+        loop {
+            let gc = az.json(&["gc", "--vault", s(&gc_host)]);
+            deleted_segments += gc["deleted_segments"].as_u64().unwrap();
+            gcs += 1;
+            if gcs >= 2
+                && writers
+                    .iter_mut()
+                    .all(|w| matches!(w.try_wait(), Ok(Some(_))))
+            {
+                break;
+            }
+        }
+        for (i, mut w) in writers.into_iter().enumerate() {
+            let status = w.wait().unwrap();
+            let err = std::fs::read_to_string(t.path().join(format!("w{i}.err"))).unwrap();
+            assert!(status.success(), "seed {seed}: writer {i}: {err}");
+            let out = std::fs::read(t.path().join(format!("w{i}.out"))).unwrap();
+            let done: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            expected.push((
+                format!("vm{i}"),
+                done["id"].as_str().unwrap().to_string(),
+                snaps[i].clone(),
+            ));
+        }
+        // Every point still in the vault restores byte-identical, read
+        // from the store by a host that did not write it.
+        let reader = &hosts[(seed % 4) as usize];
+        for i in 0..4 {
+            let item = format!("vm{i}");
+            let pts = az.json(&["points", "--vault", s(reader), "--item", &item]);
+            let live: Vec<&str> = pts
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["tier"].as_str().is_some_and(|t| t.contains("Vault")))
+                .filter_map(|p| p["id"].as_str())
+                .collect();
+            assert!(
+                !live.is_empty(),
+                "seed {seed}: item {item} lost every point"
+            );
+            for id in live {
+                let (_, _, want) = expected
+                    .iter()
+                    .find(|(it, pid, _)| *it == item && pid == id)
+                    .unwrap_or_else(|| panic!("seed {seed}: unknown point {id}"));
+                let to = t.path().join("restored.img");
+                let _ = std::fs::remove_file(&to);
+                let mut args = restore_args(reader, &item, Some(id), &to, false);
+                args.extend(["--from", "vault"]);
+                az.ok(&args);
+                assert_same(want, &to);
+            }
+        }
+        let v = az.json(&["verify", "--vault", s(reader), "--read-data"]);
+        assert_clean(&v, &format!("seed {seed}"));
+    }
+    // GC did reclaim space while all this ran (not a GC that never acts).
+    assert!(
+        deleted_segments > 0,
+        "no segment was ever deleted in {runs} runs"
+    );
+    eprintln!(
+        "{runs} seeded runs: 4 writers, prune and 2 GC runs each; {deleted_segments} segments deleted; every point restored identically"
+    );
+}
+
+#[test]
+fn a_writer_that_dies_holding_a_lease_blocks_gc_only_until_the_lease_expires() {
+    let Some(az) = Azurite::start(&["leases"]) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let store = url("leases", "v");
+    let (h1, h2) = (t.path().join("h1"), t.path().join("h2"));
+    az.ok(&[
+        "vault",
+        "create",
+        "--store",
+        &store,
+        "--vault",
+        s(&h1),
+        "--snapshot-area",
+        s(&t.path().join("area")),
+    ]);
+    az.ok(&["vault", "attach", "--store", &store, "--vault", s(&h2)]);
+    let img = t.path().join("big.img");
+    random_file(&img, 64 << 20, 3);
+    // A slow backup on h1 with a 3-second lease, killed once its lease is
+    // in the store.
+    let mut writer = az
+        .coffre()
+        .env("COFFRE_LEASE_TTL", "3")
+        .args([
+            "backup",
+            "--vault",
+            s(&h1),
+            "--item",
+            "big",
+            "--rate-limit",
+            "8M",
+            s(&img),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let show = az.json(&["vault", "show", "--vault", s(&h2)]);
+        if show["leases"].as_array().is_some_and(|l| !l.is_empty()) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the writer never took a lease: {show}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Let it upload a part or two (8 MiB each), then SIGKILL: no chance
+    // to end the lease.
+    std::thread::sleep(Duration::from_secs(2));
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+    let started = Instant::now();
+    let gc = az.json(&["gc", "--vault", s(&h2)]);
+    assert_eq!(gc["expired_leases"].as_u64(), Some(1), "{gc}");
+    assert!(
+        gc["condemned_segments"].as_u64().unwrap() >= 1,
+        "the dead session's upload: {gc}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "GC did not wait for the lease"
+    );
+    // The dead session's uploads are condemned, then deleted by the next
+    // run; the vault stays clean and h1 backs up again.
+    let gc2 = az.json(&["gc", "--vault", s(&h2)]);
+    assert!(
+        gc2["deleted_segments"].as_u64().unwrap() >= 1,
+        "{gc} then {gc2}"
+    );
+    let show = az.json(&["vault", "show", "--vault", s(&h2)]);
+    assert_eq!(show["leases"].as_array().map(Vec::len), Some(0), "{show}");
+    let small = t.path().join("small.img");
+    mixed_image(&small, 4 << 20, 9);
+    backup(&az, &h1, "small", &small);
+    restore_same(&az, &h2, "small", 1, &small);
+    let v = az.json(&["verify", "--vault", s(&h2), "--read-data"]);
+    assert_eq!(v["findings"].as_array().map(Vec::len), Some(0), "{v}");
 }

@@ -59,6 +59,7 @@ impl Ctx {
         OpenOptions {
             wait: self.lock_timeout,
             degraded_ok: self.degraded_ok,
+            lease_ttl: lease_ttl_from_env(),
             ..OpenOptions::default()
         }
     }
@@ -67,6 +68,16 @@ impl Ctx {
     pub fn now(&self) -> Timestamp {
         self.clock.now()
     }
+}
+
+/// `COFFRE_LEASE_TTL` (seconds): the lifetime of a shared vault's writer
+/// leases (default 600).
+fn lease_ttl_from_env() -> Option<Duration> {
+    std::env::var("COFFRE_LEASE_TTL")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map(Duration::from_secs)
 }
 
 /// `COFFRE_NOW` (RFC 3339) fixes the clock for one command.

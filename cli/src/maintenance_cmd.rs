@@ -10,6 +10,7 @@ use coffre_engine::scheduler::{PassOptions, PassReport, run_pass};
 use coffre_engine::store::gc::{self, GcPlan, GcReport};
 use coffre_engine::store::jobs::Operation;
 use coffre_engine::store::{Access, Vault};
+use std::time::Duration;
 
 use crate::ctx::{Ctx, open};
 use crate::output::{self, bytes, columns};
@@ -109,6 +110,9 @@ pub fn prune(ctx: &Ctx, dir: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
 
 /// `coffre gc`.
 pub fn gc(ctx: &Ctx, dir: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
+    if coffre_engine::store::remote::Remote::load(dir)?.is_some() && !dry_run {
+        return shared_gc(ctx, dir);
+    }
     let vault = open(ctx, dir, Access::Write)?;
     if dry_run {
         let plan = gc::plan(&vault)?;
@@ -118,6 +122,27 @@ pub fn gc(ctx: &Ctx, dir: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
     let report = run_as_job(dir, Operation::Gc, &*ctx.clock, || gc::run(&vault))
         .with_context(|| format!("gc of {} failed", dir.display()))?;
     output::emit(ctx.fmt, &report, gc_table)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `coffre gc` of a shared vault in object storage.
+fn shared_gc(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
+    let report = run_as_job(dir, Operation::Gc, &*ctx.clock, || {
+        coffre_engine::vault_ops::shared_gc(dir, ctx.lock_timeout.max(Duration::from_secs(60)))
+    })
+    .with_context(|| format!("gc of {} failed", dir.display()))?;
+    output::emit(ctx.fmt, &report, |r| {
+        format!(
+            "gc epoch {}: {} segments deleted ({}), {} condemned (deleted by the next gc if still dead), waited for {} writers, {} expired leases removed, in {} ms\n",
+            r.epoch,
+            r.deleted_segments,
+            crate::output::bytes(r.deleted_bytes),
+            r.condemned_segments,
+            r.waited_for,
+            r.expired_leases,
+            r.duration_ms
+        )
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -220,6 +220,26 @@ pub fn show(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
                 ),
             }
         ));
+        if let (Some(url), Some(tag)) = (&s.store, s.host_tag) {
+            out.push_str(&format!("store        {url} (this host: tag {tag:04x})\n"));
+            if let Some(g) = &s.gc_state {
+                out.push_str(&format!(
+                    "gc           epoch {}{}\n",
+                    g.epoch,
+                    g.marking
+                        .as_ref()
+                        .map(|h| format!(", running on host {:04x} until {}", h.host_tag, h.until))
+                        .unwrap_or_default()
+                ));
+            }
+            for l in &s.leases {
+                out.push_str(&format!(
+                    "writer       host {:04x} since {} (lease until {})\n",
+                    l.host_tag, l.taken, l.expires
+                ));
+            }
+            out.push('\n');
+        }
         out.push_str("COPIES\n");
         let copy_rows: Vec<Vec<String>> = s
             .copies

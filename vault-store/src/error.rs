@@ -150,6 +150,28 @@ pub enum StoreError {
         file: String,
     },
 
+    /// A writer's lease ran out before it committed.
+    #[error(
+        "writer lease {lease} expired at {expired}; nothing was committed, run the backup again"
+    )]
+    LeaseExpired {
+        /// The lease object.
+        lease: String,
+        /// When it expired.
+        expired: String,
+    },
+
+    /// Another GC holds the shared vault's GC state.
+    #[error("GC of {url} cannot run: another GC (host tag {host_tag:04x}) holds it until {until}")]
+    GcRunning {
+        /// The store.
+        url: String,
+        /// The other GC's host.
+        host_tag: u16,
+        /// Until when (or why).
+        until: String,
+    },
+
     /// An object-store request failed.
     #[error("object store {url}: {op} failed: {reason}")]
     Object {

@@ -31,6 +31,8 @@ pub mod gc;
 #[cfg(feature = "index")]
 pub mod index;
 pub mod jobs;
+#[cfg(feature = "index")]
+pub mod lease;
 pub mod level;
 pub mod lock;
 pub mod private;

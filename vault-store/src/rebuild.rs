@@ -94,8 +94,11 @@ pub fn rebuild_index(dir: &Path, source: &Path, wait: Duration) -> Result<(Vault
     };
     {
         let index = Index::open_write(&index_dir)?;
-        index_segments(store.as_ref(), &index, &mut report)?;
+        // The catalog first: in a shared vault other hosts keep writing,
+        // and a point's manifest is written only after its segments, so
+        // segments listed after the manifests hold every chunk they name.
         index_catalog(store.as_ref(), &index, &mut report)?;
+        index_segments(store.as_ref(), &index, &mut report)?;
     }
     drop(lock);
     let vault = Vault::open_with(

@@ -174,10 +174,12 @@ pub fn is_stale(dir: &Path, store: &dyn Store, own: std::ops::Range<u64>) -> Res
         return Ok(true);
     }
     let infos = index.segment_infos()?;
+    let mut in_store = HashSet::new();
     for name in store.list(SEGMENTS_DIR)? {
         let Some(id) = parse_segment_file_name(&name) else {
             continue;
         };
+        in_store.insert(id);
         if own.contains(&id) {
             continue;
         }
@@ -186,7 +188,9 @@ pub fn is_stale(dir: &Path, store: &dyn Store, own: std::ops::Range<u64>) -> Res
             return Ok(true);
         }
     }
-    Ok(false)
+    // A segment the index knows that the store no longer has: a GC on
+    // another host deleted it.
+    Ok(infos.keys().any(|id| !in_store.contains(id)))
 }
 
 /// Brings the cache at `dir` up to date with its store (see the module

@@ -66,6 +66,11 @@ pub struct OpenOptions {
     /// Opens a shared vault's cache as it is, without first importing what
     /// other hosts committed (only the rebuild, which is that import).
     pub skip_refresh: bool,
+    /// Lifetime of a shared vault's writer leases (default
+    /// [`crate::lease::DEFAULT_LEASE_TTL`]).
+    pub lease_ttl: Option<Duration>,
+    /// Time for leases (default: the system clock).
+    pub clock: Option<crate::lease::Clock>,
 }
 
 /// An open vault.
@@ -82,6 +87,9 @@ pub struct Vault {
     /// A shared vault in object storage: this host's pointer (its segment
     /// namespace). `None` for a local vault.
     remote: Option<Remote>,
+    /// Writer leases of a shared vault: lifetime and clock.
+    lease_ttl: Duration,
+    clock: crate::lease::Clock,
 }
 
 impl std::fmt::Debug for Vault {
@@ -139,6 +147,8 @@ impl Vault {
             _lease: None,
             poisoned: AtomicBool::new(false),
             remote: None,
+            lease_ttl: crate::lease::DEFAULT_LEASE_TTL,
+            clock: crate::lease::system_clock(),
         })
         .and_then(|v| {
             let mut b = IndexBatch::default();
@@ -225,6 +235,11 @@ impl Vault {
             _lease: lease,
             poisoned: AtomicBool::new(false),
             remote,
+            lease_ttl: opts.lease_ttl.unwrap_or(crate::lease::DEFAULT_LEASE_TTL),
+            clock: opts
+                .clock
+                .clone()
+                .unwrap_or_else(crate::lease::system_clock),
         };
         if vault.remote.is_some() {
             // The store is the truth: the cache was brought up to date
@@ -293,9 +308,14 @@ impl Vault {
         // What no point references may still be a block-map node (left by
         // an interrupted backup); a later point can reuse it, and then its
         // children must be counted, so classify it by its bytes.
-        for id in counter.unreferenced_data() {
-            if let Some((kind, _)) = self.read_chunk(&id).ok().and_then(|b| node_refs(&b)) {
-                counter.set_kind(&id, kind);
+        // (Not in a shared vault: there GC counts from a fresh rebuild of
+        // its own, and reading every unreferenced chunk back from the
+        // store, while other hosts' GC deletes garbage, costs requests.)
+        if self.remote.is_none() {
+            for id in counter.unreferenced_data() {
+                if let Some((kind, _)) = self.read_chunk(&id).ok().and_then(|b| node_refs(&b)) {
+                    counter.set_kind(&id, kind);
+                }
             }
         }
         counter.write_to(&mut batch);
@@ -720,7 +740,39 @@ impl Vault {
                 path: self.dir.clone(),
             });
         }
+        // A shared vault: a lease first, and what GC condemned is stored
+        // again rather than deduplicated against (like damaged chunks).
+        let mut heal: std::collections::HashSet<ChunkId> = crate::damaged::load(&self.dir)
+            .into_iter()
+            .filter(|id| self.index.chunk(id).ok().flatten().is_some())
+            .collect();
+        let lease = match &self.remote {
+            Some(r) => {
+                let (lease, condemned, present) = crate::lease::WriterLease::take(
+                    self.copies.primary().store.clone(),
+                    r.host_tag,
+                    self.lease_ttl,
+                    self.clock.clone(),
+                )?;
+                let gone = self
+                    .index
+                    .segment_infos()?
+                    .into_keys()
+                    .filter(|s| !present.contains(s));
+                for seg in condemned.into_iter().chain(gone) {
+                    heal.extend(
+                        self.index
+                            .segment_chunks(seg)?
+                            .into_iter()
+                            .map(|(_, id)| id),
+                    );
+                }
+                Some(lease)
+            }
+            None => None,
+        };
         Ok(WriteSession {
+            lease,
             vault: self,
             writer: None,
             writer_is_new: false,
@@ -737,10 +789,7 @@ impl Vault {
             appended_bytes: 0,
             poisoned: false,
             finished: false,
-            heal: crate::damaged::load(&self.dir)
-                .into_iter()
-                .filter(|id| self.index.chunk(id).ok().flatten().is_some())
-                .collect(),
+            heal,
             healed: Vec::new(),
         })
     }
@@ -818,6 +867,8 @@ pub struct WriteSession<'v> {
     heal: std::collections::HashSet<ChunkId>,
     /// Healed chunks and their old, damaged location.
     healed: Vec<(ChunkId, ChunkLocation)>,
+    /// A shared vault's writer lease (see [`crate::lease`]).
+    lease: Option<crate::lease::WriterLease>,
 }
 
 impl WriteSession<'_> {
@@ -1078,6 +1129,12 @@ impl WriteSession<'_> {
         // extra file, which the next writer removes, never one without a
         // file the index has.
         let files = batch.catalog_files().to_vec();
+        if let Some(l) = self.lease.as_mut() {
+            // In a shared vault the manifest is the commit: never after
+            // the lease ran out (a GC may have acted on it).
+            let r = l.check_and_renew();
+            self.poison(r)?;
+        }
         let r = self.vault.copies.put_files(&files);
         self.poison_vault(r)?;
         let r = self.vault.index.commit(batch);
@@ -1117,6 +1174,11 @@ impl WriteSession<'_> {
     pub fn commit(mut self, batch: IndexBatch) -> Result<()> {
         self.commit_inner(batch, true)?;
         self.finished = true;
+        if let Some(l) = self.lease.take()
+            && let Err(e) = l.release()
+        {
+            tracing::warn!(error = %e, "could not end the writer lease; it expires by itself");
+        }
         Ok(())
     }
 }

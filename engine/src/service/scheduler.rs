@@ -174,7 +174,13 @@ pub fn run_pass(
         |r| !r.expired.is_empty() || r.snapshots_removed > 0 || r.jobs_removed > 0,
     );
     let started = clock.now();
-    let collected = gc::run(vault);
+    // A shared vault's GC waits for every host's writers; it is run by
+    // one host (`coffre gc`, from cron), not by each daemon's pass.
+    let collected = if vault.remote().is_some() {
+        Ok(GcReport::default())
+    } else {
+        gc::run(vault)
+    };
     record_if_work(
         vault.dir(),
         Operation::Gc,

@@ -103,6 +103,35 @@ pub fn attach_vault(dir: &Path, url: &str, wait: std::time::Duration) -> Result<
     Ok(coffre_vault_store::shared::attach(dir, url, wait)?)
 }
 
+/// GC of a shared vault in object storage (leases and two marks, see
+/// `coffre_vault_store::lease`); waits up to `max_wait` for writers that
+/// started before it.
+pub fn shared_gc(
+    dir: &Path,
+    max_wait: std::time::Duration,
+) -> Result<coffre_vault_store::lease::SharedGcReport> {
+    Ok(coffre_vault_store::lease::run_shared_gc(
+        dir,
+        &coffre_vault_store::lease::SharedGcOptions {
+            max_wait,
+            ttl: coffre_vault_store::lease::DEFAULT_LEASE_TTL,
+            clock: coffre_vault_store::lease::system_clock(),
+        },
+    )?)
+}
+
+impl crate::job_record::JobStats for coffre_vault_store::lease::SharedGcReport {
+    fn job_stats(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("epoch", self.epoch),
+            ("deleted_segments", self.deleted_segments),
+            ("deleted_bytes", self.deleted_bytes),
+            ("condemned_segments", self.condemned_segments),
+            ("expired_leases", self.expired_leases),
+        ]
+    }
+}
+
 /// Changes the vault's redundancy; refused once the vault protects (or
 /// has protected) any item.
 pub fn set_redundancy(vault: &Vault, redundancy: Redundancy) -> Result<()> {
@@ -388,6 +417,10 @@ pub struct VaultSummary {
     pub store: Option<String>,
     /// This host's tag in a shared vault.
     pub host_tag: Option<u16>,
+    /// A shared vault's writer leases (the backups running on any host).
+    pub leases: Vec<coffre_vault_store::lease::Lease>,
+    /// A shared vault's GC state.
+    pub gc_state: Option<coffre_vault_store::lease::GcState>,
 }
 
 /// Summarises a vault.
@@ -436,6 +469,19 @@ pub fn summarize(vault: &Vault, now: Timestamp) -> Result<VaultSummary> {
         secondary: secondary_summary(vault, now)?,
         store: vault.remote().map(|r| r.url.clone()),
         host_tag: vault.remote().map(|r| r.host_tag),
+        leases: match vault.remote() {
+            Some(_) => coffre_vault_store::lease::leases(vault.copies().primary().store.as_ref())?
+                .into_iter()
+                .map(|(_, l)| l)
+                .collect(),
+            None => Vec::new(),
+        },
+        gc_state: match vault.remote() {
+            Some(_) => Some(coffre_vault_store::lease::gc_state(
+                vault.copies().primary().store.as_ref(),
+            )?),
+            None => None,
+        },
     })
 }
 
