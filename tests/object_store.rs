@@ -447,7 +447,7 @@ fn gc_gives_a_deleted_items_space_back_in_two_runs_and_runs_one_at_a_time() {
         assert!(Instant::now() < until, "the writer never took a lease");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut waiting = az
+    let waiting = az
         .coffre()
         .args(["--output", "json", "gc", "--vault", s(&h2)])
         .stdout(Stdio::piped())
