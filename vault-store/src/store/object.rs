@@ -47,11 +47,11 @@ pub const PART_LEN: usize = 8 << 20;
 /// Part uploads one appender keeps in flight before it waits.
 pub const UPLOADS_IN_FLIGHT: usize = 4;
 /// Reads of segments fetch aligned windows of this size.
-pub const WINDOW_LEN: u64 = 4 << 20;
+pub const WINDOW_LEN: u64 = 8 << 20;
 /// Windows the read cache holds.
-pub const CACHED_WINDOWS: usize = 12;
+pub const CACHED_WINDOWS: usize = 6;
 /// Windows fetched ahead of a read.
-pub const READ_AHEAD: u64 = 3;
+pub const READ_AHEAD: u64 = 2;
 
 /// Segment name → its parts (start, length), sorted.
 type PartLists = HashMap<String, Arc<Vec<(u64, u64)>>>;
