@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 
-.PHONY: all deps build test crash-test lint fmt demo bench fuzz clean
+.PHONY: all deps build test crash-test lint fmt demo demo-cloud azurite bench fuzz clean
 
 all: build
 
@@ -35,6 +35,14 @@ fmt:
 
 demo: build
 	@scripts/demo.sh
+
+# A vault in Azurite shared by two "hosts": two days each, a restore from a
+# fresh cache directory. Starts and stops its own Azurite.
+demo-cloud: build azurite
+	@scripts/demo-cloud.sh
+
+azurite:
+	@scripts/install-deps.sh --azurite
 
 bench: deps
 	$(CARGO) bench --workspace --benches

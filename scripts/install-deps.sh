@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing coffre needs, if it is missing:
 # libclang (RocksDB's bindgen), a C++ compiler, e2fsprogs (test images);
-# optionally xfsprogs, qemu-utils and libnbd-bin (tests of real components).
+# optionally xfsprogs, qemu-utils and libnbd-bin (tests of real components),
+# and Azurite with @azure/storage-blob from npm (the object-store tests and
+# `make demo-cloud`; scripts/install-deps.sh --azurite installs only those).
 #
 #   scripts/install-deps.sh                   check, install what is missing (as root)
 #   scripts/install-deps.sh --detect-libclang print the libclang bindgen would load, or exit 1
@@ -108,6 +110,31 @@ if [ ${#optional[@]} -gt 0 ]; then
     echo "coffre: optional ${optional[*]} missing: the XFS and qcow2/NBD tests will SKIP" >&2
   fi
 fi
+# Azurite, Microsoft's Azure Storage emulator, and the SDK that creates its
+# containers: npm packages, installed globally when npm can.
+install_azurite() {
+  local root
+  root=$(npm root -g 2>/dev/null) || root=""
+  if command -v azurite-blob >/dev/null && [ -n "$root" ] && [ -d "$root/@azure/storage-blob" ]; then
+    return 0
+  fi
+  if ! command -v npm >/dev/null; then
+    echo "coffre: npm not found: the object-store (Azurite) tests will SKIP" >&2
+    return 0
+  fi
+  echo "coffre: installing azurite and @azure/storage-blob with npm ..." >&2
+  if ! npm install -g --no-fund --no-audit azurite@3 @azure/storage-blob@12 >/dev/null 2>&1; then
+    echo "coffre: npm install -g azurite failed (no network or no write access to $(npm prefix -g 2>/dev/null));" >&2
+    echo "  the object-store (Azurite) tests will SKIP" >&2
+  fi
+  return 0
+}
+if [ "${1:-}" = "--azurite" ]; then
+  install_azurite
+  exit 0
+fi
+install_azurite
+
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
