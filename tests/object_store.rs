@@ -766,3 +766,115 @@ fn a_writer_that_dies_holding_a_lease_blocks_gc_only_until_the_lease_expires() {
     let v = az.json(&["verify", "--vault", s(&h2), "--read-data"]);
     assert_eq!(v["findings"].as_array().map(Vec::len), Some(0), "{v}");
 }
+
+#[test]
+fn a_grs_secondary_in_a_blob_container_restores_with_the_primary_gone() {
+    let Some(az) = Azurite::start(&["secondary"]) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let sec = url("secondary", "vault-a");
+    let primary = t.path().join("primary");
+    az.ok(&[
+        "vault",
+        "create",
+        "--vault",
+        s(&primary),
+        "--secondary",
+        &sec,
+        "--snapshot-area",
+        s(&t.path().join("area")),
+    ]);
+    let img = t.path().join("disk.img");
+    mixed_image(&img, 16 << 20, 31);
+    let day1 = t.path().join("day1.img");
+    std::fs::copy(&img, &day1).unwrap();
+    backup(&az, &primary, "disk", &img);
+    az.ok(&["replicate", "--vault", s(&primary)]);
+    churn(&img, 10, 64 << 10, 32);
+    backup(&az, &primary, "disk", &img);
+    // Asynchronous: the second day is not on the secondary until replicated.
+    let show = az.json(&["vault", "show", "--vault", s(&primary)]);
+    assert_eq!(
+        show["secondary"]["points_behind"].as_u64(),
+        Some(1),
+        "{show}"
+    );
+    let r = az.json(&["replicate", "--vault", s(&primary)]);
+    assert_eq!(r["points_replicated"].as_u64(), Some(1), "{r}");
+    let show = az.json(&["vault", "show", "--vault", s(&primary)]);
+    assert_eq!(
+        show["secondary"]["points_behind"].as_u64(),
+        Some(0),
+        "{show}"
+    );
+
+    // The primary is gone: only the container's URL is left.
+    std::fs::rename(&primary, t.path().join("primary.gone")).unwrap();
+    let cache_root = t.path().join("xdg");
+    let from_secondary = |args: &[&str]| {
+        let out = az
+            .coffre()
+            .env("COFFRE_SECONDARY", &sec)
+            .env("XDG_CACHE_HOME", &cache_root)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let pts: serde_json::Value = serde_json::from_str(&from_secondary(&[
+        "--output",
+        "json",
+        "points",
+        "--vault",
+        s(&primary),
+        "--item",
+        "disk",
+        "--from",
+        "secondary",
+    ]))
+    .unwrap();
+    let ids: Vec<&str> = pts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 2, "{pts}");
+    for (id, want) in ids.iter().zip([&day1, &img]) {
+        let to = t.path().join(format!("{id}.restored"));
+        from_secondary(&[
+            "restore",
+            "--vault",
+            s(&primary),
+            "--from",
+            "secondary",
+            "--item",
+            "disk",
+            "--point",
+            id,
+            "--to",
+            s(&to),
+        ]);
+        assert_same(want, &to);
+    }
+    // The secondary's cache reads the copy and never writes it.
+    let cache = std::fs::read_dir(cache_root.join("coffre/secondary"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let refused = az.run(&["backup", "--vault", s(&cache), "--item", "other", s(&img)]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("secondary"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

@@ -110,16 +110,21 @@ pub fn copy_dir(dir: &Path, from: Option<CopySource>) -> anyhow::Result<PathBuf>
     if dir.join("config").is_file() && copy_role(dir) == Role::Secondary {
         return Ok(dir.to_path_buf());
     }
-    if let Ok(cfg) = VaultConfig::load(dir)
-        && let Some(s) = cfg.secondary
-    {
-        return Ok(s);
+    let found = match VaultConfig::load(dir).ok().and_then(|c| c.secondary) {
+        Some(s) => s,
+        None => match std::env::var_os("COFFRE_SECONDARY").filter(|v| !v.is_empty()) {
+            Some(s) => PathBuf::from(s),
+            None => anyhow::bail!(
+                "vault {} names no secondary (and it may be gone): give the secondary's directory with --vault, or set COFFRE_SECONDARY",
+                dir.display()
+            ),
+        },
+    };
+    // A secondary in a blob container is read through a local cache.
+    if coffre_engine::store::remote::is_store_url(&found) {
+        let url = found.to_string_lossy().into_owned();
+        return coffre_engine::vault_ops::secondary_cache(&url, Duration::from_secs(60))
+            .with_context(|| format!("cannot read the secondary {url}"));
     }
-    match std::env::var_os("COFFRE_SECONDARY").filter(|v| !v.is_empty()) {
-        Some(s) => Ok(PathBuf::from(s)),
-        None => anyhow::bail!(
-            "vault {} names no secondary (and it may be gone): give the secondary's directory with --vault, or set COFFRE_SECONDARY",
-            dir.display()
-        ),
-    }
+    Ok(found)
 }

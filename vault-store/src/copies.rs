@@ -95,6 +95,14 @@ fn put_point_once(store: &dyn crate::store::Store, name: &str, bytes: &[u8]) -> 
     })
 }
 
+/// The store of a configured copy: a directory, or a store URL.
+pub fn copy_store(dir: &Path) -> Result<SharedStore> {
+    if crate::remote::is_store_url(dir) {
+        return open_url(&dir.to_string_lossy());
+    }
+    Ok(Arc::new(LocalStore::new(dir)))
+}
+
 /// The primary store of the vault at `dir`: its object store when `dir`
 /// is a shared vault's cache, else the directory.
 pub fn primary_store(dir: &Path) -> Result<SharedStore> {
@@ -112,7 +120,8 @@ pub fn check_copy(
     vault_id: &str,
     write: bool,
 ) -> std::result::Result<Role, String> {
-    if !dir.is_dir() {
+    let url = crate::remote::is_store_url(dir);
+    if !url && !dir.is_dir() {
         return Err("the directory is missing".into());
     }
     let bytes = match store.get(COPY_FILE) {
@@ -128,7 +137,7 @@ pub fn check_copy(
             id.vault_name, id.vault_id
         ));
     }
-    if write && !writable(dir) {
+    if write && !url && !writable(dir) {
         return Err("it is not writable".into());
     }
     Ok(id.role)
@@ -205,7 +214,30 @@ impl Copies {
         }
         let mut secondary = None;
         if let Some(s) = &config.secondary {
-            let store = make(Role::Secondary, s);
+            let store = if crate::remote::is_store_url(s) {
+                match open_url(&s.to_string_lossy()) {
+                    Ok(st) => match wrap {
+                        Some(w) => w(Role::Secondary, st),
+                        None => st,
+                    },
+                    Err(e) => {
+                        unavailable.push(Unavailable {
+                            role: Role::Secondary,
+                            dir: s.clone(),
+                            reason: e.to_string(),
+                        });
+                        return Ok(Copies {
+                            sync,
+                            secondary: None,
+                            unavailable,
+                            repairs: AtomicU64::new(0),
+                            shared,
+                        });
+                    }
+                }
+            } else {
+                make(Role::Secondary, s)
+            };
             match check_copy(store.as_ref(), s, &config.vault_id, false) {
                 Ok(_) => {
                     secondary = Some(Copy {
@@ -341,6 +373,26 @@ impl Copies {
 /// Makes `dir` a new, empty copy of `config`'s vault with `role`: the
 /// identity, the config and the folders.
 pub fn init_copy(dir: &Path, config: &VaultConfig, role: Role) -> Result<()> {
+    if crate::remote::is_store_url(dir) {
+        let store = copy_store(dir)?;
+        if check_copy(store.as_ref(), dir, &config.vault_id, true).is_ok() {
+            return Ok(());
+        }
+        if store.get(crate::config::CONFIG_FILE)?.is_some() || store.get(COPY_FILE)?.is_some() {
+            return Err(StoreError::AlreadyExists {
+                path: dir.to_path_buf(),
+            });
+        }
+        store.put(
+            COPY_FILE,
+            &catalog_files::encode_copy(&CopyIdentity {
+                vault_id: config.vault_id.clone(),
+                vault_name: config.name.clone(),
+                role,
+            }),
+        )?;
+        return store.put(crate::config::CONFIG_FILE, &config.encode());
+    }
     match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {

@@ -121,6 +121,16 @@ impl StoreUrl {
     }
 }
 
+/// True when a configured copy location is a store URL rather than a
+/// directory (a GRS secondary in a blob container: `--secondary azure://…`).
+pub fn is_store_url(p: &Path) -> bool {
+    p.to_str().is_some_and(|s| {
+        ["azure://", "az://", "s3://", "memory://"]
+            .iter()
+            .any(|x| s.starts_with(x))
+    })
+}
+
 /// The pointer file in a cache directory.
 pub const REMOTE_FILE: &str = "remote";
 /// Folder of host claims in the store.

@@ -29,7 +29,7 @@ use crate::error::{Result, StoreError};
 use crate::lock::NamedLock;
 pub use crate::repl_state::{ReplicationState, STATE_FILE};
 use crate::segment::{SEGMENTS_DIR, parse_segment_file_name, segment_name};
-use crate::store::{LocalStore, Store};
+use crate::store::LocalStore;
 use crate::vault::Vault;
 
 /// The primary's replication state of the vault at `dir`.
@@ -98,8 +98,9 @@ pub fn replicate(
         }
     };
     crate::copies::init_copy(&sec_dir, cfg, Role::Secondary)?;
-    let sec = LocalStore::new(&sec_dir);
-    if let Err(reason) = crate::copies::check_copy(&sec, &sec_dir, &cfg.vault_id, true) {
+    let sec = crate::copies::copy_store(&sec_dir)?;
+    let sec = sec.as_ref();
+    if let Err(reason) = crate::copies::check_copy(sec, &sec_dir, &cfg.vault_id, true) {
         return Err(StoreError::CopyUnavailable {
             path: sec_dir,
             reason,
@@ -110,7 +111,7 @@ pub fn replicate(
         secondary: sec_dir.clone(),
         ..ReplicateReport::default()
     };
-    let mut sec_state = ReplicationState::load(&sec);
+    let mut sec_state = ReplicationState::load(sec);
     let infos = vault.index().segment_infos()?;
 
     // 1. Segment bytes.
@@ -231,7 +232,7 @@ pub fn replicate(
                 catalog_files::encode_policy(&f),
             );
         }
-        let have: HashSet<String> = catalog_files::list_all(&sec)?.into_iter().collect();
+        let have: HashSet<String> = catalog_files::list_all(sec)?.into_iter().collect();
         for (name, bytes) in &want {
             if !have.contains(name) || sec.get(name)?.as_deref() != Some(bytes.as_slice()) {
                 sec.put(name, bytes)?;
@@ -342,6 +343,11 @@ fn record_ok(rec: &[u8], id: &crate::ChunkId) -> bool {
 /// the secondary rebuilds it from what is now there. Skipped while a
 /// reader uses it (it then stays as it was: older, but consistent).
 fn drop_index_cache(sec_dir: &Path) {
+    if crate::remote::is_store_url(sec_dir) {
+        // Caches attached to a secondary in object storage see for
+        // themselves that the store changed (`shared::is_stale`).
+        return;
+    }
     let index = sec_dir.join(crate::index::INDEX_DIR);
     if !index.exists() {
         return;

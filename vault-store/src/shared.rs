@@ -136,6 +136,20 @@ pub fn attach(dir: &Path, url: &str, wait: Duration) -> Result<Vault> {
     };
     let config = VaultConfig::decode(&bytes, Path::new(&format!("{url}/{CONFIG_FILE}")))?;
     write_cache(dir, &url, store.as_ref(), &config)?;
+    // A GRS secondary in a container keeps its role: its cache reads, and
+    // never writes, the copy.
+    if let Some(id) = store.get(COPY_FILE)?
+        && let Ok(c) = catalog_files::decode_copy(&id)
+        && c.role != Role::Primary
+    {
+        if c.vault_id != config.vault_id {
+            return Err(StoreError::CopyUnavailable {
+                path: dir.to_path_buf(),
+                reason: format!("{url} is a copy of another vault ({})", c.vault_id),
+            });
+        }
+        crate::durable::write_atomic(&dir.join(COPY_FILE), &id)?;
+    }
     let (vault, report) = crate::rebuild::rebuild_index(dir, dir, wait)?;
     tracing::info!(vault = %dir.display(), %url, chunks = report.chunks, points = report.points, "attached to the shared vault");
     Ok(vault)

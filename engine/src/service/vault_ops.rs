@@ -347,7 +347,33 @@ pub fn secondary_summary(vault: &Vault, now: Timestamp) -> Result<Option<Seconda
 }
 
 fn absolute(p: &Path) -> PathBuf {
+    if coffre_vault_store::remote::is_store_url(p) {
+        return p.to_path_buf();
+    }
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The local cache of a GRS secondary that lives in object storage
+/// (`--secondary azure://…`): `CACHE_ROOT/coffre/secondary/HASH`, attached
+/// (its index built from the container) the first time. This is how
+/// `--from secondary` reads the secondary with the primary gone.
+pub fn secondary_cache(url: &str, wait: std::time::Duration) -> Result<PathBuf> {
+    let root = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    let mut id = blake3::hash(url.as_bytes()).to_hex().to_string();
+    id.truncate(16);
+    let dir = root.join("coffre").join("secondary").join(id);
+    if !dir.join(coffre_vault_store::config::CONFIG_FILE).is_file() {
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Some(parent) = dir.parent() {
+            coffre_vault_store::private::create_dir_all(parent)
+                .map_err(|e| coffre_vault_store::StoreError::io("create directory", parent, e))?;
+        }
+        drop(coffre_vault_store::shared::attach(&dir, url, wait)?);
+    }
+    Ok(dir)
 }
 
 /// One item in a vault summary.
