@@ -2,8 +2,9 @@
 # Installs what building and testing coffre needs, if it is missing:
 # libclang (RocksDB's bindgen), a C++ compiler, e2fsprogs (test images);
 # optionally xfsprogs, qemu-utils and libnbd-bin (tests of real components),
-# and Azurite with @azure/storage-blob from npm (the object-store tests and
-# `make demo-cloud`; scripts/install-deps.sh --azurite installs only those).
+# Azurite with @azure/storage-blob from npm (the object-store tests and
+# `make demo-cloud`) and moto[server] from PyPI (the S3 test);
+# scripts/install-deps.sh --azurite installs only those two.
 #
 #   scripts/install-deps.sh                   check, install what is missing (as root)
 #   scripts/install-deps.sh --detect-libclang print the libclang bindgen would load, or exit 1
@@ -129,11 +130,26 @@ install_azurite() {
   fi
   return 0
 }
+# moto's S3 server (PyPI): the S3 test.
+install_moto() {
+  command -v moto_server >/dev/null && return 0
+  if ! command -v pip3 >/dev/null && ! command -v pip >/dev/null; then
+    echo "coffre: pip not found: the S3 (moto) test will SKIP" >&2
+    return 0
+  fi
+  echo "coffre: installing moto[server] with pip ..." >&2
+  "$(command -v pip3 || command -v pip)" install -q 'moto[server]>=5' >/dev/null 2>&1 \
+    || echo "coffre: pip install moto[server] failed: the S3 (moto) test will SKIP" >&2
+  hash -r
+  return 0
+}
 if [ "${1:-}" = "--azurite" ]; then
   install_azurite
+  install_moto
   exit 0
 fi
 install_azurite
+install_moto
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -1,9 +1,10 @@
 //! A vault in object storage, shared by several hosts, against a real
-//! Azurite (Microsoft's Azure Storage emulator) that each test starts on
-//! a free port in a temporary directory and stops afterwards. Each "host"
-//! is a separate cache directory; nothing of the HTTP layer is mocked.
-//! Without Azurite (`make azurite` installs it with npm) the tests say
-//! SKIP and pass.
+//! Azurite (Microsoft's Azure Storage emulator), and one test against
+//! moto's S3 server, each started by the test on a free port in a
+//! temporary directory and stopped afterwards. Each "host" is a separate
+//! cache directory; nothing of the HTTP layer is mocked. Without the
+//! emulators (`make azurite` installs them, with npm and pip) the tests
+//! say SKIP and pass.
 
 use std::net::TcpListener;
 use std::os::unix::fs::FileExt;
@@ -18,11 +19,31 @@ const ACCOUNT: &str = "devstoreaccount1";
 const KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
-/// A running Azurite blob service, stopped on drop.
-pub struct Azurite {
+/// A running storage emulator (Azurite, or moto's S3 server), stopped on
+/// drop, with the environment variables that point coffre at it.
+pub struct Emulator {
     child: Child,
     pub endpoint: String,
+    env: Vec<(&'static str, String)>,
     _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < until,
+            "{what} did not start on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn npm_root() -> Option<PathBuf> {
@@ -44,10 +65,10 @@ fn azurite_bin() -> Option<PathBuf> {
     })
 }
 
-impl Azurite {
+impl Emulator {
     /// Starts Azurite with `containers`; `None` (having said SKIP) when
     /// Azurite or its client library is not installed.
-    pub fn start(containers: &[&str]) -> Option<Azurite> {
+    pub fn azurite(containers: &[&str]) -> Option<Emulator> {
         let Some(bin) = azurite_bin() else {
             eprintln!(
                 "SKIP object store: azurite-blob not installed (make azurite, or npm install -g azurite @azure/storage-blob)"
@@ -60,10 +81,7 @@ impl Azurite {
             );
             return None;
         };
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
+        let port = free_port();
         let dir = tempfile::tempdir().expect("azurite dir");
         let mut cmd = if bin.extension().is_some_and(|e| e == "js") {
             let mut c = Command::new("node");
@@ -81,19 +99,17 @@ impl Azurite {
             .stderr(Stdio::null())
             .spawn()
             .expect("start azurite-blob");
-        let az = Azurite {
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let az = Emulator {
             child,
-            endpoint: format!("http://127.0.0.1:{port}"),
+            env: vec![
+                ("AZURE_STORAGE_USE_EMULATOR", "true".into()),
+                ("AZURITE_BLOB_STORAGE_URL", endpoint.clone()),
+            ],
+            endpoint,
             _dir: dir,
         };
-        let until = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < until,
-                "azurite did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_port(port, "azurite");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/azure-container.js");
         let made = Command::new("node")
             .env("NODE_PATH", &root)
@@ -110,12 +126,57 @@ impl Azurite {
         Some(az)
     }
 
-    /// `coffre` talking to this Azurite (the usual environment variables).
+    /// moto's S3 server with `buckets`; `None` (having said SKIP) when
+    /// moto is not installed.
+    pub fn moto(buckets: &[&str]) -> Option<Emulator> {
+        if Command::new("moto_server").arg("--help").output().is_err() {
+            eprintln!("SKIP S3: moto_server not installed (pip install 'moto[server]')");
+            return None;
+        }
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("moto dir");
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let m = Emulator {
+            child,
+            env: vec![
+                ("AWS_ENDPOINT", endpoint.clone()),
+                ("AWS_ALLOW_HTTP", "true".into()),
+                ("AWS_ACCESS_KEY_ID", "test".into()),
+                ("AWS_SECRET_ACCESS_KEY", "test".into()),
+                ("AWS_REGION", "us-east-1".into()),
+            ],
+            endpoint,
+            _dir: dir,
+        };
+        wait_for_port(port, "moto_server");
+        let made = Command::new("python3")
+            .args(["-c", "import boto3, sys; s3 = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1'); [s3.create_bucket(Bucket=b) for b in sys.argv[2:]]"])
+            .arg(&m.endpoint)
+            .args(buckets)
+            .output()
+            .expect("run python3");
+        assert!(
+            made.status.success(),
+            "creating buckets failed: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        Some(m)
+    }
+
+    /// `coffre` talking to this emulator (the usual environment variables).
     pub fn coffre(&self) -> Command {
         let mut c = coffre();
-        c.env("AZURE_STORAGE_USE_EMULATOR", "true")
-            .env("AZURITE_BLOB_STORAGE_URL", &self.endpoint)
-            .env_remove("AZURE_STORAGE_ACCOUNT_KEY");
+        c.env_remove("AZURE_STORAGE_ACCOUNT_KEY");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
         c
     }
 
@@ -142,7 +203,7 @@ impl Azurite {
     }
 }
 
-impl Drop for Azurite {
+impl Drop for Emulator {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -154,12 +215,12 @@ fn url(container: &str, prefix: &str) -> String {
 }
 
 /// Backs `img` up as `item` from the host whose cache is `cache`.
-fn backup(az: &Azurite, cache: &Path, item: &str, img: &Path) -> serde_json::Value {
+fn backup(az: &Emulator, cache: &Path, item: &str, img: &Path) -> serde_json::Value {
     az.json(&["backup", "--vault", s(cache), "--item", item, s(img)])
 }
 
 /// Restores the `n`-th point (1 = oldest) of `item` and compares it.
-fn restore_same(az: &Azurite, cache: &Path, item: &str, n: usize, want: &Path) {
+fn restore_same(az: &Emulator, cache: &Path, item: &str, n: usize, want: &Path) {
     let pts = az.json(&["points", "--vault", s(cache), "--item", item]);
     let ids: Vec<&str> = pts
         .as_array()
@@ -183,7 +244,7 @@ fn restore_same(az: &Azurite, cache: &Path, item: &str, n: usize, want: &Path) {
 
 #[test]
 fn a_fresh_host_opens_the_vault_from_its_url_and_restores_every_point() {
-    let Some(az) = Azurite::start(&["vaults"]) else {
+    let Some(az) = Emulator::azurite(&["vaults"]) else {
         return;
     };
     let t = tempfile::tempdir().unwrap();
@@ -246,7 +307,7 @@ fn a_fresh_host_opens_the_vault_from_its_url_and_restores_every_point() {
 
 #[test]
 fn an_image_a_second_host_backs_up_again_adds_almost_nothing() {
-    let Some(az) = Azurite::start(&["dedup"]) else {
+    let Some(az) = Emulator::azurite(&["dedup"]) else {
         return;
     };
     let t = tempfile::tempdir().unwrap();
@@ -283,7 +344,7 @@ fn an_image_a_second_host_backs_up_again_adds_almost_nothing() {
 
 #[test]
 fn four_hosts_back_up_into_one_vault_at_once() {
-    let Some(az) = Azurite::start(&["fleet"]) else {
+    let Some(az) = Emulator::azurite(&["fleet"]) else {
         return;
     };
     let t = tempfile::tempdir().unwrap();
@@ -361,7 +422,7 @@ fn four_hosts_back_up_into_one_vault_at_once() {
 
 #[test]
 fn gc_gives_a_deleted_items_space_back_in_two_runs_and_runs_one_at_a_time() {
-    let Some(az) = Azurite::start(&["gcvault"]) else {
+    let Some(az) = Emulator::azurite(&["gcvault"]) else {
         return;
     };
     let t = tempfile::tempdir().unwrap();
@@ -503,7 +564,7 @@ fn soon() -> String {
 
 #[test]
 fn four_writers_and_gc_at_once_never_lose_a_live_chunk() {
-    let Some(az) = Azurite::start(&["gcrace"]) else {
+    let Some(az) = Emulator::azurite(&["gcrace"]) else {
         return;
     };
     let t = tempfile::tempdir().unwrap();
@@ -684,7 +745,7 @@ fn four_writers_and_gc_at_once_never_lose_a_live_chunk() {
 
 #[test]
 fn a_writer_that_dies_holding_a_lease_blocks_gc_only_until_the_lease_expires() {
-    let Some(az) = Azurite::start(&["leases"]) else {
+    let Some(az) = Emulator::azurite(&["leases"]) else {
         return;
     };
     let t = tempfile::tempdir().unwrap();
@@ -769,7 +830,7 @@ fn a_writer_that_dies_holding_a_lease_blocks_gc_only_until_the_lease_expires() {
 
 #[test]
 fn a_grs_secondary_in_a_blob_container_restores_with_the_primary_gone() {
-    let Some(az) = Azurite::start(&["secondary"]) else {
+    let Some(az) = Emulator::azurite(&["secondary"]) else {
         return;
     };
     let t = tempfile::tempdir().unwrap();
@@ -877,4 +938,64 @@ fn a_grs_secondary_in_a_blob_container_restores_with_the_primary_gone() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
+}
+
+#[test]
+fn s3_a_vault_in_a_bucket_serves_two_hosts_and_collects_garbage() {
+    let Some(m) = Emulator::moto(&["vaults"]) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let store = "s3://vaults/fleet";
+    let (h1, h2) = (t.path().join("h1"), t.path().join("h2"));
+    m.ok(&[
+        "vault",
+        "create",
+        "--store",
+        store,
+        "--vault",
+        s(&h1),
+        "--snapshot-area",
+        s(&t.path().join("a")),
+    ]);
+    m.ok(&["vault", "attach", "--store", store, "--vault", s(&h2)]);
+    let (keep, drop) = (t.path().join("keep.img"), t.path().join("drop.img"));
+    mixed_image(&keep, 8 << 20, 41);
+    random_file(&drop, 4 << 20, 42);
+    backup(&m, &h1, "keep", &keep);
+    let copy = t.path().join("keep-copy.img");
+    std::fs::copy(&keep, &copy).unwrap();
+    let again = backup(&m, &h2, "keep-2", &copy);
+    assert!(
+        again["stored_bytes"].as_u64().unwrap() < 64 << 10,
+        "{again}"
+    );
+    backup(&m, &h2, "drop", &drop);
+    m.ok(&[
+        "unprotect",
+        "--vault",
+        s(&h2),
+        "--item",
+        "drop",
+        "--delete-data",
+    ]);
+    let later = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(30 * 86400)).to_string();
+    let pruned = m
+        .coffre()
+        .env("COFFRE_NOW", &later)
+        .args(["prune", "--vault", s(&h1)])
+        .output()
+        .unwrap();
+    assert!(pruned.status.success());
+    m.ok(&["gc", "--vault", s(&h1)]);
+    let second = m.json(&["gc", "--vault", s(&h2)]);
+    assert!(
+        second["deleted_bytes"].as_u64().unwrap() >= 4 << 20,
+        "{second}"
+    );
+    let h3 = t.path().join("h3");
+    m.ok(&["vault", "attach", "--store", store, "--vault", s(&h3)]);
+    restore_same(&m, &h3, "keep", 1, &keep);
+    restore_same(&m, &h3, "keep-2", 1, &keep);
+    assert_clean(&m.json(&["verify", "--vault", s(&h3), "--read-data"]), "s3");
 }

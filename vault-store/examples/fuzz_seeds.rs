@@ -106,6 +106,7 @@ fn main() {
         snapshot_area: Some("/srv/snapshots".into()),
         replicas: vec!["/mnt/disk2/vault".into()],
         secondary: Some("/mnt/remote/vault".into()),
+        store: Some("azure://acct/vaults/prod".into()),
     }
     .encode();
     let mut flipped = config.clone();

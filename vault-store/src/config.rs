@@ -24,7 +24,12 @@ pub const CONFIG_MAGIC: [u8; 8] = *b"CFVAULT\0";
 /// Version 3 is written while the vault has LRS replicas or a GRS
 /// secondary, so that a build without copies, which would write to the
 /// vault directory alone, refuses it ([`VaultConfig::format_version`]).
-pub const FORMAT_VERSION: u32 = 3;
+/// Version 4 is written for a vault in object storage (`store`), so that
+/// a build without it, which would treat the host's cache directory as a
+/// local vault, refuses it.
+pub const FORMAT_VERSION: u32 = 4;
+/// The version of a vault with copies.
+pub const FORMAT_VERSION_COPIES: u32 = 3;
 /// The version of a vault without copies.
 pub const FORMAT_VERSION_SINGLE: u32 = 2;
 const MAX_BODY: usize = 64 << 10;
@@ -94,9 +99,14 @@ pub struct VaultConfig {
     /// directory itself.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<std::path::PathBuf>,
-    /// The GRS secondary: an asynchronous copy (`coffre replicate`).
+    /// The GRS secondary: an asynchronous copy (`coffre replicate`); a
+    /// directory or a store URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secondary: Option<std::path::PathBuf>,
+    /// The object store the vault lives in (`vault create --store`): the
+    /// vault directory is then one host's cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 impl VaultConfig {
@@ -118,13 +128,15 @@ impl VaultConfig {
         Ok(())
     }
 
-    /// The format version this config is written at: 3 with copies (a
-    /// replica or a secondary), else 2.
+    /// The format version this config is written at: 4 in object storage,
+    /// 3 with copies (a replica or a secondary), else 2.
     pub fn format_version(&self) -> u32 {
-        if self.replicas.is_empty() && self.secondary.is_none() {
+        if self.store.is_some() {
+            FORMAT_VERSION
+        } else if self.replicas.is_empty() && self.secondary.is_none() {
             FORMAT_VERSION_SINGLE
         } else {
-            FORMAT_VERSION
+            FORMAT_VERSION_COPIES
         }
     }
 
@@ -255,6 +267,7 @@ mod tests {
             snapshot_area: None,
             replicas: Vec::new(),
             secondary: None,
+            store: None,
         }
     }
 

@@ -88,7 +88,7 @@ fn write_cache(dir: &Path, url: &str, store: &dyn Store, config: &VaultConfig) -
 
 /// Creates a shared vault in the store at `url`, with this host's cache in
 /// `dir` (empty or missing), and returns it open for writing.
-pub fn create_in_store(dir: &Path, url: &str, config: VaultConfig) -> Result<Vault> {
+pub fn create_in_store(dir: &Path, url: &str, mut config: VaultConfig) -> Result<Vault> {
     config.validate()?;
     if !config.replicas.is_empty() || config.secondary.is_some() {
         return Err(StoreError::InvalidSetting {
@@ -97,6 +97,7 @@ pub fn create_in_store(dir: &Path, url: &str, config: VaultConfig) -> Result<Vau
         });
     }
     let url = canonical_url(url)?;
+    config.store = Some(url.clone());
     check_empty_cache(dir)?;
     let store = crate::copies::open_url(&url)?;
     if store.get(CONFIG_FILE)?.is_some() {

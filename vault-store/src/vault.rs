@@ -1242,6 +1242,7 @@ mod tests {
             snapshot_area: None,
             replicas: Vec::new(),
             secondary: None,
+            store: None,
         }
     }
 
