@@ -128,6 +128,20 @@ fn replication_state_corpus() {
 }
 
 #[test]
+fn shared_state_corpus() {
+    let accepted = corpus("shared_state")
+        .iter()
+        .filter(|(_, b)| {
+            coffre_vault_store::remote::fuzz_entry(b) || coffre_vault_store::lease::fuzz_entry(b)
+        })
+        .count();
+    assert_eq!(
+        accepted, 4,
+        "the pointer, lease, state and list decode; the flipped one does not"
+    );
+}
+
+#[test]
 fn damaged_list_corpus() {
     let accepted = corpus("damaged_list")
         .iter()

@@ -285,6 +285,8 @@ fn a_fresh_host_opens_the_vault_from_its_url_and_restores_every_point() {
     let attached = az.json(&["vault", "attach", "--store", &store, "--vault", s(&h2)]);
     assert_eq!(attached["points"].as_u64(), Some(2), "{attached}");
     assert_eq!(attached["store"].as_str(), Some(store.as_str()));
+    // Version 4: a build without object storage refuses the cache.
+    assert_eq!(attached["format_version"].as_u64(), Some(4), "{attached}");
     restore_same(&az, &h2, "vm", 1, &day1);
     restore_same(&az, &h2, "vm", 2, &img);
     let v = az.json(&["verify", "--vault", s(&h2), "--read-data"]);
@@ -795,9 +797,12 @@ fn a_writer_that_dies_holding_a_lease_blocks_gc_only_until_the_lease_expires() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Let it upload a part or two (8 MiB each), then SIGKILL: no chance
-    // to end the lease.
-    std::thread::sleep(Duration::from_secs(2));
+    // Let it upload a part (8 MiB) that no manifest will name, then
+    // SIGKILL: no chance to end the lease.
+    while az.json(&["vault", "show", "--vault", s(&h2)])["stored_bytes"].as_u64() == Some(0) {
+        assert!(Instant::now() < until, "the writer never uploaded a part");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     writer.kill().unwrap();
     writer.wait().unwrap();
     let started = Instant::now();

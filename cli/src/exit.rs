@@ -32,12 +32,14 @@ pub const COPY_UNAVAILABLE: u8 = 12;
 
 fn store_code(e: &StoreError) -> u8 {
     match e {
-        StoreError::VaultLocked { .. } => LOCKED,
+        StoreError::VaultLocked { .. }
+        | StoreError::GcRunning { .. }
+        | StoreError::PointTaken { .. } => LOCKED,
         StoreError::NotAVault { .. }
         | StoreError::UnsupportedVersion { .. }
         | StoreError::CorruptConfig { .. } => NOT_A_VAULT,
         StoreError::NoSpace { .. } => NO_SPACE,
-        StoreError::CopyUnavailable { .. } => COPY_UNAVAILABLE,
+        StoreError::CopyUnavailable { .. } | StoreError::Object { .. } => COPY_UNAVAILABLE,
         StoreError::CorruptChunk { .. } | StoreError::ChunkMissing { .. } => DAMAGED,
         _ => FAILURE,
     }

@@ -202,6 +202,46 @@ fn main() {
         ],
     );
 
+    let shared = out.join("shared_state");
+    std::fs::create_dir_all(&shared).unwrap();
+    let pointer = coffre_vault_store::remote::Remote {
+        url: "azure://acct/vaults/fleet".into(),
+        host_tag: 0x2a,
+        host: "hv1".into(),
+    }
+    .encode();
+    let lease = coffre_vault_store::lease::encode_lease(&coffre_vault_store::lease::Lease {
+        host_tag: 0x2a,
+        session: "00ff00ff00ff00ff".into(),
+        epoch_seen: 3,
+        taken: t,
+        expires: t,
+    });
+    let state = coffre_vault_store::lease::encode_state(&coffre_vault_store::lease::GcState {
+        epoch: 4,
+        marking: Some(coffre_vault_store::lease::GcHolder {
+            host_tag: 7,
+            until: t,
+        }),
+    });
+    let condemned =
+        coffre_vault_store::lease::encode_condemned(&coffre_vault_store::lease::Condemned {
+            epoch: 4,
+            segments: vec![1 << 48, (2 << 48) + 5],
+        });
+    let mut flipped = lease.clone();
+    flipped[22] ^= 0x04;
+    write_all(
+        &shared,
+        &[
+            ("pointer.bin", &pointer),
+            ("lease.bin", &lease),
+            ("state.bin", &state),
+            ("condemned.bin", &condemned),
+            ("flipped.bin", &flipped),
+        ],
+    );
+
     let damaged = out.join("damaged_list");
     std::fs::create_dir_all(&damaged).unwrap();
     let list = coffre_vault_store::damaged::encode(

@@ -24,10 +24,15 @@
 //! second mark (so its point was marked), or read the condemned list and
 //! did not use it, or lost its lease and cannot commit.
 
-use std::collections::{BTreeSet, HashSet};
+#[cfg(feature = "index")]
+use std::collections::BTreeSet;
+use std::collections::HashSet;
+#[cfg(feature = "index")]
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(feature = "index")]
+use std::time::Instant;
 
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -117,6 +122,21 @@ fn decode<T: for<'a> Deserialize<'a>>(magic: &[u8; 8], bytes: &[u8], what: &str)
     let (_, body) =
         envelope::decode(magic, VERSION, MAX_BODY, bytes).map_err(|e| bad(e.to_string()))?;
     serde_json::from_slice(body).map_err(|e| bad(e.to_string()))
+}
+
+/// Encodes a lease (fuzz seeds, tests).
+pub fn encode_lease(l: &Lease) -> Vec<u8> {
+    encode(&LEASE_MAGIC, l)
+}
+
+/// Encodes the GC state.
+pub fn encode_state(s: &GcState) -> Vec<u8> {
+    encode(&STATE_MAGIC, s)
+}
+
+/// Encodes a condemned list.
+pub fn encode_condemned(c: &Condemned) -> Vec<u8> {
+    encode(&CONDEMNED_MAGIC, c)
 }
 
 /// Fuzz entry point: decodes arbitrary bytes as each of the three files;
@@ -329,6 +349,7 @@ pub struct SharedGcOptions {
 }
 
 /// Runs GC on the shared vault whose cache is `dir` (see the module docs).
+#[cfg(feature = "index")]
 pub fn run_shared_gc(dir: &Path, opts: &SharedGcOptions) -> Result<SharedGcReport> {
     let started = Instant::now();
     let remote = crate::remote::Remote::load(dir)?.ok_or_else(|| StoreError::InvalidSetting {
@@ -473,6 +494,7 @@ pub fn run_shared_gc(dir: &Path, opts: &SharedGcOptions) -> Result<SharedGcRepor
     Ok(report)
 }
 
+#[cfg(feature = "index")]
 fn release_state(store: &dyn Store, epoch: u64) -> Result<()> {
     let (state, version) = read_state(store)?;
     if state.epoch != epoch {

@@ -31,7 +31,6 @@ pub mod gc;
 #[cfg(feature = "index")]
 pub mod index;
 pub mod jobs;
-#[cfg(feature = "index")]
 pub mod lease;
 pub mod level;
 pub mod lock;
