@@ -16,28 +16,19 @@ IMAGE=${1:?usage: cloud-bench.sh IMAGE [WORKDIR]}
 WORK=${2:-$(mktemp -d /tmp/coffre-cloud-bench.XXXXXX)}
 COFFRE=${COFFRE:-coffre}
 HERE=$(cd "$(dirname "$0")" && pwd)
-KEY='Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=='
 mkdir -p "$WORK"
 rm -rf "$WORK/local" "$WORK/cache" "$WORK/cache2" "$WORK/azurite" "$WORK"/*.restored
 mkdir -p "$WORK/azurite"
 
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 MODE=${AZURITE_MODE:-disk}
 case $MODE in
   disk) PERSIST=(--location "$WORK/azurite") ;;
   memory) PERSIST=(--inMemoryPersistence) ;;
   *) echo "AZURITE_MODE must be disk or memory" >&2; exit 2 ;;
 esac
-azurite-blob --blobHost 127.0.0.1 --blobPort "$PORT" "${PERSIST[@]}" \
-  --skipApiVersionCheck --disableTelemetry > "$WORK/azurite.log" 2>&1 &
-AZ=$!
-trap 'kill $AZ 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-  sleep 0.1
-done
-NODE_PATH=$(npm root -g) node "$HERE/azure-container.js" "http://127.0.0.1:$PORT" devstoreaccount1 "$KEY" bench
-export AZURE_STORAGE_USE_EMULATOR=true AZURITE_BLOB_STORAGE_URL="http://127.0.0.1:$PORT"
+# shellcheck source=scripts/azurite-lib.sh
+. "$HERE/azurite-lib.sh"
+AZURITE_CONTAINERS=bench start_azurite "$WORK/azurite.log" "${PERSIST[@]}"
 export COFFRE_REGISTRY=off
 
 secs() { python3 -c "import time; print(time.monotonic())"; }

@@ -10,26 +10,17 @@ cd "$(dirname "$0")/.."
 BIN=${COFFRE_BIN:-${CARGO_TARGET_DIR:-target}/release/coffre}
 WORK=${DEMO_DIR:-${TMPDIR:-/tmp}/coffre-demo-cloud}
 SIZE_MB=${DEMO_SIZE_MB:-256}
-KEY='Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=='
 [ -x "$BIN" ] || { echo "demo-cloud: $BIN not built (run make build)" >&2; exit 1; }
-command -v azurite-blob >/dev/null || { echo "demo-cloud: azurite-blob not installed (make azurite)" >&2; exit 1; }
 rm -rf "$WORK"; mkdir -p "$WORK/azurite"
 say() { printf '\n== %s\n' "$*"; }
 
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-say "1. Azurite on 127.0.0.1:$PORT, blobs kept in $WORK/azurite"
-azurite-blob --blobHost 127.0.0.1 --blobPort "$PORT" --location "$WORK/azurite" \
-  --silent --skipApiVersionCheck --disableTelemetry > "$WORK/azurite.log" 2>&1 &
-AZ=$!
-trap 'kill $AZ 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-  sleep 0.1
-done
-NODE_PATH=$(npm root -g) node scripts/azure-container.js "http://127.0.0.1:$PORT" devstoreaccount1 "$KEY" vaults
-# What every host sets: object_store reads these (AZURE_STORAGE_ACCOUNT_KEY
-# and friends for a real account).
-export AZURE_STORAGE_USE_EMULATOR=true AZURITE_BLOB_STORAGE_URL="http://127.0.0.1:$PORT"
+say "1. Azurite on loopback, blobs kept in $WORK/azurite"
+# shellcheck source=scripts/azurite-lib.sh
+. scripts/azurite-lib.sh
+start_azurite "$WORK/azurite.log" --location "$WORK/azurite" --silent
+echo "Azurite listens on 127.0.0.1:$AZURITE_PORT"
+# start_azurite exported what every host sets for Azurite; a real account
+# sets AZURE_STORAGE_ACCOUNT_KEY (or another credential) instead.
 export COFFRE_REGISTRY="$WORK/registry"
 URL=azure://devstoreaccount1/vaults/fleet
 C() { "$BIN" "$@"; }

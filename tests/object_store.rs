@@ -214,6 +214,20 @@ fn url(container: &str, prefix: &str) -> String {
     format!("azure://{ACCOUNT}/{container}/{prefix}")
 }
 
+/// Creates the vault at `store` from the host whose cache is `cache`.
+fn create_in_store(az: &Emulator, store: &str, cache: &Path, area: &Path) {
+    az.ok(&[
+        "vault",
+        "create",
+        "--store",
+        store,
+        "--vault",
+        s(cache),
+        "--snapshot-area",
+        s(area),
+    ]);
+}
+
 /// Backs `img` up as `item` from the host whose cache is `cache`.
 fn backup(az: &Emulator, cache: &Path, item: &str, img: &Path) -> serde_json::Value {
     az.json(&["backup", "--vault", s(cache), "--item", item, s(img)])
@@ -250,16 +264,7 @@ fn a_fresh_host_opens_the_vault_from_its_url_and_restores_every_point() {
     let t = tempfile::tempdir().unwrap();
     let store = url("vaults", "v1");
     let h1 = t.path().join("host1");
-    az.ok(&[
-        "vault",
-        "create",
-        "--store",
-        &store,
-        "--vault",
-        s(&h1),
-        "--snapshot-area",
-        s(&t.path().join("area")),
-    ]);
+    create_in_store(&az, &store, &h1, &t.path().join("area"));
     // The cache holds no segment and no catalog file: the vault is in the store.
     assert!(
         !h1.join("segments").exists()
@@ -315,16 +320,7 @@ fn an_image_a_second_host_backs_up_again_adds_almost_nothing() {
     let t = tempfile::tempdir().unwrap();
     let store = url("dedup", "shared");
     let (h1, h2) = (t.path().join("h1"), t.path().join("h2"));
-    az.ok(&[
-        "vault",
-        "create",
-        "--store",
-        &store,
-        "--vault",
-        s(&h1),
-        "--snapshot-area",
-        s(&t.path().join("a1")),
-    ]);
+    create_in_store(&az, &store, &h1, &t.path().join("a1"));
     az.ok(&["vault", "attach", "--store", &store, "--vault", s(&h2)]);
     let img = t.path().join("golden.img");
     mixed_image(&img, 32 << 20, 21);
@@ -352,16 +348,7 @@ fn four_hosts_back_up_into_one_vault_at_once() {
     let t = tempfile::tempdir().unwrap();
     let store = url("fleet", "v");
     let hosts: Vec<PathBuf> = (0..4).map(|i| t.path().join(format!("host{i}"))).collect();
-    az.ok(&[
-        "vault",
-        "create",
-        "--store",
-        &store,
-        "--vault",
-        s(&hosts[0]),
-        "--snapshot-area",
-        s(&t.path().join("area")),
-    ]);
+    create_in_store(&az, &store, &hosts[0], &t.path().join("area"));
     for h in &hosts[1..] {
         az.ok(&["vault", "attach", "--store", &store, "--vault", s(h)]);
     }
@@ -430,16 +417,7 @@ fn gc_gives_a_deleted_items_space_back_in_two_runs_and_runs_one_at_a_time() {
     let t = tempfile::tempdir().unwrap();
     let store = url("gcvault", "v");
     let (h1, h2) = (t.path().join("h1"), t.path().join("h2"));
-    az.ok(&[
-        "vault",
-        "create",
-        "--store",
-        &store,
-        "--vault",
-        s(&h1),
-        "--snapshot-area",
-        s(&t.path().join("a")),
-    ]);
+    create_in_store(&az, &store, &h1, &t.path().join("a"));
     az.ok(&["vault", "attach", "--store", &store, "--vault", s(&h2)]);
     let (keep, drop) = (t.path().join("keep.img"), t.path().join("drop.img"));
     mixed_image(&keep, 8 << 20, 5);
@@ -572,16 +550,7 @@ fn four_writers_and_gc_at_once_never_lose_a_live_chunk() {
     let t = tempfile::tempdir().unwrap();
     let store = url("gcrace", "v");
     let gc_host = t.path().join("gc-host");
-    az.ok(&[
-        "vault",
-        "create",
-        "--store",
-        &store,
-        "--vault",
-        s(&gc_host),
-        "--snapshot-area",
-        s(&t.path().join("area")),
-    ]);
+    create_in_store(&az, &store, &gc_host, &t.path().join("area"));
     let hosts: Vec<PathBuf> = (0..4).map(|i| t.path().join(format!("host{i}"))).collect();
     for h in &hosts {
         az.ok(&["vault", "attach", "--store", &store, "--vault", s(h)]);
@@ -753,16 +722,7 @@ fn a_writer_that_dies_holding_a_lease_blocks_gc_only_until_the_lease_expires() {
     let t = tempfile::tempdir().unwrap();
     let store = url("leases", "v");
     let (h1, h2) = (t.path().join("h1"), t.path().join("h2"));
-    az.ok(&[
-        "vault",
-        "create",
-        "--store",
-        &store,
-        "--vault",
-        s(&h1),
-        "--snapshot-area",
-        s(&t.path().join("area")),
-    ]);
+    create_in_store(&az, &store, &h1, &t.path().join("area"));
     az.ok(&["vault", "attach", "--store", &store, "--vault", s(&h2)]);
     let img = t.path().join("big.img");
     random_file(&img, 64 << 20, 3);
@@ -953,16 +913,7 @@ fn s3_a_vault_in_a_bucket_serves_two_hosts_and_collects_garbage() {
     let t = tempfile::tempdir().unwrap();
     let store = "s3://vaults/fleet";
     let (h1, h2) = (t.path().join("h1"), t.path().join("h2"));
-    m.ok(&[
-        "vault",
-        "create",
-        "--store",
-        store,
-        "--vault",
-        s(&h1),
-        "--snapshot-area",
-        s(&t.path().join("a")),
-    ]);
+    create_in_store(&m, store, &h1, &t.path().join("a"));
     m.ok(&["vault", "attach", "--store", store, "--vault", s(&h2)]);
     let (keep, drop) = (t.path().join("keep.img"), t.path().join("drop.img"));
     mixed_image(&keep, 8 << 20, 41);

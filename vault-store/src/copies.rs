@@ -383,15 +383,7 @@ pub fn init_copy(dir: &Path, config: &VaultConfig, role: Role) -> Result<()> {
                 path: dir.to_path_buf(),
             });
         }
-        store.put(
-            COPY_FILE,
-            &catalog_files::encode_copy(&CopyIdentity {
-                vault_id: config.vault_id.clone(),
-                vault_name: config.name.clone(),
-                role,
-            }),
-        )?;
-        return store.put(crate::config::CONFIG_FILE, &config.encode());
+        return write_copy_files(store.as_ref(), config, role);
     }
     match std::fs::read_dir(dir) {
         Ok(mut entries) => {
@@ -411,9 +403,16 @@ pub fn init_copy(dir: &Path, config: &VaultConfig, role: Role) -> Result<()> {
     }
     crate::durable::create_dir_durable(dir)?;
     crate::durable::create_dir_durable(&dir.join(crate::segment::SEGMENTS_DIR))?;
-    let store = LocalStore::new(dir);
-    use crate::store::Store;
-    store.put(crate::config::CONFIG_FILE, &config.encode())?;
+    write_copy_files(&LocalStore::new(dir), config, role)
+}
+
+/// The files that make a store a copy of the vault: its identity, then
+/// its config.
+fn write_copy_files(
+    store: &dyn crate::store::Store,
+    config: &VaultConfig,
+    role: Role,
+) -> Result<()> {
     store.put(
         COPY_FILE,
         &catalog_files::encode_copy(&CopyIdentity {
@@ -421,5 +420,6 @@ pub fn init_copy(dir: &Path, config: &VaultConfig, role: Role) -> Result<()> {
             vault_name: config.name.clone(),
             role,
         }),
-    )
+    )?;
+    store.put(crate::config::CONFIG_FILE, &config.encode())
 }
