@@ -242,12 +242,11 @@ impl Vault {
                 .unwrap_or_else(crate::lease::system_clock),
         };
         if vault.remote.is_some() {
-            // The store is the truth: the cache was brought up to date
-            // before it was opened ([`Vault::open_with`] refreshes), and
-            // other hosts' segments and manifests are never cut or removed.
-            // Nothing a host uploaded is ever cut: another host may have
-            // deduplicated against it after a refresh. Dead bytes are
-            // left for GC.
+            // The store is the truth and the cache was refreshed above.
+            // Nothing is reclaimed or reconciled: no host cuts what it
+            // uploaded (another may deduplicate against it after a
+            // refresh) and no host removes another's manifests. Dead bytes
+            // are left for GC.
             if access == Access::Write {
                 vault.ensure_gc_layout()?;
             }
@@ -947,10 +946,23 @@ impl WriteSession<'_> {
             self.writer_committed = len;
             return Ok(());
         }
-        let next = infos
+        let mut next = infos
             .keys()
             .next_back()
             .map_or(space.start.max(1), |id| id + 1);
+        if self.vault.remote.is_some() {
+            // A session of ours that died before its commit left parts the
+            // index never recorded; their id stays taken (they are GC's).
+            let listed = copies.primary().store.list(SEGMENTS_DIR)?;
+            if let Some(max) = listed
+                .iter()
+                .filter_map(|n| parse_segment_file_name(n))
+                .filter(|id| space.contains(id))
+                .max()
+            {
+                next = next.max(max + 1);
+            }
+        }
         self.fresh_segment = false;
         self.writer = Some(SegmentWriter::create(copies, next)?);
         self.writer_is_new = true;
