@@ -407,6 +407,15 @@ fn four_hosts_back_up_into_one_vault_at_once() {
     }
     let v = az.json(&["verify", "--vault", s(&h5), "--read-data"]);
     assert_eq!(v["findings"].as_array().map(Vec::len), Some(0), "{v}");
+    // Job records live in the store too: a host lists every host's jobs.
+    let jobs = az.json(&["jobs", "--vault", s(&h5)]);
+    let backups = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["operation"] == "backup" && j["status"] == "Completed")
+        .count();
+    assert_eq!(backups, 4, "{jobs}");
 }
 
 #[test]
@@ -955,4 +964,69 @@ fn s3_a_vault_in_a_bucket_serves_two_hosts_and_collects_garbage() {
     restore_same(&m, &h3, "keep", 1, &keep);
     restore_same(&m, &h3, "keep-2", 1, &keep);
     assert_clean(&m.json(&["verify", "--vault", s(&h3), "--read-data"]), "s3");
+}
+
+#[test]
+fn two_hosts_backing_up_one_item_at_once_never_overwrite_each_other() {
+    let Some(az) = Emulator::azurite(&["sameitem"]) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let store = url("sameitem", "v");
+    let (h1, h2) = (t.path().join("h1"), t.path().join("h2"));
+    create_in_store(&az, &store, &h1, &t.path().join("area"));
+    az.ok(&["vault", "attach", "--store", &store, "--vault", s(&h2)]);
+    // The same VM's disk, seen from two hypervisors (a migration).
+    let (a, b) = (t.path().join("on-h1.img"), t.path().join("on-h2.img"));
+    mixed_image(&a, 16 << 20, 51);
+    std::fs::copy(&a, &b).unwrap();
+    churn(&b, 8, 64 << 10, 52);
+    // h2 starts first but slowly; h1 commits the item while h2 transfers.
+    let slow = az
+        .coffre()
+        .args([
+            "backup",
+            "--vault",
+            s(&h2),
+            "--item",
+            "vm",
+            "--rate-limit",
+            "16M",
+            s(&b),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    while az.json(&["vault", "show", "--vault", s(&h1)])["leases"]
+        .as_array()
+        .is_none_or(|l| l.is_empty())
+    {
+        assert!(Instant::now() < until, "the slow writer never took a lease");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    backup(&az, &h1, "vm", &a);
+    let out = slow.wait_with_output().unwrap();
+    // h2 must not overwrite h1's commit of the item: it is refused (exit 4)…
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // (the item file is replaced only if unchanged, before the point's
+    // manifest is created)
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another host changed it meanwhile"), "{err}");
+    // …and succeeds when run again, on top of h1's point.
+    backup(&az, &h2, "vm", &b);
+    let h3 = t.path().join("h3");
+    az.ok(&["vault", "attach", "--store", &store, "--vault", s(&h3)]);
+    restore_same(&az, &h3, "vm", 1, &a);
+    restore_same(&az, &h3, "vm", 2, &b);
+    assert_clean(
+        &az.json(&["verify", "--vault", s(&h3), "--read-data"]),
+        "same item",
+    );
 }

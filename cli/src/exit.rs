@@ -34,7 +34,8 @@ fn store_code(e: &StoreError) -> u8 {
     match e {
         StoreError::VaultLocked { .. }
         | StoreError::GcRunning { .. }
-        | StoreError::PointTaken { .. } => LOCKED,
+        | StoreError::PointTaken { .. }
+        | StoreError::CatalogChanged { .. } => LOCKED,
         StoreError::NotAVault { .. }
         | StoreError::UnsupportedVersion { .. }
         | StoreError::CorruptConfig { .. } => NOT_A_VAULT,

@@ -75,8 +75,13 @@ pub fn list(
     coffre_engine::store::VaultConfig::load(dir)
         .with_context(|| format!("cannot open vault {}", dir.display()))?;
     let since = since.map(|s| parse_since(s, ctx.now())).transpose()?;
-    let jobs: Vec<JobRecord> = JobStore::new(dir)
-        .list()?
+    let store = JobStore::new(dir);
+    // A shared vault lists every host's jobs: the others' finished ones
+    // come from the store.
+    let mut all = store.list()?;
+    all.extend(store.other_hosts());
+    all.sort_by(|a, b| (a.started, &a.id).cmp(&(b.started, &b.id)));
+    let jobs: Vec<JobRecord> = all
         .into_iter()
         .filter(|j| item.is_none_or(|i| j.item.as_deref() == Some(i)))
         .filter(|j| status.is_none_or(|s| j.status.to_string().eq_ignore_ascii_case(s)))

@@ -75,6 +75,52 @@ pub fn open_url(url: &str) -> Result<SharedStore> {
     })
 }
 
+/// The same catalog record, however it was encoded.
+fn same_record(name: &str, a: &[u8], b: &[u8]) -> bool {
+    if a == b {
+        return true;
+    }
+    if name.starts_with(catalog_files::ITEMS_DIR) {
+        return matches!(
+            (catalog_files::decode_item(a), catalog_files::decode_item(b)),
+            (Ok(x), Ok(y)) if x == y
+        );
+    }
+    if name.starts_with(catalog_files::POLICIES_DIR) {
+        return matches!(
+            (catalog_files::decode_policy(a), catalog_files::decode_policy(b)),
+            (Ok(x), Ok(y)) if x.name == y.name && x.policy == y.policy
+        );
+    }
+    false
+}
+
+/// Replaces (or creates) `name` in a shared vault only if the store still
+/// holds `before` (or still has no such file).
+fn put_unless_changed(
+    store: &dyn crate::store::Store,
+    name: &str,
+    bytes: &[u8],
+    before: Option<&Vec<u8>>,
+) -> Result<()> {
+    let changed = || StoreError::CatalogChanged {
+        file: format!("{}/{name}", store.location()),
+    };
+    match (store.get_version(name)?, before) {
+        (None, None) => store
+            .put_new(name, bytes)?
+            .then_some(())
+            .ok_or_else(changed),
+        (Some((cur, v)), Some(b)) if same_record(name, &cur, b) => store
+            .put_if(name, bytes, &v)?
+            .map(|_| ())
+            .ok_or_else(changed),
+        // Our own earlier attempt at this very update (a retried commit).
+        (Some((cur, _)), _) if same_record(name, &cur, bytes) => Ok(()),
+        _ => Err(changed()),
+    }
+}
+
 /// Writes point manifest `name` of a shared vault with a conditional
 /// create; when the file exists it is overwritten only if it is the same
 /// point (an update of its own record), never another host's point.
@@ -318,19 +364,38 @@ impl Copies {
 
     /// Writes the catalog files of `files` that have bytes on every
     /// synchronous copy (before the index commit that records them).
-    pub fn put_files(&self, files: &[(String, Option<Vec<u8>>)]) -> Result<()> {
+    ///
+    /// In a shared vault, `before` holds what this host's index had for
+    /// each item and policy file (`None`: no such file): such a file is
+    /// replaced only if the store still holds that (`If-Match`), or
+    /// created only if it is still absent (`If-None-Match: *`), so an
+    /// update another host made meanwhile is never overwritten; these come
+    /// first, and the point manifests, created once each, after them.
+    pub fn put_files(
+        &self,
+        files: &[(String, Option<Vec<u8>>)],
+        before: &std::collections::HashMap<String, Vec<u8>>,
+    ) -> Result<()> {
         if !files.iter().any(|(_, b)| b.is_some()) {
             return Ok(());
         }
         self.for_each_sync(|c| {
-            for (name, bytes) in files {
-                if let Some(b) = bytes {
-                    if self.shared && name.starts_with(catalog_files::POINTS_DIR) {
-                        put_point_once(c.store.as_ref(), name, b)?;
-                    } else {
-                        c.store.put(name, b)?;
-                    }
+            let store = c.store.as_ref();
+            if !self.shared {
+                for (name, b) in files.iter().filter_map(|(n, b)| Some((n, b.as_ref()?))) {
+                    store.put(name, b)?;
                 }
+                return Ok(());
+            }
+            let (points, others): (Vec<_>, Vec<_>) = files
+                .iter()
+                .filter_map(|(n, b)| Some((n, b.as_ref()?)))
+                .partition(|(n, _)| n.starts_with(catalog_files::POINTS_DIR));
+            for (name, b) in others {
+                put_unless_changed(store, name, b, before.get(name.as_str()))?;
+            }
+            for (name, b) in points {
+                put_point_once(store, name, b)?;
             }
             Ok(())
         })

@@ -150,6 +150,13 @@ pub enum StoreError {
         file: String,
     },
 
+    /// Another host changed an item or policy this commit replaces.
+    #[error("{file}: another host changed it meanwhile; nothing was overwritten, run again")]
+    CatalogChanged {
+        /// The file's URL.
+        file: String,
+    },
+
     /// A writer's lease ran out before it committed.
     #[error(
         "writer lease {lease} expired at {expired}; nothing was committed, run the backup again"

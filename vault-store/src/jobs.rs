@@ -298,6 +298,9 @@ pub fn fuzz_entry(data: &[u8]) -> bool {
 pub struct JobStore {
     dir: PathBuf,
     store: std::sync::Arc<LocalStore>,
+    /// A shared vault's store and this host's tag: every finished record
+    /// is copied to `jobs/TAG/ID.job` there, so that each host sees all.
+    shared: Option<(String, u16)>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -310,7 +313,48 @@ impl JobStore {
         JobStore {
             dir: vault_dir.join(JOBS_DIR),
             store: std::sync::Arc::new(LocalStore::new(vault_dir)),
+            shared: crate::remote::Remote::load(vault_dir)
+                .ok()
+                .flatten()
+                .map(|r| (r.url, r.host_tag)),
         }
+    }
+
+    /// The finished jobs of the other hosts of a shared vault (empty for a
+    /// local vault), oldest first. A store that cannot be read is a
+    /// warning, not an error: this host's own records still list.
+    pub fn other_hosts(&self) -> Vec<JobRecord> {
+        let Some((url, tag)) = &self.shared else {
+            return Vec::new();
+        };
+        let read = || -> Result<Vec<JobRecord>> {
+            let store = crate::copies::open_url(url)?;
+            let mut out = Vec::new();
+            for host in store.list(JOBS_DIR)? {
+                let Some(host) = host.strip_suffix('/') else {
+                    continue;
+                };
+                if host == format!("{tag:04x}") {
+                    continue;
+                }
+                let dir = format!("{JOBS_DIR}/{host}");
+                for name in store.list(&dir)? {
+                    let name = format!("{dir}/{name}");
+                    if let Some(b) = store.get(&name)? {
+                        match JobRecord::decode(&b, Path::new(&name)) {
+                            Ok(r) => out.push(r),
+                            Err(e) => tracing::warn!(error = %e, "skipping a damaged job record"),
+                        }
+                    }
+                }
+            }
+            out.sort_by(|a, b| (a.started, &a.id).cmp(&(b.started, &b.id)));
+            Ok(out)
+        };
+        read().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list the other hosts' jobs");
+            Vec::new()
+        })
     }
 
     fn record_name(id: &str) -> String {
@@ -476,10 +520,19 @@ pub struct RunningJob {
 
 impl RunningJob {
     fn persist(&self) -> Result<()> {
-        self.store.store.put(
-            &JobStore::record_name(&self.record.id),
-            &self.record.encode(),
-        )
+        let bytes = self.record.encode();
+        self.store
+            .store
+            .put(&JobStore::record_name(&self.record.id), &bytes)?;
+        if let (Some((url, tag)), true) = (&self.store.shared, self.record.status.is_final()) {
+            let name = format!("{JOBS_DIR}/{tag:04x}/{}.job", self.record.id);
+            // The local record is the one that counts; the store's copy is
+            // for the other hosts.
+            if let Err(e) = crate::copies::open_url(url).and_then(|st| st.put(&name, &bytes)) {
+                tracing::warn!(error = %e, job = %self.record.id, "could not copy the job record to the store");
+            }
+        }
+        Ok(())
     }
 
     /// The record as last persisted.

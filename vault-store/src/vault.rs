@@ -462,6 +462,34 @@ impl Vault {
         self.copies.repairs()
     }
 
+    /// What the index holds now for the item and policy files among
+    /// `files` (those it has), encoded as their files are: a shared vault
+    /// replaces them only if the store still holds the same.
+    fn catalog_before(
+        &self,
+        files: &[(String, Option<Vec<u8>>)],
+    ) -> Result<HashMap<String, Vec<u8>>> {
+        let wanted: std::collections::HashSet<&str> =
+            files.iter().map(|(n, _)| n.as_str()).collect();
+        let mut out = HashMap::new();
+        for item in self.index.items()? {
+            let name = catalog_files::item_file(&item.name);
+            if wanted.contains(name.as_str()) {
+                out.insert(name, catalog_files::encode_item(&item));
+            }
+        }
+        for (name, policy) in self.index.policy_values()? {
+            let file = catalog_files::policy_file(&name);
+            if wanted.contains(file.as_str()) {
+                out.insert(
+                    file,
+                    catalog_files::encode_policy(&catalog_files::PolicyFile { name, policy }),
+                );
+            }
+        }
+        Ok(out)
+    }
+
     /// The segment ids this handle may write: this host's namespace in a
     /// shared vault, all of them in a local one.
     pub fn segment_namespace(&self) -> std::ops::Range<u64> {
@@ -1147,7 +1175,12 @@ impl WriteSession<'_> {
             let r = l.check_and_renew();
             self.poison(r)?;
         }
-        let r = self.vault.copies.put_files(&files);
+        let before = if self.vault.remote.is_some() {
+            self.vault.catalog_before(&files)?
+        } else {
+            HashMap::new()
+        };
+        let r = self.vault.copies.put_files(&files, &before);
         self.poison_vault(r)?;
         let r = self.vault.index.commit(batch);
         self.poison(r)?;
