@@ -132,12 +132,14 @@ fn shared_state_corpus() {
     let accepted = corpus("shared_state")
         .iter()
         .filter(|(_, b)| {
-            coffre_vault_store::remote::fuzz_entry(b) || coffre_vault_store::lease::fuzz_entry(b)
+            coffre_vault_store::remote::fuzz_entry(b)
+                || coffre_vault_store::lease::fuzz_entry(b)
+                || coffre_vault_store::chunk_list::fuzz_entry(b)
         })
         .count();
     assert_eq!(
-        accepted, 4,
-        "the pointer, lease, state and list decode; the flipped one does not"
+        accepted, 5,
+        "the pointer, lease, state, condemned and chunk lists decode; the flipped one does not"
     );
 }
 

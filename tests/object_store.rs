@@ -766,19 +766,15 @@ fn a_writer_that_dies_holding_a_lease_blocks_gc_only_until_the_lease_expires() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Let it upload a part (8 MiB) that no manifest will name, then
-    // SIGKILL: no chance to end the lease.
-    while az.json(&["vault", "show", "--vault", s(&h2)])["stored_bytes"].as_u64() == Some(0) {
-        assert!(Instant::now() < until, "the writer never uploaded a part");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // Let it upload a few parts (8 MiB each, at 8 MiB/s) that no manifest
+    // will name, then SIGKILL: no chance to end the lease.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        writer.try_wait().unwrap().is_none(),
+        "the writer finished too soon"
+    );
     writer.kill().unwrap();
     writer.wait().unwrap();
-    // The same host backs up again at once: the dead session's segment id
-    // stays taken (nothing uploaded is ever cut), so it takes the next.
-    let small = t.path().join("small.img");
-    mixed_image(&small, 4 << 20, 9);
-    backup(&az, &h1, "small", &small);
     let started = Instant::now();
     let gc = az.json(&["gc", "--vault", s(&h2)]);
     assert_eq!(gc["expired_leases"].as_u64(), Some(1), "{gc}");
@@ -789,8 +785,14 @@ fn a_writer_that_dies_holding_a_lease_blocks_gc_only_until_the_lease_expires() {
     // It found the lease live, waited, and went on once it expired.
     assert_eq!(gc["waited_for"].as_u64(), Some(1), "{gc}");
     assert!(started.elapsed() < Duration::from_secs(30), "{gc}");
-    // The dead session's uploads are condemned, then deleted by the next
-    // run; the vault stays clean and h1 backs up again.
+    // The same host backs up again: the dead session's segment (condemned,
+    // not yet deleted) keeps its id, since nothing uploaded is ever cut,
+    // so the new session takes the next.
+    let small = t.path().join("small.img");
+    mixed_image(&small, 4 << 20, 9);
+    backup(&az, &h1, "small", &small);
+    // The dead session's uploads are deleted by the next run; the vault
+    // stays clean.
     let gc2 = az.json(&["gc", "--vault", s(&h2)]);
     assert!(
         gc2["deleted_segments"].as_u64().unwrap() >= 1,
@@ -991,7 +993,7 @@ fn two_hosts_backing_up_one_item_at_once_never_overwrite_each_other() {
             "--item",
             "vm",
             "--rate-limit",
-            "16M",
+            "2M",
             s(&b),
         ])
         .stdout(Stdio::null())

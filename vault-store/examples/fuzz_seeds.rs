@@ -229,11 +229,26 @@ fn main() {
             epoch: 4,
             segments: vec![1 << 48, (2 << 48) + 5],
         });
+    let list = coffre_vault_store::chunk_list::encode(&[
+        coffre_vault_store::chunk_list::ListedChunk {
+            id: ChunkId::of(b"a"),
+            offset: 32,
+            len: 200,
+            plain_len: 65536,
+        },
+        coffre_vault_store::chunk_list::ListedChunk {
+            id: ChunkId::of(b"b"),
+            offset: 232,
+            len: 120,
+            plain_len: 65536,
+        },
+    ]);
     let mut flipped = lease.clone();
     flipped[22] ^= 0x04;
     write_all(
         &shared,
         &[
+            ("chunk-list.bin", &list),
             ("pointer.bin", &pointer),
             ("lease.bin", &lease),
             ("state.bin", &state),

@@ -422,6 +422,17 @@ impl IndexBatch {
     pub fn delete_dead(&mut self, segment: u64, offset: u64) {
         self.delete(Cf::Dead, place_key(segment, offset).to_vec());
     }
+    /// Forgets a segment (a shared vault's segment another host's GC
+    /// deleted; its chunks go with [`IndexBatch::delete_chunk`]).
+    pub fn delete_segment(&mut self, id: u64) {
+        self.delete(Cf::Segments, seq_key(id).to_vec());
+    }
+    /// Marks the reference counts as to be rebuilt: the next writer
+    /// derives them from the points again (a shared vault's cache after
+    /// importing what other hosts did).
+    pub fn forget_gc_layout(&mut self) {
+        self.delete(Cf::Meta, META_GC_LAYOUT.to_vec());
+    }
     /// Forgets the GC layout and the counts of `ids`, as a vault written
     /// before reference counts existed (tests of the upgrade).
     #[cfg(test)]

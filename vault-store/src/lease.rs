@@ -27,7 +27,6 @@
 #[cfg(feature = "index")]
 use std::collections::BTreeSet;
 use std::collections::HashSet;
-#[cfg(feature = "index")]
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -200,10 +199,53 @@ pub fn leases(store: &dyn Store) -> Result<Vec<(String, Lease)>> {
 pub struct WriterLease {
     store: crate::store::SharedStore,
     name: String,
-    lease: Lease,
+    lease: Arc<std::sync::Mutex<Lease>>,
     ttl: Duration,
     clock: Clock,
     released: bool,
+    /// The renewer: a thread that extends the lease every third of its
+    /// life for as long as the session runs.
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    renewer: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Renews `lease` every `ttl / 3` until `stop`; never past an expiry it
+/// missed (the writer then fails its commit check instead).
+fn renew_loop(
+    store: crate::store::SharedStore,
+    name: String,
+    lease: Arc<std::sync::Mutex<Lease>>,
+    ttl: Duration,
+    clock: Clock,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let step = Duration::from_millis(50);
+    loop {
+        let mut slept = Duration::ZERO;
+        while slept < ttl / 3 {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(step);
+            slept += step;
+        }
+        let bytes = {
+            let mut l = lease.lock().unwrap_or_else(|p| p.into_inner());
+            let now = clock();
+            if now >= l.expires {
+                return;
+            }
+            l.expires = now + to_signed(ttl);
+            encode(&LEASE_MAGIC, &*l)
+        };
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = store.put(&name, &bytes) {
+            tracing::warn!(lease = %name, error = %e, "could not renew the writer lease");
+        }
+    }
 }
 
 impl std::fmt::Debug for WriterLease {
@@ -269,6 +311,21 @@ impl WriterLease {
             .iter()
             .filter_map(|n| crate::segment::parse_segment_file_name(n))
             .collect();
+        let lease = Arc::new(std::sync::Mutex::new(lease));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let renewer = {
+            let (store, owned, lease, clock, stop) = (
+                store.clone(),
+                name.clone(),
+                lease.clone(),
+                clock.clone(),
+                stop.clone(),
+            );
+            std::thread::Builder::new()
+                .name("coffre-lease".into())
+                .spawn(move || renew_loop(store, owned, lease, ttl, clock, stop))
+                .map_err(|e| StoreError::io("start the lease renewer", Path::new(&name), e))?
+        };
         Ok((
             WriterLease {
                 store,
@@ -277,6 +334,8 @@ impl WriterLease {
                 ttl,
                 clock,
                 released: false,
+                stop,
+                renewer: Some(renewer),
             },
             condemned,
             present,
@@ -284,25 +343,30 @@ impl WriterLease {
     }
 
     /// Refuses once the lease is about to expire (a GC may then act as if
-    /// this writer were gone), and renews it past half its life.
+    /// this writer were gone); the renewer keeps it from expiring while
+    /// the session runs.
     pub fn check_and_renew(&mut self) -> Result<()> {
         let now = (self.clock)();
-        if now + to_signed(CLOCK_MARGIN.min(self.ttl / 4)) >= self.lease.expires {
+        let l = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        if now + to_signed(CLOCK_MARGIN.min(self.ttl / 4)) >= l.expires {
             return Err(StoreError::LeaseExpired {
                 lease: format!("{}/{}", self.store.location(), self.name),
-                expired: self.lease.expires.to_string(),
+                expired: l.expires.to_string(),
             });
-        }
-        if now >= self.lease.expires - to_signed(self.ttl / 2) {
-            self.lease.expires = now + to_signed(self.ttl);
-            self.store
-                .put(&self.name, &encode(&LEASE_MAGIC, &self.lease))?;
         }
         Ok(())
     }
 
+    fn stop_renewer(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.renewer.take() {
+            let _ = h.join();
+        }
+    }
+
     /// Ends the lease.
     pub fn release(mut self) -> Result<()> {
+        self.stop_renewer();
         self.released = true;
         self.store.delete(&self.name).map(|_| ())
     }
@@ -310,6 +374,7 @@ impl WriterLease {
 
 impl Drop for WriterLease {
     fn drop(&mut self) {
+        self.stop_renewer();
         if !self.released
             && let Err(e) = self.store.delete(&self.name)
         {
@@ -431,20 +496,34 @@ pub fn run_shared_gc(dir: &Path, opts: &SharedGcOptions) -> Result<SharedGcRepor
     }
     report.waited_for = waited.len() as u64;
     // (3) Mark: the cache rebuilt from the store counts every point.
-    let (vault, _) = crate::rebuild::rebuild_index(dir, dir, Duration::from_secs(60))?;
+    let (vault, rebuilt) = crate::rebuild::rebuild_index(dir, dir, Duration::from_secs(60))?;
     let index = vault.index();
+    let referenced = |id: &crate::ChunkId| -> Result<bool> {
+        Ok(index.chunk_ref(id)?.is_some_and(|r| r.count > 0))
+    };
+    // A segment lives while it holds a copy of a referenced chunk: the
+    // one this index uses, or a duplicate another host's cache may use.
+    let mut live: BTreeSet<u64> = BTreeSet::new();
+    for (seg, id) in &rebuilt.duplicate_places {
+        if !live.contains(seg) && referenced(id)? {
+            live.insert(*seg);
+        }
+    }
     let mut dead: BTreeSet<u64> = BTreeSet::new();
     let mut sizes = std::collections::HashMap::new();
     for (seg, info) in index.segment_infos()? {
         sizes.insert(seg, info.committed);
-        let mut live = false;
+        if live.contains(&seg) {
+            continue;
+        }
+        let mut used = false;
         for (_, id) in index.segment_chunks(seg)? {
-            if index.chunk_ref(&id)?.is_some_and(|r| r.count > 0) {
-                live = true;
+            if referenced(&id)? {
+                used = true;
                 break;
             }
         }
-        if !live {
+        if !used {
             dead.insert(seg);
         }
     }
@@ -467,6 +546,12 @@ pub fn run_shared_gc(dir: &Path, opts: &SharedGcOptions) -> Result<SharedGcRepor
                 if store.delete(&crate::segment::segment_name(seg))? {
                     report.deleted_segments += 1;
                     report.deleted_bytes += sizes.get(&seg).copied().unwrap_or(0);
+                }
+                // Its chunk lists go with it (after it: a list never names
+                // a segment that is still there but unlisted).
+                let lists = format!("{}/{seg:016x}", crate::chunk_list::CHUNK_LISTS_DIR);
+                for n in store.list(&lists)? {
+                    store.delete(&crate::store::join(&lists, &n))?;
                 }
                 deleted.insert(seg);
             }

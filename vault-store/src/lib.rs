@@ -20,6 +20,7 @@ pub mod blockmap;
 pub mod catalog;
 pub mod catalog_files;
 pub mod chunk_id;
+pub mod chunk_list;
 pub mod config;
 pub mod copies;
 pub mod damaged;

@@ -38,6 +38,11 @@ pub struct RebuildReport {
     pub chunks: u64,
     /// Records seen again in an older segment (left as dead bytes).
     pub duplicates: u64,
+    /// Where those duplicates are: (segment, chunk). A shared vault's GC
+    /// keeps a segment holding a copy of a referenced chunk, whichever
+    /// copy the index uses (another host's cache may use this one).
+    #[serde(skip)]
+    pub duplicate_places: Vec<(u64, ChunkId)>,
     /// Bytes between records that belong to none (holes, damage).
     pub skipped_bytes: u64,
     /// Segments whose header is damaged (their records are still used).
@@ -98,7 +103,18 @@ pub fn rebuild_index(dir: &Path, source: &Path, wait: Duration) -> Result<(Vault
         // and a point's manifest is written only after its segments, so
         // segments listed after the manifests hold every chunk they name.
         index_catalog(store.as_ref(), &index, &mut report)?;
+        // A shared vault's chunk lists, listed before the segments are
+        // scanned: what they name is in the scan (marked imported below).
+        let shared = source == dir && crate::remote::Remote::load(dir)?.is_some();
+        let lists = if shared {
+            crate::shared::chunk_lists(store.as_ref())?
+        } else {
+            Vec::new()
+        };
         index_segments(store.as_ref(), &index, &mut report)?;
+        if shared {
+            crate::shared::mark_imported(dir, lists)?;
+        }
     }
     drop(lock);
     let vault = Vault::open_with(
@@ -136,6 +152,7 @@ fn index_segments(store: &dyn Store, index: &Index, report: &mut RebuildReport) 
         for r in &scan.records {
             if !seen.insert(r.id) {
                 report.duplicates += 1;
+                report.duplicate_places.push((id, r.id));
                 continue;
             }
             live += u64::from(r.len);

@@ -188,7 +188,7 @@ impl Vault {
         let role = copy_role(dir);
         let index_dir = dir.join(INDEX_DIR);
         if !opts.skip_refresh && Remote::load(dir)?.is_some() {
-            crate::shared::refresh_cache(dir, wait)?;
+            crate::shared::refresh_cache(dir, wait, access)?;
         }
         if role != Role::Primary {
             // A replica or the secondary opened on its own (the primary is
@@ -1168,6 +1168,12 @@ impl WriteSession<'_> {
         // them (invariant C2): a crash in between leaves a copy with an
         // extra file, which the next writer removes, never one without a
         // file the index has.
+        if self.vault.remote.is_some() && !self.pending.is_empty() {
+            // Shared vault: the list of what this commit appended, for the
+            // other hosts' caches (after the parts, before the manifest).
+            let r = self.put_chunk_lists();
+            self.poison_vault(r)?;
+        }
         let files = batch.catalog_files().to_vec();
         if let Some(l) = self.lease.as_mut() {
             // In a shared vault the manifest is the commit: never after
@@ -1210,6 +1216,32 @@ impl WriteSession<'_> {
         self.kinds.clear();
         self.pending_children.clear();
         self.pending_batch_bytes = 0;
+        Ok(())
+    }
+
+    /// Uploads one chunk list per segment this commit appended to.
+    fn put_chunk_lists(&self) -> Result<()> {
+        let mut by_segment: std::collections::BTreeMap<u64, Vec<crate::chunk_list::ListedChunk>> =
+            Default::default();
+        for (id, loc) in &self.pending {
+            by_segment
+                .entry(loc.segment)
+                .or_default()
+                .push(crate::chunk_list::ListedChunk {
+                    id: *id,
+                    offset: loc.offset,
+                    len: loc.len,
+                    plain_len: loc.plain_len,
+                });
+        }
+        let store = &self.vault.copies.primary().store;
+        for (segment, entries) in by_segment {
+            let start = entries.iter().map(|e| e.offset).min().unwrap_or(0);
+            store.put(
+                &crate::chunk_list::list_name(segment, start),
+                &crate::chunk_list::encode(&entries),
+            )?;
+        }
         Ok(())
     }
 
