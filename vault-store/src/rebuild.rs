@@ -103,18 +103,7 @@ pub fn rebuild_index(dir: &Path, source: &Path, wait: Duration) -> Result<(Vault
         // and a point's manifest is written only after its segments, so
         // segments listed after the manifests hold every chunk they name.
         index_catalog(store.as_ref(), &index, &mut report)?;
-        // A shared vault's chunk lists, listed before the segments are
-        // scanned: what they name is in the scan (marked imported below).
-        let shared = source == dir && crate::remote::Remote::load(dir)?.is_some();
-        let lists = if shared {
-            crate::shared::chunk_lists(store.as_ref())?
-        } else {
-            Vec::new()
-        };
         index_segments(store.as_ref(), &index, &mut report)?;
-        if shared {
-            crate::shared::mark_imported(dir, lists)?;
-        }
     }
     drop(lock);
     let vault = Vault::open_with(

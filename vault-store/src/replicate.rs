@@ -345,7 +345,7 @@ fn record_ok(rec: &[u8], id: &crate::ChunkId) -> bool {
 fn drop_index_cache(sec_dir: &Path) {
     if crate::remote::is_store_url(sec_dir) {
         // Caches attached to a secondary in object storage see for
-        // themselves what changed in the store (`shared::refresh_cache`).
+        // themselves that the store changed (`shared::is_stale`).
         return;
     }
     let index = sec_dir.join(crate::index::INDEX_DIR);

@@ -7,21 +7,23 @@
 //! RocksDB index (a cache of the store, invariant C2), the local locks and
 //! job records, a copy of the config, and the pointer ([`Remote`]).
 //!
-//! **Refresh.** Whenever a host opens the vault, it imports what changed
-//! in the store since: catalog files (new, changed and removed points,
-//! items and policies), the chunk lists other hosts' commits wrote
-//! ([`crate::chunk_list`]: about 48 bytes per new chunk, never the data),
-//! and segments GC deleted; then it counts references again from the
-//! points. After that it deduplicates against every chunk any host
-//! committed. A cache without an index (a fresh host) is built by a full
-//! rebuild ([`crate::rebuild`]), which scans the segments themselves.
+//! **Refresh.** Whenever a host opens the vault, it compares the store
+//! with its index: a catalog file the index lacks (or the reverse), or
+//! another host's segment whose length differs from what the index
+//! scanned, means other hosts committed something. The cache is then
+//! rebuilt from the store ([`crate::rebuild`]): segments are scanned for
+//! chunk locations and the reference counts are derived from the points.
+//! After that the host deduplicates against every chunk any host stored.
+//! A rebuild reads every segment. Each commit also uploads a chunk list
+//! ([`crate::chunk_list`]) so that a later refresh can import only what
+//! changed; that import is not in use yet (see `ARCHITECTURE.md`, "Object
+//! storage").
 
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
 use crate::catalog_files::{self, COPY_FILE, CopyIdentity, Role};
-use crate::chunk_id::ChunkId;
 use crate::config::{CONFIG_FILE, VaultConfig};
 use crate::error::{Result, StoreError};
 use crate::index::{INDEX_DIR, Index};
@@ -164,226 +166,68 @@ fn canonical_url(url: &str) -> Result<String> {
         })
 }
 
-/// The chunk lists a cache has imported (`CACHE/imported-lists`: one
-/// name a line; a cache, rebuilt when lost).
-const IMPORTED_FILE: &str = "imported-lists";
-
-fn load_imported(dir: &Path) -> HashSet<String> {
-    std::fs::read_to_string(dir.join(IMPORTED_FILE))
-        .map(|t| t.lines().map(str::to_string).collect())
-        .unwrap_or_default()
-}
-
-fn store_imported(dir: &Path, names: &HashSet<String>) -> Result<()> {
-    let mut v: Vec<&String> = names.iter().collect();
-    v.sort();
-    let text: String = v.iter().map(|n| format!("{n}\n")).collect();
-    crate::durable::write_atomic(&dir.join(IMPORTED_FILE), text.as_bytes())
-}
-
-/// Every chunk list in the store.
-pub fn chunk_lists(store: &dyn Store) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for seg in store.list(crate::chunk_list::CHUNK_LISTS_DIR)? {
-        let Some(seg) = seg.strip_suffix('/') else {
-            continue;
-        };
-        let dir = format!("{}/{seg}", crate::chunk_list::CHUNK_LISTS_DIR);
-        for n in store.list(&dir)? {
-            let name = format!("{dir}/{n}");
-            if crate::chunk_list::parse_list_name(&name).is_some() {
-                out.push(name);
-            }
+/// True when the store holds something the index of `dir` does not know
+/// (or the reverse): another host committed points, items, policies or
+/// segment bytes, or removed points.
+pub fn is_stale(dir: &Path, store: &dyn Store, own: std::ops::Range<u64>) -> Result<bool> {
+    let index_dir = dir.join(INDEX_DIR);
+    if !index_dir.join("CURRENT").is_file() {
+        return Ok(true);
+    }
+    let index = Index::open_read(&index_dir)?;
+    let mut known: HashSet<String> = HashSet::new();
+    for item in index.items()? {
+        known.insert(catalog_files::item_file(&item.name));
+        for p in index.points(&item.name)? {
+            known.insert(catalog_files::point_file(&p.item, p.seq));
         }
     }
-    Ok(out)
-}
-
-/// Records, after a full rebuild, that every list listed before its scan
-/// is in the index.
-pub fn mark_imported(dir: &Path, names: Vec<String>) -> Result<()> {
-    store_imported(dir, &names.into_iter().collect())
+    for (name, _) in index.policy_values()? {
+        known.insert(catalog_files::policy_file(&name));
+    }
+    let listed: HashSet<String> = catalog_files::list_all(store)?.into_iter().collect();
+    if listed != known {
+        return Ok(true);
+    }
+    let infos = index.segment_infos()?;
+    let mut in_store = HashSet::new();
+    for name in store.list(SEGMENTS_DIR)? {
+        let Some(id) = parse_segment_file_name(&name) else {
+            continue;
+        };
+        in_store.insert(id);
+        if own.contains(&id) {
+            continue;
+        }
+        let size = store.size(&crate::segment::segment_name(id))?.unwrap_or(0);
+        if infos.get(&id).map(|i| i.committed) != Some(size) {
+            return Ok(true);
+        }
+    }
+    // A segment the index knows that the store no longer has: a GC on
+    // another host deleted it.
+    Ok(infos.keys().any(|id| !in_store.contains(id)))
 }
 
 /// Brings the cache at `dir` up to date with its store (see the module
-/// docs): a full rebuild when it has no index, else an import of what
-/// changed — catalog files, the chunk lists of other hosts' commits, and
-/// segments GC deleted — after which the next writer recounts references.
+/// docs); a no-op when nothing changed.
 pub fn refresh_cache(dir: &Path, wait: Duration, access: Access) -> Result<()> {
     let Some(remote) = Remote::load(dir)? else {
         return Ok(());
     };
     let store: SharedStore = crate::copies::open_url(&remote.url)?;
-    let index_dir = dir.join(INDEX_DIR);
-    if !index_dir.join("CURRENT").is_file() {
-        tracing::info!(vault = %dir.display(), url = %remote.url, "building the cache from the store");
-        drop(crate::rebuild::rebuild_index(dir, dir, wait)?);
+    if !is_stale(dir, store.as_ref(), remote.namespace())? {
         return Ok(());
     }
-    let lock = match crate::lock::VaultLock::acquire_wait(dir, wait) {
-        Ok(l) => l,
+    tracing::info!(vault = %dir.display(), url = %remote.url, "other hosts changed the vault; refreshing the cache");
+    match crate::rebuild::rebuild_index(dir, dir, wait) {
+        Ok((vault, _)) => drop(vault),
         // A reader while this host writes: the cache as it is (what this
         // host committed is in it; the others' comes at the next open).
         Err(StoreError::VaultLocked { .. }) if access == Access::ReadOnly => {
             tracing::debug!(vault = %dir.display(), "cache in use by a local writer; not refreshed");
-            return Ok(());
         }
         Err(e) => return Err(e),
-    };
-    let index = Index::open_write(&index_dir)?;
-    let mut batch = crate::index::IndexBatch::default();
-    let mut changed = false;
-    // 1. Catalog files first: a manifest exists only once its chunks'
-    // lists and parts do, so the lists listed after it name them all.
-    let mut in_store: HashSet<String> = HashSet::new();
-    for name in catalog_files::list_all(store.as_ref())? {
-        in_store.insert(name.clone());
-        let Some(bytes) = store.get(&name)? else {
-            continue;
-        };
-        if name.starts_with(catalog_files::POINTS_DIR) {
-            let Ok(p) = catalog_files::decode_point(&bytes) else {
-                tracing::warn!(file = %name, "skipping an unreadable point manifest");
-                continue;
-            };
-            if index.points(&p.item)?.iter().all(|q| q != &p) {
-                batch.put_point(p);
-                changed = true;
-            }
-        } else if name.starts_with(catalog_files::ITEMS_DIR) {
-            if let Ok(i) = catalog_files::decode_item(&bytes)
-                && index.item(&i.name)?.as_ref() != Some(&i)
-            {
-                batch.put_item(i);
-                changed = true;
-            }
-        } else if name.starts_with(catalog_files::POLICIES_DIR)
-            && let Ok(p) = catalog_files::decode_policy(&bytes)
-            && index
-                .policy_values()?
-                .iter()
-                .all(|(n, v)| n != &p.name || v != &p.policy)
-        {
-            batch.put_policy_value(&p.name, &p.policy);
-            changed = true;
-        }
-    }
-    for item in index.items()? {
-        for p in index.points(&item.name)? {
-            if !in_store.contains(&catalog_files::point_file(&p.item, p.seq)) {
-                batch.delete_point(&p.item, p.seq);
-                changed = true;
-            }
-        }
-        if !in_store.contains(&catalog_files::item_file(&item.name)) {
-            batch.delete_item(&item.name);
-            changed = true;
-        }
-    }
-    for (name, _) in index.policy_values()? {
-        if !in_store.contains(&catalog_files::policy_file(&name)) {
-            batch.delete_policy(&name);
-            changed = true;
-        }
-    }
-    let present: HashSet<u64> = store
-        .list(SEGMENTS_DIR)?
-        .iter()
-        .filter_map(|n| parse_segment_file_name(n))
-        .collect();
-    // 2. Chunk lists not imported yet (of segments still there).
-    let mut imported = load_imported(dir);
-    let lists = chunk_lists(store.as_ref())?;
-    let listed: HashSet<&String> = lists.iter().collect();
-    imported.retain(|n| listed.contains(n));
-    let mut infos = index.segment_infos()?;
-    let mut added: std::collections::HashMap<ChunkId, crate::index::ChunkLocation> =
-        std::collections::HashMap::new();
-    for name in &lists {
-        if imported.contains(name) {
-            continue;
-        }
-        let Some((segment, start)) = crate::chunk_list::parse_list_name(name) else {
-            continue;
-        };
-        if !present.contains(&segment) {
-            continue;
-        }
-        let Some(bytes) = store.get(name)? else {
-            continue;
-        };
-        let entries = match crate::chunk_list::decode(&bytes, start) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(list = %name, error = %e, "skipping a damaged chunk list");
-                continue;
-            }
-        };
-        let info = infos.entry(segment).or_default();
-        for e in entries {
-            let loc = crate::index::ChunkLocation {
-                segment,
-                offset: e.offset,
-                len: e.len,
-                plain_len: e.plain_len,
-            };
-            // A chunk stored twice (two hosts at once) is placed in the
-            // segment with the higher id, by every host and by GC alike.
-            let current = match added.get(&e.id) {
-                Some(l) => Some(*l),
-                None => index.chunk(&e.id)?,
-            };
-            match current {
-                None => {
-                    batch.put_chunk(e.id, loc);
-                    added.insert(e.id, loc);
-                }
-                Some(old) if old.segment < segment => {
-                    batch.delete_chunk_place(&old);
-                    batch.put_chunk(e.id, loc);
-                    added.insert(e.id, loc);
-                }
-                Some(_) => {}
-            }
-            info.committed = info.committed.max(e.offset + u64::from(e.len));
-        }
-        batch.put_segment(segment, *info);
-        imported.insert(name.clone());
-        changed = true;
-    }
-    // 3. Segments GC deleted, with the chunks placed in them.
-    for (&seg, _) in infos.iter().filter(|(s, _)| !present.contains(s)) {
-        for (_, id) in index.segment_chunks(seg)? {
-            if added.contains_key(&id) {
-                // Placed in another segment by step 2.
-                continue;
-            }
-            if let Some(loc) = index.chunk(&id)?
-                && loc.segment == seg
-            {
-                batch.delete_chunk(&id, &loc);
-            }
-        }
-        batch.delete_segment(seg);
-        changed = true;
-    }
-    if changed {
-        tracing::info!(vault = %dir.display(), url = %remote.url, "imported what other hosts changed");
-        batch.forget_gc_layout();
-        index.commit(batch.without_files())?;
-    }
-    drop(index);
-    store_imported(dir, &imported)?;
-    drop(lock);
-    if changed {
-        // The references, counted again from the points now known (what
-        // a reader's read-only open cannot do). A local writer that took
-        // the lock meanwhile does it when it opens.
-        match Vault::open_with(dir, Access::Write, &rebuild_open_options(wait)) {
-            Ok(v) => drop(v),
-            Err(StoreError::VaultLocked { .. }) if access == Access::ReadOnly => {}
-            Err(e) => return Err(e),
-        }
     }
     Ok(())
 }
