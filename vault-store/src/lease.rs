@@ -267,20 +267,12 @@ impl WriterLease {
         clock: Clock,
     ) -> Result<(WriterLease, HashSet<u64>, HashSet<u64>)> {
         let now = clock();
-        let session = format!(
-            "{:016x}",
-            blake3::hash(
-                &[
-                    now.as_nanosecond().to_le_bytes(),
-                    u128::from(std::process::id()).to_le_bytes()
-                ]
-                .concat()
-            )
-            .as_bytes()
-            .iter()
-            .take(8)
-            .fold(0u64, |a, b| a << 8 | u64::from(*b))
-        );
+        let seed = [
+            now.as_nanosecond().to_le_bytes(),
+            u128::from(std::process::id()).to_le_bytes(),
+        ]
+        .concat();
+        let session: String = blake3::hash(&seed).to_hex().chars().take(16).collect();
         let name = format!("{LEASES_DIR}/{tag:04x}-{session}");
         let mut epoch = read_state(store.as_ref())?.0.epoch;
         let mut lease = Lease {

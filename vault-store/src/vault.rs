@@ -187,7 +187,8 @@ impl Vault {
         let mut config = VaultConfig::load(dir)?;
         let role = copy_role(dir);
         let index_dir = dir.join(INDEX_DIR);
-        if !opts.skip_refresh && Remote::load(dir)?.is_some() {
+        let remote = Remote::load(dir)?;
+        if !opts.skip_refresh && remote.is_some() {
             crate::shared::refresh_cache(dir, wait, access)?;
         }
         if role != Role::Primary {
@@ -225,7 +226,6 @@ impl Vault {
             opts.degraded_ok,
             opts.wrap.as_ref(),
         )?;
-        let remote = Remote::load(dir)?;
         let vault = Vault {
             dir: dir.to_path_buf(),
             config,
