@@ -185,15 +185,7 @@ impl Emulator {
     }
 
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "coffre {args:?} failed with {:?}\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
+        succeeded(args, self.run(args))
     }
 
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
@@ -212,6 +204,22 @@ impl Drop for Emulator {
 
 fn url(container: &str, prefix: &str) -> String {
     format!("azure://{ACCOUNT}/{container}/{prefix}")
+}
+
+/// Waits until `vault show` on `cache` lists a running writer's lease.
+fn wait_for_lease(az: &Emulator, cache: &Path) {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let show = az.json(&["vault", "show", "--vault", s(cache)]);
+        if show["leases"].as_array().is_some_and(|l| !l.is_empty()) {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "no writer ever took a lease: {show}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Creates the vault at `store` from the host whose cache is `cache`.
@@ -310,6 +318,35 @@ fn a_fresh_host_opens_the_vault_from_its_url_and_restores_every_point() {
     ]);
     assert!(!over.status.success());
     assert!(String::from_utf8_lossy(&over.stderr).contains("already holds a vault"));
+    // A URL with nothing there, and a URL that is no store URL.
+    let empty = az.run(&[
+        "vault",
+        "attach",
+        "--store",
+        &url("vaults", "nothing"),
+        "--vault",
+        s(&t.path().join("h4")),
+    ]);
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&empty.stderr).contains("holds no coffre vault"),
+        "{}",
+        String::from_utf8_lossy(&empty.stderr)
+    );
+    let bad = az.run(&[
+        "vault",
+        "create",
+        "--store",
+        "ftp://host/x",
+        "--vault",
+        s(&t.path().join("h5")),
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("unknown scheme"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
 }
 
 #[test]
@@ -489,14 +526,7 @@ fn gc_gives_a_deleted_items_space_back_in_two_runs_and_runs_one_at_a_time() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let until = Instant::now() + Duration::from_secs(60);
-    while az.json(&["vault", "show", "--vault", s(&h2)])["leases"]
-        .as_array()
-        .is_none_or(|l| l.is_empty())
-    {
-        assert!(Instant::now() < until, "the writer never took a lease");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_lease(&az, &h2);
     let waiting = az
         .coffre()
         .args(["--output", "json", "gc", "--vault", s(&h2)])
@@ -754,18 +784,7 @@ fn a_writer_that_dies_holding_a_lease_blocks_gc_only_until_the_lease_expires() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let show = az.json(&["vault", "show", "--vault", s(&h2)]);
-        if show["leases"].as_array().is_some_and(|l| !l.is_empty()) {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "the writer never took a lease: {show}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_lease(&az, &h2);
     // Let it upload a few parts (8 MiB each, at 8 MiB/s) that no manifest
     // will name, then SIGKILL: no chance to end the lease.
     std::thread::sleep(Duration::from_secs(3));
@@ -1000,14 +1019,7 @@ fn two_hosts_backing_up_one_item_at_once_never_overwrite_each_other() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let until = Instant::now() + Duration::from_secs(60);
-    while az.json(&["vault", "show", "--vault", s(&h1)])["leases"]
-        .as_array()
-        .is_none_or(|l| l.is_empty())
-    {
-        assert!(Instant::now() < until, "the slow writer never took a lease");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_lease(&az, &h1);
     backup(&az, &h1, "vm", &a);
     let out = slow.wait_with_output().unwrap();
     // h2 must not overwrite h1's commit of the item: it is refused (exit 4)…

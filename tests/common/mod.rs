@@ -171,7 +171,11 @@ pub fn run(args: &[&str]) -> Output {
 
 /// Runs and asserts success; returns stdout.
 pub fn ok(args: &[&str]) -> String {
-    let out = run(args);
+    succeeded(args, run(args))
+}
+
+/// Asserts that `coffre args…` succeeded; returns its stdout.
+pub fn succeeded(args: &[&str], out: Output) -> String {
     assert!(
         out.status.success(),
         "coffre {args:?} failed with {:?}\nstdout: {}\nstderr: {}",
