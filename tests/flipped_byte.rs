@@ -1,5 +1,6 @@
 //! A flipped byte in a segment: verify names the damaged point, block and
-//! chunk; restoring that point fails cleanly; other points still restore.
+//! chunk; restoring that point fails cleanly, from the vault and from its
+//! snapshot (which shares the bytes); other points still restore.
 
 use std::os::unix::fs::FileExt;
 
@@ -14,8 +15,7 @@ fn verify_and_restore_after_a_flipped_byte() {
     let day1 = t.path().join("day1.copy");
     std::fs::copy(&img, &day1).unwrap();
     ok(&["backup", "--vault", s(&vault), s(&img)]);
-    let seg = first_segment(&vault);
-    let len_after_day1 = std::fs::metadata(&seg).unwrap().len();
+    let segments_after_day1 = segment_files(&vault);
 
     // Day two rewrites the first 256 KiB with new random data.
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
@@ -31,14 +31,23 @@ fn verify_and_restore_after_a_flipped_byte() {
     );
     ok(&["verify", "--vault", s(&vault), "--read-data"]);
 
-    // Flip one byte inside the first record day two appended (the data of
-    // block 0, stored raw since it is random): header 56 bytes + 1000.
+    // Day two's records are its snapshot's pack, adopted as a segment of
+    // its own (a hard link). Flip one byte inside its first record (the
+    // data of block 0, stored raw since it is random): segment header 32
+    // bytes, record header 56, then 1000 into the data.
+    let day2: Vec<_> = segment_files(&vault)
+        .into_iter()
+        .filter(|p| !segments_after_day1.contains(p))
+        .filter(|p| std::fs::read(p).unwrap().starts_with(b"CFPACK"))
+        .collect();
+    assert_eq!(day2.len(), 1, "day two adopted its pack: {day2:?}");
+    let seg = &day2[0];
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(&seg)
+        .open(seg)
         .unwrap();
-    let at = len_after_day1 + 56 + 1000;
+    let at = 32 + 56 + 1000;
     let mut byte = [0u8; 1];
     f.read_exact_at(&mut byte, at).unwrap();
     f.write_all_at(&[byte[0] ^ 0x01], at).unwrap();
@@ -103,6 +112,9 @@ fn verify_and_restore_after_a_flipped_byte() {
     args.extend(["--from", "vault"]);
     ok(&args);
     assert_same(&out1, &day1);
-    let snap2 = json(&restore_args(&vault, "disk", Some(p2), &out2, false));
-    assert_eq!(snap2["from"], "snapshot", "{snap2}");
+    // Point 2's snapshot shares those bytes (the pack is the segment): its
+    // instant restore finds the same damage and fails as cleanly.
+    let err = fails(&restore_args(&vault, "disk", Some(p2), &out2, false), 7);
+    assert!(err.contains("checksum"), "{err}");
+    assert!(!out2.exists());
 }

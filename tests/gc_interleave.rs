@@ -101,7 +101,11 @@ fn backup_prune_of_its_parent_and_gc_interleave_without_losing_a_chunk() {
 #[test]
 fn gc_cannot_run_during_a_transfer_and_dry_run_changes_nothing() {
     let t = tempfile::tempdir().unwrap();
-    let vault = new_vault(t.path(), &[]);
+    // With a replica the transfers append records (no snapshot pack is
+    // adopted as a segment), so the points share one segment that GC
+    // first rewrites and later punches.
+    let replica = t.path().join("replica");
+    let vault = new_vault(t.path(), &["--replica", s(&replica)]);
     let v = s(&vault);
     let img = t.path().join("vm.img");
     random_file(&img, 8 << 20, 1);
@@ -162,7 +166,10 @@ fn gc_cannot_run_during_a_transfer_and_dry_run_changes_nothing() {
 fn gc_defers_deleting_files_while_a_reader_holds_the_lease() {
     use std::os::fd::AsRawFd;
     let t = tempfile::tempdir().unwrap();
-    let vault = new_vault(t.path(), &[]);
+    // Records appended to one segment (a replica: no adopted packs), which
+    // GC rewrites.
+    let replica = t.path().join("replica");
+    let vault = new_vault(t.path(), &["--replica", s(&replica)]);
     let v = s(&vault);
     let img = t.path().join("vm.img");
     random_file(&img, 8 << 20, 1);

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod adopted_pack;
 mod backup_restore_roundtrip;
 mod bad_input;
 mod bench_smoke;

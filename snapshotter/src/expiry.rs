@@ -223,7 +223,9 @@ pub fn expire(
 /// Removes a file; returns the bytes it occupied.
 fn remove(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    let bytes = std::fs::metadata(path).map_or(0, |m| m.blocks() * 512);
+    // A pack the vault adopted keeps its blocks under the segment's name.
+    let bytes =
+        std::fs::metadata(path).map_or(0, |m| if m.nlink() > 1 { 0 } else { m.blocks() * 512 });
     match std::fs::remove_file(path) {
         Ok(()) => bytes,
         Err(e) => {
@@ -243,6 +245,12 @@ fn punch_dead(path: &Path, live: &mut [(u64, u64)]) -> u64 {
     let Ok(f) = std::fs::OpenOptions::new().write(true).open(path) else {
         return 0;
     };
+    if coffre_vault_store::store::local::shared_with_snapshot(&f) {
+        // The vault adopted this pack as a segment: the ranges no snapshot
+        // uses may still be the vault's, and its GC gives them back once
+        // the pack has left the area.
+        return 0;
+    }
     let before = f.metadata().map_or(0, |m| m.blocks() * 512);
     let len = f.metadata().map_or(0, |m| m.len());
     live.sort_unstable();

@@ -23,40 +23,19 @@ use coffre_vault_store::record::{HEADER_LEN, MAX_STORED_LEN, RecordDecoder, Reco
 use crate::error::{Result, SnapError};
 
 /// Magic. Frozen.
-pub const PACK_MAGIC: [u8; 8] = *b"CFPACK\0\0";
+pub use coffre_vault_store::segment::PACK_MAGIC;
 /// Format version.
-pub const PACK_VERSION: u32 = 1;
+pub use coffre_vault_store::segment::PACK_VERSION;
 /// Header length.
-pub const PACK_HEADER_LEN: u64 = 32;
+pub const PACK_HEADER_LEN: u64 = coffre_vault_store::segment::SEGMENT_HEADER_LEN;
 
 fn header() -> [u8; PACK_HEADER_LEN as usize] {
-    let mut h = [0u8; PACK_HEADER_LEN as usize];
-    if let Some(d) = h.get_mut(..8) {
-        d.copy_from_slice(&PACK_MAGIC);
-    }
-    if let Some(d) = h.get_mut(8..12) {
-        d.copy_from_slice(&PACK_VERSION.to_le_bytes());
-    }
-    let crc = crc32fast::hash(h.get(..28).unwrap_or_default());
-    if let Some(d) = h.get_mut(28..32) {
-        d.copy_from_slice(&crc.to_le_bytes());
-    }
-    h
+    coffre_vault_store::segment::encode_pack_header()
 }
 
 /// Checks a pack header.
 pub fn check_header(h: &[u8]) -> std::result::Result<(), String> {
-    if h.get(..8) != Some(&PACK_MAGIC[..]) {
-        return Err("bad magic (not a coffre pack)".into());
-    }
-    if h.get(8..12) != Some(&PACK_VERSION.to_le_bytes()[..]) {
-        return Err("unsupported pack version".into());
-    }
-    let crc = h.get(28..32).unwrap_or_default();
-    if crc != crc32fast::hash(h.get(..28).unwrap_or_default()).to_le_bytes() {
-        return Err("pack header checksum mismatch".into());
-    }
-    Ok(())
+    coffre_vault_store::segment::check_pack_header(h)
 }
 
 /// Appends records to a new pack.
@@ -219,20 +198,46 @@ impl PackReader {
         len: u32,
         buf: &mut RecordBuf,
     ) -> Result<RecordHeader> {
+        self.check_len(offset, len)?;
+        buf.record.resize(len as usize, 0);
+        self.file
+            .read_exact_at(&mut buf.record, offset)
+            .map_err(|e| self.bad(offset, e.to_string()))?;
+        self.check_parsed(&buf.record, id, offset, len)
+    }
+
+    /// Reads only the header of the record of `id` at `offset` (`len`
+    /// bytes in all) and checks it against the manifest: header CRC, id,
+    /// length. The payload is not read.
+    pub fn read_header(&self, id: &ChunkId, offset: u64, len: u32) -> Result<RecordHeader> {
+        self.check_len(offset, len)?;
+        let mut h = [0u8; HEADER_LEN];
+        self.file
+            .read_exact_at(&mut h, offset)
+            .map_err(|e| self.bad(offset, e.to_string()))?;
+        self.check_parsed(&h, id, offset, len)
+    }
+
+    fn check_len(&self, offset: u64, len: u32) -> Result<()> {
         let len = len as usize;
         if !(HEADER_LEN..=HEADER_LEN + MAX_STORED_LEN).contains(&len) || offset < PACK_HEADER_LEN {
             return Err(self.bad(offset, format!("record length {len} is impossible")));
         }
-        buf.record.resize(len, 0);
-        self.file
-            .read_exact_at(&mut buf.record, offset)
-            .map_err(|e| self.bad(offset, e.to_string()))?;
-        let header =
-            RecordHeader::parse(&buf.record).map_err(|e| self.bad(offset, e.to_string()))?;
+        Ok(())
+    }
+
+    fn check_parsed(
+        &self,
+        bytes: &[u8],
+        id: &ChunkId,
+        offset: u64,
+        len: u32,
+    ) -> Result<RecordHeader> {
+        let header = RecordHeader::parse(bytes).map_err(|e| self.bad(offset, e.to_string()))?;
         if header.id != *id {
             return Err(self.bad(offset, format!("holds chunk {} instead of {id}", header.id)));
         }
-        if header.record_len() != len as u64 {
+        if header.record_len() != u64::from(len) {
             return Err(self.bad(offset, "record length disagrees with the manifest".into()));
         }
         Ok(header)

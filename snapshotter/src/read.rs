@@ -100,6 +100,17 @@ impl SnapshotBlocks {
         &self.meta
     }
 
+    /// The pack this snapshot's own capture wrote (`JOB.pack`, the last
+    /// of its packs): its index in the metadata's `packs` and its path.
+    /// `None` for a clone, or when the pack is gone.
+    pub fn own_pack(&self) -> Option<(u16, PathBuf)> {
+        let name = format!("{}.pack", self.meta.job);
+        let index = self.meta.packs.iter().rposition(|p| *p == name)?;
+        self.packs.get(index)?.as_ref()?;
+        let dir = self.manifest.parent().unwrap_or(Path::new("."));
+        Some((u16::try_from(index).ok()?, dir.join(name)))
+    }
+
     /// The clone image, for a clone snapshot.
     pub fn clone_image(&self) -> Option<&FileImage> {
         self.clone.as_ref()
@@ -215,12 +226,31 @@ impl SnapWindow<'_> {
         Ok((pack, e))
     }
 
+    /// Where block `i`'s record is, for a chunk snapshot.
+    pub fn loc(&self, i: usize) -> Option<crate::manifest::PackLoc> {
+        match self {
+            SnapWindow::Chunks { entries, .. } => entries.get(i).map(|e| e.loc),
+            SnapWindow::Clone { .. } => None,
+        }
+    }
+
     /// Reads block `i`'s record into `buf.record()` (CRC checked); returns
     /// the entry's flags.
     pub fn read_record(&self, i: usize, id: &ChunkId, buf: &mut RecordBuf) -> Result<u16> {
         let (pack, e) = self.pack(i)?;
         pack.read_raw(id, e.loc.offset, e.loc.len, buf)?;
         Ok(e.loc.flags)
+    }
+
+    /// Reads only block `i`'s record header and checks it against the
+    /// manifest (header CRC, id, length); returns it with the entry.
+    pub fn read_header(
+        &self,
+        i: usize,
+        id: &ChunkId,
+    ) -> Result<(coffre_vault_store::record::RecordHeader, SnapEntry)> {
+        let (pack, e) = self.pack(i)?;
+        Ok((pack.read_header(id, e.loc.offset, e.loc.len)?, e))
     }
 
     /// Reads and decodes block `i` into `buf.plain()`.

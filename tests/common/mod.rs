@@ -245,6 +245,16 @@ pub fn hold(path: &Path) -> Held {
 }
 
 /// The first segment file of a vault.
+/// The vault's segment files, sorted.
+pub fn segment_files(vault: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = fs::read_dir(vault.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    out.sort();
+    out
+}
+
 pub fn first_segment(vault: &Path) -> PathBuf {
     fs::read_dir(vault.join("segments"))
         .unwrap()

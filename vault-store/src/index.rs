@@ -400,8 +400,22 @@ impl IndexBatch {
         self.files.push((catalog_files::policy_file(name), None));
         self.delete(Cf::Policies, name.as_bytes().to_vec());
     }
-    /// Sets a chunk's reference count; a count of 0 also puts it on GC's
+    /// Changes a chunk's reference count from `before` (as committed;
+    /// `None` for a chunk not committed yet); a count of 0 puts it on GC's
     /// work list, any other count takes it off.
+    pub fn put_ref_change(&mut self, id: &ChunkId, entry: RefEntry, before: Option<RefEntry>) {
+        // `unref` holds exactly the committed chunks whose count is 0: it
+        // changes only when the count moves to or from 0.
+        self.put(Cf::Refs, id.as_bytes().to_vec(), entry.encode().to_vec());
+        let was_unref = before.is_some_and(|b| b.count == 0);
+        if entry.count == 0 && !was_unref {
+            self.put(Cf::Unref, id.as_bytes().to_vec(), Vec::new());
+        } else if entry.count > 0 && was_unref {
+            self.delete(Cf::Unref, id.as_bytes().to_vec());
+        }
+    }
+    /// Sets a chunk's reference count, with its `unref` entry, whatever
+    /// the index held before.
     pub fn put_ref(&mut self, id: &ChunkId, entry: RefEntry) {
         self.put(Cf::Refs, id.as_bytes().to_vec(), entry.encode().to_vec());
         if entry.count == 0 {

@@ -42,7 +42,10 @@ pub trait NodeChildren {
 /// Counts changes on top of the index.
 pub struct RefCounter<'a> {
     index: &'a Index,
+    /// Each touched chunk's count now, and as the index holds it (`None`
+    /// for a chunk this session wrote).
     overlay: HashMap<ChunkId, RefEntry>,
+    committed: HashMap<ChunkId, RefEntry>,
 }
 
 impl<'a> RefCounter<'a> {
@@ -51,6 +54,7 @@ impl<'a> RefCounter<'a> {
         RefCounter {
             index,
             overlay: HashMap::new(),
+            committed: HashMap::new(),
         }
     }
 
@@ -72,6 +76,7 @@ impl<'a> RefCounter<'a> {
                     reason: format!("chunk {id} has no reference count"),
                 })?;
             self.overlay.insert(*id, e);
+            self.committed.insert(*id, e);
         }
         self.overlay
             .get_mut(id)
@@ -135,7 +140,10 @@ impl<'a> RefCounter<'a> {
     /// Writes every changed count into `batch`.
     pub fn write_to(self, batch: &mut IndexBatch) {
         for (id, e) in self.overlay {
-            batch.put_ref(&id, e);
+            let before = self.committed.get(&id).copied();
+            if before != Some(e) {
+                batch.put_ref_change(&id, e, before);
+            }
         }
     }
 }

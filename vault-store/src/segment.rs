@@ -57,11 +57,58 @@ pub fn encode_header(id: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
     h
 }
 
+/// Magic of a snapshot pack (`AREA/ITEM/JOB.pack`), whose records are in
+/// the segment record format. Frozen.
+pub const PACK_MAGIC: [u8; 8] = *b"CFPACK\0\0";
+/// Pack format version.
+pub const PACK_VERSION: u32 = 1;
+
+/// Encodes a pack header: the 32 bytes before a pack's records.
+pub fn encode_pack_header() -> [u8; SEGMENT_HEADER_LEN as usize] {
+    let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
+    let mut w = &mut h[..];
+    // Writes into a fixed array cannot fail.
+    let _ = w.write_all(&PACK_MAGIC);
+    let _ = w.write_all(&PACK_VERSION.to_le_bytes());
+    let crc = crc32fast::hash(h.get(..28).unwrap_or_default());
+    if let Some(dst) = h.get_mut(28..32) {
+        dst.copy_from_slice(&crc.to_le_bytes());
+    }
+    h
+}
+
+/// Checks a pack header; returns a description of the problem if any.
+pub fn check_pack_header(h: &[u8]) -> std::result::Result<(), String> {
+    if h.get(..8) != Some(&PACK_MAGIC[..]) {
+        return Err("bad magic (not a coffre pack)".into());
+    }
+    if h.get(8..12) != Some(&PACK_VERSION.to_le_bytes()[..]) {
+        return Err("unsupported pack version".into());
+    }
+    let crc = h.get(28..32).unwrap_or_default();
+    if crc != crc32fast::hash(h.get(..28).unwrap_or_default()).to_le_bytes() {
+        return Err("pack header checksum mismatch".into());
+    }
+    Ok(())
+}
+
+/// True when `h` begins with a pack header: the segment is an *adopted*
+/// pack (a snapshot's pack hard-linked into the vault by its transfer),
+/// which is never appended to.
+pub fn is_adopted(h: &[u8]) -> bool {
+    h.get(..8) == Some(&PACK_MAGIC[..]) && check_pack_header(h).is_ok()
+}
+
 /// Checks a segment header; returns a description of the problem if any.
+/// An adopted pack's header (see [`is_adopted`]) is a valid segment
+/// header: its id is its file name's.
 pub fn check_header(bytes: &[u8], expected_id: u64) -> std::result::Result<(), String> {
     let h = bytes
         .get(..SEGMENT_HEADER_LEN as usize)
         .ok_or_else(|| format!("header truncated ({} bytes)", bytes.len()))?;
+    if h.get(..8) == Some(&PACK_MAGIC[..]) {
+        return check_pack_header(h).map_err(|e| format!("adopted pack: {e}"));
+    }
     if h.get(..8) != Some(&SEGMENT_MAGIC[..]) {
         return Err("bad segment magic".into());
     }

@@ -818,6 +818,7 @@ impl Vault {
             finished: false,
             heal,
             healed: Vec::new(),
+            adopted: Vec::new(),
         })
     }
 }
@@ -896,6 +897,46 @@ pub struct WriteSession<'v> {
     healed: Vec<(ChunkId, ChunkLocation)>,
     /// A shared vault's writer lease (see [`crate::lease`]).
     lease: Option<crate::lease::WriterLease>,
+    /// Snapshot packs this session hard-linked in as segments.
+    adopted: Vec<Adopted>,
+}
+
+/// A snapshot pack hard-linked into the vault as a segment by
+/// [`WriteSession::adopt_pack`]: its records are indexed where they are,
+/// so the transfer writes none of them again.
+struct Adopted {
+    id: u64,
+    len: u64,
+    /// True once an index commit recorded the segment.
+    committed: bool,
+    /// The records indexed from it: offset and length.
+    used: Vec<(u64, u32)>,
+}
+
+impl Adopted {
+    /// The ranges after the header that hold no indexed record (records
+    /// the transfer found elsewhere): dead bytes from the start, in
+    /// pieces a `dead` entry can hold.
+    fn gaps(&self) -> Vec<(u64, u32)> {
+        const PIECE: u64 = 1 << 30;
+        let mut used = self.used.clone();
+        used.sort_unstable();
+        let mut out = Vec::new();
+        let mut at = SEGMENT_HEADER_LEN;
+        let ends = used
+            .iter()
+            .map(|&(o, l)| (o, o + u64::from(l)))
+            .chain(std::iter::once((self.len, self.len)));
+        for (start, end) in ends {
+            while start > at {
+                let n = (start - at).min(PIECE);
+                out.push((at, n as u32));
+                at += n;
+            }
+            at = at.max(end);
+        }
+        out
+    }
 }
 
 impl WriteSession<'_> {
@@ -967,6 +1008,7 @@ impl WriteSession<'_> {
             && !info.retired
             && !self.fresh_segment
             && (SEGMENT_HEADER_LEN..SEGMENT_TARGET_LEN).contains(&info.committed)
+            && !self.is_adopted_segment(id)?
         {
             let len = info.committed;
             self.writer = Some(SegmentWriter::append_to(copies, id, len)?);
@@ -974,10 +1016,44 @@ impl WriteSession<'_> {
             self.writer_committed = len;
             return Ok(());
         }
+        let next = self.next_segment_id(&infos)?;
+        self.fresh_segment = false;
+        self.writer = Some(SegmentWriter::create(copies, next)?);
+        self.writer_is_new = true;
+        self.writer_committed = 0;
+        Ok(())
+    }
+
+    /// True when segment `id` is an adopted pack (never appended to: its
+    /// file may still be a snapshot's pack).
+    fn is_adopted_segment(&self, id: u64) -> Result<bool> {
+        let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
+        self.vault
+            .copies
+            .primary()
+            .store
+            .read_at(&segment_name(id), 0, &mut h)?;
+        Ok(crate::segment::is_adopted(&h))
+    }
+
+    /// The id a new segment of this session gets: past every segment the
+    /// index knows, this session's own (the writer's, adopted ones) and,
+    /// in a shared vault, every part listed in the store.
+    fn next_segment_id(&self, infos: &std::collections::BTreeMap<u64, SegmentInfo>) -> Result<u64> {
+        let space = self.vault.segment_namespace();
+        let copies = &self.vault.copies;
         let mut next = infos
             .keys()
             .next_back()
             .map_or(space.start.max(1), |id| id + 1);
+        let own = self
+            .adopted
+            .iter()
+            .map(|a| a.id)
+            .chain(self.writer.as_ref().map(SegmentWriter::id));
+        for id in own {
+            next = next.max(id + 1);
+        }
         if self.vault.remote.is_some() {
             // A session of ours that died before its commit left parts the
             // index never recorded; their id stays taken (they are GC's).
@@ -991,11 +1067,99 @@ impl WriteSession<'_> {
                 next = next.max(max + 1);
             }
         }
-        self.fresh_segment = false;
-        self.writer = Some(SegmentWriter::create(copies, next)?);
-        self.writer_is_new = true;
-        self.writer_committed = 0;
-        Ok(())
+        Ok(next)
+    }
+
+    /// Hard-links the snapshot pack at `pack` into the vault as a new
+    /// segment, so that its records can be indexed where they are
+    /// ([`WriteSession::adopt`]) instead of being written a second time.
+    /// `None` (nothing done) when the vault cannot share the file: a
+    /// shared vault, synchronous replicas (each needs its own bytes), a
+    /// pack on another filesystem, or a file that is not a pack. The pack
+    /// is fsynced first; the link is durable before this returns.
+    pub fn adopt_pack(&mut self, pack: &Path) -> Result<Option<u64>> {
+        use std::io::Read;
+        self.guard()?;
+        if self.vault.remote.is_some() || self.vault.copies.sync_copies().len() != 1 {
+            return Ok(None);
+        }
+        let Ok(mut file) = std::fs::File::open(pack) else {
+            return Ok(None);
+        };
+        let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
+        if file.read_exact(&mut h).is_err() || !crate::segment::is_adopted(&h) {
+            return Ok(None);
+        }
+        let len = file
+            .metadata()
+            .map_err(|e| StoreError::io("stat", pack, e))?
+            .len();
+        if len <= SEGMENT_HEADER_LEN {
+            return Ok(None);
+        }
+        crate::durable::fsync_file(&file, pack)?;
+        let infos = self.vault.index.segment_infos()?;
+        let id = self.next_segment_id(&infos)?;
+        let dst = self.vault.segment_path(id);
+        if let Err(e) = std::fs::hard_link(pack, &dst) {
+            tracing::debug!(pack = %pack.display(), error = %e, "the pack cannot be linked into the vault; its records are copied");
+            return Ok(None);
+        }
+        let r = crate::durable::fsync_dir(&self.vault.dir.join(SEGMENTS_DIR));
+        if let Err(e) = self.poison_vault(r) {
+            let _ = std::fs::remove_file(&dst);
+            return Err(e);
+        }
+        self.adopted.push(Adopted {
+            id,
+            len,
+            committed: false,
+            used: Vec::new(),
+        });
+        Ok(Some(id))
+    }
+
+    /// Indexes data chunk `id` as the record at `offset` (`record_len`
+    /// bytes, `plain_len` plain bytes) of adopted segment `segment`. The
+    /// caller has checked the record (CRC, id). A duplicate of a pending
+    /// chunk is ignored; its bytes become dead.
+    pub fn adopt(
+        &mut self,
+        id: ChunkId,
+        segment: u64,
+        offset: u64,
+        record_len: u32,
+        plain_len: u32,
+    ) -> Result<()> {
+        self.guard()?;
+        if self.pending.contains_key(&id) {
+            return Ok(());
+        }
+        let Some(a) = self.adopted.iter_mut().find(|a| a.id == segment) else {
+            return Err(StoreError::CorruptFile {
+                path: self.vault.segment_path(segment),
+                what: "adopted segment",
+                reason: "not a segment this session adopted".into(),
+            });
+        };
+        if offset < SEGMENT_HEADER_LEN || offset + u64::from(record_len) > a.len {
+            return Err(StoreError::CorruptFile {
+                path: self.vault.segment_path(segment),
+                what: "adopted segment",
+                reason: format!(
+                    "a record at {offset} of {record_len} bytes lies outside its {} bytes",
+                    a.len
+                ),
+            });
+        }
+        a.used.push((offset, record_len));
+        let loc = ChunkLocation {
+            segment,
+            offset,
+            len: record_len,
+            plain_len,
+        };
+        self.place(id, loc, Some(ChunkKind::Data))
     }
 
     /// Appends an encoded record for data chunk `id`. Duplicates of a
@@ -1030,23 +1194,10 @@ impl WriteSession<'_> {
         self.add_roots.push(root);
     }
 
-    fn append_kind(
-        &mut self,
-        id: ChunkId,
-        record: &[u8],
-        mut kind: Option<ChunkKind>,
-    ) -> Result<()> {
+    fn append_kind(&mut self, id: ChunkId, record: &[u8], kind: Option<ChunkKind>) -> Result<()> {
         self.guard()?;
         if self.pending.contains_key(&id) {
             return Ok(());
-        }
-        if self.heal.contains(&id)
-            && let Some(old) = self.vault.index.chunk(&id)?
-        {
-            // A fresh copy of a damaged chunk: it moves (its reference
-            // count stays) and the old record becomes dead bytes.
-            kind = None;
-            self.healed.push((id, old));
         }
         let header = RecordHeader::parse(record).map_err(|reason| StoreError::CorruptChunk {
             id,
@@ -1073,20 +1224,37 @@ impl WriteSession<'_> {
         };
         let r = w.append(record).map(|off| (w.id(), off));
         let (segment, offset) = self.poison(r)?;
+        let loc = ChunkLocation {
+            segment,
+            offset,
+            len: record.len() as u32,
+            plain_len: header.plain_len,
+        };
+        self.place(id, loc, kind)
+    }
+
+    /// Records where chunk `id` now is (appended or adopted), then
+    /// checkpoints when enough is pending.
+    fn place(
+        &mut self,
+        id: ChunkId,
+        loc: ChunkLocation,
+        mut kind: Option<ChunkKind>,
+    ) -> Result<()> {
+        if self.heal.contains(&id)
+            && let Some(old) = self.vault.index.chunk(&id)?
+        {
+            // A fresh copy of a damaged chunk: it moves (its reference
+            // count stays) and the old record becomes dead bytes.
+            kind = None;
+            self.healed.push((id, old));
+        }
         if let Some(k) = kind {
             self.kinds.insert(id, k);
         }
-        self.pending.insert(
-            id,
-            ChunkLocation {
-                segment,
-                offset,
-                len: record.len() as u32,
-                plain_len: header.plain_len,
-            },
-        );
-        self.pending_batch_bytes += record.len() as u64;
-        self.appended_bytes += record.len() as u64;
+        self.pending.insert(id, loc);
+        self.pending_batch_bytes += u64::from(loc.len);
+        self.appended_bytes += u64::from(loc.len);
         if self.pending_batch_bytes >= CHECKPOINT_BYTES || self.pending.len() >= CHECKPOINT_CHUNKS {
             self.checkpoint()?;
         }
@@ -1132,6 +1300,30 @@ impl WriteSession<'_> {
             info.committed = len;
             info.dead += dead_add.remove(&id).unwrap_or(0);
             batch.put_segment(id, info);
+        }
+        let adopting = self
+            .adopted
+            .iter()
+            .any(|a| !a.committed && !a.used.is_empty())
+            || final_commit && !self.adopted.is_empty();
+        if adopting {
+            for a in &self.adopted {
+                // Its bytes are durable already (the pack was fsynced, the
+                // link too); the dead ranges are known once every record
+                // was placed, at the final commit.
+                let mut info = SegmentInfo {
+                    committed: a.len,
+                    ..SegmentInfo::default()
+                };
+                if final_commit {
+                    for (offset, len) in a.gaps() {
+                        batch.put_dead(a.id, offset, len);
+                        info.dead += u64::from(len);
+                    }
+                }
+                info.dead += dead_add.remove(&a.id).unwrap_or(0);
+                batch.put_segment(a.id, info);
+            }
         }
         for (seg, dead) in dead_add {
             if let Some(mut i) = self.vault.index.segment_info(seg)? {
@@ -1211,6 +1403,11 @@ impl WriteSession<'_> {
         if let Some(w) = self.writer.as_ref() {
             self.writer_committed = w.len();
         }
+        if adopting {
+            for a in &mut self.adopted {
+                a.committed = true;
+            }
+        }
         self.writer_is_new = false;
         self.pending.clear();
         self.kinds.clear();
@@ -1269,6 +1466,10 @@ impl Drop for WriteSession<'_> {
         // back); the next writer would do it anyway.
         if self.vault.remote.is_some() {
             return;
+        }
+        for a in self.adopted.iter().filter(|a| !a.committed) {
+            // Only the link goes: the pack stays the snapshot's.
+            let _ = std::fs::remove_file(self.vault.segment_path(a.id));
         }
         if let Some(w) = self.writer.take() {
             let keep = if self.writer_is_new {

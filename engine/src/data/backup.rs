@@ -135,6 +135,26 @@ enum Outcome {
     /// A new chunk, with its node kind and children if its bytes are a
     /// block-map node.
     New(ChunkId, Vec<u8>, Option<(ChunkKind, Vec<ChunkId>)>),
+    /// A new data chunk whose record stays where it is, in the snapshot's
+    /// own pack, which the vault adopted as a segment.
+    Adopted(ChunkId, AdoptedAt),
+}
+
+/// Where an adopted record is: segment, offset, record and plain length.
+#[derive(Clone, Copy)]
+struct AdoptedAt {
+    segment: u64,
+    offset: u64,
+    len: u32,
+    plain_len: u32,
+}
+
+/// The snapshot's own pack, adopted as a vault segment: its index among
+/// the snapshot's packs and the segment id it got.
+#[derive(Clone, Copy)]
+struct Adoption {
+    pack: u16,
+    segment: u64,
 }
 
 /// Everything the snapshot phase needs besides the image.
@@ -287,6 +307,14 @@ pub fn transfer(
     let records = PerThread::new(pool, RecordBuf::default);
     let mut node_encoder = RecordEncoder::new(cfg.compression_level);
     let mut session = vault.begin_write()?;
+    // One write per byte: a fallback capture's pack becomes a segment as
+    // it is (hard-linked), when the vault can share the file.
+    let adoption = match snapshot.own_pack() {
+        Some((pack, path)) => session
+            .adopt_pack(&path)?
+            .map(|segment| Adoption { pack, segment }),
+        None => None,
+    };
     let mut builder = BlockMapBuilder::new();
     let mut stats = PointStats {
         blocks_total: blocks,
@@ -379,6 +407,7 @@ pub fn transfer(
                                 snap,
                                 &encoders,
                                 &records,
+                                adoption,
                             ),
                             other => Ok(other),
                         })
@@ -551,6 +580,7 @@ fn new_record(
     snap: &Captured,
     encoders: &PerThread<RecordEncoder>,
     records: &PerThread<RecordBuf>,
+    adoption: Option<Adoption>,
 ) -> Result<Outcome> {
     if let Some((_, Some(bytes))) = window.block(i) {
         let record =
@@ -568,6 +598,25 @@ fn new_record(
         // counted as one: over-counting its children only delays their
         // reclamation, under-counting could lose them.
         return Ok(Outcome::New(id, record, node_refs(bytes)));
+    }
+    if let (Some(a), Some(loc)) = (adoption, window.loc(i))
+        && loc.pack == a.pack
+        && loc.flags & FLAG_NODE == 0
+    {
+        // A record of this job's own pack, which the capture wrote and
+        // fsynced moments ago: it stays where it is. Its header is checked
+        // against the manifest (header CRC, id, length); the payload is
+        // not read again (`verify --read-data` reads it from the vault).
+        let (header, _) = window.read_header(i, &id)?;
+        return Ok(Outcome::Adopted(
+            id,
+            AdoptedAt {
+                segment: a.segment,
+                offset: loc.offset,
+                len: loc.len,
+                plain_len: header.plain_len,
+            },
+        ));
     }
     let mut buf = records.get();
     let flags = window.read_record(i, &id, &mut buf)?;
@@ -601,6 +650,13 @@ impl MapState<'_> {
             let entry = match outcome? {
                 Outcome::Zero => None,
                 Outcome::Same(id) | Outcome::Known(id) | Outcome::Needed(id) => Some(id),
+                Outcome::Adopted(id, at) => {
+                    if !session.is_pending(&id) {
+                        self.stats.new_chunks += 1;
+                    }
+                    session.adopt(id, at.segment, at.offset, at.len, at.plain_len)?;
+                    Some(id)
+                }
                 Outcome::New(id, record, node) => {
                     if !session.is_pending(&id) {
                         self.stats.new_chunks += 1;

@@ -237,6 +237,11 @@ impl Store for LocalStore {
             .write(true)
             .open(&path)
             .map_err(|e| StoreError::io("open", &path, e))?;
+        if shared_with_snapshot(&f) {
+            // An adopted pack a snapshot still holds: its bytes are the
+            // snapshot's too, so they wait until it expires.
+            return Ok(false);
+        }
         // SAFETY: fallocate on an open descriptor; punching never changes
         // the file size.
         let rc = unsafe {
@@ -350,4 +355,11 @@ impl Appender for LocalAppender {
     fn len(&self) -> u64 {
         self.len
     }
+}
+
+/// True when `file` has another name (an adopted segment whose pack is
+/// still in the snapshot area): its bytes must never be punched or cut.
+pub fn shared_with_snapshot(file: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().is_ok_and(|m| m.nlink() > 1)
 }
