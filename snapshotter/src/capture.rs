@@ -672,54 +672,75 @@ fn chunk_pass(
     progress.start(size);
     let window_blocks = (WINDOW_BYTES / bs).max(1);
     let mut first = 0u64;
-    let mut ready: Option<Vec<Result<Block>>> = None;
-    while first < blocks {
-        if (req.cancelled)() {
-            return Err(SnapError::Cancelled {
-                path: source.path().to_path_buf(),
-            });
-        }
-        let n = window_blocks.min((blocks - first) as usize);
-        let offset = first * bs as u64;
-        let len = (size - offset).min((n * bs) as u64) as usize;
-        let before: Vec<SnapEntry> = match prev.as_mut() {
-            Some(r) => r.next_entries(n)?,
-            None => Vec::new(),
-        };
-        // Which blocks are read: all of them, or a hint's dirty and
-        // sampled ones.
-        let (dirty, sampled) = match hint {
-            Some((h, samples)) => {
-                let mut sampled = vec![false; n];
-                let from = samples.partition_point(|&b| b < first);
-                for &b in samples.get(from..).unwrap_or_default() {
-                    match sampled.get_mut((b - first) as usize) {
-                        Some(flag) => *flag = true,
-                        None => break,
-                    }
+    // One ordered writer: a thread of its own appends each window's new
+    // records to the pack and its entries to the manifest while the pool
+    // hashes and compresses the next window. The channel holds nothing
+    // (a rendezvous), so at most two windows are in memory.
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<Block>>>(0);
+        let seen = &mut seen;
+        let pack_thread = std::thread::Builder::new()
+            .name("coffre-pack".into())
+            .spawn_scoped(scope, move || -> Result<()> {
+                for blocks in rx {
+                    store(blocks, pack, pack_index, seen, writer)?;
                 }
-                read.sampled += sampled.iter().filter(|&&s| s).count() as u64;
-                (Some(h.dirty_mask(bs as u64, first, n)), sampled)
+                Ok(())
+            })
+            .map_err(|e| {
+                SnapError::damaged(source.path(), format!("cannot start the pack writer: {e}"))
+            })?;
+        let joined = |t: std::thread::ScopedJoinHandle<'_, Result<()>>| {
+            t.join().unwrap_or_else(|_| {
+                Err(SnapError::damaged(
+                    source.path(),
+                    "the pack writer panicked",
+                ))
+            })
+        };
+        while first < blocks {
+            if (req.cancelled)() {
+                return Err(SnapError::Cancelled {
+                    path: source.path().to_path_buf(),
+                });
             }
-            None => (None, Vec::new()),
-        };
-        let wanted = |i: usize| {
-            dirty
-                .as_ref()
-                .is_none_or(|d| d.get(i).copied().unwrap_or(true) || sampled.get(i) == Some(&true))
-        };
-        let ranges = wanted_ranges(n, bs, len, &wanted);
-        let window = if ranges.is_empty() {
-            None
-        } else {
-            Some(source.window_for(offset, len, &ranges)?)
-        };
-        // While this window is hashed and compressed by the pool, one
-        // thread appends the previous window's records and entries.
-        let previous = ready.take();
-        let (out, stored): (Vec<Result<Block>>, Result<()>) = req.pool.install(|| {
-            rayon::join(
-                || {
+            let n = window_blocks.min((blocks - first) as usize);
+            let offset = first * bs as u64;
+            let len = (size - offset).min((n * bs) as u64) as usize;
+            let before: Vec<SnapEntry> = match prev.as_mut() {
+                Some(r) => r.next_entries(n)?,
+                None => Vec::new(),
+            };
+            // Which blocks are read: all of them, or a hint's dirty and
+            // sampled ones.
+            let (dirty, sampled) = match hint {
+                Some((h, samples)) => {
+                    let mut sampled = vec![false; n];
+                    let from = samples.partition_point(|&b| b < first);
+                    for &b in samples.get(from..).unwrap_or_default() {
+                        match sampled.get_mut((b - first) as usize) {
+                            Some(flag) => *flag = true,
+                            None => break,
+                        }
+                    }
+                    read.sampled += sampled.iter().filter(|&&s| s).count() as u64;
+                    (Some(h.dirty_mask(bs as u64, first, n)), sampled)
+                }
+                None => (None, Vec::new()),
+            };
+            let wanted = |i: usize| {
+                dirty.as_ref().is_none_or(|d| {
+                    d.get(i).copied().unwrap_or(true) || sampled.get(i) == Some(&true)
+                })
+            };
+            let ranges = wanted_ranges(n, bs, len, &wanted);
+            let window = if ranges.is_empty() {
+                None
+            } else {
+                Some(source.window_for(offset, len, &ranges)?)
+            };
+            let out: Vec<Result<Block>> = req.pool.install(|| {
+                {
                     // Each block is copied out of the mapping before it is
                     // hashed and compressed: a guest writing to the image
                     // must never make a record whose bytes are not its id
@@ -794,40 +815,37 @@ fn chunk_pass(
                             },
                         )
                         .collect()
-                },
-                || match previous {
-                    Some(blocks) => store(blocks, pack, pack_index, &mut seen, writer),
-                    None => Ok(()),
-                },
-            )
-        });
-        stored?;
-        if let Some(window) = window {
-            read.bytes_read += if dirty.is_some() {
-                ranges
-                    .iter()
-                    .map(|r| {
-                        (r.start..r.end)
-                            .step_by(bs)
-                            .filter(|&s| !window.is_hole(s..(s + bs).min(r.end)))
-                            .map(|s| ((s + bs).min(r.end) - s) as u64)
-                            .sum::<u64>()
-                    })
-                    .sum()
-            } else {
-                window.data_len()
-            };
-            window.finish()?;
+                }
+            });
+            if let Some(window) = window {
+                read.bytes_read += if dirty.is_some() {
+                    ranges
+                        .iter()
+                        .map(|r| {
+                            (r.start..r.end)
+                                .step_by(bs)
+                                .filter(|&s| !window.is_hole(s..(s + bs).min(r.end)))
+                                .map(|s| ((s + bs).min(r.end) - s) as u64)
+                                .sum::<u64>()
+                        })
+                        .sum()
+                } else {
+                    window.data_len()
+                };
+                window.finish()?;
+            }
+            source.check_unchanged()?;
+            if tx.send(out).is_err() {
+                // The writer stopped: its error says why.
+                break;
+            }
+            progress.advance(len as u64);
+            throttle.consume(len as u64);
+            first += n as u64;
         }
-        source.check_unchanged()?;
-        ready = Some(out);
-        progress.advance(len as u64);
-        throttle.consume(len as u64);
-        first += n as u64;
-    }
-    if let Some(blocks) = ready.take() {
-        store(blocks, pack, pack_index, &mut seen, writer)?;
-    }
+        drop(tx);
+        joined(pack_thread)
+    })?;
     // (An image that shrank leaves the previous snapshot's tail unread.)
     drop(prev);
     progress.finish();

@@ -11,12 +11,12 @@
 #![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::panic)]
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use coffre_vault_store::ChunkId;
-use coffre_vault_store::durable::{fsync_dir, fsync_file, start_writeback};
+use coffre_vault_store::direct::DirectAppender;
+use coffre_vault_store::durable::{fsync_dir, fsync_file};
 use coffre_vault_store::private;
 use coffre_vault_store::record::{HEADER_LEN, MAX_STORED_LEN, RecordDecoder, RecordHeader};
 
@@ -40,57 +40,50 @@ pub fn check_header(h: &[u8]) -> std::result::Result<(), String> {
 
 /// Appends records to a new pack.
 pub struct PackWriter {
-    out: BufWriter<File>,
+    out: DirectAppender,
     path: PathBuf,
-    len: u64,
-    /// Bytes whose writeback has been started.
-    flushed: u64,
     done: bool,
 }
 
 impl PackWriter {
-    /// Creates `path` (owner-only) with its header.
+    /// Creates `path` (owner-only) with its header. Records go to the
+    /// device directly (`O_DIRECT`) where the filesystem allows: a pack is
+    /// written once and read rarely, so the page cache gains nothing.
     pub fn create(path: &Path) -> Result<Self> {
         let f = private::open_options()
             .write(true)
             .create_new(true)
             .open(path)
             .map_err(|e| SnapError::write(path, e))?;
-        let mut out = BufWriter::with_capacity(4 << 20, f);
-        out.write_all(&header())
+        let mut out = DirectAppender::new(f, path);
+        out.append(&header())
             .map_err(|e| SnapError::write(path, e))?;
         Ok(PackWriter {
             out,
             path: path.to_path_buf(),
-            len: PACK_HEADER_LEN,
-            flushed: 0,
             done: false,
         })
     }
 
     /// Appends one record; returns its offset.
     pub fn append(&mut self, record: &[u8]) -> Result<u64> {
-        let at = self.len;
+        let at = self.out.len();
         self.out
-            .write_all(record)
+            .append(record)
             .map_err(|e| SnapError::write(&self.path, e))?;
-        self.len += record.len() as u64;
         Ok(at)
     }
 
-    /// Hands what was appended since the last call to the kernel and starts
-    /// writing it back to disk without waiting (`sync_file_range`), so the
-    /// fsync at the end overlaps with the capture instead of following it.
+    /// Writes what is buffered and, for page-cache writes, starts their
+    /// writeback (`sync_file_range`) so the fsync at the end has little
+    /// left to do.
     pub fn start_writeback(&mut self) -> Result<()> {
-        self.flush()?;
-        if self.len > self.flushed {
-            start_writeback(self.out.get_ref(), self.flushed, self.len - self.flushed);
-            self.flushed = self.len;
-        }
-        Ok(())
+        self.out
+            .start_writeback()
+            .map_err(|e| SnapError::write(&self.path, e))
     }
 
-    /// Hands the buffered records to the kernel (not a sync).
+    /// Hands everything appended to the kernel (not a sync).
     pub fn flush(&mut self) -> Result<()> {
         self.out
             .flush()
@@ -99,12 +92,12 @@ impl PackWriter {
 
     /// Bytes written so far.
     pub fn len(&self) -> u64 {
-        self.len
+        self.out.len()
     }
 
     /// True when only the header was written.
     pub fn is_empty(&self) -> bool {
-        self.len == PACK_HEADER_LEN
+        self.out.len() == PACK_HEADER_LEN
     }
 
     /// The pack's path.
@@ -114,10 +107,8 @@ impl PackWriter {
 
     /// Flushes and fsyncs the pack and its directory.
     pub fn finish(mut self) -> Result<()> {
-        self.out
-            .flush()
-            .map_err(|e| SnapError::write(&self.path, e))?;
-        fsync_file(self.out.get_ref(), &self.path)?;
+        self.flush()?;
+        fsync_file(self.out.file(), &self.path)?;
         fsync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
         self.done = true;
         Ok(())

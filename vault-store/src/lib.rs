@@ -24,6 +24,7 @@ pub mod chunk_list;
 pub mod config;
 pub mod copies;
 pub mod damaged;
+pub mod direct;
 pub mod durable;
 pub mod envelope;
 pub mod error;

@@ -603,18 +603,21 @@ fn new_record(
         && loc.pack == a.pack
         && loc.flags & FLAG_NODE == 0
     {
-        // A record of this job's own pack, which the capture wrote and
-        // fsynced moments ago: it stays where it is. Its header is checked
-        // against the manifest (header CRC, id, length); the payload is
-        // not read again (`verify --read-data` reads it from the vault).
-        let (header, _) = window.read_header(i, &id)?;
+        // A record of this job's own pack, which the capture encoded,
+        // wrote and fsynced moments ago, in this process: it stays where
+        // it is, unread (the pack bypassed the page cache, so reading it
+        // back would cost a disk read per record). The manifest's frames
+        // are CRC-checked; `verify` checks each record's header against
+        // the index and `verify --read-data` its bytes. A data block's
+        // plaintext is the block.
+        let plain_len = (snap.header.image_size - block * block_size as u64).min(block_size as u64);
         return Ok(Outcome::Adopted(
             id,
             AdoptedAt {
                 segment: a.segment,
                 offset: loc.offset,
                 len: loc.len,
-                plain_len: header.plain_len,
+                plain_len: plain_len as u32,
             },
         ));
     }

@@ -28,6 +28,7 @@ use coffre_snapshotter::capture::is_zero;
 use coffre_snapshotter::pack::RecordBuf;
 use coffre_snapshotter::read::{SnapWindow, SnapshotBlocks};
 use coffre_vault_store::blockmap::{Entry, block_count};
+use coffre_vault_store::direct::{AlignedBuf, DIRECT_ALIGN, open_direct};
 use coffre_vault_store::durable::{start_writeback, sync_range};
 use coffre_vault_store::{ChunkBuf, ChunkId, StoreError, Vault};
 use rayon::prelude::*;
@@ -354,48 +355,10 @@ fn release_written(file: &File, offset: u64, len: u64) {
 /// Bytes of decoded blocks held per group (two groups are in flight).
 const GROUP_BYTES: u64 = 16 << 20;
 
-/// Alignment of direct (`O_DIRECT`) writes: offsets, lengths and buffers.
-const DIRECT_ALIGN: usize = 4096;
 /// Direct writes in flight at once.
 const DIRECT_WRITERS: usize = 4;
 /// Largest direct write.
 const DIRECT_PIECE: usize = 2 << 20;
-
-/// A byte buffer whose start is [`DIRECT_ALIGN`]-aligned, so that runs of
-/// whole blocks can be written with `O_DIRECT`.
-#[derive(Default)]
-struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    /// Makes room for `len` bytes (contents unspecified).
-    fn reserve(&mut self, len: usize) {
-        if self.raw.len() < len + DIRECT_ALIGN {
-            self.raw = vec![0u8; len + DIRECT_ALIGN];
-        }
-        self.start = self
-            .raw
-            .as_ptr()
-            .align_offset(DIRECT_ALIGN)
-            .min(DIRECT_ALIGN);
-        self.len = len;
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        self.raw
-            .get(self.start..self.start + self.len)
-            .unwrap_or_default()
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        self.raw
-            .get_mut(self.start..self.start + self.len)
-            .unwrap_or_default()
-    }
-}
 
 /// What the writer does with one block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -607,14 +570,8 @@ impl Direct {
     /// Opens `path` for direct writes (`None` where the filesystem, such
     /// as tmpfs, refuses `O_DIRECT`).
     fn open(path: &Path) -> Direct {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok();
         Direct {
-            file,
+            file: open_direct(path),
             refused: Default::default(),
         }
     }
