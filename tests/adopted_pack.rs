@@ -53,6 +53,9 @@ fn an_adopted_pack_is_never_punched_while_its_snapshot_holds_it() {
     assert_eq!((sm.dev(), sm.ino()), (pm.dev(), pm.ino()));
     assert_eq!(sm.nlink(), 2);
     ok(&["verify", "--vault", v, "--read-data"]);
+    // The vault is now at version 5: a build that knows no adopted
+    // segments (and would append to or punch them) refuses it.
+    assert_eq!(json(&["vault", "show", "--vault", v])["format_version"], 5);
 
     // Day two rewrites 1 MiB of the 8; its snapshot still uses the other
     // 7 MiB of day one's pack.
@@ -123,6 +126,10 @@ fn a_vault_with_a_replica_copies_records_instead() {
     ok(&["backup", "--vault", s(&vault), "--item", "vm", s(&img)]);
     let segments = segment_files(&vault);
     assert!(!segments.is_empty());
+    assert_eq!(
+        json(&["vault", "show", "--vault", s(&vault)])["format_version"],
+        3
+    );
     for seg in &segments {
         assert!(!is_adopted(seg), "{}", seg.display());
         assert_eq!(seg.metadata().unwrap().nlink(), 1);

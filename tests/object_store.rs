@@ -784,6 +784,21 @@ fn a_writer_that_dies_holding_a_lease_blocks_gc_only_until_the_lease_expires() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // The transfer's lease (not the short one of the commit that
+    // registers the new item).
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = az.json(&["jobs", "--vault", s(&h1)]);
+        let transferring = jobs.as_array().is_some_and(|j| {
+            j.iter()
+                .any(|j| j["item"] == "big" && j["phases"][1]["status"] == "InProgress")
+        });
+        if transferring {
+            break;
+        }
+        assert!(Instant::now() < until, "the transfer never started: {jobs}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     wait_for_lease(&az, &h2);
     // Let it upload a few parts (8 MiB each, at 8 MiB/s) that no manifest
     // will name, then SIGKILL: no chance to end the lease.

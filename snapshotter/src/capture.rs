@@ -10,8 +10,9 @@
 //!    window by window; every block is hashed (BLAKE3) and compared with the
 //!    block at the same place in the item's previous snapshot. Unchanged
 //!    blocks refer to the previous snapshot's record; the others are
-//!    compressed into this job's pack in the vault's record format. A
-//!    day-two snapshot therefore stores about the day's change.
+//!    compressed into this job's pack in the vault's record format, by a
+//!    pack-writer thread of its own while the pool works on the next
+//!    window. A day-two snapshot therefore stores about the day's change.
 //!
 //!    The fallback is atomic only when nothing writes to the image while
 //!    it is read. It watches the image's change time (mtime/ctime, read

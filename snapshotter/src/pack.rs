@@ -4,9 +4,13 @@
 //!
 //! A capture appends only blocks its item's previous snapshot did not hold
 //! at the same place, so a day-two pack holds about the day's change. The
-//! transfer copies records from here into vault segments as they are (a
-//! CRC check, no recompression, no rehash). Expiry punches the ranges no
-//! remaining manifest refers to and deletes packs nothing refers to.
+//! transfer adopts the pack as a vault segment (a hard link: its records
+//! are indexed where they are), or, where the vault cannot share the file,
+//! copies the records into segments as they are (a CRC check, no
+//! recompression, no rehash). Packs are written with `O_DIRECT` where the
+//! filesystem allows. Expiry punches the ranges no remaining manifest
+//! refers to (never in a pack the vault adopted) and deletes packs nothing
+//! refers to.
 
 #![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::panic)]
 

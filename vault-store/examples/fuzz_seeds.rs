@@ -107,6 +107,7 @@ fn main() {
         replicas: vec!["/mnt/disk2/vault".into()],
         secondary: Some("/mnt/remote/vault".into()),
         store: Some("azure://acct/vaults/prod".into()),
+        adopted_packs: false,
     }
     .encode();
     let mut flipped = config.clone();
@@ -135,12 +136,16 @@ fn main() {
     let mut holed = seg.clone();
     holed[offs[1]..offs[2]].fill(0);
     let torn = seg[..seg.len() - 7].to_vec();
+    // An adopted pack: the same records behind a pack header.
+    let mut adopted = seg.clone();
+    adopted[..32].copy_from_slice(&coffre_vault_store::segment::encode_pack_header());
     write_all(
         &scans,
         &[
             ("valid.bin", &seg),
             ("holed.bin", &holed),
             ("torn.bin", &torn),
+            ("adopted.bin", &adopted),
         ],
     );
 

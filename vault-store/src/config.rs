@@ -26,8 +26,13 @@ pub const CONFIG_MAGIC: [u8; 8] = *b"CFVAULT\0";
 /// vault directory alone, refuses it ([`VaultConfig::format_version`]).
 /// Version 4 is written for a vault in object storage (`store`), so that
 /// a build without it, which would treat the host's cache directory as a
-/// local vault, refuses it.
-pub const FORMAT_VERSION: u32 = 4;
+/// local vault, refuses it. Version 5 is written once a single-copy vault
+/// holds adopted packs (`adopted_packs`).
+pub const FORMAT_VERSION: u32 = 5;
+/// The version of a vault in object storage.
+pub const FORMAT_VERSION_STORE: u32 = 4;
+/// The version of a single-copy vault holding adopted packs.
+pub const FORMAT_VERSION_ADOPTED: u32 = 5;
 /// The version of a vault with copies.
 pub const FORMAT_VERSION_COPIES: u32 = 3;
 /// The version of a vault without copies.
@@ -107,6 +112,12 @@ pub struct VaultConfig {
     /// vault directory is then one host's cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
+    /// True once a transfer adopted a snapshot pack as a segment (a hard
+    /// link shared with the snapshot area; see FORMAT.md, "Adopted
+    /// packs"). Such a vault is written at version 5, so that a build that
+    /// would append to, punch or cut an adopted segment refuses it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopted_packs: bool,
 }
 
 impl VaultConfig {
@@ -129,14 +140,17 @@ impl VaultConfig {
     }
 
     /// The format version this config is written at: 4 in object storage,
-    /// 3 with copies (a replica or a secondary), else 2.
+    /// 3 with copies (a replica or a secondary), 5 once it holds adopted
+    /// packs, else 2.
     pub fn format_version(&self) -> u32 {
         if self.store.is_some() {
-            FORMAT_VERSION
-        } else if self.replicas.is_empty() && self.secondary.is_none() {
-            FORMAT_VERSION_SINGLE
-        } else {
+            FORMAT_VERSION_STORE
+        } else if !self.replicas.is_empty() || self.secondary.is_some() {
             FORMAT_VERSION_COPIES
+        } else if self.adopted_packs {
+            FORMAT_VERSION_ADOPTED
+        } else {
+            FORMAT_VERSION_SINGLE
         }
     }
 
@@ -268,6 +282,7 @@ mod tests {
             replicas: Vec::new(),
             secondary: None,
             store: None,
+            adopted_packs: false,
         }
     }
 

@@ -84,6 +84,8 @@ pub struct Vault {
     /// Set when a sync failed: the kernel may have dropped dirty pages, so
     /// this handle accepts no more writes until the vault is reopened.
     poisoned: AtomicBool,
+    /// True once the config says `adopted_packs` (version 5).
+    adopted_packs: AtomicBool,
     /// A shared vault in object storage: this host's pointer (its segment
     /// namespace). `None` for a local vault.
     remote: Option<Remote>,
@@ -138,6 +140,7 @@ impl Vault {
         // so a crash during creation leaves nothing that looks like one.
         config.store(dir)?;
         let copies = Copies::open(dir, &config, true, false, opts.wrap.as_ref())?;
+        let config_adopted = config.adopted_packs;
         Ok(Vault {
             dir: dir.to_path_buf(),
             config,
@@ -146,6 +149,7 @@ impl Vault {
             lock: Some(lock),
             _lease: None,
             poisoned: AtomicBool::new(false),
+            adopted_packs: AtomicBool::new(config_adopted),
             remote: None,
             lease_ttl: crate::lease::DEFAULT_LEASE_TTL,
             clock: crate::lease::system_clock(),
@@ -226,6 +230,7 @@ impl Vault {
             opts.degraded_ok,
             opts.wrap.as_ref(),
         )?;
+        let config_adopted = config.adopted_packs;
         let vault = Vault {
             dir: dir.to_path_buf(),
             config,
@@ -234,6 +239,7 @@ impl Vault {
             lock,
             _lease: lease,
             poisoned: AtomicBool::new(false),
+            adopted_packs: AtomicBool::new(config_adopted),
             remote,
             lease_ttl: opts.lease_ttl.unwrap_or(crate::lease::DEFAULT_LEASE_TTL),
             clock: opts
@@ -1098,6 +1104,15 @@ impl WriteSession<'_> {
             return Ok(None);
         }
         crate::durable::fsync_file(&file, pack)?;
+        if !self.vault.adopted_packs.load(Ordering::Relaxed) {
+            // From now on the vault is at version 5: a build that does not
+            // know adopted segments would append to or punch them.
+            let mut cfg = self.vault.config.clone();
+            cfg.adopted_packs = true;
+            let r = self.vault.store_config(&cfg);
+            self.poison_vault(r)?;
+            self.vault.adopted_packs.store(true, Ordering::Relaxed);
+        }
         let infos = self.vault.index.segment_infos()?;
         let id = self.next_segment_id(&infos)?;
         let dst = self.vault.segment_path(id);
@@ -1521,6 +1536,7 @@ mod tests {
             replicas: Vec::new(),
             secondary: None,
             store: None,
+            adopted_packs: false,
         }
     }
 

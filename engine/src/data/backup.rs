@@ -6,9 +6,12 @@
 //! snapshot's point. Window by window, a block whose id equals the previous
 //! point's entry costs nothing, one the vault already holds is only
 //! referenced, and only the rest is stored:
-//! - from a **chunk snapshot** (the fallback capture), its record is copied
-//!   from the snapshot's pack into the vault as it is (its CRC checked; no
-//!   recompression, no rehash: the capture hashed and compressed it);
+//! - from a **chunk snapshot** (the fallback capture), the snapshot's own
+//!   pack becomes a vault segment (a hard link, when the vault can share
+//!   the file) and its record is indexed where it is; a record of an older
+//!   pack, or of a pack the vault cannot share, is copied into the vault as
+//!   it is (its CRC checked; no recompression, no rehash: the capture
+//!   hashed and compressed it);
 //! - from a **clone snapshot**, the clone is read through memory maps,
 //!   hashed and compressed, in parallel.
 //!

@@ -84,6 +84,7 @@ pub fn create_vault(dir: &Path, opts: &CreateOptions, clock: &dyn Clock) -> Resu
         replicas: opts.replicas.iter().map(|p| absolute(p)).collect(),
         secondary: opts.secondary.as_deref().map(absolute),
         store: None,
+        adopted_packs: false,
     };
     let vault = match &opts.store {
         Some(url) => coffre_vault_store::shared::create_in_store(dir, url, config)?,
