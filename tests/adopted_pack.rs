@@ -137,3 +137,33 @@ fn a_vault_with_a_replica_copies_records_instead() {
         assert_eq!(std::fs::read(seg).unwrap(), std::fs::read(&twin).unwrap());
     }
 }
+
+#[test]
+fn a_link_a_crash_left_before_its_commit_goes_and_the_pack_stays() {
+    // A transfer that linked its pack in and died before the index commit
+    // leaves a segment file the index does not know: the next writer
+    // removes that name, never the pack's bytes.
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let v = s(&vault);
+    let img = t.path().join("vm.img");
+    random_file(&img, 4 << 20, 5);
+    ok(&["backup", "--vault", v, "--item", "vm", s(&img)]);
+    let pack = packs_in(&t.path().join("snapshot-area"))[0].clone();
+    let before = std::fs::read(&pack).unwrap();
+    let leftover = vault.join("segments").join(format!("{:016x}.seg", 0xff));
+    std::fs::hard_link(&pack, &leftover).unwrap();
+    assert_eq!(pack.metadata().unwrap().nlink(), 3);
+    ok(&["gc", "--vault", v]);
+    assert!(!leftover.exists(), "the uncommitted link is still there");
+    assert_eq!(pack.metadata().unwrap().nlink(), 2);
+    assert_eq!(std::fs::read(&pack).unwrap(), before);
+    ok(&["verify", "--vault", v, "--read-data"]);
+    for from in ["snapshot", "vault"] {
+        let r = t.path().join(format!("{from}.img"));
+        let mut args = restore_args(&vault, "vm", None, &r, false);
+        args.extend(["--from", from]);
+        ok(&args);
+        assert_same(&r, &img);
+    }
+}

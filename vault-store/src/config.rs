@@ -330,6 +330,26 @@ mod tests {
     }
 
     #[test]
+    fn a_vault_holding_adopted_packs_is_written_at_version_5() {
+        let p = Path::new("/v/config");
+        let mut adopted = sample();
+        adopted.adopted_packs = true;
+        let bytes = adopted.encode();
+        assert_eq!(envelope::claimed_version(&bytes), Some(5));
+        assert_eq!(VaultConfig::decode(&bytes, p).unwrap(), adopted);
+        // The field is absent while false, so older files read unchanged.
+        assert!(!String::from_utf8_lossy(&sample().encode()).contains("adopted_packs"));
+        // What a version-4 build sees.
+        assert!(matches!(
+            envelope::decode(&CONFIG_MAGIC, 4, MAX_BODY, &bytes),
+            Err(EnvelopeError::Version {
+                found: 5,
+                supported: 4
+            })
+        ));
+    }
+
+    #[test]
     fn vault_names_follow_azure_rules() {
         for ok in ["ab", "a1", "My-Vault-2", &"a".repeat(50)] {
             validate_vault_name(ok).unwrap();

@@ -1524,6 +1524,32 @@ mod tests {
     use crate::index::RefEntry;
     use crate::record::RecordEncoder;
 
+    #[test]
+    fn an_adopted_packs_dead_ranges_are_the_gaps_between_its_indexed_records() {
+        let a = Adopted {
+            id: 7,
+            len: 1000,
+            committed: false,
+            used: vec![(500, 100), (32, 68), (700, 50)],
+        };
+        assert_eq!(a.gaps(), vec![(100, 400), (600, 100), (750, 250)]);
+        let all = Adopted {
+            used: vec![(32, 968)],
+            ..a
+        };
+        assert!(all.gaps().is_empty());
+        // A huge unused stretch is cut into pieces a `dead` entry holds.
+        let none = Adopted {
+            id: 8,
+            len: (3 << 30) + 32,
+            committed: false,
+            used: Vec::new(),
+        };
+        let gaps = none.gaps();
+        assert_eq!(gaps.len(), 3);
+        assert_eq!(gaps.iter().map(|g| u64::from(g.1)).sum::<u64>(), 3 << 30);
+    }
+
     fn config() -> VaultConfig {
         VaultConfig {
             name: "t-vault".into(),
