@@ -1,5 +1,5 @@
 //! Direct I/O (`O_DIRECT`): buffers aligned for it, and an appender that
-//! writes a new file's bytes straight to the device.
+//! writes a file's new bytes straight to the device (packs, segments).
 //!
 //! A page-cache write costs a copy into a freshly allocated page, and on a
 //! virtual machine whose memory is full of cache that allocation is the
@@ -70,8 +70,8 @@ pub fn open_direct(path: &Path) -> Option<File> {
 /// How much an appender buffers before it writes.
 const APPEND_BUFFER: usize = 4 << 20;
 
-/// Appends to a file it alone writes, from offset 0: whole aligned pieces
-/// with `O_DIRECT` as the buffer fills, the rest on [`DirectAppender::flush`].
+/// Appends to a file it alone writes: whole aligned pieces with
+/// `O_DIRECT` as the buffer fills, the rest on [`DirectAppender::flush`].
 pub struct DirectAppender {
     file: File,
     direct: Option<File>,
@@ -96,6 +96,24 @@ impl DirectAppender {
             buf_at: 0,
             filled: 0,
         }
+    }
+
+    /// Appends to `file` (at `path`, opened for reading and writing) from
+    /// its byte `len` on: the partial block before `len` is read back into
+    /// the buffer, so that direct writes stay aligned.
+    pub fn resume(file: File, path: &Path, len: u64) -> std::io::Result<DirectAppender> {
+        let mut a = DirectAppender::new(file, path);
+        let start = len / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
+        let head = (len - start) as usize;
+        let dst = a
+            .buf
+            .as_mut_slice()
+            .get_mut(..head)
+            .ok_or_else(|| std::io::Error::other("append buffer overrun"))?;
+        a.file.read_exact_at(dst, start)?;
+        a.buf_at = start;
+        a.filled = head;
+        Ok(a)
     }
 
     /// The ordinary descriptor (for syncs).
@@ -235,16 +253,40 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), want);
     }
 
+    fn resumed(dir: &Path) {
+        let path = dir.join("r");
+        let mut want: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &want).unwrap();
+        for round in 0..3u32 {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            let mut a = DirectAppender::resume(file, &path, want.len() as u64).unwrap();
+            assert_eq!(a.len(), want.len() as u64);
+            let piece: Vec<u8> = (0..(5_000_000 + round * 3))
+                .map(|j| (j * 7 + round) as u8)
+                .collect();
+            a.append(&piece).unwrap();
+            want.extend_from_slice(&piece);
+            a.flush().unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), want, "round {round}");
+        }
+    }
+
     #[test]
     fn appends_land_byte_exact_with_and_without_direct_io() {
         // The build directory is on a disk (direct); /dev/shm is tmpfs,
         // which refuses O_DIRECT (ordinary writes).
         let disk = tempfile_dir(std::env::temp_dir());
         roundtrip(&disk);
+        resumed(&disk);
         let _ = std::fs::remove_dir_all(&disk);
         if Path::new("/dev/shm").is_dir() {
             let shm = tempfile_dir(PathBuf::from("/dev/shm"));
             roundtrip(&shm);
+            resumed(&shm);
             let _ = std::fs::remove_dir_all(&shm);
         }
     }

@@ -7,13 +7,14 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, ErrorKind, Seek, SeekFrom, Write};
+use std::io::ErrorKind;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::{Appender, SpaceInfo, Store};
-use crate::durable::{create_dir_durable, fsync_dir, fsync_file, start_writeback, write_atomic};
+use crate::direct::DirectAppender;
+use crate::durable::{create_dir_durable, fsync_dir, fsync_file, write_atomic};
 use crate::error::{Result, StoreError};
 
 /// A vault copy in a directory.
@@ -89,17 +90,16 @@ impl Store for LocalStore {
             .open(&path)
             .map_err(|e| StoreError::io("create", &path, e))?;
         Ok(Box::new(LocalAppender {
+            out: DirectAppender::new(file, &path),
             path,
-            out: BufWriter::with_capacity(4 << 20, file),
-            len: 0,
-            written_back: 0,
             new_file: true,
         }))
     }
 
     fn append_to(&self, name: &str, len: u64) -> Result<Box<dyn Appender>> {
         let path = self.path(name)?;
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .open(&path)
             .map_err(|e| StoreError::io("open", &path, e))?;
@@ -116,14 +116,12 @@ impl Store for LocalStore {
         }
         file.set_len(len)
             .map_err(|e| StoreError::io("truncate", &path, e))?;
-        file.seek(SeekFrom::Start(len))
-            .map_err(|e| StoreError::io("seek", &path, e))?;
         self.forget_one(name);
+        let out = DirectAppender::resume(file, &path, len)
+            .map_err(|e| StoreError::io("read", &path, e))?;
         Ok(Box::new(LocalAppender {
+            out,
             path,
-            out: BufWriter::with_capacity(4 << 20, file),
-            len,
-            written_back: len,
             new_file: false,
         }))
     }
@@ -306,43 +304,32 @@ pub fn space_of(dir: &Path) -> Option<SpaceInfo> {
     })
 }
 
+/// Appends to a segment: direct where the filesystem allows (a segment
+/// is written once and read rarely; see [`crate::direct`]).
 struct LocalAppender {
     path: PathBuf,
-    out: BufWriter<File>,
-    len: u64,
-    written_back: u64,
+    out: DirectAppender,
     new_file: bool,
 }
 
 impl Appender for LocalAppender {
     fn append(&mut self, bytes: &[u8]) -> Result<()> {
         self.out
-            .write_all(bytes)
-            .map_err(|e| StoreError::io("write", &self.path, e))?;
-        self.len += bytes.len() as u64;
-        Ok(())
+            .append(bytes)
+            .map_err(|e| StoreError::io("write", &self.path, e))
     }
 
     fn start_writeback(&mut self) -> Result<()> {
         self.out
-            .flush()
-            .map_err(|e| StoreError::io("write", &self.path, e))?;
-        if self.len > self.written_back {
-            start_writeback(
-                self.out.get_ref(),
-                self.written_back,
-                self.len - self.written_back,
-            );
-            self.written_back = self.len;
-        }
-        Ok(())
+            .start_writeback()
+            .map_err(|e| StoreError::io("write", &self.path, e))
     }
 
     fn sync(&mut self) -> Result<()> {
         self.out
             .flush()
             .map_err(|e| StoreError::io("write", &self.path, e))?;
-        fsync_file(self.out.get_ref(), &self.path)?;
+        fsync_file(self.out.file(), &self.path)?;
         if self.new_file {
             if let Some(dir) = self.path.parent() {
                 fsync_dir(dir)?;
@@ -353,7 +340,7 @@ impl Appender for LocalAppender {
     }
 
     fn len(&self) -> u64 {
-        self.len
+        self.out.len()
     }
 }
 
