@@ -207,6 +207,25 @@ fn url(container: &str, prefix: &str) -> String {
 }
 
 /// Waits until `vault show` on `cache` lists a running writer's lease.
+/// Waits until the backup of `item` on the host whose cache is `cache` is
+/// in its transfer, so that the lease a test then sees is the transfer's
+/// (not the short one of the commit that registers a new item).
+fn wait_for_transfer(az: &Emulator, cache: &Path, item: &str) {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = az.json(&["jobs", "--vault", s(cache)]);
+        let transferring = jobs.as_array().is_some_and(|j| {
+            j.iter()
+                .any(|j| j["item"] == item && j["phases"][1]["status"] == "InProgress")
+        });
+        if transferring {
+            return;
+        }
+        assert!(Instant::now() < until, "the transfer never started: {jobs}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn wait_for_lease(az: &Emulator, cache: &Path) {
     let until = Instant::now() + Duration::from_secs(60);
     loop {
@@ -526,6 +545,7 @@ fn gc_gives_a_deleted_items_space_back_in_two_runs_and_runs_one_at_a_time() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    wait_for_transfer(&az, &h1, "slow");
     wait_for_lease(&az, &h2);
     let waiting = az
         .coffre()
@@ -784,21 +804,7 @@ fn a_writer_that_dies_holding_a_lease_blocks_gc_only_until_the_lease_expires() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // The transfer's lease (not the short one of the commit that
-    // registers the new item).
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let jobs = az.json(&["jobs", "--vault", s(&h1)]);
-        let transferring = jobs.as_array().is_some_and(|j| {
-            j.iter()
-                .any(|j| j["item"] == "big" && j["phases"][1]["status"] == "InProgress")
-        });
-        if transferring {
-            break;
-        }
-        assert!(Instant::now() < until, "the transfer never started: {jobs}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_transfer(&az, &h1, "big");
     wait_for_lease(&az, &h2);
     // Let it upload a few parts (8 MiB each, at 8 MiB/s) that no manifest
     // will name, then SIGKILL: no chance to end the lease.
@@ -1034,6 +1040,7 @@ fn two_hosts_backing_up_one_item_at_once_never_overwrite_each_other() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    wait_for_transfer(&az, &h2, "vm");
     wait_for_lease(&az, &h1);
     backup(&az, &h1, "vm", &a);
     let out = slow.wait_with_output().unwrap();
