@@ -25,6 +25,20 @@ fn packs_in(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// `verify --read-data` passes, and item `vm`'s latest point restores
+/// byte-identical to `img` from the snapshot and from the vault.
+fn whole_in_both_tiers(vault: &Path, scratch: &Path, img: &Path) {
+    ok(&["verify", "--vault", s(vault), "--read-data"]);
+    for from in ["snapshot", "vault"] {
+        let r = scratch.join(format!("{from}.img"));
+        let mut args = restore_args(vault, "vm", None, &r, false);
+        args.extend(["--from", from]);
+        ok(&args);
+        assert_same(&r, img);
+        std::fs::remove_file(&r).unwrap();
+    }
+}
+
 fn is_adopted(segment: &Path) -> bool {
     std::fs::read(segment).unwrap().starts_with(b"CFPACK")
 }
@@ -92,14 +106,7 @@ fn an_adopted_pack_is_never_punched_while_its_snapshot_holds_it() {
     );
     assert!(segment.exists());
     assert_eq!(std::fs::read(&pack).unwrap(), pack_before);
-    ok(&["verify", "--vault", v, "--read-data"]);
-    for from in ["snapshot", "vault"] {
-        let r = t.path().join(format!("{from}.img"));
-        let mut args = restore_args(&vault, "vm", None, &r, false);
-        args.extend(["--from", from]);
-        ok(&args);
-        assert_same(&r, &img);
-    }
+    whole_in_both_tiers(&vault, t.path(), &img);
 
     // Once the snapshots expire the packs leave the area, and the next GC
     // gives day one's dead megabyte back.
@@ -158,12 +165,5 @@ fn a_link_a_crash_left_before_its_commit_goes_and_the_pack_stays() {
     assert!(!leftover.exists(), "the uncommitted link is still there");
     assert_eq!(pack.metadata().unwrap().nlink(), 2);
     assert_eq!(std::fs::read(&pack).unwrap(), before);
-    ok(&["verify", "--vault", v, "--read-data"]);
-    for from in ["snapshot", "vault"] {
-        let r = t.path().join(format!("{from}.img"));
-        let mut args = restore_args(&vault, "vm", None, &r, false);
-        args.extend(["--from", from]);
-        ok(&args);
-        assert_same(&r, &img);
-    }
+    whole_in_both_tiers(&vault, t.path(), &img);
 }
