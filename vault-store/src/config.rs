@@ -26,12 +26,13 @@ pub const CONFIG_MAGIC: [u8; 8] = *b"CFVAULT\0";
 /// vault directory alone, refuses it ([`VaultConfig::format_version`]).
 /// Version 4 is written for a vault in object storage (`store`), so that
 /// a build without it, which would treat the host's cache directory as a
-/// local vault, refuses it. Version 5 is written once a single-copy vault
+/// local vault, refuses it. Version 5 is written once a vault with one
+/// synchronous copy (a GRS secondary allowed)
 /// holds adopted packs (`adopted_packs`).
 pub const FORMAT_VERSION: u32 = 5;
 /// The version of a vault in object storage.
 pub const FORMAT_VERSION_STORE: u32 = 4;
-/// The version of a single-copy vault holding adopted packs.
+/// The version of a vault holding adopted packs.
 pub const FORMAT_VERSION_ADOPTED: u32 = 5;
 /// The version of a vault with copies.
 pub const FORMAT_VERSION_COPIES: u32 = 3;
@@ -140,15 +141,15 @@ impl VaultConfig {
     }
 
     /// The format version this config is written at: 4 in object storage,
-    /// 3 with copies (a replica or a secondary), 5 once it holds adopted
-    /// packs, else 2.
+    /// 5 once it holds adopted packs (a GRS vault without replicas adopts
+    /// too), 3 with copies (a replica or a secondary), else 2.
     pub fn format_version(&self) -> u32 {
         if self.store.is_some() {
             FORMAT_VERSION_STORE
-        } else if !self.replicas.is_empty() || self.secondary.is_some() {
-            FORMAT_VERSION_COPIES
         } else if self.adopted_packs {
             FORMAT_VERSION_ADOPTED
+        } else if !self.replicas.is_empty() || self.secondary.is_some() {
+            FORMAT_VERSION_COPIES
         } else {
             FORMAT_VERSION_SINGLE
         }
@@ -337,6 +338,9 @@ mod tests {
         let bytes = adopted.encode();
         assert_eq!(envelope::claimed_version(&bytes), Some(5));
         assert_eq!(VaultConfig::decode(&bytes, p).unwrap(), adopted);
+        // A GRS vault without replicas adopts too: 5, not 3.
+        adopted.secondary = Some("/mnt/far/v".into());
+        assert_eq!(envelope::claimed_version(&adopted.encode()), Some(5));
         // The field is absent while false, so older files read unchanged.
         assert!(!String::from_utf8_lossy(&sample().encode()).contains("adopted_packs"));
         // What a version-4 build sees.
