@@ -207,6 +207,62 @@ fn url(container: &str, prefix: &str) -> String {
 }
 
 /// Waits until `vault show` on `cache` lists a running writer's lease.
+/// Starts `cmd` (an `Emulator::coffre` command) as a backup of `img` into
+/// `item` on the host whose cache is `cache`, throttled to `rate`, and
+/// returns once it is in its transfer and `observer` (another host's
+/// cache) sees its lease.
+#[expect(clippy::too_many_arguments, reason = "one slow backup, spelled out")]
+fn start_slow_backup(
+    az: &Emulator,
+    mut cmd: Command,
+    cache: &Path,
+    item: &str,
+    rate: &str,
+    img: &Path,
+    stderr: Stdio,
+    observer: &Path,
+) -> Child {
+    let child = cmd
+        .args([
+            "backup",
+            "--vault",
+            s(cache),
+            "--item",
+            item,
+            "--rate-limit",
+            rate,
+            s(img),
+        ])
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    wait_for_transfer(az, cache, item);
+    wait_for_lease(az, observer);
+    child
+}
+
+/// Deletes `item`'s data from the host whose cache is `owner`, then prunes
+/// from `pruner` as if 30 days had passed (the soft-delete retention).
+fn delete_and_prune(em: &Emulator, owner: &Path, item: &str, pruner: &Path) {
+    em.ok(&[
+        "unprotect",
+        "--vault",
+        s(owner),
+        "--item",
+        item,
+        "--delete-data",
+    ]);
+    let later = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(30 * 86400)).to_string();
+    let pruned = em
+        .coffre()
+        .env("COFFRE_NOW", &later)
+        .args(["prune", "--vault", s(pruner)])
+        .output()
+        .unwrap();
+    assert!(pruned.status.success());
+}
+
 /// Waits until the backup of `item` on the host whose cache is `cache` is
 /// in its transfer, so that the lease a test then sees is the transfer's
 /// (not the short one of the commit that registers a new item).
@@ -489,22 +545,7 @@ fn gc_gives_a_deleted_items_space_back_in_two_runs_and_runs_one_at_a_time() {
     random_file(&drop, 8 << 20, 6);
     backup(&az, &h1, "keep", &keep);
     backup(&az, &h2, "drop", &drop);
-    az.ok(&[
-        "unprotect",
-        "--vault",
-        s(&h1),
-        "--item",
-        "drop",
-        "--delete-data",
-    ]);
-    let later = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(30 * 86400)).to_string();
-    let pruned = az
-        .coffre()
-        .env("COFFRE_NOW", &later)
-        .args(["prune", "--vault", s(&h1)])
-        .output()
-        .unwrap();
-    assert!(pruned.status.success());
+    delete_and_prune(&az, &h1, "drop", &h1);
     // The first run only condemns; the second deletes what is still dead.
     let first = az.json(&["gc", "--vault", s(&h1)]);
     assert_eq!(first["deleted_segments"].as_u64(), Some(0), "{first}");
@@ -529,24 +570,16 @@ fn gc_gives_a_deleted_items_space_back_in_two_runs_and_runs_one_at_a_time() {
     // While one GC waits for a running writer, a second GC is refused.
     let slow = t.path().join("slow.img");
     random_file(&slow, 24 << 20, 8);
-    let mut writer = az
-        .coffre()
-        .args([
-            "backup",
-            "--vault",
-            s(&h1),
-            "--item",
-            "slow",
-            "--rate-limit",
-            "8M",
-            s(&slow),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_transfer(&az, &h1, "slow");
-    wait_for_lease(&az, &h2);
+    let mut writer = start_slow_backup(
+        &az,
+        az.coffre(),
+        &h1,
+        "slow",
+        "8M",
+        &slow,
+        Stdio::null(),
+        &h2,
+    );
     let waiting = az
         .coffre()
         .args(["--output", "json", "gc", "--vault", s(&h2)])
@@ -787,25 +820,10 @@ fn a_writer_that_dies_holding_a_lease_blocks_gc_only_until_the_lease_expires() {
     random_file(&img, 64 << 20, 3);
     // A slow backup on h1 with a 3-second lease, killed once its lease is
     // in the store.
-    let mut writer = az
-        .coffre()
-        .env("COFFRE_LEASE_TTL", "3")
-        .args([
-            "backup",
-            "--vault",
-            s(&h1),
-            "--item",
-            "big",
-            "--rate-limit",
-            "8M",
-            s(&img),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_transfer(&az, &h1, "big");
-    wait_for_lease(&az, &h2);
+    let mut short_lease = az.coffre();
+    short_lease.env("COFFRE_LEASE_TTL", "3");
+    let mut writer =
+        start_slow_backup(&az, short_lease, &h1, "big", "8M", &img, Stdio::null(), &h2);
     // Let it upload a few parts (8 MiB each, at 8 MiB/s) that no manifest
     // will name, then SIGKILL: no chance to end the lease.
     std::thread::sleep(Duration::from_secs(3));
@@ -979,22 +997,7 @@ fn s3_a_vault_in_a_bucket_serves_two_hosts_and_collects_garbage() {
         "{again}"
     );
     backup(&m, &h2, "drop", &drop);
-    m.ok(&[
-        "unprotect",
-        "--vault",
-        s(&h2),
-        "--item",
-        "drop",
-        "--delete-data",
-    ]);
-    let later = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(30 * 86400)).to_string();
-    let pruned = m
-        .coffre()
-        .env("COFFRE_NOW", &later)
-        .args(["prune", "--vault", s(&h1)])
-        .output()
-        .unwrap();
-    assert!(pruned.status.success());
+    delete_and_prune(&m, &h2, "drop", &h1);
     m.ok(&["gc", "--vault", s(&h1)]);
     let second = m.json(&["gc", "--vault", s(&h2)]);
     assert!(
@@ -1024,24 +1027,7 @@ fn two_hosts_backing_up_one_item_at_once_never_overwrite_each_other() {
     std::fs::copy(&a, &b).unwrap();
     churn(&b, 8, 64 << 10, 52);
     // h2 starts first but slowly; h1 commits the item while h2 transfers.
-    let slow = az
-        .coffre()
-        .args([
-            "backup",
-            "--vault",
-            s(&h2),
-            "--item",
-            "vm",
-            "--rate-limit",
-            "2M",
-            s(&b),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_transfer(&az, &h2, "vm");
-    wait_for_lease(&az, &h1);
+    let slow = start_slow_backup(&az, az.coffre(), &h2, "vm", "2M", &b, Stdio::piped(), &h1);
     backup(&az, &h1, "vm", &a);
     let out = slow.wait_with_output().unwrap();
     // h2 must not overwrite h1's commit of the item: it is refused (exit 4)…

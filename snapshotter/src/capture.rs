@@ -741,82 +741,80 @@ fn chunk_pass(
                 Some(source.window_for(offset, len, &ranges)?)
             };
             let out: Vec<Result<Block>> = req.pool.install(|| {
-                {
-                    // Each block is copied out of the mapping before it is
-                    // hashed and compressed: a guest writing to the image
-                    // must never make a record whose bytes are not its id
-                    // (a torn read is caught by the pass's change check).
-                    (0..n)
-                        .into_par_iter()
-                        .map_init(
-                            || Vec::with_capacity(bs),
-                            |copy, i| {
-                                let reuse = |e: Option<&SnapEntry>| -> Result<Block> {
-                                    let e = e.ok_or_else(|| {
-                                        SnapError::damaged(
-                                            source.path(),
-                                            "the previous snapshot ends early",
-                                        )
-                                    })?;
-                                    if e.id.is_none() {
-                                        return Ok(Block::Zero);
-                                    }
-                                    let mut e = *e;
-                                    e.loc.pack = renumber
-                                        .get(usize::from(e.loc.pack))
-                                        .copied()
-                                        .flatten()
-                                        .ok_or_else(|| {
-                                            SnapError::damaged(
-                                                source.path(),
-                                                "a pack of the previous snapshot is missing",
-                                            )
-                                        })?;
-                                    Ok(Block::Reuse(e))
-                                };
-                                let Some(window) = window.as_ref().filter(|_| wanted(i)) else {
-                                    return reuse(before.get(i));
-                                };
-                                let start = i * bs;
-                                let end = (start + bs).min(len);
-                                let id = if window.is_hole(start..end) {
-                                    None
-                                } else {
-                                    let bytes = window.bytes().get(start..end).unwrap_or_default();
-                                    copy.clear();
-                                    copy.extend_from_slice(bytes);
-                                    (!is_zero(copy)).then(|| ChunkId::of(copy))
-                                };
-                                if sampled.get(i) == Some(&true)
-                                    && before.get(i).and_then(|e| e.id) != id
-                                {
-                                    mismatches.fetch_add(1, Ordering::Relaxed);
-                                    first_mismatch.fetch_min(first + i as u64, Ordering::Relaxed);
-                                }
-                                let Some(id) = id else {
-                                    return Ok(Block::Zero);
-                                };
-                                if let Some(e) = before.get(i).filter(|e| e.id == Some(id))
-                                    && let Some(Some(pack)) = renumber.get(usize::from(e.loc.pack))
-                                {
-                                    let mut e = *e;
-                                    e.loc.pack = *pack;
-                                    return Ok(Block::Reuse(e));
-                                }
-                                let mut enc = encoder().ok_or_else(|| {
-                                    SnapError::damaged(source.path(), "no encoder for a worker")
-                                })?;
-                                let record = enc.encode(id, copy).map_err(|e| {
+                // Each block is copied out of the mapping before it is
+                // hashed and compressed: a guest writing to the image
+                // must never make a record whose bytes are not its id
+                // (a torn read is caught by the pass's change check).
+                (0..n)
+                    .into_par_iter()
+                    .map_init(
+                        || Vec::with_capacity(bs),
+                        |copy, i| {
+                            let reuse = |e: Option<&SnapEntry>| -> Result<Block> {
+                                let e = e.ok_or_else(|| {
                                     SnapError::damaged(
                                         source.path(),
-                                        format!("cannot encode a block: {e}"),
+                                        "the previous snapshot ends early",
                                     )
                                 })?;
-                                Ok(Block::New(id, record, Node::decode(copy).is_ok()))
-                            },
-                        )
-                        .collect()
-                }
+                                if e.id.is_none() {
+                                    return Ok(Block::Zero);
+                                }
+                                let mut e = *e;
+                                e.loc.pack = renumber
+                                    .get(usize::from(e.loc.pack))
+                                    .copied()
+                                    .flatten()
+                                    .ok_or_else(|| {
+                                        SnapError::damaged(
+                                            source.path(),
+                                            "a pack of the previous snapshot is missing",
+                                        )
+                                    })?;
+                                Ok(Block::Reuse(e))
+                            };
+                            let Some(window) = window.as_ref().filter(|_| wanted(i)) else {
+                                return reuse(before.get(i));
+                            };
+                            let start = i * bs;
+                            let end = (start + bs).min(len);
+                            let id = if window.is_hole(start..end) {
+                                None
+                            } else {
+                                let bytes = window.bytes().get(start..end).unwrap_or_default();
+                                copy.clear();
+                                copy.extend_from_slice(bytes);
+                                (!is_zero(copy)).then(|| ChunkId::of(copy))
+                            };
+                            if sampled.get(i) == Some(&true)
+                                && before.get(i).and_then(|e| e.id) != id
+                            {
+                                mismatches.fetch_add(1, Ordering::Relaxed);
+                                first_mismatch.fetch_min(first + i as u64, Ordering::Relaxed);
+                            }
+                            let Some(id) = id else {
+                                return Ok(Block::Zero);
+                            };
+                            if let Some(e) = before.get(i).filter(|e| e.id == Some(id))
+                                && let Some(Some(pack)) = renumber.get(usize::from(e.loc.pack))
+                            {
+                                let mut e = *e;
+                                e.loc.pack = *pack;
+                                return Ok(Block::Reuse(e));
+                            }
+                            let mut enc = encoder().ok_or_else(|| {
+                                SnapError::damaged(source.path(), "no encoder for a worker")
+                            })?;
+                            let record = enc.encode(id, copy).map_err(|e| {
+                                SnapError::damaged(
+                                    source.path(),
+                                    format!("cannot encode a block: {e}"),
+                                )
+                            })?;
+                            Ok(Block::New(id, record, Node::decode(copy).is_ok()))
+                        },
+                    )
+                    .collect()
             });
             if let Some(window) = window {
                 read.bytes_read += if dirty.is_some() {

@@ -14,7 +14,7 @@
 //! Snapshot files of older coffre versions (version 1) hold no data and
 //! are removed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -253,33 +253,7 @@ fn punch_dead(path: &Path, live: &mut [(u64, u64)]) -> u64 {
     }
     let before = f.metadata().map_or(0, |m| m.blocks() * 512);
     let len = f.metadata().map_or(0, |m| m.len());
-    live.sort_unstable();
-    let mut merged: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut cur: Option<(u64, u64)> = None;
-    for &(s, e) in live.iter() {
-        cur = match cur {
-            Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
-            Some((cs, ce)) => {
-                merged.insert(cs, ce);
-                Some((s, e))
-            }
-            None => Some((s, e)),
-        };
-    }
-    if let Some((cs, ce)) = cur {
-        merged.insert(cs, ce);
-    }
-    let mut at = PACK_HEADER_LEN;
-    let mut gaps = Vec::new();
-    for (&s, &e) in &merged {
-        if s > at {
-            gaps.push((at, s));
-        }
-        at = at.max(e);
-    }
-    if len > at {
-        gaps.push((at, len));
-    }
+    let gaps = coffre_vault_store::segment::uncovered(PACK_HEADER_LEN, len, live);
     for (s, e) in gaps {
         // Whole 4 KiB pages only: the kernel would zero partial ones, which
         // is harmless, but it gives nothing back.

@@ -33,10 +33,6 @@ pub use coffre_vault_store::segment::PACK_VERSION;
 /// Header length.
 pub const PACK_HEADER_LEN: u64 = coffre_vault_store::segment::SEGMENT_HEADER_LEN;
 
-fn header() -> [u8; PACK_HEADER_LEN as usize] {
-    coffre_vault_store::segment::encode_pack_header()
-}
-
 /// Checks a pack header.
 pub fn check_header(h: &[u8]) -> std::result::Result<(), String> {
     coffre_vault_store::segment::check_pack_header(h)
@@ -60,7 +56,7 @@ impl PackWriter {
             .open(path)
             .map_err(|e| SnapError::write(path, e))?;
         let mut out = DirectAppender::new(f, path);
-        out.append(&header())
+        out.append(&coffre_vault_store::segment::encode_pack_header())
             .map_err(|e| SnapError::write(path, e))?;
         Ok(PackWriter {
             out,
@@ -193,46 +189,20 @@ impl PackReader {
         len: u32,
         buf: &mut RecordBuf,
     ) -> Result<RecordHeader> {
-        self.check_len(offset, len)?;
-        buf.record.resize(len as usize, 0);
-        self.file
-            .read_exact_at(&mut buf.record, offset)
-            .map_err(|e| self.bad(offset, e.to_string()))?;
-        self.check_parsed(&buf.record, id, offset, len)
-    }
-
-    /// Reads only the header of the record of `id` at `offset` (`len`
-    /// bytes in all) and checks it against the manifest: header CRC, id,
-    /// length. The payload is not read.
-    pub fn read_header(&self, id: &ChunkId, offset: u64, len: u32) -> Result<RecordHeader> {
-        self.check_len(offset, len)?;
-        let mut h = [0u8; HEADER_LEN];
-        self.file
-            .read_exact_at(&mut h, offset)
-            .map_err(|e| self.bad(offset, e.to_string()))?;
-        self.check_parsed(&h, id, offset, len)
-    }
-
-    fn check_len(&self, offset: u64, len: u32) -> Result<()> {
         let len = len as usize;
         if !(HEADER_LEN..=HEADER_LEN + MAX_STORED_LEN).contains(&len) || offset < PACK_HEADER_LEN {
             return Err(self.bad(offset, format!("record length {len} is impossible")));
         }
-        Ok(())
-    }
-
-    fn check_parsed(
-        &self,
-        bytes: &[u8],
-        id: &ChunkId,
-        offset: u64,
-        len: u32,
-    ) -> Result<RecordHeader> {
-        let header = RecordHeader::parse(bytes).map_err(|e| self.bad(offset, e.to_string()))?;
+        buf.record.resize(len, 0);
+        self.file
+            .read_exact_at(&mut buf.record, offset)
+            .map_err(|e| self.bad(offset, e.to_string()))?;
+        let header =
+            RecordHeader::parse(&buf.record).map_err(|e| self.bad(offset, e.to_string()))?;
         if header.id != *id {
             return Err(self.bad(offset, format!("holds chunk {} instead of {id}", header.id)));
         }
-        if header.record_len() != u64::from(len) {
+        if header.record_len() != len as u64 {
             return Err(self.bad(offset, "record length disagrees with the manifest".into()));
         }
         Ok(header)
@@ -331,7 +301,10 @@ mod tests {
         assert!(e.to_string().contains("checksum"), "{e}");
         // The scan stops at the damaged record; the header alone is valid.
         assert_eq!(fuzz_entry(&std::fs::read(&p).unwrap()), Some(0));
-        assert_eq!(fuzz_entry(&header()), Some(0));
+        assert_eq!(
+            fuzz_entry(&coffre_vault_store::segment::encode_pack_header()),
+            Some(0)
+        );
         assert_eq!(fuzz_entry(b"CFPACK"), None);
     }
 

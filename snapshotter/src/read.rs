@@ -242,17 +242,6 @@ impl SnapWindow<'_> {
         Ok(e.loc.flags)
     }
 
-    /// Reads only block `i`'s record header and checks it against the
-    /// manifest (header CRC, id, length); returns it with the entry.
-    pub fn read_header(
-        &self,
-        i: usize,
-        id: &ChunkId,
-    ) -> Result<(coffre_vault_store::record::RecordHeader, SnapEntry)> {
-        let (pack, e) = self.pack(i)?;
-        Ok((pack.read_header(id, e.loc.offset, e.loc.len)?, e))
-    }
-
     /// Reads and decodes block `i` into `buf.plain()`.
     pub fn decode_record(&self, i: usize, id: &ChunkId, buf: &mut RecordBuf) -> Result<()> {
         let (pack, e) = self.pack(i)?;

@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Alignment of direct writes: offsets, lengths and buffers.
 pub const DIRECT_ALIGN: usize = 4096;
@@ -75,7 +75,6 @@ const APPEND_BUFFER: usize = 4 << 20;
 pub struct DirectAppender {
     file: File,
     direct: Option<File>,
-    path: PathBuf,
     buf: AlignedBuf,
     /// File offset of the buffer's first byte (aligned while direct).
     buf_at: u64,
@@ -91,7 +90,6 @@ impl DirectAppender {
         DirectAppender {
             direct: open_direct(path),
             file,
-            path: path.to_path_buf(),
             buf,
             buf_at: 0,
             filled: 0,
@@ -119,11 +117,6 @@ impl DirectAppender {
     /// The ordinary descriptor (for syncs).
     pub fn file(&self) -> &File {
         &self.file
-    }
-
-    /// True while writes go direct.
-    pub fn is_direct(&self) -> bool {
-        self.direct.is_some()
     }
 
     /// Bytes appended so far.
@@ -217,17 +210,13 @@ impl DirectAppender {
         crate::durable::start_writeback(&self.file, from, self.buf_at - from);
         Ok(())
     }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn roundtrip(dir: &Path) {
         let path = dir.join("f");

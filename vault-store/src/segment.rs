@@ -96,7 +96,7 @@ pub fn check_pack_header(h: &[u8]) -> std::result::Result<(), String> {
 /// pack (a snapshot's pack hard-linked into the vault by its transfer),
 /// which is never appended to.
 pub fn is_adopted(h: &[u8]) -> bool {
-    h.get(..8) == Some(&PACK_MAGIC[..]) && check_pack_header(h).is_ok()
+    check_pack_header(h).is_ok()
 }
 
 /// Checks a segment header; returns a description of the problem if any.
@@ -137,6 +137,23 @@ pub fn check_header(bytes: &[u8], expected_id: u64) -> std::result::Result<(), S
         ));
     }
     Ok(())
+}
+
+/// The ranges of `from..len` that no range of `used` (start, end; in any
+/// order, possibly overlapping) covers, in order: the dead bytes of a pack
+/// or an adopted segment between the records still in use.
+pub fn uncovered(from: u64, len: u64, used: &mut [(u64, u64)]) -> Vec<(u64, u64)> {
+    used.sort_unstable();
+    let mut out = Vec::new();
+    let mut at = from;
+    for &(start, end) in used.iter().chain(std::iter::once(&(len, len))) {
+        if start > at {
+            out.push((at, start.min(len)));
+        }
+        at = at.max(end);
+    }
+    out.retain(|(s, e)| e > s);
+    out
 }
 
 /// Name of segment `id` inside a copy.
@@ -437,6 +454,15 @@ mod tests {
     fn header_round_trip_and_names() {
         let h = encode_header(42);
         check_header(&h, 42).unwrap();
+        assert_eq!(
+            uncovered(
+                32,
+                1000,
+                &mut [(500, 600), (32, 100), (550, 650), (700, 750)]
+            ),
+            vec![(100, 500), (650, 700), (750, 1000)]
+        );
+        assert!(uncovered(32, 100, &mut [(32, 100)]).is_empty());
         assert!(check_header(&h, 43).is_err());
         let mut bad = h;
         bad[3] ^= 0x10;

@@ -140,16 +140,15 @@ impl Vault {
         // so a crash during creation leaves nothing that looks like one.
         config.store(dir)?;
         let copies = Copies::open(dir, &config, true, false, opts.wrap.as_ref())?;
-        let config_adopted = config.adopted_packs;
         Ok(Vault {
             dir: dir.to_path_buf(),
+            adopted_packs: AtomicBool::new(config.adopted_packs),
             config,
             index,
             copies,
             lock: Some(lock),
             _lease: None,
             poisoned: AtomicBool::new(false),
-            adopted_packs: AtomicBool::new(config_adopted),
             remote: None,
             lease_ttl: crate::lease::DEFAULT_LEASE_TTL,
             clock: crate::lease::system_clock(),
@@ -230,16 +229,15 @@ impl Vault {
             opts.degraded_ok,
             opts.wrap.as_ref(),
         )?;
-        let config_adopted = config.adopted_packs;
         let vault = Vault {
             dir: dir.to_path_buf(),
+            adopted_packs: AtomicBool::new(config.adopted_packs),
             config,
             index,
             copies,
             lock,
             _lease: lease,
             poisoned: AtomicBool::new(false),
-            adopted_packs: AtomicBool::new(config_adopted),
             remote,
             lease_ttl: opts.lease_ttl.unwrap_or(crate::lease::DEFAULT_LEASE_TTL),
             clock: opts
@@ -925,21 +923,18 @@ impl Adopted {
     /// pieces a `dead` entry can hold.
     fn gaps(&self) -> Vec<(u64, u32)> {
         const PIECE: u64 = 1 << 30;
-        let mut used = self.used.clone();
-        used.sort_unstable();
-        let mut out = Vec::new();
-        let mut at = SEGMENT_HEADER_LEN;
-        let ends = used
+        let mut used: Vec<(u64, u64)> = self
+            .used
             .iter()
             .map(|&(o, l)| (o, o + u64::from(l)))
-            .chain(std::iter::once((self.len, self.len)));
-        for (start, end) in ends {
-            while start > at {
-                let n = (start - at).min(PIECE);
+            .collect();
+        let mut out = Vec::new();
+        for (mut at, end) in crate::segment::uncovered(SEGMENT_HEADER_LEN, self.len, &mut used) {
+            while at < end {
+                let n = (end - at).min(PIECE);
                 out.push((at, n as u32));
                 at += n;
             }
-            at = at.max(end);
         }
         out
     }
@@ -1134,46 +1129,33 @@ impl WriteSession<'_> {
         Ok(Some(id))
     }
 
-    /// Indexes data chunk `id` as the record at `offset` (`record_len`
-    /// bytes, `plain_len` plain bytes) of adopted segment `segment`. The
-    /// caller has checked the record (CRC, id). A duplicate of a pending
-    /// chunk is ignored; its bytes become dead.
-    pub fn adopt(
-        &mut self,
-        id: ChunkId,
-        segment: u64,
-        offset: u64,
-        record_len: u32,
-        plain_len: u32,
-    ) -> Result<()> {
+    /// Indexes data chunk `id` as the record at `loc`, in a segment this
+    /// session adopted. The caller has checked the record (CRC, id). A
+    /// duplicate of a pending chunk is ignored; its bytes become dead.
+    pub fn adopt(&mut self, id: ChunkId, loc: ChunkLocation) -> Result<()> {
         self.guard()?;
         if self.pending.contains_key(&id) {
             return Ok(());
         }
-        let Some(a) = self.adopted.iter_mut().find(|a| a.id == segment) else {
+        let path = || self.vault.segment_path(loc.segment);
+        let Some(a) = self.adopted.iter_mut().find(|a| a.id == loc.segment) else {
             return Err(StoreError::CorruptFile {
-                path: self.vault.segment_path(segment),
+                path: path(),
                 what: "adopted segment",
                 reason: "not a segment this session adopted".into(),
             });
         };
-        if offset < SEGMENT_HEADER_LEN || offset + u64::from(record_len) > a.len {
+        if loc.offset < SEGMENT_HEADER_LEN || loc.offset + u64::from(loc.len) > a.len {
             return Err(StoreError::CorruptFile {
-                path: self.vault.segment_path(segment),
+                path: path(),
                 what: "adopted segment",
                 reason: format!(
-                    "a record at {offset} of {record_len} bytes lies outside its {} bytes",
-                    a.len
+                    "a record at {} of {} bytes lies outside its {} bytes",
+                    loc.offset, loc.len, a.len
                 ),
             });
         }
-        a.used.push((offset, record_len));
-        let loc = ChunkLocation {
-            segment,
-            offset,
-            len: record_len,
-            plain_len,
-        };
+        a.used.push((loc.offset, loc.len));
         self.place(id, loc, Some(ChunkKind::Data))
     }
 

@@ -38,8 +38,8 @@ use coffre_snapshotter::read::{SnapWindow, SnapshotBlocks};
 use coffre_snapshotter::{Hooks, SnapError};
 use coffre_vault_store::catalog::validate_item_name;
 use coffre_vault_store::{
-    ChunkId, ChunkKind, IndexBatch, ItemRecord, PointRecord, PointStats, Protection, RecordEncoder,
-    StoreError, Vault, VaultConfig, WriteSession,
+    ChunkId, ChunkKind, ChunkLocation, IndexBatch, ItemRecord, PointRecord, PointStats, Protection,
+    RecordEncoder, StoreError, Vault, VaultConfig, WriteSession,
 };
 use jiff::Timestamp;
 use rayon::prelude::*;
@@ -140,16 +140,7 @@ enum Outcome {
     New(ChunkId, Vec<u8>, Option<(ChunkKind, Vec<ChunkId>)>),
     /// A new data chunk whose record stays where it is, in the snapshot's
     /// own pack, which the vault adopted as a segment.
-    Adopted(ChunkId, AdoptedAt),
-}
-
-/// Where an adopted record is: segment, offset, record and plain length.
-#[derive(Clone, Copy)]
-struct AdoptedAt {
-    segment: u64,
-    offset: u64,
-    len: u32,
-    plain_len: u32,
+    Adopted(ChunkId, ChunkLocation),
 }
 
 /// The snapshot's own pack, adopted as a vault segment: its index among
@@ -616,7 +607,7 @@ fn new_record(
         let plain_len = (snap.header.image_size - block * block_size as u64).min(block_size as u64);
         return Ok(Outcome::Adopted(
             id,
-            AdoptedAt {
+            ChunkLocation {
                 segment: a.segment,
                 offset: loc.offset,
                 len: loc.len,
@@ -660,7 +651,7 @@ impl MapState<'_> {
                     if !session.is_pending(&id) {
                         self.stats.new_chunks += 1;
                     }
-                    session.adopt(id, at.segment, at.offset, at.len, at.plain_len)?;
+                    session.adopt(id, at)?;
                     Some(id)
                 }
                 Outcome::New(id, record, node) => {
