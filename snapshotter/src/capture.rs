@@ -138,34 +138,25 @@ pub fn manifest_path(item_dir: &Path, job: &str) -> PathBuf {
 pub fn capture(req: &CaptureRequest<'_>, progress: &dyn Progress) -> Result<Captured> {
     let started = Instant::now();
     let image = req.source.path().to_path_buf();
-    let busy = if req.source.served() {
-        None
-    } else {
-        in_use(&image)
-    };
-    let env = HookEnv {
-        item: req.item,
-        image: &image,
-        job: req.job,
-        vault: req.vault_dir,
-    };
+    // Whether the image is in use is asked of /proc on a thread of its
+    // own while the capture runs: reading /proc/locks waits for an RCU
+    // grace period (10-20 ms here), which would otherwise delay every
+    // capture by as much.
+    let (busy, (result, pre, post)) = std::thread::scope(|scope| {
+        let checker = (!req.source.served()).then(|| {
+            std::thread::Builder::new()
+                .name("coffre-in-use".into())
+                .spawn_scoped(scope, || in_use(&image))
+        });
+        let captured = capture_with_hooks(req, &image, progress);
+        let busy = match checker {
+            None => None,
+            Some(Ok(t)) => t.join().unwrap_or_else(|_| in_use(&image)),
+            Some(Err(_)) => in_use(&image),
+        };
+        (busy, captured)
+    });
     let mut warnings = Vec::new();
-    let pre = if req.hooks.pre.is_empty() {
-        None
-    } else {
-        Some(req.hooks.run_pre(env))
-    };
-    let result = req
-        .area
-        .check_unlocked(req.item)
-        .and_then(|item_dir| capture_files(req, &item_dir, progress));
-    // The post hook runs whenever the pre hook ran, and after a failed
-    // capture too (a frozen guest must be thawed).
-    let post = if req.hooks.is_set() {
-        Some(req.hooks.run_post(env))
-    } else {
-        None
-    };
     for r in [&pre, &post].into_iter().flatten() {
         if let Err(e) = r {
             warnings.push(e.clone());
@@ -214,6 +205,40 @@ pub fn capture(req: &CaptureRequest<'_>, progress: &dyn Progress) -> Result<Capt
         duration_ms: started.elapsed().as_millis() as u64,
         transfer_hint: done.transfer_hint,
     })
+}
+
+/// What a hook ended with (`None`: it was not run).
+type HookOutcome = Option<std::result::Result<(), String>>;
+
+/// The pre hook, the capture, then the post hook.
+fn capture_with_hooks(
+    req: &CaptureRequest<'_>,
+    image: &Path,
+    progress: &dyn Progress,
+) -> (Result<Pending>, HookOutcome, HookOutcome) {
+    let env = HookEnv {
+        item: req.item,
+        image,
+        job: req.job,
+        vault: req.vault_dir,
+    };
+    let pre = if req.hooks.pre.is_empty() {
+        None
+    } else {
+        Some(req.hooks.run_pre(env))
+    };
+    let result = req
+        .area
+        .check_unlocked(req.item)
+        .and_then(|item_dir| capture_files(req, &item_dir, progress));
+    // The post hook runs whenever the pre hook ran, and after a failed
+    // capture too (a frozen guest must be thawed).
+    let post = if req.hooks.is_set() {
+        Some(req.hooks.run_post(env))
+    } else {
+        None
+    };
+    (result, pre, post)
 }
 
 /// A capture whose files are written but not yet made final.
@@ -705,7 +730,7 @@ fn chunk_pass(
                     path: source.path().to_path_buf(),
                 });
             }
-            let n = window_blocks.min((blocks - first) as usize);
+            let n = window_span(hint, bs as u64, first, blocks, window_blocks);
             let offset = first * bs as u64;
             let len = (size - offset).min((n * bs) as u64) as usize;
             let before: Vec<SnapEntry> = match prev.as_mut() {
@@ -747,6 +772,7 @@ fn chunk_pass(
                 // (a torn read is caught by the pass's change check).
                 (0..n)
                     .into_par_iter()
+                    .with_max_len(1)
                     .map_init(
                         || Vec::with_capacity(bs),
                         |copy, i| {
@@ -853,6 +879,43 @@ fn chunk_pass(
     Ok(read)
 }
 
+/// Most windows one window of a hinted pass may span.
+const MAX_SPAN_WINDOWS: usize = 64;
+
+/// How many blocks from `first` (of `blocks`) the next window of a pass
+/// spans: `window_blocks`, or with a hint (its dirty extents and sorted
+/// samples) as many as hold `window_blocks` blocks to read, up to
+/// [`MAX_SPAN_WINDOWS`] windows. A sparse hint's window then still gives
+/// the pool enough work to share between its threads, and the records in
+/// memory stay bounded by `window_blocks`.
+fn window_span(
+    hint: Option<(&Hint, &[u64])>,
+    bs: u64,
+    first: u64,
+    blocks: u64,
+    window_blocks: usize,
+) -> usize {
+    let rest = usize::try_from(blocks - first).unwrap_or(usize::MAX);
+    let Some((h, samples)) = hint else {
+        return window_blocks.min(rest);
+    };
+    let span = window_blocks.saturating_mul(MAX_SPAN_WINDOWS).min(rest);
+    let dirty = h.dirty_mask(bs, first, span);
+    let from = samples.partition_point(|&b| b < first);
+    let mut sampled = samples.get(from..).unwrap_or_default().iter().peekable();
+    let mut wanted = 0;
+    for (i, d) in dirty.iter().enumerate() {
+        let s = sampled.next_if(|&&b| b == first + i as u64).is_some();
+        if *d || s {
+            wanted += 1;
+            if wanted >= window_blocks {
+                return i + 1;
+            }
+        }
+    }
+    span
+}
+
 /// The byte ranges (relative to a window of `n` blocks, `len` bytes) of
 /// the blocks `wanted` selects, merged.
 pub fn wanted_ranges(
@@ -931,7 +994,34 @@ pub fn open_clone(item_dir: &Path, meta: &SnapMeta) -> Result<FileImage> {
 
 #[cfg(test)]
 mod tests {
-    use super::is_zero;
+    use super::{MAX_SPAN_WINDOWS, is_zero, window_span};
+    use crate::cbt::{Hint, HintSource};
+
+    #[test]
+    fn a_hinted_window_spans_until_it_holds_a_windows_worth_of_blocks_to_read() {
+        let bs = 4096;
+        // Without a hint: plain windows, the last one short.
+        assert_eq!(window_span(None, bs, 0, 1000, 256), 256);
+        assert_eq!(window_span(None, bs, 900, 1000, 256), 100);
+        // Dirty blocks 0..100 and 5000..5200, samples at 300 and 301: the
+        // first window ends at the 256th block to read (block 5153).
+        let hint = Hint::new(HintSource::List, vec![0..100 * bs, 5000 * bs..5200 * bs]);
+        let samples = [300, 301];
+        let h = Some((&hint, &samples[..]));
+        assert_eq!(window_span(h, bs, 0, 100_000, 256), 5154);
+        // From there, 46 dirty blocks are left: the window runs to the
+        // most a window may span.
+        assert_eq!(
+            window_span(h, bs, 5154, 100_000, 256),
+            256 * MAX_SPAN_WINDOWS
+        );
+        // And never past the image's end.
+        assert_eq!(window_span(h, bs, 5154, 6000, 256), 846);
+        // A dense hint gives plain windows.
+        let whole: std::ops::Range<u64> = 0..100_000 * bs;
+        let all = Hint::new(HintSource::List, std::iter::once(whole).collect());
+        assert_eq!(window_span(Some((&all, &[])), bs, 0, 100_000, 256), 256);
+    }
 
     #[test]
     fn zero_detection() {

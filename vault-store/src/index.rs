@@ -22,7 +22,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    ColumnFamilyDescriptor, DB, FlushOptions, IteratorMode, Options, WriteBatch, WriteOptions,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -659,6 +661,22 @@ impl Index {
         self.db.write_opt(batch, &wo).map_err(|e| self.err(e))
     }
 
+    /// Writes every column family's memtable out to table files, so that
+    /// the next open of the index (each backup, restore and listing opens
+    /// it) replays no write-ahead log. Only an optimisation: what it
+    /// flushes is durable in the log already.
+    pub fn flush(&self) -> Result<()> {
+        let handles: Vec<&rocksdb::ColumnFamily> = ALL_CFS
+            .iter()
+            .filter_map(|n| self.db.cf_handle(n))
+            .collect();
+        let mut opts = FlushOptions::default();
+        opts.set_wait(true);
+        self.db
+            .flush_cfs_opt(&handles, &opts)
+            .map_err(|e| self.err(e))
+    }
+
     /// Where chunk `id` lives, if it is indexed.
     pub fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkLocation>> {
         match self.get(Cf::Chunks, id.as_bytes())? {
@@ -738,6 +756,27 @@ impl Index {
                 RefEntry::decode(&v).ok_or_else(|| self.corrupt("reference count", id.to_string()))
             })
             .transpose()
+    }
+
+    /// The reference counts of `ids` (in their order), read in one batch
+    /// (lookups grouped by table block); `sorted` when `ids` are in key
+    /// order, which spares RocksDB sorting them.
+    pub fn chunk_refs(&self, ids: &[ChunkId], sorted: bool) -> Result<Vec<Option<RefEntry>>> {
+        let Some(handle) = self.db.cf_handle(Cf::Refs.name()) else {
+            return Ok(vec![None; ids.len()]);
+        };
+        let keys: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes().as_slice()).collect();
+        self.db
+            .batched_multi_get_cf(handle, keys.iter().copied(), sorted)
+            .into_iter()
+            .zip(ids)
+            .map(|(v, id)| match v.map_err(|e| self.err(e))? {
+                None => Ok(None),
+                Some(v) => RefEntry::decode(&v)
+                    .map(Some)
+                    .ok_or_else(|| self.corrupt("reference count", id.to_string())),
+            })
+            .collect()
     }
 
     /// Up to `limit` chunks on GC's work list (count 0), after `after`.

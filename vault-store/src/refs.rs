@@ -92,7 +92,30 @@ impl<'a> RefCounter<'a> {
             e.count += 1;
             if e.count == 1 && e.kind != ChunkKind::Data {
                 let kind = e.kind;
-                stack.extend(nodes.children(&id, kind)?);
+                let children = nodes.children(&id, kind)?;
+                self.prefetch(&children)?;
+                stack.extend(children);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the counts of those of `ids` the overlay lacks, in one batch
+    /// (a new leaf's thousand entries cost one multi-get, not a thousand
+    /// lookups).
+    fn prefetch(&mut self, ids: &[ChunkId]) -> Result<()> {
+        let mut missing: Vec<ChunkId> = ids
+            .iter()
+            .filter(|id| !self.overlay.contains_key(*id))
+            .copied()
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        for (id, e) in missing.iter().zip(self.index.chunk_refs(&missing, true)?) {
+            // A missing count is reported by `entry`, in order.
+            if let Some(e) = e {
+                self.overlay.insert(*id, e);
+                self.committed.insert(*id, e);
             }
         }
         Ok(())

@@ -347,72 +347,88 @@ pub fn transfer(
             })
         });
         let window = snapshot.window_for(first, n, offset, len, wanted.as_deref())?;
-        // Which blocks are zero, the same as before, or already stored.
-        let classes: Vec<Result<Outcome>> = pool.install(|| {
-            (0..n)
-                .into_par_iter()
-                .map(|i| {
-                    // A checked hint's clean blocks are the parent's, unread
-                    // (unless the parent's chunk is damaged: reading heals it).
-                    if dirty.as_ref().is_some_and(|d| d.get(i) == Some(&false)) {
-                        match prev.get(i).copied().flatten() {
-                            None => return Ok(Outcome::Zero),
-                            Some(id) if !session.is_damaged(&id) => return Ok(Outcome::Same(id)),
-                            Some(_) => {}
-                        }
-                    }
-                    let block = window.block(i);
-                    if let Some((None, Some(bytes))) = block {
-                        transfer_read
-                            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    // Chunk snapshots know each block's id already; clones
-                    // are hashed here.
-                    let id = match block {
-                        None | Some((None, None)) => return Ok(Outcome::Zero),
-                        Some((Some(id), _)) => id,
-                        Some((None, Some(bytes))) if is_zero(bytes) => return Ok(Outcome::Zero),
-                        Some((None, Some(bytes))) => ChunkId::of(bytes),
-                    };
-                    if prev.get(i).copied().flatten() == Some(id) && !session.is_damaged(&id) {
-                        return Ok(Outcome::Same(id));
-                    }
-                    if session.contains(&id)? {
-                        return Ok(Outcome::Known(id));
-                    }
-                    Ok(Outcome::Needed(id))
-                })
-                .collect()
-        });
+        // Which blocks are zero, the same as before, or already stored. A
+        // chunk snapshot knows every id (nothing to read or hash): that is
+        // too little work to hand to the pool.
+        let knows_ids = matches!(window, SnapWindow::Chunks { .. });
+        let classify = |i: usize| -> Result<Outcome> {
+            // A checked hint's clean blocks are the parent's, unread
+            // (unless the parent's chunk is damaged: reading heals it).
+            if dirty.as_ref().is_some_and(|d| d.get(i) == Some(&false)) {
+                match prev.get(i).copied().flatten() {
+                    None => return Ok(Outcome::Zero),
+                    Some(id) if !session.is_damaged(&id) => return Ok(Outcome::Same(id)),
+                    Some(_) => {}
+                }
+            }
+            let block = window.block(i);
+            if let Some((None, Some(bytes))) = block {
+                transfer_read.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            // Chunk snapshots know each block's id already; clones
+            // are hashed here.
+            let id = match block {
+                None | Some((None, None)) => return Ok(Outcome::Zero),
+                Some((Some(id), _)) => id,
+                Some((None, Some(bytes))) if is_zero(bytes) => return Ok(Outcome::Zero),
+                Some((None, Some(bytes))) => ChunkId::of(bytes),
+            };
+            if prev.get(i).copied().flatten() == Some(id) && !session.is_damaged(&id) {
+                return Ok(Outcome::Same(id));
+            }
+            if session.contains(&id)? {
+                return Ok(Outcome::Known(id));
+            }
+            Ok(Outcome::Needed(id))
+        };
+        let classes: Vec<Result<Outcome>> = if knows_ids {
+            (0..n).map(classify).collect()
+        } else {
+            pool.install(|| (0..n).into_par_iter().map(classify).collect())
+        };
         let previous = ready.take();
-        let (outcomes, appended) = pool.install(|| {
-            rayon::join(
-                || {
-                    classes
-                        .into_par_iter()
-                        .enumerate()
-                        .map(|(i, class)| match class? {
-                            Outcome::Needed(id) => new_record(
-                                &window,
-                                i,
-                                id,
-                                first + i as u64,
-                                block_size,
-                                snap,
-                                &encoders,
-                                &records,
-                                adoption,
-                            ),
-                            other => Ok(other),
-                        })
-                        .collect::<Vec<_>>()
-                },
-                || match previous {
-                    Some((outcomes, prev)) => map.append(&mut session, outcomes, &prev),
-                    None => Ok(()),
-                },
-            )
-        });
+        let record = |(i, class): (usize, Result<Outcome>)| match class? {
+            Outcome::Needed(id) => new_record(
+                &window,
+                i,
+                id,
+                first + i as u64,
+                block_size,
+                snap,
+                &encoders,
+                &records,
+                adoption,
+            ),
+            other => Ok(other),
+        };
+        // An adopted pack's records are indexed where they lie, unread:
+        // again too little work for the pool.
+        let light = knows_ids && adoption.is_some()
+            || !classes.iter().any(|c| matches!(c, Ok(Outcome::Needed(_))));
+        let (outcomes, appended) = if light {
+            let appended = match previous {
+                Some((outcomes, prev)) => map.append(&mut session, outcomes, &prev),
+                None => Ok(()),
+            };
+            let outcomes: Vec<_> = classes.into_iter().enumerate().map(record).collect();
+            (outcomes, appended)
+        } else {
+            pool.install(|| {
+                rayon::join(
+                    || {
+                        classes
+                            .into_par_iter()
+                            .enumerate()
+                            .map(record)
+                            .collect::<Vec<_>>()
+                    },
+                    || match previous {
+                        Some((outcomes, prev)) => map.append(&mut session, outcomes, &prev),
+                        None => Ok(()),
+                    },
+                )
+            })
+        };
         appended?;
         window.finish()?;
         ready = Some((outcomes, prev));
