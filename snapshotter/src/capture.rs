@@ -880,7 +880,7 @@ fn chunk_pass(
 }
 
 /// Most windows one window of a hinted pass may span.
-const MAX_SPAN_WINDOWS: usize = 64;
+pub const MAX_SPAN_WINDOWS: usize = 64;
 
 /// How many blocks from `first` (of `blocks`) the next window of a pass
 /// spans: `window_blocks`, or with a hint (its dirty extents and sorted
@@ -888,7 +888,7 @@ const MAX_SPAN_WINDOWS: usize = 64;
 /// [`MAX_SPAN_WINDOWS`] windows. A sparse hint's window then still gives
 /// the pool enough work to share between its threads, and the records in
 /// memory stay bounded by `window_blocks`.
-fn window_span(
+pub fn window_span(
     hint: Option<(&Hint, &[u64])>,
     bs: u64,
     first: u64,

@@ -180,23 +180,38 @@ impl FileImage {
     /// Maps `offset..offset+len`; with `readahead`, the kernel also
     /// starts reading the next window into the page cache, so the disk
     /// works while this window is hashed and compressed.
-    fn map_window(&self, offset: u64, len: usize, readahead: bool) -> Result<Window<'_>> {
+    /// Maps `offset..offset+len`. A caller that reads all of it (`wanted`
+    /// is `None`) gets the next window read ahead and sequential access;
+    /// one that reads parts only (changed blocks) gets exactly those parts
+    /// read ahead, and no read-ahead beyond them: sequential read-ahead
+    /// would read the clean parts too (a whole 2 GiB clone, through a loop
+    /// device, for 130 MiB of change).
+    fn map_window(
+        &self,
+        offset: u64,
+        len: usize,
+        wanted: Option<&[Range<usize>]>,
+    ) -> Result<Window<'_>> {
         let data = self.data_ranges(offset, len);
-        if readahead && offset + (len as u64) < self.size {
-            use std::os::fd::AsRawFd;
-            // Only the next window's data: reading ahead a hole makes the
-            // kernel allocate and zero page-cache pages for it.
-            let next = offset + len as u64;
-            let next_len = (self.size - next).min(len as u64) as usize;
-            for r in self.data_ranges(next, next_len) {
-                // SAFETY: an advisory call on a descriptor we own.
-                unsafe {
-                    libc::posix_fadvise(
-                        self.file.as_raw_fd(),
-                        (next + r.start as u64) as libc::off_t,
-                        (r.end - r.start) as libc::off_t,
-                        libc::POSIX_FADV_WILLNEED,
-                    );
+        match wanted {
+            None if offset + (len as u64) < self.size => {
+                // Only the next window's data: reading ahead a hole makes the
+                // kernel allocate and zero page-cache pages for it.
+                let next = offset + len as u64;
+                let next_len = (self.size - next).min(len as u64) as usize;
+                for r in self.data_ranges(next, next_len) {
+                    self.will_need(next, r);
+                }
+            }
+            None => {}
+            Some(wanted) => {
+                for w in wanted {
+                    for d in &data {
+                        let r = w.start.max(d.start)..w.end.min(d.end);
+                        if r.start < r.end {
+                            self.will_need(offset, r);
+                        }
+                    }
                 }
             }
         }
@@ -218,7 +233,9 @@ impl FileImage {
                     source: e,
                 }
             })?;
-        let _ = map.advise(Advice::Sequential);
+        if wanted.is_none() {
+            let _ = map.advise(Advice::Sequential);
+        }
         let guard = sigbus::Guard::new(map.as_ptr(), map.len());
         Ok(Window {
             guard: Some(guard),
@@ -226,6 +243,27 @@ impl FileImage {
             data,
             path: &self.path,
         })
+    }
+
+    /// `offset..offset+len` for a caller that reads just that (a sampled
+    /// block): nothing around it is read ahead.
+    pub fn part(&self, offset: u64, len: usize) -> Result<Window<'_>> {
+        let all: Range<usize> = 0..len;
+        self.map_window(offset, len, Some(std::slice::from_ref(&all)))
+    }
+
+    /// Asks the kernel to start reading `range` (relative to `base`).
+    fn will_need(&self, base: u64, range: Range<usize>) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: an advisory call on a descriptor we own.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                (base + range.start as u64) as libc::off_t,
+                (range.end - range.start) as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
     }
 
     /// Data ranges of `offset..offset+len`, relative to `offset`.
@@ -299,15 +337,13 @@ impl ImageSource for FileImage {
     }
 
     fn window(&self, offset: u64, len: usize) -> Result<Window<'_>> {
-        self.map_window(offset, len, true)
+        self.map_window(offset, len, None)
     }
 
     fn window_for(&self, offset: u64, len: usize, wanted: &[Range<usize>]) -> Result<Window<'_>> {
-        // A caller reading parts only (changed blocks) gets no read-ahead:
-        // it would read the clean parts from disk.
         let whole =
             wanted.len() == 1 && wanted.first().is_some_and(|w| w.start == 0 && w.end >= len);
-        self.map_window(offset, len, whole)
+        self.map_window(offset, len, (!whole).then_some(wanted))
     }
 
     fn change_stamp(&self) -> Option<ChangeStamp> {
@@ -385,6 +421,53 @@ impl ImageSource for MemImage {
 mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
+
+    /// Pages of `path` resident in the page cache, in `range` (bytes).
+    fn resident(path: &Path, range: Range<usize>) -> usize {
+        let file = File::open(path).unwrap();
+        let map = unsafe { MmapOptions::new().map(&file) }.unwrap();
+        let page = 4096;
+        let mut vec = vec![0u8; range.len().div_ceil(page)];
+        let r = unsafe {
+            libc::mincore(
+                map.as_ptr().add(range.start) as *mut libc::c_void,
+                range.len(),
+                vec.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        vec.iter().filter(|&&v| v & 1 == 1).count()
+    }
+
+    #[test]
+    fn a_part_read_reads_nothing_ahead_and_a_window_reads_the_next_one() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        let mut f = File::create(&p).unwrap();
+        f.write_all(&vec![7u8; 48 << 20]).unwrap();
+        f.sync_all().unwrap();
+        let drop_cache = || unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        };
+        drop_cache();
+        if resident(&p, 0..48 << 20) > 0 {
+            eprintln!("SKIP: the page cache keeps {} (tmpfs?)", p.display());
+            return;
+        }
+        let img = FileImage::open(&p).unwrap();
+        let w = img.part(1 << 20, 65536).unwrap();
+        assert!(w.bytes().iter().all(|&b| b == 7));
+        w.finish().unwrap();
+        // Nothing past the block: a sampled block pulls in no window.
+        assert_eq!(resident(&p, ((1 << 20) + 65536)..(48 << 20)), 0);
+        drop_cache();
+        // A whole window asks for the next one.
+        let w = img.window(0, 16 << 20).unwrap();
+        w.finish().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(resident(&p, (16 << 20)..(32 << 20)) > 0);
+    }
 
     #[test]
     fn holes_are_found() {

@@ -28,7 +28,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use coffre_snapshotter::area::{Area, AreaIdentity};
-use coffre_snapshotter::capture::{CaptureRequest, Captured, WINDOW_BYTES, capture, is_zero};
+use coffre_snapshotter::capture::{
+    CaptureRequest, Captured, WINDOW_BYTES, capture, is_zero, window_span,
+};
 use coffre_snapshotter::cbt::{
     CbtRecord, Hint, Parent, Sampling, fallback_warning, sample_mismatch,
 };
@@ -331,7 +333,15 @@ pub fn transfer(
         if stop() {
             return Err(EngineError::Abandoned);
         }
-        let n = window_blocks.min((blocks - first) as usize);
+        // A hint's windows span until they hold a window's worth of
+        // dirty blocks (its samples were read above).
+        let n = window_span(
+            hint.map(|h| (h, &[][..])),
+            u64::from(cfg.block_size),
+            first,
+            blocks,
+            window_blocks,
+        );
         let offset = first * block_size as u64;
         let len = (size - offset).min((n * block_size) as u64) as usize;
         let prev: Vec<Entry> = match prev_map.as_mut() {
@@ -384,7 +394,14 @@ pub fn transfer(
         let classes: Vec<Result<Outcome>> = if knows_ids {
             (0..n).map(classify).collect()
         } else {
-            pool.install(|| (0..n).into_par_iter().map(classify).collect())
+            // Block by block: a clone's dirty blocks may all sit in a few.
+            pool.install(|| {
+                (0..n)
+                    .into_par_iter()
+                    .with_max_len(1)
+                    .map(classify)
+                    .collect()
+            })
         };
         let previous = ready.take();
         let record = |(i, class): (usize, Result<Outcome>)| match class? {
@@ -418,6 +435,7 @@ pub fn transfer(
                     || {
                         classes
                             .into_par_iter()
+                            .with_max_len(1)
                             .enumerate()
                             .map(record)
                             .collect::<Vec<_>>()
@@ -537,7 +555,7 @@ fn transfer_hint<'s>(
         for &b in &samples {
             let offset = b * bs;
             let len = (size - offset).min(bs) as usize;
-            let window = image.window(offset, len)?;
+            let window = image.part(offset, len)?;
             let data = (!window.is_hole(0..len)).then(|| window.bytes());
             if data.is_some() {
                 bytes_read.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
