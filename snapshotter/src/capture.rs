@@ -724,46 +724,60 @@ fn chunk_pass(
                 ))
             })
         };
+        // A source that fetches its bytes (NBD) fetches the next window
+        // on a thread of its own while the pool works on this one.
+        let (plan_tx, plan_rx) = std::sync::mpsc::sync_channel::<Result<Planned<'_>>>(0);
+        let fetcher = if source.fetches() {
+            let spawned = std::thread::Builder::new()
+                .name("coffre-fetch".into())
+                .spawn_scoped(scope, move || {
+                    let mut at = 0;
+                    while at < blocks {
+                        let planned = plan_window(source, hint, bs, at, window_blocks);
+                        let stop = planned.is_err();
+                        at += planned.as_ref().map_or(0, |p| p.n as u64);
+                        if plan_tx.send(planned).is_err() || stop {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| {
+                    SnapError::damaged(source.path(), format!("cannot start the fetcher: {e}"))
+                })?;
+            Some(spawned)
+        } else {
+            drop(plan_tx);
+            None
+        };
         while first < blocks {
             if (req.cancelled)() {
                 return Err(SnapError::Cancelled {
                     path: source.path().to_path_buf(),
                 });
             }
-            let n = window_span(hint, bs as u64, first, blocks, window_blocks);
-            let offset = first * bs as u64;
-            let len = (size - offset).min((n * bs) as u64) as usize;
+            let planned = match fetcher {
+                Some(_) => plan_rx.recv().map_err(|_| {
+                    SnapError::damaged(source.path(), "the fetcher stopped early")
+                })??,
+                None => plan_window(source, hint, bs, first, window_blocks)?,
+            };
+            let Planned {
+                n,
+                len,
+                dirty,
+                sampled,
+                ranges,
+                window,
+            } = planned;
+            read.sampled += sampled.iter().filter(|&&s| s).count() as u64;
             let before: Vec<SnapEntry> = match prev.as_mut() {
                 Some(r) => r.next_entries(n)?,
                 None => Vec::new(),
-            };
-            // Which blocks are read: all of them, or a hint's dirty and
-            // sampled ones.
-            let (dirty, sampled) = match hint {
-                Some((h, samples)) => {
-                    let mut sampled = vec![false; n];
-                    let from = samples.partition_point(|&b| b < first);
-                    for &b in samples.get(from..).unwrap_or_default() {
-                        match sampled.get_mut((b - first) as usize) {
-                            Some(flag) => *flag = true,
-                            None => break,
-                        }
-                    }
-                    read.sampled += sampled.iter().filter(|&&s| s).count() as u64;
-                    (Some(h.dirty_mask(bs as u64, first, n)), sampled)
-                }
-                None => (None, Vec::new()),
             };
             let wanted = |i: usize| {
                 dirty.as_ref().is_none_or(|d| {
                     d.get(i).copied().unwrap_or(true) || sampled.get(i) == Some(&true)
                 })
-            };
-            let ranges = wanted_ranges(n, bs, len, &wanted);
-            let window = if ranges.is_empty() {
-                None
-            } else {
-                Some(source.window_for(offset, len, &ranges)?)
             };
             let out: Vec<Result<Block>> = req.pool.install(|| {
                 // Each block is copied out of the mapping before it is
@@ -877,6 +891,68 @@ fn chunk_pass(
     read.mismatches = mismatches.into_inner();
     read.first_mismatch = Some(first_mismatch.into_inner()).filter(|&b| b != u64::MAX);
     Ok(read)
+}
+
+/// One window of a pass, planned and fetched: which of its blocks are
+/// dirty and sampled (with a hint), the byte ranges to read, and the
+/// window itself (`None` when nothing in it is read).
+struct Planned<'s> {
+    n: usize,
+    len: usize,
+    dirty: Option<Vec<bool>>,
+    sampled: Vec<bool>,
+    ranges: Vec<std::ops::Range<usize>>,
+    window: Option<crate::source::Window<'s>>,
+}
+
+/// Plans and fetches the window of a pass that starts at block `first`.
+fn plan_window<'s>(
+    source: &'s dyn ImageSource,
+    hint: Option<(&Hint, &[u64])>,
+    bs: usize,
+    first: u64,
+    window_blocks: usize,
+) -> Result<Planned<'s>> {
+    let size = source.size();
+    let blocks = block_count(size, bs as u32);
+    let n = window_span(hint, bs as u64, first, blocks, window_blocks);
+    let offset = first * bs as u64;
+    let len = (size - offset).min((n * bs) as u64) as usize;
+    // Which blocks are read: all of them, or a hint's dirty and sampled
+    // ones.
+    let (dirty, sampled) = match hint {
+        Some((h, samples)) => {
+            let mut sampled = vec![false; n];
+            let from = samples.partition_point(|&b| b < first);
+            for &b in samples.get(from..).unwrap_or_default() {
+                match sampled.get_mut((b - first) as usize) {
+                    Some(flag) => *flag = true,
+                    None => break,
+                }
+            }
+            (Some(h.dirty_mask(bs as u64, first, n)), sampled)
+        }
+        None => (None, Vec::new()),
+    };
+    let wanted = |i: usize| {
+        dirty
+            .as_ref()
+            .is_none_or(|d| d.get(i).copied().unwrap_or(true) || sampled.get(i) == Some(&true))
+    };
+    let ranges = wanted_ranges(n, bs, len, &wanted);
+    let window = if ranges.is_empty() {
+        None
+    } else {
+        Some(source.window_for(offset, len, &ranges)?)
+    };
+    Ok(Planned {
+        n,
+        len,
+        dirty,
+        sampled,
+        ranges,
+        window,
+    })
 }
 
 /// Most windows one window of a hinted pass may span.

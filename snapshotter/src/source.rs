@@ -35,6 +35,12 @@ pub trait ImageSource: Sync {
     }
     /// Fails with [`SnapError::SourceChanged`] if the image changed size.
     fn check_unchanged(&self) -> Result<()>;
+    /// True when a window's bytes are fetched (over the wire) when it is
+    /// made, rather than mapped: a pass then fetches the next window while
+    /// it works on this one.
+    fn fetches(&self) -> bool {
+        false
+    }
     /// True when `path()` is a file read through a server coffre started
     /// (a qcow2 behind `qemu-nbd`): the file is not the raw image, so it is
     /// never cloned as a snapshot, and the server's image lock on it is

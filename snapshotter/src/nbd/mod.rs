@@ -367,6 +367,10 @@ impl ImageSource for NbdImage {
     fn served(&self) -> bool {
         self.server.is_some()
     }
+
+    fn fetches(&self) -> bool {
+        true
+    }
 }
 
 /// `0..len` minus the sorted, disjoint `holes`.
