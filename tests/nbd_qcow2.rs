@@ -315,3 +315,49 @@ fn a_qcow2_file_is_an_item_through_coffres_own_qemu_nbd() {
     drop(holder);
     assert!(err.contains("backup-begin"), "{err}");
 }
+
+#[test]
+fn an_export_that_dies_mid_backup_fails_the_job_cleanly_and_the_next_backup_works() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let img = prepared(t.path());
+    let mut e = Export::start(&img, "b0", t.path());
+    // Slowed to about four seconds, so the server can die mid-way: the
+    // pass fetches its windows on a thread of its own, whose error must
+    // end the job (not hang it, not commit a point).
+    let child = coffre()
+        .args([
+            "backup",
+            "--vault",
+            s(&vault),
+            "--rate-limit",
+            "16M",
+            &e.uri,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    let _ = e.child.kill();
+    let _ = e.child.wait();
+    let t0 = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "the backup hung after its export died"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a backup of a dead export succeeded");
+    assert!(err.contains("NBD export"), "{err}");
+    assert!(vault_points(&vault, "vm").is_empty());
+    // A new export: the next backup runs to its end and restores exactly.
+    let e = Export::start(&img, "b0", t.path());
+    let b = backup(&vault, &e.uri, &[]);
+    assert_eq!(b["job"]["status"], "Completed", "{b}");
+    drop(e);
+    restores_like_convert(&vault, t.path(), &img);
+}
