@@ -3,10 +3,13 @@
 //! otherwise). The second backup's clone shares every unwritten extent
 //! with the first one's, so the transfer reads only the rewritten blocks
 //! (and the sample) and the point restores byte-identical; without the
-//! previous clone the run is a full read.
+//! previous clone the run is a full read. A vault chunk found damaged is
+//! read again from the clone even where the hint calls its block clean,
+//! and the next backup heals it.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use crate::common::*;
 use crate::snapshot_clone_xfs::{backup_next_to_image as backup, mount_xfs};
@@ -59,4 +62,74 @@ fn reflink_sharing_tells_the_transfer_what_changed() {
     ok(&args);
     assert_same(&r, &img);
     ok(&["verify", "--vault", s(&vault), "--read-data"]);
+}
+
+/// Flips a byte inside the record of chunk `id` in `vault`'s segments;
+/// false when no segment holds it.
+fn damage_record(vault: &Path, id: &[u8; 32]) -> bool {
+    for seg in segment_files(vault) {
+        let b = std::fs::read(&seg).unwrap();
+        let mut at = 32usize;
+        while at + 56 <= b.len() && &b[at..at + 4] == b"CFCK" {
+            let stored = u32::from_le_bytes(b[at + 12..at + 16].try_into().unwrap()) as usize;
+            if &b[at + 16..at + 48] == id {
+                let f = OpenOptions::new().write(true).open(&seg).unwrap();
+                let flip = [b[at + 56 + stored / 2] ^ 0x5a];
+                f.write_all_at(&flip, (at + 56 + stored / 2) as u64)
+                    .unwrap();
+                return true;
+            }
+            at += 56 + stored;
+        }
+    }
+    false
+}
+
+#[test]
+fn a_damaged_chunk_under_a_clean_block_is_read_from_the_clone_and_healed() {
+    let t = tempfile::tempdir().unwrap();
+    let Some(xfs) = mount_xfs(t.path()) else {
+        return;
+    };
+    let vault = t.path().join("vault");
+    ok(&["vault", "create", "--vault", s(&vault)]);
+    let img = xfs.mnt.join("vm.img");
+    mixed_image(&img, 64 << 20, 93);
+    backup(&vault, &img);
+    // A block with data from 8 MiB on: its chunk is damaged in the vault,
+    // and found so.
+    let file = std::fs::File::open(&img).unwrap();
+    let mut block = vec![0u8; 64 << 10];
+    let mut at = 8u64 << 20;
+    loop {
+        file.read_exact_at(&mut block, at).unwrap();
+        if block.iter().any(|&b| b != 0) {
+            break;
+        }
+        at += 64 << 10;
+        assert!(at < 32 << 20, "no data between 8 and 32 MiB");
+    }
+    let id = *blake3::hash(&block).as_bytes();
+    assert!(damage_record(&vault, &id), "no record of the block at {at}");
+    let found = run(&["verify", "--vault", s(&vault), "--read-data"]);
+    assert_eq!(found.status.code(), Some(3), "the damage was not found");
+    // A guest write elsewhere: the hint calls that block clean.
+    let f = OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&[0xa5; 200 << 10], 40 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let b2 = backup(&vault, &img);
+    assert_eq!(b2["job"]["stats"]["cbt"]["used"], true, "{b2}");
+    // It was read from the clone all the same, and stored whole again.
+    let healed = json(&["verify", "--vault", s(&vault), "--read-data"]);
+    assert_eq!(
+        healed["unrecoverable"].as_array().unwrap().len(),
+        0,
+        "{healed}"
+    );
+    let r = t.path().join("r.img");
+    let mut args = restore_args(&vault, "vm", None, &r, false);
+    args.extend(["--from", "vault"]);
+    ok(&args);
+    assert_same(&r, &img);
 }

@@ -1065,7 +1065,7 @@ pub fn open_clone(item_dir: &Path, meta: &SnapMeta) -> Result<FileImage> {
         .clone
         .as_deref()
         .ok_or_else(|| SnapError::damaged(item_dir, "not a clone snapshot"))?;
-    FileImage::open(&item_dir.join(name))
+    Ok(FileImage::open(&item_dir.join(name))?.with_direct_reads())
 }
 
 #[cfg(test)]

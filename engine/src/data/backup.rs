@@ -349,11 +349,16 @@ pub fn transfer(
             None => vec![None; n],
         };
         let dirty = hint.map(|h| h.dirty_mask(u64::from(cfg.block_size), first, n));
-        // With a hint only the dirty blocks of a clone are read (and the
-        // parent's damaged ones, which the mapping still covers).
+        // With a hint only the dirty blocks of a clone are read, and the
+        // clean ones whose parent chunk is damaged (reading heals it).
         let wanted = dirty.as_ref().map(|d| {
             coffre_snapshotter::capture::wanted_ranges(n, block_size, len, &|i| {
                 d.get(i).copied().unwrap_or(true)
+                    || prev
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|id| session.is_damaged(&id))
             })
         });
         let window = snapshot.window_for(first, n, offset, len, wanted.as_deref())?;
