@@ -19,17 +19,7 @@ fn kill_minus_nine_mid_backup() {
     // Kill at three different depths into a slow backup of new data.
     for (round, wait_for) in [(0u64, 1u64 << 20), (1, 6 << 20), (2, 14 << 20)] {
         random_file(&img, 40 << 20, 100 + round);
-        let mut child = coffre()
-            .args([
-                "backup",
-                "--vault",
-                s(&vault),
-                "--rate-limit",
-                "16M",
-                s(&img),
-            ])
-            .spawn()
-            .unwrap();
+        let mut child = slow_backup(&vault, s(&img));
         let start = Instant::now();
         while segment_bytes(&vault) < committed + wait_for {
             assert!(

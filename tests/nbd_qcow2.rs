@@ -325,22 +325,10 @@ fn an_export_that_dies_mid_backup_fails_the_job_cleanly_and_the_next_backup_work
     let vault = new_vault(t.path(), &[]);
     let img = prepared(t.path());
     let mut e = Export::start(&img, "b0", t.path());
-    // Slowed to about four seconds, so the server can die mid-way: the
-    // pass fetches its windows on a thread of its own, whose error must
-    // end the job (not hang it, not commit a point).
-    let child = coffre()
-        .args([
-            "backup",
-            "--vault",
-            s(&vault),
-            "--rate-limit",
-            "16M",
-            &e.uri,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Slowed, so the server can die mid-way: the pass fetches its windows
+    // on a thread of its own, whose error must end the job (not hang it,
+    // not commit a point).
+    let child = slow_backup(&vault, &e.uri);
     std::thread::sleep(Duration::from_millis(1200));
     let _ = e.child.kill();
     let _ = e.child.wait();

@@ -12,18 +12,14 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::common::*;
-use crate::snapshot_clone_xfs::{backup_next_to_image as backup, mount_xfs};
+use crate::snapshot_clone_xfs::{backup_next_to_image as backup, xfs_vault};
 
 #[test]
 fn reflink_sharing_tells_the_transfer_what_changed() {
     let t = tempfile::tempdir().unwrap();
-    let Some(xfs) = mount_xfs(t.path()) else {
+    let Some((_xfs, vault, img)) = xfs_vault(t.path(), 128 << 20, 91) else {
         return;
     };
-    let vault = t.path().join("vault");
-    ok(&["vault", "create", "--vault", s(&vault)]);
-    let img = xfs.mnt.join("vm.img");
-    mixed_image(&img, 128 << 20, 91);
     let b1 = backup(&vault, &img);
     assert_eq!(b1["job"]["stats"]["snapshot_kind"], "clone", "{b1}");
     let cbt1 = &b1["job"]["stats"]["cbt"];
@@ -88,13 +84,9 @@ fn damage_record(vault: &Path, id: &[u8; 32]) -> bool {
 #[test]
 fn a_damaged_chunk_under_a_clean_block_is_read_from_the_clone_and_healed() {
     let t = tempfile::tempdir().unwrap();
-    let Some(xfs) = mount_xfs(t.path()) else {
+    let Some((_xfs, vault, img)) = xfs_vault(t.path(), 64 << 20, 93) else {
         return;
     };
-    let vault = t.path().join("vault");
-    ok(&["vault", "create", "--vault", s(&vault)]);
-    let img = xfs.mnt.join("vm.img");
-    mixed_image(&img, 64 << 20, 93);
     backup(&vault, &img);
     // A block with data from 8 MiB on: its chunk is damaged in the vault,
     // and found so.

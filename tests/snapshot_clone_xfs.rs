@@ -75,17 +75,25 @@ pub(crate) fn backup_next_to_image(vault: &Path, img: &Path) -> serde_json::Valu
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// A loop-mounted XFS in `dir` holding a generated image `vm.img` of
+/// `size` bytes (`seed`), and an empty vault next to it (not on the XFS);
+/// `None` (having said SKIP) where XFS cannot be mounted.
+pub(crate) fn xfs_vault(dir: &Path, size: u64, seed: u64) -> Option<(Xfs, PathBuf, PathBuf)> {
+    let xfs = mount_xfs(dir)?;
+    let vault = dir.join("vault");
+    ok(&["vault", "create", "--vault", s(&vault)]);
+    let img = xfs.mnt.join("vm.img");
+    mixed_image(&img, size, seed);
+    Some((xfs, vault, img))
+}
+
 #[test]
 fn clone_snapshots_on_xfs() {
     let t = tempfile::tempdir().unwrap();
-    let Some(xfs) = mount_xfs(t.path()) else {
+    // No --snapshot-area: the default place is what is tested.
+    let Some((xfs, vault, img)) = xfs_vault(t.path(), 256 << 20, 81) else {
         return;
     };
-    // No --snapshot-area: the default place is what is tested.
-    let vault = t.path().join("vault");
-    ok(&["vault", "create", "--vault", s(&vault)]);
-    let img = xfs.mnt.join("vm.img");
-    mixed_image(&img, 256 << 20, 81);
     let original = std::fs::read(&img).unwrap();
     // Default placement: the area is at the root of the image's filesystem
     // (the tests' COFFRE_SNAPSHOT_ROOT is elsewhere, so unset it here).

@@ -12,20 +12,7 @@ fn truncation_during_backup_is_a_clean_error() {
     let vault = new_vault(t.path(), &[]);
     let img = t.path().join("shrinking.img");
     random_file(&img, 64 << 20, 3);
-    // 16 MiB/s: the backup takes about four seconds.
-    let child = coffre()
-        .args([
-            "backup",
-            "--vault",
-            s(&vault),
-            "--rate-limit",
-            "16M",
-            s(&img),
-        ])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = slow_backup(&vault, s(&img));
     std::thread::sleep(Duration::from_millis(700));
     std::fs::OpenOptions::new()
         .write(true)

@@ -8,7 +8,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 /// Path of the binary under test.
 pub fn bin() -> PathBuf {
@@ -165,6 +165,18 @@ pub fn phase(job: &serde_json::Value, i: usize) -> &str {
 }
 
 /// Runs `coffre args…` and returns its output.
+/// `coffre backup --vault VAULT --rate-limit 16M SOURCE`, started and not
+/// waited for (about four seconds per 64 MiB of data: long enough for a
+/// test to break something under it), its output piped.
+pub fn slow_backup(vault: &Path, source: &str) -> Child {
+    coffre()
+        .args(["backup", "--vault", s(vault), "--rate-limit", "16M", source])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 pub fn run(args: &[&str]) -> Output {
     coffre().args(args).output().expect("run coffre")
 }
