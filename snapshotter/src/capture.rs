@@ -731,14 +731,24 @@ fn chunk_pass(
             let spawned = std::thread::Builder::new()
                 .name("coffre-fetch".into())
                 .spawn_scoped(scope, move || {
-                    let mut at = 0;
-                    while at < blocks {
-                        let planned = plan_window(source, hint, bs, at, window_blocks);
-                        let stop = planned.is_err();
-                        at += planned.as_ref().map_or(0, |p| p.n as u64);
-                        if plan_tx.send(planned).is_err() || stop {
-                            break;
+                    // A panic is reported as an error, never re-raised
+                    // when the scope joins this thread.
+                    let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let mut at = 0;
+                        while at < blocks {
+                            let planned = plan_window(source, hint, bs, at, window_blocks);
+                            let stop = planned.is_err();
+                            at += planned.as_ref().map_or(0, |p| p.n as u64);
+                            if plan_tx.send(planned).is_err() || stop {
+                                break;
+                            }
                         }
+                    }));
+                    if fetched.is_err() {
+                        let _ = plan_tx.send(Err(SnapError::damaged(
+                            source.path(),
+                            "the fetcher panicked",
+                        )));
                     }
                 })
                 .map_err(|e| {
