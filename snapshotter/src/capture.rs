@@ -784,11 +784,7 @@ fn chunk_pass(
                 Some(r) => r.next_entries(n)?,
                 None => Vec::new(),
             };
-            let wanted = |i: usize| {
-                dirty.as_ref().is_none_or(|d| {
-                    d.get(i).copied().unwrap_or(true) || sampled.get(i) == Some(&true)
-                })
-            };
+            let wanted = |i: usize| is_read(dirty.as_deref(), &sampled, i);
             let out: Vec<Result<Block>> = req.pool.install(|| {
                 // Each block is copied out of the mapping before it is
                 // hashed and compressed: a guest writing to the image
@@ -944,12 +940,7 @@ fn plan_window<'s>(
         }
         None => (None, Vec::new()),
     };
-    let wanted = |i: usize| {
-        dirty
-            .as_ref()
-            .is_none_or(|d| d.get(i).copied().unwrap_or(true) || sampled.get(i) == Some(&true))
-    };
-    let ranges = wanted_ranges(n, bs, len, &wanted);
+    let ranges = wanted_ranges(n, bs, len, &|i| is_read(dirty.as_deref(), &sampled, i));
     let window = if ranges.is_empty() {
         None
     } else {
@@ -963,6 +954,12 @@ fn plan_window<'s>(
         ranges,
         window,
     })
+}
+
+/// Whether a pass reads block `i` of its window: every block without a
+/// hint (`dirty` is `None`), else the dirty and the sampled ones.
+fn is_read(dirty: Option<&[bool]>, sampled: &[bool], i: usize) -> bool {
+    dirty.is_none_or(|d| d.get(i).copied().unwrap_or(true) || sampled.get(i) == Some(&true))
 }
 
 /// Most windows one window of a hinted pass may span: 256 MiB of 64 KiB

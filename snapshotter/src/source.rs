@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::{Advice, Mmap, MmapOptions};
 
-use coffre_vault_store::direct::{AlignedBuf, DIRECT_ALIGN};
+use coffre_vault_store::direct::{AlignedBuf, DIRECT_ALIGN, open_direct_read};
 
 use crate::error::{Result, SnapError};
 use crate::sigbus;
@@ -142,6 +142,20 @@ impl<'a> Window<'a> {
     }
 }
 
+/// The non-empty overlaps of each of `wanted` with each of `data`, in
+/// order when both are sorted and disjoint: the parts of a window that are
+/// both asked for and hold data.
+pub(crate) fn overlaps<'a>(
+    wanted: &'a [Range<usize>],
+    data: &'a [Range<usize>],
+) -> impl Iterator<Item = Range<usize>> + 'a {
+    wanted.iter().flat_map(move |w| {
+        data.iter()
+            .map(move |d| w.start.max(d.start)..w.end.min(d.end))
+            .filter(|r| r.start < r.end)
+    })
+}
+
 /// A raw disk image file or block device, read through memory mappings.
 #[derive(Debug)]
 pub struct FileImage {
@@ -196,12 +210,7 @@ impl FileImage {
     /// filesystem allows it; whole windows are still mapped. For a
     /// snapshot's clone, whose pages nobody else reads.
     pub fn with_direct_reads(mut self) -> FileImage {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.direct = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&self.path)
-            .ok();
+        self.direct = open_direct_read(&self.path);
         self
     }
 
@@ -224,17 +233,11 @@ impl FileImage {
         let mut buf = AlignedBuf::default();
         buf.reserve(cap);
         let mut pieces: Vec<Range<usize>> = Vec::new();
-        for w in wanted {
-            for d in data {
-                let (s, e) = (w.start.max(d.start), w.end.min(d.end));
-                if s >= e {
-                    continue;
-                }
-                let r = s / a * a..(e.div_ceil(a) * a).min(cap);
-                match pieces.last_mut() {
-                    Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
-                    _ => pieces.push(r),
-                }
+        for p in overlaps(wanted, data) {
+            let r = p.start / a * a..(p.end.div_ceil(a) * a).min(cap);
+            match pieces.last_mut() {
+                Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
+                _ => pieces.push(r),
             }
         }
         for r in pieces {
@@ -258,7 +261,7 @@ impl FileImage {
                 }
             }
         }
-        buf.reserve(len);
+        buf.truncate(len);
         Ok(Some(buf))
     }
 
@@ -298,13 +301,8 @@ impl FileImage {
             }
             None => {}
             Some(wanted) => {
-                for w in wanted {
-                    for d in &data {
-                        let r = w.start.max(d.start)..w.end.min(d.end);
-                        if r.start < r.end {
-                            self.will_need(offset, r);
-                        }
-                    }
+                for r in overlaps(wanted, &data) {
+                    self.will_need(offset, r);
                 }
             }
         }

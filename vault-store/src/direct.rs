@@ -41,6 +41,11 @@ impl AlignedBuf {
         self.len = len;
     }
 
+    /// Keeps the first `len` bytes (at most those reserved), as they are.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// The `len` bytes of the last [`AlignedBuf::reserve`].
     pub fn as_slice(&self) -> &[u8] {
         self.raw
@@ -59,12 +64,18 @@ impl AlignedBuf {
 /// Opens `path` a second time with `O_DIRECT`, for writing; `None` where
 /// the filesystem refuses it.
 pub fn open_direct(path: &Path) -> Option<File> {
+    open_direct_as(path, std::fs::OpenOptions::new().write(true))
+}
+
+/// Opens `path` a second time with `O_DIRECT`, for reading; `None` where
+/// the filesystem refuses it.
+pub fn open_direct_read(path: &Path) -> Option<File> {
+    open_direct_as(path, std::fs::OpenOptions::new().read(true))
+}
+
+fn open_direct_as(path: &Path, opts: &mut std::fs::OpenOptions) -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .ok()
+    opts.custom_flags(libc::O_DIRECT).open(path).ok()
 }
 
 /// How much an appender buffers before it writes.

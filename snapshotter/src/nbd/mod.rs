@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use crate::cbt::{Hint, HintSource};
 use crate::error::{Result, SnapError};
-use crate::source::{ImageSource, Window};
+use crate::source::{ImageSource, Window, overlaps};
 use wire::{Client, STATE_DIRTY, STATE_HOLE, STATE_ZERO, WireError};
 
 /// The `base:allocation` meta context.
@@ -331,16 +331,12 @@ impl ImageSource for NbdImage {
             }
             None => std::iter::once(0..len as u64).collect(),
         };
-        let mut ranges: Vec<Range<usize>> = Vec::new();
-        for w in wanted {
-            for d in &data {
-                let a = (w.start as u64).max(d.start) as usize;
-                let b = (w.end as u64).min(d.end) as usize;
-                if a < b {
-                    ranges.push(a..b);
-                }
-            }
-        }
+        // Both are relative to `offset`, within the window's `len` bytes.
+        let data: Vec<Range<usize>> = data
+            .iter()
+            .map(|d| d.start as usize..d.end as usize)
+            .collect();
+        let mut ranges: Vec<Range<usize>> = overlaps(wanted, &data).collect();
         ranges.sort_by_key(|r| r.start);
         let mut buf = vec![0u8; len];
         let mut requests = Vec::new();
