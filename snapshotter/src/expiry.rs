@@ -278,48 +278,15 @@ fn punch_dead(path: &Path, live: &mut [(u64, u64)]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::area::AreaIdentity;
-    use crate::capture::{CaptureRequest, capture};
-    use crate::hooks::Hooks;
     use crate::pack::RecordBuf;
-    use crate::progress::NoProgress;
     use crate::read::SnapshotBlocks;
-    use crate::source::MemImage;
-
-    const BS: usize = 65536;
+    use crate::test_support::{BS, area_in, noise, take_snapshot};
 
     fn take(area: &Area, vault: &Path, job: &str, image: &[u8], at: i64) -> SnapInfo {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
-        let src = MemImage::new("/mem.img", image.to_vec());
-        let c = capture(
-            &CaptureRequest {
-                source: &src,
-                area,
-                item: "vm",
-                job,
-                point: job,
-                block_size: BS as u32,
-                compression_level: 1,
-                created: Timestamp::from_second(at).unwrap(),
-                pool: &pool,
-                rate_limit: None,
-                cancelled: &|| false,
-                hooks: &Hooks::default(),
-                vault_dir: vault,
-                allow_clone: false,
-                hint: None,
-                sampling: Default::default(),
-                parent_point: None,
-            },
-            &NoProgress,
-        )
-        .unwrap();
-        let (header, meta, trailer) = summary(&c.manifest).unwrap();
+        let manifest = take_snapshot(area, vault, job, image, at);
+        let (header, meta, trailer) = summary(&manifest).unwrap();
         SnapInfo {
-            manifest: c.manifest,
+            manifest,
             header,
             meta,
             trailer,
@@ -344,35 +311,10 @@ mod tests {
         out
     }
 
-    fn noise(seed: u8, len: usize) -> Vec<u8> {
-        let mut x = u64::from(seed) + 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     #[test]
     fn day_two_stores_the_change_and_expiry_keeps_what_younger_snapshots_use() {
         let t = tempfile::tempdir().unwrap();
-        let vault = t.path().join("vault");
-        std::fs::create_dir(&vault).unwrap();
-        let owner = AreaIdentity {
-            vault_id: "v".into(),
-            vault_name: "v".into(),
-        };
-        let area = Area::for_image(
-            &vault,
-            &owner,
-            Some(&t.path().join("area")),
-            None,
-            Path::new("/mem.img"),
-        )
-        .unwrap();
+        let (vault, area) = area_in(t.path());
         let mut day = noise(1, 64 * BS);
         let s1 = take(&area, &vault, "j1", &day, 1_000);
         // Day two: 4 of 64 blocks change.

@@ -26,6 +26,8 @@ pub mod progress;
 pub mod read;
 pub mod sigbus;
 pub mod source;
+#[cfg(test)]
+mod test_support;
 pub mod throttle;
 
 pub use coffre_vault_store::catalog::Hooks;

@@ -169,6 +169,12 @@ impl PackReader {
         })
     }
 
+    /// Asks the kernel to start reading `offset..offset+len` into the page
+    /// cache (advice: failure is harmless).
+    pub fn will_need(&self, offset: u64, len: u64) {
+        coffre_vault_store::read_ahead::will_need(&self.file, offset, len);
+    }
+
     /// Reads the record of `id` at `offset..offset+len` into `buf.record`
     /// and checks its header, id and payload CRC (no decompression).
     pub fn read_raw(&self, id: &ChunkId, offset: u64, len: u32, buf: &mut RecordBuf) -> Result<()> {

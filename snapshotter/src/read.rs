@@ -7,6 +7,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use coffre_vault_store::ChunkId;
+use coffre_vault_store::read_ahead;
 
 use crate::capture::open_clone;
 use crate::error::{Result, SnapError};
@@ -20,6 +21,8 @@ pub struct SnapshotBlocks {
     header: SnapHeader,
     meta: SnapMeta,
     reader: Option<SnapReader<BufReader<File>>>,
+    /// Entries read ahead of the windows handed out.
+    ahead: Vec<SnapEntry>,
     packs: Vec<Option<PackReader>>,
     clone: Option<FileImage>,
 }
@@ -30,6 +33,8 @@ pub enum SnapWindow<'a> {
     Chunks {
         /// The window's entries.
         entries: Vec<SnapEntry>,
+        /// The next window's entries, already read from the manifest.
+        ahead: &'a [SnapEntry],
         /// The snapshot's packs.
         packs: &'a [Option<PackReader>],
         /// For messages.
@@ -85,6 +90,7 @@ impl SnapshotBlocks {
             header,
             meta,
             reader,
+            ahead: Vec::new(),
             packs,
             clone,
         })
@@ -140,15 +146,25 @@ impl SnapshotBlocks {
     ) -> Result<SnapWindow<'_>> {
         let _ = first;
         if let Some(r) = self.reader.as_mut() {
-            let entries = r.next_entries(n)?;
+            let mut entries = std::mem::take(&mut self.ahead);
+            if entries.len() > n {
+                self.ahead = entries.split_off(n);
+            } else {
+                entries.extend(r.next_entries(n - entries.len())?);
+            }
             if entries.len() != n {
                 return Err(SnapError::damaged(
                     &self.manifest,
                     format!("{} entries where {n} were expected", entries.len()),
                 ));
             }
+            // The next window's entries, read now so their records can be
+            // fetched while this window is used (fewer at the end).
+            let more = r.next_entries(n.saturating_sub(self.ahead.len()))?;
+            self.ahead.extend(more);
             return Ok(SnapWindow::Chunks {
                 entries,
+                ahead: &self.ahead,
                 packs: &self.packs,
                 manifest: &self.manifest,
             });
@@ -170,6 +186,9 @@ impl SnapshotBlocks {
 
     /// Checks the manifest's end once every window was read.
     pub fn finish(self) -> Result<()> {
+        if !self.ahead.is_empty() {
+            return Err(SnapError::damaged(&self.manifest, "entries left unread"));
+        }
         match self.reader {
             Some(r) => r.finish().map(|_| ()),
             None => Ok(()),
@@ -206,6 +225,7 @@ impl SnapWindow<'_> {
             entries,
             packs,
             manifest,
+            ..
         } = self
         else {
             return Err(SnapError::damaged("clone", "a clone has no records"));
@@ -224,6 +244,37 @@ impl SnapWindow<'_> {
                 )
             })?;
         Ok((pack, e))
+    }
+
+    /// Starts reading the records of this window and of the next into
+    /// the page cache: one request per run of records that lie close
+    /// together in a pack, so the decoders find them there instead of each
+    /// waiting for a small read of its own. A clone window does its own
+    /// read-ahead.
+    pub fn prefetch(&self) {
+        let SnapWindow::Chunks {
+            entries,
+            ahead,
+            packs,
+            ..
+        } = self
+        else {
+            return;
+        };
+        let ranges = entries
+            .iter()
+            .chain(ahead.iter())
+            .filter(|e| e.id.is_some())
+            .map(|e| {
+                let start = e.loc.offset;
+                (u64::from(e.loc.pack), start, start + u64::from(e.loc.len))
+            })
+            .collect();
+        for (pack, start, end) in read_ahead::runs(ranges) {
+            if let Some(Some(p)) = packs.get(pack as usize) {
+                p.will_need(start, end - start);
+            }
+        }
     }
 
     /// Where block `i`'s record is, for a chunk snapshot.
@@ -255,5 +306,105 @@ impl SnapWindow<'_> {
             SnapWindow::Clone { window, .. } => window.finish(),
             SnapWindow::Chunks { .. } => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{BS, area_in, drop_cached, noise, resident, take_snapshot};
+    use std::ops::Range;
+
+    /// A chunk snapshot of `image` in a new area under `dir`.
+    fn snapshot(dir: &Path, image: &[u8]) -> PathBuf {
+        let (vault, area) = area_in(dir);
+        take_snapshot(&area, &vault, "j1", image, 1_000)
+    }
+
+    /// Byte ranges of the records of blocks `blocks` in the snapshot's
+    /// pack.
+    fn record_ranges(manifest: &Path, blocks: Range<usize>) -> Vec<Range<usize>> {
+        let mut b = SnapshotBlocks::open(manifest).unwrap();
+        let n = b.header().blocks as usize;
+        let size = b.header().image_size as usize;
+        let w = b.window(0, n, 0, size).unwrap();
+        blocks
+            .filter_map(|i| w.loc(i).filter(|_| w.block(i).is_some()))
+            .map(|l| l.offset as usize..(l.offset + u64::from(l.len)) as usize)
+            .collect()
+    }
+
+    #[test]
+    fn windows_of_any_size_give_the_image_back_and_an_early_finish_is_an_error() {
+        let t = tempfile::tempdir().unwrap();
+        let mut image = noise(3, 64 * BS);
+        image[10 * BS..14 * BS].fill(0);
+        let manifest = snapshot(t.path(), &image);
+        let mut b = SnapshotBlocks::open(&manifest).unwrap();
+        let mut buf = RecordBuf::default();
+        let mut first = 0usize;
+        // Smaller and larger than the window before: the read-ahead
+        // entries are split and topped up.
+        for n in [5, 20, 1, 30, 8] {
+            let w = b
+                .window(first as u64, n, (first * BS) as u64, n * BS)
+                .unwrap();
+            w.prefetch();
+            for i in 0..n {
+                let at = (first + i) * BS;
+                match w.block(i) {
+                    None => assert!(image[at..at + BS].iter().all(|&x| x == 0)),
+                    Some((Some(id), _)) => {
+                        w.decode_record(i, &id, &mut buf).unwrap();
+                        assert_eq!(buf.plain(), &image[at..at + BS], "block {}", first + i);
+                    }
+                    Some((None, _)) => panic!("a chunk snapshot knows every id"),
+                }
+            }
+            w.finish().unwrap();
+            first += n;
+        }
+        assert_eq!(first, 64);
+        b.finish().unwrap();
+
+        let mut b = SnapshotBlocks::open(&manifest).unwrap();
+        b.window(0, 10, 0, 10 * BS).unwrap();
+        let e = b.finish().unwrap_err().to_string();
+        assert!(e.contains("entries left unread"), "{e}");
+    }
+
+    #[test]
+    fn prefetch_reads_this_window_and_the_next_into_the_cache_and_no_further() {
+        let t = tempfile::tempdir().unwrap();
+        let manifest = snapshot(t.path(), &noise(5, 96 * BS));
+        let mut b = SnapshotBlocks::open(&manifest).unwrap();
+        let (_, pack) = b.own_pack().unwrap();
+        if !drop_cached(&pack) {
+            eprintln!("SKIP: the page cache keeps {} (tmpfs?)", pack.display());
+            return;
+        }
+        let count = |ranges: &[Range<usize>]| -> usize {
+            ranges.iter().map(|r| resident(&pack, r.clone())).sum()
+        };
+        let wanted = record_ranges(&manifest, 0..64);
+        let beyond = record_ranges(&manifest, 66..96);
+        let pages: usize = wanted
+            .iter()
+            .map(|r| r.end.div_ceil(4096) - r.start / 4096)
+            .sum();
+        drop_cached(&pack);
+        let w = b.window(0, 32, 0, 32 * BS).unwrap();
+        assert_eq!(count(&wanted), 0);
+        w.prefetch();
+        // The advice starts reads; give them time to land.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while count(&wanted) < pages && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            count(&wanted) >= pages,
+            "the two windows' records were read ahead"
+        );
+        assert_eq!(count(&beyond), 0, "nothing past the next window was read");
     }
 }

@@ -511,24 +511,8 @@ impl ImageSource for MemImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::resident;
     use std::io::{Seek, SeekFrom, Write};
-
-    /// Pages of `path` resident in the page cache, in `range` (bytes).
-    fn resident(path: &Path, range: Range<usize>) -> usize {
-        let file = File::open(path).unwrap();
-        let map = unsafe { MmapOptions::new().map(&file) }.unwrap();
-        let page = 4096;
-        let mut vec = vec![0u8; range.len().div_ceil(page)];
-        let r = unsafe {
-            libc::mincore(
-                map.as_ptr().add(range.start) as *mut libc::c_void,
-                range.len(),
-                vec.as_mut_ptr(),
-            )
-        };
-        assert_eq!(r, 0);
-        vec.iter().filter(|&&v| v & 1 == 1).count()
-    }
 
     #[test]
     fn a_part_read_reads_nothing_ahead_and_a_window_reads_the_next_one() {

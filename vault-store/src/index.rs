@@ -687,6 +687,25 @@ impl Index {
         }
     }
 
+    /// Where each of `ids` lives (in their order; `None` where one is not
+    /// indexed), read in one batch.
+    pub fn chunk_locations(&self, ids: &[ChunkId]) -> Result<Vec<Option<ChunkLocation>>> {
+        let Some(handle) = self.db.cf_handle(Cf::Chunks.name()) else {
+            return Ok(vec![None; ids.len()]);
+        };
+        self.db
+            .batched_multi_get_cf(handle, ids.iter().map(|id| id.as_bytes().as_slice()), false)
+            .into_iter()
+            .zip(ids)
+            .map(|(v, id)| match v.map_err(|e| self.err(e))? {
+                None => Ok(None),
+                Some(v) => ChunkLocation::decode(&v)
+                    .map(Some)
+                    .ok_or_else(|| self.corrupt("chunk location", format!("chunk {id}"))),
+            })
+            .collect()
+    }
+
     /// Every indexed chunk, in id order.
     pub fn chunks(&self) -> Result<Vec<(ChunkId, ChunkLocation)>> {
         let mut out = Vec::new();

@@ -593,6 +593,23 @@ impl Vault {
         Err(first_err.unwrap_or(StoreError::ChunkMissing { id: *id }))
     }
 
+    /// Starts reading the records at `locs` on the copy reads try first,
+    /// in a few large runs, so that [`Vault::read_chunk_into`] finds them
+    /// in the page cache (advice only).
+    pub fn read_ahead(&self, locs: &[ChunkLocation]) {
+        let Some(c) = self.copies.readable().next() else {
+            return;
+        };
+        let ranges = locs
+            .iter()
+            .map(|l| (l.segment, l.offset, l.offset + u64::from(l.len)))
+            .collect();
+        for (segment, start, end) in crate::read_ahead::runs(ranges) {
+            c.store
+                .will_need(&segment_name(segment), start, end - start);
+        }
+    }
+
     /// Reads and fully checks the record at `loc` on one copy.
     pub fn read_copy(
         &self,
@@ -1677,6 +1694,86 @@ mod tests {
             .map(|id| r.index().chunk_ref(id).unwrap())
             .collect();
         assert_eq!(r.index().chunk_refs(&ids, true).unwrap(), sorted);
+    }
+
+    #[test]
+    fn locations_read_in_one_batch_and_read_ahead_brings_their_records_in() {
+        use crate::read_ahead::{drop_cached, resident};
+        let dir = tempfile::tempdir().unwrap();
+        let vdir = dir.path().join("v");
+        let v = Vault::create(&vdir, config()).unwrap();
+        // Incompressible blocks of 64 KiB: records of 64 KiB and more.
+        let blocks: Vec<Vec<u8>> = (0..64u32)
+            .map(|i| {
+                let mut b = vec![0u8; 65536];
+                blake3::Hasher::new()
+                    .update(&i.to_le_bytes())
+                    .finalize_xof()
+                    .fill(&mut b);
+                b
+            })
+            .collect();
+        let refs: Vec<&[u8]> = blocks.iter().map(|b| b.as_slice()).collect();
+        store_point(&v, 1, &refs);
+        let mut ids: Vec<ChunkId> = refs.iter().map(|b| ChunkId::of(b)).collect();
+        ids.insert(5, ChunkId::of(b"never stored"));
+        let batched = v.index().chunk_locations(&ids).unwrap();
+        let one_by_one: Vec<_> = ids.iter().map(|id| v.index().chunk(id).unwrap()).collect();
+        assert_eq!(batched, one_by_one);
+        assert_eq!(batched[5], None);
+        let locs: Vec<ChunkLocation> = batched.into_iter().flatten().collect();
+        assert_eq!(locs.len(), 64);
+        let seg =
+            |l: &ChunkLocation| std::fs::File::open(vdir.join(segment_name(l.segment))).unwrap();
+        let cached = |ls: &[ChunkLocation]| -> usize {
+            ls.iter()
+                .map(|l| resident(&seg(l), l.offset..l.offset + u64::from(l.len)).unwrap())
+                .sum()
+        };
+        let pages = |ls: &[ChunkLocation]| -> usize {
+            ls.iter()
+                .map(|l| {
+                    (l.offset + u64::from(l.len)).div_ceil(4096) as usize - l.offset as usize / 4096
+                })
+                .sum()
+        };
+        for l in &locs {
+            drop_cached(&seg(l));
+        }
+        if cached(&locs) > 0 {
+            eprintln!("SKIP: the page cache keeps {} (tmpfs?)", vdir.display());
+            return;
+        }
+        // The first 24 records, in no particular order.
+        let mut wanted = locs[..24].to_vec();
+        wanted.reverse();
+        v.read_ahead(&wanted);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while cached(&wanted) < pages(&wanted) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(
+            cached(&wanted),
+            pages(&wanted),
+            "the records were read ahead"
+        );
+        // Segment order follows the point's blocks: the last records, far
+        // from the wanted ones, were not read.
+        let far: Vec<ChunkLocation> = locs[40..]
+            .iter()
+            .filter(|l| {
+                locs[..24].iter().all(|w| {
+                    w.segment != l.segment || l.offset > w.offset + 2 * crate::read_ahead::RUN_GAP
+                })
+            })
+            .copied()
+            .collect();
+        assert!(!far.is_empty());
+        assert_eq!(
+            cached(&far),
+            0,
+            "records far from the wanted ones stay unread"
+        );
     }
 
     #[test]

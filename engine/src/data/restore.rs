@@ -5,7 +5,9 @@
 //! filesystem is a reflink clone again, constant time) or else from the
 //! **vault**. Groups of blocks are read and checked in parallel (crc32,
 //! length, BLAKE3) while one thread writes the previous group, one write
-//! per run of blocks, and the target is fsynced once at the end. Where the image goes is [`restore_target`]'s
+//! per run of blocks, and the target is fsynced once at the end. The
+//! records of the group after are read ahead meanwhile, in large runs
+//! (`read_ahead`), so the workers find them in the page cache. Where the image goes is [`restore_target`]'s
 //! business: a new sparse file (temporary file, then rename), or an
 //! existing file or block device replaced **in place**.
 //!
@@ -30,6 +32,7 @@ use coffre_snapshotter::read::{SnapWindow, SnapshotBlocks};
 use coffre_vault_store::blockmap::{Entry, block_count};
 use coffre_vault_store::direct::{AlignedBuf, DIRECT_ALIGN, open_direct};
 use coffre_vault_store::durable::{start_writeback, sync_range};
+use coffre_vault_store::index::ChunkLocation;
 use coffre_vault_store::{ChunkBuf, ChunkId, StoreError, Vault};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -242,19 +245,38 @@ pub fn restore(
     // single thread (parallel writers to one file only contend on its
     // inode lock), the next group is read and decoded by the others.
     let mut ready: Option<Group> = None;
+    let mut ahead = None;
     let mut spare = AlignedBuf::default();
     let mut first = 0u64;
     while first < blocks {
         let n = group_blocks.min((blocks - first) as usize);
         let offset = first * bs;
         let len = (image_size - offset).min(n as u64 * bs) as usize;
-        let (entries, window) = match &mut data {
-            Data::Vault(map) => (map.entries(first, n)?, None),
-            Data::Snapshot(s) => (vec![None; n], Some(s.window(first, n, offset, len)?)),
+        let (entries, locs, window) = match &mut data {
+            Data::Vault(map) => {
+                let (entries, locs) = match ahead.take() {
+                    Some(g) => g,
+                    None => vault_group(vault, map, first, n)?,
+                };
+                // The next group's records start coming in while this one
+                // is decoded.
+                let next = first + n as u64;
+                if next < blocks {
+                    let m = group_blocks.min((blocks - next) as usize);
+                    ahead = Some(vault_group(vault, map, next, m)?);
+                }
+                (entries, locs, None)
+            }
+            Data::Snapshot(s) => {
+                let w = s.window(first, n, offset, len)?;
+                w.prefetch();
+                (vec![None; n], Vec::new(), Some(w))
+            }
         };
         let mut group = Group {
             first,
             entries,
+            locs,
             actions: Vec::with_capacity(n),
             data: std::mem::take(&mut spare),
         };
@@ -321,6 +343,31 @@ fn unreachable_tier<T>(point: &PointEntry) -> Result<T> {
     })
 }
 
+/// Entries of blocks `first..first + n` of a vault point, with their
+/// chunks' locations; starts reading those chunks ahead.
+fn vault_group(
+    vault: &Vault,
+    map: &mut BlockMapReader<'_>,
+    first: u64,
+    n: usize,
+) -> Result<(Vec<Entry>, Vec<Option<ChunkLocation>>)> {
+    let entries = map.entries(first, n)?;
+    let ids: Vec<ChunkId> = entries.iter().flatten().copied().collect();
+    // A bad index entry fails the batch: the blocks then look their
+    // chunks up one by one, and the bad one is reported with its block.
+    let mut found = vault
+        .index()
+        .chunk_locations(&ids)
+        .unwrap_or_else(|_| vec![None; ids.len()])
+        .into_iter();
+    let locs: Vec<Option<ChunkLocation>> = entries
+        .iter()
+        .map(|e| e.and_then(|_| found.next().flatten()))
+        .collect();
+    vault.read_ahead(&locs.iter().flatten().copied().collect::<Vec<_>>());
+    Ok((entries, locs))
+}
+
 /// Where a restore reads the point from.
 enum Data<'v> {
     /// The vault's block map.
@@ -377,6 +424,8 @@ enum Action {
 struct Group {
     first: u64,
     entries: Vec<Entry>,
+    /// Where the entries' chunks are (vault groups; empty for a snapshot).
+    locs: Vec<Option<ChunkLocation>>,
     actions: Vec<Action>,
     data: AlignedBuf,
 }
@@ -431,7 +480,8 @@ impl Source<'_> {
                         Some((None, None)) => Known::Zero,
                     },
                 };
-                self.block(first + i as u64, i, slot, known, window)
+                let loc = group.locs.get(i).copied().flatten();
+                self.block(first + i as u64, i, slot, known, loc, window)
             })
             .collect::<Result<Vec<Action>>>()?;
         Ok(())
@@ -443,6 +493,7 @@ impl Source<'_> {
         i: usize,
         slot: &mut [u8],
         known: Known<'_>,
+        loc: Option<ChunkLocation>,
         window: Option<&SnapWindow<'_>>,
     ) -> Result<Action> {
         let point = self.point;
@@ -514,12 +565,15 @@ impl Source<'_> {
                 .map_err(|e| damaged(e.into()))?;
             return copy(buf.plain(), slot);
         }
-        let loc = self
-            .vault
-            .index()
-            .chunk(&id)
-            .map_err(|e| damaged(e.into()))?
-            .ok_or_else(|| damaged(StoreError::ChunkMissing { id }.into()))?;
+        let loc = match loc {
+            Some(l) => l,
+            None => self
+                .vault
+                .index()
+                .chunk(&id)
+                .map_err(|e| damaged(e.into()))?
+                .ok_or_else(|| damaged(StoreError::ChunkMissing { id }.into()))?,
+        };
         let mut buf = self.buffers.get();
         match self.vault.read_chunk_into(&id, &loc, &mut buf) {
             Ok(()) => copy(buf.plain(), slot),

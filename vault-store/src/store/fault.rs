@@ -169,6 +169,9 @@ impl Store for FaultStore {
         }
         self.inner.read_at(name, offset, buf)
     }
+    fn will_need(&self, name: &str, offset: u64, len: u64) {
+        self.inner.will_need(name, offset, len);
+    }
     fn write_at(&self, name: &str, offset: u64, bytes: &[u8]) -> Result<()> {
         self.tick(name)?;
         self.inner.write_at(name, offset, bytes)?;

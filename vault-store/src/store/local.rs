@@ -134,6 +134,12 @@ impl Store for LocalStore {
         })
     }
 
+    fn will_need(&self, name: &str, offset: u64, len: u64) {
+        if let Ok(f) = self.handle(name) {
+            crate::read_ahead::will_need(&f, offset, len);
+        }
+    }
+
     fn write_at(&self, name: &str, offset: u64, bytes: &[u8]) -> Result<()> {
         let path = self.path(name)?;
         self.parent_dir(&path)?;

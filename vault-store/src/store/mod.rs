@@ -47,6 +47,12 @@ pub trait Store: Send + Sync + Debug {
     fn append_to(&self, name: &str, len: u64) -> Result<Box<dyn Appender>>;
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Starts reading `offset..offset+len` of `name` ahead of the reads
+    /// that will need it (advice: the default, for stores without a
+    /// cache to fill, does nothing; errors are ignored).
+    fn will_need(&self, name: &str, offset: u64, len: u64) {
+        let _ = (name, offset, len);
+    }
     /// Writes `bytes` at `offset`, creating the file if needed, and makes
     /// them durable (repair only: the caller proved them right).
     fn write_at(&self, name: &str, offset: u64, bytes: &[u8]) -> Result<()>;
