@@ -8,7 +8,9 @@
 //! | `blake3-1` / `blake3-all` | chunk ids of 64 KiB blocks, one / all threads | `b3sum --num-threads 1` / `b3sum` |
 //! | `zstd-compress` / `zstd-decompress` | the vault's level, per block, one thread | `zstd -b<level> --single-thread` |
 //! | `chunk-encode` / `chunk-decode` | a whole record: compress + CRC / CRC + decompress + BLAKE3 check, one thread | the zstd figures |
-//! | `backup` / `restore` | end to end over a generated image in a temporary vault | `read` |
+//! | `backup` | end to end over a generated image in a temporary vault | `read` |
+//! | `disk-write` | writing the restore's data to a new file, `O_DIRECT`, fsynced (what the disk allows a restore) | — |
+//! | `restore` | end to end, from that vault to a new file | `disk-write` |
 //!
 //! External references are skipped (and say so) where the tool is not
 //! installed. Ratios are what to compare: the machines are shared.
@@ -19,6 +21,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use coffre_vault_store::ChunkId;
+use coffre_vault_store::direct::{AlignedBuf, DIRECT_ALIGN, open_direct};
 use coffre_vault_store::record::{RecordDecoder, RecordEncoder, RecordHeader};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -251,6 +254,37 @@ fn stage(name: &'static str, what: String, mib_per_s: f64, reference: Option<Ref
     }
 }
 
+/// Seconds to write `bytes` to a new file at `path` and fsync it:
+/// `O_DIRECT` in 2 MiB writes where the filesystem allows it (what a
+/// restore does), else buffered. The file is removed afterwards.
+fn disk_write(path: &Path, bytes: u64) -> Result<f64> {
+    use std::os::unix::fs::FileExt;
+    let io = |e: std::io::Error| EngineError::Bench(format!("{}: {e}", path.display()));
+    const PIECE: usize = 2 << 20;
+    let mut buf = AlignedBuf::default();
+    buf.reserve(PIECE);
+    buf.as_mut_slice().copy_from_slice(&generated(PIECE, 3));
+    let file = std::fs::File::create(path).map_err(io)?;
+    let direct = open_direct(path);
+    let t = Instant::now();
+    let mut at = 0u64;
+    while at < bytes {
+        let n = (bytes - at).min(PIECE as u64) as usize;
+        let piece = buf.as_slice().get(..n).unwrap_or_default();
+        match &direct {
+            Some(d) if n.is_multiple_of(DIRECT_ALIGN) => d.write_all_at(piece, at),
+            _ => file.write_all_at(piece, at),
+        }
+        .map_err(io)?;
+        at += n as u64;
+    }
+    file.sync_all().map_err(io)?;
+    let secs = t.elapsed().as_secs_f64();
+    drop((file, direct));
+    std::fs::remove_file(path).map_err(io)?;
+    Ok(secs)
+}
+
 /// Measures every stage.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let io = |e: std::io::Error| EngineError::Bench(e.to_string());
@@ -443,13 +477,29 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     ropts.threads = opts.threads;
     ropts.from = crate::restore::RestoreFrom::Vault;
     let t = Instant::now();
-    crate::restore::restore(&vault, &point, &ropts, &NoProgress)?;
-    let restore = mib_s(image_bytes, t.elapsed().as_secs_f64());
+    let restored = crate::restore::restore(&vault, &point, &ropts, &NoProgress)?;
+    let restore_secs = t.elapsed().as_secs_f64();
+    // What the disk alone takes for the bytes the restore wrote: the
+    // ceiling a restore cannot pass.
+    let write_secs = disk_write(&dir.path().join("write.bin"), restored.bytes_written)?;
+    stages.push(stage(
+        "disk-write",
+        format!(
+            "write {:.0} MiB (the restore's data) to a new file, O_DIRECT where allowed, 2 MiB writes, fsynced",
+            restored.bytes_written as f64 / (1 << 20) as f64
+        ),
+        mib_s(restored.bytes_written, write_secs),
+        None,
+    ));
     stages.push(stage(
         "restore",
-        "restore from the vault to a new file (fsynced)".into(),
-        restore,
-        Some(read_ref()),
+        "restore from the vault to a new file (fsynced); reference: the disk-write of its data, per image MiB".into(),
+        mib_s(image_bytes, restore_secs),
+        Some(Reference {
+            name: "disk-write of the same data".into(),
+            mib_per_s: Some(mib_s(image_bytes, write_secs)),
+            skipped: None,
+        }),
     ));
     Ok(BenchReport {
         threads,
