@@ -247,8 +247,17 @@ impl FileImage {
                     break;
                 };
                 match direct.read_at(dst, offset + at as u64) {
-                    // The end of the file: the rest reads as zeros.
-                    Ok(0) => break,
+                    // The end of the file where it ended when opened: the
+                    // rest of the last page reads as zeros.
+                    Ok(0) if offset + at as u64 >= self.size => break,
+                    // Before it: the file shrank. A mapping would fault;
+                    // zeros would be stored as the image's bytes.
+                    Ok(0) => {
+                        return Err(SnapError::SourceChanged {
+                            path: self.path.clone(),
+                            reason: "the file was truncated while being read".into(),
+                        });
+                    }
                     Ok(n) => at += n,
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -260,6 +269,14 @@ impl FileImage {
                     }
                 }
             }
+        }
+        // A mapped window faults on pages the file lost; a direct read
+        // sees holes or an early end instead, so the size is checked.
+        if current_size(&self.file, &self.path)? < self.size {
+            return Err(SnapError::SourceChanged {
+                path: self.path.clone(),
+                reason: "the file was truncated while being read".into(),
+            });
         }
         buf.truncate(len);
         Ok(Some(buf))
@@ -643,6 +660,38 @@ mod tests {
             img.check_unchanged(),
             Err(SnapError::SourceChanged { .. })
         ));
+    }
+
+    #[test]
+    fn truncation_under_a_direct_read_is_a_clean_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shrinks.img");
+        std::fs::write(&p, vec![0xabu8; 1 << 20]).unwrap();
+        let img = FileImage::open(&p).unwrap().with_direct_reads();
+        if img.direct.is_none() {
+            eprintln!("SKIP: {} refuses O_DIRECT", p.display());
+            return;
+        }
+        let wanted = [0..4096, (512 << 10)..(576 << 10)];
+        let w = img.window_for(0, 1 << 20, &wanted).unwrap();
+        assert!(matches!(w.hold, Hold::Aligned(_)), "read direct");
+        assert_eq!(w.bytes()[(512 << 10) + 7], 0xab);
+        w.finish().unwrap();
+        File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        // The second part now lies past the end: an error, not zeros.
+        match img.window_for(0, 1 << 20, &wanted) {
+            Err(SnapError::SourceChanged { path, reason }) => {
+                assert_eq!(path, p);
+                assert!(reason.contains("truncated"), "{reason}");
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a shrunk file read as zeros"),
+        }
     }
 
     #[test]
