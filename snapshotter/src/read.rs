@@ -44,6 +44,8 @@ pub enum SnapWindow<'a> {
     Clone {
         /// The mapped window.
         window: Window<'a>,
+        /// The clone it maps.
+        image: &'a FileImage,
         /// Bytes in the window.
         len: usize,
         /// Block size.
@@ -179,6 +181,7 @@ impl SnapshotBlocks {
         };
         Ok(SnapWindow::Clone {
             window,
+            image: clone,
             len,
             block_size: self.header.block_size as usize,
         })
@@ -209,6 +212,7 @@ impl SnapWindow<'_> {
                 window,
                 len,
                 block_size,
+                ..
             } => {
                 let start = i * block_size;
                 let end = (start + block_size).min(*len);
@@ -303,7 +307,12 @@ impl SnapWindow<'_> {
     /// its mapping is an error).
     pub fn finish(self) -> Result<()> {
         match self {
-            SnapWindow::Clone { window, .. } => window.finish(),
+            // A clone cut short before its window was made reads as holes:
+            // its size is checked too.
+            SnapWindow::Clone { window, image, .. } => {
+                window.finish()?;
+                image.check_unchanged()
+            }
             SnapWindow::Chunks { .. } => Ok(()),
         }
     }
@@ -371,6 +380,41 @@ mod tests {
         b.window(0, 10, 0, 10 * BS).unwrap();
         let e = b.finish().unwrap_err().to_string();
         assert!(e.contains("entries left unread"), "{e}");
+    }
+
+    #[test]
+    fn a_clone_cut_short_fails_its_window_instead_of_reading_as_holes() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("clone.img");
+        std::fs::write(&p, noise(9, 8 * BS)).unwrap();
+        let image = FileImage::open(&p).unwrap();
+        let whole = SnapWindow::Clone {
+            window: image.window(0, 8 * BS).unwrap(),
+            image: &image,
+            len: 8 * BS,
+            block_size: BS,
+        };
+        assert!(whole.block(7).is_some());
+        whole.finish().unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(2 * BS as u64)
+            .unwrap();
+        let cut = SnapWindow::Clone {
+            window: image.window(0, 8 * BS).unwrap(),
+            image: &image,
+            len: 8 * BS,
+            block_size: BS,
+        };
+        // The lost blocks look like holes...
+        assert!(cut.block(7).is_none());
+        // ...and the window says the clone changed.
+        match cut.finish() {
+            Err(SnapError::SourceChanged { path, .. }) => assert_eq!(path, p),
+            other => panic!("expected SourceChanged, got {other:?}", other = other.err()),
+        }
     }
 
     #[test]
