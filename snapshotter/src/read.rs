@@ -119,6 +119,32 @@ impl SnapshotBlocks {
         Some((u16::try_from(index).ok()?, dir.join(name)))
     }
 
+    /// The clone opened once more, on its own (owned, for a thread that
+    /// reads windows ahead); `None` for a chunk snapshot.
+    pub fn reopen_clone(&self) -> Result<Option<FileImage>> {
+        if self.clone.is_none() {
+            return Ok(None);
+        }
+        let dir = self.manifest.parent().unwrap_or(Path::new("."));
+        open_clone(dir, &self.meta).map(Some)
+    }
+
+    /// A window of a clone (see [`SnapshotBlocks::reopen_clone`]) as a
+    /// window of this snapshot.
+    pub fn clone_window<'a>(
+        &self,
+        image: &'a FileImage,
+        window: Window<'a>,
+        len: usize,
+    ) -> SnapWindow<'a> {
+        SnapWindow::Clone {
+            window,
+            image,
+            len,
+            block_size: self.header.block_size as usize,
+        }
+    }
+
     /// The clone image, for a clone snapshot.
     pub fn clone_image(&self) -> Option<&FileImage> {
         self.clone.as_ref()

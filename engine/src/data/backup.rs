@@ -28,9 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use coffre_snapshotter::area::{Area, AreaIdentity};
-use coffre_snapshotter::capture::{
-    CaptureRequest, Captured, WINDOW_BYTES, capture, is_zero, window_span,
-};
+use coffre_snapshotter::capture::{CaptureRequest, Captured, WINDOW_BYTES, capture, is_zero};
 use coffre_snapshotter::cbt::{
     CbtRecord, Hint, Parent, Sampling, fallback_warning, sample_mismatch,
 };
@@ -47,6 +45,7 @@ use jiff::Timestamp;
 use rayon::prelude::*;
 
 use crate::clock::Clock;
+use crate::data::transfer_window;
 use crate::error::{EngineError, Result};
 use crate::per_thread::PerThread;
 use crate::progress::{NoProgress, Progress};
@@ -320,7 +319,6 @@ pub fn transfer(
     progress.start(size);
 
     let window_blocks = (WINDOW_BYTES / block_size).max(1);
-    let mut first = 0u64;
     // While the pool reads (or compresses) the new blocks of window N, one
     // thread appends window N-1 to the segment and builds the block map.
     let mut ready: Option<(Vec<Result<Outcome>>, Vec<Entry>)> = None;
@@ -329,136 +327,157 @@ pub fn transfer(
         node_encoder: &mut node_encoder,
         stats: &mut stats,
     };
-    while first < blocks {
-        if stop() {
-            return Err(EngineError::Abandoned);
+    // A hinted clone's windows are read (direct, waiting for the device)
+    // on a thread of their own, one window ahead of the pool.
+    let ahead_image = match hint {
+        Some(_) => snapshot.reopen_clone()?,
+        None => None,
+    };
+    let shape = transfer_window::Shape {
+        blocks,
+        size,
+        block_size,
+        window_blocks,
+        hint,
+    };
+    std::thread::scope(|scope| -> Result<()> {
+        let fetcher = ahead_image
+            .as_ref()
+            .map(|image| transfer_window::Fetcher::start(scope, image))
+            .transpose()?;
+        let mut next = Some(transfer_window::plan(
+            &shape,
+            0,
+            prev_map.as_mut(),
+            &session,
+        )?);
+        if let (Some(f), Some(p)) = (&fetcher, &next) {
+            f.request(p)?;
         }
-        // A hint's windows span until they hold a window's worth of
-        // dirty blocks (its samples were read above).
-        let n = window_span(
-            hint.map(|h| (h, &[][..])),
-            u64::from(cfg.block_size),
+        while let Some(transfer_window::Plan {
             first,
-            blocks,
-            window_blocks,
-        );
-        let offset = first * block_size as u64;
-        let len = (size - offset).min((n * block_size) as u64) as usize;
-        let prev: Vec<Entry> = match prev_map.as_mut() {
-            Some(m) => m.entries(first, n)?,
-            None => vec![None; n],
-        };
-        let dirty = hint.map(|h| h.dirty_mask(u64::from(cfg.block_size), first, n));
-        // With a hint only the dirty blocks of a clone are read, and the
-        // clean ones whose parent chunk is damaged (reading heals it).
-        let wanted = dirty.as_ref().map(|d| {
-            coffre_snapshotter::capture::wanted_ranges(n, block_size, len, &|i| {
-                d.get(i).copied().unwrap_or(true)
-                    || prev
-                        .get(i)
-                        .copied()
-                        .flatten()
-                        .is_some_and(|id| session.is_damaged(&id))
-            })
-        });
-        let window = snapshot.window_for(first, n, offset, len, wanted.as_deref())?;
-        // Which blocks are zero, the same as before, or already stored. A
-        // chunk snapshot knows every id (nothing to read or hash): that is
-        // too little work to hand to the pool.
-        let knows_ids = matches!(window, SnapWindow::Chunks { .. });
-        let classify = |i: usize| -> Result<Outcome> {
-            // A checked hint's clean blocks are the parent's, unread
-            // (unless the parent's chunk is damaged: reading heals it).
-            if dirty.as_ref().is_some_and(|d| d.get(i) == Some(&false)) {
-                match prev.get(i).copied().flatten() {
-                    None => return Ok(Outcome::Zero),
-                    Some(id) if !session.is_damaged(&id) => return Ok(Outcome::Same(id)),
-                    Some(_) => {}
+            n,
+            offset,
+            len,
+            prev,
+            dirty,
+            wanted,
+        }) = next.take()
+        {
+            if stop() {
+                return Err(EngineError::Abandoned);
+            }
+            let window = match (&fetcher, &ahead_image) {
+                (Some(f), Some(image)) => snapshot.clone_window(image, f.receive()?, len),
+                _ => snapshot.window_for(first, n, offset, len, wanted.as_deref())?,
+            };
+            let after = first + n as u64;
+            if after < blocks {
+                let p = transfer_window::plan(&shape, after, prev_map.as_mut(), &session)?;
+                if let Some(f) = &fetcher {
+                    f.request(&p)?;
                 }
+                next = Some(p);
             }
-            let block = window.block(i);
-            if let Some((None, Some(bytes))) = block {
-                transfer_read.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            }
-            // Chunk snapshots know each block's id already; clones
-            // are hashed here.
-            let id = match block {
-                None | Some((None, None)) => return Ok(Outcome::Zero),
-                Some((Some(id), _)) => id,
-                Some((None, Some(bytes))) if is_zero(bytes) => return Ok(Outcome::Zero),
-                Some((None, Some(bytes))) => ChunkId::of(bytes),
+            // Which blocks are zero, the same as before, or already stored. A
+            // chunk snapshot knows every id (nothing to read or hash): that is
+            // too little work to hand to the pool.
+            let knows_ids = matches!(window, SnapWindow::Chunks { .. });
+            let classify = |i: usize| -> Result<Outcome> {
+                // A checked hint's clean blocks are the parent's, unread
+                // (unless the parent's chunk is damaged: reading heals it).
+                if dirty.as_ref().is_some_and(|d| d.get(i) == Some(&false)) {
+                    match prev.get(i).copied().flatten() {
+                        None => return Ok(Outcome::Zero),
+                        Some(id) if !session.is_damaged(&id) => return Ok(Outcome::Same(id)),
+                        Some(_) => {}
+                    }
+                }
+                let block = window.block(i);
+                if let Some((None, Some(bytes))) = block {
+                    transfer_read
+                        .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                // Chunk snapshots know each block's id already; clones
+                // are hashed here.
+                let id = match block {
+                    None | Some((None, None)) => return Ok(Outcome::Zero),
+                    Some((Some(id), _)) => id,
+                    Some((None, Some(bytes))) if is_zero(bytes) => return Ok(Outcome::Zero),
+                    Some((None, Some(bytes))) => ChunkId::of(bytes),
+                };
+                if prev.get(i).copied().flatten() == Some(id) && !session.is_damaged(&id) {
+                    return Ok(Outcome::Same(id));
+                }
+                if session.contains(&id)? {
+                    return Ok(Outcome::Known(id));
+                }
+                Ok(Outcome::Needed(id))
             };
-            if prev.get(i).copied().flatten() == Some(id) && !session.is_damaged(&id) {
-                return Ok(Outcome::Same(id));
-            }
-            if session.contains(&id)? {
-                return Ok(Outcome::Known(id));
-            }
-            Ok(Outcome::Needed(id))
-        };
-        let classes: Vec<Result<Outcome>> = if knows_ids {
-            (0..n).map(classify).collect()
-        } else {
-            // Block by block: a clone's dirty blocks may all sit in a few.
-            pool.install(|| {
-                (0..n)
-                    .into_par_iter()
-                    .with_max_len(1)
-                    .map(classify)
-                    .collect()
-            })
-        };
-        let previous = ready.take();
-        let record = |(i, class): (usize, Result<Outcome>)| match class? {
-            Outcome::Needed(id) => new_record(
-                &window,
-                i,
-                id,
-                first + i as u64,
-                block_size,
-                snap,
-                &encoders,
-                &records,
-                adoption,
-            ),
-            other => Ok(other),
-        };
-        // An adopted pack's records are indexed where they lie, unread:
-        // again too little work for the pool.
-        let light = knows_ids && adoption.is_some()
-            || !classes.iter().any(|c| matches!(c, Ok(Outcome::Needed(_))));
-        let (outcomes, appended) = if light {
-            let appended = match previous {
-                Some((outcomes, prev)) => map.append(&mut session, outcomes, &prev),
-                None => Ok(()),
+            let classes: Vec<Result<Outcome>> = if knows_ids {
+                (0..n).map(classify).collect()
+            } else {
+                // Block by block: a clone's dirty blocks may all sit in a few.
+                pool.install(|| {
+                    (0..n)
+                        .into_par_iter()
+                        .with_max_len(1)
+                        .map(classify)
+                        .collect()
+                })
             };
-            let outcomes: Vec<_> = classes.into_iter().enumerate().map(record).collect();
-            (outcomes, appended)
-        } else {
-            pool.install(|| {
-                rayon::join(
-                    || {
-                        classes
-                            .into_par_iter()
-                            .with_max_len(1)
-                            .enumerate()
-                            .map(record)
-                            .collect::<Vec<_>>()
-                    },
-                    || match previous {
-                        Some((outcomes, prev)) => map.append(&mut session, outcomes, &prev),
-                        None => Ok(()),
-                    },
-                )
-            })
-        };
-        appended?;
-        window.finish()?;
-        ready = Some((outcomes, prev));
-        progress.advance(len as u64);
-        throttle.consume(len as u64);
-        first += n as u64;
-    }
+            let previous = ready.take();
+            let record = |(i, class): (usize, Result<Outcome>)| match class? {
+                Outcome::Needed(id) => new_record(
+                    &window,
+                    i,
+                    id,
+                    first + i as u64,
+                    block_size,
+                    snap,
+                    &encoders,
+                    &records,
+                    adoption,
+                ),
+                other => Ok(other),
+            };
+            // An adopted pack's records are indexed where they lie, unread:
+            // again too little work for the pool.
+            let light = knows_ids && adoption.is_some()
+                || !classes.iter().any(|c| matches!(c, Ok(Outcome::Needed(_))));
+            let (outcomes, appended) = if light {
+                let appended = match previous {
+                    Some((outcomes, prev)) => map.append(&mut session, outcomes, &prev),
+                    None => Ok(()),
+                };
+                let outcomes: Vec<_> = classes.into_iter().enumerate().map(record).collect();
+                (outcomes, appended)
+            } else {
+                pool.install(|| {
+                    rayon::join(
+                        || {
+                            classes
+                                .into_par_iter()
+                                .with_max_len(1)
+                                .enumerate()
+                                .map(record)
+                                .collect::<Vec<_>>()
+                        },
+                        || match previous {
+                            Some((outcomes, prev)) => map.append(&mut session, outcomes, &prev),
+                            None => Ok(()),
+                        },
+                    )
+                })
+            };
+            appended?;
+            window.finish()?;
+            ready = Some((outcomes, prev));
+            progress.advance(len as u64);
+            throttle.consume(len as u64);
+        }
+        Ok(())
+    })?;
     if let Some((outcomes, prev)) = ready.take() {
         map.append(&mut session, outcomes, &prev)?;
     }

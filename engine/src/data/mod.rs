@@ -1,5 +1,5 @@
 //! The data path: images → points → images. The transfer phase of a
-//! backup ([`backup`]), reading a point's block map back ([`reader`]),
+//! backup ([`backup`], its windows in `transfer_window`), reading a point's block map back ([`reader`]),
 //! restore ([`restore`], to a target [`restore_target`] owns), verify
 //! ([`verify`]), the points of both tiers ([`points`]) and per-thread
 //! scratch state ([`per_thread`]); [`bench`] measures every stage of it
@@ -13,4 +13,5 @@ pub mod points;
 pub mod reader;
 pub mod restore;
 pub mod restore_target;
+mod transfer_window;
 pub mod verify;
