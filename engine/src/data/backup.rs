@@ -453,22 +453,34 @@ pub fn transfer(
                 let outcomes: Vec<_> = classes.into_iter().enumerate().map(record).collect();
                 (outcomes, appended)
             } else {
-                pool.install(|| {
-                    rayon::join(
-                        || {
-                            classes
-                                .into_par_iter()
-                                .with_max_len(1)
-                                .enumerate()
-                                .map(record)
-                                .collect::<Vec<_>>()
-                        },
-                        || match previous {
+                // The previous window goes to the segment on a thread of
+                // its own: its writes wait for the device, and a pool
+                // worker waiting there would leave a core idle.
+                std::thread::scope(|s| {
+                    let writer = std::thread::Builder::new()
+                        .name("coffre-segment".into())
+                        .spawn_scoped(s, || match previous {
                             Some((outcomes, prev)) => map.append(&mut session, outcomes, &prev),
                             None => Ok(()),
-                        },
-                    )
-                })
+                        })
+                        .map_err(|e| {
+                            EngineError::Threads(format!("cannot start the segment writer: {e}"))
+                        })?;
+                    let outcomes = pool.install(|| {
+                        classes
+                            .into_par_iter()
+                            .with_max_len(1)
+                            .enumerate()
+                            .map(record)
+                            .collect::<Vec<_>>()
+                    });
+                    let appended = writer.join().unwrap_or_else(|_| {
+                        Err(EngineError::Threads(
+                            "the segment writer thread panicked".into(),
+                        ))
+                    });
+                    Ok::<_, EngineError>((outcomes, appended))
+                })?
             };
             appended?;
             window.finish()?;
