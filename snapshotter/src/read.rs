@@ -347,7 +347,7 @@ impl SnapWindow<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{BS, area_in, drop_cached, noise, resident, take_snapshot};
+    use crate::test_support::{BS, area_in, cut, drop_cached, noise, resident, take_snapshot};
     use std::ops::Range;
 
     /// A chunk snapshot of `image` in a new area under `dir`.
@@ -414,30 +414,21 @@ mod tests {
         let p = t.path().join("clone.img");
         std::fs::write(&p, noise(9, 8 * BS)).unwrap();
         let image = FileImage::open(&p).unwrap();
-        let whole = SnapWindow::Clone {
+        let window = || SnapWindow::Clone {
             window: image.window(0, 8 * BS).unwrap(),
             image: &image,
             len: 8 * BS,
             block_size: BS,
         };
+        let whole = window();
         assert!(whole.block(7).is_some());
         whole.finish().unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&p)
-            .unwrap()
-            .set_len(2 * BS as u64)
-            .unwrap();
-        let cut = SnapWindow::Clone {
-            window: image.window(0, 8 * BS).unwrap(),
-            image: &image,
-            len: 8 * BS,
-            block_size: BS,
-        };
+        cut(&p, 2 * BS as u64);
+        let short = window();
         // The lost blocks look like holes...
-        assert!(cut.block(7).is_none());
+        assert!(short.block(7).is_none());
         // ...and the window says the clone changed.
-        match cut.finish() {
+        match short.finish() {
             Err(SnapError::SourceChanged { path, .. }) => assert_eq!(path, p),
             other => panic!("expected SourceChanged, got {other:?}", other = other.err()),
         }

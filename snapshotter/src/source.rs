@@ -528,7 +528,7 @@ impl ImageSource for MemImage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::resident;
+    use crate::test_support::{cut, resident};
     use std::io::{Seek, SeekFrom, Write};
 
     #[test]
@@ -647,12 +647,7 @@ mod tests {
         assert_eq!(w.bytes()[0], 0xab);
         // Shrink the file under the live mapping, then touch the lost pages:
         // without the guard this is a SIGBUS that kills the test process.
-        File::options()
-            .write(true)
-            .open(&p)
-            .unwrap()
-            .set_len(4096)
-            .unwrap();
+        cut(&p, 4096);
         let sum: u64 = w.bytes().iter().map(|&b| u64::from(b)).sum();
         assert!(sum < 0xab * (1 << 20), "lost pages must read as zeros");
         assert!(matches!(w.finish(), Err(SnapError::SourceChanged { .. })));
@@ -677,12 +672,7 @@ mod tests {
         assert!(matches!(w.hold, Hold::Aligned(_)), "read direct");
         assert_eq!(w.bytes()[(512 << 10) + 7], 0xab);
         w.finish().unwrap();
-        File::options()
-            .write(true)
-            .open(&p)
-            .unwrap()
-            .set_len(4096)
-            .unwrap();
+        cut(&p, 4096);
         // The second part now lies past the end: an error, not zeros.
         match img.window_for(0, 1 << 20, &wanted) {
             Err(SnapError::SourceChanged { path, reason }) => {

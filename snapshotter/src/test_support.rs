@@ -97,3 +97,14 @@ pub fn drop_cached(path: &Path) -> bool {
     read_ahead::drop_cached(&f);
     resident(path, 0..f.metadata().unwrap().len() as usize) == 0
 }
+
+/// Cuts the file at `path` to `len` bytes (under a reader, in tests of
+/// what a reader does when its image shrinks).
+pub fn cut(path: &Path, len: u64) {
+    File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}

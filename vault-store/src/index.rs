@@ -690,18 +690,36 @@ impl Index {
     /// Where each of `ids` lives (in their order; `None` where one is not
     /// indexed), read in one batch.
     pub fn chunk_locations(&self, ids: &[ChunkId]) -> Result<Vec<Option<ChunkLocation>>> {
-        let Some(handle) = self.db.cf_handle(Cf::Chunks.name()) else {
+        self.multi_get(Cf::Chunks, ids, false, |v, id| {
+            ChunkLocation::decode(v)
+                .ok_or_else(|| self.corrupt("chunk location", format!("chunk {id}")))
+        })
+    }
+
+    /// The values of `ids` in `cf` (in their order), read in one batch
+    /// (lookups grouped by table block; `sorted` when `ids` are in key
+    /// order, which spares RocksDB sorting them), each decoded by `decode`.
+    fn multi_get<T: Clone>(
+        &self,
+        cf: Cf,
+        ids: &[ChunkId],
+        sorted: bool,
+        decode: impl Fn(&[u8], &ChunkId) -> Result<T>,
+    ) -> Result<Vec<Option<T>>> {
+        let Some(handle) = self.db.cf_handle(cf.name()) else {
             return Ok(vec![None; ids.len()]);
         };
         self.db
-            .batched_multi_get_cf(handle, ids.iter().map(|id| id.as_bytes().as_slice()), false)
+            .batched_multi_get_cf(
+                handle,
+                ids.iter().map(|id| id.as_bytes().as_slice()),
+                sorted,
+            )
             .into_iter()
             .zip(ids)
             .map(|(v, id)| match v.map_err(|e| self.err(e))? {
                 None => Ok(None),
-                Some(v) => ChunkLocation::decode(&v)
-                    .map(Some)
-                    .ok_or_else(|| self.corrupt("chunk location", format!("chunk {id}"))),
+                Some(v) => decode(&v, id).map(Some),
             })
             .collect()
     }
@@ -781,21 +799,9 @@ impl Index {
     /// (lookups grouped by table block); `sorted` when `ids` are in key
     /// order, which spares RocksDB sorting them.
     pub fn chunk_refs(&self, ids: &[ChunkId], sorted: bool) -> Result<Vec<Option<RefEntry>>> {
-        let Some(handle) = self.db.cf_handle(Cf::Refs.name()) else {
-            return Ok(vec![None; ids.len()]);
-        };
-        let keys: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes().as_slice()).collect();
-        self.db
-            .batched_multi_get_cf(handle, keys.iter().copied(), sorted)
-            .into_iter()
-            .zip(ids)
-            .map(|(v, id)| match v.map_err(|e| self.err(e))? {
-                None => Ok(None),
-                Some(v) => RefEntry::decode(&v)
-                    .map(Some)
-                    .ok_or_else(|| self.corrupt("reference count", id.to_string())),
-            })
-            .collect()
+        self.multi_get(Cf::Refs, ids, sorted, |v, id| {
+            RefEntry::decode(v).ok_or_else(|| self.corrupt("reference count", id.to_string()))
+        })
     }
 
     /// Up to `limit` chunks on GC's work list (count 0), after `after`.
