@@ -48,3 +48,12 @@ fn coffre_bench_reports_every_stage() {
     // Nothing is left behind in the folder given.
     assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn a_bench_folder_it_cannot_write_in_is_named() {
+    let t = tempfile::tempdir().unwrap();
+    let missing = t.path().join("not-there");
+    let err = fails(&["bench", "--size", "8M", "--dir", s(&missing)], 1);
+    assert!(err.contains(s(&missing)), "{err}");
+    assert!(err.contains("No such file"), "{err}");
+}

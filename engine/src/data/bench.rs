@@ -288,10 +288,12 @@ fn disk_write(path: &Path, bytes: u64) -> Result<f64> {
 /// Measures every stage.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let io = |e: std::io::Error| EngineError::Bench(e.to_string());
+    // File errors name the folder the benchmark writes in (a full disk).
+    let file_io = |e: std::io::Error| EngineError::Bench(format!("in {}: {e}", opts.dir.display()));
     let dir = tempfile::Builder::new()
         .prefix("coffre-bench-")
         .tempdir_in(&opts.dir)
-        .map_err(io)?;
+        .map_err(file_io)?;
     let pool = crate::backup::thread_pool(opts.threads)?;
     let threads = pool.current_num_threads();
     let bs = opts.block_size as usize;
@@ -300,26 +302,26 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let image = dir.path().join("bench.img");
     {
         use std::io::Write;
-        let mut f = std::fs::File::create(&image).map_err(io)?;
+        let mut f = std::fs::File::create(&image).map_err(file_io)?;
         let mut written = 0u64;
         let mut seed = 11;
         while written < opts.image_size {
             let n = (opts.image_size - written).min(64 << 20) as usize;
             let part = generated(n, seed);
-            f.write_all(&part).map_err(io)?;
+            f.write_all(&part).map_err(file_io)?;
             written += n as u64;
             seed += 1;
         }
-        f.sync_all().map_err(io)?;
+        f.sync_all().map_err(file_io)?;
     }
     let image_bytes = opts.image_size;
     let mut stages = Vec::new();
 
     // Page-cache read (after one warming read).
     let read_file = || -> Result<()> {
-        let mut f = std::fs::File::open(&image).map_err(io)?;
+        let mut f = std::fs::File::open(&image).map_err(file_io)?;
         let mut buf = vec![0u8; 4 << 20];
-        while f.read(&mut buf).map_err(io)? > 0 {}
+        while f.read(&mut buf).map_err(file_io)? > 0 {}
         Ok(())
     };
     read_file()?;
