@@ -44,6 +44,7 @@ use crate::cbt::{
 };
 use crate::clone::{CloneError, clone_file};
 use crate::error::{Result, SnapError};
+use crate::fetch::Fetcher;
 use crate::hooks::{HookEnv, Hooks, RunHooks};
 use crate::in_use::in_use;
 use crate::manifest::{
@@ -726,59 +727,43 @@ fn chunk_pass(
         };
         // A source that fetches its bytes (NBD) fetches the next window
         // on a thread of its own while the pool works on this one.
-        let (plan_tx, plan_rx) = std::sync::mpsc::sync_channel::<Result<Planned<'_>>>(0);
         let fetcher = if source.fetches() {
-            let spawned = std::thread::Builder::new()
-                .name("coffre-fetch".into())
-                .spawn_scoped(scope, move || {
-                    // A panic is reported as an error, never re-raised
-                    // when the scope joins this thread.
-                    let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let mut at = 0;
-                        while at < blocks {
-                            let planned = plan_window(source, hint, bs, at, window_blocks);
-                            let stop = planned.is_err();
-                            at += planned.as_ref().map_or(0, |p| p.n as u64);
-                            if plan_tx.send(planned).is_err() || stop {
-                                break;
-                            }
-                        }
-                    }));
-                    if fetched.is_err() {
-                        let _ = plan_tx.send(Err(SnapError::damaged(
-                            source.path(),
-                            "the fetcher panicked",
-                        )));
-                    }
-                })
-                .map_err(|e| {
-                    SnapError::damaged(source.path(), format!("cannot start the fetcher: {e}"))
-                })?;
-            Some(spawned)
+            Some(Fetcher::start(scope, source)?)
         } else {
-            drop(plan_tx);
             None
         };
-        while first < blocks {
+        let plan = |at: u64| -> Result<Planned> {
+            let p = plan_window(source, hint, bs, at, window_blocks);
+            if let Some(f) = &fetcher
+                && !p.ranges.is_empty()
+            {
+                f.request(p.offset, p.len, p.ranges.clone())?;
+            }
+            Ok(p)
+        };
+        let mut next = (first < blocks).then(|| plan(first)).transpose()?;
+        while let Some(Planned {
+            offset,
+            n,
+            len,
+            dirty,
+            sampled,
+            ranges,
+        }) = next.take()
+        {
             if (req.cancelled)() {
                 return Err(SnapError::Cancelled {
                     path: source.path().to_path_buf(),
                 });
             }
-            let planned = match fetcher {
-                Some(_) => plan_rx.recv().map_err(|_| {
-                    SnapError::damaged(source.path(), "the fetcher stopped early")
-                })??,
-                None => plan_window(source, hint, bs, first, window_blocks)?,
+            let window = match (&fetcher, ranges.is_empty()) {
+                (_, true) => None,
+                (Some(f), false) => Some(f.receive()?),
+                (None, false) => Some(source.window_for(offset, len, &ranges)?),
             };
-            let Planned {
-                n,
-                len,
-                dirty,
-                sampled,
-                ranges,
-                window,
-            } = planned;
+            if first + (n as u64) < blocks {
+                next = Some(plan(first + n as u64)?);
+            }
             read.sampled += sampled.iter().filter(|&&s| s).count() as u64;
             let before: Vec<SnapEntry> = match prev.as_mut() {
                 Some(r) => r.next_entries(n)?,
@@ -899,26 +884,26 @@ fn chunk_pass(
     Ok(read)
 }
 
-/// One window of a pass, planned and fetched: which of its blocks are
-/// dirty and sampled (with a hint), the byte ranges to read, and the
-/// window itself (`None` when nothing in it is read).
-struct Planned<'s> {
+/// One window of a pass, planned: where it is, which of its blocks are
+/// dirty and sampled (with a hint), and the byte ranges to read (none:
+/// nothing in it is read).
+struct Planned {
+    offset: u64,
     n: usize,
     len: usize,
     dirty: Option<Vec<bool>>,
     sampled: Vec<bool>,
     ranges: Vec<std::ops::Range<usize>>,
-    window: Option<crate::source::Window<'s>>,
 }
 
-/// Plans and fetches the window of a pass that starts at block `first`.
-fn plan_window<'s>(
-    source: &'s dyn ImageSource,
+/// Plans the window of a pass that starts at block `first`.
+fn plan_window(
+    source: &dyn ImageSource,
     hint: Option<(&Hint, &[u64])>,
     bs: usize,
     first: u64,
     window_blocks: usize,
-) -> Result<Planned<'s>> {
+) -> Planned {
     let size = source.size();
     let blocks = block_count(size, bs as u32);
     let n = window_span(hint, bs as u64, first, blocks, window_blocks);
@@ -941,19 +926,14 @@ fn plan_window<'s>(
         None => (None, Vec::new()),
     };
     let ranges = wanted_ranges(n, bs, len, &|i| is_read(dirty.as_deref(), &sampled, i));
-    let window = if ranges.is_empty() {
-        None
-    } else {
-        Some(source.window_for(offset, len, &ranges)?)
-    };
-    Ok(Planned {
+    Planned {
+        offset,
         n,
         len,
         dirty,
         sampled,
         ranges,
-        window,
-    })
+    }
 }
 
 /// Whether a pass reads block `i` of its window: every block without a

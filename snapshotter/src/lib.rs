@@ -7,7 +7,8 @@
 //! described by a [`manifest`]), the snapshot [`area`] next to the disks,
 //! snapshot expiry and space accounting, consistency [`level`]s, [`hooks`]
 //! and [`in_use`] detection, and reading snapshots back for the transfer
-//! and for restore. It knows the vault's chunk record format
+//! and for restore, with windows read ahead on a thread of their own
+//! ([`fetch`]). It knows the vault's chunk record format
 //! (`coffre-vault-store`, without its RocksDB index) and nothing of the
 //! engine, which orchestrates it. `FORMAT.md` specifies the files.
 
@@ -17,6 +18,7 @@ pub mod cbt;
 pub mod clone;
 pub mod error;
 pub mod expiry;
+pub mod fetch;
 pub mod hooks;
 pub mod in_use;
 pub mod manifest;

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use memmap2::{Advice, Mmap, MmapOptions};
 
 use coffre_vault_store::direct::{AlignedBuf, DIRECT_ALIGN, open_direct_read};
+use coffre_vault_store::read_ahead;
 
 use crate::error::{Result, SnapError};
 use crate::sigbus;
@@ -133,10 +134,7 @@ impl<'a> Window<'a> {
     /// truncated while they were read.
     pub fn finish(self) -> Result<()> {
         if self.guard.as_ref().is_some_and(|g| g.faulted()) {
-            return Err(SnapError::SourceChanged {
-                path: self.path.to_path_buf(),
-                reason: "the file was truncated while being read".into(),
-            });
+            return Err(truncated(self.path));
         }
         Ok(())
     }
@@ -253,10 +251,7 @@ impl FileImage {
                     // Before it: the file shrank. A mapping would fault;
                     // zeros would be stored as the image's bytes.
                     Ok(0) => {
-                        return Err(SnapError::SourceChanged {
-                            path: self.path.clone(),
-                            reason: "the file was truncated while being read".into(),
-                        });
+                        return Err(truncated(&self.path));
                     }
                     Ok(n) => at += n,
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
@@ -273,10 +268,7 @@ impl FileImage {
         // A mapped window faults on pages the file lost; a direct read
         // sees holes or an early end instead, so the size is checked.
         if current_size(&self.file, &self.path)? < self.size {
-            return Err(SnapError::SourceChanged {
-                path: self.path.clone(),
-                reason: "the file was truncated while being read".into(),
-            });
+            return Err(truncated(&self.path));
         }
         buf.truncate(len);
         Ok(Some(buf))
@@ -362,16 +354,11 @@ impl FileImage {
 
     /// Asks the kernel to start reading `range` (relative to `base`).
     fn will_need(&self, base: u64, range: Range<usize>) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: an advisory call on a descriptor we own.
-        unsafe {
-            libc::posix_fadvise(
-                self.file.as_raw_fd(),
-                (base + range.start as u64) as libc::off_t,
-                (range.end - range.start) as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            );
-        }
+        read_ahead::will_need(
+            &self.file,
+            base + range.start as u64,
+            (range.end - range.start) as u64,
+        );
     }
 
     /// Data ranges of `offset..offset+len`, relative to `offset`.
@@ -412,6 +399,14 @@ impl FileImage {
             pos = hole;
         }
         out
+    }
+}
+
+/// The error of a read that found `path` shorter than when it was opened.
+fn truncated(path: &Path) -> SnapError {
+    SnapError::SourceChanged {
+        path: path.to_path_buf(),
+        reason: "the file was truncated while being read".into(),
     }
 }
 
@@ -528,22 +523,17 @@ impl ImageSource for MemImage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{cut, resident};
+    use crate::test_support::{cut, drop_cached, resident};
     use std::io::{Seek, SeekFrom, Write};
 
     #[test]
     fn a_part_read_reads_nothing_ahead_and_a_window_reads_the_next_one() {
-        use std::os::fd::AsRawFd;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("img");
         let mut f = File::create(&p).unwrap();
         f.write_all(&vec![7u8; 48 << 20]).unwrap();
         f.sync_all().unwrap();
-        let drop_cache = || unsafe {
-            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-        };
-        drop_cache();
-        if resident(&p, 0..48 << 20) > 0 {
+        if !drop_cached(&p) {
             eprintln!("SKIP: the page cache keeps {} (tmpfs?)", p.display());
             return;
         }
@@ -553,7 +543,7 @@ mod tests {
         w.finish().unwrap();
         // Nothing past the block: a sampled block pulls in no window.
         assert_eq!(resident(&p, ((1 << 20) + 65536)..(48 << 20)), 0);
-        drop_cache();
+        drop_cached(&p);
         // A whole window asks for the next one.
         let w = img.window(0, 16 << 20).unwrap();
         w.finish().unwrap();

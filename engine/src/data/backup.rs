@@ -32,6 +32,7 @@ use coffre_snapshotter::capture::{CaptureRequest, Captured, WINDOW_BYTES, captur
 use coffre_snapshotter::cbt::{
     CbtRecord, Hint, Parent, Sampling, fallback_warning, sample_mismatch,
 };
+use coffre_snapshotter::fetch::Fetcher;
 use coffre_snapshotter::manifest::FLAG_NODE;
 use coffre_snapshotter::pack::RecordBuf;
 use coffre_snapshotter::read::{SnapWindow, SnapshotBlocks};
@@ -343,7 +344,7 @@ pub fn transfer(
     std::thread::scope(|scope| -> Result<()> {
         let fetcher = ahead_image
             .as_ref()
-            .map(|image| transfer_window::Fetcher::start(scope, image))
+            .map(|image| Fetcher::start(scope, image))
             .transpose()?;
         let mut next = Some(transfer_window::plan(
             &shape,
@@ -352,7 +353,7 @@ pub fn transfer(
             &session,
         )?);
         if let (Some(f), Some(p)) = (&fetcher, &next) {
-            f.request(p)?;
+            transfer_window::request(f, p)?;
         }
         while let Some(transfer_window::Plan {
             first,
@@ -375,7 +376,7 @@ pub fn transfer(
             if after < blocks {
                 let p = transfer_window::plan(&shape, after, prev_map.as_mut(), &session)?;
                 if let Some(f) = &fetcher {
-                    f.request(&p)?;
+                    transfer_window::request(f, &p)?;
                 }
                 next = Some(p);
             }
