@@ -15,8 +15,13 @@ build: deps
 
 # Tests, the demo and the benches share the release profile, so the bundled
 # RocksDB is compiled once per target directory.
+# A test that cannot run here (no root, a component missing) leaves a
+# marker in COFFRE_SKIP_DIR (vault-store/src/skip.rs); the skipped tests
+# are listed last. `.ci/run` fails on any that COFFRE_ALLOW_SKIP does not name.
 test: deps
-	$(CARGO) test --release --workspace --all-targets
+	@skips=$${COFFRE_SKIP_DIR:-$$(mktemp -d)}; mkdir -p "$$skips"; \
+	  COFFRE_SKIP_DIR="$$skips" $(CARGO) test --release --workspace --all-targets; status=$$?; \
+	  scripts/skips.sh "$$skips"; [ -n "$${COFFRE_SKIP_DIR:-}" ] || rm -rf "$$skips"; exit $$status
 
 # SIGKILLs at random moments of backup, prune, gc and replicate until 200
 # landed mid-operation, from a fresh seed (printed; COFFRE_CRASH_SEED=N

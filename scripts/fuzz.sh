@@ -4,10 +4,15 @@
 # summary line per target: executions, CPU seconds, result. Needs the
 # nightly toolchain; installs cargo-fuzz if missing.
 #
+# Targets build optimized *with* debug assertions and overflow checks
+# (`cargo fuzz run -O -a`): a decoded length that wraps is a crash, not a
+# silently wrong number. FUZZ_FLAGS=-O runs without them.
+#
 #   FUZZ_SECONDS=600 FUZZ_TARGETS="chunk_record block_map" scripts/fuzz.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${FUZZ_SECONDS:-60}
+read -r -a flags <<<"${FUZZ_FLAGS:--O -a}"
 if ! rustup toolchain list | grep -q nightly; then
   echo "coffre: cargo fuzz needs the nightly toolchain (rustup toolchain install nightly)" >&2
   exit 1
@@ -25,7 +30,7 @@ for target in $targets; do
   log=$(mktemp)
   start=$(awk '{print $14 + $15 + $16 + $17}' /proc/$$/stat)
   set +e
-  cargo +nightly fuzz run -O "$target" "$work" -- -max_total_time="$secs" -max_len=65536 \
+  cargo +nightly fuzz run "${flags[@]}" "$target" "$work" -- -max_total_time="$secs" -max_len=65536 \
     -timeout=10 -rss_limit_mb=2048 2>&1 | tee "$log" | grep -E '^(#[0-9]+ +DONE|Done|==[0-9]+==ERROR|SUMMARY)' || true
   rc=${PIPESTATUS[0]}
   set -e
@@ -36,6 +41,6 @@ for target in $targets; do
   summary+=("$target: ${runs:-?} executions, ${cpu} CPU-s, $result")
   rm -rf "$work" "$log"
 done
-echo "== summary (${secs}s each)"
+echo "== summary (${secs}s each, cargo fuzz run ${flags[*]})"
 printf '%s\n' "${summary[@]}"
 exit "$status"

@@ -32,7 +32,7 @@ fn used_bytes(dir: &std::path::Path) -> u64 {
 #[test]
 fn full_disk_during_backup() {
     if !is_root() {
-        eprintln!("disk_full: skipped, mounting a small tmpfs needs root");
+        skip("mounting a small tmpfs needs root");
         return;
     }
     let t = tempfile::tempdir().unwrap();

@@ -23,9 +23,7 @@ fn have_qemu() -> bool {
             .is_ok_and(|s| s.success())
     });
     if !all {
-        eprintln!(
-            "SKIP qcow2/NBD: qemu-img, qemu-nbd or qemu-io missing (apt-get install qemu-utils)"
-        );
+        skip("qcow2/NBD: qemu-img, qemu-nbd or qemu-io missing (apt-get install qemu-utils)");
     }
     all
 }
@@ -245,7 +243,9 @@ fn a_tcp_export_with_an_nbdinfo_map_as_the_list() {
         .args(["--map=qemu:dirty-bitmap:b0", "--json", &e.uri])
         .output();
     let Ok(map) = map.map_err(|e| {
-        eprintln!("SKIP nbdinfo list: nbdinfo not installed ({e}; apt-get install libnbd-bin)")
+        skip(&format!(
+            "nbdinfo list: nbdinfo not installed ({e}; apt-get install libnbd-bin)"
+        ))
     }) else {
         return;
     };

@@ -70,14 +70,14 @@ impl Emulator {
     /// Azurite or its client library is not installed.
     pub fn azurite(containers: &[&str]) -> Option<Emulator> {
         let Some(bin) = azurite_bin() else {
-            eprintln!(
-                "SKIP object store: azurite-blob not installed (make azurite, or npm install -g azurite @azure/storage-blob)"
+            skip(
+                "object store: azurite-blob not installed (make azurite, or npm install -g azurite @azure/storage-blob)",
             );
             return None;
         };
         let Some(root) = npm_root().filter(|r| r.join("@azure/storage-blob").is_dir()) else {
-            eprintln!(
-                "SKIP object store: @azure/storage-blob not installed (npm install -g @azure/storage-blob)"
+            skip(
+                "object store: @azure/storage-blob not installed (npm install -g @azure/storage-blob)",
             );
             return None;
         };
@@ -130,7 +130,7 @@ impl Emulator {
     /// moto is not installed.
     pub fn moto(buckets: &[&str]) -> Option<Emulator> {
         if Command::new("moto_server").arg("--help").output().is_err() {
-            eprintln!("SKIP S3: moto_server not installed (pip install 'moto[server]')");
+            skip("S3: moto_server not installed (pip install 'moto[server]')");
             return None;
         }
         let port = free_port();

@@ -41,7 +41,7 @@ impl Drop for Disk {
 
 fn loop_disk(dir: &Path) -> Option<Disk> {
     if !is_root() {
-        eprintln!("SKIP replica_disk_lost: needs root to loop-mount a filesystem");
+        skip("replica_disk_lost: needs root to loop-mount a filesystem");
         return None;
     }
     let file = dir.join("disk2.img");
@@ -62,7 +62,7 @@ fn loop_disk(dir: &Path) -> Option<Disk> {
         mounted: false,
     };
     if !disk.mount() {
-        eprintln!("SKIP replica_disk_lost: cannot loop-mount ext4 here");
+        skip("replica_disk_lost: cannot loop-mount ext4 here");
         return None;
     }
     Some(disk)

@@ -194,10 +194,10 @@ impl Loop {
             .output()
             .ok()?;
         if !out.status.success() {
-            eprintln!(
-                "SKIP: losetup failed: {}",
+            skip(&format!(
+                "losetup failed: {}",
                 String::from_utf8_lossy(&out.stderr)
-            );
+            ));
             return None;
         }
         Some(Loop {
@@ -215,7 +215,7 @@ impl Drop for Loop {
 #[test]
 fn in_place_onto_a_loop_device_and_refusal_when_mounted() {
     if !is_root() {
-        eprintln!("SKIP in_place_onto_a_loop_device: needs root for losetup and mount");
+        skip("in_place_onto_a_loop_device: needs root for losetup and mount");
         return;
     }
     let t = tempfile::tempdir().unwrap();
@@ -269,7 +269,7 @@ fn in_place_onto_a_loop_device_and_refusal_when_mounted() {
         .status()
         .unwrap();
     if !mounted.success() {
-        eprintln!("SKIP mounted-device refusal: mount failed");
+        skip("mounted-device refusal: mount failed");
         return;
     }
     let mut args = restore_args(&vault, "disk", None, Path::new(&lo.dev), true);

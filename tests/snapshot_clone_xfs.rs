@@ -23,16 +23,14 @@ impl Drop for Xfs {
 
 pub(crate) fn mount_xfs(dir: &Path) -> Option<Xfs> {
     if !is_root() {
-        eprintln!("SKIP clone path: needs root to loop-mount an XFS filesystem");
+        skip("clone path: needs root to loop-mount an XFS filesystem");
         return None;
     }
     let mkfs = ["/usr/sbin/mkfs.xfs", "/sbin/mkfs.xfs"]
         .into_iter()
         .find(|p| Path::new(p).exists());
     let Some(mkfs) = mkfs else {
-        eprintln!(
-            "SKIP clone path: mkfs.xfs not installed (apt-get install xfsprogs; `make test` does)"
-        );
+        skip("clone path: mkfs.xfs not installed (apt-get install xfsprogs; `make test` does)");
         return None;
     };
     let file = dir.join("xfs.img");
@@ -52,7 +50,7 @@ pub(crate) fn mount_xfs(dir: &Path) -> Option<Xfs> {
         .status()
         .unwrap();
     if !mounted.success() {
-        eprintln!("SKIP clone path: cannot loop-mount XFS here");
+        skip("clone path: cannot loop-mount XFS here");
         return None;
     }
     Some(Xfs { mnt })

@@ -284,7 +284,7 @@ fn a_locked_snapshot_area_fails_the_backup_naming_the_lock() {
             .status()
             .is_ok_and(|st| st.success());
     if !immutable {
-        eprintln!("SKIP chattr +i lock: needs root and a filesystem with inode flags");
+        skip("chattr +i lock: needs root and a filesystem with inode flags");
         return;
     }
     let out = run(&["backup", "--vault", s(&vault), s(&img)]);
@@ -303,7 +303,7 @@ fn a_locked_snapshot_area_fails_the_backup_naming_the_lock() {
 #[test]
 fn a_capture_that_may_not_fit_is_refused() {
     if !is_root() {
-        eprintln!("SKIP a_capture_that_may_not_fit_is_refused: needs root to mount a small tmpfs");
+        skip("a_capture_that_may_not_fit_is_refused: needs root to mount a small tmpfs");
         return;
     }
     let t = tempfile::tempdir().unwrap();
@@ -314,7 +314,7 @@ fn a_capture_that_may_not_fit_is_refused() {
         .status()
         .unwrap();
     if !mounted.success() {
-        eprintln!("SKIP a_capture_that_may_not_fit_is_refused: cannot mount tmpfs");
+        skip("a_capture_that_may_not_fit_is_refused: cannot mount tmpfs");
         return;
     }
     struct Unmount(PathBuf);

@@ -270,7 +270,7 @@ pub fn run(ctx: &Ctx, dir: &Path, args: BackupArgs<'_>, image: &Path) -> anyhow:
                 bytes(s.stored_bytes),
                 v.mib_per_s,
                 s.duration_ms,
-                retain_until
+                output::when(retain_until)
             ));
         }
         if let Some(c) = outcome.point.as_ref().and_then(|p| p.cbt.as_ref()) {

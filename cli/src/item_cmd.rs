@@ -97,9 +97,7 @@ pub fn protect(
             v.name,
             v.source.display(),
             v.policy,
-            v.next_run
-                .map(|t| t.to_string())
-                .unwrap_or_else(|| "-".into())
+            output::when_or_dash(v.next_run)
         )
     })?;
     Ok(ExitCode::SUCCESS)
@@ -161,11 +159,9 @@ fn row(v: &ItemView) -> Vec<String> {
         v.policy.clone(),
         v.last_backup
             .as_ref()
-            .map(|b| format!("{} {}", b.started, b.status))
+            .map(|b| format!("{} {}", output::when(b.started), b.status))
             .unwrap_or_else(|| "-".into()),
-        v.next_run
-            .map(|t| t.to_string())
-            .unwrap_or_else(|| "-".into()),
+        output::when_or_dash(v.next_run),
         format!("{} (+{} snap)", v.points, v.tiers.snapshot),
         bytes(v.stored_bytes),
     ]
@@ -209,11 +205,16 @@ pub fn run(ctx: &Ctx, cmd: ItemCommand) -> anyhow::Result<ExitCode> {
                     v.policy,
                     v.last_backup
                         .as_ref()
-                        .map(|b| format!("job {} started {} {}", b.job, b.started, b.status))
+                        .map(|b| {
+                            format!(
+                                "job {} started {} {}",
+                                b.job,
+                                output::when(b.started),
+                                b.status
+                            )
+                        })
                         .unwrap_or_else(|| "-".into()),
-                    v.next_run
-                        .map(|t| t.to_string())
-                        .unwrap_or_else(|| "-".into()),
+                    output::when_or_dash(v.next_run),
                     v.points,
                     t.daily,
                     t.weekly,

@@ -43,8 +43,8 @@ fn table(jobs: &[JobRecord]) -> String {
                     .map(|p| format!("{}:{}", p.name, p.status))
                     .collect::<Vec<_>>()
                     .join(" "),
-                j.started.to_string(),
-                j.ended.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                output::when(j.started),
+                output::when_or_dash(j.ended),
             ]
         })
         .collect();
@@ -100,8 +100,8 @@ fn show(ctx: &Ctx, job: &JobRecord) -> anyhow::Result<()> {
             j.operation,
             j.item.as_deref().unwrap_or("-"),
             j.status,
-            j.started,
-            j.ended.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
+            output::when(j.started),
+            output::when_or_dash(j.ended)
         );
         if let Some(p) = &j.point {
             out.push_str(&format!("point      {p}\n"));

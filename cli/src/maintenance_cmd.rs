@@ -23,11 +23,9 @@ fn prune_table(r: &PruneReport) -> String {
             vec![
                 e.item.clone(),
                 e.id.clone(),
-                e.created.to_string(),
+                output::when(e.created),
                 e.tier.to_string(),
-                e.expired
-                    .map(|t| t.to_string())
-                    .unwrap_or_else(|| "purge".into()),
+                e.expired.map_or_else(|| "purge".into(), output::when),
             ]
         })
         .collect();

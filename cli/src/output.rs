@@ -37,6 +37,20 @@ pub fn emit<T: Serialize>(
     }
 }
 
+/// A time in a table: local time to the second, as restic and `az` show
+/// it (the `TZ` variable, else the system's zone). JSON keeps RFC 3339
+/// with full precision.
+pub fn when(t: jiff::Timestamp) -> String {
+    t.to_zoned(jiff::tz::TimeZone::system())
+        .strftime("%Y-%m-%d %H:%M:%S")
+        .to_string()
+}
+
+/// [`when`], or `-` for no time.
+pub fn when_or_dash(t: Option<jiff::Timestamp>) -> String {
+    t.map_or_else(|| "-".into(), when)
+}
+
 /// Binary human-readable bytes.
 pub fn bytes(n: u64) -> String {
     HumanBytes(n).to_string()

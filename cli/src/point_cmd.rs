@@ -133,7 +133,7 @@ pub fn list(ctx: &Ctx, dir: &Path, item: &str) -> anyhow::Result<ExitCode> {
             .map(|p| {
                 vec![
                     p.id.to_string(),
-                    p.created.to_string(),
+                    output::when(p.created),
                     p.tier.to_string(),
                     p.level.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
                     bytes(p.image_size),

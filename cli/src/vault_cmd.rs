@@ -194,7 +194,7 @@ pub fn show(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
             bytes(u64::from(s.block_size)),
             s.compression_level,
             s.redundancy,
-            s.created,
+            output::when(s.created),
             s.points,
             bytes(s.logical_bytes),
             bytes(s.stored_bytes),
@@ -228,14 +228,20 @@ pub fn show(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
                     g.epoch,
                     g.marking
                         .as_ref()
-                        .map(|h| format!(", running on host {:04x} until {}", h.host_tag, h.until))
+                        .map(|h| format!(
+                            ", running on host {:04x} until {}",
+                            h.host_tag,
+                            output::when(h.until)
+                        ))
                         .unwrap_or_default()
                 ));
             }
             for l in &s.leases {
                 out.push_str(&format!(
                     "writer       host {:04x} since {} (lease until {})\n",
-                    l.host_tag, l.taken, l.expires
+                    l.host_tag,
+                    output::when(l.taken),
+                    output::when(l.expires)
                 ));
             }
             out.push('\n');
@@ -281,7 +287,7 @@ pub fn show(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
                 vec![
                     i.name.clone(),
                     i.points.to_string(),
-                    i.last_backup.map(|t| t.to_string()).unwrap_or_default(),
+                    i.last_backup.map(output::when).unwrap_or_default(),
                     bytes(i.latest_size),
                     bytes(i.stored_bytes),
                     format!("{} ({})", i.snapshots, bytes(i.snapshot_bytes)),

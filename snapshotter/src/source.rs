@@ -534,7 +534,10 @@ mod tests {
         f.write_all(&vec![7u8; 48 << 20]).unwrap();
         f.sync_all().unwrap();
         if !drop_cached(&p) {
-            eprintln!("SKIP: the page cache keeps {} (tmpfs?)", p.display());
+            coffre_vault_store::skip::skip(&format!(
+                "the page cache keeps {} (tmpfs?)",
+                p.display()
+            ));
             return;
         }
         let img = FileImage::open(&p).unwrap();
@@ -594,7 +597,10 @@ mod tests {
             assert!(matches!(b.hold, Hold::Aligned(_)), "read direct");
             assert!(matches!(a.hold, Hold::Map(_)));
         } else {
-            eprintln!("SKIP direct part: {} refuses O_DIRECT", p.display());
+            coffre_vault_store::skip::skip(&format!(
+                "direct part: {} refuses O_DIRECT",
+                p.display()
+            ));
         }
         // A window that starts later, and a sampled block.
         let part: Range<usize> = 4096..8192;
@@ -654,7 +660,7 @@ mod tests {
         std::fs::write(&p, vec![0xabu8; 1 << 20]).unwrap();
         let img = FileImage::open(&p).unwrap().with_direct_reads();
         if img.direct.is_none() {
-            eprintln!("SKIP: {} refuses O_DIRECT", p.display());
+            coffre_vault_store::skip::skip(&format!("{} refuses O_DIRECT", p.display()));
             return;
         }
         let wanted = [0..4096, (512 << 10)..(576 << 10)];

@@ -51,6 +51,7 @@ pub mod scan;
 pub mod segment;
 #[cfg(feature = "index")]
 pub mod shared;
+pub mod skip;
 pub mod store;
 #[cfg(feature = "index")]
 pub mod vault;
