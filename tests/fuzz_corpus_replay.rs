@@ -182,3 +182,23 @@ fn nbd_reply_corpus() {
         ]
     );
 }
+
+#[test]
+fn index_value_corpus() {
+    let accepted: Vec<usize> = corpus("index_value")
+        .iter()
+        .map(|(_, b)| coffre_vault_store::index_values::fuzz_entry(b))
+        .collect();
+    // bad_kind, location, ref, segment_v1, segment_v2 (sorted by name).
+    assert_eq!(accepted, vec![0, 1, 1, 1, 1]);
+}
+
+#[test]
+fn nbd_uri_corpus() {
+    let parsed: Vec<bool> = corpus("nbd_uri")
+        .iter()
+        .map(|(_, b)| coffre_engine::snapshotter::nbd::fuzz_uri_entry(b))
+        .collect();
+    // port_zero, query, tcp, unix (sorted by name).
+    assert_eq!(parsed, vec![false, false, true, true]);
+}

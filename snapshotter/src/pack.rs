@@ -195,23 +195,12 @@ impl PackReader {
         len: u32,
         buf: &mut RecordBuf,
     ) -> Result<RecordHeader> {
-        let len = len as usize;
-        if !(HEADER_LEN..=HEADER_LEN + MAX_STORED_LEN).contains(&len) || offset < PACK_HEADER_LEN {
-            return Err(self.bad(offset, format!("record length {len} is impossible")));
-        }
+        let len = check_place(offset, len).map_err(|r| self.bad(offset, r))?;
         buf.record.resize(len, 0);
         self.file
             .read_exact_at(&mut buf.record, offset)
             .map_err(|e| self.bad(offset, e.to_string()))?;
-        let header =
-            RecordHeader::parse(&buf.record).map_err(|e| self.bad(offset, e.to_string()))?;
-        if header.id != *id {
-            return Err(self.bad(offset, format!("holds chunk {} instead of {id}", header.id)));
-        }
-        if header.record_len() != len as u64 {
-            return Err(self.bad(offset, "record length disagrees with the manifest".into()));
-        }
-        Ok(header)
+        check_record(id, &buf.record).map_err(|r| self.bad(offset, r))
     }
 
     /// Reads and decodes the record of `id` (CRC, decompression, BLAKE3):
@@ -240,32 +229,74 @@ impl PackReader {
     }
 }
 
+/// Checks a record's place as a manifest gives it (offset and length),
+/// before anything is read or allocated: returns the length to read.
+fn check_place(offset: u64, len: u32) -> std::result::Result<usize, String> {
+    let len = len as usize;
+    if !(HEADER_LEN..=HEADER_LEN + MAX_STORED_LEN).contains(&len) || offset < PACK_HEADER_LEN {
+        return Err(format!("record length {len} is impossible"));
+    }
+    Ok(len)
+}
+
+/// Checks a record read at its place: its header, that it holds `id`, and
+/// that its own length is the length read (not the payload).
+fn check_record(id: &ChunkId, record: &[u8]) -> std::result::Result<RecordHeader, String> {
+    let header = RecordHeader::parse(record).map_err(|e| e.to_string())?;
+    if header.id != *id {
+        return Err(format!("holds chunk {} instead of {id}", header.id));
+    }
+    if header.record_len() != record.len() as u64 {
+        return Err("record length disagrees with the manifest".into());
+    }
+    Ok(header)
+}
+
 /// Fuzz entry point: reads arbitrary bytes as a pack, header then records
-/// in order (as a scrub would), never trusting a length it has not
-/// checked; never panics. Returns the number of valid records before the
-/// first bad byte, or `None` when the header is bad.
+/// in order, each through the checks a [`PackReader`] makes (its place,
+/// its header and id, then its payload's CRC, decompression and hash), as
+/// if a manifest named each record where it lies; never panics. Returns
+/// the number of valid records before the first bad byte, or `None` when
+/// the header is bad.
 pub fn fuzz_entry(data: &[u8]) -> Option<usize> {
     check_header(data).ok()?;
-    let mut at = PACK_HEADER_LEN as usize;
+    let mut at = PACK_HEADER_LEN;
     let mut decoder = RecordDecoder::default();
     let mut plain = Vec::new();
     let mut records = 0;
-    while let Some(rest) = data.get(at..).filter(|r| !r.is_empty()) {
-        let Ok(header) = RecordHeader::parse(rest) else {
+    while let Some(rest) = usize::try_from(at)
+        .ok()
+        .and_then(|a| data.get(a..))
+        .filter(|r| !r.is_empty())
+    {
+        // What a manifest would say of this record: its id and length.
+        let Ok(named) = RecordHeader::parse(rest) else {
             break;
         };
-        let len = header.record_len() as usize;
-        let Some(payload) = rest.get(HEADER_LEN..len) else {
+        let Ok(len) = u32::try_from(named.record_len()) else {
+            break;
+        };
+        let Ok(len) = check_place(at, len) else {
+            break;
+        };
+        let Some(record) = rest.get(..len) else {
+            break;
+        };
+        let Ok(header) = check_record(&named.id, record) else {
             break;
         };
         if decoder
-            .decode_payload_into(&header, payload, &mut plain)
+            .decode_payload_into(
+                &header,
+                record.get(HEADER_LEN..).unwrap_or_default(),
+                &mut plain,
+            )
             .is_err()
         {
             break;
         }
         records += 1;
-        at += len;
+        at += len as u64;
     }
     Some(records)
 }

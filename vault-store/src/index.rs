@@ -32,6 +32,7 @@ use crate::catalog::{CATALOG_VALUE_VERSION, ItemRecord, PointRecord};
 use crate::catalog_files;
 use crate::chunk_id::ChunkId;
 use crate::error::{Result, StoreError};
+pub use crate::index_values::{ChunkKind, ChunkLocation, RefEntry, SegmentInfo};
 
 /// Folder of the index inside a vault.
 pub const INDEX_DIR: &str = "index";
@@ -51,63 +52,10 @@ const ALL_CFS: [&str; 10] = [
     "dead",
     "meta",
 ];
-const LOCATION_VERSION: u8 = 1;
-const LOCATION_LEN: usize = 25;
-const SEGMENT_VALUE_V1: u8 = 1;
-const SEGMENT_VALUE_V2: u8 = 2;
-const REF_VALUE_VERSION: u8 = 1;
 /// `meta` key of the layout version of the GC column families.
 const META_GC_LAYOUT: &[u8] = b"gc-layout";
 /// Current layout of `refs`/`unref`/`segchunks`/`dead`.
 pub const GC_LAYOUT_VERSION: u8 = 1;
-
-/// Where a chunk's record lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChunkLocation {
-    /// Segment id.
-    pub segment: u64,
-    /// Offset of the record in the segment.
-    pub offset: u64,
-    /// Record length (header and payload).
-    pub len: u32,
-    /// Plaintext length.
-    pub plain_len: u32,
-}
-
-impl ChunkLocation {
-    /// Encodes as version byte + fixed little-endian fields.
-    pub fn encode(&self) -> [u8; LOCATION_LEN] {
-        let mut v = [0u8; LOCATION_LEN];
-        let parts: [&[u8]; 5] = [
-            &[LOCATION_VERSION],
-            &self.segment.to_le_bytes(),
-            &self.offset.to_le_bytes(),
-            &self.len.to_le_bytes(),
-            &self.plain_len.to_le_bytes(),
-        ];
-        let mut at = 0;
-        for p in parts {
-            if let Some(dst) = v.get_mut(at..at + p.len()) {
-                dst.copy_from_slice(p);
-            }
-            at += p.len();
-        }
-        v
-    }
-
-    /// Decodes; `None` if the bytes are not a valid location.
-    pub fn decode(v: &[u8]) -> Option<Self> {
-        if v.len() != LOCATION_LEN || v.first() != Some(&LOCATION_VERSION) {
-            return None;
-        }
-        Some(ChunkLocation {
-            segment: u64::from_le_bytes(v.get(1..9)?.try_into().ok()?),
-            offset: u64::from_le_bytes(v.get(9..17)?.try_into().ok()?),
-            len: u32::from_le_bytes(v.get(17..21)?.try_into().ok()?),
-            plain_len: u32::from_le_bytes(v.get(21..25)?.try_into().ok()?),
-        })
-    }
-}
 
 #[expect(
     clippy::big_endian_bytes,
@@ -157,122 +105,6 @@ fn encode_catalog<T: Serialize>(v: &T) -> Vec<u8> {
     // Serialising plain records into a Vec cannot fail.
     out.extend(serde_json::to_vec(v).unwrap_or_default());
     out
-}
-
-/// What a segment's entry in `segments` records.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SegmentInfo {
-    /// Committed length: bytes past it are garbage of a failed session.
-    pub committed: u64,
-    /// Bytes of records GC has unindexed (dead) inside the committed part.
-    pub dead: u64,
-    /// The segment was emptied or rewritten by GC; its file is deleted (or
-    /// about to be). Its id is never reused.
-    pub retired: bool,
-}
-
-impl SegmentInfo {
-    /// Live bytes: records some chunk entry references (committed bytes
-    /// minus the header and the dead records).
-    pub fn live(&self) -> u64 {
-        if self.retired {
-            0
-        } else {
-            self.committed
-                .saturating_sub(crate::segment::SEGMENT_HEADER_LEN)
-                .saturating_sub(self.dead)
-        }
-    }
-
-    fn encode(&self) -> Vec<u8> {
-        let mut v = vec![SEGMENT_VALUE_V2];
-        v.extend_from_slice(&self.committed.to_le_bytes());
-        v.extend_from_slice(&self.dead.to_le_bytes());
-        v.push(u8::from(self.retired));
-        v
-    }
-
-    fn decode(v: &[u8]) -> Option<Self> {
-        let u = |r: std::ops::Range<usize>| -> Option<u64> {
-            Some(u64::from_le_bytes(v.get(r)?.try_into().ok()?))
-        };
-        match *v.first()? {
-            SEGMENT_VALUE_V1 if v.len() == 9 => Some(SegmentInfo {
-                committed: u(1..9)?,
-                ..SegmentInfo::default()
-            }),
-            SEGMENT_VALUE_V2 if v.len() == 18 => Some(SegmentInfo {
-                committed: u(1..9)?,
-                dead: u(9..17)?,
-                retired: match v.get(17)? {
-                    0 => false,
-                    1 => true,
-                    _ => return None,
-                },
-            }),
-            _ => None,
-        }
-    }
-}
-
-/// What kind of content a chunk holds; GC follows node references.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChunkKind {
-    /// Image data.
-    Data,
-    /// A block-map leaf (references data chunks).
-    Leaf,
-    /// A block-map root (references leaves).
-    Root,
-}
-
-/// A chunk's reference count: how many points (for roots), roots (for
-/// leaves) or leaf entries (for data) refer to it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RefEntry {
-    /// Kind of the chunk.
-    pub kind: ChunkKind,
-    /// Number of references.
-    pub count: u64,
-}
-
-impl RefEntry {
-    fn encode(&self) -> [u8; 10] {
-        let kind = match self.kind {
-            ChunkKind::Data => 0,
-            ChunkKind::Leaf => 1,
-            ChunkKind::Root => 2,
-        };
-        let c = self.count.to_le_bytes();
-        [
-            REF_VALUE_VERSION,
-            kind,
-            c[0],
-            c[1],
-            c[2],
-            c[3],
-            c[4],
-            c[5],
-            c[6],
-            c[7],
-        ]
-    }
-
-    fn decode(v: &[u8]) -> Option<Self> {
-        if v.len() != 10 || v.first() != Some(&REF_VALUE_VERSION) {
-            return None;
-        }
-        let kind = match v.get(1)? {
-            0 => ChunkKind::Data,
-            1 => ChunkKind::Leaf,
-            2 => ChunkKind::Root,
-            _ => return None,
-        };
-        Some(RefEntry {
-            kind,
-            count: u64::from_le_bytes(v.get(2..10)?.try_into().ok()?),
-        })
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

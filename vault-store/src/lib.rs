@@ -32,6 +32,7 @@ pub mod error;
 pub mod gc;
 #[cfg(feature = "index")]
 pub mod index;
+pub mod index_values;
 pub mod jobs;
 pub mod lease;
 pub mod level;

@@ -53,6 +53,22 @@ pub struct NbdUri {
     pub export: String,
 }
 
+/// The `nbd_uri` fuzz target's body: parses `data` as a URI (when it is
+/// UTF-8) and checks what a parsed URI promises. True when it parsed.
+pub fn fuzz_uri_entry(data: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return false;
+    };
+    let Ok(uri) = NbdUri::parse(text) else {
+        return false;
+    };
+    assert!(is_nbd_uri(text), "{text:?}");
+    if let Address::Tcp { host, port } = &uri.address {
+        assert!(*port != 0 && !host.is_empty(), "{text:?}: {uri:?}");
+    }
+    true
+}
+
 /// True when `s` looks like an NBD URI (and not like a file name).
 pub fn is_nbd_uri(s: &str) -> bool {
     s.starts_with("nbd://") || s.starts_with("nbd+unix://")
@@ -89,7 +105,9 @@ impl NbdUri {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
                 h,
                 p.parse::<u16>()
-                    .map_err(|_| format!("port {p:?} is not a number from 1 to 65535"))?,
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| format!("port {p:?} is not a number from 1 to 65535"))?,
             ),
             _ => (authority, 10809),
         };
