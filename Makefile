@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 
-.PHONY: all deps build test crash-test lint fmt demo demo-cloud azurite bench fuzz clean
+.PHONY: all deps build install test crash-test lint fmt demo demo-cloud azurite bench fuzz clean
 
 all: build
 
@@ -12,6 +12,12 @@ deps:
 
 build: deps
 	$(CARGO) build --release --workspace --all-targets
+
+# The binary without its debug info (~26 MB) in $(PREFIX)/bin, the line
+# tables beside the system's others for backtraces (scripts/install-binary.sh).
+PREFIX ?= /usr/local
+install: build
+	@scripts/install-binary.sh "$${CARGO_TARGET_DIR:-target}/release/coffre" "$(PREFIX)" "$(DESTDIR)"
 
 # Tests, the demo and the benches share the release profile, so the bundled
 # RocksDB is compiled once per target directory.

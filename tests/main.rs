@@ -18,6 +18,7 @@ mod flipped_byte;
 mod fuzz_corpus_replay;
 mod gc_interleave;
 mod image_resized;
+mod install_binary;
 mod install_deps;
 mod job_phases;
 mod kill9_during_backup;
