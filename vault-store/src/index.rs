@@ -100,12 +100,22 @@ impl ChunkLocation {
         if v.len() != LOCATION_LEN || v.first() != Some(&LOCATION_VERSION) {
             return None;
         }
-        Some(ChunkLocation {
+        let loc = ChunkLocation {
             segment: u64::from_le_bytes(v.get(1..9)?.try_into().ok()?),
             offset: u64::from_le_bytes(v.get(9..17)?.try_into().ok()?),
             len: u32::from_le_bytes(v.get(17..21)?.try_into().ok()?),
             plain_len: u32::from_le_bytes(v.get(21..25)?.try_into().ok()?),
-        })
+        };
+        // The length sizes a read buffer and the end a range: only a
+        // record's possible lengths, and no end past `u64::MAX`.
+        let len = usize::try_from(loc.len).ok()?;
+        if !(crate::record::HEADER_LEN..=crate::record::HEADER_LEN + crate::record::MAX_STORED_LEN)
+            .contains(&len)
+            || loc.offset.checked_add(u64::from(loc.len)).is_none()
+        {
+            return None;
+        }
+        Some(loc)
     }
 }
 
@@ -932,7 +942,12 @@ mod tests {
         #[test]
         fn location_round_trip(segment: u64, offset: u64, len: u32, plain_len: u32) {
             let loc = ChunkLocation { segment, offset, len, plain_len };
-            prop_assert_eq!(ChunkLocation::decode(&loc.encode()), Some(loc));
+            let possible = (crate::record::HEADER_LEN
+                ..=crate::record::HEADER_LEN + crate::record::MAX_STORED_LEN)
+                .contains(&(len as usize))
+                && offset.checked_add(u64::from(len)).is_some();
+            let want = possible.then_some(loc);
+            prop_assert_eq!(ChunkLocation::decode(&loc.encode()), want);
         }
     }
 
@@ -974,5 +989,21 @@ mod tests {
         .encode();
         v[0] = 9;
         assert_eq!(ChunkLocation::decode(&v), None);
+        let at = |offset: u64, len: u32| {
+            ChunkLocation::decode(
+                &ChunkLocation {
+                    segment: 1,
+                    offset,
+                    len,
+                    plain_len: 4,
+                }
+                .encode(),
+            )
+        };
+        assert!(at(64, 100).is_some());
+        // Shorter than a record header, a 4 GiB buffer, an end past u64::MAX.
+        assert_eq!(at(64, 3), None);
+        assert_eq!(at(64, u32::MAX), None);
+        assert_eq!(at(u64::MAX - 10, 100), None);
     }
 }
