@@ -818,4 +818,97 @@ mod tests {
             "{err}"
         );
     }
+
+    fn write_one(path: &Path, header: SnapHeader, entry: Option<SnapEntry>, meta: &SnapMeta) {
+        let mut w = SnapWriter::create(path, header).unwrap();
+        if let Some(e) = entry {
+            w.push(&e).unwrap();
+        }
+        w.finish(meta, 0).unwrap();
+    }
+
+    fn one_block(block_size: u32) -> SnapHeader {
+        SnapHeader {
+            kind: SnapKind::Chunks,
+            block_size,
+            image_size: u64::from(block_size),
+            blocks: 1,
+            created_s: 1,
+            created_ns: 0,
+        }
+    }
+
+    #[test]
+    fn names_that_leave_the_folder_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.snap");
+        let entry = SnapEntry {
+            id: Some(ChunkId::of(b"x")),
+            loc: PackLoc {
+                pack: 0,
+                flags: 0,
+                len: 100,
+                offset: 64,
+            },
+        };
+        let mut cases: Vec<(&str, SnapMeta)> = Vec::new();
+        let mut m = meta();
+        m.packs[0] = "../../etc/passwd".into();
+        cases.push(("pack", m));
+        let mut m = meta();
+        m.item = "/tmp/x".into();
+        cases.push(("item", m));
+        let mut m = meta();
+        m.job = "a/b".into();
+        cases.push(("job", m));
+        for (what, m) in cases {
+            write_one(&path, one_block(65536), Some(entry), &m);
+            let err = SnapReader::open(&path).err().unwrap();
+            let msg = err.to_string();
+            assert!(matches!(err, SnapError::RefusedName { .. }), "{msg}");
+            assert!(msg.contains(&format!("{what} name")), "{msg}");
+        }
+        // A clone named outside the folder.
+        let mut m = meta();
+        m.packs.clear();
+        m.clone = Some("../../etc/passwd".into());
+        let clone = SnapHeader {
+            kind: SnapKind::Clone,
+            blocks: 0,
+            ..one_block(65536)
+        };
+        write_one(&path, clone, None, &m);
+        let msg = SnapReader::open(&path).err().unwrap().to_string();
+        assert!(msg.contains("clone name"), "{msg}");
+        m.clone = Some("j1.img".into());
+        write_one(&path, clone, None, &m);
+        SnapReader::open(&path).unwrap();
+    }
+
+    #[test]
+    fn decoded_sizes_and_offsets_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.snap");
+        // A block size that would size a 4 GiB buffer, or divide by 0.
+        for bs in [0u32, 4096, 3 << 16, u32::MAX] {
+            write_one(&path, one_block(bs), Some(SnapEntry::default()), &meta());
+            let msg = SnapReader::open(&path).err().unwrap().to_string();
+            assert!(msg.contains("block size"), "{bs}: {msg}");
+        }
+        // An entry whose record end passes u64::MAX.
+        let entry = SnapEntry {
+            id: Some(ChunkId::of(b"x")),
+            loc: PackLoc {
+                pack: 0,
+                flags: 0,
+                len: 100,
+                offset: u64::MAX - 10,
+            },
+        };
+        write_one(&path, one_block(65536), Some(entry), &meta());
+        let mut r = SnapReader::open(&path).unwrap();
+        let msg = r.next_entries(1).unwrap_err().to_string();
+        assert!(msg.contains("largest offset"), "{msg}");
+        assert_eq!(entry.loc.end(), u64::MAX);
+    }
 }

@@ -976,4 +976,80 @@ mod tests {
         assert_eq!(errors.len(), 1, "{:?}", report.findings);
         assert_eq!(errors[0].code, "refcount-mismatch");
     }
+
+    /// An item whose name leaves the area, already in the index (as a
+    /// coffre before the naming rule could have indexed it from a crafted
+    /// copy): verify names it, and a due purge removes nothing outside the
+    /// snapshot area.
+    #[test]
+    fn an_indexed_bad_name_is_a_finding_and_prune_leaves_the_outside_alone() {
+        use coffre_snapshotter::area::{Area, AreaIdentity};
+        use coffre_vault_store::{ItemRecord, Protection};
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new("2027-01-01T00:00:00Z".parse().unwrap());
+        let vault = crate::vault_ops::create_vault(
+            &dir.path().join("v"),
+            &crate::vault_ops::CreateOptions::default(),
+            &clock,
+        )
+        .unwrap();
+        let owner = AreaIdentity {
+            vault_id: vault.config().vault_id.clone(),
+            vault_name: vault.config().name.clone(),
+        };
+        let area_dir = dir.path().join("area");
+        Area::for_image(
+            vault.dir(),
+            &owner,
+            Some(&area_dir),
+            None,
+            std::path::Path::new("/m.img"),
+        )
+        .unwrap();
+        let outside = dir.path().join("x");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), b"keep").unwrap();
+        let abs = dir.path().join("abs");
+        std::fs::create_dir(&abs).unwrap();
+        std::fs::write(abs.join("keep"), b"keep").unwrap();
+        let past: jiff::Timestamp = "2020-01-01T00:00:00Z".parse().unwrap();
+        let mut b = coffre_vault_store::IndexBatch::default();
+        for name in ["../x", abs.to_str().unwrap()] {
+            b.put_item(ItemRecord {
+                name: name.into(),
+                source: "/m.img".into(),
+                created: past,
+                next_seq: 1,
+                policy: None,
+                protection: Protection::SoftDeleted {
+                    at: past,
+                    purge_after: past,
+                },
+                last_slot: None,
+                identity: None,
+                hooks: Default::default(),
+            });
+        }
+        vault.index().commit(b.without_files()).unwrap();
+
+        let report = verify(&vault, &VerifyOptions::default(), &NoProgress).unwrap();
+        let bad: Vec<_> = report
+            .findings
+            .iter()
+            .filter(|f| f.code == "bad-name" && f.severity == Severity::Error)
+            .collect();
+        assert_eq!(bad.len(), 2, "{:?}", report.findings);
+        assert!(!report.is_clean());
+
+        crate::service::prune::prune(
+            &vault,
+            &crate::service::registry::Registry::disabled(),
+            crate::Clock::now(&clock),
+            false,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"keep");
+        assert_eq!(std::fs::read(abs.join("keep")).unwrap(), b"keep");
+        assert!(area_dir.join("area").exists());
+    }
 }
