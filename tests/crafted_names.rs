@@ -227,14 +227,57 @@ fn crafted_names_touch_nothing_outside_and_verify_names_each() {
 }
 
 /// `--snapshot-area DIR` never takes over a folder that holds someone's
-/// files.
+/// files: not at `vault create`, not at `vault set`, not at a backup.
 #[test]
 fn a_non_empty_folder_is_not_taken_as_a_snapshot_area() {
     let t = tempfile::tempdir().unwrap();
     let home = t.path().join("home");
     fs::create_dir_all(&home).unwrap();
     fs::write(home.join("thesis.tex"), b"years of work").unwrap();
-    let vault = new_vault(t.path(), &["--snapshot-area", s(&home)]);
+    let refused = |stderr: &str| {
+        assert!(
+            stderr.contains(s(&home)) && stderr.contains("not a coffre snapshot area"),
+            "{stderr}"
+        );
+    };
+    let v = t.path().join("vault");
+    let err = fails(
+        &[
+            "vault",
+            "create",
+            "--vault",
+            s(&v),
+            "--snapshot-area",
+            s(&home),
+        ],
+        1,
+    );
+    refused(&err);
+    let vault = new_vault(t.path(), &[]);
+    let err = fails(
+        &[
+            "vault",
+            "set",
+            "--vault",
+            s(&vault),
+            "--snapshot-area",
+            s(&home),
+        ],
+        1,
+    );
+    refused(&err);
+    // Filled after it was chosen: the backup refuses it.
+    let later = t.path().join("later");
+    fs::create_dir_all(&later).unwrap();
+    ok(&[
+        "vault",
+        "set",
+        "--vault",
+        s(&vault),
+        "--snapshot-area",
+        s(&later),
+    ]);
+    fs::rename(home.join("thesis.tex"), later.join("thesis.tex")).unwrap();
     let img = t.path().join("vm.img");
     random_file(&img, 1 << 20, 3);
     let out = run(&["backup", "--vault", s(&vault), "--item", "vm", s(&img)]);
@@ -242,13 +285,16 @@ fn a_non_empty_folder_is_not_taken_as_a_snapshot_area() {
     assert!(
         !out.status.success(),
         "the backup took over {}",
-        home.display()
+        later.display()
     );
     assert!(
-        stderr.contains(s(&home)) && stderr.contains("not a coffre snapshot area"),
+        stderr.contains(s(&later)) && stderr.contains("not a coffre snapshot area"),
         "{stderr}"
     );
-    let left: Vec<_> = fs::read_dir(&home).unwrap().flatten().collect();
-    assert_eq!(left.len(), 1, "coffre wrote into {}", home.display());
-    assert_eq!(fs::read(home.join("thesis.tex")).unwrap(), b"years of work");
+    let left: Vec<_> = fs::read_dir(&later).unwrap().flatten().collect();
+    assert_eq!(left.len(), 1, "coffre wrote into {}", later.display());
+    assert_eq!(
+        fs::read(later.join("thesis.tex")).unwrap(),
+        b"years of work"
+    );
 }

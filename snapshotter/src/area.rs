@@ -342,6 +342,34 @@ fn check_root_owner(base: &Path, euid: u32) -> Result<()> {
     Ok(())
 }
 
+/// Checks that `dir` may become the chosen area of the vault `vault_id`
+/// (`vault create/set --snapshot-area`): it is absent, empty, or already
+/// that vault's area. Nothing is written.
+pub fn check_choice(dir: &Path, vault_id: &str) -> Result<()> {
+    match read_identity(dir)? {
+        Some(id) if id.vault_id == vault_id => Ok(()),
+        Some(id) => Err(SnapError::AreaUnusable {
+            dir: dir.to_path_buf(),
+            source: std::io::Error::other(format!(
+                "it is the snapshot area of vault {} ({})",
+                id.vault_name, id.vault_id
+            )),
+        }),
+        None => refuse_non_empty(dir),
+    }
+}
+
+/// Refuses a folder that holds anything (and is no area).
+fn refuse_non_empty(dir: &Path) -> Result<()> {
+    if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(SnapError::AreaRefused {
+            dir: dir.to_path_buf(),
+            reason: "it is a non-empty folder that is not a coffre snapshot area (it has no `area` file); give an empty or new folder".into(),
+        });
+    }
+    Ok(())
+}
+
 /// Makes `dir` an area of `owner`, or checks that it is one.
 fn claim(dir: &Path, owner: &AreaIdentity) -> Result<()> {
     match read_identity(dir)? {
@@ -356,12 +384,7 @@ fn claim(dir: &Path, owner: &AreaIdentity) -> Result<()> {
         None => {
             // Never take over someone's folder: only a new or empty one
             // becomes an area.
-            if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
-                return Err(SnapError::AreaRefused {
-                    dir: dir.to_path_buf(),
-                    reason: "it is a non-empty folder that is not a coffre snapshot area (it has no `area` file); give an empty or new folder".into(),
-                });
-            }
+            refuse_non_empty(dir)?;
             if let Some(lock) = lock_of(dir) {
                 return Err(SnapError::AreaLocked {
                     dir: dir.to_path_buf(),
@@ -520,6 +543,7 @@ mod tests {
         let dir = t.path().join("home");
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(dir.join("thesis.tex"), b"years of work").unwrap();
+        assert!(check_choice(&dir, "A").is_err());
         let err = claim(&dir, &owner("A")).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, SnapError::AreaRefused { .. }), "{msg}");
