@@ -9,6 +9,7 @@ mod bad_input;
 mod bench_smoke;
 mod changed_blocks;
 mod copy_invariants;
+mod crafted_names;
 mod crash_kill;
 mod daemon;
 mod disk_full;

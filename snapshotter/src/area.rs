@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use coffre_vault_store::durable::write_atomic;
 use coffre_vault_store::envelope;
 use coffre_vault_store::lock::NamedLock;
+use coffre_vault_store::name::SafeName;
 use coffre_vault_store::private;
 use serde::{Deserialize, Serialize};
 
@@ -156,24 +157,47 @@ impl Area {
         Ok(Area { dir })
     }
 
-    /// Every area the vault has used.
+    /// Every area the vault has used: those of its list whose `area` file
+    /// still names the vault (the list is a vault file: a folder it names
+    /// is used, and its items' folders removed, only when it is this
+    /// vault's area).
     pub fn known(vault_dir: &Path) -> Vec<Area> {
+        match coffre_vault_store::config::VaultConfig::load(vault_dir) {
+            Ok(cfg) => Area::known_of(vault_dir, &cfg.vault_id),
+            Err(e) => {
+                tracing::warn!(vault = %vault_dir.display(), error = %e, "cannot read the vault config; its snapshot areas are left alone");
+                Vec::new()
+            }
+        }
+    }
+
+    /// [`Area::known`] for the vault whose id is `vault_id`.
+    pub fn known_of(vault_dir: &Path, vault_id: &str) -> Vec<Area> {
         list(vault_dir)
             .unwrap_or_default()
             .into_iter()
+            .filter(|dir| match read_identity(dir) {
+                Ok(Some(id)) if id.vault_id == vault_id => true,
+                Ok(None) if !dir.exists() => false,
+                other => {
+                    tracing::warn!(area = %dir.display(), found = ?other.map(|i| i.map(|i| i.vault_id)), "the vault lists a snapshot area that is not its own; it is left alone");
+                    false
+                }
+            })
             .map(Area::at)
             .collect()
     }
 
-    /// The folder of `item`'s snapshots.
-    pub fn item_dir(&self, item: &str) -> PathBuf {
-        self.dir.join(item)
+    /// The folder of `item`'s snapshots: always a direct child of the
+    /// area, since the name passed the naming rule.
+    pub fn item_dir(&self, item: &SafeName) -> PathBuf {
+        item.under(&self.dir)
     }
 
     /// Fails with [`SnapError::AreaLocked`] when the area or the item's
     /// folder is locked, and creates the item's folder otherwise.
     pub fn check_unlocked(&self, item: &str) -> Result<PathBuf> {
-        let item_dir = self.item_dir(item);
+        let item_dir = self.item_dir(&SafeName::new("item", item)?);
         for dir in [&self.dir, &item_dir] {
             if let Some(lock) = lock_of(dir) {
                 return Err(SnapError::AreaLocked {
@@ -222,7 +246,14 @@ impl Area {
     /// Bytes allocated on disk by the item's snapshot files (clones count
     /// their shared extents too: `du` semantics).
     pub fn bytes_used(&self, item: &str) -> u64 {
-        std::fs::read_dir(self.item_dir(item))
+        let item = match SafeName::new("item", item) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping an item whose name cannot be a folder");
+                return 0;
+            }
+        };
+        std::fs::read_dir(self.item_dir(&item))
             .map(|d| {
                 d.flatten()
                     .filter_map(|e| e.metadata().ok())
@@ -275,6 +306,70 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok(s.f_bavail as u64 * s.f_frsize as u64)
 }
 
+/// coffre's effective user id.
+fn current_euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Refuses a folder of areas (`<mount>/.coffre-snapshots`) that another
+/// user could have planted or may change: it must be a real directory
+/// (not a symlink), owned by `euid`, and not writable by group or others.
+fn check_root_owner(base: &Path, euid: u32) -> Result<()> {
+    let refuse = |reason: String| SnapError::AreaRefused {
+        dir: base.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::symlink_metadata(base).map_err(|e| SnapError::AreaUnusable {
+        dir: base.to_path_buf(),
+        source: e,
+    })?;
+    if !meta.file_type().is_dir() {
+        return Err(refuse("it is not a directory (a symlink or a file)".into()));
+    }
+    if meta.uid() != euid {
+        return Err(refuse(format!(
+            "it is owned by uid {}, not by coffre's user (uid {euid})",
+            meta.uid()
+        )));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(refuse(format!(
+            "group or others may write to it (mode {mode:03o}); `chmod go-w` it if it is yours"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that `dir` may become the chosen area of the vault `vault_id`
+/// (`vault create/set --snapshot-area`): it is absent, empty, or already
+/// that vault's area. Nothing is written.
+pub fn check_choice(dir: &Path, vault_id: &str) -> Result<()> {
+    match read_identity(dir)? {
+        Some(id) if id.vault_id == vault_id => Ok(()),
+        Some(id) => Err(SnapError::AreaUnusable {
+            dir: dir.to_path_buf(),
+            source: std::io::Error::other(format!(
+                "it is the snapshot area of vault {} ({})",
+                id.vault_name, id.vault_id
+            )),
+        }),
+        None => refuse_non_empty(dir),
+    }
+}
+
+/// Refuses a folder that holds anything (and is no area).
+fn refuse_non_empty(dir: &Path) -> Result<()> {
+    if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(SnapError::AreaRefused {
+            dir: dir.to_path_buf(),
+            reason: "it is a non-empty folder that is not a coffre snapshot area (it has no `area` file); give an empty or new folder".into(),
+        });
+    }
+    Ok(())
+}
+
 /// Makes `dir` an area of `owner`, or checks that it is one.
 fn claim(dir: &Path, owner: &AreaIdentity) -> Result<()> {
     match read_identity(dir)? {
@@ -287,6 +382,9 @@ fn claim(dir: &Path, owner: &AreaIdentity) -> Result<()> {
             )),
         }),
         None => {
+            // Never take over someone's folder: only a new or empty one
+            // becomes an area.
+            refuse_non_empty(dir)?;
             if let Some(lock) = lock_of(dir) {
                 return Err(SnapError::AreaLocked {
                     dir: dir.to_path_buf(),
@@ -305,7 +403,7 @@ fn claim(dir: &Path, owner: &AreaIdentity) -> Result<()> {
 
 /// `<base>/<vault-name>_<n>`: the first `n` that is this vault's or free.
 fn default_dir(base: &Path, owner: &AreaIdentity) -> Result<PathBuf> {
-    if !base.exists() {
+    if std::fs::symlink_metadata(base).is_err() {
         // The shared root may be entered by every vault's owner, but only
         // root can list other users' areas (each area is 0700).
         private::create_dir_all(base).map_err(|e| SnapError::AreaUnusable {
@@ -313,6 +411,7 @@ fn default_dir(base: &Path, owner: &AreaIdentity) -> Result<PathBuf> {
             source: e,
         })?;
     }
+    check_root_owner(base, current_euid())?;
     for n in 1..10_000 {
         let dir = base.join(format!("{}_{n}", owner.vault_name));
         match read_identity(&dir)? {
@@ -414,7 +513,14 @@ mod tests {
         std::fs::create_dir(&vault).unwrap();
         remember(&vault, &a).unwrap();
         remember(&vault, &a).unwrap();
-        assert_eq!(Area::known(&vault), vec![Area::at(&a)]);
+        assert_eq!(Area::known_of(&vault, "A"), vec![Area::at(&a)]);
+        // A listed folder that is not the vault's area is left alone.
+        let planted = t.path().join("home");
+        std::fs::create_dir(&planted).unwrap();
+        remember(&vault, &planted).unwrap();
+        remember(&vault, &b).unwrap();
+        assert_eq!(Area::known_of(&vault, "A"), vec![Area::at(&a)]);
+        assert_eq!(Area::known_of(&vault, "B"), vec![Area::at(&b)]);
         let id = std::fs::read(a.join(AREA_FILE)).unwrap();
         let list = std::fs::read(vault.join(AREA_LIST_FILE)).unwrap();
         assert_eq!(fuzz_entry(&id), (true, false));
@@ -429,6 +535,65 @@ mod tests {
         claim(&dir, &owner("A")).unwrap();
         let err = claim(&dir, &owner("B")).unwrap_err().to_string();
         assert!(err.contains("snapshot area of vault prod (A)"), "{err}");
+    }
+
+    #[test]
+    fn a_non_empty_folder_is_not_taken_over() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("home");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("thesis.tex"), b"years of work").unwrap();
+        assert!(check_choice(&dir, "A").is_err());
+        let err = claim(&dir, &owner("A")).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, SnapError::AreaRefused { .. }), "{msg}");
+        assert!(msg.contains(s(&dir)) && msg.contains("non-empty"), "{msg}");
+        assert!(!dir.join(AREA_FILE).exists());
+        // An empty folder is claimed, and is an area from then on.
+        let empty = t.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        claim(&empty, &owner("A")).unwrap();
+        std::fs::write(empty.join("vm"), b"").unwrap();
+        claim(&empty, &owner("A")).unwrap();
+    }
+
+    #[test]
+    fn a_root_of_areas_others_could_change_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join(AREAS_ROOT);
+        std::fs::create_dir(&base).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = default_dir(&base, &owner("A")).unwrap_err().to_string();
+        assert!(err.contains(s(&base)) && err.contains("mode 777"), "{err}");
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let me = current_euid();
+        check_root_owner(&base, me).unwrap();
+        let err = check_root_owner(&base, me.wrapping_add(1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("owned by uid") && err.contains(s(&base)),
+            "{err}"
+        );
+        // A planted symlink is no root of areas.
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&base, &link).unwrap();
+        let err = default_dir(&link, &owner("A")).unwrap_err().to_string();
+        assert!(err.contains("not a directory"), "{err}");
+        default_dir(&base, &owner("A")).unwrap();
+    }
+
+    #[test]
+    fn an_item_name_that_leaves_the_area_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let area = Area::at(t.path().join("area"));
+        claim(area.dir(), &owner("A")).unwrap();
+        for bad in ["../x", "/tmp/x", "a/b"] {
+            let err = area.check_unlocked(bad).unwrap_err();
+            assert!(matches!(err, SnapError::BadName(_)), "{err}");
+            assert_eq!(area.bytes_used(bad), 0);
+        }
+        assert!(!t.path().join("x").exists());
     }
 
     #[test]

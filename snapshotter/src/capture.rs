@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use coffre_vault_store::ChunkId;
 use coffre_vault_store::blockmap::{Node, block_count};
+use coffre_vault_store::name::SafeName;
 use coffre_vault_store::record::RecordEncoder;
 use jiff::Timestamp;
 use rayon::prelude::*;
@@ -350,7 +351,7 @@ fn reflink_hint(item_dir: &Path, job: &str, clone: &Path, name: &str) -> Option<
     let previous = previous_of_kind(item_dir, job, SnapKind::Clone)?;
     let (h, meta, _) = crate::manifest::summary(&previous).ok()?;
     let old_name = meta.clone?;
-    let old = std::fs::File::open(item_dir.join(&old_name)).ok()?;
+    let old = std::fs::File::open(SafeName::new("clone", &old_name).ok()?.under(item_dir)).ok()?;
     let new = std::fs::File::open(clone).ok()?;
     let size = new.metadata().ok()?.len();
     let diff = crate::cbt::reflink::extents(&new)
@@ -439,7 +440,8 @@ fn capture_chunks(
     let remap: Vec<Option<u16>> = old_packs
         .iter()
         .map(|name| {
-            item_dir.join(name).exists().then(|| {
+            let exists = SafeName::new("pack", name).is_ok_and(|n| n.under(item_dir).exists());
+            exists.then(|| {
                 packs.push(name.clone());
                 (packs.len() - 1) as u16
             })
@@ -1054,7 +1056,7 @@ pub fn open_clone(item_dir: &Path, meta: &SnapMeta) -> Result<FileImage> {
         .clone
         .as_deref()
         .ok_or_else(|| SnapError::damaged(item_dir, "not a clone snapshot"))?;
-    Ok(FileImage::open(&item_dir.join(name))?.with_direct_reads())
+    Ok(FileImage::open(&SafeName::new("clone", name)?.under(item_dir))?.with_direct_reads())
 }
 
 #[cfg(test)]

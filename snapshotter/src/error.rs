@@ -59,6 +59,24 @@ pub enum SnapError {
     )]
     SourceChanged { path: PathBuf, reason: String },
 
+    /// A name that would become a path breaks the naming rule.
+    #[error(transparent)]
+    BadName(#[from] coffre_vault_store::name::NameError),
+
+    /// A snapshot manifest holds a name that would leave its folder.
+    #[error("snapshot {path} is refused: {source}")]
+    RefusedName {
+        path: PathBuf,
+        #[source]
+        source: coffre_vault_store::name::NameError,
+    },
+
+    /// A folder coffre would keep snapshots in is not coffre's to use.
+    #[error(
+        "snapshot folder {dir} is refused: {reason}; choose another with `coffre vault set --snapshot-area DIR`"
+    )]
+    AreaRefused { dir: PathBuf, reason: String },
+
     /// The snapshot area is locked against writes.
     #[error(
         "snapshot area {dir} is locked ({lock}); the backup cannot take its snapshot there. Remove the lock, or choose another area with `coffre vault set --snapshot-area DIR`"

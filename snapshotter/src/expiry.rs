@@ -25,6 +25,7 @@ use crate::area::Area;
 use crate::error::Result;
 use crate::manifest::{SnapHeader, SnapKind, SnapMeta, SnapReader, SnapTrailer, summary};
 use crate::pack::PACK_HEADER_LEN;
+use coffre_vault_store::name::SafeName;
 
 /// One snapshot of an item.
 #[derive(Debug, Clone)]
@@ -108,9 +109,16 @@ pub fn scan(item_dir: &Path) -> (Vec<SnapInfo>, Vec<PathBuf>) {
 
 /// Every snapshot of `item` in the vault's areas, oldest first.
 pub fn snapshots_of(vault_dir: &Path, item: &str) -> Vec<SnapInfo> {
+    let name = match SafeName::new("item", item) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "skipping the snapshots of an item whose name cannot be a folder");
+            return Vec::new();
+        }
+    };
     let mut all: Vec<SnapInfo> = Area::known(vault_dir)
         .iter()
-        .flat_map(|a| scan(&a.item_dir(item)).0)
+        .flat_map(|a| scan(&a.item_dir(&name)).0)
         .filter(|s| s.meta.item == item)
         .collect();
     all.sort_by_key(|s| (s.header.created_s, s.header.created_ns));
@@ -150,8 +158,14 @@ pub fn expire(
             only_copy: !in_vault(&s.meta.point),
         });
         if !dry_run {
-            if let Some(clone) = &s.meta.clone {
-                report.bytes_freed += remove(&item_dir.join(clone));
+            // The manifest's decoder checked the name; a clone becomes a
+            // path only through the validated type all the same.
+            match s.meta.clone.as_deref().map(|c| SafeName::new("clone", c)) {
+                Some(Ok(clone)) => report.bytes_freed += remove(&clone.under(item_dir)),
+                Some(Err(e)) => {
+                    tracing::warn!(manifest = %s.manifest.display(), error = %e, "not removing a clone whose name leaves the item folder");
+                }
+                None => {}
             }
             report.bytes_freed += remove(&s.manifest);
         }
@@ -191,7 +205,7 @@ pub fn expire(
                 if let Some(name) = s.meta.packs.get(usize::from(e.loc.pack)) {
                     live.entry(name.clone())
                         .or_default()
-                        .push((e.loc.offset, e.loc.offset + u64::from(e.loc.len)));
+                        .push((e.loc.offset, e.loc.end()));
                 }
             }
         }
@@ -334,7 +348,7 @@ mod tests {
 
         // Expire the first two: the third still reads back whole, and the
         // first pack keeps only what the third uses.
-        let dir = area.item_dir("vm");
+        let dir = area.item_dir(&SafeName::new("item", "vm").unwrap());
         let r = expire(
             &dir,
             Timestamp::from_second(2_500).unwrap(),

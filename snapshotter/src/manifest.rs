@@ -124,6 +124,24 @@ pub struct SnapMeta {
     pub cbt: Option<coffre_vault_store::CbtRecord>,
 }
 
+impl SnapMeta {
+    /// Checks the names the metadata holds: the item, point and job, each
+    /// pack and the clone ([`coffre_vault_store::name::check_name`]).
+    pub fn check_names(&self) -> std::result::Result<(), coffre_vault_store::name::NameError> {
+        use coffre_vault_store::name::check_name;
+        check_name("item", &self.item)?;
+        check_name("point", &self.point)?;
+        check_name("job", &self.job)?;
+        for p in &self.packs {
+            check_name("pack", p)?;
+        }
+        if let Some(c) = &self.clone {
+            check_name("clone", c)?;
+        }
+        Ok(())
+    }
+}
+
 /// Where a block's record lies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PackLoc {
@@ -135,6 +153,14 @@ pub struct PackLoc {
     pub len: u32,
     /// Record offset in the pack.
     pub offset: u64,
+}
+
+impl PackLoc {
+    /// Where the record ends (decoded entries never overflow; saturates
+    /// for hand-made ones).
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(u64::from(self.len))
+    }
 }
 
 /// One block of a chunk snapshot.
@@ -236,8 +262,13 @@ impl SnapHeader {
         if header.created_ns >= 1_000_000_000 {
             return Err("bad capture instant".into());
         }
-        if header.block_size == 0 {
-            return Err("block size 0".into());
+        // The block size sizes buffers (`vec![0; block_size]`) and
+        // divides: only the sizes a vault accepts.
+        if coffre_vault_store::config::validate_block_size(header.block_size).is_err() {
+            return Err(format!(
+                "block size {} is not a power of two from 64 KiB to 4 MiB",
+                header.block_size
+            ));
         }
         if kind == SnapKind::Clone && header.blocks != 0 {
             return Err("a clone snapshot with entries".into());
@@ -278,6 +309,12 @@ impl SnapEntry {
         }
         if loc.len == 0 {
             return Err("entry of a data block with no record".into());
+        }
+        if loc.offset.checked_add(u64::from(loc.len)).is_none() {
+            return Err(format!(
+                "entry's record at {} + {} runs past the largest offset",
+                loc.offset, loc.len
+            ));
         }
         Ok(SnapEntry { id: Some(id), loc })
     }
@@ -510,6 +547,12 @@ impl<R: Read + Seek> SnapReader<R> {
         if meta.packs.len() > usize::from(u16::MAX) + 1 {
             return Err(bad("too many packs".into()));
         }
+        // Every name that becomes a path must stay in the item's folder.
+        meta.check_names()
+            .map_err(|source| SnapError::RefusedName {
+                path: path.to_path_buf(),
+                source,
+            })?;
         if (header.kind == SnapKind::Clone) != meta.clone.is_some() {
             return Err(bad("clone file and kind disagree".into()));
         }
@@ -774,5 +817,98 @@ mod tests {
             err.contains("version 1") && err.contains("older coffre"),
             "{err}"
         );
+    }
+
+    fn write_one(path: &Path, header: SnapHeader, entry: Option<SnapEntry>, meta: &SnapMeta) {
+        let mut w = SnapWriter::create(path, header).unwrap();
+        if let Some(e) = entry {
+            w.push(&e).unwrap();
+        }
+        w.finish(meta, 0).unwrap();
+    }
+
+    fn one_block(block_size: u32) -> SnapHeader {
+        SnapHeader {
+            kind: SnapKind::Chunks,
+            block_size,
+            image_size: u64::from(block_size),
+            blocks: 1,
+            created_s: 1,
+            created_ns: 0,
+        }
+    }
+
+    #[test]
+    fn names_that_leave_the_folder_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.snap");
+        let entry = SnapEntry {
+            id: Some(ChunkId::of(b"x")),
+            loc: PackLoc {
+                pack: 0,
+                flags: 0,
+                len: 100,
+                offset: 64,
+            },
+        };
+        let mut cases: Vec<(&str, SnapMeta)> = Vec::new();
+        let mut m = meta();
+        m.packs[0] = "../../etc/passwd".into();
+        cases.push(("pack", m));
+        let mut m = meta();
+        m.item = "/tmp/x".into();
+        cases.push(("item", m));
+        let mut m = meta();
+        m.job = "a/b".into();
+        cases.push(("job", m));
+        for (what, m) in cases {
+            write_one(&path, one_block(65536), Some(entry), &m);
+            let err = SnapReader::open(&path).err().unwrap();
+            let msg = err.to_string();
+            assert!(matches!(err, SnapError::RefusedName { .. }), "{msg}");
+            assert!(msg.contains(&format!("{what} name")), "{msg}");
+        }
+        // A clone named outside the folder.
+        let mut m = meta();
+        m.packs.clear();
+        m.clone = Some("../../etc/passwd".into());
+        let clone = SnapHeader {
+            kind: SnapKind::Clone,
+            blocks: 0,
+            ..one_block(65536)
+        };
+        write_one(&path, clone, None, &m);
+        let msg = SnapReader::open(&path).err().unwrap().to_string();
+        assert!(msg.contains("clone name"), "{msg}");
+        m.clone = Some("j1.img".into());
+        write_one(&path, clone, None, &m);
+        SnapReader::open(&path).unwrap();
+    }
+
+    #[test]
+    fn decoded_sizes_and_offsets_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.snap");
+        // A block size that would size a 4 GiB buffer, or divide by 0.
+        for bs in [0u32, 4096, 3 << 16, u32::MAX] {
+            write_one(&path, one_block(bs), Some(SnapEntry::default()), &meta());
+            let msg = SnapReader::open(&path).err().unwrap().to_string();
+            assert!(msg.contains("block size"), "{bs}: {msg}");
+        }
+        // An entry whose record end passes u64::MAX.
+        let entry = SnapEntry {
+            id: Some(ChunkId::of(b"x")),
+            loc: PackLoc {
+                pack: 0,
+                flags: 0,
+                len: 100,
+                offset: u64::MAX - 10,
+            },
+        };
+        write_one(&path, one_block(65536), Some(entry), &meta());
+        let mut r = SnapReader::open(&path).unwrap();
+        let msg = r.next_entries(1).unwrap_err().to_string();
+        assert!(msg.contains("largest offset"), "{msg}");
+        assert_eq!(entry.loc.end(), u64::MAX);
     }
 }

@@ -7,6 +7,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use coffre_vault_store::ChunkId;
+use coffre_vault_store::name::SafeName;
 use coffre_vault_store::read_ahead;
 
 use crate::capture::open_clone;
@@ -66,7 +67,7 @@ impl SnapshotBlocks {
                     .packs
                     .iter()
                     .map(|name| {
-                        let p = dir.join(name);
+                        let p = SafeName::new("pack", name)?.under(dir);
                         p.exists().then(|| PackReader::open(&p)).transpose()
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -295,10 +296,7 @@ impl SnapWindow<'_> {
             .iter()
             .chain(ahead.iter())
             .filter(|e| e.id.is_some())
-            .map(|e| {
-                let start = e.loc.offset;
-                (u64::from(e.loc.pack), start, start + u64::from(e.loc.len))
-            })
+            .map(|e| (u64::from(e.loc.pack), e.loc.offset, e.loc.end()))
             .collect();
         for (pack, start, end) in read_ahead::runs(ranges) {
             if let Some(Some(p)) = packs.get(pack as usize) {

@@ -204,22 +204,34 @@ pub struct CbtRecord {
     pub mismatches: u64,
 }
 
-/// Checks an item name: 1-128 characters of letters, digits, `.`, `_`,
-/// `-`, starting with a letter or digit.
+/// Checks an item name given by a user: the rule of every name that
+/// becomes a path ([`crate::name::check_name`]).
 pub fn validate_item_name(name: &str) -> Result<(), String> {
-    let rule =
-        "1-128 characters: letters, digits, '.', '_' or '-', starting with a letter or digit";
-    if name.is_empty() || name.len() > 128 {
-        return Err(format!("item name {name:?} must be {rule}"));
+    crate::name::check_name("item", name)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+impl ItemRecord {
+    /// Checks the names a decoded item holds.
+    pub fn check_names(&self) -> Result<(), crate::name::NameError> {
+        crate::name::check_name("item", &self.name)?;
+        Ok(())
     }
-    if !name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    {
-        return Err(format!("item name {name:?} must be {rule}"));
+}
+
+impl PointRecord {
+    /// Checks the names a decoded point holds (its item, id and job).
+    /// (Its block size is checked where it is used: `coffre verify`
+    /// reports a bad one, a restore refuses it.)
+    pub fn check_names(&self) -> Result<(), crate::name::NameError> {
+        crate::name::check_name("item", &self.item)?;
+        crate::name::check_name("point", &self.id)?;
+        if let Some(job) = &self.job {
+            crate::name::check_name("job", job)?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]

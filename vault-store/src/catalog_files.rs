@@ -60,9 +60,12 @@ pub fn encode_point(p: &PointRecord) -> Vec<u8> {
     envelope::encode(&POINT_MAGIC, CATALOG_FILE_VERSION, &body)
 }
 
-/// Decodes a point manifest.
+/// Decodes a point manifest; its names must pass [`crate::name::check_name`].
 pub fn decode_point(bytes: &[u8]) -> Result<PointRecord, String> {
-    decode_json(&POINT_MAGIC, bytes)
+    let p: PointRecord = decode_json(&POINT_MAGIC, bytes)?;
+    p.check_names().map_err(|e| e.to_string())?;
+    crate::config::validate_block_size(p.block_size).map_err(|e| format!("point {}: {e}", p.id))?;
+    Ok(p)
 }
 
 /// Encodes an item file.
@@ -71,9 +74,11 @@ pub fn encode_item(i: &ItemRecord) -> Vec<u8> {
     envelope::encode(&ITEM_MAGIC, CATALOG_FILE_VERSION, &body)
 }
 
-/// Decodes an item file.
+/// Decodes an item file; its name must pass [`crate::name::check_name`].
 pub fn decode_item(bytes: &[u8]) -> Result<ItemRecord, String> {
-    decode_json(&ITEM_MAGIC, bytes)
+    let i: ItemRecord = decode_json(&ITEM_MAGIC, bytes)?;
+    i.check_names().map_err(|e| e.to_string())?;
+    Ok(i)
 }
 
 /// A stored policy: its name and its JSON as the engine wrote it.
@@ -175,6 +180,33 @@ pub fn list_all(store: &dyn crate::store::Store) -> crate::error::Result<Vec<Str
     Ok(names)
 }
 
+/// The naming-rule problem of catalog file `name` of a copy, if it has
+/// one: the item its path names (`points/ITEM/…`, `items/ITEM.item`) or a
+/// name it holds breaks [`crate::name::check_name`]. Files that do not
+/// decode at all have no name problem (the decoders report them).
+pub fn name_problem(name: &str, bytes: &[u8]) -> Option<crate::name::NameError> {
+    use crate::name::check_name;
+    if let Some(rest) = name.strip_prefix(&format!("{POINTS_DIR}/")) {
+        let item = rest.split('/').next().unwrap_or_default();
+        if let Err(e) = check_name("item", item) {
+            return Some(e);
+        }
+        return decode_json::<PointRecord>(&POINT_MAGIC, bytes)
+            .ok()
+            .and_then(|p| p.check_names().err());
+    }
+    if let Some(rest) = name.strip_prefix(&format!("{ITEMS_DIR}/")) {
+        let item = rest.strip_suffix(".item").unwrap_or(rest);
+        if let Err(e) = check_name("item", item) {
+            return Some(e);
+        }
+        return decode_json::<ItemRecord>(&ITEM_MAGIC, bytes)
+            .ok()
+            .and_then(|i| i.check_names().err());
+    }
+    None
+}
+
 /// Fuzz entry: decodes `data` as each of the four files; true when one
 /// accepted it.
 pub fn fuzz_entry(data: &[u8]) -> bool {
@@ -207,5 +239,34 @@ mod tests {
         assert!(decode_copy(&bytes[..bytes.len() - 1]).is_err());
         assert_eq!(policy_file("a b"), "policies/612062.policy");
         assert_eq!(point_file("web", 3), "points/web/0000000000000003.point");
+    }
+
+    fn item(name: &str) -> ItemRecord {
+        ItemRecord {
+            name: name.into(),
+            source: "/img".into(),
+            created: jiff::Timestamp::UNIX_EPOCH,
+            next_seq: 1,
+            policy: None,
+            protection: Default::default(),
+            last_slot: None,
+            identity: None,
+            hooks: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_file_naming_a_path_is_refused_and_its_problem_named() {
+        for bad in ["/tmp/x", "../x", "a/b", ""] {
+            let bytes = encode_item(&item(bad));
+            let e = decode_item(&bytes).unwrap_err();
+            assert!(e.contains("item name"), "{e}");
+            assert!(name_problem("items/ok.item", &bytes).is_some(), "{bad}");
+        }
+        let good = encode_item(&item("ok"));
+        assert_eq!(decode_item(&good).unwrap().name, "ok");
+        assert!(name_problem("items/ok.item", &good).is_none());
+        assert!(name_problem("items/..x.item", &good).is_some());
+        assert!(name_problem("points/a b/0000000000000001.point", &good).is_some());
     }
 }

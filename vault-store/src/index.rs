@@ -764,7 +764,12 @@ mod tests {
         #[test]
         fn location_round_trip(segment: u64, offset: u64, len: u32, plain_len: u32) {
             let loc = ChunkLocation { segment, offset, len, plain_len };
-            prop_assert_eq!(ChunkLocation::decode(&loc.encode()), Some(loc));
+            let possible = (crate::record::HEADER_LEN
+                ..=crate::record::HEADER_LEN + crate::record::MAX_STORED_LEN)
+                .contains(&(len as usize))
+                && offset.checked_add(u64::from(len)).is_some();
+            let want = possible.then_some(loc);
+            prop_assert_eq!(ChunkLocation::decode(&loc.encode()), want);
         }
     }
 
@@ -806,5 +811,21 @@ mod tests {
         .encode();
         v[0] = 9;
         assert_eq!(ChunkLocation::decode(&v), None);
+        let at = |offset: u64, len: u32| {
+            ChunkLocation::decode(
+                &ChunkLocation {
+                    segment: 1,
+                    offset,
+                    len,
+                    plain_len: 4,
+                }
+                .encode(),
+            )
+        };
+        assert!(at(64, 100).is_some());
+        // Shorter than a record header, a 4 GiB buffer, an end past u64::MAX.
+        assert_eq!(at(64, 3), None);
+        assert_eq!(at(64, u32::MAX), None);
+        assert_eq!(at(u64::MAX - 10, 100), None);
     }
 }

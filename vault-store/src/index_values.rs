@@ -51,12 +51,22 @@ impl ChunkLocation {
         if v.len() != LOCATION_LEN || v.first() != Some(&LOCATION_VERSION) {
             return None;
         }
-        Some(ChunkLocation {
+        let loc = ChunkLocation {
             segment: u64::from_le_bytes(v.get(1..9)?.try_into().ok()?),
             offset: u64::from_le_bytes(v.get(9..17)?.try_into().ok()?),
             len: u32::from_le_bytes(v.get(17..21)?.try_into().ok()?),
             plain_len: u32::from_le_bytes(v.get(21..25)?.try_into().ok()?),
-        })
+        };
+        // The length sizes a read buffer and the end a range: only a
+        // record's possible lengths, and no end past `u64::MAX`.
+        let len = usize::try_from(loc.len).ok()?;
+        if !(crate::record::HEADER_LEN..=crate::record::HEADER_LEN + crate::record::MAX_STORED_LEN)
+            .contains(&len)
+            || loc.offset.checked_add(u64::from(loc.len)).is_none()
+        {
+            return None;
+        }
+        Some(loc)
     }
 }
 

@@ -280,7 +280,19 @@ impl JobRecord {
         let (_, body) =
             envelope::decode(&JOB_MAGIC, JOB_VERSION, envelope::MAX_ENVELOPE_BODY, bytes)
                 .map_err(|e| corrupt(e.to_string()))?;
-        serde_json::from_slice(body).map_err(|e| corrupt(e.to_string()))
+        let r: JobRecord = serde_json::from_slice(body).map_err(|e| corrupt(e.to_string()))?;
+        // The id names the record's lock file and the item a folder: both
+        // must stay where they belong.
+        if !valid_id(&r.id) {
+            return Err(corrupt(format!(
+                "job id {:?} is not 1-16 hex digits",
+                r.id.chars().take(100).collect::<String>()
+            )));
+        }
+        if let Some(item) = &r.item {
+            crate::name::check_name("item", item).map_err(|e| corrupt(e.to_string()))?;
+        }
+        Ok(r)
     }
 }
 

@@ -426,7 +426,11 @@ pub fn run_shared_gc(dir: &Path, opts: &SharedGcOptions) -> Result<SharedGcRepor
             until: h.until.to_string(),
         });
     }
-    let epoch = state.epoch + 1;
+    let epoch = next_epoch(state.epoch).ok_or_else(|| StoreError::CorruptFile {
+        path: std::path::PathBuf::from(format!("{}/{GC_STATE}", remote.url)),
+        what: "GC state",
+        reason: format!("epoch {} cannot grow any more", state.epoch),
+    })?;
     let mine = GcState {
         epoch,
         marking: Some(GcHolder {
@@ -587,10 +591,24 @@ fn release_state(store: &dyn Store, epoch: u64) -> Result<()> {
     Ok(())
 }
 
+/// The GC epoch after `epoch` (`None` when a decoded epoch is already the
+/// largest: never wrap back to an epoch other hosts have seen).
+#[cfg(feature = "index")]
+fn next_epoch(epoch: u64) -> Option<u64> {
+    epoch.checked_add(1)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "index")]
+    #[test]
+    fn the_largest_epoch_does_not_wrap() {
+        assert_eq!(next_epoch(7), Some(8));
+        assert_eq!(next_epoch(u64::MAX), None);
+    }
 
     #[test]
     fn state_files_round_trip_and_reject_damage() {

@@ -8,7 +8,7 @@
 //! ([`durable`]), the storage seam every copy goes through ([`store`]),
 //! the copies of a vault ([`copies`]) and the catalog files that make each
 //! copy stand alone ([`catalog_files`], read back by [`scan`] and
-//! `rebuild`), owner-only file modes ([`private`]), read-ahead of records ([`read_ahead`]), job records ([`jobs`], in an [`envelope`]), consistency
+//! `rebuild`), owner-only file modes ([`private`]), the one validator of names that become paths ([`name`]), read-ahead of records ([`read_ahead`]), job records ([`jobs`], in an [`envelope`]), consistency
 //! [`level`]s, reference counts (`refs`) and garbage collection
 //! (`gc`), and the `vault::Vault` that ties them together. The byte
 //! layouts are specified in `FORMAT.md`.
@@ -39,6 +39,7 @@ pub mod jobs;
 pub mod lease;
 pub mod level;
 pub mod lock;
+pub mod name;
 pub mod private;
 #[cfg(feature = "index")]
 pub mod quarantine;

@@ -179,12 +179,31 @@ pub fn item_phase_lock_path(vault_dir: &Path, item: &str, phase: ItemPhase) -> P
         ItemPhase::Snapshot => "snapshot",
         ItemPhase::Transfer => "transfer",
     };
+    // The name may come from a vault file: one that breaks the naming
+    // rule is spelt in hex, so the lock stays in the lock folder.
+    let item = match crate::name::check_name("item", item) {
+        Ok(n) => n.to_string(),
+        Err(_) => format!("bad-name-{}", hex::encode(item.as_bytes())),
+    };
     vault_dir.join(ITEM_LOCKS_DIR).join(format!("{item}.{ext}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_item_name_keeps_its_lock_in_the_lock_folder() {
+        let base = Path::new("/v");
+        for bad in ["/tmp/x", "../x", "a/../../b"] {
+            let p = item_phase_lock_path(base, bad, ItemPhase::Snapshot);
+            assert_eq!(
+                p.parent(),
+                Some(base.join(ITEM_LOCKS_DIR).as_path()),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn second_lock_names_the_holder() {

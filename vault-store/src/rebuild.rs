@@ -329,5 +329,8 @@ fn index_catalog(store: &dyn Store, index: &Index, report: &mut RebuildReport) -
             }
         }
     }
+    for bad in &report.bad_files {
+        tracing::warn!(file = %bad, "skipping a catalog file that cannot be read (`coffre verify` reports it)");
+    }
     index.commit(batch.without_files())
 }

@@ -172,20 +172,35 @@ pub fn replicate(
             let limit = (at + COPY_CHUNK as u64).min(info.committed);
             let rest = records.get(next..).unwrap_or_default();
             let fits = rest.partition_point(|r| record_end(r) <= limit);
+            // The index's locations are decoded values: a record that
+            // ends at or before `at` (overlapping ones) must not move the
+            // copy backwards.
             let end = match fits.checked_sub(1).and_then(|i| rest.get(i)) {
-                Some(r) if limit < info.committed => record_end(r),
+                Some(r) if limit < info.committed && record_end(r) > at => record_end(r),
                 _ => limit,
             };
-            let n = (end - at) as usize;
+            let n = usize::try_from(end - at)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
             let chunk = buf.get_mut(..n).unwrap_or_default();
             read_any(vault, &primary, &name, at, chunk)?;
             let upto = next + rest.partition_point(|r| record_end(r) <= end);
             for (off, cid, loc) in records.get(next..upto).unwrap_or_default() {
-                let Some(from) = off.checked_sub(at).map(|f| f as usize) else {
-                    continue;
+                let range = record_range(*off, loc.len, at);
+                let rec = match range {
+                    Some(r) => chunk.get_mut(r),
+                    None => None,
                 };
-                let Some(rec) = chunk.get_mut(from..from + loc.len as usize) else {
-                    continue;
+                let Some(rec) = rec else {
+                    // Overlapping locations: never copy a record unchecked.
+                    return Err(StoreError::CorruptIndex {
+                        path: vault.dir().join(crate::index::INDEX_DIR),
+                        what: "chunk location",
+                        reason: format!(
+                            "chunk {cid} at {off}..{} of {name} overlaps the record before it (bytes from {at} were being copied); run `coffre verify`",
+                            off.saturating_add(u64::from(loc.len))
+                        ),
+                    });
                 };
                 if record_ok(rec, cid) {
                     continue;
@@ -388,7 +403,7 @@ fn indexed_records(
 
 /// Where a record of [`indexed_records`] ends.
 fn record_end(r: &(u64, crate::ChunkId, crate::index::ChunkLocation)) -> u64 {
-    r.0 + u64::from(r.2.len)
+    r.0.saturating_add(u64::from(r.2.len))
 }
 
 /// True when `rec` is an intact record of chunk `id` (header, id, length,
@@ -412,5 +427,25 @@ fn drop_index_cache(sec_dir: &Path) {
     }
     if let Ok(Some(_lease)) = crate::lock::ReaderLease::try_exclusive(sec_dir) {
         let _ = std::fs::remove_dir_all(&index);
+    }
+}
+/// Where a record at `off` of `len` bytes lies in a buffer read from
+/// `at`: `None` when it starts before `at` or its end overflows.
+fn record_range(off: u64, len: u32, at: u64) -> Option<std::ops::Range<usize>> {
+    let from = usize::try_from(off.checked_sub(at)?).ok()?;
+    Some(from..from.checked_add(usize::try_from(len).ok()?)?)
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::record_range;
+
+    #[test]
+    fn a_record_before_the_window_has_no_range() {
+        assert_eq!(record_range(100, 10, 100), Some(0..10));
+        assert_eq!(record_range(150, 10, 100), Some(50..60));
+        // `off - at` would wrap: 99 - 100.
+        assert_eq!(record_range(99, 10, 100), None);
+        assert_eq!(record_range(0, 1, u64::MAX), None);
     }
 }

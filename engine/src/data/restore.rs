@@ -160,6 +160,22 @@ pub fn restore(
         (_, Some(s), _) => Some(SnapshotBlocks::open(&s.manifest)?),
         (RestoreFrom::Auto, None, Some(_)) => None,
     };
+    // The block size is read from a vault file and divides below: only
+    // the sizes a vault accepts, and the snapshot's own when it serves.
+    let snap_bs = snapshot.as_ref().map(|s| s.header().block_size);
+    if coffre_vault_store::config::validate_block_size(point.block_size).is_err()
+        || snap_bs.is_some_and(|b| b != point.block_size)
+    {
+        return Err(EngineError::DamagedBlockMap {
+            item: point.item.clone(),
+            point: point.id.clone(),
+            reason: format!(
+                "the point records a block size of {} bytes{}; a vault's is a power of two from 64 KiB to 4 MiB",
+                point.block_size,
+                snap_bs.map_or(String::new(), |b| format!(" and its snapshot {b}"))
+            ),
+        });
+    }
     let image_size = point.image_size;
     let target = if opts.in_place {
         if !opts.force {

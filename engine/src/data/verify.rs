@@ -1,6 +1,6 @@
 //! Verify: does the vault hold everything its points need, intact?
 //!
-//! Three passes, each producing typed [`Finding`]s instead of stopping at
+//! Four passes, each producing typed [`Finding`]s instead of stopping at
 //! the first problem (after a check that no vault file or directory lets
 //! other users in, a warning):
 //! 1. segments: every committed segment exists, is long enough and has a
@@ -10,7 +10,9 @@
 //!    its crc32 checked, decompressed and re-hashed), in parallel;
 //! 3. points: every point's block map decodes, and every block's chunk is
 //!    indexed and was not found damaged. Findings name the item, point,
-//!    block and chunk.
+//!    block and chunk;
+//! 4. names: every name that becomes a path (index, catalog files on every
+//!    copy, snapshot manifests in the areas) passes the naming rule.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
@@ -264,7 +266,11 @@ fn classify(e: &StoreError) -> &'static str {
 fn catalog_file_findings(vault: &Vault, repair: bool) -> Result<Vec<Finding>> {
     use coffre_vault_store::catalog_files as cf;
     let mut want: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    // Items and points with a bad name are `name_findings`' business.
     for item in vault.index().items()? {
+        if item.check_names().is_err() {
+            continue;
+        }
         want.insert(cf::item_file(&item.name), cf::encode_item(&item));
         for p in vault.index().points(&item.name)? {
             want.insert(cf::point_file(&p.item, p.seq), cf::encode_point(&p));
@@ -309,6 +315,80 @@ fn catalog_file_findings(vault: &Vault, repair: bool) -> Result<Vec<Finding>> {
             ));
         }
     }
+    Ok(out)
+}
+
+const HINT_BAD_NAME: &str = "a vault file names a path outside its folder (crafted, or damaged); coffre skips it. Remove the file, or restore the copy it came from";
+
+/// Names that break the naming rule ([`coffre_vault_store::name`]): in the
+/// index, in every synchronous copy's catalog files, and in the snapshot
+/// manifests of the vault's areas. Everything else skips them with a
+/// warning; verify names each one.
+fn name_findings(vault: &Vault) -> Result<Vec<Finding>> {
+    use coffre_vault_store::catalog_files as cf;
+    let mut out = Vec::new();
+    let mut bad = |message: String, item: Option<&str>| {
+        let mut f = Finding::new(Severity::Error, "bad-name", message, HINT_BAD_NAME);
+        f.item = item.map(|i| i.chars().take(100).collect());
+        out.push(f);
+    };
+    for item in vault.index().items()? {
+        if let Err(e) = item.check_names() {
+            bad(format!("index: {e}"), Some(&item.name));
+        }
+    }
+    let mut sizes = Vec::new();
+    for p in vault.index().all_points()? {
+        if let Err(e) = p.check_names() {
+            bad(format!("index: point {}: {e}", p.seq), Some(&p.item));
+        }
+        if let Err(e) = coffre_vault_store::config::validate_block_size(p.block_size) {
+            let mut f = Finding::new(
+                Severity::Error,
+                "bad-block-size",
+                format!("index: point {} of item {}: {e}", p.id, p.item),
+                HINT_BAD_NAME,
+            );
+            f.item = Some(p.item.clone());
+            f.point = Some(p.id.clone());
+            sizes.push(f);
+        }
+    }
+    for c in vault.copies().sync_copies() {
+        for name in cf::list_all(c.store.as_ref())? {
+            let Some(bytes) = c.store.get(&name)? else {
+                continue;
+            };
+            if let Some(e) = cf::name_problem(&name, &bytes) {
+                bad(
+                    format!("{}: catalog file {name}: {e}", c.dir.display()),
+                    None,
+                );
+            }
+        }
+    }
+    for area in coffre_snapshotter::area::Area::known(vault.dir()) {
+        let Ok(items) = std::fs::read_dir(area.dir()) else {
+            continue;
+        };
+        for item in items.flatten().filter(|e| e.path().is_dir()) {
+            let Ok(files) = std::fs::read_dir(item.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if !name.ends_with(".snap") || name.contains(".pass") {
+                    continue;
+                }
+                if let Err(e @ coffre_snapshotter::SnapError::RefusedName { .. }) =
+                    coffre_snapshotter::manifest::summary(&f.path())
+                {
+                    bad(e.to_string(), None);
+                }
+            }
+        }
+    }
+    out.extend(sizes);
     Ok(out)
 }
 
@@ -607,6 +687,7 @@ pub fn verify(
         }
     }
     findings.extend(catalog_file_findings(vault, opts.repair)?);
+    findings.extend(name_findings(vault)?);
     if opts.read_data && coffre_vault_store::vault::copy_role(vault.dir()) == Role::Primary {
         // The next backup that produces one of these chunks stores it again.
         let list: std::collections::BTreeSet<ChunkId> = damaged.keys().copied().collect();
@@ -925,5 +1006,81 @@ mod tests {
             .collect();
         assert_eq!(errors.len(), 1, "{:?}", report.findings);
         assert_eq!(errors[0].code, "refcount-mismatch");
+    }
+
+    /// An item whose name leaves the area, already in the index (as a
+    /// coffre before the naming rule could have indexed it from a crafted
+    /// copy): verify names it, and a due purge removes nothing outside the
+    /// snapshot area.
+    #[test]
+    fn an_indexed_bad_name_is_a_finding_and_prune_leaves_the_outside_alone() {
+        use coffre_snapshotter::area::{Area, AreaIdentity};
+        use coffre_vault_store::{ItemRecord, Protection};
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new("2027-01-01T00:00:00Z".parse().unwrap());
+        let vault = crate::vault_ops::create_vault(
+            &dir.path().join("v"),
+            &crate::vault_ops::CreateOptions::default(),
+            &clock,
+        )
+        .unwrap();
+        let owner = AreaIdentity {
+            vault_id: vault.config().vault_id.clone(),
+            vault_name: vault.config().name.clone(),
+        };
+        let area_dir = dir.path().join("area");
+        Area::for_image(
+            vault.dir(),
+            &owner,
+            Some(&area_dir),
+            None,
+            std::path::Path::new("/m.img"),
+        )
+        .unwrap();
+        let outside = dir.path().join("x");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), b"keep").unwrap();
+        let abs = dir.path().join("abs");
+        std::fs::create_dir(&abs).unwrap();
+        std::fs::write(abs.join("keep"), b"keep").unwrap();
+        let past: jiff::Timestamp = "2020-01-01T00:00:00Z".parse().unwrap();
+        let mut b = coffre_vault_store::IndexBatch::default();
+        for name in ["../x", abs.to_str().unwrap()] {
+            b.put_item(ItemRecord {
+                name: name.into(),
+                source: "/m.img".into(),
+                created: past,
+                next_seq: 1,
+                policy: None,
+                protection: Protection::SoftDeleted {
+                    at: past,
+                    purge_after: past,
+                },
+                last_slot: None,
+                identity: None,
+                hooks: Default::default(),
+            });
+        }
+        vault.index().commit(b.without_files()).unwrap();
+
+        let report = verify(&vault, &VerifyOptions::default(), &NoProgress).unwrap();
+        let bad: Vec<_> = report
+            .findings
+            .iter()
+            .filter(|f| f.code == "bad-name" && f.severity == Severity::Error)
+            .collect();
+        assert_eq!(bad.len(), 2, "{:?}", report.findings);
+        assert!(!report.is_clean());
+
+        crate::service::prune::prune(
+            &vault,
+            &crate::service::registry::Registry::disabled(),
+            crate::Clock::now(&clock),
+            false,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"keep");
+        assert_eq!(std::fs::read(abs.join("keep")).unwrap(), b"keep");
+        assert!(area_dir.join("area").exists());
     }
 }

@@ -25,6 +25,7 @@ use coffre_snapshotter::expiry::{ExpiredSnapshot, expire};
 use coffre_vault_store::jobs::{JobStore, Operation};
 use coffre_vault_store::lock::NamedLock;
 use coffre_vault_store::lock::{ItemPhase, item_phase_lock_path};
+use coffre_vault_store::name::SafeName;
 use coffre_vault_store::{ChunkId, IndexBatch, Protection, Vault};
 use jiff::{Timestamp, ToSpan};
 use serde::Serialize;
@@ -169,8 +170,18 @@ pub fn prune(
         for name in &purged {
             // A purge is a delete job of its own, per item.
             let job = job_record::start(vault.dir(), Operation::Delete, Some(name), "purge", now);
-            for area in Area::known(vault.dir()) {
-                remove_dir(area.item_dir(name));
+            // A name read from the vault becomes a folder only through the
+            // validated type: `/home/x` or `../x` never reaches
+            // `remove_dir_all`.
+            match SafeName::new("item", name) {
+                Ok(safe) => {
+                    for area in Area::known(vault.dir()) {
+                        remove_dir(area.item_dir(&safe));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "purge: not removing the snapshot folders of an item whose name cannot be a folder (`coffre verify` reports it)");
+                }
             }
             for phase in [ItemPhase::Snapshot, ItemPhase::Transfer] {
                 let _ = std::fs::remove_file(item_phase_lock_path(vault.dir(), name, phase));
@@ -213,6 +224,13 @@ fn expire_snapshots(
         }
     }
     for item in vault.index().items()? {
+        let safe = match SafeName::new("item", &item.name) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping the snapshots of an item whose name cannot be a folder (`coffre verify` reports it)");
+                continue;
+            }
+        };
         let days = policies::of_item(vault, &item)
             .map(|p| p.instant_restore_days)
             .unwrap_or(2);
@@ -232,13 +250,7 @@ fn expire_snapshots(
             .collect();
         let in_vault = |p: &str| points.contains(p);
         for area in &areas {
-            let r = expire(
-                &area.item_dir(&item.name),
-                cutoff,
-                &in_vault,
-                &running,
-                dry_run,
-            )?;
+            let r = expire(&area.item_dir(&safe), cutoff, &in_vault, &running, dry_run)?;
             report.snapshots_removed += r.expired.len() as u64 + r.leftovers_removed;
             report.snapshot_bytes_freed += r.bytes_freed;
             for s in &r.expired {

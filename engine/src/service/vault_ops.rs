@@ -86,6 +86,9 @@ pub fn create_vault(dir: &Path, opts: &CreateOptions, clock: &dyn Clock) -> Resu
         store: None,
         adopted_packs: false,
     };
+    if let Some(area) = &config.snapshot_area {
+        coffre_snapshotter::area::check_choice(area, &config.vault_id)?;
+    }
     let vault = match &opts.store {
         Some(url) => coffre_vault_store::shared::create_in_store(dir, url, config)?,
         None => Vault::create(dir, config)?,
@@ -156,6 +159,9 @@ pub fn set_redundancy(vault: &Vault, redundancy: Redundancy) -> Result<()> {
 pub fn set_snapshot_area(vault: &Vault, dir: Option<&Path>) -> Result<()> {
     let mut cfg = vault.config().clone();
     cfg.snapshot_area = dir.filter(|p| !p.as_os_str().is_empty()).map(absolute);
+    if let Some(area) = &cfg.snapshot_area {
+        coffre_snapshotter::area::check_choice(area, &cfg.vault_id)?;
+    }
     vault.store_config(&cfg)?;
     Ok(())
 }

@@ -110,6 +110,25 @@ fn is_segment(name: &str) -> bool {
     name.ends_with(".seg")
 }
 
+/// Checks a sorted part list (start, length) of a segment: no part runs
+/// past `u64::MAX`, and none starts before the previous one ends (the
+/// listing comes from the bucket: untrusted).
+pub fn check_part_list(parts: &[(u64, u64)]) -> std::result::Result<(), String> {
+    let mut prev_end = 0u64;
+    for (i, &(start, len)) in parts.iter().enumerate() {
+        let end = start.checked_add(len).ok_or_else(|| {
+            format!("part at offset {start} of {len} bytes runs past the largest offset")
+        })?;
+        if i > 0 && start < prev_end {
+            return Err(format!(
+                "part at offset {start} overlaps the one before it, which ends at {prev_end}"
+            ));
+        }
+        prev_end = end;
+    }
+    Ok(())
+}
+
 fn part_key(start: u64) -> String {
     format!("{start:016x}")
 }
@@ -220,9 +239,19 @@ impl ObjectStoreCopy {
         if let Some(p) = self.lock_parts().get(name) {
             return Ok(p.clone());
         }
-        let listed = Arc::new(self.list_parts(name)?);
+        let listed = Arc::new(self.checked_parts(name)?);
         self.lock_parts().insert(name.to_string(), listed.clone());
         Ok(listed)
+    }
+
+    /// The parts of segment `name` as listed, refused when two overlap or
+    /// one runs past the largest offset ([`check_part_list`]). Gaps are
+    /// allowed: a punch deletes whole parts, and a read over a gap fails as
+    /// a short read.
+    fn checked_parts(&self, name: &str) -> Result<Vec<(u64, u64)>> {
+        let parts = self.list_parts(name)?;
+        check_part_list(&parts).map_err(|reason| self.err("list", name, reason))?;
+        Ok(parts)
     }
 
     fn list_parts(&self, name: &str) -> Result<Vec<(u64, u64)>> {
@@ -321,8 +350,9 @@ impl ObjectStoreCopy {
 
     fn read_segment(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
         let parts = self.parts(name)?;
+        // Checked when listed: no overflow.
         let size = parts.last().map(|(s, l)| s + l).unwrap_or(0);
-        let end = offset + buf.len() as u64;
+        let end = offset.saturating_add(buf.len() as u64);
         if end > size {
             return Err(self.err(
                 "read",
@@ -370,7 +400,7 @@ impl ObjectStoreCopy {
         for (start, plen) in parts {
             if start >= len {
                 self.delete_key(name, &format!("{name}/{}", part_key(start)))?;
-            } else if start + plen > len {
+            } else if start.saturating_add(plen) > len {
                 let key = format!("{name}/{}", part_key(start));
                 let bytes = self.get_key(name, &key)?.unwrap_or_default();
                 let keep = bytes.get(..(len - start) as usize).unwrap_or_default();
@@ -522,8 +552,8 @@ impl Store for ObjectStoreCopy {
         }
         // A repair: rewrite each part the range touches with the proven
         // bytes patched in.
-        let end = offset + bytes.len() as u64;
-        for (start, plen) in self.list_parts(name)? {
+        let end = offset.saturating_add(bytes.len() as u64);
+        for (start, plen) in self.checked_parts(name)? {
             let pend = start + plen;
             if pend <= offset || start >= end {
                 continue;
@@ -547,7 +577,7 @@ impl Store for ObjectStoreCopy {
 
     fn size(&self, name: &str) -> Result<Option<u64>> {
         if is_segment(name) {
-            let parts = self.list_parts(name)?;
+            let parts = self.checked_parts(name)?;
             return Ok(parts.last().map(|(s, l)| s + l));
         }
         let path = self.key(name)?;
@@ -643,7 +673,10 @@ impl Store for ObjectStoreCopy {
         }
         let mut freed = false;
         for (start, plen) in self.list_parts(name)? {
-            if start >= offset && start + plen <= offset + len && start != 0 {
+            if start >= offset
+                && start.saturating_add(plen) <= offset.saturating_add(len)
+                && start != 0
+            {
                 self.delete_key(name, &format!("{name}/{}", part_key(start)))?;
                 freed = true;
             }
@@ -786,6 +819,18 @@ impl Drop for ObjectAppender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn part_lists_with_overlaps_or_overflow_are_refused() {
+        assert!(check_part_list(&[]).is_ok());
+        assert!(check_part_list(&[(0, 10), (10, 5)]).is_ok());
+        // A gap is a punched part.
+        assert!(check_part_list(&[(0, 10), (20, 5)]).is_ok());
+        let e = check_part_list(&[(0, 10), (8, 5)]).unwrap_err();
+        assert!(e.contains("overlaps"), "{e}");
+        let e = check_part_list(&[(0, 10), (u64::MAX - 1, 5)]).unwrap_err();
+        assert!(e.contains("largest offset"), "{e}");
+    }
 
     fn mem() -> ObjectStoreCopy {
         ObjectStoreCopy::open("memory://vault").unwrap()
