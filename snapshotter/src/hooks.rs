@@ -394,7 +394,9 @@ mod tests {
             let zombie = stat
                 .rsplit_once(')')
                 .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-            if !zombie && String::from_utf8_lossy(&cmdline).contains(marker) {
+            // The arguments are separated by NULs.
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if !zombie && cmdline.contains(marker) {
                 found.push(pid);
             }
         }
