@@ -2,7 +2,8 @@
 //! which another host, or whoever can write a shared vault's bucket, may
 //! have written — makes no host run a command or read an image. "Another
 //! host" here is a second host registry (`COFFRE_REGISTRY`), which is
-//! where a host keeps that word.
+//! where a host keeps that word; the last test uses two caches of one
+//! vault in an Azurite container, as two hosts would.
 
 use std::path::Path;
 use std::process::Output;
@@ -157,4 +158,78 @@ fn the_scheduler_backs_up_only_the_items_this_host_protects() {
     assert_eq!(points(&vault, "theirs").len(), 1);
     assert!(marker.exists());
     assert_eq!(points(&vault, "mine").len(), 1);
+}
+
+#[test]
+fn a_shared_vaults_catalog_makes_no_host_run_a_hook_or_read_an_image() {
+    let Some(az) = crate::object_store::Emulator::azurite(&["trust"]) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let store = "azure://devstoreaccount1/trust/v";
+    let (ha, hb) = (t.path().join("host-a"), t.path().join("host-b"));
+    let registry_b = t.path().join("host-b-registry");
+    az.ok(&[
+        "vault",
+        "create",
+        "--store",
+        store,
+        "--vault",
+        s(&ha),
+        "--snapshot-area",
+        s(&t.path().join("area-a")),
+    ]);
+    az.ok(&["vault", "attach", "--store", store, "--vault", s(&hb)]);
+    let as_b = |now: &str, args: &[&str]| {
+        let out = az
+            .coffre()
+            .env("COFFRE_REGISTRY", &registry_b)
+            .env("COFFRE_NOW", now)
+            .args(args)
+            .output()
+            .unwrap();
+        succeeded(args, out)
+    };
+    let img = t.path().join("b.img");
+    mixed_image(&img, 1 << 20, 79);
+    let marker = t.path().join("b-hook-ran");
+    let hook = format!("touch {}", marker.display());
+    let (t0, t1) = ("2027-01-01T03:00:00Z", "2027-01-02T03:00:00Z");
+    // Host B protects its VM, with a hook, into the shared bucket.
+    as_b(
+        t0,
+        &protect_args(&hb, "vm-b", &img, &["--pre-snapshot", &hook]),
+    );
+    let shown = az.json(&["item", "show", "--vault", s(&ha), "--item", "vm-b"]);
+    assert!(shown["hooks"].to_string().contains("touch"), "{shown}");
+
+    // Host A's scheduler sees the item due and leaves it alone.
+    let args = ["run-due", "--vault", s(&ha)];
+    succeeded(
+        &args,
+        az.coffre()
+            .env("COFFRE_NOW", t1)
+            .args(args)
+            .output()
+            .unwrap(),
+    );
+    let jobs = az.json(&["jobs", "--vault", s(&ha), "--item", "vm-b"]);
+    assert_eq!(
+        jobs,
+        serde_json::json!([]),
+        "host A backed up host B's item"
+    );
+    assert!(!marker.exists(), "host A ran host B's hook");
+    // Backed up on demand on host A, the hook does not run either.
+    let b = az.json(&["backup", "--vault", s(&ha), "--item", "vm-b", s(&img)]);
+    assert!(!marker.exists(), "host A ran host B's hook");
+    assert!(
+        b["job"]["stats"]["warnings"]
+            .to_string()
+            .contains("not set on this host"),
+        "{b}"
+    );
+    // Host B's own scheduler runs it, hook included.
+    as_b(t1, &["run-due", "--vault", s(&hb)]);
+    assert!(marker.exists(), "host B did not run its own hook");
 }
