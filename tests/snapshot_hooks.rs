@@ -130,3 +130,103 @@ fn the_post_hook_runs_after_a_failed_capture() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "thawed\n");
 }
+
+/// Live processes (not zombies) whose command line holds `marker`.
+fn processes_with(marker: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        // The arguments are separated by NULs.
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !zombie && cmdline.contains(marker) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_hook_whose_child_holds_its_output_is_killed_with_it_at_the_timeout() {
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let img = t.path().join("vm.img");
+    mixed_image(&img, 2 << 20, 73);
+    // `sh` waits for a `sleep` that holds the hook's stdout and stderr.
+    let marker = format!("sleep 41.{}", std::process::id());
+    protect_with(&vault, &img, &format!("sh -c '{marker}; true'"), "", "1");
+    let started = std::time::Instant::now();
+    ok(&["backup", "--vault", s(&vault), s(&img)]);
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(15), "{took:?}");
+    let job = last_job(&vault);
+    assert!(
+        job["stats"]["warnings"]
+            .to_string()
+            .contains("did not finish within 1 s"),
+        "{job}"
+    );
+    assert_eq!(points(&vault, "vm")[0]["level"], "crash-consistent");
+    // The whole process group went with it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !processes_with(&marker).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        processes_with(&marker).is_empty(),
+        "the hook's child outlived the timeout"
+    );
+}
+
+#[test]
+fn hooks_never_see_the_object_store_credentials() {
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let img = t.path().join("vm.img");
+    mixed_image(&img, 2 << 20, 74);
+    let dump = t.path().join("env.txt");
+    protect_with(
+        &vault,
+        &img,
+        &format!("sh -c 'env > {}'", dump.display()),
+        "",
+        "10",
+    );
+    let secrets = [
+        ("AZURE_STORAGE_ACCOUNT_KEY", "azure-key-0xfeed"),
+        ("AZURE_STORAGE_SAS_KEY", "azure-sas-0xfeed"),
+        ("AZURE_CLIENT_SECRET", "azure-client-0xfeed"),
+        ("AWS_SECRET_ACCESS_KEY", "aws-secret-0xfeed"),
+        ("AWS_ACCESS_KEY_ID", "aws-id-0xfeed"),
+        ("AWS_SESSION_TOKEN", "aws-token-0xfeed"),
+        ("SOME_OTHER_TOKEN", "other-0xfeed"),
+    ];
+    let mut cmd = coffre();
+    for (k, v) in secrets {
+        cmd.env(k, v);
+    }
+    let args = ["backup", "--vault", s(&vault), s(&img)];
+    succeeded(&args, cmd.args(args).output().unwrap());
+    let env = std::fs::read_to_string(&dump).unwrap();
+    assert!(!env.contains("0xfeed"), "the hook saw a secret:\n{env}");
+    for (k, _) in secrets {
+        assert!(!env.contains(k), "the hook saw {k}:\n{env}");
+    }
+    // What a hook needs is there.
+    for k in [
+        "PATH=",
+        "HOME=",
+        "COFFRE_ITEM=vm",
+        "COFFRE_PHASE=pre",
+        "COFFRE_JOB=",
+    ] {
+        assert!(env.contains(k), "{k} missing:\n{env}");
+    }
+    assert_eq!(points(&vault, "vm")[0]["level"], "application-consistent");
+}

@@ -67,17 +67,24 @@ fn item_name_for(image: &Path, item: Option<String>) -> anyhow::Result<String> {
 }
 
 /// Protects the image under DefaultPolicy if its item does not exist yet;
-/// returns true when it did, and the item's hooks.
+/// returns true when it did, the hooks this host runs for the item (set
+/// on this host, never taken from the vault's catalog) and a warning when
+/// the catalog names others.
 fn ensure_protected(
     ctx: &Ctx,
     dir: &Path,
     item: &str,
     image: &Path,
-) -> anyhow::Result<(bool, Hooks)> {
-    let record = open(ctx, dir, Access::ReadOnly)?.item(item)?;
-    let hooks = record.as_ref().map(|i| i.hooks.clone()).unwrap_or_default();
+) -> anyhow::Result<(bool, Hooks, Option<String>)> {
+    let vault = open(ctx, dir, Access::ReadOnly)?;
+    let record = vault.item(item)?;
+    let (hooks, warning) = match &record {
+        Some(r) => ctx.registry.host_hooks(&vault.config().vault_id, r),
+        None => (Hooks::default(), None),
+    };
+    drop(vault);
     match record.map(|i| i.protection) {
-        Some(Protection::Protected) => Ok((false, hooks)),
+        Some(Protection::Protected) => Ok((false, hooks, warning)),
         Some(Protection::Stopped { .. }) => anyhow::bail!(
             "item {item:?} is not protected any more (stopped, data retained); run `coffre protect --item {item} --policy P` to resume"
         ),
@@ -96,7 +103,7 @@ fn ensure_protected(
                 None,
             )
             .with_context(|| format!("cannot protect {}", image.display()))?;
-            Ok((true, hooks))
+            Ok((true, hooks, warning))
         }
     }
 }
@@ -184,7 +191,10 @@ pub fn run(ctx: &Ctx, dir: &Path, args: BackupArgs<'_>, image: &Path) -> anyhow:
     };
     let retain_until = parse_retain_until(retain_until, ctx.now())?;
     let (source, hint) = open_source(image, cbt)?;
-    let (auto_protected, hooks) = ensure_protected(ctx, dir, &item, image)?;
+    let (auto_protected, hooks, hook_warning) = ensure_protected(ctx, dir, &item, image)?;
+    if let Some(w) = &hook_warning {
+        tracing::warn!("{w}");
+    }
     if auto_protected && ctx.fmt == crate::args::OutputFormat::Table {
         eprintln!(
             "coffre: {} was not protected; it is now item {item} under {DEFAULT_POLICY} (daily at 02:00 UTC, points kept 30 days)",
@@ -207,6 +217,7 @@ pub fn run(ctx: &Ctx, dir: &Path, args: BackupArgs<'_>, image: &Path) -> anyhow:
                 snapshot_root: ctx.snapshot_root.clone(),
                 hint,
                 sampling,
+                notes: hook_warning.into_iter().collect(),
             },
             terms: PointTerms {
                 scheduled: false,

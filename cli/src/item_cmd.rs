@@ -37,11 +37,15 @@ pub fn hooks_from(
     if pre.is_none() && post.is_none() && timeout.is_none() {
         return Ok(None);
     }
-    let mut hooks = open(ctx, dir, Access::ReadOnly)
-        .ok()
-        .and_then(|v| v.item(item).ok().flatten())
-        .map(|i| i.hooks)
+    // What this host set before (never the catalog's: another host, or
+    // whoever writes a shared vault's bucket, may have written those).
+    let vault = open(ctx, dir, Access::ReadOnly)?;
+    let mut hooks = ctx
+        .registry
+        .entry(&vault.config().vault_id, item)?
+        .and_then(|e| e.hooks)
         .unwrap_or_default();
+    drop(vault);
     let argv = |cmd: String, flag: &str| -> anyhow::Result<Vec<String>> {
         if cmd.trim().is_empty() {
             return Ok(Vec::new());

@@ -337,10 +337,13 @@ impl SnapWriter {
         let dir = path.parent().unwrap_or(Path::new("."));
         private::create_dir_all(dir).map_err(|e| SnapError::write(dir, e))?;
         let tmp = path.with_extension("snap.tmp");
+        // Never through a symlink planted at the temporary name.
+        use std::os::unix::fs::OpenOptionsExt;
         let f = private::open_options()
             .write(true)
             .create(true)
             .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(|e| SnapError::write(&tmp, e))?;
         let mut out = BufWriter::with_capacity(1 << 20, f);

@@ -55,14 +55,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "state".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    // A new file of an unguessable name (`O_EXCL | O_NOFOLLOW`): nothing
+    // planted beside `path` is followed or truncated.
+    let (mut f, tmp) =
+        private::create_temp(dir, &name, "tmp").map_err(|e| StoreError::io("create", dir, e))?;
     let result = (|| {
-        let mut f = private::open_options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| StoreError::io("create", &tmp, e))?;
         f.write_all(bytes)
             .map_err(|e| StoreError::io("write", &tmp, e))?;
         fsync_file(&f, &tmp)?;

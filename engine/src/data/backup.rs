@@ -79,6 +79,9 @@ pub struct BackupOptions {
     pub hint: Option<Hint>,
     /// How many clean blocks a hint is checked on.
     pub sampling: Sampling,
+    /// Warnings found before the job ran (hooks of the catalog this host
+    /// does not run), recorded with the job's.
+    pub notes: Vec<String>,
 }
 
 impl BackupOptions {
@@ -95,6 +98,7 @@ impl BackupOptions {
             snapshot_root: None,
             hint: None,
             sampling: Sampling::default(),
+            notes: Vec::new(),
         }
     }
 }

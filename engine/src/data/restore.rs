@@ -30,7 +30,7 @@ use coffre_snapshotter::capture::is_zero;
 use coffre_snapshotter::pack::RecordBuf;
 use coffre_snapshotter::read::{SnapWindow, SnapshotBlocks};
 use coffre_vault_store::blockmap::{Entry, block_count};
-use coffre_vault_store::direct::{AlignedBuf, DIRECT_ALIGN, open_direct};
+use coffre_vault_store::direct::{AlignedBuf, DIRECT_ALIGN};
 use coffre_vault_store::durable::{start_writeback, sync_range};
 use coffre_vault_store::index::ChunkLocation;
 use coffre_vault_store::{ChunkBuf, ChunkId, StoreError, Vault};
@@ -240,7 +240,7 @@ pub fn restore(
         // not read back; in-place restores read the target, so they stay
         // buffered.
         direct: if target.kind() == TargetKind::NewFile {
-            Direct::open(target.path())
+            Direct::from(target.reopen_direct())
         } else {
             Direct::none()
         },
@@ -637,11 +637,11 @@ struct Direct {
 }
 
 impl Direct {
-    /// Opens `path` for direct writes (`None` where the filesystem, such
+    /// Direct writes through `file` (`None` where the filesystem, such
     /// as tmpfs, refuses `O_DIRECT`).
-    fn open(path: &Path) -> Direct {
+    fn from(file: Option<File>) -> Direct {
         Direct {
-            file: open_direct(path),
+            file,
             refused: Default::default(),
         }
     }

@@ -2,9 +2,11 @@
 //! device replaced in place.
 //!
 //! A **new file** is written as a temporary file beside the target, created
-//! with the requested mode (0600 by default), sized first so zero blocks
-//! stay holes, fsynced and only then renamed over the target: a failed
-//! restore leaves no partial file.
+//! with an unguessable name and `O_EXCL | O_NOFOLLOW` (a symlink or file
+//! planted in a shared folder is never followed, truncated or written),
+//! mode 0600 while it is written, sized first so zero blocks stay holes,
+//! given the requested mode (0600 by default), fsynced and only then
+//! renamed over the target: a failed restore leaves no partial file.
 //!
 //! An **in-place** target (an existing image, an LVM volume, `/dev/nbd0`) is
 //! opened for writing without truncation. A block device must not be
@@ -58,11 +60,17 @@ pub struct Target {
     pub len_before: u64,
     image_size: u64,
     keep_tmp: bool,
+    /// Mode a new file gets when it is renamed into place.
+    mode: u32,
 }
 
 impl Drop for Target {
     fn drop(&mut self) {
-        if self.kind == TargetKind::NewFile && !self.keep_tmp {
+        // Only the file this restore created, never whatever replaced it.
+        if self.kind == TargetKind::NewFile
+            && !self.keep_tmp
+            && coffre_vault_store::private::is_same_file(&self.path, &self.file)
+        {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -102,17 +110,14 @@ impl Target {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "image".into());
-        let path =
-            parent_dir(target).join(format!(".{name}.coffre-partial-{}", std::process::id()));
-        let file = OpenOptions::new()
-            .write(true)
-            .read(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&path)
-            .map_err(|e| unwritable(&path, e))?;
-        let mut t = Target {
+        // A new file with an unguessable name, `O_EXCL | O_NOFOLLOW` and
+        // mode 0600 while it is written: nothing planted in a shared
+        // folder is followed or truncated, and nobody else can open it
+        // before the restore is done (`finish` sets `mode`).
+        let dir = parent_dir(target);
+        let (file, path) = coffre_vault_store::private::create_temp(&dir, &name, "coffre-partial")
+            .map_err(|e| unwritable(&dir, e))?;
+        let t = Target {
             file,
             path,
             final_path: target.to_path_buf(),
@@ -120,16 +125,11 @@ impl Target {
             len_before: 0,
             image_size,
             keep_tmp: false,
+            mode,
         };
-        // The umask may have taken bits away from `mode`: set it exactly.
-        use std::os::unix::fs::PermissionsExt;
-        t.file
-            .set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(|e| unwritable(&t.path, e))?;
         t.file
             .set_len(image_size)
             .map_err(|e| unwritable(&t.path, e))?;
-        t.len_before = 0;
         Ok(t)
     }
 
@@ -191,7 +191,20 @@ impl Target {
             len_before: len,
             image_size,
             keep_tmp: false,
+            mode: 0,
         })
+    }
+
+    /// A second descriptor of the same file opened with `O_DIRECT` for
+    /// writing (`None` where the filesystem refuses it). It is opened
+    /// through `/proc/self/fd`, so it is the file this target holds open
+    /// even if its name was replaced meanwhile.
+    pub fn reopen_direct(&self) -> Option<File> {
+        use std::os::fd::AsRawFd;
+        coffre_vault_store::direct::open_direct(Path::new(&format!(
+            "/proc/self/fd/{}",
+            self.file.as_raw_fd()
+        )))
     }
 
     /// The open file.
@@ -252,10 +265,28 @@ impl Target {
                 .set_len(self.image_size)
                 .map_err(|e| unwritable(&self.path, e))?;
         }
+        if self.kind == TargetKind::NewFile {
+            // The umask may have taken bits away from `mode`: set it
+            // exactly, now that the content is complete.
+            use std::os::unix::fs::PermissionsExt;
+            self.file
+                .set_permissions(std::fs::Permissions::from_mode(self.mode))
+                .map_err(|e| unwritable(&self.path, e))?;
+        }
         self.file
             .sync_all()
             .map_err(|e| unwritable(&self.path, e))?;
         if self.kind == TargetKind::NewFile {
+            // Rename only the file written (a rename never follows a
+            // symlink at either name; this checks nobody swapped ours).
+            if !coffre_vault_store::private::is_same_file(&self.path, &self.file) {
+                return Err(unwritable(
+                    &self.path,
+                    std::io::Error::other(
+                        "the temporary file was replaced while the restore wrote it",
+                    ),
+                ));
+            }
             std::fs::rename(&self.path, &self.final_path)
                 .map_err(|e| unwritable(&self.final_path, e))?;
             self.keep_tmp = true;
@@ -368,5 +399,50 @@ mod tests {
             assert_eq!(m.permissions().mode() & 0o777, mode);
             assert_eq!(m.len(), 4096);
         }
+    }
+
+    #[test]
+    fn a_symlink_planted_at_the_old_temporary_name_is_not_followed() {
+        use std::os::unix::fs::{FileExt, PermissionsExt};
+        let t = tempfile::tempdir().unwrap();
+        let victim = t.path().join("victim");
+        std::fs::write(&victim, b"do not truncate me").unwrap();
+        let target = t.path().join("disk.img");
+        let old_name = t
+            .path()
+            .join(format!(".disk.img.coffre-partial-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &old_name).unwrap();
+        let out = Target::create(&target, false, 0o644, 8192).unwrap();
+        assert!(!out.path().starts_with(&old_name) && out.path() != old_name);
+        // Private while it is written, whatever mode was asked for.
+        let m = std::fs::symlink_metadata(out.path()).unwrap();
+        assert!(m.file_type().is_file());
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        out.file().write_all_at(b"restored", 0).unwrap();
+        out.finish().unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"do not truncate me");
+        assert_eq!(&std::fs::read(&target).unwrap()[..8], b"restored");
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+        // A symlink at the target itself is replaced, not followed.
+        std::fs::remove_file(&target).unwrap();
+        std::os::unix::fs::symlink(&victim, &target).unwrap();
+        let out = Target::create(&target, true, 0o600, 4096).unwrap();
+        out.finish().unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"do not truncate me");
+        assert!(std::fs::symlink_metadata(&target).unwrap().is_file());
+    }
+
+    #[test]
+    fn a_swapped_temporary_file_is_neither_renamed_nor_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("disk.img");
+        let out = Target::create(&target, false, 0o600, 4096).unwrap();
+        let tmp = out.path().to_path_buf();
+        std::fs::remove_file(&tmp).unwrap();
+        std::fs::write(&tmp, b"someone else's").unwrap();
+        assert!(out.finish().is_err());
+        assert!(!target.exists());
+        assert_eq!(std::fs::read(&tmp).unwrap(), b"someone else's");
     }
 }

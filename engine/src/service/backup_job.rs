@@ -239,6 +239,13 @@ fn snapshot_phase(
         e => e,
     })?;
     let s = snap.clone();
+    let warnings: Vec<String> = opts
+        .backup
+        .notes
+        .iter()
+        .chain(&snap.meta.warnings)
+        .cloned()
+        .collect();
     job.update(now(clock), |r| {
         r.point = Some(s.meta.point.clone());
         r.stats
@@ -255,14 +262,14 @@ fn snapshot_phase(
             "level".into(),
             serde_json::to_value(s.meta.level).unwrap_or_default(),
         );
-        if !s.meta.warnings.is_empty() {
+        if !warnings.is_empty() {
             r.stats.insert(
                 "warnings".into(),
-                serde_json::to_value(&s.meta.warnings).unwrap_or_default(),
+                serde_json::to_value(&warnings).unwrap_or_default(),
             );
         }
     })?;
-    let note = (!snap.meta.warnings.is_empty()).then(|| snap.meta.warnings.join("; "));
+    let note = (!warnings.is_empty()).then(|| warnings.join("; "));
     job.set_phase(now(clock), SNAPSHOT, PhaseStatus::Completed, note)?;
     Ok(snap)
 }

@@ -134,6 +134,16 @@ pub fn protect(
         b.put_item(item.clone());
         vault.commit_catalog(b, &[])?;
     }
+    // The hooks this host runs are the ones set here: those given now,
+    // else those set here before (never the catalog's, which another host
+    // may have written).
+    let host_hooks = match hooks {
+        Some(h) => Some(h.clone()),
+        None => registry
+            .entry(&vault.config().vault_id, name)?
+            .and_then(|e| e.hooks),
+    }
+    .filter(|h| h.is_set());
     registry.record(RegistryEntry {
         path: source,
         identity,
@@ -141,6 +151,7 @@ pub fn protect(
         vault_id: vault.config().vault_id.clone(),
         vault_name: vault.config().name.clone(),
         item: name.into(),
+        hooks: host_hooks,
     })?;
     Ok(ProtectOutcome { item, action })
 }

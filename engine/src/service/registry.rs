@@ -10,13 +10,22 @@
 //! `COFFRE_REGISTRY=off` turns the cross-vault check off (throw-away
 //! benchmark rigs that reuse one image path in many vaults); the check
 //! inside a vault stays.
+//!
+//! The registry is also this host's word on what it runs (README,
+//! "Trust"): a vault's catalog may come from a bucket other hosts write,
+//! so the hooks a backup runs are those `coffre protect` recorded here
+//! ([`Registry::host_hooks`]), never the catalog's, and the scheduler
+//! backs up only the items recorded here for the same image
+//! ([`Registry::protected_here`]). With the registry off, the host has no
+//! such record: no hooks run and the scheduler backs nothing up.
 
 use std::path::{Path, PathBuf};
 
-use coffre_vault_store::SourceIdentity;
+use coffre_vault_store::catalog::Hooks;
 use coffre_vault_store::durable::write_atomic;
 use coffre_vault_store::envelope;
 use coffre_vault_store::private;
+use coffre_vault_store::{ItemRecord, SourceIdentity};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
@@ -39,6 +48,10 @@ pub struct RegistryEntry {
     pub vault_name: String,
     /// Item name in that vault.
     pub item: String,
+    /// The pre- and post-snapshot hooks set on this host for the item
+    /// (`None`: none). The only hooks this host runs for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<Hooks>,
 }
 
 /// The registry file.
@@ -98,11 +111,32 @@ impl Registry {
         if !self.enabled {
             return Ok(Vec::new());
         }
-        let bytes = match std::fs::read(&self.path) {
-            Ok(b) => b,
+        let mut file = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(self.fail(e.to_string())),
         };
+        // It says which commands this host runs: only a file of this
+        // user's that nobody else can write is believed.
+        let meta = file.metadata().map_err(|e| self.fail(e.to_string()))?;
+        {
+            use std::os::unix::fs::MetadataExt;
+            // SAFETY: geteuid has no preconditions.
+            let me = unsafe { libc::geteuid() };
+            if meta.uid() != me || meta.mode() & 0o022 != 0 {
+                return Err(self.fail(format!(
+                    "it is owned by uid {} with mode {:o}, not private to uid {me}: refused (run chown/chmod 600, or remove it)",
+                    meta.uid(),
+                    meta.mode() & 0o7777
+                )));
+            }
+        }
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(&mut file, envelope::MAX_ENVELOPE_BODY as u64 + 64),
+            &mut bytes,
+        )
+        .map_err(|e| self.fail(e.to_string()))?;
         let (_, body) = envelope::decode(&MAGIC, VERSION, envelope::MAX_ENVELOPE_BODY, &bytes)
             .map_err(|e| self.fail(e.to_string()))?;
         serde_json::from_slice(body).map_err(|e| self.fail(e.to_string()))
@@ -150,6 +184,68 @@ impl Registry {
             v.retain(|e| !(e.vault_id == entry.vault_id && e.item == entry.item));
             v.push(entry);
         })
+    }
+
+    /// What this host recorded for `item` of vault `vault_id`.
+    pub fn entry(&self, vault_id: &str, item: &str) -> Result<Option<RegistryEntry>> {
+        Ok(self
+            .load()?
+            .into_iter()
+            .find(|e| e.vault_id == vault_id && e.item == item))
+    }
+
+    /// The items of vault `vault_id` this host protects: recorded here by
+    /// `coffre protect` (or `coffre backup`) for the image the catalog
+    /// names. The scheduler backs up only these.
+    pub fn protected_here(&self, vault_id: &str, items: &[ItemRecord]) -> Result<Vec<String>> {
+        let entries = self.load()?;
+        Ok(items
+            .iter()
+            .filter(|i| {
+                entries
+                    .iter()
+                    .any(|e| e.vault_id == vault_id && e.item == i.name && e.path == i.source)
+            })
+            .map(|i| i.name.clone())
+            .collect())
+    }
+
+    /// The hooks this host runs for `item` of vault `vault_id`: those set
+    /// here, never those the vault's catalog names. The second value is a
+    /// warning when the catalog's differ (they do not run), or when the
+    /// registry cannot say (then none run).
+    pub fn host_hooks(&self, vault_id: &str, item: &ItemRecord) -> (Hooks, Option<String>) {
+        let catalog = &item.hooks;
+        let name = &item.name;
+        let looked = if self.enabled {
+            self.entry(vault_id, name)
+        } else {
+            Ok(None)
+        };
+        let own = match looked {
+            Ok(e) => e.and_then(|e| e.hooks).filter(Hooks::is_set),
+            Err(e) => {
+                return (
+                    Hooks::default(),
+                    Some(format!("no hooks run for item {name}: {e}")),
+                );
+            }
+        };
+        let warning = match &own {
+            Some(h) if h == catalog => None,
+            None if !catalog.is_set() => None,
+            _ if !self.enabled => Some(format!(
+                "the vault's catalog names hooks for item {name}, but this host keeps no registry (COFFRE_REGISTRY=off): they do not run"
+            )),
+            None => Some(format!(
+                "the vault's catalog names hooks for item {name} that were not set on this host: they do not run here (set them on this host with `coffre protect --item {name} --pre-snapshot CMD --post-snapshot CMD`)"
+            )),
+            Some(h) => Some(format!(
+                "the vault's catalog names other hooks for item {name} than this host set: this host runs its own (pre {:?}, post {:?})",
+                h.pre, h.post
+            )),
+        };
+        (own.unwrap_or_default(), warning)
     }
 
     /// Forgets what `vault_id` recorded for `item`.

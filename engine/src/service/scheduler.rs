@@ -3,6 +3,9 @@
 //! (points, snapshots, job history), then GC. Prune and GC leave a job
 //! record when they changed something or failed.
 //!
+//! Only the items this host protects are backed up, with the hooks set
+//! on this host (the host registry), whatever the vault's catalog lists.
+//!
 //! A slot is marked as dealt with once its job ended, whatever the job's
 //! status: like Azure, a failed scheduled backup is not retried before the
 //! next slot (run `coffre backup` for an on-demand one). A pass that dies
@@ -77,9 +80,28 @@ pub fn run_pass(
 ) -> Result<PassReport> {
     let now = clock.now();
     let mut backups = Vec::new();
-    for item in vault.index().items()? {
+    let items = vault.index().items()?;
+    let vault_id = vault.config().vault_id.clone();
+    // Only the items this host protects: a shared vault's catalog lists
+    // every host's, and nothing the catalog says makes this host read an
+    // image or run a command (README, "Trust").
+    let here = registry
+        .protected_here(&vault_id, &items)
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot read the host registry: no scheduled backup runs");
+            Vec::new()
+        });
+    for item in items {
         if item.protection != Protection::Protected || (opts.stop)() {
             continue;
+        }
+        if !here.contains(&item.name) {
+            tracing::info!(item = %item.name, source = %item.source.display(), "not protected on this host (no entry in its registry for this image): no scheduled backup here");
+            continue;
+        }
+        let (hooks, hook_warning) = registry.host_hooks(&vault_id, &item);
+        if let Some(w) = &hook_warning {
+            tracing::warn!(item = %item.name, "{w}");
         }
         let policy = match policies::of_item(vault, &item) {
             Ok(p) => p,
@@ -105,7 +127,8 @@ pub fn run_pass(
                             source_path: item.source.clone(),
                             threads: opts.threads,
                             rate_limit: opts.rate_limit,
-                            hooks: item.hooks.clone(),
+                            hooks,
+                            notes: hook_warning.into_iter().collect(),
                             allow_clone: true,
                             snapshot_root: opts.snapshot_root.map(Into::into),
                             hint: None,
