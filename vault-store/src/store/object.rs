@@ -462,7 +462,7 @@ impl ObjectStoreCopy {
 }
 
 /// The longest reason an object-store error keeps.
-const MAX_REASON: usize = 300;
+const MAX_REASON: usize = 400;
 
 /// What a service answered, in one short line: the error `Code` and the
 /// first line of its `Message` instead of the XML body Azure and S3 send
@@ -487,7 +487,7 @@ pub fn short_reason(text: &str) -> String {
                 .trim_end()
                 .trim_end_matches("body:")
                 .trim_end()
-                .trim_end_matches(',');
+                .trim_end_matches([',', ':']);
             let said = match (tag("Code"), tag("Message")) {
                 (Some(c), Some(m)) => format!("{c}: {m}"),
                 (Some(c), None) => c,
@@ -940,6 +940,14 @@ mod tests {
             "{short}"
         );
         assert!(!short.contains('\n'));
+        // As Azurite answers a refused key (no `body:` before the XML).
+        let forbidden = short_reason(
+            "status code: 403 Forbidden: <?xml version=\"1.0\"?><Error><Code>AuthorizationFailure</Code><Message>Server failed to authenticate the request.</Message></Error>",
+        );
+        assert_eq!(
+            forbidden,
+            "status code: 403 Forbidden: AuthorizationFailure: Server failed to authenticate the request."
+        );
         let long = "x ".repeat(1000);
         assert!(short_reason(&long).chars().count() <= MAX_REASON + 1);
         assert_eq!(short_reason("connection refused"), "connection refused");
