@@ -1052,3 +1052,178 @@ fn two_hosts_backing_up_one_item_at_once_never_overwrite_each_other() {
         "same item",
     );
 }
+
+/// The error line of a failed `coffre` run: exactly one line, with no XML.
+fn one_clear_line(out: &Output, what: &str) -> String {
+    assert!(!out.status.success(), "{what} succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{what}: not one line:\n{err}");
+    assert!(
+        !err.contains('<') && !err.contains("RequestId"),
+        "{what}: the service's raw answer leaked:\n{err}"
+    );
+    err
+}
+
+#[test]
+fn create_on_a_missing_container_fails_in_one_line_saying_how_to_create_it() {
+    let Some(az) = Emulator::azurite(&["present"]) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let store = url("absent", "v");
+    let h = t.path().join("h");
+    let out = az.run(&[
+        "vault",
+        "create",
+        "--store",
+        &store,
+        "--vault",
+        s(&h),
+        "--snapshot-area",
+        s(&t.path().join("a")),
+    ]);
+    let err = one_clear_line(&out, "create in a missing container");
+    assert!(err.contains("\"absent\" does not exist"), "{err}");
+    assert!(
+        err.contains("az storage container create --account-name devstoreaccount1 --name absent"),
+        "{err}"
+    );
+    let out = az.run(&["vault", "attach", "--store", &store, "--vault", s(&h)]);
+    let err = one_clear_line(&out, "attach to a missing container");
+    assert!(err.contains("\"absent\" does not exist"), "{err}");
+    // Credentials the service refuses: its answer in one short line.
+    let out = az
+        .coffre()
+        .env(
+            "AZURE_STORAGE_ACCOUNT_KEY",
+            "d3JvbmdrZXl3cm9uZ2tleXdyb25na2V5d3Jvbmdr",
+        )
+        .args(["vault", "create", "--store", &url("present", "v")])
+        .args(["--vault", s(&t.path().join("h2"))])
+        .args(["--snapshot-area", s(&t.path().join("a2"))])
+        .output()
+        .unwrap();
+    let err = one_clear_line(&out, "create with a wrong key");
+    assert!(err.contains("403"), "{err}");
+    // The container that exists works.
+    create_in_store(&az, &url("present", "v"), &h, &t.path().join("a"));
+}
+
+/// Runs boto3 against moto: `code` sees `s3` (a client) and `argv`.
+fn boto3(m: &Emulator, code: &str, args: &[&str]) -> String {
+    let prelude = "import boto3, sys\ns3 = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\nargv = sys.argv[2:]\n";
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!("{prelude}{code}"))
+        .arg(&m.endpoint)
+        .args(args)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "boto3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn s3_put(m: &Emulator, key: &str, body: &str) {
+    boto3(
+        m,
+        "s3.put_object(Bucket='vaults', Key=argv[0], Body=argv[1].encode())",
+        &[key, body],
+    );
+}
+
+fn s3_delete(m: &Emulator, key: &str) {
+    boto3(m, "s3.delete_object(Bucket='vaults', Key=argv[0])", &[key]);
+}
+
+/// Every key under `prefix`, sorted.
+fn s3_keys(m: &Emulator, prefix: &str) -> Vec<String> {
+    let out = boto3(
+        m,
+        "p = s3.get_paginator('list_objects_v2')\nfor page in p.paginate(Bucket='vaults', Prefix=argv[0]):\n    for o in page.get('Contents', []):\n        print(o['Key'])",
+        &[prefix],
+    );
+    let mut keys: Vec<String> = out.lines().map(str::to_string).collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn s3_gc_stops_on_a_point_it_cannot_decode_and_on_a_lease_it_cannot_read() {
+    let Some(m) = Emulator::moto(&["vaults"]) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    // A missing bucket: one line, saying how to create it.
+    let out = m.run(&[
+        "vault",
+        "create",
+        "--store",
+        "s3://nobucket/v",
+        "--vault",
+        s(&t.path().join("nb")),
+        "--snapshot-area",
+        s(&t.path().join("nba")),
+    ]);
+    let err = one_clear_line(&out, "create in a missing bucket");
+    assert!(err.contains("\"nobucket\" does not exist"), "{err}");
+    assert!(err.contains("aws s3 mb s3://nobucket"), "{err}");
+
+    let store = "s3://vaults/v";
+    let h = t.path().join("h");
+    create_in_store(&m, store, &h, &t.path().join("a"));
+    let (keep, drop) = (t.path().join("keep.img"), t.path().join("drop.img"));
+    mixed_image(&keep, 4 << 20, 51);
+    random_file(&drop, 2 << 20, 52);
+    backup(&m, &h, "keep", &keep);
+    backup(&m, &h, "drop", &drop);
+    delete_and_prune(&m, &h, "drop", &h);
+    let segments = s3_keys(&m, "v/segments/");
+    assert!(!segments.is_empty());
+
+    // A point file GC cannot decode: the chunks of its point would look
+    // dead. GC stops, naming it, and condemns nothing.
+    let bad_point = "v/points/keep/00000000000000ff.point";
+    s3_put(&m, bad_point, "not a point");
+    let out = m.run(&["gc", "--vault", s(&h)]);
+    assert!(
+        !out.status.success(),
+        "gc went on over an undecodable point"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("points/keep/00000000000000ff.point"), "{err}");
+    assert!(err.contains("nothing was condemned or deleted"), "{err}");
+    assert_eq!(s3_keys(&m, "v/gc/condemned/"), Vec::<String>::new());
+    assert_eq!(s3_keys(&m, "v/segments/"), segments);
+    s3_delete(&m, bad_point);
+
+    // A lease GC cannot read may be a running writer's: stop, naming it.
+    let bad_lease = "v/leases/0001-0123456789abcdef";
+    s3_put(&m, bad_lease, "not a lease");
+    let out = m.run(&["gc", "--vault", s(&h)]);
+    assert!(!out.status.success(), "gc ignored an unreadable lease");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("leases/0001-0123456789abcdef"), "{err}");
+    assert_eq!(s3_keys(&m, "v/gc/condemned/"), Vec::<String>::new());
+    assert_eq!(s3_keys(&m, "v/segments/"), segments);
+    s3_delete(&m, bad_lease);
+
+    // With both gone, GC runs: the dropped item's segment is condemned,
+    // then deleted by the next run, and the kept point still restores.
+    let first = m.json(&["gc", "--vault", s(&h)]);
+    assert!(
+        first["condemned_segments"].as_u64().unwrap() >= 1,
+        "{first}"
+    );
+    let second = m.json(&["gc", "--vault", s(&h)]);
+    assert!(
+        second["deleted_segments"].as_u64().unwrap() >= 1,
+        "{second}"
+    );
+    restore_same(&m, &h, "keep", 1, &keep);
+}

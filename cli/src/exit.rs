@@ -37,6 +37,7 @@ fn store_code(e: &StoreError) -> u8 {
     match e {
         StoreError::VaultLocked { .. }
         | StoreError::GcRunning { .. }
+        | StoreError::GcHoldLost { .. }
         | StoreError::PointTaken { .. }
         | StoreError::CatalogChanged { .. } => LOCKED,
         StoreError::NotAVault { .. }

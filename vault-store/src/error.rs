@@ -192,6 +192,30 @@ pub enum StoreError {
         until: String,
     },
 
+    /// A shared GC lost its hold on `gc/state` (it lapsed, or another GC
+    /// took over): it stopped before writing or deleting anything more.
+    #[error(
+        "GC epoch {epoch} of {url} stopped: it lost its hold on gc/state ({reason}); it wrote and deleted nothing more, run gc again"
+    )]
+    GcHoldLost {
+        /// The store.
+        url: String,
+        /// The epoch this GC held.
+        epoch: u64,
+        /// What happened.
+        reason: String,
+    },
+
+    /// A shared GC found what it cannot judge (an undecodable point, an
+    /// unreadable lease or segment) and stopped before deleting anything.
+    #[error("GC of {url} stopped, nothing was condemned or deleted: {reason}")]
+    GcIncomplete {
+        /// The store.
+        url: String,
+        /// What it could not read, naming the files, and what to do.
+        reason: String,
+    },
+
     /// An object-store request failed.
     #[error("object store {url}: {op} failed: {reason}")]
     Object {

@@ -66,6 +66,9 @@ pub struct RebuildReport {
     pub points: u64,
     /// Catalog files that could not be decoded (skipped).
     pub bad_files: Vec<String>,
+    /// Segments a read failed in (the store did not answer, not damage):
+    /// their records past the failure are missing from the index.
+    pub unreadable_segments: Vec<String>,
     /// Wall time.
     pub duration_ms: u64,
 }
@@ -229,8 +232,18 @@ fn index_segments(
             None => store,
         };
         let size = base.size(&name)?.unwrap_or(0);
-        let mut read = |off: u64, buf: &mut [u8]| base.read_at(&name, off, buf).is_ok();
+        let mut failed: Option<StoreError> = None;
+        let mut read = |off: u64, buf: &mut [u8]| match base.read_at(&name, off, buf) {
+            Ok(()) => true,
+            Err(e) => {
+                failed.get_or_insert(e);
+                false
+            }
+        };
         let mut scan = scan_segment(id, size, &mut read);
+        if let Some(e) = failed {
+            report.unreadable_segments.push(format!("{name}: {e}"));
+        }
         if let Some(p) = &scan.header_problem {
             report.bad_headers.push(format!("{name}: {p}"));
         }

@@ -101,6 +101,7 @@ pub fn create_in_store(dir: &Path, url: &str, mut config: VaultConfig) -> Result
     config.store = Some(url.clone());
     check_empty_cache(dir)?;
     let store = crate::copies::open_url(&url)?;
+    check_container(store.as_ref(), &url)?;
     if store.get(CONFIG_FILE)?.is_some() {
         return Err(StoreError::InvalidSetting {
             field: "store",
@@ -128,6 +129,7 @@ pub fn attach(dir: &Path, url: &str, wait: Duration) -> Result<Vault> {
     let url = canonical_url(url)?;
     check_empty_cache(dir)?;
     let store = crate::copies::open_url(&url)?;
+    check_container(store.as_ref(), &url)?;
     let Some(bytes) = store.get(CONFIG_FILE)? else {
         return Err(StoreError::InvalidSetting {
             field: "store",
@@ -155,6 +157,49 @@ pub fn attach(dir: &Path, url: &str, wait: Duration) -> Result<Vault> {
     let (vault, report) = crate::rebuild::rebuild_index(dir, dir, wait)?;
     tracing::info!(vault = %dir.display(), %url, chunks = report.chunks, points = report.points, "attached to the shared vault");
     Ok(vault)
+}
+
+/// Fails with one clear line when the container or bucket `url` names
+/// does not exist (a listing answers 404): coffre does not create it
+/// (the credentials of a vault's hosts need not allow it), so the line
+/// says how.
+fn check_container(store: &dyn Store, url: &str) -> Result<()> {
+    let Err(e) = store.list("") else {
+        return Ok(());
+    };
+    let StoreError::Object { reason, .. } = &e else {
+        return Err(e);
+    };
+    let missing = ["ContainerNotFound", "NoSuchBucket", "404 Not Found"]
+        .iter()
+        .any(|m| reason.contains(m));
+    let Ok(u) = StoreUrl::parse(url) else {
+        return Err(e);
+    };
+    if !missing {
+        return Err(e);
+    }
+    let how = match u.service {
+        crate::remote::Service::Azure => format!(
+            "create it first, e.g. `az storage container create --account-name {} --name {}`",
+            u.account, u.container
+        ),
+        crate::remote::Service::S3 => {
+            format!("create it first, e.g. `aws s3 mb s3://{}`", u.container)
+        }
+        crate::remote::Service::Memory => "create it first".to_string(),
+    };
+    let what = match u.service {
+        crate::remote::Service::S3 => "bucket",
+        _ => "container",
+    };
+    Err(StoreError::InvalidSetting {
+        field: "store",
+        reason: format!(
+            "{url}: the {what} {:?} does not exist; {how}, then run again",
+            u.container
+        ),
+    })
 }
 
 fn canonical_url(url: &str) -> Result<String> {
