@@ -987,7 +987,6 @@ pub fn sweep_and_condemn(
 
 /// The GC epoch after `epoch` (`None` when a decoded epoch is already the
 /// largest: never wrap back to an epoch other hosts have seen).
-#[cfg(feature = "index")]
 fn next_epoch(epoch: u64) -> Option<u64> {
     epoch.checked_add(1)
 }
@@ -997,7 +996,6 @@ fn next_epoch(epoch: u64) -> Option<u64> {
 mod tests {
     use super::*;
 
-    #[cfg(feature = "index")]
     #[test]
     fn the_largest_epoch_does_not_wrap() {
         assert_eq!(next_epoch(7), Some(8));
