@@ -202,3 +202,33 @@ fn nbd_uri_corpus() {
     // port_zero, query, tcp, unix (sorted by name).
     assert_eq!(parsed, vec![false, false, true, true]);
 }
+
+#[test]
+fn nbd_read_corpus() {
+    let accepted: Vec<bool> = corpus("nbd_read")
+        .iter()
+        .map(|(_, b)| coffre_engine::snapshotter::nbd::wire::fuzz_read_entry(b))
+        .collect();
+    // hole_then_data, partial (refused: half the request), whole.
+    assert_eq!(accepted, vec![true, false, true]);
+}
+
+#[test]
+fn part_list_corpus() {
+    let passed: Vec<bool> = corpus("part_list")
+        .iter()
+        .map(|(_, b)| coffre_vault_store::store::parts::fuzz_part_list(b))
+        .collect();
+    // junk_names (only the one part name counts), overflow, overlap, two.
+    assert_eq!(passed, vec![true, false, false, true]);
+}
+
+#[test]
+fn host_registry_corpus() {
+    let decoded: Vec<bool> = corpus("host_registry")
+        .iter()
+        .map(|(_, b)| coffre_vault_store::host_registry::fuzz_entry(b))
+        .collect();
+    // bad_item, flipped, valid.
+    assert_eq!(decoded, vec![false, false, true]);
+}

@@ -5,7 +5,9 @@ use std::path::Path;
 
 use coffre_vault_store::ChunkId;
 use coffre_vault_store::blockmap::{LEAF_ENTRIES, Node};
+use coffre_vault_store::catalog::Hooks;
 use coffre_vault_store::catalog_files::{self, CopyIdentity, PolicyFile, Role};
+use coffre_vault_store::host_registry::{self, RegistryEntry};
 use coffre_vault_store::jobs::{JobRecord, Operation, PhaseStatus};
 use coffre_vault_store::record::RecordEncoder;
 use coffre_vault_store::repl_state::ReplicationState;
@@ -276,6 +278,39 @@ fn main() {
             ("valid.bin", &list),
             ("flipped.bin", &flipped),
             ("truncated.bin", &truncated),
+        ],
+    );
+
+    // The host registry: one entry with hooks; a flipped byte; an entry
+    // whose item name would leave its folder.
+    let reg = out.join("host_registry");
+    std::fs::create_dir_all(&reg).unwrap();
+    let entry = RegistryEntry {
+        path: "/var/lib/libvirt/images/vm.img".into(),
+        identity: None,
+        vault_dir: "/srv/vault".into(),
+        vault_id: "0123456789abcdef".into(),
+        vault_name: "vault".into(),
+        item: "vm".into(),
+        hooks: Some(Hooks {
+            pre: vec!["fsfreeze".into(), "-f".into(), "/mnt".into()],
+            post: vec!["fsfreeze".into(), "-u".into(), "/mnt".into()],
+            timeout_secs: 30,
+        }),
+    };
+    let valid = host_registry::encode(std::slice::from_ref(&entry));
+    let mut flipped = valid.clone();
+    flipped[40] ^= 0x01;
+    let bad_item = host_registry::encode(&[RegistryEntry {
+        item: "../x".into(),
+        ..entry
+    }]);
+    write_all(
+        &reg,
+        &[
+            ("valid.bin", &valid),
+            ("flipped.bin", &flipped),
+            ("bad_item.bin", &bad_item),
         ],
     );
 }

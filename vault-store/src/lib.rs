@@ -30,6 +30,7 @@ pub mod envelope;
 pub mod error;
 #[cfg(feature = "index")]
 pub mod gc;
+pub mod host_registry;
 #[cfg(feature = "index")]
 pub mod index;
 #[cfg(feature = "index")]

@@ -23,36 +23,13 @@ use std::path::{Path, PathBuf};
 
 use coffre_vault_store::catalog::Hooks;
 use coffre_vault_store::durable::write_atomic;
-use coffre_vault_store::envelope;
 use coffre_vault_store::private;
 use coffre_vault_store::{ItemRecord, SourceIdentity};
-use serde::{Deserialize, Serialize};
+use coffre_vault_store::{envelope, host_registry};
 
 use crate::error::{EngineError, Result};
 
-const MAGIC: [u8; 8] = *b"CFREGST\0";
-const VERSION: u32 = 1;
-
-/// One protected image.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegistryEntry {
-    /// Canonical image path.
-    pub path: PathBuf,
-    /// File or device identity.
-    pub identity: Option<SourceIdentity>,
-    /// Vault directory.
-    pub vault_dir: PathBuf,
-    /// Vault id.
-    pub vault_id: String,
-    /// Vault name.
-    pub vault_name: String,
-    /// Item name in that vault.
-    pub item: String,
-    /// The pre- and post-snapshot hooks set on this host for the item
-    /// (`None`: none). The only hooks this host runs for it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hooks: Option<Hooks>,
-}
+pub use coffre_vault_store::host_registry::RegistryEntry;
 
 /// The registry file.
 #[derive(Clone, Debug)]
@@ -137,9 +114,7 @@ impl Registry {
             &mut bytes,
         )
         .map_err(|e| self.fail(e.to_string()))?;
-        let (_, body) = envelope::decode(&MAGIC, VERSION, envelope::MAX_ENVELOPE_BODY, &bytes)
-            .map_err(|e| self.fail(e.to_string()))?;
-        serde_json::from_slice(body).map_err(|e| self.fail(e.to_string()))
+        host_registry::decode(&bytes).map_err(|e| self.fail(e))
     }
 
     /// Runs `f` on the entries under the registry's lock and stores them.
@@ -159,8 +134,7 @@ impl Registry {
         lock.lock().map_err(|e| self.fail(e.to_string()))?;
         let mut entries = self.load()?;
         f(&mut entries);
-        let body = serde_json::to_vec_pretty(&entries).unwrap_or_default();
-        write_atomic(&self.path, &envelope::encode(&MAGIC, VERSION, &body))
+        write_atomic(&self.path, &host_registry::encode(&entries))
             .map_err(|e| self.fail(e.to_string()))
     }
 

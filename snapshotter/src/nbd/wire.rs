@@ -395,6 +395,41 @@ pub fn decode_read_reply(reply: &[u8], offset: u64, len: u32) -> Result<ReadByte
     Ok((out, data))
 }
 
+/// The `nbd_read` fuzz target's body: the first 12 bytes of `data` are
+/// the request (offset, little-endian u64; length, u32 bounded by
+/// [`MAX_READ`]), the rest the server's reply to it. A reply accepted must
+/// return exactly the bytes asked for, with data spans inside the request,
+/// in order and disjoint. Returns whether it was accepted.
+pub fn fuzz_read_entry(data: &[u8]) -> bool {
+    let (Some(head), Some(reply)) = (data.get(..12), data.get(12..)) else {
+        return false;
+    };
+    let offset = u64::from_le_bytes(
+        head.get(..8)
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or_default(),
+    );
+    let len = u32::from_le_bytes(
+        head.get(8..12)
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or_default(),
+    ) % (MAX_READ + 1);
+    let Ok((bytes, spans)) = decode_read_reply(reply, offset, len) else {
+        return false;
+    };
+    assert_eq!(bytes.len(), len as usize);
+    let end = offset
+        .checked_add(u64::from(len))
+        .expect("an accepted read ends in range");
+    let mut at = offset;
+    for &(s, l) in &spans {
+        assert!(s >= at && l > 0, "{spans:?}");
+        at = s.checked_add(l).expect("an accepted span ends in range");
+        assert!(at <= end, "{spans:?} past {end}");
+    }
+    true
+}
+
 /// One extent of a block-status reply: `length` bytes with `flags`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Descriptor {

@@ -26,6 +26,7 @@ pub mod fault;
 pub mod local;
 #[cfg(feature = "object")]
 pub mod object;
+pub mod parts;
 
 use std::fmt::Debug;
 use std::sync::Arc;

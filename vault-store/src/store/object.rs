@@ -26,6 +26,7 @@
 //! threads); the [`Store`] methods stay synchronous, and may be called
 //! from any thread, inside another runtime or not.
 
+use crate::store::parts::{check_part_list, part_key, parts_of_listing};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -108,29 +109,6 @@ impl fmt::Debug for ObjectStoreCopy {
 
 fn is_segment(name: &str) -> bool {
     name.ends_with(".seg")
-}
-
-/// Checks a sorted part list (start, length) of a segment: no part runs
-/// past `u64::MAX`, and none starts before the previous one ends (the
-/// listing comes from the bucket: untrusted).
-pub fn check_part_list(parts: &[(u64, u64)]) -> std::result::Result<(), String> {
-    let mut prev_end = 0u64;
-    for (i, &(start, len)) in parts.iter().enumerate() {
-        let end = start.checked_add(len).ok_or_else(|| {
-            format!("part at offset {start} of {len} bytes runs past the largest offset")
-        })?;
-        if i > 0 && start < prev_end {
-            return Err(format!(
-                "part at offset {start} overlaps the one before it, which ends at {prev_end}"
-            ));
-        }
-        prev_end = end;
-    }
-    Ok(())
-}
-
-fn part_key(start: u64) -> String {
-    format!("{start:016x}")
 }
 
 impl ObjectStoreCopy {
@@ -260,16 +238,9 @@ impl ObjectStoreCopy {
         let listed = self
             .run(async move { inner.list_with_delimiter(Some(&prefix)).await })?
             .map_err(|e| self.err("list", name, e))?;
-        let mut parts: Vec<(u64, u64)> = listed
-            .objects
-            .iter()
-            .filter_map(|o| {
-                let start = u64::from_str_radix(o.location.filename()?, 16).ok()?;
-                Some((start, o.size))
-            })
-            .collect();
-        parts.sort_unstable();
-        Ok(parts)
+        Ok(parts_of_listing(listed.objects.iter().map(|o| {
+            (o.location.filename().unwrap_or_default(), o.size)
+        })))
     }
 
     fn lock_parts(&self) -> std::sync::MutexGuard<'_, PartLists> {
