@@ -107,11 +107,23 @@ pub fn read_identity(dir: &Path) -> Result<Option<AreaIdentity>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(SnapError::damaged(&path, e.to_string())),
     };
-    let (_, body) = envelope::decode(&AREA_MAGIC, AREA_VERSION, MAX_BODY, &bytes)
-        .map_err(|e| SnapError::damaged(&path, e.to_string()))?;
-    serde_json::from_slice(body)
+    decode_identity(&bytes)
         .map(Some)
-        .map_err(|e| SnapError::damaged(&path, e.to_string()))
+        .map_err(|e| SnapError::damaged(&path, e))
+}
+
+/// Decodes an area's identity file (`area`).
+pub fn decode_identity(bytes: &[u8]) -> std::result::Result<AreaIdentity, String> {
+    let (_, body) =
+        envelope::decode(&AREA_MAGIC, AREA_VERSION, MAX_BODY, bytes).map_err(|e| e.to_string())?;
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+/// Decodes a vault's list of snapshot areas (`snapshot-areas`).
+pub fn decode_area_list(bytes: &[u8]) -> std::result::Result<Vec<PathBuf>, String> {
+    let (_, body) = envelope::decode(&AREA_LIST_MAGIC, AREA_VERSION, MAX_BODY, bytes)
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(body).map_err(|e| e.to_string())
 }
 
 impl Area {
@@ -441,9 +453,7 @@ fn list(vault_dir: &Path) -> Result<Vec<PathBuf>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(SnapError::damaged(&path, e.to_string())),
     };
-    let (_, body) = envelope::decode(&AREA_LIST_MAGIC, AREA_VERSION, MAX_BODY, &bytes)
-        .map_err(|e| SnapError::damaged(&path, e.to_string()))?;
-    serde_json::from_slice(body).map_err(|e| SnapError::damaged(&path, e.to_string()))
+    decode_area_list(&bytes).map_err(|e| SnapError::damaged(&path, e))
 }
 
 /// Adds `dir` to the vault's list of areas (under a lock).
@@ -472,18 +482,14 @@ fn remember(vault_dir: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Fuzz entry point: decodes arbitrary bytes as an area identity file and
-/// as a vault's area list; never panics. Returns which of the two decoded.
+/// Fuzz entry point: decodes arbitrary bytes with the production
+/// decoders of an area identity file and of a vault's area list; never
+/// panics. Returns which of the two decoded.
 pub fn fuzz_entry(data: &[u8]) -> (bool, bool) {
-    let identity = envelope::decode(&AREA_MAGIC, AREA_VERSION, MAX_BODY, data)
-        .ok()
-        .and_then(|(_, body)| serde_json::from_slice::<AreaIdentity>(body).ok())
-        .is_some();
-    let list = envelope::decode(&AREA_LIST_MAGIC, AREA_VERSION, MAX_BODY, data)
-        .ok()
-        .and_then(|(_, body)| serde_json::from_slice::<Vec<PathBuf>>(body).ok())
-        .is_some();
-    (identity, list)
+    (
+        decode_identity(data).is_ok(),
+        decode_area_list(data).is_ok(),
+    )
 }
 
 #[cfg(test)]
