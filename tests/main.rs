@@ -26,6 +26,7 @@ mod object_store;
 mod policy_rules;
 mod power_loss;
 mod protection;
+mod rebuild_kill;
 mod redundancy;
 mod reflink_cbt;
 mod replica_disk_lost;

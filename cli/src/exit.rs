@@ -29,6 +29,9 @@ pub const JOB_FAILED: u8 = 11;
 /// A synchronous copy (LRS replica) or the GRS secondary is missing or
 /// unwritable (writers: unless `--degraded-ok`).
 pub const COPY_UNAVAILABLE: u8 = 12;
+/// The vault's index is incomplete (a rebuild of it is running or was
+/// interrupted): nothing was done; `coffre vault rebuild-index` finishes it.
+pub const INDEX_INCOMPLETE: u8 = 13;
 
 fn store_code(e: &StoreError) -> u8 {
     match e {
@@ -40,6 +43,7 @@ fn store_code(e: &StoreError) -> u8 {
         | StoreError::UnsupportedVersion { .. }
         | StoreError::CorruptConfig { .. } => NOT_A_VAULT,
         StoreError::NoSpace { .. } => NO_SPACE,
+        StoreError::IndexIncomplete { .. } => INDEX_INCOMPLETE,
         StoreError::CopyUnavailable { .. } | StoreError::Object { .. } => COPY_UNAVAILABLE,
         StoreError::CorruptChunk { .. } | StoreError::ChunkMissing { .. } => DAMAGED,
         _ => FAILURE,

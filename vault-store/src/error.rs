@@ -143,6 +143,19 @@ pub enum StoreError {
     #[error("vault {path} has no index; rebuild it from a copy with `coffre vault rebuild-index`")]
     IndexMissing { path: PathBuf },
 
+    /// The vault's index is not known to be complete (a rebuild of it is
+    /// running or was interrupted): nothing may trust it, so the vault is
+    /// neither read nor written, and nothing was deleted.
+    #[error(
+        "vault {path}: its index is incomplete ({reason}); nothing was read, written or deleted. Finish the rebuild with `coffre vault rebuild-index --vault {path}` (add `--from COPY` to rebuild from a replica)"
+    )]
+    IndexIncomplete { path: PathBuf, reason: String },
+
+    /// Replication would have taken data from the secondary that the
+    /// primary cannot account for.
+    #[error("replication to {path} refused: {reason}")]
+    ReplicationRefused { path: PathBuf, reason: String },
+
     /// Another host committed a point under the same name first.
     #[error("{file}: another host committed this point meanwhile; run the backup again")]
     PointTaken {

@@ -19,6 +19,9 @@
 //!    the other segments the dead ranges are punched out
 //!    (`fallocate(PUNCH_HOLE)`), which frees their blocks without moving
 //!    anything.
+//! 4. **Quarantine.** Files the writer's open moved to `quarantine/`
+//!    instead of deleting them are deleted once the (complete) index
+//!    shows them unreferenced ([`crate::quarantine::purge`]).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -80,6 +83,13 @@ pub struct GcReport {
     pub stored_after: u64,
     /// True when readers held the lease, so space is given back next time.
     pub reclaim_deferred: bool,
+    /// Quarantined files deleted because the index shows no point needs
+    /// them (see [`crate::quarantine`]), on every synchronous copy.
+    pub quarantine_deleted: u64,
+    /// Their bytes.
+    pub quarantine_bytes: u64,
+    /// Quarantined files kept (something may still need them).
+    pub quarantine_kept: u64,
     /// Wall time.
     pub duration_ms: u64,
 }
@@ -201,6 +211,15 @@ pub fn run(vault: &Vault) -> Result<GcReport> {
             report.reclaim_deferred = true;
         }
     }
+    // Files kept aside instead of deleted go once the complete index
+    // shows them unreferenced.
+    crate::index_state::check_complete(vault.dir())?;
+    for c in vault.copies().sync_copies() {
+        let p = crate::quarantine::purge(c.store.as_ref(), vault.index())?;
+        report.quarantine_deleted += p.deleted;
+        report.quarantine_bytes += p.bytes;
+        report.quarantine_kept += p.kept;
+    }
     report.stored_after = vault.stored_bytes()?;
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
@@ -316,6 +335,8 @@ fn relocate(vault: &Vault, report: &mut GcReport) -> Result<()> {
 /// those a deferred or interrupted run left) and punches the dead ranges
 /// out of the others. The caller holds the reader lease exclusively.
 fn give_back(vault: &Vault, report: &mut GcReport) -> Result<()> {
+    // Retired segments are deleted on the index's word: only a complete one.
+    crate::index_state::check_complete(vault.dir())?;
     vault.forget_segment_handles();
     for (id, info) in vault.index().segment_infos()? {
         if info.retired {

@@ -32,11 +32,15 @@ pub mod error;
 pub mod gc;
 #[cfg(feature = "index")]
 pub mod index;
+#[cfg(feature = "index")]
+pub mod index_state;
 pub mod jobs;
 pub mod lease;
 pub mod level;
 pub mod lock;
 pub mod private;
+#[cfg(feature = "index")]
+pub mod quarantine;
 pub mod read_ahead;
 #[cfg(feature = "index")]
 pub mod rebuild;
@@ -47,6 +51,8 @@ pub mod remote;
 pub mod repl_state;
 #[cfg(feature = "index")]
 pub mod replicate;
+#[cfg(all(test, feature = "index"))]
+mod safety_tests;
 pub mod scan;
 pub mod segment;
 #[cfg(feature = "index")]

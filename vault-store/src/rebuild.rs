@@ -7,8 +7,15 @@
 //! segment was not yet deleted, a backup that crashed after its fsync), the
 //! copy in the newest segment wins. The reference counts are then derived
 //! from the points exactly as the one-time upgrade does, the first writer
-//! cuts anything past each segment's scanned end, and the catalog files on
-//! every copy are made to match.
+//! cuts anything past each segment's committed length, and the catalog
+//! files on every copy are made to match.
+//!
+//! A segment's committed length is the furthest end of intact records on
+//! any synchronous copy, not only the source's (see [`index_segments`]):
+//! the source may be the copy that lost a tail. The new index is built
+//! aside and put in place whole, with the vault marked incomplete until
+//! then (`crate::index_state`): a killed rebuild never leaves an index
+//! that looks complete.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -19,9 +26,10 @@ use serde::Serialize;
 use crate::catalog_files::{self, ITEMS_DIR, POINTS_DIR, POLICIES_DIR};
 use crate::chunk_id::ChunkId;
 use crate::error::{Result, StoreError};
-use crate::index::{ChunkLocation, INDEX_DIR, Index, IndexBatch, SegmentInfo};
+use crate::index::{ChunkLocation, Index, IndexBatch, SegmentInfo};
 use crate::lock::VaultLock;
-use crate::scan::scan_segment;
+use crate::record::{HEADER_LEN, RecordHeader, record_intact};
+use crate::scan::{Found, scan_segment};
 use crate::segment::{SEGMENT_HEADER_LEN, SEGMENTS_DIR, parse_segment_file_name, segment_name};
 use crate::store::{LocalStore, SharedStore, Store};
 use crate::vault::{Access, Vault};
@@ -45,6 +53,9 @@ pub struct RebuildReport {
     pub duplicate_places: Vec<(u64, ChunkId)>,
     /// Bytes between records that belong to none (holes, damage).
     pub skipped_bytes: u64,
+    /// Segments whose committed length reaches past the source's end
+    /// because another copy holds more intact records.
+    pub extended_segments: u64,
     /// Segments whose header is damaged (their records are still used).
     pub bad_headers: Vec<String>,
     /// Items, policies and points restored from the catalog files.
@@ -87,53 +98,161 @@ pub fn rebuild_index(dir: &Path, source: &Path, wait: Duration) -> Result<(Vault
         )?;
     }
     let lock = VaultLock::acquire_wait(dir, wait)?;
-    let index_dir = dir.join(INDEX_DIR);
-    let old = dir.join(format!("{INDEX_DIR}.old-{}", std::process::id()));
-    if index_dir.exists() {
-        std::fs::rename(&index_dir, &old).map_err(|e| StoreError::io("rename", &index_dir, e))?;
-    }
-    crate::durable::create_dir_durable(&index_dir)?;
+    // The index is marked incomplete before anything of it changes, built
+    // aside, and put in place whole (see `crate::index_state`): a rebuild
+    // killed at any point leaves a vault every open refuses until a
+    // rebuild finishes, never an index that looks complete and is not.
+    crate::index_state::mark_incomplete(dir, &format!("source {}", source.display()))?;
+    let built = crate::index_state::fresh_build_dir(dir)?;
     let mut report = RebuildReport {
         source: source.to_path_buf(),
         ..RebuildReport::default()
     };
     {
-        let index = Index::open_write(&index_dir)?;
+        let index = Index::open_write(&built)?;
         // The catalog first: in a shared vault other hosts keep writing,
         // and a point's manifest is written only after its segments, so
         // segments listed after the manifests hold every chunk they name.
         index_catalog(store.as_ref(), &index, &mut report)?;
-        index_segments(store.as_ref(), &index, &mut report)?;
+        let others = other_copies(dir, source, &config);
+        index_segments(store.as_ref(), &others, &index, &mut report)?;
+        index.flush()?;
     }
+    crate::index_state::install_rebuilt(dir)?;
     drop(lock);
     let vault = Vault::open_with(
         dir,
         Access::Write,
         &crate::shared::rebuild_open_options(wait),
     )?;
-    if old.exists() {
-        let _ = std::fs::remove_dir_all(&old);
-    }
     report.duration_ms = started.elapsed().as_millis() as u64;
     tracing::info!(vault = %dir.display(), source = %source.display(), chunks = report.chunks, points = report.points, "rebuilt the index");
     Ok((vault, report))
 }
 
-fn index_segments(store: &dyn Store, index: &Index, report: &mut RebuildReport) -> Result<()> {
-    let mut ids: Vec<u64> = store
+/// The other synchronous copies of a local vault (its directory and its
+/// LRS replicas, less `source`), those that can be read now.
+fn other_copies(
+    dir: &Path,
+    source: &Path,
+    config: &crate::config::VaultConfig,
+) -> Vec<SharedStore> {
+    // A shared vault's cache, or a replica or secondary opened on its own
+    // (a vault by itself): the source is the only copy.
+    if crate::remote::Remote::load(dir).ok().flatten().is_some()
+        || crate::vault::copy_role(dir) != crate::catalog_files::Role::Primary
+    {
+        return Vec::new();
+    }
+    std::iter::once(dir.to_path_buf())
+        .chain(config.replicas.iter().cloned())
+        .filter(|d| d != source && d.is_dir())
+        .filter(|d| {
+            crate::copies::check_copy(&LocalStore::new(d), d, &config.vault_id, false).is_ok()
+        })
+        .map(|d| Arc::new(LocalStore::new(d)) as SharedStore)
+        .collect()
+}
+
+/// Intact records of segment `name` in `store` that follow one another
+/// from `from` on (each read whole and its CRC-32 checked); stops at the
+/// first that is not.
+fn intact_records_from(store: &dyn Store, name: &str, from: u64, size: u64) -> Vec<Found> {
+    let mut out = Vec::new();
+    let mut at = from;
+    let mut head = [0u8; HEADER_LEN];
+    while at + HEADER_LEN as u64 <= size {
+        if store.read_at(name, at, &mut head).is_err() {
+            break;
+        }
+        let Ok(h) = RecordHeader::parse(&head) else {
+            break;
+        };
+        let len = h.record_len();
+        if at + len > size {
+            break;
+        }
+        let mut rec = vec![0u8; len as usize];
+        if store.read_at(name, at, &mut rec).is_err() || !record_intact(&rec, None) {
+            break;
+        }
+        out.push(Found {
+            offset: at,
+            id: h.id,
+            len: len as u32,
+            plain_len: h.plain_len,
+        });
+        at += len;
+    }
+    out
+}
+
+/// Indexes every segment of the source copy (and those only another
+/// copy still has). A segment's committed length is the furthest end of
+/// intact records on any copy: the source's scan, extended by the
+/// records another copy holds whole past it. So the next writer, which
+/// cuts every copy to the committed length (and refills a shorter one),
+/// never cuts a record a copy holds intact: a rebuild from one copy never
+/// shortens the others below what they validly hold.
+fn index_segments(
+    store: &dyn Store,
+    others: &[SharedStore],
+    index: &Index,
+    report: &mut RebuildReport,
+) -> Result<()> {
+    let mut ids: Vec<(u64, Option<usize>)> = store
         .list(SEGMENTS_DIR)?
         .iter()
         .filter_map(|n| parse_segment_file_name(n))
+        .map(|id| (id, None))
         .collect();
-    ids.sort_unstable_by(|a, b| b.cmp(a));
+    let known: HashSet<u64> = ids.iter().map(|(id, _)| *id).collect();
+    let mut only_elsewhere: Vec<(u64, Option<usize>)> = Vec::new();
+    for (i, o) in others.iter().enumerate() {
+        for id in o
+            .list(SEGMENTS_DIR)?
+            .iter()
+            .filter_map(|n| parse_segment_file_name(n))
+        {
+            if !known.contains(&id) && !only_elsewhere.iter().any(|(x, _)| *x == id) {
+                only_elsewhere.push((id, Some(i)));
+            }
+        }
+    }
+    ids.extend(only_elsewhere);
+    ids.sort_unstable_by_key(|b| std::cmp::Reverse(b.0));
     let mut seen: HashSet<ChunkId> = HashSet::new();
-    for id in ids {
+    for (id, base) in ids {
         let name = segment_name(id);
-        let size = store.size(&name)?.unwrap_or(0);
-        let mut read = |off: u64, buf: &mut [u8]| store.read_at(&name, off, buf).is_ok();
-        let scan = scan_segment(id, size, &mut read);
+        let base: &dyn Store = match base.and_then(|i| others.get(i)) {
+            Some(o) => o.as_ref(),
+            None => store,
+        };
+        let size = base.size(&name)?.unwrap_or(0);
+        let mut read = |off: u64, buf: &mut [u8]| base.read_at(&name, off, buf).is_ok();
+        let mut scan = scan_segment(id, size, &mut read);
         if let Some(p) = &scan.header_problem {
             report.bad_headers.push(format!("{name}: {p}"));
+        }
+        // Whole records other copies hold past the source's end.
+        let end = scan.end.max(SEGMENT_HEADER_LEN);
+        let mut longest: Vec<Found> = Vec::new();
+        for o in others {
+            let n = o.size(&name).ok().flatten().unwrap_or(0);
+            if n <= end {
+                continue;
+            }
+            let more = intact_records_from(o.as_ref(), &name, end, n);
+            if more.last().map(|r| r.offset + u64::from(r.len))
+                > longest.last().map(|r| r.offset + u64::from(r.len))
+            {
+                longest = more;
+            }
+        }
+        if let Some(last) = longest.last() {
+            scan.end = last.offset + u64::from(last.len);
+            report.extended_segments += 1;
+            scan.records.extend(longest);
         }
         let mut batch = IndexBatch::default();
         let mut live = 0u64;

@@ -93,6 +93,20 @@ pub struct RecordHeader {
     pub data_crc: u32,
 }
 
+/// True when `rec` is exactly one intact record (header checksum, length,
+/// payload CRC-32), of chunk `id` when given: the cheap check made of
+/// bytes copied between copies without decoding them.
+pub fn record_intact(rec: &[u8], id: Option<&crate::chunk_id::ChunkId>) -> bool {
+    let Ok(h) = RecordHeader::parse(rec) else {
+        return false;
+    };
+    id.is_none_or(|id| h.id == *id)
+        && h.record_len() == rec.len() as u64
+        && rec
+            .get(HEADER_LEN..)
+            .is_some_and(|p| crc32fast::hash(p) == h.data_crc)
+}
+
 impl RecordHeader {
     /// Total record length: header plus payload.
     pub fn record_len(&self) -> u64 {

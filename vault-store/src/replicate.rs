@@ -11,11 +11,24 @@
 //!    (header, id, length, CRC-32) on the way, and a bad one is replaced
 //!    by the bytes of a copy whose hash matches;
 //! 2. catalog files: manifests of points whose data is now there, item
-//!    and policy files; removed ones are deleted;
-//! 3. segments the primary no longer has (GC) are deleted;
+//!    and policy files; removed ones go to the secondary's quarantine;
+//! 3. segments the primary no longer has (GC) go to the quarantine too;
 //! 4. the secondary's index cache is dropped (it is rebuilt when the
 //!    secondary is opened), and the primary's `replication` state records
 //!    when each point reached the secondary.
+//!
+//! The secondary never loses data on the primary's word alone:
+//! - the run refuses to start unless the primary's index is complete
+//!   (`crate::index_state`), and refuses when the primary looks empty (no
+//!   point, no live segment) while the secondary holds points (a wiped or
+//!   lost primary looks like that; the secondary is then the only copy);
+//! - what the primary no longer has is *moved* to the secondary's
+//!   `quarantine/`, not deleted; a later run deletes a quarantined file
+//!   only when the primary's complete index shows it unreferenced (every
+//!   chunk of a segment placed elsewhere or referenced by nothing, a
+//!   manifest whose block-map root nothing references), see
+//!   [`crate::quarantine`]. A primary that lost a point it still
+//!   references therefore never costs the secondary its copy.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -59,6 +72,12 @@ pub struct ReplicateReport {
     /// Records no copy holds intact (replicated as they are; `verify
     /// --read-data` reports them as unrecoverable).
     pub records_damaged: u64,
+    /// Files of the secondary the primary no longer has, moved to the
+    /// secondary's quarantine rather than deleted.
+    pub quarantined: u64,
+    /// Quarantined files of the secondary deleted (the primary's complete
+    /// index shows no point needs them).
+    pub quarantine_deleted: u64,
     /// True when the run was stopped before it finished.
     pub interrupted: bool,
     /// Wall time.
@@ -111,8 +130,15 @@ pub fn replicate(
         secondary: sec_dir.clone(),
         ..ReplicateReport::default()
     };
+    // The primary's index decides what the secondary may lose: only a
+    // complete one (`crate::index_state`).
+    crate::index_state::check_complete(vault.dir())?;
     let mut sec_state = ReplicationState::load(sec);
     let infos = vault.index().segment_infos()?;
+    refuse_empty_primary(vault, sec, &sec_dir, &infos)?;
+    // What earlier runs put aside and the index now shows unreferenced.
+    let purged = crate::quarantine::purge(sec, vault.index())?;
+    report.quarantine_deleted = purged.deleted;
 
     // 1. Segment bytes.
     for (&id, info) in infos.iter().filter(|(_, i)| !i.retired) {
@@ -155,7 +181,9 @@ pub fn replicate(
             read_any(vault, &primary, &name, at, chunk)?;
             let upto = next + rest.partition_point(|r| record_end(r) <= end);
             for (off, cid, loc) in records.get(next..upto).unwrap_or_default() {
-                let from = (off - at) as usize;
+                let Some(from) = off.checked_sub(at).map(|f| f as usize) else {
+                    continue;
+                };
                 let Some(rec) = chunk.get_mut(from..from + loc.len as usize) else {
                     continue;
                 };
@@ -240,17 +268,23 @@ pub fn replicate(
             }
         }
         for name in have.iter().filter(|n| !want.contains_key(*n)) {
-            sec.delete(name)?;
+            crate::quarantine::quarantine(sec, name, "the primary no longer has it")?;
             report.files_changed += 1;
+            report.quarantined += 1;
         }
         // 3. Segments GC removed from the primary.
         for n in sec.list(SEGMENTS_DIR)? {
             if let Some(id) = parse_segment_file_name(&n)
                 && !complete_segments.contains(&id)
             {
-                sec.delete(&segment_name(id))?;
+                crate::quarantine::quarantine(
+                    sec,
+                    &segment_name(id),
+                    "the primary no longer has it",
+                )?;
                 sec_state.segments.remove(&id);
                 report.segments_deleted += 1;
+                report.quarantined += 1;
             }
         }
         sec.put(CONFIG_FILE, &cfg.encode())?;
@@ -279,6 +313,37 @@ pub fn replicate(
     report.duration_ms = started.elapsed().as_millis() as u64;
     tracing::info!(secondary = %sec_dir.display(), bytes = report.bytes_copied, points = report.points_replicated, "replicated");
     Ok(report)
+}
+
+/// Refuses a run from a primary that looks empty (no point, no live
+/// segment) to a secondary that holds points: that is what a lost or
+/// wiped primary looks like, and replicating it would take the secondary
+/// down with it.
+fn refuse_empty_primary(
+    vault: &Vault,
+    sec: &dyn crate::store::Store,
+    sec_dir: &Path,
+    infos: &std::collections::BTreeMap<u64, crate::index::SegmentInfo>,
+) -> Result<()> {
+    let primary_points = vault.index().all_points()?.len();
+    let live = infos.values().filter(|i| !i.retired).count();
+    if primary_points > 0 || live > 0 {
+        return Ok(());
+    }
+    let sec_points = catalog_files::list_all(sec)?
+        .iter()
+        .filter(|n| n.starts_with(catalog_files::POINTS_DIR))
+        .count();
+    if sec_points == 0 {
+        return Ok(());
+    }
+    Err(StoreError::ReplicationRefused {
+        path: sec_dir.to_path_buf(),
+        reason: format!(
+            "the primary {} holds no point and no segment, and the secondary holds {sec_points} points; nothing was changed. If the primary lost its data, restore from the secondary (`--from secondary`) or make it the vault; if every point was deleted on purpose, point the vault at a fresh secondary (`vault set --secondary DIR`)",
+            vault.dir().display()
+        ),
+    })
 }
 
 /// Reads committed bytes from the primary, or from a replica when the
@@ -329,14 +394,7 @@ fn record_end(r: &(u64, crate::ChunkId, crate::index::ChunkLocation)) -> u64 {
 /// True when `rec` is an intact record of chunk `id` (header, id, length,
 /// payload CRC-32): the cheap check replication makes of every record.
 fn record_ok(rec: &[u8], id: &crate::ChunkId) -> bool {
-    let Ok(h) = crate::record::RecordHeader::parse(rec) else {
-        return false;
-    };
-    h.id == *id
-        && h.record_len() == rec.len() as u64
-        && rec
-            .get(crate::record::HEADER_LEN..)
-            .is_some_and(|p| crc32fast::hash(p) == h.data_crc)
+    crate::record::record_intact(rec, Some(id))
 }
 
 /// Removes the secondary's own index (a cache), so that the next open of

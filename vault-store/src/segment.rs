@@ -420,29 +420,83 @@ impl SegmentWriter {
     }
 }
 
-/// Copies the first `len` bytes of segment `name` into `target` from
-/// another copy that has them (a replica that missed writes).
-pub fn refill(copies: &Copies, target: &Copy, name: &str, len: u64) -> Result<()> {
-    let source = copies
+/// What a refill did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refilled {
+    /// Records copied (each checked whole first).
+    pub records: u64,
+    /// Records no other copy holds intact: not copied (left as a hole,
+    /// which `verify --read-data` reports and reads route around).
+    pub damaged: u64,
+}
+
+/// Copies the first `len` bytes of segment `name` into `target` from the
+/// other copies that have them (a replica that missed writes).
+///
+/// Nothing is copied unchecked: the records are found by a scan of a copy
+/// that has the bytes ([`crate::scan`]), and each is read whole and its
+/// header checksum, length and payload CRC-32 checked before it is
+/// written, from the first copy whose bytes pass. A record no copy holds
+/// intact is not copied; nor are the bytes between records (holes punched
+/// by GC, damage): they stay a hole in `target`.
+pub fn refill(copies: &Copies, target: &Copy, name: &str, len: u64) -> Result<Refilled> {
+    let sources: Vec<&Copy> = copies
         .readable()
         .filter(|c| c.dir != target.dir)
-        .find(|c| c.store.size(name).ok().flatten().is_some_and(|n| n >= len))
-        .ok_or_else(|| StoreError::CopyUnavailable {
+        .filter(|c| c.store.size(name).ok().flatten().is_some_and(|n| n >= len))
+        .collect();
+    let Some(first) = sources.first() else {
+        return Err(StoreError::CopyUnavailable {
             path: target.dir.clone(),
             reason: format!("no copy holds the {len} committed bytes of {name}"),
-        })?;
-    let have = target.store.size(name)?.unwrap_or(0);
-    let mut at = have.min(len);
-    let mut buf = vec![0u8; 8 << 20];
-    while at < len {
-        let n = (len - at).min(buf.len() as u64) as usize;
-        let chunk = buf.get_mut(..n).unwrap_or_default();
-        source.store.read_at(name, at, chunk)?;
-        target.store.write_at(name, at, chunk)?;
-        at += n as u64;
+        });
+    };
+    let id = parse_segment_file_name(name.rsplit('/').next().unwrap_or(name)).ok_or_else(|| {
+        StoreError::CopyUnavailable {
+            path: target.dir.clone(),
+            reason: format!("{name} is not a segment name"),
+        }
+    })?;
+    let have = target.store.size(name)?.unwrap_or(0).min(len);
+    let mut read = |off: u64, buf: &mut [u8]| first.store.read_at(name, off, buf).is_ok();
+    let scan = crate::scan::scan_segment(id, len, &mut read);
+    let mut done = Refilled::default();
+    if have < SEGMENT_HEADER_LEN {
+        let header = sources.iter().find_map(|c| {
+            let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
+            (c.store.read_at(name, 0, &mut h).is_ok()
+                && (check_header(&h, id).is_ok() || is_adopted(&h)))
+            .then_some(h)
+        });
+        match header {
+            Some(h) => target.store.write_at(name, 0, &h)?,
+            None => done.damaged += 1,
+        }
     }
-    tracing::info!(copy = %target.dir.display(), segment = name, bytes = len - have.min(len), "refilled a copy's segment");
-    Ok(())
+    for r in scan
+        .records
+        .iter()
+        .filter(|r| r.offset + u64::from(r.len) > have)
+    {
+        let mut rec = vec![0u8; r.len as usize];
+        let good = sources.iter().any(|c| {
+            c.store.read_at(name, r.offset, &mut rec).is_ok()
+                && crate::record::record_intact(&rec, Some(&r.id))
+        });
+        if good {
+            target.store.write_at(name, r.offset, &rec)?;
+            done.records += 1;
+        } else {
+            done.damaged += 1;
+            tracing::warn!(copy = %target.dir.display(), segment = name, offset = r.offset, chunk = %r.id, "no copy holds this record intact; not copied");
+        }
+    }
+    if target.store.size(name)?.unwrap_or(0) < len {
+        // Past the last record copied: holes up to the committed length.
+        target.store.truncate(name, len)?;
+    }
+    tracing::info!(copy = %target.dir.display(), segment = name, bytes = len - have, records = done.records, damaged = done.damaged, "refilled a copy's segment");
+    Ok(done)
 }
 
 #[cfg(test)]

@@ -171,7 +171,7 @@ fn canonical_url(url: &str) -> Result<String> {
 /// segment bytes, or removed points.
 pub fn is_stale(dir: &Path, store: &dyn Store, own: std::ops::Range<u64>) -> Result<bool> {
     let index_dir = dir.join(INDEX_DIR);
-    if !index_dir.join("CURRENT").is_file() {
+    if !index_dir.join("CURRENT").is_file() || !crate::index_state::is_complete(dir) {
         return Ok(true);
     }
     let index = Index::open_read(&index_dir)?;

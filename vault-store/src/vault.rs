@@ -205,14 +205,24 @@ impl Vault {
             }
             config.replicas.clear();
             config.secondary = None;
-            if !index_dir.is_dir() && !opts.allow_copy_write {
+            // Its index is a cache of this copy alone: missing or
+            // incomplete (an interrupted rebuild), it is rebuilt from the
+            // copy, which deletes nothing before the new index is whole.
+            if (!index_dir.is_dir() || !crate::index_state::is_complete(dir))
+                && !opts.allow_copy_write
+            {
                 drop(crate::rebuild::rebuild_index(dir, dir, wait)?);
             }
         }
+        // An index not known complete is never trusted: no open, no
+        // reclaim, no reconcile (they would delete what it lacks).
+        crate::index_state::check_complete(dir)?;
         let (lock, lease) = match access {
             Access::Write => (Some(VaultLock::acquire_wait(dir, wait)?), None),
             Access::ReadOnly => (None, Some(ReaderLease::shared(dir)?)),
         };
+        // Checked again under the lock: a rebuild may have started.
+        crate::index_state::check_complete(dir)?;
         if !index_dir.is_dir() {
             return Err(StoreError::IndexMissing {
                 path: dir.to_path_buf(),
@@ -348,9 +358,10 @@ impl Vault {
         s.commit(batch)
     }
 
-    /// Cuts every segment back to its committed length and removes segment
-    /// files the index does not know, on every synchronous copy. Returns
-    /// the bytes reclaimed on the primary.
+    /// Cuts every segment back to its committed length and moves segment
+    /// files the index does not know to the quarantine, on every
+    /// synchronous copy; only with a complete index. Returns the bytes
+    /// reclaimed on the primary.
     fn reclaim_uncommitted(&self) -> Result<u64> {
         let infos = self.index.segment_infos()?;
         let mut reclaimed = 0;
@@ -372,14 +383,24 @@ impl Vault {
                 match infos.get(&id) {
                     // GC retired it; it goes when no reader can still need it.
                     Some(i) if i.retired => {}
+                    // A segment the (complete) index does not know: a
+                    // session killed before its first commit left it. It
+                    // is kept aside, not deleted (`crate::quarantine`).
                     None => {
-                        c.store.delete(&full)?;
-                        tracing::info!(copy = %c.dir.display(), segment = %full, bytes = len, "removed uncommitted segment");
+                        crate::index_state::check_complete(&self.dir)?;
+                        crate::quarantine::quarantine(
+                            c.store.as_ref(),
+                            &full,
+                            "a segment the index does not know",
+                        )?;
                         if primary {
                             reclaimed += len;
                         }
                     }
                     Some(&SegmentInfo { committed, .. }) if len > committed => {
+                        // Bytes past the committed length of a complete
+                        // index were never acknowledged.
+                        crate::index_state::check_complete(&self.dir)?;
                         c.store.truncate(&full, committed)?;
                         tracing::info!(copy = %c.dir.display(), segment = %full, bytes = len - committed, "cut uncommitted tail");
                         if primary {
@@ -397,7 +418,7 @@ impl Vault {
     /// Makes every synchronous copy's catalog files match the index: a
     /// manifest written by a session that crashed before its index commit
     /// names a point that was never acknowledged (and chunks just cut
-    /// off), so it goes; a missing one (a vault older than the files, a
+    /// off), so it goes to the quarantine; a missing one (a vault older than the files, a
     /// copy that was down) is written. Item and policy files are rewritten
     /// when they differ.
     fn reconcile_catalog_files(&self) -> Result<()> {
@@ -428,8 +449,12 @@ impl Vault {
             let have = catalog_files::list_all(c.store.as_ref())?;
             for name in &have {
                 if !want.contains_key(name) {
-                    c.store.delete(name)?;
-                    tracing::info!(copy = %c.dir.display(), file = %name, "removed a catalog file the index does not know");
+                    crate::index_state::check_complete(&self.dir)?;
+                    crate::quarantine::quarantine(
+                        c.store.as_ref(),
+                        name,
+                        "a catalog file the index does not know",
+                    )?;
                 }
             }
             for (name, bytes) in &want {

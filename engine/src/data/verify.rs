@@ -305,7 +305,7 @@ fn catalog_file_findings(vault: &Vault, repair: bool) -> Result<Vec<Finding>> {
                     "{}: point manifest {name} names no point of the index",
                     c.dir.display()
                 ),
-                "left by an interrupted write; the next writer removes it",
+                "left by an interrupted write; the next writer moves it to the copy's quarantine/",
             ));
         }
     }
@@ -358,6 +358,36 @@ fn scrub_chunk(
 const HINT_RESTORE_OTHER: &str =
     "restore an older point, or back the item up again to store a fresh copy of the data";
 
+/// What `quarantine/` of copy `c` holds: files a writer or replication
+/// kept aside instead of deleting (see `coffre_vault_store::quarantine`).
+fn quarantine_findings(c: &coffre_vault_store::copies::Copy) -> Result<Vec<Finding>> {
+    let files = coffre_vault_store::quarantine::list(c.store.as_ref())?;
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let bytes: u64 = files
+        .iter()
+        .map(|f| c.store.size(f).ok().flatten().unwrap_or(0))
+        .sum();
+    let shown: Vec<&str> = files.iter().take(5).map(String::as_str).collect();
+    Ok(vec![Finding::new(
+        Severity::Warning,
+        "quarantined",
+        format!(
+            "{}: {} file(s), {bytes} bytes, in quarantine/ (the index did not know them, so they were kept instead of deleted): {}{}",
+            c.dir.display(),
+            files.len(),
+            shown.join(", "),
+            if files.len() > shown.len() {
+                ", …"
+            } else {
+                ""
+            }
+        ),
+        "`coffre gc` deletes those the index shows no point needs and keeps the rest; if a point is missing, move its files back out of quarantine/ and run `coffre vault rebuild-index`",
+    )])
+}
+
 /// Verifies the vault.
 pub fn verify(
     vault: &Vault,
@@ -405,9 +435,10 @@ pub fn verify(
                     c.dir.display(),
                     segment_name(*id)
                 ),
-                "left by an interrupted write; the next backup (any writer) removes it",
+                "left by an interrupted write; the next backup (any writer) moves it to the copy's quarantine/",
             ));
         }
+        findings.extend(quarantine_findings(c)?);
         for (&id, &len) in &committed {
             let name = segment_name(id);
             let where_ = c.dir.join(&name);

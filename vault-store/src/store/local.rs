@@ -221,6 +221,21 @@ impl Store for LocalStore {
         }
     }
 
+    fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let src = self.path(from)?;
+        let dst = self.path(to)?;
+        self.parent_dir(&dst)?;
+        self.forget_one(from);
+        fs::rename(&src, &dst).map_err(|e| StoreError::io("rename", &src, e))?;
+        if let Some(dir) = dst.parent() {
+            fsync_dir(dir)?;
+        }
+        if let Some(dir) = src.parent() {
+            fsync_dir(dir)?;
+        }
+        Ok(())
+    }
+
     fn truncate(&self, name: &str, len: u64) -> Result<()> {
         let path = self.path(name)?;
         let f = OpenOptions::new()

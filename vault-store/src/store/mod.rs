@@ -96,6 +96,18 @@ pub trait Store: Send + Sync + Debug {
     fn list(&self, dir: &str) -> Result<Vec<String>>;
     /// Removes `name` durably; `false` when it did not exist.
     fn delete(&self, name: &str) -> Result<bool>;
+    /// Moves `from` to `to` (which must not exist) durably, creating its
+    /// folder. The default, for stores without a rename, copies the
+    /// content then deletes `from`: a crash between leaves both, never
+    /// neither.
+    fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let Some(bytes) = self.get(from)? else {
+            return Ok(());
+        };
+        self.put(to, &bytes)?;
+        self.delete(from)?;
+        Ok(())
+    }
     /// Cuts `name` to `len` bytes durably.
     fn truncate(&self, name: &str, len: u64) -> Result<()>;
     /// Gives the space of `offset..offset+len` back; `false` when the

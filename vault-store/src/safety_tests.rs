@@ -1,0 +1,348 @@
+//! Tests of the rule "nothing is destroyed on partial knowledge": an
+//! incomplete index is refused, unknown files go to the quarantine, a
+//! refill copies only intact records, replication refuses a primary that
+//! looks empty, and a rebuild never cuts a replica's good tail.
+
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+
+use crate::blockmap::Node;
+use crate::catalog::{ItemRecord, PointRecord, PointStats, Protection};
+use crate::chunk_id::ChunkId;
+use crate::config::VaultConfig;
+use crate::error::StoreError;
+use crate::index::{ChunkKind, INDEX_DIR, IndexBatch};
+use crate::record::RecordEncoder;
+use crate::segment::{SEGMENTS_DIR, segment_name};
+use crate::vault::{Access, Vault};
+
+fn config(replicas: Vec<PathBuf>, secondary: Option<PathBuf>) -> VaultConfig {
+    VaultConfig {
+        name: "t-vault".into(),
+        vault_id: "0123456789abcdef".into(),
+        block_size: 65536,
+        compression_level: 1,
+        redundancy: crate::config::Redundancy::Lrs,
+        created: "2027-01-01T00:00:00Z".parse().unwrap(),
+        snapshot_area: None,
+        replicas,
+        secondary,
+        store: None,
+        adopted_packs: false,
+    }
+}
+
+/// Stores point `seq` of item `i` whose blocks are `blocks`.
+fn store_point(v: &Vault, seq: u64, blocks: &[Vec<u8>]) {
+    let mut enc = RecordEncoder::new(1);
+    let mut s = v.begin_write().unwrap();
+    let entries: Vec<Option<ChunkId>> = blocks.iter().map(|b| Some(ChunkId::of(b))).collect();
+    for b in blocks {
+        let id = ChunkId::of(b);
+        if !s.contains(&id).unwrap() {
+            s.append(id, &enc.encode(id, b).unwrap()).unwrap();
+        }
+    }
+    let leaf = Node::Leaf {
+        first_block: 0,
+        entries: entries.clone(),
+    }
+    .encode();
+    let leaf_id = ChunkId::of(&leaf);
+    if !s.contains(&leaf_id).unwrap() {
+        let kids = entries.iter().flatten().copied().collect();
+        s.append_node(
+            leaf_id,
+            &enc.encode(leaf_id, &leaf).unwrap(),
+            ChunkKind::Leaf,
+            kids,
+        )
+        .unwrap();
+    }
+    let root = Node::Root {
+        image_size: blocks.len() as u64 * 65536,
+        block_size: 65536,
+        leaves: vec![leaf_id],
+    }
+    .encode();
+    let root_id = ChunkId::of(&root);
+    if !s.contains(&root_id).unwrap() {
+        s.append_node(
+            root_id,
+            &enc.encode(root_id, &root).unwrap(),
+            ChunkKind::Root,
+            vec![leaf_id],
+        )
+        .unwrap();
+    }
+    let mut b = IndexBatch::default();
+    b.put_item(ItemRecord {
+        name: "i".into(),
+        source: "/i".into(),
+        created: "2027-01-01T00:00:00Z".parse().unwrap(),
+        next_seq: seq + 1,
+        policy: None,
+        protection: Protection::Protected,
+        last_slot: None,
+        identity: None,
+        hooks: Default::default(),
+    });
+    b.put_point(PointRecord {
+        id: format!("p{seq}"),
+        item: "i".into(),
+        seq,
+        created: "2027-01-01T00:00:00Z".parse().unwrap(),
+        image_size: blocks.len() as u64 * 65536,
+        block_size: 65536,
+        block_map: root_id,
+        stats: PointStats::default(),
+        scheduled: false,
+        retain_until: None,
+        job: None,
+        level: None,
+        cbt: None,
+    });
+    s.reference_root(root_id);
+    s.commit(b).unwrap();
+}
+
+fn blocks(seed: u8, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let mut b = vec![0u8; 20_000];
+            blake3::Hasher::new()
+                .update(&[seed, i as u8])
+                .finalize_xof()
+                .fill(&mut b);
+            b
+        })
+        .collect()
+}
+
+fn seg_len(dir: &Path, id: u64) -> Option<u64> {
+    std::fs::metadata(dir.join(segment_name(id)))
+        .ok()
+        .map(|m| m.len())
+}
+
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for sub in [SEGMENTS_DIR, "points/i", "items"] {
+        if let Ok(rd) = std::fs::read_dir(dir.join(sub)) {
+            for e in rd.flatten() {
+                out.push((e.path(), std::fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn an_incomplete_index_is_refused_and_nothing_is_touched() {
+    let t = tempfile::tempdir().unwrap();
+    let vdir = t.path().join("v");
+    let r1 = t.path().join("r1");
+    let v = Vault::create(&vdir, config(vec![r1.clone()], None)).unwrap();
+    store_point(&v, 1, &blocks(1, 8));
+    drop(v);
+    // What a rebuild killed after it emptied the index looked like: an
+    // index that knows nothing, and the marker.
+    crate::index_state::mark_incomplete(&vdir, "test").unwrap();
+    std::fs::remove_dir_all(vdir.join(INDEX_DIR)).unwrap();
+    {
+        let empty = crate::index::Index::open_write(&vdir.join(INDEX_DIR)).unwrap();
+        let mut b = IndexBatch::default();
+        b.put_gc_layout();
+        empty.commit(b).unwrap();
+    }
+    let before = (files_under(&vdir), files_under(&r1));
+    for access in [Access::Write, Access::ReadOnly] {
+        match Vault::open(&vdir, access) {
+            Err(StoreError::IndexIncomplete { reason, .. }) => {
+                assert!(
+                    reason.contains(crate::index_state::REBUILD_MARKER),
+                    "{reason}"
+                )
+            }
+            other => panic!("{access:?}: {other:?}"),
+        }
+    }
+    assert_eq!((files_under(&vdir), files_under(&r1)), before);
+    // An older coffre's leftover `index.old-*`, without the marker.
+    std::fs::remove_file(vdir.join(crate::index_state::REBUILD_MARKER)).unwrap();
+    std::fs::create_dir(vdir.join("index.old-4242")).unwrap();
+    let e = Vault::open(&vdir, Access::Write).unwrap_err();
+    assert!(matches!(e, StoreError::IndexIncomplete { .. }), "{e}");
+    assert!(e.to_string().contains("rebuild-index"), "{e}");
+    assert_eq!((files_under(&vdir), files_under(&r1)), before);
+    // The rebuild finishes it: the point is back, nothing was lost.
+    let (v, report) =
+        crate::rebuild::rebuild_index(&vdir, &vdir, std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(report.points, 1);
+    assert_eq!(v.points("i").unwrap().len(), 1);
+    assert!(crate::index_state::is_complete(&vdir));
+    assert_eq!((files_under(&vdir), files_under(&r1)), before);
+}
+
+#[test]
+fn unknown_files_go_to_the_quarantine_and_gc_deletes_them_when_unreferenced() {
+    let t = tempfile::tempdir().unwrap();
+    let vdir = t.path().join("v");
+    let r1 = t.path().join("r1");
+    let v = Vault::create(&vdir, config(vec![r1.clone()], None)).unwrap();
+    store_point(&v, 1, &blocks(1, 8));
+    drop(v);
+    // A segment and a manifest no index entry names, on both copies (a
+    // session killed before its commit).
+    let stray = segment_name(99);
+    let mut seg = crate::segment::encode_header(99).to_vec();
+    let junk = b"never committed".to_vec();
+    seg.extend(
+        RecordEncoder::new(1)
+            .encode(ChunkId::of(&junk), &junk)
+            .unwrap(),
+    );
+    let manifest = "points/i/0000000000000007.point";
+    for d in [&vdir, &r1] {
+        std::fs::write(d.join(&stray), &seg).unwrap();
+        std::fs::write(d.join(manifest), b"not yet").unwrap();
+    }
+    let v = Vault::open(&vdir, Access::Write).unwrap();
+    for d in [&vdir, &r1] {
+        assert!(!d.join(&stray).exists());
+        assert!(!d.join(manifest).exists());
+        assert_eq!(
+            std::fs::read(d.join("quarantine").join(&stray)).unwrap(),
+            seg,
+            "kept whole"
+        );
+        assert!(d.join("quarantine").join(manifest).exists());
+    }
+    // GC: the segment holds no chunk anything references; the manifest
+    // does not decode, so it stays.
+    let report = crate::gc::run(&v).unwrap();
+    assert_eq!(report.quarantine_deleted, 2, "{report:?}");
+    assert_eq!(report.quarantine_kept, 2, "{report:?}");
+    for d in [&vdir, &r1] {
+        assert!(!d.join("quarantine").join(&stray).exists());
+        assert!(d.join("quarantine").join(manifest).exists());
+    }
+}
+
+#[test]
+fn refill_copies_only_intact_records() {
+    let t = tempfile::tempdir().unwrap();
+    let vdir = t.path().join("v");
+    let r1 = t.path().join("r1");
+    let v = Vault::create(&vdir, config(vec![r1.clone()], None)).unwrap();
+    let bl = blocks(3, 6);
+    store_point(&v, 1, &bl);
+    let loc = v.index().chunk(&ChunkId::of(&bl[2])).unwrap().unwrap();
+    let name = segment_name(loc.segment);
+    let committed = v.index().segment_infos().unwrap()[&loc.segment].committed;
+    drop(v);
+    // The primary's copy of one record is damaged; the replica lost the
+    // segment.
+    let p = vdir.join(&name);
+    let mut bytes = std::fs::read(&p).unwrap();
+    let at = (loc.offset + u64::from(loc.len) - 10) as usize;
+    bytes[at] ^= 0x40;
+    std::fs::write(&p, &bytes).unwrap();
+    std::fs::remove_file(r1.join(&name)).unwrap();
+    let v = Vault::open(&vdir, Access::ReadOnly).unwrap();
+    let copies = v.copies();
+    let target = copies
+        .sync_copies()
+        .iter()
+        .find(|c| c.dir == r1)
+        .unwrap()
+        .clone();
+    let done = crate::segment::refill(copies, &target, &name, committed).unwrap();
+    assert_eq!(done.damaged, 1, "{done:?}");
+    assert_eq!(done.records, 7, "{done:?}");
+    let got = std::fs::read(r1.join(&name)).unwrap();
+    assert_eq!(got.len() as u64, committed);
+    let range = loc.offset as usize..(loc.offset + u64::from(loc.len)) as usize;
+    assert!(
+        got[range.clone()].iter().all(|&b| b == 0),
+        "the damaged record was not copied"
+    );
+    // Everything else is the primary's bytes.
+    assert_eq!(got[..range.start], bytes[..range.start]);
+    assert_eq!(got[range.end..], bytes[range.end..]);
+}
+
+#[test]
+fn replication_refuses_a_primary_that_looks_empty() {
+    let t = tempfile::tempdir().unwrap();
+    let vdir = t.path().join("v");
+    let sec = t.path().join("sec");
+    let v = Vault::create(&vdir, config(Vec::new(), Some(sec.clone()))).unwrap();
+    store_point(&v, 1, &blocks(5, 4));
+    let now = || jiff::Timestamp::UNIX_EPOCH;
+    crate::replicate::replicate(&v, &now, &|| false).unwrap();
+    drop(v);
+    let before = files_under(&sec);
+    assert!(
+        before
+            .iter()
+            .any(|(p, _)| p.to_string_lossy().contains("points"))
+    );
+    // The primary's index, complete but empty (a wiped primary).
+    std::fs::remove_dir_all(vdir.join(INDEX_DIR)).unwrap();
+    {
+        let empty = crate::index::Index::open_write(&vdir.join(INDEX_DIR)).unwrap();
+        let mut b = IndexBatch::default();
+        b.put_gc_layout();
+        empty.commit(b).unwrap();
+    }
+    let v = Vault::open(&vdir, Access::Write).unwrap();
+    // The primary's own files went to its quarantine, not away.
+    assert!(vdir.join("quarantine").join(SEGMENTS_DIR).is_dir());
+    match crate::replicate::replicate(&v, &now, &|| false) {
+        Err(StoreError::ReplicationRefused { reason, .. }) => {
+            assert!(reason.contains("holds no point"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(files_under(&sec), before, "the secondary is untouched");
+}
+
+#[test]
+fn a_rebuild_from_a_short_copy_keeps_the_longer_copys_records() {
+    let t = tempfile::tempdir().unwrap();
+    let vdir = t.path().join("v");
+    let r1 = t.path().join("r1");
+    let v = Vault::create(&vdir, config(vec![r1.clone()], None)).unwrap();
+    let bl = blocks(7, 10);
+    store_point(&v, 1, &bl);
+    let infos = v.index().segment_infos().unwrap();
+    let (&id, info) = infos.iter().next().unwrap();
+    drop(v);
+    let name = segment_name(id);
+    // The primary lost its tail (the last records); the replica has it.
+    let cut = info.committed - 30_000;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(vdir.join(&name))
+        .unwrap();
+    f.set_len(cut).unwrap();
+    drop(f);
+    let (v, report) =
+        crate::rebuild::rebuild_index(&vdir, &vdir, std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(report.extended_segments, 1, "{report:?}");
+    assert_eq!(
+        v.index().segment_infos().unwrap()[&id].committed,
+        info.committed
+    );
+    assert_eq!(
+        seg_len(&r1, id),
+        Some(info.committed),
+        "the replica kept it"
+    );
+    for b in &bl {
+        assert_eq!(&v.read_chunk(&ChunkId::of(b)).unwrap(), b);
+    }
+}
