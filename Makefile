@@ -28,10 +28,10 @@ test: deps
 CRASH_KILLS ?= 300
 CRASH_SHARED_KILLS ?= 40
 crash-test: deps
-	COFFRE_CRASH_KILLS=$(CRASH_KILLS) COFFRE_CRASH_RUNS=3000 \
+	COFFRE_CRASH_KILLS=$(CRASH_KILLS) COFFRE_CRASH_RUNS=3000 COFFRE_CRASH_JOBS=2 \
 	  COFFRE_CRASH_SHARED_KILLS=$(CRASH_SHARED_KILLS) COFFRE_CRASH_SHARED_RUNS=400 \
 	  COFFRE_CRASH_SEED=$${COFFRE_CRASH_SEED:-$$(date +%s)} \
-	  $(CARGO) test --release --workspace --all-targets -- crash_kill --nocapture --test-threads 2
+	  $(CARGO) test --release --workspace --all-targets -- crash_kill --nocapture
 	COFFRE_POWER_EVERY=1 $(CARGO) test --release --workspace --all-targets -- power_loss --nocapture
 
 lint: deps

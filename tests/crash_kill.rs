@@ -854,14 +854,43 @@ fn sigkill_at_random_moments_loses_no_acknowledged_point() {
     let kills = env_u64("COFFRE_CRASH_KILLS", 0);
     let base = env_u64("COFFRE_CRASH_SEED", 1);
     eprintln!("crash_kill: {runs} runs (until {kills} kills) from seed {base}");
+    // `COFFRE_CRASH_JOBS` runs at once (make crash-test: 2).
+    let jobs = env_u64("COFFRE_CRASH_JOBS", 1).max(1);
     let started = Instant::now();
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let killed = std::sync::atomic::AtomicU64::new(0);
     let mut tally = Tally::default();
-    let mut durations = BTreeMap::new();
-    for i in 0..runs {
-        if kills > 0 && tally.kills() >= kills {
-            break;
+    let done: Vec<Tally> = std::thread::scope(|sc| {
+        let workers: Vec<_> = (0..jobs)
+            .map(|_| {
+                sc.spawn(|| {
+                    let mut mine = Tally::default();
+                    let mut durations = BTreeMap::new();
+                    loop {
+                        use std::sync::atomic::Ordering::SeqCst;
+                        let i = next.fetch_add(1, SeqCst);
+                        if i >= runs || (kills > 0 && killed.load(SeqCst) >= kills) {
+                            break;
+                        }
+                        let before = mine.kills();
+                        run_one(base.wrapping_add(i), &mut mine, &mut durations);
+                        killed.fetch_add(mine.kills() - before, SeqCst);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    for t in done {
+        for (op, o) in t.per_op {
+            let e = tally.op(&op);
+            e.runs += o.runs;
+            e.kills += o.kills;
+            e.finished_first += o.finished_first;
+            e.lost += o.lost;
         }
-        run_one(base.wrapping_add(i), &mut tally, &mut durations);
+        tally.failures.extend(t.failures);
     }
     tally.finish("crash_kill", started, kills);
 }

@@ -475,8 +475,9 @@ fn power_loss_in_every_command_that_writes_loses_no_acknowledged_point() {
             check(&vault, &want, n);
         }
         table.push(format!(
-            "{cmd:?}: {} of {total} operations, torn {torn:?}",
-            points.len()
+            "{cmd:?}: power lost at {} of its {total} operations ({} change a file); torn: {torn:?}",
+            points.len(),
+            changes.len()
         ));
     }
     eprintln!(
