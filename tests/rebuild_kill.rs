@@ -175,3 +175,51 @@ fn a_killed_rebuild_index_loses_nothing_on_any_copy() {
     }
     eprintln!("rebuild_kill: seed {seed}, {kills} kills, {refused} left an incomplete index");
 }
+
+#[test]
+fn a_segment_the_index_does_not_know_is_quarantined_reported_and_collected() {
+    let t = tempfile::tempdir().unwrap();
+    let r1 = t.path().join("r1");
+    let vault = new_vault(t.path(), &["--replica", s(&r1)]);
+    let v = s(&vault);
+    let img = t.path().join("vm.img");
+    mixed_image(&img, 4 << 20, 5);
+    ok(&["backup", "--vault", v, "--item", "vm", s(&img)]);
+    // A segment no index entry names (a header and garbage), on both copies.
+    let stray = "segments/00000000000000ff.seg";
+    let mut bytes = fs::read(first_segment(&vault)).unwrap();
+    bytes.truncate(32 + 1000);
+    for d in [&vault, &r1] {
+        fs::write(d.join(stray), &bytes).unwrap();
+    }
+    churn(&img, 5, 10_000, 6);
+    ok(&["backup", "--vault", v, "--item", "vm", s(&img)]);
+    for d in [&vault, &r1] {
+        assert!(!d.join(stray).exists(), "{}", d.display());
+        assert_eq!(
+            fs::read(d.join("quarantine").join(stray)).unwrap(),
+            bytes,
+            "kept whole in {}",
+            d.display()
+        );
+    }
+    let verify = json(&["verify", "--vault", v]);
+    let q: Vec<&serde_json::Value> = verify["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["code"] == "quarantined")
+        .collect();
+    assert_eq!(q.len(), 2, "{verify}");
+    assert!(
+        q[0]["hint"].as_str().unwrap().contains("coffre gc"),
+        "{verify}"
+    );
+    let gc = json(&["gc", "--vault", v]);
+    assert_eq!(gc["quarantine_deleted"], 2, "{gc}");
+    for d in [&vault, &r1] {
+        assert!(!d.join("quarantine").join(stray).exists());
+    }
+    let verify = json(&["verify", "--vault", v]);
+    assert!(!verify.to_string().contains("quarantined"), "{verify}");
+}

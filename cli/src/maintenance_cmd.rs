@@ -90,6 +90,19 @@ fn gc_table(r: &GcReport) -> String {
         } else {
             ""
         }
+    ) + &quarantine_line(r)
+}
+
+/// What gc did with the quarantine (nothing when it is empty).
+fn quarantine_line(r: &GcReport) -> String {
+    if r.quarantine_deleted == 0 && r.quarantine_kept == 0 {
+        return String::new();
+    }
+    format!(
+        "quarantine: {} files deleted ({}), no point needs them; {} kept (see `coffre verify`)\n",
+        r.quarantine_deleted,
+        bytes(r.quarantine_bytes),
+        r.quarantine_kept
     )
 }
 

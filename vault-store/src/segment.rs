@@ -420,6 +420,9 @@ impl SegmentWriter {
     }
 }
 
+/// The most a refill writes at once.
+const REFILL_RUN: usize = 8 << 20;
+
 /// What a refill did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Refilled {
@@ -473,6 +476,10 @@ pub fn refill(copies: &Copies, target: &Copy, name: &str, len: u64) -> Result<Re
             None => done.damaged += 1,
         }
     }
+    // Checked records are written in runs of adjacent ones (one durable
+    // write each, up to 8 MiB), not one write per record.
+    let mut run_at = 0u64;
+    let mut run: Vec<u8> = Vec::new();
     for r in scan
         .records
         .iter()
@@ -483,13 +490,24 @@ pub fn refill(copies: &Copies, target: &Copy, name: &str, len: u64) -> Result<Re
             c.store.read_at(name, r.offset, &mut rec).is_ok()
                 && crate::record::record_intact(&rec, Some(&r.id))
         });
-        if good {
-            target.store.write_at(name, r.offset, &rec)?;
-            done.records += 1;
-        } else {
+        if !good {
             done.damaged += 1;
             tracing::warn!(copy = %target.dir.display(), segment = name, offset = r.offset, chunk = %r.id, "no copy holds this record intact; not copied");
+            continue;
         }
+        let adjacent = !run.is_empty() && run_at + run.len() as u64 == r.offset;
+        if !adjacent || run.len() + rec.len() > REFILL_RUN {
+            if !run.is_empty() {
+                target.store.write_at(name, run_at, &run)?;
+            }
+            run.clear();
+            run_at = r.offset;
+        }
+        run.extend_from_slice(&rec);
+        done.records += 1;
+    }
+    if !run.is_empty() {
+        target.store.write_at(name, run_at, &run)?;
     }
     if target.store.size(name)?.unwrap_or(0) < len {
         // Past the last record copied: holes up to the committed length.
