@@ -895,6 +895,47 @@ fn sigkill_at_random_moments_loses_no_acknowledged_point() {
     tally.finish("crash_kill", started, kills);
 }
 
+/// What an `--add-replica` killed before the replica's config leaves (an
+/// empty segments folder, maybe the identity) is finished by adding it
+/// again; a folder holding anything else is still refused, untouched.
+#[test]
+fn an_interrupted_add_replica_is_finished_by_adding_it_again() {
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let img = t.path().join("vm.img");
+    mixed_image(&img, 2 << 20, 3);
+    ok(&["backup", "--vault", s(&vault), "--item", "vm", s(&img)]);
+    let left = t.path().join("left");
+    std::fs::create_dir_all(left.join("segments")).unwrap();
+    std::fs::write(left.join(".copy.tmp-77"), b"partial").unwrap();
+    ok(&[
+        "vault",
+        "set",
+        "--vault",
+        s(&vault),
+        "--add-replica",
+        s(&left),
+    ]);
+    assert!(left.join("config").is_file());
+    assert_eq!(segment_bytes(&left), segment_bytes(&vault));
+    let other = t.path().join("other");
+    std::fs::create_dir_all(other.join("segments")).unwrap();
+    std::fs::write(other.join("notes.txt"), b"mine").unwrap();
+    let err = fails(
+        &[
+            "vault",
+            "set",
+            "--vault",
+            s(&vault),
+            "--add-replica",
+            s(&other),
+        ],
+        1,
+    );
+    assert!(err.contains("not empty"), "{err}");
+    assert_eq!(std::fs::read(other.join("notes.txt")).unwrap(), b"mine");
+}
+
 /// The shared-vault operations, against a real Azurite.
 mod shared {
     use super::*;
@@ -1057,16 +1098,20 @@ mod shared {
                 String::from_utf8_lossy(&v.stderr)
             ));
         }
-        // 3. After a killed attach, attaching again finishes it (or the
-        //    cache it left works as it is).
+        // 3. After a killed attach, attaching again finishes it; once the
+        //    config was written, the cache is a vault (attach refuses it)
+        //    and works as it is.
         let mut hosts = vec![h1.clone(), h2.clone()];
         if matches!(op, SharedOp::Attach) {
             let again = az.run(&args);
             if !again.status.success() {
-                eprintln!(
-                    "crash_kill shared: seed {seed}: attach again refused: {}",
-                    String::from_utf8_lossy(&again.stderr).trim()
-                );
+                let err = String::from_utf8_lossy(&again.stderr).trim().to_string();
+                eprintln!("crash_kill shared: seed {seed}: attach again refused: {err}");
+                if !h3.join("config").exists() {
+                    problems.push(format!(
+                        "attach after a killed attach refused a cache without a config: {err}"
+                    ));
+                }
             }
             hosts.push(h3.clone());
         }
@@ -1151,11 +1196,50 @@ mod shared {
         }
     }
 
+    /// What an attach killed before its config leaves (an empty index
+    /// folder, the pointer, the identity) is finished by attaching
+    /// again; a folder holding anything else is still refused.
+    fn a_killed_attach_is_finished_by_attaching_again(az: &Emulator) {
+        let t = tempfile::tempdir().unwrap();
+        let store = "azure://devstoreaccount1/crash/attach";
+        let h1 = t.path().join("h1");
+        az.ok(&[
+            "vault",
+            "create",
+            "--store",
+            store,
+            "--vault",
+            s(&h1),
+            "--snapshot-area",
+            s(&t.path().join("area")),
+        ]);
+        let img = t.path().join("a.img");
+        mixed_image(&img, 2 << 20, 5);
+        az.ok(&["backup", "--vault", s(&h1), "--item", "a", s(&img)]);
+        let left = t.path().join("left");
+        std::fs::create_dir_all(left.join("index")).unwrap();
+        std::fs::write(left.join(".remote.tmp-123"), b"partial").unwrap();
+        let done = az.json(&["vault", "attach", "--store", store, "--vault", s(&left)]);
+        assert_eq!(done["points"].as_u64(), Some(1), "{done}");
+        let other = t.path().join("other");
+        std::fs::create_dir_all(other.join("index")).unwrap();
+        std::fs::write(other.join("notes.txt"), b"mine").unwrap();
+        let refused = az.run(&["vault", "attach", "--store", store, "--vault", s(&other)]);
+        assert!(!refused.status.success());
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("not empty"),
+            "{}",
+            String::from_utf8_lossy(&refused.stderr)
+        );
+        assert_eq!(std::fs::read(other.join("notes.txt")).unwrap(), b"mine");
+    }
+
     #[test]
     fn sigkill_of_attach_and_shared_gc_loses_no_acknowledged_point() {
         let Some(az) = Emulator::azurite(&["crash"]) else {
             return;
         };
+        a_killed_attach_is_finished_by_attaching_again(&az);
         let runs = env_u64("COFFRE_CRASH_SHARED_RUNS", 2);
         let kills = env_u64("COFFRE_CRASH_SHARED_KILLS", 0);
         let base = env_u64("COFFRE_CRASH_SEED", 1);
