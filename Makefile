@@ -29,13 +29,21 @@ test: deps
 	  COFFRE_SKIP_DIR="$$skips" $(CARGO) test --release --workspace --all-targets; status=$$?; \
 	  scripts/skips.sh "$$skips"; [ -n "$${COFFRE_SKIP_DIR:-}" ] || rm -rf "$$skips"; exit $$status
 
-# SIGKILLs at random moments of backup, prune, gc and replicate until 200
-# landed mid-operation, from a fresh seed (printed; COFFRE_CRASH_SEED=N
-# replays). `make test` runs 20 runs from seed 1.
-CRASH_KILLS ?= 200
+# SIGKILLs at random moments of every command that writes (backup, prune,
+# gc, replicate, rebuild-index, verify --repair, add-replica, snapshot
+# expiry, restore --in-place; attach and the shared GC against Azurite)
+# until CRASH_KILLS (and CRASH_SHARED_KILLS) landed mid-operation, from a
+# fresh seed (printed; COFFRE_CRASH_SEED=N replays); then the power-loss
+# test at every operation of each command (COFFRE_POWER_EVERY=1).
+# `make test` runs 11 + 2 runs from seed 1.
+CRASH_KILLS ?= 300
+CRASH_SHARED_KILLS ?= 40
 crash-test: deps
-	COFFRE_CRASH_KILLS=$(CRASH_KILLS) COFFRE_CRASH_RUNS=2000 COFFRE_CRASH_SEED=$${COFFRE_CRASH_SEED:-$$(date +%s)} \
+	COFFRE_CRASH_KILLS=$(CRASH_KILLS) COFFRE_CRASH_RUNS=3000 COFFRE_CRASH_JOBS=2 \
+	  COFFRE_CRASH_SHARED_KILLS=$(CRASH_SHARED_KILLS) COFFRE_CRASH_SHARED_RUNS=400 \
+	  COFFRE_CRASH_SEED=$${COFFRE_CRASH_SEED:-$$(date +%s)} \
 	  $(CARGO) test --release --workspace --all-targets -- crash_kill --nocapture
+	COFFRE_POWER_EVERY=1 $(CARGO) test --release --workspace --all-targets -- power_loss --nocapture
 
 lint: deps
 	$(CARGO) fmt --all --check

@@ -458,6 +458,12 @@ pub fn init_copy(dir: &Path, config: &VaultConfig, role: Role) -> Result<()> {
                 if check_copy(&store, dir, &config.vault_id, true).is_ok() {
                     return Ok(());
                 }
+                if left_by_init(dir, &config.vault_id) {
+                    // An earlier `init_copy` of this vault was interrupted
+                    // before the config: finish it.
+                    crate::durable::create_dir_durable(&dir.join(crate::segment::SEGMENTS_DIR))?;
+                    return write_copy_files(&store, config, role);
+                }
                 return Err(StoreError::AlreadyExists {
                     path: dir.to_path_buf(),
                 });
@@ -469,6 +475,28 @@ pub fn init_copy(dir: &Path, config: &VaultConfig, role: Role) -> Result<()> {
     crate::durable::create_dir_durable(dir)?;
     crate::durable::create_dir_durable(&dir.join(crate::segment::SEGMENTS_DIR))?;
     write_copy_files(&LocalStore::new(dir), config, role)
+}
+
+/// True when `dir` holds only what an interrupted [`init_copy`] of vault
+/// `vault_id` writes before the config (which comes last): an empty
+/// segments folder, this vault's identity file, temporary files.
+fn left_by_init(dir: &Path, vault_id: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().all(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == crate::segment::SEGMENTS_DIR {
+            std::fs::read_dir(e.path()).is_ok_and(|mut s| s.next().is_none())
+        } else if name == COPY_FILE {
+            std::fs::read(e.path())
+                .ok()
+                .and_then(|b| catalog_files::decode_copy(&b).ok())
+                .is_some_and(|c| c.vault_id == vault_id)
+        } else {
+            name.starts_with('.') && name.contains(".tmp-")
+        }
+    })
 }
 
 /// The files that make a store a copy of the vault: its identity, then

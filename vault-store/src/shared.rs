@@ -61,6 +61,35 @@ fn check_empty_cache(dir: &Path) -> Result<()> {
     }
 }
 
+/// Like [`check_empty_cache`], but also accepts what an interrupted
+/// attach left before it wrote the config (the config comes last, so a
+/// directory without it is no vault): only the files [`write_cache`]
+/// writes (an empty index folder, the pointer, the identity, their
+/// temporary files). Attaching again then finishes the attach.
+fn check_attachable(dir: &Path) -> Result<()> {
+    let left_by_attach = |name: &str| {
+        name == INDEX_DIR
+            || name == crate::remote::REMOTE_FILE
+            || name == COPY_FILE
+            || (name.starts_with('.') && name.contains(".tmp-"))
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return check_empty_cache(dir);
+    };
+    let names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let index_empty = std::fs::read_dir(dir.join(INDEX_DIR))
+        .map(|mut e| e.next().is_none())
+        .unwrap_or(true);
+    if !names.is_empty() && index_empty && names.iter().all(|n| left_by_attach(n)) {
+        tracing::info!(dir = %dir.display(), "finishing an interrupted attach");
+        return Ok(());
+    }
+    check_empty_cache(dir)
+}
+
 fn identity(config: &VaultConfig) -> Vec<u8> {
     catalog_files::encode_copy(&CopyIdentity {
         vault_id: config.vault_id.clone(),
@@ -127,7 +156,7 @@ pub fn create_in_store(dir: &Path, url: &str, mut config: VaultConfig) -> Result
 /// index from the store. Returns the vault open for writing.
 pub fn attach(dir: &Path, url: &str, wait: Duration) -> Result<Vault> {
     let url = canonical_url(url)?;
-    check_empty_cache(dir)?;
+    check_attachable(dir)?;
     let store = crate::copies::open_url(&url)?;
     check_container(store.as_ref(), &url)?;
     let Some(bytes) = store.get(CONFIG_FILE)? else {
