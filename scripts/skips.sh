@@ -17,8 +17,8 @@ if [ "${1:-}" = "--check" ]; then
 fi
 dir=${1:?usage: scripts/skips.sh [--check] DIR}
 allowed() {
-  local test=$1 name
-  for name in ${COFFRE_ALLOW_SKIP//,/ }; do
+  local test=$1 name allow=${COFFRE_ALLOW_SKIP:-}
+  for name in ${allow//,/ }; do
     if [ "$name" = all ] || [ "$name" = "$test" ] || [[ "$test" == "$name::"* ]]; then
       return 0
     fi
