@@ -349,3 +349,50 @@ fn an_export_that_dies_mid_backup_fails_the_job_cleanly_and_the_next_backup_work
     drop(e);
     restores_like_convert(&vault, t.path(), &img);
 }
+
+#[test]
+fn a_qcow2_header_naming_another_file_is_refused_never_opened() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    // A secret beside the image, and a qcow2 overlay whose backing file
+    // it is: a backup would read the secret into the point.
+    let secret = t.path().join("secret.raw");
+    std::fs::write(&secret, vec![0x5a; 1 << 20]).unwrap();
+    let overlay = t.path().join("overlay.qcow2");
+    qemu(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&secret),
+            "-F",
+            "raw",
+            s(&overlay),
+        ],
+    );
+    let err = fails(&["backup", "--vault", s(&vault), s(&overlay)], 1);
+    assert!(err.contains("backing file"), "{err}");
+    // A raw disk whose guest wrote such a header into its first sector:
+    // it is refused too, before any qemu-nbd runs.
+    let guest = t.path().join("guest.img");
+    let mut disk = std::fs::read(&overlay).unwrap();
+    disk.resize(4 << 20, 0);
+    std::fs::write(&guest, &disk).unwrap();
+    let err = fails(&["backup", "--vault", s(&vault), s(&guest)], 1);
+    assert!(err.contains("backing file"), "{err}");
+    assert_eq!(servers_of(&guest), 0);
+    // A self-contained qcow2 still backs up.
+    let plain = t.path().join("plain.qcow2");
+    qemu(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&plain), "4M"],
+    );
+    let b = json(&["backup", "--vault", s(&vault), s(&plain)]);
+    assert_eq!(b["job"]["status"], "Completed", "{b}");
+}
