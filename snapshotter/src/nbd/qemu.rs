@@ -46,7 +46,8 @@ pub fn check_self_contained(path: &Path) -> std::result::Result<(), String> {
     check_header(h.get(..got).unwrap_or_default())
 }
 
-/// [`check_self_contained`] on the header bytes.
+/// [`check_self_contained`] on the header bytes (big-endian, as qcow2
+/// is).
 pub fn check_header(h: &[u8]) -> std::result::Result<(), String> {
     let be32 = |at: usize| {
         h.get(at..at + 4)
@@ -200,6 +201,7 @@ impl Drop for QemuNbd {
 mod tests {
     use super::check_header;
 
+    #[expect(clippy::big_endian_bytes, reason = "qcow2 headers are big-endian")]
     fn header(version: u32, backing: u64, incompatible: u64) -> Vec<u8> {
         let mut h = vec![0u8; 104];
         h[..4].copy_from_slice(b"QFI\xfb");
