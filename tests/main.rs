@@ -8,6 +8,7 @@ mod backup_restore_roundtrip;
 mod bad_input;
 mod bench_smoke;
 mod changed_blocks;
+mod ci_skips;
 mod copy_invariants;
 mod crafted_names;
 mod crash_kill;
