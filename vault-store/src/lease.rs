@@ -542,6 +542,12 @@ pub struct GcHold {
     state: Arc<std::sync::Mutex<HoldState>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     renewer: Option<std::thread::JoinHandle<()>>,
+    /// The condemned lists that existed once this GC held `gc/state`: the
+    /// only ones it may sweep. A list that appears later can be the late
+    /// write of an earlier GC that stalled past its hold; a writer that
+    /// started since may deduplicate against its segments without having
+    /// seen it, so only a later GC, which waits for that writer, sweeps it.
+    sweepable: BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -671,6 +677,14 @@ impl GcHold {
                 until: "now (another GC took gc/state first)".into(),
             });
         };
+        // Listed once the hold is ours (a failure here leaves gc/state to
+        // lapse at `until`, before any renewer runs).
+        let sweepable = store
+            .list(CONDEMNED_DIR)?
+            .iter()
+            .filter(|n| !n.ends_with('/'))
+            .map(|n| crate::store::join(CONDEMNED_DIR, n))
+            .collect();
         let state = Arc::new(std::sync::Mutex::new(HoldState {
             version,
             until,
@@ -717,6 +731,7 @@ impl GcHold {
             state,
             stop,
             renewer: Some(renewer),
+            sweepable,
         })
     }
 
@@ -944,7 +959,7 @@ pub fn sweep_and_condemn(
     // (4) Sweep what was condemned before and is still dead.
     let mut deleted = std::collections::BTreeSet::new();
     for (name, list) in condemned_lists(store)? {
-        if list.epoch >= epoch {
+        if list.epoch >= epoch || !hold.sweepable.contains(&name) {
             continue;
         }
         for seg in list.segments {
@@ -1213,6 +1228,65 @@ mod tests {
             None,
             "condemned list {epoch} written"
         );
+    }
+
+    #[cfg(feature = "object")]
+    #[test]
+    fn a_condemned_list_written_after_the_hold_was_taken_is_not_swept() {
+        // No list yet when B takes gc/state; then a GC that stalled past
+        // its hold writes list 1 late, naming segment 7, which a writer
+        // that started under B's epoch may have deduplicated against.
+        let store = memory_vault(&[]);
+        store
+            .put(
+                GC_STATE,
+                &encode_state(&GcState {
+                    epoch: 5,
+                    marking: None,
+                }),
+            )
+            .unwrap();
+        let mut a = store.create(&crate::segment::segment_name(7)).unwrap();
+        a.append(&[7u8; 100]).unwrap();
+        a.sync().unwrap();
+        let (clock, _) = manual(at(0));
+        let b = GcHold::take(store.clone(), 2, TTL, clock).unwrap();
+        assert_eq!(b.epoch(), 6);
+        store
+            .put(
+                &format!("{CONDEMNED_DIR}/{:016x}", 4),
+                &encode_condemned(&Condemned {
+                    epoch: 4,
+                    segments: vec![7],
+                }),
+            )
+            .unwrap();
+        let dead: std::collections::BTreeSet<u64> = [7u64].into_iter().collect();
+        let mut report = SharedGcReport::default();
+        sweep_and_condemn(
+            store.as_ref(),
+            &b,
+            &dead,
+            &std::collections::HashMap::new(),
+            &mut report,
+        )
+        .unwrap();
+        assert_eq!(report.deleted_segments, 0, "{report:?}");
+        assert!(
+            store
+                .size(&crate::segment::segment_name(7))
+                .unwrap()
+                .is_some(),
+            "the late list's segment was deleted"
+        );
+        assert!(
+            store
+                .get(&format!("{CONDEMNED_DIR}/{:016x}", 4))
+                .unwrap()
+                .is_some(),
+            "the late list was swept"
+        );
+        b.release().unwrap();
     }
 
     #[cfg(feature = "object")]
