@@ -373,7 +373,13 @@ pub fn check_choice(dir: &Path, vault_id: &str) -> Result<()> {
 
 /// Refuses a folder that holds anything (and is no area).
 fn refuse_non_empty(dir: &Path) -> Result<()> {
-    if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+    // Another capture of the same vault claiming the folder at this moment
+    // leaves only its identity file's temporary copy in it.
+    let in_flight = format!(".{AREA_FILE}.tmp-");
+    if std::fs::read_dir(dir).is_ok_and(|d| {
+        d.flatten()
+            .any(|e| !e.file_name().to_string_lossy().starts_with(&in_flight))
+    }) {
         return Err(SnapError::AreaRefused {
             dir: dir.to_path_buf(),
             reason: "it is a non-empty folder that is not a coffre snapshot area (it has no `area` file); give an empty or new folder".into(),
@@ -396,7 +402,13 @@ fn claim(dir: &Path, owner: &AreaIdentity) -> Result<()> {
         None => {
             // Never take over someone's folder: only a new or empty one
             // becomes an area.
-            refuse_non_empty(dir)?;
+            if let Err(e) = refuse_non_empty(dir) {
+                // Unless another capture of this vault just made it one.
+                return match read_identity(dir)? {
+                    Some(id) if id.vault_id == owner.vault_id => Ok(()),
+                    _ => Err(e),
+                };
+            }
             if let Some(lock) = lock_of(dir) {
                 return Err(SnapError::AreaLocked {
                     dir: dir.to_path_buf(),
