@@ -45,9 +45,12 @@ crash-test: deps
 	  $(CARGO) test --release --workspace --all-targets -- crash_kill --nocapture
 	COFFRE_POWER_EVERY=1 $(CARGO) test --release --workspace --all-targets -- power_loss --nocapture
 
+# The fuzz crate builds vault-store without RocksDB (no `index` feature):
+# check that build too, so a codec the fuzz targets need never breaks it.
 lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	$(CARGO) check --release -p coffre-vault-store --no-default-features
 
 fmt:
 	$(CARGO) fmt --all

@@ -36,7 +36,8 @@ for target in $targets; do
   set -e
   end=$(awk '{print $14 + $15 + $16 + $17}' /proc/$$/stat)
   cpu=$(( (end - start) / $(getconf CLK_TCK) ))
-  runs=$(grep -oE '^Done [0-9]+ runs' "$log" | awk '{print $2}' | tail -n 1)
+  # A run that crashed or failed to build has no 'Done' line.
+  runs=$(grep -oE '^Done [0-9]+ runs' "$log" | awk '{print $2}' | tail -n 1 || true)
   if [ "$rc" -eq 0 ]; then result=ok; else result="FAILED (exit $rc; see fuzz/artifacts/$target)"; status=1; fi
   summary+=("$target: ${runs:-?} executions, ${cpu} CPU-s, $result")
   rm -rf "$work" "$log"

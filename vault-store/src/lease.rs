@@ -547,7 +547,7 @@ pub struct GcHold {
     /// write of an earlier GC that stalled past its hold; a writer that
     /// started since may deduplicate against its segments without having
     /// seen it, so only a later GC, which waits for that writer, sweeps it.
-    sweepable: BTreeSet<String>,
+    sweepable: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug)]
