@@ -1227,3 +1227,124 @@ fn s3_gc_stops_on_a_point_it_cannot_decode_and_on_a_lease_it_cannot_read() {
     );
     restore_same(&m, &h, "keep", 1, &keep);
 }
+
+/// Uploads the file `from` as blob `name` of `container` in Azurite.
+fn azure_put(az: &Emulator, container: &str, name: &str, from: &Path) {
+    let root = npm_root().expect("npm root");
+    let code = r#"const { BlobServiceClient, StorageSharedKeyCredential } = require("@azure/storage-blob");
+const [endpoint, account, key, container, name, file] = process.argv.slice(1);
+const svc = new BlobServiceClient(`${endpoint}/${account}`, new StorageSharedKeyCredential(account, key));
+svc.getContainerClient(container).getBlockBlobClient(name).uploadFile(file)
+  .catch((e) => { console.error(e.message); process.exit(1); });"#;
+    let out = Command::new("node")
+        .env("NODE_PATH", &root)
+        .args(["-e", code])
+        .args([az.endpoint.as_str(), ACCOUNT, KEY, container, name])
+        .arg(from)
+        .output()
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "upload failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_shared_bucket_cannot_choose_a_hosts_snapshot_area_replicas_or_secondary() {
+    use coffre_vault_store::config::VaultConfig;
+    let Some(az) = Emulator::azurite(&["hostlocal"]) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let store = url("hostlocal", "v1");
+    let (a, b) = (t.path().join("hostA"), t.path().join("hostB"));
+    let area_a = t.path().join("areaA");
+    create_in_store(&az, &store, &a, &area_a);
+    // Host A keeps its area; the bucket does not get it.
+    let show_a = az.json(&["vault", "show", "--vault", s(&a)]);
+    assert_eq!(
+        show_a["snapshot_area"].as_str(),
+        Some(s(&area_a)),
+        "{show_a}"
+    );
+    let img_a = t.path().join("a.img");
+    mixed_image(&img_a, 4 << 20, 3);
+    backup(&az, &a, "vm-a", &img_a);
+
+    // Someone holding the bucket's credentials writes a config (with the
+    // production encoder) that points every host's snapshots at host A's
+    // area and the vault's copies at places of their choosing.
+    let mut cfg = VaultConfig::load(&a).unwrap();
+    assert!(cfg.snapshot_area.is_some());
+    cfg.snapshot_area = Some(area_a.clone());
+    cfg.replicas = vec![t.path().join("their-replica")];
+    cfg.secondary = Some(PathBuf::from("s3://attacker-bucket/loot"));
+    let planted = t.path().join("planted-config");
+    std::fs::write(&planted, cfg.encode()).unwrap();
+    azure_put(&az, "hostlocal", "v1/config", &planted);
+
+    // Host B: its own cache and its own registry.
+    let host_b = |args: &[&str]| {
+        let out = az
+            .coffre()
+            .env("COFFRE_REGISTRY", t.path().join("registry-b"))
+            .env("COFFRE_LOG", "warn")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let attached = host_b(&["vault", "attach", "--store", &store, "--vault", s(&b)]);
+    let warned = String::from_utf8_lossy(&attached.stderr).into_owned();
+    assert!(
+        warned.contains("snapshot_area") && warned.contains("secondary"),
+        "no warning naming what was ignored: {warned}"
+    );
+    let kept = VaultConfig::load(&b).unwrap();
+    assert_eq!(kept.snapshot_area, None, "{kept:?}");
+    assert_eq!(kept.secondary, None, "{kept:?}");
+    assert!(kept.replicas.is_empty(), "{kept:?}");
+    assert_eq!(kept.vault_id, cfg.vault_id);
+    let out = host_b(&["--output", "json", "vault", "show", "--vault", s(&b)]);
+    let show_b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(show_b["snapshot_area"].is_null(), "{show_b}");
+
+    // A backup on B writes nothing into A's area.
+    let before: Vec<_> = std::fs::read_dir(&area_a)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let img_b = t.path().join("b.img");
+    mixed_image(&img_b, 4 << 20, 4);
+    host_b(&["backup", "--vault", s(&b), "--item", "vm-b", s(&img_b)]);
+    let after: Vec<_> = std::fs::read_dir(&area_a)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before, after, "host B wrote into host A's area");
+    assert!(!area_a.join("vm-b").exists());
+    assert!(!t.path().join("their-replica").exists());
+    // B's own setting stays B's: `vault set` keeps it out of the bucket.
+    let area_b = t.path().join("areaB");
+    host_b(&[
+        "vault",
+        "set",
+        "--vault",
+        s(&b),
+        "--snapshot-area",
+        s(&area_b),
+    ]);
+    assert_eq!(
+        VaultConfig::load(&b).unwrap().snapshot_area.as_deref(),
+        Some(area_b.as_path())
+    );
+    let c = t.path().join("hostC");
+    az.ok(&["vault", "attach", "--store", &store, "--vault", s(&c)]);
+    assert_eq!(VaultConfig::load(&c).unwrap().snapshot_area, None);
+}

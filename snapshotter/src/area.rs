@@ -188,6 +188,13 @@ impl Area {
         list(vault_dir)
             .unwrap_or_default()
             .into_iter()
+            .filter(|dir| {
+                if let Err(e) = check_real_dir(dir) {
+                    tracing::warn!(error = %e, "a snapshot area of the vault's list is no directory; it is left alone");
+                    return false;
+                }
+                true
+            })
             .filter(|dir| match read_identity(dir) {
                 Ok(Some(id)) if id.vault_id == vault_id => true,
                 Ok(None) if !dir.exists() => false,
@@ -210,6 +217,11 @@ impl Area {
     /// folder is locked, and creates the item's folder otherwise.
     pub fn check_unlocked(&self, item: &str) -> Result<PathBuf> {
         let item_dir = self.item_dir(&SafeName::new("item", item)?);
+        // Expiry deletes in the item folder as coffre's user: a planted
+        // symlink would point it elsewhere.
+        for dir in [&self.dir, &item_dir] {
+            check_real_dir(dir)?;
+        }
         for dir in [&self.dir, &item_dir] {
             if let Some(lock) = lock_of(dir) {
                 return Err(SnapError::AreaLocked {
@@ -219,7 +231,7 @@ impl Area {
             }
         }
         match private::create_dir_all(&item_dir) {
-            Ok(()) => Ok(item_dir),
+            Ok(()) => check_real_dir(&item_dir).map(|()| item_dir),
             Err(e) => match e.raw_os_error() {
                 Some(libc::EROFS) => Err(SnapError::AreaLocked {
                     dir: item_dir,
@@ -324,9 +336,35 @@ fn current_euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// Refuses a folder of areas (`<mount>/.coffre-snapshots`) that another
-/// user could have planted or may change: it must be a real directory
-/// (not a symlink), owned by `euid`, and not writable by group or others.
+/// Refuses `dir` (an area or an item folder) when something is there that
+/// is not a real directory: a symlink (even to a directory) or a file. A
+/// missing `dir` passes (it is created as a directory).
+pub fn check_real_dir(dir: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_dir() => Ok(()),
+        Ok(m) => Err(SnapError::AreaRefused {
+            dir: dir.to_path_buf(),
+            reason: format!(
+                "it is not a directory but a {}; coffre never follows it",
+                if m.file_type().is_symlink() {
+                    "symlink"
+                } else {
+                    "file"
+                }
+            ),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(SnapError::AreaUnusable {
+            dir: dir.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+/// Refuses a folder of areas (`<mount>/.coffre-snapshots`), or an area
+/// folder, that another user could have planted or may change: it must be
+/// a real directory (not a symlink), owned by `euid`, and not writable by
+/// group or others.
 fn check_root_owner(base: &Path, euid: u32) -> Result<()> {
     let refuse = |reason: String| SnapError::AreaRefused {
         dir: base.to_path_buf(),
@@ -358,6 +396,7 @@ fn check_root_owner(base: &Path, euid: u32) -> Result<()> {
 /// (`vault create/set --snapshot-area`): it is absent, empty, or already
 /// that vault's area. Nothing is written.
 pub fn check_choice(dir: &Path, vault_id: &str) -> Result<()> {
+    check_owner_if_there(dir)?;
     match read_identity(dir)? {
         Some(id) if id.vault_id == vault_id => Ok(()),
         Some(id) => Err(SnapError::AreaUnusable {
@@ -388,8 +427,21 @@ fn refuse_non_empty(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Makes `dir` an area of `owner`, or checks that it is one.
+/// [`check_root_owner`] for `dir` when something is there (a missing
+/// folder is created by coffre, private).
+fn check_owner_if_there(dir: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(dir).is_ok() {
+        check_root_owner(dir, current_euid())?;
+    }
+    Ok(())
+}
+
+/// Makes `dir` an area of `owner`, or checks that it is one. The folder,
+/// chosen or not, is held to the rule of the root of areas
+/// ([`check_root_owner`]): a folder someone else owns or may write to
+/// could be swapped for symlinks that send expiry's deletions elsewhere.
 fn claim(dir: &Path, owner: &AreaIdentity) -> Result<()> {
+    check_owner_if_there(dir)?;
     match read_identity(dir)? {
         Some(id) if id.vault_id == owner.vault_id => Ok(()),
         Some(id) => Err(SnapError::AreaUnusable {
@@ -419,6 +471,8 @@ fn claim(dir: &Path, owner: &AreaIdentity) -> Result<()> {
                 dir: dir.to_path_buf(),
                 source: e,
             })?;
+            // Checked again: something may have appeared in between.
+            check_root_owner(dir, current_euid())?;
             write_atomic(&dir.join(AREA_FILE), &identity_bytes(owner))?;
             Ok(())
         }
@@ -599,6 +653,72 @@ mod tests {
         let err = default_dir(&link, &owner("A")).unwrap_err().to_string();
         assert!(err.contains("not a directory"), "{err}");
         default_dir(&base, &owner("A")).unwrap();
+    }
+
+    #[test]
+    fn a_chosen_area_others_own_or_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let vault = t.path().join("vault");
+        std::fs::create_dir(&vault).unwrap();
+        let chosen =
+            |dir: &Path| Area::for_image(&vault, &owner("A"), Some(dir), None, Path::new("/img"));
+        // Mode 0777: anyone could swap its item folders for symlinks.
+        let open = t.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = chosen(&open).unwrap_err();
+        assert!(matches!(err, SnapError::AreaRefused { .. }), "{err}");
+        assert!(err.to_string().contains("mode 777") && err.to_string().contains(s(&open)));
+        assert!(check_choice(&open, "A").is_err());
+        assert_eq!(
+            std::fs::metadata(&open).unwrap().permissions().mode() & 0o777,
+            0o777,
+            "the folder was changed"
+        );
+        // Owned by another user.
+        if current_euid() == 0 {
+            let theirs = t.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let err = chosen(&theirs).unwrap_err().to_string();
+            assert!(err.contains("owned by uid 65534"), "{err}");
+            assert!(!theirs.join(AREA_FILE).exists());
+        }
+        // A symlink to a good folder is refused, and its target untouched.
+        let target = t.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = chosen(&link).unwrap_err().to_string();
+        assert!(err.contains("not a directory"), "{err}");
+        assert!(!target.join(AREA_FILE).exists());
+        assert_eq!(
+            std::fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        // A new folder, and a private one, are fine.
+        chosen(&t.path().join("new")).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o700)).unwrap();
+        chosen(&open).unwrap();
+        assert!(Area::known_of(&vault, "A").len() == 2);
+    }
+
+    #[test]
+    fn an_item_folder_that_is_a_symlink_or_a_file_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let area = Area::at(t.path().join("area"));
+        claim(area.dir(), &owner("A")).unwrap();
+        let elsewhere = t.path().join("etc");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, area.dir().join("vm")).unwrap();
+        let err = area.check_unlocked("vm").unwrap_err();
+        assert!(matches!(err, SnapError::AreaRefused { .. }), "{err}");
+        std::fs::write(area.dir().join("db"), b"").unwrap();
+        let err = area.check_unlocked("db").unwrap_err().to_string();
+        assert!(err.contains("file"), "{err}");
+        area.check_unlocked("ok").unwrap();
     }
 
     #[test]

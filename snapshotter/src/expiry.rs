@@ -13,6 +13,13 @@
 //! pack or clone without a manifest) go too, unless the job still runs.
 //! Snapshot files of older coffre versions (version 1) hold no data and
 //! are removed.
+//!
+//! Expiry runs as root and deletes, so it touches only what coffre
+//! writes: an item folder that is a symlink (or whose area is one) is
+//! left alone with a warning, entries that are symlinks or not regular
+//! files are skipped, and only names of coffre's own patterns
+//! ([`own_file`]) are ever deleted or punched; anything else stays, with
+//! a warning.
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -83,15 +90,25 @@ pub struct ExpiryReport {
 
 /// The complete snapshots in an item folder, oldest first, and the paths
 /// of files there that are not one (leftovers, unreadable manifests).
+///
+/// Only regular files named by coffre's patterns ([`own_file`]) count;
+/// an item folder that is (or whose area is) a symlink or no directory
+/// holds nothing.
 pub fn scan(item_dir: &Path) -> (Vec<SnapInfo>, Vec<PathBuf>) {
     let mut snaps = Vec::new();
     let mut other = Vec::new();
+    if !real_item_dir(item_dir) {
+        return (snaps, other);
+    }
     let Ok(entries) = std::fs::read_dir(item_dir) else {
         return (snaps, other);
     };
     for e in entries.flatten() {
         let path = e.path();
         let name = e.file_name().to_string_lossy().into_owned();
+        if !is_own_regular_file(&e, &name) {
+            continue;
+        }
         let is_manifest = name.ends_with(".snap") && !name.contains(".pass");
         match is_manifest.then(|| summary(&path)) {
             Some(Ok((header, meta, trailer))) => snaps.push(SnapInfo {
@@ -129,7 +146,64 @@ pub fn snapshots_of(vault_dir: &Path, item: &str) -> Vec<SnapInfo> {
 /// `JOB.snap.tmp`, `JOB.pass2.snap`, `JOB.pack`, `JOB.img`).
 fn job_of(path: &Path) -> Option<String> {
     let name = path.file_name()?.to_string_lossy().into_owned();
-    name.split('.').next().map(str::to_string)
+    own_file(&name).map(str::to_string)
+}
+
+/// The job of `name` when it is one of the names coffre writes into an
+/// item folder: `JOB.snap`, `JOB.snap.tmp`, `JOB.passN.snap`,
+/// `JOB.passN.snap.tmp`, `JOB.pack` or `JOB.img`, `JOB` being a job id
+/// (letters, digits, `_`, `-`; a letter or digit first). Anything else is
+/// not coffre's and is never deleted.
+pub fn own_file(name: &str) -> Option<&str> {
+    let (job, rest) = name.split_once('.')?;
+    let job_ok = job
+        .as_bytes()
+        .first()
+        .is_some_and(u8::is_ascii_alphanumeric)
+        && job.len() <= coffre_vault_store::name::MAX_NAME_LEN
+        && job
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !job_ok {
+        return None;
+    }
+    let rest = rest
+        .strip_suffix(".tmp")
+        .filter(|r| r.ends_with("snap"))
+        .unwrap_or(rest);
+    let ok = match rest {
+        "snap" | "pack" | "img" => true,
+        _ => rest
+            .strip_prefix("pass")
+            .and_then(|r| r.strip_suffix(".snap"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+    };
+    ok.then_some(job)
+}
+
+/// True when the entry is a regular file (not a symlink) with one of
+/// coffre's names; warns about anything else.
+fn is_own_regular_file(e: &std::fs::DirEntry, name: &str) -> bool {
+    // `file_type` does not follow a symlink.
+    let regular = e.file_type().is_ok_and(|t| t.is_file());
+    if regular && own_file(name).is_some() {
+        return true;
+    }
+    tracing::warn!(file = %e.path().display(), "not a snapshot file of coffre (a symlink, a folder or another name); left alone");
+    false
+}
+
+/// True when `item_dir` and its area are real directories (or the item
+/// folder is absent); warns otherwise.
+fn real_item_dir(item_dir: &Path) -> bool {
+    let parent = item_dir.parent().filter(|p| !p.as_os_str().is_empty());
+    for dir in parent.into_iter().chain([item_dir]) {
+        if let Err(e) = crate::area::check_real_dir(dir) {
+            tracing::warn!(error = %e, "snapshots there are neither listed nor expired");
+            return false;
+        }
+    }
+    true
 }
 
 /// Expires the snapshots in `item_dir` captured at or before `cutoff`,
@@ -210,12 +284,15 @@ pub fn expire(
             }
         }
     }
+    if !real_item_dir(item_dir) {
+        return Ok(report);
+    }
     let Ok(entries) = std::fs::read_dir(item_dir) else {
         return Ok(report);
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if !name.ends_with(".pack") {
+        if !name.ends_with(".pack") || !is_own_regular_file(&e, &name) {
             continue;
         }
         let path = e.path();
@@ -256,7 +333,12 @@ fn remove(path: &Path) -> u64 {
 /// punch keeps the bytes until the pack is deleted.
 fn punch_dead(path: &Path, live: &mut [(u64, u64)]) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    let Ok(f) = std::fs::OpenOptions::new().write(true).open(path) else {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(f) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    else {
         return 0;
     };
     if coffre_vault_store::store::local::shared_with_snapshot(&f) {
@@ -294,7 +376,7 @@ mod tests {
     use super::*;
     use crate::pack::RecordBuf;
     use crate::read::SnapshotBlocks;
-    use crate::test_support::{BS, area_in, noise, take_snapshot};
+    use crate::test_support::{BS, area_in, count_warnings, noise, take_snapshot};
 
     fn take(area: &Area, vault: &Path, job: &str, image: &[u8], at: i64) -> SnapInfo {
         let manifest = take_snapshot(area, vault, job, image, at);
@@ -378,5 +460,132 @@ mod tests {
         assert_eq!(r.expired.len(), 1);
         assert!(r.expired[0].only_copy);
         assert_eq!(r.packs_deleted, 3, "{r:?}");
+    }
+
+    fn expire_all(dir: &Path) -> ExpiryReport {
+        expire(
+            dir,
+            Timestamp::from_second(9_999).unwrap(),
+            &|_| false,
+            &|_| false,
+            false,
+        )
+        .unwrap()
+    }
+
+    /// Files named as coffre names its own (and others), in `dir`.
+    fn plant(dir: &Path) -> Vec<PathBuf> {
+        let names = [
+            "passwd",
+            "j9.snap.tmp",
+            "j9.pack",
+            "j9.img",
+            "j9.pass1.snap",
+        ];
+        names
+            .iter()
+            .map(|n| {
+                let p = dir.join(n);
+                std::fs::write(&p, vec![7u8; 8192]).unwrap();
+                p
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_item_folder_swapped_for_a_symlink_is_not_followed() {
+        let t = tempfile::tempdir().unwrap();
+        let (vault, area) = area_in(t.path());
+        take(&area, &vault, "j1", &noise(1, 8 * BS), 1_000);
+        let dir = area.item_dir(&SafeName::new("item", "vm").unwrap());
+        // Someone swaps the item folder for a symlink to another folder.
+        let sentinel = t.path().join("etc");
+        std::fs::create_dir(&sentinel).unwrap();
+        let planted = plant(&sentinel);
+        std::fs::rename(&dir, t.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(&sentinel, &dir).unwrap();
+        let (r, warned) = count_warnings(|| expire_all(&dir));
+        assert!(warned > 0, "no warning");
+        assert_eq!(r.expired.len() + r.leftovers_removed as usize, 0, "{r:?}");
+        assert_eq!(r.packs_deleted, 0, "{r:?}");
+        for p in &planted {
+            assert_eq!(
+                std::fs::read(p).unwrap(),
+                vec![7u8; 8192],
+                "{}",
+                p.display()
+            );
+        }
+        assert!(scan(&dir).0.is_empty() && scan(&dir).1.is_empty());
+        // Backups refuse the folder too.
+        let err = area.check_unlocked("vm").unwrap_err();
+        assert!(
+            matches!(err, crate::error::SnapError::AreaRefused { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("symlink"), "{err}");
+    }
+
+    #[test]
+    fn only_coffres_own_regular_files_are_deleted() {
+        let t = tempfile::tempdir().unwrap();
+        let (vault, area) = area_in(t.path());
+        take(&area, &vault, "j1", &noise(1, 8 * BS), 1_000);
+        let dir = area.item_dir(&SafeName::new("item", "vm").unwrap());
+        // A leftover of a dead job goes; other names and symlinks stay.
+        let dead = dir.join("dead.snap.tmp");
+        std::fs::write(&dead, b"x").unwrap();
+        let foreign = [
+            "notes.txt",
+            "README",
+            ".hidden.snap",
+            "a.b.snap.tmp",
+            "x.snap.bak",
+        ];
+        for n in foreign {
+            std::fs::write(dir.join(n), b"mine").unwrap();
+        }
+        let outside = t.path().join("outside.pack");
+        std::fs::write(&outside, vec![1u8; 8192]).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("zz.pack")).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("zz.img")).unwrap();
+        let (r, warned) = count_warnings(|| expire_all(&dir));
+        assert!(warned >= foreign.len(), "{warned} warnings");
+        assert_eq!(r.expired.len(), 1, "{r:?}");
+        assert!(!dead.exists());
+        assert!(!dir.join("j1.pack").exists() && !dir.join("j1.snap").exists());
+        for n in foreign {
+            assert_eq!(std::fs::read(dir.join(n)).unwrap(), b"mine", "{n}");
+        }
+        assert!(dir.join("zz.pack").symlink_metadata().is_ok());
+        assert!(dir.join("zz.img").symlink_metadata().is_ok());
+        assert_eq!(std::fs::read(&outside).unwrap(), vec![1u8; 8192]);
+    }
+
+    #[test]
+    fn coffres_names_are_recognised() {
+        for n in [
+            "j1.snap",
+            "j1.snap.tmp",
+            "j1.pass2.snap",
+            "j1.pass12.snap.tmp",
+            "direct1a2b.pack",
+            "0000000000000bad.img",
+        ] {
+            assert!(own_file(n).is_some(), "{n}");
+        }
+        for n in [
+            "passwd",
+            "j1.tmp",
+            "j1.pass.snap",
+            "j1.passx.snap",
+            ".j1.snap",
+            "a.b.snap",
+            "j1.snap.bak",
+            "j1.pack.tmp",
+            "area",
+        ] {
+            assert!(own_file(n).is_none(), "{n}");
+        }
     }
 }

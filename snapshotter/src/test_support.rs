@@ -108,3 +108,31 @@ pub fn cut(path: &Path, len: u64) {
         .set_len(len)
         .unwrap();
 }
+
+/// Runs `f` and returns its result with the number of warnings it logged
+/// (on this thread).
+pub fn count_warnings<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    struct Count(Arc<AtomicUsize>);
+    impl tracing::Subscriber for Count {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, e: &tracing::Event<'_>) {
+            if *e.metadata().level() == tracing::Level::WARN {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+    let n = Arc::new(AtomicUsize::new(0));
+    let out = tracing::subscriber::with_default(Count(n.clone()), f);
+    (out, n.load(Ordering::SeqCst))
+}

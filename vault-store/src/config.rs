@@ -155,6 +155,25 @@ impl VaultConfig {
         }
     }
 
+    /// The config without the host-local settings a shared vault's store
+    /// must not choose for its hosts: the snapshot area (where a host
+    /// writes, as root, full-disk snapshots) and the replicas and secondary
+    /// (where a host copies the vault). Returns it with the names of the
+    /// settings it dropped. Each host sets its own with `coffre vault set`.
+    pub fn without_host_settings(mut self) -> (VaultConfig, Vec<&'static str>) {
+        let mut dropped = Vec::new();
+        if self.snapshot_area.take().is_some() {
+            dropped.push("snapshot_area");
+        }
+        if !std::mem::take(&mut self.replicas).is_empty() {
+            dropped.push("replicas");
+        }
+        if self.secondary.take().is_some() {
+            dropped.push("secondary");
+        }
+        (self, dropped)
+    }
+
     /// Encodes the config into its envelope.
     pub fn encode(&self) -> Vec<u8> {
         let body = serde_json::to_vec_pretty(self).unwrap_or_default();

@@ -141,7 +141,9 @@ pub fn create_in_store(dir: &Path, url: &str, mut config: VaultConfig) -> Result
     }
     store.put(COPY_FILE, &identity(&config))?;
     // The config is the store's last file: a store without it is no vault.
-    if !store.put_new(CONFIG_FILE, &config.encode())? {
+    // It holds no host-local setting (this host keeps its own in its cache).
+    let (shared, _) = config.clone().without_host_settings();
+    if !store.put_new(CONFIG_FILE, &shared.encode())? {
         return Err(StoreError::InvalidSetting {
             field: "store",
             reason: format!("{url}: another host created a vault there at the same moment"),
@@ -168,6 +170,7 @@ pub fn attach(dir: &Path, url: &str, wait: Duration) -> Result<Vault> {
         });
     };
     let config = VaultConfig::decode(&bytes, Path::new(&format!("{url}/{CONFIG_FILE}")))?;
+    let config = host_config(config, &url);
     write_cache(dir, &url, store.as_ref(), &config)?;
     // A GRS secondary in a container keeps its role: its cache reads, and
     // never writes, the copy.
@@ -186,6 +189,19 @@ pub fn attach(dir: &Path, url: &str, wait: Duration) -> Result<Vault> {
     let (vault, report) = crate::rebuild::rebuild_index(dir, dir, wait)?;
     tracing::info!(vault = %dir.display(), %url, chunks = report.chunks, points = report.points, "attached to the shared vault");
     Ok(vault)
+}
+
+/// The config a host keeps in its cache from the store's `config`: the
+/// store's, without the host-local settings (snapshot area, replicas,
+/// secondary; [`VaultConfig::without_host_settings`]). The store is
+/// shared with other hosts: it must not choose where this host writes
+/// snapshots as root or where it copies the vault to.
+pub fn host_config(config: VaultConfig, url: &str) -> VaultConfig {
+    let (config, dropped) = config.without_host_settings();
+    if !dropped.is_empty() {
+        tracing::warn!(store = %url, ignored = ?dropped, "the shared vault's config sets host-local settings; they are ignored (each host sets its own with `coffre vault set`)");
+    }
+    config
 }
 
 /// Fails with one clear line when the container or bucket `url` names

@@ -478,8 +478,17 @@ impl Vault {
     }
 
     /// Replaces the vault config on every synchronous copy.
+    /// In a shared vault the store gets the config without the host-local
+    /// settings ([`VaultConfig::without_host_settings`]), which go to this
+    /// host's cache alone.
     pub fn store_config(&self, cfg: &VaultConfig) -> Result<()> {
         cfg.validate()?;
+        if self.remote.is_some() {
+            let (shared, _) = cfg.clone().without_host_settings();
+            self.copies
+                .for_each_sync(|c| c.store.put(crate::config::CONFIG_FILE, &shared.encode()))?;
+            return cfg.store(&self.dir);
+        }
         let bytes = cfg.encode();
         self.copies
             .for_each_sync(|c| c.store.put(crate::config::CONFIG_FILE, &bytes))
