@@ -223,3 +223,67 @@ fn a_segment_the_index_does_not_know_is_quarantined_reported_and_collected() {
     let verify = json(&["verify", "--vault", v]);
     assert!(!verify.to_string().contains("quarantined"), "{verify}");
 }
+
+/// The newest point manifest of item `vm` in the copy at `dir`.
+fn newest_manifest(dir: &Path) -> PathBuf {
+    let mut m: Vec<PathBuf> = fs::read_dir(dir.join("points").join("vm"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "point"))
+        .collect();
+    m.sort();
+    m.pop().unwrap()
+}
+
+fn flip_middle(path: &Path) {
+    let mut b = fs::read(path).unwrap();
+    let n = b.len() / 2;
+    b[n] ^= 0x21;
+    fs::write(path, &b).unwrap();
+}
+
+#[test]
+fn a_manifest_damaged_on_the_primary_survives_rebuild_and_gc_and_one_damaged_everywhere_stops_the_rebuild()
+ {
+    let t = tempfile::tempdir().unwrap();
+    let r1 = t.path().join("r1");
+    let vault = new_vault(t.path(), &["--replica", s(&r1)]);
+    let v = s(&vault);
+    let img = t.path().join("vm.img");
+    mixed_image(&img, 8 << 20, 5);
+    let mut acked: Vec<(String, PathBuf)> = Vec::new();
+    for n in 0..2 {
+        if n > 0 {
+            churn(&img, 40, 60_000, 6);
+        }
+        ok(&["backup", "--vault", v, "--item", "vm", s(&img)]);
+        let id = vault_points(&vault, "vm").last().unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let keep = t.path().join(format!("point-{n}.img"));
+        fs::copy(&img, &keep).unwrap();
+        acked.push((id, keep));
+    }
+    let manifest = newest_manifest(&vault);
+    let name = manifest.strip_prefix(&vault).unwrap().to_path_buf();
+    flip_middle(&manifest);
+    ok(&["vault", "rebuild-index", "--vault", v]);
+    ok(&["gc", "--vault", v]);
+    all_restore(&vault, &acked, t.path(), "after rebuild and gc");
+    let alone = t.path().join("r1-alone");
+    copy_tree(&r1, &alone);
+    all_restore(&alone, &acked, t.path(), "replica, after rebuild and gc");
+    fs::remove_dir_all(&alone).unwrap();
+    // Damaged on every copy: the rebuild stops, names the file, and
+    // leaves the index incomplete with every copy as it was.
+    flip_middle(&r1.join(&name));
+    let before = (segment_sizes(&vault), segment_sizes(&r1));
+    let err = fails(&["vault", "rebuild-index", "--vault", v], 13);
+    assert!(err.contains(&name.to_string_lossy().into_owned()), "{err}");
+    assert!(err.contains("rebuild-index` again"), "{err}");
+    assert_eq!((segment_sizes(&vault), segment_sizes(&r1)), before);
+    assert!(r1.join(&name).is_file() && manifest.is_file());
+    fails(&["gc", "--vault", v], 13);
+}

@@ -44,7 +44,7 @@ fn store_code(e: &StoreError) -> u8 {
         | StoreError::UnsupportedVersion { .. }
         | StoreError::CorruptConfig { .. } => NOT_A_VAULT,
         StoreError::NoSpace { .. } => NO_SPACE,
-        StoreError::IndexIncomplete { .. } => INDEX_INCOMPLETE,
+        StoreError::IndexIncomplete { .. } | StoreError::RebuildRefused { .. } => INDEX_INCOMPLETE,
         StoreError::CopyUnavailable { .. } | StoreError::Object { .. } => COPY_UNAVAILABLE,
         StoreError::CorruptChunk { .. } | StoreError::ChunkMissing { .. } => DAMAGED,
         _ => FAILURE,

@@ -206,6 +206,19 @@ pub enum StoreError {
         reason: String,
     },
 
+    /// A rebuild of the index found what it cannot judge (a catalog file
+    /// no copy holds decodable, a segment a read failed in) and left the
+    /// index incomplete instead of installing one that lacks it.
+    #[error(
+        "vault {path}: the index was not rebuilt, and stays incomplete (nothing was deleted or cut): {reason}"
+    )]
+    RebuildRefused {
+        /// The vault directory.
+        path: PathBuf,
+        /// What it could not read, naming the files, and what to do.
+        reason: String,
+    },
+
     /// A shared GC found what it cannot judge (an undecodable point, an
     /// unreadable lease or segment) and stopped before deleting anything.
     #[error("GC of {url} stopped, nothing was condemned or deleted: {reason}")]

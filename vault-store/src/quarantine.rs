@@ -12,8 +12,10 @@
 //! index shows they are unreferenced:
 //! - a segment, when every record in it holds a chunk the index places in
 //!   another segment, or one it neither places nor counts a reference to;
-//! - a point manifest, when the index has no such point and its block-map
-//!   root is not referenced;
+//! - a point manifest, only when the index has that same point (item and
+//!   sequence number): a manifest of a point the index does not know stays,
+//!   whatever the index says of its chunks (they may look unreferenced
+//!   precisely because the index lacks the point);
 //! - an item file, when the index has no point of that item; a policy
 //!   file, always (a policy is settings, not data).
 //!
@@ -148,12 +150,13 @@ fn unreferenced(store: &dyn Store, index: &Index, q: &str) -> Result<bool> {
             let Ok(p) = catalog_files::decode_point(&bytes) else {
                 return Ok(false);
             };
-            if index.points(&p.item)?.iter().any(|k| k.seq == p.seq) {
-                // The index has this point: the file is only stale.
-                return Ok(true);
-            }
-            let referenced = index.chunk_ref(&p.block_map)?.is_some_and(|e| e.count > 0);
-            Ok(!referenced && index.chunk(&p.block_map)?.is_none())
+            // Only when the index has this point is the file only stale.
+            // A point the index does not know may be one a rebuild or a
+            // copy missed, and this file its last manifest: whether its
+            // chunks are placed says nothing (GC may have unplaced them
+            // because the index lacked the point), so it stays and
+            // `coffre verify` reports it.
+            Ok(index.points(&p.item)?.iter().any(|k| k.seq == p.seq))
         }
         ITEMS_DIR => {
             let Some(bytes) = store.get(q)? else {

@@ -1,9 +1,15 @@
 //! `vault rebuild-index`: the RocksDB index is a cache of the copies, and
-//! this rebuilds it from one copy alone.
+//! this rebuilds it from them.
 //!
-//! The copy's segments are scanned record by record ([`crate::scan`]) for
-//! the chunk locations; its catalog files give the items, policies and
-//! points. Where a chunk appears more than once (a GC rewrite whose old
+//! The source copy's segments are scanned record by record
+//! ([`crate::scan`]) for the chunk locations; the catalog files of every
+//! readable synchronous copy (source first) give the items, policies and
+//! points, each file from the first copy whose bytes decode
+//! ([`index_catalog`]), so a point on any copy is indexed. A catalog file
+//! that decodes on no copy, or a segment a read failed in on every copy,
+//! stops the rebuild before the index is installed ([`refusal`]): an index
+//! that lacks them would let the next writer quarantine that point's
+//! manifests and GC its chunks, or cut the segment at the failure. Where a chunk appears more than once (a GC rewrite whose old
 //! segment was not yet deleted, a backup that crashed after its fsync), the
 //! copy in the newest segment wins. The reference counts are then derived
 //! from the points exactly as the one-time upgrade does, the first writer
@@ -80,6 +86,18 @@ const BATCH_CHUNKS: usize = 50_000;
 /// (`dir` itself, a replica or the secondary) and returns the vault open
 /// for writing.
 pub fn rebuild_index(dir: &Path, source: &Path, wait: Duration) -> Result<(Vault, RebuildReport)> {
+    rebuild_index_with(dir, source, wait, None)
+}
+
+/// [`rebuild_index`], with each store the rebuild reads wrapped by `wrap`
+/// (the source as [`crate::catalog_files::Role::Primary`], the other copies as
+/// replicas): tests inject read errors this way.
+pub(crate) fn rebuild_index_with(
+    dir: &Path,
+    source: &Path,
+    wait: Duration,
+    wrap: Option<crate::copies::StoreWrap>,
+) -> Result<(Vault, RebuildReport)> {
     let started = std::time::Instant::now();
     if !dir.join(crate::config::CONFIG_FILE).is_file() {
         return Err(StoreError::NotAVault {
@@ -91,6 +109,10 @@ pub fn rebuild_index(dir: &Path, source: &Path, wait: Duration) -> Result<(Vault
         crate::copies::primary_store(dir)?
     } else {
         Arc::new(LocalStore::new(source))
+    };
+    let store = match &wrap {
+        Some(w) => w(crate::catalog_files::Role::Primary, store),
+        None => store,
     };
     if source != dir {
         crate::copies::check_copy(store.as_ref(), source, &config.vault_id, false).map_err(
@@ -116,10 +138,28 @@ pub fn rebuild_index(dir: &Path, source: &Path, wait: Duration) -> Result<(Vault
         // The catalog first: in a shared vault other hosts keep writing,
         // and a point's manifest is written only after its segments, so
         // segments listed after the manifests hold every chunk they name.
-        index_catalog(store.as_ref(), &index, &mut report)?;
-        let others = other_copies(dir, source, &config);
+        let mut others = other_copies(dir, source, &config);
+        if let Some(w) = &wrap {
+            others = others
+                .into_iter()
+                .map(|o| w(crate::catalog_files::Role::Replica, o))
+                .collect();
+        }
+        index_catalog(store.as_ref(), &others, &index, &mut report)?;
         index_segments(store.as_ref(), &others, &index, &mut report)?;
         index.flush()?;
+    }
+    // An index that lacks a point some copy holds, or the records past a
+    // read error, is not installed: the next writer would quarantine the
+    // point's manifests and GC its chunks, or cut the segment's copies to
+    // where the read failed. The marker stays; the old index is untouched.
+    if let Some(reason) = refusal(&report) {
+        drop(std::fs::remove_dir_all(&built));
+        tracing::error!(vault = %dir.display(), %reason, "index not rebuilt");
+        return Err(StoreError::RebuildRefused {
+            path: dir.to_path_buf(),
+            reason,
+        });
     }
     crate::index_state::install_rebuilt(dir)?;
     drop(lock);
@@ -131,6 +171,25 @@ pub fn rebuild_index(dir: &Path, source: &Path, wait: Duration) -> Result<(Vault
     report.duration_ms = started.elapsed().as_millis() as u64;
     tracing::info!(vault = %dir.display(), source = %source.display(), chunks = report.chunks, points = report.points, "rebuilt the index");
     Ok((vault, report))
+}
+
+/// Why the index built into `report` must not be installed, if it must
+/// not.
+fn refusal(report: &RebuildReport) -> Option<String> {
+    let mut problems = Vec::new();
+    if !report.bad_files.is_empty() {
+        problems.push(format!(
+            "catalog files no copy holds in a form that decodes: {} (the points, items or policies they hold would be missing from the index, and the next writer and gc would discard what they need). If such a file is garbage (say, a manifest of a backup that never finished), move it out of the vault by hand on every copy; otherwise restore it from a backup of the vault. Then run `coffre vault rebuild-index` again",
+            report.bad_files.join("; ")
+        ));
+    }
+    if !report.unreadable_segments.is_empty() {
+        problems.push(format!(
+            "segments a read failed in, on every copy that holds them: {} (the records past the failure would be missing from the index, and the next writer would cut every copy to where the read failed). Make the storage answer, or rebuild from another copy with `--from COPY`, then run `coffre vault rebuild-index` again",
+            report.unreadable_segments.join("; ")
+        ));
+    }
+    (!problems.is_empty()).then(|| problems.join("; "))
 }
 
 /// The other synchronous copies of a local vault (its directory and its
@@ -155,6 +214,20 @@ fn other_copies(
         })
         .map(|d| Arc::new(LocalStore::new(d)) as SharedStore)
         .collect()
+}
+
+/// Scan of segment `name` (`id`) on `store`, when every read of it
+/// succeeded.
+fn whole_scan(store: &dyn Store, id: u64, name: &str) -> Option<crate::scan::Scan> {
+    let size = store.size(name).ok().flatten()?;
+    let mut ok = true;
+    let mut read = |off: u64, buf: &mut [u8]| {
+        let r = store.read_at(name, off, buf).is_ok();
+        ok &= r;
+        r
+    };
+    let scan = scan_segment(id, size, &mut read);
+    ok.then_some(scan)
 }
 
 /// Intact records of segment `name` in `store` that follow one another
@@ -242,7 +315,29 @@ fn index_segments(
         };
         let mut scan = scan_segment(id, size, &mut read);
         if let Some(e) = failed {
-            report.unreadable_segments.push(format!("{name}: {e}"));
+            // Another copy may hold the whole segment readable: its scan
+            // stands in when it reaches at least as far as this copy's
+            // bytes (so no record this copy may hold past the failure is
+            // left out). Otherwise the rebuild refuses (see `refusal`).
+            let mut alternates: Vec<&dyn Store> = Vec::new();
+            if !std::ptr::addr_eq(base, store) {
+                alternates.push(store);
+            }
+            for o in others {
+                if !std::ptr::addr_eq(o.as_ref(), base) {
+                    alternates.push(o.as_ref());
+                }
+            }
+            match alternates
+                .into_iter()
+                .find_map(|a| whole_scan(a, id, &name).filter(|s| s.end >= size))
+            {
+                Some(whole) => {
+                    tracing::warn!(segment = %name, error = %e, "a read failed; scanned the segment on another copy");
+                    scan = whole;
+                }
+                None => report.unreadable_segments.push(format!("{name}: {e}")),
+            }
         }
         if let Some(p) = &scan.header_problem {
             report.bad_headers.push(format!("{name}: {p}"));
@@ -309,41 +404,83 @@ fn index_segments(
     Ok(())
 }
 
-fn index_catalog(store: &dyn Store, index: &Index, report: &mut RebuildReport) -> Result<()> {
-    let mut batch = IndexBatch::default();
-    for name in catalog_files::list_all(store)? {
-        let Some(bytes) = store.get(&name)? else {
-            continue;
-        };
-        let bad = |e: String| format!("{name}: {e}");
-        if name.starts_with(POINTS_DIR) {
-            match catalog_files::decode_point(&bytes) {
-                Ok(p) => {
-                    batch.put_point(p);
-                    report.points += 1;
-                }
-                Err(e) => report.bad_files.push(bad(e)),
-            }
-        } else if name.starts_with(ITEMS_DIR) {
-            match catalog_files::decode_item(&bytes) {
-                Ok(i) => {
-                    batch.put_item(i);
-                    report.items += 1;
-                }
-                Err(e) => report.bad_files.push(bad(e)),
-            }
-        } else if name.starts_with(POLICIES_DIR) {
-            match catalog_files::decode_policy(&bytes) {
-                Ok(p) => {
-                    batch.put_policy_value(&p.name, &p.policy);
-                    report.policies += 1;
-                }
-                Err(e) => report.bad_files.push(bad(e)),
+/// Indexes the items, policies and points of the catalog files of every
+/// copy: the source and `others` (the vault's other synchronous copies).
+/// A file is read from the first copy, source first, whose bytes decode;
+/// one that decodes on no copy holding it goes to `report.bad_files`
+/// (the rebuild then refuses to install the index). So a point present
+/// on any copy is indexed: a source that lags (the secondary, a replica
+/// that missed a backup) or holds a damaged manifest loses no point.
+fn index_catalog(
+    store: &dyn Store,
+    others: &[SharedStore],
+    index: &Index,
+    report: &mut RebuildReport,
+) -> Result<()> {
+    let mut copies: Vec<&dyn Store> = vec![store];
+    copies.extend(others.iter().map(|o| o.as_ref() as &dyn Store));
+    let mut names: Vec<String> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    for c in &copies {
+        for n in catalog_files::list_all(*c)? {
+            if seen.insert(n.clone()) {
+                names.push(n);
             }
         }
     }
+    let mut batch = IndexBatch::default();
+    for name in names {
+        let mut errors: Vec<String> = Vec::new();
+        let mut done = false;
+        for (i, c) in copies.iter().enumerate() {
+            let bytes = match c.get(&name) {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                // The source must answer; another copy that does not is
+                // only one place less to look.
+                Err(e) if i == 0 => return Err(e),
+                Err(e) => {
+                    errors.push(format!("{}: {e}", c.location()));
+                    continue;
+                }
+            };
+            let decoded = if name.starts_with(POINTS_DIR) {
+                catalog_files::decode_point(&bytes).map(|p| {
+                    batch.put_point(p);
+                    report.points += 1;
+                })
+            } else if name.starts_with(ITEMS_DIR) {
+                catalog_files::decode_item(&bytes).map(|it| {
+                    batch.put_item(it);
+                    report.items += 1;
+                })
+            } else if name.starts_with(POLICIES_DIR) {
+                catalog_files::decode_policy(&bytes).map(|p| {
+                    batch.put_policy_value(&p.name, &p.policy);
+                    report.policies += 1;
+                })
+            } else {
+                Ok(())
+            };
+            match decoded {
+                Ok(()) => {
+                    if i > 0 {
+                        tracing::warn!(file = %name, copy = %c.location(), "read a catalog file from another copy (the source lacks it or cannot decode it)");
+                    }
+                    done = true;
+                    break;
+                }
+                Err(e) => errors.push(format!("{}: {e}", c.location())),
+            }
+        }
+        if !done && !errors.is_empty() {
+            report
+                .bad_files
+                .push(format!("{name} ({})", errors.join(", ")));
+        }
+    }
     for bad in &report.bad_files {
-        tracing::warn!(file = %bad, "skipping a catalog file that cannot be read (`coffre verify` reports it)");
+        tracing::warn!(file = %bad, "a catalog file no copy holds in a form that decodes");
     }
     index.commit(batch.without_files())
 }

@@ -346,3 +346,229 @@ fn a_rebuild_from_a_short_copy_keeps_the_longer_copys_records() {
         assert_eq!(&v.read_chunk(&ChunkId::of(b)).unwrap(), b);
     }
 }
+
+fn point_file(seq: u64) -> String {
+    crate::catalog_files::point_file("i", seq)
+}
+
+/// Every chunk of `bl` and the block-map root of point `seq` are placed by
+/// the index of `v` and intact in each of `dirs`.
+fn point_intact(v: &Vault, seq: u64, bl: &[Vec<u8>], dirs: &[&Path]) {
+    let p = v
+        .points("i")
+        .unwrap()
+        .into_iter()
+        .find(|p| p.seq == seq)
+        .unwrap_or_else(|| panic!("point {seq} is missing from the index"));
+    let ids: Vec<ChunkId> = bl
+        .iter()
+        .map(|b| ChunkId::of(b))
+        .chain([p.block_map])
+        .collect();
+    for id in ids {
+        let loc = v
+            .index()
+            .chunk(&id)
+            .unwrap()
+            .unwrap_or_else(|| panic!("chunk {id} of point {seq} is not placed"));
+        for d in dirs {
+            let seg = std::fs::read(d.join(segment_name(loc.segment))).unwrap();
+            let rec = &seg[loc.offset as usize..(loc.offset + u64::from(loc.len)) as usize];
+            assert!(
+                crate::record::record_intact(rec, None),
+                "chunk {id} of point {seq} is damaged in {}",
+                d.display()
+            );
+        }
+    }
+    for b in bl {
+        assert_eq!(&v.read_chunk(&ChunkId::of(b)).unwrap(), b);
+    }
+}
+
+/// A vault with a replica and two points; returns (primary, replica,
+/// blocks of point 1, blocks of point 2).
+fn two_points(t: &Path) -> (PathBuf, PathBuf, Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let vdir = t.join("v");
+    let r1 = t.join("r1");
+    let v = Vault::create(&vdir, config(vec![r1.clone()], None)).unwrap();
+    let (b1, b2) = (blocks(21, 6), blocks(22, 6));
+    store_point(&v, 1, &b1);
+    store_point(&v, 2, &b2);
+    drop(v);
+    (vdir, r1, b1, b2)
+}
+
+fn damage(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x55;
+    std::fs::write(path, &bytes).unwrap();
+}
+
+#[test]
+fn a_rebuild_reads_a_manifest_the_source_cannot_decode_from_another_copy_and_gc_keeps_the_point() {
+    let t = tempfile::tempdir().unwrap();
+    let (vdir, r1, b1, b2) = two_points(t.path());
+    // Bit rot in point 2's manifest on the primary only.
+    damage(&vdir.join(point_file(2)));
+    let (v, report) =
+        crate::rebuild::rebuild_index(&vdir, &vdir, std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(report.points, 2, "{report:?}");
+    assert!(report.bad_files.is_empty(), "{report:?}");
+    let gc = crate::gc::run(&v).unwrap();
+    drop(v);
+    // The replica's manifest was never quarantined.
+    assert!(r1.join(point_file(2)).is_file(), "{gc:?}");
+    let v = Vault::open(&vdir, Access::Write).unwrap();
+    let gc = crate::gc::run(&v).unwrap();
+    point_intact(&v, 1, &b1, &[&vdir, &r1]);
+    point_intact(&v, 2, &b2, &[&vdir, &r1]);
+    assert!(r1.join(point_file(2)).is_file(), "{gc:?}");
+}
+
+#[test]
+fn a_rebuild_from_a_replica_that_lacks_the_newest_manifest_keeps_the_point() {
+    let t = tempfile::tempdir().unwrap();
+    let (vdir, r1, b1, b2) = two_points(t.path());
+    // The replica missed point 2's manifest (it lags, or lost it).
+    std::fs::remove_file(r1.join(point_file(2))).unwrap();
+    let (v, report) =
+        crate::rebuild::rebuild_index(&vdir, &r1, std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(report.points, 2, "{report:?}");
+    crate::gc::run(&v).unwrap();
+    point_intact(&v, 1, &b1, &[&vdir, &r1]);
+    point_intact(&v, 2, &b2, &[&vdir, &r1]);
+    // The next writer's open put the manifest back on the replica.
+    assert!(r1.join(point_file(2)).is_file());
+    assert!(vdir.join(point_file(2)).is_file());
+}
+
+#[test]
+fn a_rebuild_refuses_a_manifest_no_copy_can_decode_and_changes_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let (vdir, r1, b1, _) = two_points(t.path());
+    for d in [&vdir, &r1] {
+        damage(&d.join(point_file(2)));
+    }
+    let before = (files_under(&vdir), files_under(&r1));
+    match crate::rebuild::rebuild_index(&vdir, &vdir, std::time::Duration::from_secs(5)) {
+        Err(e @ StoreError::RebuildRefused { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(&point_file(2)), "{msg}");
+            assert!(msg.contains("rebuild-index` again"), "{msg}");
+            assert!(msg.contains("move it out of the vault"), "{msg}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok((_, report)) => panic!("the rebuild installed an index: {report:?}"),
+    }
+    assert!(!crate::index_state::is_complete(&vdir));
+    assert!(matches!(
+        Vault::open(&vdir, Access::Write),
+        Err(StoreError::IndexIncomplete { .. })
+    ));
+    assert_eq!((files_under(&vdir), files_under(&r1)), before);
+    assert!(!vdir.join("quarantine").exists() && !r1.join("quarantine").exists());
+    // The user moves the garbage away by hand; the rebuild then finishes.
+    for d in [&vdir, &r1] {
+        std::fs::rename(d.join(point_file(2)), t.path().join("moved")).unwrap();
+    }
+    let (v, report) =
+        crate::rebuild::rebuild_index(&vdir, &vdir, std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(report.points, 1, "{report:?}");
+    point_intact(&v, 1, &b1, &[&vdir, &r1]);
+}
+
+/// A store whose segment reads fail (for `copies`' roles).
+fn failing_reads(
+    roles: &'static [crate::catalog_files::Role],
+) -> (crate::copies::StoreWrap, crate::store::fault::Faults) {
+    let faults = crate::store::fault::Faults::default();
+    let f = faults.clone();
+    let wrap: crate::copies::StoreWrap = std::sync::Arc::new(move |role, s| {
+        if roles.contains(&role) {
+            std::sync::Arc::new(crate::store::fault::FaultStore::new(s, f.clone()))
+                as crate::store::SharedStore
+        } else {
+            s
+        }
+    });
+    (wrap, faults)
+}
+
+#[test]
+fn a_rebuild_refuses_a_segment_it_cannot_read_and_cuts_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let vdir = t.path().join("v");
+    let v = Vault::create(&vdir, config(Vec::new(), None)).unwrap();
+    let bl = blocks(31, 8);
+    store_point(&v, 1, &bl);
+    drop(v);
+    let before = files_under(&vdir);
+    let (wrap, faults) = failing_reads(&[crate::catalog_files::Role::Primary]);
+    faults.read_error(Some(SEGMENTS_DIR));
+    match crate::rebuild::rebuild_index_with(
+        &vdir,
+        &vdir,
+        std::time::Duration::from_secs(5),
+        Some(wrap),
+    ) {
+        Err(e @ StoreError::RebuildRefused { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("segments a read failed in"), "{msg}");
+            assert!(msg.contains(SEGMENTS_DIR), "{msg}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok((_, report)) => panic!("the rebuild installed an index: {report:?}"),
+    }
+    assert!(!crate::index_state::is_complete(&vdir));
+    assert_eq!(files_under(&vdir), before, "nothing was cut");
+    // Once the storage answers, the rebuild finishes and the point is whole.
+    let (v, _) =
+        crate::rebuild::rebuild_index(&vdir, &vdir, std::time::Duration::from_secs(5)).unwrap();
+    point_intact(&v, 1, &bl, &[&vdir]);
+}
+
+#[test]
+fn a_rebuild_reads_a_segment_another_copy_holds_whole_when_the_source_fails() {
+    let t = tempfile::tempdir().unwrap();
+    let (vdir, r1, b1, b2) = two_points(t.path());
+    let (wrap, faults) = failing_reads(&[crate::catalog_files::Role::Primary]);
+    faults.read_error(Some(SEGMENTS_DIR));
+    let (v, report) = crate::rebuild::rebuild_index_with(
+        &vdir,
+        &vdir,
+        std::time::Duration::from_secs(5),
+        Some(wrap),
+    )
+    .unwrap();
+    assert!(report.unreadable_segments.is_empty(), "{report:?}");
+    point_intact(&v, 1, &b1, &[&vdir, &r1]);
+    point_intact(&v, 2, &b2, &[&vdir, &r1]);
+}
+
+#[test]
+fn gc_keeps_a_quarantined_manifest_of_a_point_the_index_does_not_know() {
+    let t = tempfile::tempdir().unwrap();
+    let vdir = t.path().join("v");
+    let v = Vault::create(&vdir, config(Vec::new(), None)).unwrap();
+    store_point(&v, 1, &blocks(41, 4));
+    // A manifest of a point the index lacks, whose chunks are nowhere.
+    let mut p = v.points("i").unwrap().remove(0);
+    p.seq = 9;
+    p.block_map = ChunkId::of(b"a root nothing places");
+    let q = format!("quarantine/{}", point_file(9));
+    std::fs::create_dir_all(vdir.join(&q).parent().unwrap()).unwrap();
+    std::fs::write(vdir.join(&q), crate::catalog_files::encode_point(&p)).unwrap();
+    // And a stale one of the point it has.
+    let stale = format!("quarantine/{}", point_file(1));
+    std::fs::write(
+        vdir.join(&stale),
+        crate::catalog_files::encode_point(&v.points("i").unwrap()[0]),
+    )
+    .unwrap();
+    let report = crate::gc::run(&v).unwrap();
+    assert!(vdir.join(&q).is_file(), "{report:?}");
+    assert!(!vdir.join(&stale).exists(), "{report:?}");
+    assert_eq!(report.quarantine_deleted, 1, "{report:?}");
+}
