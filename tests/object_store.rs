@@ -1197,7 +1197,13 @@ fn s3_gc_stops_on_a_point_it_cannot_decode_and_on_a_lease_it_cannot_read() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("points/keep/00000000000000ff.point"), "{err}");
-    assert!(err.contains("nothing was condemned or deleted"), "{err}");
+    // (The rebuild GC marks with refuses first, leaving the cache's
+    // index incomplete until the file is gone.)
+    assert!(
+        err.contains("nothing was condemned or deleted")
+            || err.contains("nothing was deleted or cut"),
+        "{err}"
+    );
     assert_eq!(s3_keys(&m, "v/gc/condemned/"), Vec::<String>::new());
     assert_eq!(s3_keys(&m, "v/segments/"), segments);
     s3_delete(&m, bad_point);
