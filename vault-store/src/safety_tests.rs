@@ -7,12 +7,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::blockmap::Node;
-use crate::catalog::{ItemRecord, PointRecord, PointStats, Protection};
 use crate::chunk_id::ChunkId;
 use crate::config::VaultConfig;
 use crate::error::StoreError;
-use crate::index::{ChunkKind, INDEX_DIR, IndexBatch};
+use crate::index::{INDEX_DIR, IndexBatch};
 use crate::record::RecordEncoder;
 use crate::segment::{SEGMENTS_DIR, segment_name};
 use crate::vault::{Access, Vault};
@@ -35,76 +33,8 @@ fn config(replicas: Vec<PathBuf>, secondary: Option<PathBuf>) -> VaultConfig {
 
 /// Stores point `seq` of item `i` whose blocks are `blocks`.
 fn store_point(v: &Vault, seq: u64, blocks: &[Vec<u8>]) {
-    let mut enc = RecordEncoder::new(1);
-    let mut s = v.begin_write().unwrap();
-    let entries: Vec<Option<ChunkId>> = blocks.iter().map(|b| Some(ChunkId::of(b))).collect();
-    for b in blocks {
-        let id = ChunkId::of(b);
-        if !s.contains(&id).unwrap() {
-            s.append(id, &enc.encode(id, b).unwrap()).unwrap();
-        }
-    }
-    let leaf = Node::Leaf {
-        first_block: 0,
-        entries: entries.clone(),
-    }
-    .encode();
-    let leaf_id = ChunkId::of(&leaf);
-    if !s.contains(&leaf_id).unwrap() {
-        let kids = entries.iter().flatten().copied().collect();
-        s.append_node(
-            leaf_id,
-            &enc.encode(leaf_id, &leaf).unwrap(),
-            ChunkKind::Leaf,
-            kids,
-        )
-        .unwrap();
-    }
-    let root = Node::Root {
-        image_size: blocks.len() as u64 * 65536,
-        block_size: 65536,
-        leaves: vec![leaf_id],
-    }
-    .encode();
-    let root_id = ChunkId::of(&root);
-    if !s.contains(&root_id).unwrap() {
-        s.append_node(
-            root_id,
-            &enc.encode(root_id, &root).unwrap(),
-            ChunkKind::Root,
-            vec![leaf_id],
-        )
-        .unwrap();
-    }
-    let mut b = IndexBatch::default();
-    b.put_item(ItemRecord {
-        name: "i".into(),
-        source: "/i".into(),
-        created: "2027-01-01T00:00:00Z".parse().unwrap(),
-        next_seq: seq + 1,
-        policy: None,
-        protection: Protection::Protected,
-        last_slot: None,
-        identity: None,
-        hooks: Default::default(),
-    });
-    b.put_point(PointRecord {
-        id: format!("p{seq}"),
-        item: "i".into(),
-        seq,
-        created: "2027-01-01T00:00:00Z".parse().unwrap(),
-        image_size: blocks.len() as u64 * 65536,
-        block_size: 65536,
-        block_map: root_id,
-        stats: PointStats::default(),
-        scheduled: false,
-        retain_until: None,
-        job: None,
-        level: None,
-        cbt: None,
-    });
-    s.reference_root(root_id);
-    s.commit(b).unwrap();
+    let blocks: Vec<&[u8]> = blocks.iter().map(Vec::as_slice).collect();
+    crate::vault::tests::store_point(v, seq, &blocks);
 }
 
 fn blocks(seed: u8, n: usize) -> Vec<Vec<u8>> {

@@ -1555,7 +1555,7 @@ impl NodeChildren for VaultNodes<'_> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::blockmap::Node;
     use crate::catalog::{PointStats, Protection};
@@ -1605,7 +1605,7 @@ mod tests {
     }
 
     /// Stores a point whose block map is `blocks` (duplicates allowed).
-    fn store_point(v: &Vault, seq: u64, blocks: &[&[u8]]) -> ChunkId {
+    pub(crate) fn store_point(v: &Vault, seq: u64, blocks: &[&[u8]]) -> ChunkId {
         let mut enc = RecordEncoder::new(1);
         let mut s = v.begin_write().unwrap();
         let entries: Vec<Option<ChunkId>> = blocks.iter().map(|b| Some(ChunkId::of(b))).collect();
