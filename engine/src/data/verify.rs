@@ -961,8 +961,8 @@ mod tests {
     use crate::{BackupOptions, ManualClock, MemImage};
     use coffre_vault_store::index::{ChunkKind, RefEntry};
 
-    #[test]
-    fn a_wrong_reference_count_is_a_finding() {
+    /// A new vault in a temporary folder, with the clock that made it.
+    fn new_vault() -> (tempfile::TempDir, ManualClock, coffre_vault_store::Vault) {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new("2027-01-01T00:00:00Z".parse().unwrap());
         let vault = crate::vault_ops::create_vault(
@@ -971,6 +971,12 @@ mod tests {
             &clock,
         )
         .unwrap();
+        (dir, clock, vault)
+    }
+
+    #[test]
+    fn a_wrong_reference_count_is_a_finding() {
+        let (_dir, clock, vault) = new_vault();
         let bytes: Vec<u8> = (0..(256u32 << 10)).map(|i| (i * 7 % 251) as u8).collect();
         let opts = BackupOptions {
             threads: 1,
@@ -1016,14 +1022,7 @@ mod tests {
     fn an_indexed_bad_name_is_a_finding_and_prune_leaves_the_outside_alone() {
         use coffre_snapshotter::area::{Area, AreaIdentity};
         use coffre_vault_store::{ItemRecord, Protection};
-        let dir = tempfile::tempdir().unwrap();
-        let clock = ManualClock::new("2027-01-01T00:00:00Z".parse().unwrap());
-        let vault = crate::vault_ops::create_vault(
-            &dir.path().join("v"),
-            &crate::vault_ops::CreateOptions::default(),
-            &clock,
-        )
-        .unwrap();
+        let (dir, clock, vault) = new_vault();
         let owner = AreaIdentity {
             vault_id: vault.config().vault_id.clone(),
             vault_name: vault.config().name.clone(),
