@@ -243,8 +243,7 @@ pub struct WriterLease {
     released: bool,
     /// The renewer: a thread that extends the lease every third of its
     /// life for as long as the session runs.
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    renewer: Option<std::thread::JoinHandle<()>>,
+    renewer: Renewer,
 }
 
 /// A writer's lease as the store last confirmed it.
@@ -296,37 +295,60 @@ fn renew_once(
     }
 }
 
-/// Renews the lease every `ttl / 3` until `stop`; never past an expiry it
-/// missed (the writer then fails its commit check instead).
-fn renew_loop(
-    store: crate::store::SharedStore,
-    name: String,
-    held: Arc<std::sync::Mutex<Held>>,
-    ttl: Duration,
-    clock: Clock,
+/// A thread that calls `renew` every `period` until it is stopped (by
+/// [`Renewer::stop`] or on drop) or `renew` returns false. It sleeps in
+/// short steps, so stopping it takes at most one step and never waits for
+/// a renewal that is not under way.
+struct Renewer {
     stop: Arc<std::sync::atomic::AtomicBool>,
-) {
-    use std::sync::atomic::Ordering;
-    let step = Duration::from_millis(50);
-    loop {
-        let mut slept = Duration::ZERO;
-        while slept < ttl / 3 {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            std::thread::sleep(step);
-            slept += step;
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Renewer {
+    fn spawn(
+        name: &str,
+        period: Duration,
+        mut renew: impl FnMut() -> bool + Send + 'static,
+    ) -> std::io::Result<Renewer> {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let step = Duration::from_millis(50);
+                loop {
+                    let mut slept = Duration::ZERO;
+                    while slept < period {
+                        if stopped.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::sleep(step);
+                        slept += step;
+                    }
+                    if stopped.load(Ordering::Relaxed) || !renew() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Renewer {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops the thread and waits for it.
+    fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
         }
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        match renew_once(store.as_ref(), &name, &held, ttl, &clock) {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(e) => {
-                tracing::warn!(lease = %name, error = %e, "could not renew the writer lease; retrying")
-            }
-        }
+    }
+}
+
+impl Drop for Renewer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -398,19 +420,21 @@ impl WriterLease {
             version,
             lost: None,
         }));
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Renewed every third of its life; never past an expiry it
+        // missed (the writer then fails its commit check instead).
         let renewer = {
-            let (store, owned, held, clock, stop) = (
-                store.clone(),
-                name.clone(),
-                held.clone(),
-                clock.clone(),
-                stop.clone(),
-            );
-            std::thread::Builder::new()
-                .name("coffre-lease".into())
-                .spawn(move || renew_loop(store, owned, held, ttl, clock, stop))
-                .map_err(|e| StoreError::io("start the lease renewer", Path::new(&name), e))?
+            let (store, owned, held, clock) =
+                (store.clone(), name.clone(), held.clone(), clock.clone());
+            Renewer::spawn("coffre-lease", ttl / 3, move || {
+                match renew_once(store.as_ref(), &owned, &held, ttl, &clock) {
+                    Ok(renewed) => renewed,
+                    Err(e) => {
+                        tracing::warn!(lease = %owned, error = %e, "could not renew the writer lease; retrying");
+                        true
+                    }
+                }
+            })
+            .map_err(|e| StoreError::io("start the lease renewer", Path::new(&name), e))?
         };
         Ok((
             WriterLease {
@@ -420,8 +444,7 @@ impl WriterLease {
                 ttl,
                 clock,
                 released: false,
-                stop,
-                renewer: Some(renewer),
+                renewer,
             },
             condemned,
             present,
@@ -471,16 +494,9 @@ impl WriterLease {
             .expires
     }
 
-    fn stop_renewer(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(h) = self.renewer.take() {
-            let _ = h.join();
-        }
-    }
-
     /// Ends the lease.
     pub fn release(mut self) -> Result<()> {
-        self.stop_renewer();
+        self.renewer.stop();
         self.released = true;
         self.store.delete(&self.name).map(|_| ())
     }
@@ -488,7 +504,7 @@ impl WriterLease {
 
 impl Drop for WriterLease {
     fn drop(&mut self) {
-        self.stop_renewer();
+        self.renewer.stop();
         if !self.released
             && let Err(e) = self.store.delete(&self.name)
         {
@@ -540,8 +556,8 @@ pub struct GcHold {
     ttl: Duration,
     clock: Clock,
     state: Arc<std::sync::Mutex<HoldState>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    renewer: Option<std::thread::JoinHandle<()>>,
+    /// Renews the hold every third of its life while the run lasts.
+    renewer: Renewer,
     /// The condemned lists that existed once this GC held `gc/state`: the
     /// only ones it may sweep. A list that appears later can be the late
     /// write of an earlier GC that stalled past its hold; a writer that
@@ -690,37 +706,22 @@ impl GcHold {
             until,
             lost: None,
         }));
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let renewer = {
-            let (store, clock, state, stop) =
-                (store.clone(), clock.clone(), state.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("coffre-gc-hold".into())
-                .spawn(move || {
-                    use std::sync::atomic::Ordering;
-                    let step = Duration::from_millis(50);
-                    loop {
-                        let mut slept = Duration::ZERO;
-                        while slept < ttl / 3 {
-                            if stop.load(Ordering::Relaxed) {
-                                return;
-                            }
-                            std::thread::sleep(step);
-                            slept += step;
-                        }
-                        match renew_hold(store.as_ref(), host_tag, epoch, ttl, &clock, &state) {
-                            Ok(()) => {}
-                            Err(e @ StoreError::GcHoldLost { .. }) => {
-                                tracing::warn!(error = %e, "the GC lost its hold on gc/state");
-                                return;
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "could not renew the GC's hold on gc/state; retrying")
-                            }
-                        }
+            let (store, clock, state) = (store.clone(), clock.clone(), state.clone());
+            Renewer::spawn("coffre-gc-hold", ttl / 3, move || {
+                match renew_hold(store.as_ref(), host_tag, epoch, ttl, &clock, &state) {
+                    Ok(()) => true,
+                    Err(e @ StoreError::GcHoldLost { .. }) => {
+                        tracing::warn!(error = %e, "the GC lost its hold on gc/state");
+                        false
                     }
-                })
-                .map_err(|e| StoreError::io("start the GC hold renewer", Path::new(GC_STATE), e))?
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not renew the GC's hold on gc/state; retrying");
+                        true
+                    }
+                }
+            })
+            .map_err(|e| StoreError::io("start the GC hold renewer", Path::new(GC_STATE), e))?
         };
         Ok(GcHold {
             store,
@@ -729,8 +730,7 @@ impl GcHold {
             ttl,
             clock,
             state,
-            stop,
-            renewer: Some(renewer),
+            renewer,
             sweepable,
         })
     }
@@ -755,17 +755,10 @@ impl GcHold {
         )
     }
 
-    fn stop_renewer(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(h) = self.renewer.take() {
-            let _ = h.join();
-        }
-    }
-
     /// Step (6): idle again at this epoch (only if the hold is still this
     /// GC's: a conditional write).
     pub fn release(mut self) -> Result<()> {
-        self.stop_renewer();
+        self.renewer.stop();
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if s.lost.is_some() {
             return Ok(());
@@ -777,12 +770,6 @@ impl GcHold {
         self.store
             .put_if(GC_STATE, &encode(&STATE_MAGIC, &idle), &s.version)?;
         Ok(())
-    }
-}
-
-impl Drop for GcHold {
-    fn drop(&mut self) {
-        self.stop_renewer();
     }
 }
 
