@@ -340,6 +340,13 @@ fn index_segments(
                     tracing::warn!(segment = %name, error = %e, "a read failed; scanned the segment on another copy");
                     scan = whole;
                 }
+                // Gone since it was listed (a shared vault's GC deletes
+                // condemned segments while other hosts rebuild): nothing
+                // of it is left to keep, so it is not indexed.
+                None if matches!(base.size(&name), Ok(None)) => {
+                    tracing::warn!(segment = %name, "a segment went away during the rebuild; left out");
+                    continue;
+                }
                 None => report.unreadable_segments.push(format!("{name}: {e}")),
             }
         }
