@@ -904,7 +904,17 @@ fn an_interrupted_add_replica_is_finished_by_adding_it_again() {
     let vault = new_vault(t.path(), &[]);
     let img = t.path().join("vm.img");
     mixed_image(&img, 2 << 20, 3);
-    ok(&["backup", "--vault", s(&vault), "--item", "vm", s(&img)]);
+    let id = point_id(&ok(&[
+        "--output",
+        "json",
+        "backup",
+        "--vault",
+        s(&vault),
+        "--item",
+        "vm",
+        s(&img),
+    ]))
+    .unwrap();
     let left = t.path().join("left");
     std::fs::create_dir_all(left.join("segments")).unwrap();
     std::fs::write(left.join(".copy.tmp-77"), b"partial").unwrap();
@@ -918,6 +928,57 @@ fn an_interrupted_add_replica_is_finished_by_adding_it_again() {
     ]);
     assert!(left.join("config").is_file());
     assert_eq!(segment_bytes(&left), segment_bytes(&vault));
+    // Killed after the identity but before the config: the identity alone
+    // made the copy "reusable", and the rerun left it without a config.
+    ok(&[
+        "vault",
+        "set",
+        "--vault",
+        s(&vault),
+        "--remove-replica",
+        s(&left),
+    ]);
+    std::fs::remove_file(left.join("config")).unwrap();
+    ok(&[
+        "vault",
+        "set",
+        "--vault",
+        s(&vault),
+        "--add-replica",
+        s(&left),
+    ]);
+    assert!(
+        left.join("config").is_file(),
+        "the re-added replica has no config"
+    );
+    let scratch = t.path().join("scratch");
+    assert!(
+        Command::new("cp")
+            .arg("-a")
+            .arg(&left)
+            .arg(&scratch)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let restored = t.path().join("restored.img");
+    ok(&[
+        "restore",
+        "--vault",
+        s(&scratch),
+        "--item",
+        "vm",
+        "--point",
+        &id,
+        "--from",
+        "vault",
+        "--to",
+        s(&restored),
+    ]);
+    assert_eq!(
+        std::fs::read(&restored).unwrap(),
+        std::fs::read(&img).unwrap()
+    );
     let other = t.path().join("other");
     std::fs::create_dir_all(other.join("segments")).unwrap();
     std::fs::write(other.join("notes.txt"), b"mine").unwrap();

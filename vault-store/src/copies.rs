@@ -455,7 +455,13 @@ pub fn init_copy(dir: &Path, config: &VaultConfig, role: Role) -> Result<()> {
             if entries.next().is_some() {
                 let store = LocalStore::new(dir);
                 // An existing copy of this vault may be reused (re-adding it).
+                // One killed between its identity and its config gets the
+                // config now.
                 if check_copy(&store, dir, &config.vault_id, true).is_ok() {
+                    use crate::store::Store as _;
+                    if store.get(crate::config::CONFIG_FILE)?.is_none() {
+                        store.put(crate::config::CONFIG_FILE, &config.encode())?;
+                    }
                     return Ok(());
                 }
                 if left_by_init(dir, &config.vault_id) {

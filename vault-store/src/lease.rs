@@ -485,6 +485,29 @@ impl WriterLease {
         )
     }
 
+    /// Proves after the fact that the lease was held all along, by one
+    /// conditional renewal. A commit calls it once its manifest is in the
+    /// store: success means no GC removed the lease before the manifest
+    /// was there for its mark to count, so no GC deleted a segment the
+    /// commit relies on. A writer that stalled past its lease (a GC took
+    /// it away meanwhile) fails here, even if its last local check passed.
+    pub fn confirm_held(&self) -> Result<()> {
+        if self.renew_now()? {
+            return Ok(());
+        }
+        let h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        Err(StoreError::LeaseExpired {
+            lease: format!("{}/{}", self.store.location(), self.name),
+            expired: format!(
+                "{} ({})",
+                h.lease.expires,
+                h.lost
+                    .as_deref()
+                    .unwrap_or("it ran out before the commit was confirmed")
+            ),
+        })
+    }
+
     /// When the lease expires, as the store last confirmed it.
     pub fn expires(&self) -> Timestamp {
         self.held
@@ -1098,6 +1121,27 @@ mod tests {
     }
 
     const TTL: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_writer_whose_lease_a_gc_removed_cannot_confirm_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::LocalStore::new(dir.path()));
+        let (clock, now) = manual(at(0));
+        let (mut lease, _, _) = WriterLease::take(store.clone(), 1, TTL, clock).unwrap();
+        *now.lock().unwrap() = at(10);
+        lease.confirm_held().unwrap();
+        assert_eq!(lease.expires(), at(70));
+        // The writer stalled past its lease; a GC removed it meanwhile.
+        store.delete(&lease.name).unwrap();
+        // Its own clock and memory see nothing wrong: only the store knows.
+        lease.check_and_renew().unwrap();
+        assert!(matches!(
+            lease.confirm_held(),
+            Err(StoreError::LeaseExpired { .. })
+        ));
+        // And it stays lost: a later check refuses too.
+        assert!(lease.check_and_renew().is_err());
+    }
 
     #[test]
     fn a_renewal_the_store_did_not_confirm_never_advances_the_expiry() {

@@ -482,16 +482,33 @@ impl Vault {
     /// settings ([`VaultConfig::without_host_settings`]), which go to this
     /// host's cache alone.
     pub fn store_config(&self, cfg: &VaultConfig) -> Result<()> {
+        self.store_config_joining(cfg, None)
+    }
+
+    /// [`Vault::store_config`] for a config that adds the copy `joining`:
+    /// the new copy gets the config first, so a copy that the vault's
+    /// config names always holds a config of its own (an `init_copy`
+    /// reused after a kill may have left it without one).
+    pub fn store_config_joining(
+        &self,
+        cfg: &VaultConfig,
+        joining: Option<&crate::copies::Copy>,
+    ) -> Result<()> {
         cfg.validate()?;
+        let bytes = if self.remote.is_some() {
+            cfg.clone().without_host_settings().0.encode()
+        } else {
+            cfg.encode()
+        };
+        if let Some(copy) = joining {
+            copy.store.put(crate::config::CONFIG_FILE, &bytes)?;
+        }
+        self.copies
+            .for_each_sync(|c| c.store.put(crate::config::CONFIG_FILE, &bytes))?;
         if self.remote.is_some() {
-            let (shared, _) = cfg.clone().without_host_settings();
-            self.copies
-                .for_each_sync(|c| c.store.put(crate::config::CONFIG_FILE, &shared.encode()))?;
             return cfg.store(&self.dir);
         }
-        let bytes = cfg.encode();
-        self.copies
-            .for_each_sync(|c| c.store.put(crate::config::CONFIG_FILE, &bytes))
+        Ok(())
     }
 
     /// Records repaired on the fly (read from another copy and rewritten)
@@ -1428,6 +1445,21 @@ impl WriteSession<'_> {
         };
         let r = self.vault.copies.put_files(&files, &before);
         self.poison_vault(r)?;
+        if let Some(l) = self.lease.as_ref() {
+            // The fence: the manifests are in the store; one conditional
+            // renewal now proves no GC removed the lease (and deleted what
+            // they count on) before they were there for its mark. A writer
+            // that stalled past its lease fails here, unacknowledged, and
+            // takes back the manifests of points it just added.
+            let r = l.confirm_held();
+            if r.is_err() {
+                let added = self.points_added(&files);
+                if let Err(e) = self.vault.copies.delete_files(&added) {
+                    tracing::warn!(error = %e, "could not take back the manifests of an unconfirmed commit; `coffre verify` reports them");
+                }
+            }
+            self.poison(r)?;
+        }
         let r = self.vault.index.commit(batch);
         self.poison(r)?;
         if let Err(e) = self.vault.copies.delete_files(&files) {
@@ -1465,6 +1497,25 @@ impl WriteSession<'_> {
     }
 
     /// Uploads one chunk list per segment this commit appended to.
+    /// The manifests among `files` of points the index does not have yet
+    /// (added by this commit), as deletions; a manifest rewritten for a
+    /// point already committed is never among them.
+    fn points_added(&self, files: &[(String, Option<Vec<u8>>)]) -> Vec<(String, Option<Vec<u8>>)> {
+        files
+            .iter()
+            .filter(|(name, _)| name.starts_with(catalog_files::POINTS_DIR))
+            .filter_map(|(name, bytes)| {
+                let p = catalog_files::decode_point(bytes.as_deref()?).ok()?;
+                let known = self
+                    .vault
+                    .index
+                    .points(&p.item)
+                    .map_or(true, |ps| ps.iter().any(|k| k.seq == p.seq));
+                (!known).then(|| (name.clone(), None))
+            })
+            .collect()
+    }
+
     fn put_chunk_lists(&self) -> Result<()> {
         let mut by_segment: std::collections::BTreeMap<u64, Vec<crate::chunk_list::ListedChunk>> =
             Default::default();

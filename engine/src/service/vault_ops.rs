@@ -201,7 +201,7 @@ pub fn add_replica(vault: &Vault, dir: &Path) -> Result<u64> {
     if !cfg.replicas.contains(&dir) {
         cfg.replicas.push(dir);
     }
-    vault.store_config(&cfg)?;
+    vault.store_config_joining(&cfg, Some(&copy))?;
     Ok(copied)
 }
 
