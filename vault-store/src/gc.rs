@@ -105,7 +105,7 @@ fn action_for(info: &SegmentInfo) -> Option<(&'static str, u64)> {
     let live = body.saturating_sub(info.dead);
     Some(if live == 0 {
         ("delete", 0)
-    } else if info.dead * 100 >= body * REWRITE_DEAD_PERCENT {
+    } else if info.dead.saturating_mul(100) >= body.saturating_mul(REWRITE_DEAD_PERCENT) {
         ("rewrite", live)
     } else {
         ("punch", live)
@@ -272,8 +272,11 @@ fn relocate(vault: &Vault, report: &mut GcReport) -> Result<()> {
     session.use_fresh_segment();
     for (&seg, info) in &infos {
         match action_for(info) {
-            Some(("delete", _)) => {}
-            Some(("rewrite", _)) => {
+            // A segment the counters call empty is retired only once its
+            // chunk places confirm it: a live chunk found there (counters
+            // gone wrong) is moved out first, as in a rewrite.
+            Some((action @ ("delete" | "rewrite"), _)) => {
+                let mut moved = 0u64;
                 for (offset, id) in index.segment_chunks(seg)? {
                     let live_here = index
                         .chunk(&id)?
@@ -312,8 +315,18 @@ fn relocate(vault: &Vault, report: &mut GcReport) -> Result<()> {
                     session.append_moved(id, &record)?;
                     retire.delete_chunk_place(&loc);
                     report.bytes_copied += u64::from(loc.len);
+                    moved += 1;
                 }
-                report.segments_rewritten += 1;
+                if action == "rewrite" || moved > 0 {
+                    report.segments_rewritten += 1;
+                }
+                if action == "delete" && moved > 0 {
+                    tracing::warn!(
+                        segment = seg,
+                        chunks = moved,
+                        "the counters called this segment empty, but it held live chunks: moved them before retiring it"
+                    );
+                }
             }
             _ => continue,
         }

@@ -42,13 +42,33 @@ pub const OLD_PREFIX: &str = "index.old-";
 
 /// Why the index of the vault at `dir` is incomplete, or `None` when it is
 /// complete (it may still be missing: see [`StoreError::IndexMissing`]).
+///
+/// What cannot be checked (an I/O error looking for the marker or listing
+/// the vault directory) counts as incomplete: nothing may delete on an
+/// index it could not vouch for.
 pub fn incomplete_reason(dir: &Path) -> Option<String> {
-    if dir.join(REBUILD_MARKER).exists() {
-        return Some(format!(
-            "{REBUILD_MARKER} is present: a rebuild of the index is running or was interrupted"
-        ));
+    match dir.join(REBUILD_MARKER).try_exists() {
+        Ok(false) => {}
+        Ok(true) => {
+            return Some(format!(
+                "{REBUILD_MARKER} is present: a rebuild of the index is running or was interrupted"
+            ));
+        }
+        Err(e) => {
+            return Some(format!(
+                "cannot tell whether {REBUILD_MARKER} is present: {e}"
+            ));
+        }
     }
-    let old = old_indexes(dir);
+    let old = match list_old_indexes(dir) {
+        Ok(old) => old,
+        Err(e) => {
+            return Some(format!(
+                "cannot list {} to look for interrupted rebuilds: {e}",
+                dir.display()
+            ));
+        }
+    };
     if let Some(first) = old.first() {
         return Some(format!(
             "{first} is present: a rebuild of the index by an older coffre was interrupted, and {INDEX_DIR} may hold only part of the vault"
@@ -76,16 +96,22 @@ pub fn is_complete(dir: &Path) -> bool {
 
 /// Names of the old indexes (`index.old-*`) left in `dir`.
 pub fn old_indexes(dir: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<String> = entries
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with(OLD_PREFIX))
-        .collect();
+    list_old_indexes(dir).unwrap_or_default()
+}
+
+/// [`old_indexes`], failing when the directory cannot be listed whole.
+fn list_old_indexes(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        if let Some(n) = name.to_str()
+            && n.starts_with(OLD_PREFIX)
+        {
+            out.push(n.to_owned());
+        }
+    }
     out.sort();
-    out
+    Ok(out)
 }
 
 /// Step 1 of a rebuild: marks the index of `dir` incomplete, durably.
@@ -152,6 +178,16 @@ fn remove_dir(path: &Path) -> Result<()> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vault_directory_that_cannot_be_checked_is_not_complete() {
+        let d = tempfile::tempdir().unwrap();
+        // Not a directory: looking for the marker fails with ENOTDIR.
+        let file = d.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let reason = incomplete_reason(&file).expect("counted as complete");
+        assert!(reason.contains("cannot"), "{reason}");
+    }
 
     #[test]
     fn a_marker_or_a_leftover_old_index_makes_the_index_incomplete() {

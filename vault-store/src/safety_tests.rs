@@ -205,6 +205,40 @@ fn refill_copies_only_intact_records() {
 }
 
 #[test]
+fn refill_finds_records_that_the_first_copy_lost_in_another_copy() {
+    let t = tempfile::tempdir().unwrap();
+    let vdir = t.path().join("v");
+    let (r1, r2) = (t.path().join("r1"), t.path().join("r2"));
+    let v = Vault::create(&vdir, config(vec![r1.clone(), r2.clone()], None)).unwrap();
+    let bl = blocks(4, 6);
+    store_point(&v, 1, &bl);
+    let loc = v.index().chunk(&ChunkId::of(&bl[2])).unwrap().unwrap();
+    let name = segment_name(loc.segment);
+    let committed = v.index().segment_infos().unwrap()[&loc.segment].committed;
+    drop(v);
+    // The primary lost one record's header (its scan skips the record);
+    // r1 lost the segment; r2 holds it whole.
+    let whole = std::fs::read(r2.join(&name)).unwrap();
+    let p = vdir.join(&name);
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[loc.offset as usize] ^= 0xff;
+    std::fs::write(&p, &bytes).unwrap();
+    std::fs::remove_file(r1.join(&name)).unwrap();
+    let v = Vault::open(&vdir, Access::ReadOnly).unwrap();
+    let copies = v.copies();
+    let target = copies
+        .sync_copies()
+        .iter()
+        .find(|c| c.dir == r1)
+        .unwrap()
+        .clone();
+    let done = crate::segment::refill(copies, &target, &name, committed).unwrap();
+    assert_eq!(done.damaged, 0, "{done:?}");
+    assert!(done.records >= 6, "{done:?}");
+    assert_eq!(std::fs::read(r1.join(&name)).unwrap(), whole);
+}
+
+#[test]
 fn replication_refuses_a_primary_that_looks_empty() {
     let t = tempfile::tempdir().unwrap();
     let vdir = t.path().join("v");
@@ -501,4 +535,28 @@ fn gc_keeps_a_quarantined_manifest_of_a_point_the_index_does_not_know() {
     assert!(vdir.join(&q).is_file(), "{report:?}");
     assert!(!vdir.join(&stale).exists(), "{report:?}");
     assert_eq!(report.quarantine_deleted, 1, "{report:?}");
+}
+
+#[test]
+fn gc_does_not_retire_a_segment_whose_counters_wrongly_call_it_empty() {
+    let t = tempfile::tempdir().unwrap();
+    let vdir = t.path().join("v");
+    let v = Vault::create(&vdir, config(Vec::new(), None)).unwrap();
+    let bl = blocks(43, 5);
+    store_point(&v, 1, &bl);
+    // Counters gone wrong: every segment "dead" from end to end.
+    let mut batch = crate::index::IndexBatch::default();
+    for (id, info) in v.index().segment_infos().unwrap() {
+        batch.put_segment(
+            id,
+            crate::index::SegmentInfo {
+                dead: info.committed,
+                ..info
+            },
+        );
+    }
+    v.index().commit(batch).unwrap();
+    let report = crate::gc::run(&v).unwrap();
+    point_intact(&v, 1, &bl, &[&vdir]);
+    assert!(report.segments_rewritten > 0, "{report:?}");
 }

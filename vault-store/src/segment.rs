@@ -448,12 +448,12 @@ pub fn refill(copies: &Copies, target: &Copy, name: &str, len: u64) -> Result<Re
         .filter(|c| c.dir != target.dir)
         .filter(|c| c.store.size(name).ok().flatten().is_some_and(|n| n >= len))
         .collect();
-    let Some(first) = sources.first() else {
+    if sources.is_empty() {
         return Err(StoreError::CopyUnavailable {
             path: target.dir.clone(),
             reason: format!("no copy holds the {len} committed bytes of {name}"),
         });
-    };
+    }
     let id = parse_segment_file_name(name.rsplit('/').next().unwrap_or(name)).ok_or_else(|| {
         StoreError::CopyUnavailable {
             path: target.dir.clone(),
@@ -461,8 +461,7 @@ pub fn refill(copies: &Copies, target: &Copy, name: &str, len: u64) -> Result<Re
         }
     })?;
     let have = target.store.size(name)?.unwrap_or(0).min(len);
-    let mut read = |off: u64, buf: &mut [u8]| first.store.read_at(name, off, buf).is_ok();
-    let scan = crate::scan::scan_segment(id, len, &mut read);
+    let records = records_of(&sources, id, name, len);
     let mut done = Refilled::default();
     if have < SEGMENT_HEADER_LEN {
         let header = sources.iter().find_map(|c| {
@@ -480,8 +479,7 @@ pub fn refill(copies: &Copies, target: &Copy, name: &str, len: u64) -> Result<Re
     // write each, up to 8 MiB), not one write per record.
     let mut run_at = 0u64;
     let mut run: Vec<u8> = Vec::new();
-    for r in scan
-        .records
+    for r in records
         .iter()
         .filter(|r| r.offset + u64::from(r.len) > have)
     {
@@ -515,6 +513,49 @@ pub fn refill(copies: &Copies, target: &Copy, name: &str, len: u64) -> Result<Re
     }
     tracing::info!(copy = %target.dir.display(), segment = name, bytes = len - have, records = done.records, damaged = done.damaged, "refilled a copy's segment");
     Ok(done)
+}
+
+/// The records of the first `len` bytes of segment `name`, in file order,
+/// as the sources show them: the first source's scan, and where it found
+/// damage (bytes between records, or a short end) the other sources'
+/// records too, so a record one copy lost is still found in another.
+fn records_of(sources: &[&Copy], id: u64, name: &str, len: u64) -> Vec<crate::scan::Found> {
+    let mut found: std::collections::BTreeMap<u64, crate::scan::Found> = Default::default();
+    for src in sources {
+        let mut read = |off: u64, buf: &mut [u8]| src.store.read_at(name, off, buf).is_ok();
+        let scan = crate::scan::scan_segment(id, len, &mut read);
+        let whole = scan.skipped == 0 && scan.end == len;
+        for r in scan.records {
+            found.entry(r.offset).or_insert(r);
+        }
+        if whole {
+            break;
+        }
+    }
+    // Records of different copies that overlap (a damaged copy can show a
+    // false header inside another record): the first in file order wins.
+    let mut out: Vec<crate::scan::Found> = Vec::with_capacity(found.len());
+    for r in found.into_values() {
+        let free = out
+            .last()
+            .is_none_or(|p| p.offset + u64::from(p.len) <= r.offset);
+        if free {
+            out.push(r);
+        }
+    }
+    let mut used: Vec<(u64, u64)> = out
+        .iter()
+        .map(|r| (r.offset, r.offset + u64::from(r.len)))
+        .collect();
+    for (start, end) in uncovered(SEGMENT_HEADER_LEN.min(len), len, &mut used) {
+        tracing::warn!(
+            segment = name,
+            start,
+            end,
+            "no copy shows records in these bytes; they stay a hole"
+        );
+    }
+    out
 }
 
 #[cfg(test)]
