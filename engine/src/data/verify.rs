@@ -839,12 +839,15 @@ fn check_point(
     let first_use_of_root = tally.add(point.block_map) == 1;
     let bs = u64::from(point.block_size);
     let mut breaks = |id: ChunkId, first_block: u64, blocks: u64| {
-        let start = first_block * bs;
+        // Block numbers come from a decoded block map: saturate, never wrap.
+        let start = first_block.saturating_mul(bs);
         broken.entry(id).or_default().push(DamagedRange {
             item: point.item.clone(),
             point: point.id.clone(),
             start: start.min(point.image_size),
-            end: (start + blocks * bs).min(point.image_size),
+            end: start
+                .saturating_add(blocks.saturating_mul(bs))
+                .min(point.image_size),
         });
     };
     let mut out = Vec::new();

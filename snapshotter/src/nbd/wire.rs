@@ -97,6 +97,10 @@ pub const MAX_READ: u32 = 4 << 20;
 /// acknowledgement).
 pub const MAX_INFO_REPLIES: usize = 64;
 
+/// The largest export size accepted: `i64::MAX`, the size limit of qemu
+/// and of files, so that any offset plus any request length fits in a u64.
+pub const MAX_EXPORT_SIZE: u64 = i64::MAX as u64;
+
 /// What can go wrong talking to a server.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -569,7 +573,15 @@ impl<S: Read + Write> Client<S> {
                     if payload.len() != 12 {
                         return Err(proto("an export info reply is not 12 bytes"));
                     }
-                    c.export.size = u64_at(&payload, 2);
+                    let size = u64_at(&payload, 2);
+                    // NBD sizes are off_t on every server (qemu caps them at
+                    // INT64_MAX); a larger one could only make offsets wrap.
+                    if size > MAX_EXPORT_SIZE {
+                        return Err(proto(format!(
+                            "the export claims {size} bytes, more than the {MAX_EXPORT_SIZE} an NBD export may have"
+                        )));
+                    }
+                    c.export.size = size;
                     c.export.flags = u16_at(&payload, 10);
                     have_size = true;
                 }
@@ -1064,6 +1076,16 @@ mod tests {
         let spans = c.read_ranges(0, &mut buf, &[(0, 8192)]).unwrap();
         assert_eq!(spans, vec![(0, 4096)]);
         assert!(buf[..4096].iter().all(|&b| b == 5) && buf[4096..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn an_export_larger_than_any_file_can_be_is_refused() {
+        let err = Client::handshake(Scripted::new(handshake(u64::MAX - 4095)), "disk", &[])
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("more than"), "{err}");
+        let c = Client::handshake(Scripted::new(handshake(MAX_EXPORT_SIZE)), "disk", &[]).unwrap();
+        assert_eq!(c.export.size, MAX_EXPORT_SIZE);
     }
 
     #[test]

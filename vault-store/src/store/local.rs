@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -63,7 +63,11 @@ impl LocalStore {
             return Ok(f.clone());
         }
         let path = self.path(name)?;
-        let f = Arc::new(File::open(&path).map_err(|e| StoreError::io("open", &path, e))?);
+        let f = Arc::new(
+            no_follow(OpenOptions::new().read(true))
+                .open(&path)
+                .map_err(|e| StoreError::io("open", &path, e))?,
+        );
         files.insert(name.to_string(), f.clone());
         Ok(f)
     }
@@ -74,6 +78,17 @@ impl LocalStore {
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
     }
+}
+
+/// The most a whole-file read ([`Store::get`]) takes: files read whole
+/// are catalog files, far smaller; a larger one is refused, not read.
+pub const MAX_WHOLE_FILE: u64 = 256 << 20;
+
+/// Opens refuse a symbolic link as the last component (`O_NOFOLLOW`): a
+/// vault's files are its own, never a link a crafted vault planted to
+/// make coffre read or write a file elsewhere.
+fn no_follow(o: &mut OpenOptions) -> &mut OpenOptions {
+    o.custom_flags(libc::O_NOFOLLOW)
 }
 
 impl Store for LocalStore {
@@ -98,9 +113,7 @@ impl Store for LocalStore {
 
     fn append_to(&self, name: &str, len: u64) -> Result<Box<dyn Appender>> {
         let path = self.path(name)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
+        let file = no_follow(OpenOptions::new().read(true).write(true))
             .open(&path)
             .map_err(|e| StoreError::io("open", &path, e))?;
         let actual = file
@@ -144,12 +157,14 @@ impl Store for LocalStore {
         let path = self.path(name)?;
         self.parent_dir(&path)?;
         let existed = path.exists();
-        let f = crate::private::open_options()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| StoreError::io("open", &path, e))?;
+        let f = no_follow(
+            crate::private::open_options()
+                .write(true)
+                .create(true)
+                .truncate(false),
+        )
+        .open(&path)
+        .map_err(|e| StoreError::io("open", &path, e))?;
         f.write_all_at(bytes, offset)
             .map_err(|e| StoreError::io("write", &path, e))?;
         fsync_file(&f, &path)?;
@@ -162,7 +177,12 @@ impl Store for LocalStore {
 
     fn size(&self, name: &str) -> Result<Option<u64>> {
         let path = self.path(name)?;
-        match fs::metadata(&path) {
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => Err(StoreError::io(
+                "stat",
+                &path,
+                std::io::Error::other("a symbolic link where a vault file belongs (not followed)"),
+            )),
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(StoreError::io("stat", &path, e)),
@@ -177,11 +197,28 @@ impl Store for LocalStore {
 
     fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let path = self.path(name)?;
-        match fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::io("read", &path, e)),
+        let file = match no_follow(OpenOptions::new().read(true)).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io("read", &path, e)),
+        };
+        let mut out = Vec::new();
+        // Read one byte past the limit to tell a file at it from a larger one.
+        let read = std::io::Read::read_to_end(
+            &mut std::io::Read::take(&file, MAX_WHOLE_FILE + 1),
+            &mut out,
+        )
+        .map_err(|e| StoreError::io("read", &path, e))?;
+        if read as u64 > MAX_WHOLE_FILE {
+            return Err(StoreError::io(
+                "read",
+                &path,
+                std::io::Error::other(format!(
+                    "more than the {MAX_WHOLE_FILE} bytes a vault file read whole may be"
+                )),
+            ));
         }
+        Ok(Some(out))
     }
 
     fn list(&self, dir: &str) -> Result<Vec<String>> {
@@ -238,8 +275,7 @@ impl Store for LocalStore {
 
     fn truncate(&self, name: &str, len: u64) -> Result<()> {
         let path = self.path(name)?;
-        let f = OpenOptions::new()
-            .write(true)
+        let f = no_follow(OpenOptions::new().write(true))
             .open(&path)
             .map_err(|e| StoreError::io("open", &path, e))?;
         f.set_len(len)
@@ -252,8 +288,7 @@ impl Store for LocalStore {
     fn punch(&self, name: &str, offset: u64, len: u64) -> Result<bool> {
         use std::os::fd::AsRawFd;
         let path = self.path(name)?;
-        let f = OpenOptions::new()
-            .write(true)
+        let f = no_follow(OpenOptions::new().write(true))
             .open(&path)
             .map_err(|e| StoreError::io("open", &path, e))?;
         if shared_with_snapshot(&f) {
@@ -370,4 +405,34 @@ impl Appender for LocalAppender {
 pub fn shared_with_snapshot(file: &std::fs::File) -> bool {
     use std::os::unix::fs::MetadataExt;
     file.metadata().is_ok_and(|m| m.nlink() > 1)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A crafted vault's symbolic link at a file's name is never followed:
+    /// no read, write, size or cut reaches the file it points to.
+    #[test]
+    fn a_symbolic_link_at_a_vault_files_name_is_not_followed() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        std::fs::write(&outside, b"not the vault's").unwrap();
+        let root = t.path().join("v");
+        std::fs::create_dir_all(root.join("segments")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("segments/0000000000000001.seg")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("config")).unwrap();
+        let store = LocalStore::new(&root);
+        let seg = "segments/0000000000000001.seg";
+        let mut buf = [0u8; 4];
+        assert!(store.read_at(seg, 0, &mut buf).is_err());
+        assert!(store.size(seg).is_err());
+        assert!(store.get("config").is_err());
+        assert!(store.write_at(seg, 0, b"evil").is_err());
+        assert!(store.truncate(seg, 0).is_err());
+        assert!(store.punch(seg, 0, 4).is_err());
+        assert!(store.append_to(seg, 0).is_err());
+        assert_eq!(std::fs::read(&outside).unwrap(), b"not the vault's");
+    }
 }

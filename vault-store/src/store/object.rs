@@ -45,6 +45,11 @@ use crate::remote::{Service, StoreUrl};
 
 /// A segment part is uploaded once this many bytes are buffered.
 pub const PART_LEN: usize = 8 << 20;
+
+/// The most a whole-object read takes: objects read whole are catalog
+/// files and segment parts, far smaller; a bucket that offers more is
+/// refused before its bytes are read, not trusted with the memory.
+pub const MAX_WHOLE_OBJECT: u64 = 256 << 20;
 /// Part uploads one appender keeps in flight before it waits.
 pub const UPLOADS_IN_FLIGHT: usize = 4;
 /// Reads of segments fetch aligned windows of this size.
@@ -388,13 +393,24 @@ impl ObjectStoreCopy {
         let inner = self.s.inner.clone();
         let got = self.run(async move {
             match inner.get(&path).await {
-                Ok(r) => r.bytes().await.map(Some),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Ok(r) if r.meta.size > MAX_WHOLE_OBJECT => Ok(Err(r.meta.size)),
+                Ok(r) => r.bytes().await.map(|b| Ok(Some(b))),
+                Err(object_store::Error::NotFound { .. }) => Ok(Ok(None)),
                 Err(e) => Err(e),
             }
         })?;
-        got.map(|b| b.map(|b| b.to_vec()))
-            .map_err(|e| self.err("get", name, e))
+        let too_big = |size: u64| {
+            self.err(
+                "get",
+                name,
+                format!("the object is {size} bytes, more than the {MAX_WHOLE_OBJECT} a vault object read whole may be"),
+            )
+        };
+        match got.map_err(|e| self.err("get", name, e))? {
+            Err(size) => Err(too_big(size)),
+            Ok(Some(b)) if b.len() as u64 > MAX_WHOLE_OBJECT => Err(too_big(b.len() as u64)),
+            Ok(b) => Ok(b.map(|b| b.to_vec())),
+        }
     }
 
     fn put_key(
@@ -546,8 +562,9 @@ impl Store for ObjectStoreCopy {
         let bytes = self
             .get(name)?
             .ok_or_else(|| self.err("read", name, "not found"))?;
-        let src = bytes
-            .get(offset as usize..offset as usize + buf.len())
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|from| bytes.get(from..from.checked_add(buf.len())?))
             .ok_or_else(|| self.err("read", name, "range past the end"))?;
         buf.copy_from_slice(src);
         Ok(())
