@@ -11,7 +11,10 @@
 //!   list** `gc/condemned/EPOCH`. It never deduplicates against a chunk in
 //!   a condemned segment: such chunks are stored again, like damaged ones.
 //!   Before it commits it checks that its lease has not expired, and it
-//!   renews the lease as it goes. It deletes the lease when done.
+//!   renews the lease as it goes; once the manifest is in the store it
+//!   renews it once more by conditional write ([`WriterLease::confirm_held`],
+//!   the fence), and a refusal fails the commit. It deletes the lease when
+//!   done.
 //! - **GC** run `N`: (1) moves `gc/state` to epoch `N`, marking; (2) waits
 //!   until every lease that saw an epoch below `N` has ended or expired;
 //!   (3) rebuilds its cache from the store, so its reference counts cover
