@@ -31,8 +31,11 @@ for target in $targets; do
   # libFuzzer's limit is wall time: on a busy machine a round gets less
   # CPU than it ran, so rounds go on (on the grown corpus) until the
   # target had `secs` CPU seconds.
-  cpu=0 runs=0 rc=0 rounds=0
-  while [ "$rc" -eq 0 ] && [ "$cpu" -lt "$secs" ]; do
+  ticks=0 cpu=0 runs=0 rc=0 rounds=0
+  tck=$(getconf CLK_TCK)
+  # At most 20 rounds: a machine so busy that it never gives the target its
+  # CPU time stops the campaign rather than looping on.
+  while [ "$rc" -eq 0 ] && [ "$cpu" -lt "$secs" ] && [ "$rounds" -lt 20 ]; do
     left=$((secs - cpu))
     [ "$left" -lt 30 ] && left=30
     start=$(awk '{print $14 + $15 + $16 + $17}' /proc/$$/stat)
@@ -43,14 +46,17 @@ for target in $targets; do
     set -e
     grep -E '^(#[0-9]+ +DONE|Done|==[0-9]+==ERROR|SUMMARY)' "$log" || true
     end=$(awk '{print $14 + $15 + $16 + $17}' /proc/$$/stat)
-    cpu=$((cpu + (end - start) / $(getconf CLK_TCK)))
+    ticks=$((ticks + end - start))
+    cpu=$((ticks / tck))
     # A run that crashed or failed to build has no 'Done' line.
     n=$(grep -oE '^Done [0-9]+ runs' "$log" | awk '{print $2}' | tail -n 1 || true)
     runs=$((runs + ${n:-0}))
     rounds=$((rounds + 1))
     if [ "$rc" -ne 0 ]; then cp "$log" "artifacts/$target.log" 2>/dev/null || true; fi
   done
-  if [ "$rc" -eq 0 ]; then result=ok; else result="FAILED (exit $rc; see fuzz/artifacts/$target)"; status=1; fi
+  if [ "$rc" -eq 0 ] && [ "$cpu" -lt "$secs" ]; then
+    result="SHORT (only ${cpu} of ${secs} CPU-s in $rounds rounds)"; status=1
+  elif [ "$rc" -eq 0 ]; then result=ok; else result="FAILED (exit $rc; see fuzz/artifacts/$target)"; status=1; fi
   line="$target: $runs executions, ${cpu} CPU-s in $rounds round(s), $result"
   echo "== $line"
   summary+=("$line")

@@ -856,6 +856,8 @@ fn sigkill_at_random_moments_loses_no_acknowledged_point() {
     eprintln!("crash_kill: {runs} runs (until {kills} kills) from seed {base}");
     // `COFFRE_CRASH_JOBS` runs at once (make crash-test: 2).
     let jobs = env_u64("COFFRE_CRASH_JOBS", 1).max(1);
+    // `COFFRE_CRASH_OP=AddReplica` runs only the seeds of that operation.
+    let only = std::env::var("COFFRE_CRASH_OP").ok();
     let started = Instant::now();
     let next = std::sync::atomic::AtomicU64::new(0);
     let killed = std::sync::atomic::AtomicU64::new(0);
@@ -872,8 +874,13 @@ fn sigkill_at_random_moments_loses_no_acknowledged_point() {
                         if i >= runs || (kills > 0 && killed.load(SeqCst) >= kills) {
                             break;
                         }
+                        let seed = base.wrapping_add(i);
+                        let op = OPS[(seed % OPS.len() as u64) as usize];
+                        if only.as_ref().is_some_and(|o| *o != format!("{op:?}")) {
+                            continue;
+                        }
                         let before = mine.kills();
-                        run_one(base.wrapping_add(i), &mut mine, &mut durations);
+                        run_one(seed, &mut mine, &mut durations);
                         killed.fetch_add(mine.kills() - before, SeqCst);
                     }
                     mine

@@ -54,6 +54,8 @@ const ALL_CFS: [&str; 10] = [
 ];
 /// `meta` key of the layout version of the GC column families.
 const META_GC_LAYOUT: &[u8] = b"gc-layout";
+/// Prefix of the `meta` keys of pruned points.
+const META_PRUNED: &[u8] = b"pruned\0";
 /// Current layout of `refs`/`unref`/`segchunks`/`dead`.
 pub const GC_LAYOUT_VERSION: u8 = 1;
 
@@ -78,6 +80,13 @@ fn point_key(item: &str, seq: u64) -> Vec<u8> {
     k.extend_from_slice(item.as_bytes());
     k.push(0);
     k.extend_from_slice(&seq_key(seq));
+    k
+}
+
+/// Key in `meta` of a point retention pruned: `pruned\0ITEM\0SEQ`.
+fn pruned_key(item: &str, seq: u64) -> Vec<u8> {
+    let mut k = META_PRUNED.to_vec();
+    k.extend_from_slice(&point_key(item, seq));
     k
 }
 
@@ -212,6 +221,13 @@ impl IndexBatch {
         self.files
             .push((catalog_files::point_file(item, seq), None));
         self.delete(Cf::Points, point_key(item, seq));
+    }
+    /// Removes a point its retention let go, and remembers that it did
+    /// (item, sequence and block-map root): a secondary's quarantined copy
+    /// of exactly that manifest is then garbage (`crate::quarantine`).
+    pub fn prune_point(&mut self, item: &str, seq: u64, root: &ChunkId) {
+        self.delete_point(item, seq);
+        self.put(Cf::Meta, pruned_key(item, seq), root.as_bytes().to_vec());
     }
     /// Inserts or replaces a policy (any serialisable shape).
     pub fn put_policy<T: Serialize>(&mut self, name: &str, policy: &T) {
@@ -671,6 +687,14 @@ impl Index {
     /// True when the GC column families are built at the current layout.
     pub fn has_gc_layout(&self) -> Result<bool> {
         Ok(self.get(Cf::Meta, META_GC_LAYOUT)?.as_deref() == Some(&[GC_LAYOUT_VERSION][..]))
+    }
+
+    /// The block-map root of point `seq` of `item` if retention pruned
+    /// it (a value that is not a chunk id counts as no record).
+    pub fn pruned_root(&self, item: &str, seq: u64) -> Result<Option<ChunkId>> {
+        Ok(self
+            .get(Cf::Meta, &pruned_key(item, seq))?
+            .and_then(|v| ChunkId::from_slice(&v)))
     }
 
     fn decode_catalog<T: DeserializeOwned>(&self, what: &'static str, v: &[u8]) -> Result<T> {

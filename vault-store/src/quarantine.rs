@@ -13,7 +13,9 @@
 //! - a segment, when every record in it holds a chunk the index places in
 //!   another segment, or one it neither places nor counts a reference to;
 //! - a point manifest, only when the index has that same point (item and
-//!   sequence number): a manifest of a point the index does not know stays,
+//!   sequence number), or records that retention pruned it (item, sequence
+//!   and the same block-map root, [`crate::index::IndexBatch::prune_point`]):
+//!   a manifest of any other point the index does not know stays,
 //!   whatever the index says of its chunks (they may look unreferenced
 //!   precisely because the index lacks the point);
 //! - an item file, when the index has no point of that item; a policy
@@ -156,7 +158,10 @@ fn unreferenced(store: &dyn Store, index: &Index, q: &str) -> Result<bool> {
             // chunks are placed says nothing (GC may have unplaced them
             // because the index lacked the point), so it stays and
             // `coffre verify` reports it.
-            Ok(index.points(&p.item)?.iter().any(|k| k.seq == p.seq))
+            // A point retention pruned (the same root: not another point
+            // that reused the item's name and sequence) is garbage too.
+            Ok(index.points(&p.item)?.iter().any(|k| k.seq == p.seq)
+                || index.pruned_root(&p.item, p.seq)? == Some(p.block_map))
         }
         ITEMS_DIR => {
             let Some(bytes) = store.get(q)? else {

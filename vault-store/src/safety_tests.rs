@@ -236,6 +236,21 @@ fn refill_finds_records_that_the_first_copy_lost_in_another_copy() {
     assert_eq!(done.damaged, 0, "{done:?}");
     assert!(done.records >= 6, "{done:?}");
     assert_eq!(std::fs::read(r1.join(&name)).unwrap(), whole);
+    // A record GC punched on the primary (zeros; r2 is never punched) is
+    // not grown back on the refilled copy.
+    let dead = v.index().chunk(&ChunkId::of(&bl[4])).unwrap().unwrap();
+    let range = dead.offset as usize..(dead.offset + u64::from(dead.len)) as usize;
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[range.clone()].fill(0);
+    std::fs::write(&p, &bytes).unwrap();
+    std::fs::remove_file(r1.join(&name)).unwrap();
+    crate::segment::refill(copies, &target, &name, committed).unwrap();
+    let got = std::fs::read(r1.join(&name)).unwrap();
+    assert!(
+        got[range.clone()].iter().all(|&b| b == 0),
+        "a punched record came back"
+    );
+    assert_eq!(got[..range.start], whole[..range.start]);
 }
 
 #[test]
@@ -559,4 +574,41 @@ fn gc_does_not_retire_a_segment_whose_counters_wrongly_call_it_empty() {
     let report = crate::gc::run(&v).unwrap();
     point_intact(&v, 1, &bl, &[&vdir]);
     assert!(report.segments_rewritten > 0, "{report:?}");
+}
+
+/// The secondary's quarantined manifest of a point retention pruned is
+/// deleted by a later replication; one of another point that reused the
+/// item's name and sequence (another root) stays.
+#[test]
+fn a_pruned_points_manifest_leaves_the_secondarys_quarantine() {
+    let t = tempfile::tempdir().unwrap();
+    let vdir = t.path().join("v");
+    let sec = t.path().join("sec");
+    let v = Vault::create(&vdir, config(Vec::new(), Some(sec.clone()))).unwrap();
+    store_point(&v, 1, &blocks(51, 3));
+    store_point(&v, 2, &blocks(52, 3));
+    let now = || jiff::Timestamp::UNIX_EPOCH;
+    crate::replicate::replicate(&v, &now, &|| false).unwrap();
+    let p1 = v.points("i").unwrap().remove(0);
+    assert_eq!(p1.seq, 1);
+    let mut batch = IndexBatch::default();
+    batch.prune_point("i", 1, &p1.block_map);
+    v.commit_catalog(batch, &[p1.block_map]).unwrap();
+    let first = crate::replicate::replicate(&v, &now, &|| false).unwrap();
+    assert_eq!(first.quarantined, 1, "{first:?}");
+    let q = sec.join("quarantine").join(point_file(1));
+    assert!(q.is_file());
+    // A manifest for the same name and sequence with another root.
+    let mut other = p1.clone();
+    other.block_map = ChunkId::of(b"another point's root");
+    let other_q = sec.join("quarantine").join(point_file(7));
+    other.seq = 7;
+    std::fs::write(&other_q, crate::catalog_files::encode_point(&other)).unwrap();
+    let mut batch = IndexBatch::default();
+    batch.prune_point("i", 7, &ChunkId::of(b"the pruned point 7's root"));
+    v.index().commit(batch).unwrap();
+    let second = crate::replicate::replicate(&v, &now, &|| false).unwrap();
+    assert!(!q.exists(), "{second:?}");
+    assert!(other_q.is_file(), "{second:?}");
+    assert_eq!(second.quarantine_deleted, 1, "{second:?}");
 }

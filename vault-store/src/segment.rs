@@ -519,13 +519,27 @@ pub fn refill(copies: &Copies, target: &Copy, name: &str, len: u64) -> Result<Re
 /// as the sources show them: the first source's scan, and where it found
 /// damage (bytes between records, or a short end) the other sources'
 /// records too, so a record one copy lost is still found in another.
+///
+/// A range the first source holds as zeros is a hole GC punched (its
+/// records are dead): another source's records there are not taken, or a
+/// refill would grow back on the target what GC reclaimed.
 fn records_of(sources: &[&Copy], id: u64, name: &str, len: u64) -> Vec<crate::scan::Found> {
     let mut found: std::collections::BTreeMap<u64, crate::scan::Found> = Default::default();
-    for src in sources {
+    let Some(first) = sources.first() else {
+        return Vec::new();
+    };
+    let punched = |r: &crate::scan::Found| {
+        let mut buf = vec![0u8; r.len as usize];
+        first.store.read_at(name, r.offset, &mut buf).is_ok() && buf.iter().all(|&b| b == 0)
+    };
+    for (i, src) in sources.iter().enumerate() {
         let mut read = |off: u64, buf: &mut [u8]| src.store.read_at(name, off, buf).is_ok();
         let scan = crate::scan::scan_segment(id, len, &mut read);
         let whole = scan.skipped == 0 && scan.end == len;
         for r in scan.records {
+            if i > 0 && (found.contains_key(&r.offset) || punched(&r)) {
+                continue;
+            }
             found.entry(r.offset).or_insert(r);
         }
         if whole {

@@ -1496,7 +1496,6 @@ impl WriteSession<'_> {
         Ok(())
     }
 
-    /// Uploads one chunk list per segment this commit appended to.
     /// The manifests among `files` of points the index does not have yet
     /// (added by this commit), as deletions; a manifest rewritten for a
     /// point already committed is never among them.
@@ -1516,6 +1515,7 @@ impl WriteSession<'_> {
             .collect()
     }
 
+    /// Uploads one chunk list per segment this commit appended to.
     fn put_chunk_lists(&self) -> Result<()> {
         let mut by_segment: std::collections::BTreeMap<u64, Vec<crate::chunk_list::ListedChunk>> =
             Default::default();

@@ -105,7 +105,7 @@ pub fn prune(
             }
             Protection::SoftDeleted { purge_after, .. } if now >= purge_after => {
                 for p in &points {
-                    batch.delete_point(&p.item, p.seq);
+                    batch.prune_point(&p.item, p.seq, &p.block_map);
                     report.expired.push(ExpiredPoint {
                         item: p.item.clone(),
                         id: p.id.clone(),
@@ -158,7 +158,7 @@ pub fn prune(
         }
         report.kept += (points.len() - going.len()) as u64;
         for g in &going {
-            batch.delete_point(&g.item, g.seq);
+            batch.prune_point(&g.item, g.seq, &g.root);
         }
         report.expired.extend(going);
     }

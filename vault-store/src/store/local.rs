@@ -86,7 +86,9 @@ pub const MAX_WHOLE_FILE: u64 = 256 << 20;
 
 /// Opens refuse a symbolic link as the last component (`O_NOFOLLOW`): a
 /// vault's files are its own, never a link a crafted vault planted to
-/// make coffre read or write a file elsewhere.
+/// make coffre read or write a file elsewhere. Only the last component:
+/// a vault whose `segments/` itself is a link is still followed (the
+/// vault directory's owner made it; see ARCHITECTURE.md, trust).
 fn no_follow(o: &mut OpenOptions) -> &mut OpenOptions {
     o.custom_flags(libc::O_NOFOLLOW)
 }
@@ -197,11 +199,22 @@ impl Store for LocalStore {
 
     fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let path = self.path(name)?;
-        let file = match no_follow(OpenOptions::new().read(true)).open(&path) {
+        // Non-blocking: a FIFO planted at the name must not hang the open.
+        let file = match no_follow(OpenOptions::new().read(true))
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::io("read", &path, e)),
         };
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(StoreError::io(
+                "read",
+                &path,
+                std::io::Error::other("not a regular file"),
+            ));
+        }
         let mut out = Vec::new();
         // Read one byte past the limit to tell a file at it from a larger one.
         let read = std::io::Read::read_to_end(
@@ -423,6 +436,12 @@ mod tests {
         std::fs::create_dir_all(root.join("segments")).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("segments/0000000000000001.seg")).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("config")).unwrap();
+        // A FIFO where a catalog file belongs: refused, not waited on.
+        let fifo =
+            std::ffi::CString::new(root.join("item").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert!(LocalStore::new(&root).get("item").is_err());
         let store = LocalStore::new(&root);
         let seg = "segments/0000000000000001.seg";
         let mut buf = [0u8; 4];

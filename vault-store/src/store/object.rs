@@ -390,26 +390,47 @@ impl ObjectStoreCopy {
 
     fn get_key(&self, name: &str, key: &str) -> Result<Option<Vec<u8>>> {
         let path = self.key(key)?;
+        Ok(self.get_whole(name, path)?.map(|(b, _)| b))
+    }
+
+    /// Reads object `path` whole with its version; `None` when absent.
+    /// The body is capped at [`MAX_WHOLE_OBJECT`]: by its declared size
+    /// before any byte is read, then by the bytes actually sent.
+    fn get_whole(&self, name: &str, path: ObjPath) -> Result<Option<(Vec<u8>, Version)>> {
+        use futures::StreamExt;
         let inner = self.s.inner.clone();
         let got = self.run(async move {
-            match inner.get(&path).await {
-                Ok(r) if r.meta.size > MAX_WHOLE_OBJECT => Ok(Err(r.meta.size)),
-                Ok(r) => r.bytes().await.map(|b| Ok(Some(b))),
-                Err(object_store::Error::NotFound { .. }) => Ok(Ok(None)),
-                Err(e) => Err(e),
+            let r = match inner.get(&path).await {
+                Ok(r) => r,
+                Err(object_store::Error::NotFound { .. }) => return Ok(Ok(None)),
+                Err(e) => return Err(e),
+            };
+            if r.meta.size > MAX_WHOLE_OBJECT {
+                return Ok(Err(r.meta.size));
             }
+            let v = Version {
+                e_tag: r.meta.e_tag.clone(),
+                version: r.meta.version.clone(),
+            };
+            let mut out = Vec::with_capacity(usize::try_from(r.meta.size).unwrap_or(0));
+            let mut body = r.into_stream();
+            while let Some(part) = body.next().await {
+                let part = part?;
+                let len = (out.len() + part.len()) as u64;
+                if len > MAX_WHOLE_OBJECT {
+                    return Ok(Err(len));
+                }
+                out.extend_from_slice(&part);
+            }
+            Ok(Ok(Some((out, v))))
         })?;
-        let too_big = |size: u64| {
-            self.err(
+        match got.map_err(|e| self.err("get", name, e))? {
+            Err(size) => Err(self.err(
                 "get",
                 name,
-                format!("the object is {size} bytes, more than the {MAX_WHOLE_OBJECT} a vault object read whole may be"),
-            )
-        };
-        match got.map_err(|e| self.err("get", name, e))? {
-            Err(size) => Err(too_big(size)),
-            Ok(Some(b)) if b.len() as u64 > MAX_WHOLE_OBJECT => Err(too_big(b.len() as u64)),
-            Ok(b) => Ok(b.map(|b| b.to_vec())),
+                format!("the object is {size} bytes or more, more than the {MAX_WHOLE_OBJECT} a vault object read whole may be"),
+            )),
+            Ok(b) => Ok(b),
         }
     }
 
@@ -460,21 +481,7 @@ impl ObjectStoreCopy {
     /// Reads `name` with its version (ETag), for a later [`Store::put_if`].
     pub fn get_versioned(&self, name: &str) -> Result<Option<(Vec<u8>, Version)>> {
         let path = self.key(name)?;
-        let inner = self.s.inner.clone();
-        let got = self.run(async move {
-            match inner.get(&path).await {
-                Ok(r) => {
-                    let v = Version {
-                        e_tag: r.meta.e_tag.clone(),
-                        version: r.meta.version.clone(),
-                    };
-                    r.bytes().await.map(|b| Some((b.to_vec(), v)))
-                }
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e),
-            }
-        })?;
-        got.map_err(|e| self.err("get", name, e))
+        self.get_whole(name, path)
     }
 }
 
