@@ -132,6 +132,27 @@ fn unreferenced(store: &dyn Store, index: &Index, q: &str) -> Result<bool> {
             if failed {
                 return Ok(false);
             }
+            // Bytes the scan could not read as records (a damaged header)
+            // may hold a chunk no one can vouch for: such a segment stays,
+            // unless those bytes are zeros (a hole GC punched).
+            let mut used: Vec<(u64, u64)> = scan
+                .records
+                .iter()
+                .map(|r| (r.offset, r.offset + u64::from(r.len)))
+                .collect();
+            let header = crate::segment::SEGMENT_HEADER_LEN.min(size);
+            for (start, end) in crate::segment::uncovered(header, size, &mut used) {
+                let mut at = start;
+                let mut buf = vec![0u8; 1 << 20];
+                while at < end {
+                    let n = ((end - at) as usize).min(buf.len());
+                    let chunk = buf.get_mut(..n).unwrap_or_default();
+                    if store.read_at(q, at, chunk).is_err() || chunk.iter().any(|&b| b != 0) {
+                        return Ok(false);
+                    }
+                    at += n as u64;
+                }
+            }
             for r in &scan.records {
                 let placed = index.chunk(&r.id)?;
                 let needed = match placed {

@@ -612,3 +612,33 @@ fn a_pruned_points_manifest_leaves_the_secondarys_quarantine() {
     assert!(other_q.is_file(), "{second:?}");
     assert_eq!(second.quarantine_deleted, 1, "{second:?}");
 }
+
+/// A quarantined segment whose bytes the scan cannot all read as records
+/// (a damaged header) stays: GC cannot vouch that nothing needs them. One
+/// whose unread bytes are zeros (a punched hole) goes.
+#[test]
+fn gc_keeps_a_quarantined_segment_with_bytes_it_cannot_read_as_records() {
+    let t = tempfile::tempdir().unwrap();
+    let vdir = t.path().join("v");
+    let v = Vault::create(&vdir, config(Vec::new(), None)).unwrap();
+    store_point(&v, 1, &blocks(61, 2));
+    let junk = b"never committed".to_vec();
+    let record = RecordEncoder::new(1)
+        .encode(ChunkId::of(&junk), &junk)
+        .unwrap();
+    let segment = |id: u64, middle: &[u8]| {
+        let mut seg = crate::segment::encode_header(id).to_vec();
+        seg.extend(&record);
+        seg.extend(middle);
+        seg.extend(&record);
+        seg
+    };
+    let damaged = format!("quarantine/{}", segment_name(97));
+    let punched = format!("quarantine/{}", segment_name(98));
+    std::fs::create_dir_all(vdir.join("quarantine").join(SEGMENTS_DIR)).unwrap();
+    std::fs::write(vdir.join(&damaged), segment(97, &[0x5a; 300])).unwrap();
+    std::fs::write(vdir.join(&punched), segment(98, &[0; 300])).unwrap();
+    let report = crate::gc::run(&v).unwrap();
+    assert!(vdir.join(&damaged).is_file(), "{report:?}");
+    assert!(!vdir.join(&punched).exists(), "{report:?}");
+}

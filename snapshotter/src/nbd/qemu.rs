@@ -107,7 +107,10 @@ impl QemuNbd {
             .map_or(0, |d| d.as_nanos());
         let dir =
             std::env::temp_dir().join(format!("coffre-qemu-nbd-{}-{nanos}", std::process::id()));
-        coffre_vault_store::private::create_dir_all(&dir)
+        // Created new (never an existing directory someone else planted at
+        // the name, where they could swap the socket), owner-only.
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&dir)
             .map_err(|e| fail(format!("cannot make {}: {e}", dir.display())))?;
         let sock = dir.join("nbd.sock");
         let mut cmd = Command::new("qemu-nbd");
