@@ -132,16 +132,18 @@ fn unreferenced(store: &dyn Store, index: &Index, q: &str) -> Result<bool> {
             if failed {
                 return Ok(false);
             }
-            // Bytes the scan could not read as records (a damaged header)
-            // may hold a chunk no one can vouch for: such a segment stays,
-            // unless those bytes are zeros (a hole GC punched).
+            // Bytes between records the scan could not read as records (a
+            // damaged header) may hold a chunk no one can vouch for: such a
+            // segment stays, unless those bytes are zeros (a hole GC
+            // punched). Past the last whole record is a torn append (what a
+            // killed session leaves), not hidden data.
             let mut used: Vec<(u64, u64)> = scan
                 .records
                 .iter()
                 .map(|r| (r.offset, r.offset + u64::from(r.len)))
                 .collect();
             let header = crate::segment::SEGMENT_HEADER_LEN.min(size);
-            for (start, end) in crate::segment::uncovered(header, size, &mut used) {
+            for (start, end) in crate::segment::uncovered(header, scan.end, &mut used) {
                 let mut at = start;
                 let mut buf = vec![0u8; 1 << 20];
                 while at < end {

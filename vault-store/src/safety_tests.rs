@@ -638,7 +638,14 @@ fn gc_keeps_a_quarantined_segment_with_bytes_it_cannot_read_as_records() {
     std::fs::create_dir_all(vdir.join("quarantine").join(SEGMENTS_DIR)).unwrap();
     std::fs::write(vdir.join(&damaged), segment(97, &[0x5a; 300])).unwrap();
     std::fs::write(vdir.join(&punched), segment(98, &[0; 300])).unwrap();
+    // A torn append (a killed session): a whole record, then part of one.
+    let torn = format!("quarantine/{}", segment_name(96));
+    let mut bytes = crate::segment::encode_header(96).to_vec();
+    bytes.extend(&record);
+    bytes.extend(&record[..20]);
+    std::fs::write(vdir.join(&torn), bytes).unwrap();
     let report = crate::gc::run(&v).unwrap();
     assert!(vdir.join(&damaged).is_file(), "{report:?}");
     assert!(!vdir.join(&punched).exists(), "{report:?}");
+    assert!(!vdir.join(&torn).exists(), "{report:?}");
 }
