@@ -137,23 +137,13 @@ fn unreferenced(store: &dyn Store, index: &Index, q: &str) -> Result<bool> {
             // segment stays, unless those bytes are zeros (a hole GC
             // punched). Past the last whole record is a torn append (what a
             // killed session leaves), not hidden data.
-            let mut used: Vec<(u64, u64)> = scan
-                .records
-                .iter()
-                .map(|r| (r.offset, r.offset + u64::from(r.len)))
-                .collect();
             let header = crate::segment::SEGMENT_HEADER_LEN.min(size);
-            for (start, end) in crate::segment::uncovered(header, scan.end, &mut used) {
-                let mut at = start;
-                let mut buf = vec![0u8; 1 << 20];
-                while at < end {
-                    let n = ((end - at) as usize).min(buf.len());
-                    let chunk = buf.get_mut(..n).unwrap_or_default();
-                    if store.read_at(q, at, chunk).is_err() || chunk.iter().any(|&b| b != 0) {
-                        return Ok(false);
-                    }
-                    at += n as u64;
-                }
+            let gaps = crate::segment::gaps(&scan.records, header, scan.end);
+            if !gaps
+                .iter()
+                .all(|&(start, end)| crate::segment::reads_as_zeros(store, q, start, end))
+            {
+                return Ok(false);
             }
             for r in &scan.records {
                 let placed = index.chunk(&r.id)?;

@@ -50,6 +50,16 @@ fn blocks(seed: u8, n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The synchronous copy of `v` in `dir`.
+fn sync_copy(v: &Vault, dir: &Path) -> crate::copies::Copy {
+    v.copies()
+        .sync_copies()
+        .iter()
+        .find(|c| c.dir == dir)
+        .unwrap()
+        .clone()
+}
+
 fn seg_len(dir: &Path, id: u64) -> Option<u64> {
     std::fs::metadata(dir.join(segment_name(id)))
         .ok()
@@ -183,12 +193,7 @@ fn refill_copies_only_intact_records() {
     std::fs::remove_file(r1.join(&name)).unwrap();
     let v = Vault::open(&vdir, Access::ReadOnly).unwrap();
     let copies = v.copies();
-    let target = copies
-        .sync_copies()
-        .iter()
-        .find(|c| c.dir == r1)
-        .unwrap()
-        .clone();
+    let target = sync_copy(&v, &r1);
     let done = crate::segment::refill(copies, &target, &name, committed).unwrap();
     assert_eq!(done.damaged, 1, "{done:?}");
     assert_eq!(done.records, 7, "{done:?}");
@@ -226,12 +231,7 @@ fn refill_finds_records_that_the_first_copy_lost_in_another_copy() {
     std::fs::remove_file(r1.join(&name)).unwrap();
     let v = Vault::open(&vdir, Access::ReadOnly).unwrap();
     let copies = v.copies();
-    let target = copies
-        .sync_copies()
-        .iter()
-        .find(|c| c.dir == r1)
-        .unwrap()
-        .clone();
+    let target = sync_copy(&v, &r1);
     let done = crate::segment::refill(copies, &target, &name, committed).unwrap();
     assert_eq!(done.damaged, 0, "{done:?}");
     assert!(done.records >= 6, "{done:?}");

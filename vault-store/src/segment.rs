@@ -156,6 +156,32 @@ pub fn uncovered(from: u64, len: u64, used: &mut [(u64, u64)]) -> Vec<(u64, u64)
     out
 }
 
+/// The byte ranges of `from..to` that none of `records` covers, in order:
+/// what a segment scan could not read as records.
+pub fn gaps(records: &[crate::scan::Found], from: u64, to: u64) -> Vec<(u64, u64)> {
+    let mut used: Vec<(u64, u64)> = records
+        .iter()
+        .map(|r| (r.offset, r.offset + u64::from(r.len)))
+        .collect();
+    uncovered(from, to, &mut used)
+}
+
+/// True when bytes `start..end` of `name` read back as zeros (a hole a GC
+/// punch left); false when they hold anything else or cannot be read.
+pub fn reads_as_zeros(store: &dyn crate::store::Store, name: &str, start: u64, end: u64) -> bool {
+    let mut buf = vec![0u8; ((end.saturating_sub(start)) as usize).min(1 << 20)];
+    let mut at = start;
+    while at < end {
+        let n = ((end - at) as usize).min(buf.len());
+        let chunk = buf.get_mut(..n).unwrap_or_default();
+        if store.read_at(name, at, chunk).is_err() || chunk.iter().any(|&b| b != 0) {
+            return false;
+        }
+        at += n as u64;
+    }
+    true
+}
+
 /// Name of segment `id` inside a copy.
 pub fn segment_name(id: u64) -> String {
     format!("{SEGMENTS_DIR}/{}", segment_file_name(id))
@@ -529,8 +555,12 @@ fn records_of(sources: &[&Copy], id: u64, name: &str, len: u64) -> Vec<crate::sc
         return Vec::new();
     };
     let punched = |r: &crate::scan::Found| {
-        let mut buf = vec![0u8; r.len as usize];
-        first.store.read_at(name, r.offset, &mut buf).is_ok() && buf.iter().all(|&b| b == 0)
+        reads_as_zeros(
+            first.store.as_ref(),
+            name,
+            r.offset,
+            r.offset + u64::from(r.len),
+        )
     };
     for (i, src) in sources.iter().enumerate() {
         let mut read = |off: u64, buf: &mut [u8]| src.store.read_at(name, off, buf).is_ok();
@@ -557,11 +587,7 @@ fn records_of(sources: &[&Copy], id: u64, name: &str, len: u64) -> Vec<crate::sc
             out.push(r);
         }
     }
-    let mut used: Vec<(u64, u64)> = out
-        .iter()
-        .map(|r| (r.offset, r.offset + u64::from(r.len)))
-        .collect();
-    for (start, end) in uncovered(SEGMENT_HEADER_LEN.min(len), len, &mut used) {
+    for (start, end) in gaps(&out, SEGMENT_HEADER_LEN.min(len), len) {
         tracing::warn!(
             segment = name,
             start,

@@ -88,9 +88,11 @@ pub const MAX_WHOLE_FILE: u64 = 256 << 20;
 /// vault's files are its own, never a link a crafted vault planted to
 /// make coffre read or write a file elsewhere. Only the last component:
 /// a vault whose `segments/` itself is a link is still followed (the
-/// vault directory's owner made it; see ARCHITECTURE.md, trust).
+/// vault directory's owner made it; see ARCHITECTURE.md, trust). They
+/// are non-blocking (`O_NONBLOCK`, no effect on regular files), so a
+/// FIFO planted at a file's name fails instead of hanging the open.
 fn no_follow(o: &mut OpenOptions) -> &mut OpenOptions {
-    o.custom_flags(libc::O_NOFOLLOW)
+    o.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
 }
 
 impl Store for LocalStore {
@@ -199,11 +201,7 @@ impl Store for LocalStore {
 
     fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let path = self.path(name)?;
-        // Non-blocking: a FIFO planted at the name must not hang the open.
-        let file = match no_follow(OpenOptions::new().read(true))
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)
-        {
+        let file = match no_follow(OpenOptions::new().read(true)).open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::io("read", &path, e)),
@@ -442,6 +440,20 @@ mod tests {
         // SAFETY: mkfifo with a NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         assert!(LocalStore::new(&root).get("item").is_err());
+        let fifo_seg = std::ffi::CString::new(
+            root.join("segments/0000000000000002.seg")
+                .as_os_str()
+                .as_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::mkfifo(fifo_seg.as_ptr(), 0o600) }, 0);
+        let mut one = [0u8; 1];
+        assert!(
+            LocalStore::new(&root)
+                .read_at("segments/0000000000000002.seg", 0, &mut one)
+                .is_err()
+        );
         let store = LocalStore::new(&root);
         let seg = "segments/0000000000000001.seg";
         let mut buf = [0u8; 4];
