@@ -81,7 +81,8 @@ impl LocalStore {
 }
 
 /// The most a whole-file read ([`Store::get`]) takes: files read whole
-/// are catalog files, far smaller; a larger one is refused, not read.
+/// are catalog files, far smaller; a larger one is refused by its size
+/// before any byte is read.
 pub const MAX_WHOLE_FILE: u64 = 256 << 20;
 
 /// Opens refuse a symbolic link as the last component (`O_NOFOLLOW`): a
@@ -206,12 +207,25 @@ impl Store for LocalStore {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::io("read", &path, e)),
         };
-        if !file.metadata().is_ok_and(|m| m.is_file()) {
-            return Err(StoreError::io(
+        let too_big = || {
+            StoreError::io(
                 "read",
                 &path,
-                std::io::Error::other("not a regular file"),
-            ));
+                std::io::Error::other(format!(
+                    "more than the {MAX_WHOLE_FILE} bytes a vault file read whole may be"
+                )),
+            )
+        };
+        match file.metadata() {
+            Ok(m) if m.is_file() && m.len() > MAX_WHOLE_FILE => return Err(too_big()),
+            Ok(m) if m.is_file() => {}
+            _ => {
+                return Err(StoreError::io(
+                    "read",
+                    &path,
+                    std::io::Error::other("not a regular file"),
+                ));
+            }
         }
         let mut out = Vec::new();
         // Read one byte past the limit to tell a file at it from a larger one.
@@ -220,14 +234,9 @@ impl Store for LocalStore {
             &mut out,
         )
         .map_err(|e| StoreError::io("read", &path, e))?;
+        // It may have grown since the stat.
         if read as u64 > MAX_WHOLE_FILE {
-            return Err(StoreError::io(
-                "read",
-                &path,
-                std::io::Error::other(format!(
-                    "more than the {MAX_WHOLE_FILE} bytes a vault file read whole may be"
-                )),
-            ));
+            return Err(too_big());
         }
         Ok(Some(out))
     }
@@ -465,5 +474,22 @@ mod tests {
         assert!(store.punch(seg, 0, 4).is_err());
         assert!(store.append_to(seg, 0).is_err());
         assert_eq!(std::fs::read(&outside).unwrap(), b"not the vault's");
+    }
+
+    /// A catalog file larger than any can be is refused with its name,
+    /// not read into memory (a sparse file: no disk space needed).
+    #[test]
+    fn a_whole_file_read_stops_at_the_limit() {
+        let t = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(t.path());
+        std::fs::write(t.path().join("config"), b"small").unwrap();
+        assert_eq!(store.get("config").unwrap().unwrap(), b"small");
+        let f = std::fs::File::options()
+            .write(true)
+            .open(t.path().join("config"))
+            .unwrap();
+        f.set_len(MAX_WHOLE_FILE + 1).unwrap();
+        let e = store.get("config").unwrap_err().to_string();
+        assert!(e.contains("config") && e.contains("more than"), "{e}");
     }
 }
