@@ -9,7 +9,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use coffre_vault_store::catalog_files::{decode_item, decode_point, encode_item, encode_point};
+use coffre_vault_store::format::catalog_files::{
+    decode_item, decode_point, encode_item, encode_point,
+};
 use coffre_vault_store::{ItemRecord, PointRecord, Protection};
 
 use crate::common::*;

@@ -27,7 +27,7 @@ fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
 fn chunk_record_corpus() {
     let mut accepted = 0;
     for (_name, bytes) in corpus("chunk_record") {
-        if coffre_vault_store::record::fuzz_entry(&bytes) {
+        if coffre_vault_store::format::record::fuzz_entry(&bytes) {
             accepted += 1;
         }
     }
@@ -41,7 +41,7 @@ fn chunk_record_corpus() {
 fn block_map_corpus() {
     let mut accepted = 0;
     for (_name, bytes) in corpus("block_map") {
-        if coffre_vault_store::blockmap::fuzz_entry(&bytes) {
+        if coffre_vault_store::format::blockmap::fuzz_entry(&bytes) {
             accepted += 1;
         }
     }
@@ -93,7 +93,7 @@ fn area_file_corpus() {
 fn vault_config_corpus() {
     let accepted = corpus("vault_config")
         .iter()
-        .filter(|(_, b)| coffre_vault_store::config::fuzz_entry(b))
+        .filter(|(_, b)| coffre_vault_store::format::config::fuzz_entry(b))
         .count();
     assert_eq!(accepted, 1, "exactly the undamaged config decodes");
 }
@@ -102,7 +102,7 @@ fn vault_config_corpus() {
 fn segment_scan_corpus() {
     let found: Vec<usize> = corpus("segment_scan")
         .iter()
-        .map(|(_, b)| coffre_vault_store::scan::fuzz_entry(b))
+        .map(|(_, b)| coffre_vault_store::format::scan::fuzz_entry(b))
         .collect();
     // adopted (the valid records behind a pack header), holed (the second
     // record punched), torn (the last record), valid.
@@ -113,7 +113,7 @@ fn segment_scan_corpus() {
 fn catalog_file_corpus() {
     let decoded: Vec<bool> = corpus("catalog_file")
         .iter()
-        .map(|(_, b)| coffre_vault_store::catalog_files::fuzz_entry(b))
+        .map(|(_, b)| coffre_vault_store::format::catalog_files::fuzz_entry(b))
         .collect();
     // copy, flipped (a point), point, policy.
     assert_eq!(decoded, vec![true, false, true, true]);
@@ -123,7 +123,7 @@ fn catalog_file_corpus() {
 fn replication_state_corpus() {
     let accepted = corpus("replication_state")
         .iter()
-        .filter(|(_, b)| coffre_vault_store::repl_state::fuzz_entry(b))
+        .filter(|(_, b)| coffre_vault_store::format::repl_state::fuzz_entry(b))
         .count();
     assert_eq!(accepted, 1, "exactly the undamaged state decodes");
 }
@@ -133,9 +133,9 @@ fn shared_state_corpus() {
     let accepted = corpus("shared_state")
         .iter()
         .filter(|(_, b)| {
-            coffre_vault_store::remote::fuzz_entry(b)
+            coffre_vault_store::format::remote::fuzz_entry(b)
                 || coffre_vault_store::lease::fuzz_entry(b)
-                || coffre_vault_store::chunk_list::fuzz_entry(b)
+                || coffre_vault_store::format::chunk_list::fuzz_entry(b)
         })
         .count();
     assert_eq!(
@@ -148,7 +148,7 @@ fn shared_state_corpus() {
 fn damaged_list_corpus() {
     let accepted = corpus("damaged_list")
         .iter()
-        .filter(|(_, b)| coffre_vault_store::damaged::fuzz_entry(b))
+        .filter(|(_, b)| coffre_vault_store::format::damaged::fuzz_entry(b))
         .count();
     assert_eq!(accepted, 1, "exactly the undamaged list decodes");
 }
@@ -187,7 +187,7 @@ fn nbd_reply_corpus() {
 fn index_value_corpus() {
     let accepted: Vec<usize> = corpus("index_value")
         .iter()
-        .map(|(_, b)| coffre_vault_store::index_values::fuzz_entry(b))
+        .map(|(_, b)| coffre_vault_store::format::index_values::fuzz_entry(b))
         .collect();
     // bad_kind, location, ref, segment_v1, segment_v2 (sorted by name).
     assert_eq!(accepted, vec![0, 1, 1, 1, 1]);
@@ -227,7 +227,7 @@ fn part_list_corpus() {
 fn host_registry_corpus() {
     let decoded: Vec<bool> = corpus("host_registry")
         .iter()
-        .map(|(_, b)| coffre_vault_store::host_registry::fuzz_entry(b))
+        .map(|(_, b)| coffre_vault_store::format::host_registry::fuzz_entry(b))
         .collect();
     // bad_item, flipped, valid.
     assert_eq!(decoded, vec![false, false, true]);

@@ -1258,7 +1258,7 @@ svc.getContainerClient(container).getBlockBlobClient(name).uploadFile(file)
 
 #[test]
 fn a_shared_bucket_cannot_choose_a_hosts_snapshot_area_replicas_or_secondary() {
-    use coffre_vault_store::config::VaultConfig;
+    use coffre_vault_store::format::config::VaultConfig;
     let Some(az) = Emulator::azurite(&["hostlocal"]) else {
         return;
     };

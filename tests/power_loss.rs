@@ -33,7 +33,7 @@ fn wrap_all(faults: &Faults) -> StoreWrap {
 fn wrap_replicas(faults: &Faults) -> StoreWrap {
     let f = faults.clone();
     Arc::new(move |role, inner| {
-        if role == coffre_engine::store::catalog_files::Role::Replica {
+        if role == coffre_engine::store::format::catalog_files::Role::Replica {
             Arc::new(FaultStore::new(inner, f.clone()))
         } else {
             inner
@@ -305,7 +305,7 @@ fn run_cmd(cmd: Cmd, vault: &Path, faults: &Faults) -> Result<(), String> {
         )
         .map(|_| ())
         .map_err(|e| e.to_string()),
-        Cmd::Gc => coffre_engine::store::gc::run(&v)
+        Cmd::Gc => coffre_engine::store::maintenance::gc::run(&v)
             .map(|_| ())
             .map_err(|e| e.to_string()),
         Cmd::Repair => coffre_engine::verify(

@@ -7,7 +7,7 @@ use std::hint::black_box;
 use coffre_engine::vault_ops::{CreateOptions, create_vault};
 use coffre_engine::{BackupOptions, MemImage, NoProgress, SystemClock, backup};
 use coffre_vault_store::ChunkId;
-use coffre_vault_store::record::{RecordEncoder, decode};
+use coffre_vault_store::format::record::{RecordEncoder, decode};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 const BLOCK: usize = 64 << 10;

@@ -13,7 +13,7 @@ use coffre_engine::nbd::{is_nbd_uri, open_any};
 use coffre_engine::policy::DEFAULT_POLICY;
 use coffre_engine::protection::{canonical, protect};
 use coffre_engine::retention::ON_DEMAND_DEFAULT_DAYS;
-use coffre_engine::store::catalog::Hooks;
+use coffre_engine::store::format::catalog::Hooks;
 use coffre_engine::store::jobs::{JobRecord, PhaseStatus};
 use coffre_engine::store::{Access, Protection};
 use coffre_engine::{BackupOptions, ImageSource};

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use coffre_engine::bench::{BenchOptions, BenchReport, run as measure};
-use coffre_engine::store::config::{DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL};
+use coffre_engine::store::format::config::{DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL};
 
 use crate::ctx::Ctx;
 use crate::output;

@@ -13,7 +13,7 @@ use jiff::Timestamp;
 
 use crate::args::{Cli, CopySource, OutputFormat};
 use coffre_engine::store::VaultConfig;
-use coffre_engine::store::catalog_files::Role;
+use coffre_engine::store::format::catalog_files::Role;
 use coffre_engine::store::vault::copy_role;
 
 /// What every command gets: output format, clock, lock wait, registry.
@@ -121,7 +121,7 @@ pub fn copy_dir(dir: &Path, from: Option<CopySource>) -> anyhow::Result<PathBuf>
         },
     };
     // A secondary in a blob container is read through a local cache.
-    if coffre_engine::store::remote::is_store_url(&found) {
+    if coffre_engine::store::format::remote::is_store_url(&found) {
         let url = found.to_string_lossy().into_owned();
         return coffre_engine::vault_ops::secondary_cache(&url, Duration::from_secs(60))
             .with_context(|| format!("cannot read the secondary {url}"));

@@ -121,7 +121,8 @@ fn replicate_after_pass(ctx: &Ctx, dir: &Path, stopped: &dyn Fn() -> bool) {
         return;
     }
     let clock = ctx.clock.clone();
-    match coffre_engine::store::replicate::replicate(&vault, &|| clock.now(), stopped) {
+    match coffre_engine::store::maintenance::replicate::replicate(&vault, &|| clock.now(), stopped)
+    {
         Ok(r) => tracing::info!(
             secondary = %r.secondary.display(),
             bytes = r.bytes_copied,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use coffre_engine::protection::{self, ItemView, item_view};
 use coffre_engine::snapshotter::hooks::parse_command;
-use coffre_engine::store::catalog::Hooks;
+use coffre_engine::store::format::catalog::Hooks;
 use coffre_engine::store::jobs::Operation;
 use coffre_engine::store::{Access, Protection};
 

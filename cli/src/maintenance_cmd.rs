@@ -7,8 +7,8 @@ use anyhow::Context;
 use coffre_engine::job_record::run_as_job;
 use coffre_engine::prune::{PruneReport, prune as prune_vault};
 use coffre_engine::scheduler::{PassOptions, PassReport, run_pass};
-use coffre_engine::store::gc::{self, GcPlan, GcReport};
 use coffre_engine::store::jobs::Operation;
+use coffre_engine::store::maintenance::gc::{self, GcPlan, GcReport};
 use coffre_engine::store::{Access, Vault};
 use std::time::Duration;
 
@@ -121,7 +121,7 @@ pub fn prune(ctx: &Ctx, dir: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
 
 /// `coffre gc`.
 pub fn gc(ctx: &Ctx, dir: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
-    if coffre_engine::store::remote::Remote::load(dir)?.is_some() && !dry_run {
+    if coffre_engine::store::format::remote::Remote::load(dir)?.is_some() && !dry_run {
         return shared_gc(ctx, dir);
     }
     let vault = open(ctx, dir, Access::Write)?;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use coffre_engine::points::{PointEntry, Tier, list_points};
-use coffre_engine::store::level::Level;
+use coffre_engine::store::format::level::Level;
 use coffre_engine::store::{Access, PointRecord, PointStats};
 use jiff::Timestamp;
 use serde::Serialize;
@@ -115,7 +115,7 @@ pub fn list(ctx: &Ctx, dir: &Path, item: &str) -> anyhow::Result<ExitCode> {
     let fmt = ctx.fmt;
     let vault = open(ctx, dir, Access::ReadOnly)?;
     let points = list_points(&vault, item).with_context(|| format!("vault {}", dir.display()))?;
-    let replicated = coffre_engine::store::replicate::primary_state(dir).points;
+    let replicated = coffre_engine::store::maintenance::replicate::primary_state(dir).points;
     let views: Vec<PointView<'_>> = points
         .iter()
         .map(|e| {

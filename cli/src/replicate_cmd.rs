@@ -12,8 +12,9 @@ use crate::output::{self, bytes};
 pub fn run(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
     let vault = open(ctx, dir, Access::ReadOnly)?;
     let clock = ctx.clock.clone();
-    let report = coffre_engine::store::replicate::replicate(&vault, &|| clock.now(), &|| false)
-        .with_context(|| format!("replication of vault {} failed", dir.display()))?;
+    let report =
+        coffre_engine::store::maintenance::replicate::replicate(&vault, &|| clock.now(), &|| false)
+            .with_context(|| format!("replication of vault {} failed", dir.display()))?;
     output::emit(ctx.fmt, &report, |r| {
         format!(
             "replicated to {}: {} in {} segment(s), {} catalog file(s), {} point(s) new, {} on the secondary ({} ms)\n",

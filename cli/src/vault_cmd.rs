@@ -330,7 +330,7 @@ pub fn attach(ctx: &Ctx, dir: &Path, url: &str) -> anyhow::Result<ExitCode> {
 pub fn rebuild_index(ctx: &Ctx, dir: &Path, from: Option<&Path>) -> anyhow::Result<ExitCode> {
     let source = from.unwrap_or(dir);
     let (vault, report) =
-        coffre_engine::store::rebuild::rebuild_index(dir, source, ctx.lock_timeout)
+        coffre_engine::store::maintenance::rebuild::rebuild_index(dir, source, ctx.lock_timeout)
             .with_context(|| format!("cannot rebuild the index of vault {}", dir.display()))?;
     drop(vault);
     output::emit(ctx.fmt, &report, |r| {

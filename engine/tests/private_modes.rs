@@ -105,12 +105,16 @@ fn the_library_makes_every_vault_path_private_under_umask_022() {
     {
         let vault = Vault::open(&vault_dir, Access::Write).unwrap();
         let now = || clock_now();
-        coffre_engine::store::replicate::replicate(&vault, &now, &|| false).unwrap();
-        coffre_engine::store::gc::run(&vault).unwrap();
+        coffre_engine::store::maintenance::replicate::replicate(&vault, &now, &|| false).unwrap();
+        coffre_engine::store::maintenance::gc::run(&vault).unwrap();
     }
     drop(
-        coffre_engine::store::rebuild::rebuild_index(&vault_dir, &replica, Default::default())
-            .unwrap(),
+        coffre_engine::store::maintenance::rebuild::rebuild_index(
+            &vault_dir,
+            &replica,
+            Default::default(),
+        )
+        .unwrap(),
     );
 
     for dir in [&vault_dir, &replica, &secondary, &area] {

@@ -1,6 +1,6 @@
-//! Fuzzes the catalog files every copy holds (`coffre_vault_store::catalog_files`): point manifest, item, policy, copy identity.
+//! Fuzzes the catalog files every copy holds (`coffre_vault_store::format::catalog_files`): point manifest, item, policy, copy identity.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    coffre_vault_store::catalog_files::fuzz_entry(data);
+    coffre_vault_store::format::catalog_files::fuzz_entry(data);
 });

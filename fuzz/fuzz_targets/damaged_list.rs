@@ -1,6 +1,6 @@
-//! Fuzzes the list of unrecoverable chunks (`coffre_vault_store::damaged`).
+//! Fuzzes the list of unrecoverable chunks (`coffre_vault_store::format::damaged`).
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    coffre_vault_store::damaged::fuzz_entry(data);
+    coffre_vault_store::format::damaged::fuzz_entry(data);
 });

@@ -1,6 +1,6 @@
-//! Fuzzes the GRS replication state file (`coffre_vault_store::repl_state`).
+//! Fuzzes the GRS replication state file (`coffre_vault_store::format::repl_state`).
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    coffre_vault_store::repl_state::fuzz_entry(data);
+    coffre_vault_store::format::repl_state::fuzz_entry(data);
 });

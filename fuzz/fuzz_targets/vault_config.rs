@@ -1,6 +1,6 @@
-//! Fuzzes the vault config decoder (`coffre_vault_store::config`).
+//! Fuzzes the vault config decoder (`coffre_vault_store::format::config`).
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    coffre_vault_store::config::fuzz_entry(data);
+    coffre_vault_store::format::config::fuzz_entry(data);
 });

@@ -12,7 +12,7 @@ use coffre_snapshotter::manifest::{
 };
 use coffre_snapshotter::pack::PackWriter;
 use coffre_vault_store::ChunkId;
-use coffre_vault_store::record::RecordEncoder;
+use coffre_vault_store::format::record::RecordEncoder;
 
 fn main() {
     let out = std::env::args()

@@ -25,11 +25,11 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use coffre_vault_store::durable::write_atomic;
-use coffre_vault_store::envelope;
-use coffre_vault_store::lock::NamedLock;
-use coffre_vault_store::name::SafeName;
-use coffre_vault_store::private;
+use coffre_vault_store::format::envelope;
+use coffre_vault_store::format::name::SafeName;
+use coffre_vault_store::store::local::durable::write_atomic;
+use coffre_vault_store::store::local::lock::NamedLock;
+use coffre_vault_store::store::local::private;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, SnapError};
@@ -174,7 +174,7 @@ impl Area {
     /// is used, and its items' folders removed, only when it is this
     /// vault's area).
     pub fn known(vault_dir: &Path) -> Vec<Area> {
-        match coffre_vault_store::config::VaultConfig::load(vault_dir) {
+        match coffre_vault_store::format::config::VaultConfig::load(vault_dir) {
             Ok(cfg) => Area::known_of(vault_dir, &cfg.vault_id),
             Err(e) => {
                 tracing::warn!(vault = %vault_dir.display(), error = %e, "cannot read the vault config; its snapshot areas are left alone");
@@ -528,7 +528,7 @@ fn remember(vault_dir: &Path, dir: &Path) -> Result<()> {
         return Ok(());
     }
     let lock_path = vault_dir
-        .join(coffre_vault_store::lock::ITEM_LOCKS_DIR)
+        .join(coffre_vault_store::store::local::lock::ITEM_LOCKS_DIR)
         .join("snapshot-areas.lock");
     let _lock = loop {
         match NamedLock::try_acquire(&lock_path, &std::process::id().to_string())? {

@@ -33,9 +33,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use coffre_vault_store::ChunkId;
-use coffre_vault_store::blockmap::{Node, block_count};
-use coffre_vault_store::name::SafeName;
-use coffre_vault_store::record::RecordEncoder;
+use coffre_vault_store::format::blockmap::{Node, block_count};
+use coffre_vault_store::format::name::SafeName;
+use coffre_vault_store::format::record::RecordEncoder;
 use jiff::Timestamp;
 use rayon::prelude::*;
 
@@ -55,7 +55,7 @@ use crate::pack::PackWriter;
 use crate::progress::Progress;
 use crate::source::{ChangeStamp, FileImage, ImageSource};
 use crate::throttle::Throttle;
-use coffre_vault_store::level::Level;
+use coffre_vault_store::format::level::Level;
 
 /// Bytes mapped at a time (rounded to whole blocks).
 pub const WINDOW_BYTES: usize = 16 << 20;

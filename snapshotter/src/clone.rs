@@ -7,7 +7,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use coffre_vault_store::private;
+use coffre_vault_store::store::local::private;
 
 use crate::error::SnapError;
 
@@ -49,7 +49,7 @@ pub fn clone_file(src: &File, dst: &Path) -> std::result::Result<(), CloneError>
     }
     let synced = out.sync_all().map_err(|e| SnapError::write(dst, e));
     let synced = synced.and_then(|()| {
-        coffre_vault_store::durable::fsync_dir(dst.parent().unwrap_or(Path::new(".")))
+        coffre_vault_store::store::local::durable::fsync_dir(dst.parent().unwrap_or(Path::new(".")))
             .map_err(SnapError::from)
     });
     if let Err(e) = synced {

@@ -61,14 +61,14 @@ pub enum SnapError {
 
     /// A name that would become a path breaks the naming rule.
     #[error(transparent)]
-    BadName(#[from] coffre_vault_store::name::NameError),
+    BadName(#[from] coffre_vault_store::format::name::NameError),
 
     /// A snapshot manifest holds a name that would leave its folder.
     #[error("snapshot {path} is refused: {source}")]
     RefusedName {
         path: PathBuf,
         #[source]
-        source: coffre_vault_store::name::NameError,
+        source: coffre_vault_store::format::name::NameError,
     },
 
     /// A folder coffre would keep snapshots in is not coffre's to use.

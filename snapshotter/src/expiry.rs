@@ -32,7 +32,7 @@ use crate::area::Area;
 use crate::error::Result;
 use crate::manifest::{SnapHeader, SnapKind, SnapMeta, SnapReader, SnapTrailer, summary};
 use crate::pack::PACK_HEADER_LEN;
-use coffre_vault_store::name::SafeName;
+use coffre_vault_store::format::name::SafeName;
 
 /// One snapshot of an item.
 #[derive(Debug, Clone)]
@@ -160,7 +160,7 @@ pub fn own_file(name: &str) -> Option<&str> {
         .as_bytes()
         .first()
         .is_some_and(u8::is_ascii_alphanumeric)
-        && job.len() <= coffre_vault_store::name::MAX_NAME_LEN
+        && job.len() <= coffre_vault_store::format::name::MAX_NAME_LEN
         && job
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
@@ -349,7 +349,7 @@ fn punch_dead(path: &Path, live: &mut [(u64, u64)]) -> u64 {
     }
     let before = f.metadata().map_or(0, |m| m.blocks() * 512);
     let len = f.metadata().map_or(0, |m| m.len());
-    let gaps = coffre_vault_store::segment::uncovered(PACK_HEADER_LEN, len, live);
+    let gaps = coffre_vault_store::format::segment::uncovered(PACK_HEADER_LEN, len, live);
     for (s, e) in gaps {
         // Whole 4 KiB pages only: the kernel would zero partial ones, which
         // is harmless, but it gives nothing back.

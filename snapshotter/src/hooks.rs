@@ -28,7 +28,7 @@ use std::path::Path;
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use coffre_vault_store::catalog::{DEFAULT_HOOK_TIMEOUT_SECS, Hooks};
+pub use coffre_vault_store::format::catalog::{DEFAULT_HOOK_TIMEOUT_SECS, Hooks};
 
 use crate::error::{Result, SnapError};
 

@@ -32,7 +32,7 @@ pub mod source;
 mod test_support;
 pub mod throttle;
 
-pub use coffre_vault_store::catalog::Hooks;
-pub use coffre_vault_store::level::{self, Level};
+pub use coffre_vault_store::format::catalog::Hooks;
+pub use coffre_vault_store::format::level::{self, Level};
 pub use error::{Result, SnapError};
 pub use source::{ChangeStamp, FileImage, ImageSource, MemImage, Window};

@@ -25,12 +25,12 @@ use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use coffre_vault_store::ChunkId;
-use coffre_vault_store::durable::{fsync_dir, fsync_file};
-use coffre_vault_store::private;
+use coffre_vault_store::store::local::durable::{fsync_dir, fsync_file};
+use coffre_vault_store::store::local::private;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, SnapError};
-use coffre_vault_store::level::Level;
+use coffre_vault_store::format::level::Level;
 
 /// Magic. Frozen.
 pub const SNAP_MAGIC: [u8; 8] = *b"CFSNAP\0\0";
@@ -126,9 +126,11 @@ pub struct SnapMeta {
 
 impl SnapMeta {
     /// Checks the names the metadata holds: the item, point and job, each
-    /// pack and the clone ([`coffre_vault_store::name::check_name`]).
-    pub fn check_names(&self) -> std::result::Result<(), coffre_vault_store::name::NameError> {
-        use coffre_vault_store::name::check_name;
+    /// pack and the clone ([`coffre_vault_store::format::name::check_name`]).
+    pub fn check_names(
+        &self,
+    ) -> std::result::Result<(), coffre_vault_store::format::name::NameError> {
+        use coffre_vault_store::format::name::check_name;
         check_name("item", &self.item)?;
         check_name("point", &self.point)?;
         check_name("job", &self.job)?;
@@ -264,7 +266,7 @@ impl SnapHeader {
         }
         // The block size sizes buffers (`vec![0; block_size]`) and
         // divides: only the sizes a vault accepts.
-        if coffre_vault_store::config::validate_block_size(header.block_size).is_err() {
+        if coffre_vault_store::format::config::validate_block_size(header.block_size).is_err() {
             return Err(format!(
                 "block size {} is not a power of two from 64 KiB to 4 MiB",
                 header.block_size

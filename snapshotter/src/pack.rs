@@ -19,23 +19,23 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use coffre_vault_store::ChunkId;
-use coffre_vault_store::direct::DirectAppender;
-use coffre_vault_store::durable::{fsync_dir, fsync_file};
-use coffre_vault_store::private;
-use coffre_vault_store::record::{HEADER_LEN, MAX_STORED_LEN, RecordDecoder, RecordHeader};
+use coffre_vault_store::format::record::{HEADER_LEN, MAX_STORED_LEN, RecordDecoder, RecordHeader};
+use coffre_vault_store::store::local::direct::DirectAppender;
+use coffre_vault_store::store::local::durable::{fsync_dir, fsync_file};
+use coffre_vault_store::store::local::private;
 
 use crate::error::{Result, SnapError};
 
 /// Magic. Frozen.
-pub use coffre_vault_store::segment::PACK_MAGIC;
+pub use coffre_vault_store::format::segment::PACK_MAGIC;
 /// Format version.
-pub use coffre_vault_store::segment::PACK_VERSION;
+pub use coffre_vault_store::format::segment::PACK_VERSION;
 /// Header length.
-pub const PACK_HEADER_LEN: u64 = coffre_vault_store::segment::SEGMENT_HEADER_LEN;
+pub const PACK_HEADER_LEN: u64 = coffre_vault_store::format::segment::SEGMENT_HEADER_LEN;
 
 /// Checks a pack header.
 pub fn check_header(h: &[u8]) -> std::result::Result<(), String> {
-    coffre_vault_store::segment::check_pack_header(h)
+    coffre_vault_store::format::segment::check_pack_header(h)
 }
 
 /// Appends records to a new pack.
@@ -56,7 +56,7 @@ impl PackWriter {
             .open(path)
             .map_err(|e| SnapError::write(path, e))?;
         let mut out = DirectAppender::new(f, path);
-        out.append(&coffre_vault_store::segment::encode_pack_header())
+        out.append(&coffre_vault_store::format::segment::encode_pack_header())
             .map_err(|e| SnapError::write(path, e))?;
         Ok(PackWriter {
             out,
@@ -172,7 +172,7 @@ impl PackReader {
     /// Asks the kernel to start reading `offset..offset+len` into the page
     /// cache (advice: failure is harmless).
     pub fn will_need(&self, offset: u64, len: u64) {
-        coffre_vault_store::read_ahead::will_need(&self.file, offset, len);
+        coffre_vault_store::store::local::read_ahead::will_need(&self.file, offset, len);
     }
 
     /// Reads the record of `id` at `offset..offset+len` into `buf.record`
@@ -305,7 +305,7 @@ pub fn fuzz_entry(data: &[u8]) -> Option<usize> {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use coffre_vault_store::record::RecordEncoder;
+    use coffre_vault_store::format::record::RecordEncoder;
 
     #[test]
     fn records_round_trip_and_damage_is_caught() {
@@ -339,7 +339,7 @@ mod tests {
         // The scan stops at the damaged record; the header alone is valid.
         assert_eq!(fuzz_entry(&std::fs::read(&p).unwrap()), Some(0));
         assert_eq!(
-            fuzz_entry(&coffre_vault_store::segment::encode_pack_header()),
+            fuzz_entry(&coffre_vault_store::format::segment::encode_pack_header()),
             Some(0)
         );
         assert_eq!(fuzz_entry(b"CFPACK"), None);

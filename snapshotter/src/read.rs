@@ -7,8 +7,8 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use coffre_vault_store::ChunkId;
-use coffre_vault_store::name::SafeName;
-use coffre_vault_store::read_ahead;
+use coffre_vault_store::format::name::SafeName;
+use coffre_vault_store::store::local::read_ahead;
 
 use crate::capture::open_clone;
 use crate::error::{Result, SnapError};

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use memmap2::{Advice, Mmap, MmapOptions};
 
-use coffre_vault_store::direct::{AlignedBuf, DIRECT_ALIGN, open_direct_read};
-use coffre_vault_store::read_ahead;
+use coffre_vault_store::store::local::direct::{AlignedBuf, DIRECT_ALIGN, open_direct_read};
+use coffre_vault_store::store::local::read_ahead;
 
 use crate::error::{Result, SnapError};
 use crate::sigbus;

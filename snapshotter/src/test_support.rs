@@ -5,7 +5,7 @@ use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use coffre_vault_store::read_ahead;
+use coffre_vault_store::store::local::read_ahead;
 
 use jiff::Timestamp;
 

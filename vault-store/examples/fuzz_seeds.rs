@@ -4,14 +4,14 @@
 use std::path::Path;
 
 use coffre_vault_store::ChunkId;
-use coffre_vault_store::blockmap::{LEAF_ENTRIES, Node};
-use coffre_vault_store::catalog::Hooks;
-use coffre_vault_store::catalog_files::{self, CopyIdentity, PolicyFile, Role};
-use coffre_vault_store::host_registry::{self, RegistryEntry};
+use coffre_vault_store::format::blockmap::{LEAF_ENTRIES, Node};
+use coffre_vault_store::format::catalog::Hooks;
+use coffre_vault_store::format::catalog_files::{self, CopyIdentity, PolicyFile, Role};
+use coffre_vault_store::format::host_registry::{self, RegistryEntry};
+use coffre_vault_store::format::record::RecordEncoder;
+use coffre_vault_store::format::repl_state::ReplicationState;
+use coffre_vault_store::format::segment::encode_header;
 use coffre_vault_store::jobs::{JobRecord, Operation, PhaseStatus};
-use coffre_vault_store::record::RecordEncoder;
-use coffre_vault_store::repl_state::ReplicationState;
-use coffre_vault_store::segment::encode_header;
 use coffre_vault_store::{PointRecord, PointStats, Redundancy, VaultConfig};
 
 fn main() {
@@ -140,7 +140,7 @@ fn main() {
     let torn = seg[..seg.len() - 7].to_vec();
     // An adopted pack: the same records behind a pack header.
     let mut adopted = seg.clone();
-    adopted[..32].copy_from_slice(&coffre_vault_store::segment::encode_pack_header());
+    adopted[..32].copy_from_slice(&coffre_vault_store::format::segment::encode_pack_header());
     write_all(
         &scans,
         &[
@@ -211,7 +211,7 @@ fn main() {
 
     let shared = out.join("shared_state");
     std::fs::create_dir_all(&shared).unwrap();
-    let pointer = coffre_vault_store::remote::Remote {
+    let pointer = coffre_vault_store::format::remote::Remote {
         url: "azure://acct/vaults/fleet".into(),
         host_tag: 0x2a,
         host: "hv1".into(),
@@ -236,14 +236,14 @@ fn main() {
             epoch: 4,
             segments: vec![1 << 48, (2 << 48) + 5],
         });
-    let list = coffre_vault_store::chunk_list::encode(&[
-        coffre_vault_store::chunk_list::ListedChunk {
+    let list = coffre_vault_store::format::chunk_list::encode(&[
+        coffre_vault_store::format::chunk_list::ListedChunk {
             id: ChunkId::of(b"a"),
             offset: 32,
             len: 200,
             plain_len: 65536,
         },
-        coffre_vault_store::chunk_list::ListedChunk {
+        coffre_vault_store::format::chunk_list::ListedChunk {
             id: ChunkId::of(b"b"),
             offset: 232,
             len: 120,
@@ -266,7 +266,7 @@ fn main() {
 
     let damaged = out.join("damaged_list");
     std::fs::create_dir_all(&damaged).unwrap();
-    let list = coffre_vault_store::damaged::encode(
+    let list = coffre_vault_store::format::damaged::encode(
         &[ChunkId::of(b"a"), ChunkId::of(b"b")].into_iter().collect(),
     );
     let mut flipped = list.clone();

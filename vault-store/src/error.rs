@@ -12,8 +12,8 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::chunk_id::ChunkId;
-use crate::record::RecordError;
+use crate::format::chunk_id::ChunkId;
+use crate::format::record::RecordError;
 
 /// Result alias for vault-store operations.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

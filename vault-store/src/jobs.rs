@@ -20,9 +20,9 @@ use std::path::{Path, PathBuf};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::envelope;
 use crate::error::{Result, StoreError};
-use crate::lock::NamedLock;
+use crate::format::envelope;
+use crate::store::local::lock::NamedLock;
 use crate::store::{LocalStore, Store};
 
 /// Folder of job records inside a vault.
@@ -290,7 +290,7 @@ impl JobRecord {
             )));
         }
         if let Some(item) = &r.item {
-            crate::name::check_name("item", item).map_err(|e| corrupt(e.to_string()))?;
+            crate::format::name::check_name("item", item).map_err(|e| corrupt(e.to_string()))?;
         }
         Ok(r)
     }
@@ -325,7 +325,7 @@ impl JobStore {
         JobStore {
             dir: vault_dir.join(JOBS_DIR),
             store: std::sync::Arc::new(LocalStore::new(vault_dir)),
-            shared: crate::remote::Remote::load(vault_dir)
+            shared: crate::format::remote::Remote::load(vault_dir)
                 .ok()
                 .flatten()
                 .map(|r| (r.url, r.host_tag)),
@@ -387,7 +387,7 @@ impl JobStore {
 
     /// Starts `record`: takes its run lock and persists it.
     pub fn start(&self, record: JobRecord) -> Result<RunningJob> {
-        crate::private::create_dir_all(&self.dir)
+        crate::store::local::private::create_dir_all(&self.dir)
             .map_err(|e| StoreError::io("create directory", &self.dir, e))?;
         let lock = NamedLock::try_acquire(&self.lock_path(&record.id), &record.pid.to_string())?
             .map_err(|_| StoreError::CorruptFile {

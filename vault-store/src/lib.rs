@@ -16,48 +16,15 @@
 //! Without the default `index` feature only the codecs are built (no
 //! RocksDB); the fuzz targets use that.
 
-pub mod blockmap;
-pub mod catalog;
-pub mod catalog_files;
-pub mod chunk_id;
-pub mod chunk_list;
-pub mod config;
 pub mod copies;
-pub mod damaged;
-pub mod direct;
-pub mod durable;
-pub mod envelope;
 pub mod error;
-#[cfg(feature = "index")]
-pub mod gc;
-pub mod host_registry;
+pub mod format;
 #[cfg(feature = "index")]
 pub mod index;
-#[cfg(feature = "index")]
-pub mod index_state;
-pub mod index_values;
 pub mod jobs;
 pub mod lease;
-pub mod level;
-pub mod lock;
-pub mod name;
-pub mod private;
 #[cfg(feature = "index")]
-pub mod quarantine;
-pub mod read_ahead;
-#[cfg(feature = "index")]
-pub mod rebuild;
-pub mod record;
-#[cfg(feature = "index")]
-pub mod refs;
-pub mod remote;
-pub mod repl_state;
-#[cfg(feature = "index")]
-pub mod replicate;
-#[cfg(all(test, feature = "index"))]
-mod safety_tests;
-pub mod scan;
-pub mod segment;
+pub mod maintenance;
 #[cfg(feature = "index")]
 pub mod shared;
 pub mod skip;
@@ -65,12 +32,14 @@ pub mod store;
 #[cfg(feature = "index")]
 pub mod vault;
 
-pub use catalog::{CbtRecord, ItemRecord, PointRecord, PointStats, Protection, SourceIdentity};
-pub use chunk_id::ChunkId;
-pub use config::{Redundancy, VaultConfig};
 pub use error::{Result, StoreError};
+pub use format::catalog::{
+    CbtRecord, ItemRecord, PointRecord, PointStats, Protection, SourceIdentity,
+};
+pub use format::chunk_id::ChunkId;
+pub use format::config::{Redundancy, VaultConfig};
+pub use format::record::{RecordDecoder, RecordEncoder, RecordError};
 #[cfg(feature = "index")]
 pub use index::{ChunkKind, ChunkLocation, IndexBatch, SegmentInfo};
-pub use record::{RecordDecoder, RecordEncoder, RecordError};
 #[cfg(feature = "index")]
 pub use vault::{Access, ChunkBuf, OpenOptions, Vault, WriteSession};

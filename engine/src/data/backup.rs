@@ -37,7 +37,7 @@ use coffre_snapshotter::manifest::FLAG_NODE;
 use coffre_snapshotter::pack::RecordBuf;
 use coffre_snapshotter::read::{SnapWindow, SnapshotBlocks};
 use coffre_snapshotter::{Hooks, SnapError};
-use coffre_vault_store::catalog::validate_item_name;
+use coffre_vault_store::format::catalog::validate_item_name;
 use coffre_vault_store::{
     ChunkId, ChunkKind, ChunkLocation, IndexBatch, ItemRecord, PointRecord, PointStats, Protection,
     RecordEncoder, StoreError, Vault, VaultConfig, WriteSession,
@@ -53,8 +53,8 @@ use crate::progress::{NoProgress, Progress};
 use crate::reader::BlockMapReader;
 use crate::source::ImageSource;
 use crate::throttle::Throttle;
-use coffre_vault_store::blockmap::{BlockMapBuilder, Entry, block_count};
-use coffre_vault_store::refs::node_refs;
+use coffre_vault_store::format::blockmap::{BlockMapBuilder, Entry, block_count};
+use coffre_vault_store::index::refs::node_refs;
 
 /// What to back up and how.
 #[derive(Debug, Clone)]

@@ -21,8 +21,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use coffre_vault_store::ChunkId;
-use coffre_vault_store::direct::{AlignedBuf, DIRECT_ALIGN, open_direct};
-use coffre_vault_store::record::{RecordDecoder, RecordEncoder, RecordHeader};
+use coffre_vault_store::format::record::{RecordDecoder, RecordEncoder, RecordHeader};
+use coffre_vault_store::store::local::direct::{AlignedBuf, DIRECT_ALIGN, open_direct};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -436,7 +436,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         for r in &records {
             let h = RecordHeader::parse(r).map_err(|e| EngineError::Bench(e.to_string()))?;
             let payload = r
-                .get(coffre_vault_store::record::HEADER_LEN..)
+                .get(coffre_vault_store::format::record::HEADER_LEN..)
                 .unwrap_or_default();
             dec.decode_payload_into(&h, payload, &mut plain)
                 .map_err(|e| EngineError::Bench(e.to_string()))?;

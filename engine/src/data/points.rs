@@ -11,7 +11,7 @@
 //! - `Vault`: its snapshot has expired.
 
 use coffre_snapshotter::expiry::{SnapInfo, snapshots_of};
-use coffre_vault_store::level::Level;
+use coffre_vault_store::format::level::Level;
 use coffre_vault_store::{PointRecord, Vault};
 use jiff::Timestamp;
 use serde::Serialize;

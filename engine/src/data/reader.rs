@@ -3,7 +3,7 @@
 use coffre_vault_store::{ChunkId, PointRecord, Vault};
 
 use crate::error::{EngineError, Result};
-use coffre_vault_store::blockmap::{Entry, LEAF_ENTRIES, Node, block_count};
+use coffre_vault_store::format::blockmap::{Entry, LEAF_ENTRIES, Node, block_count};
 
 /// Walks the block map of one point, one leaf at a time (memory stays at
 /// one leaf whatever the image size).

@@ -29,10 +29,10 @@ use coffre_snapshotter::ImageSource;
 use coffre_snapshotter::capture::is_zero;
 use coffre_snapshotter::pack::RecordBuf;
 use coffre_snapshotter::read::{SnapWindow, SnapshotBlocks};
-use coffre_vault_store::blockmap::{Entry, block_count};
-use coffre_vault_store::direct::{AlignedBuf, DIRECT_ALIGN};
-use coffre_vault_store::durable::{start_writeback, sync_range};
+use coffre_vault_store::format::blockmap::{Entry, block_count};
 use coffre_vault_store::index::ChunkLocation;
+use coffre_vault_store::store::local::direct::{AlignedBuf, DIRECT_ALIGN};
+use coffre_vault_store::store::local::durable::{start_writeback, sync_range};
 use coffre_vault_store::{ChunkBuf, ChunkId, StoreError, Vault};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -163,7 +163,7 @@ pub fn restore(
     // The block size is read from a vault file and divides below: only
     // the sizes a vault accepts, and the snapshot's own when it serves.
     let snap_bs = snapshot.as_ref().map(|s| s.header().block_size);
-    if coffre_vault_store::config::validate_block_size(point.block_size).is_err()
+    if coffre_vault_store::format::config::validate_block_size(point.block_size).is_err()
         || snap_bs.is_some_and(|b| b != point.block_size)
     {
         return Err(EngineError::DamagedBlockMap {

@@ -23,7 +23,7 @@ use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use coffre_vault_store::durable::fsync_dir;
+use coffre_vault_store::store::local::durable::fsync_dir;
 
 use crate::error::{EngineError, Result};
 
@@ -69,7 +69,7 @@ impl Drop for Target {
         // Only the file this restore created, never whatever replaced it.
         if self.kind == TargetKind::NewFile
             && !self.keep_tmp
-            && coffre_vault_store::private::is_same_file(&self.path, &self.file)
+            && coffre_vault_store::store::local::private::is_same_file(&self.path, &self.file)
         {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -115,8 +115,9 @@ impl Target {
         // folder is followed or truncated, and nobody else can open it
         // before the restore is done (`finish` sets `mode`).
         let dir = parent_dir(target);
-        let (file, path) = coffre_vault_store::private::create_temp(&dir, &name, "coffre-partial")
-            .map_err(|e| unwritable(&dir, e))?;
+        let (file, path) =
+            coffre_vault_store::store::local::private::create_temp(&dir, &name, "coffre-partial")
+                .map_err(|e| unwritable(&dir, e))?;
         let t = Target {
             file,
             path,
@@ -201,7 +202,7 @@ impl Target {
     /// even if its name was replaced meanwhile.
     pub fn reopen_direct(&self) -> Option<File> {
         use std::os::fd::AsRawFd;
-        coffre_vault_store::direct::open_direct(Path::new(&format!(
+        coffre_vault_store::store::local::direct::open_direct(Path::new(&format!(
             "/proc/self/fd/{}",
             self.file.as_raw_fd()
         )))
@@ -279,7 +280,7 @@ impl Target {
         if self.kind == TargetKind::NewFile {
             // Rename only the file written (a rename never follows a
             // symlink at either name; this checks nobody swapped ours).
-            if !coffre_vault_store::private::is_same_file(&self.path, &self.file) {
+            if !coffre_vault_store::store::local::private::is_same_file(&self.path, &self.file) {
                 return Err(unwritable(
                     &self.path,
                     std::io::Error::other(

@@ -14,7 +14,7 @@ use std::ops::Range;
 use coffre_snapshotter::capture::{wanted_ranges, window_span};
 use coffre_snapshotter::cbt::Hint;
 use coffre_snapshotter::fetch::Fetcher;
-use coffre_vault_store::blockmap::Entry;
+use coffre_vault_store::format::blockmap::Entry;
 use coffre_vault_store::vault::WriteSession;
 
 use crate::error::Result;

@@ -17,11 +17,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
-use coffre_vault_store::catalog_files::Role;
-use coffre_vault_store::private;
-use coffre_vault_store::segment::{
+use coffre_vault_store::format::catalog_files::Role;
+use coffre_vault_store::format::segment::{
     SEGMENT_HEADER_LEN, SEGMENTS_DIR, check_header, parse_segment_file_name, segment_name,
 };
+use coffre_vault_store::store::local::private;
 use coffre_vault_store::{ChunkBuf, ChunkId, ChunkLocation, StoreError, Vault};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -31,7 +31,7 @@ use crate::error::Result;
 use crate::per_thread::PerThread;
 use crate::progress::Progress;
 use crate::reader::BlockMapReader;
-use coffre_vault_store::blockmap::LEAF_ENTRIES;
+use coffre_vault_store::format::blockmap::LEAF_ENTRIES;
 
 /// Findings listed per point before they are summarised.
 const MAX_BLOCK_FINDINGS_PER_POINT: usize = 20;
@@ -264,7 +264,7 @@ fn classify(e: &StoreError) -> &'static str {
 /// item and policy files) with the index: a missing one is a finding (with
 /// `repair`, rewritten from the index), an extra one a warning.
 fn catalog_file_findings(vault: &Vault, repair: bool) -> Result<Vec<Finding>> {
-    use coffre_vault_store::catalog_files as cf;
+    use coffre_vault_store::format::catalog_files as cf;
     let mut want: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     // Items and points with a bad name are `name_findings`' business.
     for item in vault.index().items()? {
@@ -320,12 +320,12 @@ fn catalog_file_findings(vault: &Vault, repair: bool) -> Result<Vec<Finding>> {
 
 const HINT_BAD_NAME: &str = "a vault file names a path outside its folder (crafted, or damaged); coffre skips it. Remove the file, or restore the copy it came from";
 
-/// Names that break the naming rule ([`coffre_vault_store::name`]): in the
+/// Names that break the naming rule ([`coffre_vault_store::format::name`]): in the
 /// index, in every synchronous copy's catalog files, and in the snapshot
 /// manifests of the vault's areas. Everything else skips them with a
 /// warning; verify names each one.
 fn name_findings(vault: &Vault) -> Result<Vec<Finding>> {
-    use coffre_vault_store::catalog_files as cf;
+    use coffre_vault_store::format::catalog_files as cf;
     let mut out = Vec::new();
     let mut bad = |message: String, item: Option<&str>| {
         let mut f = Finding::new(Severity::Error, "bad-name", message, HINT_BAD_NAME);
@@ -342,7 +342,7 @@ fn name_findings(vault: &Vault) -> Result<Vec<Finding>> {
         if let Err(e) = p.check_names() {
             bad(format!("index: point {}: {e}", p.seq), Some(&p.item));
         }
-        if let Err(e) = coffre_vault_store::config::validate_block_size(p.block_size) {
+        if let Err(e) = coffre_vault_store::format::config::validate_block_size(p.block_size) {
             let mut f = Finding::new(
                 Severity::Error,
                 "bad-block-size",
@@ -439,9 +439,9 @@ const HINT_RESTORE_OTHER: &str =
     "restore an older point, or back the item up again to store a fresh copy of the data";
 
 /// What `quarantine/` of copy `c` holds: files a writer or replication
-/// kept aside instead of deleting (see `coffre_vault_store::quarantine`).
+/// kept aside instead of deleting (see `coffre_vault_store::copies::quarantine`).
 fn quarantine_findings(c: &coffre_vault_store::copies::Copy) -> Result<Vec<Finding>> {
-    let files = coffre_vault_store::quarantine::list(c.store.as_ref())?;
+    let files = coffre_vault_store::copies::quarantine::list(c.store.as_ref())?;
     if files.is_empty() {
         return Ok(Vec::new());
     }
@@ -691,8 +691,8 @@ pub fn verify(
     if opts.read_data && coffre_vault_store::vault::copy_role(vault.dir()) == Role::Primary {
         // The next backup that produces one of these chunks stores it again.
         let list: std::collections::BTreeSet<ChunkId> = damaged.keys().copied().collect();
-        if list != coffre_vault_store::damaged::load(vault.dir())
-            && let Err(e) = coffre_vault_store::damaged::store(vault.dir(), &list)
+        if list != coffre_vault_store::format::damaged::load(vault.dir())
+            && let Err(e) = coffre_vault_store::format::damaged::store(vault.dir(), &list)
         {
             tracing::warn!(error = %e, "could not record the damaged chunks");
         }
@@ -811,7 +811,7 @@ fn describe(e: &StoreError) -> String {
     }
 }
 
-/// References the points make, counted the way `coffre_vault_store::refs`
+/// References the points make, counted the way `coffre_vault_store::index::refs`
 /// counts them: points → roots, distinct roots → leaves, distinct leaves →
 /// data chunks.
 #[derive(Default)]

@@ -18,7 +18,7 @@
 use std::path::Path;
 
 use coffre_vault_store::jobs::{JobRecord, JobStore, Operation, PhaseStatus, RunningJob};
-use coffre_vault_store::lock::{ItemPhase, NamedLock, item_phase_lock_path};
+use coffre_vault_store::store::local::lock::{ItemPhase, NamedLock, item_phase_lock_path};
 use coffre_vault_store::{Access, PointRecord, Vault};
 use jiff::Timestamp;
 
@@ -307,7 +307,7 @@ fn transfer_phase(
         .copies()
         .unavailable()
         .iter()
-        .filter(|u| u.role != coffre_vault_store::catalog_files::Role::Secondary)
+        .filter(|u| u.role != coffre_vault_store::format::catalog_files::Role::Secondary)
         .map(|u| {
             format!(
                 "{} copy {} was left out ({}); `coffre verify --read-data --repair` refills it",

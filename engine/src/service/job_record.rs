@@ -34,7 +34,7 @@ impl JobStats for crate::prune::PruneReport {
     }
 }
 
-impl JobStats for coffre_vault_store::gc::GcReport {
+impl JobStats for coffre_vault_store::maintenance::gc::GcReport {
     fn job_stats(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("chunks_removed", self.chunks_removed),

@@ -41,9 +41,10 @@ pub fn protect(
     policy: &str,
     image: &Path,
     now: Timestamp,
-    hooks: Option<&coffre_vault_store::catalog::Hooks>,
+    hooks: Option<&coffre_vault_store::format::catalog::Hooks>,
 ) -> Result<ProtectOutcome> {
-    coffre_vault_store::catalog::validate_item_name(name).map_err(EngineError::InvalidItemName)?;
+    coffre_vault_store::format::catalog::validate_item_name(name)
+        .map_err(EngineError::InvalidItemName)?;
     let pol = policies::get(vault, policy)?;
     let tz = pol.tz()?;
     if !image.exists() && !coffre_snapshotter::nbd::is_nbd_uri(&image.to_string_lossy()) {
@@ -281,7 +282,7 @@ pub struct ItemView {
     /// Bytes the item's snapshots use in the snapshot areas.
     pub snapshot_bytes: u64,
     /// Pre- and post-snapshot hooks.
-    pub hooks: coffre_vault_store::catalog::Hooks,
+    pub hooks: coffre_vault_store::format::catalog::Hooks,
 }
 
 /// The last backup job of an item.

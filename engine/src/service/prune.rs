@@ -15,17 +15,17 @@
 //!   snapshots of an item whose snapshot phase is running are left for the
 //!   next prune, so a capture never loses the snapshot it builds on.
 //!
-//! Removing points only drops references; [`coffre_vault_store::gc`]
+//! Removing points only drops references; [`coffre_vault_store::maintenance::gc`]
 //! reclaims the chunks afterwards.
 
 use std::path::PathBuf;
 
 use coffre_snapshotter::area::Area;
 use coffre_snapshotter::expiry::{ExpiredSnapshot, expire};
+use coffre_vault_store::format::name::SafeName;
 use coffre_vault_store::jobs::{JobStore, Operation};
-use coffre_vault_store::lock::NamedLock;
-use coffre_vault_store::lock::{ItemPhase, item_phase_lock_path};
-use coffre_vault_store::name::SafeName;
+use coffre_vault_store::store::local::lock::NamedLock;
+use coffre_vault_store::store::local::lock::{ItemPhase, item_phase_lock_path};
 use coffre_vault_store::{ChunkId, IndexBatch, Protection, Vault};
 use jiff::{Timestamp, ToSpan};
 use serde::Serialize;

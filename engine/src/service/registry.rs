@@ -21,15 +21,15 @@
 
 use std::path::{Path, PathBuf};
 
-use coffre_vault_store::catalog::Hooks;
-use coffre_vault_store::durable::write_atomic;
-use coffre_vault_store::private;
+use coffre_vault_store::format::catalog::Hooks;
+use coffre_vault_store::format::{envelope, host_registry};
+use coffre_vault_store::store::local::durable::write_atomic;
+use coffre_vault_store::store::local::private;
 use coffre_vault_store::{ItemRecord, SourceIdentity};
-use coffre_vault_store::{envelope, host_registry};
 
 use crate::error::{EngineError, Result};
 
-pub use coffre_vault_store::host_registry::RegistryEntry;
+pub use coffre_vault_store::format::host_registry::RegistryEntry;
 
 /// The registry file.
 #[derive(Clone, Debug)]

@@ -3,11 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use coffre_vault_store::catalog_files::Role;
-use coffre_vault_store::config::{
+use coffre_vault_store::copies::segment::refill;
+use coffre_vault_store::format::catalog_files::Role;
+use coffre_vault_store::format::config::{
     DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, validate_vault_name,
 };
-use coffre_vault_store::segment::{refill, segment_name};
+use coffre_vault_store::format::segment::segment_name;
 use coffre_vault_store::store::{LocalStore, SpaceInfo};
 use coffre_vault_store::{Redundancy, Vault, VaultConfig};
 use jiff::Timestamp;
@@ -335,7 +336,7 @@ pub fn secondary_summary(vault: &Vault, now: Timestamp) -> Result<Option<Seconda
     let Some(dir) = vault.config().secondary.clone() else {
         return Ok(None);
     };
-    let state = coffre_vault_store::replicate::primary_state(vault.dir());
+    let state = coffre_vault_store::maintenance::replicate::primary_state(vault.dir());
     let points = vault.index().all_points()?;
     let behind: Vec<_> = points
         .iter()
@@ -355,7 +356,7 @@ pub fn secondary_summary(vault: &Vault, now: Timestamp) -> Result<Option<Seconda
 }
 
 fn absolute(p: &Path) -> PathBuf {
-    if coffre_vault_store::remote::is_store_url(p) {
+    if coffre_vault_store::format::remote::is_store_url(p) {
         return p.to_path_buf();
     }
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
@@ -373,10 +374,13 @@ pub fn secondary_cache(url: &str, wait: std::time::Duration) -> Result<PathBuf> 
     let mut id = blake3::hash(url.as_bytes()).to_hex().to_string();
     id.truncate(16);
     let dir = root.join("coffre").join("secondary").join(id);
-    if !dir.join(coffre_vault_store::config::CONFIG_FILE).is_file() {
+    if !dir
+        .join(coffre_vault_store::format::config::CONFIG_FILE)
+        .is_file()
+    {
         let _ = std::fs::remove_dir_all(&dir);
         if let Some(parent) = dir.parent() {
-            coffre_vault_store::private::create_dir_all(parent)
+            coffre_vault_store::store::local::private::create_dir_all(parent)
                 .map_err(|e| coffre_vault_store::StoreError::io("create directory", parent, e))?;
         }
         drop(coffre_vault_store::shared::attach(&dir, url, wait)?);

@@ -131,7 +131,7 @@ fn parent(name: &str) -> &str {
 }
 
 /// The temporary name a torn `put` leaves behind (as
-/// [`crate::durable::write_atomic`] names its own).
+/// [`crate::store::local::durable::write_atomic`] names its own).
 fn tmp_name(name: &str) -> String {
     match name.rsplit_once('/') {
         Some((d, f)) => format!("{d}/.{f}.tmp-0"),

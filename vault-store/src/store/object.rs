@@ -41,7 +41,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 
 use super::{Appender, SpaceInfo, Store, Version};
 use crate::error::{Result, StoreError};
-use crate::remote::{Service, StoreUrl};
+use crate::format::remote::{Service, StoreUrl};
 
 /// A segment part is uploaded once this many bytes are buffered.
 pub const PART_LEN: usize = 8 << 20;

@@ -1,0 +1,438 @@
+//! The chunk record: the unit of storage inside a segment file.
+//!
+//! A record is a fixed 56-byte header followed by the stored (possibly
+//! compressed) bytes. The layout is specified byte by byte in `FORMAT.md`
+//! ("Chunk record"). Decoding never trusts a length field: every length is
+//! checked against hard limits and against the bytes actually present
+//! before it is used, and no input makes the decoder panic (this module
+//! denies indexing and unwrapping; it is fuzzed by `fuzz/fuzz_targets/
+//! chunk_record.rs`).
+
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::panic)]
+
+use crate::format::chunk_id::ChunkId;
+
+/// Record magic. Frozen: changing it makes every vault unreadable.
+pub const RECORD_MAGIC: [u8; 4] = *b"CFCK";
+/// Current record format version.
+pub const RECORD_VERSION: u8 = 1;
+/// Size of the fixed header in bytes.
+pub const HEADER_LEN: usize = 56;
+/// The largest plaintext a record may carry (8 MiB: twice the largest
+/// block size, which leaves room for block-map nodes).
+pub const MAX_PLAIN_LEN: usize = 8 << 20;
+/// The largest stored payload: zstd's worst-case expansion of
+/// [`MAX_PLAIN_LEN`] is far below this, and raw payloads equal the plain.
+pub const MAX_STORED_LEN: usize = MAX_PLAIN_LEN + (MAX_PLAIN_LEN >> 7) + 4096;
+
+const _: () = assert!(HEADER_LEN == 4 + 1 + 1 + 2 + 4 + 4 + 32 + 4 + 4);
+
+/// How the payload is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Codec {
+    /// Payload is the plaintext itself.
+    Raw = 0,
+    /// Payload is one zstd frame.
+    Zstd = 1,
+}
+
+impl Codec {
+    fn from_byte(b: u8) -> Result<Self, RecordError> {
+        match b {
+            0 => Ok(Codec::Raw),
+            1 => Ok(Codec::Zstd),
+            other => Err(RecordError::UnknownCodec(other)),
+        }
+    }
+}
+
+/// Why a record's bytes were rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    #[error("record truncated: need {needed} bytes, only {available} present")]
+    Truncated { needed: usize, available: usize },
+    #[error("bad record magic {found:02x?}")]
+    BadMagic { found: [u8; 4] },
+    #[error("unsupported record version {0}")]
+    UnsupportedVersion(u8),
+    #[error("unknown codec {0}")]
+    UnknownCodec(u8),
+    #[error("reserved header bytes are not zero")]
+    ReservedNotZero,
+    #[error("{field} {len} exceeds the limit of {max}")]
+    LengthTooLarge {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("raw record has plain length {plain} but stored length {stored}")]
+    RawLengthMismatch { plain: usize, stored: usize },
+    #[error("header checksum mismatch (stored {stored:08x}, computed {computed:08x})")]
+    HeaderChecksum { stored: u32, computed: u32 },
+    #[error("data checksum mismatch (stored {stored:08x}, computed {computed:08x})")]
+    DataChecksum { stored: u32, computed: u32 },
+    #[error("decompression failed: {0}")]
+    Decompress(String),
+    #[error("decompressed to {got} bytes, header says {expected}")]
+    PlainLengthMismatch { expected: usize, got: usize },
+    #[error("content hash {computed} does not match the record id")]
+    IdMismatch { computed: ChunkId },
+    #[error("record id {found} is not the requested chunk {expected}")]
+    WrongChunk { expected: ChunkId, found: ChunkId },
+}
+
+/// A validated record header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub codec: Codec,
+    pub plain_len: u32,
+    pub stored_len: u32,
+    pub id: ChunkId,
+    pub data_crc: u32,
+}
+
+/// True when `rec` is exactly one intact record (header checksum, length,
+/// payload CRC-32), of chunk `id` when given: the cheap check made of
+/// bytes copied between copies without decoding them.
+pub fn record_intact(rec: &[u8], id: Option<&crate::format::chunk_id::ChunkId>) -> bool {
+    let Ok(h) = RecordHeader::parse(rec) else {
+        return false;
+    };
+    id.is_none_or(|id| h.id == *id)
+        && h.record_len() == rec.len() as u64
+        && rec
+            .get(HEADER_LEN..)
+            .is_some_and(|p| crc32fast::hash(p) == h.data_crc)
+}
+
+impl RecordHeader {
+    /// Total record length: header plus payload.
+    pub fn record_len(&self) -> u64 {
+        HEADER_LEN as u64 + u64::from(self.stored_len)
+    }
+
+    /// Serialises the header (with its checksum) into 56 bytes.
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        put(&mut h, 0, &RECORD_MAGIC);
+        put(&mut h, 4, &[RECORD_VERSION, self.codec as u8, 0, 0]);
+        put(&mut h, 8, &self.plain_len.to_le_bytes());
+        put(&mut h, 12, &self.stored_len.to_le_bytes());
+        put(&mut h, 16, self.id.as_bytes());
+        put(&mut h, 48, &self.data_crc.to_le_bytes());
+        let crc = crc32fast::hash(h.get(..52).unwrap_or_default());
+        put(&mut h, 52, &crc.to_le_bytes());
+        h
+    }
+
+    /// Parses and validates a header from the start of `bytes`. Checks the
+    /// magic, version, codec, reserved bytes, length limits and the header
+    /// checksum; it does not look at the payload.
+    pub fn parse(bytes: &[u8]) -> Result<Self, RecordError> {
+        let h = bytes.get(..HEADER_LEN).ok_or(RecordError::Truncated {
+            needed: HEADER_LEN,
+            available: bytes.len(),
+        })?;
+        let magic = arr4(h, 0);
+        if magic != RECORD_MAGIC {
+            return Err(RecordError::BadMagic { found: magic });
+        }
+        let stored_crc = u32::from_le_bytes(arr4(h, 52));
+        let computed = crc32fast::hash(h.get(..52).unwrap_or_default());
+        if stored_crc != computed {
+            return Err(RecordError::HeaderChecksum {
+                stored: stored_crc,
+                computed,
+            });
+        }
+        let [version, codec, r0, r1] = arr4(h, 4);
+        if version != RECORD_VERSION {
+            return Err(RecordError::UnsupportedVersion(version));
+        }
+        let codec = Codec::from_byte(codec)?;
+        if r0 != 0 || r1 != 0 {
+            return Err(RecordError::ReservedNotZero);
+        }
+        let plain_len = u32::from_le_bytes(arr4(h, 8));
+        let stored_len = u32::from_le_bytes(arr4(h, 12));
+        check_limit("plain length", plain_len as usize, MAX_PLAIN_LEN)?;
+        check_limit("stored length", stored_len as usize, MAX_STORED_LEN)?;
+        if codec == Codec::Raw && plain_len != stored_len {
+            return Err(RecordError::RawLengthMismatch {
+                plain: plain_len as usize,
+                stored: stored_len as usize,
+            });
+        }
+        let id = ChunkId::from_slice(h.get(16..48).unwrap_or_default()).ok_or(
+            RecordError::Truncated {
+                needed: HEADER_LEN,
+                available: bytes.len(),
+            },
+        )?;
+        Ok(RecordHeader {
+            codec,
+            plain_len,
+            stored_len,
+            id,
+            data_crc: u32::from_le_bytes(arr4(h, 48)),
+        })
+    }
+}
+
+fn check_limit(field: &'static str, len: usize, max: usize) -> Result<(), RecordError> {
+    if len > max {
+        Err(RecordError::LengthTooLarge { field, len, max })
+    } else {
+        Ok(())
+    }
+}
+
+fn arr4(h: &[u8], at: usize) -> [u8; 4] {
+    let mut a = [0u8; 4];
+    if let Some(src) = h.get(at..at + 4) {
+        a.copy_from_slice(src);
+    }
+    a
+}
+
+fn put(h: &mut [u8], at: usize, src: &[u8]) {
+    if let Some(dst) = h.get_mut(at..at + src.len()) {
+        dst.copy_from_slice(src);
+    }
+}
+
+/// Turns plaintext chunks into records. Holds a reusable zstd context, so
+/// keep one per worker thread.
+pub struct RecordEncoder {
+    level: i32,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// Where zstd compresses to: reused, so a block costs no zero-filled
+    /// compress-bound buffer, only the copy of what it compressed to.
+    scratch: Vec<u8>,
+}
+
+impl RecordEncoder {
+    /// An encoder compressing at zstd `level`; level 0 stores raw.
+    pub fn new(level: i32) -> Self {
+        let zstd = if level == 0 {
+            None
+        } else {
+            zstd::bulk::Compressor::new(level).ok()
+        };
+        RecordEncoder {
+            level,
+            zstd,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The configured zstd level.
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+
+    /// Encodes `plain` (whose id is `id`) into a complete record. The
+    /// payload is compressed unless compression would not shrink it.
+    pub fn encode(&mut self, id: ChunkId, plain: &[u8]) -> Result<Vec<u8>, RecordError> {
+        check_limit("plain length", plain.len(), MAX_PLAIN_LEN)?;
+        let mut codec = Codec::Raw;
+        if let Some(z) = self.zstd.as_mut() {
+            // zstd writes into the scratch's spare capacity (no zeroing).
+            self.scratch.clear();
+            self.scratch
+                .reserve(zstd::zstd_safe::compress_bound(plain.len()));
+            if let Ok(n) = z.compress_to_buffer(plain, &mut self.scratch)
+                && n < plain.len()
+            {
+                codec = Codec::Zstd;
+            }
+        }
+        let payload: &[u8] = match codec {
+            Codec::Zstd => &self.scratch,
+            Codec::Raw => plain,
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+        out.resize(HEADER_LEN, 0);
+        out.extend_from_slice(payload);
+        let payload = out.get(HEADER_LEN..).unwrap_or_default();
+        let header = RecordHeader {
+            codec,
+            plain_len: plain.len() as u32,
+            stored_len: payload.len() as u32,
+            id,
+            data_crc: crc32fast::hash(payload),
+        };
+        put(&mut out, 0, &header.to_bytes());
+        Ok(out)
+    }
+}
+
+/// Decodes a complete record (header and payload) and returns its header
+/// and plaintext. Verifies both checksums, the decompressed length and the
+/// BLAKE3 id. Never panics, whatever `bytes` holds.
+pub fn decode(bytes: &[u8]) -> Result<(RecordHeader, Vec<u8>), RecordError> {
+    let header = RecordHeader::parse(bytes)?;
+    let end = HEADER_LEN + header.stored_len as usize;
+    let payload = bytes.get(HEADER_LEN..end).ok_or(RecordError::Truncated {
+        needed: end,
+        available: bytes.len(),
+    })?;
+    let plain = decode_payload(&header, payload)?;
+    Ok((header, plain))
+}
+
+/// Checks a payload against its (already parsed) header and returns the
+/// plaintext.
+pub fn decode_payload(header: &RecordHeader, payload: &[u8]) -> Result<Vec<u8>, RecordError> {
+    let mut plain = Vec::new();
+    RecordDecoder::default().decode_payload_into(header, payload, &mut plain)?;
+    Ok(plain)
+}
+
+/// Reusable decoding state (a zstd context); keep one per worker thread
+/// and decode into a reused buffer, so reading many chunks allocates
+/// nothing per chunk.
+#[derive(Default)]
+pub struct RecordDecoder {
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl RecordDecoder {
+    /// Checks a payload against its header and leaves the plaintext in
+    /// `out` (whose previous content is discarded): data CRC, bounded
+    /// decompression, exact plain length, BLAKE3 id.
+    pub fn decode_payload_into(
+        &mut self,
+        header: &RecordHeader,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
+        if payload.len() != header.stored_len as usize {
+            return Err(RecordError::Truncated {
+                needed: header.stored_len as usize,
+                available: payload.len(),
+            });
+        }
+        let computed = crc32fast::hash(payload);
+        if computed != header.data_crc {
+            return Err(RecordError::DataChecksum {
+                stored: header.data_crc,
+                computed,
+            });
+        }
+        out.clear();
+        match header.codec {
+            Codec::Raw => out.extend_from_slice(payload),
+            Codec::Zstd => {
+                let expected = header.plain_len as usize;
+                out.reserve(expected);
+                let z = match self.zstd.as_mut() {
+                    Some(z) => z,
+                    None => self.zstd.insert(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|e| RecordError::Decompress(e.to_string()))?,
+                    ),
+                };
+                // Writes at most `out.capacity()` bytes; a frame that
+                // inflates past the header's length is caught below.
+                let got = z
+                    .decompress_to_buffer(payload, out)
+                    .map_err(|e| RecordError::Decompress(e.to_string()))?;
+                if got != expected {
+                    return Err(RecordError::PlainLengthMismatch { expected, got });
+                }
+            }
+        }
+        let id = ChunkId::of(out);
+        if id != header.id {
+            return Err(RecordError::IdMismatch { computed: id });
+        }
+        Ok(())
+    }
+}
+
+/// The fuzz entry point (also replayed over the seed corpus by `make
+/// test`): decodes arbitrary bytes; a record that decodes must describe its
+/// plaintext exactly. Returns whether the bytes were a valid record.
+pub fn fuzz_entry(data: &[u8]) -> bool {
+    match decode(data) {
+        Ok((header, plain)) => {
+            assert_eq!(plain.len(), header.plain_len as usize);
+            assert_eq!(ChunkId::of(&plain), header.id);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn encode(level: i32, data: &[u8]) -> Vec<u8> {
+        RecordEncoder::new(level)
+            .encode(ChunkId::of(data), data)
+            .unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(data in proptest::collection::vec(any::<u8>(), 0..70_000), level in 0i32..4) {
+            let rec = encode(level, &data);
+            let (h, plain) = decode(&rec).unwrap();
+            prop_assert_eq!(plain, data.clone());
+            prop_assert_eq!(h.plain_len as usize, data.len());
+            prop_assert_eq!(h.record_len() as usize, rec.len());
+        }
+
+        #[test]
+        fn any_single_byte_flip_is_detected(data in proptest::collection::vec(any::<u8>(), 1..5000), pos in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let mut rec = encode(1, &data);
+            let i = pos.index(rec.len());
+            rec[i] ^= 1 << bit;
+            prop_assert!(decode(&rec).is_err());
+        }
+
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn compressible_data_is_compressed_and_random_is_raw() {
+        let zeros = vec![7u8; 65536];
+        let rec = encode(1, &zeros);
+        assert_eq!(RecordHeader::parse(&rec).unwrap().codec, Codec::Zstd);
+        assert!(rec.len() < 1000);
+        let noise: Vec<u8> = (0..65536u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let h = RecordHeader::parse(&encode(1, &noise)).unwrap();
+        assert!(h.stored_len <= h.plain_len);
+    }
+
+    #[test]
+    fn lying_length_fields_are_rejected() {
+        let mut rec = encode(0, b"hello");
+        // Claim a payload of 4 GiB - 1: must be refused before any use.
+        rec[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        let crc = crc32fast::hash(&rec[..52]);
+        rec[52..56].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            decode(&rec),
+            Err(RecordError::LengthTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_record_is_reported() {
+        let rec = encode(1, &[1u8; 1000]);
+        let err = decode(&rec[..rec.len() - 1]).unwrap_err();
+        assert!(matches!(err, RecordError::Truncated { .. }), "{err}");
+    }
+}

@@ -1,0 +1,454 @@
+//! GRS replication: bringing the secondary copy up to date, incrementally
+//! and resumably, without the writer lock.
+//!
+//! Order, so that the secondary is a consistent vault after every step
+//! (invariant C3):
+//! 1. segment bytes: for each committed segment, the bytes between what
+//!    the secondary holds (its `replication` state, never more than its
+//!    file) and the primary's committed length are appended and fsynced;
+//!    committed bytes never change, so any synced prefix is right and a
+//!    killed run resumes where it stopped; every indexed record is checked
+//!    (header, id, length, CRC-32) on the way, and a bad one is replaced
+//!    by the bytes of a copy whose hash matches;
+//! 2. catalog files: manifests of points whose data is now there, item
+//!    and policy files; removed ones go to the secondary's quarantine;
+//! 3. segments the primary no longer has (GC) go to the quarantine too;
+//! 4. the secondary's index cache is dropped (it is rebuilt when the
+//!    secondary is opened), and the primary's `replication` state records
+//!    when each point reached the secondary.
+//!
+//! The secondary never loses data on the primary's word alone:
+//! - the run refuses to start unless the primary's index is complete
+//!   (`crate::index::state`), and refuses when the primary looks empty (no
+//!   point, no live segment) while the secondary holds points (a wiped or
+//!   lost primary looks like that; the secondary is then the only copy);
+//! - what the primary no longer has is *moved* to the secondary's
+//!   `quarantine/`, not deleted; a later run deletes a quarantined file
+//!   only when the primary's complete index shows it unreferenced (every
+//!   chunk of a segment placed elsewhere or referenced by nothing, a
+//!   manifest whose block-map root nothing references), see
+//!   [`crate::copies::quarantine`]. A primary that lost a point it still
+//!   references therefore never costs the secondary its copy.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use jiff::Timestamp;
+use serde::Serialize;
+
+use crate::error::{Result, StoreError};
+use crate::format::catalog_files::{self, Role};
+use crate::format::config::CONFIG_FILE;
+pub use crate::format::repl_state::{ReplicationState, STATE_FILE};
+use crate::format::segment::{SEGMENTS_DIR, parse_segment_file_name, segment_name};
+use crate::store::LocalStore;
+use crate::store::local::lock::NamedLock;
+use crate::vault::Vault;
+
+/// The primary's replication state of the vault at `dir`.
+pub fn primary_state(dir: &Path) -> ReplicationState {
+    ReplicationState::load(&LocalStore::new(dir))
+}
+
+/// What one replication run did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReplicateReport {
+    /// The secondary.
+    pub secondary: std::path::PathBuf,
+    /// Segments that received bytes.
+    pub segments_copied: u64,
+    /// Bytes appended to the secondary.
+    pub bytes_copied: u64,
+    /// Catalog files written or removed.
+    pub files_changed: u64,
+    /// Segments removed from the secondary (GC'd on the primary).
+    pub segments_deleted: u64,
+    /// Points that reached the secondary in this run.
+    pub points_replicated: u64,
+    /// Points on the secondary in all.
+    pub points_on_secondary: u64,
+    /// Records found bad on the primary and sent from a good copy instead.
+    pub records_repaired: u64,
+    /// Records no copy holds intact (replicated as they are; `verify
+    /// --read-data` reports them as unrecoverable).
+    pub records_damaged: u64,
+    /// Files of the secondary the primary no longer has, moved to the
+    /// secondary's quarantine rather than deleted.
+    pub quarantined: u64,
+    /// Quarantined files of the secondary deleted (the primary's complete
+    /// index shows no point needs them).
+    pub quarantine_deleted: u64,
+    /// True when the run was stopped before it finished.
+    pub interrupted: bool,
+    /// Wall time.
+    pub duration_ms: u64,
+}
+
+/// Bytes copied per read/append.
+const COPY_CHUNK: usize = 8 << 20;
+
+/// Brings the secondary of `vault` up to date. `stop` is polled between
+/// copies; a stopped run leaves a consistent secondary and resumes later.
+pub fn replicate(
+    vault: &Vault,
+    now: &dyn Fn() -> Timestamp,
+    stop: &dyn Fn() -> bool,
+) -> Result<ReplicateReport> {
+    let started = std::time::Instant::now();
+    let cfg = vault.config();
+    let Some(sec_dir) = cfg.secondary.clone() else {
+        return Err(StoreError::InvalidSetting {
+            field: "secondary",
+            reason: format!(
+                "vault {} has no secondary (create it with --secondary, or `vault set --secondary DIR`)",
+                vault.dir().display()
+            ),
+        });
+    };
+    let lock_path = vault.dir().join("locks").join("replicate.lock");
+    crate::store::local::durable::create_dir_durable(&vault.dir().join("locks"))?;
+    let _lock = match NamedLock::try_acquire(&lock_path, "replicate")? {
+        Ok(l) => l,
+        Err(holder) => {
+            return Err(StoreError::VaultLocked {
+                path: lock_path,
+                pid: holder,
+            });
+        }
+    };
+    crate::copies::init_copy(&sec_dir, cfg, Role::Secondary)?;
+    let sec = crate::copies::copy_store(&sec_dir)?;
+    let sec = sec.as_ref();
+    if let Err(reason) = crate::copies::check_copy(sec, &sec_dir, &cfg.vault_id, true) {
+        return Err(StoreError::CopyUnavailable {
+            path: sec_dir,
+            reason,
+        });
+    }
+    let primary = vault.copies().primary().store.clone();
+    let mut report = ReplicateReport {
+        secondary: sec_dir.clone(),
+        ..ReplicateReport::default()
+    };
+    // The primary's index decides what the secondary may lose: only a
+    // complete one (`crate::index::state`).
+    crate::index::state::check_complete(vault.dir())?;
+    let mut sec_state = ReplicationState::load(sec);
+    let infos = vault.index().segment_infos()?;
+    refuse_empty_primary(vault, sec, &sec_dir, &infos)?;
+    // What earlier runs put aside and the index now shows unreferenced.
+    let purged = crate::copies::quarantine::purge(sec, vault.index())?;
+    report.quarantine_deleted = purged.deleted;
+
+    // 1. Segment bytes.
+    for (&id, info) in infos.iter().filter(|(_, i)| !i.retired) {
+        let name = segment_name(id);
+        let on_disk = sec.size(&name)?.unwrap_or(0);
+        let have = sec_state
+            .segments
+            .get(&id)
+            .copied()
+            .unwrap_or(0)
+            .min(on_disk);
+        if have >= info.committed {
+            continue;
+        }
+        if stop() {
+            report.interrupted = true;
+            break;
+        }
+        let mut out = if on_disk == 0 && sec.size(&name)?.is_none() {
+            sec.create(&name)?
+        } else {
+            sec.append_to(&name, have)?
+        };
+        let records = indexed_records(vault, id)?;
+        let mut next = records.partition_point(|r| r.0 < have);
+        let mut at = have;
+        let mut buf = vec![0u8; COPY_CHUNK];
+        while at < info.committed {
+            // Reads end at a record boundary, so that every indexed record
+            // is checked whole before it leaves for the secondary.
+            let limit = (at + COPY_CHUNK as u64).min(info.committed);
+            let rest = records.get(next..).unwrap_or_default();
+            let fits = rest.partition_point(|r| record_end(r) <= limit);
+            // The index's locations are decoded values: a record that
+            // ends at or before `at` (overlapping ones) must not move the
+            // copy backwards.
+            let end = match fits.checked_sub(1).and_then(|i| rest.get(i)) {
+                Some(r) if limit < info.committed && record_end(r) > at => record_end(r),
+                _ => limit,
+            };
+            let n = usize::try_from(end - at)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            let chunk = buf.get_mut(..n).unwrap_or_default();
+            read_any(vault, &primary, &name, at, chunk)?;
+            let upto = next + rest.partition_point(|r| record_end(r) <= end);
+            for (off, cid, loc) in records.get(next..upto).unwrap_or_default() {
+                let range = record_range(*off, loc.len, at);
+                let rec = match range {
+                    Some(r) => chunk.get_mut(r),
+                    None => None,
+                };
+                let Some(rec) = rec else {
+                    // Overlapping locations: never copy a record unchecked.
+                    return Err(StoreError::CorruptIndex {
+                        path: vault.dir().join(crate::index::INDEX_DIR),
+                        what: "chunk location",
+                        reason: format!(
+                            "chunk {cid} at {off}..{} of {name} overlaps the record before it (bytes from {at} were being copied); run `coffre verify`",
+                            off.saturating_add(u64::from(loc.len))
+                        ),
+                    });
+                };
+                if record_ok(rec, cid) {
+                    continue;
+                }
+                // A bad record on the primary: take the bytes from a copy
+                // whose hash matches (and repair the primary with them).
+                let mut good = crate::vault::ChunkBuf::default();
+                match vault.read_chunk_into(cid, loc, &mut good) {
+                    Ok(()) if good.record_bytes().len() == rec.len() => {
+                        rec.copy_from_slice(good.record_bytes());
+                        report.records_repaired += 1;
+                    }
+                    _ => {
+                        report.records_damaged += 1;
+                        tracing::warn!(chunk = %cid, segment = %name, "no copy holds this record intact; replicated as it is (verify --read-data reports it)");
+                    }
+                }
+            }
+            next = upto;
+            out.append(chunk)?;
+            at = end;
+            if stop() {
+                report.interrupted = true;
+                break;
+            }
+        }
+        out.sync()?;
+        report.bytes_copied += at - have;
+        report.segments_copied += 1;
+        sec_state.segments.insert(id, at);
+        sec.put(STATE_FILE, &sec_state.encode())?;
+        if report.interrupted {
+            break;
+        }
+    }
+    let complete_segments: HashSet<u64> = infos
+        .iter()
+        .filter(|(id, i)| {
+            !i.retired && sec_state.segments.get(id).copied().unwrap_or(0) >= i.committed
+        })
+        .map(|(id, _)| *id)
+        .collect();
+
+    // 2. Catalog files: only when every segment is there, so no manifest
+    // ever names data the secondary lacks.
+    let mut primary_state = primary_state(vault.dir());
+    if !report.interrupted
+        && complete_segments.len() == infos.values().filter(|i| !i.retired).count()
+    {
+        let mut want: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut points = Vec::new();
+        for item in vault.index().items()? {
+            want.insert(
+                catalog_files::item_file(&item.name),
+                catalog_files::encode_item(&item),
+            );
+            for p in vault.index().points(&item.name)? {
+                want.insert(
+                    catalog_files::point_file(&p.item, p.seq),
+                    catalog_files::encode_point(&p),
+                );
+                points.push(p);
+            }
+        }
+        for (name, value) in vault.index().policy_values()? {
+            let f = catalog_files::PolicyFile {
+                name: name.clone(),
+                policy: value,
+            };
+            want.insert(
+                catalog_files::policy_file(&name),
+                catalog_files::encode_policy(&f),
+            );
+        }
+        let have: HashSet<String> = catalog_files::list_all(sec)?.into_iter().collect();
+        for (name, bytes) in &want {
+            if !have.contains(name) || sec.get(name)?.as_deref() != Some(bytes.as_slice()) {
+                sec.put(name, bytes)?;
+                report.files_changed += 1;
+            }
+        }
+        for name in have.iter().filter(|n| !want.contains_key(*n)) {
+            crate::copies::quarantine::quarantine(sec, name, "the primary no longer has it")?;
+            report.files_changed += 1;
+            report.quarantined += 1;
+        }
+        // 3. Segments GC removed from the primary.
+        for n in sec.list(SEGMENTS_DIR)? {
+            if let Some(id) = parse_segment_file_name(&n)
+                && !complete_segments.contains(&id)
+            {
+                crate::copies::quarantine::quarantine(
+                    sec,
+                    &segment_name(id),
+                    "the primary no longer has it",
+                )?;
+                sec_state.segments.remove(&id);
+                report.segments_deleted += 1;
+                report.quarantined += 1;
+            }
+        }
+        sec.put(CONFIG_FILE, &cfg.encode())?;
+        sec_state.last_run = Some(now());
+        sec.put(STATE_FILE, &sec_state.encode())?;
+        if report.files_changed > 0 || report.bytes_copied > 0 || report.segments_deleted > 0 {
+            drop_index_cache(&sec_dir);
+        }
+        // 4. When each point arrived.
+        let t = now();
+        let ids: HashSet<&str> = points.iter().map(|p| p.id.as_str()).collect();
+        primary_state
+            .points
+            .retain(|id, _| ids.contains(id.as_str()));
+        for p in &points {
+            if !primary_state.points.contains_key(&p.id) {
+                primary_state.points.insert(p.id.clone(), t);
+                report.points_replicated += 1;
+            }
+        }
+        report.points_on_secondary = points.len() as u64;
+        primary_state.segments = sec_state.segments.clone();
+        primary_state.last_run = Some(t);
+        crate::store::local::durable::write_atomic(
+            &vault.dir().join(STATE_FILE),
+            &primary_state.encode(),
+        )?;
+    }
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(secondary = %sec_dir.display(), bytes = report.bytes_copied, points = report.points_replicated, "replicated");
+    Ok(report)
+}
+
+/// Refuses a run from a primary that looks empty (no point, no live
+/// segment) to a secondary that holds points: that is what a lost or
+/// wiped primary looks like, and replicating it would take the secondary
+/// down with it.
+fn refuse_empty_primary(
+    vault: &Vault,
+    sec: &dyn crate::store::Store,
+    sec_dir: &Path,
+    infos: &std::collections::BTreeMap<u64, crate::index::SegmentInfo>,
+) -> Result<()> {
+    let primary_points = vault.index().all_points()?.len();
+    let live = infos.values().filter(|i| !i.retired).count();
+    if primary_points > 0 || live > 0 {
+        return Ok(());
+    }
+    let sec_points = catalog_files::list_all(sec)?
+        .iter()
+        .filter(|n| n.starts_with(catalog_files::POINTS_DIR))
+        .count();
+    if sec_points == 0 {
+        return Ok(());
+    }
+    Err(StoreError::ReplicationRefused {
+        path: sec_dir.to_path_buf(),
+        reason: format!(
+            "the primary {} holds no point and no segment, and the secondary holds {sec_points} points; nothing was changed. If the primary lost its data, restore from the secondary (`--from secondary`) or make it the vault; if every point was deleted on purpose, point the vault at a fresh secondary (`vault set --secondary DIR`)",
+            vault.dir().display()
+        ),
+    })
+}
+
+/// Reads committed bytes from the primary, or from a replica when the
+/// primary's read fails.
+fn read_any(
+    vault: &Vault,
+    primary: &crate::store::SharedStore,
+    name: &str,
+    at: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    match primary.read_at(name, at, buf) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            for c in vault.copies().sync_copies().iter().skip(1) {
+                if c.store.read_at(name, at, buf).is_ok() {
+                    return Ok(());
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The records the index places in segment `id`: (offset, chunk, location),
+/// in offset order.
+fn indexed_records(
+    vault: &Vault,
+    id: u64,
+) -> Result<Vec<(u64, crate::ChunkId, crate::index::ChunkLocation)>> {
+    let mut out = Vec::new();
+    for (off, cid) in vault.index().segment_chunks(id)? {
+        if let Some(loc) = vault.index().chunk(&cid)?
+            && loc.segment == id
+            && loc.offset == off
+        {
+            out.push((off, cid, loc));
+        }
+    }
+    Ok(out)
+}
+
+/// Where a record of [`indexed_records`] ends.
+fn record_end(r: &(u64, crate::ChunkId, crate::index::ChunkLocation)) -> u64 {
+    r.0.saturating_add(u64::from(r.2.len))
+}
+
+/// True when `rec` is an intact record of chunk `id` (header, id, length,
+/// payload CRC-32): the cheap check replication makes of every record.
+fn record_ok(rec: &[u8], id: &crate::ChunkId) -> bool {
+    crate::format::record::record_intact(rec, Some(id))
+}
+
+/// Removes the secondary's own index (a cache), so that the next open of
+/// the secondary rebuilds it from what is now there. Skipped while a
+/// reader uses it (it then stays as it was: older, but consistent).
+fn drop_index_cache(sec_dir: &Path) {
+    if crate::format::remote::is_store_url(sec_dir) {
+        // Caches attached to a secondary in object storage see for
+        // themselves that the store changed (`shared::is_stale`).
+        return;
+    }
+    let index = sec_dir.join(crate::index::INDEX_DIR);
+    if !index.exists() {
+        return;
+    }
+    if let Ok(Some(_lease)) = crate::store::local::lock::ReaderLease::try_exclusive(sec_dir) {
+        let _ = std::fs::remove_dir_all(&index);
+    }
+}
+/// Where a record at `off` of `len` bytes lies in a buffer read from
+/// `at`: `None` when it starts before `at` or its end overflows.
+fn record_range(off: u64, len: u32, at: u64) -> Option<std::ops::Range<usize>> {
+    let from = usize::try_from(off.checked_sub(at)?).ok()?;
+    Some(from..from.checked_add(usize::try_from(len).ok()?)?)
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::record_range;
+
+    #[test]
+    fn a_record_before_the_window_has_no_range() {
+        assert_eq!(record_range(100, 10, 100), Some(0..10));
+        assert_eq!(record_range(150, 10, 100), Some(50..60));
+        // `off - at` would wrap: 99 - 100.
+        assert_eq!(record_range(99, 10, 100), None);
+        assert_eq!(record_range(0, 1, u64::MAX), None);
+    }
+}

@@ -1,0 +1,337 @@
+//! Shared vaults in object storage, seen from one host: creating one in a
+//! store, attaching a fresh cache directory to one, and keeping the cache
+//! up to date with what other hosts committed.
+//!
+//! The store holds the vault: config, copy identity, segments, point
+//! manifests, items and policies. A host's cache directory holds the
+//! RocksDB index (a cache of the store, invariant C2), the local locks and
+//! job records, a copy of the config, and the pointer ([`Remote`]).
+//!
+//! **Refresh.** Whenever a host opens the vault, it compares the store
+//! with its index: a catalog file the index lacks (or the reverse), or
+//! another host's segment whose length differs from what the index
+//! scanned, means other hosts committed something. The cache is then
+//! rebuilt from the store ([`crate::maintenance::rebuild`]): segments are scanned for
+//! chunk locations and the reference counts are derived from the points.
+//! After that the host deduplicates against every chunk any host stored.
+//! A rebuild reads every segment. Each commit also uploads a chunk list
+//! ([`crate::format::chunk_list`]) so that a later refresh can import only what
+//! changed; that import is not in use yet (see `ARCHITECTURE.md`, "Object
+//! storage").
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::error::{Result, StoreError};
+use crate::format::catalog_files::{self, COPY_FILE, CopyIdentity, Role};
+use crate::format::config::{CONFIG_FILE, VaultConfig};
+use crate::format::remote::{Remote, StoreUrl, claim_tag};
+use crate::format::segment::{SEGMENTS_DIR, parse_segment_file_name};
+use crate::index::{INDEX_DIR, Index};
+use crate::store::{SharedStore, Store};
+use crate::vault::{Access, OpenOptions, Vault};
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
+fn check_empty_cache(dir: &Path) -> Result<()> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(StoreError::AlreadyExists {
+                    path: dir.to_path_buf(),
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io("read directory", dir, e)),
+    }
+}
+
+/// Like [`check_empty_cache`], but also accepts what an interrupted
+/// attach left before it wrote the config (the config comes last, so a
+/// directory without it is no vault): only the files [`write_cache`]
+/// writes (an empty index folder, the pointer, the identity, their
+/// temporary files). Attaching again then finishes the attach.
+fn check_attachable(dir: &Path) -> Result<()> {
+    let left_by_attach = |name: &str| {
+        name == INDEX_DIR
+            || name == crate::format::remote::REMOTE_FILE
+            || name == COPY_FILE
+            || (name.starts_with('.') && name.contains(".tmp-"))
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return check_empty_cache(dir);
+    };
+    let names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let index_empty = std::fs::read_dir(dir.join(INDEX_DIR))
+        .map(|mut e| e.next().is_none())
+        .unwrap_or(true);
+    if !names.is_empty() && index_empty && names.iter().all(|n| left_by_attach(n)) {
+        tracing::info!(dir = %dir.display(), "finishing an interrupted attach");
+        return Ok(());
+    }
+    check_empty_cache(dir)
+}
+
+fn identity(config: &VaultConfig) -> Vec<u8> {
+    catalog_files::encode_copy(&CopyIdentity {
+        vault_id: config.vault_id.clone(),
+        vault_name: config.name.clone(),
+        role: Role::Primary,
+    })
+}
+
+/// Claims a host tag in `store` and writes the cache directory's files:
+/// the pointer, the identity and, last, the config (a directory without
+/// it is not a vault).
+fn write_cache(dir: &Path, url: &str, store: &dyn Store, config: &VaultConfig) -> Result<()> {
+    crate::store::local::durable::create_dir_durable(dir)?;
+    crate::store::local::durable::create_dir_durable(&dir.join(INDEX_DIR))?;
+    let host = host_name();
+    let tag = claim_tag(store, &host, seed())?;
+    Remote {
+        url: url.to_string(),
+        host_tag: tag,
+        host,
+    }
+    .store(dir)?;
+    crate::store::local::durable::write_atomic(&dir.join(COPY_FILE), &identity(config))?;
+    config.store(dir)
+}
+
+/// Creates a shared vault in the store at `url`, with this host's cache in
+/// `dir` (empty or missing), and returns it open for writing.
+pub fn create_in_store(dir: &Path, url: &str, mut config: VaultConfig) -> Result<Vault> {
+    config.validate()?;
+    if !config.replicas.is_empty() || config.secondary.is_some() {
+        return Err(StoreError::InvalidSetting {
+            field: "store",
+            reason: "a vault in object storage takes no local replicas or secondary".into(),
+        });
+    }
+    let url = canonical_url(url)?;
+    config.store = Some(url.clone());
+    check_empty_cache(dir)?;
+    let store = crate::copies::open_url(&url)?;
+    check_container(store.as_ref(), &url)?;
+    if store.get(CONFIG_FILE)?.is_some() {
+        return Err(StoreError::InvalidSetting {
+            field: "store",
+            reason: format!(
+                "{url} already holds a vault; attach to it with `coffre vault attach --store {url} --vault DIR`"
+            ),
+        });
+    }
+    store.put(COPY_FILE, &identity(&config))?;
+    // The config is the store's last file: a store without it is no vault.
+    // It holds no host-local setting (this host keeps its own in its cache).
+    let (shared, _) = config.clone().without_host_settings();
+    if !store.put_new(CONFIG_FILE, &shared.encode())? {
+        return Err(StoreError::InvalidSetting {
+            field: "store",
+            reason: format!("{url}: another host created a vault there at the same moment"),
+        });
+    }
+    write_cache(dir, &url, store.as_ref(), &config)?;
+    Vault::open(dir, Access::Write)
+}
+
+/// Attaches the cache directory `dir` (empty or missing) to the shared
+/// vault at `url`: downloads its config, claims a host tag and builds the
+/// index from the store. Returns the vault open for writing.
+pub fn attach(dir: &Path, url: &str, wait: Duration) -> Result<Vault> {
+    let url = canonical_url(url)?;
+    check_attachable(dir)?;
+    let store = crate::copies::open_url(&url)?;
+    check_container(store.as_ref(), &url)?;
+    let Some(bytes) = store.get(CONFIG_FILE)? else {
+        return Err(StoreError::InvalidSetting {
+            field: "store",
+            reason: format!(
+                "{url} holds no coffre vault (no config); create one with `coffre vault create --store {url}`"
+            ),
+        });
+    };
+    let config = VaultConfig::decode(&bytes, Path::new(&format!("{url}/{CONFIG_FILE}")))?;
+    let config = host_config(config, &url);
+    write_cache(dir, &url, store.as_ref(), &config)?;
+    // A GRS secondary in a container keeps its role: its cache reads, and
+    // never writes, the copy.
+    if let Some(id) = store.get(COPY_FILE)?
+        && let Ok(c) = catalog_files::decode_copy(&id)
+        && c.role != Role::Primary
+    {
+        if c.vault_id != config.vault_id {
+            return Err(StoreError::CopyUnavailable {
+                path: dir.to_path_buf(),
+                reason: format!("{url} is a copy of another vault ({})", c.vault_id),
+            });
+        }
+        crate::store::local::durable::write_atomic(&dir.join(COPY_FILE), &id)?;
+    }
+    let (vault, report) = crate::maintenance::rebuild::rebuild_index(dir, dir, wait)?;
+    tracing::info!(vault = %dir.display(), %url, chunks = report.chunks, points = report.points, "attached to the shared vault");
+    Ok(vault)
+}
+
+/// The config a host keeps in its cache from the store's `config`: the
+/// store's, without the host-local settings (snapshot area, replicas,
+/// secondary; [`VaultConfig::without_host_settings`]). The store is
+/// shared with other hosts: it must not choose where this host writes
+/// snapshots as root or where it copies the vault to.
+pub fn host_config(config: VaultConfig, url: &str) -> VaultConfig {
+    let (config, dropped) = config.without_host_settings();
+    if !dropped.is_empty() {
+        tracing::warn!(store = %url, ignored = ?dropped, "the shared vault's config sets host-local settings; they are ignored (each host sets its own with `coffre vault set`)");
+    }
+    config
+}
+
+/// Fails with one clear line when the container or bucket `url` names
+/// does not exist (a listing answers 404): coffre does not create it
+/// (the credentials of a vault's hosts need not allow it), so the line
+/// says how.
+fn check_container(store: &dyn Store, url: &str) -> Result<()> {
+    let Err(e) = store.list("") else {
+        return Ok(());
+    };
+    let StoreError::Object { reason, .. } = &e else {
+        return Err(e);
+    };
+    let missing = ["ContainerNotFound", "NoSuchBucket", "404 Not Found"]
+        .iter()
+        .any(|m| reason.contains(m));
+    let Ok(u) = StoreUrl::parse(url) else {
+        return Err(e);
+    };
+    if !missing {
+        return Err(e);
+    }
+    let how = match u.service {
+        crate::format::remote::Service::Azure => format!(
+            "create it first, e.g. `az storage container create --account-name {} --name {}`",
+            u.account, u.container
+        ),
+        crate::format::remote::Service::S3 => {
+            format!("create it first, e.g. `aws s3 mb s3://{}`", u.container)
+        }
+        crate::format::remote::Service::Memory => "create it first".to_string(),
+    };
+    let what = match u.service {
+        crate::format::remote::Service::S3 => "bucket",
+        _ => "container",
+    };
+    Err(StoreError::InvalidSetting {
+        field: "store",
+        reason: format!(
+            "{url}: the {what} {:?} does not exist; {how}, then run again",
+            u.container
+        ),
+    })
+}
+
+fn canonical_url(url: &str) -> Result<String> {
+    StoreUrl::parse(url)
+        .map(|u| u.to_url())
+        .map_err(|reason| StoreError::InvalidSetting {
+            field: "store URL",
+            reason,
+        })
+}
+
+/// True when the store holds something the index of `dir` does not know
+/// (or the reverse): another host committed points, items, policies or
+/// segment bytes, or removed points.
+pub fn is_stale(dir: &Path, store: &dyn Store, own: std::ops::Range<u64>) -> Result<bool> {
+    let index_dir = dir.join(INDEX_DIR);
+    if !index_dir.join("CURRENT").is_file() || !crate::index::state::is_complete(dir) {
+        return Ok(true);
+    }
+    let index = Index::open_read(&index_dir)?;
+    let mut known: HashSet<String> = HashSet::new();
+    for item in index.items()? {
+        known.insert(catalog_files::item_file(&item.name));
+        for p in index.points(&item.name)? {
+            known.insert(catalog_files::point_file(&p.item, p.seq));
+        }
+    }
+    for (name, _) in index.policy_values()? {
+        known.insert(catalog_files::policy_file(&name));
+    }
+    let listed: HashSet<String> = catalog_files::list_all(store)?.into_iter().collect();
+    if listed != known {
+        return Ok(true);
+    }
+    let infos = index.segment_infos()?;
+    let mut in_store = HashSet::new();
+    for name in store.list(SEGMENTS_DIR)? {
+        let Some(id) = parse_segment_file_name(&name) else {
+            continue;
+        };
+        in_store.insert(id);
+        if own.contains(&id) {
+            continue;
+        }
+        let size = store
+            .size(&crate::format::segment::segment_name(id))?
+            .unwrap_or(0);
+        if infos.get(&id).map(|i| i.committed) != Some(size) {
+            return Ok(true);
+        }
+    }
+    // A segment the index knows that the store no longer has: a GC on
+    // another host deleted it.
+    Ok(infos.keys().any(|id| !in_store.contains(id)))
+}
+
+/// Brings the cache at `dir` up to date with its store (see the module
+/// docs); a no-op when nothing changed.
+pub fn refresh_cache(dir: &Path, wait: Duration, access: Access) -> Result<()> {
+    let Some(remote) = Remote::load(dir)? else {
+        return Ok(());
+    };
+    let store: SharedStore = crate::copies::open_url(&remote.url)?;
+    if !is_stale(dir, store.as_ref(), remote.namespace())? {
+        return Ok(());
+    }
+    tracing::info!(vault = %dir.display(), url = %remote.url, "other hosts changed the vault; refreshing the cache");
+    match crate::maintenance::rebuild::rebuild_index(dir, dir, wait) {
+        Ok((vault, _)) => drop(vault),
+        // A reader while this host writes: the cache as it is (what this
+        // host committed is in it; the others' comes at the next open).
+        Err(StoreError::VaultLocked { .. }) if access == Access::ReadOnly => {
+            tracing::debug!(vault = %dir.display(), "cache in use by a local writer; not refreshed");
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+/// Options for the vault open inside a rebuild (no refresh: the rebuild
+/// is one).
+pub fn rebuild_open_options(wait: Duration) -> OpenOptions {
+    OpenOptions {
+        wait,
+        degraded_ok: true,
+        allow_copy_write: true,
+        skip_refresh: true,
+        ..OpenOptions::default()
+    }
+}

@@ -1,0 +1,303 @@
+//! Direct I/O (`O_DIRECT`): buffers aligned for it, and an appender that
+//! writes a file's new bytes straight to the device (packs, segments).
+//!
+//! A page-cache write costs a copy into a freshly allocated page, and on a
+//! virtual machine whose memory is full of cache that allocation is the
+//! expensive part (measured: 0.4–5 GB/s for the same `dd`, against a
+//! steady 2.3 GB/s direct). Files that are written once and read later,
+//! if ever (snapshot packs, restored images), skip the cache. Whole
+//! aligned pieces go direct; the unaligned tail goes through the ordinary
+//! descriptor when the caller flushes. A filesystem that refuses
+//! `O_DIRECT` (tmpfs) gets ordinary writes, with the same results.
+
+#![deny(clippy::indexing_slicing, clippy::unwrap_used)]
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Alignment of direct writes: offsets, lengths and buffers.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A byte buffer whose start is [`DIRECT_ALIGN`]-aligned.
+#[derive(Default)]
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// Makes room for `len` bytes (contents unspecified).
+    pub fn reserve(&mut self, len: usize) {
+        if self.raw.len() < len + DIRECT_ALIGN {
+            self.raw = vec![0u8; len + DIRECT_ALIGN];
+        }
+        self.start = self
+            .raw
+            .as_ptr()
+            .align_offset(DIRECT_ALIGN)
+            .min(DIRECT_ALIGN);
+        self.len = len;
+    }
+
+    /// Keeps the first `len` bytes (at most those reserved), as they are.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// The `len` bytes of the last [`AlignedBuf::reserve`].
+    pub fn as_slice(&self) -> &[u8] {
+        self.raw
+            .get(self.start..self.start + self.len)
+            .unwrap_or_default()
+    }
+
+    /// The same, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.raw
+            .get_mut(self.start..self.start + self.len)
+            .unwrap_or_default()
+    }
+}
+
+/// Opens `path` a second time with `O_DIRECT`, for writing; `None` where
+/// the filesystem refuses it.
+pub fn open_direct(path: &Path) -> Option<File> {
+    open_direct_as(path, std::fs::OpenOptions::new().write(true))
+}
+
+/// Opens `path` a second time with `O_DIRECT`, for reading; `None` where
+/// the filesystem refuses it.
+pub fn open_direct_read(path: &Path) -> Option<File> {
+    open_direct_as(path, std::fs::OpenOptions::new().read(true))
+}
+
+fn open_direct_as(path: &Path, opts: &mut std::fs::OpenOptions) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    opts.custom_flags(libc::O_DIRECT).open(path).ok()
+}
+
+/// How much an appender buffers before it writes.
+const APPEND_BUFFER: usize = 4 << 20;
+
+/// Appends to a file it alone writes: whole aligned pieces with
+/// `O_DIRECT` as the buffer fills, the rest on [`DirectAppender::flush`].
+pub struct DirectAppender {
+    file: File,
+    direct: Option<File>,
+    buf: AlignedBuf,
+    /// File offset of the buffer's first byte (aligned while direct).
+    buf_at: u64,
+    /// Bytes in the buffer.
+    filled: usize,
+}
+
+impl DirectAppender {
+    /// Appends to `file` (at `path`, empty), direct where possible.
+    pub fn new(file: File, path: &Path) -> DirectAppender {
+        let mut buf = AlignedBuf::default();
+        buf.reserve(APPEND_BUFFER + DIRECT_ALIGN);
+        DirectAppender {
+            direct: open_direct(path),
+            file,
+            buf,
+            buf_at: 0,
+            filled: 0,
+        }
+    }
+
+    /// Appends to `file` (at `path`, opened for reading and writing) from
+    /// its byte `len` on: the partial block before `len` is read back into
+    /// the buffer, so that direct writes stay aligned.
+    pub fn resume(file: File, path: &Path, len: u64) -> std::io::Result<DirectAppender> {
+        let mut a = DirectAppender::new(file, path);
+        let start = len / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
+        let head = (len - start) as usize;
+        let dst = a
+            .buf
+            .as_mut_slice()
+            .get_mut(..head)
+            .ok_or_else(|| std::io::Error::other("append buffer overrun"))?;
+        a.file.read_exact_at(dst, start)?;
+        a.buf_at = start;
+        a.filled = head;
+        Ok(a)
+    }
+
+    /// The ordinary descriptor (for syncs).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Bytes appended so far.
+    pub fn len(&self) -> u64 {
+        self.buf_at + self.filled as u64
+    }
+
+    /// True when nothing was appended.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends `bytes`.
+    pub fn append(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let room = APPEND_BUFFER.saturating_sub(self.filled);
+            if room == 0 {
+                self.drain()?;
+                continue;
+            }
+            let (now, rest) = bytes.split_at(room.min(bytes.len()));
+            self.buf
+                .as_mut_slice()
+                .get_mut(self.filled..self.filled + now.len())
+                .ok_or_else(|| std::io::Error::other("append buffer overrun"))?
+                .copy_from_slice(now);
+            self.filled += now.len();
+            bytes = rest;
+        }
+        Ok(())
+    }
+
+    /// Writes the buffer's whole aligned pieces (all of it when not
+    /// direct) and keeps the rest at its front.
+    fn drain(&mut self) -> std::io::Result<()> {
+        let whole = if self.direct.is_some() {
+            self.filled / DIRECT_ALIGN * DIRECT_ALIGN
+        } else {
+            self.filled
+        };
+        if whole == 0 {
+            return Ok(());
+        }
+        let piece = self
+            .buf
+            .as_slice()
+            .get(..whole)
+            .ok_or_else(|| std::io::Error::other("append buffer overrun"))?;
+        let direct = match self.direct.as_ref() {
+            Some(d) => d.write_all_at(piece, self.buf_at),
+            None => self.file.write_all_at(piece, self.buf_at),
+        };
+        if let Err(e) = direct {
+            if self.direct.is_none() || e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+            // The filesystem took the descriptor but not the write.
+            self.direct = None;
+            return self.drain();
+        }
+        self.buf.as_mut_slice().copy_within(whole..self.filled, 0);
+        self.filled -= whole;
+        self.buf_at += whole as u64;
+        Ok(())
+    }
+
+    /// Hands everything appended to the kernel: whole pieces direct, the
+    /// unaligned tail through the page cache (it stays buffered too, and
+    /// is written again, direct, as part of the next whole piece).
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.drain()?;
+        if self.filled > 0 {
+            let tail = self
+                .buf
+                .as_slice()
+                .get(..self.filled)
+                .ok_or_else(|| std::io::Error::other("append buffer overrun"))?;
+            self.file.write_all_at(tail, self.buf_at)?;
+        }
+        Ok(())
+    }
+
+    /// Starts writing back what went through the page cache (ordinary
+    /// writes), so that the final fsync has little left to do.
+    pub fn start_writeback(&mut self) -> std::io::Result<()> {
+        if self.direct.is_some() {
+            return self.drain();
+        }
+        let from = self.buf_at;
+        self.drain()?;
+        crate::store::local::durable::start_writeback(&self.file, from, self.buf_at - from);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn roundtrip(dir: &Path) {
+        let path = dir.join("f");
+        let file = File::create(&path).unwrap();
+        let mut a = DirectAppender::new(file, &path);
+        let mut want = Vec::new();
+        for i in 0..300u32 {
+            let piece: Vec<u8> = (0..(i * 977 % 70_001)).map(|j| (j ^ i) as u8).collect();
+            a.append(&piece).unwrap();
+            want.extend_from_slice(&piece);
+            if i % 97 == 0 {
+                // A flush mid-way leaves a buffered tail that the next
+                // direct piece writes over.
+                a.flush().unwrap();
+                assert_eq!(std::fs::read(&path).unwrap(), want);
+            }
+            if i % 13 == 0 {
+                a.start_writeback().unwrap();
+            }
+        }
+        a.flush().unwrap();
+        assert_eq!(a.len(), want.len() as u64);
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+    }
+
+    fn resumed(dir: &Path) {
+        let path = dir.join("r");
+        let mut want: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &want).unwrap();
+        for round in 0..3u32 {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            let mut a = DirectAppender::resume(file, &path, want.len() as u64).unwrap();
+            assert_eq!(a.len(), want.len() as u64);
+            let piece: Vec<u8> = (0..(5_000_000 + round * 3))
+                .map(|j| (j * 7 + round) as u8)
+                .collect();
+            a.append(&piece).unwrap();
+            want.extend_from_slice(&piece);
+            a.flush().unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), want, "round {round}");
+        }
+    }
+
+    #[test]
+    fn appends_land_byte_exact_with_and_without_direct_io() {
+        // The build directory is on a disk (direct); /dev/shm is tmpfs,
+        // which refuses O_DIRECT (ordinary writes).
+        let disk = tempfile_dir(std::env::temp_dir());
+        roundtrip(&disk);
+        resumed(&disk);
+        let _ = std::fs::remove_dir_all(&disk);
+        if Path::new("/dev/shm").is_dir() {
+            let shm = tempfile_dir(PathBuf::from("/dev/shm"));
+            roundtrip(&shm);
+            resumed(&shm);
+            let _ = std::fs::remove_dir_all(&shm);
+        }
+    }
+
+    fn tempfile_dir(base: PathBuf) -> PathBuf {
+        let d = base.join(format!(
+            "coffre-direct-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
