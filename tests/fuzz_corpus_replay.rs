@@ -134,7 +134,7 @@ fn shared_state_corpus() {
         .iter()
         .filter(|(_, b)| {
             coffre_vault_store::format::remote::fuzz_entry(b)
-                || coffre_vault_store::lease::fuzz_entry(b)
+                || coffre_vault_store::format::lease::fuzz_entry(b)
                 || coffre_vault_store::format::chunk_list::fuzz_entry(b)
         })
         .count();

@@ -6,6 +6,6 @@
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     coffre_vault_store::format::remote::fuzz_entry(data);
-    coffre_vault_store::lease::fuzz_entry(data);
+    coffre_vault_store::format::lease::fuzz_entry(data);
     coffre_vault_store::format::chunk_list::fuzz_entry(data);
 });

@@ -115,10 +115,10 @@ pub fn attach_vault(dir: &Path, url: &str, wait: std::time::Duration) -> Result<
 pub fn shared_gc(
     dir: &Path,
     max_wait: std::time::Duration,
-) -> Result<coffre_vault_store::lease::SharedGcReport> {
-    Ok(coffre_vault_store::lease::run_shared_gc(
+) -> Result<coffre_vault_store::shared::gc::SharedGcReport> {
+    Ok(coffre_vault_store::shared::gc::run_shared_gc(
         dir,
-        &coffre_vault_store::lease::SharedGcOptions {
+        &coffre_vault_store::shared::gc::SharedGcOptions {
             max_wait,
             ttl: coffre_vault_store::lease::DEFAULT_LEASE_TTL,
             clock: coffre_vault_store::lease::system_clock(),
@@ -126,7 +126,7 @@ pub fn shared_gc(
     )?)
 }
 
-impl crate::job_record::JobStats for coffre_vault_store::lease::SharedGcReport {
+impl crate::job_record::JobStats for coffre_vault_store::shared::gc::SharedGcReport {
     fn job_stats(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("epoch", self.epoch),

@@ -138,7 +138,7 @@ fn unreferenced(store: &dyn Store, index: &Index, q: &str) -> Result<bool> {
             // punched). Past the last whole record is a torn append (what a
             // killed session leaves), not hidden data.
             let header = crate::format::segment::SEGMENT_HEADER_LEN.min(size);
-            let gaps = crate::format::segment::gaps(&scan.records, header, scan.end);
+            let gaps = crate::format::scan::gaps(&scan.records, header, scan.end);
             if !gaps
                 .iter()
                 .all(|&(start, end)| crate::copies::segment::reads_as_zeros(store, q, start, end))

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 
 use crate::copies::{Copies, Copy};
 use crate::error::{Result, StoreError};
+use crate::format::scan::gaps;
 use crate::format::segment::{
-    SEGMENT_HEADER_LEN, check_header, encode_header, gaps, is_adopted, parse_segment_file_name,
+    SEGMENT_HEADER_LEN, check_header, encode_header, is_adopted, parse_segment_file_name,
     segment_name,
 };
 use crate::store::Appender;

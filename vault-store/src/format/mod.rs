@@ -17,6 +17,7 @@ pub mod damaged;
 pub mod envelope;
 pub mod host_registry;
 pub mod index_values;
+pub mod lease;
 pub mod level;
 pub mod name;
 pub mod record;

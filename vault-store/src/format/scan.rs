@@ -11,7 +11,7 @@
 
 use crate::format::chunk_id::ChunkId;
 use crate::format::record::{HEADER_LEN, RECORD_MAGIC, RecordHeader};
-use crate::format::segment::{SEGMENT_HEADER_LEN, check_header};
+use crate::format::segment::{SEGMENT_HEADER_LEN, check_header, uncovered};
 
 /// One record found by a scan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,6 +113,16 @@ fn resync(from: u64, size: u64, read: &mut dyn FnMut(u64, &mut [u8]) -> bool) ->
         at += (n as u64).saturating_sub(3).max(1);
     }
     None
+}
+
+/// The byte ranges of `from..to` that none of `records` covers, in order:
+/// what a segment scan could not read as records.
+pub fn gaps(records: &[Found], from: u64, to: u64) -> Vec<(u64, u64)> {
+    let mut used: Vec<(u64, u64)> = records
+        .iter()
+        .map(|r| (r.offset, r.offset + u64::from(r.len)))
+        .collect();
+    uncovered(from, to, &mut used)
 }
 
 /// Fuzz entry: scans `data` as segment 1; never panics, and every record

@@ -153,16 +153,6 @@ pub fn uncovered(from: u64, len: u64, used: &mut [(u64, u64)]) -> Vec<(u64, u64)
     out
 }
 
-/// The byte ranges of `from..to` that none of `records` covers, in order:
-/// what a segment scan could not read as records.
-pub fn gaps(records: &[crate::format::scan::Found], from: u64, to: u64) -> Vec<(u64, u64)> {
-    let mut used: Vec<(u64, u64)> = records
-        .iter()
-        .map(|r| (r.offset, r.offset + u64::from(r.len)))
-        .collect();
-    uncovered(from, to, &mut used)
-}
-
 /// Name of segment `id` inside a copy.
 pub fn segment_name(id: u64) -> String {
     format!("{SEGMENTS_DIR}/{}", segment_file_name(id))

@@ -30,6 +30,8 @@ use crate::format::remote::{Remote, StoreUrl, claim_tag};
 use crate::format::segment::{SEGMENTS_DIR, parse_segment_file_name};
 use crate::index::{INDEX_DIR, Index};
 use crate::store::{SharedStore, Store};
+
+pub mod gc;
 use crate::vault::{Access, OpenOptions, Vault};
 
 fn host_name() -> String {
