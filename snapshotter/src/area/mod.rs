@@ -1,0 +1,343 @@
+//! The snapshot area: where a vault keeps its instant-restore snapshots on
+//! one filesystem, next to the disks (Azure keeps VM snapshots in the
+//! resource group `AzureBackupRG_<geo>_<n>`).
+//!
+//! - **Place.** By default, one area per vault on each filesystem that holds
+//!   protected images: `<mount point>/.coffre-snapshots/<vault-name>_<n>`,
+//!   `n` being the first number whose folder is free or already this
+//!   vault's. Being on the image's filesystem is what lets a reflink clone
+//!   work. An image that is a block device has no filesystem of its own:
+//!   its area is under the vault directory. `coffre vault set
+//!   --snapshot-area DIR` puts every item's snapshots in DIR instead.
+//! - **Identity.** `AREA/area` (an envelope: magic, version, CRC) names the
+//!   vault that owns the area, so two vaults never share one. The vault
+//!   lists its areas in `VAULT/snapshot-areas`, so listing and expiry find
+//!   them again without the images.
+//! - **Locks.** An area whose folder (or item folder) has no owner write
+//!   bit, is immutable (`chattr +i`) or is on a read-only filesystem is
+//!   *locked*: a backup fails naming the lock and the folder, never skips
+//!   silently (Azure fails a backup whose snapshot resource group is
+//!   locked).
+//! - **Space.** Before a capture the free space is checked against what the
+//!   capture may need ([`Area::check_space`]).
+
+mod checks;
+mod claim;
+#[cfg(test)]
+mod tests;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use coffre_vault_store::format::envelope;
+use coffre_vault_store::format::name::SafeName;
+use coffre_vault_store::store::local::durable::write_atomic;
+use coffre_vault_store::store::local::lock::NamedLock;
+use coffre_vault_store::store::local::private;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, SnapError};
+use checks::lock_of;
+use claim::{claim, default_dir};
+
+pub use checks::{check_choice, check_real_dir, free_bytes};
+
+/// Folder holding the areas on a filesystem.
+pub const AREAS_ROOT: &str = ".coffre-snapshots";
+/// Identity file of an area.
+pub const AREA_FILE: &str = "area";
+/// The vault's list of its areas.
+pub const AREA_LIST_FILE: &str = "snapshot-areas";
+/// Magic of the identity file. Frozen.
+pub const AREA_MAGIC: [u8; 8] = *b"CFAREA\0\0";
+/// Magic of the vault's area list. Frozen.
+pub const AREA_LIST_MAGIC: [u8; 8] = *b"CFAREAS\0";
+/// Version of both.
+pub const AREA_VERSION: u32 = 1;
+const MAX_BODY: usize = 1 << 20;
+
+/// Who owns an area.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AreaIdentity {
+    /// The owning vault's id.
+    pub vault_id: String,
+    /// Its name when the area was made.
+    pub vault_name: String,
+}
+
+/// A vault's snapshot area on one filesystem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Area {
+    dir: PathBuf,
+}
+
+/// The directory whose filesystem holds `path`: walks up from `path` while
+/// the device stays the same.
+pub fn mount_point(path: &Path) -> PathBuf {
+    let start = std::fs::canonicalize(path)
+        .ok()
+        .or_else(|| path.parent().and_then(|p| std::fs::canonicalize(p).ok()))
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    let Some(d0) = dev(&start) else {
+        return start;
+    };
+    let mut here = if start.is_dir() {
+        start.clone()
+    } else {
+        start
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or(start.clone())
+    };
+    while let Some(up) = here.parent() {
+        if dev(up) != Some(d0) {
+            break;
+        }
+        here = up.to_path_buf();
+    }
+    here
+}
+
+fn identity_bytes(id: &AreaIdentity) -> Vec<u8> {
+    envelope::encode(
+        &AREA_MAGIC,
+        AREA_VERSION,
+        &serde_json::to_vec(id).unwrap_or_default(),
+    )
+}
+
+/// Reads an area's identity (`None` when the folder is no area).
+pub fn read_identity(dir: &Path) -> Result<Option<AreaIdentity>> {
+    let path = dir.join(AREA_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(SnapError::damaged(&path, e.to_string())),
+    };
+    decode_identity(&bytes)
+        .map(Some)
+        .map_err(|e| SnapError::damaged(&path, e))
+}
+
+/// Decodes an area's identity file (`area`).
+pub fn decode_identity(bytes: &[u8]) -> std::result::Result<AreaIdentity, String> {
+    let (_, body) =
+        envelope::decode(&AREA_MAGIC, AREA_VERSION, MAX_BODY, bytes).map_err(|e| e.to_string())?;
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+/// Decodes a vault's list of snapshot areas (`snapshot-areas`).
+pub fn decode_area_list(bytes: &[u8]) -> std::result::Result<Vec<PathBuf>, String> {
+    let (_, body) = envelope::decode(&AREA_LIST_MAGIC, AREA_VERSION, MAX_BODY, bytes)
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+impl Area {
+    /// An area at `dir` as it is (listing, expiry).
+    pub fn at(dir: impl Into<PathBuf>) -> Area {
+        Area { dir: dir.into() }
+    }
+
+    /// The area's folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The area the vault uses for `image`: `chosen` when the vault has one
+    /// set, else the default on the image's filesystem (see the module
+    /// doc), or under `root` instead of `.coffre-snapshots` when given.
+    /// Creates it if needed and records it in the vault's list.
+    pub fn for_image(
+        vault_dir: &Path,
+        owner: &AreaIdentity,
+        chosen: Option<&Path>,
+        root: Option<&Path>,
+        image: &Path,
+    ) -> Result<Area> {
+        let dir = match chosen {
+            Some(dir) => {
+                claim(dir, owner)?;
+                dir.to_path_buf()
+            }
+            None => {
+                // A block device (or an image that is no file at all) has
+                // no filesystem to keep its snapshots next to.
+                let on_a_filesystem = std::fs::metadata(image).is_ok_and(|m| m.is_file());
+                let base = match root {
+                    Some(r) => r.to_path_buf(),
+                    None if on_a_filesystem => mount_point(image).join(AREAS_ROOT),
+                    None => vault_dir.join(AREAS_ROOT),
+                };
+                default_dir(&base, owner)?
+            }
+        };
+        remember(vault_dir, &dir)?;
+        Ok(Area { dir })
+    }
+
+    /// Every area the vault has used: those of its list whose `area` file
+    /// still names the vault (the list is a vault file: a folder it names
+    /// is used, and its items' folders removed, only when it is this
+    /// vault's area).
+    pub fn known(vault_dir: &Path) -> Vec<Area> {
+        match coffre_vault_store::format::config::VaultConfig::load(vault_dir) {
+            Ok(cfg) => Area::known_of(vault_dir, &cfg.vault_id),
+            Err(e) => {
+                tracing::warn!(vault = %vault_dir.display(), error = %e, "cannot read the vault config; its snapshot areas are left alone");
+                Vec::new()
+            }
+        }
+    }
+
+    /// [`Area::known`] for the vault whose id is `vault_id`.
+    pub fn known_of(vault_dir: &Path, vault_id: &str) -> Vec<Area> {
+        list(vault_dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|dir| {
+                if let Err(e) = check_real_dir(dir) {
+                    tracing::warn!(error = %e, "a snapshot area of the vault's list is no directory; it is left alone");
+                    return false;
+                }
+                true
+            })
+            .filter(|dir| match read_identity(dir) {
+                Ok(Some(id)) if id.vault_id == vault_id => true,
+                Ok(None) if !dir.exists() => false,
+                other => {
+                    tracing::warn!(area = %dir.display(), found = ?other.map(|i| i.map(|i| i.vault_id)), "the vault lists a snapshot area that is not its own; it is left alone");
+                    false
+                }
+            })
+            .map(Area::at)
+            .collect()
+    }
+
+    /// The folder of `item`'s snapshots: always a direct child of the
+    /// area, since the name passed the naming rule.
+    pub fn item_dir(&self, item: &SafeName) -> PathBuf {
+        item.under(&self.dir)
+    }
+
+    /// Fails with [`SnapError::AreaLocked`] when the area or the item's
+    /// folder is locked, and creates the item's folder otherwise.
+    pub fn check_unlocked(&self, item: &str) -> Result<PathBuf> {
+        let item_dir = self.item_dir(&SafeName::new("item", item)?);
+        // Expiry deletes in the item folder as coffre's user: a planted
+        // symlink would point it elsewhere.
+        for dir in [&self.dir, &item_dir] {
+            check_real_dir(dir)?;
+        }
+        for dir in [&self.dir, &item_dir] {
+            if let Some(lock) = lock_of(dir) {
+                return Err(SnapError::AreaLocked {
+                    dir: dir.clone(),
+                    lock,
+                });
+            }
+        }
+        match private::create_dir_all(&item_dir) {
+            Ok(()) => check_real_dir(&item_dir).map(|()| item_dir),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EROFS) => Err(SnapError::AreaLocked {
+                    dir: item_dir,
+                    lock: "read-only filesystem".into(),
+                }),
+                Some(libc::EPERM) | Some(libc::EACCES) => Err(SnapError::AreaLocked {
+                    dir: item_dir,
+                    lock: format!("no permission to write: {e}"),
+                }),
+                _ => Err(SnapError::AreaUnusable {
+                    dir: item_dir,
+                    source: e,
+                }),
+            },
+        }
+    }
+
+    /// Fails with [`SnapError::AreaFull`] when fewer than `needed` bytes are
+    /// free on the area's filesystem.
+    pub fn check_space(&self, needed: u64, image: &Path) -> Result<()> {
+        let free = free_bytes(&self.dir).map_err(|e| SnapError::AreaUnusable {
+            dir: self.dir.clone(),
+            source: e,
+        })?;
+        if free < needed {
+            return Err(SnapError::AreaFull {
+                dir: self.dir.clone(),
+                image: image.to_path_buf(),
+                free,
+                needed,
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes allocated on disk by the item's snapshot files (clones count
+    /// their shared extents too: `du` semantics).
+    pub fn bytes_used(&self, item: &str) -> u64 {
+        let item = match SafeName::new("item", item) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping an item whose name cannot be a folder");
+                return 0;
+            }
+        };
+        std::fs::read_dir(self.item_dir(&item))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.blocks() * 512)
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+}
+
+fn list(vault_dir: &Path) -> Result<Vec<PathBuf>> {
+    let path = vault_dir.join(AREA_LIST_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(SnapError::damaged(&path, e.to_string())),
+    };
+    decode_area_list(&bytes).map_err(|e| SnapError::damaged(&path, e))
+}
+
+/// Adds `dir` to the vault's list of areas (under a lock).
+fn remember(vault_dir: &Path, dir: &Path) -> Result<()> {
+    if list(vault_dir)?.iter().any(|d| d == dir) {
+        return Ok(());
+    }
+    let lock_path = vault_dir
+        .join(coffre_vault_store::store::local::lock::ITEM_LOCKS_DIR)
+        .join("snapshot-areas.lock");
+    let _lock = loop {
+        match NamedLock::try_acquire(&lock_path, &std::process::id().to_string())? {
+            Ok(l) => break l,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    };
+    let mut dirs = list(vault_dir)?;
+    if !dirs.iter().any(|d| d == dir) {
+        dirs.push(dir.to_path_buf());
+        let body = serde_json::to_vec_pretty(&dirs).unwrap_or_default();
+        write_atomic(
+            &vault_dir.join(AREA_LIST_FILE),
+            &envelope::encode(&AREA_LIST_MAGIC, AREA_VERSION, &body),
+        )?;
+    }
+    Ok(())
+}
+
+/// Fuzz entry point: decodes arbitrary bytes with the production
+/// decoders of an area identity file and of a vault's area list; never
+/// panics. Returns which of the two decoded.
+pub fn fuzz_entry(data: &[u8]) -> (bool, bool) {
+    (
+        decode_identity(data).is_ok(),
+        decode_area_list(data).is_ok(),
+    )
+}

@@ -1,0 +1,238 @@
+//! Reading a manifest back: header, trailer and metadata checked first,
+//! then the entries streamed frame by frame; the fuzz entry point.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use super::codec::{decode_trailer, le_u32};
+use super::{
+    ENTRY_LEN, FRAME_ENTRIES, SNAP_HEADER_LEN, SNAP_TRAILER_LEN, SnapEntry, SnapHeader, SnapKind,
+    SnapMeta, SnapTrailer,
+};
+use crate::error::{Result, SnapError};
+
+/// Reads a manifest back: the header, then (from the end) the trailer and
+/// the metadata, then the entries in block order.
+pub struct SnapReader<R: Read + Seek> {
+    input: R,
+    path: PathBuf,
+    header: SnapHeader,
+    meta: SnapMeta,
+    trailer: SnapTrailer,
+    frame: Vec<SnapEntry>,
+    pos: usize,
+    read: u64,
+    /// Where the metadata starts: the entries must end exactly there.
+    entries_end: u64,
+    at: u64,
+}
+
+impl SnapReader<BufReader<File>> {
+    /// Opens `path` and checks its header, trailer and metadata.
+    pub fn open(path: &Path) -> Result<Self> {
+        let f = File::open(path).map_err(|e| SnapError::damaged(path, e.to_string()))?;
+        SnapReader::new(BufReader::with_capacity(1 << 20, f), path)
+    }
+}
+
+/// Header, metadata and trailer of a manifest, without reading its entries
+/// (listing, expiry).
+pub fn summary(path: &Path) -> Result<(SnapHeader, SnapMeta, SnapTrailer)> {
+    let r = SnapReader::open(path)?;
+    Ok((r.header, r.meta, r.trailer))
+}
+
+impl<R: Read + Seek> SnapReader<R> {
+    /// Reads the header, trailer and metadata from `input`; `path` is for
+    /// messages.
+    pub fn new(mut input: R, path: &Path) -> Result<Self> {
+        let bad = |r: String| SnapError::damaged(path, r);
+        let mut h = [0u8; SNAP_HEADER_LEN];
+        input
+            .read_exact(&mut h)
+            .map_err(|e| bad(format!("header: {e}")))?;
+        let header = SnapHeader::decode(&h).map_err(bad)?;
+        let len = input
+            .seek(SeekFrom::End(0))
+            .map_err(|e| bad(e.to_string()))?;
+        let min = (SNAP_HEADER_LEN + SNAP_TRAILER_LEN + 4) as u64;
+        if len < min {
+            return Err(bad("truncated".into()));
+        }
+        let mut t = [0u8; SNAP_TRAILER_LEN];
+        input
+            .seek(SeekFrom::Start(len - SNAP_TRAILER_LEN as u64))
+            .and_then(|_| input.read_exact(&mut t))
+            .map_err(|e| bad(format!("trailer: {e}")))?;
+        let (trailer, meta_len) = decode_trailer(&t).map_err(bad)?;
+        if trailer.entries != header.blocks {
+            return Err(bad("trailer disagrees with the header".into()));
+        }
+        let meta_at = len
+            .checked_sub((SNAP_TRAILER_LEN + 4 + meta_len) as u64)
+            .filter(|&m| m >= SNAP_HEADER_LEN as u64)
+            .ok_or_else(|| bad("metadata length runs past the header".into()))?;
+        let mut meta = vec![0u8; meta_len + 4];
+        input
+            .seek(SeekFrom::Start(meta_at))
+            .and_then(|_| input.read_exact(&mut meta))
+            .map_err(|e| bad(format!("metadata: {e}")))?;
+        let body = meta.get(..meta_len).unwrap_or_default();
+        if crc32fast::hash(body) != le_u32(&meta, meta_len) {
+            return Err(bad("metadata checksum mismatch".into()));
+        }
+        let meta: SnapMeta =
+            serde_json::from_slice(body).map_err(|e| bad(format!("metadata: {e}")))?;
+        if meta.packs.len() > usize::from(u16::MAX) + 1 {
+            return Err(bad("too many packs".into()));
+        }
+        // Every name that becomes a path must stay in the item's folder.
+        meta.check_names()
+            .map_err(|source| SnapError::RefusedName {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if (header.kind == SnapKind::Clone) != meta.clone.is_some() {
+            return Err(bad("clone file and kind disagree".into()));
+        }
+        // The entries need at least their frames' bytes.
+        let frames = header.blocks.div_ceil(FRAME_ENTRIES as u64);
+        let need = header
+            .blocks
+            .saturating_mul(ENTRY_LEN as u64)
+            .saturating_add(frames.saturating_mul(8));
+        if meta_at - SNAP_HEADER_LEN as u64 != need {
+            return Err(bad(format!(
+                "{} bytes of entries where {} blocks need {need}",
+                meta_at - SNAP_HEADER_LEN as u64,
+                header.blocks
+            )));
+        }
+        input
+            .seek(SeekFrom::Start(SNAP_HEADER_LEN as u64))
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(SnapReader {
+            input,
+            path: path.to_path_buf(),
+            header,
+            meta,
+            trailer,
+            frame: Vec::new(),
+            pos: 0,
+            read: 0,
+            entries_end: meta_at,
+            at: SNAP_HEADER_LEN as u64,
+        })
+    }
+
+    fn corrupt(&self, reason: impl Into<String>) -> SnapError {
+        SnapError::damaged(&self.path, reason)
+    }
+
+    /// The header.
+    pub fn header(&self) -> SnapHeader {
+        self.header
+    }
+
+    /// The metadata.
+    pub fn meta(&self) -> &SnapMeta {
+        &self.meta
+    }
+
+    /// The trailer.
+    pub fn trailer(&self) -> SnapTrailer {
+        self.trailer
+    }
+
+    fn read_frame(&mut self) -> Result<()> {
+        let mut count = [0u8; 4];
+        self.input
+            .read_exact(&mut count)
+            .map_err(|e| self.corrupt(format!("frame: {e}")))?;
+        let n = u32::from_le_bytes(count) as usize;
+        let left = self.header.blocks - self.read;
+        if n == 0 || n > FRAME_ENTRIES || n as u64 > left {
+            return Err(self.corrupt(format!("frame of {n} entries with {left} left")));
+        }
+        let mut body = vec![0u8; n * ENTRY_LEN];
+        let mut crc = [0u8; 4];
+        self.input
+            .read_exact(&mut body)
+            .and_then(|()| self.input.read_exact(&mut crc))
+            .map_err(|e| self.corrupt(format!("frame: {e}")))?;
+        self.at += (8 + n * ENTRY_LEN) as u64;
+        if self.at > self.entries_end {
+            return Err(self.corrupt("entries run into the metadata"));
+        }
+        let mut h = crc32fast::Hasher::new();
+        h.update(&count);
+        h.update(&body);
+        if h.finalize() != u32::from_le_bytes(crc) {
+            return Err(self.corrupt(format!("frame checksum mismatch after entry {}", self.read)));
+        }
+        let packs = self.meta.packs.len();
+        self.frame = body
+            .chunks_exact(ENTRY_LEN)
+            .map(|c| SnapEntry::decode(c, packs))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|r| self.corrupt(r))?;
+        self.pos = 0;
+        self.read += n as u64;
+        Ok(())
+    }
+
+    /// The next `n` entries (fewer only at the end of the file).
+    pub fn next_entries(&mut self, n: usize) -> Result<Vec<SnapEntry>> {
+        let mut out = Vec::with_capacity(n.min(1 << 20));
+        while out.len() < n {
+            if self.pos == self.frame.len() {
+                if self.read == self.header.blocks {
+                    break;
+                }
+                self.read_frame()?;
+            }
+            let take = (n - out.len()).min(self.frame.len() - self.pos);
+            out.extend_from_slice(
+                self.frame
+                    .get(self.pos..self.pos + take)
+                    .unwrap_or_default(),
+            );
+            self.pos += take;
+        }
+        Ok(out)
+    }
+
+    /// Checks that every entry was read and the entries end where the
+    /// metadata starts.
+    pub fn finish(self) -> Result<SnapTrailer> {
+        if self.read != self.header.blocks || self.pos != self.frame.len() {
+            return Err(self.corrupt("entries left unread"));
+        }
+        if self.at != self.entries_end {
+            return Err(self.corrupt("bytes between the entries and the metadata"));
+        }
+        Ok(self.trailer)
+    }
+}
+
+/// Fuzz entry point: reads arbitrary bytes as a manifest; never panics.
+/// Returns true when the whole file is valid.
+pub fn fuzz_entry(data: &[u8]) -> bool {
+    let Ok(mut r) = SnapReader::new(std::io::Cursor::new(data), Path::new("fuzz")) else {
+        return false;
+    };
+    let blocks = r.header().blocks;
+    let mut seen = 0u64;
+    loop {
+        match r.next_entries(4096) {
+            Ok(e) if e.is_empty() => break,
+            Ok(e) => seen += e.len() as u64,
+            Err(_) => return false,
+        }
+        if seen > blocks {
+            return false;
+        }
+    }
+    r.finish().is_ok()
+}
