@@ -26,6 +26,8 @@ pub mod lease;
 #[cfg(feature = "index")]
 pub mod maintenance;
 #[cfg(feature = "index")]
+mod open;
+#[cfg(feature = "index")]
 pub mod shared;
 pub mod skip;
 pub mod store;

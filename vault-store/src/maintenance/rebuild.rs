@@ -40,7 +40,7 @@ use crate::format::segment::{
 use crate::index::{ChunkLocation, Index, IndexBatch, SegmentInfo};
 use crate::store::local::lock::VaultLock;
 use crate::store::{LocalStore, SharedStore, Store};
-use crate::vault::{Access, Vault};
+use crate::vault::{Access, OpenOptions, Vault};
 use std::sync::Arc;
 
 /// What a rebuild found.
@@ -169,11 +169,7 @@ pub(crate) fn rebuild_index_with(
     }
     crate::index::state::install_rebuilt(dir)?;
     drop(lock);
-    let vault = Vault::open_with(
-        dir,
-        Access::Write,
-        &crate::shared::rebuild_open_options(wait),
-    )?;
+    let vault = Vault::open_with(dir, Access::Write, &rebuild_open_options(wait))?;
     report.duration_ms = started.elapsed().as_millis() as u64;
     tracing::info!(vault = %dir.display(), source = %source.display(), chunks = report.chunks, points = report.points, "rebuilt the index");
     Ok((vault, report))
@@ -527,4 +523,16 @@ fn index_catalog(
         tracing::warn!(file = %bad, "a catalog file no copy holds in a form that decodes");
     }
     index.commit(batch.without_files())
+}
+
+/// Options for the vault open inside a rebuild (no refresh: the rebuild
+/// is one).
+pub fn rebuild_open_options(wait: Duration) -> OpenOptions {
+    OpenOptions {
+        wait,
+        degraded_ok: true,
+        allow_copy_write: true,
+        skip_refresh: true,
+        ..OpenOptions::default()
+    }
 }

@@ -32,7 +32,7 @@ use crate::index::{INDEX_DIR, Index};
 use crate::store::{SharedStore, Store};
 
 pub mod gc;
-use crate::vault::{Access, OpenOptions, Vault};
+use crate::vault::{Access, Vault};
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -324,16 +324,4 @@ pub fn refresh_cache(dir: &Path, wait: Duration, access: Access) -> Result<()> {
         Err(e) => return Err(e),
     }
     Ok(())
-}
-
-/// Options for the vault open inside a rebuild (no refresh: the rebuild
-/// is one).
-pub fn rebuild_open_options(wait: Duration) -> OpenOptions {
-    OpenOptions {
-        wait,
-        degraded_ok: true,
-        allow_copy_write: true,
-        skip_refresh: true,
-        ..OpenOptions::default()
-    }
 }

@@ -1,0 +1,131 @@
+//! Adoption: a snapshot's pack linked into the vault as a segment, its
+//! records indexed where they are.
+
+use super::*;
+
+impl Adopted {
+    /// The ranges after the header that hold no indexed record (records
+    /// the transfer found elsewhere): dead bytes from the start, in
+    /// pieces a `dead` entry can hold.
+    pub(super) fn gaps(&self) -> Vec<(u64, u32)> {
+        const PIECE: u64 = 1 << 30;
+        let mut used: Vec<(u64, u64)> = self
+            .used
+            .iter()
+            .map(|&(o, l)| (o, o + u64::from(l)))
+            .collect();
+        let mut out = Vec::new();
+        for (mut at, end) in
+            crate::format::segment::uncovered(SEGMENT_HEADER_LEN, self.len, &mut used)
+        {
+            while at < end {
+                let n = (end - at).min(PIECE);
+                out.push((at, n as u32));
+                at += n;
+            }
+        }
+        out
+    }
+}
+
+impl WriteSession<'_> {
+    /// Hard-links the snapshot pack at `pack` into the vault as a new
+    /// segment, so that its records can be indexed where they are
+    /// ([`WriteSession::adopt`]) instead of being written a second time.
+    /// `None` (nothing done) when the vault cannot share the file: a
+    /// shared vault, synchronous replicas (each needs its own bytes), a
+    /// pack on another filesystem, or a file that is not a pack. The pack
+    /// is fsynced first; the link is durable before this returns.
+    pub fn adopt_pack(&mut self, pack: &Path) -> Result<Option<u64>> {
+        use std::io::Read;
+        self.guard()?;
+        if self.vault.remote.is_some() || self.vault.copies.sync_copies().len() != 1 {
+            return Ok(None);
+        }
+        let Ok(mut file) = std::fs::File::open(pack) else {
+            return Ok(None);
+        };
+        let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
+        if file.read_exact(&mut h).is_err() || !crate::format::segment::is_adopted(&h) {
+            return Ok(None);
+        }
+        let len = file
+            .metadata()
+            .map_err(|e| StoreError::io("stat", pack, e))?
+            .len();
+        if len <= SEGMENT_HEADER_LEN {
+            return Ok(None);
+        }
+        crate::store::local::durable::fsync_file(&file, pack)?;
+        if !self.vault.adopted_packs.load(Ordering::Relaxed) {
+            // From now on the vault is at version 5: a build that does not
+            // know adopted segments would append to or punch them.
+            let mut cfg = self.vault.config.clone();
+            cfg.adopted_packs = true;
+            let r = self.vault.store_config(&cfg);
+            self.poison_vault(r)?;
+            self.vault.adopted_packs.store(true, Ordering::Relaxed);
+        }
+        let infos = self.vault.index.segment_infos()?;
+        let id = self.next_segment_id(&infos)?;
+        let dst = self.vault.segment_path(id);
+        if let Err(e) = std::fs::hard_link(pack, &dst) {
+            tracing::debug!(pack = %pack.display(), error = %e, "the pack cannot be linked into the vault; its records are copied");
+            return Ok(None);
+        }
+        let r = crate::store::local::durable::fsync_dir(&self.vault.dir.join(SEGMENTS_DIR));
+        if let Err(e) = self.poison_vault(r) {
+            let _ = std::fs::remove_file(&dst);
+            return Err(e);
+        }
+        self.adopted.push(Adopted {
+            id,
+            len,
+            committed: false,
+            used: Vec::new(),
+        });
+        Ok(Some(id))
+    }
+
+    /// Indexes data chunk `id` as the record at `loc`, in a segment this
+    /// session adopted. The caller has checked the record (CRC, id). A
+    /// duplicate of a pending chunk is ignored; its bytes become dead.
+    pub fn adopt(&mut self, id: ChunkId, loc: ChunkLocation) -> Result<()> {
+        self.guard()?;
+        if self.pending.contains_key(&id) {
+            return Ok(());
+        }
+        let path = || self.vault.segment_path(loc.segment);
+        let Some(a) = self.adopted.iter_mut().find(|a| a.id == loc.segment) else {
+            return Err(StoreError::CorruptFile {
+                path: path(),
+                what: "adopted segment",
+                reason: "not a segment this session adopted".into(),
+            });
+        };
+        if loc.offset < SEGMENT_HEADER_LEN || loc.offset + u64::from(loc.len) > a.len {
+            return Err(StoreError::CorruptFile {
+                path: path(),
+                what: "adopted segment",
+                reason: format!(
+                    "a record at {} of {} bytes lies outside its {} bytes",
+                    loc.offset, loc.len, a.len
+                ),
+            });
+        }
+        a.used.push((loc.offset, loc.len));
+        self.place(id, loc, Some(ChunkKind::Data))
+    }
+
+    /// True when segment `id` is an adopted pack (never appended to: its
+    /// file may still be a snapshot's pack).
+    pub(super) fn is_adopted_segment(&self, id: u64) -> Result<bool> {
+        let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
+        self.vault
+            .copies
+            .primary()
+            .store
+            .read_at(&segment_name(id), 0, &mut h)?;
+        Ok(crate::format::segment::is_adopted(&h))
+    }
+}
