@@ -278,7 +278,10 @@ fn catalog_file_findings(vault: &Vault, repair: bool) -> Result<Vec<Finding>> {
     }
     let mut out = Vec::new();
     for c in vault.copies().sync_copies() {
-        let have: HashSet<String> = cf::list_all(c.store.as_ref())?.into_iter().collect();
+        let have: HashSet<String> =
+            coffre_vault_store::copies::state_files::list_catalog_files(c.store.as_ref())?
+                .into_iter()
+                .collect();
         for (name, bytes) in want.iter().filter(|(n, _)| !have.contains(*n)) {
             let fixed = repair && c.store.put(name, bytes).is_ok();
             out.push(Finding::new(
@@ -355,7 +358,7 @@ fn name_findings(vault: &Vault) -> Result<Vec<Finding>> {
         }
     }
     for c in vault.copies().sync_copies() {
-        for name in cf::list_all(c.store.as_ref())? {
+        for name in coffre_vault_store::copies::state_files::list_catalog_files(c.store.as_ref())? {
             let Some(bytes) = c.store.get(&name)? else {
                 continue;
             };
@@ -691,8 +694,8 @@ pub fn verify(
     if opts.read_data && coffre_vault_store::vault::copy_role(vault.dir()) == Role::Primary {
         // The next backup that produces one of these chunks stores it again.
         let list: std::collections::BTreeSet<ChunkId> = damaged.keys().copied().collect();
-        if list != coffre_vault_store::format::damaged::load(vault.dir())
-            && let Err(e) = coffre_vault_store::format::damaged::store(vault.dir(), &list)
+        if list != vault.damaged_list()
+            && let Err(e) = vault.store_damaged_list(&list)
         {
             tracing::warn!(error = %e, "could not record the damaged chunks");
         }

@@ -14,6 +14,7 @@
 #[cfg(feature = "index")]
 pub mod quarantine;
 pub mod segment;
+pub mod state_files;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

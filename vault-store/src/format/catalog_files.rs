@@ -157,30 +157,6 @@ fn decode_json<T: serde::de::DeserializeOwned>(magic: &[u8; 8], bytes: &[u8]) ->
     serde_json::from_slice(body).map_err(|e| format!("bad JSON: {e}"))
 }
 
-/// Every catalog file name in a copy (points, items, policies).
-pub fn list_all(store: &dyn crate::store::Store) -> crate::error::Result<Vec<String>> {
-    let mut names = Vec::new();
-    for dir in [ITEMS_DIR, POLICIES_DIR] {
-        for n in store.list(dir)? {
-            if !n.ends_with('/') && !n.starts_with('.') {
-                names.push(format!("{dir}/{n}"));
-            }
-        }
-    }
-    for item in store.list(POINTS_DIR)? {
-        let Some(item) = item.strip_suffix('/') else {
-            continue;
-        };
-        let sub = format!("{POINTS_DIR}/{item}");
-        for n in store.list(&sub)? {
-            if n.ends_with(".point") {
-                names.push(format!("{sub}/{n}"));
-            }
-        }
-    }
-    Ok(names)
-}
-
 /// The naming-rule problem of catalog file `name` of a copy, if it has
 /// one: the item its path names (`points/ITEM/…`, `items/ITEM.item`) or a
 /// name it holds breaks [`crate::format::name::check_name`]. Files that do not

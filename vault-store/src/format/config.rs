@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, StoreError};
 use crate::format::envelope::{self, EnvelopeError};
-use crate::store::local::durable::write_atomic;
 
 /// Config file name inside a vault.
 pub const CONFIG_FILE: &str = "config";
@@ -207,39 +206,6 @@ impl VaultConfig {
         cfg.validate()
             .map_err(|e| corrupt(format!("invalid setting: {e}")))?;
         Ok(cfg)
-    }
-
-    /// Reads `VAULT/config`.
-    pub fn load(vault_dir: &Path) -> Result<Self> {
-        let path = vault_dir.join(CONFIG_FILE);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::NotAVault {
-                    path: vault_dir.to_path_buf(),
-                });
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
-                return Err(StoreError::NotAVault {
-                    path: vault_dir.to_path_buf(),
-                });
-            }
-            Err(e) => return Err(StoreError::io("read", &path, e)),
-        };
-        Self::decode(&bytes, &path)
-    }
-
-    /// The format version `VAULT/config` is stored at (0 if unreadable).
-    pub fn stored_version(vault_dir: &Path) -> u32 {
-        std::fs::read(vault_dir.join(CONFIG_FILE))
-            .ok()
-            .and_then(|b| envelope::claimed_version(&b))
-            .unwrap_or(0)
-    }
-
-    /// Writes `VAULT/config` atomically.
-    pub fn store(&self, vault_dir: &Path) -> Result<()> {
-        write_atomic(&vault_dir.join(CONFIG_FILE), &self.encode())
     }
 }
 

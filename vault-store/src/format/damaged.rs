@@ -7,9 +7,7 @@
 //! fuzzed with the catalog files.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
-use crate::error::Result;
 use crate::format::chunk_id::ChunkId;
 use crate::format::envelope;
 
@@ -48,29 +46,6 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<BTreeSet<ChunkId>, String> {
                 .ok_or_else(|| format!("{h:?} is not a chunk id"))
         })
         .collect()
-}
-
-/// The damaged chunks of the vault at `dir` (none when the file is
-/// missing or unreadable: healing is an optimisation, never a condition).
-pub fn load(dir: &Path) -> BTreeSet<ChunkId> {
-    std::fs::read(dir.join(DAMAGED_FILE))
-        .ok()
-        .and_then(|b| decode(&b).ok())
-        .unwrap_or_default()
-}
-
-/// Replaces the list (removes the file when it is empty).
-pub fn store(dir: &Path, ids: &BTreeSet<ChunkId>) -> Result<()> {
-    let path = dir.join(DAMAGED_FILE);
-    if ids.is_empty() {
-        match std::fs::remove_file(&path) {
-            Ok(()) => crate::store::local::durable::fsync_dir(dir),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(crate::error::StoreError::io("remove", &path, e)),
-        }
-    } else {
-        crate::store::local::durable::write_atomic(&path, &encode(ids))
-    }
 }
 
 /// Fuzz entry.

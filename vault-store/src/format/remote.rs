@@ -175,21 +175,6 @@ impl Remote {
         Ok(r)
     }
 
-    /// The pointer of the cache at `dir`, if it is one.
-    pub fn load(dir: &Path) -> Result<Option<Remote>> {
-        let path = dir.join(REMOTE_FILE);
-        match std::fs::read(&path) {
-            Ok(b) => Self::decode(&b, &path).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::io("read", &path, e)),
-        }
-    }
-
-    /// Writes it atomically.
-    pub fn store(&self, dir: &Path) -> Result<()> {
-        crate::store::local::durable::write_atomic(&dir.join(REMOTE_FILE), &self.encode())
-    }
-
     /// The segment ids this host may write.
     pub fn namespace(&self) -> Range<u64> {
         namespace(self.host_tag)
@@ -205,26 +190,6 @@ pub fn namespace(tag: u16) -> Range<u64> {
 /// The claim file of tag `tag`.
 pub fn host_file(tag: u16) -> String {
     format!("{HOSTS_DIR}/{tag:04x}")
-}
-
-/// Claims a free host tag in `store` for `host` (a conditional create of
-/// its claim file; tags are drawn at random until one is free).
-pub fn claim_tag(store: &dyn crate::store::Store, host: &str, seed: u64) -> Result<u16> {
-    let mut x = seed | 1;
-    for _ in 0..1024 {
-        // xorshift: tags spread over the whole range.
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let tag = (x % 65535) as u16 + 1;
-        if store.put_new(&host_file(tag), host.as_bytes())? {
-            return Ok(tag);
-        }
-    }
-    Err(StoreError::InvalidSetting {
-        field: "host tag",
-        reason: format!("no free host tag found in {}", store.location()),
-    })
 }
 
 /// Fuzz entry point: decodes arbitrary bytes as a store pointer; never

@@ -9,7 +9,6 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::format::envelope;
-use crate::store::Store;
 
 /// Replication state magic (both sides). Frozen.
 pub const STATE_MAGIC: [u8; 8] = *b"CFREPL\0\0";
@@ -52,16 +51,6 @@ impl ReplicationState {
         )
         .map_err(|e| e.to_string())?;
         serde_json::from_slice(body).map_err(|e| format!("bad JSON: {e}"))
-    }
-    /// Loads a store's state (empty when it has none or it is damaged:
-    /// replication then starts over, which is always safe).
-    pub fn load(store: &dyn Store) -> Self {
-        store
-            .get(STATE_FILE)
-            .ok()
-            .flatten()
-            .and_then(|b| Self::decode(&b).ok())
-            .unwrap_or_default()
     }
 }
 

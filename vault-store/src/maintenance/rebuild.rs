@@ -454,7 +454,7 @@ fn index_catalog(
     let mut names: Vec<String> = Vec::new();
     let mut seen: HashSet<String> = HashSet::new();
     for c in &copies {
-        for n in catalog_files::list_all(*c)? {
+        for n in crate::copies::state_files::list_catalog_files(*c)? {
             if seen.insert(n.clone()) {
                 names.push(n);
             }

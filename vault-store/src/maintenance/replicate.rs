@@ -47,7 +47,7 @@ use crate::vault::Vault;
 
 /// The primary's replication state of the vault at `dir`.
 pub fn primary_state(dir: &Path) -> ReplicationState {
-    ReplicationState::load(&LocalStore::new(dir))
+    crate::copies::state_files::load_replication_state(&LocalStore::new(dir))
 }
 
 /// What one replication run did.
@@ -106,7 +106,7 @@ pub fn replicate(
         });
     };
     let lock_path = vault.dir().join("locks").join("replicate.lock");
-    crate::store::local::durable::create_dir_durable(&vault.dir().join("locks"))?;
+    LocalStore::new(vault.dir()).create_dir("locks")?;
     let _lock = match NamedLock::try_acquire(&lock_path, "replicate")? {
         Ok(l) => l,
         Err(holder) => {
@@ -133,7 +133,7 @@ pub fn replicate(
     // The primary's index decides what the secondary may lose: only a
     // complete one (`crate::index::state`).
     crate::index::state::check_complete(vault.dir())?;
-    let mut sec_state = ReplicationState::load(sec);
+    let mut sec_state = crate::copies::state_files::load_replication_state(sec);
     let infos = vault.index().segment_infos()?;
     refuse_empty_primary(vault, sec, &sec_dir, &infos)?;
     // What earlier runs put aside and the index now shows unreferenced.
@@ -275,7 +275,9 @@ pub fn replicate(
                 catalog_files::encode_policy(&f),
             );
         }
-        let have: HashSet<String> = catalog_files::list_all(sec)?.into_iter().collect();
+        let have: HashSet<String> = crate::copies::state_files::list_catalog_files(sec)?
+            .into_iter()
+            .collect();
         for (name, bytes) in &want {
             if !have.contains(name) || sec.get(name)?.as_deref() != Some(bytes.as_slice()) {
                 sec.put(name, bytes)?;
@@ -323,9 +325,9 @@ pub fn replicate(
         report.points_on_secondary = points.len() as u64;
         primary_state.segments = sec_state.segments.clone();
         primary_state.last_run = Some(t);
-        crate::store::local::durable::write_atomic(
-            &vault.dir().join(STATE_FILE),
-            &primary_state.encode(),
+        crate::copies::state_files::store_replication_state(
+            &LocalStore::new(vault.dir()),
+            &primary_state,
         )?;
     }
     report.duration_ms = started.elapsed().as_millis() as u64;
@@ -348,7 +350,7 @@ fn refuse_empty_primary(
     if primary_points > 0 || live > 0 {
         return Ok(());
     }
-    let sec_points = catalog_files::list_all(sec)?
+    let sec_points = crate::copies::state_files::list_catalog_files(sec)?
         .iter()
         .filter(|n| n.starts_with(catalog_files::POINTS_DIR))
         .count();
@@ -424,12 +426,12 @@ fn drop_index_cache(sec_dir: &Path) {
         // themselves that the store changed (`shared::is_stale`).
         return;
     }
-    let index = sec_dir.join(crate::index::INDEX_DIR);
-    if !index.exists() {
+    let sec = LocalStore::new(sec_dir);
+    if !sec.is_dir(crate::index::INDEX_DIR) {
         return;
     }
     if let Ok(Some(_lease)) = crate::store::local::lock::ReaderLease::try_exclusive(sec_dir) {
-        let _ = std::fs::remove_dir_all(&index);
+        let _ = sec.remove_tree(crate::index::INDEX_DIR);
     }
 }
 /// Where a record at `off` of `len` bytes lies in a buffer read from

@@ -26,7 +26,7 @@ use std::time::Duration;
 use crate::error::{Result, StoreError};
 use crate::format::catalog_files::{self, COPY_FILE, CopyIdentity, Role};
 use crate::format::config::{CONFIG_FILE, VaultConfig};
-use crate::format::remote::{Remote, StoreUrl, claim_tag};
+use crate::format::remote::{Remote, StoreUrl, host_file};
 use crate::format::segment::{SEGMENTS_DIR, parse_segment_file_name};
 use crate::index::{INDEX_DIR, Index};
 use crate::store::{SharedStore, Store};
@@ -277,7 +277,9 @@ pub fn is_stale(dir: &Path, store: &dyn Store, own: std::ops::Range<u64>) -> Res
     for (name, _) in index.policy_values()? {
         known.insert(catalog_files::policy_file(&name));
     }
-    let listed: HashSet<String> = catalog_files::list_all(store)?.into_iter().collect();
+    let listed: HashSet<String> = crate::copies::state_files::list_catalog_files(store)?
+        .into_iter()
+        .collect();
     if listed != known {
         return Ok(true);
     }
@@ -324,4 +326,24 @@ pub fn refresh_cache(dir: &Path, wait: Duration, access: Access) -> Result<()> {
         Err(e) => return Err(e),
     }
     Ok(())
+}
+
+/// Claims a free host tag in `store` for `host` (a conditional create of
+/// its claim file; tags are drawn at random until one is free).
+pub fn claim_tag(store: &dyn Store, host: &str, seed: u64) -> Result<u16> {
+    let mut x = seed | 1;
+    for _ in 0..1024 {
+        // xorshift: tags spread over the whole range.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let tag = (x % 65535) as u16 + 1;
+        if store.put_new(&host_file(tag), host.as_bytes())? {
+            return Ok(tag);
+        }
+    }
+    Err(StoreError::InvalidSetting {
+        field: "host tag",
+        reason: format!("no free host tag found in {}", store.location()),
+    })
 }

@@ -109,6 +109,17 @@ pub trait Store: Send + Sync + Debug {
         self.delete(from)?;
         Ok(())
     }
+    /// Links the local file `from` (outside the copy; a snapshot's pack)
+    /// into the copy as `name`, which must not exist: `from` is made
+    /// durable first and the new entry is durable when this returns, so
+    /// its bytes are written once for both. `false` when the store cannot
+    /// share the file (the default: an object store; locally, a file on
+    /// another filesystem or not a regular file): the caller writes the
+    /// bytes itself.
+    fn link(&self, name: &str, from: &std::path::Path) -> Result<bool> {
+        let _ = (name, from);
+        Ok(false)
+    }
     /// Cuts `name` to `len` bytes durably.
     fn truncate(&self, name: &str, len: u64) -> Result<()>;
     /// Gives the space of `offset..offset+len` back; `false` when the

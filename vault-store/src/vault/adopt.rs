@@ -2,6 +2,7 @@
 //! records indexed where they are.
 
 use super::*;
+use crate::store::{LocalStore, Store};
 
 impl Adopted {
     /// The ranges after the header that hold no indexed record (records
@@ -37,26 +38,27 @@ impl WriteSession<'_> {
     /// pack on another filesystem, or a file that is not a pack. The pack
     /// is fsynced first; the link is durable before this returns.
     pub fn adopt_pack(&mut self, pack: &Path) -> Result<Option<u64>> {
-        use std::io::Read;
         self.guard()?;
         if self.vault.remote.is_some() || self.vault.copies.sync_copies().len() != 1 {
             return Ok(None);
         }
-        let Ok(mut file) = std::fs::File::open(pack) else {
+        // The pack is read through a store of its own folder: the seam
+        // refuses a symbolic link or a FIFO at its name.
+        let (Some(folder), Some(file)) = (pack.parent(), pack.file_name()) else {
+            return Ok(None);
+        };
+        let src = LocalStore::new(folder);
+        let file = file.to_string_lossy();
+        let Ok(Some(len)) = src.size(&file) else {
             return Ok(None);
         };
         let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
-        if file.read_exact(&mut h).is_err() || !crate::format::segment::is_adopted(&h) {
+        if len <= SEGMENT_HEADER_LEN
+            || src.read_at(&file, 0, &mut h).is_err()
+            || !crate::format::segment::is_adopted(&h)
+        {
             return Ok(None);
         }
-        let len = file
-            .metadata()
-            .map_err(|e| StoreError::io("stat", pack, e))?
-            .len();
-        if len <= SEGMENT_HEADER_LEN {
-            return Ok(None);
-        }
-        crate::store::local::durable::fsync_file(&file, pack)?;
         if !self.vault.adopted_packs.load(Ordering::Relaxed) {
             // From now on the vault is at version 5: a build that does not
             // know adopted segments would append to or punch them.
@@ -68,15 +70,17 @@ impl WriteSession<'_> {
         }
         let infos = self.vault.index.segment_infos()?;
         let id = self.next_segment_id(&infos)?;
-        let dst = self.vault.segment_path(id);
-        if let Err(e) = std::fs::hard_link(pack, &dst) {
-            tracing::debug!(pack = %pack.display(), error = %e, "the pack cannot be linked into the vault; its records are copied");
+        // The store fsyncs the pack, links it and makes the link durable
+        // (or refuses: another filesystem).
+        let r = self
+            .vault
+            .copies
+            .primary()
+            .store
+            .link(&segment_name(id), pack);
+        if !self.poison_vault(r)? {
+            tracing::debug!(pack = %pack.display(), "the pack cannot be linked into the vault; its records are copied");
             return Ok(None);
-        }
-        let r = crate::store::local::durable::fsync_dir(&self.vault.dir.join(SEGMENTS_DIR));
-        if let Err(e) = self.poison_vault(r) {
-            let _ = std::fs::remove_file(&dst);
-            return Err(e);
         }
         self.adopted.push(Adopted {
             id,

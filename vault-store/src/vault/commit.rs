@@ -126,7 +126,7 @@ impl WriteSession<'_> {
             tracing::warn!(error = %e, "could not remove deleted catalog files from every copy");
         }
         if !healed_now.is_empty() {
-            let mut list = crate::format::damaged::load(&self.vault.dir);
+            let mut list = self.vault.damaged_list();
             for id in &healed_now {
                 list.remove(id);
                 self.heal.remove(id);
@@ -135,7 +135,7 @@ impl WriteSession<'_> {
                 chunks = healed_now.len(),
                 "healed damaged chunks with fresh copies"
             );
-            if let Err(e) = crate::format::damaged::store(&self.vault.dir, &list) {
+            if let Err(e) = self.vault.store_damaged_list(&list) {
                 tracing::warn!(error = %e, "could not update the list of damaged chunks");
             }
         }

@@ -19,7 +19,6 @@
 //! exclusively, so a running restore never loses a segment under it.
 
 use std::collections::HashMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -28,7 +27,7 @@ use crate::copies::segment::SegmentWriter;
 use crate::copies::{Copies, StoreWrap};
 use crate::error::{Result, StoreError};
 use crate::format::catalog::{ItemRecord, PointRecord};
-use crate::format::catalog_files::{self, COPY_FILE, CopyIdentity, Role};
+use crate::format::catalog_files::{self, COPY_FILE, Role};
 use crate::format::chunk_id::ChunkId;
 use crate::format::config::VaultConfig;
 use crate::format::record::{self, HEADER_LEN, RecordDecoder, RecordHeader};
@@ -39,21 +38,19 @@ use crate::format::segment::{
 };
 use crate::index::refs::{NodeChildren, RefCounter, node_refs};
 use crate::index::{ChunkKind, ChunkLocation, INDEX_DIR, Index, IndexBatch, SegmentInfo};
-use crate::store::local::durable::create_dir_durable;
 use crate::store::local::lock::{ReaderLease, VaultLock};
 
 mod adopt;
 mod commit;
-mod identity;
 mod open;
 mod read;
 mod recovery;
 mod session;
+mod state;
 #[cfg(test)]
 pub(crate) mod tests;
 
-pub use identity::copy_role;
-use identity::write_identity;
+pub use state::copy_role;
 
 /// How a vault is opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,6 +5,8 @@
 //! vault's cache needs a refresh or a copy's index a rebuild.
 
 use super::*;
+use crate::copies::state_files;
+use crate::store::LocalStore;
 
 impl Vault {
     /// Creates a new vault in `dir` (which must not exist or be empty) and
@@ -16,21 +18,11 @@ impl Vault {
     /// [`Vault::create`] with options (store wrapping).
     pub fn create_with(dir: &Path, config: VaultConfig, opts: &OpenOptions) -> Result<Vault> {
         config.validate()?;
-        match fs::read_dir(dir) {
-            Ok(mut entries) => {
-                if entries.next().is_some() {
-                    return Err(StoreError::AlreadyExists {
-                        path: dir.to_path_buf(),
-                    });
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StoreError::io("read directory", dir, e)),
-        }
-        create_dir_durable(dir)?;
+        let root = LocalStore::new(dir);
+        root.create_empty_root()?;
         let lock = VaultLock::acquire(dir)?;
-        create_dir_durable(&dir.join(SEGMENTS_DIR))?;
-        create_dir_durable(&dir.join(INDEX_DIR))?;
+        root.create_dir(SEGMENTS_DIR)?;
+        root.create_dir(INDEX_DIR)?;
         let index = Index::open_write(&dir.join(INDEX_DIR))?;
         for r in &config.replicas {
             crate::copies::init_copy(r, &config, Role::Replica)?;
@@ -38,10 +30,10 @@ impl Vault {
         if let Some(s) = &config.secondary {
             crate::copies::init_copy(s, &config, Role::Secondary)?;
         }
-        write_identity(dir, &config, Role::Primary)?;
+        state_files::write_identity(&root, &config, Role::Primary)?;
         // The config is written last: a directory without it is not a vault,
         // so a crash during creation leaves nothing that looks like one.
-        config.store(dir)?;
+        state_files::store_config(&root, &config)?;
         let copies = Copies::open(dir, &config, true, false, opts.wrap.as_ref())?;
         Ok(Vault {
             dir: dir.to_path_buf(),
@@ -136,15 +128,18 @@ impl Vault {
             return Ok(vault);
         }
         if access == Access::Write {
-            if !dir.join(COPY_FILE).exists() {
-                write_identity(dir, &vault.config, Role::Primary)?;
+            let primary = vault.copies.primary().store.clone();
+            if !matches!(primary.size(COPY_FILE), Ok(Some(_))) {
+                state_files::write_identity(primary.as_ref(), &vault.config, Role::Primary)?;
             }
             vault.reclaim_uncommitted()?;
             vault.ensure_gc_layout()?;
             vault.reconcile_catalog_files()?;
-            if VaultConfig::stored_version(dir) < vault.config.format_version() {
-                // The index now has everything a version-2 reader expects.
-                vault.config.store(dir)?;
+            if state_files::stored_config_version(primary.as_ref()) < vault.config.format_version()
+            {
+                // The index now has everything a version-2 reader expects;
+                // every copy gets the new config.
+                vault.store_config(&vault.config)?;
                 tracing::info!(vault = %dir.display(), "upgraded the vault format");
             }
         }

@@ -93,7 +93,7 @@ impl Vault {
             );
         }
         self.copies.for_each_sync(|c| {
-            let have = catalog_files::list_all(c.store.as_ref())?;
+            let have = crate::copies::state_files::list_catalog_files(c.store.as_ref())?;
             for name in &have {
                 if !want.contains_key(name) {
                     crate::index::state::check_complete(&self.dir)?;

@@ -24,7 +24,8 @@ impl Vault {
         }
         // A shared vault: a lease first, and what GC condemned is stored
         // again rather than deduplicated against (like damaged chunks).
-        let mut heal: std::collections::HashSet<ChunkId> = crate::format::damaged::load(&self.dir)
+        let mut heal: std::collections::HashSet<ChunkId> = self
+            .damaged_list()
             .into_iter()
             .filter(|id| self.index.chunk(id).ok().flatten().is_some())
             .collect();
@@ -347,7 +348,12 @@ impl Drop for WriteSession<'_> {
         }
         for a in self.adopted.iter().filter(|a| !a.committed) {
             // Only the link goes: the pack stays the snapshot's.
-            let _ = std::fs::remove_file(self.vault.segment_path(a.id));
+            let _ = self
+                .vault
+                .copies
+                .primary()
+                .store
+                .delete(&segment_name(a.id));
         }
         if let Some(w) = self.writer.take() {
             let keep = if self.writer_is_new {

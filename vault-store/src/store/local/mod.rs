@@ -6,6 +6,7 @@
 //! handles are cached and shared between threads.
 
 pub mod direct;
+mod dirs;
 pub mod durable;
 pub mod lock;
 pub mod private;
@@ -83,6 +84,15 @@ impl LocalStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
+    }
+
+    /// Drops the cached handles of `name` and of everything under it.
+    fn forget_under(&self, name: &str) {
+        let prefix = format!("{name}/");
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|n, _| n != name && !n.starts_with(&prefix));
     }
 }
 
@@ -299,6 +309,28 @@ impl Store for LocalStore {
         Ok(())
     }
 
+    fn link(&self, name: &str, from: &Path) -> Result<bool> {
+        let dst = self.path(name)?;
+        let Ok(file) = no_follow(OpenOptions::new().read(true)).open(from) else {
+            return Ok(false);
+        };
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Ok(false);
+        }
+        fsync_file(&file, from)?;
+        self.parent_dir(&dst)?;
+        if let Err(e) = fs::hard_link(from, &dst) {
+            tracing::debug!(from = %from.display(), error = %e, "cannot link into the copy");
+            return Ok(false);
+        }
+        if let Some(dir) = dst.parent()
+            && let Err(e) = fsync_dir(dir)
+        {
+            let _ = fs::remove_file(&dst);
+            return Err(e);
+        }
+        Ok(true)
+    }
     fn truncate(&self, name: &str, len: u64) -> Result<()> {
         let path = self.path(name)?;
         let f = no_follow(OpenOptions::new().write(true))

@@ -1,9 +1,32 @@
-//! A copy's identity file (which vault, which role) and the vault config
-//! written to every copy.
+//! The vault's small state files, through the copies' stores: a copy's
+//! identity (which vault, which role), the config written to every copy,
+//! and the damaged list.
 
 use super::*;
+use crate::copies::state_files;
+use crate::store::{LocalStore, SharedStore};
 
 impl Vault {
+    /// The store of the vault directory: the primary copy of a local
+    /// vault (wrapped as the copies are), a shared vault's local cache.
+    pub(super) fn dir_store(&self) -> SharedStore {
+        match self.remote {
+            None => self.copies.primary().store.clone(),
+            Some(_) => std::sync::Arc::new(LocalStore::new(&self.dir)),
+        }
+    }
+
+    /// The chunks `verify` found damaged on every copy (none when the list
+    /// is missing or unreadable: healing is an optimisation).
+    pub fn damaged_list(&self) -> std::collections::BTreeSet<ChunkId> {
+        state_files::load_damaged(self.dir_store().as_ref())
+    }
+
+    /// Replaces the damaged list (removed when empty).
+    pub fn store_damaged_list(&self, ids: &std::collections::BTreeSet<ChunkId>) -> Result<()> {
+        state_files::store_damaged(self.dir_store().as_ref(), ids)
+    }
+
     /// Replaces the vault config on every synchronous copy.
     /// In a shared vault the store gets the config without the host-local
     /// settings ([`VaultConfig::without_host_settings`]), which go to this
@@ -42,20 +65,5 @@ impl Vault {
 /// The role the copy at `dir` says it has (a vault from before copies
 /// existed has no identity: it is a primary).
 pub fn copy_role(dir: &Path) -> Role {
-    std::fs::read(dir.join(COPY_FILE))
-        .ok()
-        .and_then(|b| catalog_files::decode_copy(&b).ok())
-        .map_or(Role::Primary, |c| c.role)
-}
-
-/// Writes the identity file of a copy at `dir`.
-pub(super) fn write_identity(dir: &Path, config: &VaultConfig, role: Role) -> Result<()> {
-    crate::store::local::durable::write_atomic(
-        &dir.join(COPY_FILE),
-        &catalog_files::encode_copy(&CopyIdentity {
-            vault_id: config.vault_id.clone(),
-            vault_name: config.name.clone(),
-            role,
-        }),
-    )
+    state_files::copy_role(&LocalStore::new(dir))
 }
