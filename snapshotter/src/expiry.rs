@@ -341,7 +341,7 @@ fn punch_dead(path: &Path, live: &mut [(u64, u64)]) -> u64 {
     else {
         return 0;
     };
-    if coffre_vault_store::store::local::shared_with_snapshot(&f) {
+    if coffre_vault_store::copies::segment::pack_is_adopted(&f) {
         // The vault adopted this pack as a segment: the ranges no snapshot
         // uses may still be the vault's, and its GC gives them back once
         // the pack has left the area.

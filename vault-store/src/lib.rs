@@ -22,6 +22,7 @@ pub mod format;
 #[cfg(feature = "index")]
 pub mod index;
 pub mod jobs;
+#[cfg(feature = "index")]
 pub mod lease;
 #[cfg(feature = "index")]
 pub mod maintenance;

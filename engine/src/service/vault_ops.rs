@@ -3,13 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use coffre_vault_store::copies::segment::refill;
+use coffre_vault_store::copies::SpaceInfo;
 use coffre_vault_store::format::catalog_files::Role;
 use coffre_vault_store::format::config::{
     DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, validate_vault_name,
 };
-use coffre_vault_store::format::segment::segment_name;
-use coffre_vault_store::store::{LocalStore, SpaceInfo};
 use coffre_vault_store::{Redundancy, Vault, VaultConfig};
 use jiff::Timestamp;
 use serde::Serialize;
@@ -180,30 +178,9 @@ pub fn add_replica(vault: &Vault, dir: &Path) -> Result<u64> {
         }
         .into());
     }
-    let mut cfg = vault.config().clone();
-    coffre_vault_store::copies::init_copy(&dir, &cfg, Role::Replica)?;
-    let copy = coffre_vault_store::copies::Copy {
-        role: Role::Replica,
-        dir: dir.clone(),
-        store: std::sync::Arc::new(LocalStore::new(&dir)),
-    };
-    let mut copied = 0;
-    for (id, info) in vault.index().segment_infos()? {
-        if info.retired {
-            continue;
-        }
-        let name = segment_name(id);
-        let have = copy.store.size(&name)?.unwrap_or(0);
-        if have < info.committed {
-            refill(vault.copies(), &copy, &name, info.committed)?;
-            copied += info.committed - have;
-        }
-    }
-    if !cfg.replicas.contains(&dir) {
-        cfg.replicas.push(dir);
-    }
-    vault.store_config_joining(&cfg, Some(&copy))?;
-    Ok(copied)
+    Ok(coffre_vault_store::maintenance::replica::add_replica(
+        vault, &dir,
+    )?)
 }
 
 /// Stops writing to the replica at `dir` (its files stay).

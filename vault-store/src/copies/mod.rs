@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::error::{Result, StoreError};
 use crate::format::catalog_files::{self, COPY_FILE, CopyIdentity, Role};
 use crate::format::config::VaultConfig;
+pub use crate::store::SpaceInfo;
 use crate::store::{LocalStore, SharedStore};
 
 /// Wraps each copy's store (tests inject faults this way).
@@ -457,57 +458,50 @@ pub fn init_copy(dir: &Path, config: &VaultConfig, role: Role) -> Result<()> {
         }
         return write_copy_files(store.as_ref(), config, role);
     }
-    match std::fs::read_dir(dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                let store = LocalStore::new(dir);
-                // An existing copy of this vault may be reused (re-adding it).
-                // One killed between its identity and its config gets the
-                // config now.
-                if check_copy(&store, dir, &config.vault_id, true).is_ok() {
-                    use crate::store::Store as _;
-                    if store.get(crate::format::config::CONFIG_FILE)?.is_none() {
-                        store.put(crate::format::config::CONFIG_FILE, &config.encode())?;
-                    }
-                    return Ok(());
-                }
-                if left_by_init(dir, &config.vault_id) {
-                    // An earlier `init_copy` of this vault was interrupted
-                    // before the config: finish it.
-                    crate::store::local::durable::create_dir_durable(
-                        &dir.join(crate::format::segment::SEGMENTS_DIR),
-                    )?;
-                    return write_copy_files(&store, config, role);
-                }
-                return Err(StoreError::AlreadyExists {
-                    path: dir.to_path_buf(),
-                });
+    let store = LocalStore::new(dir);
+    if !store.root_is_empty()? {
+        // An existing copy of this vault may be reused (re-adding it).
+        // One killed between its identity and its config gets the config
+        // now.
+        if check_copy(&store, dir, &config.vault_id, true).is_ok() {
+            use crate::store::Store as _;
+            if store.get(crate::format::config::CONFIG_FILE)?.is_none() {
+                store.put(crate::format::config::CONFIG_FILE, &config.encode())?;
             }
+            return Ok(());
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(StoreError::io("read directory", dir, e)),
+        if left_by_init(&store, &config.vault_id) {
+            // An earlier `init_copy` of this vault was interrupted before
+            // the config: finish it.
+            store.create_dir(crate::format::segment::SEGMENTS_DIR)?;
+            return write_copy_files(&store, config, role);
+        }
+        return Err(StoreError::AlreadyExists {
+            path: dir.to_path_buf(),
+        });
     }
-    crate::store::local::durable::create_dir_durable(dir)?;
-    crate::store::local::durable::create_dir_durable(
-        &dir.join(crate::format::segment::SEGMENTS_DIR),
-    )?;
-    write_copy_files(&LocalStore::new(dir), config, role)
+    store.create_root()?;
+    store.create_dir(crate::format::segment::SEGMENTS_DIR)?;
+    write_copy_files(&store, config, role)
 }
 
-/// True when `dir` holds only what an interrupted [`init_copy`] of vault
-/// `vault_id` writes before the config (which comes last): an empty
+/// True when the copy holds only what an interrupted [`init_copy`] of
+/// vault `vault_id` writes before the config (which comes last): an empty
 /// segments folder, this vault's identity file, temporary files.
-fn left_by_init(dir: &Path, vault_id: &str) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+fn left_by_init(store: &LocalStore, vault_id: &str) -> bool {
+    use crate::store::Store as _;
+    let Ok(names) = store.list("") else {
         return false;
     };
-    entries.flatten().all(|e| {
-        let name = e.file_name().to_string_lossy().into_owned();
+    names.iter().all(|listed| {
+        let name = listed.trim_end_matches('/');
         if name == crate::format::segment::SEGMENTS_DIR {
-            std::fs::read_dir(e.path()).is_ok_and(|mut s| s.next().is_none())
+            listed.ends_with('/') && store.dir_is_empty(name).unwrap_or(false)
         } else if name == COPY_FILE {
-            std::fs::read(e.path())
+            store
+                .get(COPY_FILE)
                 .ok()
+                .flatten()
                 .and_then(|b| catalog_files::decode_copy(&b).ok())
                 .is_some_and(|c| c.vault_id == vault_id)
         } else {

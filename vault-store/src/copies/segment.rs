@@ -15,6 +15,11 @@ use crate::format::segment::{
 };
 use crate::store::Appender;
 
+/// True when the snapshot pack open as the file is also a vault's segment
+/// (adopted: linked in by a transfer); snapshot expiry then leaves its
+/// bytes to the vault's GC.
+pub use crate::store::local::shared_with_snapshot as pack_is_adopted;
+
 /// True when bytes `start..end` of `name` read back as zeros (a hole a GC
 /// punch left); false when they hold anything else or cannot be read.
 pub fn reads_as_zeros(store: &dyn crate::store::Store, name: &str, start: u64, end: u64) -> bool {

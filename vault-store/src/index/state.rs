@@ -28,6 +28,7 @@ use std::path::Path;
 
 use crate::error::{Result, StoreError};
 use crate::index::INDEX_DIR;
+use crate::store::{LocalStore, Store};
 
 /// Present while a rebuild of the index is in progress (or was
 /// interrupted). Its content is informational (what rebuilt it); only its
@@ -47,9 +48,10 @@ pub const OLD_PREFIX: &str = "index.old-";
 /// the vault directory) counts as incomplete: nothing may delete on an
 /// index it could not vouch for.
 pub fn incomplete_reason(dir: &Path) -> Option<String> {
-    match dir.join(REBUILD_MARKER).try_exists() {
-        Ok(false) => {}
-        Ok(true) => {
+    let store = LocalStore::new(dir);
+    match store.size(REBUILD_MARKER) {
+        Ok(None) => {}
+        Ok(Some(_)) => {
             return Some(format!(
                 "{REBUILD_MARKER} is present: a rebuild of the index is running or was interrupted"
             ));
@@ -60,7 +62,7 @@ pub fn incomplete_reason(dir: &Path) -> Option<String> {
             ));
         }
     }
-    let old = match list_old_indexes(dir) {
+    let old = match list_old_indexes(&store) {
         Ok(old) => old,
         Err(e) => {
             return Some(format!(
@@ -96,28 +98,33 @@ pub fn is_complete(dir: &Path) -> bool {
 
 /// Names of the old indexes (`index.old-*`) left in `dir`.
 pub fn old_indexes(dir: &Path) -> Vec<String> {
-    list_old_indexes(dir).unwrap_or_default()
+    list_old_indexes(&LocalStore::new(dir)).unwrap_or_default()
 }
 
-/// [`old_indexes`], failing when the directory cannot be listed whole.
-fn list_old_indexes(dir: &Path) -> std::io::Result<Vec<String>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name();
-        if let Some(n) = name.to_str()
-            && n.starts_with(OLD_PREFIX)
-        {
-            out.push(n.to_owned());
-        }
+/// [`old_indexes`], failing when the directory cannot be listed whole (a
+/// missing vault directory included).
+fn list_old_indexes(store: &LocalStore) -> Result<Vec<String>> {
+    if !store.root().is_dir() {
+        return Err(StoreError::io(
+            "read directory",
+            store.root(),
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
     }
+    let mut out: Vec<String> = store
+        .list("")?
+        .into_iter()
+        .map(|n| n.trim_end_matches('/').to_owned())
+        .filter(|n| n.starts_with(OLD_PREFIX))
+        .collect();
     out.sort();
     Ok(out)
 }
 
 /// Step 1 of a rebuild: marks the index of `dir` incomplete, durably.
 pub fn mark_incomplete(dir: &Path, what: &str) -> Result<()> {
-    crate::store::local::durable::write_atomic(
-        &dir.join(REBUILD_MARKER),
+    LocalStore::new(dir).put(
+        REBUILD_MARKER,
         format!(
             "coffre index rebuild in progress\npid {}\n{what}\n",
             std::process::id()
@@ -128,50 +135,31 @@ pub fn mark_incomplete(dir: &Path, what: &str) -> Result<()> {
 
 /// Steps 3-5 of a rebuild: puts the index built in `dir/BUILD_DIR` in
 /// place, removes the old ones, then the marker. Each step is durable
-/// before the next starts.
+/// before the next starts (every rename, removal and delete of the store
+/// fsyncs the vault directory).
 pub fn install_rebuilt(dir: &Path) -> Result<()> {
-    let index = dir.join(INDEX_DIR);
-    let built = dir.join(BUILD_DIR);
-    if index.exists() {
-        let old = dir.join(format!("{OLD_PREFIX}{}", std::process::id()));
-        if old.exists() {
-            remove_dir(&old)?;
-        }
-        std::fs::rename(&index, &old).map_err(|e| StoreError::io("rename", &index, e))?;
+    let store = LocalStore::new(dir);
+    if store.is_dir(INDEX_DIR) {
+        let old = format!("{OLD_PREFIX}{}", std::process::id());
+        store.remove_tree(&old)?;
+        store.rename(INDEX_DIR, &old)?;
     }
-    std::fs::rename(&built, &index).map_err(|e| StoreError::io("rename", &built, e))?;
-    crate::store::local::durable::fsync_dir(dir)?;
+    store.rename(BUILD_DIR, INDEX_DIR)?;
     // The new index is complete and in place: only now may the old ones go.
-    for old in old_indexes(dir) {
-        remove_dir(&dir.join(old))?;
+    for old in list_old_indexes(&store).unwrap_or_default() {
+        store.remove_tree(&old)?;
     }
-    crate::store::local::durable::fsync_dir(dir)?;
-    let marker = dir.join(REBUILD_MARKER);
-    match std::fs::remove_file(&marker) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(StoreError::io("remove", &marker, e)),
-    }
-    crate::store::local::durable::fsync_dir(dir)
+    store.delete(REBUILD_MARKER)?;
+    Ok(())
 }
 
 /// Step 2's start: an empty build directory (a previous, interrupted
 /// build's leftovers are a partial cache and go).
 pub fn fresh_build_dir(dir: &Path) -> Result<std::path::PathBuf> {
-    let built = dir.join(BUILD_DIR);
-    if built.exists() {
-        remove_dir(&built)?;
-    }
-    crate::store::local::durable::create_dir_durable(&built)?;
-    Ok(built)
-}
-
-fn remove_dir(path: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(StoreError::io("remove directory", path, e)),
-    }
+    let store = LocalStore::new(dir);
+    store.remove_tree(BUILD_DIR)?;
+    store.create_dir(BUILD_DIR)?;
+    Ok(dir.join(BUILD_DIR))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 pub mod gc;
 pub mod rebuild;
+pub mod replica;
 pub mod replicate;
 #[cfg(test)]
 mod safety_tests;

@@ -160,7 +160,7 @@ pub(crate) fn rebuild_index_with(
     // point's manifests and GC its chunks, or cut the segment's copies to
     // where the read failed. The marker stays; the old index is untouched.
     if let Some(reason) = refusal(&report) {
-        drop(std::fs::remove_dir_all(&built));
+        drop(LocalStore::new(dir).remove_tree(crate::index::state::BUILD_DIR));
         tracing::error!(vault = %dir.display(), %reason, "index not rebuilt");
         return Err(StoreError::RebuildRefused {
             path: dir.to_path_buf(),

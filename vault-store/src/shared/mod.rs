@@ -19,6 +19,8 @@
 //! changed; that import is not in use yet (see `ARCHITECTURE.md`, "Object
 //! storage").
 
+pub mod gc;
+
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
@@ -29,9 +31,7 @@ use crate::format::config::{CONFIG_FILE, VaultConfig};
 use crate::format::remote::{Remote, StoreUrl, host_file};
 use crate::format::segment::{SEGMENTS_DIR, parse_segment_file_name};
 use crate::index::{INDEX_DIR, Index};
-use crate::store::{SharedStore, Store};
-
-pub mod gc;
+use crate::store::{LocalStore, SharedStore, Store};
 use crate::vault::{Access, Vault};
 
 fn host_name() -> String {
@@ -49,17 +49,12 @@ fn seed() -> u64 {
 }
 
 fn check_empty_cache(dir: &Path) -> Result<()> {
-    match std::fs::read_dir(dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(StoreError::AlreadyExists {
-                    path: dir.to_path_buf(),
-                });
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(StoreError::io("read directory", dir, e)),
+    if LocalStore::new(dir).root_is_empty()? {
+        Ok(())
+    } else {
+        Err(StoreError::AlreadyExists {
+            path: dir.to_path_buf(),
+        })
     }
 }
 
@@ -75,16 +70,12 @@ fn check_attachable(dir: &Path) -> Result<()> {
             || name == COPY_FILE
             || (name.starts_with('.') && name.contains(".tmp-"))
     };
-    let Ok(entries) = std::fs::read_dir(dir) else {
+    let cache = LocalStore::new(dir);
+    let Ok(listed) = cache.list("") else {
         return check_empty_cache(dir);
     };
-    let names: Vec<String> = entries
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    let index_empty = std::fs::read_dir(dir.join(INDEX_DIR))
-        .map(|mut e| e.next().is_none())
-        .unwrap_or(true);
+    let names: Vec<&str> = listed.iter().map(|n| n.trim_end_matches('/')).collect();
+    let index_empty = cache.dir_is_empty(INDEX_DIR).unwrap_or(true);
     if !names.is_empty() && index_empty && names.iter().all(|n| left_by_attach(n)) {
         tracing::info!(dir = %dir.display(), "finishing an interrupted attach");
         return Ok(());
@@ -104,8 +95,9 @@ fn identity(config: &VaultConfig) -> Vec<u8> {
 /// the pointer, the identity and, last, the config (a directory without
 /// it is not a vault).
 fn write_cache(dir: &Path, url: &str, store: &dyn Store, config: &VaultConfig) -> Result<()> {
-    crate::store::local::durable::create_dir_durable(dir)?;
-    crate::store::local::durable::create_dir_durable(&dir.join(INDEX_DIR))?;
+    let cache = LocalStore::new(dir);
+    cache.create_root()?;
+    cache.create_dir(INDEX_DIR)?;
     let host = host_name();
     let tag = claim_tag(store, &host, seed())?;
     Remote {
@@ -114,7 +106,7 @@ fn write_cache(dir: &Path, url: &str, store: &dyn Store, config: &VaultConfig) -
         host,
     }
     .store(dir)?;
-    crate::store::local::durable::write_atomic(&dir.join(COPY_FILE), &identity(config))?;
+    cache.put(COPY_FILE, &identity(config))?;
     config.store(dir)
 }
 
@@ -186,7 +178,7 @@ pub fn attach(dir: &Path, url: &str, wait: Duration) -> Result<Vault> {
                 reason: format!("{url} is a copy of another vault ({})", c.vault_id),
             });
         }
-        crate::store::local::durable::write_atomic(&dir.join(COPY_FILE), &id)?;
+        LocalStore::new(dir).put(COPY_FILE, &id)?;
     }
     let (vault, report) = crate::maintenance::rebuild::rebuild_index(dir, dir, wait)?;
     tracing::info!(vault = %dir.display(), %url, chunks = report.chunks, points = report.points, "attached to the shared vault");
