@@ -51,6 +51,7 @@ impl std::fmt::Display for Level {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

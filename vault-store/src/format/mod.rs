@@ -6,6 +6,12 @@
 //! chunk lists, segment headers, lease and GC state files, index values and
 //! the host registry. A decoder trusts no length field (`FORMAT.md`); the
 //! fuzz targets call the `fuzz_entry` functions of these modules.
+//!
+//! No decoder may panic on any input: `unwrap` and unchecked indexing are
+//! denied in the whole folder (in the style of fjall); the few justified
+//! exceptions say why with `#[expect(.., reason)]`.
+
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
 pub mod blockmap;
 pub mod catalog;

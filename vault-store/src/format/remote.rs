@@ -116,7 +116,11 @@ impl StoreUrl {
     /// The same place with `sub` appended to the prefix.
     pub fn join(&self, sub: &str) -> StoreUrl {
         let mut u = self.clone();
-        u.prefix = crate::store::join(&self.prefix, sub);
+        u.prefix = if self.prefix.is_empty() {
+            sub.to_string()
+        } else {
+            format!("{}/{sub}", self.prefix)
+        };
         u
     }
 }
