@@ -1,6 +1,6 @@
 //! Fuzzes the small files of shared vaults in object storage: a cache's
 //! store pointer (`coffre_vault_store::format::remote`), writer leases, the GC
-//! state and condemned lists (`coffre_vault_store::lease`), and chunk
+//! state and condemned lists (`coffre_vault_store::format::lease`), and chunk
 //! lists (`coffre_vault_store::format::chunk_list`).
 #![no_main]
 

@@ -52,7 +52,11 @@ pub fn check_name<'a>(what: &'static str, name: &'a str) -> Result<&'a str, Name
     if name.len() > MAX_NAME_LEN {
         return Err(fail("it is too long"));
     }
-    if !name.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric) {
+    if !name
+        .as_bytes()
+        .first()
+        .is_some_and(u8::is_ascii_alphanumeric)
+    {
         return Err(fail("it does not start with a letter or digit"));
     }
     if let Some(b) = name

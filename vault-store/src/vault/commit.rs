@@ -104,21 +104,7 @@ impl WriteSession<'_> {
         };
         let r = self.vault.copies.put_files(&files, &before);
         self.poison_vault(r)?;
-        if let Some(l) = self.lease.as_ref() {
-            // The fence: the manifests are in the store; one conditional
-            // renewal now proves no GC removed the lease (and deleted what
-            // they count on) before they were there for its mark. A writer
-            // that stalled past its lease fails here, unacknowledged, and
-            // takes back the manifests of points it just added.
-            let r = l.confirm_held();
-            if r.is_err() {
-                let added = self.points_added(&files);
-                if let Err(e) = self.vault.copies.delete_files(&added) {
-                    tracing::warn!(error = %e, "could not take back the manifests of an unconfirmed commit; `coffre verify` reports them");
-                }
-            }
-            self.poison(r)?;
-        }
+        self.confirm_lease(&files)?;
         let r = self.vault.index.commit(batch);
         self.poison(r)?;
         if let Err(e) = self.vault.copies.delete_files(&files) {
@@ -155,55 +141,6 @@ impl WriteSession<'_> {
         Ok(())
     }
 
-    /// The manifests among `files` of points the index does not have yet
-    /// (added by this commit), as deletions; a manifest rewritten for a
-    /// point already committed is never among them.
-    pub(super) fn points_added(
-        &self,
-        files: &[(String, Option<Vec<u8>>)],
-    ) -> Vec<(String, Option<Vec<u8>>)> {
-        files
-            .iter()
-            .filter(|(name, _)| name.starts_with(catalog_files::POINTS_DIR))
-            .filter_map(|(name, bytes)| {
-                let p = catalog_files::decode_point(bytes.as_deref()?).ok()?;
-                let known = self
-                    .vault
-                    .index
-                    .points(&p.item)
-                    .map_or(true, |ps| ps.iter().any(|k| k.seq == p.seq));
-                (!known).then(|| (name.clone(), None))
-            })
-            .collect()
-    }
-
-    /// Uploads one chunk list per segment this commit appended to.
-    pub(super) fn put_chunk_lists(&self) -> Result<()> {
-        let mut by_segment: std::collections::BTreeMap<
-            u64,
-            Vec<crate::format::chunk_list::ListedChunk>,
-        > = Default::default();
-        for (id, loc) in &self.pending {
-            by_segment.entry(loc.segment).or_default().push(
-                crate::format::chunk_list::ListedChunk {
-                    id: *id,
-                    offset: loc.offset,
-                    len: loc.len,
-                    plain_len: loc.plain_len,
-                },
-            );
-        }
-        let store = &self.vault.copies.primary().store;
-        for (segment, entries) in by_segment {
-            let start = entries.iter().map(|e| e.offset).min().unwrap_or(0);
-            store.put(
-                &crate::format::chunk_list::list_name(segment, start),
-                &crate::format::chunk_list::encode(&entries),
-            )?;
-        }
-        Ok(())
-    }
-
     /// Commits everything appended, plus `batch` (a point and its item),
     /// in one synced index write. When this returns `Ok`, the point is
     /// durable.
@@ -221,35 +158,5 @@ impl WriteSession<'_> {
             tracing::warn!(error = %e, "could not end the writer lease; it expires by itself");
         }
         Ok(())
-    }
-}
-
-impl Vault {
-    /// What the index holds now for the item and policy files among
-    /// `files` (those it has), encoded as their files are: a shared vault
-    /// replaces them only if the store still holds the same.
-    pub(super) fn catalog_before(
-        &self,
-        files: &[(String, Option<Vec<u8>>)],
-    ) -> Result<HashMap<String, Vec<u8>>> {
-        let wanted: std::collections::HashSet<&str> =
-            files.iter().map(|(n, _)| n.as_str()).collect();
-        let mut out = HashMap::new();
-        for item in self.index.items()? {
-            let name = catalog_files::item_file(&item.name);
-            if wanted.contains(name.as_str()) {
-                out.insert(name, catalog_files::encode_item(&item));
-            }
-        }
-        for (name, policy) in self.index.policy_values()? {
-            let file = catalog_files::policy_file(&name);
-            if wanted.contains(file.as_str()) {
-                out.insert(
-                    file,
-                    catalog_files::encode_policy(&catalog_files::PolicyFile { name, policy }),
-                );
-            }
-        }
-        Ok(out)
     }
 }

@@ -46,6 +46,7 @@ mod open;
 mod read;
 mod recovery;
 mod session;
+mod shared;
 mod state;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -29,31 +29,7 @@ impl Vault {
             .into_iter()
             .filter(|id| self.index.chunk(id).ok().flatten().is_some())
             .collect();
-        let lease = match &self.remote {
-            Some(r) => {
-                let (lease, condemned, present) = crate::lease::WriterLease::take(
-                    self.copies.primary().store.clone(),
-                    r.host_tag,
-                    self.lease_ttl,
-                    self.clock.clone(),
-                )?;
-                let gone = self
-                    .index
-                    .segment_infos()?
-                    .into_keys()
-                    .filter(|s| !present.contains(s));
-                for seg in condemned.into_iter().chain(gone) {
-                    heal.extend(
-                        self.index
-                            .segment_chunks(seg)?
-                            .into_iter()
-                            .map(|(_, id)| id),
-                    );
-                }
-                Some(lease)
-            }
-            None => None,
-        };
+        let lease = self.take_writer_lease(&mut heal)?;
         Ok(WriteSession {
             lease,
             vault: self,
