@@ -311,6 +311,39 @@ impl Store for FaultStore {
         }
         Ok(existed)
     }
+    fn link(&self, name: &str, from: &std::path::Path) -> Result<bool> {
+        if self.faults.begin_change(name)? {
+            let done = self.faults.pick(2) == 0;
+            if done {
+                self.inner.link(name, from)?;
+            }
+            self.faults.power_off(
+                name,
+                if done {
+                    "link reached the disk"
+                } else {
+                    "link did not reach the disk"
+                },
+            );
+            return Err(off(name));
+        }
+        if !self.inner.link(name, from)? {
+            return Ok(false);
+        }
+        // The source was fsynced before the link: every byte is durable,
+        // the entry once the directory is.
+        let synced = self.inner.size(name)?.unwrap_or(0);
+        self.faults.lock().files.insert(
+            self.key(name),
+            FileState {
+                synced,
+                entry: true,
+            },
+        );
+        // A failed directory fsync may lose the new entry.
+        self.dir_sync(name, Some(Volatile::Put(None)))?;
+        Ok(true)
+    }
     fn truncate(&self, name: &str, len: u64) -> Result<()> {
         if self.faults.begin_change(name)? {
             let done = self.faults.pick(2) == 0;
