@@ -55,7 +55,7 @@ fn block_map_corpus() {
 fn job_record_corpus() {
     let accepted = corpus("job_record")
         .iter()
-        .filter(|(_, b)| coffre_vault_store::jobs::fuzz_entry(b))
+        .filter(|(_, b)| coffre_vault_store::format::job::fuzz_entry(b))
         .count();
     assert_eq!(accepted, 1, "exactly the undamaged seed decodes");
 }

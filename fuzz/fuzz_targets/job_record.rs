@@ -1,6 +1,6 @@
-//! Fuzzes the job record decoder (`coffre_vault_store::jobs`).
+//! Fuzzes the job record decoder (`coffre_vault_store::format::job`).
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    coffre_vault_store::jobs::fuzz_entry(data);
+    coffre_vault_store::format::job::fuzz_entry(data);
 });

@@ -3,9 +3,10 @@
 //! Every on-disk format of a vault is encoded and decoded here, and only
 //! here: chunk records, the envelope of state files, block-map nodes,
 //! catalog files, the config, the damaged list, the replication state,
-//! chunk lists, segment headers, lease and GC state files, index values and
-//! the host registry. A decoder trusts no length field (`FORMAT.md`); the
-//! fuzz targets call the `fuzz_entry` functions of these modules.
+//! chunk lists, segment headers, lease and GC state files, index values,
+//! job records and the host registry. A decoder trusts no length field
+//! (`FORMAT.md`); the fuzz targets call the `fuzz_entry` functions of
+//! these modules.
 //!
 //! No decoder may panic on any input: `unwrap` and unchecked indexing are
 //! denied in the whole folder (in the style of fjall); the few justified
@@ -23,6 +24,7 @@ pub mod damaged;
 pub mod envelope;
 pub mod host_registry;
 pub mod index_values;
+pub mod job;
 pub mod lease;
 pub mod level;
 pub mod name;
