@@ -15,7 +15,6 @@
 //! The record types and their codec live in [`crate::format::job`] and are
 //! re-exported here.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
@@ -104,6 +103,10 @@ impl JobStore {
         self.dir.join(format!("{id}.job"))
     }
 
+    fn lock_name(id: &str) -> String {
+        format!("{JOBS_DIR}/{id}.lock")
+    }
+
     fn lock_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.lock"))
     }
@@ -163,16 +166,16 @@ impl JobStore {
                 }
             }
             r.error.get_or_insert(reason);
-            let ended = fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .ok()
+            let ended = self
+                .store
+                .modified(&name)
                 .and_then(|t| Timestamp::try_from(t).ok())
                 .unwrap_or(r.started);
             r.settle(ended);
             // Best effort: another reader may do the same at once, with the
             // same result.
             let _ = self.store.put(&name, &r.encode());
-            let _ = fs::remove_file(self.lock_path(id));
+            let _ = self.store.delete(&Self::lock_name(id));
         }
         Ok(r)
     }
@@ -236,12 +239,8 @@ impl JobStore {
     pub fn remove(&self, id: &str) -> Result<()> {
         self.store.delete(&Self::record_name(id))?;
         self.store.delete(&Self::cancel_name(id))?;
-        let lock = self.lock_path(id);
-        match fs::remove_file(&lock) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StoreError::io("remove", &lock, e)),
-        }
+        self.store.delete(&Self::lock_name(id))?;
+        Ok(())
     }
 }
 
@@ -327,7 +326,10 @@ impl Drop for RunningJob {
             .store
             .delete(&JobStore::cancel_name(&self.record.id));
         if self.record.status.is_final() {
-            let _ = fs::remove_file(self.store.lock_path(&self.record.id));
+            let _ = self
+                .store
+                .store
+                .delete(&JobStore::lock_name(&self.record.id));
         }
     }
 }
@@ -335,6 +337,7 @@ impl Drop for RunningJob {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn dead_process_marks_the_job_failed() {

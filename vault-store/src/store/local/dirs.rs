@@ -42,6 +42,13 @@ impl LocalStore {
         create_dir_durable(&self.path(name)?)
     }
 
+    /// When `name` was last modified (`None` when that cannot be read).
+    pub fn modified(&self, name: &str) -> Option<std::time::SystemTime> {
+        fs::symlink_metadata(self.path(name).ok()?)
+            .and_then(|m| m.modified())
+            .ok()
+    }
+
     /// True when `name` is a folder.
     pub fn is_dir(&self, name: &str) -> bool {
         self.path(name).is_ok_and(|p| p.is_dir())
