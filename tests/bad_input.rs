@@ -160,6 +160,35 @@ fn a_version_1_vault_is_read_as_is_and_upgraded_by_the_first_writer() {
     ok(&["verify", "--vault", v, "--read-data"]);
 }
 
+/// A format upgrade reaches every copy: a replica whose config stayed
+/// at an older version gets the new one from the first writer, even when
+/// the primary's is already current.
+#[test]
+fn a_format_upgrade_writes_the_config_to_every_copy() {
+    let t = tempfile::tempdir().unwrap();
+    let replica = t.path().join("replica");
+    let vault = new_vault(t.path(), &["--replica", s(&replica)]);
+    let v = s(&vault);
+    let img = t.path().join("a.img");
+    random_file(&img, 200_000, 1);
+    ok(&["backup", "--vault", v, s(&img)]);
+    let version = |dir: &std::path::Path| {
+        let b = std::fs::read(dir.join("config")).unwrap();
+        u32::from_le_bytes(b[8..12].try_into().unwrap())
+    };
+    let current = version(&vault);
+    assert_eq!(version(&replica), current);
+    set_config_version(&replica.join("config"), 1);
+    // A reader leaves the replica as it is.
+    ok(&["verify", "--vault", v, "--read-data"]);
+    assert_eq!(version(&replica), 1);
+    // The first writer brings it up to the primary's version.
+    ok(&["backup", "--vault", v, s(&img)]);
+    assert_eq!(version(&replica), current);
+    assert_eq!(version(&vault), current);
+    ok(&["verify", "--vault", v, "--read-data"]);
+}
+
 #[test]
 fn corrupt_config_is_reported() {
     let t = tempfile::tempdir().unwrap();

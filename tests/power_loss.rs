@@ -1,6 +1,7 @@
 //! Power loss, failed fsyncs, short writes and a full disk, injected
 //! through the storage seam (`FaultStore`) under real backups of a vault
-//! with an LRS replica. The checks after each fault use the real binary:
+//! with an LRS replica, and of a vault alone, whose backups link their
+//! snapshot's pack in as a segment (`Store::link`). The checks after each fault use the real binary:
 //! the vault verifies with `--read-data`, and every acknowledged point
 //! restores byte-identical from the vault.
 //!
@@ -94,7 +95,19 @@ fn check(vault: &Path, acked: &[(String, PathBuf)], seed: u64) {
 }
 
 fn setup(t: &Path, seed: u64) -> (PathBuf, PathBuf, ManualClock) {
-    let vault = new_vault(t, &["--replica", s(&t.join("replica"))]);
+    setup_with(t, seed, true)
+}
+
+/// A vault (with an LRS replica, or alone: then a backup adopts its
+/// snapshot's pack as a segment) and an image.
+fn setup_with(t: &Path, seed: u64, replica: bool) -> (PathBuf, PathBuf, ManualClock) {
+    let replica_dir = t.join("replica");
+    let args: Vec<&str> = if replica {
+        vec!["--replica", s(&replica_dir)]
+    } else {
+        Vec::new()
+    };
+    let vault = new_vault(t, &args);
     let img = t.join("vm.img");
     mixed_image(&img, 4 << 20, seed);
     let clock = ManualClock::new("2027-01-01T00:00:00Z".parse().unwrap());
@@ -113,6 +126,25 @@ fn power_loss_at_random_moments_loses_no_acknowledged_point() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20u64);
+    power_loss_rounds(runs, true);
+}
+
+/// The same on a vault without replicas, where each backup links its
+/// snapshot's pack into the vault (`Store::link`): power goes at the link
+/// too, and an uncommitted link never costs an acknowledged point.
+#[test]
+fn power_loss_while_a_pack_is_adopted_loses_no_acknowledged_point() {
+    let runs = std::env::var("COFFRE_POWER_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10u64);
+    power_loss_rounds(runs, false);
+}
+
+/// `runs` seeds of three backups each, power lost at a random operation
+/// of each backup after the first; the vault verifies and every
+/// acknowledged point restores after each.
+fn power_loss_rounds(runs: u64, replica: bool) {
     let base = std::env::var("COFFRE_POWER_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -120,7 +152,7 @@ fn power_loss_at_random_moments_loses_no_acknowledged_point() {
     let (mut losses, mut survived) = (0, 0);
     for seed in base..base + runs {
         let t = tempfile::tempdir().unwrap();
-        let (vault, img, clock) = setup(t.path(), seed);
+        let (vault, img, clock) = setup_with(t.path(), seed, replica);
         let mut rng = Rng::new(seed);
         // A first backup without faults counts the storage operations a
         // backup makes, so that the power goes out somewhere inside one.
@@ -129,6 +161,11 @@ fn power_loss_at_random_moments_loses_no_acknowledged_point() {
         let id = backup_once(&v, &img, &clock).unwrap();
         let per_backup = faults.ops();
         drop(v);
+        assert_eq!(
+            adopted_segments(&vault) > 0,
+            !replica,
+            "seed {seed}: a vault alone adopts its pack, one with a replica copies"
+        );
         let mut acked = vec![(id, keep(t.path(), &img, 0))];
         for round in 1..4 {
             churn(&img, 16, 40_000, seed * 10 + round);
@@ -175,6 +212,15 @@ fn power_loss_at_random_moments_loses_no_acknowledged_point() {
 }
 
 /// A vault with one acknowledged point, and the image changed since.
+/// Segments of the vault that are adopted packs (a pack header).
+fn adopted_segments(vault: &Path) -> usize {
+    std::fs::read_dir(vault.join("segments"))
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read(e.path()).is_ok_and(|b| b.starts_with(b"CFPACK")))
+        .count()
+}
+
 fn one_point(t: &Path, seed: u64) -> (PathBuf, PathBuf, ManualClock, Vec<(String, PathBuf)>) {
     let (vault, img, clock) = setup(t, seed);
     let v = open(&vault, None);

@@ -217,25 +217,30 @@ fn main() {
         host: "hv1".into(),
     }
     .encode();
-    let lease = coffre_vault_store::lease::encode_lease(&coffre_vault_store::lease::Lease {
-        host_tag: 0x2a,
-        session: "00ff00ff00ff00ff".into(),
-        epoch_seen: 3,
-        taken: t,
-        expires: t,
-    });
-    let state = coffre_vault_store::lease::encode_state(&coffre_vault_store::lease::GcState {
-        epoch: 4,
-        marking: Some(coffre_vault_store::lease::GcHolder {
-            host_tag: 7,
-            until: t,
-        }),
-    });
-    let condemned =
-        coffre_vault_store::lease::encode_condemned(&coffre_vault_store::lease::Condemned {
+    let lease = coffre_vault_store::format::lease::encode_lease(
+        &coffre_vault_store::format::lease::Lease {
+            host_tag: 0x2a,
+            session: "00ff00ff00ff00ff".into(),
+            epoch_seen: 3,
+            taken: t,
+            expires: t,
+        },
+    );
+    let state = coffre_vault_store::format::lease::encode_state(
+        &coffre_vault_store::format::lease::GcState {
+            epoch: 4,
+            marking: Some(coffre_vault_store::format::lease::GcHolder {
+                host_tag: 7,
+                until: t,
+            }),
+        },
+    );
+    let condemned = coffre_vault_store::format::lease::encode_condemned(
+        &coffre_vault_store::format::lease::Condemned {
             epoch: 4,
             segments: vec![1 << 48, (2 << 48) + 5],
-        });
+        },
+    );
     let list = coffre_vault_store::format::chunk_list::encode(&[
         coffre_vault_store::format::chunk_list::ListedChunk {
             id: ChunkId::of(b"a"),

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Result, StoreError};
-use crate::format::catalog_files::{self, COPY_FILE, CopyIdentity, Role};
+use crate::format::catalog_files::{self, COPY_FILE, Role};
 use crate::format::config::VaultConfig;
 pub use crate::store::SpaceInfo;
 use crate::store::{LocalStore, SharedStore};
@@ -517,13 +517,6 @@ fn write_copy_files(
     config: &VaultConfig,
     role: Role,
 ) -> Result<()> {
-    store.put(
-        COPY_FILE,
-        &catalog_files::encode_copy(&CopyIdentity {
-            vault_id: config.vault_id.clone(),
-            vault_name: config.name.clone(),
-            role,
-        }),
-    )?;
-    store.put(crate::format::config::CONFIG_FILE, &config.encode())
+    state_files::write_identity(store, config, role)?;
+    state_files::store_config(store, config)
 }

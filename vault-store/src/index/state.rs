@@ -115,7 +115,9 @@ fn list_old_indexes(store: &LocalStore) -> Result<Vec<String>> {
         .list("")?
         .into_iter()
         .map(|n| n.trim_end_matches('/').to_owned())
-        .filter(|n| n.starts_with(OLD_PREFIX))
+        // A name that is not UTF-8 (listed with U+FFFD) is none a rebuild
+        // ever made, and could never be removed by its listed name.
+        .filter(|n| n.starts_with(OLD_PREFIX) && !n.contains('\u{FFFD}'))
         .collect();
     out.sort();
     Ok(out)

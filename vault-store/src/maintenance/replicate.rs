@@ -41,8 +41,8 @@ use crate::format::catalog_files::{self, Role};
 use crate::format::config::CONFIG_FILE;
 pub use crate::format::repl_state::{ReplicationState, STATE_FILE};
 use crate::format::segment::{SEGMENTS_DIR, parse_segment_file_name, segment_name};
-use crate::store::LocalStore;
 use crate::store::local::lock::NamedLock;
+use crate::store::{LocalStore, Store as _};
 use crate::vault::Vault;
 
 /// The primary's replication state of the vault at `dir`.
@@ -431,7 +431,13 @@ fn drop_index_cache(sec_dir: &Path) {
         return;
     }
     if let Ok(Some(_lease)) = crate::store::local::lock::ReaderLease::try_exclusive(sec_dir) {
-        let _ = sec.remove_tree(crate::index::INDEX_DIR);
+        // Renamed away first: a removal cut short leaves an `index.old-*`,
+        // which marks the cache incomplete (rebuilt on the next open),
+        // never a partial `index` that looks whole.
+        let old = format!("{}{}", crate::index::state::OLD_PREFIX, std::process::id());
+        if sec.remove_tree(&old).is_ok() && sec.rename(crate::index::INDEX_DIR, &old).is_ok() {
+            let _ = sec.remove_tree(&old);
+        }
     }
 }
 /// Where a record at `off` of `len` bytes lies in a buffer read from

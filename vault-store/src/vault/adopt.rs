@@ -82,6 +82,22 @@ impl WriteSession<'_> {
             tracing::debug!(pack = %pack.display(), "the pack cannot be linked into the vault; its records are copied");
             return Ok(None);
         }
+        // What was linked is checked again, through the vault's store: the
+        // pack's name may have been pointed elsewhere since the first look.
+        let primary = self.vault.copies.primary().store.clone();
+        let linked = segment_name(id);
+        let len = match primary.size(&linked)? {
+            Some(len) if len > SEGMENT_HEADER_LEN => len,
+            _ => 0,
+        };
+        if len == 0
+            || primary.read_at(&linked, 0, &mut h).is_err()
+            || !crate::format::segment::is_adopted(&h)
+        {
+            let r = primary.delete(&linked).map(drop);
+            self.poison_vault(r)?;
+            return Ok(None);
+        }
         self.adopted.push(Adopted {
             id,
             len,

@@ -106,6 +106,11 @@ impl WriteSession<'_> {
         self.poison_vault(r)?;
         self.confirm_lease(&files)?;
         let r = self.vault.index.commit(batch);
+        if r.is_err() {
+            // The index may hold the batch after all (its log reached the
+            // disk): nothing this session wrote may be taken back now.
+            self.index_unknown = true;
+        }
         self.poison(r)?;
         if let Err(e) = self.vault.copies.delete_files(&files) {
             // Committed already; the next writer removes what is left.

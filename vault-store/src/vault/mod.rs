@@ -258,6 +258,10 @@ pub struct WriteSession<'v> {
     appended_bytes: u64,
     poisoned: bool,
     finished: bool,
+    /// An index commit failed: whether the index holds its batch is not
+    /// known, so the drop leaves every byte for the next writer's open,
+    /// which asks the index.
+    index_unknown: bool,
     /// Chunks no copy holds intact (`damaged`): stored again when a
     /// backup produces them.
     heal: std::collections::HashSet<ChunkId>,

@@ -129,14 +129,19 @@ impl Vault {
         }
         if access == Access::Write {
             let primary = vault.copies.primary().store.clone();
-            if !matches!(primary.size(COPY_FILE), Ok(Some(_))) {
+            // A vault from before copies had identities gets one; an
+            // identity that cannot be read (a symbolic link, say) is never
+            // replaced: the open fails instead.
+            if primary.size(COPY_FILE)?.is_none() {
                 state_files::write_identity(primary.as_ref(), &vault.config, Role::Primary)?;
             }
             vault.reclaim_uncommitted()?;
             vault.ensure_gc_layout()?;
             vault.reconcile_catalog_files()?;
-            if state_files::stored_config_version(primary.as_ref()) < vault.config.format_version()
-            {
+            let behind = |c: &crate::copies::Copy| {
+                state_files::stored_config_version(c.store.as_ref()) < vault.config.format_version()
+            };
+            if vault.copies.sync_copies().iter().any(behind) {
                 // The index now has everything a version-2 reader expects;
                 // every copy gets the new config.
                 vault.store_config(&vault.config)?;

@@ -48,6 +48,7 @@ impl Vault {
             appended_bytes: 0,
             poisoned: false,
             finished: false,
+            index_unknown: false,
             heal,
             healed: Vec::new(),
             adopted: Vec::new(),
@@ -318,8 +319,9 @@ impl Drop for WriteSession<'_> {
             return;
         }
         // Reclaim the uncommitted tail at once (a full disk wants its space
-        // back); the next writer would do it anyway.
-        if self.vault.remote.is_some() {
+        // back); the next writer would do it anyway. Not after an index
+        // commit that failed: the index may hold what it names.
+        if self.vault.remote.is_some() || self.index_unknown {
             return;
         }
         for a in self.adopted.iter().filter(|a| !a.committed) {

@@ -177,6 +177,28 @@ impl FaultStore {
 
     /// The end of an operation that made a directory entry durable:
     /// counts the directory fsync, which may fail on purpose.
+    /// Power goes during a change of `name`: it reached the disk or not
+    /// (`apply` runs or not, a coin toss), then everything stops. Returns
+    /// the error the change fails with.
+    fn lose_power_during(
+        &self,
+        name: &str,
+        op: &str,
+        apply: impl FnOnce() -> Result<()>,
+    ) -> Result<StoreError> {
+        let done = self.faults.pick(2) == 0;
+        if done {
+            apply()?;
+        }
+        let outcome = if done {
+            format!("{op} reached the disk")
+        } else {
+            format!("{op} did not reach the disk")
+        };
+        self.faults.power_off(name, &outcome);
+        Ok(off(name))
+    }
+
     fn dir_sync(&self, name: &str, undo: Option<Volatile>) -> Result<()> {
         let mut s = self.faults.lock();
         if s.dir_sync_fails() {
@@ -284,20 +306,10 @@ impl Store for FaultStore {
     }
     fn delete(&self, name: &str) -> Result<bool> {
         if self.faults.begin_change(name)? {
-            let done = self.faults.pick(2) == 0;
-            if done {
+            return Err(self.lose_power_during(name, "delete", || {
                 self.faults.lock().files.remove(&self.key(name));
-                self.inner.delete(name)?;
-            }
-            self.faults.power_off(
-                name,
-                if done {
-                    "delete reached the disk"
-                } else {
-                    "delete did not reach the disk"
-                },
-            );
-            return Err(off(name));
+                self.inner.delete(name).map(drop)
+            })?);
         }
         let content = if self.faults.dir_sync_armed() {
             self.inner.get(name)?
@@ -313,19 +325,9 @@ impl Store for FaultStore {
     }
     fn link(&self, name: &str, from: &std::path::Path) -> Result<bool> {
         if self.faults.begin_change(name)? {
-            let done = self.faults.pick(2) == 0;
-            if done {
-                self.inner.link(name, from)?;
-            }
-            self.faults.power_off(
-                name,
-                if done {
-                    "link reached the disk"
-                } else {
-                    "link did not reach the disk"
-                },
+            return Err(
+                self.lose_power_during(name, "link", || self.inner.link(name, from).map(drop))?
             );
-            return Err(off(name));
         }
         if !self.inner.link(name, from)? {
             return Ok(false);
@@ -340,25 +342,20 @@ impl Store for FaultStore {
                 entry: true,
             },
         );
-        // A failed directory fsync may lose the new entry.
-        self.dir_sync(name, Some(Volatile::Put(None)))?;
+        // A failed directory fsync may lose the new entry; the link goes
+        // again, as LocalStore's does.
+        if let Err(e) = self.dir_sync(name, Some(Volatile::Put(None))) {
+            self.faults.lock().files.remove(&self.key(name));
+            let _ = self.inner.delete(name);
+            return Err(e);
+        }
         Ok(true)
     }
     fn truncate(&self, name: &str, len: u64) -> Result<()> {
         if self.faults.begin_change(name)? {
-            let done = self.faults.pick(2) == 0;
-            if done {
-                self.inner.truncate(name, len)?;
-            }
-            self.faults.power_off(
-                name,
-                if done {
-                    "truncate reached the disk"
-                } else {
-                    "truncate did not reach the disk"
-                },
-            );
-            return Err(off(name));
+            return Err(self.lose_power_during(name, "truncate", || {
+                self.inner.truncate(name, len).map(drop)
+            })?);
         }
         self.inner.truncate(name, len)?;
         if let Some(f) = self.faults.lock().files.get_mut(&self.key(name)) {
@@ -368,19 +365,9 @@ impl Store for FaultStore {
     }
     fn punch(&self, name: &str, offset: u64, len: u64) -> Result<bool> {
         if self.faults.begin_change(name)? {
-            let done = self.faults.pick(2) == 0;
-            if done {
-                self.inner.punch(name, offset, len)?;
-            }
-            self.faults.power_off(
-                name,
-                if done {
-                    "punch reached the disk"
-                } else {
-                    "punch did not reach the disk"
-                },
-            );
-            return Err(off(name));
+            return Err(self.lose_power_during(name, "punch", || {
+                self.inner.punch(name, offset, len).map(drop)
+            })?);
         }
         self.inner.punch(name, offset, len)
     }

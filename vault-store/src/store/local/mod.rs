@@ -96,6 +96,31 @@ impl LocalStore {
     }
 }
 
+/// Links the open `file` at `dst` (`linkat` of `/proc/self/fd/N` with
+/// `AT_SYMLINK_FOLLOW`): the inode this process holds, whatever its path
+/// names now.
+fn link_open_file(file: &File, dst: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let src = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let dst = std::ffi::CString::new(dst.as_os_str().as_bytes())?;
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// The most a whole-file read ([`Store::get`]) takes: files read whole
 /// are catalog files, far smaller; a larger one is refused by its size
 /// before any byte is read.
@@ -319,7 +344,9 @@ impl Store for LocalStore {
         }
         fsync_file(&file, from)?;
         self.parent_dir(&dst)?;
-        if let Err(e) = fs::hard_link(from, &dst) {
+        // The file opened and fsynced above is linked, not whatever
+        // `from` names by now.
+        if let Err(e) = link_open_file(&file, &dst) {
             tracing::debug!(from = %from.display(), error = %e, "cannot link into the copy");
             return Ok(false);
         }
