@@ -10,7 +10,7 @@
 //! the operation it hits (a `put` left old or new, a `delete`, `truncate`
 //! or `punch` done or not, a `write_at` with some of its sectors, a sync
 //! with or without its directory entry; see `FaultStore`).
-//! `COFFRE_POWER_RUNS` (default 20) backup runs from `COFFRE_POWER_SEED`
+//! `COFFRE_POWER_RUNS` (default 20; 10 for the vault alone) backup runs from `COFFRE_POWER_SEED`
 //! (default 1); each prints its seed. The other commands that write
 //! (prune, gc, `verify --repair`, and the recovering open itself) lose
 //! power at a few sampled operations each, or with `COFFRE_POWER_EVERY=1`
@@ -122,10 +122,7 @@ fn keep(t: &Path, img: &Path, n: usize) -> PathBuf {
 
 #[test]
 fn power_loss_at_random_moments_loses_no_acknowledged_point() {
-    let runs = std::env::var("COFFRE_POWER_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20u64);
+    let runs = env_u64("COFFRE_POWER_RUNS", 20);
     power_loss_rounds(runs, true);
 }
 
@@ -134,21 +131,23 @@ fn power_loss_at_random_moments_loses_no_acknowledged_point() {
 /// too, and an uncommitted link never costs an acknowledged point.
 #[test]
 fn power_loss_while_a_pack_is_adopted_loses_no_acknowledged_point() {
-    let runs = std::env::var("COFFRE_POWER_RUNS")
+    let runs = env_u64("COFFRE_POWER_RUNS", 10);
+    power_loss_rounds(runs, false);
+}
+
+/// A number from the environment variable `name`, else `default`.
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10u64);
-    power_loss_rounds(runs, false);
+        .unwrap_or(default)
 }
 
 /// `runs` seeds of three backups each, power lost at a random operation
 /// of each backup after the first; the vault verifies and every
 /// acknowledged point restores after each.
 fn power_loss_rounds(runs: u64, replica: bool) {
-    let base = std::env::var("COFFRE_POWER_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1u64);
+    let base = env_u64("COFFRE_POWER_SEED", 1);
     let (mut losses, mut survived) = (0, 0);
     for seed in base..base + runs {
         let t = tempfile::tempdir().unwrap();
@@ -446,10 +445,7 @@ fn prepare(cmd: Cmd, work: &Path, vault: &Path, seed: u64) {
 #[test]
 fn power_loss_in_every_command_that_writes_loses_no_acknowledged_point() {
     let every = std::env::var("COFFRE_POWER_EVERY").is_ok_and(|v| v == "1");
-    let seed = std::env::var("COFFRE_POWER_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1u64);
+    let seed = env_u64("COFFRE_POWER_SEED", 1);
     let t = tempfile::tempdir().unwrap();
     let work = t.path().join("work");
     let saved = t.path().join("template");
