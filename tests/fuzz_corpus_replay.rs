@@ -184,6 +184,18 @@ fn nbd_reply_corpus() {
 }
 
 #[test]
+fn qmp_reply_corpus() {
+    let accepted: Vec<usize> = corpus("qmp_reply")
+        .iter()
+        .map(|(_, b)| coffre_engine::snapshotter::vm::fuzz_entry(b))
+        .collect();
+    // agent_sync: the stale reply and the error, not the line after 0xFF
+    // (read without the sync); event_error; greeting; odd: only the return
+    // with the largest id.
+    assert_eq!(accepted, vec![2, 2, 2, 1]);
+}
+
+#[test]
 fn index_value_corpus() {
     let accepted: Vec<usize> = corpus("index_value")
         .iter()

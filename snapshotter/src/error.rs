@@ -23,6 +23,15 @@ pub enum SnapError {
     #[error("NBD export {uri}: {reason}")]
     Nbd { uri: String, reason: String },
 
+    /// QEMU's monitor (QMP) cannot be reached, answered what coffre
+    /// cannot use, or refused a command.
+    #[error("QEMU monitor {socket}: {reason}")]
+    Qmp { socket: PathBuf, reason: String },
+
+    /// The guest agent cannot be reached, or refused or failed a command.
+    #[error("guest agent {socket}: {reason}")]
+    GuestAgent { socket: PathBuf, reason: String },
+
     /// A dirty bitmap was asked of a raw image.
     #[error(
         "dirty bitmap {bitmap} needs a qcow2 image or an NBD source (nbd://HOST/EXPORT or nbd+unix:///EXPORT?socket=PATH); {path} is a raw image"

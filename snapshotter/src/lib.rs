@@ -8,7 +8,8 @@
 //! snapshot expiry and space accounting, consistency [`level`]s, [`hooks`]
 //! and [`in_use`] detection, and reading snapshots back for the transfer
 //! and for restore, with windows read ahead on a thread of their own
-//! ([`fetch`]). It knows the vault's chunk record format
+//! ([`fetch`]), and the conversation with a running VM's QEMU and guest
+//! agent ([`vm`]). It knows the vault's chunk record format
 //! (`coffre-vault-store`, without its RocksDB index) and nothing of the
 //! engine, which orchestrates it. `FORMAT.md` specifies the files.
 
@@ -31,6 +32,7 @@ pub mod source;
 #[cfg(test)]
 mod test_support;
 pub mod throttle;
+pub mod vm;
 
 pub use coffre_vault_store::format::catalog::Hooks;
 pub use coffre_vault_store::format::level::{self, Level};
