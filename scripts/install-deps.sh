@@ -2,6 +2,8 @@
 # Installs what building and testing coffre needs, if it is missing:
 # libclang (RocksDB's bindgen), a C++ compiler, e2fsprogs (test images);
 # optionally xfsprogs, qemu-utils and libnbd-bin (tests of real components),
+# qemu-system-x86 with a qemu-utils of the same release (the QEMU live-backup
+# tests),
 # Azurite with @azure/storage-blob from npm (the object-store tests and
 # `make demo-cloud`) and moto[server] from PyPI (the S3 test);
 # scripts/install-deps.sh --azurite installs only those two.
@@ -143,6 +145,41 @@ install_moto() {
   hash -r
   return 0
 }
+# QEMU itself: the live-backup tests start a VM (no guest OS). Its package
+# and qemu-utils must come from one release: installing Debian 12's
+# qemu-system-x86 (7.2) alone removes a newer, backported qemu-utils, and
+# with it qemu-img and qemu-nbd. Both are installed at the same version,
+# and all four tools must run afterwards.
+install_qemu_system() {
+  command -v qemu-system-x86_64 >/dev/null && return 0
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+    echo "coffre: qemu-system-x86_64 missing: the QEMU live-backup tests will SKIP" >&2
+    echo "  (as root: apt-get install qemu-system-x86 qemu-utils, both from one release)" >&2
+    return 0
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  local v
+  v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+  if [ -z "$v" ] || [ "$v" = "(none)" ]; then
+    echo "coffre: no qemu-system-x86 package: the QEMU live-backup tests will SKIP" >&2
+    return 0
+  fi
+  echo "coffre: installing qemu-system-x86 and qemu-utils $v ..." >&2
+  if ! apt-get install -y -qq --no-install-recommends --allow-downgrades \
+      "qemu-system-x86=$v" "qemu-utils=$v" >/dev/null; then
+    echo "coffre: could not install qemu-system-x86 and qemu-utils $v together: the QEMU live-backup tests will SKIP" >&2
+    return 0
+  fi
+  hash -r
+  local t
+  for t in qemu-img qemu-nbd qemu-io qemu-system-x86_64; do
+    if ! "$t" --version >/dev/null 2>&1; then
+      echo "coffre: $t does not run after installing QEMU $v" >&2
+      exit 1
+    fi
+  done
+}
 if [ "${1:-}" = "--azurite" ]; then
   install_azurite
   install_moto
@@ -150,6 +187,7 @@ if [ "${1:-}" = "--azurite" ]; then
 fi
 install_azurite
 install_moto
+install_qemu_system
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -7,6 +7,7 @@
 //! on.
 
 pub mod agent;
+pub mod fleece;
 pub mod json_lines;
 pub mod qmp;
 

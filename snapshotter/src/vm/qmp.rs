@@ -184,6 +184,16 @@ impl Qmp {
         self.version
     }
 
+    /// The monitor's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// An error about this monitor.
+    pub fn error(&self, reason: String) -> SnapError {
+        self.fail(reason)
+    }
+
     fn fail(&self, reason: String) -> SnapError {
         SnapError::Qmp {
             socket: self.socket.clone(),

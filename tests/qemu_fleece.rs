@@ -1,0 +1,213 @@
+//! A running QEMU (no guest OS, CPUs stopped: `-S`) with a raw disk
+//! attached as a virtio device: coffre takes the disk's point in time
+//! through QMP (a fleecing node, `coffre_snapshotter::vm::fleece`), the
+//! "guest" overwrites blocks through the device (`qemu-io` on the device,
+//! so the writes pass QEMU's copy-before-write filter), coffre backs the
+//! export up over NBD, and the point restores byte-identical to the disk
+//! as it was at the instant, not as it is after the writes. Then every
+//! node, job and export coffre added is gone from QEMU. Skipped with a
+//! message where `qemu-system-x86_64` is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use coffre_engine::snapshotter::vm::fleece::{Fleece, Names};
+use coffre_engine::snapshotter::vm::qmp::Qmp;
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+const SIZE: usize = 8 << 20;
+
+/// A QEMU process killed when dropped.
+struct Vm {
+    child: Child,
+    qmp: PathBuf,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn have_qemu_system() -> bool {
+    let ok = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        skip(
+            "QEMU live backup: qemu-system-x86_64 missing (apt-get install qemu-system-x86 qemu-utils from one release)",
+        );
+    }
+    ok
+}
+
+/// Starts QEMU with `disk` as block node `disk0` behind device `vda`.
+fn start_vm(dir: &Path, disk: &Path) -> Vm {
+    let qmp = dir.join("qmp.sock");
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "q35,accel=tcg",
+            "-S",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-blockdev")
+        .arg(format!(
+            "driver=file,filename={},node-name=disk0-file",
+            disk.display()
+        ))
+        .args(["-blockdev", "driver=raw,file=disk0-file,node-name=disk0"])
+        .args(["-device", "virtio-blk-pci,drive=disk0,id=vda"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qemu-system-x86_64");
+    let start = Instant::now();
+    while !qmp.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "QEMU did not open its monitor"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Vm { child, qmp }
+}
+
+/// Writes `pattern` at `at` through the device, as a guest would.
+fn guest_write(q: &mut Qmp, pattern: u8, at: usize, len: usize) {
+    let out = q
+        .execute(
+            "human-monitor-command",
+            Some(json!({ "command-line": format!(
+                "qemu-io -d /machine/peripheral/vda/virtio-backend \"write -P {pattern} {at} {len}\""
+            )})),
+        )
+        .unwrap();
+    assert_eq!(out, Value::String(String::new()), "qemu-io: {out}");
+}
+
+fn coffre_nodes(q: &mut Qmp) -> Vec<String> {
+    let nodes = q
+        .execute("query-named-block-nodes", Some(json!({ "flat": true })))
+        .unwrap();
+    let mut names: Vec<String> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .filter(|n| n.starts_with("coffre-"))
+        .map(str::to_string)
+        .collect();
+    let jobs = q.execute("query-block-jobs", None).unwrap();
+    names.extend(
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|j| j["device"].as_str().map(str::to_string)),
+    );
+    let exports = q.execute("query-block-exports", None).unwrap();
+    names.extend(
+        exports
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["id"].as_str().map(str::to_string)),
+    );
+    names
+}
+
+#[test]
+fn a_running_vms_disk_is_backed_up_as_it_was_at_the_instant() {
+    if !have_qemu_system() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let disk = t.path().join("disk.img");
+    let at_instant = t.path().join("instant.img");
+    let mut bytes = vec![0u8; SIZE];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = (i / 4096 % 251) as u8;
+    }
+    std::fs::write(&disk, &bytes).unwrap();
+    std::fs::write(&at_instant, &bytes).unwrap();
+    let vm = start_vm(t.path(), &disk);
+    let mut q = Qmp::connect(&vm.qmp, Duration::from_secs(20)).unwrap();
+    let work = t.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+
+    let mut fleece = Fleece::start(&mut q, "disk0", "vm", &work).unwrap();
+    assert_eq!(fleece.size, SIZE as u64);
+    // The guest keeps writing after the instant: first blocks, a middle
+    // range, the last block.
+    guest_write(&mut q, 0x55, 0, 65536);
+    guest_write(&mut q, 0x66, 3 << 20, 1 << 20);
+    guest_write(&mut q, 0x77, SIZE - 4096, 4096);
+    assert_eq!(
+        std::fs::read(&disk).unwrap()[0],
+        0x55,
+        "the write reached the disk"
+    );
+
+    let uri = fleece.uri();
+    let b = json(&["backup", "--vault", s(&vault), "--item", "vm", &uri]);
+    assert_eq!(b["job"]["status"], "Completed", "{b}");
+    fleece.stop(&mut q);
+    assert_eq!(
+        coffre_nodes(&mut q),
+        Vec::<String>::new(),
+        "left behind in QEMU"
+    );
+
+    let r = t.path().join("restored.img");
+    ok(&restore_args(&vault, "vm", None, &r, false));
+    assert_same(&r, &at_instant);
+    ok(&["verify", "--vault", s(&vault), "--read-data"]);
+}
+
+#[test]
+fn what_a_killed_run_left_in_qemu_is_removed_by_name_by_the_next() {
+    if !have_qemu_system() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let disk = t.path().join("disk.img");
+    std::fs::write(&disk, vec![0x11u8; 1 << 20]).unwrap();
+    let vm = start_vm(t.path(), &disk);
+    let work = t.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    {
+        // A run that dies holding the fleece: its connection just goes.
+        let mut q = Qmp::connect(&vm.qmp, Duration::from_secs(20)).unwrap();
+        let f = Fleece::start(&mut q, "disk0", "vm", &work).unwrap();
+        std::mem::forget(f);
+    }
+    let mut q = Qmp::connect(&vm.qmp, Duration::from_secs(20)).unwrap();
+    let names = Names::of("vm");
+    let left = coffre_nodes(&mut q);
+    assert!(
+        left.contains(&names.node) && left.contains(&names.job),
+        "{left:?}"
+    );
+    // The next run of the same item cleans up first, then works.
+    let mut f = Fleece::start(&mut q, "disk0", "vm", &work).unwrap();
+    f.stop(&mut q);
+    assert_eq!(coffre_nodes(&mut q), Vec::<String>::new());
+    // A node that does not exist, and a monitor that is gone, are named.
+    let e = Fleece::start(&mut q, "nope", "vm", &work).unwrap_err();
+    assert!(e.to_string().contains("no block node \"nope\""), "{e}");
+    drop(q);
+    drop(vm);
+    let e = Qmp::connect(&t.path().join("qmp.sock"), Duration::from_secs(2)).unwrap_err();
+    assert!(e.to_string().contains("QEMU monitor"), "{e}");
+}
