@@ -133,7 +133,22 @@ impl Qmp {
             socket: socket.to_path_buf(),
             reason,
         };
-        let stream = UnixStream::connect(socket).map_err(|e| {
+        // A monitor between two clients (the last one just left) refuses
+        // for a moment: it is retried for up to five seconds.
+        let patience = timeout.min(Duration::from_secs(5));
+        let start = std::time::Instant::now();
+        let connected = loop {
+            match UnixStream::connect(socket) {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && start.elapsed() < patience =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => break other,
+            }
+        };
+        let stream = connected.map_err(|e| {
             fail(match e.kind() {
                 std::io::ErrorKind::NotFound => {
                     "no such socket (is the VM running, with -qmp unix:SOCKET,server=on,wait=off?)"
