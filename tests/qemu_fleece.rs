@@ -211,3 +211,67 @@ fn what_a_killed_run_left_in_qemu_is_removed_by_name_by_the_next() {
     let e = Qmp::connect(&t.path().join("qmp.sock"), Duration::from_secs(2)).unwrap_err();
     assert!(e.to_string().contains("QEMU monitor"), "{e}");
 }
+
+#[test]
+fn coffre_backup_qmp_backs_up_a_running_vms_drive_and_cleans_up() {
+    if !have_qemu_system() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let disk = t.path().join("disk.img");
+    let first = t.path().join("first.img");
+    let bytes: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 239) as u8).collect();
+    std::fs::write(&disk, &bytes).unwrap();
+    std::fs::write(&first, &bytes).unwrap();
+    let vm = start_vm(t.path(), &disk);
+    let backup = || {
+        let b = json(&[
+            "backup",
+            "--vault",
+            s(&vault),
+            "--qmp",
+            s(&vm.qmp),
+            "--drive",
+            "disk0",
+            "--item",
+            "vm",
+        ]);
+        assert_eq!(b["job"]["status"], "Completed", "{b}");
+    };
+    backup();
+    {
+        let mut q = Qmp::connect(&vm.qmp, Duration::from_secs(20)).unwrap();
+        assert_eq!(coffre_nodes(&mut q), Vec::<String>::new(), "left behind");
+        guest_write(&mut q, 0x42, 1 << 20, 65536);
+    }
+    backup();
+    let pts = json(&["points", "--vault", s(&vault), "--item", "vm"]);
+    let pts = pts.as_array().unwrap();
+    assert_eq!(pts.len(), 2, "{pts:?}");
+    let r = t.path().join("r.img");
+    ok(&restore_args(
+        &vault,
+        "vm",
+        pts[0]["id"].as_str(),
+        &r,
+        false,
+    ));
+    assert_same(&r, &first);
+    std::fs::remove_file(&r).unwrap();
+    ok(&restore_args(&vault, "vm", None, &r, false));
+    assert_same(&r, &disk);
+    // A drive the VM does not have is named.
+    let out = run(&[
+        "backup",
+        "--vault",
+        s(&vault),
+        "--qmp",
+        s(&vm.qmp),
+        "--drive",
+        "nope",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no block node \"nope\""), "{err}");
+}

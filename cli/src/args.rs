@@ -121,10 +121,25 @@ pub enum Command {
         threads: ThreadsArg,
         #[command(flatten)]
         cbt: CbtArgs,
+        /// A running VM's QEMU monitor (`-qmp unix:SOCKET,server=on,wait=off`):
+        /// the drive `--drive` names is backed up at one instant while the
+        /// VM keeps running (a fleecing export; see README).
+        #[arg(
+            long,
+            value_name = "SOCKET",
+            requires = "drive",
+            conflicts_with = "image"
+        )]
+        qmp: Option<PathBuf>,
+        /// With `--qmp`: the block node name (or drive id) to back up; the
+        /// item name defaults to it.
+        #[arg(long, value_name = "NODE", requires = "qmp")]
+        drive: Option<String>,
         /// The disk image: a raw file or block device, or an NBD export
         /// (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`),
         /// e.g. `qemu-nbd` over a qcow2 or a libvirt pull-mode backup.
-        image: PathBuf,
+        #[arg(required_unless_present = "qmp")]
+        image: Option<PathBuf>,
     },
 
     /// List the recovery points of an item.

@@ -170,8 +170,54 @@ fn nbd_item_name(image: &Path) -> Option<String> {
         .filter(|e| !e.is_empty())
 }
 
+/// Runs `coffre backup --qmp SOCKET --drive NODE`: the drive of a running
+/// VM is taken at one instant (a fleecing export, removed at the end
+/// whatever happens) and backed up from that export; the item's source is
+/// recorded as `qmp+unix:///NODE?socket=SOCKET`.
+pub fn run_qmp(
+    ctx: &Ctx,
+    dir: &Path,
+    mut args: BackupArgs<'_>,
+    socket: &Path,
+    drive: &str,
+) -> anyhow::Result<ExitCode> {
+    use coffre_engine::snapshotter::vm::{fleece::Fleece, qmp::Qmp, qmp_source};
+    let item = args.item.take().unwrap_or_else(|| drive.to_string());
+    coffre_engine::store::format::catalog::validate_item_name(&item)
+        .map_err(|e| anyhow::anyhow!("drive {drive:?} is no item name ({e}); pass --item"))?;
+    args.item = Some(item.clone());
+    let work = std::env::temp_dir().join(format!("coffre-qmp-{}", std::process::id()));
+    coffre_engine::store::store::local::private::create_private_dir(&work)
+        .with_context(|| format!("cannot create {}", work.display()))?;
+    let result = (|| {
+        let mut qmp = Qmp::connect(socket, std::time::Duration::from_secs(30))
+            .context("cannot back up the drive of a running VM")?;
+        let mut fleece = Fleece::start(&mut qmp, drive, &item, &work)
+            .context("cannot take the drive's point in time")?;
+        let uri = std::path::PathBuf::from(fleece.uri());
+        let source = std::path::PathBuf::from(qmp_source(socket, drive));
+        let done = run_from(ctx, dir, args, &source, &uri);
+        fleece.stop(&mut qmp);
+        done
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
 /// Runs `coffre backup`.
 pub fn run(ctx: &Ctx, dir: &Path, args: BackupArgs<'_>, image: &Path) -> anyhow::Result<ExitCode> {
+    run_from(ctx, dir, args, image, image)
+}
+
+/// Backs up `image` (the source the item records), reading it from
+/// `read_from` (the same, or the export of a running VM's point in time).
+fn run_from(
+    ctx: &Ctx,
+    dir: &Path,
+    args: BackupArgs<'_>,
+    image: &Path,
+    read_from: &Path,
+) -> anyhow::Result<ExitCode> {
     let BackupArgs {
         item,
         retain_until,
@@ -190,7 +236,7 @@ pub fn run(ctx: &Ctx, dir: &Path, args: BackupArgs<'_>, image: &Path) -> anyhow:
         min_blocks: cbt.cbt_sample_min,
     };
     let retain_until = parse_retain_until(retain_until, ctx.now())?;
-    let (source, hint) = open_source(image, cbt)?;
+    let (source, hint) = open_source(read_from, cbt)?;
     let (auto_protected, hooks, hook_warning) = ensure_protected(ctx, dir, &item, image)?;
     if let Some(w) = &hook_warning {
         tracing::warn!("{w}");

@@ -73,19 +73,25 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rate_limit,
             threads,
             cbt,
+            qmp,
+            drive,
             image,
-        } => crate::backup_cmd::run(
-            &ctx,
-            &vault.vault,
-            crate::backup_cmd::BackupArgs {
+        } => {
+            let args = crate::backup_cmd::BackupArgs {
                 item,
                 retain_until: retain_until.as_deref(),
                 rate_limit,
                 threads: threads.threads,
                 cbt: &cbt,
-            },
-            &image,
-        ),
+            };
+            match (qmp, drive, image) {
+                (Some(socket), Some(drive), _) => {
+                    crate::backup_cmd::run_qmp(&ctx, &vault.vault, args, &socket, &drive)
+                }
+                (_, _, Some(image)) => crate::backup_cmd::run(&ctx, &vault.vault, args, &image),
+                _ => anyhow::bail!("give an image, or --qmp SOCKET --drive NODE"),
+            }
+        }
         Command::Points { vault, item, from } => {
             let dir = crate::ctx::copy_dir(&vault.vault, from)?;
             crate::point_cmd::list(&ctx, &dir, &item)

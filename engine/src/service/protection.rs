@@ -47,7 +47,11 @@ pub fn protect(
         .map_err(EngineError::InvalidItemName)?;
     let pol = policies::get(vault, policy)?;
     let tz = pol.tz()?;
-    if !image.exists() && !coffre_snapshotter::nbd::is_nbd_uri(&image.to_string_lossy()) {
+    let text = image.to_string_lossy();
+    if !image.exists()
+        && !coffre_snapshotter::nbd::is_nbd_uri(&text)
+        && !coffre_snapshotter::vm::is_qmp_source(&text)
+    {
         return Err(coffre_snapshotter::SnapError::SourceNotFound {
             path: image.to_path_buf(),
         }

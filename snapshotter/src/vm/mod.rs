@@ -11,6 +11,17 @@ pub mod fleece;
 pub mod json_lines;
 pub mod qmp;
 
+/// The source a drive of a running VM is recorded as:
+/// `qmp+unix:///NODE?socket=SOCKET`.
+pub fn qmp_source(socket: &std::path::Path, node: &str) -> String {
+    format!("qmp+unix:///{node}?socket={}", socket.display())
+}
+
+/// True when `s` names a drive of a running VM ([`qmp_source`]).
+pub fn is_qmp_source(s: &str) -> bool {
+    s.starts_with("qmp+unix:///")
+}
+
 /// Fuzz entry point: reads arbitrary bytes as the lines a QEMU monitor or a
 /// guest agent sends and decodes each; never panics. Returns how many
 /// lines one of the two decoders accepted.
