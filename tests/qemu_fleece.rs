@@ -275,3 +275,46 @@ fn coffre_backup_qmp_backs_up_a_running_vms_drive_and_cleans_up() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no block node \"nope\""), "{err}");
 }
+
+/// QEMU has one NBD server: one another user started (libvirt's, with an
+/// export of its own) is never stopped by coffre, even when coffre cannot
+/// take its point in time beside it.
+#[test]
+fn a_foreign_nbd_server_and_its_export_are_left_alone() {
+    if !have_qemu_system() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let disk = t.path().join("disk.img");
+    std::fs::write(&disk, vec![0x11u8; 1 << 20]).unwrap();
+    let vm = start_vm(t.path(), &disk);
+    let mut q = Qmp::connect(&vm.qmp, Duration::from_secs(20)).unwrap();
+    let theirs = t.path().join("theirs.sock");
+    q.execute(
+        "nbd-server-start",
+        Some(json!({ "addr": { "type": "unix", "data": { "path": theirs } } })),
+    )
+    .unwrap();
+    q.execute(
+        "block-export-add",
+        Some(json!({ "type": "nbd", "id": "libvirt-export", "node-name": "disk0", "writable": false })),
+    )
+    .unwrap();
+    let work = t.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let e = Fleece::start(&mut q, "disk0", "vm", &work).unwrap_err();
+    assert!(e.to_string().contains("nbd-server-start"), "{e}");
+    let exports = q.execute("query-block-exports", None).unwrap();
+    let ids: Vec<&str> = exports
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["libvirt-export"], "their export survives");
+    assert_eq!(
+        coffre_nodes(&mut q),
+        ["libvirt-export"],
+        "nothing of coffre's is left"
+    );
+}

@@ -131,8 +131,8 @@ pub enum Command {
             conflicts_with = "image"
         )]
         qmp: Option<PathBuf>,
-        /// With `--qmp`: the block node name (or drive id) to back up; the
-        /// item name defaults to it.
+        /// With `--qmp`: the block node name to back up (see QEMU's
+        /// `query-named-block-nodes`); the item name defaults to it.
         #[arg(long, value_name = "NODE", requires = "qmp")]
         drive: Option<String>,
         /// The disk image: a raw file or block device, or an NBD export

@@ -186,9 +186,8 @@ pub fn run_qmp(
     coffre_engine::store::format::catalog::validate_item_name(&item)
         .map_err(|e| anyhow::anyhow!("drive {drive:?} is no item name ({e}); pass --item"))?;
     args.item = Some(item.clone());
-    let work = std::env::temp_dir().join(format!("coffre-qmp-{}", std::process::id()));
-    coffre_engine::store::store::local::private::create_private_dir(&work)
-        .with_context(|| format!("cannot create {}", work.display()))?;
+    let socket = &std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
+    let work = private_work_dir()?;
     let result = (|| {
         let mut qmp = Qmp::connect(socket, std::time::Duration::from_secs(30))
             .context("cannot back up the drive of a running VM")?;
@@ -202,6 +201,31 @@ pub fn run_qmp(
     })();
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+/// A new folder of this user's alone under the temporary directory, for a
+/// fleece's overlay and socket: a random name, created (0700) only if it
+/// did not exist, so nothing another user planted there is used.
+fn private_work_dir() -> anyhow::Result<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let tmp = std::env::temp_dir();
+    let mut last = None;
+    for attempt in 0..16u64 {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let tag = blake3::hash(format!("{seed}-{}-{attempt}", std::process::id()).as_bytes());
+        let dir = tmp.join(format!("coffre-qmp-{}", &tag.to_hex()[..16]));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(anyhow::anyhow!(
+        "cannot create a private folder in {}: {}",
+        tmp.display(),
+        last.map_or_else(String::new, |e| e.to_string())
+    ))
 }
 
 /// Runs `coffre backup`.

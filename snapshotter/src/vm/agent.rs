@@ -157,8 +157,11 @@ pub struct Frozen<'a> {
 impl Frozen<'_> {
     /// Thaws now, reporting a failure.
     pub fn thaw(mut self) -> Result<u64> {
+        // Marked thawed only once the agent said so: a failed thaw is
+        // tried again by the drop.
+        let n = self.agent.thaw()?;
         self.thawed = true;
-        self.agent.thaw()
+        Ok(n)
     }
 }
 

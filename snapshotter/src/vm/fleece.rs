@@ -7,8 +7,11 @@
 //! instant while the guest keeps writing. The node is exported over NBD
 //! on a private Unix socket and read with coffre's NBD client. Works on
 //! QEMU 7.2 (Debian 12) and later. Every node, job and export is named
-//! `coffre-<tag>-…`, so a later run finds what a killed one left
-//! ([`Fleece::clean_up`]).
+//! `coffre-<hash of the item>-…` (QEMU's node names are short), so a later
+//! run finds what a killed one left ([`Fleece::remove_leftovers`]). The
+//! NBD server is stopped only when this fleece started it, or when a
+//! killed run's server is left with no export at all: QEMU has one NBD
+//! server, and another user's (libvirt's) exports must survive.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,12 +41,15 @@ pub struct Names {
 }
 
 impl Names {
-    /// The names for `tag` (an item name: letters, digits, `-`, `_`, `.`).
+    /// The names for item `tag`: `coffre-` and 8 hex digits of its hash
+    /// (a node name must stay under 32 bytes, an item name may not).
     pub fn of(tag: &str) -> Names {
+        let h = blake3::hash(tag.as_bytes()).to_hex();
+        let short = h.get(..8).unwrap_or_default();
         Names {
-            node: format!("coffre-{tag}-fleece"),
-            job: format!("coffre-{tag}-job"),
-            export: format!("coffre-{tag}-export"),
+            node: format!("coffre-{short}-fleece"),
+            job: format!("coffre-{short}-job"),
+            export: format!("coffre-{short}-export"),
         }
     }
 }
@@ -56,6 +62,8 @@ pub struct Fleece {
     pub size: u64,
     socket: PathBuf,
     overlay: PathBuf,
+    /// This fleece started QEMU's NBD server (and so stops it).
+    server_started: bool,
     done: bool,
 }
 
@@ -82,7 +90,7 @@ impl Fleece {
             )));
         }
         let names = Names::of(tag);
-        Self::clean_up(qmp, &names);
+        Self::remove_leftovers(qmp, &names);
         let Some(size) = node_size(qmp, node)? else {
             return Err(qmp.error(format!(
                 "no block node {node:?} in this VM (see query-named-block-nodes)"
@@ -107,6 +115,7 @@ impl Fleece {
             size,
             socket,
             overlay,
+            server_started: false,
             done: false,
         };
         if let Err(e) = fleece.begin(qmp, node) {
@@ -139,6 +148,7 @@ impl Fleece {
             "nbd-server-start",
             Some(json!({ "addr": { "type": "unix", "data": { "path": self.socket } } })),
         )?;
+        self.server_started = true;
         qmp.execute(
             "block-export-add",
             Some(json!({
@@ -158,34 +168,106 @@ impl Fleece {
         )
     }
 
-    /// Ends the point in time: the export, the NBD server, the job and the
-    /// node go, and the temporary qcow2 with them. Best effort: what
-    /// cannot be removed now is removed by name by the next run.
+    /// Ends the point in time: the export, the NBD server (if this fleece
+    /// started it), the job and the node go, and the temporary qcow2 with
+    /// them. What cannot be removed now is named in a warning, and removed
+    /// by name by the next run.
     pub fn stop(&mut self, qmp: &mut Qmp) {
         if self.done {
             return;
         }
         self.done = true;
-        Self::clean_up(qmp, &self.names);
+        remove_export(qmp, &self.names.export);
+        if self.server_started {
+            let _ = qmp.execute("nbd-server-stop", None);
+        }
+        remove_job_and_node(qmp, &self.names);
         let _ = std::fs::remove_file(&self.overlay);
+        let left = leftovers(qmp, &self.names);
+        if !left.is_empty() {
+            tracing::warn!(left = ?left, "could not remove all of the point in time from QEMU; the next backup of the item removes it");
+        }
     }
 
-    /// Removes whatever a fleece of `names` left in QEMU (a killed run):
-    /// each step that finds nothing is skipped.
-    pub fn clean_up(qmp: &mut Qmp, names: &Names) {
-        let _ = qmp.execute("block-export-del", Some(json!({ "id": names.export })));
-        let _ = qmp.execute("nbd-server-stop", None);
-        if qmp
-            .execute(
-                "block-job-cancel",
-                Some(json!({ "device": names.job, "force": true })),
-            )
-            .is_ok()
-        {
-            wait_job_gone(qmp, &names.job, Duration::from_secs(30));
+    /// Removes what a killed run of the same item left in QEMU: its export,
+    /// its job and its node, and the NBD server only when no export at all
+    /// is left on it.
+    pub fn remove_leftovers(qmp: &mut Qmp, names: &Names) {
+        remove_export(qmp, &names.export);
+        remove_job_and_node(qmp, names);
+        let exports = qmp
+            .execute("query-block-exports", None)
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len));
+        if exports == Some(0) {
+            let _ = qmp.execute("nbd-server-stop", None);
         }
-        let _ = qmp.execute("blockdev-del", Some(json!({ "node-name": names.node })));
     }
+}
+
+/// Removes export `id` and waits (at most 5 s) until QEMU let it go: the
+/// removal ends asynchronously once its last client left.
+fn remove_export(qmp: &mut Qmp, id: &str) {
+    if qmp
+        .execute("block-export-del", Some(json!({ "id": id })))
+        .is_err()
+    {
+        return;
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) && named_in(qmp, "query-block-exports", "id", id)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Cancels the job, waits for it to end, and deletes the node (retried
+/// for a moment: it stays in use until the job and the export let go).
+fn remove_job_and_node(qmp: &mut Qmp, names: &Names) {
+    if qmp
+        .execute(
+            "block-job-cancel",
+            Some(json!({ "device": names.job, "force": true })),
+        )
+        .is_ok()
+    {
+        wait_job_gone(qmp, &names.job, Duration::from_secs(30));
+    }
+    let start = Instant::now();
+    while qmp
+        .execute("blockdev-del", Some(json!({ "node-name": names.node })))
+        .is_err()
+        && start.elapsed() < Duration::from_secs(5)
+        && named_in(qmp, "query-named-block-nodes", "node-name", &names.node)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True when `command` lists an entry whose `key` is `value`.
+fn named_in(qmp: &mut Qmp, command: &str, key: &str, value: &str) -> bool {
+    qmp.execute(command, None)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .is_some_and(|all| {
+            all.iter()
+                .any(|e| e.get(key).and_then(Value::as_str) == Some(value))
+        })
+}
+
+/// Which of `names` QEMU still has.
+fn leftovers(qmp: &mut Qmp, names: &Names) -> Vec<String> {
+    let mut left = Vec::new();
+    if named_in(qmp, "query-named-block-nodes", "node-name", &names.node) {
+        left.push(names.node.clone());
+    }
+    if named_in(qmp, "query-block-jobs", "device", &names.job) {
+        left.push(names.job.clone());
+    }
+    if named_in(qmp, "query-block-exports", "id", &names.export) {
+        left.push(names.export.clone());
+    }
+    left
 }
 
 /// Waits until job `id` left `query-block-jobs` (a cancelled job ends

@@ -14,8 +14,9 @@ use serde_json::{Value, json};
 use super::json_lines::{MAX_LINE, read_line, shown};
 use crate::error::{Result, SnapError};
 
-/// The most events kept between two [`Qmp::take_events`] calls (older
-/// ones are dropped: a chatty VM cannot grow the client's memory).
+/// The most event names kept between two [`Qmp::take_events`] calls
+/// (older ones are dropped, and an event's data is never kept: a chatty
+/// or hostile monitor cannot grow the client's memory).
 pub const MAX_EVENTS: usize = 1024;
 
 /// QEMU's version, from the greeting.
@@ -121,7 +122,7 @@ pub struct Qmp {
     writer: UnixStream,
     next_id: u64,
     version: QemuVersion,
-    events: Vec<(String, Value)>,
+    events: std::collections::VecDeque<String>,
 }
 
 impl Qmp {
@@ -184,7 +185,7 @@ impl Qmp {
                 minor: 0,
                 micro: 0,
             },
-            events: Vec::new(),
+            events: std::collections::VecDeque::new(),
         };
         match qmp.receive()? {
             Message::Greeting(v) => qmp.version = v,
@@ -239,12 +240,16 @@ impl Qmp {
             .map_err(|e| self.fail(format!("{command}: {e}")))?;
         loop {
             match self.receive()? {
-                Message::Event { name, data } => {
+                Message::Event { name, .. } => {
                     if self.events.len() >= MAX_EVENTS {
-                        self.events.remove(0);
+                        self.events.pop_front();
                     }
-                    self.events.push((name, data));
+                    self.events.push_back(name);
                 }
+                // A late reply to an earlier command (one that timed out):
+                // skipped, so it is never taken for this one's.
+                Message::Return { id: Some(got), .. } | Message::Error { id: Some(got), .. }
+                    if got < id => {}
                 Message::Return {
                     id: Some(got),
                     value,
@@ -265,9 +270,10 @@ impl Qmp {
         }
     }
 
-    /// The events received so far (oldest first), and forgets them.
-    pub fn take_events(&mut self) -> Vec<(String, Value)> {
-        std::mem::take(&mut self.events)
+    /// The names of the events received so far (oldest first), and
+    /// forgets them.
+    pub fn take_events(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.events).into()
     }
 }
 
@@ -324,7 +330,8 @@ mod tests {
     #[test]
     fn commands_get_their_own_replies_and_events_are_set_aside() {
         let (_d, path, h) = monitor(vec![
-            r#"{"return": {}, "id": {id}}"#,
+            // A late reply to an earlier command comes first: skipped.
+            "{\"return\": {}, \"id\": 0}\n{\"return\": {}, \"id\": {id}}",
             "{\"event\": \"JOB_STATUS_CHANGE\", \"data\": {\"id\": \"j\"}, \"timestamp\": {}}\n{\"return\": [{\"name\": \"query-version\"}], \"id\": {id}}",
             r#"{"error": {"class": "DeviceNotFound", "desc": "Device 'nope' not found"}, "id": {id}}"#,
         ]);
@@ -339,7 +346,7 @@ mod tests {
         );
         let r = q.execute("query-commands", None).unwrap();
         assert_eq!(r[0]["name"], "query-version");
-        assert_eq!(q.take_events()[0].0, "JOB_STATUS_CHANGE");
+        assert_eq!(q.take_events(), ["JOB_STATUS_CHANGE"]);
         let e = q
             .execute("block-dirty-bitmap-add", Some(json!({"node": "nope"})))
             .unwrap_err();
