@@ -102,6 +102,22 @@ fn guest_write(q: &mut Qmp, pattern: u8, at: usize, len: usize) {
     assert_eq!(out, Value::String(String::new()), "qemu-io: {out}");
 }
 
+/// `coffre backup --qmp` of drive `disk0` as item `vm`, which completes.
+fn backup_drive(vault: &Path, qmp: &Path) {
+    let b = json(&[
+        "backup",
+        "--vault",
+        s(vault),
+        "--qmp",
+        s(qmp),
+        "--drive",
+        "disk0",
+        "--item",
+        "vm",
+    ]);
+    assert_eq!(b["job"]["status"], "Completed", "{b}");
+}
+
 fn coffre_nodes(q: &mut Qmp) -> Vec<String> {
     let nodes = q
         .execute("query-named-block-nodes", Some(json!({ "flat": true })))
@@ -231,27 +247,13 @@ fn coffre_backup_qmp_backs_up_a_running_vms_drive_and_cleans_up() {
     std::fs::write(&disk, &bytes).unwrap();
     std::fs::write(&first, &bytes).unwrap();
     let vm = start_vm(t.path(), &disk);
-    let backup = || {
-        let b = json(&[
-            "backup",
-            "--vault",
-            s(&vault),
-            "--qmp",
-            s(&vm.qmp),
-            "--drive",
-            "disk0",
-            "--item",
-            "vm",
-        ]);
-        assert_eq!(b["job"]["status"], "Completed", "{b}");
-    };
-    backup();
+    backup_drive(&vault, &vm.qmp);
     {
         let mut q = Qmp::connect(&vm.qmp, Duration::from_secs(20)).unwrap();
         assert_eq!(coffre_nodes(&mut q), Vec::<String>::new(), "left behind");
         guest_write(&mut q, 0x42, 1 << 20, 65536);
     }
-    backup();
+    backup_drive(&vault, &vm.qmp);
     let pts = json(&["points", "--vault", s(&vault), "--item", "vm"]);
     let pts = pts.as_array().unwrap();
     assert_eq!(pts.len(), 2, "{pts:?}");
@@ -381,18 +383,7 @@ fn a_backup_killed_mid_transfer_is_cleaned_up_by_the_next() {
         left.contains(&names.node) && left.contains(&names.job),
         "{left:?}"
     );
-    let b = json(&[
-        "backup",
-        "--vault",
-        s(&vault),
-        "--qmp",
-        s(&vm.qmp),
-        "--drive",
-        "disk0",
-        "--item",
-        "vm",
-    ]);
-    assert_eq!(b["job"]["status"], "Completed", "{b}");
+    backup_drive(&vault, &vm.qmp);
     assert_eq!(coffre_nodes(&mut q), Vec::<String>::new(), "left behind");
     let r = t.path().join("r.img");
     ok(&restore_args(&vault, "vm", None, &r, false));

@@ -3,14 +3,14 @@
 //! time. A freeze hands back a [`Frozen`] guard that thaws when dropped,
 //! so no error path leaves the guest frozen.
 
-use std::io::{BufReader, Write};
+use std::io::BufReader;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::json_lines::{MAX_LINE, read_line, shown};
+use super::json_lines::{MAX_LINE, read_line, send, shown, split};
 use crate::error::{Result, SnapError};
 
 /// What the agent answered.
@@ -58,14 +58,10 @@ impl GuestAgent {
             reason,
         };
         let stream = UnixStream::connect(socket).map_err(|e| fail(e.to_string()))?;
-        stream
-            .set_read_timeout(Some(timeout))
-            .and_then(|()| stream.set_write_timeout(Some(timeout)))
-            .map_err(|e| fail(e.to_string()))?;
-        let writer = stream.try_clone().map_err(|e| fail(e.to_string()))?;
+        let (reader, writer) = split(stream, timeout).map_err(|e| fail(e.to_string()))?;
         let mut agent = GuestAgent {
             socket: socket.to_path_buf(),
-            reader: BufReader::new(stream),
+            reader,
             writer,
         };
         // The token is echoed after a 0xFF byte: what comes before it is
@@ -91,16 +87,10 @@ impl GuestAgent {
         if let Some(a) = arguments {
             msg["arguments"] = a;
         }
-        let mut bytes = msg.to_string().into_bytes();
-        bytes.push(b'\n');
-        if sync {
-            // A 0xFF first makes the agent drop a partial command a dead
-            // client left.
-            bytes.insert(0, 0xFF);
-        }
-        self.writer
-            .write_all(&bytes)
-            .map_err(|e| self.fail(format!("{command}: {e}")))?;
+        // With the sync, a 0xFF first makes the agent drop a partial
+        // command a dead client left.
+        let prefix: &[u8] = if sync { &[0xFF] } else { &[] };
+        send(&mut self.writer, prefix, &msg).map_err(|e| self.fail(format!("{command}: {e}")))?;
         let line = read_line(&mut self.reader, MAX_LINE, sync)
             .map_err(|e| self.fail(format!("{command}: {e}")))?
             .ok_or_else(|| self.fail(format!("{command}: the agent closed the connection")))?;

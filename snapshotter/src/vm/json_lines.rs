@@ -72,6 +72,34 @@ pub fn read_line(
     Ok(Some(line))
 }
 
+/// Splits a connected socket into a buffered reader and a writer, each
+/// exchange bounded by `timeout`.
+pub fn split(
+    stream: std::os::unix::net::UnixStream,
+    timeout: std::time::Duration,
+) -> std::io::Result<(
+    std::io::BufReader<std::os::unix::net::UnixStream>,
+    std::os::unix::net::UnixStream,
+)> {
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let writer = stream.try_clone()?;
+    Ok((std::io::BufReader::new(stream), writer))
+}
+
+/// Writes `msg` as one line, after `prefix` bytes (a guest agent's `0xFF`
+/// resync).
+pub fn send(
+    w: &mut impl std::io::Write,
+    prefix: &[u8],
+    msg: &serde_json::Value,
+) -> std::io::Result<()> {
+    let mut bytes = prefix.to_vec();
+    bytes.extend_from_slice(msg.to_string().as_bytes());
+    bytes.push(b'\n');
+    w.write_all(&bytes)
+}
+
 /// A string a peer sent, as it may be shown in a message: at most 200
 /// characters, control characters replaced.
 pub fn shown(s: &str) -> String {

@@ -4,14 +4,14 @@
 //! whole and bounded ([`super::json_lines`]), and a failed command comes
 //! back as [`SnapError::Qmp`] with QEMU's error class and description.
 
-use std::io::{BufReader, Write};
+use std::io::BufReader;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::json_lines::{MAX_LINE, read_line, shown};
+use super::json_lines::{MAX_LINE, read_line, send, shown, split};
 use crate::error::{Result, SnapError};
 
 /// The most event names kept between two [`Qmp::take_events`] calls
@@ -170,14 +170,10 @@ impl Qmp {
             socket: socket.to_path_buf(),
             reason,
         };
-        stream
-            .set_read_timeout(Some(timeout))
-            .and_then(|()| stream.set_write_timeout(Some(timeout)))
-            .map_err(|e| fail(e.to_string()))?;
-        let writer = stream.try_clone().map_err(|e| fail(e.to_string()))?;
+        let (reader, writer) = split(stream, timeout).map_err(|e| fail(e.to_string()))?;
         let mut qmp = Qmp {
             socket: socket.to_path_buf(),
-            reader: BufReader::new(stream),
+            reader,
             writer,
             next_id: 1,
             version: QemuVersion {
@@ -233,11 +229,7 @@ impl Qmp {
         if let Some(a) = arguments {
             msg["arguments"] = a;
         }
-        let mut bytes = msg.to_string().into_bytes();
-        bytes.push(b'\n');
-        self.writer
-            .write_all(&bytes)
-            .map_err(|e| self.fail(format!("{command}: {e}")))?;
+        send(&mut self.writer, &[], &msg).map_err(|e| self.fail(format!("{command}: {e}")))?;
         loop {
             match self.receive()? {
                 Message::Event { name, .. } => {

@@ -17,6 +17,16 @@ use crate::format::remote::{REMOTE_FILE, Remote};
 use crate::format::repl_state::{ReplicationState, STATE_FILE};
 use crate::store::{LocalStore, Store};
 
+/// `name` decoded, or `None` when it is missing, unreadable or does not
+/// decode: for the state files whose absence has a safe meaning.
+fn read_lenient<T>(
+    store: &dyn Store,
+    name: &str,
+    decode: impl Fn(&[u8]) -> Option<T>,
+) -> Option<T> {
+    store.get(name).ok().flatten().and_then(|b| decode(&b))
+}
+
 /// Reads the config of the copy in `store`; `dir` names the vault in
 /// errors. A copy without one is not a vault.
 pub fn load_config(store: &dyn Store, dir: &Path) -> Result<VaultConfig> {
@@ -40,12 +50,7 @@ pub fn load_config(store: &dyn Store, dir: &Path) -> Result<VaultConfig> {
 
 /// The format version the copy's config is stored at (0 if unreadable).
 pub fn stored_config_version(store: &dyn Store) -> u32 {
-    store
-        .get(CONFIG_FILE)
-        .ok()
-        .flatten()
-        .and_then(|b| envelope::claimed_version(&b))
-        .unwrap_or(0)
+    read_lenient(store, CONFIG_FILE, envelope::claimed_version).unwrap_or(0)
 }
 
 /// Replaces the copy's config durably.
@@ -56,11 +61,7 @@ pub fn store_config(store: &dyn Store, config: &VaultConfig) -> Result<()> {
 /// The role the copy says it has (a vault from before copies existed has
 /// no identity: it is a primary).
 pub fn copy_role(store: &dyn Store) -> Role {
-    store
-        .get(COPY_FILE)
-        .ok()
-        .flatten()
-        .and_then(|b| catalog_files::decode_copy(&b).ok())
+    read_lenient(store, COPY_FILE, |b| catalog_files::decode_copy(b).ok())
         .map_or(Role::Primary, |c| c.role)
 }
 
@@ -79,12 +80,7 @@ pub fn write_identity(store: &dyn Store, config: &VaultConfig, role: Role) -> Re
 /// The damaged chunks the copy lists (none when the file is missing or
 /// unreadable: healing is an optimisation, never a condition).
 pub fn load_damaged(store: &dyn Store) -> BTreeSet<ChunkId> {
-    store
-        .get(DAMAGED_FILE)
-        .ok()
-        .flatten()
-        .and_then(|b| damaged::decode(&b).ok())
-        .unwrap_or_default()
+    read_lenient(store, DAMAGED_FILE, |b| damaged::decode(b).ok()).unwrap_or_default()
 }
 
 /// Replaces the damaged list (removes the file when it is empty).
@@ -113,12 +109,7 @@ pub fn store_remote(store: &dyn Store, remote: &Remote) -> Result<()> {
 /// The replication state the copy holds (empty when it has none or it is
 /// damaged: replication then starts over, which is always safe).
 pub fn load_replication_state(store: &dyn Store) -> ReplicationState {
-    store
-        .get(STATE_FILE)
-        .ok()
-        .flatten()
-        .and_then(|b| ReplicationState::decode(&b).ok())
-        .unwrap_or_default()
+    read_lenient(store, STATE_FILE, |b| ReplicationState::decode(b).ok()).unwrap_or_default()
 }
 
 /// Replaces the replication state durably.

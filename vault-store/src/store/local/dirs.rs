@@ -14,11 +14,7 @@ use crate::error::{Result, StoreError};
 impl LocalStore {
     /// True when the root is missing or an empty folder.
     pub fn root_is_empty(&self) -> Result<bool> {
-        match fs::read_dir(self.root()) {
-            Ok(mut entries) => Ok(entries.next().is_none()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(true),
-            Err(e) => Err(StoreError::io("read directory", self.root(), e)),
-        }
+        empty_or_missing(self.root())
     }
 
     /// Creates the root (owner-only, with missing parents) durably; an
@@ -56,12 +52,7 @@ impl LocalStore {
 
     /// True when `name` is a folder with nothing in it, or missing.
     pub fn dir_is_empty(&self, name: &str) -> Result<bool> {
-        let path = self.path(name)?;
-        match fs::read_dir(&path) {
-            Ok(mut entries) => Ok(entries.next().is_none()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(true),
-            Err(e) => Err(StoreError::io("read directory", &path, e)),
-        }
+        empty_or_missing(&self.path(name)?)
     }
 
     /// Removes folder `name` and everything in it, durably; `false` when
@@ -85,5 +76,14 @@ impl LocalStore {
             fsync_dir(dir)?;
         }
         Ok(true)
+    }
+}
+
+/// True when `dir` is missing or an empty folder.
+fn empty_or_missing(dir: &std::path::Path) -> Result<bool> {
+    match fs::read_dir(dir) {
+        Ok(mut entries) => Ok(entries.next().is_none()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(StoreError::io("read directory", dir, e)),
     }
 }
