@@ -8,145 +8,17 @@
 //! node, job and export coffre added is gone from QEMU. Skipped with a
 //! message where `qemu-system-x86_64` is missing.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use coffre_engine::snapshotter::vm::fleece::{Fleece, Names};
 use coffre_engine::snapshotter::vm::qmp::Qmp;
-use serde_json::{Value, json};
+use serde_json::json;
 
+use crate::common::qemu::*;
 use crate::common::*;
 
 const SIZE: usize = 8 << 20;
-
-/// A QEMU process killed when dropped.
-struct Vm {
-    child: Child,
-    qmp: PathBuf,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn have_qemu_system() -> bool {
-    let ok = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        skip(
-            "QEMU live backup: qemu-system-x86_64 missing (apt-get install qemu-system-x86 qemu-utils from one release)",
-        );
-    }
-    ok
-}
-
-/// Starts QEMU with `disk` as block node `disk0` behind device `vda`.
-fn start_vm(dir: &Path, disk: &Path) -> Vm {
-    start_vm_with(dir, disk, &[])
-}
-
-/// [`start_vm`] with more arguments (a second monitor, say).
-fn start_vm_with(dir: &Path, disk: &Path, extra: &[String]) -> Vm {
-    let qmp = dir.join("qmp.sock");
-    let child = Command::new("qemu-system-x86_64")
-        .args(extra)
-        .args([
-            "-machine",
-            "q35,accel=tcg",
-            "-S",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-blockdev")
-        .arg(format!(
-            "driver=file,filename={},node-name=disk0-file",
-            disk.display()
-        ))
-        .args(["-blockdev", "driver=raw,file=disk0-file,node-name=disk0"])
-        .args(["-device", "virtio-blk-pci,drive=disk0,id=vda"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start qemu-system-x86_64");
-    let start = Instant::now();
-    while !qmp.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "QEMU did not open its monitor"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Vm { child, qmp }
-}
-
-/// Writes `pattern` at `at` through the device, as a guest would.
-fn guest_write(q: &mut Qmp, pattern: u8, at: usize, len: usize) {
-    let out = q
-        .execute(
-            "human-monitor-command",
-            Some(json!({ "command-line": format!(
-                "qemu-io -d /machine/peripheral/vda/virtio-backend \"write -P {pattern} {at} {len}\""
-            )})),
-        )
-        .unwrap();
-    assert_eq!(out, Value::String(String::new()), "qemu-io: {out}");
-}
-
-/// `coffre backup --qmp` of drive `disk0` as item `vm`, which completes.
-fn backup_drive(vault: &Path, qmp: &Path) {
-    let b = json(&[
-        "backup",
-        "--vault",
-        s(vault),
-        "--qmp",
-        s(qmp),
-        "--drive",
-        "disk0",
-        "--item",
-        "vm",
-    ]);
-    assert_eq!(b["job"]["status"], "Completed", "{b}");
-}
-
-fn coffre_nodes(q: &mut Qmp) -> Vec<String> {
-    let nodes = q
-        .execute("query-named-block-nodes", Some(json!({ "flat": true })))
-        .unwrap();
-    let mut names: Vec<String> = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|n| n["node-name"].as_str())
-        .filter(|n| n.starts_with("coffre-"))
-        .map(str::to_string)
-        .collect();
-    let jobs = q.execute("query-block-jobs", None).unwrap();
-    names.extend(
-        jobs.as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|j| j["device"].as_str().map(str::to_string)),
-    );
-    let exports = q.execute("query-block-exports", None).unwrap();
-    names.extend(
-        exports
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|e| e["id"].as_str().map(str::to_string)),
-    );
-    names
-}
 
 #[test]
 fn a_running_vms_disk_is_backed_up_as_it_was_at_the_instant() {

@@ -12,6 +12,8 @@ use std::process::{Child, Command, Output, Stdio};
 
 pub use coffre_vault_store::skip::skip;
 
+pub mod qemu;
+
 /// Path of the binary under test.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_coffre"))

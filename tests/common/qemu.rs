@@ -1,0 +1,151 @@
+//! A running QEMU for the live-backup tests: no guest OS, CPUs stopped
+//! (`-S`), TCG, one disk as block node `disk0` behind virtio device `vda`;
+//! "guest" writes go through the device with HMP `qemu-io`, so they pass
+//! QEMU's copy-before-write filter like a guest's would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use coffre_engine::snapshotter::vm::qmp::Qmp;
+use serde_json::{Value, json};
+
+use super::*;
+
+/// A QEMU process killed when dropped.
+pub struct Vm {
+    /// The QEMU process.
+    pub child: Child,
+    /// Its monitor socket.
+    pub qmp: PathBuf,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn have_qemu_system() -> bool {
+    let ok = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        skip(
+            "QEMU live backup: qemu-system-x86_64 missing (apt-get install qemu-system-x86 qemu-utils from one release)",
+        );
+    }
+    ok
+}
+
+/// Starts QEMU with raw `disk` as block node `disk0` behind device `vda`.
+pub fn start_vm(dir: &Path, disk: &Path) -> Vm {
+    start_vm_with(dir, disk, &[])
+}
+
+/// [`start_vm`] with more arguments (a second monitor, say).
+pub fn start_vm_with(dir: &Path, disk: &Path, extra: &[String]) -> Vm {
+    start_vm_as(dir, disk, "raw", extra)
+}
+
+/// Starts QEMU with `disk` (of `format`: `raw` or `qcow2`) as block node
+/// `disk0` behind device `vda`, and `extra` arguments.
+pub fn start_vm_as(dir: &Path, disk: &Path, format: &str, extra: &[String]) -> Vm {
+    let qmp = dir.join("qmp.sock");
+    let child = Command::new("qemu-system-x86_64")
+        .args(extra)
+        .args([
+            "-machine",
+            "q35,accel=tcg",
+            "-S",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-blockdev")
+        .arg(format!(
+            "driver=file,filename={},node-name=disk0-file",
+            disk.display()
+        ))
+        .arg("-blockdev")
+        .arg(format!("driver={format},file=disk0-file,node-name=disk0"))
+        .args(["-device", "virtio-blk-pci,drive=disk0,id=vda"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qemu-system-x86_64");
+    let start = Instant::now();
+    while !qmp.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "QEMU did not open its monitor"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Vm { child, qmp }
+}
+
+/// Writes `pattern` at `at` through the device, as a guest would.
+pub fn guest_write(q: &mut Qmp, pattern: u8, at: usize, len: usize) {
+    let out = q
+        .execute(
+            "human-monitor-command",
+            Some(json!({ "command-line": format!(
+                "qemu-io -d /machine/peripheral/vda/virtio-backend \"write -P {pattern} {at} {len}\""
+            )})),
+        )
+        .unwrap();
+    assert_eq!(out, Value::String(String::new()), "qemu-io: {out}");
+}
+
+/// `coffre backup --qmp` of drive `disk0` as item `vm`, which completes.
+pub fn backup_drive(vault: &Path, qmp: &Path) {
+    let b = json(&[
+        "backup",
+        "--vault",
+        s(vault),
+        "--qmp",
+        s(qmp),
+        "--drive",
+        "disk0",
+        "--item",
+        "vm",
+    ]);
+    assert_eq!(b["job"]["status"], "Completed", "{b}");
+}
+
+/// Every node, job and export of coffre's (and any export) in QEMU.
+pub fn coffre_nodes(q: &mut Qmp) -> Vec<String> {
+    let nodes = q
+        .execute("query-named-block-nodes", Some(json!({ "flat": true })))
+        .unwrap();
+    let mut names: Vec<String> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .filter(|n| n.starts_with("coffre-"))
+        .map(str::to_string)
+        .collect();
+    let jobs = q.execute("query-block-jobs", None).unwrap();
+    names.extend(
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|j| j["device"].as_str().map(str::to_string)),
+    );
+    let exports = q.execute("query-block-exports", None).unwrap();
+    names.extend(
+        exports
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["id"].as_str().map(str::to_string)),
+    );
+    names
+}
