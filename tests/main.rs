@@ -30,6 +30,7 @@ mod object_store;
 mod policy_rules;
 mod power_loss;
 mod protection;
+mod qemu_bitmap;
 mod qemu_fleece;
 mod rebuild_kill;
 mod redundancy;

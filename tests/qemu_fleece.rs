@@ -99,7 +99,11 @@ fn what_a_killed_run_left_in_qemu_is_removed_by_name_by_the_next() {
     assert_eq!(coffre_nodes(&mut q), Vec::<String>::new());
     // A node that does not exist, and a monitor that is gone, are named.
     let e = Fleece::start(&mut q, "nope", "vm", &work).unwrap_err();
-    assert!(e.to_string().contains("no block node \"nope\""), "{e}");
+    assert!(
+        e.to_string()
+            .contains("no block node, drive or device \"nope\""),
+        "{e}"
+    );
     drop(q);
     drop(vm);
     let e = Qmp::connect(&t.path().join("qmp.sock"), Duration::from_secs(2)).unwrap_err();
@@ -153,7 +157,10 @@ fn coffre_backup_qmp_backs_up_a_running_vms_drive_and_cleans_up() {
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no block node \"nope\""), "{err}");
+    assert!(
+        err.contains("no block node, drive or device \"nope\""),
+        "{err}"
+    );
 }
 
 /// QEMU has one NBD server: one another user started (libvirt's, with an

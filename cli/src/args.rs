@@ -131,10 +131,16 @@ pub enum Command {
             conflicts_with = "image"
         )]
         qmp: Option<PathBuf>,
-        /// With `--qmp`: the block node name to back up (see QEMU's
-        /// `query-named-block-nodes`); the item name defaults to it.
+        /// With `--qmp`: the drive to back up: a block node name, a drive id
+        /// or a device id (see QEMU's `query-named-block-nodes` and
+        /// `query-block`); the item name defaults to it.
         #[arg(long, value_name = "NODE", requires = "qmp")]
         drive: Option<String>,
+        /// With `--qmp`: the QEMU guest agent's socket. The guest's file
+        /// systems are frozen for the instant (milliseconds) and thawed at
+        /// once: the point is file-system-consistent.
+        #[arg(long, value_name = "SOCKET", requires = "qmp")]
+        guest_agent: Option<PathBuf>,
         /// The disk image: a raw file or block device, or an NBD export
         /// (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`),
         /// e.g. `qemu-nbd` over a qcow2 or a libvirt pull-mode backup.

@@ -7,12 +7,14 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use coffre_engine::backup::PointTerms;
-use coffre_engine::backup_job::{JobOptions, Writer, run_backup_job};
+use coffre_engine::backup_job::{JobOptions, Writer, run_backup_job, run_live_backup_job};
 use coffre_engine::cbt::{Hint, Sampling};
 use coffre_engine::nbd::{is_nbd_uri, open_any};
 use coffre_engine::policy::DEFAULT_POLICY;
 use coffre_engine::protection::{canonical, protect};
 use coffre_engine::retention::ON_DEMAND_DEFAULT_DAYS;
+use coffre_engine::snapshotter::source::LiveSource;
+use coffre_engine::snapshotter::vm::live::{QmpDrive, QmpTarget};
 use coffre_engine::store::format::catalog::Hooks;
 use coffre_engine::store::jobs::{JobRecord, PhaseStatus};
 use coffre_engine::store::{Access, Protection};
@@ -170,77 +172,61 @@ fn nbd_item_name(image: &Path) -> Option<String> {
         .filter(|e| !e.is_empty())
 }
 
-/// Runs `coffre backup --qmp SOCKET --drive NODE`: the drive of a running
-/// VM is taken at one instant (a fleecing export, removed at the end
-/// whatever happens) and backed up from that export; the item's source is
-/// recorded as `qmp+unix:///NODE?socket=SOCKET`.
+/// Runs `coffre backup --qmp SOCKET --drive NODE [--guest-agent SOCKET]`:
+/// the job takes the drive's point in time itself, through QEMU (a
+/// fleecing export and the item's dirty-bitmap chain, removed or moved on
+/// at the end whatever happens), with the guest frozen for the instant when
+/// an agent is given. The item records the target's `qmp+unix://` source.
 pub fn run_qmp(
     ctx: &Ctx,
     dir: &Path,
     mut args: BackupArgs<'_>,
-    socket: &Path,
-    drive: &str,
+    target: QmpTarget,
 ) -> anyhow::Result<ExitCode> {
-    use coffre_engine::snapshotter::vm::{fleece::Fleece, qmp::Qmp, qmp_source};
-    let item = args.item.take().unwrap_or_else(|| drive.to_string());
-    coffre_engine::store::format::catalog::validate_item_name(&item)
-        .map_err(|e| anyhow::anyhow!("drive {drive:?} is no item name ({e}); pass --item"))?;
-    args.item = Some(item.clone());
-    let socket = &std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
-    let work = private_work_dir()?;
-    let result = (|| {
-        let mut qmp = Qmp::connect(socket, std::time::Duration::from_secs(30))
-            .context("cannot back up the drive of a running VM")?;
-        let mut fleece = Fleece::start(&mut qmp, drive, &item, &work)
-            .context("cannot take the drive's point in time")?;
-        let uri = std::path::PathBuf::from(fleece.uri());
-        let source = std::path::PathBuf::from(qmp_source(socket, drive));
-        let done = run_from(ctx, dir, args, &source, &uri);
-        fleece.stop(&mut qmp);
-        done
-    })();
-    let _ = std::fs::remove_dir_all(&work);
-    result
+    if args.cbt.changed_blocks.is_some() || args.cbt.bitmap.is_some() {
+        anyhow::bail!(
+            "--qmp keeps its own dirty bitmaps: --changed-blocks and --bitmap do not apply"
+        );
+    }
+    let item = args.item.take().unwrap_or_else(|| target.drive.clone());
+    coffre_engine::store::format::catalog::validate_item_name(&item).map_err(|e| {
+        anyhow::anyhow!(
+            "drive {:?} is no item name ({e}); pass --item",
+            target.drive
+        )
+    })?;
+    args.item = Some(item);
+    let vault_id = coffre_engine::store::VaultConfig::load(dir)
+        .with_context(|| format!("cannot read the vault at {}", dir.display()))?
+        .vault_id;
+    let source = std::path::PathBuf::from(target.source());
+    let mut drive = QmpDrive::new(target, &vault_id);
+    run_from(ctx, dir, args, &source, Via::Live(&mut drive))
 }
 
-/// A new folder of this user's alone under the temporary directory, for a
-/// fleece's overlay and socket: a random name, created (0700) only if it
-/// did not exist, so nothing another user planted there is used.
-fn private_work_dir() -> anyhow::Result<std::path::PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let tmp = std::env::temp_dir();
-    let mut last = None;
-    for attempt in 0..16u64 {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let tag = blake3::hash(format!("{seed}-{}-{attempt}", std::process::id()).as_bytes());
-        let dir = tmp.join(format!("coffre-qmp-{}", &tag.to_hex()[..16]));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(anyhow::anyhow!(
-        "cannot create a private folder in {}: {}",
-        tmp.display(),
-        last.map_or_else(String::new, |e| e.to_string())
-    ))
+/// Where a backup reads its image.
+enum Via<'a> {
+    /// The image itself (a file, a block device, an NBD export), opened,
+    /// and the hint its options gave.
+    Image(Box<dyn ImageSource>, Option<Hint>),
+    /// A point in time the job takes itself (a running VM's drive).
+    Live(&'a mut dyn LiveSource),
 }
 
 /// Runs `coffre backup`.
 pub fn run(ctx: &Ctx, dir: &Path, args: BackupArgs<'_>, image: &Path) -> anyhow::Result<ExitCode> {
-    run_from(ctx, dir, args, image, image)
+    let (source, hint) = open_source(image, args.cbt)?;
+    run_from(ctx, dir, args, image, Via::Image(source, hint))
 }
 
-/// Backs up `image` (the source the item records), reading it from
-/// `read_from` (the same, or the export of a running VM's point in time).
+/// Backs up `image` (the source the item records), reading it as `via`
+/// says.
 fn run_from(
     ctx: &Ctx,
     dir: &Path,
     args: BackupArgs<'_>,
     image: &Path,
-    read_from: &Path,
+    via: Via<'_>,
 ) -> anyhow::Result<ExitCode> {
     let BackupArgs {
         item,
@@ -260,7 +246,6 @@ fn run_from(
         min_blocks: cbt.cbt_sample_min,
     };
     let retain_until = parse_retain_until(retain_until, ctx.now())?;
-    let (source, hint) = open_source(read_from, cbt)?;
     let (auto_protected, hooks, hook_warning) = ensure_protected(ctx, dir, &item, image)?;
     if let Some(w) = &hook_warning {
         tracing::warn!("{w}");
@@ -273,34 +258,44 @@ fn run_from(
     }
     let snap_bar = Bar::new("snapshot");
     let transfer_bar = Bar::new("transfer");
-    let outcome = run_backup_job(
-        dir,
-        &*source,
-        JobOptions {
-            backup: BackupOptions {
-                item: item.clone(),
-                source_path: canonical(image),
-                threads,
-                rate_limit,
-                hooks,
-                allow_clone: ctx.allow_clone,
-                snapshot_root: ctx.snapshot_root.clone(),
-                hint,
-                sampling,
-                notes: hook_warning.into_iter().collect(),
-            },
-            terms: PointTerms {
-                scheduled: false,
-                retain_until: Some(retain_until),
-                job: None,
-            },
-            writer: Writer::Open(ctx.open_options()),
-            stop: &|| false,
+    let (via, hint) = match via {
+        Via::Image(source, hint) => (Via::Image(source, None), hint),
+        live => (live, None),
+    };
+    let options = JobOptions {
+        backup: BackupOptions {
+            item: item.clone(),
+            source_path: canonical(image),
+            threads,
+            rate_limit,
+            hooks,
+            allow_clone: ctx.allow_clone,
+            snapshot_root: ctx.snapshot_root.clone(),
+            hint,
+            sampling,
+            notes: hook_warning.into_iter().collect(),
         },
-        &*ctx.clock,
-        &snap_bar,
-        &transfer_bar,
-    )
+        terms: PointTerms {
+            scheduled: false,
+            retain_until: Some(retain_until),
+            job: None,
+        },
+        writer: Writer::Open(ctx.open_options()),
+        stop: &|| false,
+    };
+    let outcome = match via {
+        Via::Live(live) => {
+            run_live_backup_job(dir, live, options, &*ctx.clock, &snap_bar, &transfer_bar)
+        }
+        Via::Image(source, _) => run_backup_job(
+            dir,
+            &*source,
+            options,
+            &*ctx.clock,
+            &snap_bar,
+            &transfer_bar,
+        ),
+    }
     .with_context(|| {
         format!(
             "backup of {} into {} failed",

@@ -75,6 +75,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cbt,
             qmp,
             drive,
+            guest_agent,
             image,
         } => {
             let args = crate::backup_cmd::BackupArgs {
@@ -86,7 +87,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             match (qmp, drive, image) {
                 (Some(socket), Some(drive), _) => {
-                    crate::backup_cmd::run_qmp(&ctx, &vault.vault, args, &socket, &drive)
+                    let absolute = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p);
+                    let target = coffre_engine::snapshotter::vm::live::QmpTarget {
+                        socket: absolute(socket),
+                        drive,
+                        agent: guest_agent.map(absolute),
+                    };
+                    crate::backup_cmd::run_qmp(&ctx, &vault.vault, args, target)
                 }
                 (_, _, Some(image)) => crate::backup_cmd::run(&ctx, &vault.vault, args, &image),
                 _ => anyhow::bail!("give an image, or --qmp SOCKET --drive NODE"),

@@ -77,6 +77,7 @@ pub fn take_snapshot(area: &Area, vault: &Path, job: &str, image: &[u8], at: i64
             hint: None,
             sampling: Default::default(),
             parent_point: None,
+            taken: None,
         },
         &NoProgress,
     )

@@ -169,6 +169,8 @@ pub struct SnapshotOptions<'a> {
     pub cancelled: &'a (dyn Fn() -> bool + Sync),
     /// The item's latest vault point (a hint must be relative to it).
     pub parent_point: Option<&'a str>,
+    /// The point in time was taken before the capture (a live source).
+    pub taken: Option<&'a coffre_snapshotter::source::PointInTime>,
 }
 
 /// The snapshot phase: captures `source` into the vault's snapshot area
@@ -213,6 +215,7 @@ pub fn take_snapshot(
             hint: opts.hint.as_ref(),
             sampling: opts.sampling,
             parent_point: snap.parent_point,
+            taken: snap.taken,
         },
         progress,
     )?)
@@ -242,6 +245,7 @@ pub fn backup(
             pool: &pool,
             cancelled: &|| false,
             parent_point: parent.as_deref(),
+            taken: None,
         },
         &NoProgress,
     )?;

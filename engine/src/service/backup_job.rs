@@ -24,6 +24,7 @@ use jiff::Timestamp;
 
 use coffre_snapshotter::SnapError;
 use coffre_snapshotter::capture::Captured;
+use coffre_snapshotter::source::{LiveSource, PointInTime, TakeRequest};
 
 use crate::backup::{
     BackupOptions, PointTerms, SnapshotOptions, take_snapshot, thread_pool, transfer,
@@ -74,6 +75,14 @@ fn now(clock: &dyn Clock) -> Timestamp {
     clock.now()
 }
 
+/// Where a job's image comes from.
+enum JobSource<'a> {
+    /// An image the caller opened.
+    Image(&'a dyn ImageSource),
+    /// A point in time the job takes itself (a running VM's drive).
+    Live(&'a mut dyn LiveSource),
+}
+
 /// Runs a backup job of `source` into the vault at `vault_dir`.
 pub fn run_backup_job(
     vault_dir: &Path,
@@ -83,6 +92,88 @@ pub fn run_backup_job(
     snapshot_progress: &dyn Progress,
     transfer_progress: &dyn Progress,
 ) -> Result<JobOutcome> {
+    run_job(
+        vault_dir,
+        JobSource::Image(source),
+        opts,
+        clock,
+        snapshot_progress,
+        transfer_progress,
+    )
+}
+
+/// Runs a backup job whose point in time the job takes itself, at the
+/// start of its snapshot phase and under the item's snapshot lock (a
+/// running VM's drive). The point is released once captured, and the
+/// source is told at the end whether it reached the vault. `opts.backup`'s
+/// hint is not used: the source gives its own.
+pub fn run_live_backup_job(
+    vault_dir: &Path,
+    live: &mut dyn LiveSource,
+    opts: JobOptions<'_>,
+    clock: &dyn Clock,
+    snapshot_progress: &dyn Progress,
+    transfer_progress: &dyn Progress,
+) -> Result<JobOutcome> {
+    run_job(
+        vault_dir,
+        JobSource::Live(live),
+        opts,
+        clock,
+        snapshot_progress,
+        transfer_progress,
+    )
+}
+
+fn run_job(
+    vault_dir: &Path,
+    mut source: JobSource<'_>,
+    opts: JobOptions<'_>,
+    clock: &dyn Clock,
+    snapshot_progress: &dyn Progress,
+    transfer_progress: &dyn Progress,
+) -> Result<JobOutcome> {
+    let (mut job, point, error) = run_phases(
+        vault_dir,
+        &mut source,
+        &opts,
+        clock,
+        snapshot_progress,
+        transfer_progress,
+    )?;
+    if let JobSource::Live(live) = source {
+        // The source's chain moves on only with a committed point; its
+        // warnings join the job's.
+        let warnings = live.settle(point.is_some() && error.is_none());
+        if !warnings.is_empty() {
+            job.update(now(clock), |r| add_warnings(r, &warnings))?;
+        }
+    }
+    Ok(finish(job, point, error))
+}
+
+/// Appends `more` to a job's `warnings`.
+fn add_warnings(r: &mut JobRecord, more: &[String]) {
+    if more.is_empty() {
+        return;
+    }
+    if let serde_json::Value::Array(w) = r
+        .stats
+        .entry("warnings".into())
+        .or_insert_with(|| serde_json::Value::Array(Vec::new()))
+    {
+        w.extend(more.iter().cloned().map(serde_json::Value::from));
+    }
+}
+
+fn run_phases(
+    vault_dir: &Path,
+    source: &mut JobSource<'_>,
+    opts: &JobOptions<'_>,
+    clock: &dyn Clock,
+    snapshot_progress: &dyn Progress,
+    transfer_progress: &dyn Progress,
+) -> Result<(RunningJob, Option<PointRecord>, Option<EngineError>)> {
     let item = opts.backup.item.clone();
     let store = JobStore::new(vault_dir);
     let mut job = store.start(JobRecord::new(
@@ -100,7 +191,7 @@ pub fn run_backup_job(
     let snap = match snapshot_phase(
         vault_dir,
         source,
-        &opts,
+        opts,
         &mut job,
         &config,
         clock,
@@ -114,7 +205,7 @@ pub fn run_backup_job(
                 PhaseStatus::Failed
             };
             job.set_phase(now(clock), SNAPSHOT, status, Some(e.to_string()))?;
-            return Ok(finish(job, None, Some(e)));
+            return Ok((job, None, Some(e)));
         }
     };
 
@@ -127,23 +218,16 @@ pub fn run_backup_job(
                 "the transfer of {holder} for item {item} is still running; the next transfer will capture these changes"
             );
             job.set_phase(now(clock), TRANSFER, PhaseStatus::Skipped, Some(reason))?;
-            return Ok(finish(job, None, None));
+            return Ok((job, None, None));
         }
     };
     job.set_phase(now(clock), TRANSFER, PhaseStatus::InProgress, None)?;
-    let result = transfer_phase(vault_dir, &snap, &opts, job.id(), transfer_progress);
+    let result = transfer_phase(vault_dir, &snap, opts, job.id(), transfer_progress);
     match result {
         Ok((point, degraded)) => {
             let p = point.clone();
             job.update(now(clock), |r| {
-                if !degraded.is_empty()
-                    && let serde_json::Value::Array(w) = r
-                        .stats
-                        .entry("warnings".into())
-                        .or_insert_with(|| serde_json::Value::Array(Vec::new()))
-                {
-                    w.extend(degraded.iter().cloned().map(serde_json::Value::from));
-                }
+                add_warnings(r, &degraded);
                 r.point = Some(p.id.clone());
                 r.stats
                     .insert("bytes_read".into(), p.stats.bytes_read.into());
@@ -163,7 +247,7 @@ pub fn run_backup_job(
             })?;
             let note = (!degraded.is_empty()).then(|| degraded.join("; "));
             job.set_phase(now(clock), TRANSFER, PhaseStatus::Completed, note)?;
-            Ok(finish(job, Some(point), None))
+            Ok((job, Some(point), None))
         }
         Err(e) => {
             job.set_phase(
@@ -172,7 +256,7 @@ pub fn run_backup_job(
                 PhaseStatus::Failed,
                 Some(e.to_string()),
             )?;
-            Ok(finish(job, None, Some(e)))
+            Ok((job, None, Some(e)))
         }
     }
 }
@@ -187,7 +271,7 @@ fn finish(job: RunningJob, point: Option<PointRecord>, error: Option<EngineError
 
 fn snapshot_phase(
     vault_dir: &Path,
-    source: &dyn ImageSource,
+    source: &mut JobSource<'_>,
     opts: &JobOptions<'_>,
     job: &mut RunningJob,
     config: &coffre_vault_store::VaultConfig,
@@ -207,32 +291,70 @@ fn snapshot_phase(
     let pool = thread_pool(opts.backup.threads)?;
     let id = job.id().to_string();
     let stop = opts.stop;
-    // A changed-block hint must be relative to the item's latest point.
-    let parent_point = match (&opts.backup.hint, &opts.writer) {
-        (None, _) => None,
-        (Some(_), Writer::Held(v)) => v.points(item)?.pop().map(|p| p.id),
-        (Some(_), Writer::Open(_)) => Vault::open(vault_dir, Access::ReadOnly)?
+    // A changed-block hint must be relative to the item's latest point
+    // (a live source's always may be).
+    let wants_parent = opts.backup.hint.is_some() || matches!(source, JobSource::Live(_));
+    let parent = match (wants_parent, &opts.writer) {
+        (false, _) => None,
+        (true, Writer::Held(v)) => v.points(item)?.pop(),
+        (true, Writer::Open(_)) => Vault::open(vault_dir, Access::ReadOnly)?
             .points(item)?
-            .pop()
-            .map(|p| p.id),
+            .pop(),
     };
+    let parent_point = parent.as_ref().map(|p| p.id.clone());
     let running: &RunningJob = job;
     let cancelled = || stop() || running.cancel_requested();
-    let snap = take_snapshot(
-        vault_dir,
-        config,
-        source,
-        &opts.backup,
-        &SnapshotOptions {
-            job: &id,
-            created: now(clock),
-            pool: &pool,
-            cancelled: &cancelled,
-            parent_point: parent_point.as_deref(),
-        },
-        progress,
-    )
-    .map_err(|e| match e {
+    let snapshot =
+        |source: &dyn ImageSource, backup: &BackupOptions, taken: Option<&PointInTime>| {
+            take_snapshot(
+                vault_dir,
+                config,
+                source,
+                backup,
+                &SnapshotOptions {
+                    job: &id,
+                    created: now(clock),
+                    pool: &pool,
+                    cancelled: &cancelled,
+                    parent_point: parent_point.as_deref(),
+                    taken,
+                },
+                progress,
+            )
+        };
+    let mut released = Vec::new();
+    let mut freeze_ms = None;
+    let snap = match source {
+        JobSource::Image(source) => snapshot(*source, &opts.backup, None),
+        JobSource::Live(live) => {
+            let taken = live.take(&TakeRequest {
+                item,
+                job: &id,
+                vault_dir,
+                hooks: &opts.backup.hooks,
+                parent: parent.as_ref().and_then(|p| p.cbt.as_ref()),
+            });
+            match taken {
+                Err(e) => {
+                    released = live.release();
+                    Err(e.into())
+                }
+                Ok(t) => {
+                    freeze_ms = t.instant.freeze_ms;
+                    let mut backup = opts.backup.clone();
+                    backup.hint = t.hint;
+                    let s = snapshot(&*t.source, &backup, Some(&t.instant));
+                    drop(t.source);
+                    released = live.release();
+                    s
+                }
+            }
+        }
+    };
+    for w in &released {
+        tracing::warn!("{w}");
+    }
+    let snap = snap.map_err(|e| match e {
         // Shutdown, not the user: the phase is abandoned, not cancelled.
         EngineError::Snap(SnapError::Cancelled { .. }) if stop() => EngineError::Abandoned,
         EngineError::Snap(SnapError::Cancelled { .. }) => EngineError::Cancelled { id: id.clone() },
@@ -244,6 +366,7 @@ fn snapshot_phase(
         .notes
         .iter()
         .chain(&snap.meta.warnings)
+        .chain(&released)
         .cloned()
         .collect();
     job.update(now(clock), |r| {
@@ -258,6 +381,9 @@ fn snapshot_phase(
             "snapshot_kind".into(),
             serde_json::to_value(s.header.kind).unwrap_or_default(),
         );
+        if let Some(ms) = freeze_ms {
+            r.stats.insert("freeze_ms".into(), ms.into());
+        }
         r.stats.insert(
             "level".into(),
             serde_json::to_value(s.meta.level).unwrap_or_default(),

@@ -49,7 +49,7 @@ use crate::in_use::in_use;
 use crate::manifest::{SnapHeader, SnapKind, SnapMeta, SnapWriter};
 use crate::pack::PackWriter;
 use crate::progress::Progress;
-use crate::source::{FileImage, ImageSource};
+use crate::source::{FileImage, ImageSource, PointInTime};
 use clone_path::try_clone;
 use coffre_vault_store::format::level::Level;
 use passes::capture_chunks;
@@ -105,6 +105,10 @@ pub struct CaptureRequest<'a> {
     /// The item's latest point in the vault (the parent a hint must be
     /// relative to), if any.
     pub parent_point: Option<&'a str>,
+    /// The point in time was taken before the capture (a running VM's,
+    /// [`crate::source::LiveSource`]): its hooks already ran around the
+    /// instant, and its level is the one given.
+    pub taken: Option<&'a PointInTime>,
 }
 
 /// What a capture produced.
@@ -167,8 +171,14 @@ pub fn capture(req: &CaptureRequest<'_>, progress: &dyn Progress) -> Result<Capt
     let hooks_ok = req.hooks.is_set()
         && pre.as_ref().is_none_or(|r| r.is_ok())
         && post.as_ref().is_none_or(|r| r.is_ok());
-    let level = Level::of(hooks_ok, busy.is_some(), done.kind == SnapKind::Clone);
-    if req.hooks.is_set() && !hooks_ok {
+    let level = match req.taken {
+        Some(t) => {
+            warnings.extend(t.warnings.iter().cloned());
+            t.level
+        }
+        None => Level::of(hooks_ok, busy.is_some(), done.kind == SnapKind::Clone),
+    };
+    if req.hooks.is_set() && req.taken.is_none() && !hooks_ok {
         warnings.push(format!(
             "a hook failed: the point is {level}, not application-consistent"
         ));
@@ -223,7 +233,10 @@ fn capture_with_hooks(
         job: req.job,
         vault: req.vault_dir,
     };
-    let pre = if req.hooks.pre.is_empty() {
+    // A point taken before the capture had its hooks run around its
+    // instant.
+    let hooks = req.hooks.is_set() && req.taken.is_none();
+    let pre = if !hooks || req.hooks.pre.is_empty() {
         None
     } else {
         Some(req.hooks.run_pre(env))
@@ -234,7 +247,7 @@ fn capture_with_hooks(
         .and_then(|item_dir| capture_files(req, &item_dir, progress));
     // The post hook runs whenever the pre hook ran, and after a failed
     // capture too (a frozen guest must be thawed).
-    let post = if req.hooks.is_set() {
+    let post = if hooks {
         Some(req.hooks.run_post(env))
     } else {
         None

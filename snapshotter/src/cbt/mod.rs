@@ -60,6 +60,9 @@ pub struct Hint {
     pub image_size: Option<u64>,
     /// Dirty byte extents, sorted, disjoint and merged.
     dirty: Vec<Range<u64>>,
+    /// Why the source itself says this run cannot build on the parent
+    /// (its chain broke): the run reads everything and records the reason.
+    refused: Option<String>,
 }
 
 /// What a hint is checked against: the parent the capture builds on.
@@ -167,7 +170,25 @@ impl Hint {
             since: None,
             image_size: None,
             dirty: merged,
+            refused: None,
         }
+    }
+
+    /// A hint that only starts (or restarts) tracking: the source has
+    /// nothing relative to the parent, for the reason `why` (`None`: there
+    /// is no parent). Everything of the `image_size` bytes is dirty, and
+    /// `generation` is recorded for the next run to build on.
+    pub fn starting(
+        source: HintSource,
+        generation: String,
+        image_size: u64,
+        why: Option<String>,
+    ) -> Hint {
+        let mut h = Hint::new(source, std::iter::once(0..image_size).collect());
+        h.generation = Some(generation);
+        h.image_size = Some(image_size);
+        h.refused = Some(why.unwrap_or_else(|| "this run starts tracking".into()));
+        h
     }
 
     /// The dirty extents.
@@ -186,6 +207,9 @@ impl Hint {
         let Some(parent) = parent else {
             return Some("there is no parent snapshot to build on".into());
         };
+        if let Some(why) = &self.refused {
+            return Some(why.clone());
+        }
         if let Some(size) = self.image_size
             && size != image_size
         {

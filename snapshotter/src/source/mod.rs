@@ -8,6 +8,7 @@
 //! [`SnapError::SourceChanged`]. [`MemImage`] serves tests and benches.
 
 mod file;
+pub mod live;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use crate::error::{Result, SnapError};
 use crate::sigbus;
 
 pub use file::FileImage;
+pub use live::{LiveSource, PointInTime, TakeRequest, Taken};
 
 /// Something a backup can read a disk image from.
 pub trait ImageSource: Sync {

@@ -58,6 +58,8 @@ impl Names {
 #[derive(Debug)]
 pub struct Fleece {
     names: Names,
+    /// The node whose point in time this is.
+    source: String,
     /// The drive's size in bytes.
     pub size: u64,
     socket: PathBuf,
@@ -67,22 +69,24 @@ pub struct Fleece {
     done: bool,
 }
 
-/// The virtual size of block node `node` (`query-named-block-nodes`).
-pub fn node_size(qmp: &mut Qmp, node: &str) -> Result<Option<u64>> {
-    let nodes = qmp.execute("query-named-block-nodes", Some(json!({ "flat": true })))?;
-    Ok(nodes.as_array().and_then(|all| {
-        all.iter()
-            .find(|n| n.get("node-name").and_then(Value::as_str) == Some(node))
-            .and_then(|n| n.get("image")?.get("virtual-size")?.as_u64())
-    }))
-}
-
 impl Fleece {
-    /// Takes the point in time of block node `node` and exports it as
+    /// Takes the point in time of block node `node` (a node name, a drive
+    /// id or a device id) and exports it as
     /// `nbd+unix:///EXPORT?socket=DIR/nbd.sock`; the temporary qcow2 goes
     /// in `dir` (private to this run). What a killed run of the same `tag`
     /// left is removed first.
     pub fn start(qmp: &mut Qmp, node: &str, tag: &str, dir: &Path) -> Result<Fleece> {
+        let info = super::node::resolve(qmp, node)?;
+        let mut fleece = Self::prepare(qmp, &info.name, info.size, tag, dir)?;
+        fleece.take(qmp, Vec::new())?;
+        fleece.export(qmp, None)?;
+        Ok(fleece)
+    }
+
+    /// Readies a fleece of node `node` (`size` bytes) without taking its
+    /// instant yet: what a killed run of the same `tag` left is removed,
+    /// and the temporary qcow2 (in `dir`) is created and added as a node.
+    pub fn prepare(qmp: &mut Qmp, node: &str, size: u64, tag: &str, dir: &Path) -> Result<Fleece> {
         if qmp.version() < MIN_QEMU {
             return Err(qmp.error(format!(
                 "QEMU {} is too old for a live backup (coffre needs {MIN_QEMU} or later)",
@@ -91,11 +95,6 @@ impl Fleece {
         }
         let names = Names::of(tag);
         Self::remove_leftovers(qmp, &names);
-        let Some(size) = node_size(qmp, node)? else {
-            return Err(qmp.error(format!(
-                "no block node {node:?} in this VM (see query-named-block-nodes)"
-            )));
-        };
         let overlay = dir.join(format!("{}.qcow2", names.node));
         let socket = dir.join("nbd.sock");
         let out = Command::new("qemu-img")
@@ -112,50 +111,74 @@ impl Fleece {
         }
         let mut fleece = Fleece {
             names,
+            source: node.to_string(),
             size,
             socket,
             overlay,
             server_started: false,
             done: false,
         };
-        if let Err(e) = fleece.begin(qmp, node) {
+        let added = qmp.execute(
+            "blockdev-add",
+            Some(json!({
+                "driver": "qcow2",
+                "node-name": fleece.names.node,
+                "file": { "driver": "file", "filename": fleece.overlay },
+                "backing": node,
+            })),
+        );
+        if let Err(e) = added {
             fleece.stop(qmp);
             return Err(e);
         }
         Ok(fleece)
     }
 
-    fn begin(&mut self, qmp: &mut Qmp, node: &str) -> Result<()> {
+    /// The instant: one QMP `transaction` of `actions` (a dirty bitmap's
+    /// chain) and the backup job that puts the copy-before-write filter
+    /// above the drive. From here on the fleece reads as the drive did at
+    /// this instant. On failure the fleece is stopped.
+    pub fn take(&mut self, qmp: &mut Qmp, mut actions: Vec<Value>) -> Result<()> {
+        actions.push(json!({
+            "type": "blockdev-backup",
+            "data": {
+                "device": self.source, "target": self.names.node,
+                "sync": "none", "job-id": self.names.job,
+            },
+        }));
+        let done = qmp.execute("transaction", Some(json!({ "actions": actions })));
+        if done.is_err() {
+            self.stop(qmp);
+        }
+        done.map(drop)
+    }
+
+    /// Exports the fleece over NBD on the private socket, with `bitmap`
+    /// (on the drive, disabled) as meta context `qemu:dirty-bitmap:NAME`.
+    /// On failure the fleece is stopped.
+    pub fn export(&mut self, qmp: &mut Qmp, bitmap: Option<&str>) -> Result<()> {
+        let done = self.begin_export(qmp, bitmap);
+        if done.is_err() {
+            self.stop(qmp);
+        }
+        done
+    }
+
+    fn begin_export(&mut self, qmp: &mut Qmp, bitmap: Option<&str>) -> Result<()> {
         let n = self.names.clone();
-        qmp.execute(
-            "blockdev-add",
-            Some(json!({
-                "driver": "qcow2",
-                "node-name": n.node,
-                "file": { "driver": "file", "filename": self.overlay },
-                "backing": node,
-            })),
-        )?;
-        // The instant: from here on the filter copies before each write.
-        qmp.execute(
-            "transaction",
-            Some(json!({ "actions": [{
-                "type": "blockdev-backup",
-                "data": { "device": node, "target": n.node, "sync": "none", "job-id": n.job },
-            }]})),
-        )?;
         qmp.execute(
             "nbd-server-start",
             Some(json!({ "addr": { "type": "unix", "data": { "path": self.socket } } })),
         )?;
         self.server_started = true;
-        qmp.execute(
-            "block-export-add",
-            Some(json!({
-                "type": "nbd", "id": n.export, "node-name": n.node,
-                "name": n.export, "writable": false,
-            })),
-        )?;
+        let mut export = json!({
+            "type": "nbd", "id": n.export, "node-name": n.node,
+            "name": n.export, "writable": false,
+        });
+        if let Some(b) = bitmap {
+            export["bitmaps"] = json!([b]);
+        }
+        qmp.execute("block-export-add", Some(export))?;
         Ok(())
     }
 

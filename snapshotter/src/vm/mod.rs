@@ -2,22 +2,21 @@
 //! agent inside the VM ([`agent`]). Both speak JSON lines over a Unix
 //! socket ([`json_lines`]); every byte they send back is untrusted: a line
 //! is bounded, parsed whole, and only the fields a caller needs are read
-//! (`FORMAT.md`, "QEMU monitor and guest agent"). This is the ground the
-//! live backup of issue 22 (fleecing export, dirty bitmaps, freeze) stands
-//! on.
+//! (`FORMAT.md`, "QEMU monitor and guest agent").
+//!
+//! On that ground: the drive a user names ([`node`]), its point in time
+//! ([`fleece`]), its dirty-bitmap chain ([`bitmap`]), and the backup
+//! source that puts them together with the guest's freeze ([`live`]).
 
 pub mod agent;
+pub mod bitmap;
 pub mod fleece;
 pub mod json_lines;
+pub mod live;
+pub mod node;
 pub mod qmp;
 
-/// The source a drive of a running VM is recorded as:
-/// `qmp+unix:///NODE?socket=SOCKET`.
-pub fn qmp_source(socket: &std::path::Path, node: &str) -> String {
-    format!("qmp+unix:///{node}?socket={}", socket.display())
-}
-
-/// True when `s` names a drive of a running VM ([`qmp_source`]).
+/// True when `s` names a drive of a running VM ([`live::QmpTarget`]).
 pub fn is_qmp_source(s: &str) -> bool {
     s.starts_with("qmp+unix:///")
 }
