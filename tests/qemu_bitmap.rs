@@ -305,3 +305,42 @@ fn a_run_killed_after_its_instant_leaves_a_chain_the_next_merges() {
     restores_to(&vault, t.path(), b3["id"].as_str().unwrap(), &model);
     ok(&["verify", "--vault", s(&vault), "--read-data"]);
 }
+
+/// An item `coffre backup --qmp` protected is backed up on its schedule
+/// through QEMU too (`run-due`), continuing the same bitmap chain.
+#[test]
+fn the_scheduler_backs_up_a_running_vms_drive_through_its_chain() {
+    if !have_qemu_system() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let mut model: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 233) as u8).collect();
+    let disk = qcow2_disk(t.path(), &model);
+    let (vm, mut q) = vm(t.path(), &disk, "qcow2");
+    let b1 = json_at(
+        "2027-01-01T01:00:00Z",
+        &[
+            "backup",
+            "--vault",
+            s(&vault),
+            "--qmp",
+            s(&vm.qmp),
+            "--drive",
+            "vda",
+            "--item",
+            "vm",
+        ],
+    );
+    assert_eq!(b1["auto_protected"], true, "{b1}");
+    write(&mut q, &mut model, 0x21, 7 << 20, BLOCK);
+    let pass = json_at("2027-01-01T03:00:00Z", &["run-due", "--vault", s(&vault)]);
+    assert_eq!(pass["backups"][0]["status"], "Completed", "{pass}");
+    let pts = json(&["points", "--vault", s(&vault), "--item", "vm"]);
+    let last = pts.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["scheduled"], true, "{last}");
+    assert_eq!(last["cbt"]["used"], true, "{last}");
+    assert_eq!(last["cbt"]["dirty_bytes"], BLOCK as u64, "{last}");
+    assert_eq!(chain(&mut q).len(), 1);
+    restores_to(&vault, t.path(), last["id"].as_str().unwrap(), &model);
+}

@@ -14,11 +14,18 @@
 use coffre_vault_store::jobs::{JobStatus, Operation};
 use coffre_vault_store::maintenance::gc::{self, GcReport};
 use coffre_vault_store::{IndexBatch, Protection, Vault};
+use std::path::Path;
+
+use coffre_snapshotter::SnapError;
+use coffre_snapshotter::vm::is_qmp_source;
+use coffre_snapshotter::vm::live::{QmpDrive, QmpTarget};
 use jiff::Timestamp;
 use serde::Serialize;
 
 use crate::backup::{BackupOptions, PointTerms};
-use crate::backup_job::{JobOptions, Writer, record_failed_backup, run_backup_job};
+use crate::backup_job::{
+    JobOptions, Writer, record_failed_backup, run_backup_job, run_live_backup_job,
+};
 use crate::clock::Clock;
 use crate::error::{EngineError, Result};
 use crate::job_record::record_if_work;
@@ -27,6 +34,7 @@ use crate::progress::NoProgress;
 use crate::prune::{PruneReport, prune};
 use crate::registry::Registry;
 use crate::schedule::due_slot;
+use crate::source::ImageSource;
 
 /// Settings of a pass.
 pub struct PassOptions<'a> {
@@ -116,35 +124,46 @@ pub fn run_pass(
             continue;
         };
         tracing::info!(item = %item.name, %slot, "scheduled backup due");
-        let run = match coffre_snapshotter::nbd::open_any(&item.source, None) {
-            Ok((source, _)) => {
-                let out = run_backup_job(
-                    vault.dir(),
-                    &*source,
-                    JobOptions {
-                        backup: BackupOptions {
-                            item: item.name.clone(),
-                            source_path: item.source.clone(),
-                            threads: opts.threads,
-                            rate_limit: opts.rate_limit,
-                            hooks,
-                            notes: hook_warning.into_iter().collect(),
-                            allow_clone: true,
-                            snapshot_root: opts.snapshot_root.map(Into::into),
-                            hint: None,
-                            sampling: Default::default(),
-                        },
-                        terms: PointTerms {
-                            scheduled: true,
-                            ..PointTerms::default()
-                        },
-                        writer: Writer::Held(vault),
-                        stop: opts.stop,
-                    },
-                    clock,
-                    &NoProgress,
-                    &NoProgress,
-                )?;
+        let job_options = || JobOptions {
+            backup: BackupOptions {
+                item: item.name.clone(),
+                source_path: item.source.clone(),
+                threads: opts.threads,
+                rate_limit: opts.rate_limit,
+                hooks: hooks.clone(),
+                notes: hook_warning.iter().cloned().collect(),
+                allow_clone: true,
+                snapshot_root: opts.snapshot_root.map(Into::into),
+                hint: None,
+                sampling: Default::default(),
+            },
+            terms: PointTerms {
+                scheduled: true,
+                ..PointTerms::default()
+            },
+            writer: Writer::Held(vault),
+            stop: opts.stop,
+        };
+        let run = match open_scheduled(&item.source, &vault_id) {
+            Ok(source) => {
+                let out = match source {
+                    Scheduled::Image(image) => run_backup_job(
+                        vault.dir(),
+                        &*image,
+                        job_options(),
+                        clock,
+                        &NoProgress,
+                        &NoProgress,
+                    )?,
+                    Scheduled::Live(mut live) => run_live_backup_job(
+                        vault.dir(),
+                        &mut *live,
+                        job_options(),
+                        clock,
+                        &NoProgress,
+                        &NoProgress,
+                    )?,
+                };
                 DueRun {
                     item: item.name.clone(),
                     slot,
@@ -219,4 +238,28 @@ pub fn run_pass(
         prune,
         gc,
     })
+}
+
+/// What a scheduled backup reads.
+enum Scheduled {
+    /// An image file, block device or NBD export.
+    Image(Box<dyn ImageSource>),
+    /// A running VM's drive (`qmp+unix://`): the job takes its point in
+    /// time through QEMU.
+    Live(Box<QmpDrive>),
+}
+
+/// Opens the source an item records.
+fn open_scheduled(source: &Path, vault_id: &str) -> std::result::Result<Scheduled, SnapError> {
+    let text = source.to_string_lossy();
+    if is_qmp_source(&text) {
+        let target = QmpTarget::parse(&text).map_err(|reason| SnapError::Qmp {
+            socket: source.to_path_buf(),
+            reason: format!("the item's source is not a drive of a running VM: {reason}"),
+        })?;
+        return Ok(Scheduled::Live(Box::new(QmpDrive::new(target, vault_id))));
+    }
+    Ok(Scheduled::Image(
+        coffre_snapshotter::nbd::open_any(source, None)?.0,
+    ))
 }
