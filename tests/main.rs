@@ -31,6 +31,7 @@ mod policy_rules;
 mod power_loss;
 mod protection;
 mod qemu_fleece;
+mod qemu_running_writer;
 mod rebuild_kill;
 mod redundancy;
 mod reflink_cbt;
