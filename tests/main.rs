@@ -38,6 +38,7 @@ mod redundancy;
 mod reflink_cbt;
 mod replica_disk_lost;
 mod restore_in_place;
+mod restore_qcow2;
 mod restore_temp_file;
 mod retention_400_days;
 mod shell_completions;

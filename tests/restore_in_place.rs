@@ -274,7 +274,7 @@ fn in_place_onto_a_loop_device_and_refusal_when_mounted() {
     }
     let mut args = restore_args(&vault, "disk", None, Path::new(&lo.dev), true);
     args.push("--in-place");
-    let err = fails(&args, 1);
+    let err = fails(&args, 14);
     let _ = Command::new("umount").arg(&mnt).status();
     assert!(
         err.contains(&lo.dev) && err.contains("mounted at") && err.contains(s(&mnt)),

@@ -49,6 +49,15 @@ pub enum FromTier {
     Secondary,
 }
 
+/// Formats a restore writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImageFormatArg {
+    /// The raw image, sparse.
+    Raw,
+    /// A qcow2 image (written by qemu-img).
+    Qcow2,
+}
+
 /// Which copy a read-only command reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CopySource {
@@ -181,9 +190,15 @@ pub enum Command {
         /// Write into the existing FILE or block device, reading each block
         /// first and writing only those that differ from the point. The
         /// target is inconsistent until the restore ends; rerun an
-        /// interrupted one to finish it.
+        /// interrupted one to finish it. A qcow2 FILE (a VM's disk, the VM
+        /// off) is instead replaced whole, atomically. Refused while a VM
+        /// or another writer uses FILE.
         #[arg(long)]
         in_place: bool,
+        /// Format of the image written: raw (default for a new FILE) or
+        /// qcow2 (through qemu-img). In place, default: FILE's own.
+        #[arg(long, value_enum, value_name = "FORMAT")]
+        format: Option<ImageFormatArg>,
         /// Where to read the point from: its snapshot (instant restore) or
         /// the vault. Default: the snapshot while the point has one.
         #[arg(long, value_enum, value_name = "TIER")]

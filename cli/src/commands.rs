@@ -3,11 +3,11 @@
 
 use std::process::ExitCode;
 
-use crate::args::{Cli, Command, CopySource, FromTier, VaultCommand};
+use crate::args::{Cli, Command, CopySource, FromTier, ImageFormatArg, VaultCommand};
 use crate::ctx::Ctx;
 use crate::vault_cmd::{CreateArgs, SetArgs};
 use coffre_engine::RestoreOptions;
-use coffre_engine::restore::RestoreFrom;
+use coffre_engine::restore::{ImageFormat, RestoreFrom};
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -110,6 +110,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             to,
             force,
             in_place,
+            format,
             from,
             mode,
             threads,
@@ -134,6 +135,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 threads: threads.threads,
                 allow_damaged,
+                format: format.map(|f| match f {
+                    ImageFormatArg::Raw => ImageFormat::Raw,
+                    ImageFormatArg::Qcow2 => ImageFormat::Qcow2,
+                }),
             },
         ),
         Command::Verify {

@@ -32,6 +32,11 @@ pub const COPY_UNAVAILABLE: u8 = 12;
 /// The vault's index is incomplete (a rebuild of it is running or was
 /// interrupted): nothing was done; `coffre vault rebuild-index` finishes it.
 pub const INDEX_INCOMPLETE: u8 = 13;
+/// The restore target is in use: a running VM (QEMU's image lock) or
+/// another writer holds the image, or the block device is mounted or held
+/// open exclusively. Nothing was written; stop the VM (or unmount) and
+/// run the restore again.
+pub const TARGET_IN_USE: u8 = 14;
 
 fn store_code(e: &StoreError) -> u8 {
     match e {
@@ -64,6 +69,7 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
                 EngineError::Snap(SnapError::Store(s)) => store_code(s),
                 EngineError::DamagedBlock { .. } | EngineError::DamagedBlockMap { .. } => DAMAGED,
                 EngineError::Cancelled { .. } => JOB_FAILED,
+                EngineError::TargetInUse { .. } | EngineError::TargetBusy { .. } => TARGET_IN_USE,
                 _ => FAILURE,
             };
         }

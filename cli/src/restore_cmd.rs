@@ -1,11 +1,12 @@
-//! `restore`: to a new image file, or in place onto an existing image or
-//! block device.
+//! `restore`: to a new image file (raw or qcow2), or in place onto an
+//! existing image or block device (a qcow2 VM disk is replaced whole).
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use coffre_engine::restore::{RestoreOptions, RestoreSummary};
+use coffre_engine::EngineError;
+use coffre_engine::restore::{ImageFormat, RestoreOptions, RestoreSummary};
 use coffre_engine::store::Access;
 use coffre_engine::store::jobs::Operation;
 use serde::Serialize;
@@ -43,17 +44,28 @@ pub fn run(
     }
     let result = coffre_engine::restore(&vault, &point, &opts, &bar);
     coffre_engine::job_record::finish(job, "restore", ctx.now(), &result);
-    let mut summary = result.with_context(|| {
-        format!(
-            "restore of point {} of item {item} to {} failed{}",
+    let mut summary = result.map_err(|e| {
+        let note = match (&e, opts.in_place) {
+            (_, false) => "",
+            // Refused before anything was written.
+            (
+                EngineError::TargetExists { .. }
+                | EngineError::TargetMissing { .. }
+                | EngineError::TargetNotRegular { .. }
+                | EngineError::TargetTooSmall { .. }
+                | EngineError::TargetBusy { .. }
+                | EngineError::TargetInUse { .. }
+                | EngineError::TargetFormat { .. },
+                true,
+            ) => " (nothing was written)",
+            _ if qcow2_in_place(&opts) => " (the disk was left as it was)",
+            _ => " (the target is inconsistent: run the same restore again to finish it)",
+        };
+        anyhow::Error::new(e).context(format!(
+            "restore of point {} of item {item} to {} failed{note}",
             point.id,
             to.display(),
-            if opts.in_place {
-                " (the target is inconsistent: run the same restore again to finish it)"
-            } else {
-                ""
-            }
-        )
+        ))
     })?;
     // A replica or the secondary opened on its own: say which copy it was.
     let role = coffre_engine::store::vault::copy_role(vault.dir());
@@ -99,17 +111,29 @@ pub fn run(
                 v.item,
                 s.from,
                 v.target.display(),
-                if s.in_place { " in place" } else { "" },
+                match (s.in_place, s.format) {
+                    (true, ImageFormat::Qcow2) =>
+                        " in place, as a new qcow2 image that replaced the disk whole",
+                    (true, ImageFormat::Raw) => " in place",
+                    (false, ImageFormat::Qcow2) => " as a qcow2 image",
+                    (false, ImageFormat::Raw) => "",
+                },
                 bytes(s.image_size),
                 bytes(s.bytes_written),
                 v.mib_per_s,
                 s.duration_ms
             )
         };
-        if s.in_place {
+        if s.in_place && s.format == ImageFormat::Raw {
             out.push_str(&format!(
                 "blocks: {} read, {} written, {} zeroed, {} already identical\n",
                 s.blocks_read, s.blocks_written, s.blocks_zeroed, s.blocks_skipped
+            ));
+        }
+        let pad = s.image_size.next_multiple_of(512) - s.image_size;
+        if s.format == ImageFormat::Qcow2 && pad > 0 {
+            out.push_str(&format!(
+                "note: a qcow2 image holds whole 512-byte sectors: the image was padded with {pad} zero bytes\n"
             ));
         }
         if s.repaired_copies > 0 {
@@ -137,4 +161,11 @@ pub fn run(
     } else {
         ExitCode::from(crate::exit::DAMAGED)
     })
+}
+
+/// True when `opts` restores in place onto a qcow2 disk (replaced whole:
+/// a failure leaves it as it was).
+fn qcow2_in_place(opts: &RestoreOptions) -> bool {
+    opts.in_place
+        && coffre_engine::restore_qcow2::target_format(opts).is_ok_and(|f| f == ImageFormat::Qcow2)
 }

@@ -87,6 +87,25 @@ pub enum EngineError {
     #[error("restore target {path} is in use: {reason}; unmount or release it first")]
     TargetBusy { path: PathBuf, reason: String },
 
+    /// An existing image file is in use (a running VM, or another writer).
+    #[error(
+        "restore target {path} is in use: {reason}; the VM must be off: shut it down (virsh shutdown DOMAIN), then restore onto its disk"
+    )]
+    TargetInUse { path: PathBuf, reason: String },
+
+    /// The target's image format does not allow this restore.
+    #[error("restore target {path}: {reason}")]
+    TargetFormat { path: PathBuf, reason: String },
+
+    /// `qemu-img` is missing, or failed to write the qcow2 image.
+    #[error("cannot write the qcow2 image {path}: {reason}")]
+    QemuImg {
+        path: PathBuf,
+        reason: String,
+        /// The device ran out of space.
+        no_space: bool,
+    },
+
     /// Restore target cannot be written.
     #[error("cannot write restore target {path}: {source}")]
     TargetUnwritable {
@@ -191,6 +210,7 @@ impl EngineError {
             EngineError::TargetUnwritable { source, .. } => {
                 source.raw_os_error() == Some(libc::ENOSPC)
             }
+            EngineError::QemuImg { no_space, .. } => *no_space,
             _ => false,
         }
     }

@@ -19,7 +19,9 @@ pub mod data;
 pub mod error;
 pub mod service;
 
-pub use data::{backup, bench, per_thread, points, reader, restore, restore_target, verify};
+pub use data::{
+    backup, bench, per_thread, points, reader, restore, restore_qcow2, restore_target, verify,
+};
 pub use service::{
     backup_job, job_record, policies, policy, protection, prune, registry, retention, schedule,
     scheduler, vault_ops,

@@ -1,6 +1,7 @@
 //! The data path: images → points → images. The transfer phase of a
 //! backup ([`backup`], its windows in `transfer_window`), reading a point's block map back ([`reader`]),
-//! restore ([`restore`], to a target [`restore_target`] owns), verify
+//! restore ([`restore`], to a target [`restore_target`] owns, qcow2
+//! through `qemu-img` in [`restore_qcow2`]), verify
 //! ([`verify`]), the points of both tiers ([`points`]) and per-thread
 //! scratch state ([`per_thread`]); [`bench`] measures every stage of it
 //! against the machine's own references. Reading images and the snapshot phase
@@ -12,6 +13,7 @@ pub mod per_thread;
 pub mod points;
 pub mod reader;
 pub mod restore;
+pub mod restore_qcow2;
 pub mod restore_target;
 mod transfer_window;
 pub mod verify;

@@ -9,7 +9,9 @@
 //! records of the group after are read ahead meanwhile, in large runs
 //! (`read_ahead`), so the workers find them in the page cache. Where the image goes is [`restore_target`]'s
 //! business: a new sparse file (temporary file, then rename), or an
-//! existing file or block device replaced **in place**.
+//! existing file or block device replaced **in place**. A qcow2 image
+//! (a new one, or a VM's qcow2 disk replaced) is written through a raw
+//! scratch file that `qemu-img` converts ([`restore_qcow2`]).
 //!
 //! In place, the restore is a **delta**: each target block is read and
 //! hashed first, and only blocks whose content differs from the point are
@@ -19,6 +21,7 @@
 //! in-place restore finishes it.
 //!
 //! [`restore_target`]: crate::restore_target
+//! [`restore_qcow2`]: crate::restore_qcow2
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -64,6 +67,23 @@ pub struct RestoreOptions {
     /// copy holds intact with [`DAMAGED_MARKER`] (never zeros), and list
     /// them, instead of failing.
     pub allow_damaged: bool,
+    /// Format of the image written. `None`: raw for a new file; in place,
+    /// the target's own (a file that starts with the qcow2 magic is
+    /// qcow2).
+    pub format: Option<ImageFormat>,
+}
+
+/// Format of a restored image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// The point's bytes as they are (sparse).
+    #[default]
+    Raw,
+    /// A qcow2 image written by `qemu-img` (see [`restore_qcow2`]).
+    ///
+    /// [`restore_qcow2`]: crate::restore_qcow2
+    Qcow2,
 }
 
 /// What a block no copy holds intact is filled with under
@@ -81,6 +101,7 @@ impl RestoreOptions {
             from: RestoreFrom::Auto,
             threads: 0,
             allow_damaged: false,
+            format: None,
         }
     }
 }
@@ -109,6 +130,8 @@ pub struct RestoreSummary {
     pub duration_ms: u64,
     /// Whether the target was written in place.
     pub in_place: bool,
+    /// Format of the image written.
+    pub format: ImageFormat,
     /// The tier read: `snapshot` or `vault` (the CLI says `secondary` or
     /// `replica` when that copy was opened on its own).
     pub from: &'static str,
@@ -176,17 +199,56 @@ pub fn restore(
             ),
         });
     }
+    if opts.in_place && !opts.force {
+        return Err(EngineError::TargetExists {
+            path: opts.target.clone(),
+        });
+    }
+    let format = crate::restore_qcow2::target_format(opts)?;
     let image_size = point.image_size;
-    let target = if opts.in_place {
-        if !opts.force {
-            return Err(EngineError::TargetExists {
-                path: opts.target.clone(),
-            });
+    let write = |target: &Target| write_point(vault, point, opts, snapshot, target, progress);
+    let mut summary = match (format, opts.in_place) {
+        (ImageFormat::Raw, true) => {
+            let target = Target::open_in_place(&opts.target, image_size)?;
+            let summary = write(&target)?;
+            target.finish()?;
+            summary
         }
-        Target::open_in_place(&opts.target, image_size)?
-    } else {
-        Target::create(&opts.target, opts.force, opts.mode, image_size)?
+        (ImageFormat::Raw, false) => {
+            let target = Target::create(&opts.target, opts.force, opts.mode, image_size)?;
+            let summary = write(&target)?;
+            target.finish()?;
+            summary
+        }
+        (ImageFormat::Qcow2, false) => crate::restore_qcow2::to_new_file(
+            &opts.target,
+            opts.force,
+            opts.mode,
+            image_size,
+            write,
+        )?,
+        (ImageFormat::Qcow2, true) => {
+            crate::restore_qcow2::replace_disk(&opts.target, image_size, write)?
+        }
     };
+    progress.finish();
+    summary.format = format;
+    summary.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(summary)
+}
+
+/// Writes the point into `target` (a new, scratch or in-place target),
+/// reading it from `snapshot` when given, else from the vault; the caller
+/// finishes the target.
+fn write_point(
+    vault: &Vault,
+    point: &PointEntry,
+    opts: &RestoreOptions,
+    snapshot: Option<SnapshotBlocks>,
+    target: &Target,
+    progress: &dyn Progress,
+) -> Result<RestoreSummary> {
+    let image_size = point.image_size;
     let mut summary = RestoreSummary {
         image_size,
         in_place: target.kind().in_place(),
@@ -205,16 +267,13 @@ pub fn restore(
     // A clone snapshot restored to a new file on its own filesystem is a
     // clone again: constant time.
     if let Some(clone) = snapshot.as_ref().and_then(|s| s.clone_image())
-        && target.kind() == TargetKind::NewFile
+        && target.kind().is_new()
     {
         let src = std::fs::File::open(clone.path()).map_err(|e| unwritable(clone.path(), e))?;
         if target.clone_from(&src)? {
             progress.start(image_size);
             progress.advance(image_size);
-            target.finish()?;
-            progress.finish();
             summary.cloned = true;
-            summary.duration_ms = started.elapsed().as_millis() as u64;
             return Ok(summary);
         }
     }
@@ -239,7 +298,7 @@ pub fn restore(
         // Direct writes skip the page-cache copy of a whole image that is
         // not read back; in-place restores read the target, so they stay
         // buffered.
-        direct: if target.kind() == TargetKind::NewFile {
+        direct: if target.kind().is_new() {
             Direct::from(target.reopen_direct())
         } else {
             Direct::none()
@@ -336,9 +395,6 @@ pub fn restore(
     }
     let mut blocks = std::mem::take(&mut *source.damaged.lock().unwrap_or_else(|p| p.into_inner()));
     drop(source);
-    target.finish()?;
-    progress.finish();
-    summary.duration_ms = started.elapsed().as_millis() as u64;
     summary.repaired_copies = vault.read_repairs() - repairs_before;
     blocks.sort_unstable();
     for b in blocks {

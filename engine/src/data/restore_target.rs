@@ -16,7 +16,13 @@
 //! large as the image; a regular file larger than the image is cut to its
 //! size, so it ends byte-identical to the point. The target is inconsistent
 //! until the restore completes; an interrupted in-place restore is finished
-//! by running it again.
+//! by running it again. An existing regular file is refused while a running
+//! VM (QEMU's image lock) or another process holds it ([`refuse_if_in_use`]),
+//! and stays locked against a VM starting on it until the restore ends.
+//!
+//! A **scratch** file is a new private file beside the target that is never
+//! renamed: the raw image `qemu-img` converts to qcow2, removed afterwards
+//! (see `restore_qcow2`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -35,6 +41,9 @@ pub const DEFAULT_MODE: u32 = 0o600;
 pub enum TargetKind {
     /// A new image file (temporary file, then rename).
     NewFile,
+    /// A private raw file beside the target, never renamed and removed
+    /// when dropped (the input of a qcow2 conversion).
+    Scratch,
     /// An existing regular file, written in place.
     ExistingFile,
     /// A block device, written in place.
@@ -44,7 +53,13 @@ pub enum TargetKind {
 impl TargetKind {
     /// True for the two in-place kinds.
     pub fn in_place(self) -> bool {
-        self != TargetKind::NewFile
+        matches!(self, TargetKind::ExistingFile | TargetKind::BlockDevice)
+    }
+
+    /// True for the kinds this restore creates (written from empty,
+    /// removed on failure).
+    pub fn is_new(self) -> bool {
+        matches!(self, TargetKind::NewFile | TargetKind::Scratch)
     }
 }
 
@@ -67,7 +82,7 @@ pub struct Target {
 impl Drop for Target {
     fn drop(&mut self) {
         // Only the file this restore created, never whatever replaced it.
-        if self.kind == TargetKind::NewFile
+        if self.kind.is_new()
             && !self.keep_tmp
             && coffre_vault_store::store::local::private::is_same_file(&self.path, &self.file)
         {
@@ -95,34 +110,47 @@ impl Target {
     /// Prepares a new image file at `target` (`force` replaces an existing
     /// one), created with `mode`, `image_size` bytes long.
     pub fn create(target: &Path, force: bool, mode: u32, image_size: u64) -> Result<Target> {
-        if target.is_dir() {
-            return Err(unwritable(
-                target,
-                std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
-            ));
-        }
-        if target.exists() && !force {
-            return Err(EngineError::TargetExists {
-                path: target.to_path_buf(),
-            });
-        }
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "image".into());
+        check_new(target, force)?;
+        Target::new_temp(
+            target,
+            "coffre-partial",
+            TargetKind::NewFile,
+            mode,
+            image_size,
+        )
+    }
+
+    /// Prepares a private raw scratch file of `image_size` bytes beside
+    /// `target`, never renamed and removed when dropped.
+    pub fn scratch(target: &Path, image_size: u64) -> Result<Target> {
+        Target::new_temp(
+            target,
+            "coffre-raw",
+            TargetKind::Scratch,
+            DEFAULT_MODE,
+            image_size,
+        )
+    }
+
+    fn new_temp(
+        target: &Path,
+        tag: &str,
+        kind: TargetKind,
+        mode: u32,
+        image_size: u64,
+    ) -> Result<Target> {
         // A new file with an unguessable name, `O_EXCL | O_NOFOLLOW` and
         // mode 0600 while it is written: nothing planted in a shared
         // folder is followed or truncated, and nobody else can open it
         // before the restore is done (`finish` sets `mode`).
-        let dir = parent_dir(target);
-        let (file, path) =
-            coffre_vault_store::store::local::private::create_temp(&dir, &name, "coffre-partial")
-                .map_err(|e| unwritable(&dir, e))?;
+        let (dir, name) = temp_place(target);
+        let (file, path) = coffre_vault_store::store::local::private::create_temp(&dir, &name, tag)
+            .map_err(|e| unwritable(&dir, e))?;
         let t = Target {
             file,
             path,
             final_path: target.to_path_buf(),
-            kind: TargetKind::NewFile,
+            kind,
             len_before: 0,
             image_size,
             keep_tmp: false,
@@ -171,6 +199,9 @@ impl Target {
             }
             Err(e) => return Err(unwritable(target, e)),
         };
+        if kind == TargetKind::ExistingFile {
+            refuse_if_in_use(&file, target)?;
+        }
         let len = if kind == TargetKind::BlockDevice {
             file.seek(SeekFrom::End(0))
                 .map_err(|e| unwritable(target, e))?
@@ -227,7 +258,7 @@ impl Target {
     /// same filesystem). `Ok(false)` when the filesystem cannot, with the
     /// file left at its size for a copy instead.
     pub fn clone_from(&self, src: &File) -> Result<bool> {
-        if self.kind != TargetKind::NewFile {
+        if !self.kind.is_new() {
             return Ok(false);
         }
         match coffre_snapshotter::clone::clone_into(src, &self.file) {
@@ -259,8 +290,12 @@ impl Target {
     }
 
     /// Makes the restore durable: cuts a larger regular file to the image
-    /// size, fsyncs once, and for a new file renames it into place.
+    /// size, fsyncs once, and for a new file renames it into place. A
+    /// scratch file has nothing to finish (it is removed when dropped).
     pub fn finish(mut self) -> Result<()> {
+        if self.kind == TargetKind::Scratch {
+            return Ok(());
+        }
         if self.kind == TargetKind::ExistingFile && self.len_before > self.image_size {
             self.file
                 .set_len(self.image_size)
@@ -294,6 +329,71 @@ impl Target {
             fsync_dir(&parent_dir(&self.final_path))?;
         }
         Ok(())
+    }
+}
+
+/// Refuses a restore onto an existing file that is a new file's target
+/// when it exists without `force`, or is a directory.
+pub(crate) fn check_new(target: &Path, force: bool) -> Result<()> {
+    if target.is_dir() {
+        return Err(unwritable(
+            target,
+            std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
+        ));
+    }
+    if target.exists() && !force {
+        return Err(EngineError::TargetExists {
+            path: target.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// The folder a temporary file for `target` goes to (beside it), and the
+/// stem of its name.
+pub(crate) fn temp_place(target: &Path) -> (PathBuf, String) {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    (parent_dir(target), name)
+}
+
+/// Refuses an in-place restore onto the existing file `path` (open as
+/// `file`, for writing) while something uses it, and then locks it for as
+/// long as `file` stays open. In use: a lock on it (QEMU holds OFD locks on
+/// every image a VM has open, running or paused) or another process that
+/// has it open for writing. The lock coffre then takes is a write lock
+/// over the whole file, the kind QEMU checks for: a VM started on the disk
+/// meanwhile fails to open it instead of running on a disk being replaced.
+pub(crate) fn refuse_if_in_use(file: &File, path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let in_use = |reason: String| EngineError::TargetInUse {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if let Some(why) = coffre_snapshotter::in_use::in_use(path) {
+        return Err(in_use(why));
+    }
+    // SAFETY: a zeroed `flock` is a valid value (all integer fields).
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // l_start 0, l_len 0: the whole file, however long; l_pid 0, as OFD
+    // locks require.
+    // SAFETY: fcntl on a descriptor we own, with a valid `flock`.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Err(in_use(
+            "another process holds a lock on it (as QEMU does on the disks of a running VM)".into(),
+        )),
+        // A filesystem without locks: the /proc check above is all there is.
+        Some(libc::EINVAL) | Some(libc::ENOLCK) | Some(libc::EOPNOTSUPP) => Ok(()),
+        _ => Err(unwritable(path, err)),
     }
 }
 

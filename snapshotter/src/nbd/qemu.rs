@@ -80,6 +80,107 @@ pub fn check_header(h: &[u8]) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// qcow2 version 3 incompatible-feature bit: extended L2 entries
+/// (subclusters).
+const QCOW2_EXTENDED_L2: u64 = 1 << 4;
+
+/// Bytes of a version 3 qcow2 header read for [`Qcow2Layout`] (up to and
+/// including `refcount_order`).
+const QCOW2_LAYOUT_READ: usize = 100;
+
+/// How a qcow2 image is laid out, from its header: what a new image that
+/// replaces it keeps (`qemu-img create -o` options).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Qcow2Layout {
+    /// 2 or 3.
+    pub version: u32,
+    /// log2 of the cluster size (9..=21, as QEMU accepts).
+    pub cluster_bits: u32,
+    /// log2 of the refcount width in bits (version 3; 4 in version 2).
+    pub refcount_order: u32,
+    /// The image is encrypted (AES or LUKS).
+    pub encrypted: bool,
+    /// Extended L2 entries (subclusters).
+    pub extended_l2: bool,
+}
+
+impl Qcow2Layout {
+    /// Reads the header of the qcow2 image at `path`.
+    pub fn read(path: &Path) -> std::result::Result<Qcow2Layout, String> {
+        use std::io::Read;
+        let mut h = Vec::with_capacity(QCOW2_LAYOUT_READ);
+        std::fs::File::open(path)
+            .and_then(|f| f.take(QCOW2_LAYOUT_READ as u64).read_to_end(&mut h))
+            .map_err(|e| e.to_string())?;
+        Qcow2Layout::parse(&h)
+    }
+
+    /// Parses header bytes (big-endian, as qcow2 is). Every field is
+    /// checked against what QEMU itself accepts.
+    pub fn parse(h: &[u8]) -> std::result::Result<Qcow2Layout, String> {
+        let be32 = |at: usize| {
+            h.get(at..at + 4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_be_bytes)
+                .ok_or("its qcow2 header is cut short")
+        };
+        let be64 = |at: usize| {
+            h.get(at..at + 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or("its qcow2 header is cut short")
+        };
+        if h.get(..4) != Some(QCOW2_MAGIC.as_slice()) {
+            return Err("it is not a qcow2 image".into());
+        }
+        let version = be32(4)?;
+        if !(2..=3).contains(&version) {
+            return Err(format!("qcow2 version {version} is not 2 or 3"));
+        }
+        let cluster_bits = be32(20)?;
+        if !(9..=21).contains(&cluster_bits) {
+            return Err(format!(
+                "its qcow2 header gives cluster bits {cluster_bits}, not 9 to 21"
+            ));
+        }
+        let encrypted = be32(32)? != 0;
+        let (refcount_order, extended_l2) = if version == 3 {
+            let order = be32(96)?;
+            if order > 6 {
+                return Err(format!(
+                    "its qcow2 header gives refcount order {order}, not 0 to 6"
+                ));
+            }
+            (order, be64(72)? & QCOW2_EXTENDED_L2 != 0)
+        } else {
+            (4, false)
+        };
+        Ok(Qcow2Layout {
+            version,
+            cluster_bits,
+            refcount_order,
+            encrypted,
+            extended_l2,
+        })
+    }
+
+    /// `qemu-img create -o` options for a new image laid out the same way.
+    pub fn create_options(&self) -> String {
+        let mut o = format!(
+            "compat={},cluster_size={}",
+            if self.version == 2 { "0.10" } else { "1.1" },
+            1u64 << self.cluster_bits
+        );
+        if self.version == 3 {
+            o.push_str(&format!(",refcount_bits={}", 1u32 << self.refcount_order));
+            if self.extended_l2 {
+                o.push_str(",extended_l2=on");
+            }
+        }
+        o
+    }
+}
+
 /// A `qemu-nbd` coffre started; stopped on drop.
 pub struct QemuNbd {
     child: Child,
@@ -202,7 +303,7 @@ impl Drop for QemuNbd {
 
 #[cfg(test)]
 mod tests {
-    use super::check_header;
+    use super::{Qcow2Layout, check_header};
 
     #[expect(clippy::big_endian_bytes, reason = "qcow2 headers are big-endian")]
     fn header(version: u32, backing: u64, incompatible: u64) -> Vec<u8> {
@@ -212,6 +313,37 @@ mod tests {
         h[8..16].copy_from_slice(&backing.to_be_bytes());
         h[72..80].copy_from_slice(&incompatible.to_be_bytes());
         h
+    }
+
+    #[test]
+    #[expect(clippy::big_endian_bytes, reason = "qcow2 headers are big-endian")]
+    fn layouts_are_read_and_checked() {
+        let mut h = header(3, 0, 1 << 4);
+        h[20..24].copy_from_slice(&16u32.to_be_bytes());
+        h[96..100].copy_from_slice(&4u32.to_be_bytes());
+        let l = Qcow2Layout::parse(&h).unwrap();
+        assert_eq!((l.version, l.cluster_bits, l.encrypted), (3, 16, false));
+        assert_eq!(
+            l.create_options(),
+            "compat=1.1,cluster_size=65536,refcount_bits=16,extended_l2=on"
+        );
+        let mut v2 = header(2, 0, 0);
+        v2[20..24].copy_from_slice(&12u32.to_be_bytes());
+        v2[32..36].copy_from_slice(&1u32.to_be_bytes());
+        let l = Qcow2Layout::parse(&v2[..40]).unwrap();
+        assert!(l.encrypted);
+        assert_eq!(l.create_options(), "compat=0.10,cluster_size=4096");
+        h[20..24].copy_from_slice(&30u32.to_be_bytes());
+        assert!(Qcow2Layout::parse(&h).unwrap_err().contains("cluster bits"));
+        h[20..24].copy_from_slice(&16u32.to_be_bytes());
+        h[96..100].copy_from_slice(&7u32.to_be_bytes());
+        assert!(Qcow2Layout::parse(&h).unwrap_err().contains("refcount"));
+        assert!(
+            Qcow2Layout::parse(&h[..90])
+                .unwrap_err()
+                .contains("cut short")
+        );
+        assert!(Qcow2Layout::parse(b"RAW!").is_err());
     }
 
     #[test]
