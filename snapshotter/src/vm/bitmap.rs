@@ -58,11 +58,16 @@ impl Chain {
         }
     }
 
-    /// The number of bitmap `name` in this chain; `None` when it is not one
-    /// of the chain's.
+    /// The number of bitmap `name` in this chain (`<n>` or `<n>-<token>`,
+    /// the token 1 to 16 hex digits); `None` when it is not one of the
+    /// chain's.
     pub fn number(&self, name: &str) -> Option<u64> {
-        let n = name.strip_prefix(&self.prefix)?;
+        let rest = name.strip_prefix(&self.prefix)?;
+        let (n, token) = rest.split_once('-').unwrap_or((rest, "0"));
         if n.is_empty() || n.len() > 19 || !n.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        if token.is_empty() || token.len() > 16 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         n.parse().ok()
@@ -70,16 +75,31 @@ impl Chain {
 
     /// Plans one backup of `node`, whose parent point recorded bitmap
     /// generation `parent` (`None`: no parent, or one that tracked no
-    /// bitmap).
-    pub fn plan(&self, node: &NodeInfo, parent: Option<&str>) -> Plan {
+    /// bitmap). The new bitmap's name is never one used before: its number
+    /// is past both the node's bitmaps and the parent's, and it carries
+    /// `token` (the job's id), so a bitmap recreated after a restart can
+    /// never pass for the parent's.
+    pub fn plan(&self, node: &NodeInfo, parent: Option<&str>, token: &str) -> Plan {
         let mut ours: Vec<(u64, &BitmapInfo)> = node
             .bitmaps
             .iter()
             .filter_map(|b| Some((self.number(&b.name)?, b)))
             .collect();
         ours.sort_by_key(|(n, _)| *n);
-        let next = ours.last().map_or(1, |(n, _)| n.saturating_add(1));
-        let new = format!("{}{next}", self.prefix);
+        let last = ours.last().map(|(n, _)| *n);
+        let next = last
+            .max(parent.and_then(|p| self.number(p)))
+            .map_or(1, |n| n.saturating_add(1));
+        let token: String = token
+            .chars()
+            .filter(char::is_ascii_hexdigit)
+            .take(16)
+            .collect();
+        let new = if token.is_empty() {
+            format!("{}{next}", self.prefix)
+        } else {
+            format!("{}{next}-{token}", self.prefix)
+        };
         let base = parent.and_then(|p| ours.iter().find(|(_, b)| b.name == p));
         let why_no_base = match (parent, base) {
             (Some(p), None) if self.number(p).is_some() => Some(format!(
@@ -190,7 +210,17 @@ mod tests {
         assert_ne!(c, Chain::of("v1", "vm2"));
         let name = format!("{}12", c.prefix);
         assert_eq!(c.number(&name), Some(12));
-        for bad in ["", "x", "+1", "1 ", "99999999999999999999"] {
+        assert_eq!(c.number(&format!("{}12-00ff", c.prefix)), Some(12));
+        for bad in [
+            "",
+            "x",
+            "+1",
+            "1 ",
+            "99999999999999999999",
+            "1-",
+            "1-xyz",
+            "1-00000000000000000",
+        ] {
             assert_eq!(c.number(&format!("{}{bad}", c.prefix)), None, "{bad:?}");
         }
         assert_eq!(c.number("coffre-cbt-0000000000000000-1"), None);
@@ -199,14 +229,14 @@ mod tests {
     #[test]
     fn a_first_backup_starts_the_chain_and_a_second_reads_the_first() {
         let c = Chain::of("v", "vm");
-        let p = c.plan(&node("qcow2", &[("other", true)]), None);
+        let p = c.plan(&node("qcow2", &[("other", true)]), None, "");
         assert_eq!(p.new, format!("{}1", c.prefix));
         assert_eq!((p.base.as_deref(), p.why_no_base.as_deref()), (None, None));
         assert_eq!(p.actions[0]["data"]["persistent"], true);
         assert!(p.dropped.is_empty(), "another tool's bitmap is never ours");
 
         let first = p.new.clone();
-        let p = c.plan(&node("qcow2", &[(&first, true)]), Some(&first));
+        let p = c.plan(&node("qcow2", &[(&first, true)]), Some(&first), "");
         assert_eq!(p.base.as_deref(), Some(first.as_str()));
         assert_eq!(p.new, format!("{}2", c.prefix));
         assert_eq!(
@@ -229,6 +259,7 @@ mod tests {
         let p = c.plan(
             &node("qcow2", &[(&n(1), false), (&n(2), false), (&n(3), true)]),
             Some(&n(2)),
+            "",
         );
         assert_eq!(p.base, Some(n(2)));
         assert_eq!(p.new, n(4));
@@ -248,7 +279,12 @@ mod tests {
     fn a_lost_base_means_a_full_read_with_the_reason_and_raw_cannot_persist() {
         let c = Chain::of("v", "vm");
         let gone = format!("{}5", c.prefix);
-        let p = c.plan(&node("raw", &[]), Some(&gone));
+        let p = c.plan(&node("raw", &[]), Some(&gone), "ab12");
+        assert_eq!(
+            p.new,
+            format!("{}6-ab12", c.prefix),
+            "past the parent's number"
+        );
         assert!(p.base.is_none());
         assert!(
             p.why_no_base
@@ -258,7 +294,7 @@ mod tests {
             "{p:?}"
         );
         assert_eq!(p.actions[0]["data"]["persistent"], false);
-        let p = c.plan(&node("raw", &[]), Some("foreign"));
+        let p = c.plan(&node("raw", &[]), Some("foreign"), "");
         assert!(p.why_no_base.unwrap().contains("not a bitmap of coffre's"));
     }
 }

@@ -78,7 +78,10 @@ impl Fleece {
     pub fn start(qmp: &mut Qmp, node: &str, tag: &str, dir: &Path) -> Result<Fleece> {
         let info = super::node::resolve(qmp, node)?;
         let mut fleece = Self::prepare(qmp, &info.name, info.size, tag, dir)?;
-        fleece.take(qmp, Vec::new())?;
+        if let Err(e) = fleece.take(qmp, Vec::new()) {
+            fleece.stop(qmp);
+            return Err(e);
+        }
         fleece.export(qmp, None)?;
         Ok(fleece)
     }
@@ -137,7 +140,8 @@ impl Fleece {
     /// The instant: one QMP `transaction` of `actions` (a dirty bitmap's
     /// chain) and the backup job that puts the copy-before-write filter
     /// above the drive. From here on the fleece reads as the drive did at
-    /// this instant. On failure the fleece is stopped.
+    /// this instant. On failure the caller stops the fleece, once the guest
+    /// is thawed (the tear-down may take seconds).
     pub fn take(&mut self, qmp: &mut Qmp, mut actions: Vec<Value>) -> Result<()> {
         actions.push(json!({
             "type": "blockdev-backup",
@@ -146,11 +150,8 @@ impl Fleece {
                 "sync": "none", "job-id": self.names.job,
             },
         }));
-        let done = qmp.execute("transaction", Some(json!({ "actions": actions })));
-        if done.is_err() {
-            self.stop(qmp);
-        }
-        done.map(drop)
+        qmp.execute("transaction", Some(json!({ "actions": actions })))
+            .map(drop)
     }
 
     /// Exports the fleece over NBD on the private socket, with `bitmap`

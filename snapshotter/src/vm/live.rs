@@ -175,6 +175,8 @@ pub struct QmpDrive {
     target: QmpTarget,
     vault_id: String,
     running: Option<Running>,
+    /// The bitmap chain's plan, kept from the instant to the settling.
+    plan: Option<Plan>,
 }
 
 impl QmpDrive {
@@ -185,6 +187,7 @@ impl QmpDrive {
             target,
             vault_id: vault_id.to_string(),
             running: None,
+            plan: None,
         }
     }
 
@@ -210,7 +213,7 @@ impl QmpDrive {
                 .parent
                 .filter(|c| c.source == HintSource::Bitmap.name())
                 .and_then(|c| c.generation.as_deref());
-            let plan = Chain::of(&self.vault_id, req.item).plan(&node, parent);
+            let plan = Chain::of(&self.vault_id, req.item).plan(&node, parent, req.job);
             let fleece = Fleece::prepare(&mut qmp, &node.name, node.size, req.item, &work)?;
             Ok((plan, fleece))
         });
@@ -259,6 +262,7 @@ impl QmpDrive {
                 "a hook failed: the point is {level}, not application-consistent"
             ));
         }
+        self.plan = Some(running.plan.clone());
         let base = running.plan.base.clone();
         running.fleece.export(&mut running.qmp, base.as_deref())?;
         let image = NbdImage::open(&running.fleece.uri(), base.as_deref())?;
@@ -307,17 +311,20 @@ fn instant(
     };
     let held = HeldSignals::hold();
     let start = Instant::now();
+    // What to do once the agent's connection is closed: a thaw through a
+    // fresh one (the chardev serves one client at a time).
+    let mut anew = false;
     let (took, frozen) = match agent.freeze() {
         Ok(guard) => {
-            let took = running.fleece.take(&mut running.qmp, actions);
+            let took = running.fleece.take(&mut running.qmp, actions.clone());
             match guard.thaw() {
-                Ok(_) => (took, Some(start.elapsed())),
+                Ok(_) => (Some(took), Some(start.elapsed())),
                 Err(e) => {
                     warnings.push(format!(
                         "the guest's file systems could not be thawed at once ({e}); thawed through a new connection: the point is crash-consistent"
                     ));
-                    thaw_anew(socket, warnings);
-                    (took, None)
+                    anew = true;
+                    (Some(took), None)
                 }
             }
         }
@@ -325,11 +332,16 @@ fn instant(
             warnings.push(format!(
                 "the guest's file systems could not be frozen ({e}): the point is crash-consistent"
             ));
-            thaw_anew(socket, warnings);
-            (running.fleece.take(&mut running.qmp, actions), None)
+            anew = true;
+            (None, None)
         }
     };
+    drop(agent);
+    if anew {
+        thaw_anew(socket, warnings);
+    }
     drop(held);
+    let took = took.unwrap_or_else(|| running.fleece.take(&mut running.qmp, actions));
     (took, frozen)
 }
 
@@ -422,30 +434,46 @@ impl LiveSource for QmpDrive {
     }
 
     fn release(&mut self) -> Vec<String> {
-        let Some(r) = self.running.as_mut() else {
-            return Vec::new();
-        };
-        r.fleece.stop(&mut r.qmp);
-        let _ = std::fs::remove_dir_all(&r.work);
+        // The monitor is let go with the point: a `-qmp` socket serves one
+        // client, and the transfer may take hours.
+        if let Some(mut r) = self.running.take() {
+            r.fleece.stop(&mut r.qmp);
+            let _ = std::fs::remove_dir_all(&r.work);
+        }
         Vec::new()
     }
 
     fn settle(&mut self, committed: bool) -> Vec<String> {
-        let Some(mut r) = self.running.take() else {
+        let Some(plan) = self.plan.take() else {
             return Vec::new();
         };
         if !committed {
             return Vec::new();
         }
+        let mut qmp = match Qmp::connect(&self.target.socket, QMP_TIMEOUT) {
+            Ok(q) => q,
+            Err(e) => {
+                return vec![format!(
+                    "the old dirty bitmaps stay on the drive ({e}); the next backup removes them"
+                )];
+            }
+        };
         let mut warnings = Vec::new();
-        for args in r.plan.after_commit() {
-            if let Err(e) = r.qmp.execute("block-dirty-bitmap-remove", Some(args)) {
+        for args in plan.after_commit() {
+            if let Err(e) = qmp.execute("block-dirty-bitmap-remove", Some(args)) {
                 warnings.push(format!(
                     "an old dirty bitmap stays on the drive ({e}); the next backup removes it"
                 ));
             }
         }
         warnings
+    }
+}
+
+impl Drop for QmpDrive {
+    /// A job that ended early (an error, a panic) still lets the point go.
+    fn drop(&mut self) {
+        let _ = self.release();
     }
 }
 
