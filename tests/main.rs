@@ -32,6 +32,7 @@ mod power_loss;
 mod protection;
 mod qemu_bitmap;
 mod qemu_fleece;
+mod qemu_guest_agent;
 mod rebuild_kill;
 mod redundancy;
 mod reflink_cbt;
