@@ -349,6 +349,13 @@ fn run_from(
                 output::when(retain_until)
             ));
         }
+        if let Some(ms) = job.stats.get("freeze_ms").and_then(|v| v.as_u64()) {
+            let level = job.stats.get("level").and_then(|l| l.as_str());
+            out.push_str(&format!(
+                "guest frozen for {ms} ms ({})\n",
+                level.unwrap_or("level unknown")
+            ));
+        }
         if let Some(c) = outcome.point.as_ref().and_then(|p| p.cbt.as_ref()) {
             let generation = c
                 .generation

@@ -17,10 +17,11 @@
 //!
 //! A freeze that fails or times out thaws (through a fresh connection: the
 //! old one may be out of step) and drops the point to crash-consistent
-//! with a warning. SIGINT, SIGTERM, SIGHUP and SIGQUIT are held back on
-//! the freezing thread while the guest is frozen, so a Ctrl-C lands after
-//! the thaw; only SIGKILL can leave a guest frozen, and the next run of
-//! the item thaws it.
+//! with a warning. SIGINT, SIGTERM, SIGHUP and SIGQUIT are held back while
+//! the guest is frozen (blocked on the freezing thread, caught on the
+//! others) and raised again after the thaw, so a Ctrl-C lands after it;
+//! only SIGKILL can leave a guest frozen, and the next run of the item
+//! thaws it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -311,37 +312,44 @@ fn instant(
     };
     let held = HeldSignals::hold();
     let start = Instant::now();
-    // What to do once the agent's connection is closed: a thaw through a
-    // fresh one (the chardev serves one client at a time).
-    let mut anew = false;
-    let (took, frozen) = match agent.freeze() {
+    // A failure's warning, and the instant when it was taken.
+    let outcome = match agent.freeze() {
         Ok(guard) => {
             let took = running.fleece.take(&mut running.qmp, actions.clone());
             match guard.thaw() {
-                Ok(_) => (Some(took), Some(start.elapsed())),
-                Err(e) => {
-                    warnings.push(format!(
+                Ok(_) => Ok((took, start.elapsed())),
+                Err(e) => Err((
+                    format!(
                         "the guest's file systems could not be thawed at once ({e}); thawed through a new connection: the point is crash-consistent"
-                    ));
-                    anew = true;
-                    (Some(took), None)
-                }
+                    ),
+                    Some(took),
+                )),
             }
         }
-        Err(e) => {
-            warnings.push(format!(
+        Err(e) => Err((
+            format!(
                 "the guest's file systems could not be frozen ({e}): the point is crash-consistent"
-            ));
-            anew = true;
-            (None, None)
+            ),
+            None,
+        )),
+    };
+    // The agent's socket takes one client at a time (QEMU accepts the
+    // next only once this one is gone): a thaw through a new connection
+    // waits for this one to close.
+    drop(agent);
+    let (took, frozen) = match outcome {
+        Ok((took, window)) => (took, Some(window)),
+        Err((warning, took)) => {
+            warnings.push(warning);
+            thaw_anew(socket, warnings);
+            let took = took.unwrap_or_else(|| {
+                let actions = running.plan.actions.clone();
+                running.fleece.take(&mut running.qmp, actions)
+            });
+            (took, None)
         }
     };
-    drop(agent);
-    if anew {
-        thaw_anew(socket, warnings);
-    }
     drop(held);
-    let took = took.unwrap_or_else(|| running.fleece.take(&mut running.qmp, actions));
     (took, frozen)
 }
 
@@ -397,33 +405,90 @@ fn thaw_anew(socket: &Path, warnings: &mut Vec<String>) {
     }
 }
 
-/// Signals that end a process held back on this thread while it lives.
+/// The signals that end a process, held back while the guest is frozen.
+const HELD: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// A held signal that arrived (0: none), raised again once released.
+static CAUGHT: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// How many holds are alive, and the actions the first one replaced.
+static HOLDS: std::sync::Mutex<(usize, Vec<(libc::c_int, libc::sigaction)>)> =
+    std::sync::Mutex::new((0, Vec::new()));
+
+extern "C" fn defer(sig: libc::c_int) {
+    // An atomic store is async-signal-safe.
+    CAUGHT.store(sig, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The signals that end a process held back while it lives: blocked on
+/// this thread, and caught (not acted on) on the others (a signal sent to
+/// the process goes to any thread that does not block it: the job's
+/// worker threads, a progress bar's). Once the last hold is released the
+/// old actions come back and a signal caught meanwhile is raised again.
 struct HeldSignals {
-    old: libc::sigset_t,
+    old_mask: Option<libc::sigset_t>,
 }
 
 impl HeldSignals {
-    fn hold() -> Option<HeldSignals> {
+    fn hold() -> HeldSignals {
+        let mut holds = HOLDS.lock().unwrap_or_else(|e| e.into_inner());
+        if holds.0 == 0 {
+            for sig in HELD {
+                // SAFETY: the action is zeroed then filled (an empty mask,
+                // a handler that only stores to an atomic); the old one is
+                // written by the kernel.
+                unsafe {
+                    let mut action: libc::sigaction = std::mem::zeroed();
+                    action.sa_sigaction = defer as extern "C" fn(libc::c_int) as usize;
+                    action.sa_flags = libc::SA_RESTART;
+                    libc::sigemptyset(&mut action.sa_mask);
+                    let mut old: libc::sigaction = std::mem::zeroed();
+                    if libc::sigaction(sig, &action, &mut old) == 0 {
+                        holds.1.push((sig, old));
+                    }
+                }
+            }
+        }
+        holds.0 += 1;
         // SAFETY: the sets are initialised by sigemptyset before use, and
         // pthread_sigmask only changes this thread's mask.
-        unsafe {
+        let old_mask = unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             let mut old: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            for s in HELD {
                 libc::sigaddset(&mut set, s);
             }
-            (libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) == 0)
-                .then_some(HeldSignals { old })
-        }
+            (libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) == 0).then_some(old)
+        };
+        HeldSignals { old_mask }
     }
 }
 
 impl Drop for HeldSignals {
     fn drop(&mut self) {
-        // SAFETY: restores the mask saved by `hold` on the same thread.
-        unsafe {
-            libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut());
+        {
+            let mut holds = HOLDS.lock().unwrap_or_else(|e| e.into_inner());
+            holds.0 = holds.0.saturating_sub(1);
+            if holds.0 == 0 {
+                for (sig, old) in holds.1.drain(..) {
+                    // SAFETY: restores an action the kernel returned.
+                    unsafe { libc::sigaction(sig, &old, std::ptr::null_mut()) };
+                }
+                let sig = CAUGHT.swap(0, std::sync::atomic::Ordering::SeqCst);
+                if sig != 0 {
+                    // Pending on this thread (still blocked) until the
+                    // mask is restored below, then acted on as before.
+                    // SAFETY: raise has no preconditions.
+                    unsafe { libc::raise(sig) };
+                }
+            }
+        }
+        if let Some(old) = &self.old_mask {
+            // SAFETY: restores the mask saved by `hold` on the same thread.
+            unsafe {
+                libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut());
+            }
         }
     }
 }
