@@ -86,6 +86,49 @@ impl RunHooks for Hooks {
     }
 }
 
+/// What a hook ended with (`None`: it was not run).
+pub type HookOutcome = Option<std::result::Result<(), String>>;
+
+/// What the hooks run around a capture or an instant ended with.
+#[derive(Clone, Debug, Default)]
+pub struct Around {
+    /// The pre hook's outcome.
+    pub pre: HookOutcome,
+    /// The post hook's outcome.
+    pub post: HookOutcome,
+}
+
+impl Around {
+    /// Runs `hooks` around `f`: the pre hook when one is set, `f`, then the
+    /// post hook whenever any hook is set, after a failed `f` too (a
+    /// frozen guest must be thawed).
+    pub fn run<T>(hooks: &Hooks, env: HookEnv<'_>, f: impl FnOnce() -> T) -> (T, Around) {
+        let pre = (hooks.is_set() && !hooks.pre.is_empty()).then(|| hooks.run_pre(env));
+        let out = f();
+        let post = hooks.is_set().then(|| hooks.run_post(env));
+        (out, Around { pre, post })
+    }
+
+    /// True when `hooks` are set and each that ran succeeded; the message
+    /// of each that failed goes to `warnings`.
+    pub fn succeeded(&self, hooks: &Hooks, warnings: &mut Vec<String>) -> bool {
+        for r in [&self.pre, &self.post].into_iter().flatten() {
+            if let Err(e) = r {
+                warnings.push(e.clone());
+            }
+        }
+        hooks.is_set()
+            && self.pre.as_ref().is_none_or(|r| r.is_ok())
+            && self.post.as_ref().is_none_or(|r| r.is_ok())
+    }
+}
+
+/// The warning of a point whose hooks were set but failed: it has the
+/// level it would have had without them.
+pub fn failed_hooks_warning(level: coffre_vault_store::format::level::Level) -> String {
+    format!("a hook failed: the point is {level}, not application-consistent")
+}
+
 /// `PATH` for a hook when coffre has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 

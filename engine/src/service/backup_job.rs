@@ -322,38 +322,30 @@ fn snapshot_phase(
                 progress,
             )
         };
-    let mut released = Vec::new();
     let mut freeze_ms = None;
     let snap = match source {
         JobSource::Image(source) => snapshot(*source, &opts.backup, None),
         JobSource::Live(live) => {
-            let taken = live.take(&TakeRequest {
-                item,
-                job: &id,
-                vault_dir,
-                hooks: &opts.backup.hooks,
-                parent: parent.as_ref().and_then(|p| p.cbt.as_ref()),
-            });
-            match taken {
-                Err(e) => {
-                    released = live.release();
-                    Err(e.into())
-                }
-                Ok(t) => {
+            let snap = live
+                .take(&TakeRequest {
+                    item,
+                    job: &id,
+                    vault_dir,
+                    hooks: &opts.backup.hooks,
+                    parent: parent.as_ref().and_then(|p| p.cbt.as_ref()),
+                })
+                .map_err(EngineError::from)
+                .and_then(|t| {
                     freeze_ms = t.instant.freeze_ms;
                     let mut backup = opts.backup.clone();
                     backup.hint = t.hint;
-                    let s = snapshot(&*t.source, &backup, Some(&t.instant));
-                    drop(t.source);
-                    released = live.release();
-                    s
-                }
-            }
+                    // The export is closed (with `t`) before the release.
+                    snapshot(&*t.source, &backup, Some(&t.instant))
+                });
+            live.release();
+            snap
         }
     };
-    for w in &released {
-        tracing::warn!("{w}");
-    }
     let snap = snap.map_err(|e| match e {
         // Shutdown, not the user: the phase is abandoned, not cancelled.
         EngineError::Snap(SnapError::Cancelled { .. }) if stop() => EngineError::Abandoned,
@@ -366,7 +358,6 @@ fn snapshot_phase(
         .notes
         .iter()
         .chain(&snap.meta.warnings)
-        .chain(&released)
         .cloned()
         .collect();
     job.update(now(clock), |r| {

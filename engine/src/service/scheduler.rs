@@ -11,14 +11,14 @@
 //! next slot (run `coffre backup` for an on-demand one). A pass that dies
 //! mid-job leaves the slot unmarked, so the next pass runs it.
 
-use coffre_vault_store::jobs::{JobStatus, Operation};
-use coffre_vault_store::maintenance::gc::{self, GcReport};
-use coffre_vault_store::{IndexBatch, Protection, Vault};
 use std::path::Path;
 
 use coffre_snapshotter::SnapError;
 use coffre_snapshotter::vm::is_qmp_source;
 use coffre_snapshotter::vm::live::{QmpDrive, QmpTarget};
+use coffre_vault_store::jobs::{JobStatus, Operation};
+use coffre_vault_store::maintenance::gc::{self, GcReport};
+use coffre_vault_store::{IndexBatch, Protection, Vault};
 use jiff::Timestamp;
 use serde::Serialize;
 

@@ -44,7 +44,7 @@ use jiff::Timestamp;
 use crate::area::Area;
 use crate::cbt::{CbtRecord, Hint, Sampling};
 use crate::error::{Result, SnapError};
-use crate::hooks::{HookEnv, Hooks, RunHooks};
+use crate::hooks::{Around, HookEnv, Hooks, failed_hooks_warning};
 use crate::in_use::in_use;
 use crate::manifest::{SnapHeader, SnapKind, SnapMeta, SnapWriter};
 use crate::pack::PackWriter;
@@ -147,7 +147,7 @@ pub fn capture(req: &CaptureRequest<'_>, progress: &dyn Progress) -> Result<Capt
     // own while the capture runs: reading /proc/locks waits for an RCU
     // grace period (10-20 ms here), which would otherwise delay every
     // capture by as much.
-    let (busy, (result, pre, post)) = std::thread::scope(|scope| {
+    let (busy, (result, hooks)) = std::thread::scope(|scope| {
         let checker = (!req.source.served()).then(|| {
             std::thread::Builder::new()
                 .name("coffre-in-use".into())
@@ -162,15 +162,8 @@ pub fn capture(req: &CaptureRequest<'_>, progress: &dyn Progress) -> Result<Capt
         (busy, captured)
     });
     let mut warnings = Vec::new();
-    for r in [&pre, &post].into_iter().flatten() {
-        if let Err(e) = r {
-            warnings.push(e.clone());
-        }
-    }
+    let hooks_ok = hooks.succeeded(req.hooks, &mut warnings);
     let mut done = result?;
-    let hooks_ok = req.hooks.is_set()
-        && pre.as_ref().is_none_or(|r| r.is_ok())
-        && post.as_ref().is_none_or(|r| r.is_ok());
     let level = match req.taken {
         Some(t) => {
             warnings.extend(t.warnings.iter().cloned());
@@ -179,9 +172,7 @@ pub fn capture(req: &CaptureRequest<'_>, progress: &dyn Progress) -> Result<Capt
         None => Level::of(hooks_ok, busy.is_some(), done.kind == SnapKind::Clone),
     };
     if req.hooks.is_set() && req.taken.is_none() && !hooks_ok {
-        warnings.push(format!(
-            "a hook failed: the point is {level}, not application-consistent"
-        ));
+        warnings.push(failed_hooks_warning(level));
     }
     if let Some(why) = &busy
         && level == Level::CrashConsistent
@@ -218,41 +209,28 @@ pub fn capture(req: &CaptureRequest<'_>, progress: &dyn Progress) -> Result<Capt
     })
 }
 
-/// What a hook ended with (`None`: it was not run).
-type HookOutcome = Option<std::result::Result<(), String>>;
-
-/// The pre hook, the capture, then the post hook.
+/// The pre hook, the capture, then the post hook; a point taken before
+/// the capture had its hooks run around its instant.
 fn capture_with_hooks(
     req: &CaptureRequest<'_>,
     image: &Path,
     progress: &dyn Progress,
-) -> (Result<Pending>, HookOutcome, HookOutcome) {
+) -> (Result<Pending>, Around) {
+    let capture = || {
+        req.area
+            .check_unlocked(req.item)
+            .and_then(|item_dir| capture_files(req, &item_dir, progress))
+    };
+    if req.taken.is_some() {
+        return (capture(), Around::default());
+    }
     let env = HookEnv {
         item: req.item,
         image,
         job: req.job,
         vault: req.vault_dir,
     };
-    // A point taken before the capture had its hooks run around its
-    // instant.
-    let hooks = req.hooks.is_set() && req.taken.is_none();
-    let pre = if !hooks || req.hooks.pre.is_empty() {
-        None
-    } else {
-        Some(req.hooks.run_pre(env))
-    };
-    let result = req
-        .area
-        .check_unlocked(req.item)
-        .and_then(|item_dir| capture_files(req, &item_dir, progress));
-    // The post hook runs whenever the pre hook ran, and after a failed
-    // capture too (a frozen guest must be thawed).
-    let post = if hooks {
-        Some(req.hooks.run_post(env))
-    } else {
-        None
-    };
-    (result, pre, post)
+    Around::run(req.hooks, env, capture)
 }
 
 /// A capture whose files are written but not yet made final.

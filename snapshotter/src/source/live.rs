@@ -63,8 +63,9 @@ pub trait LiveSource {
     /// Takes the point in time.
     fn take(&mut self, req: &TakeRequest<'_>) -> Result<Taken>;
     /// The point is captured (or the capture failed): everything that
-    /// holds it goes. Returns warnings for the job.
-    fn release(&mut self) -> Vec<String>;
+    /// holds it goes (what cannot go is logged, and removed by the next
+    /// run).
+    fn release(&mut self);
     /// The job ended; `committed` when the point is in the vault. Returns
     /// warnings for the job.
     fn settle(&mut self, committed: bool) -> Vec<String>;

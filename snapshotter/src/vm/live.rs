@@ -35,9 +35,9 @@ use super::node;
 use super::qmp::Qmp;
 use crate::cbt::{Hint, HintSource};
 use crate::error::{Result, SnapError};
-use crate::hooks::{HookEnv, RunHooks};
+use crate::hooks::{Around, HookEnv, failed_hooks_warning};
 use crate::nbd::NbdImage;
-use crate::source::{LiveSource, PointInTime, TakeRequest, Taken};
+use crate::source::{ImageSource as _, LiveSource, PointInTime, TakeRequest, Taken};
 
 /// How long one exchange with the monitor may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -199,26 +199,21 @@ impl QmpDrive {
                 format!("cannot create a private folder for the point in time: {e}"),
             )
         })?;
-        let mut qmp = match Qmp::connect(&self.target.socket, QMP_TIMEOUT) {
-            Ok(q) => q,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&work);
-                return Err(e);
-            }
-        };
-        // What a killed run left goes first: its filter sits above the
-        // drive and would be taken for it.
-        Fleece::remove_leftovers(&mut qmp, &Names::of(req.item));
-        let prepared = node::resolve(&mut qmp, &self.target.drive).and_then(|node| {
+        let prepared = (|| {
+            let mut qmp = Qmp::connect(&self.target.socket, QMP_TIMEOUT)?;
+            // What a killed run left goes first: its filter sits above the
+            // drive and would be taken for it.
+            Fleece::remove_leftovers(&mut qmp, &Names::of(req.item));
+            let node = node::resolve(&mut qmp, &self.target.drive)?;
             let parent = req
                 .parent
                 .filter(|c| c.source == HintSource::Bitmap.name())
                 .and_then(|c| c.generation.as_deref());
             let plan = Chain::of(&self.vault_id, req.item).plan(&node, parent, req.job);
             let fleece = Fleece::prepare(&mut qmp, &node.name, node.size, req.item, &work)?;
-            Ok((plan, fleece))
-        });
-        let (plan, fleece) = match prepared {
+            Ok((qmp, plan, fleece))
+        })();
+        let (qmp, plan, fleece) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&work);
@@ -239,29 +234,15 @@ impl QmpDrive {
             vault: req.vault_dir,
         };
         let mut warnings = Vec::new();
-        let pre = (req.hooks.is_set() && !req.hooks.pre.is_empty()).then(|| req.hooks.run_pre(env));
-        let (took, frozen) = instant(&self.target, running, &mut warnings);
-        let post = req.hooks.is_set().then(|| req.hooks.run_post(env));
-        for r in [&pre, &post].into_iter().flatten() {
-            if let Err(e) = r {
-                warnings.push(e.clone());
-            }
-        }
+        let ((took, frozen), hooks) = Around::run(req.hooks, env, || {
+            instant(&self.target, running, &mut warnings)
+        });
+        let hooks_ok = hooks.succeeded(req.hooks, &mut warnings);
         took?;
-        let hooks_ok = req.hooks.is_set()
-            && pre.as_ref().is_none_or(|r| r.is_ok())
-            && post.as_ref().is_none_or(|r| r.is_ok());
-        let level = if hooks_ok {
-            Level::ApplicationConsistent
-        } else if frozen.is_some() {
-            Level::FileSystemConsistent
-        } else {
-            Level::CrashConsistent
-        };
+        // In use, and atomic when the guest was frozen for the instant.
+        let level = Level::of(hooks_ok, true, frozen.is_some());
         if req.hooks.is_set() && !hooks_ok {
-            warnings.push(format!(
-                "a hook failed: the point is {level}, not application-consistent"
-            ));
+            warnings.push(failed_hooks_warning(level));
         }
         self.plan = Some(running.plan.clone());
         let base = running.plan.base.clone();
@@ -291,8 +272,6 @@ impl QmpDrive {
         })
     }
 }
-
-use crate::source::ImageSource as _;
 
 /// Freezes the guest (when an agent is given), takes the instant, thaws.
 /// Returns the instant's outcome and, after a freeze and thaw that both
@@ -498,14 +477,13 @@ impl LiveSource for QmpDrive {
         self.take_point(req)
     }
 
-    fn release(&mut self) -> Vec<String> {
+    fn release(&mut self) {
         // The monitor is let go with the point: a `-qmp` socket serves one
         // client, and the transfer may take hours.
         if let Some(mut r) = self.running.take() {
             r.fleece.stop(&mut r.qmp);
             let _ = std::fs::remove_dir_all(&r.work);
         }
-        Vec::new()
     }
 
     fn settle(&mut self, committed: bool) -> Vec<String> {
@@ -538,7 +516,7 @@ impl LiveSource for QmpDrive {
 impl Drop for QmpDrive {
     /// A job that ended early (an error, a panic) still lets the point go.
     fn drop(&mut self) {
-        let _ = self.release();
+        self.release();
     }
 }
 
