@@ -7,13 +7,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use coffre_engine::backup::PointTerms;
-use coffre_engine::backup_job::{JobOptions, Writer, run_backup_job, run_live_backup_job};
+use coffre_engine::backup_job::{JobOptions, Source, Writer, run_source_job};
 use coffre_engine::cbt::{Hint, Sampling};
 use coffre_engine::nbd::{is_nbd_uri, open_any};
 use coffre_engine::policy::DEFAULT_POLICY;
 use coffre_engine::protection::{canonical, protect};
 use coffre_engine::retention::ON_DEMAND_DEFAULT_DAYS;
-use coffre_engine::snapshotter::source::LiveSource;
 use coffre_engine::snapshotter::vm::live::{QmpDrive, QmpTarget};
 use coffre_engine::store::format::catalog::Hooks;
 use coffre_engine::store::jobs::{JobRecord, PhaseStatus};
@@ -200,33 +199,25 @@ pub fn run_qmp(
         .with_context(|| format!("cannot read the vault at {}", dir.display()))?
         .vault_id;
     let source = std::path::PathBuf::from(target.source());
-    let mut drive = QmpDrive::new(target, &vault_id);
-    run_from(ctx, dir, args, &source, Via::Live(&mut drive))
-}
-
-/// Where a backup reads its image.
-enum Via<'a> {
-    /// The image itself (a file, a block device, an NBD export), opened,
-    /// and the hint its options gave.
-    Image(Box<dyn ImageSource>, Option<Hint>),
-    /// A point in time the job takes itself (a running VM's drive).
-    Live(&'a mut dyn LiveSource),
+    let drive = Box::new(QmpDrive::new(target, &vault_id));
+    run_from(ctx, dir, args, &source, Source::Live(drive), None)
 }
 
 /// Runs `coffre backup`.
 pub fn run(ctx: &Ctx, dir: &Path, args: BackupArgs<'_>, image: &Path) -> anyhow::Result<ExitCode> {
     let (source, hint) = open_source(image, args.cbt)?;
-    run_from(ctx, dir, args, image, Via::Image(source, hint))
+    run_from(ctx, dir, args, image, Source::Image(source), hint)
 }
 
-/// Backs up `image` (the source the item records), reading it as `via`
-/// says.
+/// Backs up `image` (the source the item records), reading `source` with
+/// the changed-block `hint` its options gave.
 fn run_from(
     ctx: &Ctx,
     dir: &Path,
     args: BackupArgs<'_>,
     image: &Path,
-    via: Via<'_>,
+    mut source: Source,
+    hint: Option<Hint>,
 ) -> anyhow::Result<ExitCode> {
     let BackupArgs {
         item,
@@ -258,10 +249,6 @@ fn run_from(
     }
     let snap_bar = Bar::new("snapshot");
     let transfer_bar = Bar::new("transfer");
-    let (via, hint) = match via {
-        Via::Image(source, hint) => (Via::Image(source, None), hint),
-        live => (live, None),
-    };
     let options = JobOptions {
         backup: BackupOptions {
             item: item.clone(),
@@ -283,19 +270,14 @@ fn run_from(
         writer: Writer::Open(ctx.open_options()),
         stop: &|| false,
     };
-    let outcome = match via {
-        Via::Live(live) => {
-            run_live_backup_job(dir, live, options, &*ctx.clock, &snap_bar, &transfer_bar)
-        }
-        Via::Image(source, _) => run_backup_job(
-            dir,
-            &*source,
-            options,
-            &*ctx.clock,
-            &snap_bar,
-            &transfer_bar,
-        ),
-    }
+    let outcome = run_source_job(
+        dir,
+        &mut source,
+        options,
+        &*ctx.clock,
+        &snap_bar,
+        &transfer_bar,
+    )
     .with_context(|| {
         format!(
             "backup of {} into {} failed",

@@ -102,22 +102,34 @@ pub fn run_backup_job(
     )
 }
 
-/// Runs a backup job whose point in time the job takes itself, at the
-/// start of its snapshot phase and under the item's snapshot lock (a
-/// running VM's drive). The point is released once captured, and the
-/// source is told at the end whether it reached the vault. `opts.backup`'s
-/// hint is not used: the source gives its own.
-pub fn run_live_backup_job(
+/// What a job reads, owned by the caller until the job ends.
+pub enum Source {
+    /// An opened image: a file, a block device, an NBD export.
+    Image(Box<dyn ImageSource>),
+    /// A point in time the job takes itself, at the start of its snapshot
+    /// phase and under the item's snapshot lock (a running VM's drive). It
+    /// is released once captured, and told at the end whether it reached
+    /// the vault; `opts.backup`'s hint is not used: the source gives its
+    /// own.
+    Live(Box<dyn LiveSource>),
+}
+
+/// Runs a backup job of `source` into the vault at `vault_dir`.
+pub fn run_source_job(
     vault_dir: &Path,
-    live: &mut dyn LiveSource,
+    source: &mut Source,
     opts: JobOptions<'_>,
     clock: &dyn Clock,
     snapshot_progress: &dyn Progress,
     transfer_progress: &dyn Progress,
 ) -> Result<JobOutcome> {
+    let source = match source {
+        Source::Image(image) => JobSource::Image(&**image),
+        Source::Live(live) => JobSource::Live(&mut **live),
+    };
     run_job(
         vault_dir,
-        JobSource::Live(live),
+        source,
         opts,
         clock,
         snapshot_progress,

@@ -23,9 +23,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 
 use crate::backup::{BackupOptions, PointTerms};
-use crate::backup_job::{
-    JobOptions, Writer, record_failed_backup, run_backup_job, run_live_backup_job,
-};
+use crate::backup_job::{JobOptions, Source, Writer, record_failed_backup, run_source_job};
 use crate::clock::Clock;
 use crate::error::{EngineError, Result};
 use crate::job_record::record_if_work;
@@ -34,7 +32,6 @@ use crate::progress::NoProgress;
 use crate::prune::{PruneReport, prune};
 use crate::registry::Registry;
 use crate::schedule::due_slot;
-use crate::source::ImageSource;
 
 /// Settings of a pass.
 pub struct PassOptions<'a> {
@@ -145,25 +142,15 @@ pub fn run_pass(
             stop: opts.stop,
         };
         let run = match open_scheduled(&item.source, &vault_id) {
-            Ok(source) => {
-                let out = match source {
-                    Scheduled::Image(image) => run_backup_job(
-                        vault.dir(),
-                        &*image,
-                        job_options(),
-                        clock,
-                        &NoProgress,
-                        &NoProgress,
-                    )?,
-                    Scheduled::Live(mut live) => run_live_backup_job(
-                        vault.dir(),
-                        &mut *live,
-                        job_options(),
-                        clock,
-                        &NoProgress,
-                        &NoProgress,
-                    )?,
-                };
+            Ok(mut source) => {
+                let out = run_source_job(
+                    vault.dir(),
+                    &mut source,
+                    job_options(),
+                    clock,
+                    &NoProgress,
+                    &NoProgress,
+                )?;
                 DueRun {
                     item: item.name.clone(),
                     slot,
@@ -240,26 +227,19 @@ pub fn run_pass(
     })
 }
 
-/// What a scheduled backup reads.
-enum Scheduled {
-    /// An image file, block device or NBD export.
-    Image(Box<dyn ImageSource>),
-    /// A running VM's drive (`qmp+unix://`): the job takes its point in
-    /// time through QEMU.
-    Live(Box<QmpDrive>),
-}
-
-/// Opens the source an item records.
-fn open_scheduled(source: &Path, vault_id: &str) -> std::result::Result<Scheduled, SnapError> {
+/// Opens the source an item records: an image file, block device or NBD
+/// export, or a running VM's drive (`qmp+unix://`), whose point in time
+/// the job takes through QEMU.
+fn open_scheduled(source: &Path, vault_id: &str) -> std::result::Result<Source, SnapError> {
     let text = source.to_string_lossy();
     if is_qmp_source(&text) {
         let target = QmpTarget::parse(&text).map_err(|reason| SnapError::Qmp {
             socket: source.to_path_buf(),
             reason: format!("the item's source is not a drive of a running VM: {reason}"),
         })?;
-        return Ok(Scheduled::Live(Box::new(QmpDrive::new(target, vault_id))));
+        return Ok(Source::Live(Box::new(QmpDrive::new(target, vault_id))));
     }
-    Ok(Scheduled::Image(
+    Ok(Source::Image(
         coffre_snapshotter::nbd::open_any(source, None)?.0,
     ))
 }
