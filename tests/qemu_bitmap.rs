@@ -57,17 +57,7 @@ fn chain(q: &mut Qmp) -> Vec<(String, bool, bool)> {
 /// `coffre backup --qmp` of device `vda` as item `vm`, which ends
 /// `status`.
 fn backup_as(vault: &Path, qmp: &Path, status: &str) -> Value {
-    let b = json(&[
-        "backup",
-        "--vault",
-        s(vault),
-        "--qmp",
-        s(qmp),
-        "--drive",
-        "vda",
-        "--item",
-        "vm",
-    ]);
+    let b = json(&live_backup_args(vault, qmp, "vda", &[]));
     assert_eq!(b["job"]["status"], status, "{b}");
     b
 }
@@ -75,24 +65,6 @@ fn backup_as(vault: &Path, qmp: &Path, status: &str) -> Value {
 /// `coffre backup --qmp` of device `vda` as item `vm`, which completes.
 fn backup(vault: &Path, qmp: &Path) -> Value {
     backup_as(vault, qmp, "Completed")
-}
-
-/// A VM over `disk` (raw or qcow2) with a second monitor for the test.
-fn vm(dir: &Path, disk: &Path, format: &str) -> (Vm, Qmp) {
-    let watch = dir.join(format!("watch-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&watch);
-    let _ = std::fs::remove_file(dir.join("qmp.sock"));
-    let vm = start_vm_as(
-        dir,
-        disk,
-        format,
-        &[
-            "-qmp".to_string(),
-            format!("unix:{},server=on,wait=off", watch.display()),
-        ],
-    );
-    let q = Qmp::connect(&watch, Duration::from_secs(20)).unwrap();
-    (vm, q)
 }
 
 /// Stops QEMU cleanly (`quit`: persistent bitmaps are written to the
@@ -109,28 +81,11 @@ fn quit(mut vm: Vm, mut q: Qmp) {
     }
 }
 
-/// A qcow2 disk holding `bytes`, and the raw file of the same bytes.
+/// A qcow2 disk holding `bytes`.
 fn qcow2_disk(dir: &Path, bytes: &[u8]) -> std::path::PathBuf {
-    let raw = dir.join("seed.raw");
-    std::fs::write(&raw, bytes).unwrap();
     let disk = dir.join("disk.qcow2");
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&disk)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    write_qcow2(&disk, bytes);
     disk
-}
-
-/// Restores point `id` of item `vm` and compares it with `expected`.
-fn restores_to(vault: &Path, dir: &Path, id: &str, expected: &[u8]) {
-    let r = dir.join(format!("r-{id}.img"));
-    ok(&restore_args(vault, "vm", Some(id), &r, false));
-    let got = std::fs::read(&r).unwrap();
-    assert!(got == expected, "point {id} is not the disk at its instant");
-    std::fs::remove_file(&r).unwrap();
 }
 
 fn write(q: &mut Qmp, model: &mut [u8], pattern: u8, at: usize, len: usize) {
@@ -147,13 +102,13 @@ fn a_day_two_reads_the_bitmap_and_a_qcow2s_chain_survives_a_restart() {
     let vault = new_vault(t.path(), &[]);
     let mut model: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 249) as u8 + 1).collect();
     let disk = qcow2_disk(t.path(), &model);
-    let (vm1, mut q) = vm(t.path(), &disk, "qcow2");
+    let (vm1, mut q) = start_vm_watched(t.path(), &disk, "qcow2");
 
     let b1 = backup(&vault, &vm1.qmp);
     let first = b1["cbt"]["generation"].as_str().unwrap().to_string();
     assert_eq!(b1["cbt"]["source"], "bitmap", "{b1}");
     assert_eq!(chain(&mut q), [(first.clone(), true, true)]);
-    restores_to(&vault, t.path(), b1["id"].as_str().unwrap(), &model);
+    restores_to(&vault, t.path(), b1["id"].as_str(), &model);
 
     write(&mut q, &mut model, 0x5a, 1 << 20, BLOCK);
     let b2 = backup(&vault, &vm1.qmp);
@@ -169,17 +124,17 @@ fn a_day_two_reads_the_bitmap_and_a_qcow2s_chain_survives_a_restart() {
     assert_ne!(second, first);
     // The parent's bitmap went once the point was committed.
     assert_eq!(chain(&mut q), [(second.clone(), true, true)]);
-    restores_to(&vault, t.path(), b2["id"].as_str().unwrap(), &model);
+    restores_to(&vault, t.path(), b2["id"].as_str(), &model);
 
     // A restart: the persistent bitmap comes back from the qcow2.
     quit(vm1, q);
-    let (vm2, mut q) = vm(t.path(), &disk, "qcow2");
+    let (vm2, mut q) = start_vm_watched(t.path(), &disk, "qcow2");
     assert_eq!(chain(&mut q), [(second.clone(), true, true)]);
     write(&mut q, &mut model, 0x6b, 5 << 20, BLOCK);
     let b3 = backup(&vault, &vm2.qmp);
     assert_eq!(b3["cbt"]["used"], true, "{b3}");
     assert_eq!(b3["cbt"]["dirty_bytes"], BLOCK as u64, "{b3}");
-    restores_to(&vault, t.path(), b3["id"].as_str().unwrap(), &model);
+    restores_to(&vault, t.path(), b3["id"].as_str(), &model);
     ok(&["verify", "--vault", s(&vault), "--read-data"]);
 }
 
@@ -193,19 +148,19 @@ fn a_raw_disks_chain_ends_with_its_qemu_and_the_next_backup_reads_all() {
     let disk = t.path().join("disk.raw");
     let mut model: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 241) as u8).collect();
     std::fs::write(&disk, &model).unwrap();
-    let (vm1, mut q) = vm(t.path(), &disk, "raw");
+    let (vm1, mut q) = start_vm_watched(t.path(), &disk, "raw");
     backup(&vault, &vm1.qmp);
     let bitmaps = chain(&mut q);
     assert_eq!(bitmaps.len(), 1);
     assert!(!bitmaps[0].2, "a raw node cannot store a persistent bitmap");
     quit(vm1, q);
-    let (vm2, mut q) = vm(t.path(), &disk, "raw");
+    let (vm2, mut q) = start_vm_watched(t.path(), &disk, "raw");
     write(&mut q, &mut model, 0x33, 2 << 20, BLOCK);
     let b = backup_as(&vault, &vm2.qmp, "CompletedWithWarnings");
     assert_eq!(b["cbt"]["used"], false, "{b}");
     let warnings = b["job"]["stats"]["warnings"].to_string();
     assert!(warnings.contains("is not on node"), "{warnings}");
-    restores_to(&vault, t.path(), b["id"].as_str().unwrap(), &model);
+    restores_to(&vault, t.path(), b["id"].as_str(), &model);
 }
 
 #[test]
@@ -217,7 +172,7 @@ fn a_lying_bitmap_is_caught_by_the_audit() {
     let vault = new_vault(t.path(), &[]);
     let mut model: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 239) as u8).collect();
     let disk = qcow2_disk(t.path(), &model);
-    let (vm, mut q) = vm(t.path(), &disk, "qcow2");
+    let (vm, mut q) = start_vm_watched(t.path(), &disk, "qcow2");
     let b1 = backup(&vault, &vm.qmp);
     // Every block changes, then the bitmap is wiped: it now says nothing
     // changed.
@@ -241,7 +196,7 @@ fn a_lying_bitmap_is_caught_by_the_audit() {
             .contains("differ from the parent"),
         "{b2}"
     );
-    restores_to(&vault, t.path(), b2["id"].as_str().unwrap(), &model);
+    restores_to(&vault, t.path(), b2["id"].as_str(), &model);
 }
 
 /// A backup killed after its instant (mid-transfer) leaves the chain with
@@ -259,7 +214,7 @@ fn a_run_killed_after_its_instant_leaves_a_chain_the_next_merges() {
     random_file(&t.path().join("seed.bin"), model.len(), 11);
     model.copy_from_slice(&std::fs::read(t.path().join("seed.bin")).unwrap());
     let disk = qcow2_disk(t.path(), &model);
-    let (vm, mut q) = vm(t.path(), &disk, "qcow2");
+    let (vm, mut q) = start_vm_watched(t.path(), &disk, "qcow2");
     let b1 = backup(&vault, &vm.qmp);
     write(&mut q, &mut model, 0x41, 1 << 20, BLOCK);
     // Enough changes that the killed run is still reading when killed.
@@ -267,8 +222,12 @@ fn a_run_killed_after_its_instant_leaves_a_chain_the_next_merges() {
         write(&mut q, &mut model, 0x42, at, 1 << 20);
     }
     let mut child = coffre()
-        .args(["backup", "--vault", s(&vault), "--qmp", s(&vm.qmp)])
-        .args(["--drive", "vda", "--item", "vm", "--rate-limit", "1M"])
+        .args(live_backup_args(
+            &vault,
+            &vm.qmp,
+            "vda",
+            &["--rate-limit", "1M"],
+        ))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -302,7 +261,7 @@ fn a_run_killed_after_its_instant_leaves_a_chain_the_next_merges() {
     );
     assert_ne!(c["generation"], b1["cbt"]["generation"]);
     assert_eq!(chain(&mut q).len(), 1, "{:?}", chain(&mut q));
-    restores_to(&vault, t.path(), b3["id"].as_str().unwrap(), &model);
+    restores_to(&vault, t.path(), b3["id"].as_str(), &model);
     ok(&["verify", "--vault", s(&vault), "--read-data"]);
 }
 
@@ -317,20 +276,10 @@ fn the_scheduler_backs_up_a_running_vms_drive_through_its_chain() {
     let vault = new_vault(t.path(), &[]);
     let mut model: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 233) as u8).collect();
     let disk = qcow2_disk(t.path(), &model);
-    let (vm, mut q) = vm(t.path(), &disk, "qcow2");
+    let (vm, mut q) = start_vm_watched(t.path(), &disk, "qcow2");
     let b1 = json_at(
         "2027-01-01T01:00:00Z",
-        &[
-            "backup",
-            "--vault",
-            s(&vault),
-            "--qmp",
-            s(&vm.qmp),
-            "--drive",
-            "vda",
-            "--item",
-            "vm",
-        ],
+        &live_backup_args(&vault, &vm.qmp, "vda", &[]),
     );
     assert_eq!(b1["auto_protected"], true, "{b1}");
     write(&mut q, &mut model, 0x21, 7 << 20, BLOCK);
@@ -342,5 +291,5 @@ fn the_scheduler_backs_up_a_running_vms_drive_through_its_chain() {
     assert_eq!(last["cbt"]["used"], true, "{last}");
     assert_eq!(last["cbt"]["dirty_bytes"], BLOCK as u64, "{last}");
     assert_eq!(chain(&mut q).len(), 1);
-    restores_to(&vault, t.path(), last["id"].as_str().unwrap(), &model);
+    restores_to(&vault, t.path(), last["id"].as_str(), &model);
 }

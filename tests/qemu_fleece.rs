@@ -219,31 +219,18 @@ fn a_backup_killed_mid_transfer_is_cleaned_up_by_the_next() {
     let vault = new_vault(t.path(), &[]);
     let disk = t.path().join("disk.img");
     random_file(&disk, 32 << 20, 7);
-    let watch = t.path().join("watch.sock");
-    let vm = start_vm_with(
-        t.path(),
-        &disk,
-        &[
-            "-qmp".to_string(),
-            format!("unix:{},server=on,wait=off", watch.display()),
-        ],
-    );
+    let (vm, mut q) = start_vm_watched(t.path(), &disk, "raw");
     let mut child = coffre()
-        .args([
-            "backup",
-            "--vault",
-            s(&vault),
-            "--qmp",
-            s(&vm.qmp),
-            "--drive",
+        .args(live_backup_args(
+            &vault,
+            &vm.qmp,
             "disk0",
-        ])
-        .args(["--item", "vm", "--rate-limit", "1M"])
+            &["--rate-limit", "1M"],
+        ))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut q = Qmp::connect(&watch, Duration::from_secs(20)).unwrap();
     let names = Names::of("vm");
     let start = Instant::now();
     while !coffre_nodes(&mut q).contains(&names.export) {

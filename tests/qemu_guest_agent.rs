@@ -32,34 +32,12 @@ fn vm(dir: &Path) -> (Vm, Qmp, Vec<u8>) {
     let disk = dir.join("disk.raw");
     let bytes: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 247) as u8 + 1).collect();
     std::fs::write(&disk, &bytes).unwrap();
-    let watch = dir.join("watch.sock");
-    let vm = start_vm_as(
-        dir,
-        &disk,
-        "raw",
-        &[
-            "-qmp".to_string(),
-            format!("unix:{},server=on,wait=off", watch.display()),
-        ],
-    );
-    let q = Qmp::connect(&watch, Duration::from_secs(20)).unwrap();
+    let (vm, q) = start_vm_watched(dir, &disk, "raw");
     (vm, q, bytes)
 }
 
 fn backup_args<'a>(vault: &'a Path, qmp: &'a Path, agent: &'a Path) -> Vec<&'a str> {
-    vec![
-        "backup",
-        "--vault",
-        s(vault),
-        "--qmp",
-        s(qmp),
-        "--drive",
-        "vda",
-        "--item",
-        "vm",
-        "--guest-agent",
-        s(agent),
-    ]
+    live_backup_args(vault, qmp, "vda", &["--guest-agent", s(agent)])
 }
 
 /// `coffre backup --qmp … --guest-agent AGENT` of device `vda` as item
@@ -79,18 +57,6 @@ fn warnings(b: &Value) -> String {
 fn level(b: &Value) -> &str {
     assert_eq!(b["level"], b["job"]["stats"]["level"], "{b}");
     b["level"].as_str().unwrap()
-}
-
-/// Restores the latest point of item `vm` and compares it with `expected`.
-fn restores_to(vault: &Path, dir: &Path, expected: &[u8]) {
-    let r = dir.join("restored.img");
-    let _ = std::fs::remove_file(&r);
-    ok(&restore_args(vault, "vm", None, &r, false));
-    let got = std::fs::read(&r).unwrap();
-    assert_eq!(got.len(), expected.len());
-    if let Some(i) = got.iter().zip(expected).position(|(a, b)| a != b) {
-        panic!("the point is not the disk at its instant: first difference at byte {i}");
-    }
 }
 
 /// The guest keeps writing through the device while it is not frozen (a
@@ -163,7 +129,7 @@ fn the_guest_is_frozen_around_the_instant_and_thawed_at_once() {
     for &(_, pattern, at, len) in writes.iter().filter(|w| w.0 == 0) {
         model[at..at + len].fill(pattern);
     }
-    restores_to(&vault, t.path(), &model);
+    restores_to(&vault, t.path(), None, &model);
     assert_eq!(coffre_nodes(&mut q), Vec::<String>::new());
     eprintln!(
         "freeze around the instant: backup {took:?}, frozen {freeze_ms} ms, {before} writes before, {after} after"
@@ -202,7 +168,7 @@ fn a_failed_freeze_thaws_and_leaves_a_crash_consistent_point() {
     assert!(!st.frozen);
     drop(st);
     assert!(took < Duration::from_secs(8), "took {took:?}");
-    restores_to(&vault, t.path(), &bytes);
+    restores_to(&vault, t.path(), None, &bytes);
     eprintln!("a failed freeze: backup {took:?}");
 }
 
@@ -224,7 +190,7 @@ fn a_missing_or_silent_agent_leaves_a_crash_consistent_point() {
     assert!(w.contains("no file-system freeze"), "{w}");
     assert!(w.contains("no-agent.sock"), "{w}");
     assert!(took < Duration::from_secs(8), "took {took:?}");
-    restores_to(&vault, t.path(), &bytes);
+    restores_to(&vault, t.path(), None, &bytes);
 
     let agent = FakeAgent::start(
         &t.path().join("qga.sock"),
@@ -324,7 +290,7 @@ fn a_guest_a_killed_run_left_frozen_is_thawed_by_the_next() {
     assert!(!st.frozen);
     drop(st);
     assert_eq!(coffre_nodes(&mut q), Vec::<String>::new());
-    restores_to(&vault, t.path(), &bytes);
+    restores_to(&vault, t.path(), None, &bytes);
     eprintln!("the run after a kill: backup {took:?}");
 }
 
@@ -436,7 +402,7 @@ fn hooks_run_around_the_freeze_and_make_the_point_application_consistent() {
     );
     assert!(!st.frozen);
     drop(st);
-    restores_to(&vault, t.path(), &bytes);
+    restores_to(&vault, t.path(), None, &bytes);
     // The table output shows the window and the level.
     let table = ok(&backup_args(&vault, &vm.qmp, &agent.path));
     let line = table

@@ -380,28 +380,10 @@ fn writer_survives_live_backups(format: &str) {
     if format == "raw" {
         std::fs::write(&disk, &initial).unwrap();
     } else {
-        let raw = t.path().join("initial.raw");
-        std::fs::write(&raw, &initial).unwrap();
-        let st = Command::new("qemu-img")
-            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-            .args([&raw, &disk])
-            .status()
-            .unwrap();
-        assert!(st.success(), "qemu-img convert to {}", disk.display());
-        std::fs::remove_file(&raw).unwrap();
+        write_qcow2(&disk, &initial);
     }
     let vault = new_vault(t.path(), &[]);
-    let second = place.join("writer.sock");
-    let vm = start_vm_as(
-        &place,
-        &disk,
-        format,
-        &[
-            "-qmp".to_string(),
-            format!("unix:{},server=on,wait=off", second.display()),
-        ],
-    );
-    let q = Qmp::connect(&second, Duration::from_secs(20)).unwrap();
+    let (vm, q) = start_vm_watched(&place, &disk, format);
     let writer = Writer::start(q);
 
     writer.wait_for(MARGIN);
@@ -415,17 +397,7 @@ fn writer_survives_live_backups(format: &str) {
         }
         let before = writer.acked();
         let started = Instant::now();
-        let b = json(&[
-            "backup",
-            "--vault",
-            s(&vault),
-            "--qmp",
-            s(&vm.qmp),
-            "--drive",
-            "disk0",
-            "--item",
-            "vm",
-        ]);
+        let b = json(&live_backup_args(&vault, &vm.qmp, "disk0", &[]));
         let ended = Instant::now();
         assert_eq!(b["job"]["status"], "Completed", "backup {}: {b}", k + 1);
         // From the second backup on, only what the dirty bitmap marks is

@@ -55,6 +55,8 @@ pub fn start_vm_with(dir: &Path, disk: &Path, extra: &[String]) -> Vm {
 /// `disk0` behind device `vda`, and `extra` arguments.
 pub fn start_vm_as(dir: &Path, disk: &Path, format: &str, extra: &[String]) -> Vm {
     let qmp = dir.join("qmp.sock");
+    // A socket a QEMU before left (a restart) would pass for this one's.
+    let _ = std::fs::remove_file(&qmp);
     let child = Command::new("qemu-system-x86_64")
         .args(extra)
         .args([
@@ -90,6 +92,81 @@ pub fn start_vm_as(dir: &Path, disk: &Path, format: &str, extra: &[String]) -> V
     Vm { child, qmp }
 }
 
+/// [`start_vm_as`] with a second monitor, `watch.sock`, for the test
+/// (QEMU serves one client per monitor, and coffre takes the first),
+/// connected.
+pub fn start_vm_watched(dir: &Path, disk: &Path, format: &str) -> (Vm, Qmp) {
+    let watch = dir.join("watch.sock");
+    let _ = std::fs::remove_file(&watch);
+    let vm = start_vm_as(
+        dir,
+        disk,
+        format,
+        &[
+            "-qmp".to_string(),
+            format!("unix:{},server=on,wait=off", watch.display()),
+        ],
+    );
+    let q = Qmp::connect(&watch, Duration::from_secs(20)).unwrap();
+    (vm, q)
+}
+
+/// Writes `bytes` as a qcow2 image at `disk` (a raw file beside it,
+/// converted by `qemu-img`, then removed).
+pub fn write_qcow2(disk: &Path, bytes: &[u8]) {
+    let raw = disk.with_extension("seed.raw");
+    std::fs::write(&raw, bytes).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(disk)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img convert to {}: {out:?}",
+        disk.display()
+    );
+    std::fs::remove_file(&raw).unwrap();
+}
+
+/// The arguments of `coffre backup --qmp QMP --drive DRIVE --item vm`,
+/// then `extra`.
+pub fn live_backup_args<'a>(
+    vault: &'a Path,
+    qmp: &'a Path,
+    drive: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "backup",
+        "--vault",
+        s(vault),
+        "--qmp",
+        s(qmp),
+        "--drive",
+        drive,
+        "--item",
+        "vm",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Restores point `point` (the latest: `None`) of item `vm` into `dir` and
+/// compares it with `expected`, naming the first byte that differs.
+pub fn restores_to(vault: &Path, dir: &Path, point: Option<&str>, expected: &[u8]) {
+    let r = dir.join("restored.img");
+    let _ = std::fs::remove_file(&r);
+    ok(&restore_args(vault, "vm", point, &r, false));
+    let got = std::fs::read(&r).unwrap();
+    assert_eq!(got.len(), expected.len());
+    if let Some(i) = got.iter().zip(expected).position(|(a, b)| a != b) {
+        panic!("point {point:?} is not the disk at its instant: first difference at byte {i}");
+    }
+    std::fs::remove_file(&r).unwrap();
+}
+
 /// Writes `pattern` at `at` through the device, as a guest would.
 pub fn guest_write(q: &mut Qmp, pattern: u8, at: usize, len: usize) {
     let out = q
@@ -105,17 +182,7 @@ pub fn guest_write(q: &mut Qmp, pattern: u8, at: usize, len: usize) {
 
 /// `coffre backup --qmp` of drive `disk0` as item `vm`, which completes.
 pub fn backup_drive(vault: &Path, qmp: &Path) {
-    let b = json(&[
-        "backup",
-        "--vault",
-        s(vault),
-        "--qmp",
-        s(qmp),
-        "--drive",
-        "disk0",
-        "--item",
-        "vm",
-    ]);
+    let b = json(&live_backup_args(vault, qmp, "disk0", &[]));
     assert_eq!(b["job"]["status"], "Completed", "{b}");
 }
 
