@@ -76,19 +76,25 @@ impl Fleece {
     /// in `dir` (private to this run). What a killed run of the same `tag`
     /// left is removed first.
     pub fn start(qmp: &mut Qmp, node: &str, tag: &str, dir: &Path) -> Result<Fleece> {
+        // A killed run's filter sits above the drive and would be taken
+        // for it: what it left goes before the drive is looked up.
+        Self::remove_leftovers(qmp, &Names::of(tag));
         let info = super::node::resolve(qmp, node)?;
         let mut fleece = Self::prepare(qmp, &info.name, info.size, tag, dir)?;
-        if let Err(e) = fleece.take(qmp, Vec::new()) {
+        let done = fleece
+            .take(qmp, Vec::new())
+            .and_then(|()| fleece.export(qmp, None));
+        if let Err(e) = done {
             fleece.stop(qmp);
             return Err(e);
         }
-        fleece.export(qmp, None)?;
         Ok(fleece)
     }
 
     /// Readies a fleece of node `node` (`size` bytes) without taking its
-    /// instant yet: what a killed run of the same `tag` left is removed,
-    /// and the temporary qcow2 (in `dir`) is created and added as a node.
+    /// instant yet: the temporary qcow2 (in `dir`) is created and added as
+    /// a node. The caller removes what a killed run of the same `tag` left
+    /// ([`Fleece::remove_leftovers`]) before it looks the drive up.
     pub fn prepare(qmp: &mut Qmp, node: &str, size: u64, tag: &str, dir: &Path) -> Result<Fleece> {
         if qmp.version() < MIN_QEMU {
             return Err(qmp.error(format!(
@@ -97,7 +103,6 @@ impl Fleece {
             )));
         }
         let names = Names::of(tag);
-        Self::remove_leftovers(qmp, &names);
         let overlay = dir.join(format!("{}.qcow2", names.node));
         let socket = dir.join("nbd.sock");
         let out = Command::new("qemu-img")
@@ -156,16 +161,8 @@ impl Fleece {
 
     /// Exports the fleece over NBD on the private socket, with `bitmap`
     /// (on the drive, disabled) as meta context `qemu:dirty-bitmap:NAME`.
-    /// On failure the fleece is stopped.
+    /// On failure the caller stops the fleece.
     pub fn export(&mut self, qmp: &mut Qmp, bitmap: Option<&str>) -> Result<()> {
-        let done = self.begin_export(qmp, bitmap);
-        if done.is_err() {
-            self.stop(qmp);
-        }
-        done
-    }
-
-    fn begin_export(&mut self, qmp: &mut Qmp, bitmap: Option<&str>) -> Result<()> {
         let n = self.names.clone();
         qmp.execute(
             "nbd-server-start",
