@@ -1,5 +1,5 @@
 //! The dirty-bitmap chain a live backup keeps in QEMU, one per item and
-//! vault: bitmap `coffre-cbt-<16 hex of vault and item>-<n>` records every
+//! vault: bitmap `coffre-cbt-<16 hex of vault and item>-<n>-<job>` records every
 //! write since the instant of the point whose generation it is.
 //!
 //! Each backup, in the same QMP `transaction` as its instant:
