@@ -32,6 +32,11 @@ pub enum SnapError {
     #[error("guest agent {socket}: {reason}")]
     GuestAgent { socket: PathBuf, reason: String },
 
+    /// A libvirt domain cannot be backed up: unknown, libvirt unreachable,
+    /// `virsh` missing or refusing a command, or a reply coffre cannot use.
+    #[error("libvirt domain {domain}: {reason}")]
+    Libvirt { domain: String, reason: String },
+
     /// A dirty bitmap was asked of a raw image.
     #[error(
         "dirty bitmap {bitmap} needs a qcow2 image or an NBD source (nbd://HOST/EXPORT or nbd+unix:///EXPORT?socket=PATH); {path} is a raw image"

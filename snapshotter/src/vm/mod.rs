@@ -4,11 +4,12 @@
 //! is bounded, parsed whole, and only the fields a caller needs are read
 //! (`FORMAT.md`, "QEMU monitor and guest agent"). This is the ground the
 //! live backup of issue 22 (fleecing export, dirty bitmaps, freeze) stands
-//! on.
+//! on. libvirt domains are driven through `virsh` instead ([`libvirt`]).
 
 pub mod agent;
 pub mod fleece;
 pub mod json_lines;
+pub mod libvirt;
 pub mod qmp;
 
 /// The source a drive of a running VM is recorded as:
