@@ -21,8 +21,8 @@ pub mod service;
 
 pub use data::{backup, bench, per_thread, points, reader, restore, restore_target, verify};
 pub use service::{
-    backup_job, job_record, policies, policy, protection, prune, registry, retention, schedule,
-    scheduler, vault_ops,
+    backup_job, domain_backup, job_record, policies, policy, protection, prune, registry,
+    retention, schedule, scheduler, vault_ops,
 };
 
 pub use backup::{BackupOptions, BackupOutcome, backup};
