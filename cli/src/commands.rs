@@ -75,6 +75,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cbt,
             qmp,
             drive,
+            domain,
+            connect,
             image,
         } => {
             let args = crate::backup_cmd::BackupArgs {
@@ -84,6 +86,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 threads: threads.threads,
                 cbt: &cbt,
             };
+            if let Some(domain) = domain {
+                return crate::domain_cmd::backup(
+                    &ctx,
+                    &vault.vault,
+                    args,
+                    &domain,
+                    connect.as_deref(),
+                );
+            }
             match (qmp, drive, image) {
                 (Some(socket), Some(drive), _) => {
                     crate::backup_cmd::run_qmp(&ctx, &vault.vault, args, &socket, &drive)
@@ -150,22 +161,30 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pre_snapshot,
             post_snapshot,
             hook_timeout,
+            domain,
+            connect,
             image,
-        } => crate::item_cmd::protect(
-            &ctx,
-            &vault.vault,
-            &item,
-            &policy,
-            &image,
-            crate::item_cmd::hooks_from(
+        } => match (domain, item, image) {
+            (Some(domain), _, _) => {
+                crate::domain_cmd::protect(&ctx, &vault.vault, &domain, connect.as_deref(), &policy)
+            }
+            (None, Some(item), Some(image)) => crate::item_cmd::protect(
                 &ctx,
                 &vault.vault,
                 &item,
-                pre_snapshot,
-                post_snapshot,
-                hook_timeout,
-            )?,
-        ),
+                &policy,
+                &image,
+                crate::item_cmd::hooks_from(
+                    &ctx,
+                    &vault.vault,
+                    &item,
+                    pre_snapshot,
+                    post_snapshot,
+                    hook_timeout,
+                )?,
+            ),
+            _ => anyhow::bail!("give --item NAME and an image, or --domain NAME"),
+        },
         Command::Unprotect {
             vault,
             item,
