@@ -86,6 +86,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 threads: threads.threads,
                 cbt: &cbt,
             };
+            if connect.is_some() && domain.is_none() {
+                anyhow::bail!("--connect goes with --domain NAME");
+            }
             if let Some(domain) = domain {
                 return crate::domain_cmd::backup(
                     &ctx,
@@ -154,6 +157,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             threads.threads,
         ),
         Command::Policy(cmd) => crate::policy_cmd::run(&ctx, *cmd),
+        Command::Protect {
+            domain: None,
+            connect: Some(_),
+            ..
+        } => anyhow::bail!("--connect goes with --domain NAME"),
         Command::Protect {
             vault,
             item,
