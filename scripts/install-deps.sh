@@ -3,6 +3,7 @@
 # libclang (RocksDB's bindgen), a C++ compiler, e2fsprogs (test images);
 # optionally xfsprogs, qemu-utils and libnbd-bin (tests of real components),
 # qemu-system-x86 with a qemu-utils of the same release (the QEMU live-backup
+# tests), libvirt's daemon, client and QEMU driver (the libvirt domain-backup
 # tests),
 # Azurite with @azure/storage-blob from npm (the object-store tests and
 # `make demo-cloud`) and moto[server] from PyPI (the S3 test);
@@ -183,6 +184,30 @@ install_qemu_system() {
     fi
   done
 }
+# libvirt: the domain-backup tests start virtlogd and libvirtd themselves
+# (CI has no systemd) and run QEMU domains through them. The QEMU driver
+# comes without recommends (no dnsmasq, no firewall tools); nothing is
+# removed to install it.
+install_libvirt() {
+  command -v virsh >/dev/null && command -v libvirtd >/dev/null && command -v virtlogd >/dev/null && return 0
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+    echo "coffre: libvirt missing: the libvirt domain-backup tests will SKIP" >&2
+    echo "  (as root: apt-get install --no-install-recommends libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu)" >&2
+    return 0
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-get update -qq; then
+    echo "coffre: apt-get update failed: the libvirt domain-backup tests will SKIP" >&2
+    return 0
+  fi
+  echo "coffre: installing libvirt-daemon-system, libvirt-clients and libvirt-daemon-driver-qemu ..." >&2
+  if ! apt-get install -y -qq --no-install-recommends --no-remove \
+      libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu >/dev/null; then
+    echo "coffre: could not install libvirt: the libvirt domain-backup tests will SKIP" >&2
+    return 0
+  fi
+  hash -r
+}
 if [ "${1:-}" = "--azurite" ]; then
   install_azurite
   install_moto
@@ -191,6 +216,7 @@ fi
 install_azurite
 install_moto
 install_qemu_system
+install_libvirt
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

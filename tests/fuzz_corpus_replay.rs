@@ -184,6 +184,17 @@ fn nbd_reply_corpus() {
 }
 
 #[test]
+fn libvirt_xml_corpus() {
+    let accepted: Vec<usize> = corpus("libvirt_xml")
+        .iter()
+        .map(|(_, b)| coffre_engine::snapshotter::vm::libvirt::xml::fuzz_entry(b))
+        .collect();
+    // backup_job, checkpoint, domain: each read by its own reader only;
+    // hostile: a relative path and a target with a path in it, refused.
+    assert_eq!(accepted, vec![1, 1, 1, 0]);
+}
+
+#[test]
 fn qmp_reply_corpus() {
     let accepted: Vec<usize> = corpus("qmp_reply")
         .iter()

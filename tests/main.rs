@@ -24,6 +24,7 @@ mod install_binary;
 mod install_deps;
 mod job_phases;
 mod kill9_during_backup;
+mod libvirt_domain;
 mod nbd_fake_server;
 mod nbd_qcow2;
 mod object_store;

@@ -150,10 +150,23 @@ pub enum Command {
         /// once: the point is file-system-consistent.
         #[arg(long, value_name = "SOCKET", requires = "qmp")]
         guest_agent: Option<PathBuf>,
+        /// A libvirt domain: every disk is backed up at one instant
+        /// (libvirt's pull-mode backup, incremental through checkpoints),
+        /// disk vda as item NAME-vda, and so on (see README).
+        #[arg(
+            long,
+            value_name = "NAME",
+            conflicts_with_all = ["image", "qmp", "item", "changed_blocks", "bitmap", "guest_agent"]
+        )]
+        domain: Option<String>,
+        /// With `--domain`: the libvirt connection URI (default: libvirt's,
+        /// e.g. qemu:///system for root).
+        #[arg(long, value_name = "URI", requires = "domain")]
+        connect: Option<String>,
         /// The disk image: a raw file or block device, or an NBD export
         /// (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`),
         /// e.g. `qemu-nbd` over a qcow2 or a libvirt pull-mode backup.
-        #[arg(required_unless_present = "qmp")]
+        #[arg(required_unless_present_any = ["qmp", "domain"])]
         image: Option<PathBuf>,
     },
 
@@ -252,8 +265,8 @@ pub enum Command {
         #[command(flatten)]
         vault: VaultArg,
         /// Item name.
-        #[arg(long)]
-        item: String,
+        #[arg(long, required_unless_present = "domain")]
+        item: Option<String>,
         /// Policy name.
         #[arg(long)]
         policy: String,
@@ -268,8 +281,20 @@ pub enum Command {
         /// Seconds each hook may run before it is killed.
         #[arg(long, value_name = "SECS")]
         hook_timeout: Option<u64>,
+        /// A libvirt domain: each disk is protected as item NAME-vda, …,
+        /// and the scheduler backs the domain up as `backup --domain` does.
+        #[arg(
+            long,
+            value_name = "NAME",
+            conflicts_with_all = ["image", "item", "pre_snapshot", "post_snapshot", "hook_timeout"]
+        )]
+        domain: Option<String>,
+        /// With `--domain`: the libvirt connection URI (default: libvirt's).
+        #[arg(long, value_name = "URI", requires = "domain")]
+        connect: Option<String>,
         /// The raw disk image (file or block device).
-        image: PathBuf,
+        #[arg(required_unless_present = "domain")]
+        image: Option<PathBuf>,
     },
 
     /// Stop protecting an item: keep its points (they never expire), or

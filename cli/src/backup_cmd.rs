@@ -71,7 +71,7 @@ fn item_name_for(image: &Path, item: Option<String>) -> anyhow::Result<String> {
 /// returns true when it did, the hooks this host runs for the item (set
 /// on this host, never taken from the vault's catalog) and a warning when
 /// the catalog names others.
-fn ensure_protected(
+pub(crate) fn ensure_protected(
     ctx: &Ctx,
     dir: &Path,
     item: &str,
@@ -269,6 +269,7 @@ fn run_from(
         },
         writer: Writer::Open(ctx.open_options()),
         stop: &|| false,
+        labels: Default::default(),
     };
     let outcome = run_source_job(
         dir,

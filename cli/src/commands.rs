@@ -76,6 +76,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             qmp,
             drive,
             guest_agent,
+            domain,
+            connect,
             image,
         } => {
             let args = crate::backup_cmd::BackupArgs {
@@ -85,6 +87,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 threads: threads.threads,
                 cbt: &cbt,
             };
+            if connect.is_some() && domain.is_none() {
+                anyhow::bail!("--connect goes with --domain NAME");
+            }
+            if let Some(domain) = domain {
+                return crate::domain_cmd::backup(
+                    &ctx,
+                    &vault.vault,
+                    args,
+                    &domain,
+                    connect.as_deref(),
+                );
+            }
             match (qmp, drive, image) {
                 (Some(socket), Some(drive), _) => {
                     let absolute = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p);
@@ -156,28 +170,41 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ),
         Command::Policy(cmd) => crate::policy_cmd::run(&ctx, *cmd),
         Command::Protect {
+            domain: None,
+            connect: Some(_),
+            ..
+        } => anyhow::bail!("--connect goes with --domain NAME"),
+        Command::Protect {
             vault,
             item,
             policy,
             pre_snapshot,
             post_snapshot,
             hook_timeout,
+            domain,
+            connect,
             image,
-        } => crate::item_cmd::protect(
-            &ctx,
-            &vault.vault,
-            &item,
-            &policy,
-            &image,
-            crate::item_cmd::hooks_from(
+        } => match (domain, item, image) {
+            (Some(domain), _, _) => {
+                crate::domain_cmd::protect(&ctx, &vault.vault, &domain, connect.as_deref(), &policy)
+            }
+            (None, Some(item), Some(image)) => crate::item_cmd::protect(
                 &ctx,
                 &vault.vault,
                 &item,
-                pre_snapshot,
-                post_snapshot,
-                hook_timeout,
-            )?,
-        ),
+                &policy,
+                &image,
+                crate::item_cmd::hooks_from(
+                    &ctx,
+                    &vault.vault,
+                    &item,
+                    pre_snapshot,
+                    post_snapshot,
+                    hook_timeout,
+                )?,
+            ),
+            _ => anyhow::bail!("give --item NAME and an image, or --domain NAME"),
+        },
         Command::Unprotect {
             vault,
             item,

@@ -8,6 +8,7 @@ mod commands;
 mod ctx;
 mod daemon;
 mod docs_cmd;
+mod domain_cmd;
 mod exit;
 mod item_cmd;
 mod job_cmd;

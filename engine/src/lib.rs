@@ -23,8 +23,8 @@ pub use data::{
     backup, bench, per_thread, points, reader, restore, restore_qcow2, restore_target, verify,
 };
 pub use service::{
-    backup_job, job_record, policies, policy, protection, prune, registry, retention, schedule,
-    scheduler, vault_ops,
+    backup_job, domain_backup, job_record, policies, policy, protection, prune, registry,
+    retention, schedule, scheduler, vault_ops,
 };
 
 pub use backup::{BackupOptions, BackupOutcome, backup};

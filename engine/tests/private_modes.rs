@@ -64,6 +64,7 @@ fn backup(vault_dir: &Path, img: &Path, area: &Path, clock: &ManualClock) {
             },
             writer: Writer::Open(OpenOptions::default()),
             stop: &|| false,
+            labels: Default::default(),
         },
         clock,
         &NoProgress,

@@ -32,6 +32,11 @@ pub enum SnapError {
     #[error("guest agent {socket}: {reason}")]
     GuestAgent { socket: PathBuf, reason: String },
 
+    /// A libvirt domain cannot be backed up: unknown, libvirt unreachable,
+    /// `virsh` missing or refusing a command, or a reply coffre cannot use.
+    #[error("libvirt domain {domain}: {reason}")]
+    Libvirt { domain: String, reason: String },
+
     /// A dirty bitmap was asked of a raw image.
     #[error(
         "dirty bitmap {bitmap} needs a qcow2 image or an NBD source (nbd://HOST/EXPORT or nbd+unix:///EXPORT?socket=PATH); {path} is a raw image"
@@ -128,6 +133,10 @@ pub enum SnapError {
     /// A hook command is not a valid argv.
     #[error("hook {command:?} cannot be parsed into arguments (unbalanced quotes?)")]
     BadHook { command: String },
+
+    /// A point in time taken once was asked for again.
+    #[error("the point in time of item {item} was already handed over")]
+    AlreadyTaken { item: String },
 
     /// Cancelled between windows.
     #[error("snapshot of {path} cancelled")]

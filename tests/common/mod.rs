@@ -13,6 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 pub use coffre_vault_store::skip::skip;
 
 pub mod fake_agent;
+pub mod libvirt;
 pub mod qemu;
 
 /// Path of the binary under test.

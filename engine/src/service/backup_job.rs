@@ -40,6 +40,7 @@ pub const SNAPSHOT: &str = "snapshot";
 pub const TRANSFER: &str = "transfer";
 
 /// Where the transfer phase gets its writer.
+#[derive(Clone)]
 pub enum Writer<'a> {
     /// The caller holds the vault open for writing (daemon, run-due).
     Held(&'a Vault),
@@ -58,6 +59,9 @@ pub struct JobOptions<'a> {
     /// Polled between windows of the transfer: `true` abandons it
     /// (shutdown). Nothing of an abandoned transfer is recorded.
     pub stop: &'a (dyn Fn() -> bool + Sync),
+    /// Stats the job record carries from its start (a domain backup's
+    /// domain, shared job id and instant; empty for a lone image).
+    pub labels: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// What a backup job ended with.
@@ -188,12 +192,14 @@ fn run_phases(
 ) -> Result<(RunningJob, Option<PointRecord>, Option<EngineError>)> {
     let item = opts.backup.item.clone();
     let store = JobStore::new(vault_dir);
-    let mut job = store.start(JobRecord::new(
+    let mut record = JobRecord::new(
         Operation::Backup,
         Some(&item),
         &[SNAPSHOT, TRANSFER],
         now(clock),
-    ))?;
+    );
+    record.stats.extend(opts.labels.clone());
+    let mut job = store.start(record)?;
     let config = match &opts.writer {
         Writer::Held(v) => v.config().clone(),
         Writer::Open(_) => coffre_vault_store::VaultConfig::load(vault_dir)?,

@@ -1,11 +1,13 @@
 //! The service around the data path, as an Azure Recovery Services vault
 //! runs it: backup jobs and their records ([`backup_job`],
 //! [`job_record`]), policies ([`policy`], [`policies`]), schedules
-//! ([`schedule`]) and the scheduler pass ([`scheduler`]), retention and
+//! ([`schedule`]) and the scheduler pass ([`scheduler`]), libvirt domains
+//! backed up as one ([`domain_backup`]), retention and
 //! expiry ([`retention`], [`prune`]), protected items ([`protection`],
 //! [`registry`]) and vault settings ([`vault_ops`]).
 
 pub mod backup_job;
+pub mod domain_backup;
 pub mod job_record;
 pub mod policies;
 pub mod policy;

@@ -51,6 +51,7 @@ pub fn protect(
     if !image.exists()
         && !coffre_snapshotter::nbd::is_nbd_uri(&text)
         && !coffre_snapshotter::vm::is_qmp_source(&text)
+        && !coffre_snapshotter::vm::libvirt::is_libvirt_source(&text)
     {
         return Err(coffre_snapshotter::SnapError::SourceNotFound {
             path: image.to_path_buf(),

@@ -6,16 +6,24 @@
 //! Only the items this host protects are backed up, with the hooks set
 //! on this host (the host registry), whatever the vault's catalog lists.
 //!
+//! The disks of a libvirt domain (items whose source is
+//! `libvirt:///DOMAIN/TARGET?connect=URI`, from `coffre protect --domain`)
+//! that are due together are backed up together, at one instant
+//! (`crate::domain_backup`), after the other items.
+//!
 //! A slot is marked as dealt with once its job ended, whatever the job's
 //! status: like Azure, a failed scheduled backup is not retried before the
 //! next slot (run `coffre backup` for an on-demand one). A pass that dies
 //! mid-job leaves the slot unmarked, so the next pass runs it.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use coffre_snapshotter::SnapError;
 use coffre_snapshotter::vm::is_qmp_source;
+use coffre_snapshotter::vm::libvirt::DiskSource;
 use coffre_snapshotter::vm::live::{QmpDrive, QmpTarget};
+use coffre_vault_store::format::catalog::Hooks;
 use coffre_vault_store::jobs::{JobStatus, Operation};
 use coffre_vault_store::maintenance::gc::{self, GcReport};
 use coffre_vault_store::{IndexBatch, Protection, Vault};
@@ -25,6 +33,7 @@ use serde::Serialize;
 use crate::backup::{BackupOptions, PointTerms};
 use crate::backup_job::{JobOptions, Source, Writer, record_failed_backup, run_source_job};
 use crate::clock::Clock;
+use crate::domain_backup::{DomainOptions, DomainPlan, backup_domain};
 use crate::error::{EngineError, Result};
 use crate::job_record::record_if_work;
 use crate::policies;
@@ -76,6 +85,168 @@ pub struct PassReport {
     pub gc: GcReport,
 }
 
+/// A due disk of a libvirt domain.
+struct DueDisk {
+    item: String,
+    slot: Timestamp,
+    /// The disk's target (`vda`).
+    target: String,
+    /// The hooks this host runs for the item, and the warning of hooks it
+    /// does not run.
+    hooks: (Hooks, Option<String>),
+}
+
+/// The due disks of one domain.
+type DueDisks = Vec<DueDisk>;
+
+/// Records that `slot` of `item` was dealt with, unless the pass is
+/// stopping (an abandoned transfer leaves the slot to the next pass).
+fn mark_slot(vault: &Vault, item: &str, slot: Timestamp, opts: &PassOptions<'_>) -> Result<()> {
+    if !(opts.stop)()
+        && let Some(mut fresh) = vault.item(item)?
+    {
+        fresh.last_slot = Some(slot);
+        let mut b = IndexBatch::default();
+        b.put_item(fresh);
+        vault.commit_catalog(b, &[])?;
+    }
+    Ok(())
+}
+
+/// Backs up the due disks of one libvirt domain at one instant
+/// (`crate::domain_backup`); a domain that cannot be reached fails each
+/// disk's job with the reason.
+fn run_domain(
+    vault: &Vault,
+    clock: &dyn Clock,
+    opts: &PassOptions<'_>,
+    connect: &str,
+    domain: &str,
+    due: DueDisks,
+) -> Result<Vec<DueRun>> {
+    let mut runs = Vec::new();
+    let plan = DomainPlan::inspect(Some(connect), domain);
+    // Only disks whose item is the domain's `NAME-TARGET` and that the
+    // domain still has are backed up; the others fail with the reason.
+    let mut only = Vec::new();
+    let mut refused = Vec::new();
+    for DueDisk {
+        item, slot, target, ..
+    } in &due
+    {
+        let why = match &plan {
+            Err(e) => Some(e.to_string()),
+            Ok(p) if p.item(target) != *item => Some(format!(
+                "its source is disk {target} of domain {domain}, which coffre backs up as item {}",
+                p.item(target)
+            )),
+            Ok(p) if !p.xml.disks.iter().any(|d| d.target == *target) => {
+                Some(format!("domain {domain} has no disk {target} any more"))
+            }
+            Ok(_) => None,
+        };
+        match why {
+            Some(w) => refused.push((item.clone(), *slot, w)),
+            None => only.push(target.clone()),
+        }
+    }
+    for (item, slot, why) in refused {
+        let e = EngineError::ItemState {
+            item: item.clone(),
+            reason: format!("cannot be backed up: {why}"),
+        };
+        let job = record_failed_backup(vault.dir(), &item, &e, clock)?;
+        tracing::warn!(item = %item, job = %job.id, error = %e, "scheduled backup did not complete");
+        mark_slot(vault, &item, slot, opts)?;
+        runs.push(DueRun {
+            item,
+            slot,
+            job: job.id,
+            status: job.status,
+            point: None,
+            error: Some(e.to_string()),
+        });
+    }
+    let Ok(plan) = plan else {
+        return Ok(runs);
+    };
+    if only.is_empty() {
+        return Ok(runs);
+    }
+    let slot_of = |item: &str| due.iter().find(|d| d.item == item).map(|d| d.slot);
+    let none = |_: &str| -> (
+        Box<dyn crate::progress::Progress>,
+        Box<dyn crate::progress::Progress>,
+    ) { (Box::new(NoProgress), Box::new(NoProgress)) };
+    let done = backup_domain(
+        vault.dir(),
+        &plan,
+        &DomainOptions {
+            only: Some(only.clone()),
+            threads: opts.threads,
+            rate_limit: opts.rate_limit,
+            allow_clone: true,
+            snapshot_root: opts.snapshot_root.map(Into::into),
+            sampling: Default::default(),
+            terms: PointTerms {
+                scheduled: true,
+                ..PointTerms::default()
+            },
+            writer: Writer::Held(vault),
+            stop: opts.stop,
+            hooks: due
+                .iter()
+                .map(|d| (d.item.clone(), d.hooks.clone()))
+                .collect(),
+        },
+        clock,
+        &none,
+    );
+    match done {
+        Ok(out) => {
+            for d in out.disks {
+                let slot = slot_of(&d.item).unwrap_or_else(|| clock.now());
+                let run = DueRun {
+                    item: d.item.clone(),
+                    slot,
+                    job: d.outcome.job.id.clone(),
+                    status: d.outcome.job.status,
+                    point: d.outcome.point.map(|p| p.id),
+                    error: d.outcome.error.map(|e| e.to_string()),
+                };
+                match &run.error {
+                    Some(e) => {
+                        tracing::warn!(item = %run.item, job = %run.job, domain, error = %e, "scheduled backup did not complete")
+                    }
+                    None => {
+                        tracing::info!(item = %run.item, job = %run.job, domain, status = %run.status, "scheduled backup ended")
+                    }
+                }
+                mark_slot(vault, &d.item, slot, opts)?;
+                runs.push(run);
+            }
+        }
+        Err(e) => {
+            for target in &only {
+                let item = plan.item(target);
+                let job = record_failed_backup(vault.dir(), &item, &e, clock)?;
+                tracing::warn!(item = %item, job = %job.id, domain, error = %e, "scheduled backup did not complete");
+                let slot = slot_of(&item).unwrap_or_else(|| clock.now());
+                mark_slot(vault, &item, slot, opts)?;
+                runs.push(DueRun {
+                    item,
+                    slot,
+                    job: job.id,
+                    status: job.status,
+                    point: None,
+                    error: Some(e.to_string()),
+                });
+            }
+        }
+    }
+    Ok(runs)
+}
+
 /// Runs one pass on a vault open for writing.
 pub fn run_pass(
     vault: &Vault,
@@ -96,6 +267,9 @@ pub fn run_pass(
             tracing::error!(error = %e, "cannot read the host registry: no scheduled backup runs");
             Vec::new()
         });
+    // Due disks of libvirt domains, by (connection, domain): (item, slot,
+    // disk target).
+    let mut domains: BTreeMap<(String, String), DueDisks> = BTreeMap::new();
     for item in items {
         if item.protection != Protection::Protected || (opts.stop)() {
             continue;
@@ -121,6 +295,39 @@ pub fn run_pass(
             continue;
         };
         tracing::info!(item = %item.name, %slot, "scheduled backup due");
+        // A disk of a libvirt domain: the domain's due disks are backed up
+        // together, at one instant, after this loop.
+        let text = item.source.to_string_lossy().into_owned();
+        if coffre_snapshotter::vm::libvirt::is_libvirt_source(&text) {
+            match DiskSource::parse(&text) {
+                Ok(d) => domains
+                    .entry((d.connect.clone(), d.domain.clone()))
+                    .or_default()
+                    .push(DueDisk {
+                        item: item.name.clone(),
+                        slot,
+                        target: d.target,
+                        hooks: (hooks.clone(), hook_warning.clone()),
+                    }),
+                Err(why) => {
+                    let e = EngineError::ItemState {
+                        item: item.name.clone(),
+                        reason: format!("records a libvirt source coffre cannot read: {why}"),
+                    };
+                    let job = record_failed_backup(vault.dir(), &item.name, &e, clock)?;
+                    mark_slot(vault, &item.name, slot, opts)?;
+                    backups.push(DueRun {
+                        item: item.name.clone(),
+                        slot,
+                        job: job.id,
+                        status: job.status,
+                        point: None,
+                        error: Some(e.to_string()),
+                    });
+                }
+            }
+            continue;
+        }
         let job_options = || JobOptions {
             backup: BackupOptions {
                 item: item.name.clone(),
@@ -140,6 +347,7 @@ pub fn run_pass(
             },
             writer: Writer::Held(vault),
             stop: opts.stop,
+            labels: Default::default(),
         };
         let run = match open_scheduled(&item.source, &vault_id) {
             Ok(mut source) => {
@@ -181,16 +389,14 @@ pub fn run_pass(
                 tracing::info!(item = %run.item, job = %run.job, status = %run.status, "scheduled backup ended")
             }
         }
-        // An abandoned transfer (shutdown) leaves the slot to the next pass.
-        if !(opts.stop)()
-            && let Some(mut fresh) = vault.item(&item.name)?
-        {
-            fresh.last_slot = Some(slot);
-            let mut b = IndexBatch::default();
-            b.put_item(fresh);
-            vault.commit_catalog(b, &[])?;
-        }
+        mark_slot(vault, &item.name, slot, opts)?;
         backups.push(run);
+    }
+    for ((connect, domain), due) in domains {
+        if (opts.stop)() {
+            break;
+        }
+        backups.extend(run_domain(vault, clock, opts, &connect, &domain, due)?);
     }
     let started = clock.now();
     let pruned = prune(vault, registry, now, false);

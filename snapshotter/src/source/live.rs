@@ -70,3 +70,33 @@ pub trait LiveSource {
     /// warnings for the job.
     fn settle(&mut self, committed: bool) -> Vec<String>;
 }
+
+/// A point in time taken before the job started, handed over once: the
+/// disks of a libvirt domain share one instant, taken for all of them
+/// before their jobs run one after the other.
+pub struct Pretaken(Option<Taken>);
+
+impl Pretaken {
+    /// Wraps a point already taken.
+    pub fn new(taken: Taken) -> Pretaken {
+        Pretaken(Some(taken))
+    }
+}
+
+impl LiveSource for Pretaken {
+    fn take(&mut self, req: &TakeRequest<'_>) -> Result<Taken> {
+        self.0
+            .take()
+            .ok_or_else(|| crate::error::SnapError::AlreadyTaken {
+                item: req.item.to_string(),
+            })
+    }
+
+    fn release(&mut self) {
+        self.0 = None;
+    }
+
+    fn settle(&mut self, _committed: bool) -> Vec<String> {
+        Vec::new()
+    }
+}

@@ -7,11 +7,13 @@
 //! On that ground: the drive a user names ([`node`]), its point in time
 //! ([`fleece`]), its dirty-bitmap chain ([`bitmap`]), and the backup
 //! source that puts them together with the guest's freeze ([`live`]).
+//! libvirt domains are driven through `virsh` instead ([`libvirt`]).
 
 pub mod agent;
 pub mod bitmap;
 pub mod fleece;
 pub mod json_lines;
+pub mod libvirt;
 pub mod live;
 pub mod node;
 pub mod qmp;

@@ -1,0 +1,199 @@
+//! libvirt domains: every disk of a domain backed up at one instant
+//! through libvirt's own backup API, `backup-begin` in pull mode, with
+//! checkpoints for incremental runs.
+//!
+//! coffre drives libvirt through `virsh` with XML it generates
+//! ([`xml`]), not through the libvirt C library: `virsh` ships with every
+//! libvirt (`libvirt-clients`), so coffre needs no libvirt headers to
+//! build and links nothing more; each call runs in a process of its own
+//! under a timeout ([`virsh`]), so a libvirtd that hangs cannot hang
+//! coffre; and what it does is what an administrator would type, so every
+//! step can be read and replayed by hand. The price is a process per call
+//! (a few per backup) and output to parse: it is parsed as untrusted input
+//! (bounded, XML read with a real parser, names and paths checked).
+//!
+//! - [`domain`]: the `virsh` calls on one domain (state, XML, checkpoints,
+//!   the backup job, filesystem freeze).
+//! - [`pull`]: one pull-mode backup: the private folder of its NBD socket
+//!   and scratch files, the freeze around the instant, `backup-begin`, the
+//!   exports, and the end of the job (`domjobabort`) whatever happens;
+//!   what a killed run left is found and removed by name.
+//!
+//! Every checkpoint coffre creates is named [`CHECKPOINT_PREFIX`] and the
+//! domain job's id; the NBD socket lives in a folder named
+//! `coffre-libvirt-PID-…`. A disk is recorded as the item source
+//! `libvirt:///DOMAIN/TARGET?connect=URI` ([`libvirt_source`]).
+
+pub mod domain;
+pub mod pull;
+pub mod virsh;
+pub mod xml;
+
+/// How a disk of a domain is recorded as an item's source.
+pub const SCHEME: &str = "libvirt:///";
+
+/// The prefix of every checkpoint coffre creates.
+pub const CHECKPOINT_PREFIX: &str = "coffre-";
+
+/// The source the disk `target` of `domain` is recorded as:
+/// `libvirt:///DOMAIN/TARGET?connect=URI`.
+pub fn libvirt_source(connect: &str, domain: &str, target: &str) -> String {
+    format!("{SCHEME}{domain}/{target}?connect={connect}")
+}
+
+/// True when `s` names a disk of a libvirt domain ([`libvirt_source`]).
+pub fn is_libvirt_source(s: &str) -> bool {
+    s.starts_with(SCHEME)
+}
+
+/// The item a disk of a domain is backed up as: `DOMAIN-TARGET`.
+pub fn item_name(domain: &str, target: &str) -> String {
+    format!("{domain}-{target}")
+}
+
+/// A parsed [`libvirt_source`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskSource {
+    /// The libvirt connection URI.
+    pub connect: String,
+    /// The domain's name.
+    pub domain: String,
+    /// The disk's target (`vda`).
+    pub target: String,
+}
+
+impl DiskSource {
+    /// Parses `libvirt:///DOMAIN/TARGET?connect=URI` (the URI is the rest
+    /// of the string: it may hold `?` and `&` of its own).
+    pub fn parse(s: &str) -> Result<DiskSource, String> {
+        let rest = s
+            .strip_prefix(SCHEME)
+            .ok_or_else(|| format!("{s:?} does not start with {SCHEME}"))?;
+        let (path, connect) = rest
+            .split_once("?connect=")
+            .ok_or_else(|| format!("{s:?} has no ?connect=URI"))?;
+        let (domain, target) = path
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not {SCHEME}DOMAIN/TARGET?connect=URI"))?;
+        check_domain_name(domain)?;
+        check_target(target)?;
+        check_connect(connect)?;
+        Ok(DiskSource {
+            connect: connect.to_string(),
+            domain: domain.to_string(),
+            target: target.to_string(),
+        })
+    }
+}
+
+/// Longest domain name coffre takes (its items are `NAME-TARGET`, within
+/// the item name rule's 128 bytes).
+pub const MAX_DOMAIN_NAME: usize = 100;
+
+/// A domain name coffre can name items after: the item name rule
+/// (letters, digits, `.`, `_`, `-`, starting with a letter or digit), at
+/// most [`MAX_DOMAIN_NAME`] bytes.
+pub fn check_domain_name(name: &str) -> Result<(), String> {
+    if name.len() > MAX_DOMAIN_NAME {
+        return Err(format!(
+            "domain name {:?} is longer than {MAX_DOMAIN_NAME} bytes",
+            name.chars().take(100).collect::<String>()
+        ));
+    }
+    coffre_vault_store::format::name::check_name("domain", name)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// A disk target coffre names an item after: `vd`, `sd`, `hd` or `xvd`
+/// and one to three lower-case letters (`vda`, `sdab`).
+pub fn check_target(target: &str) -> Result<(), String> {
+    let letters = ["xvd", "vd", "sd", "hd"]
+        .iter()
+        .find_map(|p| target.strip_prefix(p));
+    match letters {
+        Some(l) if (1..=3).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_lowercase()) => {
+            Ok(())
+        }
+        _ => Err(format!(
+            "disk target {:?} is not vd, sd, hd or xvd and 1 to 3 lower-case letters",
+            target.chars().take(40).collect::<String>()
+        )),
+    }
+}
+
+/// A libvirt connection URI coffre passes to `virsh --connect`: 1 to 1024
+/// printable ASCII characters, a scheme (`qemu:///system`), not an option.
+pub fn check_connect(uri: &str) -> Result<(), String> {
+    let shown = || uri.chars().take(100).collect::<String>();
+    if uri.is_empty() || uri.len() > 1024 {
+        return Err(format!("connection URI {:?} is empty or too long", shown()));
+    }
+    if !uri.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "connection URI {:?} holds a space or a character that is not printable ASCII",
+            shown()
+        ));
+    }
+    let scheme_ok = uri.split_once(':').is_some_and(|(scheme, _)| {
+        scheme
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic())
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+    });
+    if !scheme_ok {
+        return Err(format!(
+            "connection URI {:?} has no scheme (such as qemu:///system)",
+            shown()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_source_round_trips_and_bad_ones_are_refused() {
+        let s = libvirt_source("qemu+ssh://h/system?keyfile=/k&x=1", "vm1", "vdb");
+        assert!(is_libvirt_source(&s));
+        let d = DiskSource::parse(&s).unwrap();
+        assert_eq!(d.domain, "vm1");
+        assert_eq!(d.target, "vdb");
+        assert_eq!(d.connect, "qemu+ssh://h/system?keyfile=/k&x=1");
+        for bad in [
+            "libvirt:///vm1/vdb",
+            "libvirt:///vm1?connect=qemu:///system",
+            "libvirt:///../vda?connect=qemu:///system",
+            "libvirt:///vm1/vda0?connect=qemu:///system",
+            "libvirt:///vm1/vda?connect=-x",
+            "libvirt:///vm1/vda?connect=qemu:///sys tem",
+            "nbd:///vm1/vda?connect=qemu:///system",
+        ] {
+            assert!(DiskSource::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn targets_names_and_uris() {
+        for ok in ["vda", "vdz", "sdab", "hdc", "xvdaaa"] {
+            check_target(ok).unwrap();
+        }
+        for bad in ["", "vd", "vdA", "vd1", "vdabcd", "nvme0n1", "../a", "fda"] {
+            assert!(check_target(bad).is_err(), "{bad:?}");
+        }
+        check_domain_name("web-1.prod_a").unwrap();
+        for bad in ["", "-x", "a/b", "a b", "é", &"a".repeat(101)] {
+            assert!(check_domain_name(bad).is_err(), "{bad:?}");
+        }
+        check_connect("qemu:///system").unwrap();
+        check_connect("test:///default").unwrap();
+        for bad in ["", "-c", "system", "qemu:///a b", "qemu:///\n", "1x:///a"] {
+            assert!(check_connect(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! One pull-mode backup of a domain (`virsh backup-begin`): libvirt takes
+//! every listed disk at one instant and exports each, as it was then, over
+//! NBD on a Unix socket, while the guest keeps writing (QEMU copies a
+//! block the guest overwrites to the disk's scratch file first). With a
+//! checkpoint, the same instant starts a persistent dirty bitmap on each
+//! qcow2 disk, which the next backup reads as its changed blocks.
+//!
+//! [`PullBackup`] owns what the backup puts on the host and ends it:
+//!
+//! - a private folder, `$TMPDIR/coffre-libvirt-PID-RANDOM` (0700, handed to
+//!   the user QEMU runs as, which must create the socket and the scratch
+//!   files in it), holding the request XML, the socket and the scratch
+//!   files;
+//! - the freeze of the guest's filesystems around the instant, when the
+//!   domain has a guest agent channel: `domfsfreeze` before `backup-begin`,
+//!   `domfsthaw` right after, whatever happened; a freeze that fails is
+//!   thawed, said in a warning, and the point is crash-consistent;
+//! - the job itself, ended with `domjobabort` by [`PullBackup::end`] or,
+//!   failing that, when the value is dropped.
+//!
+//! A run killed before its end leaves the job running: the next run finds
+//! it by its socket's folder name and ends it when the coffre process
+//! that started it is gone ([`clean_stale_job`]).
+
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+
+use super::domain::Domain;
+use super::xml::{self, DiskRequest, DomainXml, Export};
+use crate::error::{Result, SnapError};
+
+/// The prefix of the folder a pull backup's socket lives in.
+pub const WORK_PREFIX: &str = "coffre-libvirt-";
+
+/// Longest Unix socket path (`sun_path` holds 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// How consistent a point is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    /// The guest's filesystems were frozen at the instant.
+    Filesystem,
+    /// Like a power cut: what the guest had written, not what it cached.
+    Crash,
+}
+
+impl Consistency {
+    /// `filesystem` or `crash`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Consistency::Filesystem => "filesystem",
+            Consistency::Crash => "crash",
+        }
+    }
+}
+
+/// A running pull-mode backup.
+#[derive(Debug)]
+pub struct PullBackup {
+    domain: Domain,
+    dir: PathBuf,
+    /// The NBD server's socket.
+    pub socket: PathBuf,
+    /// The exported disks.
+    pub exports: Vec<Export>,
+    /// When `backup-begin` was called: the instant of every disk.
+    pub instant: Timestamp,
+    /// Whether the guest was frozen at the instant.
+    pub consistency: Consistency,
+    /// What went wrong without stopping the backup (a failed freeze).
+    pub warnings: Vec<String>,
+    /// How long the guest's filesystems were frozen, when they were: from
+    /// the freeze call to the thaw's answer.
+    pub freeze_ms: Option<u64>,
+    ended: bool,
+}
+
+/// A new private folder under the temporary directory, named after this
+/// process (so a later run can tell whether its owner still lives).
+fn work_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let tmp = std::env::temp_dir();
+    let mut last = None;
+    for attempt in 0..16u64 {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let tag = blake3::hash(format!("{seed}-{}-{attempt}", std::process::id()).as_bytes());
+        let dir = tmp.join(format!(
+            "{WORK_PREFIX}{}-{}",
+            std::process::id(),
+            &tag.to_hex()[..16]
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(SnapError::write(
+        tmp,
+        last.unwrap_or_else(|| std::io::Error::other("no attempt")),
+    ))
+}
+
+/// The pid a work folder's name carries (`coffre-libvirt-PID-16 hex`).
+fn owner_pid(dir: &Path) -> Option<u32> {
+    let name = dir.file_name()?.to_str()?;
+    let rest = name.strip_prefix(WORK_PREFIX)?;
+    let (pid, tag) = rest.split_once('-')?;
+    if tag.len() != 16 || !tag.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// True when `pid` is another live coffre process.
+fn coffre_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        // This process ends its own jobs before it starts another.
+        return false;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|comm| comm.trim_end().starts_with("coffre"))
+}
+
+impl PullBackup {
+    /// Starts the backup of `disks` of the running `domain` (`live` is its
+    /// XML), with the new checkpoint `checkpoint` (name, description) when
+    /// given. Freezes the guest around the instant when it has an agent
+    /// channel.
+    pub fn begin(
+        domain: &Domain,
+        live: &DomainXml,
+        disks: &[DiskRequest],
+        checkpoint: Option<(&str, &str)>,
+    ) -> Result<PullBackup> {
+        let fail = |reason: String| SnapError::Libvirt {
+            domain: domain.name.clone(),
+            reason,
+        };
+        let dir = work_dir()?;
+        let mut backup = PullBackup {
+            domain: domain.clone(),
+            socket: dir.join("nbd.sock"),
+            dir,
+            exports: Vec::new(),
+            instant: Timestamp::now(),
+            consistency: Consistency::Crash,
+            warnings: Vec::new(),
+            freeze_ms: None,
+            // Nothing to end until backup-begin succeeded.
+            ended: true,
+        };
+        if backup.socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(fail(format!(
+                "the socket path {} is longer than a Unix socket allows; set TMPDIR to a shorter folder",
+                backup.socket.display()
+            )));
+        }
+        let request = backup.dir.join("backup.xml");
+        std::fs::write(
+            &request,
+            xml::backup_request(&backup.socket, &backup.dir, disks),
+        )
+        .map_err(|e| SnapError::write(&request, e))?;
+        let checkpoint_file = match checkpoint {
+            Some((name, description)) => {
+                xml::check_checkpoint_name(name).map_err(&fail)?;
+                let f = backup.dir.join("checkpoint.xml");
+                std::fs::write(&f, xml::checkpoint_request(name, description, disks))
+                    .map_err(|e| SnapError::write(&f, e))?;
+                Some(f)
+            }
+            None => None,
+        };
+        // QEMU creates the socket and the scratch files: it needs the
+        // folder. Root hands it to the user QEMU runs as (libvirt's DAC
+        // label), and to nobody else.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0
+            && let Some((uid, gid)) = live.qemu_user
+        {
+            std::os::unix::fs::chown(&backup.dir, Some(uid), Some(gid))
+                .map_err(|e| SnapError::write(&backup.dir, e))?;
+        }
+
+        let freezing = std::time::Instant::now();
+        let frozen = match &live.agent {
+            None => false,
+            Some(_) => match domain.freeze() {
+                Ok(()) => true,
+                Err(e) => {
+                    // A freeze that failed half-way may have frozen some
+                    // filesystems: thaw whatever it did.
+                    let _ = domain.thaw();
+                    backup.warnings.push(format!(
+                        "the guest's filesystems could not be frozen ({e}); the point is crash-consistent"
+                    ));
+                    false
+                }
+            },
+        };
+        backup.instant = Timestamp::now();
+        let begun = domain.backup_begin(&request, checkpoint_file.as_deref());
+        if frozen {
+            let thawed = domain.thaw().or_else(|_| domain.thaw());
+            backup.freeze_ms =
+                Some(u64::try_from(freezing.elapsed().as_millis()).unwrap_or(u64::MAX));
+            match thawed {
+                Ok(()) => backup.consistency = Consistency::Filesystem,
+                Err(e) => backup.warnings.push(format!(
+                    "the guest's filesystems may still be frozen ({e}): run `virsh domfsthaw {}`",
+                    domain.name
+                )),
+            }
+        }
+        begun?;
+        backup.ended = false;
+        let job = domain
+            .backup_job()?
+            .ok_or_else(|| fail("backup-begin succeeded but libvirt shows no backup job".into()))?;
+        if job.mode != "pull" || job.socket.as_deref() != Some(backup.socket.as_path()) {
+            return Err(fail(format!(
+                "the running backup job is not the one coffre started (mode {}, socket {})",
+                job.mode,
+                job.socket
+                    .as_deref()
+                    .map_or("none".into(), |s| s.display().to_string())
+            )));
+        }
+        for d in disks {
+            if !job.exports.iter().any(|e| e.target == d.target) {
+                return Err(fail(format!("libvirt exports no disk {}", d.target)));
+            }
+            if d.incremental.is_some()
+                && job
+                    .exports
+                    .iter()
+                    .any(|e| e.target == d.target && e.bitmap.is_none())
+            {
+                return Err(fail(format!(
+                    "libvirt exports disk {} without the dirty bitmap of its incremental backup",
+                    d.target
+                )));
+            }
+        }
+        backup.exports = job.exports;
+        Ok(backup)
+    }
+
+    /// The export of disk `target`.
+    pub fn export(&self, target: &str) -> Option<&Export> {
+        self.exports.iter().find(|e| e.target == target)
+    }
+
+    /// The NBD URI of disk `target`'s export.
+    pub fn uri(&self, target: &str) -> Option<String> {
+        self.export(target).map(|e| {
+            format!(
+                "nbd+unix:///{}?socket={}",
+                e.name,
+                self.socket.to_string_lossy()
+            )
+        })
+    }
+
+    /// Ends the job (`domjobabort`: libvirt stops the NBD server and
+    /// deletes the scratch files) and removes the folder.
+    pub fn end(mut self) -> Result<()> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let ended = if self.ended {
+            Ok(())
+        } else {
+            self.ended = true;
+            self.domain.abort_job()
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+        ended
+    }
+}
+
+impl Drop for PullBackup {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            tracing::warn!(domain = %self.domain.name, error = %e, "cannot end the backup job");
+        }
+    }
+}
+
+/// Ends the backup job a killed coffre run left on `domain`, and thaws the
+/// guest it may have left frozen. Returns what it did (nothing when there
+/// is no job). A job coffre did not start, or one a live coffre process
+/// runs, is left alone and is an error: libvirt runs one job at a time.
+pub fn clean_stale_job(domain: &Domain, live: &DomainXml) -> Result<Option<String>> {
+    let Some(job) = domain.backup_job()? else {
+        return Ok(None);
+    };
+    let fail = |reason: String| SnapError::Libvirt {
+        domain: domain.name.clone(),
+        reason,
+    };
+    let folder = job.socket.as_deref().and_then(Path::parent);
+    let Some((folder, pid)) = folder.and_then(|f| owner_pid(f).map(|p| (f, p))) else {
+        return Err(fail(format!(
+            "it runs a backup job coffre did not start (NBD socket {}); coffre leaves it alone. End it with `virsh domjobabort {}` if nothing uses it",
+            job.socket
+                .as_deref()
+                .map_or("none".into(), |s| s.display().to_string()),
+            domain.name
+        )));
+    };
+    if coffre_alive(pid) {
+        return Err(fail(format!(
+            "another coffre process (pid {pid}) is backing it up; try again when it is done"
+        )));
+    }
+    domain.abort_job()?;
+    // libvirt deleted the socket and the scratch files; the request files
+    // are coffre's. Only the folder's known files are removed, then the
+    // folder if empty: nothing else under that path is touched.
+    for f in ["backup.xml", "checkpoint.xml", "nbd.sock"] {
+        let _ = std::fs::remove_file(folder.join(f));
+    }
+    for e in &job.exports {
+        let _ = std::fs::remove_file(folder.join(format!("{}.scratch", e.target)));
+    }
+    let _ = std::fs::remove_dir(folder);
+    if live.agent.is_some() {
+        let _ = domain.thaw();
+    }
+    Ok(Some(format!(
+        "ended the backup job a killed coffre run (pid {pid}) left on domain {}",
+        domain.name
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_folders_carry_their_owner() {
+        let d = work_dir().unwrap();
+        assert_eq!(owner_pid(&d), Some(std::process::id()));
+        assert!(!coffre_alive(std::process::id()));
+        std::fs::remove_dir(&d).unwrap();
+        for bad in [
+            "/tmp/coffre-libvirt-12-abc",
+            "/tmp/coffre-libvirt-x-0123456789abcdef",
+            "/tmp/other-12-0123456789abcdef",
+        ] {
+            assert_eq!(owner_pid(Path::new(bad)), None, "{bad}");
+        }
+        assert_eq!(
+            owner_pid(Path::new("/tmp/coffre-libvirt-12-0123456789abcdef")),
+            Some(12)
+        );
+    }
+}
