@@ -161,6 +161,37 @@ fn a_two_disk_domain_is_backed_up_at_one_instant_then_incrementally_and_restores
     let pa2 = va["point"]["id"].as_str().unwrap().to_string();
     let pb2 = vb["point"]["id"].as_str().unwrap().to_string();
 
+    // A second vault protecting the same domain (from another host's
+    // registry: one host protects an image in one vault) keeps its own
+    // checkpoint and leaves the first vault's chain alone.
+    let other_dir = dir.join("other");
+    std::fs::create_dir(&other_dir).unwrap();
+    let other = new_vault(&other_dir, &[]);
+    let args = [
+        "--output",
+        "json",
+        "backup",
+        "--vault",
+        s(&other),
+        "--domain",
+        &name,
+        "--connect",
+        CONNECT,
+    ];
+    let out = coffre()
+        .env("COFFRE_REGISTRY", other_dir.join("registry"))
+        .args(args)
+        .output()
+        .unwrap();
+    let third: serde_json::Value = serde_json::from_str(&succeeded(&args, out)).unwrap();
+    let cp_other = third["checkpoint"].as_str().unwrap().to_string();
+    assert_ne!(cp_other[..16], cp2[..16], "each vault names its own");
+    let mut both = checkpoints(&dom);
+    both.sort();
+    let mut want = vec![cp2.clone(), cp_other.clone()];
+    want.sort();
+    assert_eq!(both, want);
+
     // The scheduler backs the domain up the same way.
     let exp_b3 = dir.join("exp-b-3.img");
     std::fs::copy(&exp_b2, &exp_b3).unwrap();
@@ -199,7 +230,13 @@ fn a_two_disk_domain_is_backed_up_at_one_instant_then_incrementally_and_restores
     assert_eq!(pb3["status"], "Completed", "{pb3:#}");
     assert_eq!(pb3["stats"]["incremental_from"], cp2.as_str());
     let pb3 = pb3["point"].as_str().unwrap().to_string();
-    assert_eq!(checkpoints(&dom).len(), 1);
+    let now = checkpoints(&dom);
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(now.contains(&cp_other), "the other vault's stays: {now:?}");
+    assert!(
+        !now.contains(&cp2),
+        "this vault's previous one went: {now:?}"
+    );
 
     // Every point of both disks is the disk at its instant.
     let item_a = format!("{name}-vda");

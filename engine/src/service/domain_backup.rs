@@ -41,7 +41,7 @@ use coffre_snapshotter::source::live::{PointInTime, Pretaken, Taken};
 use coffre_snapshotter::vm::libvirt::domain::Domain;
 use coffre_snapshotter::vm::libvirt::pull::{self, PullBackup};
 use coffre_snapshotter::vm::libvirt::xml::{self, DiskRequest, DomainXml};
-use coffre_snapshotter::vm::libvirt::{self as lv, CHECKPOINT_PREFIX};
+use coffre_snapshotter::vm::libvirt::{self as lv, vault_checkpoint_prefix};
 use coffre_vault_store::format::catalog::Hooks;
 use coffre_vault_store::format::level::Level;
 use coffre_vault_store::{Access, PointRecord, Vault};
@@ -285,16 +285,29 @@ fn checkpoint_of(point: Option<&PointRecord>) -> Option<String> {
         .filter(|g| xml::check_checkpoint_name(g).is_ok())
 }
 
-/// Deletes coffre's checkpoints of the domain that no name in `keep`
-/// names; returns those deleted, and warnings for those that could not be.
-fn retire(domain: &Domain, keep: &BTreeSet<String>) -> Result<(Vec<String>, Vec<String>)> {
+/// The id of the vault the disks' points go to.
+fn vault_id(vault_dir: &std::path::Path, writer: &Writer<'_>) -> Result<String> {
+    Ok(match writer {
+        Writer::Held(v) => v.config().vault_id.clone(),
+        Writer::Open(_) => Vault::open(vault_dir, Access::ReadOnly)?
+            .config()
+            .vault_id
+            .clone(),
+    })
+}
+
+/// Deletes this vault's checkpoints of the domain (named `ours`…) that no
+/// name in `keep` names; returns those deleted, and warnings for those
+/// that could not be. Another vault's checkpoints are left alone.
+fn retire(
+    domain: &Domain,
+    ours: &str,
+    keep: &BTreeSet<String>,
+) -> Result<(Vec<String>, Vec<String>)> {
     let mut gone = Vec::new();
     let mut warnings = Vec::new();
     for c in domain.checkpoints()? {
-        if !c.starts_with(CHECKPOINT_PREFIX)
-            || xml::check_checkpoint_name(&c).is_err()
-            || keep.contains(&c)
-        {
+        if !c.starts_with(ours) || xml::check_checkpoint_name(&c).is_err() || keep.contains(&c) {
             continue;
         }
         match domain.delete_checkpoint(&c) {
@@ -479,11 +492,15 @@ fn backup_running(
     let domain = &plan.domain;
     // What a killed run left: its job, then the checkpoints no point
     // names (the killed run's, never committed).
-    if let Some(done) = pull::clean_stale_job(domain, &plan.xml)? {
+    if let Some(done) = pull::clean_stale_job(domain)? {
         out.warnings.push(done);
     }
+    if let Some(thawed) = pull::thaw_leftover(domain, &plan.xml) {
+        out.warnings.push(thawed);
+    }
+    let ours = vault_checkpoint_prefix(&vault_id(vault_dir, &opts.writer)?);
     let keep = referenced(vault_dir, plan, &opts.writer)?;
-    let (gone, w) = retire(domain, &keep)?;
+    let (gone, w) = retire(domain, &ours, &keep)?;
     out.retired.extend(gone);
     out.warnings.extend(w);
 
@@ -555,7 +572,7 @@ fn backup_running(
     let checkpoint = requests
         .iter()
         .any(|r| r.checkpoint)
-        .then(|| format!("{CHECKPOINT_PREFIX}{}", out.domain_job));
+        .then(|| format!("{ours}{}", out.domain_job));
     let description = format!("coffre domain job {}", out.domain_job);
     // Each disk's item's hooks run around the one instant (and the freeze
     // inside it).
@@ -666,7 +683,7 @@ fn backup_running(
     // The new points are committed: the checkpoints no latest point names
     // any more go (the previous one, or the new one if no disk's point was
     // recorded).
-    match referenced(vault_dir, plan, &opts.writer).and_then(|keep| retire(domain, &keep)) {
+    match referenced(vault_dir, plan, &opts.writer).and_then(|keep| retire(domain, &ours, &keep)) {
         Ok((gone, w)) => {
             out.retired.extend(gone);
             out.warnings.extend(w);
@@ -778,7 +795,12 @@ mod tests {
         let now: Timestamp = "2026-12-06T06:15:49Z".parse().unwrap();
         let id = domain_job_id(now);
         assert!(id.starts_with("20261206t061549-"), "{id}");
-        xml::check_checkpoint_name(&format!("{CHECKPOINT_PREFIX}{id}")).unwrap();
+        let name = format!("{}{id}", vault_checkpoint_prefix("a vault id"));
+        xml::check_checkpoint_name(&name).unwrap();
+        assert_ne!(
+            vault_checkpoint_prefix("a vault id"),
+            vault_checkpoint_prefix("another vault id")
+        );
         assert_ne!(id, domain_job_id(now));
     }
 }

@@ -170,8 +170,31 @@ impl Domain {
         self.call(&["domfsfreeze", &self.name]).map(|_| ())
     }
 
-    /// Thaws the guest's filesystems (`domfsthaw`).
-    pub fn thaw(&self) -> Result<()> {
-        self.call(&["domfsthaw", &self.name]).map(|_| ())
+    /// Thaws the guest's filesystems (`domfsthaw`). Returns how many were
+    /// frozen, when virsh says (`Thawed N filesystem(s)`).
+    pub fn thaw(&self) -> Result<Option<u64>> {
+        self.call(&["domfsthaw", &self.name])
+            .map(|out| thawed_count(&out))
+    }
+}
+
+/// The N of virsh's `Thawed N filesystem(s)`.
+fn thawed_count(out: &str) -> Option<u64> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("Thawed "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thawed_count;
+
+    #[test]
+    fn virshs_thaw_count_is_read() {
+        assert_eq!(thawed_count("Thawed 2 filesystem(s)\n\n"), Some(2));
+        assert_eq!(thawed_count("Thawed 0 filesystem(s)"), Some(0));
+        assert_eq!(thawed_count(""), None);
+        assert_eq!(thawed_count("Thawed lots"), None);
     }
 }

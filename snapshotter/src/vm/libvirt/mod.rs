@@ -19,8 +19,9 @@
 //!   exports, and the end of the job (`domjobabort`) whatever happens;
 //!   what a killed run left is found and removed by name.
 //!
-//! Every checkpoint coffre creates is named [`CHECKPOINT_PREFIX`] and the
-//! domain job's id; the NBD socket lives in a folder named
+//! Every checkpoint coffre creates is named [`CHECKPOINT_PREFIX`], 8 hex
+//! digits of the vault ([`vault_checkpoint_prefix`]) and the domain job's
+//! id; the NBD socket lives in a folder named
 //! `coffre-libvirt-PID-…`. A disk is recorded as the item source
 //! `libvirt:///DOMAIN/TARGET?connect=URI` ([`libvirt_source`]).
 
@@ -34,6 +35,14 @@ pub const SCHEME: &str = "libvirt:///";
 
 /// The prefix of every checkpoint coffre creates.
 pub const CHECKPOINT_PREFIX: &str = "coffre-";
+
+/// The prefix of the checkpoints one vault creates: `coffre-` and 8 hex
+/// digits of the vault's id, so that two vaults protecting one domain each
+/// delete only their own.
+pub fn vault_checkpoint_prefix(vault_id: &str) -> String {
+    let tag = blake3::hash(vault_id.as_bytes()).to_hex();
+    format!("{CHECKPOINT_PREFIX}{}-", &tag[..8])
+}
 
 /// The source the disk `target` of `domain` is recorded as:
 /// `libvirt:///DOMAIN/TARGET?connect=URI`.

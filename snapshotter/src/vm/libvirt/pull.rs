@@ -208,7 +208,7 @@ impl PullBackup {
             backup.freeze_ms =
                 Some(u64::try_from(freezing.elapsed().as_millis()).unwrap_or(u64::MAX));
             match thawed {
-                Ok(()) => backup.consistency = Consistency::Filesystem,
+                Ok(_) => backup.consistency = Consistency::Filesystem,
                 Err(e) => backup.warnings.push(format!(
                     "the guest's filesystems may still be frozen ({e}): run `virsh domfsthaw {}`",
                     domain.name
@@ -291,11 +291,32 @@ impl Drop for PullBackup {
     }
 }
 
-/// Ends the backup job a killed coffre run left on `domain`, and thaws the
-/// guest it may have left frozen. Returns what it did (nothing when there
+/// Thaws a guest a killed coffre run may have left frozen (killed between
+/// `domfsfreeze` and `domfsthaw`, whether or not its backup job began),
+/// when the domain has a guest agent channel. Returns a warning when some
+/// filesystems were frozen. Like `virsh domfsthaw`, it also thaws a guest
+/// someone froze on purpose: coffre cannot tell the two apart.
+pub fn thaw_leftover(domain: &Domain, live: &DomainXml) -> Option<String> {
+    live.agent.as_ref()?;
+    match domain.thaw() {
+        Ok(Some(n)) if n > 0 => Some(format!(
+            "the guest of domain {} had {n} frozen filesystem(s), as a killed coffre run leaves them: thawed",
+            domain.name
+        )),
+        Ok(_) => None,
+        Err(e) => {
+            // No agent in the guest, or not answering: nothing was frozen
+            // through it either.
+            tracing::debug!(domain = %domain.name, error = %e, "no thaw of a leftover freeze");
+            None
+        }
+    }
+}
+
+/// Ends the backup job a killed coffre run left on `domain`. Returns what it did (nothing when there
 /// is no job). A job coffre did not start, or one a live coffre process
 /// runs, is left alone and is an error: libvirt runs one job at a time.
-pub fn clean_stale_job(domain: &Domain, live: &DomainXml) -> Result<Option<String>> {
+pub fn clean_stale_job(domain: &Domain) -> Result<Option<String>> {
     let Some(job) = domain.backup_job()? else {
         return Ok(None);
     };
@@ -329,9 +350,6 @@ pub fn clean_stale_job(domain: &Domain, live: &DomainXml) -> Result<Option<Strin
         let _ = std::fs::remove_file(folder.join(format!("{}.scratch", e.target)));
     }
     let _ = std::fs::remove_dir(folder);
-    if live.agent.is_some() {
-        let _ = domain.thaw();
-    }
     Ok(Some(format!(
         "ended the backup job a killed coffre run (pid {pid}) left on domain {}",
         domain.name
