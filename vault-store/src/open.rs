@@ -42,7 +42,7 @@ impl Vault {
                 path: dir.to_path_buf(),
             });
         }
-        let config = VaultConfig::load(dir)?;
+        let config = VaultConfig::load_with(dir, opts.unlock.as_deref())?;
         let role = copy_role(dir);
         let remote = Remote::load(dir)?;
         if !opts.skip_refresh && remote.is_some() {

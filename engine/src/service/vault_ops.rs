@@ -84,6 +84,7 @@ pub fn create_vault(dir: &Path, opts: &CreateOptions, clock: &dyn Clock) -> Resu
         secondary: opts.secondary.as_deref().map(absolute),
         store: None,
         adopted_packs: false,
+        encryption: None,
     };
     if let Some(area) = &config.snapshot_area {
         coffre_snapshotter::area::check_choice(area, &config.vault_id)?;

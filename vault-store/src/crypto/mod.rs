@@ -104,6 +104,19 @@ pub enum CryptoError {
     Kdf(String),
 }
 
+/// What unlocks an encrypted vault: the caller's key sources (a key
+/// file, a passphrase command or prompt, a recovery key). Kept by
+/// `OpenOptions`; an implementation may remember what it unlocked, so that
+/// one command derives a passphrase's key once.
+pub trait Unlock: Send + Sync {
+    /// The master key of the vault at `vault`, whose key slots are `slots`.
+    fn master_key(
+        &self,
+        vault: &std::path::Path,
+        slots: &[KeySlot],
+    ) -> Result<MasterKey, CryptoError>;
+}
+
 /// `N` random bytes from the operating system.
 pub fn random<const N: usize>() -> Result<[u8; N], CryptoError> {
     let mut b = [0u8; N];
