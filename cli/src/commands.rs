@@ -25,6 +25,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             secondary,
             snapshot_area,
             store,
+            encryption,
+            kdf,
         }) => crate::vault_cmd::create(
             fmt,
             &vault.vault,
@@ -37,9 +39,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 replicas,
                 secondary,
                 store,
+                encryption,
+                kdf,
             },
+            &ctx.keys,
             clock,
         ),
+        Command::Key(cmd) => crate::key_cmd::run(&ctx, cmd),
         Command::Vault(VaultCommand::Attach { vault, store }) => {
             crate::vault_cmd::attach(&ctx, &vault.vault, &store)
         }

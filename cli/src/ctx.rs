@@ -36,6 +36,8 @@ pub struct Ctx {
     /// `--degraded-ok`: writers go on without a replica that is missing
     /// or unwritable, with a warning.
     pub degraded_ok: bool,
+    /// Where an encrypted vault's key comes from.
+    pub keys: std::sync::Arc<crate::keys::KeySources>,
 }
 
 impl Ctx {
@@ -51,6 +53,7 @@ impl Ctx {
                 .filter(|v| !v.is_empty())
                 .map(std::path::PathBuf::from),
             degraded_ok: cli.degraded_ok,
+            keys: std::sync::Arc::new(crate::keys::KeySources::from_env(cli.key_file.clone())),
         })
     }
 
@@ -60,6 +63,7 @@ impl Ctx {
             wait: self.lock_timeout,
             degraded_ok: self.degraded_ok,
             lease_ttl: lease_ttl_from_env(),
+            unlock: Some(self.keys.clone()),
             ..OpenOptions::default()
         }
     }

@@ -47,11 +47,10 @@ pub enum StoreError {
     KeyNeeded { path: PathBuf },
 
     /// A wrong key, or sealed bytes that failed authentication.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Crypto {
         path: PathBuf,
-        #[source]
-        source: crate::crypto::CryptoError,
+        error: crate::crypto::CryptoError,
     },
 
     /// The vault config exists but cannot be decoded.

@@ -64,9 +64,9 @@ pub fn load_config_with(
             });
         }
         (Some(enc), Some(unlock)) => {
-            let crypto = |source| StoreError::Crypto {
+            let crypto = |error| StoreError::Crypto {
                 path: dir.to_path_buf(),
-                source,
+                error,
             };
             let master = unlock.master_key(dir, &enc.slots).map_err(crypto)?;
             Some(std::sync::Arc::new(crate::crypto::VaultKeys::derive(

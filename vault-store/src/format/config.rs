@@ -250,7 +250,7 @@ impl StoredConfig {
                     })
                     .map_err(|e| StoreError::Crypto {
                         path: path.clone(),
-                        source: e,
+                        error: e,
                     })?;
                 let mut cfg: VaultConfig =
                     serde_json::from_slice(&body).map_err(|e| corrupt(format!("body: {e}")))?;
@@ -326,6 +326,29 @@ impl VaultConfig {
         self.encryption.as_ref().and_then(|e| e.keys.as_ref())
     }
 
+    /// The id of a chunk's plaintext in this vault: BLAKE3, keyed with the
+    /// id key in an encrypted vault.
+    pub fn chunk_id(&self, plain: &[u8]) -> crate::format::chunk_id::ChunkId {
+        match self.keys() {
+            Some(k) => k.chunk_id(plain),
+            None => crate::format::chunk_id::ChunkId::of(plain),
+        }
+    }
+
+    /// A record encoder for this vault (sealing when encrypted).
+    pub fn encoder(&self) -> crate::format::record::RecordEncoder {
+        crate::format::record::RecordEncoder::for_vault(
+            self.compression_level,
+            self.keys().cloned(),
+        )
+    }
+
+    /// A record decoder for this vault (only sealed records when
+    /// encrypted).
+    pub fn decoder(&self) -> crate::format::record::RecordDecoder {
+        crate::format::record::RecordDecoder::for_vault(self.keys().cloned())
+    }
+
     /// Encodes the config into its envelope; an encrypted vault's settings
     /// are sealed with its keys (which it needs).
     pub fn encode(&self) -> Result<Vec<u8>> {
@@ -349,7 +372,7 @@ impl VaultConfig {
             .seal(&enc.ad(), &body)
             .map_err(|e| StoreError::Crypto {
                 path: CONFIG_FILE.into(),
-                source: e,
+                error: e,
             })?;
         let clear = SealedBody {
             encryption: Encryption {

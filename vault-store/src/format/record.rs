@@ -394,6 +394,19 @@ pub struct RecordDecoder {
 }
 
 impl RecordDecoder {
+    /// Makes this decoder one of the vault whose keys are `keys` (a reused
+    /// buffer may meet several vaults).
+    pub fn use_keys(&mut self, keys: Option<&Arc<VaultKeys>>) {
+        let same = match (&self.keys, keys) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if !same {
+            self.keys = keys.cloned();
+        }
+    }
+
     /// A decoder for a vault: with `keys` (an encrypted vault), only
     /// records sealed with them are accepted; without, only plaintext.
     pub fn for_vault(keys: Option<Arc<VaultKeys>>) -> Self {
