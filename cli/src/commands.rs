@@ -120,7 +120,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Points { vault, item, from } => {
-            let dir = crate::ctx::copy_dir(&vault.vault, from)?;
+            let dir = crate::ctx::copy_dir(&ctx, &vault.vault, from)?;
             crate::point_cmd::list(&ctx, &dir, &item)
         }
         Command::Restore {
@@ -138,6 +138,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => crate::restore_cmd::run(
             &ctx,
             &crate::ctx::copy_dir(
+                &ctx,
                 &vault.vault,
                 (from == Some(FromTier::Secondary)).then_some(CopySource::Secondary),
             )?,
@@ -169,7 +170,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             threads,
         } => crate::verify_cmd::run(
             &ctx,
-            &crate::ctx::copy_dir(&vault.vault, from)?,
+            &crate::ctx::copy_dir(&ctx, &vault.vault, from)?,
             read_data,
             repair,
             threads.threads,

@@ -47,7 +47,9 @@ pub fn run(ctx: &Ctx, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
         } => {
             let v = open(ctx, &vault.vault, Access::Write)?;
             let old = ctx.keys.opened_slot().ok_or_else(|| {
-                anyhow::anyhow!("no key slot opened the vault: give its current passphrase or key file")
+                anyhow::anyhow!(
+                    "no key slot opened the vault: give its current passphrase or key file"
+                )
             })?;
             let label = encryption(&v)?
                 .slots
@@ -55,6 +57,8 @@ pub fn run(ctx: &Ctx, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
                 .find(|s| s.id == old)
                 .and_then(|s| s.label.clone());
             let slot = add(ctx, &v, new_key_file.as_deref(), label, &kdf)?;
+            // The handle's config is the one before the new slot.
+            drop(v);
             let v = open(ctx, &vault.vault, Access::Write)?;
             remove(&v, &old)?;
             say(
@@ -134,8 +138,9 @@ pub fn kdf_params(kdf: &KdfArgs) -> anyhow::Result<Option<KdfParams>> {
     }
     let d = KdfParams::DEFAULT;
     let m_kib = match kdf.kdf_memory {
-        Some(b) => u32::try_from(b / 1024)
-            .map_err(|_| anyhow::anyhow!("--kdf-memory {b} is too large"))?,
+        Some(b) => {
+            u32::try_from(b / 1024).map_err(|_| anyhow::anyhow!("--kdf-memory {b} is too large"))?
+        }
         None => d.m_kib,
     };
     let p = KdfParams {
@@ -143,7 +148,8 @@ pub fn kdf_params(kdf: &KdfArgs) -> anyhow::Result<Option<KdfParams>> {
         t: kdf.kdf_passes.unwrap_or(d.t),
         p: d.p,
     };
-    p.check().map_err(|e| anyhow::anyhow!("--kdf-memory/--kdf-passes: {e}"))?;
+    p.check()
+        .map_err(|e| anyhow::anyhow!("--kdf-memory/--kdf-passes: {e}"))?;
     Ok(Some(p))
 }
 
@@ -157,11 +163,20 @@ fn add(
 ) -> anyhow::Result<KeySlot> {
     let enc = encryption(v)?;
     if enc.slots.len() >= coffre_engine::store::crypto::slot::MAX_SLOTS {
-        anyhow::bail!("the vault has {} key slots already, the most it keeps", enc.slots.len());
+        anyhow::bail!(
+            "the vault has {} key slots already, the most it keeps",
+            enc.slots.len()
+        );
     }
     let master = master_of(ctx, v)?;
     let secret = new_secret(new_key_file)?;
-    let slot = KeySlot::new(&master, &secret.secret(), kdf_params(kdf)?, label, ctx.now())?;
+    let slot = KeySlot::new(
+        &master,
+        &secret.secret(),
+        kdf_params(kdf)?,
+        label,
+        ctx.now(),
+    )?;
     let mut cfg = v.config().clone();
     if let Some(e) = cfg.encryption.as_mut() {
         e.slots.push(slot.clone());
@@ -175,7 +190,10 @@ fn add(
 fn remove(v: &Vault, id: &str) -> anyhow::Result<()> {
     let enc = encryption(v)?;
     if !enc.slots.iter().any(|s| s.id == id) {
-        anyhow::bail!("vault {} has no key slot {id} (`coffre key list`)", v.dir().display());
+        anyhow::bail!(
+            "vault {} has no key slot {id} (`coffre key list`)",
+            v.dir().display()
+        );
     }
     if enc.slots.len() == 1 {
         anyhow::bail!(

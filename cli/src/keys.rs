@@ -41,6 +41,10 @@ impl Owned {
     }
 }
 
+/// A vault this command unlocked: its slots' wrapped keys, the master
+/// key, and the id of the slot that opened (none for a recovery key).
+type Unlocked = (Vec<String>, MasterKey, Option<String>);
+
 /// One command's key sources.
 pub struct KeySources {
     /// `--key-file` / `COFFRE_KEY_FILE`.
@@ -49,9 +53,8 @@ pub struct KeySources {
     pub password_command: Option<String>,
     /// A master key given directly (`key import`).
     pub master: Option<MasterKey>,
-    /// What was unlocked: the slots' wrapped keys, the key, and the id of
-    /// the slot that opened.
-    unlocked: Mutex<Vec<(Vec<String>, MasterKey, Option<String>)>>,
+    /// What was unlocked.
+    unlocked: Mutex<Vec<Unlocked>>,
 }
 
 impl KeySources {
@@ -154,9 +157,7 @@ pub fn run_password_command(cmd: &str, name: &str) -> Result<Zeroizing<Vec<u8>>,
     let argv = shlex::split(cmd)
         .filter(|a| !a.is_empty())
         .ok_or_else(|| bad("cannot be split into arguments (unbalanced quotes?)".into()))?;
-    let (prog, args) = argv
-        .split_first()
-        .ok_or_else(|| bad("is empty".into()))?;
+    let (prog, args) = argv.split_first().ok_or_else(|| bad("is empty".into()))?;
     let mut child = Command::new(prog)
         .args(args)
         .stdin(Stdio::null())
@@ -180,9 +181,7 @@ pub fn run_password_command(cmd: &str, name: &str) -> Result<Zeroizing<Vec<u8>>,
             Err(e) => return Err(bad(e.to_string())),
         }
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| bad(e.to_string()))?;
+    let out = child.wait_with_output().map_err(|e| bad(e.to_string()))?;
     let stdout = Zeroizing::new(out.stdout);
     if !out.status.success() {
         return Err(bad(format!("failed ({})", out.status)));
@@ -193,7 +192,13 @@ pub fn run_password_command(cmd: &str, name: &str) -> Result<Zeroizing<Vec<u8>>,
         .unwrap_or_default()
         .strip_suffix(b"\r")
         .map_or_else(
-            || stdout.split(|&b| b == b'\n').next().unwrap_or_default().to_vec(),
+            || {
+                stdout
+                    .split(|&b| b == b'\n')
+                    .next()
+                    .unwrap_or_default()
+                    .to_vec()
+            },
             <[u8]>::to_vec,
         );
     let line = Zeroizing::new(line);
@@ -210,7 +215,9 @@ pub fn run_password_command(cmd: &str, name: &str) -> Result<Zeroizing<Vec<u8>>,
 pub fn prompt(text: &str) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
     let no_tty = || CryptoError::Malformed {
         what: "the passphrase".into(),
-        reason: "no terminal to ask on: give --key-file, COFFRE_KEY_FILE or COFFRE_PASSWORD_COMMAND".into(),
+        reason:
+            "no terminal to ask on: give --key-file, COFFRE_KEY_FILE or COFFRE_PASSWORD_COMMAND"
+                .into(),
     };
     if std::fs::OpenOptions::new()
         .read(true)

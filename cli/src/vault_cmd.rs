@@ -52,22 +52,30 @@ fn new_encryption(
     let cipher = match args.encryption.as_deref() {
         Some("none") => return Ok(None),
         Some(name) => Cipher::parse(name).ok_or_else(|| {
-            anyhow::anyhow!(
-                "--encryption {name:?}: aes-256-gcm, chacha20-poly1305 or none"
-            )
+            anyhow::anyhow!("--encryption {name:?}: aes-256-gcm, chacha20-poly1305 or none")
         })?,
-        None if args.store.is_some() => Cipher::Aes256Gcm,
         None => return Ok(None),
     };
+    // Not yet: the shared-vault path (leases, GC, refresh from the store)
+    // and secondaries in containers do not carry the keys (issue 23).
+    if args.store.is_some()
+        || args
+            .secondary
+            .as_deref()
+            .is_some_and(coffre_engine::store::format::remote::is_store_url)
+    {
+        anyhow::bail!(
+            "--encryption with a vault or a secondary in object storage is not supported yet: encrypted vaults are local (with local replicas and secondaries) for now"
+        );
+    }
     let secret = match (&keys.key_file, &keys.password_command) {
         (Some(path), _) => crate::keys::Owned::KeyFile(crate::keys::read_key_file(path)?),
         (None, Some(cmd)) => crate::keys::Owned::Passphrase(crate::keys::run_password_command(
             cmd,
             "COFFRE_PASSWORD_COMMAND",
         )?),
-        (None, None) => crate::keys::new_secret(None).map_err(|e| {
-            anyhow::anyhow!("an encrypted vault needs a key: {e}")
-        })?,
+        (None, None) => crate::keys::new_secret(None)
+            .map_err(|e| anyhow::anyhow!("an encrypted vault needs a key: {e}"))?,
     };
     let master = MasterKey::generate()?;
     let slot = KeySlot::new(
@@ -384,9 +392,13 @@ pub fn attach(ctx: &Ctx, dir: &Path, url: &str) -> anyhow::Result<ExitCode> {
 
 pub fn rebuild_index(ctx: &Ctx, dir: &Path, from: Option<&Path>) -> anyhow::Result<ExitCode> {
     let source = from.unwrap_or(dir);
-    let (vault, report) =
-        coffre_engine::store::maintenance::rebuild::rebuild_index(dir, source, ctx.lock_timeout)
-            .with_context(|| format!("cannot rebuild the index of vault {}", dir.display()))?;
+    let (vault, report) = coffre_engine::store::maintenance::rebuild::rebuild_index_unlocked(
+        dir,
+        source,
+        ctx.lock_timeout,
+        Some(ctx.keys.clone()),
+    )
+    .with_context(|| format!("cannot rebuild the index of vault {}", dir.display()))?;
     drop(vault);
     output::emit(ctx.fmt, &report, |r| {
         let mut out = format!(

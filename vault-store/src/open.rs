@@ -63,7 +63,12 @@ impl Vault {
             if (!dir.join(INDEX_DIR).is_dir() || !crate::index::state::is_complete(dir))
                 && !opts.allow_copy_write
             {
-                drop(crate::maintenance::rebuild::rebuild_index(dir, dir, wait)?);
+                drop(crate::maintenance::rebuild::rebuild_index_unlocked(
+                    dir,
+                    dir,
+                    wait,
+                    opts.unlock.clone(),
+                )?);
             }
         }
         Vault::open_prepared(dir, access, opts, config, role, remote)

@@ -607,7 +607,9 @@ fn transfer_hint<'s>(
             if data.is_some() {
                 bytes_read.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
             }
-            let id = data.filter(|bytes| !is_zero(bytes)).map(|b| cfg.chunk_id(b));
+            let id = data
+                .filter(|bytes| !is_zero(bytes))
+                .map(|b| cfg.chunk_id(b));
             window.finish()?;
             if map.entries(b, 1)?.first().copied().flatten() != id {
                 record.mismatches += 1;

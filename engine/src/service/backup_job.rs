@@ -202,7 +202,9 @@ fn run_phases(
     let mut job = store.start(record)?;
     let config = match &opts.writer {
         Writer::Held(v) => v.config().clone(),
-        Writer::Open(o) => coffre_vault_store::VaultConfig::load_with(vault_dir, o.unlock.as_deref())?,
+        Writer::Open(o) => {
+            coffre_vault_store::VaultConfig::load_with(vault_dir, o.unlock.as_deref())?
+        }
     };
 
     // Snapshot phase.

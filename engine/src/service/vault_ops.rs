@@ -484,8 +484,12 @@ pub fn summarize(vault: &Vault, now: Timestamp) -> Result<VaultSummary> {
             last_backup: last.map(|p| p.created),
             latest_size: last.map_or(0, |p| p.image_size),
             stored_bytes: points.iter().map(|p| p.stats.stored_bytes).sum(),
-            snapshots: coffre_snapshotter::expiry::snapshots_of(vault.dir(), &cfg.vault_id, &item.name).len()
-                as u64,
+            snapshots: coffre_snapshotter::expiry::snapshots_of(
+                vault.dir(),
+                &cfg.vault_id,
+                &item.name,
+            )
+            .len() as u64,
             snapshot_bytes: areas.iter().map(|a| a.bytes_used(&item.name)).sum(),
         });
     }
