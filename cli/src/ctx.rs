@@ -111,13 +111,12 @@ pub fn copy_dir(ctx: &Ctx, dir: &Path, from: Option<CopySource>) -> anyhow::Resu
     if from != Some(CopySource::Secondary) {
         return Ok(dir.to_path_buf());
     }
-    if dir.join("config").is_file() && copy_role(dir) == Role::Secondary {
+    let config = VaultConfig::load_with(dir, Some(&*ctx.keys)).ok();
+    let keys = config.as_ref().and_then(|c| c.keys().cloned());
+    if dir.join("config").is_file() && copy_role(dir, keys.as_deref()) == Role::Secondary {
         return Ok(dir.to_path_buf());
     }
-    let found = match VaultConfig::load_with(dir, Some(&*ctx.keys))
-        .ok()
-        .and_then(|c| c.secondary)
-    {
+    let found = match config.and_then(|c| c.secondary) {
         Some(s) => s,
         None => match std::env::var_os("COFFRE_SECONDARY").filter(|v| !v.is_empty()) {
             Some(s) => PathBuf::from(s),

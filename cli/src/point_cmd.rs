@@ -115,7 +115,8 @@ pub fn list(ctx: &Ctx, dir: &Path, item: &str) -> anyhow::Result<ExitCode> {
     let fmt = ctx.fmt;
     let vault = open(ctx, dir, Access::ReadOnly)?;
     let points = list_points(&vault, item).with_context(|| format!("vault {}", dir.display()))?;
-    let replicated = coffre_engine::store::maintenance::replicate::primary_state(dir).points;
+    let replicated =
+        coffre_engine::store::maintenance::replicate::primary_state(dir, vault.keys()).points;
     let views: Vec<PointView<'_>> = points
         .iter()
         .map(|e| {

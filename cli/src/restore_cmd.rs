@@ -68,7 +68,7 @@ pub fn run(
         ))
     })?;
     // A replica or the secondary opened on its own: say which copy it was.
-    let role = coffre_engine::store::vault::copy_role(vault.dir());
+    let role = vault.role();
     if summary.from == "vault" && role != coffre_engine::store::format::catalog_files::Role::Primary
     {
         summary.from = if role == coffre_engine::store::format::catalog_files::Role::Secondary {

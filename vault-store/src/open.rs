@@ -43,7 +43,7 @@ impl Vault {
             });
         }
         let config = VaultConfig::load_with(dir, opts.unlock.as_deref())?;
-        let role = copy_role(dir);
+        let role = copy_role(dir, config.keys().map(|k| k.as_ref()));
         let remote = Remote::load(dir)?;
         if !opts.skip_refresh && remote.is_some() {
             crate::shared::refresh_cache(dir, wait, access)?;

@@ -283,7 +283,10 @@ fn catalog_file_findings(vault: &Vault, repair: bool) -> Result<Vec<Finding>> {
                 .into_iter()
                 .collect();
         for (name, bytes) in want.iter().filter(|(n, _)| !have.contains(*n)) {
-            let fixed = repair && c.store.put(name, bytes).is_ok();
+            let fixed = repair
+                && coffre_vault_store::copies::seal(name, bytes, vault.keys())
+                    .and_then(|b| c.store.put(name, &b))
+                    .is_ok();
             out.push(Finding::new(
                 if fixed {
                     Severity::Warning
@@ -321,6 +324,8 @@ fn catalog_file_findings(vault: &Vault, repair: bool) -> Result<Vec<Finding>> {
     Ok(out)
 }
 
+const HINT_FORGED: &str = "a vault file failed authentication or is not what the vault's writers write (forged, swapped with another, or damaged); coffre refuses it. `coffre vault rebuild-index` or the next writer rewrites item and policy files from the index; restore a point manifest from another copy";
+
 const HINT_BAD_NAME: &str = "a vault file names a path outside its folder (crafted, or damaged); coffre skips it. Remove the file, or restore the copy it came from";
 
 /// Names that break the naming rule ([`coffre_vault_store::format::name`]): in the
@@ -330,6 +335,7 @@ const HINT_BAD_NAME: &str = "a vault file names a path outside its folder (craft
 fn name_findings(vault: &Vault) -> Result<Vec<Finding>> {
     use coffre_vault_store::format::catalog_files as cf;
     let mut out = Vec::new();
+    let mut forged = Vec::new();
     let mut bad = |message: String, item: Option<&str>| {
         let mut f = Finding::new(Severity::Error, "bad-name", message, HINT_BAD_NAME);
         f.item = item.map(|i| i.chars().take(100).collect());
@@ -357,12 +363,31 @@ fn name_findings(vault: &Vault) -> Result<Vec<Finding>> {
             sizes.push(f);
         }
     }
+    let keys = vault.keys();
     for c in vault.copies().sync_copies() {
         for name in coffre_vault_store::copies::state_files::list_catalog_files(c.store.as_ref())? {
             let Some(bytes) = c.store.get(&name)? else {
                 continue;
             };
-            if let Some(e) = cf::name_problem(&name, &bytes) {
+            // In an encrypted vault, a file that does not open and decode
+            // is forged (or damaged: the two cannot be told apart); in a
+            // plain vault, a sealed file is. Either is never used.
+            let problem = match cf::open_in(&name, &bytes, keys) {
+                Err(e) => Some(e),
+                Ok(_) if keys.is_some() => cf::check_in(&name, &bytes, keys).err(),
+                Ok(_) => None,
+            };
+            if let Some(e) = problem {
+                forged.push(Finding::new(
+                    Severity::Error,
+                    "forged-file",
+                    format!("{}: catalog file {name} is refused: {e}", c.dir.display()),
+                    HINT_FORGED,
+                ));
+                continue;
+            }
+            let plain = cf::open_in(&name, &bytes, keys).unwrap_or_default();
+            if let Some(e) = cf::name_problem(&name, &plain) {
                 bad(
                     format!("{}: catalog file {name}: {e}", c.dir.display()),
                     None,
@@ -392,6 +417,7 @@ fn name_findings(vault: &Vault) -> Result<Vec<Finding>> {
         }
     }
     out.extend(sizes);
+    out.extend(forged);
     Ok(out)
 }
 
@@ -691,7 +717,7 @@ pub fn verify(
     }
     findings.extend(catalog_file_findings(vault, opts.repair)?);
     findings.extend(name_findings(vault)?);
-    if opts.read_data && coffre_vault_store::vault::copy_role(vault.dir()) == Role::Primary {
+    if opts.read_data && vault.role() == Role::Primary {
         // The next backup that produces one of these chunks stores it again.
         let list: std::collections::BTreeSet<ChunkId> = damaged.keys().copied().collect();
         if list != vault.damaged_list()

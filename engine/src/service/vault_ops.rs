@@ -335,7 +335,8 @@ pub fn secondary_summary(vault: &Vault, now: Timestamp) -> Result<Option<Seconda
     let Some(dir) = vault.config().secondary.clone() else {
         return Ok(None);
     };
-    let state = coffre_vault_store::maintenance::replicate::primary_state(vault.dir());
+    let state =
+        coffre_vault_store::maintenance::replicate::primary_state(vault.dir(), vault.keys());
     let points = vault.index().all_points()?;
     let behind: Vec<_> = points
         .iter()

@@ -10,6 +10,10 @@
 //! BLAKE3 match; a copy that failed is repaired on the spot with those
 //! bytes (same segment, same offset: copies are byte-identical at every
 //! committed offset, invariant C1) and the repair is counted.
+//!
+//! In an encrypted vault every catalog file is sealed on its way to a
+//! copy ([`crate::format::sealed_file`], bound to its name) and every
+//! copy identity opened with the vault's keys.
 
 #[cfg(feature = "index")]
 pub mod quarantine;
@@ -64,6 +68,8 @@ pub struct Copies {
     /// The primary is a shared vault's object store: point manifests are
     /// created conditionally.
     shared: bool,
+    /// An encrypted vault's keys: catalog files are sealed with them.
+    keys: Option<Arc<crate::crypto::VaultKeys>>,
 }
 
 /// The store a URL names (`azure://…`, `s3://…`).
@@ -81,8 +87,16 @@ pub fn open_url(url: &str) -> Result<SharedStore> {
     })
 }
 
-/// The same catalog record, however it was encoded.
-fn same_record(name: &str, a: &[u8], b: &[u8]) -> bool {
+/// The same catalog record, however it was encoded (`a` as stored,
+/// `b` as a plain envelope).
+fn same_record(name: &str, a: &[u8], b: &[u8], keys: Option<&crate::crypto::VaultKeys>) -> bool {
+    if a == b {
+        return true;
+    }
+    let Ok(a) = crate::format::sealed_file::open(name, a, keys) else {
+        return false;
+    };
+    let a = a.as_ref();
     if a == b {
         return true;
     }
@@ -108,21 +122,22 @@ fn put_unless_changed(
     name: &str,
     bytes: &[u8],
     before: Option<&Vec<u8>>,
+    keys: Option<&crate::crypto::VaultKeys>,
 ) -> Result<()> {
     let changed = || StoreError::CatalogChanged {
         file: format!("{}/{name}", store.location()),
     };
     match (store.get_version(name)?, before) {
         (None, None) => store
-            .put_new(name, bytes)?
+            .put_new(name, &seal(name, bytes, keys)?)?
             .then_some(())
             .ok_or_else(changed),
-        (Some((cur, v)), Some(b)) if same_record(name, &cur, b) => store
-            .put_if(name, bytes, &v)?
+        (Some((cur, v)), Some(b)) if same_record(name, &cur, b, keys) => store
+            .put_if(name, &seal(name, bytes, keys)?, &v)?
             .map(|_| ())
             .ok_or_else(changed),
         // Our own earlier attempt at this very update (a retried commit).
-        (Some((cur, _)), _) if same_record(name, &cur, bytes) => Ok(()),
+        (Some((cur, _)), _) if same_record(name, &cur, bytes, keys) => Ok(()),
         _ => Err(changed()),
     }
 }
@@ -130,20 +145,40 @@ fn put_unless_changed(
 /// Writes point manifest `name` of a shared vault with a conditional
 /// create; when the file exists it is overwritten only if it is the same
 /// point (an update of its own record), never another host's point.
-fn put_point_once(store: &dyn crate::store::Store, name: &str, bytes: &[u8]) -> Result<()> {
-    if store.put_new(name, bytes)? {
+fn put_point_once(
+    store: &dyn crate::store::Store,
+    name: &str,
+    bytes: &[u8],
+    keys: Option<&crate::crypto::VaultKeys>,
+) -> Result<()> {
+    let sealed = seal(name, bytes, keys)?;
+    if store.put_new(name, &sealed)? {
         return Ok(());
     }
     let ours = catalog_files::decode_point(bytes).map(|p| p.id).ok();
     let theirs = store
         .get(name)?
-        .and_then(|b| catalog_files::decode_point(&b).ok())
+        .and_then(|b| catalog_files::decode_point_in(name, &b, keys).ok())
         .map(|p| p.id);
     if ours.is_some() && ours == theirs {
-        return store.put(name, bytes);
+        return store.put(name, &sealed);
     }
     Err(StoreError::PointTaken {
         file: format!("{}/{name}", store.location()),
+    })
+}
+
+/// The plain envelope `plain` of catalog file `name` as a copy stores it:
+/// sealed with `keys` in an encrypted vault.
+pub fn seal<'a>(
+    name: &str,
+    plain: &'a [u8],
+    keys: Option<&crate::crypto::VaultKeys>,
+) -> Result<std::borrow::Cow<'a, [u8]>> {
+    crate::format::sealed_file::seal(name, plain, keys, 0).map_err(|e| StoreError::CorruptFile {
+        path: PathBuf::from(name),
+        what: "catalog file",
+        reason: format!("cannot seal it: {e}"),
     })
 }
 
@@ -165,12 +200,14 @@ pub fn primary_store(dir: &Path) -> Result<SharedStore> {
 }
 
 /// Checks that `dir` is a copy of the vault `vault_id` (a directory with
-/// a matching identity, writable when `write`).
+/// a matching identity, sealed with `keys` in an encrypted vault,
+/// writable when `write`).
 pub fn check_copy(
     store: &dyn crate::store::Store,
     dir: &Path,
     vault_id: &str,
     write: bool,
+    keys: Option<&crate::crypto::VaultKeys>,
 ) -> std::result::Result<Role, String> {
     let url = crate::format::remote::is_store_url(dir);
     if !url && !dir.is_dir() {
@@ -181,8 +218,8 @@ pub fn check_copy(
         Ok(None) => return Err("it holds no copy identity (not a copy of this vault)".into()),
         Err(e) => return Err(e.to_string()),
     };
-    let id =
-        catalog_files::decode_copy(&bytes).map_err(|e| format!("corrupt copy identity: {e}"))?;
+    let id = catalog_files::decode_copy_in(&bytes, keys)
+        .map_err(|e| format!("corrupt copy identity {COPY_FILE}: {e}"))?;
     if id.vault_id != vault_id {
         return Err(format!(
             "it is a copy of another vault ({} {})",
@@ -224,6 +261,7 @@ impl Copies {
         };
         let remote = crate::format::remote::Remote::load(dir)?;
         let shared = remote.is_some();
+        let keys = config.keys().map(|k| k.as_ref());
         let primary: SharedStore = match remote {
             Some(r) => {
                 let s = open_url(&r.url)?;
@@ -242,7 +280,7 @@ impl Copies {
         let mut unavailable = Vec::new();
         for r in &config.replicas {
             let store = make(Role::Replica, r);
-            match check_copy(store.as_ref(), r, &config.vault_id, write) {
+            match check_copy(store.as_ref(), r, &config.vault_id, write, keys) {
                 Ok(_) => sync.push(Copy {
                     role: Role::Replica,
                     dir: r.clone(),
@@ -284,13 +322,14 @@ impl Copies {
                             unavailable,
                             repairs: AtomicU64::new(0),
                             shared,
+                            keys: config.keys().cloned(),
                         });
                     }
                 }
             } else {
                 make(Role::Secondary, s)
             };
-            match check_copy(store.as_ref(), s, &config.vault_id, false) {
+            match check_copy(store.as_ref(), s, &config.vault_id, false, keys) {
                 Ok(_) => {
                     secondary = Some(Copy {
                         role: Role::Secondary,
@@ -311,6 +350,7 @@ impl Copies {
             unavailable,
             repairs: AtomicU64::new(0),
             shared,
+            keys: config.keys().cloned(),
         })
     }
 
@@ -387,9 +427,10 @@ impl Copies {
         }
         self.for_each_sync(|c| {
             let store = c.store.as_ref();
+            let keys = self.keys.as_deref();
             if !self.shared {
                 for (name, b) in files.iter().filter_map(|(n, b)| Some((n, b.as_ref()?))) {
-                    store.put(name, b)?;
+                    store.put(name, &seal(name, b, keys)?)?;
                 }
                 return Ok(());
             }
@@ -398,10 +439,10 @@ impl Copies {
                 .filter_map(|(n, b)| Some((n, b.as_ref()?)))
                 .partition(|(n, _)| n.starts_with(catalog_files::POINTS_DIR));
             for (name, b) in others {
-                put_unless_changed(store, name, b, before.get(name.as_str()))?;
+                put_unless_changed(store, name, b, before.get(name.as_str()), keys)?;
             }
             for (name, b) in points {
-                put_point_once(store, name, b)?;
+                put_point_once(store, name, b, keys)?;
             }
             Ok(())
         })
@@ -421,6 +462,11 @@ impl Copies {
             }
             Ok(())
         })
+    }
+
+    /// The vault's keys, when it is encrypted.
+    pub fn keys(&self) -> Option<&crate::crypto::VaultKeys> {
+        self.keys.as_deref()
     }
 
     /// Counts one repaired copy of a record.
@@ -446,7 +492,15 @@ impl Copies {
 pub fn init_copy(dir: &Path, config: &VaultConfig, role: Role) -> Result<()> {
     if crate::format::remote::is_store_url(dir) {
         let store = copy_store(dir)?;
-        if check_copy(store.as_ref(), dir, &config.vault_id, true).is_ok() {
+        if check_copy(
+            store.as_ref(),
+            dir,
+            &config.vault_id,
+            true,
+            config.keys().map(|k| k.as_ref()),
+        )
+        .is_ok()
+        {
             return Ok(());
         }
         if store.get(crate::format::config::CONFIG_FILE)?.is_some()
@@ -463,14 +517,22 @@ pub fn init_copy(dir: &Path, config: &VaultConfig, role: Role) -> Result<()> {
         // An existing copy of this vault may be reused (re-adding it).
         // One killed between its identity and its config gets the config
         // now.
-        if check_copy(&store, dir, &config.vault_id, true).is_ok() {
+        if check_copy(
+            &store,
+            dir,
+            &config.vault_id,
+            true,
+            config.keys().map(|k| k.as_ref()),
+        )
+        .is_ok()
+        {
             use crate::store::Store as _;
             if store.get(crate::format::config::CONFIG_FILE)?.is_none() {
                 store.put(crate::format::config::CONFIG_FILE, &config.encode()?)?;
             }
             return Ok(());
         }
-        if left_by_init(&store, &config.vault_id) {
+        if left_by_init(&store, &config.vault_id, config.keys().map(|k| k.as_ref())) {
             // An earlier `init_copy` of this vault was interrupted before
             // the config: finish it.
             store.create_dir(crate::format::segment::SEGMENTS_DIR)?;
@@ -488,7 +550,11 @@ pub fn init_copy(dir: &Path, config: &VaultConfig, role: Role) -> Result<()> {
 /// True when the copy holds only what an interrupted [`init_copy`] of
 /// vault `vault_id` writes before the config (which comes last): an empty
 /// segments folder, this vault's identity file, temporary files.
-fn left_by_init(store: &LocalStore, vault_id: &str) -> bool {
+fn left_by_init(
+    store: &LocalStore,
+    vault_id: &str,
+    keys: Option<&crate::crypto::VaultKeys>,
+) -> bool {
     use crate::store::Store as _;
     let Ok(names) = store.list("") else {
         return false;
@@ -502,7 +568,7 @@ fn left_by_init(store: &LocalStore, vault_id: &str) -> bool {
                 .get(COPY_FILE)
                 .ok()
                 .flatten()
-                .and_then(|b| catalog_files::decode_copy(&b).ok())
+                .and_then(|b| catalog_files::decode_copy_in(&b, keys).ok())
                 .is_some_and(|c| c.vault_id == vault_id)
         } else {
             name.starts_with('.') && name.contains(".tmp-")

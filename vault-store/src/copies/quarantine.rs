@@ -94,11 +94,15 @@ pub struct Purged {
 
 /// Deletes the files of `store`'s quarantine that `index` (which must be
 /// complete) shows unreferenced; keeps the rest.
-pub fn purge(store: &dyn Store, index: &Index) -> Result<Purged> {
+pub fn purge(
+    store: &dyn Store,
+    index: &Index,
+    keys: Option<&crate::crypto::VaultKeys>,
+) -> Result<Purged> {
     let mut out = Purged::default();
     for q in list(store)? {
         let size = store.size(&q)?.unwrap_or(0);
-        if unreferenced(store, index, &q)? {
+        if unreferenced(store, index, &q, keys)? {
             store.delete(&q)?;
             tracing::info!(copy = %store.location(), file = %q, bytes = size, "deleted a quarantined file no point needs");
             out.deleted += 1;
@@ -110,8 +114,14 @@ pub fn purge(store: &dyn Store, index: &Index) -> Result<Purged> {
     Ok(out)
 }
 
-/// True when `index` shows quarantined file `q` unneeded.
-fn unreferenced(store: &dyn Store, index: &Index, q: &str) -> Result<bool> {
+/// True when `index` shows quarantined file `q` unneeded (a sealed
+/// catalog file is opened under its original name).
+fn unreferenced(
+    store: &dyn Store,
+    index: &Index,
+    q: &str,
+    keys: Option<&crate::crypto::VaultKeys>,
+) -> Result<bool> {
     let orig = original_name(q);
     let Some((dir, file)) = orig.split_once('/') else {
         return Ok(false);
@@ -162,7 +172,7 @@ fn unreferenced(store: &dyn Store, index: &Index, q: &str) -> Result<bool> {
             let Some(bytes) = store.get(q)? else {
                 return Ok(false);
             };
-            let Ok(p) = catalog_files::decode_point(&bytes) else {
+            let Ok(p) = catalog_files::decode_point_in(orig, &bytes, keys) else {
                 return Ok(false);
             };
             // Only when the index has this point is the file only stale.
@@ -180,7 +190,7 @@ fn unreferenced(store: &dyn Store, index: &Index, q: &str) -> Result<bool> {
             let Some(bytes) = store.get(q)? else {
                 return Ok(false);
             };
-            let Ok(i) = catalog_files::decode_item(&bytes) else {
+            let Ok(i) = catalog_files::decode_item_in(orig, &bytes, keys) else {
                 return Ok(false);
             };
             Ok(index.points(&i.name)?.is_empty())

@@ -2,11 +2,15 @@
 //! the vault config, the copy's identity, the damaged list, a shared
 //! vault's pointer (`remote`) and the replication state. Their byte
 //! layouts are in [`crate::format`]; here is only where they live and what
-//! a missing or damaged one means.
+//! a missing or damaged one means. In an encrypted vault the identity,
+//! the damaged list and the replication state are sealed
+//! ([`crate::format::sealed_file`]) with the keys the callers pass (`None`
+//! for a plain vault); one that does not open counts as damaged.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use crate::crypto::VaultKeys;
 use crate::error::{Result, StoreError};
 use crate::format::catalog_files::{self, COPY_FILE, CopyIdentity, Role};
 use crate::format::chunk_id::ChunkId;
@@ -15,6 +19,7 @@ use crate::format::damaged::{self, DAMAGED_FILE};
 use crate::format::envelope;
 use crate::format::remote::{REMOTE_FILE, Remote};
 use crate::format::repl_state::{ReplicationState, STATE_FILE};
+use crate::format::sealed_file;
 use crate::store::{LocalStore, Store};
 
 /// `name` decoded, or `None` when it is missing, unreadable or does not
@@ -25,6 +30,39 @@ fn read_lenient<T>(
     decode: impl Fn(&[u8]) -> Option<T>,
 ) -> Option<T> {
     store.get(name).ok().flatten().and_then(|b| decode(&b))
+}
+
+/// [`read_lenient`] of a file sealed in an encrypted vault (`keys`): one
+/// that does not open is warned about and counts as missing.
+fn read_sealed_lenient<T>(
+    store: &dyn Store,
+    name: &str,
+    keys: Option<&VaultKeys>,
+    decode: impl Fn(&[u8]) -> Option<T>,
+) -> Option<T> {
+    read_lenient(store, name, |b| match sealed_file::open(name, b, keys) {
+        Ok(plain) => decode(&plain),
+        Err(e) => {
+            tracing::warn!(copy = %store.location(), file = %name, error = %e, "refused a state file (not used)");
+            None
+        }
+    })
+}
+
+/// Writes state file `name` (its plain envelope `plain`), sealed in an
+/// encrypted vault.
+pub fn put_sealed(
+    store: &dyn Store,
+    name: &str,
+    plain: &[u8],
+    keys: Option<&VaultKeys>,
+) -> Result<()> {
+    let bytes = sealed_file::seal(name, plain, keys, 0).map_err(|e| StoreError::CorruptFile {
+        path: std::path::PathBuf::from(store.location()).join(name),
+        what: "sealed file",
+        reason: e.to_string(),
+    })?;
+    store.put(name, &bytes)
 }
 
 /// Reads the config of the copy in `store`; `dir` names the vault in
@@ -89,35 +127,44 @@ pub fn store_config(store: &dyn Store, config: &VaultConfig) -> Result<()> {
 
 /// The role the copy says it has (a vault from before copies existed has
 /// no identity: it is a primary).
-pub fn copy_role(store: &dyn Store) -> Role {
-    read_lenient(store, COPY_FILE, |b| catalog_files::decode_copy(b).ok())
-        .map_or(Role::Primary, |c| c.role)
+pub fn copy_role(store: &dyn Store, keys: Option<&VaultKeys>) -> Role {
+    read_sealed_lenient(store, COPY_FILE, keys, |b| {
+        catalog_files::decode_copy(b).ok()
+    })
+    .map_or(Role::Primary, |c| c.role)
 }
 
-/// Writes the copy's identity file.
+/// Writes the copy's identity file (sealed with `config`'s keys in an
+/// encrypted vault).
 pub fn write_identity(store: &dyn Store, config: &VaultConfig, role: Role) -> Result<()> {
-    store.put(
+    put_sealed(
+        store,
         COPY_FILE,
         &catalog_files::encode_copy(&CopyIdentity {
             vault_id: config.vault_id.clone(),
             vault_name: config.name.clone(),
             role,
         }),
+        config.keys().map(|k| k.as_ref()),
     )
 }
 
 /// The damaged chunks the copy lists (none when the file is missing or
 /// unreadable: healing is an optimisation, never a condition).
-pub fn load_damaged(store: &dyn Store) -> BTreeSet<ChunkId> {
-    read_lenient(store, DAMAGED_FILE, |b| damaged::decode(b).ok()).unwrap_or_default()
+pub fn load_damaged(store: &dyn Store, keys: Option<&VaultKeys>) -> BTreeSet<ChunkId> {
+    read_sealed_lenient(store, DAMAGED_FILE, keys, |b| damaged::decode(b).ok()).unwrap_or_default()
 }
 
 /// Replaces the damaged list (removes the file when it is empty).
-pub fn store_damaged(store: &dyn Store, ids: &BTreeSet<ChunkId>) -> Result<()> {
+pub fn store_damaged(
+    store: &dyn Store,
+    ids: &BTreeSet<ChunkId>,
+    keys: Option<&VaultKeys>,
+) -> Result<()> {
     if ids.is_empty() {
         store.delete(DAMAGED_FILE).map(drop)
     } else {
-        store.put(DAMAGED_FILE, &damaged::encode(ids))
+        put_sealed(store, DAMAGED_FILE, &damaged::encode(ids), keys)
     }
 }
 
@@ -137,13 +184,20 @@ pub fn store_remote(store: &dyn Store, remote: &Remote) -> Result<()> {
 
 /// The replication state the copy holds (empty when it has none or it is
 /// damaged: replication then starts over, which is always safe).
-pub fn load_replication_state(store: &dyn Store) -> ReplicationState {
-    read_lenient(store, STATE_FILE, |b| ReplicationState::decode(b).ok()).unwrap_or_default()
+pub fn load_replication_state(store: &dyn Store, keys: Option<&VaultKeys>) -> ReplicationState {
+    read_sealed_lenient(store, STATE_FILE, keys, |b| {
+        ReplicationState::decode(b).ok()
+    })
+    .unwrap_or_default()
 }
 
 /// Replaces the replication state durably.
-pub fn store_replication_state(store: &dyn Store, state: &ReplicationState) -> Result<()> {
-    store.put(STATE_FILE, &state.encode())
+pub fn store_replication_state(
+    store: &dyn Store,
+    state: &ReplicationState,
+    keys: Option<&VaultKeys>,
+) -> Result<()> {
+    put_sealed(store, STATE_FILE, &state.encode(), keys)
 }
 
 /// Every catalog file name in a copy (points, items, policies).

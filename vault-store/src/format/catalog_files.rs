@@ -8,7 +8,11 @@
 //! - `copy`: the copy's identity (vault id and name, its role).
 //!
 //! Each is an [`envelope`](crate::format::envelope) (magic, version, length, JSON,
-//! CRC-32). They are written with [`Store::put`](crate::store::Store::put)
+//! CRC-32); in an encrypted vault, a sealed one
+//! ([`crate::format::sealed_file`]): the `*_in` decoders open it with the
+//! vault's keys (`None` for a plain vault) and the name it was read
+//! under, and [`crate::format::sealed_file::seal`] seals what the encoders
+//! return. They are written with [`Store::put`](crate::store::Store::put)
 //! on every copy *before* the index batch that records the same change is
 //! committed (`FORMAT.md`, invariant C2), so the copies are the truth and
 //! the index is a cache `vault rebuild-index` can rebuild.
@@ -144,6 +148,69 @@ pub fn encode_copy(c: &CopyIdentity) -> Vec<u8> {
 /// Decodes a copy identity.
 pub fn decode_copy(bytes: &[u8]) -> Result<CopyIdentity, String> {
     decode_json(&COPY_MAGIC, bytes)
+}
+
+/// The plain envelope of stored file `name` (opened with `keys` in an
+/// encrypted vault), or why it was refused.
+pub fn open_in<'a>(
+    name: &str,
+    bytes: &'a [u8],
+    keys: Option<&crate::crypto::VaultKeys>,
+) -> Result<std::borrow::Cow<'a, [u8]>, String> {
+    crate::format::sealed_file::open(name, bytes, keys).map_err(|e| e.to_string())
+}
+
+/// [`decode_point`] of stored file `name` of a vault with `keys`.
+pub fn decode_point_in(
+    name: &str,
+    bytes: &[u8],
+    keys: Option<&crate::crypto::VaultKeys>,
+) -> Result<PointRecord, String> {
+    decode_point(&open_in(name, bytes, keys)?)
+}
+
+/// [`decode_item`] of stored file `name` of a vault with `keys`.
+pub fn decode_item_in(
+    name: &str,
+    bytes: &[u8],
+    keys: Option<&crate::crypto::VaultKeys>,
+) -> Result<ItemRecord, String> {
+    decode_item(&open_in(name, bytes, keys)?)
+}
+
+/// [`decode_policy`] of stored file `name` of a vault with `keys`.
+pub fn decode_policy_in(
+    name: &str,
+    bytes: &[u8],
+    keys: Option<&crate::crypto::VaultKeys>,
+) -> Result<PolicyFile, String> {
+    decode_policy(&open_in(name, bytes, keys)?)
+}
+
+/// [`decode_copy`] of a stored copy identity of a vault with `keys`.
+pub fn decode_copy_in(
+    bytes: &[u8],
+    keys: Option<&crate::crypto::VaultKeys>,
+) -> Result<CopyIdentity, String> {
+    decode_copy(&open_in(COPY_FILE, bytes, keys)?)
+}
+
+/// Checks stored catalog file `name` (a point manifest, an item or a
+/// policy file) of a vault with `keys`: `Ok` when it opens and decodes.
+pub fn check_in(
+    name: &str,
+    bytes: &[u8],
+    keys: Option<&crate::crypto::VaultKeys>,
+) -> Result<(), String> {
+    if name.starts_with(POINTS_DIR) {
+        decode_point_in(name, bytes, keys).map(drop)
+    } else if name.starts_with(ITEMS_DIR) {
+        decode_item_in(name, bytes, keys).map(drop)
+    } else if name.starts_with(POLICIES_DIR) {
+        decode_policy_in(name, bytes, keys).map(drop)
+    } else {
+        open_in(name, bytes, keys).map(drop)
+    }
 }
 
 fn decode_json<T: serde::de::DeserializeOwned>(magic: &[u8; 8], bytes: &[u8]) -> Result<T, String> {

@@ -32,4 +32,5 @@ pub mod record;
 pub mod remote;
 pub mod repl_state;
 pub mod scan;
+pub mod sealed_file;
 pub mod segment;

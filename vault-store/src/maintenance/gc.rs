@@ -215,7 +215,7 @@ pub fn run(vault: &Vault) -> Result<GcReport> {
     // shows them unreferenced.
     crate::index::state::check_complete(vault.dir())?;
     for c in vault.copies().sync_copies() {
-        let p = crate::copies::quarantine::purge(c.store.as_ref(), vault.index())?;
+        let p = crate::copies::quarantine::purge(c.store.as_ref(), vault.index(), vault.keys())?;
         report.quarantine_deleted += p.deleted;
         report.quarantine_bytes += p.bytes;
         report.quarantine_kept += p.kept;

@@ -132,12 +132,17 @@ pub(crate) fn rebuild_index_with(
         None => store,
     };
     if source != dir {
-        crate::copies::check_copy(store.as_ref(), source, &config.vault_id, false).map_err(
-            |reason| StoreError::CopyUnavailable {
-                path: source.to_path_buf(),
-                reason,
-            },
-        )?;
+        crate::copies::check_copy(
+            store.as_ref(),
+            source,
+            &config.vault_id,
+            false,
+            config.keys().map(|k| k.as_ref()),
+        )
+        .map_err(|reason| StoreError::CopyUnavailable {
+            path: source.to_path_buf(),
+            reason,
+        })?;
     }
     let lock = VaultLock::acquire_wait(dir, wait)?;
     // The index is marked incomplete before anything of it changes, built
@@ -162,7 +167,13 @@ pub(crate) fn rebuild_index_with(
                 .map(|o| w(crate::format::catalog_files::Role::Replica, o))
                 .collect();
         }
-        index_catalog(store.as_ref(), &others, &index, &mut report)?;
+        index_catalog(
+            store.as_ref(),
+            &others,
+            &index,
+            &mut report,
+            config.keys().map(|k| k.as_ref()),
+        )?;
         index_segments(store.as_ref(), &others, &index, &mut report)?;
         index.flush()?;
     }
@@ -225,7 +236,8 @@ fn other_copies(
         .ok()
         .flatten()
         .is_some()
-        || crate::vault::copy_role(dir) != crate::format::catalog_files::Role::Primary
+        || crate::vault::copy_role(dir, config.keys().map(|k| k.as_ref()))
+            != crate::format::catalog_files::Role::Primary
     {
         return Vec::new();
     }
@@ -233,7 +245,14 @@ fn other_copies(
         .chain(config.replicas.iter().cloned())
         .filter(|d| d != source && d.is_dir())
         .filter(|d| {
-            crate::copies::check_copy(&LocalStore::new(d), d, &config.vault_id, false).is_ok()
+            crate::copies::check_copy(
+                &LocalStore::new(d),
+                d,
+                &config.vault_id,
+                false,
+                config.keys().map(|k| k.as_ref()),
+            )
+            .is_ok()
         })
         .map(|d| Arc::new(LocalStore::new(d)) as SharedStore)
         .collect()
@@ -444,12 +463,21 @@ fn index_segments(
 /// True when every copy's bytes of catalog file `name` break the naming
 /// rule ([`catalog_files::name_problem`]): a valid envelope whose names
 /// no coffre writes.
-fn refused_for_names(copies: &[&dyn Store], name: &str) -> bool {
+fn refused_for_names(
+    copies: &[&dyn Store],
+    name: &str,
+    keys: Option<&crate::crypto::VaultKeys>,
+) -> bool {
     let mut any = false;
     for c in copies {
         match c.get(name) {
             Ok(Some(bytes)) => {
-                if catalog_files::name_problem(name, &bytes).is_none() {
+                // A file that does not open is no crafted name: it is
+                // forged or damaged, and waits like any undecodable file.
+                let Ok(plain) = catalog_files::open_in(name, &bytes, keys) else {
+                    return false;
+                };
+                if catalog_files::name_problem(name, &plain).is_none() {
                     return false;
                 }
                 any = true;
@@ -466,6 +494,7 @@ fn index_catalog(
     others: &[SharedStore],
     index: &Index,
     report: &mut RebuildReport,
+    keys: Option<&crate::crypto::VaultKeys>,
 ) -> Result<()> {
     let mut copies: Vec<&dyn Store> = vec![store];
     copies.extend(others.iter().map(|o| o.as_ref() as &dyn Store));
@@ -495,17 +524,17 @@ fn index_catalog(
                 }
             };
             let decoded = if name.starts_with(POINTS_DIR) {
-                catalog_files::decode_point(&bytes).map(|p| {
+                catalog_files::decode_point_in(&name, &bytes, keys).map(|p| {
                     batch.put_point(p);
                     report.points += 1;
                 })
             } else if name.starts_with(ITEMS_DIR) {
-                catalog_files::decode_item(&bytes).map(|it| {
+                catalog_files::decode_item_in(&name, &bytes, keys).map(|it| {
                     batch.put_item(it);
                     report.items += 1;
                 })
             } else if name.starts_with(POLICIES_DIR) {
-                catalog_files::decode_policy(&bytes).map(|p| {
+                catalog_files::decode_policy_in(&name, &bytes, keys).map(|p| {
                     batch.put_policy_value(&p.name, &p.policy);
                     report.policies += 1;
                 })
@@ -524,7 +553,7 @@ fn index_catalog(
             }
         }
         if !done && !errors.is_empty() {
-            if refused_for_names(copies.as_slice(), &name) {
+            if refused_for_names(copies.as_slice(), &name, keys) {
                 // Its names break the rule every name coffre writes
                 // passes: no point coffre acknowledged is in it (it is
                 // crafted or foreign), so it is left out, not waited for.

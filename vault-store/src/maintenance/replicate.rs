@@ -45,9 +45,10 @@ use crate::store::local::lock::NamedLock;
 use crate::store::{LocalStore, Store as _};
 use crate::vault::Vault;
 
-/// The primary's replication state of the vault at `dir`.
-pub fn primary_state(dir: &Path) -> ReplicationState {
-    crate::copies::state_files::load_replication_state(&LocalStore::new(dir))
+/// The primary's replication state of the vault at `dir` (`keys`: an
+/// encrypted vault's).
+pub fn primary_state(dir: &Path, keys: Option<&crate::crypto::VaultKeys>) -> ReplicationState {
+    crate::copies::state_files::load_replication_state(&LocalStore::new(dir), keys)
 }
 
 /// What one replication run did.
@@ -117,9 +118,10 @@ pub fn replicate(
         }
     };
     crate::copies::init_copy(&sec_dir, cfg, Role::Secondary)?;
+    let keys = vault.keys();
     let sec = crate::copies::copy_store(&sec_dir)?;
     let sec = sec.as_ref();
-    if let Err(reason) = crate::copies::check_copy(sec, &sec_dir, &cfg.vault_id, true) {
+    if let Err(reason) = crate::copies::check_copy(sec, &sec_dir, &cfg.vault_id, true, keys) {
         return Err(StoreError::CopyUnavailable {
             path: sec_dir,
             reason,
@@ -133,11 +135,11 @@ pub fn replicate(
     // The primary's index decides what the secondary may lose: only a
     // complete one (`crate::index::state`).
     crate::index::state::check_complete(vault.dir())?;
-    let mut sec_state = crate::copies::state_files::load_replication_state(sec);
+    let mut sec_state = crate::copies::state_files::load_replication_state(sec, keys);
     let infos = vault.index().segment_infos()?;
     refuse_empty_primary(vault, sec, &sec_dir, &infos)?;
     // What earlier runs put aside and the index now shows unreferenced.
-    let purged = crate::copies::quarantine::purge(sec, vault.index())?;
+    let purged = crate::copies::quarantine::purge(sec, vault.index(), keys)?;
     report.quarantine_deleted = purged.deleted;
 
     // 1. Segment bytes.
@@ -231,7 +233,7 @@ pub fn replicate(
         report.bytes_copied += at - have;
         report.segments_copied += 1;
         sec_state.segments.insert(id, at);
-        sec.put(STATE_FILE, &sec_state.encode())?;
+        crate::copies::state_files::put_sealed(sec, STATE_FILE, &sec_state.encode(), keys)?;
         if report.interrupted {
             break;
         }
@@ -246,7 +248,7 @@ pub fn replicate(
 
     // 2. Catalog files: only when every segment is there, so no manifest
     // ever names data the secondary lacks.
-    let mut primary_state = primary_state(vault.dir());
+    let mut primary_state = primary_state(vault.dir(), keys);
     if !report.interrupted
         && complete_segments.len() == infos.values().filter(|i| !i.retired).count()
     {
@@ -279,8 +281,12 @@ pub fn replicate(
             .into_iter()
             .collect();
         for (name, bytes) in &want {
-            if !have.contains(name) || sec.get(name)?.as_deref() != Some(bytes.as_slice()) {
-                sec.put(name, bytes)?;
+            let same = have.contains(name)
+                && sec.get(name)?.is_some_and(|stored| {
+                    crate::format::sealed_file::same_content(name, &stored, bytes, keys)
+                });
+            if !same {
+                sec.put(name, &crate::copies::seal(name, bytes, keys)?)?;
                 report.files_changed += 1;
             }
         }
@@ -306,7 +312,7 @@ pub fn replicate(
         }
         sec.put(CONFIG_FILE, &cfg.encode()?)?;
         sec_state.last_run = Some(now());
-        sec.put(STATE_FILE, &sec_state.encode())?;
+        crate::copies::state_files::put_sealed(sec, STATE_FILE, &sec_state.encode(), keys)?;
         if report.files_changed > 0 || report.bytes_copied > 0 || report.segments_deleted > 0 {
             drop_index_cache(&sec_dir);
         }
@@ -328,6 +334,7 @@ pub fn replicate(
         crate::copies::state_files::store_replication_state(
             &LocalStore::new(vault.dir()),
             &primary_state,
+            keys,
         )?;
     }
     report.duration_ms = started.elapsed().as_millis() as u64;

@@ -109,10 +109,13 @@ impl Vault {
                 let same = if is_point {
                     have.contains(name)
                 } else {
-                    c.store.get(name)?.as_deref() == Some(bytes.as_slice())
+                    c.store.get(name)?.is_some_and(|stored| {
+                        crate::format::sealed_file::same_content(name, &stored, bytes, self.keys())
+                    })
                 };
                 if !same {
-                    c.store.put(name, bytes)?;
+                    c.store
+                        .put(name, &crate::copies::seal(name, bytes, self.keys())?)?;
                 }
             }
             Ok(())

@@ -19,12 +19,12 @@ impl Vault {
     /// The chunks `verify` found damaged on every copy (none when the list
     /// is missing or unreadable: healing is an optimisation).
     pub fn damaged_list(&self) -> std::collections::BTreeSet<ChunkId> {
-        state_files::load_damaged(self.dir_store().as_ref())
+        state_files::load_damaged(self.dir_store().as_ref(), self.keys())
     }
 
     /// Replaces the damaged list (removed when empty).
     pub fn store_damaged_list(&self, ids: &std::collections::BTreeSet<ChunkId>) -> Result<()> {
-        state_files::store_damaged(self.dir_store().as_ref(), ids)
+        state_files::store_damaged(self.dir_store().as_ref(), ids, self.keys())
     }
 
     /// Replaces the vault config on every synchronous copy.
@@ -63,7 +63,20 @@ impl Vault {
 }
 
 /// The role the copy at `dir` says it has (a vault from before copies
-/// existed has no identity: it is a primary).
-pub fn copy_role(dir: &Path) -> Role {
-    state_files::copy_role(&LocalStore::new(dir))
+/// existed has no identity: it is a primary); `keys` open an encrypted
+/// vault's sealed identity.
+pub fn copy_role(dir: &Path, keys: Option<&crate::crypto::VaultKeys>) -> Role {
+    state_files::copy_role(&LocalStore::new(dir), keys)
+}
+
+impl Vault {
+    /// The keys of an encrypted vault (`None` for a plain one).
+    pub fn keys(&self) -> Option<&crate::crypto::VaultKeys> {
+        self.config.keys().map(|k| k.as_ref())
+    }
+
+    /// The role this vault's directory says it has.
+    pub fn role(&self) -> Role {
+        copy_role(&self.dir, self.keys())
+    }
 }

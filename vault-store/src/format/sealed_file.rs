@@ -1,0 +1,277 @@
+//! Sealed envelopes: how an encrypted vault stores its small state files
+//! (point manifests, item and policy files, the copy identity, the
+//! replication state, the damaged list), so that a bucket reader learns
+//! nothing from them and a bucket writer can neither forge, alter nor
+//! swap one unnoticed (`FORMAT.md`, "Sealed envelope").
+//!
+//! A sealed envelope is an [`envelope`] with the file's own magic and
+//! version [`SEALED_VERSION`]; its body is the [`Sealer`] output (nonce,
+//! ciphertext, tag) of `plain version (u32 LE) ‖ generation (u64 LE) ‖
+//! plain body` under the vault's catalog key. The additional data binds
+//! the magic (the file's role), the version and the file's relative name
+//! ([`ad`]), so item A's file read as item B's, or point 3's as point
+//! 4's, fails authentication.
+//!
+//! Writers encode the plain envelope as in a plain vault and [`seal`] it
+//! on its way to a store; readers [`open`] what a store returns back into
+//! the plain envelope, which the plain decoders then check as always.
+//! In an encrypted vault a plain file is refused (anyone who can write
+//! the storage could have planted it); in a plain vault a sealed one is.
+
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::panic)]
+
+use std::borrow::Cow;
+
+use crate::crypto::{CryptoError, Sealer, VaultKeys};
+use crate::format::envelope::{self, EnvelopeError};
+
+/// The envelope version of every sealed file, whatever its magic. Frozen.
+pub const SEALED_VERSION: u32 = 2;
+/// Largest body of a sealed envelope (the replication state's bound, 16
+/// MiB, and the sealing overhead).
+pub const MAX_SEALED_BODY: usize = (16 << 20) + 64;
+/// Label that starts the additional data. Frozen.
+pub const AD_LABEL: &[u8] = b"coffre sealed file v1\0";
+/// Bytes before the plain body in the sealed plaintext.
+const INNER_HEADER: usize = 12;
+
+/// Why a stored file was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealedFileError {
+    /// A plain file where the vault is encrypted.
+    #[error(
+        "it is not sealed, and the vault is encrypted: refused (whoever can write the storage could have planted it)"
+    )]
+    NotSealed,
+    /// A sealed file where the vault is not encrypted.
+    #[error(
+        "it is sealed (a file of an encrypted vault), and this vault is not encrypted: refused"
+    )]
+    SealedInPlainVault,
+    /// The envelope around the sealed bytes is damaged.
+    #[error("damaged sealed envelope: {0}")]
+    Envelope(EnvelopeError),
+    /// The sealed bytes failed authentication (altered, another file's or
+    /// another vault's).
+    #[error("{0}")]
+    Forged(CryptoError),
+    /// Authentic bytes that are not what a writer seals.
+    #[error("sealed content is malformed: {0}")]
+    Malformed(String),
+}
+
+/// The additional data of sealed file `name` with `magic`.
+pub fn ad(magic: &[u8; 8], name: &str) -> Vec<u8> {
+    let mut ad = Vec::with_capacity(AD_LABEL.len() + 12 + name.len());
+    ad.extend_from_slice(AD_LABEL);
+    ad.extend_from_slice(magic);
+    ad.extend_from_slice(&SEALED_VERSION.to_le_bytes());
+    ad.extend_from_slice(name.as_bytes());
+    ad
+}
+
+/// The plain envelope `plain` as file `name` stores it: as it is in a
+/// plain vault (`keys` is `None`), sealed with the catalog key in an
+/// encrypted one, carrying `generation`.
+pub fn seal<'a>(
+    name: &str,
+    plain: &'a [u8],
+    keys: Option<&VaultKeys>,
+    generation: u64,
+) -> Result<Cow<'a, [u8]>, SealedFileError> {
+    let Some(keys) = keys else {
+        return Ok(Cow::Borrowed(plain));
+    };
+    seal_with(name, plain, keys.catalog(), generation).map(Cow::Owned)
+}
+
+/// [`seal`] with a given sealer.
+pub fn seal_with(
+    name: &str,
+    plain: &[u8],
+    sealer: &Sealer,
+    generation: u64,
+) -> Result<Vec<u8>, SealedFileError> {
+    let magic: [u8; 8] =
+        plain
+            .get(..8)
+            .and_then(|m| m.try_into().ok())
+            .ok_or(SealedFileError::Envelope(EnvelopeError::Truncated(
+                plain.len(),
+            )))?;
+    let version = envelope::claimed_version(plain).ok_or(SealedFileError::Envelope(
+        EnvelopeError::Truncated(plain.len()),
+    ))?;
+    let (_, body) = envelope::decode(&magic, version.max(1), MAX_SEALED_BODY, plain)
+        .map_err(SealedFileError::Envelope)?;
+    let mut inner = Vec::with_capacity(INNER_HEADER + body.len());
+    inner.extend_from_slice(&version.to_le_bytes());
+    inner.extend_from_slice(&generation.to_le_bytes());
+    inner.extend_from_slice(body);
+    let sealed = sealer
+        .seal(&ad(&magic, name), &inner)
+        .map_err(SealedFileError::Forged)?;
+    Ok(envelope::encode(&magic, SEALED_VERSION, &sealed))
+}
+
+/// A stored file `name` back as its plain envelope: as it is in a plain
+/// vault (a sealed one is refused), opened with the catalog key in an
+/// encrypted one (a plain one is refused).
+pub fn open<'a>(
+    name: &str,
+    stored: &'a [u8],
+    keys: Option<&VaultKeys>,
+) -> Result<Cow<'a, [u8]>, SealedFileError> {
+    let sealed = envelope::claimed_version(stored) == Some(SEALED_VERSION);
+    match keys {
+        None if sealed => Err(SealedFileError::SealedInPlainVault),
+        None => Ok(Cow::Borrowed(stored)),
+        Some(_) if !sealed => Err(SealedFileError::NotSealed),
+        Some(k) => open_with(name, stored, k.catalog()).map(|(p, _)| Cow::Owned(p)),
+    }
+}
+
+/// Opens sealed file `name` with `sealer`: its plain envelope and its
+/// generation.
+pub fn open_with(
+    name: &str,
+    stored: &[u8],
+    sealer: &Sealer,
+) -> Result<(Vec<u8>, u64), SealedFileError> {
+    let magic: [u8; 8] =
+        stored
+            .get(..8)
+            .and_then(|m| m.try_into().ok())
+            .ok_or(SealedFileError::Envelope(EnvelopeError::Truncated(
+                stored.len(),
+            )))?;
+    let (version, body) = envelope::decode(&magic, SEALED_VERSION, MAX_SEALED_BODY, stored)
+        .map_err(SealedFileError::Envelope)?;
+    if version != SEALED_VERSION {
+        return Err(SealedFileError::NotSealed);
+    }
+    let inner = sealer
+        .open(&ad(&magic, name), body, &|| format!("sealed file {name}"))
+        .map_err(SealedFileError::Forged)?;
+    let field = |at: usize, n: usize| inner.get(at..at + n);
+    let (Some(v), Some(g), Some(plain_body)) =
+        (field(0, 4), field(4, 8), inner.get(INNER_HEADER..))
+    else {
+        return Err(SealedFileError::Malformed(format!(
+            "{} bytes, fewer than its {INNER_HEADER}-byte header",
+            inner.len()
+        )));
+    };
+    let version = u32::from_le_bytes(v.try_into().unwrap_or_default());
+    let generation = u64::from_le_bytes(g.try_into().unwrap_or_default());
+    if version == 0 || version == SEALED_VERSION {
+        return Err(SealedFileError::Malformed(format!(
+            "inner version {version}"
+        )));
+    }
+    Ok((envelope::encode(&magic, version, plain_body), generation))
+}
+
+/// The same content: `stored` (as read from file `name`) opens to exactly
+/// the plain envelope `plain`. A sealed file is rewritten only when its
+/// content changes, since its bytes differ at every seal.
+pub fn same_content(name: &str, stored: &[u8], plain: &[u8], keys: Option<&VaultKeys>) -> bool {
+    open(name, stored, keys).is_ok_and(|p| p.as_ref() == plain)
+}
+
+/// The key of the fuzz target: 32 bytes of 0x42, XChaCha20-Poly1305.
+pub fn fuzz_keys() -> VaultKeys {
+    VaultKeys::derive(
+        &crate::crypto::MasterKey::from_bytes([0x42; 32]),
+        crate::crypto::Cipher::XChaCha20Poly1305,
+    )
+}
+
+/// The name the fuzz seeds are sealed under.
+pub const FUZZ_NAME: &str = "points/vm/0000000000000001.point";
+
+/// Fuzz entry: opens `data` as sealed file [`FUZZ_NAME`] with `keys`
+/// ([`fuzz_keys`]) and decodes what opens as each catalog file; true when
+/// it opened.
+pub fn fuzz_entry(keys: &VaultKeys, data: &[u8]) -> bool {
+    match open(FUZZ_NAME, data, Some(keys)) {
+        Ok(plain) => {
+            crate::format::catalog_files::fuzz_entry(&plain);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::crypto::{Cipher, MasterKey};
+
+    fn keys(b: u8, cipher: Cipher) -> VaultKeys {
+        VaultKeys::derive(&MasterKey::from_bytes([b; 32]), cipher)
+    }
+
+    #[test]
+    fn sealed_files_round_trip_and_refuse_every_change() {
+        for cipher in [Cipher::Aes256Gcm, Cipher::XChaCha20Poly1305] {
+            let k = keys(1, cipher);
+            let plain = envelope::encode(b"CFITEM\0\0", 1, b"{\"name\":\"web\"}");
+            let name = "items/web.item";
+            let sealed = seal(name, &plain, Some(&k), 7).unwrap().into_owned();
+            assert_eq!(&sealed[..8], b"CFITEM\0\0");
+            assert_eq!(envelope::claimed_version(&sealed), Some(SEALED_VERSION));
+            assert!(!sealed.windows(3).any(|w| w == b"web"));
+            assert_eq!(open(name, &sealed, Some(&k)).unwrap().as_ref(), &plain[..]);
+            assert_eq!(open_with(name, &sealed, k.catalog()).unwrap().1, 7);
+            assert!(same_content(name, &sealed, &plain, Some(&k)));
+            // Every bit flipped is refused.
+            for bit in 0..sealed.len() * 8 {
+                let mut bad = sealed.clone();
+                bad[bit / 8] ^= 1 << (bit % 8);
+                assert!(open(name, &bad, Some(&k)).is_err(), "bit {bit}");
+            }
+            // Another name, another key, a plain file, a sealed file in a
+            // plain vault.
+            assert!(matches!(
+                open("items/db.item", &sealed, Some(&k)),
+                Err(SealedFileError::Forged(_))
+            ));
+            assert!(open(name, &sealed, Some(&keys(2, cipher))).is_err());
+            assert_eq!(
+                open(name, &plain, Some(&k)),
+                Err(SealedFileError::NotSealed)
+            );
+            assert_eq!(
+                open(name, &sealed, None),
+                Err(SealedFileError::SealedInPlainVault)
+            );
+            assert_eq!(open(name, &plain, None).unwrap().as_ref(), &plain[..]);
+            assert_eq!(seal(name, &plain, None, 0).unwrap().as_ref(), &plain[..]);
+            // The magic is bound: the same body under another magic fails.
+            let mut other = sealed.clone();
+            other[..8].copy_from_slice(b"CFPOINT\0");
+            let n = other.len() - 4;
+            let crc = crc32fast::hash(&other[..n]);
+            other[n..].copy_from_slice(&crc.to_le_bytes());
+            assert!(matches!(
+                open(name, &other, Some(&k)),
+                Err(SealedFileError::Forged(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn the_fuzz_entry_takes_any_bytes() {
+        let k = fuzz_keys();
+        let plain = envelope::encode(b"CFPOLCY\0", 1, b"{\"name\":\"p\",\"policy\":{}}");
+        let sealed = seal(FUZZ_NAME, &plain, Some(&k), 1).unwrap();
+        assert!(fuzz_entry(&k, &sealed));
+        for cut in 0..sealed.len() {
+            assert!(!fuzz_entry(&k, &sealed[..cut]));
+        }
+        assert!(!fuzz_entry(&k, &plain));
+    }
+}
