@@ -32,6 +32,7 @@ fn main() {
             created_s: 1_800_000_000,
             created_ns: 42,
         },
+        None,
     )
     .unwrap();
     for i in 0..blocks {

@@ -94,7 +94,10 @@ pub struct ExpiryReport {
 /// Only regular files named by coffre's patterns ([`own_file`]) count;
 /// an item folder that is (or whose area is) a symlink or no directory
 /// holds nothing.
-pub fn scan(item_dir: &Path) -> (Vec<SnapInfo>, Vec<PathBuf>) {
+pub fn scan(
+    item_dir: &Path,
+    keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
+) -> (Vec<SnapInfo>, Vec<PathBuf>) {
     let mut snaps = Vec::new();
     let mut other = Vec::new();
     if !real_item_dir(item_dir) {
@@ -110,7 +113,7 @@ pub fn scan(item_dir: &Path) -> (Vec<SnapInfo>, Vec<PathBuf>) {
             continue;
         }
         let is_manifest = name.ends_with(".snap") && !name.contains(".pass");
-        match is_manifest.then(|| summary(&path)) {
+        match is_manifest.then(|| summary(&path, keys)) {
             Some(Ok((header, meta, trailer))) => snaps.push(SnapInfo {
                 manifest: path,
                 header,
@@ -134,9 +137,16 @@ pub fn snapshots_of(vault_dir: &Path, vault_id: &str, item: &str) -> Vec<SnapInf
             return Vec::new();
         }
     };
+    let keys = match coffre_vault_store::copies::state_files::file_keys(vault_dir) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(error = %e, "the vault's snapshots cannot be listed");
+            return Vec::new();
+        }
+    };
     let mut all: Vec<SnapInfo> = Area::known_of(vault_dir, vault_id)
         .iter()
-        .flat_map(|a| scan(&a.item_dir(&name)).0)
+        .flat_map(|a| scan(&a.item_dir(&name), keys.as_ref()).0)
         .filter(|s| s.meta.item == item)
         .collect();
     all.sort_by_key(|s| (s.header.created_s, s.header.created_ns));
@@ -217,9 +227,10 @@ pub fn expire(
     in_vault: &dyn Fn(&str) -> bool,
     running: &dyn Fn(&str) -> bool,
     dry_run: bool,
+    keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
 ) -> Result<ExpiryReport> {
     let mut report = ExpiryReport::default();
-    let (snaps, other) = scan(item_dir);
+    let (snaps, other) = scan(item_dir, keys);
     let (going, kept): (Vec<SnapInfo>, Vec<SnapInfo>) =
         snaps.into_iter().partition(|s| s.created() <= cutoff);
     let kept_jobs: std::collections::HashSet<&str> =
@@ -270,7 +281,7 @@ pub fn expire(
     // Packs: what the kept manifests use.
     let mut live: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
     for s in kept.iter().filter(|s| s.header.kind == SnapKind::Chunks) {
-        let mut r = SnapReader::open(&s.manifest)?;
+        let mut r = SnapReader::open(&s.manifest, keys)?;
         loop {
             let entries = r.next_entries(64 << 10)?;
             if entries.is_empty() {
@@ -381,7 +392,7 @@ mod tests {
 
     fn take(area: &Area, vault: &Path, job: &str, image: &[u8], at: i64) -> SnapInfo {
         let manifest = take_snapshot(area, vault, job, image, at);
-        let (header, meta, trailer) = summary(&manifest).unwrap();
+        let (header, meta, trailer) = summary(&manifest, None).unwrap();
         SnapInfo {
             manifest,
             header,
@@ -438,6 +449,7 @@ mod tests {
             &|_| true,
             &|_| false,
             false,
+            None,
         )
         .unwrap();
         assert_eq!(r.expired.len(), 2);
@@ -447,7 +459,7 @@ mod tests {
         assert_eq!(read_back(&s3), want3);
         // j2's pack holds blocks j3 still uses (3, 17, 40, 41): kept.
         assert!(dir.join("j2.pack").exists());
-        let (kept, _) = scan(&dir);
+        let (kept, _) = scan(&dir, None);
         assert_eq!(kept.len(), 1);
         // Everything expires: every pack goes.
         let r = expire(
@@ -456,6 +468,7 @@ mod tests {
             &|_| false,
             &|_| false,
             false,
+            None,
         )
         .unwrap();
         assert_eq!(r.expired.len(), 1);
@@ -470,6 +483,7 @@ mod tests {
             &|_| false,
             &|_| false,
             false,
+            None,
         )
         .unwrap()
     }
@@ -517,7 +531,7 @@ mod tests {
                 p.display()
             );
         }
-        assert!(scan(&dir).0.is_empty() && scan(&dir).1.is_empty());
+        assert!(scan(&dir, None).0.is_empty() && scan(&dir, None).1.is_empty());
         // Backups refuse the folder too.
         let err = area.check_unlocked("vm").unwrap_err();
         assert!(

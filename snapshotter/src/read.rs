@@ -61,7 +61,7 @@ impl SnapshotBlocks {
         manifest: &Path,
         keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
     ) -> Result<Self> {
-        let reader = SnapReader::open(manifest)?;
+        let reader = SnapReader::open(manifest, keys)?;
         let header = reader.header();
         let meta = reader.meta().clone();
         let dir = manifest.parent().unwrap_or(Path::new("."));

@@ -13,7 +13,11 @@
 //! the run locks are flock(2) files and stay local.
 //!
 //! The record types and their codec live in [`crate::format::job`] and are
-//! re-exported here.
+//! re-exported here. An encrypted vault's records are sealed
+//! ([`crate::format::sealed_file`], bound to `jobs/ID.job`) with the keys
+//! this process unlocked the vault with
+//! ([`crate::copies::state_files::file_keys`]); without them a record is
+//! neither read nor written ([`StoreError::KeyNeeded`]).
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +43,9 @@ pub struct JobStore {
     /// A shared vault's store and this host's tag: every finished record
     /// is copied to `jobs/TAG/ID.job` there, so that each host sees all.
     shared: Option<(String, u16)>,
+    /// An encrypted vault's keys (`Ok(None)`: a plain vault; `Err`: an
+    /// encrypted vault this process did not unlock).
+    keys: std::result::Result<Option<std::sync::Arc<crate::crypto::VaultKeys>>, PathBuf>,
 }
 
 impl JobStore {
@@ -51,7 +58,41 @@ impl JobStore {
                 .ok()
                 .flatten()
                 .map(|r| (r.url, r.host_tag)),
+            keys: crate::copies::state_files::file_keys(vault_dir)
+                .map_err(|_| vault_dir.to_path_buf()),
         }
+    }
+
+    /// The keys of an encrypted vault, `None` for a plain one.
+    fn keys(&self) -> Result<Option<&crate::crypto::VaultKeys>> {
+        match &self.keys {
+            Ok(k) => Ok(k.as_deref()),
+            Err(dir) => Err(StoreError::KeyNeeded { path: dir.clone() }),
+        }
+    }
+
+    /// Record `bytes` read as `name` (at `path`), opened in an encrypted
+    /// vault (a record that does not open is refused: damaged or forged).
+    fn decode(&self, name: &str, bytes: &[u8], path: &Path) -> Result<JobRecord> {
+        let plain = crate::format::sealed_file::open(name, bytes, self.keys()?).map_err(|e| {
+            StoreError::CorruptFile {
+                path: path.to_path_buf(),
+                what: "job record",
+                reason: format!("refused: {e}"),
+            }
+        })?;
+        JobRecord::decode(&plain, path)
+    }
+
+    /// `r` encoded as record `name` stores it (sealed in an encrypted vault).
+    fn encode(&self, name: &str, r: &JobRecord) -> Result<Vec<u8>> {
+        crate::format::sealed_file::seal(name, &r.encode(), self.keys()?, 0)
+            .map(std::borrow::Cow::into_owned)
+            .map_err(|e| StoreError::CorruptFile {
+                path: self.dir.join(name),
+                what: "job record",
+                reason: format!("cannot seal it: {e}"),
+            })
     }
 
     /// The finished jobs of the other hosts of a shared vault (empty for a
@@ -75,7 +116,7 @@ impl JobStore {
                 for name in store.list(&dir)? {
                     let name = format!("{dir}/{name}");
                     if let Some(b) = store.get(&name)? {
-                        match JobRecord::decode(&b, Path::new(&name)) {
+                        match self.decode(&name, &b, Path::new(&name)) {
                             Ok(r) => out.push(r),
                             Err(e) => tracing::warn!(error = %e, "skipping a damaged job record"),
                         }
@@ -137,11 +178,11 @@ impl JobStore {
         let Some(bytes) = self.store.get(&name)? else {
             return Err(StoreError::JobNotFound { id: id.into() });
         };
-        let mut r = JobRecord::decode(&bytes, &path)?;
+        let mut r = self.decode(&name, &bytes, &path)?;
         if !r.status.is_final() && !NamedLock::is_held(&self.lock_path(id))? {
             // Re-read: the job may have finished between the two reads.
             if let Ok(Some(b)) = self.store.get(&name)
-                && let Ok(again) = JobRecord::decode(&b, &path)
+                && let Ok(again) = self.decode(&name, &b, &path)
                 && again.status.is_final()
             {
                 return Ok(again);
@@ -174,7 +215,9 @@ impl JobStore {
             r.settle(ended);
             // Best effort: another reader may do the same at once, with the
             // same result.
-            let _ = self.store.put(&name, &r.encode());
+            if let Ok(b) = self.encode(&name, &r) {
+                let _ = self.store.put(&name, &b);
+            }
             let _ = self.store.delete(&Self::lock_name(id));
         }
         Ok(r)
@@ -254,12 +297,12 @@ pub struct RunningJob {
 
 impl RunningJob {
     fn persist(&self) -> Result<()> {
-        let bytes = self.record.encode();
-        self.store
-            .store
-            .put(&JobStore::record_name(&self.record.id), &bytes)?;
+        let local = JobStore::record_name(&self.record.id);
+        let bytes = self.store.encode(&local, &self.record)?;
+        self.store.store.put(&local, &bytes)?;
         if let (Some((url, tag)), true) = (&self.store.shared, self.record.status.is_final()) {
             let name = format!("{JOBS_DIR}/{tag:04x}/{}.job", self.record.id);
+            let bytes = self.store.encode(&name, &self.record)?;
             // The local record is the one that counts; the store's copy is
             // for the other hosts.
             if let Err(e) = crate::copies::open_url(url).and_then(|st| st.put(&name, &bytes)) {

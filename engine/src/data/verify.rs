@@ -326,6 +326,8 @@ fn catalog_file_findings(vault: &Vault, repair: bool) -> Result<Vec<Finding>> {
 
 const HINT_FORGED: &str = "a vault file failed authentication or is not what the vault's writers write (forged, swapped with another, or damaged); coffre refuses it. `coffre vault rebuild-index` or the next writer rewrites item and policy files from the index; restore a point manifest from another copy";
 
+const HINT_FORGED_SNAPSHOT: &str = "the snapshot is refused wherever it would be read (a restore from it fails; the next capture does not build on it); the vault's copy of the point is unaffected";
+
 const HINT_BAD_NAME: &str = "a vault file names a path outside its folder (crafted, or damaged); coffre skips it. Remove the file, or restore the copy it came from";
 
 /// Names that break the naming rule ([`coffre_vault_store::format::name`]): in the
@@ -408,10 +410,19 @@ fn name_findings(vault: &Vault) -> Result<Vec<Finding>> {
                 if !name.ends_with(".snap") || name.contains(".pass") {
                     continue;
                 }
-                if let Err(e @ coffre_snapshotter::SnapError::RefusedName { .. }) =
-                    coffre_snapshotter::manifest::summary(&f.path())
-                {
-                    bad(e.to_string(), None);
+                match coffre_snapshotter::manifest::check(&f.path(), vault.config().keys()) {
+                    Err(e @ coffre_snapshotter::SnapError::RefusedName { .. }) => {
+                        bad(e.to_string(), None);
+                    }
+                    // An encrypted vault's manifest that does not open
+                    // whole is forged or damaged; it is never used.
+                    Err(e) if keys.is_some() => forged.push(Finding::new(
+                        Severity::Error,
+                        "forged-file",
+                        format!("snapshot manifest refused: {e}"),
+                        HINT_FORGED_SNAPSHOT,
+                    )),
+                    _ => {}
                 }
             }
         }

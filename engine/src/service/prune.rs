@@ -250,7 +250,14 @@ fn expire_snapshots(
             .collect();
         let in_vault = |p: &str| points.contains(p);
         for area in &areas {
-            let r = expire(&area.item_dir(&safe), cutoff, &in_vault, &running, dry_run)?;
+            let r = expire(
+                &area.item_dir(&safe),
+                cutoff,
+                &in_vault,
+                &running,
+                dry_run,
+                vault.config().keys(),
+            )?;
             report.snapshots_removed += r.expired.len() as u64 + r.leftovers_removed;
             report.snapshot_bytes_freed += r.bytes_freed;
             for s in &r.expired {

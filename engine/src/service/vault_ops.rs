@@ -108,7 +108,11 @@ pub fn create_vault(dir: &Path, opts: &CreateOptions, clock: &dyn Clock) -> Resu
         }),
     };
     if let Some(area) = &config.snapshot_area {
-        coffre_snapshotter::area::check_choice(area, &config.vault_id)?;
+        coffre_snapshotter::area::check_choice(
+            area,
+            &config.vault_id,
+            config.keys().map(|k| k.as_ref()),
+        )?;
     }
     let vault = match &opts.store {
         Some(url) => coffre_vault_store::shared::create_in_store(dir, url, config)?,
@@ -181,7 +185,11 @@ pub fn set_snapshot_area(vault: &Vault, dir: Option<&Path>) -> Result<()> {
     let mut cfg = vault.config().clone();
     cfg.snapshot_area = dir.filter(|p| !p.as_os_str().is_empty()).map(absolute);
     if let Some(area) = &cfg.snapshot_area {
-        coffre_snapshotter::area::check_choice(area, &cfg.vault_id)?;
+        coffre_snapshotter::area::check_choice(
+            area,
+            &cfg.vault_id,
+            cfg.keys().map(|k| k.as_ref()),
+        )?;
     }
     vault.store_config(&cfg)?;
     Ok(())

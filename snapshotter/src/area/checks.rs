@@ -5,7 +5,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use super::{AREA_FILE, read_identity};
+use super::{AREA_FILE, Keys, read_identity};
 use crate::error::{Result, SnapError};
 
 /// Why `dir` counts as locked, if it does (and exists).
@@ -115,9 +115,9 @@ pub(super) fn check_root_owner(base: &Path, euid: u32) -> Result<()> {
 /// Checks that `dir` may become the chosen area of the vault `vault_id`
 /// (`vault create/set --snapshot-area`): it is absent, empty, or already
 /// that vault's area. Nothing is written.
-pub fn check_choice(dir: &Path, vault_id: &str) -> Result<()> {
+pub fn check_choice(dir: &Path, vault_id: &str, keys: Keys<'_>) -> Result<()> {
     check_owner_if_there(dir)?;
-    match read_identity(dir)? {
+    match read_identity(dir, keys)? {
         Some(id) if id.vault_id == vault_id => Ok(()),
         Some(id) => Err(SnapError::AreaUnusable {
             dir: dir.to_path_buf(),

@@ -13,6 +13,10 @@
 //!   vault that owns the area, so two vaults never share one. The vault
 //!   lists its areas in `VAULT/snapshot-areas`, so listing and expiry find
 //!   them again without the images.
+//! - **Sealed.** In an encrypted vault both files are sealed envelopes
+//!   (`coffre_vault_store::format::sealed_file`, bound to the names `area`
+//!   and `snapshot-areas`) with the keys this process unlocked the vault
+//!   with; a plain one is refused there, a sealed one in a plain vault.
 //! - **Locks.** An area whose folder (or item folder) has no owner write
 //!   bit, is immutable (`chattr +i`) or is on a read-only filesystem is
 //!   *locked*: a backup fails naming the lock and the folder, never skips
@@ -99,23 +103,66 @@ pub fn mount_point(path: &Path) -> PathBuf {
     here
 }
 
-fn identity_bytes(id: &AreaIdentity) -> Vec<u8> {
-    envelope::encode(
+/// Keys of an encrypted vault, `None` for a plain one.
+pub type Keys<'a> = Option<&'a coffre_vault_store::crypto::VaultKeys>;
+
+/// `plain` (an envelope) as file `name` of a vault with `keys` stores it.
+fn seal_file(name: &str, plain: &[u8], keys: Keys<'_>, path: &Path) -> Result<Vec<u8>> {
+    coffre_vault_store::format::sealed_file::seal(name, plain, keys, 0)
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|e| SnapError::damaged(path, format!("cannot seal it: {e}")))
+}
+
+/// Stored file `name` of a vault with `keys` as its plain envelope.
+fn open_file<'a>(
+    name: &str,
+    bytes: &'a [u8],
+    keys: Keys<'_>,
+) -> std::result::Result<std::borrow::Cow<'a, [u8]>, String> {
+    coffre_vault_store::format::sealed_file::open(name, bytes, keys)
+        .map_err(|e| format!("refused: {e}"))
+}
+
+/// The keys that seal the files of the vault at `vault_dir` (see
+/// `coffre_vault_store::copies::state_files::file_keys`).
+fn vault_keys(
+    vault_dir: &Path,
+) -> Result<Option<std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>> {
+    coffre_vault_store::copies::state_files::file_keys(vault_dir)
+        .map_err(|e| SnapError::damaged(vault_dir.join(AREA_LIST_FILE), e.to_string()))
+}
+
+fn identity_bytes(id: &AreaIdentity, keys: Keys<'_>, path: &Path) -> Result<Vec<u8>> {
+    let plain = envelope::encode(
         &AREA_MAGIC,
         AREA_VERSION,
         &serde_json::to_vec(id).unwrap_or_default(),
-    )
+    );
+    seal_file(AREA_FILE, &plain, keys, path)
 }
 
-/// Reads an area's identity (`None` when the folder is no area).
-pub fn read_identity(dir: &Path) -> Result<Option<AreaIdentity>> {
+/// Reads an area's identity (`None` when the folder is no area), sealed
+/// with `keys` in an encrypted vault. One that does not open with `keys`
+/// (another vault's sealed identity, a plain one where the vault is
+/// encrypted, a sealed one where it is not) is an identity of no vault:
+/// an empty id, its name saying why, so the area is never this vault's.
+pub fn read_identity(dir: &Path, keys: Keys<'_>) -> Result<Option<AreaIdentity>> {
     let path = dir.join(AREA_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(SnapError::damaged(&path, e.to_string())),
     };
-    decode_identity(&bytes)
+    let plain = match open_file(AREA_FILE, &bytes, keys) {
+        Ok(p) => p,
+        Err(e) => {
+            return Ok(Some(AreaIdentity {
+                vault_id: String::new(),
+                vault_name: format!("unknown ({}: {e})", path.display()),
+            }));
+        }
+    };
+    decode_identity(&plain)
         .map(Some)
         .map_err(|e| SnapError::damaged(&path, e))
 }
@@ -156,9 +203,11 @@ impl Area {
         root: Option<&Path>,
         image: &Path,
     ) -> Result<Area> {
+        let keys = vault_keys(vault_dir)?;
+        let keys = keys.as_deref();
         let dir = match chosen {
             Some(dir) => {
-                claim(dir, owner)?;
+                claim(dir, owner, keys)?;
                 dir.to_path_buf()
             }
             None => {
@@ -170,10 +219,10 @@ impl Area {
                     None if on_a_filesystem => mount_point(image).join(AREAS_ROOT),
                     None => vault_dir.join(AREAS_ROOT),
                 };
-                default_dir(&base, owner)?
+                default_dir(&base, owner, keys)?
             }
         };
-        remember(vault_dir, &dir)?;
+        remember(vault_dir, &dir, keys)?;
         Ok(Area { dir })
     }
 
@@ -193,8 +242,19 @@ impl Area {
 
     /// [`Area::known`] for the vault whose id is `vault_id`.
     pub fn known_of(vault_dir: &Path, vault_id: &str) -> Vec<Area> {
-        list(vault_dir)
-            .unwrap_or_default()
+        let keys = match vault_keys(vault_dir) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "the vault's snapshot areas are left alone");
+                return Vec::new();
+            }
+        };
+        let keys = keys.as_deref();
+        list(vault_dir, keys)
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "the vault's list of snapshot areas is refused; its areas are left alone");
+                Vec::new()
+            })
             .into_iter()
             .filter(|dir| {
                 if let Err(e) = check_real_dir(dir) {
@@ -203,7 +263,7 @@ impl Area {
                 }
                 true
             })
-            .filter(|dir| match read_identity(dir) {
+            .filter(|dir| match read_identity(dir, keys) {
                 Ok(Some(id)) if id.vault_id == vault_id => true,
                 Ok(None) if !dir.exists() => false,
                 other => {
@@ -296,19 +356,21 @@ impl Area {
     }
 }
 
-fn list(vault_dir: &Path) -> Result<Vec<PathBuf>> {
+fn list(vault_dir: &Path, keys: Keys<'_>) -> Result<Vec<PathBuf>> {
     let path = vault_dir.join(AREA_LIST_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(SnapError::damaged(&path, e.to_string())),
     };
-    decode_area_list(&bytes).map_err(|e| SnapError::damaged(&path, e))
+    open_file(AREA_LIST_FILE, &bytes, keys)
+        .and_then(|plain| decode_area_list(&plain))
+        .map_err(|e| SnapError::damaged(&path, e))
 }
 
 /// Adds `dir` to the vault's list of areas (under a lock).
-fn remember(vault_dir: &Path, dir: &Path) -> Result<()> {
-    if list(vault_dir)?.iter().any(|d| d == dir) {
+fn remember(vault_dir: &Path, dir: &Path, keys: Keys<'_>) -> Result<()> {
+    if list(vault_dir, keys)?.iter().any(|d| d == dir) {
         return Ok(());
     }
     let lock_path = vault_dir
@@ -320,14 +382,13 @@ fn remember(vault_dir: &Path, dir: &Path) -> Result<()> {
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
         }
     };
-    let mut dirs = list(vault_dir)?;
+    let mut dirs = list(vault_dir, keys)?;
     if !dirs.iter().any(|d| d == dir) {
         dirs.push(dir.to_path_buf());
         let body = serde_json::to_vec_pretty(&dirs).unwrap_or_default();
-        write_atomic(
-            &vault_dir.join(AREA_LIST_FILE),
-            &envelope::encode(&AREA_LIST_MAGIC, AREA_VERSION, &body),
-        )?;
+        let path = vault_dir.join(AREA_LIST_FILE);
+        let plain = envelope::encode(&AREA_LIST_MAGIC, AREA_VERSION, &body);
+        write_atomic(&path, &seal_file(AREA_LIST_FILE, &plain, keys, &path)?)?;
     }
     Ok(())
 }

@@ -17,24 +17,24 @@ fn owner(id: &str) -> AreaIdentity {
 fn areas_are_numbered_per_vault_and_remembered() {
     let t = tempfile::tempdir().unwrap();
     let base = t.path().join(AREAS_ROOT);
-    let a = default_dir(&base, &owner("A")).unwrap();
-    let b = default_dir(&base, &owner("B")).unwrap();
+    let a = default_dir(&base, &owner("A"), None).unwrap();
+    let b = default_dir(&base, &owner("B"), None).unwrap();
     assert_eq!(a, base.join("prod_1"));
     assert_eq!(b, base.join("prod_2"));
-    assert_eq!(default_dir(&base, &owner("A")).unwrap(), a);
+    assert_eq!(default_dir(&base, &owner("A"), None).unwrap(), a);
     let mode = std::fs::metadata(&a).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
 
     let vault = t.path().join("vault");
     std::fs::create_dir(&vault).unwrap();
-    remember(&vault, &a).unwrap();
-    remember(&vault, &a).unwrap();
+    remember(&vault, &a, None).unwrap();
+    remember(&vault, &a, None).unwrap();
     assert_eq!(Area::known_of(&vault, "A"), vec![Area::at(&a)]);
     // A listed folder that is not the vault's area is left alone.
     let planted = t.path().join("home");
     std::fs::create_dir(&planted).unwrap();
-    remember(&vault, &planted).unwrap();
-    remember(&vault, &b).unwrap();
+    remember(&vault, &planted, None).unwrap();
+    remember(&vault, &b, None).unwrap();
     assert_eq!(Area::known_of(&vault, "A"), vec![Area::at(&a)]);
     assert_eq!(Area::known_of(&vault, "B"), vec![Area::at(&b)]);
     let id = std::fs::read(a.join(AREA_FILE)).unwrap();
@@ -48,8 +48,8 @@ fn areas_are_numbered_per_vault_and_remembered() {
 fn a_chosen_area_of_another_vault_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("area");
-    claim(&dir, &owner("A")).unwrap();
-    let err = claim(&dir, &owner("B")).unwrap_err().to_string();
+    claim(&dir, &owner("A"), None).unwrap();
+    let err = claim(&dir, &owner("B"), None).unwrap_err().to_string();
     assert!(err.contains("snapshot area of vault prod (A)"), "{err}");
 }
 
@@ -59,8 +59,8 @@ fn a_non_empty_folder_is_not_taken_over() {
     let dir = t.path().join("home");
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("thesis.tex"), b"years of work").unwrap();
-    assert!(check_choice(&dir, "A").is_err());
-    let err = claim(&dir, &owner("A")).unwrap_err();
+    assert!(check_choice(&dir, "A", None).is_err());
+    let err = claim(&dir, &owner("A"), None).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, SnapError::AreaRefused { .. }), "{msg}");
     assert!(msg.contains(s(&dir)) && msg.contains("non-empty"), "{msg}");
@@ -68,9 +68,9 @@ fn a_non_empty_folder_is_not_taken_over() {
     // An empty folder is claimed, and is an area from then on.
     let empty = t.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    claim(&empty, &owner("A")).unwrap();
+    claim(&empty, &owner("A"), None).unwrap();
     std::fs::write(empty.join("vm"), b"").unwrap();
-    claim(&empty, &owner("A")).unwrap();
+    claim(&empty, &owner("A"), None).unwrap();
 }
 
 #[test]
@@ -79,7 +79,9 @@ fn a_root_of_areas_others_could_change_is_refused() {
     let base = t.path().join(AREAS_ROOT);
     std::fs::create_dir(&base).unwrap();
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let err = default_dir(&base, &owner("A")).unwrap_err().to_string();
+    let err = default_dir(&base, &owner("A"), None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains(s(&base)) && err.contains("mode 777"), "{err}");
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
     let me = current_euid();
@@ -94,9 +96,11 @@ fn a_root_of_areas_others_could_change_is_refused() {
     // A planted symlink is no root of areas.
     let link = t.path().join("link");
     std::os::unix::fs::symlink(&base, &link).unwrap();
-    let err = default_dir(&link, &owner("A")).unwrap_err().to_string();
+    let err = default_dir(&link, &owner("A"), None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not a directory"), "{err}");
-    default_dir(&base, &owner("A")).unwrap();
+    default_dir(&base, &owner("A"), None).unwrap();
 }
 
 #[test]
@@ -114,7 +118,7 @@ fn a_chosen_area_others_own_or_may_write_is_refused() {
     let err = chosen(&open).unwrap_err();
     assert!(matches!(err, SnapError::AreaRefused { .. }), "{err}");
     assert!(err.to_string().contains("mode 777") && err.to_string().contains(s(&open)));
-    assert!(check_choice(&open, "A").is_err());
+    assert!(check_choice(&open, "A", None).is_err());
     assert_eq!(
         std::fs::metadata(&open).unwrap().permissions().mode() & 0o777,
         0o777,
@@ -153,7 +157,7 @@ fn a_chosen_area_others_own_or_may_write_is_refused() {
 fn an_item_folder_that_is_a_symlink_or_a_file_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let area = Area::at(t.path().join("area"));
-    claim(area.dir(), &owner("A")).unwrap();
+    claim(area.dir(), &owner("A"), None).unwrap();
     let elsewhere = t.path().join("etc");
     std::fs::create_dir(&elsewhere).unwrap();
     std::os::unix::fs::symlink(&elsewhere, area.dir().join("vm")).unwrap();
@@ -169,7 +173,7 @@ fn an_item_folder_that_is_a_symlink_or_a_file_is_refused() {
 fn an_item_name_that_leaves_the_area_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let area = Area::at(t.path().join("area"));
-    claim(area.dir(), &owner("A")).unwrap();
+    claim(area.dir(), &owner("A"), None).unwrap();
     for bad in ["../x", "/tmp/x", "a/b"] {
         let err = area.check_unlocked(bad).unwrap_err();
         assert!(matches!(err, SnapError::BadName(_)), "{err}");
@@ -182,7 +186,7 @@ fn an_item_name_that_leaves_the_area_is_refused() {
 fn a_read_only_area_is_locked() {
     let t = tempfile::tempdir().unwrap();
     let area = Area::at(t.path().join("area"));
-    claim(area.dir(), &owner("A")).unwrap();
+    claim(area.dir(), &owner("A"), None).unwrap();
     area.check_unlocked("vm").unwrap();
     std::fs::set_permissions(area.dir(), std::fs::Permissions::from_mode(0o500)).unwrap();
     let err = area.check_unlocked("vm").unwrap_err();

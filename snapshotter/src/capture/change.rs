@@ -19,7 +19,7 @@ pub(super) fn hint_fallback(
     let Some(previous) = previous else {
         return Some("the item has no previous snapshot to build on".into());
     };
-    let (header, meta, _) = match crate::manifest::summary(previous) {
+    let (header, meta, _) = match crate::manifest::summary(previous, req.keys.as_ref()) {
         Ok(s) => s,
         Err(e) => return Some(format!("the previous snapshot cannot be read: {e}")),
     };

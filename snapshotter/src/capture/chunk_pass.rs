@@ -82,7 +82,7 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
     let blocks = block_count(size, req.block_size);
     let mut prev = match against {
         Some(p) => {
-            let r = SnapReader::open(p)?;
+            let r = SnapReader::open(p, req.keys.as_ref())?;
             (r.header().block_size == req.block_size).then_some(r)
         }
         None => None,

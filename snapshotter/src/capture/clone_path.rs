@@ -44,7 +44,7 @@ pub(super) fn try_clone(req: &CaptureRequest<'_>, item_dir: &Path) -> Result<Opt
         .len();
     let mut h = header(req, SnapKind::Clone, 0);
     h.image_size = size;
-    let writer = SnapWriter::create(&manifest_path(item_dir, req.job), h)?;
+    let writer = SnapWriter::create(&manifest_path(item_dir, req.job), h, req.keys.clone())?;
     Ok(Some(Pending {
         kind: SnapKind::Clone,
         header: h,
@@ -54,7 +54,7 @@ pub(super) fn try_clone(req: &CaptureRequest<'_>, item_dir: &Path) -> Result<Opt
         transfer_hint: req
             .hint
             .cloned()
-            .or_else(|| reflink_hint(item_dir, req.job, &dst, &name)),
+            .or_else(|| reflink_hint(item_dir, req, &dst, &name)),
         clone: Some(name),
         stored_bytes: 0,
         bytes_read: 0,
@@ -67,9 +67,15 @@ pub(super) fn try_clone(req: &CaptureRequest<'_>, item_dir: &Path) -> Result<Opt
 /// The reflink hint of a new clone: the extents it no longer shares with
 /// the item's previous clone (`None` without a previous clone, or where
 /// `FIEMAP` is refused).
-fn reflink_hint(item_dir: &Path, job: &str, clone: &Path, name: &str) -> Option<Hint> {
-    let previous = previous_of_kind(item_dir, job, SnapKind::Clone)?;
-    let (h, meta, _) = crate::manifest::summary(&previous).ok()?;
+fn reflink_hint(
+    item_dir: &Path,
+    req: &CaptureRequest<'_>,
+    clone: &Path,
+    name: &str,
+) -> Option<Hint> {
+    let keys = req.keys.as_ref();
+    let previous = previous_of_kind(item_dir, req.job, SnapKind::Clone, keys)?;
+    let (h, meta, _) = crate::manifest::summary(&previous, keys).ok()?;
     let old_name = meta.clone?;
     let old = std::fs::File::open(SafeName::new("clone", &old_name).ok()?.under(item_dir)).ok()?;
     let new = std::fs::File::open(clone).ok()?;

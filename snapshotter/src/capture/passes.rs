@@ -22,7 +22,12 @@ use crate::source::ImageSource;
 /// deduplicate against, else twice the largest change an earlier capture
 /// stored (at least 64 MiB). An estimate: a capture that runs out anyway
 /// fails cleanly and leaves nothing behind.
-fn space_needed(source: &dyn ImageSource, item_dir: &Path, has_previous: bool) -> u64 {
+fn space_needed(
+    source: &dyn ImageSource,
+    item_dir: &Path,
+    has_previous: bool,
+    keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
+) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let data = std::fs::metadata(source.path())
         .ok()
@@ -34,7 +39,7 @@ fn space_needed(source: &dyn ImageSource, item_dir: &Path, has_previous: bool) -
     let largest = std::fs::read_dir(item_dir)
         .map(|d| {
             d.flatten()
-                .filter_map(|e| crate::manifest::summary(&e.path()).ok())
+                .filter_map(|e| crate::manifest::summary(&e.path(), keys).ok())
                 .map(|(_, _, t)| t.stored_bytes)
                 .max()
                 .unwrap_or(0)
@@ -49,15 +54,15 @@ pub(super) fn capture_chunks(
     progress: &dyn Progress,
 ) -> Result<Pending> {
     let source = req.source;
-    let previous = previous_manifest(item_dir, req.job);
+    let previous = previous_manifest(item_dir, req.job, req.keys.as_ref());
     req.area.check_space(
-        space_needed(source, item_dir, previous.is_some()),
+        space_needed(source, item_dir, previous.is_some(), req.keys.as_ref()),
         source.path(),
     )?;
     // The pack table: the previous snapshot's packs that still exist, then
     // this job's; `remap` renumbers the previous snapshot's entries.
     let old_packs = match &previous {
-        Some(p) => SnapReader::open(p)?.meta().packs.clone(),
+        Some(p) => SnapReader::open(p, req.keys.as_ref())?.meta().packs.clone(),
         None => Vec::new(),
     };
     let mut packs = Vec::new();
@@ -105,7 +110,11 @@ pub(super) fn capture_chunks(
         pass += 1;
         let before = settled_stamp(source);
         let path = manifest_path(item_dir, req.job);
-        let mut writer = SnapWriter::create(&path, header(req, SnapKind::Chunks, blocks))?;
+        let mut writer = SnapWriter::create(
+            &path,
+            header(req, SnapKind::Chunks, blocks),
+            req.keys.clone(),
+        )?;
         let identity: Vec<Option<u16>>;
         let renumber = if pass == 1 {
             &remap

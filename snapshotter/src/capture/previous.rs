@@ -6,11 +6,20 @@ use std::path::{Path, PathBuf};
 use crate::manifest::SnapKind;
 
 /// The newest complete chunk manifest of the item, other than `job`'s.
-pub fn previous_manifest(item_dir: &Path, job: &str) -> Option<PathBuf> {
-    previous_of_kind(item_dir, job, SnapKind::Chunks)
+pub fn previous_manifest(
+    item_dir: &Path,
+    job: &str,
+    keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
+) -> Option<PathBuf> {
+    previous_of_kind(item_dir, job, SnapKind::Chunks, keys)
 }
 
-pub(super) fn previous_of_kind(item_dir: &Path, job: &str, kind: SnapKind) -> Option<PathBuf> {
+pub(super) fn previous_of_kind(
+    item_dir: &Path,
+    job: &str,
+    kind: SnapKind,
+    keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
+) -> Option<PathBuf> {
     let mut best: Option<(i64, u32, PathBuf)> = None;
     for e in std::fs::read_dir(item_dir).ok()?.flatten() {
         let path = e.path();
@@ -18,7 +27,7 @@ pub(super) fn previous_of_kind(item_dir: &Path, job: &str, kind: SnapKind) -> Op
         if !name.ends_with(".snap") || name.starts_with(job) {
             continue;
         }
-        let Ok((h, _, _)) = crate::manifest::summary(&path) else {
+        let Ok((h, _, _)) = crate::manifest::summary(&path, keys) else {
             continue;
         };
         if h.kind != kind {

@@ -5,7 +5,7 @@ use coffre_vault_store::ChunkId;
 
 use super::{
     ENTRY_LEN, MAX_META_LEN, PackLoc, SNAP_END, SNAP_HEADER_LEN, SNAP_MAGIC, SNAP_VERSION,
-    SnapEntry, SnapHeader, SnapKind, SnapTrailer,
+    SNAP_VERSION_SEALED, SnapEntry, SnapHeader, SnapKind, SnapTrailer,
 };
 
 pub(super) fn le_u32(b: &[u8], at: usize) -> u32 {
@@ -31,10 +31,15 @@ pub(super) fn put(b: &mut [u8], at: usize, v: &[u8]) {
 }
 
 impl SnapHeader {
-    pub(super) fn encode(&self) -> [u8; SNAP_HEADER_LEN] {
+    pub(super) fn encode(&self, sealed: bool) -> [u8; SNAP_HEADER_LEN] {
         let mut h = [0u8; SNAP_HEADER_LEN];
+        let version = if sealed {
+            SNAP_VERSION_SEALED
+        } else {
+            SNAP_VERSION
+        };
         put(&mut h, 0, &SNAP_MAGIC);
-        put(&mut h, 8, &SNAP_VERSION.to_le_bytes());
+        put(&mut h, 8, &version.to_le_bytes());
         put(&mut h, 12, &[self.kind.code()]);
         put(&mut h, 16, &self.block_size.to_le_bytes());
         put(&mut h, 24, &self.image_size.to_le_bytes());
@@ -46,7 +51,8 @@ impl SnapHeader {
         h
     }
 
-    pub(super) fn decode(h: &[u8]) -> std::result::Result<Self, String> {
+    /// The header, and whether the manifest is sealed.
+    pub(super) fn decode(h: &[u8]) -> std::result::Result<(Self, bool), String> {
         if h.len() < SNAP_HEADER_LEN {
             return Err("header truncated".into());
         }
@@ -54,7 +60,8 @@ impl SnapHeader {
             return Err("bad magic (not a coffre snapshot)".into());
         }
         let version = le_u32(h, 8);
-        if version != SNAP_VERSION {
+        let sealed = version == SNAP_VERSION_SEALED;
+        if version != SNAP_VERSION && !sealed {
             return Err(format!(
                 "unsupported version {version} (this coffre reads version {SNAP_VERSION}{})",
                 if version < SNAP_VERSION {
@@ -100,7 +107,7 @@ impl SnapHeader {
         if kind == SnapKind::Clone && header.blocks != 0 {
             return Err("a clone snapshot with entries".into());
         }
-        Ok(header)
+        Ok((header, sealed))
     }
 }
 
@@ -155,7 +162,7 @@ pub(super) fn decode_trailer(t: &[u8]) -> std::result::Result<(SnapTrailer, usiz
         return Err("trailer checksum mismatch".into());
     }
     let meta_len = le_u32(t, 24) as usize;
-    if meta_len > MAX_META_LEN {
+    if meta_len > MAX_META_LEN + coffre_vault_store::crypto::seal::OVERHEAD {
         return Err(format!("metadata of {meta_len} bytes is too large"));
     }
     Ok((

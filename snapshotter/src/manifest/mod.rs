@@ -17,11 +17,21 @@
 //! Written to a temporary name and renamed once complete; streamed both
 //! ways so memory stays flat for any image. No length field is trusted:
 //! each is bounded before it is used.
+//!
+//! In an encrypted vault a manifest is **sealed** (version
+//! [`SNAP_VERSION_SEALED`]): the header and trailer stay in clear (sizes
+//! and times), each frame's entries and the metadata are sealed with the
+//! catalog key, bound to the header's bytes, the manifest's name
+//! (`ITEM/JOB.snap`) and the frame's index (the metadata to the entry
+//! total and stored bytes too), so no frame or metadata moves between
+//! manifests or places unnoticed ([`sealing`]). A sealed manifest in a
+//! plain vault, or a plain one in an encrypted vault, is refused.
 
 #![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::panic)]
 
 mod codec;
 mod reader;
+pub mod sealing;
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests;
@@ -34,7 +44,7 @@ use serde::{Deserialize, Serialize};
 
 use coffre_vault_store::format::level::Level;
 
-pub use reader::{SnapReader, fuzz_entry, summary};
+pub use reader::{SnapReader, check, fuzz_entry, summary};
 pub use writer::SnapWriter;
 
 /// Magic. Frozen.
@@ -43,6 +53,8 @@ pub const SNAP_MAGIC: [u8; 8] = *b"CFSNAP\0\0";
 pub const SNAP_END: [u8; 8] = *b"CFSNEND\0";
 /// Format version (1 was the hash-only snapshot file of vault format 2).
 pub const SNAP_VERSION: u32 = 2;
+/// Format version of a sealed manifest (an encrypted vault's).
+pub const SNAP_VERSION_SEALED: u32 = 3;
 /// Header length.
 pub const SNAP_HEADER_LEN: usize = 64;
 /// Trailer length.

@@ -1,14 +1,19 @@
 //! Reading a manifest back: header, trailer and metadata checked first,
-//! then the entries streamed frame by frame; the fuzz entry point.
+//! then the entries streamed frame by frame; the fuzz entry point. A
+//! sealed manifest's frames and metadata are opened with the vault's keys
+//! ([`super::sealing`]).
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use coffre_vault_store::crypto::VaultKeys;
+use coffre_vault_store::crypto::seal::OVERHEAD;
+
 use super::codec::{decode_trailer, le_u32};
 use super::{
-    ENTRY_LEN, FRAME_ENTRIES, SNAP_HEADER_LEN, SNAP_TRAILER_LEN, SnapEntry, SnapHeader, SnapKind,
-    SnapMeta, SnapTrailer,
+    ENTRY_LEN, FRAME_ENTRIES, MAX_META_LEN, SNAP_HEADER_LEN, SNAP_TRAILER_LEN, SnapEntry,
+    SnapHeader, SnapKind, SnapMeta, SnapTrailer,
 };
 use crate::error::{Result, SnapError};
 
@@ -26,33 +31,62 @@ pub struct SnapReader<R: Read + Seek> {
     /// Where the metadata starts: the entries must end exactly there.
     entries_end: u64,
     at: u64,
+    /// A sealed manifest's keys, header bytes and name (the additional
+    /// data), and the index of the next frame.
+    sealed: Option<(std::sync::Arc<VaultKeys>, [u8; SNAP_HEADER_LEN], String)>,
+    frames: u64,
 }
 
 impl SnapReader<BufReader<File>> {
-    /// Opens `path` and checks its header, trailer and metadata.
-    pub fn open(path: &Path) -> Result<Self> {
+    /// Opens `path` and checks its header, trailer and metadata; `keys`:
+    /// an encrypted vault's (its manifests are sealed).
+    pub fn open(path: &Path, keys: Option<&std::sync::Arc<VaultKeys>>) -> Result<Self> {
         let f = File::open(path).map_err(|e| SnapError::damaged(path, e.to_string()))?;
-        SnapReader::new(BufReader::with_capacity(1 << 20, f), path)
+        SnapReader::new(BufReader::with_capacity(1 << 20, f), path, keys)
     }
 }
 
 /// Header, metadata and trailer of a manifest, without reading its entries
-/// (listing, expiry).
-pub fn summary(path: &Path) -> Result<(SnapHeader, SnapMeta, SnapTrailer)> {
-    let r = SnapReader::open(path)?;
+/// (listing, expiry); `keys`: an encrypted vault's.
+pub fn summary(
+    path: &Path,
+    keys: Option<&std::sync::Arc<VaultKeys>>,
+) -> Result<(SnapHeader, SnapMeta, SnapTrailer)> {
+    let r = SnapReader::open(path, keys)?;
     Ok((r.header, r.meta, r.trailer))
 }
 
 impl<R: Read + Seek> SnapReader<R> {
-    /// Reads the header, trailer and metadata from `input`; `path` is for
-    /// messages.
-    pub fn new(mut input: R, path: &Path) -> Result<Self> {
+    /// Reads the header, trailer and metadata from `input`; `path` names
+    /// it in messages and binds a sealed one; `keys`: an encrypted
+    /// vault's.
+    pub fn new(
+        mut input: R,
+        path: &Path,
+        keys: Option<&std::sync::Arc<VaultKeys>>,
+    ) -> Result<Self> {
         let bad = |r: String| SnapError::damaged(path, r);
         let mut h = [0u8; SNAP_HEADER_LEN];
         input
             .read_exact(&mut h)
             .map_err(|e| bad(format!("header: {e}")))?;
-        let header = SnapHeader::decode(&h).map_err(bad)?;
+        let (header, is_sealed) = SnapHeader::decode(&h).map_err(bad)?;
+        let sealed = match (is_sealed, keys) {
+            (true, Some(k)) => Some((k.clone(), h, super::sealing::manifest_name(path))),
+            (false, None) => None,
+            (true, None) => {
+                return Err(bad(
+                    "it is sealed (a snapshot of an encrypted vault), and this vault is not encrypted: refused"
+                        .into(),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(bad(
+                    "it is not sealed, and the vault is encrypted: refused (whoever can write the snapshot area could have planted it)"
+                        .into(),
+                ));
+            }
+        };
         let len = input
             .seek(SeekFrom::End(0))
             .map_err(|e| bad(e.to_string()))?;
@@ -66,6 +100,9 @@ impl<R: Read + Seek> SnapReader<R> {
             .and_then(|_| input.read_exact(&mut t))
             .map_err(|e| bad(format!("trailer: {e}")))?;
         let (trailer, meta_len) = decode_trailer(&t).map_err(bad)?;
+        if sealed.is_none() && meta_len > MAX_META_LEN {
+            return Err(bad(format!("metadata of {meta_len} bytes is too large")));
+        }
         if trailer.entries != header.blocks {
             return Err(bad("trailer disagrees with the header".into()));
         }
@@ -82,6 +119,18 @@ impl<R: Read + Seek> SnapReader<R> {
         if crc32fast::hash(body) != le_u32(&meta, meta_len) {
             return Err(bad("metadata checksum mismatch".into()));
         }
+        let opened;
+        let body = match &sealed {
+            None => body,
+            Some((k, head, name)) => {
+                let ad = super::sealing::meta_ad(head, name, trailer.entries, trailer.stored_bytes);
+                opened = k
+                    .catalog()
+                    .open(&ad, body, &|| format!("the metadata of {}", path.display()))
+                    .map_err(|e| bad(format!("refused: {e}")))?;
+                opened.as_slice()
+            }
+        };
         let meta: SnapMeta =
             serde_json::from_slice(body).map_err(|e| bad(format!("metadata: {e}")))?;
         if meta.packs.len() > usize::from(u16::MAX) + 1 {
@@ -98,10 +147,11 @@ impl<R: Read + Seek> SnapReader<R> {
         }
         // The entries need at least their frames' bytes.
         let frames = header.blocks.div_ceil(FRAME_ENTRIES as u64);
+        let per_frame = if sealed.is_some() { 8 + OVERHEAD } else { 8 } as u64;
         let need = header
             .blocks
             .saturating_mul(ENTRY_LEN as u64)
-            .saturating_add(frames.saturating_mul(8));
+            .saturating_add(frames.saturating_mul(per_frame));
         if meta_at - SNAP_HEADER_LEN as u64 != need {
             return Err(bad(format!(
                 "{} bytes of entries where {} blocks need {need}",
@@ -123,6 +173,8 @@ impl<R: Read + Seek> SnapReader<R> {
             read: 0,
             entries_end: meta_at,
             at: SNAP_HEADER_LEN as u64,
+            sealed,
+            frames: 0,
         })
     }
 
@@ -155,13 +207,14 @@ impl<R: Read + Seek> SnapReader<R> {
         if n == 0 || n > FRAME_ENTRIES || n as u64 > left {
             return Err(self.corrupt(format!("frame of {n} entries with {left} left")));
         }
-        let mut body = vec![0u8; n * ENTRY_LEN];
+        let overhead = if self.sealed.is_some() { OVERHEAD } else { 0 };
+        let mut body = vec![0u8; n * ENTRY_LEN + overhead];
         let mut crc = [0u8; 4];
         self.input
             .read_exact(&mut body)
             .and_then(|()| self.input.read_exact(&mut crc))
             .map_err(|e| self.corrupt(format!("frame: {e}")))?;
-        self.at += (8 + n * ENTRY_LEN) as u64;
+        self.at += (8 + n * ENTRY_LEN + overhead) as u64;
         if self.at > self.entries_end {
             return Err(self.corrupt("entries run into the metadata"));
         }
@@ -171,6 +224,17 @@ impl<R: Read + Seek> SnapReader<R> {
         if h.finalize() != u32::from_le_bytes(crc) {
             return Err(self.corrupt(format!("frame checksum mismatch after entry {}", self.read)));
         }
+        if let Some((k, head, name)) = &self.sealed {
+            let ad = super::sealing::frame_ad(head, name, self.frames, n as u32);
+            let index = self.frames;
+            body = k
+                .catalog()
+                .open(&ad, &body, &|| {
+                    format!("frame {index} of {}", self.path.display())
+                })
+                .map_err(|e| self.corrupt(format!("refused: {e}")))?;
+        }
+        self.frames += 1;
         let packs = self.meta.packs.len();
         self.frame = body
             .chunks_exact(ENTRY_LEN)
@@ -216,10 +280,18 @@ impl<R: Read + Seek> SnapReader<R> {
     }
 }
 
+/// Reads the whole manifest at `path` (every frame opened and checked):
+/// `Ok` when all of it is valid.
+pub fn check(path: &Path, keys: Option<&std::sync::Arc<VaultKeys>>) -> Result<()> {
+    let mut r = SnapReader::open(path, keys)?;
+    while !r.next_entries(64 << 10)?.is_empty() {}
+    r.finish().map(drop)
+}
+
 /// Fuzz entry point: reads arbitrary bytes as a manifest; never panics.
 /// Returns true when the whole file is valid.
 pub fn fuzz_entry(data: &[u8]) -> bool {
-    let Ok(mut r) = SnapReader::new(std::io::Cursor::new(data), Path::new("fuzz")) else {
+    let Ok(mut r) = SnapReader::new(std::io::Cursor::new(data), Path::new("fuzz"), None) else {
         return false;
     };
     let blocks = r.header().blocks;

@@ -47,7 +47,7 @@ fn sample(path: &Path, n: u64) -> Vec<SnapEntry> {
         created_s: 1_700_000_000,
         created_ns: 5,
     };
-    let mut w = SnapWriter::create(path, header).unwrap();
+    let mut w = SnapWriter::create(path, header, None).unwrap();
     for e in &entries {
         w.push(e).unwrap();
     }
@@ -60,7 +60,7 @@ fn round_trip_in_odd_windows() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s/x.snap");
     let entries = sample(&path, 2500);
-    let mut r = SnapReader::open(&path).unwrap();
+    let mut r = SnapReader::open(&path, None).unwrap();
     assert_eq!(r.meta(), &meta());
     let mut got = Vec::new();
     for n in [1, 700, 1024, 1000, 5000] {
@@ -68,7 +68,7 @@ fn round_trip_in_odd_windows() {
     }
     assert_eq!(got, entries);
     assert_eq!(r.finish().unwrap().stored_bytes, 12345);
-    let (h, m, t) = summary(&path).unwrap();
+    let (h, m, t) = summary(&path, None).unwrap();
     assert_eq!(
         (h.blocks, m.item.as_str(), t.stored_bytes),
         (2500, "vm", 12345)
@@ -113,7 +113,7 @@ fn version_one_files_are_named_as_such() {
         created_s: 0,
         created_ns: 0,
     }
-    .encode();
+    .encode(false);
     h[8] = 1;
     let crc = crc32fast::hash(&h[..56]);
     h[56..60].copy_from_slice(&crc.to_le_bytes());
@@ -125,7 +125,7 @@ fn version_one_files_are_named_as_such() {
 }
 
 fn write_one(path: &Path, header: SnapHeader, entry: Option<SnapEntry>, meta: &SnapMeta) {
-    let mut w = SnapWriter::create(path, header).unwrap();
+    let mut w = SnapWriter::create(path, header, None).unwrap();
     if let Some(e) = entry {
         w.push(&e).unwrap();
     }
@@ -168,7 +168,7 @@ fn names_that_leave_the_folder_are_refused() {
     cases.push(("job", m));
     for (what, m) in cases {
         write_one(&path, one_block(65536), Some(entry), &m);
-        let err = SnapReader::open(&path).err().unwrap();
+        let err = SnapReader::open(&path, None).err().unwrap();
         let msg = err.to_string();
         assert!(matches!(err, SnapError::RefusedName { .. }), "{msg}");
         assert!(msg.contains(&format!("{what} name")), "{msg}");
@@ -183,11 +183,11 @@ fn names_that_leave_the_folder_are_refused() {
         ..one_block(65536)
     };
     write_one(&path, clone, None, &m);
-    let msg = SnapReader::open(&path).err().unwrap().to_string();
+    let msg = SnapReader::open(&path, None).err().unwrap().to_string();
     assert!(msg.contains("clone name"), "{msg}");
     m.clone = Some("j1.img".into());
     write_one(&path, clone, None, &m);
-    SnapReader::open(&path).unwrap();
+    SnapReader::open(&path, None).unwrap();
 }
 
 #[test]
@@ -197,7 +197,7 @@ fn decoded_sizes_and_offsets_are_bounded() {
     // A block size that would size a 4 GiB buffer, or divide by 0.
     for bs in [0u32, 4096, 3 << 16, u32::MAX] {
         write_one(&path, one_block(bs), Some(SnapEntry::default()), &meta());
-        let msg = SnapReader::open(&path).err().unwrap().to_string();
+        let msg = SnapReader::open(&path, None).err().unwrap().to_string();
         assert!(msg.contains("block size"), "{bs}: {msg}");
     }
     // An entry whose record end passes u64::MAX.
@@ -211,7 +211,7 @@ fn decoded_sizes_and_offsets_are_bounded() {
         },
     };
     write_one(&path, one_block(65536), Some(entry), &meta());
-    let mut r = SnapReader::open(&path).unwrap();
+    let mut r = SnapReader::open(&path, None).unwrap();
     let msg = r.next_entries(1).unwrap_err().to_string();
     assert!(msg.contains("largest offset"), "{msg}");
     assert_eq!(entry.loc.end(), u64::MAX);

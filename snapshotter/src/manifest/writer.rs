@@ -1,5 +1,7 @@
 //! Writing a manifest: entries streamed in checksummed frames, then the
-//! metadata and trailer, under a temporary name until it is finished.
+//! metadata and trailer, under a temporary name until it is finished;
+//! in an encrypted vault each frame and the metadata are sealed
+//! ([`super::sealing`]).
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
@@ -24,11 +26,23 @@ pub struct SnapWriter {
     in_frame: usize,
     total: u64,
     expected: u64,
+    /// An encrypted vault's keys (sealed frames and metadata).
+    keys: Option<std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
+    /// The header's bytes and the manifest's name (the additional data).
+    header: [u8; super::SNAP_HEADER_LEN],
+    name: String,
+    /// Frames written.
+    frames: u64,
 }
 
 impl SnapWriter {
-    /// Starts `path` (its folder is created if needed).
-    pub fn create(path: &Path, header: SnapHeader) -> Result<Self> {
+    /// Starts `path` (its folder is created if needed); with `keys` (an
+    /// encrypted vault's), sealed.
+    pub fn create(
+        path: &Path,
+        header: SnapHeader,
+        keys: Option<std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
+    ) -> Result<Self> {
         let dir = path.parent().unwrap_or(Path::new("."));
         private::create_dir_all(dir).map_err(|e| SnapError::write(dir, e))?;
         let tmp = path.with_extension("snap.tmp");
@@ -42,7 +56,8 @@ impl SnapWriter {
             .open(&tmp)
             .map_err(|e| SnapError::write(&tmp, e))?;
         let mut out = BufWriter::with_capacity(1 << 20, f);
-        out.write_all(&header.encode())
+        let head = header.encode(keys.is_some());
+        out.write_all(&head)
             .map_err(|e| SnapError::write(&tmp, e))?;
         Ok(SnapWriter {
             out: Some(out),
@@ -52,6 +67,10 @@ impl SnapWriter {
             in_frame: 0,
             total: 0,
             expected: header.blocks,
+            keys,
+            header: head,
+            name: super::sealing::manifest_name(path),
+            frames: 0,
         })
     }
 
@@ -83,14 +102,28 @@ impl SnapWriter {
             return Ok(());
         }
         let count = (self.in_frame as u32).to_le_bytes();
+        let mut frame = std::mem::take(&mut self.frame);
+        if let Some(k) = &self.keys {
+            let ad = super::sealing::frame_ad(
+                &self.header,
+                &self.name,
+                self.frames,
+                self.in_frame as u32,
+            );
+            frame = k
+                .catalog()
+                .seal(&ad, &frame)
+                .map_err(|e| SnapError::damaged(&self.tmp, e.to_string()))?;
+        }
         let mut h = crc32fast::Hasher::new();
         h.update(&count);
-        h.update(&self.frame);
+        h.update(&frame);
         let crc = h.finalize().to_le_bytes();
-        let frame = std::mem::take(&mut self.frame);
         self.write(&count)?;
         self.write(&frame)?;
         self.write(&crc)?;
+        self.frames += 1;
+        frame.clear();
         self.frame = frame;
         self.frame.clear();
         self.in_frame = 0;
@@ -110,9 +143,16 @@ impl SnapWriter {
                 ),
             ));
         }
-        let meta = serde_json::to_vec(meta).unwrap_or_default();
+        let mut meta = serde_json::to_vec(meta).unwrap_or_default();
         if meta.len() > MAX_META_LEN {
             return Err(SnapError::damaged(&self.tmp, "metadata too large"));
+        }
+        if let Some(k) = &self.keys {
+            let ad = super::sealing::meta_ad(&self.header, &self.name, self.total, stored_bytes);
+            meta = k
+                .catalog()
+                .seal(&ad, &meta)
+                .map_err(|e| SnapError::damaged(&self.tmp, e.to_string()))?;
         }
         self.write(&meta)?;
         self.write(&crc32fast::hash(&meta).to_le_bytes())?;

@@ -94,6 +94,7 @@ pub fn load_config_with(
         Err(e) => return Err(e),
     };
     let stored = VaultConfig::read(&bytes, &path)?;
+    let encrypted = stored.encryption().is_some();
     let keys = match (stored.encryption(), unlock) {
         (None, _) => None,
         (Some(_), None) => {
@@ -112,7 +113,53 @@ pub fn load_config_with(
             )))
         }
     };
-    stored.open(keys)
+    let config = stored.open(keys)?;
+    if encrypted && let Some(k) = config.keys() {
+        remember_keys(dir, k);
+    }
+    Ok(config)
+}
+
+/// The keys of the encrypted vaults this process unlocked, by directory
+/// (canonical where it resolves): what opens the vault's files that are
+/// read and written outside an open [`crate::Vault`] (job records, the
+/// snapshot area's files), through [`file_keys`].
+static UNLOCKED: std::sync::Mutex<Vec<(std::path::PathBuf, std::sync::Arc<VaultKeys>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn key_path(dir: &Path) -> std::path::PathBuf {
+    std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// Remembers the keys of the encrypted vault at `dir` for this process.
+pub fn remember_keys(dir: &Path, keys: &std::sync::Arc<VaultKeys>) {
+    let at = key_path(dir);
+    let mut all = UNLOCKED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    all.retain(|(d, _)| d != &at);
+    all.push((at, keys.clone()));
+}
+
+/// The keys that seal the files of the vault at `dir`: `None` for a plain
+/// vault, its keys once this process unlocked it, and
+/// [`StoreError::KeyNeeded`] for an encrypted vault it did not unlock.
+pub fn file_keys(dir: &Path) -> Result<Option<std::sync::Arc<VaultKeys>>> {
+    let at = key_path(dir);
+    let all = UNLOCKED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, k)) = all.iter().find(|(d, _)| d == &at) {
+        return Ok(Some(k.clone()));
+    }
+    drop(all);
+    if stored_config_version(&LocalStore::new(dir)) >= crate::format::config::FORMAT_VERSION_SEALED
+    {
+        return Err(StoreError::KeyNeeded {
+            path: dir.to_path_buf(),
+        });
+    }
+    Ok(None)
 }
 
 /// The format version the copy's config is stored at (0 if unreadable).
