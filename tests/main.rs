@@ -16,6 +16,7 @@ mod daemon;
 mod disk_full;
 mod dst_schedule;
 mod encryption;
+mod encryption_tamper;
 mod ext4_two_days;
 mod flipped_byte;
 mod fuzz_corpus_replay;

@@ -128,8 +128,23 @@ fn show(ctx: &Ctx, job: &JobRecord) -> anyhow::Result<()> {
     })
 }
 
+/// Unlocks an encrypted vault's keys for its job records (sealed); a
+/// plain vault's records need none.
+fn unlock_jobs(ctx: &Ctx, dir: &std::path::Path) -> anyhow::Result<()> {
+    use coffre_engine::store::format::config::FORMAT_VERSION_SEALED;
+    if coffre_engine::store::VaultConfig::stored_version(dir) >= FORMAT_VERSION_SEALED {
+        coffre_engine::store::VaultConfig::load_with(dir, Some(&*ctx.keys))
+            .with_context(|| format!("cannot open vault {}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// `coffre job show|wait|cancel`.
 pub fn run(ctx: &Ctx, cmd: JobCommand) -> anyhow::Result<ExitCode> {
+    let (JobCommand::Show { vault, .. }
+    | JobCommand::Wait { vault, .. }
+    | JobCommand::Cancel { vault, .. }) = &cmd;
+    unlock_jobs(ctx, &vault.vault)?;
     match cmd {
         JobCommand::Show { vault, id } => {
             let job = JobStore::new(&vault.vault)
