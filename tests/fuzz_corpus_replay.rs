@@ -120,6 +120,17 @@ fn catalog_file_corpus() {
 }
 
 #[test]
+fn sealed_catalog_file_corpus() {
+    let keys = coffre_vault_store::format::sealed_file::fuzz_keys();
+    let opened: Vec<bool> = corpus("sealed_catalog_file")
+        .iter()
+        .map(|(_, b)| coffre_vault_store::format::sealed_file::fuzz_entry(&keys, b))
+        .collect();
+    // flipped, moved (another name), plain: refused; point, policy: open.
+    assert_eq!(opened, vec![false, false, false, true, true]);
+}
+
+#[test]
 fn replication_state_corpus() {
     let accepted = corpus("replication_state")
         .iter()

@@ -10,6 +10,7 @@ use coffre_vault_store::format::catalog_files::{self, CopyIdentity, PolicyFile, 
 use coffre_vault_store::format::host_registry::{self, RegistryEntry};
 use coffre_vault_store::format::record::RecordEncoder;
 use coffre_vault_store::format::repl_state::ReplicationState;
+use coffre_vault_store::format::sealed_file;
 use coffre_vault_store::format::segment::encode_header;
 use coffre_vault_store::jobs::{JobRecord, Operation, PhaseStatus};
 use coffre_vault_store::{PointRecord, PointStats, Redundancy, VaultConfig};
@@ -188,6 +189,36 @@ fn main() {
             ("copy.bin", &copy),
             ("policy.bin", &policy),
             ("flipped.bin", &flipped),
+        ],
+    );
+
+    // Sealed catalog files, under the fuzz target's key and name: a point
+    // and a policy (valid), the point under another name, the point with
+    // a bit flipped under a fixed CRC, and the plain point.
+    let sealed = out.join("sealed_catalog_file");
+    std::fs::create_dir_all(&sealed).unwrap();
+    let keys = sealed_file::fuzz_keys();
+    let seal = |name: &str, plain: &[u8]| {
+        sealed_file::seal(name, plain, Some(&keys), 1)
+            .unwrap()
+            .into_owned()
+    };
+    let s_point = seal(sealed_file::FUZZ_NAME, &point);
+    let s_policy = seal(sealed_file::FUZZ_NAME, &policy);
+    let s_moved = seal("points/db/0000000000000001.point", &point);
+    let mut s_flipped = s_point.clone();
+    let n = s_flipped.len();
+    s_flipped[40] ^= 0x04;
+    let crc = crc32fast::hash(&s_flipped[..n - 4]);
+    s_flipped[n - 4..].copy_from_slice(&crc.to_le_bytes());
+    write_all(
+        &sealed,
+        &[
+            ("flipped.bin", &s_flipped),
+            ("moved.bin", &s_moved),
+            ("plain.bin", &point),
+            ("point.bin", &s_point),
+            ("policy.bin", &s_policy),
         ],
     );
 

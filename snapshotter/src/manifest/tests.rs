@@ -22,6 +22,14 @@ pub(crate) fn meta() -> SnapMeta {
 }
 
 fn sample(path: &Path, n: u64) -> Vec<SnapEntry> {
+    sample_with(path, n, None)
+}
+
+fn sample_with(
+    path: &Path,
+    n: u64,
+    keys: Option<std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
+) -> Vec<SnapEntry> {
     let entries: Vec<SnapEntry> = (0..n)
         .map(|i| {
             if i % 3 == 0 {
@@ -47,7 +55,7 @@ fn sample(path: &Path, n: u64) -> Vec<SnapEntry> {
         created_s: 1_700_000_000,
         created_ns: 5,
     };
-    let mut w = SnapWriter::create(path, header, None).unwrap();
+    let mut w = SnapWriter::create(path, header, keys).unwrap();
     for e in &entries {
         w.push(e).unwrap();
     }
@@ -215,4 +223,90 @@ fn decoded_sizes_and_offsets_are_bounded() {
     let msg = r.next_entries(1).unwrap_err().to_string();
     assert!(msg.contains("largest offset"), "{msg}");
     assert_eq!(entry.loc.end(), u64::MAX);
+}
+
+fn keys(b: u8) -> std::sync::Arc<coffre_vault_store::crypto::VaultKeys> {
+    std::sync::Arc::new(coffre_vault_store::crypto::VaultKeys::derive(
+        &coffre_vault_store::crypto::MasterKey::from_bytes([b; 32]),
+        coffre_vault_store::crypto::Cipher::Aes256Gcm,
+    ))
+}
+
+/// Reads every entry of the manifest at `path`.
+fn read_all(
+    path: &Path,
+    k: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
+) -> Result<Vec<SnapEntry>, SnapError> {
+    let mut r = SnapReader::open(path, k)?;
+    let mut out = Vec::new();
+    loop {
+        let e = r.next_entries(4096)?;
+        if e.is_empty() {
+            break;
+        }
+        out.extend(e);
+    }
+    r.finish()?;
+    Ok(out)
+}
+
+#[test]
+fn a_sealed_manifest_round_trips_and_refuses_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm/j1.snap");
+    let k = keys(1);
+    let entries = sample_with(&path, 2100, Some(k.clone()));
+    let bytes = fs::read(&path).unwrap();
+    assert_eq!(codec::le_u32(&bytes, 8), SNAP_VERSION_SEALED);
+    // No entry's chunk id and no name of the metadata in clear.
+    let id = entries[1].id.unwrap();
+    assert!(!bytes.windows(32).any(|w| w == id.as_bytes()));
+    assert!(!bytes.windows(7).any(|w| w == b"a.pack\""));
+    assert_eq!(read_all(&path, Some(&k)).unwrap(), entries);
+    assert_eq!(summary(&path, Some(&k)).unwrap().1, meta());
+    // Without the key, with another key: refused.
+    assert!(
+        SnapReader::open(&path, None)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("sealed")
+    );
+    assert!(read_all(&path, Some(&keys(2))).is_err());
+    // A plain manifest where the vault is encrypted: refused.
+    let plain = dir.path().join("vm/j2.snap");
+    sample(&plain, 10);
+    assert!(
+        SnapReader::open(&plain, Some(&k))
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("not sealed")
+    );
+    // Moved to another item's or job's name: refused.
+    for other in ["db/j1.snap", "vm/j3.snap"] {
+        let to = dir.path().join(other);
+        fs::create_dir_all(to.parent().unwrap()).unwrap();
+        fs::copy(&path, &to).unwrap();
+        assert!(read_all(&to, Some(&k)).is_err(), "{other}");
+    }
+    // Every byte changed (one bit each, a sample of offsets): refused.
+    let bad = dir.path().join("vm/j1.snap");
+    for at in (0..bytes.len()).step_by(37) {
+        let mut b = bytes.clone();
+        b[at] ^= 0x20;
+        fs::write(&bad, &b).unwrap();
+        assert!(read_all(&bad, Some(&k)).is_err(), "byte {at}");
+    }
+    // Two frames swapped (CRCs intact): refused.
+    let frame = 8 + 1024 * ENTRY_LEN + coffre_vault_store::crypto::seal::OVERHEAD;
+    let mut b = bytes.clone();
+    let (f0, f1) = (64..64 + frame, 64 + frame..64 + 2 * frame);
+    let first = b[f0.clone()].to_vec();
+    let second = b[f1.clone()].to_vec();
+    b[f0].copy_from_slice(&second);
+    b[f1].copy_from_slice(&first);
+    fs::write(&bad, &b).unwrap();
+    let e = read_all(&bad, Some(&k)).unwrap_err().to_string();
+    assert!(e.contains("authentication"), "{e}");
 }
