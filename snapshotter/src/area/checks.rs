@@ -121,10 +121,7 @@ pub fn check_choice(dir: &Path, vault_id: &str, keys: Keys<'_>) -> Result<()> {
         Some(id) if id.vault_id == vault_id => Ok(()),
         Some(id) => Err(SnapError::AreaUnusable {
             dir: dir.to_path_buf(),
-            source: std::io::Error::other(format!(
-                "it is the snapshot area of vault {} ({})",
-                id.vault_name, id.vault_id
-            )),
+            source: std::io::Error::other(super::owner_of(&id)),
         }),
         None => refuse_non_empty(dir),
     }

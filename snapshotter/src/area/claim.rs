@@ -22,10 +22,7 @@ pub(super) fn claim(dir: &Path, owner: &AreaIdentity, keys: Keys<'_>) -> Result<
         Some(id) if id.vault_id == owner.vault_id => Ok(()),
         Some(id) => Err(SnapError::AreaUnusable {
             dir: dir.to_path_buf(),
-            source: std::io::Error::other(format!(
-                "it is the snapshot area of vault {} ({})",
-                id.vault_name, id.vault_id
-            )),
+            source: std::io::Error::other(super::owner_of(&id)),
         }),
         None => {
             // Never take over someone's folder: only a new or empty one

@@ -158,13 +158,31 @@ pub fn read_identity(dir: &Path, keys: Keys<'_>) -> Result<Option<AreaIdentity>>
         Err(e) => {
             return Ok(Some(AreaIdentity {
                 vault_id: String::new(),
-                vault_name: format!("unknown ({}: {e})", path.display()),
+                vault_name: format!(
+                    "its identity {} does not open with this vault's key ({e})",
+                    path.display()
+                ),
             }));
         }
     };
     decode_identity(&plain)
         .map(Some)
         .map_err(|e| SnapError::damaged(&path, e))
+}
+
+/// Whose area a folder is, for messages: `it is …`.
+fn owner_of(id: &AreaIdentity) -> String {
+    if id.vault_id.is_empty() {
+        // An identity that did not open: its name says why.
+        return format!(
+            "it is another vault's snapshot area, or damaged: {}",
+            id.vault_name
+        );
+    }
+    format!(
+        "it is the snapshot area of vault {} ({})",
+        id.vault_name, id.vault_id
+    )
 }
 
 /// Decodes an area's identity file (`area`).

@@ -425,12 +425,22 @@ impl Copies {
         if !files.iter().any(|(_, b)| b.is_some()) {
             return Ok(());
         }
+        let keys = self.keys.as_deref();
+        // Sealed once: every copy gets the same bytes.
+        let sealed = if self.shared {
+            Vec::new()
+        } else {
+            files
+                .iter()
+                .filter_map(|(n, b)| Some((n, b.as_ref()?)))
+                .map(|(n, b)| Ok((n, seal(n, b, keys)?)))
+                .collect::<Result<Vec<_>>>()?
+        };
         self.for_each_sync(|c| {
             let store = c.store.as_ref();
-            let keys = self.keys.as_deref();
             if !self.shared {
-                for (name, b) in files.iter().filter_map(|(n, b)| Some((n, b.as_ref()?))) {
-                    store.put(name, &seal(name, b, keys)?)?;
+                for (name, b) in &sealed {
+                    store.put(name, b)?;
                 }
                 return Ok(());
             }
