@@ -2,7 +2,7 @@
 //! no item name, image path, hook command or policy name in any file of
 //! the vault, its replica, its secondary or its snapshot area (the host's
 //! RocksDB index aside); a bit flipped in each kind of sealed file, and
-//! two items', two points' and two snapshots' files swapped, are each
+//! two items', two points', two job records' and two snapshots' files swapped, are each
 //! refused with a message naming the file (`verify` reports
 //! `forged-file`) and never used; a plain file planted in an encrypted
 //! vault and a sealed one in a plain vault are refused too.
@@ -376,6 +376,7 @@ fn a_flipped_bit_in_each_kind_of_sealed_file_is_refused_and_named() {
     let old = flip(&job);
     let out = f.ok(&["jobs", "--vault", s(&f.vault)]);
     assert!(!out.contains(&id), "{out}");
+    f.assert_forged(&[&format!("jobs/{id}.job")]);
     let r = f.run(&["job", "show", "--vault", s(&f.vault), &id]);
     assert!(!r.status.success());
     assert!(stderr(&r).contains(&format!("{id}.job")), "{}", stderr(&r));
@@ -383,7 +384,8 @@ fn a_flipped_bit_in_each_kind_of_sealed_file_is_refused_and_named() {
     f.ok(&["job", "show", "--vault", s(&f.vault), &id]);
 
     // The replication state: refused (replication starts over, safely).
-    let old = flip(&f.vault.join("replication"));
+    let old = flip_sealed(&f.vault.join("replication"));
+    f.assert_forged(&["replication is refused"]);
     let r = f.run(&["points", "--vault", s(&f.vault), "--item", ITEMS[1]]);
     assert!(r.status.success());
     assert!(stderr(&r).contains("replication"), "{}", stderr(&r));
@@ -392,6 +394,9 @@ fn a_flipped_bit_in_each_kind_of_sealed_file_is_refused_and_named() {
     // The area list and the area's identity: a backup fails, naming them.
     for file in [f.vault.join("snapshot-areas"), f.area.join("area")] {
         let old = flip(&file);
+        if file.ends_with("snapshot-areas") {
+            f.assert_forged(&["snapshot-areas is refused"]);
+        }
         let r = f.run(&[
             "backup",
             "--vault",
@@ -468,6 +473,15 @@ fn swapped_items_points_and_snapshots_are_refused() {
     f.assert_forged(&[&names[0], &names[1]]);
     swap(&points[0], &points[1]);
     f.assert_clean();
+    // Two job records.
+    let jobs = with_ext(&f.vault.join("jobs"), ".job");
+    swap(&jobs[0], &jobs[1]);
+    let ids: Vec<String> = jobs[..2]
+        .iter()
+        .map(|p| format!("jobs/{}", p.file_name().unwrap().to_string_lossy()))
+        .collect();
+    f.assert_forged(&[&ids[0], &ids[1]]);
+    swap(&jobs[0], &jobs[1]);
     // Two snapshots of one item, and snapshots of two items: each is
     // refused, and a restore from one fails.
     let mine = with_ext(&f.area.join(ITEMS[0]), ".snap");

@@ -328,6 +328,8 @@ const HINT_FORGED: &str = "a vault file failed authentication or is not what the
 
 const HINT_FORGED_SNAPSHOT: &str = "the snapshot is refused wherever it would be read (a restore from it fails; the next capture does not build on it); the vault's copy of the point is unaffected";
 
+const HINT_FORGED_STATE: &str = "a state file of the vault failed authentication or is not sealed (forged, swapped or damaged); coffre does not use it: a job record is left out of listings, a replication state or damaged list counts as absent (replication and healing start over), a list of snapshot areas stops backups until it is removed";
+
 const HINT_BAD_NAME: &str = "a vault file names a path outside its folder (crafted, or damaged); coffre skips it. Remove the file, or restore the copy it came from";
 
 /// Names that break the naming rule ([`coffre_vault_store::format::name`]): in the
@@ -425,6 +427,18 @@ fn name_findings(vault: &Vault) -> Result<Vec<Finding>> {
                     _ => {}
                 }
             }
+        }
+    }
+    if let Some(k) = keys {
+        for (name, e) in
+            coffre_vault_store::copies::state_files::refused_state_files(vault.dir(), k)
+        {
+            forged.push(Finding::new(
+                Severity::Error,
+                "forged-file",
+                format!("{}: {name} is refused: {e}", vault.dir().display()),
+                HINT_FORGED_STATE,
+            ));
         }
     }
     out.extend(sizes);

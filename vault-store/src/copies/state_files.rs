@@ -120,6 +120,33 @@ pub fn load_config_with(
     Ok(config)
 }
 
+/// The sealed state files of the encrypted vault at `dir` (job records,
+/// the replication state, the damaged list, the list of snapshot areas)
+/// that do not open with `keys`: each name and why. `verify` reports them;
+/// every reader already refuses them.
+pub fn refused_state_files(dir: &Path, keys: &VaultKeys) -> Vec<(String, String)> {
+    let store = LocalStore::new(dir);
+    let mut names: Vec<String> = store
+        .list(crate::jobs::JOBS_DIR)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.ends_with(".job") && !n.starts_with('.'))
+        .map(|n| format!("{}/{n}", crate::jobs::JOBS_DIR))
+        .collect();
+    names.sort();
+    names.extend([STATE_FILE, DAMAGED_FILE, "snapshot-areas"].map(String::from));
+    let mut out = Vec::new();
+    for name in names {
+        let Ok(Some(bytes)) = store.get(&name) else {
+            continue;
+        };
+        if let Err(e) = sealed_file::open(&name, &bytes, Some(keys)) {
+            out.push((name, e.to_string()));
+        }
+    }
+    out
+}
+
 /// The keys of the encrypted vaults this process unlocked, by directory
 /// (canonical where it resolves): what opens the vault's files that are
 /// read and written outside an open [`crate::Vault`] (job records, the
