@@ -425,3 +425,106 @@ fn a_stopped_domain_is_read_from_its_files_and_a_failed_freeze_is_thawed() {
     // The guest is not left frozen: its disk takes writes.
     guest_write(&dom, 0, 0x52, 0, 4096);
 }
+
+/// The XML of domain `name` with a fixed `uuid` (a transient domain
+/// created again is the same domain to its checkpoints only so).
+fn domain_xml_uuid(name: &str, uuid: &str, disks: &[(&Path, &str)]) -> String {
+    domain_xml(name, disks, "").replacen("</name>", &format!("</name><uuid>{uuid}</uuid>"), 1)
+}
+
+#[test]
+fn swapped_image_files_are_read_whole_not_through_the_other_disks_bitmap() {
+    if !libvirt_ready() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let vault = new_vault(dir, &[]);
+    let (a, exp_a) = (dir.join("a.qcow2"), dir.join("exp-a-1.img"));
+    let (b, exp_b) = (dir.join("b.qcow2"), dir.join("exp-b-1.img"));
+    qcow2_image(&a, &exp_a, 8 * MIB, &[(0x11, 0, MIB)]);
+    qcow2_image(&b, &exp_b, 8 * MIB, &[(0x21, 4 * MIB, MIB)]);
+    let name = dom_name("swap");
+    let uuid = format!("{:08x}-0000-4000-8000-00000000c0ff", std::process::id());
+    let dom = create(
+        dir,
+        &name,
+        &domain_xml_uuid(&name, &uuid, &[(&a, "qcow2"), (&b, "qcow2")]),
+    );
+    let (item_a, item_b) = (format!("{name}-vda"), format!("{name}-vdb"));
+    let first = backup(&vault, &dom, &[], false);
+    let cp1 = first["checkpoint"].as_str().unwrap().to_string();
+    let point =
+        |b: &serde_json::Value, t: &str| disk(b, t)["point"]["id"].as_str().unwrap().to_string();
+    let (pa1, pb1) = (point(&first, "vda"), point(&first, "vdb"));
+
+    // The guest writes to both disks: each image's bitmap marks its own
+    // changes.
+    let (exp_a2, exp_b2) = (dir.join("exp-a-2.img"), dir.join("exp-b-2.img"));
+    std::fs::copy(&exp_a, &exp_a2).unwrap();
+    std::fs::copy(&exp_b, &exp_b2).unwrap();
+    guest_write(&dom, 0, 0x12, 2 * MIB, 65536);
+    expect_write(&exp_a2, 0x12, 2 * MIB, 65536);
+    guest_write(&dom, 1, 0x22, 6 * MIB, 65536);
+    expect_write(&exp_b2, 0x22, 6 * MIB, 65536);
+
+    // The domain is created again with the image files swapped (vda is
+    // b.qcow2, vdb a.qcow2) and its checkpoint redefined, as libvirt
+    // keeps it: cp1 still has a bitmap "of vda", but it lives in b.qcow2.
+    let saved = dir.join("cp1.xml");
+    std::fs::write(&saved, virsh(&["checkpoint-dumpxml", &name, &cp1]).unwrap()).unwrap();
+    drop(dom);
+    let dom = create(
+        dir,
+        &name,
+        &domain_xml_uuid(&name, &uuid, &[(&b, "qcow2"), (&a, "qcow2")]),
+    );
+    virsh(&["checkpoint-create", &name, s(&saved), "--redefine"]).unwrap();
+    assert_eq!(checkpoints(&dom), vec![cp1.clone()]);
+
+    // No sampling: nothing but the images' identity can catch it.
+    let second = backup(
+        &vault,
+        &dom,
+        &["--cbt-sample", "0%", "--cbt-sample-min", "0"],
+        true,
+    );
+    for (target, now, then) in [("vda", &b, &a), ("vdb", &a, &b)] {
+        let d = disk(&second, target);
+        assert!(d["incremental_from"].is_null(), "read whole: {d:#}");
+        let why = d["full_read"].as_str().unwrap();
+        assert!(
+            why.contains(s(now)) && why.contains(s(then)) && why.contains(&cp1),
+            "the warning names both images and the checkpoint: {d:#}"
+        );
+        assert!(
+            d["job"].to_string().contains("recorded it as"),
+            "the job carries the warning: {d:#}"
+        );
+    }
+    let (pa2, pb2) = (point(&second, "vda"), point(&second, "vdb"));
+
+    // The chain goes on from the new checkpoint, incrementally again.
+    let cp2 = second["checkpoint"].as_str().unwrap().to_string();
+    let exp_b3 = dir.join("exp-b-3.img");
+    std::fs::copy(&exp_b2, &exp_b3).unwrap();
+    guest_write(&dom, 0, 0x23, MIB, 4096);
+    expect_write(&exp_b3, 0x23, MIB, 4096);
+    let third = backup(
+        &vault,
+        &dom,
+        &["--cbt-sample", "0%", "--cbt-sample-min", "0"],
+        false,
+    );
+    assert_eq!(disk(&third, "vda")["incremental_from"], cp2.as_str());
+    assert_eq!(disk(&third, "vdb")["incremental_from"], cp2.as_str());
+    let (pa3, pb3) = (point(&third, "vda"), point(&third, "vdb"));
+
+    // Every point is the disk at its instant.
+    restores_as(&vault, &item_a, &pa1, &exp_a, dir);
+    restores_as(&vault, &item_b, &pb1, &exp_b, dir);
+    restores_as(&vault, &item_a, &pa2, &exp_b2, dir);
+    restores_as(&vault, &item_b, &pb2, &exp_a2, dir);
+    restores_as(&vault, &item_a, &pa3, &exp_b3, dir);
+    restores_as(&vault, &item_b, &pb3, &exp_a2, dir);
+}

@@ -19,7 +19,10 @@
 //! disk's latest point names it any more, after the new points are
 //! committed: a failed or killed run leaves the older checkpoint, which
 //! the next run builds on. A disk whose checkpoint is gone is read whole,
-//! with a warning. libvirt keeps no checkpoint of a raw disk: such a disk
+//! with a warning, and so is a disk that is not the image it was when the
+//! checkpoint was created (libvirt records each disk's image with the
+//! checkpoint; a bitmap is its image's changes, so after the image files
+//! of two disks were swapped, each bitmap is the other disk's). libvirt keeps no checkpoint of a raw disk: such a disk
 //! is read whole every time (said once per run, not as a job warning).
 //!
 //! **Clean-up.** The libvirt job ends (`domjobabort`) whatever happens; a
@@ -509,7 +512,7 @@ fn backup_running(
     let items: Vec<String> = disks.iter().map(|d| plan.item(&d.target)).collect();
     let latest = latest_points(vault_dir, &opts.writer, &items)?;
     let existing: BTreeSet<String> = domain.checkpoints()?.into_iter().collect();
-    let mut bitmaps_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut checkpoints: BTreeMap<String, xml::Checkpoint> = BTreeMap::new();
     let mut requests = Vec::new();
     let mut full_reads: BTreeMap<String, (String, bool)> = BTreeMap::new();
     for d in disks {
@@ -530,27 +533,50 @@ fn backup_running(
                 ),
             );
         } else if let Some(b) = base {
-            let has = if existing.contains(&b) {
-                if !bitmaps_of.contains_key(&b) {
-                    bitmaps_of.insert(b.clone(), domain.checkpoint_disks(&b)?);
+            let recorded = if existing.contains(&b) {
+                if !checkpoints.contains_key(&b) {
+                    checkpoints.insert(b.clone(), domain.checkpoint(&b)?);
                 }
-                bitmaps_of.get(&b).is_some_and(|t| t.contains(&d.target))
+                checkpoints.get(&b)
             } else {
-                false
+                None
             };
-            if has {
-                incremental = Some(b);
-            } else {
-                full_reads.insert(
-                    d.target.clone(),
-                    (
-                        format!(
-                            "checkpoint {b}, which the last point of item {item} recorded, is gone from domain {} (or keeps no bitmap of disk {}): the whole disk was read",
-                            domain.name, d.target
+            match recorded {
+                Some(c) if c.bitmaps.contains(&d.target) => {
+                    // A bitmap lives in an image: it is this disk's changes
+                    // only if the disk is still the image it was at the
+                    // checkpoint (a redefined domain may have swapped them).
+                    match (c.identity_of(&d.target), d.identity.as_deref()) {
+                        (Some(then), Some(now)) if then == now => incremental = Some(b),
+                        (then, now) => {
+                            full_reads.insert(
+                                d.target.clone(),
+                                (
+                                    format!(
+                                        "disk {} of domain {} is {} now, but checkpoint {b} recorded it as {}: its bitmap is not this disk's changes since item {item}'s last point, so the whole disk was read",
+                                        d.target,
+                                        domain.name,
+                                        now.unwrap_or("an image libvirt does not name"),
+                                        then.unwrap_or("an image it does not name"),
+                                    ),
+                                    true,
+                                ),
+                            );
+                        }
+                    }
+                }
+                _ => {
+                    full_reads.insert(
+                        d.target.clone(),
+                        (
+                            format!(
+                                "checkpoint {b}, which the last point of item {item} recorded, is gone from domain {} (or keeps no bitmap of disk {}): the whole disk was read",
+                                domain.name, d.target
+                            ),
+                            true,
                         ),
-                        true,
-                    ),
-                );
+                    );
+                }
             }
         } else if point.is_some() {
             full_reads.insert(

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::virsh::{self, Failure};
-use super::xml::{self, BackupJob, DomainXml};
+use super::xml::{self, BackupJob, Checkpoint, DomainXml};
 use crate::error::{Result, SnapError};
 
 /// How long one `virsh` call may take (a freeze waits on the guest).
@@ -122,11 +122,21 @@ impl Domain {
         Ok(names)
     }
 
-    /// The disks checkpoint `name` keeps a bitmap of.
-    pub fn checkpoint_disks(&self, name: &str) -> Result<Vec<String>> {
-        let text = self.call(&["checkpoint-dumpxml", &self.name, name, "--no-domain"])?;
-        xml::checkpoint_disks(&text)
-            .map_err(|e| self.fail(format!("the XML of checkpoint {name}: {e}")))
+    /// Checkpoint `name`: the disks it keeps a bitmap of, and the domain
+    /// as it was when it was created (each disk's image then: a bitmap is
+    /// the changes of the image it lives in, whatever disk that image is
+    /// now).
+    pub fn checkpoint(&self, name: &str) -> Result<Checkpoint> {
+        let text = self.call(&["checkpoint-dumpxml", &self.name, name])?;
+        let c = xml::checkpoint(&text)
+            .map_err(|e| self.fail(format!("the XML of checkpoint {name}: {e}")))?;
+        if c.name != name {
+            return Err(self.fail(format!(
+                "libvirt returned the XML of checkpoint {:?} for {name}",
+                c.name.chars().take(100).collect::<String>()
+            )));
+        }
+        Ok(c)
     }
 
     /// Deletes coffre's checkpoint `name` (its bitmaps go with it).
