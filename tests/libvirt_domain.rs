@@ -528,3 +528,113 @@ fn swapped_image_files_are_read_whole_not_through_the_other_disks_bitmap() {
     restores_as(&vault, &item_a, &pa3, &exp_b3, dir);
     restores_as(&vault, &item_b, &pb3, &exp_a2, dir);
 }
+
+#[test]
+fn a_second_run_on_a_domain_being_backed_up_fails_at_once_with_exit_4() {
+    if !libvirt_ready() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let vault = new_vault(dir, &[]);
+    let b = dir.join("b.qcow2");
+    let exp = dir.join("exp.img");
+    qcow2_image(&b, &exp, 8 * MIB, &[(0x61, 0, MIB)]);
+    let name = dom_name("busy");
+    let dom = create(dir, &name, &domain_xml(&name, &[(&b, "qcow2")], ""));
+    // The first run's pre-snapshot hook (run around the instant, with the
+    // domain's lock held) says it started, then takes its time.
+    let started = dir.join("hook-started");
+    let hook = format!("sh -c 'touch {}; sleep 4'", started.display());
+    ok(&[
+        "protect",
+        "--vault",
+        s(&vault),
+        "--item",
+        &format!("{name}-vda"),
+        "--policy",
+        "DefaultPolicy",
+        "--pre-snapshot",
+        &hook,
+        &format!("libvirt:///{name}/vda?connect={CONNECT}"),
+    ]);
+    let backup_args = |v: &Path| {
+        [
+            "--output",
+            "json",
+            "backup",
+            "--vault",
+            s(v),
+            "--domain",
+            &name,
+            "--connect",
+            CONNECT,
+        ]
+        .map(str::to_string)
+    };
+    let first = coffre()
+        .args(backup_args(&vault))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !started.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the first run's hook never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A second vault of this host (its own registry), same domain.
+    let other_dir = dir.join("other");
+    std::fs::create_dir(&other_dir).unwrap();
+    let other = new_vault(&other_dir, &[]);
+    let second = || {
+        coffre()
+            .env("COFFRE_REGISTRY", other_dir.join("registry"))
+            .args(backup_args(&other))
+            .output()
+            .unwrap()
+    };
+    let mut first = first;
+    let out = second();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the second run failed while the first held the domain, without waiting for it"
+    );
+    assert!(err.contains(&name), "names the domain: {err}");
+    assert!(
+        err.contains(&format!("pid {}", first.id())),
+        "names the holder: {err}"
+    );
+    assert!(err.contains("being backed up"), "{err}");
+
+    let done = first.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let firsts: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
+    let d = disk(&firsts, "vda");
+    assert_eq!(d["job"]["status"], "Completed", "{d:#}");
+    assert_eq!(
+        checkpoints(&dom),
+        vec![firsts["checkpoint"].as_str().unwrap().to_string()]
+    );
+    let p = d["point"]["id"].as_str().unwrap().to_string();
+    restores_as(&vault, &format!("{name}-vda"), &p, &exp, dir);
+
+    // Once the first run is done, the other vault's goes through.
+    let out = second();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(checkpoints(&dom).len(), 2, "one checkpoint per vault");
+}

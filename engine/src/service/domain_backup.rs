@@ -25,6 +25,10 @@
 //! of two disks were swapped, each bitmap is the other disk's). libvirt keeps no checkpoint of a raw disk: such a disk
 //! is read whole every time (said once per run, not as a job warning).
 //!
+//! **One run at a time.** A run holds the domain's host-wide lock
+//! (`vm::libvirt::lock`) from start to end; a second run on the domain, for
+//! this vault or another, fails at once.
+//!
 //! **Clean-up.** The libvirt job ends (`domjobabort`) whatever happens; a
 //! job or checkpoints a killed run left are found by name by the next run
 //! and removed.
@@ -42,6 +46,7 @@ use coffre_snapshotter::hooks::{Around, HookEnv, failed_hooks_warning};
 use coffre_snapshotter::nbd::{NbdImage, open_any};
 use coffre_snapshotter::source::live::{PointInTime, Pretaken, Taken};
 use coffre_snapshotter::vm::libvirt::domain::Domain;
+use coffre_snapshotter::vm::libvirt::lock::DomainLock;
 use coffre_snapshotter::vm::libvirt::pull::{self, PullBackup};
 use coffre_snapshotter::vm::libvirt::xml::{self, DiskRequest, DomainXml};
 use coffre_snapshotter::vm::libvirt::{self as lv, vault_checkpoint_prefix};
@@ -365,6 +370,10 @@ pub fn backup_domain(
         }
         .into());
     }
+    // One coffre run at a time backs the domain up on this host, from
+    // the clean-up of what a killed run left to the retirement of the
+    // superseded checkpoints.
+    let lock = DomainLock::acquire(&plan.domain, plan.xml.uuid.as_deref())?;
     let domain_job = domain_job_id(clock.now());
     let mut out = DomainOutcome {
         domain: plan.domain.name.clone(),
@@ -380,7 +389,7 @@ pub fn backup_domain(
         disks: Vec::new(),
     };
     if plan.running {
-        backup_running(vault_dir, plan, &disks, opts, clock, bars, &mut out)?;
+        backup_running(vault_dir, plan, &lock, &disks, opts, clock, bars, &mut out)?;
     } else {
         backup_files(vault_dir, plan, &disks, opts, clock, bars, &mut out)?;
     }
@@ -486,6 +495,7 @@ fn labels(
 fn backup_running(
     vault_dir: &std::path::Path,
     plan: &DomainPlan,
+    lock: &DomainLock,
     disks: &[&xml::Disk],
     opts: &DomainOptions<'_>,
     clock: &dyn Clock,
@@ -495,7 +505,7 @@ fn backup_running(
     let domain = &plan.domain;
     // What a killed run left: its job, then the checkpoints no point
     // names (the killed run's, never committed).
-    if let Some(done) = pull::clean_stale_job(domain)? {
+    if let Some(done) = pull::clean_stale_job(domain, lock)? {
         out.warnings.push(done);
     }
     if let Some(thawed) = pull::thaw_leftover(domain, &plan.xml) {

@@ -14,6 +14,8 @@
 //!
 //! - [`domain`]: the `virsh` calls on one domain (state, XML, checkpoints,
 //!   the backup job, filesystem freeze).
+//! - [`lock`]: the host-wide lock of a domain, held for a whole run, so
+//!   that two coffre runs never back one domain up at once.
 //! - [`pull`]: one pull-mode backup: the private folder of its NBD socket
 //!   and scratch files, the freeze around the instant, `backup-begin`, the
 //!   exports, and the end of the job (`domjobabort`) whatever happens;
@@ -26,6 +28,7 @@
 //! `libvirt:///DOMAIN/TARGET?connect=URI` ([`libvirt_source`]).
 
 pub mod domain;
+pub mod lock;
 pub mod pull;
 pub mod virsh;
 pub mod xml;

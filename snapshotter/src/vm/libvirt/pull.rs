@@ -18,15 +18,16 @@
 //! - the job itself, ended with `domjobabort` by [`PullBackup::end`] or,
 //!   failing that, when the value is dropped.
 //!
-//! A run killed before its end leaves the job running: the next run finds
-//! it by its socket's folder name and ends it when the coffre process
-//! that started it is gone ([`clean_stale_job`]).
+//! A run killed before its end leaves the job running: the next run,
+//! holding the domain's lock ([`super::lock`]), finds it by its socket's
+//! folder name and ends it ([`clean_stale_job`]).
 
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
 
 use super::domain::Domain;
+use super::lock::DomainLock;
 use super::xml::{self, DiskRequest, DomainXml, Export};
 use crate::error::{Result, SnapError};
 
@@ -112,16 +113,6 @@ fn owner_pid(dir: &Path) -> Option<u32> {
         return None;
     }
     pid.parse().ok()
-}
-
-/// True when `pid` is another live coffre process.
-fn coffre_alive(pid: u32) -> bool {
-    if pid == std::process::id() {
-        // This process ends its own jobs before it starts another.
-        return false;
-    }
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .is_ok_and(|comm| comm.trim_end().starts_with("coffre"))
 }
 
 impl PullBackup {
@@ -313,10 +304,13 @@ pub fn thaw_leftover(domain: &Domain, live: &DomainXml) -> Option<String> {
     }
 }
 
-/// Ends the backup job a killed coffre run left on `domain`. Returns what it did (nothing when there
-/// is no job). A job coffre did not start, or one a live coffre process
-/// runs, is left alone and is an error: libvirt runs one job at a time.
-pub fn clean_stale_job(domain: &Domain) -> Result<Option<String>> {
+/// Ends the backup job a killed coffre run left on `domain`. Returns what
+/// it did (nothing when there is no job). The caller holds the domain's
+/// lock, so no other coffre run of this host is backing it up: a job of
+/// coffre's (its socket in a folder named after a coffre run) is stale. A
+/// job coffre did not start is left alone and is an error: libvirt runs
+/// one job at a time.
+pub fn clean_stale_job(domain: &Domain, _held: &DomainLock) -> Result<Option<String>> {
     let Some(job) = domain.backup_job()? else {
         return Ok(None);
     };
@@ -334,11 +328,6 @@ pub fn clean_stale_job(domain: &Domain) -> Result<Option<String>> {
             domain.name
         )));
     };
-    if coffre_alive(pid) {
-        return Err(fail(format!(
-            "another coffre process (pid {pid}) is backing it up; try again when it is done"
-        )));
-    }
     domain.abort_job()?;
     // libvirt deleted the socket and the scratch files; the request files
     // are coffre's. Only the folder's known files are removed, then the
@@ -364,7 +353,6 @@ mod tests {
     fn work_folders_carry_their_owner() {
         let d = work_dir().unwrap();
         assert_eq!(owner_pid(&d), Some(std::process::id()));
-        assert!(!coffre_alive(std::process::id()));
         std::fs::remove_dir(&d).unwrap();
         for bad in [
             "/tmp/coffre-libvirt-12-abc",

@@ -188,6 +188,9 @@ impl Disk {
 pub struct DomainXml {
     /// The domain's name.
     pub name: String,
+    /// Its UUID (lower-case, `8-4-4-4-12` hex digits), when the XML has a
+    /// well-formed one.
+    pub uuid: Option<String>,
     /// Its disks (`device='disk'` only: no CD-ROM, floppy or LUN).
     pub disks: Vec<Disk>,
     /// The user and group QEMU runs as (the DAC label `+UID:+GID` of a
@@ -286,12 +289,27 @@ fn domain_of(root: &Node) -> Result<DomainXml, String> {
         .find(|s| s.attr("model") == Some("dac"))
         .and_then(|s| s.child("label"))
         .and_then(|l| dac_label(&l.text));
+    let uuid = root
+        .child("uuid")
+        .map(|u| u.text.to_ascii_lowercase())
+        .filter(|u| is_uuid(u));
     Ok(DomainXml {
         name,
+        uuid,
         disks,
         qemu_user,
         agent,
     })
+}
+
+/// True for a UUID in its usual form: 36 characters, hex digits and `-`
+/// at 8, 13, 18 and 23.
+fn is_uuid(u: &str) -> bool {
+    u.len() == 36
+        && u.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
 }
 
 /// Reads a DAC label `+UID:+GID` (or `UID:GID`); names are not resolved.
@@ -612,6 +630,18 @@ mod tests {
         );
         assert!(d.disks[1].can_checkpoint());
         assert_eq!(d.qemu_user, Some((64055, 107)));
+        assert_eq!(d.uuid, None);
+        let u = domain(&LIVE.replace(
+            "</name>",
+            "</name><uuid>341684DD-8397-44b2-8de7-2c99e058d012</uuid>",
+        ))
+        .unwrap();
+        assert_eq!(
+            u.uuid.as_deref(),
+            Some("341684dd-8397-44b2-8de7-2c99e058d012")
+        );
+        let bad = domain(&LIVE.replace("</name>", "</name><uuid>../../x</uuid>")).unwrap();
+        assert_eq!(bad.uuid, None);
         assert_eq!(d.agent, Some(Some("disconnected".into())));
     }
 
