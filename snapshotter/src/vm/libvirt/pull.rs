@@ -14,7 +14,9 @@
 //! - the freeze of the guest's filesystems around the instant, when the
 //!   domain has a guest agent channel: `domfsfreeze` before `backup-begin`,
 //!   `domfsthaw` right after, whatever happened; a freeze that fails is
-//!   thawed, said in a warning, and the point is crash-consistent;
+//!   thawed, said in a warning, and the point is crash-consistent. A thaw
+//!   is retried for about 2 s; a guest that still does not thaw fails the
+//!   run with the `virsh domfsthaw` command to run (it may be frozen);
 //! - the job itself, ended with `domjobabort` by [`PullBackup::end`] or,
 //!   failing that, when the value is dropped.
 //!
@@ -23,6 +25,7 @@
 //! folder name and ends it ([`clean_stale_job`]).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use jiff::Timestamp;
 
@@ -183,8 +186,12 @@ impl PullBackup {
                 Ok(()) => true,
                 Err(e) => {
                     // A freeze that failed half-way may have frozen some
-                    // filesystems: thaw whatever it did.
-                    let _ = domain.thaw();
+                    // filesystems: thaw whatever it did, or fail, since the
+                    // guest may be stuck. An agent that was never reached
+                    // froze nothing.
+                    if !agent_unreachable(&e.to_string()) {
+                        thaw_or_fail(domain)?;
+                    }
                     backup.warnings.push(format!(
                         "the guest's filesystems could not be frozen ({e}); the point is crash-consistent"
                     ));
@@ -194,20 +201,29 @@ impl PullBackup {
         };
         backup.instant = Timestamp::now();
         let begun = domain.backup_begin(&request, checkpoint_file.as_deref());
-        if frozen {
-            let thawed = domain.thaw().or_else(|_| domain.thaw());
+        // The guest is thawed first, whatever backup-begin did.
+        let thawed = if frozen {
+            let thawed = thaw_or_fail(domain);
             backup.freeze_ms =
                 Some(u64::try_from(freezing.elapsed().as_millis()).unwrap_or(u64::MAX));
-            match thawed {
-                Ok(_) => backup.consistency = Consistency::Filesystem,
-                Err(e) => backup.warnings.push(format!(
-                    "the guest's filesystems may still be frozen ({e}): run `virsh domfsthaw {}`",
-                    domain.name
-                )),
+            thawed
+        } else {
+            Ok(())
+        };
+        if let Err(e) = begun {
+            if let Err(frozen) = thawed {
+                tracing::warn!(domain = %domain.name, error = %e, "backup-begin failed");
+                return Err(frozen);
             }
+            return Err(e);
         }
-        begun?;
+        // Ended when dropped, from here on (with the error of a guest that
+        // may still be frozen).
         backup.ended = false;
+        thawed?;
+        if frozen {
+            backup.consistency = Consistency::Filesystem;
+        }
         let job = domain
             .backup_job()?
             .ok_or_else(|| fail("backup-begin succeeded but libvirt shows no backup job".into()))?;
@@ -282,6 +298,56 @@ impl Drop for PullBackup {
     }
 }
 
+/// The pauses before each attempt to thaw the guest: 5 attempts over
+/// about 2 s.
+const THAW_PAUSES: [Duration; 5] = [
+    Duration::ZERO,
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_millis(500),
+    Duration::from_millis(750),
+];
+
+/// True when virsh's error says the guest agent was not reached at all
+/// (`QEMU guest agent is not connected`): such a freeze froze nothing.
+fn agent_unreachable(error: &str) -> bool {
+    error.contains("guest agent is not connected")
+}
+
+/// Calls `thaw` until it succeeds, after each pause of `pauses` in turn;
+/// when every attempt failed, how many there were and the last error.
+fn retry<E>(
+    pauses: &[Duration],
+    mut thaw: impl FnMut() -> std::result::Result<(), E>,
+) -> std::result::Result<(), (usize, E)> {
+    let mut last = None;
+    for (n, pause) in pauses.iter().enumerate() {
+        std::thread::sleep(*pause);
+        match thaw() {
+            Ok(()) => return Ok(()),
+            Err(e) => last = Some((n + 1, e)),
+        }
+    }
+    last.map_or(Ok(()), Err)
+}
+
+/// The error of a guest that could not be thawed.
+fn still_frozen(domain: &Domain, attempts: usize, last: &dyn std::fmt::Display) -> SnapError {
+    SnapError::Libvirt {
+        domain: domain.name.clone(),
+        reason: format!(
+            "the guest's filesystems may still be frozen: {attempts} thaws failed (the last: {last}); thaw them with `virsh --connect {} domfsthaw {}`",
+            domain.connect, domain.name
+        ),
+    }
+}
+
+/// Thaws the guest, retrying for about 2 s ([`THAW_PAUSES`]); an error
+/// when every attempt failed: the guest may be frozen.
+fn thaw_or_fail(domain: &Domain) -> Result<()> {
+    retry(&THAW_PAUSES, || domain.thaw().map(|_| ())).map_err(|(n, e)| still_frozen(domain, n, &e))
+}
+
 /// Thaws a guest a killed coffre run may have left frozen (killed between
 /// `domfsfreeze` and `domfsthaw`, whether or not its backup job began),
 /// when the domain has a guest agent channel. Returns a warning when some
@@ -348,6 +414,45 @@ pub fn clean_stale_job(domain: &Domain, _held: &DomainLock) -> Result<Option<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn libvirt_thaw_is_retried_then_fails_saying_the_guest_may_be_frozen() {
+        let pauses = [Duration::from_millis(1); 5];
+        let mut calls = 0;
+        let r: std::result::Result<(), (usize, &str)> = retry(&pauses, || {
+            calls += 1;
+            if calls < 3 { Err("busy") } else { Ok(()) }
+        });
+        assert_eq!((r, calls), (Ok(()), 3));
+        let mut calls = 0;
+        let r = retry(&pauses, || {
+            calls += 1;
+            Err(format!("no {calls}"))
+        });
+        assert_eq!(r, Err((5, "no 5".to_string())));
+        let total: Duration = THAW_PAUSES.iter().sum();
+        assert!(
+            (Duration::from_millis(1500)..=Duration::from_millis(2500)).contains(&total),
+            "{total:?}"
+        );
+        let d = Domain {
+            connect: "qemu:///system".into(),
+            name: "web1".into(),
+        };
+        let e = still_frozen(&d, 5, &"Guest agent is not responding").to_string();
+        assert!(e.contains("may still be frozen"), "{e}");
+        assert!(
+            e.contains("`virsh --connect qemu:///system domfsthaw web1`"),
+            "{e}"
+        );
+        // What libvirt 9.0 says of a channel no agent answers.
+        assert!(agent_unreachable(
+            "libvirt domain x: virsh domfsfreeze: Unable to freeze filesystems; Guest agent is not responding: QEMU guest agent is not connected"
+        ));
+        assert!(!agent_unreachable(
+            "virsh domfsfreeze: Guest agent is not responding: Guest agent not available for now"
+        ));
+    }
 
     #[test]
     fn work_folders_carry_their_owner() {
