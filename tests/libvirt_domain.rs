@@ -638,3 +638,77 @@ fn a_second_run_on_a_domain_being_backed_up_fails_at_once_with_exit_4() {
     );
     assert_eq!(checkpoints(&dom).len(), 2, "one checkpoint per vault");
 }
+
+#[test]
+fn a_backup_begin_that_fails_after_libvirt_started_the_job_leaves_no_job() {
+    if !libvirt_ready() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let vault = new_vault(dir, &[]);
+    let b = dir.join("b.qcow2");
+    let exp = dir.join("exp.img");
+    qcow2_image(&b, &exp, 8 * MIB, &[(0x71, MIB, MIB)]);
+    let name = dom_name("lost");
+    let dom = create(dir, &name, &domain_xml(&name, &[(&b, "qcow2")], ""));
+    // The real virsh, whose answer to backup-begin is lost after libvirt
+    // started the job (a connection that drops, a call that times out).
+    let real = std::process::Command::new("sh")
+        .args(["-c", "command -v virsh"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8(real.stdout).unwrap().trim().to_string();
+    let bin = dir.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let wrapper = bin.join("virsh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n{real} \"$@\"\nrc=$?\ncase \" $* \" in *' backup-begin '*) echo 'error: Disconnected from {CONNECT} due to end of file' >&2; exit 1;; esac\nexit $rc\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = coffre()
+        .env("PATH", &path)
+        .args([
+            "backup",
+            "--vault",
+            s(&vault),
+            "--domain",
+            &name,
+            "--connect",
+            CONNECT,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Disconnected"), "{err}");
+    assert!(err.contains("it was ended"), "{err}");
+    assert!(!has_backup_job(&dom), "no libvirt job is left running");
+
+    // The next run starts clean (nothing to end) and builds the chain.
+    let next = backup(&vault, &dom, &[], false);
+    assert!(
+        !next["warnings"].to_string().contains("killed coffre run"),
+        "{next:#}"
+    );
+    assert_eq!(
+        checkpoints(&dom),
+        vec![next["checkpoint"].as_str().unwrap().to_string()],
+        "the failed run's checkpoint is retired"
+    );
+    let p = disk(&next, "vda")["point"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    restores_as(&vault, &format!("{name}-vda"), &p, &exp, dir);
+}

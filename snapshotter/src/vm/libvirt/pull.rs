@@ -18,7 +18,9 @@
 //!   is retried for about 2 s; a guest that still does not thaw fails the
 //!   run with the `virsh domfsthaw` command to run (it may be frozen);
 //! - the job itself, ended with `domjobabort` by [`PullBackup::end`] or,
-//!   failing that, when the value is dropped.
+//!   failing that, when the value is dropped; a `backup-begin` that failed
+//!   or timed out yet started the job (its socket is in the folder) is
+//!   ended at once.
 //!
 //! A run killed before its end leaves the job running: the next run,
 //! holding the domain's lock ([`super::lock`]), finds it by its socket's
@@ -211,6 +213,16 @@ impl PullBackup {
             Ok(())
         };
         if let Err(e) = begun {
+            // A call that failed or timed out may still have started the
+            // job (libvirt acted, the answer was lost): ended here, not
+            // left to the next run.
+            let e = match (backup.end_begun_anyway(), e) {
+                (Some(said), SnapError::Libvirt { domain, reason }) => SnapError::Libvirt {
+                    domain,
+                    reason: format!("{reason}; {said}"),
+                },
+                (_, e) => e,
+            };
             if let Err(frozen) = thawed {
                 tracing::warn!(domain = %domain.name, error = %e, "backup-begin failed");
                 return Err(frozen);
@@ -254,6 +266,31 @@ impl PullBackup {
         }
         backup.exports = job.exports;
         Ok(backup)
+    }
+
+    /// Ends the job a failed `backup-begin` started all the same: the
+    /// domain's backup job whose socket is in this backup's folder. Says
+    /// what it did, if anything.
+    fn end_begun_anyway(&self) -> Option<String> {
+        let job = match self.domain.backup_job() {
+            Ok(Some(job)) => job,
+            Ok(None) => return None,
+            Err(e) => {
+                return Some(format!(
+                    "whether libvirt started the backup job anyway is unknown ({e})"
+                ));
+            }
+        };
+        let folder = self.socket.parent();
+        if job.socket.as_deref().and_then(Path::parent) != folder {
+            return None;
+        }
+        Some(match self.domain.abort_job() {
+            Ok(()) => "libvirt had started the backup job anyway: it was ended".into(),
+            Err(e) => format!(
+                "libvirt started the backup job anyway and it could not be ended ({e}); the next run ends it"
+            ),
+        })
     }
 
     /// The export of disk `target`.
