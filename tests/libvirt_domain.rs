@@ -296,6 +296,26 @@ fn a_killed_domain_backup_is_cleaned_up_by_the_next_run() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(500));
+    // Its folder: coffre's (0711), with the requests; only the subfolder
+    // q, with the socket and the scratch file, is QEMU's user's.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let prefix = format!("coffre-libvirt-{}-", slow.id());
+        let work = std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .expect("the run's folder")
+            .path();
+        let outer = std::fs::symlink_metadata(&work).unwrap();
+        assert_eq!((outer.uid(), outer.mode() & 0o7777), (0, 0o711));
+        assert!(work.join("backup.xml").is_file());
+        let q = std::fs::symlink_metadata(work.join("q")).unwrap();
+        assert_eq!(q.mode() & 0o7777, 0o700);
+        assert_ne!(q.uid(), 0, "handed to the user QEMU runs as");
+        assert!(work.join("q/nbd.sock").exists());
+        assert!(work.join("q/vda.scratch").exists());
+    }
     slow.kill().unwrap();
     slow.wait().unwrap();
     assert!(has_backup_job(&dom), "the killed run left its job");

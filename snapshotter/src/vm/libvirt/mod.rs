@@ -20,10 +20,13 @@
 //!   and scratch files, the freeze around the instant, `backup-begin`, the
 //!   exports, and the end of the job (`domjobabort`) whatever happens;
 //!   what a killed run left is found and removed by name.
+//! - [`workdir`]: a pull backup's private folder (the part QEMU's user
+//!   may write kept apart), and its removal through descriptors that
+//!   follow no symlink.
 //!
 //! Every checkpoint coffre creates is named [`CHECKPOINT_PREFIX`], 8 hex
 //! digits of the vault ([`vault_checkpoint_prefix`]) and the domain job's
-//! id; the NBD socket lives in a folder named
+//! id; the NBD socket lives in `q/` of a folder named
 //! `coffre-libvirt-PID-…`. A disk is recorded as the item source
 //! `libvirt:///DOMAIN/TARGET?connect=URI` ([`libvirt_source`]).
 
@@ -31,6 +34,7 @@ pub mod domain;
 pub mod lock;
 pub mod pull;
 pub mod virsh;
+pub mod workdir;
 pub mod xml;
 
 /// How a disk of a domain is recorded as an item's source.

@@ -7,10 +7,9 @@
 //!
 //! [`PullBackup`] owns what the backup puts on the host and ends it:
 //!
-//! - a private folder, `$TMPDIR/coffre-libvirt-PID-RANDOM` (0700, handed to
-//!   the user QEMU runs as, which must create the socket and the scratch
-//!   files in it), holding the request XML, the socket and the scratch
-//!   files;
+//! - a private folder, `$TMPDIR/coffre-libvirt-PID-RANDOM` ([`workdir`]):
+//!   the request XML in it, the socket and the scratch files in its
+//!   subfolder `q`, the only part handed to the user QEMU runs as;
 //! - the freeze of the guest's filesystems around the instant, when the
 //!   domain has a guest agent channel: `domfsfreeze` before `backup-begin`,
 //!   `domfsthaw` right after, whatever happened; a freeze that fails is
@@ -33,11 +32,9 @@ use jiff::Timestamp;
 
 use super::domain::Domain;
 use super::lock::DomainLock;
+use super::workdir;
 use super::xml::{self, DiskRequest, DomainXml, Export};
 use crate::error::{Result, SnapError};
-
-/// The prefix of the folder a pull backup's socket lives in.
-pub const WORK_PREFIX: &str = "coffre-libvirt-";
 
 /// Longest Unix socket path (`sun_path` holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -65,7 +62,10 @@ impl Consistency {
 #[derive(Debug)]
 pub struct PullBackup {
     domain: Domain,
+    /// The backup's folder ([`workdir`]).
     dir: PathBuf,
+    /// The disks backed up (their scratch files' names).
+    targets: Vec<String>,
     /// The NBD server's socket.
     pub socket: PathBuf,
     /// The exported disks.
@@ -80,44 +80,6 @@ pub struct PullBackup {
     /// the freeze call to the thaw's answer.
     pub freeze_ms: Option<u64>,
     ended: bool,
-}
-
-/// A new private folder under the temporary directory, named after this
-/// process (so a later run can tell whether its owner still lives).
-fn work_dir() -> Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let tmp = std::env::temp_dir();
-    let mut last = None;
-    for attempt in 0..16u64 {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let tag = blake3::hash(format!("{seed}-{}-{attempt}", std::process::id()).as_bytes());
-        let dir = tmp.join(format!(
-            "{WORK_PREFIX}{}-{}",
-            std::process::id(),
-            &tag.to_hex()[..16]
-        ));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(SnapError::write(
-        tmp,
-        last.unwrap_or_else(|| std::io::Error::other("no attempt")),
-    ))
-}
-
-/// The pid a work folder's name carries (`coffre-libvirt-PID-16 hex`).
-fn owner_pid(dir: &Path) -> Option<u32> {
-    let name = dir.file_name()?.to_str()?;
-    let rest = name.strip_prefix(WORK_PREFIX)?;
-    let (pid, tag) = rest.split_once('-')?;
-    if tag.len() != 16 || !tag.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    pid.parse().ok()
 }
 
 impl PullBackup {
@@ -135,11 +97,13 @@ impl PullBackup {
             domain: domain.name.clone(),
             reason,
         };
-        let dir = work_dir()?;
+        let dir = workdir::create(&std::env::temp_dir(), live.qemu_user)?;
+        let qemu_dir = dir.join(workdir::QEMU_DIR);
         let mut backup = PullBackup {
             domain: domain.clone(),
-            socket: dir.join("nbd.sock"),
+            socket: qemu_dir.join(workdir::SOCKET),
             dir,
+            targets: disks.iter().map(|d| d.target.clone()).collect(),
             exports: Vec::new(),
             instant: Timestamp::now(),
             consistency: Consistency::Crash,
@@ -154,32 +118,25 @@ impl PullBackup {
                 backup.socket.display()
             )));
         }
-        let request = backup.dir.join("backup.xml");
-        std::fs::write(
-            &request,
-            xml::backup_request(&backup.socket, &backup.dir, disks),
-        )
-        .map_err(|e| SnapError::write(&request, e))?;
+        // The requests are coffre's, in the folder QEMU's user cannot
+        // change; the socket and the scratch files are QEMU's, in its own
+        // subfolder.
+        let request = workdir::write_request(
+            &backup.dir,
+            "backup.xml",
+            &xml::backup_request(&backup.socket, &qemu_dir, disks),
+        )?;
         let checkpoint_file = match checkpoint {
             Some((name, description)) => {
                 xml::check_checkpoint_name(name).map_err(&fail)?;
-                let f = backup.dir.join("checkpoint.xml");
-                std::fs::write(&f, xml::checkpoint_request(name, description, disks))
-                    .map_err(|e| SnapError::write(&f, e))?;
-                Some(f)
+                Some(workdir::write_request(
+                    &backup.dir,
+                    "checkpoint.xml",
+                    &xml::checkpoint_request(name, description, disks),
+                )?)
             }
             None => None,
         };
-        // QEMU creates the socket and the scratch files: it needs the
-        // folder. Root hands it to the user QEMU runs as (libvirt's DAC
-        // label), and to nobody else.
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0
-            && let Some((uid, gid)) = live.qemu_user
-        {
-            std::os::unix::fs::chown(&backup.dir, Some(uid), Some(gid))
-                .map_err(|e| SnapError::write(&backup.dir, e))?;
-        }
 
         let freezing = std::time::Instant::now();
         let frozen = match &live.agent {
@@ -322,7 +279,9 @@ impl PullBackup {
             self.ended = true;
             self.domain.abort_job()
         };
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Err(why) = workdir::remove(&self.dir, &std::env::temp_dir(), &self.targets) {
+            tracing::warn!(domain = %self.domain.name, "the backup's folder was not removed: {why}");
+        }
         ended
     }
 }
@@ -421,8 +380,7 @@ pub fn clean_stale_job(domain: &Domain, _held: &DomainLock) -> Result<Option<Str
         domain: domain.name.clone(),
         reason,
     };
-    let folder = job.socket.as_deref().and_then(Path::parent);
-    let Some((folder, pid)) = folder.and_then(|f| owner_pid(f).map(|p| (f, p))) else {
+    let Some((folder, pid)) = job.socket.as_deref().and_then(workdir::outer_of) else {
         return Err(fail(format!(
             "it runs a backup job coffre did not start (NBD socket {}); coffre leaves it alone. End it with `virsh domjobabort {}` if nothing uses it",
             job.socket
@@ -433,19 +391,20 @@ pub fn clean_stale_job(domain: &Domain, _held: &DomainLock) -> Result<Option<Str
     };
     domain.abort_job()?;
     // libvirt deleted the socket and the scratch files; the request files
-    // are coffre's. Only the folder's known files are removed, then the
-    // folder if empty: nothing else under that path is touched.
-    for f in ["backup.xml", "checkpoint.xml", "nbd.sock"] {
-        let _ = std::fs::remove_file(folder.join(f));
-    }
-    for e in &job.exports {
-        let _ = std::fs::remove_file(folder.join(format!("{}.scratch", e.target)));
-    }
-    let _ = std::fs::remove_dir(folder);
-    Ok(Some(format!(
+    // are coffre's. The folder is removed only if it is one of coffre's,
+    // where QEMU's user can change nothing but its subfolder, and only
+    // the names coffre and libvirt put there.
+    let targets: Vec<String> = job.exports.iter().map(|e| e.target.clone()).collect();
+    let done = format!(
         "ended the backup job a killed coffre run (pid {pid}) left on domain {}",
         domain.name
-    )))
+    );
+    Ok(Some(
+        match workdir::remove(&folder, &std::env::temp_dir(), &targets) {
+            Ok(()) => done,
+            Err(why) => format!("{done}; its folder was left alone: {why}"),
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -489,23 +448,5 @@ mod tests {
         assert!(!agent_unreachable(
             "virsh domfsfreeze: Guest agent is not responding: Guest agent not available for now"
         ));
-    }
-
-    #[test]
-    fn work_folders_carry_their_owner() {
-        let d = work_dir().unwrap();
-        assert_eq!(owner_pid(&d), Some(std::process::id()));
-        std::fs::remove_dir(&d).unwrap();
-        for bad in [
-            "/tmp/coffre-libvirt-12-abc",
-            "/tmp/coffre-libvirt-x-0123456789abcdef",
-            "/tmp/other-12-0123456789abcdef",
-        ] {
-            assert_eq!(owner_pid(Path::new(bad)), None, "{bad}");
-        }
-        assert_eq!(
-            owner_pid(Path::new("/tmp/coffre-libvirt-12-0123456789abcdef")),
-            Some(12)
-        );
     }
 }
