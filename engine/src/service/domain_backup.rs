@@ -227,8 +227,11 @@ pub struct DomainOutcome {
     pub retired: Vec<String>,
     /// Warnings of the domain as a whole.
     pub warnings: Vec<String>,
-    /// One entry per disk.
+    /// One entry per disk whose job ran or was recorded as failed.
     pub disks: Vec<DiskRun>,
+    /// The disks (targets) whose backup failed before even a failed job
+    /// of theirs could be recorded, with the error.
+    pub unrecorded: Vec<(String, EngineError)>,
 }
 
 impl DomainOutcome {
@@ -346,6 +349,11 @@ fn referenced(
 
 /// Backs up the disks of the domain `plan` describes (every disk, or
 /// `opts.only`), each into item `DOMAIN-TARGET`, which must exist.
+///
+/// An error means no disk's job ran (the domain, its lock, its clean-up
+/// or its backup job failed first); once the disks' jobs start, each
+/// disk's failure is its own job's (or, when not even that could be
+/// recorded, in [`DomainOutcome::unrecorded`]).
 pub fn backup_domain(
     vault_dir: &std::path::Path,
     plan: &DomainPlan,
@@ -387,6 +395,7 @@ pub fn backup_domain(
         retired: Vec::new(),
         warnings: Vec::new(),
         disks: Vec::new(),
+        unrecorded: Vec::new(),
     };
     if plan.running {
         backup_running(vault_dir, plan, &lock, &disks, opts, clock, bars, &mut out)?;
@@ -425,8 +434,11 @@ fn disk_options(
     }
 }
 
-/// Runs one disk's job, or records a failed one when its source cannot
-/// be opened.
+/// Runs one disk's job; when its source cannot be opened or the job
+/// cannot run (an error of the job's own bookkeeping), records a failed
+/// job of the disk instead, so that one disk's failure ends that disk's
+/// job, not the domain's loop. An error only when not even a failed job
+/// could be recorded.
 #[allow(clippy::too_many_arguments)]
 fn run_disk(
     vault_dir: &std::path::Path,
@@ -439,31 +451,54 @@ fn run_disk(
     backup: BackupOptions,
     labels: BTreeMap<String, serde_json::Value>,
 ) -> Result<JobOutcome> {
-    match opened {
-        Ok(mut source) => {
-            let (snap_bar, transfer_bar) = bars(target);
-            run_source_job(
-                vault_dir,
-                &mut source,
-                JobOptions {
-                    backup,
-                    terms: opts.terms.clone(),
-                    writer: opts.writer.clone(),
-                    stop: opts.stop,
-                    labels,
-                },
-                clock,
-                &*snap_bar,
-                &*transfer_bar,
-            )
-        }
-        Err(e) => {
-            let job = record_failed_backup(vault_dir, item, &e, clock)?;
-            Ok(JobOutcome {
+    let ran = opened.and_then(|mut source| {
+        let (snap_bar, transfer_bar) = bars(target);
+        run_source_job(
+            vault_dir,
+            &mut source,
+            JobOptions {
+                backup,
+                terms: opts.terms.clone(),
+                writer: opts.writer.clone(),
+                stop: opts.stop,
+                labels,
+            },
+            clock,
+            &*snap_bar,
+            &*transfer_bar,
+        )
+    });
+    match ran {
+        Ok(outcome) => Ok(outcome),
+        Err(e) => match record_failed_backup(vault_dir, item, &e, clock) {
+            Ok(job) => Ok(JobOutcome {
                 job,
                 point: None,
                 error: Some(e),
-            })
+            }),
+            Err(record) => {
+                tracing::warn!(item, error = %record, "cannot record the failed backup job");
+                Err(e)
+            }
+        },
+    }
+}
+
+/// Keeps a disk's outcome, or, when not even a failed job of it could be
+/// recorded, its error and a warning.
+fn keep_outcome(
+    out: &mut DomainOutcome,
+    ran: Result<JobOutcome>,
+    run: impl FnOnce(JobOutcome) -> DiskRun,
+    target: &str,
+) {
+    match ran {
+        Ok(outcome) => out.disks.push(run(outcome)),
+        Err(e) => {
+            out.warnings.push(format!(
+                "disk {target}: its backup failed and no job of it could be recorded: {e}"
+            ));
+            out.unrecorded.push((target.to_string(), e));
         }
     }
 }
@@ -699,18 +734,20 @@ fn backup_running(
         }
         let labels = labels(out, &r.target, r.incremental.as_deref());
         let backup = disk_options(opts, &item, source.clone(), None, notes);
-        let outcome = run_disk(
+        let ran = run_disk(
             vault_dir, opts, clock, bars, &item, &r.target, opened, backup, labels,
-        )?;
-        out.disks.push(DiskRun {
+        );
+        let full_read = full_reads.get(&r.target).map(|(w, _)| w.clone());
+        let run = |outcome| DiskRun {
             disk: r.target.clone(),
             item,
             source,
             read_from: uri,
             incremental_from: r.incremental.clone(),
-            full_read: full_reads.get(&r.target).map(|(w, _)| w.clone()),
+            full_read,
             outcome,
-        });
+        };
+        keep_outcome(out, ran, run, &r.target);
     }
     if let Err(e) = session.end() {
         out.warnings
@@ -806,10 +843,10 @@ fn backup_files(
             Err(e) => (Err(e), None),
         };
         let backup = disk_options(opts, &item, source.clone(), hint, notes);
-        let outcome = run_disk(
+        let ran = run_disk(
             vault_dir, opts, clock, bars, &item, &d.target, opened, backup, labels,
-        )?;
-        out.disks.push(DiskRun {
+        );
+        let run = |outcome| DiskRun {
             disk: d.target.clone(),
             item,
             source,
@@ -817,7 +854,8 @@ fn backup_files(
             incremental_from: None,
             full_read: Some("the domain is not running".into()),
             outcome,
-        });
+        };
+        keep_outcome(out, ran, run, &d.target);
     }
     Ok(())
 }
