@@ -732,3 +732,28 @@ fn a_backup_begin_that_fails_after_libvirt_started_the_job_leaves_no_job() {
         .to_string();
     restores_as(&vault, &format!("{name}-vda"), &p, &exp, dir);
 }
+
+#[test]
+fn a_remote_connection_is_refused_before_connecting() {
+    // No libvirt needed: nothing connects (no ssh is started).
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    for cmd in [
+        &["backup", "--vault", s(&vault)][..],
+        &["protect", "--vault", s(&vault), "--policy", "DefaultPolicy"][..],
+    ] {
+        let mut args = cmd.to_vec();
+        args.extend([
+            "--domain",
+            "web1",
+            "--connect",
+            "qemu+ssh://root@backup-host.invalid/system",
+        ]);
+        let start = Instant::now();
+        let err = fails(&args, 1);
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(err.contains("names host backup-host.invalid"), "{err}");
+        assert!(err.contains("only domains of the host it runs on"), "{err}");
+        assert!(err.contains("qemu:///system"), "{err}");
+    }
+}

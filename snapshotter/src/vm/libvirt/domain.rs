@@ -27,7 +27,8 @@ pub struct Domain {
 
 impl Domain {
     /// The domain `name` on `connect` (libvirt's default connection when
-    /// `None`: `virsh uri` says which, and that is what is recorded).
+    /// `None`: `virsh uri` says which, and that is what is recorded). A
+    /// connection URI that names a host is refused ([`super::check_local`]).
     pub fn new(connect: Option<&str>, name: &str) -> Result<Domain> {
         let fail = |reason: String| SnapError::Libvirt {
             domain: name.chars().take(100).collect(),
@@ -36,12 +37,17 @@ impl Domain {
         super::check_domain_name(name).map_err(&fail)?;
         if let Some(c) = connect {
             super::check_connect(c).map_err(&fail)?;
+            // Refused before anything connects (no ssh is started).
+            super::check_local(c).map_err(&fail)?;
         }
         let said = virsh::run(connect, &["uri"], TIMEOUT)
             .map_err(|e| fail(format!("cannot reach libvirt: {e}")))?;
         let uri = said.trim();
         super::check_connect(uri)
             .map_err(|e| fail(format!("libvirt answered `virsh uri` with {e}")))?;
+        // libvirt's default connection may be a remote one
+        // (LIBVIRT_DEFAULT_URI, uri_default).
+        super::check_local(uri).map_err(&fail)?;
         Ok(Domain {
             connect: uri.to_string(),
             name: name.to_string(),
