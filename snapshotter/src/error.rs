@@ -37,6 +37,18 @@ pub enum SnapError {
     #[error("libvirt domain {domain}: {reason}")]
     Libvirt { domain: String, reason: String },
 
+    /// The guest's filesystems could not be thawed after a freeze: they
+    /// may still be frozen. Says how to thaw them.
+    #[error(
+        "libvirt domain {domain}: the guest's filesystems may still be frozen: {attempts} thaws failed (the last: {last}); thaw them with `virsh --connect {connect} domfsthaw {domain}`"
+    )]
+    GuestMayBeFrozen {
+        domain: String,
+        connect: String,
+        attempts: usize,
+        last: String,
+    },
+
     /// Another coffre process on this host is backing the domain up (it
     /// holds the domain's lock, `lock`).
     #[error(

@@ -782,6 +782,8 @@ fn begin_session(
     let begun = PullBackup::begin(domain, &plan.xml, requests, checkpoint);
     match begun {
         Ok(s) => Ok(s),
+        // A guest that may be frozen is not frozen again.
+        Err(e @ SnapError::GuestMayBeFrozen { .. }) => Err(e.into()),
         Err(e) if requests.iter().any(|r| r.incremental.is_some()) => {
             // A bitmap libvirt cannot use (lost, inconsistent): read every
             // disk whole rather than fail.

@@ -329,12 +329,11 @@ fn retry<E>(
 
 /// The error of a guest that could not be thawed.
 fn still_frozen(domain: &Domain, attempts: usize, last: &dyn std::fmt::Display) -> SnapError {
-    SnapError::Libvirt {
+    SnapError::GuestMayBeFrozen {
         domain: domain.name.clone(),
-        reason: format!(
-            "the guest's filesystems may still be frozen: {attempts} thaws failed (the last: {last}); thaw them with `virsh --connect {} domfsthaw {}`",
-            domain.connect, domain.name
-        ),
+        connect: domain.connect.clone(),
+        attempts,
+        last: last.to_string(),
     }
 }
 
