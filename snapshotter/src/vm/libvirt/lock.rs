@@ -5,13 +5,13 @@
 //! checkpoints no point names) could thaw the other run's guest between
 //! its freeze and its instant, or delete the checkpoint it just created.
 //!
-//! The lock is an exclusive `flock` on a file in a private folder owned by
-//! the effective user: `/run/coffre` as root, else
-//! `$XDG_RUNTIME_DIR/coffre`, else `$TMPDIR/coffre-UID`; the folder is
-//! created 0700 and refused when it is a symlink, another user's, or open
-//! to others. The file is `libvirt-<UUID>.lock` after the domain's UUID
-//! (one domain reached through two connection URIs is one domain), or
-//! `libvirt-<16 hex of BLAKE3(URI, name)>.lock` when libvirt gives none;
+//! The lock is an exclusive `flock` on a file in `libvirt/` of a private
+//! folder owned by the effective user: `/run/coffre` as root, else
+//! `$XDG_RUNTIME_DIR/coffre`, else `$TMPDIR/coffre-UID`; both folders are
+//! created 0700 and refused when a symlink, another user's, or open to
+//! others. The file is `<UUID>.lock` after the domain's UUID (one domain
+//! reached through two connection URIs is one domain), or
+//! `<16 hex of BLAKE3(URI, name)>.lock` when libvirt gives none;
 //! it is opened with `O_NOFOLLOW` and holds the holder's pid. The lock
 //! belongs to the open file, so a run that is killed frees it: nothing is
 //! ever stale. A second run fails at once ([`SnapError::DomainInUse`],
@@ -39,10 +39,10 @@ fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// The folder the locks live in (not created): `/run/coffre` as root,
+/// coffre's private runtime folder (not created): `/run/coffre` as root,
 /// else `$XDG_RUNTIME_DIR/coffre` (when it is an absolute path), else
 /// `$TMPDIR/coffre-UID`.
-pub fn lock_dir() -> PathBuf {
+pub fn runtime_dir() -> PathBuf {
     let uid = euid();
     if uid == 0 && Path::new("/run").is_dir() {
         return PathBuf::from("/run/coffre");
@@ -55,6 +55,16 @@ pub fn lock_dir() -> PathBuf {
         return x.join("coffre");
     }
     std::env::temp_dir().join(format!("coffre-{uid}"))
+}
+
+/// The folder the domains' locks live in: `libvirt` in [`runtime_dir`],
+/// both made private ([`private_dir`]).
+pub fn lock_dir() -> std::result::Result<PathBuf, String> {
+    let base = runtime_dir();
+    private_dir(&base)?;
+    let dir = base.join("libvirt");
+    private_dir(&dir)?;
+    Ok(dir)
 }
 
 /// Creates `dir` (mode 0700) when missing, and checks it is a folder of
@@ -95,10 +105,10 @@ pub fn private_dir(dir: &Path) -> std::result::Result<(), String> {
 /// The lock file's name for a domain.
 fn lock_name(connect: &str, name: &str, uuid: Option<&str>) -> String {
     match uuid {
-        Some(u) => format!("libvirt-{u}.lock"),
+        Some(u) => format!("{u}.lock"),
         None => {
             let h = blake3::hash(format!("{connect}\0{name}").as_bytes()).to_hex();
-            format!("libvirt-{}.lock", &h[..16])
+            format!("{}.lock", &h[..16])
         }
     }
 }
@@ -130,7 +140,11 @@ impl DomainLock {
     /// [`lock_dir`], or fails at once with [`SnapError::DomainInUse`] when
     /// another process holds it.
     pub fn acquire(domain: &Domain, uuid: Option<&str>) -> Result<DomainLock> {
-        Self::acquire_in(&lock_dir(), domain, uuid)
+        let dir = lock_dir().map_err(|reason| SnapError::Libvirt {
+            domain: domain.name.clone(),
+            reason,
+        })?;
+        Self::acquire_in(&dir, domain, uuid)
     }
 
     /// [`DomainLock::acquire`] with the locks in `dir`.
