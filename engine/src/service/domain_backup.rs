@@ -557,7 +557,8 @@ fn backup_running(
     let items: Vec<String> = disks.iter().map(|d| plan.item(&d.target)).collect();
     let latest = latest_points(vault_dir, &opts.writer, &items)?;
     let existing: BTreeSet<String> = domain.checkpoints()?.into_iter().collect();
-    let mut checkpoints: BTreeMap<String, xml::Checkpoint> = BTreeMap::new();
+    let mut checkpoints: BTreeMap<String, std::result::Result<xml::Checkpoint, String>> =
+        BTreeMap::new();
     let mut requests = Vec::new();
     let mut full_reads: BTreeMap<String, (String, bool)> = BTreeMap::new();
     for d in disks {
@@ -580,14 +581,28 @@ fn backup_running(
         } else if let Some(b) = base {
             let recorded = if existing.contains(&b) {
                 if !checkpoints.contains_key(&b) {
-                    checkpoints.insert(b.clone(), domain.checkpoint(&b)?);
+                    // One that cannot be read (a recorded domain coffre
+                    // would refuse today) only costs a whole read.
+                    let read = domain.checkpoint(&b).map_err(|e| e.to_string());
+                    checkpoints.insert(b.clone(), read);
                 }
                 checkpoints.get(&b)
             } else {
                 None
             };
             match recorded {
-                Some(c) if c.bitmaps.contains(&d.target) => {
+                Some(Err(e)) => {
+                    full_reads.insert(
+                        d.target.clone(),
+                        (
+                            format!(
+                                "checkpoint {b}, which the last point of item {item} recorded, cannot be read ({e}): the whole disk was read"
+                            ),
+                            true,
+                        ),
+                    );
+                }
+                Some(Ok(c)) if c.bitmaps.contains(&d.target) => {
                     // A bitmap lives in an image: it is this disk's changes
                     // only if the disk is still the image it was at the
                     // checkpoint (a redefined domain may have swapped them).
