@@ -233,7 +233,7 @@ impl QmpDrive {
             job: req.job,
             vault: req.vault_dir,
         };
-        let mut warnings = Vec::new();
+        let mut warnings = running.plan.warnings.clone();
         let ((took, frozen), hooks) = Around::run(req.hooks, env, || {
             instant(&self.target, running, &mut warnings)
         });

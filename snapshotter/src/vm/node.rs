@@ -21,6 +21,11 @@ pub struct BitmapInfo {
     pub persistent: bool,
     /// In use by an operation (an export, a job).
     pub busy: bool,
+    /// QEMU cannot vouch for its contents: a persistent bitmap whose QEMU
+    /// stopped without saving it (killed). QEMU refuses to use it; it can
+    /// only be removed. A reply without the field means `false`; one whose
+    /// field is not a boolean counts as inconsistent.
+    pub inconsistent: bool,
 }
 
 /// A block node.
@@ -61,6 +66,10 @@ fn node_of(v: &Value) -> Option<NodeInfo> {
                         recording: b.get("recording").and_then(Value::as_bool)?,
                         persistent: b.get("persistent").and_then(Value::as_bool)?,
                         busy: b.get("busy").and_then(Value::as_bool).unwrap_or(false),
+                        inconsistent: match b.get("inconsistent") {
+                            None => false,
+                            Some(v) => v.as_bool().unwrap_or(true),
+                        },
                     })
                 })
                 .collect()
@@ -131,13 +140,21 @@ mod tests {
             "dirty-bitmaps": [
                 { "name": "a", "recording": true, "persistent": true, "busy": false },
                 { "name": "no-flags" },
+                { "name": "bad", "recording": false, "persistent": true, "inconsistent": true },
+                { "name": "odd", "recording": false, "persistent": true, "inconsistent": "no" },
                 { "name": 7, "recording": true, "persistent": true },
             ],
         });
         let n = node_of(&v).unwrap();
         assert_eq!((n.name.as_str(), n.size), ("disk0", 1024));
         assert!(n.can_persist_bitmaps());
-        assert_eq!(n.bitmaps.len(), 1, "{:?}", n.bitmaps);
+        assert_eq!(n.bitmaps.len(), 3, "{:?}", n.bitmaps);
+        let flags: Vec<(&str, bool)> = n
+            .bitmaps
+            .iter()
+            .map(|b| (b.name.as_str(), b.inconsistent))
+            .collect();
+        assert_eq!(flags, [("a", false), ("bad", true), ("odd", true)]);
         assert!(node_of(&json!({ "node-name": "", "image": { "virtual-size": 1 } })).is_none());
         assert!(node_of(&json!({ "node-name": "x", "image": {} })).is_none());
         assert!(node_of(&json!({ "node-name": "x", "image": { "virtual-size": -1 } })).is_none());
