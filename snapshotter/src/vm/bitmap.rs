@@ -2,16 +2,18 @@
 //! vault: bitmap `coffre-cbt-<16 hex of vault and item>-<n>-<job>` records every
 //! write since the instant of the point whose generation it is.
 //!
-//! Each backup, in the same QMP `transaction` as its instant:
-//! - adds bitmap *n + 1* (persistent on qcow2, so it survives a VM
-//!   restart; a raw node cannot store one, and its chain ends with the
-//!   QEMU process);
-//! - disables the *base*: the bitmap the parent point recorded as its
-//!   generation, which then holds exactly the writes between the two
-//!   instants, and is exported with the point for the backup to read;
-//! - merges into the base the bitmaps of runs that failed or were killed
-//!   after the base (their points never reached the vault), and disables
-//!   them, so no write is lost.
+//! Each backup, around its instant (the filter going in, which no QMP
+//! `transaction` can hold on QEMU 7.2):
+//! - just before, adds bitmap *n + 1* (persistent on qcow2, so it survives
+//!   a VM restart; a raw node cannot store one, and its chain ends with
+//!   the QEMU process);
+//! - just after, in one transaction, disables the *base*: the bitmap the
+//!   parent point recorded as its generation, which then holds the writes
+//!   between the two instants (and the few of the moment between the two
+//!   transactions, read once more), and is exported with the point for the
+//!   backup to read; and merges into the base the bitmaps of runs that
+//!   failed or were killed after the base (their points never reached the
+//!   vault), and disables them, so no write is lost.
 //!
 //! The base and everything older goes only once the new point is committed
 //! ([`Plan::after_commit`]); a failed run leaves the chain for the next one
@@ -21,8 +23,9 @@
 //! persistent bitmap whose QEMU was killed) is never a base nor merged: a
 //! backup whose base it is, or whose base would need it merged, reads
 //! everything and warns naming it, and it goes with the old part of the
-//! chain once the point is committed. The bitmap's contents are never trusted blindly: the
-//! backup audits a sample of the blocks it calls clean (`crate::cbt`).
+//! chain once the point is committed. The bitmap's contents are never
+//! trusted blindly: the backup audits a sample of the blocks it calls
+//! clean (`crate::cbt`).
 
 use serde_json::{Value, json};
 
@@ -49,8 +52,14 @@ pub struct Plan {
     pub merged: Vec<String>,
     /// Bitmaps of the chain removed once the new point is committed.
     pub dropped: Vec<String>,
-    /// The actions for the instant's transaction.
-    pub actions: Vec<Value>,
+    /// The transaction just before the instant: the new bitmap, which so
+    /// records every write after the instant (and a few before).
+    pub before: Vec<Value>,
+    /// The transaction just after the instant: the base and the bitmaps
+    /// merged into it stop recording, so the base holds every write up to
+    /// the instant (and a few after). Reading a few blocks too many costs
+    /// a little; missing one would lose a write.
+    pub after: Vec<Value>,
     /// What the job should be told (inconsistent bitmaps of the chain).
     pub warnings: Vec<String>,
 }
@@ -148,10 +157,11 @@ impl Chain {
             )),
             _ => None,
         };
-        let mut actions = vec![json!({
+        let before = vec![json!({
             "type": "block-dirty-bitmap-add",
             "data": { "node": node.name, "name": new, "persistent": node.can_persist_bitmaps() },
         })];
+        let mut after = Vec::new();
         let mut merged = Vec::new();
         let mut dropped = Vec::new();
         match base {
@@ -161,7 +171,7 @@ impl Chain {
                     if n > base_n {
                         // A run after the base whose point never landed:
                         // its writes belong to this backup.
-                        actions.push(json!({
+                        after.push(json!({
                             "type": "block-dirty-bitmap-merge",
                             "data": { "node": node.name, "target": base_b.name, "bitmaps": [b.name] },
                         }));
@@ -174,7 +184,7 @@ impl Chain {
                     .map(|(_, b)| *b)
                     .filter(|b| b.recording && (b.name == base_b.name || merged.contains(&b.name)))
                 {
-                    actions.push(json!({
+                    after.push(json!({
                         "type": "block-dirty-bitmap-disable",
                         "data": { "node": node.name, "name": b.name },
                     }));
@@ -188,7 +198,8 @@ impl Chain {
             why_no_base,
             merged,
             dropped,
-            actions,
+            before,
+            after,
             warnings,
         }
     }
@@ -229,8 +240,9 @@ mod tests {
     }
 
     fn kinds(p: &Plan) -> Vec<String> {
-        p.actions
+        p.before
             .iter()
+            .chain(&p.after)
             .map(|a| {
                 let d = &a["data"];
                 format!(
@@ -271,7 +283,7 @@ mod tests {
         let p = c.plan(&node("qcow2", &[("other", true)]), None, "");
         assert_eq!(p.new, format!("{}1", c.prefix));
         assert_eq!((p.base.as_deref(), p.why_no_base.as_deref()), (None, None));
-        assert_eq!(p.actions[0]["data"]["persistent"], true);
+        assert_eq!(p.before[0]["data"]["persistent"], true);
         assert!(p.dropped.is_empty(), "another tool's bitmap is never ours");
 
         let first = p.new.clone();
@@ -332,7 +344,7 @@ mod tests {
                 .contains("not on node disk0"),
             "{p:?}"
         );
-        assert_eq!(p.actions[0]["data"]["persistent"], false);
+        assert_eq!(p.before[0]["data"]["persistent"], false);
         let p = c.plan(&node("raw", &[]), Some("foreign"), "");
         assert!(p.why_no_base.unwrap().contains("not a bitmap of coffre's"));
     }
