@@ -10,10 +10,13 @@
 //! backup source that puts them together with the guest's freeze
 //! ([`live`]).
 //! libvirt domains are driven through `virsh` instead ([`libvirt`]).
+//! The host-wide locks of both, one `flock`ed file per monitor or domain
+//! in coffre's private runtime folder, are [`host_lock`]'s.
 
 pub mod agent;
 pub mod bitmap;
 pub mod fleece;
+pub mod host_lock;
 pub mod json_lines;
 pub mod libvirt;
 pub mod live;

@@ -5,204 +5,102 @@
 //! checkpoints no point names) could thaw the other run's guest between
 //! its freeze and its instant, or delete the checkpoint it just created.
 //!
-//! The lock is an exclusive `flock` on a file in `libvirt/` of a private
-//! folder owned by the effective user: `/run/coffre` as root, else
-//! `$XDG_RUNTIME_DIR/coffre`, else `$TMPDIR/coffre-UID`; both folders are
-//! created 0700 and refused when a symlink, another user's, or open to
-//! others. The file is `<UUID>.lock` after the domain's UUID (one domain
-//! reached through two connection URIs is one domain), or
-//! `<16 hex of BLAKE3(URI, name)>.lock` when libvirt gives none;
-//! it is opened with `O_NOFOLLOW` and holds the holder's pid. The lock
-//! belongs to the open file, so a run that is killed frees it: nothing is
-//! ever stale. A second run fails at once ([`SnapError::DomainInUse`],
-//! naming the domain and the holder's pid).
+//! The lock is a host lock ([`crate::vm::host_lock`], kind
+//! [`LockKind::Domain`]): an exclusive `flock` on a file in `libvirt/` of
+//! coffre's private runtime folder (`/run/coffre` as root, else
+//! `$XDG_RUNTIME_DIR/coffre`, else `$TMPDIR/coffre-UID`; both folders
+//! 0700 and checked, the file opened with `O_NOFOLLOW` and kept on
+//! release). This module owns its name and its errors: the file is
+//! `<UUID>.lock` after the domain's UUID (one domain reached through two
+//! connection URIs is one domain), or `<16 hex of BLAKE3(URI, name)>.lock`
+//! when libvirt gives none; it holds `pid N`. The lock belongs to the open
+//! file, so a run that is killed frees it: nothing is ever stale. A second
+//! run fails at once ([`SnapError::DomainInUse`], naming the domain and
+//! the holder's pid).
 
-use std::fs::File;
-use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::domain::Domain;
 use crate::error::{Result, SnapError};
+use crate::vm::host_lock::{HostLock, LockKind, Refused};
 
 /// A held lock of a domain; dropping it frees the lock.
 #[derive(Debug)]
-pub struct DomainLock {
-    // Held for its lock: closing it releases the flock.
-    _file: File,
-    path: PathBuf,
-}
+pub struct DomainLock(HostLock);
 
-fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() }
-}
-
-/// coffre's private runtime folder (not created): `/run/coffre` as root,
-/// else `$XDG_RUNTIME_DIR/coffre` (when it is an absolute path), else
-/// `$TMPDIR/coffre-UID`.
-pub fn runtime_dir() -> PathBuf {
-    let uid = euid();
-    if uid == 0 && Path::new("/run").is_dir() {
-        return PathBuf::from("/run/coffre");
-    }
-    if uid != 0
-        && let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)
-        && x.is_absolute()
-        && x.is_dir()
-    {
-        return x.join("coffre");
-    }
-    std::env::temp_dir().join(format!("coffre-{uid}"))
-}
-
-/// The folder the domains' locks live in: `libvirt` in [`runtime_dir`],
-/// both made private ([`private_dir`]).
-pub fn lock_dir() -> std::result::Result<PathBuf, String> {
-    let base = runtime_dir();
-    private_dir(&base)?;
-    let dir = base.join("libvirt");
-    private_dir(&dir)?;
-    Ok(dir)
-}
-
-/// Creates `dir` (mode 0700) when missing, and checks it is a folder of
-/// the effective user's that nobody else can enter: not a symlink, owned
-/// by the effective user, no group or other permission.
-pub fn private_dir(dir: &Path) -> std::result::Result<(), String> {
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(format!("cannot create lock folder {}: {e}", dir.display())),
-    }
-    let meta = std::fs::symlink_metadata(dir)
-        .map_err(|e| format!("lock folder {}: {e}", dir.display()))?;
-    if meta.file_type().is_symlink() || !meta.is_dir() {
-        return Err(format!(
-            "lock folder {} is a symlink or not a folder; remove it",
-            dir.display()
-        ));
-    }
-    if meta.uid() != euid() {
-        return Err(format!(
-            "lock folder {} belongs to uid {}, not to this user (uid {}); remove it",
-            dir.display(),
-            meta.uid(),
-            euid()
-        ));
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(format!(
-            "lock folder {} is open to other users (mode {:o}); make it 0700",
-            dir.display(),
-            meta.mode() & 0o7777
-        ));
-    }
-    Ok(())
-}
-
-/// The lock file's name for a domain.
-fn lock_name(connect: &str, name: &str, uuid: Option<&str>) -> String {
+/// The lock key of a domain: its UUID, else 16 hex of BLAKE3(URI NUL name).
+fn lock_key(connect: &str, name: &str, uuid: Option<&str>) -> String {
     match uuid {
-        Some(u) => format!("{u}.lock"),
+        Some(u) => u.to_string(),
         None => {
             let h = blake3::hash(format!("{connect}\0{name}").as_bytes()).to_hex();
-            format!("{}.lock", &h[..16])
+            h.get(..16).unwrap_or_default().to_string()
         }
     }
 }
 
-/// What a lock file says of its holder: `pid N`, or that it does not say.
-fn holder(file: &mut File) -> String {
-    for attempt in 0..3 {
-        let mut buf = Vec::new();
-        let _ = file.by_ref().take(64).read_to_end(&mut buf);
-        let _ = std::io::Seek::rewind(file);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some(pid) = text
-            .trim()
-            .strip_prefix("pid ")
-            .and_then(|p| p.parse::<u32>().ok())
-        {
-            return format!("pid {pid}");
-        }
-        // The holder took the lock and has not written its pid yet.
-        if attempt < 2 {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+/// `pid N` when the holder's line says so, else `pid unknown`.
+fn holder_pid(line: Option<&str>) -> String {
+    match line
+        .and_then(|l| l.strip_prefix("pid "))
+        .and_then(|p| p.parse::<u32>().ok())
+    {
+        Some(pid) => format!("pid {pid}"),
+        None => "pid unknown".into(),
     }
-    "pid unknown".into()
 }
 
 impl DomainLock {
     /// Takes the lock of `domain` (whose UUID is `uuid`, when known) in
-    /// [`lock_dir`], or fails at once with [`SnapError::DomainInUse`] when
-    /// another process holds it.
+    /// coffre's private `libvirt/` lock folder, or fails at once with
+    /// [`SnapError::DomainInUse`] when another process holds it.
     pub fn acquire(domain: &Domain, uuid: Option<&str>) -> Result<DomainLock> {
-        let dir = lock_dir().map_err(|reason| SnapError::Libvirt {
-            domain: domain.name.clone(),
-            reason,
-        })?;
-        Self::acquire_in(&dir, domain, uuid)
+        let key = lock_key(&domain.connect, &domain.name, uuid);
+        Self::map(
+            domain,
+            HostLock::acquire(LockKind::Domain, &key, &pid_line()),
+        )
     }
 
     /// [`DomainLock::acquire`] with the locks in `dir`.
     pub fn acquire_in(dir: &Path, domain: &Domain, uuid: Option<&str>) -> Result<DomainLock> {
-        let fail = |reason: String| SnapError::Libvirt {
-            domain: domain.name.clone(),
-            reason,
-        };
-        private_dir(dir).map_err(fail)?;
-        let path = dir.join(lock_name(&domain.connect, &domain.name, uuid));
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|e| fail(format!("cannot open lock file {}: {e}", path.display())))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| fail(format!("lock file {}: {e}", path.display())))?;
-        if !meta.is_file() || meta.uid() != euid() {
-            return Err(fail(format!(
-                "lock file {} is not a regular file of this user's; remove it",
-                path.display()
-            )));
-        }
-        // SAFETY: flock on a descriptor `file` owns.
-        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if locked != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(SnapError::DomainInUse {
-                    domain: domain.name.clone(),
-                    connect: domain.connect.clone(),
-                    holder: holder(&mut file),
-                    lock: path,
-                });
-            }
-            return Err(fail(format!("cannot lock {}: {e}", path.display())));
-        }
-        let pid = format!("pid {}\n", std::process::id());
-        file.set_len(0)
-            .and_then(|()| file.write_all_at(pid.as_bytes(), 0))
-            .map_err(|e| fail(format!("cannot write lock file {}: {e}", path.display())))?;
-        Ok(DomainLock { _file: file, path })
+        let key = lock_key(&domain.connect, &domain.name, uuid);
+        Self::map(
+            domain,
+            HostLock::acquire_in(dir, LockKind::Domain, &key, &pid_line()),
+        )
+    }
+
+    fn map(domain: &Domain, taken: std::result::Result<HostLock, Refused>) -> Result<DomainLock> {
+        taken.map(DomainLock).map_err(|refused| match refused {
+            Refused::Held { holder, path } => SnapError::DomainInUse {
+                domain: domain.name.clone(),
+                connect: domain.connect.clone(),
+                holder: holder_pid(holder.as_deref()),
+                lock: path,
+            },
+            Refused::Unusable(reason) => SnapError::Libvirt {
+                domain: domain.name.clone(),
+                reason,
+            },
+        })
     }
 
     /// The lock file.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.0.path()
     }
+}
+
+fn pid_line() -> String {
+    format!("pid {}", std::process::id())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm::host_lock::{euid, private_dir};
+    use std::os::unix::fs::MetadataExt;
 
     fn dom(name: &str) -> Domain {
         Domain {
@@ -235,8 +133,15 @@ mod tests {
         // Another domain is another lock.
         let other = DomainLock::acquire_in(&dir, &dom("web2"), None).unwrap();
         assert_ne!(other.path(), held.path());
+        let path = held.path().to_path_buf();
         drop(held);
+        // The file stays; the lock is free.
+        assert!(path.exists());
         DomainLock::acquire_in(&dir, &dom("web1"), uuid).unwrap();
+        // What the holder's file says is only ever shown as a pid.
+        assert_eq!(holder_pid(Some("pid 12")), "pid 12");
+        assert_eq!(holder_pid(Some("pid 12; rm -rf")), "pid unknown");
+        assert_eq!(holder_pid(None), "pid unknown");
     }
 
     #[test]
@@ -266,8 +171,8 @@ mod tests {
         private_dir(&dir).unwrap();
         let target = t.path().join("elsewhere");
         std::fs::write(&target, "keep").unwrap();
-        std::os::unix::fs::symlink(&target, dir.join(lock_name("qemu:///system", "w", None)))
-            .unwrap();
+        let name = format!("{}.lock", lock_key("qemu:///system", "w", None));
+        std::os::unix::fs::symlink(&target, dir.join(name)).unwrap();
         assert!(DomainLock::acquire_in(&dir, &dom("w"), None).is_err());
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
     }

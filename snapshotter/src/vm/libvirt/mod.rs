@@ -14,8 +14,9 @@
 //!
 //! - [`domain`]: the `virsh` calls on one domain (state, XML, checkpoints,
 //!   the backup job, filesystem freeze).
-//! - [`lock`]: the host-wide lock of a domain, held for a whole run, so
-//!   that two coffre runs never back one domain up at once.
+//! - [`lock`]: the host-wide lock of a domain (a
+//!   [`crate::vm::host_lock`]), held for a whole run, so that two coffre
+//!   runs never back one domain up at once.
 //! - [`pull`]: one pull-mode backup: the private folder of its NBD socket
 //!   and scratch files, the freeze around the instant, `backup-begin`, the
 //!   exports, and the end of the job (`domjobabort`) whatever happens;
