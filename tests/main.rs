@@ -34,6 +34,7 @@ mod power_loss;
 mod protection;
 mod qemu_bitmap;
 mod qemu_fleece;
+mod qemu_fleece_guard;
 mod qemu_guest_agent;
 mod qemu_running_writer;
 mod rebuild_kill;
