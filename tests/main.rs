@@ -26,6 +26,7 @@ mod job_phases;
 mod kill9_during_backup;
 mod nbd_fake_server;
 mod nbd_qcow2;
+mod nbd_windows;
 mod object_store;
 mod policy_rules;
 mod power_loss;
