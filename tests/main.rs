@@ -28,6 +28,7 @@ mod kill9_during_backup;
 mod libvirt_domain;
 mod nbd_fake_server;
 mod nbd_qcow2;
+mod nbd_windows;
 mod object_store;
 mod policy_rules;
 mod power_loss;
