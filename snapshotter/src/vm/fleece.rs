@@ -46,8 +46,9 @@ pub const MIN_QEMU: QemuVersion = QemuVersion {
 };
 
 /// How long (seconds) QEMU may take to copy a block into the overlay
-/// before it drops the point in time rather than hold the guest's write.
-pub const CBW_TIMEOUT_S: u64 = 60;
+/// before it drops the point in time rather than hold the guest's write:
+/// well under a guest's own I/O timeouts (30 s for Linux's SCSI disks).
+pub const CBW_TIMEOUT_S: u64 = 15;
 
 /// The names a fleece of one item in one vault uses in QEMU.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,6 +180,19 @@ impl Fleece {
         };
         let overlay = dir.join("overlay.qcow2");
         let socket = socket.to_path_buf();
+        // The overlay holds the guest's old blocks: created here first,
+        // owner-only and never through a link, then formatted in place
+        // (qemu-img keeps an existing file's mode).
+        // (An overlay left in this folder by a killed run of the same
+        // folder goes: the folder is this run's, 0700.)
+        match std::fs::remove_file(&overlay) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(qmp.error(format!("cannot remove {}: {e}", overlay.display())));
+            }
+            _ => {}
+        }
+        coffre_vault_store::store::local::private::create_new_nofollow(&overlay)
+            .map_err(|e| qmp.error(format!("cannot create {}: {e}", overlay.display())))?;
         let out = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
             .arg(&overlay)
@@ -243,11 +257,14 @@ impl Fleece {
         if !before.is_empty() {
             qmp.execute("transaction", Some(json!({ "actions": before })))?;
         }
+        // Marked before it is asked: a `qom-set` whose answer times out may
+        // still take effect, and giving the drive back when it did not is
+        // only a warning.
+        self.inserted = true;
         qmp.execute(
             "qom-set",
             Some(json!({ "path": self.device, "property": "drive", "value": self.names.filter })),
         )?;
-        self.inserted = true;
         if !after.is_empty() {
             qmp.execute("transaction", Some(json!({ "actions": after })))?;
         }

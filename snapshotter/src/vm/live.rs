@@ -190,6 +190,27 @@ fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// Checks the folder a fleece's work folder goes in: owned by this user or
+/// root, and writable by no one else unless sticky (as `/tmp` is).
+pub fn check_fleece_base(base: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(base).map_err(|e| e.to_string())?;
+    if m.uid() != euid() && m.uid() != 0 {
+        return Err(format!(
+            "it belongs to user {}, neither this user nor root",
+            m.uid()
+        ));
+    }
+    let sticky = m.mode() & 0o1000 != 0;
+    if m.mode() & 0o022 != 0 && !sticky {
+        return Err(format!(
+            "others may write in it (mode {:o}) and it is not sticky: use a folder only this user can change",
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 /// A new work folder of this user's alone under `base`, for the fleece of
 /// `tag` (its overlay, its NBD socket), with its owner lock held: a random
 /// name, created (0700) only if it did not exist, so nothing another user
@@ -421,6 +442,11 @@ impl QmpDrive {
                 "not a folder (it holds the point's overlay)".into(),
             ));
         }
+        // The folder may come from the vault's catalog (the item's source):
+        // it must be one only this user (or root) can change, or a sticky
+        // one like /tmp, so that nobody can swap coffre's work folder for a
+        // link between its creation and the overlay's.
+        check_fleece_base(&base).map_err(fleece_dir_error)?;
         let mut qmp = Qmp::connect(&self.target.socket, QMP_TIMEOUT)?;
         // What a killed run of this vault and item left goes first: its
         // filter sits above the drive. The lock says no live run of this
@@ -824,5 +850,31 @@ mod tests {
         ] {
             assert!(QmpTarget::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_fleece_folder_others_can_change_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let mine = t.path().join("mine");
+        std::fs::create_dir(&mine).unwrap();
+        std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(check_fleece_base(&mine).is_ok());
+        let open = t.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_fleece_base(&open).unwrap_err();
+        assert!(e.contains("mode 777"), "{e}");
+        // Sticky, like /tmp.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(check_fleece_base(&open).is_ok());
+        assert!(check_fleece_base(Path::new("/tmp")).is_ok());
+        // Another user's (as root: chown to nobody).
+        if euid() == 0 {
+            std::os::unix::fs::chown(&mine, Some(65534), None).unwrap();
+            let e = check_fleece_base(&mine).unwrap_err();
+            assert!(e.contains("belongs to user 65534"), "{e}");
+        }
+        assert!(check_fleece_base(&t.path().join("missing")).is_err());
     }
 }
