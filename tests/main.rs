@@ -15,6 +15,7 @@ mod crash_kill;
 mod daemon;
 mod disk_full;
 mod dst_schedule;
+mod encryption;
 mod ext4_two_days;
 mod flipped_byte;
 mod fuzz_corpus_replay;

@@ -1287,7 +1287,7 @@ fn a_shared_bucket_cannot_choose_a_hosts_snapshot_area_replicas_or_secondary() {
     cfg.replicas = vec![t.path().join("their-replica")];
     cfg.secondary = Some(PathBuf::from("s3://attacker-bucket/loot"));
     let planted = t.path().join("planted-config");
-    std::fs::write(&planted, cfg.encode()).unwrap();
+    std::fs::write(&planted, cfg.encode().unwrap()).unwrap();
     azure_put(&az, "hostlocal", "v1/config", &planted);
 
     // Host B: its own cache and its own registry.

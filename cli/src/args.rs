@@ -23,6 +23,11 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub degraded_ok: bool,
 
+    /// An encrypted vault's key file (a key-file slot); also
+    /// COFFRE_KEY_FILE. Without it: COFFRE_PASSWORD_COMMAND, then a prompt.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -75,6 +80,83 @@ pub struct VaultArg {
     pub vault: PathBuf,
 }
 
+/// Argon2id's cost for a new passphrase slot.
+#[derive(Args, Debug, Clone, Default)]
+pub struct KdfArgs {
+    /// Argon2id memory for a new passphrase (default 64M).
+    #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_size)]
+    pub kdf_memory: Option<u64>,
+    /// Argon2id passes for a new passphrase (default 3).
+    #[arg(long, value_name = "N")]
+    pub kdf_passes: Option<u32>,
+}
+
+/// `coffre key …`.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// List the key slots (never a key).
+    List {
+        #[command(flatten)]
+        vault: VaultArg,
+    },
+    /// Add a key slot: a passphrase (COFFRE_NEW_PASSWORD_COMMAND, or asked
+    /// twice) or --new-key-file. The vault is opened with the current key.
+    Add {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// The new slot opens with this key file (at least 32 bytes; e.g.
+        /// `head -c 32 /dev/urandom > FILE`).
+        #[arg(long, value_name = "FILE")]
+        new_key_file: Option<PathBuf>,
+        /// A note kept with the slot.
+        #[arg(long)]
+        label: Option<String>,
+        #[command(flatten)]
+        kdf: KdfArgs,
+    },
+    /// Remove a key slot; at least one always remains.
+    Remove {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// The slot's id (`coffre key list`).
+        #[arg(long)]
+        id: String,
+    },
+    /// Change the passphrase (or key file) that opens the vault: a new
+    /// slot replaces the one the current key opened.
+    Passwd {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// The new slot opens with this key file instead of a passphrase.
+        #[arg(long, value_name = "FILE")]
+        new_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        kdf: KdfArgs,
+    },
+    /// Print the master key as a recovery text, to keep on paper.
+    Export {
+        #[command(flatten)]
+        vault: VaultArg,
+    },
+    /// Read a recovery text (a file, or stdin with -) and add a slot for a
+    /// new passphrase or --new-key-file: when every slot is lost.
+    Import {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// The recovery text (`-`: stdin).
+        #[arg(long, value_name = "FILE")]
+        recovery: PathBuf,
+        /// The new slot opens with this key file instead of a passphrase.
+        #[arg(long, value_name = "FILE")]
+        new_key_file: Option<PathBuf>,
+        /// A note kept with the slot.
+        #[arg(long)]
+        label: Option<String>,
+        #[command(flatten)]
+        kdf: KdfArgs,
+    },
+}
+
 /// Changed-block tracking options of `coffre backup`.
 #[derive(Args, Debug, Clone)]
 pub struct CbtArgs {
@@ -109,6 +191,10 @@ pub enum Command {
     /// Create or inspect a vault.
     #[command(subcommand)]
     Vault(VaultCommand),
+
+    /// An encrypted vault's key slots and recovery key.
+    #[command(subcommand)]
+    Key(KeyCommand),
 
     /// Back an image up now ("Backup now"): a job with a snapshot and a
     /// transfer phase. An unprotected image is protected under DefaultPolicy.
@@ -640,6 +726,13 @@ pub enum VaultCommand {
         /// Credentials come from the usual AZURE_* or AWS_* variables.
         #[arg(long, value_name = "URL")]
         store: Option<String>,
+        /// Encrypt the vault: aes-256-gcm, chacha20-poly1305 or none
+        /// (default: aes-256-gcm in object storage, none for a local
+        /// vault). Fixed for the vault's life.
+        #[arg(long, value_name = "CIPHER")]
+        encryption: Option<String>,
+        #[command(flatten)]
+        kdf: KdfArgs,
     },
     /// Attach this host to a vault in object storage that another host
     /// created: --vault is a new, empty cache directory.

@@ -195,7 +195,7 @@ pub fn run_qmp(
         )
     })?;
     args.item = Some(item);
-    let vault_id = coffre_engine::store::VaultConfig::load(dir)
+    let vault_id = coffre_engine::store::VaultConfig::load_with(dir, Some(&*ctx.keys))
         .with_context(|| format!("cannot read the vault at {}", dir.display()))?
         .vault_id;
     let source = std::path::PathBuf::from(target.source());

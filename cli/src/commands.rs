@@ -25,6 +25,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             secondary,
             snapshot_area,
             store,
+            encryption,
+            kdf,
         }) => crate::vault_cmd::create(
             fmt,
             &vault.vault,
@@ -37,9 +39,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 replicas,
                 secondary,
                 store,
+                encryption,
+                kdf,
             },
+            &ctx.keys,
             clock,
         ),
+        Command::Key(cmd) => crate::key_cmd::run(&ctx, cmd),
         Command::Vault(VaultCommand::Attach { vault, store }) => {
             crate::vault_cmd::attach(&ctx, &vault.vault, &store)
         }
@@ -116,7 +122,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Points { vault, item, from } => {
-            let dir = crate::ctx::copy_dir(&vault.vault, from)?;
+            let dir = crate::ctx::copy_dir(&ctx, &vault.vault, from)?;
             crate::point_cmd::list(&ctx, &dir, &item)
         }
         Command::Restore {
@@ -134,6 +140,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => crate::restore_cmd::run(
             &ctx,
             &crate::ctx::copy_dir(
+                &ctx,
                 &vault.vault,
                 (from == Some(FromTier::Secondary)).then_some(CopySource::Secondary),
             )?,
@@ -165,7 +172,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             threads,
         } => crate::verify_cmd::run(
             &ctx,
-            &crate::ctx::copy_dir(&vault.vault, from)?,
+            &crate::ctx::copy_dir(&ctx, &vault.vault, from)?,
             read_data,
             repair,
             threads.threads,

@@ -36,6 +36,8 @@ pub struct Ctx {
     /// `--degraded-ok`: writers go on without a replica that is missing
     /// or unwritable, with a warning.
     pub degraded_ok: bool,
+    /// Where an encrypted vault's key comes from.
+    pub keys: std::sync::Arc<crate::keys::KeySources>,
 }
 
 impl Ctx {
@@ -51,6 +53,7 @@ impl Ctx {
                 .filter(|v| !v.is_empty())
                 .map(std::path::PathBuf::from),
             degraded_ok: cli.degraded_ok,
+            keys: std::sync::Arc::new(crate::keys::KeySources::from_env(cli.key_file.clone())),
         })
     }
 
@@ -60,6 +63,7 @@ impl Ctx {
             wait: self.lock_timeout,
             degraded_ok: self.degraded_ok,
             lease_ttl: lease_ttl_from_env(),
+            unlock: Some(self.keys.clone()),
             ..OpenOptions::default()
         }
     }
@@ -103,14 +107,17 @@ pub fn open(ctx: &Ctx, dir: &Path, access: Access) -> anyhow::Result<Vault> {
 /// with `Some(Secondary)` the GRS secondary, found in `dir`'s config, or
 /// `dir` when it is the secondary, or `COFFRE_SECONDARY` (the primary may
 /// be gone entirely).
-pub fn copy_dir(dir: &Path, from: Option<CopySource>) -> anyhow::Result<PathBuf> {
+pub fn copy_dir(ctx: &Ctx, dir: &Path, from: Option<CopySource>) -> anyhow::Result<PathBuf> {
     if from != Some(CopySource::Secondary) {
         return Ok(dir.to_path_buf());
     }
     if dir.join("config").is_file() && copy_role(dir) == Role::Secondary {
         return Ok(dir.to_path_buf());
     }
-    let found = match VaultConfig::load(dir).ok().and_then(|c| c.secondary) {
+    let found = match VaultConfig::load_with(dir, Some(&*ctx.keys))
+        .ok()
+        .and_then(|c| c.secondary)
+    {
         Some(s) => s,
         None => match std::env::var_os("COFFRE_SECONDARY").filter(|v| !v.is_empty()) {
             Some(s) => PathBuf::from(s),

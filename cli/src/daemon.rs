@@ -35,7 +35,7 @@ pub fn run(
 ) -> anyhow::Result<ExitCode> {
     // Fail early, in the foreground, if the directory is not a vault.
     drop(
-        Vault::open(dir, Access::ReadOnly)
+        Vault::open_with(dir, Access::ReadOnly, &ctx.open_options())
             .with_context(|| format!("cannot open vault {}", dir.display()))?,
     );
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -114,7 +114,7 @@ fn open_for_pass(dir: &Path, stopped: &dyn Fn() -> bool) -> anyhow::Result<Vault
 /// GRS: after each pass, the secondary catches up (without the writer
 /// lock, so backups are not held up; a stop leaves it consistent).
 fn replicate_after_pass(ctx: &Ctx, dir: &Path, stopped: &dyn Fn() -> bool) {
-    let Ok(vault) = Vault::open(dir, Access::ReadOnly) else {
+    let Ok(vault) = Vault::open_with(dir, Access::ReadOnly, &ctx.open_options()) else {
         return;
     };
     if vault.config().secondary.is_none() || stopped() {

@@ -3,6 +3,7 @@
 use coffre_engine::EngineError;
 use coffre_engine::snapshotter::SnapError;
 use coffre_engine::store::StoreError;
+use coffre_engine::store::crypto::CryptoError;
 
 // 0 is success.
 /// Any failure not listed below.
@@ -38,6 +39,10 @@ pub const INDEX_INCOMPLETE: u8 = 13;
 /// open exclusively. Nothing was written; stop the VM (or unmount) and
 /// run the restore again.
 pub const TARGET_IN_USE: u8 = 14;
+/// An encrypted vault's key is missing or wrong: no key source was given,
+/// or no key slot opens with it (or the config's sealed settings fail
+/// authentication with it).
+pub const WRONG_KEY: u8 = 15;
 
 fn store_code(e: &StoreError) -> u8 {
     match e {
@@ -53,6 +58,18 @@ fn store_code(e: &StoreError) -> u8 {
         StoreError::IndexIncomplete { .. } | StoreError::RebuildRefused { .. } => INDEX_INCOMPLETE,
         StoreError::CopyUnavailable { .. } | StoreError::Object { .. } => COPY_UNAVAILABLE,
         StoreError::CorruptChunk { .. } | StoreError::ChunkMissing { .. } => DAMAGED,
+        StoreError::KeyNeeded { .. } => WRONG_KEY,
+        StoreError::Crypto { error, .. } => crypto_code(error),
+        _ => FAILURE,
+    }
+}
+
+fn crypto_code(e: &CryptoError) -> u8 {
+    match e {
+        CryptoError::WrongKey { .. } | CryptoError::Forged { .. } => WRONG_KEY,
+        // No terminal, an unreadable key file, a failing password command:
+        // the key did not reach coffre.
+        CryptoError::Malformed { .. } => WRONG_KEY,
         _ => FAILURE,
     }
 }
@@ -86,6 +103,9 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
         }
         if let Some(s) = cause.downcast_ref::<StoreError>() {
             return store_code(s);
+        }
+        if let Some(c) = cause.downcast_ref::<CryptoError>() {
+            return crypto_code(c);
         }
     }
     FAILURE

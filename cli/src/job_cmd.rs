@@ -72,7 +72,7 @@ pub fn list(
     since: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
     // Jobs are files; reading the config tells a vault from anything else.
-    coffre_engine::store::VaultConfig::load(dir)
+    coffre_engine::store::VaultConfig::load_with(dir, Some(&*ctx.keys))
         .with_context(|| format!("cannot open vault {}", dir.display()))?;
     let since = since.map(|s| parse_since(s, ctx.now())).transpose()?;
     let store = JobStore::new(dir);

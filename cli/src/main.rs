@@ -12,6 +12,8 @@ mod domain_cmd;
 mod exit;
 mod item_cmd;
 mod job_cmd;
+mod key_cmd;
+mod keys;
 mod maintenance_cmd;
 mod output;
 mod point_cmd;

@@ -22,6 +22,8 @@ pub struct CreateArgs {
     pub replicas: Vec<PathBuf>,
     pub secondary: Option<PathBuf>,
     pub store: Option<String>,
+    pub encryption: Option<String>,
+    pub kdf: crate::args::KdfArgs,
 }
 
 /// What `vault set` changes.
@@ -38,12 +40,66 @@ fn parse_redundancy(r: &str) -> anyhow::Result<Redundancy> {
         .map_err(|e| anyhow::anyhow!("--redundancy: {e}"))
 }
 
+/// The encryption `vault create` starts a vault with: the cipher asked
+/// for (default: aes-256-gcm in object storage, none locally), a new
+/// master key, and its first slot for the command's key source.
+fn new_encryption(
+    args: &CreateArgs,
+    keys: &crate::keys::KeySources,
+    clock: &dyn Clock,
+) -> anyhow::Result<Option<vault_ops::NewEncryption>> {
+    use coffre_engine::store::crypto::{Cipher, KeySlot, MasterKey};
+    let cipher = match args.encryption.as_deref() {
+        Some("none") => return Ok(None),
+        Some(name) => Cipher::parse(name).ok_or_else(|| {
+            anyhow::anyhow!("--encryption {name:?}: aes-256-gcm, chacha20-poly1305 or none")
+        })?,
+        None => return Ok(None),
+    };
+    // Not yet: the shared-vault path (leases, GC, refresh from the store)
+    // and secondaries in containers do not carry the keys (issue 23).
+    if args.store.is_some()
+        || args
+            .secondary
+            .as_deref()
+            .is_some_and(coffre_engine::store::format::remote::is_store_url)
+    {
+        anyhow::bail!(
+            "--encryption with a vault or a secondary in object storage is not supported yet: encrypted vaults are local (with local replicas and secondaries) for now"
+        );
+    }
+    let secret = match (&keys.key_file, &keys.password_command) {
+        (Some(path), _) => crate::keys::Owned::KeyFile(crate::keys::read_key_file(path)?),
+        (None, Some(cmd)) => crate::keys::Owned::Passphrase(crate::keys::run_password_command(
+            cmd,
+            "COFFRE_PASSWORD_COMMAND",
+        )?),
+        (None, None) => crate::keys::new_secret(None)
+            .map_err(|e| anyhow::anyhow!("an encrypted vault needs a key: {e}"))?,
+    };
+    let master = MasterKey::generate()?;
+    let slot = KeySlot::new(
+        &master,
+        &secret.secret(),
+        crate::key_cmd::kdf_params(&args.kdf)?,
+        None,
+        clock.now(),
+    )?;
+    Ok(Some(vault_ops::NewEncryption {
+        cipher,
+        master,
+        slot,
+    }))
+}
+
 pub fn create(
     fmt: OutputFormat,
     dir: &Path,
     args: CreateArgs,
+    keys: &crate::keys::KeySources,
     clock: &dyn Clock,
 ) -> anyhow::Result<ExitCode> {
+    let encryption = new_encryption(&args, keys, clock)?;
     let redundancy = args
         .redundancy
         .as_deref()
@@ -73,6 +129,7 @@ pub fn create(
         replicas: args.replicas,
         secondary,
         store: args.store,
+        encryption,
     };
     let vault = vault_ops::create_vault(dir, &opts, clock)
         .with_context(|| format!("cannot create vault {}", dir.display()))?;
@@ -90,6 +147,12 @@ pub fn create(
         );
         for w in &s.copy_warnings {
             out.push_str(&format!("warning: {w}\n"));
+        }
+        if let Some(cipher) = s.encryption {
+            out.push_str(&format!(
+                "encrypted with {cipher}: a lost key means lost backups. Keep the recovery text of `coffre key export --vault {}` on paper, and add a second key slot (`coffre key add`)\n",
+                s.path.display()
+            ));
         }
         if let Some(url) = &s.store {
             out.push_str(&format!("the vault lives in {url}; other hosts join it with `coffre vault attach --store {url} --vault DIR`\n"));
@@ -329,9 +392,13 @@ pub fn attach(ctx: &Ctx, dir: &Path, url: &str) -> anyhow::Result<ExitCode> {
 
 pub fn rebuild_index(ctx: &Ctx, dir: &Path, from: Option<&Path>) -> anyhow::Result<ExitCode> {
     let source = from.unwrap_or(dir);
-    let (vault, report) =
-        coffre_engine::store::maintenance::rebuild::rebuild_index(dir, source, ctx.lock_timeout)
-            .with_context(|| format!("cannot rebuild the index of vault {}", dir.display()))?;
+    let (vault, report) = coffre_engine::store::maintenance::rebuild::rebuild_index_unlocked(
+        dir,
+        source,
+        ctx.lock_timeout,
+        Some(ctx.keys.clone()),
+    )
+    .with_context(|| format!("cannot rebuild the index of vault {}", dir.display()))?;
     drop(vault);
     output::emit(ctx.fmt, &report, |r| {
         let mut out = format!(

@@ -124,8 +124,9 @@ pub fn scan(item_dir: &Path) -> (Vec<SnapInfo>, Vec<PathBuf>) {
     (snaps, other)
 }
 
-/// Every snapshot of `item` in the vault's areas, oldest first.
-pub fn snapshots_of(vault_dir: &Path, item: &str) -> Vec<SnapInfo> {
+/// Every snapshot of `item` in the areas of the vault `vault_id` at
+/// `vault_dir`, oldest first.
+pub fn snapshots_of(vault_dir: &Path, vault_id: &str, item: &str) -> Vec<SnapInfo> {
     let name = match SafeName::new("item", item) {
         Ok(n) => n,
         Err(e) => {
@@ -133,7 +134,7 @@ pub fn snapshots_of(vault_dir: &Path, item: &str) -> Vec<SnapInfo> {
             return Vec::new();
         }
     };
-    let mut all: Vec<SnapInfo> = Area::known(vault_dir)
+    let mut all: Vec<SnapInfo> = Area::known_of(vault_dir, vault_id)
         .iter()
         .flat_map(|a| scan(&a.item_dir(&name)).0)
         .filter(|s| s.meta.item == item)
@@ -390,7 +391,7 @@ mod tests {
     }
 
     fn read_back(s: &SnapInfo) -> Vec<u8> {
-        let mut b = SnapshotBlocks::open(&s.manifest).unwrap();
+        let mut b = SnapshotBlocks::open(&s.manifest, None).unwrap();
         let size = b.header().image_size as usize;
         let n = size.div_ceil(BS);
         let mut out = vec![0u8; size];

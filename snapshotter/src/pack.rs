@@ -128,6 +128,8 @@ impl Drop for PackWriter {
 pub struct PackReader {
     file: File,
     path: PathBuf,
+    /// An encrypted vault's keys: its records are sealed.
+    keys: Option<std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
 }
 
 /// Per-thread buffers for reading records.
@@ -156,8 +158,12 @@ impl RecordBuf {
 }
 
 impl PackReader {
-    /// Opens a pack and checks its header.
-    pub fn open(path: &Path) -> Result<Self> {
+    /// Opens a pack and checks its header; `keys`: an encrypted vault's
+    /// (its records are sealed).
+    pub fn open(
+        path: &Path,
+        keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
+    ) -> Result<Self> {
         let file = File::open(path).map_err(|e| SnapError::damaged(path, e.to_string()))?;
         let mut h = [0u8; PACK_HEADER_LEN as usize];
         file.read_exact_at(&mut h, 0)
@@ -166,6 +172,7 @@ impl PackReader {
         Ok(PackReader {
             file,
             path: path.to_path_buf(),
+            keys: keys.cloned(),
         })
     }
 
@@ -219,6 +226,7 @@ impl PackReader {
             plain,
             decoder,
         } = buf;
+        decoder.use_keys(self.keys.as_ref());
         decoder
             .decode_payload_into(&header, record.get(HEADER_LEN..).unwrap_or_default(), plain)
             .map_err(|e| self.bad(offset, e.to_string()))
@@ -321,7 +329,7 @@ mod tests {
             locs.push((id, w.append(&rec).unwrap(), rec.len() as u32));
         }
         w.finish().unwrap();
-        let r = PackReader::open(&p).unwrap();
+        let r = PackReader::open(&p, None).unwrap();
         let mut buf = RecordBuf::default();
         for ((id, off, len), b) in locs.iter().zip(&blocks) {
             r.read_plain(id, *off, *len, &mut buf).unwrap();

@@ -55,8 +55,12 @@ pub enum SnapWindow<'a> {
 }
 
 impl SnapshotBlocks {
-    /// Opens the snapshot whose manifest is `manifest`.
-    pub fn open(manifest: &Path) -> Result<Self> {
+    /// Opens the snapshot whose manifest is `manifest`; `keys`: an
+    /// encrypted vault's.
+    pub fn open(
+        manifest: &Path,
+        keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
+    ) -> Result<Self> {
         let reader = SnapReader::open(manifest)?;
         let header = reader.header();
         let meta = reader.meta().clone();
@@ -68,7 +72,7 @@ impl SnapshotBlocks {
                     .iter()
                     .map(|name| {
                         let p = SafeName::new("pack", name)?.under(dir);
-                        p.exists().then(|| PackReader::open(&p)).transpose()
+                        p.exists().then(|| PackReader::open(&p, keys)).transpose()
                     })
                     .collect::<Result<Vec<_>>>()?;
                 (Some(reader), packs, None)
@@ -357,7 +361,7 @@ mod tests {
     /// Byte ranges of the records of blocks `blocks` in the snapshot's
     /// pack.
     fn record_ranges(manifest: &Path, blocks: Range<usize>) -> Vec<Range<usize>> {
-        let mut b = SnapshotBlocks::open(manifest).unwrap();
+        let mut b = SnapshotBlocks::open(manifest, None).unwrap();
         let n = b.header().blocks as usize;
         let size = b.header().image_size as usize;
         let w = b.window(0, n, 0, size).unwrap();
@@ -373,7 +377,7 @@ mod tests {
         let mut image = noise(3, 64 * BS);
         image[10 * BS..14 * BS].fill(0);
         let manifest = snapshot(t.path(), &image);
-        let mut b = SnapshotBlocks::open(&manifest).unwrap();
+        let mut b = SnapshotBlocks::open(&manifest, None).unwrap();
         let mut buf = RecordBuf::default();
         let mut first = 0usize;
         // Smaller and larger than the window before: the read-ahead
@@ -400,7 +404,7 @@ mod tests {
         assert_eq!(first, 64);
         b.finish().unwrap();
 
-        let mut b = SnapshotBlocks::open(&manifest).unwrap();
+        let mut b = SnapshotBlocks::open(&manifest, None).unwrap();
         b.window(0, 10, 0, 10 * BS).unwrap();
         let e = b.finish().unwrap_err().to_string();
         assert!(e.contains("entries left unread"), "{e}");
@@ -436,7 +440,7 @@ mod tests {
     fn prefetch_reads_this_window_and_the_next_into_the_cache_and_no_further() {
         let t = tempfile::tempdir().unwrap();
         let manifest = snapshot(t.path(), &noise(5, 96 * BS));
-        let mut b = SnapshotBlocks::open(&manifest).unwrap();
+        let mut b = SnapshotBlocks::open(&manifest, None).unwrap();
         let (_, pack) = b.own_pack().unwrap();
         if !drop_cached(&pack) {
             coffre_vault_store::skip::skip(&format!(

@@ -67,6 +67,7 @@ pub fn take_snapshot(area: &Area, vault: &Path, job: &str, image: &[u8], at: i64
             point: job,
             block_size: BS as u32,
             compression_level: 1,
+            keys: None,
             created: Timestamp::from_second(at).unwrap(),
             pool: &pool,
             rate_limit: None,

@@ -110,8 +110,10 @@ fn main() {
         secondary: Some("/mnt/remote/vault".into()),
         store: Some("azure://acct/vaults/prod".into()),
         adopted_packs: false,
+        encryption: None,
     }
-    .encode();
+    .encode()
+    .unwrap();
     let mut flipped = config.clone();
     flipped[30] ^= 0x04;
     let mut newer = config.clone();

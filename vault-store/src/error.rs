@@ -40,6 +40,19 @@ pub enum StoreError {
         supported: u32,
     },
 
+    /// An encrypted vault opened without its key.
+    #[error(
+        "vault {path} is encrypted: give its key (--key-file, COFFRE_KEY_FILE, COFFRE_PASSWORD_COMMAND, or a passphrase at the prompt)"
+    )]
+    KeyNeeded { path: PathBuf },
+
+    /// A wrong key, or sealed bytes that failed authentication.
+    #[error("{path}: {error}")]
+    Crypto {
+        path: PathBuf,
+        error: crate::crypto::CryptoError,
+    },
+
     /// The vault config exists but cannot be decoded.
     #[error("{path}: corrupt vault config: {reason}")]
     CorruptConfig { path: PathBuf, reason: String },

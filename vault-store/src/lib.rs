@@ -17,6 +17,7 @@
 //! RocksDB); the fuzz targets use that.
 
 pub mod copies;
+pub mod crypto;
 pub mod error;
 pub mod format;
 #[cfg(feature = "index")]

@@ -42,7 +42,7 @@ impl Vault {
                 path: dir.to_path_buf(),
             });
         }
-        let config = VaultConfig::load(dir)?;
+        let config = VaultConfig::load_with(dir, opts.unlock.as_deref())?;
         let role = copy_role(dir);
         let remote = Remote::load(dir)?;
         if !opts.skip_refresh && remote.is_some() {
@@ -63,7 +63,12 @@ impl Vault {
             if (!dir.join(INDEX_DIR).is_dir() || !crate::index::state::is_complete(dir))
                 && !opts.allow_copy_write
             {
-                drop(crate::maintenance::rebuild::rebuild_index(dir, dir, wait)?);
+                drop(crate::maintenance::rebuild::rebuild_index_unlocked(
+                    dir,
+                    dir,
+                    wait,
+                    opts.unlock.clone(),
+                )?);
             }
         }
         Vault::open_prepared(dir, access, opts, config, role, remote)

@@ -205,6 +205,7 @@ pub fn take_snapshot(
             point: &point,
             block_size: cfg.block_size,
             compression_level: cfg.compression_level,
+            keys: cfg.keys().cloned(),
             created: snap.created,
             pool: snap.pool,
             rate_limit: opts.rate_limit,
@@ -287,7 +288,7 @@ pub fn transfer(
         .into());
     }
     let blocks = block_count(size, cfg.block_size);
-    let mut snapshot = SnapshotBlocks::open(&snap.manifest)?;
+    let mut snapshot = SnapshotBlocks::open(&snap.manifest, cfg.keys())?;
 
     let existing = vault.item(&opts.item)?;
     let previous = vault.points(&opts.item)?.pop();
@@ -302,14 +303,14 @@ pub fn transfer(
         previous.as_ref(),
         prev_map.as_mut(),
         &snapshot,
-        cfg.block_size,
+        &cfg,
         &opts.sampling,
         &transfer_read,
     )?;
 
-    let encoders = PerThread::new(pool, || RecordEncoder::new(cfg.compression_level));
+    let encoders = PerThread::new(pool, || cfg.encoder());
     let records = PerThread::new(pool, RecordBuf::default);
-    let mut node_encoder = RecordEncoder::new(cfg.compression_level);
+    let mut node_encoder = cfg.encoder();
     let mut session = vault.begin_write()?;
     // One write per byte: a fallback capture's pack becomes a segment as
     // it is (hard-linked), when the vault can share the file.
@@ -413,7 +414,7 @@ pub fn transfer(
                     None | Some((None, None)) => return Ok(Outcome::Zero),
                     Some((Some(id), _)) => id,
                     Some((None, Some(bytes))) if is_zero(bytes) => return Ok(Outcome::Zero),
-                    Some((None, Some(bytes))) => ChunkId::of(bytes),
+                    Some((None, Some(bytes))) => cfg.chunk_id(bytes),
                 };
                 if prev.get(i).copied().flatten() == Some(id) && !session.is_damaged(&id) {
                     return Ok(Outcome::Same(id));
@@ -565,10 +566,11 @@ fn transfer_hint<'s>(
     previous: Option<&PointRecord>,
     prev_map: Option<&mut BlockMapReader<'_>>,
     snapshot: &SnapshotBlocks,
-    block_size: u32,
+    cfg: &VaultConfig,
     sampling: &Sampling,
     bytes_read: &std::sync::atomic::AtomicU64,
 ) -> Result<(Option<&'s Hint>, Option<CbtRecord>, Vec<String>)> {
+    let block_size = cfg.block_size;
     let size = snap.header.image_size;
     let bs = u64::from(block_size);
     let blocks = block_count(size, block_size);
@@ -605,7 +607,9 @@ fn transfer_hint<'s>(
             if data.is_some() {
                 bytes_read.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
             }
-            let id = data.filter(|bytes| !is_zero(bytes)).map(ChunkId::of);
+            let id = data
+                .filter(|bytes| !is_zero(bytes))
+                .map(|b| cfg.chunk_id(b));
             window.finish()?;
             if map.entries(b, 1)?.first().copied().flatten() != id {
                 record.mismatches += 1;
@@ -772,7 +776,7 @@ fn store_node(
     node: &[u8],
     stats: &mut PointStats,
 ) -> Result<ChunkId> {
-    let id = ChunkId::of(node);
+    let id = encoder.chunk_id(node);
     if !session.contains(&id)? {
         let record = encoder
             .encode(id, node)

@@ -180,7 +180,7 @@ pub fn restore(
             });
         }
         (RestoreFrom::Vault, _, Some(_)) => None,
-        (_, Some(s), _) => Some(SnapshotBlocks::open(&s.manifest)?),
+        (_, Some(s), _) => Some(SnapshotBlocks::open(&s.manifest, vault.config().keys())?),
         (RestoreFrom::Auto, None, Some(_)) => None,
     };
     // The block size is read from a vault file and divides below: only
@@ -584,7 +584,7 @@ impl Source<'_> {
                 .map_err(|e| unwritable(target.path, e))?;
             let same = match &known {
                 Known::Zero => is_zero(current),
-                Known::Id(id) => !is_zero(current) && ChunkId::of(current) == *id,
+                Known::Id(id) => !is_zero(current) && self.vault.config().chunk_id(current) == *id,
                 Known::Bytes(b) => current == *b,
             };
             if same {

@@ -370,7 +370,7 @@ fn name_findings(vault: &Vault) -> Result<Vec<Finding>> {
             }
         }
     }
-    for area in coffre_snapshotter::area::Area::known(vault.dir()) {
+    for area in coffre_snapshotter::area::Area::known_of(vault.dir(), &vault.config().vault_id) {
         let Ok(items) = std::fs::read_dir(area.dir()) else {
             continue;
         };

@@ -202,7 +202,9 @@ fn run_phases(
     let mut job = store.start(record)?;
     let config = match &opts.writer {
         Writer::Held(v) => v.config().clone(),
-        Writer::Open(_) => coffre_vault_store::VaultConfig::load(vault_dir)?,
+        Writer::Open(o) => {
+            coffre_vault_store::VaultConfig::load_with(vault_dir, o.unlock.as_deref())?
+        }
     };
 
     // Snapshot phase.
@@ -315,7 +317,7 @@ fn snapshot_phase(
     let parent = match (wants_parent, &opts.writer) {
         (false, _) => None,
         (true, Writer::Held(v)) => v.points(item)?.pop(),
-        (true, Writer::Open(_)) => Vault::open(vault_dir, Access::ReadOnly)?
+        (true, Writer::Open(o)) => Vault::open_with(vault_dir, Access::ReadOnly, o)?
             .points(item)?
             .pop(),
     };

@@ -271,8 +271,8 @@ fn latest_points(
     let opened;
     let vault = match writer {
         Writer::Held(v) => *v,
-        Writer::Open(_) => {
-            opened = Vault::open(vault_dir, Access::ReadOnly)?;
+        Writer::Open(o) => {
+            opened = Vault::open_with(vault_dir, Access::ReadOnly, o)?;
             &opened
         }
     };
@@ -300,7 +300,7 @@ fn checkpoint_of(point: Option<&PointRecord>) -> Option<String> {
 fn vault_id(vault_dir: &std::path::Path, writer: &Writer<'_>) -> Result<String> {
     Ok(match writer {
         Writer::Held(v) => v.config().vault_id.clone(),
-        Writer::Open(_) => Vault::open(vault_dir, Access::ReadOnly)?
+        Writer::Open(o) => Vault::open_with(vault_dir, Access::ReadOnly, o)?
             .config()
             .vault_id
             .clone(),

@@ -341,16 +341,18 @@ fn item_view_with(
             }
         }
     }
-    let snaps = coffre_snapshotter::expiry::snapshots_of(vault.dir(), &item.name);
+    let snaps =
+        coffre_snapshotter::expiry::snapshots_of(vault.dir(), &vault.config().vault_id, &item.name);
     tiers.snapshot = snaps.len() as u64;
     tiers.snapshot_only = snaps
         .iter()
         .filter(|s| !points.iter().any(|p| p.id == s.meta.point))
         .count() as u64;
-    let snapshot_bytes: u64 = coffre_snapshotter::area::Area::known(vault.dir())
-        .iter()
-        .map(|a| a.bytes_used(&item.name))
-        .sum();
+    let snapshot_bytes: u64 =
+        coffre_snapshotter::area::Area::known_of(vault.dir(), &vault.config().vault_id)
+            .iter()
+            .map(|a| a.bytes_used(&item.name))
+            .sum();
     let last_backup = jobs
         .iter()
         .rfind(|j| j.operation == Operation::Backup && j.item.as_deref() == Some(&item.name))

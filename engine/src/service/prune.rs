@@ -175,7 +175,7 @@ pub fn prune(
             // `remove_dir_all`.
             match SafeName::new("item", name) {
                 Ok(safe) => {
-                    for area in Area::known(vault.dir()) {
+                    for area in Area::known_of(vault.dir(), &vault.config().vault_id) {
                         remove_dir(area.item_dir(&safe));
                     }
                 }
@@ -214,7 +214,7 @@ fn expire_snapshots(
 ) -> Result<()> {
     let jobs = JobStore::new(vault.dir());
     let running = |job: &str| jobs.load(job).is_ok_and(|j| !j.status.is_final());
-    let areas = Area::known(vault.dir());
+    let areas = Area::known_of(vault.dir(), &vault.config().vault_id);
     // Hash-only snapshot files of format-2 vaults hold no data.
     let legacy = vault.dir().join(LEGACY_SNAPSHOTS_DIR);
     if legacy.exists() {

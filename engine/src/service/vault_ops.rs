@@ -35,6 +35,19 @@ pub struct CreateOptions {
     /// An object store URL (`azure://…`, `s3://…`): the vault lives
     /// there and `dir` is this host's cache.
     pub store: Option<String>,
+    /// Encryption: the cipher, the new master key and its first key slot.
+    pub encryption: Option<NewEncryption>,
+}
+
+/// What an encrypted vault starts with.
+#[derive(Clone, Debug)]
+pub struct NewEncryption {
+    /// The cipher, fixed for the vault's life.
+    pub cipher: coffre_vault_store::crypto::Cipher,
+    /// The master key (random).
+    pub master: coffre_vault_store::crypto::MasterKey,
+    /// Its first key slot.
+    pub slot: coffre_vault_store::crypto::KeySlot,
 }
 
 /// Derives a valid vault name from a directory name.
@@ -84,6 +97,15 @@ pub fn create_vault(dir: &Path, opts: &CreateOptions, clock: &dyn Clock) -> Resu
         secondary: opts.secondary.as_deref().map(absolute),
         store: None,
         adopted_packs: false,
+        encryption: opts.encryption.as_ref().map(|e| {
+            coffre_vault_store::format::config::Encryption {
+                cipher: e.cipher,
+                slots: vec![e.slot.clone()],
+                keys: Some(std::sync::Arc::new(
+                    coffre_vault_store::crypto::VaultKeys::derive(&e.master, e.cipher),
+                )),
+            }
+        }),
     };
     if let Some(area) = &config.snapshot_area {
         coffre_snapshotter::area::check_choice(area, &config.vault_id)?;
@@ -432,6 +454,10 @@ pub struct VaultSummary {
     pub store: Option<String>,
     /// This host's tag in a shared vault.
     pub host_tag: Option<u16>,
+    /// The cipher of an encrypted vault (`None`: not encrypted).
+    pub encryption: Option<coffre_vault_store::crypto::Cipher>,
+    /// Its key slots.
+    pub key_slots: usize,
     /// A shared vault's writer leases (the backups running on any host).
     pub leases: Vec<coffre_vault_store::lease::Lease>,
     /// A shared vault's GC state.
@@ -444,7 +470,7 @@ pub fn summarize(vault: &Vault, now: Timestamp) -> Result<VaultSummary> {
     let mut items = Vec::new();
     let mut points_total = 0;
     let mut logical = 0;
-    let areas = coffre_snapshotter::area::Area::known(vault.dir());
+    let areas = coffre_snapshotter::area::Area::known_of(vault.dir(), &vault.config().vault_id);
     let (copies, copy_warnings) = copies_summary(vault);
     for item in vault.index().items()? {
         let points = vault.points(&item.name)?;
@@ -458,8 +484,12 @@ pub fn summarize(vault: &Vault, now: Timestamp) -> Result<VaultSummary> {
             last_backup: last.map(|p| p.created),
             latest_size: last.map_or(0, |p| p.image_size),
             stored_bytes: points.iter().map(|p| p.stats.stored_bytes).sum(),
-            snapshots: coffre_snapshotter::expiry::snapshots_of(vault.dir(), &item.name).len()
-                as u64,
+            snapshots: coffre_snapshotter::expiry::snapshots_of(
+                vault.dir(),
+                &cfg.vault_id,
+                &item.name,
+            )
+            .len() as u64,
             snapshot_bytes: areas.iter().map(|a| a.bytes_used(&item.name)).sum(),
         });
     }
@@ -484,6 +514,8 @@ pub fn summarize(vault: &Vault, now: Timestamp) -> Result<VaultSummary> {
         secondary: secondary_summary(vault, now)?,
         store: vault.remote().map(|r| r.url.clone()),
         host_tag: vault.remote().map(|r| r.host_tag),
+        encryption: cfg.encryption.as_ref().map(|e| e.cipher),
+        key_slots: cfg.encryption.as_ref().map_or(0, |e| e.slots.len()),
         leases: match vault.remote() {
             Some(_) => coffre_vault_store::lease::leases(vault.copies().primary().store.as_ref())?
                 .into_iter()

@@ -94,7 +94,12 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
         ));
     }
     let encoders: Vec<std::sync::Mutex<RecordEncoder>> = (0..req.pool.current_num_threads().max(1))
-        .map(|_| std::sync::Mutex::new(RecordEncoder::new(req.compression_level)))
+        .map(|_| {
+            std::sync::Mutex::new(RecordEncoder::for_vault(
+                req.compression_level,
+                req.keys.clone(),
+            ))
+        })
         .collect();
     let encoder = || {
         let i = rayon::current_thread_index().unwrap_or(0) % encoders.len();
@@ -239,8 +244,8 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
                                     copy
                                 }
                             };
-                            let id =
-                                (!block.is_empty() && !is_zero(block)).then(|| ChunkId::of(block));
+                            let id = (!block.is_empty() && !is_zero(block))
+                                .then(|| ChunkId::in_vault(req.keys.as_deref(), block));
                             if sampled.get(i) == Some(&true)
                                 && before.get(i).and_then(|e| e.id) != id
                             {

@@ -84,6 +84,9 @@ pub struct CaptureRequest<'a> {
     pub block_size: u32,
     /// The vault's zstd level.
     pub compression_level: i32,
+    /// An encrypted vault's keys: the snapshot's records are sealed and
+    /// its chunk ids keyed, as in the vault.
+    pub keys: Option<std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
     /// The capture instant.
     pub created: Timestamp,
     /// Worker pool.

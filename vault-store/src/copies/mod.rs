@@ -466,7 +466,7 @@ pub fn init_copy(dir: &Path, config: &VaultConfig, role: Role) -> Result<()> {
         if check_copy(&store, dir, &config.vault_id, true).is_ok() {
             use crate::store::Store as _;
             if store.get(crate::format::config::CONFIG_FILE)?.is_none() {
-                store.put(crate::format::config::CONFIG_FILE, &config.encode())?;
+                store.put(crate::format::config::CONFIG_FILE, &config.encode()?)?;
             }
             return Ok(());
         }

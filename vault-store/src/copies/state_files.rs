@@ -28,8 +28,18 @@ fn read_lenient<T>(
 }
 
 /// Reads the config of the copy in `store`; `dir` names the vault in
-/// errors. A copy without one is not a vault.
+/// errors. A copy without one is not a vault; an encrypted one's is
+/// [`StoreError::KeyNeeded`].
 pub fn load_config(store: &dyn Store, dir: &Path) -> Result<VaultConfig> {
+    load_config_with(store, dir, None)
+}
+
+/// [`load_config`], an encrypted vault's unlocked with `unlock`.
+pub fn load_config_with(
+    store: &dyn Store,
+    dir: &Path,
+    unlock: Option<&dyn crate::crypto::Unlock>,
+) -> Result<VaultConfig> {
     let path = dir.join(CONFIG_FILE);
     let bytes = match store.get(CONFIG_FILE) {
         Ok(Some(b)) => b,
@@ -45,7 +55,26 @@ pub fn load_config(store: &dyn Store, dir: &Path) -> Result<VaultConfig> {
         }
         Err(e) => return Err(e),
     };
-    VaultConfig::decode(&bytes, &path)
+    let stored = VaultConfig::read(&bytes, &path)?;
+    let keys = match (stored.encryption(), unlock) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(StoreError::KeyNeeded {
+                path: dir.to_path_buf(),
+            });
+        }
+        (Some(enc), Some(unlock)) => {
+            let crypto = |error| StoreError::Crypto {
+                path: dir.to_path_buf(),
+                error,
+            };
+            let master = unlock.master_key(dir, &enc.slots).map_err(crypto)?;
+            Some(std::sync::Arc::new(crate::crypto::VaultKeys::derive(
+                &master, enc.cipher,
+            )))
+        }
+    };
+    stored.open(keys)
 }
 
 /// The format version the copy's config is stored at (0 if unreadable).
@@ -55,7 +84,7 @@ pub fn stored_config_version(store: &dyn Store) -> u32 {
 
 /// Replaces the copy's config durably.
 pub fn store_config(store: &dyn Store, config: &VaultConfig) -> Result<()> {
-    store.put(CONFIG_FILE, &config.encode())
+    store.put(CONFIG_FILE, &config.encode()?)
 }
 
 /// The role the copy says it has (a vault from before copies existed has
@@ -145,6 +174,12 @@ impl VaultConfig {
     /// Reads `VAULT/config` (through a [`LocalStore`] of `vault_dir`).
     pub fn load(vault_dir: &Path) -> Result<Self> {
         load_config(&LocalStore::new(vault_dir), vault_dir)
+    }
+
+    /// Reads `VAULT/config`; an encrypted vault's is unlocked with
+    /// `unlock` (without one, it is [`StoreError::KeyNeeded`]).
+    pub fn load_with(vault_dir: &Path, unlock: Option<&dyn crate::crypto::Unlock>) -> Result<Self> {
+        load_config_with(&LocalStore::new(vault_dir), vault_dir, unlock)
     }
 
     /// The format version `VAULT/config` is stored at (0 if unreadable).

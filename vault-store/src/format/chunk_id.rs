@@ -11,9 +11,18 @@ impl ChunkId {
     /// Length of an id in bytes.
     pub const LEN: usize = 32;
 
-    /// Hashes `data` into its id.
+    /// Hashes `data` into its id (an unencrypted vault's).
     pub fn of(data: &[u8]) -> Self {
         ChunkId(*blake3::hash(data).as_bytes())
+    }
+
+    /// The id of `data` in a vault whose keys are `keys`: keyed BLAKE3 in
+    /// an encrypted vault, plain BLAKE3 otherwise.
+    pub fn in_vault(keys: Option<&crate::crypto::VaultKeys>, data: &[u8]) -> Self {
+        match keys {
+            Some(k) => ChunkId(k.chunk_id(data)),
+            None => Self::of(data),
+        }
     }
 
     /// The raw bytes.

@@ -1,6 +1,11 @@
 //! The vault config file (`VAULT/config`): identity and settings fixed at
 //! creation, inside a checksummed, versioned envelope (see `FORMAT.md`,
 //! "Vault config").
+//!
+//! An encrypted vault's config (version 6) keeps in clear only what
+//! opening needs: the version, the cipher and the key slots. The settings
+//! are sealed with the catalog key, bound to the cipher and the slots
+//! ([`StoredConfig`]).
 
 #![deny(clippy::indexing_slicing, clippy::unwrap_used)]
 
@@ -9,6 +14,7 @@ use std::path::Path;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::{Cipher, KeySlot, VaultKeys};
 use crate::error::{Result, StoreError};
 use crate::format::envelope::{self, EnvelopeError};
 
@@ -27,8 +33,12 @@ pub const CONFIG_MAGIC: [u8; 8] = *b"CFVAULT\0";
 /// a build without it, which would treat the host's cache directory as a
 /// local vault, refuses it. Version 5 is written once a vault with one
 /// synchronous copy (a GRS secondary allowed)
-/// holds adopted packs (`adopted_packs`).
-pub const FORMAT_VERSION: u32 = 5;
+/// holds adopted packs (`adopted_packs`). Version 6 is an encrypted vault
+/// (`encryption`), whatever else it has: a build without encryption would
+/// write plaintext into it.
+pub const FORMAT_VERSION: u32 = 6;
+/// The version of an encrypted vault.
+pub const FORMAT_VERSION_SEALED: u32 = 6;
 /// The version of a vault in object storage.
 pub const FORMAT_VERSION_STORE: u32 = 4;
 /// The version of a vault holding adopted packs.
@@ -118,6 +128,142 @@ pub struct VaultConfig {
     /// would append to, punch or cut an adopted segment refuses it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub adopted_packs: bool,
+    /// The vault's encryption: its cipher and key slots, kept in clear
+    /// beside the sealed settings (never inside them).
+    #[serde(skip)]
+    pub encryption: Option<Encryption>,
+}
+
+/// An encrypted vault's cipher and key slots, and once it is unlocked,
+/// its keys.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Encryption {
+    /// Fixed for the vault's life.
+    pub cipher: Cipher,
+    /// The master key, wrapped; at least one.
+    pub slots: Vec<KeySlot>,
+    /// The keys, once unlocked (never stored).
+    #[serde(skip)]
+    pub keys: Option<std::sync::Arc<VaultKeys>>,
+}
+
+impl PartialEq for Encryption {
+    fn eq(&self, other: &Self) -> bool {
+        self.cipher == other.cipher && self.slots == other.slots
+    }
+}
+
+impl Eq for Encryption {}
+
+impl Encryption {
+    /// Checks the slots (untrusted: read from the config).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.slots.is_empty() {
+            return Err("an encrypted vault without key slots".into());
+        }
+        if self.slots.len() > crate::crypto::slot::MAX_SLOTS {
+            return Err(format!(
+                "{} key slots, more than {}",
+                self.slots.len(),
+                crate::crypto::slot::MAX_SLOTS
+            ));
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            s.check().map_err(|e| e.to_string())?;
+            if self.slots.iter().skip(i + 1).any(|o| o.id == s.id) {
+                return Err(format!("two key slots {}", s.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// The additional data of the sealed settings: the cipher and every
+    /// slot, so that neither can be swapped without the key.
+    fn ad(&self) -> Vec<u8> {
+        let mut ad = format!("coffre vault config v6\0{}\0", self.cipher.name()).into_bytes();
+        ad.extend(serde_json::to_vec(&self.slots).unwrap_or_default());
+        ad
+    }
+}
+
+/// The clear part of an encrypted config's body.
+#[derive(Serialize, Deserialize)]
+struct SealedBody {
+    encryption: Encryption,
+    /// The settings, sealed (hex).
+    sealed: String,
+}
+
+/// A config as read from its file.
+#[derive(Debug)]
+pub enum StoredConfig {
+    /// An unencrypted vault's.
+    Plain(VaultConfig),
+    /// An encrypted vault's: its settings need the key.
+    Sealed {
+        /// The cipher and slots.
+        encryption: Encryption,
+        /// The sealed settings.
+        sealed: Vec<u8>,
+        /// Where it was read (messages).
+        path: std::path::PathBuf,
+    },
+}
+
+impl StoredConfig {
+    /// The cipher and slots, when encrypted.
+    pub fn encryption(&self) -> Option<&Encryption> {
+        match self {
+            StoredConfig::Plain(_) => None,
+            StoredConfig::Sealed { encryption, .. } => Some(encryption),
+        }
+    }
+
+    /// The config: a plain one as it is, a sealed one opened with `keys`
+    /// (which must be the vault's; the config keeps them).
+    pub fn open(self, keys: Option<std::sync::Arc<VaultKeys>>) -> Result<VaultConfig> {
+        match self {
+            StoredConfig::Plain(c) => Ok(c),
+            StoredConfig::Sealed {
+                encryption,
+                sealed,
+                path,
+            } => {
+                let keys = keys.ok_or_else(|| StoreError::KeyNeeded {
+                    path: path.parent().unwrap_or(&path).to_path_buf(),
+                })?;
+                let corrupt = |reason: String| StoreError::CorruptConfig {
+                    path: path.clone(),
+                    reason,
+                };
+                if keys.cipher() != encryption.cipher {
+                    return Err(corrupt(format!(
+                        "it says {}, the key is for {}",
+                        encryption.cipher,
+                        keys.cipher()
+                    )));
+                }
+                let body = keys
+                    .catalog()
+                    .open(&encryption.ad(), &sealed, &|| {
+                        format!("the settings in {}", path.display())
+                    })
+                    .map_err(|e| StoreError::Crypto {
+                        path: path.clone(),
+                        error: e,
+                    })?;
+                let mut cfg: VaultConfig =
+                    serde_json::from_slice(&body).map_err(|e| corrupt(format!("body: {e}")))?;
+                cfg.validate()
+                    .map_err(|e| corrupt(format!("invalid setting: {e}")))?;
+                cfg.encryption = Some(Encryption {
+                    keys: Some(keys),
+                    ..encryption
+                });
+                Ok(cfg)
+            }
+        }
+    }
 }
 
 impl VaultConfig {
@@ -143,7 +289,9 @@ impl VaultConfig {
     /// 5 once it holds adopted packs (a GRS vault without replicas adopts
     /// too), 3 with copies (a replica or a secondary), else 2.
     pub fn format_version(&self) -> u32 {
-        if self.store.is_some() {
+        if self.encryption.is_some() {
+            FORMAT_VERSION_SEALED
+        } else if self.store.is_some() {
             FORMAT_VERSION_STORE
         } else if self.adopted_packs {
             FORMAT_VERSION_ADOPTED
@@ -173,21 +321,90 @@ impl VaultConfig {
         (self, dropped)
     }
 
-    /// Encodes the config into its envelope.
-    pub fn encode(&self) -> Vec<u8> {
-        let body = serde_json::to_vec_pretty(self).unwrap_or_default();
-        envelope::encode(&CONFIG_MAGIC, self.format_version(), &body)
+    /// The keys of an unlocked encrypted vault.
+    pub fn keys(&self) -> Option<&std::sync::Arc<VaultKeys>> {
+        self.encryption.as_ref().and_then(|e| e.keys.as_ref())
     }
 
-    /// Decodes an envelope. `path` is used in messages only.
+    /// The id of a chunk's plaintext in this vault: BLAKE3, keyed with the
+    /// id key in an encrypted vault.
+    pub fn chunk_id(&self, plain: &[u8]) -> crate::format::chunk_id::ChunkId {
+        match self.keys() {
+            Some(k) => crate::format::chunk_id::ChunkId(k.chunk_id(plain)),
+            None => crate::format::chunk_id::ChunkId::of(plain),
+        }
+    }
+
+    /// A record encoder for this vault (sealing when encrypted).
+    pub fn encoder(&self) -> crate::format::record::RecordEncoder {
+        crate::format::record::RecordEncoder::for_vault(
+            self.compression_level,
+            self.keys().cloned(),
+        )
+    }
+
+    /// A record decoder for this vault (only sealed records when
+    /// encrypted).
+    pub fn decoder(&self) -> crate::format::record::RecordDecoder {
+        crate::format::record::RecordDecoder::for_vault(self.keys().cloned())
+    }
+
+    /// Encodes the config into its envelope; an encrypted vault's settings
+    /// are sealed with its keys (which it needs).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let body = serde_json::to_vec_pretty(self).unwrap_or_default();
+        let Some(enc) = &self.encryption else {
+            return Ok(envelope::encode(
+                &CONFIG_MAGIC,
+                self.format_version(),
+                &body,
+            ));
+        };
+        let keys = enc
+            .keys
+            .as_ref()
+            .ok_or_else(|| StoreError::InvalidSetting {
+                field: "encryption",
+                reason: "an encrypted vault's config is written only with its key".into(),
+            })?;
+        let sealed = keys
+            .catalog()
+            .seal(&enc.ad(), &body)
+            .map_err(|e| StoreError::Crypto {
+                path: CONFIG_FILE.into(),
+                error: e,
+            })?;
+        let clear = SealedBody {
+            encryption: Encryption {
+                keys: None,
+                ..enc.clone()
+            },
+            sealed: hex::encode(sealed),
+        };
+        let body = serde_json::to_vec_pretty(&clear).unwrap_or_default();
+        Ok(envelope::encode(
+            &CONFIG_MAGIC,
+            self.format_version(),
+            &body,
+        ))
+    }
+
+    /// Decodes an unencrypted vault's envelope (an encrypted one's is
+    /// [`StoreError::KeyNeeded`]). `path` is used in messages only.
     pub fn decode(bytes: &[u8], path: &Path) -> Result<Self> {
+        Self::read(bytes, path)?.open(None)
+    }
+
+    /// Decodes an envelope: a plain config, or an encrypted one's clear
+    /// part and sealed settings. `path` is used in messages only.
+    pub fn read(bytes: &[u8], path: &Path) -> Result<StoredConfig> {
         let corrupt = |reason: String| StoreError::CorruptConfig {
             path: path.to_path_buf(),
             reason,
         };
         let vault_dir = || path.parent().unwrap_or(path).to_path_buf();
-        let (_, body) = envelope::decode(&CONFIG_MAGIC, FORMAT_VERSION, MAX_BODY, bytes).map_err(
-            |e| match e {
+        let (version, body) = envelope::decode(&CONFIG_MAGIC, FORMAT_VERSION, MAX_BODY, bytes)
+            .map_err(|e| match e {
                 EnvelopeError::BadMagic => StoreError::NotAVault { path: vault_dir() },
                 EnvelopeError::Version { found: 0, .. } => {
                     corrupt("format version 0 is invalid".into())
@@ -199,20 +416,34 @@ impl VaultConfig {
                 },
                 EnvelopeError::Truncated(_) => corrupt("file too short".into()),
                 other => corrupt(other.to_string()),
-            },
-        )?;
+            })?;
+        if version >= FORMAT_VERSION_SEALED {
+            let clear: SealedBody =
+                serde_json::from_slice(body).map_err(|e| corrupt(format!("body: {e}")))?;
+            clear
+                .encryption
+                .check()
+                .map_err(|e| corrupt(format!("encryption: {e}")))?;
+            let sealed =
+                hex::decode(&clear.sealed).map_err(|e| corrupt(format!("sealed settings: {e}")))?;
+            return Ok(StoredConfig::Sealed {
+                encryption: clear.encryption,
+                sealed,
+                path: path.to_path_buf(),
+            });
+        }
         let cfg: VaultConfig =
             serde_json::from_slice(body).map_err(|e| corrupt(format!("body: {e}")))?;
         cfg.validate()
             .map_err(|e| corrupt(format!("invalid setting: {e}")))?;
-        Ok(cfg)
+        Ok(StoredConfig::Plain(cfg))
     }
 }
 
 /// Fuzz entry point: decodes arbitrary bytes as a vault config; never
 /// panics. Returns whether they were a valid config.
 pub fn fuzz_entry(data: &[u8]) -> bool {
-    VaultConfig::decode(data, Path::new("fuzz/config")).is_ok()
+    VaultConfig::read(data, Path::new("fuzz/config")).is_ok()
 }
 
 /// Azure's rule for vault names: 2-50 characters, starting with a letter,
@@ -269,13 +500,14 @@ mod tests {
             secondary: None,
             store: None,
             adopted_packs: false,
+            encryption: None,
         }
     }
 
     #[test]
     fn round_trip_and_corruption() {
         let p = Path::new("/v/config");
-        let bytes = sample().encode();
+        let bytes = sample().encode().unwrap();
         assert_eq!(VaultConfig::decode(&bytes, p).unwrap(), sample());
         let mut bad = bytes.clone();
         let mid = bad.len() / 2;
@@ -295,16 +527,16 @@ mod tests {
     #[test]
     fn a_vault_with_copies_is_written_at_version_3_so_builds_without_copies_refuse_it() {
         let p = Path::new("/v/config");
-        let single = sample().encode();
+        let single = sample().encode().unwrap();
         assert_eq!(envelope::claimed_version(&single), Some(2));
         let mut lrs = sample();
         lrs.replicas.push("/mnt/d2/v".into());
-        let bytes = lrs.encode();
+        let bytes = lrs.encode().unwrap();
         assert_eq!(envelope::claimed_version(&bytes), Some(3));
         assert_eq!(VaultConfig::decode(&bytes, p).unwrap(), lrs);
         let mut grs = sample();
         grs.secondary = Some("/mnt/far/v".into());
-        assert_eq!(envelope::claimed_version(&grs.encode()), Some(3));
+        assert_eq!(envelope::claimed_version(&grs.encode().unwrap()), Some(3));
         // What a version-2 build sees.
         assert!(matches!(
             envelope::decode(&CONFIG_MAGIC, 2, MAX_BODY, &bytes),
@@ -320,14 +552,17 @@ mod tests {
         let p = Path::new("/v/config");
         let mut adopted = sample();
         adopted.adopted_packs = true;
-        let bytes = adopted.encode();
+        let bytes = adopted.encode().unwrap();
         assert_eq!(envelope::claimed_version(&bytes), Some(5));
         assert_eq!(VaultConfig::decode(&bytes, p).unwrap(), adopted);
         // A GRS vault without replicas adopts too: 5, not 3.
         adopted.secondary = Some("/mnt/far/v".into());
-        assert_eq!(envelope::claimed_version(&adopted.encode()), Some(5));
+        assert_eq!(
+            envelope::claimed_version(&adopted.encode().unwrap()),
+            Some(5)
+        );
         // The field is absent while false, so older files read unchanged.
-        assert!(!String::from_utf8_lossy(&sample().encode()).contains("adopted_packs"));
+        assert!(!String::from_utf8_lossy(&sample().encode().unwrap()).contains("adopted_packs"));
         // What a version-4 build sees.
         assert!(matches!(
             envelope::decode(&CONFIG_MAGIC, 4, MAX_BODY, &bytes),
@@ -364,5 +599,95 @@ mod tests {
         for bad in [32 << 10, 8 << 20, 100_000, 0] {
             assert!(validate_block_size(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_encrypted_config_keeps_only_cipher_and_slots_in_clear() {
+        use crate::crypto::slot::{KdfParams, Secret};
+        use crate::crypto::{KeySlot, MasterKey};
+        let p = Path::new("/v/config");
+        let master = MasterKey::generate().unwrap();
+        let fast = KdfParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
+        let slot = KeySlot::new(
+            &master,
+            &Secret::Passphrase(b"pw"),
+            Some(fast),
+            None,
+            Timestamp::now(),
+        )
+        .unwrap();
+        let keys = std::sync::Arc::new(VaultKeys::derive(&master, Cipher::Aes256Gcm));
+        let mut cfg = sample();
+        cfg.replicas.push("/mnt/secret-place/v".into());
+        cfg.encryption = Some(Encryption {
+            cipher: Cipher::Aes256Gcm,
+            slots: vec![slot],
+            keys: Some(keys.clone()),
+        });
+        let bytes = cfg.encode().unwrap();
+        assert_eq!(envelope::claimed_version(&bytes), Some(6));
+        let text = String::from_utf8_lossy(&bytes);
+        for hidden in ["vm-vault-1", "secret-place", "block_size", "\"abc\""] {
+            assert!(!text.contains(hidden), "{hidden} in clear: {text}");
+        }
+        assert!(text.contains("aes-256-gcm"));
+        // Without the key: it says so.
+        assert!(matches!(
+            VaultConfig::decode(&bytes, p),
+            Err(StoreError::KeyNeeded { .. })
+        ));
+        let stored = VaultConfig::read(&bytes, p).unwrap();
+        assert_eq!(stored.encryption().unwrap().slots.len(), 1);
+        let back = stored.open(Some(keys.clone())).unwrap();
+        assert_eq!(back, cfg);
+        assert!(back.keys().is_some());
+        // Another key; a slot removed in the clear part (bound into the seal).
+        let other = std::sync::Arc::new(VaultKeys::derive(
+            &MasterKey::generate().unwrap(),
+            Cipher::Aes256Gcm,
+        ));
+        assert!(matches!(
+            VaultConfig::read(&bytes, p).unwrap().open(Some(other)),
+            Err(StoreError::Crypto { .. })
+        ));
+        let mut two = cfg.clone();
+        let extra = KeySlot::new(
+            &master,
+            &Secret::KeyFile(&[1; 32]),
+            None,
+            None,
+            Timestamp::now(),
+        )
+        .unwrap();
+        two.encryption.as_mut().unwrap().slots.push(extra);
+        let two_bytes = two.encode().unwrap();
+        let StoredConfig::Sealed { sealed, path, .. } = VaultConfig::read(&two_bytes, p).unwrap()
+        else {
+            panic!()
+        };
+        let forged = StoredConfig::Sealed {
+            encryption: Encryption {
+                keys: None,
+                ..cfg.encryption.clone().unwrap()
+            },
+            sealed,
+            path,
+        };
+        assert!(matches!(
+            forged.open(Some(keys)),
+            Err(StoreError::Crypto { .. })
+        ));
+        // Hostile clear parts are refused at read time.
+        let mut none = cfg.clone();
+        none.encryption.as_mut().unwrap().slots.clear();
+        assert!(none.encode().is_ok());
+        assert!(matches!(
+            VaultConfig::read(&none.encode().unwrap(), p),
+            Err(StoreError::CorruptConfig { .. })
+        ));
     }
 }

@@ -92,7 +92,17 @@ const BATCH_CHUNKS: usize = 50_000;
 /// (`dir` itself, a replica or the secondary) and returns the vault open
 /// for writing.
 pub fn rebuild_index(dir: &Path, source: &Path, wait: Duration) -> Result<(Vault, RebuildReport)> {
-    rebuild_index_with(dir, source, wait, None)
+    rebuild_index_with(dir, source, wait, None, None)
+}
+
+/// [`rebuild_index`] of an encrypted vault, unlocked with `unlock`.
+pub fn rebuild_index_unlocked(
+    dir: &Path,
+    source: &Path,
+    wait: Duration,
+    unlock: Option<Arc<dyn crate::crypto::Unlock>>,
+) -> Result<(Vault, RebuildReport)> {
+    rebuild_index_with(dir, source, wait, None, unlock)
 }
 
 /// [`rebuild_index`], with each store the rebuild reads wrapped by `wrap`
@@ -103,6 +113,7 @@ pub(crate) fn rebuild_index_with(
     source: &Path,
     wait: Duration,
     wrap: Option<crate::copies::StoreWrap>,
+    unlock: Option<Arc<dyn crate::crypto::Unlock>>,
 ) -> Result<(Vault, RebuildReport)> {
     let started = std::time::Instant::now();
     if !dir.join(crate::format::config::CONFIG_FILE).is_file() {
@@ -110,7 +121,7 @@ pub(crate) fn rebuild_index_with(
             path: dir.to_path_buf(),
         });
     }
-    let config = crate::format::config::VaultConfig::load(dir)?;
+    let config = crate::format::config::VaultConfig::load_with(dir, unlock.as_deref())?;
     let store: SharedStore = if source == dir {
         crate::copies::primary_store(dir)?
     } else {
@@ -169,7 +180,14 @@ pub(crate) fn rebuild_index_with(
     }
     crate::index::state::install_rebuilt(dir)?;
     drop(lock);
-    let vault = Vault::open_with(dir, Access::Write, &rebuild_open_options(wait))?;
+    let vault = Vault::open_with(
+        dir,
+        Access::Write,
+        &OpenOptions {
+            unlock,
+            ..rebuild_open_options(wait)
+        },
+    )?;
     report.duration_ms = started.elapsed().as_millis() as u64;
     tracing::info!(vault = %dir.display(), source = %source.display(), chunks = report.chunks, points = report.points, "rebuilt the index");
     Ok((vault, report))

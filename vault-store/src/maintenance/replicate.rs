@@ -304,7 +304,7 @@ pub fn replicate(
                 report.quarantined += 1;
             }
         }
-        sec.put(CONFIG_FILE, &cfg.encode())?;
+        sec.put(CONFIG_FILE, &cfg.encode()?)?;
         sec_state.last_run = Some(now());
         sec.put(STATE_FILE, &sec_state.encode())?;
         if report.files_changed > 0 || report.bytes_copied > 0 || report.segments_deleted > 0 {

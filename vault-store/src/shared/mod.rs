@@ -137,7 +137,7 @@ pub fn create_in_store(dir: &Path, url: &str, mut config: VaultConfig) -> Result
     // The config is the store's last file: a store without it is no vault.
     // It holds no host-local setting (this host keeps its own in its cache).
     let (shared, _) = config.clone().without_host_settings();
-    if !store.put_new(CONFIG_FILE, &shared.encode())? {
+    if !store.put_new(CONFIG_FILE, &shared.encode()?)? {
         return Err(StoreError::InvalidSetting {
             field: "store",
             reason: format!("{url}: another host created a vault there at the same moment"),

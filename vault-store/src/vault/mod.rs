@@ -83,6 +83,9 @@ pub struct OpenOptions {
     pub lease_ttl: Option<Duration>,
     /// Time for leases (default: the system clock).
     pub clock: Option<crate::lease::Clock>,
+    /// Unlocks an encrypted vault (without it, opening one is
+    /// [`StoreError::KeyNeeded`]).
+    pub unlock: Option<std::sync::Arc<dyn crate::crypto::Unlock>>,
 }
 
 /// An open vault.

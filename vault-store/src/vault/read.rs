@@ -112,6 +112,7 @@ impl Vault {
             }));
         }
         let payload = buf.record.get(HEADER_LEN..).unwrap_or_default();
+        buf.decoder.use_keys(self.config.keys());
         buf.decoder
             .decode_payload_into(&header, payload, &mut buf.plain)
             .map_err(corrupt)

@@ -46,9 +46,9 @@ impl Vault {
     ) -> Result<()> {
         cfg.validate()?;
         let bytes = if self.remote.is_some() {
-            cfg.clone().without_host_settings().0.encode()
+            cfg.clone().without_host_settings().0.encode()?
         } else {
-            cfg.encode()
+            cfg.encode()?
         };
         if let Some(copy) = joining {
             copy.store.put(crate::format::config::CONFIG_FILE, &bytes)?;

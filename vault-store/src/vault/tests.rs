@@ -47,6 +47,7 @@ fn config() -> VaultConfig {
         secondary: None,
         store: None,
         adopted_packs: false,
+        encryption: None,
     }
 }
 

@@ -32,6 +32,7 @@ fn config(replicas: Vec<PathBuf>, secondary: Option<PathBuf>) -> VaultConfig {
         secondary,
         store: None,
         adopted_packs: false,
+        encryption: None,
     }
 }
 

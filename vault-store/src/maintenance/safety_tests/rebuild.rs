@@ -236,6 +236,7 @@ fn a_rebuild_refuses_a_segment_it_cannot_read_and_cuts_nothing() {
         &vdir,
         std::time::Duration::from_secs(5),
         Some(wrap),
+        None,
     ) {
         Err(e @ StoreError::RebuildRefused { .. }) => {
             let msg = e.to_string();
@@ -265,6 +266,7 @@ fn a_rebuild_reads_a_segment_another_copy_holds_whole_when_the_source_fails() {
         &vdir,
         std::time::Duration::from_secs(5),
         Some(wrap),
+        None,
     )
     .unwrap();
     assert!(report.unreadable_segments.is_empty(), "{report:?}");

@@ -1,0 +1,259 @@
+//! Where an encrypted vault's key comes from: the key sources of one
+//! command, in order:
+//!
+//! 1. `--key-file PATH` or `COFFRE_KEY_FILE`: a key file (a key-file slot);
+//! 2. `COFFRE_PASSWORD_COMMAND`: a command (split like a shell would, run
+//!    without one) whose first line of output is the passphrase;
+//! 3. a prompt on the terminal, when there is one.
+//!
+//! The daemon and the scheduler have no terminal: they need 1 or 2
+//! (README, "Encryption"). What a source unlocked is remembered for the
+//! rest of the command, so a passphrase is stretched once however often
+//! the vault is opened.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use coffre_engine::store::crypto::slot::{MAX_KEY_FILE, MAX_PASSPHRASE, Secret, unlock_any};
+use coffre_engine::store::crypto::{CryptoError, KeySlot, MasterKey, Unlock};
+use zeroize::Zeroizing;
+
+/// How long a password command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A secret read from a source.
+pub enum Owned {
+    /// A passphrase.
+    Passphrase(Zeroizing<Vec<u8>>),
+    /// A key file's bytes.
+    KeyFile(Zeroizing<Vec<u8>>),
+}
+
+impl Owned {
+    /// The secret, borrowed.
+    pub fn secret(&self) -> Secret<'_> {
+        match self {
+            Owned::Passphrase(p) => Secret::Passphrase(p),
+            Owned::KeyFile(k) => Secret::KeyFile(k),
+        }
+    }
+}
+
+/// A vault this command unlocked: its slots' wrapped keys, the master
+/// key, and the id of the slot that opened (none for a recovery key).
+type Unlocked = (Vec<String>, MasterKey, Option<String>);
+
+/// One command's key sources.
+pub struct KeySources {
+    /// `--key-file` / `COFFRE_KEY_FILE`.
+    pub key_file: Option<PathBuf>,
+    /// `COFFRE_PASSWORD_COMMAND`.
+    pub password_command: Option<String>,
+    /// A master key given directly (`key import`).
+    pub master: Option<MasterKey>,
+    /// What was unlocked.
+    unlocked: Mutex<Vec<Unlocked>>,
+}
+
+impl KeySources {
+    /// The sources of the environment and `--key-file`.
+    pub fn from_env(key_file: Option<PathBuf>) -> KeySources {
+        KeySources {
+            key_file: key_file.or_else(|| std::env::var_os("COFFRE_KEY_FILE").map(PathBuf::from)),
+            password_command: std::env::var("COFFRE_PASSWORD_COMMAND")
+                .ok()
+                .filter(|c| !c.trim().is_empty()),
+            master: None,
+            unlocked: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Sources that hold one master key (a recovery text).
+    pub fn with_master(master: MasterKey) -> KeySources {
+        KeySources {
+            key_file: None,
+            password_command: None,
+            master: Some(master),
+            unlocked: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The id of the slot that opened the vault last (none for a master
+    /// key given directly).
+    pub fn opened_slot(&self) -> Option<String> {
+        self.unlocked
+            .lock()
+            .ok()
+            .and_then(|u| u.last().and_then(|(_, _, s)| s.clone()))
+    }
+
+    /// The secret of the first source that has one (`what` says what for,
+    /// on a prompt).
+    pub fn secret(&self, what: &str) -> Result<Owned, CryptoError> {
+        if let Some(path) = &self.key_file {
+            return read_key_file(path).map(Owned::KeyFile);
+        }
+        if let Some(cmd) = &self.password_command {
+            return run_password_command(cmd, "COFFRE_PASSWORD_COMMAND").map(Owned::Passphrase);
+        }
+        prompt(&format!("passphrase of {what}: ")).map(Owned::Passphrase)
+    }
+}
+
+impl Unlock for KeySources {
+    fn master_key(&self, vault: &Path, slots: &[KeySlot]) -> Result<MasterKey, CryptoError> {
+        let tag: Vec<String> = slots.iter().map(|s| s.wrapped.clone()).collect();
+        // A vault this command unlocked already, whose slots changed since
+        // (`key add`, `key passwd`): any slot it still has wraps the same key.
+        if let Ok(u) = self.unlocked.lock()
+            && let Some((_, k, _)) = u.iter().find(|(t, _, _)| t.iter().any(|w| tag.contains(w)))
+        {
+            return Ok(k.clone());
+        }
+        let (key, slot) = match &self.master {
+            Some(m) => (m.clone(), None),
+            None => {
+                let owned = self.secret(&format!("vault {}", vault.display()))?;
+                let secret = owned.secret();
+                let (key, slot) = unlock_any(slots, &secret)?;
+                (key, Some(slot))
+            }
+        };
+        if let Ok(mut u) = self.unlocked.lock() {
+            u.push((tag, key.clone(), slot));
+        }
+        Ok(key)
+    }
+}
+
+/// Reads a key file: at least 32 bytes, at most 1 MiB.
+pub fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    use std::io::Read;
+    let bad = |reason: String| CryptoError::Malformed {
+        what: format!("key file {}", path.display()),
+        reason,
+    };
+    let f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut bytes = Zeroizing::new(Vec::new());
+    f.take(MAX_KEY_FILE as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad(e.to_string()))?;
+    if bytes.len() > MAX_KEY_FILE {
+        return Err(bad("longer than 1 MiB".into()));
+    }
+    Ok(bytes)
+}
+
+/// Runs a password command (`name` names it in errors): its first line.
+pub fn run_password_command(cmd: &str, name: &str) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    let bad = |reason: String| CryptoError::Malformed {
+        what: name.to_string(),
+        reason,
+    };
+    let argv = shlex::split(cmd)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| bad("cannot be split into arguments (unbalanced quotes?)".into()))?;
+    let (prog, args) = argv.split_first().ok_or_else(|| bad("is empty".into()))?;
+    let mut child = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| bad(format!("cannot run {prog:?}: {e}")))?;
+    let started = std::time::Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if started.elapsed() > COMMAND_TIMEOUT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(bad(format!(
+                    "did not end within {} s",
+                    COMMAND_TIMEOUT.as_secs()
+                )));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(bad(e.to_string())),
+        }
+    }
+    let out = child.wait_with_output().map_err(|e| bad(e.to_string()))?;
+    let stdout = Zeroizing::new(out.stdout);
+    if !out.status.success() {
+        return Err(bad(format!("failed ({})", out.status)));
+    }
+    let line: Vec<u8> = stdout
+        .split(|&b| b == b'\n')
+        .next()
+        .unwrap_or_default()
+        .strip_suffix(b"\r")
+        .map_or_else(
+            || {
+                stdout
+                    .split(|&b| b == b'\n')
+                    .next()
+                    .unwrap_or_default()
+                    .to_vec()
+            },
+            <[u8]>::to_vec,
+        );
+    let line = Zeroizing::new(line);
+    if line.is_empty() {
+        return Err(bad("printed an empty passphrase".into()));
+    }
+    if line.len() > MAX_PASSPHRASE {
+        return Err(bad(format!("printed more than {MAX_PASSPHRASE} bytes")));
+    }
+    Ok(line)
+}
+
+/// Asks for a passphrase on the terminal.
+pub fn prompt(text: &str) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    let no_tty = || CryptoError::Malformed {
+        what: "the passphrase".into(),
+        reason:
+            "no terminal to ask on: give --key-file, COFFRE_KEY_FILE or COFFRE_PASSWORD_COMMAND"
+                .into(),
+    };
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .is_err()
+    {
+        return Err(no_tty());
+    }
+    let p = rpassword::prompt_password(text).map_err(|_| no_tty())?;
+    let p = Zeroizing::new(p.into_bytes());
+    if p.is_empty() {
+        return Err(CryptoError::Malformed {
+            what: "the passphrase".into(),
+            reason: "empty".into(),
+        });
+    }
+    Ok(p)
+}
+
+/// A new secret for a new slot: `--new-key-file`, else
+/// `COFFRE_NEW_PASSWORD_COMMAND`, else asked twice on the terminal.
+pub fn new_secret(new_key_file: Option<&Path>) -> Result<Owned, CryptoError> {
+    if let Some(path) = new_key_file {
+        return read_key_file(path).map(Owned::KeyFile);
+    }
+    if let Ok(cmd) = std::env::var("COFFRE_NEW_PASSWORD_COMMAND")
+        && !cmd.trim().is_empty()
+    {
+        return run_password_command(&cmd, "COFFRE_NEW_PASSWORD_COMMAND").map(Owned::Passphrase);
+    }
+    let first = prompt("new passphrase: ")?;
+    let again = prompt("new passphrase again: ")?;
+    if first != again {
+        return Err(CryptoError::Malformed {
+            what: "the new passphrase".into(),
+            reason: "the two entries differ".into(),
+        });
+    }
+    Ok(Owned::Passphrase(first))
+}
