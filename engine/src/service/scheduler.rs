@@ -113,6 +113,32 @@ fn mark_slot(vault: &Vault, item: &str, slot: Timestamp, opts: &PassOptions<'_>)
     Ok(())
 }
 
+/// A scheduled backup of `item` that could not run, for `reason`: its
+/// failed job is recorded and its slot marked dealt with.
+fn failed_run(
+    vault: &Vault,
+    clock: &dyn Clock,
+    opts: &PassOptions<'_>,
+    item: &str,
+    slot: Timestamp,
+    reason: String,
+) -> Result<DueRun> {
+    let e = EngineError::ItemState {
+        item: item.to_string(),
+        reason,
+    };
+    let job = record_failed_backup(vault.dir(), item, &e, clock)?;
+    mark_slot(vault, item, slot, opts)?;
+    Ok(DueRun {
+        item: item.to_string(),
+        slot,
+        job: job.id,
+        status: job.status,
+        point: None,
+        error: Some(e.to_string()),
+    })
+}
+
 /// Backs up the due disks of one libvirt domain at one instant
 /// (`crate::domain_backup`); a domain that cannot be reached fails each
 /// disk's job with the reason.
@@ -151,21 +177,16 @@ fn run_domain(
         }
     }
     for (item, slot, why) in refused {
-        let e = EngineError::ItemState {
-            item: item.clone(),
-            reason: format!("cannot be backed up: {why}"),
-        };
-        let job = record_failed_backup(vault.dir(), &item, &e, clock)?;
-        tracing::warn!(item = %item, job = %job.id, error = %e, "scheduled backup did not complete");
-        mark_slot(vault, &item, slot, opts)?;
-        runs.push(DueRun {
-            item,
+        let run = failed_run(
+            vault,
+            clock,
+            opts,
+            &item,
             slot,
-            job: job.id,
-            status: job.status,
-            point: None,
-            error: Some(e.to_string()),
-        });
+            format!("cannot be backed up: {why}"),
+        )?;
+        tracing::warn!(item = %item, job = %run.job, error = %run.error.as_deref().unwrap_or_default(), "scheduled backup did not complete");
+        runs.push(run);
     }
     let Ok(plan) = plan else {
         return Ok(runs);
@@ -240,22 +261,17 @@ fn run_domain(
     }
     for (target, why) in missing {
         let item = plan.item(&target);
-        let e = EngineError::ItemState {
-            item: item.clone(),
-            reason: format!("the backup of domain {domain} failed: {why}"),
-        };
-        let job = record_failed_backup(vault.dir(), &item, &e, clock)?;
-        tracing::warn!(item = %item, job = %job.id, domain, error = %e, "scheduled backup did not complete");
         let slot = slot_of(&item).unwrap_or_else(|| clock.now());
-        mark_slot(vault, &item, slot, opts)?;
-        runs.push(DueRun {
-            item,
+        let run = failed_run(
+            vault,
+            clock,
+            opts,
+            &item,
             slot,
-            job: job.id,
-            status: job.status,
-            point: None,
-            error: Some(e.to_string()),
-        });
+            format!("the backup of domain {domain} failed: {why}"),
+        )?;
+        tracing::warn!(item = %item, job = %run.job, domain, error = %run.error.as_deref().unwrap_or_default(), "scheduled backup did not complete");
+        runs.push(run);
     }
     Ok(runs)
 }
@@ -343,22 +359,14 @@ pub fn run_pass(
                         target: d.target,
                         hooks: (hooks.clone(), hook_warning.clone()),
                     }),
-                Err(why) => {
-                    let e = EngineError::ItemState {
-                        item: item.name.clone(),
-                        reason: format!("records a libvirt source coffre cannot read: {why}"),
-                    };
-                    let job = record_failed_backup(vault.dir(), &item.name, &e, clock)?;
-                    mark_slot(vault, &item.name, slot, opts)?;
-                    backups.push(DueRun {
-                        item: item.name.clone(),
-                        slot,
-                        job: job.id,
-                        status: job.status,
-                        point: None,
-                        error: Some(e.to_string()),
-                    });
-                }
+                Err(why) => backups.push(failed_run(
+                    vault,
+                    clock,
+                    opts,
+                    &item.name,
+                    slot,
+                    format!("records a libvirt source coffre cannot read: {why}"),
+                )?),
             }
             continue;
         }
