@@ -120,10 +120,11 @@ fn vault_of_a_newer_format_version_is_refused() {
         3
     );
     // Version 4 is a vault in object storage (tests/object_store.rs), 5
-    // one holding adopted packs (tests/adopted_pack.rs).
-    set_config_version(&cfg, 6);
+    // one holding adopted packs (tests/adopted_pack.rs), 6 an encrypted
+    // vault (tests/encryption.rs).
+    set_config_version(&cfg, 7);
     let err = fails(&["vault", "show", "--vault", s(&vault)], 5);
-    assert!(err.contains("format version 6 is newer"), "{err}");
+    assert!(err.contains("format version 7 is newer"), "{err}");
     let img = t.path().join("a.img");
     random_file(&img, 4096, 1);
     let err = fails(&["backup", "--vault", s(&vault), s(&img)], 5);

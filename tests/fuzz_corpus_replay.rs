@@ -200,9 +200,11 @@ fn libvirt_xml_corpus() {
         .iter()
         .map(|(_, b)| coffre_engine::snapshotter::vm::libvirt::xml::fuzz_entry(b))
         .collect();
-    // backup_job, checkpoint, domain: each read by its own reader only;
-    // hostile: a relative path and a target with a path in it, refused.
-    assert_eq!(accepted, vec![1, 1, 1, 0]);
+    // backup_job, checkpoint (--no-domain), checkpoint_domain (with the
+    // domain it records: file, block and network disks), domain: each read
+    // by its own reader only; hostile: a relative path and a target with a
+    // path in it, refused.
+    assert_eq!(accepted, vec![1, 1, 1, 1, 0]);
 }
 
 #[test]

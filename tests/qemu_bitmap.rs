@@ -293,3 +293,78 @@ fn the_scheduler_backs_up_a_running_vms_drive_through_its_chain() {
     assert_eq!(chain(&mut q).len(), 1);
     restores_to(&vault, t.path(), last["id"].as_str(), &model);
 }
+
+/// The chain's bitmaps on node `disk0` that QEMU reports `inconsistent`.
+fn inconsistent(q: &mut Qmp) -> Vec<String> {
+    let nodes = q
+        .execute("query-named-block-nodes", Some(json!({ "flat": true })))
+        .unwrap();
+    let node = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "disk0")
+        .unwrap()
+        .clone();
+    node["dirty-bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|b| b["inconsistent"] == true)
+        .filter_map(|b| b["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// A qcow2 whose QEMU was killed (SIGKILL) while it held the chain's
+/// persistent bitmap comes back with the bitmap `inconsistent`: the next
+/// backup never reads it as its base (QEMU would refuse to export it), reads
+/// everything with a warning naming it, and removes it once its point is
+/// committed; the chain then goes on from the new bitmap.
+#[test]
+fn an_inconsistent_bitmap_after_a_killed_qemu_is_never_a_base_and_is_removed() {
+    if !have_qemu_system() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let vault = new_vault(t.path(), &[]);
+    let mut model: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 229) as u8).collect();
+    let disk = qcow2_disk(t.path(), &model);
+    let (vm1, q) = start_vm_watched(t.path(), &disk, "qcow2");
+    let b1 = backup(&vault, &vm1.qmp);
+    let first = b1["cbt"]["generation"].as_str().unwrap().to_string();
+    // A clean stop stores the bitmap in the qcow2; the next QEMU marks it
+    // in use there, and is killed while it records.
+    quit(vm1, q);
+    let (vm2, mut q) = start_vm_watched(t.path(), &disk, "qcow2");
+    assert_eq!(chain(&mut q), [(first.clone(), true, true)]);
+    write(&mut q, &mut model, 0x3c, 2 << 20, BLOCK);
+    drop(q);
+    drop(vm2);
+    let (vm3, mut q) = start_vm_watched(t.path(), &disk, "qcow2");
+    assert_eq!(inconsistent(&mut q), [first.as_str()], "QEMU 7.2 flags it");
+    write(&mut q, &mut model, 0x4d, 6 << 20, BLOCK);
+
+    let b2 = backup_as(&vault, &vm3.qmp, "CompletedWithWarnings");
+    let c = &b2["cbt"];
+    assert_eq!(c["used"], false, "{b2}");
+    let warnings = b2["job"]["stats"]["warnings"].to_string();
+    assert!(
+        warnings.contains(&first) && warnings.contains("inconsistent"),
+        "{warnings}"
+    );
+    let second = c["generation"].as_str().unwrap().to_string();
+    assert_eq!(
+        chain(&mut q),
+        [(second, true, true)],
+        "removed once committed"
+    );
+    assert_eq!(inconsistent(&mut q), Vec::<String>::new());
+    restores_to(&vault, t.path(), b2["id"].as_str(), &model);
+
+    write(&mut q, &mut model, 0x5e, 9 << 20, BLOCK);
+    let b3 = backup(&vault, &vm3.qmp);
+    assert_eq!(b3["cbt"]["used"], true, "{b3}");
+    assert_eq!(b3["cbt"]["dirty_bytes"], BLOCK as u64, "{b3}");
+    restores_to(&vault, t.path(), b3["id"].as_str(), &model);
+}

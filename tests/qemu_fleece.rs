@@ -40,7 +40,7 @@ fn a_running_vms_disk_is_backed_up_as_it_was_at_the_instant() {
     let work = t.path().join("work");
     std::fs::create_dir(&work).unwrap();
 
-    let mut fleece = Fleece::start(&mut q, "disk0", "vm", &work).unwrap();
+    let mut fleece = Fleece::start(&mut q, "disk0", &Names::of("v", "vm"), &work).unwrap();
     assert_eq!(fleece.size, SIZE as u64);
     // The guest keeps writing after the instant: first blocks, a middle
     // range, the last block.
@@ -80,25 +80,33 @@ fn what_a_killed_run_left_in_qemu_is_removed_by_name_by_the_next() {
     let vm = start_vm(t.path(), &disk);
     let work = t.path().join("work");
     std::fs::create_dir(&work).unwrap();
+    let names = Names::of("v", "vm");
     {
         // A run that dies holding the fleece: its connection just goes.
         let mut q = Qmp::connect(&vm.qmp, Duration::from_secs(20)).unwrap();
-        let f = Fleece::start(&mut q, "disk0", "vm", &work).unwrap();
+        let f = Fleece::start(&mut q, "disk0", &names, &work).unwrap();
         std::mem::forget(f);
     }
     let mut q = Qmp::connect(&vm.qmp, Duration::from_secs(20)).unwrap();
-    let names = Names::of("vm");
     let left = coffre_nodes(&mut q);
     assert!(
-        left.contains(&names.node) && left.contains(&names.job),
+        left.contains(&names.filter) && left.contains(&names.access),
         "{left:?}"
     );
-    // The next run of the same item cleans up first, then works.
-    let mut f = Fleece::start(&mut q, "disk0", "vm", &work).unwrap();
+    // Another vault's or item's run does not take them for its own, and
+    // will not take its point beside them.
+    let e = Fleece::start(&mut q, "disk0", &Names::of("v2", "vm"), &work).unwrap_err();
+    assert!(e.to_string().contains("another coffre backup"), "{e}");
+    assert_eq!(coffre_nodes(&mut q), left);
+    // The next run of the same item cleans up first, then works: the
+    // device writes through its filter again, and gets its node back.
+    let mut f = Fleece::start(&mut q, "vda", &names, &work).unwrap();
     f.stop(&mut q);
     assert_eq!(coffre_nodes(&mut q), Vec::<String>::new());
+    let devices = q.execute("query-block", None).unwrap();
+    assert_eq!(devices[0]["inserted"]["node-name"], "disk0", "{devices}");
     // A node that does not exist, and a monitor that is gone, are named.
-    let e = Fleece::start(&mut q, "nope", "vm", &work).unwrap_err();
+    let e = Fleece::start(&mut q, "nope", &names, &work).unwrap_err();
     assert!(
         e.to_string()
             .contains("no block node, drive or device \"nope\""),
@@ -189,7 +197,7 @@ fn a_foreign_nbd_server_and_its_export_are_left_alone() {
     .unwrap();
     let work = t.path().join("work");
     std::fs::create_dir(&work).unwrap();
-    let e = Fleece::start(&mut q, "disk0", "vm", &work).unwrap_err();
+    let e = Fleece::start(&mut q, "disk0", &Names::of("v", "vm"), &work).unwrap_err();
     assert!(e.to_string().contains("nbd-server-start"), "{e}");
     let exports = q.execute("query-block-exports", None).unwrap();
     let ids: Vec<&str> = exports
@@ -231,7 +239,7 @@ fn a_backup_killed_mid_transfer_is_cleaned_up_by_the_next() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let names = Names::of("vm");
+    let names = fleece_names(&vault, "vm");
     let start = Instant::now();
     while !coffre_nodes(&mut q).contains(&names.export) {
         assert!(
@@ -246,7 +254,7 @@ fn a_backup_killed_mid_transfer_is_cleaned_up_by_the_next() {
     child.wait().unwrap();
     let left = coffre_nodes(&mut q);
     assert!(
-        left.contains(&names.node) && left.contains(&names.job),
+        left.contains(&names.filter) && left.contains(&names.export),
         "{left:?}"
     );
     backup_drive(&vault, &vm.qmp);

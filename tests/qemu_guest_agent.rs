@@ -359,6 +359,7 @@ fn hooks_run_around_the_freeze_and_make_the_point_application_consistent() {
         socket: vm.qmp.clone(),
         drive: "vda".into(),
         agent: Some(agent.path.clone()),
+        fleece: None,
     }
     .source();
     ok(&[

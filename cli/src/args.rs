@@ -236,13 +236,20 @@ pub enum Command {
         /// once: the point is file-system-consistent.
         #[arg(long, value_name = "SOCKET", requires = "qmp")]
         guest_agent: Option<PathBuf>,
+        /// With `--qmp`: the folder for the point in time's overlay (default
+        /// $TMPDIR). It must hold every block the guest overwrites during
+        /// the backup; when it is full, QEMU drops the point (the backup
+        /// fails) and the guest's writes go on. Recorded with the item's
+        /// source when the backup protects the item.
+        #[arg(long, value_name = "DIR", requires = "qmp")]
+        fleece_dir: Option<PathBuf>,
         /// A libvirt domain: every disk is backed up at one instant
         /// (libvirt's pull-mode backup, incremental through checkpoints),
         /// disk vda as item NAME-vda, and so on (see README).
         #[arg(
             long,
             value_name = "NAME",
-            conflicts_with_all = ["image", "qmp", "item", "changed_blocks", "bitmap", "guest_agent"]
+            conflicts_with_all = ["image", "qmp", "item", "changed_blocks", "bitmap", "guest_agent", "fleece_dir"]
         )]
         domain: Option<String>,
         /// With `--domain`: the libvirt connection URI (default: libvirt's,

@@ -82,6 +82,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             qmp,
             drive,
             guest_agent,
+            fleece_dir,
             domain,
             connect,
             image,
@@ -112,6 +113,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         socket: absolute(socket),
                         drive,
                         agent: guest_agent.map(absolute),
+                        fleece: fleece_dir.map(absolute),
                     };
                     crate::backup_cmd::run_qmp(&ctx, &vault.vault, args, target)
                 }

@@ -141,11 +141,18 @@ pub fn backup(
     let failed: Vec<usize> = (0..out.disks.len())
         .filter(|&i| out.disks[i].outcome.error.is_some())
         .collect();
+    let mut out = out;
+    if !out.unrecorded.is_empty() {
+        let n = out.unrecorded.len() + failed.len();
+        let (disk, e) = out.unrecorded.swap_remove(0);
+        return Err(anyhow::Error::new(e).context(format!(
+            "backup of libvirt domain {domain}: {n} disk(s) failed; disk {disk} failed and no job of it could be recorded"
+        )));
+    }
     let Some(&first) = failed.first() else {
         return Ok(ExitCode::SUCCESS);
     };
     // The first failure's error, for its exit code.
-    let mut out = out;
     let d = out.disks.swap_remove(first);
     let (job, status) = (d.outcome.job.id.clone(), d.outcome.job.status);
     let e = d.outcome.error.map_or_else(

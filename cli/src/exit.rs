@@ -11,7 +11,8 @@ pub const FAILURE: u8 = 1;
 // 2 is clap's usage error.
 /// `verify` found problems.
 pub const VERIFY_PROBLEMS: u8 = 3;
-/// The vault is locked by another process.
+/// The vault is locked by another process, or a libvirt domain is being
+/// backed up by another coffre process on this host.
 pub const LOCKED: u8 = 4;
 /// Not a vault, or a vault of an unsupported version, or a corrupt config.
 pub const NOT_A_VAULT: u8 = 5;
@@ -83,6 +84,7 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
             return match e {
                 EngineError::Store(s) => store_code(s),
                 EngineError::Snap(SnapError::SourceChanged { .. }) => SOURCE_CHANGED,
+                EngineError::Snap(SnapError::DomainInUse { .. }) => LOCKED,
                 EngineError::Snap(SnapError::Store(s)) => store_code(s),
                 EngineError::DamagedBlock { .. } | EngineError::DamagedBlockMap { .. } => DAMAGED,
                 EngineError::Cancelled { .. } => JOB_FAILED,
@@ -94,6 +96,7 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
             return match e {
                 _ if e.is_no_space() => NO_SPACE,
                 SnapError::SourceChanged { .. } => SOURCE_CHANGED,
+                SnapError::DomainInUse { .. } => LOCKED,
                 SnapError::Store(s) => store_code(s),
                 _ => FAILURE,
             };

@@ -105,8 +105,10 @@ impl KeySources {
 impl Unlock for KeySources {
     fn master_key(&self, vault: &Path, slots: &[KeySlot]) -> Result<MasterKey, CryptoError> {
         let tag: Vec<String> = slots.iter().map(|s| s.wrapped.clone()).collect();
+        // A vault this command unlocked already, whose slots changed since
+        // (`key add`, `key passwd`): any slot it still has wraps the same key.
         if let Ok(u) = self.unlocked.lock()
-            && let Some((_, k, _)) = u.iter().find(|(t, _, _)| *t == tag)
+            && let Some((_, k, _)) = u.iter().find(|(t, _, _)| t.iter().any(|w| tag.contains(w)))
         {
             return Ok(k.clone());
         }
@@ -115,12 +117,8 @@ impl Unlock for KeySources {
             None => {
                 let owned = self.secret(&format!("vault {}", vault.display()))?;
                 let secret = owned.secret();
-                let key = unlock_any(slots, &secret)?;
-                let slot = slots
-                    .iter()
-                    .find(|s| s.unlock(&secret).ok().flatten().is_some())
-                    .map(|s| s.id.clone());
-                (key, slot)
+                let (key, slot) = unlock_any(slots, &secret)?;
+                (key, Some(slot))
             }
         };
         if let Ok(mut u) = self.unlocked.lock() {

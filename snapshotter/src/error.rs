@@ -37,6 +37,31 @@ pub enum SnapError {
     #[error("libvirt domain {domain}: {reason}")]
     Libvirt { domain: String, reason: String },
 
+    /// The guest's filesystems could not be thawed after a freeze: they
+    /// may still be frozen. Says how to thaw them.
+    #[error(
+        "libvirt domain {domain}: the guest's filesystems may still be frozen: {attempts} thaws failed (the last: {last}); thaw them with `virsh --connect {connect} domfsthaw {domain}`"
+    )]
+    GuestMayBeFrozen {
+        domain: String,
+        connect: String,
+        attempts: usize,
+        last: String,
+    },
+
+    /// Another coffre process on this host is backing the domain up (it
+    /// holds the domain's lock, `lock`).
+    #[error(
+        "libvirt domain {domain} ({connect}) is being backed up by another coffre process ({holder}) on this host (lock {lock}); try again when it is done"
+    )]
+    DomainInUse {
+        domain: String,
+        connect: String,
+        /// `pid N`, or what is known of the holder.
+        holder: String,
+        lock: PathBuf,
+    },
+
     /// A dirty bitmap was asked of a raw image.
     #[error(
         "dirty bitmap {bitmap} needs a qcow2 image or an NBD source (nbd://HOST/EXPORT or nbd+unix:///EXPORT?socket=PATH); {path} is a raw image"

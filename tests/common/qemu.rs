@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use coffre_engine::snapshotter::vm::fleece::Names;
 use coffre_engine::snapshotter::vm::qmp::Qmp;
 use serde_json::{Value, json};
 
@@ -215,4 +216,53 @@ pub fn coffre_nodes(q: &mut Qmp) -> Vec<String> {
             .filter_map(|e| e["id"].as_str().map(str::to_string)),
     );
     names
+}
+
+/// The names in QEMU of the live backups of `item` into `vault`.
+pub fn fleece_names(vault: &Path, item: &str) -> Names {
+    let config = coffre_vault_store::format::config::VaultConfig::load(vault).unwrap();
+    Names::of(&config.vault_id, item)
+}
+
+/// A file system mounted for a test, unmounted when dropped.
+pub struct Mounted(pub PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A tmpfs of `size` (`mount -o size=`, such as `2m`) at `dir` (created),
+/// or `None` after a visible skip naming `what` when it cannot be mounted
+/// (not root).
+pub fn small_tmpfs(dir: &Path, size: &str, what: &str) -> Option<Mounted> {
+    if !is_root() {
+        skip(&format!("{what}: mounting a small tmpfs needs root"));
+        return None;
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")])
+        .arg("tmpfs")
+        .arg(dir)
+        .status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        skip(&format!("{what}: cannot mount a tmpfs here"));
+        return None;
+    }
+    Some(Mounted(dir.to_path_buf()))
+}
+
+/// Waits (at most 30 s) until QEMU has `name` among coffre's nodes, jobs
+/// and exports.
+pub fn wait_for_node(q: &mut Qmp, name: &str) {
+    let start = Instant::now();
+    while !coffre_nodes(q).iter().any(|n| n == name) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{name} never appeared in QEMU"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

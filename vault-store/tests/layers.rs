@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 /// The folders (or root files) of `src/`, lowest first.
 const LAYERS: &[&str] = &[
+    "crypto",
     "format",
     "store",
     "index",
@@ -25,7 +26,7 @@ const LAYERS: &[&str] = &[
 const ANYWHERE: &[&str] = &["error", "skip"];
 
 /// The only imports of `error` (it names two format types in its variants).
-const ERROR_MAY_USE: &[&str] = &["format::chunk_id", "format::record"];
+const ERROR_MAY_USE: &[&str] = &["format::chunk_id", "format::record", "crypto"];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("read src") {

@@ -8,6 +8,7 @@
 //! | `blake3-1` / `blake3-all` | chunk ids of 64 KiB blocks, one / all threads | `b3sum --num-threads 1` / `b3sum` |
 //! | `zstd-compress` / `zstd-decompress` | the vault's level, per block, one thread | `zstd -b<level> --single-thread` |
 //! | `chunk-encode` / `chunk-decode` | a whole record: compress + CRC / CRC + decompress + BLAKE3 check, one thread | the zstd figures |
+//! | `aes-256-gcm` / `chacha20-poly1305` | sealing blocks as an encrypted vault does (a fresh nonce each; AES under a per-block subkey), one thread | `openssl speed -evp aes-256-gcm` / `… chacha20-poly1305`, 64 KiB |
 //! | `backup` | end to end over a generated image in a temporary vault | `read` |
 //! | `disk-write` | writing the restore's data to a new file, `O_DIRECT`, fsynced (what the disk allows a restore) | — |
 //! | `restore` | end to end, from that vault to a new file | `disk-write` |
@@ -170,6 +171,45 @@ fn tool_rate(name: &str, file_bytes: u64, cmd: &mut Command) -> Reference {
             mib_per_s: None,
             skipped: Some(format!("not installed ({e})")),
         },
+    }
+}
+
+/// `openssl speed -evp ALG -bytes 65536 -seconds 1`: MiB/s from its last
+/// line `AES-256-GCM    5769892.53k` (thousands of bytes per second).
+fn openssl_speed(alg: &str) -> Reference {
+    let name = format!("openssl speed -evp {alg} -bytes 65536");
+    let skipped = |why: String| Reference {
+        name: name.clone(),
+        mib_per_s: None,
+        skipped: Some(why),
+    };
+    let out = match Command::new("openssl")
+        .args(["speed", "-evp", alg, "-bytes", "65536", "-seconds", "1"])
+        .output()
+    {
+        Ok(o) if o.status.success() => o,
+        Ok(o) => {
+            return skipped(format!(
+                "failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        Err(e) => return skipped(format!("not installed ({e})")),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let k = text
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.strip_suffix('k'))
+        .and_then(|v| v.parse::<f64>().ok());
+    match k {
+        Some(k) => Reference {
+            name: name.clone(),
+            mib_per_s: Some(k * 1000.0 / (1 << 20) as f64),
+            skipped: None,
+        },
+        None => skipped(format!("unreadable output {text:?}")),
     }
 }
 
@@ -449,6 +489,39 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         de,
         Some(zd),
     ));
+
+    // Sealing, as an encrypted vault seals records.
+    for cipher in [
+        coffre_vault_store::crypto::Cipher::Aes256Gcm,
+        coffre_vault_store::crypto::Cipher::XChaCha20Poly1305,
+    ] {
+        let keys = coffre_vault_store::crypto::VaultKeys::derive(
+            &coffre_vault_store::crypto::MasterKey::from_bytes([0x42; 32]),
+            cipher,
+        );
+        let mut sealed = Vec::with_capacity(bs + 64);
+        let r = rate(sample_bytes, 0.5, || {
+            for b in &blocks {
+                sealed.clear();
+                keys.records()
+                    .seal_into(b"bench", b, &mut sealed)
+                    .map_err(|e| EngineError::Bench(e.to_string()))?;
+            }
+            Ok(())
+        })?;
+        let (name, alg) = match cipher {
+            coffre_vault_store::crypto::Cipher::Aes256Gcm => ("aes-256-gcm", "aes-256-gcm"),
+            coffre_vault_store::crypto::Cipher::XChaCha20Poly1305 => {
+                ("chacha20-poly1305", "chacha20-poly1305")
+            }
+        };
+        stages.push(stage(
+            name,
+            format!("sealing {} KiB blocks, one thread", bs >> 10),
+            r,
+            Some(openssl_speed(alg)),
+        ));
+    }
 
     // End to end: a backup into a fresh vault, then a restore.
     let vault = crate::vault_ops::create_vault(

@@ -19,8 +19,15 @@
 //! disk's latest point names it any more, after the new points are
 //! committed: a failed or killed run leaves the older checkpoint, which
 //! the next run builds on. A disk whose checkpoint is gone is read whole,
-//! with a warning. libvirt keeps no checkpoint of a raw disk: such a disk
+//! with a warning, and so is a disk that is not the image it was when the
+//! checkpoint was created (libvirt records each disk's image with the
+//! checkpoint; a bitmap is its image's changes, so after the image files
+//! of two disks were swapped, each bitmap is the other disk's). libvirt keeps no checkpoint of a raw disk: such a disk
 //! is read whole every time (said once per run, not as a job warning).
+//!
+//! **One run at a time.** A run holds the domain's host-wide lock
+//! (`vm::libvirt::lock`) from start to end; a second run on the domain, for
+//! this vault or another, fails at once.
 //!
 //! **Clean-up.** The libvirt job ends (`domjobabort`) whatever happens; a
 //! job or checkpoints a killed run left are found by name by the next run
@@ -39,6 +46,7 @@ use coffre_snapshotter::hooks::{Around, HookEnv, failed_hooks_warning};
 use coffre_snapshotter::nbd::{NbdImage, open_any};
 use coffre_snapshotter::source::live::{PointInTime, Pretaken, Taken};
 use coffre_snapshotter::vm::libvirt::domain::Domain;
+use coffre_snapshotter::vm::libvirt::lock::DomainLock;
 use coffre_snapshotter::vm::libvirt::pull::{self, PullBackup};
 use coffre_snapshotter::vm::libvirt::xml::{self, DiskRequest, DomainXml};
 use coffre_snapshotter::vm::libvirt::{self as lv, vault_checkpoint_prefix};
@@ -219,8 +227,11 @@ pub struct DomainOutcome {
     pub retired: Vec<String>,
     /// Warnings of the domain as a whole.
     pub warnings: Vec<String>,
-    /// One entry per disk.
+    /// One entry per disk whose job ran or was recorded as failed.
     pub disks: Vec<DiskRun>,
+    /// The disks (targets) whose backup failed before even a failed job
+    /// of theirs could be recorded, with the error.
+    pub unrecorded: Vec<(String, EngineError)>,
 }
 
 impl DomainOutcome {
@@ -338,6 +349,11 @@ fn referenced(
 
 /// Backs up the disks of the domain `plan` describes (every disk, or
 /// `opts.only`), each into item `DOMAIN-TARGET`, which must exist.
+///
+/// An error means no disk's job ran (the domain, its lock, its clean-up
+/// or its backup job failed first); once the disks' jobs start, each
+/// disk's failure is its own job's (or, when not even that could be
+/// recorded, in [`DomainOutcome::unrecorded`]).
 pub fn backup_domain(
     vault_dir: &std::path::Path,
     plan: &DomainPlan,
@@ -362,6 +378,10 @@ pub fn backup_domain(
         }
         .into());
     }
+    // One coffre run at a time backs the domain up on this host, from
+    // the clean-up of what a killed run left to the retirement of the
+    // superseded checkpoints.
+    let lock = DomainLock::acquire(&plan.domain, plan.xml.uuid.as_deref())?;
     let domain_job = domain_job_id(clock.now());
     let mut out = DomainOutcome {
         domain: plan.domain.name.clone(),
@@ -375,9 +395,10 @@ pub fn backup_domain(
         retired: Vec::new(),
         warnings: Vec::new(),
         disks: Vec::new(),
+        unrecorded: Vec::new(),
     };
     if plan.running {
-        backup_running(vault_dir, plan, &disks, opts, clock, bars, &mut out)?;
+        backup_running(vault_dir, plan, &lock, &disks, opts, clock, bars, &mut out)?;
     } else {
         backup_files(vault_dir, plan, &disks, opts, clock, bars, &mut out)?;
     }
@@ -413,8 +434,11 @@ fn disk_options(
     }
 }
 
-/// Runs one disk's job, or records a failed one when its source cannot
-/// be opened.
+/// Runs one disk's job; when its source cannot be opened or the job
+/// cannot run (an error of the job's own bookkeeping), records a failed
+/// job of the disk instead, so that one disk's failure ends that disk's
+/// job, not the domain's loop. An error only when not even a failed job
+/// could be recorded.
 #[allow(clippy::too_many_arguments)]
 fn run_disk(
     vault_dir: &std::path::Path,
@@ -427,31 +451,54 @@ fn run_disk(
     backup: BackupOptions,
     labels: BTreeMap<String, serde_json::Value>,
 ) -> Result<JobOutcome> {
-    match opened {
-        Ok(mut source) => {
-            let (snap_bar, transfer_bar) = bars(target);
-            run_source_job(
-                vault_dir,
-                &mut source,
-                JobOptions {
-                    backup,
-                    terms: opts.terms.clone(),
-                    writer: opts.writer.clone(),
-                    stop: opts.stop,
-                    labels,
-                },
-                clock,
-                &*snap_bar,
-                &*transfer_bar,
-            )
-        }
-        Err(e) => {
-            let job = record_failed_backup(vault_dir, item, &e, clock)?;
-            Ok(JobOutcome {
+    let ran = opened.and_then(|mut source| {
+        let (snap_bar, transfer_bar) = bars(target);
+        run_source_job(
+            vault_dir,
+            &mut source,
+            JobOptions {
+                backup,
+                terms: opts.terms.clone(),
+                writer: opts.writer.clone(),
+                stop: opts.stop,
+                labels,
+            },
+            clock,
+            &*snap_bar,
+            &*transfer_bar,
+        )
+    });
+    match ran {
+        Ok(outcome) => Ok(outcome),
+        Err(e) => match record_failed_backup(vault_dir, item, &e, clock) {
+            Ok(job) => Ok(JobOutcome {
                 job,
                 point: None,
                 error: Some(e),
-            })
+            }),
+            Err(record) => {
+                tracing::warn!(item, error = %record, "cannot record the failed backup job");
+                Err(e)
+            }
+        },
+    }
+}
+
+/// Keeps a disk's outcome, or, when not even a failed job of it could be
+/// recorded, its error and a warning.
+fn keep_outcome(
+    out: &mut DomainOutcome,
+    ran: Result<JobOutcome>,
+    run: impl FnOnce(JobOutcome) -> DiskRun,
+    target: &str,
+) {
+    match ran {
+        Ok(outcome) => out.disks.push(run(outcome)),
+        Err(e) => {
+            out.warnings.push(format!(
+                "disk {target}: its backup failed and no job of it could be recorded: {e}"
+            ));
+            out.unrecorded.push((target.to_string(), e));
         }
     }
 }
@@ -483,6 +530,7 @@ fn labels(
 fn backup_running(
     vault_dir: &std::path::Path,
     plan: &DomainPlan,
+    lock: &DomainLock,
     disks: &[&xml::Disk],
     opts: &DomainOptions<'_>,
     clock: &dyn Clock,
@@ -492,7 +540,7 @@ fn backup_running(
     let domain = &plan.domain;
     // What a killed run left: its job, then the checkpoints no point
     // names (the killed run's, never committed).
-    if let Some(done) = pull::clean_stale_job(domain)? {
+    if let Some(done) = pull::clean_stale_job(domain, lock)? {
         out.warnings.push(done);
     }
     if let Some(thawed) = pull::thaw_leftover(domain, &plan.xml) {
@@ -509,7 +557,8 @@ fn backup_running(
     let items: Vec<String> = disks.iter().map(|d| plan.item(&d.target)).collect();
     let latest = latest_points(vault_dir, &opts.writer, &items)?;
     let existing: BTreeSet<String> = domain.checkpoints()?.into_iter().collect();
-    let mut bitmaps_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut checkpoints: BTreeMap<String, std::result::Result<xml::Checkpoint, String>> =
+        BTreeMap::new();
     let mut requests = Vec::new();
     let mut full_reads: BTreeMap<String, (String, bool)> = BTreeMap::new();
     for d in disks {
@@ -530,27 +579,64 @@ fn backup_running(
                 ),
             );
         } else if let Some(b) = base {
-            let has = if existing.contains(&b) {
-                if !bitmaps_of.contains_key(&b) {
-                    bitmaps_of.insert(b.clone(), domain.checkpoint_disks(&b)?);
+            let recorded = if existing.contains(&b) {
+                if !checkpoints.contains_key(&b) {
+                    // One that cannot be read (a recorded domain coffre
+                    // would refuse today) only costs a whole read.
+                    let read = domain.checkpoint(&b).map_err(|e| e.to_string());
+                    checkpoints.insert(b.clone(), read);
                 }
-                bitmaps_of.get(&b).is_some_and(|t| t.contains(&d.target))
+                checkpoints.get(&b)
             } else {
-                false
+                None
             };
-            if has {
-                incremental = Some(b);
-            } else {
-                full_reads.insert(
-                    d.target.clone(),
-                    (
-                        format!(
-                            "checkpoint {b}, which the last point of item {item} recorded, is gone from domain {} (or keeps no bitmap of disk {}): the whole disk was read",
-                            domain.name, d.target
+            match recorded {
+                Some(Err(e)) => {
+                    full_reads.insert(
+                        d.target.clone(),
+                        (
+                            format!(
+                                "checkpoint {b}, which the last point of item {item} recorded, cannot be read ({e}): the whole disk was read"
+                            ),
+                            true,
                         ),
-                        true,
-                    ),
-                );
+                    );
+                }
+                Some(Ok(c)) if c.bitmaps.contains(&d.target) => {
+                    // A bitmap lives in an image: it is this disk's changes
+                    // only if the disk is still the image it was at the
+                    // checkpoint (a redefined domain may have swapped them).
+                    match (c.identity_of(&d.target), d.identity.as_deref()) {
+                        (Some(then), Some(now)) if then == now => incremental = Some(b),
+                        (then, now) => {
+                            full_reads.insert(
+                                d.target.clone(),
+                                (
+                                    format!(
+                                        "disk {} of domain {} is {} now, but checkpoint {b} recorded it as {}: its bitmap is not this disk's changes since item {item}'s last point, so the whole disk was read",
+                                        d.target,
+                                        domain.name,
+                                        now.unwrap_or("an image libvirt does not name"),
+                                        then.unwrap_or("an image it does not name"),
+                                    ),
+                                    true,
+                                ),
+                            );
+                        }
+                    }
+                }
+                _ => {
+                    full_reads.insert(
+                        d.target.clone(),
+                        (
+                            format!(
+                                "checkpoint {b}, which the last point of item {item} recorded, is gone from domain {} (or keeps no bitmap of disk {}): the whole disk was read",
+                                domain.name, d.target
+                            ),
+                            true,
+                        ),
+                    );
+                }
             }
         } else if point.is_some() {
             full_reads.insert(
@@ -663,18 +749,20 @@ fn backup_running(
         }
         let labels = labels(out, &r.target, r.incremental.as_deref());
         let backup = disk_options(opts, &item, source.clone(), None, notes);
-        let outcome = run_disk(
+        let ran = run_disk(
             vault_dir, opts, clock, bars, &item, &r.target, opened, backup, labels,
-        )?;
-        out.disks.push(DiskRun {
+        );
+        let full_read = full_reads.get(&r.target).map(|(w, _)| w.clone());
+        let run = |outcome| DiskRun {
             disk: r.target.clone(),
             item,
             source,
             read_from: uri,
             incremental_from: r.incremental.clone(),
-            full_read: full_reads.get(&r.target).map(|(w, _)| w.clone()),
+            full_read,
             outcome,
-        });
+        };
+        keep_outcome(out, ran, run, &r.target);
     }
     if let Err(e) = session.end() {
         out.warnings
@@ -709,6 +797,8 @@ fn begin_session(
     let begun = PullBackup::begin(domain, &plan.xml, requests, checkpoint);
     match begun {
         Ok(s) => Ok(s),
+        // A guest that may be frozen is not frozen again.
+        Err(e @ SnapError::GuestMayBeFrozen { .. }) => Err(e.into()),
         Err(e) if requests.iter().any(|r| r.incremental.is_some()) => {
             // A bitmap libvirt cannot use (lost, inconsistent): read every
             // disk whole rather than fail.
@@ -770,10 +860,10 @@ fn backup_files(
             Err(e) => (Err(e), None),
         };
         let backup = disk_options(opts, &item, source.clone(), hint, notes);
-        let outcome = run_disk(
+        let ran = run_disk(
             vault_dir, opts, clock, bars, &item, &d.target, opened, backup, labels,
-        )?;
-        out.disks.push(DiskRun {
+        );
+        let run = |outcome| DiskRun {
             disk: d.target.clone(),
             item,
             source,
@@ -781,7 +871,8 @@ fn backup_files(
             incremental_from: None,
             full_read: Some("the domain is not running".into()),
             outcome,
-        });
+        };
+        keep_outcome(out, ran, run, &d.target);
     }
     Ok(())
 }

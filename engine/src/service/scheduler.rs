@@ -33,7 +33,7 @@ use serde::Serialize;
 use crate::backup::{BackupOptions, PointTerms};
 use crate::backup_job::{JobOptions, Source, Writer, record_failed_backup, run_source_job};
 use crate::clock::Clock;
-use crate::domain_backup::{DomainOptions, DomainPlan, backup_domain};
+use crate::domain_backup::{DiskRun, DomainOptions, DomainPlan, backup_domain};
 use crate::error::{EngineError, Result};
 use crate::job_record::record_if_work;
 use crate::policies;
@@ -113,6 +113,32 @@ fn mark_slot(vault: &Vault, item: &str, slot: Timestamp, opts: &PassOptions<'_>)
     Ok(())
 }
 
+/// A scheduled backup of `item` that could not run, for `reason`: its
+/// failed job is recorded and its slot marked dealt with.
+fn failed_run(
+    vault: &Vault,
+    clock: &dyn Clock,
+    opts: &PassOptions<'_>,
+    item: &str,
+    slot: Timestamp,
+    reason: String,
+) -> Result<DueRun> {
+    let e = EngineError::ItemState {
+        item: item.to_string(),
+        reason,
+    };
+    let job = record_failed_backup(vault.dir(), item, &e, clock)?;
+    mark_slot(vault, item, slot, opts)?;
+    Ok(DueRun {
+        item: item.to_string(),
+        slot,
+        job: job.id,
+        status: job.status,
+        point: None,
+        error: Some(e.to_string()),
+    })
+}
+
 /// Backs up the due disks of one libvirt domain at one instant
 /// (`crate::domain_backup`); a domain that cannot be reached fails each
 /// disk's job with the reason.
@@ -151,21 +177,16 @@ fn run_domain(
         }
     }
     for (item, slot, why) in refused {
-        let e = EngineError::ItemState {
-            item: item.clone(),
-            reason: format!("cannot be backed up: {why}"),
-        };
-        let job = record_failed_backup(vault.dir(), &item, &e, clock)?;
-        tracing::warn!(item = %item, job = %job.id, error = %e, "scheduled backup did not complete");
-        mark_slot(vault, &item, slot, opts)?;
-        runs.push(DueRun {
-            item,
+        let run = failed_run(
+            vault,
+            clock,
+            opts,
+            &item,
             slot,
-            job: job.id,
-            status: job.status,
-            point: None,
-            error: Some(e.to_string()),
-        });
+            format!("cannot be backed up: {why}"),
+        )?;
+        tracing::warn!(item = %item, job = %run.job, error = %run.error.as_deref().unwrap_or_default(), "scheduled backup did not complete");
+        runs.push(run);
     }
     let Ok(plan) = plan else {
         return Ok(runs);
@@ -202,49 +223,78 @@ fn run_domain(
         clock,
         &none,
     );
-    match done {
+    // Each due disk is reported once: with its job when it has one, else
+    // as a failed job recorded here (the domain's error, or its own).
+    let (outcomes, missing) = match done {
         Ok(out) => {
-            for d in out.disks {
-                let slot = slot_of(&d.item).unwrap_or_else(|| clock.now());
-                let run = DueRun {
-                    item: d.item.clone(),
-                    slot,
-                    job: d.outcome.job.id.clone(),
-                    status: d.outcome.job.status,
-                    point: d.outcome.point.map(|p| p.id),
-                    error: d.outcome.error.map(|e| e.to_string()),
-                };
-                match &run.error {
-                    Some(e) => {
-                        tracing::warn!(item = %run.item, job = %run.job, domain, error = %e, "scheduled backup did not complete")
-                    }
-                    None => {
-                        tracing::info!(item = %run.item, job = %run.job, domain, status = %run.status, "scheduled backup ended")
-                    }
-                }
-                mark_slot(vault, &d.item, slot, opts)?;
-                runs.push(run);
-            }
+            let missing = without_outcome(&only, &out.disks, out.unrecorded);
+            (out.disks, missing)
         }
         Err(e) => {
-            for target in &only {
-                let item = plan.item(target);
-                let job = record_failed_backup(vault.dir(), &item, &e, clock)?;
-                tracing::warn!(item = %item, job = %job.id, domain, error = %e, "scheduled backup did not complete");
-                let slot = slot_of(&item).unwrap_or_else(|| clock.now());
-                mark_slot(vault, &item, slot, opts)?;
-                runs.push(DueRun {
-                    item,
-                    slot,
-                    job: job.id,
-                    status: job.status,
-                    point: None,
-                    error: Some(e.to_string()),
-                });
+            let why = e.to_string();
+            (
+                Vec::new(),
+                only.iter().map(|t| (t.clone(), why.clone())).collect(),
+            )
+        }
+    };
+    for d in outcomes {
+        let slot = slot_of(&d.item).unwrap_or_else(|| clock.now());
+        let run = DueRun {
+            item: d.item.clone(),
+            slot,
+            job: d.outcome.job.id.clone(),
+            status: d.outcome.job.status,
+            point: d.outcome.point.map(|p| p.id),
+            error: d.outcome.error.map(|e| e.to_string()),
+        };
+        match &run.error {
+            Some(e) => {
+                tracing::warn!(item = %run.item, job = %run.job, domain, error = %e, "scheduled backup did not complete")
+            }
+            None => {
+                tracing::info!(item = %run.item, job = %run.job, domain, status = %run.status, "scheduled backup ended")
             }
         }
+        mark_slot(vault, &d.item, slot, opts)?;
+        runs.push(run);
+    }
+    for (target, why) in missing {
+        let item = plan.item(&target);
+        let slot = slot_of(&item).unwrap_or_else(|| clock.now());
+        let run = failed_run(
+            vault,
+            clock,
+            opts,
+            &item,
+            slot,
+            format!("the backup of domain {domain} failed: {why}"),
+        )?;
+        tracing::warn!(item = %item, job = %run.job, domain, error = %run.error.as_deref().unwrap_or_default(), "scheduled backup did not complete");
+        runs.push(run);
     }
     Ok(runs)
+}
+
+/// The due disks (`only`) a domain backup gave no job, each with why: its
+/// own error when not even a failed job of it could be recorded, else
+/// that the backup ended before it. A disk with a job (committed or
+/// failed) is never among them.
+fn without_outcome(
+    only: &[String],
+    done: &[DiskRun],
+    unrecorded: Vec<(String, EngineError)>,
+) -> Vec<(String, String)> {
+    only.iter()
+        .filter(|t| !done.iter().any(|d| &d.disk == *t))
+        .map(|t| {
+            let why = unrecorded.iter().find(|(u, _)| u == t).map_or_else(
+                || "the domain's backup ended before this disk".to_string(),
+                |(_, e)| e.to_string(),
+            );
+            (t.clone(), why)
+        })
+        .collect()
 }
 
 /// Runs one pass on a vault open for writing.
@@ -309,22 +359,14 @@ pub fn run_pass(
                         target: d.target,
                         hooks: (hooks.clone(), hook_warning.clone()),
                     }),
-                Err(why) => {
-                    let e = EngineError::ItemState {
-                        item: item.name.clone(),
-                        reason: format!("records a libvirt source coffre cannot read: {why}"),
-                    };
-                    let job = record_failed_backup(vault.dir(), &item.name, &e, clock)?;
-                    mark_slot(vault, &item.name, slot, opts)?;
-                    backups.push(DueRun {
-                        item: item.name.clone(),
-                        slot,
-                        job: job.id,
-                        status: job.status,
-                        point: None,
-                        error: Some(e.to_string()),
-                    });
-                }
+                Err(why) => backups.push(failed_run(
+                    vault,
+                    clock,
+                    opts,
+                    &item.name,
+                    slot,
+                    format!("records a libvirt source coffre cannot read: {why}"),
+                )?),
             }
             continue;
         }
@@ -448,4 +490,56 @@ fn open_scheduled(source: &Path, vault_id: &str) -> std::result::Result<Source, 
     Ok(Source::Image(
         coffre_snapshotter::nbd::open_any(source, None)?.0,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup_job::JobOutcome;
+    use coffre_vault_store::jobs::JobRecord;
+
+    fn ran(disk: &str) -> DiskRun {
+        DiskRun {
+            disk: disk.into(),
+            item: format!("web1-{disk}"),
+            source: format!("libvirt:///web1/{disk}?connect=qemu:///system").into(),
+            read_from: String::new(),
+            incremental_from: None,
+            full_read: None,
+            outcome: JobOutcome {
+                job: JobRecord::new(
+                    Operation::Backup,
+                    Some(&format!("web1-{disk}")),
+                    &["snapshot"],
+                    Timestamp::now(),
+                ),
+                point: None,
+                error: None,
+            },
+        }
+    }
+
+    #[test]
+    fn libvirt_only_disks_without_a_job_are_recorded_as_failed() {
+        let only: Vec<String> = ["vda", "vdb", "vdc", "vdd"].map(String::from).into();
+        // vda committed, vdc's job failed: both have their job; vdb could
+        // not even record one; vdd was never reached.
+        let done = [ran("vda"), ran("vdc")];
+        let unrecorded = vec![(
+            "vdb".to_string(),
+            EngineError::ItemState {
+                item: "web1-vdb".into(),
+                reason: "the job store is gone".into(),
+            },
+        )];
+        let missing = without_outcome(&only, &done, unrecorded);
+        let targets: Vec<&str> = missing.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(targets, ["vdb", "vdd"]);
+        assert!(
+            missing[0].1.contains("the job store is gone"),
+            "{missing:?}"
+        );
+        assert!(missing[1].1.contains("ended before"), "{missing:?}");
+        assert!(without_outcome(&only[..1], &done, Vec::new()).is_empty());
+    }
 }

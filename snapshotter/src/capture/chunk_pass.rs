@@ -195,7 +195,9 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
                 // Each block is copied out of the mapping before it is
                 // hashed and compressed: a guest writing to the image
                 // must never make a record whose bytes are not its id
-                // (a torn read is caught by the pass's change check).
+                // (a torn read is caught by the pass's change check). A
+                // window in memory of its own (fetched over NBD, read
+                // with O_DIRECT) cannot change and is used in place.
                 (0..n)
                     .into_par_iter()
                     .with_max_len(1)
@@ -230,15 +232,20 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
                             };
                             let start = i * bs;
                             let end = (start + bs).min(len);
-                            let id = if window.is_hole(start..end) {
-                                None
+                            let block: &[u8] = if window.is_hole(start..end) {
+                                &[]
                             } else {
                                 let bytes = window.bytes().get(start..end).unwrap_or_default();
-                                copy.clear();
-                                copy.extend_from_slice(bytes);
-                                (!is_zero(copy))
-                                    .then(|| ChunkId::in_vault(req.keys.as_deref(), copy))
+                                if window.is_private() {
+                                    bytes
+                                } else {
+                                    copy.clear();
+                                    copy.extend_from_slice(bytes);
+                                    copy
+                                }
                             };
+                            let id = (!block.is_empty() && !is_zero(block))
+                                .then(|| ChunkId::in_vault(req.keys.as_deref(), block));
                             if sampled.get(i) == Some(&true)
                                 && before.get(i).and_then(|e| e.id) != id
                             {
@@ -258,13 +265,13 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
                             let mut enc = encoder().ok_or_else(|| {
                                 SnapError::damaged(source.path(), "no encoder for a worker")
                             })?;
-                            let record = enc.encode(id, copy).map_err(|e| {
+                            let record = enc.encode(id, block).map_err(|e| {
                                 SnapError::damaged(
                                     source.path(),
                                     format!("cannot encode a block: {e}"),
                                 )
                             })?;
-                            Ok(Block::New(id, record, Node::decode(copy).is_ok()))
+                            Ok(Block::New(id, record, Node::decode(block).is_ok()))
                         },
                     )
                     .collect()

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use crate::cbt::{Hint, HintSource};
 use crate::error::{Result, SnapError};
-use crate::source::{ImageSource, Window, overlaps};
+use crate::source::{BufferPool, ImageSource, Window, overlaps};
 use wire::{Client, STATE_DIRTY, STATE_HOLE, STATE_ZERO, WireError};
 
 /// The `base:allocation` meta context.
@@ -26,6 +26,15 @@ pub const BASE_ALLOCATION: &str = "base:allocation";
 pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 /// Most bytes one block-status request asks about.
 const STATUS_SPAN: u64 = 1 << 30;
+/// Bytes one read request asks for (a window's requests are pipelined).
+/// QEMU's NBD server allocates a buffer per request, and one of 1 MiB or
+/// more is fresh memory every time: reading 1 GiB in 4 MiB requests costs
+/// it 260,000 page faults and 40% more CPU than in 512 KiB requests (the
+/// same order as nbdcopy's 256 KiB).
+const REQUEST_BYTES: usize = 512 << 10;
+/// Idle window buffers an image keeps for its next windows (a capture
+/// pass has two windows alive: the one it hashes, the one being read).
+const IDLE_BUFFERS: usize = 2;
 
 /// Where an NBD export is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,6 +169,8 @@ pub struct NbdImage {
     size: u64,
     allocation: Option<u32>,
     bitmap: Option<(String, u32)>,
+    /// Window buffers, reused.
+    buffers: BufferPool,
     /// The `qemu-nbd` coffre started for a qcow2 file (stopped last).
     server: Option<qemu::QemuNbd>,
 }
@@ -225,6 +236,7 @@ impl NbdImage {
             size: export.size,
             allocation: find(BASE_ALLOCATION),
             bitmap,
+            buffers: BufferPool::new(IDLE_BUFFERS),
             server: None,
         })
     }
@@ -356,22 +368,25 @@ impl ImageSource for NbdImage {
             .collect();
         let mut ranges: Vec<Range<usize>> = overlaps(wanted, &data).collect();
         ranges.sort_by_key(|r| r.start);
-        let mut buf = vec![0u8; len];
+        // Every byte of `ranges` is overwritten by the replies (a reply
+        // must cover its request in full); the rest of a reused buffer is
+        // zeroed.
+        let mut buf = self.buffers.take(len, &ranges);
         let mut requests = Vec::new();
         for r in &ranges {
             let mut at = r.start;
             while at < r.end {
-                let n = (r.end - at).min(wire::MAX_READ as usize);
+                let n = (r.end - at).min(REQUEST_BYTES);
                 requests.push((offset + at as u64, n as u32));
                 at += n;
             }
         }
         if !requests.is_empty() {
             self.client()
-                .read_ranges(offset, &mut buf, &requests)
+                .read_ranges(offset, buf.bytes_mut(), &requests)
                 .map_err(|e| self.err(e))?;
         }
-        Ok(Window::owned(buf, ranges, &self.name))
+        Ok(Window::lent(buf, ranges, &self.name))
     }
 
     fn check_unchanged(&self) -> Result<()> {

@@ -242,7 +242,10 @@ impl QemuNbd {
                 ))
             })?;
         let started = Instant::now();
-        while !sock.exists() {
+        // The socket file exists once qemu-nbd has bound it, a moment
+        // before it listens (a connect then is refused): it is ready when
+        // a connection is taken (it serves many in turn: --persistent).
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             if let Ok(Some(_)) = child.try_wait() {
                 let why = refusal(&mut child);
                 let _ = std::fs::remove_dir_all(&dir);

@@ -5,9 +5,12 @@
 //! the image size. Holes are found with `SEEK_DATA`/`SEEK_HOLE` and never
 //! read. A file that shrinks under the mapping is caught by the SIGBUS
 //! guard ([`crate::sigbus`]) and reported as
-//! [`SnapError::SourceChanged`]. [`MemImage`] serves tests and benches.
+//! [`SnapError::SourceChanged`]. A source that fetches its windows (NBD)
+//! reads them into buffers a [`BufferPool`] lends and takes back
+//! ([`lent`]). [`MemImage`] serves tests and benches.
 
 mod file;
+pub mod lent;
 pub mod live;
 
 use std::ops::Range;
@@ -21,6 +24,7 @@ use crate::error::{Result, SnapError};
 use crate::sigbus;
 
 pub use file::FileImage;
+pub use lent::{BufferPool, Lent};
 pub use live::{LiveSource, PointInTime, TakeRequest, Taken};
 
 /// Something a backup can read a disk image from.
@@ -83,7 +87,7 @@ impl ChangeStamp {
 enum Hold<'a> {
     Map(Mmap),
     Slice(&'a [u8]),
-    Owned(Vec<u8>),
+    Lent(Lent<'a>),
     Aligned(AlignedBuf),
     Empty,
 }
@@ -103,21 +107,29 @@ impl<'a> Window<'a> {
         match &self.hold {
             Hold::Map(m) => m,
             Hold::Slice(s) => s,
-            Hold::Owned(v) => v,
+            Hold::Lent(l) => l.bytes(),
             Hold::Aligned(b) => b.as_slice(),
             Hold::Empty => &[],
         }
     }
 
-    /// A window of bytes fetched into memory; `data` (sorted, disjoint,
-    /// relative to the window) says where they hold data.
-    pub fn owned(bytes: Vec<u8>, data: Vec<Range<usize>>, path: &'a Path) -> Self {
+    /// A window of bytes fetched into a buffer lent by a [`BufferPool`]
+    /// (it goes back when the window is dropped); `data` (sorted,
+    /// disjoint, relative to the window) says where they hold data.
+    pub fn lent(bytes: Lent<'a>, data: Vec<Range<usize>>, path: &'a Path) -> Self {
         Window {
             guard: None,
-            hold: Hold::Owned(bytes),
+            hold: Hold::Lent(bytes),
             data,
             path,
         }
+    }
+
+    /// True when the window's bytes are memory of its own (fetched or
+    /// read into a buffer, not mapped from the image): nothing writes
+    /// them while the window is alive, so they need no copy to be stable.
+    pub fn is_private(&self) -> bool {
+        matches!(self.hold, Hold::Lent(_) | Hold::Aligned(_) | Hold::Empty)
     }
 
     /// True when `range` (relative to the window) overlaps no data.

@@ -2,23 +2,30 @@
 //! vault: bitmap `coffre-cbt-<16 hex of vault and item>-<n>-<job>` records every
 //! write since the instant of the point whose generation it is.
 //!
-//! Each backup, in the same QMP `transaction` as its instant:
-//! - adds bitmap *n + 1* (persistent on qcow2, so it survives a VM
-//!   restart; a raw node cannot store one, and its chain ends with the
-//!   QEMU process);
-//! - disables the *base*: the bitmap the parent point recorded as its
-//!   generation, which then holds exactly the writes between the two
-//!   instants, and is exported with the point for the backup to read;
-//! - merges into the base the bitmaps of runs that failed or were killed
-//!   after the base (their points never reached the vault), and disables
-//!   them, so no write is lost.
+//! Each backup, around its instant (the filter going in, which no QMP
+//! `transaction` can hold on QEMU 7.2):
+//! - just before, adds bitmap *n + 1* (persistent on qcow2, so it survives
+//!   a VM restart; a raw node cannot store one, and its chain ends with
+//!   the QEMU process);
+//! - just after, in one transaction, disables the *base*: the bitmap the
+//!   parent point recorded as its generation, which then holds the writes
+//!   between the two instants (and the few of the moment between the two
+//!   transactions, read once more), and is exported with the point for the
+//!   backup to read; and merges into the base the bitmaps of runs that
+//!   failed or were killed after the base (their points never reached the
+//!   vault), and disables them, so no write is lost.
 //!
 //! The base and everything older goes only once the new point is committed
 //! ([`Plan::after_commit`]); a failed run leaves the chain for the next one
 //! to merge. Without a base (the first backup, a VM restarted with a raw
 //! disk, a bitmap removed by hand) the backup reads everything, with the
-//! reason recorded. The bitmap's contents are never trusted blindly: the
-//! backup audits a sample of the blocks it calls clean (`crate::cbt`).
+//! reason recorded. A bitmap QEMU reports `inconsistent` (a qcow2's
+//! persistent bitmap whose QEMU was killed) is never a base nor merged: a
+//! backup whose base it is, or whose base would need it merged, reads
+//! everything and warns naming it, and it goes with the old part of the
+//! chain once the point is committed. The bitmap's contents are never
+//! trusted blindly: the backup audits a sample of the blocks it calls
+//! clean (`crate::cbt`).
 
 use serde_json::{Value, json};
 
@@ -45,8 +52,16 @@ pub struct Plan {
     pub merged: Vec<String>,
     /// Bitmaps of the chain removed once the new point is committed.
     pub dropped: Vec<String>,
-    /// The actions for the instant's transaction.
-    pub actions: Vec<Value>,
+    /// The transaction just before the instant: the new bitmap, which so
+    /// records every write after the instant (and a few before).
+    pub before: Vec<Value>,
+    /// The transaction just after the instant: the base and the bitmaps
+    /// merged into it stop recording, so the base holds every write up to
+    /// the instant (and a few after). Reading a few blocks too many costs
+    /// a little; missing one would lose a write.
+    pub after: Vec<Value>,
+    /// What the job should be told (inconsistent bitmaps of the chain).
+    pub warnings: Vec<String>,
 }
 
 impl Chain {
@@ -100,8 +115,39 @@ impl Chain {
         } else {
             format!("{}{next}-{token}", self.prefix)
         };
-        let base = parent.and_then(|p| ours.iter().find(|(_, b)| b.name == p));
-        let why_no_base = match (parent, base) {
+        // QEMU cannot vouch for an inconsistent bitmap (its QEMU was
+        // killed while it recorded): never a base, never merged, removed
+        // with the old part of the chain.
+        let warnings: Vec<String> = ours
+            .iter()
+            .filter(|(_, b)| b.inconsistent)
+            .map(|(_, b)| {
+                format!(
+                    "dirty bitmap {} on node {} is inconsistent (its QEMU stopped without saving it, e.g. killed): never used, removed once this point is committed",
+                    b.name, node.name
+                )
+            })
+            .collect();
+        let found = parent.and_then(|p| ours.iter().find(|(_, b)| b.name == p));
+        // A later run's bitmap that cannot be merged loses writes the base
+        // alone does not hold.
+        let unmergeable = found.and_then(|&(base_n, _)| {
+            ours.iter()
+                .find(|(n, b)| *n > base_n && b.inconsistent)
+                .map(|(_, b)| b.name.clone())
+        });
+        let base = found.filter(|(_, b)| !b.inconsistent && unmergeable.is_none());
+        let why_no_base = match (parent, found) {
+            (Some(p), Some((_, b))) if b.inconsistent => Some(format!(
+                "bitmap {p} of the last backup is inconsistent on node {} (its QEMU stopped without saving it, e.g. killed): it is not used, the backup reads everything",
+                node.name
+            )),
+            (Some(_), Some(_)) => unmergeable.map(|u| {
+                format!(
+                    "bitmap {u} of a run after the last backup is inconsistent on node {} (its QEMU stopped without saving it, e.g. killed): the writes it recorded are unknown, the backup reads everything",
+                    node.name
+                )
+            }),
             (Some(p), None) if self.number(p).is_some() => Some(format!(
                 "bitmap {p} of the last backup is not on node {} any more (the VM was restarted with a disk that cannot store bitmaps, or the bitmap was removed)",
                 node.name
@@ -111,10 +157,11 @@ impl Chain {
             )),
             _ => None,
         };
-        let mut actions = vec![json!({
+        let before = vec![json!({
             "type": "block-dirty-bitmap-add",
             "data": { "node": node.name, "name": new, "persistent": node.can_persist_bitmaps() },
         })];
+        let mut after = Vec::new();
         let mut merged = Vec::new();
         let mut dropped = Vec::new();
         match base {
@@ -124,7 +171,7 @@ impl Chain {
                     if n > base_n {
                         // A run after the base whose point never landed:
                         // its writes belong to this backup.
-                        actions.push(json!({
+                        after.push(json!({
                             "type": "block-dirty-bitmap-merge",
                             "data": { "node": node.name, "target": base_b.name, "bitmaps": [b.name] },
                         }));
@@ -137,7 +184,7 @@ impl Chain {
                     .map(|(_, b)| *b)
                     .filter(|b| b.recording && (b.name == base_b.name || merged.contains(&b.name)))
                 {
-                    actions.push(json!({
+                    after.push(json!({
                         "type": "block-dirty-bitmap-disable",
                         "data": { "node": node.name, "name": b.name },
                     }));
@@ -151,7 +198,9 @@ impl Chain {
             why_no_base,
             merged,
             dropped,
-            actions,
+            before,
+            after,
+            warnings,
         }
     }
 }
@@ -184,14 +233,16 @@ mod tests {
                     recording: *rec,
                     persistent: true,
                     busy: false,
+                    inconsistent: false,
                 })
                 .collect(),
         }
     }
 
     fn kinds(p: &Plan) -> Vec<String> {
-        p.actions
+        p.before
             .iter()
+            .chain(&p.after)
             .map(|a| {
                 let d = &a["data"];
                 format!(
@@ -232,7 +283,7 @@ mod tests {
         let p = c.plan(&node("qcow2", &[("other", true)]), None, "");
         assert_eq!(p.new, format!("{}1", c.prefix));
         assert_eq!((p.base.as_deref(), p.why_no_base.as_deref()), (None, None));
-        assert_eq!(p.actions[0]["data"]["persistent"], true);
+        assert_eq!(p.before[0]["data"]["persistent"], true);
         assert!(p.dropped.is_empty(), "another tool's bitmap is never ours");
 
         let first = p.new.clone();
@@ -293,8 +344,57 @@ mod tests {
                 .contains("not on node disk0"),
             "{p:?}"
         );
-        assert_eq!(p.actions[0]["data"]["persistent"], false);
+        assert_eq!(p.before[0]["data"]["persistent"], false);
         let p = c.plan(&node("raw", &[]), Some("foreign"), "");
         assert!(p.why_no_base.unwrap().contains("not a bitmap of coffre's"));
+    }
+
+    #[test]
+    fn an_inconsistent_bitmap_is_never_a_base_nor_merged_and_is_dropped() {
+        let c = Chain::of("v", "vm");
+        let n = |i: u32| format!("{}{i}", c.prefix);
+        let with = |bitmaps: &[(String, bool, bool)]| NodeInfo {
+            bitmaps: bitmaps
+                .iter()
+                .map(|(name, rec, bad)| BitmapInfo {
+                    name: name.clone(),
+                    recording: *rec,
+                    persistent: true,
+                    busy: false,
+                    inconsistent: *bad,
+                })
+                .collect(),
+            ..node("qcow2", &[])
+        };
+        // The parent's bitmap is inconsistent: a full read, dropped later.
+        let p = c.plan(&with(&[(n(2), false, true)]), Some(&n(2)), "");
+        assert!(p.base.is_none());
+        assert!(
+            p.why_no_base.as_deref().unwrap().contains("inconsistent"),
+            "{p:?}"
+        );
+        assert_eq!(p.dropped, [n(2)]);
+        assert_eq!(kinds(&p), [format!("block-dirty-bitmap-add {}", n(3))]);
+        assert!(p.warnings[0].contains(&n(2)), "{:?}", p.warnings);
+        // A failed run's bitmap after the base is inconsistent: the base
+        // alone misses its writes, so it is no base either.
+        let p = c.plan(
+            &with(&[(n(2), false, false), (n(3), true, true)]),
+            Some(&n(2)),
+            "",
+        );
+        assert!(p.base.is_none());
+        assert!(p.why_no_base.as_deref().unwrap().contains(&n(3)), "{p:?}");
+        assert!(p.merged.is_empty());
+        assert_eq!(p.dropped, [n(2), n(3)]);
+        // An old inconsistent bitmap before a sound base is only dropped.
+        let p = c.plan(
+            &with(&[(n(1), false, true), (n(2), true, false)]),
+            Some(&n(2)),
+            "",
+        );
+        assert_eq!(p.base, Some(n(2)));
+        assert_eq!(p.dropped, [n(1), n(2)]);
+        assert_eq!(p.warnings.len(), 1);
     }
 }

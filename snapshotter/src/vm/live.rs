@@ -1,19 +1,33 @@
 //! A drive of a running QEMU as a [`LiveSource`]: the backup job takes its
 //! point in time itself, in this order:
 //!
-//! 1. the monitor is reached, the drive resolved to its node, and what a
-//!    killed run of the item left in QEMU removed ([`Fleece::prepare`]);
+//! 1. the monitor's host lock is taken ([`super::monitor_lock`]: one live
+//!    backup per monitor, a second fails at once naming the first), the
+//!    monitor is reached, the drive resolved to its node and its device,
+//!    and what a killed run of the same vault and item left is removed: in
+//!    QEMU ([`Fleece::remove_leftovers`]) and its work folder;
 //! 2. the item's pre hook runs, then the guest's file systems are frozen
 //!    through the guest agent, when one is given (a guest a killed run
 //!    left frozen is thawed first, and the job says so);
-//! 3. **the instant**: one QMP `transaction` starts the fleecing job and
-//!    moves the dirty-bitmap chain on ([`super::bitmap`]);
+//! 3. **the instant**: coffre's copy-before-write filter becomes the
+//!    device's drive, between the two transactions that move the
+//!    dirty-bitmap chain on ([`super::bitmap`], [`Fleece::take`]);
 //! 4. the guest is thawed at once (the freeze window is measured and
 //!    recorded), then the post hook runs;
 //! 5. the point is exported over NBD on a private socket with the parent's
-//!    bitmap, read by the job's capture, and released once captured;
+//!    bitmap, read by the job's capture, and released once captured; a read
+//!    that fails because QEMU dropped the point (its overlay full) says so;
 //! 6. once the job knows the point is in the vault, the old part of the
 //!    bitmap chain is removed; otherwise the chain stays for the next run.
+//!
+//! The overlay and an owner lock live in a work folder
+//! `<fleece dir>/coffre-fleece-<16 hex of vault and item>-<8 hex>` (0700;
+//! the fleece dir is `--fleece-dir`, else `$TMPDIR`), the NBD socket in the
+//! private lock folder ([`super::monitor_lock::lock_dir`]) as
+//! `<16 hex>-<8 hex>.sock` (a short path any fleece dir can have): a later
+//! run of the same vault and item removes a folder of that name whose
+//! owner lock no live run holds, and its socket
+//! ([`remove_dead_work_dirs`]).
 //!
 //! A freeze that fails or times out thaws (through a fresh connection: the
 //! old one may be out of step) and drops the point to crash-consistent
@@ -30,24 +44,26 @@ use coffre_vault_store::format::level::Level;
 
 use super::agent::GuestAgent;
 use super::bitmap::{Chain, Plan};
-use super::fleece::{Fleece, Names};
+use super::fleece::{CBW_TIMEOUT_S, Fleece, Names};
+use super::monitor_lock::MonitorLock;
 use super::node;
 use super::qmp::Qmp;
 use crate::cbt::{Hint, HintSource};
 use crate::error::{Result, SnapError};
 use crate::hooks::{Around, HookEnv, failed_hooks_warning};
 use crate::nbd::NbdImage;
-use crate::source::{ImageSource as _, LiveSource, PointInTime, TakeRequest, Taken};
+use crate::source::{ImageSource, LiveSource, PointInTime, TakeRequest, Taken, Window};
 
 /// How long one exchange with the monitor may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one exchange with the guest agent (a freeze, a thaw) may take.
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where a drive of a running VM is: its monitor, the drive, and the
-/// guest agent's socket if there is one. Recorded as the item's source,
-/// `qmp+unix:///DRIVE?socket=SOCKET[&agent=SOCKET]` (`%`, `&`, `?` and `#`
-/// in paths are percent-escaped).
+/// Where a drive of a running VM is: its monitor, the drive, the guest
+/// agent's socket if there is one, and the folder for the point's overlay
+/// if not `$TMPDIR`. Recorded as the item's source,
+/// `qmp+unix:///DRIVE?socket=SOCKET[&agent=SOCKET][&fleece=DIR]` (`%`, `&`,
+/// `?` and `#` in paths are percent-escaped).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QmpTarget {
     /// The QMP socket (`-qmp unix:PATH,server=on,wait=off`).
@@ -57,6 +73,9 @@ pub struct QmpTarget {
     /// The guest agent's socket (`-chardev socket,path=…` of a
     /// `virtio-serial` port named `org.qemu.guest_agent.0`).
     pub agent: Option<PathBuf>,
+    /// The folder of the point's work folder (its overlay: as big as the
+    /// blocks the guest overwrites during the backup); `None`: `$TMPDIR`.
+    pub fleece: Option<PathBuf>,
 }
 
 fn escape(s: &str) -> String {
@@ -104,6 +123,10 @@ impl QmpTarget {
             s.push_str("&agent=");
             s.push_str(&escape(&a.to_string_lossy()));
         }
+        if let Some(f) = &self.fleece {
+            s.push_str("&fleece=");
+            s.push_str(&escape(&f.to_string_lossy()));
+        }
         s
     }
 
@@ -119,48 +142,247 @@ impl QmpTarget {
         if drive.is_empty() || drive.len() > 1024 || drive.contains('/') {
             return Err(format!("{drive:?} is no drive name"));
         }
-        let (mut socket, mut agent) = (None, None);
+        let (mut socket, mut agent, mut fleece) = (None, None, None);
         for kv in query.split('&') {
-            match kv.split_once('=') {
-                Some(("socket", v)) if !v.is_empty() => socket = Some(unescape(v)?),
-                Some(("agent", v)) if !v.is_empty() => agent = Some(unescape(v)?),
+            let slot = match kv.split_once('=') {
+                Some(("socket", v)) if !v.is_empty() => &mut socket,
+                Some(("agent", v)) if !v.is_empty() => &mut agent,
+                Some(("fleece", v)) if !v.is_empty() => &mut fleece,
                 _ => return Err(format!("unknown or empty query part {kv:?}")),
+            };
+            if slot.is_some() {
+                return Err(format!("query part {kv:?} is given twice"));
             }
+            *slot = Some(unescape(kv.split_once('=').map_or("", |(_, v)| v))?);
         }
         let absolute = |p: String| -> std::result::Result<PathBuf, String> {
-            if p.starts_with('/') {
+            if p.starts_with('/') && p.len() <= 4096 {
                 Ok(PathBuf::from(p))
             } else {
-                Err(format!("socket {p:?} is not an absolute path"))
+                Err(format!("path {p:?} is not an absolute path"))
             }
         };
         Ok(QmpTarget {
             socket: absolute(socket.ok_or("qmp+unix:///DRIVE needs ?socket=PATH")?)?,
             drive,
             agent: agent.map(absolute).transpose()?,
+            fleece: fleece.map(absolute).transpose()?,
         })
     }
 }
 
-/// A new folder of this user's alone under the temporary directory, for a
-/// fleece's overlay and socket: a random name, created (0700) only if it
-/// did not exist, so nothing another user planted there is used.
-pub fn private_work_dir() -> std::io::Result<PathBuf> {
+/// The prefix of a live backup's work folder:
+/// `coffre-fleece-<16 hex of vault and item>-<8 hex>`.
+pub const WORK_PREFIX: &str = "coffre-fleece-";
+/// The owner lock in a work folder, held while its run lives.
+const OWNER_LOCK: &str = "owner.lock";
+/// The longest Unix socket path (`sun_path` holds 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The NBD socket of work folder `dir` (whose name ends `<tag>-<8 hex>`).
+fn socket_of(dir: &Path) -> Option<PathBuf> {
+    let name = dir.file_name()?.to_str()?.strip_prefix(WORK_PREFIX)?;
+    Some(super::monitor_lock::lock_dir().join(format!("{name}.sock")))
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// Checks the folder a fleece's work folder goes in: owned by this user or
+/// root, and writable by no one else unless sticky (as `/tmp` is).
+pub fn check_fleece_base(base: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(base).map_err(|e| e.to_string())?;
+    if m.uid() != euid() && m.uid() != 0 {
+        return Err(format!(
+            "it belongs to user {}, neither this user nor root",
+            m.uid()
+        ));
+    }
+    let sticky = m.mode() & 0o1000 != 0;
+    if m.mode() & 0o022 != 0 && !sticky {
+        return Err(format!(
+            "others may write in it (mode {:o}) and it is not sticky: use a folder only this user can change",
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// A new work folder of this user's alone under `base`, for the fleece of
+/// `tag` (its overlay, its NBD socket), with its owner lock held: a random
+/// name, created (0700) only if it did not exist, so nothing another user
+/// planted there is used.
+pub fn new_work_dir(base: &Path, tag: &str) -> std::io::Result<(PathBuf, std::fs::File)> {
     use std::os::unix::fs::DirBuilderExt;
-    let tmp = std::env::temp_dir();
     let mut last = None;
     for attempt in 0..16u64 {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let tag = blake3::hash(format!("{seed}-{}-{attempt}", std::process::id()).as_bytes());
-        let dir = tmp.join(format!("coffre-qmp-{}", &tag.to_hex()[..16]));
+        let r = blake3::hash(format!("{seed}-{}-{attempt}", std::process::id()).as_bytes());
+        let dir = base.join(format!("{WORK_PREFIX}{tag}-{}", &r.to_hex()[..8]));
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
+            Ok(()) => {
+                let owner = coffre_vault_store::store::local::private::create_new_nofollow(
+                    &dir.join(OWNER_LOCK),
+                )
+                .and_then(|f| f.try_lock().map(|()| f).map_err(std::io::Error::from));
+                return match owner {
+                    Ok(f) => Ok((dir, f)),
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        Err(e)
+                    }
+                };
+            }
             Err(e) => last = Some(e),
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::other("no attempt made")))
+}
+
+/// Removes the work folders under `base` that a run of `tag` left when it
+/// was killed: only folders named `coffre-fleece-<tag>-<8 hex>`, of this
+/// user, not symbolic links, whose owner lock no live run holds (a folder
+/// without one is a run's that died creating it, once a minute old).
+/// Returns the folders removed.
+pub fn remove_dead_work_dirs(base: &Path, tag: &str) -> Vec<PathBuf> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let prefix = format!("{WORK_PREFIX}{tag}-");
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        if rest.len() != 8 || !rest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let dir = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&dir) else {
+            continue;
+        };
+        if !meta.is_dir() || meta.uid() != euid() {
+            continue;
+        }
+        let lock = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(dir.join(OWNER_LOCK));
+        let dead = match &lock {
+            Ok(f) => f.try_lock().is_ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => meta
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(60)),
+            Err(_) => false,
+        };
+        if dead && std::fs::remove_dir_all(&dir).is_ok() {
+            // QEMU removes it when its NBD server stops; not if QEMU died.
+            if let Some(socket) = socket_of(&dir) {
+                let _ = std::fs::remove_file(socket);
+            }
+            removed.push(dir);
+        }
+    }
+    removed
+}
+
+/// The point's export as the job reads it: a read that fails because QEMU
+/// dropped the point in time (its overlay could not take a block) says so.
+struct PointImage {
+    inner: NbdImage,
+    /// The folder the overlay is in.
+    work: PathBuf,
+    drive: String,
+    socket: PathBuf,
+}
+
+impl PointImage {
+    fn explain(&self, e: SnapError) -> SnapError {
+        let SnapError::Nbd { .. } = e else {
+            return e;
+        };
+        let free = free_bytes(&self.work);
+        let cause = match free {
+            Some(f) if f < 1 << 20 => format!(
+                "the file system of its overlay ({}) is full ({f} bytes free)",
+                self.work.display()
+            ),
+            _ => format!(
+                "its overlay in {} could not take a block the guest overwrote (an I/O error, or a copy slower than {CBW_TIMEOUT_S} s)",
+                self.work.display()
+            ),
+        };
+        SnapError::Qmp {
+            socket: self.socket.clone(),
+            reason: format!(
+                "the point in time of drive {} broke while it was read ({e}): QEMU drops the point, and lets the guest's writes through, when {cause}; nothing was kept. Give the overlay room for every block the guest overwrites during a backup (--fleece-dir)",
+                self.drive
+            ),
+        }
+    }
+}
+
+/// The bytes free to this user on the file system of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `st` is zeroed then written by statvfs, `c` is a valid
+    // NUL-terminated path.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(c.as_ptr(), &mut st) == 0)
+            .then(|| (st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+}
+
+impl ImageSource for PointImage {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+
+    fn window(&self, offset: u64, len: usize) -> Result<Window<'_>> {
+        self.inner.window(offset, len).map_err(|e| self.explain(e))
+    }
+
+    fn window_for(
+        &self,
+        offset: u64,
+        len: usize,
+        wanted: &[std::ops::Range<usize>],
+    ) -> Result<Window<'_>> {
+        self.inner
+            .window_for(offset, len, wanted)
+            .map_err(|e| self.explain(e))
+    }
+
+    fn check_unchanged(&self) -> Result<()> {
+        self.inner.check_unchanged()
+    }
+
+    fn fetches(&self) -> bool {
+        self.inner.fetches()
+    }
+
+    fn served(&self) -> bool {
+        self.inner.served()
+    }
+
+    fn change_stamp(&self) -> Option<crate::source::ChangeStamp> {
+        self.inner.change_stamp()
+    }
 }
 
 /// What a taken point holds in QEMU until it is released and settled.
@@ -169,6 +391,10 @@ struct Running {
     fleece: Fleece,
     plan: Plan,
     work: PathBuf,
+    /// The work folder's owner lock (released after the folder is gone).
+    _owner: std::fs::File,
+    /// The monitor's host lock, held until the point is released.
+    _lock: MonitorLock,
 }
 
 /// A drive of a running VM, backed up through QEMU.
@@ -193,38 +419,84 @@ impl QmpDrive {
     }
 
     fn take_point(&mut self, req: &TakeRequest<'_>) -> Result<Taken> {
-        let work = private_work_dir().map_err(|e| {
-            SnapError::damaged(
-                std::env::temp_dir(),
-                format!("cannot create a private folder for the point in time: {e}"),
-            )
+        let holder = format!(
+            "pid {}, job {}, item {}, vault {}",
+            std::process::id(),
+            req.job,
+            req.item,
+            req.vault_dir.display()
+        );
+        let lock = MonitorLock::acquire(&self.target.socket, &holder)?;
+        let names = Names::of(&self.vault_id, req.item);
+        let base = self
+            .target
+            .fleece
+            .clone()
+            .unwrap_or_else(std::env::temp_dir);
+        let fleece_dir_error = |reason: String| SnapError::Qmp {
+            socket: self.target.socket.clone(),
+            reason: format!("fleece folder {}: {reason}", base.display()),
+        };
+        if !base.is_dir() {
+            return Err(fleece_dir_error(
+                "not a folder (it holds the point's overlay)".into(),
+            ));
+        }
+        // The folder may come from the vault's catalog (the item's source):
+        // it must be one only this user (or root) can change, or a sticky
+        // one like /tmp, so that nobody can swap coffre's work folder for a
+        // link between its creation and the overlay's.
+        check_fleece_base(&base).map_err(fleece_dir_error)?;
+        let mut qmp = Qmp::connect(&self.target.socket, QMP_TIMEOUT)?;
+        // What a killed run of this vault and item left goes first: its
+        // filter sits above the drive. The lock says no live run of this
+        // monitor is using it.
+        Fleece::remove_leftovers(&mut qmp, &names);
+        let mut warnings = Vec::new();
+        for dir in [Some(base.clone()), Some(std::env::temp_dir())]
+            .into_iter()
+            .flatten()
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            for gone in remove_dead_work_dirs(&dir, &names.tag) {
+                tracing::info!(folder = %gone.display(), "removed the work folder a killed run left");
+            }
+        }
+        let drive = node::resolve_drive(&mut qmp, &self.target.drive, Names::is_filter)?;
+        let parent = req
+            .parent
+            .filter(|c| c.source == HintSource::Bitmap.name())
+            .and_then(|c| c.generation.as_deref());
+        let plan = Chain::of(&self.vault_id, req.item).plan(&drive.node, parent, req.job);
+        let (work, owner) = new_work_dir(&base, &names.tag).map_err(|e| {
+            fleece_dir_error(format!("cannot create a private work folder in it: {e}"))
         })?;
-        let prepared = (|| {
-            let mut qmp = Qmp::connect(&self.target.socket, QMP_TIMEOUT)?;
-            // What a killed run left goes first: its filter sits above the
-            // drive and would be taken for it.
-            Fleece::remove_leftovers(&mut qmp, &Names::of(req.item));
-            let node = node::resolve(&mut qmp, &self.target.drive)?;
-            let parent = req
-                .parent
-                .filter(|c| c.source == HintSource::Bitmap.name())
-                .and_then(|c| c.generation.as_deref());
-            let plan = Chain::of(&self.vault_id, req.item).plan(&node, parent, req.job);
-            let fleece = Fleece::prepare(&mut qmp, &node.name, node.size, req.item, &work)?;
-            Ok((qmp, plan, fleece))
-        })();
-        let (qmp, plan, fleece) = match prepared {
-            Ok(p) => p,
+        let socket = socket_of(&work).unwrap_or_else(|| work.join("nbd.sock"));
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            let _ = std::fs::remove_dir_all(&work);
+            return Err(SnapError::Qmp {
+                socket: self.target.socket.clone(),
+                reason: format!(
+                    "the NBD socket path {} is longer than a Unix socket path can be ({MAX_SOCKET_PATH} bytes): set XDG_RUNTIME_DIR or TMPDIR to a shorter folder",
+                    socket.display()
+                ),
+            });
+        }
+        let fleece = match Fleece::prepare(&mut qmp, &drive, &names, &work, &socket) {
+            Ok(f) => f,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&work);
                 return Err(e);
             }
         };
+        warnings.extend(plan.warnings.iter().cloned());
         let running = self.running.insert(Running {
             qmp,
             fleece,
             plan,
             work,
+            _owner: owner,
+            _lock: lock,
         });
         let source = self.target.source();
         let env = HookEnv {
@@ -233,7 +505,6 @@ impl QmpDrive {
             job: req.job,
             vault: req.vault_dir,
         };
-        let mut warnings = Vec::new();
         let ((took, frozen), hooks) = Around::run(req.hooks, env, || {
             instant(&self.target, running, &mut warnings)
         });
@@ -248,7 +519,14 @@ impl QmpDrive {
         let base = running.plan.base.clone();
         running.fleece.export(&mut running.qmp, base.as_deref())?;
         let image = NbdImage::open(&running.fleece.uri(), base.as_deref())?;
-        let hint = match image.bitmap_hint()? {
+        let bitmap_hint = image.bitmap_hint()?;
+        let image = PointImage {
+            inner: image,
+            work: running.work.clone(),
+            drive: self.target.drive.clone(),
+            socket: self.target.socket.clone(),
+        };
+        let hint = match bitmap_hint {
             Some(mut h) => {
                 h.since = base;
                 h.generation = Some(running.plan.new.clone());
@@ -281,20 +559,23 @@ fn instant(
     running: &mut Running,
     warnings: &mut Vec<String>,
 ) -> (Result<()>, Option<Duration>) {
-    let actions = running.plan.actions.clone();
+    let take = |running: &mut Running| {
+        let (before, after) = (running.plan.before.clone(), running.plan.after.clone());
+        running.fleece.take(&mut running.qmp, before, after)
+    };
     let Some(socket) = &target.agent else {
-        return (running.fleece.take(&mut running.qmp, actions), None);
+        return (take(running), None);
     };
     let mut agent = match connect_agent(socket, warnings) {
         Some(a) => a,
-        None => return (running.fleece.take(&mut running.qmp, actions), None),
+        None => return (take(running), None),
     };
     let held = HeldSignals::hold();
     let start = Instant::now();
     // A failure's warning, and the instant when it was taken.
     let outcome = match agent.freeze() {
         Ok(guard) => {
-            let took = running.fleece.take(&mut running.qmp, actions.clone());
+            let took = take(running);
             match guard.thaw() {
                 Ok(_) => Ok((took, start.elapsed())),
                 Err(e) => Err((
@@ -321,10 +602,7 @@ fn instant(
         Err((warning, took)) => {
             warnings.push(warning);
             thaw_anew(socket, warnings);
-            let took = took.unwrap_or_else(|| {
-                let actions = running.plan.actions.clone();
-                running.fleece.take(&mut running.qmp, actions)
-            });
+            let took = took.unwrap_or_else(|| take(running));
             (took, None)
         }
     };
@@ -483,6 +761,9 @@ impl LiveSource for QmpDrive {
         if let Some(mut r) = self.running.take() {
             r.fleece.stop(&mut r.qmp);
             let _ = std::fs::remove_dir_all(&r.work);
+            if let Some(socket) = socket_of(&r.work) {
+                let _ = std::fs::remove_file(socket);
+            }
         }
     }
 
@@ -493,6 +774,17 @@ impl LiveSource for QmpDrive {
         if !committed {
             return Vec::new();
         }
+        // Another backup on the monitor holds it (and QEMU's one client
+        // slot) for its whole read: the bitmaps wait for the next run.
+        let holder = format!("pid {}, removing old dirty bitmaps", std::process::id());
+        let _lock = match MonitorLock::acquire(&self.target.socket, &holder) {
+            Ok(l) => l,
+            Err(e) => {
+                return vec![format!(
+                    "the old dirty bitmaps stay on the drive ({e}); the next backup removes them"
+                )];
+            }
+        };
         let mut qmp = match Qmp::connect(&self.target.socket, QMP_TIMEOUT) {
             Ok(q) => q,
             Err(e) => {
@@ -531,12 +823,15 @@ mod tests {
             socket: PathBuf::from("/run/vm a&b?/qmp%.sock"),
             drive: "vda".into(),
             agent: Some(PathBuf::from("/run/vm/qga#1.sock")),
+            fleece: Some(PathBuf::from("/big disk/f&?")),
         };
         let s = t.source();
         assert!(crate::vm::is_qmp_source(&s), "{s}");
         assert_eq!(QmpTarget::parse(&s).unwrap(), t);
+        assert!(s.ends_with("&fleece=/big disk/f%26%3F"), "{s}");
         let plain = QmpTarget {
             agent: None,
+            fleece: None,
             ..t.clone()
         };
         assert_eq!(QmpTarget::parse(&plain.source()).unwrap(), plain);
@@ -548,9 +843,38 @@ mod tests {
             "qmp+unix:///vda?socket=/s&x=1",
             "qmp+unix:///vda?socket=/s%2",
             "qmp+unix:///vda?socket=/s%41",
+            "qmp+unix:///vda?socket=/s&fleece=rel",
+            "qmp+unix:///vda?socket=/s&fleece=",
+            "qmp+unix:///vda?socket=/s&fleece=/a&fleece=/b",
             "nbd+unix:///vda?socket=/s",
         ] {
             assert!(QmpTarget::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_fleece_folder_others_can_change_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let mine = t.path().join("mine");
+        std::fs::create_dir(&mine).unwrap();
+        std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(check_fleece_base(&mine).is_ok());
+        let open = t.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_fleece_base(&open).unwrap_err();
+        assert!(e.contains("mode 777"), "{e}");
+        // Sticky, like /tmp.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(check_fleece_base(&open).is_ok());
+        assert!(check_fleece_base(Path::new("/tmp")).is_ok());
+        // Another user's (as root: chown to nobody).
+        if euid() == 0 {
+            std::os::unix::fs::chown(&mine, Some(65534), None).unwrap();
+            let e = check_fleece_base(&mine).unwrap_err();
+            assert!(e.contains("belongs to user 65534"), "{e}");
+        }
+        assert!(check_fleece_base(&t.path().join("missing")).is_err());
     }
 }

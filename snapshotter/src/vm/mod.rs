@@ -5,16 +5,22 @@
 //! (`FORMAT.md`, "QEMU monitor and guest agent").
 //!
 //! On that ground: the drive a user names ([`node`]), its point in time
-//! ([`fleece`]), its dirty-bitmap chain ([`bitmap`]), and the backup
-//! source that puts them together with the guest's freeze ([`live`]).
+//! ([`fleece`]), its dirty-bitmap chain ([`bitmap`]), the host lock that
+//! keeps two live backups off one monitor ([`monitor_lock`]), and the
+//! backup source that puts them together with the guest's freeze
+//! ([`live`]).
 //! libvirt domains are driven through `virsh` instead ([`libvirt`]).
+//! The host-wide locks of both, one `flock`ed file per monitor or domain
+//! in coffre's private runtime folder, are [`host_lock`]'s.
 
 pub mod agent;
 pub mod bitmap;
 pub mod fleece;
+pub mod host_lock;
 pub mod json_lines;
 pub mod libvirt;
 pub mod live;
+pub mod monitor_lock;
 pub mod node;
 pub mod qmp;
 

@@ -313,11 +313,15 @@ fn kek(
     Ok(out)
 }
 
-/// The master key `secret` opens among `slots`.
-pub fn unlock_any(slots: &[KeySlot], secret: &Secret<'_>) -> Result<MasterKey, CryptoError> {
+/// The master key `secret` opens among `slots`, and the id of the slot
+/// that opened.
+pub fn unlock_any(
+    slots: &[KeySlot],
+    secret: &Secret<'_>,
+) -> Result<(MasterKey, String), CryptoError> {
     for s in slots {
         if let Some(k) = s.unlock(secret)? {
-            return Ok(k);
+            return Ok((k, s.id.clone()));
         }
     }
     Err(CryptoError::WrongKey { slots: slots.len() })
@@ -361,10 +365,12 @@ mod tests {
         )
         .unwrap();
         let slots = [pass.clone(), kf.clone()];
-        let got = unlock_any(&slots, &Secret::Passphrase(b"correct horse")).unwrap();
+        let (got, id) = unlock_any(&slots, &Secret::Passphrase(b"correct horse")).unwrap();
         assert_eq!(got.expose(), master.expose());
-        let got = unlock_any(&slots, &Secret::KeyFile(&file)).unwrap();
+        assert_eq!(id, pass.id);
+        let (got, id) = unlock_any(&slots, &Secret::KeyFile(&file)).unwrap();
         assert_eq!(got.expose(), master.expose());
+        assert_eq!(id, kf.id);
         assert_eq!(
             unlock_any(&slots, &Secret::Passphrase(b"wrong")).unwrap_err(),
             CryptoError::WrongKey { slots: 2 }

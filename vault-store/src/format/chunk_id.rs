@@ -20,7 +20,7 @@ impl ChunkId {
     /// an encrypted vault, plain BLAKE3 otherwise.
     pub fn in_vault(keys: Option<&crate::crypto::VaultKeys>, data: &[u8]) -> Self {
         match keys {
-            Some(k) => k.chunk_id(data),
+            Some(k) => ChunkId(k.chunk_id(data)),
             None => Self::of(data),
         }
     }

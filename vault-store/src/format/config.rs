@@ -330,7 +330,7 @@ impl VaultConfig {
     /// id key in an encrypted vault.
     pub fn chunk_id(&self, plain: &[u8]) -> crate::format::chunk_id::ChunkId {
         match self.keys() {
-            Some(k) => k.chunk_id(plain),
+            Some(k) => crate::format::chunk_id::ChunkId(k.chunk_id(plain)),
             None => crate::format::chunk_id::ChunkId::of(plain),
         }
     }

@@ -285,7 +285,7 @@ impl RecordEncoder {
     /// The id of `plain` in this encoder's vault (keyed when encrypted).
     pub fn chunk_id(&self, plain: &[u8]) -> ChunkId {
         match &self.keys {
-            Some(k) => k.chunk_id(plain),
+            Some(k) => ChunkId(k.chunk_id(plain)),
             None => ChunkId::of(plain),
         }
     }
@@ -487,7 +487,7 @@ impl RecordDecoder {
             }
         }
         let id = match &self.keys {
-            Some(k) => k.chunk_id(out),
+            Some(k) => ChunkId(k.chunk_id(out)),
             None => ChunkId::of(out),
         };
         if id != header.id {

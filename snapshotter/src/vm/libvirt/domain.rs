@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::virsh::{self, Failure};
-use super::xml::{self, BackupJob, DomainXml};
+use super::xml::{self, BackupJob, Checkpoint, DomainXml};
 use crate::error::{Result, SnapError};
 
 /// How long one `virsh` call may take (a freeze waits on the guest).
@@ -27,7 +27,8 @@ pub struct Domain {
 
 impl Domain {
     /// The domain `name` on `connect` (libvirt's default connection when
-    /// `None`: `virsh uri` says which, and that is what is recorded).
+    /// `None`: `virsh uri` says which, and that is what is recorded). A
+    /// connection URI that names a host is refused ([`super::check_local`]).
     pub fn new(connect: Option<&str>, name: &str) -> Result<Domain> {
         let fail = |reason: String| SnapError::Libvirt {
             domain: name.chars().take(100).collect(),
@@ -36,12 +37,17 @@ impl Domain {
         super::check_domain_name(name).map_err(&fail)?;
         if let Some(c) = connect {
             super::check_connect(c).map_err(&fail)?;
+            // Refused before anything connects (no ssh is started).
+            super::check_local(c).map_err(&fail)?;
         }
         let said = virsh::run(connect, &["uri"], TIMEOUT)
             .map_err(|e| fail(format!("cannot reach libvirt: {e}")))?;
         let uri = said.trim();
         super::check_connect(uri)
             .map_err(|e| fail(format!("libvirt answered `virsh uri` with {e}")))?;
+        // libvirt's default connection may be a remote one
+        // (LIBVIRT_DEFAULT_URI, uri_default).
+        super::check_local(uri).map_err(&fail)?;
         Ok(Domain {
             connect: uri.to_string(),
             name: name.to_string(),
@@ -122,11 +128,21 @@ impl Domain {
         Ok(names)
     }
 
-    /// The disks checkpoint `name` keeps a bitmap of.
-    pub fn checkpoint_disks(&self, name: &str) -> Result<Vec<String>> {
-        let text = self.call(&["checkpoint-dumpxml", &self.name, name, "--no-domain"])?;
-        xml::checkpoint_disks(&text)
-            .map_err(|e| self.fail(format!("the XML of checkpoint {name}: {e}")))
+    /// Checkpoint `name`: the disks it keeps a bitmap of, and the domain
+    /// as it was when it was created (each disk's image then: a bitmap is
+    /// the changes of the image it lives in, whatever disk that image is
+    /// now).
+    pub fn checkpoint(&self, name: &str) -> Result<Checkpoint> {
+        let text = self.call(&["checkpoint-dumpxml", &self.name, name])?;
+        let c = xml::checkpoint(&text)
+            .map_err(|e| self.fail(format!("the XML of checkpoint {name}: {e}")))?;
+        if c.name != name {
+            return Err(self.fail(format!(
+                "libvirt returned the XML of checkpoint {:?} for {name}",
+                c.name.chars().take(100).collect::<String>()
+            )));
+        }
+        Ok(c)
     }
 
     /// Deletes coffre's checkpoint `name` (its bitmaps go with it).

@@ -14,20 +14,28 @@
 //!
 //! - [`domain`]: the `virsh` calls on one domain (state, XML, checkpoints,
 //!   the backup job, filesystem freeze).
+//! - [`lock`]: the host-wide lock of a domain (a
+//!   [`crate::vm::host_lock`]), held for a whole run, so that two coffre
+//!   runs never back one domain up at once.
 //! - [`pull`]: one pull-mode backup: the private folder of its NBD socket
 //!   and scratch files, the freeze around the instant, `backup-begin`, the
 //!   exports, and the end of the job (`domjobabort`) whatever happens;
 //!   what a killed run left is found and removed by name.
+//! - [`workdir`]: a pull backup's private folder (the part QEMU's user
+//!   may write kept apart), and its removal through descriptors that
+//!   follow no symlink.
 //!
 //! Every checkpoint coffre creates is named [`CHECKPOINT_PREFIX`], 8 hex
 //! digits of the vault ([`vault_checkpoint_prefix`]) and the domain job's
-//! id; the NBD socket lives in a folder named
+//! id; the NBD socket lives in `q/` of a folder named
 //! `coffre-libvirt-PID-…`. A disk is recorded as the item source
 //! `libvirt:///DOMAIN/TARGET?connect=URI` ([`libvirt_source`]).
 
 pub mod domain;
+pub mod lock;
 pub mod pull;
 pub mod virsh;
+pub mod workdir;
 pub mod xml;
 
 /// How a disk of a domain is recorded as an item's source.
@@ -162,6 +170,29 @@ pub fn check_connect(uri: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The host a connection URI names (`h` of `qemu+ssh://root@h:22/system`),
+/// `None` for a URI of this host (`qemu:///system`, `test:///default`).
+pub fn remote_host(uri: &str) -> Option<&str> {
+    let (_, rest) = uri.split_once(':')?;
+    let rest = rest.strip_prefix("//")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    (!host.is_empty()).then_some(host)
+}
+
+/// Refuses a connection URI that names a host: coffre reads a running
+/// domain's disks through the NBD socket libvirt opens on the domain's
+/// host, and a stopped domain's image files directly, so both must be on
+/// this host.
+pub fn check_local(uri: &str) -> Result<(), String> {
+    match remote_host(uri) {
+        None => Ok(()),
+        Some(host) => Err(format!(
+            "connection {uri} names host {host}: coffre backs up only domains of the host it runs on (a running domain's disks are read through the Unix socket libvirt opens on the domain's host, a stopped domain's image files directly); run coffre on {host} with a local URI such as qemu:///system"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +229,25 @@ mod tests {
         check_domain_name("web-1.prod_a").unwrap();
         for bad in ["", "-x", "a/b", "a b", "é", &"a".repeat(101)] {
             assert!(check_domain_name(bad).is_err(), "{bad:?}");
+        }
+        for local in [
+            "qemu:///system",
+            "qemu:///session",
+            "test:///default",
+            "qemu+unix:///system?socket=/run/x.sock",
+        ] {
+            assert_eq!(remote_host(local), None, "{local}");
+            check_local(local).unwrap();
+        }
+        for (remote, host) in [
+            ("qemu+ssh://h1/system", "h1"),
+            ("qemu+ssh://root@h2:2222/system?keyfile=/k", "h2:2222"),
+            ("qemu+tcp://localhost/system", "localhost"),
+            ("qemu://h3", "h3"),
+        ] {
+            assert_eq!(remote_host(remote), Some(host), "{remote}");
+            let e = check_local(remote).unwrap_err();
+            assert!(e.contains(host) && e.contains("qemu:///system"), "{e}");
         }
         check_connect("qemu:///system").unwrap();
         check_connect("test:///default").unwrap();

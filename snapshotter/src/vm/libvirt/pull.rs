@@ -7,31 +7,34 @@
 //!
 //! [`PullBackup`] owns what the backup puts on the host and ends it:
 //!
-//! - a private folder, `$TMPDIR/coffre-libvirt-PID-RANDOM` (0700, handed to
-//!   the user QEMU runs as, which must create the socket and the scratch
-//!   files in it), holding the request XML, the socket and the scratch
-//!   files;
+//! - a private folder, `$TMPDIR/coffre-libvirt-PID-RANDOM` ([`workdir`]):
+//!   the request XML in it, the socket and the scratch files in its
+//!   subfolder `q`, the only part handed to the user QEMU runs as;
 //! - the freeze of the guest's filesystems around the instant, when the
 //!   domain has a guest agent channel: `domfsfreeze` before `backup-begin`,
 //!   `domfsthaw` right after, whatever happened; a freeze that fails is
-//!   thawed, said in a warning, and the point is crash-consistent;
+//!   thawed, said in a warning, and the point is crash-consistent. A thaw
+//!   is retried for about 2 s; a guest that still does not thaw fails the
+//!   run with the `virsh domfsthaw` command to run (it may be frozen);
 //! - the job itself, ended with `domjobabort` by [`PullBackup::end`] or,
-//!   failing that, when the value is dropped.
+//!   failing that, when the value is dropped; a `backup-begin` that failed
+//!   or timed out yet started the job (its socket is in the folder) is
+//!   ended at once.
 //!
-//! A run killed before its end leaves the job running: the next run finds
-//! it by its socket's folder name and ends it when the coffre process
-//! that started it is gone ([`clean_stale_job`]).
+//! A run killed before its end leaves the job running: the next run,
+//! holding the domain's lock ([`super::lock`]), finds it by its socket's
+//! folder name and ends it ([`clean_stale_job`]).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use jiff::Timestamp;
 
 use super::domain::Domain;
+use super::lock::DomainLock;
+use super::workdir;
 use super::xml::{self, DiskRequest, DomainXml, Export};
 use crate::error::{Result, SnapError};
-
-/// The prefix of the folder a pull backup's socket lives in.
-pub const WORK_PREFIX: &str = "coffre-libvirt-";
 
 /// Longest Unix socket path (`sun_path` holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -59,7 +62,10 @@ impl Consistency {
 #[derive(Debug)]
 pub struct PullBackup {
     domain: Domain,
+    /// The backup's folder ([`workdir`]).
     dir: PathBuf,
+    /// The disks backed up (their scratch files' names).
+    targets: Vec<String>,
     /// The NBD server's socket.
     pub socket: PathBuf,
     /// The exported disks.
@@ -74,54 +80,6 @@ pub struct PullBackup {
     /// the freeze call to the thaw's answer.
     pub freeze_ms: Option<u64>,
     ended: bool,
-}
-
-/// A new private folder under the temporary directory, named after this
-/// process (so a later run can tell whether its owner still lives).
-fn work_dir() -> Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let tmp = std::env::temp_dir();
-    let mut last = None;
-    for attempt in 0..16u64 {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let tag = blake3::hash(format!("{seed}-{}-{attempt}", std::process::id()).as_bytes());
-        let dir = tmp.join(format!(
-            "{WORK_PREFIX}{}-{}",
-            std::process::id(),
-            &tag.to_hex()[..16]
-        ));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(SnapError::write(
-        tmp,
-        last.unwrap_or_else(|| std::io::Error::other("no attempt")),
-    ))
-}
-
-/// The pid a work folder's name carries (`coffre-libvirt-PID-16 hex`).
-fn owner_pid(dir: &Path) -> Option<u32> {
-    let name = dir.file_name()?.to_str()?;
-    let rest = name.strip_prefix(WORK_PREFIX)?;
-    let (pid, tag) = rest.split_once('-')?;
-    if tag.len() != 16 || !tag.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    pid.parse().ok()
-}
-
-/// True when `pid` is another live coffre process.
-fn coffre_alive(pid: u32) -> bool {
-    if pid == std::process::id() {
-        // This process ends its own jobs before it starts another.
-        return false;
-    }
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .is_ok_and(|comm| comm.trim_end().starts_with("coffre"))
 }
 
 impl PullBackup {
@@ -139,11 +97,13 @@ impl PullBackup {
             domain: domain.name.clone(),
             reason,
         };
-        let dir = work_dir()?;
+        let dir = workdir::create(&std::env::temp_dir(), live.qemu_user)?;
+        let qemu_dir = dir.join(workdir::QEMU_DIR);
         let mut backup = PullBackup {
             domain: domain.clone(),
-            socket: dir.join("nbd.sock"),
+            socket: qemu_dir.join(workdir::SOCKET),
             dir,
+            targets: disks.iter().map(|d| d.target.clone()).collect(),
             exports: Vec::new(),
             instant: Timestamp::now(),
             consistency: Consistency::Crash,
@@ -158,32 +118,25 @@ impl PullBackup {
                 backup.socket.display()
             )));
         }
-        let request = backup.dir.join("backup.xml");
-        std::fs::write(
-            &request,
-            xml::backup_request(&backup.socket, &backup.dir, disks),
-        )
-        .map_err(|e| SnapError::write(&request, e))?;
+        // The requests are coffre's, in the folder QEMU's user cannot
+        // change; the socket and the scratch files are QEMU's, in its own
+        // subfolder.
+        let request = workdir::write_request(
+            &backup.dir,
+            "backup.xml",
+            &xml::backup_request(&backup.socket, &qemu_dir, disks),
+        )?;
         let checkpoint_file = match checkpoint {
             Some((name, description)) => {
                 xml::check_checkpoint_name(name).map_err(&fail)?;
-                let f = backup.dir.join("checkpoint.xml");
-                std::fs::write(&f, xml::checkpoint_request(name, description, disks))
-                    .map_err(|e| SnapError::write(&f, e))?;
-                Some(f)
+                Some(workdir::write_request(
+                    &backup.dir,
+                    "checkpoint.xml",
+                    &xml::checkpoint_request(name, description, disks),
+                )?)
             }
             None => None,
         };
-        // QEMU creates the socket and the scratch files: it needs the
-        // folder. Root hands it to the user QEMU runs as (libvirt's DAC
-        // label), and to nobody else.
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0
-            && let Some((uid, gid)) = live.qemu_user
-        {
-            std::os::unix::fs::chown(&backup.dir, Some(uid), Some(gid))
-                .map_err(|e| SnapError::write(&backup.dir, e))?;
-        }
 
         let freezing = std::time::Instant::now();
         let frozen = match &live.agent {
@@ -192,8 +145,12 @@ impl PullBackup {
                 Ok(()) => true,
                 Err(e) => {
                     // A freeze that failed half-way may have frozen some
-                    // filesystems: thaw whatever it did.
-                    let _ = domain.thaw();
+                    // filesystems: thaw whatever it did, or fail, since the
+                    // guest may be stuck. An agent that was never reached
+                    // froze nothing.
+                    if !agent_unreachable(&e.to_string()) {
+                        thaw_or_fail(domain)?;
+                    }
                     backup.warnings.push(format!(
                         "the guest's filesystems could not be frozen ({e}); the point is crash-consistent"
                     ));
@@ -203,20 +160,39 @@ impl PullBackup {
         };
         backup.instant = Timestamp::now();
         let begun = domain.backup_begin(&request, checkpoint_file.as_deref());
-        if frozen {
-            let thawed = domain.thaw().or_else(|_| domain.thaw());
+        // The guest is thawed first, whatever backup-begin did.
+        let thawed = if frozen {
+            let thawed = thaw_or_fail(domain);
             backup.freeze_ms =
                 Some(u64::try_from(freezing.elapsed().as_millis()).unwrap_or(u64::MAX));
-            match thawed {
-                Ok(_) => backup.consistency = Consistency::Filesystem,
-                Err(e) => backup.warnings.push(format!(
-                    "the guest's filesystems may still be frozen ({e}): run `virsh domfsthaw {}`",
-                    domain.name
-                )),
+            thawed
+        } else {
+            Ok(())
+        };
+        if let Err(e) = begun {
+            // A call that failed or timed out may still have started the
+            // job (libvirt acted, the answer was lost): ended here, not
+            // left to the next run.
+            let e = match (backup.end_begun_anyway(), e) {
+                (Some(said), SnapError::Libvirt { domain, reason }) => SnapError::Libvirt {
+                    domain,
+                    reason: format!("{reason}; {said}"),
+                },
+                (_, e) => e,
+            };
+            if let Err(frozen) = thawed {
+                tracing::warn!(domain = %domain.name, error = %e, "backup-begin failed");
+                return Err(frozen);
             }
+            return Err(e);
         }
-        begun?;
+        // Ended when dropped, from here on (with the error of a guest that
+        // may still be frozen).
         backup.ended = false;
+        thawed?;
+        if frozen {
+            backup.consistency = Consistency::Filesystem;
+        }
         let job = domain
             .backup_job()?
             .ok_or_else(|| fail("backup-begin succeeded but libvirt shows no backup job".into()))?;
@@ -249,6 +225,31 @@ impl PullBackup {
         Ok(backup)
     }
 
+    /// Ends the job a failed `backup-begin` started all the same: the
+    /// domain's backup job whose socket is in this backup's folder. Says
+    /// what it did, if anything.
+    fn end_begun_anyway(&self) -> Option<String> {
+        let job = match self.domain.backup_job() {
+            Ok(Some(job)) => job,
+            Ok(None) => return None,
+            Err(e) => {
+                return Some(format!(
+                    "whether libvirt started the backup job anyway is unknown ({e})"
+                ));
+            }
+        };
+        let folder = self.socket.parent();
+        if job.socket.as_deref().and_then(Path::parent) != folder {
+            return None;
+        }
+        Some(match self.domain.abort_job() {
+            Ok(()) => "libvirt had started the backup job anyway: it was ended".into(),
+            Err(e) => format!(
+                "libvirt started the backup job anyway and it could not be ended ({e}); the next run ends it"
+            ),
+        })
+    }
+
     /// The export of disk `target`.
     pub fn export(&self, target: &str) -> Option<&Export> {
         self.exports.iter().find(|e| e.target == target)
@@ -278,7 +279,9 @@ impl PullBackup {
             self.ended = true;
             self.domain.abort_job()
         };
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Err(why) = workdir::remove(&self.dir, &std::env::temp_dir(), &self.targets) {
+            tracing::warn!(domain = %self.domain.name, "the backup's folder was not removed: {why}");
+        }
         ended
     }
 }
@@ -289,6 +292,55 @@ impl Drop for PullBackup {
             tracing::warn!(domain = %self.domain.name, error = %e, "cannot end the backup job");
         }
     }
+}
+
+/// The pauses before each attempt to thaw the guest: 5 attempts over
+/// about 2 s.
+const THAW_PAUSES: [Duration; 5] = [
+    Duration::ZERO,
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_millis(500),
+    Duration::from_millis(750),
+];
+
+/// True when virsh's error says the guest agent was not reached at all
+/// (`QEMU guest agent is not connected`): such a freeze froze nothing.
+fn agent_unreachable(error: &str) -> bool {
+    error.contains("guest agent is not connected")
+}
+
+/// Calls `thaw` until it succeeds, after each pause of `pauses` in turn;
+/// when every attempt failed, how many there were and the last error.
+fn retry<E>(
+    pauses: &[Duration],
+    mut thaw: impl FnMut() -> std::result::Result<(), E>,
+) -> std::result::Result<(), (usize, E)> {
+    let mut last = None;
+    for (n, pause) in pauses.iter().enumerate() {
+        std::thread::sleep(*pause);
+        match thaw() {
+            Ok(()) => return Ok(()),
+            Err(e) => last = Some((n + 1, e)),
+        }
+    }
+    last.map_or(Ok(()), Err)
+}
+
+/// The error of a guest that could not be thawed.
+fn still_frozen(domain: &Domain, attempts: usize, last: &dyn std::fmt::Display) -> SnapError {
+    SnapError::GuestMayBeFrozen {
+        domain: domain.name.clone(),
+        connect: domain.connect.clone(),
+        attempts,
+        last: last.to_string(),
+    }
+}
+
+/// Thaws the guest, retrying for about 2 s ([`THAW_PAUSES`]); an error
+/// when every attempt failed: the guest may be frozen.
+fn thaw_or_fail(domain: &Domain) -> Result<()> {
+    retry(&THAW_PAUSES, || domain.thaw().map(|_| ())).map_err(|(n, e)| still_frozen(domain, n, &e))
 }
 
 /// Thaws a guest a killed coffre run may have left frozen (killed between
@@ -313,10 +365,13 @@ pub fn thaw_leftover(domain: &Domain, live: &DomainXml) -> Option<String> {
     }
 }
 
-/// Ends the backup job a killed coffre run left on `domain`. Returns what it did (nothing when there
-/// is no job). A job coffre did not start, or one a live coffre process
-/// runs, is left alone and is an error: libvirt runs one job at a time.
-pub fn clean_stale_job(domain: &Domain) -> Result<Option<String>> {
+/// Ends the backup job a killed coffre run left on `domain`. Returns what
+/// it did (nothing when there is no job). The caller holds the domain's
+/// lock, so no other coffre run of this host is backing it up: a job of
+/// coffre's (its socket in a folder named after a coffre run) is stale. A
+/// job coffre did not start is left alone and is an error: libvirt runs
+/// one job at a time.
+pub fn clean_stale_job(domain: &Domain, _held: &DomainLock) -> Result<Option<String>> {
     let Some(job) = domain.backup_job()? else {
         return Ok(None);
     };
@@ -324,8 +379,7 @@ pub fn clean_stale_job(domain: &Domain) -> Result<Option<String>> {
         domain: domain.name.clone(),
         reason,
     };
-    let folder = job.socket.as_deref().and_then(Path::parent);
-    let Some((folder, pid)) = folder.and_then(|f| owner_pid(f).map(|p| (f, p))) else {
+    let Some((folder, pid)) = job.socket.as_deref().and_then(workdir::outer_of) else {
         return Err(fail(format!(
             "it runs a backup job coffre did not start (NBD socket {}); coffre leaves it alone. End it with `virsh domjobabort {}` if nothing uses it",
             job.socket
@@ -334,26 +388,22 @@ pub fn clean_stale_job(domain: &Domain) -> Result<Option<String>> {
             domain.name
         )));
     };
-    if coffre_alive(pid) {
-        return Err(fail(format!(
-            "another coffre process (pid {pid}) is backing it up; try again when it is done"
-        )));
-    }
     domain.abort_job()?;
     // libvirt deleted the socket and the scratch files; the request files
-    // are coffre's. Only the folder's known files are removed, then the
-    // folder if empty: nothing else under that path is touched.
-    for f in ["backup.xml", "checkpoint.xml", "nbd.sock"] {
-        let _ = std::fs::remove_file(folder.join(f));
-    }
-    for e in &job.exports {
-        let _ = std::fs::remove_file(folder.join(format!("{}.scratch", e.target)));
-    }
-    let _ = std::fs::remove_dir(folder);
-    Ok(Some(format!(
+    // are coffre's. The folder is removed only if it is one of coffre's,
+    // where QEMU's user can change nothing but its subfolder, and only
+    // the names coffre and libvirt put there.
+    let targets: Vec<String> = job.exports.iter().map(|e| e.target.clone()).collect();
+    let done = format!(
         "ended the backup job a killed coffre run (pid {pid}) left on domain {}",
         domain.name
-    )))
+    );
+    Ok(Some(
+        match workdir::remove(&folder, &std::env::temp_dir(), &targets) {
+            Ok(()) => done,
+            Err(why) => format!("{done}; its folder was left alone: {why}"),
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -361,21 +411,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn work_folders_carry_their_owner() {
-        let d = work_dir().unwrap();
-        assert_eq!(owner_pid(&d), Some(std::process::id()));
-        assert!(!coffre_alive(std::process::id()));
-        std::fs::remove_dir(&d).unwrap();
-        for bad in [
-            "/tmp/coffre-libvirt-12-abc",
-            "/tmp/coffre-libvirt-x-0123456789abcdef",
-            "/tmp/other-12-0123456789abcdef",
-        ] {
-            assert_eq!(owner_pid(Path::new(bad)), None, "{bad}");
-        }
-        assert_eq!(
-            owner_pid(Path::new("/tmp/coffre-libvirt-12-0123456789abcdef")),
-            Some(12)
+    fn libvirt_thaw_is_retried_then_fails_saying_the_guest_may_be_frozen() {
+        let pauses = [Duration::from_millis(1); 5];
+        let mut calls = 0;
+        let r: std::result::Result<(), (usize, &str)> = retry(&pauses, || {
+            calls += 1;
+            if calls < 3 { Err("busy") } else { Ok(()) }
+        });
+        assert_eq!((r, calls), (Ok(()), 3));
+        let mut calls = 0;
+        let r = retry(&pauses, || {
+            calls += 1;
+            Err(format!("no {calls}"))
+        });
+        assert_eq!(r, Err((5, "no 5".to_string())));
+        let total: Duration = THAW_PAUSES.iter().sum();
+        assert!(
+            (Duration::from_millis(1500)..=Duration::from_millis(2500)).contains(&total),
+            "{total:?}"
         );
+        let d = Domain {
+            connect: "qemu:///system".into(),
+            name: "web1".into(),
+        };
+        let e = still_frozen(&d, 5, &"Guest agent is not responding").to_string();
+        assert!(e.contains("may still be frozen"), "{e}");
+        assert!(
+            e.contains("`virsh --connect qemu:///system domfsthaw web1`"),
+            "{e}"
+        );
+        // What libvirt 9.0 says of a channel no agent answers.
+        assert!(agent_unreachable(
+            "libvirt domain x: virsh domfsfreeze: Unable to freeze filesystems; Guest agent is not responding: QEMU guest agent is not connected"
+        ));
+        assert!(!agent_unreachable(
+            "virsh domfsfreeze: Guest agent is not responding: Guest agent not available for now"
+        ));
     }
 }

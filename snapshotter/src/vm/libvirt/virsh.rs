@@ -1,9 +1,13 @@
-//! Running `virsh`: one process per call, no shell, a timeout after which
-//! it is killed, and bounded output. What it prints is untrusted: the
+//! Running `virsh`: one process per call, no shell, in a process group of
+//! its own killed whole after a timeout (with the `ssh` a remote URI
+//! starts), its output awaited for a short grace period at most, and
+//! bounded. What it prints is untrusted: the
 //! caller parses it; an error is `virsh`'s own message, cut short.
 
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The program run (`virsh`, from `PATH`).
@@ -43,6 +47,14 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// How long the output of a `virsh` that exited is still awaited while a
+/// process it started holds the pipes open.
+const EXITED_GRACE: Duration = Duration::from_secs(1);
+
+/// How long the output is still awaited after the call's process group
+/// was killed (a process that left the group may hold the pipes).
+const KILLED_GRACE: Duration = Duration::from_millis(500);
+
 /// Runs `virsh --connect CONNECT ARGS…` (no `--connect` when `connect` is
 /// `None`: libvirt's default), and returns its standard output.
 pub fn run(connect: Option<&str>, args: &[&str], timeout: Duration) -> Result<String, Failure> {
@@ -52,55 +64,90 @@ pub fn run(connect: Option<&str>, args: &[&str], timeout: Duration) -> Result<St
     }
     // `--quiet` drops virsh's chatter ("Domain backup started"); `LC_ALL=C`
     // keeps its messages in English for the callers that read them.
-    cmd.arg("--quiet")
-        .args(args)
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
+    cmd.arg("--quiet").args(args).env("LC_ALL", "C");
+    run_command(cmd, timeout)
+}
+
+/// Reads all of `pipe` (the first `limit` bytes kept, the rest read and
+/// dropped, so that the writer never blocks on a full pipe) in a thread
+/// of its own; the bytes arrive on the channel at the pipe's end.
+fn drain(pipe: Option<impl Read + Send + 'static>, limit: u64) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    match pipe {
+        Some(p) => {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut limited = p.take(limit);
+                let _ = limited.read_to_end(&mut buf);
+                let _ = std::io::copy(&mut limited.into_inner(), &mut std::io::sink());
+                let _ = tx.send(buf);
+            });
+        }
+        None => {
+            let _ = tx.send(Vec::new());
+        }
+    }
+    rx
+}
+
+/// Kills the call's whole process group (virsh is its leader, not yet
+/// reaped, so the group id is still its own: an `ssh` it started dies with
+/// it) and reaps virsh.
+fn kill_group(child: &mut Child) {
+    if let Ok(pgid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: killpg has no memory preconditions; the group is the
+        // child's, which exists until the child is reaped below.
+        unsafe {
+            libc::killpg(pgid, libc::SIGKILL);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Runs `cmd` in a process group of its own, killed whole after
+/// `timeout`; its output is awaited a little longer (a process that left
+/// the group may hold the pipes), never past a grace period.
+fn run_command(mut cmd: Command, timeout: Duration) -> Result<String, Failure> {
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        .process_group(0);
     let mut child = cmd.spawn().map_err(|e| Failure::Missing(e.to_string()))?;
-    let out = child.stdout.take().map(|o| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let mut limited = o.take(MAX_STDOUT);
-            let _ = limited.read_to_end(&mut buf);
-            // Whatever is past the limit is read and dropped, so that
-            // virsh never blocks on a full pipe.
-            let _ = std::io::copy(&mut limited.into_inner(), &mut std::io::sink());
-            buf
-        })
-    });
-    let err = child.stderr.take().map(|e| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let mut limited = e.take(64 << 10);
-            let _ = limited.read_to_end(&mut buf);
-            let _ = std::io::copy(&mut limited.into_inner(), &mut std::io::sink());
-            buf
-        })
-    });
+    let out = drain(child.stdout.take(), MAX_STDOUT);
+    let err = drain(child.stderr.take(), 64 << 10);
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
             Ok(Some(s)) => break Some(s),
             Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
+                kill_group(&mut child);
                 break None;
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(10)),
             Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                kill_group(&mut child);
                 return Err(Failure::Refused(format!("cannot wait for virsh: {e}")));
             }
         }
     };
-    let stdout = out.and_then(|t| t.join().ok()).unwrap_or_default();
-    let stderr = err.and_then(|t| t.join().ok()).unwrap_or_default();
+    let grace = Instant::now()
+        + if status.is_some() {
+            EXITED_GRACE
+        } else {
+            KILLED_GRACE
+        };
+    let wait = || grace.saturating_duration_since(Instant::now());
+    let stdout = out.recv_timeout(wait()).ok();
+    let stderr = err.recv_timeout(wait()).ok().unwrap_or_default();
     match status {
         None => Err(Failure::TimedOut(timeout)),
-        Some(s) if s.success() => Ok(String::from_utf8_lossy(&stdout).into_owned()),
+        Some(s) if s.success() => match stdout {
+            Some(o) => Ok(String::from_utf8_lossy(&o).into_owned()),
+            None => Err(Failure::Refused(
+                "virsh exited but a process it started still holds its output open".into(),
+            )),
+        },
         Some(s) => Err(Failure::Refused(message(&stderr, &s.to_string()))),
     }
 }
@@ -131,6 +178,66 @@ fn message(stderr: &[u8], status: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn libvirt_virsh_timeout_ends_the_call_whatever_holds_its_pipes() {
+        // A child of the call holds its pipes: killed with the group.
+        let start = Instant::now();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 30 & sleep 30"]);
+        assert_eq!(
+            run_command(cmd, Duration::from_millis(300)),
+            Err(Failure::TimedOut(Duration::from_millis(300)))
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+
+        // One that left the group (setsid) still holds them: given up on
+        // after the grace period.
+        let start = Instant::now();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "setsid sleep 30 & sleep 30"]);
+        assert_eq!(
+            run_command(cmd, Duration::from_millis(300)),
+            Err(Failure::TimedOut(Duration::from_millis(300)))
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+
+        // A call that exited but left such a process: its output is not
+        // taken for complete.
+        let start = Instant::now();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo hi; setsid sleep 30 &"]);
+        assert!(matches!(
+            run_command(cmd, Duration::from_secs(10)),
+            Err(Failure::Refused(m)) if m.contains("still holds its output")
+        ));
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo out; echo 'error: nope' >&2; exit 3"]);
+        assert_eq!(
+            run_command(cmd, Duration::from_secs(10)),
+            Err(Failure::Refused("nope".into()))
+        );
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo out"]);
+        assert_eq!(
+            run_command(cmd, Duration::from_secs(10)),
+            Ok("out\n".into())
+        );
+    }
 
     #[test]
     fn messages_lose_their_prefix_and_are_bounded() {

@@ -2,7 +2,8 @@
 //! generates (every value escaped), and what coffre reads back from
 //! `virsh` (a domain's disks, the user its QEMU runs as and whether it has
 //! a guest agent channel; a running backup job's socket and exports; the
-//! disks a checkpoint keeps a bitmap of).
+//! disks a checkpoint keeps a bitmap of, and the image each of them was
+//! when the checkpoint was created).
 //!
 //! What libvirt prints is untrusted: it is parsed with a real XML parser
 //! into a small bounded tree ([`parse`]: size, depth and element count
@@ -163,6 +164,11 @@ pub struct Disk {
     pub kind: String,
     /// The image file or block device, for `file` and `block` disks.
     pub source: Option<PathBuf>,
+    /// What the disk is an image of, to tell two apart: the file or
+    /// device path, `network PROTOCOL NAME` or `volume POOL/VOLUME`
+    /// (`None` when the XML does not say, or says it with control
+    /// characters or at more than 4096 bytes).
+    pub identity: Option<String>,
     /// QEMU's device id (`virtio-disk0`), on a running domain.
     pub alias: Option<String>,
     /// The disk is read-only (`<readonly/>`).
@@ -182,6 +188,9 @@ impl Disk {
 pub struct DomainXml {
     /// The domain's name.
     pub name: String,
+    /// Its UUID (lower-case, `8-4-4-4-12` hex digits), when the XML has a
+    /// well-formed one.
+    pub uuid: Option<String>,
     /// Its disks (`device='disk'` only: no CD-ROM, floppy or LUN).
     pub disks: Vec<Disk>,
     /// The user and group QEMU runs as (the DAC label `+UID:+GID` of a
@@ -197,7 +206,12 @@ pub const AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
 
 /// Reads a domain's XML.
 pub fn domain(text: &str) -> Result<DomainXml, String> {
-    let root = parse(text)?;
+    domain_of(&parse(text)?)
+}
+
+/// Reads a `<domain>` element (a whole document's root, or the domain a
+/// checkpoint records).
+fn domain_of(root: &Node) -> Result<DomainXml, String> {
     if root.name != "domain" {
         return Err(format!("expected a <domain>, got <{}>", root.name));
     }
@@ -230,6 +244,22 @@ pub fn domain(text: &str) -> Result<DomainXml, String> {
                 Some(p) => Some(check_path(p)?),
                 None => None,
             };
+            let identity = match (&source, d.child("source")) {
+                (Some(p), _) => Some(p.to_string_lossy().into_owned()),
+                (None, Some(s)) => match kind.as_str() {
+                    "network" => s
+                        .attr("protocol")
+                        .zip(s.attr("name"))
+                        .map(|(p, n)| format!("network {p} {n}")),
+                    "volume" => s
+                        .attr("pool")
+                        .zip(s.attr("volume"))
+                        .map(|(p, v)| format!("volume {p}/{v}")),
+                    _ => None,
+                },
+                (None, None) => None,
+            }
+            .filter(|i| i.len() <= 4096 && !i.chars().any(char::is_control));
             disks.push(Disk {
                 target: target.to_string(),
                 format: d
@@ -238,6 +268,7 @@ pub fn domain(text: &str) -> Result<DomainXml, String> {
                     .map(str::to_string),
                 kind,
                 source,
+                identity,
                 alias: d
                     .child("alias")
                     .and_then(|a| a.attr("name"))
@@ -258,12 +289,27 @@ pub fn domain(text: &str) -> Result<DomainXml, String> {
         .find(|s| s.attr("model") == Some("dac"))
         .and_then(|s| s.child("label"))
         .and_then(|l| dac_label(&l.text));
+    let uuid = root
+        .child("uuid")
+        .map(|u| u.text.to_ascii_lowercase())
+        .filter(|u| is_uuid(u));
     Ok(DomainXml {
         name,
+        uuid,
         disks,
         qemu_user,
         agent,
     })
+}
+
+/// True for a UUID in its usual form: 36 characters, hex digits and `-`
+/// at 8, 13, 18 and 23.
+fn is_uuid(u: &str) -> bool {
+    u.len() == 36
+        && u.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
 }
 
 /// Reads a DAC label `+UID:+GID` (or `UID:GID`); names are not resolved.
@@ -386,9 +432,37 @@ pub fn backup_job(text: &str) -> Result<BackupJob, String> {
     })
 }
 
-/// The disks a checkpoint keeps a dirty bitmap of
-/// (`virsh checkpoint-dumpxml --no-domain`).
-pub fn checkpoint_disks(text: &str) -> Result<Vec<String>, String> {
+/// What coffre reads of a checkpoint (`virsh checkpoint-dumpxml`, with
+/// the domain it records).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Its name.
+    pub name: String,
+    /// The disks it keeps a dirty bitmap of.
+    pub bitmaps: Vec<String>,
+    /// The domain as it was when the checkpoint was created (libvirt
+    /// records it; `None` when the XML holds none, as with
+    /// `--no-domain` or a checkpoint redefined without it).
+    pub domain: Option<DomainXml>,
+}
+
+impl Checkpoint {
+    /// What disk `target` was an image of when the checkpoint was created
+    /// ([`Disk::identity`]), when the checkpoint says.
+    pub fn identity_of(&self, target: &str) -> Option<&str> {
+        self.domain
+            .as_ref()?
+            .disks
+            .iter()
+            .find(|d| d.target == target)?
+            .identity
+            .as_deref()
+    }
+}
+
+/// Reads a checkpoint's XML: the disks it keeps a bitmap of, and the
+/// domain it records.
+pub fn checkpoint(text: &str) -> Result<Checkpoint, String> {
     let root = parse(text)?;
     if root.name != "domaincheckpoint" {
         return Err(format!(
@@ -396,7 +470,11 @@ pub fn checkpoint_disks(text: &str) -> Result<Vec<String>, String> {
             root.name
         ));
     }
-    let mut out = Vec::new();
+    let name = root
+        .child("name")
+        .map(|n| n.text.clone())
+        .ok_or("the checkpoint XML has no <name>")?;
+    let mut bitmaps = Vec::new();
     if let Some(disks) = root.child("disks") {
         for d in disks.all("disk") {
             if d.attr("checkpoint") != Some("bitmap") {
@@ -404,10 +482,18 @@ pub fn checkpoint_disks(text: &str) -> Result<Vec<String>, String> {
             }
             let target = d.attr("name").ok_or("a checkpoint <disk> has no name")?;
             super::check_target(target)?;
-            out.push(target.to_string());
+            bitmaps.push(target.to_string());
         }
     }
-    Ok(out)
+    let domain = match root.child("domain") {
+        Some(d) => Some(domain_of(d).map_err(|e| format!("the domain it records: {e}"))?),
+        None => None,
+    };
+    Ok(Checkpoint {
+        name,
+        bitmaps,
+        domain,
+    })
 }
 
 /// One disk of a backup request.
@@ -467,7 +553,8 @@ pub fn checkpoint_request(name: &str, description: &str, disks: &[DiskRequest]) 
 }
 
 /// Fuzz entry point: reads arbitrary bytes (when UTF-8) as each XML
-/// libvirt sends coffre (a domain, a backup job, a checkpoint); never
+/// libvirt sends coffre (a domain, a backup job, a checkpoint with the
+/// domain it records); never
 /// panics. Returns how many of the three readers accepted them.
 pub fn fuzz_entry(data: &[u8]) -> usize {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -480,7 +567,16 @@ pub fn fuzz_entry(data: &[u8]) -> usize {
         }
     });
     let b = backup_job(text);
-    let c = checkpoint_disks(text);
+    let c = checkpoint(text).inspect(|c| {
+        for t in &c.bitmaps {
+            assert!(super::check_target(t).is_ok(), "{t:?}");
+        }
+        if let Some(d) = &c.domain {
+            for disk in &d.disks {
+                assert!(disk.identity.as_ref().is_none_or(|i| i.len() <= 4096));
+            }
+        }
+    });
     usize::from(d.is_ok()) + usize::from(b.is_ok()) + usize::from(c.is_ok())
 }
 
@@ -534,6 +630,18 @@ mod tests {
         );
         assert!(d.disks[1].can_checkpoint());
         assert_eq!(d.qemu_user, Some((64055, 107)));
+        assert_eq!(d.uuid, None);
+        let u = domain(&LIVE.replace(
+            "</name>",
+            "</name><uuid>341684DD-8397-44b2-8de7-2c99e058d012</uuid>",
+        ))
+        .unwrap();
+        assert_eq!(
+            u.uuid.as_deref(),
+            Some("341684dd-8397-44b2-8de7-2c99e058d012")
+        );
+        let bad = domain(&LIVE.replace("</name>", "</name><uuid>../../x</uuid>")).unwrap();
+        assert_eq!(bad.uuid, None);
         assert_eq!(d.agent, Some(Some("disconnected".into())));
     }
 
@@ -575,12 +683,44 @@ mod tests {
             )
             .is_err()
         );
-        let c = checkpoint_disks(
+        let c = checkpoint(
             "<domaincheckpoint><name>coffre-1</name><disks><disk name='vda' checkpoint='no'/>\
              <disk name='vdb' checkpoint='bitmap' bitmap='coffre-1'/></disks></domaincheckpoint>",
         )
         .unwrap();
-        assert_eq!(c, vec!["vdb".to_string()]);
+        assert_eq!(c.name, "coffre-1");
+        assert_eq!(c.bitmaps, vec!["vdb".to_string()]);
+        assert_eq!(c.domain, None, "--no-domain: no record of the images");
+        assert_eq!(c.identity_of("vdb"), None);
+        let with = format!(
+            "<domaincheckpoint><name>coffre-1</name><disks>\
+             <disk name='vda' checkpoint='bitmap'/><disk name='vdb' checkpoint='bitmap'/></disks>{}\
+             </domaincheckpoint>",
+            LIVE.replace("id='2'", "")
+        );
+        let c = checkpoint(&with).unwrap();
+        assert_eq!(c.bitmaps, vec!["vda".to_string(), "vdb".to_string()]);
+        assert_eq!(c.identity_of("vda"), Some("/tmp/lv/a.raw"));
+        assert_eq!(c.identity_of("vdb"), Some("/tmp/lv/b & c.qcow2"));
+        assert_eq!(c.identity_of("vdc"), None);
+        assert!(
+            checkpoint(&with.replace("dev='vdb'", "dev='../b'")).is_err(),
+            "the recorded domain is checked like a live one"
+        );
+        let net = domain(
+            "<domain><name>n</name><devices>\
+             <disk type='network' device='disk'><source protocol='rbd' name='pool/img'/><target dev='vda'/></disk>\
+             <disk type='volume' device='disk'><source pool='p' volume='v'/><target dev='vdb'/></disk>\
+             <disk type='network' device='disk'><source protocol='nbd' name='a&#10;b'/><target dev='vdc'/></disk>\
+             </devices></domain>",
+        )
+        .unwrap();
+        assert_eq!(
+            net.disks[0].identity.as_deref(),
+            Some("network rbd pool/img")
+        );
+        assert_eq!(net.disks[1].identity.as_deref(), Some("volume p/v"));
+        assert_eq!(net.disks[2].identity, None, "no control characters");
         check_checkpoint_name("coffre-20260101t000000-0a1b2c3d").unwrap();
         for bad in ["coffre-", "other-1", "coffre-A", "coffre-a/b", "coffre-a b"] {
             assert!(check_checkpoint_name(bad).is_err(), "{bad}");
@@ -619,7 +759,7 @@ mod tests {
             Some("/tmp/a'b/vdb.scratch")
         );
         let c = checkpoint_request("coffre-2", "job <x> & y", &disks);
-        assert_eq!(checkpoint_disks(&c).unwrap(), vec!["vdb".to_string()]);
+        assert_eq!(checkpoint(&c).unwrap().bitmaps, vec!["vdb".to_string()]);
         assert_eq!(
             parse(&c).unwrap().child("description").unwrap().text,
             "job <x> & y"
