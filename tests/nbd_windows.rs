@@ -1,7 +1,7 @@
 //! A full backup through QEMU's fleecing export reads the same bytes as
 //! the disk file: the NBD client reuses its window buffers (a window's
 //! holes must read as zeros, never as an earlier window's data) and
-//! splits each window into pipelined requests, so the disk is laid out
+//! splits each window into pipelined read requests, so the disk is laid out
 //! to catch what a reused buffer or a split could get wrong: data that
 //! crosses a window boundary and a request boundary, a hole where the
 //! window two before (the same buffer) had data, and a tail shorter than
@@ -25,8 +25,8 @@ const DATA: [(u64, u64); 5] = [
     // Window 0 full; window 1 but a hole at 20..24 MiB.
     (0, 20 * MIB),
     (24 * MIB, 8 * MIB),
-    // Window 2 (its buffer held window 0's data): two islands, one
-    // across a 512 KiB request boundary (33.5 MiB).
+    // Window 2 (its buffer held window 0's data): two islands, the first
+    // not 64 KiB-aligned and longer than one read request.
     (33 * MIB + 4096, 700 * 1024),
     (40 * MIB, MIB),
     // Across the last window boundary into the tail, whose last 4 KiB
