@@ -114,6 +114,7 @@ pub fn unprotect(ctx: &Ctx, dir: &Path, item: &str, delete_data: bool) -> anyhow
         .then(|| {
             coffre_engine::job_record::start(
                 dir,
+                vault.config().keys(),
                 Operation::Delete,
                 Some(item),
                 "soft-delete",

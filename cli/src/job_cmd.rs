@@ -72,10 +72,10 @@ pub fn list(
     since: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
     // Jobs are files; reading the config tells a vault from anything else.
-    coffre_engine::store::VaultConfig::load_with(dir, Some(&*ctx.keys))
+    let config = coffre_engine::store::VaultConfig::load_with(dir, Some(&*ctx.keys))
         .with_context(|| format!("cannot open vault {}", dir.display()))?;
     let since = since.map(|s| parse_since(s, ctx.now())).transpose()?;
-    let store = JobStore::new(dir);
+    let store = JobStore::new(dir, config.keys());
     // A shared vault lists every host's jobs: the others' finished ones
     // come from the store.
     let mut all = store.list()?;
@@ -128,15 +128,19 @@ fn show(ctx: &Ctx, job: &JobRecord) -> anyhow::Result<()> {
     })
 }
 
-/// Unlocks an encrypted vault's keys for its job records (sealed); a
-/// plain vault's records need none.
-fn unlock_jobs(ctx: &Ctx, dir: &std::path::Path) -> anyhow::Result<()> {
+/// The keys of an encrypted vault, which seal its job records; `None`
+/// for a plain vault, whose records need none.
+fn job_keys(
+    ctx: &Ctx,
+    dir: &std::path::Path,
+) -> anyhow::Result<Option<std::sync::Arc<coffre_engine::store::crypto::VaultKeys>>> {
     use coffre_engine::store::format::config::FORMAT_VERSION_SEALED;
-    if coffre_engine::store::VaultConfig::stored_version(dir) >= FORMAT_VERSION_SEALED {
-        coffre_engine::store::VaultConfig::load_with(dir, Some(&*ctx.keys))
-            .with_context(|| format!("cannot open vault {}", dir.display()))?;
+    if coffre_engine::store::VaultConfig::stored_version(dir) < FORMAT_VERSION_SEALED {
+        return Ok(None);
     }
-    Ok(())
+    let config = coffre_engine::store::VaultConfig::load_with(dir, Some(&*ctx.keys))
+        .with_context(|| format!("cannot open vault {}", dir.display()))?;
+    Ok(config.keys().cloned())
 }
 
 /// `coffre job show|wait|cancel`.
@@ -144,17 +148,17 @@ pub fn run(ctx: &Ctx, cmd: JobCommand) -> anyhow::Result<ExitCode> {
     let (JobCommand::Show { vault, .. }
     | JobCommand::Wait { vault, .. }
     | JobCommand::Cancel { vault, .. }) = &cmd;
-    unlock_jobs(ctx, &vault.vault)?;
+    let keys = job_keys(ctx, &vault.vault)?;
     match cmd {
         JobCommand::Show { vault, id } => {
-            let job = JobStore::new(&vault.vault)
+            let job = JobStore::new(&vault.vault, keys.as_ref())
                 .find(&id)
                 .with_context(|| format!("vault {}", vault.vault.display()))?;
             show(ctx, &job)?;
             Ok(ExitCode::SUCCESS)
         }
         JobCommand::Wait { vault, id, timeout } => {
-            let store = JobStore::new(&vault.vault);
+            let store = JobStore::new(&vault.vault, keys.as_ref());
             let started = Instant::now();
             let job = loop {
                 let job = store
@@ -183,7 +187,7 @@ pub fn run(ctx: &Ctx, cmd: JobCommand) -> anyhow::Result<ExitCode> {
             })
         }
         JobCommand::Cancel { vault, id } => {
-            let job = cancel_job(&vault.vault, &id)
+            let job = cancel_job(&vault.vault, keys.as_ref(), &id)
                 .with_context(|| format!("vault {}", vault.vault.display()))?;
             output::emit(ctx.fmt, &job, |j| {
                 format!(

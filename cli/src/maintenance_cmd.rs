@@ -110,9 +110,13 @@ pub fn prune(ctx: &Ctx, dir: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
     let report = if dry_run {
         prune_vault(&vault, &ctx.registry, ctx.now(), true)?
     } else {
-        run_as_job(dir, Operation::Prune, &*ctx.clock, || {
-            prune_vault(&vault, &ctx.registry, ctx.now(), false)
-        })
+        run_as_job(
+            dir,
+            vault.config().keys(),
+            Operation::Prune,
+            &*ctx.clock,
+            || prune_vault(&vault, &ctx.registry, ctx.now(), false),
+        )
         .with_context(|| format!("prune of {} failed", dir.display()))?
     };
     output::emit(ctx.fmt, &report, prune_table)?;
@@ -130,15 +134,23 @@ pub fn gc(ctx: &Ctx, dir: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
         output::emit(ctx.fmt, &plan, plan_table)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let report = run_as_job(dir, Operation::Gc, &*ctx.clock, || gc::run(&vault))
-        .with_context(|| format!("gc of {} failed", dir.display()))?;
+    let report = run_as_job(
+        dir,
+        vault.config().keys(),
+        Operation::Gc,
+        &*ctx.clock,
+        || gc::run(&vault),
+    )
+    .with_context(|| format!("gc of {} failed", dir.display()))?;
     output::emit(ctx.fmt, &report, gc_table)?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `coffre gc` of a shared vault in object storage.
 fn shared_gc(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
-    let report = run_as_job(dir, Operation::Gc, &*ctx.clock, || {
+    let config = coffre_engine::store::VaultConfig::load_with(dir, Some(&*ctx.keys))
+        .with_context(|| format!("cannot open vault {}", dir.display()))?;
+    let report = run_as_job(dir, config.keys(), Operation::Gc, &*ctx.clock, || {
         coffre_engine::vault_ops::shared_gc(dir, ctx.lock_timeout.max(Duration::from_secs(60)))
     })
     .with_context(|| format!("gc of {} failed", dir.display()))?;

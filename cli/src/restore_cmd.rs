@@ -37,8 +37,14 @@ pub fn run(
     let bar = Bar::new("restore");
     // The restore is a job too; recording it is best effort (a vault on
     // read-only media still restores).
-    let mut job =
-        coffre_engine::job_record::start(dir, Operation::Restore, Some(item), "restore", ctx.now());
+    let mut job = coffre_engine::job_record::start(
+        dir,
+        vault.config().keys(),
+        Operation::Restore,
+        Some(item),
+        "restore",
+        ctx.now(),
+    );
     if let Some(j) = job.as_mut() {
         let _ = j.update(ctx.now(), |r| r.point = Some(point.id.clone()));
     }

@@ -89,8 +89,15 @@ fn main() {
         vault_id: "0123456789abcdef".into(),
         vault_name: "prod".into(),
     };
-    let area =
-        Area::for_image(&vault, &owner, Some(&t.join("area")), None, Path::new("/x")).unwrap();
+    let area = Area::for_image(
+        &vault,
+        None,
+        &owner,
+        Some(&t.join("area")),
+        None,
+        Path::new("/x"),
+    )
+    .unwrap();
     let identity = std::fs::read(area.dir().join(AREA_FILE)).unwrap();
     let list = std::fs::read(vault.join(AREA_LIST_FILE)).unwrap();
     std::fs::remove_dir_all(&t).unwrap();

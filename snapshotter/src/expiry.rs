@@ -128,8 +128,13 @@ pub fn scan(
 }
 
 /// Every snapshot of `item` in the areas of the vault `vault_id` at
-/// `vault_dir`, oldest first.
-pub fn snapshots_of(vault_dir: &Path, vault_id: &str, item: &str) -> Vec<SnapInfo> {
+/// `vault_dir` (unlocked with `keys` when it is encrypted), oldest first.
+pub fn snapshots_of(
+    vault_dir: &Path,
+    vault_id: &str,
+    keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
+    item: &str,
+) -> Vec<SnapInfo> {
     let name = match SafeName::new("item", item) {
         Ok(n) => n,
         Err(e) => {
@@ -137,14 +142,14 @@ pub fn snapshots_of(vault_dir: &Path, vault_id: &str, item: &str) -> Vec<SnapInf
             return Vec::new();
         }
     };
-    let keys = match coffre_vault_store::copies::state_files::file_keys(vault_dir) {
+    let keys = match coffre_vault_store::copies::state_files::file_keys(vault_dir, keys) {
         Ok(k) => k,
         Err(e) => {
             tracing::warn!(error = %e, "the vault's snapshots cannot be listed");
             return Vec::new();
         }
     };
-    let mut all: Vec<SnapInfo> = Area::known_of(vault_dir, vault_id)
+    let mut all: Vec<SnapInfo> = Area::known_of(vault_dir, vault_id, keys.as_ref())
         .iter()
         .flat_map(|a| scan(&a.item_dir(&name), keys.as_ref()).0)
         .filter(|s| s.meta.item == item)

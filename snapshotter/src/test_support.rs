@@ -41,6 +41,7 @@ pub fn area_in(dir: &Path) -> (PathBuf, Area) {
     };
     let area = Area::for_image(
         &vault,
+        None,
         &owner,
         Some(&dir.join("area")),
         None,

@@ -15,9 +15,8 @@
 //! The record types and their codec live in [`crate::format::job`] and are
 //! re-exported here. An encrypted vault's records are sealed
 //! ([`crate::format::sealed_file`], bound to `jobs/ID.job`) with the keys
-//! this process unlocked the vault with
-//! ([`crate::copies::state_files::file_keys`]); without them a record is
-//! neither read nor written ([`StoreError::KeyNeeded`]).
+//! the caller unlocked the vault with, passed to [`JobStore::new`]; without
+//! them a record is neither read nor written ([`StoreError::KeyNeeded`]).
 
 use std::path::{Path, PathBuf};
 
@@ -49,8 +48,10 @@ pub struct JobStore {
 }
 
 impl JobStore {
-    /// The store of the vault in `vault_dir`.
-    pub fn new(vault_dir: &Path) -> Self {
+    /// The store of the vault in `vault_dir`, whose records are sealed
+    /// with `keys` when the vault is encrypted (see
+    /// [`crate::copies::state_files::file_keys`]).
+    pub fn new(vault_dir: &Path, keys: Option<&std::sync::Arc<crate::crypto::VaultKeys>>) -> Self {
         JobStore {
             dir: vault_dir.join(JOBS_DIR),
             store: std::sync::Arc::new(LocalStore::new(vault_dir)),
@@ -58,7 +59,7 @@ impl JobStore {
                 .ok()
                 .flatten()
                 .map(|r| (r.url, r.host_tag)),
-            keys: crate::copies::state_files::file_keys(vault_dir)
+            keys: crate::copies::state_files::file_keys(vault_dir, keys)
                 .map_err(|_| vault_dir.to_path_buf()),
         }
     }
@@ -385,7 +386,7 @@ mod tests {
     #[test]
     fn dead_process_marks_the_job_failed() {
         let dir = tempfile::tempdir().unwrap();
-        let store = JobStore::new(dir.path());
+        let store = JobStore::new(dir.path(), None);
         let t: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let mut job = store
             .start(JobRecord::new(

@@ -190,6 +190,7 @@ pub fn take_snapshot(
     };
     let area = Area::for_image(
         vault_dir,
+        cfg.keys(),
         &owner,
         cfg.snapshot_area.as_deref(),
         opts.snapshot_root.as_deref(),

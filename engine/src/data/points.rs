@@ -70,7 +70,12 @@ pub fn list_points(vault: &Vault, item: &str) -> Result<Vec<PointEntry>> {
     if vault.item(item)?.is_none() {
         return Err(EngineError::ItemNotFound { item: item.into() });
     }
-    let mut snaps = snapshots_of(vault.dir(), &vault.config().vault_id, item);
+    let mut snaps = snapshots_of(
+        vault.dir(),
+        &vault.config().vault_id,
+        vault.config().keys(),
+        item,
+    );
     let mut out: Vec<PointEntry> = vault
         .points(item)?
         .into_iter()

@@ -399,7 +399,11 @@ fn name_findings(vault: &Vault) -> Result<Vec<Finding>> {
             }
         }
     }
-    for area in coffre_snapshotter::area::Area::known_of(vault.dir(), &vault.config().vault_id) {
+    for area in coffre_snapshotter::area::Area::known_of(
+        vault.dir(),
+        &vault.config().vault_id,
+        vault.config().keys(),
+    ) {
         let Ok(items) = std::fs::read_dir(area.dir()) else {
             continue;
         };
@@ -1087,6 +1091,7 @@ mod tests {
         let area_dir = dir.path().join("area");
         Area::for_image(
             vault.dir(),
+            vault.config().keys(),
             &owner,
             Some(&area_dir),
             None,

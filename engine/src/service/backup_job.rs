@@ -16,7 +16,9 @@
 //! Phase and job status follow the table in `coffre_vault_store::jobs`.
 
 use std::path::Path;
+use std::sync::Arc;
 
+use coffre_vault_store::crypto::VaultKeys;
 use coffre_vault_store::jobs::{JobRecord, JobStore, Operation, PhaseStatus, RunningJob};
 use coffre_vault_store::store::local::lock::{ItemPhase, NamedLock, item_phase_lock_path};
 use coffre_vault_store::{Access, PointRecord, Vault};
@@ -46,6 +48,19 @@ pub enum Writer<'a> {
     Held(&'a Vault),
     /// Open the vault for writing, waiting up to this long for the lock.
     Open(coffre_vault_store::OpenOptions),
+}
+
+impl Writer<'_> {
+    /// The config of the vault at `vault_dir` the job writes to, unlocked
+    /// (its keys seal the job's record and snapshot files).
+    pub fn config(&self, vault_dir: &Path) -> Result<coffre_vault_store::VaultConfig> {
+        Ok(match self {
+            Writer::Held(v) => v.config().clone(),
+            Writer::Open(o) => {
+                coffre_vault_store::VaultConfig::load_with(vault_dir, o.unlock.as_deref())?
+            }
+        })
+    }
 }
 
 /// Everything a backup job needs besides the image.
@@ -191,7 +206,8 @@ fn run_phases(
     transfer_progress: &dyn Progress,
 ) -> Result<(RunningJob, Option<PointRecord>, Option<EngineError>)> {
     let item = opts.backup.item.clone();
-    let store = JobStore::new(vault_dir);
+    let config = opts.writer.config(vault_dir)?;
+    let store = JobStore::new(vault_dir, config.keys());
     let mut record = JobRecord::new(
         Operation::Backup,
         Some(&item),
@@ -200,12 +216,6 @@ fn run_phases(
     );
     record.stats.extend(opts.labels.clone());
     let mut job = store.start(record)?;
-    let config = match &opts.writer {
-        Writer::Held(v) => v.config().clone(),
-        Writer::Open(o) => {
-            coffre_vault_store::VaultConfig::load_with(vault_dir, o.unlock.as_deref())?
-        }
-    };
 
     // Snapshot phase.
     let snap = match snapshot_phase(
@@ -460,8 +470,8 @@ fn transfer_phase(
 
 /// Asks a running job to cancel. Allowed only while its snapshot phase
 /// runs.
-pub fn cancel_job(vault_dir: &Path, id: &str) -> Result<JobRecord> {
-    let store = JobStore::new(vault_dir);
+pub fn cancel_job(vault_dir: &Path, keys: Option<&Arc<VaultKeys>>, id: &str) -> Result<JobRecord> {
+    let store = JobStore::new(vault_dir, keys);
     let job = store.find(id)?;
     let snapshot_running = job
         .phase(SNAPSHOT)
@@ -486,11 +496,12 @@ pub fn cancel_job(vault_dir: &Path, id: &str) -> Result<JobRecord> {
 /// missing or unreadable), so the failure shows in `coffre jobs`.
 pub fn record_failed_backup(
     vault_dir: &Path,
+    keys: Option<&Arc<VaultKeys>>,
     item: &str,
     error: &EngineError,
     clock: &dyn Clock,
 ) -> Result<JobRecord> {
-    let store = JobStore::new(vault_dir);
+    let store = JobStore::new(vault_dir, keys);
     let mut job = store.start(JobRecord::new(
         Operation::Backup,
         Some(item),

@@ -470,7 +470,11 @@ fn run_disk(
     });
     match ran {
         Ok(outcome) => Ok(outcome),
-        Err(e) => match record_failed_backup(vault_dir, item, &e, clock) {
+        Err(e) => match opts
+            .writer
+            .config(vault_dir)
+            .and_then(|cfg| record_failed_backup(vault_dir, cfg.keys(), item, &e, clock))
+        {
             Ok(job) => Ok(JobOutcome {
                 job,
                 point: None,

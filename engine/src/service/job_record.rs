@@ -64,12 +64,13 @@ impl JobStats for crate::restore::RestoreSummary {
 /// Starts a one-phase job named after its operation (phase `phase`).
 pub fn start(
     vault_dir: &Path,
+    keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
     op: Operation,
     item: Option<&str>,
     phase: &str,
     now: Timestamp,
 ) -> Option<RunningJob> {
-    let mut job = JobStore::new(vault_dir)
+    let mut job = JobStore::new(vault_dir, keys)
         .start(JobRecord::new(op, item, &[phase], now))
         .map_err(|e| tracing::warn!(error = %e, %op, "job not recorded"))
         .ok()?;
@@ -105,12 +106,13 @@ pub fn finish<T: JobStats, E: std::fmt::Display>(
 /// Runs `f` as a one-phase job of `op` on no particular item.
 pub fn run_as_job<T: JobStats, E: std::fmt::Display>(
     vault_dir: &Path,
+    keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
     op: Operation,
     clock: &dyn Clock,
     f: impl FnOnce() -> Result<T, E>,
 ) -> Result<T, E> {
     let phase = op.to_string();
-    let job = start(vault_dir, op, None, &phase, clock.now());
+    let job = start(vault_dir, keys, op, None, &phase, clock.now());
     let r = f();
     finish(job, &phase, clock.now(), &r);
     r
@@ -121,6 +123,7 @@ pub fn run_as_job<T: JobStats, E: std::fmt::Display>(
 /// every minute must not leave thousands of empty records.
 pub fn record_if_work<T: JobStats, E: std::fmt::Display>(
     vault_dir: &Path,
+    keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
     op: Operation,
     started: Timestamp,
     ended: Timestamp,
@@ -131,6 +134,6 @@ pub fn record_if_work<T: JobStats, E: std::fmt::Display>(
         return;
     }
     let phase = op.to_string();
-    let job = start(vault_dir, op, None, &phase, started);
+    let job = start(vault_dir, keys, op, None, &phase, started);
     finish(job, &phase, ended, result);
 }

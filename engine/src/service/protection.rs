@@ -303,13 +303,13 @@ pub struct LastBackup {
 
 /// Builds the view of one item.
 pub fn item_view(vault: &Vault, item: &ItemRecord, now: Timestamp) -> Result<ItemView> {
-    let jobs = JobStore::new(vault.dir()).list()?;
+    let jobs = JobStore::new(vault.dir(), vault.config().keys()).list()?;
     item_view_with(vault, item, &jobs, now)
 }
 
 /// Builds the views of every item (reading the job records once).
 pub fn item_views(vault: &Vault, now: Timestamp) -> Result<Vec<ItemView>> {
-    let jobs = JobStore::new(vault.dir()).list()?;
+    let jobs = JobStore::new(vault.dir(), vault.config().keys()).list()?;
     vault
         .index()
         .items()?
@@ -341,18 +341,26 @@ fn item_view_with(
             }
         }
     }
-    let snaps =
-        coffre_snapshotter::expiry::snapshots_of(vault.dir(), &vault.config().vault_id, &item.name);
+    let cfg = vault.config();
+    let snaps = coffre_snapshotter::expiry::snapshots_of(
+        vault.dir(),
+        &cfg.vault_id,
+        cfg.keys(),
+        &item.name,
+    );
     tiers.snapshot = snaps.len() as u64;
     tiers.snapshot_only = snaps
         .iter()
         .filter(|s| !points.iter().any(|p| p.id == s.meta.point))
         .count() as u64;
-    let snapshot_bytes: u64 =
-        coffre_snapshotter::area::Area::known_of(vault.dir(), &vault.config().vault_id)
-            .iter()
-            .map(|a| a.bytes_used(&item.name))
-            .sum();
+    let snapshot_bytes: u64 = coffre_snapshotter::area::Area::known_of(
+        vault.dir(),
+        &vault.config().vault_id,
+        vault.config().keys(),
+    )
+    .iter()
+    .map(|a| a.bytes_used(&item.name))
+    .sum();
     let last_backup = jobs
         .iter()
         .rfind(|j| j.operation == Operation::Backup && j.item.as_deref() == Some(&item.name))

@@ -169,13 +169,22 @@ pub fn prune(
     if !dry_run {
         for name in &purged {
             // A purge is a delete job of its own, per item.
-            let job = job_record::start(vault.dir(), Operation::Delete, Some(name), "purge", now);
+            let job = job_record::start(
+                vault.dir(),
+                vault.config().keys(),
+                Operation::Delete,
+                Some(name),
+                "purge",
+                now,
+            );
             // A name read from the vault becomes a folder only through the
             // validated type: `/home/x` or `../x` never reaches
             // `remove_dir_all`.
             match SafeName::new("item", name) {
                 Ok(safe) => {
-                    for area in Area::known_of(vault.dir(), &vault.config().vault_id) {
+                    for area in
+                        Area::known_of(vault.dir(), &vault.config().vault_id, vault.config().keys())
+                    {
                         remove_dir(area.item_dir(&safe));
                     }
                 }
@@ -212,9 +221,9 @@ fn expire_snapshots(
     dry_run: bool,
     report: &mut PruneReport,
 ) -> Result<()> {
-    let jobs = JobStore::new(vault.dir());
+    let jobs = JobStore::new(vault.dir(), vault.config().keys());
     let running = |job: &str| jobs.load(job).is_ok_and(|j| !j.status.is_final());
-    let areas = Area::known_of(vault.dir(), &vault.config().vault_id);
+    let areas = Area::known_of(vault.dir(), &vault.config().vault_id, vault.config().keys());
     // Hash-only snapshot files of format-2 vaults hold no data.
     let legacy = vault.dir().join(LEGACY_SNAPSHOTS_DIR);
     if legacy.exists() {
@@ -272,7 +281,7 @@ fn expire_snapshots(
 }
 
 fn expire_jobs(vault: &Vault, now: Timestamp, dry_run: bool) -> Result<u64> {
-    let store = JobStore::new(vault.dir());
+    let store = JobStore::new(vault.dir(), vault.config().keys());
     let cutoff = now
         .checked_sub((JOB_HISTORY_DAYS * 24).hours())
         .unwrap_or(Timestamp::MIN);

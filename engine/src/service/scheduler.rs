@@ -127,7 +127,7 @@ fn failed_run(
         item: item.to_string(),
         reason,
     };
-    let job = record_failed_backup(vault.dir(), item, &e, clock)?;
+    let job = record_failed_backup(vault.dir(), vault.config().keys(), item, &e, clock)?;
     mark_slot(vault, item, slot, opts)?;
     Ok(DueRun {
         item: item.to_string(),
@@ -412,7 +412,13 @@ pub fn run_pass(
             }
             Err(e) => {
                 let e = EngineError::from(e);
-                let job = record_failed_backup(vault.dir(), &item.name, &e, clock)?;
+                let job = record_failed_backup(
+                    vault.dir(),
+                    vault.config().keys(),
+                    &item.name,
+                    &e,
+                    clock,
+                )?;
                 DueRun {
                     item: item.name.clone(),
                     slot,
@@ -444,6 +450,7 @@ pub fn run_pass(
     let pruned = prune(vault, registry, now, false);
     record_if_work(
         vault.dir(),
+        vault.config().keys(),
         Operation::Prune,
         started,
         clock.now(),
@@ -460,6 +467,7 @@ pub fn run_pass(
     };
     record_if_work(
         vault.dir(),
+        vault.config().keys(),
         Operation::Gc,
         started,
         clock.now(),

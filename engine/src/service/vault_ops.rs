@@ -479,7 +479,11 @@ pub fn summarize(vault: &Vault, now: Timestamp) -> Result<VaultSummary> {
     let mut items = Vec::new();
     let mut points_total = 0;
     let mut logical = 0;
-    let areas = coffre_snapshotter::area::Area::known_of(vault.dir(), &vault.config().vault_id);
+    let areas = coffre_snapshotter::area::Area::known_of(
+        vault.dir(),
+        &vault.config().vault_id,
+        vault.config().keys(),
+    );
     let (copies, copy_warnings) = copies_summary(vault);
     for item in vault.index().items()? {
         let points = vault.points(&item.name)?;
@@ -496,6 +500,7 @@ pub fn summarize(vault: &Vault, now: Timestamp) -> Result<VaultSummary> {
             snapshots: coffre_snapshotter::expiry::snapshots_of(
                 vault.dir(),
                 &cfg.vault_id,
+                cfg.keys(),
                 &item.name,
             )
             .len() as u64,

@@ -32,7 +32,9 @@ mod tests;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use coffre_vault_store::crypto::VaultKeys;
 use coffre_vault_store::format::envelope;
 use coffre_vault_store::format::name::SafeName;
 use coffre_vault_store::store::local::durable::write_atomic;
@@ -123,12 +125,11 @@ fn open_file<'a>(
         .map_err(|e| format!("refused: {e}"))
 }
 
-/// The keys that seal the files of the vault at `vault_dir` (see
+/// The keys that seal the files of the vault at `vault_dir`: `given`, or
+/// none for a plain vault (see
 /// `coffre_vault_store::copies::state_files::file_keys`).
-fn vault_keys(
-    vault_dir: &Path,
-) -> Result<Option<std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>> {
-    coffre_vault_store::copies::state_files::file_keys(vault_dir)
+fn vault_keys(vault_dir: &Path, given: Option<&Arc<VaultKeys>>) -> Result<Option<Arc<VaultKeys>>> {
+    coffre_vault_store::copies::state_files::file_keys(vault_dir, given)
         .map_err(|e| SnapError::damaged(vault_dir.join(AREA_LIST_FILE), e.to_string()))
 }
 
@@ -216,12 +217,13 @@ impl Area {
     /// Creates it if needed and records it in the vault's list.
     pub fn for_image(
         vault_dir: &Path,
+        vault_keys_given: Option<&Arc<VaultKeys>>,
         owner: &AreaIdentity,
         chosen: Option<&Path>,
         root: Option<&Path>,
         image: &Path,
     ) -> Result<Area> {
-        let keys = vault_keys(vault_dir)?;
+        let keys = vault_keys(vault_dir, vault_keys_given)?;
         let keys = keys.as_deref();
         let dir = match chosen {
             Some(dir) => {
@@ -244,23 +246,13 @@ impl Area {
         Ok(Area { dir })
     }
 
-    /// Every area the vault has used: those of its list whose `area` file
-    /// still names the vault (the list is a vault file: a folder it names
-    /// is used, and its items' folders removed, only when it is this
+    /// Every area the vault `vault_id` at `vault_dir` has used: those of
+    /// its list (sealed with `keys` in an encrypted vault) whose `area`
+    /// file still names the vault (the list is a vault file: a folder it
+    /// names is used, and its items' folders removed, only when it is this
     /// vault's area).
-    pub fn known(vault_dir: &Path) -> Vec<Area> {
-        match coffre_vault_store::format::config::VaultConfig::load(vault_dir) {
-            Ok(cfg) => Area::known_of(vault_dir, &cfg.vault_id),
-            Err(e) => {
-                tracing::warn!(vault = %vault_dir.display(), error = %e, "cannot read the vault config; its snapshot areas are left alone");
-                Vec::new()
-            }
-        }
-    }
-
-    /// [`Area::known`] for the vault whose id is `vault_id`.
-    pub fn known_of(vault_dir: &Path, vault_id: &str) -> Vec<Area> {
-        let keys = match vault_keys(vault_dir) {
+    pub fn known_of(vault_dir: &Path, vault_id: &str, keys: Option<&Arc<VaultKeys>>) -> Vec<Area> {
+        let keys = match vault_keys(vault_dir, keys) {
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!(error = %e, "the vault's snapshot areas are left alone");

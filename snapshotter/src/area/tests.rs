@@ -29,14 +29,14 @@ fn areas_are_numbered_per_vault_and_remembered() {
     std::fs::create_dir(&vault).unwrap();
     remember(&vault, &a, None).unwrap();
     remember(&vault, &a, None).unwrap();
-    assert_eq!(Area::known_of(&vault, "A"), vec![Area::at(&a)]);
+    assert_eq!(Area::known_of(&vault, "A", None), vec![Area::at(&a)]);
     // A listed folder that is not the vault's area is left alone.
     let planted = t.path().join("home");
     std::fs::create_dir(&planted).unwrap();
     remember(&vault, &planted, None).unwrap();
     remember(&vault, &b, None).unwrap();
-    assert_eq!(Area::known_of(&vault, "A"), vec![Area::at(&a)]);
-    assert_eq!(Area::known_of(&vault, "B"), vec![Area::at(&b)]);
+    assert_eq!(Area::known_of(&vault, "A", None), vec![Area::at(&a)]);
+    assert_eq!(Area::known_of(&vault, "B", None), vec![Area::at(&b)]);
     let id = std::fs::read(a.join(AREA_FILE)).unwrap();
     let list = std::fs::read(vault.join(AREA_LIST_FILE)).unwrap();
     assert_eq!(fuzz_entry(&id), (true, false));
@@ -109,8 +109,16 @@ fn a_chosen_area_others_own_or_may_write_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let vault = t.path().join("vault");
     std::fs::create_dir(&vault).unwrap();
-    let chosen =
-        |dir: &Path| Area::for_image(&vault, &owner("A"), Some(dir), None, Path::new("/img"));
+    let chosen = |dir: &Path| {
+        Area::for_image(
+            &vault,
+            None,
+            &owner("A"),
+            Some(dir),
+            None,
+            Path::new("/img"),
+        )
+    };
     // Mode 0777: anyone could swap its item folders for symlinks.
     let open = t.path().join("open");
     std::fs::create_dir(&open).unwrap();
@@ -150,7 +158,7 @@ fn a_chosen_area_others_own_or_may_write_is_refused() {
     chosen(&t.path().join("new")).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o700)).unwrap();
     chosen(&open).unwrap();
-    assert!(Area::known_of(&vault, "A").len() == 2);
+    assert!(Area::known_of(&vault, "A", None).len() == 2);
 }
 
 #[test]

@@ -94,7 +94,6 @@ pub fn load_config_with(
         Err(e) => return Err(e),
     };
     let stored = VaultConfig::read(&bytes, &path)?;
-    let encrypted = stored.encryption().is_some();
     let keys = match (stored.encryption(), unlock) {
         (None, _) => None,
         (Some(_), None) => {
@@ -113,11 +112,7 @@ pub fn load_config_with(
             )))
         }
     };
-    let config = stored.open(keys)?;
-    if encrypted && let Some(k) = config.keys() {
-        remember_keys(dir, k);
-    }
-    Ok(config)
+    stored.open(keys)
 }
 
 /// The sealed state files of the encrypted vault at `dir` (job records,
@@ -147,39 +142,19 @@ pub fn refused_state_files(dir: &Path, keys: &VaultKeys) -> Vec<(String, String)
     out
 }
 
-/// The keys of the encrypted vaults this process unlocked, by directory
-/// (canonical where it resolves): what opens the vault's files that are
-/// read and written outside an open [`crate::Vault`] (job records, the
-/// snapshot area's files), through [`file_keys`].
-static UNLOCKED: std::sync::Mutex<Vec<(std::path::PathBuf, std::sync::Arc<VaultKeys>)>> =
-    std::sync::Mutex::new(Vec::new());
-
-fn key_path(dir: &Path) -> std::path::PathBuf {
-    std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf())
-}
-
-/// Remembers the keys of the encrypted vault at `dir` for this process.
-pub fn remember_keys(dir: &Path, keys: &std::sync::Arc<VaultKeys>) {
-    let at = key_path(dir);
-    let mut all = UNLOCKED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    all.retain(|(d, _)| d != &at);
-    all.push((at, keys.clone()));
-}
-
-/// The keys that seal the files of the vault at `dir`: `None` for a plain
-/// vault, its keys once this process unlocked it, and
-/// [`StoreError::KeyNeeded`] for an encrypted vault it did not unlock.
-pub fn file_keys(dir: &Path) -> Result<Option<std::sync::Arc<VaultKeys>>> {
-    let at = key_path(dir);
-    let all = UNLOCKED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some((_, k)) = all.iter().find(|(d, _)| d == &at) {
+/// The keys that seal the state files of the vault at `dir` (job records,
+/// the snapshot area's files): `given`, the keys the caller unlocked the
+/// vault with, when it has them. Without them, a plain vault's files need
+/// none (`None`) and an encrypted vault's are [`StoreError::KeyNeeded`]:
+/// a caller that forgot the keys never writes a plain file into an
+/// encrypted vault.
+pub fn file_keys(
+    dir: &Path,
+    given: Option<&std::sync::Arc<VaultKeys>>,
+) -> Result<Option<std::sync::Arc<VaultKeys>>> {
+    if let Some(k) = given {
         return Ok(Some(k.clone()));
     }
-    drop(all);
     if stored_config_version(&LocalStore::new(dir)) >= crate::format::config::FORMAT_VERSION_SEALED
     {
         return Err(StoreError::KeyNeeded {
