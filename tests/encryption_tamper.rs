@@ -551,3 +551,58 @@ fn a_plain_file_in_an_encrypted_vault_and_a_sealed_one_in_a_plain_vault_are_refu
 fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
 }
+
+#[test]
+fn an_older_item_file_or_replication_state_put_back_is_refused_as_a_rollback() {
+    let f = fixture();
+    let item = f.vault.join("items").join(format!("{}.item", ITEMS[1]));
+    let state = f.vault.join("replication");
+    let (old_item, old_state) = (
+        std::fs::read(&item).unwrap(),
+        std::fs::read(&state).unwrap(),
+    );
+    // Protection stops (the item file is rewritten), one more backup of the
+    // other item is replicated (the replication state is rewritten).
+    f.ok(&["unprotect", "--vault", s(&f.vault), "--item", ITEMS[1]]);
+    churn(f.image_of(ITEMS[0]), 2, 4096, 11);
+    f.ok(&[
+        "backup",
+        "--vault",
+        s(&f.vault),
+        "--item",
+        ITEMS[0],
+        s(f.image_of(ITEMS[0])),
+    ]);
+    f.ok(&["replicate", "--vault", s(&f.vault)]);
+    f.assert_clean();
+    let (new_item, new_state) = (
+        std::fs::read(&item).unwrap(),
+        std::fs::read(&state).unwrap(),
+    );
+    assert_ne!(old_item, new_item);
+
+    // The older item file: authentic, bound to its name, and refused as a
+    // rollback, naming the file; the rebuild of the index never takes it.
+    std::fs::write(&item, &old_item).unwrap();
+    let findings = f.findings();
+    assert!(
+        findings.iter().any(|(c, m)| c == "forged-file"
+            && m.contains(&format!("items/{}.item", ITEMS[1]))
+            && m.contains("rollback")),
+        "{findings:#?}"
+    );
+    std::fs::write(&item, &new_item).unwrap();
+    f.assert_clean();
+
+    // The older replication state: refused the same way.
+    std::fs::write(&state, &old_state).unwrap();
+    let findings = f.findings();
+    assert!(
+        findings.iter().any(|(c, m)| c == "forged-file"
+            && m.contains("replication")
+            && m.contains("rollback")),
+        "{findings:#?}"
+    );
+    std::fs::write(&state, &new_state).unwrap();
+    f.assert_clean();
+}

@@ -124,10 +124,20 @@ fn sealed_catalog_file_corpus() {
     let keys = coffre_vault_store::format::sealed_file::fuzz_keys();
     let opened: Vec<bool> = corpus("sealed_catalog_file")
         .iter()
-        .map(|(_, b)| coffre_vault_store::format::sealed_file::fuzz_entry(&keys, b))
+        .map(|(_, b)| coffre_vault_store::format::catalog_files::fuzz_sealed_entry(&keys, b))
         .collect();
     // flipped, moved (another name), plain: refused; point, policy: open.
     assert_eq!(opened, vec![false, false, false, true, true]);
+}
+
+#[test]
+fn generations_memory_corpus() {
+    let decoded: Vec<bool> = corpus("generations_memory")
+        .iter()
+        .map(|(_, b)| coffre_vault_store::format::generations::fuzz_entry(b))
+        .collect();
+    // flipped, a name too long, valid.
+    assert_eq!(decoded, vec![false, false, true]);
 }
 
 #[test]

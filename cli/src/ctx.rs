@@ -43,17 +43,21 @@ pub struct Ctx {
 impl Ctx {
     /// The context of one command line.
     pub fn from_cli(cli: &Cli) -> anyhow::Result<Ctx> {
+        let clock: std::sync::Arc<dyn Clock> = std::sync::Arc::from(clock_from_env()?);
+        let registry = Registry::from_env();
+        let keys = crate::keys::KeySources::from_env(cli.key_file.clone())
+            .remembering(registry.generations_dir(), clock.clone());
         Ok(Ctx {
             fmt: cli.output,
-            clock: std::sync::Arc::from(clock_from_env()?),
+            clock,
             lock_timeout: Duration::from_secs(cli.lock_timeout),
-            registry: Registry::from_env(),
+            registry,
             allow_clone: std::env::var("COFFRE_SNAPSHOT_CLONE").map_or(true, |v| v != "off"),
             snapshot_root: std::env::var_os("COFFRE_SNAPSHOT_ROOT")
                 .filter(|v| !v.is_empty())
                 .map(std::path::PathBuf::from),
             degraded_ok: cli.degraded_ok,
-            keys: std::sync::Arc::new(crate::keys::KeySources::from_env(cli.key_file.clone())),
+            keys: std::sync::Arc::new(keys),
         })
     }
 

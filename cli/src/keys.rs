@@ -13,11 +13,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use coffre_engine::clock::Clock;
+use coffre_engine::store::copies::generations::{HostGenerations, NanoClock};
 use coffre_engine::store::crypto::slot::{MAX_KEY_FILE, MAX_PASSPHRASE, Secret, unlock_any};
-use coffre_engine::store::crypto::{CryptoError, KeySlot, MasterKey, Unlock};
+use coffre_engine::store::crypto::{CryptoError, Generations, KeySlot, MasterKey, Unlock};
 use zeroize::Zeroizing;
 
 /// How long a password command may take.
@@ -55,6 +57,9 @@ pub struct KeySources {
     pub master: Option<MasterKey>,
     /// What was unlocked.
     unlocked: Mutex<Vec<Unlocked>>,
+    /// Where the host remembers encrypted vaults' sealed files, and the
+    /// clock their generations come from (rollback protection).
+    memory: Option<(Option<PathBuf>, Arc<dyn Clock>)>,
 }
 
 impl KeySources {
@@ -67,7 +72,16 @@ impl KeySources {
                 .filter(|c| !c.trim().is_empty()),
             master: None,
             unlocked: Mutex::new(Vec::new()),
+            memory: None,
         }
+    }
+
+    /// These sources, unlocking vaults with the host's memory of their
+    /// sealed files in `dir` (or this process's only, for `None`), with
+    /// generations from `clock`.
+    pub fn remembering(mut self, dir: Option<PathBuf>, clock: Arc<dyn Clock>) -> KeySources {
+        self.memory = Some((dir, clock));
+        self
     }
 
     /// Sources that hold one master key (a recovery text).
@@ -77,6 +91,7 @@ impl KeySources {
             password_command: None,
             master: Some(master),
             unlocked: Mutex::new(Vec::new()),
+            memory: None,
         }
     }
 
@@ -103,6 +118,26 @@ impl KeySources {
 }
 
 impl Unlock for KeySources {
+    fn generations(&self, vault: &Path) -> Option<Arc<dyn Generations>> {
+        let (dir, clock) = self.memory.as_ref()?;
+        let clock = clock.clone();
+        let now: NanoClock =
+            Box::new(move || u64::try_from(clock.now().as_nanosecond()).unwrap_or_default());
+        let memory = match dir {
+            Some(dir) => match HostGenerations::open(dir, vault, now) {
+                Ok(m) => m,
+                Err(e) => {
+                    // Refusing every file would lock the user out of the
+                    // vault: say so loudly and go on without the memory.
+                    tracing::warn!(error = %e, "rollback protection is off for this command");
+                    return None;
+                }
+            },
+            None => HostGenerations::in_process(vault, now),
+        };
+        Some(Arc::new(memory))
+    }
+
     fn master_key(&self, vault: &Path, slots: &[KeySlot]) -> Result<MasterKey, CryptoError> {
         let tag: Vec<String> = slots.iter().map(|s| s.wrapped.clone()).collect();
         // A vault this command unlocked already, whose slots changed since

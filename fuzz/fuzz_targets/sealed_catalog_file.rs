@@ -12,5 +12,8 @@ use coffre_vault_store::format::sealed_file;
 static KEYS: OnceLock<VaultKeys> = OnceLock::new();
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    sealed_file::fuzz_entry(KEYS.get_or_init(sealed_file::fuzz_keys), data);
+    coffre_vault_store::format::catalog_files::fuzz_sealed_entry(
+        KEYS.get_or_init(sealed_file::fuzz_keys),
+        data,
+    );
 });

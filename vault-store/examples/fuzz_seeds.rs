@@ -7,6 +7,7 @@ use coffre_vault_store::ChunkId;
 use coffre_vault_store::format::blockmap::{LEAF_ENTRIES, Node};
 use coffre_vault_store::format::catalog::Hooks;
 use coffre_vault_store::format::catalog_files::{self, CopyIdentity, PolicyFile, Role};
+use coffre_vault_store::format::generations;
 use coffre_vault_store::format::host_registry::{self, RegistryEntry};
 use coffre_vault_store::format::record::RecordEncoder;
 use coffre_vault_store::format::repl_state::ReplicationState;
@@ -198,11 +199,8 @@ fn main() {
     let sealed = out.join("sealed_catalog_file");
     std::fs::create_dir_all(&sealed).unwrap();
     let keys = sealed_file::fuzz_keys();
-    let seal = |name: &str, plain: &[u8]| {
-        sealed_file::seal(name, plain, Some(&keys), 1)
-            .unwrap()
-            .into_owned()
-    };
+    let seal =
+        |name: &str, plain: &[u8]| sealed_file::seal_with(name, plain, keys.catalog(), 1).unwrap();
     let s_point = seal(sealed_file::FUZZ_NAME, &point);
     let s_policy = seal(sealed_file::FUZZ_NAME, &policy);
     let s_moved = seal("points/db/0000000000000001.point", &point);
@@ -349,6 +347,38 @@ fn main() {
             ("valid.bin", &valid),
             ("flipped.bin", &flipped),
             ("bad_item.bin", &bad_item),
+        ],
+    );
+
+    // A host's memory of generations: valid; a flipped byte; a name longer
+    // than the longest remembered.
+    let gens = out.join("generations_memory");
+    std::fs::create_dir_all(&gens).unwrap();
+    let mut memory = generations::Memory {
+        dir: "/srv/vault".into(),
+        ..Default::default()
+    };
+    memory.seen.insert(
+        "items/vm.item".into(),
+        generations::Seen::new(1_765_000_000_000_000_000, &[7; 32]),
+    );
+    memory
+        .seen
+        .insert("replication".into(), generations::Seen::new(3, &[9; 32]));
+    let valid = generations::encode(&memory);
+    let mut flipped = valid.clone();
+    flipped[30] ^= 0x01;
+    memory.seen.insert(
+        "x".repeat(generations::MAX_NAME + 1),
+        generations::Seen::new(1, &[0; 32]),
+    );
+    let long_name = generations::encode(&memory);
+    write_all(
+        &gens,
+        &[
+            ("valid.bin", &valid),
+            ("flipped.bin", &flipped),
+            ("long_name.bin", &long_name),
         ],
     );
 }

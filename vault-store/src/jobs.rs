@@ -25,14 +25,11 @@ use jiff::Timestamp;
 use crate::error::{Result, StoreError};
 use crate::format::job::valid_id;
 pub use crate::format::job::{
-    JOB_MAGIC, JOB_VERSION, JobRecord, JobStatus, Operation, Phase, PhaseStatus, derive_status,
-    fuzz_entry,
+    JOB_MAGIC, JOB_VERSION, JOBS_DIR, JobRecord, JobStatus, Operation, Phase, PhaseStatus,
+    derive_status, fuzz_entry,
 };
 use crate::store::local::lock::NamedLock;
 use crate::store::{LocalStore, Store};
-
-/// Folder of job records inside a vault.
-pub const JOBS_DIR: &str = "jobs";
 
 /// The job records of a vault.
 #[derive(Debug, Clone)]
@@ -87,7 +84,7 @@ impl JobStore {
 
     /// `r` encoded as record `name` stores it (sealed in an encrypted vault).
     fn encode(&self, name: &str, r: &JobRecord) -> Result<Vec<u8>> {
-        crate::format::sealed_file::seal(name, &r.encode(), self.keys()?, 0)
+        crate::format::sealed_file::seal(name, &r.encode(), self.keys()?)
             .map(std::borrow::Cow::into_owned)
             .map_err(|e| StoreError::CorruptFile {
                 path: self.dir.join(name),

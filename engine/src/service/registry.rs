@@ -55,6 +55,14 @@ impl Registry {
         }
     }
 
+    /// Where this host keeps its memory of encrypted vaults' sealed files
+    /// (rollback protection): beside the registry, `None` when the
+    /// registry is off.
+    pub fn generations_dir(&self) -> Option<PathBuf> {
+        self.enabled
+            .then(|| PathBuf::from(format!("{}.generations", self.path.display())))
+    }
+
     /// The registry chosen by the environment (see the module doc).
     pub fn from_env() -> Self {
         match std::env::var_os("COFFRE_REGISTRY") {

@@ -110,7 +110,7 @@ pub type Keys<'a> = Option<&'a coffre_vault_store::crypto::VaultKeys>;
 
 /// `plain` (an envelope) as file `name` of a vault with `keys` stores it.
 fn seal_file(name: &str, plain: &[u8], keys: Keys<'_>, path: &Path) -> Result<Vec<u8>> {
-    coffre_vault_store::format::sealed_file::seal(name, plain, keys, 0)
+    coffre_vault_store::format::sealed_file::seal(name, plain, keys)
         .map(std::borrow::Cow::into_owned)
         .map_err(|e| SnapError::damaged(path, format!("cannot seal it: {e}")))
 }

@@ -16,6 +16,7 @@
 //! copy identity opened with the vault's keys.
 
 #[cfg(feature = "index")]
+pub mod generations;
 pub mod quarantine;
 pub mod segment;
 pub mod state_files;
@@ -175,7 +176,7 @@ pub fn seal<'a>(
     plain: &'a [u8],
     keys: Option<&crate::crypto::VaultKeys>,
 ) -> Result<std::borrow::Cow<'a, [u8]>> {
-    crate::format::sealed_file::seal(name, plain, keys, 0).map_err(|e| StoreError::CorruptFile {
+    crate::format::sealed_file::seal(name, plain, keys).map_err(|e| StoreError::CorruptFile {
         path: PathBuf::from(name),
         what: "catalog file",
         reason: format!("cannot seal it: {e}"),

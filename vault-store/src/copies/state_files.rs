@@ -57,7 +57,7 @@ pub fn put_sealed(
     plain: &[u8],
     keys: Option<&VaultKeys>,
 ) -> Result<()> {
-    let bytes = sealed_file::seal(name, plain, keys, 0).map_err(|e| StoreError::CorruptFile {
+    let bytes = sealed_file::seal(name, plain, keys).map_err(|e| StoreError::CorruptFile {
         path: std::path::PathBuf::from(store.location()).join(name),
         what: "sealed file",
         reason: e.to_string(),
@@ -107,9 +107,10 @@ pub fn load_config_with(
                 error,
             };
             let master = unlock.master_key(dir, &enc.slots).map_err(crypto)?;
-            Some(std::sync::Arc::new(crate::crypto::VaultKeys::derive(
-                &master, enc.cipher,
-            )))
+            Some(std::sync::Arc::new(
+                crate::crypto::VaultKeys::derive(&master, enc.cipher)
+                    .with_generations(unlock.generations(dir)),
+            ))
         }
     };
     stored.open(keys)
@@ -122,11 +123,11 @@ pub fn load_config_with(
 pub fn refused_state_files(dir: &Path, keys: &VaultKeys) -> Vec<(String, String)> {
     let store = LocalStore::new(dir);
     let mut names: Vec<String> = store
-        .list(crate::jobs::JOBS_DIR)
+        .list(crate::format::job::JOBS_DIR)
         .unwrap_or_default()
         .into_iter()
         .filter(|n| n.ends_with(".job") && !n.starts_with('.'))
-        .map(|n| format!("{}/{n}", crate::jobs::JOBS_DIR))
+        .map(|n| format!("{}/{n}", crate::format::job::JOBS_DIR))
         .collect();
     names.sort();
     names.extend([STATE_FILE, DAMAGED_FILE, "snapshot-areas"].map(String::from));

@@ -18,7 +18,7 @@
 use zeroize::Zeroizing;
 
 use super::seal::Sealer;
-use super::{Cipher, CryptoError, random};
+use super::{Cipher, CryptoError, Generations, random};
 
 /// Length of every key, in bytes.
 pub const KEY_LEN: usize = 32;
@@ -68,6 +68,8 @@ pub struct VaultKeys {
     id: Zeroizing<[u8; KEY_LEN]>,
     records: Sealer,
     catalog: Sealer,
+    /// The host's memory of the copy's sealed files, when it has one.
+    generations: Option<std::sync::Arc<dyn Generations>>,
 }
 
 impl VaultKeys {
@@ -78,7 +80,24 @@ impl VaultKeys {
             id: master.derive(ID_KEY_CONTEXT),
             records: Sealer::new(cipher, &master.derive(RECORD_KEY_CONTEXT)),
             catalog: Sealer::new(cipher, &master.derive(CATALOG_KEY_CONTEXT)),
+            generations: None,
         }
+    }
+
+    /// These keys with the host's memory of the copy's sealed files, so
+    /// that sealed files get rising generations and older ones are refused
+    /// ([`Generations`]).
+    pub fn with_generations(
+        mut self,
+        generations: Option<std::sync::Arc<dyn Generations>>,
+    ) -> Self {
+        self.generations = generations;
+        self
+    }
+
+    /// The host's memory of the copy's sealed files, if any.
+    pub fn generations(&self) -> Option<&dyn Generations> {
+        self.generations.as_deref()
     }
 
     /// The vault's cipher.

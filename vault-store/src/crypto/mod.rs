@@ -15,11 +15,13 @@
 
 #![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::panic)]
 
+pub mod generations;
 pub mod keys;
 pub mod recovery;
 pub mod seal;
 pub mod slot;
 
+pub use generations::{Generations, Rollback};
 pub use keys::{MasterKey, VaultKeys};
 pub use seal::Sealer;
 pub use slot::{KdfParams, KeySlot, SlotKind};
@@ -115,6 +117,12 @@ pub trait Unlock: Send + Sync {
         vault: &std::path::Path,
         slots: &[KeySlot],
     ) -> Result<MasterKey, CryptoError>;
+
+    /// This host's memory of the sealed files of the vault copy at
+    /// `vault` (rollback protection); `None` when there is none.
+    fn generations(&self, _vault: &std::path::Path) -> Option<std::sync::Arc<dyn Generations>> {
+        None
+    }
 }
 
 /// `N` random bytes from the operating system.

@@ -261,6 +261,21 @@ pub fn fuzz_entry(data: &[u8]) -> bool {
     p || i || q || c
 }
 
+/// Fuzz entry of a sealed catalog file: opens `data` as sealed file
+/// [`crate::format::sealed_file::FUZZ_NAME`] with `keys`
+/// ([`crate::format::sealed_file::fuzz_keys`]) and decodes what opens as
+/// each catalog file ([`fuzz_entry`]); true when it opened.
+pub fn fuzz_sealed_entry(keys: &crate::crypto::VaultKeys, data: &[u8]) -> bool {
+    match crate::format::sealed_file::open(crate::format::sealed_file::FUZZ_NAME, data, Some(keys))
+    {
+        Ok(plain) => {
+            fuzz_entry(&plain);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {

@@ -15,6 +15,8 @@ use crate::format::envelope;
 pub const JOB_MAGIC: [u8; 8] = *b"CFJOB\0\0\0";
 /// Job record version.
 pub const JOB_VERSION: u32 = 1;
+/// Folder of job records inside a vault.
+pub const JOBS_DIR: &str = "jobs";
 
 /// What a job does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,6 +22,7 @@ pub mod chunk_list;
 pub mod config;
 pub mod damaged;
 pub mod envelope;
+pub mod generations;
 pub mod host_registry;
 pub mod index_values;
 pub mod job;

@@ -17,6 +17,11 @@
 //! the plain envelope, which the plain decoders then check as always.
 //! In an encrypted vault a plain file is refused (anyone who can write
 //! the storage could have planted it); in a plain vault a sealed one is.
+//!
+//! The generation rises at every seal and is checked at every open against
+//! the host's memory of the copy, when the keys carry one
+//! ([`crate::crypto::Generations`]): an older valid file than one seen
+//! before (a rollback, a deleted file replayed) is refused.
 
 #![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::panic)]
 
@@ -59,6 +64,9 @@ pub enum SealedFileError {
     /// Authentic bytes that are not what a writer seals.
     #[error("sealed content is malformed: {0}")]
     Malformed(String),
+    /// Authentic, but older than a version of it seen before.
+    #[error("{0}")]
+    RolledBack(crate::crypto::Rollback),
 }
 
 /// The additional data of sealed file `name` with `magic`.
@@ -73,16 +81,17 @@ pub fn ad(magic: &[u8; 8], name: &str) -> Vec<u8> {
 
 /// The plain envelope `plain` as file `name` stores it: as it is in a
 /// plain vault (`keys` is `None`), sealed with the catalog key in an
-/// encrypted one, carrying `generation`.
+/// encrypted one, carrying the next generation of `name` in the host's
+/// memory (0 when the keys carry none).
 pub fn seal<'a>(
     name: &str,
     plain: &'a [u8],
     keys: Option<&VaultKeys>,
-    generation: u64,
 ) -> Result<Cow<'a, [u8]>, SealedFileError> {
     let Some(keys) = keys else {
         return Ok(Cow::Borrowed(plain));
     };
+    let generation = keys.generations().map_or(0, |g| g.next(name));
     seal_with(name, plain, keys.catalog(), generation).map(Cow::Owned)
 }
 
@@ -128,7 +137,14 @@ pub fn open<'a>(
         None if sealed => Err(SealedFileError::SealedInPlainVault),
         None => Ok(Cow::Borrowed(stored)),
         Some(_) if !sealed => Err(SealedFileError::NotSealed),
-        Some(k) => open_with(name, stored, k.catalog()).map(|(p, _)| Cow::Owned(p)),
+        Some(k) => {
+            let (plain, generation) = open_with(name, stored, k.catalog())?;
+            if let Some(g) = k.generations() {
+                g.check(name, generation, blake3::hash(&plain).as_bytes())
+                    .map_err(SealedFileError::RolledBack)?;
+            }
+            Ok(Cow::Owned(plain))
+        }
     }
 }
 
@@ -191,19 +207,6 @@ pub fn fuzz_keys() -> VaultKeys {
 /// The name the fuzz seeds are sealed under.
 pub const FUZZ_NAME: &str = "points/vm/0000000000000001.point";
 
-/// Fuzz entry: opens `data` as sealed file [`FUZZ_NAME`] with `keys`
-/// ([`fuzz_keys`]) and decodes what opens as each catalog file; true when
-/// it opened.
-pub fn fuzz_entry(keys: &VaultKeys, data: &[u8]) -> bool {
-    match open(FUZZ_NAME, data, Some(keys)) {
-        Ok(plain) => {
-            crate::format::catalog_files::fuzz_entry(&plain);
-            true
-        }
-        Err(_) => false,
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
@@ -220,7 +223,7 @@ mod tests {
             let k = keys(1, cipher);
             let plain = envelope::encode(b"CFITEM\0\0", 1, b"{\"name\":\"web\"}");
             let name = "items/web.item";
-            let sealed = seal(name, &plain, Some(&k), 7).unwrap().into_owned();
+            let sealed = seal_with(name, &plain, k.catalog(), 7).unwrap();
             assert_eq!(&sealed[..8], b"CFITEM\0\0");
             assert_eq!(envelope::claimed_version(&sealed), Some(SEALED_VERSION));
             assert!(!sealed.windows(3).any(|w| w == b"web"));
@@ -249,7 +252,7 @@ mod tests {
                 Err(SealedFileError::SealedInPlainVault)
             );
             assert_eq!(open(name, &plain, None).unwrap().as_ref(), &plain[..]);
-            assert_eq!(seal(name, &plain, None, 0).unwrap().as_ref(), &plain[..]);
+            assert_eq!(seal(name, &plain, None).unwrap().as_ref(), &plain[..]);
             // The magic is bound: the same body under another magic fails.
             let mut other = sealed.clone();
             other[..8].copy_from_slice(b"CFPOINT\0");
@@ -267,11 +270,67 @@ mod tests {
     fn the_fuzz_entry_takes_any_bytes() {
         let k = fuzz_keys();
         let plain = envelope::encode(b"CFPOLCY\0", 1, b"{\"name\":\"p\",\"policy\":{}}");
-        let sealed = seal(FUZZ_NAME, &plain, Some(&k), 1).unwrap();
-        assert!(fuzz_entry(&k, &sealed));
+        let sealed = seal_with(FUZZ_NAME, &plain, k.catalog(), 1).unwrap();
+        assert!(open(FUZZ_NAME, &sealed, Some(&k)).is_ok());
         for cut in 0..sealed.len() {
-            assert!(!fuzz_entry(&k, &sealed[..cut]));
+            assert!(open(FUZZ_NAME, &sealed[..cut], Some(&k)).is_err());
         }
-        assert!(!fuzz_entry(&k, &plain));
+        assert!(open(FUZZ_NAME, &plain, Some(&k)).is_err());
+    }
+
+    /// A memory of generations in the test: highest by name, and a
+    /// counter for the next one.
+    #[derive(Debug, Default)]
+    struct Seen(std::sync::Mutex<std::collections::BTreeMap<String, u64>>);
+
+    impl crate::crypto::Generations for Seen {
+        fn next(&self, name: &str) -> u64 {
+            let mut m = self.0.lock().unwrap();
+            let g = m.get(&format!("next {name}")).map_or(1, |g| g + 1);
+            m.insert(format!("next {name}"), g);
+            g
+        }
+        fn check(
+            &self,
+            name: &str,
+            generation: u64,
+            _: &[u8; 32],
+        ) -> Result<(), crate::crypto::Rollback> {
+            let mut m = self.0.lock().unwrap();
+            let highest = m.get(name).copied().unwrap_or(0);
+            if generation < highest {
+                return Err(crate::crypto::Rollback {
+                    generation,
+                    highest,
+                    memory: "test".into(),
+                });
+            }
+            m.insert(name.into(), generation);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn with_a_memory_generations_rise_and_an_older_file_is_refused_as_a_rollback() {
+        let k =
+            keys(3, Cipher::Aes256Gcm).with_generations(Some(std::sync::Arc::new(Seen::default())));
+        let name = "items/web.item";
+        let v1 = seal(name, &envelope::encode(b"CFITEM\0\0", 1, b"one"), Some(&k))
+            .unwrap()
+            .into_owned();
+        let v2 = seal(name, &envelope::encode(b"CFITEM\0\0", 1, b"two"), Some(&k))
+            .unwrap()
+            .into_owned();
+        assert_eq!(open_with(name, &v1, k.catalog()).unwrap().1, 1);
+        assert_eq!(open_with(name, &v2, k.catalog()).unwrap().1, 2);
+        assert!(open(name, &v1, Some(&k)).is_ok());
+        assert!(open(name, &v2, Some(&k)).is_ok());
+        match open(name, &v1, Some(&k)) {
+            Err(SealedFileError::RolledBack(r)) => assert_eq!((r.generation, r.highest), (1, 2)),
+            other => panic!("{other:?}"),
+        }
+        // Without a memory (another host), both open.
+        let fresh = keys(3, Cipher::Aes256Gcm);
+        assert!(open(name, &v1, Some(&fresh)).is_ok());
     }
 }

@@ -1,0 +1,275 @@
+//! A host's memory of the generations of one encrypted vault copy's
+//! sealed files ([`HostGenerations`], the [`Generations`] of the keys the
+//! copy is unlocked with): rollback protection.
+//!
+//! The memory is a private file per copy in a host directory (the CLI
+//! keeps it beside the host registry), named after the copy's canonical
+//! directory and decoded by [`crate::format::generations`]. Generations
+//! come from an injected clock, in nanoseconds, and always rise above
+//! every one seen of a name, so files written by other processes and
+//! hosts (whose readers saw the current file before replacing it) are
+//! never taken for rollbacks. What is remembered is what was read (see
+//! [`crate::crypto::generations`]): per name, the highest generation and
+//! its content's digest; an older file with that same content (a copy
+//! sealed again) is accepted, one with other content refused. The memory
+//! is loaded when the copy is unlocked and written back, merged with what
+//! other processes wrote meanwhile (each name keeps its highest
+//! generation), at most every second while the copy is in use and when it
+//! is dropped. Losing an
+//! update (a crash) only makes the memory older: it never refuses a file
+//! it should accept.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::crypto::{Generations, Rollback};
+use crate::error::{Result, StoreError};
+use crate::format::generations::{Memory, Seen, decode, encode};
+use crate::store::local::durable::write_atomic;
+
+/// The clock generations come from: nanoseconds since the Unix epoch.
+pub type NanoClock = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// Least time between two writes of the memory while in use.
+const FLUSH_EVERY_NS: u64 = 1_000_000_000;
+
+/// One copy's memory, kept in a file (or only in this process).
+pub struct HostGenerations {
+    /// The memory's file (`None`: this process only).
+    path: Option<PathBuf>,
+    now: NanoClock,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    memory: Memory,
+    dirty: bool,
+    flushed_at: u64,
+}
+
+impl std::fmt::Debug for HostGenerations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HostGenerations({:?})", self.path)
+    }
+}
+
+/// The file in `memory_dir` that remembers the copy at `vault_dir`.
+pub fn memory_file(memory_dir: &Path, vault_dir: &Path) -> PathBuf {
+    let dir = std::fs::canonicalize(vault_dir).unwrap_or_else(|_| vault_dir.to_path_buf());
+    let hash = blake3::hash(dir.as_os_str().as_encoded_bytes());
+    memory_dir.join(format!("{}.gen", &hash.to_hex()[..32]))
+}
+
+impl HostGenerations {
+    /// The memory of the copy at `vault_dir` kept in `memory_dir`
+    /// (created private), loaded from its file. A damaged file is named
+    /// in the error: the host's protection would be silently lost.
+    pub fn open(memory_dir: &Path, vault_dir: &Path, now: NanoClock) -> Result<Self> {
+        crate::store::local::private::create_private_dir(memory_dir)
+            .map_err(|e| StoreError::io("create directory", memory_dir, e))?;
+        let path = memory_file(memory_dir, vault_dir);
+        let mut memory = read(&path)?.unwrap_or_default();
+        memory.dir = vault_dir.to_path_buf();
+        Ok(HostGenerations {
+            path: Some(path),
+            now,
+            state: Mutex::new(State {
+                memory,
+                ..State::default()
+            }),
+        })
+    }
+
+    /// A memory of this process only (a host with no state directory).
+    pub fn in_process(vault_dir: &Path, now: NanoClock) -> Self {
+        HostGenerations {
+            path: None,
+            now,
+            state: Mutex::new(State {
+                memory: Memory {
+                    dir: vault_dir.to_path_buf(),
+                    seen: BTreeMap::new(),
+                },
+                ..State::default()
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes the memory back, merged with the file's (highest of each).
+    pub fn flush(&self) -> Result<()> {
+        let mut state = self.state();
+        self.flush_locked(&mut state)
+    }
+
+    fn flush_locked(&self, state: &mut State) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if !state.dirty {
+            return Ok(());
+        }
+        let lock_path = path.with_extension("lock");
+        let lock = crate::store::local::private::open_options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| StoreError::io("open", &lock_path, e))?;
+        lock.lock()
+            .map_err(|e| StoreError::io("lock", &lock_path, e))?;
+        if let Some(theirs) = read(path)? {
+            for (name, theirs) in theirs.seen {
+                let mine = state.memory.seen.entry(name).or_default();
+                if theirs.generation > mine.generation {
+                    *mine = theirs;
+                }
+            }
+        }
+        write_atomic(path, &encode(&state.memory))?;
+        state.dirty = false;
+        state.flushed_at = (self.now)();
+        Ok(())
+    }
+
+    /// Flushes when the last write is a second old.
+    fn maybe_flush(&self, state: &mut State) {
+        if (self.now)().saturating_sub(state.flushed_at) >= FLUSH_EVERY_NS
+            && let Err(e) = self.flush_locked(state)
+        {
+            tracing::warn!(error = %e, "cannot write the host's memory of the vault's files");
+        }
+    }
+}
+
+/// The memory at `path`, `None` when there is none yet.
+fn read(path: &Path) -> Result<Option<Memory>> {
+    match std::fs::read(path) {
+        Ok(bytes) => decode(&bytes).map(Some).map_err(|reason| StoreError::CorruptFile {
+            path: path.to_path_buf(),
+            what: "host memory of the vault's files (remove it to start afresh; rollbacks older than now are then not detected)",
+            reason,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::io("read", path, e)),
+    }
+}
+
+impl Generations for HostGenerations {
+    fn next(&self, name: &str) -> u64 {
+        let mut state = self.state();
+        let seen = state.memory.seen.get(name).map_or(0, |s| s.generation);
+        self.maybe_flush(&mut state);
+        (self.now)().max(seen.saturating_add(1))
+    }
+
+    fn check(
+        &self,
+        name: &str,
+        generation: u64,
+        digest: &[u8; 32],
+    ) -> std::result::Result<(), Rollback> {
+        let mut state = self.state();
+        let known = state.memory.seen.get(name);
+        let highest = known.map_or(0, |s| s.generation);
+        let same = known.is_some_and(|s| s.digest == hex::encode(digest));
+        let is_new = known.is_none();
+        if generation < highest && !same {
+            return Err(Rollback {
+                generation,
+                highest,
+                memory: self
+                    .path
+                    .as_ref()
+                    .map_or_else(|| "(this process)".into(), |p| p.display().to_string()),
+            });
+        }
+        if generation > highest || is_new {
+            state
+                .memory
+                .seen
+                .insert(name.to_string(), Seen::new(generation, digest));
+            state.dirty = true;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for HostGenerations {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "cannot write the host's memory of the vault's files");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    fn clock(at: &Arc<AtomicU64>) -> NanoClock {
+        let at = at.clone();
+        Box::new(move || at.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn generations_rise_and_an_older_file_is_refused_across_processes() {
+        let host = tempfile::tempdir().unwrap();
+        let vault = tempfile::tempdir().unwrap();
+        let t = Arc::new(AtomicU64::new(100));
+        let (one, two) = ([1; 32], [2; 32]);
+        let a = HostGenerations::open(host.path(), vault.path(), clock(&t)).unwrap();
+        let g1 = a.next("items/vm.item");
+        assert_eq!(g1, 100);
+        assert!(a.check("items/vm.item", g1, &one).is_ok());
+        // The clock stands still or goes back: still rising.
+        t.store(50, Ordering::SeqCst);
+        let g2 = a.next("items/vm.item");
+        assert!(g2 > g1, "{g2} > {g1}");
+        assert!(a.check("items/vm.item", g2, &two).is_ok());
+        let err = a.check("items/vm.item", g1, &one).unwrap_err();
+        assert_eq!((err.generation, err.highest), (g1, g2));
+        assert!(err.to_string().contains("rollback"), "{err}");
+        // The same content sealed again (another copy) is no rollback.
+        assert!(a.check("items/vm.item", g1, &two).is_ok());
+        // Another name is unaffected; a newer generation is taken.
+        assert!(a.check("items/db.item", 1, &one).is_ok());
+        assert!(a.check("items/vm.item", g2 + 5, &one).is_ok());
+        drop(a);
+        // A later process remembers, merged with a second process's memory.
+        let b = HostGenerations::open(host.path(), vault.path(), clock(&t)).unwrap();
+        let c = HostGenerations::open(host.path(), vault.path(), clock(&t)).unwrap();
+        assert!(c.check("points/vm/1.point", 9, &one).is_ok());
+        drop(c);
+        assert!(b.check("items/vm.item", g2 + 4, &two).is_err());
+        drop(b);
+        let d = HostGenerations::open(host.path(), vault.path(), clock(&t)).unwrap();
+        assert!(d.check("points/vm/1.point", 8, &two).is_err());
+        assert!(d.check("items/vm.item", g2 + 4, &two).is_err());
+        assert!(d.next("items/vm.item") > g2 + 5);
+        // Another copy has its own memory.
+        let other = tempfile::tempdir().unwrap();
+        let e = HostGenerations::open(host.path(), other.path(), clock(&t)).unwrap();
+        assert!(e.check("items/vm.item", 1, &two).is_ok());
+    }
+
+    #[test]
+    fn a_damaged_memory_file_is_named() {
+        let host = tempfile::tempdir().unwrap();
+        let vault = tempfile::tempdir().unwrap();
+        std::fs::write(memory_file(host.path(), vault.path()), b"junk").unwrap();
+        let t = Arc::new(AtomicU64::new(1));
+        let err = HostGenerations::open(host.path(), vault.path(), clock(&t)).unwrap_err();
+        assert!(err.to_string().contains("host memory"), "{err}");
+    }
+}
