@@ -304,6 +304,8 @@ fn create_in_store(az: &Emulator, store: &str, cache: &Path, area: &Path) {
         "create",
         "--store",
         store,
+        "--encryption",
+        "none",
         "--vault",
         s(cache),
         "--snapshot-area",
@@ -388,6 +390,8 @@ fn a_fresh_host_opens_the_vault_from_its_url_and_restores_every_point() {
         "create",
         "--store",
         &store,
+        "--encryption",
+        "none",
         "--vault",
         s(&t.path().join("h3")),
     ]);
@@ -413,6 +417,8 @@ fn a_fresh_host_opens_the_vault_from_its_url_and_restores_every_point() {
         "create",
         "--store",
         "ftp://host/x",
+        "--encryption",
+        "none",
         "--vault",
         s(&t.path().join("h5")),
     ]);
@@ -878,6 +884,8 @@ fn a_grs_secondary_in_a_blob_container_restores_with_the_primary_gone() {
         s(&primary),
         "--secondary",
         &sec,
+        "--encryption",
+        "none",
         "--snapshot-area",
         s(&t.path().join("area")),
     ]);
@@ -1079,6 +1087,8 @@ fn create_on_a_missing_container_fails_in_one_line_saying_how_to_create_it() {
         "create",
         "--store",
         &store,
+        "--encryption",
+        "none",
         "--vault",
         s(&h),
         "--snapshot-area",
@@ -1101,6 +1111,7 @@ fn create_on_a_missing_container_fails_in_one_line_saying_how_to_create_it() {
             "d3JvbmdrZXl3cm9uZ2tleXdyb25na2V5d3Jvbmdr",
         )
         .args(["vault", "create", "--store", &url("present", "v")])
+        .args(["--encryption", "none"])
         .args(["--vault", s(&t.path().join("h2"))])
         .args(["--snapshot-area", s(&t.path().join("a2"))])
         .output()
@@ -1165,6 +1176,8 @@ fn s3_gc_stops_on_a_point_it_cannot_decode_and_on_a_lease_it_cannot_read() {
         "create",
         "--store",
         "s3://nobucket/v",
+        "--encryption",
+        "none",
         "--vault",
         s(&t.path().join("nb")),
         "--snapshot-area",
