@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 
 /// Azurite's well-known development account.
-const ACCOUNT: &str = "devstoreaccount1";
-const KEY: &str =
+pub(crate) const ACCOUNT: &str = "devstoreaccount1";
+pub(crate) const KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 /// A running storage emulator (Azurite, or moto's S3 server), stopped on
@@ -46,7 +46,7 @@ fn wait_for_port(port: u16, what: &str) {
     }
 }
 
-fn npm_root() -> Option<PathBuf> {
+pub(crate) fn npm_root() -> Option<PathBuf> {
     let out = Command::new("npm").args(["root", "-g"]).output().ok()?;
     out.status
         .success()
@@ -202,7 +202,7 @@ impl Drop for Emulator {
     }
 }
 
-fn url(container: &str, prefix: &str) -> String {
+pub(crate) fn url(container: &str, prefix: &str) -> String {
     format!("azure://{ACCOUNT}/{container}/{prefix}")
 }
 
@@ -1247,8 +1247,32 @@ fn s3_gc_stops_on_a_point_it_cannot_decode_and_on_a_lease_it_cannot_read() {
     restore_same(&m, &h, "keep", 1, &keep);
 }
 
+/// Downloads every blob of `container` in Azurite into `to`, one file per
+/// blob at its name (`scripts/azure-download.js`): what a bucket reader
+/// holds. Returns how many blobs there were.
+pub(crate) fn azure_download(az: &Emulator, container: &str, to: &Path) -> usize {
+    let root = npm_root().expect("npm root");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/azure-download.js");
+    let out = Command::new("node")
+        .env("NODE_PATH", &root)
+        .arg(script)
+        .args([az.endpoint.as_str(), ACCOUNT, KEY, container])
+        .arg(to)
+        .output()
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "download failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("blob count")
+}
+
 /// Uploads the file `from` as blob `name` of `container` in Azurite.
-fn azure_put(az: &Emulator, container: &str, name: &str, from: &Path) {
+pub(crate) fn azure_put(az: &Emulator, container: &str, name: &str, from: &Path) {
     let root = npm_root().expect("npm root");
     let code = r#"const { BlobServiceClient, StorageSharedKeyCredential } = require("@azure/storage-blob");
 const [endpoint, account, key, container, name, file] = process.argv.slice(1);
