@@ -1080,6 +1080,10 @@ fn create_on_a_missing_container_fails_in_one_line_saying_how_to_create_it() {
         return;
     };
     let t = tempfile::tempdir().unwrap();
+    // Encrypted by default in a store: the key is given, so the one line
+    // is about the container.
+    let key = t.path().join("key");
+    random_file(&key, 32, 9);
     let store = url("absent", "v");
     let h = t.path().join("h");
     let out = az.run(&[
@@ -1087,8 +1091,8 @@ fn create_on_a_missing_container_fails_in_one_line_saying_how_to_create_it() {
         "create",
         "--store",
         &store,
-        "--encryption",
-        "none",
+        "--key-file",
+        s(&key),
         "--vault",
         s(&h),
         "--snapshot-area",
@@ -1111,7 +1115,7 @@ fn create_on_a_missing_container_fails_in_one_line_saying_how_to_create_it() {
             "d3JvbmdrZXl3cm9uZ2tleXdyb25na2V5d3Jvbmdr",
         )
         .args(["vault", "create", "--store", &url("present", "v")])
-        .args(["--encryption", "none"])
+        .args(["--key-file", s(&key)])
         .args(["--vault", s(&t.path().join("h2"))])
         .args(["--snapshot-area", s(&t.path().join("a2"))])
         .output()
@@ -1170,14 +1174,16 @@ fn s3_gc_stops_on_a_point_it_cannot_decode_and_on_a_lease_it_cannot_read() {
         return;
     };
     let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("key");
+    random_file(&key, 32, 9);
     // A missing bucket: one line, saying how to create it.
     let out = m.run(&[
         "vault",
         "create",
         "--store",
         "s3://nobucket/v",
-        "--encryption",
-        "none",
+        "--key-file",
+        s(&key),
         "--vault",
         s(&t.path().join("nb")),
         "--snapshot-area",
