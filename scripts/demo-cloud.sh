@@ -4,7 +4,11 @@
 # attaches "host B", backs up two days of a disk image from each host (the
 # same golden image, so B's first day adds almost nothing), runs GC twice
 # while nothing is deleted, then restores every point from a fresh cache
-# directory ("host C") and compares them byte for byte. Stops Azurite.
+# directory ("host C") and compares them byte for byte, and scans what
+# Azurite stores for blocks of the images. Stops Azurite.
+# The vault is encrypted (the default in object storage): every host opens
+# it with the key file the demo generates, as an unattended host (the
+# daemon, the scheduler) would.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${COFFRE_BIN:-${CARGO_TARGET_DIR:-target}/release/coffre}
@@ -57,30 +61,38 @@ with open(path, "r+b") as f:
 EOF
 }
 
-say "3. host A creates the vault in the store; host B attaches"
+say "3. a key file for the hosts (32 random bytes, mode 0600): what unattended hosts open the vault with"
+(umask 077; head -c 32 /dev/urandom > "$WORK/fleet.key")
+stat -c '%a %s bytes %n' "$WORK/fleet.key"
+# Every command reads it from COFFRE_KEY_FILE (or --key-file FILE); keep
+# it off the disks this vault backs up, and its recovery text on paper.
+export COFFRE_KEY_FILE="$WORK/fleet.key"
+
+say "4. host A creates the vault in the store (encrypted: aes-256-gcm by default there); host B attaches"
 C vault create --store "$URL" --vault "$WORK/host-a" --name fleet --snapshot-area "$WORK/snaps-a"
 C vault attach --store "$URL" --vault "$WORK/host-b"
+C key list --vault "$WORK/host-a"
 
-say "4. day one: both hosts at once (B's VM is the same golden image)"
+say "5. day one: both hosts at once (B's VM is the same golden image)"
 C backup --vault "$WORK/host-a" --item vm-a "$WORK/vm-a.img" &
 A=$!
 C backup --vault "$WORK/host-b" --item vm-b "$WORK/vm-b.img"
 wait $A
 cp --sparse=always "$WORK/vm-a.img" "$WORK/vm-a.day1"; cp --sparse=always "$WORK/vm-b.img" "$WORK/vm-b.day1"
 
-say "5. day two: each VM wrote 10 MiB; both hosts back up again"
+say "6. day two: each VM wrote 10 MiB; both hosts back up again"
 churn "$WORK/vm-a.img" 1; churn "$WORK/vm-b.img" 2
 C backup --vault "$WORK/host-a" --item vm-a "$WORK/vm-a.img" &
 A=$!
 C backup --vault "$WORK/host-b" --item vm-b "$WORK/vm-b.img"
 wait $A
 
-say "6. GC from host B, twice: nothing is dead, so nothing goes (the golden image both hosts
+say "7. GC from host B, twice: nothing is dead, so nothing goes (the golden image both hosts
 uploaded at the same moment is stored twice, and GC keeps every copy of a live chunk)"
 C gc --vault "$WORK/host-b"
 C gc --vault "$WORK/host-b"
 
-say "7. host C: a fresh, empty cache directory and the URL"
+say "8. host C: a fresh, empty cache directory and the URL"
 C vault attach --store "$URL" --vault "$WORK/host-c"
 C vault show --vault "$WORK/host-c" | sed -n '1,16p'
 for vm in vm-a vm-b; do
@@ -95,7 +107,28 @@ for vm in vm-a vm-b; do
 done
 C verify --vault "$WORK/host-c" --read-data
 
-say "8. summary"
+say "9. what a bucket reader sees: no block of either image in anything Azurite stores"
+python3 - "$WORK/azurite" "$WORK/vm-a.img" "$WORK/vm-b.img" <<'EOF'
+import os, sys
+root, images = sys.argv[1], sys.argv[2:]
+blocks = set()
+for img in images:
+    with open(img, "rb") as f:
+        while (b := f.read(4096)):
+            if b.strip(b"\0"):
+                blocks.add(b)
+found = files = 0
+for d, _, names in os.walk(root):
+    for n in names:
+        with open(os.path.join(d, n), "rb") as f:
+            data = f.read()
+        files += 1
+        found += sum(1 for i in range(0, max(len(data) - 4095, 0), 512) if data[i:i + 4096] in blocks)
+print(f"{files} files of Azurite's storage scanned (512-byte steps): {found} blocks of the images found")
+sys.exit(1 if found else 0)
+EOF
+
+say "10. summary"
 C --output json vault show --vault "$WORK/host-c" | python3 -c '
 import json, sys
 s = json.load(sys.stdin)

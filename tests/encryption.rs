@@ -6,10 +6,10 @@
 //! brings a vault back when every slot is lost; a damaged sealed record is
 //! found by `verify` and never restored.
 
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
+use crate::common::plaintext::{blocks_of, files_with_plaintext};
 use crate::common::*;
 
 const KIB: usize = 1024;
@@ -31,56 +31,6 @@ fn json_key(key: &Path, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["--output", "json"];
     all.extend_from_slice(args);
     serde_json::from_str(&ok_key(key, &all)).unwrap()
-}
-
-/// Every non-zero 4 KiB block of `image`.
-fn blocks_of(image: &Path) -> HashSet<Vec<u8>> {
-    std::fs::read(image)
-        .unwrap()
-        .chunks(4 * KIB)
-        .filter(|b| b.iter().any(|&x| x != 0))
-        .map(<[u8]>::to_vec)
-        .collect()
-}
-
-/// Every file under `dirs`.
-fn files_under(dirs: &[PathBuf]) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo: Vec<PathBuf> = dirs.to_vec();
-    while let Some(d) = todo.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            let t = e.file_type().unwrap();
-            if t.is_dir() {
-                todo.push(p);
-            } else if t.is_file() {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-/// The files under `dirs` that hold any of `blocks` (compared at every 4
-/// KiB-aligned and every 512-byte-aligned offset: a record payload starts
-/// anywhere).
-fn files_with_plaintext(dirs: &[PathBuf], blocks: &HashSet<Vec<u8>>) -> Vec<PathBuf> {
-    // Index the blocks by their first 64 bytes, then scan every offset.
-    let heads: HashSet<&[u8]> = blocks.iter().map(|b| &b[..64]).collect();
-    let mut found = Vec::new();
-    for f in files_under(dirs) {
-        let data = std::fs::read(&f).unwrap();
-        let hit = data.windows(64).enumerate().any(|(i, w)| {
-            heads.contains(w) && data.get(i..i + 4 * KIB).is_some_and(|b| blocks.contains(b))
-        });
-        if hit {
-            found.push(f);
-        }
-    }
-    found
 }
 
 #[test]

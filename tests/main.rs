@@ -31,6 +31,7 @@ mod nbd_fake_server;
 mod nbd_qcow2;
 mod nbd_windows;
 mod object_store;
+mod object_store_encrypted;
 mod policy_rules;
 mod power_loss;
 mod protection;

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 
 /// Azurite's well-known development account.
-const ACCOUNT: &str = "devstoreaccount1";
-const KEY: &str =
+pub(crate) const ACCOUNT: &str = "devstoreaccount1";
+pub(crate) const KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 /// A running storage emulator (Azurite, or moto's S3 server), stopped on
@@ -46,7 +46,7 @@ fn wait_for_port(port: u16, what: &str) {
     }
 }
 
-fn npm_root() -> Option<PathBuf> {
+pub(crate) fn npm_root() -> Option<PathBuf> {
     let out = Command::new("npm").args(["root", "-g"]).output().ok()?;
     out.status
         .success()
@@ -202,7 +202,7 @@ impl Drop for Emulator {
     }
 }
 
-fn url(container: &str, prefix: &str) -> String {
+pub(crate) fn url(container: &str, prefix: &str) -> String {
     format!("azure://{ACCOUNT}/{container}/{prefix}")
 }
 
@@ -304,6 +304,8 @@ fn create_in_store(az: &Emulator, store: &str, cache: &Path, area: &Path) {
         "create",
         "--store",
         store,
+        "--encryption",
+        "none",
         "--vault",
         s(cache),
         "--snapshot-area",
@@ -388,6 +390,8 @@ fn a_fresh_host_opens_the_vault_from_its_url_and_restores_every_point() {
         "create",
         "--store",
         &store,
+        "--encryption",
+        "none",
         "--vault",
         s(&t.path().join("h3")),
     ]);
@@ -413,6 +417,8 @@ fn a_fresh_host_opens_the_vault_from_its_url_and_restores_every_point() {
         "create",
         "--store",
         "ftp://host/x",
+        "--encryption",
+        "none",
         "--vault",
         s(&t.path().join("h5")),
     ]);
@@ -878,6 +884,8 @@ fn a_grs_secondary_in_a_blob_container_restores_with_the_primary_gone() {
         s(&primary),
         "--secondary",
         &sec,
+        "--encryption",
+        "none",
         "--snapshot-area",
         s(&t.path().join("area")),
     ]);
@@ -1072,6 +1080,10 @@ fn create_on_a_missing_container_fails_in_one_line_saying_how_to_create_it() {
         return;
     };
     let t = tempfile::tempdir().unwrap();
+    // Encrypted by default in a store: the key is given, so the one line
+    // is about the container.
+    let key = t.path().join("key");
+    random_file(&key, 32, 9);
     let store = url("absent", "v");
     let h = t.path().join("h");
     let out = az.run(&[
@@ -1079,6 +1091,8 @@ fn create_on_a_missing_container_fails_in_one_line_saying_how_to_create_it() {
         "create",
         "--store",
         &store,
+        "--key-file",
+        s(&key),
         "--vault",
         s(&h),
         "--snapshot-area",
@@ -1101,6 +1115,7 @@ fn create_on_a_missing_container_fails_in_one_line_saying_how_to_create_it() {
             "d3JvbmdrZXl3cm9uZ2tleXdyb25na2V5d3Jvbmdr",
         )
         .args(["vault", "create", "--store", &url("present", "v")])
+        .args(["--key-file", s(&key)])
         .args(["--vault", s(&t.path().join("h2"))])
         .args(["--snapshot-area", s(&t.path().join("a2"))])
         .output()
@@ -1159,12 +1174,16 @@ fn s3_gc_stops_on_a_point_it_cannot_decode_and_on_a_lease_it_cannot_read() {
         return;
     };
     let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("key");
+    random_file(&key, 32, 9);
     // A missing bucket: one line, saying how to create it.
     let out = m.run(&[
         "vault",
         "create",
         "--store",
         "s3://nobucket/v",
+        "--key-file",
+        s(&key),
         "--vault",
         s(&t.path().join("nb")),
         "--snapshot-area",
@@ -1234,8 +1253,32 @@ fn s3_gc_stops_on_a_point_it_cannot_decode_and_on_a_lease_it_cannot_read() {
     restore_same(&m, &h, "keep", 1, &keep);
 }
 
+/// Downloads every blob of `container` in Azurite into `to`, one file per
+/// blob at its name (`scripts/azure-download.js`): what a bucket reader
+/// holds. Returns how many blobs there were.
+pub(crate) fn azure_download(az: &Emulator, container: &str, to: &Path) -> usize {
+    let root = npm_root().expect("npm root");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/azure-download.js");
+    let out = Command::new("node")
+        .env("NODE_PATH", &root)
+        .arg(script)
+        .args([az.endpoint.as_str(), ACCOUNT, KEY, container])
+        .arg(to)
+        .output()
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "download failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("blob count")
+}
+
 /// Uploads the file `from` as blob `name` of `container` in Azurite.
-fn azure_put(az: &Emulator, container: &str, name: &str, from: &Path) {
+pub(crate) fn azure_put(az: &Emulator, container: &str, name: &str, from: &Path) {
     let root = npm_root().expect("npm root");
     let code = r#"const { BlobServiceClient, StorageSharedKeyCredential } = require("@azure/storage-blob");
 const [endpoint, account, key, container, name, file] = process.argv.slice(1);

@@ -174,6 +174,8 @@ fn a_shared_vaults_catalog_makes_no_host_run_a_hook_or_read_an_image() {
         "create",
         "--store",
         store,
+        "--encryption",
+        "none",
         "--vault",
         s(&ha),
         "--snapshot-area",

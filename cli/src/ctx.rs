@@ -133,8 +133,12 @@ pub fn copy_dir(ctx: &Ctx, dir: &Path, from: Option<CopySource>) -> anyhow::Resu
     // A secondary in a blob container is read through a local cache.
     if coffre_engine::store::format::remote::is_store_url(&found) {
         let url = found.to_string_lossy().into_owned();
-        return coffre_engine::vault_ops::secondary_cache(&url, Duration::from_secs(60))
-            .with_context(|| format!("cannot read the secondary {url}"));
+        return coffre_engine::vault_ops::secondary_cache(
+            &url,
+            Duration::from_secs(60),
+            Some(ctx.keys.clone()),
+        )
+        .with_context(|| format!("cannot read the secondary {url}"));
     }
     Ok(found)
 }

@@ -151,7 +151,11 @@ fn shared_gc(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
     let config = coffre_engine::store::VaultConfig::load_with(dir, Some(&*ctx.keys))
         .with_context(|| format!("cannot open vault {}", dir.display()))?;
     let report = run_as_job(dir, config.keys(), Operation::Gc, &*ctx.clock, || {
-        coffre_engine::vault_ops::shared_gc(dir, ctx.lock_timeout.max(Duration::from_secs(60)))
+        coffre_engine::vault_ops::shared_gc(
+            dir,
+            ctx.lock_timeout.max(Duration::from_secs(60)),
+            Some(ctx.keys.clone()),
+        )
     })
     .with_context(|| format!("gc of {} failed", dir.display()))?;
     output::emit(ctx.fmt, &report, |r| {

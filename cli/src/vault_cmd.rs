@@ -40,9 +40,21 @@ fn parse_redundancy(r: &str) -> anyhow::Result<Redundancy> {
         .map_err(|e| anyhow::anyhow!("--redundancy: {e}"))
 }
 
+/// True when the vault `vault create` makes sends its data off the host:
+/// it lives in object storage, or its GRS secondary is a container.
+fn leaves_the_host(args: &CreateArgs) -> bool {
+    args.store.is_some()
+        || args
+            .secondary
+            .as_deref()
+            .is_some_and(coffre_engine::store::format::remote::is_store_url)
+}
+
 /// The encryption `vault create` starts a vault with: the cipher asked
-/// for (default: aes-256-gcm in object storage, none locally), a new
-/// master key, and its first slot for the command's key source.
+/// for (default: aes-256-gcm when the data leaves the host, in object
+/// storage or through a secondary in a container; none for a local
+/// vault), a new master key, and its first slot for the command's key
+/// source.
 fn new_encryption(
     args: &CreateArgs,
     keys: &crate::keys::KeySources,
@@ -50,32 +62,34 @@ fn new_encryption(
 ) -> anyhow::Result<Option<vault_ops::NewEncryption>> {
     use coffre_engine::store::crypto::{Cipher, KeySlot, MasterKey};
     let cipher = match args.encryption.as_deref() {
-        Some("none") => return Ok(None),
+        Some("none") => {
+            if leaves_the_host(args) {
+                eprintln!(
+                    "warning: --encryption none: this vault's data leaves the host unencrypted; whoever can read the bucket or container reads every disk"
+                );
+            }
+            return Ok(None);
+        }
         Some(name) => Cipher::parse(name).ok_or_else(|| {
             anyhow::anyhow!("--encryption {name:?}: aes-256-gcm, chacha20-poly1305 or none")
         })?,
+        None if leaves_the_host(args) => Cipher::Aes256Gcm,
         None => return Ok(None),
     };
-    // Not yet: the shared-vault path (leases, GC, refresh from the store)
-    // and secondaries in containers do not carry the keys (issue 23).
-    if args.store.is_some()
-        || args
-            .secondary
-            .as_deref()
-            .is_some_and(coffre_engine::store::format::remote::is_store_url)
-    {
-        anyhow::bail!(
-            "--encryption with a vault or a secondary in object storage is not supported yet: encrypted vaults are local (with local replicas and secondaries) for now"
-        );
-    }
     let secret = match (&keys.key_file, &keys.password_command) {
         (Some(path), _) => crate::keys::Owned::KeyFile(crate::keys::read_key_file(path)?),
         (None, Some(cmd)) => crate::keys::Owned::Passphrase(crate::keys::run_password_command(
             cmd,
             "COFFRE_PASSWORD_COMMAND",
         )?),
-        (None, None) => crate::keys::new_secret(None)
-            .map_err(|e| anyhow::anyhow!("an encrypted vault needs a key: {e}"))?,
+        (None, None) => crate::keys::new_secret(None).map_err(|e| {
+            let why = if args.encryption.is_none() {
+                " (a vault whose data leaves the host is encrypted by default; `--encryption none` opts out)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("an encrypted vault needs a key{why}: {e}")
+        })?,
     };
     let master = MasterKey::generate()?;
     let slot = KeySlot::new(
@@ -198,6 +212,14 @@ pub fn set(ctx: &Ctx, dir: &Path, args: SetArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(replica = %d.display(), bytes = copied, "filled the replica");
     }
     if let Some(s) = &secondary {
+        if coffre_engine::store::format::remote::is_store_url(s) && vault.config().keys().is_none()
+        {
+            eprintln!(
+                "warning: vault {} is not encrypted: its data leaves the host unencrypted for {}; whoever can read that container reads every disk (a vault created with `--secondary` in a container is encrypted by default)",
+                dir.display(),
+                s.display()
+            );
+        }
         vault_ops::set_secondary(&vault, s)
             .with_context(|| format!("cannot set secondary {}", s.display()))?;
     }
@@ -375,7 +397,7 @@ pub fn show(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
 }
 
 pub fn attach(ctx: &Ctx, dir: &Path, url: &str) -> anyhow::Result<ExitCode> {
-    let vault = vault_ops::attach_vault(dir, url, ctx.lock_timeout)
+    let vault = vault_ops::attach_vault(dir, url, ctx.lock_timeout, Some(ctx.keys.clone()))
         .with_context(|| format!("cannot attach {} to the vault in {url}", dir.display()))?;
     let summary = vault_ops::summarize(&vault, ctx.clock.now())?;
     output::emit(ctx.fmt, &summary, |s| {

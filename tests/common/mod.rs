@@ -14,6 +14,7 @@ pub use coffre_vault_store::skip::skip;
 
 pub mod fake_agent;
 pub mod libvirt;
+pub mod plaintext;
 pub mod qemu;
 
 /// Path of the binary under test.

@@ -46,7 +46,7 @@ impl Vault {
         let role = copy_role(dir, config.keys().map(|k| k.as_ref()));
         let remote = Remote::load(dir)?;
         if !opts.skip_refresh && remote.is_some() {
-            crate::shared::refresh_cache(dir, wait, access)?;
+            crate::shared::refresh_cache(dir, wait, access, opts.unlock.clone())?;
         }
         if role != Role::Primary {
             // A replica or the secondary opened on its own (the primary is

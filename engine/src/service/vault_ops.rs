@@ -115,7 +115,15 @@ pub fn create_vault(dir: &Path, opts: &CreateOptions, clock: &dyn Clock) -> Resu
         )?;
     }
     let vault = match &opts.store {
-        Some(url) => coffre_vault_store::shared::create_in_store(dir, url, config)?,
+        Some(url) => coffre_vault_store::shared::create_in_store(
+            dir,
+            url,
+            config,
+            opts.encryption.as_ref().map(|e| {
+                std::sync::Arc::new(coffre_vault_store::shared::KnownKey(e.master.clone()))
+                    as std::sync::Arc<dyn coffre_vault_store::crypto::Unlock>
+            }),
+        )?,
         None => Vault::create(dir, config)?,
     };
     let mut b = coffre_vault_store::IndexBatch::default();
@@ -129,8 +137,13 @@ pub fn create_vault(dir: &Path, opts: &CreateOptions, clock: &dyn Clock) -> Resu
 
 /// Attaches the empty cache directory `dir` to the shared vault at `url`
 /// (another host created it): the index is built from the store.
-pub fn attach_vault(dir: &Path, url: &str, wait: std::time::Duration) -> Result<Vault> {
-    Ok(coffre_vault_store::shared::attach(dir, url, wait)?)
+pub fn attach_vault(
+    dir: &Path,
+    url: &str,
+    wait: std::time::Duration,
+    unlock: Option<std::sync::Arc<dyn coffre_vault_store::crypto::Unlock>>,
+) -> Result<Vault> {
+    Ok(coffre_vault_store::shared::attach(dir, url, wait, unlock)?)
 }
 
 /// GC of a shared vault in object storage (leases and two marks, see
@@ -139,6 +152,7 @@ pub fn attach_vault(dir: &Path, url: &str, wait: std::time::Duration) -> Result<
 pub fn shared_gc(
     dir: &Path,
     max_wait: std::time::Duration,
+    unlock: Option<std::sync::Arc<dyn coffre_vault_store::crypto::Unlock>>,
 ) -> Result<coffre_vault_store::shared::gc::SharedGcReport> {
     Ok(coffre_vault_store::shared::gc::run_shared_gc(
         dir,
@@ -146,6 +160,7 @@ pub fn shared_gc(
             max_wait,
             ttl: coffre_vault_store::lease::DEFAULT_LEASE_TTL,
             clock: coffre_vault_store::lease::system_clock(),
+            unlock,
         },
     )?)
 }
@@ -374,7 +389,11 @@ fn absolute(p: &Path) -> PathBuf {
 /// (`--secondary azure://…`): `CACHE_ROOT/coffre/secondary/HASH`, attached
 /// (its index built from the container) the first time. This is how
 /// `--from secondary` reads the secondary with the primary gone.
-pub fn secondary_cache(url: &str, wait: std::time::Duration) -> Result<PathBuf> {
+pub fn secondary_cache(
+    url: &str,
+    wait: std::time::Duration,
+    unlock: Option<std::sync::Arc<dyn coffre_vault_store::crypto::Unlock>>,
+) -> Result<PathBuf> {
     let root = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
@@ -391,7 +410,7 @@ pub fn secondary_cache(url: &str, wait: std::time::Duration) -> Result<PathBuf> 
             coffre_vault_store::store::local::private::create_dir_all(parent)
                 .map_err(|e| coffre_vault_store::StoreError::io("create directory", parent, e))?;
         }
-        drop(coffre_vault_store::shared::attach(&dir, url, wait)?);
+        drop(coffre_vault_store::shared::attach(&dir, url, wait, unlock)?);
     }
     Ok(dir)
 }

@@ -265,7 +265,10 @@ impl Copies {
         let keys = config.keys().map(|k| k.as_ref());
         let primary: SharedStore = match remote {
             Some(r) => {
-                let s = open_url(&r.url)?;
+                // An encrypted shared vault's leases, GC files, chunk
+                // lists and host claims are sealed on their way.
+                let s =
+                    crate::shared::sealed_state::wrap(open_url(&r.url)?, config.keys().cloned());
                 match wrap {
                     Some(w) => w(Role::Primary, s),
                     None => s,

@@ -127,11 +127,18 @@ fn read_leases(store: &dyn Store) -> Result<ReadLeases> {
             continue;
         }
         let name = crate::store::join(LEASES_DIR, &n);
-        if let Some(b) = store.get(&name)? {
-            match decode_lease(&b, &name) {
+        // A sealed lease that does not open (an encrypted vault's,
+        // `crate::shared::sealed_state`) is unreadable like a damaged one.
+        match store.get(&name) {
+            Ok(Some(b)) => match decode_lease(&b, &name) {
                 Ok(l) => good.push((name, l)),
                 Err(e) => bad.push((name, e.to_string())),
+            },
+            Ok(None) => {}
+            Err(e @ crate::error::StoreError::CorruptFile { .. }) => {
+                bad.push((name, e.to_string()));
             }
+            Err(e) => return Err(e),
         }
     }
     Ok((good, bad))

@@ -42,6 +42,9 @@ pub struct SharedGcOptions {
     pub ttl: Duration,
     /// Time.
     pub clock: Clock,
+    /// Unlocks an encrypted vault (its catalog and coordination files are
+    /// sealed).
+    pub unlock: Option<std::sync::Arc<dyn crate::crypto::Unlock>>,
 }
 
 /// Runs GC on the shared vault whose cache is `dir` (see the module docs).
@@ -55,7 +58,11 @@ pub fn run_shared_gc(dir: &Path, opts: &SharedGcOptions) -> Result<SharedGcRepor
             field: "gc",
             reason: format!("{} is not a shared vault's cache", dir.display()),
         })?;
-    let store = crate::copies::open_url(&remote.url)?;
+    let config = crate::format::config::VaultConfig::load_with(dir, opts.unlock.as_deref())?;
+    let store = super::sealed_state::wrap(
+        crate::copies::open_url(&remote.url)?,
+        config.keys().cloned(),
+    );
     // (1) Take gc/state.
     let hold = GcHold::take(store.clone(), remote.host_tag, opts.ttl, opts.clock.clone())?;
     let mut report = SharedGcReport {
@@ -125,7 +132,7 @@ fn gc_steps(
     }
     report.waited_for = waited.len() as u64;
     // (3) Mark: the cache rebuilt from the store counts every point.
-    let (dead, sizes) = mark(dir, store)?;
+    let (dead, sizes) = mark(dir, store, opts.unlock.clone())?;
     // (4) and (5).
     sweep_and_condemn(store, hold, &dead, &sizes, report)
 }
@@ -138,9 +145,14 @@ fn gc_steps(
 fn mark(
     dir: &Path,
     store: &dyn Store,
+    unlock: Option<std::sync::Arc<dyn crate::crypto::Unlock>>,
 ) -> Result<(BTreeSet<u64>, std::collections::HashMap<u64, u64>)> {
-    let (vault, rebuilt) =
-        crate::maintenance::rebuild::rebuild_index(dir, dir, Duration::from_secs(60))?;
+    let (vault, rebuilt) = crate::maintenance::rebuild::rebuild_index_unlocked(
+        dir,
+        dir,
+        Duration::from_secs(60),
+        unlock,
+    )?;
     check_rebuild(store, &rebuilt)?;
     let index = vault.index();
     let referenced = |id: &crate::ChunkId| -> Result<bool> {

@@ -20,9 +20,11 @@
 //! storage").
 
 pub mod gc;
+pub mod sealed_state;
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Result, StoreError};
@@ -83,36 +85,47 @@ fn check_attachable(dir: &Path) -> Result<()> {
     check_empty_cache(dir)
 }
 
-fn identity(config: &VaultConfig) -> Vec<u8> {
-    catalog_files::encode_copy(&CopyIdentity {
+/// The copy identity of a shared vault's store and caches, sealed in an
+/// encrypted vault.
+fn identity(config: &VaultConfig) -> Result<Vec<u8>> {
+    let plain = catalog_files::encode_copy(&CopyIdentity {
         vault_id: config.vault_id.clone(),
         vault_name: config.name.clone(),
         role: Role::Primary,
-    })
+    });
+    Ok(crate::copies::seal(COPY_FILE, &plain, config.keys().map(|k| k.as_ref()))?.into_owned())
 }
 
 /// Claims a host tag in `store` and writes the cache directory's files:
 /// the pointer, the identity and, last, the config (a directory without
 /// it is not a vault).
-fn write_cache(dir: &Path, url: &str, store: &dyn Store, config: &VaultConfig) -> Result<()> {
+fn write_cache(dir: &Path, url: &str, store: &SharedStore, config: &VaultConfig) -> Result<()> {
     let cache = LocalStore::new(dir);
     cache.create_root()?;
     cache.create_dir(INDEX_DIR)?;
     let host = host_name();
-    let tag = claim_tag(store, &host, seed())?;
+    // In an encrypted vault the claim (the host's name) is sealed.
+    let sealed = sealed_state::wrap(store.clone(), config.keys().cloned());
+    let tag = claim_tag(sealed.as_ref(), &host, seed())?;
     Remote {
         url: url.to_string(),
         host_tag: tag,
         host,
     }
     .store(dir)?;
-    cache.put(COPY_FILE, &identity(config))?;
+    cache.put(COPY_FILE, &identity(config)?)?;
     config.store(dir)
 }
 
 /// Creates a shared vault in the store at `url`, with this host's cache in
-/// `dir` (empty or missing), and returns it open for writing.
-pub fn create_in_store(dir: &Path, url: &str, mut config: VaultConfig) -> Result<Vault> {
+/// `dir` (empty or missing), and returns it open for writing (an encrypted
+/// one, whose `config` carries its keys, unlocked with `unlock`).
+pub fn create_in_store(
+    dir: &Path,
+    url: &str,
+    mut config: VaultConfig,
+    unlock: Option<Arc<dyn crate::crypto::Unlock>>,
+) -> Result<Vault> {
     config.validate()?;
     if !config.replicas.is_empty() || config.secondary.is_some() {
         return Err(StoreError::InvalidSetting {
@@ -133,7 +146,7 @@ pub fn create_in_store(dir: &Path, url: &str, mut config: VaultConfig) -> Result
             ),
         });
     }
-    store.put(COPY_FILE, &identity(&config))?;
+    store.put(COPY_FILE, &identity(&config)?)?;
     // The config is the store's last file: a store without it is no vault.
     // It holds no host-local setting (this host keeps its own in its cache).
     let (shared, _) = config.clone().without_host_settings();
@@ -143,33 +156,51 @@ pub fn create_in_store(dir: &Path, url: &str, mut config: VaultConfig) -> Result
             reason: format!("{url}: another host created a vault there at the same moment"),
         });
     }
-    write_cache(dir, &url, store.as_ref(), &config)?;
-    Vault::open(dir, Access::Write)
+    write_cache(dir, &url, &store, &config)?;
+    Vault::open_with(
+        dir,
+        Access::Write,
+        &crate::vault::OpenOptions {
+            unlock,
+            ..Default::default()
+        },
+    )
 }
 
 /// Attaches the cache directory `dir` (empty or missing) to the shared
-/// vault at `url`: downloads its config, claims a host tag and builds the
-/// index from the store. Returns the vault open for writing.
-pub fn attach(dir: &Path, url: &str, wait: Duration) -> Result<Vault> {
+/// vault at `url`: downloads its config (an encrypted vault's unlocked with
+/// `unlock`), claims a host tag and builds the index from the store.
+/// Returns the vault open for writing.
+pub fn attach(
+    dir: &Path,
+    url: &str,
+    wait: Duration,
+    unlock: Option<Arc<dyn crate::crypto::Unlock>>,
+) -> Result<Vault> {
     let url = canonical_url(url)?;
     check_attachable(dir)?;
     let store = crate::copies::open_url(&url)?;
     check_container(store.as_ref(), &url)?;
-    let Some(bytes) = store.get(CONFIG_FILE)? else {
+    if store.get(CONFIG_FILE)?.is_none() {
         return Err(StoreError::InvalidSetting {
             field: "store",
             reason: format!(
                 "{url} holds no coffre vault (no config); create one with `coffre vault create --store {url}`"
             ),
         });
-    };
-    let config = VaultConfig::decode(&bytes, Path::new(&format!("{url}/{CONFIG_FILE}")))?;
+    }
+    let config = crate::copies::state_files::load_config_with(
+        store.as_ref(),
+        Path::new(&url),
+        unlock.as_deref(),
+    )?;
     let config = host_config(config, &url);
-    write_cache(dir, &url, store.as_ref(), &config)?;
+    let keys = config.keys().cloned();
+    write_cache(dir, &url, &store, &config)?;
     // A GRS secondary in a container keeps its role: its cache reads, and
     // never writes, the copy.
     if let Some(id) = store.get(COPY_FILE)?
-        && let Ok(c) = catalog_files::decode_copy(&id)
+        && let Ok(c) = catalog_files::decode_copy_in(&id, keys.as_deref())
         && c.role != Role::Primary
     {
         if c.vault_id != config.vault_id {
@@ -180,7 +211,8 @@ pub fn attach(dir: &Path, url: &str, wait: Duration) -> Result<Vault> {
         }
         LocalStore::new(dir).put(COPY_FILE, &id)?;
     }
-    let (vault, report) = crate::maintenance::rebuild::rebuild_index(dir, dir, wait)?;
+    let (vault, report) =
+        crate::maintenance::rebuild::rebuild_index_unlocked(dir, dir, wait, unlock)?;
     tracing::info!(vault = %dir.display(), %url, chunks = report.chunks, points = report.points, "attached to the shared vault");
     Ok(vault)
 }
@@ -298,8 +330,14 @@ pub fn is_stale(dir: &Path, store: &dyn Store, own: std::ops::Range<u64>) -> Res
 }
 
 /// Brings the cache at `dir` up to date with its store (see the module
-/// docs); a no-op when nothing changed.
-pub fn refresh_cache(dir: &Path, wait: Duration, access: Access) -> Result<()> {
+/// docs; an encrypted vault's unlocked with `unlock`); a no-op when
+/// nothing changed.
+pub fn refresh_cache(
+    dir: &Path,
+    wait: Duration,
+    access: Access,
+    unlock: Option<Arc<dyn crate::crypto::Unlock>>,
+) -> Result<()> {
     let Some(remote) = Remote::load(dir)? else {
         return Ok(());
     };
@@ -308,7 +346,7 @@ pub fn refresh_cache(dir: &Path, wait: Duration, access: Access) -> Result<()> {
         return Ok(());
     }
     tracing::info!(vault = %dir.display(), url = %remote.url, "other hosts changed the vault; refreshing the cache");
-    match crate::maintenance::rebuild::rebuild_index(dir, dir, wait) {
+    match crate::maintenance::rebuild::rebuild_index_unlocked(dir, dir, wait, unlock) {
         Ok((vault, _)) => drop(vault),
         // A reader while this host writes: the cache as it is (what this
         // host committed is in it; the others' comes at the next open).
@@ -318,6 +356,20 @@ pub fn refresh_cache(dir: &Path, wait: Duration, access: Access) -> Result<()> {
         Err(e) => return Err(e),
     }
     Ok(())
+}
+
+/// Unlocks with a master key already in hand: the creating host's, which
+/// just generated it.
+pub struct KnownKey(pub crate::crypto::MasterKey);
+
+impl crate::crypto::Unlock for KnownKey {
+    fn master_key(
+        &self,
+        _vault: &Path,
+        _slots: &[crate::crypto::KeySlot],
+    ) -> std::result::Result<crate::crypto::MasterKey, crate::crypto::CryptoError> {
+        Ok(self.0.clone())
+    }
 }
 
 /// Claims a free host tag in `store` for `host` (a conditional create of
