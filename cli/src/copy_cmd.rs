@@ -155,13 +155,17 @@ fn line(p: &PointCopy) -> String {
         (_, _, Some(r)) => r.clone(),
         _ => String::new(),
     };
-    format!(
+    let mut out = format!(
         "{what:<10} {:<20} {:<12} {}  {:>10}  {detail}\n",
         p.item,
         p.point,
         when(p.created),
         bytes(p.image_size)
-    )
+    );
+    for w in &p.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
+    out
 }
 
 /// The table's last lines.

@@ -110,8 +110,14 @@ impl<'v> PointSource<'v> {
     }
 
     /// Reads `offset..offset + len` into a lent buffer: the point's blocks
-    /// that cover it, decoded in parallel.
-    fn read_window(&self, offset: u64, len: usize) -> Result<Window<'_>> {
+    /// that cover it (only those that overlap `wanted`, when given; the
+    /// others read as holes), decoded in parallel.
+    fn read_window(
+        &self,
+        offset: u64,
+        len: usize,
+        wanted: Option<&[Range<usize>]>,
+    ) -> Result<Window<'_>> {
         let size = self.point.image_size;
         let bs = u64::from(self.point.block_size);
         let end = offset.checked_add(len as u64).filter(|&e| e <= size);
@@ -130,14 +136,11 @@ impl<'v> PointSource<'v> {
         let first = offset / bs;
         let n = usize::try_from((end - 1) / bs - first + 1)
             .map_err(|_| self.damaged(format!("window {offset}+{len} is too large")))?;
-        let entries: Vec<Entry> = self
+        let mut entries: Vec<Entry> = self
             .map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entries(first, n)?;
-        let locs = self.locations(&entries);
-        self.vault
-            .read_ahead(&locs.iter().flatten().copied().collect::<Vec<_>>());
         // Each block's part of the window (only the first and the last may
         // be partial) and where the part starts in the block.
         let parts: Vec<(u64, Range<usize>, usize)> = (0..n as u64)
@@ -151,6 +154,16 @@ impl<'v> PointSource<'v> {
                 )
             })
             .collect();
+        if let Some(wanted) = wanted {
+            for ((_, r, _), e) in parts.iter().zip(entries.iter_mut()) {
+                if !wanted.iter().any(|w| w.start < r.end && r.start < w.end) {
+                    *e = None;
+                }
+            }
+        }
+        let locs = self.locations(&entries);
+        self.vault
+            .read_ahead(&locs.iter().flatten().copied().collect::<Vec<_>>());
         let mut data: Vec<Range<usize>> = Vec::new();
         for ((_, r, _), e) in parts.iter().zip(&entries) {
             if e.is_none() {
@@ -266,7 +279,18 @@ impl ImageSource for PointSource<'_> {
     }
 
     fn window(&self, offset: u64, len: usize) -> coffre_snapshotter::Result<Window<'_>> {
-        self.read_window(offset, len).map_err(|e| self.fail(e))
+        self.read_window(offset, len, None)
+            .map_err(|e| self.fail(e))
+    }
+
+    fn window_for(
+        &self,
+        offset: u64,
+        len: usize,
+        wanted: &[Range<usize>],
+    ) -> coffre_snapshotter::Result<Window<'_>> {
+        self.read_window(offset, len, Some(wanted))
+            .map_err(|e| self.fail(e))
     }
 
     fn check_unchanged(&self) -> coffre_snapshotter::Result<()> {

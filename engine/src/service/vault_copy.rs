@@ -11,7 +11,10 @@
 //! uses it already. The destination hashes, compares with the item's
 //! previous point there, deduplicates, compresses and seals as a backup
 //! does, so day-to-day points stay incremental, whatever the two vaults'
-//! keys and block sizes.
+//! keys and block sizes. When the destination's parent is the copy of
+//! the source point before, the blocks whose chunk ids did not change
+//! between the two source points are not even read (the source's block
+//! maps are the changed-block list; a sample of them is checked).
 //!
 //! Points are copied oldest first, one committed point at a time. A point
 //! the destination holds already (the same item, creation time and image
@@ -37,9 +40,11 @@ use serde::Serialize;
 
 use crate::backup::{PointTerms, point_id, thread_pool};
 use crate::error::{EngineError, Result};
-use crate::ingest::{IngestRequest, ingest};
+use crate::ingest::{CleanBlocks, IngestRequest, ingest};
 use crate::point_source::PointSource;
 use crate::progress::Progress;
+use crate::reader::BlockMapReader;
+use coffre_vault_store::format::blockmap::{LEAF_ENTRIES, block_count};
 
 /// What to copy and how.
 #[derive(Debug, Clone, Default)]
@@ -93,6 +98,9 @@ pub struct PointCopy {
     /// Why it was skipped or failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What the copy did less than perfectly.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// An item of the source that was not looked at, and why.
@@ -201,6 +209,7 @@ pub fn copy_points(
                 to_point: None,
                 stats: None,
                 reason: None,
+                warnings: Vec::new(),
             };
             if let Some(q) = there.iter().find(|q| q.created == p.created) {
                 done.to_point = Some(q.id.clone());
@@ -235,6 +244,7 @@ pub fn copy_points(
                         done.action = CopyAction::Copied;
                         done.to_point = Some(outcome.point.id);
                         done.stats = Some(outcome.point.stats);
+                        done.warnings = outcome.warnings;
                         report.copied += 1;
                     }
                     Err(EngineError::Abandoned) => return Err(EngineError::Abandoned),
@@ -313,6 +323,10 @@ fn copy_one(
         .filter(|q| q.created < p.created)
         .max_by_key(|q| (q.created, q.seq))
         .cloned();
+    let clean = match &parent {
+        Some(q) => clean_blocks(src, p, q, dst.config().block_size)?,
+        None => None,
+    };
     let req = IngestRequest {
         item: ItemRecord {
             name: item.name.clone(),
@@ -336,6 +350,7 @@ fn copy_one(
             job: None,
         },
         parent,
+        clean,
         rate_limit: opts.rate_limit,
     };
     ingest(dst, &source, &req, pool, progress, stop).map_err(|e| {
@@ -343,4 +358,55 @@ fn copy_one(
         // block, rather than the window that carried it.
         source.take_failure().unwrap_or(e)
     })
+}
+
+/// The blocks of the copy of `p` known to hold what `parent` (a point of
+/// the destination) holds, left unread: when `parent` is the copy of a
+/// point of the source (the same id, creation time, size, level,
+/// changed-block record and retention), the destination blocks whose
+/// source blocks have the same chunk ids in both source points. `None`
+/// when there is nothing to go by. The ingest checks a sample before it
+/// trusts them.
+fn clean_blocks(
+    src: &Vault,
+    p: &PointRecord,
+    parent: &PointRecord,
+    dst_block_size: u32,
+) -> Result<Option<CleanBlocks>> {
+    // A copy keeps all of these; a point of the destination's own that
+    // matched them all by chance would need a 48-bit id collision.
+    let Some(was) = src.points(&p.item)?.into_iter().find(|s| {
+        s.id == parent.id
+            && s.created == parent.created
+            && s.image_size == parent.image_size
+            && s.level == parent.level
+            && s.cbt == parent.cbt
+            && s.scheduled == parent.scheduled
+            && s.retain_until == parent.retain_until
+    }) else {
+        return Ok(None);
+    };
+    if was.image_size != p.image_size || was.block_size != p.block_size || was.id == p.id {
+        return Ok(None);
+    }
+    let size = p.image_size;
+    let (sbs, dbs) = (u64::from(p.block_size), u64::from(dst_block_size));
+    let mut clean = CleanBlocks::all_clean(block_count(size, dst_block_size));
+    let mut now = BlockMapReader::open(src, p)?;
+    let mut then = BlockMapReader::open(src, &was)?;
+    let blocks = now.blocks();
+    let mut first = 0u64;
+    while first < blocks {
+        let n = (blocks - first).min(LEAF_ENTRIES as u64) as usize;
+        let (a, b) = (now.entries(first, n)?, then.entries(first, n)?);
+        for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+            if x != y {
+                let sb = first + k as u64;
+                let (start, end) = (sb * sbs, ((sb + 1) * sbs).min(size));
+                clean.dirty(start / dbs..end.div_ceil(dbs));
+            }
+        }
+        first += n as u64;
+    }
+    Ok(Some(clean))
 }
