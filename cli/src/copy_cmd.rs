@@ -192,8 +192,9 @@ fn summary(r: &CopyReport) -> String {
         r.skipped,
         if r.failed > 0 {
             format!(
-                ", {} FAILED (run again once the source is repaired)",
-                r.failed
+                ", {} FAILED (repair the source, e.g. `coffre verify --vault {} --read-data --repair` when it has another copy, and run again)",
+                r.failed,
+                r.from.display()
             )
         } else {
             String::new()
@@ -202,11 +203,11 @@ fn summary(r: &CopyReport) -> String {
     ));
     if !r.items_created.is_empty() {
         out.push_str(&format!(
-            "created item(s) {} in {}, protection stopped (no backups, no expiry): to move an image's backups there, `coffre unprotect --vault {} --item NAME` then `coffre protect --vault {} --item NAME --policy POLICY IMAGE`\n",
+            "created item(s) {} in {}, protection stopped (no backups, no expiry); `coffre protect --vault {} --item NAME --policy POLICY IMAGE` resumes one once {} no longer holds it (an image is protected in one vault only)\n",
             r.items_created.join(", "),
             r.to.display(),
-            r.from.display(),
-            r.to.display()
+            r.to.display(),
+            r.from.display()
         ));
     }
     out
