@@ -138,6 +138,43 @@ fn assert_restores(vault: &Path, env: &[(&str, &str)], item: &str, ids: &[&str],
     }
 }
 
+/// The non-zero 4 KiB blocks of `image` that are incompressible (random:
+/// a record stores them as they are unless it is sealed).
+fn blocks_of(image: &Path) -> std::collections::HashSet<Vec<u8>> {
+    std::fs::read(image)
+        .unwrap()
+        .chunks(4 << 10)
+        .filter(|b| b.iter().any(|&x| x != 0) && b.iter().filter(|&&x| x == b' ').count() < 64)
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+/// True when a file under `dir` holds one of `blocks` at any offset.
+fn holds_any(dir: &Path, blocks: &std::collections::HashSet<Vec<u8>>) -> bool {
+    let heads: std::collections::HashSet<&[u8]> = blocks.iter().map(|b| &b[..64]).collect();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+                continue;
+            }
+            let data = std::fs::read(&p).unwrap();
+            let hit = data.windows(64).enumerate().any(|(i, w)| {
+                heads.contains(w)
+                    && data
+                        .get(i..i + (4 << 10))
+                        .is_some_and(|b| blocks.contains(b))
+            });
+            if hit {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// The actions of a copy report's points, in order.
 fn actions(report: &serde_json::Value) -> Vec<(String, String)> {
     report["points"]
@@ -209,6 +246,11 @@ fn a_plain_vault_copied_into_an_encrypted_one_restores_every_point() {
         );
     }
     ok_env(&dkey, &["verify", "--vault", s(&dst), "--read-data"]);
+    // Encrypted: the plain vault holds the images' blocks in clear, the
+    // copy none of them.
+    let blocks = blocks_of(&days_a[0]);
+    assert!(holds_any(&src, &blocks), "the check finds nothing");
+    assert!(!holds_any(&dst, &blocks), "plaintext in the encrypted copy");
     // The item is there with protection stopped: nothing is scheduled.
     let item = json_env(
         &dkey,
