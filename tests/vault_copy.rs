@@ -289,12 +289,21 @@ fn a_plain_vault_copied_into_an_encrypted_one_restores_every_point() {
 #[test]
 fn item_and_dry_run_limit_what_is_copied() {
     let t = tempfile::tempdir().unwrap();
+    // The source's blocks are larger than the destination's this time,
+    // and the image is not a whole number of them.
     let src = t.path().join("src");
-    create(&src, &[], &[]);
+    create(&src, &[], &["--block-size", "512K"]);
     three_days(&src, &[], "vm-a", &t.path().join("a.img"), 1 << 20, 3);
-    three_days(&src, &[], "vm-b", &t.path().join("b.img"), 1 << 20, 4);
+    let days_b = three_days(
+        &src,
+        &[],
+        "vm-b",
+        &t.path().join("b.img"),
+        (3 << 20) + 4096,
+        4,
+    );
     let dst = t.path().join("dst");
-    create(&dst, &[], &["--block-size", "128K"]);
+    create(&dst, &[], &[]);
 
     let report = json(&[
         "vault",
@@ -312,7 +321,13 @@ fn item_and_dry_run_limit_what_is_copied() {
             .iter()
             .all(|(i, a)| i == "vm-b" && a == "copied")
     );
-    assert_eq!(vault_points(&dst, "vm-b").len(), 3);
+    let ids: Vec<String> = vault_points(&dst, "vm-b")
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    assert_restores(&dst, &[], "vm-b", &ids, &days_b);
     let items = json(&["item", "list", "--vault", s(&dst)]);
     assert_eq!(items.as_array().unwrap().len(), 1, "{items:#}");
 
