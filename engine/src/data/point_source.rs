@@ -302,3 +302,95 @@ impl ImageSource for PointSource<'_> {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::PointTerms;
+    use crate::ingest::{IngestRequest, ingest};
+    use crate::progress::NoProgress;
+    use crate::{ManualClock, MemImage};
+    use coffre_vault_store::format::catalog::{Hooks, ItemRecord, Protection};
+
+    #[test]
+    fn windows_at_any_offset_read_what_the_point_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new("2027-01-01T00:00:00Z".parse().unwrap());
+        let vault = crate::vault_ops::create_vault(
+            &dir.path().join("v"),
+            &crate::vault_ops::CreateOptions::default(),
+            &clock,
+        )
+        .unwrap();
+        let pool = crate::backup::thread_pool(2).unwrap();
+        // Ten 64 KiB blocks and a bit: data, a zero block (4), data, and
+        // a short last block.
+        let bs = 64usize << 10;
+        let mut image: Vec<u8> = (0..10 * bs + 1000)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1])
+            .collect();
+        image[4 * bs..5 * bs].fill(0);
+        let created = crate::Clock::now(&clock);
+        let req = IngestRequest {
+            item: ItemRecord {
+                name: "m".into(),
+                source: "/m.img".into(),
+                created,
+                next_seq: 1,
+                policy: None,
+                protection: Protection::Protected,
+                last_slot: None,
+                identity: None,
+                hooks: Hooks::default(),
+            },
+            point_id: "p1".into(),
+            created,
+            level: None,
+            cbt: None,
+            terms: PointTerms::default(),
+            parent: None,
+            clean: None,
+            rate_limit: None,
+        };
+        let point = ingest(
+            &vault,
+            &MemImage::new("/m.img", image.clone()),
+            &req,
+            &pool,
+            &NoProgress,
+            &|| false,
+        )
+        .unwrap()
+        .point;
+        let src = PointSource::open(&vault, &point, &pool).unwrap();
+        assert_eq!(src.size(), image.len() as u64);
+        for (offset, len) in [
+            (0usize, image.len()),
+            (1000, 70_000),
+            (4 * bs - 10, bs + 20),
+            (9 * bs + 500, bs + 500),
+            (image.len(), 0),
+        ] {
+            let w = src.window(offset as u64, len).unwrap();
+            assert_eq!(w.bytes(), &image[offset..offset + len], "{offset}+{len}");
+            // The zero block is a hole, never read.
+            let zero = (4 * bs).saturating_sub(offset)..(5 * bs).saturating_sub(offset);
+            if zero.start < len && !zero.is_empty() {
+                assert!(w.is_hole(zero.start..zero.end.min(len)), "{offset}+{len}");
+            }
+        }
+        // Only the wanted ranges are read; the rest reads as a hole.
+        let w = src
+            .window_for(0, 3 * bs, std::slice::from_ref(&(bs + 10..bs + 20)))
+            .unwrap();
+        assert_eq!(&w.bytes()[bs..2 * bs], &image[bs..2 * bs]);
+        assert!(w.bytes()[..bs].iter().all(|&b| b == 0));
+        assert!(w.is_hole(0..bs) && w.is_hole(2 * bs..3 * bs));
+        // Past the end: an error naming the point, never short bytes.
+        let Err(err) = src.window(image.len() as u64 - 10, 20) else {
+            panic!("a window past the end was read");
+        };
+        assert!(err.to_string().contains("past the image"), "{err}");
+        assert!(src.take_failure().is_some());
+    }
+}
