@@ -55,6 +55,7 @@ mod snapshot_hooks_trust;
 mod snapshot_tier;
 mod snapshot_writer;
 mod source_changed;
+mod vault_copy;
 mod vault_create;
 mod vault_locked;
 mod vault_permissions;

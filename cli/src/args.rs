@@ -778,4 +778,35 @@ pub enum VaultCommand {
         #[command(flatten)]
         vault: VaultArg,
     },
+    /// Copy recovery points into another vault, oldest first, re-chunked
+    /// for its key and block size (e.g. an unencrypted vault into a new
+    /// encrypted one). Points the destination holds already are skipped:
+    /// an interrupted copy is completed by running it again.
+    Copy {
+        /// The source vault (opened read-only; its key: --key-file,
+        /// COFFRE_KEY_FILE, COFFRE_PASSWORD_COMMAND or a prompt).
+        #[arg(long, value_name = "DIR", value_parser = any_path)]
+        from: PathBuf,
+        /// The destination vault, created first with `coffre vault create`
+        /// (which chooses its encryption and block size).
+        #[arg(long, value_name = "DIR", value_parser = any_path)]
+        to: PathBuf,
+        /// The destination's key file; also COFFRE_TO_KEY_FILE. Without
+        /// it: COFFRE_TO_PASSWORD_COMMAND, then a prompt.
+        #[arg(long, value_name = "FILE")]
+        to_key_file: Option<PathBuf>,
+        /// Copy only this item (repeat for more; default: every item but
+        /// the soft-deleted ones).
+        #[arg(long, value_name = "NAME")]
+        item: Vec<String>,
+        /// List what would be copied; copy nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Limit read throughput, e.g. 50M (bytes per second of the
+        /// source points; K, M, G are binary units).
+        #[arg(long, value_name = "RATE", value_parser = crate::units::parse_size)]
+        rate_limit: Option<u64>,
+        #[command(flatten)]
+        threads: ThreadsArg,
+    },
 }

@@ -68,6 +68,26 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 secondary,
             },
         ),
+        Command::Vault(VaultCommand::Copy {
+            from,
+            to,
+            to_key_file,
+            item,
+            dry_run,
+            rate_limit,
+            threads,
+        }) => crate::copy_cmd::run(
+            &ctx,
+            crate::copy_cmd::CopyArgs {
+                from,
+                to,
+                to_key_file,
+                items: item,
+                dry_run,
+                rate_limit,
+                threads: threads.threads,
+            },
+        ),
         Command::Vault(VaultCommand::RebuildIndex { vault, from }) => {
             crate::vault_cmd::rebuild_index(&ctx, &vault.vault, from.as_deref())
         }

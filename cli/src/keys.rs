@@ -7,7 +7,10 @@
 //! 3. a prompt on the terminal, when there is one.
 //!
 //! The daemon and the scheduler have no terminal: they need 1 or 2
-//! (README, "Encryption"). What a source unlocked is remembered for the
+//! (README, "Encryption"). `vault copy` opens a second vault, its
+//! destination, with sources of its own ([`KeySources::destination`]:
+//! `--to-key-file` or `COFFRE_TO_KEY_FILE`, `COFFRE_TO_PASSWORD_COMMAND`,
+//! a prompt). What a source unlocked is remembered for the
 //! rest of the command, so a passphrase is stretched once however often
 //! the vault is opened.
 
@@ -53,6 +56,8 @@ pub struct KeySources {
     pub key_file: Option<PathBuf>,
     /// `COFFRE_PASSWORD_COMMAND`.
     pub password_command: Option<String>,
+    /// The variable the password command came from, for messages.
+    command_var: &'static str,
     /// A master key given directly (`key import`).
     pub master: Option<MasterKey>,
     /// What was unlocked.
@@ -70,6 +75,24 @@ impl KeySources {
             password_command: std::env::var("COFFRE_PASSWORD_COMMAND")
                 .ok()
                 .filter(|c| !c.trim().is_empty()),
+            command_var: "COFFRE_PASSWORD_COMMAND",
+            master: None,
+            unlocked: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The sources of `vault copy`'s destination: `--to-key-file` or
+    /// `COFFRE_TO_KEY_FILE`, then `COFFRE_TO_PASSWORD_COMMAND`, then a
+    /// prompt. The source vault's are never tried on it.
+    pub fn destination(key_file: Option<PathBuf>) -> KeySources {
+        KeySources {
+            key_file: key_file
+                .or_else(|| std::env::var_os("COFFRE_TO_KEY_FILE").map(PathBuf::from))
+                .filter(|p| !p.as_os_str().is_empty()),
+            password_command: std::env::var("COFFRE_TO_PASSWORD_COMMAND")
+                .ok()
+                .filter(|c| !c.trim().is_empty()),
+            command_var: "COFFRE_TO_PASSWORD_COMMAND",
             master: None,
             unlocked: Mutex::new(Vec::new()),
             memory: None,
@@ -89,6 +112,7 @@ impl KeySources {
         KeySources {
             key_file: None,
             password_command: None,
+            command_var: "COFFRE_PASSWORD_COMMAND",
             master: Some(master),
             unlocked: Mutex::new(Vec::new()),
             memory: None,
@@ -111,9 +135,14 @@ impl KeySources {
             return read_key_file(path).map(Owned::KeyFile);
         }
         if let Some(cmd) = &self.password_command {
-            return run_password_command(cmd, "COFFRE_PASSWORD_COMMAND").map(Owned::Passphrase);
+            return run_password_command(cmd, self.command_var).map(Owned::Passphrase);
         }
-        prompt(&format!("passphrase of {what}: ")).map(Owned::Passphrase)
+        let sources = if self.command_var == "COFFRE_TO_PASSWORD_COMMAND" {
+            "--to-key-file, COFFRE_TO_KEY_FILE or COFFRE_TO_PASSWORD_COMMAND"
+        } else {
+            "--key-file, COFFRE_KEY_FILE or COFFRE_PASSWORD_COMMAND"
+        };
+        prompt_or(&format!("passphrase of {what}: "), sources).map(Owned::Passphrase)
     }
 }
 
@@ -246,11 +275,18 @@ pub fn run_password_command(cmd: &str, name: &str) -> Result<Zeroizing<Vec<u8>>,
 
 /// Asks for a passphrase on the terminal.
 pub fn prompt(text: &str) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    prompt_or(
+        text,
+        "--key-file, COFFRE_KEY_FILE or COFFRE_PASSWORD_COMMAND",
+    )
+}
+
+/// Asks for a passphrase on the terminal; without one, the error names
+/// `sources`, the other ways to give it.
+fn prompt_or(text: &str, sources: &str) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
     let no_tty = || CryptoError::Malformed {
         what: "the passphrase".into(),
-        reason:
-            "no terminal to ask on: give --key-file, COFFRE_KEY_FILE or COFFRE_PASSWORD_COMMAND"
-                .into(),
+        reason: format!("no terminal to ask on: give {sources}"),
     };
     if std::fs::OpenOptions::new()
         .read(true)

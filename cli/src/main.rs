@@ -5,6 +5,7 @@ mod args;
 mod backup_cmd;
 mod bench_cmd;
 mod commands;
+mod copy_cmd;
 mod ctx;
 mod daemon;
 mod docs_cmd;

@@ -199,6 +199,14 @@ pub enum EngineError {
     /// Thread pool creation failed.
     #[error("cannot start worker threads: {0}")]
     Threads(String),
+
+    /// `vault copy` cannot copy between these two vaults.
+    #[error("cannot copy from vault {from} to vault {to}: {reason}")]
+    CopyRefused {
+        from: PathBuf,
+        to: PathBuf,
+        reason: String,
+    },
 }
 
 impl EngineError {

@@ -4,7 +4,9 @@
 //! ([`backup`]) moves a snapshot into the vault, [`reader`] walks a point's
 //! block map, [`restore`] writes byte-identical images from either tier
 //! (new files, or in place via [`restore_target`]), [`verify`] audits a
-//! vault, [`points`] lists and selects points of both tiers. [`service`] is
+//! vault, [`points`] lists and selects points of both tiers;
+//! [`point_source`] reads a point as an image and [`ingest`] writes an
+//! image straight into a point (`vault copy`, [`vault_copy`]). [`service`] is
 //! what runs around it: backups as jobs ([`backup_job`]: the snapshot phase,
 //! then the transfer), items ([`protection`], [`registry`]) protected under
 //! [`policy`]s ([`policies`]) whose [`schedule`] the [`scheduler`] follows
@@ -20,11 +22,12 @@ pub mod error;
 pub mod service;
 
 pub use data::{
-    backup, bench, per_thread, points, reader, restore, restore_qcow2, restore_target, verify,
+    backup, bench, ingest, per_thread, point_source, points, reader, restore, restore_qcow2,
+    restore_target, verify,
 };
 pub use service::{
     backup_job, domain_backup, job_record, policies, policy, protection, prune, registry,
-    retention, schedule, scheduler, vault_ops,
+    retention, schedule, scheduler, vault_copy, vault_ops,
 };
 
 pub use backup::{BackupOptions, BackupOutcome, backup};

@@ -135,7 +135,7 @@ pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
         .map_err(|e| EngineError::Threads(e.to_string()))
 }
 
-enum Outcome {
+pub(crate) enum Outcome {
     Zero,
     Same(ChunkId),
     Known(ChunkId),
@@ -711,17 +711,17 @@ fn new_record(
 }
 
 /// What appending builds: the block map and the point's statistics.
-struct MapState<'a> {
-    builder: &'a mut BlockMapBuilder,
-    node_encoder: &'a mut RecordEncoder,
-    stats: &'a mut PointStats,
+pub(crate) struct MapState<'a> {
+    pub(crate) builder: &'a mut BlockMapBuilder,
+    pub(crate) node_encoder: &'a mut RecordEncoder,
+    pub(crate) stats: &'a mut PointStats,
 }
 
 impl MapState<'_> {
     /// Appends a window's new records in block order and pushes its entries
     /// into the block map (storing full leaves), then starts the segment's
     /// writeback.
-    fn append(
+    pub(crate) fn append(
         &mut self,
         session: &mut WriteSession<'_>,
         outcomes: Vec<Result<Outcome>>,
@@ -771,7 +771,7 @@ pub fn snap_created(snap: &Captured) -> Timestamp {
         .unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
-fn store_node(
+pub(crate) fn store_node(
     session: &mut WriteSession<'_>,
     encoder: &mut RecordEncoder,
     node: &[u8],

@@ -3,13 +3,17 @@
 //! restore ([`restore`], to a target [`restore_target`] owns, qcow2
 //! through `qemu-img` in [`restore_qcow2`]), verify
 //! ([`verify`]), the points of both tiers ([`points`]) and per-thread
-//! scratch state ([`per_thread`]); [`bench`] measures every stage of it
+//! scratch state ([`per_thread`]); a point of a vault read as an image
+//! ([`point_source`]) and an image read straight into a point, with no
+//! snapshot tier ([`ingest`]: how `vault copy` writes); [`bench`] measures every stage of it
 //! against the machine's own references. Reading images and the snapshot phase
 //! itself are `coffre-snapshotter`'s.
 
 pub mod backup;
 pub mod bench;
+pub mod ingest;
 pub mod per_thread;
+pub mod point_source;
 pub mod points;
 pub mod reader;
 pub mod restore;

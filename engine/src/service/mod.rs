@@ -4,7 +4,8 @@
 //! ([`schedule`]) and the scheduler pass ([`scheduler`]), libvirt domains
 //! backed up as one ([`domain_backup`]), retention and
 //! expiry ([`retention`], [`prune`]), protected items ([`protection`],
-//! [`registry`]) and vault settings ([`vault_ops`]).
+//! [`registry`]) vault settings ([`vault_ops`]) and points copied between vaults
+//! ([`vault_copy`]).
 
 pub mod backup_job;
 pub mod domain_backup;
@@ -17,4 +18,5 @@ pub mod registry;
 pub mod retention;
 pub mod schedule;
 pub mod scheduler;
+pub mod vault_copy;
 pub mod vault_ops;
