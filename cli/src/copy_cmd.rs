@@ -121,7 +121,10 @@ pub fn run(ctx: &Ctx, args: CopyArgs) -> anyhow::Result<ExitCode> {
 
 /// The destination, opened for writing with its own key sources.
 fn open_destination(ctx: &Ctx, dir: &Path, key_file: Option<PathBuf>) -> anyhow::Result<Vault> {
-    let keys = std::sync::Arc::new(crate::keys::KeySources::destination(key_file));
+    let keys = std::sync::Arc::new(
+        crate::keys::KeySources::destination(key_file)
+            .remembering(ctx.registry.generations_dir(), ctx.clock.clone()),
+    );
     let opts = coffre_engine::store::OpenOptions {
         unlock: Some(keys),
         ..ctx.open_options()

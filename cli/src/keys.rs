@@ -78,6 +78,7 @@ impl KeySources {
             command_var: "COFFRE_PASSWORD_COMMAND",
             master: None,
             unlocked: Mutex::new(Vec::new()),
+            memory: None,
         }
     }
 

@@ -83,7 +83,7 @@ impl SealedState {
         } else {
             bytes
         };
-        sealed_file::seal(name, plain, Some(&self.keys), 0)
+        sealed_file::seal(name, plain, Some(&self.keys))
             .map(|c| c.into_owned())
             .map_err(|e| self.refused(name, format!("cannot seal it: {e}")))
     }
