@@ -606,3 +606,34 @@ fn an_older_item_file_or_replication_state_put_back_is_refused_as_a_rollback() {
     std::fs::write(&state, &new_state).unwrap();
     f.assert_clean();
 }
+
+#[test]
+fn a_plain_config_put_in_place_of_an_encrypted_ones_is_refused_by_a_host_that_knew_it() {
+    let f = fixture();
+    // Another vault's plain config, put where the sealed one was.
+    let plain = f.dir.join("plain");
+    f.ok(&["vault", "create", "--vault", s(&plain)]);
+    let sealed = std::fs::read(f.vault.join("config")).unwrap();
+    std::fs::copy(plain.join("config"), f.vault.join("config")).unwrap();
+    let r = f.run(&[
+        "backup",
+        "--vault",
+        s(&f.vault),
+        "--item",
+        ITEMS[1],
+        s(f.image_of(ITEMS[1])),
+    ]);
+    assert!(!r.status.success(), "{r:?}");
+    let err = stderr(&r);
+    assert!(
+        err.contains("config") && err.contains("plain one: refused"),
+        "{err}"
+    );
+    // Nothing was written in clear: the sealed config back, all is well.
+    std::fs::write(f.vault.join("config"), sealed).unwrap();
+    f.assert_clean();
+    // `vault create` on a path makes a new vault: the memory is forgotten.
+    std::fs::remove_dir_all(&f.vault).unwrap();
+    f.ok(&["vault", "create", "--vault", s(&f.vault)]);
+    f.ok(&["verify", "--vault", s(&f.vault)]);
+}

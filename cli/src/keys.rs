@@ -147,7 +147,35 @@ impl KeySources {
     }
 }
 
+impl KeySources {
+    /// Forgets what this host remembers of the vault copies at `dirs`
+    /// (rollback protection, encryption): `vault create` made them anew.
+    pub fn forget(&self, dirs: &[&Path]) {
+        let Some((Some(memory), _)) = &self.memory else {
+            return;
+        };
+        for dir in dirs {
+            let file = coffre_engine::store::copies::generations::memory_file(memory, dir);
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "cannot forget the host's memory of a re-created vault")
+                }
+            }
+        }
+    }
+}
+
 impl Unlock for KeySources {
+    fn remembers_encrypted(&self, vault: &Path) -> Option<PathBuf> {
+        let (Some(memory), _) = self.memory.as_ref()? else {
+            return None;
+        };
+        let file = coffre_engine::store::copies::generations::memory_file(memory, vault);
+        file.exists().then_some(file)
+    }
+
     fn generations(&self, vault: &Path) -> Option<Arc<dyn Generations>> {
         let (dir, clock) = self.memory.as_ref()?;
         let clock = clock.clone();

@@ -134,6 +134,9 @@ pub fn create(
         (None, Some(_)) => Redundancy::Grs,
         (None, None) => Redundancy::Lrs,
     };
+    let mut fresh: Vec<std::path::PathBuf> = vec![dir.to_path_buf()];
+    fresh.extend(args.replicas.iter().cloned());
+    fresh.extend(secondary.iter().cloned());
     let opts = CreateOptions {
         name: args.name,
         block_size,
@@ -147,6 +150,12 @@ pub fn create(
     };
     let vault = vault_ops::create_vault(dir, &opts, clock)
         .with_context(|| format!("cannot create vault {}", dir.display()))?;
+    keys.forget(
+        &fresh
+            .iter()
+            .map(std::path::PathBuf::as_path)
+            .collect::<Vec<_>>(),
+    );
     let summary = vault_ops::summarize(&vault, clock.now())?;
     output::emit(fmt, &summary, |s| {
         let mut out = format!(

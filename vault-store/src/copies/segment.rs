@@ -338,6 +338,7 @@ pub fn refill(copies: &Copies, target: &Copy, name: &str, len: u64) -> Result<Re
     let have = target.store.size(name)?.unwrap_or(0).min(len);
     let records = records_of(&sources, id, name, len);
     let mut done = Refilled::default();
+    let mut scratch = Vec::new();
     if have < SEGMENT_HEADER_LEN {
         let header = sources.iter().find_map(|c| {
             let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
@@ -361,7 +362,12 @@ pub fn refill(copies: &Copies, target: &Copy, name: &str, len: u64) -> Result<Re
         let mut rec = vec![0u8; r.len as usize];
         let good = sources.iter().any(|c| {
             c.store.read_at(name, r.offset, &mut rec).is_ok()
-                && crate::format::record::record_intact(&rec, Some(&r.id))
+                && crate::format::record::record_authentic(
+                    &rec,
+                    Some(&r.id),
+                    copies.keys.as_deref(),
+                    &mut scratch,
+                )
         });
         if !good {
             done.damaged += 1;

@@ -95,7 +95,20 @@ pub fn load_config_with(
     };
     let stored = VaultConfig::read(&bytes, &path)?;
     let keys = match (stored.encryption(), unlock) {
-        (None, _) => None,
+        (None, Some(unlock)) => {
+            if let Some(memory) = unlock.remembers_encrypted(dir) {
+                return Err(StoreError::CorruptFile {
+                    path,
+                    what: "vault config",
+                    reason: format!(
+                        "this host opened the vault here encrypted before, and its config is now a plain one: refused (whoever can write the storage could have put it there, and new data would be written in clear); if the vault was re-created without encryption on purpose, remove {}",
+                        memory.display()
+                    ),
+                });
+            }
+            None
+        }
+        (None, None) => None,
         (Some(_), None) => {
             return Err(StoreError::KeyNeeded {
                 path: dir.to_path_buf(),

@@ -123,6 +123,14 @@ pub trait Unlock: Send + Sync {
     fn generations(&self, _vault: &std::path::Path) -> Option<std::sync::Arc<dyn Generations>> {
         None
     }
+
+    /// Where this host remembers the vault copy at `vault` as encrypted
+    /// (it opened it encrypted before), if it does: a plain config found
+    /// there since is refused (a bucket writer could have put it in place
+    /// of the sealed one, and new data would go in clear).
+    fn remembers_encrypted(&self, _vault: &std::path::Path) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// `N` random bytes from the operating system.

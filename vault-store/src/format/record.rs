@@ -132,6 +132,41 @@ pub fn record_intact(rec: &[u8], id: Option<&crate::format::chunk_id::ChunkId>) 
             .is_some_and(|p| crc32fast::hash(p) == h.data_crc)
 }
 
+/// [`record_intact`], and sealed as the vault's records are: in an
+/// encrypted vault (`keys`) sealed with its cipher and authentic (the AEAD
+/// opens, into `scratch`); in a plain vault not sealed. What refill and
+/// replication check before they copy a record, so that a forged record
+/// whose CRCs were fixed up is never copied over a good one.
+pub fn record_authentic(
+    rec: &[u8],
+    id: Option<&crate::format::chunk_id::ChunkId>,
+    keys: Option<&VaultKeys>,
+    scratch: &mut Vec<u8>,
+) -> bool {
+    if !record_intact(rec, id) {
+        return false;
+    }
+    let Ok(h) = RecordHeader::parse(rec) else {
+        return false;
+    };
+    match (h.sealed, keys) {
+        (None, None) => true,
+        (Some(c), Some(k)) if c == k.cipher() => {
+            let ad = h.to_bytes();
+            scratch.clear();
+            k.records()
+                .open_into(
+                    ad.get(..AD_LEN).unwrap_or_default(),
+                    rec.get(HEADER_LEN..).unwrap_or_default(),
+                    scratch,
+                    &String::new,
+                )
+                .is_ok()
+        }
+        _ => false,
+    }
+}
+
 impl RecordHeader {
     /// Total record length: header plus payload.
     pub fn record_len(&self) -> u64 {
@@ -688,6 +723,47 @@ mod tests {
                 !rec.windows(64)
                     .any(|w| pattern.windows(64).next() == Some(w))
             );
+        }
+
+        #[test]
+        fn a_forged_payload_with_fixed_crcs_is_intact_but_not_authentic() {
+            let k = keys(Cipher::Aes256Gcm);
+            let data = vec![7u8; 8192];
+            let mut enc = RecordEncoder::for_vault(1, Some(k.clone()));
+            let id = enc.chunk_id(&data);
+            let rec = enc.encode(id, &data).unwrap();
+            let mut scratch = Vec::new();
+            assert!(record_authentic(&rec, Some(&id), Some(&k), &mut scratch));
+            // One payload bit flipped, the data CRC fixed up.
+            let mut forged = rec.clone();
+            let last = forged.len() - 1;
+            forged[last] ^= 1;
+            let crc = crc32fast::hash(&forged[HEADER_LEN..]);
+            forged[48..52].copy_from_slice(&crc.to_le_bytes());
+            let hcrc = crc32fast::hash(&forged[..52]);
+            forged[52..56].copy_from_slice(&hcrc.to_le_bytes());
+            assert!(record_intact(&forged, Some(&id)));
+            assert!(!record_authentic(
+                &forged,
+                Some(&id),
+                Some(&k),
+                &mut scratch
+            ));
+            // A sealed record in a plain vault, a plain one in an encrypted
+            // vault, another cipher: none is taken.
+            assert!(!record_authentic(&rec, Some(&id), None, &mut scratch));
+            let plain = RecordEncoder::new(1)
+                .encode(ChunkId::of(&data), &data)
+                .unwrap();
+            assert!(record_authentic(&plain, None, None, &mut scratch));
+            assert!(!record_authentic(&plain, None, Some(&k), &mut scratch));
+            let chacha = keys(Cipher::XChaCha20Poly1305);
+            assert!(!record_authentic(
+                &rec,
+                Some(&id),
+                Some(&chacha),
+                &mut scratch
+            ));
         }
     }
 }

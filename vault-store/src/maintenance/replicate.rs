@@ -168,6 +168,7 @@ pub fn replicate(
         let mut next = records.partition_point(|r| r.0 < have);
         let mut at = have;
         let mut buf = vec![0u8; COPY_CHUNK];
+        let mut scratch = Vec::new();
         while at < info.committed {
             // Reads end at a record boundary, so that every indexed record
             // is checked whole before it leaves for the secondary.
@@ -204,7 +205,7 @@ pub fn replicate(
                         ),
                     });
                 };
-                if record_ok(rec, cid) {
+                if record_ok(rec, cid, keys, &mut scratch) {
                     continue;
                 }
                 // A bad record on the primary: take the bytes from a copy
@@ -419,9 +420,15 @@ fn record_end(r: &(u64, crate::ChunkId, crate::index::ChunkLocation)) -> u64 {
 }
 
 /// True when `rec` is an intact record of chunk `id` (header, id, length,
-/// payload CRC-32): the cheap check replication makes of every record.
-fn record_ok(rec: &[u8], id: &crate::ChunkId) -> bool {
-    crate::format::record::record_intact(rec, Some(id))
+/// payload CRC-32) and, in an encrypted vault (`keys`), authentic: the
+/// check replication makes of every record it copies.
+fn record_ok(
+    rec: &[u8],
+    id: &crate::ChunkId,
+    keys: Option<&crate::crypto::VaultKeys>,
+    scratch: &mut Vec<u8>,
+) -> bool {
+    crate::format::record::record_authentic(rec, Some(id), keys, scratch)
 }
 
 /// Removes the secondary's own index (a cache), so that the next open of
