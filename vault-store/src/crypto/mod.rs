@@ -4,9 +4,10 @@
 //! ([`slot`]), and the recovery text a user keeps on paper
 //! ([`recovery`]).
 //!
-//! No cryptography is written here: the AEADs are RustCrypto's
-//! `aes-gcm` (AES-NI and CLMUL where the CPU has them) and
-//! `chacha20poly1305`, the password hash RustCrypto's `argon2`, key
+//! No cryptography is written here: the AEADs are aws-lc's AES-256-GCM
+//! and ChaCha20-Poly1305 (`aws-lc-rs`: AES-NI, VAES and CLMUL where the
+//! CPU has them), XChaCha's subkey the `chacha20` crate's HChaCha20, the
+//! password hash RustCrypto's `argon2`, key
 //! derivation and keyed chunk ids BLAKE3's `derive_key` and `keyed_hash`
 //! modes, and the random bytes the operating system's (`getrandom`). This
 //! module chooses the constructions and their labels; `FORMAT.md`
