@@ -246,7 +246,7 @@ fn key_slots_change_and_the_recovery_text_brings_a_vault_back() {
     mixed_image(&img, 4 << 20, 12);
     let vault = dir.join("vault");
     let pass = |p: &str| format!("echo {p}");
-    // Created with a passphrase (cheap Argon2id: the test checks slots).
+    // Argon2id below the floor of new slots is refused.
     let out = coffre()
         .env("COFFRE_PASSWORD_COMMAND", pass("first secret"))
         .args([
@@ -258,8 +258,27 @@ fn key_slots_change_and_the_recovery_text_brings_a_vault_back() {
             "aes-256-gcm",
             "--kdf-memory",
             "1M",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("too weak"), "{err}");
+    assert!(!vault.join("config").exists());
+    // Created with a passphrase (Argon2id at the floor of new slots: the
+    // test checks slots, not their cost).
+    let out = coffre()
+        .env("COFFRE_PASSWORD_COMMAND", pass("first secret"))
+        .args([
+            "vault",
+            "create",
+            "--vault",
+            s(&vault),
+            "--encryption",
+            "aes-256-gcm",
+            "--kdf-memory",
+            "19M",
             "--kdf-passes",
-            "1",
+            "2",
         ])
         .output()
         .unwrap();
@@ -307,9 +326,9 @@ fn key_slots_change_and_the_recovery_text_brings_a_vault_back() {
             "--vault",
             s(&vault),
             "--kdf-memory",
-            "1M",
+            "19M",
             "--kdf-passes",
-            "1",
+            "2",
         ],
     );
     succeeded(&["key", "passwd"], out);

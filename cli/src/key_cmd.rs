@@ -148,7 +148,7 @@ pub fn kdf_params(kdf: &KdfArgs) -> anyhow::Result<Option<KdfParams>> {
         t: kdf.kdf_passes.unwrap_or(d.t),
         p: d.p,
     };
-    p.check()
+    p.check_new()
         .map_err(|e| anyhow::anyhow!("--kdf-memory/--kdf-passes: {e}"))?;
     Ok(Some(p))
 }

@@ -77,14 +77,32 @@ impl KdfParams {
         t: 3,
         p: 1,
     };
-    /// The most memory a slot may ask for: 4 GiB.
-    pub const MAX_M_KIB: u32 = 4 * 1024 * 1024;
+    /// The most memory a slot may ask for: 1 GiB.
+    pub const MAX_M_KIB: u32 = 1024 * 1024;
     /// The most passes a slot may ask for.
-    pub const MAX_T: u32 = 64;
+    pub const MAX_T: u32 = 10;
     /// The most lanes a slot may ask for.
-    pub const MAX_P: u32 = 16;
+    pub const MAX_P: u32 = 8;
+    /// The most work a slot may ask for: memory × passes ≤ 4 GiB·passes
+    /// (in KiB·passes; e.g. 1 GiB × 4 passes, 512 MiB × 8), a few seconds
+    /// of one core, so that a hostile config cannot make an unlock take
+    /// minutes.
+    pub const MAX_WORK: u64 = 4 * 1024 * 1024;
+    /// The least memory of a new slot: 19 MiB (OWASP's minimum for
+    /// Argon2id, with [`Self::MIN_NEW_T`] passes).
+    pub const MIN_NEW_M_KIB: u32 = 19 * 1024;
+    /// The fewest passes of a new slot.
+    pub const MIN_NEW_T: u32 = 2;
 
-    /// Checks the parameters are within coffre's bounds and Argon2's.
+    /// Memory × passes, KiB·passes: what one unlock of the slot costs.
+    pub fn work(&self) -> u64 {
+        u64::from(self.m_kib) * u64::from(self.t)
+    }
+
+    /// Checks the parameters are within coffre's bounds and Argon2's: what
+    /// a slot must meet to be tried at all (an existing slot may be below
+    /// the floor of new ones, [`Self::check_new`]: it was made by whoever
+    /// held the master key, and its parameters are bound into its seal).
     pub fn check(&self) -> Result<(), String> {
         if self.p == 0 || self.p > Self::MAX_P {
             return Err(format!(
@@ -106,6 +124,30 @@ impl KdfParams {
                 self.m_kib,
                 8 * self.p,
                 Self::MAX_M_KIB
+            ));
+        }
+        if self.work() > Self::MAX_WORK {
+            return Err(format!(
+                "Argon2id memory × passes {} MiB × {} is more than {} GiB·passes",
+                self.m_kib / 1024,
+                self.t,
+                Self::MAX_WORK / (1024 * 1024)
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`Self::check`], and the floor of a new slot: at least
+    /// [`Self::MIN_NEW_M_KIB`] of memory and [`Self::MIN_NEW_T`] passes.
+    pub fn check_new(&self) -> Result<(), String> {
+        self.check()?;
+        if self.m_kib < Self::MIN_NEW_M_KIB || self.t < Self::MIN_NEW_T {
+            return Err(format!(
+                "Argon2id {} KiB × {} passes is too weak for a new passphrase: at least {} MiB and {} passes",
+                self.m_kib,
+                self.t,
+                Self::MIN_NEW_M_KIB / 1024,
+                Self::MIN_NEW_T
             ));
         }
         Ok(())
@@ -148,11 +190,35 @@ impl Secret<'_> {
             Secret::KeyFile(_) => SlotKind::KeyFile,
         }
     }
+
+    /// Checks the secret's length: a passphrase of at most
+    /// [`MAX_PASSPHRASE`] bytes, a key file of [`MIN_KEY_FILE`] to
+    /// [`MAX_KEY_FILE`] bytes (a key file is not stretched: it must be
+    /// strong by itself).
+    pub fn check(&self) -> Result<(), CryptoError> {
+        match self {
+            Secret::Passphrase(p) if p.len() > MAX_PASSPHRASE => Err(CryptoError::Kdf(format!(
+                "the passphrase is longer than {MAX_PASSPHRASE} bytes"
+            ))),
+            Secret::KeyFile(bytes) if bytes.len() < MIN_KEY_FILE || bytes.len() > MAX_KEY_FILE => {
+                Err(CryptoError::Malformed {
+                    what: "the key file".into(),
+                    reason: format!(
+                        "{} bytes: a key file holds {MIN_KEY_FILE} bytes to 1 MiB (`--generate-key-file` writes one)",
+                        bytes.len()
+                    ),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl KeySlot {
     /// A new slot wrapping `master` for `secret` (with `kdf` for a
-    /// passphrase; `None`: [`KdfParams::DEFAULT`]).
+    /// passphrase; `None`: [`KdfParams::DEFAULT`]). Parameters below the
+    /// floor of new slots ([`KdfParams::check_new`]) are refused, and a
+    /// key file must hold at least [`MIN_KEY_FILE`] bytes.
     pub fn new(
         master: &MasterKey,
         secret: &Secret<'_>,
@@ -160,11 +226,42 @@ impl KeySlot {
         label: Option<String>,
         now: Timestamp,
     ) -> Result<KeySlot, CryptoError> {
+        Self::build(master, secret, kdf, label, now, true)
+    }
+
+    /// [`Self::new`] without the floor of new slots: **tests, benches and
+    /// fuzz seeds only**, which use tiny Argon2id parameters to check the
+    /// construction, not its cost. Never for a user's slot.
+    pub fn new_with_weak_kdf_for_tests(
+        master: &MasterKey,
+        secret: &Secret<'_>,
+        kdf: Option<KdfParams>,
+        label: Option<String>,
+        now: Timestamp,
+    ) -> Result<KeySlot, CryptoError> {
+        Self::build(master, secret, kdf, label, now, false)
+    }
+
+    fn build(
+        master: &MasterKey,
+        secret: &Secret<'_>,
+        kdf: Option<KdfParams>,
+        label: Option<String>,
+        now: Timestamp,
+        floor: bool,
+    ) -> Result<KeySlot, CryptoError> {
         let kind = secret.kind();
         let kdf = match kind {
             SlotKind::Passphrase => Some(kdf.unwrap_or(KdfParams::DEFAULT)),
             SlotKind::KeyFile => None,
         };
+        if floor && let Some(k) = kdf {
+            k.check_new().map_err(|reason| CryptoError::Malformed {
+                what: "the new key slot".into(),
+                reason,
+            })?;
+        }
+        secret.check()?;
         let id = hex::encode(random::<4>()?);
         let salt = random::<SALT_LEN>()?;
         let mut slot = KeySlot {
@@ -280,11 +377,7 @@ fn kek(
     let mut out = Zeroizing::new([0u8; KEY_LEN]);
     match (secret, slot.kdf) {
         (Secret::Passphrase(p), Some(k)) => {
-            if p.len() > MAX_PASSPHRASE {
-                return Err(CryptoError::Kdf(format!(
-                    "the passphrase is longer than {MAX_PASSPHRASE} bytes"
-                )));
-            }
+            secret.check()?;
             let params = Params::new(k.m_kib, k.t, k.p, Some(KEY_LEN))
                 .map_err(|e| CryptoError::Kdf(e.to_string()))?;
             Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
@@ -292,15 +385,7 @@ fn kek(
                 .map_err(|e| CryptoError::Kdf(e.to_string()))?;
         }
         (Secret::KeyFile(bytes), _) => {
-            if bytes.len() < MIN_KEY_FILE || bytes.len() > MAX_KEY_FILE {
-                return Err(CryptoError::Malformed {
-                    what: "the key file".into(),
-                    reason: format!(
-                        "{} bytes: a key file holds {MIN_KEY_FILE} bytes to 1 MiB",
-                        bytes.len()
-                    ),
-                });
-            }
+            secret.check()?;
             let mut h = blake3::Hasher::new_derive_key(KEY_FILE_CONTEXT);
             h.update(salt);
             h.update(bytes);
@@ -347,7 +432,7 @@ mod tests {
     #[test]
     fn passphrase_and_key_file_slots_open_with_their_secret_only() {
         let master = MasterKey::generate().unwrap();
-        let pass = KeySlot::new(
+        let pass = KeySlot::new_with_weak_kdf_for_tests(
             &master,
             &Secret::Passphrase(b"correct horse"),
             Some(FAST),
@@ -389,8 +474,14 @@ mod tests {
     #[test]
     fn a_changed_field_or_hostile_parameters_do_not_open() {
         let master = MasterKey::generate().unwrap();
-        let slot =
-            KeySlot::new(&master, &Secret::Passphrase(b"pw"), Some(FAST), None, now()).unwrap();
+        let slot = KeySlot::new_with_weak_kdf_for_tests(
+            &master,
+            &Secret::Passphrase(b"pw"),
+            Some(FAST),
+            None,
+            now(),
+        )
+        .unwrap();
         let secret = Secret::Passphrase(b"pw");
         // Cheaper parameters: authentication fails (they are bound).
         let mut s = slot.clone();
@@ -421,6 +512,74 @@ mod tests {
         let mut s = slot;
         s.id = "../../x".into();
         assert!(s.unlock(&secret).is_err());
+    }
+
+    #[test]
+    fn argon2id_parameters_are_bounded_in_memory_passes_lanes_and_work() {
+        let ok = |m_kib, t, p| KdfParams { m_kib, t, p }.check().is_ok();
+        assert!(ok(1024 * 1024, 4, 1), "1 GiB × 4 passes");
+        assert!(ok(512 * 1024, 8, 8));
+        assert!(ok(8, 1, 1), "Argon2's own minimum still opens");
+        assert!(!ok(1024 * 1024 + 1, 1, 1), "more than 1 GiB");
+        assert!(!ok(2 * 1024 * 1024, 1, 1));
+        assert!(!ok(64 * 1024, 11, 1), "more than 10 passes");
+        assert!(!ok(64 * 1024, 3, 9), "more than 8 lanes");
+        assert!(!ok(1024 * 1024, 5, 1), "more than 4 GiB·passes");
+        assert!(!ok(600 * 1024, 7, 1), "more than 4 GiB·passes");
+        assert!(!ok(16, 1, 4), "less than 8 KiB a lane");
+        assert!(!ok(64 * 1024, 0, 1));
+        assert!(!ok(64 * 1024, 3, 0));
+        assert!(KdfParams::DEFAULT.check_new().is_ok());
+    }
+
+    #[test]
+    fn a_new_slot_refuses_weak_parameters_unless_made_for_tests() {
+        let master = MasterKey::generate().unwrap();
+        let secret = Secret::Passphrase(b"pw");
+        for weak in [
+            FAST,
+            KdfParams {
+                m_kib: 18 * 1024,
+                t: 3,
+                p: 1,
+            },
+            KdfParams {
+                m_kib: 64 * 1024,
+                t: 1,
+                p: 1,
+            },
+        ] {
+            let err = KeySlot::new(&master, &secret, Some(weak), None, now()).unwrap_err();
+            assert!(err.to_string().contains("too weak"), "{weak:?}: {err}");
+        }
+        // Over the bounds: refused before any work.
+        let huge = KdfParams {
+            m_kib: 2 * 1024 * 1024,
+            t: 3,
+            p: 1,
+        };
+        assert!(KeySlot::new(&master, &secret, Some(huge), None, now()).is_err());
+        // OWASP's minimum is accepted, and opens.
+        let floor = KdfParams {
+            m_kib: KdfParams::MIN_NEW_M_KIB,
+            t: KdfParams::MIN_NEW_T,
+            p: 1,
+        };
+        let slot = KeySlot::new(&master, &secret, Some(floor), None, now()).unwrap();
+        assert_eq!(
+            slot.unlock(&secret).unwrap().unwrap().expose(),
+            master.expose()
+        );
+        // The test constructor takes tiny parameters, and they open.
+        let weak = KeySlot::new_with_weak_kdf_for_tests(&master, &secret, Some(FAST), None, now())
+            .unwrap();
+        assert_eq!(
+            weak.unlock(&secret).unwrap().unwrap().expose(),
+            master.expose()
+        );
+        // A key file shorter than 32 bytes makes no slot.
+        assert!(KeySlot::new(&master, &Secret::KeyFile(&[7; 31]), None, None, now()).is_err());
+        assert!(KeySlot::new(&master, &Secret::KeyFile(&[7; 32]), None, None, now()).is_ok());
     }
 
     /// Known answer: the passphrase KEK is Argon2id v1.3 (computed

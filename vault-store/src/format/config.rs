@@ -612,7 +612,7 @@ mod tests {
             t: 1,
             p: 1,
         };
-        let slot = KeySlot::new(
+        let slot = KeySlot::new_with_weak_kdf_for_tests(
             &master,
             &Secret::Passphrase(b"pw"),
             Some(fast),
