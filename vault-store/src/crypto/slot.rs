@@ -311,14 +311,28 @@ impl KeySlot {
         }
     }
 
-    /// Checks the slot's fields (untrusted: read from a config).
+    /// Checks the slot's fields (untrusted: read from a config) and its
+    /// Argon2id parameters ([`KdfParams::check`]): what a slot must meet to
+    /// be tried.
     pub fn check(&self) -> Result<(), CryptoError> {
+        self.check_fields()?;
+        if let Some(k) = &self.kdf {
+            k.check().map_err(|e| self.bad(e))?;
+        }
+        Ok(())
+    }
+
+    /// Checks the slot's fields but not the bounds of its Argon2id
+    /// parameters: what a config must meet to be read. A slot whose
+    /// parameters are out of bounds is kept (and shown by `key list`) but
+    /// never tried, so that the vault's other slots still open it.
+    pub fn check_fields(&self) -> Result<(), CryptoError> {
         if self.id.len() != 8 || !self.id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(self.bad("its id is not 8 hex digits".into()));
         }
         self.salt_bytes()?;
         match (self.kind, &self.kdf) {
-            (SlotKind::Passphrase, Some(k)) => k.check().map_err(|e| self.bad(e))?,
+            (SlotKind::Passphrase, Some(_)) => {}
             (SlotKind::Passphrase, None) => {
                 return Err(self.bad("a passphrase slot without Argon2id parameters".into()));
             }
@@ -398,18 +412,67 @@ fn kek(
     Ok(out)
 }
 
+/// The most Argon2id work one [`unlock_any`] does over all the slots it
+/// tries: 16 GiB·passes (four slots at [`KdfParams::MAX_WORK`], or 85 at
+/// the default), so that a config of many costly slots cannot make an
+/// unlock take minutes either.
+pub const MAX_UNLOCK_WORK: u64 = 4 * KdfParams::MAX_WORK;
+
 /// The master key `secret` opens among `slots`, and the id of the slot
 /// that opened.
+///
+/// Only the slots of the secret's kind are tried (a key file never runs
+/// Argon2id), the last added first. A slot that cannot be tried (fields
+/// or Argon2id parameters out of bounds, or past [`MAX_UNLOCK_WORK`]) is
+/// skipped; that is reported only when no slot opens.
 pub fn unlock_any(
     slots: &[KeySlot],
     secret: &Secret<'_>,
 ) -> Result<(MasterKey, String), CryptoError> {
-    for s in slots {
-        if let Some(k) = s.unlock(secret)? {
-            return Ok((k, s.id.clone()));
+    unlock_within(slots, secret, MAX_UNLOCK_WORK)
+}
+
+/// [`unlock_any`] with at most `budget` KiB·passes of Argon2id in all.
+fn unlock_within(
+    slots: &[KeySlot],
+    secret: &Secret<'_>,
+    mut budget: u64,
+) -> Result<(MasterKey, String), CryptoError> {
+    secret.check()?;
+    let kind = secret.kind();
+    let mut refused: Vec<CryptoError> = Vec::new();
+    for s in slots.iter().rev().filter(|s| s.kind == kind) {
+        if let Err(e) = s.check() {
+            refused.push(e);
+            continue;
+        }
+        if let Some(k) = s.kdf {
+            if k.work() > budget {
+                refused.push(s.bad(format!(
+                    "not tried: with the slots tried before it, one unlock would run more than {} GiB·passes of Argon2id",
+                    MAX_UNLOCK_WORK / (1024 * 1024)
+                )));
+                continue;
+            }
+            budget -= k.work();
+        }
+        match s.unlock(secret) {
+            Ok(Some(k)) => return Ok((k, s.id.clone())),
+            Ok(None) => {}
+            Err(e) => refused.push(e),
         }
     }
-    Err(CryptoError::WrongKey { slots: slots.len() })
+    match refused.first() {
+        None => Err(CryptoError::WrongKey { slots: slots.len() }),
+        Some(first) => Err(CryptoError::Malformed {
+            what: format!("the vault's {} key slot(s)", slots.len()),
+            reason: format!(
+                "none opens with the {} given, and {} could not be tried: {first}",
+                kind.name(),
+                refused.len()
+            ),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -580,6 +643,108 @@ mod tests {
         // A key file shorter than 32 bytes makes no slot.
         assert!(KeySlot::new(&master, &Secret::KeyFile(&[7; 31]), None, None, now()).is_err());
         assert!(KeySlot::new(&master, &Secret::KeyFile(&[7; 32]), None, None, now()).is_ok());
+    }
+
+    fn weak(master: &MasterKey, secret: &Secret<'_>) -> KeySlot {
+        KeySlot::new_with_weak_kdf_for_tests(master, secret, Some(FAST), None, now()).unwrap()
+    }
+
+    #[test]
+    fn unlock_any_tries_the_last_added_first_and_skips_refused_slots() {
+        let master = MasterKey::generate().unwrap();
+        let pw = Secret::Passphrase(b"pw");
+        let (a, b) = (weak(&master, &pw), weak(&master, &pw));
+        // Both open: the last added is tried first.
+        let (_, id) = unlock_any(&[a.clone(), b.clone()], &pw).unwrap();
+        assert_eq!(id, b.id);
+        // A slot whose parameters are out of bounds is skipped, wherever
+        // it is, and the next one opens.
+        let mut hostile = weak(&master, &pw);
+        hostile.kdf = Some(KdfParams {
+            m_kib: u32::MAX,
+            t: u32::MAX,
+            p: 1,
+        });
+        assert!(hostile.check_fields().is_ok());
+        for slots in [
+            vec![a.clone(), hostile.clone()],
+            vec![hostile.clone(), a.clone()],
+        ] {
+            let (got, id) = unlock_any(&slots, &pw).unwrap();
+            assert_eq!(
+                (got.expose(), id.as_str()),
+                (master.expose(), a.id.as_str())
+            );
+        }
+        // When none opens, the refusal is reported with the wrong key.
+        let err =
+            unlock_any(&[a.clone(), hostile.clone()], &Secret::Passphrase(b"no")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("none opens")
+                && text.contains("1 could not be tried")
+                && text.contains(&hostile.id),
+            "{text}"
+        );
+        assert_eq!(
+            unlock_any(&[a], &Secret::Passphrase(b"no")).unwrap_err(),
+            CryptoError::WrongKey { slots: 1 }
+        );
+    }
+
+    #[test]
+    fn a_key_file_never_runs_argon2id_nor_trips_on_passphrase_slots() {
+        let master = MasterKey::generate().unwrap();
+        let file = [3u8; 32];
+        let kf = KeySlot::new(&master, &Secret::KeyFile(&file), None, None, now()).unwrap();
+        // A passphrase slot that would take 1 GiB × 4 passes and one out
+        // of bounds: a key file must open at once, never trying them.
+        let mut costly = weak(&master, &Secret::Passphrase(b"pw"));
+        costly.kdf = Some(KdfParams {
+            m_kib: 1024 * 1024,
+            t: 4,
+            p: 1,
+        });
+        let mut hostile = costly.clone();
+        hostile.id = "0badf00d".into();
+        hostile.kdf = Some(KdfParams {
+            m_kib: u32::MAX,
+            ..FAST
+        });
+        let started = std::time::Instant::now();
+        let slots = [kf.clone(), costly.clone(), hostile.clone()];
+        let (got, id) = unlock_any(&slots, &Secret::KeyFile(&file)).unwrap();
+        assert_eq!((got.expose(), id), (master.expose(), kf.id.clone()));
+        assert_eq!(
+            unlock_any(&slots, &Secret::KeyFile(&[4u8; 32])).unwrap_err(),
+            CryptoError::WrongKey { slots: 3 }
+        );
+        assert!(started.elapsed() < std::time::Duration::from_millis(500));
+        // A key file too short is refused before any slot is tried.
+        let err = unlock_any(&slots, &Secret::KeyFile(&[3u8; 31])).unwrap_err();
+        assert!(err.to_string().contains("31 bytes"), "{err}");
+    }
+
+    #[test]
+    fn the_work_of_one_unlock_is_bounded_over_all_slots() {
+        let master = MasterKey::generate().unwrap();
+        let a = weak(&master, &Secret::Passphrase(b"first"));
+        let b = weak(&master, &Secret::Passphrase(b"second"));
+        let c = weak(&master, &Secret::Passphrase(b"third"));
+        let slots = [a.clone(), b, c];
+        let first = Secret::Passphrase(b"first");
+        // Tried c, b, a: a budget of two slots never reaches a.
+        let err = unlock_within(&slots, &first, 2 * FAST.work()).unwrap_err();
+        assert!(
+            err.to_string().contains("not tried") && err.to_string().contains(&a.id),
+            "{err}"
+        );
+        let (_, id) = unlock_within(&slots, &first, 3 * FAST.work()).unwrap();
+        assert_eq!(id, a.id);
+        // The budget of a real unlock: every slot of a full vault at the
+        // default parameters, or four at the most work each.
+        assert!(MAX_UNLOCK_WORK >= MAX_SLOTS as u64 * KdfParams::DEFAULT.work());
+        assert_eq!(MAX_UNLOCK_WORK, 4 * KdfParams::MAX_WORK);
     }
 
     /// Known answer: the passphrase KEK is Argon2id v1.3 (computed
