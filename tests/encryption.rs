@@ -456,6 +456,98 @@ fn key_slots_change_and_the_recovery_text_brings_a_vault_back() {
 }
 
 #[test]
+fn generated_key_files_are_strong_private_and_never_overwritten() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let (key, vault) = (dir.join("vault.key"), dir.join("vault"));
+    // The first slot's key file, written by `vault create`.
+    ok(&[
+        "vault",
+        "create",
+        "--vault",
+        s(&vault),
+        "--encryption",
+        "chacha20-poly1305",
+        "--generate-key-file",
+        s(&key),
+    ]);
+    assert_eq!(std::fs::read(&key).unwrap().len(), 32);
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let slots = json_key(&key, &["key", "list", "--vault", s(&vault)]);
+    assert_eq!(slots.as_array().map(Vec::len), Some(1), "{slots:#}");
+    // An existing file is refused, left as it was, and no slot is added.
+    let before = std::fs::read(&key).unwrap();
+    let out = with_key(
+        &key,
+        &[
+            "key",
+            "add",
+            "--vault",
+            s(&vault),
+            "--generate-key-file",
+            s(&key),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("exists already"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+    let other = dir.join("other");
+    let out = coffre()
+        .args(["vault", "create", "--vault", s(&other), "--encryption"])
+        .args(["aes-256-gcm", "--generate-key-file", s(&key)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(!other.join("config").exists());
+    // A second generated key opens the vault too.
+    let second = dir.join("second.key");
+    ok_key(
+        &key,
+        &[
+            "key",
+            "add",
+            "--vault",
+            s(&vault),
+            "--generate-key-file",
+            s(&second),
+        ],
+    );
+    let slots = json_key(&second, &["key", "list", "--vault", s(&vault)]);
+    assert_eq!(slots.as_array().map(Vec::len), Some(2), "{slots:#}");
+    assert_ne!(std::fs::read(&second).unwrap(), before);
+    // A key file shorter than 32 bytes makes no slot, and opens nothing.
+    let short = dir.join("short.key");
+    random_file(&short, 16, 5);
+    let out = with_key(
+        &key,
+        &[
+            "key",
+            "add",
+            "--vault",
+            s(&vault),
+            "--new-key-file",
+            s(&short),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("16 bytes"), "{err}");
+    let out = with_key(&short, &["key", "list", "--vault", s(&vault)]);
+    assert_eq!(out.status.code(), Some(15), "{out:?}");
+    // --generate-key-file needs --encryption.
+    let out = coffre()
+        .args(["vault", "create", "--vault", s(&other)])
+        .args(["--generate-key-file", s(&dir.join("x.key"))])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
 fn a_damaged_sealed_record_is_found_by_verify_and_never_restored() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path();

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::args::{KdfArgs, KeyCommand};
 use crate::ctx::{Ctx, open};
-use crate::keys::{KeySources, new_secret};
+use crate::keys::{KeySources, NewKeyFile, new_secret};
 use crate::output;
 
 /// Runs a `coffre key` command.
@@ -26,11 +26,13 @@ pub fn run(ctx: &Ctx, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
         KeyCommand::Add {
             vault,
             new_key_file,
+            generate_key_file,
             label,
             kdf,
         } => {
             let v = open(ctx, &vault.vault, Access::Write)?;
-            let slot = add(ctx, &v, new_key_file.as_deref(), label, &kdf)?;
+            let new_key = NewKeyFile::of(new_key_file.as_deref(), generate_key_file.as_deref());
+            let slot = add(ctx, &v, new_key, label, &kdf)?;
             say(ctx, &format!("added key slot {}", slot.id));
             Ok(ExitCode::SUCCESS)
         }
@@ -43,6 +45,7 @@ pub fn run(ctx: &Ctx, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
         KeyCommand::Passwd {
             vault,
             new_key_file,
+            generate_key_file,
             kdf,
         } => {
             let v = open(ctx, &vault.vault, Access::Write)?;
@@ -56,7 +59,8 @@ pub fn run(ctx: &Ctx, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
                 .iter()
                 .find(|s| s.id == old)
                 .and_then(|s| s.label.clone());
-            let slot = add(ctx, &v, new_key_file.as_deref(), label, &kdf)?;
+            let new_key = NewKeyFile::of(new_key_file.as_deref(), generate_key_file.as_deref());
+            let slot = add(ctx, &v, new_key, label, &kdf)?;
             // The handle's config is the one before the new slot.
             drop(v);
             let v = open(ctx, &vault.vault, Access::Write)?;
@@ -78,6 +82,7 @@ pub fn run(ctx: &Ctx, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
             vault,
             recovery: file,
             new_key_file,
+            generate_key_file,
             label,
             kdf,
         } => {
@@ -101,7 +106,8 @@ pub fn run(ctx: &Ctx, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
                     vault.vault.display()
                 )
             })?;
-            let slot = add(&from_paper, &v, new_key_file.as_deref(), label, &kdf)?;
+            let new_key = NewKeyFile::of(new_key_file.as_deref(), generate_key_file.as_deref());
+            let slot = add(&from_paper, &v, new_key, label, &kdf)?;
             say(
                 ctx,
                 &format!(
@@ -157,7 +163,7 @@ pub fn kdf_params(kdf: &KdfArgs) -> anyhow::Result<Option<KdfParams>> {
 fn add(
     ctx: &Ctx,
     v: &Vault,
-    new_key_file: Option<&Path>,
+    new_key: NewKeyFile<'_>,
     label: Option<String>,
     kdf: &KdfArgs,
 ) -> anyhow::Result<KeySlot> {
@@ -169,14 +175,12 @@ fn add(
         );
     }
     let master = master_of(ctx, v)?;
-    let secret = new_secret(new_key_file)?;
-    let slot = KeySlot::new(
-        &master,
-        &secret.secret(),
-        kdf_params(kdf)?,
-        label,
-        ctx.now(),
-    )?;
+    let kdf = kdf_params(kdf)?;
+    let (secret, generated) = new_secret(new_key)?;
+    let slot = KeySlot::new(&master, &secret.secret(), kdf, label, ctx.now())?;
+    // From here the config is written: the key file stays, whatever
+    // happens (a slot stored without its file would open nothing).
+    generated.keep();
     let mut cfg = v.config().clone();
     if let Some(e) = cfg.encryption.as_mut() {
         e.slots.push(slot.clone());

@@ -16,7 +16,9 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use coffre_engine::store::crypto::slot::{MAX_KEY_FILE, MAX_PASSPHRASE, Secret, unlock_any};
+use coffre_engine::store::crypto::slot::{
+    MAX_KEY_FILE, MAX_PASSPHRASE, MIN_KEY_FILE, Secret, unlock_any,
+};
 use coffre_engine::store::crypto::{CryptoError, KeySlot, MasterKey, Unlock};
 use zeroize::Zeroizing;
 
@@ -143,7 +145,96 @@ pub fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
     if bytes.len() > MAX_KEY_FILE {
         return Err(bad("longer than 1 MiB".into()));
     }
+    if bytes.len() < MIN_KEY_FILE {
+        return Err(bad(format!(
+            "{} bytes: a key file is not stretched, it holds at least {MIN_KEY_FILE} random bytes (`--generate-key-file` writes one)",
+            bytes.len()
+        )));
+    }
     Ok(bytes)
+}
+
+/// How many random bytes `--generate-key-file` writes.
+pub const GENERATED_KEY_FILE: usize = 32;
+
+/// Writes a new key file at `path`: 32 random bytes from the operating
+/// system, created 0600 and exclusively (an existing file or symlink is
+/// refused, never overwritten), flushed to disk with its directory entry.
+/// Returns its bytes.
+pub fn generate_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let bad = |reason: String| CryptoError::Malformed {
+        what: format!("new key file {}", path.display()),
+        reason,
+    };
+    let bytes =
+        Zeroizing::new(coffre_engine::store::crypto::random::<GENERATED_KEY_FILE>()?.to_vec());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                bad("exists already: a key file is never overwritten (choose a new path)".into())
+            }
+            _ => bad(e.to_string()),
+        })?;
+    let written = f
+        .write_all(&bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| {
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            std::fs::File::open(dir)?.sync_all()
+        });
+    if let Err(e) = written {
+        drop(f);
+        let _ = std::fs::remove_file(path);
+        return Err(bad(e.to_string()));
+    }
+    Ok(bytes)
+}
+
+/// A key file `--generate-key-file` wrote in this command: removed if the
+/// command fails before its slot is stored ([`Self::keep`] once it is).
+pub struct GeneratedKeyFile {
+    path: Option<PathBuf>,
+}
+
+impl GeneratedKeyFile {
+    /// Nothing generated.
+    pub fn none() -> GeneratedKeyFile {
+        GeneratedKeyFile { path: None }
+    }
+
+    /// Generates one at `path`: its bytes, and the guard that removes it.
+    pub fn create(path: &Path) -> Result<(Zeroizing<Vec<u8>>, GeneratedKeyFile), CryptoError> {
+        let bytes = generate_key_file(path)?;
+        Ok((
+            bytes,
+            GeneratedKeyFile {
+                path: Some(path.to_path_buf()),
+            },
+        ))
+    }
+
+    /// Its slot is stored: the file stays.
+    pub fn keep(mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for GeneratedKeyFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// Runs a password command (`name` names it in errors): its first line.
@@ -236,12 +327,51 @@ pub fn prompt(text: &str) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
     Ok(p)
 }
 
-/// A new secret for a new slot: `--new-key-file`, else
-/// `COFFRE_NEW_PASSWORD_COMMAND`, else asked twice on the terminal.
-pub fn new_secret(new_key_file: Option<&Path>) -> Result<Owned, CryptoError> {
-    if let Some(path) = new_key_file {
-        return read_key_file(path).map(Owned::KeyFile);
+/// Where a new slot's key file comes from.
+#[derive(Clone, Copy)]
+pub enum NewKeyFile<'a> {
+    /// None: the new slot is a passphrase's.
+    None,
+    /// `--new-key-file`: an existing file.
+    Read(&'a Path),
+    /// `--generate-key-file`: written now.
+    Generate(&'a Path),
+}
+
+impl<'a> NewKeyFile<'a> {
+    /// From the two options (clap keeps them exclusive).
+    pub fn of(new_key_file: Option<&'a Path>, generate: Option<&'a Path>) -> NewKeyFile<'a> {
+        match (generate, new_key_file) {
+            (Some(g), _) => NewKeyFile::Generate(g),
+            (None, Some(r)) => NewKeyFile::Read(r),
+            (None, None) => NewKeyFile::None,
+        }
     }
+}
+
+/// A new secret for a new slot: a key file read or generated, else
+/// `COFFRE_NEW_PASSWORD_COMMAND`, else asked twice on the terminal. A
+/// generated file is removed when the guard is dropped before
+/// [`GeneratedKeyFile::keep`].
+pub fn new_secret(key_file: NewKeyFile<'_>) -> Result<(Owned, GeneratedKeyFile), CryptoError> {
+    match key_file {
+        NewKeyFile::Read(path) => {
+            return Ok((
+                Owned::KeyFile(read_key_file(path)?),
+                GeneratedKeyFile::none(),
+            ));
+        }
+        NewKeyFile::Generate(path) => {
+            let (bytes, guard) = GeneratedKeyFile::create(path)?;
+            return Ok((Owned::KeyFile(bytes), guard));
+        }
+        NewKeyFile::None => {}
+    }
+    new_passphrase().map(|p| (p, GeneratedKeyFile::none()))
+}
+
+/// A new passphrase: `COFFRE_NEW_PASSWORD_COMMAND`, else asked twice.
+fn new_passphrase() -> Result<Owned, CryptoError> {
     if let Ok(cmd) = std::env::var("COFFRE_NEW_PASSWORD_COMMAND")
         && !cmd.trim().is_empty()
     {
@@ -256,4 +386,65 @@ pub fn new_secret(new_key_file: Option<&Path>) -> Result<Owned, CryptoError> {
         });
     }
     Ok(Owned::Passphrase(first))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_generated_key_file_is_32_random_bytes_0600_and_never_overwrites() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("vault.key");
+        let bytes = generate_key_file(&path).unwrap();
+        assert_eq!(bytes.len(), 32);
+        assert_eq!(*read_key_file(&path).unwrap(), *bytes);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let other = t.path().join("other.key");
+        assert_ne!(*generate_key_file(&other).unwrap(), *bytes);
+        // An existing file, or a symlink (even a dangling one), is refused
+        // and left as it was.
+        let err = generate_key_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("exists already") && err.contains("vault.key"),
+            "{err}"
+        );
+        assert_eq!(*read_key_file(&path).unwrap(), *bytes);
+        let link = t.path().join("link.key");
+        std::os::unix::fs::symlink(t.path().join("nowhere"), &link).unwrap();
+        assert!(generate_key_file(&link).is_err());
+        assert!(!t.path().join("nowhere").exists());
+    }
+
+    #[test]
+    fn a_short_key_file_is_refused_naming_it() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("short.key");
+        std::fs::write(&path, [7u8; 31]).unwrap();
+        let err = read_key_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("short.key") && err.contains("31 bytes"),
+            "{err}"
+        );
+        std::fs::write(&path, [7u8; 32]).unwrap();
+        assert!(read_key_file(&path).is_ok());
+    }
+
+    #[test]
+    fn a_generated_key_file_is_removed_unless_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let (gone, kept) = (t.path().join("gone.key"), t.path().join("kept.key"));
+        drop(GeneratedKeyFile::create(&gone).unwrap());
+        assert!(!gone.exists());
+        let (_, guard) = GeneratedKeyFile::create(&kept).unwrap();
+        guard.keep();
+        assert!(kept.exists());
+        let (secret, guard) = new_secret(NewKeyFile::Generate(&gone)).unwrap();
+        assert!(matches!(secret, Owned::KeyFile(ref b) if b.len() == 32));
+        drop(guard);
+        assert!(!gone.exists());
+    }
 }
