@@ -3,7 +3,9 @@
 //!
 //! 1. `--key-file PATH` or `COFFRE_KEY_FILE`: a key file (a key-file slot);
 //! 2. `COFFRE_PASSWORD_COMMAND`: a command (split like a shell would, run
-//!    without one) whose first line of output is the passphrase;
+//!    without one, in its own process group; it must end within 60 s,
+//!    and what it leaves in its group is killed) whose first line of
+//!    output is the passphrase;
 //! 3. a prompt on the terminal, when there is one.
 //!
 //! The daemon and the scheduler have no terminal: they need 1 or 2
@@ -237,8 +239,27 @@ impl Drop for GeneratedKeyFile {
     }
 }
 
+/// The most a password command may print.
+const MAX_COMMAND_OUTPUT: usize = 64 * 1024;
+
 /// Runs a password command (`name` names it in errors): its first line.
 pub fn run_password_command(cmd: &str, name: &str) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    run_password_command_within(cmd, name, COMMAND_TIMEOUT)
+}
+
+/// [`run_password_command`] with its timeout. The command is split like a
+/// shell would but run without one, in its own process group. Its output
+/// is read on a thread, at most [`MAX_COMMAND_OUTPUT`] bytes. When it
+/// ends, whatever it left in its group is killed (a child holding its
+/// output open cannot make coffre wait); when it does not end within
+/// `timeout`, the whole group is killed.
+fn run_password_command_within(
+    cmd: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
     let bad = |reason: String| CryptoError::Malformed {
         what: name.to_string(),
         reason,
@@ -252,45 +273,70 @@ pub fn run_password_command(cmd: &str, name: &str) -> Result<Zeroizing<Vec<u8>>,
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        .process_group(0)
         .spawn()
         .map_err(|e| bad(format!("cannot run {prog:?}: {e}")))?;
-    let started = std::time::Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if started.elapsed() > COMMAND_TIMEOUT => {
-                let _ = child.kill();
+    let pid = libc::pid_t::try_from(child.id()).map_err(|e| bad(e.to_string()))?;
+    let stdout = child.stdout.take();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = Zeroizing::new(Vec::new());
+        let read = match stdout {
+            Some(s) => s
+                .take(MAX_COMMAND_OUTPUT as u64 + 1)
+                .read_to_end(&mut out)
+                .map(|_| ()),
+            None => Ok(()),
+        };
+        let _ = tx.send(read.map(|()| out));
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    // Waits for the command to end without reaping it, so that its group
+    // id stays its own while the group is killed.
+    let ended = loop {
+        match exited(pid) {
+            Ok(true) => break true,
+            Ok(false) if std::time::Instant::now() >= deadline => break false,
+            Ok(false) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => {
+                kill_group(pid);
                 let _ = child.wait();
-                return Err(bad(format!(
-                    "did not end within {} s",
-                    COMMAND_TIMEOUT.as_secs()
-                )));
+                return Err(bad(e.to_string()));
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(bad(e.to_string())),
         }
+    };
+    kill_group(pid);
+    let status = child.wait().map_err(|e| bad(e.to_string()))?;
+    if !ended {
+        return Err(bad(format!(
+            "did not end within {} s (killed, with what it started)",
+            timeout.as_secs_f64()
+        )));
     }
-    let out = child.wait_with_output().map_err(|e| bad(e.to_string()))?;
-    let stdout = Zeroizing::new(out.stdout);
-    if !out.status.success() {
-        return Err(bad(format!("failed ({})", out.status)));
+    let left = deadline
+        .saturating_duration_since(std::time::Instant::now())
+        .max(Duration::from_millis(100));
+    let stdout = match rx.recv_timeout(left) {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => return Err(bad(format!("cannot read its output: {e}"))),
+        Err(_) => {
+            return Err(bad(format!(
+                "ended, but its output was still held open {} s later (by a process it started in another group)",
+                timeout.as_secs_f64()
+            )));
+        }
+    };
+    if stdout.len() > MAX_COMMAND_OUTPUT {
+        return Err(bad(format!(
+            "printed more than {} KiB",
+            MAX_COMMAND_OUTPUT / 1024
+        )));
     }
-    let line: Vec<u8> = stdout
-        .split(|&b| b == b'\n')
-        .next()
-        .unwrap_or_default()
-        .strip_suffix(b"\r")
-        .map_or_else(
-            || {
-                stdout
-                    .split(|&b| b == b'\n')
-                    .next()
-                    .unwrap_or_default()
-                    .to_vec()
-            },
-            <[u8]>::to_vec,
-        );
-    let line = Zeroizing::new(line);
+    if !status.success() {
+        return Err(bad(format!("failed ({status})")));
+    }
+    let first = stdout.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = Zeroizing::new(first.strip_suffix(b"\r").unwrap_or(first).to_vec());
     if line.is_empty() {
         return Err(bad("printed an empty passphrase".into()));
     }
@@ -298,6 +344,36 @@ pub fn run_password_command(cmd: &str, name: &str) -> Result<Zeroizing<Vec<u8>>,
         return Err(bad(format!("printed more than {MAX_PASSPHRASE} bytes")));
     }
     Ok(line)
+}
+
+/// Whether process `pid` (a child of ours) has ended, without reaping it.
+fn exited(pid: libc::pid_t) -> std::io::Result<bool> {
+    // SAFETY: a zeroed siginfo_t is a valid value; waitid writes into the
+    // struct it is given and reads nothing else.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable siginfo_t.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: waitid filled `info` (si_pid is 0 when nothing ended).
+    Ok(unsafe { info.si_pid() } != 0)
+}
+
+/// Kills process group `pgid` (a command's, whose leader is not reaped
+/// yet, so the id is still its group's).
+fn kill_group(pgid: libc::pid_t) {
+    // SAFETY: killpg has no memory preconditions.
+    unsafe {
+        libc::killpg(pgid, libc::SIGKILL);
+    }
 }
 
 /// Asks for a passphrase on the terminal.
@@ -417,6 +493,120 @@ mod tests {
         std::os::unix::fs::symlink(t.path().join("nowhere"), &link).unwrap();
         assert!(generate_key_file(&link).is_err());
         assert!(!t.path().join("nowhere").exists());
+    }
+
+    /// An executable script in `dir`.
+    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    /// Whether process `pid` is gone (or a zombie), waiting up to 2 s.
+    fn gone(pid: &str) -> bool {
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(2) {
+            match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                Err(_) => return true,
+                Ok(stat)
+                    if stat
+                        .rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .starts_with('Z') =>
+                {
+                    return true;
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn a_password_command_that_leaves_a_child_holding_its_output_does_not_hang() {
+        let t = tempfile::tempdir().unwrap();
+        let pidfile = t.path().join("pid");
+        let cmd = script(
+            t.path(),
+            "leaves-child.sh",
+            &format!(
+                "sleep 100 &\necho $! > {}\necho 'the passphrase'",
+                pidfile.display()
+            ),
+        );
+        let started = std::time::Instant::now();
+        let got = run_password_command_within(
+            &format!("{}", cmd.display()),
+            "test",
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        assert_eq!(&got[..], b"the passphrase");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        assert!(gone(pid.trim()), "the sleep it left is killed");
+    }
+
+    #[test]
+    fn a_password_command_that_never_ends_is_killed_with_its_group() {
+        let t = tempfile::tempdir().unwrap();
+        let pidfile = t.path().join("pid");
+        let cmd = script(
+            t.path(),
+            "never-ends.sh",
+            &format!(
+                "sleep 100 &\necho $! > {}\necho pw\nwait",
+                pidfile.display()
+            ),
+        );
+        let started = std::time::Instant::now();
+        let err = run_password_command_within(
+            &format!("{}", cmd.display()),
+            "TEST_COMMAND",
+            Duration::from_millis(500),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("TEST_COMMAND") && err.contains("did not end within 0.5 s"),
+            "{err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        assert!(gone(pid.trim()), "its child is killed too");
+    }
+
+    #[test]
+    fn a_password_command_runs_without_a_shell_and_its_output_is_bounded() {
+        let t = tempfile::tempdir().unwrap();
+        let run = |cmd: &str| run_password_command_within(cmd, "test", Duration::from_secs(20));
+        // No shell: `$HOME` is not expanded, `;` is an argument.
+        assert_eq!(&run("echo $HOME ; x").unwrap()[..], b"$HOME ; x");
+        assert_eq!(&run("printf 'a b\\r\\nsecond'").unwrap()[..], b"a b");
+        let err = run("yes").unwrap_err().to_string();
+        assert!(
+            err.contains("more than 64 KiB") || err.contains("failed"),
+            "{err}"
+        );
+        let big = script(t.path(), "big.sh", "head -c 70000 /dev/zero");
+        let err = run(&big.display().to_string()).unwrap_err().to_string();
+        assert!(err.contains("more than 64 KiB"), "{err}");
+        let err = run("false").unwrap_err().to_string();
+        assert!(err.contains("failed"), "{err}");
+        assert!(run("true").unwrap_err().to_string().contains("empty"));
+        assert!(run("'unbalanced").is_err());
+        assert!(run("/nonexistent/command").is_err());
     }
 
     #[test]
