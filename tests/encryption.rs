@@ -357,13 +357,40 @@ fn key_slots_change_and_the_recovery_text_brings_a_vault_back() {
 
     // The recovery text round-trips; then every slot is lost but one
     // that nobody can open.
-    let text = ok_key(&key, &["key", "export", "--vault", s(&vault)]);
+    // Never printed to a pipe unless asked to: --to writes a new 0600 file.
+    let out = with_key(&key, &["key", "export", "--vault", s(&vault)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not a terminal"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+    let paper = dir.join("paper.txt");
+    ok_key(
+        &key,
+        &["key", "export", "--vault", s(&vault), "--to", s(&paper)],
+    );
+    let text = std::fs::read_to_string(&paper).unwrap();
     assert!(
         text.starts_with("coffre recovery key v1 for vault "),
         "{text}"
     );
-    let paper = dir.join("paper.txt");
-    std::fs::write(&paper, &text).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&paper).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let out = with_key(
+        &key,
+        &["key", "export", "--vault", s(&vault), "--to", s(&paper)],
+    );
+    assert!(
+        !out.status.success(),
+        "an existing file is never overwritten"
+    );
+    assert_eq!(std::fs::read_to_string(&paper).unwrap(), text);
+    let forced = ok_key(&key, &["key", "export", "--vault", s(&vault), "--force"]);
+    assert_eq!(forced, text);
     let pass_slot = slots[1]["id"].as_str().unwrap().to_string();
     ok_key(
         &key,
@@ -439,7 +466,10 @@ fn key_slots_change_and_the_recovery_text_brings_a_vault_back() {
             "aes-256-gcm",
         ],
     );
-    let other_text = ok_key(&new_key, &["key", "export", "--vault", s(&other)]);
+    let other_text = ok_key(
+        &new_key,
+        &["key", "export", "--vault", s(&other), "--force"],
+    );
     let other_paper = dir.join("other.txt");
     std::fs::write(&other_paper, other_text).unwrap();
     let out = run(&[

@@ -141,10 +141,19 @@ pub enum KeyCommand {
         #[command(flatten)]
         kdf: KdfArgs,
     },
-    /// Print the master key as a recovery text, to keep on paper.
+    /// Print the master key as a recovery text, to keep on paper. Refused
+    /// when stdout is not a terminal (a pipe or a file would keep the key)
+    /// unless --to or --force is given.
     Export {
         #[command(flatten)]
         vault: VaultArg,
+        /// Write the recovery text to a new file (0600; an existing file is
+        /// refused) instead of printing it.
+        #[arg(long, value_name = "FILE")]
+        to: Option<PathBuf>,
+        /// Print it even when stdout is not a terminal.
+        #[arg(long, conflicts_with = "to")]
+        force: bool,
     },
     /// Read a recovery text (a file, or stdin with -) and add a slot for a
     /// new passphrase or --new-key-file: when every slot is lost.

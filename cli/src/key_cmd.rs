@@ -71,11 +71,33 @@ pub fn run(ctx: &Ctx, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        KeyCommand::Export { vault } => {
+        KeyCommand::Export { vault, to, force } => {
+            use std::io::IsTerminal;
+            if to.is_none() && !force && !std::io::stdout().is_terminal() {
+                anyhow::bail!(
+                    "refusing to print the master key to a stdout that is not a terminal (a pipe or a file would keep it): give --to FILE (written 0600) or --force"
+                );
+            }
             let v = open(ctx, &vault.vault, Access::ReadOnly)?;
             encryption(&v)?;
             let keys = master_of(ctx, &v)?;
-            print!("{}", &*recovery::export(&keys, &v.config().vault_id));
+            let text = recovery::export(&keys, &v.config().vault_id);
+            match to {
+                Some(path) => {
+                    crate::keys::write_new_private_file(&path, text.as_bytes()).map_err(|e| {
+                        anyhow::anyhow!("cannot write the recovery text to {}: {e}", path.display())
+                    })?;
+                    say(
+                        ctx,
+                        &format!(
+                            "wrote the recovery text of vault {} to {}: print it, keep it on paper away from the vault, then delete the file",
+                            v.dir().display(),
+                            path.display()
+                        ),
+                    );
+                }
+                None => print!("{}", &*text),
+            }
             Ok(ExitCode::SUCCESS)
         }
         KeyCommand::Import {

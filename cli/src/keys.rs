@@ -164,14 +164,21 @@ pub const GENERATED_KEY_FILE: usize = 32;
 /// refused, never overwritten), flushed to disk with its directory entry.
 /// Returns its bytes.
 pub fn generate_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let bad = |reason: String| CryptoError::Malformed {
-        what: format!("new key file {}", path.display()),
-        reason,
-    };
     let bytes =
         Zeroizing::new(coffre_engine::store::crypto::random::<GENERATED_KEY_FILE>()?.to_vec());
+    write_new_private_file(path, &bytes).map_err(|reason| CryptoError::Malformed {
+        what: format!("new key file {}", path.display()),
+        reason,
+    })?;
+    Ok(bytes)
+}
+
+/// Writes `bytes` to a new file at `path`: created 0600 and exclusively
+/// (an existing file or a symlink is refused, never overwritten), flushed
+/// to disk with its directory entry; removed again if writing fails.
+pub fn write_new_private_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -180,12 +187,12 @@ pub fn generate_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CryptoError>
         .open(path)
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => {
-                bad("exists already: a key file is never overwritten (choose a new path)".into())
+                "exists already: it is never overwritten (choose a new path)".to_string()
             }
-            _ => bad(e.to_string()),
+            _ => e.to_string(),
         })?;
     let written = f
-        .write_all(&bytes)
+        .write_all(bytes)
         .and_then(|()| f.sync_all())
         .and_then(|()| {
             let dir = match path.parent() {
@@ -197,9 +204,9 @@ pub fn generate_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CryptoError>
     if let Err(e) = written {
         drop(f);
         let _ = std::fs::remove_file(path);
-        return Err(bad(e.to_string()));
+        return Err(e.to_string());
     }
-    Ok(bytes)
+    Ok(())
 }
 
 /// A key file `--generate-key-file` wrote in this command: removed if the
