@@ -392,6 +392,8 @@ fn kek(
     match (secret, slot.kdf) {
         (Secret::Passphrase(p), Some(k)) => {
             secret.check()?;
+            // Never Argon2id out of bounds, whoever calls.
+            k.check().map_err(|e| slot.bad(e))?;
             let params = Params::new(k.m_kib, k.t, k.p, Some(KEY_LEN))
                 .map_err(|e| CryptoError::Kdf(e.to_string()))?;
             // Argon2's memory, wiped when dropped (`hash_password_into`
@@ -476,6 +478,54 @@ fn unlock_within(
             ),
         }),
     }
+}
+
+/// The passphrase the fuzz seeds' passphrase slots open with.
+pub const FUZZ_PASSPHRASE: &[u8] = b"coffre fuzz passphrase";
+/// The key file the fuzz seeds' key-file slots open with.
+pub const FUZZ_KEY_FILE: [u8; 32] = [0x5c; 32];
+/// The most Argon2id work the fuzz entry lets an unlock do: tiny, so
+/// that fuzzing stays fast (the seeds use 64 KiB × 1 pass).
+pub const FUZZ_WORK: u64 = 256;
+
+/// The fuzz entry point (also replayed over the seed corpus): `data` read
+/// as a config's key slots (a JSON list, or one slot), checked, and
+/// unlocked with [`FUZZ_PASSPHRASE`] and [`FUZZ_KEY_FILE`] (at most
+/// [`FUZZ_WORK`] of Argon2id; never out of bounds). Never panics; returns
+/// how many of the two secrets opened a slot.
+pub fn fuzz_entry(data: &[u8]) -> usize {
+    let slots: Vec<KeySlot> = match serde_json::from_slice::<Vec<KeySlot>>(data) {
+        Ok(v) => v,
+        Err(_) => match serde_json::from_slice::<KeySlot>(data) {
+            Ok(s) => vec![s],
+            Err(_) => return 0,
+        },
+    };
+    if slots.is_empty() || slots.len() > MAX_SLOTS {
+        return 0;
+    }
+    let mut opened = 0;
+    for secret in [
+        Secret::Passphrase(FUZZ_PASSPHRASE),
+        Secret::KeyFile(&FUZZ_KEY_FILE),
+    ] {
+        if let Ok((key, id)) = unlock_within(&slots, &secret, FUZZ_WORK) {
+            // What opened is a slot of the secret's kind, within bounds,
+            // and opens again with the same key.
+            let slot = slots.iter().find(|s| s.id == id);
+            let again = slot.map(|s| (s.kind, s.check().is_ok(), s.unlock(&secret)));
+            let same = matches!(
+                again,
+                Some((kind, true, Ok(Some(ref k)))) if kind == secret.kind() && k.expose() == key.expose()
+            );
+            assert!(
+                same,
+                "slot {id} opened but does not open again, within bounds, with the same key"
+            );
+            opened += 1;
+        }
+    }
+    opened
 }
 
 #[cfg(test)]
@@ -669,6 +719,12 @@ mod tests {
             p: 1,
         });
         assert!(hostile.check_fields().is_ok());
+        // Argon2id itself refuses it, whoever would call it.
+        let salt = hostile.salt_bytes().unwrap();
+        assert!(matches!(
+            kek(&hostile, &salt, &pw),
+            Err(CryptoError::Malformed { .. })
+        ));
         for slots in [
             vec![a.clone(), hostile.clone()],
             vec![hostile.clone(), a.clone()],
