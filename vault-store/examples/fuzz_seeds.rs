@@ -358,8 +358,9 @@ fn main() {
 
 /// Key slots (`key_slot`): a passphrase slot and a key-file slot of the
 /// fuzz secrets (tiny Argon2id), one slot alone, a list with a hostile
-/// passphrase slot (out-of-bounds memory) before a good key-file slot, and
-/// a list whose wrapped keys were altered.
+/// passphrase slot (out-of-bounds memory) before a good key-file slot, a
+/// list with one slot twice (refused, as a config is) and a list whose
+/// wrapped keys were altered.
 fn key_slot_seeds(out: &Path, t: jiff::Timestamp) {
     use coffre_vault_store::crypto::slot::{self, KdfParams, Secret};
     use coffre_vault_store::crypto::{KeySlot, MasterKey};
@@ -404,6 +405,10 @@ fn key_slot_seeds(out: &Path, t: jiff::Timestamp) {
         &[
             ("both.json", &json(&vec![pass.clone(), file.clone()])),
             ("one.json", &json(&file)),
+            (
+                "duplicate.json",
+                &json(&vec![pass.clone(), file.clone(), file.clone()]),
+            ),
             ("hostile.json", &json(&vec![file, hostile])),
             ("altered.json", &json(&altered.to_vec())),
         ],

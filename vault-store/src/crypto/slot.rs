@@ -489,7 +489,8 @@ pub const FUZZ_KEY_FILE: [u8; 32] = [0x5c; 32];
 pub const FUZZ_WORK: u64 = 256;
 
 /// The fuzz entry point (also replayed over the seed corpus): `data` read
-/// as a config's key slots (a JSON list, or one slot), checked, and
+/// as a config's key slots (a JSON list, or one slot; 1 to 32 with
+/// distinct ids, as a config is read), checked, and
 /// unlocked with [`FUZZ_PASSPHRASE`] and [`FUZZ_KEY_FILE`] (at most
 /// [`FUZZ_WORK`] of Argon2id; never out of bounds). Never panics; returns
 /// how many of the two secrets opened a slot.
@@ -501,7 +502,14 @@ pub fn fuzz_entry(data: &[u8]) -> usize {
             Err(_) => return 0,
         },
     };
-    if slots.is_empty() || slots.len() > MAX_SLOTS {
+    // As a config is read: 1 to 32 slots, distinct ids.
+    if slots.is_empty()
+        || slots.len() > MAX_SLOTS
+        || slots
+            .iter()
+            .enumerate()
+            .any(|(i, s)| slots.iter().skip(i + 1).any(|o| o.id == s.id))
+    {
         return 0;
     }
     let mut opened = 0;
