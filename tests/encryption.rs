@@ -196,7 +196,7 @@ fn key_slots_change_and_the_recovery_text_brings_a_vault_back() {
     mixed_image(&img, 4 << 20, 12);
     let vault = dir.join("vault");
     let pass = |p: &str| format!("echo {p}");
-    // Created with a passphrase (cheap Argon2id: the test checks slots).
+    // Argon2id below the floor of new slots is refused.
     let out = coffre()
         .env("COFFRE_PASSWORD_COMMAND", pass("first secret"))
         .args([
@@ -208,8 +208,27 @@ fn key_slots_change_and_the_recovery_text_brings_a_vault_back() {
             "aes-256-gcm",
             "--kdf-memory",
             "1M",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("too weak"), "{err}");
+    assert!(!vault.join("config").exists());
+    // Created with a passphrase (Argon2id at the floor of new slots: the
+    // test checks slots, not their cost).
+    let out = coffre()
+        .env("COFFRE_PASSWORD_COMMAND", pass("first secret"))
+        .args([
+            "vault",
+            "create",
+            "--vault",
+            s(&vault),
+            "--encryption",
+            "aes-256-gcm",
+            "--kdf-memory",
+            "19M",
             "--kdf-passes",
-            "1",
+            "2",
         ])
         .output()
         .unwrap();
@@ -257,9 +276,9 @@ fn key_slots_change_and_the_recovery_text_brings_a_vault_back() {
             "--vault",
             s(&vault),
             "--kdf-memory",
-            "1M",
+            "19M",
             "--kdf-passes",
-            "1",
+            "2",
         ],
     );
     succeeded(&["key", "passwd"], out);
@@ -288,13 +307,40 @@ fn key_slots_change_and_the_recovery_text_brings_a_vault_back() {
 
     // The recovery text round-trips; then every slot is lost but one
     // that nobody can open.
-    let text = ok_key(&key, &["key", "export", "--vault", s(&vault)]);
+    // Never printed to a pipe unless asked to: --to writes a new 0600 file.
+    let out = with_key(&key, &["key", "export", "--vault", s(&vault)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not a terminal"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+    let paper = dir.join("paper.txt");
+    ok_key(
+        &key,
+        &["key", "export", "--vault", s(&vault), "--to", s(&paper)],
+    );
+    let text = std::fs::read_to_string(&paper).unwrap();
     assert!(
         text.starts_with("coffre recovery key v1 for vault "),
         "{text}"
     );
-    let paper = dir.join("paper.txt");
-    std::fs::write(&paper, &text).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&paper).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let out = with_key(
+        &key,
+        &["key", "export", "--vault", s(&vault), "--to", s(&paper)],
+    );
+    assert!(
+        !out.status.success(),
+        "an existing file is never overwritten"
+    );
+    assert_eq!(std::fs::read_to_string(&paper).unwrap(), text);
+    let forced = ok_key(&key, &["key", "export", "--vault", s(&vault), "--force"]);
+    assert_eq!(forced, text);
     let pass_slot = slots[1]["id"].as_str().unwrap().to_string();
     ok_key(
         &key,
@@ -370,7 +416,10 @@ fn key_slots_change_and_the_recovery_text_brings_a_vault_back() {
             "aes-256-gcm",
         ],
     );
-    let other_text = ok_key(&new_key, &["key", "export", "--vault", s(&other)]);
+    let other_text = ok_key(
+        &new_key,
+        &["key", "export", "--vault", s(&other), "--force"],
+    );
     let other_paper = dir.join("other.txt");
     std::fs::write(&other_paper, other_text).unwrap();
     let out = run(&[
@@ -384,6 +433,98 @@ fn key_slots_change_and_the_recovery_text_brings_a_vault_back() {
         s(&new_key),
     ]);
     assert_eq!(out.status.code(), Some(15), "{out:?}");
+}
+
+#[test]
+fn generated_key_files_are_strong_private_and_never_overwritten() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let (key, vault) = (dir.join("vault.key"), dir.join("vault"));
+    // The first slot's key file, written by `vault create`.
+    ok(&[
+        "vault",
+        "create",
+        "--vault",
+        s(&vault),
+        "--encryption",
+        "chacha20-poly1305",
+        "--generate-key-file",
+        s(&key),
+    ]);
+    assert_eq!(std::fs::read(&key).unwrap().len(), 32);
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let slots = json_key(&key, &["key", "list", "--vault", s(&vault)]);
+    assert_eq!(slots.as_array().map(Vec::len), Some(1), "{slots:#}");
+    // An existing file is refused, left as it was, and no slot is added.
+    let before = std::fs::read(&key).unwrap();
+    let out = with_key(
+        &key,
+        &[
+            "key",
+            "add",
+            "--vault",
+            s(&vault),
+            "--generate-key-file",
+            s(&key),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("exists already"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+    let other = dir.join("other");
+    let out = coffre()
+        .args(["vault", "create", "--vault", s(&other), "--encryption"])
+        .args(["aes-256-gcm", "--generate-key-file", s(&key)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(!other.join("config").exists());
+    // A second generated key opens the vault too.
+    let second = dir.join("second.key");
+    ok_key(
+        &key,
+        &[
+            "key",
+            "add",
+            "--vault",
+            s(&vault),
+            "--generate-key-file",
+            s(&second),
+        ],
+    );
+    let slots = json_key(&second, &["key", "list", "--vault", s(&vault)]);
+    assert_eq!(slots.as_array().map(Vec::len), Some(2), "{slots:#}");
+    assert_ne!(std::fs::read(&second).unwrap(), before);
+    // A key file shorter than 32 bytes makes no slot, and opens nothing.
+    let short = dir.join("short.key");
+    random_file(&short, 16, 5);
+    let out = with_key(
+        &key,
+        &[
+            "key",
+            "add",
+            "--vault",
+            s(&vault),
+            "--new-key-file",
+            s(&short),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("16 bytes"), "{err}");
+    let out = with_key(&short, &["key", "list", "--vault", s(&vault)]);
+    assert_eq!(out.status.code(), Some(15), "{out:?}");
+    // --generate-key-file needs --encryption.
+    let out = coffre()
+        .args(["vault", "create", "--vault", s(&other)])
+        .args(["--generate-key-file", s(&dir.join("x.key"))])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
 #[test]

@@ -278,3 +278,42 @@ fn host_registry_corpus() {
     // bad_item, flipped, valid.
     assert_eq!(decoded, vec![false, false, true]);
 }
+
+#[test]
+fn key_slot_corpus() {
+    let opened: Vec<usize> = corpus("key_slot")
+        .iter()
+        .map(|(_, b)| coffre_vault_store::crypto::slot::fuzz_entry(b))
+        .collect();
+    // altered (no slot opens), both (the passphrase and the key file),
+    // duplicate (a slot twice: refused), hostile (the key file, the
+    // out-of-bounds passphrase slot never tried), one (a lone key-file
+    // slot).
+    assert_eq!(opened, vec![0, 2, 0, 1, 1]);
+}
+
+#[test]
+fn sealed_record_corpus() {
+    use coffre_vault_store::crypto::Cipher;
+    use coffre_vault_store::format::record;
+    let keys = [
+        record::fuzz_keys(Cipher::Aes256Gcm),
+        record::fuzz_keys(Cipher::XChaCha20Poly1305),
+    ];
+    let opened: Vec<Vec<Cipher>> = corpus("sealed_record")
+        .iter()
+        .map(|(_, b)| record::fuzz_sealed_entry(&keys, b))
+        .collect();
+    // aes, chacha: each opens with its cipher's key only; flipped (under
+    // fixed CRCs), plain, truncated: refused.
+    assert_eq!(
+        opened,
+        vec![
+            vec![Cipher::Aes256Gcm],
+            vec![Cipher::XChaCha20Poly1305],
+            vec![],
+            vec![],
+            vec![]
+        ]
+    );
+}

@@ -104,10 +104,14 @@ pub enum KeyCommand {
     Add {
         #[command(flatten)]
         vault: VaultArg,
-        /// The new slot opens with this key file (at least 32 bytes; e.g.
-        /// `head -c 32 /dev/urandom > FILE`).
+        /// The new slot opens with this key file (at least 32 random bytes;
+        /// `--generate-key-file` writes one).
         #[arg(long, value_name = "FILE")]
         new_key_file: Option<PathBuf>,
+        /// Write a new key file at FILE (32 random bytes, 0600; an existing
+        /// file is refused) and make the new slot open with it.
+        #[arg(long, value_name = "FILE", conflicts_with = "new_key_file")]
+        generate_key_file: Option<PathBuf>,
         /// A note kept with the slot.
         #[arg(long)]
         label: Option<String>,
@@ -130,13 +134,26 @@ pub enum KeyCommand {
         /// The new slot opens with this key file instead of a passphrase.
         #[arg(long, value_name = "FILE")]
         new_key_file: Option<PathBuf>,
+        /// Write a new key file at FILE (32 random bytes, 0600; an existing
+        /// file is refused) and make the new slot open with it.
+        #[arg(long, value_name = "FILE", conflicts_with = "new_key_file")]
+        generate_key_file: Option<PathBuf>,
         #[command(flatten)]
         kdf: KdfArgs,
     },
-    /// Print the master key as a recovery text, to keep on paper.
+    /// Print the master key as a recovery text, to keep on paper. Refused
+    /// when stdout is not a terminal (a pipe or a file would keep the key)
+    /// unless --to or --force is given.
     Export {
         #[command(flatten)]
         vault: VaultArg,
+        /// Write the recovery text to a new file (0600; an existing file is
+        /// refused) instead of printing it.
+        #[arg(long, value_name = "FILE")]
+        to: Option<PathBuf>,
+        /// Print it even when stdout is not a terminal.
+        #[arg(long, conflicts_with = "to")]
+        force: bool,
     },
     /// Read a recovery text (a file, or stdin with -) and add a slot for a
     /// new passphrase or --new-key-file: when every slot is lost.
@@ -149,6 +166,10 @@ pub enum KeyCommand {
         /// The new slot opens with this key file instead of a passphrase.
         #[arg(long, value_name = "FILE")]
         new_key_file: Option<PathBuf>,
+        /// Write a new key file at FILE (32 random bytes, 0600; an existing
+        /// file is refused) and make the new slot open with it.
+        #[arg(long, value_name = "FILE", conflicts_with = "new_key_file")]
+        generate_key_file: Option<PathBuf>,
         /// A note kept with the slot.
         #[arg(long)]
         label: Option<String>,
@@ -731,6 +752,11 @@ pub enum VaultCommand {
         /// vault). Fixed for the vault's life.
         #[arg(long, value_name = "CIPHER")]
         encryption: Option<String>,
+        /// Write a new key file at FILE (32 random bytes, 0600; an existing
+        /// file is refused) and make the vault's first key slot open with
+        /// it, instead of --key-file or a passphrase.
+        #[arg(long, value_name = "FILE", requires = "encryption")]
+        generate_key_file: Option<PathBuf>,
         #[command(flatten)]
         kdf: KdfArgs,
     },

@@ -26,6 +26,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             snapshot_area,
             store,
             encryption,
+            generate_key_file,
             kdf,
         }) => crate::vault_cmd::create(
             fmt,
@@ -40,6 +41,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 secondary,
                 store,
                 encryption,
+                generate_key_file,
                 kdf,
             },
             &ctx.keys,

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::args::{KdfArgs, KeyCommand};
 use crate::ctx::{Ctx, open};
-use crate::keys::{KeySources, new_secret};
+use crate::keys::{KeySources, NewKeyFile, new_secret};
 use crate::output;
 
 /// Runs a `coffre key` command.
@@ -26,11 +26,13 @@ pub fn run(ctx: &Ctx, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
         KeyCommand::Add {
             vault,
             new_key_file,
+            generate_key_file,
             label,
             kdf,
         } => {
             let v = open(ctx, &vault.vault, Access::Write)?;
-            let slot = add(ctx, &v, new_key_file.as_deref(), label, &kdf)?;
+            let new_key = NewKeyFile::of(new_key_file.as_deref(), generate_key_file.as_deref());
+            let slot = add(ctx, &v, new_key, label, &kdf)?;
             say(ctx, &format!("added key slot {}", slot.id));
             Ok(ExitCode::SUCCESS)
         }
@@ -43,6 +45,7 @@ pub fn run(ctx: &Ctx, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
         KeyCommand::Passwd {
             vault,
             new_key_file,
+            generate_key_file,
             kdf,
         } => {
             let v = open(ctx, &vault.vault, Access::Write)?;
@@ -56,7 +59,8 @@ pub fn run(ctx: &Ctx, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
                 .iter()
                 .find(|s| s.id == old)
                 .and_then(|s| s.label.clone());
-            let slot = add(ctx, &v, new_key_file.as_deref(), label, &kdf)?;
+            let new_key = NewKeyFile::of(new_key_file.as_deref(), generate_key_file.as_deref());
+            let slot = add(ctx, &v, new_key, label, &kdf)?;
             // The handle's config is the one before the new slot.
             drop(v);
             let v = open(ctx, &vault.vault, Access::Write)?;
@@ -67,17 +71,40 @@ pub fn run(ctx: &Ctx, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        KeyCommand::Export { vault } => {
+        KeyCommand::Export { vault, to, force } => {
+            use std::io::IsTerminal;
+            if to.is_none() && !force && !std::io::stdout().is_terminal() {
+                anyhow::bail!(
+                    "refusing to print the master key to a stdout that is not a terminal (a pipe or a file would keep it): give --to FILE (written 0600) or --force"
+                );
+            }
             let v = open(ctx, &vault.vault, Access::ReadOnly)?;
             encryption(&v)?;
             let keys = master_of(ctx, &v)?;
-            print!("{}", &*recovery::export(&keys, &v.config().vault_id));
+            let text = recovery::export(&keys, &v.config().vault_id);
+            match to {
+                Some(path) => {
+                    crate::keys::write_new_private_file(&path, text.as_bytes()).map_err(|e| {
+                        anyhow::anyhow!("cannot write the recovery text to {}: {e}", path.display())
+                    })?;
+                    say(
+                        ctx,
+                        &format!(
+                            "wrote the recovery text of vault {} to {}: print it, keep it on paper away from the vault, then delete the file",
+                            v.dir().display(),
+                            path.display()
+                        ),
+                    );
+                }
+                None => print!("{}", &*text),
+            }
             Ok(ExitCode::SUCCESS)
         }
         KeyCommand::Import {
             vault,
             recovery: file,
             new_key_file,
+            generate_key_file,
             label,
             kdf,
         } => {
@@ -101,7 +128,8 @@ pub fn run(ctx: &Ctx, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
                     vault.vault.display()
                 )
             })?;
-            let slot = add(&from_paper, &v, new_key_file.as_deref(), label, &kdf)?;
+            let new_key = NewKeyFile::of(new_key_file.as_deref(), generate_key_file.as_deref());
+            let slot = add(&from_paper, &v, new_key, label, &kdf)?;
             say(
                 ctx,
                 &format!(
@@ -148,7 +176,7 @@ pub fn kdf_params(kdf: &KdfArgs) -> anyhow::Result<Option<KdfParams>> {
         t: kdf.kdf_passes.unwrap_or(d.t),
         p: d.p,
     };
-    p.check()
+    p.check_new()
         .map_err(|e| anyhow::anyhow!("--kdf-memory/--kdf-passes: {e}"))?;
     Ok(Some(p))
 }
@@ -157,7 +185,7 @@ pub fn kdf_params(kdf: &KdfArgs) -> anyhow::Result<Option<KdfParams>> {
 fn add(
     ctx: &Ctx,
     v: &Vault,
-    new_key_file: Option<&Path>,
+    new_key: NewKeyFile<'_>,
     label: Option<String>,
     kdf: &KdfArgs,
 ) -> anyhow::Result<KeySlot> {
@@ -169,14 +197,12 @@ fn add(
         );
     }
     let master = master_of(ctx, v)?;
-    let secret = new_secret(new_key_file)?;
-    let slot = KeySlot::new(
-        &master,
-        &secret.secret(),
-        kdf_params(kdf)?,
-        label,
-        ctx.now(),
-    )?;
+    let kdf = kdf_params(kdf)?;
+    let (secret, generated) = new_secret(new_key)?;
+    let slot = KeySlot::new(&master, &secret.secret(), kdf, label, ctx.now())?;
+    // From here the config is written: the key file stays, whatever
+    // happens (a slot stored without its file would open nothing).
+    generated.keep();
     let mut cfg = v.config().clone();
     if let Some(e) = cfg.encryption.as_mut() {
         e.slots.push(slot.clone());

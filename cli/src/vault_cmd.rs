@@ -23,6 +23,7 @@ pub struct CreateArgs {
     pub secondary: Option<PathBuf>,
     pub store: Option<String>,
     pub encryption: Option<String>,
+    pub generate_key_file: Option<PathBuf>,
     pub kdf: crate::args::KdfArgs,
 }
 
@@ -76,13 +77,33 @@ fn new_encryption(
         None if leaves_the_host(args) => Cipher::Aes256Gcm,
         None => return Ok(None),
     };
-    let secret = match (&keys.key_file, &keys.password_command) {
-        (Some(path), _) => crate::keys::Owned::KeyFile(crate::keys::read_key_file(path)?),
-        (None, Some(cmd)) => crate::keys::Owned::Passphrase(crate::keys::run_password_command(
-            cmd,
-            "COFFRE_PASSWORD_COMMAND",
-        )?),
-        (None, None) => crate::keys::new_secret(None).map_err(|e| {
+    if let (Some(_), Some(k)) = (&args.generate_key_file, &keys.key_file) {
+        anyhow::bail!(
+            "--generate-key-file writes the key file of the vault's first slot: drop --key-file/COFFRE_KEY_FILE ({})",
+            k.display()
+        );
+    }
+    let (secret, generated) = match (
+        &args.generate_key_file,
+        &keys.key_file,
+        &keys.password_command,
+    ) {
+        (Some(path), _, _) => {
+            let (bytes, guard) = crate::keys::GeneratedKeyFile::create(path)?;
+            (crate::keys::Owned::KeyFile(bytes), guard)
+        }
+        (None, Some(path), _) => (
+            crate::keys::Owned::KeyFile(crate::keys::read_key_file(path)?),
+            crate::keys::GeneratedKeyFile::none(),
+        ),
+        (None, None, Some(cmd)) => (
+            crate::keys::Owned::Passphrase(crate::keys::run_password_command(
+                cmd,
+                "COFFRE_PASSWORD_COMMAND",
+            )?),
+            crate::keys::GeneratedKeyFile::none(),
+        ),
+        (None, None, None) => crate::keys::new_secret(crate::keys::NewKeyFile::None).map_err(|e| {
             let why = if args.encryption.is_none() {
                 " (a vault whose data leaves the host is encrypted by default; `--encryption none` opts out)"
             } else {
@@ -99,6 +120,9 @@ fn new_encryption(
         None,
         clock.now(),
     )?;
+    // From here the vault is written: the key file stays, whatever
+    // happens (a vault half-written with its slot must still open).
+    generated.keep();
     Ok(Some(vault_ops::NewEncryption {
         cipher,
         master,

@@ -317,6 +317,9 @@ fn main() {
         ],
     );
 
+    key_slot_seeds(out, t);
+    sealed_record_seeds(out, &text, &noise);
+
     // The host registry: one entry with hooks; a flipped byte; an entry
     // whose item name would leave its folder.
     let reg = out.join("host_registry");
@@ -379,6 +382,115 @@ fn main() {
             ("valid.bin", &valid),
             ("flipped.bin", &flipped),
             ("long_name.bin", &long_name),
+        ],
+    );
+}
+
+/// Key slots (`key_slot`): a passphrase slot and a key-file slot of the
+/// fuzz secrets (tiny Argon2id), one slot alone, a list with a hostile
+/// passphrase slot (out-of-bounds memory) before a good key-file slot, a
+/// list with one slot twice (refused, as a config is) and a list whose
+/// wrapped keys were altered.
+fn key_slot_seeds(out: &Path, t: jiff::Timestamp) {
+    use coffre_vault_store::crypto::slot::{self, KdfParams, Secret};
+    use coffre_vault_store::crypto::{KeySlot, MasterKey};
+    let dir = out.join("key_slot");
+    std::fs::create_dir_all(&dir).unwrap();
+    let master = MasterKey::from_bytes([0x24; 32]);
+    let tiny = KdfParams {
+        m_kib: 64,
+        t: 1,
+        p: 1,
+    };
+    let pass = KeySlot::new_with_weak_kdf_for_tests(
+        &master,
+        &Secret::Passphrase(slot::FUZZ_PASSPHRASE),
+        Some(tiny),
+        Some("fuzz".into()),
+        t,
+    )
+    .unwrap();
+    let file = KeySlot::new(
+        &master,
+        &Secret::KeyFile(&slot::FUZZ_KEY_FILE),
+        None,
+        None,
+        t,
+    )
+    .unwrap();
+    let mut hostile = pass.clone();
+    hostile.kdf = Some(KdfParams {
+        m_kib: u32::MAX,
+        t: 64,
+        p: 16,
+    });
+    let mut altered = [pass.clone(), file.clone()];
+    for s in &mut altered {
+        let last = s.wrapped.pop().unwrap();
+        s.wrapped.push(if last == '0' { '1' } else { '0' });
+    }
+    let json = |v: &dyn erased::Json| v.to_json();
+    write_all(
+        &dir,
+        &[
+            ("both.json", &json(&vec![pass.clone(), file.clone()])),
+            ("one.json", &json(&file)),
+            (
+                "duplicate.json",
+                &json(&vec![pass.clone(), file.clone(), file.clone()]),
+            ),
+            ("hostile.json", &json(&vec![file, hostile])),
+            ("altered.json", &json(&altered.to_vec())),
+        ],
+    );
+}
+
+/// Serializes any seed to pretty JSON bytes.
+mod erased {
+    pub trait Json {
+        fn to_json(&self) -> Vec<u8>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec_pretty(self).unwrap()
+        }
+    }
+}
+
+/// Sealed chunk records (`sealed_record`) under the fuzz keys: one per
+/// cipher (zstd and raw), one with a bit flipped under a fixed CRC, a
+/// truncated one and a plain record.
+fn sealed_record_seeds(out: &Path, text: &[u8], noise: &[u8]) {
+    use coffre_vault_store::crypto::Cipher;
+    use coffre_vault_store::format::record::fuzz_keys;
+    let dir = out.join("sealed_record");
+    std::fs::create_dir_all(&dir).unwrap();
+    let seal = |cipher, level, plain: &[u8]| {
+        let mut enc = RecordEncoder::for_vault(level, Some(fuzz_keys(cipher)));
+        enc.encode(enc.chunk_id(plain), plain).unwrap()
+    };
+    let aes = seal(Cipher::Aes256Gcm, 3, text);
+    let chacha = seal(Cipher::XChaCha20Poly1305, 0, noise);
+    let mut flipped = aes.clone();
+    let at = flipped.len() - 20;
+    flipped[at] ^= 0x10;
+    // Both CRCs fixed: only the seal catches it.
+    let crc = crc32fast::hash(&flipped[56..]);
+    flipped[48..52].copy_from_slice(&crc.to_le_bytes());
+    let crc = crc32fast::hash(&flipped[..52]);
+    flipped[52..56].copy_from_slice(&crc.to_le_bytes());
+    let truncated = chacha[..chacha.len() - 3].to_vec();
+    let plain = RecordEncoder::new(0)
+        .encode(ChunkId::of(noise), noise)
+        .unwrap();
+    write_all(
+        &dir,
+        &[
+            ("aes.bin", &aes),
+            ("chacha.bin", &chacha),
+            ("flipped.bin", &flipped),
+            ("plain.bin", &plain),
+            ("truncated.bin", &truncated),
         ],
     );
 }

@@ -169,7 +169,9 @@ impl Encryption {
             ));
         }
         for (i, s) in self.slots.iter().enumerate() {
-            s.check().map_err(|e| e.to_string())?;
+            // The fields only: a slot with out-of-bounds Argon2id
+            // parameters is kept but never tried (`unlock_any`).
+            s.check_fields().map_err(|e| e.to_string())?;
             if self.slots.iter().skip(i + 1).any(|o| o.id == s.id) {
                 return Err(format!("two key slots {}", s.id));
             }
@@ -602,6 +604,49 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_with_out_of_bounds_argon2id_parameters_is_kept_but_a_bad_field_is_refused() {
+        use crate::crypto::slot::{KdfParams, Secret};
+        use crate::crypto::{KeySlot, MasterKey};
+        let master = MasterKey::generate().unwrap();
+        let mut hostile = KeySlot::new_with_weak_kdf_for_tests(
+            &master,
+            &Secret::Passphrase(b"pw"),
+            Some(KdfParams {
+                m_kib: 64,
+                t: 1,
+                p: 1,
+            }),
+            None,
+            Timestamp::now(),
+        )
+        .unwrap();
+        hostile.kdf = Some(KdfParams {
+            m_kib: u32::MAX,
+            t: 1,
+            p: 1,
+        });
+        let key_file = KeySlot::new(
+            &master,
+            &Secret::KeyFile(&[5; 32]),
+            None,
+            None,
+            Timestamp::now(),
+        )
+        .unwrap();
+        let mut enc = Encryption {
+            cipher: Cipher::XChaCha20Poly1305,
+            slots: vec![key_file, hostile],
+            keys: None,
+        };
+        // Read, so that the key file still opens the vault (the hostile
+        // slot is never tried).
+        assert_eq!(enc.check(), Ok(()));
+        assert!(crate::crypto::slot::unlock_any(&enc.slots, &Secret::KeyFile(&[5; 32])).is_ok());
+        enc.slots[1].id = "../x".into();
+        assert!(enc.check().is_err());
+    }
+
+    #[test]
     fn an_encrypted_config_keeps_only_cipher_and_slots_in_clear() {
         use crate::crypto::slot::{KdfParams, Secret};
         use crate::crypto::{KeySlot, MasterKey};
@@ -612,7 +657,7 @@ mod tests {
             t: 1,
             p: 1,
         };
-        let slot = KeySlot::new(
+        let slot = KeySlot::new_with_weak_kdf_for_tests(
             &master,
             &Secret::Passphrase(b"pw"),
             Some(fast),

@@ -546,6 +546,43 @@ pub fn fuzz_entry(data: &[u8]) -> bool {
     }
 }
 
+/// The fixed test keys of the sealed-record fuzz target and its seeds.
+pub fn fuzz_keys(cipher: Cipher) -> Arc<VaultKeys> {
+    Arc::new(VaultKeys::derive(
+        &crate::crypto::MasterKey::from_bytes([0x42; 32]),
+        cipher,
+    ))
+}
+
+/// The sealed-record fuzz entry point (also replayed over its seed
+/// corpus): decodes arbitrary bytes as a sealed chunk record of a vault
+/// of each cipher, with `keys` ([`fuzz_keys`] of AES-256-GCM and
+/// XChaCha20-Poly1305). What opens must describe its plaintext exactly.
+/// Returns the ciphers it opened with (at most one).
+pub fn fuzz_sealed_entry(keys: &[Arc<VaultKeys>], data: &[u8]) -> Vec<Cipher> {
+    let Ok(header) = RecordHeader::parse(data) else {
+        return Vec::new();
+    };
+    let end = HEADER_LEN + header.stored_len as usize;
+    let Some(payload) = data.get(HEADER_LEN..end) else {
+        return Vec::new();
+    };
+    let mut opened = Vec::new();
+    let mut out = Vec::new();
+    for k in keys {
+        let mut dec = RecordDecoder::for_vault(Some(k.clone()));
+        if dec.decode_payload_into(&header, payload, &mut out).is_ok() {
+            assert_eq!(out.len(), header.plain_len as usize);
+            assert_eq!(ChunkId(k.chunk_id(&out)), header.id);
+            assert_eq!(header.sealed, Some(k.cipher()));
+            opened.push(k.cipher());
+        }
+    }
+    // A plain decoder never takes a sealed record.
+    assert!(header.sealed.is_none() || decode(data).is_err());
+    opened
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
