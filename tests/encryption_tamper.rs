@@ -553,58 +553,60 @@ fn hex(s: &str) -> String {
 }
 
 #[test]
-fn an_older_item_file_or_replication_state_put_back_is_refused_as_a_rollback() {
+fn an_older_item_or_policy_file_put_back_is_refused_as_a_rollback() {
     let f = fixture();
     let item = f.vault.join("items").join(format!("{}.item", ITEMS[1]));
-    let state = f.vault.join("replication");
-    let (old_item, old_state) = (
+    let policy = f
+        .vault
+        .join("policies")
+        .join(format!("{}.policy", hex(POLICY)));
+    let (old_item, old_policy) = (
         std::fs::read(&item).unwrap(),
-        std::fs::read(&state).unwrap(),
+        std::fs::read(&policy).unwrap(),
     );
-    // Protection stops (the item file is rewritten), one more backup of the
-    // other item is replicated (the replication state is rewritten).
+    // Protection stops (the item file is rewritten), the policy keeps more
+    // days (its file is rewritten).
     f.ok(&["unprotect", "--vault", s(&f.vault), "--item", ITEMS[1]]);
-    churn(f.image_of(ITEMS[0]), 2, 4096, 11);
     f.ok(&[
-        "backup",
+        "policy",
+        "set",
         "--vault",
         s(&f.vault),
-        "--item",
-        ITEMS[0],
-        s(f.image_of(ITEMS[0])),
+        "--name",
+        POLICY,
+        "--daily-retention",
+        "9",
     ]);
-    f.ok(&["replicate", "--vault", s(&f.vault)]);
     f.assert_clean();
-    let (new_item, new_state) = (
+    let (new_item, new_policy) = (
         std::fs::read(&item).unwrap(),
-        std::fs::read(&state).unwrap(),
+        std::fs::read(&policy).unwrap(),
     );
     assert_ne!(old_item, new_item);
+    assert_ne!(old_policy, new_policy);
 
-    // The older item file: authentic, bound to its name, and refused as a
-    // rollback, naming the file; the rebuild of the index never takes it.
-    std::fs::write(&item, &old_item).unwrap();
-    let findings = f.findings();
-    assert!(
-        findings.iter().any(|(c, m)| c == "forged-file"
-            && m.contains(&format!("items/{}.item", ITEMS[1]))
-            && m.contains("rollback")),
-        "{findings:#?}"
-    );
-    std::fs::write(&item, &new_item).unwrap();
-    f.assert_clean();
-
-    // The older replication state: refused the same way.
-    std::fs::write(&state, &old_state).unwrap();
-    let findings = f.findings();
-    assert!(
-        findings.iter().any(|(c, m)| c == "forged-file"
-            && m.contains("replication")
-            && m.contains("rollback")),
-        "{findings:#?}"
-    );
-    std::fs::write(&state, &new_state).unwrap();
-    f.assert_clean();
+    // Each older file: authentic, bound to its name, and refused as a
+    // rollback naming the file; put back the newer one, all is well.
+    for (path, old, new) in [
+        (&item, &old_item, &new_item),
+        (&policy, &old_policy, &new_policy),
+    ] {
+        std::fs::write(path, old).unwrap();
+        let rel = path
+            .strip_prefix(&f.vault)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let findings = f.findings();
+        assert!(
+            findings
+                .iter()
+                .any(|(c, m)| c == "forged-file" && m.contains(&rel) && m.contains("rollback")),
+            "{rel}: {findings:#?}"
+        );
+        std::fs::write(path, new).unwrap();
+        f.assert_clean();
+    }
 }
 
 #[test]

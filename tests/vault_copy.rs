@@ -58,9 +58,9 @@ fn create(dir: &Path, env: &[(&str, &str)], extra: &[&str]) {
         "--snapshot-area",
         s(&area),
         "--kdf-memory",
-        "1M",
+        "19M",
         "--kdf-passes",
-        "1",
+        "2",
     ];
     args.extend_from_slice(extra);
     ok_env(env, &args);

@@ -180,13 +180,13 @@ impl Unlock for KeySources {
         file.exists().then_some(file)
     }
 
-    fn generations(&self, vault: &Path) -> Option<Arc<dyn Generations>> {
+    fn generations(&self, vault: &Path, vault_id: &str) -> Option<Arc<dyn Generations>> {
         let (dir, clock) = self.memory.as_ref()?;
         let clock = clock.clone();
         let now: NanoClock =
             Box::new(move || u64::try_from(clock.now().as_nanosecond()).unwrap_or_default());
         let memory = match dir {
-            Some(dir) => match HostGenerations::open(dir, vault, now) {
+            Some(dir) => match HostGenerations::open(dir, vault, vault_id, now) {
                 Ok(m) => m,
                 Err(e) => {
                     // Refusing every file would lock the user out of the
@@ -195,7 +195,7 @@ impl Unlock for KeySources {
                     return None;
                 }
             },
-            None => HostGenerations::in_process(vault, now),
+            None => HostGenerations::in_process(vault, vault_id, now),
         };
         Some(Arc::new(memory))
     }

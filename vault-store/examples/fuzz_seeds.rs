@@ -359,6 +359,8 @@ fn main() {
     std::fs::create_dir_all(&gens).unwrap();
     let mut memory = generations::Memory {
         dir: "/srv/vault".into(),
+        vault_id: "0123456789abcdef".into(),
+        highest: 1_765_000_000_000_000_000,
         ..Default::default()
     };
     memory.seen.insert(

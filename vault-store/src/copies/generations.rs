@@ -4,20 +4,26 @@
 //!
 //! The memory is a private file per copy in a host directory (the CLI
 //! keeps it beside the host registry), named after the copy's canonical
-//! directory and decoded by [`crate::format::generations`]. Generations
-//! come from an injected clock, in nanoseconds, and always rise above
-//! every one seen of a name, so files written by other processes and
-//! hosts (whose readers saw the current file before replacing it) are
-//! never taken for rollbacks. What is remembered is what was read (see
-//! [`crate::crypto::generations`]): per name, the highest generation and
-//! its content's digest; an older file with that same content (a copy
-//! sealed again) is accepted, one with other content refused. The memory
-//! is loaded when the copy is unlocked and written back, merged with what
-//! other processes wrote meanwhile (each name keeps its highest
-//! generation), at most every second while the copy is in use and when it
-//! is dropped. Losing an
-//! update (a crash) only makes the memory older: it never refuses a file
-//! it should accept.
+//! directory and decoded by [`crate::format::generations`]; it names the
+//! vault, and another vault found at the same path starts a new memory.
+//! Generations come from an injected clock, in nanoseconds, and always
+//! rise above every generation this host has seen or sealed in the copy
+//! (so a clock that steps back, or stands still, still gives rising ones;
+//! files written by other processes and hosts, whose writers read the
+//! current file before replacing it, are never taken for rollbacks).
+//! What is checked is what was read (see [`crate::crypto::generations`]):
+//! per name, the highest generation read and its content's digest; an
+//! older file with that same content (a copy sealed again) is accepted,
+//! one with other content refused. The memory is loaded when the copy is
+//! unlocked and synchronised with its file, under a lock, at most once a
+//! second while in use and when dropped: what other processes remembered
+//! is merged in (each name keeps its highest generation) and what this one
+//! learnt written back. It keeps at most [`MAX_ENTRIES`] names (the
+//! oldest are forgotten). Losing an update (a crash, a name forgotten)
+//! only makes the memory older: it never refuses a file it should accept.
+//! The file exists from the first unlock on: it is also how the host
+//! remembers that the copy is encrypted (a plain config found there later
+//! is refused).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,8 +37,11 @@ use crate::store::local::durable::write_atomic;
 /// The clock generations come from: nanoseconds since the Unix epoch.
 pub type NanoClock = Box<dyn Fn() -> u64 + Send + Sync>;
 
-/// Least time between two writes of the memory while in use.
-const FLUSH_EVERY_NS: u64 = 1_000_000_000;
+/// Least time between two synchronisations with the file while in use.
+const SYNC_EVERY_NS: u64 = 1_000_000_000;
+
+/// Most names a memory keeps (about 10 MB of file).
+pub const MAX_ENTRIES: usize = 100_000;
 
 /// One copy's memory, kept in a file (or only in this process).
 pub struct HostGenerations {
@@ -46,7 +55,7 @@ pub struct HostGenerations {
 struct State {
     memory: Memory,
     dirty: bool,
-    flushed_at: u64,
+    synced_at: u64,
 }
 
 impl std::fmt::Debug for HostGenerations {
@@ -62,34 +71,75 @@ pub fn memory_file(memory_dir: &Path, vault_dir: &Path) -> PathBuf {
     memory_dir.join(format!("{}.gen", &hash.to_hex()[..32]))
 }
 
+/// Merges `theirs` into `mine` when both are the same vault's: each name
+/// keeps its highest generation.
+fn merge(mine: &mut Memory, theirs: Memory) {
+    if theirs.vault_id != mine.vault_id {
+        return;
+    }
+    mine.highest = mine.highest.max(theirs.highest);
+    for (name, t) in theirs.seen {
+        let m = mine.seen.entry(name).or_default();
+        if t.generation > m.generation {
+            *m = t;
+        }
+    }
+}
+
+/// Forgets the oldest names beyond [`MAX_ENTRIES`].
+fn trim(memory: &mut Memory) {
+    let extra = memory.seen.len().saturating_sub(MAX_ENTRIES);
+    if extra == 0 {
+        return;
+    }
+    let mut gens: Vec<u64> = memory.seen.values().map(|s| s.generation).collect();
+    gens.sort_unstable();
+    let cut = gens.get(extra).copied().unwrap_or(u64::MAX);
+    memory.seen.retain(|_, s| s.generation >= cut);
+}
+
 impl HostGenerations {
-    /// The memory of the copy at `vault_dir` kept in `memory_dir`
-    /// (created private), loaded from its file. A damaged file is named
-    /// in the error: the host's protection would be silently lost.
-    pub fn open(memory_dir: &Path, vault_dir: &Path, now: NanoClock) -> Result<Self> {
+    /// The memory of the copy at `vault_dir` of vault `vault_id`, kept in
+    /// `memory_dir` (created private), loaded from its file (a memory of
+    /// another vault at that path is started afresh). A damaged file is
+    /// named in the error.
+    pub fn open(
+        memory_dir: &Path,
+        vault_dir: &Path,
+        vault_id: &str,
+        now: NanoClock,
+    ) -> Result<Self> {
         crate::store::local::private::create_private_dir(memory_dir)
             .map_err(|e| StoreError::io("create directory", memory_dir, e))?;
         let path = memory_file(memory_dir, vault_dir);
-        let mut memory = read(&path)?.unwrap_or_default();
+        let found = read(&path)?;
+        let fresh = found.as_ref().is_none_or(|m| m.vault_id != vault_id);
+        let mut memory = found.filter(|_| !fresh).unwrap_or_default();
         memory.dir = vault_dir.to_path_buf();
+        memory.vault_id = vault_id.to_string();
         Ok(HostGenerations {
             path: Some(path),
             now,
             state: Mutex::new(State {
                 memory,
-                ..State::default()
+                // A new memory is written at once (when dropped at the
+                // latest): it also marks the copy as encrypted.
+                dirty: fresh,
+                synced_at: 0,
             }),
         })
     }
 
     /// A memory of this process only (a host with no state directory).
-    pub fn in_process(vault_dir: &Path, now: NanoClock) -> Self {
+    pub fn in_process(vault_dir: &Path, vault_id: &str, now: NanoClock) -> Self {
         HostGenerations {
             path: None,
             now,
             state: Mutex::new(State {
                 memory: Memory {
                     dir: vault_dir.to_path_buf(),
+                    vault_id: vault_id.to_string(),
+                    highest: 0,
                     seen: BTreeMap::new(),
                 },
                 ..State::default()
@@ -103,19 +153,17 @@ impl HostGenerations {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Writes the memory back, merged with the file's (highest of each).
+    /// Synchronises with the file: merges what other processes remembered
+    /// and writes back what this one learnt.
     pub fn flush(&self) -> Result<()> {
         let mut state = self.state();
-        self.flush_locked(&mut state)
+        self.sync_locked(&mut state)
     }
 
-    fn flush_locked(&self, state: &mut State) -> Result<()> {
+    fn sync_locked(&self, state: &mut State) -> Result<()> {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        if !state.dirty {
-            return Ok(());
-        }
         let lock_path = path.with_extension("lock");
         let lock = crate::store::local::private::open_options()
             .read(true)
@@ -126,24 +174,28 @@ impl HostGenerations {
             .map_err(|e| StoreError::io("open", &lock_path, e))?;
         lock.lock()
             .map_err(|e| StoreError::io("lock", &lock_path, e))?;
-        if let Some(theirs) = read(path)? {
-            for (name, theirs) in theirs.seen {
-                let mine = state.memory.seen.entry(name).or_default();
-                if theirs.generation > mine.generation {
-                    *mine = theirs;
-                }
+        match read(path) {
+            Ok(Some(theirs)) => merge(&mut state.memory, theirs),
+            Ok(None) => {}
+            // A damaged file is replaced by this memory.
+            Err(e) => {
+                tracing::warn!(error = %e, "the host's memory of the vault's files is damaged; it is rewritten");
+                state.dirty = true;
             }
         }
-        write_atomic(path, &encode(&state.memory))?;
-        state.dirty = false;
-        state.flushed_at = (self.now)();
+        if state.dirty {
+            trim(&mut state.memory);
+            write_atomic(path, &encode(&state.memory))?;
+            state.dirty = false;
+        }
+        state.synced_at = (self.now)();
         Ok(())
     }
 
-    /// Flushes when the last write is a second old.
-    fn maybe_flush(&self, state: &mut State) {
-        if (self.now)().saturating_sub(state.flushed_at) >= FLUSH_EVERY_NS
-            && let Err(e) = self.flush_locked(state)
+    /// Synchronises when the last synchronisation is a second old.
+    fn maybe_sync(&self, state: &mut State) {
+        if (self.now)().saturating_sub(state.synced_at) >= SYNC_EVERY_NS
+            && let Err(e) = self.sync_locked(state)
         {
             tracing::warn!(error = %e, "cannot write the host's memory of the vault's files");
         }
@@ -166,9 +218,16 @@ fn read(path: &Path) -> Result<Option<Memory>> {
 impl Generations for HostGenerations {
     fn next(&self, name: &str) -> u64 {
         let mut state = self.state();
+        self.maybe_sync(&mut state);
         let seen = state.memory.seen.get(name).map_or(0, |s| s.generation);
-        self.maybe_flush(&mut state);
-        (self.now)().max(seen.saturating_add(1))
+        let g = (self.now)()
+            .max(seen.saturating_add(1))
+            .max(state.memory.highest.saturating_add(1));
+        // Remembered as sealed (the next seal is above it), never as seen:
+        // this write may not land.
+        state.memory.highest = g;
+        state.dirty = true;
+        g
     }
 
     fn check(
@@ -197,6 +256,7 @@ impl Generations for HostGenerations {
                 .memory
                 .seen
                 .insert(name.to_string(), Seen::new(generation, digest));
+            state.memory.highest = state.memory.highest.max(generation);
             state.dirty = true;
         }
         Ok(())
@@ -205,7 +265,8 @@ impl Generations for HostGenerations {
 
 impl Drop for HostGenerations {
     fn drop(&mut self) {
-        if let Err(e) = self.flush() {
+        let dirty = self.state().dirty;
+        if dirty && let Err(e) = self.flush() {
             tracing::warn!(error = %e, "cannot write the host's memory of the vault's files");
         }
     }
@@ -228,7 +289,7 @@ mod tests {
         let vault = tempfile::tempdir().unwrap();
         let t = Arc::new(AtomicU64::new(100));
         let (one, two) = ([1; 32], [2; 32]);
-        let a = HostGenerations::open(host.path(), vault.path(), clock(&t)).unwrap();
+        let a = HostGenerations::open(host.path(), vault.path(), "v1", clock(&t)).unwrap();
         let g1 = a.next("items/vm.item");
         assert_eq!(g1, 100);
         assert!(a.check("items/vm.item", g1, &one).is_ok());
@@ -247,20 +308,57 @@ mod tests {
         assert!(a.check("items/vm.item", g2 + 5, &one).is_ok());
         drop(a);
         // A later process remembers, merged with a second process's memory.
-        let b = HostGenerations::open(host.path(), vault.path(), clock(&t)).unwrap();
-        let c = HostGenerations::open(host.path(), vault.path(), clock(&t)).unwrap();
+        let b = HostGenerations::open(host.path(), vault.path(), "v1", clock(&t)).unwrap();
+        let c = HostGenerations::open(host.path(), vault.path(), "v1", clock(&t)).unwrap();
         assert!(c.check("points/vm/1.point", 9, &one).is_ok());
         drop(c);
         assert!(b.check("items/vm.item", g2 + 4, &two).is_err());
         drop(b);
-        let d = HostGenerations::open(host.path(), vault.path(), clock(&t)).unwrap();
+        let d = HostGenerations::open(host.path(), vault.path(), "v1", clock(&t)).unwrap();
         assert!(d.check("points/vm/1.point", 8, &two).is_err());
         assert!(d.check("items/vm.item", g2 + 4, &two).is_err());
         assert!(d.next("items/vm.item") > g2 + 5);
         // Another copy has its own memory.
         let other = tempfile::tempdir().unwrap();
-        let e = HostGenerations::open(host.path(), other.path(), clock(&t)).unwrap();
+        let e = HostGenerations::open(host.path(), other.path(), "v1", clock(&t)).unwrap();
         assert!(e.check("items/vm.item", 1, &two).is_ok());
+    }
+
+    #[test]
+    fn another_vault_at_the_same_path_starts_afresh_and_generations_never_go_back() {
+        let host = tempfile::tempdir().unwrap();
+        let vault = tempfile::tempdir().unwrap();
+        let t = Arc::new(AtomicU64::new(1000));
+        let a = HostGenerations::open(host.path(), vault.path(), "v1", clock(&t)).unwrap();
+        assert!(a.check("items/vm.item", 900, &[1; 32]).is_ok());
+        drop(a);
+        assert!(memory_file(host.path(), vault.path()).exists());
+        let b = HostGenerations::open(host.path(), vault.path(), "v2", clock(&t)).unwrap();
+        assert!(b.check("items/vm.item", 5, &[2; 32]).is_ok());
+        drop(b);
+        // A clock stepped back: seals still rise above all sealed before,
+        // in this process and the next.
+        let c = HostGenerations::open(host.path(), vault.path(), "v2", clock(&t)).unwrap();
+        let g1 = c.next("jobs/a.job");
+        t.store(10, Ordering::SeqCst);
+        let g2 = c.next("items/other.item");
+        assert!(g2 > g1, "{g2} > {g1}");
+        drop(c);
+        let d = HostGenerations::open(host.path(), vault.path(), "v2", clock(&t)).unwrap();
+        assert!(d.next("items/new.item") > g2);
+    }
+
+    #[test]
+    fn the_oldest_names_are_forgotten_beyond_the_cap() {
+        let mut m = Memory::default();
+        for i in 0..(MAX_ENTRIES as u64 + 10) {
+            m.seen
+                .insert(format!("jobs/{i}.job"), Seen::new(i, &[0; 32]));
+        }
+        trim(&mut m);
+        assert_eq!(m.seen.len(), MAX_ENTRIES);
+        assert!(!m.seen.contains_key("jobs/9.job"));
+        assert!(m.seen.contains_key("jobs/10.job"));
     }
 
     #[test]
@@ -269,7 +367,7 @@ mod tests {
         let vault = tempfile::tempdir().unwrap();
         std::fs::write(memory_file(host.path(), vault.path()), b"junk").unwrap();
         let t = Arc::new(AtomicU64::new(1));
-        let err = HostGenerations::open(host.path(), vault.path(), clock(&t)).unwrap_err();
+        let err = HostGenerations::open(host.path(), vault.path(), "v1", clock(&t)).unwrap_err();
         assert!(err.to_string().contains("host memory"), "{err}");
     }
 }

@@ -120,10 +120,15 @@ pub fn load_config_with(
                 error,
             };
             let master = unlock.master_key(dir, &enc.slots).map_err(crypto)?;
-            Some(std::sync::Arc::new(
-                crate::crypto::VaultKeys::derive(&master, enc.cipher)
-                    .with_generations(unlock.generations(dir)),
-            ))
+            let cipher = enc.cipher;
+            let keys = std::sync::Arc::new(crate::crypto::VaultKeys::derive(&master, cipher));
+            // The vault's id is sealed: opened first, it names the host's
+            // memory of this copy (a vault replaced by another at the same
+            // path starts a new memory).
+            let vault_id = stored.open(Some(keys))?.vault_id;
+            let keys = crate::crypto::VaultKeys::derive(&master, cipher)
+                .with_generations(unlock.generations(dir, &vault_id));
+            return VaultConfig::read(&bytes, &path)?.open(Some(std::sync::Arc::new(keys)));
         }
     };
     stored.open(keys)
@@ -169,8 +174,12 @@ pub fn file_keys(
     if let Some(k) = given {
         return Ok(Some(k.clone()));
     }
-    if stored_config_version(&LocalStore::new(dir)) >= crate::format::config::FORMAT_VERSION_SEALED
-    {
+    let store = LocalStore::new(dir);
+    let version = stored_config_version(&store);
+    // A config that is there but cannot be read may be an encrypted one:
+    // never taken for a plain vault's.
+    let unreadable = version == 0 && !matches!(store.size(CONFIG_FILE), Ok(None));
+    if version >= crate::format::config::FORMAT_VERSION_SEALED || unreadable {
         return Err(StoreError::KeyNeeded {
             path: dir.to_path_buf(),
         });

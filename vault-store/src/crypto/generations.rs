@@ -1,6 +1,8 @@
 //! The rollback seam: what a host remembers of an encrypted vault's sealed
-//! files, so that an older valid file put back in place of a newer one (a
-//! rollback, a replay of a deleted file) is refused.
+//! files, so that an older valid version of a file put back in place of a
+//! newer one (a rollback) is refused. (A deleted file put back whole is
+//! the version that was seen: the index, not this memory, tells it is no
+//! longer the vault's.)
 //!
 //! Every sealed file carries a generation inside its sealed part
 //! (`FORMAT.md`, "Sealed envelope"). A writer seals a file with a
@@ -16,8 +18,8 @@
 
 /// A host's memory of the generations of one vault copy's sealed files.
 pub trait Generations: Send + Sync + std::fmt::Debug {
-    /// The generation to seal file `name` with now: above every one seen
-    /// of `name`.
+    /// The generation to seal file `name` with now: above every one this
+    /// host has seen or sealed in the copy.
     fn next(&self, name: &str) -> u64;
 
     /// Records that file `name` was read at `generation` with content

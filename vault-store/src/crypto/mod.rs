@@ -119,9 +119,14 @@ pub trait Unlock: Send + Sync {
         slots: &[KeySlot],
     ) -> Result<MasterKey, CryptoError>;
 
-    /// This host's memory of the sealed files of the vault copy at
-    /// `vault` (rollback protection); `None` when there is none.
-    fn generations(&self, _vault: &std::path::Path) -> Option<std::sync::Arc<dyn Generations>> {
+    /// This host's memory of the sealed files of the copy at `vault` of
+    /// the vault `vault_id` (rollback protection); `None` when there is
+    /// none.
+    fn generations(
+        &self,
+        _vault: &std::path::Path,
+        _vault_id: &str,
+    ) -> Option<std::sync::Arc<dyn Generations>> {
         None
     }
 

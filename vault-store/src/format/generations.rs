@@ -29,6 +29,12 @@ pub struct Memory {
     /// The copy's directory, as the host opened it (for people reading
     /// the file; the file's name is derived from it).
     pub dir: PathBuf,
+    /// The vault whose copy it is (another vault found at the same path
+    /// starts a new memory).
+    pub vault_id: String,
+    /// The highest generation this host has seen or sealed in the copy:
+    /// the next seal is above it, whatever the clock says.
+    pub highest: u64,
     /// Highest generation seen, by the sealed file's relative name.
     pub seen: BTreeMap<String, Seen>,
 }

@@ -35,6 +35,18 @@ pub const SEALED_VERSION: u32 = 2;
 /// Largest body of a sealed envelope (the replication state's bound, 16
 /// MiB, and the sealing overhead).
 pub const MAX_SEALED_BODY: usize = (16 << 20) + 64;
+/// Sealed files whose content differs from copy to copy under one name
+/// (a copy's identity, its replication state, its damaged list, a snapshot
+/// area's identity): the host's memory of generations, which is shared by
+/// the copies a process opens, leaves them out (their generation is 0).
+pub const PER_COPY: [&str; 4] = ["copy", "replication", "damaged", "area"];
+
+/// The host's memory of generations, when the keys carry one and `name`
+/// is the same file on every copy.
+fn memory<'a>(name: &str, keys: &'a VaultKeys) -> Option<&'a dyn crate::crypto::Generations> {
+    keys.generations().filter(|_| !PER_COPY.contains(&name))
+}
+
 /// Label that starts the additional data. Frozen.
 pub const AD_LABEL: &[u8] = b"coffre sealed file v1\0";
 /// Bytes before the plain body in the sealed plaintext.
@@ -91,7 +103,7 @@ pub fn seal<'a>(
     let Some(keys) = keys else {
         return Ok(Cow::Borrowed(plain));
     };
-    let generation = keys.generations().map_or(0, |g| g.next(name));
+    let generation = memory(name, keys).map_or(0, |g| g.next(name));
     seal_with(name, plain, keys.catalog(), generation).map(Cow::Owned)
 }
 
@@ -139,7 +151,7 @@ pub fn open<'a>(
         Some(_) if !sealed => Err(SealedFileError::NotSealed),
         Some(k) => {
             let (plain, generation) = open_with(name, stored, k.catalog())?;
-            if let Some(g) = k.generations() {
+            if let Some(g) = memory(name, k) {
                 g.check(name, generation, blake3::hash(&plain).as_bytes())
                     .map_err(SealedFileError::RolledBack)?;
             }
