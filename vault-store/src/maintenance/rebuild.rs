@@ -32,7 +32,7 @@ use serde::Serialize;
 use crate::error::{Result, StoreError};
 use crate::format::catalog_files::{self, ITEMS_DIR, POINTS_DIR, POLICIES_DIR};
 use crate::format::chunk_id::ChunkId;
-use crate::format::record::{HEADER_LEN, RecordHeader, record_intact};
+use crate::format::record::{HEADER_LEN, RecordHeader, record_authentic};
 use crate::format::scan::{Found, scan_segment};
 use crate::format::segment::{
     SEGMENT_HEADER_LEN, SEGMENTS_DIR, parse_segment_file_name, segment_name,
@@ -174,7 +174,13 @@ pub(crate) fn rebuild_index_with(
             &mut report,
             config.keys().map(|k| k.as_ref()),
         )?;
-        index_segments(store.as_ref(), &others, &index, &mut report)?;
+        index_segments(
+            store.as_ref(),
+            &others,
+            &index,
+            config.keys().map(|k| k.as_ref()),
+            &mut report,
+        )?;
         index.flush()?;
     }
     // An index that lacks a point some copy holds, or the records past a
@@ -273,10 +279,17 @@ fn whole_scan(store: &dyn Store, id: u64, name: &str) -> Option<crate::format::s
 }
 
 /// Intact records of segment `name` in `store` that follow one another
-/// from `from` on (each read whole and its CRC-32 checked); stops at the
-/// first that is not.
-fn intact_records_from(store: &dyn Store, name: &str, from: u64, size: u64) -> Vec<Found> {
+/// from `from` on (each read whole, its CRC-32 checked and, in an encrypted
+/// vault, its seal opened with `keys`); stops at the first that is not.
+fn intact_records_from(
+    store: &dyn Store,
+    name: &str,
+    from: u64,
+    size: u64,
+    keys: Option<&crate::crypto::VaultKeys>,
+) -> Vec<Found> {
     let mut out = Vec::new();
+    let mut scratch = Vec::new();
     let mut at = from;
     let mut head = [0u8; HEADER_LEN];
     while at + HEADER_LEN as u64 <= size {
@@ -291,7 +304,9 @@ fn intact_records_from(store: &dyn Store, name: &str, from: u64, size: u64) -> V
             break;
         }
         let mut rec = vec![0u8; len as usize];
-        if store.read_at(name, at, &mut rec).is_err() || !record_intact(&rec, None) {
+        if store.read_at(name, at, &mut rec).is_err()
+            || !record_authentic(&rec, None, keys, &mut scratch)
+        {
             break;
         }
         out.push(Found {
@@ -316,6 +331,7 @@ fn index_segments(
     store: &dyn Store,
     others: &[SharedStore],
     index: &Index,
+    keys: Option<&crate::crypto::VaultKeys>,
     report: &mut RebuildReport,
 ) -> Result<()> {
     let mut ids: Vec<(u64, Option<usize>)> = store
@@ -399,7 +415,7 @@ fn index_segments(
             if n <= end {
                 continue;
             }
-            let more = intact_records_from(o.as_ref(), &name, end, n);
+            let more = intact_records_from(o.as_ref(), &name, end, n, keys);
             if more.last().map(|r| r.offset + u64::from(r.len))
                 > longest.last().map(|r| r.offset + u64::from(r.len))
             {
