@@ -18,6 +18,7 @@
 pub mod generations;
 #[cfg(feature = "index")]
 pub mod quarantine;
+pub mod sealed_state;
 pub mod segment;
 pub mod state_files;
 
@@ -267,12 +268,7 @@ impl Copies {
             Some(r) => {
                 // An encrypted shared vault's leases, GC files, chunk
                 // lists and host claims are sealed on their way.
-                #[cfg(feature = "index")]
-                let s =
-                    crate::shared::sealed_state::wrap(open_url(&r.url)?, config.keys().cloned());
-                // The codec-only build (fuzzing) opens no shared vault.
-                #[cfg(not(feature = "index"))]
-                let s = open_url(&r.url)?;
+                let s = sealed_state::wrap(open_url(&r.url)?, config.keys().cloned());
                 match wrap {
                     Some(w) => w(Role::Primary, s),
                     None => s,

@@ -128,7 +128,7 @@ fn read_leases(store: &dyn Store) -> Result<ReadLeases> {
         }
         let name = crate::store::join(LEASES_DIR, &n);
         // A sealed lease that does not open (an encrypted vault's,
-        // `crate::shared::sealed_state`) is unreadable like a damaged one.
+        // `crate::copies::sealed_state`) is unreadable like a damaged one.
         match store.get(&name) {
             Ok(Some(b)) => match decode_lease(&b, &name) {
                 Ok(l) => good.push((name, l)),

@@ -59,7 +59,7 @@ pub fn run_shared_gc(dir: &Path, opts: &SharedGcOptions) -> Result<SharedGcRepor
             reason: format!("{} is not a shared vault's cache", dir.display()),
         })?;
     let config = crate::format::config::VaultConfig::load_with(dir, opts.unlock.as_deref())?;
-    let store = super::sealed_state::wrap(
+    let store = crate::copies::sealed_state::wrap(
         crate::copies::open_url(&remote.url)?,
         config.keys().cloned(),
     );

@@ -20,7 +20,6 @@
 //! storage").
 
 pub mod gc;
-pub mod sealed_state;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -105,7 +104,7 @@ fn write_cache(dir: &Path, url: &str, store: &SharedStore, config: &VaultConfig)
     cache.create_dir(INDEX_DIR)?;
     let host = host_name();
     // In an encrypted vault the claim (the host's name) is sealed.
-    let sealed = sealed_state::wrap(store.clone(), config.keys().cloned());
+    let sealed = crate::copies::sealed_state::wrap(store.clone(), config.keys().cloned());
     let tag = claim_tag(sealed.as_ref(), &host, seed())?;
     Remote {
         url: url.to_string(),
