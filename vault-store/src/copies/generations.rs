@@ -79,9 +79,12 @@ fn merge(mine: &mut Memory, theirs: Memory) {
     }
     mine.highest = mine.highest.max(theirs.highest);
     for (name, t) in theirs.seen {
-        let m = mine.seen.entry(name).or_default();
-        if t.generation > m.generation {
-            *m = t;
+        match mine.seen.get_mut(&name) {
+            Some(m) if m.generation >= t.generation => {}
+            Some(m) => *m = t,
+            None => {
+                mine.seen.insert(name, t);
+            }
         }
     }
 }
@@ -101,8 +104,8 @@ fn trim(memory: &mut Memory) {
 impl HostGenerations {
     /// The memory of the copy at `vault_dir` of vault `vault_id`, kept in
     /// `memory_dir` (created private), loaded from its file (a memory of
-    /// another vault at that path is started afresh). A damaged file is
-    /// named in the error.
+    /// another vault at that path is started afresh, and so is a damaged
+    /// file, named in a warning, which the memory then replaces).
     pub fn open(
         memory_dir: &Path,
         vault_dir: &Path,
@@ -112,7 +115,10 @@ impl HostGenerations {
         crate::store::local::private::create_private_dir(memory_dir)
             .map_err(|e| StoreError::io("create directory", memory_dir, e))?;
         let path = memory_file(memory_dir, vault_dir);
-        let found = read(&path)?;
+        let found = read(&path).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the host's memory of the vault's files starts afresh");
+            None
+        });
         let fresh = found.as_ref().is_none_or(|m| m.vault_id != vault_id);
         let mut memory = found.filter(|_| !fresh).unwrap_or_default();
         memory.dir = vault_dir.to_path_buf();
@@ -362,12 +368,44 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_memory_file_is_named() {
+    fn a_damaged_memory_file_starts_afresh_and_is_replaced() {
         let host = tempfile::tempdir().unwrap();
         let vault = tempfile::tempdir().unwrap();
-        std::fs::write(memory_file(host.path(), vault.path()), b"junk").unwrap();
+        let file = memory_file(host.path(), vault.path());
+        std::fs::write(&file, b"junk").unwrap();
         let t = Arc::new(AtomicU64::new(1));
-        let err = HostGenerations::open(host.path(), vault.path(), "v1", clock(&t)).unwrap_err();
-        assert!(err.to_string().contains("host memory"), "{err}");
+        let m = HostGenerations::open(host.path(), vault.path(), "v1", clock(&t)).unwrap();
+        assert!(m.check("items/vm.item", 3, &[3; 32]).is_ok());
+        drop(m);
+        let back = decode(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(
+            back.seen.get("items/vm.item").map(|s| s.generation),
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn a_name_only_another_process_saw_at_generation_0_is_merged_whole() {
+        // Files sealed before the host had a memory carry generation 0:
+        // merged, they keep their digest (an empty one would make the file
+        // undecodable and turn the protection off).
+        let host = tempfile::tempdir().unwrap();
+        let vault = tempfile::tempdir().unwrap();
+        let t = Arc::new(AtomicU64::new(5));
+        let a = HostGenerations::open(host.path(), vault.path(), "v1", clock(&t)).unwrap();
+        let b = HostGenerations::open(host.path(), vault.path(), "v1", clock(&t)).unwrap();
+        assert!(a.check("policies/00.policy", 0, &[4; 32]).is_ok());
+        drop(a);
+        assert!(b.check("items/vm.item", 1, &[1; 32]).is_ok());
+        drop(b);
+        let file = memory_file(host.path(), vault.path());
+        let back = decode(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(
+            back.seen.get("policies/00.policy"),
+            Some(&Seen::new(0, &[4; 32]))
+        );
+        let c = HostGenerations::open(host.path(), vault.path(), "v1", clock(&t)).unwrap();
+        assert!(c.check("policies/00.policy", 0, &[5; 32]).is_ok());
+        assert!(c.check("items/vm.item", 0, &[2; 32]).is_err());
     }
 }
