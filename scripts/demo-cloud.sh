@@ -27,7 +27,15 @@ echo "Azurite listens on 127.0.0.1:$AZURITE_PORT"
 # sets AZURE_STORAGE_ACCOUNT_KEY (or another credential) instead.
 export COFFRE_REGISTRY="$WORK/registry"
 URL=azure://devstoreaccount1/vaults/fleet
-C() { "$BIN" "$@"; }
+# Every coffre command's stderr is shown and kept: the demo fails at its
+# end if coffre warned (a warning is a problem the demo must not hide).
+C() {
+    local rc=0
+    "$BIN" "$@" 2> "$WORK/last.err" || rc=$?
+    cat "$WORK/last.err" >&2
+    cat "$WORK/last.err" >> "$WORK/coffre.err"
+    return $rc
+}
 
 say "2. images: a ${SIZE_MB} MiB golden disk for both hosts' VMs"
 python3 - "$WORK/golden.img" "$SIZE_MB" <<'EOF'
@@ -136,4 +144,9 @@ name, store, points = s["name"], s["store"], s["points"]
 logical, stored = s["logical_bytes"] / 2**20, s["stored_bytes"] / 2**20
 print(f"vault {name} in {store}: {points} points, {logical:.0f} MiB of images, {stored:.1f} MiB stored")
 '
+if grep -q " WARN " "$WORK/coffre.err"; then
+    echo "demo-cloud: FAILED: coffre warned (see $WORK/coffre.err):" >&2
+    grep " WARN " "$WORK/coffre.err" | head -5 >&2
+    exit 1
+fi
 echo "demo-cloud: OK (Azurite stopped; work files in $WORK)"
