@@ -17,6 +17,9 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 [ -x "$BIN" ] || { echo "demo: $BIN not built (run make build)" >&2; exit 1; }
 rm -rf "$WORK"; mkdir -p "$WORK/stage"
+# Everything the demo prints on stderr is also kept: the demo fails at its
+# end if coffre warned (a warning is a problem the demo must not hide).
+exec 2> >(tee -a "$WORK/stderr.log" >&2)
 say() { printf '\n== %s\n' "$*"; }
 
 say "1. day-one image: ${SIZE_MB} MiB ext4 holding ~${FILL_MB} MiB of files from /usr"
@@ -182,4 +185,9 @@ for day, p in enumerate(pts[:2], 1):
 PY
 "$BIN" vault show --vault "$V"
 echo
+if grep -q " WARN " "$WORK/stderr.log"; then
+    echo "demo: FAILED: coffre warned (see $WORK/stderr.log):" >&2
+    grep " WARN " "$WORK/stderr.log" | head -5 >&2
+    exit 1
+fi
 echo "demo: OK (work files in $WORK)"
