@@ -467,31 +467,7 @@ pub fn transfer(
                 // The previous window goes to the segment on a thread of
                 // its own: its writes wait for the device, and a pool
                 // worker waiting there would leave a core idle.
-                std::thread::scope(|s| {
-                    let writer = std::thread::Builder::new()
-                        .name("coffre-segment".into())
-                        .spawn_scoped(s, || match previous {
-                            Some((outcomes, prev)) => map.append(&mut session, outcomes, &prev),
-                            None => Ok(()),
-                        })
-                        .map_err(|e| {
-                            EngineError::Threads(format!("cannot start the segment writer: {e}"))
-                        })?;
-                    let outcomes = pool.install(|| {
-                        classes
-                            .into_par_iter()
-                            .with_max_len(1)
-                            .enumerate()
-                            .map(record)
-                            .collect::<Vec<_>>()
-                    });
-                    let appended = writer.join().unwrap_or_else(|_| {
-                        Err(EngineError::Threads(
-                            "the segment writer thread panicked".into(),
-                        ))
-                    });
-                    Ok::<_, EngineError>((outcomes, appended))
-                })?
+                map.append_beside(&mut session, previous, pool, classes, record)?
             };
             appended?;
             window.finish()?;
@@ -718,6 +694,45 @@ pub(crate) struct MapState<'a> {
 }
 
 impl MapState<'_> {
+    /// Appends `previous` (a window's outcomes and its parent's entries)
+    /// on a thread of its own while `encode` runs over `classes` on
+    /// `pool`, in block order: the device's writes overlap the cores'
+    /// encoding. Returns this window's outcomes and the append's result.
+    pub(crate) fn append_beside<C: Send>(
+        &mut self,
+        session: &mut WriteSession<'_>,
+        previous: Option<(Vec<Result<Outcome>>, Vec<Entry>)>,
+        pool: &rayon::ThreadPool,
+        classes: Vec<C>,
+        encode: impl Fn((usize, C)) -> Result<Outcome> + Sync + Send,
+    ) -> Result<(Vec<Result<Outcome>>, Result<()>)> {
+        std::thread::scope(|s| {
+            let writer = std::thread::Builder::new()
+                .name("coffre-segment".into())
+                .spawn_scoped(s, || match previous {
+                    Some((outcomes, prev)) => self.append(session, outcomes, &prev),
+                    None => Ok(()),
+                })
+                .map_err(|e| {
+                    EngineError::Threads(format!("cannot start the segment writer: {e}"))
+                })?;
+            let outcomes = pool.install(|| {
+                classes
+                    .into_par_iter()
+                    .with_max_len(1)
+                    .enumerate()
+                    .map(encode)
+                    .collect::<Vec<_>>()
+            });
+            let appended = writer.join().unwrap_or_else(|_| {
+                Err(EngineError::Threads(
+                    "the segment writer thread panicked".into(),
+                ))
+            });
+            Ok((outcomes, appended))
+        })
+    }
+
     /// Appends a window's new records in block order and pushes its entries
     /// into the block map (storing full leaves), then starts the segment's
     /// writeback.

@@ -250,33 +250,10 @@ pub fn ingest(
             };
             let classes = classify(&window, &shape, &session, &cfg, pool);
             let previous = ready.take();
-            let (outcomes, appended) = std::thread::scope(|s| {
-                let writer = std::thread::Builder::new()
-                    .name("coffre-segment".into())
-                    .spawn_scoped(s, || match previous {
-                        Some((outcomes, prev)) => map.append(&mut session, outcomes, &prev),
-                        None => Ok(()),
-                    })
-                    .map_err(|e| {
-                        EngineError::Threads(format!("cannot start the segment writer: {e}"))
-                    })?;
-                let outcomes = pool.install(|| {
-                    classes
-                        .into_par_iter()
-                        .with_max_len(1)
-                        .enumerate()
-                        .map(|(i, class)| {
-                            seal_block(&window, i, class, len, block_size, &encoders, source)
-                        })
-                        .collect::<Vec<_>>()
-                });
-                let appended = writer.join().unwrap_or_else(|_| {
-                    Err(EngineError::Threads(
-                        "the segment writer thread panicked".into(),
-                    ))
-                });
-                Ok::<_, EngineError>((outcomes, appended))
-            })?;
+            let (outcomes, appended) =
+                map.append_beside(&mut session, previous, pool, classes, |(i, class)| {
+                    seal_block(&window, i, class, len, block_size, &encoders, source)
+                })?;
             appended?;
             window.finish()?;
             ready = Some((outcomes, prev));
