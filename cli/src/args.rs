@@ -343,6 +343,59 @@ pub enum Command {
         threads: ThreadsArg,
     },
 
+    /// Serve a recovery point read-only over NBD (qemu-img, nbdinfo,
+    /// nbdcopy, QEMU's NBD driver, the kernel's nbd-client) until SIGTERM
+    /// or SIGINT, or the idle timeout. Every block is verified as a
+    /// restore verifies it; a damaged block is an EIO for that range,
+    /// never zeros.
+    Export {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Item name.
+        #[arg(long)]
+        item: String,
+        /// Point id, unique id prefix, or `latest`.
+        #[arg(
+            long,
+            default_value = "latest",
+            value_name = "ID",
+            conflicts_with = "all"
+        )]
+        point: String,
+        /// Serve every point of the item, one export each, named by its
+        /// point id.
+        #[arg(long)]
+        all: bool,
+        /// Where to read the point from (default: its snapshot while it
+        /// has one, else the vault).
+        #[arg(long, value_enum, value_name = "TIER")]
+        from: Option<FromTier>,
+        /// Listen on this Unix socket (made private to its owner; a stale
+        /// one left by a killed export is replaced).
+        #[arg(
+            long,
+            value_name = "PATH",
+            required_unless_present = "listen",
+            conflicts_with = "listen"
+        )]
+        socket: Option<PathBuf>,
+        /// Listen on this TCP address. Anyone who can reach it reads the
+        /// whole disk: NBD has no authentication here; keep it on loopback
+        /// or a private network.
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<String>,
+        /// Export name (default: the item's name; with --all, the point
+        /// ids).
+        #[arg(long, value_name = "EXPORT", conflicts_with = "all")]
+        name: Option<String>,
+        /// Stop after this many seconds without any connection.
+        #[arg(long, value_name = "SECONDS")]
+        idle_timeout: Option<u64>,
+        /// Decoded blocks kept in memory per export (e.g. 64M).
+        #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::units::parse_size)]
+        cache: u64,
+    },
+
     /// Check that the index and segments agree and every point is complete.
     Verify {
         #[command(flatten)]

@@ -186,6 +186,42 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }),
             },
         ),
+        Command::Export {
+            vault,
+            item,
+            point,
+            all,
+            from,
+            socket,
+            listen,
+            name,
+            idle_timeout,
+            cache,
+        } => crate::export_cmd::run(
+            &ctx,
+            &crate::ctx::copy_dir(
+                &ctx,
+                &vault.vault,
+                (from == Some(FromTier::Secondary)).then_some(CopySource::Secondary),
+            )?,
+            crate::export_cmd::ExportArgs {
+                item,
+                point,
+                all,
+                from: match from {
+                    Some(FromTier::Snapshot) => Some(coffre_engine::access::Served::Snapshot),
+                    Some(FromTier::Vault | FromTier::Secondary) => {
+                        Some(coffre_engine::access::Served::Vault)
+                    }
+                    None => None,
+                },
+                socket,
+                listen,
+                name,
+                idle_timeout,
+                cache,
+            },
+        ),
         Command::Verify {
             vault,
             read_data,

@@ -16,6 +16,7 @@
 //! snapshots and the snapshot area are `coffre-snapshotter`'s; the vault's
 //! bytes are `coffre-vault-store`'s.
 
+pub mod access;
 pub mod clock;
 pub mod data;
 pub mod error;

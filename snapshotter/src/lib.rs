@@ -27,6 +27,7 @@ pub mod nbd;
 pub mod pack;
 pub mod progress;
 pub mod read;
+pub mod read_at;
 pub mod sigbus;
 pub mod source;
 #[cfg(test)]

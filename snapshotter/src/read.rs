@@ -28,6 +28,23 @@ pub struct SnapshotBlocks {
     clone: Option<FileImage>,
 }
 
+/// A snapshot taken apart for reading at any block.
+pub(crate) enum Parts {
+    /// A chunk snapshot: every entry, and the packs.
+    Chunks {
+        manifest: PathBuf,
+        header: SnapHeader,
+        entries: Vec<SnapEntry>,
+        packs: Vec<Option<PackReader>>,
+    },
+    /// A clone.
+    Clone {
+        manifest: PathBuf,
+        header: SnapHeader,
+        clone: FileImage,
+    },
+}
+
 /// One window of a snapshot.
 pub enum SnapWindow<'a> {
     /// Entries of a chunk snapshot and its packs.
@@ -216,6 +233,44 @@ impl SnapshotBlocks {
             len,
             block_size: self.header.block_size as usize,
         })
+    }
+
+    /// Every entry of a chunk snapshot read now and the manifest's end
+    /// checked (for [`crate::read_at::SnapshotAt`]); the clone of a clone
+    /// snapshot.
+    pub(crate) fn into_parts(mut self) -> Result<Parts> {
+        match self.reader.take() {
+            Some(mut r) => {
+                let n = usize::try_from(self.header.blocks).map_err(|_| {
+                    SnapError::damaged(&self.manifest, "more entries than memory can hold")
+                })?;
+                let entries = r.next_entries(n)?;
+                if entries.len() != n {
+                    return Err(SnapError::damaged(
+                        &self.manifest,
+                        format!("{} entries where {n} were expected", entries.len()),
+                    ));
+                }
+                r.finish()?;
+                Ok(Parts::Chunks {
+                    manifest: self.manifest,
+                    header: self.header,
+                    entries,
+                    packs: self.packs,
+                })
+            }
+            None => {
+                let clone = self
+                    .clone
+                    .take()
+                    .ok_or_else(|| SnapError::damaged(&self.manifest, "no data"))?;
+                Ok(Parts::Clone {
+                    manifest: self.manifest,
+                    header: self.header,
+                    clone,
+                })
+            }
+        }
     }
 
     /// Checks the manifest's end once every window was read.

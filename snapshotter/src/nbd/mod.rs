@@ -7,6 +7,7 @@
 //! default) and `nbd+unix:///EXPORT?socket=PATH`. The protocol itself is in
 //! [`wire`]. Holes and zero extents (`base:allocation`) are never read.
 
+pub mod listen;
 pub mod qemu;
 pub mod wire;
 

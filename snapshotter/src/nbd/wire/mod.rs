@@ -1,6 +1,7 @@
-//! The NBD client protocol (newstyle fixed handshake, structured replies,
-//! block status), as a small module of its own so that a later NBD export
-//! of a point can share its constants and codecs.
+//! The NBD protocol (newstyle fixed handshake, structured replies, block
+//! status): the client coffre reads exports with ([`Client`]) and the
+//! server side of `coffre export` ([`serve_connection`]), sharing one set
+//! of constants and codecs.
 //!
 //! Spec: <https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md>.
 //! The client negotiates `NBD_OPT_STRUCTURED_REPLY`, selects the meta
@@ -25,6 +26,7 @@ mod block_status;
 mod client;
 mod read_reply;
 mod scripted;
+mod server;
 #[cfg(test)]
 mod tests;
 
@@ -34,6 +36,10 @@ pub use block_status::{Descriptor, decode_block_status};
 pub use client::{Client, Export};
 pub use read_reply::{MAX_READ_CHUNKS, ReadBytes, ReadReply, decode_read_reply, fuzz_read_entry};
 pub use scripted::{Scripted, fuzz_entry};
+pub use server::{
+    Activity, EINVAL, EIO, EPERM, EXPORT_FLAGS, ExportData, MAX_REQUEST, Served, fuzz_server_entry,
+    serve_connection,
+};
 
 /// `NBDMAGIC`.
 pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;

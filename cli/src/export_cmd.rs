@@ -1,0 +1,190 @@
+//! `export`: one point (or every point of an item) served read-only over
+//! NBD, on a Unix socket or a TCP address, until a signal or the idle
+//! timeout.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use coffre_engine::access::{AccessOptions, PointImage, Served};
+use coffre_engine::nbd::listen::{Listener, ServeOptions, Stopped, serve};
+use coffre_engine::nbd::wire::{Activity, Served as Export};
+use coffre_engine::store::Access;
+use serde::Serialize;
+
+use crate::ctx::{Ctx, open};
+use crate::output;
+
+/// What `export` was asked.
+pub struct ExportArgs {
+    pub item: String,
+    pub point: String,
+    pub all: bool,
+    pub from: Option<Served>,
+    pub socket: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub name: Option<String>,
+    pub idle_timeout: Option<u64>,
+    pub cache: u64,
+}
+
+/// Read-ahead threads per export.
+const READ_AHEAD_THREADS: usize = 2;
+/// Threads answering one connection's reads.
+const WORKERS: usize = 4;
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 64;
+
+/// `ADDR:PORT`, or a port alone (loopback).
+fn parse_listen(s: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse::<SocketAddr>().with_context(|| {
+        format!("--listen {s:?} is not ADDR:PORT (e.g. 127.0.0.1:10809) or a port")
+    })
+}
+
+#[derive(Serialize)]
+struct ExportView {
+    name: String,
+    point: String,
+    item: String,
+    size: u64,
+    from: Served,
+    uri: String,
+}
+
+pub fn run(ctx: &Ctx, dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let vault = open(ctx, dir, Access::ReadOnly)?;
+    let points = if args.all {
+        let all = coffre_engine::points::list_points(&vault, &args.item)
+            .with_context(|| format!("vault {}", dir.display()))?;
+        if all.is_empty() {
+            anyhow::bail!("item {:?} has no points to export", args.item);
+        }
+        all
+    } else {
+        vec![
+            coffre_engine::points::select_point(&vault, &args.item, &args.point)
+                .with_context(|| format!("vault {}", dir.display()))?,
+        ]
+    };
+    let opts = AccessOptions {
+        cache_bytes: args.cache,
+        from: args.from,
+        ..AccessOptions::default()
+    };
+    let images = points
+        .iter()
+        .map(|p| {
+            PointImage::open(&vault, p, &opts).with_context(|| {
+                format!("cannot open point {} of item {} for export", p.id, p.item)
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let names: Vec<String> = images
+        .iter()
+        .map(|i| match (&args.name, args.all) {
+            (Some(n), false) => n.clone(),
+            (None, false) => args.item.clone(),
+            (_, true) => i.point().id.clone(),
+        })
+        .collect();
+    let listener = match (&args.socket, &args.listen) {
+        (Some(path), _) => Listener::unix(path)?,
+        (None, Some(l)) => Listener::tcp(parse_listen(l)?)?,
+        (None, None) => anyhow::bail!("give --socket PATH or --listen ADDR:PORT"),
+    };
+    let uri = |name: &str| match &args.socket {
+        Some(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
+        None => format!("nbd://{}/{name}", listener.describe()),
+    };
+    let views: Vec<ExportView> = images
+        .iter()
+        .zip(&names)
+        .map(|(i, n)| ExportView {
+            name: n.clone(),
+            point: i.point().id.clone(),
+            item: i.point().item.clone(),
+            size: i.size(),
+            from: i.served(),
+            uri: uri(n),
+        })
+        .collect();
+    output::emit(ctx.fmt, &views, |vs| {
+        let mut out = String::new();
+        for v in vs {
+            out.push_str(&format!(
+                "exporting point {} of item {} ({} bytes, from the {}) read-only at {}\n",
+                v.point,
+                v.item,
+                v.size,
+                match v.from {
+                    Served::Snapshot => "snapshot",
+                    Served::Vault => "vault",
+                },
+                v.uri
+            ));
+        }
+        out
+    })?;
+    std::io::stdout().flush().ok();
+    let exports: Vec<Export<'_>> = images
+        .iter()
+        .zip(&names)
+        .map(|(i, n)| Export {
+            name: n.clone(),
+            description: format!("coffre: item {} point {}", i.point().item, i.point().id),
+            data: i,
+        })
+        .collect();
+    let stop = crate::signals::stop_flag()?;
+    let activity = Activity::default();
+    let workers_stop = AtomicBool::new(false);
+    let stopped = std::thread::scope(|scope| {
+        for image in &images {
+            for _ in 0..READ_AHEAD_THREADS {
+                let (image, workers_stop) = (image, &workers_stop);
+                scope.spawn(move || image.read_ahead_worker(workers_stop));
+            }
+        }
+        let result = serve(
+            &listener,
+            &exports,
+            &ServeOptions {
+                stop: &stop,
+                idle_timeout: args.idle_timeout.map(Duration::from_secs),
+                workers: WORKERS,
+                max_connections: MAX_CONNECTIONS,
+            },
+            &activity,
+        );
+        workers_stop.store(true, Ordering::Relaxed);
+        for image in &images {
+            image.wake();
+        }
+        result
+    })?;
+    drop(listener);
+    let failed = activity.failed_reads.load(Ordering::Relaxed);
+    eprintln!(
+        "export stopped ({}): {} requests, {} bytes read, {} failed reads",
+        match stopped {
+            Stopped::Asked => "signal",
+            Stopped::Idle => "idle timeout",
+        },
+        activity.requests.load(Ordering::Relaxed),
+        activity.bytes_read.load(Ordering::Relaxed),
+        failed
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(crate::exit::DAMAGED)
+    })
+}

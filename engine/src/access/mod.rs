@@ -1,0 +1,324 @@
+//! A point read in place, at any offset, by many readers at once: what
+//! `coffre export` (NBD) and `coffre mount` (FUSE) serve.
+//!
+//! [`PointImage`] reads whole blocks from either tier ([`blocks`]), keeps
+//! the decoded ones in a bounded cache ([`cache`]), and reads ahead of a
+//! reader that goes through the image in order: a read that starts near
+//! the furthest point read so far queues the next [`AccessOptions::read_ahead`]
+//! bytes for the read-ahead threads the caller runs
+//! ([`PointImage::read_ahead_worker`]). Memory: the cache (64 MiB by
+//! default), the read-ahead queue, and for a snapshot the manifest's
+//! entries (48 bytes per block).
+//!
+//! Every block is verified as a restore verifies it. A damaged block is
+//! an error for the read that needs it (logged with the point and the
+//! block), never zeros; the vault's copies repair it where one is good.
+
+pub mod blocks;
+pub mod cache;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use coffre_snapshotter::nbd::wire::{Descriptor, ExportData, STATE_HOLE, STATE_ZERO};
+use coffre_vault_store::Vault;
+
+use blocks::{Blocks, Scratch};
+pub use blocks::{Kind, Served};
+use cache::BlockCache;
+
+use crate::error::Result;
+use crate::points::PointEntry;
+
+/// Default cache size.
+pub const DEFAULT_CACHE: u64 = 64 << 20;
+/// Default read-ahead.
+pub const DEFAULT_READ_AHEAD: u64 = 8 << 20;
+
+/// Most blocks one block-status answer looks at.
+const STATUS_BLOCKS: u64 = 1 << 16;
+
+/// How a point is read in place.
+#[derive(Clone, Copy, Debug)]
+pub struct AccessOptions {
+    /// Bytes of decoded blocks kept (at least a block).
+    pub cache_bytes: u64,
+    /// Bytes read ahead of a sequential reader (0: none).
+    pub read_ahead: u64,
+    /// The tier to read; `None`: the snapshot while the point has one.
+    pub from: Option<Served>,
+}
+
+impl Default for AccessOptions {
+    fn default() -> Self {
+        AccessOptions {
+            cache_bytes: DEFAULT_CACHE,
+            read_ahead: DEFAULT_READ_AHEAD,
+            from: None,
+        }
+    }
+}
+
+/// Counters of one image.
+#[derive(Debug, Default)]
+pub struct AccessStats {
+    /// Blocks decoded (cache misses and read-ahead).
+    pub decoded: AtomicU64,
+    /// Block reads the cache answered.
+    pub hits: AtomicU64,
+    /// Reads that failed on a damaged block.
+    pub damaged: AtomicU64,
+}
+
+/// A point, readable in place.
+pub struct PointImage<'v> {
+    blocks: Blocks<'v>,
+    cache: BlockCache,
+    scratch: Mutex<Vec<Scratch>>,
+    read_ahead_blocks: u64,
+    /// The furthest block end a read reached, and how far read-ahead was
+    /// queued.
+    furthest: AtomicU64,
+    queued_to: AtomicU64,
+    queue: Mutex<VecDeque<u64>>,
+    queued: Condvar,
+    stats: AccessStats,
+}
+
+impl<'v> PointImage<'v> {
+    /// Opens `point` of `vault` for reading in place.
+    pub fn open(vault: &'v Vault, point: &PointEntry, opts: &AccessOptions) -> Result<Self> {
+        let blocks = Blocks::open(vault, point, opts.from)?;
+        let bs = u64::from(point.block_size);
+        let read_ahead_blocks = opts.read_ahead.div_ceil(bs);
+        // The cache holds at least the read-ahead window twice over.
+        let cache_blocks = (opts.cache_bytes / bs).max(2 * read_ahead_blocks).max(4);
+        Ok(PointImage {
+            blocks,
+            cache: BlockCache::new(usize::try_from(cache_blocks).unwrap_or(usize::MAX)),
+            scratch: Mutex::default(),
+            read_ahead_blocks,
+            furthest: AtomicU64::new(0),
+            queued_to: AtomicU64::new(0),
+            queue: Mutex::default(),
+            queued: Condvar::new(),
+            stats: AccessStats::default(),
+        })
+    }
+
+    /// The point.
+    pub fn point(&self) -> &PointEntry {
+        self.blocks.point()
+    }
+
+    /// The tier that serves.
+    pub fn served(&self) -> Served {
+        self.blocks.served()
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.point().image_size
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &AccessStats {
+        &self.stats
+    }
+
+    fn block_size(&self) -> u64 {
+        u64::from(self.point().block_size)
+    }
+
+    /// Block `b` decoded, from the cache or the tier.
+    fn block(&self, b: u64) -> Result<Arc<[u8]>> {
+        let (bytes, hit) = self.cache.get_or_load(b, || {
+            let mut scratch = self
+                .scratch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+                .unwrap_or_default();
+            let mut out = Vec::new();
+            let r = self.blocks.decode(b, &mut scratch, &mut out);
+            self.scratch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(scratch);
+            r.map(|()| Arc::<[u8]>::from(out))
+        })?;
+        let counter = if hit {
+            &self.stats.hits
+        } else {
+            &self.stats.decoded
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(bytes)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (inside the image). Zero
+    /// blocks read as zeros without being decoded; a damaged block fails
+    /// the read, naming the point and the block.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let size = self.size();
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= size)
+            .ok_or_else(|| crate::EngineError::DamagedBlockMap {
+                item: self.point().item.clone(),
+                point: self.point().id.clone(),
+                reason: format!(
+                    "a read of {}+{} is past the image's {size} bytes",
+                    offset,
+                    buf.len()
+                ),
+            })?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let bs = self.block_size();
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        self.note_read(first, last + 1);
+        let mut at = 0usize;
+        for b in first..=last {
+            let from = (b * bs).max(offset);
+            let to = ((b + 1) * bs).min(end);
+            let dst = &mut buf[at..at + (to - from) as usize];
+            at += dst.len();
+            let skip = (from - b * bs) as usize;
+            if self.blocks.kind(b)? == Kind::Zero {
+                dst.fill(0);
+                continue;
+            }
+            let bytes = self.block(b).inspect_err(|e| {
+                self.stats.damaged.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(item = %self.point().item, point = %self.point().id, block = b, error = %e,
+                    "a block of the point cannot be read: the read fails (no zeros are served)");
+            })?;
+            let part = bytes.get(skip..skip + dst.len()).ok_or_else(|| {
+                crate::EngineError::DamagedBlockMap {
+                    item: self.point().item.clone(),
+                    point: self.point().id.clone(),
+                    reason: format!("block {b} is shorter than the image says"),
+                }
+            })?;
+            dst.copy_from_slice(part);
+        }
+        Ok(())
+    }
+
+    /// Runs of zero and data blocks covering `offset..offset + len`
+    /// (inside the image): `(bytes, kind)`, adjacent runs of one kind
+    /// merged. Only the block map is consulted, nothing is decoded.
+    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, Kind)>> {
+        let end = offset.saturating_add(len).min(self.size());
+        let bs = self.block_size();
+        let mut out: Vec<(u64, Kind)> = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let b = at / bs;
+            let to = ((b + 1) * bs).min(end);
+            let kind = self.blocks.kind(b)?;
+            match out.last_mut() {
+                Some((n, k)) if *k == kind => *n += to - at,
+                _ => out.push((to - at, kind)),
+            }
+            at = to;
+        }
+        Ok(out)
+    }
+
+    /// Notes a read of blocks `first..end`; one that starts near the
+    /// furthest read so far queues the next window for read-ahead.
+    fn note_read(&self, first: u64, end: u64) {
+        if self.read_ahead_blocks == 0 {
+            return;
+        }
+        let furthest = self.furthest.fetch_max(end, Ordering::Relaxed).max(end);
+        // Near: within a window behind the furthest read (readers with
+        // many requests in flight read a little out of order).
+        if first + 2 * self.read_ahead_blocks < furthest {
+            return;
+        }
+        let want_to = (furthest + self.read_ahead_blocks).min(self.blocks.count());
+        let from = self
+            .queued_to
+            .fetch_max(want_to, Ordering::Relaxed)
+            .max(furthest);
+        if from >= want_to {
+            return;
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        for b in from..want_to {
+            q.push_back(b);
+        }
+        // A reader that jumped leaves old blocks queued: keep the newest.
+        let cap = 4 * self.read_ahead_blocks as usize;
+        while q.len() > cap {
+            q.pop_front();
+        }
+        drop(q);
+        self.queued.notify_all();
+    }
+
+    /// Decodes queued read-ahead blocks into the cache until `stop` is
+    /// set; run it on one or more threads of the caller's.
+    pub fn read_ahead_worker(&self, stop: &AtomicBool) {
+        while !stop.load(Ordering::Relaxed) {
+            let next = {
+                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if q.is_empty() {
+                    q = self
+                        .queued
+                        .wait_timeout(q, Duration::from_millis(100))
+                        .map(|(q, _)| q)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+                q.pop_front()
+            };
+            let Some(b) = next else { continue };
+            if self.cache.contains(b) || !matches!(self.blocks.kind(b), Ok(Kind::Data)) {
+                continue;
+            }
+            // A failure is the demand read's to report.
+            let _ = self.block(b);
+        }
+    }
+
+    /// Wakes the read-ahead workers (after `stop` was set).
+    pub fn wake(&self) {
+        self.queued.notify_all();
+    }
+}
+
+impl ExportData for PointImage<'_> {
+    fn size(&self) -> u64 {
+        PointImage::size(self)
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
+        self.read_at(offset, buf).map_err(|e| e.to_string())
+    }
+
+    fn allocation(&self, offset: u64, len: u32) -> std::result::Result<Vec<Descriptor>, String> {
+        // A prefix is a valid answer: a long request is answered for its
+        // first blocks, and the client asks again from there.
+        let most = STATUS_BLOCKS * self.block_size();
+        let extents = self
+            .extents(offset, u64::from(len).min(most))
+            .map_err(|e| e.to_string())?;
+        Ok(extents
+            .into_iter()
+            .map(|(n, kind)| Descriptor {
+                // `n` is at most `len`, a u32.
+                length: u32::try_from(n).unwrap_or(u32::MAX),
+                flags: match kind {
+                    Kind::Zero => STATE_HOLE | STATE_ZERO,
+                    Kind::Data => 0,
+                },
+            })
+            .collect())
+    }
+}
