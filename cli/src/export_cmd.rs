@@ -6,13 +6,14 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
+use coffre_engine::access::serve::serve_points;
 use coffre_engine::access::{AccessOptions, PointImage, Served};
-use coffre_engine::nbd::listen::{Listener, ServeOptions, Stopped, serve};
-use coffre_engine::nbd::wire::{Activity, Served as Export};
+use coffre_engine::nbd::listen::{Listener, Stopped};
+use coffre_engine::nbd::wire::Activity;
 use coffre_engine::store::Access;
 use serde::Serialize;
 
@@ -31,13 +32,6 @@ pub struct ExportArgs {
     pub idle_timeout: Option<u64>,
     pub cache: u64,
 }
-
-/// Read-ahead threads per export.
-const READ_AHEAD_THREADS: usize = 2;
-/// Threads answering one connection's reads.
-const WORKERS: usize = 4;
-/// Connections served at once.
-const MAX_CONNECTIONS: usize = 64;
 
 /// `ADDR:PORT`, or a port alone (loopback).
 fn parse_listen(s: &str) -> anyhow::Result<SocketAddr> {
@@ -134,42 +128,16 @@ pub fn run(ctx: &Ctx, dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> 
         out
     })?;
     std::io::stdout().flush().ok();
-    let exports: Vec<Export<'_>> = images
-        .iter()
-        .zip(&names)
-        .map(|(i, n)| Export {
-            name: n.clone(),
-            description: format!("coffre: item {} point {}", i.point().item, i.point().id),
-            data: i,
-        })
-        .collect();
     let stop = crate::signals::stop_flag()?;
     let activity = Activity::default();
-    let workers_stop = AtomicBool::new(false);
-    let stopped = std::thread::scope(|scope| {
-        for image in &images {
-            for _ in 0..READ_AHEAD_THREADS {
-                let (image, workers_stop) = (image, &workers_stop);
-                scope.spawn(move || image.read_ahead_worker(workers_stop));
-            }
-        }
-        let result = serve(
-            &listener,
-            &exports,
-            &ServeOptions {
-                stop: &stop,
-                idle_timeout: args.idle_timeout.map(Duration::from_secs),
-                workers: WORKERS,
-                max_connections: MAX_CONNECTIONS,
-            },
-            &activity,
-        );
-        workers_stop.store(true, Ordering::Relaxed);
-        for image in &images {
-            image.wake();
-        }
-        result
-    })?;
+    let stopped = serve_points(
+        &listener,
+        &images,
+        &names,
+        &stop,
+        args.idle_timeout.map(Duration::from_secs),
+        &activity,
+    )?;
     drop(listener);
     let failed = activity.failed_reads.load(Ordering::Relaxed);
     eprintln!(

@@ -16,6 +16,7 @@
 
 pub mod blocks;
 pub mod cache;
+pub mod serve;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
