@@ -28,6 +28,8 @@ mod read_reply;
 mod scripted;
 mod server;
 #[cfg(test)]
+mod server_tests;
+#[cfg(test)]
 mod tests;
 
 use std::io::Read;
