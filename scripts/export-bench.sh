@@ -1,0 +1,111 @@
+#!/bin/bash
+# Reading a point in place, against restoring it, on two days of an image
+# (issue 24's figures), ROUNDS rounds, all in one run:
+#   - the disk floor: `dd oflag=direct conv=fsync` of the restored data
+#     bytes onto the same filesystem;
+#   - `coffre restore` from the snapshot tier (the default) and --from
+#     vault, each as a ratio to the floor;
+#   - `qemu-img convert -t none` of `coffre export` (both tiers) into a
+#     file on the same filesystem, as a ratio to the restore of that tier;
+#   - random 4 KiB reads at queue depth 16 through the export (fio,
+#     ioengine=nbd): cold (a fresh export, the whole image) and warm (a
+#     second pass over a 32 MiB data region), in IOPS;
+#   - the export's peak RSS (VmHWM) with the default cache.
+# Every restore and every copy is compared with day two.
+#
+#   scripts/export-bench.sh BASE.img DAY2.img [ROUNDS]
+#
+# COFFRE (default target/release/coffre) is the binary; WORK (default a
+# temporary folder on the images' filesystem) holds the vault and the
+# copies (about twice the images' size; removed at the end). Needs
+# qemu-img, nbdinfo and fio (apt-get install qemu-utils libnbd-bin fio).
+set -eu
+base=${1:?usage: $0 BASE.img DAY2.img [ROUNDS]}
+day2=${2:?usage: $0 BASE.img DAY2.img [ROUNDS]}
+rounds=${3:-3}
+coffre=$(realpath "${COFFRE:-target/release/coffre}")
+for t in qemu-img nbdinfo fio; do
+  command -v "$t" >/dev/null || { echo "export-bench: $t missing (apt-get install qemu-utils libnbd-bin fio)" >&2; exit 1; }
+done
+work=${WORK:-$(mktemp -d "$(dirname "$(realpath "$base")")/export-bench.XXXXXX")}
+export_pid=
+cleanup() { [ -n "$export_pid" ] && kill "$export_pid" 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+cd "$work"
+export COFFRE_REGISTRY=$work/registry
+log=$work/times.txt
+: > "$log"
+# timed NAME CMD...: wall, user and system seconds appended to the log.
+timed() { /usr/bin/time -a -o "$log" -f "$1 %e %U %S" "${@:2}" > /dev/null 2> err || { cat err >&2; exit 1; }; }
+
+"$coffre" vault create --vault v --snapshot-area area > /dev/null 2>&1
+cp --sparse=always "$base" work.img
+"$coffre" backup --vault v --item w work.img > /dev/null 2>&1
+cp --sparse=always "$day2" work.img
+"$coffre" backup --vault v --item w work.img > /dev/null 2>&1
+sock=$work/export.sock
+uri="nbd+unix:///w?socket=$sock"
+
+start_export() {
+  "$coffre" export --vault v --item w --socket "$sock" "$@" > /dev/null 2> export.err &
+  export_pid=$!
+  for _ in $(seq 1 200); do nbdinfo --size "$uri" > /dev/null 2>&1 && return; sleep 0.05; done
+  cat export.err >&2; exit 1
+}
+stop_export() { kill "$export_pid"; wait "$export_pid" || true; export_pid=; }
+rss_kb() { awk '/VmHWM/ {print $2}' "/proc/$export_pid/status"; }
+
+# fio NAME ARGS...: IOPS of a 4 KiB random-read run at depth 16.
+fio_iops() {
+  fio --name="$1" --ioengine=nbd --uri="$uri" --rw=randread --bs=4k --iodepth=16 \
+    --output-format=json "${@:2}" 2> /dev/null \
+    | python3 -c 'import json,sys; t=sys.stdin.read(); print(round(json.loads(t[t.index("{"):])["jobs"][0]["read"]["iops"]))'
+}
+
+for r in $(seq 1 "$rounds"); do
+  for tier in snapshot vault; do
+    rm -f out.img conv.img floor.bin
+    sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+    timed "$r $tier restore" "$coffre" restore --vault v --item w --from "$tier" --to out.img
+    cmp out.img "$day2"
+    data=$(du -B1 out.img | cut -f1)
+    rm -f out.img; sync
+    timed "$r $tier floor" dd if=/dev/zero of=floor.bin bs=4M count=$((data / (4 << 20))) oflag=direct conv=fsync status=none
+    rm -f floor.bin; sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+    start_export --from "$tier"
+    timed "$r $tier export-convert" qemu-img convert -t none -O raw "$uri" conv.img
+    cmp conv.img "$day2"
+    rm -f conv.img
+    echo "$r $tier rss-after-convert $(rss_kb) 0 0" >> "$log"
+    stop_export
+    # Random reads: a fresh export over the whole image (cold), then a
+    # data region read twice (the second pass warm).
+    start_export --from "$tier"
+    echo "$r $tier iops-cold $(fio_iops cold --size="$(stat -c %s "$day2")" --runtime=10 --time_based) 0 0" >> "$log"
+    region=$(nbdinfo --map "$uri" | awk '$3 == 0 && $2 >= 33554432 {print $1; exit}')
+    region=${region:-0}
+    fio_iops prime --offset="$region" --size=32M --rw=read --bs=1M > /dev/null
+    echo "$r $tier iops-warm $(fio_iops warm --offset="$region" --size=32M --runtime=10 --time_based) 0 0" >> "$log"
+    echo "$r $tier rss $(rss_kb) 0 0" >> "$log"
+    stop_export
+  done
+done
+
+python3 - "$log" "$rounds" <<'PY'
+import sys, statistics as st
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+val = {}
+for r, tier, what, wall, *_ in rows:
+    val.setdefault((tier, what), {})[int(r)] = float(wall)
+def med(t, w): return st.median(val[(t, w)].values())
+def ratio(t, a, b):
+    return st.median(val[(t, a)][r] / val[(t, b)][r] for r in val[(t, a)])
+print(f"rounds: {sys.argv[2]} (medians; ratios are per-round medians)")
+print("| tier | restore s | floor s | restore/floor | export convert s | restore/convert (export speed vs restore) | 4K QD16 IOPS cold | warm | export RSS MiB (convert, fio) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+for t in ("snapshot", "vault"):
+    print(f"| {t} | {med(t,'restore'):.2f} | {med(t,'floor'):.2f} | {ratio(t,'restore','floor'):.2f} | "
+          f"{med(t,'export-convert'):.2f} | {ratio(t,'restore','export-convert'):.2f} | "
+          f"{med(t,'iops-cold'):.0f} | {med(t,'iops-warm'):.0f} | "
+          f"{max(val[(t,'rss-after-convert')].values())/1024:.0f}, {max(val[(t,'rss')].values())/1024:.0f} |")
+PY
