@@ -45,7 +45,12 @@ struct Export {
 impl Export {
     /// `coffre export ARGS`, once `ready` says it serves.
     fn start(args: &[&str], ready: impl Fn() -> bool) -> Export {
-        let child = coffre()
+        Export::start_with(coffre(), args, ready)
+    }
+
+    /// `CMD export ARGS` (a `coffre()` with its own environment).
+    fn start_with(mut cmd: Command, args: &[&str], ready: impl Fn() -> bool) -> Export {
+        let child = cmd
             .arg("export")
             .args(args)
             .stdout(Stdio::piped())
@@ -418,4 +423,80 @@ fn the_socket_is_refused_while_served_replaced_when_stale_and_every_point_can_be
     };
     assert!(status.success());
     assert!(!sock.exists());
+}
+
+#[test]
+fn an_encrypted_vaults_secondary_is_served_with_its_key() {
+    if !have_tools() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let key = t.path().join("vault.key");
+    let secondary = t.path().join("secondary");
+    let vault = new_vault(
+        t.path(),
+        &[
+            "--encryption",
+            "aes-256-gcm",
+            "--generate-key-file",
+            s(&key),
+            "--secondary",
+            s(&secondary),
+        ],
+    );
+    let img = t.path().join("disk.img");
+    mixed_image(&img, 8 * MIB, 11);
+    let with_key = |args: &[&str]| {
+        let out = coffre()
+            .env("COFFRE_KEY_FILE", &key)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    with_key(&["backup", "--vault", s(&vault), s(&img)]);
+    with_key(&["replicate", "--vault", s(&vault)]);
+    // Without the key: refused (exit 15), nothing served.
+    let sock = t.path().join("export.sock");
+    let out = run(&[
+        "export",
+        "--vault",
+        s(&vault),
+        "--item",
+        "disk",
+        "--socket",
+        s(&sock),
+    ]);
+    assert_eq!(out.status.code(), Some(15), "{out:?}");
+    // With it, from the secondary alone (the primary moved away).
+    let away = t.path().join("vault.away");
+    std::fs::rename(&vault, &away).unwrap();
+    let mut cmd = coffre();
+    cmd.env("COFFRE_KEY_FILE", &key)
+        .env("COFFRE_SECONDARY", &secondary);
+    let e = Export::start_with(
+        cmd,
+        &[
+            "--vault",
+            s(&vault),
+            "--item",
+            "disk",
+            "--from",
+            "secondary",
+            "--socket",
+            s(&sock),
+        ],
+        || UnixStream::connect(&sock).is_ok(),
+    );
+    let out = t.path().join("out.raw");
+    tool_ok(
+        "qemu-img",
+        &["convert", "-O", "raw", &uri(&sock, "disk"), s(&out)],
+    );
+    assert_same(&img, &out);
+    assert!(e.stop().status.success());
 }
