@@ -54,6 +54,9 @@ struct ExportView {
 }
 
 pub fn run(ctx: &Ctx, dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
+    // Watched before anything listens: a signal from then on is a clean
+    // stop (and the socket is removed).
+    let stop = crate::signals::stop_flag()?;
     let vault = open(ctx, dir, Access::ReadOnly)?;
     let points = if args.all {
         let all = coffre_engine::points::list_points(&vault, &args.item)
@@ -128,7 +131,6 @@ pub fn run(ctx: &Ctx, dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> 
         out
     })?;
     std::io::stdout().flush().ok();
-    let stop = crate::signals::stop_flag()?;
     let activity = Activity::default();
     let stopped = serve_points(
         &listener,

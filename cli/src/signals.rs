@@ -1,14 +1,15 @@
-//! A stop flag that SIGTERM and SIGINT set, for commands that serve until
-//! told to stop (`export`, `mount`, `restore --live`): a thread of its own
-//! waits for the signals on a small tokio runtime; the command's loops
-//! look at the flag.
+//! A stop flag that SIGTERM, SIGINT and SIGHUP set, for commands that
+//! serve until told to stop (`export`, `mount`, `restore --live`): a
+//! thread of its own waits for the signals on a small tokio runtime; the
+//! command's loops look at the flag. A second signal ends the process at
+//! once (exit 130), for a stop that hangs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 
-/// The flag, set at the first SIGTERM or SIGINT.
+/// The flag, set at the first SIGTERM, SIGINT or SIGHUP.
 pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     use tokio::signal::unix::{SignalKind, signal};
     let flag = Arc::new(AtomicBool::new(false));
@@ -17,23 +18,31 @@ pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
         .build()
         .context("cannot start the signal watcher")?;
     // The signal handlers are installed now, before the command serves.
-    let (mut term, mut int) = rt.block_on(async {
+    let (mut term, mut int, mut hup) = rt.block_on(async {
         anyhow::Ok((
             signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
             signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+            signal(SignalKind::hangup()).context("cannot watch SIGHUP")?,
         ))
     })?;
     let set = flag.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            rt.block_on(async {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            });
+            let mut next = || {
+                rt.block_on(async {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                        _ = hup.recv() => {}
+                    }
+                })
+            };
+            next();
             set.store(true, Ordering::Relaxed);
+            next();
+            eprintln!("coffre: a second signal: stopping at once");
+            std::process::exit(130);
         })
         .context("cannot start the signal watcher")?;
     Ok(flag)

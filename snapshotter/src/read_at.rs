@@ -7,7 +7,9 @@
 //! 1.5 MiB for a 2 GiB image in 64 KiB blocks, 768 MiB for 1 TiB). Every
 //! record read is checked like a restore's: its place against the
 //! manifest, its CRCs, its authentication, and the plaintext against the
-//! block's id. A clone is read through its mapping, its size checked.
+//! block's id. A clone is read with `pread` (no mapping: any number of
+//! readers at once, and a clone cut short is an error, not a SIGBUS), its
+//! size checked after every read.
 
 use std::path::Path;
 
@@ -17,7 +19,7 @@ use crate::error::{Result, SnapError};
 use crate::manifest::{SnapEntry, SnapHeader};
 use crate::pack::{PackReader, RecordBuf};
 use crate::read::{Parts, SnapshotBlocks};
-use crate::source::{FileImage, ImageSource};
+use crate::source::ImageSource;
 
 /// What a block of the snapshot is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +44,7 @@ enum Data {
         entries: Vec<SnapEntry>,
         packs: Vec<Option<PackReader>>,
     },
-    Clone(FileImage),
+    Clone(std::fs::File, std::path::PathBuf),
 }
 
 impl SnapshotAt {
@@ -67,11 +69,16 @@ impl SnapshotAt {
                 manifest,
                 header,
                 clone,
-            } => SnapshotAt {
-                manifest,
-                header,
-                data: Data::Clone(clone),
-            },
+            } => {
+                let path = clone.path().to_path_buf();
+                let file = std::fs::File::open(&path)
+                    .map_err(|e| SnapError::damaged(&path, e.to_string()))?;
+                SnapshotAt {
+                    manifest,
+                    header,
+                    data: Data::Clone(file, path),
+                }
+            }
         })
     }
 
@@ -100,7 +107,7 @@ impl SnapshotAt {
                 let e = entries.get(usize::try_from(b).ok()?)?;
                 Some(e.id.map_or(BlockAt::Zero, BlockAt::Chunk))
             }
-            Data::Clone(_) => Some(BlockAt::Clone),
+            Data::Clone(..) => Some(BlockAt::Clone),
         }
     }
 
@@ -145,11 +152,23 @@ impl SnapshotAt {
                 }
                 out.extend_from_slice(buf.plain());
             }
-            Data::Clone(image) => {
-                let w = image.window(start, len)?;
-                out.extend_from_slice(w.bytes());
-                w.finish()?;
-                image.check_unchanged()?;
+            Data::Clone(file, path) => {
+                use std::os::unix::fs::FileExt;
+                out.resize(len, 0);
+                let cut = |e: std::io::Error| {
+                    SnapError::damaged(path, format!("reading block {b} of the clone: {e}"))
+                };
+                file.read_exact_at(out, start).map_err(cut)?;
+                let now = file.metadata().map_err(cut)?.len();
+                if now != self.header.image_size {
+                    return Err(SnapError::damaged(
+                        path,
+                        format!(
+                            "the clone is {now} bytes, the snapshot says {}",
+                            self.header.image_size
+                        ),
+                    ));
+                }
             }
         }
         Ok(())

@@ -227,7 +227,9 @@ impl<'v> Blocks<'v> {
             let Some(BlockAt::Chunk(id)) = s.block(b) else {
                 return Err(first.into());
             };
-            if self.map.is_none() {
+            // The vault stands in only when it holds the same chunk for
+            // the block: tiers that disagree mean one is damaged.
+            if self.map.is_none() || self.entry(b)? != Some(id) {
                 return Err(self.damaged(b, id, first.to_string()));
             }
             tracing::warn!(item = %self.point.item, point = %self.point.id, block = b, error = %first,

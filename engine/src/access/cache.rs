@@ -61,15 +61,28 @@ impl BlockCache {
         }
         inner.loading.insert(b);
         drop(inner);
+        // Whatever happens to `load` (an error, a panic), the block stops
+        // being "loading" and the waiters wake.
+        let guard = Loading { cache: self, b };
         let result = load();
-        let mut inner = self.lock();
-        inner.loading.remove(&b);
         if let Ok(bytes) = &result {
-            inner.blocks.put(b, bytes.clone());
+            self.lock().blocks.put(b, bytes.clone());
         }
-        drop(inner);
-        self.loaded.notify_all();
+        drop(guard);
         result.map(|bytes| (bytes, false))
+    }
+}
+
+/// Marks a block as no longer loading when dropped.
+struct Loading<'c> {
+    cache: &'c BlockCache,
+    b: u64,
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        self.cache.lock().loading.remove(&self.b);
+        self.cache.loaded.notify_all();
     }
 }
 
@@ -102,5 +115,12 @@ mod tests {
         assert!(!cache.contains(4));
         let (_, hit) = cache.get_or_load(3, || load(9)).unwrap();
         assert!(hit);
+        // A load that panics leaves no reader waiting for it.
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = cache.get_or_load(5, || -> Result<Arc<[u8]>, ()> { panic!("decoder bug") });
+        }));
+        assert!(caught.is_err());
+        let (b, hit) = cache.get_or_load(5, || load(5)).unwrap();
+        assert!(!hit && b[0] == 5);
     }
 }

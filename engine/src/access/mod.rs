@@ -38,6 +38,9 @@ pub const DEFAULT_CACHE: u64 = 64 << 20;
 /// Default read-ahead.
 pub const DEFAULT_READ_AHEAD: u64 = 8 << 20;
 
+/// Decoders' scratch spaces kept between decodes.
+const SCRATCH_KEPT: usize = 8;
+
 /// Most blocks one block-status answer looks at.
 const STATUS_BLOCKS: u64 = 1 << 16;
 
@@ -94,8 +97,12 @@ impl<'v> PointImage<'v> {
         let blocks = Blocks::open(vault, point, opts.from)?;
         let bs = u64::from(point.block_size);
         let read_ahead_blocks = opts.read_ahead.div_ceil(bs);
-        // The cache holds at least the read-ahead window twice over.
-        let cache_blocks = (opts.cache_bytes / bs).max(2 * read_ahead_blocks).max(4);
+        // The cache holds at least the read-ahead window twice over, and
+        // never more blocks than the image has.
+        let cache_blocks = (opts.cache_bytes / bs)
+            .max(2 * read_ahead_blocks)
+            .max(4)
+            .min(blocks.count().max(1));
         Ok(PointImage {
             blocks,
             cache: BlockCache::new(usize::try_from(cache_blocks).unwrap_or(usize::MAX)),
@@ -144,10 +151,13 @@ impl<'v> PointImage<'v> {
                 .unwrap_or_default();
             let mut out = Vec::new();
             let r = self.blocks.decode(b, &mut scratch, &mut out);
-            self.scratch
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(scratch);
+            // Kept for the next decode, up to a few: a burst of readers
+            // does not leave its scratch space behind.
+            let mut pool = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < SCRATCH_KEPT {
+                pool.push(scratch);
+            }
+            drop(pool);
             r.map(|()| Arc::<[u8]>::from(out))
         })?;
         let counter = if hit {

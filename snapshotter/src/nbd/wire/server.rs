@@ -106,7 +106,7 @@ pub trait ExportData: Sync {
     /// Size in bytes.
     fn size(&self) -> u64;
     /// Reads `buf.len()` bytes at `offset` (inside the export). An error
-    /// is the message an `EIO` reply carries.
+    /// is an `EIO` reply (the message is the implementation's to log).
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
     /// `base:allocation` of `offset..offset + len` (inside the export):
     /// descriptors covering a prefix of it, at least one.
@@ -123,8 +123,9 @@ pub struct Served<'a> {
     pub data: &'a dyn ExportData,
 }
 
-/// Counters of one server, shared by its connections.
-#[derive(Debug, Default)]
+/// Counters of one server, shared by its connections, and the bytes its
+/// reads may hold at once.
+#[derive(Debug)]
 pub struct Activity {
     /// Requests answered (any command).
     pub requests: AtomicU64,
@@ -132,22 +133,72 @@ pub struct Activity {
     pub failed_reads: AtomicU64,
     /// Bytes sent in read replies.
     pub bytes_read: AtomicU64,
+    /// Bytes of read buffers all connections hold at once, at most
+    /// [`READ_BUDGET`]: a read waits for room before it allocates.
+    held: Mutex<u64>,
+    freed: std::sync::Condvar,
 }
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            requests: AtomicU64::new(0),
+            failed_reads: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            held: Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+}
+
+impl Activity {
+    /// Waits until `n` more bytes of read buffers fit in the budget.
+    fn hold(&self, n: u64) -> Held<'_> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        while *held > 0 && *held + n > READ_BUDGET {
+            held = self.freed.wait(held).unwrap_or_else(|p| p.into_inner());
+        }
+        *held += n;
+        Held { activity: self, n }
+    }
+}
+
+/// Bytes of read buffers held; given back when dropped.
+struct Held<'a> {
+    activity: &'a Activity,
+    n: u64,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut held = self.activity.held.lock().unwrap_or_else(|p| p.into_inner());
+        *held -= self.n;
+        drop(held);
+        self.activity.freed.notify_all();
+    }
+}
+
+/// Bytes of read buffers a server holds at once, whatever its clients ask.
+pub const READ_BUDGET: u64 = 128 << 20;
 
 /// Serves one connection whose bytes arrive on `input` and leave on
 /// `output` (two handles of one socket), with `workers` threads for its
-/// reads. Returns when the client disconnects; an error when it broke
-/// the protocol or the connection failed.
+/// reads; `handshake_done` runs when it enters transmission (the caller
+/// lifts the handshake's time limit). Returns when the client
+/// disconnects; an error when it broke the protocol or the connection
+/// failed.
 pub fn serve_connection<R: Read + Send, W: Write + Send>(
     mut input: R,
     mut output: W,
     exports: &[Served<'_>],
     workers: usize,
     activity: &Activity,
+    handshake_done: impl FnOnce(),
 ) -> Result<(), WireError> {
     let Some(session) = handshake(&mut input, &mut output, exports)? else {
         return Ok(());
     };
+    handshake_done();
     transmission(input, output, session, workers.max(1), activity)
 }
 
@@ -180,7 +231,8 @@ fn handshake<'e, 'a>(
     }
     let no_zeroes = client_flags & u32::from(FLAG_NO_ZEROES) != 0;
     let mut structured = false;
-    let mut allocation = false;
+    // The export `base:allocation` was selected for.
+    let mut allocation: Option<String> = None;
     for _ in 0..MAX_OPTIONS {
         let mut h = [0u8; 16];
         match input.read_exact(&mut h) {
@@ -219,7 +271,7 @@ fn handshake<'e, 'a>(
                 return Ok(Some(Session {
                     export,
                     structured,
-                    allocation,
+                    allocation: allocation.as_deref() == Some(name.as_ref()),
                 }));
             }
             OPT_ABORT => {
@@ -248,6 +300,10 @@ fn handshake<'e, 'a>(
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                // A SET replaces the selection, even when it fails.
+                if opt == OPT_SET_META_CONTEXT {
+                    allocation = None;
+                }
                 let Some((name, queries)) = parse_meta(&data) else {
                     reply(
                         output,
@@ -275,7 +331,7 @@ fn handshake<'e, 'a>(
                         || (opt == OPT_LIST_META_CONTEXT && (q.is_empty() || q == "base:"))
                 }) || (opt == OPT_LIST_META_CONTEXT && queries.is_empty());
                 if opt == OPT_SET_META_CONTEXT {
-                    allocation = listed;
+                    allocation = listed.then(|| name.clone());
                 }
                 if listed {
                     let ctx = super::super::BASE_ALLOCATION.as_bytes();
@@ -306,6 +362,9 @@ fn handshake<'e, 'a>(
                 sizes.extend_from_slice(&4096u32.to_be_bytes());
                 sizes.extend_from_slice(&PREFERRED_MAX.to_be_bytes());
                 reply(output, opt, REP_INFO, &sizes)?;
+                let mut wanted = wanted;
+                wanted.sort_unstable();
+                wanted.dedup();
                 for w in wanted {
                     let (kind, text) = match w {
                         INFO_NAME => (INFO_NAME, &export.name),
@@ -321,7 +380,7 @@ fn handshake<'e, 'a>(
                     return Ok(Some(Session {
                         export,
                         structured,
-                        allocation,
+                        allocation: allocation.as_deref() == Some(name.as_str()),
                     }));
                 }
             }
@@ -414,16 +473,23 @@ fn transmission<R: Read, W: Write + Send>(
 ) -> Result<(), WireError> {
     let output = Mutex::new(output);
     let broken = AtomicBool::new(false);
+    // Set when the client is gone (not at NBD_CMD_DISC, whose requests in
+    // flight are still answered): queued requests are dropped unread.
+    let closing = AtomicBool::new(false);
     let size = session.export.data.size();
     let (tx, rx) = sync_channel::<Request>(QUEUE);
     let rx = Mutex::new(rx);
     std::thread::scope(|scope| {
         for _ in 0..workers {
-            let (rx, output, session, broken) = (&rx, &output, &session, &broken);
+            let (rx, output, session, broken, closing) =
+                (&rx, &output, &session, &broken, &closing);
             scope.spawn(move || {
                 loop {
                     let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok(req) = next else { break };
+                    if closing.load(Ordering::Relaxed) || broken.load(Ordering::Relaxed) {
+                        continue;
+                    }
                     if answer(&req, session, output, activity).is_err() {
                         broken.store(true, Ordering::Relaxed);
                     }
@@ -438,7 +504,7 @@ fn transmission<R: Read, W: Write + Send>(
             match input.read_exact(&mut h) {
                 Ok(()) => {}
                 // A client that leaves without NBD_CMD_DISC.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(false),
                 Err(e) => break Err(e.into()),
             }
             if u32_at(&h, 0) != REQUEST_MAGIC {
@@ -452,7 +518,7 @@ fn transmission<R: Read, W: Write + Send>(
                 len: u32_at(&h, 24),
             };
             match req.kind {
-                CMD_DISC => break Ok(()),
+                CMD_DISC => break Ok(true),
                 CMD_WRITE => {
                     // Its payload follows: read past it (a huge one ends
                     // the connection, since nothing else can be trusted).
@@ -492,9 +558,13 @@ fn transmission<R: Read, W: Write + Send>(
                 }
             }
         };
-        // The workers answer what is queued, then stop.
+        // At NBD_CMD_DISC the workers answer what is queued, then stop;
+        // a client that is gone gets nothing more.
+        if !matches!(result, Ok(true)) {
+            closing.store(true, Ordering::Relaxed);
+        }
         drop(tx);
-        result
+        result.map(|_| ())
     })
 }
 
@@ -553,7 +623,14 @@ fn answer<W: Write>(
                 }
                 structured(output, req.cookie, REPLY_BLOCK_STATUS, &[&p], activity)
             }
-            Err(msg) => error(output, req, true, EIO, &msg, activity),
+            Err(_) => error(
+                output,
+                req,
+                true,
+                EIO,
+                "the block map cannot be read",
+                activity,
+            ),
         };
     }
     if !in_bounds(req, data.size()) || req.len > MAX_REQUEST {
@@ -566,10 +643,21 @@ fn answer<W: Write>(
             activity,
         );
     }
+    let _held = activity.hold(u64::from(req.len));
     let mut buf = vec![0u8; req.len as usize];
     if let Err(msg) = data.read(req.offset, &mut buf) {
         activity.failed_reads.fetch_add(1, Ordering::Relaxed);
-        return error(output, req, session.structured, EIO, &msg, activity);
+        // The details (paths, ids) are for the export's log, not for
+        // whoever can reach the listener.
+        let _ = msg;
+        return error(
+            output,
+            req,
+            session.structured,
+            EIO,
+            "the data cannot be read intact (the export's log names the point and block)",
+            activity,
+        );
     }
     activity
         .bytes_read
