@@ -391,9 +391,10 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<PathBuf> {
         }
         Err(e) => return Err(e).with_context(|| format!("mount folder {}", dir.display())),
     };
-    match std::fs::metadata(&abs) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => anyhow::bail!("{} is not a folder", abs.display()),
+    // Listing asks the server (attributes may come from the kernel's
+    // cache even when the server is gone): a dead one says ENOTCONN.
+    match std::fs::read_dir(&abs) {
+        Ok(_) => {}
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             let fstype = mount_at(&abs)?;
             if !fstype.as_deref().is_some_and(|t| t.starts_with("fuse")) {
@@ -408,11 +409,7 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<PathBuf> {
                 "coffre: {} was a dead FUSE mount (its server was killed): unmounted it first",
                 abs.display()
             );
-            let m = std::fs::metadata(&abs)
-                .with_context(|| format!("mount folder {}", abs.display()))?;
-            if !m.is_dir() {
-                anyhow::bail!("{} is not a folder", abs.display());
-            }
+            std::fs::read_dir(&abs).with_context(|| format!("mount folder {}", abs.display()))?;
         }
         Err(e) => return Err(e).with_context(|| format!("mount folder {}", abs.display())),
     }
