@@ -24,8 +24,18 @@ use crate::output;
 pub const DISK_FILE: &str = "disk.img";
 /// Threads answering reads.
 const READERS: usize = 4;
-/// Read-ahead threads per image.
-const READ_AHEAD_THREADS: usize = 2;
+/// Read-ahead threads per file, by how many files are served: two each
+/// for a few, one each up to [`MOST_READ_AHEAD`], and beyond that (an
+/// item's hundreds of points with `--all`) no read-ahead at all.
+fn read_ahead_threads(files: usize) -> usize {
+    match files {
+        0..=4 => 2,
+        5..=MOST_READ_AHEAD => 1,
+        _ => 0,
+    }
+}
+/// Most files read ahead.
+const MOST_READ_AHEAD: usize = 32;
 /// fuser's threads taking requests from the kernel.
 const FUSE_THREADS: usize = 2;
 
@@ -71,11 +81,15 @@ pub fn run(ctx: &Ctx, vault_dir: &Path, args: MountArgs) -> anyhow::Result<ExitC
                 .with_context(|| format!("vault {}", vault_dir.display()))?,
         ]
     };
-    let opts = AccessOptions {
+    let threads = read_ahead_threads(points.len());
+    let mut opts = AccessOptions {
         cache_bytes: args.cache,
         from: args.from,
         ..AccessOptions::default()
     };
+    if threads == 0 {
+        opts.read_ahead = 0;
+    }
     let images = points
         .iter()
         .map(|p| {
@@ -155,7 +169,7 @@ pub fn run(ctx: &Ctx, vault_dir: &Path, args: MountArgs) -> anyhow::Result<ExitC
     let workers_stop = AtomicBool::new(false);
     let ended = std::thread::scope(|scope| -> anyhow::Result<Ended> {
         for image in &images {
-            for _ in 0..READ_AHEAD_THREADS {
+            for _ in 0..threads {
                 let workers_stop = &workers_stop;
                 scope.spawn(move || image.read_ahead_worker(workers_stop));
             }
@@ -510,6 +524,14 @@ mod tests {
 96 22 0:51 / /tmp/x rw shared:1 - ext4 /dev/sda1 rw
 97 96 0:52 / /tmp/x rw - fuse.coffre coffre:vm ro
 ";
+
+    #[test]
+    fn read_ahead_threads_shrink_with_the_number_of_files() {
+        assert_eq!(read_ahead_threads(1), 2);
+        assert_eq!(read_ahead_threads(5), 1);
+        assert_eq!(read_ahead_threads(MOST_READ_AHEAD), 1);
+        assert_eq!(read_ahead_threads(MOST_READ_AHEAD + 1), 0);
+    }
 
     #[test]
     fn the_topmost_mount_at_a_folder_is_found_with_escapes_undone() {
