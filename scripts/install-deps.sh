@@ -101,6 +101,11 @@ optional=()
 command -v mkfs.xfs >/dev/null || [ -x /usr/sbin/mkfs.xfs ] || [ -x /sbin/mkfs.xfs ] || optional+=(xfsprogs)
 command -v qemu-nbd >/dev/null || optional+=(qemu-utils)
 command -v nbdinfo >/dev/null || optional+=(libnbd-bin)
+# `coffre mount` as a user mounts through the setuid fusermount3 (fuse3) or
+# fusermount (fuse, the older package it replaces); root needs neither, only
+# /dev/fuse. Installed only when neither is there (the two conflict).
+command -v fusermount3 >/dev/null || command -v fusermount >/dev/null \
+  || [ -x /usr/bin/fusermount3 ] || [ -x /bin/fusermount ] || optional+=(fuse3)
 
 if ! command -v cargo >/dev/null; then
   echo "coffre: cargo is not installed. Install Rust (https://rustup.rs) first." >&2
@@ -111,7 +116,8 @@ if [ ${#optional[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     missing+=("${optional[@]}")
   else
-    echo "coffre: optional ${optional[*]} missing: the XFS and qcow2/NBD tests will SKIP" >&2
+    echo "coffre: optional ${optional[*]} missing: the XFS and qcow2/NBD tests will SKIP," >&2
+    echo "  and without fuse3 only root can run \`coffre mount\`" >&2
   fi
 fi
 # Azurite, Microsoft's Azure Storage emulator, and the SDK that creates its

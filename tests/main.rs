@@ -19,6 +19,7 @@ mod encryption;
 mod encryption_tamper;
 mod ext4_two_days;
 mod flipped_byte;
+mod fuse_mount;
 mod fuzz_corpus_replay;
 mod gc_interleave;
 mod image_resized;

@@ -396,6 +396,48 @@ pub enum Command {
         cache: u64,
     },
 
+    /// Mount a recovery point read-only through FUSE, as DIR/disk.img
+    /// (with --all, DIR/POINT_ID.img for every point), until SIGTERM or
+    /// SIGINT; then unmount. Loop-mount the file read-only to take files
+    /// back (see README, "File-level recovery"). Every block is verified
+    /// as a restore verifies it; a damaged block is an EIO for that read,
+    /// never zeros. A dead mount left on DIR by a killed `coffre mount`
+    /// is unmounted first.
+    Mount {
+        #[command(flatten)]
+        vault: VaultArg,
+        /// Item name.
+        #[arg(long)]
+        item: String,
+        /// Point id, unique id prefix, or `latest`.
+        #[arg(
+            long,
+            default_value = "latest",
+            value_name = "ID",
+            conflicts_with = "all"
+        )]
+        point: String,
+        /// Mount every point of the item, one file each, named by its
+        /// point id.
+        #[arg(long)]
+        all: bool,
+        /// Where to read the point from (default: its snapshot while it
+        /// has one, else the vault).
+        #[arg(long, value_enum, value_name = "TIER")]
+        from: Option<FromTier>,
+        /// Decoded blocks kept in memory per file (e.g. 64M).
+        #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::units::parse_size)]
+        cache: u64,
+        /// Let every user of the machine read the files (mode 0444 and
+        /// FUSE's allow_other; a user needs user_allow_other in
+        /// /etc/fuse.conf). By default only the user who mounts, as the
+        /// vault is theirs alone.
+        #[arg(long)]
+        allow_other: bool,
+        /// An empty folder to mount on.
+        dir: PathBuf,
+    },
+
     /// Check that the index and segments agree and every point is complete.
     Verify {
         #[command(flatten)]

@@ -222,6 +222,38 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cache,
             },
         ),
+        Command::Mount {
+            vault,
+            item,
+            point,
+            all,
+            from,
+            cache,
+            allow_other,
+            dir,
+        } => crate::mount_cmd::run(
+            &ctx,
+            &crate::ctx::copy_dir(
+                &ctx,
+                &vault.vault,
+                (from == Some(FromTier::Secondary)).then_some(CopySource::Secondary),
+            )?,
+            crate::mount_cmd::MountArgs {
+                item,
+                point,
+                all,
+                from: match from {
+                    Some(FromTier::Snapshot) => Some(coffre_engine::access::Served::Snapshot),
+                    Some(FromTier::Vault | FromTier::Secondary) => {
+                        Some(coffre_engine::access::Served::Vault)
+                    }
+                    None => None,
+                },
+                cache,
+                allow_other,
+                dir,
+            },
+        ),
         Command::Verify {
             vault,
             read_data,

@@ -17,6 +17,8 @@ mod job_cmd;
 mod key_cmd;
 mod keys;
 mod maintenance_cmd;
+mod mount_cmd;
+mod mount_fs;
 mod output;
 mod point_cmd;
 mod policy_cmd;
