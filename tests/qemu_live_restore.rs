@@ -1,0 +1,319 @@
+//! Live restore (`coffre restore --live`) into a real QEMU, killed with
+//! SIGKILL mid-stream and resumed.
+//!
+//! A point of a 16 MiB disk (random bytes, and a hole) is restored into a
+//! VM started with `-S` whose disk device `vda` has a blank "broken"
+//! drive. coffre creates the qcow2 target over its export, gives it to
+//! `vda`, starts the VM and QEMU's `block-stream` (slowed with `--speed`
+//! so the test can kill it). A "guest" writer (HMP `qemu-io` through the
+//! device, on a monitor of its own, as in `qemu_running_writer`) stamps
+//! numbered writes of whole 64 KiB clusters (a quarter of the disk's
+//! clusters, so the rest must come through the stream) from the moment
+//! the job runs. coffre is killed
+//! (`kill -9`) once a quarter is streamed; the job must still be there,
+//! waiting; `--resume` serves the export again and follows the job to its
+//! end. Then the target must equal the point with every acknowledged
+//! write applied (`qemu-img compare` with an expected image) and have no
+//! backing file (`qemu-img info`). A second run without `--resume` is
+//! refused, and `--resume` of a complete target says so. Skipped with a
+//! message where QEMU is missing.
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use coffre_engine::snapshotter::vm::qmp::Qmp;
+use coffre_engine::snapshotter::vm::stream::LiveNames;
+use serde_json::{Value, json};
+
+use crate::common::qemu::*;
+use crate::common::*;
+
+/// Bytes one write stamps: one whole qcow2 cluster, so that a write
+/// never reads the backing (HMP `qemu-io` holds QEMU's main loop, every
+/// monitor included, while its write waits, and a write that copied the
+/// rest of its cluster from the backing would wait for the export).
+const BLOCK: usize = 64 << 10;
+/// Blocks of the disk (16 MiB).
+const NBLOCKS: usize = 256;
+/// The writer stamps every `SPREAD`th block only: the others must come
+/// from the point, through the stream.
+const SPREAD: usize = 4;
+/// Blocks the writer stamps.
+const WRITTEN: usize = NBLOCKS / SPREAD;
+/// Step between two writes among those blocks (odd: coprime with
+/// `WRITTEN`).
+const STRIDE: usize = 37;
+/// The stream's speed limit, bytes a second.
+const SPEED: &str = "4M";
+/// At most one write per `PACE`.
+const PACE: Duration = Duration::from_millis(3);
+
+fn block_of(g: usize) -> usize {
+    (g - 1) * STRIDE % WRITTEN * SPREAD
+}
+
+fn byte_of(g: usize) -> u8 {
+    u8::try_from((g - 1) / WRITTEN % 250 + 1).unwrap()
+}
+
+/// The writer: stamps writes 1, 2, … through its own monitor until
+/// stopped; the count of acknowledged writes.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<usize>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(mut q: Qmp) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(0usize));
+        let (s, a) = (stop.clone(), acked.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let g = *a.lock().unwrap() + 1;
+                guest_write(&mut q, byte_of(g), block_of(g) * BLOCK, BLOCK);
+                *a.lock().unwrap() = g;
+                std::thread::sleep(PACE);
+            }
+        });
+        Writer {
+            stop,
+            acked,
+            thread: Some(thread),
+        }
+    }
+
+    fn acked(&self) -> usize {
+        *self.acked.lock().unwrap()
+    }
+
+    fn finish(mut self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Err(e) = self.thread.take().unwrap().join() {
+            std::panic::resume_unwind(e);
+        }
+        self.acked()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The job `name`'s (status, offset, len), if QEMU has it.
+fn job_of(q: &mut Qmp, name: &str) -> Option<(String, u64, u64)> {
+    let jobs = q.execute("query-jobs", None).unwrap();
+    jobs.as_array()?.iter().find_map(|j| {
+        (j["id"] == name).then(|| {
+            (
+                j["status"].as_str().unwrap_or_default().to_string(),
+                j["current-progress"].as_u64().unwrap_or(0),
+                j["total-progress"].as_u64().unwrap_or(0),
+            )
+        })
+    })
+}
+
+/// Waits (at most 20 s) until `f` holds.
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "waited 20 s for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn qemu_img(args: &[&str]) -> std::process::Output {
+    Command::new("qemu-img").args(args).output().unwrap()
+}
+
+#[test]
+fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_writes() {
+    if !have_qemu_system() {
+        return;
+    }
+    if !Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        skip("live restore: qemu-img missing (apt-get install qemu-utils)");
+        return;
+    }
+    let began = Instant::now();
+    let t = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(t.path()).unwrap();
+    let size = NBLOCKS * BLOCK;
+    let mut initial = vec![0u8; size];
+    Rng::new(0x11fe).fill(&mut initial);
+    // A hole: 2 MiB of zeros the export reports as such.
+    initial[4 << 20..6 << 20].fill(0);
+    let img = dir.join("point.raw");
+    std::fs::write(&img, &initial).unwrap();
+    let vault = new_vault(&dir, &[]);
+    ok(&["backup", "--vault", s(&vault), "--item", "vm", s(&img)]);
+
+    // The VM: its disk device vda has a blank ("broken") drive.
+    let broken = dir.join("broken.raw");
+    std::fs::File::create(&broken)
+        .unwrap()
+        .set_len(size as u64)
+        .unwrap();
+    let (writer_sock, watch_sock) = (dir.join("writer.sock"), dir.join("watch.sock"));
+    let vm = start_vm_as(
+        &dir,
+        &broken,
+        "raw",
+        &[
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", writer_sock.display()),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", watch_sock.display()),
+        ],
+    );
+    let mut watch = Qmp::connect(&watch_sock, Duration::from_secs(20)).unwrap();
+    let target = dir.join("restored.qcow2");
+    let job = LiveNames::of(&target).job;
+    let live = |extra: &[&str]| {
+        let mut a = vec![
+            "restore",
+            "--vault",
+            s(&vault),
+            "--item",
+            "vm",
+            "--live",
+            "--to",
+            s(&target),
+            "--qmp",
+            s(&vm.qmp),
+            "--device",
+            "vda",
+            "--speed",
+            SPEED,
+        ];
+        a.extend_from_slice(extra);
+        a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+
+    let log = dir.join("first.log");
+    let mut first = coffre()
+        .args(live(&[]))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("the stream job", || {
+        job_of(&mut watch, &job).is_some_and(|(st, _, _)| st == "running")
+    });
+    let status = watch.execute("query-status", None).unwrap();
+    assert_eq!(
+        status["status"], "running",
+        "coffre starts a VM waiting with -S"
+    );
+    let writer = Writer::start(Qmp::connect(&writer_sock, Duration::from_secs(20)).unwrap());
+    wait_until("a quarter streamed and writes under way", || {
+        job_of(&mut watch, &job).is_some_and(|(_, o, l)| o >= l / 4) && writer.acked() >= 20
+    });
+    let killed_at = job_of(&mut watch, &job).unwrap();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let acked_at_kill = writer.acked();
+    // The export is gone for a while; the writer goes on. The monitors
+    // are not asked meanwhile: a write that meets the stream's stalled
+    // read of the same cluster waits for the export, holding them all.
+    // That the job waited (neither failed nor ended) is what the resumed
+    // run finds and says.
+    std::thread::sleep(Duration::from_millis(700));
+    let first_log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        first_log.contains("--resume"),
+        "coffre says how to resume before it streams: {first_log}"
+    );
+
+    let resumed_at = Instant::now();
+    let out = coffre().args(live(&["--resume"])).output().unwrap();
+    let resume_s = resumed_at.elapsed().as_secs_f64();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "resume: {stdout}\n{stderr}");
+    println!(
+        "first run:\n{}\nresumed run:\n{stderr}{stdout}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(stdout.contains("complete (resumed)"), "{stdout}");
+    assert!(
+        stderr.contains("following QEMU's block-stream job"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("failed"), "{stderr}");
+    assert!(stderr.contains("streamed"), "progress is shown: {stderr}");
+    assert_eq!(job_of(&mut watch, &job), None, "the job is dismissed");
+    let nodes = coffre_nodes(&mut watch);
+    assert!(
+        nodes
+            .iter()
+            .all(|n| !n.ends_with("-lback") && !n.ends_with("-lnbd")),
+        "the backing nodes are gone: {nodes:?}"
+    );
+    // More writes once the export is back.
+    let acked_after = writer.acked();
+    let n = {
+        let at = writer.acked();
+        wait_until("writes after the resume", || writer.acked() >= at + 10);
+        writer.finish()
+    };
+
+    // Once complete: a second run is refused, a resume says it is done.
+    let again = coffre().args(live(&[])).output().unwrap();
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("already exists") && err.contains("--resume"),
+        "{err}"
+    );
+    let done = coffre().args(live(&["--resume"])).output().unwrap();
+    assert!(done.status.success(), "{done:?}");
+    assert!(
+        String::from_utf8_lossy(&done.stderr).contains("the stream had completed"),
+        "{done:?}"
+    );
+
+    // QEMU quits cleanly (its qcow2 metadata written), then the target
+    // is compared.
+    let _ = watch.execute("quit", None);
+    drop(vm);
+    let mut expected = initial.clone();
+    for g in 1..=n {
+        let at = block_of(g) * BLOCK;
+        expected[at..at + BLOCK].fill(byte_of(g));
+    }
+    let exp = dir.join("expected.raw");
+    std::fs::write(&exp, &expected).unwrap();
+    let cmp = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", s(&target), s(&exp)]);
+    assert!(
+        cmp.status.success(),
+        "the target is not the point with the {n} writes applied: {}{}",
+        String::from_utf8_lossy(&cmp.stdout),
+        String::from_utf8_lossy(&cmp.stderr)
+    );
+    let info = qemu_img(&["info", "--output=json", s(&target)]);
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info.get("backing-filename"), None, "{info}");
+    assert_eq!(info["virtual-size"], json!(size));
+    println!(
+        "live restore: killed at {killed_at:?} (status, offset, len) after {acked_at_kill} writes, resumed run took {resume_s:.1} s \
+         ({acked_after} writes when it ended), {n} writes in all, target equal to the expected image; {:.1} s in all",
+        began.elapsed().as_secs_f64()
+    );
+}
