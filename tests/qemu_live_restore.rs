@@ -18,6 +18,7 @@
 //! refused, and `--resume` of a complete target says so. Skipped with a
 //! message where QEMU is missing.
 
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -135,94 +136,168 @@ fn qemu_img(args: &[&str]) -> std::process::Output {
     Command::new("qemu-img").args(args).output().unwrap()
 }
 
-#[test]
-fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_writes() {
-    if !have_qemu_system() {
-        return;
-    }
-    if !Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        skip("live restore: qemu-img missing (apt-get install qemu-utils)");
-        return;
-    }
-    let began = Instant::now();
-    let t = tempfile::tempdir().unwrap();
-    let dir = std::fs::canonicalize(t.path()).unwrap();
-    let size = NBLOCKS * BLOCK;
-    let mut initial = vec![0u8; size];
-    Rng::new(0x11fe).fill(&mut initial);
-    // A hole: 2 MiB of zeros the export reports as such.
-    initial[4 << 20..6 << 20].fill(0);
-    let img = dir.join("point.raw");
-    std::fs::write(&img, &initial).unwrap();
-    let vault = new_vault(&dir, &[]);
-    ok(&["backup", "--vault", s(&vault), "--item", "vm", s(&img)]);
+/// A vault with a point of a 16 MiB disk, a VM waiting with `-S` whose
+/// device `vda` has a blank drive, and the test's monitors.
+struct Setup {
+    _t: tempfile::TempDir,
+    dir: PathBuf,
+    initial: Vec<u8>,
+    vault: PathBuf,
+    vm: Vm,
+    watch: Qmp,
+    writer_sock: PathBuf,
+    target: PathBuf,
+    job: String,
+}
 
-    // The VM: its disk device vda has a blank ("broken") drive.
-    let broken = dir.join("broken.raw");
-    std::fs::File::create(&broken)
-        .unwrap()
-        .set_len(size as u64)
-        .unwrap();
-    let (writer_sock, watch_sock) = (dir.join("writer.sock"), dir.join("watch.sock"));
-    let vm = start_vm_as(
-        &dir,
-        &broken,
-        "raw",
-        &[
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", writer_sock.display()),
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", watch_sock.display()),
-        ],
-    );
-    let mut watch = Qmp::connect(&watch_sock, Duration::from_secs(20)).unwrap();
-    let target = dir.join("restored.qcow2");
-    let job = LiveNames::of(&target).job;
-    let live = |extra: &[&str]| {
+impl Setup {
+    /// `None` (after a visible skip) where QEMU is missing.
+    fn new() -> Option<Setup> {
+        if !have_qemu_system() {
+            return None;
+        }
+        if !Command::new("qemu-img")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            skip("live restore: qemu-img missing (apt-get install qemu-utils)");
+            return None;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let dir = std::fs::canonicalize(t.path()).unwrap();
+        let size = NBLOCKS * BLOCK;
+        let mut initial = vec![0u8; size];
+        Rng::new(0x11fe).fill(&mut initial);
+        // A hole: 2 MiB of zeros the export reports as such.
+        initial[4 << 20..6 << 20].fill(0);
+        let img = dir.join("point.raw");
+        std::fs::write(&img, &initial).unwrap();
+        let vault = new_vault(&dir, &[]);
+        ok(&["backup", "--vault", s(&vault), "--item", "vm", s(&img)]);
+        // The VM: its disk device vda has a blank ("broken") drive.
+        let broken = dir.join("broken.raw");
+        std::fs::File::create(&broken)
+            .unwrap()
+            .set_len(size as u64)
+            .unwrap();
+        let (writer_sock, watch_sock) = (dir.join("writer.sock"), dir.join("watch.sock"));
+        let vm = start_vm_as(
+            &dir,
+            &broken,
+            "raw",
+            &[
+                "-qmp".into(),
+                format!("unix:{},server=on,wait=off", writer_sock.display()),
+                "-qmp".into(),
+                format!("unix:{},server=on,wait=off", watch_sock.display()),
+            ],
+        );
+        let watch = Qmp::connect(&watch_sock, Duration::from_secs(20)).unwrap();
+        let target = dir.join("restored.qcow2");
+        let job = LiveNames::of(&target).job;
+        Some(Setup {
+            _t: t,
+            dir,
+            initial,
+            vault,
+            vm,
+            watch,
+            writer_sock,
+            target,
+            job,
+        })
+    }
+
+    /// The arguments of the live restore, then `extra`.
+    fn live(&self, extra: &[&str]) -> Vec<String> {
         let mut a = vec![
             "restore",
             "--vault",
-            s(&vault),
+            s(&self.vault),
             "--item",
             "vm",
             "--live",
             "--to",
-            s(&target),
+            s(&self.target),
             "--qmp",
-            s(&vm.qmp),
+            s(&self.vm.qmp),
             "--device",
             "vda",
             "--speed",
             SPEED,
         ];
         a.extend_from_slice(extra);
-        a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
-    };
+        a.iter().map(|x| x.to_string()).collect()
+    }
 
-    let log = dir.join("first.log");
-    let mut first = coffre()
-        .args(live(&[]))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    wait_until("the stream job", || {
-        job_of(&mut watch, &job).is_some_and(|(st, _, _)| st == "running")
-    });
-    let status = watch.execute("query-status", None).unwrap();
+    /// The job's (status, offset, len).
+    fn job(&mut self) -> Option<(String, u64, u64)> {
+        job_of(&mut self.watch, &self.job)
+    }
+
+    /// Starts the first run, and waits until its job runs.
+    fn first_run(&mut self, extra: &[&str]) -> (std::process::Child, PathBuf) {
+        let log = self.dir.join("first.log");
+        let child = coffre()
+            .args(self.live(extra))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        wait_until("the stream job", || {
+            self.job().is_some_and(|(st, _, _)| st == "running")
+        });
+        (child, log)
+    }
+
+    /// QEMU quits cleanly (its qcow2 metadata written); then the target
+    /// must equal `expected` and have no backing file.
+    fn quit_and_compare(mut self, expected: &[u8], what: &str) {
+        let _ = self.watch.execute("quit", None);
+        let _ = self.vm.child.wait();
+        let exp = self.dir.join("expected.raw");
+        std::fs::write(&exp, expected).unwrap();
+        let cmp = qemu_img(&[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            s(&self.target),
+            s(&exp),
+        ]);
+        assert!(
+            cmp.status.success(),
+            "the target is not {what}: {}{}",
+            String::from_utf8_lossy(&cmp.stdout),
+            String::from_utf8_lossy(&cmp.stderr)
+        );
+        let info = qemu_img(&["info", "--output=json", s(&self.target)]);
+        let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(info["format"], "qcow2");
+        assert_eq!(info.get("backing-filename"), None, "{info}");
+        assert_eq!(info["virtual-size"], json!(expected.len()));
+    }
+}
+
+#[test]
+fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_writes() {
+    let Some(mut st) = Setup::new() else {
+        return;
+    };
+    let began = Instant::now();
+    let (mut first, log) = st.first_run(&[]);
+    let status = st.watch.execute("query-status", None).unwrap();
     assert_eq!(
         status["status"], "running",
         "coffre starts a VM waiting with -S"
     );
-    let writer = Writer::start(Qmp::connect(&writer_sock, Duration::from_secs(20)).unwrap());
+    let writer = Writer::start(Qmp::connect(&st.writer_sock, Duration::from_secs(20)).unwrap());
     wait_until("a quarter streamed and writes under way", || {
-        job_of(&mut watch, &job).is_some_and(|(_, o, l)| o >= l / 4) && writer.acked() >= 20
+        st.job().is_some_and(|(_, o, l)| o >= l / 4) && writer.acked() >= 20
     });
-    let killed_at = job_of(&mut watch, &job).unwrap();
+    let killed_at = st.job().unwrap();
     first.kill().unwrap();
     first.wait().unwrap();
     let acked_at_kill = writer.acked();
@@ -239,17 +314,14 @@ fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_wri
     );
 
     let resumed_at = Instant::now();
-    let out = coffre().args(live(&["--resume"])).output().unwrap();
+    let out = coffre().args(st.live(&["--resume"])).output().unwrap();
     let resume_s = resumed_at.elapsed().as_secs_f64();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout).to_string(),
         String::from_utf8_lossy(&out.stderr).to_string(),
     );
     assert!(out.status.success(), "resume: {stdout}\n{stderr}");
-    println!(
-        "first run:\n{}\nresumed run:\n{stderr}{stdout}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    println!("first run:\n{first_log}\nresumed run:\n{stderr}{stdout}");
     assert!(stdout.contains("complete (resumed)"), "{stdout}");
     assert!(
         stderr.contains("following QEMU's block-stream job"),
@@ -257,8 +329,8 @@ fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_wri
     );
     assert!(!stderr.contains("failed"), "{stderr}");
     assert!(stderr.contains("streamed"), "progress is shown: {stderr}");
-    assert_eq!(job_of(&mut watch, &job), None, "the job is dismissed");
-    let nodes = coffre_nodes(&mut watch);
+    assert_eq!(st.job(), None, "the job is dismissed");
+    let nodes = coffre_nodes(&mut st.watch);
     assert!(
         nodes
             .iter()
@@ -267,53 +339,68 @@ fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_wri
     );
     // More writes once the export is back.
     let acked_after = writer.acked();
-    let n = {
-        let at = writer.acked();
-        wait_until("writes after the resume", || writer.acked() >= at + 10);
-        writer.finish()
-    };
+    wait_until("writes after the resume", || {
+        writer.acked() >= acked_after + 10
+    });
+    let n = writer.finish();
 
     // Once complete: a second run is refused, a resume says it is done.
-    let again = coffre().args(live(&[])).output().unwrap();
+    let again = coffre().args(st.live(&[])).output().unwrap();
     assert!(!again.status.success());
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(
         err.contains("already exists") && err.contains("--resume"),
         "{err}"
     );
-    let done = coffre().args(live(&["--resume"])).output().unwrap();
+    let done = coffre().args(st.live(&["--resume"])).output().unwrap();
     assert!(done.status.success(), "{done:?}");
     assert!(
         String::from_utf8_lossy(&done.stderr).contains("the stream had completed"),
         "{done:?}"
     );
 
-    // QEMU quits cleanly (its qcow2 metadata written), then the target
-    // is compared.
-    let _ = watch.execute("quit", None);
-    drop(vm);
-    let mut expected = initial.clone();
+    let mut expected = st.initial.clone();
     for g in 1..=n {
         let at = block_of(g) * BLOCK;
         expected[at..at + BLOCK].fill(byte_of(g));
     }
-    let exp = dir.join("expected.raw");
-    std::fs::write(&exp, &expected).unwrap();
-    let cmp = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", s(&target), s(&exp)]);
-    assert!(
-        cmp.status.success(),
-        "the target is not the point with the {n} writes applied: {}{}",
-        String::from_utf8_lossy(&cmp.stdout),
-        String::from_utf8_lossy(&cmp.stderr)
-    );
-    let info = qemu_img(&["info", "--output=json", s(&target)]);
-    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
-    assert_eq!(info["format"], "qcow2");
-    assert_eq!(info.get("backing-filename"), None, "{info}");
-    assert_eq!(info["virtual-size"], json!(size));
+    st.quit_and_compare(&expected, &format!("the point with the {n} writes applied"));
     println!(
         "live restore: killed at {killed_at:?} (status, offset, len) after {acked_at_kill} writes, resumed run took {resume_s:.1} s \
          ({acked_after} writes when it ended), {n} writes in all, target equal to the expected image; {:.1} s in all",
+        began.elapsed().as_secs_f64()
+    );
+}
+
+/// The export gone for longer than `--reconnect-delay`: the stream's read
+/// fails and the job pauses (`on-error: stop`) instead of failing; the
+/// resumed run resumes it and the target is the point.
+#[test]
+fn an_export_gone_past_the_reconnect_delay_pauses_the_job_and_resume_carries_on() {
+    let Some(mut st) = Setup::new() else {
+        return;
+    };
+    let began = Instant::now();
+    let (mut first, _log) = st.first_run(&["--reconnect-delay", "1"]);
+    wait_until("a quarter streamed", || {
+        st.job().is_some_and(|(_, o, l)| o >= l / 4)
+    });
+    first.kill().unwrap();
+    first.wait().unwrap();
+    wait_until("the job paused on its read error", || {
+        st.job().is_some_and(|(status, _, _)| status == "paused")
+    });
+    let paused = st.job().unwrap();
+    assert!(paused.1 < paused.2, "{paused:?}");
+    let out = coffre().args(st.live(&["--resume"])).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "resume: {out:?}");
+    assert!(stderr.contains("paused on a read error"), "{stderr}");
+    assert_eq!(st.job(), None, "the job is dismissed");
+    let initial = st.initial.clone();
+    st.quit_and_compare(&initial, "the point");
+    println!(
+        "live restore past the reconnect delay: paused at {paused:?}, resumed and complete; {:.1} s in all",
         began.elapsed().as_secs_f64()
     );
 }

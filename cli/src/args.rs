@@ -311,7 +311,6 @@ pub enum Command {
     /// for --reconnect-delay seconds; run the same command with --resume.
     /// For a raw disk afterwards: qemu-img convert -f qcow2 -O raw FILE
     /// DISK.img.
-    #[command(verbatim_doc_comment)]
     Restore {
         #[command(flatten)]
         vault: VaultArg,

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use coffre_snapshotter::nbd::listen::Listener;
 use coffre_snapshotter::nbd::wire::Activity;
+use coffre_snapshotter::vm::monitor_lock::MonitorLock;
 use coffre_snapshotter::vm::qmp::Qmp;
 use coffre_snapshotter::vm::stream::{
     self, Attached, DeviceChoice, Job, LiveNames, backing_json, export_name,
@@ -279,6 +280,14 @@ fn finish_only(
     socket: &Path,
     report: &dyn LiveReport,
 ) -> Result<LiveSummary> {
+    let _lock = MonitorLock::acquire(
+        &opts.qmp,
+        &format!(
+            "pid {}, live restore into {}",
+            std::process::id(),
+            target.display()
+        ),
+    )?;
     let mut qmp = Qmp::connect(&opts.qmp, QMP_TIMEOUT)?;
     if let Job::Concluded { error: Some(e) } = stream::job(&mut qmp, names)? {
         return Err(fail(
@@ -355,6 +364,16 @@ impl Run<'_> {
                 self.socket.display()
             ));
         }
+        // One coffre run per monitor: a live backup of the same VM is
+        // refused at once instead of waiting for the monitor.
+        let _lock = MonitorLock::acquire(
+            &opts.qmp,
+            &format!(
+                "pid {}, live restore into {}",
+                std::process::id(),
+                self.target.display()
+            ),
+        )?;
         let mut qmp = Qmp::connect(&opts.qmp, QMP_TIMEOUT)?;
         let attached = stream::attach(
             &mut qmp,
