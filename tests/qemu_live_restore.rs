@@ -372,7 +372,8 @@ fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_wri
     );
 }
 
-/// The export gone for longer than `--reconnect-delay`: the stream's read
+/// SIGTERM mid-stream: coffre stops, saying how to resume. The export
+/// then stays gone for longer than `--reconnect-delay`: the stream's read
 /// fails and the job pauses (`on-error: stop`) instead of failing; the
 /// resumed run resumes it and the target is the point.
 #[test]
@@ -381,12 +382,23 @@ fn an_export_gone_past_the_reconnect_delay_pauses_the_job_and_resume_carries_on(
         return;
     };
     let began = Instant::now();
-    let (mut first, _log) = st.first_run(&["--reconnect-delay", "1"]);
+    let (mut first, log) = st.first_run(&["--reconnect-delay", "1"]);
     wait_until("a quarter streamed", || {
         st.job().is_some_and(|(_, o, l)| o >= l / 4)
     });
-    first.kill().unwrap();
-    first.wait().unwrap();
+    // SAFETY: kill(2) of our own child.
+    assert_eq!(
+        unsafe { libc::kill(i32::try_from(first.id()).unwrap(), libc::SIGTERM) },
+        0
+    );
+    let status = first.wait().unwrap();
+    let first_log = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{first_log}");
+    assert!(
+        first_log.contains("interrupted")
+            && first_log.contains("run the same command with --resume"),
+        "{first_log}"
+    );
     wait_until("the job paused on its read error", || {
         st.job().is_some_and(|(status, _, _)| status == "paused")
     });
@@ -403,4 +415,78 @@ fn an_export_gone_past_the_reconnect_delay_pauses_the_job_and_resume_carries_on(
         "live restore past the reconnect delay: paused at {paused:?}, resumed and complete; {:.1} s in all",
         began.elapsed().as_secs_f64()
     );
+}
+
+/// A device id QEMU does not know: coffre creates a virtio-blk-pci device
+/// with the target as its drive, on the bus given (a q35 machine's free
+/// `pcie-root-port`); no speed limit.
+#[test]
+fn a_new_device_is_added_on_the_bus_given() {
+    if !have_qemu_system() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(t.path()).unwrap();
+    let mut initial = vec![0u8; 8 << 20];
+    Rng::new(0xadd).fill(&mut initial);
+    let img = dir.join("point.raw");
+    std::fs::write(&img, &initial).unwrap();
+    let vault = new_vault(&dir, &[]);
+    ok(&["backup", "--vault", s(&vault), "--item", "vm", s(&img)]);
+    let other = dir.join("other.raw");
+    std::fs::File::create(&other)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let watch_sock = dir.join("watch.sock");
+    let vm = start_vm_as(
+        &dir,
+        &other,
+        "raw",
+        &[
+            "-device".into(),
+            "pcie-root-port,id=rp1,bus=pcie.0,chassis=1".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", watch_sock.display()),
+        ],
+    );
+    let mut watch = Qmp::connect(&watch_sock, Duration::from_secs(20)).unwrap();
+    let target = dir.join("new.qcow2");
+    let out = json(&[
+        "restore",
+        "--vault",
+        s(&vault),
+        "--item",
+        "vm",
+        "--live",
+        "--to",
+        s(&target),
+        "--qmp",
+        s(&vm.qmp),
+        "--device",
+        "vdb",
+        "--bus",
+        "rp1",
+    ]);
+    assert_eq!(out["device"], "added", "{out}");
+    assert_eq!(out["started_vm"], true, "{out}");
+    assert_eq!(out["size"], json!(8 << 20), "{out}");
+    let devices = watch.execute("query-block", None).unwrap();
+    let vdb = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| {
+            d["qdev"]
+                .as_str()
+                .is_some_and(|q| q.starts_with("/machine/peripheral/vdb"))
+        })
+        .unwrap_or_else(|| panic!("no device vdb: {devices}"));
+    assert_eq!(vdb["inserted"]["file"], json!(s(&target)), "{vdb}");
+    let _ = watch.execute("quit", None);
+    drop(vm);
+    let exp = dir.join("expected.raw");
+    std::fs::write(&exp, &initial).unwrap();
+    let cmp = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", s(&target), s(&exp)]);
+    assert!(cmp.status.success(), "{cmp:?}");
 }
