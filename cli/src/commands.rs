@@ -199,7 +199,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     },
                     ..Default::default()
                 },
-                poll: std::time::Duration::from_secs(1),
+                poll: std::time::Duration::from_millis(250),
             },
         ),
         Command::Restore {
