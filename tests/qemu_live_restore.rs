@@ -419,7 +419,8 @@ fn an_export_gone_past_the_reconnect_delay_pauses_the_job_and_resume_carries_on(
 
 /// A device id QEMU does not know: coffre creates a virtio-blk-pci device
 /// with the target as its drive, on the bus given (a q35 machine's free
-/// `pcie-root-port`); no speed limit.
+/// `pcie-root-port`; without it the run fails and leaves nothing); no
+/// speed limit.
 #[test]
 fn a_new_device_is_added_on_the_bus_given() {
     if !have_qemu_system() {
@@ -452,6 +453,28 @@ fn a_new_device_is_added_on_the_bus_given() {
     );
     let mut watch = Qmp::connect(&watch_sock, Duration::from_secs(20)).unwrap();
     let target = dir.join("new.qcow2");
+    // Without --bus, q35's root bus refuses a hot-plug: the run fails
+    // naming the way out, and leaves nothing (no target, no node), so the
+    // same command with --bus simply runs.
+    let refused = run(&[
+        "restore",
+        "--vault",
+        s(&vault),
+        "--item",
+        "vm",
+        "--live",
+        "--to",
+        s(&target),
+        "--qmp",
+        s(&vm.qmp),
+        "--device",
+        "vdb",
+    ]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(err.contains("pcie-root-port"), "{err}");
+    assert!(!target.exists(), "the target is removed: {err}");
+    assert_eq!(coffre_nodes(&mut watch), Vec::<String>::new());
     let out = json(&[
         "restore",
         "--vault",
