@@ -378,7 +378,8 @@ pub enum Command {
         #[arg(long, requires = "live")]
         resume: bool,
         /// With --live: most bytes a second QEMU copies (e.g. 200M;
-        /// default: no limit).
+        /// default: no limit; with --resume, the running job's limit is
+        /// changed to RATE, or left as it is without --speed).
         #[arg(long, value_name = "RATE", requires = "live", value_parser = crate::units::parse_size)]
         speed: Option<u64>,
         /// With --live: seconds the VM's reads wait for the export when

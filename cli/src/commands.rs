@@ -185,7 +185,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     bus,
                 },
                 resume,
-                speed: speed.unwrap_or(0),
+                speed,
                 reconnect_delay: reconnect_delay
                     .unwrap_or(coffre_engine::access::live::DEFAULT_RECONNECT_DELAY),
                 mode,

@@ -55,8 +55,9 @@ pub struct LiveOptions {
     pub device: DeviceChoice,
     /// Carry on an interrupted live restore of `target`.
     pub resume: bool,
-    /// Most bytes a second the stream copies (0: no limit).
-    pub speed: u64,
+    /// Most bytes a second the stream copies (`None`: no limit for a new
+    /// job, and a running job's left as it is).
+    pub speed: Option<u64>,
     /// Seconds QEMU waits for a gone export.
     pub reconnect_delay: u64,
     /// Permissions of the new target.
@@ -420,7 +421,7 @@ impl Run<'_> {
         }
         match stream::job(&mut qmp, self.names)? {
             Job::Absent if stream::has_backing(&mut qmp, self.names)? => {
-                stream::start_stream(&mut qmp, self.names, opts.speed)?;
+                stream::start_stream(&mut qmp, self.names, opts.speed.unwrap_or(0))?;
                 self.report.step(&format!(
                     "QEMU's block-stream job {} started",
                     self.names.job
@@ -435,7 +436,7 @@ impl Run<'_> {
                     "job-dismiss",
                     Some(serde_json::json!({ "id": self.names.job })),
                 )?;
-                stream::start_stream(&mut qmp, self.names, opts.speed)?;
+                stream::start_stream(&mut qmp, self.names, opts.speed.unwrap_or(0))?;
             }
             Job::Concluded { error: None } => {}
             Job::Running { .. } => {
@@ -443,6 +444,9 @@ impl Run<'_> {
                     "following QEMU's block-stream job {}",
                     self.names.job
                 ));
+                if let Some(speed) = opts.speed {
+                    stream::set_speed(&mut qmp, self.names, speed)?;
+                }
             }
         }
         let (streamed, seconds) = self.follow(&mut qmp)?;

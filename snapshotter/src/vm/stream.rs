@@ -459,6 +459,15 @@ pub fn job(qmp: &mut Qmp, names: &LiveNames) -> Result<Job> {
     })
 }
 
+/// Sets the job's speed limit (bytes a second; 0: none).
+pub fn set_speed(qmp: &mut Qmp, names: &LiveNames, speed: u64) -> Result<()> {
+    qmp.execute(
+        "block-job-set-speed",
+        Some(json!({ "device": names.job, "speed": speed })),
+    )?;
+    Ok(())
+}
+
 /// Resumes a job paused after an error.
 pub fn resume_job(qmp: &mut Qmp, names: &LiveNames) -> Result<()> {
     qmp.execute("block-job-resume", Some(json!({ "device": names.job })))?;
