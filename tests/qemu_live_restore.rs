@@ -458,6 +458,25 @@ fn a_new_device_is_added_on_the_bus_given() {
     );
     let mut watch = Qmp::connect(&watch_sock, Duration::from_secs(20)).unwrap();
     let target = dir.join("new.qcow2");
+    // A monitor that is not there: the run fails, and leaves no target.
+    let gone = run(&[
+        "restore",
+        "--vault",
+        s(&vault),
+        "--item",
+        "vm",
+        "--live",
+        "--to",
+        s(&target),
+        "--qmp",
+        s(&dir.join("nothing.sock")),
+        "--device",
+        "vdb",
+    ]);
+    let err = String::from_utf8_lossy(&gone.stderr);
+    assert!(!gone.status.success(), "{err}");
+    assert!(err.contains("is the VM running"), "{err}");
+    assert!(!target.exists(), "the target is removed: {err}");
     // Without --bus, q35's root bus refuses a hot-plug: the run fails
     // naming the way out, and leaves nothing (no target, no node), so the
     // same command with --bus simply runs.

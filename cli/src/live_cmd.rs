@@ -124,6 +124,12 @@ pub fn run(
         )
     })?;
     output::emit(ctx.fmt, &summary, |s: &LiveSummary| {
+        if s.from.is_none() {
+            return format!(
+                "live restore into {}: the stream had completed before this run; QEMU's leftovers were removed. The target needs coffre no more (no backing file)\n",
+                s.target.display()
+            );
+        }
         let rate = if s.seconds > 0.0 {
             format!(", {}/s", bytes((s.streamed as f64 / s.seconds) as u64))
         } else {

@@ -84,9 +84,10 @@ pub struct LiveSummary {
     pub target: PathBuf,
     /// The item.
     pub item: String,
-    /// The point.
+    /// The point (empty when a resumed run found the stream complete: the
+    /// target no longer names it).
     pub point: String,
-    /// The disk's size.
+    /// The disk's size (0 then).
     pub size: u64,
     /// The tier that served (`None`: the stream had completed before this
     /// run).
@@ -164,7 +165,7 @@ pub fn restore_live(
         .map_err(|e| fail(&target, format!("the export's socket: {e}")))?;
     let entry = if opts.resume {
         match stream::read_backing(&target)? {
-            None => return finish_only(vault, item, point, opts, &target, &names, &socket, report),
+            None => return finish_only(item, opts, &target, &names, &socket, report),
             Some(b) => {
                 let backing = stream::parse_backing(&b).ok_or_else(|| {
                     fail(&target, format!("its backing {b:?} is not a coffre export: it is no live restore's target"))
@@ -269,12 +270,9 @@ pub fn restore_live(
 
 /// A resumed run whose target no longer has a backing: the stream had
 /// completed; what the killed run left in QEMU (the ended job, the
-/// backing nodes) goes.
-#[allow(clippy::too_many_arguments)]
+/// backing nodes) goes. The target no longer names its point.
 fn finish_only(
-    vault: &Vault,
     item: &str,
-    point: Option<&str>,
     opts: &LiveOptions,
     target: &Path,
     names: &LiveNames,
@@ -300,13 +298,11 @@ fn finish_only(
     }
     stream::finish(&mut qmp, names)?;
     report.step("the stream had completed: the target needs coffre no more");
-    // The point is named for the summary when it still exists.
-    let entry: Option<PointEntry> = select_point(vault, item, point.unwrap_or("latest")).ok();
     Ok(LiveSummary {
         target: target.to_path_buf(),
         item: item.to_string(),
-        point: entry.as_ref().map(|e| e.id.clone()).unwrap_or_default(),
-        size: entry.as_ref().map_or(0, |e| e.image_size),
+        point: String::new(),
+        size: 0,
         from: None,
         socket: socket.to_path_buf(),
         resumed: true,
@@ -367,15 +363,24 @@ impl Run<'_> {
         }
         // One coffre run per monitor: a live backup of the same VM is
         // refused at once instead of waiting for the monitor.
-        let _lock = MonitorLock::acquire(
-            &opts.qmp,
-            &format!(
-                "pid {}, live restore into {}",
-                std::process::id(),
-                self.target.display()
-            ),
-        )?;
-        let mut qmp = Qmp::connect(&opts.qmp, QMP_TIMEOUT)?;
+        let holder = format!(
+            "pid {}, live restore into {}",
+            std::process::id(),
+            self.target.display()
+        );
+        let connected = MonitorLock::acquire(&opts.qmp, &holder)
+            .and_then(|lock| Ok((lock, Qmp::connect(&opts.qmp, QMP_TIMEOUT)?)));
+        let (_lock, mut qmp) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                if created {
+                    // QEMU never heard of the target: it goes, so the same
+                    // command can simply be run again.
+                    let _ = std::fs::remove_file(self.target);
+                }
+                return Err(e.into());
+            }
+        };
         let attached = stream::attach(
             &mut qmp,
             self.names,
@@ -388,9 +393,15 @@ impl Run<'_> {
         let attached = match attached {
             Ok(a) => a,
             Err(e) => {
-                if created {
-                    // Nothing reads the target yet: it goes, so the same
-                    // command can simply be run again.
+                // A new target no device took goes with its nodes, so the
+                // same command can simply be run again; if QEMU cannot say
+                // (its monitor gone), it stays, for --resume.
+                if created
+                    && matches!(
+                        stream::attached_device(&mut qmp, &self.names.target),
+                        Ok(None)
+                    )
+                {
                     let _ = qmp.execute(
                         "blockdev-del",
                         Some(serde_json::json!({ "node-name": self.names.target })),
