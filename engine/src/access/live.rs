@@ -163,6 +163,12 @@ pub fn restore_live(
     let socket = names
         .socket()
         .map_err(|e| fail(&target, format!("the export's socket: {e}")))?;
+    if opts.resume && std::fs::metadata(&target).is_ok_and(|m| m.len() == 0) {
+        return Err(fail(
+            &target,
+            "it is empty: a run was stopped as it created it, before QEMU had it; remove it and run the command without --resume",
+        ));
+    }
     let entry = if opts.resume {
         match stream::read_backing(&target)? {
             None => return finish_only(item, opts, &target, &names, &socket, report),
