@@ -136,6 +136,16 @@ fn qemu_img(args: &[&str]) -> std::process::Output {
     Command::new("qemu-img").args(args).output().unwrap()
 }
 
+/// A coffre run, killed if the test fails before it ends.
+struct Run(std::process::Child);
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A vault with a point of a 16 MiB disk, a VM waiting with `-S` whose
 /// device `vda` has a blank drive, and the test's monitors.
 struct Setup {
@@ -238,13 +248,14 @@ impl Setup {
     }
 
     /// Starts the first run, and waits until its job runs.
-    fn first_run(&mut self, extra: &[&str]) -> (std::process::Child, PathBuf) {
+    fn first_run(&mut self, extra: &[&str]) -> (Run, PathBuf) {
         let log = self.dir.join("first.log");
         let child = coffre()
             .args(self.live(extra))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
+            .map(Run)
             .unwrap();
         wait_until("the stream job", || {
             self.job().is_some_and(|(st, _, _)| st == "running")
@@ -299,8 +310,8 @@ fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_wri
         st.job().is_some_and(|(_, o, l)| o >= l / 4) && writer.acked() >= 20
     });
     let killed_at = st.job().unwrap();
-    first.kill().unwrap();
-    first.wait().unwrap();
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
     let acked_at_kill = writer.acked();
     // The export is gone for a while; the writer goes on. The monitors
     // are not asked meanwhile: a write that meets the stream's stalled
@@ -393,10 +404,10 @@ fn an_export_gone_past_the_reconnect_delay_pauses_the_job_and_resume_carries_on(
     });
     // SAFETY: kill(2) of our own child.
     assert_eq!(
-        unsafe { libc::kill(i32::try_from(first.id()).unwrap(), libc::SIGTERM) },
+        unsafe { libc::kill(i32::try_from(first.0.id()).unwrap(), libc::SIGTERM) },
         0
     );
-    let status = first.wait().unwrap();
+    let status = first.0.wait().unwrap();
     let first_log = std::fs::read_to_string(&log).unwrap();
     assert!(!status.success(), "{first_log}");
     assert!(
