@@ -41,6 +41,7 @@ mod qemu_bitmap;
 mod qemu_fleece;
 mod qemu_fleece_guard;
 mod qemu_guest_agent;
+mod qemu_live_restore;
 mod qemu_running_writer;
 mod rebuild_kill;
 mod redundancy;

@@ -139,8 +139,7 @@ fn a_second_backup_on_the_same_monitor_fails_at_once_naming_the_first() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("another coffre backup is using this QEMU monitor")
-            && err.contains(&format!("pid {pid}")),
+        err.contains("is using this QEMU monitor") && err.contains(&format!("pid {pid}")),
         "{err}"
     );
     let (ok, out, err) = finish(first);

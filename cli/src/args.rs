@@ -297,7 +297,20 @@ pub enum Command {
     },
 
     /// Restore a recovery point to a new sparse image file, or in place
-    /// onto an existing image or block device (changed blocks only).
+    /// onto an existing image or block device (changed blocks only), or
+    /// live into a running VM (--live).
+    ///
+    /// --live: the VM runs on the point from the first second. coffre
+    /// serves the point over NBD on a private socket, creates FILE as a
+    /// qcow2 whose backing is that export, gives it to the VM's device
+    /// (--device) through its QEMU monitor (--qmp), starts a VM waiting
+    /// with -S, and has QEMU copy every block into FILE (block-stream)
+    /// while the guest reads and writes it. It ends when FILE has no
+    /// backing left. Killed or interrupted, it loses nothing (guest
+    /// writes go to FILE): the VM's reads of blocks not yet copied wait
+    /// for --reconnect-delay seconds; run the same command with --resume.
+    /// For a raw disk afterwards: qemu-img convert -f qcow2 -O raw FILE
+    /// DISK.img.
     Restore {
         #[command(flatten)]
         vault: VaultArg,
@@ -341,6 +354,38 @@ pub enum Command {
         mode: u32,
         #[command(flatten)]
         threads: ThreadsArg,
+        /// Restore into a running VM: FILE (a new qcow2) becomes the disk
+        /// of --device in the QEMU behind --qmp, filled while the VM runs.
+        #[arg(long, requires_all = ["qmp", "device"],
+              conflicts_with_all = ["in_place", "force", "format", "allow_damaged"])]
+        live: bool,
+        /// With --live: the VM's QEMU monitor socket (-qmp
+        /// unix:SOCKET,server=on,wait=off).
+        #[arg(long, value_name = "SOCKET", requires = "live")]
+        qmp: Option<PathBuf>,
+        /// With --live: the id of the VM's disk device that gets FILE as
+        /// its drive (an existing device: its drive is changed in place);
+        /// an id QEMU does not know creates a virtio-blk-pci device.
+        #[arg(long, value_name = "ID", requires = "live")]
+        device: Option<String>,
+        /// With --live, a new device: the bus it is plugged into (on q35, a
+        /// free pcie-root-port).
+        #[arg(long, value_name = "BUS", requires = "device")]
+        bus: Option<String>,
+        /// With --live: carry on an interrupted live restore of FILE (its
+        /// point and socket are read from FILE): serve the export again,
+        /// find QEMU's job and follow it to its end.
+        #[arg(long, requires = "live")]
+        resume: bool,
+        /// With --live: most bytes a second QEMU copies (e.g. 200M;
+        /// default: no limit; with --resume, the running job's limit is
+        /// changed to RATE, or left as it is without --speed).
+        #[arg(long, value_name = "RATE", requires = "live", value_parser = crate::units::parse_size)]
+        speed: Option<u64>,
+        /// With --live: seconds the VM's reads wait for the export when
+        /// coffre is gone, before they fail (default 300).
+        #[arg(long, value_name = "SECONDS", requires = "live")]
+        reconnect_delay: Option<u64>,
     },
 
     /// Serve a recovery point read-only over NBD (qemu-img, nbdinfo,

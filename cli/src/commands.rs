@@ -3,6 +3,8 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
+
 use crate::args::{Cli, Command, CopySource, FromTier, ImageFormatArg, VaultCommand};
 use crate::ctx::Ctx;
 use crate::vault_cmd::{CreateArgs, SetArgs};
@@ -152,6 +154,59 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             item,
             point,
             to,
+            force: _,
+            in_place: _,
+            format: _,
+            from,
+            mode,
+            threads: _,
+            allow_damaged: _,
+            live: true,
+            qmp,
+            device,
+            bus,
+            resume,
+            speed,
+            reconnect_delay,
+        } => crate::live_cmd::run(
+            &ctx,
+            &crate::ctx::copy_dir(
+                &ctx,
+                &vault.vault,
+                (from == Some(FromTier::Secondary)).then_some(CopySource::Secondary),
+            )?,
+            &item,
+            &point,
+            coffre_engine::access::live::LiveOptions {
+                target: to,
+                qmp: qmp.context("--live needs --qmp SOCKET")?,
+                device: coffre_engine::snapshotter::vm::stream::DeviceChoice {
+                    id: device.context("--live needs --device ID")?,
+                    bus,
+                },
+                resume,
+                speed,
+                reconnect_delay: reconnect_delay
+                    .unwrap_or(coffre_engine::access::live::DEFAULT_RECONNECT_DELAY),
+                mode,
+                access: coffre_engine::access::AccessOptions {
+                    from: match from {
+                        None => None,
+                        Some(FromTier::Snapshot) => Some(coffre_engine::access::Served::Snapshot),
+                        Some(FromTier::Vault | FromTier::Secondary) => {
+                            Some(coffre_engine::access::Served::Vault)
+                        }
+                    },
+                    ..Default::default()
+                },
+                poll: std::time::Duration::from_millis(250),
+            },
+        ),
+        Command::Restore {
+            vault,
+            item,
+            point,
+            to,
             force,
             in_place,
             format,
@@ -159,6 +214,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mode,
             threads,
             allow_damaged,
+            ..
         } => crate::restore_cmd::run(
             &ctx,
             &crate::ctx::copy_dir(

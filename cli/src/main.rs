@@ -16,6 +16,7 @@ mod item_cmd;
 mod job_cmd;
 mod key_cmd;
 mod keys;
+mod live_cmd;
 mod maintenance_cmd;
 mod mount_cmd;
 mod mount_fs;

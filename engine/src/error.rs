@@ -53,6 +53,11 @@ pub enum EngineError {
     #[error("{path} already exists; pass --force to overwrite it")]
     TargetExists { path: PathBuf },
 
+    /// A live restore (`restore --live`) cannot go on: says what the
+    /// target holds now and what to run.
+    #[error("live restore into {target}: {reason}")]
+    LiveRestore { target: PathBuf, reason: String },
+
     /// The point is not held in the tier asked for.
     #[error(
         "point {point} of item {item:?} has no copy in the {tier} tier (see `coffre points`: its snapshot expired, or its transfer has not completed)"

@@ -16,6 +16,7 @@
 
 pub mod blocks;
 pub mod cache;
+pub mod live;
 pub mod serve;
 
 use std::collections::VecDeque;

@@ -50,6 +50,16 @@ impl JobStats for coffre_vault_store::maintenance::gc::GcReport {
     }
 }
 
+impl JobStats for crate::access::live::LiveSummary {
+    fn job_stats(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("bytes_streamed", self.streamed),
+            ("export_requests", self.requests),
+            ("export_bytes_read", self.bytes_read),
+        ]
+    }
+}
+
 impl JobStats for crate::restore::RestoreSummary {
     fn job_stats(&self) -> Vec<(&'static str, u64)> {
         vec![

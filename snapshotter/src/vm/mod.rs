@@ -9,6 +9,8 @@
 //! keeps two live backups off one monitor ([`monitor_lock`]), and the
 //! backup source that puts them together with the guest's freeze
 //! ([`live`]).
+//! A live restore's target, given to a VM and filled by QEMU's own
+//! `block-stream` job, is [`stream`]'s.
 //! libvirt domains are driven through `virsh` instead ([`libvirt`]).
 //! The host-wide locks of both, one `flock`ed file per monitor or domain
 //! in coffre's private runtime folder, are [`host_lock`]'s.
@@ -23,6 +25,7 @@ pub mod live;
 pub mod monitor_lock;
 pub mod node;
 pub mod qmp;
+pub mod stream;
 
 /// True when `s` names a drive of a running VM ([`live::QmpTarget`]).
 pub fn is_qmp_source(s: &str) -> bool {

@@ -57,7 +57,7 @@ impl MonitorLock {
             .map(MonitorLock)
             .map_err(|refused| match refused {
                 Refused::Held { holder, path } => fail(format!(
-                    "another coffre backup is using this QEMU monitor ({}; lock {}): one live backup per monitor at a time, try again when it is done",
+                    "another coffre run (a live backup or a live restore) is using this QEMU monitor ({}; lock {}): one at a time per monitor, try again when it is done",
                     holder.as_deref().unwrap_or("holder unknown"),
                     path.display()
                 )),
