@@ -170,11 +170,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reconnect_delay,
         } => crate::live_cmd::run(
             &ctx,
-            &crate::ctx::copy_dir(
-                &ctx,
-                &vault.vault,
-                (from == Some(FromTier::Secondary)).then_some(CopySource::Secondary),
-            )?,
+            &tier_dir(&ctx, &vault.vault, from)?,
             &item,
             &point,
             coffre_engine::access::live::LiveOptions {
@@ -190,13 +186,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unwrap_or(coffre_engine::access::live::DEFAULT_RECONNECT_DELAY),
                 mode,
                 access: coffre_engine::access::AccessOptions {
-                    from: match from {
-                        None => None,
-                        Some(FromTier::Snapshot) => Some(coffre_engine::access::Served::Snapshot),
-                        Some(FromTier::Vault | FromTier::Secondary) => {
-                            Some(coffre_engine::access::Served::Vault)
-                        }
-                    },
+                    from: served_from(from),
                     ..Default::default()
                 },
                 poll: std::time::Duration::from_millis(250),
@@ -217,11 +207,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ..
         } => crate::restore_cmd::run(
             &ctx,
-            &crate::ctx::copy_dir(
-                &ctx,
-                &vault.vault,
-                (from == Some(FromTier::Secondary)).then_some(CopySource::Secondary),
-            )?,
+            &tier_dir(&ctx, &vault.vault, from)?,
             &item,
             &point,
             RestoreOptions {
@@ -255,22 +241,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cache,
         } => crate::export_cmd::run(
             &ctx,
-            &crate::ctx::copy_dir(
-                &ctx,
-                &vault.vault,
-                (from == Some(FromTier::Secondary)).then_some(CopySource::Secondary),
-            )?,
+            &tier_dir(&ctx, &vault.vault, from)?,
             crate::export_cmd::ExportArgs {
                 item,
                 point,
                 all,
-                from: match from {
-                    Some(FromTier::Snapshot) => Some(coffre_engine::access::Served::Snapshot),
-                    Some(FromTier::Vault | FromTier::Secondary) => {
-                        Some(coffre_engine::access::Served::Vault)
-                    }
-                    None => None,
-                },
+                from: served_from(from),
                 socket,
                 listen,
                 name,
@@ -289,22 +265,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dir,
         } => crate::mount_cmd::run(
             &ctx,
-            &crate::ctx::copy_dir(
-                &ctx,
-                &vault.vault,
-                (from == Some(FromTier::Secondary)).then_some(CopySource::Secondary),
-            )?,
+            &tier_dir(&ctx, &vault.vault, from)?,
             crate::mount_cmd::MountArgs {
                 item,
                 point,
                 all,
-                from: match from {
-                    Some(FromTier::Snapshot) => Some(coffre_engine::access::Served::Snapshot),
-                    Some(FromTier::Vault | FromTier::Secondary) => {
-                        Some(coffre_engine::access::Served::Vault)
-                    }
-                    None => None,
-                },
+                from: served_from(from),
                 cache,
                 allow_other,
                 dir,
@@ -406,5 +372,29 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rate_limit,
             threads,
         } => crate::daemon::run(&ctx, &vault.vault, interval, rate_limit, threads.threads),
+    }
+}
+
+/// The directory of the copy a point is read from: the GRS secondary's
+/// with `--from secondary`, else the vault's.
+fn tier_dir(
+    ctx: &crate::ctx::Ctx,
+    dir: &std::path::Path,
+    from: Option<FromTier>,
+) -> anyhow::Result<std::path::PathBuf> {
+    crate::ctx::copy_dir(
+        ctx,
+        dir,
+        (from == Some(FromTier::Secondary)).then_some(CopySource::Secondary),
+    )
+}
+
+/// The tier `export`, `mount` and `restore --live` read (`--from secondary` is the vault of
+/// the secondary copy).
+fn served_from(from: Option<FromTier>) -> Option<coffre_engine::access::Served> {
+    match from {
+        Some(FromTier::Snapshot) => Some(coffre_engine::access::Served::Snapshot),
+        Some(FromTier::Vault | FromTier::Secondary) => Some(coffre_engine::access::Served::Vault),
+        None => None,
     }
 }

@@ -33,6 +33,40 @@ pub struct ExportArgs {
     pub cache: u64,
 }
 
+/// The points `export` or `mount` (`what`) serves, opened for reading in
+/// place: `point` of `item`, or with `all` every point of it.
+pub fn open_points<'v>(
+    vault: &'v coffre_engine::store::Vault,
+    dir: &Path,
+    item: &str,
+    point: &str,
+    all: bool,
+    opts: &AccessOptions,
+    what: &str,
+) -> anyhow::Result<Vec<PointImage<'v>>> {
+    let points = if all {
+        let all = coffre_engine::points::list_points(vault, item)
+            .with_context(|| format!("vault {}", dir.display()))?;
+        if all.is_empty() {
+            anyhow::bail!("item {item:?} has no points to {what}");
+        }
+        all
+    } else {
+        vec![
+            coffre_engine::points::select_point(vault, item, point)
+                .with_context(|| format!("vault {}", dir.display()))?,
+        ]
+    };
+    points
+        .iter()
+        .map(|p| {
+            PointImage::open(vault, p, opts).with_context(|| {
+                format!("cannot open point {} of item {} for {what}", p.id, p.item)
+            })
+        })
+        .collect()
+}
+
 /// `ADDR:PORT`, or a port alone (loopback).
 fn parse_listen(s: &str) -> anyhow::Result<SocketAddr> {
     if let Ok(port) = s.parse::<u16>() {
@@ -58,32 +92,20 @@ pub fn run(ctx: &Ctx, dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> 
     // stop (and the socket is removed).
     let stop = crate::signals::stop_flag()?;
     let vault = open(ctx, dir, Access::ReadOnly)?;
-    let points = if args.all {
-        let all = coffre_engine::points::list_points(&vault, &args.item)
-            .with_context(|| format!("vault {}", dir.display()))?;
-        if all.is_empty() {
-            anyhow::bail!("item {:?} has no points to export", args.item);
-        }
-        all
-    } else {
-        vec![
-            coffre_engine::points::select_point(&vault, &args.item, &args.point)
-                .with_context(|| format!("vault {}", dir.display()))?,
-        ]
-    };
     let opts = AccessOptions {
         cache_bytes: args.cache,
         from: args.from,
         ..AccessOptions::default()
     };
-    let images = points
-        .iter()
-        .map(|p| {
-            PointImage::open(&vault, p, &opts).with_context(|| {
-                format!("cannot open point {} of item {} for export", p.id, p.item)
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let images = open_points(
+        &vault,
+        dir,
+        &args.item,
+        &args.point,
+        args.all,
+        &opts,
+        "export",
+    )?;
     let names: Vec<String> = images
         .iter()
         .map(|i| match (&args.name, args.all) {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use coffre_engine::access::{AccessOptions, PointImage, Served};
+use coffre_engine::access::{AccessOptions, Served};
 use coffre_engine::store::Access;
 use fuser::{Config, MountOption, Session, SessionACL};
 use serde::Serialize;
@@ -68,20 +68,15 @@ struct MountView {
 pub fn run(ctx: &Ctx, vault_dir: &Path, args: MountArgs) -> anyhow::Result<ExitCode> {
     let dir = prepare_dir(&args.dir)?;
     let vault = open(ctx, vault_dir, Access::ReadOnly)?;
-    let points = if args.all {
-        let all = coffre_engine::points::list_points(&vault, &args.item)
-            .with_context(|| format!("vault {}", vault_dir.display()))?;
-        if all.is_empty() {
-            anyhow::bail!("item {:?} has no points to mount", args.item);
-        }
-        all
+    // The read-ahead threads shrink with the number of files.
+    let count = if args.all {
+        coffre_engine::points::list_points(&vault, &args.item)
+            .map(|p| p.len())
+            .unwrap_or(1)
     } else {
-        vec![
-            coffre_engine::points::select_point(&vault, &args.item, &args.point)
-                .with_context(|| format!("vault {}", vault_dir.display()))?,
-        ]
+        1
     };
-    let threads = read_ahead_threads(points.len());
+    let threads = read_ahead_threads(count);
     let mut opts = AccessOptions {
         cache_bytes: args.cache,
         from: args.from,
@@ -90,13 +85,15 @@ pub fn run(ctx: &Ctx, vault_dir: &Path, args: MountArgs) -> anyhow::Result<ExitC
     if threads == 0 {
         opts.read_ahead = 0;
     }
-    let images = points
-        .iter()
-        .map(|p| {
-            PointImage::open(&vault, p, &opts)
-                .with_context(|| format!("cannot open point {} of item {} for mount", p.id, p.item))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let images = crate::export_cmd::open_points(
+        &vault,
+        vault_dir,
+        &args.item,
+        &args.point,
+        args.all,
+        &opts,
+        "mount",
+    )?;
     let files = images
         .iter()
         .map(|i| {
