@@ -100,7 +100,7 @@ pub fn run(
 ) -> anyhow::Result<ExitCode> {
     let vault = open(ctx, dir, Access::ReadOnly)?;
     let report = Report::new();
-    let stop = crate::signals::stop_flag()?;
+    let stop = crate::signals::stop_flag_keep_on_hangup()?;
     let mut job = coffre_engine::job_record::start(
         dir,
         vault.config().keys(),

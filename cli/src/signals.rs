@@ -11,6 +11,17 @@ use anyhow::Context;
 
 /// The flag, set at the first SIGTERM, SIGINT or SIGHUP.
 pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    watch(true)
+}
+
+/// The flag, set at the first SIGTERM or SIGINT; SIGHUP (a terminal or an
+/// SSH session that went) is ignored: `restore --live`, whose export a
+/// running VM reads, must not stop because its terminal did.
+pub fn stop_flag_keep_on_hangup() -> anyhow::Result<Arc<AtomicBool>> {
+    watch(false)
+}
+
+fn watch(hangup_stops: bool) -> anyhow::Result<Arc<AtomicBool>> {
     use tokio::signal::unix::{SignalKind, signal};
     let flag = Arc::new(AtomicBool::new(false));
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -34,7 +45,7 @@ pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
                     tokio::select! {
                         _ = term.recv() => {}
                         _ = int.recv() => {}
-                        _ = hup.recv() => {}
+                        _ = hup.recv(), if hangup_stops => {}
                     }
                 })
             };

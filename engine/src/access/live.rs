@@ -387,6 +387,23 @@ impl Run<'_> {
                 return Err(e.into());
             }
         };
+        // A new target never takes over nodes an earlier run left in
+        // QEMU: they may hold another file (a removed target) or another
+        // point's export.
+        if created {
+            let mut leftover = None;
+            for n in [&self.names.target, &self.names.backing] {
+                if stream::node_exists(&mut qmp, n)? {
+                    leftover = Some(n.clone());
+                }
+            }
+            if let Some(n) = leftover {
+                let _ = std::fs::remove_file(self.target);
+                return Err(self.fail(format!(
+                    "QEMU still has node {n} of an earlier live restore into this path: resume that one with --resume (if its target is still there), or remove the node (blockdev-del) first"
+                )));
+            }
+        }
         let attached = stream::attach(
             &mut qmp,
             self.names,
@@ -408,12 +425,19 @@ impl Run<'_> {
                         Ok(None)
                     )
                 {
-                    let _ = qmp.execute(
-                        "blockdev-del",
-                        Some(serde_json::json!({ "node-name": self.names.target })),
-                    );
+                    let deleted = qmp
+                        .execute(
+                            "blockdev-del",
+                            Some(serde_json::json!({ "node-name": self.names.target })),
+                        )
+                        .is_ok();
                     let _ = stream::finish(&mut qmp, self.names);
-                    let _ = std::fs::remove_file(self.target);
+                    // Only a file QEMU no longer holds is removed.
+                    if deleted
+                        && matches!(stream::node_exists(&mut qmp, &self.names.target), Ok(false))
+                    {
+                        let _ = std::fs::remove_file(self.target);
+                    }
                 }
                 return Err(e.into());
             }
@@ -495,6 +519,10 @@ impl Run<'_> {
         // (when, offset) samples over the rate window.
         let mut samples: std::collections::VecDeque<(Instant, u64)> = Default::default();
         let mut failed_seen = self.activity.failed_reads.load(Ordering::Relaxed);
+        // Set once the job paused on a damaged block: the export keeps
+        // serving the VM (its reads of every other block go on), the job
+        // stays paused, and this run waits for a signal.
+        let mut parked = false;
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Err(self.fail(format!(
@@ -520,14 +548,18 @@ impl Run<'_> {
                     len,
                     stopped_on_error,
                 } => {
-                    if stopped_on_error {
+                    if stopped_on_error && !parked {
                         let failed = self.activity.failed_reads.load(Ordering::Relaxed);
                         if failed > failed_seen {
-                            return Err(self.fail(format!(
-                                "the point has damaged blocks ({failed} reads failed; see the log): QEMU's job {} is left paused and the VM reads the rest through the export while this runs; `coffre verify --read-data --repair` may mend the vault",
+                            parked = true;
+                            self.report.step(&format!(
+                                "WARNING: the point has damaged blocks ({failed} reads failed; the log names them): QEMU's job {} stays paused and the export keeps serving the VM's reads of every other block. Mend the vault (`coffre verify --read-data --repair`), then stop this run (SIGTERM) and run the same command with --resume",
                                 self.names.job
-                            )));
+                            ));
                         }
+                    }
+                    if stopped_on_error && !parked {
+                        let failed = self.activity.failed_reads.load(Ordering::Relaxed);
                         failed_seen = failed;
                         self.report.step(
                             "the stream paused on a read error (the export was away): resumed",

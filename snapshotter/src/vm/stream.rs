@@ -189,7 +189,22 @@ pub fn create_overlay(target: &Path, backing: &str) -> Result<()> {
     coffre_vault_store::store::local::private::create_new_nofollow(target)
         .map_err(|e| qemu_img_error("cannot create the target", target, e.to_string()))?;
     let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        // 2 KiB subclusters (extended L2 entries, 64 KiB clusters): a
+        // guest write of whole 4 KiB blocks into a part not yet streamed
+        // needs no copy-on-write read from the backing, so it completes
+        // even while the export is away. (128 KiB clusters with extended
+        // L2 crashed QEMU 7.2 under block-stream and a writer.)
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "-F",
+            "raw",
+            "-b",
+        ])
         .arg(backing)
         .arg(target)
         .output();
@@ -281,6 +296,11 @@ pub enum Attached {
     Added,
 }
 
+/// True when QEMU has a block node called `name`.
+pub fn node_exists(qmp: &mut Qmp, name: &str) -> Result<bool> {
+    Ok(node::named(qmp, name)?.is_some())
+}
+
 /// Puts the target in QEMU (the backing over the export on `socket`, the
 /// qcow2 node above it) and makes it the drive of `device`. Each step
 /// already done (a resumed run) is skipped.
@@ -334,6 +354,22 @@ pub fn attach(
             device.id
         ))),
         None if device_exists(qmp, &device.id) => {
+            // A guest that ran has the old disk mounted (its page cache,
+            // its journal): swapped under it, its writeback would land on
+            // the restored disk. Only a guest that never ran (`-S`) or that
+            // shut down takes the new drive in place.
+            let status = qmp.execute("query-status", None)?;
+            let status = status
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_string();
+            if !matches!(status.as_str(), "prelaunch" | "shutdown") {
+                return Err(qmp.error(format!(
+                    "the VM is {status}: its device {} still has the old disk in use, and swapping the drive under a guest that ran would corrupt the restored disk. Start QEMU with -S (or shut the guest down) to hand it the restored disk, or name a new device id to hot-plug the restored disk next to the old one",
+                    device.id
+                )));
+            }
             qmp.execute(
                 "qom-set",
                 Some(json!({
