@@ -408,11 +408,15 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<PathBuf> {
         Ok(_) => {}
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             let fstype = mount_at(&abs)?;
-            if !fstype.as_deref().is_some_and(|t| t.starts_with("fuse")) {
+            // Only coffre's own: another FUSE server answers ENOTCONN too
+            // while its backend is away (sshfs, a network filesystem).
+            if !fstype.as_deref().is_some_and(|t| t.starts_with("fuse")) || !coffre_source_at(&abs)?
+            {
                 anyhow::bail!(
-                    "{}: {e}, and it is not a FUSE mount ({}): not touched",
+                    "{}: {e}, and it is not a coffre mount ({}): not touched; unmount it yourself (`fusermount -u -z {}` or `umount -l`) if it is dead",
                     abs.display(),
-                    fstype.as_deref().unwrap_or("no mount there")
+                    fstype.as_deref().unwrap_or("no mount there"),
+                    abs.display()
                 );
             }
             detach(&abs)?;
@@ -478,6 +482,27 @@ fn mount_at(dir: &Path) -> anyhow::Result<Option<String>> {
     Ok(mount_type_in(&text, dir))
 }
 
+/// True when the topmost mount at `dir` is a coffre mount (its source
+/// `coffre:ITEM`, as `mount` names it).
+fn coffre_source_at(dir: &Path) -> anyhow::Result<bool> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo")?;
+    Ok(mount_source_in(&text, dir).is_some_and(|s| s.starts_with("coffre:")))
+}
+
+/// The source of the last mount of `mountinfo` whose mount point is `dir`.
+fn mount_source_in(mountinfo: &str, dir: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let want = dir.as_os_str().as_bytes();
+    mountinfo.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let point = unescape(fields.get(4)?);
+        let sep = fields.iter().position(|f| *f == "-")?;
+        let source = fields.get(sep + 2)?;
+        (point == want).then(|| String::from_utf8_lossy(&unescape(source)).into_owned())
+    })
+}
+
 /// The type of the last mount of `mountinfo` whose mount point is `dir`.
 fn mount_type_in(mountinfo: &str, dir: &Path) -> Option<String> {
     use std::os::unix::ffi::OsStrExt;
@@ -535,6 +560,10 @@ mod tests {
         assert_eq!(
             mount_type_in(INFO, Path::new("/tmp/a b")).as_deref(),
             Some("fuse.coffre")
+        );
+        assert_eq!(
+            mount_source_in(INFO, Path::new("/tmp/a b")).as_deref(),
+            Some("coffre:vm")
         );
         assert_eq!(
             mount_type_in(INFO, Path::new("/tmp/x")).as_deref(),
