@@ -122,12 +122,25 @@ fn fail(target: &Path, reason: impl Into<String>) -> EngineError {
 /// new unless `resume`).
 fn canonical_target(target: &Path, resume: bool) -> Result<PathBuf> {
     if resume {
-        return std::fs::canonicalize(target).map_err(|e| {
+        use std::os::unix::fs::MetadataExt;
+        let path = std::fs::canonicalize(target).map_err(|e| {
             fail(
                 target,
                 format!("cannot resume: {e} (without --resume a new target is made)"),
             )
-        });
+        })?;
+        // A target coffre made: a regular file of this user's, writable by
+        // no one else.
+        let m = std::fs::metadata(&path).map_err(|e| fail(&path, e.to_string()))?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if !m.file_type().is_file() || m.uid() != me || m.mode() & 0o022 != 0 {
+            return Err(fail(
+                &path,
+                "cannot resume: not a regular file of this user's that only its owner may write (a live restore's target is created so)",
+            ));
+        }
+        return Ok(path);
     }
     let name = target
         .file_name()

@@ -246,6 +246,18 @@ pub fn read_backing(target: &Path) -> Result<Option<String>> {
     }
     let v: Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| qemu_img_error("qemu-img info", target, format!("not JSON: {e}")))?;
+    // coffre's targets have neither: a header naming an external data
+    // file (which QEMU would write into) or encryption is not one of them.
+    let data = v.pointer("/format-specific/data");
+    if data.is_some_and(|d| d.get("data-file").is_some() || d.get("encrypt").is_some())
+        || v.get("encrypted").and_then(Value::as_bool) == Some(true)
+    {
+        return Err(qemu_img_error(
+            "qemu-img info",
+            target,
+            "its header names an external data file or encryption: not a target coffre made".into(),
+        ));
+    }
     Ok(v.get("backing-filename")
         .and_then(Value::as_str)
         .map(str::to_string))
