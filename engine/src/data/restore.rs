@@ -643,7 +643,7 @@ fn release_written(file: &File, offset: u64, len: u64) {
 }
 
 /// Bytes of decoded blocks held per group.
-const GROUP_BYTES: u64 = 8 << 20;
+const GROUP_BYTES: u64 = 6 << 20;
 
 /// Groups of decoded blocks in flight: one decoded, one written, the
 /// others waiting for the writer.
