@@ -3,11 +3,13 @@
 //! A point is read from its **snapshot** while it has one (instant
 //! restore: no vault needed; a clone snapshot restored onto its own
 //! filesystem is a reflink clone again, constant time) or else from the
-//! **vault**. Groups of blocks are read and checked in parallel (crc32,
-//! length, BLAKE3) while one thread writes the previous group, one write
-//! per run of blocks, and the target is fsynced once at the end. The
-//! records of the group after are read ahead meanwhile, in large runs
-//! (`read_ahead`), so the workers find them in the page cache. Where the image goes is [`restore_target`]'s
+//! **vault**. Groups of blocks are decoded and checked in parallel (crc32,
+//! length, BLAKE3) while one thread writes the groups decoded before, one
+//! write per run of blocks, and the target is fsynced once at the end. The
+//! records of the group after are read meanwhile by a thread of their own,
+//! in large `O_DIRECT` runs ([`fetch`]), and decoded straight into the
+//! group; where direct reads are not possible (tmpfs, in place) the kernel
+//! is asked to read them ahead (`read_ahead`). Where the image goes is [`restore_target`]'s
 //! business: a new sparse file (temporary file, then rename), or an
 //! existing file or block device replaced **in place**. A qcow2 image
 //! (a new one, or a VM's qcow2 disk replaced) is written through a raw
