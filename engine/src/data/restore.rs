@@ -7,7 +7,7 @@
 //! length, BLAKE3) while one thread writes the groups decoded before, one
 //! write per run of blocks, and the target is fsynced once at the end. The
 //! records of the group after are read meanwhile by a thread of their own,
-//! in large `O_DIRECT` runs ([`fetch`]), and decoded straight into the
+//! in large `O_DIRECT` runs (its `fetch` module), and decoded straight into the
 //! group; where direct reads are not possible (tmpfs, in place) the kernel
 //! is asked to read them ahead (`read_ahead`). Where the image goes is [`restore_target`]'s
 //! business: a new sparse file (temporary file, then rename), or an
