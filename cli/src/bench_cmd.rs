@@ -71,5 +71,14 @@ fn table(r: &BenchReport) -> String {
             s.name, s.mib_per_s, name, rate, ratio
         ));
     }
+    for s in &r.stages {
+        if let Some(f) = s.floor_factor {
+            out.push_str(&format!(
+                "\n{}: {f:.2}x the disk floor's time (1.00 = as fast as the disk writes)",
+                s.name
+            ));
+        }
+    }
+    out.push('\n');
     out
 }

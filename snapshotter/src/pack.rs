@@ -176,6 +176,11 @@ impl PackReader {
         })
     }
 
+    /// The open pack file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Asks the kernel to start reading `offset..offset+len` into the page
     /// cache (advice: failure is harmless).
     pub fn will_need(&self, offset: u64, len: u64) {

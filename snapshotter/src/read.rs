@@ -167,6 +167,16 @@ impl SnapshotBlocks {
         }
     }
 
+    /// The open files of the snapshot's packs, by their index in the
+    /// metadata (`None` for a pack that is gone); empty for a clone. A
+    /// reader that fetches records its own way (direct reads) reopens them.
+    pub fn pack_files(&self) -> Vec<Option<&File>> {
+        self.packs
+            .iter()
+            .map(|p| p.as_ref().map(PackReader::file))
+            .collect()
+    }
+
     /// The clone image, for a clone snapshot.
     pub fn clone_image(&self) -> Option<&FileImage> {
         self.clone.as_ref()
@@ -361,6 +371,16 @@ impl SnapWindow<'_> {
             if let Some(Some(p)) = packs.get(pack as usize) {
                 p.will_need(start, end - start);
             }
+        }
+    }
+
+    /// The entries of the window after this one that were already read
+    /// (all of them but near the end): what a reader may fetch ahead.
+    /// Empty for a clone.
+    pub fn ahead(&self) -> &[SnapEntry] {
+        match self {
+            SnapWindow::Chunks { ahead, .. } => ahead,
+            SnapWindow::Clone { .. } => &[],
         }
     }
 

@@ -3,11 +3,13 @@
 //! A point is read from its **snapshot** while it has one (instant
 //! restore: no vault needed; a clone snapshot restored onto its own
 //! filesystem is a reflink clone again, constant time) or else from the
-//! **vault**. Groups of blocks are read and checked in parallel (crc32,
-//! length, BLAKE3) while one thread writes the previous group, one write
-//! per run of blocks, and the target is fsynced once at the end. The
-//! records of the group after are read ahead meanwhile, in large runs
-//! (`read_ahead`), so the workers find them in the page cache. Where the image goes is [`restore_target`]'s
+//! **vault**. Groups of blocks are decoded and checked in parallel (crc32,
+//! length, BLAKE3) while one thread writes the groups decoded before, one
+//! write per run of blocks, and the target is fsynced once at the end. The
+//! records of the group after are read meanwhile by a thread of their own,
+//! in large `O_DIRECT` runs (its `fetch` module), and decoded straight into the
+//! group; where direct reads are not possible (tmpfs, in place) the kernel
+//! is asked to read them ahead (`read_ahead`). Where the image goes is [`restore_target`]'s
 //! business: a new sparse file (temporary file, then rename), or an
 //! existing file or block device replaced **in place**. A qcow2 image
 //! (a new one, or a VM's qcow2 disk replaced) is written through a raw
@@ -28,11 +30,15 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod fetch;
+
 use coffre_snapshotter::ImageSource;
 use coffre_snapshotter::capture::is_zero;
+use coffre_snapshotter::manifest::PackLoc;
 use coffre_snapshotter::pack::RecordBuf;
 use coffre_snapshotter::read::{SnapWindow, SnapshotBlocks};
 use coffre_vault_store::format::blockmap::{Entry, block_count};
+use coffre_vault_store::format::record::{HEADER_LEN, RecordDecoder, RecordHeader};
 use coffre_vault_store::index::ChunkLocation;
 use coffre_vault_store::store::local::direct::{AlignedBuf, DIRECT_ALIGN};
 use coffre_vault_store::store::local::durable::{start_writeback, sync_range};
@@ -47,6 +53,7 @@ use crate::points::PointEntry;
 use crate::progress::Progress;
 use crate::reader::BlockMapReader;
 use crate::restore_target::{DEFAULT_MODE, Target, TargetKind, unwritable};
+use fetch::{Fetched, Fetcher, Place};
 
 /// Restore options.
 #[derive(Debug, Clone)]
@@ -286,6 +293,33 @@ fn write_point(
     let pool = thread_pool(opts.threads)?;
     let buffers = PerThread::new(&pool, ChunkBuf::default);
     let records = PerThread::new(&pool, RecordBuf::default);
+    let decoders = PerThread::new(&pool, RecordDecoder::default);
+    // Records are read ahead directly, in runs, where their files allow
+    // `O_DIRECT`; the rest is read record by record (after advice).
+    // An in-place restore reads few records (most blocks are already
+    // right): advice only.
+    let fetcher = match &data {
+        _ if !target.kind().is_new() => None,
+        Data::Snapshot(s) => {
+            let packs: Vec<Option<File>> = s
+                .pack_files()
+                .into_iter()
+                .map(|f| f.and_then(reopen_direct_read))
+                .collect();
+            let direct = packs.iter().any(Option::is_some);
+            direct.then(|| {
+                Fetcher::new(FETCH_CAP, move |i| {
+                    packs
+                        .get(i as usize)
+                        .and_then(Option::as_ref)
+                        .and_then(|f| f.try_clone().ok())
+                })
+            })
+        }
+        Data::Vault(_) => Some(Fetcher::new(FETCH_CAP, |segment| {
+            coffre_vault_store::store::local::direct::open_direct_read(&vault.segment_path(segment))
+        })),
+    };
     let bs = u64::from(point.block_size);
     let blocks = block_count(image_size, point.block_size);
     let group_blocks = (GROUP_BYTES / bs).max(1) as usize;
@@ -316,80 +350,153 @@ fn write_point(
     };
     let repairs_before = vault.read_repairs();
     progress.start(image_size);
-    // Double buffering: while one group of decoded blocks is written by a
-    // single thread (parallel writers to one file only contend on its
-    // inode lock), the next group is read and decoded by the others.
-    let mut ready: Option<Group> = None;
-    let mut ahead = None;
-    let mut spare = AlignedBuf::default();
-    let mut first = 0u64;
-    while first < blocks {
-        let n = group_blocks.min((blocks - first) as usize);
-        let offset = first * bs;
-        let len = (image_size - offset).min(n as u64 * bs) as usize;
-        let (entries, locs, window) = match &mut data {
-            Data::Vault(map) => {
-                let (entries, locs) = match ahead.take() {
-                    Some(g) => g,
-                    None => vault_group(vault, map, first, n)?,
-                };
-                // The next group's records start coming in while this one
-                // is decoded.
-                let next = first + n as u64;
-                if next < blocks {
-                    let m = group_blocks.min((blocks - next) as usize);
-                    ahead = Some(vault_group(vault, map, next, m)?);
+    // A pipeline of three threads: one fetches the records of the group
+    // after next (direct reads), the pool decodes a group, and one writes
+    // the groups decoded before it, one after the other, so the device
+    // always has the next group waiting. Buffers go round: GROUP_BUFFERS
+    // decoded groups, two fetched ones.
+    let (to_writer, written_rx) = std::sync::mpsc::sync_channel::<Group>(GROUP_BUFFERS - 2);
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<AlignedBuf>();
+    for _ in 0..GROUP_BUFFERS {
+        let _ = free_tx.send(AlignedBuf::default());
+    }
+    let (fetch_tx, fetch_rx) = std::sync::mpsc::channel::<(Vec<Option<Place>>, Fetched)>();
+    let (fetched_tx, fetched_rx) = std::sync::mpsc::channel::<Fetched>();
+    let mut written = RestoreSummary {
+        in_place,
+        ..RestoreSummary::default()
+    };
+    let decoded = std::thread::scope(|scope| -> Result<()> {
+        let writer = {
+            let (out, written) = (&out, &mut written);
+            scope.spawn(move || -> Result<()> {
+                for group in written_rx {
+                    let (span, data) = out.write(group, written)?;
+                    progress.advance(span);
+                    // The loop may be gone (it failed): nothing to give
+                    // the buffer back to.
+                    let _ = free_tx.send(data);
                 }
-                (entries, locs, None)
-            }
-            Data::Snapshot(s) => {
-                let w = s.window(first, n, offset, len)?;
-                w.prefetch();
-                (vec![None; n], Vec::new(), Some(w))
-            }
+                Ok(())
+            })
         };
-        let mut group = Group {
-            first,
-            entries,
-            locs,
-            actions: Vec::with_capacity(n),
-            data: std::mem::take(&mut spare),
-        };
-        let previous = ready.take();
-        // The writer has a thread of its own: it mostly waits for the
-        // device, and every pool thread decodes meanwhile.
-        let (decoded, wrote) = std::thread::scope(|scope| {
-            let writer = previous.map(|p| {
-                let (out, summary) = (&out, &mut summary);
-                scope.spawn(move || out.write(p, summary))
+        let direct = fetcher.is_some();
+        if let Some(mut f) = fetcher {
+            scope.spawn(move || {
+                for (places, into) in fetch_rx {
+                    if fetched_tx.send(f.fetch(&places, into)).is_err() {
+                        return;
+                    }
+                }
             });
-            let decoded = pool.install(|| source.fill(&mut group, window.as_ref()));
-            let wrote = writer
-                .map(|w| {
-                    w.join().unwrap_or_else(|_| {
-                        Err(EngineError::Threads(
-                            "the restore writer thread panicked".into(),
-                        ))
-                    })
-                })
-                .transpose();
-            (decoded, wrote)
+        } else {
+            drop((fetch_rx, fetched_tx));
+        }
+        let mut spare_fetch = Some(Fetched::default());
+        let mut fetching = false;
+        let mut ahead = None;
+        let mut first = 0u64;
+        let result = (|| -> Result<()> {
+            while first < blocks {
+                let n = group_blocks.min((blocks - first) as usize);
+                let offset = first * bs;
+                let len = (image_size - offset).min(n as u64 * bs) as usize;
+                let (entries, locs, window) = match &mut data {
+                    Data::Vault(map) => {
+                        let (entries, locs) = match ahead.take() {
+                            Some(g) => g,
+                            None => vault_group(vault, map, first, n, !direct)?,
+                        };
+                        // The next group's records start coming in while
+                        // this one is decoded.
+                        let next = first + n as u64;
+                        if next < blocks {
+                            let m = group_blocks.min((blocks - next) as usize);
+                            ahead = Some(vault_group(vault, map, next, m, !direct)?);
+                        }
+                        (entries, locs, None)
+                    }
+                    Data::Snapshot(s) => {
+                        let w = s.window(first, n, offset, len)?;
+                        if !direct {
+                            w.prefetch();
+                        }
+                        (vec![None; n], Vec::new(), Some(w))
+                    }
+                };
+                let mut this_fetch = None;
+                if direct {
+                    // This group's records: asked for in the round before
+                    // (the first group's now).
+                    if !fetching {
+                        let places = match &window {
+                            Some(w) => snapshot_places(
+                                &(0..n)
+                                    .map(|i| w.block(i).and_then(|(id, _)| id).and(w.loc(i)))
+                                    .collect::<Vec<_>>(),
+                            ),
+                            None => vault_places(&locs),
+                        };
+                        let into = spare_fetch.take().unwrap_or_default();
+                        fetching = fetch_tx.send((places, into)).is_ok();
+                    }
+                    this_fetch = fetching.then(|| fetched_rx.recv().ok()).flatten();
+                    fetching = false;
+                    // The next group's, read while this one is decoded.
+                    let next_places = match (&window, &ahead) {
+                        (Some(w), _) => snapshot_places(
+                            &w.ahead()
+                                .iter()
+                                .map(|e| e.id.map(|_| e.loc))
+                                .collect::<Vec<_>>(),
+                        ),
+                        (None, Some((_, locs))) => vault_places(locs),
+                        (None, None) => Vec::new(),
+                    };
+                    if !next_places.is_empty() {
+                        let into = spare_fetch.take().unwrap_or_default();
+                        fetching = fetch_tx.send((next_places, into)).is_ok();
+                    }
+                }
+                let data = free_rx.recv().map_err(|_| writer_gone())?;
+                let mut group = Group {
+                    first,
+                    entries,
+                    locs,
+                    actions: Vec::with_capacity(n),
+                    data,
+                };
+                pool.install(|| {
+                    source.fill(&mut group, window.as_ref(), this_fetch.as_ref(), &decoders)
+                })?;
+                if let Some(f) = this_fetch {
+                    spare_fetch = Some(f);
+                }
+                if let Some(w) = window {
+                    w.finish()?;
+                }
+                to_writer.send(group).map_err(|_| writer_gone())?;
+                first += n as u64;
+            }
+            Ok(())
+        })();
+        // The writer finishes what it was given and stops; its error, if
+        // any, is the one that counts (the loop then saw it gone).
+        drop(to_writer);
+        drop(fetch_tx);
+        let wrote = writer.join().unwrap_or_else(|_| {
+            Err(EngineError::Threads(
+                "the restore writer thread panicked".into(),
+            ))
         });
-        decoded?;
-        if let Some(w) = window {
-            w.finish()?;
-        }
-        if let Some((span, data)) = wrote? {
-            progress.advance(span);
-            spare = data;
-        }
-        ready = Some(group);
-        first += n as u64;
-    }
-    if let Some(last) = ready.take() {
-        let (span, _) = out.write(last, &mut summary)?;
-        progress.advance(span);
-    }
+        wrote.and(result)
+    });
+    decoded?;
+    summary.bytes_written += written.bytes_written;
+    summary.blocks_written += written.blocks_written;
+    summary.blocks_skipped += written.blocks_skipped;
+    summary.blocks_zeroed += written.blocks_zeroed;
+    summary.blocks_read += written.blocks_read;
     if let Data::Snapshot(s) = data {
         s.finish()?;
     }
@@ -407,6 +514,10 @@ fn write_point(
     Ok(summary)
 }
 
+fn writer_gone() -> EngineError {
+    EngineError::Threads("the restore writer thread stopped".into())
+}
+
 fn unreachable_tier<T>(point: &PointEntry) -> Result<T> {
     Err(EngineError::PointNotInTier {
         item: point.item.clone(),
@@ -422,6 +533,7 @@ fn vault_group(
     map: &mut BlockMapReader<'_>,
     first: u64,
     n: usize,
+    advise: bool,
 ) -> Result<(Vec<Entry>, Vec<Option<ChunkLocation>>)> {
     let entries = map.entries(first, n)?;
     let ids: Vec<ChunkId> = entries.iter().flatten().copied().collect();
@@ -436,8 +548,69 @@ fn vault_group(
         .iter()
         .map(|e| e.and_then(|_| found.next().flatten()))
         .collect();
-    vault.read_ahead(&locs.iter().flatten().copied().collect::<Vec<_>>());
+    if advise {
+        vault.read_ahead(&locs.iter().flatten().copied().collect::<Vec<_>>());
+    }
     Ok((entries, locs))
+}
+
+/// The places of a vault group's records.
+fn vault_places(locs: &[Option<ChunkLocation>]) -> Vec<Option<Place>> {
+    locs.iter()
+        .map(|l| {
+            l.map(|l| Place {
+                file: l.segment,
+                offset: l.offset,
+                len: l.len,
+            })
+        })
+        .collect()
+}
+
+/// The places of a snapshot window's records.
+fn snapshot_places(locs: &[Option<PackLoc>]) -> Vec<Option<Place>> {
+    locs.iter()
+        .map(|l| {
+            l.map(|l| Place {
+                file: u64::from(l.pack),
+                offset: l.offset,
+                len: l.len,
+            })
+        })
+        .collect()
+}
+
+/// `file` opened again with `O_DIRECT` for reading (through
+/// `/proc/self/fd`, so the very file), `None` where the filesystem
+/// refuses it.
+fn reopen_direct_read(file: &File) -> Option<File> {
+    use std::os::fd::AsRawFd;
+    coffre_vault_store::store::local::direct::open_direct_read(Path::new(&format!(
+        "/proc/self/fd/{}",
+        file.as_raw_fd()
+    )))
+}
+
+/// Decodes a fetched record of chunk `id` straight into `slot` (exactly
+/// the block's length): the record's header must name `id` and its own
+/// length, and its payload passes every check of the decoder.
+fn decode_fetched(
+    record: &[u8],
+    id: &ChunkId,
+    decoder: &mut RecordDecoder,
+    keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
+    slot: &mut [u8],
+) -> bool {
+    let Ok(header) = RecordHeader::parse(record) else {
+        return false;
+    };
+    if header.id != *id || header.record_len() != record.len() as u64 {
+        return false;
+    }
+    decoder.use_keys(keys);
+    decoder
+        .decode_payload_into_slice(&header, record.get(HEADER_LEN..).unwrap_or_default(), slot)
+        .is_ok()
 }
 
 /// Where a restore reads the point from.
@@ -471,8 +644,16 @@ fn release_written(file: &File, offset: u64, len: u64) {
     }
 }
 
-/// Bytes of decoded blocks held per group (two groups are in flight).
-const GROUP_BYTES: u64 = 16 << 20;
+/// Bytes of decoded blocks held per group.
+const GROUP_BYTES: u64 = 6 << 20;
+
+/// Groups of decoded blocks in flight: one decoded, one written, the
+/// others waiting for the writer.
+const GROUP_BUFFERS: usize = 3;
+
+/// Most bytes of records fetched ahead for one group (two are held):
+/// blocks past it are read record by record.
+const FETCH_CAP: usize = (GROUP_BYTES + GROUP_BYTES / 4) as usize;
 
 /// Direct writes in flight at once.
 const DIRECT_WRITERS: usize = 4;
@@ -531,7 +712,13 @@ enum Known<'w> {
 impl Source<'_> {
     /// Decides each block's action and decodes the blocks to write, in
     /// parallel, into the group's buffer.
-    fn fill(&self, group: &mut Group, window: Option<&SnapWindow<'_>>) -> Result<()> {
+    fn fill(
+        &self,
+        group: &mut Group,
+        window: Option<&SnapWindow<'_>>,
+        fetched: Option<&Fetched>,
+        decoders: &PerThread<RecordDecoder>,
+    ) -> Result<()> {
         let bs = self.block_size;
         let need = group.entries.len() * bs as usize;
         group.data.reserve(need);
@@ -553,12 +740,23 @@ impl Source<'_> {
                     },
                 };
                 let loc = group.locs.get(i).copied().flatten();
-                self.block(first + i as u64, i, slot, known, loc, window)
+                let record = fetched.and_then(|f| f.record(i));
+                self.block(
+                    first + i as u64,
+                    i,
+                    slot,
+                    known,
+                    loc,
+                    window,
+                    record,
+                    decoders,
+                )
             })
             .collect::<Result<Vec<Action>>>()?;
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
         index: u64,
@@ -567,6 +765,8 @@ impl Source<'_> {
         known: Known<'_>,
         loc: Option<ChunkLocation>,
         window: Option<&SnapWindow<'_>>,
+        fetched: Option<&[u8]>,
+        decoders: &PerThread<RecordDecoder>,
     ) -> Result<Action> {
         let point = self.point;
         let expected = self
@@ -610,6 +810,21 @@ impl Source<'_> {
             }
             Known::Id(id) => id,
         };
+        // The record fetched ahead, decoded in place; anything wrong with
+        // it and the block is read again below, where damage is reported
+        // (and repaired from another copy).
+        if let Some(record) = fetched
+            && let Some(dst) = slot.get_mut(..expected)
+            && decode_fetched(
+                record,
+                &id,
+                &mut decoders.get(),
+                self.vault.config().keys(),
+                dst,
+            )
+        {
+            return Ok(Action::Write);
+        }
         let damaged = |source: EngineError| EngineError::DamagedBlock {
             item: point.item.clone(),
             point: point.id.clone(),

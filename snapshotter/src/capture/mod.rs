@@ -59,7 +59,7 @@ pub use previous::previous_manifest;
 pub use window::{MAX_SPAN_WINDOWS, wanted_ranges, window_span};
 
 /// Bytes mapped at a time (rounded to whole blocks).
-pub const WINDOW_BYTES: usize = 16 << 20;
+pub const WINDOW_BYTES: usize = 8 << 20;
 /// Passes of the fallback before it gives up on an image that keeps
 /// changing.
 pub const MAX_PASSES: u32 = 4;

@@ -461,52 +461,16 @@ impl RecordDecoder {
         payload: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), RecordError> {
-        if payload.len() != header.stored_len as usize {
-            return Err(RecordError::Truncated {
-                needed: header.stored_len as usize,
-                available: payload.len(),
-            });
-        }
-        let computed = crc32fast::hash(payload);
-        if computed != header.data_crc {
-            return Err(RecordError::DataChecksum {
-                stored: header.data_crc,
-                computed,
-            });
-        }
-        let payload: &[u8] = match (header.sealed, &self.keys) {
-            (None, None) => payload,
-            (Some(c), None) => return Err(RecordError::Sealed(c)),
-            (None, Some(_)) => return Err(RecordError::NotSealed),
-            (Some(found), Some(k)) => {
-                if found != k.cipher() {
-                    return Err(RecordError::CipherMismatch {
-                        found,
-                        vault: k.cipher(),
-                    });
-                }
-                let ad = header.to_bytes();
-                self.opened.clear();
-                k.records()
-                    .open_into(
-                        ad.get(..AD_LEN).unwrap_or_default(),
-                        payload,
-                        &mut self.opened,
-                        &|| String::new(),
-                    )
-                    .map_err(|_| RecordError::Unauthentic)?;
-                &self.opened
-            }
-        };
+        let RecordDecoder { zstd, keys, opened } = self;
+        let payload = open_payload(keys.as_ref(), opened, header, payload)?;
         out.clear();
         match header.codec {
             Codec::Raw => out.extend_from_slice(payload),
             Codec::Zstd => {
-                let expected = header.plain_len as usize;
-                out.reserve(expected);
-                let z = match self.zstd.as_mut() {
+                out.reserve(header.plain_len as usize);
+                let z = match zstd.as_mut() {
                     Some(z) => z,
-                    None => self.zstd.insert(
+                    None => zstd.insert(
                         zstd::bulk::Decompressor::new()
                             .map_err(|e| RecordError::Decompress(e.to_string()))?,
                     ),
@@ -516,19 +480,121 @@ impl RecordDecoder {
                 let got = z
                     .decompress_to_buffer(payload, out)
                     .map_err(|e| RecordError::Decompress(e.to_string()))?;
-                if got != expected {
-                    return Err(RecordError::PlainLengthMismatch { expected, got });
-                }
+                check_plain_len(header, got)?;
             }
         }
+        self.check_id(header, out)
+    }
+
+    /// [`Self::decode_payload_into`] into `out`, a slice of exactly the
+    /// header's plain length (no copy through a buffer of the decoder's):
+    /// the same checks, and on any error `out` holds no meaning.
+    pub fn decode_payload_into_slice(
+        &mut self,
+        header: &RecordHeader,
+        payload: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), RecordError> {
+        if out.len() != header.plain_len as usize {
+            return Err(RecordError::PlainLengthMismatch {
+                expected: out.len(),
+                got: header.plain_len as usize,
+            });
+        }
+        // Split borrows: the opened payload lives in `self.opened`.
+        let RecordDecoder { zstd, keys, opened } = self;
+        let payload = open_payload(keys.as_ref(), opened, header, payload)?;
+        match header.codec {
+            Codec::Raw => {
+                check_plain_len(header, payload.len())?;
+                out.copy_from_slice(payload);
+            }
+            Codec::Zstd => {
+                let z = match zstd.as_mut() {
+                    Some(z) => z,
+                    None => zstd.insert(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|e| RecordError::Decompress(e.to_string()))?,
+                    ),
+                };
+                // zstd writes at most `out.len()` bytes: a frame that
+                // would inflate further is an error.
+                let got = z
+                    .decompress_to_buffer(payload, &mut *out)
+                    .map_err(|e| RecordError::Decompress(e.to_string()))?;
+                check_plain_len(header, got)?;
+            }
+        }
+        self.check_id(header, out)
+    }
+
+    /// The plaintext's id (keyed in an encrypted vault) against the header's.
+    fn check_id(&self, header: &RecordHeader, plain: &[u8]) -> Result<(), RecordError> {
         let id = match &self.keys {
-            Some(k) => ChunkId(k.chunk_id(out)),
-            None => ChunkId::of(out),
+            Some(k) => ChunkId(k.chunk_id(plain)),
+            None => ChunkId::of(plain),
         };
         if id != header.id {
             return Err(RecordError::IdMismatch { computed: id });
         }
         Ok(())
+    }
+}
+
+/// A decompressed length against the header's.
+fn check_plain_len(header: &RecordHeader, got: usize) -> Result<(), RecordError> {
+    let expected = header.plain_len as usize;
+    if got != expected {
+        return Err(RecordError::PlainLengthMismatch { expected, got });
+    }
+    Ok(())
+}
+
+/// Checks a stored payload's length and CRC and, when `keys` are given
+/// (an encrypted vault), opens its seal into `opened`: returns the bytes
+/// to decompress.
+fn open_payload<'p>(
+    keys: Option<&Arc<VaultKeys>>,
+    opened: &'p mut Vec<u8>,
+    header: &RecordHeader,
+    payload: &'p [u8],
+) -> Result<&'p [u8], RecordError> {
+    if payload.len() != header.stored_len as usize {
+        return Err(RecordError::Truncated {
+            needed: header.stored_len as usize,
+            available: payload.len(),
+        });
+    }
+    let computed = crc32fast::hash(payload);
+    if computed != header.data_crc {
+        return Err(RecordError::DataChecksum {
+            stored: header.data_crc,
+            computed,
+        });
+    }
+    match (header.sealed, keys) {
+        (None, None) => Ok(payload),
+        (Some(c), None) => Err(RecordError::Sealed(c)),
+        (None, Some(_)) => Err(RecordError::NotSealed),
+        (Some(found), Some(k)) => {
+            if found != k.cipher() {
+                return Err(RecordError::CipherMismatch {
+                    found,
+                    vault: k.cipher(),
+                });
+            }
+            let ad = header.to_bytes();
+            opened.clear();
+            k.records()
+                .open_into(
+                    ad.get(..AD_LEN).unwrap_or_default(),
+                    payload,
+                    opened,
+                    &|| String::new(),
+                )
+                .map_err(|_| RecordError::Unauthentic)?;
+            Ok(opened)
+        }
     }
 }
 

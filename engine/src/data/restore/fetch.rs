@@ -1,0 +1,200 @@
+//! Direct reads of a restore group's records.
+//!
+//! The records of the group after the one being decoded are read in a few
+//! large `O_DIRECT` reads into one aligned buffer, so the decoders find
+//! them in memory: no page-cache copy per record, no small read per block.
+//! Packs and segments are written with `O_DIRECT` and are not in the page
+//! cache after a backup; read buffered, one record at a time, they cost
+//! the first restore after a backup about 0.65 s of system time for
+//! 0.5 GB of records (`strace -c`: 18,700 `pread64` at 55 µs), against
+//! almost none for the same bytes read directly in runs.
+//!
+//! Nothing here is trusted: a fetched record is only bytes the decoder
+//! checks (header, id, length, CRC, BLAKE3) like any other, and a record
+//! that could not be fetched, or whose bytes do not check, is read the
+//! ordinary way by the caller (which reports damage and repairs copies).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use coffre_vault_store::store::local::direct::{AlignedBuf, DIRECT_ALIGN};
+
+/// Where one block's record lies: a file (a pack's index or a segment's
+/// id), an offset and a length.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Place {
+    pub file: u64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// Records at most this far apart are read in one run: the bytes between
+/// them cost less than another request.
+const GAP: u64 = 64 << 10;
+
+/// The records of one group, read ahead.
+#[derive(Default)]
+pub(super) struct Fetched {
+    buf: AlignedBuf,
+    /// Per block of the group: where its record is in `buf`.
+    at: Vec<Option<(usize, usize)>>,
+}
+
+impl Fetched {
+    /// Block `i`'s record bytes, when they were fetched.
+    pub fn record(&self, i: usize) -> Option<&[u8]> {
+        let (start, len) = (*self.at.get(i)?)?;
+        self.buf.as_slice().get(start..start + len)
+    }
+}
+
+/// Reads groups' records directly from the files `open` gives (`None`
+/// where a file cannot be opened for direct reads: its records are left
+/// to the caller).
+pub(super) struct Fetcher<'a> {
+    open: Box<dyn Fn(u64) -> Option<File> + Send + 'a>,
+    files: HashMap<u64, Option<File>>,
+    /// Most bytes held for one group.
+    cap: usize,
+}
+
+impl<'a> Fetcher<'a> {
+    /// A fetcher holding at most `cap` bytes per group.
+    pub fn new(cap: usize, open: impl Fn(u64) -> Option<File> + Send + 'a) -> Self {
+        Fetcher {
+            open: Box::new(open),
+            files: HashMap::new(),
+            cap,
+        }
+    }
+
+    /// Reads the records at `places` (one per block of a group; `None` for
+    /// blocks without a record) into `into`'s buffer, reused, and returns
+    /// it. Records beyond the cap, in files that cannot be read directly,
+    /// or whose read failed are left out.
+    pub fn fetch(&mut self, places: &[Option<Place>], mut into: Fetched) -> Fetched {
+        into.at.clear();
+        into.at.resize(places.len(), None);
+        let mut order: Vec<(u64, u64, u64, usize)> = places
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.map(|p| (p.file, p.offset, p.offset + u64::from(p.len), i)))
+            .collect();
+        order.sort_unstable();
+        // Runs of records in one file, at most GAP apart, in aligned
+        // bounds: (file, aligned start, aligned end, first, last) over
+        // `order`.
+        let align = DIRECT_ALIGN as u64;
+        let mut runs: Vec<(u64, u64, u64, usize, usize)> = Vec::new();
+        let mut total = 0u64;
+        for (k, &(file, start, end, _)) in order.iter().enumerate() {
+            let (a, b) = (start / align * align, end.div_ceil(align) * align);
+            match runs.last_mut() {
+                Some(r) if r.0 == file && a <= r.2.saturating_add(GAP) => {
+                    let grown = b.max(r.2);
+                    if total + (grown - r.2) > self.cap as u64 {
+                        break;
+                    }
+                    total += grown - r.2;
+                    r.2 = grown;
+                    r.4 = k;
+                }
+                _ => {
+                    if total + (b - a) > self.cap as u64 {
+                        break;
+                    }
+                    total += b - a;
+                    runs.push((file, a, b, k, k));
+                }
+            }
+        }
+        into.buf.reserve(total as usize);
+        let mut at = 0usize;
+        for (file, a, b, first, last) in runs {
+            let len = (b - a) as usize;
+            let got = match self.file(file) {
+                Some(f) => into
+                    .buf
+                    .as_mut_slice()
+                    .get_mut(at..at + len)
+                    .map_or(0, |dst| read_direct(f, dst, a)),
+                None => 0,
+            };
+            for &(_, start, end, i) in order.get(first..=last).unwrap_or_default() {
+                if end <= a + got as u64
+                    && let Some(slot) = into.at.get_mut(i)
+                {
+                    *slot = Some((at + (start - a) as usize, (end - start) as usize));
+                }
+            }
+            at += len;
+        }
+        into
+    }
+
+    fn file(&mut self, id: u64) -> Option<&File> {
+        let open = &self.open;
+        self.files.entry(id).or_insert_with(|| open(id)).as_ref()
+    }
+}
+
+/// Reads into `dst` at `offset` until it is full, the file ends or a read
+/// fails; returns the bytes read.
+fn read_direct(file: &File, dst: &mut [u8], offset: u64) -> usize {
+    let mut got = 0;
+    while let Some(rest) = dst.get_mut(got..).filter(|r| !r.is_empty()) {
+        match file.read_at(rest, offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_read_in_runs_and_those_beyond_the_cap_or_the_file_are_left_out() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("f");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let path = p.clone();
+        // Direct where the filesystem allows, else an ordinary read: the
+        // runs are the same.
+        let open = move |id: u64| {
+            (id == 7).then(|| {
+                coffre_vault_store::store::local::direct::open_direct_read(&path)
+                    .unwrap_or_else(|| File::open(&path).unwrap())
+            })
+        };
+        let place = |file, offset, len| Some(Place { file, offset, len });
+        let places = [
+            place(7, 5_000, 1_000),
+            None,
+            place(7, 100, 200),
+            place(7, 250_000, 60_000), // past the end of the file
+            place(8, 0, 10),           // a file that cannot be opened
+            place(7, 200_000, 3_000),
+        ];
+        let mut f = Fetcher::new(1 << 20, open);
+        let got = f.fetch(&places, Fetched::default());
+        assert_eq!(got.record(0), Some(&data[5_000..6_000]));
+        assert_eq!(got.record(1), None);
+        assert_eq!(got.record(2), Some(&data[100..300]));
+        assert_eq!(got.record(3), None);
+        assert_eq!(got.record(4), None);
+        assert_eq!(got.record(5), Some(&data[200_000..203_000]));
+        // A cap of one page keeps only the first run.
+        let mut f = Fetcher::new(8192, |_| File::open(&p).ok());
+        let got = f.fetch(&places, got);
+        assert_eq!(got.record(2), Some(&data[100..300]));
+        assert_eq!(got.record(0), Some(&data[5_000..6_000]));
+        assert_eq!(got.record(5), None);
+    }
+}
