@@ -163,6 +163,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             allow_damaged: _,
             live: true,
             qmp,
+            live_domain,
+            live_connect,
             device,
             bus,
             resume,
@@ -179,7 +181,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             &point,
             coffre_engine::access::live::LiveOptions {
                 target: to,
-                qmp: qmp.context("--live needs --qmp SOCKET")?,
+                vm: match (qmp, live_domain) {
+                    (Some(q), None) => coffre_engine::access::live::LiveVm::Qmp(q),
+                    (None, Some(name)) => coffre_engine::access::live::LiveVm::Domain {
+                        name,
+                        connect: live_connect,
+                    },
+                    _ => anyhow::bail!("--live needs --qmp SOCKET or --domain NAME"),
+                },
                 device: coffre_engine::snapshotter::vm::stream::DeviceChoice {
                     id: device.context("--live needs --device ID")?,
                     bus,
