@@ -30,6 +30,10 @@
 //!   dismisses the job and deletes the backing nodes, so the NBD client
 //!   leaves before the export stops.
 //!
+//! Every step runs over a [`Monitor`]: a QMP socket, or a libvirt
+//! domain's QEMU through libvirt's passthrough
+//! ([`super::libvirt::monitor`]).
+//!
 //! Every node and the job are named `coffre-<16 hex>-…`, the hash of the
 //! target's canonical path ([`LiveNames`]), so a resumed run finds them.
 //! All of it is idempotent: a resumed run does each step that is not yet
