@@ -137,6 +137,34 @@ fn a_killed_live_restore_into_a_domain_resumes_and_the_target_is_the_point_with_
     );
     assert!(!target.exists(), "{err}");
 
+    // A target in a folder QEMU's user cannot enter: refused saying so,
+    // and nothing left (no target, no node).
+    let private = dir.join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let hidden = private.join("t.qcow2");
+    let out = coffre()
+        .args(
+            live(&[])
+                .iter()
+                .map(|a| if a == s(&target) { s(&hidden) } else { a }),
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("let that user through"), "{err}");
+    assert!(!hidden.exists(), "{err}");
+    let hidden_folder = std::env::temp_dir().join(format!(
+        "coffre-libvirt-live-{}",
+        LiveNames::of(&hidden).tag
+    ));
+    assert!(!hidden_folder.exists(), "the export's folder goes too");
+
     let log = dir.join("first.log");
     let mut first = coffre()
         .args(live(&["--speed", "2M"]))

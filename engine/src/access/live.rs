@@ -289,9 +289,15 @@ pub fn restore_live(
             (Ok(_), Ok(Err(e))) => Err(e),
             (Ok(o), Ok(Ok(_))) => Ok(o),
         }
-    })?;
+    });
     drop(listener);
-    place.remove_folder(report);
+    // The export's folder goes once the stream is complete, or when the
+    // run failed before QEMU had the target (it was removed): a resumed
+    // run needs it only while the target names it.
+    if outcome.is_ok() || std::fs::symlink_metadata(&target).is_err() {
+        place.remove_folder(report);
+    }
+    let outcome = outcome?;
     Ok(LiveSummary {
         target: target.clone(),
         item: entry.item.clone(),
@@ -576,6 +582,14 @@ impl Run<'_> {
                     );
                     let _ = stream::finish(qmp, self.names);
                     let _ = std::fs::remove_file(self.target);
+                }
+                if let (Reach::Domain(..), Some((uid, _))) =
+                    (&self.place.reach, self.place.qemu_user)
+                    && e.to_string().contains("Permission denied")
+                {
+                    return Err(self.fail(format!(
+                        "{e}; the domain's QEMU runs as uid {uid}: the target's folder must let that user through (as /var/lib/libvirt/images does)"
+                    )));
                 }
                 return Err(e.into());
             }
