@@ -28,6 +28,7 @@ mod install_deps;
 mod job_phases;
 mod kill9_during_backup;
 mod libvirt_domain;
+mod libvirt_live_restore;
 mod nbd_export;
 mod nbd_fake_server;
 mod nbd_qcow2;

@@ -309,6 +309,10 @@ pub enum Command {
     /// backing left. Killed or interrupted, it loses nothing (guest
     /// writes go to FILE): the VM's reads of blocks not yet copied wait
     /// for --reconnect-delay seconds; run the same command with --resume.
+    /// A libvirt domain (--domain, running) instead of --qmp: --device
+    /// names one of its disks (vdb), which gets FILE; coffre drives its
+    /// QEMU through libvirt's QMP passthrough, which marks the domain
+    /// tainted, and its XML keeps naming the disk's old image.
     /// For a raw disk afterwards: qemu-img convert -f qcow2 -O raw FILE
     /// DISK.img.
     Restore {
@@ -355,23 +359,49 @@ pub enum Command {
         #[command(flatten)]
         threads: ThreadsArg,
         /// Restore into a running VM: FILE (a new qcow2) becomes the disk
-        /// of --device in the QEMU behind --qmp, filled while the VM runs.
-        #[arg(long, requires_all = ["qmp", "device"],
+        /// of --device in the QEMU behind --qmp (or of libvirt domain
+        /// --domain), filled while the VM runs.
+        #[arg(long, requires = "device",
               conflicts_with_all = ["in_place", "force", "format", "allow_damaged"])]
         live: bool,
         /// With --live: the VM's QEMU monitor socket (-qmp
         /// unix:SOCKET,server=on,wait=off).
         #[arg(long, value_name = "SOCKET", requires = "live")]
         qmp: Option<PathBuf>,
+        /// With --live: a running libvirt domain whose disk --device
+        /// (vdb) gets FILE, driven through libvirt's QMP passthrough
+        /// (which taints the domain).
+        #[arg(
+            long = "domain",
+            value_name = "NAME",
+            requires = "live",
+            conflicts_with = "qmp"
+        )]
+        live_domain: Option<String>,
+        /// With --domain: the libvirt connection URI (default: libvirt's).
+        #[arg(long = "connect", value_name = "URI", requires = "live_domain")]
+        live_connect: Option<String>,
         /// With --live: the id of the VM's disk device that gets FILE as
         /// its drive (an existing device: its drive is changed in place);
-        /// an id QEMU does not know creates a virtio-blk-pci device.
+        /// an id QEMU does not know creates a virtio-blk-pci device. With
+        /// --domain: the target of one of its disks (vdb).
         #[arg(long, value_name = "ID", requires = "live")]
         device: Option<String>,
         /// With --live, a new device: the bus it is plugged into (on q35, a
         /// free pcie-root-port).
-        #[arg(long, value_name = "BUS", requires = "device")]
+        #[arg(
+            long,
+            value_name = "BUS",
+            requires = "device",
+            conflicts_with = "live_domain"
+        )]
         bus: Option<String>,
+        /// With --live: hand the restored disk to the existing device even
+        /// though the guest is running. Only for a disk the guest does not
+        /// use (not mounted, no I/O): a guest's writeback of the old disk
+        /// would corrupt the restored one.
+        #[arg(long, requires = "live")]
+        swap_running_disk: bool,
         /// With --live: carry on an interrupted live restore of FILE (its
         /// point and socket are read from FILE): serve the export again,
         /// find QEMU's job and follow it to its end.

@@ -163,8 +163,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             allow_damaged: _,
             live: true,
             qmp,
+            live_domain,
+            live_connect,
             device,
             bus,
+            swap_running_disk,
             resume,
             speed,
             reconnect_delay,
@@ -175,10 +178,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             &point,
             coffre_engine::access::live::LiveOptions {
                 target: to,
-                qmp: qmp.context("--live needs --qmp SOCKET")?,
+                vm: match (qmp, live_domain) {
+                    (Some(q), None) => coffre_engine::access::live::LiveVm::Qmp(q),
+                    (None, Some(name)) => coffre_engine::access::live::LiveVm::Domain {
+                        name,
+                        connect: live_connect,
+                    },
+                    _ => anyhow::bail!("--live needs --qmp SOCKET or --domain NAME"),
+                },
                 device: coffre_engine::snapshotter::vm::stream::DeviceChoice {
                     id: device.context("--live needs --device ID")?,
                     bus,
+                    swap_running: swap_running_disk,
                 },
                 resume,
                 speed,

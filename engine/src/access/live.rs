@@ -10,6 +10,16 @@
 //! reporting its progress, until it completes: QEMU drops the backing,
 //! the backing nodes go, the export stops.
 //!
+//! The VM is reached through its QEMU monitor socket ([`LiveVm::Qmp`]),
+//! or, for a libvirt domain ([`LiveVm::Domain`]), through libvirt's QMP
+//! passthrough (which taints the domain): the same steps either way, over
+//! a [`Monitor`]. A domain's device is named by its disk's target (`vdb`,
+//! resolved to QEMU's device id from the domain's XML); its QEMU runs as
+//! another user, so the export listens in a folder of its own that user
+//! can pass (`$TMPDIR/coffre-libvirt-live-<16 hex>/nbd.sock`, the socket
+//! handed to that user; [`workdir::live`]) and the new target is handed
+//! to it too.
+//!
 //! A run killed mid-stream loses nothing: the guest's writes go to the
 //! target, never to coffre, and QEMU's NBD client waits
 //! `reconnect_delay` seconds for the export to come back. A resumed run
@@ -23,6 +33,11 @@ use std::time::{Duration, Instant};
 
 use coffre_snapshotter::nbd::listen::Listener;
 use coffre_snapshotter::nbd::wire::Activity;
+use coffre_snapshotter::vm::libvirt::domain::Domain;
+use coffre_snapshotter::vm::libvirt::lock::DomainLock;
+use coffre_snapshotter::vm::libvirt::monitor::DomainMonitor;
+use coffre_snapshotter::vm::libvirt::workdir;
+use coffre_snapshotter::vm::monitor::Monitor;
 use coffre_snapshotter::vm::monitor_lock::MonitorLock;
 use coffre_snapshotter::vm::qmp::Qmp;
 use coffre_snapshotter::vm::stream::{
@@ -43,15 +58,32 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(60);
 /// The window the shown rate is measured over.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 
+/// The VM a live restore gives its target to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LiveVm {
+    /// A QEMU monitor socket (`-qmp unix:SOCKET,server=on,wait=off`); the
+    /// device is QEMU's device id.
+    Qmp(PathBuf),
+    /// A running libvirt domain, driven through libvirt's QMP passthrough
+    /// (which taints it); the device is one of its disks' target (`vdb`).
+    Domain {
+        /// The domain's name.
+        name: String,
+        /// The connection URI (`None`: libvirt's default).
+        connect: Option<String>,
+    },
+}
+
 /// What a live restore is asked.
 #[derive(Clone, Debug)]
 pub struct LiveOptions {
     /// The qcow2 target (new, or with `resume` the one an earlier run
     /// made).
     pub target: PathBuf,
-    /// The VM's QEMU monitor socket.
-    pub qmp: PathBuf,
-    /// The device given the target.
+    /// The VM.
+    pub vm: LiveVm,
+    /// The device given the target (for a domain: the target of one of
+    /// its disks, and no bus).
     pub device: DeviceChoice,
     /// Carry on an interrupted live restore of `target`.
     pub resume: bool,
@@ -134,7 +166,8 @@ fn canonical_target(target: &Path, resume: bool) -> Result<PathBuf> {
         let m = std::fs::metadata(&path).map_err(|e| fail(&path, e.to_string()))?;
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
-        if !m.file_type().is_file() || m.uid() != me || m.mode() & 0o022 != 0 {
+        // (As root, a target given to a libvirt domain's QEMU user.)
+        if !m.file_type().is_file() || (m.uid() != me && me != 0) || m.mode() & 0o022 != 0 {
             return Err(fail(
                 &path,
                 "cannot resume: not a regular file of this user's that only its owner may write (a live restore's target is created so)",
@@ -173,9 +206,8 @@ pub fn restore_live(
 ) -> Result<LiveSummary> {
     let target = canonical_target(&opts.target, opts.resume)?;
     let names = LiveNames::of(&target);
-    let socket = names
-        .socket()
-        .map_err(|e| fail(&target, format!("the export's socket: {e}")))?;
+    let place = Place::find(opts, &target, &names)?;
+    let socket = place.socket.clone();
     if opts.resume && std::fs::metadata(&target).is_ok_and(|m| m.len() == 0) {
         return Err(fail(
             &target,
@@ -184,7 +216,7 @@ pub fn restore_live(
     }
     let entry = if opts.resume {
         match stream::read_backing(&target)? {
-            None => return finish_only(item, opts, &target, &names, &socket, report),
+            None => return finish_only(item, &place, &target, &names, report),
             Some(b) => {
                 let backing = stream::parse_backing(&b).ok_or_else(|| {
                     fail(&target, format!("its backing {b:?} is not a coffre export: it is no live restore's target"))
@@ -233,6 +265,7 @@ pub fn restore_live(
             format!("{e} (is another coffre serving this target's restore?)"),
         )
     })?;
+    workdir::hand_to_qemu(&socket, place.qemu_user)?;
     let export = export_name(&entry.id);
     let export_stop = AtomicBool::new(false);
     let activity = Activity::default();
@@ -251,6 +284,7 @@ pub fn restore_live(
         });
         let run = Run {
             opts,
+            place: &place,
             target: &target,
             names: &names,
             socket: &socket,
@@ -269,7 +303,15 @@ pub fn restore_live(
             (Ok(_), Ok(Err(e))) => Err(e),
             (Ok(o), Ok(Ok(_))) => Ok(o),
         }
-    })?;
+    });
+    drop(listener);
+    // The export's folder goes once the stream is complete, or when the
+    // run failed before QEMU had the target (it was removed): a resumed
+    // run needs it only while the target names it.
+    if outcome.is_ok() || std::fs::symlink_metadata(&target).is_err() {
+        place.remove_folder(report);
+    }
+    let outcome = outcome?;
     Ok(LiveSummary {
         target: target.clone(),
         item: entry.item.clone(),
@@ -292,22 +334,14 @@ pub fn restore_live(
 /// backing nodes) goes. The target no longer names its point.
 fn finish_only(
     item: &str,
-    opts: &LiveOptions,
+    place: &Place,
     target: &Path,
     names: &LiveNames,
-    socket: &Path,
     report: &dyn LiveReport,
 ) -> Result<LiveSummary> {
-    let _lock = MonitorLock::acquire(
-        &opts.qmp,
-        &format!(
-            "pid {}, live restore into {}",
-            std::process::id(),
-            target.display()
-        ),
-    )?;
-    let mut qmp = Qmp::connect(&opts.qmp, QMP_TIMEOUT)?;
-    if let Job::Concluded { error: Some(e) } = stream::job(&mut qmp, names)? {
+    let (_lock, mut vm) = place.connect(target)?;
+    let qmp = vm.as_mut();
+    if let Job::Concluded { error: Some(e) } = stream::job(qmp, names)? {
         return Err(fail(
             target,
             format!(
@@ -315,7 +349,8 @@ fn finish_only(
             ),
         ));
     }
-    stream::finish(&mut qmp, names)?;
+    stream::finish(qmp, names)?;
+    place.remove_folder(report);
     report.step("the stream had completed: the target needs coffre no more");
     Ok(LiveSummary {
         target: target.to_path_buf(),
@@ -323,7 +358,7 @@ fn finish_only(
         point: String::new(),
         size: 0,
         from: None,
-        socket: socket.to_path_buf(),
+        socket: place.socket.clone(),
         resumed: true,
         device: "already".into(),
         started_vm: false,
@@ -334,9 +369,151 @@ fn finish_only(
     })
 }
 
+/// How the VM is reached.
+enum Reach {
+    Qmp(PathBuf),
+    Domain(Domain, Option<String>),
+}
+
+/// The lock a run holds on the VM: one coffre run per monitor or domain.
+enum Held {
+    Monitor { _lock: MonitorLock },
+    Domain { _lock: DomainLock },
+}
+
+/// The VM found: how it is reached, where the export listens, the device
+/// given the target, and the user its QEMU runs as.
+struct Place {
+    reach: Reach,
+    socket: PathBuf,
+    device: DeviceChoice,
+    qemu_user: Option<(u32, u32)>,
+    /// A domain's live restore folder, removed once the stream is complete.
+    folder: Option<PathBuf>,
+}
+
+impl Place {
+    fn find(opts: &LiveOptions, target: &Path, names: &LiveNames) -> Result<Place> {
+        match &opts.vm {
+            LiveVm::Qmp(socket) => Ok(Place {
+                reach: Reach::Qmp(socket.clone()),
+                socket: names
+                    .socket()
+                    .map_err(|e| fail(target, format!("the export's socket: {e}")))?,
+                device: opts.device.clone(),
+                qemu_user: None,
+                folder: None,
+            }),
+            LiveVm::Domain { name, connect } => {
+                let domain = Domain::new(connect.as_deref(), name)?;
+                let dfail = |reason: String| {
+                    EngineError::from(coffre_snapshotter::SnapError::Libvirt {
+                        domain: name.clone(),
+                        reason,
+                    })
+                };
+                if !domain.is_active()? {
+                    return Err(dfail(
+                        "it is not running: a live restore gives its disk to a running domain (`virsh start --paused` starts it waiting; coffre then lets it run)".into(),
+                    ));
+                }
+                if opts.device.bus.is_some() {
+                    return Err(dfail(
+                        "--bus is for a new device behind --qmp; with --domain, --device names one of the domain's disks (vdb)".into(),
+                    ));
+                }
+                let xml = domain.xml(false)?;
+                let disk = xml
+                    .disks
+                    .iter()
+                    .find(|d| d.target == opts.device.id)
+                    .ok_or_else(|| {
+                        let all: Vec<&str> = xml.disks.iter().map(|d| d.target.as_str()).collect();
+                        dfail(format!(
+                            "it has no disk {:?} (its disks: {})",
+                            opts.device.id,
+                            all.join(", ")
+                        ))
+                    })?;
+                if disk.readonly {
+                    return Err(dfail(format!(
+                        "disk {} is read-only: a live restore writes to its disk",
+                        disk.target
+                    )));
+                }
+                let alias = disk.alias.clone().ok_or_else(|| {
+                    dfail(format!(
+                        "libvirt does not say QEMU's device id of disk {} (no <alias>)",
+                        disk.target
+                    ))
+                })?;
+                let folder = workdir::live(&std::env::temp_dir(), &names.tag)?;
+                Ok(Place {
+                    socket: folder.join(workdir::SOCKET),
+                    reach: Reach::Domain(domain, xml.uuid.clone()),
+                    device: DeviceChoice {
+                        id: alias,
+                        bus: None,
+                        swap_running: opts.device.swap_running,
+                    },
+                    qemu_user: xml.qemu_user,
+                    folder: Some(folder),
+                })
+            }
+        }
+    }
+
+    /// Takes the VM's lock (refused at once when another coffre run holds
+    /// it) and reaches its monitor.
+    fn connect(&self, target: &Path) -> Result<(Held, Box<dyn Monitor>)> {
+        let holder = format!(
+            "pid {}, live restore into {}",
+            std::process::id(),
+            target.display()
+        );
+        Ok(match &self.reach {
+            Reach::Qmp(socket) => {
+                let lock = MonitorLock::acquire(socket, &holder)?;
+                let qmp = Qmp::connect(socket, QMP_TIMEOUT)?;
+                (Held::Monitor { _lock: lock }, Box::new(qmp))
+            }
+            Reach::Domain(domain, uuid) => {
+                let lock = DomainLock::acquire(domain, uuid.as_deref())?;
+                (
+                    Held::Domain { _lock: lock },
+                    Box::new(DomainMonitor::new(domain.clone())),
+                )
+            }
+        })
+    }
+
+    /// Removes a domain's live restore folder (the stream is complete); a
+    /// folder that cannot go is reported, not an error.
+    fn remove_folder(&self, report: &dyn LiveReport) {
+        if let Some(f) = &self.folder
+            && let Err(why) = workdir::remove(f, &std::env::temp_dir(), &[])
+        {
+            report.step(&format!("the export's folder stays: {why}"));
+        }
+    }
+
+    /// The device's name for messages: a domain's disk target, or the
+    /// device id.
+    fn shown_device<'a>(&'a self, opts: &'a LiveOptions) -> String {
+        match &self.reach {
+            Reach::Qmp(_) => opts.device.id.clone(),
+            Reach::Domain(d, _) => format!(
+                "{} (disk {} of domain {})",
+                self.device.id, opts.device.id, d.name
+            ),
+        }
+    }
+}
+
 /// One run's QEMU side, beside the export.
 struct Run<'a> {
     opts: &'a LiveOptions,
+    place: &'a Place,
     target: &'a Path,
     names: &'a LiveNames,
     socket: &'a Path,
@@ -372,6 +549,9 @@ impl Run<'_> {
                 std::fs::Permissions::from_mode(opts.mode & 0o7777),
             )
             .map_err(|e| self.fail(format!("cannot set its permissions: {e}")))?;
+            // A domain's QEMU runs as a user of its own (libvirt's DAC
+            // label): the target is handed to it, as libvirt does a disk.
+            workdir::hand_to_qemu(self.target, self.place.qemu_user)?;
             self.report.step(&format!(
                 "created {} (qcow2, backing: point {} of item {} over NBD at {})",
                 self.target.display(),
@@ -380,16 +560,10 @@ impl Run<'_> {
                 self.socket.display()
             ));
         }
-        // One coffre run per monitor: a live backup of the same VM is
-        // refused at once instead of waiting for the monitor.
-        let holder = format!(
-            "pid {}, live restore into {}",
-            std::process::id(),
-            self.target.display()
-        );
-        let connected = MonitorLock::acquire(&opts.qmp, &holder)
-            .and_then(|lock| Ok((lock, Qmp::connect(&opts.qmp, QMP_TIMEOUT)?)));
-        let (_lock, mut qmp) = match connected {
+        // One coffre run per monitor or domain: a live backup of the same
+        // VM is refused at once instead of waiting for the monitor.
+        let connected = self.place.connect(self.target);
+        let (_lock, mut vm) = match connected {
             Ok(c) => c,
             Err(e) => {
                 if created {
@@ -397,16 +571,17 @@ impl Run<'_> {
                     // command can simply be run again.
                     let _ = std::fs::remove_file(self.target);
                 }
-                return Err(e.into());
+                return Err(e);
             }
         };
+        let qmp = vm.as_mut();
         // A new target never takes over nodes an earlier run left in
         // QEMU: they may hold another file (a removed target) or another
         // point's export.
         if created {
             let mut leftover = None;
             for n in [&self.names.target, &self.names.backing] {
-                if stream::node_exists(&mut qmp, n)? {
+                if stream::node_exists(qmp, n)? {
                     leftover = Some(n.clone());
                 }
             }
@@ -418,13 +593,13 @@ impl Run<'_> {
             }
         }
         let attached = stream::attach(
-            &mut qmp,
+            qmp,
             self.names,
             self.target,
             self.socket,
             self.export,
             opts.reconnect_delay,
-            &opts.device,
+            &self.place.device,
         );
         let attached = match attached {
             Ok(a) => a,
@@ -432,50 +607,51 @@ impl Run<'_> {
                 // A new target no device took goes with its nodes, so the
                 // same command can simply be run again; if QEMU cannot say
                 // (its monitor gone), it stays, for --resume.
-                if created
-                    && matches!(
-                        stream::attached_device(&mut qmp, &self.names.target),
-                        Ok(None)
-                    )
-                {
-                    let deleted = qmp
-                        .execute(
-                            "blockdev-del",
-                            Some(serde_json::json!({ "node-name": self.names.target })),
-                        )
-                        .is_ok();
-                    let _ = stream::finish(&mut qmp, self.names);
-                    // Only a file QEMU no longer holds is removed.
-                    if deleted
-                        && matches!(stream::node_exists(&mut qmp, &self.names.target), Ok(false))
-                    {
+                if created && matches!(stream::attached_device(qmp, &self.names.target), Ok(None)) {
+                    let _ = qmp.execute(
+                        "blockdev-del",
+                        Some(serde_json::json!({ "node-name": self.names.target })),
+                    );
+                    let _ = stream::finish(qmp, self.names);
+                    // Only a file QEMU does not hold (its node gone, or
+                    // never added) is removed.
+                    if matches!(stream::node_exists(qmp, &self.names.target), Ok(false)) {
                         let _ = std::fs::remove_file(self.target);
                     }
+                }
+                if let (Reach::Domain(..), Some((uid, _))) =
+                    (&self.place.reach, self.place.qemu_user)
+                    && e.to_string().contains("Permission denied")
+                {
+                    return Err(self.fail(format!(
+                        "{e}; the domain's QEMU runs as uid {uid}: the target's folder must let that user through (as /var/lib/libvirt/images does)"
+                    )));
                 }
                 return Err(e.into());
             }
         };
+        let device = self.place.shown_device(opts);
         self.report.step(&match attached {
             Attached::Handed => {
-                format!("device {} now reads and writes the target", opts.device.id)
+                format!("device {device} now reads and writes the target")
             }
             Attached::Added => format!(
                 "device {} (virtio-blk-pci) added with the target as its disk",
                 opts.device.id
             ),
-            Attached::Already => format!("the target is device {}'s disk already", opts.device.id),
+            Attached::Already => format!("the target is device {device}'s disk already"),
         });
         self.report.step(&format!(
             "if coffre stops before the stream completes, the VM's reads of blocks not yet copied wait up to {} s: run the same command with --resume (guest writes are never lost: they go to the target)",
             opts.reconnect_delay
         ));
-        let started_vm = stream::start_if_waiting(&mut qmp)?;
+        let started_vm = stream::start_if_waiting(qmp)?;
         if started_vm {
             self.report.step("the VM was waiting (-S): started");
         }
-        match stream::job(&mut qmp, self.names)? {
-            Job::Absent if stream::has_backing(&mut qmp, self.names)? => {
-                stream::start_stream(&mut qmp, self.names, opts.speed.unwrap_or(0))?;
+        match stream::job(qmp, self.names)? {
+            Job::Absent if stream::has_backing(qmp, self.names)? => {
+                stream::start_stream(qmp, self.names, opts.speed.unwrap_or(0))?;
                 self.report.step(&format!(
                     "QEMU's block-stream job {} started",
                     self.names.job
@@ -490,7 +666,7 @@ impl Run<'_> {
                     "job-dismiss",
                     Some(serde_json::json!({ "id": self.names.job })),
                 )?;
-                stream::start_stream(&mut qmp, self.names, opts.speed.unwrap_or(0))?;
+                stream::start_stream(qmp, self.names, opts.speed.unwrap_or(0))?;
             }
             Job::Concluded { error: None } => {}
             Job::Running { .. } => {
@@ -499,12 +675,12 @@ impl Run<'_> {
                     self.names.job
                 ));
                 if let Some(speed) = opts.speed {
-                    stream::set_speed(&mut qmp, self.names, speed)?;
+                    stream::set_speed(qmp, self.names, speed)?;
                 }
             }
         }
-        let (streamed, seconds) = self.follow(&mut qmp)?;
-        stream::finish(&mut qmp, self.names)?;
+        let (streamed, seconds) = self.follow(qmp)?;
+        stream::finish(qmp, self.names)?;
         if let Some(b) = stream::read_backing(self.target)? {
             return Err(self.fail(format!(
                 "the job completed but the target still names a backing ({b})"
@@ -526,7 +702,7 @@ impl Run<'_> {
     }
 
     /// Follows the job to its end: bytes it copied, seconds.
-    fn follow(&self, qmp: &mut Qmp) -> Result<(u64, f64)> {
+    fn follow(&self, qmp: &mut dyn Monitor) -> Result<(u64, f64)> {
         let began = Instant::now();
         let mut first: Option<u64> = None;
         // (when, offset) samples over the rate window.

@@ -10,7 +10,8 @@
 //! backup source that puts them together with the guest's freeze
 //! ([`live`]).
 //! A live restore's target, given to a VM and filled by QEMU's own
-//! `block-stream` job, is [`stream`]'s.
+//! `block-stream` job, is [`stream`]'s, written once over a [`monitor`]
+//! (a QMP socket, or libvirt's passthrough to a domain's QEMU).
 //! libvirt domains are driven through `virsh` instead ([`libvirt`]).
 //! The host-wide locks of both, one `flock`ed file per monitor or domain
 //! in coffre's private runtime folder, are [`host_lock`]'s.
@@ -22,6 +23,7 @@ pub mod host_lock;
 pub mod json_lines;
 pub mod libvirt;
 pub mod live;
+pub mod monitor;
 pub mod monitor_lock;
 pub mod node;
 pub mod qmp;

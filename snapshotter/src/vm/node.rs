@@ -8,6 +8,7 @@
 
 use serde_json::{Value, json};
 
+use super::monitor::Monitor;
 use super::qmp::Qmp;
 use crate::error::Result;
 
@@ -85,7 +86,7 @@ fn node_of(v: &Value) -> Option<NodeInfo> {
 }
 
 /// The node called `node_name`, if QEMU has it.
-pub fn named(qmp: &mut Qmp, node_name: &str) -> Result<Option<NodeInfo>> {
+pub fn named(qmp: &mut (impl Monitor + ?Sized), node_name: &str) -> Result<Option<NodeInfo>> {
     let nodes = qmp.execute("query-named-block-nodes", Some(json!({ "flat": true })))?;
     Ok(nodes
         .as_array()
@@ -127,7 +128,11 @@ fn qom_path(dev: &Value) -> Option<String> {
 
 /// The node child `child` (`file`, `backing`, …) of node `parent`, from
 /// QEMU's block graph (`x-debug-query-block-graph`, in QEMU since 4.0).
-pub fn child_of(qmp: &mut Qmp, parent: &str, child: &str) -> Result<Option<String>> {
+pub fn child_of(
+    qmp: &mut (impl Monitor + ?Sized),
+    parent: &str,
+    child: &str,
+) -> Result<Option<String>> {
     let graph = qmp.execute("x-debug-query-block-graph", None)?;
     Ok(child_in(&graph, parent, child))
 }

@@ -30,6 +30,10 @@
 //!   dismisses the job and deletes the backing nodes, so the NBD client
 //!   leaves before the export stops.
 //!
+//! Every step runs over a [`Monitor`]: a QMP socket, or a libvirt
+//! domain's QEMU through libvirt's passthrough
+//! ([`super::libvirt::monitor`]).
+//!
 //! Every node and the job are named `coffre-<16 hex>-…`, the hash of the
 //! target's canonical path ([`LiveNames`]), so a resumed run finds them.
 //! All of it is idempotent: a resumed run does each step that is not yet
@@ -40,8 +44,8 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
+use super::monitor::Monitor;
 use super::node;
-use super::qmp::Qmp;
 use crate::error::{Result, SnapError};
 
 /// The prefix of a live restore's export name, before the point id.
@@ -271,6 +275,9 @@ pub struct DeviceChoice {
     /// The bus of a device created with `device_add` (`None`: QEMU's
     /// choice).
     pub bus: Option<String>,
+    /// Hand the drive to an existing device of a guest that is running
+    /// (`--swap-running-disk`: the guest must not use the old disk).
+    pub swap_running: bool,
 }
 
 /// The QOM path of device `id`.
@@ -280,7 +287,7 @@ fn device_path(id: &str) -> String {
 
 /// The QOM path (from `query-block`) of the device whose drive is node
 /// `root`, if any.
-pub fn attached_device(qmp: &mut Qmp, root: &str) -> Result<Option<String>> {
+pub fn attached_device(qmp: &mut dyn Monitor, root: &str) -> Result<Option<String>> {
     let devices = qmp.execute("query-block", None)?;
     Ok(devices.as_array().and_then(|all| {
         all.iter().find_map(|d| {
@@ -292,7 +299,7 @@ pub fn attached_device(qmp: &mut Qmp, root: &str) -> Result<Option<String>> {
 }
 
 /// True when QEMU has a device `id`.
-fn device_exists(qmp: &mut Qmp, id: &str) -> bool {
+fn device_exists(qmp: &mut dyn Monitor, id: &str) -> bool {
     qmp.execute("qom-list", Some(json!({ "path": device_path(id) })))
         .is_ok()
 }
@@ -309,7 +316,7 @@ pub enum Attached {
 }
 
 /// True when QEMU has a block node called `name`.
-pub fn node_exists(qmp: &mut Qmp, name: &str) -> Result<bool> {
+pub fn node_exists(qmp: &mut dyn Monitor, name: &str) -> Result<bool> {
     Ok(node::named(qmp, name)?.is_some())
 }
 
@@ -317,7 +324,7 @@ pub fn node_exists(qmp: &mut Qmp, name: &str) -> Result<bool> {
 /// qcow2 node above it) and makes it the drive of `device`. Each step
 /// already done (a resumed run) is skipped.
 pub fn attach(
-    qmp: &mut Qmp,
+    qmp: &mut dyn Monitor,
     names: &LiveNames,
     target: &Path,
     socket: &Path,
@@ -376,9 +383,9 @@ pub fn attach(
                 .and_then(Value::as_str)
                 .unwrap_or("unknown")
                 .to_string();
-            if !matches!(status.as_str(), "prelaunch" | "shutdown") {
+            if !device.swap_running && !matches!(status.as_str(), "prelaunch" | "shutdown") {
                 return Err(qmp.error(format!(
-                    "the VM is {status}: its device {} still has the old disk in use, and swapping the drive under a guest that ran would corrupt the restored disk. Start QEMU with -S (or shut the guest down) to hand it the restored disk, or name a new device id to hot-plug the restored disk next to the old one",
+                    "the VM is {status}: its device {} still has the old disk in use, and swapping the drive under a guest that ran would corrupt the restored disk. Start QEMU with -S (`virsh start --paused`, or shut the guest down) to hand it the restored disk, name a new device id to hot-plug the restored disk next to the old one, or pass --swap-running-disk if the guest does not use that disk (not mounted, no I/O)",
                     device.id
                 )));
             }
@@ -416,7 +423,7 @@ pub fn attach(
 
 /// Starts a VM waiting for its first `cont` (`-S`: status `prelaunch`).
 /// True when it did; a VM paused for another reason is left as it is.
-pub fn start_if_waiting(qmp: &mut Qmp) -> Result<bool> {
+pub fn start_if_waiting(qmp: &mut dyn Monitor) -> Result<bool> {
     let status = qmp.execute("query-status", None)?;
     if status.get("status").and_then(Value::as_str) == Some("prelaunch") {
         qmp.execute("cont", None)?;
@@ -426,12 +433,12 @@ pub fn start_if_waiting(qmp: &mut Qmp) -> Result<bool> {
 }
 
 /// True while the target node still reads through its backing.
-pub fn has_backing(qmp: &mut Qmp, names: &LiveNames) -> Result<bool> {
+pub fn has_backing(qmp: &mut dyn Monitor, names: &LiveNames) -> Result<bool> {
     Ok(node::child_of(qmp, &names.target, "backing")?.is_some())
 }
 
 /// Starts the stream job, at most `speed` bytes a second (0: no limit).
-pub fn start_stream(qmp: &mut Qmp, names: &LiveNames, speed: u64) -> Result<()> {
+pub fn start_stream(qmp: &mut dyn Monitor, names: &LiveNames, speed: u64) -> Result<()> {
     qmp.execute(
         "block-stream",
         Some(json!({
@@ -468,7 +475,7 @@ pub enum Job {
 }
 
 /// The job now.
-pub fn job(qmp: &mut Qmp, names: &LiveNames) -> Result<Job> {
+pub fn job(qmp: &mut dyn Monitor, names: &LiveNames) -> Result<Job> {
     let jobs = qmp.execute("query-jobs", None)?;
     let Some(j) = jobs.as_array().and_then(|all| {
         all.iter()
@@ -508,7 +515,7 @@ pub fn job(qmp: &mut Qmp, names: &LiveNames) -> Result<Job> {
 }
 
 /// Sets the job's speed limit (bytes a second; 0: none).
-pub fn set_speed(qmp: &mut Qmp, names: &LiveNames, speed: u64) -> Result<()> {
+pub fn set_speed(qmp: &mut dyn Monitor, names: &LiveNames, speed: u64) -> Result<()> {
     qmp.execute(
         "block-job-set-speed",
         Some(json!({ "device": names.job, "speed": speed })),
@@ -517,14 +524,14 @@ pub fn set_speed(qmp: &mut Qmp, names: &LiveNames, speed: u64) -> Result<()> {
 }
 
 /// Resumes a job paused after an error.
-pub fn resume_job(qmp: &mut Qmp, names: &LiveNames) -> Result<()> {
+pub fn resume_job(qmp: &mut dyn Monitor, names: &LiveNames) -> Result<()> {
     qmp.execute("block-job-resume", Some(json!({ "device": names.job })))?;
     Ok(())
 }
 
 /// After the job: it is dismissed, and the backing nodes go (the NBD
 /// client leaves the export). A node already gone is not an error.
-pub fn finish(qmp: &mut Qmp, names: &LiveNames) -> Result<()> {
+pub fn finish(qmp: &mut dyn Monitor, names: &LiveNames) -> Result<()> {
     if let Job::Concluded { .. } = job(qmp, names)? {
         qmp.execute("job-dismiss", Some(json!({ "id": names.job })))?;
     }

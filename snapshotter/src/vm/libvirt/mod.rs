@@ -22,8 +22,12 @@
 //!   exports, and the end of the job (`domjobabort`) whatever happens;
 //!   what a killed run left is found and removed by name.
 //! - [`workdir`]: a pull backup's private folder (the part QEMU's user
-//!   may write kept apart), and its removal through descriptors that
-//!   follow no symlink.
+//!   may write kept apart), a live restore's (its export's socket handed
+//!   to QEMU's user), and their removal through descriptors that follow no
+//!   symlink.
+//! - [`monitor`]: the domain's QEMU monitor through libvirt's QMP
+//!   passthrough, for a live restore (`restore --live --domain`), which
+//!   taints the domain.
 //!
 //! Every checkpoint coffre creates is named [`CHECKPOINT_PREFIX`], 8 hex
 //! digits of the vault ([`vault_checkpoint_prefix`]) and the domain job's
@@ -33,6 +37,7 @@
 
 pub mod domain;
 pub mod lock;
+pub mod monitor;
 pub mod pull;
 pub mod virsh;
 pub mod workdir;

@@ -9,6 +9,15 @@
 //! but cannot rename, replace or add anything in the outer folder, nor
 //! (in a sticky `/tmp`) the outer folder itself.
 //!
+//! A live restore into a domain (`restore --live --domain`) has a folder
+//! of its own, `$TMPDIR/coffre-libvirt-live-16HEX` ([`live`]), named after
+//! the target (not after the run: a resumed run serves the same socket,
+//! which the target's header names). It is the same outer folder (0711,
+//! coffre's user's) without the subfolder: coffre, not QEMU, makes the
+//! export's socket there (`nbd.sock`), and hands the socket itself to
+//! QEMU's user ([`hand_to_qemu`], mode 0600): QEMU's user can reach it and
+//! nobody else, and coffre never works in a folder another user controls.
+//!
 //! Removal ([`remove`]) is what a root-run clean-up does with a folder a
 //! killed run left, so it trusts nothing it finds: the folder must be
 //! directly under the temporary directory, carry a work folder's name, not
@@ -35,8 +44,12 @@ pub const QEMU_DIR: &str = "q";
 /// The request files coffre writes in the outer folder.
 pub const REQUESTS: [&str; 2] = ["backup.xml", "checkpoint.xml"];
 
-/// The NBD socket's name in [`QEMU_DIR`].
+/// The NBD socket's name in [`QEMU_DIR`] (in a live restore's folder: in
+/// the folder itself).
 pub const SOCKET: &str = "nbd.sock";
+
+/// The prefix of a live restore's folder, before 16 hex digits.
+pub const LIVE_PREFIX: &str = "coffre-libvirt-live-";
 
 fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions.
@@ -60,19 +73,7 @@ pub fn create(tmp: &Path, qemu_user: Option<(u32, u32)>) -> Result<PathBuf> {
         ));
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {
-                // 0711 whatever the umask: QEMU's user passes through to
-                // its own subfolder, and lists nothing. Set through the
-                // folder just created, opened without following a link.
-                let outer = std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-                    .open(&dir)
-                    .and_then(|f| {
-                        f.set_permissions(std::fs::Permissions::from_mode(0o711))
-                            .map(|()| f)
-                    })
-                    .map_err(|e| SnapError::write(&dir, e))?;
-                drop(outer);
+                passable(&dir)?;
                 let inner = dir.join(QEMU_DIR);
                 std::fs::DirBuilder::new()
                     .mode(0o700)
@@ -93,6 +94,75 @@ pub fn create(tmp: &Path, qemu_user: Option<(u32, u32)>) -> Result<PathBuf> {
         tmp,
         last.unwrap_or_else(|| std::io::Error::other("no attempt")),
     ))
+}
+
+/// Makes the folder just created `dir` mode 0711 whatever the umask:
+/// QEMU's user passes through it, and lists nothing. Set through the
+/// folder, opened without following a link.
+fn passable(dir: &Path) -> Result<()> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o711)))
+        .map_err(|e| SnapError::write(dir, e))
+}
+
+/// True for a live restore's folder name (`coffre-libvirt-live-16 hex`).
+fn is_live_name(dir: &Path) -> bool {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix(LIVE_PREFIX))
+        .is_some_and(|tag| tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The folder of the live restore tagged `tag` (16 hex digits) under
+/// `tmp`: made (0711), or, when an earlier run left it, checked: a folder,
+/// not a symlink, the effective user's, mode 0711. The export's socket is
+/// [`SOCKET`] in it.
+pub fn live(tmp: &Path, tag: &str) -> Result<PathBuf> {
+    let dir = tmp.join(format!("{LIVE_PREFIX}{tag}"));
+    let refuse = |why: String| {
+        SnapError::write(
+            &dir,
+            std::io::Error::other(format!(
+                "{why}: not a live restore's folder coffre made; remove it if it is stale"
+            )),
+        )
+    };
+    if !is_live_name(&dir) {
+        return Err(refuse(format!("{tag:?} is not 16 hex digits")));
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => passable(&dir)?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let m = std::fs::symlink_metadata(&dir).map_err(|e| SnapError::write(&dir, e))?;
+            if m.file_type().is_symlink() || !m.is_dir() {
+                return Err(refuse("a symlink or not a folder".into()));
+            }
+            if m.uid() != euid() {
+                return Err(refuse(format!("it belongs to uid {}", m.uid())));
+            }
+            if m.mode() & 0o7777 != 0o711 {
+                return Err(refuse(format!("its mode is {:o}", m.mode() & 0o7777)));
+            }
+        }
+        Err(e) => return Err(SnapError::write(&dir, e)),
+    }
+    Ok(dir)
+}
+
+/// Hands the socket coffre just bound at `socket` to QEMU's user (uid,
+/// gid), when given and coffre runs as root; its mode stays 0600. The
+/// socket itself is changed, never what a link points to.
+pub fn hand_to_qemu(socket: &Path, qemu_user: Option<(u32, u32)>) -> Result<()> {
+    if euid() == 0
+        && let Some((uid, gid)) = qemu_user
+    {
+        std::os::unix::fs::lchown(socket, Some(uid), Some(gid))
+            .map_err(|e| SnapError::write(socket, e))?;
+    }
+    Ok(())
 }
 
 /// Writes a request file `name` (mode 0600, a new file) in the outer
@@ -190,7 +260,7 @@ pub fn remove(outer: &Path, tmp: &Path, targets: &[String]) -> std::result::Resu
             tmp.display()
         ));
     }
-    if owner_pid(outer).is_none() {
+    if owner_pid(outer).is_none() && !is_live_name(outer) {
         return Err(format!("{shown} is not named as coffre's work folders are"));
     }
     let meta = std::fs::symlink_metadata(outer).map_err(|e| format!("{shown}: {e}"))?;
@@ -229,7 +299,9 @@ pub fn remove(outer: &Path, tmp: &Path, targets: &[String]) -> std::result::Resu
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(QEMU_DIR, e)),
     }
-    for n in REQUESTS {
+    // A live restore's socket is in the folder itself (so was an older
+    // coffre's pull socket).
+    for n in REQUESTS.into_iter().chain([SOCKET]) {
         unlink_at(&dir, n, 0).map_err(|e| err(n, e))?;
     }
     drop(dir);
@@ -293,6 +365,43 @@ mod tests {
             "an older coffre's folder"
         );
         assert_eq!(outer_of(Path::new("/tmp/x/q/nbd.sock")), None);
+    }
+
+    #[test]
+    fn libvirt_live_folders_are_stable_checked_and_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let tag = "0123456789abcdef";
+        let d = live(t.path(), tag).unwrap();
+        assert_eq!(d, t.path().join(format!("{LIVE_PREFIX}{tag}")));
+        assert_eq!(std::fs::metadata(&d).unwrap().mode() & 0o7777, 0o711);
+        std::fs::write(d.join(SOCKET), "").unwrap();
+        assert_eq!(live(t.path(), tag).unwrap(), d, "a resumed run's folder");
+        hand_to_qemu(&d.join(SOCKET), None).unwrap();
+        assert!(live(t.path(), "../x").is_err());
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = live(t.path(), tag).unwrap_err().to_string();
+        assert!(e.contains("mode is 777"), "{e}");
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).unwrap();
+        remove(&d, t.path(), &[]).unwrap();
+        assert!(!d.exists());
+        // A symlink in its place is refused, and what it points to kept.
+        let real = t.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, &d).unwrap();
+        assert!(
+            live(t.path(), tag)
+                .unwrap_err()
+                .to_string()
+                .contains("symlink")
+        );
+        assert!(real.exists());
+        if euid() == 0 {
+            std::fs::remove_file(&d).unwrap();
+            let d = live(t.path(), tag).unwrap();
+            std::fs::write(d.join(SOCKET), "").unwrap();
+            hand_to_qemu(&d.join(SOCKET), Some((65534, 65534))).unwrap();
+            assert_eq!(std::fs::metadata(d.join(SOCKET)).unwrap().uid(), 65534);
+        }
     }
 
     #[test]
