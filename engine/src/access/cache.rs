@@ -12,7 +12,7 @@ pub struct BlockCache {
 }
 
 struct Inner {
-    blocks: lru::LruCache<u64, Arc<[u8]>>,
+    blocks: lru::LruCache<u64, Arc<Vec<u8>>>,
     /// Blocks being decoded now.
     loading: HashSet<u64>,
 }
@@ -47,8 +47,8 @@ impl BlockCache {
     pub fn get_or_load<E>(
         &self,
         b: u64,
-        load: impl FnOnce() -> Result<Arc<[u8]>, E>,
-    ) -> Result<(Arc<[u8]>, bool), E> {
+        load: impl FnOnce() -> Result<Arc<Vec<u8>>, E>,
+    ) -> Result<(Arc<Vec<u8>>, bool), E> {
         let mut inner = self.lock();
         loop {
             if let Some(bytes) = inner.blocks.get(&b) {
@@ -96,7 +96,7 @@ mod tests {
         let loads = std::sync::atomic::AtomicUsize::new(0);
         let load = |v: u8| {
             loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Ok::<Arc<[u8]>, ()>(Arc::from(vec![v; 4]))
+            Ok::<Arc<Vec<u8>>, ()>(Arc::new(vec![v; 4]))
         };
         std::thread::scope(|s| {
             for _ in 0..8 {
@@ -111,13 +111,17 @@ mod tests {
         cache.get_or_load(3, || load(3)).unwrap();
         assert!(!cache.contains(1) && cache.contains(2) && cache.contains(3));
         // A failed load is not kept.
-        assert!(cache.get_or_load(4, || Err::<Arc<[u8]>, ()>(())).is_err());
+        assert!(
+            cache
+                .get_or_load(4, || Err::<Arc<Vec<u8>>, ()>(()))
+                .is_err()
+        );
         assert!(!cache.contains(4));
         let (_, hit) = cache.get_or_load(3, || load(9)).unwrap();
         assert!(hit);
         // A load that panics leaves no reader waiting for it.
         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _ = cache.get_or_load(5, || -> Result<Arc<[u8]>, ()> { panic!("decoder bug") });
+            let _ = cache.get_or_load(5, || -> Result<Arc<Vec<u8>>, ()> { panic!("decoder bug") });
         }));
         assert!(caught.is_err());
         let (b, hit) = cache.get_or_load(5, || load(5)).unwrap();

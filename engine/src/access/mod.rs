@@ -142,7 +142,7 @@ impl<'v> PointImage<'v> {
     }
 
     /// Block `b` decoded, from the cache or the tier.
-    fn block(&self, b: u64) -> Result<Arc<[u8]>> {
+    fn block(&self, b: u64) -> Result<Arc<Vec<u8>>> {
         let (bytes, hit) = self.cache.get_or_load(b, || {
             let mut scratch = self
                 .scratch
@@ -159,7 +159,7 @@ impl<'v> PointImage<'v> {
                 pool.push(scratch);
             }
             drop(pool);
-            r.map(|()| Arc::<[u8]>::from(out))
+            r.map(|()| Arc::new(out))
         })?;
         let counter = if hit {
             &self.stats.hits
