@@ -488,6 +488,31 @@ fn a_new_device_is_added_on_the_bus_given() {
     assert!(!gone.status.success(), "{err}");
     assert!(err.contains("is the VM running"), "{err}");
     assert!(!target.exists(), "the target is removed: {err}");
+    // A guest that runs keeps its disk (vda) in use: the restored disk is
+    // not swapped under it, nothing is left, and the message says why.
+    watch.execute("cont", None).unwrap();
+    let running = run(&[
+        "restore",
+        "--vault",
+        s(&vault),
+        "--item",
+        "vm",
+        "--live",
+        "--to",
+        s(&target),
+        "--qmp",
+        s(&vm.qmp),
+        "--device",
+        "vda",
+    ]);
+    let err = String::from_utf8_lossy(&running.stderr);
+    assert!(!running.status.success(), "{err}");
+    assert!(
+        err.contains("the VM is running") && err.contains("would corrupt"),
+        "{err}"
+    );
+    assert!(!target.exists(), "the target is removed: {err}");
+    assert_eq!(coffre_nodes(&mut watch), Vec::<String>::new());
     // Without --bus, q35's root bus refuses a hot-plug: the run fails
     // naming the way out, and leaves nothing (no target, no node), so the
     // same command with --bus simply runs.
@@ -527,7 +552,8 @@ fn a_new_device_is_added_on_the_bus_given() {
         "rp1",
     ]);
     assert_eq!(out["device"], "added", "{out}");
-    assert_eq!(out["started_vm"], true, "{out}");
+    // It runs already (continued above): nothing to start.
+    assert_eq!(out["started_vm"], false, "{out}");
     assert_eq!(out["size"], json!(8 << 20), "{out}");
     let devices = watch.execute("query-block", None).unwrap();
     let vdb = devices
