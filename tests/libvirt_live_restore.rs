@@ -23,6 +23,7 @@ use coffre_engine::snapshotter::vm::stream::LiveNames;
 use serde_json::Value;
 
 use crate::common::libvirt::*;
+use crate::common::qemu::{job_in, wait_until};
 use crate::common::*;
 
 /// One write: a whole qcow2 cluster (it never reads the backing).
@@ -49,27 +50,7 @@ fn job_of(dom: &Dom, name: &str) -> Option<(String, u64, u64)> {
     ])
     .unwrap();
     let v: Value = serde_json::from_str(out.trim()).unwrap();
-    v["return"].as_array()?.iter().find_map(|j| {
-        (j["id"] == name).then(|| {
-            (
-                j["status"].as_str().unwrap_or_default().to_string(),
-                j["current-progress"].as_u64().unwrap_or(0),
-                j["total-progress"].as_u64().unwrap_or(0),
-            )
-        })
-    })
-}
-
-/// Waits (at most 20 s) until `f` holds.
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "waited 20 s for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    job_in(&v["return"], name)
 }
 
 #[test]

@@ -108,28 +108,7 @@ impl Drop for Writer {
 
 /// The job `name`'s (status, offset, len), if QEMU has it.
 fn job_of(q: &mut Qmp, name: &str) -> Option<(String, u64, u64)> {
-    let jobs = q.execute("query-jobs", None).unwrap();
-    jobs.as_array()?.iter().find_map(|j| {
-        (j["id"] == name).then(|| {
-            (
-                j["status"].as_str().unwrap_or_default().to_string(),
-                j["current-progress"].as_u64().unwrap_or(0),
-                j["total-progress"].as_u64().unwrap_or(0),
-            )
-        })
-    })
-}
-
-/// Waits (at most 20 s) until `f` holds.
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "waited 20 s for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    job_in(&q.execute("query-jobs", None).unwrap(), name)
 }
 
 fn qemu_img(args: &[&str]) -> std::process::Output {

@@ -143,10 +143,7 @@ pub fn run(ctx: &Ctx, dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> 
                 v.point,
                 v.item,
                 v.size,
-                match v.from {
-                    Served::Snapshot => "snapshot",
-                    Served::Vault => "vault",
-                },
+                v.from.name(),
                 v.uri
             ));
         }

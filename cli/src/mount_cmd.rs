@@ -232,10 +232,7 @@ fn serve_until_stopped(
                 f.point,
                 f.item,
                 f.size,
-                match f.from {
-                    Served::Snapshot => "snapshot",
-                    Served::Vault => "vault",
-                },
+                f.from.name(),
                 f.path.display()
             ));
         }

@@ -266,3 +266,29 @@ pub fn wait_for_node(q: &mut Qmp, name: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The job `name`'s (status, offset, len) in a `query-jobs` result, if
+/// QEMU has it.
+pub fn job_in(jobs: &Value, name: &str) -> Option<(String, u64, u64)> {
+    jobs.as_array()?.iter().find_map(|j| {
+        (j["id"] == name).then(|| {
+            (
+                j["status"].as_str().unwrap_or_default().to_string(),
+                j["current-progress"].as_u64().unwrap_or(0),
+                j["total-progress"].as_u64().unwrap_or(0),
+            )
+        })
+    })
+}
+
+/// Waits (at most 20 s) until `f` holds.
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "waited 20 s for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -33,6 +33,16 @@ pub enum Served {
     Vault,
 }
 
+impl Served {
+    /// The tier's name, as JSON and messages say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Served::Snapshot => "snapshot",
+            Served::Vault => "vault",
+        }
+    }
+}
+
 /// What a block is, without decoding it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
