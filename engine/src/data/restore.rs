@@ -7,9 +7,10 @@
 //! length, BLAKE3) while one thread writes the groups decoded before, one
 //! write per run of blocks, and the target is fsynced once at the end. The
 //! records of the group after are read meanwhile by a thread of their own,
-//! in large `O_DIRECT` runs (its `fetch` module), and decoded straight into the
-//! group; where direct reads are not possible (tmpfs, in place) the kernel
-//! is asked to read them ahead (`read_ahead`). Where the image goes is [`restore_target`]'s
+//! in large runs (its `fetch` module: from the page cache when it holds a
+//! run whole, else with `O_DIRECT`), and decoded straight into the group;
+//! in place the kernel is asked to read them ahead (`read_ahead`). Where
+//! the image goes is [`restore_target`]'s
 //! business: a new sparse file (temporary file, then rename), or an
 //! existing file or block device replaced **in place**. A qcow2 image
 //! (a new one, or a VM's qcow2 disk replaced) is written through a raw
@@ -53,7 +54,7 @@ use crate::points::PointEntry;
 use crate::progress::Progress;
 use crate::reader::BlockMapReader;
 use crate::restore_target::{DEFAULT_MODE, Target, TargetKind, unwritable};
-use fetch::{Fetched, Fetcher, Place};
+use fetch::{Fetched, Fetcher, Place, RecordFile};
 
 /// Restore options.
 #[derive(Debug, Clone)]
@@ -294,30 +295,37 @@ fn write_point(
     let buffers = PerThread::new(&pool, ChunkBuf::default);
     let records = PerThread::new(&pool, RecordBuf::default);
     let decoders = PerThread::new(&pool, RecordDecoder::default);
-    // Records are read ahead directly, in runs, where their files allow
-    // `O_DIRECT`; the rest is read record by record (after advice).
-    // An in-place restore reads few records (most blocks are already
-    // right): advice only.
+    // Records are read ahead in runs, from the page cache where they are
+    // in it and else directly (`fetch`). An in-place restore reads few
+    // records (most blocks are already right): advice only.
     let fetcher = match &data {
         _ if !target.kind().is_new() => None,
         Data::Snapshot(s) => {
-            let packs: Vec<Option<File>> = s
+            let packs: Vec<Option<RecordFile>> = s
                 .pack_files()
                 .into_iter()
-                .map(|f| f.and_then(reopen_direct_read))
+                .map(|f| {
+                    let cached = f?.try_clone().ok()?;
+                    let direct = reopen_direct_read(&cached);
+                    Some(RecordFile { cached, direct })
+                })
                 .collect();
-            let direct = packs.iter().any(Option::is_some);
-            direct.then(|| {
+            packs.iter().any(Option::is_some).then(|| {
                 Fetcher::new(FETCH_CAP, move |i| {
-                    packs
-                        .get(i as usize)
-                        .and_then(Option::as_ref)
-                        .and_then(|f| f.try_clone().ok())
+                    let f = packs.get(i as usize)?.as_ref()?;
+                    Some(RecordFile {
+                        cached: f.cached.try_clone().ok()?,
+                        direct: f.direct.as_ref().and_then(|d| d.try_clone().ok()),
+                    })
                 })
             })
         }
         Data::Vault(_) => Some(Fetcher::new(FETCH_CAP, |segment| {
-            coffre_vault_store::store::local::direct::open_direct_read(&vault.segment_path(segment))
+            let path = vault.segment_path(segment);
+            Some(RecordFile {
+                cached: File::open(&path).ok()?,
+                direct: coffre_vault_store::store::local::direct::open_direct_read(&path),
+            })
         })),
     };
     let bs = u64::from(point.block_size);
@@ -655,11 +663,6 @@ const GROUP_BUFFERS: usize = 3;
 /// blocks past it are read record by record.
 const FETCH_CAP: usize = (GROUP_BYTES + GROUP_BYTES / 4) as usize;
 
-/// Direct writes in flight at once.
-const DIRECT_WRITERS: usize = 4;
-/// Largest direct write.
-const DIRECT_PIECE: usize = 2 << 20;
-
 /// What the writer does with one block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Action {
@@ -990,43 +993,12 @@ impl Output<'_> {
         Ok((end - start, group.data))
     }
 
-    /// Writes a group's runs. Direct writes wait for the device, so they
-    /// go out [`DIRECT_WRITERS`] at a time, in pieces of at most
-    /// [`DIRECT_PIECE`] bytes: one at a time would leave the device idle
-    /// between them.
+    /// Writes a group's runs, one after the other, each whole: a new
+    /// file's holes are filled under the filesystem's exclusive inode lock
+    /// (ext4), so more writes in flight would only wait for each other,
+    /// and a few large writes keep the device busiest.
     fn write_runs(&self, runs: &[(u64, &[u8])]) -> Result<()> {
-        if self.direct.get().is_none() || runs.is_empty() {
-            return runs.iter().try_for_each(|&(at, b)| self.write_run(b, at));
-        }
-        let mut pieces: Vec<(u64, &[u8])> = Vec::new();
-        for &(at, bytes) in runs {
-            let mut off = 0;
-            while off < bytes.len() {
-                let n = (bytes.len() - off).min(DIRECT_PIECE);
-                pieces.push((at + off as u64, bytes.get(off..off + n).unwrap_or_default()));
-                off += n;
-            }
-        }
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let work = || -> Result<()> {
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(&(at, bytes)) = pieces.get(i) else {
-                    return Ok(());
-                };
-                self.write_run(bytes, at)?;
-            }
-        };
-        std::thread::scope(|scope| {
-            let helpers: Vec<_> = (1..DIRECT_WRITERS.min(pieces.len()))
-                .map(|_| scope.spawn(work))
-                .collect();
-            let mine = work();
-            helpers
-                .into_iter()
-                .map(|h| h.join().unwrap_or(Ok(())))
-                .fold(mine, |a, b| a.and(b))
-        })
+        runs.iter().try_for_each(|&(at, b)| self.write_run(b, at))
     }
 
     /// Writes a run of decoded blocks: directly (`O_DIRECT`, no page-cache

@@ -1,13 +1,16 @@
-//! Direct reads of a restore group's records.
+//! Reads of a restore group's records, ahead, in runs.
 //!
 //! The records of the group after the one being decoded are read in a few
-//! large `O_DIRECT` reads into one aligned buffer, so the decoders find
-//! them in memory: no page-cache copy per record, no small read per block.
-//! Packs and segments are written with `O_DIRECT` and are not in the page
-//! cache after a backup; read buffered, one record at a time, they cost
-//! the first restore after a backup about 0.65 s of system time for
-//! 0.5 GB of records (`strace -c`: 18,700 `pread64` at 55 µs), against
-//! almost none for the same bytes read directly in runs.
+//! large reads into one aligned buffer, so the decoders find them in
+//! memory: no small read per block. Packs and segments are written with
+//! `O_DIRECT` and are not in the page cache after a backup; read buffered,
+//! one record at a time, they cost the first restore after a backup about
+//! 0.65 s of system time for 0.5 GB of records (`strace -c`: 18,700
+//! `pread64` at 55 µs), against almost none for the same bytes read
+//! directly in runs. A run the page cache holds whole (`cachestat`, which
+//! reads nothing) is copied from it instead: a disk read would compete with
+//! the restore's own writes. A file that refuses `O_DIRECT` (tmpfs) is
+//! read buffered.
 //!
 //! Nothing here is trusted: a fetched record is only bytes the decoder
 //! checks (header, id, length, CRC, BLAKE3) like any other, and a record
@@ -49,19 +52,39 @@ impl Fetched {
     }
 }
 
-/// Reads groups' records directly from the files `open` gives (`None`
-/// where a file cannot be opened for direct reads: its records are left
-/// to the caller).
+/// A file of records, opened twice: buffered, and with `O_DIRECT` where
+/// the filesystem allows it.
+pub(super) struct RecordFile {
+    pub cached: File,
+    pub direct: Option<File>,
+}
+
+impl RecordFile {
+    /// Reads into `dst` at `offset` (both aligned to [`DIRECT_ALIGN`]):
+    /// from the page cache when it holds the whole range, else directly
+    /// (buffered without `O_DIRECT`). Returns the bytes read.
+    fn read(&self, dst: &mut [u8], offset: u64) -> usize {
+        match &self.direct {
+            Some(direct) if !in_page_cache(&self.cached, offset, dst.len() as u64) => {
+                read_full(direct, dst, offset)
+            }
+            _ => read_full(&self.cached, dst, offset),
+        }
+    }
+}
+
+/// Reads groups' records from the files `open` gives (`None` where a file
+/// cannot be opened: its records are left to the caller).
 pub(super) struct Fetcher<'a> {
-    open: Box<dyn Fn(u64) -> Option<File> + Send + 'a>,
-    files: HashMap<u64, Option<File>>,
+    open: Box<dyn Fn(u64) -> Option<RecordFile> + Send + 'a>,
+    files: HashMap<u64, Option<RecordFile>>,
     /// Most bytes held for one group.
     cap: usize,
 }
 
 impl<'a> Fetcher<'a> {
     /// A fetcher holding at most `cap` bytes per group.
-    pub fn new(cap: usize, open: impl Fn(u64) -> Option<File> + Send + 'a) -> Self {
+    pub fn new(cap: usize, open: impl Fn(u64) -> Option<RecordFile> + Send + 'a) -> Self {
         Fetcher {
             open: Box::new(open),
             files: HashMap::new(),
@@ -71,8 +94,8 @@ impl<'a> Fetcher<'a> {
 
     /// Reads the records at `places` (one per block of a group; `None` for
     /// blocks without a record) into `into`'s buffer, reused, and returns
-    /// it. Records beyond the cap, in files that cannot be read directly,
-    /// or whose read failed are left out.
+    /// it. Records beyond the cap, in files that cannot be opened, or whose
+    /// read failed are left out.
     pub fn fetch(&mut self, places: &[Option<Place>], mut into: Fetched) -> Fetched {
         into.at.clear();
         into.at.resize(places.len(), None);
@@ -118,7 +141,7 @@ impl<'a> Fetcher<'a> {
                     .buf
                     .as_mut_slice()
                     .get_mut(at..at + len)
-                    .map_or(0, |dst| read_direct(f, dst, a)),
+                    .map_or(0, |dst| f.read(dst, a)),
                 None => 0,
             };
             for &(_, start, end, i) in order.get(first..=last).unwrap_or_default() {
@@ -133,15 +156,61 @@ impl<'a> Fetcher<'a> {
         into
     }
 
-    fn file(&mut self, id: u64) -> Option<&File> {
+    fn file(&mut self, id: u64) -> Option<&RecordFile> {
         let open = &self.open;
         self.files.entry(id).or_insert_with(|| open(id)).as_ref()
     }
 }
 
+/// `cachestat(2)` (Linux 6.5): how many pages of a range the page cache
+/// holds, without reading anything. The same number on every
+/// architecture.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// True when the page cache holds every page of `len` bytes at `offset`
+/// of `file`; false where it does not, or the kernel cannot tell.
+fn in_page_cache(file: &File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    const PAGE: u64 = 4096;
+    if len == 0 {
+        return true;
+    }
+    let range = CachestatRange { off: offset, len };
+    let mut stat = Cachestat::default();
+    // SAFETY: the kernel reads `range` and writes `stat`, both ours and
+    // alive for the call, on a descriptor we own; it reads no file data.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const CachestatRange,
+            &mut stat as *mut Cachestat,
+            0u32,
+        )
+    };
+    let pages = (offset + len).div_ceil(PAGE) - offset / PAGE;
+    r == 0 && stat.nr_cache >= pages
+}
+
 /// Reads into `dst` at `offset` until it is full, the file ends or a read
 /// fails; returns the bytes read.
-fn read_direct(file: &File, dst: &mut [u8], offset: u64) -> usize {
+fn read_full(file: &File, dst: &mut [u8], offset: u64) -> usize {
     let mut got = 0;
     while let Some(rest) = dst.get_mut(got..).filter(|r| !r.is_empty()) {
         match file.read_at(rest, offset + got as u64) {
@@ -158,21 +227,21 @@ fn read_direct(file: &File, dst: &mut [u8], offset: u64) -> usize {
 mod tests {
     use super::*;
 
+    use std::os::fd::AsRawFd;
+
+    /// Drops `len` bytes at `offset` of `file` from the page cache.
+    fn uncache(file: &File, offset: i64, len: i64) {
+        file.sync_all().unwrap();
+        // SAFETY: advice on a descriptor we own.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
+    }
+
     #[test]
     fn records_are_read_in_runs_and_those_beyond_the_cap_or_the_file_are_left_out() {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("f");
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&p, &data).unwrap();
-        let path = p.clone();
-        // Direct where the filesystem allows, else an ordinary read: the
-        // runs are the same.
-        let open = move |id: u64| {
-            (id == 7).then(|| {
-                coffre_vault_store::store::local::direct::open_direct_read(&path)
-                    .unwrap_or_else(|| File::open(&path).unwrap())
-            })
-        };
         let place = |file, offset, len| Some(Place { file, offset, len });
         let places = [
             place(7, 5_000, 1_000),
@@ -182,19 +251,84 @@ mod tests {
             place(8, 0, 10),           // a file that cannot be opened
             place(7, 200_000, 3_000),
         ];
-        let mut f = Fetcher::new(1 << 20, open);
-        let got = f.fetch(&places, Fetched::default());
-        assert_eq!(got.record(0), Some(&data[5_000..6_000]));
-        assert_eq!(got.record(1), None);
-        assert_eq!(got.record(2), Some(&data[100..300]));
-        assert_eq!(got.record(3), None);
-        assert_eq!(got.record(4), None);
-        assert_eq!(got.record(5), Some(&data[200_000..203_000]));
+        // Wholly in the page cache, out of it, and without O_DIRECT at
+        // all: the same records.
+        let whole = File::open(&p).unwrap();
+        for case in ["cached", "uncached", "buffered"] {
+            if case == "uncached" {
+                uncache(&whole, 0, 0);
+            }
+            let path = p.clone();
+            let open = move |id: u64| {
+                (id == 7).then(|| RecordFile {
+                    cached: File::open(&path).unwrap(),
+                    direct: (case != "buffered")
+                        .then(|| coffre_vault_store::store::local::direct::open_direct_read(&path))
+                        .flatten(),
+                })
+            };
+            let mut f = Fetcher::new(1 << 20, open);
+            let got = f.fetch(&places, Fetched::default());
+            assert_eq!(got.record(0), Some(&data[5_000..6_000]), "{case}");
+            assert_eq!(got.record(1), None, "{case}");
+            assert_eq!(got.record(2), Some(&data[100..300]), "{case}");
+            assert_eq!(got.record(3), None, "{case}");
+            assert_eq!(got.record(4), None, "{case}");
+            assert_eq!(got.record(5), Some(&data[200_000..203_000]), "{case}");
+        }
         // A cap of one page keeps only the first run.
-        let mut f = Fetcher::new(8192, |_| File::open(&p).ok());
-        let got = f.fetch(&places, got);
+        let path = p.clone();
+        let mut f = Fetcher::new(8192, move |_| {
+            Some(RecordFile {
+                cached: File::open(&path).unwrap(),
+                direct: None,
+            })
+        });
+        let got = f.fetch(&places, Fetched::default());
         assert_eq!(got.record(2), Some(&data[100..300]));
         assert_eq!(got.record(0), Some(&data[5_000..6_000]));
         assert_eq!(got.record(5), None);
+    }
+
+    #[test]
+    fn the_page_cache_is_asked_without_reading_and_either_way_the_bytes_are_right() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("f");
+        let data: Vec<u8> = (0..(1u32 << 20))
+            .map(|i| (i.wrapping_mul(31) >> 3) as u8)
+            .collect();
+        std::fs::write(&p, &data).unwrap();
+        let file = File::open(&p).unwrap();
+        let f = RecordFile {
+            cached: File::open(&p).unwrap(),
+            direct: coffre_vault_store::store::local::direct::open_direct_read(&p),
+        };
+        let len = data.len() as u64;
+        let _ = std::fs::read(&p).unwrap();
+        assert!(in_page_cache(&file, 0, len));
+        let mut buf = AlignedBuf::default();
+        buf.reserve(data.len());
+        assert_eq!(f.read(buf.as_mut_slice(), 0), data.len());
+        assert_eq!(buf.as_slice(), &data[..]);
+        if f.direct.is_none() {
+            return; // tmpfs: its pages are the file; nothing to drop
+        }
+        // Only the first half cached (all dropped, then that half read
+        // without read-ahead): the range is not wholly cached, and asking
+        // reads nothing in.
+        uncache(&file, 0, 0);
+        // SAFETY: advice on a descriptor we own.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        let mut half = vec![0u8; 512 << 10];
+        file.read_exact_at(&mut half, 0).unwrap();
+        assert!(in_page_cache(&file, 0, 512 << 10));
+        assert!(!in_page_cache(&file, 0, len));
+        assert!(!in_page_cache(&file, 512 << 10, 4096));
+        let mut buf = AlignedBuf::default();
+        buf.reserve(data.len());
+        assert_eq!(f.read(buf.as_mut_slice(), 0), data.len());
+        assert_eq!(buf.as_slice(), &data[..]);
+        // Read directly: still not in the page cache.
+        assert!(!in_page_cache(&file, 512 << 10, 512 << 10));
     }
 }
