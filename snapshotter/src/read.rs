@@ -12,7 +12,7 @@ use coffre_vault_store::store::local::read_ahead;
 
 use crate::capture::open_clone;
 use crate::error::{Result, SnapError};
-use crate::manifest::{SnapEntry, SnapHeader, SnapKind, SnapMeta, SnapReader};
+use crate::manifest::{FrameSource, SnapEntry, SnapHeader, SnapKind, SnapMeta, SnapReader};
 use crate::pack::{PackReader, RecordBuf};
 use crate::source::{FileImage, ImageSource, Window};
 
@@ -30,11 +30,12 @@ pub struct SnapshotBlocks {
 
 /// A snapshot taken apart for reading at any block.
 pub(crate) enum Parts {
-    /// A chunk snapshot: every entry, and the packs.
+    /// A chunk snapshot: its manifest's frames (read at any block), and
+    /// the packs.
     Chunks {
         manifest: PathBuf,
         header: SnapHeader,
-        entries: Vec<SnapEntry>,
+        frames: FrameSource,
         packs: Vec<Option<PackReader>>,
     },
     /// A clone.
@@ -245,30 +246,17 @@ impl SnapshotBlocks {
         })
     }
 
-    /// Every entry of a chunk snapshot read now and the manifest's end
-    /// checked (for [`crate::read_at::SnapshotAt`]); the clone of a clone
-    /// snapshot.
+    /// A chunk snapshot's manifest read whole and checked now, kept as
+    /// where its frames lie (for [`crate::read_at::SnapshotAt`]); the clone
+    /// of a clone snapshot.
     pub(crate) fn into_parts(mut self) -> Result<Parts> {
         match self.reader.take() {
-            Some(mut r) => {
-                let n = usize::try_from(self.header.blocks).map_err(|_| {
-                    SnapError::damaged(&self.manifest, "more entries than memory can hold")
-                })?;
-                let entries = r.next_entries(n)?;
-                if entries.len() != n {
-                    return Err(SnapError::damaged(
-                        &self.manifest,
-                        format!("{} entries where {n} were expected", entries.len()),
-                    ));
-                }
-                r.finish()?;
-                Ok(Parts::Chunks {
-                    manifest: self.manifest,
-                    header: self.header,
-                    entries,
-                    packs: self.packs,
-                })
-            }
+            Some(r) => Ok(Parts::Chunks {
+                manifest: self.manifest,
+                header: self.header,
+                frames: r.into_frames()?,
+                packs: self.packs,
+            }),
             None => {
                 let clone = self
                     .clone

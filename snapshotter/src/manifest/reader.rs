@@ -46,6 +46,134 @@ impl SnapReader<BufReader<File>> {
     }
 }
 
+impl SnapReader<BufReader<File>> {
+    /// Reads every frame once, checked as [`SnapReader::next_entries`]
+    /// checks it, and keeps where each lies instead of its entries (24
+    /// bytes per 1,024 blocks): the manifest is then read at any block by
+    /// the [`FrameSource`] returned.
+    pub fn into_frames(mut self) -> Result<FrameSource> {
+        let mut frames = Vec::new();
+        while self.read < self.header.blocks {
+            frames.push(self.read_frame()?);
+        }
+        self.frame = Vec::new();
+        self.pos = 0;
+        if self.at != self.entries_end {
+            return Err(self.corrupt("bytes between the entries and the metadata"));
+        }
+        Ok(FrameSource {
+            file: self.input.into_inner(),
+            path: self.path,
+            sealed: self.sealed,
+            packs: self.meta.packs.len(),
+            frames,
+        })
+    }
+}
+
+/// Where one frame of a manifest lies, as the whole read at open found
+/// it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameRef {
+    /// Byte offset of the frame's entry count.
+    pub at: u64,
+    /// Its first entry's block.
+    pub first: u64,
+    /// Its entries.
+    pub count: u32,
+    /// Its CRC-32 at open: read again, it must not have changed.
+    pub crc: u32,
+}
+
+/// A manifest read at any frame, after [`SnapReader::into_frames`] checked
+/// all of it. A frame read again is checked again (count, CRC, the seal,
+/// every entry) and must be the very frame seen at open (same CRC): a
+/// manifest changed since reads as damaged, never as other entries.
+pub struct FrameSource {
+    file: File,
+    path: PathBuf,
+    sealed: Option<(std::sync::Arc<VaultKeys>, [u8; SNAP_HEADER_LEN], String)>,
+    packs: usize,
+    frames: Vec<FrameRef>,
+}
+
+impl FrameSource {
+    /// The frame holding block `b`'s entry (its index), `None` past the
+    /// last.
+    pub fn frame_of(&self, b: u64) -> Option<usize> {
+        let i = self
+            .frames
+            .partition_point(|f| f.first <= b)
+            .checked_sub(1)?;
+        let f = self.frames.get(i)?;
+        (b < f.first + u64::from(f.count)).then_some(i)
+    }
+
+    /// Frame `i`: where it lies.
+    pub fn frame(&self, i: usize) -> Option<FrameRef> {
+        self.frames.get(i).copied()
+    }
+
+    /// Reads and checks frame `i`'s entries.
+    pub fn read(&self, i: usize) -> Result<Vec<SnapEntry>> {
+        use std::os::unix::fs::FileExt;
+        let bad = |r: String| SnapError::damaged(&self.path, r);
+        let f = self.frame(i).ok_or_else(|| bad(format!("no frame {i}")))?;
+        let overhead = if self.sealed.is_some() { OVERHEAD } else { 0 };
+        let n = f.count as usize;
+        let mut raw = vec![0u8; 8 + n * ENTRY_LEN + overhead];
+        self.file
+            .read_exact_at(&mut raw, f.at)
+            .map_err(|e| bad(format!("frame {i}: {e}")))?;
+        let count = le_u32(&raw, 0) as usize;
+        let crc = le_u32(&raw, raw.len() - 4);
+        if count != n || crc != f.crc {
+            return Err(bad(format!("frame {i} changed since it was opened")));
+        }
+        raw.truncate(raw.len() - 4);
+        raw.drain(..4);
+        open_frame(&self.path, &self.sealed, self.packs, f, i as u64, raw)
+    }
+}
+
+/// Checks one frame whose `body` (its entries, sealed or not) was read at
+/// `frame`, the `index`th of the manifest at `path`: the CRC of its count
+/// and body, the seal, then every entry; returns the entries.
+fn open_frame(
+    path: &Path,
+    sealed: &Option<(std::sync::Arc<VaultKeys>, [u8; SNAP_HEADER_LEN], String)>,
+    packs: usize,
+    frame: FrameRef,
+    index: u64,
+    body: Vec<u8>,
+) -> Result<Vec<SnapEntry>> {
+    let bad = |r: String| SnapError::damaged(path, r);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&frame.count.to_le_bytes());
+    h.update(&body);
+    if h.finalize() != frame.crc {
+        return Err(bad(format!(
+            "frame checksum mismatch after entry {}",
+            frame.first
+        )));
+    }
+    let body = match sealed {
+        None => body,
+        Some((k, head, name)) => {
+            let ad = super::sealing::frame_ad(head, name, index, frame.count);
+            k.catalog()
+                .open(&ad, &body, &|| {
+                    format!("frame {index} of {}", path.display())
+                })
+                .map_err(|e| bad(format!("refused: {e}")))?
+        }
+    };
+    body.chunks_exact(ENTRY_LEN)
+        .map(|c| SnapEntry::decode(c, packs))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(bad)
+}
+
 /// Header, metadata and trailer of a manifest, without reading its entries
 /// (listing, expiry); `keys`: an encrypted vault's.
 pub fn summary(
@@ -197,7 +325,8 @@ impl<R: Read + Seek> SnapReader<R> {
         self.trailer
     }
 
-    fn read_frame(&mut self) -> Result<()> {
+    fn read_frame(&mut self) -> Result<FrameRef> {
+        let at = self.at;
         let mut count = [0u8; 4];
         self.input
             .read_exact(&mut count)
@@ -218,32 +347,24 @@ impl<R: Read + Seek> SnapReader<R> {
         if self.at > self.entries_end {
             return Err(self.corrupt("entries run into the metadata"));
         }
-        let mut h = crc32fast::Hasher::new();
-        h.update(&count);
-        h.update(&body);
-        if h.finalize() != u32::from_le_bytes(crc) {
-            return Err(self.corrupt(format!("frame checksum mismatch after entry {}", self.read)));
-        }
-        if let Some((k, head, name)) = &self.sealed {
-            let ad = super::sealing::frame_ad(head, name, self.frames, n as u32);
-            let index = self.frames;
-            body = k
-                .catalog()
-                .open(&ad, &body, &|| {
-                    format!("frame {index} of {}", self.path.display())
-                })
-                .map_err(|e| self.corrupt(format!("refused: {e}")))?;
-        }
+        let frame = FrameRef {
+            at,
+            first: self.read,
+            count: n as u32,
+            crc: u32::from_le_bytes(crc),
+        };
+        self.frame = open_frame(
+            &self.path,
+            &self.sealed,
+            self.meta.packs.len(),
+            frame,
+            self.frames,
+            body,
+        )?;
         self.frames += 1;
-        let packs = self.meta.packs.len();
-        self.frame = body
-            .chunks_exact(ENTRY_LEN)
-            .map(|c| SnapEntry::decode(c, packs))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|r| self.corrupt(r))?;
         self.pos = 0;
         self.read += n as u64;
-        Ok(())
+        Ok(frame)
     }
 
     /// The next `n` entries (fewer only at the end of the file).
