@@ -3,8 +3,12 @@
 # (issue 24's figures), ROUNDS rounds, all in one run:
 #   - the disk floor: `dd oflag=direct conv=fsync` of the restored data
 #     bytes onto the same filesystem;
+#   - the I/O floor: the same write while the vault's segments (the
+#     records a restore reads; all points' records, a little more than the
+#     point's) are read with O_DIRECT from the same disk;
 #   - `coffre restore` from the snapshot tier (the default) and --from
-#     vault, each as a ratio to the floor;
+#     vault, page cache dropped (cold), each as a ratio to both floors;
+#     and again with the records in the page cache (warm);
 #   - `qemu-img convert -t none` of `coffre export` (both tiers) into a
 #     file on the same filesystem, as a ratio to the restore of that tier;
 #   - random 4 KiB reads at queue depth 16 through the export (fio,
@@ -71,7 +75,15 @@ for r in $(seq 1 "$rounds"); do
     data=$(du -B1 out.img | cut -f1)
     rm -f out.img; sync
     timed "$r $tier floor" dd if=/dev/zero of=floor.bin bs=4M count=$((data / (4 << 20))) oflag=direct conv=fsync status=none
-    rm -f floor.bin; sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+    rm -f floor.bin; sync
+    (for s in v/segments/*.seg; do dd if="$s" of=/dev/null bs=4M iflag=direct status=none; done) &
+    timed "$r $tier iofloor" dd if=/dev/zero of=floor.bin bs=4M count=$((data / (4 << 20))) oflag=direct conv=fsync status=none
+    wait $!
+    rm -f floor.bin; sync
+    cat v/segments/*.seg > /dev/null
+    timed "$r $tier restore-warm" "$coffre" restore --vault v --item w --from "$tier" --to out.img
+    cmp out.img "$day2"
+    rm -f out.img; sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
     start_export --from "$tier"
     timed "$r $tier export-convert" qemu-img convert -t none -O raw "$uri" conv.img
     cmp conv.img "$day2"
@@ -101,10 +113,12 @@ def med(t, w): return st.median(val[(t, w)].values())
 def ratio(t, a, b):
     return st.median(val[(t, a)][r] / val[(t, b)][r] for r in val[(t, a)])
 print(f"rounds: {sys.argv[2]} (medians; ratios are per-round medians)")
-print("| tier | restore s | floor s | restore/floor | export convert s | restore/convert (export speed vs restore) | 4K QD16 IOPS cold | warm | export RSS MiB (convert, fio) |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| tier | restore s (cold) | floor s | restore/floor | I/O floor s | restore/I/O floor | warm restore s | warm/floor | export convert s | restore/convert (export speed vs restore) | 4K QD16 IOPS cold | warm | export RSS MiB (convert, fio) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for t in ("snapshot", "vault"):
     print(f"| {t} | {med(t,'restore'):.2f} | {med(t,'floor'):.2f} | {ratio(t,'restore','floor'):.2f} | "
+          f"{med(t,'iofloor'):.2f} | {ratio(t,'restore','iofloor'):.2f} | "
+          f"{med(t,'restore-warm'):.2f} | {ratio(t,'restore-warm','floor'):.2f} | "
           f"{med(t,'export-convert'):.2f} | {ratio(t,'restore','export-convert'):.2f} | "
           f"{med(t,'iops-cold'):.0f} | {med(t,'iops-warm'):.0f} | "
           f"{max(val[(t,'rss-after-convert')].values())/1024:.0f}, {max(val[(t,'rss')].values())/1024:.0f} |")
