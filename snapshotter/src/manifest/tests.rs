@@ -310,3 +310,40 @@ fn a_sealed_manifest_round_trips_and_refuses_every_change() {
     let e = read_all(&bad, Some(&k)).unwrap_err().to_string();
     assert!(e.contains("authentication"), "{e}");
 }
+
+#[test]
+fn frames_read_in_any_order_equal_the_stream_plain_and_sealed() {
+    for k in [None, Some(keys(1))] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm/j1.snap");
+        let entries = sample_with(&path, 2500, k.clone());
+        let frames = SnapReader::open(&path, k.as_ref())
+            .unwrap()
+            .into_frames()
+            .unwrap();
+        for i in [2usize, 0, 1, 2] {
+            let f = frames.frame(i).unwrap();
+            assert_eq!(
+                frames.read(i).unwrap(),
+                entries[f.first as usize..][..f.count as usize],
+                "frame {i}, sealed: {}",
+                k.is_some()
+            );
+        }
+        assert!(frames.frame(3).is_none());
+        assert!(frames.read(3).is_err());
+        for b in [0u64, 1023, 1024, 2047, 2048, 2499] {
+            assert_eq!(frames.frame_of(b), Some((b / 1024) as usize), "block {b}");
+        }
+        assert_eq!(frames.frame_of(2500), None);
+    }
+    // A sealed manifest read whole with another key: refused at open.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm/j1.snap");
+    sample_with(&path, 1500, Some(keys(1)));
+    assert!(
+        SnapReader::open(&path, Some(&keys(2)))
+            .and_then(SnapReader::into_frames)
+            .is_err()
+    );
+}
