@@ -43,6 +43,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::umask(0o077);
     }
+    raise_open_file_limit();
     let cli = args::Cli::parse();
     // The scheduler commands report what they do; the others stay quiet.
     let chatty = matches!(
@@ -55,6 +56,26 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("coffre: error: {err:#}");
             ExitCode::from(exit::code_for(&err))
+        }
+    }
+}
+
+/// Lets this process open as many files as its hard limit allows: a
+/// restore keeps every segment it reads open (twice: one descriptor for
+/// the page cache, one for direct reads), and a large vault has
+/// thousands. The soft limit is often 1,024 for no reason but
+/// `select(2)`, which coffre does not use. Best effort.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit on this process with a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
 }

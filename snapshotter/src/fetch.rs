@@ -8,8 +8,7 @@
 //! server or the device with both workers idle.
 //!
 //! The pass plans window N+1 (which blocks, which byte ranges), asks for
-//! it, then works on window N, while the pack writer finishes window N-1:
-//! at most three windows are in memory.
+//! it, then works on window N: at most two windows are in memory.
 
 use std::ops::Range;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};

@@ -4,7 +4,7 @@
 //!
 //! A chunk snapshot's manifest is read whole once, at open, and checked to
 //! its end; what stays in memory is where each frame of 1,024 entries
-//! lies (24 bytes: 384 KiB for 1 TiB in 64 KiB blocks, where the entries
+//! lies (40 bytes: 640 KiB for 1 TiB in 64 KiB blocks, where the entries
 //! themselves would take 768 MiB) and the last [`FRAMES_CACHED`] frames
 //! read. A frame read again is checked again and must be the one seen at
 //! open. Every record read is checked like a restore's: its place against
@@ -43,8 +43,9 @@ pub struct SnapshotAt {
     data: Data,
 }
 
-/// Frames of entries kept decoded (48 KiB each).
-pub const FRAMES_CACHED: usize = 32;
+/// Frames of entries kept decoded (48 KiB each: 6 MiB, the entries of
+/// 8 GiB of image in 64 KiB blocks).
+pub const FRAMES_CACHED: usize = 128;
 
 enum Data {
     Chunks {
@@ -145,10 +146,13 @@ impl SnapshotAt {
             None => {
                 let e = Arc::new(frames.read(i)?);
                 let mut c = lock();
-                if c.len() >= FRAMES_CACHED {
-                    c.pop_front();
+                // Another reader may have read it meanwhile: one copy.
+                if !c.iter().any(|(f, _)| *f == i) {
+                    if c.len() >= FRAMES_CACHED {
+                        c.pop_front();
+                    }
+                    c.push_back((i, e.clone()));
                 }
-                c.push_back((i, e.clone()));
                 e
             }
         };

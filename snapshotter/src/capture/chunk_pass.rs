@@ -121,12 +121,15 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
     progress.start(size);
     let window_blocks = (WINDOW_BYTES / bs).max(1);
     let mut first = 0u64;
-    // One ordered writer: a thread of its own finishes each window (its
-    // read is checked whole, its mapping dropped, the image's size checked
-    // again) and only then appends its new records to the pack and its
-    // entries to the manifest, while the pool hashes and compresses the
-    // next window. The channel holds one window, so at most three are in
-    // memory, and the pool never waits for a window's unmapping.
+    // One ordered writer: a thread of its own finishes each mapped window
+    // (its read checked whole, its mapping dropped, the image's size
+    // checked again) and only then appends its new records to the pack
+    // and its entries to the manifest, while the pool hashes and
+    // compresses the next window: the pool never waits for an unmapping.
+    // The channel holds one window's blocks, so at most three mapped
+    // windows are alive. A window in memory of its own (fetched, read
+    // directly; up to a hint's span) is finished and given back here, as
+    // before: at most two of those, plus the one a fetcher reads ahead.
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(Option<Window<'_>>, Vec<Result<Block>>)>(1);
         let seen = &mut seen;
@@ -317,6 +320,13 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
                     window.data_len()
                 };
             }
+            let window = match window {
+                Some(w) if w.is_private() => {
+                    w.finish()?;
+                    None
+                }
+                w => w,
+            };
             if tx.send((window, out)).is_err() {
                 // The writer stopped: its error says why.
                 break;

@@ -48,10 +48,14 @@ impl SnapReader<BufReader<File>> {
 
 impl SnapReader<BufReader<File>> {
     /// Reads every frame once, checked as [`SnapReader::next_entries`]
-    /// checks it, and keeps where each lies instead of its entries (24
-    /// bytes per 1,024 blocks): the manifest is then read at any block by
-    /// the [`FrameSource`] returned.
+    /// checks it, and keeps where each lies and a digest of it instead of
+    /// its entries (40 bytes per 1,024 blocks): the manifest is then read
+    /// at any block by the [`FrameSource`] returned. For a reader that has
+    /// read no entry yet.
     pub fn into_frames(mut self) -> Result<FrameSource> {
+        if self.read != 0 {
+            return Err(self.corrupt("frames indexed after entries were read"));
+        }
         let mut frames = Vec::new();
         while self.read < self.header.blocks {
             frames.push(self.read_frame()?);
@@ -81,13 +85,28 @@ pub struct FrameRef {
     pub first: u64,
     /// Its entries.
     pub count: u32,
-    /// Its CRC-32 at open: read again, it must not have changed.
+    /// Its CRC-32 at open.
     pub crc: u32,
+    /// BLAKE3 (128 bits) of its bytes at open (count, entries, CRC): read
+    /// again, it must be the same frame, not merely one with the same
+    /// CRC.
+    pub digest: [u8; 16],
+}
+
+/// The digest [`FrameRef`] keeps of a frame's bytes.
+fn frame_digest(count: &[u8], body: &[u8], crc: &[u8]) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    h.update(count);
+    h.update(body);
+    h.update(crc);
+    let mut d = [0u8; 16];
+    h.finalize_xof().fill(&mut d);
+    d
 }
 
 /// A manifest read at any frame, after [`SnapReader::into_frames`] checked
-/// all of it. A frame read again is checked again (count, CRC, the seal,
-/// every entry) and must be the very frame seen at open (same CRC): a
+/// all of it. A frame read again must be the very frame seen at open (the
+/// same digest) and is checked again (CRC, the seal, every entry): a
 /// manifest changed since reads as damaged, never as other entries.
 pub struct FrameSource {
     file: File,
@@ -125,9 +144,13 @@ impl FrameSource {
         self.file
             .read_exact_at(&mut raw, f.at)
             .map_err(|e| bad(format!("frame {i}: {e}")))?;
-        let count = le_u32(&raw, 0) as usize;
-        let crc = le_u32(&raw, raw.len() - 4);
-        if count != n || crc != f.crc {
+        let end = raw.len() - 4;
+        let (count, body, crc) = (
+            raw.get(..4).unwrap_or_default(),
+            raw.get(4..end).unwrap_or_default(),
+            raw.get(end..).unwrap_or_default(),
+        );
+        if frame_digest(count, body, crc) != f.digest {
             return Err(bad(format!("frame {i} changed since it was opened")));
         }
         raw.truncate(raw.len() - 4);
@@ -352,6 +375,7 @@ impl<R: Read + Seek> SnapReader<R> {
             first: self.read,
             count: n as u32,
             crc: u32::from_le_bytes(crc),
+            digest: frame_digest(&count, &body, &crc),
         };
         self.frame = open_frame(
             &self.path,

@@ -99,16 +99,22 @@ impl<'a> Fetcher<'a> {
     pub fn fetch(&mut self, places: &[Option<Place>], mut into: Fetched) -> Fetched {
         into.at.clear();
         into.at.resize(places.len(), None);
+        // (A place whose aligned end would pass 2^64 is left out.)
+        let align = DIRECT_ALIGN as u64;
         let mut order: Vec<(u64, u64, u64, usize)> = places
             .iter()
             .enumerate()
-            .filter_map(|(i, p)| p.map(|p| (p.file, p.offset, p.offset + u64::from(p.len), i)))
+            .filter_map(|(i, p)| {
+                let p = (*p)?;
+                let end = p.offset.checked_add(u64::from(p.len))?;
+                end.checked_next_multiple_of(align)?;
+                Some((p.file, p.offset, end, i))
+            })
             .collect();
         order.sort_unstable();
         // Runs of records in one file, at most GAP apart, in aligned
         // bounds: (file, aligned start, aligned end, first, last) over
         // `order`.
-        let align = DIRECT_ALIGN as u64;
         let mut runs: Vec<(u64, u64, u64, usize, usize)> = Vec::new();
         let mut total = 0u64;
         for (k, &(file, start, end, _)) in order.iter().enumerate() {
@@ -163,9 +169,30 @@ impl<'a> Fetcher<'a> {
 }
 
 /// `cachestat(2)` (Linux 6.5): how many pages of a range the page cache
-/// holds, without reading anything. The same number on every
-/// architecture.
-const SYS_CACHESTAT: libc::c_long = 451;
+/// holds, without reading anything. Its number on the architectures whose
+/// table numbers it 451 (libc does not name it there yet).
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "loongarch64",
+    target_arch = "s390x",
+    target_arch = "powerpc64"
+))]
+const SYS_CACHESTAT: Option<libc::c_long> = Some(451);
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "loongarch64",
+    target_arch = "s390x",
+    target_arch = "powerpc64"
+)))]
+const SYS_CACHESTAT: Option<libc::c_long> = None;
 
 #[repr(C)]
 struct CachestatRange {
@@ -184,27 +211,38 @@ struct Cachestat {
 }
 
 /// True when the page cache holds every page of `len` bytes at `offset`
-/// of `file`; false where it does not, or the kernel cannot tell.
+/// of `file`; false where it does not, or the kernel cannot tell (before
+/// Linux 6.5, another architecture, a filter that refuses the call).
 fn in_page_cache(file: &File, offset: u64, len: u64) -> bool {
     use std::os::fd::AsRawFd;
-    const PAGE: u64 = 4096;
+    let Some(nr) = SYS_CACHESTAT else {
+        return false;
+    };
     if len == 0 {
         return true;
     }
+    // SAFETY: a query of a constant.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as u64,
+        _ => return false,
+    };
     let range = CachestatRange { off: offset, len };
     let mut stat = Cachestat::default();
     // SAFETY: the kernel reads `range` and writes `stat`, both ours and
     // alive for the call, on a descriptor we own; it reads no file data.
     let r = unsafe {
         libc::syscall(
-            SYS_CACHESTAT,
+            nr,
             file.as_raw_fd(),
             &range as *const CachestatRange,
             &mut stat as *mut Cachestat,
             0u32,
         )
     };
-    let pages = (offset + len).div_ceil(PAGE) - offset / PAGE;
+    let Some(end) = offset.checked_add(len) else {
+        return false;
+    };
+    let pages = end.div_ceil(page) - offset / page;
     r == 0 && stat.nr_cache >= pages
 }
 
@@ -305,6 +343,12 @@ mod tests {
         };
         let len = data.len() as u64;
         let _ = std::fs::read(&p).unwrap();
+        if !in_page_cache(&file, 0, 4096) {
+            coffre_vault_store::skip::skip(
+                "this kernel cannot tell what the page cache holds (cachestat, Linux 6.5)",
+            );
+            return;
+        }
         assert!(in_page_cache(&file, 0, len));
         let mut buf = AlignedBuf::default();
         buf.reserve(data.len());
