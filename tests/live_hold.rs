@@ -6,8 +6,9 @@
 //! clock, keeps the held point and its snapshot and says why, gc keeps
 //! its chunks, and the point still restores byte-identical. A damaged hold
 //! makes prune and gc delete nothing, naming the file; `restore --live
-//! --abandon` removes a hold whose target needs it no more, and the point
-//! then expires.
+//! --abandon` removes a hold whose target needs it no more (refused while
+//! the target still names the export), and the point then expires; a
+//! soft-deleted item's purge waits for its hold likewise.
 
 use std::path::Path;
 
@@ -231,4 +232,53 @@ fn a_target_that_still_reads_the_export_is_not_abandoned() {
     let out = ok(&args);
     assert!(out.contains("abandoned") && out.contains(&point), "{out}");
     assert!(HoldStore::new(&vault, None).list().unwrap().is_empty());
+}
+
+#[test]
+fn a_held_soft_deleted_item_is_not_purged_until_the_hold_goes() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(t.path()).unwrap();
+    let vault = new_vault(&dir, &[]);
+    let v = s(&vault);
+    let img = dir.join("vm.img");
+    random_file(&img, 1 << 20, 9);
+    protect_at("2027-01-01T00:00:00Z", &vault, "vm", "DefaultPolicy", &img);
+    ok_at("2027-01-01T03:00:00Z", &["run-due", "--vault", v]);
+    let point = points(&vault, "vm")[0]["id"].as_str().unwrap().to_string();
+    let target = dir.join("restored.qcow2");
+    let holds = HoldStore::new(&vault, None);
+    holds
+        .put(&HoldRecord {
+            item: "vm".into(),
+            point: point.clone(),
+            tier: "vault".into(),
+            target: target.clone(),
+            started: "2027-01-01T04:00:00Z".parse().unwrap(),
+            pid: 1,
+        })
+        .unwrap();
+    ok_at(
+        "2027-01-02T00:00:00Z",
+        &["unprotect", "--vault", v, "--item", "vm", "--delete-data"],
+    );
+    // Past the 14 days: the purge waits for the live restore.
+    let r = json_at("2027-02-01T00:00:00Z", &["prune", "--vault", v]);
+    assert!(r["purged_items"].as_array().unwrap().is_empty(), "{r}");
+    assert_eq!(r["held"][0]["kept"], "item", "{r}");
+    assert_eq!(r["held"][0]["point"], point.as_str(), "{r}");
+    assert_eq!(points(&vault, "vm").len(), 1);
+    // The target is not there: the hold is abandoned, and the purge runs.
+    ok(&[
+        "restore",
+        "--vault",
+        v,
+        "--item",
+        "vm",
+        "--live",
+        "--abandon",
+        "--to",
+        s(&target),
+    ]);
+    let r = json_at("2027-02-01T00:00:00Z", &["prune", "--vault", v]);
+    assert_eq!(r["purged_items"], serde_json::json!(["vm"]), "{r}");
 }
