@@ -20,6 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use coffre_engine::snapshotter::vm::stream::LiveNames;
+use coffre_engine::store::holds::HoldStore;
 use serde_json::Value;
 
 use crate::common::libvirt::*;
@@ -182,6 +183,13 @@ fn a_killed_live_restore_into_a_domain_resumes_and_the_target_is_the_point_with_
     std::thread::sleep(Duration::from_millis(500));
     let killed = job_of(&dom, &names.job).expect("the job waits for the export");
     assert!(killed.0 == "running" && killed.1 < killed.2, "{killed:?}");
+    let held: Vec<PathBuf> = HoldStore::new(&vault, None)
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|h| h.target)
+        .collect();
+    assert_eq!(held.len(), 1, "the killed run still holds its point");
     let first_log = std::fs::read_to_string(&log).unwrap();
     assert!(first_log.contains("--resume"), "{first_log}");
     assert!(
@@ -208,6 +216,10 @@ fn a_killed_live_restore_into_a_domain_resumes_and_the_target_is_the_point_with_
     );
     assert_eq!(job_of(&dom, &names.job), None, "the job is dismissed");
     assert!(!folder.exists(), "the export's folder is removed");
+    assert!(
+        HoldStore::new(&vault, None).list().unwrap().is_empty(),
+        "the point is no longer held"
+    );
 
     // QEMU quits cleanly (SIGTERM: its qcow2 metadata written).
     virsh(&["destroy", &dom.name, "--graceful"]).unwrap();

@@ -29,6 +29,7 @@ mod job_phases;
 mod kill9_during_backup;
 mod libvirt_domain;
 mod libvirt_live_restore;
+mod live_hold;
 mod nbd_export;
 mod nbd_fake_server;
 mod nbd_qcow2;

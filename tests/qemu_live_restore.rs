@@ -15,8 +15,10 @@
 //! end. Then the target must equal the point with every acknowledged
 //! write applied (`qemu-img compare` with an expected image) and have no
 //! backing file (`qemu-img info`). A second run without `--resume` is
-//! refused, and `--resume` of a complete target says so. Skipped with a
-//! message where QEMU is missing.
+//! refused, and `--resume` of a complete target says so. The point is
+//! held in the vault from the first run until the stream completes (the
+//! kill included), and a second run of the same target while one runs
+//! is refused at once. Skipped with a message where QEMU is missing.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -26,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use coffre_engine::snapshotter::vm::qmp::Qmp;
 use coffre_engine::snapshotter::vm::stream::LiveNames;
+use coffre_engine::store::holds::HoldStore;
 use serde_json::{Value, json};
 
 use crate::common::qemu::*;
@@ -221,6 +224,17 @@ impl Setup {
         a.iter().map(|x| x.to_string()).collect()
     }
 
+    /// The points the vault's live restore holds are on, and their
+    /// targets.
+    fn holds(&self) -> Vec<(String, PathBuf)> {
+        HoldStore::new(&self.vault, None)
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.point, h.target))
+            .collect()
+    }
+
     /// The job's (status, offset, len).
     fn job(&mut self) -> Option<(String, u64, u64)> {
         job_of(&mut self.watch, &self.job)
@@ -284,6 +298,21 @@ fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_wri
         status["status"], "running",
         "coffre starts a VM waiting with -S"
     );
+    // The point is held while the VM reads it.
+    let point = points(&st.vault, "vm")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(st.holds(), vec![(point.clone(), st.target.clone())]);
+    // A second run of the same target is refused at once, naming the
+    // first, and leaves its export alone.
+    let second = coffre().args(st.live(&["--resume"])).output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{err}");
+    assert!(
+        err.contains("is already running") && err.contains(&format!("pid {}", first.0.id())),
+        "{err}"
+    );
     let writer = Writer::start(Qmp::connect(&st.writer_sock, Duration::from_secs(20)).unwrap());
     wait_until("a quarter streamed and writes under way", || {
         st.job().is_some_and(|(_, o, l)| o >= l / 4) && writer.acked() >= 20
@@ -292,6 +321,8 @@ fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_wri
     first.0.kill().unwrap();
     first.0.wait().unwrap();
     let acked_at_kill = writer.acked();
+    // Killed, it still holds the point: prune and gc keep it.
+    assert_eq!(st.holds(), vec![(point.clone(), st.target.clone())]);
     // The export is gone for a while; the writer goes on. The monitors
     // are not asked meanwhile: a write that meets the stream's stalled
     // read of the same cluster waits for the export, holding them all.
@@ -325,6 +356,8 @@ fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_wri
     assert!(!stderr.contains("failed"), "{stderr}");
     assert!(stderr.contains("streamed"), "progress is shown: {stderr}");
     assert_eq!(st.job(), None, "the job is dismissed");
+    assert_eq!(st.holds(), vec![], "the point is no longer held");
+    assert!(stderr.contains("no longer held"), "{stderr}");
     let nodes = coffre_nodes(&mut st.watch);
     assert!(
         nodes
@@ -403,7 +436,13 @@ fn an_export_gone_past_the_reconnect_delay_pauses_the_job_and_resume_carries_on(
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "resume: {out:?}");
     assert!(stderr.contains("paused on a read error"), "{stderr}");
+    assert_eq!(
+        stderr.matches("paused on a read error").count(),
+        1,
+        "a pause is said once: {stderr}"
+    );
     assert_eq!(st.job(), None, "the job is dismissed");
+    assert_eq!(st.holds(), vec![], "the point is no longer held");
     let initial = st.initial.clone();
     st.quit_and_compare(&initial, "the point");
     println!(
@@ -514,6 +553,10 @@ fn a_new_device_is_added_on_the_bus_given() {
     assert!(err.contains("pcie-root-port"), "{err}");
     assert!(!target.exists(), "the target is removed: {err}");
     assert_eq!(coffre_nodes(&mut watch), Vec::<String>::new());
+    assert!(
+        HoldStore::new(&vault, None).list().unwrap().is_empty(),
+        "a run that left no target holds no point"
+    );
     let out = json(&[
         "restore",
         "--vault",
@@ -531,6 +574,7 @@ fn a_new_device_is_added_on_the_bus_given() {
         "rp1",
     ]);
     assert_eq!(out["device"], "added", "{out}");
+    assert!(HoldStore::new(&vault, None).list().unwrap().is_empty());
     // It runs already (continued above): nothing to start.
     assert_eq!(out["started_vm"], false, "{out}");
     assert_eq!(out["size"], json!(8 << 20), "{out}");

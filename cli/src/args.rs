@@ -309,6 +309,8 @@ pub enum Command {
     /// backing left. Killed or interrupted, it loses nothing (guest
     /// writes go to FILE): the VM's reads of blocks not yet copied wait
     /// for --reconnect-delay seconds; run the same command with --resume.
+    /// Until the stream completes, the point is held: prune and gc keep
+    /// it (and its snapshot); --abandon gives an unfinished one up.
     /// A libvirt domain (--domain, running) instead of --qmp: --device
     /// names one of its disks (vdb), which gets FILE; coffre drives its
     /// QEMU through libvirt's QMP passthrough, which marks the domain
@@ -361,8 +363,7 @@ pub enum Command {
         /// Restore into a running VM: FILE (a new qcow2) becomes the disk
         /// of --device in the QEMU behind --qmp (or of libvirt domain
         /// --domain), filled while the VM runs.
-        #[arg(long, requires = "device",
-              conflicts_with_all = ["in_place", "force", "format", "allow_damaged"])]
+        #[arg(long, conflicts_with_all = ["in_place", "force", "format", "allow_damaged"])]
         live: bool,
         /// With --live: the VM's QEMU monitor socket (-qmp
         /// unix:SOCKET,server=on,wait=off).
@@ -416,6 +417,14 @@ pub enum Command {
         /// coffre is gone, before they fail (default 300).
         #[arg(long, value_name = "SECONDS", requires = "live")]
         reconnect_delay: Option<u64>,
+        /// With --live: give up the unfinished live restore into FILE:
+        /// its hold goes, so prune and gc may remove its point again.
+        /// Refused while FILE still reads blocks through coffre's export
+        /// (finish it with --resume, or stop the VM and remove FILE
+        /// first) and while a run of it is going.
+        #[arg(long, requires = "live",
+              conflicts_with_all = ["resume", "qmp", "live_domain", "device", "speed", "reconnect_delay"])]
+        abandon: bool,
     },
 
     /// Serve a recovery point read-only over NBD (qemu-img, nbdinfo,

@@ -152,6 +152,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore {
             vault,
             item,
+            to,
+            from,
+            live: true,
+            abandon: true,
+            ..
+        } => crate::live_cmd::abandon(&ctx, &tier_dir(&ctx, &vault.vault, from)?, &item, &to),
+        Command::Restore {
+            vault,
+            item,
             point,
             to,
             force: _,
@@ -171,6 +180,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             resume,
             speed,
             reconnect_delay,
+            abandon: false,
         } => crate::live_cmd::run(
             &ctx,
             &tier_dir(&ctx, &vault.vault, from)?,
@@ -201,6 +211,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ..Default::default()
                 },
                 poll: std::time::Duration::from_millis(250),
+                now: ctx.now(),
             },
         ),
         Command::Restore {

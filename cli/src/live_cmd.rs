@@ -10,13 +10,19 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use coffre_engine::access::live::{LiveOptions, LiveReport, LiveSummary, restore_live};
+use coffre_engine::access::live::{
+    Abandoned, LiveOptions, LiveReport, LiveSummary, abandon as abandon_live, restore_live,
+};
 use coffre_engine::store::Access;
+use coffre_engine::store::holds::HoldsLock;
 use coffre_engine::store::jobs::Operation;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::ctx::{Ctx, open};
 use crate::output::{self, bytes};
+
+/// How long a live restore waits for a prune that holds the holds lock.
+const HOLDS_WAIT: Duration = Duration::from_secs(60);
 
 /// How often a progress line is printed when stderr is no terminal.
 const LINE_EVERY: Duration = Duration::from_secs(5);
@@ -98,6 +104,26 @@ pub fn run(
     point: &str,
     opts: LiveOptions,
 ) -> anyhow::Result<ExitCode> {
+    // The holds lock before the vault is opened: a prune that deleted the
+    // point has finished, or will read this run's hold (engine docs). A
+    // folder that is no vault gets no lock file: opening it says why.
+    if !dir
+        .join(coffre_engine::store::format::config::CONFIG_FILE)
+        .is_file()
+    {
+        open(ctx, dir, Access::ReadOnly)?;
+    }
+    let holds_lock = HoldsLock::acquire(
+        dir,
+        ctx.lock_timeout.max(HOLDS_WAIT),
+        &format!("restore --live, pid {}", std::process::id()),
+    )
+    .with_context(|| {
+        format!(
+            "cannot hold the point for the live restore into {}",
+            opts.target.display()
+        )
+    })?;
     let vault = open(ctx, dir, Access::ReadOnly)?;
     let report = Report::new();
     let stop = crate::signals::stop_flag_keep_on_hangup()?;
@@ -109,7 +135,7 @@ pub fn run(
         "restore --live",
         ctx.now(),
     );
-    let result = restore_live(&vault, item, Some(point), &opts, &report, &stop);
+    let result = restore_live(&vault, item, Some(point), &opts, &report, &stop, holds_lock);
     if let (Some(j), Ok(s)) = (job.as_mut(), &result) {
         let _ = j.update(ctx.now(), |r| r.point = Some(s.point.clone()));
     }
@@ -147,6 +173,33 @@ pub fn run(
             s.requests,
             s.target.display()
         )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `restore --live --abandon`: the hold of an unfinished live restore
+/// goes.
+pub fn abandon(ctx: &Ctx, dir: &Path, item: &str, target: &Path) -> anyhow::Result<ExitCode> {
+    let vault = open(ctx, dir, Access::ReadOnly)?;
+    let done = abandon_live(&vault, item, target).with_context(|| {
+        format!(
+            "cannot abandon the live restore of item {item} into {}",
+            target.display()
+        )
+    })?;
+    output::emit(ctx.fmt, &done, |a: &Abandoned| {
+        match (&a.point, a.started) {
+            (Some(p), Some(t)) => format!(
+                "live restore of point {p} of item {item} into {} (begun {}) abandoned: the point is no longer held, prune and gc may remove it\n",
+                a.target.display(),
+                output::when(t)
+            ),
+            _ => format!(
+                "live restore into {} abandoned: its damaged hold {} was removed\n",
+                a.target.display(),
+                a.hold.display()
+            ),
+        }
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -44,6 +44,19 @@ fn prune_table(r: &PruneReport) -> String {
         r.jobs_removed,
         if r.dry_run { "would go" } else { "removed" },
     ));
+    for h in &r.held {
+        let what = match h.kept {
+            "item" => format!("put off the purge of item {} (point {})", h.item, h.point),
+            "snapshot" => format!("kept the snapshot of point {} of item {}", h.point, h.item),
+            _ => format!("kept point {} of item {}", h.point, h.item),
+        };
+        out.push_str(&format!(
+            "{what}: held by the unfinished live restore into {} (begun {}); `coffre restore --live --resume --to {}` finishes it, `--abandon` gives it up\n",
+            h.target.display(),
+            output::when(h.since),
+            h.target.display()
+        ));
+    }
     out
 }
 
@@ -89,6 +102,18 @@ fn gc_table(r: &GcReport) -> String {
             ""
         }
     ) + &quarantine_line(r)
+        + &held_line(r)
+}
+
+/// The points live restores hold (nothing when none).
+fn held_line(r: &GcReport) -> String {
+    if r.held_points.is_empty() {
+        return String::new();
+    }
+    format!(
+        "kept the chunks of {} held by unfinished live restores\n",
+        r.held_points.join(", ")
+    )
 }
 
 /// What gc did with the quarantine (nothing when it is empty).

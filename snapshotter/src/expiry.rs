@@ -86,6 +86,9 @@ pub struct ExpiryReport {
     pub packs_deleted: u64,
     /// Bytes given back (deleted files, punched ranges).
     pub bytes_freed: u64,
+    /// Snapshots past the cutoff kept because a live restore holds their
+    /// point (their point ids).
+    pub held: Vec<String>,
 }
 
 /// The complete snapshots in an item folder, oldest first, and the paths
@@ -223,21 +226,30 @@ fn real_item_dir(item_dir: &Path) -> bool {
 }
 
 /// Expires the snapshots in `item_dir` captured at or before `cutoff`,
-/// removes leftovers of jobs `running` says are over, and gives unused
-/// pack space back. `in_vault(point)` says whether the vault holds the
-/// point (to flag the only copies).
+/// except those whose point `held` says a live restore reads, removes
+/// leftovers of jobs `running` says are over, and gives unused pack space
+/// back. `in_vault(point)` says whether the vault holds the point (to
+/// flag the only copies).
+#[allow(clippy::too_many_arguments)]
 pub fn expire(
     item_dir: &Path,
     cutoff: Timestamp,
     in_vault: &dyn Fn(&str) -> bool,
     running: &dyn Fn(&str) -> bool,
+    held: &dyn Fn(&str) -> bool,
     dry_run: bool,
     keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
 ) -> Result<ExpiryReport> {
     let mut report = ExpiryReport::default();
     let (snaps, other) = scan(item_dir, keys);
-    let (going, kept): (Vec<SnapInfo>, Vec<SnapInfo>) =
-        snaps.into_iter().partition(|s| s.created() <= cutoff);
+    let (going, kept): (Vec<SnapInfo>, Vec<SnapInfo>) = snaps
+        .into_iter()
+        .partition(|s| s.created() <= cutoff && !held(&s.meta.point));
+    report.held = kept
+        .iter()
+        .filter(|s| s.created() <= cutoff)
+        .map(|s| s.meta.point.clone())
+        .collect();
     let kept_jobs: std::collections::HashSet<&str> =
         kept.iter().map(|s| s.meta.job.as_str()).collect();
     for s in &going {
@@ -453,6 +465,7 @@ mod tests {
             Timestamp::from_second(2_500).unwrap(),
             &|_| true,
             &|_| false,
+            &|_| false,
             false,
             None,
         )
@@ -466,10 +479,28 @@ mod tests {
         assert!(dir.join("j2.pack").exists());
         let (kept, _) = scan(&dir, None);
         assert_eq!(kept.len(), 1);
+        // A live restore holds the third's point: past the cutoff, it is
+        // kept whole and said so.
+        let point3 = s3.meta.point.clone();
+        let r = expire(
+            &dir,
+            Timestamp::from_second(9_999).unwrap(),
+            &|_| true,
+            &|_| false,
+            &|p| p == point3,
+            false,
+            None,
+        )
+        .unwrap();
+        assert!(r.expired.is_empty(), "{r:?}");
+        assert_eq!(r.held, vec![point3.clone()]);
+        assert_eq!(r.packs_deleted, 0, "{r:?}");
+        assert_eq!(read_back(&s3), want3);
         // Everything expires: every pack goes.
         let r = expire(
             &dir,
             Timestamp::from_second(9_999).unwrap(),
+            &|_| false,
             &|_| false,
             &|_| false,
             false,
@@ -485,6 +516,7 @@ mod tests {
         expire(
             dir,
             Timestamp::from_second(9_999).unwrap(),
+            &|_| false,
             &|_| false,
             &|_| false,
             false,

@@ -8,7 +8,7 @@
 //! ([`durable`]), the storage seam every copy goes through ([`store`]),
 //! the copies of a vault ([`copies`]) and the catalog files that make each
 //! copy stand alone ([`catalog_files`], read back by [`scan`] and
-//! `rebuild`), owner-only file modes ([`private`]), the one validator of names that become paths ([`name`]), read-ahead of records ([`read_ahead`]), job records ([`jobs`], in an [`envelope`]), consistency
+//! `rebuild`), owner-only file modes ([`private`]), the one validator of names that become paths ([`name`]), read-ahead of records ([`read_ahead`]), job records ([`jobs`], in an [`envelope`]), live restores' holds on points ([`holds`]), consistency
 //! [`level`]s, reference counts (`refs`) and garbage collection
 //! (`gc`), and the `vault::Vault` that ties them together. The byte
 //! layouts are specified in `FORMAT.md`.
@@ -20,6 +20,7 @@ pub mod copies;
 pub mod crypto;
 pub mod error;
 pub mod format;
+pub mod holds;
 #[cfg(feature = "index")]
 pub mod index;
 pub mod jobs;

@@ -16,6 +16,7 @@ const LAYERS: &[&str] = &[
     "copies",
     "lease",
     "jobs",
+    "holds",
     "vault",
     "maintenance",
     "shared",

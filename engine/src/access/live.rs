@@ -26,6 +26,25 @@
 //! ([`LiveOptions::resume`]) reads the point and the socket back from the
 //! target's header, serves them again, does each step not yet done, and
 //! follows the job to its end.
+//!
+//! **The point is held** until the target no longer needs it: before QEMU
+//! is given the target, a hold naming the item, the point, the tier and
+//! the target is written in the vault ([`coffre_vault_store::holds`]), so
+//! prune, snapshot expiry and GC keep the point, its snapshot and their
+//! chunks while the stream is unfinished, a killed run included. The
+//! caller takes the vault's holds lock before it opens the vault and hands
+//! it here ([`restore_live`]); it is released once the hold is written.
+//! The hold goes when the stream completes, when a run fails before QEMU
+//! had the target (the target is removed), or on [`abandon`].
+//!
+//! **One run per target**: a [`TargetLock`] is taken before the export's
+//! socket is bound, so a second run (two `--resume`s at once) fails at
+//! once naming the first instead of replacing its socket.
+//!
+//! **A job paused on an error** that is no damaged block (the export was
+//! away, QEMU's `nospace`) is resumed at once, then with a backoff
+//! ([`Backoff`]: 250 ms doubling to 30 s while it keeps pausing with no
+//! progress); each pause is said once, with QEMU's reason.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,9 +60,11 @@ use coffre_snapshotter::vm::monitor::Monitor;
 use coffre_snapshotter::vm::monitor_lock::MonitorLock;
 use coffre_snapshotter::vm::qmp::Qmp;
 use coffre_snapshotter::vm::stream::{
-    self, Attached, DeviceChoice, Job, LiveNames, backing_json, export_name,
+    self, Attached, DeviceChoice, Job, LiveNames, TargetLock, backing_json, export_name,
 };
 use coffre_vault_store::Vault;
+use coffre_vault_store::holds::{HoldRecord, HoldStore, HoldsLock};
+use jiff::Timestamp;
 
 use super::serve::serve_points;
 use super::{AccessOptions, PointImage, Served};
@@ -57,6 +78,10 @@ pub const DEFAULT_RECONNECT_DELAY: u64 = 300;
 const QMP_TIMEOUT: Duration = Duration::from_secs(60);
 /// The window the shown rate is measured over.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
+/// The first wait before a job that paused again is resumed.
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+/// The longest wait between two resumes of a job that keeps pausing.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// The VM a live restore gives its target to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,6 +123,8 @@ pub struct LiveOptions {
     pub access: AccessOptions,
     /// How often the job is looked at.
     pub poll: Duration,
+    /// Now (the injected clock): when a new hold says the restore began.
+    pub now: Timestamp,
 }
 
 /// Where a live restore tells what it does.
@@ -196,6 +223,10 @@ fn canonical_target(target: &Path, resume: bool) -> Result<PathBuf> {
 
 /// Restores point `point` (`None`: the latest; with `resume`, the one
 /// the target was made from) of `item` into a running VM's disk.
+///
+/// `holds_lock` is the vault's holds lock, taken by the caller *before*
+/// it opened `vault` (see [`coffre_vault_store::holds`]); it is released
+/// once the point's hold is written.
 pub fn restore_live(
     vault: &Vault,
     item: &str,
@@ -203,9 +234,13 @@ pub fn restore_live(
     opts: &LiveOptions,
     report: &dyn LiveReport,
     stop: &AtomicBool,
+    holds_lock: HoldsLock,
 ) -> Result<LiveSummary> {
     let target = canonical_target(&opts.target, opts.resume)?;
     let names = LiveNames::of(&target);
+    // One run per target, before anything of it is touched.
+    let _target_lock = TargetLock::acquire(&target, &names)?;
+    let holds = HoldStore::new(vault.dir(), vault.config().keys());
     let place = Place::find(opts, &target, &names)?;
     let socket = place.socket.clone();
     if opts.resume && std::fs::metadata(&target).is_ok_and(|m| m.len() == 0) {
@@ -216,7 +251,10 @@ pub fn restore_live(
     }
     let entry = if opts.resume {
         match stream::read_backing(&target)? {
-            None => return finish_only(item, &place, &target, &names, report),
+            None => {
+                drop(holds_lock);
+                return finish_only(item, &place, &target, &names, &holds, report);
+            }
             Some(b) => {
                 let backing = stream::parse_backing(&b).ok_or_else(|| {
                     fail(&target, format!("its backing {b:?} is not a coffre export: it is no live restore's target"))
@@ -259,17 +297,123 @@ pub fn restore_live(
         select_point(vault, item, point.unwrap_or("latest"))?
     };
     let image = PointImage::open(vault, &entry, &opts.access)?;
-    let listener = Listener::unix(&socket).map_err(|e| {
+    hold_point(&holds, &target, &entry, image.served(), opts, report)?;
+    // The hold is written: a prune from now on reads it.
+    drop(holds_lock);
+    let served = serve_and_drive(&place, &target, &names, &entry, &image, opts, report, stop);
+    // The export's folder and the hold go once the stream is complete, or
+    // when the run failed before QEMU had the target (it was removed): a
+    // resumed run needs them only while the target names the point.
+    if served.is_ok() || std::fs::symlink_metadata(&target).is_err() {
+        place.remove_folder(report);
+        release_hold(&holds, &target, &entry.id, report);
+    }
+    let (outcome, requests, bytes_read) = served?;
+    Ok(LiveSummary {
+        target: target.clone(),
+        item: entry.item.clone(),
+        point: entry.id.clone(),
+        size: entry.image_size,
+        from: Some(image.served()),
+        socket,
+        resumed: opts.resume,
+        device: outcome.device,
+        started_vm: outcome.started_vm,
+        streamed: outcome.streamed,
+        seconds: outcome.seconds,
+        requests,
+        bytes_read,
+    })
+}
+
+/// Writes (or, on a resumed run, rewrites) the hold of the live restore
+/// into `target` on `entry`; a restore whose point cannot be held does
+/// not start.
+fn hold_point(
+    holds: &HoldStore,
+    target: &Path,
+    entry: &PointEntry,
+    served: Served,
+    opts: &LiveOptions,
+    report: &dyn LiveReport,
+) -> Result<()> {
+    // An earlier run's hold of the same point keeps its start; anything
+    // else there (another point, a damaged file) is replaced: this run
+    // knows what the target needs.
+    let earlier = holds
+        .get(target)
+        .ok()
+        .flatten()
+        .filter(|h| h.item == entry.item && h.point == entry.id);
+    let record = HoldRecord {
+        item: entry.item.clone(),
+        point: entry.id.clone(),
+        tier: served.name().to_string(),
+        target: target.to_path_buf(),
+        started: earlier.as_ref().map_or(opts.now, |h| h.started),
+        pid: std::process::id(),
+    };
+    holds.put(&record).map_err(|e| {
         fail(
-            &target,
+            target,
+            format!(
+                "cannot write the hold that keeps point {} from prune and gc while the VM reads it ({e}): not started",
+                entry.id
+            ),
+        )
+    })?;
+    if earlier.is_none() {
+        report.step(&format!(
+            "point {} of item {} is held ({}): prune and gc keep it until the stream completes",
+            entry.id,
+            entry.item,
+            holds.path_of(target).display()
+        ));
+    }
+    Ok(())
+}
+
+/// Removes the hold of the live restore into `target` (the target no
+/// longer needs point `point`); one that cannot go is reported.
+fn release_hold(holds: &HoldStore, target: &Path, point: &str, report: &dyn LiveReport) {
+    match holds.remove(target) {
+        Ok(true) => report.step(&format!(
+            "point {point} is no longer held: the target needs it no more"
+        )),
+        Ok(false) => {}
+        Err(e) => report.step(&format!(
+            "WARNING: the hold {} stays ({e}): prune keeps point {point} until it is removed (`coffre restore --live --abandon`)",
+            holds.path_of(target).display()
+        )),
+    }
+}
+
+/// Serves the point on the export's socket and drives QEMU's side until
+/// the stream completes: the outcome, the export's requests and bytes
+/// read.
+#[allow(clippy::too_many_arguments)]
+fn serve_and_drive(
+    place: &Place,
+    target: &Path,
+    names: &LiveNames,
+    entry: &PointEntry,
+    image: &PointImage,
+    opts: &LiveOptions,
+    report: &dyn LiveReport,
+    stop: &AtomicBool,
+) -> Result<(Outcome, u64, u64)> {
+    let socket = &place.socket;
+    let listener = Listener::unix(socket).map_err(|e| {
+        fail(
+            target,
             format!("{e} (is another coffre serving this target's restore?)"),
         )
     })?;
-    workdir::hand_to_qemu(&socket, place.qemu_user)?;
+    workdir::hand_to_qemu(socket, place.qemu_user)?;
     let export = export_name(&entry.id);
     let export_stop = AtomicBool::new(false);
     let activity = Activity::default();
-    let images = std::slice::from_ref(&image);
+    let images = std::slice::from_ref(image);
     let export_names = std::slice::from_ref(&export);
     let outcome = std::thread::scope(|scope| {
         let server = scope.spawn(|| {
@@ -284,12 +428,12 @@ pub fn restore_live(
         });
         let run = Run {
             opts,
-            place: &place,
-            target: &target,
-            names: &names,
-            socket: &socket,
+            place,
+            target,
+            names,
+            socket,
             export: &export,
-            entry: &entry,
+            entry,
             report,
             stop,
             activity: &activity,
@@ -299,44 +443,101 @@ pub fn restore_live(
         let served = server.join();
         match (outcome, served) {
             (Err(e), _) => Err(e),
-            (Ok(_), Err(_)) => Err(fail(&target, "the export's thread panicked")),
+            (Ok(_), Err(_)) => Err(fail(target, "the export's thread panicked")),
             (Ok(_), Ok(Err(e))) => Err(e),
             (Ok(o), Ok(Ok(_))) => Ok(o),
         }
     });
     drop(listener);
-    // The export's folder goes once the stream is complete, or when the
-    // run failed before QEMU had the target (it was removed): a resumed
-    // run needs it only while the target names it.
-    if outcome.is_ok() || std::fs::symlink_metadata(&target).is_err() {
-        place.remove_folder(report);
+    Ok((
+        outcome?,
+        activity.requests.load(Ordering::Relaxed),
+        activity.bytes_read.load(Ordering::Relaxed),
+    ))
+}
+
+/// What [`abandon`] removed.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Abandoned {
+    /// The target.
+    pub target: PathBuf,
+    /// The hold file removed.
+    pub hold: PathBuf,
+    /// The point no longer held (`None`: the hold could not be read).
+    pub point: Option<String>,
+    /// When that live restore began (`None` likewise).
+    pub started: Option<Timestamp>,
+}
+
+/// Gives up the live restore into `target`: removes its hold, so prune and
+/// gc may take its point again. Refused while a run of it is going, and
+/// while `target` still reads a point through coffre's export (the VM's
+/// disk would lose the blocks not yet streamed): finish it with
+/// `--resume`, or remove the target first. A hold that cannot be read (it
+/// stops prune and gc) is removed the same way.
+pub fn abandon(vault: &Vault, item: &str, target: &Path) -> Result<Abandoned> {
+    let target = match std::fs::canonicalize(target) {
+        Ok(t) => t,
+        Err(_) => canonical_target(target, false)?,
+    };
+    let names = LiveNames::of(&target);
+    let _target_lock = TargetLock::acquire(&target, &names)?;
+    let holds = HoldStore::new(vault.dir(), vault.config().keys());
+    let path = holds.path_of(&target);
+    let hold = match holds.get(&target) {
+        Ok(Some(h)) => Some(h),
+        Ok(None) => {
+            return Err(fail(
+                &target,
+                format!(
+                    "no live restore of this vault holds a point for it ({} is absent): nothing to abandon",
+                    path.display()
+                ),
+            ));
+        }
+        // Damaged: its item and point are unknown, the target says what
+        // it needs.
+        Err(_) => None,
+    };
+    if let Some(h) = &hold
+        && h.item != item
+    {
+        return Err(fail(
+            &target,
+            format!("its hold is on item {:?}, not {item:?}", h.item),
+        ));
     }
-    let outcome = outcome?;
-    Ok(LiveSummary {
-        target: target.clone(),
-        item: entry.item.clone(),
-        point: entry.id.clone(),
-        size: entry.image_size,
-        from: Some(image.served()),
-        socket,
-        resumed: opts.resume,
-        device: outcome.device,
-        started_vm: outcome.started_vm,
-        streamed: outcome.streamed,
-        seconds: outcome.seconds,
-        requests: activity.requests.load(Ordering::Relaxed),
-        bytes_read: activity.bytes_read.load(Ordering::Relaxed),
+    if std::fs::symlink_metadata(&target).is_ok()
+        && let Some(b) = stream::read_backing(&target)?
+        && let Some(backing) = stream::parse_backing(&b)
+    {
+        return Err(fail(
+            &target,
+            format!(
+                "it still reads the blocks not yet streamed from point {} through coffre's export: finish it with --resume; to give it up, stop the VM that uses it and remove the target first",
+                backing.point_id
+            ),
+        ));
+    }
+    holds.remove(&target)?;
+    Ok(Abandoned {
+        target,
+        hold: path,
+        point: hold.as_ref().map(|h| h.point.clone()),
+        started: hold.map(|h| h.started),
     })
 }
 
 /// A resumed run whose target no longer has a backing: the stream had
 /// completed; what the killed run left in QEMU (the ended job, the
-/// backing nodes) goes. The target no longer names its point.
+/// backing nodes) goes, and so does the hold. The target no longer names
+/// its point.
 fn finish_only(
     item: &str,
     place: &Place,
     target: &Path,
     names: &LiveNames,
+    holds: &HoldStore,
     report: &dyn LiveReport,
 ) -> Result<LiveSummary> {
     let (_lock, mut vm) = place.connect(target)?;
@@ -351,6 +552,13 @@ fn finish_only(
     }
     stream::finish(qmp, names)?;
     place.remove_folder(report);
+    let point = holds
+        .get(target)
+        .ok()
+        .flatten()
+        .map(|h| h.point)
+        .unwrap_or_default();
+    release_hold(holds, target, &point, report);
     report.step("the stream had completed: the target needs coffre no more");
     Ok(LiveSummary {
         target: target.to_path_buf(),
@@ -507,6 +715,65 @@ impl Place {
                 self.device.id, opts.device.id, d.name
             ),
         }
+    }
+}
+
+/// When a job paused on an error (no damaged block) is resumed: at once
+/// the first time; while it keeps pausing, after `first`, then twice as
+/// long each time, at most `max`. A job seen running for `max` without a
+/// pause starts it over (a job that runs a moment after each resume, as
+/// on a full disk, does not). Time is given, so it is tested without
+/// waiting.
+#[derive(Debug)]
+struct Backoff {
+    first: Duration,
+    max: Duration,
+    /// The wait before the next resume after this one.
+    delay: Duration,
+    /// The earliest next resume.
+    next: Option<Instant>,
+    /// Since when the job is seen running, after a resume.
+    running_since: Option<Instant>,
+}
+
+impl Backoff {
+    fn new(first: Duration, max: Duration) -> Backoff {
+        Backoff {
+            first,
+            max,
+            delay: Duration::ZERO,
+            next: None,
+            running_since: None,
+        }
+    }
+
+    /// The job runs at `now`; true when it has run long enough since the
+    /// last pause for the pauses to be forgotten (then they are).
+    fn running(&mut self, now: Instant) -> bool {
+        if self.next.is_none() {
+            return false;
+        }
+        let since = *self.running_since.get_or_insert(now);
+        if now.duration_since(since) >= self.max {
+            *self = Backoff::new(self.first, self.max);
+            return true;
+        }
+        false
+    }
+
+    /// The job is paused at `now`: true when it is to be resumed now.
+    fn paused(&mut self, now: Instant) -> bool {
+        self.running_since = None;
+        if self.next.is_some_and(|t| now < t) {
+            return false;
+        }
+        self.delay = if self.delay.is_zero() {
+            self.first
+        } else {
+            (self.delay * 2).min(self.max)
+        };
+        self.next = Some(now + self.delay);
+        true
     }
 }
 
@@ -712,6 +979,9 @@ impl Run<'_> {
         // serving the VM (its reads of every other block go on), the job
         // stays paused, and this run waits for a signal.
         let mut parked = false;
+        // Other pauses are resumed with a backoff, each said once.
+        let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_MAX);
+        let mut pause_said = false;
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Err(self.fail(format!(
@@ -735,25 +1005,45 @@ impl Run<'_> {
                 Job::Running {
                     offset,
                     len,
-                    stopped_on_error,
+                    paused_on,
                 } => {
-                    if stopped_on_error && !parked {
-                        let failed = self.activity.failed_reads.load(Ordering::Relaxed);
-                        if failed > failed_seen {
-                            parked = true;
-                            self.report.step(&format!(
-                                "WARNING: the point has damaged blocks ({failed} reads failed; the log names them): QEMU's job {} stays paused and the export keeps serving the VM's reads of every other block. Mend the vault (`coffre verify --read-data --repair`), then stop this run (SIGTERM) and run the same command with --resume",
-                                self.names.job
-                            ));
+                    match &paused_on {
+                        Some(_) if parked => {}
+                        Some(reason) => {
+                            let failed = self.activity.failed_reads.load(Ordering::Relaxed);
+                            if failed > failed_seen {
+                                parked = true;
+                                self.report.step(&format!(
+                                    "WARNING: the point has damaged blocks ({failed} reads failed; the log names them): QEMU's job {} stays paused and the export keeps serving the VM's reads of every other block. Mend the vault (`coffre verify --read-data --repair`), then stop this run (SIGTERM) and run the same command with --resume",
+                                    self.names.job
+                                ));
+                            } else {
+                                if !pause_said {
+                                    pause_said = true;
+                                    let what = if reason == "nospace" {
+                                        "the stream paused: the target's file system is full (QEMU io-status nospace); free space there".to_string()
+                                    } else {
+                                        format!(
+                                            "the stream paused on a read error (QEMU io-status {reason}; the export was away?)"
+                                        )
+                                    };
+                                    self.report.step(&format!(
+                                        "{what}: resumed now, then after {} ms, doubling to {} s while it keeps pausing",
+                                        BACKOFF_FIRST.as_millis(),
+                                        BACKOFF_MAX.as_secs()
+                                    ));
+                                }
+                                if backoff.paused(Instant::now()) {
+                                    failed_seen = failed;
+                                    stream::resume_job(qmp, self.names)?;
+                                }
+                            }
                         }
-                    }
-                    if stopped_on_error && !parked {
-                        let failed = self.activity.failed_reads.load(Ordering::Relaxed);
-                        failed_seen = failed;
-                        self.report.step(
-                            "the stream paused on a read error (the export was away): resumed",
-                        );
-                        stream::resume_job(qmp, self.names)?;
+                        None => {
+                            if backoff.running(Instant::now()) {
+                                pause_said = false;
+                            }
+                        }
                     }
                     let now = Instant::now();
                     first.get_or_insert(offset);
@@ -790,5 +1080,74 @@ impl Run<'_> {
         };
         self.report.stream(size, size, rate);
         Ok((streamed, seconds))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// The waits between the resumes of a job that pauses again at every
+    /// poll (every 50 ms), over `total`.
+    fn resumes(b: &mut Backoff, start: Instant, total: Duration) -> Vec<Duration> {
+        let mut at = Vec::new();
+        let mut t = start;
+        while t <= start + total {
+            if b.paused(t) {
+                at.push(t - start);
+            }
+            t += Duration::from_millis(50);
+        }
+        at
+    }
+
+    #[test]
+    fn a_job_that_keeps_pausing_is_resumed_at_once_then_doubling_to_the_cap() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(250), Duration::from_secs(2));
+        let t0 = Instant::now();
+        let at = resumes(&mut b, t0, Duration::from_secs(9));
+        // 0, +0.25, +0.5, +1, +2, +2, +2 (capped).
+        assert_eq!(
+            at,
+            vec![
+                ms(0),
+                ms(250),
+                ms(750),
+                ms(1750),
+                ms(3750),
+                ms(5750),
+                ms(7750)
+            ],
+        );
+        // A job that runs a moment after each resume (a full disk) keeps
+        // its backoff: the next resume is still 2 s after the last.
+        let t = t0 + ms(7800);
+        assert!(!b.running(t));
+        assert!(!b.paused(t + ms(100)));
+        assert!(b.paused(t0 + ms(9750)));
+    }
+
+    #[test]
+    fn a_job_that_runs_long_enough_starts_the_backoff_over() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(250), Duration::from_secs(2));
+        let t0 = Instant::now();
+        assert!(b.paused(t0));
+        assert!(b.paused(t0 + ms(250)));
+        assert!(!b.paused(t0 + ms(300)));
+        // Running from 0.3 s: not yet forgotten at 2.2 s, forgotten at 2.3 s.
+        assert!(!b.running(t0 + ms(300)));
+        assert!(!b.running(t0 + ms(2200)));
+        assert!(b.running(t0 + ms(2300)));
+        // A new pause is resumed at once, then after 250 ms again.
+        assert!(b.paused(t0 + ms(5000)));
+        assert!(!b.paused(t0 + ms(5200)));
+        assert!(b.paused(t0 + ms(5250)));
+        // A job that never paused has nothing to forget.
+        let mut fresh = Backoff::new(ms(250), Duration::from_secs(2));
+        assert!(!fresh.running(t0));
+        assert!(!fresh.running(t0 + Duration::from_secs(60)));
     }
 }

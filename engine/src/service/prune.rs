@@ -15,6 +15,14 @@
 //!   snapshots of an item whose snapshot phase is running are left for the
 //!   next prune, so a capture never loses the snapshot it builds on.
 //!
+//! - a point a live restore holds ([`coffre_vault_store::holds`]: its VM's
+//!   disk still reads the blocks not yet streamed from it) is kept, and so
+//!   are its snapshots and, for a soft-deleted item, the whole item; the
+//!   report lists each ([`HeldPoint`]). A hold that cannot be read makes
+//!   prune fail before it deletes anything. A prune that deletes holds the
+//!   vault's holds lock throughout, so a live restore starting meanwhile
+//!   either sees the point gone or is seen.
+//!
 //! Removing points only drops references; [`coffre_vault_store::maintenance::gc`]
 //! reclaims the chunks afterwards.
 
@@ -23,6 +31,7 @@ use std::path::PathBuf;
 use coffre_snapshotter::area::Area;
 use coffre_snapshotter::expiry::{ExpiredSnapshot, expire};
 use coffre_vault_store::format::name::SafeName;
+use coffre_vault_store::holds::{HoldRecord, HoldStore, HoldsLock};
 use coffre_vault_store::jobs::{JobStore, Operation};
 use coffre_vault_store::store::local::lock::NamedLock;
 use coffre_vault_store::store::local::lock::{ItemPhase, item_phase_lock_path};
@@ -41,6 +50,37 @@ pub const LEGACY_SNAPSHOTS_DIR: &str = "snapshots";
 
 /// Days final job records are kept.
 pub const JOB_HISTORY_DAYS: i64 = 90;
+
+/// How long a prune waits for a live restore writing its hold.
+const HOLDS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Something prune would have removed but kept, because a live restore
+/// holds its point.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldPoint {
+    /// Item.
+    pub item: String,
+    /// Point id.
+    pub point: String,
+    /// What was kept: `point`, `snapshot` or `item` (a purge put off).
+    pub kept: &'static str,
+    /// The live restore's target.
+    pub target: PathBuf,
+    /// When that live restore began.
+    pub since: Timestamp,
+}
+
+impl HeldPoint {
+    fn of(h: &HoldRecord, kept: &'static str) -> HeldPoint {
+        HeldPoint {
+            item: h.item.clone(),
+            point: h.point.clone(),
+            kept,
+            target: h.target.clone(),
+            since: h.started,
+        }
+    }
+}
 
 /// A point that expires.
 #[derive(Debug, Clone, Serialize)]
@@ -79,6 +119,8 @@ pub struct PruneReport {
     pub snapshot_bytes_freed: u64,
     /// Job records removed.
     pub jobs_removed: u64,
+    /// What was kept past its time because a live restore holds it.
+    pub held: Vec<HeldPoint>,
     /// True for a dry run.
     pub dry_run: bool,
 }
@@ -94,13 +136,41 @@ pub fn prune(
         dry_run,
         ..PruneReport::default()
     };
+    // Held from reading the holds to the last deletion (a dry run deletes
+    // nothing, so it does not wait).
+    let _holds_lock = if dry_run {
+        None
+    } else {
+        Some(HoldsLock::acquire(
+            vault.dir(),
+            HOLDS_WAIT,
+            &format!("prune, pid {}", std::process::id()),
+        )?)
+    };
+    let holds = HoldStore::new(vault.dir(), vault.config().keys()).list()?;
+    let hold_of =
+        |item: &str, point: &str| holds.iter().find(|h| h.item == item && h.point == point);
     let mut batch = IndexBatch::default();
     let mut purged = Vec::new();
     for item in vault.index().items()? {
         let points = vault.points(&item.name)?;
+        let held: Vec<&HoldRecord> = points
+            .iter()
+            .filter_map(|p| hold_of(&item.name, &p.id))
+            .collect();
         match item.protection {
             Protection::Stopped { .. } => {
                 report.kept += points.len() as u64;
+                continue;
+            }
+            Protection::SoftDeleted { purge_after, .. }
+                if now >= purge_after && !held.is_empty() =>
+            {
+                // The purge waits until no live restore reads the item.
+                report.kept += points.len() as u64;
+                report
+                    .held
+                    .extend(held.iter().map(|h| HeldPoint::of(h, "item")));
                 continue;
             }
             Protection::SoftDeleted { purge_after, .. } if now >= purge_after => {
@@ -156,6 +226,13 @@ pub fn prune(
             // Never leave an item without its last point.
             going.pop();
         }
+        going.retain(|g| match hold_of(&g.item, &g.id) {
+            Some(h) => {
+                report.held.push(HeldPoint::of(h, "point"));
+                false
+            }
+            None => true,
+        });
         report.kept += (points.len() - going.len()) as u64;
         for g in &going {
             batch.prune_point(&g.item, g.seq, &g.root);
@@ -200,7 +277,7 @@ pub fn prune(
             r?;
         }
     }
-    expire_snapshots(vault, now, dry_run, &mut report)?;
+    expire_snapshots(vault, now, dry_run, &holds, &mut report)?;
     report.jobs_removed = expire_jobs(vault, now, dry_run)?;
     Ok(report)
 }
@@ -219,6 +296,7 @@ fn expire_snapshots(
     vault: &Vault,
     now: Timestamp,
     dry_run: bool,
+    holds: &[HoldRecord],
     report: &mut PruneReport,
 ) -> Result<()> {
     let jobs = JobStore::new(vault.dir(), vault.config().keys());
@@ -258,15 +336,23 @@ fn expire_snapshots(
             .map(|p| p.id)
             .collect();
         let in_vault = |p: &str| points.contains(p);
+        let hold_of = |p: &str| holds.iter().find(|h| h.item == item.name && h.point == p);
+        let held = |p: &str| hold_of(p).is_some();
         for area in &areas {
             let r = expire(
                 &area.item_dir(&safe),
                 cutoff,
                 &in_vault,
                 &running,
+                &held,
                 dry_run,
                 vault.config().keys(),
             )?;
+            for p in &r.held {
+                if let Some(h) = hold_of(p) {
+                    report.held.push(HeldPoint::of(h, "snapshot"));
+                }
+            }
             report.snapshots_removed += r.expired.len() as u64 + r.leftovers_removed;
             report.snapshot_bytes_freed += r.bytes_freed;
             for s in &r.expired {

@@ -1,8 +1,9 @@
 //! Host-wide locks of coffre runs: one `flock`ed file per thing a run must
 //! have alone on this host, whichever vault or registry the run works for.
-//! Two kinds use it: a QEMU monitor socket ([`LockKind::Monitor`], through
-//! [`super::monitor_lock`]) and a libvirt domain ([`LockKind::Domain`],
-//! through [`super::libvirt::lock`]). This module owns what they share:
+//! Three kinds use it: a QEMU monitor socket ([`LockKind::Monitor`], through
+//! [`super::monitor_lock`]), a libvirt domain ([`LockKind::Domain`],
+//! through [`super::libvirt::lock`]) and a live restore's target
+//! ([`LockKind::Live`], through [`super::stream::TargetLock`]). This module owns what they share:
 //! where the locks are, the checks of their folders and files, the lock
 //! itself, and the holder line written in it and read back.
 //!
@@ -11,7 +12,7 @@
 //!   (when that is an absolute path to a folder), else
 //!   `$TMPDIR/coffre-<uid>`; a lock of kind K is
 //!   `<runtime dir>/<K's folder>/<key>.lock` ([`lock_dir`]: `qmp`,
-//!   `libvirt`). The caller names the key (a hash, a UUID): 1 to 64 ASCII
+//!   `libvirt`, `live`). The caller names the key (a hash, a UUID): 1 to 64 ASCII
 //!   letters, digits and `-`, else refused.
 //! - **Folders.** Both folders are created 0700 (one at a time, never a
 //!   missing parent) and refused when a symlink, not a folder, another
@@ -55,6 +56,9 @@ pub enum LockKind {
     Monitor,
     /// A libvirt domain: `libvirt/`, the file kept.
     Domain,
+    /// A live restore's target: `live/` (beside its export's socket), the
+    /// file removed on release.
+    Live,
 }
 
 impl LockKind {
@@ -63,12 +67,13 @@ impl LockKind {
         match self {
             LockKind::Monitor => "qmp",
             LockKind::Domain => "libvirt",
+            LockKind::Live => "live",
         }
     }
 
     /// Whether the holder removes the lock file when it releases it.
     fn removed_on_release(self) -> bool {
-        matches!(self, LockKind::Monitor)
+        matches!(self, LockKind::Monitor | LockKind::Live)
     }
 }
 

@@ -78,8 +78,8 @@ pub struct LiveNames {
 impl LiveNames {
     /// The names of the live restore into `target` (its canonical path).
     pub fn of(target: &Path) -> LiveNames {
-        let h = blake3::hash(format!("live/{}", target.display()).as_bytes()).to_hex();
-        let tag = h.get(..16).unwrap_or_default().to_string();
+        // The same tag names the target's hold in the vault.
+        let tag = coffre_vault_store::format::hold::target_tag(target);
         LiveNames {
             target: format!("coffre-{tag}-live"),
             target_file: format!("coffre-{tag}-lfile"),
@@ -99,6 +99,50 @@ impl LiveNames {
         let dir = base.join("live");
         super::host_lock::private_dir(&dir)?;
         Ok(dir.join(format!("{}.sock", self.tag)))
+    }
+}
+
+/// One run per live restore target on this host: held from before the
+/// export's socket is bound until the run ends, so two `--resume` runs of
+/// one target never replace each other's socket. A host lock
+/// ([`super::host_lock`], kind [`LockKind::Live`]) named after the
+/// target's tag, `<runtime dir>/live/<tag>.lock`, beside the socket;
+/// removed on release.
+///
+/// [`LockKind::Live`]: super::host_lock::LockKind::Live
+#[derive(Debug)]
+pub struct TargetLock(super::host_lock::HostLock);
+
+impl TargetLock {
+    /// Takes the lock of the live restore into `target` (canonical, named
+    /// `names`); fails at once, naming the holder, when another run has
+    /// it.
+    pub fn acquire(target: &Path, names: &LiveNames) -> Result<TargetLock> {
+        use super::host_lock::{HostLock, LockKind, Refused};
+        let holder = format!(
+            "pid {}, live restore into {}",
+            std::process::id(),
+            target.display()
+        );
+        HostLock::acquire(LockKind::Live, &names.tag, &holder)
+            .map(TargetLock)
+            .map_err(|refused| SnapError::Nbd {
+                uri: target.display().to_string(),
+                reason: match refused {
+                    Refused::Held { holder, path } => format!(
+                        "a live restore of {} is already running ({}; lock {}): one run per target; wait for it, or stop it (SIGTERM) and run the command again",
+                        target.display(),
+                        holder.as_deref().unwrap_or("holder unknown"),
+                        path.display()
+                    ),
+                    Refused::Unusable(reason) => reason,
+                },
+            })
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        self.0.path()
     }
 }
 
@@ -463,9 +507,10 @@ pub enum Job {
         offset: u64,
         /// Bytes to do (QEMU's estimate; it may grow).
         len: u64,
-        /// Paused after an error (`on-error: stop`): resume it once the
-        /// cause is gone.
-        stopped_on_error: bool,
+        /// Paused after an error (`on-error: stop`), with QEMU's
+        /// `io-status` (`failed`, `nospace`): resume it once the cause is
+        /// gone.
+        paused_on: Option<String>,
     },
     /// Ended; `error` when it failed or was cancelled.
     Concluded {
@@ -497,20 +542,26 @@ pub fn job(qmp: &mut dyn Monitor, names: &LiveNames) -> Result<Job> {
         .and_then(Value::as_u64)
         .unwrap_or(0);
     let len = j.get("total-progress").and_then(Value::as_u64).unwrap_or(0);
-    let mut stopped_on_error = false;
+    let mut paused_on = None;
     if status == "paused" {
         let blocks = qmp.execute("query-block-jobs", None)?;
-        stopped_on_error = blocks.as_array().is_some_and(|all| {
-            all.iter().any(|b| {
-                b.get("device").and_then(Value::as_str) == Some(names.job.as_str())
-                    && b.get("io-status").and_then(Value::as_str) != Some("ok")
+        paused_on = blocks.as_array().and_then(|all| {
+            all.iter().find_map(|b| {
+                if b.get("device").and_then(Value::as_str) != Some(names.job.as_str()) {
+                    return None;
+                }
+                match b.get("io-status").and_then(Value::as_str) {
+                    Some("ok") => None,
+                    Some(other) => Some(super::json_lines::shown(other)),
+                    None => Some("unknown".to_string()),
+                }
             })
         });
     }
     Ok(Job::Running {
         offset,
         len,
-        stopped_on_error,
+        paused_on,
     })
 }
 

@@ -4,7 +4,7 @@
 //! here: chunk records, the envelope of state files, block-map nodes,
 //! catalog files, the config, the damaged list, the replication state,
 //! chunk lists, segment headers, lease and GC state files, index values,
-//! job records and the host registry. A decoder trusts no length field
+//! job records, live restores' holds and the host registry. A decoder trusts no length field
 //! (`FORMAT.md`); the fuzz targets call the `fuzz_entry` functions of
 //! these modules.
 //!
@@ -23,6 +23,7 @@ pub mod config;
 pub mod damaged;
 pub mod envelope;
 pub mod generations;
+pub mod hold;
 pub mod host_registry;
 pub mod index_values;
 pub mod job;

@@ -19,6 +19,12 @@
 //!    the other segments the dead ranges are punched out
 //!    (`fallocate(PUNCH_HOLE)`), which frees their blocks without moving
 //!    anything.
+//! 0. **Holds.** Every live restore's hold ([`crate::holds`]) is read
+//!    first: one that cannot be read, or one naming a point the index no
+//!    longer lists (its chunks may be all its VM's disk has), makes GC
+//!    refuse before it deletes anything. A held point is kept by prune, so
+//!    its references keep its chunks out of the `unref` work list; the
+//!    report names the held points.
 //! 4. **Quarantine.** Files the writer's open moved to `quarantine/`
 //!    instead of deleting them are deleted once the (complete) index
 //!    shows them unreferenced ([`crate::copies::quarantine::purge`]).
@@ -90,6 +96,9 @@ pub struct GcReport {
     pub quarantine_bytes: u64,
     /// Quarantined files kept (something may still need them).
     pub quarantine_kept: u64,
+    /// Points held by unfinished live restores (`ITEM/POINT`): their
+    /// chunks are referenced, so kept.
+    pub held_points: Vec<String>,
     /// Wall time.
     pub duration_ms: u64,
 }
@@ -110,6 +119,33 @@ fn action_for(info: &SegmentInfo) -> Option<(&'static str, u64)> {
     } else {
         ("punch", live)
     })
+}
+
+/// The points live restores hold (`ITEM/POINT`), each checked to be one
+/// the index lists; an unreadable hold, or one whose point is gone, is an
+/// error (GC then deletes nothing).
+pub fn check_holds(vault: &Vault) -> Result<Vec<String>> {
+    let holds = crate::holds::HoldStore::new(vault.dir(), vault.config().keys());
+    let mut held = Vec::new();
+    for h in holds.list()? {
+        let known = vault.points(&h.item)?.iter().any(|p| p.id == h.point);
+        if !known {
+            return Err(StoreError::CorruptFile {
+                path: holds.path_of(&h.target),
+                what: "live restore hold",
+                reason: format!(
+                    "it holds point {} of item {} for the live restore into {}, but the vault no longer lists that point; its chunks may be all that disk has, so gc deletes nothing. If that target is gone or complete, drop the hold: coffre restore --live --abandon --item {} --to {}",
+                    h.point,
+                    h.item,
+                    h.target.display(),
+                    h.item,
+                    h.target.display()
+                ),
+            });
+        }
+        held.push(format!("{}/{}", h.item, h.point));
+    }
+    Ok(held)
 }
 
 /// What an entry of the `unref` work list turns out to be.
@@ -191,6 +227,7 @@ pub fn run(vault: &Vault) -> Result<GcReport> {
         });
     }
     let started = Instant::now();
+    let held_points = check_holds(vault)?;
     let stored_before = vault.stored_bytes()?;
     let (chunks, bytes) = unindex(vault)?;
     let mut report = GcReport {
@@ -201,6 +238,7 @@ pub fn run(vault: &Vault) -> Result<GcReport> {
         },
         chunks_removed: chunks,
         stored_before,
+        held_points,
         ..GcReport::default()
     };
     relocate(vault, &mut report)?;

@@ -59,6 +59,8 @@ pub fn run_shared_gc(dir: &Path, opts: &SharedGcOptions) -> Result<SharedGcRepor
             reason: format!("{} is not a shared vault's cache", dir.display()),
         })?;
     let config = crate::format::config::VaultConfig::load_with(dir, opts.unlock.as_deref())?;
+    // A hold this host cannot read: nothing is deleted (crate::holds).
+    crate::holds::HoldStore::new(dir, config.keys()).list()?;
     let store = crate::copies::sealed_state::wrap(
         crate::copies::open_url(&remote.url)?,
         config.keys().cloned(),

@@ -1,0 +1,284 @@
+//! A live restore's hold (`VAULT/holds/TAG.hold`) keeps its point from
+//! prune, snapshot expiry and gc: the VM's disk reads the blocks not yet
+//! streamed from it. Here the hold is written as `restore --live` writes
+//! it (the QEMU tests check that a real live restore writes and removes
+//! it); prune, run far past the point's retention with the injected
+//! clock, keeps the held point and its snapshot and says why, gc keeps
+//! its chunks, and the point still restores byte-identical. A damaged hold
+//! makes prune and gc delete nothing, naming the file; `restore --live
+//! --abandon` removes a hold whose target needs it no more (refused while
+//! the target still names the export), and the point then expires; a
+//! soft-deleted item's purge waits for its hold likewise.
+
+use std::path::Path;
+
+use coffre_engine::store::holds::{HoldRecord, HoldStore};
+
+use crate::common::*;
+
+fn tier_of(vault: &Path, id: &str) -> String {
+    points(vault, "vm")
+        .iter()
+        .find(|p| p["id"] == id)
+        .map(|p| p["tier"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_held_point_survives_prune_and_gc_until_abandoned() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(t.path()).unwrap();
+    let vault = new_vault(&dir, &[]);
+    let v = s(&vault);
+    let img = dir.join("vm.img");
+    random_file(&img, 4 << 20, 7);
+    protect_at("2027-01-01T00:00:00Z", &vault, "vm", "DefaultPolicy", &img);
+    ok_at("2027-01-01T03:00:00Z", &["run-due", "--vault", v]);
+    let day_one = dir.join("day-one.img");
+    std::fs::copy(&img, &day_one).unwrap();
+    churn(&img, 64, 64 << 10, 2);
+    ok_at("2027-01-02T03:00:00Z", &["run-due", "--vault", v]);
+    let all = points(&vault, "vm");
+    assert_eq!(all.len(), 2);
+    let held = all[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(tier_of(&vault, &held), "SnapshotAndVault");
+
+    // The hold of a live restore into `target` (begun on day two).
+    let target = dir.join("restored.qcow2");
+    let holds = HoldStore::new(&vault, None);
+    let record = HoldRecord {
+        item: "vm".into(),
+        point: held.clone(),
+        tier: "snapshot".into(),
+        target: target.clone(),
+        started: "2027-01-02T05:00:00Z".parse().unwrap(),
+        pid: 1,
+    };
+    holds.put(&record).unwrap();
+
+    // Years later every point but the last has expired, and every
+    // snapshot: the held point and its snapshot stay, and prune says why.
+    let later = "2040-01-01T00:00:00Z";
+    let r = json_at(later, &["prune", "--vault", v]);
+    assert!(
+        r["expired"].as_array().unwrap().is_empty(),
+        "the held point is not expired: {r}"
+    );
+    let kept: Vec<(&str, &str)> = r["held"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["point"].as_str().unwrap(), h["kept"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kept,
+        vec![(held.as_str(), "point"), (held.as_str(), "snapshot")],
+        "{r}"
+    );
+    assert_eq!(r["held"][0]["target"], s(&target), "{r}");
+    let text = ok_at(later, &["prune", "--vault", v]);
+    assert!(
+        text.contains(&format!("kept point {held} of item vm"))
+            && text.contains("unfinished live restore into")
+            && text.contains("--abandon"),
+        "{text}"
+    );
+    assert_eq!(points(&vault, "vm").len(), 2);
+    assert_eq!(tier_of(&vault, &held), "SnapshotAndVault");
+
+    // gc keeps its chunks, and says whose they are.
+    let g = json_at(later, &["gc", "--vault", v]);
+    assert_eq!(
+        g["held_points"],
+        serde_json::json!([format!("vm/{held}")]),
+        "{g}"
+    );
+    for from in ["vault", "snapshot"] {
+        let out = dir.join(format!("back-{from}.img"));
+        ok(&[
+            "restore",
+            "--vault",
+            v,
+            "--item",
+            "vm",
+            "--point",
+            &held,
+            "--from",
+            from,
+            "--to",
+            s(&out),
+        ]);
+        assert_same(&out, &day_one);
+    }
+
+    // A damaged hold: prune and gc delete nothing, naming the file.
+    let path = holds.path_of(&target);
+    let good = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &good[..good.len() - 5]).unwrap();
+    for cmd in ["prune", "gc"] {
+        let out = run_at(later, &[cmd, "--vault", v]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cmd}: {err}");
+        assert!(
+            err.contains(s(&path)) && err.contains("delete nothing"),
+            "{cmd}: {err}"
+        );
+    }
+    assert_eq!(points(&vault, "vm").len(), 2);
+
+    // Abandoned (the target is not there, so nothing needs the point): the
+    // damaged hold goes and the point expires at the next prune.
+    let other = fails(
+        &[
+            "restore",
+            "--vault",
+            v,
+            "--item",
+            "vm",
+            "--live",
+            "--abandon",
+            "--to",
+            s(&dir.join("elsewhere.qcow2")),
+        ],
+        1,
+    );
+    assert!(other.contains("nothing to abandon"), "{other}");
+    let out = ok(&[
+        "restore",
+        "--vault",
+        v,
+        "--item",
+        "vm",
+        "--live",
+        "--abandon",
+        "--to",
+        s(&target),
+    ]);
+    assert!(out.contains("damaged hold"), "{out}");
+    assert!(!path.exists());
+    let r = json_at(later, &["prune", "--vault", v]);
+    let expired: Vec<&str> = r["expired"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(expired, vec![held.as_str()], "{r}");
+    assert!(r["held"].as_array().unwrap().is_empty(), "{r}");
+}
+
+#[test]
+fn a_target_that_still_reads_the_export_is_not_abandoned() {
+    if !std::process::Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        skip("live hold: qemu-img missing (apt-get install qemu-utils)");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(t.path()).unwrap();
+    let vault = new_vault(&dir, &[]);
+    let v = s(&vault);
+    let img = dir.join("vm.img");
+    random_file(&img, 1 << 20, 3);
+    ok(&["backup", "--vault", v, "--item", "vm", s(&img)]);
+    let point = points(&vault, "vm")[0]["id"].as_str().unwrap().to_string();
+    // A target as a live restore leaves it: a qcow2 over the export.
+    let target = dir.join("restored.qcow2");
+    let backing = coffre_engine::snapshotter::vm::stream::backing_json(
+        Path::new("/run/coffre/live/x.sock"),
+        &coffre_engine::snapshotter::vm::stream::export_name(&point),
+        300,
+    );
+    let made = std::process::Command::new("qemu-img")
+        .args([
+            "create", "-q", "-u", "-f", "qcow2", "-F", "raw", "-b", &backing,
+        ])
+        .arg(&target)
+        .arg("1M")
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    HoldStore::new(&vault, None)
+        .put(&HoldRecord {
+            item: "vm".into(),
+            point: point.clone(),
+            tier: "vault".into(),
+            target: target.clone(),
+            started: jiff::Timestamp::now(),
+            pid: 1,
+        })
+        .unwrap();
+    let args = [
+        "restore",
+        "--vault",
+        v,
+        "--item",
+        "vm",
+        "--live",
+        "--abandon",
+        "--to",
+        s(&target),
+    ];
+    let err = fails(&args, 1);
+    assert!(
+        err.contains("still reads") && err.contains(&point) && err.contains("--resume"),
+        "{err}"
+    );
+    // Once the target is gone, the hold goes.
+    std::fs::remove_file(&target).unwrap();
+    let out = ok(&args);
+    assert!(out.contains("abandoned") && out.contains(&point), "{out}");
+    assert!(HoldStore::new(&vault, None).list().unwrap().is_empty());
+}
+
+#[test]
+fn a_held_soft_deleted_item_is_not_purged_until_the_hold_goes() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(t.path()).unwrap();
+    let vault = new_vault(&dir, &[]);
+    let v = s(&vault);
+    let img = dir.join("vm.img");
+    random_file(&img, 1 << 20, 9);
+    protect_at("2027-01-01T00:00:00Z", &vault, "vm", "DefaultPolicy", &img);
+    ok_at("2027-01-01T03:00:00Z", &["run-due", "--vault", v]);
+    let point = points(&vault, "vm")[0]["id"].as_str().unwrap().to_string();
+    let target = dir.join("restored.qcow2");
+    let holds = HoldStore::new(&vault, None);
+    holds
+        .put(&HoldRecord {
+            item: "vm".into(),
+            point: point.clone(),
+            tier: "vault".into(),
+            target: target.clone(),
+            started: "2027-01-01T04:00:00Z".parse().unwrap(),
+            pid: 1,
+        })
+        .unwrap();
+    ok_at(
+        "2027-01-02T00:00:00Z",
+        &["unprotect", "--vault", v, "--item", "vm", "--delete-data"],
+    );
+    // Past the 14 days: the purge waits for the live restore.
+    let r = json_at("2027-02-01T00:00:00Z", &["prune", "--vault", v]);
+    assert!(r["purged_items"].as_array().unwrap().is_empty(), "{r}");
+    assert_eq!(r["held"][0]["kept"], "item", "{r}");
+    assert_eq!(r["held"][0]["point"], point.as_str(), "{r}");
+    assert_eq!(points(&vault, "vm").len(), 1);
+    // The target is not there: the hold is abandoned, and the purge runs.
+    ok(&[
+        "restore",
+        "--vault",
+        v,
+        "--item",
+        "vm",
+        "--live",
+        "--abandon",
+        "--to",
+        s(&target),
+    ]);
+    let r = json_at("2027-02-01T00:00:00Z", &["prune", "--vault", v]);
+    assert_eq!(r["purged_items"], serde_json::json!(["vm"]), "{r}");
+}

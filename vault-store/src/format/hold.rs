@@ -1,0 +1,231 @@
+//! The hold record codec (`VAULT/holds/TAG.hold`): a live restore in
+//! progress whose target still reads blocks of one point through coffre's
+//! export, so that point (and its snapshot) must not be pruned, expired or
+//! collected until the restore completes or is abandoned (`FORMAT.md`,
+//! "Holds"). An [`envelope`] with a JSON body, every field checked at
+//! decode time; fuzzed: `fuzz/fuzz_targets/hold_record.rs`.
+
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::format::envelope;
+use crate::format::name::check_name;
+
+/// Hold record magic. Frozen.
+pub const HOLD_MAGIC: [u8; 8] = *b"CFHOLD\0\0";
+/// Hold record version.
+pub const HOLD_VERSION: u32 = 1;
+/// Folder of hold records inside a vault.
+pub const HOLDS_DIR: &str = "holds";
+/// The suffix of a hold record's file name.
+pub const HOLD_SUFFIX: &str = ".hold";
+/// Largest body of a hold record.
+const MAX_HOLD_BODY: usize = 16 << 10;
+/// Longest point id a hold names (the export name's limit).
+const MAX_POINT_ID: usize = 64;
+/// Longest target path a hold names (Linux's `PATH_MAX`).
+const MAX_TARGET: usize = 4096;
+/// Longest tier name.
+const MAX_TIER: usize = 16;
+
+/// One live restore's hold on a point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldRecord {
+    /// The item.
+    pub item: String,
+    /// The point's id.
+    pub point: String,
+    /// The tier the restore serves the point from (`snapshot` or `vault`).
+    pub tier: String,
+    /// The live restore's target (its canonical path).
+    pub target: PathBuf,
+    /// When the live restore began (the first run's time).
+    pub started: Timestamp,
+    /// The pid of the run that last wrote the hold (informational).
+    pub pid: u32,
+}
+
+/// 16 hex digits of BLAKE3(`live/<target>`): the tag a live restore's QEMU
+/// nodes, socket, lock and hold record are named after.
+pub fn target_tag(target: &Path) -> String {
+    let h = blake3::hash(format!("live/{}", target.display()).as_bytes()).to_hex();
+    h.get(..16).unwrap_or_default().to_string()
+}
+
+/// The name of the hold of the live restore into `target`, under the
+/// vault directory.
+pub fn hold_file(target: &Path) -> String {
+    format!("{HOLDS_DIR}/{}{HOLD_SUFFIX}", target_tag(target))
+}
+
+/// True for a tag (16 lower-case hex digits).
+pub fn is_tag(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+impl HoldRecord {
+    /// Encodes the record.
+    pub fn encode(&self) -> Vec<u8> {
+        envelope::encode(
+            &HOLD_MAGIC,
+            HOLD_VERSION,
+            &serde_json::to_vec(self).unwrap_or_default(),
+        )
+    }
+
+    /// Decodes a record read as `file_tag` (the stem of its file name):
+    /// every field is checked, and the record must be the hold of the
+    /// target its name says.
+    pub fn decode(bytes: &[u8], file_tag: &str) -> std::result::Result<Self, String> {
+        let r = Self::decode_body(bytes)?;
+        if target_tag(&r.target) != file_tag {
+            return Err(format!(
+                "it names target {} whose hold is not this file",
+                r.target.display()
+            ));
+        }
+        Ok(r)
+    }
+
+    /// Decodes and checks a record, whatever its file's name.
+    pub fn decode_body(bytes: &[u8]) -> std::result::Result<Self, String> {
+        let (_, body) = envelope::decode(&HOLD_MAGIC, HOLD_VERSION, MAX_HOLD_BODY, bytes)
+            .map_err(|e| e.to_string())?;
+        let r: HoldRecord = serde_json::from_slice(body).map_err(|e| format!("bad JSON: {e}"))?;
+        r.check()?;
+        Ok(r)
+    }
+
+    /// Checks every field.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        check_name("item", &self.item).map_err(|e| e.to_string())?;
+        if !(1..=MAX_POINT_ID).contains(&self.point.len())
+            || !self
+                .point
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "point id {:?} is not 1 to {MAX_POINT_ID} letters, digits, '-' or '_'",
+                self.point.chars().take(80).collect::<String>()
+            ));
+        }
+        if self.tier.is_empty()
+            || self.tier.len() > MAX_TIER
+            || !self.tier.bytes().all(|b| b.is_ascii_lowercase())
+        {
+            return Err(format!(
+                "tier {:?} is not a tier name",
+                self.tier.chars().take(40).collect::<String>()
+            ));
+        }
+        let t = self.target.as_os_str().as_encoded_bytes();
+        if !self.target.is_absolute() || t.len() > MAX_TARGET || t.contains(&0) {
+            return Err(format!(
+                "target {:?} is not an absolute path of at most {MAX_TARGET} bytes",
+                self.target
+                    .display()
+                    .to_string()
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Fuzz entry: decodes a hold record, and checks it under its own name.
+pub fn fuzz_entry(data: &[u8]) -> bool {
+    HoldRecord::decode_body(data)
+        .is_ok_and(|r| HoldRecord::decode(data, &target_tag(&r.target)).is_ok())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn record() -> HoldRecord {
+        HoldRecord {
+            item: "vm".into(),
+            point: "0a1b2c3d4e5f".into(),
+            tier: "snapshot".into(),
+            target: PathBuf::from("/srv/vm/restored.qcow2"),
+            started: Timestamp::from_second(1_700_000_000).unwrap(),
+            pid: 42,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_the_name_must_match_the_target() {
+        let r = record();
+        let tag = target_tag(&r.target);
+        assert!(is_tag(&tag));
+        assert_eq!(hold_file(&r.target), format!("holds/{tag}.hold"));
+        assert_eq!(HoldRecord::decode(&r.encode(), &tag).unwrap(), r);
+        let other = target_tag(Path::new("/srv/vm/other.qcow2"));
+        assert!(
+            HoldRecord::decode(&r.encode(), &other)
+                .unwrap_err()
+                .contains("not this file")
+        );
+    }
+
+    #[test]
+    fn truncated_flipped_and_bad_fields_are_refused() {
+        let r = record();
+        let tag = target_tag(&r.target);
+        let e = r.encode();
+        for cut in 0..e.len() {
+            assert!(HoldRecord::decode(&e[..cut], &tag).is_err(), "cut at {cut}");
+        }
+        for i in 0..e.len() {
+            let mut d = e.clone();
+            d[i] ^= 0x21;
+            assert!(HoldRecord::decode(&d, &tag).is_err(), "flip at {i}");
+        }
+        let bad = [
+            HoldRecord {
+                item: "../x".into(),
+                ..record()
+            },
+            HoldRecord {
+                point: "a/b".into(),
+                ..record()
+            },
+            HoldRecord {
+                point: String::new(),
+                ..record()
+            },
+            HoldRecord {
+                tier: "Vault!".into(),
+                ..record()
+            },
+            HoldRecord {
+                target: PathBuf::from("relative.qcow2"),
+                ..record()
+            },
+            HoldRecord {
+                target: PathBuf::from(format!("/{}", "a".repeat(MAX_TARGET))),
+                ..record()
+            },
+        ];
+        for b in bad {
+            let t = target_tag(&b.target);
+            assert!(HoldRecord::decode(&b.encode(), &t).is_err(), "{b:?}");
+        }
+        // JSON of another shape, in a good envelope.
+        let odd = envelope::encode(&HOLD_MAGIC, HOLD_VERSION, b"{\"item\":1}");
+        assert!(
+            HoldRecord::decode(&odd, &tag)
+                .unwrap_err()
+                .contains("bad JSON")
+        );
+        assert!(fuzz_entry(&e));
+        assert!(!fuzz_entry(&e[..e.len() - 1]));
+        assert!(!fuzz_entry(b""));
+    }
+}
