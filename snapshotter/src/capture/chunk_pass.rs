@@ -17,7 +17,6 @@ use crate::fetch::Fetcher;
 use crate::manifest::{FLAG_NODE, PackLoc, SnapEntry, SnapReader, SnapWriter};
 use crate::pack::PackWriter;
 use crate::progress::Progress;
-use crate::source::Window;
 use crate::throttle::Throttle;
 
 /// Most new blocks remembered for deduplication within one capture (about
@@ -121,26 +120,17 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
     progress.start(size);
     let window_blocks = (WINDOW_BYTES / bs).max(1);
     let mut first = 0u64;
-    // One ordered writer: a thread of its own finishes each mapped window
-    // (its read checked whole, its mapping dropped, the image's size
-    // checked again) and only then appends its new records to the pack
-    // and its entries to the manifest, while the pool hashes and
-    // compresses the next window: the pool never waits for an unmapping.
-    // The channel holds one window's blocks, so at most three mapped
-    // windows are alive. A window in memory of its own (fetched, read
-    // directly; up to a hint's span) is finished and given back here, as
-    // before: at most two of those, plus the one a fetcher reads ahead.
+    // One ordered writer: a thread of its own appends each window's new
+    // records to the pack and its entries to the manifest while the pool
+    // hashes and compresses the next window. The channel holds nothing
+    // (a rendezvous), so at most two windows are in memory.
     std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(Option<Window<'_>>, Vec<Result<Block>>)>(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<Block>>>(0);
         let seen = &mut seen;
         let pack_thread = std::thread::Builder::new()
             .name("coffre-pack".into())
             .spawn_scoped(scope, move || -> Result<()> {
-                for (window, blocks) in rx {
-                    if let Some(window) = window {
-                        window.finish()?;
-                    }
-                    source.check_unchanged()?;
+                for blocks in rx {
                     store(blocks, pack, pack_index, seen, writer)?;
                 }
                 Ok(())
@@ -304,7 +294,7 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
                     )
                     .collect()
             });
-            if let Some(window) = &window {
+            if let Some(window) = window {
                 read.bytes_read += if dirty.is_some() {
                     ranges
                         .iter()
@@ -319,15 +309,10 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
                 } else {
                     window.data_len()
                 };
+                window.finish()?;
             }
-            let window = match window {
-                Some(w) if w.is_private() => {
-                    w.finish()?;
-                    None
-                }
-                w => w,
-            };
-            if tx.send((window, out)).is_err() {
+            source.check_unchanged()?;
+            if tx.send(out).is_err() {
                 // The writer stopped: its error says why.
                 break;
             }
