@@ -171,7 +171,7 @@ impl<'a> Fetcher<'a> {
 /// `cachestat(2)` (Linux 6.5): how many pages of a range the page cache
 /// holds, without reading anything. Its number on the architectures whose
 /// table numbers it 451 (libc does not name it there yet).
-#[cfg(any(
+const SYS_CACHESTAT: Option<libc::c_long> = if cfg!(any(
     target_arch = "x86_64",
     target_arch = "x86",
     target_arch = "aarch64",
@@ -180,19 +180,11 @@ impl<'a> Fetcher<'a> {
     target_arch = "loongarch64",
     target_arch = "s390x",
     target_arch = "powerpc64"
-))]
-const SYS_CACHESTAT: Option<libc::c_long> = Some(451);
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "loongarch64",
-    target_arch = "s390x",
-    target_arch = "powerpc64"
-)))]
-const SYS_CACHESTAT: Option<libc::c_long> = None;
+)) {
+    Some(451)
+} else {
+    None
+};
 
 #[repr(C)]
 struct CachestatRange {
