@@ -6,6 +6,10 @@
 #   - the I/O floor: the same write while the vault's segments (the
 #     records a restore reads; all points' records, a little more than the
 #     point's) are read with O_DIRECT from the same disk;
+#   - the loaded floor: the same write while both cores decompress zstd
+#     (`zstd -d` loops), as a restore's decoders keep them busy: on a VM
+#     whose disk writes slow down when its cores are busy, this is the
+#     floor of a restore that must decompress;
 #   - `coffre restore` from the snapshot tier (the default) and --from
 #     vault, page cache dropped (cold), each as a ratio to both floors;
 #     and again with the records in the page cache (warm);
@@ -28,8 +32,8 @@ base=${1:?usage: $0 BASE.img DAY2.img [ROUNDS]}
 day2=${2:?usage: $0 BASE.img DAY2.img [ROUNDS]}
 rounds=${3:-3}
 coffre=$(realpath "${COFFRE:-target/release/coffre}")
-for t in qemu-img nbdinfo fio; do
-  command -v "$t" >/dev/null || { echo "export-bench: $t missing (apt-get install qemu-utils libnbd-bin fio)" >&2; exit 1; }
+for t in qemu-img nbdinfo fio zstd; do
+  command -v "$t" >/dev/null || { echo "export-bench: $t missing (apt-get install qemu-utils libnbd-bin fio zstd)" >&2; exit 1; }
 done
 work=${WORK:-$(mktemp -d "$(dirname "$(realpath "$base")")/export-bench.XXXXXX")}
 export_pid=
@@ -47,6 +51,16 @@ cp --sparse=always "$base" work.img
 "$coffre" backup --vault v --item w work.img > /dev/null 2>&1
 cp --sparse=always "$day2" work.img
 "$coffre" backup --vault v --item w work.img > /dev/null 2>&1
+# What the loaded floor's cores decompress: 256 MiB of the image.
+head -c $((256 << 20)) "$day2" | zstd -q -1 -c > load.zst
+# busy_write NAME: the floor's write while two zstd -d loops run.
+busy_write() {
+  touch busy.flag
+  for _ in 1 2; do (while [ -e busy.flag ]; do zstd -q -d -c load.zst > /dev/null; done) & done
+  sleep 0.3
+  timed "$1" dd if=/dev/zero of=floor.bin bs=4M count=$((data / (4 << 20))) oflag=direct conv=fsync status=none
+  rm -f busy.flag; wait
+}
 sock=$work/export.sock
 uri="nbd+unix:///w?socket=$sock"
 
@@ -79,6 +93,8 @@ for r in $(seq 1 "$rounds"); do
     (for s in v/segments/*.seg; do dd if="$s" of=/dev/null bs=4M iflag=direct status=none; done) &
     timed "$r $tier iofloor" dd if=/dev/zero of=floor.bin bs=4M count=$((data / (4 << 20))) oflag=direct conv=fsync status=none
     wait $!
+    rm -f floor.bin; sync
+    busy_write "$r $tier loadedfloor"
     rm -f floor.bin; sync
     cat v/segments/*.seg > /dev/null
     timed "$r $tier restore-warm" "$coffre" restore --vault v --item w --from "$tier" --to out.img
@@ -113,12 +129,13 @@ def med(t, w): return st.median(val[(t, w)].values())
 def ratio(t, a, b):
     return st.median(val[(t, a)][r] / val[(t, b)][r] for r in val[(t, a)])
 print(f"rounds: {sys.argv[2]} (medians; ratios are per-round medians)")
-print("| tier | restore s (cold) | floor s | restore/floor | I/O floor s | restore/I/O floor | warm restore s | warm/floor | export convert s | restore/convert (export speed vs restore) | 4K QD16 IOPS cold | warm | export RSS MiB (convert, fio) |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| tier | restore s (cold) | floor s | restore/floor | I/O floor s | restore/I/O floor | loaded floor s | restore/loaded floor | warm restore s | warm/floor | warm/loaded floor | export convert s | restore/convert (export speed vs restore) | 4K QD16 IOPS cold | warm | export RSS MiB (convert, fio) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for t in ("snapshot", "vault"):
     print(f"| {t} | {med(t,'restore'):.2f} | {med(t,'floor'):.2f} | {ratio(t,'restore','floor'):.2f} | "
           f"{med(t,'iofloor'):.2f} | {ratio(t,'restore','iofloor'):.2f} | "
-          f"{med(t,'restore-warm'):.2f} | {ratio(t,'restore-warm','floor'):.2f} | "
+          f"{med(t,'loadedfloor'):.2f} | {ratio(t,'restore','loadedfloor'):.2f} | "
+          f"{med(t,'restore-warm'):.2f} | {ratio(t,'restore-warm','floor'):.2f} | {ratio(t,'restore-warm','loadedfloor'):.2f} | "
           f"{med(t,'export-convert'):.2f} | {ratio(t,'restore','export-convert'):.2f} | "
           f"{med(t,'iops-cold'):.0f} | {med(t,'iops-warm'):.0f} | "
           f"{max(val[(t,'rss-after-convert')].values())/1024:.0f}, {max(val[(t,'rss')].values())/1024:.0f} |")
