@@ -375,3 +375,46 @@ fn a_point_held_in_the_secondary_survives_replicate_after_the_primary_pruned_it(
 fn dir_is_empty(d: &Path) -> bool {
     std::fs::read_dir(d).unwrap().next().is_none()
 }
+
+#[test]
+fn a_target_path_that_is_not_utf8_or_has_control_characters_is_refused_up_front() {
+    use std::os::unix::ffi::OsStrExt;
+    let t = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(t.path()).unwrap();
+    let vault = new_vault(&dir, &[]);
+    let img = dir.join("vm.img");
+    random_file(&img, 1 << 20, 5);
+    ok(&["backup", "--vault", s(&vault), "--item", "vm", s(&img)]);
+    let raw = dir.join(std::ffi::OsStr::from_bytes(b"t\xff.qcow2"));
+    for target in [raw, dir.join("t\u{1b}[2J.qcow2")] {
+        let out = coffre()
+            .args(["restore", "--vault", s(&vault), "--item", "vm", "--live"])
+            .arg("--to")
+            .arg(&target)
+            .args(["--qmp", s(&dir.join("no.sock")), "--device", "vda"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains("not UTF-8 without control characters"),
+            "{err}"
+        );
+        assert!(std::fs::symlink_metadata(&target).is_err());
+        assert!(HoldStore::new(&vault, None).list().unwrap().is_empty());
+    }
+    // A good path whose VM cannot be reached (the target is made and the
+    // hold written before the monitor is dialled): refused, the new target
+    // removed by the run itself, and so its hold released.
+    let good = dir.join("t.qcow2");
+    let out = coffre()
+        .args(["restore", "--vault", s(&vault), "--item", "vm", "--live"])
+        .args(["--to", s(&good)])
+        .args(["--qmp", s(&dir.join("no.sock")), "--device", "vda"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(std::fs::symlink_metadata(&good).is_err(), "{err}");
+    assert!(HoldStore::new(&vault, None).list().unwrap().is_empty());
+}
