@@ -282,3 +282,139 @@ fn a_held_soft_deleted_item_is_not_purged_until_the_hold_goes() {
     let r = json_at("2027-02-01T00:00:00Z", &["prune", "--vault", v]);
     assert_eq!(r["purged_items"], serde_json::json!(["vm"]), "{r}");
 }
+
+#[test]
+fn a_point_held_in_the_secondary_survives_replicate_after_the_primary_pruned_it() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(t.path()).unwrap();
+    let sec = dir.join("secondary");
+    let vault = new_vault(&dir, &["--secondary", s(&sec)]);
+    let v = s(&vault);
+    let img = dir.join("vm.img");
+    random_file(&img, 2 << 20, 11);
+    protect_at("2027-01-01T00:00:00Z", &vault, "vm", "DefaultPolicy", &img);
+    ok_at("2027-01-01T03:00:00Z", &["run-due", "--vault", v]);
+    let day_one = dir.join("day-one.img");
+    std::fs::copy(&img, &day_one).unwrap();
+    churn(&img, 32, 64 << 10, 3);
+    ok_at("2027-01-02T03:00:00Z", &["run-due", "--vault", v]);
+    ok_at("2027-01-02T04:00:00Z", &["replicate", "--vault", v]);
+    let held = points(&vault, "vm")[0]["id"].as_str().unwrap().to_string();
+    // A live restore from the secondary holds day one there.
+    let holds = HoldStore::new(&sec, None);
+    holds
+        .put(&HoldRecord {
+            item: "vm".into(),
+            point: held.clone(),
+            tier: "vault".into(),
+            target: dir.join("restored.qcow2"),
+            started: "2027-01-02T05:00:00Z".parse().unwrap(),
+            pid: 1,
+        })
+        .unwrap();
+    // The primary prunes and collects it (it knows nothing of that hold).
+    let later = "2040-01-01T00:00:00Z";
+    ok_at(later, &["prune", "--vault", v]);
+    ok_at(later, &["gc", "--vault", v]);
+    assert_eq!(points(&vault, "vm").len(), 1);
+    let from_sec = |at: &str| -> Vec<String> {
+        json_at(
+            at,
+            &[
+                "points",
+                "--vault",
+                v,
+                "--item",
+                "vm",
+                "--from",
+                "secondary",
+            ],
+        )
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect()
+    };
+    // A damaged hold in the secondary: replicate stops, naming it, and
+    // puts nothing aside.
+    let path = holds.path_of(&dir.join("restored.qcow2"));
+    let good = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &good[..good.len() - 4]).unwrap();
+    let out = run_at(later, &["replicate", "--vault", v]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(s(&path)), "{err}");
+    assert!(!sec.join("quarantine").exists() || dir_is_empty(&sec.join("quarantine")));
+    std::fs::write(&path, &good).unwrap();
+    // Replicate keeps everything the held point needs, and says why.
+    let r = json_at(later, &["replicate", "--vault", v]);
+    assert_eq!(r["quarantine_skipped"], true, "{r}");
+    assert_eq!(r["quarantined"], 0, "{r}");
+    assert_eq!(
+        r["held_points"],
+        serde_json::json!([format!("vm/{held}")]),
+        "{r}"
+    );
+    let text = ok_at(later, &["replicate", "--vault", v]);
+    assert!(text.contains("nothing was quarantined"), "{text}");
+    assert!(from_sec(later).contains(&held));
+    let out = dir.join("back.img");
+    let mut a = restore_args(&vault, "vm", Some(&held), &out, false);
+    a.extend(["--from", "secondary"]);
+    ok(&a);
+    assert_same(&out, &day_one);
+    // The hold gone, the next run puts the pruned point aside.
+    assert!(holds.remove(&dir.join("restored.qcow2")).unwrap());
+    let r = json_at(later, &["replicate", "--vault", v]);
+    assert_eq!(r["quarantine_skipped"], false, "{r}");
+    assert!(r["quarantined"].as_u64().unwrap() > 0, "{r}");
+    assert!(!from_sec(later).contains(&held));
+}
+
+fn dir_is_empty(d: &Path) -> bool {
+    std::fs::read_dir(d).unwrap().next().is_none()
+}
+
+#[test]
+fn a_target_path_that_is_not_utf8_or_has_control_characters_is_refused_up_front() {
+    use std::os::unix::ffi::OsStrExt;
+    let t = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(t.path()).unwrap();
+    let vault = new_vault(&dir, &[]);
+    let img = dir.join("vm.img");
+    random_file(&img, 1 << 20, 5);
+    ok(&["backup", "--vault", s(&vault), "--item", "vm", s(&img)]);
+    let raw = dir.join(std::ffi::OsStr::from_bytes(b"t\xff.qcow2"));
+    for target in [raw, dir.join("t\u{1b}[2J.qcow2")] {
+        let out = coffre()
+            .args(["restore", "--vault", s(&vault), "--item", "vm", "--live"])
+            .arg("--to")
+            .arg(&target)
+            .args(["--qmp", s(&dir.join("no.sock")), "--device", "vda"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains("not UTF-8 without control characters"),
+            "{err}"
+        );
+        assert!(std::fs::symlink_metadata(&target).is_err());
+        assert!(HoldStore::new(&vault, None).list().unwrap().is_empty());
+    }
+    // A good path whose VM cannot be reached (the target is made and the
+    // hold written before the monitor is dialled): refused, the new target
+    // removed by the run itself, and so its hold released.
+    let good = dir.join("t.qcow2");
+    let out = coffre()
+        .args(["restore", "--vault", s(&vault), "--item", "vm", "--live"])
+        .args(["--to", s(&good)])
+        .args(["--qmp", s(&dir.join("no.sock")), "--device", "vda"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(std::fs::symlink_metadata(&good).is_err(), "{err}");
+    assert!(HoldStore::new(&vault, None).list().unwrap().is_empty());
+}

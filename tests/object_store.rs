@@ -1238,6 +1238,31 @@ fn s3_gc_stops_on_a_point_it_cannot_decode_and_on_a_lease_it_cannot_read() {
     assert_eq!(s3_keys(&m, "v/segments/"), segments);
     s3_delete(&m, bad_lease);
 
+    // A live restore's hold on a point the store no longer lists: its
+    // chunks may be all that disk has. GC stops, naming the hold.
+    let holds = coffre_engine::store::holds::HoldStore::new(&h, None);
+    let target = t.path().join("restored.qcow2");
+    holds
+        .put(&coffre_engine::store::holds::HoldRecord {
+            item: "keep".into(),
+            point: "0123456789abcdef".into(),
+            tier: "vault".into(),
+            target: target.clone(),
+            started: jiff::Timestamp::now(),
+            pid: 1,
+        })
+        .unwrap();
+    let out = m.run(&["gc", "--vault", s(&h)]);
+    assert!(!out.status.success(), "gc ignored a dangling hold");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(s(&holds.path_of(&target))) && err.contains("no longer lists"),
+        "{err}"
+    );
+    assert_eq!(s3_keys(&m, "v/gc/condemned/"), Vec::<String>::new());
+    assert_eq!(s3_keys(&m, "v/segments/"), segments);
+    assert!(holds.remove(&target).unwrap());
+
     // With both gone, GC runs: the dropped item's segment is condemned,
     // then deleted by the next run, and the kept point still restores.
     let first = m.json(&["gc", "--vault", s(&h)]);

@@ -51,10 +51,10 @@ fn prune_table(r: &PruneReport) -> String {
             _ => format!("kept point {} of item {}", h.point, h.item),
         };
         out.push_str(&format!(
-            "{what}: held by the unfinished live restore into {} (begun {}); `coffre restore --live --resume --to {}` finishes it, `--abandon` gives it up\n",
-            h.target.display(),
+            "{what}: held by the unfinished live restore into {:?} (begun {}); `coffre restore --live --resume --to {:?}` finishes it, `--abandon` gives it up\n",
+            h.target,
             output::when(h.since),
-            h.target.display()
+            h.target
         ));
     }
     out

@@ -16,7 +16,7 @@ pub fn run(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
         coffre_engine::store::maintenance::replicate::replicate(&vault, &|| clock.now(), &|| false)
             .with_context(|| format!("replication of vault {} failed", dir.display()))?;
     output::emit(ctx.fmt, &report, |r| {
-        format!(
+        let mut s = format!(
             "replicated to {}: {} in {} segment(s), {} catalog file(s), {} point(s) new, {} on the secondary ({} ms)\n",
             r.secondary.display(),
             bytes(r.bytes_copied),
@@ -25,7 +25,14 @@ pub fn run(ctx: &Ctx, dir: &Path) -> anyhow::Result<ExitCode> {
             r.points_replicated,
             r.points_on_secondary,
             r.duration_ms
-        )
+        );
+        if r.quarantine_skipped {
+            s.push_str(&format!(
+                "live restores from the secondary hold {}: nothing was quarantined or purged on the secondary (it keeps what the primary no longer has until they complete or are abandoned)\n",
+                r.held_points.join(", ")
+            ));
+        }
+        s
     })?;
     Ok(ExitCode::SUCCESS)
 }

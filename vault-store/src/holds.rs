@@ -125,7 +125,8 @@ impl HoldStore {
     pub fn put(&self, record: &HoldRecord) -> Result<()> {
         let name = hold_file(&record.target);
         record.check().map_err(|e| self.corrupt(&name, e))?;
-        let bytes = crate::format::sealed_file::seal(&name, &record.encode(), self.keys()?)
+        let body = record.encode().map_err(|e| self.corrupt(&name, e))?;
+        let bytes = crate::format::sealed_file::seal(&name, &body, self.keys()?)
             .map_err(|e| self.corrupt(&name, format!("cannot seal it: {e}")))?
             .into_owned();
         self.store.put(&name, &bytes)
@@ -227,11 +228,11 @@ mod tests {
         assert!(e.contains(&path.display().to_string()), "{e}");
         assert!(e.contains("delete nothing"), "{e}");
         // A hold copied under another target's name is refused too.
-        std::fs::write(&path, a.encode()).unwrap();
+        std::fs::write(&path, a.encode().unwrap()).unwrap();
         assert!(s.list().unwrap_err().to_string().contains("not this file"));
         // A badly named one.
         std::fs::remove_file(&path).unwrap();
-        std::fs::write(t.path().join("holds/zz.hold"), a.encode()).unwrap();
+        std::fs::write(t.path().join("holds/zz.hold"), a.encode().unwrap()).unwrap();
         assert!(s.list().unwrap_err().to_string().contains("16 hex"));
         std::fs::remove_file(t.path().join("holds/zz.hold")).unwrap();
         assert!(s.remove(&a.target).unwrap());

@@ -34,8 +34,12 @@
 //! chunks while the stream is unfinished, a killed run included. The
 //! caller takes the vault's holds lock before it opens the vault and hands
 //! it here ([`restore_live`]); it is released once the hold is written.
-//! The hold goes when the stream completes, when a run fails before QEMU
-//! had the target (the target is removed), or on [`abandon`].
+//! The hold goes when the stream completes and the target is durable
+//! (fsynced, its backing read again), when a run of a new target fails
+//! before QEMU had it and the run removed the target itself, or on
+//! [`abandon`]. A hold of another point is never replaced while the
+//! target exists, and the target's absence is checked again under the
+//! [`TargetLock`].
 //!
 //! **One run per target**: a [`TargetLock`] is taken before the export's
 //! socket is bound, so a second run (two `--resume`s at once) fails at
@@ -178,8 +182,20 @@ fn fail(target: &Path, reason: impl Into<String>) -> EngineError {
 }
 
 /// The target's absolute path, its folder resolved (the file itself is
-/// new unless `resume`).
+/// new unless `resume`): UTF-8 without control characters, as its hold
+/// records it.
 fn canonical_target(target: &Path, resume: bool) -> Result<PathBuf> {
+    let path = resolve_target(target, resume)?;
+    match path.to_str() {
+        Some(p) if !p.chars().any(char::is_control) => Ok(path),
+        _ => Err(fail(
+            &path,
+            "its path is not UTF-8 without control characters: a live restore's target must be (its hold names it); choose another path",
+        )),
+    }
+}
+
+fn resolve_target(target: &Path, resume: bool) -> Result<PathBuf> {
     if resume {
         use std::os::unix::fs::MetadataExt;
         let path = std::fs::canonicalize(target).map_err(|e| {
@@ -240,6 +256,13 @@ pub fn restore_live(
     let names = LiveNames::of(&target);
     // One run per target, before anything of it is touched.
     let _target_lock = TargetLock::acquire(&target, &names)?;
+    // Again under the lock: another run may have made it meanwhile.
+    if !opts.resume && std::fs::symlink_metadata(&target).is_ok() {
+        return Err(fail(
+            &target,
+            "it already exists (another run made it as this one started); if it is an interrupted live restore's target, run the same command with --resume",
+        ));
+    }
     let holds = HoldStore::new(vault.dir(), vault.config().keys());
     let place = Place::find(opts, &target, &names)?;
     let socket = place.socket.clone();
@@ -300,11 +323,17 @@ pub fn restore_live(
     hold_point(&holds, &target, &entry, image.served(), opts, report)?;
     // The hold is written: a prune from now on reads it.
     drop(holds_lock);
-    let served = serve_and_drive(&place, &target, &names, &entry, &image, opts, report, stop);
-    // The export's folder and the hold go once the stream is complete, or
-    // when the run failed before QEMU had the target (it was removed): a
-    // resumed run needs them only while the target names the point.
-    if served.is_ok() || std::fs::symlink_metadata(&target).is_err() {
+    // Whether this run's new target is there (made, and not removed by
+    // the run itself because QEMU never had it).
+    let made = AtomicBool::new(false);
+    let served = serve_and_drive(
+        &place, &target, &names, &entry, &image, opts, report, stop, &made,
+    );
+    // The export's folder and the hold go once the stream is complete (and
+    // the target durable), or when a new target's run failed and the
+    // target is not there because this run never made it or removed it
+    // itself: a resumed run needs them while the target names the point.
+    if served.is_ok() || (!opts.resume && !made.load(Ordering::Relaxed)) {
         place.remove_folder(report);
         release_hold(&holds, &target, &entry.id, report);
     }
@@ -337,14 +366,29 @@ fn hold_point(
     opts: &LiveOptions,
     report: &dyn LiveReport,
 ) -> Result<()> {
-    // An earlier run's hold of the same point keeps its start; anything
-    // else there (another point, a damaged file) is replaced: this run
+    // An earlier run's hold of the same point keeps its start. A hold of
+    // another point is replaced only while the target is absent (nothing
+    // reads that point through it); a damaged one is replaced: this run
     // knows what the target needs.
-    let earlier = holds
-        .get(target)
-        .ok()
-        .flatten()
-        .filter(|h| h.item == entry.item && h.point == entry.id);
+    let found = holds.get(target).ok().flatten();
+    if let Some(h) = &found
+        && (h.item != entry.item || h.point != entry.id)
+        && std::fs::symlink_metadata(target).is_ok()
+    {
+        return Err(fail(
+            target,
+            format!(
+                "its hold {} names point {} of item {}, not point {} of item {} that this run serves, and the target exists: not started (if no live restore into it reads point {}, remove that hold file)",
+                holds.path_of(target).display(),
+                h.point,
+                h.item,
+                entry.id,
+                entry.item,
+                h.point
+            ),
+        ));
+    }
+    let earlier = found.filter(|h| h.item == entry.item && h.point == entry.id);
     let record = HoldRecord {
         item: entry.item.clone(),
         point: entry.id.clone(),
@@ -401,6 +445,7 @@ fn serve_and_drive(
     opts: &LiveOptions,
     report: &dyn LiveReport,
     stop: &AtomicBool,
+    made: &AtomicBool,
 ) -> Result<(Outcome, u64, u64)> {
     let socket = &place.socket;
     let listener = Listener::unix(socket).map_err(|e| {
@@ -437,6 +482,7 @@ fn serve_and_drive(
             report,
             stop,
             activity: &activity,
+            made,
         };
         let outcome = run.drive();
         export_stop.store(true, Ordering::Relaxed);
@@ -528,6 +574,19 @@ pub fn abandon(vault: &Vault, item: &str, target: &Path) -> Result<Abandoned> {
     })
 }
 
+/// Makes the target durable (its data and metadata on stable storage),
+/// before its hold may go.
+fn sync_target(target: &Path) -> Result<()> {
+    std::fs::File::open(target)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| {
+            fail(
+                target,
+                format!("the stream completed but the target cannot be made durable ({e}): its hold stays; run the same command with --resume"),
+            )
+        })
+}
+
 /// A resumed run whose target no longer has a backing: the stream had
 /// completed; what the killed run left in QEMU (the ended job, the
 /// backing nodes) goes, and so does the hold. The target no longer names
@@ -551,6 +610,13 @@ fn finish_only(
         ));
     }
     stream::finish(qmp, names)?;
+    sync_target(target)?;
+    if let Some(b) = stream::read_backing(target)? {
+        return Err(fail(
+            target,
+            format!("it names a backing again ({b}): run the same command with --resume"),
+        ));
+    }
     place.remove_folder(report);
     let point = holds
         .get(target)
@@ -789,6 +855,8 @@ struct Run<'a> {
     report: &'a dyn LiveReport,
     stop: &'a AtomicBool,
     activity: &'a Activity,
+    /// True while the new target this run made is there.
+    made: &'a AtomicBool,
 }
 
 /// What the QEMU side did.
@@ -804,12 +872,30 @@ impl Run<'_> {
         fail(self.target, reason)
     }
 
+    /// Removes the new target QEMU never had; `made` says whether it is
+    /// gone (removed, or never there).
+    fn remove_target(&self) {
+        match std::fs::remove_file(self.target) {
+            Ok(()) => self.made.store(false, Ordering::Relaxed),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.made.store(false, Ordering::Relaxed)
+            }
+            Err(_) => {}
+        }
+    }
+
     fn drive(&self) -> Result<Outcome> {
         let opts = self.opts;
         let backing = backing_json(self.socket, self.export, opts.reconnect_delay);
         let created = !opts.resume;
         if created {
-            stream::create_overlay(self.target, &backing)?;
+            // From here until this run removes it, the new target may be
+            // there (a failed `qemu-img create` may leave a file).
+            self.made.store(true, Ordering::Relaxed);
+            if let Err(e) = stream::create_overlay(self.target, &backing) {
+                self.remove_target();
+                return Err(e.into());
+            }
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(
                 self.target,
@@ -836,7 +922,7 @@ impl Run<'_> {
                 if created {
                     // QEMU never heard of the target: it goes, so the same
                     // command can simply be run again.
-                    let _ = std::fs::remove_file(self.target);
+                    self.remove_target();
                 }
                 return Err(e);
             }
@@ -853,7 +939,7 @@ impl Run<'_> {
                 }
             }
             if let Some(n) = leftover {
-                let _ = std::fs::remove_file(self.target);
+                self.remove_target();
                 return Err(self.fail(format!(
                     "QEMU still has node {n} of an earlier live restore into this path: resume that one with --resume (if its target is still there), or remove the node (blockdev-del) first"
                 )));
@@ -883,7 +969,7 @@ impl Run<'_> {
                     // Only a file QEMU does not hold (its node gone, or
                     // never added) is removed.
                     if matches!(stream::node_exists(qmp, &self.names.target), Ok(false)) {
-                        let _ = std::fs::remove_file(self.target);
+                        self.remove_target();
                     }
                 }
                 if let (Reach::Domain(..), Some((uid, _))) =
@@ -948,6 +1034,9 @@ impl Run<'_> {
         }
         let (streamed, seconds) = self.follow(qmp)?;
         stream::finish(qmp, self.names)?;
+        // Durable before the hold goes: the streamed blocks, then the
+        // header without a backing, read again from the file.
+        sync_target(self.target)?;
         if let Some(b) = stream::read_backing(self.target)? {
             return Err(self.fail(format!(
                 "the job completed but the target still names a backing ({b})"

@@ -48,9 +48,13 @@ pub struct HoldRecord {
 }
 
 /// 16 hex digits of BLAKE3(`live/<target>`): the tag a live restore's QEMU
-/// nodes, socket, lock and hold record are named after.
+/// nodes, socket, lock and hold record are named after. The path's own
+/// bytes are hashed (a live restore's target is UTF-8: refused otherwise).
 pub fn target_tag(target: &Path) -> String {
-    let h = blake3::hash(format!("live/{}", target.display()).as_bytes()).to_hex();
+    let mut h = blake3::Hasher::new();
+    h.update(b"live/");
+    h.update(target.as_os_str().as_encoded_bytes());
+    let h = h.finalize().to_hex();
     h.get(..16).unwrap_or_default().to_string()
 }
 
@@ -66,13 +70,12 @@ pub fn is_tag(s: &str) -> bool {
 }
 
 impl HoldRecord {
-    /// Encodes the record.
-    pub fn encode(&self) -> Vec<u8> {
-        envelope::encode(
-            &HOLD_MAGIC,
-            HOLD_VERSION,
-            &serde_json::to_vec(self).unwrap_or_default(),
-        )
+    /// Encodes the record (checked first: a record that would not decode,
+    /// such as a target that is not UTF-8, is refused).
+    pub fn encode(&self) -> std::result::Result<Vec<u8>, String> {
+        self.check()?;
+        let body = serde_json::to_vec(self).map_err(|e| format!("cannot encode it: {e}"))?;
+        Ok(envelope::encode(&HOLD_MAGIC, HOLD_VERSION, &body))
     }
 
     /// Decodes a record read as `file_tag` (the stem of its file name):
@@ -82,8 +85,8 @@ impl HoldRecord {
         let r = Self::decode_body(bytes)?;
         if target_tag(&r.target) != file_tag {
             return Err(format!(
-                "it names target {} whose hold is not this file",
-                r.target.display()
+                "it names target {:?} whose hold is not this file",
+                r.target
             ));
         }
         Ok(r)
@@ -122,16 +125,28 @@ impl HoldRecord {
             ));
         }
         let t = self.target.as_os_str().as_encoded_bytes();
-        if !self.target.is_absolute() || t.len() > MAX_TARGET || t.contains(&0) {
+        let shown = || {
+            self.target
+                .display()
+                .to_string()
+                .chars()
+                .take(200)
+                .collect::<String>()
+        };
+        if !self.target.is_absolute() || t.len() > MAX_TARGET {
             return Err(format!(
                 "target {:?} is not an absolute path of at most {MAX_TARGET} bytes",
-                self.target
-                    .display()
-                    .to_string()
-                    .chars()
-                    .take(200)
-                    .collect::<String>()
+                shown()
             ));
+        }
+        match self.target.to_str() {
+            Some(u) if !u.chars().any(char::is_control) => {}
+            _ => {
+                return Err(format!(
+                    "target {:?} is not UTF-8 without control characters",
+                    shown()
+                ));
+            }
         }
         Ok(())
     }
@@ -165,10 +180,10 @@ mod tests {
         let tag = target_tag(&r.target);
         assert!(is_tag(&tag));
         assert_eq!(hold_file(&r.target), format!("holds/{tag}.hold"));
-        assert_eq!(HoldRecord::decode(&r.encode(), &tag).unwrap(), r);
+        assert_eq!(HoldRecord::decode(&r.encode().unwrap(), &tag).unwrap(), r);
         let other = target_tag(Path::new("/srv/vm/other.qcow2"));
         assert!(
-            HoldRecord::decode(&r.encode(), &other)
+            HoldRecord::decode(&r.encode().unwrap(), &other)
                 .unwrap_err()
                 .contains("not this file")
         );
@@ -178,7 +193,7 @@ mod tests {
     fn truncated_flipped_and_bad_fields_are_refused() {
         let r = record();
         let tag = target_tag(&r.target);
-        let e = r.encode();
+        let e = r.encode().unwrap();
         for cut in 0..e.len() {
             assert!(HoldRecord::decode(&e[..cut], &tag).is_err(), "cut at {cut}");
         }
@@ -212,11 +227,39 @@ mod tests {
                 target: PathBuf::from(format!("/{}", "a".repeat(MAX_TARGET))),
                 ..record()
             },
+            HoldRecord {
+                target: PathBuf::from("/srv/a\x1b[2Jb.qcow2"),
+                ..record()
+            },
+            HoldRecord {
+                target: PathBuf::from("/srv/a\nb.qcow2"),
+                ..record()
+            },
         ];
         for b in bad {
             let t = target_tag(&b.target);
-            assert!(HoldRecord::decode(&b.encode(), &t).is_err(), "{b:?}");
+            assert!(b.encode().is_err(), "{b:?}");
+            // Written by hand, the same record is refused at decode time.
+            let body = serde_json::to_vec(&b).unwrap();
+            let e = envelope::encode(&HOLD_MAGIC, HOLD_VERSION, &body);
+            assert!(HoldRecord::decode(&e, &t).is_err(), "{b:?}");
         }
+        // A target that is not UTF-8 is refused when encoded (never an
+        // empty body), and its tag hashes its bytes.
+        use std::os::unix::ffi::OsStrExt;
+        let raw = PathBuf::from(std::ffi::OsStr::from_bytes(b"/srv/\xff.qcow2"));
+        let r8 = HoldRecord {
+            target: raw.clone(),
+            ..record()
+        };
+        assert!(r8.encode().unwrap_err().contains("UTF-8"));
+        assert_ne!(
+            target_tag(&raw),
+            target_tag(Path::new("/srv/\u{fffd}.qcow2"))
+        );
+        // The tag of a UTF-8 path is what it always was.
+        let old = blake3::hash(b"live//srv/vm/restored.qcow2").to_hex();
+        assert_eq!(target_tag(&record().target), old[..16]);
         // JSON of another shape, in a good envelope.
         let odd = envelope::encode(&HOLD_MAGIC, HOLD_VERSION, b"{\"item\":1}");
         assert!(

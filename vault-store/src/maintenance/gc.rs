@@ -134,12 +134,8 @@ pub fn check_holds(vault: &Vault) -> Result<Vec<String>> {
                 path: holds.path_of(&h.target),
                 what: "live restore hold",
                 reason: format!(
-                    "it holds point {} of item {} for the live restore into {}, but the vault no longer lists that point; its chunks may be all that disk has, so gc deletes nothing. If that target is gone or complete, drop the hold: coffre restore --live --abandon --item {} --to {}",
-                    h.point,
-                    h.item,
-                    h.target.display(),
-                    h.item,
-                    h.target.display()
+                    "it holds point {} of item {} for the live restore into {:?}, but the vault no longer lists that point; its chunks may be all that disk has, so gc deletes nothing. If that target is gone or complete, drop the hold: coffre restore --live --abandon --item {} --to {:?}",
+                    h.point, h.item, h.target, h.item, h.target
                 ),
             });
         }

@@ -29,6 +29,13 @@
 //!   manifest whose block-map root nothing references), see
 //!   [`crate::copies::quarantine`]. A primary that lost a point it still
 //!   references therefore never costs the secondary its copy.
+//! - while a live restore from the secondary holds a point
+//!   (`SECONDARY/holds/`, [`crate::holds`]), the run moves nothing to the
+//!   quarantine and purges nothing (catalog files, segments): the VM's
+//!   disk reads the blocks it has not streamed yet from that point, which
+//!   the primary may have pruned. It copies what is new as usual and
+//!   reports the holds (`held_points`); a hold it cannot read stops it
+//!   before anything is deleted, naming the file.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -79,6 +86,12 @@ pub struct ReplicateReport {
     /// Quarantined files of the secondary deleted (the primary's complete
     /// index shows no point needs them).
     pub quarantine_deleted: u64,
+    /// Points of the secondary held by unfinished live restores from it
+    /// (`ITEM/POINT`): while there is one, nothing was quarantined or
+    /// purged.
+    pub held_points: Vec<String>,
+    /// True when quarantining and purging were skipped because of holds.
+    pub quarantine_skipped: bool,
     /// True when the run was stopped before it finished.
     pub interrupted: bool,
     /// Wall time.
@@ -138,9 +151,18 @@ pub fn replicate(
     let mut sec_state = crate::copies::state_files::load_replication_state(sec, keys);
     let infos = vault.index().segment_infos()?;
     refuse_empty_primary(vault, sec, &sec_dir, &infos)?;
-    // What earlier runs put aside and the index now shows unreferenced.
-    let purged = crate::copies::quarantine::purge(sec, vault.index(), keys)?;
-    report.quarantine_deleted = purged.deleted;
+    // Live restores from the secondary: while one holds a point, nothing
+    // of the secondary is put aside or deleted (the primary may have
+    // pruned that point). A hold that cannot be read stops the run here.
+    report.held_points = secondary_holds(&sec_dir, cfg.keys())?;
+    report.quarantine_skipped = !report.held_points.is_empty();
+    if report.quarantine_skipped {
+        tracing::warn!(held = ?report.held_points, "live restores from the secondary hold points: nothing quarantined or purged this run");
+    } else {
+        // What earlier runs put aside and the index now shows unreferenced.
+        let purged = crate::copies::quarantine::purge(sec, vault.index(), keys)?;
+        report.quarantine_deleted = purged.deleted;
+    }
 
     // 1. Segment bytes.
     for (&id, info) in infos.iter().filter(|(_, i)| !i.retired) {
@@ -291,7 +313,8 @@ pub fn replicate(
                 report.files_changed += 1;
             }
         }
-        for name in have.iter().filter(|n| !want.contains_key(*n)) {
+        let gone = have.iter().filter(|n| !want.contains_key(*n));
+        for name in gone.filter(|_| !report.quarantine_skipped) {
             crate::copies::quarantine::quarantine(sec, name, "the primary no longer has it")?;
             report.files_changed += 1;
             report.quarantined += 1;
@@ -300,6 +323,7 @@ pub fn replicate(
         for n in sec.list(SEGMENTS_DIR)? {
             if let Some(id) = parse_segment_file_name(&n)
                 && !complete_segments.contains(&id)
+                && !report.quarantine_skipped
             {
                 crate::copies::quarantine::quarantine(
                     sec,
@@ -341,6 +365,25 @@ pub fn replicate(
     report.duration_ms = started.elapsed().as_millis() as u64;
     tracing::info!(secondary = %sec_dir.display(), bytes = report.bytes_copied, points = report.points_replicated, "replicated");
     Ok(report)
+}
+
+/// The points live restores from the secondary at `sec_dir` hold
+/// (`ITEM/POINT`); an error, naming the file, when a hold cannot be read.
+/// A secondary in object storage is not searched: a live restore from it
+/// writes its hold in the local cache it reads it through, which this run
+/// cannot see.
+fn secondary_holds(
+    sec_dir: &Path,
+    keys: Option<&std::sync::Arc<crate::crypto::VaultKeys>>,
+) -> Result<Vec<String>> {
+    if crate::format::remote::is_store_url(sec_dir) {
+        return Ok(Vec::new());
+    }
+    Ok(crate::holds::HoldStore::new(sec_dir, keys)
+        .list()?
+        .into_iter()
+        .map(|h| format!("{}/{}", h.item, h.point))
+        .collect())
 }
 
 /// Refuses a run from a primary that looks empty (no point, no live

@@ -156,6 +156,9 @@ fn mark(
         unlock,
     )?;
     check_rebuild(store, &rebuilt)?;
+    // A hold whose point the refreshed index no longer lists: that point's
+    // chunks may be all a live restore's disk has (crate::holds).
+    crate::maintenance::gc::check_holds(&vault)?;
     let index = vault.index();
     let referenced = |id: &crate::ChunkId| -> Result<bool> {
         Ok(index.chunk_ref(id)?.is_some_and(|r| r.count > 0))
