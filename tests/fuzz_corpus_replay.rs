@@ -61,6 +61,17 @@ fn job_record_corpus() {
 }
 
 #[test]
+fn hold_record_corpus() {
+    let accepted: Vec<String> = corpus("hold_record")
+        .into_iter()
+        .filter(|(_, b)| coffre_vault_store::format::hold::fuzz_entry(b))
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(accepted.len(), 1, "exactly the undamaged seed decodes");
+    assert!(accepted[0].ends_with("hold.bin"), "{accepted:?}");
+}
+
+#[test]
 fn snapshot_manifest_corpus() {
     let accepted = corpus("snapshot_manifest")
         .iter()
