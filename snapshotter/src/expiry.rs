@@ -11,8 +11,12 @@
 //!
 //! Leftovers of captures whose job died (`.snap.tmp`, `.passN.snap`, a
 //! pack or clone without a manifest) go too, unless the job still runs.
-//! Snapshot files of older coffre versions (version 1) hold no data and
-//! are removed.
+//! A finished manifest (`JOB.snap`) that cannot be read is damage, not a
+//! leftover: it stays, with its job's files, and while an item folder
+//! holds one no pack there is deleted or punched, since what it uses is
+//! unknown (nothing is destroyed on partial knowledge); the report names
+//! it. (The hash-only snapshot files of older coffre versions, version 1,
+//! lived in the vault, not in an area; prune removes those.)
 //!
 //! Expiry runs as root and deletes, so it touches only what coffre
 //! writes: an item folder that is a symlink (or whose area is one) is
@@ -89,10 +93,27 @@ pub struct ExpiryReport {
     /// Snapshots past the cutoff kept because a live restore holds their
     /// point (their point ids).
     pub held: Vec<String>,
+    /// Finished manifests that cannot be read, kept: while there is one,
+    /// the folder's packs are neither deleted nor punched.
+    pub unreadable: Vec<PathBuf>,
 }
 
-/// The complete snapshots in an item folder, oldest first, and the paths
-/// of files there that are not one (leftovers, unreadable manifests).
+/// What [`scan`] finds in an item folder.
+#[derive(Debug, Default)]
+pub struct Scanned {
+    /// The complete snapshots, oldest first.
+    pub snaps: Vec<SnapInfo>,
+    /// Files of coffre's names that are no finished manifest (leftovers
+    /// of captures, packs, clones).
+    pub other: Vec<PathBuf>,
+    /// Finished manifests that cannot be read (damaged, or sealed under
+    /// another key).
+    pub unreadable: Vec<PathBuf>,
+}
+
+/// The complete snapshots in an item folder, oldest first, the finished
+/// manifests there that cannot be read, and the other files of coffre's
+/// names.
 ///
 /// Only regular files named by coffre's patterns ([`own_file`]) count;
 /// an item folder that is (or whose area is) a symlink or no directory
@@ -100,14 +121,13 @@ pub struct ExpiryReport {
 pub fn scan(
     item_dir: &Path,
     keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
-) -> (Vec<SnapInfo>, Vec<PathBuf>) {
-    let mut snaps = Vec::new();
-    let mut other = Vec::new();
+) -> Scanned {
+    let mut found = Scanned::default();
     if !real_item_dir(item_dir) {
-        return (snaps, other);
+        return found;
     }
     let Ok(entries) = std::fs::read_dir(item_dir) else {
-        return (snaps, other);
+        return found;
     };
     for e in entries.flatten() {
         let path = e.path();
@@ -117,17 +137,23 @@ pub fn scan(
         }
         let is_manifest = name.ends_with(".snap") && !name.contains(".pass");
         match is_manifest.then(|| summary(&path, keys)) {
-            Some(Ok((header, meta, trailer))) => snaps.push(SnapInfo {
+            Some(Ok((header, meta, trailer))) => found.snaps.push(SnapInfo {
                 manifest: path,
                 header,
                 meta,
                 trailer,
             }),
-            _ => other.push(path),
+            Some(Err(e)) => {
+                tracing::warn!(manifest = %path.display(), error = %e, "a snapshot manifest cannot be read: kept, and its item folder's packs are left as they are");
+                found.unreadable.push(path);
+            }
+            None => found.other.push(path),
         }
     }
-    snaps.sort_by_key(|s| (s.header.created_s, s.header.created_ns));
-    (snaps, other)
+    found
+        .snaps
+        .sort_by_key(|s| (s.header.created_s, s.header.created_ns));
+    found
 }
 
 /// Every snapshot of `item` in the areas of the vault `vault_id` at
@@ -154,7 +180,7 @@ pub fn snapshots_of(
     };
     let mut all: Vec<SnapInfo> = Area::known_of(vault_dir, vault_id, keys.as_ref())
         .iter()
-        .flat_map(|a| scan(&a.item_dir(&name), keys.as_ref()).0)
+        .flat_map(|a| scan(&a.item_dir(&name), keys.as_ref()).snaps)
         .filter(|s| s.meta.item == item)
         .collect();
     all.sort_by_key(|s| (s.header.created_s, s.header.created_ns));
@@ -241,7 +267,11 @@ pub fn expire(
     keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
 ) -> Result<ExpiryReport> {
     let mut report = ExpiryReport::default();
-    let (snaps, other) = scan(item_dir, keys);
+    let Scanned {
+        snaps,
+        other,
+        unreadable,
+    } = scan(item_dir, keys);
     let (going, kept): (Vec<SnapInfo>, Vec<SnapInfo>) = snaps
         .into_iter()
         .partition(|s| s.created() <= cutoff && !held(&s.meta.point));
@@ -250,8 +280,14 @@ pub fn expire(
         .filter(|s| s.created() <= cutoff)
         .map(|s| s.meta.point.clone())
         .collect();
-    let kept_jobs: std::collections::HashSet<&str> =
-        kept.iter().map(|s| s.meta.job.as_str()).collect();
+    // An unreadable manifest's job keeps its files too.
+    let unreadable_jobs: Vec<String> = unreadable.iter().filter_map(|p| job_of(p)).collect();
+    let kept_jobs: std::collections::HashSet<&str> = kept
+        .iter()
+        .map(|s| s.meta.job.as_str())
+        .chain(unreadable_jobs.iter().map(String::as_str))
+        .collect();
+    report.unreadable = unreadable;
     for s in &going {
         report.expired.push(ExpiredSnapshot {
             item: s.meta.item.clone(),
@@ -292,7 +328,9 @@ pub fn expire(
             report.bytes_freed += remove(&path);
         }
     }
-    if dry_run {
+    // What an unreadable manifest uses is unknown: no pack is deleted or
+    // punched while there is one.
+    if dry_run || !report.unreadable.is_empty() {
         return Ok(report);
     }
     // Packs: what the kept manifests use.
@@ -477,8 +515,7 @@ mod tests {
         assert_eq!(read_back(&s3), want3);
         // j2's pack holds blocks j3 still uses (3, 17, 40, 41): kept.
         assert!(dir.join("j2.pack").exists());
-        let (kept, _) = scan(&dir, None);
-        assert_eq!(kept.len(), 1);
+        assert_eq!(scan(&dir, None).snaps.len(), 1);
         // A live restore holds the third's point: past the cutoff, it is
         // kept whole and said so.
         let point3 = s3.meta.point.clone();
@@ -510,6 +547,40 @@ mod tests {
         assert_eq!(r.expired.len(), 1);
         assert!(r.expired[0].only_copy);
         assert_eq!(r.packs_deleted, 3, "{r:?}");
+    }
+
+    #[test]
+    fn an_unreadable_manifest_is_kept_and_no_pack_is_touched_while_it_is_there() {
+        let t = tempfile::tempdir().unwrap();
+        let (vault, area) = area_in(t.path());
+        let mut day = noise(2, 16 * BS);
+        let s1 = take(&area, &vault, "j1", &day, 1_000);
+        day[..BS].copy_from_slice(&noise(50, BS));
+        let s2 = take(&area, &vault, "j2", &day, 2_000);
+        let dir = area.item_dir(&SafeName::new("item", "vm").unwrap());
+        // j2's manifest damaged (its header): unreadable now.
+        let mut bytes = std::fs::read(&s2.manifest).unwrap();
+        bytes[24] ^= 0x40;
+        std::fs::write(&s2.manifest, &bytes).unwrap();
+        let size = |p: &str| std::fs::metadata(dir.join(p)).unwrap().len();
+        let packs_before = (size("j1.pack"), size("j2.pack"));
+        let r = expire_all(&dir);
+        // j1 expires; j2's manifest stays, named; no pack is deleted or
+        // punched, since what j2 uses is unknown.
+        assert_eq!(r.expired.len(), 1, "{r:?}");
+        assert!(!s1.manifest.exists());
+        assert_eq!(r.unreadable, vec![s2.manifest.clone()]);
+        assert!(s2.manifest.exists());
+        assert_eq!(r.packs_deleted, 0, "{r:?}");
+        assert_eq!((size("j1.pack"), size("j2.pack")), packs_before);
+        assert_eq!(r.leftovers_removed, 0, "{r:?}");
+        // The manifest put right, the next expiry reads it and goes on.
+        bytes[24] ^= 0x40;
+        std::fs::write(&s2.manifest, &bytes).unwrap();
+        let r = expire_all(&dir);
+        assert!(r.unreadable.is_empty());
+        assert_eq!(r.expired.len(), 1, "{r:?}");
+        assert_eq!(r.packs_deleted, 2, "{r:?}");
     }
 
     fn expire_all(dir: &Path) -> ExpiryReport {
@@ -568,7 +639,8 @@ mod tests {
                 p.display()
             );
         }
-        assert!(scan(&dir, None).0.is_empty() && scan(&dir, None).1.is_empty());
+        let found = scan(&dir, None);
+        assert!(found.snaps.is_empty() && found.other.is_empty() && found.unreadable.is_empty());
         // Backups refuse the folder too.
         let err = area.check_unlocked("vm").unwrap_err();
         assert!(
