@@ -172,10 +172,11 @@ impl HoldStore {
             if n.ends_with('/') {
                 return Err(self.corrupt(&name, "a folder where holds are files".into()));
             }
-            let bytes = self
-                .store
-                .get(&name)?
-                .ok_or_else(|| self.corrupt(&name, "it vanished while read".into()))?;
+            // A hold removed meanwhile (its restore completed) holds
+            // nothing.
+            let Some(bytes) = self.store.get(&name)? else {
+                continue;
+            };
             out.push(self.decode(&name, &bytes)?);
         }
         out.sort_by(|a, b| (&a.item, &a.point, &a.target).cmp(&(&b.item, &b.point, &b.target)));

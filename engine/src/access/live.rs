@@ -367,11 +367,18 @@ fn hold_point(
     report: &dyn LiveReport,
 ) -> Result<()> {
     // An earlier run's hold of the same point keeps its start. A hold of
-    // another point is replaced only while the target is absent (nothing
-    // reads that point through it); a damaged one is replaced: this run
-    // knows what the target needs.
+    // another point is replaced while the target is absent (nothing reads
+    // that point through it), or on --resume, where the point is the one
+    // the target's own backing names (the target says what it needs); a
+    // damaged one is replaced: this run knows what the target needs.
     let found = holds.get(target).ok().flatten();
     if let Some(h) = &found
+        && (h.item != entry.item || h.point != entry.id)
+        && opts.resume
+    {
+        tracing::warn!(target = ?target, held = %h.point, needed = %entry.id,
+            "the target's hold named another point than its backing reads: it now holds the backing's");
+    } else if let Some(h) = &found
         && (h.item != entry.item || h.point != entry.id)
         && std::fs::symlink_metadata(target).is_ok()
     {

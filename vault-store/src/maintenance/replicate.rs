@@ -313,6 +313,23 @@ pub fn replicate(
                 report.files_changed += 1;
             }
         }
+        // A live restore from the secondary may have begun since the holds
+        // were listed: under the holds lock it takes to begin, they are
+        // listed again, and the lock is kept until nothing more is put
+        // aside.
+        let _holds_lock =
+            if report.quarantine_skipped || crate::format::remote::is_store_url(&sec_dir) {
+                None
+            } else {
+                let lock = crate::holds::HoldsLock::acquire(
+                    &sec_dir,
+                    std::time::Duration::from_secs(60),
+                    &format!("replicate pid {}", std::process::id()),
+                )?;
+                report.held_points = secondary_holds(&sec_dir, cfg.keys())?;
+                report.quarantine_skipped = !report.held_points.is_empty();
+                Some(lock)
+            };
         let gone = have.iter().filter(|n| !want.contains_key(*n));
         for name in gone.filter(|_| !report.quarantine_skipped) {
             crate::copies::quarantine::quarantine(sec, name, "the primary no longer has it")?;
