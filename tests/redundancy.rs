@@ -455,3 +455,47 @@ fn replication_checks_every_record_and_sends_a_good_copy_of_a_bad_one() {
     let verify = json(&["verify", "--vault", v, "--from", "secondary", "--read-data"]);
     assert_eq!(verify["detected"], 0, "{verify}");
 }
+
+#[test]
+fn a_lost_replication_state_keeps_the_secondarys_good_bytes() {
+    let t = tempfile::tempdir().unwrap();
+    let sec = t.path().join("sec");
+    let vault = new_vault(t.path(), &["--secondary", s(&sec)]);
+    let v = s(&vault);
+    let img = t.path().join("vm.img");
+    random_file(&img, 24 << 20, 72);
+    ok(&["backup", "--vault", v, "--item", "vm", s(&img)]);
+    let rep = json(&["replicate", "--vault", v]);
+    assert!(rep["bytes_copied"].as_u64().unwrap() > 0, "{rep}");
+    let copied = fs::read(seg_of(&sec)).unwrap();
+    // Rot in two records of the primary (no replica holds them), then
+    // the secondary's replication state is lost.
+    let recs = records(&seg_of(&vault));
+    for (off, len, _) in [recs[5].clone(), recs[200].clone()] {
+        flip(&seg_of(&vault), off + len / 2);
+    }
+    fs::remove_file(sec.join("replication")).unwrap();
+    // The next run checks what the secondary holds instead of cutting it:
+    // nothing is copied again, and its good copies of the rotted records
+    // stay.
+    let rep = json(&["replicate", "--vault", v]);
+    assert_eq!(rep["bytes_copied"], 0, "{rep}");
+    assert!(fs::read(seg_of(&sec)).unwrap() == copied);
+    let verify = json(&["verify", "--vault", v, "--from", "secondary", "--read-data"]);
+    assert_eq!(verify["detected"], 0, "{verify}");
+    // Its bytes past a damaged record of its own are copied again from
+    // the primary (the state lost once more).
+    let mine = records(&seg_of(&sec));
+    flip(&seg_of(&sec), mine[300].0 + mine[300].1 / 2);
+    fs::remove_file(sec.join("replication")).unwrap();
+    let rep = json(&["replicate", "--vault", v]);
+    let again = rep["bytes_copied"].as_u64().unwrap();
+    assert!(
+        again > 0 && again < copied.len() as u64 - mine[300].0 + 1,
+        "{rep}"
+    );
+    assert_eq!(
+        fs::read(seg_of(&sec)).unwrap()[..mine[5].0 as usize + 10],
+        copied[..mine[5].0 as usize + 10]
+    );
+}

@@ -168,25 +168,47 @@ pub fn replicate(
     for (&id, info) in infos.iter().filter(|(_, i)| !i.retired) {
         let name = segment_name(id);
         let on_disk = sec.size(&name)?.unwrap_or(0);
-        let have = sec_state
+        let recorded = sec_state
             .segments
             .get(&id)
             .copied()
             .unwrap_or(0)
             .min(on_disk);
-        if have >= info.committed {
+        if recorded >= info.committed {
             continue;
         }
         if stop() {
             report.interrupted = true;
             break;
         }
+        let records = indexed_records(vault, id)?;
+        // The secondary may hold more than the state says (a state lost,
+        // damaged or behind): what it holds is kept as far as it checks
+        // (records intact, the bytes between them the primary's), never
+        // cut for want of knowing it.
+        let have = if on_disk > recorded {
+            checked_prefix(
+                vault,
+                &primary,
+                sec,
+                &name,
+                recorded,
+                on_disk.min(info.committed),
+                &records,
+                keys,
+            )?
+        } else {
+            recorded
+        };
+        if have >= info.committed {
+            sec_state.segments.insert(id, have);
+            continue;
+        }
         let mut out = if on_disk == 0 && sec.size(&name)?.is_none() {
             sec.create(&name)?
         } else {
             sec.append_to(&name, have)?
         };
-        let records = indexed_records(vault, id)?;
         let mut next = records.partition_point(|r| r.0 < have);
         let mut at = have;
         let mut buf = vec![0u8; COPY_CHUNK];
@@ -472,6 +494,69 @@ fn indexed_records(
         }
     }
     Ok(out)
+}
+
+/// How far from `from` (up to `upto`) the secondary's segment `name`
+/// holds what the primary's does: every record of `records` there intact
+/// (its own bytes checked, so a good secondary copy of a record that rotted
+/// on the primary counts), and the bytes around and between them equal to
+/// the primary's. Read in pieces of [`COPY_CHUNK`]; stops at the first
+/// byte that does not check (or cannot be read).
+#[allow(clippy::too_many_arguments)]
+fn checked_prefix(
+    vault: &Vault,
+    primary: &crate::store::SharedStore,
+    sec: &dyn crate::store::Store,
+    name: &str,
+    from: u64,
+    upto: u64,
+    records: &[(u64, crate::ChunkId, crate::index::ChunkLocation)],
+    keys: Option<&crate::crypto::VaultKeys>,
+) -> Result<u64> {
+    let mut at = from;
+    let mut next = records.partition_point(|r| r.0 < from);
+    let mut scratch = Vec::new();
+    let (mut theirs, mut ours) = (Vec::new(), Vec::new());
+    while at < upto {
+        let limit = (at + COPY_CHUNK as u64).min(upto);
+        let n = (limit - at) as usize;
+        theirs.resize(n, 0);
+        ours.resize(n, 0);
+        if sec.read_at(name, at, &mut theirs).is_err() {
+            return Ok(at);
+        }
+        read_any(vault, primary, name, at, &mut ours)?;
+        // Offsets in this piece, relative to `at`.
+        let rel = |x: u64| (x - at) as usize;
+        let equal = |a: u64, b: u64| theirs.get(rel(a)..rel(b)) == ours.get(rel(a)..rel(b));
+        let mut pos = at;
+        while let Some(r) = records.get(next) {
+            let end = record_end(r);
+            if end > limit {
+                break;
+            }
+            if r.0 < pos || !equal(pos, r.0) {
+                return Ok(pos);
+            }
+            let rec = theirs.get(rel(r.0)..rel(end)).unwrap_or_default();
+            if !record_ok(rec, &r.1, keys, &mut scratch) {
+                return Ok(r.0);
+            }
+            pos = end;
+            next += 1;
+        }
+        // Up to the next record (which runs past this piece), or the end.
+        let stop = records.get(next).map_or(limit, |r| r.0.clamp(pos, limit));
+        if !equal(pos, stop) {
+            return Ok(pos);
+        }
+        if stop == at {
+            // A record longer than a piece, or one past `upto`: no further.
+            return Ok(at);
+        }
+        at = stop;
+    }
+    Ok(at)
 }
 
 /// Where a record of [`indexed_records`] ends.
