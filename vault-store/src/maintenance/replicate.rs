@@ -501,7 +501,8 @@ fn indexed_records(
 /// (its own bytes checked, so a good secondary copy of a record that rotted
 /// on the primary counts), and the bytes around and between them equal to
 /// the primary's. Read in pieces of [`COPY_CHUNK`]; stops at the first
-/// byte that does not check (or cannot be read).
+/// byte that does not check. A read that fails is an error: nothing is
+/// cut on what could not be read.
 #[allow(clippy::too_many_arguments)]
 fn checked_prefix(
     vault: &Vault,
@@ -522,9 +523,9 @@ fn checked_prefix(
         let n = (limit - at) as usize;
         theirs.resize(n, 0);
         ours.resize(n, 0);
-        if sec.read_at(name, at, &mut theirs).is_err() {
-            return Ok(at);
-        }
+        // A read that fails stops the run with nothing cut (a passing
+        // network error must not cost the secondary its bytes).
+        sec.read_at(name, at, &mut theirs)?;
         read_any(vault, primary, name, at, &mut ours)?;
         // Offsets in this piece, relative to `at`.
         let rel = |x: u64| (x - at) as usize;
@@ -536,10 +537,16 @@ fn checked_prefix(
                 break;
             }
             if r.0 < pos || !equal(pos, r.0) {
+                tracing::warn!(
+                    segment = name,
+                    offset = pos,
+                    "the secondary's bytes differ from the primary's here: copied again from here"
+                );
                 return Ok(pos);
             }
             let rec = theirs.get(rel(r.0)..rel(end)).unwrap_or_default();
             if !record_ok(rec, &r.1, keys, &mut scratch) {
+                tracing::warn!(segment = name, offset = r.0, chunk = %r.1, "the secondary's copy of this record is damaged: copied again from here");
                 return Ok(r.0);
             }
             pos = end;
