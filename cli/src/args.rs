@@ -80,6 +80,33 @@ pub struct VaultArg {
     pub vault: PathBuf,
 }
 
+/// The points `export` and `mount` read in place.
+#[derive(Debug, Args)]
+pub struct PointsArg {
+    /// Item name.
+    #[arg(long)]
+    pub item: String,
+    /// Point id, unique id prefix, or `latest`.
+    #[arg(
+        long,
+        default_value = "latest",
+        value_name = "ID",
+        conflicts_with = "all"
+    )]
+    pub point: String,
+    /// Every point of the item, one export (or file) each, named by its
+    /// point id.
+    #[arg(long)]
+    pub all: bool,
+    /// Where to read the point from (default: its snapshot while it has
+    /// one, else the vault).
+    #[arg(long, value_enum, value_name = "TIER")]
+    pub from: Option<FromTier>,
+    /// Decoded blocks kept in memory per export (or file), e.g. 64M.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::units::parse_size)]
+    pub cache: u64,
+}
+
 /// Argon2id's cost for a new passphrase slot.
 #[derive(Args, Debug, Clone, Default)]
 pub struct KdfArgs {
@@ -435,25 +462,8 @@ pub enum Command {
     Export {
         #[command(flatten)]
         vault: VaultArg,
-        /// Item name.
-        #[arg(long)]
-        item: String,
-        /// Point id, unique id prefix, or `latest`.
-        #[arg(
-            long,
-            default_value = "latest",
-            value_name = "ID",
-            conflicts_with = "all"
-        )]
-        point: String,
-        /// Serve every point of the item, one export each, named by its
-        /// point id.
-        #[arg(long)]
-        all: bool,
-        /// Where to read the point from (default: its snapshot while it
-        /// has one, else the vault).
-        #[arg(long, value_enum, value_name = "TIER")]
-        from: Option<FromTier>,
+        #[command(flatten)]
+        points: PointsArg,
         /// Listen on this Unix socket (made private to its owner; a stale
         /// one left by a killed export is replaced).
         #[arg(
@@ -475,9 +485,6 @@ pub enum Command {
         /// Stop after this many seconds without any connection.
         #[arg(long, value_name = "SECONDS")]
         idle_timeout: Option<u64>,
-        /// Decoded blocks kept in memory per export (e.g. 64M).
-        #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::units::parse_size)]
-        cache: u64,
     },
 
     /// Mount a recovery point read-only through FUSE, as DIR/disk.img
@@ -490,28 +497,8 @@ pub enum Command {
     Mount {
         #[command(flatten)]
         vault: VaultArg,
-        /// Item name.
-        #[arg(long)]
-        item: String,
-        /// Point id, unique id prefix, or `latest`.
-        #[arg(
-            long,
-            default_value = "latest",
-            value_name = "ID",
-            conflicts_with = "all"
-        )]
-        point: String,
-        /// Mount every point of the item, one file each, named by its
-        /// point id.
-        #[arg(long)]
-        all: bool,
-        /// Where to read the point from (default: its snapshot while it
-        /// has one, else the vault).
-        #[arg(long, value_enum, value_name = "TIER")]
-        from: Option<FromTier>,
-        /// Decoded blocks kept in memory per file (e.g. 64M).
-        #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::units::parse_size)]
-        cache: u64,
+        #[command(flatten)]
+        points: PointsArg,
         /// Let every user of the machine read the files (mode 0444 and
         /// FUSE's allow_other; a user needs user_allow_other in
         /// /etc/fuse.conf). By default only the user who mounts, as the

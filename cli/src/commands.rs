@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use crate::args::{Cli, Command, CopySource, FromTier, ImageFormatArg, VaultCommand};
+use crate::args::{Cli, Command, CopySource, FromTier, ImageFormatArg, PointsArg, VaultCommand};
 use crate::ctx::Ctx;
 use crate::vault_cmd::{CreateArgs, SetArgs};
 use coffre_engine::RestoreOptions;
@@ -252,15 +252,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ),
         Command::Export {
             vault,
-            item,
-            point,
-            all,
-            from,
+            points:
+                PointsArg {
+                    item,
+                    point,
+                    all,
+                    from,
+                    cache,
+                },
             socket,
             listen,
             name,
             idle_timeout,
-            cache,
         } => crate::export_cmd::run(
             &ctx,
             &tier_dir(&ctx, &vault.vault, from)?,
@@ -278,11 +281,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ),
         Command::Mount {
             vault,
-            item,
-            point,
-            all,
-            from,
-            cache,
+            points:
+                PointsArg {
+                    item,
+                    point,
+                    all,
+                    from,
+                    cache,
+                },
             allow_other,
             dir,
         } => crate::mount_cmd::run(
