@@ -10,7 +10,7 @@
 //! the target still names the export), and the point then expires; a
 //! soft-deleted item's purge waits for its hold likewise.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use coffre_engine::store::holds::{HoldRecord, HoldStore};
 
@@ -24,16 +24,35 @@ fn tier_of(vault: &Path, id: &str) -> String {
         .unwrap_or_default()
 }
 
-#[test]
-fn a_held_point_survives_prune_and_gc_until_abandoned() {
+/// In a canonical temporary folder, a vault (with a secondary at
+/// `DIR/secondary` when `secondary`) whose item `vm`, `size` random bytes
+/// (`seed`) at `DIR/vm.img`, is protected under DefaultPolicy and backed
+/// up by `run-due` on 2027-01-01: the folder, the dir, the vault, the image.
+fn protected_vm(
+    size: usize,
+    seed: u64,
+    secondary: bool,
+) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
     let t = tempfile::tempdir().unwrap();
     let dir = std::fs::canonicalize(t.path()).unwrap();
-    let vault = new_vault(&dir, &[]);
-    let v = s(&vault);
+    let sec = dir.join("secondary");
+    let create: Vec<&str> = if secondary {
+        vec!["--secondary", s(&sec)]
+    } else {
+        Vec::new()
+    };
+    let vault = new_vault(&dir, &create);
     let img = dir.join("vm.img");
-    random_file(&img, 4 << 20, 7);
+    random_file(&img, size, seed);
     protect_at("2027-01-01T00:00:00Z", &vault, "vm", "DefaultPolicy", &img);
-    ok_at("2027-01-01T03:00:00Z", &["run-due", "--vault", v]);
+    ok_at("2027-01-01T03:00:00Z", &["run-due", "--vault", s(&vault)]);
+    (t, dir, vault, img)
+}
+
+#[test]
+fn a_held_point_survives_prune_and_gc_until_abandoned() {
+    let (_t, dir, vault, img) = protected_vm(4 << 20, 7, false);
+    let v = s(&vault);
     let day_one = dir.join("day-one.img");
     std::fs::copy(&img, &day_one).unwrap();
     churn(&img, 64, 64 << 10, 2);
@@ -236,14 +255,8 @@ fn a_target_that_still_reads_the_export_is_not_abandoned() {
 
 #[test]
 fn a_held_soft_deleted_item_is_not_purged_until_the_hold_goes() {
-    let t = tempfile::tempdir().unwrap();
-    let dir = std::fs::canonicalize(t.path()).unwrap();
-    let vault = new_vault(&dir, &[]);
+    let (_t, dir, vault, _img) = protected_vm(1 << 20, 9, false);
     let v = s(&vault);
-    let img = dir.join("vm.img");
-    random_file(&img, 1 << 20, 9);
-    protect_at("2027-01-01T00:00:00Z", &vault, "vm", "DefaultPolicy", &img);
-    ok_at("2027-01-01T03:00:00Z", &["run-due", "--vault", v]);
     let point = points(&vault, "vm")[0]["id"].as_str().unwrap().to_string();
     let target = dir.join("restored.qcow2");
     let holds = HoldStore::new(&vault, None);
@@ -285,15 +298,9 @@ fn a_held_soft_deleted_item_is_not_purged_until_the_hold_goes() {
 
 #[test]
 fn a_point_held_in_the_secondary_survives_replicate_after_the_primary_pruned_it() {
-    let t = tempfile::tempdir().unwrap();
-    let dir = std::fs::canonicalize(t.path()).unwrap();
+    let (_t, dir, vault, img) = protected_vm(2 << 20, 11, true);
     let sec = dir.join("secondary");
-    let vault = new_vault(&dir, &["--secondary", s(&sec)]);
     let v = s(&vault);
-    let img = dir.join("vm.img");
-    random_file(&img, 2 << 20, 11);
-    protect_at("2027-01-01T00:00:00Z", &vault, "vm", "DefaultPolicy", &img);
-    ok_at("2027-01-01T03:00:00Z", &["run-due", "--vault", v]);
     let day_one = dir.join("day-one.img");
     std::fs::copy(&img, &day_one).unwrap();
     churn(&img, 32, 64 << 10, 3);
