@@ -7,8 +7,9 @@
 //! length, BLAKE3) while one thread writes the groups decoded before, one
 //! write per run of blocks, and the target is fsynced once at the end. The
 //! records of the group after are read meanwhile by a thread of their own,
-//! in large runs (its `fetch` module: from the page cache when it holds a
-//! run whole, else with `O_DIRECT`), and decoded straight into the group;
+//! in large runs, each in pieces read four at once (its `fetch` module:
+//! from the page cache where it holds a piece whole, else with
+//! `O_DIRECT`), and decoded straight into the group;
 //! in place the kernel is asked to read them ahead (`read_ahead`). Where
 //! the image goes is [`restore_target`]'s
 //! business: a new sparse file (temporary file, then rename), or an
@@ -358,8 +359,9 @@ fn write_point(
     };
     let repairs_before = vault.read_repairs();
     progress.start(image_size);
-    // A pipeline of three threads: one fetches the records of the group
-    // after next (direct reads), the pool decodes a group, and one writes
+    // A pipeline of three stages: one thread (and its short-lived read
+    // helpers) fetches the records of the group after next (direct
+    // reads), the pool decodes a group, and one thread writes
     // the groups decoded before it, one after the other, so the device
     // always has the next group waiting. Buffers go round: GROUP_BUFFERS
     // decoded groups, two fetched ones.
