@@ -35,7 +35,7 @@ test: deps
 # until CRASH_KILLS (and CRASH_SHARED_KILLS) landed mid-operation, from a
 # fresh seed (printed; COFFRE_CRASH_SEED=N replays); then the power-loss
 # test at every operation of each command (COFFRE_POWER_EVERY=1).
-# `make test` runs 11 + 2 runs from seed 1.
+# `make test` runs 12 + 2 runs from seed 1.
 CRASH_KILLS ?= 300
 CRASH_SHARED_KILLS ?= 40
 crash-test: deps

@@ -17,12 +17,12 @@
 //! or rewrites it), and every acknowledged point's manifest stays on every
 //! copy. Then the killed command, run again, finishes.
 //!
-//! `make test` runs `COFFRE_CRASH_RUNS` (default 11, one per operation)
+//! `make test` runs `COFFRE_CRASH_RUNS` (default 12, one per operation)
 //! runs from the fixed seed `COFFRE_CRASH_SEED` (default 1) and
 //! `COFFRE_CRASH_SHARED_RUNS` (default 2) shared-vault runs; `make
 //! crash-test` runs from a fresh seed until `COFFRE_CRASH_KILLS` (and
 //! `COFFRE_CRASH_SHARED_KILLS`) runs were killed mid-operation. The
-//! operation of a run is `seed % 11` (every operation comes in turn); each
+//! operation of a run is `seed % 12` (every operation comes in turn); each
 //! run prints its seed, so a failure can be replayed alone with
 //! `COFFRE_CRASH_SEED=<seed> COFFRE_CRASH_RUNS=1`. A table of kills,
 //! finished-first runs and lost points per operation ends each test.
@@ -41,6 +41,9 @@ enum Op {
     Prune,
     Gc,
     Replicate,
+    /// `replicate` after the secondary's replication state was lost: it
+    /// must keep the secondary's bytes that check, never cut them.
+    ReplicateStateLost,
     RebuildIndex,
     RebuildFromReplica,
     VerifyRepair,
@@ -51,11 +54,12 @@ enum Op {
     RestoreInPlaceSnapshot,
 }
 
-const OPS: [Op; 11] = [
+const OPS: [Op; 12] = [
     Op::Backup,
     Op::Prune,
     Op::Gc,
     Op::Replicate,
+    Op::ReplicateStateLost,
     Op::RebuildIndex,
     Op::RebuildFromReplica,
     Op::VerifyRepair,
@@ -447,7 +451,9 @@ fn op_args(op: Op, r: &Run, replica3: &Path, target: &Path) -> Vec<String> {
             .collect(),
         Op::Prune | Op::SnapshotExpiry => vec!["prune".into(), "--vault".into(), v],
         Op::Gc => vec!["gc".into(), "--vault".into(), v],
-        Op::Replicate => vec!["replicate".into(), "--vault".into(), v],
+        Op::Replicate | Op::ReplicateStateLost => {
+            vec!["replicate".into(), "--vault".into(), v]
+        }
         Op::RebuildIndex => vec!["vault".into(), "rebuild-index".into(), "--vault".into(), v],
         Op::RebuildFromReplica => vec![
             "vault".into(),
@@ -690,10 +696,13 @@ fn run_one(seed: u64, tally: &mut Tally, durations: &mut BTreeMap<String, Durati
             }
         }
         // A point the secondary does not hold yet.
-        Op::Replicate => {
+        Op::Replicate | Op::ReplicateStateLost => {
             churn(&r.img, 16, 64 << 10, seed ^ 0x5e9);
             r.backup(&at(2, 5), "2099-01-01", false)
                 .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            if op == Op::ReplicateStateLost {
+                std::fs::remove_file(sec.join("replication")).unwrap();
+            }
         }
         // A bad copy of a chunk on the primary and another on a replica.
         Op::VerifyRepair => {
@@ -826,11 +835,12 @@ fn run_one(seed: u64, tally: &mut Tally, durations: &mut BTreeMap<String, Durati
             if let Err(e) = try_cmd(cmd(&next, &args), "the operation after the kill") {
                 r.problem(e);
             }
-            if op == Op::Replicate {
+            if matches!(op, Op::Replicate | Op::ReplicateStateLost) {
                 r.on_secondary = r.acked.iter().map(|a| a.id.clone()).collect();
                 let sec_copy = r.vault.clone();
                 let want = r.kept(op);
                 r.restore_all(&next, &sec_copy, "secondary", "secondary", &want);
+                r.verifies(&next, &["--from", "secondary"], "verify of the secondary");
             }
             r.verifies(&next, &[], "verify after the rerun");
         }

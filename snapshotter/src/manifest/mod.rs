@@ -44,7 +44,9 @@ use serde::{Deserialize, Serialize};
 
 use coffre_vault_store::format::level::Level;
 
-pub use reader::{FrameRef, FrameSource, SnapReader, check, fuzz_entry, summary};
+pub use reader::{
+    FrameRef, FrameSource, SnapReader, check, fuzz_entry, fuzz_frames_entry, summary,
+};
 pub use writer::SnapWriter;
 
 /// Magic. Frozen.

@@ -433,6 +433,79 @@ pub fn check(path: &Path, keys: Option<&std::sync::Arc<VaultKeys>>) -> Result<()
     r.finish().map(drop)
 }
 
+/// Fuzz entry point for a manifest read at any frame ([`FrameSource`]).
+/// `data` is the manifest as it is opened, after its length (`u32`, little
+/// endian); then what the file holds afterwards, written over it in place
+/// at `path`: the manifest cut to a length (`u32`, modulo its length + 1),
+/// then bytes changed, each an offset (`u32`, modulo the length) and a
+/// byte to xor. It panics only where a property breaks (what the fuzzer
+/// looks for): each frame of a manifest that opened must read, equal to
+/// the stream reader's entries for it, and read after the rewrite must be
+/// exactly those entries again or an error: never other entries. Returns
+/// the frames and how many still read after the rewrite (`None` when the
+/// manifest does not open, or `path` cannot be written).
+pub fn fuzz_frames_entry(path: &Path, data: &[u8]) -> Option<(usize, usize)> {
+    let (len, rest) = u32_at(data)?;
+    let (open, rest) = rest.split_at_checked(len)?;
+    let (cut, mut edits) = u32_at(rest).unwrap_or((usize::MAX, &[]));
+    let mut later = open
+        .get(..cut % (open.len() + 1))
+        .unwrap_or_default()
+        .to_vec();
+    while let Some((at, tail)) = u32_at(edits) {
+        let Some((&x, tail)) = tail.split_first() else {
+            break;
+        };
+        let n = later.len();
+        if let Some(b) = at.checked_rem(n).and_then(|i| later.get_mut(i)) {
+            *b ^= x;
+        }
+        edits = tail;
+    }
+    std::fs::write(path, open).ok()?;
+    let frames = SnapReader::open(path, None).ok()?.into_frames().ok()?;
+    let mut stream = SnapReader::open(path, None).ok()?;
+    let mut before = Vec::new();
+    for i in 0..frames.frames.len() {
+        let f = frames.frame(i)?;
+        let entries = frames.read(i);
+        assert!(
+            entries.is_ok(),
+            "frame {i} of a manifest that opened: {entries:?}"
+        );
+        let entries = entries.ok()?;
+        assert_eq!(entries.len(), f.count as usize, "frame {i}: its count");
+        assert_eq!(
+            frames.frame_of(f.first),
+            Some(i),
+            "frame {i}: its first block"
+        );
+        let streamed = stream.next_entries(entries.len());
+        assert!(streamed.is_ok(), "frame {i}, streamed: {streamed:?}");
+        let streamed = streamed.ok()?;
+        assert_eq!(streamed, entries, "frame {i}: the stream's entries");
+        before.push(entries);
+    }
+    std::fs::write(path, later).ok()?;
+    let mut same = 0;
+    for (i, entries) in before.iter().enumerate() {
+        if let Ok(again) = frames.read(i) {
+            assert_eq!(
+                &again, entries,
+                "frame {i} read other entries after a rewrite"
+            );
+            same += 1;
+        }
+    }
+    Some((before.len(), same))
+}
+
+/// A little-endian `u32` at the start of `b`, and the bytes after it.
+fn u32_at(b: &[u8]) -> Option<(usize, &[u8])> {
+    let (n, rest) = b.split_first_chunk::<4>()?;
+    Some((u32::from_le_bytes(*n) as usize, rest))
+}
+
 /// Fuzz entry point: reads arbitrary bytes as a manifest; never panics.
 /// Returns true when the whole file is valid.
 pub fn fuzz_entry(data: &[u8]) -> bool {
