@@ -162,36 +162,47 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
             }
             Ok(p)
         };
+        // A window's bytes (mapped, read or fetched) and the previous
+        // snapshot's entries for it.
+        type Acquired<'w> = (Option<crate::source::Window<'w>>, Vec<SnapEntry>);
+        let acquire = |p: &Planned, prev: &mut Option<SnapReader<_>>| -> Result<Acquired<'_>> {
+            let window = match (&fetcher, p.ranges.is_empty()) {
+                (_, true) => None,
+                (Some(f), false) => Some(f.receive()?),
+                (None, false) => Some(source.window_for(p.offset, p.len, &p.ranges)?),
+            };
+            let before = match prev.as_mut() {
+                Some(r) => r.next_entries(p.n)?,
+                None => Vec::new(),
+            };
+            Ok((window, before))
+        };
+        let mut ready: Option<Acquired<'_>> = None;
         let mut next = (first < blocks).then(|| plan(first)).transpose()?;
-        while let Some(Planned {
-            offset,
-            n,
-            len,
-            dirty,
-            sampled,
-            ranges,
-        }) = next.take()
-        {
+        while let Some(planned) = next.take() {
+            let (window, before) = match ready.take() {
+                Some(r) => r,
+                None => acquire(&planned, &mut prev)?,
+            };
+            let Planned {
+                offset: _,
+                n,
+                len,
+                dirty,
+                sampled,
+                ranges,
+            } = planned;
             if (req.cancelled)() {
                 return Err(SnapError::Cancelled {
                     path: source.path().to_path_buf(),
                 });
             }
-            let window = match (&fetcher, ranges.is_empty()) {
-                (_, true) => None,
-                (Some(f), false) => Some(f.receive()?),
-                (None, false) => Some(source.window_for(offset, len, &ranges)?),
-            };
             if first + (n as u64) < blocks {
                 next = Some(plan(first + n as u64)?);
             }
             read.sampled += sampled.iter().filter(|&&s| s).count() as u64;
-            let before: Vec<SnapEntry> = match prev.as_mut() {
-                Some(r) => r.next_entries(n)?,
-                None => Vec::new(),
-            };
             let wanted = |i: usize| is_read(dirty.as_deref(), &sampled, i);
-            let out: Vec<Result<Block>> = req.pool.install(|| {
+            let work = || -> Vec<Result<Block>> {
                 // Each block is copied out of the mapping before it is
                 // hashed and compressed: a guest writing to the image
                 // must never make a record whose bytes are not its id
@@ -293,7 +304,23 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
                         },
                     )
                     .collect()
-            });
+            };
+            // A mapped or read window: the next one is mapped (and its
+            // previous entries read) while the pool works on this one, so
+            // the pool does not wait for that between windows. A fetched
+            // one (NBD) keeps one request ahead, as its fetcher does.
+            let out: Vec<Result<Block>> = match next.as_ref().filter(|_| fetcher.is_none()) {
+                Some(p) => {
+                    let mut out = Vec::new();
+                    let got = req.pool.in_place_scope(|scope| {
+                        scope.spawn(|_| out = work());
+                        acquire(p, &mut prev)
+                    });
+                    ready = Some(got?);
+                    out
+                }
+                None => req.pool.install(work),
+            };
             if let Some(window) = window {
                 read.bytes_read += if dirty.is_some() {
                     ranges
