@@ -123,7 +123,9 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
     // One ordered writer: a thread of its own appends each window's new
     // records to the pack and its entries to the manifest while the pool
     // hashes and compresses the next window. The channel holds nothing
-    // (a rendezvous), so at most two windows are in memory.
+    // (a rendezvous), so at most two windows' records are in memory; a
+    // third window may be mapped, not yet read (the next one, mapped
+    // while the pool works).
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<Block>>>(0);
         let seen = &mut seen;
@@ -309,17 +311,16 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
             // previous entries read) while the pool works on this one, so
             // the pool does not wait for that between windows. A fetched
             // one (NBD) keeps one request ahead, as its fetcher does.
-            let out: Vec<Result<Block>> = match next.as_ref().filter(|_| fetcher.is_none()) {
+            let (out, got) = match next.as_ref().filter(|_| fetcher.is_none()) {
                 Some(p) => {
                     let mut out = Vec::new();
                     let got = req.pool.in_place_scope(|scope| {
                         scope.spawn(|_| out = work());
                         acquire(p, &mut prev)
                     });
-                    ready = Some(got?);
-                    out
+                    (out, Some(got))
                 }
-                None => req.pool.install(work),
+                None => (req.pool.install(work), None),
             };
             if let Some(window) = window {
                 read.bytes_read += if dirty.is_some() {
@@ -339,6 +340,10 @@ pub(super) fn chunk_pass(pass: Pass<'_, '_>) -> Result<PassRead> {
                 window.finish()?;
             }
             source.check_unchanged()?;
+            // (This window's own failure, above, is the one reported.)
+            if let Some(got) = got {
+                ready = Some(got?);
+            }
             if tx.send(out).is_err() {
                 // The writer stopped: its error says why.
                 break;

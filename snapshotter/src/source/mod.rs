@@ -46,7 +46,9 @@ pub trait ImageSource: Sync {
     fn check_unchanged(&self) -> Result<()>;
     /// True when a window's bytes are fetched (over the wire) when it is
     /// made, rather than mapped: a pass then fetches the next window while
-    /// it works on this one.
+    /// it works on this one. A source that does not fetch must make its
+    /// windows cheaply (a mapping, a slice): a capture pass makes the next
+    /// one while the pool works on this one, so two are held at once.
     fn fetches(&self) -> bool {
         false
     }
