@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use crate::args::{Cli, Command, CopySource, FromTier, ImageFormatArg, PointsArg, VaultCommand};
+use crate::args::{Cli, Command, CopySource, FromTier, ImageFormatArg, VaultCommand};
 use crate::ctx::Ctx;
 use crate::vault_cmd::{CreateArgs, SetArgs};
 use coffre_engine::RestoreOptions;
@@ -207,7 +207,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unwrap_or(coffre_engine::access::live::DEFAULT_RECONNECT_DELAY),
                 mode,
                 access: coffre_engine::access::AccessOptions {
-                    from: served_from(from),
+                    from: crate::export_cmd::served_from(from),
                     ..Default::default()
                 },
                 poll: std::time::Duration::from_millis(250),
@@ -252,54 +252,32 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ),
         Command::Export {
             vault,
-            points:
-                PointsArg {
-                    item,
-                    point,
-                    all,
-                    from,
-                    cache,
-                },
+            points,
             socket,
             listen,
             name,
             idle_timeout,
         } => crate::export_cmd::run(
             &ctx,
-            &tier_dir(&ctx, &vault.vault, from)?,
+            &tier_dir(&ctx, &vault.vault, points.from)?,
             crate::export_cmd::ExportArgs {
-                item,
-                point,
-                all,
-                from: served_from(from),
+                points,
                 socket,
                 listen,
                 name,
                 idle_timeout,
-                cache,
             },
         ),
         Command::Mount {
             vault,
-            points:
-                PointsArg {
-                    item,
-                    point,
-                    all,
-                    from,
-                    cache,
-                },
+            points,
             allow_other,
             dir,
         } => crate::mount_cmd::run(
             &ctx,
-            &tier_dir(&ctx, &vault.vault, from)?,
+            &tier_dir(&ctx, &vault.vault, points.from)?,
             crate::mount_cmd::MountArgs {
-                item,
-                point,
-                all,
-                from: served_from(from),
-                cache,
+                points,
                 allow_other,
                 dir,
             },
@@ -415,14 +393,4 @@ fn tier_dir(
         dir,
         (from == Some(FromTier::Secondary)).then_some(CopySource::Secondary),
     )
-}
-
-/// The tier `export`, `mount` and `restore --live` read (`--from secondary` is the vault of
-/// the secondary copy).
-fn served_from(from: Option<FromTier>) -> Option<coffre_engine::access::Served> {
-    match from {
-        Some(FromTier::Snapshot) => Some(coffre_engine::access::Served::Snapshot),
-        Some(FromTier::Vault | FromTier::Secondary) => Some(coffre_engine::access::Served::Vault),
-        None => None,
-    }
 }

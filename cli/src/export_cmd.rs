@@ -17,20 +17,38 @@ use coffre_engine::nbd::wire::Activity;
 use coffre_engine::store::Access;
 use serde::Serialize;
 
+use crate::args::{FromTier, PointsArg};
 use crate::ctx::{Ctx, open};
 use crate::output;
 
 /// What `export` was asked.
 pub struct ExportArgs {
-    pub item: String,
-    pub point: String,
-    pub all: bool,
-    pub from: Option<Served>,
+    pub points: PointsArg,
     pub socket: Option<PathBuf>,
     pub listen: Option<String>,
     pub name: Option<String>,
     pub idle_timeout: Option<u64>,
-    pub cache: u64,
+}
+
+/// The tier `export`, `mount` and `restore --live` read (`None`: a
+/// point's snapshot while it has one, else the vault; `--from secondary`
+/// is the vault of the secondary copy).
+pub fn served_from(from: Option<FromTier>) -> Option<Served> {
+    match from {
+        Some(FromTier::Snapshot) => Some(Served::Snapshot),
+        Some(FromTier::Vault | FromTier::Secondary) => Some(Served::Vault),
+        None => None,
+    }
+}
+
+/// How `export` and `mount` read the points they serve: the cache size
+/// and the tier asked for.
+pub fn access_options(points: &PointsArg) -> AccessOptions {
+    AccessOptions {
+        cache_bytes: points.cache,
+        from: served_from(points.from),
+        ..AccessOptions::default()
+    }
 }
 
 /// The points `export` or `mount` (`what`) serves, opened for reading in
@@ -38,13 +56,12 @@ pub struct ExportArgs {
 pub fn open_points<'v>(
     vault: &'v coffre_engine::store::Vault,
     dir: &Path,
-    item: &str,
-    point: &str,
-    all: bool,
+    asked: &PointsArg,
     opts: &AccessOptions,
     what: &str,
 ) -> anyhow::Result<Vec<PointImage<'v>>> {
-    let points = if all {
+    let (item, point) = (asked.item.as_str(), asked.point.as_str());
+    let points = if asked.all {
         let all = coffre_engine::points::list_points(vault, item)
             .with_context(|| format!("vault {}", dir.display()))?;
         if all.is_empty() {
@@ -92,25 +109,18 @@ pub fn run(ctx: &Ctx, dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> 
     // stop (and the socket is removed).
     let stop = crate::signals::stop_flag()?;
     let vault = open(ctx, dir, Access::ReadOnly)?;
-    let opts = AccessOptions {
-        cache_bytes: args.cache,
-        from: args.from,
-        ..AccessOptions::default()
-    };
     let images = open_points(
         &vault,
         dir,
-        &args.item,
-        &args.point,
-        args.all,
-        &opts,
+        &args.points,
+        &access_options(&args.points),
         "export",
     )?;
     let names: Vec<String> = images
         .iter()
-        .map(|i| match (&args.name, args.all) {
+        .map(|i| match (&args.name, args.points.all) {
             (Some(n), false) => n.clone(),
-            (None, false) => args.item.clone(),
+            (None, false) => args.points.item.clone(),
             (_, true) => i.point().id.clone(),
         })
         .collect();

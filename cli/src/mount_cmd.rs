@@ -11,11 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use coffre_engine::access::{AccessOptions, Served};
+use coffre_engine::access::Served;
 use coffre_engine::store::Access;
 use fuser::{Config, MountOption, Session, SessionACL};
 use serde::Serialize;
 
+use crate::args::PointsArg;
 use crate::ctx::{Ctx, open};
 use crate::mount_fs::{FileSpec, ImageFs, Owner, ReadStats, checked_name, serve_reads};
 use crate::output;
@@ -41,11 +42,7 @@ const FUSE_THREADS: usize = 2;
 
 /// What `mount` was asked.
 pub struct MountArgs {
-    pub item: String,
-    pub point: String,
-    pub all: bool,
-    pub from: Option<Served>,
-    pub cache: u64,
+    pub points: PointsArg,
     pub allow_other: bool,
     pub dir: PathBuf,
 }
@@ -69,36 +66,24 @@ pub fn run(ctx: &Ctx, vault_dir: &Path, args: MountArgs) -> anyhow::Result<ExitC
     let dir = prepare_dir(&args.dir)?;
     let vault = open(ctx, vault_dir, Access::ReadOnly)?;
     // The read-ahead threads shrink with the number of files.
-    let count = if args.all {
-        coffre_engine::points::list_points(&vault, &args.item)
+    let count = if args.points.all {
+        coffre_engine::points::list_points(&vault, &args.points.item)
             .map(|p| p.len())
             .unwrap_or(1)
     } else {
         1
     };
     let threads = read_ahead_threads(count);
-    let mut opts = AccessOptions {
-        cache_bytes: args.cache,
-        from: args.from,
-        ..AccessOptions::default()
-    };
+    let mut opts = crate::export_cmd::access_options(&args.points);
     if threads == 0 {
         opts.read_ahead = 0;
     }
-    let images = crate::export_cmd::open_points(
-        &vault,
-        vault_dir,
-        &args.item,
-        &args.point,
-        args.all,
-        &opts,
-        "mount",
-    )?;
+    let images = crate::export_cmd::open_points(&vault, vault_dir, &args.points, &opts, "mount")?;
     let files = images
         .iter()
         .map(|i| {
             let p = i.point();
-            let name = if args.all {
+            let name = if args.points.all {
                 checked_name(&format!("{}.img", p.id))
                     .with_context(|| format!("point id {:?} cannot name a file", p.id))?
             } else {
@@ -127,7 +112,7 @@ pub fn run(ctx: &Ctx, vault_dir: &Path, args: MountArgs) -> anyhow::Result<ExitC
         MountOption::NoExec,
         MountOption::NoAtime,
         MountOption::DefaultPermissions,
-        MountOption::FSName(format!("coffre:{}", args.item)),
+        MountOption::FSName(format!("coffre:{}", args.points.item)),
         MountOption::Subtype("coffre".into()),
     ];
     config.acl = if args.allow_other {
