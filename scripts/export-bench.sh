@@ -3,16 +3,17 @@
 # (issue 24's figures), ROUNDS rounds, all in one run:
 #   - the disk floor: `dd oflag=direct conv=fsync` of the restored data
 #     bytes onto the same filesystem;
-#   - the I/O floor: the same write while the vault's segments (the
-#     records a restore reads; all points' records, a little more than the
-#     point's) are read with O_DIRECT from the same disk;
+#   - the I/O floor: the same write while the tier's records (the
+#     snapshot's packs, or the vault's segments: all points' records, a
+#     little more than the point's) are read with O_DIRECT from the same
+#     disk;
 #   - the loaded floor: the same write while both cores decompress zstd
 #     (`zstd -d` loops), as a restore's decoders keep them busy: on a VM
 #     whose disk writes slow down when its cores are busy, this is the
 #     floor of a restore that must decompress;
 #   - `coffre restore` from the snapshot tier (the default) and --from
 #     vault, page cache dropped (cold), each as a ratio to both floors;
-#     and again with the records in the page cache (warm);
+#     and again with the tier's records in the page cache (warm);
 #   - `qemu-img convert -t none` of `coffre export` (both tiers) into a
 #     file on the same filesystem, as a ratio to the restore of that tier;
 #   - random 4 KiB reads at queue depth 16 through the export (fio,
@@ -61,6 +62,11 @@ busy_write() {
   timed "$1" dd if=/dev/zero of=floor.bin bs=4M count=$((data / (4 << 20))) oflag=direct conv=fsync status=none
   rm -f busy.flag; wait
 }
+# records TIER: the files a restore from TIER reads its records from (the
+# snapshot's packs, or the vault's segments).
+records() {
+  if [ "$1" = snapshot ]; then find area -type f -name '*.pack'; else ls v/segments/*.seg; fi
+}
 sock=$work/export.sock
 uri="nbd+unix:///w?socket=$sock"
 
@@ -90,13 +96,14 @@ for r in $(seq 1 "$rounds"); do
     rm -f out.img; sync
     timed "$r $tier floor" dd if=/dev/zero of=floor.bin bs=4M count=$((data / (4 << 20))) oflag=direct conv=fsync status=none
     rm -f floor.bin; sync
-    (for s in v/segments/*.seg; do dd if="$s" of=/dev/null bs=4M iflag=direct status=none; done) &
+    (for s in $(records "$tier"); do dd if="$s" of=/dev/null bs=4M iflag=direct status=none; done) &
     timed "$r $tier iofloor" dd if=/dev/zero of=floor.bin bs=4M count=$((data / (4 << 20))) oflag=direct conv=fsync status=none
     wait $!
     rm -f floor.bin; sync
     busy_write "$r $tier loadedfloor"
     rm -f floor.bin; sync
-    cat v/segments/*.seg > /dev/null
+    # Warm: the tier's own records in the page cache.
+    cat $(records "$tier") > /dev/null
     timed "$r $tier restore-warm" "$coffre" restore --vault v --item w --from "$tier" --to out.img
     cmp out.img "$day2"
     rm -f out.img; sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true

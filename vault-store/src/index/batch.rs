@@ -28,7 +28,7 @@ pub struct IndexBatch {
 }
 
 impl IndexBatch {
-    fn put(&mut self, cf: Cf, k: impl Into<Vec<u8>>, v: impl Into<Vec<u8>>) {
+    pub(super) fn put(&mut self, cf: Cf, k: impl Into<Vec<u8>>, v: impl Into<Vec<u8>>) {
         self.ops.push(Op::Put(cf, k.into(), v.into()));
     }
     fn delete(&mut self, cf: Cf, k: impl Into<Vec<u8>>) {

@@ -3,6 +3,7 @@
 
 use super::keys::{place_from_key, place_key};
 use super::*;
+use crate::format::chunk_id::ChunkId;
 use proptest::prelude::*;
 
 proptest! {
@@ -72,4 +73,67 @@ fn location_rejects_bad_bytes() {
     assert_eq!(at(64, 3), None);
     assert_eq!(at(64, u32::MAX), None);
     assert_eq!(at(u64::MAX - 10, 100), None);
+}
+
+#[test]
+fn sorted_counts_read_by_walking_the_family_equal_one_lookup_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = Index::open_write(dir.path()).unwrap();
+    let ids: Vec<ChunkId> = (0..3000u32)
+        .map(|i| ChunkId::of(&i.to_le_bytes()))
+        .collect();
+    let entry = |i: usize| RefEntry {
+        kind: ChunkKind::Data,
+        count: i as u64 + 1,
+    };
+    // Half the counts in a table file, half in the memtable: the walk
+    // merges both.
+    for half in ids.chunks(1500) {
+        let mut b = IndexBatch::default();
+        for id in half {
+            let i = ids.iter().position(|x| x == id).unwrap();
+            b.put_ref_change(id, entry(i), None);
+        }
+        index.commit(b).unwrap();
+        if half.first() == ids.first() {
+            index.flush().unwrap();
+        }
+    }
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    // Most of the family, a long gap (sought, not walked), keys it lacks
+    // in between and past the end, and a repeated one.
+    let mut wanted: Vec<ChunkId> = sorted[..1200].to_vec();
+    wanted.extend_from_slice(&sorted[2800..]);
+    wanted.extend((0..300u32).map(|i| ChunkId::of(&(i + 1_000_000).to_le_bytes())));
+    wanted.push(sorted[5]);
+    wanted.sort_unstable();
+    let handle = index.db.cf_handle(Cf::Refs.name()).unwrap();
+    assert!(index.dense(handle, wanted.len()), "the walk must be taken");
+    let one_by_one: Vec<Option<RefEntry>> = wanted
+        .iter()
+        .map(|id| index.chunk_ref(id).unwrap())
+        .collect();
+    assert_eq!(index.chunk_refs(&wanted, true).unwrap(), one_by_one);
+    assert_eq!(one_by_one.iter().filter(|e| e.is_none()).count(), 300);
+    let i = ids.iter().position(|x| *x == sorted[2999]).unwrap();
+    assert_eq!(
+        one_by_one
+            .iter()
+            .flatten()
+            .find(|e| e.count == i as u64 + 1),
+        Some(&entry(i))
+    );
+    // A few keys of a large family are looked up one by one.
+    assert!(!index.dense(handle, 200));
+    let few = &wanted[..200];
+    assert_eq!(
+        index.chunk_refs(few, true).unwrap(),
+        one_by_one[..200].to_vec()
+    );
+    // A damaged count is an error, walked or not.
+    let mut b = IndexBatch::default();
+    b.put(Cf::Refs, sorted[7].as_bytes().to_vec(), vec![9u8; 3]);
+    index.commit(b).unwrap();
+    assert!(index.chunk_refs(&wanted, true).is_err());
 }
