@@ -96,14 +96,14 @@ for r in $(seq 1 "$rounds"); do
     rm -f out.img; sync
     timed "$r $tier floor" dd if=/dev/zero of=floor.bin bs=4M count=$((data / (4 << 20))) oflag=direct conv=fsync status=none
     rm -f floor.bin; sync
-    (for s in $(records "$tier"); do dd if="$s" of=/dev/null bs=4M iflag=direct status=none; done) &
+    (records "$tier" | while read -r s; do dd if="$s" of=/dev/null bs=4M iflag=direct status=none; done) &
     timed "$r $tier iofloor" dd if=/dev/zero of=floor.bin bs=4M count=$((data / (4 << 20))) oflag=direct conv=fsync status=none
     wait $!
     rm -f floor.bin; sync
     busy_write "$r $tier loadedfloor"
     rm -f floor.bin; sync
     # Warm: the tier's own records in the page cache.
-    cat $(records "$tier") > /dev/null
+    records "$tier" | xargs -r cat > /dev/null
     timed "$r $tier restore-warm" "$coffre" restore --vault v --item w --from "$tier" --to out.img
     cmp out.img "$day2"
     rm -f out.img; sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true

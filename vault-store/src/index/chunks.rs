@@ -81,7 +81,9 @@ impl Index {
                 .property_int_value_cf(handle, "rocksdb.estimate-num-keys")
                 .ok()
                 .flatten()
-                .is_some_and(|keys| (wanted as u64).saturating_mul(DENSE_SHARE) >= keys)
+                // None at all: deletions (GC) count against the estimate,
+                // so the family may hold many after all.
+                .is_some_and(|keys| keys > 0 && (wanted as u64).saturating_mul(DENSE_SHARE) >= keys)
     }
 
     /// The values of sorted `ids`, found by walking the family from the

@@ -39,6 +39,9 @@ pub trait NodeChildren {
     fn children(&self, id: &ChunkId, kind: ChunkKind) -> Result<Vec<ChunkId>>;
 }
 
+/// Most references whose counts [`RefCounter::incref`] reads in one batch.
+pub const COUNT_BATCH: usize = 64 << 10;
+
 /// Counts changes on top of the index.
 pub struct RefCounter<'a> {
     index: &'a Index,
@@ -86,26 +89,36 @@ impl<'a> RefCounter<'a> {
     /// Adds one reference to `id`; a node that comes alive references its
     /// children in turn.
     ///
-    /// Level by level: the children of every node that comes alive on one
-    /// level are counted on the next, their counts read in one batch (the
-    /// new leaves of a day's point, tens of thousands of entries, cost one
-    /// sorted multi-get instead of one per leaf, each reading most of the
-    /// same table blocks again). A count only grows by one per reference,
-    /// so the order changes nothing: a node comes alive at its first.
+    /// In batches: the counts of up to [`COUNT_BATCH`] references due are
+    /// read in one sorted batch, then counted (the new leaves of a day's
+    /// point, tens of thousands of entries, cost one read instead of one
+    /// per leaf, each going through most of the same table blocks again).
+    /// A batch stops once the nodes that came alive in it added that many
+    /// references, so what is held stays bounded on any image. A count
+    /// only grows by one per reference, so the order changes nothing: a
+    /// node comes alive at its first.
     pub fn incref(&mut self, id: &ChunkId, nodes: &dyn NodeChildren) -> Result<()> {
-        let mut level = vec![*id];
-        while !level.is_empty() {
-            let mut next = Vec::new();
-            for id in &level {
-                let e = self.entry(id)?;
+        let mut due = vec![*id];
+        while !due.is_empty() {
+            let batch = due.split_off(due.len().saturating_sub(COUNT_BATCH));
+            self.prefetch(&batch)?;
+            let mut batch = batch.into_iter();
+            let mut added = 0;
+            for id in batch.by_ref() {
+                let e = self.entry(&id)?;
                 e.count += 1;
                 if e.count == 1 && e.kind != ChunkKind::Data {
                     let kind = e.kind;
-                    next.extend(nodes.children(id, kind)?);
+                    let children = nodes.children(&id, kind)?;
+                    added += children.len();
+                    due.extend(children);
+                }
+                if added >= COUNT_BATCH {
+                    break;
                 }
             }
-            self.prefetch(&next)?;
-            level = next;
+            // Read already; counted with the next batch.
+            due.extend(batch);
         }
         Ok(())
     }
