@@ -361,7 +361,8 @@ fn write_point(
     progress.start(image_size);
     // A pipeline of three stages: one thread (and its short-lived read
     // helpers) fetches the records of the group after next (direct
-    // reads), the pool decodes a group, and one thread writes
+    // reads), the pool decodes a group (while this thread reads a vault
+    // point's block map for the group after next), and one thread writes
     // the groups decoded before it, one after the other, so the device
     // always has the next group waiting. Buffers go round: GROUP_BUFFERS
     // decoded groups, two fetched ones.
@@ -404,35 +405,47 @@ fn write_point(
         }
         let mut spare_fetch = Some(Fetched::default());
         let mut fetching = false;
+        // A vault point's entries (and their chunks' places): the next
+        // group's, whose records are asked for while this one is decoded,
+        // and the one after, read from the block map meanwhile.
         let mut ahead = None;
+        let mut later = None;
+        let (mut map, mut snapshot) = match &mut data {
+            Data::Vault(map) => (Some(map), None),
+            Data::Snapshot(s) => (None, Some(&mut **s)),
+        };
+        let size_at = |at: u64| group_blocks.min(blocks.saturating_sub(at) as usize);
         let mut first = 0u64;
         let result = (|| -> Result<()> {
             while first < blocks {
-                let n = group_blocks.min((blocks - first) as usize);
+                let n = size_at(first);
                 let offset = first * bs;
                 let len = (image_size - offset).min(n as u64 * bs) as usize;
-                let (entries, locs, window) = match &mut data {
-                    Data::Vault(map) => {
+                let next = first + n as u64;
+                let (entries, locs, window) = match (map.as_deref_mut(), snapshot.as_deref_mut()) {
+                    (Some(map), _) => {
                         let (entries, locs) = match ahead.take() {
                             Some(g) => g,
                             None => vault_group(vault, map, first, n, !direct)?,
                         };
                         // The next group's records start coming in while
                         // this one is decoded.
-                        let next = first + n as u64;
                         if next < blocks {
-                            let m = group_blocks.min((blocks - next) as usize);
-                            ahead = Some(vault_group(vault, map, next, m, !direct)?);
+                            ahead = Some(match later.take() {
+                                Some(g) => g,
+                                None => vault_group(vault, map, next, size_at(next), !direct)?,
+                            });
                         }
                         (entries, locs, None)
                     }
-                    Data::Snapshot(s) => {
+                    (None, Some(s)) => {
                         let w = s.window(first, n, offset, len)?;
                         if !direct {
                             w.prefetch();
                         }
                         (vec![None; n], Vec::new(), Some(w))
                     }
+                    (None, None) => unreachable_tier(point)?,
                 };
                 let mut this_fetch = None;
                 if direct {
@@ -476,9 +489,32 @@ fn write_point(
                     actions: Vec::with_capacity(n),
                     data,
                 };
-                pool.install(|| {
-                    source.fill(&mut group, window.as_ref(), this_fetch.as_ref(), &decoders)
-                })?;
+                // The pool decodes this group while this thread reads the
+                // block map for the one after next, so the pool does not
+                // wait for that between groups.
+                let after = next + size_at(next) as u64;
+                let mut filled = Ok(());
+                let mut read_later = Ok(None);
+                pool.in_place_scope(|scope| {
+                    scope.spawn(|_| {
+                        filled = source.fill(
+                            &mut group,
+                            window.as_ref(),
+                            this_fetch.as_ref(),
+                            &decoders,
+                        );
+                    });
+                    if let Some(map) = map.as_deref_mut()
+                        && next < blocks
+                        && after < blocks
+                    {
+                        read_later =
+                            vault_group(vault, map, after, size_at(after), !direct).map(Some);
+                    }
+                });
+                // This group's failure first: it is the block being restored.
+                filled?;
+                later = read_later?;
                 if let Some(f) = this_fetch {
                     spare_fetch = Some(f);
                 }
