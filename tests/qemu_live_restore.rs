@@ -18,7 +18,9 @@
 //! refused, and `--resume` of a complete target says so. The point is
 //! held in the vault from the first run until the stream completes (the
 //! kill included), and a second run of the same target while one runs
-//! is refused at once. Skipped with a message where QEMU is missing.
+//! is refused at once. Once a run has released its hold, QEMU killed with
+//! SIGKILL leaves a target equal to the point (coffre made QEMU write it
+//! out first). Skipped with a message where QEMU is missing.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -261,6 +263,19 @@ impl Setup {
     fn quit_and_compare(mut self, expected: &[u8], what: &str) {
         let _ = self.watch.execute("quit", None);
         let _ = self.vm.child.wait();
+        self.compare(expected, what);
+    }
+
+    /// QEMU is killed (`SIGKILL`: nothing it holds in memory reaches the
+    /// target); then the target must equal `expected` all the same.
+    fn kill_and_compare(mut self, expected: &[u8], what: &str) {
+        let _ = self.vm.child.kill();
+        let _ = self.vm.child.wait();
+        self.compare(expected, what);
+    }
+
+    /// The target equals `expected` and has no backing file.
+    fn compare(&self, expected: &[u8], what: &str) {
         let exp = self.dir.join("expected.raw");
         std::fs::write(&exp, expected).unwrap();
         let cmp = qemu_img(&[
@@ -449,6 +464,23 @@ fn an_export_gone_past_the_reconnect_delay_pauses_the_job_and_resume_carries_on(
         "live restore past the reconnect delay: paused at {paused:?}, resumed and complete; {:.1} s in all",
         began.elapsed().as_secs_f64()
     );
+}
+
+/// Once a live restore says the target needs coffre no more (its hold
+/// released, the point free to expire), the target holds the point on
+/// disk: QEMU killed right after, with the streamed clusters' qcow2
+/// mappings still in its caches had coffre not made it write them out,
+/// leaves a target equal to the point.
+#[test]
+fn a_completed_live_restore_survives_qemu_killed_at_once() {
+    let Some(st) = Setup::new() else {
+        return;
+    };
+    let out = coffre().args(st.live(&["--speed", "0"])).output().unwrap();
+    assert!(out.status.success(), "live restore: {out:?}");
+    assert_eq!(st.holds(), vec![], "the point is no longer held");
+    let initial = st.initial.clone();
+    st.kill_and_compare(&initial, "the point after QEMU was killed");
 }
 
 /// A device id QEMU does not know: coffre creates a virtio-blk-pci device

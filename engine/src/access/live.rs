@@ -35,7 +35,9 @@
 //! caller takes the vault's holds lock before it opens the vault and hands
 //! it here ([`restore_live`]); it is released once the hold is written.
 //! The hold goes when the stream completes and the target is durable
-//! (fsynced, its backing read again), when a run of a new target fails
+//! (written out by QEMU, whose caches hold the streamed clusters'
+//! mappings until a flush; fsynced; its backing read again), when a run
+//! of a new target fails
 //! before QEMU had it and the run removed the target itself, or on
 //! [`abandon`]. A hold of another point is never replaced while the
 //! target exists, and the target's absence is checked again under the
@@ -581,6 +583,16 @@ pub fn abandon(vault: &Vault, item: &str, target: &Path) -> Result<Abandoned> {
     })
 }
 
+/// QEMU could not write the target out: the hold stays.
+fn not_durable(target: &Path, e: impl std::fmt::Display) -> EngineError {
+    fail(
+        target,
+        format!(
+            "the stream completed but QEMU could not write the target out ({e}): its hold stays; run the same command with --resume"
+        ),
+    )
+}
+
 /// Makes the target durable (its data and metadata on stable storage),
 /// before its hold may go.
 fn sync_target(target: &Path) -> Result<()> {
@@ -617,6 +629,12 @@ fn finish_only(
         ));
     }
     stream::finish(qmp, names)?;
+    // The killed run may have stopped before QEMU wrote the target out.
+    // A QEMU without the target node was restarted since: its shutdown
+    // wrote it out.
+    if stream::node_exists(qmp, &names.target)? {
+        stream::flush_target(qmp, names).map_err(|e| not_durable(target, e))?;
+    }
     sync_target(target)?;
     if let Some(b) = stream::read_backing(target)? {
         return Err(fail(
@@ -1041,8 +1059,10 @@ impl Run<'_> {
         }
         let (streamed, seconds) = self.follow(qmp)?;
         stream::finish(qmp, self.names)?;
-        // Durable before the hold goes: the streamed blocks, then the
-        // header without a backing, read again from the file.
+        // Durable before the hold goes: what QEMU holds of the target in
+        // memory written out (the streamed blocks' mappings), the file
+        // synced, its header without a backing read again.
+        stream::flush_target(qmp, self.names).map_err(|e| not_durable(self.target, e))?;
         sync_target(self.target)?;
         if let Some(b) = stream::read_backing(self.target)? {
             return Err(self.fail(format!(

@@ -580,6 +580,30 @@ pub fn resume_job(qmp: &mut dyn Monitor, names: &LiveNames) -> Result<()> {
     Ok(())
 }
 
+/// Makes QEMU write out what it holds of the target in memory, and sync
+/// it. When the stream job concludes, QEMU has rewritten the target's
+/// header without the backing already, but the streamed clusters'
+/// mappings (qcow2 L2 tables and refcounts) may still be in its caches
+/// only: QEMU killed then leaves a target that reads as zeros where the
+/// point's blocks were, and an fsync from outside cannot reach those
+/// caches. QMP has no flush command; HMP's `qemu-io NODE "flush"`
+/// (through `human-monitor-command`, which libvirt's passthrough carries
+/// too) flushes the node, and prints nothing when it succeeds.
+pub fn flush_target(qmp: &mut dyn Monitor, names: &LiveNames) -> Result<()> {
+    let said = qmp.execute(
+        "human-monitor-command",
+        Some(json!({ "command-line": format!("qemu-io {} \"flush\"", names.target) })),
+    )?;
+    match said.as_str() {
+        Some(s) if s.trim().is_empty() => Ok(()),
+        other => Err(qmp.error(format!(
+            "QEMU could not write its target node {} out: qemu-io flush said {:?}",
+            names.target,
+            super::json_lines::shown(other.unwrap_or_default())
+        ))),
+    }
+}
+
 /// After the job: it is dismissed, and the backing nodes go (the NBD
 /// client leaves the export). A node already gone is not an error.
 pub fn finish(qmp: &mut dyn Monitor, names: &LiveNames) -> Result<()> {
@@ -636,6 +660,54 @@ mod tests {
             format!("{s}{}", " ".repeat(MAX_BACKING)),
         ] {
             assert_eq!(parse_backing(&bad), None, "{bad}");
+        }
+    }
+
+    /// A monitor that answers every command with `reply` and keeps what
+    /// it was asked.
+    struct Canned {
+        reply: Value,
+        asked: Vec<(String, Option<Value>)>,
+    }
+
+    impl Monitor for Canned {
+        fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+            self.asked.push((command.to_string(), arguments));
+            Ok(self.reply.clone())
+        }
+
+        fn error(&self, reason: String) -> SnapError {
+            SnapError::damaged(Path::new("canned"), reason)
+        }
+    }
+
+    #[test]
+    fn the_target_is_flushed_by_name_and_anything_qemu_prints_is_a_failure() {
+        let names = LiveNames::of(Path::new("/srv/vm/disk.qcow2"));
+        let mut ok = Canned {
+            reply: json!(""),
+            asked: Vec::new(),
+        };
+        flush_target(&mut ok, &names).unwrap();
+        assert_eq!(
+            ok.asked,
+            vec![(
+                "human-monitor-command".to_string(),
+                Some(json!({ "command-line": format!("qemu-io {} \"flush\"", names.target) }))
+            )]
+        );
+        for reply in [
+            json!("Error: Cannot find device='' nor node-name='x'\r\n"),
+            json!("flush failed: Input/output error\n"),
+            json!({}),
+        ] {
+            let mut bad = Canned {
+                reply,
+                asked: Vec::new(),
+            };
+            let e = flush_target(&mut bad, &names).unwrap_err().to_string();
+            assert!(e.contains(&names.target), "{e}");
+            assert!(!e.contains('\r') && !e.contains('\n'), "{e}");
         }
     }
 
