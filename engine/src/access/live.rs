@@ -36,7 +36,8 @@
 //! it here ([`restore_live`]); it is released once the hold is written.
 //! The hold goes when the stream completes and the target is durable
 //! (written out by QEMU, whose caches hold the streamed clusters'
-//! mappings until a flush; fsynced; its backing read again), when a run
+//! mappings until a flush; fsynced; its backing read again; its own
+//! mapping holding every range where the point has data), when a run
 //! of a new target fails
 //! before QEMU had it and the run removed the target itself, or on
 //! [`abandon`]. A hold of another point is never replaced while the
@@ -278,7 +279,7 @@ pub fn restore_live(
         match stream::read_backing(&target)? {
             None => {
                 drop(holds_lock);
-                return finish_only(item, &place, &target, &names, &holds, report);
+                return finish_only(vault, item, &place, &target, &names, &holds, opts, report);
             }
             Some(b) => {
                 let backing = stream::parse_backing(&b).ok_or_else(|| {
@@ -488,6 +489,7 @@ fn serve_and_drive(
             socket,
             export: &export,
             entry,
+            image,
             report,
             stop,
             activity: &activity,
@@ -588,9 +590,46 @@ fn not_durable(target: &Path, e: impl std::fmt::Display) -> EngineError {
     fail(
         target,
         format!(
-            "the stream completed but QEMU could not write the target out ({e}): its hold stays; run the same command with --resume"
+            "the stream completed but QEMU could not write the target out ({e}): its hold stays (the point is kept); run the same command with --resume, or restore the point again"
         ),
     )
+}
+
+/// Checks that `target`'s file holds, in its own layer, every range where
+/// the point has data: the stream copied them, and a guest's writes only
+/// add to them (the target is attached without discard). QEMU's word that
+/// it wrote the target out is not taken: this reads the file's mapping
+/// (`qemu-img map`). Only then may the hold go.
+fn check_streamed(image: &PointImage<'_>, target: &Path) -> Result<()> {
+    let own = stream::allocated(target).map_err(|e| not_durable(target, e))?;
+    let mut at = 0u64;
+    for (len, kind) in image.extents(0, image.size())? {
+        if kind == super::Kind::Data
+            && let Some(gap) = first_gap(&own, at, len)
+        {
+            return Err(fail(
+                target,
+                format!(
+                    "its file lacks blocks of point {} from byte {gap} although the stream completed (did QEMU stop before writing them out?): its hold stays and the point is kept; restore the point again, or once the target is known good, `coffre restore --live --abandon` lets the hold go",
+                    image.point().id
+                ),
+            ));
+        }
+        at += len;
+    }
+    Ok(())
+}
+
+/// The first byte of `from..from + len` that no range of `own` (sorted,
+/// adjacent ones merged) covers.
+fn first_gap(own: &[(u64, u64)], from: u64, len: u64) -> Option<u64> {
+    let end = from.saturating_add(len);
+    let i = own.partition_point(|r| r.0 <= from);
+    match i.checked_sub(1).and_then(|i| own.get(i)) {
+        Some(&(start, n)) if start.saturating_add(n) >= end => None,
+        Some(&(start, n)) => Some(from.max(start.saturating_add(n))),
+        None => Some(from),
+    }
 }
 
 /// Makes the target durable (its data and metadata on stable storage),
@@ -610,12 +649,18 @@ fn sync_target(target: &Path) -> Result<()> {
 /// completed; what the killed run left in QEMU (the ended job, the
 /// backing nodes) goes, and so does the hold. The target no longer names
 /// its point.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the resumed run's vault, target and where QEMU is"
+)]
 fn finish_only(
+    vault: &Vault,
     item: &str,
     place: &Place,
     target: &Path,
     names: &LiveNames,
     holds: &HoldStore,
+    opts: &LiveOptions,
     report: &dyn LiveReport,
 ) -> Result<LiveSummary> {
     let (_lock, mut vm) = place.connect(target)?;
@@ -629,9 +674,10 @@ fn finish_only(
         ));
     }
     stream::finish(qmp, names)?;
-    // The killed run may have stopped before QEMU wrote the target out.
-    // A QEMU without the target node was restarted since: its shutdown
-    // wrote it out.
+    // The killed run may have stopped before QEMU wrote the target out. A
+    // QEMU without the target node was restarted since: a clean shutdown
+    // wrote it out, a crash may have lost the streamed blocks' mappings,
+    // which the check below finds.
     if stream::node_exists(qmp, &names.target)? {
         stream::flush_target(qmp, names).map_err(|e| not_durable(target, e))?;
     }
@@ -642,13 +688,14 @@ fn finish_only(
             format!("it names a backing again ({b}): run the same command with --resume"),
         ));
     }
+    let hold = holds.get(target).ok().flatten();
+    if let Some(h) = &hold
+        && let Ok(entry) = select_point(vault, &h.item, &h.point)
+    {
+        check_streamed(&PointImage::open(vault, &entry, &opts.access)?, target)?;
+    }
     place.remove_folder(report);
-    let point = holds
-        .get(target)
-        .ok()
-        .flatten()
-        .map(|h| h.point)
-        .unwrap_or_default();
+    let point = hold.map(|h| h.point).unwrap_or_default();
     release_hold(holds, target, &point, report);
     report.step("the stream had completed: the target needs coffre no more");
     Ok(LiveSummary {
@@ -869,7 +916,7 @@ impl Backoff {
 }
 
 /// One run's QEMU side, beside the export.
-struct Run<'a> {
+struct Run<'a, 'v> {
     opts: &'a LiveOptions,
     place: &'a Place,
     target: &'a Path,
@@ -877,6 +924,8 @@ struct Run<'a> {
     socket: &'a Path,
     export: &'a str,
     entry: &'a PointEntry,
+    /// The point as the export serves it.
+    image: &'a PointImage<'v>,
     report: &'a dyn LiveReport,
     stop: &'a AtomicBool,
     activity: &'a Activity,
@@ -892,7 +941,7 @@ struct Outcome {
     seconds: f64,
 }
 
-impl Run<'_> {
+impl Run<'_, '_> {
     fn fail(&self, reason: impl Into<String>) -> EngineError {
         fail(self.target, reason)
     }
@@ -1069,6 +1118,7 @@ impl Run<'_> {
                 "the job completed but the target still names a backing ({b})"
             )));
         }
+        check_streamed(self.image, self.target)?;
         self.report
             .step("stream complete: the target has no backing file and needs coffre no more");
         Ok(Outcome {
@@ -1203,6 +1253,22 @@ impl Run<'_> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_run_is_covered_only_by_one_range_of_the_targets_own() {
+        let own = [(0, 100), (100 + 50, 50), (400, 1000)];
+        assert_eq!(first_gap(&own, 0, 100), None);
+        assert_eq!(first_gap(&own, 10, 90), None);
+        assert_eq!(first_gap(&own, 10, 91), Some(100));
+        assert_eq!(first_gap(&own, 120, 10), Some(120));
+        assert_eq!(first_gap(&own, 150, 60), Some(200));
+        assert_eq!(first_gap(&own, 500, 900), None);
+        assert_eq!(first_gap(&own, 500, 901), Some(1400));
+        assert_eq!(first_gap(&own, 2000, 1), Some(2000));
+        assert_eq!(first_gap(&[], 0, 1), Some(0));
+        assert_eq!(first_gap(&[(5, 10)], 0, 10), Some(0));
+        assert_eq!(first_gap(&[(0, u64::MAX)], u64::MAX - 1, 5), None);
+    }
 
     /// The waits between the resumes of a job that pauses again at every
     /// poll (every 50 ms), over `total`.

@@ -311,6 +311,113 @@ pub fn read_backing(target: &Path) -> Result<Option<String>> {
         .map(str::to_string))
 }
 
+/// Longest line of `qemu-img map --output=json` taken (one extent).
+const MAX_MAP_LINE: usize = 4096;
+
+/// The byte ranges `target` itself holds (allocated in its own layer, data
+/// or zeros), sorted and merged: read with `qemu-img map -U` from the file
+/// on disk, line by line (one extent a line), so what QEMU has written is
+/// checked, not what it says.
+pub fn allocated(target: &Path) -> Result<Vec<(u64, u64)>> {
+    use std::io::{BufRead, Read};
+    let what = "qemu-img map";
+    let mut child = Command::new("qemu-img")
+        .args(["map", "-U", "--output=json", "-f", "qcow2"])
+        .arg(target)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            qemu_img_error(
+                what,
+                target,
+                format!("cannot run qemu-img (apt-get install qemu-utils): {e}"),
+            )
+        })?;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut bad = None;
+    if let Some(out) = child.stdout.take() {
+        let mut lines = std::io::BufReader::new(out);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = (&mut lines)
+                .take(MAX_MAP_LINE as u64 + 1)
+                .read_until(b'\n', &mut line)
+                .map_err(|e| qemu_img_error(what, target, e.to_string()))?;
+            if n == 0 {
+                break;
+            }
+            if line.len() > MAX_MAP_LINE {
+                bad = Some("a line too long".to_string());
+                break;
+            }
+            match map_line(&line) {
+                Ok(Some((start, len))) => match ranges.last_mut() {
+                    Some(last) if last.0 + last.1 == start => last.1 += len,
+                    _ => ranges.push((start, len)),
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    bad = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    if bad.is_some() {
+        let _ = child.kill();
+    }
+    let status = child
+        .wait_with_output()
+        .map_err(|e| qemu_img_error(what, target, e.to_string()))?;
+    if let Some(e) = bad {
+        return Err(qemu_img_error(what, target, e));
+    }
+    if !status.status.success() {
+        return Err(qemu_img_error(
+            what,
+            target,
+            super::json_lines::shown(String::from_utf8_lossy(&status.stderr).trim()),
+        ));
+    }
+    Ok(ranges)
+}
+
+/// One line of `qemu-img map --output=json` (`[{ "start": …, … },`, the
+/// brackets and comma around the extent optional): `Some((start,
+/// length))` for an extent the image holds itself (`depth` 0, `present`),
+/// `None` for one it does not or a line with no extent; an error for
+/// anything else.
+fn map_line(line: &[u8]) -> std::result::Result<Option<(u64, u64)>, String> {
+    let text = std::str::from_utf8(line).map_err(|_| "a line that is not UTF-8".to_string())?;
+    let text = text.trim().trim_start_matches('[').trim_end_matches(']');
+    let text = text.trim().trim_end_matches(',').trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let v: Value = serde_json::from_str(text).map_err(|_| {
+        format!(
+            "an extent that is not JSON: {}",
+            super::json_lines::shown(text)
+        )
+    })?;
+    let field = |k: &str| v.get(k).and_then(Value::as_u64);
+    let (Some(start), Some(length), Some(depth)) =
+        (field("start"), field("length"), field("depth"))
+    else {
+        return Err(format!(
+            "an extent without start, length or depth: {}",
+            super::json_lines::shown(text)
+        ));
+    };
+    if start.checked_add(length).is_none() {
+        return Err(format!("an extent past 2^64: {start}+{length}"));
+    }
+    let present = v.get("present").and_then(Value::as_bool) == Some(true);
+    Ok((depth == 0 && present && length > 0).then_some((start, length)))
+}
+
 /// How the VM's device is given the target.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceChoice {
@@ -588,7 +695,10 @@ pub fn resume_job(qmp: &mut dyn Monitor, names: &LiveNames) -> Result<()> {
 /// point's blocks were, and an fsync from outside cannot reach those
 /// caches. QMP has no flush command; HMP's `qemu-io NODE "flush"`
 /// (through `human-monitor-command`, which libvirt's passthrough carries
-/// too) flushes the node, and prints nothing when it succeeds.
+/// too) flushes the node, and prints nothing when it succeeds, but
+/// nothing either when the flush itself fails (HMP ignores `qemu-io`'s
+/// result): anything it prints is a failure, and the caller then checks
+/// the file's own mapping ([`allocated`]) rather than QEMU's word.
 pub fn flush_target(qmp: &mut dyn Monitor, names: &LiveNames) -> Result<()> {
     let said = qmp.execute(
         "human-monitor-command",
@@ -599,7 +709,7 @@ pub fn flush_target(qmp: &mut dyn Monitor, names: &LiveNames) -> Result<()> {
         other => Err(qmp.error(format!(
             "QEMU could not write its target node {} out: qemu-io flush said {:?}",
             names.target,
-            super::json_lines::shown(other.unwrap_or_default())
+            super::json_lines::shown(&other.map_or_else(|| said.to_string(), str::to_string))
         ))),
     }
 }
@@ -709,6 +819,48 @@ mod tests {
             assert!(e.contains(&names.target), "{e}");
             assert!(!e.contains('\r') && !e.contains('\n'), "{e}");
         }
+    }
+
+    #[test]
+    fn map_lines_give_the_extents_the_image_holds_itself() {
+        let line = |s: &str| map_line(s.as_bytes());
+        assert_eq!(
+            line(
+                r#"[{ "start": 0, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "offset": 327680},"#
+            ),
+            Ok(Some((0, 65536)))
+        );
+        assert_eq!(
+            line(
+                r#"{ "start": 65536, "length": 4096, "depth": 0, "present": true, "zero": true, "data": false}]"#
+            ),
+            Ok(Some((65536, 4096)))
+        );
+        // From the backing, or nowhere: not the target's own.
+        assert_eq!(
+            line(
+                r#"{ "start": 8388608, "length": 58720256, "depth": 1, "present": true, "zero": false, "data": true},"#
+            ),
+            Ok(None)
+        );
+        assert_eq!(
+            line(
+                r#"{ "start": 0, "length": 67108864, "depth": 0, "present": false, "zero": true, "data": false}]"#
+            ),
+            Ok(None)
+        );
+        assert_eq!(line("]"), Ok(None));
+        assert_eq!(line(""), Ok(None));
+        for bad in [
+            r#"{ "start": 0, "length": 5 "#,
+            r#"{ "start": 0, "depth": 0, "present": true},"#,
+            r#"{ "start": 18446744073709551615, "length": 2, "depth": 0, "present": true},"#,
+            "not json\u{1b}[31m",
+        ] {
+            let e = line(bad).unwrap_err();
+            assert!(!e.contains('\u{1b}'), "{e}");
+        }
+        assert!(map_line(&[0xff, 0xfe]).is_err());
     }
 
     #[test]
