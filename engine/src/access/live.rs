@@ -590,7 +590,7 @@ fn not_durable(target: &Path, e: impl std::fmt::Display) -> EngineError {
     fail(
         target,
         format!(
-            "the stream completed but QEMU could not write the target out ({e}): its hold stays (the point is kept); run the same command with --resume, or restore the point again"
+            "the stream completed but QEMU could not write the target out ({e}): its hold stays (the point is kept); run the same command with --resume"
         ),
     )
 }
@@ -601,7 +601,12 @@ fn not_durable(target: &Path, e: impl std::fmt::Display) -> EngineError {
 /// it wrote the target out is not taken: this reads the file's mapping
 /// (`qemu-img map`). Only then may the hold go.
 fn check_streamed(image: &PointImage<'_>, target: &Path) -> Result<()> {
-    let own = stream::allocated(target).map_err(|e| not_durable(target, e))?;
+    let own = stream::allocated(target).map_err(|e| {
+        fail(
+            target,
+            format!("its mapping cannot be read back ({e}), so the stream cannot be checked: its hold stays (the point is kept); run the same command with --resume"),
+        )
+    })?;
     let mut at = 0u64;
     for (len, kind) in image.extents(0, image.size())? {
         if kind == super::Kind::Data
@@ -610,7 +615,7 @@ fn check_streamed(image: &PointImage<'_>, target: &Path) -> Result<()> {
             return Err(fail(
                 target,
                 format!(
-                    "its file lacks blocks of point {} from byte {gap} although the stream completed (did QEMU stop before writing them out?): its hold stays and the point is kept; restore the point again, or once the target is known good, `coffre restore --live --abandon` lets the hold go",
+                    "its file lacks blocks of point {} from byte {gap} although the stream completed (did QEMU stop before writing them out?): its hold stays and the point is kept; restore the point to a new target (this one is not resumable), or once the target is known good, `coffre restore --live --abandon` lets the hold go",
                     image.point().id
                 ),
             ));
@@ -688,11 +693,22 @@ fn finish_only(
             format!("it names a backing again ({b}): run the same command with --resume"),
         ));
     }
-    let hold = holds.get(target).ok().flatten();
-    if let Some(h) = &hold
-        && let Ok(entry) = select_point(vault, &h.item, &h.point)
-    {
-        check_streamed(&PointImage::open(vault, &entry, &opts.access)?, target)?;
+    // The target is checked against the point its hold names; only a
+    // point gone (nothing left to keep) or no hold at all skips that.
+    let hold = holds.get(target).map_err(|e| {
+        fail(
+            target,
+            format!("its hold cannot be read ({e}), so the target cannot be checked against its point: the hold stays; once the target is known good, `coffre restore --live --abandon` removes it"),
+        )
+    })?;
+    if let Some(h) = &hold {
+        match select_point(vault, &h.item, &h.point) {
+            Ok(entry) => {
+                check_streamed(&PointImage::open(vault, &entry, &opts.access)?, target)?;
+            }
+            Err(EngineError::PointNotFound { .. } | EngineError::NoPoints { .. }) => {}
+            Err(e) => return Err(e),
+        }
     }
     place.remove_folder(report);
     let point = hold.map(|h| h.point).unwrap_or_default();

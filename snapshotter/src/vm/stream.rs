@@ -341,10 +341,16 @@ pub fn allocated(target: &Path) -> Result<Vec<(u64, u64)>> {
         let mut line = Vec::new();
         loop {
             line.clear();
-            let n = (&mut lines)
+            let n = match (&mut lines)
                 .take(MAX_MAP_LINE as u64 + 1)
                 .read_until(b'\n', &mut line)
-                .map_err(|e| qemu_img_error(what, target, e.to_string()))?;
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    bad = Some(e.to_string());
+                    break;
+                }
+            };
             if n == 0 {
                 break;
             }
