@@ -699,25 +699,29 @@ pub fn resume_job(qmp: &mut dyn Monitor, names: &LiveNames) -> Result<()> {
 /// mappings (qcow2 L2 tables and refcounts) may still be in its caches
 /// only: QEMU killed then leaves a target that reads as zeros where the
 /// point's blocks were, and an fsync from outside cannot reach those
-/// caches. QMP has no flush command; HMP's `qemu-io NODE "flush"`
-/// (through `human-monitor-command`, which libvirt's passthrough carries
-/// too) flushes the node, and prints nothing when it succeeds, but
-/// nothing either when the flush itself fails (HMP ignores `qemu-io`'s
-/// result): anything it prints is a failure, and the caller then checks
-/// the file's own mapping ([`allocated`]) rather than QEMU's word.
+/// caches. QMP has no flush command, but `blockdev-reopen` of the target
+/// node with the options it was added with (its backing gone) flushes it
+/// first and fails with QEMU's reason when the flush does (HMP's
+/// `qemu-io NODE "flush"` would not say). The caller checks the file's
+/// own mapping ([`allocated`]) all the same. Call it after [`finish`]:
+/// the backing node must be gone.
 pub fn flush_target(qmp: &mut dyn Monitor, names: &LiveNames) -> Result<()> {
-    let said = qmp.execute(
-        "human-monitor-command",
-        Some(json!({ "command-line": format!("qemu-io {} \"flush\"", names.target) })),
-    )?;
-    match said.as_str() {
-        Some(s) if s.trim().is_empty() => Ok(()),
-        other => Err(qmp.error(format!(
-            "QEMU could not write its target node {} out: qemu-io flush said {:?}",
-            names.target,
-            super::json_lines::shown(&other.map_or_else(|| said.to_string(), str::to_string))
-        ))),
-    }
+    qmp.execute(
+        "blockdev-reopen",
+        Some(json!({ "options": [{
+            "driver": "qcow2",
+            "node-name": names.target,
+            "file": names.target_file,
+            "backing": null,
+        }] })),
+    )
+    .map_err(|e| {
+        qmp.error(format!(
+            "QEMU could not write its target node {} out: {e}",
+            names.target
+        ))
+    })?;
+    Ok(())
 }
 
 /// After the job: it is dismissed, and the backing nodes go (the NBD
@@ -782,14 +786,15 @@ mod tests {
     /// A monitor that answers every command with `reply` and keeps what
     /// it was asked.
     struct Canned {
-        reply: Value,
+        /// The reply, or QEMU's error.
+        reply: std::result::Result<Value, String>,
         asked: Vec<(String, Option<Value>)>,
     }
 
     impl Monitor for Canned {
         fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
             self.asked.push((command.to_string(), arguments));
-            Ok(self.reply.clone())
+            self.reply.clone().map_err(|e| self.error(e))
         }
 
         fn error(&self, reason: String) -> SnapError {
@@ -798,33 +803,34 @@ mod tests {
     }
 
     #[test]
-    fn the_target_is_flushed_by_name_and_anything_qemu_prints_is_a_failure() {
+    fn the_target_is_flushed_by_reopening_it_with_its_own_options() {
         let names = LiveNames::of(Path::new("/srv/vm/disk.qcow2"));
         let mut ok = Canned {
-            reply: json!(""),
+            reply: Ok(json!({})),
             asked: Vec::new(),
         };
         flush_target(&mut ok, &names).unwrap();
         assert_eq!(
             ok.asked,
             vec![(
-                "human-monitor-command".to_string(),
-                Some(json!({ "command-line": format!("qemu-io {} \"flush\"", names.target) }))
+                "blockdev-reopen".to_string(),
+                Some(json!({ "options": [{
+                    "driver": "qcow2",
+                    "node-name": names.target,
+                    "file": names.target_file,
+                    "backing": null,
+                }] }))
             )]
         );
-        for reply in [
-            json!("Error: Cannot find device='' nor node-name='x'\r\n"),
-            json!("flush failed: Input/output error\n"),
-            json!({}),
-        ] {
-            let mut bad = Canned {
-                reply,
-                asked: Vec::new(),
-            };
-            let e = flush_target(&mut bad, &names).unwrap_err().to_string();
-            assert!(e.contains(&names.target), "{e}");
-            assert!(!e.contains('\r') && !e.contains('\n'), "{e}");
-        }
+        let mut failing = Canned {
+            reply: Err("Error flushing drive: Input/output error".into()),
+            asked: Vec::new(),
+        };
+        let e = flush_target(&mut failing, &names).unwrap_err().to_string();
+        assert!(
+            e.contains(&names.target) && e.contains("Error flushing drive"),
+            "{e}"
+        );
     }
 
     #[test]
