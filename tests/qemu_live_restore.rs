@@ -519,21 +519,31 @@ fn a_new_device_is_added_on_the_bus_given() {
     );
     let mut watch = Qmp::connect(&watch_sock, Duration::from_secs(20)).unwrap();
     let target = dir.join("new.qcow2");
+    // The live restore of the point into `target` through monitor `qmp`,
+    // to device `device`, then `extra`.
+    let live = |qmp: &std::path::Path, device: &str, extra: &[&str]| -> Vec<String> {
+        let mut a = vec![
+            "restore",
+            "--vault",
+            s(&vault),
+            "--item",
+            "vm",
+            "--live",
+            "--to",
+            s(&target),
+            "--qmp",
+            s(qmp),
+            "--device",
+            device,
+        ];
+        a.extend_from_slice(extra);
+        a.into_iter().map(str::to_string).collect()
+    };
+    fn strs(a: &[String]) -> Vec<&str> {
+        a.iter().map(String::as_str).collect()
+    }
     // A monitor that is not there: the run fails, and leaves no target.
-    let gone = run(&[
-        "restore",
-        "--vault",
-        s(&vault),
-        "--item",
-        "vm",
-        "--live",
-        "--to",
-        s(&target),
-        "--qmp",
-        s(&dir.join("nothing.sock")),
-        "--device",
-        "vdb",
-    ]);
+    let gone = run(&strs(&live(&dir.join("nothing.sock"), "vdb", &[])));
     let err = String::from_utf8_lossy(&gone.stderr);
     assert!(!gone.status.success(), "{err}");
     assert!(err.contains("is the VM running"), "{err}");
@@ -541,20 +551,7 @@ fn a_new_device_is_added_on_the_bus_given() {
     // A guest that runs keeps its disk (vda) in use: the restored disk is
     // not swapped under it, nothing is left, and the message says why.
     watch.execute("cont", None).unwrap();
-    let running = run(&[
-        "restore",
-        "--vault",
-        s(&vault),
-        "--item",
-        "vm",
-        "--live",
-        "--to",
-        s(&target),
-        "--qmp",
-        s(&vm.qmp),
-        "--device",
-        "vda",
-    ]);
+    let running = run(&strs(&live(&vm.qmp, "vda", &[])));
     let err = String::from_utf8_lossy(&running.stderr);
     assert!(!running.status.success(), "{err}");
     assert!(
@@ -566,20 +563,7 @@ fn a_new_device_is_added_on_the_bus_given() {
     // Without --bus, q35's root bus refuses a hot-plug: the run fails
     // naming the way out, and leaves nothing (no target, no node), so the
     // same command with --bus simply runs.
-    let refused = run(&[
-        "restore",
-        "--vault",
-        s(&vault),
-        "--item",
-        "vm",
-        "--live",
-        "--to",
-        s(&target),
-        "--qmp",
-        s(&vm.qmp),
-        "--device",
-        "vdb",
-    ]);
+    let refused = run(&strs(&live(&vm.qmp, "vdb", &[])));
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{err}");
     assert!(err.contains("pcie-root-port"), "{err}");
@@ -589,22 +573,7 @@ fn a_new_device_is_added_on_the_bus_given() {
         HoldStore::new(&vault, None).list().unwrap().is_empty(),
         "a run that left no target holds no point"
     );
-    let out = json(&[
-        "restore",
-        "--vault",
-        s(&vault),
-        "--item",
-        "vm",
-        "--live",
-        "--to",
-        s(&target),
-        "--qmp",
-        s(&vm.qmp),
-        "--device",
-        "vdb",
-        "--bus",
-        "rp1",
-    ]);
+    let out = json(&strs(&live(&vm.qmp, "vdb", &["--bus", "rp1"])));
     assert_eq!(out["device"], "added", "{out}");
     assert!(HoldStore::new(&vault, None).list().unwrap().is_empty());
     // It runs already (continued above): nothing to start.
