@@ -598,3 +598,62 @@ fn a_new_device_is_added_on_the_bus_given() {
     let cmp = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", s(&target), s(&exp)]);
     assert!(cmp.status.success(), "{cmp:?}");
 }
+
+/// `stream::allocated` reads what a qcow2 file holds itself from
+/// `qemu-img map`: nothing for a new one, the clusters written (merged),
+/// not what its backing holds; a file qemu-img refuses is an error with
+/// its message.
+#[test]
+fn a_targets_own_mapping_is_read_from_its_file() {
+    use coffre_engine::snapshotter::vm::stream::allocated;
+    if !Command::new("qemu-io")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        skip("allocated: qemu-img or qemu-io missing (apt-get install qemu-utils)");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path().join("base.qcow2");
+    let top = t.path().join("top.qcow2");
+    assert!(
+        qemu_img(&["create", "-f", "qcow2", s(&base), "4M"])
+            .status
+            .success()
+    );
+    let io = |file: &std::path::Path, cmd: &str| {
+        let o = Command::new("qemu-io")
+            .args(["-c", cmd, s(file)])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+    };
+    io(&base, "write -P 7 0 1M");
+    assert!(
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&base),
+            "-F",
+            "qcow2",
+            s(&top)
+        ])
+        .status
+        .success()
+    );
+    assert_eq!(allocated(&top).unwrap(), vec![]);
+    io(&top, "write -P 9 1M 128k");
+    io(&top, "write -P 9 1152k 64k");
+    io(&top, "write -z 3M 64k");
+    assert_eq!(
+        allocated(&top).unwrap(),
+        vec![(1 << 20, 192 << 10), (3 << 20, 64 << 10)]
+    );
+    let raw = t.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+    let e = allocated(&raw).unwrap_err().to_string();
+    assert!(e.contains("qemu-img map") && e.contains("qcow2"), "{e}");
+}

@@ -334,6 +334,17 @@ pub fn allocated(target: &Path) -> Result<Vec<(u64, u64)>> {
                 format!("cannot run qemu-img (apt-get install qemu-utils): {e}"),
             )
         })?;
+    // Its messages are read beside its output, at most MAX_MAP_LINE bytes
+    // kept: a chatty qemu-img neither blocks on a full pipe nor fills
+    // memory.
+    let messages = child.stderr.take().map(|mut err| {
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            let _ = (&mut err).take(MAX_MAP_LINE as u64).read_to_end(&mut kept);
+            let _ = std::io::copy(&mut err, &mut std::io::sink());
+            kept
+        })
+    });
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     let mut bad = None;
     if let Some(out) = child.stdout.take() {
@@ -375,16 +386,17 @@ pub fn allocated(target: &Path) -> Result<Vec<(u64, u64)>> {
         let _ = child.kill();
     }
     let status = child
-        .wait_with_output()
-        .map_err(|e| qemu_img_error(what, target, e.to_string()))?;
+        .wait()
+        .map_err(|e| qemu_img_error(what, target, e.to_string()));
+    let said = messages.and_then(|t| t.join().ok()).unwrap_or_default();
     if let Some(e) = bad {
         return Err(qemu_img_error(what, target, e));
     }
-    if !status.status.success() {
+    if !status?.success() {
         return Err(qemu_img_error(
             what,
             target,
-            super::json_lines::shown(String::from_utf8_lossy(&status.stderr).trim()),
+            super::json_lines::shown(String::from_utf8_lossy(&said).trim()),
         ));
     }
     Ok(ranges)
