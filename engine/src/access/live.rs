@@ -37,12 +37,11 @@
 //! The hold goes when the stream completes and the target is durable
 //! (written out by QEMU, whose caches hold the streamed clusters'
 //! mappings until a flush; fsynced; its backing read again; its own
-//! mapping holding every range where the point has data), when a run
-//! of a new target fails
-//! before QEMU had it and the run removed the target itself, or on
-//! [`abandon`]. A hold of another point is never replaced while the
-//! target exists, and the target's absence is checked again under the
-//! [`TargetLock`].
+//! mapping holding every range where the point has data), when a run of
+//! a new target fails before QEMU had it and the run removed the target
+//! itself, or on [`abandon`]. A hold of another point is never replaced
+//! while the target exists, and the target's absence is checked again
+//! under the [`TargetLock`].
 //!
 //! **One run per target**: a [`TargetLock`] is taken before the export's
 //! socket is bound, so a second run (two `--resume`s at once) fails at
@@ -652,8 +651,9 @@ fn sync_target(target: &Path) -> Result<()> {
 
 /// A resumed run whose target no longer has a backing: the stream had
 /// completed; what the killed run left in QEMU (the ended job, the
-/// backing nodes) goes, and so does the hold. The target no longer names
-/// its point.
+/// backing nodes) goes, and so does the hold once the target is written
+/// out and checked against the point the hold names. The target no
+/// longer names its point.
 #[expect(
     clippy::too_many_arguments,
     reason = "the resumed run's vault, target and where QEMU is"
