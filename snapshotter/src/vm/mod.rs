@@ -13,6 +13,8 @@
 //! `block-stream` job, is [`stream`]'s, written once over a [`monitor`]
 //! (a QMP socket, or libvirt's passthrough to a domain's QEMU).
 //! libvirt domains are driven through `virsh` instead ([`libvirt`]).
+//! The output of the tools run (`virsh`, `qemu-img`) is read without
+//! blocking them, bounded ([`pipe`]).
 //! The host-wide locks of both, one `flock`ed file per monitor or domain
 //! in coffre's private runtime folder, are [`host_lock`]'s.
 
@@ -26,6 +28,7 @@ pub mod live;
 pub mod monitor;
 pub mod monitor_lock;
 pub mod node;
+pub mod pipe;
 pub mod qmp;
 pub mod stream;
 

@@ -337,14 +337,7 @@ pub fn allocated(target: &Path) -> Result<Vec<(u64, u64)>> {
     // Its messages are read beside its output, at most MAX_MAP_LINE bytes
     // kept: a chatty qemu-img neither blocks on a full pipe nor fills
     // memory.
-    let messages = child.stderr.take().map(|mut err| {
-        std::thread::spawn(move || {
-            let mut kept = Vec::new();
-            let _ = (&mut err).take(MAX_MAP_LINE as u64).read_to_end(&mut kept);
-            let _ = std::io::copy(&mut err, &mut std::io::sink());
-            kept
-        })
-    });
+    let messages = super::pipe::drain(child.stderr.take(), MAX_MAP_LINE as u64);
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     let mut bad = None;
     if let Some(out) = child.stdout.take() {
@@ -388,7 +381,7 @@ pub fn allocated(target: &Path) -> Result<Vec<(u64, u64)>> {
     let status = child
         .wait()
         .map_err(|e| qemu_img_error(what, target, e.to_string()));
-    let said = messages.and_then(|t| t.join().ok()).unwrap_or_default();
+    let said = messages.recv().unwrap_or_default();
     if let Some(e) = bad {
         return Err(qemu_img_error(what, target, e));
     }

@@ -4,11 +4,11 @@
 //! bounded. What it prints is untrusted: the
 //! caller parses it; an error is `virsh`'s own message, cut short.
 
-use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use crate::vm::pipe::drain;
 
 /// The program run (`virsh`, from `PATH`).
 pub const PROGRAM: &str = "virsh";
@@ -66,28 +66,6 @@ pub fn run(connect: Option<&str>, args: &[&str], timeout: Duration) -> Result<St
     // keeps its messages in English for the callers that read them.
     cmd.arg("--quiet").args(args).env("LC_ALL", "C");
     run_command(cmd, timeout)
-}
-
-/// Reads all of `pipe` (the first `limit` bytes kept, the rest read and
-/// dropped, so that the writer never blocks on a full pipe) in a thread
-/// of its own; the bytes arrive on the channel at the pipe's end.
-fn drain(pipe: Option<impl Read + Send + 'static>, limit: u64) -> mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = mpsc::channel();
-    match pipe {
-        Some(p) => {
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut limited = p.take(limit);
-                let _ = limited.read_to_end(&mut buf);
-                let _ = std::io::copy(&mut limited.into_inner(), &mut std::io::sink());
-                let _ = tx.send(buf);
-            });
-        }
-        None => {
-            let _ = tx.send(Vec::new());
-        }
-    }
-    rx
 }
 
 /// Kills the call's whole process group (virsh is its leader, not yet
