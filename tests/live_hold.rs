@@ -188,12 +188,10 @@ fn a_held_point_survives_prune_and_gc_until_abandoned() {
 
 #[test]
 fn a_target_that_still_reads_the_export_is_not_abandoned() {
-    if !std::process::Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        skip("live hold: qemu-img missing (apt-get install qemu-utils)");
+    if !tools_run(
+        &["qemu-img"],
+        "live hold: qemu-img missing (apt-get install qemu-utils)",
+    ) {
         return;
     }
     let t = tempfile::tempdir().unwrap();

@@ -21,20 +21,10 @@ const MIB: u64 = 1 << 20;
 
 /// True when qemu-img, nbdinfo and nbdcopy run; says SKIP otherwise.
 fn have_tools() -> bool {
-    let all = ["qemu-img", "nbdinfo", "nbdcopy"].iter().all(|t| {
-        Command::new(t)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    if !all {
-        skip(
-            "NBD export: qemu-img, nbdinfo or nbdcopy missing (apt-get install qemu-utils libnbd-bin)",
-        );
-    }
-    all
+    tools_run(
+        &["qemu-img", "nbdinfo", "nbdcopy"],
+        "NBD export: qemu-img, nbdinfo or nbdcopy missing (apt-get install qemu-utils libnbd-bin)",
+    )
 }
 
 /// A running `coffre export`; killed on drop.

@@ -15,17 +15,10 @@ const SIZE: &str = "64M";
 
 /// True when qemu-utils is installed; says SKIP otherwise.
 fn have_qemu() -> bool {
-    let all = ["qemu-img", "qemu-nbd", "qemu-io"].iter().all(|t| {
-        Command::new(t)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    if !all {
-        skip("qcow2/NBD: qemu-img, qemu-nbd or qemu-io missing (apt-get install qemu-utils)");
-    }
-    all
+    tools_run(
+        &["qemu-img", "qemu-nbd", "qemu-io"],
+        "qcow2/NBD: qemu-img, qemu-nbd or qemu-io missing (apt-get install qemu-utils)",
+    )
 }
 
 /// A vault, and a prepared qcow2 backed up once over an export `start`

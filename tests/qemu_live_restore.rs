@@ -150,12 +150,10 @@ impl Setup {
         if !have_qemu_system() {
             return None;
         }
-        if !Command::new("qemu-img")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            skip("live restore: qemu-img missing (apt-get install qemu-utils)");
+        if !tools_run(
+            &["qemu-img"],
+            "live restore: qemu-img missing (apt-get install qemu-utils)",
+        ) {
             return None;
         }
         let t = tempfile::tempdir().unwrap();
@@ -606,12 +604,10 @@ fn a_new_device_is_added_on_the_bus_given() {
 #[test]
 fn a_targets_own_mapping_is_read_from_its_file() {
     use coffre_engine::snapshotter::vm::stream::allocated;
-    if !Command::new("qemu-io")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        skip("allocated: qemu-img or qemu-io missing (apt-get install qemu-utils)");
+    if !tools_run(
+        &["qemu-img", "qemu-io"],
+        "allocated: qemu-img or qemu-io missing (apt-get install qemu-utils)",
+    ) {
         return;
     }
     let t = tempfile::tempdir().unwrap();

@@ -340,14 +340,10 @@ fn ext4_folder(dir: &Path) -> Option<(PathBuf, Option<LoopExt4>)> {
 }
 
 fn have_qemu_img() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        skip("running writer on qcow2: qemu-img missing (apt-get install qemu-utils)");
-    }
-    ok
+    tools_run(
+        &["qemu-img"],
+        "running writer on qcow2: qemu-img missing (apt-get install qemu-utils)",
+    )
 }
 
 /// Ten live backups of a `format` disk under a running writer; every point

@@ -10,7 +10,7 @@
 //! missing.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use coffre_engine::snapshotter::vm::qmp::Qmp;
@@ -20,15 +20,10 @@ use crate::common::*;
 
 /// True when `qemu-img` runs; says SKIP otherwise.
 fn have_qemu_img() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        skip("restore to qcow2: qemu-img missing (apt-get install qemu-utils)");
-    }
-    ok
+    tools_run(
+        &["qemu-img"],
+        "restore to qcow2: qemu-img missing (apt-get install qemu-utils)",
+    )
 }
 
 /// `qemu-img ARGS…`, which must succeed; returns stdout.

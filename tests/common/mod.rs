@@ -12,6 +12,23 @@ use std::process::{Child, Command, Output, Stdio};
 
 pub use coffre_vault_store::skip::skip;
 
+/// True when every one of `tools` runs here (`TOOL --version` succeeds);
+/// says SKIP with `why` otherwise, which CI counts.
+pub fn tools_run(tools: &[&str], why: &str) -> bool {
+    let all = tools.iter().all(|t| {
+        Command::new(t)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !all {
+        skip(why);
+    }
+    all
+}
+
 pub mod fake_agent;
 pub mod libvirt;
 pub mod plaintext;

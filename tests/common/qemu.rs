@@ -29,17 +29,10 @@ impl Drop for Vm {
 }
 
 pub fn have_qemu_system() -> bool {
-    let ok = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        skip(
-            "QEMU live backup: qemu-system-x86_64 missing (apt-get install qemu-system-x86 qemu-utils from one release)",
-        );
-    }
-    ok
+    tools_run(
+        &["qemu-system-x86_64"],
+        "QEMU live backup: qemu-system-x86_64 missing (apt-get install qemu-system-x86 qemu-utils from one release)",
+    )
 }
 
 /// Starts QEMU with raw `disk` as block node `disk0` behind device `vda`.
