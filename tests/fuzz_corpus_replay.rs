@@ -279,6 +279,32 @@ fn qmp_reply_corpus() {
 }
 
 #[test]
+fn qemu_img_map_corpus() {
+    let taken: Vec<(String, usize)> = corpus("qemu_img_map")
+        .into_iter()
+        .map(|(name, b)| {
+            let name = name.rsplit('/').next().unwrap_or_default().to_string();
+            (
+                name,
+                coffre_engine::snapshotter::vm::stream::fuzz_map_lines(&b),
+            )
+        })
+        .collect();
+    // backing: only the zeroed cluster of the image's own (not the
+    // backing's, not one past 2^64, not a line that is not JSON);
+    // long_line: an extent on a line longer than a line may be, not
+    // taken; streamed: the data, not the absent rest.
+    assert_eq!(
+        taken,
+        vec![
+            ("backing.txt".to_string(), 1),
+            ("long_line.txt".to_string(), 0),
+            ("streamed.txt".to_string(), 1)
+        ]
+    );
+}
+
+#[test]
 fn index_value_corpus() {
     let accepted: Vec<usize> = corpus("index_value")
         .iter()

@@ -395,6 +395,23 @@ pub fn allocated(target: &Path) -> Result<Vec<(u64, u64)>> {
     Ok(ranges)
 }
 
+/// Fuzz entry point: `data` read as the lines of `qemu-img map
+/// --output=json` (each cut at [`MAX_MAP_LINE`] as [`allocated`] reads
+/// them). It panics only where a property breaks: an extent taken is not
+/// empty and ends before 2^64. Returns the extents taken.
+pub fn fuzz_map_lines(data: &[u8]) -> usize {
+    data.split(|&b| b == b'\n')
+        .filter(|l| l.len() <= MAX_MAP_LINE)
+        .filter_map(|l| map_line(l).ok().flatten())
+        .inspect(|&(start, len)| {
+            assert!(
+                len > 0 && start.checked_add(len).is_some(),
+                "extent {start}+{len}"
+            );
+        })
+        .count()
+}
+
 /// One line of `qemu-img map --output=json` (`[{ "start": …, … },`, the
 /// brackets and comma around the extent optional): `Some((start,
 /// length))` for an extent the image holds itself (`depth` 0, `present`),
