@@ -8,7 +8,9 @@
 //! makes prune and gc delete nothing, naming the file; `restore --live
 //! --abandon` removes a hold whose target needs it no more (refused while
 //! the target still names the export), and the point then expires; a
-//! soft-deleted item's purge waits for its hold likewise.
+//! soft-deleted item's purge waits for its hold likewise. A new live
+//! restore into the path of an unfinished one is refused while its hold
+//! stays, and never replaces it.
 
 use std::path::{Path, PathBuf};
 
@@ -249,6 +251,105 @@ fn a_target_that_still_reads_the_export_is_not_abandoned() {
     let out = ok(&args);
     assert!(out.contains("abandoned") && out.contains(&point), "{out}");
     assert!(HoldStore::new(&vault, None).list().unwrap().is_empty());
+}
+
+#[test]
+fn a_new_live_restore_never_replaces_the_hold_of_an_unfinished_one() {
+    if !tools_run(
+        &["qemu-img"],
+        "live hold: qemu-img missing (apt-get install qemu-utils)",
+    ) {
+        return;
+    }
+    let (_t, dir, vault, img) = protected_vm(1 << 20, 13, false);
+    let v = s(&vault);
+    churn(&img, 4, 64 << 10, 5);
+    ok_at("2027-01-02T03:00:00Z", &["run-due", "--vault", v]);
+    let all = points(&vault, "vm");
+    let (first, second) = (
+        all[0]["id"].as_str().unwrap().to_string(),
+        all[1]["id"].as_str().unwrap().to_string(),
+    );
+    // An earlier live restore of the first point into `target` that never
+    // finished: its target was removed (a QEMU may still run on it).
+    let target = dir.join("restored.qcow2");
+    let holds = HoldStore::new(&vault, None);
+    holds
+        .put(&HoldRecord {
+            item: "vm".into(),
+            point: first.clone(),
+            tier: "vault".into(),
+            target: target.clone(),
+            started: "2027-01-02T04:00:00Z".parse().unwrap(),
+            pid: 1,
+        })
+        .unwrap();
+    let path = holds.path_of(&target);
+    let kept = std::fs::read(&path).unwrap();
+    let live = |point: &str| {
+        run(&[
+            "restore",
+            "--vault",
+            v,
+            "--item",
+            "vm",
+            "--point",
+            point,
+            "--live",
+            "--to",
+            s(&target),
+            "--qmp",
+            s(&dir.join("no-vm.sock")),
+            "--device",
+            "vdb",
+        ])
+    };
+    // A new run, of another point or the same, is refused: the hold stays
+    // as it was, and the message says how to let it go.
+    for point in [&second, &first] {
+        let out = live(point);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains("never finished")
+                && err.contains(&first)
+                && err.contains(s(&path))
+                && err.contains("--abandon --item vm"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), kept, "the hold is untouched");
+        assert!(!target.exists());
+    }
+    // A damaged hold is not replaced either.
+    std::fs::write(&path, &kept[..kept.len() - 3]).unwrap();
+    let out = live(&second);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("cannot be read") && err.contains("--abandon"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap().len(), kept.len() - 3);
+    // Abandoned, the path is free: a new run holds its own point, and,
+    // failing before any VM had its target (no monitor), removes the
+    // target and its own hold.
+    ok(&[
+        "restore",
+        "--vault",
+        v,
+        "--item",
+        "vm",
+        "--live",
+        "--abandon",
+        "--to",
+        s(&target),
+    ]);
+    let out = live(&second);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("is the VM running"), "{err}");
+    assert!(!target.exists(), "{err}");
+    assert!(holds.list().unwrap().is_empty(), "{err}");
 }
 
 #[test]

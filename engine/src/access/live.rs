@@ -39,9 +39,11 @@
 //! mappings until a flush; fsynced; its backing read again; its own
 //! mapping holding every range where the point has data), when a run of
 //! a new target fails before QEMU had it and the run removed the target
-//! itself, or on [`abandon`]. A hold of another point is never replaced
-//! while the target exists, and the target's absence is checked again
-//! under the [`TargetLock`].
+//! itself, or on [`abandon`]. A new run never replaces a hold: one
+//! found for its (absent) target is an earlier run's that never finished,
+//! whose VM may still read the point through a removed file; the run is
+//! refused until the user abandons that hold. A resumed run's hold names
+//! the point its target's backing reads.
 //!
 //! **One run per target**: a [`TargetLock`] is taken before the export's
 //! socket is bound, so a second run (two `--resume`s at once) fails at
@@ -322,7 +324,15 @@ pub fn restore_live(
         select_point(vault, item, point.unwrap_or("latest"))?
     };
     let image = PointImage::open(vault, &entry, &opts.access)?;
-    hold_point(&holds, &target, &entry, image.served(), opts, report)?;
+    hold_point(
+        &holds,
+        &target,
+        &names,
+        &entry,
+        image.served(),
+        opts,
+        report,
+    )?;
     // The hold is written: a prune from now on reads it.
     drop(holds_lock);
     // Whether this run's new target is there (made, and not removed by
@@ -363,39 +373,67 @@ pub fn restore_live(
 fn hold_point(
     holds: &HoldStore,
     target: &Path,
+    names: &LiveNames,
     entry: &PointEntry,
     served: Served,
     opts: &LiveOptions,
     report: &dyn LiveReport,
 ) -> Result<()> {
-    // An earlier run's hold of the same point keeps its start. A hold of
-    // another point is replaced while the target is absent (nothing reads
-    // that point through it), or on --resume, where the point is the one
-    // the target's own backing names (the target says what it needs); a
-    // damaged one is replaced: this run knows what the target needs.
-    let found = holds.get(target).ok().flatten();
+    let found = holds.get(target);
+    // A new run's target is absent (checked under the target lock), so a
+    // hold of it is an earlier run's that never finished: its target was
+    // removed, or the run was killed before it made it. A removed file
+    // stays open in a QEMU that had it, and that VM may still read the
+    // held point through its nodes; coffre cannot tell from here (it may
+    // be another VM), so the hold is never replaced, nor released by this
+    // run's failure: the user lets it go once no VM uses it.
+    if !opts.resume {
+        let path = holds.path_of(target);
+        let how = |item: &str| {
+            format!(
+                "once no VM uses it (the VM stopped, or its nodes {} and {} removed with blockdev-del), `coffre restore --live --abandon --item {item} --to {}` lets it go; then run this command again",
+                names.target,
+                names.backing,
+                target.display()
+            )
+        };
+        match found {
+            Ok(None) => {}
+            Ok(Some(h)) => {
+                return Err(fail(
+                    target,
+                    format!(
+                        "a live restore into this path that began {} (point {} of item {}) never finished and its target is gone; a QEMU may still run a VM on that removed file and read the point through coffre, so its hold {} stays and this run is not started: {}",
+                        h.started,
+                        h.point,
+                        h.item,
+                        path.display(),
+                        how(&h.item)
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err(fail(
+                    target,
+                    format!(
+                        "its hold {} cannot be read ({e}): an earlier live restore into this path may still need the point it names, so it stays and this run is not started: {}",
+                        path.display(),
+                        how(&entry.item)
+                    ),
+                ));
+            }
+        }
+    }
+    // A resumed run's hold names the point the target's own backing reads
+    // (the target says what it needs): an earlier run's hold of the same
+    // point keeps its start; one of another point, or a damaged one, is
+    // replaced.
+    let found = found.ok().flatten();
     if let Some(h) = &found
         && (h.item != entry.item || h.point != entry.id)
-        && opts.resume
     {
         tracing::warn!(target = ?target, held = %h.point, needed = %entry.id,
             "the target's hold named another point than its backing reads: it now holds the backing's");
-    } else if let Some(h) = &found
-        && (h.item != entry.item || h.point != entry.id)
-        && std::fs::symlink_metadata(target).is_ok()
-    {
-        return Err(fail(
-            target,
-            format!(
-                "its hold {} names point {} of item {}, not point {} of item {} that this run serves, and the target exists: not started (if no live restore into it reads point {}, remove that hold file)",
-                holds.path_of(target).display(),
-                h.point,
-                h.item,
-                entry.id,
-                entry.item,
-                h.point
-            ),
-        ));
     }
     let earlier = found.filter(|h| h.item == entry.item && h.point == entry.id);
     let record = HoldRecord {
