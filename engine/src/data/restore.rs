@@ -8,7 +8,7 @@
 //! write per run of blocks, and the target is fsynced once at the end. The
 //! records of the group after are read meanwhile by a thread of their own,
 //! in large runs, each in pieces read four at once (its `fetch` module:
-//! from the page cache where it holds a piece whole, else with
+//! from the page cache where it holds the file whole, else with
 //! `O_DIRECT`), and decoded straight into the group;
 //! in place the kernel is asked to read them ahead (`read_ahead`). Where
 //! the image goes is [`restore_target`]'s
@@ -308,25 +308,21 @@ fn write_point(
                 .map(|f| {
                     let cached = f?.try_clone().ok()?;
                     let direct = reopen_direct_read(&cached);
-                    Some(RecordFile { cached, direct })
+                    Some(RecordFile::new(cached, direct))
                 })
                 .collect();
             packs.iter().any(Option::is_some).then(|| {
                 Fetcher::new(FETCH_CAP, move |i| {
-                    let f = packs.get(i as usize)?.as_ref()?;
-                    Some(RecordFile {
-                        cached: f.cached.try_clone().ok()?,
-                        direct: f.direct.as_ref().and_then(|d| d.try_clone().ok()),
-                    })
+                    packs.get(i as usize)?.as_ref()?.try_clone()
                 })
             })
         }
         Data::Vault(_) => Some(Fetcher::new(FETCH_CAP, |segment| {
             let path = vault.segment_path(segment);
-            Some(RecordFile {
-                cached: File::open(&path).ok()?,
-                direct: coffre_vault_store::store::local::direct::open_direct_read(&path),
-            })
+            Some(RecordFile::new(
+                File::open(&path).ok()?,
+                coffre_vault_store::store::local::direct::open_direct_read(&path),
+            ))
         })),
     };
     let bs = u64::from(point.block_size);
