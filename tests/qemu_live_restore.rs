@@ -20,7 +20,9 @@
 //! kill included), and a second run of the same target while one runs
 //! is refused at once. Once a run has released its hold, QEMU killed with
 //! SIGKILL leaves a target equal to the point (coffre made QEMU write it
-//! out first). Skipped with a message where QEMU is missing.
+//! out first). A `--resume` of a complete target checks it against its
+//! hold's point, and keeps a hold it cannot read. Skipped with a message
+//! where QEMU is missing.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -30,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use coffre_engine::snapshotter::vm::qmp::Qmp;
 use coffre_engine::snapshotter::vm::stream::LiveNames;
-use coffre_engine::store::holds::HoldStore;
+use coffre_engine::store::holds::{HoldRecord, HoldStore};
 use serde_json::{Value, json};
 
 use crate::common::qemu::*;
@@ -479,6 +481,61 @@ fn a_completed_live_restore_survives_qemu_killed_at_once() {
     assert_eq!(st.holds(), vec![], "the point is no longer held");
     let initial = st.initial.clone();
     st.kill_and_compare(&initial, "the point after QEMU was killed");
+}
+
+/// A `--resume` that finds the stream complete (the run that completed it
+/// was killed before its hold went) checks the target against the point
+/// its hold names: a hold it cannot read stays (the point is kept) and the
+/// message says how to let it go; a readable one goes once the target
+/// holds every block of the point.
+#[test]
+fn a_resume_after_the_stream_completed_checks_the_target_against_its_hold() {
+    let Some(st) = Setup::new() else {
+        return;
+    };
+    let out = coffre().args(st.live(&["--speed", "0"])).output().unwrap();
+    assert!(out.status.success(), "live restore: {out:?}");
+    assert_eq!(st.holds(), vec![]);
+    // The hold as the completing run left it when killed at its end.
+    let point = points(&st.vault, "vm")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let holds = HoldStore::new(&st.vault, None);
+    holds
+        .put(&HoldRecord {
+            item: "vm".into(),
+            point: point.clone(),
+            tier: "snapshot".into(),
+            target: st.target.clone(),
+            started: jiff::Timestamp::now(),
+            pid: 1,
+        })
+        .unwrap();
+    let path = holds.path_of(&st.target);
+    let good = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &good[..good.len() - 4]).unwrap();
+    let resume = || coffre().args(st.live(&["--resume"])).output().unwrap();
+    let out = resume();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("hold cannot be read") && err.contains("--abandon"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap().len(),
+        good.len() - 4,
+        "the damaged hold stays"
+    );
+    std::fs::write(&path, &good).unwrap();
+    let out = resume();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("had completed"), "{text}");
+    assert_eq!(st.holds(), vec![], "the hold went");
+    let initial = st.initial.clone();
+    st.kill_and_compare(&initial, "the point, checked by the resume");
 }
 
 /// A device id QEMU does not know: coffre creates a virtio-blk-pci device

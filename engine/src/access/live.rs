@@ -391,10 +391,8 @@ fn hold_point(
         let path = holds.path_of(target);
         let how = |item: &str| {
             format!(
-                "once no VM uses it (the VM stopped, or its nodes {} and {} removed with blockdev-del), `coffre restore --live --abandon --item {item} --to {}` lets it go; then run this command again",
-                names.target,
-                names.backing,
-                target.display()
+                "once no VM uses it (the VM stopped, or its QEMU nodes {} and {} removed with blockdev-del), `coffre restore --live --abandon --item {item} --to {:?}` with this command's --vault (and --from) lets it go; then run this command again",
+                names.target, names.backing, target
             )
         };
         match found {
@@ -403,7 +401,7 @@ fn hold_point(
                 return Err(fail(
                     target,
                     format!(
-                        "a live restore into this path that began {} (point {} of item {}) never finished and its target is gone; a QEMU may still run a VM on that removed file and read the point through coffre, so its hold {} stays and this run is not started: {}",
+                        "a live restore into this path that began {} (point {} of item {}) did not end, and its target is absent (removed, or never made); a QEMU may still run a VM on a removed target and read the point through coffre, so its hold {} stays and this run is not started: {}",
                         h.started,
                         h.point,
                         h.item,
@@ -428,12 +426,29 @@ fn hold_point(
     // (the target says what it needs): an earlier run's hold of the same
     // point keeps its start; one of another point, or a damaged one, is
     // replaced.
-    let found = found.ok().flatten();
+    let found = match found {
+        Ok(f) => f,
+        Err(e) => {
+            report.step(&format!(
+                "WARNING: the hold {} could not be read ({e}): it is written again for point {} of item {}, which the target's backing reads",
+                holds.path_of(target).display(),
+                entry.id,
+                entry.item
+            ));
+            None
+        }
+    };
     if let Some(h) = &found
         && (h.item != entry.item || h.point != entry.id)
     {
-        tracing::warn!(target = ?target, held = %h.point, needed = %entry.id,
-            "the target's hold named another point than its backing reads: it now holds the backing's");
+        report.step(&format!(
+            "WARNING: the hold {} named point {} of item {}, but the target's backing reads point {} of item {}: it now holds that one",
+            holds.path_of(target).display(),
+            h.point,
+            h.item,
+            entry.id,
+            entry.item
+        ));
     }
     let earlier = found.filter(|h| h.item == entry.item && h.point == entry.id);
     let record = HoldRecord {
