@@ -306,8 +306,12 @@ fn write_point(
                 .pack_files()
                 .into_iter()
                 .map(|f| {
-                    let cached = f?.try_clone().ok()?;
-                    let direct = reopen_direct_read(&cached);
+                    let f = f?;
+                    // Descriptors of their own: the fetch's advice stays
+                    // off the snapshot reader's.
+                    let cached = File::open(fd_path(f)).ok()?;
+                    let direct =
+                        coffre_vault_store::store::local::direct::open_direct_read(&fd_path(f));
                     Some(RecordFile::new(cached, direct))
                 })
                 .collect();
@@ -622,15 +626,11 @@ fn snapshot_places(locs: &[Option<PackLoc>]) -> Vec<Option<Place>> {
         .collect()
 }
 
-/// `file` opened again with `O_DIRECT` for reading (through
-/// `/proc/self/fd`, so the very file), `None` where the filesystem
-/// refuses it.
-fn reopen_direct_read(file: &File) -> Option<File> {
+/// The path that opens `file` again, the very file whatever its name is
+/// now (`/proc/self/fd/N`).
+fn fd_path(file: &File) -> PathBuf {
     use std::os::fd::AsRawFd;
-    coffre_vault_store::store::local::direct::open_direct_read(Path::new(&format!(
-        "/proc/self/fd/{}",
-        file.as_raw_fd()
-    )))
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 /// Decodes a fetched record of chunk `id` straight into `slot` (exactly

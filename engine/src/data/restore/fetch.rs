@@ -13,11 +13,11 @@
 //! read in flight at a time, the device idles between requests while the
 //! restore's own writes compete with them (a cold restore of the 2 GiB
 //! bench image took 1.22–1.41 s with one read at a time, 1.03–1.23 s with
-//! four). In a file the page cache held whole when it was opened, a piece
-//! it still holds (`cachestat`, which reads nothing) is copied from it
-//! instead: a disk read would compete with the restore's writes. A file it
-//! held only in part is read directly throughout ([`RecordFile`] says
-//! why). A file that refuses `O_DIRECT` (tmpfs) is read buffered.
+//! four). A piece the page cache holds (`cachestat`, which reads nothing)
+//! is copied from it instead, a disk read would compete with the
+//! restore's writes, where the cache held the 4 MiB around it whole when
+//! the file was opened; elsewhere it is read directly ([`RecordFile`]
+//! says why). A file that refuses `O_DIRECT` (tmpfs) is read buffered.
 //!
 //! Nothing here is trusted: a fetched record is only bytes the decoder
 //! checks (header, id, length, CRC, BLAKE3) like any other, and a record
@@ -131,35 +131,45 @@ impl Fetched {
     }
 }
 
+/// The page cache's hold on a record file is taken per this many bytes
+/// (aligned) when the file is opened.
+const WARM_GRID: u64 = 4 << 20;
+
 /// A file of records, opened twice: buffered, and with `O_DIRECT` where
 /// the filesystem allows it.
 pub(super) struct RecordFile {
     cached: File,
     direct: Option<File>,
-    /// The page cache held the whole file when it was opened: pieces it
-    /// still holds are copied from it. Otherwise every piece is read
-    /// directly, cached or not: a buffered read of a piece the cache holds
-    /// in a file it holds in part may meet the kernel's read-ahead mark,
-    /// and the read-ahead it starts (8 MiB on some disks; advice does not
-    /// stop it) makes the next pieces look cached too, until the whole file
-    /// goes through the page cache. The first restore after a backup,
-    /// whose pack's first 6 MiB were cached, took 1.43 s with 1.0 s of
-    /// system time that way, against 0.9 s and 0.2 s read directly.
-    warm: bool,
+    /// Per [`WARM_GRID`] bytes of the file: whether the page cache held
+    /// them whole when the file was opened. Only there is a piece the
+    /// cache holds copied from it; elsewhere every piece is read directly,
+    /// cached or not. A buffered read of a cached piece may meet the
+    /// kernel's read-ahead mark, and the read-ahead it starts (8 MiB on
+    /// some disks; advice does not stop that kind) makes the next pieces
+    /// look cached too: read buffered in turn, they carried the read-ahead
+    /// through a whole pack whose first 6 MiB alone were cached (the first
+    /// restore after a backup: 1.65 s with 1.0-1.1 s of system time,
+    /// against 1.26-1.38 s and 0.13-0.19 s read directly). Pieces cached
+    /// since the file was opened are such read-ahead, and read directly.
+    warm: Vec<bool>,
 }
 
 impl RecordFile {
-    /// A file read through `cached` where the page cache holds it whole,
-    /// else directly through `direct` (`None`: buffered, as on tmpfs).
+    /// A file read through `cached` where the page cache holds it, else
+    /// directly through `direct` (`None`: buffered, as on tmpfs). `cached`
+    /// should be a descriptor of its own: it is advised not to read ahead.
     pub fn new(cached: File, direct: Option<File>) -> RecordFile {
-        let warm = direct.is_none()
-            || cached
-                .metadata()
-                .is_ok_and(|m| in_page_cache(&cached, 0, m.len()));
+        let mut warm = Vec::new();
         if direct.is_some() {
             use std::os::fd::AsRawFd;
-            // No read-ahead on the buffered reads' behalf (the synchronous
-            // kind: see `warm`).
+            let len = cached.metadata().map_or(0, |m| m.len());
+            warm = (0..len.div_ceil(WARM_GRID))
+                .map(|k| {
+                    let at = k * WARM_GRID;
+                    in_page_cache(&cached, at, WARM_GRID.min(len - at))
+                })
+                .collect();
+            // No synchronous read-ahead on the buffered reads' behalf.
             // SAFETY: advice on a descriptor we own.
             unsafe { libc::posix_fadvise(cached.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
         }
@@ -178,20 +188,34 @@ impl RecordFile {
                 Some(d) => Some(d.try_clone().ok()?),
                 None => None,
             },
-            warm: self.warm,
+            warm: self.warm.clone(),
         })
     }
 
     /// True when `len` bytes at `offset` are copied from the page cache
-    /// rather than read directly.
+    /// rather than read directly: it holds them now, and held their
+    /// neighbourhood whole when the file was opened.
     fn copies_cached(&self, offset: u64, len: u64) -> bool {
-        self.direct.is_none() || (self.warm && in_page_cache(&self.cached, offset, len))
+        if self.direct.is_none() {
+            return true;
+        }
+        let Some(end) = offset.checked_add(len) else {
+            return false;
+        };
+        let grid = offset / WARM_GRID..end.div_ceil(WARM_GRID);
+        let was = |k: u64| {
+            usize::try_from(k)
+                .ok()
+                .and_then(|k| self.warm.get(k).copied())
+        };
+        len > 0
+            && grid.clone().all(|k| was(k) == Some(true))
+            && in_page_cache(&self.cached, offset, len)
     }
 
     /// Reads into `dst` at `offset` (both aligned to [`DIRECT_ALIGN`]):
-    /// from the page cache when it holds the file whole and still the
-    /// range, else directly (buffered without `O_DIRECT`). Returns the
-    /// bytes read.
+    /// from the page cache where [`RecordFile::copies_cached`], else
+    /// directly (buffered without `O_DIRECT`). Returns the bytes read.
     fn read(&self, dst: &mut [u8], offset: u64) -> usize {
         match &self.direct {
             Some(direct) if !self.copies_cached(offset, dst.len() as u64) => {
@@ -557,17 +581,21 @@ mod tests {
     fn the_page_cache_is_asked_without_reading_and_either_way_the_bytes_are_right() {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("f");
-        let data: Vec<u8> = (0..(1u32 << 20))
+        // Two grid cells and a bit of a third.
+        let len = 2 * WARM_GRID + (1 << 20);
+        let data: Vec<u8> = (0..len as u32)
             .map(|i| (i.wrapping_mul(31) >> 3) as u8)
             .collect();
         std::fs::write(&p, &data).unwrap();
         let file = File::open(&p).unwrap();
-        let len = data.len() as u64;
         let _ = std::fs::read(&p).unwrap();
-        let f = RecordFile::new(
-            File::open(&p).unwrap(),
-            coffre_vault_store::store::local::direct::open_direct_read(&p),
-        );
+        let open = || {
+            RecordFile::new(
+                File::open(&p).unwrap(),
+                coffre_vault_store::store::local::direct::open_direct_read(&p),
+            )
+        };
+        let f = open();
         if !in_page_cache(&file, 0, 4096) {
             coffre_vault_store::skip::skip(
                 "this kernel cannot tell what the page cache holds (cachestat, Linux 6.5)",
@@ -575,48 +603,52 @@ mod tests {
             return;
         }
         assert!(in_page_cache(&file, 0, len));
-        // Opened wholly cached: a cached piece is copied from the cache.
-        assert!(f.warm && f.copies_cached(0, 512 << 10));
-        let mut buf = AlignedBuf::default();
-        buf.reserve(data.len());
-        assert_eq!(f.read(buf.as_mut_slice(), 0), data.len());
-        assert_eq!(buf.as_slice(), &data[..]);
+        // Opened wholly cached: a cached piece is copied from the cache,
+        // even one across two cells.
+        assert_eq!(f.warm, vec![true, true, true]);
+        assert!(f.copies_cached(WARM_GRID - 4096, 8192));
+        let whole = |f: &RecordFile| {
+            let mut buf = AlignedBuf::default();
+            buf.reserve(data.len());
+            assert_eq!(f.read(buf.as_mut_slice(), 0), data.len());
+            assert_eq!(buf.as_slice(), &data[..]);
+        };
+        whole(&f);
         if f.direct.is_none() {
             return; // tmpfs: its pages are the file; nothing to drop
         }
-        // Only the first half cached (all dropped, then that half read
-        // without read-ahead): the range is not wholly cached, and asking
-        // reads nothing in.
+        // Only the first cell cached (all dropped, then that cell read
+        // without read-ahead): asking reads nothing in.
         uncache(&file, 0, 0);
         // SAFETY: advice on a descriptor we own.
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-        let mut half = vec![0u8; 512 << 10];
-        file.read_exact_at(&mut half, 0).unwrap();
-        assert!(in_page_cache(&file, 0, 512 << 10));
+        let mut cell = vec![0u8; WARM_GRID as usize];
+        file.read_exact_at(&mut cell, 0).unwrap();
+        assert!(in_page_cache(&file, 0, WARM_GRID));
         assert!(!in_page_cache(&file, 0, len));
-        assert!(!in_page_cache(&file, 512 << 10, 4096));
-        let mut buf = AlignedBuf::default();
-        buf.reserve(data.len());
-        assert_eq!(f.read(buf.as_mut_slice(), 0), data.len());
-        assert_eq!(buf.as_slice(), &data[..]);
-        // Read directly: still not in the page cache.
-        assert!(!in_page_cache(&file, 512 << 10, 512 << 10));
-        // The file opened again, cached in part: even its cached half is
-        // read directly (a buffered read there could start the kernel's
-        // read-ahead of the rest), and nothing more comes into the cache.
-        assert!(!f.copies_cached(512 << 10, 512 << 10));
-        assert!(f.copies_cached(0, 512 << 10), "the first opening still copies");
-        let part = RecordFile::new(
-            File::open(&p).unwrap(),
-            coffre_vault_store::store::local::direct::open_direct_read(&p),
-        );
-        assert!(!part.warm && !part.copies_cached(0, 512 << 10));
-        let mut buf = AlignedBuf::default();
-        buf.reserve(data.len());
-        assert_eq!(part.read(buf.as_mut_slice(), 0), data.len());
-        assert_eq!(buf.as_slice(), &data[..]);
-        assert!(!in_page_cache(&file, 512 << 10, 4096));
+        assert!(!in_page_cache(&file, WARM_GRID, 4096));
+        // The first opening copies what the cache still holds, and reads
+        // the rest directly, leaving it out of the cache.
+        assert!(f.copies_cached(0, 512 << 10));
+        assert!(!f.copies_cached(WARM_GRID, 512 << 10));
+        whole(&f);
+        assert!(!in_page_cache(&file, WARM_GRID, 4096));
+        // Opened now: the first cell is warm, the others are not. A piece
+        // of the second cell cached since (as the kernel's read-ahead
+        // behind a buffered read would) is still read directly, and one
+        // that straddles into it too.
+        let part = open();
+        assert_eq!(part.warm, vec![true, false, false]);
+        assert!(part.copies_cached(0, 512 << 10));
+        file.read_exact_at(&mut cell[..512 << 10], WARM_GRID)
+            .unwrap();
+        assert!(in_page_cache(&file, WARM_GRID, 512 << 10));
+        assert!(!part.copies_cached(WARM_GRID, 512 << 10));
+        assert!(!part.copies_cached(WARM_GRID - 4096, 8192));
+        assert!(!part.copies_cached(u64::MAX - 4095, 4096), "past 2^64");
+        whole(&part);
         let cloned = part.try_clone().unwrap();
-        assert!(!cloned.warm && cloned.direct.is_some());
+        assert_eq!(cloned.warm, part.warm);
+        assert!(cloned.direct.is_some());
     }
 }
