@@ -146,6 +146,12 @@ impl RecordBuf {
         &self.plain
     }
 
+    /// The plaintext of the record decoded last, handed over whole (no
+    /// copy); the next decode allocates its own.
+    pub fn take_plain(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.plain)
+    }
+
     /// The raw record read last.
     pub fn record(&self) -> &[u8] {
         &self.record

@@ -192,7 +192,10 @@ impl SnapshotAt {
                         ),
                     ));
                 }
-                out.extend_from_slice(buf.plain());
+                // The decoded bytes themselves: an export reads the whole
+                // image through here, and a copy of each block cost more
+                // than the allocation the next decode makes.
+                *out = buf.take_plain();
             }
             Data::Clone(file, path) => {
                 use std::os::unix::fs::FileExt;

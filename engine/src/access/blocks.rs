@@ -283,8 +283,8 @@ impl<'v> Blocks<'v> {
                 ),
             ));
         }
-        out.clear();
-        out.extend_from_slice(plain);
+        // The decoded bytes themselves (no copy; see `SnapshotAt::read_block`).
+        *out = scratch.chunk.take_plain();
         Ok(())
     }
 

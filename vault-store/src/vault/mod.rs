@@ -234,6 +234,12 @@ impl ChunkBuf {
         &self.plain
     }
 
+    /// The plaintext of the chunk read last, handed over whole (no copy);
+    /// the next read allocates its own.
+    pub fn take_plain(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.plain)
+    }
+
     /// The record (header and stored bytes) read last.
     pub fn record_bytes(&self) -> &[u8] {
         &self.record
