@@ -75,6 +75,7 @@ fn a_held_point_survives_prune_and_gc_until_abandoned() {
         target: target.clone(),
         started: "2027-01-02T05:00:00Z".parse().unwrap(),
         pid: 1,
+        target_file: None,
     };
     holds.put(&record).unwrap();
 
@@ -229,6 +230,7 @@ fn a_target_that_still_reads_the_export_is_not_abandoned() {
             target: target.clone(),
             started: jiff::Timestamp::now(),
             pid: 1,
+            target_file: None,
         })
         .unwrap();
     let args = [
@@ -277,6 +279,7 @@ fn a_new_live_restore_never_replaces_the_hold_of_an_unfinished_one() {
             target: target.clone(),
             started: "2027-01-02T04:00:00Z".parse().unwrap(),
             pid: 1,
+            target_file: None,
         })
         .unwrap();
     let path = holds.path_of(&target);
@@ -369,6 +372,7 @@ fn a_held_soft_deleted_item_is_not_purged_until_the_hold_goes() {
             target: target.clone(),
             started: "2027-01-01T04:00:00Z".parse().unwrap(),
             pid: 1,
+            target_file: None,
         })
         .unwrap();
     ok_at(
@@ -418,6 +422,7 @@ fn a_point_held_in_the_secondary_survives_replicate_after_the_primary_pruned_it(
             target: dir.join("restored.qcow2"),
             started: "2027-01-02T05:00:00Z".parse().unwrap(),
             pid: 1,
+            target_file: None,
         })
         .unwrap();
     // The primary prunes and collects it (it knows nothing of that hold).

@@ -1250,6 +1250,7 @@ fn s3_gc_stops_on_a_point_it_cannot_decode_and_on_a_lease_it_cannot_read() {
             target: target.clone(),
             started: jiff::Timestamp::now(),
             pid: 1,
+            target_file: None,
         })
         .unwrap();
     let out = m.run(&["gc", "--vault", s(&h)]);

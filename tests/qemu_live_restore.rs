@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use coffre_engine::snapshotter::vm::qmp::Qmp;
 use coffre_engine::snapshotter::vm::stream::LiveNames;
-use coffre_engine::store::holds::{HoldRecord, HoldStore};
+use coffre_engine::store::holds::{FileId, HoldRecord, HoldStore};
 use serde_json::{Value, json};
 
 use crate::common::qemu::*;
@@ -336,8 +336,14 @@ fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_wri
     first.0.kill().unwrap();
     first.0.wait().unwrap();
     let acked_at_kill = writer.acked();
-    // Killed, it still holds the point: prune and gc keep it.
+    // Killed, it still holds the point: prune and gc keep it. The hold
+    // names the very file made.
     assert_eq!(st.holds(), vec![(point.clone(), st.target.clone())]);
+    let held = HoldStore::new(&st.vault, None)
+        .get(&st.target)
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.target_file, Some(FileId::of(&st.target).unwrap()));
     // The export is gone for a while; the writer goes on. The monitors
     // are not asked meanwhile: a write that meets the stream's stalled
     // read of the same cluster waits for the export, holding them all.
@@ -496,26 +502,43 @@ fn a_resume_after_the_stream_completed_checks_the_target_against_its_hold() {
     let out = coffre().args(st.live(&["--speed", "0"])).output().unwrap();
     assert!(out.status.success(), "live restore: {out:?}");
     assert_eq!(st.holds(), vec![]);
-    // The hold as the completing run left it when killed at its end.
+    // The hold as the completing run left it when killed at its end: for
+    // another file first (the target replaced at its path), kept as it
+    // is; then damaged; then this very file's.
     let point = points(&st.vault, "vm")[0]["id"]
         .as_str()
         .unwrap()
         .to_string();
     let holds = HoldStore::new(&st.vault, None);
-    holds
-        .put(&HoldRecord {
-            item: "vm".into(),
-            point: point.clone(),
-            tier: "snapshot".into(),
-            target: st.target.clone(),
-            started: jiff::Timestamp::now(),
-            pid: 1,
-        })
-        .unwrap();
+    let hold = |file| HoldRecord {
+        item: "vm".into(),
+        point: point.clone(),
+        tier: "snapshot".into(),
+        target: st.target.clone(),
+        started: jiff::Timestamp::now(),
+        pid: 1,
+        target_file: file,
+    };
+    let this = FileId::of(&st.target).unwrap();
+    let other = FileId {
+        dev: this.dev,
+        ino: this.ino + 1,
+    };
+    holds.put(&hold(Some(other))).unwrap();
     let path = holds.path_of(&st.target);
+    let theirs = std::fs::read(&path).unwrap();
+    let resume = || coffre().args(st.live(&["--resume"])).output().unwrap();
+    let out = resume();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("not the file the live restore") && err.contains("--abandon"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), theirs, "that hold stays");
+    holds.put(&hold(Some(this))).unwrap();
     let good = std::fs::read(&path).unwrap();
     std::fs::write(&path, &good[..good.len() - 4]).unwrap();
-    let resume = || coffre().args(st.live(&["--resume"])).output().unwrap();
     let out = resume();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");

@@ -37,7 +37,8 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Result, StoreError};
 pub use crate::format::hold::{
-    HOLD_MAGIC, HOLD_SUFFIX, HOLD_VERSION, HOLDS_DIR, HoldRecord, hold_file, is_tag, target_tag,
+    FileId, HOLD_MAGIC, HOLD_SUFFIX, HOLD_VERSION, HOLDS_DIR, HoldRecord, hold_file, is_tag,
+    target_tag,
 };
 use crate::store::local::lock::NamedLock;
 use crate::store::{LocalStore, Store};
@@ -202,6 +203,7 @@ mod tests {
             target: PathBuf::from(target),
             started: jiff::Timestamp::from_second(1_700_000_000).unwrap(),
             pid: 7,
+            target_file: None,
         }
     }
 

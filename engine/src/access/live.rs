@@ -37,7 +37,9 @@
 //! The hold goes when the stream completes and the target is durable
 //! (written out by QEMU, whose caches hold the streamed clusters'
 //! mappings until a flush; fsynced; its backing read again; its own
-//! mapping holding every range where the point has data), when a run of
+//! mapping holding every range where the point has data; a resumed run
+//! that finds the stream complete also requires the file the hold names,
+//! once the run that made it recorded it), when a run of
 //! a new target fails before QEMU had it and the run removed the target
 //! itself, or on [`abandon`]. A new run never replaces a hold: one
 //! found for its (absent) target is an earlier run's that never finished,
@@ -71,7 +73,7 @@ use coffre_snapshotter::vm::stream::{
     self, Attached, DeviceChoice, Job, LiveNames, TargetLock, backing_json, export_name,
 };
 use coffre_vault_store::Vault;
-use coffre_vault_store::holds::{HoldRecord, HoldStore, HoldsLock};
+use coffre_vault_store::holds::{FileId, HoldRecord, HoldStore, HoldsLock};
 use jiff::Timestamp;
 
 use super::serve::serve_points;
@@ -339,7 +341,7 @@ pub fn restore_live(
     // the run itself because QEMU never had it).
     let made = AtomicBool::new(false);
     let served = serve_and_drive(
-        &place, &target, &names, &entry, &image, opts, report, stop, &made,
+        &place, &target, &names, &entry, &image, opts, report, stop, &made, &holds,
     );
     // The export's folder and the hold go once the stream is complete (and
     // the target durable), or when a new target's run failed and the
@@ -458,6 +460,13 @@ fn hold_point(
         target: target.to_path_buf(),
         started: earlier.as_ref().map_or(opts.now, |h| h.started),
         pid: std::process::id(),
+        // A resumed run's target is there (its backing says it is this
+        // restore's); a new run's is made later (`Run::note_target_file`).
+        target_file: if opts.resume {
+            FileId::of(target).ok()
+        } else {
+            None
+        },
     };
     holds.put(&record).map_err(|e| {
         fail(
@@ -508,6 +517,7 @@ fn serve_and_drive(
     report: &dyn LiveReport,
     stop: &AtomicBool,
     made: &AtomicBool,
+    holds: &HoldStore,
 ) -> Result<(Outcome, u64, u64)> {
     let socket = &place.socket;
     let listener = Listener::unix(socket).map_err(|e| {
@@ -546,6 +556,7 @@ fn serve_and_drive(
             stop,
             activity: &activity,
             made,
+            holds,
         };
         let outcome = run.drive();
         export_stop.store(true, Ordering::Relaxed);
@@ -721,6 +732,28 @@ fn finish_only(
     opts: &LiveOptions,
     report: &dyn LiveReport,
 ) -> Result<LiveSummary> {
+    // Only the file this live restore made ends it: another file put at
+    // the path (the target removed meanwhile, a VM perhaps still on it)
+    // leaves the hold and QEMU as they are.
+    if let Ok(Some(h)) = holds.get(target)
+        && let Some(made) = h.target_file
+    {
+        let now = FileId::of(target).map_err(|e| fail(target, e.to_string()))?;
+        if now != made {
+            return Err(fail(
+                target,
+                format!(
+                    "it is not the file the live restore of point {} made (device {} inode {}, that one device {} inode {}), and it has no backing: its hold {} stays; if that restore's target is gone and no VM uses it, `coffre restore --live --abandon` with this command's --vault (and --from) lets the hold go",
+                    h.point,
+                    now.dev,
+                    now.ino,
+                    made.dev,
+                    made.ino,
+                    holds.path_of(target).display()
+                ),
+            ));
+        }
+    }
     let (_lock, mut vm) = place.connect(target)?;
     let qmp = vm.as_mut();
     if let Job::Concluded { error: Some(e) } = stream::job(qmp, names)? {
@@ -1000,6 +1033,8 @@ struct Run<'a, 'v> {
     activity: &'a Activity,
     /// True while the new target this run made is there.
     made: &'a AtomicBool,
+    /// The vault's holds (this run's names the target's file once made).
+    holds: &'a HoldStore,
 }
 
 /// What the QEMU side did.
@@ -1024,6 +1059,30 @@ impl Run<'_, '_> {
                 self.made.store(false, Ordering::Relaxed)
             }
             Err(_) => {}
+        }
+    }
+
+    /// Records the new target's file in this run's hold, so that a
+    /// `--resume` finding the stream complete releases the hold for this
+    /// very file only. Not done, the hold still keeps the point (a resume
+    /// then cannot tell the file): said, not an error.
+    fn note_target_file(&self) {
+        let noted = FileId::of(self.target)
+            .map_err(|e| e.to_string())
+            .and_then(|id| match self.holds.get(self.target) {
+                Ok(Some(mut h)) if h.item == self.entry.item && h.point == self.entry.id => {
+                    h.target_file = Some(id);
+                    self.holds.put(&h).map_err(|e| e.to_string())
+                }
+                Ok(_) => Err("it is not this run's".into()),
+                Err(e) => Err(e.to_string()),
+            });
+        if let Err(e) = noted {
+            self.report.step(&format!(
+                "WARNING: the hold {} does not name the target's file ({e}); it still keeps point {}",
+                self.holds.path_of(self.target).display(),
+                self.entry.id
+            ));
         }
     }
 
@@ -1055,6 +1114,7 @@ impl Run<'_, '_> {
                 self.entry.item,
                 self.socket.display()
             ));
+            self.note_target_file();
         }
         // One coffre run per monitor or domain: a live backup of the same
         // VM is refused at once instead of waiting for the monitor.

@@ -45,6 +45,34 @@ pub struct HoldRecord {
     pub started: Timestamp,
     /// The pid of the run that last wrote the hold (informational).
     pub pid: u32,
+    /// The target file the live restore made, once it is made: a resumed
+    /// run that finds the stream complete lets the hold go only for this
+    /// very file. Absent before the file is made, and in holds written by
+    /// coffre before it recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_file: Option<FileId>,
+}
+
+/// A file's identity on its host: its device and inode numbers (what
+/// `stat` gives). Informational beyond one host and one filesystem's life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The identity of the file at `path` (symbolic links followed).
+    pub fn of(path: &Path) -> std::io::Result<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
 }
 
 /// 16 hex digits of BLAKE3(`live/<target>`): the tag a live restore's QEMU
@@ -171,7 +199,34 @@ mod tests {
             target: PathBuf::from("/srv/vm/restored.qcow2"),
             started: Timestamp::from_second(1_700_000_000).unwrap(),
             pid: 42,
+            target_file: None,
         }
+    }
+
+    #[test]
+    fn the_target_files_identity_is_kept_and_absent_in_older_holds() {
+        let r = HoldRecord {
+            target_file: Some(FileId { dev: 2049, ino: 77 }),
+            ..record()
+        };
+        let tag = target_tag(&r.target);
+        assert_eq!(HoldRecord::decode(&r.encode().unwrap(), &tag).unwrap(), r);
+        // A hold written before the field existed has none.
+        let older = serde_json::json!({
+            "item": "vm", "point": "0a1b2c3d4e5f", "tier": "snapshot",
+            "target": "/srv/vm/restored.qcow2", "started": "2023-11-14T22:13:20Z", "pid": 42
+        });
+        let e = envelope::encode(&HOLD_MAGIC, HOLD_VERSION, older.to_string().as_bytes());
+        assert_eq!(HoldRecord::decode(&e, &tag).unwrap(), record());
+        // Not numbers: refused.
+        let bad = serde_json::json!({
+            "item": "vm", "point": "0a1b2c3d4e5f", "tier": "snapshot",
+            "target": "/srv/vm/restored.qcow2", "started": "2023-11-14T22:13:20Z", "pid": 42,
+            "target_file": {"dev": -1, "ino": "x"}
+        });
+        let e = envelope::encode(&HOLD_MAGIC, HOLD_VERSION, bad.to_string().as_bytes());
+        assert!(HoldRecord::decode(&e, &tag).is_err());
+        assert!(FileId::of(Path::new("/")).is_ok());
     }
 
     #[test]
