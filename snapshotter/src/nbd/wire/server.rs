@@ -93,8 +93,6 @@ const MAX_OPTIONS: usize = 1024;
 /// Largest read served in one request (the protocol's usual maximum);
 /// [`PREFERRED_MAX`] is what the export advertises.
 pub const MAX_REQUEST: u32 = 32 << 20;
-/// Largest read buffer a worker keeps between requests.
-const BUF_KEPT: usize = 4 << 20;
 /// The maximum block size advertised in `NBD_INFO_BLOCK_SIZE`.
 const PREFERRED_MAX: u32 = 4 << 20;
 /// Requests one connection may queue beyond those its workers serve.
@@ -486,22 +484,13 @@ fn transmission<R: Read, W: Write + Send>(
             let (rx, output, session, broken, closing) =
                 (&rx, &output, &session, &broken, &closing);
             scope.spawn(move || {
-                // The worker's read buffer, reused: a fresh one per request
-                // (up to 32 MiB) was mapped, faulted in and unmapped again.
-                let mut buf = Vec::new();
                 loop {
                     let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok(req) = next else { break };
                     if closing.load(Ordering::Relaxed) || broken.load(Ordering::Relaxed) {
                         continue;
                     }
-                    let answered = answer(&req, session, output, activity, &mut buf);
-                    // Kept for the next request up to a bound (a client's
-                    // 32 MiB reads would otherwise stay with each worker).
-                    if buf.capacity() > BUF_KEPT {
-                        buf = Vec::new();
-                    }
-                    if answered.is_err() {
+                    if answer(&req, session, output, activity).is_err() {
                         broken.store(true, Ordering::Relaxed);
                     }
                 }
@@ -586,14 +575,12 @@ fn in_bounds(req: &Request, size: u64) -> bool {
         .is_some_and(|e| e <= size)
 }
 
-/// Answers one read or block-status request; a read's bytes go through
-/// `buf` (zeroed to the request's length first).
+/// Answers one read or block-status request.
 fn answer<W: Write>(
     req: &Request,
     session: &Session<'_, '_>,
     output: &Mutex<W>,
     activity: &Activity,
-    buf: &mut Vec<u8>,
 ) -> Result<(), WireError> {
     let data = session.export.data;
     if req.kind == CMD_BLOCK_STATUS {
@@ -657,9 +644,8 @@ fn answer<W: Write>(
         );
     }
     let _held = activity.hold(u64::from(req.len));
-    buf.clear();
-    buf.resize(req.len as usize, 0);
-    if let Err(msg) = data.read(req.offset, buf) {
+    let mut buf = vec![0u8; req.len as usize];
+    if let Err(msg) = data.read(req.offset, &mut buf) {
         activity.failed_reads.fetch_add(1, Ordering::Relaxed);
         // The details (paths, ids) are for the export's log, not for
         // whoever can reach the listener.
@@ -684,7 +670,7 @@ fn answer<W: Write>(
             output,
             req.cookie,
             REPLY_OFFSET_DATA,
-            &[&req.offset.to_be_bytes(), buf],
+            &[&req.offset.to_be_bytes(), &buf],
             activity,
         )
     } else {
@@ -692,7 +678,7 @@ fn answer<W: Write>(
         m.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
         m.extend_from_slice(&0u32.to_be_bytes());
         m.extend_from_slice(&req.cookie.to_be_bytes());
-        send(output, &[&m, buf], activity)
+        send(output, &[&m, &buf], activity)
     }
 }
 
