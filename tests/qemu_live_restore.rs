@@ -339,11 +339,30 @@ fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_wri
     // Killed, it still holds the point: prune and gc keep it. The hold
     // names the very file made.
     assert_eq!(st.holds(), vec![(point.clone(), st.target.clone())]);
-    let held = HoldStore::new(&st.vault, None)
-        .get(&st.target)
-        .unwrap()
+    let holds = HoldStore::new(&st.vault, None);
+    let held = holds.get(&st.target).unwrap().unwrap();
+    let made = FileId::of(&st.target).unwrap();
+    assert_eq!(held.target_file, Some(made));
+    // A resume in another file than the one made (a copy reads the same
+    // backing) is refused before it serves anything; the hold stays.
+    let path = holds.path_of(&st.target);
+    let kept = std::fs::read(&path).unwrap();
+    holds
+        .put(&HoldRecord {
+            target_file: Some(FileId {
+                ino: made.ino + 1,
+                born: made.born,
+            }),
+            ..held.clone()
+        })
         .unwrap();
-    assert_eq!(held.target_file, Some(FileId::of(&st.target).unwrap()));
+    let theirs = std::fs::read(&path).unwrap();
+    let out = coffre().args(st.live(&["--resume"])).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("not the file the live restore"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), theirs, "the hold stays");
+    std::fs::write(&path, &kept).unwrap();
     // The export is gone for a while; the writer goes on. The monitors
     // are not asked meanwhile: a write that meets the stream's stalled
     // read of the same cluster waits for the export, holding them all.
@@ -521,8 +540,8 @@ fn a_resume_after_the_stream_completed_checks_the_target_against_its_hold() {
     };
     let this = FileId::of(&st.target).unwrap();
     let other = FileId {
-        dev: this.dev,
         ino: this.ino + 1,
+        born: this.born,
     };
     holds.put(&hold(Some(other))).unwrap();
     let path = holds.path_of(&st.target);

@@ -424,10 +424,14 @@ fn hold_point(
             }
         }
     }
-    // A resumed run's hold names the point the target's own backing reads
-    // (the target says what it needs): an earlier run's hold of the same
-    // point keeps its start; one of another point, or a damaged one, is
-    // replaced.
+    // A resumed run carries on only in the file the restore made (a copy
+    // of it reads the same backing, but is not what a VM may still use).
+    // Its hold names the point the target's own backing reads (the target
+    // says what it needs): an earlier run's hold of the same point keeps
+    // its start; one of another point, or a damaged one, is replaced.
+    if let Ok(Some(h)) = &found {
+        check_target_file(holds, target, h)?;
+    }
     let found = match found {
         Ok(f) => f,
         Err(e) => {
@@ -453,6 +457,11 @@ fn hold_point(
         ));
     }
     let earlier = found.filter(|h| h.item == entry.item && h.point == entry.id);
+    let target_file = if opts.resume {
+        Some(FileId::of(target).map_err(|e| fail(target, e.to_string()))?)
+    } else {
+        None
+    };
     let record = HoldRecord {
         item: entry.item.clone(),
         point: entry.id.clone(),
@@ -460,13 +469,8 @@ fn hold_point(
         target: target.to_path_buf(),
         started: earlier.as_ref().map_or(opts.now, |h| h.started),
         pid: std::process::id(),
-        // A resumed run's target is there (its backing says it is this
-        // restore's); a new run's is made later (`Run::note_target_file`).
-        target_file: if opts.resume {
-            FileId::of(target).ok()
-        } else {
-            None
-        },
+        // A new run's target is made later (`Run::note_target_file`).
+        target_file,
     };
     holds.put(&record).map_err(|e| {
         fail(
@@ -486,6 +490,34 @@ fn hold_point(
         ));
     }
     Ok(())
+}
+
+/// Refuses a resumed run on a file that is not the one `hold`'s live
+/// restore made, when the hold names it: that restore's target may have
+/// been removed while a VM still reads the point through it, and a copy or
+/// another file at the path must not end it. The hold stays as it is.
+fn check_target_file(holds: &HoldStore, target: &Path, hold: &HoldRecord) -> Result<()> {
+    let Some(made) = hold.target_file else {
+        return Ok(());
+    };
+    let now = FileId::of(target).map_err(|e| fail(target, e.to_string()))?;
+    if now.same_file(&made) {
+        return Ok(());
+    }
+    let shown = |f: &FileId| match f.born {
+        Some(b) => format!("inode {} born {b}", f.ino),
+        None => format!("inode {}", f.ino),
+    };
+    Err(fail(
+        target,
+        format!(
+            "it is not the file the live restore of point {} made ({}, that one {}): its hold {} stays and this run is not started; if that restore's target is gone and no VM uses it, `coffre restore --live --abandon` with this command's --vault (and --from) lets the hold go",
+            hold.point,
+            shown(&now),
+            shown(&made),
+            holds.path_of(target).display()
+        ),
+    ))
 }
 
 /// Removes the hold of the live restore into `target` (the target no
@@ -735,24 +767,8 @@ fn finish_only(
     // Only the file this live restore made ends it: another file put at
     // the path (the target removed meanwhile, a VM perhaps still on it)
     // leaves the hold and QEMU as they are.
-    if let Ok(Some(h)) = holds.get(target)
-        && let Some(made) = h.target_file
-    {
-        let now = FileId::of(target).map_err(|e| fail(target, e.to_string()))?;
-        if now != made {
-            return Err(fail(
-                target,
-                format!(
-                    "it is not the file the live restore of point {} made (device {} inode {}, that one device {} inode {}), and it has no backing: its hold {} stays; if that restore's target is gone and no VM uses it, `coffre restore --live --abandon` with this command's --vault (and --from) lets the hold go",
-                    h.point,
-                    now.dev,
-                    now.ino,
-                    made.dev,
-                    made.ino,
-                    holds.path_of(target).display()
-                ),
-            ));
-        }
+    if let Ok(Some(h)) = holds.get(target) {
+        check_target_file(holds, target, &h)?;
     }
     let (_lock, mut vm) = place.connect(target)?;
     let qmp = vm.as_mut();

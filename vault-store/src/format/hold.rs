@@ -53,14 +53,19 @@ pub struct HoldRecord {
     pub target_file: Option<FileId>,
 }
 
-/// A file's identity on its host: its device and inode numbers (what
-/// `stat` gives). Informational beyond one host and one filesystem's life.
+/// A file's identity as it stays across remounts and reboots (a live
+/// restore is resumed after a crash): its inode number and, where the
+/// filesystem records it, its birth time (an inode number alone may go to
+/// a later file). The device number is no part of it: it may change when
+/// the filesystem is mounted again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileId {
-    /// `st_dev`.
-    pub dev: u64,
     /// `st_ino`.
     pub ino: u64,
+    /// The birth time (`statx`'s `stx_btime`), where the filesystem keeps
+    /// one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub born: Option<Timestamp>,
 }
 
 impl FileId {
@@ -69,9 +74,19 @@ impl FileId {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path)?;
         Ok(FileId {
-            dev: m.dev(),
             ino: m.ino(),
+            born: m.created().ok().and_then(|t| Timestamp::try_from(t).ok()),
         })
+    }
+
+    /// True when both may be the same file: the same inode, born at the
+    /// same time where both know it.
+    pub fn same_file(&self, other: &FileId) -> bool {
+        self.ino == other.ino
+            && match (self.born, other.born) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
     }
 }
 
@@ -205,8 +220,12 @@ mod tests {
 
     #[test]
     fn the_target_files_identity_is_kept_and_absent_in_older_holds() {
+        let born = Timestamp::from_second(1_700_000_500).unwrap();
         let r = HoldRecord {
-            target_file: Some(FileId { dev: 2049, ino: 77 }),
+            target_file: Some(FileId {
+                ino: 77,
+                born: Some(born),
+            }),
             ..record()
         };
         let tag = target_tag(&r.target);
@@ -222,11 +241,25 @@ mod tests {
         let bad = serde_json::json!({
             "item": "vm", "point": "0a1b2c3d4e5f", "tier": "snapshot",
             "target": "/srv/vm/restored.qcow2", "started": "2023-11-14T22:13:20Z", "pid": 42,
-            "target_file": {"dev": -1, "ino": "x"}
+            "target_file": {"ino": -1, "born": "x"}
         });
         let e = envelope::encode(&HOLD_MAGIC, HOLD_VERSION, bad.to_string().as_bytes());
         assert!(HoldRecord::decode(&e, &tag).is_err());
-        assert!(FileId::of(Path::new("/")).is_ok());
+        // The same file: the same inode, and the same birth where both
+        // know one.
+        let id = |ino, born| FileId { ino, born };
+        let later = Timestamp::from_second(1_700_000_900).unwrap();
+        assert!(id(77, Some(born)).same_file(&id(77, Some(born))));
+        assert!(id(77, None).same_file(&id(77, Some(born))));
+        assert!(!id(77, Some(born)).same_file(&id(77, Some(later))));
+        assert!(!id(77, Some(born)).same_file(&id(78, Some(born))));
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        std::fs::write(&a, b"a").unwrap();
+        std::fs::write(&b, b"b").unwrap();
+        let ida = FileId::of(&a).unwrap();
+        assert!(ida.same_file(&FileId::of(&a).unwrap()));
+        assert!(!ida.same_file(&FileId::of(&b).unwrap()));
     }
 
     #[test]
