@@ -207,7 +207,7 @@ fn resolve_target(target: &Path, resume: bool) -> Result<PathBuf> {
         let path = std::fs::canonicalize(target).map_err(|e| {
             fail(
                 target,
-                format!("cannot resume: {e} (without --resume a new target is made)"),
+                format!("cannot resume: {e} (without --resume a new target is made, once no unfinished live restore holds this path)"),
             )
         })?;
         // A target coffre made: a regular file of this user's, writable by
@@ -270,6 +270,9 @@ pub fn restore_live(
         ));
     }
     let holds = HoldStore::new(vault.dir(), vault.config().keys());
+    if !opts.resume {
+        refuse_unfinished(&holds, &target, &names, item)?;
+    }
     let place = Place::find(opts, &target, &names)?;
     let socket = place.socket.clone();
     if opts.resume && std::fs::metadata(&target).is_ok_and(|m| m.len() == 0) {
@@ -369,6 +372,51 @@ pub fn restore_live(
     })
 }
 
+/// Refuses a new run (its target absent, checked under the target lock)
+/// into a path whose hold exists: an earlier run's that never finished,
+/// whose target was removed, or never made because that run was killed
+/// first. A removed file stays open in a QEMU that had it, and that VM may
+/// still read the held point through its nodes; coffre cannot tell from
+/// here (it may be another VM), so the hold is never replaced, nor
+/// released by this run's failure: the user lets it go once no VM uses
+/// it. Done before anything of the run is made (a domain's folder).
+fn refuse_unfinished(
+    holds: &HoldStore,
+    target: &Path,
+    names: &LiveNames,
+    item: &str,
+) -> Result<()> {
+    let path = holds.path_of(target);
+    let how = |item: &str| {
+        format!(
+            "once no VM uses it (the VM stopped, or its QEMU nodes {} and {} removed with blockdev-del), `coffre restore --live --abandon --item {item} --to {:?}` with this command's --vault (and --from) lets it go; then run this command again",
+            names.target, names.backing, target
+        )
+    };
+    match holds.get(target) {
+        Ok(None) => Ok(()),
+        Ok(Some(h)) => Err(fail(
+            target,
+            format!(
+                "a live restore into this path that began {} (point {} of item {}) did not end, and its target is absent (removed, or never made); a QEMU may still run a VM on a removed target and read the point through coffre, so its hold {} stays and this run is not started: {}",
+                h.started,
+                h.point,
+                h.item,
+                path.display(),
+                how(&h.item)
+            ),
+        )),
+        Err(e) => Err(fail(
+            target,
+            format!(
+                "its hold {} cannot be read ({e}): an earlier live restore into this path may still need the point it names, so it stays and this run is not started: {}",
+                path.display(),
+                how(item)
+            ),
+        )),
+    }
+}
+
 /// Writes (or, on a resumed run, rewrites) the hold of the live restore
 /// into `target` on `entry`; a restore whose point cannot be held does
 /// not start.
@@ -381,49 +429,12 @@ fn hold_point(
     opts: &LiveOptions,
     report: &dyn LiveReport,
 ) -> Result<()> {
-    let found = holds.get(target);
-    // A new run's target is absent (checked under the target lock), so a
-    // hold of it is an earlier run's that never finished: its target was
-    // removed, or the run was killed before it made it. A removed file
-    // stays open in a QEMU that had it, and that VM may still read the
-    // held point through its nodes; coffre cannot tell from here (it may
-    // be another VM), so the hold is never replaced, nor released by this
-    // run's failure: the user lets it go once no VM uses it.
     if !opts.resume {
-        let path = holds.path_of(target);
-        let how = |item: &str| {
-            format!(
-                "once no VM uses it (the VM stopped, or its QEMU nodes {} and {} removed with blockdev-del), `coffre restore --live --abandon --item {item} --to {:?}` with this command's --vault (and --from) lets it go; then run this command again",
-                names.target, names.backing, target
-            )
-        };
-        match found {
-            Ok(None) => {}
-            Ok(Some(h)) => {
-                return Err(fail(
-                    target,
-                    format!(
-                        "a live restore into this path that began {} (point {} of item {}) did not end, and its target is absent (removed, or never made); a QEMU may still run a VM on a removed target and read the point through coffre, so its hold {} stays and this run is not started: {}",
-                        h.started,
-                        h.point,
-                        h.item,
-                        path.display(),
-                        how(&h.item)
-                    ),
-                ));
-            }
-            Err(e) => {
-                return Err(fail(
-                    target,
-                    format!(
-                        "its hold {} cannot be read ({e}): an earlier live restore into this path may still need the point it names, so it stays and this run is not started: {}",
-                        path.display(),
-                        how(&entry.item)
-                    ),
-                ));
-            }
-        }
+        // Checked before the run made anything; again here, where the
+        // hold is written (under the same locks: nothing changed it).
+        refuse_unfinished(holds, target, names, &entry.item)?;
     }
+    let found = holds.get(target);
     // A resumed run carries on only in the file the restore made (a copy
     // of it reads the same backing, but is not what a VM may still use).
     // Its hold names the point the target's own backing reads (the target
