@@ -37,15 +37,16 @@
 //! The hold goes when the stream completes and the target is durable
 //! (written out by QEMU, whose caches hold the streamed clusters'
 //! mappings until a flush; fsynced; its backing read again; its own
-//! mapping holding every range where the point has data; a resumed run
-//! that finds the stream complete also requires the file the hold names,
-//! once the run that made it recorded it), when a run of
+//! mapping holding every range where the point has data), when a run of
 //! a new target fails before QEMU had it and the run removed the target
 //! itself, or on [`abandon`]. A new run never replaces a hold: one
 //! found for its (absent) target is an earlier run's that never finished,
 //! whose VM may still read the point through a removed file; the run is
-//! refused until the user abandons that hold. A resumed run's hold names
-//! the point its target's backing reads.
+//! refused until the user abandons that hold. The hold names the target
+//! file once it is made (inode and birth time), and every resumed run
+//! carries on only in that very file (a copy reads the same backing, but
+//! is not what a VM may still use); its hold names the point its target's
+//! backing reads.
 //!
 //! **One run per target**: a [`TargetLock`] is taken before the export's
 //! socket is bound, so a second run (two `--resume`s at once) fails at
