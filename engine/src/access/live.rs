@@ -330,22 +330,14 @@ pub fn restore_live(
         select_point(vault, item, point.unwrap_or("latest"))?
     };
     let image = PointImage::open(vault, &entry, &opts.access)?;
-    hold_point(
-        &holds,
-        &target,
-        &names,
-        &entry,
-        image.served(),
-        opts,
-        report,
-    )?;
+    let hold = hold_point(&holds, &target, &entry, image.served(), opts, report)?;
     // The hold is written: a prune from now on reads it.
     drop(holds_lock);
     // Whether this run's new target is there (made, and not removed by
     // the run itself because QEMU never had it).
     let made = AtomicBool::new(false);
     let served = serve_and_drive(
-        &place, &target, &names, &entry, &image, opts, report, stop, &made, &holds,
+        &place, &target, &names, &entry, &image, opts, report, stop, &made, &holds, &hold,
     );
     // The export's folder and the hold go once the stream is complete (and
     // the target durable), or when a new target's run failed and the
@@ -419,30 +411,32 @@ fn refuse_unfinished(
 }
 
 /// Writes (or, on a resumed run, rewrites) the hold of the live restore
-/// into `target` on `entry`; a restore whose point cannot be held does
-/// not start.
+/// into `target` on `entry`, and returns it; a restore whose point cannot
+/// be held does not start. A new run's caller has refused an unfinished
+/// restore's hold first ([`refuse_unfinished`], under the same locks).
 fn hold_point(
     holds: &HoldStore,
     target: &Path,
-    names: &LiveNames,
     entry: &PointEntry,
     served: Served,
     opts: &LiveOptions,
     report: &dyn LiveReport,
-) -> Result<()> {
-    if !opts.resume {
-        // Checked before the run made anything; again here, where the
-        // hold is written (under the same locks: nothing changed it).
-        refuse_unfinished(holds, target, names, &entry.item)?;
-    }
+) -> Result<HoldRecord> {
+    // A resumed run's target is there; a new run's is made later
+    // (`Run::note_target_file`).
+    let target_file = if opts.resume {
+        Some(FileId::of(target).map_err(|e| fail(target, e.to_string()))?)
+    } else {
+        None
+    };
     let found = holds.get(target);
     // A resumed run carries on only in the file the restore made (a copy
     // of it reads the same backing, but is not what a VM may still use).
     // Its hold names the point the target's own backing reads (the target
     // says what it needs): an earlier run's hold of the same point keeps
     // its start; one of another point, or a damaged one, is replaced.
-    if let Ok(Some(h)) = &found {
-        check_target_file(holds, target, h)?;
+    if let (Ok(Some(h)), Some(now)) = (&found, &target_file) {
+        check_target_file(holds, target, h, now)?;
     }
     let found = match found {
         Ok(f) => f,
@@ -469,11 +463,6 @@ fn hold_point(
         ));
     }
     let earlier = found.filter(|h| h.item == entry.item && h.point == entry.id);
-    let target_file = if opts.resume {
-        Some(FileId::of(target).map_err(|e| fail(target, e.to_string()))?)
-    } else {
-        None
-    };
     let record = HoldRecord {
         item: entry.item.clone(),
         point: entry.id.clone(),
@@ -481,7 +470,6 @@ fn hold_point(
         target: target.to_path_buf(),
         started: earlier.as_ref().map_or(opts.now, |h| h.started),
         pid: std::process::id(),
-        // A new run's target is made later (`Run::note_target_file`).
         target_file,
     };
     holds.put(&record).map_err(|e| {
@@ -501,18 +489,23 @@ fn hold_point(
             holds.path_of(target).display()
         ));
     }
-    Ok(())
+    Ok(record)
 }
 
 /// Refuses a resumed run on a file that is not the one `hold`'s live
 /// restore made, when the hold names it: that restore's target may have
 /// been removed while a VM still reads the point through it, and a copy or
 /// another file at the path must not end it. The hold stays as it is.
-fn check_target_file(holds: &HoldStore, target: &Path, hold: &HoldRecord) -> Result<()> {
+/// `now` is the file at `target`.
+fn check_target_file(
+    holds: &HoldStore,
+    target: &Path,
+    hold: &HoldRecord,
+    now: &FileId,
+) -> Result<()> {
     let Some(made) = hold.target_file else {
         return Ok(());
     };
-    let now = FileId::of(target).map_err(|e| fail(target, e.to_string()))?;
     if now.same_file(&made) {
         return Ok(());
     }
@@ -525,7 +518,7 @@ fn check_target_file(holds: &HoldStore, target: &Path, hold: &HoldRecord) -> Res
         format!(
             "it is not the file the live restore of point {} made ({}, that one {}): its hold {} stays and this run is not started; if that restore's target is gone and no VM uses it, `coffre restore --live --abandon` with this command's --vault (and --from) lets the hold go",
             hold.point,
-            shown(&now),
+            shown(now),
             shown(&made),
             holds.path_of(target).display()
         ),
@@ -562,6 +555,7 @@ fn serve_and_drive(
     stop: &AtomicBool,
     made: &AtomicBool,
     holds: &HoldStore,
+    hold: &HoldRecord,
 ) -> Result<(Outcome, u64, u64)> {
     let socket = &place.socket;
     let listener = Listener::unix(socket).map_err(|e| {
@@ -601,6 +595,7 @@ fn serve_and_drive(
             activity: &activity,
             made,
             holds,
+            hold,
         };
         let outcome = run.drive();
         export_stop.store(true, Ordering::Relaxed);
@@ -779,8 +774,10 @@ fn finish_only(
     // Only the file this live restore made ends it: another file put at
     // the path (the target removed meanwhile, a VM perhaps still on it)
     // leaves the hold and QEMU as they are.
-    if let Ok(Some(h)) = holds.get(target) {
-        check_target_file(holds, target, &h)?;
+    let hold = holds.get(target);
+    if let Ok(Some(h)) = &hold {
+        let now = FileId::of(target).map_err(|e| fail(target, e.to_string()))?;
+        check_target_file(holds, target, h, &now)?;
     }
     let (_lock, mut vm) = place.connect(target)?;
     let qmp = vm.as_mut();
@@ -809,7 +806,7 @@ fn finish_only(
     }
     // The target is checked against the point its hold names; only a
     // point gone (nothing left to keep) or no hold at all skips that.
-    let hold = holds.get(target).map_err(|e| {
+    let hold = hold.map_err(|e| {
         fail(
             target,
             format!("its hold cannot be read ({e}), so the target cannot be checked against its point: the hold stays; once the target is known good, `coffre restore --live --abandon` removes it"),
@@ -1061,8 +1058,10 @@ struct Run<'a, 'v> {
     activity: &'a Activity,
     /// True while the new target this run made is there.
     made: &'a AtomicBool,
-    /// The vault's holds (this run's names the target's file once made).
+    /// The vault's holds, and this run's (which names the target's file
+    /// once it is made).
     holds: &'a HoldStore,
+    hold: &'a HoldRecord,
 }
 
 /// What the QEMU side did.
@@ -1095,15 +1094,16 @@ impl Run<'_, '_> {
     /// very file only. Not done, the hold still keeps the point (a resume
     /// then cannot tell the file): said, not an error.
     fn note_target_file(&self) {
+        // The run holds the target's lock: the hold is still the one it
+        // wrote.
         let noted = FileId::of(self.target)
             .map_err(|e| e.to_string())
-            .and_then(|id| match self.holds.get(self.target) {
-                Ok(Some(mut h)) if h.item == self.entry.item && h.point == self.entry.id => {
-                    h.target_file = Some(id);
-                    self.holds.put(&h).map_err(|e| e.to_string())
-                }
-                Ok(_) => Err("it is not this run's".into()),
-                Err(e) => Err(e.to_string()),
+            .and_then(|id| {
+                let hold = HoldRecord {
+                    target_file: Some(id),
+                    ..self.hold.clone()
+                };
+                self.holds.put(&hold).map_err(|e| e.to_string())
             });
         if let Err(e) = noted {
             self.report.step(&format!(
