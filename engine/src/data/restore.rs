@@ -305,15 +305,9 @@ fn write_point(
             let packs: Vec<Option<RecordFile>> = s
                 .pack_files()
                 .into_iter()
-                .map(|f| {
-                    let f = f?;
-                    // Descriptors of their own: the fetch's advice stays
-                    // off the snapshot reader's.
-                    let cached = File::open(fd_path(f)).ok()?;
-                    let direct =
-                        coffre_vault_store::store::local::direct::open_direct_read(&fd_path(f));
-                    Some(RecordFile::new(cached, direct))
-                })
+                // Descriptors of their own: the fetch's advice stays off
+                // the snapshot reader's.
+                .map(|f| RecordFile::open(&fd_path(f?)))
                 .collect();
             packs.iter().any(Option::is_some).then(|| {
                 Fetcher::new(FETCH_CAP, move |i| {
@@ -322,11 +316,7 @@ fn write_point(
             })
         }
         Data::Vault(_) => Some(Fetcher::new(FETCH_CAP, |segment| {
-            let path = vault.segment_path(segment);
-            Some(RecordFile::new(
-                File::open(&path).ok()?,
-                coffre_vault_store::store::local::direct::open_direct_read(&path),
-            ))
+            RecordFile::open(&vault.segment_path(segment))
         })),
     };
     let bs = u64::from(point.block_size);

@@ -27,6 +27,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use coffre_vault_store::store::local::direct::{AlignedBuf, DIRECT_ALIGN};
 
@@ -180,6 +181,15 @@ impl RecordFile {
         }
     }
 
+    /// The file at `path`, opened twice (buffered, and with `O_DIRECT`
+    /// where the filesystem allows it); `None` when it cannot be opened.
+    pub fn open(path: &Path) -> Option<RecordFile> {
+        Some(RecordFile::new(
+            File::open(path).ok()?,
+            coffre_vault_store::store::local::direct::open_direct_read(path),
+        ))
+    }
+
     /// The same file, its descriptors duplicated.
     pub fn try_clone(&self) -> Option<RecordFile> {
         Some(RecordFile {
@@ -202,15 +212,13 @@ impl RecordFile {
         let Some(end) = offset.checked_add(len) else {
             return false;
         };
-        let grid = offset / WARM_GRID..end.div_ceil(WARM_GRID);
+        let mut grid = offset / WARM_GRID..end.div_ceil(WARM_GRID);
         let was = |k: u64| {
             usize::try_from(k)
                 .ok()
                 .and_then(|k| self.warm.get(k).copied())
         };
-        len > 0
-            && grid.clone().all(|k| was(k) == Some(true))
-            && in_page_cache(&self.cached, offset, len)
+        len > 0 && grid.all(|k| was(k) == Some(true)) && in_page_cache(&self.cached, offset, len)
     }
 
     /// Reads into `dst` at `offset` (both aligned to [`DIRECT_ALIGN`]):
@@ -589,12 +597,7 @@ mod tests {
         std::fs::write(&p, &data).unwrap();
         let file = File::open(&p).unwrap();
         let _ = std::fs::read(&p).unwrap();
-        let open = || {
-            RecordFile::new(
-                File::open(&p).unwrap(),
-                coffre_vault_store::store::local::direct::open_direct_read(&p),
-            )
-        };
+        let open = || RecordFile::open(&p).unwrap();
         let f = open();
         if !in_page_cache(&file, 0, 4096) {
             coffre_vault_store::skip::skip(
