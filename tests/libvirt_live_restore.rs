@@ -87,15 +87,8 @@ fn a_killed_live_restore_into_a_domain_resumes_and_the_target_is_the_point_with_
     let names = LiveNames::of(&target);
     let folder: PathBuf = std::env::temp_dir().join(format!("coffre-libvirt-live-{}", names.tag));
     let live_on = |device: &str, extra: &[&str]| -> Vec<String> {
-        let mut a = vec![
-            "restore",
-            "--vault",
-            s(&vault),
-            "--item",
-            "vm",
-            "--live",
-            "--to",
-            s(&target),
+        let mut a = live_args(s(&vault), &target);
+        a.extend([
             "--domain",
             &name,
             "--connect",
@@ -104,7 +97,7 @@ fn a_killed_live_restore_into_a_domain_resumes_and_the_target_is_the_point_with_
             device,
             // vdb is a blank disk the running guest does not use.
             "--swap-running-disk",
-        ];
+        ]);
         a.extend_from_slice(extra);
         a.iter().map(|x| x.to_string()).collect()
     };

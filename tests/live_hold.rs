@@ -19,6 +19,13 @@ use coffre_engine::store::holds::{HoldRecord, HoldStore};
 
 use crate::common::*;
 
+/// `restore --live --abandon` of the live restore into `target`.
+fn abandon_args<'a>(vault: &'a str, target: &'a Path) -> Vec<&'a str> {
+    let mut a = live_args(vault, target);
+    a.push("--abandon");
+    a
+}
+
 fn tier_of(vault: &Path, id: &str) -> String {
     points(vault, "vm")
         .iter()
@@ -151,32 +158,9 @@ fn a_held_point_survives_prune_and_gc_until_abandoned() {
 
     // Abandoned (the target is not there, so nothing needs the point): the
     // damaged hold goes and the point expires at the next prune.
-    let other = fails(
-        &[
-            "restore",
-            "--vault",
-            v,
-            "--item",
-            "vm",
-            "--live",
-            "--abandon",
-            "--to",
-            s(&dir.join("elsewhere.qcow2")),
-        ],
-        1,
-    );
+    let other = fails(&abandon_args(v, &dir.join("elsewhere.qcow2")), 1);
     assert!(other.contains("nothing to abandon"), "{other}");
-    let out = ok(&[
-        "restore",
-        "--vault",
-        v,
-        "--item",
-        "vm",
-        "--live",
-        "--abandon",
-        "--to",
-        s(&target),
-    ]);
+    let out = ok(&abandon_args(v, &target));
     assert!(out.contains("damaged hold"), "{out}");
     assert!(!path.exists());
     let r = json_at(later, &["prune", "--vault", v]);
@@ -233,17 +217,7 @@ fn a_target_that_still_reads_the_export_is_not_abandoned() {
             target_file: None,
         })
         .unwrap();
-    let args = [
-        "restore",
-        "--vault",
-        v,
-        "--item",
-        "vm",
-        "--live",
-        "--abandon",
-        "--to",
-        s(&target),
-    ];
+    let args = abandon_args(v, &target);
     let err = fails(&args, 1);
     assert!(
         err.contains("still reads") && err.contains(&point) && err.contains("--resume"),
@@ -284,23 +258,11 @@ fn a_new_live_restore_never_replaces_the_hold_of_an_unfinished_one() {
         .unwrap();
     let path = holds.path_of(&target);
     let kept = std::fs::read(&path).unwrap();
+    let no_vm = dir.join("no-vm.sock");
     let live = |point: &str| {
-        run(&[
-            "restore",
-            "--vault",
-            v,
-            "--item",
-            "vm",
-            "--point",
-            point,
-            "--live",
-            "--to",
-            s(&target),
-            "--qmp",
-            s(&dir.join("no-vm.sock")),
-            "--device",
-            "vdb",
-        ])
+        let mut a = live_args(v, &target);
+        a.extend(["--point", point, "--qmp", s(&no_vm), "--device", "vdb"]);
+        run(&a)
     };
     // A new run, of another point or the same, is refused: the hold stays
     // as it was, and the message says how to let it go.
@@ -338,17 +300,7 @@ fn a_new_live_restore_never_replaces_the_hold_of_an_unfinished_one() {
     ) {
         return;
     }
-    ok(&[
-        "restore",
-        "--vault",
-        v,
-        "--item",
-        "vm",
-        "--live",
-        "--abandon",
-        "--to",
-        s(&target),
-    ]);
+    ok(&abandon_args(v, &target));
     let out = live(&second);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
@@ -386,17 +338,7 @@ fn a_held_soft_deleted_item_is_not_purged_until_the_hold_goes() {
     assert_eq!(r["held"][0]["point"], point.as_str(), "{r}");
     assert_eq!(points(&vault, "vm").len(), 1);
     // The target is not there: the hold is abandoned, and the purge runs.
-    ok(&[
-        "restore",
-        "--vault",
-        v,
-        "--item",
-        "vm",
-        "--live",
-        "--abandon",
-        "--to",
-        s(&target),
-    ]);
+    ok(&abandon_args(v, &target));
     let r = json_at("2027-02-01T00:00:00Z", &["prune", "--vault", v]);
     assert_eq!(r["purged_items"], serde_json::json!(["vm"]), "{r}");
 }

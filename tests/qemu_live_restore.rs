@@ -203,22 +203,20 @@ impl Setup {
         })
     }
 
+    /// A set-up whose live restore (no speed limit) ran to its end, the
+    /// point no longer held; `None` where QEMU is missing.
+    fn completed() -> Option<Setup> {
+        let st = Setup::new()?;
+        let out = coffre().args(st.live(&["--speed", "0"])).output().unwrap();
+        assert!(out.status.success(), "live restore: {out:?}");
+        assert_eq!(st.holds(), vec![], "the point is no longer held");
+        Some(st)
+    }
+
     /// The arguments of the live restore, then `extra`.
     fn live(&self, extra: &[&str]) -> Vec<String> {
-        let mut a = vec![
-            "restore",
-            "--vault",
-            s(&self.vault),
-            "--item",
-            "vm",
-            "--live",
-            "--to",
-            s(&self.target),
-            "--qmp",
-            s(&self.vm.qmp),
-            "--device",
-            "vda",
-        ];
+        let mut a = live_args(s(&self.vault), &self.target);
+        a.extend(["--qmp", s(&self.vm.qmp), "--device", "vda"]);
         if !extra.contains(&"--speed") {
             a.extend(["--speed", SPEED]);
         }
@@ -498,12 +496,9 @@ fn an_export_gone_past_the_reconnect_delay_pauses_the_job_and_resume_carries_on(
 /// leaves a target equal to the point.
 #[test]
 fn a_completed_live_restore_survives_qemu_killed_at_once() {
-    let Some(st) = Setup::new() else {
+    let Some(st) = Setup::completed() else {
         return;
     };
-    let out = coffre().args(st.live(&["--speed", "0"])).output().unwrap();
-    assert!(out.status.success(), "live restore: {out:?}");
-    assert_eq!(st.holds(), vec![], "the point is no longer held");
     let initial = st.initial.clone();
     st.kill_and_compare(&initial, "the point after QEMU was killed");
 }
@@ -515,12 +510,9 @@ fn a_completed_live_restore_survives_qemu_killed_at_once() {
 /// holds every block of the point.
 #[test]
 fn a_resume_after_the_stream_completed_checks_the_target_against_its_hold() {
-    let Some(st) = Setup::new() else {
+    let Some(st) = Setup::completed() else {
         return;
     };
-    let out = coffre().args(st.live(&["--speed", "0"])).output().unwrap();
-    assert!(out.status.success(), "live restore: {out:?}");
-    assert_eq!(st.holds(), vec![]);
     // The hold as the completing run left it when killed at its end: for
     // another file first (the target replaced at its path), kept as it
     // is; then damaged; then this very file's.
@@ -619,20 +611,8 @@ fn a_new_device_is_added_on_the_bus_given() {
     // The live restore of the point into `target` through monitor `qmp`,
     // to device `device`, then `extra`.
     let live = |qmp: &std::path::Path, device: &str, extra: &[&str]| -> Vec<String> {
-        let mut a = vec![
-            "restore",
-            "--vault",
-            s(&vault),
-            "--item",
-            "vm",
-            "--live",
-            "--to",
-            s(&target),
-            "--qmp",
-            s(qmp),
-            "--device",
-            device,
-        ];
+        let mut a = live_args(s(&vault), &target);
+        a.extend(["--qmp", s(qmp), "--device", device]);
         a.extend_from_slice(extra);
         a.into_iter().map(str::to_string).collect()
     };

@@ -242,6 +242,21 @@ pub fn json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&ok(&all)).expect("valid JSON")
 }
 
+/// `restore --vault VAULT --item vm --live --to TARGET`: how every live
+/// restore's arguments begin (item `vm`, as the live tests name it).
+pub fn live_args<'a>(vault: &'a str, target: &'a Path) -> Vec<&'a str> {
+    vec![
+        "restore",
+        "--vault",
+        vault,
+        "--item",
+        "vm",
+        "--live",
+        "--to",
+        s(target),
+    ]
+}
+
 /// Path as &str.
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
