@@ -22,6 +22,8 @@ pub mod data;
 pub mod error;
 pub mod service;
 
+#[cfg(test)]
+pub(crate) use data::test_vault;
 pub use data::{
     backup, bench, ingest, per_thread, point_source, points, reader, restore, restore_qcow2,
     restore_target, verify,

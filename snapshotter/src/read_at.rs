@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use coffre_vault_store::ChunkId;
 
 use crate::error::{Result, SnapError};
-use crate::manifest::{FrameSource, SnapEntry, SnapHeader};
+use crate::manifest::{FrameSource, PackLoc, SnapEntry, SnapHeader};
 use crate::pack::{PackReader, RecordBuf};
 use crate::read::{Parts, SnapshotBlocks};
 use crate::source::ImageSource;
@@ -123,6 +123,30 @@ impl SnapshotAt {
             Data::Chunks { .. } => self.entry(b)?.id.map_or(BlockAt::Zero, BlockAt::Chunk),
             Data::Clone(..) => BlockAt::Clone,
         }))
+    }
+
+    /// Where block `b`'s record lies: its chunk and its place in a pack
+    /// (numbered as [`SnapshotAt::pack_files`] lists them); `None` for a
+    /// zero block, a block past the end, or a clone's. The place is the
+    /// manifest's word, checked again by whoever reads the record.
+    pub fn record_place(&self, b: u64) -> Result<Option<(ChunkId, PackLoc)>> {
+        if self.bytes_of(b).is_none() || matches!(self.data, Data::Clone(..)) {
+            return Ok(None);
+        }
+        let e = self.entry(b)?;
+        Ok(e.id.map(|id| (id, e.loc)))
+    }
+
+    /// The open pack files, by pack number (`None`: a pack that is
+    /// missing; empty for a clone).
+    pub fn pack_files(&self) -> Vec<Option<&std::fs::File>> {
+        match &self.data {
+            Data::Chunks { packs, .. } => packs
+                .iter()
+                .map(|p| p.as_ref().map(PackReader::file))
+                .collect(),
+            Data::Clone(..) => Vec::new(),
+        }
     }
 
     /// Block `b`'s entry, from its frame (cached, or read and checked).

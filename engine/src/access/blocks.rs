@@ -13,8 +13,10 @@ use std::sync::{Arc, Mutex};
 use coffre_snapshotter::pack::RecordBuf;
 use coffre_snapshotter::read_at::{BlockAt, SnapshotAt};
 use coffre_vault_store::format::blockmap::{Entry, LEAF_ENTRIES};
+use coffre_vault_store::format::record::RecordDecoder;
 use coffre_vault_store::{ChunkBuf, ChunkId, StoreError, Vault};
 
+use crate::data::record_fetch::{Fetcher, Place, decode_fetched_owned};
 use crate::error::{EngineError, Result};
 use crate::points::PointEntry;
 use crate::reader::BlockMapReader;
@@ -286,6 +288,70 @@ impl<'v> Blocks<'v> {
         // The decoded bytes themselves (no copy; see `SnapshotAt::read_block`).
         *out = scratch.chunk.take_plain();
         Ok(())
+    }
+
+    /// Where block `b`'s record lies in the tier that serves, for reading
+    /// records ahead in runs: its chunk and place (a pack's number, or a
+    /// segment's). `None` for a zero block, a clone's, or a chunk the
+    /// vault's index does not place (the ordinary read reports that). The
+    /// place is only where to look: whatever is read there is checked
+    /// when it is decoded.
+    pub(crate) fn place(&self, b: u64) -> Result<Option<(ChunkId, Place)>> {
+        if let Some(s) = &self.snapshot {
+            return Ok(s.record_place(b)?.map(|(id, l)| {
+                (
+                    id,
+                    Place {
+                        file: u64::from(l.pack),
+                        offset: l.offset,
+                        len: l.len,
+                    },
+                )
+            }));
+        }
+        let Some(id) = self.entry(b)? else {
+            return Ok(None);
+        };
+        Ok(self.vault.index().chunk(&id).ok().flatten().map(|l| {
+            (
+                id,
+                Place {
+                    file: l.segment,
+                    offset: l.offset,
+                    len: l.len,
+                },
+            )
+        }))
+    }
+
+    /// A reader of the serving tier's records in runs, holding at most
+    /// `cap` bytes at once; `None` when none of its files opens again.
+    pub(crate) fn fetcher(&self, cap: usize) -> Option<Fetcher<'v>> {
+        match &self.snapshot {
+            Some(s) => Fetcher::of_packs(cap, s.pack_files()),
+            None => Some(Fetcher::of_segments(cap, self.vault)),
+        }
+    }
+
+    /// Block `b` decoded from its record fetched ahead (chunk `id`), when
+    /// the record passes every check a read makes (header, id, length,
+    /// CRC, authentication, BLAKE3) and holds the block's length; `None`
+    /// otherwise, and the block is read the ordinary way ([`Self::decode`]),
+    /// which reports damage and repairs copies.
+    pub(crate) fn decode_fetched(
+        &self,
+        b: u64,
+        id: &ChunkId,
+        record: &[u8],
+        decoder: &mut RecordDecoder,
+    ) -> Option<Vec<u8>> {
+        decode_fetched_owned(
+            record,
+            id,
+            decoder,
+            self.vault.config().keys(),
+            self.len_of(b),
+        )
     }
 
     fn damaged(&self, b: u64, id: ChunkId, reason: String) -> EngineError {

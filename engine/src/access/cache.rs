@@ -1,7 +1,7 @@
 //! The bounded cache of decoded blocks a point read in place keeps, and
 //! the guard that makes two readers of one block decode it once.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -13,8 +13,10 @@ pub struct BlockCache {
 
 struct Inner {
     blocks: lru::LruCache<u64, Arc<Vec<u8>>>,
-    /// Blocks being decoded now.
-    loading: HashSet<u64>,
+    /// Blocks being decoded now, each with whether a reader waits for it
+    /// (only then does its end wake the waiters: readers of other blocks
+    /// sleep on).
+    loading: HashMap<u64, bool>,
 }
 
 impl BlockCache {
@@ -25,7 +27,7 @@ impl BlockCache {
                 blocks: lru::LruCache::new(
                     NonZeroUsize::new(blocks.max(1)).unwrap_or(NonZeroUsize::MIN),
                 ),
-                loading: HashSet::new(),
+                loading: HashMap::new(),
             }),
             loaded: Condvar::new(),
         }
@@ -38,6 +40,23 @@ impl BlockCache {
     /// True when block `b` is cached (it is not marked as used).
     pub fn contains(&self, b: u64) -> bool {
         self.lock().blocks.contains(&b)
+    }
+
+    /// Claims block `b` for loading when it is neither cached nor being
+    /// loaded: until the claim is filled or dropped, every reader of the
+    /// block waits for it (a read-ahead that claims the blocks it fetches
+    /// keeps the readers who catch up with it from reading them twice).
+    pub fn claim(&self, b: u64) -> Option<Claim<'_>> {
+        let mut inner = self.lock();
+        if inner.blocks.contains(&b) || inner.loading.contains_key(&b) {
+            return None;
+        }
+        inner.loading.insert(b, false);
+        Some(Claim {
+            cache: self,
+            b,
+            bytes: None,
+        })
     }
 
     /// Block `b`, from the cache or from `load` (run once however many
@@ -54,35 +73,60 @@ impl BlockCache {
             if let Some(bytes) = inner.blocks.get(&b) {
                 return Ok((bytes.clone(), true));
             }
-            if !inner.loading.contains(&b) {
-                break;
+            match inner.loading.get_mut(&b) {
+                None => break,
+                Some(waited) => *waited = true,
             }
             inner = self.loaded.wait(inner).unwrap_or_else(|p| p.into_inner());
         }
-        inner.loading.insert(b);
+        inner.loading.insert(b, false);
         drop(inner);
         // Whatever happens to `load` (an error, a panic), the block stops
         // being "loading" and the waiters wake.
-        let guard = Loading { cache: self, b };
-        let result = load();
-        if let Ok(bytes) = &result {
-            self.lock().blocks.put(b, bytes.clone());
-        }
-        drop(guard);
-        result.map(|bytes| (bytes, false))
+        let claim = Claim {
+            cache: self,
+            b,
+            bytes: None,
+        };
+        let bytes = load()?;
+        claim.fill(bytes.clone());
+        Ok((bytes, false))
     }
 }
 
-/// Marks a block as no longer loading when dropped.
-struct Loading<'c> {
+/// A block being loaded by its holder: filled, it is cached; dropped
+/// unfilled (an error, a panic), its readers wake and load it themselves.
+pub struct Claim<'c> {
     cache: &'c BlockCache,
     b: u64,
+    /// The bytes it was filled with.
+    bytes: Option<Arc<Vec<u8>>>,
 }
 
-impl Drop for Loading<'_> {
+impl Claim<'_> {
+    /// The block this claim is for.
+    pub fn block(&self) -> u64 {
+        self.b
+    }
+
+    /// Caches the block's bytes and wakes its readers.
+    pub fn fill(mut self, bytes: Arc<Vec<u8>>) {
+        self.bytes = Some(bytes);
+        // (Dropped here: cached and woken under one lock.)
+    }
+}
+
+impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        self.cache.lock().loading.remove(&self.b);
-        self.cache.loaded.notify_all();
+        let mut inner = self.cache.lock();
+        if let Some(bytes) = self.bytes.take() {
+            inner.blocks.put(self.b, bytes);
+        }
+        let waited = inner.loading.remove(&self.b);
+        drop(inner);
+        if waited == Some(true) {
+            self.cache.loaded.notify_all();
+        }
     }
 }
 
@@ -126,5 +170,41 @@ mod tests {
         assert!(caught.is_err());
         let (b, hit) = cache.get_or_load(5, || load(5)).unwrap();
         assert!(!hit && b[0] == 5);
+    }
+
+    #[test]
+    fn a_claimed_block_is_waited_for_and_a_dropped_claim_leaves_it_to_the_reader() {
+        let cache = BlockCache::new(4);
+        let claim = cache.claim(7).expect("a block no one has");
+        assert!(cache.claim(7).is_none(), "claimed twice");
+        let loads = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                cache.get_or_load(7, || {
+                    loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Ok::<_, ()>(Arc::new(vec![0u8; 4]))
+                })
+            });
+            // The reader waits for the claim (it does not load) ...
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!reader.is_finished());
+            claim.fill(Arc::new(vec![7u8; 4]));
+            // ... and gets what the claim was filled with.
+            let (bytes, hit) = reader.join().unwrap().unwrap();
+            assert_eq!((&bytes[..], hit), (&[7u8; 4][..], true));
+        });
+        assert_eq!(loads.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(cache.claim(7).is_none(), "a cached block is not claimed");
+        // A claim dropped unfilled (a failed fetch): its reader loads the
+        // block itself.
+        let claim = cache.claim(8).unwrap();
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| cache.get_or_load(8, || Ok::<_, ()>(Arc::new(vec![8u8; 4]))));
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            drop(claim);
+            let (bytes, hit) = reader.join().unwrap().unwrap();
+            assert_eq!((&bytes[..], hit), (&[8u8; 4][..], false));
+        });
+        assert!(cache.contains(8));
     }
 }

@@ -6,9 +6,14 @@
 //! reader that goes through the image in order: a read that starts near
 //! the furthest point read so far queues the next [`AccessOptions::read_ahead`]
 //! bytes for the read-ahead threads the caller runs
-//! ([`PointImage::read_ahead_worker`]). Memory: the cache (64 MiB by
-//! default), the read-ahead queue, and for a snapshot the manifest's
-//! entries (48 bytes per block).
+//! ([`PointImage::read_ahead_worker`]). The read-ahead, and a read of
+//! several blocks the cache lacks, load them together: their records are
+//! read in runs (`data::record_fetch`, as a restore reads them: a few large
+//! reads, with `O_DIRECT` where the page cache does not hold them) rather
+//! than one buffered read per block. Memory: the cache (64 MiB by
+//! default), the read-ahead queue, the records of the loads under way
+//! (2.5 MiB at most each; a few buffers kept between loads), and for a
+//! snapshot the manifest's entries (48 bytes per block).
 //!
 //! Every block is verified as a restore verifies it. A damaged block is
 //! an error for the read that needs it (logged with the point and the
@@ -20,17 +25,19 @@ pub mod live;
 pub mod serve;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use coffre_snapshotter::nbd::wire::{Descriptor, ExportData, STATE_HOLE, STATE_ZERO};
 use coffre_vault_store::Vault;
+use coffre_vault_store::format::record::RecordDecoder;
 
 use blocks::{Blocks, Scratch};
 pub use blocks::{Kind, Served};
 use cache::BlockCache;
 
+use crate::data::record_fetch::{Fetched, Fetcher};
 use crate::error::Result;
 use crate::points::PointEntry;
 
@@ -41,6 +48,16 @@ pub const DEFAULT_READ_AHEAD: u64 = 8 << 20;
 
 /// Decoders' scratch spaces kept between decodes.
 const SCRATCH_KEPT: usize = 8;
+
+/// Bytes of image one load fetches the records of at once.
+const FETCH_BATCH: u64 = 2 << 20;
+
+/// Reads that load their uncached blocks together at once (the
+/// read-ahead threads' loads aside); each holds up to 2.5 MiB of records.
+const READ_LOADS: usize = 4;
+
+/// Record fetchers kept between loads.
+const LOADERS_KEPT: usize = 4;
 
 /// Most blocks one block-status answer looks at.
 const STATUS_BLOCKS: u64 = 1 << 16;
@@ -71,6 +88,8 @@ impl Default for AccessOptions {
 pub struct AccessStats {
     /// Blocks decoded (cache misses and read-ahead).
     pub decoded: AtomicU64,
+    /// Of those, blocks decoded from records read in runs.
+    pub from_runs: AtomicU64,
     /// Block reads the cache answered.
     pub hits: AtomicU64,
     /// Reads that failed on a damaged block.
@@ -82,6 +101,12 @@ pub struct PointImage<'v> {
     blocks: Blocks<'v>,
     cache: BlockCache,
     scratch: Mutex<Vec<Scratch>>,
+    /// Record fetchers kept between reads.
+    loaders: Mutex<Vec<Loader<'v>>>,
+    /// Reads loading their blocks now (at most [`READ_LOADS`] do).
+    read_loads: AtomicUsize,
+    /// Blocks whose records one fetch reads ([`FETCH_BATCH`] bytes).
+    batch: usize,
     read_ahead_blocks: u64,
     /// The furthest block end a read reached, and how far read-ahead was
     /// queued.
@@ -108,6 +133,9 @@ impl<'v> PointImage<'v> {
             blocks,
             cache: BlockCache::new(usize::try_from(cache_blocks).unwrap_or(usize::MAX)),
             scratch: Mutex::default(),
+            loaders: Mutex::default(),
+            read_loads: AtomicUsize::new(0),
+            batch: usize::try_from((FETCH_BATCH / bs).max(1)).unwrap_or(1),
             read_ahead_blocks,
             furthest: AtomicU64::new(0),
             queued_to: AtomicU64::new(0),
@@ -143,24 +171,7 @@ impl<'v> PointImage<'v> {
 
     /// Block `b` decoded, from the cache or the tier.
     fn block(&self, b: u64) -> Result<Arc<Vec<u8>>> {
-        let (bytes, hit) = self.cache.get_or_load(b, || {
-            let mut scratch = self
-                .scratch
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop()
-                .unwrap_or_default();
-            let mut out = Vec::new();
-            let r = self.blocks.decode(b, &mut scratch, &mut out);
-            // Kept for the next decode, up to a few: a burst of readers
-            // does not leave its scratch space behind.
-            let mut pool = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < SCRATCH_KEPT {
-                pool.push(scratch);
-            }
-            drop(pool);
-            r.map(|()| Arc::new(out))
-        })?;
+        let (bytes, hit) = self.cache.get_or_load(b, || self.decode(b).map(Arc::new))?;
         let counter = if hit {
             &self.stats.hits
         } else {
@@ -168,6 +179,27 @@ impl<'v> PointImage<'v> {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         Ok(bytes)
+    }
+
+    /// Block `b` decoded from the tier, the ordinary way (one record read,
+    /// damage reported and repaired), with a scratch space from the pool.
+    fn decode(&self, b: u64) -> Result<Vec<u8>> {
+        let mut scratch = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        let r = self.blocks.decode(b, &mut scratch, &mut out);
+        // Kept for the next decode, up to a few: a burst of readers
+        // does not leave its scratch space behind.
+        let mut pool = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < SCRATCH_KEPT {
+            pool.push(scratch);
+        }
+        drop(pool);
+        r.map(|()| out)
     }
 
     /// Reads `buf.len()` bytes at `offset` (inside the image). Zero
@@ -193,6 +225,24 @@ impl<'v> PointImage<'v> {
         let bs = self.block_size();
         let (first, last) = (offset / bs, (end - 1) / bs);
         self.note_read(first, last + 1);
+        // A read of several blocks that are not cached reads their
+        // records in runs first, like the read-ahead (a reader with many
+        // requests in flight gets ahead of it).
+        let missing: Vec<u64> = (first..=last)
+            .filter(|&b| !self.cache.contains(b))
+            .collect();
+        // At most [`READ_LOADS`] at once (each holds its records): past
+        // them, blocks are read one by one.
+        if missing.len() > 1 && self.read_loads.fetch_add(1, Ordering::AcqRel) < READ_LOADS {
+            let mut loader = self.loader();
+            for batch in missing.chunks(self.batch) {
+                self.load(batch, &mut loader);
+            }
+            self.keep_loader(loader);
+        }
+        if missing.len() > 1 {
+            self.read_loads.fetch_sub(1, Ordering::AcqRel);
+        }
         let mut at = 0usize;
         for b in first..=last {
             let from = (b * bs).max(offset);
@@ -276,10 +326,13 @@ impl<'v> PointImage<'v> {
     }
 
     /// Decodes queued read-ahead blocks into the cache until `stop` is
-    /// set; run it on one or more threads of the caller's.
+    /// set, [`FETCH_BATCH`] bytes of them a turn, their records read in
+    /// runs ([`PointImage::load`]); run it on one or more threads of the
+    /// caller's.
     pub fn read_ahead_worker(&self, stop: &AtomicBool) {
+        let mut loader = self.loader();
         while !stop.load(Ordering::Relaxed) {
-            let next = {
+            let next: Vec<u64> = {
                 let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
                 if q.is_empty() {
                     q = self
@@ -288,14 +341,85 @@ impl<'v> PointImage<'v> {
                         .map(|(q, _)| q)
                         .unwrap_or_else(|p| p.into_inner().0);
                 }
-                q.pop_front()
+                let n = q.len().min(self.batch);
+                q.drain(..n).collect()
             };
-            let Some(b) = next else { continue };
-            if self.cache.contains(b) || !matches!(self.blocks.kind(b), Ok(Kind::Data)) {
+            self.load(&next, &mut loader);
+        }
+    }
+
+    /// A record fetcher, from the pool or new.
+    fn loader(&self) -> Loader<'v> {
+        let kept = self.loaders.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        kept.unwrap_or_else(|| {
+            let bs = self.block_size();
+            let batch = self.batch as u64;
+            let cap = usize::try_from(batch * bs + batch * bs / 4).unwrap_or(usize::MAX);
+            Loader {
+                fetcher: self.blocks.fetcher(cap),
+                fetched: Fetched::default(),
+                decoder: RecordDecoder::default(),
+            }
+        })
+    }
+
+    /// Keeps `loader` for the next read, up to a few.
+    fn keep_loader(&self, loader: Loader<'v>) {
+        let mut pool = self.loaders.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < LOADERS_KEPT {
+            pool.push(loader);
+        }
+    }
+
+    /// Decodes into the cache the data blocks of `blocks` (at most a
+    /// batch) that no one holds or loads: it claims them (their readers
+    /// wait for this load instead of reading them twice), reads their
+    /// records in runs (`record_fetch`: a few large reads, with `O_DIRECT`
+    /// where the page cache does not hold them, instead of a buffered
+    /// read per block), and decodes them. A record that could not be
+    /// fetched, or does not check, is read the ordinary way; a block that
+    /// fails that too is left to its demand read to report.
+    fn load(&self, blocks: &[u64], loader: &mut Loader<'v>) {
+        let mut claims = Vec::with_capacity(blocks.len());
+        let mut places = Vec::with_capacity(blocks.len());
+        for &b in blocks {
+            if !matches!(self.blocks.kind(b), Ok(Kind::Data)) {
                 continue;
             }
-            // A failure is the demand read's to report.
-            let _ = self.block(b);
+            let Some(claim) = self.cache.claim(b) else {
+                continue;
+            };
+            let place = self.blocks.place(b).ok().flatten();
+            claims.push((claim, place.map(|(id, _)| id)));
+            places.push(place.map(|(_, p)| p));
+        }
+        let Loader {
+            fetcher,
+            fetched,
+            decoder,
+        } = loader;
+        let fetched_now = match fetcher.as_mut() {
+            Some(f) if places.iter().any(Option::is_some) => {
+                *fetched = f.fetch(&places, std::mem::take(fetched));
+                true
+            }
+            _ => false,
+        };
+        for (k, (claim, id)) in claims.into_iter().enumerate() {
+            let b = claim.block();
+            let from_record = id
+                .zip(fetched.record(k).filter(|_| fetched_now))
+                .and_then(|(id, r)| self.blocks.decode_fetched(b, &id, r, decoder));
+            // (A failure is the demand read's to report: the claim is
+            // dropped, and its readers read the block themselves.)
+            if from_record.is_some() {
+                self.stats.from_runs.fetch_add(1, Ordering::Relaxed);
+            }
+            let Some(bytes) = from_record.or_else(|| self.decode(b).ok()) else {
+                continue;
+            };
+            claim.fill(Arc::new(bytes));
+            self.stats.decoded.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -303,6 +427,14 @@ impl<'v> PointImage<'v> {
     pub fn wake(&self) {
         self.queued.notify_all();
     }
+}
+
+/// What one thread keeps to read records in runs: a fetcher of the
+/// serving tier's files, its buffer, and a decoder.
+struct Loader<'v> {
+    fetcher: Option<Fetcher<'v>>,
+    fetched: Fetched,
+    decoder: RecordDecoder,
 }
 
 impl ExportData for PointImage<'_> {
@@ -334,3 +466,6 @@ impl ExportData for PointImage<'_> {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -456,34 +456,9 @@ mod tests {
     use crate::ManualClock;
     use crate::point_source::PointSource;
     use crate::progress::NoProgress;
-    use coffre_vault_store::format::catalog::{Hooks, Protection};
+    use crate::test_vault::request;
 
     const BS: usize = 64 << 10;
-
-    fn request(id: &str, created: &str, parent: Option<PointRecord>) -> IngestRequest {
-        let created: Timestamp = created.parse().unwrap();
-        IngestRequest {
-            item: ItemRecord {
-                name: "m".into(),
-                source: "/m.img".into(),
-                created,
-                next_seq: 1,
-                policy: None,
-                protection: Protection::Protected,
-                last_slot: None,
-                identity: None,
-                hooks: Hooks::default(),
-            },
-            point_id: id.into(),
-            created,
-            level: None,
-            cbt: None,
-            terms: PointTerms::default(),
-            parent,
-            clean: None,
-            rate_limit: None,
-        }
-    }
 
     const BLOCKS: u64 = 256;
 

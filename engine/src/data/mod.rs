@@ -3,7 +3,8 @@
 //! restore ([`restore`], to a target [`restore_target`] owns, qcow2
 //! through `qemu-img` in [`restore_qcow2`]), verify
 //! ([`verify`]), the points of both tiers ([`points`]) and per-thread
-//! scratch state ([`per_thread`]); a point of a vault read as an image
+//! scratch state ([`per_thread`]), records read ahead in runs for a
+//! restore and a point read in place (`record_fetch`); a point of a vault read as an image
 //! ([`point_source`]) and an image read straight into a point, with no
 //! snapshot tier ([`ingest`]: how `vault copy` writes); [`bench`] measures every stage of it
 //! against the machine's own references. Reading images and the snapshot phase
@@ -16,8 +17,11 @@ pub mod per_thread;
 pub mod point_source;
 pub mod points;
 pub mod reader;
+pub(crate) mod record_fetch;
 pub mod restore;
 pub mod restore_qcow2;
 pub mod restore_target;
+#[cfg(test)]
+pub(crate) mod test_vault;
 mod transfer_window;
 pub mod verify;

@@ -306,62 +306,17 @@ impl ImageSource for PointSource<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backup::PointTerms;
-    use crate::ingest::{IngestRequest, ingest};
-    use crate::progress::NoProgress;
-    use crate::{ManualClock, MemImage};
-    use coffre_vault_store::format::catalog::{Hooks, ItemRecord, Protection};
 
     #[test]
     fn windows_at_any_offset_read_what_the_point_holds() {
         let dir = tempfile::tempdir().unwrap();
-        let clock = ManualClock::new("2027-01-01T00:00:00Z".parse().unwrap());
-        let vault = crate::vault_ops::create_vault(
-            &dir.path().join("v"),
-            &crate::vault_ops::CreateOptions::default(),
-            &clock,
-        )
-        .unwrap();
         let pool = crate::backup::thread_pool(2).unwrap();
         // Ten 64 KiB blocks and a bit: data, a zero block (4), data, and
         // a short last block.
         let bs = 64usize << 10;
-        let mut image: Vec<u8> = (0..10 * bs + 1000)
-            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1])
-            .collect();
+        let mut image = crate::test_vault::noise(10 * bs + 1000);
         image[4 * bs..5 * bs].fill(0);
-        let created = crate::Clock::now(&clock);
-        let req = IngestRequest {
-            item: ItemRecord {
-                name: "m".into(),
-                source: "/m.img".into(),
-                created,
-                next_seq: 1,
-                policy: None,
-                protection: Protection::Protected,
-                last_slot: None,
-                identity: None,
-                hooks: Hooks::default(),
-            },
-            point_id: "p1".into(),
-            created,
-            level: None,
-            cbt: None,
-            terms: PointTerms::default(),
-            parent: None,
-            clean: None,
-            rate_limit: None,
-        };
-        let point = ingest(
-            &vault,
-            &MemImage::new("/m.img", image.clone()),
-            &req,
-            &pool,
-            &NoProgress,
-            &|| false,
-        )
-        .unwrap()
-        .point;
+        let (vault, point) = crate::test_vault::vault_with_point(dir.path(), &image, &pool);
         let src = PointSource::open(&vault, &point, &pool).unwrap();
         assert_eq!(src.size(), image.len() as u64);
         for (offset, len) in [

@@ -7,7 +7,7 @@
 //! length, BLAKE3) while one thread writes the groups decoded before, one
 //! write per run of blocks, and the target is fsynced once at the end. The
 //! records of the group after are read meanwhile by a thread of their own,
-//! in large runs, each in pieces read four at once (its `fetch` module:
+//! in large runs, each in pieces read four at once (`data::record_fetch`:
 //! from the page cache where it holds the file whole, else with
 //! `O_DIRECT`), and decoded straight into the group;
 //! in place the kernel is asked to read them ahead (`read_ahead`). Where
@@ -32,15 +32,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-mod fetch;
-
 use coffre_snapshotter::ImageSource;
 use coffre_snapshotter::capture::is_zero;
 use coffre_snapshotter::manifest::PackLoc;
 use coffre_snapshotter::pack::RecordBuf;
 use coffre_snapshotter::read::{SnapWindow, SnapshotBlocks};
 use coffre_vault_store::format::blockmap::{Entry, block_count};
-use coffre_vault_store::format::record::{HEADER_LEN, RecordDecoder, RecordHeader};
+use coffre_vault_store::format::record::RecordDecoder;
 use coffre_vault_store::index::ChunkLocation;
 use coffre_vault_store::store::local::direct::{AlignedBuf, DIRECT_ALIGN};
 use coffre_vault_store::store::local::durable::{start_writeback, sync_range};
@@ -49,13 +47,13 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::backup::thread_pool;
+use crate::data::record_fetch::{Fetched, Fetcher, Place, decode_fetched};
 use crate::error::{EngineError, Result};
 use crate::per_thread::PerThread;
 use crate::points::PointEntry;
 use crate::progress::Progress;
 use crate::reader::BlockMapReader;
 use crate::restore_target::{DEFAULT_MODE, Target, TargetKind, unwritable};
-use fetch::{Fetched, Fetcher, Place, RecordFile};
 
 /// Restore options.
 #[derive(Debug, Clone)]
@@ -297,27 +295,12 @@ fn write_point(
     let records = PerThread::new(&pool, RecordBuf::default);
     let decoders = PerThread::new(&pool, RecordDecoder::default);
     // Records are read ahead in runs, from the page cache where they are
-    // in it and else directly (`fetch`). An in-place restore reads few
+    // in it and else directly (`record_fetch`). An in-place restore reads few
     // records (most blocks are already right): advice only.
     let fetcher = match &data {
         _ if !target.kind().is_new() => None,
-        Data::Snapshot(s) => {
-            let packs: Vec<Option<RecordFile>> = s
-                .pack_files()
-                .into_iter()
-                // Descriptors of their own: the fetch's advice stays off
-                // the snapshot reader's.
-                .map(|f| RecordFile::open(&fd_path(f?)))
-                .collect();
-            packs.iter().any(Option::is_some).then(|| {
-                Fetcher::new(FETCH_CAP, move |i| {
-                    packs.get(i as usize)?.as_ref()?.try_clone()
-                })
-            })
-        }
-        Data::Vault(_) => Some(Fetcher::new(FETCH_CAP, |segment| {
-            RecordFile::open(&vault.segment_path(segment))
-        })),
+        Data::Snapshot(s) => Fetcher::of_packs(FETCH_CAP, s.pack_files()),
+        Data::Vault(_) => Some(Fetcher::of_segments(FETCH_CAP, vault)),
     };
     let bs = u64::from(point.block_size);
     let blocks = block_count(image_size, point.block_size);
@@ -614,35 +597,6 @@ fn snapshot_places(locs: &[Option<PackLoc>]) -> Vec<Option<Place>> {
             })
         })
         .collect()
-}
-
-/// The path that opens `file` again, the very file whatever its name is
-/// now (`/proc/self/fd/N`).
-fn fd_path(file: &File) -> PathBuf {
-    use std::os::fd::AsRawFd;
-    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
-}
-
-/// Decodes a fetched record of chunk `id` straight into `slot` (exactly
-/// the block's length): the record's header must name `id` and its own
-/// length, and its payload passes every check of the decoder.
-fn decode_fetched(
-    record: &[u8],
-    id: &ChunkId,
-    decoder: &mut RecordDecoder,
-    keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
-    slot: &mut [u8],
-) -> bool {
-    let Ok(header) = RecordHeader::parse(record) else {
-        return false;
-    };
-    if header.id != *id || header.record_len() != record.len() as u64 {
-        return false;
-    }
-    decoder.use_keys(keys);
-    decoder
-        .decode_payload_into_slice(&header, record.get(HEADER_LEN..).unwrap_or_default(), slot)
-        .is_ok()
 }
 
 /// Where a restore reads the point from.

@@ -251,6 +251,12 @@ impl std::io::Write for Conn {
             Conn::Tcp(s) => s.write_all(b),
         }
     }
+    fn write_vectored(&mut self, b: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write_vectored(b),
+            Conn::Tcp(s) => s.write_vectored(b),
+        }
+    }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }

@@ -740,15 +740,27 @@ fn structured<W: Write>(
     send(output, &all, activity)
 }
 
-/// Writes one whole reply under the connection's lock.
+/// Writes one whole reply under the connection's lock, its parts
+/// gathered into as few writes as the stream takes (one, mostly).
 fn send<W: Write>(
     output: &Mutex<W>,
     parts: &[&[u8]],
     activity: &Activity,
 ) -> Result<(), WireError> {
     let mut out = output.lock().unwrap_or_else(|p| p.into_inner());
-    for p in parts {
-        out.write_all(p)?;
+    let mut slices: Vec<std::io::IoSlice<'_>> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| std::io::IoSlice::new(p))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match out.write_vectored(rest) {
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     out.flush()?;
     activity.requests.fetch_add(1, Ordering::Relaxed);

@@ -1,13 +1,14 @@
-//! Reads of a restore group's records, ahead, in runs.
+//! Records read ahead in runs: what a restore's groups and a point read
+//! in place (`access`: the export's and the mount's read-ahead) fetch
+//! before they decode.
 //!
-//! The records of the group after the one being decoded are read in a few
-//! large runs into one aligned buffer, so the decoders find them in
-//! memory: no small read per block. Packs and segments are written with
-//! `O_DIRECT` and are not in the page cache after a backup; read buffered,
-//! one record at a time, they cost the first restore after a backup about
-//! 0.65 s of system time for 0.5 GB of records (`strace -c`: 18,700
-//! `pread64` at 55 µs), against almost none for the same bytes read
-//! directly in runs.
+//! The records of the blocks wanted next are read in a few large runs
+//! into one aligned buffer, so the decoders find them in memory: no small
+//! read per block. Packs and segments are written with `O_DIRECT` and are
+//! not in the page cache after a backup; read buffered, one record at a
+//! time, they cost the first restore after a backup about 0.65 s of
+//! system time for 0.5 GB of records (`strace -c`: 18,700 `pread64` at
+//! 55 µs), against almost none for the same bytes read directly in runs.
 //!
 //! Each run is read in pieces, several at once ([`READERS`]): with one
 //! read in flight at a time, the device idles between requests while the
@@ -20,21 +21,25 @@
 //! says why). A file that refuses `O_DIRECT` (tmpfs) is read buffered.
 //!
 //! Nothing here is trusted: a fetched record is only bytes the decoder
-//! checks (header, id, length, CRC, BLAKE3) like any other, and a record
-//! that could not be fetched, or whose bytes do not check, is read the
-//! ordinary way by the caller (which reports damage and repairs copies).
+//! checks (header, id, length, CRC, BLAKE3: [`decode_fetched`]) like any
+//! other, and a record that could not be fetched, or whose bytes do not
+//! check, is read the ordinary way by the caller (which reports damage
+//! and repairs copies).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use coffre_vault_store::ChunkId;
+use coffre_vault_store::format::record::{HEADER_LEN, RecordDecoder, RecordHeader};
 
 use coffre_vault_store::store::local::direct::{AlignedBuf, DIRECT_ALIGN};
 
 /// Where one block's record lies: a file (a pack's index or a segment's
 /// id), an offset and a length.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Place {
+pub(crate) struct Place {
     pub file: u64,
     pub offset: u64,
     pub len: u32,
@@ -118,7 +123,7 @@ fn run_prefixes(shape: &[(usize, usize)], read: &[usize], runs: usize) -> Vec<u6
 
 /// The records of one group, read ahead.
 #[derive(Default)]
-pub(super) struct Fetched {
+pub(crate) struct Fetched {
     buf: AlignedBuf,
     /// Per block of the group: where its record is in `buf`.
     at: Vec<Option<(usize, usize)>>,
@@ -138,7 +143,7 @@ const WARM_GRID: u64 = 4 << 20;
 
 /// A file of records, opened twice: buffered, and with `O_DIRECT` where
 /// the filesystem allows it.
-pub(super) struct RecordFile {
+pub(crate) struct RecordFile {
     cached: File,
     direct: Option<File>,
     /// Per [`WARM_GRID`] bytes of the file: whether the page cache held
@@ -234,9 +239,12 @@ impl RecordFile {
     }
 }
 
+/// Files a fetcher keeps open at most.
+const FILES_KEPT: usize = 64;
+
 /// Reads groups' records from the files `open` gives (`None` where a file
 /// cannot be opened: its records are left to the caller).
-pub(super) struct Fetcher<'a> {
+pub(crate) struct Fetcher<'a> {
     open: Box<dyn Fn(u64) -> Option<RecordFile> + Send + 'a>,
     files: HashMap<u64, Option<RecordFile>>,
     /// Most bytes held for one group.
@@ -300,6 +308,16 @@ impl<'a> Fetcher<'a> {
             }
         }
         into.buf.reserve(total as usize);
+        // Two descriptors a file: a vault of many segments (which a
+        // fetcher an export keeps for hours may read any of) is not kept
+        // open whole.
+        let new = runs
+            .iter()
+            .filter(|r| !self.files.contains_key(&r.0))
+            .count();
+        if self.files.len() + new > FILES_KEPT {
+            self.files.clear();
+        }
         for &(file, ..) in &runs {
             self.file(file);
         }
@@ -340,10 +358,88 @@ impl<'a> Fetcher<'a> {
         into
     }
 
+    /// A fetcher of a snapshot's packs (`packs`: its open pack files by
+    /// number, `None` where one is missing), each opened again through
+    /// `/proc/self/fd` with descriptors of its own (the fetch's advice
+    /// stays off the snapshot reader's); `None` when none opens.
+    pub fn of_packs(cap: usize, packs: Vec<Option<&File>>) -> Option<Fetcher<'static>> {
+        let packs: Vec<Option<RecordFile>> = packs
+            .into_iter()
+            .map(|f| RecordFile::open(&fd_path(f?)))
+            .collect();
+        packs.iter().any(Option::is_some).then(|| {
+            Fetcher::new(cap, move |i| {
+                packs.get(usize::try_from(i).ok()?)?.as_ref()?.try_clone()
+            })
+        })
+    }
+
+    /// A fetcher of `vault`'s segments.
+    pub fn of_segments(cap: usize, vault: &'a coffre_vault_store::Vault) -> Fetcher<'a> {
+        Fetcher::new(cap, move |segment| {
+            RecordFile::open(&vault.segment_path(segment))
+        })
+    }
+
     fn file(&mut self, id: u64) -> Option<&RecordFile> {
         let open = &self.open;
         self.files.entry(id).or_insert_with(|| open(id)).as_ref()
     }
+}
+
+/// A fetched record's header, when it names chunk `id` and its own length
+/// is the record's.
+fn fetched_header(record: &[u8], id: &ChunkId) -> Option<RecordHeader> {
+    let header = RecordHeader::parse(record).ok()?;
+    (header.id == *id && header.record_len() == record.len() as u64).then_some(header)
+}
+
+/// Decodes a fetched record of chunk `id` straight into `slot` (exactly
+/// the block's length): the record's header must name `id` and its own
+/// length, and its payload passes every check of the decoder.
+pub(crate) fn decode_fetched(
+    record: &[u8],
+    id: &ChunkId,
+    decoder: &mut RecordDecoder,
+    keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
+    slot: &mut [u8],
+) -> bool {
+    let Some(header) = fetched_header(record, id) else {
+        return false;
+    };
+    decoder.use_keys(keys);
+    decoder
+        .decode_payload_into_slice(&header, record.get(HEADER_LEN..).unwrap_or_default(), slot)
+        .is_ok()
+}
+
+/// [`decode_fetched`] into a vector of its own, of exactly `len` bytes
+/// (a block handed to a cache whole); `None` when anything does not check.
+pub(crate) fn decode_fetched_owned(
+    record: &[u8],
+    id: &ChunkId,
+    decoder: &mut RecordDecoder,
+    keys: Option<&std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
+    len: usize,
+) -> Option<Vec<u8>> {
+    let header = fetched_header(record, id).filter(|h| h.plain_len as usize == len)?;
+    decoder.use_keys(keys);
+    let mut out = Vec::with_capacity(len);
+    decoder
+        .decode_payload_into(
+            &header,
+            record.get(HEADER_LEN..).unwrap_or_default(),
+            &mut out,
+        )
+        .ok()?;
+    (out.len() == len).then_some(out)
+}
+
+/// The path that opens `file` again, the very file whatever its name is
+/// now (`/proc/self/fd/N`).
+fn fd_path(file: &File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 /// `cachestat(2)` (Linux 6.5): how many pages of a range the page cache
