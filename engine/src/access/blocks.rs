@@ -25,6 +25,9 @@ use crate::reader::BlockMapReader;
 /// 64 GiB of image in 64 KiB blocks, about 4 MiB of memory).
 const LEAVES_KEPT: usize = 128;
 
+/// Segment files one record fetcher keeps open at most.
+const SEGMENTS_KEPT: usize = 64;
+
 /// Which tier serves the reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -329,7 +332,9 @@ impl<'v> Blocks<'v> {
     pub(crate) fn fetcher(&self, cap: usize) -> Option<Fetcher<'v>> {
         match &self.snapshot {
             Some(s) => Fetcher::of_packs(cap, s.pack_files()),
-            None => Some(Fetcher::of_segments(cap, self.vault)),
+            // An export lives for hours; a large vault has thousands of
+            // segments.
+            None => Some(Fetcher::of_segments(cap, self.vault).keeping_files(SEGMENTS_KEPT)),
         }
     }
 

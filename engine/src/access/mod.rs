@@ -12,7 +12,8 @@
 //! reads, with `O_DIRECT` where the page cache does not hold them) rather
 //! than one buffered read per block. Memory: the cache (64 MiB by
 //! default), the read-ahead queue, the records of the loads under way
-//! (2.5 MiB at most each; a few buffers kept between loads), and for a
+//! (1.25 × 2 MiB at most each in 64 KiB blocks, one block and a quarter
+//! in blocks larger than 2 MiB; a few buffers kept between loads), and for a
 //! snapshot the manifest's entries (48 bytes per block).
 //!
 //! Every block is verified as a restore verifies it. A damaged block is
@@ -53,7 +54,8 @@ const SCRATCH_KEPT: usize = 8;
 const FETCH_BATCH: u64 = 2 << 20;
 
 /// Reads that load their uncached blocks together at once (the
-/// read-ahead threads' loads aside); each holds up to 2.5 MiB of records.
+/// read-ahead threads' loads aside); each holds the records of up to
+/// [`FETCH_BATCH`] bytes of image, and a quarter more.
 const READ_LOADS: usize = 4;
 
 /// Record fetchers kept between loads.
@@ -107,6 +109,9 @@ pub struct PointImage<'v> {
     read_loads: AtomicUsize,
     /// Blocks whose records one fetch reads ([`FETCH_BATCH`] bytes).
     batch: usize,
+    /// Most blocks one read loads before it copies them: half the cache,
+    /// unless it holds the whole image.
+    load_most: usize,
     read_ahead_blocks: u64,
     /// The furthest block end a read reached, and how far read-ahead was
     /// queued.
@@ -129,9 +134,15 @@ impl<'v> PointImage<'v> {
             .max(2 * read_ahead_blocks)
             .max(4)
             .min(blocks.count().max(1));
+        let load_most = if cache_blocks >= blocks.count() {
+            usize::MAX
+        } else {
+            usize::try_from(cache_blocks / 2).unwrap_or(usize::MAX)
+        };
         Ok(PointImage {
             blocks,
             cache: BlockCache::new(usize::try_from(cache_blocks).unwrap_or(usize::MAX)),
+            load_most,
             scratch: Mutex::default(),
             loaders: Mutex::default(),
             read_loads: AtomicUsize::new(0),
@@ -228,20 +239,22 @@ impl<'v> PointImage<'v> {
         // A read of several blocks that are not cached reads their
         // records in runs first, like the read-ahead (a reader with many
         // requests in flight gets ahead of it).
-        let missing: Vec<u64> = (first..=last)
+        // At most half the cache is loaded ahead of the copy below (the
+        // rest would be dropped before it is copied, and decoded again),
+        // and at most [`READ_LOADS`] reads load at once (each holds its
+        // records): past them, blocks are read one by one.
+        let mut missing: Vec<u64> = (first..=last)
             .filter(|&b| !self.cache.contains(b))
             .collect();
-        // At most [`READ_LOADS`] at once (each holds its records): past
-        // them, blocks are read one by one.
-        if missing.len() > 1 && self.read_loads.fetch_add(1, Ordering::AcqRel) < READ_LOADS {
+        missing.truncate(self.load_most);
+        if missing.len() > 1
+            && let Some(_slot) = LoadSlot::take(&self.read_loads)
+        {
             let mut loader = self.loader();
             for batch in missing.chunks(self.batch) {
                 self.load(batch, &mut loader);
             }
             self.keep_loader(loader);
-        }
-        if missing.len() > 1 {
-            self.read_loads.fetch_sub(1, Ordering::AcqRel);
         }
         let mut at = 0usize;
         for b in first..=last {
@@ -377,8 +390,9 @@ impl<'v> PointImage<'v> {
     /// records in runs (`record_fetch`: a few large reads, with `O_DIRECT`
     /// where the page cache does not hold them, instead of a buffered
     /// read per block), and decodes them. A record that could not be
-    /// fetched, or does not check, is read the ordinary way; a block that
-    /// fails that too is left to its demand read to report.
+    /// fetched is read the ordinary way; one that was fetched but does
+    /// not check, or fails the ordinary read, is left to the block's
+    /// reader, whose ordinary read reports the damage and repairs a copy.
     fn load(&self, blocks: &[u64], loader: &mut Loader<'v>) {
         let mut claims = Vec::with_capacity(blocks.len());
         let mut places = Vec::with_capacity(blocks.len());
@@ -407,16 +421,25 @@ impl<'v> PointImage<'v> {
         };
         for (k, (claim, id)) in claims.into_iter().enumerate() {
             let b = claim.block();
-            let from_record = id
-                .zip(fetched.record(k).filter(|_| fetched_now))
-                .and_then(|(id, r)| self.blocks.decode_fetched(b, &id, r, decoder));
-            // (A failure is the demand read's to report: the claim is
-            // dropped, and its readers read the block themselves.)
-            if from_record.is_some() {
-                self.stats.from_runs.fetch_add(1, Ordering::Relaxed);
-            }
-            let Some(bytes) = from_record.or_else(|| self.decode(b).ok()) else {
-                continue;
+            let record = id.zip(fetched.record(k).filter(|_| fetched_now));
+            let bytes = match record {
+                Some((id, r)) => match self.blocks.decode_fetched(b, &id, r, decoder) {
+                    Some(bytes) => {
+                        self.stats.from_runs.fetch_add(1, Ordering::Relaxed);
+                        bytes
+                    }
+                    // Fetched but not intact: the claim is dropped, and
+                    // the block's reader reads it the ordinary way, which
+                    // reports the damage (once) and repairs a copy.
+                    None => continue,
+                },
+                // Not fetched (past the cap, a file that does not open
+                // again): read the ordinary way now; a failure there is
+                // left to the reader too.
+                None => match self.decode(b) {
+                    Ok(bytes) => bytes,
+                    Err(_) => continue,
+                },
             };
             claim.fill(Arc::new(bytes));
             self.stats.decoded.fetch_add(1, Ordering::Relaxed);
@@ -426,6 +449,23 @@ impl<'v> PointImage<'v> {
     /// Wakes the read-ahead workers (after `stop` was set).
     pub fn wake(&self) {
         self.queued.notify_all();
+    }
+}
+
+/// One of the [`READ_LOADS`] reads that may load at once, given back
+/// when dropped (a panic too).
+struct LoadSlot<'a>(&'a AtomicUsize);
+
+impl<'a> LoadSlot<'a> {
+    fn take(count: &'a AtomicUsize) -> Option<Self> {
+        let slot = LoadSlot(count);
+        (count.fetch_add(1, Ordering::AcqRel) < READ_LOADS).then_some(slot)
+    }
+}
+
+impl Drop for LoadSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

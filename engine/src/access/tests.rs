@@ -50,6 +50,18 @@ fn a_read_of_many_blocks_loads_them_in_runs_and_reads_what_the_point_holds() {
     assert_eq!(stats.decoded.load(Ordering::Relaxed), 39);
     assert_eq!(stats.from_runs.load(Ordering::Relaxed), 39);
     assert_eq!(stats.hits.load(Ordering::Relaxed), 39);
+    // With a cache of 4 blocks, a read of the whole image loads only
+    // what the cache keeps until it is copied: each block is decoded
+    // once, not loaded, dropped and decoded again.
+    let small = AccessOptions {
+        cache_bytes: 4 * BS as u64,
+        ..options(0)
+    };
+    let img = PointImage::open(&vault, &point, &small).unwrap();
+    got.fill(0xAA);
+    img.read_at(0, &mut got).unwrap();
+    assert!(got == want);
+    assert_eq!(img.stats().decoded.load(Ordering::Relaxed), 39);
     // Reads at odd offsets and lengths, across zero blocks and the short
     // last block, on a fresh image (nothing cached).
     let img = PointImage::open(&vault, &point, &options(0)).unwrap();

@@ -239,14 +239,13 @@ impl RecordFile {
     }
 }
 
-/// Files a fetcher keeps open at most.
-const FILES_KEPT: usize = 64;
-
 /// Reads groups' records from the files `open` gives (`None` where a file
 /// cannot be opened: its records are left to the caller).
 pub(crate) struct Fetcher<'a> {
     open: Box<dyn Fn(u64) -> Option<RecordFile> + Send + 'a>,
     files: HashMap<u64, Option<RecordFile>>,
+    /// Most files kept open (two descriptors each).
+    files_kept: usize,
     /// Most bytes held for one group.
     cap: usize,
 }
@@ -257,8 +256,18 @@ impl<'a> Fetcher<'a> {
         Fetcher {
             open: Box::new(open),
             files: HashMap::new(),
+            files_kept: usize::MAX,
             cap,
         }
+    }
+
+    /// The same fetcher, keeping at most `n` files open: past them, the
+    /// files are closed and opened again as needed. (A restore keeps every
+    /// file it reads open; a fetcher an export keeps for hours may read
+    /// any segment of a large vault.)
+    pub fn keeping_files(mut self, n: usize) -> Self {
+        self.files_kept = n.max(1);
+        self
     }
 
     /// Reads the records at `places` (one per block of a group; `None` for
@@ -308,14 +317,11 @@ impl<'a> Fetcher<'a> {
             }
         }
         into.buf.reserve(total as usize);
-        // Two descriptors a file: a vault of many segments (which a
-        // fetcher an export keeps for hours may read any of) is not kept
-        // open whole.
         let new = runs
             .iter()
             .filter(|r| !self.files.contains_key(&r.0))
             .count();
-        if self.files.len() + new > FILES_KEPT {
+        if self.files.len() + new > self.files_kept {
             self.files.clear();
         }
         for &(file, ..) in &runs {
@@ -583,6 +589,18 @@ mod tests {
             assert_eq!(got.record(3), None, "{case}");
             assert_eq!(got.record(4), None, "{case}");
             assert_eq!(got.record(5), Some(&data[200_000..203_000]), "{case}");
+        }
+        // A fetcher keeping one file open closes the first before it
+        // opens the second, and reads both right.
+        let path = p.clone();
+        let mut f = Fetcher::new(1 << 20, move |_| {
+            Some(RecordFile::new(File::open(&path).unwrap(), None))
+        })
+        .keeping_files(1);
+        for file in [7, 9, 7] {
+            let got = f.fetch(&[place(file, 100, 200)], Fetched::default());
+            assert_eq!(got.record(0), Some(&data[100..300]), "file {file}");
+            assert_eq!(f.files.keys().copied().collect::<Vec<_>>(), vec![file]);
         }
         // A cap of one page keeps only the first run.
         let path = p.clone();
