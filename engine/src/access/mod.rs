@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use coffre_snapshotter::nbd::wire::{Descriptor, ExportData, STATE_HOLE, STATE_ZERO};
+use coffre_snapshotter::nbd::wire::{Descriptor, ExportData, ReadParts, STATE_HOLE, STATE_ZERO};
 use coffre_vault_store::Vault;
 use coffre_vault_store::format::record::RecordDecoder;
 
@@ -217,21 +217,32 @@ impl<'v> PointImage<'v> {
     /// blocks read as zeros without being decoded; a damaged block fails
     /// the read, naming the point and the block.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let parts = self.read_parts_at(offset, buf.len())?;
+        parts
+            .copy_to(buf)
+            .map_err(|reason| crate::EngineError::DamagedBlockMap {
+                item: self.point().item.clone(),
+                point: self.point().id.clone(),
+                reason,
+            })
+    }
+
+    /// The `len` bytes at `offset` (inside the image) as parts: slices of
+    /// the decoded blocks themselves, and zero runs, no copy (what an NBD
+    /// reply sends). As [`PointImage::read_at`] otherwise.
+    pub fn read_parts_at(&self, offset: u64, len: usize) -> Result<ReadParts> {
         let size = self.size();
         let end = offset
-            .checked_add(buf.len() as u64)
+            .checked_add(len as u64)
             .filter(|&e| e <= size)
             .ok_or_else(|| crate::EngineError::DamagedBlockMap {
                 item: self.point().item.clone(),
                 point: self.point().id.clone(),
-                reason: format!(
-                    "a read of {}+{} is past the image's {size} bytes",
-                    offset,
-                    buf.len()
-                ),
+                reason: format!("a read of {offset}+{len} is past the image's {size} bytes"),
             })?;
-        if buf.is_empty() {
-            return Ok(());
+        let mut parts = ReadParts::default();
+        if len == 0 {
+            return Ok(parts);
         }
         let bs = self.block_size();
         let (first, last) = (offset / bs, (end - 1) / bs);
@@ -256,15 +267,13 @@ impl<'v> PointImage<'v> {
             }
             self.keep_loader(loader);
         }
-        let mut at = 0usize;
         for b in first..=last {
             let from = (b * bs).max(offset);
             let to = ((b + 1) * bs).min(end);
-            let dst = &mut buf[at..at + (to - from) as usize];
-            at += dst.len();
+            let n = (to - from) as usize;
             let skip = (from - b * bs) as usize;
             if self.blocks.kind(b)? == Kind::Zero {
-                dst.fill(0);
+                parts.push_zeros(n);
                 continue;
             }
             let bytes = self.block(b).inspect_err(|e| {
@@ -272,16 +281,15 @@ impl<'v> PointImage<'v> {
                 tracing::error!(item = %self.point().item, point = %self.point().id, block = b, error = %e,
                     "a block of the point cannot be read: the read fails (no zeros are served)");
             })?;
-            let part = bytes.get(skip..skip + dst.len()).ok_or_else(|| {
+            parts.push_shared(bytes, skip..skip + n).map_err(|_| {
                 crate::EngineError::DamagedBlockMap {
                     item: self.point().item.clone(),
                     point: self.point().id.clone(),
                     reason: format!("block {b} is shorter than the image says"),
                 }
             })?;
-            dst.copy_from_slice(part);
         }
-        Ok(())
+        Ok(parts)
     }
 
     /// Runs of zero and data blocks covering `offset..offset + len`
@@ -484,6 +492,10 @@ impl ExportData for PointImage<'_> {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
         self.read_at(offset, buf).map_err(|e| e.to_string())
+    }
+
+    fn read_parts(&self, offset: u64, len: usize) -> std::result::Result<ReadParts, String> {
+        self.read_parts_at(offset, len).map_err(|e| e.to_string())
     }
 
     fn allocation(&self, offset: u64, len: u32) -> std::result::Result<Vec<Descriptor>, String> {

@@ -39,8 +39,8 @@ pub use client::{Client, Export};
 pub use read_reply::{MAX_READ_CHUNKS, ReadBytes, ReadReply, decode_read_reply, fuzz_read_entry};
 pub use scripted::{Scripted, fuzz_entry};
 pub use server::{
-    Activity, EINVAL, EIO, EPERM, EXPORT_FLAGS, ExportData, MAX_REQUEST, Served, fuzz_server_entry,
-    serve_connection,
+    Activity, EINVAL, EIO, EPERM, EXPORT_FLAGS, ExportData, MAX_REQUEST, ReadParts, Served,
+    fuzz_server_entry, serve_connection,
 };
 
 /// `NBDMAGIC`.

@@ -18,11 +18,15 @@
 //! larger than [`MAX_REQUEST`] is `EINVAL`. Reads run on a few worker
 //! threads per connection (replies may come out of order, as the
 //! protocol allows), so one client's queue of requests is served at once.
+//! A read's bytes go out as the export hands them over ([`ReadParts`]:
+//! slices of its own buffers and runs of zeros, no copy), each reply in
+//! one vectored write.
 
 use std::io::{Read, Write};
-use std::sync::Mutex;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex};
 
 use super::block_status::Descriptor;
 use super::{
@@ -108,9 +112,119 @@ pub trait ExportData: Sync {
     /// Reads `buf.len()` bytes at `offset` (inside the export). An error
     /// is an `EIO` reply (the message is the implementation's to log).
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
+    /// The `len` bytes at `offset` (inside the export) as parts the reply
+    /// sends as they are: an export that keeps its bytes in buffers of its
+    /// own (a cache of decoded blocks) hands out slices of them, with no
+    /// copy. By default they are [`ExportData::read`] into one buffer.
+    fn read_parts(&self, offset: u64, len: usize) -> Result<ReadParts, String> {
+        let mut buf = vec![0u8; len];
+        self.read(offset, &mut buf)?;
+        let mut parts = ReadParts::default();
+        parts.push_owned(buf);
+        Ok(parts)
+    }
     /// `base:allocation` of `offset..offset + len` (inside the export):
     /// descriptors covering a prefix of it, at least one.
     fn allocation(&self, offset: u64, len: u32) -> Result<Vec<Descriptor>, String>;
+}
+
+/// Zeros a reply points at for the zero runs of a read.
+static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+
+/// The bytes of one read, in order, as the reply sends them.
+#[derive(Default)]
+pub struct ReadParts {
+    parts: Vec<Part>,
+    len: usize,
+}
+
+enum Part {
+    /// `range` of a buffer the export shares.
+    Shared(Arc<Vec<u8>>, Range<usize>),
+    /// This many zeros.
+    Zeros(usize),
+    /// A buffer of its own.
+    Owned(Vec<u8>),
+}
+
+impl ReadParts {
+    /// Appends `range` of `bytes`; an error when the range is not inside
+    /// them.
+    pub fn push_shared(&mut self, bytes: Arc<Vec<u8>>, range: Range<usize>) -> Result<(), String> {
+        if range.start > range.end || range.end > bytes.len() {
+            return Err(format!(
+                "a part {}..{} of a buffer of {} bytes",
+                range.start,
+                range.end,
+                bytes.len()
+            ));
+        }
+        self.len += range.len();
+        self.parts.push(Part::Shared(bytes, range));
+        Ok(())
+    }
+
+    /// Appends `n` zeros.
+    pub fn push_zeros(&mut self, n: usize) {
+        self.len += n;
+        match self.parts.last_mut() {
+            Some(Part::Zeros(z)) => *z += n,
+            _ => self.parts.push(Part::Zeros(n)),
+        }
+    }
+
+    /// Appends a buffer.
+    pub fn push_owned(&mut self, bytes: Vec<u8>) {
+        self.len += bytes.len();
+        self.parts.push(Part::Owned(bytes));
+    }
+
+    /// Bytes in all.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when it holds no byte.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The parts as slices, in order (zero runs as slices of [`ZEROS`]).
+    pub fn slices(&self) -> Vec<&[u8]> {
+        let mut out = Vec::with_capacity(self.parts.len());
+        for p in &self.parts {
+            match p {
+                Part::Shared(bytes, range) => out.push(&bytes[range.clone()]),
+                Part::Owned(bytes) => out.push(&bytes[..]),
+                Part::Zeros(n) => {
+                    let mut left = *n;
+                    while left > 0 {
+                        let k = left.min(ZEROS.len());
+                        out.push(&ZEROS[..k]);
+                        left -= k;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Copies the bytes into `buf` (exactly [`ReadParts::len`] long).
+    pub fn copy_to(&self, buf: &mut [u8]) -> Result<(), String> {
+        if buf.len() != self.len {
+            return Err(format!(
+                "{} bytes read for a buffer of {}",
+                self.len,
+                buf.len()
+            ));
+        }
+        let mut at = 0;
+        for s in self.slices() {
+            buf[at..at + s.len()].copy_from_slice(s);
+            at += s.len();
+        }
+        Ok(())
+    }
 }
 
 /// One export a server offers.
@@ -644,21 +758,33 @@ fn answer<W: Write>(
         );
     }
     let _held = activity.hold(u64::from(req.len));
-    let mut buf = vec![0u8; req.len as usize];
-    if let Err(msg) = data.read(req.offset, &mut buf) {
-        activity.failed_reads.fetch_add(1, Ordering::Relaxed);
-        // The details (paths, ids) are for the export's log, not for
-        // whoever can reach the listener.
-        let _ = msg;
-        return error(
-            output,
-            req,
-            session.structured,
-            EIO,
-            "the data cannot be read intact (the export's log names the point and block)",
-            activity,
-        );
-    }
+    let read = data
+        .read_parts(req.offset, req.len as usize)
+        .and_then(|parts| {
+            if parts.len() == req.len as usize {
+                Ok(parts)
+            } else {
+                Err(format!("{} bytes read for {}", parts.len(), req.len))
+            }
+        });
+    let parts = match read {
+        Ok(parts) => parts,
+        Err(msg) => {
+            activity.failed_reads.fetch_add(1, Ordering::Relaxed);
+            // The details (paths, ids) are for the export's log, not for
+            // whoever can reach the listener.
+            let _ = msg;
+            return error(
+                output,
+                req,
+                session.structured,
+                EIO,
+                "the data cannot be read intact (the export's log names the point and block)",
+                activity,
+            );
+        }
+    };
+    let slices = parts.slices();
     activity
         .bytes_read
         .fetch_add(u64::from(req.len), Ordering::Relaxed);
@@ -666,19 +792,20 @@ fn answer<W: Write>(
         if req.len == 0 {
             return structured(output, req.cookie, super::REPLY_NONE, &[], activity);
         }
-        structured(
-            output,
-            req.cookie,
-            REPLY_OFFSET_DATA,
-            &[&req.offset.to_be_bytes(), &buf],
-            activity,
-        )
+        let offset = req.offset.to_be_bytes();
+        let mut all: Vec<&[u8]> = Vec::with_capacity(slices.len() + 1);
+        all.push(&offset);
+        all.extend_from_slice(&slices);
+        structured(output, req.cookie, REPLY_OFFSET_DATA, &all, activity)
     } else {
         let mut m = Vec::with_capacity(16);
         m.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
         m.extend_from_slice(&0u32.to_be_bytes());
         m.extend_from_slice(&req.cookie.to_be_bytes());
-        send(output, &[&m, &buf], activity)
+        let mut all: Vec<&[u8]> = Vec::with_capacity(slices.len() + 1);
+        all.push(&m);
+        all.extend_from_slice(&slices);
+        send(output, &all, activity)
     }
 }
 
@@ -755,9 +882,15 @@ fn send<W: Write>(
         .collect();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {
+        // (The standard library hands a socket at most IOV_MAX slices a
+        // write; the rest go in the next turns.)
+        let offered: usize = rest.iter().map(|s| s.len()).sum();
         match out.write_vectored(rest) {
             Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
-            Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
+            Ok(written) if written > offered => {
+                return Err(proto("the stream wrote more than it was given"));
+            }
+            Ok(written) => std::io::IoSlice::advance_slices(&mut rest, written),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
         }

@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 use super::*;
 
@@ -50,7 +51,10 @@ fn image() -> Half {
 
 /// Runs a server of `data` as "disk" on one end of a socket pair; `f`
 /// gets the other end.
-fn with_server<T>(data: &Half, f: impl FnOnce(UnixStream) -> T) -> (T, Result<(), WireError>) {
+fn with_server<T, D: ExportData>(
+    data: &D,
+    f: impl FnOnce(UnixStream) -> T,
+) -> (T, Result<(), WireError>) {
     let (a, b) = UnixStream::pair().unwrap();
     let exports = [Served {
         name: "disk".into(),
@@ -65,6 +69,88 @@ fn with_server<T>(data: &Half, f: impl FnOnce(UnixStream) -> T) -> (T, Result<()
         let r = f(b);
         (r, server.join().unwrap())
     })
+}
+
+/// A 3 MiB export that answers reads in parts, as a cache of decoded
+/// blocks does: its first MiB in 16-byte slices of one shared buffer
+/// (more slices than one vectored write takes), then 1.5 MiB of zeros
+/// (more than the server's buffer of zeros), then a buffer of its own.
+struct Pieces(Arc<Vec<u8>>);
+
+const MIB: usize = 1 << 20;
+
+impl ExportData for Pieces {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        let at = offset as usize;
+        buf.copy_from_slice(&self.0[at..at + buf.len()]);
+        Ok(())
+    }
+    fn read_parts(&self, offset: u64, len: usize) -> Result<ReadParts, String> {
+        let mut parts = ReadParts::default();
+        let (mut at, end) = (offset as usize, offset as usize + len);
+        while at < end {
+            let next = if at < MIB {
+                (at + 16 - at % 16).min(end)
+            } else if at < 5 * MIB / 2 {
+                end.min(5 * MIB / 2)
+            } else {
+                end
+            };
+            if at < MIB {
+                parts.push_shared(self.0.clone(), at..next)?;
+            } else if at < 5 * MIB / 2 {
+                parts.push_zeros(next - at);
+            } else {
+                parts.push_owned(self.0[at..next].to_vec());
+            }
+            at = next;
+        }
+        Ok(parts)
+    }
+    fn allocation(&self, _offset: u64, len: u32) -> Result<Vec<Descriptor>, String> {
+        Ok(vec![Descriptor {
+            length: len,
+            flags: 0,
+        }])
+    }
+}
+
+#[test]
+fn a_read_answered_in_parts_reaches_the_client_whole_and_in_order() {
+    let mut bytes: Vec<u8> = (0..3 * MIB as u32).map(|i| (i % 251) as u8 | 1).collect();
+    bytes[MIB..5 * MIB / 2].fill(0);
+    let data = Pieces(Arc::new(bytes));
+    let (_, served) = with_server(&data, |sock| {
+        let mut c = Client::handshake(sock, "disk", &[]).unwrap();
+        // The whole export in one request: 65,536 shared slices, zeros
+        // sent in pieces of the server's buffer, and an owned part.
+        let mut buf = vec![0xAAu8; 3 * MIB];
+        c.read_ranges(0, &mut buf, &[(0, 3 * MIB as u32)]).unwrap();
+        assert!(buf == data.0[..], "the whole export");
+        // Reads across the parts' edges.
+        for (offset, len) in [(MIB - 5, 20), (5 * MIB / 2 - 3, 9), (7, 33)] {
+            let mut got = vec![0xAAu8; len];
+            c.read_ranges(offset as u64, &mut got, &[(offset as u64, len as u32)])
+                .unwrap();
+            assert!(got == data.0[offset..offset + len], "{offset}+{len}");
+        }
+        c.disconnect();
+    });
+    served.unwrap();
+    // A part outside its buffer is refused, never sent.
+    let mut parts = ReadParts::default();
+    assert!(parts.push_shared(Arc::new(vec![1u8; 8]), 4..9).is_err());
+    parts.push_zeros(3);
+    parts.push_zeros(2 * MIB);
+    parts.push_owned(vec![7, 8]);
+    assert_eq!(parts.len(), 2 * MIB + 5);
+    let mut out = vec![1u8; parts.len()];
+    parts.copy_to(&mut out).unwrap();
+    assert!(out[..2 * MIB + 3].iter().all(|&b| b == 0) && out[2 * MIB + 3..] == [7, 8]);
+    assert!(parts.copy_to(&mut [0u8; 4]).is_err());
 }
 
 #[test]
