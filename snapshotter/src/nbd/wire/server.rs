@@ -20,7 +20,8 @@
 //! protocol allows), so one client's queue of requests is served at once.
 //! A read's bytes go out as the export hands them over ([`ReadParts`]:
 //! slices of its own buffers and runs of zeros, no copy), each reply in
-//! one vectored write.
+//! vectored writes (one, unless the socket takes less or the reply has
+//! more than `IOV_MAX` slices).
 
 use std::io::{Read, Write};
 use std::ops::Range;
@@ -129,7 +130,7 @@ pub trait ExportData: Sync {
 }
 
 /// Zeros a reply points at for the zero runs of a read.
-static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 /// The bytes of one read, in order, as the reply sends them.
 #[derive(Default)]
@@ -149,7 +150,9 @@ enum Part {
 
 impl ReadParts {
     /// Appends `range` of `bytes`; an error when the range is not inside
-    /// them.
+    /// them. Less than half of them is copied rather than shared: a read
+    /// keeps at most twice its length alive until its reply is sent (a
+    /// small read at the edge of a 4 MiB block does not pin the block).
     pub fn push_shared(&mut self, bytes: Arc<Vec<u8>>, range: Range<usize>) -> Result<(), String> {
         if range.start > range.end || range.end > bytes.len() {
             return Err(format!(
@@ -159,14 +162,18 @@ impl ReadParts {
                 bytes.len()
             ));
         }
-        self.len += range.len();
+        if range.len() * 2 < bytes.len() {
+            self.push_owned(bytes[range].to_vec());
+            return Ok(());
+        }
+        self.len = self.len.saturating_add(range.len());
         self.parts.push(Part::Shared(bytes, range));
         Ok(())
     }
 
     /// Appends `n` zeros.
     pub fn push_zeros(&mut self, n: usize) {
-        self.len += n;
+        self.len = self.len.saturating_add(n);
         match self.parts.last_mut() {
             Some(Part::Zeros(z)) => *z += n,
             _ => self.parts.push(Part::Zeros(n)),
@@ -175,7 +182,7 @@ impl ReadParts {
 
     /// Appends a buffer.
     pub fn push_owned(&mut self, bytes: Vec<u8>) {
-        self.len += bytes.len();
+        self.len = self.len.saturating_add(bytes.len());
         self.parts.push(Part::Owned(bytes));
     }
 
@@ -247,8 +254,9 @@ pub struct Activity {
     pub failed_reads: AtomicU64,
     /// Bytes sent in read replies.
     pub bytes_read: AtomicU64,
-    /// Bytes of read buffers all connections hold at once, at most
-    /// [`READ_BUDGET`]: a read waits for room before it allocates.
+    /// Bytes of reads all connections hold at once, at most
+    /// [`READ_BUDGET`]: a read waits for room before it reads (a read's
+    /// parts pin at most twice its length: see [`ReadParts::push_shared`]).
     held: Mutex<u64>,
     freed: std::sync::Condvar,
 }
@@ -266,7 +274,7 @@ impl Default for Activity {
 }
 
 impl Activity {
-    /// Waits until `n` more bytes of read buffers fit in the budget.
+    /// Waits until `n` more bytes of reads fit in the budget.
     fn hold(&self, n: u64) -> Held<'_> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         while *held > 0 && *held + n > READ_BUDGET {
@@ -277,7 +285,7 @@ impl Activity {
     }
 }
 
-/// Bytes of read buffers held; given back when dropped.
+/// Bytes of reads held; given back when dropped.
 struct Held<'a> {
     activity: &'a Activity,
     n: u64,
@@ -292,7 +300,8 @@ impl Drop for Held<'_> {
     }
 }
 
-/// Bytes of read buffers a server holds at once, whatever its clients ask.
+/// Bytes of reads a server holds at once, whatever its clients ask (the
+/// buffers their parts pin: up to twice as much).
 pub const READ_BUDGET: u64 = 128 << 20;
 
 /// Serves one connection whose bytes arrive on `input` and leave on
@@ -918,6 +927,26 @@ pub fn fuzz_server_entry(data: &[u8]) -> bool {
             buf.copy_from_slice(src);
             Ok(())
         }
+        // In parts as a cache hands them out: 4 KiB slices of shared
+        // buffers, the zeros of its second half as zero runs.
+        fn read_parts(&self, offset: u64, len: usize) -> Result<ReadParts, String> {
+            let mut parts = ReadParts::default();
+            let mut at = usize::try_from(offset).map_err(|e| e.to_string())?;
+            let end = at.checked_add(len).ok_or("past the end")?;
+            while at < end {
+                let next = (at / 4096 + 1) * 4096;
+                let next = next.min(end);
+                if at >= self.0.len() / 2 {
+                    parts.push_zeros(next - at);
+                } else {
+                    let base = at / 4096 * 4096;
+                    let page = self.0.get(base..base + 4096).ok_or("past the end")?;
+                    parts.push_shared(Arc::new(page.to_vec()), at - base..next - base)?;
+                }
+                at = next;
+            }
+            Ok(parts)
+        }
         fn allocation(&self, _offset: u64, len: u32) -> Result<Vec<Descriptor>, String> {
             Ok(vec![Descriptor {
                 length: len,
@@ -925,7 +954,8 @@ pub fn fuzz_server_entry(data: &[u8]) -> bool {
             }])
         }
     }
-    let image = Bytes((0..=255u8).cycle().take(64 << 10).collect());
+    let mut image = Bytes((0..=255u8).cycle().take(64 << 10).collect());
+    image.0[32 << 10..].fill(0);
     let exports = [Served {
         name: "disk".into(),
         description: "fuzz".into(),

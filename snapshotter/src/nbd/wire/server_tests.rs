@@ -72,20 +72,23 @@ fn with_server<T, D: ExportData>(
 }
 
 /// A 3 MiB export that answers reads in parts, as a cache of decoded
-/// blocks does: its first MiB in 16-byte slices of one shared buffer
-/// (more slices than one vectored write takes), then 1.5 MiB of zeros
-/// (more than the server's buffer of zeros), then a buffer of its own.
-struct Pieces(Arc<Vec<u8>>);
+/// blocks does: its first MiB in shared buffers of 16 bytes (more slices
+/// than one vectored write takes), then 1.5 MiB of zeros (more than the
+/// server's buffer of zeros), then a buffer of its own.
+struct Pieces {
+    bytes: Vec<u8>,
+    first: Vec<Arc<Vec<u8>>>,
+}
 
 const MIB: usize = 1 << 20;
 
 impl ExportData for Pieces {
     fn size(&self) -> u64 {
-        self.0.len() as u64
+        self.bytes.len() as u64
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
         let at = offset as usize;
-        buf.copy_from_slice(&self.0[at..at + buf.len()]);
+        buf.copy_from_slice(&self.bytes[at..at + buf.len()]);
         Ok(())
     }
     fn read_parts(&self, offset: u64, len: usize) -> Result<ReadParts, String> {
@@ -100,11 +103,12 @@ impl ExportData for Pieces {
                 end
             };
             if at < MIB {
-                parts.push_shared(self.0.clone(), at..next)?;
+                let k = at / 16;
+                parts.push_shared(self.first[k].clone(), at - k * 16..next - k * 16)?;
             } else if at < 5 * MIB / 2 {
                 parts.push_zeros(next - at);
             } else {
-                parts.push_owned(self.0[at..next].to_vec());
+                parts.push_owned(self.bytes[at..next].to_vec());
             }
             at = next;
         }
@@ -122,27 +126,44 @@ impl ExportData for Pieces {
 fn a_read_answered_in_parts_reaches_the_client_whole_and_in_order() {
     let mut bytes: Vec<u8> = (0..3 * MIB as u32).map(|i| (i % 251) as u8 | 1).collect();
     bytes[MIB..5 * MIB / 2].fill(0);
-    let data = Pieces(Arc::new(bytes));
+    let first = bytes[..MIB]
+        .chunks(16)
+        .map(|c| Arc::new(c.to_vec()))
+        .collect();
+    let data = Pieces { bytes, first };
     let (_, served) = with_server(&data, |sock| {
         let mut c = Client::handshake(sock, "disk", &[]).unwrap();
         // The whole export in one request: 65,536 shared slices, zeros
         // sent in pieces of the server's buffer, and an owned part.
         let mut buf = vec![0xAAu8; 3 * MIB];
         c.read_ranges(0, &mut buf, &[(0, 3 * MIB as u32)]).unwrap();
-        assert!(buf == data.0[..], "the whole export");
+        assert!(buf == data.bytes, "the whole export");
         // Reads across the parts' edges.
         for (offset, len) in [(MIB - 5, 20), (5 * MIB / 2 - 3, 9), (7, 33)] {
             let mut got = vec![0xAAu8; len];
             c.read_ranges(offset as u64, &mut got, &[(offset as u64, len as u32)])
                 .unwrap();
-            assert!(got == data.0[offset..offset + len], "{offset}+{len}");
+            assert!(got == data.bytes[offset..offset + len], "{offset}+{len}");
         }
         c.disconnect();
     });
     served.unwrap();
-    // A part outside its buffer is refused, never sent.
+    // A part outside its buffer is refused, never sent; one of at least
+    // half its buffer is shared, a smaller one copied (it would pin the
+    // whole buffer).
     let mut parts = ReadParts::default();
-    assert!(parts.push_shared(Arc::new(vec![1u8; 8]), 4..9).is_err());
+    let shared = Arc::new(vec![1u8, 2, 3, 4, 5, 6, 7, 8]);
+    assert!(parts.push_shared(shared.clone(), 4..9).is_err());
+    parts.push_shared(shared.clone(), 2..6).unwrap();
+    parts.push_shared(shared.clone(), 5..8).unwrap();
+    let slices = parts.slices();
+    assert_eq!(
+        (slices[0], slices[1]),
+        (&[3u8, 4, 5, 6][..], &[6u8, 7, 8][..])
+    );
+    assert_eq!(slices[0].as_ptr(), shared[2..].as_ptr(), "shared");
+    assert_ne!(slices[1].as_ptr(), shared[5..].as_ptr(), "copied");
+    let mut parts = ReadParts::default();
     parts.push_zeros(3);
     parts.push_zeros(2 * MIB);
     parts.push_owned(vec![7, 8]);
