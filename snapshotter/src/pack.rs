@@ -132,6 +132,14 @@ pub struct PackReader {
     keys: Option<std::sync::Arc<coffre_vault_store::crypto::VaultKeys>>,
 }
 
+/// The open files of `packs`, by number (`None` for a pack that is gone).
+pub fn files_of(packs: &[Option<PackReader>]) -> Vec<Option<&File>> {
+    packs
+        .iter()
+        .map(|p| p.as_ref().map(PackReader::file))
+        .collect()
+}
+
 /// Per-thread buffers for reading records.
 #[derive(Default)]
 pub struct RecordBuf {

@@ -172,10 +172,7 @@ impl SnapshotBlocks {
     /// metadata (`None` for a pack that is gone); empty for a clone. A
     /// reader that fetches records its own way (direct reads) reopens them.
     pub fn pack_files(&self) -> Vec<Option<&File>> {
-        self.packs
-            .iter()
-            .map(|p| p.as_ref().map(PackReader::file))
-            .collect()
+        crate::pack::files_of(&self.packs)
     }
 
     /// The clone image, for a clone snapshot.

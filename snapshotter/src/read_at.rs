@@ -141,10 +141,7 @@ impl SnapshotAt {
     /// missing; empty for a clone).
     pub fn pack_files(&self) -> Vec<Option<&std::fs::File>> {
         match &self.data {
-            Data::Chunks { packs, .. } => packs
-                .iter()
-                .map(|p| p.as_ref().map(PackReader::file))
-                .collect(),
+            Data::Chunks { packs, .. } => crate::pack::files_of(packs),
             Data::Clone(..) => Vec::new(),
         }
     }

@@ -301,30 +301,13 @@ impl<'v> Blocks<'v> {
     /// when it is decoded.
     pub(crate) fn place(&self, b: u64) -> Result<Option<(ChunkId, Place)>> {
         if let Some(s) = &self.snapshot {
-            return Ok(s.record_place(b)?.map(|(id, l)| {
-                (
-                    id,
-                    Place {
-                        file: u64::from(l.pack),
-                        offset: l.offset,
-                        len: l.len,
-                    },
-                )
-            }));
+            return Ok(s.record_place(b)?.map(|(id, l)| (id, Place::in_pack(&l))));
         }
         let Some(id) = self.entry(b)? else {
             return Ok(None);
         };
-        Ok(self.vault.index().chunk(&id).ok().flatten().map(|l| {
-            (
-                id,
-                Place {
-                    file: l.segment,
-                    offset: l.offset,
-                    len: l.len,
-                },
-            )
-        }))
+        let loc = self.vault.index().chunk(&id).ok().flatten();
+        Ok(loc.map(|l| (id, Place::in_segment(&l))))
     }
 
     /// A reader of the serving tier's records in runs, holding at most

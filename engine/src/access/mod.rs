@@ -217,20 +217,51 @@ impl<'v> PointImage<'v> {
     /// blocks read as zeros without being decoded; a damaged block fails
     /// the read, naming the point and the block.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let parts = self.read_parts_at(offset, buf.len())?;
-        parts
-            .copy_to(buf)
-            .map_err(|reason| crate::EngineError::DamagedBlockMap {
-                item: self.point().item.clone(),
-                point: self.point().id.clone(),
-                reason,
-            })
+        let mut at = 0usize;
+        self.walk(offset, buf.len(), |n, piece| {
+            let dst = &mut buf[at..at + n];
+            at += n;
+            match piece {
+                None => dst.fill(0),
+                Some((bytes, range)) => dst.copy_from_slice(&bytes[range]),
+            }
+        })
     }
 
     /// The `len` bytes at `offset` (inside the image) as parts: slices of
     /// the decoded blocks themselves, and zero runs, no copy (what an NBD
     /// reply sends). As [`PointImage::read_at`] otherwise.
     pub fn read_parts_at(&self, offset: u64, len: usize) -> Result<ReadParts> {
+        let mut parts = ReadParts::default();
+        let mut pushed = Ok(());
+        self.walk(offset, len, |n, piece| match piece {
+            None => parts.push_zeros(n),
+            Some((bytes, range)) => {
+                if let Err(e) = parts.push_shared(bytes, range) {
+                    pushed = Err(e);
+                }
+            }
+        })?;
+        pushed.map_err(|reason| crate::EngineError::DamagedBlockMap {
+            item: self.point().item.clone(),
+            point: self.point().id.clone(),
+            reason,
+        })?;
+        Ok(parts)
+    }
+
+    /// Hands `each` the bytes at `offset..offset + len` (inside the image)
+    /// in order, a block's piece at a time: `(n, None)` for `n` zeros (a
+    /// zero block, not decoded), `(n, Some((block, range)))` for `range`
+    /// (`n` bytes, inside it) of a decoded block. The blocks the cache
+    /// lacks are loaded first; a damaged block fails the walk, naming the
+    /// point and the block.
+    fn walk(
+        &self,
+        offset: u64,
+        len: usize,
+        mut each: impl FnMut(usize, Option<(Arc<Vec<u8>>, std::ops::Range<usize>)>),
+    ) -> Result<()> {
         let size = self.size();
         let end = offset
             .checked_add(len as u64)
@@ -240,9 +271,8 @@ impl<'v> PointImage<'v> {
                 point: self.point().id.clone(),
                 reason: format!("a read of {offset}+{len} is past the image's {size} bytes"),
             })?;
-        let mut parts = ReadParts::default();
         if len == 0 {
-            return Ok(parts);
+            return Ok(());
         }
         let bs = self.block_size();
         let (first, last) = (offset / bs, (end - 1) / bs);
@@ -273,7 +303,7 @@ impl<'v> PointImage<'v> {
             let n = (to - from) as usize;
             let skip = (from - b * bs) as usize;
             if self.blocks.kind(b)? == Kind::Zero {
-                parts.push_zeros(n);
+                each(n, None);
                 continue;
             }
             let bytes = self.block(b).inspect_err(|e| {
@@ -281,15 +311,16 @@ impl<'v> PointImage<'v> {
                 tracing::error!(item = %self.point().item, point = %self.point().id, block = b, error = %e,
                     "a block of the point cannot be read: the read fails (no zeros are served)");
             })?;
-            parts.push_shared(bytes, skip..skip + n).map_err(|_| {
-                crate::EngineError::DamagedBlockMap {
+            if skip + n > bytes.len() {
+                return Err(crate::EngineError::DamagedBlockMap {
                     item: self.point().item.clone(),
                     point: self.point().id.clone(),
                     reason: format!("block {b} is shorter than the image says"),
-                }
-            })?;
+                });
+            }
+            each(n, Some((bytes, skip..skip + n)));
         }
-        Ok(parts)
+        Ok(())
     }
 
     /// Runs of zero and data blocks covering `offset..offset + len`

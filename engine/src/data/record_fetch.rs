@@ -45,6 +45,26 @@ pub(crate) struct Place {
     pub len: u32,
 }
 
+impl Place {
+    /// A vault chunk's place: its segment.
+    pub fn in_segment(l: &coffre_vault_store::index::ChunkLocation) -> Place {
+        Place {
+            file: l.segment,
+            offset: l.offset,
+            len: l.len,
+        }
+    }
+
+    /// A snapshot record's place: its pack, by number.
+    pub fn in_pack(l: &coffre_snapshotter::manifest::PackLoc) -> Place {
+        Place {
+            file: u64::from(l.pack),
+            offset: l.offset,
+            len: l.len,
+        }
+    }
+}
+
 /// Records at most this far apart are read in one run: the bytes between
 /// them cost less than another request.
 const GAP: u64 = 64 << 10;
@@ -317,11 +337,14 @@ impl<'a> Fetcher<'a> {
             }
         }
         into.buf.reserve(total as usize);
-        let new = runs
+        // (Runs come in file order: one file's runs are adjacent.)
+        let mut new: Vec<u64> = runs
             .iter()
-            .filter(|r| !self.files.contains_key(&r.0))
-            .count();
-        if self.files.len() + new > self.files_kept {
+            .map(|r| r.0)
+            .filter(|f| !self.files.contains_key(f))
+            .collect();
+        new.dedup();
+        if self.files.len() + new.len() > self.files_kept {
             self.files.clear();
         }
         for &(file, ..) in &runs {

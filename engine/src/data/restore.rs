@@ -576,26 +576,14 @@ fn vault_group(
 /// The places of a vault group's records.
 fn vault_places(locs: &[Option<ChunkLocation>]) -> Vec<Option<Place>> {
     locs.iter()
-        .map(|l| {
-            l.map(|l| Place {
-                file: l.segment,
-                offset: l.offset,
-                len: l.len,
-            })
-        })
+        .map(|l| l.as_ref().map(Place::in_segment))
         .collect()
 }
 
 /// The places of a snapshot window's records.
 fn snapshot_places(locs: &[Option<PackLoc>]) -> Vec<Option<Place>> {
     locs.iter()
-        .map(|l| {
-            l.map(|l| Place {
-                file: u64::from(l.pack),
-                offset: l.offset,
-                len: l.len,
-            })
-        })
+        .map(|l| l.as_ref().map(Place::in_pack))
         .collect()
 }
 

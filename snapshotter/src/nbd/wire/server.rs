@@ -215,23 +215,6 @@ impl ReadParts {
         }
         out
     }
-
-    /// Copies the bytes into `buf` (exactly [`ReadParts::len`] long).
-    pub fn copy_to(&self, buf: &mut [u8]) -> Result<(), String> {
-        if buf.len() != self.len {
-            return Err(format!(
-                "{} bytes read for a buffer of {}",
-                self.len,
-                buf.len()
-            ));
-        }
-        let mut at = 0;
-        for s in self.slices() {
-            buf[at..at + s.len()].copy_from_slice(s);
-            at += s.len();
-        }
-        Ok(())
-    }
 }
 
 /// One export a server offers.

@@ -168,10 +168,9 @@ fn a_read_answered_in_parts_reaches_the_client_whole_and_in_order() {
     parts.push_zeros(2 * MIB);
     parts.push_owned(vec![7, 8]);
     assert_eq!(parts.len(), 2 * MIB + 5);
-    let mut out = vec![1u8; parts.len()];
-    parts.copy_to(&mut out).unwrap();
+    let out = parts.slices().concat();
+    assert_eq!(out.len(), parts.len());
     assert!(out[..2 * MIB + 3].iter().all(|&b| b == 0) && out[2 * MIB + 3..] == [7, 8]);
-    assert!(parts.copy_to(&mut [0u8; 4]).is_err());
 }
 
 #[test]
