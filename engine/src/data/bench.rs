@@ -318,7 +318,8 @@ fn disk_write(path: &Path, bytes: u64) -> Result<f64> {
     use std::os::unix::fs::FileExt;
     let io = |e: std::io::Error| EngineError::Bench(format!("{}: {e}", path.display()));
     const PIECE: usize = 4 << 20;
-    let mut buf = AlignedBuf::default();
+    // Small pages, as `dd`'s buffer: its requests are split alike.
+    let mut buf = AlignedBuf::small_pages();
     buf.reserve(PIECE);
     buf.as_mut_slice().copy_from_slice(&generated(PIECE, 3));
     let file = std::fs::File::create(path).map_err(io)?;

@@ -9,6 +9,17 @@
 //! aligned pieces go direct; the unaligned tail goes through the ordinary
 //! descriptor when the caller flushes. A filesystem that refuses
 //! `O_DIRECT` (tmpfs) gets ordinary writes, with the same results.
+//!
+//! A direct request's memory is its scatter list, one entry per page, and
+//! a virtio disk takes at most `max_segments` entries a request (254 on
+//! our test machine): from 4 KiB pages a 1 MiB piece goes out as 1016 KiB
+//! and 8 KiB, and a 6 MiB write as 14 requests. Buffers of
+//! [`HUGE_PAGE`] or more therefore live in an anonymous mapping aligned
+//! to it and advised to use transparent huge pages (`MADV_HUGEPAGE`), so
+//! the same write goes out as a 4 MiB and a 2 MiB request (measured: a
+//! warm restore of 1.13 GiB from 0.98–1.13 s to 0.72–0.78 s, the requests
+//! from 4,424 to 378). Where the kernel has no huge pages to give, the
+//! buffer is ordinary memory and the writes are as before.
 
 #![deny(clippy::indexing_slicing, clippy::unwrap_used)]
 
@@ -19,26 +30,103 @@ use std::path::Path;
 /// Alignment of direct writes: offsets, lengths and buffers.
 pub const DIRECT_ALIGN: usize = 4096;
 
-/// A byte buffer whose start is [`DIRECT_ALIGN`]-aligned.
+/// Size of a transparent huge page on x86-64 (and arm64 with 4 KiB
+/// pages): the alignment of large buffers, and the size from which a
+/// buffer is given huge pages.
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// A byte buffer whose start is [`DIRECT_ALIGN`]-aligned; from
+/// [`HUGE_PAGE`] bytes on, [`HUGE_PAGE`]-aligned and in huge pages where
+/// the kernel gives them (see the module's words).
 #[derive(Default)]
 pub struct AlignedBuf {
-    raw: Vec<u8>,
+    memory: Memory,
     start: usize,
     len: usize,
+    /// Never huge pages: a benchmark's stand-in for `dd`.
+    small_pages: bool,
+}
+
+/// Where an [`AlignedBuf`]'s bytes live.
+enum Memory {
+    Heap(Vec<u8>),
+    Mapped(memmap2::MmapMut),
+}
+
+impl Default for Memory {
+    fn default() -> Memory {
+        Memory::Heap(Vec::new())
+    }
+}
+
+impl Memory {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Memory::Heap(v) => v,
+            Memory::Mapped(m) => m,
+        }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Memory::Heap(v) => v,
+            Memory::Mapped(m) => m,
+        }
+    }
+
+    /// Ordinary memory with room for `len` bytes from a
+    /// [`DIRECT_ALIGN`] boundary; the boundary's offset.
+    fn heap(len: usize) -> (Memory, usize) {
+        let v = vec![0u8; len + DIRECT_ALIGN];
+        let start = v.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        (Memory::Heap(v), start)
+    }
+
+    /// An anonymous mapping with room for `len` bytes from a
+    /// [`HUGE_PAGE`] boundary, those advised to use huge pages; the
+    /// boundary's offset. `None` where the mapping fails.
+    fn huge(len: usize) -> Option<(Memory, usize)> {
+        let span = len.checked_next_multiple_of(HUGE_PAGE)?;
+        let map = memmap2::MmapMut::map_anon(span.checked_add(HUGE_PAGE)?).ok()?;
+        let start = map.as_ptr().align_offset(HUGE_PAGE);
+        // Advice only: a kernel without transparent huge pages keeps
+        // small ones, and the buffer works the same.
+        let _ = map.advise_range(memmap2::Advice::HugePage, start, span);
+        Some((Memory::Mapped(map), start))
+    }
 }
 
 impl AlignedBuf {
+    /// An empty buffer that never takes huge pages, so that its direct
+    /// requests are split as a plain program's (`dd`) are.
+    pub fn small_pages() -> AlignedBuf {
+        AlignedBuf {
+            small_pages: true,
+            ..AlignedBuf::default()
+        }
+    }
+
     /// Makes room for `len` bytes (contents unspecified).
     pub fn reserve(&mut self, len: usize) {
-        if self.raw.len() < len + DIRECT_ALIGN {
-            self.raw = vec![0u8; len + DIRECT_ALIGN];
+        let huge = len >= HUGE_PAGE && !self.small_pages;
+        let fits = match &self.memory {
+            // A large buffer moves to huge pages once.
+            Memory::Heap(v) => !huge && v.len() >= self.start + len,
+            Memory::Mapped(m) => m.len() >= self.start + len,
+        };
+        if !fits {
+            (self.memory, self.start) = match huge.then(|| Memory::huge(len)).flatten() {
+                Some(mapped) => mapped,
+                None => Memory::heap(len),
+            };
         }
-        self.start = self
-            .raw
-            .as_ptr()
-            .align_offset(DIRECT_ALIGN)
-            .min(DIRECT_ALIGN);
         self.len = len;
+    }
+
+    /// True when the bytes are in their own mapping (huge pages asked).
+    #[cfg(test)]
+    fn is_mapped(&self) -> bool {
+        matches!(self.memory, Memory::Mapped(_))
     }
 
     /// Keeps the first `len` bytes (at most those reserved), as they are.
@@ -48,15 +136,18 @@ impl AlignedBuf {
 
     /// The `len` bytes of the last [`AlignedBuf::reserve`].
     pub fn as_slice(&self) -> &[u8] {
-        self.raw
+        self.memory
+            .bytes()
             .get(self.start..self.start + self.len)
             .unwrap_or_default()
     }
 
     /// The same, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        self.raw
-            .get_mut(self.start..self.start + self.len)
+        let (start, len) = (self.start, self.len);
+        self.memory
+            .bytes_mut()
+            .get_mut(start..start + len)
             .unwrap_or_default()
     }
 }
@@ -289,6 +380,92 @@ mod tests {
             resumed(&shm);
             let _ = std::fs::remove_dir_all(&shm);
         }
+    }
+
+    /// Fills the buffer's bytes with a pattern and reads it back whole.
+    fn writable(buf: &mut AlignedBuf, seed: u8) {
+        let n = buf.as_slice().len();
+        for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(31).wrapping_add(seed);
+        }
+        assert!(
+            buf.as_slice()
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == (i as u8).wrapping_mul(31).wrapping_add(seed)),
+            "{n} bytes read back"
+        );
+    }
+
+    #[test]
+    fn small_buffers_stay_on_the_heap_and_large_ones_start_on_a_huge_page() {
+        let mut small = AlignedBuf::default();
+        small.reserve(HUGE_PAGE - DIRECT_ALIGN);
+        assert!(!small.is_mapped());
+        assert_eq!(small.as_slice().as_ptr() as usize % DIRECT_ALIGN, 0);
+        writable(&mut small, 1);
+
+        // Growing past a huge page moves the buffer; shrinking keeps it.
+        for (len, seed) in [(HUGE_PAGE, 2), (3 * HUGE_PAGE + 4096, 3), (4096, 4)] {
+            small.reserve(len);
+            assert!(small.is_mapped(), "{len} bytes");
+            assert_eq!(small.as_slice().len(), len);
+            assert_eq!(
+                small.as_slice().as_ptr() as usize % HUGE_PAGE,
+                0,
+                "{len} bytes"
+            );
+            writable(&mut small, seed);
+        }
+
+        // A stand-in for `dd` keeps small pages, whatever its size.
+        let mut dd = AlignedBuf::small_pages();
+        dd.reserve(3 * HUGE_PAGE);
+        assert!(!dd.is_mapped());
+        assert_eq!(dd.as_slice().as_ptr() as usize % DIRECT_ALIGN, 0);
+        writable(&mut dd, 5);
+    }
+
+    /// The kernel's transparent huge page mode, `None` where it has none.
+    fn thp_mode() -> Option<String> {
+        let s = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+        let mode = s.split('[').nth(1)?.split(']').next()?.to_string();
+        Some(mode)
+    }
+
+    /// The `THPeligible` line of the mapping in `/proc/self/smaps` that
+    /// holds `addr`.
+    fn thp_eligible(addr: usize) -> Option<bool> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            let head = line.split_whitespace().next().unwrap_or_default();
+            if let Some((a, b)) = head.split_once('-')
+                && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+            {
+                inside = (a..b).contains(&addr);
+            } else if inside && let Some(v) = line.strip_prefix("THPeligible:") {
+                return Some(v.trim() == "1");
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_large_buffer_is_advised_to_use_huge_pages() {
+        let mut buf = AlignedBuf::default();
+        buf.reserve(3 * HUGE_PAGE);
+        writable(&mut buf, 6);
+        match thp_mode().as_deref() {
+            Some("always") | Some("madvise") => {}
+            other => {
+                return crate::skip::skip(&format!(
+                    "the kernel gives no transparent huge pages (mode {other:?})"
+                ));
+            }
+        }
+        // With the mode at `madvise`, only the advice makes it eligible.
+        assert_eq!(thp_eligible(buf.as_slice().as_ptr() as usize), Some(true));
     }
 
     fn tempfile_dir(base: PathBuf) -> PathBuf {
