@@ -70,8 +70,11 @@ impl Place {
 const GAP: u64 = 64 << 10;
 
 /// Runs are read in pieces of this size (a multiple of
-/// [`DIRECT_ALIGN`]), [`READERS`] at a time.
-const PIECE: usize = 512 << 10;
+/// [`DIRECT_ALIGN`]), [`READERS`] at a time: one huge page of the fetch
+/// buffer, one request to the disk. Fewer, larger requests cost less on
+/// a virtual disk (cold restores, alternated: 0.94–1.07 s with 2 MiB
+/// pieces against 1.06–1.18 s with 512 KiB).
+const PIECE: usize = coffre_vault_store::store::local::direct::HUGE_PAGE;
 /// Reads in flight at once: the fetcher's thread and three helpers.
 const READERS: usize = 4;
 
