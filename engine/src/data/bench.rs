@@ -20,7 +20,10 @@
 //! at level 1, 1,063–1,076 against 705–993 MB/s decompressing), which is
 //! the gap an earlier reference showed, not a slower build of the library.
 //! The restore's ratio is its time over the floor's (`floor_factor`), so
-//! 1.25 means a quarter slower than the disk alone.
+//! 1.25 means a quarter slower than the disk alone. The floor writes from
+//! small pages, as `dd` does, and a restore writes from huge pages
+//! (`direct`'s module words): with its records cached a restore can come in
+//! under the floor (measured 0.84–0.90 on the shared day-two image).
 //!
 //! External references are skipped (and say so) where the tool is not
 //! installed. Ratios are what to compare: the machines are shared.

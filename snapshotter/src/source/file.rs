@@ -90,7 +90,9 @@ impl FileImage {
             return Ok(None);
         }
         let cap = len.div_ceil(a) * a;
-        let mut buf = AlignedBuf::default();
+        // Only the pieces read are touched, so only they take memory:
+        // small pages (a huge page is zeroed whole at its first touch).
+        let mut buf = AlignedBuf::small_pages();
         buf.reserve(cap);
         let mut pieces: Vec<Range<usize>> = Vec::new();
         for p in overlaps(wanted, data) {

@@ -12,14 +12,17 @@
 //!
 //! A direct request's memory is its scatter list, one entry per page, and
 //! a virtio disk takes at most `max_segments` entries a request (254 on
-//! our test machine): from 4 KiB pages a 1 MiB piece goes out as 1016 KiB
-//! and 8 KiB, and a 6 MiB write as 14 requests. Buffers of
+//! our test machine): from 4 KiB pages each 1 MiB of a write goes out as
+//! 1016 KiB and 8 KiB, a 6 MiB write as 12 requests. Buffers of
 //! [`HUGE_PAGE`] or more therefore live in an anonymous mapping aligned
 //! to it and advised to use transparent huge pages (`MADV_HUGEPAGE`), so
 //! the same write goes out as a 4 MiB and a 2 MiB request (measured: a
-//! warm restore of 1.13 GiB from 0.98–1.13 s to 0.72–0.78 s, the requests
-//! from 4,424 to 378). Where the kernel has no huge pages to give, the
-//! buffer is ordinary memory and the writes are as before.
+//! warm restore of 1.13 GiB from 0.98–1.13 s to 0.70–0.78 s, its write
+//! requests from 4,424 to 378). Where the kernel has no huge pages to
+//! give, the buffer is ordinary memory and the writes are as before. A
+//! buffer read in sparse pieces keeps small pages
+//! ([`AlignedBuf::small_pages`]): a huge page is zeroed whole at its
+//! first touch.
 
 #![deny(clippy::indexing_slicing, clippy::unwrap_used)]
 
@@ -35,16 +38,21 @@ pub const DIRECT_ALIGN: usize = 4096;
 /// buffer is given huge pages.
 pub const HUGE_PAGE: usize = 2 << 20;
 
-/// A byte buffer whose start is [`DIRECT_ALIGN`]-aligned; from
-/// [`HUGE_PAGE`] bytes on, [`HUGE_PAGE`]-aligned and in huge pages where
-/// the kernel gives them (see the module's words).
+/// A byte buffer whose start is [`DIRECT_ALIGN`]-aligned. One of
+/// [`HUGE_PAGE`] bytes or more is [`HUGE_PAGE`]-aligned and advised to
+/// use huge pages (see the module's words), unless it was made with
+/// [`AlignedBuf::small_pages`] or the kernel refused the mapping. Its
+/// memory reads as zeros until written (anonymous memory, as `calloc`'s).
 #[derive(Default)]
 pub struct AlignedBuf {
     memory: Memory,
     start: usize,
     len: usize,
-    /// Never huge pages: a benchmark's stand-in for `dd`.
-    small_pages: bool,
+    /// Bytes from `start` that the memory holds (advised, when mapped).
+    room: usize,
+    /// Never a mapping: made with [`AlignedBuf::small_pages`], or a
+    /// mapping failed once (then ordinary memory, reused).
+    no_map: bool,
 }
 
 /// Where an [`AlignedBuf`]'s bytes live.
@@ -74,49 +82,60 @@ impl Memory {
         }
     }
 
-    /// Ordinary memory with room for `len` bytes from a
-    /// [`DIRECT_ALIGN`] boundary; the boundary's offset.
-    fn heap(len: usize) -> (Memory, usize) {
-        let v = vec![0u8; len + DIRECT_ALIGN];
+    /// Ordinary memory with room for `len` bytes from a [`DIRECT_ALIGN`]
+    /// boundary: (memory, the boundary's offset, room). No room at all
+    /// for a length past the address space.
+    fn heap(len: usize) -> (Memory, usize, usize) {
+        let Some(size) = len.checked_add(DIRECT_ALIGN) else {
+            return (Memory::default(), 0, 0);
+        };
+        let v = vec![0u8; size];
         let start = v.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-        (Memory::Heap(v), start)
+        (Memory::Heap(v), start, size - start)
     }
 
-    /// An anonymous mapping with room for `len` bytes from a
-    /// [`HUGE_PAGE`] boundary, those advised to use huge pages; the
-    /// boundary's offset. `None` where the mapping fails.
-    fn huge(len: usize) -> Option<(Memory, usize)> {
+    /// An anonymous mapping with room for `len` bytes (rounded up to
+    /// whole huge pages) from a [`HUGE_PAGE`] boundary, all advised to
+    /// use huge pages: (memory, the boundary's offset, room). `None`
+    /// where the mapping fails.
+    fn huge(len: usize) -> Option<(Memory, usize, usize)> {
         let span = len.checked_next_multiple_of(HUGE_PAGE)?;
         let map = memmap2::MmapMut::map_anon(span.checked_add(HUGE_PAGE)?).ok()?;
         let start = map.as_ptr().align_offset(HUGE_PAGE);
         // Advice only: a kernel without transparent huge pages keeps
         // small ones, and the buffer works the same.
         let _ = map.advise_range(memmap2::Advice::HugePage, start, span);
-        Some((Memory::Mapped(map), start))
+        Some((Memory::Mapped(map), start, span))
     }
 }
 
 impl AlignedBuf {
-    /// An empty buffer that never takes huge pages, so that its direct
-    /// requests are split as a plain program's (`dd`) are.
+    /// An empty buffer that never takes huge pages: for a buffer read in
+    /// sparse pieces (a huge page is faulted in and zeroed whole at its
+    /// first touch), and for a stand-in for `dd`, whose direct requests
+    /// are split at small pages.
     pub fn small_pages() -> AlignedBuf {
         AlignedBuf {
-            small_pages: true,
+            no_map: true,
             ..AlignedBuf::default()
         }
     }
 
-    /// Makes room for `len` bytes (contents unspecified).
+    /// Makes room for `len` bytes (contents unspecified). A length past
+    /// the address space gets an empty buffer.
     pub fn reserve(&mut self, len: usize) {
-        let huge = len >= HUGE_PAGE && !self.small_pages;
-        let fits = match &self.memory {
-            // A large buffer moves to huge pages once.
-            Memory::Heap(v) => !huge && v.len() >= self.start + len,
-            Memory::Mapped(m) => m.len() >= self.start + len,
-        };
+        let huge = len >= HUGE_PAGE && !self.no_map;
+        let fits = len <= self.room
+            && match self.memory {
+                Memory::Mapped(_) => true,
+                // A large buffer moves to huge pages, once.
+                Memory::Heap(_) => !huge,
+            };
         if !fits {
-            (self.memory, self.start) = match huge.then(|| Memory::huge(len)).flatten() {
-                Some(mapped) => mapped,
+            let mapped = if huge { Memory::huge(len) } else { None };
+            self.no_map |= huge && mapped.is_none();
+            (self.memory, self.start, self.room) = match mapped {
+                Some(m) => m,
                 None => Memory::heap(len),
             };
         }
@@ -464,8 +483,16 @@ mod tests {
                 ));
             }
         }
-        // With the mode at `madvise`, only the advice makes it eligible.
-        assert_eq!(thp_eligible(buf.as_slice().as_ptr() as usize), Some(true));
+        // With the mode at `madvise`, only the advice makes it eligible:
+        // from the buffer's first byte to its last.
+        let at = buf.as_slice().as_ptr() as usize;
+        assert_eq!(thp_eligible(at), Some(true));
+        assert_eq!(thp_eligible(at + 3 * HUGE_PAGE - 1), Some(true));
+        // Grown past its advised room, it is advised to its end too.
+        buf.reserve(3 * HUGE_PAGE + 4096);
+        writable(&mut buf, 7);
+        let at = buf.as_slice().as_ptr() as usize;
+        assert_eq!(thp_eligible(at + 3 * HUGE_PAGE + 4095), Some(true));
     }
 
     fn tempfile_dir(base: PathBuf) -> PathBuf {
