@@ -22,6 +22,7 @@
 
 pub mod blocks;
 pub mod cache;
+mod kept;
 pub mod live;
 pub mod serve;
 
@@ -37,6 +38,7 @@ use coffre_vault_store::format::record::RecordDecoder;
 use blocks::{Blocks, Scratch};
 pub use blocks::{Kind, Served};
 use cache::BlockCache;
+use kept::Kept;
 
 use crate::data::record_fetch::{Fetched, Fetcher};
 use crate::error::Result;
@@ -102,9 +104,9 @@ pub struct AccessStats {
 pub struct PointImage<'v> {
     blocks: Blocks<'v>,
     cache: BlockCache,
-    scratch: Mutex<Vec<Scratch>>,
+    scratch: Kept<Scratch>,
     /// Record fetchers kept between reads.
-    loaders: Mutex<Vec<Loader<'v>>>,
+    loaders: Kept<Loader<'v>>,
     /// Reads loading their blocks now (at most [`READ_LOADS`] do).
     read_loads: AtomicUsize,
     /// Blocks whose records one fetch reads ([`FETCH_BATCH`] bytes).
@@ -143,8 +145,8 @@ impl<'v> PointImage<'v> {
             blocks,
             cache: BlockCache::new(usize::try_from(cache_blocks).unwrap_or(usize::MAX)),
             load_most,
-            scratch: Mutex::default(),
-            loaders: Mutex::default(),
+            scratch: Kept::new(SCRATCH_KEPT),
+            loaders: Kept::new(LOADERS_KEPT),
             read_loads: AtomicUsize::new(0),
             batch: usize::try_from((FETCH_BATCH / bs).max(1)).unwrap_or(1),
             read_ahead_blocks,
@@ -195,21 +197,10 @@ impl<'v> PointImage<'v> {
     /// Block `b` decoded from the tier, the ordinary way (one record read,
     /// damage reported and repaired), with a scratch space from the pool.
     fn decode(&self, b: u64) -> Result<Vec<u8>> {
-        let mut scratch = self
-            .scratch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default();
+        let mut scratch = self.scratch.take_or(Scratch::default);
         let mut out = Vec::new();
         let r = self.blocks.decode(b, &mut scratch, &mut out);
-        // Kept for the next decode, up to a few: a burst of readers
-        // does not leave its scratch space behind.
-        let mut pool = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < SCRATCH_KEPT {
-            pool.push(scratch);
-        }
-        drop(pool);
+        self.scratch.give(scratch);
         r.map(|()| out)
     }
 
@@ -295,7 +286,7 @@ impl<'v> PointImage<'v> {
             for batch in missing.chunks(self.batch) {
                 self.load(batch, &mut loader);
             }
-            self.keep_loader(loader);
+            self.loaders.give(loader);
         }
         for b in first..=last {
             let from = (b * bs).max(offset);
@@ -402,8 +393,7 @@ impl<'v> PointImage<'v> {
 
     /// A record fetcher, from the pool or new.
     fn loader(&self) -> Loader<'v> {
-        let kept = self.loaders.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        kept.unwrap_or_else(|| {
+        self.loaders.take_or(|| {
             let bs = self.block_size();
             let batch = self.batch as u64;
             let cap = usize::try_from(batch * bs + batch * bs / 4).unwrap_or(usize::MAX);
@@ -413,14 +403,6 @@ impl<'v> PointImage<'v> {
                 decoder: RecordDecoder::default(),
             }
         })
-    }
-
-    /// Keeps `loader` for the next read, up to a few.
-    fn keep_loader(&self, loader: Loader<'v>) {
-        let mut pool = self.loaders.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < LOADERS_KEPT {
-            pool.push(loader);
-        }
     }
 
     /// Decodes into the cache the data blocks of `blocks` (at most a
