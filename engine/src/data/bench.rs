@@ -23,7 +23,7 @@
 //! 1.25 means a quarter slower than the disk alone. The floor writes from
 //! small pages, as `dd` does, and a restore writes from huge pages
 //! (`direct`'s module words): with its records cached a restore can come in
-//! under the floor (measured 0.84–0.90 on the shared day-two image).
+//! under the floor (measured 0.71–0.96 on the shared day-two image).
 //!
 //! External references are skipped (and say so) where the tool is not
 //! installed. Ratios are what to compare: the machines are shared.

@@ -48,8 +48,6 @@ pub struct AlignedBuf {
     memory: Memory,
     start: usize,
     len: usize,
-    /// Bytes from `start` that the memory holds (advised, when mapped).
-    room: usize,
     /// Never a mapping: made with [`AlignedBuf::small_pages`], or a
     /// mapping failed once (then ordinary memory, reused).
     no_map: bool,
@@ -82,30 +80,40 @@ impl Memory {
         }
     }
 
+    /// Bytes from `start` the buffer may use: to the end of ordinary
+    /// memory; in a mapping, the huge pages advised ([`Memory::huge`]
+    /// maps one huge page more than it advises).
+    fn room(&self, start: usize) -> usize {
+        match self {
+            Memory::Heap(v) => v.len().saturating_sub(start),
+            Memory::Mapped(m) => m.len().saturating_sub(HUGE_PAGE),
+        }
+    }
+
     /// Ordinary memory with room for `len` bytes from a [`DIRECT_ALIGN`]
-    /// boundary: (memory, the boundary's offset, room). No room at all
-    /// for a length past the address space.
-    fn heap(len: usize) -> (Memory, usize, usize) {
+    /// boundary, and the boundary's offset. No room at all for a length
+    /// past the address space.
+    fn heap(len: usize) -> (Memory, usize) {
         let Some(size) = len.checked_add(DIRECT_ALIGN) else {
-            return (Memory::default(), 0, 0);
+            return (Memory::default(), 0);
         };
         let v = vec![0u8; size];
         let start = v.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-        (Memory::Heap(v), start, size - start)
+        (Memory::Heap(v), start)
     }
 
     /// An anonymous mapping with room for `len` bytes (rounded up to
     /// whole huge pages) from a [`HUGE_PAGE`] boundary, all advised to
-    /// use huge pages: (memory, the boundary's offset, room). `None`
-    /// where the mapping fails.
-    fn huge(len: usize) -> Option<(Memory, usize, usize)> {
+    /// use huge pages, and the boundary's offset. `None` where the
+    /// mapping fails.
+    fn huge(len: usize) -> Option<(Memory, usize)> {
         let span = len.checked_next_multiple_of(HUGE_PAGE)?;
         let map = memmap2::MmapMut::map_anon(span.checked_add(HUGE_PAGE)?).ok()?;
         let start = map.as_ptr().align_offset(HUGE_PAGE);
         // Advice only: a kernel without transparent huge pages keeps
         // small ones, and the buffer works the same.
         let _ = map.advise_range(memmap2::Advice::HugePage, start, span);
-        Some((Memory::Mapped(map), start, span))
+        Some((Memory::Mapped(map), start))
     }
 }
 
@@ -125,7 +133,7 @@ impl AlignedBuf {
     /// the address space gets an empty buffer.
     pub fn reserve(&mut self, len: usize) {
         let huge = len >= HUGE_PAGE && !self.no_map;
-        let fits = len <= self.room
+        let fits = len <= self.memory.room(self.start)
             && match self.memory {
                 Memory::Mapped(_) => true,
                 // A large buffer moves to huge pages, once.
@@ -134,7 +142,7 @@ impl AlignedBuf {
         if !fits {
             let mapped = if huge { Memory::huge(len) } else { None };
             self.no_map |= huge && mapped.is_none();
-            (self.memory, self.start, self.room) = match mapped {
+            (self.memory, self.start) = match mapped {
                 Some(m) => m,
                 None => Memory::heap(len),
             };
