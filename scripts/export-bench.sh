@@ -15,7 +15,12 @@
 #     vault, page cache dropped (cold), each as a ratio to both floors;
 #     and again with the tier's records in the page cache (warm);
 #   - `qemu-img convert -t none` of `coffre export` (both tiers) into a
-#     file on the same filesystem, as a ratio to the restore of that tier;
+#     file on the same filesystem, as a ratio to the restore of that tier,
+#     and again with `-W` (out-of-order writes);
+#   - `qemu-img`'s own limit, the same convert of the raw DAY2.img file:
+#     cold (`-T none`, page cache dropped: it reads all the data blocks
+#     from the same disk) and cached (the source costs nothing: the
+#     fastest `qemu-img` writes this image here);
 #   - random 4 KiB reads at queue depth 16 through the export (fio,
 #     ioengine=nbd): cold (a fresh export, the whole image) and warm (a
 #     second pass over a 32 MiB data region), in IOPS;
@@ -113,6 +118,19 @@ for r in $(seq 1 "$rounds"); do
     rm -f conv.img
     echo "$r $tier rss-after-convert $(rss_kb) 0 0" >> "$log"
     stop_export
+    sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+    start_export --from "$tier"
+    timed "$r $tier export-convert-W" qemu-img convert -W -t none -O raw "$uri" conv.img
+    cmp conv.img "$day2"
+    rm -f conv.img
+    stop_export
+    # qemu-img's own limit on this disk: the raw file, cold and cached.
+    sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+    timed "$r $tier raw-convert-cold" qemu-img convert -T none -t none -f raw -O raw "$day2" conv.img
+    rm -f conv.img; sync
+    cat "$day2" > /dev/null
+    timed "$r $tier raw-convert-cached" qemu-img convert -t none -f raw -O raw "$day2" conv.img
+    rm -f conv.img; sync
     # Random reads: a fresh export over the whole image (cold), then a
     # data region read twice (the second pass warm).
     start_export --from "$tier"
@@ -146,4 +164,12 @@ for t in ("snapshot", "vault"):
           f"{med(t,'export-convert'):.2f} | {ratio(t,'restore','export-convert'):.2f} | "
           f"{med(t,'iops-cold'):.0f} | {med(t,'iops-warm'):.0f} | "
           f"{max(val[(t,'rss-after-convert')].values())/1024:.0f}, {max(val[(t,'rss')].values())/1024:.0f} |")
+print()
+print("| tier | restore s (cold) | export convert s | restore/convert | convert -W s | restore/convert -W | raw-file convert s: cold | cached | cold raw/export convert | cached raw/export convert |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for t in ("snapshot", "vault"):
+    print(f"| {t} | {med(t,'restore'):.2f} | {med(t,'export-convert'):.2f} | {ratio(t,'restore','export-convert'):.2f} | "
+          f"{med(t,'export-convert-W'):.2f} | {ratio(t,'restore','export-convert-W'):.2f} | "
+          f"{med(t,'raw-convert-cold'):.2f} | {med(t,'raw-convert-cached'):.2f} | "
+          f"{ratio(t,'raw-convert-cold','export-convert'):.2f} | {ratio(t,'raw-convert-cached','export-convert'):.2f} |")
 PY
