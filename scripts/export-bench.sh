@@ -144,6 +144,8 @@ for r in $(seq 1 "$rounds"); do
   done
 done
 
+echo "per round: ROUND TIER WHAT WALL USER SYS"
+cat "$log"
 python3 - "$log" "$rounds" <<'PY'
 import sys, statistics as st
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]

@@ -80,6 +80,21 @@ fn hold_record_corpus() {
 }
 
 #[test]
+fn live_run_corpus() {
+    let mut accepted: Vec<String> = corpus("live_run")
+        .into_iter()
+        .filter(|(_, b)| coffre_vault_store::format::live_run::fuzz_entry(b))
+        .map(|(name, _)| name.rsplit('/').next().unwrap_or_default().to_string())
+        .collect();
+    accepted.sort_unstable();
+    assert_eq!(
+        accepted,
+        vec!["domain.bin", "qmp.bin"],
+        "exactly the undamaged seeds decode"
+    );
+}
+
+#[test]
 fn snapshot_manifest_corpus() {
     let accepted = corpus("snapshot_manifest")
         .iter()

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use coffre_engine::access::live::LiveRun;
 use coffre_engine::snapshotter::vm::qmp::Qmp;
 use coffre_engine::snapshotter::vm::stream::LiveNames;
 use coffre_engine::store::holds::{FileId, HoldRecord, HoldStore};
@@ -64,6 +65,16 @@ fn block_of(g: usize) -> usize {
 
 fn byte_of(g: usize) -> u8 {
     u8::try_from((g - 1) / WRITTEN % 250 + 1).unwrap()
+}
+
+/// `initial` with the writer's writes 1 to `n` applied.
+fn with_writes(initial: &[u8], n: usize) -> Vec<u8> {
+    let mut expected = initial.to_vec();
+    for g in 1..=n {
+        let at = block_of(g) * BLOCK;
+        expected[at..at + BLOCK].fill(byte_of(g));
+    }
+    expected
 }
 
 /// The writer: stamps writes 1, 2, … through its own monitor until
@@ -425,15 +436,122 @@ fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_wri
         "{done:?}"
     );
 
-    let mut expected = st.initial.clone();
-    for g in 1..=n {
-        let at = block_of(g) * BLOCK;
-        expected[at..at + BLOCK].fill(byte_of(g));
-    }
+    let expected = with_writes(&st.initial, n);
     st.quit_and_compare(&expected, &format!("the point with the {n} writes applied"));
     println!(
         "live restore: killed at {killed_at:?} (status, offset, len) after {acked_at_kill} writes, resumed run took {resume_s:.1} s \
          ({acked_after} writes when it ended), {n} writes in all, target equal to the expected image; {:.1} s in all",
+        began.elapsed().as_secs_f64()
+    );
+}
+
+/// Files the test put in the host's runtime folder, removed when it ends.
+struct Planted(Vec<PathBuf>);
+
+impl Drop for Planted {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// `coffre daemon` of the vault resumes a live restore whose run was
+/// killed mid-stream, with no one running `--resume`: from the run file
+/// the first run wrote (the vault, the monitor, the device). The daemon
+/// leaves alone a run file of another vault (naming this very VM) and
+/// reports a damaged one once. The target ends as the point with the
+/// guest's writes applied; the hold and the run file go.
+#[test]
+fn a_killed_live_restore_is_resumed_by_the_daemon() {
+    let Some(mut st) = Setup::new() else {
+        return;
+    };
+    let began = Instant::now();
+    let (mut first, log) = st.first_run(&[]);
+    let run_file = LiveNames::of(&st.target).run_file().unwrap();
+    let run = LiveRun::decode(
+        &std::fs::read(&run_file).unwrap(),
+        run_file.file_name().unwrap().to_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(run.vault, std::fs::canonicalize(&st.vault).unwrap());
+    assert_eq!(run.target, st.target);
+    assert_eq!(run.qmp.as_deref(), Some(st.vm.qmp.as_path()));
+    assert_eq!((run.item.as_str(), run.device.as_str()), ("vm", "vda"));
+    let writer = Writer::start(Qmp::connect(&st.writer_sock, Duration::from_secs(20)).unwrap());
+    wait_until("a quarter streamed and writes under way", || {
+        st.job().is_some_and(|(_, o, l)| o >= l / 4) && writer.acked() >= 20
+    });
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let first_log = std::fs::read_to_string(&log).unwrap();
+    assert!(first_log.contains("coffre daemon"), "{first_log}");
+    assert!(run_file.exists(), "a killed run leaves its run file");
+    // Another vault's unfinished restore, naming this VM's monitor: not
+    // this daemon's. And a damaged run file.
+    let other_target = st.dir.join("other.qcow2");
+    let other = LiveRun {
+        vault: st.dir.join("another-vault"),
+        target: other_target.clone(),
+        ..run.clone()
+    };
+    let other_file = LiveNames::of(&other_target).run_file().unwrap();
+    let bad_file = LiveNames::of(&st.dir.join("bad.qcow2")).run_file().unwrap();
+    // (Removed however the test ends: other tests' daemons see the folder.)
+    let _planted = Planted(vec![other_file.clone(), bad_file.clone()]);
+    std::fs::write(&other_file, other.encode().unwrap()).unwrap();
+    let mut bad = run.encode().unwrap();
+    bad[24] ^= 1;
+    std::fs::write(&bad_file, &bad).unwrap();
+
+    let daemon_log = st.dir.join("daemon.log");
+    let daemon = coffre()
+        .env("COFFRE_LOG", "info")
+        .args(["daemon", "--vault", s(&st.vault), "--interval", "3600"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&daemon_log).unwrap())
+        .spawn()
+        .map(Run)
+        .unwrap();
+    wait_until("the daemon's resume to complete the stream", || {
+        st.holds().is_empty()
+    });
+    assert_eq!(st.job(), None, "the job is dismissed");
+    assert!(!run_file.exists(), "the run file goes with the hold");
+    let acked_after = writer.acked();
+    wait_until("writes after the resume", || {
+        writer.acked() >= acked_after + 10
+    });
+    let n = writer.finish();
+    // SAFETY: kill(2) of our own child.
+    assert_eq!(
+        unsafe { libc::kill(i32::try_from(daemon.0.id()).unwrap(), libc::SIGTERM) },
+        0
+    );
+    let mut daemon = daemon;
+    let status = daemon.0.wait().unwrap();
+    let dlog = std::fs::read_to_string(&daemon_log).unwrap();
+    println!("daemon:\n{dlog}");
+    assert!(status.success(), "{dlog}");
+    assert!(
+        dlog.contains("resuming a live restore whose run is gone")
+            && dlog.contains("resumed by the daemon: complete")
+            && dlog.contains("daemon stopped"),
+        "{dlog}"
+    );
+    assert!(!dlog.contains("other.qcow2"), "{dlog}");
+    assert!(other_file.exists(), "another vault's run file stays");
+    assert_eq!(
+        dlog.matches(bad_file.to_str().unwrap()).count(),
+        1,
+        "a damaged run file is reported once: {dlog}"
+    );
+
+    let expected = with_writes(&st.initial, n);
+    st.quit_and_compare(&expected, &format!("the point with the {n} writes applied"));
+    println!(
+        "live restore resumed by the daemon: {n} writes, target equal to the expected image; {:.1} s in all",
         began.elapsed().as_secs_f64()
     );
 }

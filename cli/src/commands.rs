@@ -181,39 +181,54 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             speed,
             reconnect_delay,
             abandon: false,
-        } => crate::live_cmd::run(
-            &ctx,
-            &tier_dir(&ctx, &vault.vault, from)?,
-            &item,
-            &point,
-            coffre_engine::access::live::LiveOptions {
-                target: to,
-                vm: match (qmp, live_domain) {
-                    (Some(q), None) => coffre_engine::access::live::LiveVm::Qmp(q),
-                    (None, Some(name)) => coffre_engine::access::live::LiveVm::Domain {
-                        name,
-                        connect: live_connect,
+        } => {
+            let vm = match (qmp, live_domain) {
+                (Some(q), None) => coffre_engine::access::live::LiveVm::Qmp(q),
+                (None, Some(name)) => coffre_engine::access::live::LiveVm::Domain {
+                    name,
+                    connect: live_connect,
+                },
+                _ => anyhow::bail!("--live needs --qmp SOCKET or --domain NAME"),
+            };
+            let device = coffre_engine::snapshotter::vm::stream::DeviceChoice {
+                id: device.context("--live needs --device ID")?,
+                bus,
+                swap_running: swap_running_disk,
+            };
+            let reconnect_delay =
+                reconnect_delay.unwrap_or(coffre_engine::access::live::DEFAULT_RECONNECT_DELAY);
+            let rerun = crate::daemon_live::run_file(
+                &vault.vault,
+                from,
+                &item,
+                &to,
+                &vm,
+                &device,
+                reconnect_delay,
+            );
+            crate::live_cmd::run(
+                &ctx,
+                &tier_dir(&ctx, &vault.vault, from)?,
+                &item,
+                &point,
+                coffre_engine::access::live::LiveOptions {
+                    target: to,
+                    vm,
+                    device,
+                    resume,
+                    speed,
+                    reconnect_delay,
+                    mode,
+                    access: coffre_engine::access::AccessOptions {
+                        from: crate::export_cmd::served_from(from),
+                        ..Default::default()
                     },
-                    _ => anyhow::bail!("--live needs --qmp SOCKET or --domain NAME"),
+                    poll: std::time::Duration::from_millis(250),
+                    now: ctx.now(),
+                    rerun,
                 },
-                device: coffre_engine::snapshotter::vm::stream::DeviceChoice {
-                    id: device.context("--live needs --device ID")?,
-                    bus,
-                    swap_running: swap_running_disk,
-                },
-                resume,
-                speed,
-                reconnect_delay: reconnect_delay
-                    .unwrap_or(coffre_engine::access::live::DEFAULT_RECONNECT_DELAY),
-                mode,
-                access: coffre_engine::access::AccessOptions {
-                    from: crate::export_cmd::served_from(from),
-                    ..Default::default()
-                },
-                poll: std::time::Duration::from_millis(250),
-                now: ctx.now(),
-            },
-        ),
+            )
+        }
         Command::Restore {
             vault,
             item,
@@ -383,7 +398,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// The directory of the copy a point is read from: the GRS secondary's
 /// with `--from secondary`, else the vault's.
-fn tier_dir(
+pub(crate) fn tier_dir(
     ctx: &crate::ctx::Ctx,
     dir: &std::path::Path,
     from: Option<FromTier>,

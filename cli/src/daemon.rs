@@ -1,5 +1,7 @@
 //! `coffre daemon`: runs scheduler passes (due backups, prune, gc,
-//! snapshot expiry) every `--interval` seconds until SIGTERM or SIGINT.
+//! snapshot expiry) every `--interval` seconds until SIGTERM or SIGINT,
+//! and resumes the vault's live restores whose run is gone
+//! ([`crate::daemon_live`]).
 //!
 //! tokio waits (signals, the interval); each pass runs on a blocking
 //! thread with the vault opened for writing only for its duration, so the
@@ -63,6 +65,7 @@ async fn daemon_loop(
     let stop = Arc::new(AtomicBool::new(false));
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let live = crate::daemon_live::spawn(ctx.clone(), &dir, stop.clone())?;
     tracing::info!(vault = %dir.display(), interval_s = interval.as_secs(), "daemon started");
     loop {
         let (c, d, s) = (ctx.clone(), dir.clone(), stop.clone());
@@ -94,6 +97,9 @@ async fn daemon_loop(
             break;
         }
     }
+    // The live restores' watch and its resumes stop too.
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || live.join()).await;
     tracing::info!("daemon stopped");
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -104,51 +105,13 @@ pub fn run(
     point: &str,
     opts: LiveOptions,
 ) -> anyhow::Result<ExitCode> {
-    // The holds lock before the vault is opened: a prune that deleted the
-    // point has finished, or will read this run's hold (engine docs). A
-    // folder that is no vault gets no lock file: opening it says why.
-    if !dir
-        .join(coffre_engine::store::format::config::CONFIG_FILE)
-        .is_file()
-    {
-        open(ctx, dir, Access::ReadOnly)?;
-    }
-    let holds_lock = HoldsLock::acquire(
-        dir,
-        ctx.lock_timeout.max(HOLDS_WAIT),
-        &format!("restore --live, pid {}", std::process::id()),
-    )
-    .with_context(|| {
-        format!(
-            "cannot hold the point for the live restore into {}",
-            opts.target.display()
-        )
-    })?;
-    let vault = open(ctx, dir, Access::ReadOnly)?;
     let report = Report::new();
     let stop = crate::signals::stop_flag_keep_on_hangup()?;
-    let mut job = coffre_engine::job_record::start(
-        dir,
-        vault.config().keys(),
-        Operation::Restore,
-        Some(item),
-        "restore --live",
-        ctx.now(),
-    );
-    let result = restore_live(&vault, item, Some(point), &opts, &report, &stop, holds_lock);
-    if let (Some(j), Ok(s)) = (job.as_mut(), &result) {
-        let _ = j.update(ctx.now(), |r| r.point = Some(s.point.clone()));
-    }
-    coffre_engine::job_record::finish(job, "restore --live", ctx.now(), &result);
+    let result = live(ctx, dir, item, Some(point), &opts, &report, &stop);
     if let Some(b) = &report.bar {
         b.finish_and_clear();
     }
-    let summary = result.with_context(|| {
-        format!(
-            "live restore of item {item} to {} did not complete",
-            opts.target.display()
-        )
-    })?;
+    let summary = result?;
     output::emit(ctx.fmt, &summary, |s: &LiveSummary| {
         if s.from.is_none() {
             return format!(
@@ -175,6 +138,60 @@ pub fn run(
         )
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A live restore of `item` (new, or resumed) from the vault in `dir`:
+/// the holds lock, the vault, the job record and the engine's run. Used
+/// by `restore --live` and by `coffre daemon`'s resumes.
+pub fn live(
+    ctx: &Ctx,
+    dir: &Path,
+    item: &str,
+    point: Option<&str>,
+    opts: &LiveOptions,
+    report: &dyn LiveReport,
+    stop: &AtomicBool,
+) -> anyhow::Result<LiveSummary> {
+    // The holds lock before the vault is opened: a prune that deleted the
+    // point has finished, or will read this run's hold (engine docs). A
+    // folder that is no vault gets no lock file: opening it says why.
+    if !dir
+        .join(coffre_engine::store::format::config::CONFIG_FILE)
+        .is_file()
+    {
+        open(ctx, dir, Access::ReadOnly)?;
+    }
+    let holds_lock = HoldsLock::acquire(
+        dir,
+        ctx.lock_timeout.max(HOLDS_WAIT),
+        &format!("restore --live, pid {}", std::process::id()),
+    )
+    .with_context(|| {
+        format!(
+            "cannot hold the point for the live restore into {}",
+            opts.target.display()
+        )
+    })?;
+    let vault = open(ctx, dir, Access::ReadOnly)?;
+    let mut job = coffre_engine::job_record::start(
+        dir,
+        vault.config().keys(),
+        Operation::Restore,
+        Some(item),
+        "restore --live",
+        ctx.now(),
+    );
+    let result = restore_live(&vault, item, point, opts, report, stop, holds_lock);
+    if let (Some(j), Ok(s)) = (job.as_mut(), &result) {
+        let _ = j.update(ctx.now(), |r| r.point = Some(s.point.clone()));
+    }
+    coffre_engine::job_record::finish(job, "restore --live", ctx.now(), &result);
+    result.with_context(|| {
+        format!(
+            "live restore of item {item} to {} did not complete",
+            opts.target.display()
+        )
+    })
 }
 
 /// `restore --live --abandon`: the hold of an unfinished live restore

@@ -8,6 +8,7 @@ mod commands;
 mod copy_cmd;
 mod ctx;
 mod daemon;
+mod daemon_live;
 mod docs_cmd;
 mod domain_cmd;
 mod exit;

@@ -74,6 +74,7 @@ use coffre_snapshotter::vm::stream::{
     self, Attached, DeviceChoice, Job, LiveNames, TargetLock, backing_json, export_name,
 };
 use coffre_vault_store::Vault;
+pub use coffre_vault_store::format::live_run::LiveRun;
 use coffre_vault_store::holds::{FileId, HoldRecord, HoldStore, HoldsLock};
 use jiff::Timestamp;
 
@@ -136,6 +137,10 @@ pub struct LiveOptions {
     pub poll: Duration,
     /// Now (the injected clock): when a new hold says the restore began.
     pub now: Timestamp,
+    /// How this restore is run again, written as its run file once its
+    /// hold is (the target replaced by its canonical path), for `coffre
+    /// daemon` to resume it ([`super::live_runs`]); `None`: no run file.
+    pub rerun: Option<LiveRun>,
 }
 
 /// Where a live restore tells what it does.
@@ -333,6 +338,17 @@ pub fn restore_live(
     let hold = hold_point(&holds, &target, &entry, image.served(), opts, report)?;
     // The hold is written: a prune from now on reads it.
     drop(holds_lock);
+    if let Some(run) = &opts.rerun {
+        let run = LiveRun {
+            target: target.clone(),
+            ..run.clone()
+        };
+        if let Err(e) = super::live_runs::write(&names, &run) {
+            report.step(&format!(
+                "WARNING: its run file cannot be written ({e}): if this run stops, `coffre daemon` cannot resume it; run the same command with --resume"
+            ));
+        }
+    }
     // Whether this run's new target is there (made, and not removed by
     // the run itself because QEMU never had it).
     let made = AtomicBool::new(false);
@@ -528,7 +544,14 @@ fn check_target_file(
 /// Removes the hold of the live restore into `target` (the target no
 /// longer needs point `point`); one that cannot go is reported.
 fn release_hold(holds: &HoldStore, target: &Path, point: &str, report: &dyn LiveReport) {
-    match holds.remove(target) {
+    let removed = holds.remove(target);
+    // Nothing is left to resume once the hold is gone.
+    if removed.is_ok()
+        && let Err(e) = super::live_runs::remove(target)
+    {
+        report.step(&format!("WARNING: {e}"));
+    }
+    match removed {
         Ok(true) => report.step(&format!(
             "point {point} is no longer held: the target needs it no more"
         )),
@@ -679,6 +702,10 @@ pub fn abandon(vault: &Vault, item: &str, target: &Path) -> Result<Abandoned> {
         ));
     }
     holds.remove(&target)?;
+    // Given up: `coffre daemon` must not resume it. (A run file left by a
+    // failed removal finds no hold, or no backing, and goes at its next
+    // run.)
+    let _ = super::live_runs::remove(&target);
     Ok(Abandoned {
         target,
         hold: path,
@@ -1226,8 +1253,13 @@ impl Run<'_, '_> {
             Attached::Already => format!("the target is device {device}'s disk already"),
         });
         self.report.step(&format!(
-            "if coffre stops before the stream completes, the VM's reads of blocks not yet copied wait up to {} s: run the same command with --resume (guest writes are never lost: they go to the target)",
-            opts.reconnect_delay
+            "if coffre stops before the stream completes, the VM's reads of blocks not yet copied wait up to {} s: run the same command with --resume{} (guest writes are never lost: they go to the target)",
+            opts.reconnect_delay,
+            if opts.rerun.is_some() {
+                ", or let `coffre daemon` of this vault resume it"
+            } else {
+                ""
+            }
         ));
         let started_vm = stream::start_if_waiting(qmp)?;
         if started_vm {

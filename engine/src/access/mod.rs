@@ -24,6 +24,7 @@ pub mod blocks;
 pub mod cache;
 mod kept;
 pub mod live;
+pub mod live_runs;
 pub mod serve;
 
 use std::collections::VecDeque;

@@ -52,8 +52,6 @@ use crate::error::{Result, SnapError};
 pub const EXPORT_PREFIX: &str = "coffre-live-";
 /// The longest point id an export name carries.
 const MAX_POINT_ID: usize = 64;
-/// The longest device id or bus coffre passes to QEMU.
-const MAX_DEVICE_ID: usize = 64;
 /// The longest backing string read back from a target (qcow2's own limit
 /// is 1023 bytes).
 const MAX_BACKING: usize = 1023;
@@ -94,12 +92,29 @@ impl LiveNames {
     /// private runtime folder ([`super::host_lock::runtime_dir`]), the two
     /// folders created 0700 and checked.
     pub fn socket(&self) -> std::result::Result<PathBuf, String> {
-        let base = super::host_lock::runtime_dir();
-        super::host_lock::private_dir(&base)?;
-        let dir = base.join("live");
-        super::host_lock::private_dir(&dir)?;
-        Ok(dir.join(format!("{}.sock", self.tag)))
+        Ok(live_dir()?.join(format!("{}.sock", self.tag)))
     }
+
+    /// The run file (how to run this live restore again, for `coffre
+    /// daemon`): `<runtime dir>/live/<tag>.run`, beside the socket.
+    pub fn run_file(&self) -> std::result::Result<PathBuf, String> {
+        Ok(live_dir()?.join(format!(
+            "{}{}",
+            self.tag,
+            coffre_vault_store::format::live_run::RUN_SUFFIX
+        )))
+    }
+}
+
+/// The live restores' folder, `<runtime dir>/live`, in coffre's private
+/// runtime folder ([`super::host_lock::runtime_dir`]), the two folders
+/// created 0700 and checked: their sockets, locks and run files.
+pub fn live_dir() -> std::result::Result<PathBuf, String> {
+    let base = super::host_lock::runtime_dir();
+    super::host_lock::private_dir(&base)?;
+    let dir = base.join("live");
+    super::host_lock::private_dir(&dir)?;
+    Ok(dir)
 }
 
 /// One run per live restore target on this host: held from before the
@@ -159,14 +174,10 @@ fn is_point_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// True for a device id or bus coffre passes to QEMU.
-pub fn is_device_id(id: &str) -> bool {
-    (1..=MAX_DEVICE_ID).contains(&id.len())
-        && id.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
+use coffre_vault_store::format::live_run::MAX_DEVICE_ID;
+/// True for a device id or bus coffre passes to QEMU (the rule a live
+/// restore's run file checks too).
+pub use coffre_vault_store::format::live_run::is_device_id;
 
 /// The NBD node's options: the export on `socket`, `reconnect_delay`
 /// seconds of patience when it goes.

@@ -29,6 +29,7 @@ pub mod index_values;
 pub mod job;
 pub mod lease;
 pub mod level;
+pub mod live_run;
 pub mod name;
 pub mod record;
 pub mod remote;

@@ -1,0 +1,275 @@
+//! `coffre daemon`'s live restores: an unfinished `restore --live` from
+//! the daemon's vault whose run is gone (killed, crashed) is resumed from
+//! its run file (`coffre_engine::access::live_runs`), so that the VM's
+//! reads of blocks not yet streamed are served again within about
+//! [`LIVE_CHECK`], instead of waiting for someone to run `--resume` before
+//! QEMU's reconnect delay runs out.
+//!
+//! A thread of its own looks every [`LIVE_CHECK`]; each resume runs on a
+//! thread of its own until the stream completes or the daemon stops
+//! (SIGTERM: the export stops and QEMU waits, as after a killed run; the
+//! next daemon, or `--resume`, carries on). A resume that fails (QEMU
+//! gone, the target removed) is logged and tried again after a wait that
+//! doubles from [`RETRY_FIRST`] up to [`RETRY_MAX`]; `restore --live
+//! --abandon` removes the run file with the hold.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::ValueEnum;
+use coffre_engine::access::live::{LiveOptions, LiveReport, LiveRun, LiveSummary, LiveVm};
+use coffre_engine::access::live_runs;
+use coffre_engine::snapshotter::vm::stream::DeviceChoice;
+
+use crate::args::FromTier;
+use crate::ctx::Ctx;
+
+/// How often the daemon looks for live restores to resume.
+pub const LIVE_CHECK: Duration = Duration::from_secs(2);
+/// The first wait before a failed resume is tried again.
+const RETRY_FIRST: Duration = Duration::from_secs(5);
+/// The longest wait between two tries.
+const RETRY_MAX: Duration = Duration::from_secs(300);
+/// How often a resume's progress is logged.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+
+/// The run file of a live restore being started from `--vault vault`
+/// (`None` when the vault's folder cannot be resolved: the restore runs,
+/// and only `--resume` carries it on).
+pub fn run_file(
+    vault: &Path,
+    from: Option<FromTier>,
+    item: &str,
+    target: &Path,
+    vm: &LiveVm,
+    device: &DeviceChoice,
+    reconnect_delay: u64,
+) -> Option<LiveRun> {
+    let (qmp, domain, connect) = match vm {
+        LiveVm::Qmp(q) => (Some(std::path::absolute(q).ok()?), None, None),
+        LiveVm::Domain { name, connect } => (None, Some(name.clone()), connect.clone()),
+    };
+    Some(LiveRun {
+        vault: std::fs::canonicalize(vault).ok()?,
+        from: from.and_then(|f| f.to_possible_value().map(|v| v.get_name().to_string())),
+        item: item.to_string(),
+        target: target.to_path_buf(),
+        qmp,
+        domain,
+        connect,
+        device: device.id.clone(),
+        bus: device.bus.clone(),
+        swap_running: device.swap_running,
+        reconnect_delay,
+    })
+}
+
+/// Starts the daemon's watch over the live restores of the vault in
+/// `dir`; it ends, after its resumes, once `stop` is set.
+pub fn spawn(ctx: Arc<Ctx>, dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<JoinHandle<()>> {
+    let vault = std::fs::canonicalize(dir)
+        .with_context(|| format!("cannot resolve vault {}", dir.display()))?;
+    let mut watch = Watch {
+        ctx,
+        vault,
+        stop,
+        running: HashMap::new(),
+        retry: HashMap::new(),
+        reported: HashSet::new(),
+    };
+    std::thread::Builder::new()
+        .name("coffre-live-watch".into())
+        .spawn(move || watch.run())
+        .context("cannot start the live restores' watch")
+}
+
+struct Watch {
+    ctx: Arc<Ctx>,
+    /// The daemon's vault (canonical): run files of other vaults are left
+    /// to their own daemons.
+    vault: PathBuf,
+    stop: Arc<AtomicBool>,
+    /// Resumes under way, by target.
+    running: HashMap<PathBuf, JoinHandle<anyhow::Result<LiveSummary>>>,
+    /// Targets whose resume failed: when to try again, and the wait.
+    retry: HashMap<PathBuf, (Instant, Duration)>,
+    /// Run files already reported unreadable (reported once).
+    reported: HashSet<PathBuf>,
+}
+
+impl Watch {
+    fn run(&mut self) {
+        while !self.stop.load(Ordering::Relaxed) {
+            self.reap();
+            self.start();
+            let until = Instant::now() + LIVE_CHECK;
+            while Instant::now() < until && !self.stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        // Stopped: the resumes stop too (their exports end; QEMU waits).
+        for (_, h) in self.running.drain() {
+            let _ = h.join();
+        }
+    }
+
+    /// Collects the resumes that ended.
+    fn reap(&mut self) {
+        let ended: Vec<PathBuf> = self
+            .running
+            .iter()
+            .filter(|(_, h)| h.is_finished())
+            .map(|(t, _)| t.clone())
+            .collect();
+        for target in ended {
+            let Some(h) = self.running.remove(&target) else {
+                continue;
+            };
+            let failed = match h.join() {
+                Ok(Ok(_)) => {
+                    self.retry.remove(&target);
+                    continue;
+                }
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(_) => "its thread panicked".to_string(),
+            };
+            if self.stop.load(Ordering::Relaxed) {
+                continue;
+            }
+            let wait = self
+                .retry
+                .get(&target)
+                .map_or(RETRY_FIRST, |(_, w)| (*w * 2).min(RETRY_MAX));
+            tracing::warn!(target = %target.display(), error = %failed, retry_in_s = wait.as_secs(), "live restore could not be resumed; `coffre restore --live --resume` carries it on, `--abandon` gives it up");
+            self.retry.insert(target, (Instant::now() + wait, wait));
+        }
+    }
+
+    /// Starts a resume of each live restore of this vault whose run is
+    /// gone.
+    fn start(&mut self) {
+        let runs = match live_runs::list() {
+            Ok(r) => r,
+            Err(e) => {
+                if self.reported.insert(PathBuf::new()) {
+                    tracing::warn!(error = %e, "the live restores' run files cannot be listed");
+                }
+                return;
+            }
+        };
+        for (path, run) in runs {
+            let run = match run {
+                Ok(r) => r,
+                Err(e) => {
+                    if self.reported.insert(path) {
+                        tracing::warn!(error = %e, "a live restore's run file is not used");
+                    }
+                    continue;
+                }
+            };
+            if run.vault != self.vault
+                || self.running.contains_key(&run.target)
+                || self
+                    .retry
+                    .get(&run.target)
+                    .is_some_and(|(at, _)| Instant::now() < *at)
+                || live_runs::running(&run.target)
+                // Finished as it was looked at: its run file went with it.
+                || !path.exists()
+            {
+                continue;
+            }
+            tracing::info!(target = %run.target.display(), item = %run.item, "resuming a live restore whose run is gone");
+            let (ctx, stop, target) = (self.ctx.clone(), self.stop.clone(), run.target.clone());
+            let spawned = std::thread::Builder::new()
+                .name("coffre-live-resume".into())
+                .spawn(move || {
+                    let done = resume(&ctx, &run, &stop);
+                    if let Ok(s) = &done {
+                        tracing::info!(target = %run.target.display(), item = %s.item, point = %s.point, streamed = s.streamed, "live restore resumed by the daemon: complete; the target needs coffre no more");
+                    }
+                    done
+                });
+            match spawned {
+                Ok(h) => {
+                    self.running.insert(target, h);
+                }
+                Err(e) => {
+                    tracing::warn!(target = %target.display(), error = %e, "cannot start a thread to resume a live restore")
+                }
+            }
+        }
+    }
+}
+
+/// Resumes the live restore `run` names, as `restore --live --resume`
+/// with its first run's arguments would.
+fn resume(ctx: &Ctx, run: &LiveRun, stop: &AtomicBool) -> anyhow::Result<LiveSummary> {
+    let from = match run.from.as_deref() {
+        Some(f) => {
+            Some(FromTier::from_str(f, false).map_err(|e| anyhow::anyhow!("tier {f:?}: {e}"))?)
+        }
+        None => None,
+    };
+    let dir = crate::commands::tier_dir(ctx, &run.vault, from)?;
+    let vm = match (&run.qmp, &run.domain) {
+        (Some(q), _) => LiveVm::Qmp(q.clone()),
+        (None, Some(name)) => LiveVm::Domain {
+            name: name.clone(),
+            connect: run.connect.clone(),
+        },
+        (None, None) => anyhow::bail!("its run file names no VM"),
+    };
+    let opts = LiveOptions {
+        target: run.target.clone(),
+        vm,
+        device: DeviceChoice {
+            id: run.device.clone(),
+            bus: run.bus.clone(),
+            swap_running: run.swap_running,
+        },
+        resume: true,
+        speed: None,
+        reconnect_delay: run.reconnect_delay,
+        mode: 0o600,
+        access: coffre_engine::access::AccessOptions {
+            from: crate::export_cmd::served_from(from),
+            ..Default::default()
+        },
+        poll: Duration::from_millis(250),
+        now: ctx.now(),
+        rerun: Some(run.clone()),
+    };
+    let report = LogReport {
+        target: run.target.display().to_string(),
+        last: Mutex::new(None),
+    };
+    crate::live_cmd::live(ctx, &dir, &run.item, None, &opts, &report, stop)
+}
+
+/// A resume's steps and progress, in the daemon's log.
+struct LogReport {
+    target: String,
+    last: Mutex<Option<Instant>>,
+}
+
+impl LiveReport for LogReport {
+    fn step(&self, line: &str) {
+        tracing::info!(target = %self.target, "live restore: {line}");
+    }
+
+    fn stream(&self, done: u64, total: u64, rate: u64) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) && done < total {
+            return;
+        }
+        *last = Some(Instant::now());
+        tracing::info!(target = %self.target, done, total, rate, "live restore: streaming");
+    }
+}
