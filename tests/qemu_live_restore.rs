@@ -556,6 +556,70 @@ fn a_killed_live_restore_is_resumed_by_the_daemon() {
     );
 }
 
+/// The daemon's resume is unattended: when the QEMU that had the target
+/// is gone and another one listens on the same monitor (a restarted VM,
+/// waiting with `-S`), it neither gives that VM's device the target nor
+/// starts it; it says why, and the hold and the run file stay for a
+/// human's `--resume` or `--abandon`.
+#[test]
+fn the_daemon_never_gives_the_target_to_a_restarted_qemu() {
+    let Some(mut st) = Setup::new() else {
+        return;
+    };
+    let (mut first, _log) = st.first_run(&[]);
+    wait_until("a quarter streamed", || {
+        st.job().is_some_and(|(_, o, l)| o >= l / 4)
+    });
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let run_file = LiveNames::of(&st.target).run_file().unwrap();
+    let _planted = Planted(vec![run_file.clone()]);
+    assert!(run_file.exists());
+    // The VM restarts: a new QEMU on the same monitor, its disk the blank
+    // one, waiting.
+    let watch2 = st.dir.join("watch2.sock");
+    st.vm = start_vm_as(
+        &st.dir,
+        &st.dir.join("broken.raw"),
+        "raw",
+        &[
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", watch2.display()),
+        ],
+    );
+    let mut watch = Qmp::connect(&watch2, Duration::from_secs(20)).unwrap();
+    let daemon_log = st.dir.join("daemon.log");
+    let daemon = coffre()
+        .env("COFFRE_LOG", "info")
+        .args(["daemon", "--vault", s(&st.vault), "--interval", "3600"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&daemon_log).unwrap())
+        .spawn()
+        .map(Run)
+        .unwrap();
+    wait_until("the daemon to refuse", || {
+        std::fs::read_to_string(&daemon_log)
+            .unwrap()
+            .contains("QEMU has no device reading the target")
+    });
+    assert_eq!(coffre_nodes(&mut watch), Vec::<String>::new());
+    let status = watch.execute("query-status", None).unwrap();
+    assert_eq!(status["status"], "prelaunch", "the VM is not started");
+    assert_eq!(st.holds().len(), 1, "the hold stays");
+    assert!(run_file.exists(), "the run file stays");
+    // SAFETY: kill(2) of our own child.
+    assert_eq!(
+        unsafe { libc::kill(i32::try_from(daemon.0.id()).unwrap(), libc::SIGTERM) },
+        0
+    );
+    let mut daemon = daemon;
+    let status = daemon.0.wait().unwrap();
+    let dlog = std::fs::read_to_string(&daemon_log).unwrap();
+    assert!(status.success(), "{dlog}");
+    assert!(!dlog.contains("resumed by the daemon: complete"), "{dlog}");
+    assert_eq!(coffre_nodes(&mut watch), Vec::<String>::new());
+}
+
 /// SIGTERM mid-stream: coffre stops, saying how to resume. The export
 /// then stays gone for longer than `--reconnect-delay`: the stream's read
 /// fails and the job pauses (`on-error: stop`) instead of failing; the

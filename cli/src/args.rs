@@ -435,6 +435,10 @@ pub enum Command {
         /// find QEMU's job and follow it to its end.
         #[arg(long, requires = "live")]
         resume: bool,
+        /// With --live: write no run file, so that `coffre daemon` never
+        /// resumes this restore on its own (only --resume does).
+        #[arg(long, requires = "live", conflicts_with = "abandon")]
+        no_daemon_resume: bool,
         /// With --live: most bytes a second QEMU copies (e.g. 200M;
         /// default: no limit; with --resume, the running job's limit is
         /// changed to RATE, or left as it is without --speed).

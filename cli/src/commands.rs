@@ -178,6 +178,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bus,
             swap_running_disk,
             resume,
+            no_daemon_resume,
             speed,
             reconnect_delay,
             abandon: false,
@@ -197,15 +198,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let reconnect_delay =
                 reconnect_delay.unwrap_or(coffre_engine::access::live::DEFAULT_RECONNECT_DELAY);
-            let rerun = crate::daemon_live::run_file(
-                &vault.vault,
-                from,
-                &item,
-                &to,
-                &vm,
-                &device,
-                reconnect_delay,
-            );
+            let rerun = (!no_daemon_resume)
+                .then(|| {
+                    crate::daemon_live::run_file(
+                        &vault.vault,
+                        from,
+                        &item,
+                        &to,
+                        &vm,
+                        &device,
+                        reconnect_delay,
+                    )
+                })
+                .flatten();
             crate::live_cmd::run(
                 &ctx,
                 &tier_dir(&ctx, &vault.vault, from)?,
@@ -226,6 +231,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     poll: std::time::Duration::from_millis(250),
                     now: ctx.now(),
                     rerun,
+                    unattended: false,
                 },
             )
         }

@@ -8,10 +8,14 @@
 //! A thread of its own looks every [`LIVE_CHECK`]; each resume runs on a
 //! thread of its own until the stream completes or the daemon stops
 //! (SIGTERM: the export stops and QEMU waits, as after a killed run; the
-//! next daemon, or `--resume`, carries on). A resume that fails (QEMU
-//! gone, the target removed) is logged and tried again after a wait that
-//! doubles from [`RETRY_FIRST`] up to [`RETRY_MAX`]; `restore --live
-//! --abandon` removes the run file with the hold.
+//! next daemon, or `--resume`, carries on). A resume is unattended
+//! (`LiveOptions::unattended`): it only reconnects the QEMU that still
+//! has the target, in the file the hold names, and leaves anything else
+//! to a human. One that fails (QEMU gone, the target removed) is logged
+//! and tried again after a wait that doubles from [`RETRY_FIRST`] up to
+//! a quarter of the restore's reconnect delay (at most [`RETRY_MAX`]),
+//! from the start again when its run file changes (a human's run wrote
+//! it); `restore --live --abandon` removes the run file with the hold.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -75,6 +79,14 @@ pub fn run_file(
 pub fn spawn(ctx: Arc<Ctx>, dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<JoinHandle<()>> {
     let vault = std::fs::canonicalize(dir)
         .with_context(|| format!("cannot resolve vault {}", dir.display()))?;
+    match coffre_engine::snapshotter::vm::stream::live_dir() {
+        Ok(d) => {
+            tracing::info!(folder = %d.display(), "resuming this vault's live restores whose run is gone, from their run files")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the live restores' folder is unusable: none is resumed")
+        }
+    }
     let mut watch = Watch {
         ctx,
         vault,
@@ -89,16 +101,32 @@ pub fn spawn(ctx: Arc<Ctx>, dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result
         .context("cannot start the live restores' watch")
 }
 
+/// A failed resume's next try.
+struct Retry {
+    at: Instant,
+    wait: Duration,
+    written: Option<std::time::SystemTime>,
+}
+
+/// When the run file at `path` was last written.
+fn written(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+}
+
 struct Watch {
     ctx: Arc<Ctx>,
     /// The daemon's vault (canonical): run files of other vaults are left
     /// to their own daemons.
     vault: PathBuf,
     stop: Arc<AtomicBool>,
-    /// Resumes under way, by target.
-    running: HashMap<PathBuf, JoinHandle<anyhow::Result<LiveSummary>>>,
-    /// Targets whose resume failed: when to try again, and the wait.
-    retry: HashMap<PathBuf, (Instant, Duration)>,
+    /// Resumes under way, by target: their thread, run file and reconnect
+    /// delay.
+    running: HashMap<PathBuf, (JoinHandle<anyhow::Result<LiveSummary>>, PathBuf, u64)>,
+    /// Targets whose resume failed: when to try again, the wait, and
+    /// the run file's time then (a new one starts the waits again).
+    retry: HashMap<PathBuf, Retry>,
     /// Run files already reported unreadable (reported once).
     reported: HashSet<PathBuf>,
 }
@@ -114,7 +142,7 @@ impl Watch {
             }
         }
         // Stopped: the resumes stop too (their exports end; QEMU waits).
-        for (_, h) in self.running.drain() {
+        for (_, (h, _, _)) in self.running.drain() {
             let _ = h.join();
         }
     }
@@ -124,30 +152,43 @@ impl Watch {
         let ended: Vec<PathBuf> = self
             .running
             .iter()
-            .filter(|(_, h)| h.is_finished())
+            .filter(|(_, (h, _, _))| h.is_finished())
             .map(|(t, _)| t.clone())
             .collect();
         for target in ended {
-            let Some(h) = self.running.remove(&target) else {
+            let Some((h, file, delay)) = self.running.remove(&target) else {
                 continue;
             };
             let failed = match h.join() {
-                Ok(Ok(_)) => {
+                // Done, and nothing left to resume.
+                Ok(Ok(_)) if !file.exists() => {
                     self.retry.remove(&target);
                     continue;
                 }
+                Ok(Ok(_)) => format!(
+                    "it completed but its run file {} stays (it could not be removed)",
+                    file.display()
+                ),
                 Ok(Err(e)) => format!("{e:#}"),
                 Err(_) => "its thread panicked".to_string(),
             };
             if self.stop.load(Ordering::Relaxed) {
                 continue;
             }
+            let most = (Duration::from_secs(delay) / 4).clamp(RETRY_FIRST, RETRY_MAX);
             let wait = self
                 .retry
                 .get(&target)
-                .map_or(RETRY_FIRST, |(_, w)| (*w * 2).min(RETRY_MAX));
+                .map_or(RETRY_FIRST, |r| (r.wait * 2).min(most));
             tracing::warn!(target = %target.display(), error = %failed, retry_in_s = wait.as_secs(), "live restore could not be resumed; `coffre restore --live --resume` carries it on, `--abandon` gives it up");
-            self.retry.insert(target, (Instant::now() + wait, wait));
+            self.retry.insert(
+                target,
+                Retry {
+                    at: Instant::now() + wait,
+                    wait,
+                    written: written(&file),
+                },
+            );
         }
     }
 
@@ -173,20 +214,34 @@ impl Watch {
                     continue;
                 }
             };
-            if run.vault != self.vault
-                || self.running.contains_key(&run.target)
-                || self
-                    .retry
-                    .get(&run.target)
-                    .is_some_and(|(at, _)| Instant::now() < *at)
-                || live_runs::running(&run.target)
-                // Finished as it was looked at: its run file went with it.
-                || !path.exists()
-            {
+            if run.vault != self.vault || self.running.contains_key(&run.target) {
+                continue;
+            }
+            if let Some(r) = self.retry.get(&run.target) {
+                if r.written != written(&path) {
+                    // Written again (a human's run): tried at once.
+                    self.retry.remove(&run.target);
+                } else if Instant::now() < r.at {
+                    continue;
+                }
+            }
+            match live_runs::running(&run.target) {
+                Ok(false) => {}
+                Ok(true) => continue,
+                Err(e) => {
+                    if self.reported.insert(path) {
+                        tracing::warn!(target = %run.target.display(), error = %e, "cannot tell whether a live restore's run is going: it is not resumed");
+                    }
+                    continue;
+                }
+            }
+            // Finished as it was looked at: its run file went with it.
+            if !path.exists() {
                 continue;
             }
             tracing::info!(target = %run.target.display(), item = %run.item, "resuming a live restore whose run is gone");
             let (ctx, stop, target) = (self.ctx.clone(), self.stop.clone(), run.target.clone());
+            let delay = run.reconnect_delay;
             let spawned = std::thread::Builder::new()
                 .name("coffre-live-resume".into())
                 .spawn(move || {
@@ -198,7 +253,7 @@ impl Watch {
                 });
             match spawned {
                 Ok(h) => {
-                    self.running.insert(target, h);
+                    self.running.insert(target, (h, path, delay));
                 }
                 Err(e) => {
                     tracing::warn!(target = %target.display(), error = %e, "cannot start a thread to resume a live restore")
@@ -217,9 +272,24 @@ fn resume(ctx: &Ctx, run: &LiveRun, stop: &AtomicBool) -> anyhow::Result<LiveSum
         }
         None => None,
     };
+    // Cheap checks first: a resume that cannot start writes no job record.
+    if std::fs::canonicalize(&run.target).ok().as_ref() != Some(&run.target) {
+        anyhow::bail!(
+            "its target {} is gone, or no longer at that canonical path",
+            run.target.display()
+        );
+    }
     let dir = crate::commands::tier_dir(ctx, &run.vault, from)?;
     let vm = match (&run.qmp, &run.domain) {
-        (Some(q), _) => LiveVm::Qmp(q.clone()),
+        (Some(q), _) => {
+            std::os::unix::net::UnixStream::connect(q).with_context(|| {
+                format!(
+                    "QEMU's monitor {} does not answer (QEMU gone?)",
+                    q.display()
+                )
+            })?;
+            LiveVm::Qmp(q.clone())
+        }
         (None, Some(name)) => LiveVm::Domain {
             name: name.clone(),
             connect: run.connect.clone(),
@@ -245,6 +315,7 @@ fn resume(ctx: &Ctx, run: &LiveRun, stop: &AtomicBool) -> anyhow::Result<LiveSum
         poll: Duration::from_millis(250),
         now: ctx.now(),
         rerun: Some(run.clone()),
+        unattended: true,
     };
     let report = LogReport {
         target: run.target.display().to_string(),

@@ -141,6 +141,14 @@ pub struct LiveOptions {
     /// hold is (the target replaced by its canonical path), for `coffre
     /// daemon` to resume it ([`super::live_runs`]); `None`: no run file.
     pub rerun: Option<LiveRun>,
+    /// An unattended resume (`coffre daemon`'s): it only serves the export
+    /// again to the QEMU that still has the target on a device, and
+    /// follows the job. No one decides here, so it refuses what a human
+    /// `--resume` may do: a target path that is no longer canonical (a
+    /// symlink on the way), one whose hold does not name this very file,
+    /// a QEMU without the target (restarted: attaching it again could
+    /// swap a running guest's disk), and starting a VM that waits (`-S`).
+    pub unattended: bool,
 }
 
 /// Where a live restore tells what it does.
@@ -265,6 +273,15 @@ pub fn restore_live(
     holds_lock: HoldsLock,
 ) -> Result<LiveSummary> {
     let target = canonical_target(&opts.target, opts.resume)?;
+    if opts.unattended && (!opts.resume || target != opts.target) {
+        return Err(fail(
+            &opts.target,
+            format!(
+                "an unattended resume is only of a target given by its canonical path, which is now {}: run `coffre restore --live --resume` yourself",
+                target.display()
+            ),
+        ));
+    }
     let names = LiveNames::of(&target);
     // One run per target, before anything of it is touched.
     let _target_lock = TargetLock::acquire(&target, &names)?;
@@ -381,6 +398,15 @@ pub fn restore_live(
     })
 }
 
+/// What a stopped run's message adds when `coffre daemon` may resume it.
+fn daemon_hint(opts: &LiveOptions) -> &'static str {
+    if opts.rerun.is_some() {
+        ", or let `coffre daemon` of this vault resume it (it does so within seconds when it runs)"
+    } else {
+        ""
+    }
+}
+
 /// Refuses a new run (its target absent, checked under the target lock)
 /// into a path whose hold exists: an earlier run's that never finished,
 /// whose target was removed, or never made because that run was killed
@@ -453,6 +479,15 @@ fn hold_point(
     // its start; one of another point, or a damaged one, is replaced.
     if let (Ok(Some(h)), Some(now)) = (&found, &target_file) {
         check_target_file(holds, target, h, now)?;
+    }
+    if opts.unattended && !matches!(&found, Ok(Some(h)) if h.target_file.is_some()) {
+        return Err(fail(
+            target,
+            format!(
+                "an unattended resume needs the hold {} naming this very file, and it is absent, unreadable or older: run `coffre restore --live --resume` yourself",
+                holds.path_of(target).display()
+            ),
+        ));
     }
     let found = match found {
         Ok(f) => f,
@@ -544,14 +579,13 @@ fn check_target_file(
 /// Removes the hold of the live restore into `target` (the target no
 /// longer needs point `point`); one that cannot go is reported.
 fn release_hold(holds: &HoldStore, target: &Path, point: &str, report: &dyn LiveReport) {
-    let removed = holds.remove(target);
-    // Nothing is left to resume once the hold is gone.
-    if removed.is_ok()
-        && let Err(e) = super::live_runs::remove(target)
-    {
+    // Nothing is left to resume: the run file goes first, so that a hold
+    // that cannot go (or a kill between the two) never leaves the daemon
+    // a run to repeat.
+    if let Err(e) = super::live_runs::remove(target) {
         report.step(&format!("WARNING: {e}"));
     }
-    match removed {
+    match holds.remove(target) {
         Ok(true) => report.step(&format!(
             "point {point} is no longer held: the target needs it no more"
         )),
@@ -669,11 +703,25 @@ pub fn abandon(vault: &Vault, item: &str, target: &Path) -> Result<Abandoned> {
     let hold = match holds.get(&target) {
         Ok(Some(h)) => Some(h),
         Ok(None) => {
+            // A run file left without its hold (a kill between the two
+            // removals) goes all the same: nothing is left to resume.
+            let run_file = LiveNames::of(&target)
+                .run_file()
+                .ok()
+                .filter(|f| f.exists());
+            let _ = super::live_runs::remove(&target);
             return Err(fail(
                 &target,
                 format!(
-                    "no live restore of this vault holds a point for it ({} is absent): nothing to abandon",
-                    path.display()
+                    "no live restore of this vault holds a point for it ({} is absent): nothing to abandon{}",
+                    path.display(),
+                    match run_file {
+                        Some(f) => format!(
+                            " (its run file {} was removed: `coffre daemon` no longer resumes it)",
+                            f.display()
+                        ),
+                        None => String::new(),
+                    }
                 ),
             ));
         }
@@ -1203,6 +1251,12 @@ impl Run<'_, '_> {
                 )));
             }
         }
+        if opts.unattended && stream::attached_device(qmp, &self.names.target)?.is_none() {
+            return Err(self.fail(format!(
+                "QEMU has no device reading the target (node {}): was it restarted? An unattended resume only serves a QEMU that still has it, since giving a device the target again could swap a running guest's disk: run `coffre restore --live --resume` yourself, or `--abandon` it",
+                self.names.target
+            )));
+        }
         let attached = stream::attach(
             qmp,
             self.names,
@@ -1255,13 +1309,9 @@ impl Run<'_, '_> {
         self.report.step(&format!(
             "if coffre stops before the stream completes, the VM's reads of blocks not yet copied wait up to {} s: run the same command with --resume{} (guest writes are never lost: they go to the target)",
             opts.reconnect_delay,
-            if opts.rerun.is_some() {
-                ", or let `coffre daemon` of this vault resume it"
-            } else {
-                ""
-            }
+            daemon_hint(opts)
         ));
-        let started_vm = stream::start_if_waiting(qmp)?;
+        let started_vm = !opts.unattended && stream::start_if_waiting(qmp)?;
         if started_vm {
             self.report.step("the VM was waiting (-S): started");
         }
@@ -1340,8 +1390,9 @@ impl Run<'_, '_> {
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Err(self.fail(format!(
-                    "interrupted: the stream is not complete and the VM's reads of blocks not yet copied wait up to {} s for the export: run the same command with --resume",
-                    self.opts.reconnect_delay
+                    "interrupted: the stream is not complete and the VM's reads of blocks not yet copied wait up to {} s for the export: run the same command with --resume{}",
+                    self.opts.reconnect_delay,
+                    daemon_hint(self.opts)
                 )));
             }
             match stream::job(qmp, self.names)? {

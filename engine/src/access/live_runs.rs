@@ -76,9 +76,9 @@ pub fn list() -> Result<Vec<Listed>, String> {
 }
 
 /// True while a run of the live restore into `target` is going on this
-/// host (its target lock is held).
-pub fn running(target: &Path) -> bool {
-    TargetLock::acquire(target, &LiveNames::of(target)).is_err()
+/// host (its target lock is held; only looked at, never taken).
+pub fn running(target: &Path) -> Result<bool, String> {
+    TargetLock::is_held(&LiveNames::of(target))
 }
 
 #[cfg(test)]
@@ -115,10 +115,11 @@ mod tests {
             one.1
         };
         assert_eq!(listed(&path).unwrap(), run);
-        assert!(!running(&target));
+        assert!(!running(&target).unwrap());
         let lock = TargetLock::acquire(&target, &names).unwrap();
-        assert!(running(&target));
+        assert!(running(&target).unwrap());
         drop(lock);
+        assert!(!running(&target).unwrap());
         // Writable by others: reported, not read.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o622)).unwrap();
         let e = listed(&path).unwrap_err();

@@ -324,6 +324,44 @@ impl HostLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// True while a run holds the lock `key` of `kind`. Only looks: the
+    /// file is opened read-only if it is there (`O_NOFOLLOW`, checked as
+    /// [`HostLock::acquire`] checks it), never created, written or
+    /// removed; a shared lock tried once tells (held for no longer than
+    /// the try).
+    pub fn is_held(kind: LockKind, key: &str) -> Result<bool, String> {
+        if !is_key(key) {
+            return Err(format!("lock key {:?} is not a key", sanitised(key)));
+        }
+        let path = private_lock_dir(kind)?.join(format!("{key}.lock"));
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(format!("cannot open lock file {}: {e}", path.display())),
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("lock file {}: {e}", path.display()))?;
+        if !meta.is_file() || meta.uid() != euid() || private::is_shared(meta.mode()) {
+            return Err(format!(
+                "lock file {} is not a regular file of this user's alone; remove it",
+                path.display()
+            ));
+        }
+        match file.try_lock_shared() {
+            Ok(()) => {
+                let _ = file.unlock();
+                Ok(false)
+            }
+            Err(TryLockError::WouldBlock) => Ok(true),
+            Err(TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
+        }
+    }
 }
 
 impl Drop for HostLock {

@@ -159,6 +159,12 @@ impl TargetLock {
     pub fn path(&self) -> &Path {
         self.0.path()
     }
+
+    /// True while a run of the live restore named `names` holds its lock
+    /// (only looks: see [`super::host_lock::HostLock::is_held`]).
+    pub fn is_held(names: &LiveNames) -> std::result::Result<bool, String> {
+        super::host_lock::HostLock::is_held(super::host_lock::LockKind::Live, &names.tag)
+    }
 }
 
 /// The export name of point `point_id`.
