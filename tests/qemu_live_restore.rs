@@ -246,6 +246,21 @@ impl Setup {
             .collect()
     }
 
+    /// Starts `coffre daemon` of the vault (no pass due for an hour),
+    /// logging to the returned file.
+    fn daemon(&self) -> (Run, PathBuf) {
+        let log = self.dir.join("daemon.log");
+        let child = coffre()
+            .env("COFFRE_LOG", "info")
+            .args(["daemon", "--vault", s(&self.vault), "--interval", "3600"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .map(Run)
+            .unwrap();
+        (child, log)
+    }
+
     /// The job's (status, offset, len).
     fn job(&mut self) -> Option<(String, u64, u64)> {
         job_of(&mut self.watch, &self.job)
@@ -445,6 +460,17 @@ fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_wri
     );
 }
 
+/// SIGTERM to a daemon: its exit status and its log.
+fn stop_daemon(mut daemon: Run, log: &std::path::Path) -> (std::process::ExitStatus, String) {
+    // SAFETY: kill(2) of our own child.
+    assert_eq!(
+        unsafe { libc::kill(i32::try_from(daemon.0.id()).unwrap(), libc::SIGTERM) },
+        0
+    );
+    let status = daemon.0.wait().unwrap();
+    (status, std::fs::read_to_string(log).unwrap())
+}
+
 /// Files the test put in the host's runtime folder, removed when it ends.
 struct Planted(Vec<PathBuf>);
 
@@ -505,15 +531,7 @@ fn a_killed_live_restore_is_resumed_by_the_daemon() {
     bad[24] ^= 1;
     std::fs::write(&bad_file, &bad).unwrap();
 
-    let daemon_log = st.dir.join("daemon.log");
-    let daemon = coffre()
-        .env("COFFRE_LOG", "info")
-        .args(["daemon", "--vault", s(&st.vault), "--interval", "3600"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&daemon_log).unwrap())
-        .spawn()
-        .map(Run)
-        .unwrap();
+    let (daemon, daemon_log) = st.daemon();
     wait_until("the daemon's resume to complete the stream", || {
         st.holds().is_empty()
     });
@@ -524,14 +542,7 @@ fn a_killed_live_restore_is_resumed_by_the_daemon() {
         writer.acked() >= acked_after + 10
     });
     let n = writer.finish();
-    // SAFETY: kill(2) of our own child.
-    assert_eq!(
-        unsafe { libc::kill(i32::try_from(daemon.0.id()).unwrap(), libc::SIGTERM) },
-        0
-    );
-    let mut daemon = daemon;
-    let status = daemon.0.wait().unwrap();
-    let dlog = std::fs::read_to_string(&daemon_log).unwrap();
+    let (status, dlog) = stop_daemon(daemon, &daemon_log);
     println!("daemon:\n{dlog}");
     assert!(status.success(), "{dlog}");
     assert!(
@@ -588,15 +599,7 @@ fn the_daemon_never_gives_the_target_to_a_restarted_qemu() {
         ],
     );
     let mut watch = Qmp::connect(&watch2, Duration::from_secs(20)).unwrap();
-    let daemon_log = st.dir.join("daemon.log");
-    let daemon = coffre()
-        .env("COFFRE_LOG", "info")
-        .args(["daemon", "--vault", s(&st.vault), "--interval", "3600"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&daemon_log).unwrap())
-        .spawn()
-        .map(Run)
-        .unwrap();
+    let (daemon, daemon_log) = st.daemon();
     wait_until("the daemon to refuse", || {
         std::fs::read_to_string(&daemon_log)
             .unwrap()
@@ -607,14 +610,7 @@ fn the_daemon_never_gives_the_target_to_a_restarted_qemu() {
     assert_eq!(status["status"], "prelaunch", "the VM is not started");
     assert_eq!(st.holds().len(), 1, "the hold stays");
     assert!(run_file.exists(), "the run file stays");
-    // SAFETY: kill(2) of our own child.
-    assert_eq!(
-        unsafe { libc::kill(i32::try_from(daemon.0.id()).unwrap(), libc::SIGTERM) },
-        0
-    );
-    let mut daemon = daemon;
-    let status = daemon.0.wait().unwrap();
-    let dlog = std::fs::read_to_string(&daemon_log).unwrap();
+    let (status, dlog) = stop_daemon(daemon, &daemon_log);
     assert!(status.success(), "{dlog}");
     assert!(!dlog.contains("resumed by the daemon: complete"), "{dlog}");
     assert_eq!(coffre_nodes(&mut watch), Vec::<String>::new());
