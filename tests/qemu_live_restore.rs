@@ -599,20 +599,41 @@ fn the_daemon_never_gives_the_target_to_a_restarted_qemu() {
         ],
     );
     let mut watch = Qmp::connect(&watch2, Duration::from_secs(20)).unwrap();
+    let hold_file = HoldStore::new(&st.vault, None).path_of(&st.target);
+    let (hold_bytes, run_bytes) = (
+        std::fs::read(&hold_file).unwrap(),
+        std::fs::read(&run_file).unwrap(),
+    );
     let (daemon, daemon_log) = st.daemon();
     wait_until("the daemon to refuse", || {
         std::fs::read_to_string(&daemon_log)
             .unwrap()
-            .contains("QEMU has no device reading the target")
+            .contains("not tried again until a run of it writes its run file anew")
     });
+    // Parked: not tried again at the next looks.
+    std::thread::sleep(Duration::from_millis(4500));
     assert_eq!(coffre_nodes(&mut watch), Vec::<String>::new());
     let status = watch.execute("query-status", None).unwrap();
     assert_eq!(status["status"], "prelaunch", "the VM is not started");
-    assert_eq!(st.holds().len(), 1, "the hold stays");
-    assert!(run_file.exists(), "the run file stays");
+    assert_eq!(
+        std::fs::read(&hold_file).unwrap(),
+        hold_bytes,
+        "the hold stays as it was"
+    );
+    assert_eq!(
+        std::fs::read(&run_file).unwrap(),
+        run_bytes,
+        "the run file stays as it was"
+    );
     let (status, dlog) = stop_daemon(daemon, &daemon_log);
     assert!(status.success(), "{dlog}");
     assert!(!dlog.contains("resumed by the daemon: complete"), "{dlog}");
+    assert_eq!(
+        dlog.matches("QEMU has no device reading the target")
+            .count(),
+        1,
+        "refused once: {dlog}"
+    );
     assert_eq!(coffre_nodes(&mut watch), Vec::<String>::new());
 }
 

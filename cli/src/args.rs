@@ -435,8 +435,9 @@ pub enum Command {
         /// find QEMU's job and follow it to its end.
         #[arg(long, requires = "live")]
         resume: bool,
-        /// With --live: write no run file, so that `coffre daemon` never
-        /// resumes this restore on its own (only --resume does).
+        /// With --live: write no run file (and remove an earlier run's), so
+        /// that `coffre daemon` never resumes this restore on its own
+        /// (only --resume does).
         #[arg(long, requires = "live", conflicts_with = "abandon")]
         no_daemon_resume: bool,
         /// With --live: most bytes a second QEMU copies (e.g. 200M;

@@ -11,11 +11,14 @@
 //! next daemon, or `--resume`, carries on). A resume is unattended
 //! (`LiveOptions::unattended`): it only reconnects the QEMU that still
 //! has the target, in the file the hold names, and leaves anything else
-//! to a human. One that fails (QEMU gone, the target removed) is logged
-//! and tried again after a wait that doubles from [`RETRY_FIRST`] up to
-//! a quarter of the restore's reconnect delay (at most [`RETRY_MAX`]),
-//! from the start again when its run file changes (a human's run wrote
-//! it); `restore --live --abandon` removes the run file with the hold.
+//! to a human: such a refusal (`EngineError::LiveNeedsHuman`) is logged
+//! once and not tried again until a run of the restore writes its run
+//! file anew. One that fails otherwise (QEMU gone, the export's socket
+//! busy) is logged and tried again after a wait that doubles from
+//! [`RETRY_FIRST`] up to a quarter of the restore's reconnect delay (at
+//! most [`RETRY_MAX`]), at the next look once its run file changes (a
+//! human's run wrote it); `restore --live --abandon` removes the run file
+//! with the hold.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -103,9 +106,21 @@ pub fn spawn(ctx: Arc<Ctx>, dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result
 
 /// A failed resume's next try.
 struct Retry {
-    at: Instant,
+    /// When (`None`: parked, until the run file is written anew: what
+    /// failed needs a human).
+    at: Option<Instant>,
     wait: Duration,
     written: Option<std::time::SystemTime>,
+}
+
+/// True when `e` is an unattended resume's refusal of what needs a human.
+fn needs_human(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<coffre_engine::EngineError>(),
+            Some(coffre_engine::EngineError::LiveNeedsHuman { .. })
+        )
+    })
 }
 
 /// When the run file at `path` was last written.
@@ -159,20 +174,35 @@ impl Watch {
             let Some((h, file, delay)) = self.running.remove(&target) else {
                 continue;
             };
-            let failed = match h.join() {
+            let (failed, parked) = match h.join() {
                 // Done, and nothing left to resume.
                 Ok(Ok(_)) if !file.exists() => {
                     self.retry.remove(&target);
                     continue;
                 }
-                Ok(Ok(_)) => format!(
-                    "it completed but its run file {} stays (it could not be removed)",
-                    file.display()
+                Ok(Ok(_)) => (
+                    format!(
+                        "it completed but its run file {} stays (it could not be removed)",
+                        file.display()
+                    ),
+                    true,
                 ),
-                Ok(Err(e)) => format!("{e:#}"),
-                Err(_) => "its thread panicked".to_string(),
+                Ok(Err(e)) => (format!("{e:#}"), needs_human(&e)),
+                Err(_) => ("its thread panicked".to_string(), true),
             };
             if self.stop.load(Ordering::Relaxed) {
+                continue;
+            }
+            if parked {
+                tracing::warn!(target = %target.display(), error = %failed, "live restore not resumed, and not tried again until a run of it writes its run file anew");
+                self.retry.insert(
+                    target,
+                    Retry {
+                        at: None,
+                        wait: RETRY_FIRST,
+                        written: written(&file),
+                    },
+                );
                 continue;
             }
             let most = (Duration::from_secs(delay) / 4).clamp(RETRY_FIRST, RETRY_MAX);
@@ -184,7 +214,7 @@ impl Watch {
             self.retry.insert(
                 target,
                 Retry {
-                    at: Instant::now() + wait,
+                    at: Some(Instant::now() + wait),
                     wait,
                     written: written(&file),
                 },
@@ -221,7 +251,7 @@ impl Watch {
                 if r.written != written(&path) {
                     // Written again (a human's run): tried at once.
                     self.retry.remove(&run.target);
-                } else if Instant::now() < r.at {
+                } else if r.at.is_none_or(|at| Instant::now() < at) {
                     continue;
                 }
             }

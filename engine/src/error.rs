@@ -58,6 +58,12 @@ pub enum EngineError {
     #[error("live restore into {target}: {reason}")]
     LiveRestore { target: PathBuf, reason: String },
 
+    /// An unattended resume (`coffre daemon`'s) found what needs a human
+    /// to decide; it changed nothing and is not tried again until a run
+    /// of the restore writes its run file anew.
+    #[error("live restore into {target}: {reason}")]
+    LiveNeedsHuman { target: PathBuf, reason: String },
+
     /// The point is not held in the tier asked for.
     #[error(
         "point {point} of item {item:?} has no copy in the {tier} tier (see `coffre points`: its snapshot expired, or its transfer has not completed)"

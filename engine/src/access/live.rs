@@ -194,6 +194,16 @@ pub struct LiveSummary {
     pub bytes_read: u64,
 }
 
+/// An unattended resume's refusal: what needs a human to decide.
+fn needs_human(target: &Path, reason: impl std::fmt::Display) -> EngineError {
+    EngineError::LiveNeedsHuman {
+        target: target.to_path_buf(),
+        reason: format!(
+            "{reason}: an unattended resume leaves this to a human: run `coffre restore --live --resume` yourself, or `--abandon` it"
+        ),
+    }
+}
+
 fn fail(target: &Path, reason: impl Into<String>) -> EngineError {
     EngineError::LiveRestore {
         target: target.to_path_buf(),
@@ -274,12 +284,9 @@ pub fn restore_live(
 ) -> Result<LiveSummary> {
     let target = canonical_target(&opts.target, opts.resume)?;
     if opts.unattended && (!opts.resume || target != opts.target) {
-        return Err(fail(
+        return Err(needs_human(
             &opts.target,
-            format!(
-                "an unattended resume is only of a target given by its canonical path, which is now {}: run `coffre restore --live --resume` yourself",
-                target.display()
-            ),
+            format_args!("the target's canonical path is now {}", target.display()),
         ));
     }
     let names = LiveNames::of(&target);
@@ -355,15 +362,26 @@ pub fn restore_live(
     let hold = hold_point(&holds, &target, &entry, image.served(), opts, report)?;
     // The hold is written: a prune from now on reads it.
     drop(holds_lock);
-    if let Some(run) = &opts.rerun {
-        let run = LiveRun {
-            target: target.clone(),
-            ..run.clone()
-        };
-        if let Err(e) = super::live_runs::write(&names, &run) {
-            report.step(&format!(
-                "WARNING: its run file cannot be written ({e}): if this run stops, `coffre daemon` cannot resume it; run the same command with --resume"
-            ));
+    // The run file says how a human last ran it: an unattended resume
+    // leaves it as it is; a run without one (--no-daemon-resume) removes
+    // an earlier run's.
+    match &opts.rerun {
+        _ if opts.unattended => {}
+        Some(run) => {
+            let run = LiveRun {
+                target: target.clone(),
+                ..run.clone()
+            };
+            if let Err(e) = super::live_runs::write(&names, &run) {
+                report.step(&format!(
+                    "WARNING: its run file cannot be written ({e}): if this run stops, `coffre daemon` cannot resume it; run the same command with --resume"
+                ));
+            }
+        }
+        None => {
+            if let Err(e) = super::live_runs::remove(&target) {
+                report.step(&format!("WARNING: {e}"));
+            }
         }
     }
     // Whether this run's new target is there (made, and not removed by
@@ -480,14 +498,23 @@ fn hold_point(
     if let (Ok(Some(h)), Some(now)) = (&found, &target_file) {
         check_target_file(holds, target, h, now)?;
     }
-    if opts.unattended && !matches!(&found, Ok(Some(h)) if h.target_file.is_some()) {
-        return Err(fail(
-            target,
-            format!(
-                "an unattended resume needs the hold {} naming this very file, and it is absent, unreadable or older: run `coffre restore --live --resume` yourself",
-                holds.path_of(target).display()
-            ),
-        ));
+    if opts.unattended {
+        // The hold must name this very file and the point the target
+        // reads; then it is kept as it is (nothing rewritten).
+        return match &found {
+            Ok(Some(h))
+                if h.target_file.is_some() && h.item == entry.item && h.point == entry.id =>
+            {
+                Ok(h.clone())
+            }
+            _ => Err(needs_human(
+                target,
+                format_args!(
+                    "its hold {} is absent, unreadable, older, or names another point than the target's backing reads",
+                    holds.path_of(target).display()
+                ),
+            )),
+        };
     }
     let found = match found {
         Ok(f) => f,
@@ -703,13 +730,15 @@ pub fn abandon(vault: &Vault, item: &str, target: &Path) -> Result<Abandoned> {
     let hold = match holds.get(&target) {
         Ok(Some(h)) => Some(h),
         Ok(None) => {
-            // A run file left without its hold (a kill between the two
-            // removals) goes all the same: nothing is left to resume.
+            // A run file of this item left without its hold goes all the
+            // same: nothing is left to resume.
             let run_file = LiveNames::of(&target)
                 .run_file()
                 .ok()
-                .filter(|f| f.exists());
-            let _ = super::live_runs::remove(&target);
+                .filter(|f| super::live_runs::read(f).is_ok_and(|r| r.item == item));
+            if run_file.is_some() {
+                let _ = super::live_runs::remove(&target);
+            }
             return Err(fail(
                 &target,
                 format!(
@@ -749,11 +778,11 @@ pub fn abandon(vault: &Vault, item: &str, target: &Path) -> Result<Abandoned> {
             ),
         ));
     }
+    // Given up: `coffre daemon` must not resume it. The run file goes
+    // first: a kill between the two leaves a hold without one (a human's
+    // `--abandon` again), never a run file the daemon would repeat.
+    super::live_runs::remove(&target).map_err(|e| fail(&target, e))?;
     holds.remove(&target)?;
-    // Given up: `coffre daemon` must not resume it. (A run file left by a
-    // failed removal finds no hold, or no backing, and goes at its next
-    // run.)
-    let _ = super::live_runs::remove(&target);
     Ok(Abandoned {
         target,
         hold: path,
@@ -853,6 +882,15 @@ fn finish_only(
     if let Ok(Some(h)) = &hold {
         let now = FileId::of(target).map_err(|e| fail(target, e.to_string()))?;
         check_target_file(holds, target, h, &now)?;
+    }
+    if opts.unattended && !matches!(&hold, Ok(Some(h)) if h.target_file.is_some()) {
+        return Err(needs_human(
+            target,
+            format_args!(
+                "the stream had completed and its hold {} is absent, unreadable or older",
+                holds.path_of(target).display()
+            ),
+        ));
     }
     let (_lock, mut vm) = place.connect(target)?;
     let qmp = vm.as_mut();
@@ -1252,10 +1290,13 @@ impl Run<'_, '_> {
             }
         }
         if opts.unattended && stream::attached_device(qmp, &self.names.target)?.is_none() {
-            return Err(self.fail(format!(
-                "QEMU has no device reading the target (node {}): was it restarted? An unattended resume only serves a QEMU that still has it, since giving a device the target again could swap a running guest's disk: run `coffre restore --live --resume` yourself, or `--abandon` it",
-                self.names.target
-            )));
+            return Err(needs_human(
+                self.target,
+                format_args!(
+                    "QEMU has no device reading the target (node {}): was it restarted? Giving a device the target again could swap a running guest's disk",
+                    self.names.target
+                ),
+            ));
         }
         let attached = stream::attach(
             qmp,
@@ -1311,7 +1352,16 @@ impl Run<'_, '_> {
             opts.reconnect_delay,
             daemon_hint(opts)
         ));
-        let started_vm = !opts.unattended && stream::start_if_waiting(qmp)?;
+        let started_vm = if opts.unattended {
+            if stream::is_waiting(qmp)? {
+                self.report.step(
+                    "the VM is waiting (-S): an unattended resume does not start it (`virsh resume`, or QMP `cont`, once you decide)",
+                );
+            }
+            false
+        } else {
+            stream::start_if_waiting(qmp)?
+        };
         if started_vm {
             self.report.step("the VM was waiting (-S): started");
         }

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use coffre_snapshotter::vm::stream::{LiveNames, TargetLock, live_dir};
-use coffre_vault_store::format::live_run::{LiveRun, RUN_SUFFIX};
+use coffre_vault_store::format::live_run::{LiveRun, MAX_RUN_FILE, RUN_SUFFIX};
 use coffre_vault_store::store::local::durable::write_atomic;
 
 /// Writes (or rewrites) the run file of the live restore named `names`.
@@ -43,36 +43,61 @@ pub type Listed = (PathBuf, Result<LiveRun, String>);
 /// A file this user does not own, or that others may write, is reported
 /// and not read.
 pub fn list() -> Result<Vec<Listed>, String> {
-    use std::os::unix::fs::MetadataExt;
     let dir = live_dir()?;
     let entries =
         std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
     let mut out = Vec::new();
     for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(name) = name.to_str().filter(|n| n.ends_with(RUN_SUFFIX)) else {
+        if !e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.ends_with(RUN_SUFFIX))
+        {
             continue;
-        };
+        }
         let path = e.path();
-        let read = match std::fs::symlink_metadata(&path) {
-            Err(e) => Err(e.to_string()),
-            Ok(m) if !m.file_type().is_file() => Err("not a regular file".to_string()),
-            Ok(m) if m.uid() != me || m.mode() & 0o022 != 0 => Err(format!(
-                "owned by uid {} with mode {:o}: a run file is this user's (uid {me}) and no one else may write it",
-                m.uid(),
-                m.mode() & 0o7777
-            )),
-            Ok(_) => std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| LiveRun::decode(&b, name)),
-        };
-        let read = read.map_err(|e| format!("run file {}: {e}", path.display()));
+        let read = read(&path);
         out.push((path, read));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
+}
+
+/// The run file at `path`, decoded under its name (`Err`: why it is not
+/// used, naming it). Opened without following a symlink or waiting on a
+/// FIFO; only a regular file of this user's that no one else may write is
+/// read, and no more than a run file may hold.
+pub fn read(path: &Path) -> Result<LiveRun, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let fail = |e: String| format!("run file {}: {e}", path.display());
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| fail("not a run file's name".into()))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| fail(e.to_string()))?;
+    let m = file.metadata().map_err(|e| fail(e.to_string()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !m.file_type().is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    if m.uid() != me || m.mode() & 0o022 != 0 {
+        return Err(fail(format!(
+            "owned by uid {} with mode {:o}: a run file is this user's (uid {me}) and no one else may write it",
+            m.uid(),
+            m.mode() & 0o7777
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_RUN_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(e.to_string()))?;
+    LiveRun::decode(&bytes, name).map_err(fail)
 }
 
 /// True while a run of the live restore into `target` is going on this

@@ -337,7 +337,7 @@ impl HostLock {
         let path = private_lock_dir(kind)?.join(format!("{key}.lock"));
         let file = match std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&path)
         {
             Ok(f) => f,

@@ -620,12 +620,17 @@ pub fn attach(
 /// Starts a VM waiting for its first `cont` (`-S`: status `prelaunch`).
 /// True when it did; a VM paused for another reason is left as it is.
 pub fn start_if_waiting(qmp: &mut dyn Monitor) -> Result<bool> {
-    let status = qmp.execute("query-status", None)?;
-    if status.get("status").and_then(Value::as_str) == Some("prelaunch") {
+    if is_waiting(qmp)? {
         qmp.execute("cont", None)?;
         return Ok(true);
     }
     Ok(false)
+}
+
+/// True while the VM waits to be started (`-S`: `prelaunch`).
+pub fn is_waiting(qmp: &mut dyn Monitor) -> Result<bool> {
+    let status = qmp.execute("query-status", None)?;
+    Ok(status.get("status").and_then(Value::as_str) == Some("prelaunch"))
 }
 
 /// True while the target node still reads through its backing.

@@ -26,6 +26,8 @@ pub const RUN_VERSION: u32 = 1;
 pub const RUN_SUFFIX: &str = ".run";
 /// Largest body of a run file.
 const MAX_RUN_BODY: usize = 16 << 10;
+/// Largest run file (its envelope's 20 bytes around the body).
+pub const MAX_RUN_FILE: u64 = MAX_RUN_BODY as u64 + 20;
 /// Longest path a run file names (Linux's `PATH_MAX`).
 const MAX_PATH: usize = 4096;
 /// Longest libvirt domain name or connection URI.
