@@ -291,10 +291,13 @@ impl HostLock {
             match file.try_lock() {
                 Ok(()) => {}
                 Err(TryLockError::WouldBlock) => {
-                    return Err(Refused::Held {
-                        holder: holder_of(&file),
-                        path,
-                    });
+                    let holder = holder_of(&file);
+                    // No holder line after its wait: perhaps no run at all
+                    // but a look ([`HostLock::is_held`]'s shared lock, held
+                    // for no longer than a try). Tried once more.
+                    if holder.is_some() || file.try_lock().is_err() {
+                        return Err(Refused::Held { holder, path });
+                    }
                 }
                 Err(TryLockError::Error(e)) => {
                     return Err(fail(format!("cannot lock {}: {e}", path.display())));
@@ -418,6 +421,30 @@ mod tests {
         let mp = m.path().to_path_buf();
         drop(m);
         assert!(!mp.exists());
+    }
+
+    #[test]
+    fn host_lock_a_look_is_no_holder() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("locks");
+        private_dir(&dir).unwrap();
+        let path = dir.join("k.lock");
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // A look (`is_held`'s shared lock, no holder line) that ends while
+        // a run waits for the holder's line: the run takes the lock.
+        let look = File::open(&path).unwrap();
+        look.try_lock_shared().unwrap();
+        let ends = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            look.unlock().unwrap();
+        });
+        let run = HostLock::acquire_in(&dir, LockKind::Live, "k", "run").unwrap();
+        ends.join().unwrap();
+        // A run that holds it is refused to the next, named.
+        let (holder, _) = held(HostLock::acquire_in(&dir, LockKind::Live, "k", "b"));
+        assert_eq!(holder.as_deref(), Some("run"));
+        drop(run);
     }
 
     #[test]
