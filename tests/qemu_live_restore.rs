@@ -669,7 +669,22 @@ fn an_export_gone_past_the_reconnect_delay_pauses_the_job_and_resume_carries_on(
     });
     let paused = st.job().unwrap();
     assert!(paused.1 < paused.2, "{paused:?}");
-    let out = coffre().args(st.live(&["--resume"])).output().unwrap();
+    // A --resume that names no VM: the earlier run's file says which (of
+    // this item only).
+    let bare = |item: &str| {
+        let mut a = live_args(s(&st.vault), &st.target);
+        a[4] = item;
+        a.push("--resume");
+        coffre().args(a).output().unwrap()
+    };
+    let other = bare("other");
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success(), "{err}");
+    assert!(
+        err.contains("not of item other") && err.contains("--qmp"),
+        "{err}"
+    );
+    let out = bare("vm");
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "resume: {out:?}");
     assert!(stderr.contains("paused on a read error"), "{stderr}");

@@ -432,7 +432,9 @@ pub enum Command {
         swap_running_disk: bool,
         /// With --live: carry on an interrupted live restore of FILE (its
         /// point and socket are read from FILE): serve the export again,
-        /// find QEMU's job and follow it to its end.
+        /// find QEMU's job and follow it to its end. Without --qmp or
+        /// --domain, the VM and device are those the earlier run's run
+        /// file names.
         #[arg(long, requires = "live")]
         resume: bool,
         /// With --live: write no run file (and remove an earlier run's), so

@@ -3,8 +3,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
-
 use crate::args::{Cli, Command, CopySource, FromTier, ImageFormatArg, VaultCommand};
 use crate::ctx::Ctx;
 use crate::vault_cmd::{CreateArgs, SetArgs};
@@ -183,21 +181,32 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reconnect_delay,
             abandon: false,
         } => {
-            let vm = match (qmp, live_domain) {
-                (Some(q), None) => coffre_engine::access::live::LiveVm::Qmp(q),
-                (None, Some(name)) => coffre_engine::access::live::LiveVm::Domain {
+            // A --resume without the VM takes it, and the device, from the
+            // run file the earlier run wrote (this user's, checked).
+            let earlier = (resume && qmp.is_none() && live_domain.is_none())
+                .then(|| crate::daemon_live::earlier_run(&vault.vault, &item, &to))
+                .transpose()?;
+            let vm = match (qmp, live_domain, &earlier) {
+                (Some(q), None, _) => coffre_engine::access::live::LiveVm::Qmp(q),
+                (None, Some(name), _) => coffre_engine::access::live::LiveVm::Domain {
                     name,
                     connect: live_connect,
                 },
+                (None, None, Some(run)) => crate::daemon_live::vm_of(run)?,
                 _ => anyhow::bail!("--live needs --qmp SOCKET or --domain NAME"),
             };
-            let device = coffre_engine::snapshotter::vm::stream::DeviceChoice {
-                id: device.context("--live needs --device ID")?,
-                bus,
-                swap_running: swap_running_disk,
+            let device = match (device, &earlier) {
+                (Some(id), _) => coffre_engine::snapshotter::vm::stream::DeviceChoice {
+                    id,
+                    bus,
+                    swap_running: swap_running_disk,
+                },
+                (None, Some(run)) => crate::daemon_live::device_of(run),
+                (None, None) => anyhow::bail!("--live needs --device ID"),
             };
-            let reconnect_delay =
-                reconnect_delay.unwrap_or(coffre_engine::access::live::DEFAULT_RECONNECT_DELAY);
+            let reconnect_delay = reconnect_delay
+                .or(earlier.as_ref().map(|r| r.reconnect_delay))
+                .unwrap_or(coffre_engine::access::live::DEFAULT_RECONNECT_DELAY);
             let rerun = (!no_daemon_resume)
                 .then(|| {
                     crate::daemon_live::run_file(

@@ -77,6 +77,55 @@ pub fn run_file(
     })
 }
 
+/// The VM a run file names.
+pub fn vm_of(run: &LiveRun) -> anyhow::Result<LiveVm> {
+    match (&run.qmp, &run.domain) {
+        (Some(q), _) => Ok(LiveVm::Qmp(q.clone())),
+        (None, Some(name)) => Ok(LiveVm::Domain {
+            name: name.clone(),
+            connect: run.connect.clone(),
+        }),
+        (None, None) => anyhow::bail!("its run file names no VM"),
+    }
+}
+
+/// The device a run file names.
+pub fn device_of(run: &LiveRun) -> DeviceChoice {
+    DeviceChoice {
+        id: run.device.clone(),
+        bus: run.bus.clone(),
+        swap_running: run.swap_running,
+    }
+}
+
+/// The run file an earlier run of the live restore of `item` from
+/// `--vault vault` into `target` wrote (for a `--resume` that names no
+/// VM): an error saying what to give instead when there is none, or it is
+/// another vault's or item's.
+pub fn earlier_run(vault: &Path, item: &str, target: &Path) -> anyhow::Result<LiveRun> {
+    let needs = "give --qmp SOCKET (or --domain NAME) and --device ID";
+    let target = std::fs::canonicalize(target)
+        .with_context(|| format!("cannot resume into {}", target.display()))?;
+    let file = coffre_engine::snapshotter::vm::stream::LiveNames::of(&target)
+        .run_file()
+        .map_err(|e| anyhow::anyhow!("{e}; {needs}"))?;
+    let run = live_runs::read(&file).map_err(|e| {
+        anyhow::anyhow!("no earlier run of this live restore says which VM ({e}): {needs}")
+    })?;
+    let vault = std::fs::canonicalize(vault)
+        .with_context(|| format!("cannot open vault {}", vault.display()))?;
+    if run.vault != vault || run.item != item {
+        anyhow::bail!(
+            "its run file {} is of item {} of vault {}, not of item {item} of {}: {needs}",
+            file.display(),
+            run.item,
+            run.vault.display(),
+            vault.display()
+        );
+    }
+    Ok(run)
+}
+
 /// Starts the daemon's watch over the live restores of the vault in
 /// `dir`; it ends, after its resumes, once `stop` is set.
 pub fn spawn(ctx: Arc<Ctx>, dir: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<JoinHandle<()>> {
@@ -310,30 +359,18 @@ fn resume(ctx: &Ctx, run: &LiveRun, stop: &AtomicBool) -> anyhow::Result<LiveSum
         );
     }
     let dir = crate::commands::tier_dir(ctx, &run.vault, from)?;
-    let vm = match (&run.qmp, &run.domain) {
-        (Some(q), _) => {
-            std::os::unix::net::UnixStream::connect(q).with_context(|| {
-                format!(
-                    "QEMU's monitor {} does not answer (QEMU gone?)",
-                    q.display()
-                )
-            })?;
-            LiveVm::Qmp(q.clone())
-        }
-        (None, Some(name)) => LiveVm::Domain {
-            name: name.clone(),
-            connect: run.connect.clone(),
-        },
-        (None, None) => anyhow::bail!("its run file names no VM"),
-    };
+    if let Some(q) = &run.qmp {
+        std::os::unix::net::UnixStream::connect(q).with_context(|| {
+            format!(
+                "QEMU's monitor {} does not answer (QEMU gone?)",
+                q.display()
+            )
+        })?;
+    }
     let opts = LiveOptions {
         target: run.target.clone(),
-        vm,
-        device: DeviceChoice {
-            id: run.device.clone(),
-            bus: run.bus.clone(),
-            swap_running: run.swap_running,
-        },
+        vm: vm_of(run)?,
+        device: device_of(run),
         resume: true,
         speed: None,
         reconnect_delay: run.reconnect_delay,
