@@ -201,7 +201,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     bus,
                     swap_running: swap_running_disk,
                 },
-                (None, Some(run)) => crate::daemon_live::device_of(run),
+                // The earlier run's consent to swap a running disk is not
+                // carried over: --swap-running-disk is asked again.
+                (None, Some(run)) => coffre_engine::snapshotter::vm::stream::DeviceChoice {
+                    swap_running: swap_running_disk,
+                    ..crate::daemon_live::device_of(run)
+                },
                 (None, None) => anyhow::bail!("--live needs --device ID"),
             };
             let reconnect_delay = reconnect_delay
