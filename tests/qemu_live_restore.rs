@@ -684,7 +684,22 @@ fn an_export_gone_past_the_reconnect_delay_pauses_the_job_and_resume_carries_on(
         err.contains("not of item other") && err.contains("--qmp"),
         "{err}"
     );
+    // Nor from another tier than the earlier run's (its hold is there).
+    let mut a = live_args(s(&st.vault), &st.target);
+    a.extend(["--resume", "--from", "vault"]);
+    let tier = coffre().args(a).output().unwrap();
+    let err = String::from_utf8_lossy(&tier.stderr);
+    assert!(!tier.status.success(), "{err}");
+    assert!(err.contains("same --from"), "{err}");
     let out = bare("vm");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(&format!(
+            "resuming with QEMU monitor {}, device vda",
+            st.vm.qmp.display()
+        )),
+        "{said}"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "resume: {out:?}");
     assert!(stderr.contains("paused on a read error"), "{stderr}");

@@ -433,8 +433,9 @@ pub enum Command {
         /// With --live: carry on an interrupted live restore of FILE (its
         /// point and socket are read from FILE): serve the export again,
         /// find QEMU's job and follow it to its end. Without --qmp or
-        /// --domain, the VM and device are those the earlier run's run
-        /// file names.
+        /// --domain, the VM (and without --device, the device), its bus,
+        /// reconnect delay and tier are those the earlier run's run file
+        /// names.
         #[arg(long, requires = "live")]
         resume: bool,
         /// With --live: write no run file (and remove an earlier run's), so

@@ -184,8 +184,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // A --resume without the VM takes it, and the device, from the
             // run file the earlier run wrote (this user's, checked).
             let earlier = (resume && qmp.is_none() && live_domain.is_none())
-                .then(|| crate::daemon_live::earlier_run(&vault.vault, &item, &to))
+                .then(|| {
+                    crate::daemon_live::earlier_run(&vault.vault, &item, &to, device.as_deref())
+                })
                 .transpose()?;
+            // Its tier too: a resume from another tier would hold the point
+            // there and leave the first tier's hold behind.
+            let from = match &earlier {
+                Some(run) => crate::daemon_live::tier_of(run, from)?,
+                None => from,
+            };
             let vm = match (qmp, live_domain, &earlier) {
                 (Some(q), None, _) => coffre_engine::access::live::LiveVm::Qmp(q),
                 (None, Some(name), _) => coffre_engine::access::live::LiveVm::Domain {
@@ -196,11 +204,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ => anyhow::bail!("--live needs --qmp SOCKET or --domain NAME"),
             };
             let device = match (device, &earlier) {
+                // (The run file's bus is that of the same device only.)
                 (Some(id), _) => coffre_engine::snapshotter::vm::stream::DeviceChoice {
                     id,
-                    bus,
+                    bus: bus.or(earlier.as_ref().and_then(|r| r.bus.clone())),
                     swap_running: swap_running_disk,
                 },
+                (None, None) if resume => anyhow::bail!(
+                    "--live --resume needs --device ID with --qmp or --domain (leave all three out to take them from the earlier run's run file)"
+                ),
                 // The earlier run's consent to swap a running disk is not
                 // carried over: --swap-running-disk is asked again.
                 (None, Some(run)) => coffre_engine::snapshotter::vm::stream::DeviceChoice {
@@ -212,6 +224,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let reconnect_delay = reconnect_delay
                 .or(earlier.as_ref().map(|r| r.reconnect_delay))
                 .unwrap_or(coffre_engine::access::live::DEFAULT_RECONNECT_DELAY);
+            if let Some(run) = &earlier {
+                eprintln!(
+                    "restore --live: resuming with {}, device {}, from {}, as the earlier run's run file says",
+                    match (&run.qmp, &run.domain) {
+                        (Some(q), _) => format!("QEMU monitor {}", q.display()),
+                        (None, d) => format!("domain {}", d.as_deref().unwrap_or("?")),
+                    },
+                    device.id,
+                    run.from.as_deref().unwrap_or("the default tier")
+                );
+            }
             let rerun = (!no_daemon_resume)
                 .then(|| {
                     crate::daemon_live::run_file(

@@ -100,30 +100,73 @@ pub fn device_of(run: &LiveRun) -> DeviceChoice {
 
 /// The run file an earlier run of the live restore of `item` from
 /// `--vault vault` into `target` wrote (for a `--resume` that names no
-/// VM): an error saying what to give instead when there is none, or it is
-/// another vault's or item's.
-pub fn earlier_run(vault: &Path, item: &str, target: &Path) -> anyhow::Result<LiveRun> {
-    let needs = "give --qmp SOCKET (or --domain NAME) and --device ID";
-    let target = std::fs::canonicalize(target)
-        .with_context(|| format!("cannot resume into {}", target.display()))?;
-    let file = coffre_engine::snapshotter::vm::stream::LiveNames::of(&target)
+/// VM; `device`: the one it names instead, whose bus the file gives when
+/// it is the same device): an error saying what to give instead when
+/// there is none, or it is another vault's, item's or target's.
+pub fn earlier_run(
+    vault: &Path,
+    item: &str,
+    target: &Path,
+    device: Option<&str>,
+) -> anyhow::Result<LiveRun> {
+    let needs = if device.is_some() {
+        "give --qmp SOCKET (or --domain NAME)"
+    } else {
+        "give --qmp SOCKET (or --domain NAME) and --device ID"
+    };
+    let canonical = std::fs::canonicalize(target).with_context(|| {
+        format!(
+            "cannot resume the live restore into {} (is it there?)",
+            target.display()
+        )
+    })?;
+    let file = coffre_engine::snapshotter::vm::stream::LiveNames::of(&canonical)
         .run_file()
         .map_err(|e| anyhow::anyhow!("{e}; {needs}"))?;
-    let run = live_runs::read(&file).map_err(|e| {
-        anyhow::anyhow!("no earlier run of this live restore says which VM ({e}): {needs}")
+    let mut run = live_runs::read(&file).map_err(|e| {
+        anyhow::anyhow!(
+            "no earlier run of the live restore into {} says which VM ({e}): {needs}",
+            canonical.display()
+        )
     })?;
     let vault = std::fs::canonicalize(vault)
         .with_context(|| format!("cannot open vault {}", vault.display()))?;
-    if run.vault != vault || run.item != item {
+    if run.vault != vault || run.item != item || run.target != canonical {
         anyhow::bail!(
-            "its run file {} is of item {} of vault {}, not of item {item} of {}: {needs}",
+            "the run file {} of the earlier live restore into {} is of item {} of vault {}, not of item {item} of {}: {needs}",
             file.display(),
+            run.target.display(),
             run.item,
             run.vault.display(),
             vault.display()
         );
     }
+    if let Some(d) = device
+        && d != run.device
+    {
+        run.device = d.to_string();
+        run.bus = None;
+    }
     Ok(run)
+}
+
+/// The tier of a resume whose VM comes from the earlier run's run file:
+/// the file's, unless `--from` names it too; another is refused.
+pub fn tier_of(run: &LiveRun, from: Option<FromTier>) -> anyhow::Result<Option<FromTier>> {
+    let earlier = match run.from.as_deref() {
+        Some(f) => {
+            Some(FromTier::from_str(f, false).map_err(|e| anyhow::anyhow!("tier {f:?}: {e}"))?)
+        }
+        None => None,
+    };
+    match from {
+        None => Ok(earlier),
+        Some(f) if Some(f) == earlier => Ok(earlier),
+        Some(_) => anyhow::bail!(
+            "the earlier run of this live restore read {}, and its hold is there: resume it with the same --from (or none)",
+            run.from.as_deref().unwrap_or("the default tier")
+        ),
+    }
 }
 
 /// Starts the daemon's watch over the live restores of the vault in
@@ -345,12 +388,7 @@ impl Watch {
 /// Resumes the live restore `run` names, as `restore --live --resume`
 /// with its first run's arguments would.
 fn resume(ctx: &Ctx, run: &LiveRun, stop: &AtomicBool) -> anyhow::Result<LiveSummary> {
-    let from = match run.from.as_deref() {
-        Some(f) => {
-            Some(FromTier::from_str(f, false).map_err(|e| anyhow::anyhow!("tier {f:?}: {e}"))?)
-        }
-        None => None,
-    };
+    let from = tier_of(run, None)?;
     // Cheap checks first: a resume that cannot start writes no job record.
     if std::fs::canonicalize(&run.target).ok().as_ref() != Some(&run.target) {
         anyhow::bail!(

@@ -20,8 +20,11 @@
 //! - **File.** Opened with `O_NOFOLLOW` (a symlink planted there is never
 //!   followed), created 0600, and refused unless a regular file of the
 //!   effective user's with no group or other permission.
-//! - **Lock.** An exclusive `flock`, tried once: a second run fails at once
-//!   ([`Refused::Held`]) instead of waiting. The lock belongs to the open
+//! - **Lock.** An exclusive `flock`, tried twice: a second run fails
+//!   ([`Refused::Held`]) instead of waiting, after the holder's line is
+//!   read (up to 100 ms for a holder that has not written it yet) and one
+//!   more try 50 ms later when it was there at once (a daemon's look,
+//!   [`HostLock::is_held`], holds a shared lock for an instant). The lock belongs to the open
 //!   file, so the kernel frees a dead run's (`kill -9` included): nothing
 //!   is ever stale. A kind whose files are removed on release
 //!   ([`LockKind::Monitor`]) removes it while still holding it; a run that
@@ -48,6 +51,9 @@ pub const MAX_HOLDER_CHARS: usize = 200;
 const MAX_KEY: usize = 64;
 /// How many times a lock file replaced under a run is taken again.
 const REOPENS: usize = 8;
+/// How long a run that finds its lock held waits before its second try
+/// (a look at the lock lasts no longer than a try).
+const LOOK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// What a host lock is of: each kind has its folder in [`runtime_dir`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,7 +249,7 @@ pub struct HostLock {
 
 impl HostLock {
     /// Takes the lock `key` of `kind` in [`private_lock_dir`], writing
-    /// `holder` in it; fails at once with [`Refused::Held`] when another
+    /// `holder` in it; fails with [`Refused::Held`], without waiting for it, when another
     /// holds it.
     pub fn acquire(kind: LockKind, key: &str, holder: &str) -> Result<HostLock, Refused> {
         let dir = private_lock_dir(kind).map_err(Refused::Unusable)?;
@@ -292,11 +298,22 @@ impl HostLock {
                 Ok(()) => {}
                 Err(TryLockError::WouldBlock) => {
                     let holder = holder_of(&file);
-                    // No holder line after its wait: perhaps no run at all
-                    // but a look ([`HostLock::is_held`]'s shared lock, held
-                    // for no longer than a try). Tried once more.
-                    if holder.is_some() || file.try_lock().is_err() {
-                        return Err(Refused::Held { holder, path });
+                    // Perhaps no run at all but a look ([`HostLock::is_held`]'s
+                    // shared lock, held for no longer than a try), on a file
+                    // with no line or a dead run's: tried once more, after
+                    // [`LOOK`] when a line was read at once. Only the flock
+                    // decides; the line is shown.
+                    if holder.is_some() {
+                        std::thread::sleep(LOOK);
+                    }
+                    match file.try_lock() {
+                        Ok(()) => {}
+                        Err(TryLockError::WouldBlock) => {
+                            return Err(Refused::Held { holder, path });
+                        }
+                        Err(TryLockError::Error(e)) => {
+                            return Err(fail(format!("cannot lock {}: {e}", path.display())));
+                        }
                     }
                 }
                 Err(TryLockError::Error(e)) => {
@@ -444,6 +461,18 @@ mod tests {
         // A run that holds it is refused to the next, named.
         let (holder, _) = held(HostLock::acquire_in(&dir, LockKind::Live, "k", "b"));
         assert_eq!(holder.as_deref(), Some("run"));
+        drop(run);
+        // The same with a dead run's line left in the file (kill -9).
+        std::fs::write(&path, "pid 1, a killed run\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let look = File::open(&path).unwrap();
+        look.try_lock_shared().unwrap();
+        let ends = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            look.unlock().unwrap();
+        });
+        let run = HostLock::acquire_in(&dir, LockKind::Live, "k", "run2").unwrap();
+        ends.join().unwrap();
         drop(run);
     }
 
