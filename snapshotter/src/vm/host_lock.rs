@@ -192,6 +192,23 @@ pub fn private_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks an open lock file: a regular file of the effective user's, with
+/// no group or other permission.
+fn check_lock_file(file: &File, path: &Path) -> Result<(), String> {
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("lock file {}: {e}", path.display()))?;
+    if !meta.is_file() || meta.uid() != euid() || private::is_shared(meta.mode()) {
+        return Err(format!(
+            "lock file {} is not a regular file of this user's alone (owner {}, mode {:o}); remove it",
+            path.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 /// True for a key a lock file may be named after.
 fn is_key(key: &str) -> bool {
     (1..=MAX_KEY).contains(&key.len())
@@ -283,17 +300,7 @@ impl HostLock {
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(&path)
                 .map_err(|e| fail(format!("cannot open lock file {}: {e}", path.display())))?;
-            let meta = file
-                .metadata()
-                .map_err(|e| fail(format!("lock file {}: {e}", path.display())))?;
-            if !meta.is_file() || meta.uid() != euid() || private::is_shared(meta.mode()) {
-                return Err(fail(format!(
-                    "lock file {} is not a regular file of this user's alone (owner {}, mode {:o}); remove it",
-                    path.display(),
-                    meta.uid(),
-                    meta.mode() & 0o7777
-                )));
-            }
+            check_lock_file(&file, &path).map_err(fail)?;
             match file.try_lock() {
                 Ok(()) => {}
                 Err(TryLockError::WouldBlock) => {
@@ -364,15 +371,7 @@ impl HostLock {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(format!("cannot open lock file {}: {e}", path.display())),
         };
-        let meta = file
-            .metadata()
-            .map_err(|e| format!("lock file {}: {e}", path.display()))?;
-        if !meta.is_file() || meta.uid() != euid() || private::is_shared(meta.mode()) {
-            return Err(format!(
-                "lock file {} is not a regular file of this user's alone; remove it",
-                path.display()
-            ));
-        }
+        check_lock_file(&file, &path)?;
         match file.try_lock_shared() {
             Ok(()) => {
                 let _ = file.unlock();

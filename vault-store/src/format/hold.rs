@@ -167,31 +167,34 @@ impl HoldRecord {
                 self.tier.chars().take(40).collect::<String>()
             ));
         }
-        let t = self.target.as_os_str().as_encoded_bytes();
-        let shown = || {
-            self.target
-                .display()
-                .to_string()
-                .chars()
-                .take(200)
-                .collect::<String>()
-        };
-        if !self.target.is_absolute() || t.len() > MAX_TARGET {
-            return Err(format!(
-                "target {:?} is not an absolute path of at most {MAX_TARGET} bytes",
-                shown()
-            ));
-        }
-        match self.target.to_str() {
-            Some(u) if !u.chars().any(char::is_control) => {}
-            _ => {
-                return Err(format!(
-                    "target {:?} is not UTF-8 without control characters",
-                    shown()
-                ));
-            }
-        }
-        Ok(())
+        check_path("target", &self.target)
+    }
+}
+
+/// Checks a path a record names (`what`, for messages): absolute, at most
+/// [`MAX_TARGET`] bytes, UTF-8 without control characters. The rule of a
+/// hold's target, and of the paths of a live restore's run file
+/// ([`crate::format::live_run`]).
+pub fn check_path(what: &str, p: &Path) -> std::result::Result<(), String> {
+    let shown = || {
+        p.display()
+            .to_string()
+            .chars()
+            .take(200)
+            .collect::<String>()
+    };
+    if !p.is_absolute() || p.as_os_str().as_encoded_bytes().len() > MAX_TARGET {
+        return Err(format!(
+            "{what} {:?} is not an absolute path of at most {MAX_TARGET} bytes",
+            shown()
+        ));
+    }
+    match p.to_str() {
+        Some(u) if !u.chars().any(char::is_control) => Ok(()),
+        _ => Err(format!(
+            "{what} {:?} is not UTF-8 without control characters",
+            shown()
+        )),
     }
 }
 

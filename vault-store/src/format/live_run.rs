@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::format::envelope;
-use crate::format::hold::target_tag;
+use crate::format::hold::{check_path, target_tag};
 use crate::format::name::check_name;
 
 /// Run file magic. Frozen.
@@ -28,8 +28,6 @@ pub const RUN_SUFFIX: &str = ".run";
 const MAX_RUN_BODY: usize = 16 << 10;
 /// Largest run file (its envelope's 20 bytes around the body).
 pub const MAX_RUN_FILE: u64 = MAX_RUN_BODY as u64 + 20;
-/// Longest path a run file names (Linux's `PATH_MAX`).
-const MAX_PATH: usize = 4096;
 /// Longest libvirt domain name or connection URI.
 const MAX_DOMAIN: usize = 1024;
 /// Longest device id or bus (QEMU's ids as coffre passes them).
@@ -86,27 +84,6 @@ pub fn is_device_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
-/// Checks an absolute path of at most [`MAX_PATH`] bytes, UTF-8 without
-/// control characters.
-fn check_path(what: &str, p: &Path) -> Result<(), String> {
-    let shown = || {
-        p.display()
-            .to_string()
-            .chars()
-            .take(200)
-            .collect::<String>()
-    };
-    match p.to_str() {
-        Some(u) if p.is_absolute() && u.len() <= MAX_PATH && !u.chars().any(char::is_control) => {
-            Ok(())
-        }
-        _ => Err(format!(
-            "{what} {:?} is not an absolute path of at most {MAX_PATH} bytes, UTF-8 without control characters",
-            shown()
-        )),
-    }
 }
 
 /// Checks a libvirt name or URI: 1 to [`MAX_DOMAIN`] bytes without
