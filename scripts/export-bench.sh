@@ -17,6 +17,9 @@
 #   - `qemu-img convert -t none` of `coffre export` (both tiers) into a
 #     file on the same filesystem, as a ratio to the restore of that tier,
 #     and again with `-W` (out-of-order writes);
+#   - `qemu-img`'s own limit through NBD: the same convert from an export
+#     whose cache already holds every block (it decodes nothing, reads
+#     nothing from the disk);
 #   - `qemu-img`'s own limit, the same convert of the raw DAY2.img file:
 #     cold (`-T none`, page cache dropped: it reads all the data blocks
 #     from the same disk) and cached (the source costs nothing: the
@@ -32,13 +35,13 @@
 # COFFRE (default target/release/coffre) is the binary; WORK (default a
 # temporary folder on the images' filesystem) holds the vault and the
 # copies (about twice the images' size; removed at the end). Needs
-# qemu-img, nbdinfo and fio (apt-get install qemu-utils libnbd-bin fio).
+# qemu-img, nbdinfo, nbdcopy and fio (apt-get install qemu-utils libnbd-bin fio).
 set -eu
 base=${1:?usage: $0 BASE.img DAY2.img [ROUNDS]}
 day2=${2:?usage: $0 BASE.img DAY2.img [ROUNDS]}
 rounds=${3:-3}
 coffre=$(realpath "${COFFRE:-target/release/coffre}")
-for t in qemu-img nbdinfo fio zstd; do
+for t in qemu-img nbdinfo nbdcopy fio zstd; do
   command -v "$t" >/dev/null || { echo "export-bench: $t missing (apt-get install qemu-utils libnbd-bin fio zstd)" >&2; exit 1; }
 done
 work=${WORK:-$(mktemp -d "$(dirname "$(realpath "$base")")/export-bench.XXXXXX")}
@@ -124,6 +127,16 @@ for r in $(seq 1 "$rounds"); do
     cmp conv.img "$day2"
     rm -f conv.img
     stop_export
+    # qemu-img's own limit through NBD: an export that does no work (its
+    # cache already holds every block, filled by nbdcopy), so only the
+    # socket and qemu-img's own writer remain.
+    start_export --from "$tier" --cache $(( $(stat -c %s "$day2") * 3 / 2 ))
+    nbdcopy "$uri" null:
+    rm -f conv.img; sync
+    timed "$r $tier warm-export-convert" qemu-img convert -t none -O raw "$uri" conv.img
+    cmp conv.img "$day2"
+    rm -f conv.img
+    stop_export
     # qemu-img's own limit on this disk: the raw file, cold and cached.
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
     timed "$r $tier raw-convert-cold" qemu-img convert -T none -t none -f raw -O raw "$day2" conv.img
@@ -167,11 +180,12 @@ for t in ("snapshot", "vault"):
           f"{med(t,'iops-cold'):.0f} | {med(t,'iops-warm'):.0f} | "
           f"{max(val[(t,'rss-after-convert')].values())/1024:.0f}, {max(val[(t,'rss')].values())/1024:.0f} |")
 print()
-print("| tier | restore s (cold) | export convert s | restore/convert | convert -W s | restore/convert -W | raw-file convert s: cold | cached | cold raw/export convert | cached raw/export convert |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| tier | restore s (cold) | export convert s | restore/convert | convert -W s | restore/convert -W | warm-export convert s | restore/warm-export convert | warm-export/export convert | raw-file convert s: cold | cached | cold raw/export convert | cached raw/export convert |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for t in ("snapshot", "vault"):
     print(f"| {t} | {med(t,'restore'):.2f} | {med(t,'export-convert'):.2f} | {ratio(t,'restore','export-convert'):.2f} | "
           f"{med(t,'export-convert-W'):.2f} | {ratio(t,'restore','export-convert-W'):.2f} | "
+          f"{med(t,'warm-export-convert'):.2f} | {ratio(t,'restore','warm-export-convert'):.2f} | {ratio(t,'warm-export-convert','export-convert'):.2f} | "
           f"{med(t,'raw-convert-cold'):.2f} | {med(t,'raw-convert-cached'):.2f} | "
           f"{ratio(t,'raw-convert-cold','export-convert'):.2f} | {ratio(t,'raw-convert-cached','export-convert'):.2f} |")
 PY

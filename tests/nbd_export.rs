@@ -123,6 +123,28 @@ fn backed_up(t: &Path, extra: &[&str]) -> (PathBuf, PathBuf) {
     (vault, img)
 }
 
+/// The local addresses (hex, as `/proc/net/tcp` and `tcp6` write them)
+/// listening on `port`.
+fn tcp_listeners(port: u16) -> Vec<String> {
+    let suffix = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|t| {
+            t.lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    // State 0A: LISTEN.
+                    let (addr, port) = w.get(1)?.split_once(':')?;
+                    (w.get(3) == Some(&"0A") && format!(":{port}") == suffix)
+                        .then(|| addr.to_string())
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Extents `nbdinfo --map` reports: (offset, length, type).
 fn map(uri: &str) -> Vec<(u64, u64, u32)> {
     tool_ok("nbdinfo", &["--map", uri])
@@ -184,7 +206,22 @@ fn an_export_reads_as_a_restore_does_from_both_tiers_with_holes_and_two_clients(
     assert_eq!(hole, 4 * MIB, "{extents:?}");
     assert!(extents.iter().any(|e| e.2 == 0), "{extents:?}");
 
-    // Two clients at once (multi-conn): both read the whole image.
+    // Several clients at once (multi-conn, which libnbd sees): a client
+    // of our own stays connected, part-way through the image, while
+    // qemu-img and nbdcopy each read the whole of it; an export that
+    // served one connection at a time would keep them waiting (the
+    // deadline) until the first one left.
+    assert!(
+        tool("nbdinfo", &["--can", "multi-conn", &u])
+            .status
+            .success(),
+        "the export advertises multi-conn"
+    );
+    let want = std::fs::read(&img).unwrap();
+    let mut held = Client::handshake(UnixStream::connect(&sock).unwrap(), "disk", &[]).unwrap();
+    let mut first = vec![0u8; MIB as usize];
+    held.read_ranges(0, &mut first, &[(0, MIB as u32)]).unwrap();
+    assert_eq!(&first[..], &want[..MIB as usize]);
     let (a, b) = (t.path().join("a.raw"), t.path().join("b.raw"));
     let ca = Command::new("qemu-img")
         .args(["convert", "-O", "raw", &u, s(&a)])
@@ -194,18 +231,39 @@ fn an_export_reads_as_a_restore_does_from_both_tiers_with_holes_and_two_clients(
         .args([u.as_str(), s(&b)])
         .spawn()
         .unwrap();
-    for mut c in [ca, cb] {
-        assert!(c.wait().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (name, mut c) in [("qemu-img convert", ca), ("nbdcopy", cb)] {
+        let status = loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("{name} did not finish while another client was connected");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{name}: {status}");
     }
     assert_same(&img, &a);
     assert_same(&img, &b);
+    // The first client, still connected, reads on where it stopped.
+    let mut last = vec![0u8; MIB as usize];
+    held.read_ranges(23 * MIB, &mut last, &[(23 * MIB, MIB as u32)])
+        .unwrap();
+    assert_eq!(&last[..], &want[23 * MIB as usize..]);
+    held.disconnect();
     let stopped = e.stop();
     assert!(stopped.status.success(), "{stopped:?}");
     assert!(!sock.exists(), "the socket is removed at the end");
     let err = String::from_utf8_lossy(&stopped.stderr);
     assert!(err.contains("0 failed reads"), "{err}");
+    // It was the snapshot tier that served (the default while the point
+    // has a snapshot; the vault tier follows).
+    let said = String::from_utf8_lossy(&stopped.stdout);
+    assert!(said.contains("from the snapshot)"), "{said}");
 
-    // The vault tier, over TCP on loopback.
+    // The vault tier, over TCP: `--listen PORT` alone binds loopback.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -221,9 +279,14 @@ fn an_export_reads_as_a_restore_does_from_both_tiers_with_holes_and_two_clients(
             "--from",
             "vault",
             "--listen",
-            &listen,
+            &port.to_string(),
         ],
         || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
+    assert_eq!(
+        tcp_listeners(port),
+        vec!["0100007F".to_string()],
+        "only 127.0.0.1 listens on port {port}"
     );
     let from_vault = t.path().join("from-vault.img");
     ok(&[
@@ -250,7 +313,10 @@ fn an_export_reads_as_a_restore_does_from_both_tiers_with_holes_and_two_clients(
     );
     assert_same(&from_vault, &out);
     assert_same(&img, &out);
-    assert!(e.stop().status.success());
+    let stopped = e.stop();
+    assert!(stopped.status.success(), "{stopped:?}");
+    let said = String::from_utf8_lossy(&stopped.stdout);
+    assert!(said.contains("from the vault)"), "{said}");
 }
 
 /// Flips one byte inside the first record (block 0's random bytes, stored
