@@ -357,6 +357,10 @@ fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_wri
         st.job().is_some_and(|(_, o, l)| o >= l / 4) && writer.acked() >= 20
     });
     let killed_at = st.job().unwrap();
+    assert!(
+        killed_at.0 == "running" && killed_at.1 < killed_at.2,
+        "killed mid-stream: {killed_at:?}"
+    );
     first.0.kill().unwrap();
     first.0.wait().unwrap();
     let acked_at_kill = writer.acked();
