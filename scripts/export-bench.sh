@@ -19,7 +19,9 @@
 #     and again with `-W` (out-of-order writes);
 #   - `qemu-img`'s own limit through NBD: the same convert from an export
 #     whose cache already holds every block (it decodes nothing, reads
-#     nothing from the disk);
+#     nothing from the disk); and that convert while the tier's records
+#     are read from the same disk, then also with both cores busy: the
+#     convert's I/O and loaded references, as the restore's floors are;
 #   - `qemu-img`'s own limit, the same convert of the raw DAY2.img file:
 #     cold (`-T none`, page cache dropped: it reads all the data blocks
 #     from the same disk) and cached (the source costs nothing: the
@@ -62,18 +64,30 @@ cp --sparse=always "$day2" work.img
 "$coffre" backup --vault v --item w work.img > /dev/null 2>&1
 # What the loaded floor's cores decompress: 256 MiB of the image.
 head -c $((256 << 20)) "$day2" | zstd -q -1 -c > load.zst
-# busy_write NAME: the floor's write while two zstd -d loops run.
-busy_write() {
+# start_load / stop_load: two zstd -d loops keep both cores busy meanwhile,
+# as a restore's or an export's decoders do.
+load_pids=()
+start_load() {
   touch busy.flag
-  for _ in 1 2; do (while [ -e busy.flag ]; do zstd -q -d -c load.zst > /dev/null; done) & done
+  for _ in 1 2; do (while [ -e busy.flag ]; do zstd -q -d -c load.zst > /dev/null; done) & load_pids+=($!); done
   sleep 0.3
+}
+stop_load() { rm -f busy.flag; wait "${load_pids[@]}"; load_pids=(); }
+# busy_write NAME: the floor's write while both cores are busy.
+busy_write() {
+  start_load
   timed "$1" dd if=/dev/zero of=floor.bin bs=4M count=$((data / (4 << 20))) oflag=direct conv=fsync status=none
-  rm -f busy.flag; wait
+  stop_load
 }
 # records TIER: the files a restore from TIER reads its records from (the
 # snapshot's packs, or the vault's segments).
 records() {
   if [ "$1" = snapshot ]; then find area -type f -name '*.pack'; else ls v/segments/*.seg; fi
+}
+# read_records TIER: reads them with O_DIRECT, as a cold restore or export
+# does (run it in the background).
+read_records() {
+  records "$1" | while read -r s; do dd if="$s" of=/dev/null bs=4M iflag=direct status=none; done
 }
 sock=$work/export.sock
 uri="nbd+unix:///w?socket=$sock"
@@ -104,7 +118,7 @@ for r in $(seq 1 "$rounds"); do
     rm -f out.img; sync
     timed "$r $tier floor" dd if=/dev/zero of=floor.bin bs=4M count=$((data / (4 << 20))) oflag=direct conv=fsync status=none
     rm -f floor.bin; sync
-    (records "$tier" | while read -r s; do dd if="$s" of=/dev/null bs=4M iflag=direct status=none; done) &
+    read_records "$tier" &
     timed "$r $tier iofloor" dd if=/dev/zero of=floor.bin bs=4M count=$((data / (4 << 20))) oflag=direct conv=fsync status=none
     wait $!
     rm -f floor.bin; sync
@@ -129,12 +143,22 @@ for r in $(seq 1 "$rounds"); do
     stop_export
     # qemu-img's own limit through NBD: an export that does no work (its
     # cache already holds every block, filled by nbdcopy), so only the
-    # socket and qemu-img's own writer remain.
+    # socket and qemu-img's own writer remain. Then the same convert with
+    # what a cold export must do around it, done by others: the tier's
+    # records read from the same disk (as the restore's I/O floor), and
+    # those reads with both cores busy (as its loaded floor).
     start_export --from "$tier" --cache $(( $(stat -c %s "$day2") * 3 / 2 ))
     nbdcopy "$uri" null:
-    rm -f conv.img; sync
-    timed "$r $tier warm-export-convert" qemu-img convert -t none -O raw "$uri" conv.img
-    cmp conv.img "$day2"
+    for what in warm-export-convert warm-export-convert-io warm-export-convert-loaded; do
+      rm -f conv.img; sync
+      [ "$what" = warm-export-convert-loaded ] && start_load
+      reader=
+      [ "$what" != warm-export-convert ] && { read_records "$tier" & reader=$!; }
+      timed "$r $tier $what" qemu-img convert -t none -O raw "$uri" conv.img
+      [ -n "$reader" ] && wait "$reader"
+      [ "$what" = warm-export-convert-loaded ] && stop_load
+      cmp conv.img "$day2"
+    done
     rm -f conv.img
     stop_export
     # qemu-img's own limit on this disk: the raw file, cold and cached.
@@ -180,12 +204,14 @@ for t in ("snapshot", "vault"):
           f"{med(t,'iops-cold'):.0f} | {med(t,'iops-warm'):.0f} | "
           f"{max(val[(t,'rss-after-convert')].values())/1024:.0f}, {max(val[(t,'rss')].values())/1024:.0f} |")
 print()
-print("| tier | restore s (cold) | export convert s | restore/convert | convert -W s | restore/convert -W | warm-export convert s | restore/warm-export convert | warm-export/export convert | raw-file convert s: cold | cached | cold raw/export convert | cached raw/export convert |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| tier | restore s (cold) | export convert s | restore/convert | convert -W s | restore/convert -W | warm-export convert s | restore/warm-export convert | + records read s | + both cores busy s | restore/loaded warm-export | loaded warm-export/export convert | raw-file convert s: cold | cached | cold raw/export convert | cached raw/export convert |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for t in ("snapshot", "vault"):
     print(f"| {t} | {med(t,'restore'):.2f} | {med(t,'export-convert'):.2f} | {ratio(t,'restore','export-convert'):.2f} | "
           f"{med(t,'export-convert-W'):.2f} | {ratio(t,'restore','export-convert-W'):.2f} | "
-          f"{med(t,'warm-export-convert'):.2f} | {ratio(t,'restore','warm-export-convert'):.2f} | {ratio(t,'warm-export-convert','export-convert'):.2f} | "
+          f"{med(t,'warm-export-convert'):.2f} | {ratio(t,'restore','warm-export-convert'):.2f} | "
+          f"{med(t,'warm-export-convert-io'):.2f} | {med(t,'warm-export-convert-loaded'):.2f} | "
+          f"{ratio(t,'restore','warm-export-convert-loaded'):.2f} | {ratio(t,'warm-export-convert-loaded','export-convert'):.2f} | "
           f"{med(t,'raw-convert-cold'):.2f} | {med(t,'raw-convert-cached'):.2f} | "
           f"{ratio(t,'raw-convert-cold','export-convert'):.2f} | {ratio(t,'raw-convert-cached','export-convert'):.2f} |")
 PY

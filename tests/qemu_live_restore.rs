@@ -356,6 +356,8 @@ fn a_killed_live_restore_resumes_and_the_target_is_the_point_with_the_guests_wri
     wait_until("a quarter streamed and writes under way", || {
         st.job().is_some_and(|(_, o, l)| o >= l / 4) && writer.acked() >= 20
     });
+    // The job's last state before the kill (the stream is slowed by
+    // --speed, so it is still mid-way when the kill lands).
     let killed_at = st.job().unwrap();
     assert!(
         killed_at.0 == "running" && killed_at.1 < killed_at.2,
