@@ -1,6 +1,7 @@
 //! The server against coffre's own client and against hand-made requests
 //! over a socket pair: negotiation, reads, block status, refused writes,
-//! requests out of bounds, and a client that breaks the protocol.
+//! requests out of bounds, one connection's reads answered at once and out
+//! of order, and a client that breaks the protocol.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -303,6 +304,70 @@ fn writes_are_refused_and_bad_requests_are_errors_not_data() {
         assert_eq!(&b, &data.0[100..108]);
         // (The refused write at 100 changed nothing.)
         request(&mut sock, 2, 15, 0, 0);
+    });
+    served.unwrap();
+}
+
+/// A 1 MiB export whose read at 0 waits (up to 10 s, then fails) until
+/// a read elsewhere has been served: only a server that answers one
+/// connection's requests at once, out of order, serves both.
+struct Gate {
+    other_read: std::sync::Mutex<bool>,
+    served: std::sync::Condvar,
+}
+
+impl ExportData for Gate {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        let mut other = self.other_read.lock().unwrap();
+        if offset != 0 {
+            *other = true;
+            self.served.notify_all();
+        } else {
+            let timeout = std::time::Duration::from_secs(10);
+            let (o, waited) = self
+                .served
+                .wait_timeout_while(other, timeout, |o| !*o)
+                .unwrap();
+            other = o;
+            if waited.timed_out() {
+                return Err("the other read never came".into());
+            }
+        }
+        drop(other);
+        buf.fill((offset >> 12) as u8 | 1);
+        Ok(())
+    }
+    fn allocation(&self, _offset: u64, len: u32) -> Result<Vec<Descriptor>, String> {
+        Ok(vec![Descriptor {
+            length: len,
+            flags: 0,
+        }])
+    }
+}
+
+#[test]
+fn one_connections_reads_are_answered_at_once_and_out_of_order() {
+    let data = Gate {
+        other_read: std::sync::Mutex::new(false),
+        served: std::sync::Condvar::new(),
+    };
+    let (_, served) = with_server(&data, |sock| {
+        let mut sock = raw_session(sock);
+        // The read at 0 waits for the read at 8192, sent after it: its
+        // answer comes first.
+        request(&mut sock, 0, 1, 0, 4096);
+        request(&mut sock, 0, 2, 8192, 4096);
+        let mut b = [0u8; 4096];
+        assert_eq!(simple_reply(&mut sock), (0, 2));
+        sock.read_exact(&mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 3), "the read at 8192");
+        assert_eq!(simple_reply(&mut sock), (0, 1));
+        sock.read_exact(&mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 1), "the read at 0");
+        request(&mut sock, 2, 3, 0, 0);
     });
     served.unwrap();
 }
