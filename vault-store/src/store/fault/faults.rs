@@ -83,14 +83,20 @@ impl Faults {
     }
 
     /// Counts an operation. `Ok(true)`: power goes out during this one
-    /// (the caller tears it, then calls [`Faults::power_off`]).
+    /// (the caller tears it, then calls [`Faults::power_off`]). Only one
+    /// operation tears: from that moment every other one, on any thread,
+    /// finds the power gone. (Two torn at once, on two threads, would
+    /// each drop what was not durable, the second after the first had
+    /// already forgotten which files existed before.)
     pub(super) fn begin(&self, name: &str) -> Result<bool> {
         let mut s = self.lock();
         if s.off {
             return Err(off(name));
         }
         s.ops += 1;
-        Ok(s.power_loss_at.is_some_and(|at| s.ops >= at))
+        let torn = s.power_loss_at.is_some_and(|at| s.ops >= at);
+        s.off = torn;
+        Ok(torn)
     }
 
     /// Like [`Faults::begin`] for an operation that changes a file.

@@ -89,6 +89,36 @@ fn torn_removals_cuts_and_writes_are_done_or_not() {
 
 /// Unsynced appends are cut back (to any prefix), on every store of
 /// the handle at once; a file never synced may vanish.
+/// The power goes out at one operation: another thread's operation that
+/// comes while the first is being torn finds it gone, and is not torn
+/// too. A second tear would drop what was not durable again, after the
+/// first had forgotten which files already existed: a segment written
+/// by an earlier, completed backup could then vanish.
+#[test]
+fn only_one_operation_tears_when_the_power_goes() {
+    let (t, inner, f, faults) = stores(1);
+    let mut a = f.create("seg").unwrap();
+    a.append(&[7u8; 1000]).unwrap();
+    a.sync().unwrap();
+    drop(a);
+    let mut a = f.append_to("seg", 1000).unwrap();
+    a.append(&[8u8; 1000]).unwrap();
+    faults.power_loss_at(1);
+    // The torn operation has begun (another thread's, say) and not yet
+    // called power_off; a sync now must not tear as well.
+    assert!(faults.begin("other").unwrap(), "this one tears");
+    assert!(faults.is_off());
+    assert!(
+        a.sync().is_err(),
+        "the power is gone for every other operation"
+    );
+    faults.power_off("other", "not done");
+    // The segment that existed before keeps at least its synced bytes.
+    let len = inner.size("seg").unwrap().unwrap();
+    assert!((1000..=2000).contains(&len), "{len}");
+    drop(t);
+}
+
 #[test]
 fn power_loss_drops_what_no_sync_covered_on_every_store() {
     let mut vanished = 0;
