@@ -51,8 +51,12 @@ impl FaultAppender {
     fn torn_sync(&mut self) -> Result<()> {
         let name = self.key.1.clone();
         let outcome = self.faults.pick(3);
-        let mut what = "sync did not reach the disk";
-        if outcome > 0 {
+        // The power goes off whatever the tear meets (a failing sync
+        // too): nothing may run on with the power half gone.
+        let torn = (|| {
+            if outcome == 0 {
+                return Ok("sync did not reach the disk");
+            }
             let inner = self.inner()?;
             inner.sync()?;
             let len = inner.len();
@@ -62,16 +66,20 @@ impl FaultAppender {
                 entry: false,
             });
             f.synced = len;
-            if outcome == 2 {
+            Ok(if outcome == 2 {
                 f.entry = true;
-                what = "sync reached the disk, unacknowledged";
+                "sync reached the disk, unacknowledged"
             } else {
-                what = "sync wrote the data, not a new file's entry";
-            }
-        }
+                "sync wrote the data, not a new file's entry"
+            })
+        })();
         self.lose();
-        self.faults.power_off(&name, what);
-        Err(off(&name))
+        let what = match &torn {
+            Ok(what) => what.to_string(),
+            Err(e) => format!("sync failed while torn: {e}"),
+        };
+        self.faults.power_off(&name, &what);
+        torn.and(Err(off(&name)))
     }
 }
 

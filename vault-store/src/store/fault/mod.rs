@@ -187,15 +187,12 @@ impl FaultStore {
         apply: impl FnOnce() -> Result<()>,
     ) -> Result<StoreError> {
         let done = self.faults.pick(2) == 0;
-        if done {
-            apply()?;
-        }
-        let outcome = if done {
-            format!("{op} reached the disk")
+        let torn = if done {
+            apply().map(|()| "reached the disk")
         } else {
-            format!("{op} did not reach the disk")
+            Ok("did not reach the disk")
         };
-        self.faults.power_off(name, &outcome);
+        self.power_off_after(name, op, torn)?;
         Ok(off(name))
     }
 

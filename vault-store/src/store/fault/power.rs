@@ -80,56 +80,73 @@ impl Faults {
 
 impl FaultStore {
     pub(super) fn torn_put(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        let existed = self.inner.size(name)?.is_some();
-        let unordered = self.faults.lock().unordered_renames;
-        let part = bytes
-            .get(..self.faults.pick(bytes.len() as u64 + 1) as usize)
-            .unwrap_or_default();
-        let outcome = match self.faults.pick(if unordered { 4 } else { 3 }) {
-            0 => "the old content",
-            1 => {
-                self.inner.put(&tmp_name(name), part)?;
-                "the old content and a partial temporary file"
-            }
-            2 => {
-                self.inner.put(name, bytes)?;
-                "the new content"
-            }
-            _ => {
-                self.inner.put(name, part)?;
-                if existed {
-                    "a partial file replacing the old content"
-                } else {
-                    "a partial new file"
+        // The power goes off whatever the tear meets (a failing inner
+        // store too): nothing may run on with the power half gone.
+        let torn = (|| {
+            let existed = self.inner.size(name)?.is_some();
+            let unordered = self.faults.lock().unordered_renames;
+            let part = bytes
+                .get(..self.faults.pick(bytes.len() as u64 + 1) as usize)
+                .unwrap_or_default();
+            Ok(match self.faults.pick(if unordered { 4 } else { 3 }) {
+                0 => "the old content",
+                1 => {
+                    self.inner.put(&tmp_name(name), part)?;
+                    "the old content and a partial temporary file"
                 }
-            }
-        };
-        self.faults.power_off(name, &format!("put left {outcome}"));
-        Ok(())
+                2 => {
+                    self.inner.put(name, bytes)?;
+                    "the new content"
+                }
+                _ => {
+                    self.inner.put(name, part)?;
+                    if existed {
+                        "a partial file replacing the old content"
+                    } else {
+                        "a partial new file"
+                    }
+                }
+            })
+        })();
+        self.power_off_after(name, "put left", torn)
     }
 
     pub(super) fn torn_write_at(&self, name: &str, offset: u64, bytes: &[u8]) -> Result<()> {
-        let existed = self.inner.size(name)?.is_some();
-        if !existed && self.faults.pick(2) == 0 {
-            self.faults
-                .power_off(name, "write_at of a new file: the file is gone");
-            return Ok(());
-        }
-        let mut sectors = 0;
-        for (i, sector) in bytes.chunks(512).enumerate() {
-            if self.faults.pick(2) == 0 {
-                self.inner
-                    .write_at(name, offset + (i as u64) * 512, sector)?;
-                sectors += 1;
+        let torn = (|| {
+            let existed = self.inner.size(name)?.is_some();
+            if !existed && self.faults.pick(2) == 0 {
+                return Ok("a new file: the file is gone".to_string());
             }
-        }
-        self.faults.power_off(
-            name,
-            &format!(
-                "write_at: {sectors} of {} sectors written",
+            let mut sectors = 0;
+            for (i, sector) in bytes.chunks(512).enumerate() {
+                if self.faults.pick(2) == 0 {
+                    self.inner
+                        .write_at(name, offset + (i as u64) * 512, sector)?;
+                    sectors += 1;
+                }
+            }
+            Ok(format!(
+                "{sectors} of {} sectors written",
                 bytes.len().div_ceil(512)
-            ),
-        );
-        Ok(())
+            ))
+        })();
+        self.power_off_after(name, "write_at:", torn)
+    }
+
+    /// Turns the power off after a tear whose outcome is `torn` (what it
+    /// left, or the error the inner store met doing it), and returns that
+    /// error, if any.
+    pub(super) fn power_off_after(
+        &self,
+        name: &str,
+        op: &str,
+        torn: Result<impl std::fmt::Display>,
+    ) -> Result<()> {
+        let outcome = match &torn {
+            Ok(left) => format!("{op} {left}"),
+            Err(e) => format!("{op} failed while torn: {e}"),
+        };
+        self.faults.power_off(name, &outcome);
+        torn.map(drop)
     }
 }

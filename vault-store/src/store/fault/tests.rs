@@ -87,8 +87,6 @@ fn torn_removals_cuts_and_writes_are_done_or_not() {
     assert!(gone > 0 && kept > 0 && cut > 0 && cut < 32 && sectors > 0);
 }
 
-/// Unsynced appends are cut back (to any prefix), on every store of
-/// the handle at once; a file never synced may vanish.
 /// The power goes out at one operation: another thread's operation that
 /// comes while the first is being torn finds it gone, and is not torn
 /// too. A second tear would drop what was not durable again, after the
@@ -109,6 +107,10 @@ fn only_one_operation_tears_when_the_power_goes() {
     assert!(faults.begin("other").unwrap(), "this one tears");
     assert!(faults.is_off());
     assert!(
+        faults.begin("another").is_err(),
+        "no second operation tears"
+    );
+    assert!(
         a.sync().is_err(),
         "the power is gone for every other operation"
     );
@@ -119,6 +121,8 @@ fn only_one_operation_tears_when_the_power_goes() {
     drop(t);
 }
 
+/// Unsynced appends are cut back (to any prefix), on every store of
+/// the handle at once; a file never synced may vanish.
 #[test]
 fn power_loss_drops_what_no_sync_covered_on_every_store() {
     let mut vanished = 0;
