@@ -55,7 +55,7 @@ impl FaultAppender {
         // too): nothing may run on with the power half gone.
         let torn = (|| {
             if outcome == 0 {
-                return Ok("sync did not reach the disk");
+                return Ok("did not reach the disk");
             }
             let inner = self.inner()?;
             inner.sync()?;
@@ -68,18 +68,14 @@ impl FaultAppender {
             f.synced = len;
             Ok(if outcome == 2 {
                 f.entry = true;
-                "sync reached the disk, unacknowledged"
+                "reached the disk, unacknowledged"
             } else {
-                "sync wrote the data, not a new file's entry"
+                "wrote the data, not a new file's entry"
             })
         })();
         self.lose();
-        let what = match &torn {
-            Ok(what) => what.to_string(),
-            Err(e) => format!("sync failed while torn: {e}"),
-        };
-        self.faults.power_off(&name, &what);
-        torn.and(Err(off(&name)))
+        self.faults.power_off_after(&name, "sync", torn)?;
+        Err(off(&name))
     }
 }
 

@@ -192,7 +192,7 @@ impl FaultStore {
         } else {
             Ok("did not reach the disk")
         };
-        self.power_off_after(name, op, torn)?;
+        self.faults.power_off_after(name, op, torn)?;
         Ok(off(name))
     }
 

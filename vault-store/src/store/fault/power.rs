@@ -33,6 +33,23 @@ impl Faults {
         Ok(())
     }
 
+    /// Turns the power off after a tear whose outcome is `torn` (what it
+    /// left, or the error the inner store met doing it), and returns that
+    /// error, if any.
+    pub(super) fn power_off_after(
+        &self,
+        name: &str,
+        op: &str,
+        torn: Result<impl std::fmt::Display>,
+    ) -> Result<()> {
+        let outcome = match &torn {
+            Ok(left) => format!("{op} {left}"),
+            Err(e) => format!("{op} failed while torn: {e}"),
+        };
+        self.power_off(name, &outcome);
+        torn.map(drop)
+    }
+
     /// The power goes out: whatever was not durable is dropped, on every
     /// store. `name` was the torn operation's, left as `outcome`.
     pub(super) fn power_off(&self, name: &str, outcome: &str) {
@@ -108,7 +125,7 @@ impl FaultStore {
                 }
             })
         })();
-        self.power_off_after(name, "put left", torn)
+        self.faults.power_off_after(name, "put left", torn)
     }
 
     pub(super) fn torn_write_at(&self, name: &str, offset: u64, bytes: &[u8]) -> Result<()> {
@@ -130,23 +147,6 @@ impl FaultStore {
                 bytes.len().div_ceil(512)
             ))
         })();
-        self.power_off_after(name, "write_at:", torn)
-    }
-
-    /// Turns the power off after a tear whose outcome is `torn` (what it
-    /// left, or the error the inner store met doing it), and returns that
-    /// error, if any.
-    pub(super) fn power_off_after(
-        &self,
-        name: &str,
-        op: &str,
-        torn: Result<impl std::fmt::Display>,
-    ) -> Result<()> {
-        let outcome = match &torn {
-            Ok(left) => format!("{op} {left}"),
-            Err(e) => format!("{op} failed while torn: {e}"),
-        };
-        self.faults.power_off(name, &outcome);
-        torn.map(drop)
+        self.faults.power_off_after(name, "write_at:", torn)
     }
 }
